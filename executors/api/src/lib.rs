@@ -1,0 +1,240 @@
+//! The executor contract of rask.
+//!
+//! An executor runs a [`Plan`]: a frozen, topologically sorted list of tasks
+//! with their dependencies given as task indices. It does not know about
+//! `Delayed`, graphs or types: every task is an opaque [`Op`] that turns the
+//! values of its dependencies into a [`Value`]. The `rask` crate lowers user
+//! graphs into plans and depends on the executors, never the other way round.
+//!
+//! This crate also holds [`Synchronous`], the reference executor: one thread,
+//! tasks in plan order. Every other executor must produce the same outputs
+//! and failures as it does.
+//!
+//! # Rules every executor keeps
+//!
+//! 1. A task runs only after all of its dependencies succeeded, and at most
+//!    once per submission.
+//! 2. A task whose dependency failed does not run; it fails with the same
+//!    [`Failure`] (the failure names the task that actually failed).
+//! 3. A panic in [`Op::run`] is caught and becomes a [`Failure`] of kind
+//!    [`FailureKind::Panicked`]; it never unwinds into the executor.
+//! 4. Every output index of the plan is reported to the [`Reporter`] exactly
+//!    once, then [`Reporter::finished`] is called exactly once.
+//! 5. Once [`Reporter::cancelled`] returns `true`, no new task starts; the
+//!    outputs not yet reported are reported as [`FailureKind::Cancelled`].
+//! 6. A value is dropped as soon as its last consumer (dependent task or
+//!    output report) took it, so intermediate memory stays bounded.
+#![warn(missing_docs)]
+
+use std::any::Any;
+use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+mod plan;
+mod synchronous;
+
+pub use plan::{Plan, PlanBuilder, PlanTask};
+pub use synchronous::Synchronous;
+
+/// A computed value, type-erased and shared.
+///
+/// Values are reference counted so that a value used by many tasks is shared,
+/// not copied. An op that receives the last reference may take the value out
+/// without cloning it.
+pub type Value = Arc<dyn Any + Send + Sync>;
+
+/// Content hash of a task: equal keys mean equal values.
+///
+/// A key is identity only: it says nothing about where or whether the value is
+/// stored. `Display` prints the full hex digest; [`Key::short`] the first eight
+/// hex digits, used in readable task names such as `inc-1a2b3c4d`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key(pub [u8; 32]);
+
+impl Key {
+    /// The raw 32 bytes of the key.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// The first eight hex digits of the key.
+    ///
+    /// ```
+    /// let key = rask_executor::Key([0xab; 32]);
+    /// assert_eq!(key.short().to_string(), "abababab");
+    /// ```
+    pub fn short(&self) -> impl fmt::Display + '_ {
+        ShortKey(self)
+    }
+}
+
+struct ShortKey<'a>(&'a Key);
+
+impl fmt::Display for ShortKey<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for byte in &self.0 .0[..4] {
+            write!(f, "{byte:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for byte in &self.0 {
+            write!(f, "{byte:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Key({})", self.short())
+    }
+}
+
+/// The work of one task: turns the values of its dependencies into a value.
+pub trait Op: Send + Sync {
+    /// Runs the task. `inputs` holds one value per dependency, in the order the
+    /// dependencies were given to [`PlanBuilder::push`]; an input that is the
+    /// last reference to its value may be taken out of its slot.
+    ///
+    /// # Errors
+    ///
+    /// Returns an [`OpError`] when the task fails; the executor attaches the
+    /// task's key and name.
+    fn run(&self, inputs: &mut [Option<Value>]) -> Result<Value, OpError>;
+
+    /// A short human-readable name, e.g. the function name `inc`.
+    fn name(&self) -> &str;
+}
+
+/// Why an [`Op`] failed, as the op reports it.
+#[derive(Debug, Clone)]
+pub struct OpError {
+    /// What went wrong.
+    pub kind: FailureKind,
+    /// The error message.
+    pub message: String,
+    /// The task that actually failed, when the op runs several tasks (a fused
+    /// chain). `None` means the op's own task.
+    pub origin: Option<(Key, Arc<str>)>,
+}
+
+impl OpError {
+    /// An error returned by the task's own code.
+    pub fn failed(message: impl Into<String>) -> Self {
+        OpError {
+            kind: FailureKind::Failed,
+            message: message.into(),
+            origin: None,
+        }
+    }
+
+    /// A panic caught while running the task's code.
+    pub fn panicked(payload: &(dyn Any + Send)) -> Self {
+        OpError {
+            kind: FailureKind::Panicked,
+            message: panic_message(payload),
+            origin: None,
+        }
+    }
+}
+
+/// What kind of failure ended a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The task's code returned an error.
+    Failed,
+    /// The task's code panicked.
+    Panicked,
+    /// The run was cancelled before the task produced a value.
+    Cancelled,
+}
+
+/// A task that failed, with its key, its name and the reason.
+///
+/// Shared by every dependent of the failed task, so the error a caller sees
+/// always names the task where the failure started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// Key of the task that failed.
+    pub key: Key,
+    /// Name of the task that failed (its function name).
+    pub name: Arc<str>,
+    /// What kind of failure it was.
+    pub kind: FailureKind,
+    /// The task's error or panic message.
+    pub message: String,
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match self.kind {
+            FailureKind::Failed => "failed",
+            FailureKind::Panicked => "panicked",
+            FailureKind::Cancelled => "was cancelled",
+        };
+        write!(f, "task {}-{} {what}", self.name, self.key.short())?;
+        if !self.message.is_empty() {
+            write!(f, ": {}", self.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Failure {}
+
+/// The outcome of one task as executors pass it around.
+pub type Outcome = Result<Value, Arc<Failure>>;
+
+/// Receives what an executor produced for one submitted plan.
+///
+/// Called from executor threads; implementations must be cheap and must not
+/// block on the executor.
+pub trait Reporter: Send + Sync {
+    /// Output number `index` of the plan (an index into [`Plan::outputs`]) is
+    /// known. Called exactly once per output index.
+    fn output(&self, index: usize, outcome: Outcome);
+
+    /// Polled between tasks: when `true`, no new task starts (rule 5).
+    fn cancelled(&self) -> bool {
+        false
+    }
+
+    /// Every output was reported and no task of this plan is running.
+    fn finished(&self) {}
+}
+
+/// Runs plans.
+///
+/// `submit` may return before the plan finished (threads, distributed) or
+/// after (the synchronous executor); callers wait on their [`Reporter`].
+pub trait Executor: Send + Sync {
+    /// Starts running `plan`, reporting each output to `reporter`.
+    fn submit(&self, plan: Arc<Plan>, reporter: Arc<dyn Reporter>);
+}
+
+/// Runs `task`'s op on `inputs`, catching panics and naming the failure.
+///
+/// Shared by every executor so that rules 2 and 3 are implemented once.
+pub fn run_task(task: &PlanTask, inputs: &mut [Option<Value>]) -> Outcome {
+    match catch_unwind(AssertUnwindSafe(|| task.op.run(inputs))) {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(err)) => Err(Arc::new(task.failure(err))),
+        Err(payload) => Err(Arc::new(task.failure(OpError::panicked(&*payload)))),
+    }
+}
+
+/// The message carried by a panic payload.
+pub fn panic_message(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_owned()
+    }
+}

@@ -1,0 +1,306 @@
+//! The lowered, frozen form of a graph that executors run.
+//!
+//! Invariants, established by [`PlanBuilder`] and relied on by every executor:
+//!
+//! 1. Tasks are topologically sorted: every dependency index is smaller than
+//!    the index of the task that uses it. A plan therefore has no cycle.
+//! 2. Plan order is also the preferred execution order: the lowering emits a
+//!    depth-first post-order, so running tasks by increasing index finishes a
+//!    branch before starting the next one.
+//! 3. `consumers(i)` counts every use of task `i`: once per dependent edge and
+//!    once per output slot naming it. An executor frees a value when that
+//!    count reaches zero.
+
+use std::sync::Arc;
+
+use crate::{Failure, FailureKind, Key, Op, OpError};
+
+/// One task of a [`Plan`].
+#[derive(Clone)]
+pub struct PlanTask {
+    /// The task's content key.
+    pub key: Key,
+    /// The work to do.
+    pub op: Arc<dyn Op>,
+    deps: (u32, u32),
+}
+
+impl PlanTask {
+    /// Turns an op's error into a named [`Failure`] of this task (or of the
+    /// inner task the error names as its origin).
+    pub fn failure(&self, err: OpError) -> Failure {
+        let (key, name) = match err.origin {
+            Some((key, name)) => (key, name),
+            None => (self.key, self.op.name().into()),
+        };
+        Failure {
+            key,
+            name,
+            kind: err.kind,
+            message: err.message,
+        }
+    }
+}
+
+impl std::fmt::Debug for PlanTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.op.name(), self.key.short())
+    }
+}
+
+/// A frozen, topologically sorted list of tasks and the outputs wanted from it.
+///
+/// Build one with [`PlanBuilder`].
+///
+/// # Examples
+///
+/// ```
+/// use rask_executor::{Key, Op, OpError, PlanBuilder, Value};
+/// use std::sync::Arc;
+///
+/// struct Const(i64);
+/// impl Op for Const {
+///     fn run(&self, _: &mut [Option<Value>]) -> Result<Value, OpError> {
+///         Ok(Arc::new(self.0))
+///     }
+///     fn name(&self) -> &str { "const" }
+/// }
+///
+/// let mut b = PlanBuilder::new();
+/// let a = b.push(Key([1; 32]), Arc::new(Const(1)), &[]);
+/// b.output(a);
+/// let plan = b.build();
+/// assert_eq!(plan.len(), 1);
+/// assert_eq!(plan.outputs(), &[a]);
+/// ```
+#[derive(Debug, Default)]
+pub struct Plan {
+    tasks: Vec<PlanTask>,
+    deps: Vec<u32>,
+    dependents: Vec<u32>,
+    dependent_offsets: Vec<u32>,
+    consumers: Vec<u32>,
+    outputs: Vec<u32>,
+    /// `(task, output index)` sorted by task.
+    output_slots: Vec<(u32, u32)>,
+}
+
+impl Plan {
+    /// Number of tasks.
+    pub fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// Whether the plan has no task.
+    pub fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
+    /// Task number `i`.
+    pub fn task(&self, i: u32) -> &PlanTask {
+        &self.tasks[i as usize]
+    }
+
+    /// All tasks in plan order.
+    pub fn tasks(&self) -> &[PlanTask] {
+        &self.tasks
+    }
+
+    /// Dependencies of task `i`, in argument order.
+    pub fn deps(&self, i: u32) -> &[u32] {
+        let (start, end) = self.tasks[i as usize].deps;
+        &self.deps[start as usize..end as usize]
+    }
+
+    /// Tasks that depend on task `i` (one entry per edge).
+    pub fn dependents(&self, i: u32) -> &[u32] {
+        let i = i as usize;
+        let (start, end) = (self.dependent_offsets[i], self.dependent_offsets[i + 1]);
+        &self.dependents[start as usize..end as usize]
+    }
+
+    /// How many times task `i`'s value is consumed: dependent edges plus
+    /// output slots (invariant 3).
+    pub fn consumers(&self, i: u32) -> u32 {
+        self.consumers[i as usize]
+    }
+
+    /// The task behind each output slot.
+    pub fn outputs(&self) -> &[u32] {
+        &self.outputs
+    }
+
+    /// The output slots filled by task `i`.
+    pub fn output_slots_of(&self, i: u32) -> impl Iterator<Item = usize> + '_ {
+        let start = self.output_slots.partition_point(|&(t, _)| t < i);
+        self.output_slots[start..]
+            .iter()
+            .take_while(move |&&(t, _)| t == i)
+            .map(|&(_, slot)| slot as usize)
+    }
+
+    /// A failure of kind `Cancelled` for output slot `slot`.
+    pub fn cancelled_output(&self, slot: usize) -> Arc<Failure> {
+        let task = &self.tasks[self.outputs[slot] as usize];
+        Arc::new(Failure {
+            key: task.key,
+            name: task.op.name().into(),
+            kind: FailureKind::Cancelled,
+            message: "the computation was cancelled".into(),
+        })
+    }
+}
+
+/// Builds a [`Plan`] one task at a time; a task may only depend on tasks pushed
+/// before it, which makes cycles impossible.
+#[derive(Default)]
+pub struct PlanBuilder {
+    tasks: Vec<PlanTask>,
+    deps: Vec<u32>,
+    outputs: Vec<u32>,
+}
+
+impl PlanBuilder {
+    /// An empty builder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An empty builder with room for `tasks` tasks.
+    pub fn with_capacity(tasks: usize) -> Self {
+        PlanBuilder {
+            tasks: Vec::with_capacity(tasks),
+            deps: Vec::with_capacity(tasks * 2),
+            outputs: Vec::new(),
+        }
+    }
+
+    /// Number of tasks pushed so far.
+    pub fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// Whether no task was pushed yet.
+    pub fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
+    /// Appends a task and returns its index.
+    ///
+    /// # Panics
+    ///
+    /// Panics if a dependency index does not name an earlier task: that is a
+    /// bug in the lowering, not a user error.
+    pub fn push(&mut self, key: Key, op: Arc<dyn Op>, deps: &[u32]) -> u32 {
+        let index = u32::try_from(self.tasks.len()).expect("a plan holds at most 2^32 tasks");
+        assert!(
+            deps.iter().all(|&d| d < index),
+            "plan dependencies must point to earlier tasks"
+        );
+        let start = self.deps.len() as u32;
+        self.deps.extend_from_slice(deps);
+        let end = self.deps.len() as u32;
+        self.tasks.push(PlanTask {
+            key,
+            op,
+            deps: (start, end),
+        });
+        index
+    }
+
+    /// Asks for task `task`'s value; returns the output slot number.
+    pub fn output(&mut self, task: u32) -> usize {
+        assert!((task as usize) < self.tasks.len(), "output names no task");
+        self.outputs.push(task);
+        self.outputs.len() - 1
+    }
+
+    /// Freezes the plan, computing dependents and consumer counts.
+    ///
+    /// # Complexity
+    ///
+    /// O(tasks + edges).
+    pub fn build(self) -> Plan {
+        let n = self.tasks.len();
+        let mut consumers = vec![0u32; n];
+        let mut dependent_offsets = vec![0u32; n + 1];
+        for &d in &self.deps {
+            consumers[d as usize] += 1;
+            dependent_offsets[d as usize + 1] += 1;
+        }
+        for i in 0..n {
+            dependent_offsets[i + 1] += dependent_offsets[i];
+        }
+        let mut fill = dependent_offsets.clone();
+        let mut dependents = vec![0u32; self.deps.len()];
+        for (i, task) in self.tasks.iter().enumerate() {
+            let (start, end) = task.deps;
+            for &d in &self.deps[start as usize..end as usize] {
+                let at = &mut fill[d as usize];
+                dependents[*at as usize] = i as u32;
+                *at += 1;
+            }
+        }
+        let mut output_slots: Vec<(u32, u32)> = self
+            .outputs
+            .iter()
+            .enumerate()
+            .map(|(slot, &t)| (t, slot as u32))
+            .collect();
+        output_slots.sort_unstable();
+        for &t in &self.outputs {
+            consumers[t as usize] += 1;
+        }
+        Plan {
+            tasks: self.tasks,
+            deps: self.deps,
+            dependents,
+            dependent_offsets,
+            consumers,
+            outputs: self.outputs,
+            output_slots,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Value;
+
+    struct Nop;
+    impl Op for Nop {
+        fn run(&self, _: &mut [Option<Value>]) -> Result<Value, OpError> {
+            Ok(Arc::new(()))
+        }
+        fn name(&self) -> &str {
+            "nop"
+        }
+    }
+
+    #[test]
+    fn build_computes_dependents_and_consumers() {
+        let mut b = PlanBuilder::new();
+        let a = b.push(Key([0; 32]), Arc::new(Nop), &[]);
+        let c = b.push(Key([1; 32]), Arc::new(Nop), &[a, a]);
+        let d = b.push(Key([2; 32]), Arc::new(Nop), &[a, c]);
+        b.output(d);
+        b.output(a);
+        let plan = b.build();
+        assert_eq!(plan.deps(c), &[a, a]);
+        assert_eq!(plan.dependents(a), &[c, c, d]);
+        assert_eq!(plan.dependents(c), &[d]);
+        assert_eq!(plan.consumers(a), 4);
+        assert_eq!(plan.consumers(d), 1);
+        assert_eq!(plan.output_slots_of(a).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(plan.output_slots_of(d).collect::<Vec<_>>(), vec![0]);
+        assert_eq!(plan.output_slots_of(c).count(), 0);
+    }
+
+    #[test]
+    #[should_panic(expected = "earlier tasks")]
+    fn forward_dependency_is_rejected() {
+        let mut b = PlanBuilder::new();
+        b.push(Key([0; 32]), Arc::new(Nop), &[3]);
+    }
+}

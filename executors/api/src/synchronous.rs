@@ -1,0 +1,204 @@
+//! The reference executor: one thread, tasks in plan order.
+
+use std::sync::Arc;
+
+use crate::{run_task, Executor, Outcome, Plan, Reporter, Value};
+
+/// Runs a plan on the calling thread, in plan order (depth-first, so a branch
+/// finishes before the next starts), freeing each value right after its last
+/// consumer took it.
+///
+/// This is the reference semantics: every other executor must report the same
+/// outputs and failures. `submit` returns only once the plan finished.
+///
+/// # Examples
+///
+/// ```
+/// use rask_executor::{Executor, Key, Op, OpError, Outcome, PlanBuilder, Reporter, Synchronous, Value};
+/// use std::sync::{Arc, Mutex};
+///
+/// struct Const(i64);
+/// impl Op for Const {
+///     fn run(&self, _: &mut [Option<Value>]) -> Result<Value, OpError> { Ok(Arc::new(self.0)) }
+///     fn name(&self) -> &str { "const" }
+/// }
+/// struct Collect(Mutex<Vec<i64>>);
+/// impl Reporter for Collect {
+///     fn output(&self, _: usize, outcome: Outcome) {
+///         let v = outcome.unwrap();
+///         self.0.lock().unwrap().push(*v.downcast_ref::<i64>().unwrap());
+///     }
+/// }
+///
+/// let mut b = PlanBuilder::new();
+/// let t = b.push(Key([7; 32]), Arc::new(Const(42)), &[]);
+/// b.output(t);
+/// let got = Arc::new(Collect(Mutex::new(vec![])));
+/// Synchronous.submit(Arc::new(b.build()), got.clone());
+/// assert_eq!(*got.0.lock().unwrap(), vec![42]);
+/// ```
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Synchronous;
+
+impl Executor for Synchronous {
+    fn submit(&self, plan: Arc<Plan>, reporter: Arc<dyn Reporter>) {
+        run(&plan, &*reporter);
+        reporter.finished();
+    }
+}
+
+fn run(plan: &Plan, reporter: &dyn Reporter) {
+    let n = plan.len();
+    let mut slots: Vec<Option<Outcome>> = vec![None; n];
+    let mut remaining: Vec<u32> = (0..n as u32).map(|i| plan.consumers(i)).collect();
+    let mut inputs: Vec<Option<Value>> = Vec::new();
+    for i in 0..n as u32 {
+        if reporter.cancelled() {
+            report_cancelled(plan, reporter, i);
+            return;
+        }
+        let mut failed = None;
+        inputs.clear();
+        for &d in plan.deps(i) {
+            match take(&mut slots, &mut remaining, d) {
+                Ok(v) => inputs.push(Some(v)),
+                Err(f) => {
+                    failed.get_or_insert(f);
+                }
+            }
+        }
+        let outcome = match failed {
+            Some(f) => Err(f),
+            None => run_task(plan.task(i), &mut inputs),
+        };
+        inputs.clear();
+        slots[i as usize] = Some(outcome);
+        for slot in plan.output_slots_of(i) {
+            let outcome = take(&mut slots, &mut remaining, i);
+            reporter.output(slot, outcome);
+        }
+    }
+}
+
+/// Takes one use of task `d`'s outcome; the last use moves it out of its slot.
+fn take(slots: &mut [Option<Outcome>], remaining: &mut [u32], d: u32) -> Outcome {
+    let d = d as usize;
+    remaining[d] -= 1;
+    let slot = &mut slots[d];
+    if remaining[d] == 0 {
+        slot.take().expect("a task's value is taken at most `consumers` times")
+    } else {
+        slot.clone().expect("a dependency runs before its dependents")
+    }
+}
+
+fn report_cancelled(plan: &Plan, reporter: &dyn Reporter, first_not_run: u32) {
+    for (slot, &t) in plan.outputs().iter().enumerate() {
+        if t >= first_not_run {
+            reporter.output(slot, Err(plan.cancelled_output(slot)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{FailureKind, Key, Op, OpError, PlanBuilder};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    /// Adds its inputs and a constant; fails when asked to.
+    struct Sum {
+        constant: i64,
+        fail: bool,
+        live: Arc<AtomicUsize>,
+    }
+    impl Op for Sum {
+        fn run(&self, inputs: &mut [Option<Value>]) -> Result<Value, OpError> {
+            if self.fail {
+                panic!("boom");
+            }
+            let mut total = self.constant;
+            for v in inputs.iter_mut() {
+                total += v.take().unwrap().downcast_ref::<i64>().unwrap();
+            }
+            self.live.fetch_add(1, Ordering::SeqCst);
+            Ok(Arc::new(total))
+        }
+        fn name(&self) -> &str {
+            "sum"
+        }
+    }
+
+    #[derive(Default)]
+    struct Log(Mutex<Vec<(usize, Result<i64, FailureKind>)>>);
+    impl Reporter for Log {
+        fn output(&self, index: usize, outcome: Outcome) {
+            let o = outcome
+                .map(|v| *v.downcast_ref::<i64>().unwrap())
+                .map_err(|f| f.kind);
+            self.0.lock().unwrap().push((index, o));
+        }
+    }
+
+    fn op(constant: i64, fail: bool) -> Arc<dyn Op> {
+        Arc::new(Sum {
+            constant,
+            fail,
+            live: Arc::default(),
+        })
+    }
+
+    #[test]
+    fn runs_diamond_and_reports_outputs() {
+        let mut b = PlanBuilder::new();
+        let a = b.push(Key([0; 32]), op(1, false), &[]);
+        let l = b.push(Key([1; 32]), op(10, false), &[a]);
+        let r = b.push(Key([2; 32]), op(100, false), &[a]);
+        let j = b.push(Key([3; 32]), op(0, false), &[l, r]);
+        b.output(j);
+        b.output(a);
+        let log = Arc::new(Log::default());
+        Synchronous.submit(Arc::new(b.build()), log.clone());
+        let got = log.0.lock().unwrap().clone();
+        assert_eq!(got, vec![(1, Ok(1)), (0, Ok(112))]);
+    }
+
+    #[test]
+    fn panic_fails_dependents_not_siblings() {
+        let mut b = PlanBuilder::new();
+        let bad = b.push(Key([0; 32]), op(1, true), &[]);
+        let dep = b.push(Key([1; 32]), op(1, false), &[bad]);
+        let ok = b.push(Key([2; 32]), op(5, false), &[]);
+        b.output(dep);
+        b.output(ok);
+        let log = Arc::new(Log::default());
+        Synchronous.submit(Arc::new(b.build()), log.clone());
+        let got = log.0.lock().unwrap().clone();
+        assert_eq!(got, vec![(0, Err(FailureKind::Panicked)), (1, Ok(5))]);
+    }
+
+    #[test]
+    fn cancelled_run_reports_every_output() {
+        struct Cancel(Log);
+        impl Reporter for Cancel {
+            fn output(&self, i: usize, o: Outcome) {
+                self.0.output(i, o)
+            }
+            fn cancelled(&self) -> bool {
+                true
+            }
+        }
+        let mut b = PlanBuilder::new();
+        let a = b.push(Key([0; 32]), op(1, false), &[]);
+        b.output(a);
+        b.output(a);
+        let log = Arc::new(Cancel(Log::default()));
+        Synchronous.submit(Arc::new(b.build()), log.clone());
+        let got = log.0 .0.lock().unwrap().clone();
+        assert_eq!(
+            got,
+            vec![(0, Err(FailureKind::Cancelled)), (1, Err(FailureKind::Cancelled))]
+        );
+    }
+}
