@@ -1,1 +1,125 @@
+//! rask: lazy, content-hashed task graphs with pluggable executors.
+//!
+//! Wrap function calls with [`delayed!`] to build a graph without running
+//! anything; [`compute`](Delayed::compute) runs it on the executor the
+//! configuration names (one thread, a work-stealing pool, …) and returns a
+//! typed value. Identical work has identical keys and runs once.
+//!
+//! # A 30-second tour
+//!
+//! ```
+//! use rask::prelude::*;
+//!
+//! fn inc(x: i64) -> i64 { x + 1 }
+//! fn add(x: i64, y: i64) -> i64 { x + y }
+//!
+//! let x = delayed!(inc(1));                 // nothing runs yet
+//! let y = delayed!(inc(2));
+//! let total = delayed!(add(&x, &y));        // arguments: values, Delayed, &Delayed, Vec<Delayed<T>>
+//! assert_eq!(total.compute()?, 5);          // executor chosen by configuration
+//!
+//! let (a, t) = rask::compute((&x, &total))?; // shared nodes run once
+//! assert_eq!((a, t), (2, 5));
+//! println!("{}", total.key());             // add-3f9a0c1e: same inputs, same key
+//! let dot = total.to_dot();                 // Graphviz rendering
+//!
+//! let sum = &x + &y * 10;                   // operators build tasks too
+//! assert_eq!(sum.compute()?, 32);
+//!
+//! let total = total.persist()?;             // computed once, kept while referenced
+//! assert_eq!(delayed!(add(&total, 1)).compute()?, 6);
+//! # Ok::<(), rask::Error>(())
+//! ```
+//!
+//! # Arguments
+//!
+//! `delayed!(f(a, b))` converts each argument through [`IntoArg`], according
+//! to the type of `f`'s parameter:
+//!
+//! | argument | parameter | passed as |
+//! |---|---|---|
+//! | plain value `x: T` | `T` | a literal, hashed into the key |
+//! | `Delayed<T>` / `&Delayed<T>` | `T` | the result (moved on last use, else cloned) |
+//! | `Delayed<T>` / `&Delayed<T>` | `Arc<T>` | the result, shared without copying |
+//! | `Vec<Delayed<T>>` / `&[Delayed<T>]` | `Vec<T>` | every element's result |
+//! | `(Delayed<A>, Delayed<B>)` (up to 4) | `(A, B)` | every element's result |
+//! | [`Untraversed<T>`] | `T` | the value as is |
+//!
+//! `delayed!(f(a)?)` is for functions returning `Result<T, E>`: `Err` fails
+//! the task with `E`'s message. Values must be [`Data`] (serde + `Clone` +
+//! `Send` + `Sync`).
+//!
+//! # Keys
+//!
+//! A key is blake3 (derive-key mode, context `"rask task key v1"`) over the
+//! function's name and path, and each argument's key (for task inputs) or
+//! serialized bytes (for literals). It prints as `name-` plus eight hex
+//! digits. Keys are the same in every run of the same binary for the same
+//! inputs. They change when a function is renamed or moved, or when a
+//! literal's serialized form changes — and a `HashMap` literal serializes in
+//! its iteration order, which is random per process: use a `BTreeMap`.
+//! [`Delayed::named`] and [`value_named`] set a key from a name instead of a
+//! hash; [`Delayed::unique`] gives a fresh key for impure work.
+//!
+//! # Choosing the executor
+//!
+//! Explicit argument ([`Delayed::compute_with`]) > scoped [`config::set`] >
+//! the `RASK_SCHEDULER` environment variable (`sync`, `threads`,
+//! `threads:N`) > the default, `threads`. An unknown value is an error, never
+//! a silent fallback.
+//!
+//! # Design
+//!
+//! - **Executors don't know `Delayed`.** The graph is lowered into a
+//!   [`Plan`](rask_executor::Plan) — task indices, dependency lists and
+//!   opaque ops — defined by the `rask-executor` crate. Executors
+//!   (`rask-threaded`, …) depend only on that crate; this crate depends on
+//!   them and dispatches by configuration. Dependencies point one way.
+//! - **A graph is its nodes.** A `Delayed` is an `Arc` to an immutable node
+//!   holding its inputs, so a graph needs no central map while it is built
+//!   (cheap, and cycles are impossible), and lowering merges graphs by key.
+//! - **Values are `Arc<dyn Any>`.** A value used by many tasks is shared; the
+//!   last consumer takes it without a copy. Serialization (serde) is needed
+//!   only for keys of literals and, later, to move values between processes;
+//!   local executors never serialize results.
+//! - **The order is the plan order.** Lowering emits a depth-first post-order,
+//!   which finishes a branch before starting the next; executors free each
+//!   value right after its last consumer ran, so a tree reduction holds
+//!   O(depth) intermediates.
+//! - **Failures are values.** A task that returns `Err` or panics becomes a
+//!   failure naming that task; its dependents do not run, the computation
+//!   stops early and returns [`Error::Task`]; the process survives.
+#![warn(missing_docs)]
 
+mod args;
+mod backend;
+mod compute;
+pub mod config;
+mod data;
+mod delayed;
+mod error;
+mod graph;
+mod key;
+mod node;
+mod ops;
+
+pub use args::{IntoArg, Untraversed};
+pub use compute::{compute, compute_with, Compute};
+pub use config::{Config, ExecutorKind};
+pub use data::Data;
+pub use delayed::{named_key, value, value_named, Delayed, TaskKey};
+pub use error::{Error, Result};
+pub use graph::Graph;
+pub use rask_executor::{Key, Value};
+
+/// The names most programs need: `use rask::prelude::*;`.
+pub mod prelude {
+    pub use crate::{compute, delayed, value, Config, Data, Delayed, Error, Result};
+}
+
+/// Support for the `delayed!` macro; not a public API.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::args::apply;
+    pub use crate::node::{Fallible, Plain};
+}

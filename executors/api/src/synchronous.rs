@@ -86,9 +86,11 @@ fn take(slots: &mut [Option<Outcome>], remaining: &mut [u32], d: u32) -> Outcome
     remaining[d] -= 1;
     let slot = &mut slots[d];
     if remaining[d] == 0 {
-        slot.take().expect("a task's value is taken at most `consumers` times")
+        slot.take()
+            .expect("a task's value is taken at most `consumers` times")
     } else {
-        slot.clone().expect("a dependency runs before its dependents")
+        slot.clone()
+            .expect("a dependency runs before its dependents")
     }
 }
 
@@ -198,7 +200,10 @@ mod tests {
         let got = log.0 .0.lock().unwrap().clone();
         assert_eq!(
             got,
-            vec![(0, Err(FailureKind::Cancelled)), (1, Err(FailureKind::Cancelled))]
+            vec![
+                (0, Err(FailureKind::Cancelled)),
+                (1, Err(FailureKind::Cancelled))
+            ]
         );
     }
 }

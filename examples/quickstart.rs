@@ -1,0 +1,65 @@
+//! The 30-second tour: build a small graph, compute it, look at its keys.
+//!
+//! ```text
+//! cargo run --example quickstart
+//! RASK_SCHEDULER=sync cargo run --example quickstart
+//! RASK_SCHEDULER=threads:2 cargo run --example quickstart
+//! ```
+
+use std::process::ExitCode;
+
+use rask::prelude::*;
+
+fn inc(x: i64) -> i64 {
+    x + 1
+}
+
+fn add(x: i64, y: i64) -> i64 {
+    x + y
+}
+
+fn sum(values: Vec<i64>) -> i64 {
+    values.iter().sum()
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
+    let executor = rask::Config::new().resolve()?;
+    println!("executor: {executor}");
+
+    let x = delayed!(inc(1)); // nothing runs yet
+    let y = delayed!(inc(2));
+    let total = delayed!(add(&x, &y));
+    println!("total = {}  (key {})", total.compute()?, total.key());
+
+    // Several outputs in one graph: `x` and `y` run once.
+    let (a, t) = rask::compute((&x, &total))?;
+    println!("x = {a}, total = {t}");
+
+    // Same work, same key.
+    assert_eq!(delayed!(add(&x, &y)).key(), total.key());
+
+    // Collections of Delayed values are traversed; operators build tasks.
+    let incs: Vec<Delayed<i64>> = (0..10).map(|i| delayed!(inc(i))).collect();
+    let s = delayed!(sum(incs));
+    let scaled = &s * 2 + 1;
+    println!(
+        "sum of inc(0..10) = {}, scaled = {}",
+        s.compute()?,
+        scaled.compute()?
+    );
+
+    let dot = std::env::temp_dir().join("rask-quickstart.dot");
+    std::fs::write(&dot, scaled.to_dot())?;
+    println!("graph written to {}", dot.display());
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

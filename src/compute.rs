@@ -1,0 +1,210 @@
+//! Running graphs: lowering, dispatch to the executor, collecting outputs.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+
+use rask_executor::{FailureKind, Outcome, Reporter, Value};
+
+use crate::backend::Backend;
+use crate::config::Config;
+use crate::data::Data;
+use crate::node::Node;
+use crate::{Error, Result};
+
+/// The tasks a [`Compute`] value asks for, in order.
+#[doc(hidden)]
+#[derive(Default)]
+pub struct Roots(pub(crate) Vec<Arc<Node>>);
+
+/// Something that can be computed: a `Delayed`, a reference to one, a `Vec`
+/// or slice of them, or a tuple of any of these.
+///
+/// Implemented by rask; see [`compute`].
+pub trait Compute {
+    /// What computing it returns.
+    type Output;
+    #[doc(hidden)]
+    fn roots(&self, out: &mut Roots);
+    #[doc(hidden)]
+    fn assemble(&self, values: &mut std::vec::IntoIter<Value>) -> Result<Self::Output>;
+}
+
+impl<C: Compute> Compute for Vec<C> {
+    type Output = Vec<C::Output>;
+    fn roots(&self, out: &mut Roots) {
+        self.as_slice().roots(out)
+    }
+    fn assemble(&self, values: &mut std::vec::IntoIter<Value>) -> Result<Self::Output> {
+        self.as_slice().assemble(values)
+    }
+}
+
+impl<C: Compute> Compute for &[C] {
+    type Output = Vec<C::Output>;
+    fn roots(&self, out: &mut Roots) {
+        for c in self.iter() {
+            c.roots(out);
+        }
+    }
+    fn assemble(&self, values: &mut std::vec::IntoIter<Value>) -> Result<Self::Output> {
+        self.iter().map(|c| c.assemble(values)).collect()
+    }
+}
+
+impl<C: Compute> Compute for &Vec<C> {
+    type Output = Vec<C::Output>;
+    fn roots(&self, out: &mut Roots) {
+        self.as_slice().roots(out)
+    }
+    fn assemble(&self, values: &mut std::vec::IntoIter<Value>) -> Result<Self::Output> {
+        self.as_slice().assemble(values)
+    }
+}
+
+macro_rules! tuple_compute {
+    ($($t:ident $i:tt),+) => {
+        impl<$($t: Compute),+> Compute for ($($t,)+) {
+            type Output = ($($t::Output,)+);
+            fn roots(&self, out: &mut Roots) {
+                $(self.$i.roots(out);)+
+            }
+            fn assemble(&self, values: &mut std::vec::IntoIter<Value>) -> Result<Self::Output> {
+                Ok(($(self.$i.assemble(values)?,)+))
+            }
+        }
+    };
+}
+
+tuple_compute!(A 0);
+tuple_compute!(A 0, B 1);
+tuple_compute!(A 0, B 1, C 2);
+tuple_compute!(A 0, B 1, C 2, D 3);
+tuple_compute!(A 0, B 1, C 2, D 3, E 4);
+tuple_compute!(A 0, B 1, C 2, D 3, E 4, F 5);
+
+/// Computes several outputs in one graph: nodes they share run once.
+///
+/// # Errors
+///
+/// The first task failure (naming the failed task), or a configuration error.
+///
+/// # Examples
+///
+/// ```
+/// use rask::delayed;
+/// fn inc(x: i64) -> i64 { x + 1 }
+/// fn add(x: i64, y: i64) -> i64 { x + y }
+///
+/// let x = delayed!(inc(1));
+/// let total = delayed!(add(&x, 10));
+/// let (a, t) = rask::compute((&x, &total))?;   // `x` runs once
+/// assert_eq!((a, t), (2, 12));
+/// let all = rask::compute(vec![x.clone(), total.clone()])?;
+/// assert_eq!(all, vec![2, 12]);
+/// # Ok::<(), rask::Error>(())
+/// ```
+pub fn compute<C: Compute>(what: C) -> Result<C::Output> {
+    compute_with(what, &Config::default())
+}
+
+/// [`compute`] with an explicit configuration.
+///
+/// # Errors
+///
+/// As [`compute`].
+pub fn compute_with<C: Compute>(what: C, config: &Config) -> Result<C::Output> {
+    let mut roots = Roots::default();
+    what.roots(&mut roots);
+    let values = run(&roots.0, config)?;
+    what.assemble(&mut values.into_iter())
+}
+
+/// Runs the graph behind `roots`, returning one value per root.
+pub(crate) fn run(roots: &[Arc<Node>], config: &Config) -> Result<Vec<Value>> {
+    let backend = Backend::get(config.resolve()?)?;
+    let plan = Arc::new(crate::graph::lower(roots));
+    let collector = Arc::new(Collector::new(roots.len()));
+    backend.executor().submit(plan, collector.clone());
+    collector.wait()
+}
+
+/// Moves the next value out, downcast to `T`.
+pub(crate) fn take<T: Data>(values: &mut std::vec::IntoIter<Value>) -> Result<T> {
+    let value = values.next().expect("one value per root");
+    let shared = value.downcast::<T>().map_err(|_| Error::WrongType {
+        expected: std::any::type_name::<T>(),
+    })?;
+    Ok(Arc::try_unwrap(shared).unwrap_or_else(|shared| (*shared).clone()))
+}
+
+/// Gathers a plan's outputs and stops the run at the first failure.
+struct Collector {
+    state: Mutex<State>,
+    done: Condvar,
+    failed: AtomicBool,
+}
+
+struct State {
+    outcomes: Vec<Option<Outcome>>,
+    finished: bool,
+}
+
+impl Collector {
+    fn new(outputs: usize) -> Self {
+        Collector {
+            state: Mutex::new(State {
+                outcomes: vec![None; outputs],
+                finished: false,
+            }),
+            done: Condvar::new(),
+            failed: AtomicBool::new(false),
+        }
+    }
+
+    fn wait(&self) -> Result<Vec<Value>> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        while !state.finished {
+            state = self
+                .done
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        let outcomes = std::mem::take(&mut state.outcomes);
+        // Report the failure that started it all, not a cancellation it caused.
+        let mut first_cancelled = None;
+        let mut values = Vec::with_capacity(outcomes.len());
+        for outcome in outcomes {
+            match outcome.expect("every output is reported before `finished`") {
+                Ok(v) => values.push(v),
+                Err(f) if f.kind == FailureKind::Cancelled => {
+                    first_cancelled.get_or_insert(f);
+                }
+                Err(f) => return Err(Error::from_failure(&f)),
+            }
+        }
+        match first_cancelled {
+            Some(f) => Err(Error::from_failure(&f)),
+            None => Ok(values),
+        }
+    }
+}
+
+impl Reporter for Collector {
+    fn output(&self, index: usize, outcome: Outcome) {
+        if outcome.is_err() {
+            self.failed.store(true, Ordering::Relaxed);
+        }
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.outcomes[index] = Some(outcome);
+    }
+
+    fn cancelled(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    fn finished(&self) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.finished = true;
+        self.done.notify_all();
+    }
+}

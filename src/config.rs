@@ -1,0 +1,285 @@
+//! Choosing the executor: explicit argument > scoped [`set`] > `RASK_SCHEDULER`
+//! > default (`threads`).
+//!
+//! Switching a whole program between executors is a configuration change:
+//!
+//! ```text
+//! RASK_SCHEDULER=sync cargo run --example quickstart
+//! RASK_SCHEDULER=threads:2 cargo run --example quickstart
+//! ```
+
+use std::cell::RefCell;
+use std::fmt;
+use std::str::FromStr;
+
+use crate::{Error, Result};
+
+/// The environment variable that picks the executor.
+pub const ENV_VAR: &str = "RASK_SCHEDULER";
+
+/// Which executor runs a computation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ExecutorKind {
+    /// One thread, tasks in a deterministic order: the reference semantics.
+    Synchronous,
+    /// A work-stealing pool; `None` means one thread per core.
+    Threads(Option<usize>),
+}
+
+impl ExecutorKind {
+    /// Parses the forms accepted by `RASK_SCHEDULER`: `sync`, `threads`,
+    /// `threads:N`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] naming the accepted forms.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use rask::config::ExecutorKind;
+    /// assert_eq!(ExecutorKind::parse("threads:4")?, ExecutorKind::Threads(Some(4)));
+    /// assert!(ExecutorKind::parse("bogus").is_err());
+    /// # Ok::<(), rask::Error>(())
+    /// ```
+    pub fn parse(text: &str) -> Result<ExecutorKind> {
+        parse(text, "a string")
+    }
+}
+
+fn parse(text: &str, source_name: &'static str) -> Result<ExecutorKind> {
+    let err = |reason| Error::Config {
+        value: text.to_owned(),
+        source_name,
+        reason,
+    };
+    let trimmed = text.trim();
+    match trimmed {
+        "sync" | "synchronous" => return Ok(ExecutorKind::Synchronous),
+        "threads" => return Ok(ExecutorKind::Threads(None)),
+        _ => {}
+    }
+    if let Some(n) = trimmed.strip_prefix("threads:") {
+        return match n.parse::<usize>() {
+            Ok(0) | Err(_) => Err(err("the thread count must be a whole number ≥ 1")),
+            Ok(n) => Ok(ExecutorKind::Threads(Some(n))),
+        };
+    }
+    if trimmed.starts_with("local:") || trimmed.starts_with("tcp://") {
+        return Err(err(
+            "the distributed executor is not available in this version",
+        ));
+    }
+    Err(err("unknown executor"))
+}
+
+impl FromStr for ExecutorKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        ExecutorKind::parse(s)
+    }
+}
+
+impl fmt::Display for ExecutorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExecutorKind::Synchronous => f.write_str("sync"),
+            ExecutorKind::Threads(None) => f.write_str("threads"),
+            ExecutorKind::Threads(Some(n)) => write!(f, "threads:{n}"),
+        }
+    }
+}
+
+/// Settings for a computation. Fields left unset fall back to the scoped
+/// settings, then the environment, then the defaults.
+///
+/// # Examples
+///
+/// ```
+/// use rask::Config;
+/// fn inc(x: i64) -> i64 { x + 1 }
+/// let two = rask::delayed!(inc(1)).compute_with(&Config::threads(2))?;
+/// assert_eq!(two, 2);
+/// # Ok::<(), rask::Error>(())
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Config {
+    executor: Option<ExecutorKind>,
+}
+
+impl Config {
+    /// Nothing set: every setting comes from the scope, the environment or
+    /// the defaults.
+    pub fn new() -> Self {
+        Config::default()
+    }
+
+    /// Run on the synchronous executor.
+    pub fn synchronous() -> Self {
+        Config::new().executor(ExecutorKind::Synchronous)
+    }
+
+    /// Run on a pool of `n` threads (`0`: one per core).
+    pub fn threads(n: usize) -> Self {
+        let n = if n == 0 { None } else { Some(n) };
+        Config::new().executor(ExecutorKind::Threads(n))
+    }
+
+    /// Sets the executor.
+    pub fn executor(mut self, kind: ExecutorKind) -> Self {
+        self.executor = Some(kind);
+        self
+    }
+
+    /// The settings named by `RASK_SCHEDULER` (unset: nothing set).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] when the variable holds an unknown value.
+    pub fn from_env() -> Result<Self> {
+        match std::env::var(ENV_VAR) {
+            Ok(text) if !text.trim().is_empty() => {
+                Ok(Config::new().executor(parse(&text, ENV_VAR)?))
+            }
+            _ => Ok(Config::new()),
+        }
+    }
+
+    /// The executor this configuration resolves to, applying the precedence
+    /// explicit > scoped > environment > default.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] when the environment variable is consulted and holds
+    /// an unknown value.
+    pub fn resolve(&self) -> Result<ExecutorKind> {
+        if let Some(kind) = self.executor {
+            return Ok(kind);
+        }
+        if let Some(kind) = SCOPED.with(|s| s.borrow().iter().rev().find_map(|c| c.executor)) {
+            return Ok(kind);
+        }
+        Ok(Config::from_env()?.executor.unwrap_or(DEFAULT))
+    }
+}
+
+/// The executor used when nothing is set: the thread pool when it is
+/// compiled in, the synchronous executor otherwise.
+const DEFAULT: ExecutorKind = if cfg!(feature = "threaded") {
+    ExecutorKind::Threads(None)
+} else {
+    ExecutorKind::Synchronous
+};
+
+thread_local! {
+    static SCOPED: RefCell<Vec<Config>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Makes `config` the setting for computations started on this thread until
+/// the returned guard is dropped. Guards nest; an explicit configuration
+/// passed to a call still wins.
+///
+/// # Examples
+///
+/// ```
+/// use rask::config::{self, Config, ExecutorKind};
+/// {
+///     let _guard = config::set(Config::synchronous());
+///     assert_eq!(Config::new().resolve()?, ExecutorKind::Synchronous);
+///     // An explicit argument beats the scope.
+///     assert_eq!(Config::threads(3).resolve()?, ExecutorKind::Threads(Some(3)));
+/// }
+/// # Ok::<(), rask::Error>(())
+/// ```
+#[must_use = "the setting lasts only while the guard lives"]
+pub fn set(config: Config) -> ConfigGuard {
+    SCOPED.with(|s| s.borrow_mut().push(config));
+    ConfigGuard {
+        _not_send: std::marker::PhantomData,
+    }
+}
+
+/// Restores the previous scoped configuration when dropped.
+pub struct ConfigGuard {
+    // The setting is thread-local, so the guard must be dropped on its thread.
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl Drop for ConfigGuard {
+    fn drop(&mut self) {
+        SCOPED.with(|s| s.borrow_mut().pop());
+    }
+}
+
+impl fmt::Debug for ConfigGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ConfigGuard")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_accepted_forms() {
+        assert_eq!(
+            ExecutorKind::parse("sync").unwrap(),
+            ExecutorKind::Synchronous
+        );
+        assert_eq!(
+            ExecutorKind::parse(" threads ").unwrap(),
+            ExecutorKind::Threads(None)
+        );
+        assert_eq!(
+            ExecutorKind::parse("threads:8").unwrap(),
+            ExecutorKind::Threads(Some(8))
+        );
+        for bad in [
+            "bogus",
+            "threads:0",
+            "threads:x",
+            "threads:",
+            "local:2",
+            "tcp://h:1",
+        ] {
+            let err = ExecutorKind::parse(bad).unwrap_err().to_string();
+            assert!(err.contains("accepted forms"), "{bad}: {err}");
+            assert!(err.contains(bad.trim()), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn display_round_trips() {
+        for kind in [
+            ExecutorKind::Synchronous,
+            ExecutorKind::Threads(None),
+            ExecutorKind::Threads(Some(3)),
+        ] {
+            assert_eq!(ExecutorKind::parse(&kind.to_string()).unwrap(), kind);
+        }
+    }
+
+    #[test]
+    fn scoped_guards_nest_and_explicit_wins() {
+        let outer = set(Config::threads(2));
+        assert_eq!(
+            Config::new().resolve().unwrap(),
+            ExecutorKind::Threads(Some(2))
+        );
+        {
+            let _inner = set(Config::synchronous());
+            assert_eq!(Config::new().resolve().unwrap(), ExecutorKind::Synchronous);
+            assert_eq!(
+                Config::threads(5).resolve().unwrap(),
+                ExecutorKind::Threads(Some(5))
+            );
+        }
+        assert_eq!(
+            Config::new().resolve().unwrap(),
+            ExecutorKind::Threads(Some(2))
+        );
+        drop(outer);
+    }
+}

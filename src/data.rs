@@ -1,0 +1,28 @@
+//! What a task value must be.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// A value that can flow through a rask graph: a task argument or result.
+///
+/// Implemented for every `Serialize + DeserializeOwned + Clone + Send + Sync +
+/// 'static` type. Serialization is what gives literals a content key and what
+/// lets the distributed executor move values between processes; local
+/// executors never serialize results. `Clone` is used only when a value has
+/// several consumers and a function takes it by value: take `Arc<T>` in the
+/// function to share it instead.
+///
+/// # Examples
+///
+/// ```
+/// #[derive(Clone, serde::Serialize, serde::Deserialize)]
+/// struct Point { x: f64, y: f64 }
+///
+/// fn norm(p: Point) -> f64 { (p.x * p.x + p.y * p.y).sqrt() }
+///
+/// let n = rask::delayed!(norm(Point { x: 3.0, y: 4.0 }));
+/// assert_eq!(n.compute().unwrap(), 5.0);
+/// ```
+pub trait Data: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {}
+
+impl<T> Data for T where T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {}

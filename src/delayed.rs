@@ -1,0 +1,489 @@
+//! `Delayed<T>`: a typed, cheap-to-clone handle to one task of a lazy graph.
+
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use rask_executor::{Key, Value};
+
+use crate::compute::{compute_with, Compute};
+use crate::config::Config;
+use crate::data::Data;
+use crate::key::{KeyHasher, Tag};
+use crate::node::{Held, Name, Node};
+use crate::Result;
+
+/// A lazy value of type `T`: a task and, through its inputs, the whole graph
+/// needed to compute it.
+///
+/// Build one with [`delayed!`](crate::delayed!), [`value`], or operators on
+/// other `Delayed`s. Nothing runs until [`compute`](Delayed::compute) (or
+/// [`persist`](Delayed::persist)). Cloning is cheap (one reference count).
+///
+/// # Examples
+///
+/// ```
+/// use rask::delayed;
+///
+/// fn inc(x: i64) -> i64 { x + 1 }
+/// fn add(x: i64, y: i64) -> i64 { x + y }
+///
+/// let x = delayed!(inc(1));
+/// let y = delayed!(inc(2));
+/// let total = delayed!(add(&x, &y));
+/// assert_eq!(total.compute()?, 5);
+/// assert!(total.key().to_string().starts_with("add-"));
+/// # Ok::<(), rask::Error>(())
+/// ```
+pub struct Delayed<T> {
+    node: Arc<Node>,
+    _type: PhantomData<fn() -> T>,
+}
+
+impl<T> Clone for Delayed<T> {
+    fn clone(&self) -> Self {
+        Delayed::from_node(self.node.clone())
+    }
+}
+
+impl<T> fmt::Debug for Delayed<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Delayed({}-{})", self.node.name, self.node.key.short())
+    }
+}
+
+/// Two `Delayed`s are equal when their keys are: they stand for the same work.
+impl<T> PartialEq for Delayed<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.node.key == other.node.key
+    }
+}
+
+impl<T> Eq for Delayed<T> {}
+
+impl<T> Hash for Delayed<T> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.node.key.hash(state)
+    }
+}
+
+impl<T> Delayed<T> {
+    pub(crate) fn from_node(node: Arc<Node>) -> Self {
+        Delayed {
+            node,
+            _type: PhantomData,
+        }
+    }
+
+    pub(crate) fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    /// The task's key: a readable name plus the content hash.
+    ///
+    /// Same function, same inputs → same key, in this and every later run of
+    /// the same binary (see [`key`](crate#keys) for what keeps keys stable).
+    ///
+    /// ```
+    /// fn inc(x: i64) -> i64 { x + 1 }
+    /// let a = rask::delayed!(inc(1));
+    /// let b = rask::delayed!(inc(1));
+    /// assert_eq!(a.key(), b.key());
+    /// assert_ne!(a.key(), rask::delayed!(inc(2)).key());
+    /// ```
+    pub fn key(&self) -> TaskKey {
+        TaskKey::new(&self.node)
+    }
+
+    /// The task's name: the function name, or the name given with
+    /// [`named`](Delayed::named).
+    pub fn name(&self) -> &str {
+        &self.node.name
+    }
+
+    /// The same work under a name of your choice; the key is derived from the
+    /// name alone, so nothing is hashed and the key stays the same whatever
+    /// the inputs are.
+    ///
+    /// Use it for data too large to hash or to give a task a stable, readable
+    /// identity. Two different tasks given the same name share one key: the
+    /// first one found when a graph is lowered wins.
+    ///
+    /// ```
+    /// fn inc(x: i64) -> i64 { x + 1 }
+    /// let a = rask::delayed!(inc(1)).named("first");
+    /// assert_eq!(a.name(), "first");
+    /// assert_eq!(a.key(), rask::delayed!(inc(5)).named("first").key());
+    /// ```
+    pub fn named(&self, name: impl Into<String>) -> Delayed<T> {
+        let name: String = name.into();
+        let key = named_key(&name);
+        Delayed::from_node(Arc::new(self.node.rekeyed(key, Name::Owned(name))))
+    }
+
+    /// The same work under a fresh key that no other task has: an impure call
+    /// (random numbers, reading a clock, side effects) that must not be
+    /// shared with another identical-looking call.
+    ///
+    /// ```
+    /// fn roll() -> u32 { 4 }
+    /// let a = rask::delayed!(roll()).unique();
+    /// let b = rask::delayed!(roll()).unique();
+    /// assert_ne!(a.key(), b.key());
+    /// ```
+    pub fn unique(&self) -> Delayed<T> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let mut h = KeyHasher::new(Tag::Unique, &self.node.name, "");
+        h.input(&self.node.key);
+        h.bytes(&std::process::id().to_le_bytes());
+        h.bytes(&COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        h.bytes(&nanos.to_le_bytes());
+        let node = self.node.rekeyed(h.finish(), self.node.name.clone());
+        Delayed::from_node(Arc::new(node))
+    }
+
+    /// Renders this task and everything it depends on as Graphviz DOT.
+    ///
+    /// Function calls are ellipses, data (wrapped or persisted values) are
+    /// boxes; labels are the short keys.
+    ///
+    /// ```
+    /// fn inc(x: i64) -> i64 { x + 1 }
+    /// let dot = rask::delayed!(inc(1)).to_dot();
+    /// assert!(dot.starts_with("digraph"));
+    /// assert!(dot.contains("inc-"));
+    /// ```
+    pub fn to_dot(&self) -> String {
+        crate::graph::to_dot(std::slice::from_ref(&self.node))
+    }
+}
+
+impl<T: Data> Delayed<T> {
+    /// Runs the graph on the configured executor and returns the value.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Task`](crate::Error::Task) when a task this value depends on
+    /// returned an error or panicked (naming that task), or a configuration
+    /// error when `RASK_SCHEDULER` names no usable executor.
+    ///
+    /// ```
+    /// fn inc(x: i64) -> i64 { x + 1 }
+    /// assert_eq!(rask::delayed!(inc(41)).compute()?, 42);
+    /// # Ok::<(), rask::Error>(())
+    /// ```
+    pub fn compute(&self) -> Result<T> {
+        self.compute_with(&Config::default())
+    }
+
+    /// Like [`compute`](Delayed::compute), with an explicit configuration
+    /// that takes precedence over scoped settings and the environment.
+    ///
+    /// ```
+    /// use rask::Config;
+    /// fn inc(x: i64) -> i64 { x + 1 }
+    /// assert_eq!(rask::delayed!(inc(1)).compute_with(&Config::synchronous())?, 2);
+    /// # Ok::<(), rask::Error>(())
+    /// ```
+    pub fn compute_with(&self, config: &Config) -> Result<T> {
+        compute_with(self, config)
+    }
+
+    /// Computes the value now and returns a `Delayed` that holds it.
+    ///
+    /// The result has the same key and name; graphs built on it start from
+    /// the held value instead of recomputing its inputs. The value is freed
+    /// when the last handle to it is dropped.
+    ///
+    /// # Errors
+    ///
+    /// As [`compute`](Delayed::compute).
+    ///
+    /// ```
+    /// use std::sync::atomic::{AtomicUsize, Ordering};
+    /// static LOADS: AtomicUsize = AtomicUsize::new(0);
+    /// fn load(n: i64) -> Vec<i64> { LOADS.fetch_add(1, Ordering::SeqCst); (0..n).collect() }
+    /// fn total(v: Vec<i64>) -> i64 { v.iter().sum() }
+    ///
+    /// let data = rask::delayed!(load(10)).persist()?;
+    /// assert_eq!(rask::delayed!(total(&data)).compute()?, 45);
+    /// assert_eq!(rask::delayed!(total(&data)).compute()?, 45);
+    /// assert_eq!(LOADS.load(Ordering::SeqCst), 1);
+    /// # Ok::<(), rask::Error>(())
+    /// ```
+    pub fn persist(&self) -> Result<Delayed<T>> {
+        self.persist_with(&Config::default())
+    }
+
+    /// Like [`persist`](Delayed::persist) with an explicit configuration.
+    ///
+    /// # Errors
+    ///
+    /// As [`compute`](Delayed::compute).
+    pub fn persist_with(&self, config: &Config) -> Result<Delayed<T>> {
+        if self.node.is_data() {
+            return Ok(self.clone());
+        }
+        let mut values = crate::compute::run(std::slice::from_ref(&self.node), config)?;
+        let value = values.pop().expect("one output for one root");
+        Ok(Delayed::held(self.node.key, self.node.name.clone(), value))
+    }
+
+    pub(crate) fn held(key: Key, name: Name, value: Value) -> Delayed<T> {
+        Delayed::from_node(Arc::new(Node {
+            key,
+            name,
+            deps: Vec::new(),
+            call: Arc::new(Held(value)),
+        }))
+    }
+}
+
+impl<T: Data> Compute for &Delayed<T> {
+    type Output = T;
+    fn roots(&self, out: &mut crate::compute::Roots) {
+        out.0.push(self.node.clone());
+    }
+    fn assemble(&self, values: &mut std::vec::IntoIter<Value>) -> Result<T> {
+        crate::compute::take::<T>(values)
+    }
+}
+
+impl<T: Data> Compute for Delayed<T> {
+    type Output = T;
+    fn roots(&self, out: &mut crate::compute::Roots) {
+        out.0.push(self.node.clone());
+    }
+    fn assemble(&self, values: &mut std::vec::IntoIter<Value>) -> Result<T> {
+        crate::compute::take::<T>(values)
+    }
+}
+
+/// Wraps a plain value as a `Delayed`: a data node whose key is the hash of
+/// the value's serialized bytes, computed once here.
+///
+/// Pass the result by reference to as many tasks as you like: the value is
+/// hashed once and shared, not copied into each task. For data too large to
+/// hash, use [`value_named`].
+///
+/// # Examples
+///
+/// ```
+/// fn sum(v: Vec<i64>) -> i64 { v.iter().sum() }
+/// let data = rask::value(vec![1, 2, 3]);
+/// assert_eq!(rask::delayed!(sum(&data)).compute()?, 6);
+/// # Ok::<(), rask::Error>(())
+/// ```
+pub fn value<T: Data>(value: T) -> Delayed<T> {
+    let mut h = KeyHasher::new(Tag::Data, "value", std::any::type_name::<T>());
+    let key = match h.literal(&value) {
+        Ok(()) => h.finish(),
+        // Unhashable data still gets a working, unshared node.
+        Err(_) => return value_named(format!("value-{}", unique_suffix()), value),
+    };
+    Delayed::held(key, Name::Borrowed("value"), Arc::new(value))
+}
+
+/// Wraps a plain value under a name you choose; nothing is hashed, so this is
+/// the way to give large data an identity cheaply.
+///
+/// Two values wrapped under the same name share a key: choose names that
+/// identify the data (e.g. a file path and its modification time).
+///
+/// # Examples
+///
+/// ```
+/// let big = rask::value_named("zeros-1M", vec![0u8; 1 << 20]);
+/// assert_eq!(big.name(), "zeros-1M");
+/// assert_eq!(big.key(), rask::value_named("zeros-1M", vec![1u8]).key());
+/// ```
+pub fn value_named<T: Data>(name: impl Into<String>, value: T) -> Delayed<T> {
+    let name: String = name.into();
+    Delayed::held(named_key(&name), Name::Owned(name), Arc::new(value))
+}
+
+fn unique_suffix() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    COUNTER.fetch_add(1, Ordering::Relaxed)
+}
+
+/// The key that [`Delayed::named`] and [`value_named`] give to `name`.
+///
+/// ```
+/// let v = rask::value_named("config", 3);
+/// assert_eq!(v.key().key(), rask::named_key("config"));
+/// ```
+pub fn named_key(name: &str) -> Key {
+    KeyHasher::new(Tag::Named, name, "").finish()
+}
+
+/// A task's key with its name, printed as `name-1a2b3c4d`.
+///
+/// Equality and hashing use the key only.
+#[derive(Clone)]
+pub struct TaskKey {
+    name: Arc<str>,
+    key: Key,
+}
+
+impl TaskKey {
+    pub(crate) fn new(node: &Node) -> Self {
+        TaskKey {
+            name: Arc::from(&*node.name),
+            key: node.key,
+        }
+    }
+
+    pub(crate) fn from_parts(name: Arc<str>, key: Key) -> Self {
+        TaskKey { name, key }
+    }
+
+    /// The content hash.
+    pub fn key(&self) -> Key {
+        self.key
+    }
+
+    /// The task name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl PartialEq for TaskKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.key == other.key
+    }
+}
+
+impl Eq for TaskKey {}
+
+impl Hash for TaskKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.key.hash(state)
+    }
+}
+
+impl fmt::Display for TaskKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.name, self.key.short())
+    }
+}
+
+impl fmt::Debug for TaskKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TaskKey({self})")
+    }
+}
+
+/// Builds a lazy call: `delayed!(f(a, b, ...))` is a [`Delayed`] of `f`'s
+/// result; nothing runs until it is computed.
+///
+/// `f` is a function item or a closure bound to a name (its name is the
+/// task's name). Each argument may be a plain value, a `Delayed` (or a
+/// reference to one), or a collection of them; see the [argument
+/// table](crate#arguments). Write `delayed!(f(a)?)` when `f` returns
+/// `Result<T, E>`: the `Delayed` is then of `T`, and `Err(e)` fails the task
+/// with `e`'s message.
+///
+/// # Examples
+///
+/// ```
+/// use rask::delayed;
+///
+/// fn add(x: i64, y: i64) -> i64 { x + y }
+/// fn parse(s: String) -> Result<i64, std::num::ParseIntError> { s.parse() }
+///
+/// let n = delayed!(parse("41".to_string())?);
+/// let total = delayed!(add(&n, 1));
+/// assert_eq!(total.compute()?, 42);
+///
+/// let bad = delayed!(parse("x".to_string())?);
+/// let err = bad.compute().unwrap_err();
+/// assert!(err.to_string().contains("invalid digit"));
+/// # Ok::<(), rask::Error>(())
+/// ```
+#[macro_export]
+macro_rules! delayed {
+    ($($f:ident)::+ ( $($arg:expr),* $(,)? ) ?) => {
+        $crate::__private::apply::<$crate::__private::Fallible, _, _, _>(
+            stringify!($($f)::+), $($f)::+, ($($arg,)*),
+        )
+    };
+    ($($f:ident)::+ ( $($arg:expr),* $(,)? )) => {
+        $crate::__private::apply::<$crate::__private::Plain, _, _, _>(
+            stringify!($($f)::+), $($f)::+, ($($arg,)*),
+        )
+    };
+}
+
+/// Picks element `I` out of a tuple-valued input.
+struct Item<Tuple, const I: usize>(PhantomData<fn() -> Tuple>);
+
+macro_rules! item_call {
+    ([$($t:ident),+] $i:tt) => {
+        impl<$($t: Data),+> crate::node::Call for Item<($($t,)+), $i> {
+            fn run(&self, inputs: &mut [Option<Value>]) -> std::result::Result<Value, rask_executor::OpError> {
+                let tuple = crate::node::Inputs::new(inputs).shared::<($($t,)+)>()?;
+                // The last user of the tuple moves the element out.
+                let item = match Arc::try_unwrap(tuple) {
+                    Ok(owned) => owned.$i,
+                    Err(shared) => shared.$i.clone(),
+                };
+                Ok(Arc::new(item))
+            }
+        }
+    };
+}
+
+macro_rules! split {
+    (@method [$($t:ident),+] $($i:tt)+) => {
+        impl<$($t: Data),+> Delayed<($($t,)+)> {
+            /// Splits a tuple-valued task into one `Delayed` per element
+            /// (Dask's `nout`). Each element is a small task that depends on
+            /// this one; the tuple itself runs once.
+            ///
+            /// ```
+            /// fn divmod(a: i64, b: i64) -> (i64, i64) { (a / b, a % b) }
+            /// let (q, r) = rask::delayed!(divmod(17, 5)).split();
+            /// assert_eq!(rask::compute((&q, &r))?, (3, 2));
+            /// # Ok::<(), rask::Error>(())
+            /// ```
+            pub fn split(&self) -> ($(Delayed<$t>,)+) {
+                ($(self.item::<$t, $i>(),)+)
+            }
+        }
+    };
+    ($gen:tt $($i:tt)+) => {
+        $(item_call!($gen $i);)+
+        split!(@method $gen $($i)+);
+    };
+}
+
+impl<Tuple> Delayed<Tuple> {
+    fn item<T, const I: usize>(&self) -> Delayed<T>
+    where
+        Item<Tuple, I>: crate::node::Call,
+    {
+        let mut h = KeyHasher::new(Tag::Item, "getitem", "");
+        h.input(&self.node.key);
+        h.bytes(&(I as u64).to_le_bytes());
+        Delayed::from_node(Arc::new(Node {
+            key: h.finish(),
+            name: Name::Borrowed("getitem"),
+            deps: vec![self.node.clone()],
+            call: Arc::new(Item::<Tuple, I>(PhantomData)),
+        }))
+    }
+}
+
+split!([A, B] 0 1);
+split!([A, B, C] 0 1 2);
+split!([A, B, C, D] 0 1 2 3);
+split!([A, B, C, D, E] 0 1 2 3 4);
+split!([A, B, C, D, E, F] 0 1 2 3 4 5);

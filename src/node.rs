@@ -1,0 +1,169 @@
+//! The node a [`Delayed`](crate::Delayed) points to, and how a typed call runs.
+//!
+//! A node is immutable once built: its key is derived from its inputs' keys,
+//! which exist before it, so the graph of nodes reachable from a `Delayed` is
+//! acyclic by construction.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use rask_executor::{Key, Op, OpError, Value};
+
+use crate::data::Data;
+
+/// A task name: the function name for calls, or a user-chosen name.
+pub(crate) type Name = Cow<'static, str>;
+
+/// One task of a user graph.
+pub(crate) struct Node {
+    pub(crate) key: Key,
+    pub(crate) name: Name,
+    pub(crate) deps: Vec<Arc<Node>>,
+    pub(crate) call: Arc<dyn Call>,
+}
+
+impl Node {
+    /// Whether this node holds a value rather than calling a function.
+    pub(crate) fn is_data(&self) -> bool {
+        self.call.value().is_some()
+    }
+
+    /// A copy of this node under another key and name (same work, same inputs).
+    pub(crate) fn rekeyed(&self, key: Key, name: Name) -> Node {
+        Node {
+            key,
+            name,
+            deps: self.deps.clone(),
+            call: self.call.clone(),
+        }
+    }
+}
+
+impl Op for Node {
+    fn run(&self, inputs: &mut [Option<Value>]) -> Result<Value, OpError> {
+        self.call.run(inputs)
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl fmt::Debug for Node {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.name, self.key.short())
+    }
+}
+
+/// The type-erased work of a node.
+pub(crate) trait Call: Send + Sync + 'static {
+    /// Runs the work on the values of the node's dependencies, in order.
+    fn run(&self, inputs: &mut [Option<Value>]) -> Result<Value, OpError>;
+
+    /// The held value, for data nodes.
+    fn value(&self) -> Option<&Value> {
+        None
+    }
+}
+
+/// A node that holds a value: a wrapped literal or a persisted result.
+pub(crate) struct Held(pub(crate) Value);
+
+impl Call for Held {
+    fn run(&self, _: &mut [Option<Value>]) -> Result<Value, OpError> {
+        Ok(self.0.clone())
+    }
+
+    fn value(&self) -> Option<&Value> {
+        Some(&self.0)
+    }
+}
+
+/// A node that cannot run, e.g. because an argument could not be hashed.
+/// Building the graph stays infallible; the error surfaces at compute time.
+pub(crate) struct Broken(pub(crate) String);
+
+impl Call for Broken {
+    fn run(&self, _: &mut [Option<Value>]) -> Result<Value, OpError> {
+        Err(OpError::failed(self.0.clone()))
+    }
+}
+
+/// Reads a task's inputs in argument order.
+#[doc(hidden)]
+pub struct Inputs<'a> {
+    slots: std::slice::IterMut<'a, Option<Value>>,
+}
+
+impl<'a> Inputs<'a> {
+    pub(crate) fn new(slots: &'a mut [Option<Value>]) -> Self {
+        Inputs {
+            slots: slots.iter_mut(),
+        }
+    }
+
+    fn next_value(&mut self) -> Result<Value, OpError> {
+        self.slots
+            .next()
+            .and_then(Option::take)
+            .ok_or_else(|| OpError::failed("a task received fewer inputs than it declared"))
+    }
+
+    /// The next input as a shared `Arc<T>` (no copy).
+    pub(crate) fn shared<T: Send + Sync + 'static>(&mut self) -> Result<Arc<T>, OpError> {
+        self.next_value()?.downcast::<T>().map_err(|_| {
+            OpError::failed(format!(
+                "an input is not of the type the task expects (`{}`)",
+                std::any::type_name::<T>()
+            ))
+        })
+    }
+
+    /// The next input by value: moved out when this task holds the last
+    /// reference, cloned otherwise.
+    pub(crate) fn owned<T: Clone + Send + Sync + 'static>(&mut self) -> Result<T, OpError> {
+        Ok(Arc::try_unwrap(self.shared::<T>()?).unwrap_or_else(|shared| (*shared).clone()))
+    }
+}
+
+/// How a function's return value becomes a task outcome: returned as is
+/// ([`Plain`]) or, for `delayed!(f(x)?)`, `Err` becomes a task failure
+/// ([`Fallible`]).
+#[doc(hidden)]
+pub trait Returns<R>: Send + Sync + 'static {
+    type Out: Data;
+    fn finish(r: R) -> Result<Self::Out, OpError>;
+}
+
+/// The function returns its value directly.
+#[doc(hidden)]
+pub struct Plain;
+
+/// The function returns `Result<T, E>`; `Err` fails the task.
+#[doc(hidden)]
+pub struct Fallible;
+
+impl<R: Data> Returns<R> for Plain {
+    type Out = R;
+    #[inline]
+    fn finish(r: R) -> Result<R, OpError> {
+        Ok(r)
+    }
+}
+
+impl<T: Data, E: fmt::Display> Returns<Result<T, E>> for Fallible {
+    type Out = T;
+    #[inline]
+    fn finish(r: Result<T, E>) -> Result<T, OpError> {
+        r.map_err(|e| OpError::failed(e.to_string()))
+    }
+}
+
+/// A typed call: the function, one slot per argument, and how it returns.
+pub(crate) struct Typed<F, M, S, Sig> {
+    pub(crate) f: F,
+    pub(crate) slots: S,
+    pub(crate) _sig: PhantomData<fn() -> (M, Sig)>,
+}

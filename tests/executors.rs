@@ -1,0 +1,240 @@
+//! One suite, every executor: each module runs the same tests against the
+//! configuration its `config()` returns, and the properties compare every
+//! executor with a naive evaluation.
+
+mod support;
+
+macro_rules! for_each_executor {
+    ($($t:tt)*) => {
+        mod synchronous {
+            fn config() -> rask::Config { rask::Config::synchronous() }
+            $($t)*
+        }
+        #[cfg(feature = "threaded")]
+        mod threads_1 {
+            fn config() -> rask::Config { rask::Config::threads(1) }
+            $($t)*
+        }
+        #[cfg(feature = "threaded")]
+        mod threads_2 {
+            fn config() -> rask::Config { rask::Config::threads(2) }
+            $($t)*
+        }
+        #[cfg(feature = "threaded")]
+        mod threads_4 {
+            fn config() -> rask::Config { rask::Config::threads(4) }
+            $($t)*
+        }
+    };
+}
+
+for_each_executor! {
+    use std::sync::Arc;
+
+    use proptest::prelude::*;
+    use rask::{delayed, Delayed, Error};
+
+    use crate::support::{self, build, eval, executions, run_id, upstream};
+
+    fn inc(x: i64) -> i64 { x + 1 }
+    fn add(x: i64, y: i64) -> i64 { x + y }
+    fn sum(xs: Vec<i64>) -> i64 { xs.iter().sum() }
+    fn len_shared(xs: Arc<Vec<u8>>) -> usize { xs.len() }
+    fn pair(x: i64) -> (i64, String) { (x * 2, format!("#{x}")) }
+    fn first((a, b): (i64, i64)) -> i64 { a * 10 + b }
+    fn explode(x: i64) -> i64 { if x > 0 { panic!("exploded on {x}") } x }
+
+    #[test]
+    fn computes_a_small_graph() {
+        let x = delayed!(inc(1));
+        let y = delayed!(inc(2));
+        let total = delayed!(add(&x, &y));
+        assert_eq!(total.compute_with(&config()).unwrap(), 5);
+        let (a, t) = rask::compute_with((&x, &total), &config()).unwrap();
+        assert_eq!((a, t), (2, 5));
+    }
+
+    #[test]
+    fn collections_tuples_and_splits() {
+        let parts: Vec<Delayed<i64>> = (0..100).map(|i| delayed!(inc(i))).collect();
+        assert_eq!(delayed!(sum(&parts)).compute_with(&config()).unwrap(), 5050);
+        let t = delayed!(first((&parts[1], &parts[2])));
+        assert_eq!(t.compute_with(&config()).unwrap(), 23);
+        let (doubled, label) = delayed!(pair(21)).split();
+        assert_eq!(rask::compute_with((&doubled, &label), &config()).unwrap(), (42, "#21".to_string()));
+        let all = rask::compute_with(parts[..3].to_vec(), &config()).unwrap();
+        assert_eq!(all, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn shared_values_are_not_copied_for_arc_parameters() {
+        let data = rask::value(vec![7u8; 1000]);
+        let lens: Vec<Delayed<usize>> = (0..4).map(|_| delayed!(len_shared(&data)).unique()).collect();
+        assert_eq!(rask::compute_with(lens, &config()).unwrap(), vec![1000; 4]);
+    }
+
+    #[test]
+    fn panic_fails_the_task_and_names_it() {
+        let ok = delayed!(inc(1));
+        let bad = delayed!(explode(3));
+        let after = delayed!(add(&bad, &ok));
+        let err = rask::compute_with((&ok, &after), &config()).unwrap_err();
+        match &err {
+            Error::Task { key, panicked, message } => {
+                assert_eq!(key, &bad.key());
+                assert!(*panicked);
+                assert_eq!(message, "exploded on 3");
+            }
+            other => panic!("unexpected error {other:?}"),
+        }
+        assert!(err.to_string().contains(&bad.key().to_string()));
+        // The executor is still usable.
+        assert_eq!(after.key(), delayed!(add(&bad, &ok)).key());
+        assert_eq!(delayed!(inc(41)).compute_with(&config()).unwrap(), 42);
+    }
+
+    #[test]
+    fn dependents_of_a_failure_do_not_run() {
+        let run = run_id();
+        let specs = vec![
+            support::Spec::Leaf(1),
+            support::Spec::Mix { deps: vec![0], salt: 0, fails: true },
+            support::Spec::Mix { deps: vec![1], salt: 1, fails: false },
+            support::Spec::Mix { deps: vec![2], salt: 2, fails: false },
+        ];
+        let nodes = build(&specs, run);
+        let err = nodes[3].compute_with(&config()).unwrap_err();
+        assert!(matches!(&err, Error::Task { key, panicked: false, .. } if *key == nodes[1].key()), "{err}");
+        // leaf and the failing mix ran; the two dependents did not.
+        assert_eq!(executions(run), 2);
+    }
+
+    #[test]
+    fn persisted_values_are_reused() {
+        let run = run_id();
+        let specs = vec![support::Spec::Leaf(5), support::Spec::Mix { deps: vec![0, 0], salt: 1, fails: false }];
+        let nodes = build(&specs, run);
+        let kept = nodes[1].persist_with(&config()).unwrap();
+        assert_eq!(kept.key(), nodes[1].key());
+        assert_eq!(executions(run), 2);
+        let again = delayed!(add(&kept, 1));
+        let expected = eval(&specs, 1).unwrap() + 1;
+        assert_eq!(again.compute_with(&config()).unwrap(), expected);
+        assert_eq!(again.compute_with(&config()).unwrap(), expected);
+        assert_eq!(executions(run), 2, "persisted work ran again");
+    }
+
+    #[test]
+    fn tree_reduction() {
+        let n = 5000;
+        assert_eq!(support::tree(n).compute_with(&config()).unwrap(), n * (n + 1) / 2);
+    }
+
+    #[test]
+    fn nested_compute_inside_a_task() {
+        fn outer(x: i64) -> i64 {
+            let inner = delayed!(inc(x));
+            // A compute from inside a task, on the same executor.
+            inner.compute_with(&config()).unwrap() * 2
+        }
+        let parts: Vec<Delayed<i64>> = (0..8).map(|i| delayed!(outer(i))).collect();
+        let got = rask::compute_with(parts, &config()).unwrap();
+        assert_eq!(got, (0..8).map(|i| (i + 1) * 2).collect::<Vec<_>>());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+
+        /// (b) compute equals a naive recursive evaluation, failures included;
+        /// (c) each distinct key executes exactly once per compute.
+        #[test]
+        fn agrees_with_naive_evaluation_and_runs_each_key_once(specs in support::dag(60, 0.05)) {
+            let run = run_id();
+            let nodes = build(&specs, run);
+            let root = nodes.len() - 1;
+            let got = nodes[root].compute_with(&config());
+            match (eval(&specs, root), got) {
+                (Ok(want), Ok(got)) => {
+                    prop_assert_eq!(want, got);
+                    let distinct = rask::Graph::from_delayed(&nodes[root]).len();
+                    prop_assert_eq!(executions(run), distinct);
+                }
+                (Err(()), Err(Error::Task { key, .. })) => {
+                    let up = upstream(&specs, root);
+                    let culprit = (0..specs.len()).any(|i| {
+                        up[i] && matches!(specs[i], support::Spec::Mix { fails: true, .. }) && nodes[i].key() == key
+                    });
+                    prop_assert!(culprit, "error names {} which is not a failing upstream task", key);
+                }
+                (want, got) => prop_assert!(false, "naive {:?}, executor {:?}", want, got),
+            }
+        }
+
+        /// Several outputs in one compute equal computing each alone.
+        #[test]
+        fn many_outputs_agree(specs in support::dag(40, 0.0)) {
+            let nodes = build(&specs, 0);
+            let all = rask::compute_with(nodes.clone(), &config()).unwrap();
+            for (i, got) in all.into_iter().enumerate() {
+                prop_assert_eq!(Ok(got), eval(&specs, i));
+            }
+        }
+    }
+}
+
+/// The sync executor frees each value right after its last consumer: a tree
+/// reduction keeps O(depth) values alive, not O(leaves).
+#[test]
+fn synchronous_frees_intermediates() {
+    use std::sync::atomic::{AtomicIsize, Ordering};
+
+    use rask::delayed;
+
+    static LIVE: AtomicIsize = AtomicIsize::new(0);
+    static PEAK: AtomicIsize = AtomicIsize::new(0);
+
+    #[derive(Debug, serde::Serialize, serde::Deserialize)]
+    struct Tracked(i64);
+    impl Tracked {
+        fn new(v: i64) -> Self {
+            let live = LIVE.fetch_add(1, Ordering::SeqCst) + 1;
+            PEAK.fetch_max(live, Ordering::SeqCst);
+            Tracked(v)
+        }
+    }
+    impl Clone for Tracked {
+        fn clone(&self) -> Self {
+            Tracked::new(self.0)
+        }
+    }
+    impl Drop for Tracked {
+        fn drop(&mut self) {
+            LIVE.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    fn leaf(i: i64) -> Tracked {
+        Tracked::new(i)
+    }
+    fn join(a: Tracked, b: Tracked) -> Tracked {
+        Tracked::new(a.0 + b.0)
+    }
+
+    let n = 4096;
+    let mut level: Vec<_> = (0..n).map(|i| delayed!(leaf(i))).collect();
+    while level.len() > 1 {
+        level = level
+            .chunks(2)
+            .map(|p| delayed!(join(&p[0], &p[1])))
+            .collect();
+    }
+    let total = level[0].compute_with(&rask::Config::synchronous()).unwrap();
+    assert_eq!(total.0, n * (n - 1) / 2);
+    drop(total);
+    let depth = 12;
+    let peak = PEAK.load(Ordering::SeqCst);
+    assert!(
+        peak <= depth + 3,
+        "peak of {peak} live values for a tree of depth {depth}"
+    );
+    assert_eq!(LIVE.load(Ordering::SeqCst), 0);
+}

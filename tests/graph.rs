@@ -1,0 +1,248 @@
+//! Keys, graphs and the promises we keep across versions.
+
+mod support;
+
+use proptest::prelude::*;
+use rask::{delayed, named_key, Config, Delayed, Error, Graph};
+
+use support::{build, upstream, Spec};
+
+fn inc(x: i64) -> i64 {
+    x + 1
+}
+
+fn add(x: i64, y: i64) -> i64 {
+    x + y
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
+
+    /// (a) The same expression built twice has identical keys; changing one
+    /// literal changes the key of that node and every node downstream of it,
+    /// and of no other node.
+    #[test]
+    fn keys_are_stable_and_change_exactly_downstream(specs in support::dag(50, 0.0), pick in any::<prop::sample::Index>()) {
+        let a = build(&specs, 0);
+        let b = build(&specs, 0);
+        for (x, y) in a.iter().zip(&b) {
+            prop_assert_eq!(x.key(), y.key());
+        }
+        let leaves: Vec<usize> = (0..specs.len()).filter(|&i| matches!(specs[i], Spec::Leaf(_))).collect();
+        let changed = leaves[pick.index(leaves.len())];
+        let mut edited = specs.clone();
+        if let Spec::Leaf(v) = &mut edited[changed] {
+            *v += 1_000_000;
+        }
+        let c = build(&edited, 0);
+        for i in 0..specs.len() {
+            let downstream = upstream(&specs, i)[changed];
+            prop_assert_eq!(a[i].key() != c[i].key(), downstream, "node {}", i);
+        }
+    }
+}
+
+#[test]
+fn key_display_is_short_and_readable() {
+    let k = delayed!(inc(1)).key().to_string();
+    let (name, hex) = k.split_once('-').unwrap();
+    assert_eq!(name, "inc");
+    assert_eq!(hex.len(), 8);
+    assert!(hex.chars().all(|c| c.is_ascii_hexdigit()));
+}
+
+/// Golden key: changing it is a breaking change (keys are cache addresses).
+#[test]
+fn golden_keys() {
+    let data = rask::value(vec![1_i64, 2, 3]);
+    assert_eq!(
+        data.key().key().to_string(),
+        "baee18bfaea4dee754e9158f2a2a63a2e3f08fcdb944eda9cb188e61458b13ce"
+    );
+    assert_eq!(
+        named_key("config").to_string(),
+        "2bab687fd7ed13403d235ab70b1e1f26e32f3bf1f1285fcfe5d11e7c281cecc5"
+    );
+    assert_eq!(
+        delayed!(add(&delayed!(inc(1)), 2)).key().to_string(),
+        "add-dab1dd54"
+    );
+}
+
+#[test]
+fn keys_depend_on_function_and_argument_order() {
+    fn sub(x: i64, y: i64) -> i64 {
+        x - y
+    }
+    let a = rask::value(1_i64);
+    let b = rask::value(2_i64);
+    assert_ne!(delayed!(add(&a, &b)).key(), delayed!(add(&b, &a)).key());
+    assert_ne!(delayed!(add(&a, &b)).key(), delayed!(sub(&a, &b)).key());
+    // A literal and a wrapped value of the same number are different inputs.
+    assert_ne!(
+        delayed!(inc(1)).key(),
+        delayed!(inc(rask::value(1_i64))).key()
+    );
+    // Named and unique keys.
+    assert_eq!(
+        delayed!(inc(1)).named("one").key(),
+        delayed!(inc(2)).named("one").key()
+    );
+    assert_ne!(
+        delayed!(inc(1)).unique().key(),
+        delayed!(inc(1)).unique().key()
+    );
+}
+
+#[test]
+fn merging_graphs_dedups_by_key() {
+    let x = delayed!(inc(1));
+    let t1 = delayed!(add(&x, 10));
+    let t2 = delayed!(add(&delayed!(inc(1)), 20));
+    let mut g = Graph::from_delayed(&t1);
+    assert_eq!(g.len(), 2);
+    g.merge(&Graph::from_delayed(&t2));
+    assert_eq!(g.len(), 3, "inc(1) appears once");
+    assert_eq!(
+        g.compute_with::<i64>(t2.key().key(), &Config::synchronous())
+            .unwrap(),
+        22
+    );
+}
+
+#[test]
+fn hand_made_graphs_are_validated() {
+    let mut g = Graph::new();
+    g.insert_task("a", &[named_key("b")], |_| 1_i64);
+    g.insert_task("b", &[named_key("c")], |_| 1_i64);
+    g.insert_task("c", &[named_key("a")], |_| 1_i64);
+    let err = g.validate().unwrap_err();
+    assert!(matches!(err, Error::Cycle(_)), "{err}");
+    assert!(
+        err.to_string().starts_with("graph has a cycle through "),
+        "{err}"
+    );
+    assert!(g
+        .compute_with::<i64>(named_key("a"), &Config::synchronous())
+        .is_err());
+
+    let mut g = Graph::new();
+    g.insert_task("lonely", &[named_key("nowhere")], |_| 1_i64);
+    assert!(matches!(g.validate(), Err(Error::MissingDependency { .. })));
+    assert!(matches!(
+        g.compute_with::<i64>(named_key("absent"), &Config::synchronous()),
+        Err(Error::UnknownKey(_))
+    ));
+
+    let mut g = Graph::new();
+    let a = g.insert_value("a", 2_i64);
+    let sq = g.insert_task("sq", &[a, a], |v| {
+        v[0].downcast_ref::<i64>().unwrap() * v[1].downcast_ref::<i64>().unwrap()
+    });
+    assert_eq!(
+        g.compute_with::<i64>(sq, &Config::synchronous()).unwrap(),
+        4
+    );
+    assert!(matches!(
+        g.compute_with::<String>(sq, &Config::synchronous()),
+        Err(Error::WrongType { .. })
+    ));
+    let dot = g.to_dot().unwrap();
+    assert!(
+        dot.contains("shape=box") && dot.contains("shape=ellipse"),
+        "{dot}"
+    );
+}
+
+#[test]
+fn to_dot_shows_tasks_and_edges() {
+    let x = delayed!(inc(1));
+    let total = delayed!(add(&x, &rask::value(3_i64)));
+    let dot = total.to_dot();
+    assert!(
+        dot.contains(&format!("label=\"{}\", shape=ellipse", x.key())),
+        "{dot}"
+    );
+    assert!(dot.contains("shape=box"), "{dot}");
+    assert_eq!(dot.matches("->").count(), 2, "{dot}");
+}
+
+#[test]
+fn fallible_tasks_report_their_error() {
+    fn parse(s: String) -> Result<i64, std::num::ParseIntError> {
+        s.parse()
+    }
+    let bad = delayed!(parse("nope".to_string())?);
+    let err = delayed!(inc(&bad))
+        .compute_with(&Config::synchronous())
+        .unwrap_err();
+    match err {
+        Error::Task {
+            key,
+            panicked,
+            message,
+        } => {
+            assert_eq!(key, bad.key());
+            assert!(!panicked);
+            assert_eq!(message, "invalid digit found in string");
+        }
+        other => panic!("{other}"),
+    }
+}
+
+#[test]
+fn untraversed_collections_reach_the_function_as_handles() {
+    fn keys(parts: Vec<Delayed<i64>>) -> Vec<String> {
+        parts.iter().map(|p| p.key().to_string()).collect()
+    }
+    let parts = vec![delayed!(inc(1)), delayed!(inc(2))];
+    let got = delayed!(keys(rask::Untraversed(parts.clone())))
+        .compute_with(&Config::synchronous())
+        .unwrap();
+    assert_eq!(
+        got,
+        vec![parts[0].key().to_string(), parts[1].key().to_string()]
+    );
+}
+
+#[test]
+fn environment_variable_picks_the_executor_and_rejects_junk() {
+    // The only test in this binary that reads the environment.
+    std::env::set_var("RASK_SCHEDULER", "sync");
+    assert_eq!(
+        Config::new().resolve().unwrap(),
+        rask::ExecutorKind::Synchronous
+    );
+    std::env::set_var("RASK_SCHEDULER", "threads:3");
+    assert_eq!(
+        Config::new().resolve().unwrap(),
+        rask::ExecutorKind::Threads(Some(3))
+    );
+    // Scoped beats the environment; explicit beats scoped.
+    {
+        let _g = rask::config::set(Config::synchronous());
+        assert_eq!(
+            Config::new().resolve().unwrap(),
+            rask::ExecutorKind::Synchronous
+        );
+        assert_eq!(
+            Config::threads(2).resolve().unwrap(),
+            rask::ExecutorKind::Threads(Some(2))
+        );
+    }
+    std::env::set_var("RASK_SCHEDULER", "bogus");
+    let err = delayed!(inc(1)).compute().unwrap_err();
+    assert!(matches!(err, Error::Config { .. }), "{err}");
+    assert!(err.to_string().contains("threads:N"), "{err}");
+    std::env::remove_var("RASK_SCHEDULER");
+}
+
+#[test]
+fn public_types_are_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<Delayed<i64>>();
+    check::<Graph>();
+    check::<Error>();
+    check::<Config>();
+    check::<rask::TaskKey>();
+}

@@ -1,0 +1,161 @@
+//! Helpers shared by the integration tests: random DAGs and a naive evaluator.
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use proptest::prelude::*;
+use rask::{delayed, Delayed};
+
+/// One node of a random DAG: a leaf literal or a combination of earlier nodes.
+#[derive(Debug, Clone)]
+pub enum Spec {
+    Leaf(i64),
+    /// `mix(deps, salt)`; fails when `fails` is set.
+    Mix {
+        deps: Vec<usize>,
+        salt: i64,
+        fails: bool,
+    },
+}
+
+/// A random DAG: nodes in topological order (deps point backwards).
+pub fn dag(max_nodes: usize, failure_rate: f64) -> impl Strategy<Value = Vec<Spec>> {
+    (1..=max_nodes).prop_flat_map(move |n| {
+        let nodes: Vec<BoxedStrategy<Spec>> = (0..n)
+            .map(|i| {
+                if i < 2 {
+                    (0i64..4).prop_map(Spec::Leaf).boxed()
+                } else {
+                    prop_oneof![
+                        1 => (0i64..4).prop_map(Spec::Leaf),
+                        4 => (
+                            proptest::collection::vec(0..i, 1..4),
+                            0i64..3,
+                            proptest::bool::weighted(failure_rate)
+                        )
+                            .prop_map(|(deps, salt, fails)| Spec::Mix { deps, salt, fails }),
+                    ]
+                    .boxed()
+                }
+            })
+            .collect();
+        nodes
+    })
+}
+
+/// Executions per run id, so tests running in parallel count separately.
+static EXECUTIONS: Mutex<Option<HashMap<u64, usize>>> = Mutex::new(None);
+static RUN_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// A fresh run id; pass it to [`build`] to count that graph's executions.
+pub fn run_id() -> u64 {
+    RUN_IDS.fetch_add(1, Ordering::Relaxed)
+}
+
+pub fn executions(run: u64) -> usize {
+    EXECUTIONS
+        .lock()
+        .unwrap()
+        .as_ref()
+        .and_then(|m| m.get(&run).copied())
+        .unwrap_or(0)
+}
+
+fn count(run: u64) {
+    *EXECUTIONS
+        .lock()
+        .unwrap()
+        .get_or_insert_with(HashMap::new)
+        .entry(run)
+        .or_default() += 1;
+}
+
+pub fn leaf(value: i64, run: u64) -> i64 {
+    count(run);
+    value
+}
+
+pub fn mix(inputs: Vec<i64>, salt: i64, fails: bool, run: u64) -> Result<i64, String> {
+    count(run);
+    if fails {
+        return Err(format!("mix with salt {salt} failed"));
+    }
+    Ok(inputs
+        .iter()
+        .fold(salt, |acc, x| acc.wrapping_mul(31).wrapping_add(*x)))
+}
+
+/// Builds the DAG as `Delayed` values, one per spec node.
+pub fn build(specs: &[Spec], run: u64) -> Vec<Delayed<i64>> {
+    let mut out: Vec<Delayed<i64>> = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let d = match spec {
+            Spec::Leaf(v) => delayed!(leaf(*v, run)),
+            Spec::Mix { deps, salt, fails } => {
+                let inputs: Vec<Delayed<i64>> = deps.iter().map(|&d| out[d].clone()).collect();
+                delayed!(mix(inputs, *salt, *fails, run)?)
+            }
+        };
+        out.push(d);
+    }
+    out
+}
+
+/// Naive recursive evaluation: `Err(())` when a failing node is upstream.
+pub fn eval(specs: &[Spec], i: usize) -> Result<i64, ()> {
+    match &specs[i] {
+        Spec::Leaf(v) => Ok(*v),
+        Spec::Mix { deps, salt, fails } => {
+            let inputs = deps
+                .iter()
+                .map(|&d| eval(specs, d))
+                .collect::<Result<Vec<_>, _>>()?;
+            if *fails {
+                return Err(());
+            }
+            Ok(inputs
+                .iter()
+                .fold(*salt, |acc, x| acc.wrapping_mul(31).wrapping_add(*x)))
+        }
+    }
+}
+
+/// Indices of every node `i` depends on, itself included.
+pub fn upstream(specs: &[Spec], i: usize) -> Vec<bool> {
+    let mut seen = vec![false; specs.len()];
+    let mut stack = vec![i];
+    while let Some(j) = stack.pop() {
+        if std::mem::replace(&mut seen[j], true) {
+            continue;
+        }
+        if let Spec::Mix { deps, .. } = &specs[j] {
+            stack.extend(deps.iter().copied());
+        }
+    }
+    seen
+}
+
+/// The tree workload of `shared/bench/WORKLOADS.md`: `inc(i)` leaves reduced
+/// pairwise by `add`.
+pub fn tree(n: i64) -> Delayed<i64> {
+    fn inc(x: i64) -> i64 {
+        x + 1
+    }
+    fn add(x: i64, y: i64) -> i64 {
+        x + y
+    }
+    let mut level: Vec<Delayed<i64>> = (0..n).map(|i| delayed!(inc(i))).collect();
+    while level.len() > 1 {
+        level = level
+            .chunks(2)
+            .map(|pair| match pair {
+                [a, b] => delayed!(add(a, b)),
+                [a] => a.clone(),
+                _ => unreachable!(),
+            })
+            .collect();
+    }
+    level.pop().unwrap()
+}
