@@ -42,6 +42,23 @@ pub enum Error {
         /// The task whose value was not produced.
         key: TaskKey,
     },
+    /// A future passed to `gather` failed or was cancelled.
+    #[error("future {index} ({future}) of the gather failed: {source}")]
+    Gather {
+        /// Position of the future in the gathered list.
+        index: usize,
+        /// The future's key.
+        future: TaskKey,
+        /// Why it failed.
+        #[source]
+        source: Box<Error>,
+    },
+    /// A wait gave up before the result was ready.
+    #[error("timed out after {after:?}")]
+    Timeout {
+        /// How long it waited.
+        after: std::time::Duration,
+    },
     /// A hand-assembled graph has a cycle.
     #[error("graph has a cycle through {0}")]
     Cycle(TaskKey),

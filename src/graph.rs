@@ -19,7 +19,7 @@ use std::fmt::Write as _;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
-use rask_executor::{Key, OpError, Plan, PlanBuilder, Value};
+use rask_executor::{Key, Op, OpError, Plan, PlanBuilder, Value};
 
 use crate::data::Data;
 use crate::delayed::{named_key, Delayed, TaskKey};
@@ -49,26 +49,45 @@ impl Hasher for KeyHash {
 pub(crate) type KeyMap<V> = HashMap<Key, V, BuildHasherDefault<KeyHash>>;
 
 /// Visits the nodes reachable from `roots` in post-order (rule 2), once per
-/// key (rule 1), calling `emit(node, dependency_indices)`; returns the index
-/// of every key, numbered in visit order.
+/// key (rule 1), calling `emit(node, replacement, dependency_indices)`;
+/// returns the index of every key, numbered in visit order.
+///
+/// `cut(node)` is asked once per key before its inputs are visited: `Some(op)`
+/// replaces the node and everything it depends on with `op`, which gets no
+/// dependencies (e.g. a value the caller already holds).
 fn postorder<'a>(
     roots: &'a [Arc<Node>],
-    mut emit: impl FnMut(&'a Arc<Node>, &[u32]),
+    mut cut: impl FnMut(&Arc<Node>) -> Option<Arc<dyn Op>>,
+    mut emit: impl FnMut(&'a Arc<Node>, Option<Arc<dyn Op>>, &[u32]),
 ) -> KeyMap<u32> {
     let mut index = KeyMap::default();
     let mut stack: Vec<(&'a Arc<Node>, usize)> = Vec::new();
     let mut deps = Vec::new();
+    // Asks `cut` about a node before its inputs are visited.
+    macro_rules! enter {
+        ($node:expr) => {{
+            let node: &'a Arc<Node> = $node;
+            match cut(node) {
+                Some(op) => {
+                    emit(node, Some(op), &[]);
+                    let i = index.len() as u32;
+                    index.insert(node.key, i);
+                }
+                None => stack.push((node, 0)),
+            }
+        }};
+    }
     for root in roots {
         if index.contains_key(&root.key) {
             continue;
         }
-        stack.push((root, 0));
+        enter!(root);
         while let Some(top) = stack.last_mut() {
             let node = top.0;
             if let Some(child) = node.deps.get(top.1) {
                 top.1 += 1;
                 if !index.contains_key(&child.key) {
-                    stack.push((child, 0));
+                    enter!(child);
                 }
                 continue;
             }
@@ -80,7 +99,7 @@ fn postorder<'a>(
             }
             deps.clear();
             deps.extend(node.deps.iter().map(|c| index[&c.key]));
-            emit(node, &deps);
+            emit(node, None, &deps);
             let i = index.len() as u32;
             index.insert(node.key, i);
         }
@@ -89,15 +108,29 @@ fn postorder<'a>(
 }
 
 /// Lowers the graph behind `roots` into a plan whose outputs are the roots,
-/// in order.
+/// in order. Waits for the futures the graph depends on first, so that no
+/// executor thread ever blocks on one.
 ///
 /// # Complexity
 ///
 /// O(nodes + edges) time, one hash-map entry per distinct key.
 pub(crate) fn lower(roots: &[Arc<Node>]) -> Plan {
+    lower_with(roots, |node| {
+        node.call.prepare();
+        None
+    })
+}
+
+/// [`lower`] with a `cut` that may replace a node and its inputs by an op
+/// (see [`postorder`]).
+pub(crate) fn lower_with(
+    roots: &[Arc<Node>],
+    cut: impl FnMut(&Arc<Node>) -> Option<Arc<dyn Op>>,
+) -> Plan {
     let mut b = PlanBuilder::new();
-    let index = postorder(roots, |node, deps| {
-        b.push(node.key, node.clone(), deps);
+    let index = postorder(roots, cut, |node, replacement, deps| {
+        let op = replacement.unwrap_or_else(|| node.clone());
+        b.push(node.key, op, deps);
     });
     for root in roots {
         b.output(index[&root.key]);
@@ -109,15 +142,19 @@ pub(crate) fn lower(roots: &[Arc<Node>]) -> Plan {
 pub(crate) fn to_dot(roots: &[Arc<Node>]) -> String {
     let mut out = String::from("digraph rask {\n  rankdir=BT;\n");
     let mut count = 0u32;
-    postorder(roots, |node, deps| {
-        let shape = if node.is_data() { "box" } else { "ellipse" };
-        let label = format!("{}-{}", node.name, node.key.short()).replace('"', "\\\"");
-        let _ = writeln!(out, "  n{count} [label=\"{label}\", shape={shape}];");
-        for d in deps {
-            let _ = writeln!(out, "  n{d} -> n{count};");
-        }
-        count += 1;
-    });
+    postorder(
+        roots,
+        |_| None,
+        |node, _, deps| {
+            let shape = if node.is_data() { "box" } else { "ellipse" };
+            let label = format!("{}-{}", node.name, node.key.short()).replace('"', "\\\"");
+            let _ = writeln!(out, "  n{count} [label=\"{label}\", shape={shape}];");
+            for d in deps {
+                let _ = writeln!(out, "  n{d} -> n{count};");
+            }
+            count += 1;
+        },
+    );
     out.push_str("}\n");
     out
 }
@@ -200,16 +237,20 @@ impl Graph {
     /// Adds everything `delayed` depends on; keys already present are kept.
     /// Returns `delayed`'s key.
     pub fn insert<T>(&mut self, delayed: &Delayed<T>) -> Key {
-        postorder(std::slice::from_ref(delayed.node()), |node, _| {
-            self.add(
-                node.key,
-                Task {
-                    name: node.name.clone(),
-                    deps: node.deps.iter().map(|d| d.key).collect(),
-                    call: node.call.clone(),
-                },
-            );
-        });
+        postorder(
+            std::slice::from_ref(delayed.node()),
+            |_| None,
+            |node, _, _| {
+                self.add(
+                    node.key,
+                    Task {
+                        name: node.name.clone(),
+                        deps: node.deps.iter().map(|d| d.key).collect(),
+                        call: node.call.clone(),
+                    },
+                );
+            },
+        );
         delayed.node().key
     }
 

@@ -93,28 +93,35 @@
 
 mod args;
 mod backend;
+mod client;
 mod compute;
 pub mod config;
 mod data;
 mod delayed;
 mod error;
+mod future;
 mod graph;
 mod key;
 mod node;
 mod ops;
 
 pub use args::{IntoArg, Untraversed};
+pub use client::{Client, ClientStats};
 pub use compute::{compute, compute_with, Compute};
 pub use config::{Config, ExecutorKind};
 pub use data::Data;
 pub use delayed::{named_key, value, value_named, Delayed, TaskKey};
 pub use error::{Error, Result};
+pub use future::{as_completed, wait, wait_first, wait_timeout, AsCompleted, Done, Future, Status};
 pub use graph::Graph;
 pub use rask_executor::{Key, Value};
 
 /// The names most programs need: `use rask::prelude::*;`.
 pub mod prelude {
-    pub use crate::{compute, delayed, value, Config, Data, Delayed, Error, Result};
+    pub use crate::{
+        as_completed, compute, delayed, value, wait, Client, Config, Data, Delayed, Error, Future,
+        Result,
+    };
 }
 
 /// Support for the `delayed!` macro; not a public API.

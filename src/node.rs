@@ -66,6 +66,11 @@ pub(crate) trait Call: Send + Sync + 'static {
     fn value(&self) -> Option<&Value> {
         None
     }
+
+    /// Called on the caller's thread before the node's graph is handed to an
+    /// executor: a node standing for a future waits for it here, so that no
+    /// executor thread blocks on it.
+    fn prepare(&self) {}
 }
 
 /// A node that holds a value: a wrapped literal or a persisted result.

@@ -19,7 +19,9 @@
 //! 3. A panic in [`Op::run`] is caught and becomes a [`Failure`] of kind
 //!    [`FailureKind::Panicked`]; it never unwinds into the executor.
 //! 4. Every output index of the plan is reported to the [`Reporter`] exactly
-//!    once, then [`Reporter::finished`] is called exactly once.
+//!    once, then [`Reporter::finished`] is called exactly once, after the
+//!    executor dropped its references to the plan (so a caller that wakes on
+//!    `finished` holds the last reference to everything the plan held).
 //! 5. Once [`Reporter::cancelled`] returns `true`, no new task starts; the
 //!    outputs not yet reported are reported as [`FailureKind::Cancelled`].
 //! 6. A value is dropped as soon as its last consumer (dependent task or
@@ -204,7 +206,8 @@ pub trait Reporter: Send + Sync {
         false
     }
 
-    /// Every output was reported and no task of this plan is running.
+    /// Every output was reported, no task of this plan is running, and the
+    /// executor holds no reference to the plan any more.
     fn finished(&self) {}
 }
 

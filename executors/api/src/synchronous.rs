@@ -43,6 +43,7 @@ pub struct Synchronous;
 impl Executor for Synchronous {
     fn submit(&self, plan: Arc<Plan>, reporter: Arc<dyn Reporter>) {
         run(&plan, &*reporter);
+        drop(plan);
         reporter.finished();
     }
 }

@@ -1,0 +1,727 @@
+//! `Client`: the futures API (`submit`, `map`, `gather`, `scatter`, …) on an
+//! executor in this process.
+//!
+//! The client keeps a table of results by key. Rules:
+//!
+//! 1. An entry exists while at least one [`Future`] (or a `Delayed` returned
+//!    by [`Client::persist`]) refers to its key; the last one dropped frees the
+//!    value ("release on drop").
+//! 2. Submitting work whose key has an entry creates no task: the new future
+//!    shares the entry, finished or not. Cancelled entries are replaced.
+//! 3. A submitted graph never recomputes a key the table holds: finished
+//!    entries become data, failed ones replay their failure, and a graph that
+//!    needs a pending entry starts only when that entry is done.
+//! 4. A submission stops (its executor run is cancelled) once none of its
+//!    outputs is wanted any more: all cancelled or released.
+
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::task::Waker;
+
+use rask_executor::{Failure, FailureKind, Key, Op, OpError, Outcome, Reporter, Value};
+
+use crate::args::{apply, IntoArg};
+use crate::backend::Backend;
+use crate::config::{Config, ExecutorKind};
+use crate::data::Data;
+use crate::delayed::Delayed;
+use crate::future::Future;
+use crate::graph::KeyMap;
+use crate::node::{Call, Name, Node, Plain};
+use crate::{Error, Result};
+
+/// A handle to an executor that runs work in the background and returns
+/// [`Future`]s: Dask's `Client`, in process.
+///
+/// Cloning is cheap; clones share the executor and the table of results.
+///
+/// # Examples
+///
+/// ```
+/// use rask::{delayed, Client};
+///
+/// fn inc(x: i64) -> i64 { x + 1 }
+/// fn add(x: i64, y: i64) -> i64 { x + y }
+///
+/// let client = Client::threads(2)?;
+/// let x = client.submit(delayed!(inc(1)))?;          // returns at once
+/// let total = client.submit(delayed!(add(&x, 10)))?; // futures are arguments
+/// assert_eq!(total.result()?, 12);
+///
+/// let futures = client.map(inc, 0..10)?;
+/// assert_eq!(client.gather(&futures)?, (1..=10).collect::<Vec<i64>>());
+/// # Ok::<(), rask::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Shared>,
+}
+
+/// State shared by a client, its futures and its running submissions.
+pub(crate) struct Shared {
+    backend: Backend,
+    kind: ExecutorKind,
+    table: Mutex<KeyMap<Entry>>,
+    changed: Condvar,
+}
+
+/// One key's result as the client holds it.
+struct Entry {
+    state: State,
+    /// Live future handles (rule 1).
+    refs: usize,
+    /// Wakers of `.await`s and `as_completed` queues to notify once done.
+    listeners: Vec<Listener>,
+    /// Submissions waiting for this entry (rule 3).
+    deferred: Vec<Arc<Deferred>>,
+    /// The run computing this entry, to stop it when nobody wants it (rule 4).
+    run: Option<Arc<Run>>,
+}
+
+/// Where a key's computation stands.
+#[derive(Clone)]
+pub(crate) enum State {
+    Pending,
+    Finished(Value),
+    Failed(Arc<Failure>),
+    Cancelled,
+}
+
+impl State {
+    pub(crate) fn is_pending(&self) -> bool {
+        matches!(self, State::Pending)
+    }
+}
+
+pub(crate) enum Listener {
+    Waker(Waker),
+    Queue(Arc<dyn Fn() + Send + Sync>),
+}
+
+impl Listener {
+    fn notify(self) {
+        match self {
+            Listener::Waker(w) => w.wake(),
+            Listener::Queue(f) => f(),
+        }
+    }
+}
+
+/// A graph waiting for pending entries before it can be lowered.
+struct Deferred {
+    roots: Vec<Arc<Node>>,
+    waiting: AtomicUsize,
+}
+
+impl Client {
+    /// A client on the executor the configuration names (explicit settings,
+    /// then `rask::config::set`, then `RASK_SCHEDULER`, then the default).
+    ///
+    /// # Errors
+    ///
+    /// A configuration error, or [`Error::Executor`] if the executor cannot
+    /// start.
+    pub fn new() -> Result<Client> {
+        Client::with_config(&Config::default())
+    }
+
+    /// A client on the executor `config` resolves to.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::new`].
+    pub fn with_config(config: &Config) -> Result<Client> {
+        let kind = config.resolve()?;
+        Ok(Client {
+            inner: Arc::new(Shared {
+                backend: Backend::get(kind)?,
+                kind,
+                table: Mutex::new(KeyMap::default()),
+                changed: Condvar::new(),
+            }),
+        })
+    }
+
+    /// A client on a pool of `n` threads (`0`: one per core).
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::new`].
+    pub fn threads(n: usize) -> Result<Client> {
+        Client::with_config(&Config::threads(n))
+    }
+
+    /// A client on the synchronous executor: `submit` runs the work before
+    /// it returns. Useful for debugging and deterministic tests.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::new`].
+    pub fn synchronous() -> Result<Client> {
+        Client::with_config(&Config::synchronous())
+    }
+
+    /// The executor this client runs on.
+    pub fn executor(&self) -> ExecutorKind {
+        self.inner.kind
+    }
+
+    /// Starts computing `delayed` in the background and returns its future
+    /// at once. Work already held or running under the same key is not
+    /// started again (rule 2).
+    ///
+    /// # Errors
+    ///
+    /// None today; the `Result` leaves room for executors that can refuse
+    /// work (a lost cluster connection).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use rask::{delayed, Client};
+    /// fn inc(x: i64) -> i64 { x + 1 }
+    /// let client = Client::threads(2)?;
+    /// let a = client.submit(delayed!(inc(1)))?;
+    /// let b = client.submit(delayed!(inc(1)))?;   // same key: shares `a`'s work
+    /// assert_eq!(a.key(), b.key());
+    /// assert_eq!(b.result()?, 2);
+    /// # Ok::<(), rask::Error>(())
+    /// ```
+    pub fn submit<T: Data>(
+        &self,
+        delayed: impl std::borrow::Borrow<Delayed<T>>,
+    ) -> Result<Future<T>> {
+        let mut futures = self.submit_nodes(std::slice::from_ref(delayed.borrow().node()));
+        Ok(futures.pop().expect("one future per submitted node"))
+    }
+
+    /// `compute` through the client: the same as [`submit`](Client::submit),
+    /// returning a future at once (Dask's `client.compute(delayed)`).
+    ///
+    /// # Errors
+    ///
+    /// As [`submit`](Client::submit).
+    pub fn compute<T: Data>(&self, delayed: &Delayed<T>) -> Result<Future<T>> {
+        self.submit(delayed)
+    }
+
+    /// Calls `f` on every item, as one submission: one future per item, in
+    /// order. Items may be plain values, `Delayed`s or futures, as in
+    /// [`delayed!`](crate::delayed!).
+    ///
+    /// # Errors
+    ///
+    /// As [`submit`](Client::submit).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use rask::Client;
+    /// fn square(x: i64) -> i64 { x * x }
+    /// let client = Client::threads(2)?;
+    /// let squares = client.map(square, 1..=4)?;
+    /// assert_eq!(client.gather(&squares)?, vec![1, 4, 9, 16]);
+    /// # Ok::<(), rask::Error>(())
+    /// ```
+    pub fn map<F, A, R, X, I>(&self, f: F, items: I) -> Result<Vec<Future<R>>>
+    where
+        F: Fn(A) -> R + Clone + Send + Sync + 'static,
+        A: 'static,
+        R: Data,
+        X: IntoArg<A>,
+        I: IntoIterator<Item = X>,
+    {
+        let name = std::any::type_name::<F>();
+        let nodes: Vec<Arc<Node>> = items
+            .into_iter()
+            .map(|x| {
+                let d: Delayed<R> = apply::<Plain, _, _, _>(name, f.clone(), (x,));
+                d.node().clone()
+            })
+            .collect();
+        Ok(self.submit_nodes(&nodes))
+    }
+
+    /// Waits for every future and returns their values, in order.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Gather`] naming the first future (by position) that failed
+    /// or was cancelled, with the task failure as its source.
+    pub fn gather<T: Data>(&self, futures: &[Future<T>]) -> Result<Vec<T>> {
+        futures
+            .iter()
+            .enumerate()
+            .map(|(index, f)| {
+                f.result().map_err(|source| Error::Gather {
+                    index,
+                    future: f.key(),
+                    source: Box::new(source),
+                })
+            })
+            .collect()
+    }
+
+    /// Places `data` in the client's memory and returns a finished future for
+    /// it, keyed by its content like [`rask::value`](crate::value). Pass the
+    /// future to later tasks instead of the data itself.
+    ///
+    /// # Errors
+    ///
+    /// As [`submit`](Client::submit).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use rask::{delayed, Client};
+    /// use std::sync::Arc;
+    /// fn total(v: Arc<Vec<u8>>) -> u64 { v.iter().map(|&b| b as u64).sum() }
+    /// let client = Client::threads(2)?;
+    /// let data = client.scatter(vec![1u8; 1 << 20])?;
+    /// assert!(data.done());
+    /// assert_eq!(client.submit(delayed!(total(&data)))?.result()?, 1 << 20);
+    /// # Ok::<(), rask::Error>(())
+    /// ```
+    pub fn scatter<T: Data>(&self, data: T) -> Result<Future<T>> {
+        self.submit(crate::value(data))
+    }
+
+    /// As [`scatter`](Client::scatter); `broadcast` asks for a copy on every
+    /// worker of a cluster. In process there is one copy, shared by all
+    /// threads, so the flag changes nothing here.
+    ///
+    /// # Errors
+    ///
+    /// As [`submit`](Client::submit).
+    pub fn scatter_with<T: Data>(&self, data: T, broadcast: bool) -> Result<Future<T>> {
+        let _ = broadcast;
+        self.scatter(data)
+    }
+
+    /// Computes `delayed` in the background and returns a `Delayed` backed by
+    /// the held result: later graphs built on it start from that result. The
+    /// result is kept until the returned `Delayed` (and its clones, and
+    /// graphs built on it) are dropped.
+    ///
+    /// # Errors
+    ///
+    /// As [`submit`](Client::submit).
+    pub fn persist<T: Data>(&self, delayed: &Delayed<T>) -> Result<Delayed<T>> {
+        Ok(self.submit(delayed)?.to_delayed())
+    }
+
+    /// Numbers describing what the client holds now.
+    pub fn stats(&self) -> ClientStats {
+        let table = self.inner.lock();
+        ClientStats {
+            keys_held: table.len(),
+            pending: table.values().filter(|e| e.state.is_pending()).count(),
+        }
+    }
+
+    /// Futures for `nodes`, scheduling those whose key has no live entry.
+    fn submit_nodes<T>(&self, nodes: &[Arc<Node>]) -> Vec<Future<T>> {
+        let mut fresh = Vec::new();
+        let futures = {
+            let mut table = self.inner.lock();
+            nodes
+                .iter()
+                .map(|node| {
+                    let entry = table
+                        .entry(node.key)
+                        .or_insert_with(|| match node.call.value() {
+                            // Data is finished work: nothing to run.
+                            Some(value) => Entry {
+                                state: State::Finished(value.clone()),
+                                ..Entry::pending()
+                            },
+                            None => {
+                                fresh.push(node.clone());
+                                Entry::pending()
+                            }
+                        });
+                    if matches!(entry.state, State::Cancelled) {
+                        entry.state = State::Pending;
+                        fresh.push(node.clone());
+                    }
+                    entry.refs += 1;
+                    Future::new(self.inner.clone(), node.key, node.name.clone())
+                })
+                .collect()
+        };
+        if !fresh.is_empty() {
+            self.inner.schedule(fresh);
+        }
+        futures
+    }
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let stats = self.stats();
+        f.debug_struct("Client")
+            .field("executor", &self.inner.kind)
+            .field("keys_held", &stats.keys_held)
+            .field("pending", &stats.pending)
+            .finish()
+    }
+}
+
+/// What a [`Client`] holds at one moment; see [`Client::stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ClientStats {
+    /// Keys with a live future: pending, finished, failed or cancelled.
+    pub keys_held: usize,
+    /// Keys still being computed.
+    pub pending: usize,
+}
+
+impl Entry {
+    fn pending() -> Entry {
+        Entry {
+            state: State::Pending,
+            refs: 0,
+            listeners: Vec::new(),
+            deferred: Vec::new(),
+            run: None,
+        }
+    }
+}
+
+/// One executor run started by the client: reports outputs into the table.
+struct Run {
+    shared: Arc<Shared>,
+    keys: Vec<Key>,
+    /// Outputs still wanted (rule 4).
+    live: AtomicUsize,
+}
+
+impl Reporter for Run {
+    fn output(&self, index: usize, outcome: Outcome) {
+        self.shared.complete(self.keys[index], outcome);
+    }
+
+    fn cancelled(&self) -> bool {
+        self.live.load(Ordering::Relaxed) == 0
+    }
+}
+
+/// A held value standing in for a finished key inside a new plan.
+struct HeldOp {
+    name: Name,
+    value: Value,
+}
+
+impl Op for HeldOp {
+    fn run(&self, _: &mut [Option<Value>]) -> std::result::Result<Value, OpError> {
+        Ok(self.value.clone())
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// Replays a failure recorded for a key, so dependents fail with it.
+struct Replay {
+    name: Name,
+    failure: Arc<Failure>,
+}
+
+impl Op for Replay {
+    fn run(&self, _: &mut [Option<Value>]) -> std::result::Result<Value, OpError> {
+        Err(replay(&self.failure))
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+pub(crate) fn replay(failure: &Failure) -> OpError {
+    OpError {
+        kind: failure.kind,
+        message: failure.message.clone(),
+        origin: Some((failure.key, failure.name.clone())),
+    }
+}
+
+fn cancelled_failure(key: Key, name: &Name) -> Arc<Failure> {
+    Arc::new(Failure {
+        key,
+        name: Arc::from(&**name),
+        kind: FailureKind::Cancelled,
+        message: "the future was cancelled".into(),
+    })
+}
+
+thread_local! {
+    /// Graphs to schedule once the outermost `schedule` on this thread is
+    /// done: completing one run can start the next (a chain of submits), and
+    /// a queue keeps that from recursing once per link.
+    static QUEUE: std::cell::RefCell<Option<Vec<(Arc<Shared>, Vec<Arc<Node>>)>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, KeyMap<Entry>> {
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Lowers and starts the graph behind `roots` (whose entries are pending),
+    /// or defers it until the pending entries it needs are done (rule 3).
+    fn schedule(self: &Arc<Self>, roots: Vec<Arc<Node>>) {
+        let queued = QUEUE.with(|q| match q.borrow_mut().as_mut() {
+            Some(queue) => {
+                queue.push((self.clone(), roots.clone()));
+                true
+            }
+            None => false,
+        });
+        if queued {
+            return;
+        }
+        QUEUE.with(|q| *q.borrow_mut() = Some(Vec::new()));
+        self.start(roots);
+        while let Some((shared, roots)) = QUEUE.with(|q| q.borrow_mut().as_mut().and_then(Vec::pop))
+        {
+            shared.start(roots);
+        }
+        QUEUE.with(|q| *q.borrow_mut() = None);
+    }
+
+    fn start(self: &Arc<Self>, roots: Vec<Arc<Node>>) {
+        let mut table = self.lock();
+        // Roots cancelled or released while they waited are not run.
+        let roots: Vec<Arc<Node>> = roots
+            .into_iter()
+            .filter(|r| {
+                table
+                    .get(&r.key)
+                    .is_some_and(|e| e.state.is_pending() && e.run.is_none())
+            })
+            .collect();
+        if roots.is_empty() {
+            return;
+        }
+        let mut own: KeyMap<()> = KeyMap::default();
+        own.extend(roots.iter().map(|r| (r.key, ())));
+        let mut waits = Vec::new();
+        let plan = crate::graph::lower_with(&roots, |node| {
+            if own.contains_key(&node.key) {
+                return None;
+            }
+            let entry = table.get(&node.key)?;
+            let op: Arc<dyn Op> = match &entry.state {
+                State::Finished(value) => Arc::new(HeldOp {
+                    name: node.name.clone(),
+                    value: value.clone(),
+                }),
+                State::Failed(failure) => Arc::new(Replay {
+                    name: node.name.clone(),
+                    failure: failure.clone(),
+                }),
+                State::Cancelled => Arc::new(Replay {
+                    name: node.name.clone(),
+                    failure: cancelled_failure(node.key, &node.name),
+                }),
+                State::Pending => {
+                    waits.push(node.key);
+                    Arc::new(Replay {
+                        name: node.name.clone(),
+                        failure: cancelled_failure(node.key, &node.name),
+                    })
+                }
+            };
+            Some(op)
+        });
+        if !waits.is_empty() {
+            let deferred = Arc::new(Deferred {
+                waiting: AtomicUsize::new(waits.len()),
+                roots,
+            });
+            for key in waits {
+                if let Some(entry) = table.get_mut(&key) {
+                    entry.deferred.push(deferred.clone());
+                }
+            }
+            return;
+        }
+        let run = Arc::new(Run {
+            shared: self.clone(),
+            keys: roots.iter().map(|r| r.key).collect(),
+            live: AtomicUsize::new(roots.len()),
+        });
+        for root in &roots {
+            if let Some(entry) = table.get_mut(&root.key) {
+                entry.run = Some(run.clone());
+            }
+        }
+        drop(table);
+        self.backend.executor().submit(Arc::new(plan), run);
+    }
+
+    /// Records the outcome of a key and wakes whoever waits for it.
+    fn complete(self: &Arc<Self>, key: Key, outcome: Outcome) {
+        let (listeners, deferred) = {
+            let mut table = self.lock();
+            let Some(entry) = table.get_mut(&key) else {
+                return; // released while it ran
+            };
+            if !entry.state.is_pending() {
+                return; // cancelled while it ran
+            }
+            entry.state = match outcome {
+                Ok(value) => State::Finished(value),
+                Err(f) if f.kind == FailureKind::Cancelled => State::Cancelled,
+                Err(f) => State::Failed(f),
+            };
+            entry.run = None;
+            (
+                std::mem::take(&mut entry.listeners),
+                std::mem::take(&mut entry.deferred),
+            )
+        };
+        self.wake(listeners, deferred);
+    }
+
+    fn wake(self: &Arc<Self>, listeners: Vec<Listener>, deferred: Vec<Arc<Deferred>>) {
+        self.changed.notify_all();
+        for listener in listeners {
+            listener.notify();
+        }
+        for d in deferred {
+            if d.waiting.fetch_sub(1, Ordering::AcqRel) == 1 {
+                self.schedule(d.roots.clone());
+            }
+        }
+    }
+
+    /// Drops one future handle's reference to `key` (rule 1).
+    pub(crate) fn release(self: &Arc<Self>, key: Key) {
+        let removed = {
+            let mut table = self.lock();
+            let Some(entry) = table.get_mut(&key) else {
+                return;
+            };
+            entry.refs = entry.refs.saturating_sub(1);
+            if entry.refs > 0 {
+                return;
+            }
+            table.remove(&key)
+        };
+        if let Some(entry) = removed {
+            if let Some(run) = &entry.run {
+                run.live.fetch_sub(1, Ordering::Relaxed);
+            }
+            // Graphs waiting for this key now compute it themselves.
+            self.wake(entry.listeners, entry.deferred);
+        }
+    }
+
+    /// Cancels `key` if it is still pending.
+    pub(crate) fn cancel(self: &Arc<Self>, key: Key) {
+        let (listeners, deferred) = {
+            let mut table = self.lock();
+            let Some(entry) = table.get_mut(&key) else {
+                return;
+            };
+            if !entry.state.is_pending() {
+                return;
+            }
+            entry.state = State::Cancelled;
+            if let Some(run) = entry.run.take() {
+                run.live.fetch_sub(1, Ordering::Relaxed);
+            }
+            (
+                std::mem::take(&mut entry.listeners),
+                std::mem::take(&mut entry.deferred),
+            )
+        };
+        self.wake(listeners, deferred);
+    }
+
+    /// The state of `key` now (`Cancelled` if the client no longer holds it).
+    pub(crate) fn state(&self, key: Key) -> State {
+        self.lock()
+            .get(&key)
+            .map_or(State::Cancelled, |e| e.state.clone())
+    }
+
+    /// Blocks until `key` is no longer pending, or until `deadline`.
+    pub(crate) fn wait(&self, key: Key, deadline: Option<std::time::Instant>) -> State {
+        let mut table = self.lock();
+        loop {
+            let state = table
+                .get(&key)
+                .map_or(State::Cancelled, |e| e.state.clone());
+            if !state.is_pending() {
+                return state;
+            }
+            table = match deadline {
+                None => self
+                    .changed
+                    .wait(table)
+                    .unwrap_or_else(PoisonError::into_inner),
+                Some(deadline) => {
+                    let now = std::time::Instant::now();
+                    if now >= deadline {
+                        return state;
+                    }
+                    self.changed
+                        .wait_timeout(table, deadline - now)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
+                }
+            };
+        }
+    }
+
+    /// Calls `listener` once `key` is done: later, or now if it already is.
+    pub(crate) fn on_done(&self, key: Key, listener: Listener) {
+        {
+            let mut table = self.lock();
+            if let Some(entry) = table.get_mut(&key) {
+                if entry.state.is_pending() {
+                    entry.listeners.push(listener);
+                    return;
+                }
+            }
+        }
+        listener.notify();
+    }
+
+    /// Registers a waker for `key` if it is pending; returns the state seen.
+    pub(crate) fn poll_state(&self, key: Key, waker: &Waker) -> State {
+        let mut table = self.lock();
+        match table.get_mut(&key) {
+            Some(entry) if entry.state.is_pending() => {
+                entry.listeners.push(Listener::Waker(waker.clone()));
+                State::Pending
+            }
+            Some(entry) => entry.state.clone(),
+            None => State::Cancelled,
+        }
+    }
+}
+
+/// A node standing for a future inside a graph: its value is the future's.
+pub(crate) struct FutureCall {
+    pub(crate) handle: Arc<crate::future::Handle>,
+}
+
+impl Call for FutureCall {
+    fn run(&self, _: &mut [Option<Value>]) -> std::result::Result<Value, OpError> {
+        let h = &self.handle;
+        match h.shared.wait(h.key, None) {
+            State::Finished(value) => Ok(value),
+            State::Failed(failure) => Err(replay(&failure)),
+            State::Cancelled | State::Pending => Err(replay(&cancelled_failure(h.key, &h.name))),
+        }
+    }
+
+    fn prepare(&self) {
+        let h = &self.handle;
+        h.shared.wait(h.key, None);
+    }
+}

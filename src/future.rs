@@ -1,0 +1,434 @@
+//! `Future<T>`: a result a [`Client`](crate::Client) is computing or holds,
+//! and the functions that wait on many of them (`as_completed`, `wait`).
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use rask_executor::Key;
+
+use crate::args::{Args, IntoArg, Many, Owned, Shared as SharedSlot};
+use crate::client::{FutureCall, Listener, Shared, State};
+use crate::data::Data;
+use crate::delayed::{Delayed, TaskKey};
+use crate::node::{Name, Node};
+use crate::{Error, Result};
+
+/// The handle behind a future and its clones: its drop releases the key.
+pub(crate) struct Handle {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) key: Key,
+    pub(crate) name: Name,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.shared.release(self.key);
+    }
+}
+
+/// A result that a [`Client`](crate::Client) is computing or holds.
+///
+/// Returned at once by `submit`, `map`, `scatter` and `compute`. Clones share
+/// one reference to the result; when the last clone (and every graph that
+/// uses it as an argument) is dropped, the client frees the result.
+/// Futures are valid arguments of [`delayed!`](crate::delayed!) and of
+/// `submit`, so work can start from results that stay on the executor. In
+/// async code, `future.await` gives the same as [`result`](Future::result).
+///
+/// # Examples
+///
+/// ```
+/// use rask::{delayed, Client, Status};
+/// fn inc(x: i64) -> i64 { x + 1 }
+///
+/// let client = Client::threads(2)?;
+/// let f = client.submit(delayed!(inc(1)))?;
+/// assert_eq!(f.result()?, 2);
+/// assert_eq!(f.status(), Status::Finished);
+/// assert!(f.done());
+/// assert_eq!(client.stats().keys_held, 1);
+/// drop(f);                                  // releases the result
+/// assert_eq!(client.stats().keys_held, 0);
+/// # Ok::<(), rask::Error>(())
+/// ```
+pub struct Future<T> {
+    handle: Arc<Handle>,
+    _type: PhantomData<fn() -> T>,
+}
+
+impl<T> Clone for Future<T> {
+    fn clone(&self) -> Self {
+        Future {
+            handle: self.handle.clone(),
+            _type: PhantomData,
+        }
+    }
+}
+
+impl<T> fmt::Debug for Future<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Future({}, {:?})", self.key(), self.status())
+    }
+}
+
+/// Where a future's computation stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Still being computed (or waiting for its inputs).
+    Pending,
+    /// The value is ready.
+    Finished,
+    /// The task, or a task it depends on, failed.
+    Error,
+    /// The future was cancelled.
+    Cancelled,
+}
+
+impl<T> Future<T> {
+    pub(crate) fn new(shared: Arc<Shared>, key: Key, name: Name) -> Self {
+        Future {
+            handle: Arc::new(Handle { shared, key, name }),
+            _type: PhantomData,
+        }
+    }
+
+    /// The key of the computation, e.g. `inc-1a2b3c4d`: equal to the key of
+    /// the `Delayed` it was submitted from.
+    pub fn key(&self) -> TaskKey {
+        TaskKey::from_parts(Arc::from(&*self.handle.name), self.handle.key)
+    }
+
+    /// Whether the computation is over (finished, failed or cancelled).
+    pub fn done(&self) -> bool {
+        self.status() != Status::Pending
+    }
+
+    /// Where the computation stands now.
+    pub fn status(&self) -> Status {
+        match self.handle.shared.state(self.handle.key) {
+            State::Pending => Status::Pending,
+            State::Finished(_) => Status::Finished,
+            State::Failed(_) => Status::Error,
+            State::Cancelled => Status::Cancelled,
+        }
+    }
+
+    /// Cancels the computation if it is still pending: waiting on it returns
+    /// [`Error::Cancelled`], and the work stops once no other future wants
+    /// it. Does nothing to a finished future.
+    pub fn cancel(&self) {
+        self.handle.shared.cancel(self.handle.key);
+    }
+
+    /// The error of a failed or cancelled future; `None` while pending or
+    /// when it finished.
+    pub fn exception(&self) -> Option<Error> {
+        match self.handle.shared.state(self.handle.key) {
+            State::Failed(f) => Some(Error::from_failure(&f)),
+            State::Cancelled => Some(self.cancelled()),
+            State::Pending | State::Finished(_) => None,
+        }
+    }
+
+    /// Blocks until the computation is over.
+    pub fn wait(&self) {
+        self.handle.shared.wait(self.handle.key, None);
+    }
+
+    fn cancelled(&self) -> Error {
+        Error::Cancelled { key: self.key() }
+    }
+
+    /// A node standing for this future inside a graph.
+    pub(crate) fn node(&self) -> Arc<Node> {
+        Arc::new(Node {
+            key: self.handle.key,
+            name: self.handle.name.clone(),
+            deps: Vec::new(),
+            call: Arc::new(FutureCall {
+                handle: self.handle.clone(),
+            }),
+        })
+    }
+
+    /// A `Delayed` backed by this future: graphs built on it start from the
+    /// future's result, and keep it alive while they exist.
+    pub fn to_delayed(&self) -> Delayed<T> {
+        Delayed::from_node(self.node())
+    }
+}
+
+impl<T: Data> Future<T> {
+    fn outcome(&self, state: State) -> Result<T> {
+        match state {
+            State::Finished(value) => {
+                let shared = value.downcast::<T>().map_err(|_| Error::WrongType {
+                    expected: std::any::type_name::<T>(),
+                })?;
+                Ok(T::clone(&shared))
+            }
+            State::Failed(f) => Err(Error::from_failure(&f)),
+            State::Cancelled | State::Pending => Err(self.cancelled()),
+        }
+    }
+
+    /// Blocks until the value is ready and returns a copy of it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Task`] naming the task that failed, or [`Error::Cancelled`].
+    pub fn result(&self) -> Result<T> {
+        self.outcome(self.handle.shared.wait(self.handle.key, None))
+    }
+
+    /// As [`result`](Future::result), giving up after `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// As [`result`](Future::result), or [`Error::Timeout`].
+    pub fn result_timeout(&self, timeout: Duration) -> Result<T> {
+        match self
+            .handle
+            .shared
+            .wait(self.handle.key, Some(Instant::now() + timeout))
+        {
+            State::Pending => Err(Error::Timeout { after: timeout }),
+            state => self.outcome(state),
+        }
+    }
+}
+
+/// `future.await` in async code: the same as [`Future::result`], without
+/// blocking the async runtime's thread.
+impl<T: Data> std::future::Future for Future<T> {
+    type Output = Result<T>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T>> {
+        match self.handle.shared.poll_state(self.handle.key, cx.waker()) {
+            State::Pending => Poll::Pending,
+            state => Poll::Ready(self.outcome(state)),
+        }
+    }
+}
+
+impl<T: Data> IntoArg<T> for &Future<T> {
+    type Slot = Owned<T>;
+    fn into_arg(self, args: &mut Args) -> Owned<T> {
+        <&Delayed<T> as IntoArg<T>>::into_arg(&self.to_delayed(), args)
+    }
+}
+
+impl<T: Data> IntoArg<T> for Future<T> {
+    type Slot = Owned<T>;
+    fn into_arg(self, args: &mut Args) -> Owned<T> {
+        <&Future<T> as IntoArg<T>>::into_arg(&self, args)
+    }
+}
+
+impl<T: Data> IntoArg<Arc<T>> for &Future<T> {
+    type Slot = SharedSlot<T>;
+    fn into_arg(self, args: &mut Args) -> SharedSlot<T> {
+        <&Delayed<T> as IntoArg<Arc<T>>>::into_arg(&self.to_delayed(), args)
+    }
+}
+
+impl<T: Data> IntoArg<Vec<T>> for &[Future<T>] {
+    type Slot = Many<T>;
+    fn into_arg(self, args: &mut Args) -> Many<T> {
+        let delayed: Vec<Delayed<T>> = self.iter().map(Future::to_delayed).collect();
+        delayed.as_slice().into_arg(args)
+    }
+}
+
+impl<T: Data> IntoArg<Vec<T>> for &Vec<Future<T>> {
+    type Slot = Many<T>;
+    fn into_arg(self, args: &mut Args) -> Many<T> {
+        self.as_slice().into_arg(args)
+    }
+}
+
+/// Yields futures in the order they finish; more can be added while
+/// iterating (Dask's `as_completed`).
+///
+/// # Examples
+///
+/// ```
+/// use rask::{as_completed, delayed, Client};
+/// fn inc(x: i64) -> i64 { x + 1 }
+///
+/// let client = Client::threads(2)?;
+/// let mut seq = as_completed(client.map(inc, 0..3)?);
+/// let mut seen = Vec::new();
+/// while let Some(done) = seq.next() {
+///     let v = done.result()?;
+///     seen.push(v);
+///     if v < 5 {
+///         seq.add(client.submit(delayed!(inc(v + 10)))?);   // work added while iterating
+///     }
+/// }
+/// seen.sort();
+/// assert_eq!(seen, vec![1, 2, 3, 12, 13, 14]);
+/// # Ok::<(), rask::Error>(())
+/// ```
+pub struct AsCompleted<T> {
+    queue: Arc<Queue<T>>,
+    outstanding: usize,
+}
+
+struct Queue<T> {
+    done: Mutex<VecDeque<Future<T>>>,
+    ready: Condvar,
+}
+
+/// Iterates over `futures` in completion order; see [`AsCompleted`].
+pub fn as_completed<T>(futures: impl IntoIterator<Item = Future<T>>) -> AsCompleted<T>
+where
+    T: 'static,
+{
+    let mut seq = AsCompleted {
+        queue: Arc::new(Queue {
+            done: Mutex::new(VecDeque::new()),
+            ready: Condvar::new(),
+        }),
+        outstanding: 0,
+    };
+    for f in futures {
+        seq.add(f);
+    }
+    seq
+}
+
+impl<T: 'static> AsCompleted<T> {
+    /// Tracks one more future; it is yielded once it is done.
+    pub fn add(&mut self, future: Future<T>) {
+        self.outstanding += 1;
+        let queue = self.queue.clone();
+        let shared = future.handle.shared.clone();
+        let key = future.handle.key;
+        let slot = Mutex::new(Some(future));
+        let notify = move || {
+            let taken = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+            if let Some(f) = taken {
+                queue
+                    .done
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push_back(f);
+                queue.ready.notify_all();
+            }
+        };
+        shared.on_done(key, Listener::Queue(Arc::new(notify)));
+    }
+
+    /// Number of futures added and not yet yielded.
+    pub fn len(&self) -> usize {
+        self.outstanding
+    }
+
+    /// Whether every added future was yielded.
+    pub fn is_empty(&self) -> bool {
+        self.outstanding == 0
+    }
+
+    /// Yields each future together with its result.
+    pub fn with_results(self) -> impl Iterator<Item = (Future<T>, Result<T>)>
+    where
+        T: Data,
+    {
+        self.map(|f| {
+            let r = f.result();
+            (f, r)
+        })
+    }
+}
+
+impl<T: 'static> Iterator for AsCompleted<T> {
+    type Item = Future<T>;
+
+    /// The next future to finish; blocks until one does. `None` once every
+    /// added future was yielded.
+    fn next(&mut self) -> Option<Future<T>> {
+        if self.outstanding == 0 {
+            return None;
+        }
+        let mut done = self
+            .queue
+            .done
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(f) = done.pop_front() {
+                self.outstanding -= 1;
+                return Some(f);
+            }
+            done = self
+                .queue
+                .ready
+                .wait(done)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+/// The futures that are done and those that are not, from [`wait_first`].
+#[derive(Debug)]
+pub struct Done<T> {
+    /// Finished, failed or cancelled.
+    pub done: Vec<Future<T>>,
+    /// Still pending.
+    pub not_done: Vec<Future<T>>,
+}
+
+/// Blocks until every future is done (finished, failed or cancelled).
+///
+/// # Examples
+///
+/// ```
+/// # use rask::Client;
+/// fn inc(x: i64) -> i64 { x + 1 }
+/// let client = Client::threads(2)?;
+/// let fs = client.map(inc, 0..4)?;
+/// rask::wait(&fs);
+/// assert!(fs.iter().all(|f| f.done()));
+/// # Ok::<(), rask::Error>(())
+/// ```
+pub fn wait<T>(futures: &[Future<T>]) {
+    for f in futures {
+        f.wait();
+    }
+}
+
+/// Blocks until every future is done or `timeout` passed.
+///
+/// # Errors
+///
+/// [`Error::Timeout`] if some future is still pending after `timeout`.
+pub fn wait_timeout<T>(futures: &[Future<T>], timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    for f in futures {
+        if f.handle
+            .shared
+            .wait(f.handle.key, Some(deadline))
+            .is_pending()
+        {
+            return Err(Error::Timeout { after: timeout });
+        }
+    }
+    Ok(())
+}
+
+/// Blocks until at least one future is done; returns which are done and
+/// which are not (Dask's `wait(..., return_when="FIRST_COMPLETED")`).
+pub fn wait_first<T: 'static>(futures: &[Future<T>]) -> Done<T> {
+    if !futures.is_empty() {
+        let mut seq = as_completed(futures.iter().cloned());
+        let _first = seq.next();
+    }
+    let (done, not_done) = futures.iter().cloned().partition(Future::done);
+    Done { done, not_done }
+}

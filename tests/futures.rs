@@ -1,0 +1,326 @@
+//! The futures API as a user writes it: `Client`, `Future`, `as_completed`,
+//! `wait`. Gates (a condition variable per test) prove "returns before the
+//! task finished" without sleeping.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
+
+use rask::{as_completed, delayed, wait, wait_first, Client, Delayed, Error, Status};
+
+/// Gates tasks can wait on; tests open them.
+static GATES: Mutex<Option<HashMap<u64, bool>>> = Mutex::new(None);
+static GATE_CHANGED: Condvar = Condvar::new();
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+fn new_id() -> u64 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+fn open(gate: u64) {
+    GATES
+        .lock()
+        .unwrap()
+        .get_or_insert_with(HashMap::new)
+        .insert(gate, true);
+    GATE_CHANGED.notify_all();
+}
+
+/// Waits until `gate` is open, then returns `value`.
+fn gated(gate: u64, value: i64) -> i64 {
+    let mut gates = GATES.lock().unwrap();
+    while !gates
+        .get_or_insert_with(HashMap::new)
+        .get(&gate)
+        .copied()
+        .unwrap_or(false)
+    {
+        gates = GATE_CHANGED.wait(gates).unwrap();
+    }
+    value
+}
+
+/// Executions per counter id.
+static COUNTS: Mutex<Option<HashMap<u64, usize>>> = Mutex::new(None);
+
+fn counted(counter: u64, x: i64) -> i64 {
+    *COUNTS
+        .lock()
+        .unwrap()
+        .get_or_insert_with(HashMap::new)
+        .entry(counter)
+        .or_default() += 1;
+    x + 1
+}
+
+fn count(counter: u64) -> usize {
+    COUNTS
+        .lock()
+        .unwrap()
+        .get_or_insert_with(HashMap::new)
+        .get(&counter)
+        .copied()
+        .unwrap_or(0)
+}
+
+fn inc(x: i64) -> i64 {
+    x + 1
+}
+
+fn add(x: i64, y: i64) -> i64 {
+    x + y
+}
+
+fn fail_on(x: i64) -> Result<i64, String> {
+    if x == 3 {
+        Err(format!("no threes ({x})"))
+    } else {
+        Ok(x)
+    }
+}
+
+fn clients() -> Vec<Client> {
+    vec![Client::synchronous().unwrap(), Client::threads(2).unwrap()]
+}
+
+#[test]
+fn submit_returns_before_the_task_finished() {
+    let client = Client::threads(2).unwrap();
+    let gate = new_id();
+    let f = client.submit(delayed!(gated(gate, 7))).unwrap();
+    assert_eq!(f.status(), Status::Pending);
+    assert!(!f.done());
+    open(gate);
+    assert_eq!(f.result().unwrap(), 7);
+    assert_eq!(f.status(), Status::Finished);
+}
+
+#[test]
+fn futures_are_arguments_even_while_running() {
+    let client = Client::threads(2).unwrap();
+    let gate = new_id();
+    let x = client.submit(delayed!(gated(gate, 1))).unwrap();
+    let y = client.submit(delayed!(inc(&x))).unwrap();
+    let total = client.submit(delayed!(add(&x, &y))).unwrap();
+    assert_eq!(total.status(), Status::Pending);
+    open(gate);
+    assert_eq!(total.result().unwrap(), 3);
+    // A delayed graph on futures also works through plain compute.
+    let later = delayed!(add(&x, 100));
+    assert_eq!(later.compute().unwrap(), 101);
+}
+
+#[test]
+fn map_and_gather_keep_order() {
+    for client in clients() {
+        let fs = client.map(inc, 0..500).unwrap();
+        let got = client.gather(&fs).unwrap();
+        assert_eq!(got, (1..=500).collect::<Vec<i64>>());
+        // Futures as map items.
+        let again = client.map(inc, &fs).unwrap();
+        assert_eq!(
+            client.gather(&again).unwrap(),
+            (2..=501).collect::<Vec<i64>>()
+        );
+    }
+}
+
+#[test]
+fn resubmitting_identical_work_runs_nothing() {
+    for client in clients() {
+        let counter = new_id() as i64;
+        let fs: Vec<_> = (0..50)
+            .map(|i| client.submit(delayed!(counted(counter as u64, i))).unwrap())
+            .collect();
+        client.gather(&fs).unwrap();
+        let ran = count(counter as u64);
+        let again: Vec<_> = (0..50)
+            .map(|i| client.submit(delayed!(counted(counter as u64, i))).unwrap())
+            .collect();
+        assert!(
+            again.iter().all(|f| f.done()),
+            "resubmitted futures are done at once"
+        );
+        assert_eq!(fs[7].key(), again[7].key());
+        assert_eq!(
+            client.gather(&again).unwrap(),
+            (1..=50).collect::<Vec<i64>>()
+        );
+        assert_eq!(count(counter as u64), ran, "resubmission ran tasks");
+        // Impure work opts out of sharing.
+        let a = client
+            .submit(delayed!(counted(counter as u64, 0)).unique())
+            .unwrap();
+        a.result().unwrap();
+        assert_eq!(count(counter as u64), ran + 1);
+    }
+}
+
+#[test]
+fn dropping_the_last_future_releases_the_result() {
+    for client in clients() {
+        let fs = client.map(inc, 0..10).unwrap();
+        client.gather(&fs).unwrap();
+        assert_eq!(client.stats().keys_held, 10);
+        let keep = fs[3].clone();
+        drop(fs);
+        assert_eq!(client.stats().keys_held, 1, "a clone keeps its key");
+        let persisted = client.persist(&delayed!(inc(100))).unwrap();
+        assert_eq!(client.stats().keys_held, 2);
+        assert_eq!(delayed!(add(&persisted, 1)).compute().unwrap(), 102);
+        drop(keep);
+        drop(persisted);
+        assert_eq!(client.stats().keys_held, 0);
+    }
+}
+
+#[test]
+fn as_completed_with_added_work() {
+    for client in clients() {
+        let mut seq = as_completed(client.map(inc, 0..10).unwrap());
+        let mut results = Vec::new();
+        let mut added = 0;
+        while let Some(done) = seq.next() {
+            let v = done.result().unwrap();
+            results.push(v);
+            if added < 20 {
+                added += 1;
+                seq.add(client.submit(delayed!(add(v, 1000))).unwrap());
+            }
+        }
+        assert_eq!(results.len(), 30);
+        assert_eq!(results.iter().filter(|&&v| v >= 1000).count(), 20);
+    }
+}
+
+#[test]
+fn as_completed_yields_in_completion_order() {
+    let client = Client::threads(2).unwrap();
+    let (g1, g2) = (new_id(), new_id());
+    let slow = client.submit(delayed!(gated(g1, 1))).unwrap();
+    let fast = client.submit(delayed!(gated(g2, 2))).unwrap();
+    let mut seq = as_completed(vec![slow.clone(), fast.clone()]).with_results();
+    open(g2);
+    let (first, r) = seq.next().unwrap();
+    assert_eq!((first.key(), r.unwrap()), (fast.key(), 2));
+    open(g1);
+    let (second, r) = seq.next().unwrap();
+    assert_eq!((second.key(), r.unwrap()), (slow.key(), 1));
+    assert!(seq.next().is_none());
+}
+
+#[test]
+fn wait_first_completed_and_all() {
+    let client = Client::threads(2).unwrap();
+    let (g1, g2) = (new_id(), new_id());
+    let fs = vec![
+        client.submit(delayed!(gated(g1, 1))).unwrap(),
+        client.submit(delayed!(gated(g2, 2))).unwrap(),
+    ];
+    open(g2);
+    let done = wait_first(&fs);
+    assert_eq!(done.done.len(), 1);
+    assert_eq!(done.done[0].key(), fs[1].key());
+    assert_eq!(done.not_done.len(), 1);
+    assert!(rask::wait_timeout(&fs, std::time::Duration::from_millis(1)).is_err());
+    open(g1);
+    wait(&fs);
+    assert!(fs.iter().all(|f| f.done()));
+}
+
+#[test]
+fn cancel_a_pending_future() {
+    let client = Client::threads(2).unwrap();
+    let gate = new_id();
+    let f = client.submit(delayed!(gated(gate, 1))).unwrap();
+    let dependent = client.submit(delayed!(inc(&f))).unwrap();
+    f.cancel();
+    assert_eq!(f.status(), Status::Cancelled);
+    assert!(matches!(f.result(), Err(Error::Cancelled { .. })));
+    assert!(matches!(f.exception(), Some(Error::Cancelled { .. })));
+    assert!(matches!(dependent.result(), Err(Error::Cancelled { .. })));
+    open(gate);
+    // Resubmitting cancelled work computes it again.
+    let again = client.submit(delayed!(gated(gate, 1))).unwrap();
+    assert_eq!(again.result().unwrap(), 1);
+}
+
+#[test]
+fn errors_reach_futures_and_gather() {
+    for client in clients() {
+        let bad = client.submit(delayed!(fail_on(3)?)).unwrap();
+        let after = client.submit(delayed!(inc(&bad))).unwrap();
+        let err = after.result().unwrap_err();
+        match &err {
+            Error::Task { key, message, .. } => {
+                assert_eq!(key, &bad.key());
+                assert_eq!(message, "no threes (3)");
+            }
+            other => panic!("{other}"),
+        }
+        assert_eq!(bad.status(), Status::Error);
+        assert!(bad.exception().is_some());
+        let good = client.submit(delayed!(fail_on(1)?)).unwrap();
+        let err = client.gather(&[good, bad.clone()]).unwrap_err();
+        assert!(matches!(err, Error::Gather { index: 1, .. }), "{err}");
+    }
+}
+
+#[test]
+fn scatter_and_compute_through_the_client() {
+    fn total(v: Arc<Vec<u64>>) -> u64 {
+        v.iter().sum()
+    }
+    for client in clients() {
+        let data = client.scatter((0..1000u64).collect::<Vec<_>>()).unwrap();
+        assert!(data.done());
+        let t = client.submit(delayed!(total(&data))).unwrap();
+        assert_eq!(t.result().unwrap(), 499_500);
+        let graph: Delayed<i64> = delayed!(add(&delayed!(inc(1)), &delayed!(inc(2))));
+        let fut = client.compute(&graph).unwrap();
+        assert_eq!(fut.key(), graph.key());
+        assert_eq!(fut.result().unwrap(), 5);
+    }
+}
+
+#[test]
+fn futures_can_be_awaited() {
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    fn block_on<F: std::future::Future>(fut: F) -> F::Output {
+        let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+        let mut cx = Context::from_waker(&waker);
+        let mut fut = std::pin::pin!(fut);
+        loop {
+            if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+                return v;
+            }
+            std::thread::park();
+        }
+    }
+    let client = Client::threads(2).unwrap();
+    let gate = new_id();
+    let f = client.submit(delayed!(gated(gate, 40))).unwrap();
+    let g = f.clone();
+    let opener = std::thread::spawn(move || open(gate));
+    let v = block_on(async move { g.await.unwrap() + 2 });
+    opener.join().unwrap();
+    assert_eq!(v, 42);
+    assert_eq!(f.result().unwrap(), 40);
+}
+
+#[test]
+fn a_chain_of_submits_does_not_recurse() {
+    for client in clients() {
+        let mut f = client.submit(delayed!(inc(0))).unwrap();
+        for _ in 1..20_000 {
+            f = client.submit(delayed!(inc(&f))).unwrap();
+        }
+        assert_eq!(f.result().unwrap(), 20_000);
+    }
+}
