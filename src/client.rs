@@ -455,12 +455,14 @@ fn cancelled_failure(key: Key, name: &Name) -> Arc<Failure> {
     })
 }
 
+/// A graph waiting in [`QUEUE`] to be started by its client.
+type Scheduled = (Arc<Shared>, Vec<Arc<Node>>);
+
 thread_local! {
     /// Graphs to schedule once the outermost `schedule` on this thread is
     /// done: completing one run can start the next (a chain of submits), and
     /// a queue keeps that from recursing once per link.
-    static QUEUE: std::cell::RefCell<Option<Vec<(Arc<Shared>, Vec<Arc<Node>>)>>> =
-        const { std::cell::RefCell::new(None) };
+    static QUEUE: std::cell::RefCell<Option<Vec<Scheduled>>> = const { std::cell::RefCell::new(None) };
 }
 
 impl Shared {
