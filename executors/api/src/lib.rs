@@ -194,8 +194,9 @@ pub type Outcome = Result<Value, Arc<Failure>>;
 
 /// Receives what an executor produced for one submitted plan.
 ///
-/// Called from executor threads; implementations must be cheap and must not
-/// block on the executor.
+/// Called from executor threads; implementations must be cheap, must not
+/// block on the executor, and must not panic (a panic on a pool thread may
+/// abort the process).
 pub trait Reporter: Send + Sync {
     /// Output number `index` of the plan (an index into [`Plan::outputs`]) is
     /// known. Called exactly once per output index.

@@ -87,6 +87,7 @@ pub struct Plan {
 
 impl Plan {
     /// Number of tasks.
+    #[inline]
     pub fn len(&self) -> usize {
         self.tasks.len()
     }
@@ -97,22 +98,26 @@ impl Plan {
     }
 
     /// Task number `i`.
+    #[inline]
     pub fn task(&self, i: u32) -> &PlanTask {
         &self.tasks[i as usize]
     }
 
     /// All tasks in plan order.
+    #[inline]
     pub fn tasks(&self) -> &[PlanTask] {
         &self.tasks
     }
 
     /// Dependencies of task `i`, in argument order.
+    #[inline]
     pub fn deps(&self, i: u32) -> &[u32] {
         let (start, end) = self.tasks[i as usize].deps;
         &self.deps[start as usize..end as usize]
     }
 
     /// Tasks that depend on task `i` (one entry per edge).
+    #[inline]
     pub fn dependents(&self, i: u32) -> &[u32] {
         let i = i as usize;
         let (start, end) = (self.dependent_offsets[i], self.dependent_offsets[i + 1]);
@@ -121,11 +126,13 @@ impl Plan {
 
     /// How many times task `i`'s value is consumed: dependent edges plus
     /// output slots (invariant 3).
+    #[inline]
     pub fn consumers(&self, i: u32) -> u32 {
         self.consumers[i as usize]
     }
 
     /// The task behind each output slot.
+    #[inline]
     pub fn outputs(&self) -> &[u32] {
         &self.outputs
     }
