@@ -1,6 +1,7 @@
 //! Content keys: what makes two tasks "the same work".
 //!
-//! A key is blake3 in derive-key mode (context `"rask task key v1"`) over:
+//! A key is blake3, keyed with a key derived from the versioned context
+//! `"rask task key v1"`, over:
 //!
 //! 1. a tag for the kind of node (call, data, named data, unique call),
 //! 2. the task's name and the function's stable identity (its path as the
@@ -20,10 +21,17 @@ use std::sync::LazyLock;
 use rask_executor::Key;
 use serde::Serialize;
 
+/// The versioned context; changing it changes every key (a breaking change).
 const CONTEXT: &str = "rask task key v1";
 
-static PROTOTYPE: LazyLock<blake3::Hasher> =
-    LazyLock::new(|| blake3::Hasher::new_derive_key(CONTEXT));
+/// Keys are keyed blake3 hashes under a key derived from [`CONTEXT`]: the
+/// same separation as blake3's derive-key mode, without re-deriving the
+/// context for every task.
+static HASH_KEY: LazyLock<[u8; 32]> = LazyLock::new(|| blake3::derive_key(CONTEXT, b""));
+
+/// Past this many buffered bytes (a large literal), bytes stream into a
+/// hasher instead of a growing buffer.
+const BUFFER_LIMIT: usize = 16 * 1024;
 
 /// What kind of node a key is derived for; part of the hashed bytes so a data
 /// node can never share a key with a call.
@@ -38,55 +46,81 @@ pub(crate) enum Tag {
 }
 
 /// Incremental key derivation for one task.
-pub(crate) struct KeyHasher(blake3::Hasher);
+///
+/// Most key material is short (a name, a path, a few input keys), so it is
+/// collected in a small buffer and hashed in one call; a blake3 hasher is a
+/// 2 KB value that would otherwise be copied around for every task.
+pub(crate) struct KeyHasher {
+    buf: Vec<u8>,
+    stream: Option<Box<blake3::Hasher>>,
+}
 
 impl KeyHasher {
     pub(crate) fn new(tag: Tag, name: &str, identity: &str) -> Self {
-        let mut h = PROTOTYPE.clone();
-        h.update(&[tag as u8]);
-        let mut this = KeyHasher(h);
+        let mut this = KeyHasher {
+            buf: Vec::with_capacity(32 + name.len() + identity.len() + 96),
+            stream: None,
+        };
+        this.buf.push(tag as u8);
         this.str(name);
         this.str(identity);
         this
     }
 
     fn str(&mut self, s: &str) {
-        self.0.update(&(s.len() as u64).to_le_bytes());
-        self.0.update(s.as_bytes());
+        self.buf.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        self.buf.extend_from_slice(s.as_bytes());
+    }
+
+    fn spill(&mut self) {
+        if self.buf.len() > BUFFER_LIMIT {
+            let stream = self
+                .stream
+                .get_or_insert_with(|| Box::new(blake3::Hasher::new_keyed(&HASH_KEY)));
+            stream.update(&self.buf);
+            self.buf.clear();
+        }
     }
 
     /// Mixes in the key of a task input.
     pub(crate) fn input(&mut self, key: &Key) {
-        self.0.update(b"k");
-        self.0.update(&key.0);
+        self.buf.push(b'k');
+        self.buf.extend_from_slice(&key.0);
+        self.spill();
     }
 
     /// Mixes in raw bytes (a count, an index, a random nonce).
     pub(crate) fn bytes(&mut self, bytes: &[u8]) {
-        self.0.update(b"b");
-        self.0.update(&(bytes.len() as u64).to_le_bytes());
-        self.0.update(bytes);
+        self.buf.push(b'b');
+        self.buf.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        self.buf.extend_from_slice(bytes);
+        self.spill();
     }
 
     /// Mixes in a literal by its postcard encoding.
-    pub(crate) fn literal<T: Serialize + ?Sized>(
-        &mut self,
-        value: &T,
-    ) -> Result<(), postcard::Error> {
-        self.0.update(b"l");
-        postcard::to_io(value, Writer(&mut self.0)).map(|_| ())
+    pub(crate) fn literal<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), postcard::Error> {
+        self.buf.push(b'l');
+        postcard::to_io(value, Writer(self)).map(|_| ())
     }
 
     pub(crate) fn finish(&self) -> Key {
-        Key(*self.0.finalize().as_bytes())
+        match &self.stream {
+            None => Key(*blake3::keyed_hash(&HASH_KEY, &self.buf).as_bytes()),
+            Some(stream) => {
+                let mut stream = stream.clone();
+                stream.update(&self.buf);
+                Key(*stream.finalize().as_bytes())
+            }
+        }
     }
 }
 
-struct Writer<'a>(&'a mut blake3::Hasher);
+struct Writer<'a>(&'a mut KeyHasher);
 
 impl io::Write for Writer<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.update(buf);
+        self.0.buf.extend_from_slice(buf);
+        self.0.spill();
         Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -108,6 +142,28 @@ mod tests {
     fn same_inputs_same_key_and_literals_matter() {
         assert_eq!(key_of(1), key_of(1));
         assert_ne!(key_of(1), key_of(2));
+    }
+
+    #[test]
+    fn large_literals_stream_and_agree_with_small_ones() {
+        // The same bytes give the same key whether they were buffered or
+        // streamed, and a large literal hashes differently from its prefix.
+        let big: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+        let key = |v: &[u8]| {
+            let mut h = KeyHasher::new(Tag::Data, "value", "bytes");
+            h.literal(v).unwrap();
+            h.finish()
+        };
+        assert_eq!(key(&big), key(&big));
+        assert_ne!(key(&big), key(&big[..99_999]));
+        let mut manual = blake3::Hasher::new_keyed(&HASH_KEY);
+        let mut h = KeyHasher::new(Tag::Data, "value", "bytes");
+        manual.update(&h.buf);
+        h.literal(&big[..]).unwrap();
+        let mut encoded = vec![b'l'];
+        encoded.extend(postcard::to_stdvec(&big[..]).unwrap());
+        manual.update(&encoded);
+        assert_eq!(h.finish(), Key(*manual.finalize().as_bytes()));
     }
 
     #[test]

@@ -57,15 +57,15 @@ fn golden_keys() {
     let data = rask::value(vec![1_i64, 2, 3]);
     assert_eq!(
         data.key().key().to_string(),
-        "baee18bfaea4dee754e9158f2a2a63a2e3f08fcdb944eda9cb188e61458b13ce"
+        "e888d660f0dfe5a911a31b9ec73b1dd60f34152bf5f1a4e8802937243fe2dc6b"
     );
     assert_eq!(
         named_key("config").to_string(),
-        "2bab687fd7ed13403d235ab70b1e1f26e32f3bf1f1285fcfe5d11e7c281cecc5"
+        "f229fa90df15fe6d8e0cd05d0486f5e2d7140f40ad0091d677b5f487edac1ab1"
     );
     assert_eq!(
         delayed!(add(&delayed!(inc(1)), 2)).key().to_string(),
-        "add-dab1dd54"
+        "add-34c69c44"
     );
 }
 
