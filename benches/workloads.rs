@@ -1,1 +1,990 @@
-fn main() {}
+//! The shared benchmark workloads of `shared/bench/WORKLOADS.md`, one JSON
+//! line per run, comparable one to one with the Dask reference figures.
+//!
+//! ```text
+//! cargo bench --bench workloads -- WORKLOAD N [--executor E]   # one run
+//! cargo bench --bench workloads -- all [--executor E] [--repeat R]  # every run
+//! cargo bench --bench workloads -- list                        # what exists
+//! ```
+//!
+//! `all` re-runs this binary in a fresh process per (workload, N, executor),
+//! so that each run's `peak_rss_mib` is its own, three times by default; it
+//! prints the fastest run's JSON line on stdout and a summary on stderr.
+//! Every run checks its result and exits non-zero on a wrong one.
+//!
+//! Adding a workload: write `fn my_workload(run: &Run) -> Outcome` and add
+//! one [`Workload`] row to [`WORKLOADS`].
+
+use std::fmt::Write as _;
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::Instant;
+
+use rask::prelude::*;
+
+// ---------------------------------------------------------------------------
+// The workload table
+// ---------------------------------------------------------------------------
+
+/// One workload: how to run it and what `all` runs it on.
+struct Workload {
+    name: &'static str,
+    about: &'static str,
+    /// The sizes `all` runs.
+    sizes: &'static [u64],
+    /// The executors `all` runs it on, in order; the first is the default of
+    /// a single run. `none` means the workload runs nothing.
+    executors: &'static [&'static str],
+    /// Which executors a single run accepts.
+    accepts: Accepts,
+    run: fn(&Run) -> Outcome,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Accepts {
+    /// Runs nothing (`build`).
+    Nothing,
+    Sync,
+    Threads,
+    /// `sync`, `threads`, `threads:N`.
+    Any,
+}
+
+const SIZES: &[u64] = &[1_000, 10_000, 100_000];
+const SIZES_1M: &[u64] = &[1_000, 10_000, 100_000, 1_000_000];
+
+const WORKLOADS: &[Workload] = &[
+    Workload {
+        name: "build",
+        about: "build tree(N) only",
+        sizes: SIZES_1M,
+        executors: &["none"],
+        accepts: Accepts::Nothing,
+        run: build,
+    },
+    Workload {
+        name: "sync",
+        about: "build tree(N), compute it on the sync executor",
+        sizes: SIZES_1M,
+        executors: &["sync"],
+        accepts: Accepts::Sync,
+        run: tree_compute,
+    },
+    Workload {
+        name: "threads",
+        about: "build tree(N), compute it on the threaded executor",
+        sizes: SIZES_1M,
+        executors: &["threads", "threads:1"],
+        accepts: Accepts::Threads,
+        run: tree_compute,
+    },
+    Workload {
+        name: "chain",
+        about: "build chain(N); compute it on sync, then the same object on threads",
+        sizes: SIZES,
+        executors: &["threads"],
+        accepts: Accepts::Threads,
+        run: chain,
+    },
+    Workload {
+        name: "persist",
+        about: "N/100 chunks of 100k f64, N slice sums reduced by add; A: over loads, B: over persisted chunks",
+        sizes: SIZES,
+        executors: &["sync", "threads"],
+        accepts: Accepts::Any,
+        run: persist,
+    },
+    Workload {
+        name: "cpu_scaling",
+        about: "N tasks of ~5 ms CPU work (matrix products); speed-up over the sync executor",
+        sizes: &[200],
+        executors: &["sync", "threads"],
+        accepts: Accepts::Any,
+        run: cpu_scaling,
+    },
+    Workload {
+        name: "map",
+        about: "in-process client: map(inc, 0..N) + gather, then the same again while the first futures are held",
+        sizes: SIZES,
+        executors: &["threads"],
+        accepts: Accepts::Any,
+        run: map,
+    },
+    Workload {
+        name: "as_completed",
+        about: "10 noop futures in flight; each completion submits one more, until N completions",
+        sizes: SIZES,
+        executors: &["threads"],
+        accepts: Accepts::Any,
+        run: as_completed,
+    },
+    // Not yet: `dist_map`, `dist_graph`, `dist_submit_chain`, `dist_roundtrip`,
+    // and `persist`, `cpu_scaling`, `as_completed` on a cluster: they need
+    // the distributed executor; each is one row here (or one more executor
+    // in a row's list) when it lands.
+];
+
+// ---------------------------------------------------------------------------
+// Runs and reports
+// ---------------------------------------------------------------------------
+
+/// What a single run is asked to do.
+struct Run {
+    workload: &'static str,
+    n: u64,
+    /// As given (`sync`, `threads`, `threads:2`, `none`).
+    executor: String,
+    config: Config,
+}
+
+impl Run {
+    /// Thread count of a threads executor (`threads` = every core).
+    fn threads(&self) -> usize {
+        match self.executor.strip_prefix("threads") {
+            Some(n) => n
+                .trim_start_matches(':')
+                .parse()
+                .unwrap_or_else(|_| cores()),
+            None => 1,
+        }
+    }
+}
+
+/// What a run measured: the headline figure, its task count, and every other
+/// field of its JSON line.
+struct Report {
+    tasks: u64,
+    /// Seconds of the headline figure (`us_per_task` = this / tasks).
+    headline_s: f64,
+    /// Seconds of all timed work of the run (build and computes).
+    wall_s: f64,
+    /// Peak resident memory of the run's timed part.
+    peak_rss_mib: f64,
+    executor: String,
+    fields: Vec<(&'static str, Field)>,
+}
+
+enum Field {
+    Float(f64),
+    Int(u64),
+    Str(String),
+}
+
+/// `Err` is a wrong answer or a failed computation: the run exits non-zero.
+type Outcome = Result<Report, String>;
+
+impl Report {
+    fn new(run: &Run, tasks: u64, headline_s: f64, wall_s: f64) -> Self {
+        // Graph optimization (on by default) changes what runs: say so.
+        let optimize = std::env::var("RASK_OPTIMIZE").unwrap_or_else(|_| "default".into());
+        Report {
+            tasks,
+            headline_s,
+            wall_s,
+            peak_rss_mib: peak_rss_mib(),
+            executor: run.executor.clone(),
+            fields: vec![("rask_optimize", Field::Str(optimize))],
+        }
+    }
+
+    fn secs(mut self, name: &'static str, s: f64) -> Self {
+        self.fields.push((name, Field::Float(s)));
+        self
+    }
+
+    fn float(self, name: &'static str, x: f64) -> Self {
+        self.secs(name, x)
+    }
+
+    fn int(mut self, name: &'static str, x: u64) -> Self {
+        self.fields.push((name, Field::Int(x)));
+        self
+    }
+
+    /// The JSON line; `baseline_rss_mib` and `load_1m` were read when the
+    /// run started.
+    fn json(&self, run: &Run, baseline_rss_mib: f64, load_1m: f64) -> String {
+        let mut out = String::from("{");
+        let _ = write!(
+            out,
+            "\"workload\": {}, \"n\": {}, \"executor\": {}, \"tasks\": {}, \
+             \"wall_s\": {}, \"tasks_per_s\": {}, \"us_per_task\": {}, \
+             \"peak_rss_mib\": {}, \"bytes_per_task\": {}, \"load_1m\": {}",
+            json_str(run.workload),
+            run.n,
+            json_str(&self.executor),
+            self.tasks,
+            json_f64(self.wall_s),
+            json_f64(self.tasks as f64 / self.headline_s),
+            json_f64(self.headline_s / self.tasks as f64 * 1e6),
+            json_f64(self.peak_rss_mib),
+            json_f64(
+                (self.peak_rss_mib - baseline_rss_mib).max(0.0) * 1048576.0 / self.tasks as f64
+            ),
+            json_f64(load_1m),
+        );
+        for (name, value) in &self.fields {
+            let value = match value {
+                Field::Float(x) => json_f64(*x),
+                Field::Int(x) => x.to_string(),
+                Field::Str(s) => json_str(s),
+            };
+            let _ = write!(out, ", {}: {value}", json_str(name));
+        }
+        out.push('}');
+        out
+    }
+}
+
+fn json_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Six significant digits; `null` for NaN and infinities (not JSON numbers).
+fn json_f64(x: f64) -> String {
+    if !x.is_finite() {
+        return "null".into();
+    }
+    let rounded: f64 = format!("{x:.5e}").parse().unwrap_or(x);
+    format!("{rounded}")
+}
+
+/// A `/proc/self/status` figure in MiB (`VmHWM`: peak, `VmRSS`: now).
+fn status_mib(field: &str) -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
+/// The machine's 1-minute load average: above the core count, other work
+/// competed with the run.
+fn load_1m() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+fn peak_rss_mib() -> f64 {
+    status_mib("VmHWM")
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Runs `f` and returns its value with the seconds it took.
+fn timed<T>(f: impl FnOnce() -> T) -> (T, f64) {
+    let start = Instant::now();
+    let value = f();
+    (value, start.elapsed().as_secs_f64())
+}
+
+fn check<T: PartialEq + std::fmt::Debug>(what: &str, got: T, want: T) -> Result<(), String> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(format!("wrong {what}: got {got:?}, want {want:?}"))
+    }
+}
+
+fn computed<T>(what: &str, r: rask::Result<T>) -> Result<T, String> {
+    r.map_err(|e| format!("{what} failed: {e}"))
+}
+
+// ---------------------------------------------------------------------------
+// Functions and graph shapes (WORKLOADS.md)
+// ---------------------------------------------------------------------------
+
+fn inc(x: i64) -> i64 {
+    x + 1
+}
+
+fn add(x: i64, y: i64) -> i64 {
+    x + y
+}
+
+/// Reduces `level` pairwise, level by level; an odd last element is carried
+/// over unchanged.
+fn reduce<T: Data>(
+    mut level: Vec<Delayed<T>>,
+    add: impl Fn(&Delayed<T>, &Delayed<T>) -> Delayed<T>,
+) -> Delayed<T> {
+    while level.len() > 1 {
+        let mut next = Vec::with_capacity(level.len().div_ceil(2));
+        let mut items = level.into_iter();
+        while let Some(a) = items.next() {
+            next.push(match items.next() {
+                Some(b) => add(&a, &b),
+                None => a,
+            });
+        }
+        level = next;
+    }
+    level.pop().expect("a tree has at least one leaf")
+}
+
+/// tree(N): leaves `inc(i)`, reduced pairwise by `add`; `2N - 1` tasks.
+fn tree(n: u64) -> Delayed<i64> {
+    let leaves = (0..n as i64).map(|i| delayed!(inc(i))).collect();
+    reduce(leaves, |a, b| delayed!(add(a, b)))
+}
+
+fn tree_sum(n: u64) -> i64 {
+    let n = n as i64;
+    n * (n + 1) / 2
+}
+
+/// chain(N): `inc(0)`, then `inc(x)` N - 1 times; N tasks, result N.
+fn chain_graph(n: u64) -> Delayed<i64> {
+    let mut x = delayed!(inc(0));
+    for _ in 1..n {
+        x = delayed!(inc(&x));
+    }
+    x
+}
+
+// ---------------------------------------------------------------------------
+// Workloads
+// ---------------------------------------------------------------------------
+
+fn build(run: &Run) -> Outcome {
+    let (root, build_s) = timed(|| tree(run.n));
+    let tasks = 2 * run.n - 1;
+    let report = Report::new(run, tasks, build_s, build_s).secs("build_s", build_s);
+    // Checked after the memory figure: the graph map is not part of a build.
+    check(
+        "task count",
+        rask::Graph::from_delayed(&root).len() as u64,
+        tasks,
+    )?;
+    Ok(report)
+}
+
+fn tree_compute(run: &Run) -> Outcome {
+    let (root, build_s) = timed(|| tree(run.n));
+    let (total, compute_s) = timed(|| root.compute_with(&run.config));
+    check("tree sum", computed("compute", total)?, tree_sum(run.n))?;
+    let report = Report::new(run, 2 * run.n - 1, compute_s, build_s + compute_s)
+        .secs("build_s", build_s)
+        .secs("compute_s", compute_s);
+    Ok(report)
+}
+
+fn chain(run: &Run) -> Outcome {
+    let (x, build_s) = timed(|| chain_graph(run.n));
+    let sync = Config::synchronous();
+    let (on_sync, compute_sync_s) = timed(|| x.compute_with(&sync));
+    check(
+        "chain result on sync",
+        computed("compute", on_sync)?,
+        run.n as i64,
+    )?;
+    let (on_threads, compute_threads_s) = timed(|| x.compute_with(&run.config));
+    check(
+        "chain result on threads",
+        computed("compute", on_threads)?,
+        run.n as i64,
+    )?;
+    let mut report = Report::new(
+        run,
+        run.n,
+        compute_sync_s,
+        build_s + compute_sync_s + compute_threads_s,
+    )
+    .secs("build_s", build_s)
+    .secs("compute_sync_s", compute_sync_s)
+    .secs("compute_threads_s", compute_threads_s)
+    .float(
+        "us_per_task_threads",
+        compute_threads_s / run.n as f64 * 1e6,
+    );
+    report.executor = format!("sync+{}", run.executor);
+    Ok(report)
+}
+
+/// Values per chunk of the `persist` workload.
+const CHUNK: usize = 100_000;
+
+/// 100 000 f64 in [0, 1) from a SplitMix64 generator seeded with `c`.
+fn load(c: u64) -> Vec<f64> {
+    let mut state = c.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    (0..CHUNK)
+        .map(|_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            (z >> 11) as f64 / (1u64 << 53) as f64
+        })
+        .collect()
+}
+
+/// Sum of elements `1000 j .. 1000 (j + 1)`; the chunk is shared, not copied.
+fn slice_sum(chunk: Arc<Vec<f64>>, j: usize) -> f64 {
+    chunk[1000 * j..1000 * (j + 1)].iter().sum()
+}
+
+fn add_f(x: f64, y: f64) -> f64 {
+    x + y
+}
+
+/// N slice sums over `chunks`, reduced by a tree of `add`.
+fn persist_graph(chunks: &[Delayed<Vec<f64>>]) -> Delayed<f64> {
+    let parts = chunks
+        .iter()
+        .flat_map(|chunk| (0..100).map(move |j| delayed!(slice_sum(chunk, j))))
+        .collect();
+    reduce(parts, |a, b| delayed!(add_f(a, b)))
+}
+
+fn persist(run: &Run) -> Outcome {
+    if run.n % 100 != 0 || run.n == 0 {
+        return Err(format!("persist needs N a multiple of 100, got {}", run.n));
+    }
+    let c = run.n / 100;
+    let config = &run.config;
+
+    // A: over delayed loads; both computes run the loads.
+    let (a, a_build_s) = timed(|| {
+        let loads: Vec<_> = (0..c).map(|c| delayed!(load(c))).collect();
+        persist_graph(&loads)
+    });
+    let (a1, a_compute1_s) = timed(|| a.compute_with(config));
+    let (a2, a_compute2_s) = timed(|| a.compute_with(config));
+    drop(a);
+
+    // B: persist the chunks, then build over the held chunks (no loads).
+    let (chunks, b_persist_s) = timed(|| {
+        (0..c)
+            .map(|c| delayed!(load(c)).persist_with(config))
+            .collect::<rask::Result<Vec<_>>>()
+    });
+    let chunks = computed("persist", chunks)?;
+    let (b, b_build_s) = timed(|| persist_graph(&chunks));
+    let (b1, b_compute1_s) = timed(|| b.compute_with(config));
+    let (b2, b_compute2_s) = timed(|| b.compute_with(config));
+
+    let tasks = 2 * run.n - 1;
+    let wall_s = a_build_s + a_compute1_s + a_compute2_s + b_persist_s + b_build_s;
+    let report = Report::new(
+        run,
+        tasks,
+        b_compute1_s,
+        wall_s + b_compute1_s + b_compute2_s,
+    )
+    .int("chunks", c)
+    .secs("a_build_s", a_build_s)
+    .secs("a_compute1_s", a_compute1_s)
+    .secs("a_compute2_s", a_compute2_s)
+    .secs("b_persist_s", b_persist_s)
+    .float("ms_per_load", b_persist_s / c as f64 * 1e3)
+    .secs("b_build_s", b_build_s)
+    .secs("b_compute1_s", b_compute1_s)
+    .secs("b_compute2_s", b_compute2_s)
+    .float("speedup_b_over_a", a_compute1_s / b_compute1_s);
+
+    // Every compute walks the same tree, so all four sums are bit-identical;
+    // they must also match a plain sum of the data.
+    let [a1, a2, b1, b2] = [a1, a2, b1, b2].map(|r| computed("compute", r));
+    let (a1, a2, b1, b2) = (a1?, a2?, b1?, b2?);
+    check("second A sum", a2.to_bits(), a1.to_bits())?;
+    check("first B sum", b1.to_bits(), a1.to_bits())?;
+    check("second B sum", b2.to_bits(), a1.to_bits())?;
+    drop(chunks);
+    let plain: f64 = (0..c).map(|c| load(c).iter().sum::<f64>()).sum();
+    if (a1 - plain).abs() > 1e-9 * plain.abs() {
+        return Err(format!(
+            "wrong persist sum: got {a1}, a plain sum gives {plain}"
+        ));
+    }
+    Ok(report)
+}
+
+/// Side of the matrices of `cpu_work`: 3 × 128 KiB stays in a core's L2.
+const DIM: usize = 128;
+/// Products per task: about 5 ms on this machine (see the README).
+const REPS: usize = 15;
+
+/// ~5 ms of CPU work with no shared state: `REPS` products of two `DIM²`
+/// integer-valued f64 matrices (exact, so every executor agrees bit for bit).
+fn cpu_work(seed: u64) -> f64 {
+    let s = seed as usize;
+    let mut a: Vec<f64> = (0..DIM * DIM).map(|k| ((k * 7 + s) % 5) as f64).collect();
+    let b: Vec<f64> = (0..DIM * DIM).map(|k| ((k * 3 + s) % 7) as f64).collect();
+    let mut c = vec![0.0f64; DIM * DIM];
+    let mut total = 0.0;
+    for r in 0..REPS {
+        c.iter_mut().for_each(|x| *x = 0.0);
+        for i in 0..DIM {
+            for k in 0..DIM {
+                let aik = a[i * DIM + k];
+                let (row, brow) = (&mut c[i * DIM..(i + 1) * DIM], &b[k * DIM..(k + 1) * DIM]);
+                for (x, y) in row.iter_mut().zip(brow) {
+                    *x += aik * y;
+                }
+            }
+        }
+        total += c[(r * 31 % DIM) * DIM + r * 17 % DIM];
+        a[r % (DIM * DIM)] += 1.0;
+    }
+    total + c.iter().sum::<f64>()
+}
+
+fn sum_all(parts: Vec<f64>) -> f64 {
+    parts.iter().sum()
+}
+
+fn cpu_scaling(run: &Run) -> Outcome {
+    let graph = || {
+        let parts: Vec<Delayed<f64>> = (0..run.n).map(|i| delayed!(cpu_work(i))).collect();
+        delayed!(sum_all(parts))
+    };
+    let (want, plain_s) = timed(|| (0..run.n).map(cpu_work).sum::<f64>());
+    let total = graph();
+    let (on_sync, compute_sync_s) = timed(|| total.compute_with(&Config::synchronous()));
+    check(
+        "sum on sync",
+        computed("compute", on_sync)?.to_bits(),
+        want.to_bits(),
+    )?;
+    let (got, compute_s) = if run.executor == "sync" {
+        (Ok(want), compute_sync_s)
+    } else {
+        // A fresh graph: identical keys, nothing cached between computes.
+        let total = graph();
+        timed(|| total.compute_with(&run.config))
+    };
+    check("sum", computed("compute", got)?.to_bits(), want.to_bits())?;
+    let report = Report::new(
+        run,
+        run.n + 1,
+        compute_s,
+        plain_s + compute_sync_s + compute_s,
+    )
+    .int("threads", run.threads() as u64)
+    .secs("plain_loop_s", plain_s)
+    .secs("compute_sync_s", compute_sync_s)
+    .secs("compute_s", compute_s)
+    .float("ms_per_work_task", plain_s / run.n as f64 * 1e3)
+    .float("speedup_vs_sync", compute_sync_s / compute_s)
+    .float("speedup_vs_plain_loop", plain_s / compute_s);
+    Ok(report)
+}
+
+fn noop(i: i64) -> i64 {
+    i
+}
+
+fn client(run: &Run) -> Result<rask::Client, String> {
+    rask::Client::with_config(&run.config).map_err(|e| format!("client: {e}"))
+}
+
+fn map(run: &Run) -> Outcome {
+    let client = client(run)?;
+    let want: Vec<i64> = (1..=run.n as i64).collect();
+    let ((first, got), map_gather_s) = timed(|| {
+        let futures = client.map(inc, 0..run.n as i64);
+        let got = futures
+            .as_ref()
+            .map_err(|e| e.to_string())
+            .and_then(|f| client.gather(f).map_err(|e| e.to_string()));
+        (futures, got)
+    });
+    check(
+        "map results",
+        got.map_err(|e| format!("map: {e}"))?,
+        want.clone(),
+    )?;
+    // Again while `first` is held: every key is in the client's table.
+    let ((again, got), map_gather_cached_s) = timed(|| {
+        let futures = client.map(inc, 0..run.n as i64);
+        let pending = futures
+            .as_ref()
+            .map_or(0, |f| f.iter().filter(|f| !f.done()).count());
+        let got = futures
+            .as_ref()
+            .map_err(|e| e.to_string())
+            .and_then(|f| client.gather(f).map_err(|e| e.to_string()));
+        ((futures, pending), got)
+    });
+    check(
+        "cached map results",
+        got.map_err(|e| format!("map: {e}"))?,
+        want,
+    )?;
+    check(
+        "futures of the cached map not done at once (work re-ran)",
+        again.1,
+        0,
+    )?;
+    check(
+        "keys the client holds",
+        client.stats().keys_held as u64,
+        run.n,
+    )?;
+    let report = Report::new(run, run.n, map_gather_s, map_gather_s + map_gather_cached_s)
+        .secs("map_gather_s", map_gather_s)
+        .secs("map_gather_cached_s", map_gather_cached_s)
+        .float(
+            "us_per_task_cached",
+            map_gather_cached_s / run.n as f64 * 1e6,
+        );
+    drop((first, again));
+    Ok(report)
+}
+
+fn as_completed(run: &Run) -> Outcome {
+    const IN_FLIGHT: u64 = 10;
+    let client = client(run)?;
+    let submit = |i: u64| {
+        client
+            .submit(delayed!(noop(i as i64)))
+            .map_err(|e| format!("submit: {e}"))
+    };
+    let (sums, as_completed_s) = timed(|| -> Result<(u64, i64), String> {
+        let first = (0..IN_FLIGHT.min(run.n))
+            .map(submit)
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut next = first.len() as u64;
+        let mut seq = rask::as_completed(first);
+        let (mut done, mut total) = (0u64, 0i64);
+        while let Some(f) = seq.next() {
+            total += f.result().map_err(|e| format!("noop: {e}"))?;
+            done += 1;
+            if next < run.n {
+                seq.add(submit(next)?);
+                next += 1;
+            }
+        }
+        Ok((done, total))
+    });
+    let (done, total) = sums?;
+    check("completions", done, run.n)?;
+    check(
+        "sum of results",
+        total,
+        (run.n as i64 - 1) * run.n as i64 / 2,
+    )?;
+    let report = Report::new(run, run.n, as_completed_s, as_completed_s)
+        .secs("as_completed_s", as_completed_s);
+    Ok(report)
+}
+
+// ---------------------------------------------------------------------------
+// Command line
+// ---------------------------------------------------------------------------
+
+const USAGE: &str = "\
+usage: cargo bench --bench workloads -- WORKLOAD N [--executor E]
+       cargo bench --bench workloads -- all [--executor E] [--repeat R]
+       cargo bench --bench workloads -- list
+
+E: sync | threads | threads:N (default: the workload's first executor)
+`all` runs every workload at the sizes of shared/bench/WORKLOADS.md on every
+executor it lists (or only E), each run in a fresh process, R times (default
+3), and prints the fastest run's JSON line (by headline figure) on stdout,
+with `\"best_of\": R` added; a summary table goes to stderr.";
+
+fn main() -> ExitCode {
+    // `cargo bench` appends `--bench`; it means nothing here.
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    match parse(&args) {
+        Ok(Mode::Usage) => {
+            eprintln!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        Ok(Mode::List) => {
+            for w in WORKLOADS {
+                println!(
+                    "{:<12} N in {:?}, on {}: {}",
+                    w.name,
+                    w.sizes,
+                    w.executors.join(", "),
+                    w.about
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(Mode::All { executor, repeat }) => all(executor.as_deref(), repeat),
+        Ok(Mode::One(run, workload)) => one(&run, workload),
+        Err(e) => {
+            eprintln!("error: {e}\n\n{USAGE}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+enum Mode {
+    Usage,
+    List,
+    All {
+        executor: Option<String>,
+        repeat: u32,
+    },
+    One(Run, &'static Workload),
+}
+
+fn parse(args: &[String]) -> Result<Mode, String> {
+    let mut positional = Vec::new();
+    let mut executor = None;
+    let mut repeat = None;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "-h" | "--help" => return Ok(Mode::Usage),
+            "--executor" | "-e" => {
+                let e = it.next().ok_or("--executor needs a value")?;
+                executor = Some(e.clone());
+            }
+            a if a.starts_with("--executor=") => executor = Some(a["--executor=".len()..].into()),
+            "--repeat" => {
+                let r = it.next().ok_or("--repeat needs a value")?;
+                let r = r.parse::<u32>().ok().filter(|&r| r > 0);
+                repeat = Some(r.ok_or("--repeat needs a whole number ≥ 1")?);
+            }
+            a if a.starts_with('-') => return Err(format!("unknown option `{a}`")),
+            a => positional.push(a),
+        }
+    }
+    match positional.as_slice() {
+        [] => Ok(Mode::Usage),
+        ["list"] => Ok(Mode::List),
+        ["all"] => Ok(Mode::All {
+            executor,
+            repeat: repeat.unwrap_or(3),
+        }),
+        _ if repeat.is_some() => Err("--repeat is for `all` only".into()),
+        [name, n] => {
+            let workload = find(name)?;
+            let n: u64 = n
+                .replace('_', "")
+                .parse()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| format!("N must be a whole number ≥ 1, got `{n}`"))?;
+            let executor = executor.unwrap_or_else(|| workload.executors[0].to_string());
+            let config = executor_config(workload, &executor)?;
+            Ok(Mode::One(
+                Run {
+                    workload: workload.name,
+                    n,
+                    executor,
+                    config,
+                },
+                workload,
+            ))
+        }
+        [name] => {
+            find(name)?;
+            Err(format!("`{name}` needs a size N"))
+        }
+        _ => Err(format!("too many arguments: {}", positional.join(" "))),
+    }
+}
+
+fn find(name: &str) -> Result<&'static Workload, String> {
+    WORKLOADS.iter().find(|w| w.name == name).ok_or_else(|| {
+        let known: Vec<_> = WORKLOADS.iter().map(|w| w.name).collect();
+        format!(
+            "unknown workload `{name}`; known: {}, all, list",
+            known.join(", ")
+        )
+    })
+}
+
+/// The configuration for `executor`, if this workload runs on it and this
+/// build has it.
+fn executor_config(workload: &Workload, executor: &str) -> Result<Config, String> {
+    if workload.accepts == Accepts::Nothing {
+        return match executor {
+            "none" => Ok(Config::synchronous()),
+            _ => Err(format!("`{}` runs no executor", workload.name)),
+        };
+    }
+    let kind = rask::ExecutorKind::parse(executor).map_err(|e| e.to_string())?;
+    let threads = matches!(kind, rask::ExecutorKind::Threads(_));
+    let fits = match workload.accepts {
+        Accepts::Sync => !threads,
+        Accepts::Threads => threads,
+        Accepts::Any | Accepts::Nothing => true,
+    };
+    if !fits {
+        return Err(format!(
+            "`{}` does not run on `{executor}` (it runs on {})",
+            workload.name,
+            workload.executors.join(", ")
+        ));
+    }
+    if threads && !cfg!(feature = "threaded") {
+        return Err(format!(
+            "`{executor}` needs the `threaded` feature (built without it)"
+        ));
+    }
+    Ok(Config::new().executor(kind))
+}
+
+fn one(run: &Run, workload: &Workload) -> ExitCode {
+    let baseline = status_mib("VmRSS");
+    let load_1m = load_1m();
+    match (workload.run)(run) {
+        Ok(report) => {
+            println!("{}", report.json(run, baseline, load_1m));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("FAILED {} {} on {}: {e}", run.workload, run.n, run.executor);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Every workload at every size on every executor this build has, each run
+/// `repeat` times in a child process; prints the fastest run of each.
+fn all(only: Option<&str>, repeat: u32) -> ExitCode {
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            eprintln!("error: cannot find this benchmark's executable: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let start = Instant::now();
+    let mut failed = Vec::new();
+    let mut summary = Vec::new();
+    for w in WORKLOADS {
+        for &n in w.sizes {
+            for &e in w.executors {
+                if only.is_some_and(|o| o != e) {
+                    continue;
+                }
+                if e.starts_with("threads") && !cfg!(feature = "threaded") {
+                    eprintln!("skip {} {n} on {e}: built without `threaded`", w.name);
+                    continue;
+                }
+                let what = format!("{} {n} --executor {e}", w.name);
+                eprintln!("run  {what}  (x{repeat})");
+                let mut best: Option<(f64, String)> = None;
+                for _ in 0..repeat {
+                    match run_child(&exe, w.name, n, e) {
+                        Ok(line) => {
+                            let us = field(&line, "us_per_task").parse().unwrap_or(f64::MAX);
+                            if best.as_ref().is_none_or(|(b, _)| us < *b) {
+                                best = Some((us, line));
+                            }
+                        }
+                        Err(why) => {
+                            failed.push(format!("{what}: {why}"));
+                            best = None;
+                            break;
+                        }
+                    }
+                }
+                if let Some((_, line)) = best {
+                    let line = format!(
+                        "{}, \"best_of\": {repeat}}}",
+                        line.trim_end().trim_end_matches('}')
+                    );
+                    println!("{line}");
+                    summary.push(summary_row(&line));
+                }
+            }
+        }
+    }
+    eprintln!(
+        "\n{:<12} {:>9} {:<16} {:>9} {:>12} {:>10} {:>9} {:>6}",
+        "workload", "n", "executor", "tasks", "tasks/s", "us/task", "rss MiB", "load"
+    );
+    for row in &summary {
+        eprintln!("{row}");
+    }
+    eprintln!(
+        "\n{} configurations x{repeat} in {:.1} s",
+        summary.len(),
+        start.elapsed().as_secs_f64()
+    );
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("FAILED:\n  {}", failed.join("\n  "));
+        ExitCode::FAILURE
+    }
+}
+
+/// Runs one (workload, N, executor) in a fresh process; its JSON line.
+fn run_child(
+    exe: &std::path::Path,
+    workload: &str,
+    n: u64,
+    executor: &str,
+) -> Result<String, String> {
+    let out = Command::new(exe)
+        .args([workload, &n.to_string(), "--executor", executor])
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("could not start: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("exited with {}", out.status));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    match (lines.next(), lines.next()) {
+        (Some(line), None) if line.starts_with('{') => Ok(line.to_string()),
+        _ => Err(format!("expected one JSON line, got: {text:?}")),
+    }
+}
+
+/// A top-level field of one of our JSON lines, as text (strings unquoted).
+fn field(line: &str, name: &str) -> String {
+    let pat = format!("\"{name}\": ");
+    line.find(&pat)
+        .map(|i| {
+            let rest = &line[i + pat.len()..];
+            let end = rest.find([',', '}']).unwrap_or(rest.len());
+            rest[..end].trim_matches('"').to_string()
+        })
+        .unwrap_or_default()
+}
+
+/// One line of the human summary, read back from a JSON line.
+fn summary_row(line: &str) -> String {
+    let field = |name| field(line, name);
+    format!(
+        "{:<12} {:>9} {:<16} {:>9} {:>12} {:>10} {:>9} {:>6}",
+        field("workload"),
+        field("n"),
+        field("executor"),
+        field("tasks"),
+        field("tasks_per_s"),
+        field("us_per_task"),
+        field("peak_rss_mib"),
+        field("load_1m"),
+    )
+}

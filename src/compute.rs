@@ -1,4 +1,5 @@
-//! Running graphs: lowering, dispatch to the executor, collecting outputs.
+//! Running graphs: lowering, optimizing, dispatch to the executor, collecting
+//! outputs.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
@@ -122,7 +123,8 @@ pub fn compute_with<C: Compute>(what: C, config: &Config) -> Result<C::Output> {
 /// Runs the graph behind `roots`, returning one value per root.
 pub(crate) fn run(roots: &[Arc<Node>], config: &Config) -> Result<Vec<Value>> {
     let backend = Backend::get(config.resolve()?)?;
-    let plan = Arc::new(crate::graph::lower(roots));
+    let options = crate::optimize::Options::from_config(config)?;
+    let plan = crate::optimize::optimize(crate::graph::lower(roots), &options);
     let collector = Arc::new(Collector::new(roots.len()));
     backend.executor().submit(plan, collector.clone());
     collector.wait()

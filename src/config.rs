@@ -1,11 +1,15 @@
 //! Choosing the executor: explicit argument > scoped [`set`] > `RASK_SCHEDULER`
 //! > default (`threads`).
 //!
+//! Whether to optimize the graph first follows the same precedence:
+//! [`Config::optimize`] > scoped > `RASK_OPTIMIZE` > default (on).
+//!
 //! Switching a whole program between executors is a configuration change:
 //!
 //! ```text
 //! RASK_SCHEDULER=sync cargo run --example quickstart
 //! RASK_SCHEDULER=threads:2 cargo run --example quickstart
+//! RASK_OPTIMIZE=off cargo run --example quickstart
 //! ```
 
 use std::cell::RefCell;
@@ -16,6 +20,10 @@ use crate::{Error, Result};
 
 /// The environment variable that picks the executor.
 pub const ENV_VAR: &str = "RASK_SCHEDULER";
+
+/// The environment variable that switches graph optimization: `1`, `true`,
+/// `on` or `0`, `false`, `off` (any case).
+pub const OPTIMIZE_ENV_VAR: &str = "RASK_OPTIMIZE";
 
 /// Which executor runs a computation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +114,7 @@ impl fmt::Display for ExecutorKind {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Config {
     executor: Option<ExecutorKind>,
+    optimize: Option<bool>,
 }
 
 impl Config {
@@ -132,18 +141,46 @@ impl Config {
         self
     }
 
-    /// The settings named by `RASK_SCHEDULER` (unset: nothing set).
+    /// Whether to optimize the graph before running it (cull what no output
+    /// needs, fold data and cheap tasks into their consumer, fuse linear
+    /// chains). On by default; results and output keys are the same either
+    /// way, and errors name the same task.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use rask::{delayed, Config};
+    /// fn inc(x: i64) -> i64 { x + 1 }
+    ///
+    /// let x = delayed!(inc(delayed!(inc(1))));
+    /// let plain = Config::synchronous().optimize(false);
+    /// assert_eq!(x.compute_with(&plain)?, 3);
+    /// assert_eq!(rask::explain(&x, &plain)?.len(), 2); // one task per node
+    /// assert_eq!(rask::explain(&x, &Config::new())?.len(), 1); // fused
+    ///
+    /// // A scoped setting applies to every computation on this thread.
+    /// let _guard = rask::config::set(Config::new().optimize(false));
+    /// assert!(!Config::new().resolve_optimize()?);
+    /// assert!(Config::new().optimize(true).resolve_optimize()?); // explicit wins
+    /// # Ok::<(), rask::Error>(())
+    /// ```
+    pub fn optimize(mut self, on: bool) -> Self {
+        self.optimize = Some(on);
+        self
+    }
+
+    /// The settings named by `RASK_SCHEDULER` and `RASK_OPTIMIZE` (unset:
+    /// nothing set).
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] when the variable holds an unknown value.
+    /// [`Error::Config`] when `RASK_SCHEDULER` holds an unknown value,
+    /// [`Error::Switch`] when `RASK_OPTIMIZE` does.
     pub fn from_env() -> Result<Self> {
-        match std::env::var(ENV_VAR) {
-            Ok(text) if !text.trim().is_empty() => {
-                Ok(Config::new().executor(parse(&text, ENV_VAR)?))
-            }
-            _ => Ok(Config::new()),
-        }
+        Ok(Config {
+            executor: env_executor()?,
+            optimize: env_optimize()?,
+        })
     }
 
     /// The executor this configuration resolves to, applying the precedence
@@ -160,7 +197,64 @@ impl Config {
         if let Some(kind) = SCOPED.with(|s| s.borrow().iter().rev().find_map(|c| c.executor)) {
             return Ok(kind);
         }
-        Ok(Config::from_env()?.executor.unwrap_or(DEFAULT))
+        Ok(env_executor()?.unwrap_or(DEFAULT))
+    }
+
+    /// Whether computations with this configuration optimize the graph,
+    /// applying the precedence explicit > scoped > `RASK_OPTIMIZE` > default
+    /// (on).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Switch`] when the environment variable is consulted and holds
+    /// an unknown value.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use rask::Config;
+    /// assert!(!Config::new().optimize(false).resolve_optimize()?);
+    /// # Ok::<(), rask::Error>(())
+    /// ```
+    pub fn resolve_optimize(&self) -> Result<bool> {
+        if let Some(on) = self.optimize {
+            return Ok(on);
+        }
+        if let Some(on) = SCOPED.with(|s| s.borrow().iter().rev().find_map(|c| c.optimize)) {
+            return Ok(on);
+        }
+        Ok(env_optimize()?.unwrap_or(true))
+    }
+}
+
+fn env_executor() -> Result<Option<ExecutorKind>> {
+    match std::env::var(ENV_VAR) {
+        Ok(text) if !text.trim().is_empty() => Ok(Some(parse(&text, ENV_VAR)?)),
+        _ => Ok(None),
+    }
+}
+
+fn env_optimize() -> Result<Option<bool>> {
+    match std::env::var(OPTIMIZE_ENV_VAR) {
+        Ok(text) if !text.trim().is_empty() => Ok(Some(parse_switch(&text, OPTIMIZE_ENV_VAR)?)),
+        _ => Ok(None),
+    }
+}
+
+/// Parses an on/off setting: `1`, `true`, `on` or `0`, `false`, `off`, in any
+/// case, surrounding spaces ignored.
+fn parse_switch(text: &str, source_name: &'static str) -> Result<bool> {
+    let t = text.trim();
+    let is = |word: &str| t.eq_ignore_ascii_case(word);
+    if is("1") || is("true") || is("on") {
+        Ok(true)
+    } else if is("0") || is("false") || is("off") {
+        Ok(false)
+    } else {
+        Err(Error::Switch {
+            value: text.to_owned(),
+            source_name,
+        })
     }
 }
 
@@ -259,6 +353,44 @@ mod tests {
         ] {
             assert_eq!(ExecutorKind::parse(&kind.to_string()).unwrap(), kind);
         }
+    }
+
+    #[test]
+    fn parses_switches() {
+        for on in ["1", "true", " on ", "TRUE", "On"] {
+            assert!(parse_switch(on, OPTIMIZE_ENV_VAR).unwrap(), "{on}");
+        }
+        for off in ["0", "false", "off ", "OFF", "False"] {
+            assert!(!parse_switch(off, OPTIMIZE_ENV_VAR).unwrap(), "{off}");
+        }
+        for bad in ["yes", "2", "o n", "enabled"] {
+            let err = parse_switch(bad, OPTIMIZE_ENV_VAR).unwrap_err().to_string();
+            assert!(err.contains(bad), "{bad}: {err}");
+            assert!(err.contains(OPTIMIZE_ENV_VAR), "{bad}: {err}");
+            assert!(err.contains("`off`"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn optimize_precedence_is_explicit_then_scoped() {
+        let outer = set(Config::new().optimize(false));
+        assert!(!Config::new().resolve_optimize().unwrap());
+        assert!(Config::new().optimize(true).resolve_optimize().unwrap());
+        {
+            // A scope that sets only the executor leaves the switch to the
+            // outer scope.
+            let _inner = set(Config::synchronous());
+            assert!(!Config::new().resolve_optimize().unwrap());
+            let _innermost = set(Config::new().optimize(true));
+            assert!(Config::new().resolve_optimize().unwrap());
+        }
+        assert!(!Config::new().resolve_optimize().unwrap());
+        // Setting the switch leaves the executor to the scope.
+        assert_eq!(
+            Config::new().optimize(true).resolve().unwrap(),
+            Config::new().resolve().unwrap()
+        );
+        drop(outer);
     }
 
     #[test]

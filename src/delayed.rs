@@ -162,6 +162,30 @@ impl<T> Delayed<T> {
     pub fn to_dot(&self) -> String {
         crate::graph::to_dot(std::slice::from_ref(&self.node))
     }
+
+    /// Renders the plan an executor would run for this value as Graphviz
+    /// DOT: the graph after optimization, as `config` sets it (see
+    /// [`explain`](crate::explain) for the plan itself). Fused tasks are
+    /// labelled with the names of the tasks they run.
+    ///
+    /// # Errors
+    ///
+    /// A configuration error when `RASK_OPTIMIZE` holds an unknown value.
+    ///
+    /// ```
+    /// use rask::Config;
+    /// fn inc(x: i64) -> i64 { x + 1 }
+    /// let x = rask::delayed!(inc(rask::delayed!(inc(rask::delayed!(inc(1))))));
+    /// let dot = x.plan_dot(&Config::new())?;
+    /// assert!(dot.contains("inc+inc+inc-"));
+    /// let plain = x.plan_dot(&Config::new().optimize(false))?;
+    /// assert_eq!(plain.matches("label=").count(), 3);
+    /// # Ok::<(), rask::Error>(())
+    /// ```
+    pub fn plan_dot(&self, config: &Config) -> Result<String> {
+        let roots = std::slice::from_ref(&self.node);
+        Ok(crate::optimize::explain::explain_roots(roots, config)?.to_dot())
+    }
 }
 
 impl<T: Data> Delayed<T> {

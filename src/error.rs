@@ -89,6 +89,14 @@ pub enum Error {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// An on/off setting, such as `RASK_OPTIMIZE`, could not be understood.
+    #[error("invalid value `{value}` for {source_name}: expected `1`, `true`, `on`, `0`, `false` or `off`")]
+    Switch {
+        /// The text that was given.
+        value: String,
+        /// Where it came from, e.g. `RASK_OPTIMIZE`.
+        source_name: &'static str,
+    },
     /// The chosen executor is not compiled into this build.
     #[error("executor `{0}` is not compiled in; enable feature `{0}`")]
     Unavailable(&'static str),

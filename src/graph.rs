@@ -24,6 +24,7 @@ use rask_executor::{Key, Op, OpError, Plan, PlanBuilder, Value};
 use crate::data::Data;
 use crate::delayed::{named_key, Delayed, TaskKey};
 use crate::node::{Call, Held, Name, Node};
+use crate::optimize::{Draft, Weight};
 use crate::{Error, Result};
 
 /// Keys are uniformly random already: their first eight bytes are the hash.
@@ -108,14 +109,15 @@ fn postorder<'a>(
 }
 
 /// Lowers the graph behind `roots` into a plan whose outputs are the roots,
-/// in order. Waits for the futures the graph depends on first, so that no
-/// executor thread ever blocks on one.
+/// in order, ready for [`optimize`](crate::optimize::optimize). Waits for
+/// the futures the graph depends on first, so that no executor thread ever
+/// blocks on one.
 ///
 /// # Complexity
 ///
 /// O(nodes + edges) time, one hash-map entry per distinct key.
-pub(crate) fn lower(roots: &[Arc<Node>]) -> Plan {
-    lower_with(roots, |node| {
+pub(crate) fn lower(roots: &[Arc<Node>]) -> Draft {
+    lower_draft(roots, |node| {
         node.call.prepare();
         None
     })
@@ -127,15 +129,39 @@ pub(crate) fn lower_with(
     roots: &[Arc<Node>],
     cut: impl FnMut(&Arc<Node>) -> Option<Arc<dyn Op>>,
 ) -> Plan {
+    lower_weighed(roots, cut).0
+}
+
+/// [`lower_with`], as a draft for the optimizer.
+pub(crate) fn lower_draft(
+    roots: &[Arc<Node>],
+    cut: impl FnMut(&Arc<Node>) -> Option<Arc<dyn Op>>,
+) -> Draft {
+    let (plan, weights) = lower_weighed(roots, cut);
+    Draft::new(plan, weights)
+}
+
+/// [`lower_with`], plus whether each task is data (a replaced node counts as
+/// a call).
+fn lower_weighed(
+    roots: &[Arc<Node>],
+    cut: impl FnMut(&Arc<Node>) -> Option<Arc<dyn Op>>,
+) -> (Plan, Vec<Weight>) {
     let mut b = PlanBuilder::new();
+    let mut weights = Vec::new();
     let index = postorder(roots, cut, |node, replacement, deps| {
+        let weight = match replacement {
+            None if node.is_data() => Weight::Data,
+            _ => Weight::Normal,
+        };
         let op = replacement.unwrap_or_else(|| node.clone());
         b.push(node.key, op, deps);
+        weights.push(weight);
     });
     for root in roots {
         b.output(index[&root.key]);
     }
-    b.build()
+    (b.build(), weights)
 }
 
 /// Renders the graph behind `roots` as Graphviz DOT.

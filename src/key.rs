@@ -92,13 +92,17 @@ impl KeyHasher {
     /// Mixes in raw bytes (a count, an index, a random nonce).
     pub(crate) fn bytes(&mut self, bytes: &[u8]) {
         self.buf.push(b'b');
-        self.buf.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        self.buf
+            .extend_from_slice(&(bytes.len() as u64).to_le_bytes());
         self.buf.extend_from_slice(bytes);
         self.spill();
     }
 
     /// Mixes in a literal by its postcard encoding.
-    pub(crate) fn literal<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), postcard::Error> {
+    pub(crate) fn literal<T: Serialize + ?Sized>(
+        &mut self,
+        value: &T,
+    ) -> Result<(), postcard::Error> {
         self.buf.push(b'l');
         postcard::to_io(value, Writer(self)).map(|_| ())
     }

@@ -86,6 +86,12 @@
 //!   which finishes a branch before starting the next; executors free each
 //!   value right after its last consumer ran, so a tree reduction holds
 //!   O(depth) intermediates.
+//! - **Optimize between lowering and running.** The lowered plan goes through
+//!   cull, inline and fuse passes (`src/optimize/`) before it reaches the
+//!   executor: a chain of `n` tasks costs one trip through the executor, not
+//!   `n`. Passes never change a result, an output key or which task an error
+//!   names; [`Config::optimize`] switches them off, [`explain`] shows the
+//!   plan.
 //! - **Failures are values.** A task that returns `Err` or panics becomes a
 //!   failure naming that task; its dependents do not run, the computation
 //!   stops early and returns [`Error::Task`]; the process survives.
@@ -104,6 +110,7 @@ mod graph;
 mod key;
 mod node;
 mod ops;
+mod optimize;
 
 pub use args::{IntoArg, Untraversed};
 pub use client::{Client, ClientStats};
@@ -114,6 +121,7 @@ pub use delayed::{named_key, value, value_named, Delayed, TaskKey};
 pub use error::{Error, Result};
 pub use future::{as_completed, wait, wait_first, wait_timeout, AsCompleted, Done, Future, Status};
 pub use graph::Graph;
+pub use optimize::{explain, Explain, PlannedTask, Timings};
 pub use rask_executor::{Key, Value};
 
 /// The names most programs need: `use rask::prelude::*;`.

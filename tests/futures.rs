@@ -1,3 +1,4 @@
+#![cfg(feature = "threaded")]
 //! The futures API as a user writes it: `Client`, `Future`, `as_completed`,
 //! `wait`. Gates (a condition variable per test) prove "returns before the
 //! task finished" without sleeping.

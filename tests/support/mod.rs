@@ -159,3 +159,35 @@ pub fn tree(n: i64) -> Delayed<i64> {
     }
     level.pop().unwrap()
 }
+
+/// Like [`build`], but each leaf at an even position is a data node
+/// (`rask::value`), which the optimizer folds into its consumer. Data leaves
+/// run no code, so they count no executions.
+pub fn build_with_values(specs: &[Spec], run: u64) -> Vec<Delayed<i64>> {
+    let mut out: Vec<Delayed<i64>> = Vec::with_capacity(specs.len());
+    for (i, spec) in specs.iter().enumerate() {
+        let d = match spec {
+            Spec::Leaf(v) if i % 2 == 0 => rask::value(*v),
+            Spec::Leaf(v) => delayed!(leaf(*v, run)),
+            Spec::Mix { deps, salt, fails } => {
+                let inputs: Vec<Delayed<i64>> = deps.iter().map(|&d| out[d].clone()).collect();
+                delayed!(mix(inputs, *salt, *fails, run)?)
+            }
+        };
+        out.push(d);
+    }
+    out
+}
+
+/// The chain workload of `shared/bench/WORKLOADS.md`: `x = inc(0)`, then
+/// `x = inc(x)` `n - 1` times. `n` tasks; the result is `n`.
+pub fn chain(n: usize) -> Delayed<i64> {
+    fn inc(x: i64) -> i64 {
+        x + 1
+    }
+    let mut x = delayed!(inc(0));
+    for _ in 1..n {
+        x = delayed!(inc(&x));
+    }
+    x
+}

@@ -1,0 +1,771 @@
+//! Lowered graph → executable plan: the optimization pipeline.
+//!
+//! Lowering ([`crate::graph::lower`]) turns the nodes behind the requested
+//! outputs into a [`Draft`]: a topologically sorted [`Plan`] with one task per
+//! distinct key, plus what the passes need to know about each task (its
+//! [`Weight`]). The pipeline then runs, in this order:
+//!
+//! 1. [`cull`](cull::cull): drop the tasks no output needs;
+//! 2. [`inline`](inline::inline): fold data and cheap tasks into their only
+//!    consumer;
+//! 3. [`fuse`](fuse::fuse): fold a task into its only consumer when that
+//!    consumer has no other input (a linear chain);
+//!
+//! and [`assemble`] freezes the result into the plan the executor runs: every
+//! group of folded tasks becomes one [`Fused`](fuse::Fused) task that runs
+//! its steps in order inside `Op::run`.
+//!
+//! Inline and fuse do not rebuild anything: they only mark tasks as *folded*
+//! into their consumer ([`Folds`]). A task that is not folded is a *group
+//! root*; its *group* is itself plus every task folded into it, directly or
+//! through other folded tasks. Deciding first and building once keeps every
+//! stage linear, however long the chains.
+//!
+//! # Invariants
+//!
+//! 1. **Same outputs, same keys.** The optimized plan has the same output
+//!    slots as the lowered one, in the same order, and the task behind each
+//!    slot has the key of the task the slot asked for. A fused task takes the
+//!    key of its group root.
+//! 2. **Pinned tasks stay tasks.** An output, or a key in
+//!    [`Options::keep`], is never folded into another task: it stays
+//!    addressable as its own plan task (its group may absorb others).
+//! 3. **Only single consumers fold.** A folded task has exactly one consumer
+//!    edge in the draft (not an output, not used twice), and that consumer is
+//!    in its group. So a group is a tree, each graph task belongs to exactly
+//!    one group, and still runs at most once.
+//! 4. **Same values.** A group runs its steps in the post-order of its tree,
+//!    following argument order, which is a topological order. Inputs are
+//!    handed over as the executor would: every step receives one slot per
+//!    argument, an inner result is *moved* to its only consumer (so
+//!    `Arc::try_unwrap` still avoids a copy), and what a step leaves in its
+//!    slots is dropped right after it ran.
+//! 5. **Same failures.** A failure inside a group names the step that failed
+//!    (`OpError::origin`), panics included. An executor fails a task with the
+//!    first failing input in argument order *before* the task runs; for the
+//!    fused task to fail with the failure the unoptimized plan reports, no
+//!    external input of a group is consumed after a step that can fail on its
+//!    own. Data cannot fail; inline keeps this rule for cheap tasks, and fuse
+//!    preserves it (it folds only the single external input of a group).
+//! 6. **Topological order kept.** Group roots keep their relative plan order,
+//!    so the optimized plan is still sorted and still depth-first.
+//! 7. **Linear cost.** Every stage is O(tasks + edges) with a handful of
+//!    per-task flags; a stage with nothing to do returns its input as is
+//!    (cull keeps the plan, assemble keeps it when nothing was folded).
+//!
+//! Trade-offs:
+//!
+//! - An executor polls for cancellation between plan tasks, so a fused
+//!   chain, once started, runs to its end or its first failure.
+//! - A fused task refers to its steps by index into the lowered plan, which
+//!   all fused tasks share (no op is copied, a step is 12 bytes). So when
+//!   anything was fused, the lowered plan lives as long as the optimized one.
+//! - Nothing marks a call [`Weight::Cheap`] yet (it needs a hook on
+//!   `node::Call`); inline folds data, and the rules for cheap tasks are in
+//!   place and tested.
+
+use std::collections::HashSet;
+use std::hash::BuildHasherDefault;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rask_executor::{Key, Op, Plan, PlanBuilder};
+
+use crate::config::Config;
+use crate::graph::KeyHash;
+use crate::Result;
+
+pub(crate) mod cull;
+pub(crate) mod explain;
+pub(crate) mod fuse;
+pub(crate) mod inline;
+
+pub use explain::{explain, Explain, PlannedTask, Timings};
+
+/// What the inline pass may do with a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Weight {
+    /// An ordinary call: folded only by fuse (linear chains).
+    Normal,
+    /// A call marked cheap: folded into its only consumer like data, but it
+    /// can fail (invariant 5).
+    ///
+    /// Nothing in rask marks calls cheap yet: that needs a hook on
+    /// `node::Call` for lowering to read. Callers of the pipeline (and the
+    /// tests) can set it already.
+    #[cfg_attr(not(test), allow(dead_code))]
+    Cheap,
+    /// A node holding a value (a wrapped literal or a persisted result): never
+    /// fails, costs one reference count to run.
+    Data,
+}
+
+/// A lowered graph before optimization: a topologically sorted [`Plan`], one
+/// task per distinct key, and the weight of each task.
+///
+/// When no pass changes anything, this plan is what runs: an unchanged graph
+/// costs the passes a few flags per task and no copy.
+pub(crate) struct Draft {
+    /// Shared with the fused tasks built from it.
+    plan: Arc<Plan>,
+    weights: Vec<Weight>,
+}
+
+impl Draft {
+    /// A draft of `plan` with one weight per task.
+    ///
+    /// # Panics
+    ///
+    /// When the lengths differ: a bug in the caller.
+    pub(crate) fn new(plan: Plan, weights: Vec<Weight>) -> Draft {
+        assert_eq!(plan.len(), weights.len(), "one weight per task");
+        Draft {
+            plan: Arc::new(plan),
+            weights,
+        }
+    }
+
+    /// A draft of a plan built elsewhere: every task [`Weight::Normal`], so
+    /// only cull and fuse apply.
+    #[allow(dead_code)] // for plans lowered by other means (the futures client)
+    pub(crate) fn from_plan(plan: Plan) -> Draft {
+        let weights = vec![Weight::Normal; plan.len()];
+        Draft::new(plan, weights)
+    }
+
+    /// The plan of this draft as is: one plan task per draft task.
+    pub(crate) fn into_plan(self) -> Arc<Plan> {
+        self.plan
+    }
+
+    /// The plan, to share with fused tasks.
+    pub(crate) fn shared_plan(&self) -> &Arc<Plan> {
+        &self.plan
+    }
+
+    /// Number of tasks.
+    pub(crate) fn len(&self) -> usize {
+        self.plan.len()
+    }
+
+    /// Task `i`'s key.
+    pub(crate) fn key(&self, i: u32) -> Key {
+        self.plan.task(i).key
+    }
+
+    /// Task `i`'s op.
+    pub(crate) fn op(&self, i: u32) -> &Arc<dyn Op> {
+        &self.plan.task(i).op
+    }
+
+    /// Task `i`'s weight.
+    pub(crate) fn weight(&self, i: u32) -> Weight {
+        self.weights[i as usize]
+    }
+
+    /// Task `i`'s inputs, in argument order.
+    pub(crate) fn deps(&self, i: u32) -> &[u32] {
+        self.plan.deps(i)
+    }
+
+    /// How many times task `i`'s value is used: input edges plus output
+    /// slots.
+    pub(crate) fn consumers(&self, i: u32) -> u32 {
+        self.plan.consumers(i)
+    }
+
+    /// The task behind each output slot.
+    pub(crate) fn outputs(&self) -> &[u32] {
+        self.plan.outputs()
+    }
+}
+
+/// A set of keys, hashed by their first bytes (keys are already uniform).
+pub(crate) type KeySet = HashSet<Key, BuildHasherDefault<KeyHash>>;
+
+/// Which passes run, and what they must leave addressable.
+#[derive(Debug, Clone)]
+pub(crate) struct Options {
+    pub(crate) cull: bool,
+    pub(crate) inline: bool,
+    pub(crate) fuse: bool,
+    /// Keys that must stay plan tasks of their own (invariant 2), e.g. the
+    /// keys a client caches; outputs always do.
+    pub(crate) keep: KeySet,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options::all()
+    }
+}
+
+impl Options {
+    /// Every pass.
+    pub(crate) fn all() -> Self {
+        Options {
+            cull: true,
+            inline: true,
+            fuse: true,
+            keep: KeySet::default(),
+        }
+    }
+
+    /// No pass: the plan is the lowered graph, one task per key.
+    pub(crate) fn none() -> Self {
+        Options {
+            cull: false,
+            inline: false,
+            fuse: false,
+            keep: KeySet::default(),
+        }
+    }
+
+    /// Every pass when `config` resolves to optimizing, none otherwise.
+    ///
+    /// # Errors
+    ///
+    /// As [`Config::resolve_optimize`].
+    pub(crate) fn from_config(config: &Config) -> Result<Self> {
+        Ok(if config.resolve_optimize()? {
+            Options::all()
+        } else {
+            Options::none()
+        })
+    }
+
+    /// Also keeps these keys as plan tasks of their own.
+    #[allow(dead_code)] // for the futures client, which keeps the keys it caches
+    pub(crate) fn keep(mut self, keys: impl IntoIterator<Item = Key>) -> Self {
+        self.keep.extend(keys);
+        self
+    }
+}
+
+/// Per task of a draft: whether it must stay a task (pinned) and whether a
+/// pass folded it into its only consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Folds {
+    pinned: Vec<bool>,
+    folded: Vec<bool>,
+}
+
+impl Folds {
+    /// Nothing folded; outputs and kept keys pinned.
+    ///
+    /// # Complexity
+    ///
+    /// O(tasks + outputs), plus one set lookup per task when `keep` is not
+    /// empty.
+    pub(crate) fn new(draft: &Draft, keep: &KeySet) -> Folds {
+        let n = draft.len();
+        let mut pinned = vec![false; n];
+        for &o in draft.outputs() {
+            pinned[o as usize] = true;
+        }
+        if !keep.is_empty() {
+            for (pin, task) in pinned.iter_mut().zip(draft.plan.tasks()) {
+                *pin |= keep.contains(&task.key);
+            }
+        }
+        Folds {
+            pinned,
+            folded: vec![false; n],
+        }
+    }
+
+    /// Whether task `i` must stay a task of its own.
+    pub(crate) fn pinned(&self, i: u32) -> bool {
+        self.pinned[i as usize]
+    }
+
+    /// Whether task `i` was folded into its only consumer.
+    pub(crate) fn folded(&self, i: u32) -> bool {
+        self.folded[i as usize]
+    }
+
+    /// Whether task `i` of `draft` may be folded into its consumer: not
+    /// pinned, not yet folded, and consumed by exactly one edge (invariant
+    /// 3).
+    pub(crate) fn can_fold(&self, draft: &Draft, i: u32) -> bool {
+        !self.pinned(i) && !self.folded(i) && draft.consumers(i) == 1
+    }
+
+    /// Folds task `i` into its only consumer.
+    pub(crate) fn fold(&mut self, i: u32) {
+        self.folded[i as usize] = true;
+    }
+
+    fn any_folded(&self) -> bool {
+        self.folded.contains(&true)
+    }
+}
+
+/// Runs the pipeline that `opts` asks for on `draft`.
+///
+/// # Complexity
+///
+/// O(tasks + edges) (invariant 7).
+pub(crate) fn optimize(draft: Draft, opts: &Options) -> Arc<Plan> {
+    pipeline(draft, opts, false, None).plan
+}
+
+/// Stage durations for [`Timings`]; the clock is read only when asked.
+struct Stopwatch<'a> {
+    timings: Option<&'a mut Timings>,
+    last: Option<Instant>,
+}
+
+impl<'a> Stopwatch<'a> {
+    fn new(timings: Option<&'a mut Timings>) -> Self {
+        let last = timings.as_ref().map(|_| Instant::now());
+        Stopwatch { timings, last }
+    }
+
+    fn lap(&mut self, field: fn(&mut Timings) -> &mut Duration) {
+        if let (Some(timings), Some(last)) = (self.timings.as_deref_mut(), self.last) {
+            let now = Instant::now();
+            *field(timings) = now - last;
+            self.last = Some(now);
+        }
+    }
+}
+
+/// The optimized plan and, when asked for, what each of its tasks stands for.
+pub(crate) struct Assembled {
+    pub(crate) plan: Arc<Plan>,
+    pub(crate) shapes: Vec<Shape>,
+}
+
+/// What one task of an optimized plan stands for, for inspection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Shape {
+    /// One call of the graph.
+    Task,
+    /// One data node of the graph.
+    Data,
+    /// A group of this many graph tasks.
+    Fused(u32),
+}
+
+/// [`optimize`], optionally describing each plan task and timing each stage.
+pub(crate) fn pipeline(
+    draft: Draft,
+    opts: &Options,
+    describe: bool,
+    timings: Option<&mut Timings>,
+) -> Assembled {
+    let mut clock = Stopwatch::new(timings);
+    let draft = if opts.cull { cull::cull(draft) } else { draft };
+    clock.lap(|t| &mut t.cull);
+    if !opts.inline && !opts.fuse {
+        let assembled = plain(draft, describe);
+        clock.lap(|t| &mut t.assemble);
+        return assembled;
+    }
+    let mut folds = Folds::new(&draft, &opts.keep);
+    if opts.inline {
+        folds = inline::inline(&draft, folds);
+    }
+    clock.lap(|t| &mut t.inline);
+    if opts.fuse {
+        folds = fuse::fuse(&draft, folds);
+    }
+    clock.lap(|t| &mut t.fuse);
+    let assembled = assemble(draft, &folds, describe);
+    clock.lap(|t| &mut t.assemble);
+    assembled
+}
+
+/// The draft's plan as is, one plan task per draft task.
+fn plain(draft: Draft, describe: bool) -> Assembled {
+    let shapes = if describe {
+        draft.weights.iter().map(|&w| Shape::of(w)).collect()
+    } else {
+        Vec::new()
+    };
+    Assembled {
+        plan: draft.into_plan(),
+        shapes,
+    }
+}
+
+/// Freezes `draft` into the executable plan: group roots in plan order, each
+/// group of two or more tasks as one fused task with the root's key.
+/// `describe` also returns the [`Shape`] of every plan task.
+///
+/// # Complexity
+///
+/// O(tasks + edges); the draft's plan is returned as is when nothing is
+/// folded.
+pub(crate) fn assemble(draft: Draft, folds: &Folds, describe: bool) -> Assembled {
+    if !folds.any_folded() {
+        return plain(draft, describe);
+    }
+    let n = draft.len() as u32;
+    // Group sizes first, so that each fused op allocates its steps once:
+    // inputs come first, so a folded task's size is final when its
+    // consumer adds it.
+    let mut sizes = vec![1u32; n as usize];
+    for i in 0..n {
+        let mut size = 1;
+        for &d in draft.deps(i) {
+            if folds.folded(d) {
+                size += sizes[d as usize];
+            }
+        }
+        sizes[i as usize] = size;
+    }
+    let mut b = PlanBuilder::with_capacity(n as usize);
+    let mut shapes = Vec::new();
+    // Plan index of each group root in the new plan; folded tasks have none.
+    let mut index = vec![u32::MAX; n as usize];
+    let mut scratch = fuse::Scratch::default();
+    let mut deps: Vec<u32> = Vec::new();
+    for i in 0..n {
+        if folds.folded(i) {
+            continue;
+        }
+        let has_inner = draft.deps(i).iter().any(|&d| folds.folded(d));
+        deps.clear();
+        let op: Arc<dyn Op> = if has_inner {
+            let size = sizes[i as usize] as usize;
+            let fused = fuse::Fused::build(&draft, folds, i, size, &mut scratch);
+            deps.extend(scratch.externals().iter().map(|&d| index[d as usize]));
+            if describe {
+                shapes.push(Shape::Fused(fused.len() as u32));
+            }
+            Arc::new(fused)
+        } else {
+            deps.extend(draft.deps(i).iter().map(|&d| index[d as usize]));
+            if describe {
+                shapes.push(Shape::of(draft.weight(i)));
+            }
+            draft.op(i).clone()
+        };
+        index[i as usize] = b.push(draft.key(i), op, &deps);
+    }
+    for &o in draft.outputs() {
+        let new = index[o as usize];
+        assert!(new != u32::MAX, "an output is never folded");
+        b.output(new);
+    }
+    Assembled {
+        plan: Arc::new(b.build()),
+        shapes,
+    }
+}
+
+impl Shape {
+    fn of(weight: Weight) -> Shape {
+        match weight {
+            Weight::Data => Shape::Data,
+            Weight::Normal | Weight::Cheap => Shape::Task,
+        }
+    }
+}
+
+/// Hand-made plans and a way to run them, for the unit tests of every pass.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::{Arc, Mutex};
+
+    use rask_executor::{
+        Executor, FailureKind, Key, Op, OpError, Outcome, PlanBuilder, Reporter, Synchronous, Value,
+    };
+
+    use super::{Draft, Weight};
+
+    /// What a test task does: sums its `i64` inputs (taking them) and a
+    /// constant; or fails, or panics.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub(crate) enum Does {
+        Sum(i64),
+        Fail,
+        Panic,
+    }
+
+    pub(crate) struct TestOp {
+        pub(crate) name: String,
+        pub(crate) does: Does,
+    }
+
+    impl Op for TestOp {
+        fn run(&self, inputs: &mut [Option<Value>]) -> Result<Value, OpError> {
+            let mut total = match self.does {
+                Does::Sum(c) => c,
+                Does::Fail => return Err(OpError::failed(format!("{} failed", self.name))),
+                Does::Panic => panic!("{} panicked", self.name),
+            };
+            for slot in inputs.iter_mut() {
+                let value = slot
+                    .take()
+                    .ok_or_else(|| OpError::failed("missing input"))?;
+                total += value
+                    .downcast_ref::<i64>()
+                    .ok_or_else(|| OpError::failed("not an i64"))?;
+            }
+            Ok(Arc::new(total))
+        }
+        fn name(&self) -> &str {
+            &self.name
+        }
+    }
+
+    /// The key of test task `i`.
+    pub(crate) fn key(i: usize) -> Key {
+        let mut k = [0u8; 32];
+        k[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+        Key(k)
+    }
+
+    /// One hand-made task: name, weight, what it does, its inputs.
+    pub(crate) type Spec<'a> = (&'a str, Weight, Does, &'a [u32]);
+
+    /// A draft with these tasks (task `i` has key [`key(i)`](key)) and
+    /// outputs.
+    pub(crate) fn draft(tasks: &[Spec<'_>], outputs: &[u32]) -> Draft {
+        let mut b = PlanBuilder::new();
+        let mut weights = Vec::new();
+        for (i, &(name, weight, does, deps)) in tasks.iter().enumerate() {
+            let op = Arc::new(TestOp {
+                name: name.to_owned(),
+                does,
+            });
+            b.push(key(i), op, deps);
+            weights.push(weight);
+        }
+        for &o in outputs {
+            b.output(o);
+        }
+        Draft::new(b.build(), weights)
+    }
+
+    /// Short names for the weights.
+    pub(crate) const N: Weight = Weight::Normal;
+    pub(crate) const C: Weight = Weight::Cheap;
+    pub(crate) const D: Weight = Weight::Data;
+
+    /// What a plan's outputs came out as: the value, or the failed task's
+    /// key, name and kind.
+    pub(crate) type Got = Result<i64, (Key, String, FailureKind)>;
+
+    /// Runs `plan` on the synchronous executor.
+    pub(crate) fn run(plan: impl Into<Arc<rask_executor::Plan>>) -> Vec<Got> {
+        #[derive(Default)]
+        struct Log(Mutex<Vec<Option<Got>>>);
+        impl Reporter for Log {
+            fn output(&self, index: usize, outcome: Outcome) {
+                let got = match outcome {
+                    Ok(v) => Ok(*v.downcast_ref::<i64>().expect("test values are i64")),
+                    Err(f) => Err((f.key, f.name.to_string(), f.kind)),
+                };
+                let mut log = self.0.lock().expect("not poisoned");
+                if log.len() <= index {
+                    log.resize(index + 1, None);
+                }
+                log[index] = Some(got);
+            }
+        }
+        let log = Arc::new(Log::default());
+        Synchronous.submit(plan.into(), log.clone());
+        let got = log.0.lock().expect("not poisoned").clone();
+        got.into_iter()
+            .map(|g| g.expect("every output reported"))
+            .collect()
+    }
+
+    /// Names of the plan's tasks, in order.
+    pub(crate) fn names(plan: &rask_executor::Plan) -> Vec<String> {
+        plan.tasks()
+            .iter()
+            .map(|t| t.op.name().to_owned())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rask_executor::FailureKind;
+
+    use super::testing::{draft, key, names, run, Does::*, C, D, N};
+    use super::*;
+
+    /// A plan with a chain, inlined data, a cheap task, a diamond and an
+    /// unused branch, run with and without optimization.
+    fn mixed() -> Draft {
+        draft(
+            &[
+                ("a", N, Sum(1), &[]),     // 0
+                ("b", N, Sum(10), &[0]),   // 1: chain a -> b -> c
+                ("v", D, Sum(100), &[]),   // 2: data, only consumer c
+                ("c", N, Sum(0), &[1, 2]), // 3
+                ("x", N, Sum(5), &[]),     // 4: unused
+                ("l", N, Sum(1), &[3]),    // 5: diamond on c
+                ("r", C, Sum(2), &[3]),    // 6: cheap, only consumer j
+                ("j", N, Sum(0), &[5, 6]), // 7
+                ("out", N, Sum(0), &[7]),  // 8
+            ],
+            &[8, 3],
+        )
+    }
+
+    #[test]
+    fn optimized_plan_computes_the_same_outputs_with_fewer_tasks() {
+        let want = run(optimize(mixed(), &Options::none()));
+        // c = 1 + 10 + 100; out = (c + 1) + (c + 2)
+        assert_eq!(want, vec![Ok(225), Ok(111)]);
+        let plan = optimize(mixed(), &Options::all());
+        assert_eq!(names(&plan), vec!["a+b+c", "l", "r+j+out"]);
+        let keys: Vec<Key> = plan.outputs().iter().map(|&o| plan.task(o).key).collect();
+        assert_eq!(keys, vec![key(8), key(3)]);
+        assert_eq!(run(plan), want);
+    }
+
+    #[test]
+    fn each_pass_can_be_switched_off() {
+        let want = run(optimize(mixed(), &Options::none()));
+        for (cull, inline, fuse) in [
+            (true, false, false),
+            (false, true, false),
+            (false, false, true),
+            (true, true, false),
+            (false, true, true),
+        ] {
+            let opts = Options {
+                cull,
+                inline,
+                fuse,
+                ..Options::none()
+            };
+            let plan = optimize(mixed(), &opts);
+            assert_eq!(run(plan), want, "cull {cull} inline {inline} fuse {fuse}");
+        }
+        assert_eq!(optimize(mixed(), &Options::none()).len(), 9);
+    }
+
+    #[test]
+    fn kept_keys_stay_tasks_of_their_own() {
+        let plan = optimize(mixed(), &Options::all().keep([key(1), key(6)]));
+        // `b` and `r` stay; `c` still absorbs its data input.
+        assert_eq!(names(&plan), vec!["a+b", "c", "l", "r", "j+out"]);
+        assert_eq!(run(plan), run(optimize(mixed(), &Options::none())));
+    }
+
+    #[test]
+    fn failure_inside_a_group_names_the_inner_task() {
+        let d = || {
+            draft(
+                &[
+                    ("a", N, Sum(1), &[]),
+                    ("bad", N, Fail, &[0]),
+                    ("c", N, Sum(0), &[1]),
+                ],
+                &[2],
+            )
+        };
+        let plan = optimize(d(), &Options::all());
+        assert_eq!(plan.len(), 1);
+        let got = run(plan);
+        assert_eq!(got, run(optimize(d(), &Options::none())));
+        assert_eq!(
+            got,
+            vec![Err((key(1), "bad".to_owned(), FailureKind::Failed))]
+        );
+    }
+
+    #[test]
+    fn shapes_describe_the_plan() {
+        let a = pipeline(mixed(), &Options::all(), true, None);
+        assert_eq!(
+            a.shapes,
+            vec![Shape::Fused(4), Shape::Task, Shape::Fused(3)]
+        );
+        let a = pipeline(mixed(), &Options::none(), true, None);
+        assert_eq!(a.shapes[2], Shape::Data);
+        assert_eq!(a.shapes.len(), 9);
+    }
+}
+
+/// Random plans with every weight, failures and panics: the optimized plan
+/// reports exactly what the lowered one does (invariants 1, 4, 5).
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::testing::{draft, key, run, Does, C, D, N};
+    use super::*;
+
+    /// One task: weight, what it does, inputs (indices of earlier tasks).
+    type Task = (Weight, Does, Vec<u32>);
+
+    fn tasks(max: usize) -> impl Strategy<Value = Vec<Task>> {
+        (1..=max).prop_flat_map(|n| {
+            let tasks: Vec<BoxedStrategy<Task>> = (0..n as u32)
+                .map(|i| {
+                    let data = Just((D, Does::Sum(1), Vec::new())).boxed();
+                    if i == 0 {
+                        return data;
+                    }
+                    let does = prop_oneof![
+                        12 => (0i64..5).prop_map(Does::Sum),
+                        1 => Just(Does::Fail),
+                        1 => Just(Does::Panic),
+                    ];
+                    let call = (
+                        prop_oneof![Just(N), Just(C)],
+                        does,
+                        proptest::collection::vec(0..i, 1..4),
+                    );
+                    prop_oneof![1 => data, 4 => call.boxed()].boxed()
+                })
+                .collect();
+            tasks
+        })
+    }
+
+    fn outputs_and_keep(n: usize) -> impl Strategy<Value = (Vec<u32>, Vec<usize>)> {
+        (
+            proptest::collection::vec(0..n as u32, 1..4),
+            proptest::collection::vec(0..n, 0..3),
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, .. ProptestConfig::default() })]
+
+        #[test]
+        fn optimized_equals_lowered(
+            (tasks, (outputs, keep_at)) in tasks(40)
+                .prop_flat_map(|t| { let n = t.len(); (Just(t), outputs_and_keep(n)) })
+        ) {
+            let specs: Vec<_> = tasks
+                .iter()
+                .map(|(w, does, deps)| ("t", *w, *does, &deps[..]))
+                .collect();
+            let want = run(optimize(draft(&specs, &outputs), &Options::none()));
+            let keep = Options::all().keep(keep_at.iter().map(|&i| key(i)));
+            let plan = optimize(draft(&specs, &outputs), &keep);
+            for (&o, &slot) in outputs.iter().zip(plan.outputs()) {
+                prop_assert_eq!(plan.task(slot).key, key(o as usize));
+            }
+            // A kept task that an output needs is still a task of its own.
+            let mut needed = vec![false; tasks.len()];
+            for &o in &outputs {
+                needed[o as usize] = true;
+            }
+            for i in (0..tasks.len()).rev() {
+                if needed[i] {
+                    for &d in &tasks[i].2 {
+                        needed[d as usize] = true;
+                    }
+                }
+            }
+            for &i in keep_at.iter().filter(|&&i| needed[i]) {
+                prop_assert!(plan.tasks().iter().any(|t| t.key == key(i)), "kept task {} folded", i);
+            }
+            prop_assert!(plan.len() <= tasks.len());
+            prop_assert_eq!(run(plan), want);
+        }
+    }
+}
