@@ -26,3 +26,23 @@ use serde::Serialize;
 pub trait Data: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {}
 
 impl<T> Data for T where T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {}
+
+/// The value as an `Arc<T>`: shared without a copy when it is a `T`, decoded
+/// when it arrived encoded from another process.
+///
+/// Returns a message naming the expected type when it is neither.
+pub(crate) fn shared<T: Data>(value: rask_executor::Value) -> Result<std::sync::Arc<T>, String> {
+    match rask_executor::downcast::<T>(value) {
+        Ok(shared) => Ok(shared),
+        Err(other) => match other.downcast_ref::<rask_executor::Encoded>() {
+            Some(encoded) => postcard::from_bytes::<T>(&encoded.0)
+                .map(std::sync::Arc::new)
+                .map_err(|e| format!("could not decode a `{}`: {e}", std::any::type_name::<T>())),
+            None => Err(format!(
+                "a value of type `{}` is not the `{}` expected",
+                other.type_name(),
+                std::any::type_name::<T>()
+            )),
+        },
+    }
+}

@@ -167,7 +167,7 @@ impl<T: Data> Future<T> {
     fn outcome(&self, state: State) -> Result<T> {
         match state {
             State::Finished(value) => {
-                let shared = value.downcast::<T>().map_err(|_| Error::WrongType {
+                let shared = crate::data::shared::<T>(value).map_err(|_| Error::WrongType {
                     expected: std::any::type_name::<T>(),
                 })?;
                 Ok(T::clone(&shared))

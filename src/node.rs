@@ -117,18 +117,13 @@ impl<'a> Inputs<'a> {
     }
 
     /// The next input as a shared `Arc<T>` (no copy).
-    pub(crate) fn shared<T: Send + Sync + 'static>(&mut self) -> Result<Arc<T>, OpError> {
-        self.next_value()?.downcast::<T>().map_err(|_| {
-            OpError::failed(format!(
-                "an input is not of the type the task expects (`{}`)",
-                std::any::type_name::<T>()
-            ))
-        })
+    pub(crate) fn shared<T: Data>(&mut self) -> Result<Arc<T>, OpError> {
+        crate::data::shared::<T>(self.next_value()?).map_err(OpError::failed)
     }
 
     /// The next input by value: moved out when this task holds the last
     /// reference, cloned otherwise.
-    pub(crate) fn owned<T: Clone + Send + Sync + 'static>(&mut self) -> Result<T, OpError> {
+    pub(crate) fn owned<T: Data>(&mut self) -> Result<T, OpError> {
         Ok(Arc::try_unwrap(self.shared::<T>()?).unwrap_or_else(|shared| (*shared).clone()))
     }
 }

@@ -419,9 +419,7 @@ mod tests {
     impl Op for Unique {
         fn run(&self, inputs: &mut [Option<Value>]) -> Result<Value, OpError> {
             let v = inputs[0].take().ok_or_else(|| OpError::failed("none"))?;
-            let v = v
-                .downcast::<i64>()
-                .map_err(|_| OpError::failed("not i64"))?;
+            let v = rask_executor::downcast::<i64>(v).map_err(|_| OpError::failed("not i64"))?;
             match Arc::try_unwrap(v) {
                 Ok(x) => Ok(Arc::new(x + 1)),
                 Err(_) => Err(OpError::failed("input was shared")),

@@ -43,8 +43,14 @@ pub use synchronous::Synchronous;
 ///
 /// Values are reference counted so that a value used by many tasks is shared,
 /// not copied. An op that receives the last reference may take the value out
-/// without cloning it.
-pub type Value = Arc<dyn Any + Send + Sync>;
+/// without cloning it. Every value can [`encode`](AnyValue::encode) itself,
+/// so an executor can move it to another process without knowing its type;
+/// local executors never do.
+pub type Value = Arc<dyn AnyValue>;
+
+mod wire;
+
+pub use wire::{downcast, AnyValue, Encoded, Registry, WireError, WireTask};
 
 /// Content hash of a task: equal keys mean equal values.
 ///
@@ -111,6 +117,19 @@ pub trait Op: Send + Sync {
 
     /// A short human-readable name, e.g. the function name `inc`.
     fn name(&self) -> &str;
+
+    /// The task in a form another process can run: a registered function
+    /// and its arguments as bytes (see [`Registry`]).
+    ///
+    /// # Errors
+    ///
+    /// [`WireError`] when the task cannot leave this process: an op that is
+    /// not a registered function, or an argument that cannot be serialized.
+    fn to_wire(&self) -> Result<WireTask, WireError> {
+        Err(WireError::NotSerializable {
+            what: format!("task `{}`", self.name()),
+        })
+    }
 }
 
 /// Why an [`Op`] failed, as the op reports it.

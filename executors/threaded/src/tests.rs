@@ -676,8 +676,11 @@ struct Live {
     max: AtomicI64,
 }
 
+#[derive(serde::Serialize)]
 struct CountedValue {
     value: i64,
+    /// Bookkeeping only: values must be serializable, the counter need not be.
+    #[serde(skip)]
     live: Arc<Live>,
 }
 

@@ -1,0 +1,174 @@
+//! What crosses a process boundary: self-encoding values, tasks as
+//! (function name, bytes), and the registry that turns them back into ops.
+//!
+//! Rules:
+//!
+//! 1. Every [`Value`] encodes itself with postcard ([`AnyValue::encode`]);
+//!    the receiving side decodes it with the type it expects, so the bytes
+//!    carry no type information.
+//! 2. A value received from another process stays [`Encoded`] until an op
+//!    that knows its type decodes it; encoding an `Encoded` value returns
+//!    its bytes unchanged.
+//! 3. A [`WireTask`] names a function registered in every process of the
+//!    program (the same binary), and carries its literal arguments and the
+//!    shape of its inputs as opaque bytes only that function's decoder reads.
+
+use std::any::Any;
+use std::fmt;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::{Op, Value};
+
+/// A value that can be shared between tasks and sent to another process.
+///
+/// Implemented for every `Serialize + Send + Sync + 'static` type, and for
+/// [`Encoded`].
+pub trait AnyValue: Any + Send + Sync {
+    /// The value's postcard encoding.
+    ///
+    /// # Errors
+    ///
+    /// [`WireError::Encode`] when the type's `Serialize` implementation fails.
+    fn encode(&self) -> Result<Vec<u8>, WireError>;
+
+    /// The name of the value's type, for error messages.
+    fn type_name(&self) -> &'static str;
+}
+
+impl<T: Serialize + Send + Sync + 'static> AnyValue for T {
+    fn encode(&self) -> Result<Vec<u8>, WireError> {
+        postcard::to_stdvec(self).map_err(|e| WireError::Encode {
+            what: std::any::type_name::<T>().to_owned(),
+            reason: e.to_string(),
+        })
+    }
+
+    fn type_name(&self) -> &'static str {
+        std::any::type_name::<T>()
+    }
+}
+
+impl dyn AnyValue {
+    /// Whether the value is a `T`.
+    pub fn is<T: Any>(&self) -> bool {
+        (self as &dyn Any).is::<T>()
+    }
+
+    /// The value as a `&T`, if it is one.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// let v: rask_executor::Value = Arc::new(42_i64);
+    /// assert_eq!(v.downcast_ref::<i64>(), Some(&42));
+    /// assert_eq!(v.downcast_ref::<u8>(), None);
+    /// ```
+    pub fn downcast_ref<T: Any>(&self) -> Option<&T> {
+        (self as &dyn Any).downcast_ref::<T>()
+    }
+}
+
+impl fmt::Debug for dyn AnyValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Value({})", self.type_name())
+    }
+}
+
+/// The value as an `Arc<T>` (no copy), or the value back if it is not a `T`.
+///
+/// ```
+/// use std::sync::Arc;
+/// let v: rask_executor::Value = Arc::new(String::from("hi"));
+/// let s: Arc<String> = rask_executor::downcast(v).ok().unwrap();
+/// assert_eq!(*s, "hi");
+/// ```
+pub fn downcast<T: Any + Send + Sync>(value: Value) -> Result<Arc<T>, Value> {
+    if value.is::<T>() {
+        let any: Arc<dyn Any + Send + Sync> = value;
+        Ok(any.downcast::<T>().expect("the type was checked"))
+    } else {
+        Err(value)
+    }
+}
+
+/// A value that arrived from another process, still in its encoded form.
+///
+/// Deliberately not `Serialize`: encoding it returns its bytes as they are
+/// (rule 2), not a serialized byte array.
+#[derive(Clone)]
+pub struct Encoded(pub Arc<[u8]>);
+
+impl AnyValue for Encoded {
+    fn encode(&self) -> Result<Vec<u8>, WireError> {
+        Ok(self.0.to_vec())
+    }
+
+    fn type_name(&self) -> &'static str {
+        "encoded bytes"
+    }
+}
+
+impl fmt::Debug for Encoded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Encoded({} bytes)", self.0.len())
+    }
+}
+
+/// A task as another process receives it: the registered name of its
+/// function and opaque argument bytes (rule 3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireTask {
+    /// The function's registered name.
+    pub function: String,
+    /// Literal arguments and input shapes, as the function's encoder wrote them.
+    pub payload: Vec<u8>,
+}
+
+/// Turns [`WireTask`]s back into runnable ops, in the process that runs them.
+pub trait Registry: Send + Sync {
+    /// The op for `task`.
+    ///
+    /// # Errors
+    ///
+    /// [`WireError::Unregistered`] when no function of that name is known,
+    /// [`WireError::Decode`] when the payload does not fit it.
+    fn resolve(&self, task: &WireTask) -> Result<Arc<dyn Op>, WireError>;
+}
+
+/// Why a task or value could not cross a process boundary.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WireError {
+    /// The function is not in the registry.
+    #[error(
+        "function `{function}` is not registered; add it to the task list given to `rask::init`"
+    )]
+    Unregistered {
+        /// The function's name.
+        function: String,
+    },
+    /// Something that cannot be serialized (a closure task, an untraversed
+    /// argument) was asked to leave the process.
+    #[error("{what} cannot be sent to another process")]
+    NotSerializable {
+        /// What it was.
+        what: String,
+    },
+    /// A value's `Serialize` implementation failed.
+    #[error("value of type `{what}` could not be serialized: {reason}")]
+    Encode {
+        /// The type.
+        what: String,
+        /// The serializer's message.
+        reason: String,
+    },
+    /// Bytes did not decode as the expected type.
+    #[error("could not decode {what}: {reason}")]
+    Decode {
+        /// What was being decoded.
+        what: String,
+        /// The decoder's message.
+        reason: String,
+    },
+}
