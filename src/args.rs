@@ -18,12 +18,13 @@ use std::hash::Hash;
 use std::marker::PhantomData;
 use std::sync::Arc;
 
-use rask_executor::{OpError, Value};
+use rask_executor::{OpError, Value, WireError, WireTask};
 
 use crate::data::Data;
 use crate::delayed::Delayed;
 use crate::key::{KeyHasher, Tag};
 use crate::node::{Broken, Call, Inputs, Name, Node, Returns, Typed};
+use crate::registry::{Payload, WireArg};
 
 /// Converts a `delayed!` argument into an input of a parameter of type `A`.
 ///
@@ -40,6 +41,8 @@ pub trait IntoArg<A> {
 #[doc(hidden)]
 pub trait Slot<A>: Send + Sync + 'static {
     fn extract(&self, inputs: &mut Inputs<'_>) -> Result<A, OpError>;
+    /// The slot as it travels to another process.
+    fn wire(&self) -> Result<WireArg, WireError>;
 }
 
 /// Collects a task's inputs and key while its arguments are converted.
@@ -114,10 +117,29 @@ impl Args {
 #[doc(hidden)]
 pub struct Literal<T>(T);
 
-impl<T: Clone + Send + Sync + 'static> Slot<T> for Literal<T> {
+impl<T: Data> Slot<T> for Literal<T> {
     #[inline]
     fn extract(&self, _: &mut Inputs<'_>) -> Result<T, OpError> {
         Ok(self.0.clone())
+    }
+    fn wire(&self) -> Result<WireArg, WireError> {
+        crate::registry::encode_literal(&self.0).map(WireArg::Literal)
+    }
+}
+
+/// An [`Untraversed`] value, kept in the task; it never leaves the process.
+#[doc(hidden)]
+pub struct Opaque<T>(T);
+
+impl<T: Clone + Send + Sync + 'static> Slot<T> for Opaque<T> {
+    #[inline]
+    fn extract(&self, _: &mut Inputs<'_>) -> Result<T, OpError> {
+        Ok(self.0.clone())
+    }
+    fn wire(&self) -> Result<WireArg, WireError> {
+        Err(WireError::NotSerializable {
+            what: format!("an untraversed `{}`", std::any::type_name::<T>()),
+        })
     }
 }
 
@@ -130,6 +152,9 @@ impl<T: Data> Slot<T> for Owned<T> {
     fn extract(&self, inputs: &mut Inputs<'_>) -> Result<T, OpError> {
         inputs.owned::<T>()
     }
+    fn wire(&self) -> Result<WireArg, WireError> {
+        Ok(WireArg::One)
+    }
 }
 
 /// One task input passed as a shared `Arc<T>`.
@@ -141,6 +166,9 @@ impl<T: Data> Slot<Arc<T>> for Shared<T> {
     fn extract(&self, inputs: &mut Inputs<'_>) -> Result<Arc<T>, OpError> {
         inputs.shared::<T>()
     }
+    fn wire(&self) -> Result<WireArg, WireError> {
+        Ok(WireArg::One)
+    }
 }
 
 /// `n` task inputs collected into a `Vec<T>`.
@@ -150,6 +178,9 @@ pub struct Many<T>(usize, PhantomData<fn() -> T>);
 impl<T: Data> Slot<Vec<T>> for Many<T> {
     fn extract(&self, inputs: &mut Inputs<'_>) -> Result<Vec<T>, OpError> {
         (0..self.0).map(|_| inputs.owned::<T>()).collect()
+    }
+    fn wire(&self) -> Result<WireArg, WireError> {
+        Ok(WireArg::Many(self.0 as u32))
     }
 }
 
@@ -231,6 +262,9 @@ macro_rules! tuple_args {
             fn extract(&self, inputs: &mut Inputs<'_>) -> Result<($($t,)+), OpError> {
                 Ok(($(inputs.owned::<$t>()?,)+))
             }
+            fn wire(&self) -> Result<WireArg, WireError> {
+                Ok(WireArg::Tuple([$(stringify!($t)),+].len() as u32))
+            }
         }
         impl<$($t: Data),+> IntoArg<($($t,)+)> for ($(&Delayed<$t>,)+) {
             type Slot = TupleOf<($($t,)+)>;
@@ -282,12 +316,12 @@ tuple_args!(A, B, C, D);
 pub struct Untraversed<T>(pub T);
 
 impl<T: Hash + Clone + Send + Sync + 'static> IntoArg<T> for Untraversed<T> {
-    type Slot = Literal<T>;
-    fn into_arg(self, args: &mut Args) -> Literal<T> {
+    type Slot = Opaque<T>;
+    fn into_arg(self, args: &mut Args) -> Opaque<T> {
         args.hasher.bytes(b"untraversed");
         args.hashed(&self.0);
         args.next_position();
-        Literal(self.0)
+        Opaque(self.0)
     }
 }
 
@@ -334,6 +368,16 @@ macro_rules! apply {
                 let mut inputs = Inputs::new(inputs);
                 let out = (self.f)($(self.slots.$i.extract(&mut inputs)?),*);
                 Ok(Arc::new(M::finish(out)?))
+            }
+
+            fn to_wire(&self) -> Result<WireTask, WireError> {
+                let function = std::any::type_name::<F>();
+                crate::registry::check_registered(function, M::FALLIBLE)?;
+                let payload = Payload {
+                    fallible: M::FALLIBLE,
+                    args: vec![$(self.slots.$i.wire()?),*],
+                };
+                Ok(WireTask { function: function.to_owned(), payload: payload.encode()? })
             }
         }
     };

@@ -1,6 +1,6 @@
 //! The one type that knows every executor.
 
-#[cfg(feature = "threaded")]
+#[cfg(any(feature = "threaded", feature = "distributed"))]
 use std::sync::Arc;
 
 use rask_executor::{Executor, Synchronous};
@@ -13,18 +13,30 @@ pub(crate) enum Backend {
     Synchronous(Synchronous),
     #[cfg(feature = "threaded")]
     Threads(Arc<rask_threaded::ThreadPool>),
+    #[cfg(feature = "distributed")]
+    Distributed(Arc<crate::cluster::Cluster>),
 }
 
 impl Backend {
-    /// The executor for `kind`. Thread pools are built once per size and
-    /// reused by every later computation.
-    pub(crate) fn get(kind: ExecutorKind) -> Result<Backend> {
+    /// The executor for `kind`. Thread pools and `local:N` clusters are
+    /// started once per size and reused by every later computation.
+    pub(crate) fn get(kind: &ExecutorKind) -> Result<Backend> {
         match kind {
             ExecutorKind::Synchronous => Ok(Backend::Synchronous(Synchronous)),
             #[cfg(feature = "threaded")]
             ExecutorKind::Threads(n) => pools::get(n.unwrap_or(0)).map(Backend::Threads),
             #[cfg(not(feature = "threaded"))]
             ExecutorKind::Threads(_) => Err(crate::Error::Unavailable("threaded")),
+            #[cfg(feature = "distributed")]
+            ExecutorKind::Local(n) => crate::cluster::shared_local(*n).map(Backend::Distributed),
+            #[cfg(feature = "distributed")]
+            ExecutorKind::Tcp(address) => crate::cluster::Cluster::connect(address)
+                .map(Arc::new)
+                .map(Backend::Distributed),
+            #[cfg(not(feature = "distributed"))]
+            ExecutorKind::Local(_) | ExecutorKind::Tcp(_) => {
+                Err(crate::Error::Unavailable("distributed"))
+            }
         }
     }
 
@@ -33,6 +45,18 @@ impl Backend {
             Backend::Synchronous(s) => s,
             #[cfg(feature = "threaded")]
             Backend::Threads(pool) => &**pool,
+            #[cfg(feature = "distributed")]
+            Backend::Distributed(cluster) => cluster.client(),
+        }
+    }
+
+    /// Whether plans leave the process: then only passes whose output can
+    /// be sent (cull) run, since fused tasks exist only in this process.
+    pub(crate) fn is_remote(&self) -> bool {
+        match self {
+            #[cfg(feature = "distributed")]
+            Backend::Distributed(_) => true,
+            _ => false,
         }
     }
 }

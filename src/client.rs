@@ -19,7 +19,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::task::Waker;
 
-use rask_executor::{Failure, FailureKind, Key, Op, OpError, Outcome, Reporter, Value};
+use rask_executor::{
+    Failure, FailureKind, Key, Op, OpError, Outcome, Reporter, Value, WireError, WireTask,
+};
 
 use crate::args::{apply, IntoArg};
 use crate::backend::Backend;
@@ -133,14 +135,53 @@ impl Client {
     /// As [`Client::new`].
     pub fn with_config(config: &Config) -> Result<Client> {
         let kind = config.resolve()?;
-        Ok(Client {
+        Ok(Client::on(Backend::get(&kind)?, kind))
+    }
+
+    fn on(backend: Backend, kind: ExecutorKind) -> Client {
+        Client {
             inner: Arc::new(Shared {
-                backend: Backend::get(kind)?,
+                backend,
                 kind,
                 table: Mutex::new(KeyMap::default()),
                 changed: Condvar::new(),
             }),
-        })
+        }
+    }
+
+    /// A client on a new cluster on this machine: a scheduler in this
+    /// process and `workers` worker processes of this program (Dask's
+    /// `Client(n_workers=…)`). The cluster stops when the last clone of the
+    /// client is dropped. Needs [`rask::init`](crate::init) first in `main`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotInitialized`] without `rask::init`; a distributed error
+    /// when the scheduler or a worker cannot start.
+    #[cfg(feature = "distributed")]
+    pub fn local(workers: usize) -> Result<Client> {
+        let cluster = crate::cluster::Cluster::local(workers)?;
+        Ok(Client::on(
+            Backend::Distributed(Arc::new(cluster)),
+            ExecutorKind::Local(workers),
+        ))
+    }
+
+    /// A client on a running scheduler, e.g. `Client::connect("tcp://10.0.0.5:8786")`
+    /// (started with the `rask-scheduler` binary, its workers with
+    /// `RASK_WORKER=tcp://10.0.0.5:8786 ./my-app`).
+    ///
+    /// # Errors
+    ///
+    /// A distributed error when the scheduler cannot be reached.
+    #[cfg(feature = "distributed")]
+    pub fn connect(address: &str) -> Result<Client> {
+        let address = address.strip_prefix("tcp://").unwrap_or(address);
+        let cluster = crate::cluster::Cluster::connect(address)?;
+        Ok(Client::on(
+            Backend::Distributed(Arc::new(cluster)),
+            ExecutorKind::Tcp(address.to_owned()),
+        ))
     }
 
     /// A client on a pool of `n` threads (`0`: one per core).
@@ -164,7 +205,7 @@ impl Client {
 
     /// The executor this client runs on.
     pub fn executor(&self) -> ExecutorKind {
-        self.inner.kind
+        self.inner.kind.clone()
     }
 
     /// Starts computing `delayed` in the background and returns its future
@@ -421,6 +462,9 @@ impl Op for HeldOp {
     fn name(&self) -> &str {
         &self.name
     }
+    fn to_wire(&self) -> std::result::Result<WireTask, WireError> {
+        crate::registry::value_task(&self.value)
+    }
 }
 
 /// Replays a failure recorded for a key, so dependents fail with it.
@@ -435,6 +479,9 @@ impl Op for Replay {
     }
     fn name(&self) -> &str {
         &self.name
+    }
+    fn to_wire(&self) -> std::result::Result<WireTask, WireError> {
+        crate::registry::fail_task(&self.failure)
     }
 }
 
@@ -725,5 +772,16 @@ impl Call for FutureCall {
     fn prepare(&self) {
         let h = &self.handle;
         h.shared.wait(h.key, None);
+    }
+
+    fn to_wire(&self) -> std::result::Result<WireTask, WireError> {
+        let h = &self.handle;
+        match h.shared.wait(h.key, None) {
+            State::Finished(value) => crate::registry::value_task(&value),
+            State::Failed(failure) => crate::registry::fail_task(&failure),
+            State::Cancelled | State::Pending => {
+                crate::registry::fail_task(&cancelled_failure(h.key, &h.name))
+            }
+        }
     }
 }

@@ -122,8 +122,13 @@ pub fn compute_with<C: Compute>(what: C, config: &Config) -> Result<C::Output> {
 
 /// Runs the graph behind `roots`, returning one value per root.
 pub(crate) fn run(roots: &[Arc<Node>], config: &Config) -> Result<Vec<Value>> {
-    let backend = Backend::get(config.resolve()?)?;
-    let options = crate::optimize::Options::from_config(config)?;
+    let backend = Backend::get(&config.resolve()?)?;
+    let mut options = crate::optimize::Options::from_config(config)?;
+    if backend.is_remote() {
+        // Fused and inlined tasks exist only in this process.
+        options.inline = false;
+        options.fuse = false;
+    }
     let plan = crate::optimize::optimize(crate::graph::lower(roots), &options);
     let collector = Arc::new(Collector::new(roots.len()));
     backend.executor().submit(plan, collector.clone());

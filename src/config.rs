@@ -26,18 +26,23 @@ pub const ENV_VAR: &str = "RASK_SCHEDULER";
 pub const OPTIMIZE_ENV_VAR: &str = "RASK_OPTIMIZE";
 
 /// Which executor runs a computation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ExecutorKind {
     /// One thread, tasks in a deterministic order: the reference semantics.
     Synchronous,
     /// A work-stealing pool; `None` means one thread per core.
     Threads(Option<usize>),
+    /// A cluster on this machine: a scheduler and this many worker processes
+    /// of the current program (feature `distributed`).
+    Local(usize),
+    /// A running scheduler at `host:port` (feature `distributed`).
+    Tcp(String),
 }
 
 impl ExecutorKind {
     /// Parses the forms accepted by `RASK_SCHEDULER`: `sync`, `threads`,
-    /// `threads:N`.
+    /// `threads:N`, `local:N`, `tcp://host:port`.
     ///
     /// # Errors
     ///
@@ -74,10 +79,19 @@ fn parse(text: &str, source_name: &'static str) -> Result<ExecutorKind> {
             Ok(n) => Ok(ExecutorKind::Threads(Some(n))),
         };
     }
-    if trimmed.starts_with("local:") || trimmed.starts_with("tcp://") {
-        return Err(err(
-            "the distributed executor is not available in this version",
-        ));
+    if let Some(n) = trimmed.strip_prefix("local:") {
+        return match n.parse::<usize>() {
+            Ok(0) | Err(_) => Err(err("the worker count must be a whole number ≥ 1")),
+            Ok(n) => Ok(ExecutorKind::Local(n)),
+        };
+    }
+    if let Some(address) = trimmed.strip_prefix("tcp://") {
+        return match address.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                Ok(ExecutorKind::Tcp(address.to_owned()))
+            }
+            _ => Err(err("a scheduler address is `tcp://host:port`")),
+        };
     }
     Err(err("unknown executor"))
 }
@@ -95,6 +109,8 @@ impl fmt::Display for ExecutorKind {
             ExecutorKind::Synchronous => f.write_str("sync"),
             ExecutorKind::Threads(None) => f.write_str("threads"),
             ExecutorKind::Threads(Some(n)) => write!(f, "threads:{n}"),
+            ExecutorKind::Local(n) => write!(f, "local:{n}"),
+            ExecutorKind::Tcp(address) => write!(f, "tcp://{address}"),
         }
     }
 }
@@ -191,10 +207,12 @@ impl Config {
     /// [`Error::Config`] when the environment variable is consulted and holds
     /// an unknown value.
     pub fn resolve(&self) -> Result<ExecutorKind> {
-        if let Some(kind) = self.executor {
-            return Ok(kind);
+        if let Some(kind) = &self.executor {
+            return Ok(kind.clone());
         }
-        if let Some(kind) = SCOPED.with(|s| s.borrow().iter().rev().find_map(|c| c.executor)) {
+        if let Some(kind) =
+            SCOPED.with(|s| s.borrow().iter().rev().find_map(|c| c.executor.clone()))
+        {
             return Ok(kind);
         }
         Ok(env_executor()?.unwrap_or(DEFAULT))
@@ -350,6 +368,8 @@ mod tests {
             ExecutorKind::Synchronous,
             ExecutorKind::Threads(None),
             ExecutorKind::Threads(Some(3)),
+            ExecutorKind::Local(2),
+            ExecutorKind::Tcp("127.0.0.1:8786".into()),
         ] {
             assert_eq!(ExecutorKind::parse(&kind.to_string()).unwrap(), kind);
         }

@@ -80,7 +80,7 @@ pub enum Error {
         expected: &'static str,
     },
     /// The executor setting could not be understood.
-    #[error("invalid executor `{value}` (from {source_name}): {reason}; accepted forms: `sync`, `threads`, `threads:N` (N ≥ 1)")]
+    #[error("invalid executor `{value}` (from {source_name}): {reason}; accepted forms: `sync`, `threads`, `threads:N`, `local:N` (N ≥ 1), `tcp://host:port`")]
     Config {
         /// The text that was given.
         value: String,
@@ -100,6 +100,17 @@ pub enum Error {
     /// The chosen executor is not compiled into this build.
     #[error("executor `{0}` is not compiled in; enable feature `{0}`")]
     Unavailable(&'static str),
+    /// The distributed executor failed: a connection, the protocol, a worker.
+    #[cfg(feature = "distributed")]
+    #[error(transparent)]
+    Distributed(#[from] rask_distributed::Error),
+    /// This process was started as a worker (`RASK_WORKER` is set) but did
+    /// not call `rask::init` first in `main`.
+    #[error("this process was started as a rask worker but did not call `rask::init(rask::tasks![...])` first in `main`")]
+    WorkerSetup,
+    /// Distributed execution was asked for before `rask::init` was called.
+    #[error("distributed execution needs `rask::init(rask::tasks![...])` at the start of `main`, listing the functions tasks call")]
+    NotInitialized,
     /// The executor could not be started (e.g. no threads could be spawned).
     #[error("executor could not start: {0}")]
     Executor(#[source] std::io::Error),

@@ -61,20 +61,39 @@ fn postorder<'a>(
     mut cut: impl FnMut(&Arc<Node>) -> Option<Arc<dyn Op>>,
     mut emit: impl FnMut(&'a Arc<Node>, Option<Arc<dyn Op>>, &[u32]),
 ) -> KeyMap<u32> {
-    let mut index = KeyMap::default();
-    let mut stack: Vec<(&'a Arc<Node>, usize)> = Vec::new();
-    let mut deps = Vec::new();
+    let mut index: KeyMap<u32> = KeyMap::default();
+    // Nodes being visited: the node, its next input, and where its inputs'
+    // indices start in `found`. Collecting indices as inputs finish keeps
+    // lowering at one map lookup per edge and one insertion per node.
+    let mut stack: Vec<(&'a Arc<Node>, usize, usize)> = Vec::new();
+    let mut found: Vec<u32> = Vec::new();
+    // Emits a node (unless its key is taken: the first one wins, see
+    // `Delayed::named`) and records its index for its parent.
+    macro_rules! finish {
+        ($node:expr, $replacement:expr, $deps_from:expr) => {{
+            let node: &'a Arc<Node> = $node;
+            let next = index.len() as u32;
+            let i = match index.entry(node.key) {
+                MapEntry::Occupied(e) => *e.get(),
+                MapEntry::Vacant(slot) => {
+                    emit(node, $replacement, &found[$deps_from..]);
+                    *slot.insert(next)
+                }
+            };
+            found.truncate($deps_from);
+            found.push(i);
+        }};
+    }
     // Asks `cut` about a node before its inputs are visited.
     macro_rules! enter {
         ($node:expr) => {{
             let node: &'a Arc<Node> = $node;
             match cut(node) {
                 Some(op) => {
-                    emit(node, Some(op), &[]);
-                    let i = index.len() as u32;
-                    index.insert(node.key, i);
+                    let from = found.len();
+                    finish!(node, Some(op), from);
                 }
-                None => stack.push((node, 0)),
+                None => stack.push((node, 0, found.len())),
             }
         }};
     }
@@ -82,27 +101,20 @@ fn postorder<'a>(
         if index.contains_key(&root.key) {
             continue;
         }
+        found.clear();
         enter!(root);
         while let Some(top) = stack.last_mut() {
-            let node = top.0;
-            if let Some(child) = node.deps.get(top.1) {
+            let (node, next, from) = *top;
+            if let Some(child) = node.deps.get(next) {
                 top.1 += 1;
-                if !index.contains_key(&child.key) {
-                    enter!(child);
+                match index.get(&child.key) {
+                    Some(&i) => found.push(i),
+                    None => enter!(child),
                 }
                 continue;
             }
             stack.pop();
-            // A node named like one of its own inputs (see `Delayed::named`)
-            // was already emitted under that key: the first one wins.
-            if index.contains_key(&node.key) {
-                continue;
-            }
-            deps.clear();
-            deps.extend(node.deps.iter().map(|c| index[&c.key]));
-            emit(node, None, &deps);
-            let i = index.len() as u32;
-            index.insert(node.key, i);
+            finish!(node, None, from);
         }
     }
     index

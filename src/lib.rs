@@ -100,6 +100,8 @@
 mod args;
 mod backend;
 mod client;
+#[cfg(feature = "distributed")]
+mod cluster;
 mod compute;
 pub mod config;
 mod data;
@@ -111,6 +113,7 @@ mod key;
 mod node;
 mod ops;
 mod optimize;
+mod registry;
 
 pub use args::{IntoArg, Untraversed};
 pub use client::{Client, ClientStats};
@@ -123,6 +126,7 @@ pub use future::{as_completed, wait, wait_first, wait_timeout, AsCompleted, Done
 pub use graph::Graph;
 pub use optimize::{explain, Explain, PlannedTask, Timings};
 pub use rask_executor::{Key, Value};
+pub use registry::{init, Register, Tasks};
 
 /// The names most programs need: `use rask::prelude::*;`.
 pub mod prelude {

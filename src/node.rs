@@ -9,7 +9,7 @@ use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
 
-use rask_executor::{Key, Op, OpError, Value};
+use rask_executor::{Key, Op, OpError, Value, WireError, WireTask};
 
 use crate::data::Data;
 
@@ -49,6 +49,15 @@ impl Op for Node {
     fn name(&self) -> &str {
         &self.name
     }
+
+    fn to_wire(&self) -> Result<WireTask, WireError> {
+        self.call.to_wire().map_err(|e| match e {
+            WireError::NotSerializable { what } => WireError::NotSerializable {
+                what: format!("{what} (task `{}`)", self.name),
+            },
+            other => other,
+        })
+    }
 }
 
 impl fmt::Debug for Node {
@@ -71,6 +80,13 @@ pub(crate) trait Call: Send + Sync + 'static {
     /// executor: a node standing for a future waits for it here, so that no
     /// executor thread blocks on it.
     fn prepare(&self) {}
+
+    /// The work as a registered function and bytes, for another process.
+    fn to_wire(&self) -> Result<WireTask, WireError> {
+        Err(WireError::NotSerializable {
+            what: "a hand-written task".into(),
+        })
+    }
 }
 
 /// A node that holds a value: a wrapped literal or a persisted result.
@@ -84,6 +100,10 @@ impl Call for Held {
     fn value(&self) -> Option<&Value> {
         Some(&self.0)
     }
+
+    fn to_wire(&self) -> Result<WireTask, WireError> {
+        crate::registry::value_task(&self.0)
+    }
 }
 
 /// A node that cannot run, e.g. because an argument could not be hashed.
@@ -93,6 +113,12 @@ pub(crate) struct Broken(pub(crate) String);
 impl Call for Broken {
     fn run(&self, _: &mut [Option<Value>]) -> Result<Value, OpError> {
         Err(OpError::failed(self.0.clone()))
+    }
+
+    fn to_wire(&self) -> Result<WireTask, WireError> {
+        Err(WireError::NotSerializable {
+            what: self.0.clone(),
+        })
     }
 }
 
@@ -109,7 +135,7 @@ impl<'a> Inputs<'a> {
         }
     }
 
-    fn next_value(&mut self) -> Result<Value, OpError> {
+    pub(crate) fn next_value(&mut self) -> Result<Value, OpError> {
         self.slots
             .next()
             .and_then(Option::take)
@@ -134,6 +160,8 @@ impl<'a> Inputs<'a> {
 #[doc(hidden)]
 pub trait Returns<R>: Send + Sync + 'static {
     type Out: Data;
+    /// Whether `Err` results fail the task (sent on the wire).
+    const FALLIBLE: bool;
     fn finish(r: R) -> Result<Self::Out, OpError>;
 }
 
@@ -147,6 +175,7 @@ pub struct Fallible;
 
 impl<R: Data> Returns<R> for Plain {
     type Out = R;
+    const FALLIBLE: bool = false;
     #[inline]
     fn finish(r: R) -> Result<R, OpError> {
         Ok(r)
@@ -155,6 +184,7 @@ impl<R: Data> Returns<R> for Plain {
 
 impl<T: Data, E: fmt::Display> Returns<Result<T, E>> for Fallible {
     type Out = T;
+    const FALLIBLE: bool = true;
     #[inline]
     fn finish(r: Result<T, E>) -> Result<T, OpError> {
         r.map_err(|e| OpError::failed(e.to_string()))

@@ -1,0 +1,106 @@
+//! The distributed executor seen from a rask program: worker mode, local
+//! clusters and connections to a running scheduler.
+//!
+//! A worker is this program's own binary, started with `RASK_WORKER` set to
+//! its scheduler's address: [`crate::init`] sees the variable and runs the
+//! worker instead of returning to `main`, so the functions it runs are the
+//! ones the program registered.
+
+use std::collections::HashMap;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use rask_distributed::{Client, LocalCluster, WORKER_ENV};
+
+use crate::{Error, Result};
+
+/// The environment variable giving a worker's thread count (default 1).
+pub const WORKER_THREADS_ENV: &str = "RASK_WORKER_THREADS";
+
+/// A connection to a scheduler, and the local cluster behind it if this
+/// process started one.
+pub(crate) struct Cluster {
+    client: Client,
+    // Dropped after the client: stops the scheduler and the workers.
+    _local: Option<LocalCluster>,
+}
+
+impl Cluster {
+    /// Connects to a running scheduler at `host:port`.
+    pub(crate) fn connect(address: &str) -> Result<Cluster> {
+        Ok(Cluster {
+            client: Client::connect(address)?,
+            _local: None,
+        })
+    }
+
+    /// Starts a scheduler in this process and `workers` worker processes of
+    /// this program on 127.0.0.1, and connects to it.
+    pub(crate) fn local(workers: usize) -> Result<Cluster> {
+        if std::env::var_os(WORKER_ENV).is_some() {
+            // A worker that reached this point did not call `rask::init`
+            // first; starting a cluster here would recurse.
+            return Err(Error::WorkerSetup);
+        }
+        if crate::registry::installed().is_none() {
+            return Err(Error::NotInitialized);
+        }
+        let exe = std::env::current_exe().map_err(Error::Executor)?;
+        let args: Vec<_> = std::env::args_os().skip(1).collect();
+        let local = LocalCluster::start(workers, move || {
+            let mut command = Command::new(&exe);
+            command
+                .args(&args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null());
+            command
+        })?;
+        Ok(Cluster {
+            client: local.client()?,
+            _local: Some(local),
+        })
+    }
+
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+}
+
+/// The process-wide cluster for `RASK_SCHEDULER=local:N`: started on first
+/// use, kept until the process exits (its workers exit when they lose it).
+pub(crate) fn shared_local(workers: usize) -> Result<Arc<Cluster>> {
+    static CLUSTERS: Mutex<Option<HashMap<usize, Arc<Cluster>>>> = Mutex::new(None);
+    let mut clusters = CLUSTERS.lock().unwrap_or_else(PoisonError::into_inner);
+    let clusters = clusters.get_or_insert_with(HashMap::new);
+    if let Some(cluster) = clusters.get(&workers) {
+        return Ok(cluster.clone());
+    }
+    let cluster = Arc::new(Cluster::local(workers)?);
+    clusters.insert(workers, cluster.clone());
+    Ok(cluster)
+}
+
+/// In a worker process (`RASK_WORKER` set): runs the worker, then exits the
+/// process. Otherwise returns at once.
+pub(crate) fn run_worker_if_asked() {
+    let Some(address) = std::env::var_os(WORKER_ENV) else {
+        return;
+    };
+    let address = address.to_string_lossy().into_owned();
+    let threads = std::env::var(WORKER_THREADS_ENV)
+        .ok()
+        .and_then(|t| t.trim().parse::<usize>().ok())
+        .filter(|&t| t > 0)
+        .unwrap_or(1);
+    let Some(registry) = crate::registry::installed() else {
+        eprintln!("rask worker: no task registry installed");
+        std::process::exit(2);
+    };
+    match rask_distributed::worker::run(&address, registry, threads) {
+        Ok(()) => std::process::exit(0),
+        Err(e) => {
+            eprintln!("rask worker for {address}: {e}");
+            std::process::exit(1);
+        }
+    }
+}

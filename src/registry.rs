@@ -1,0 +1,494 @@
+//! The task registry: which functions can run in another process, and how a
+//! task travels there.
+//!
+//! A distributed worker is the program's own binary started in worker mode.
+//! It finds functions by name in the list given to [`init`], which every
+//! process of the program builds the same way at the start of `main`.
+//!
+//! Rules:
+//!
+//! 1. A function is known by `std::any::type_name` of the function item, the
+//!    same string in every process of one binary.
+//! 2. A task travels as its function's name and a [`Payload`]: one
+//!    [`WireArg`] per parameter — a literal's postcard bytes, or how many
+//!    task inputs the parameter takes. The worker rebuilds the call with
+//!    slots that decode inputs with the parameter's own type.
+//! 3. A held value (a `rask::value`, a persisted result, a future's value)
+//!    travels as the built-in function `rask.value` whose payload is the
+//!    value's bytes; a recorded failure as `rask.fail`.
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::{Arc, OnceLock};
+
+use rask_executor::{Encoded, Failure, FailureKind, Key, Op, OpError, Value, WireError, WireTask};
+use serde::{Deserialize, Serialize};
+
+use crate::args::Slot;
+use crate::data::Data;
+use crate::node::{Call, Fallible, Held, Inputs, Name, Node, Plain, Returns, Typed};
+
+/// The function name of held values on the wire (rule 3).
+pub(crate) const VALUE_FUNCTION: &str = "rask.value";
+/// The function name of recorded failures on the wire (rule 3).
+pub(crate) const FAIL_FUNCTION: &str = "rask.fail";
+
+/// How one parameter of a task travels (rule 2).
+#[doc(hidden)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum WireArg {
+    /// A literal, as postcard bytes of the parameter's type.
+    Literal(Vec<u8>),
+    /// One task input.
+    One,
+    /// `n` task inputs collected into a `Vec`.
+    Many(u32),
+    /// `n` task inputs collected into a tuple.
+    Tuple(u32),
+}
+
+/// The bytes of a [`WireTask`] built from a typed call.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Payload {
+    pub(crate) fallible: bool,
+    pub(crate) args: Vec<WireArg>,
+}
+
+impl Payload {
+    pub(crate) fn encode(&self) -> Result<Vec<u8>, WireError> {
+        postcard::to_stdvec(self).map_err(|e| WireError::Encode {
+            what: "task arguments".into(),
+            reason: e.to_string(),
+        })
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Payload, WireError> {
+        postcard::from_bytes(bytes).map_err(|e| WireError::Decode {
+            what: "task arguments".into(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+pub(crate) fn encode_literal<T: Data>(value: &T) -> Result<Vec<u8>, WireError> {
+    postcard::to_stdvec(value).map_err(|e| WireError::Encode {
+        what: std::any::type_name::<T>().to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// A held value as a task of its own (rule 3).
+pub(crate) fn value_task(value: &Value) -> Result<WireTask, WireError> {
+    Ok(WireTask {
+        function: VALUE_FUNCTION.to_owned(),
+        payload: value.encode()?,
+    })
+}
+
+/// A recorded failure as a task that fails the same way (rule 3).
+pub(crate) fn fail_task(failure: &Failure) -> Result<WireTask, WireError> {
+    let kind = match failure.kind {
+        FailureKind::Failed => 0u8,
+        FailureKind::Panicked => 1,
+        FailureKind::Cancelled => 2,
+    };
+    let payload = postcard::to_stdvec(&(failure.key.0, &*failure.name, kind, &failure.message))
+        .map_err(|e| WireError::Encode {
+            what: "a task failure".into(),
+            reason: e.to_string(),
+        })?;
+    Ok(WireTask {
+        function: FAIL_FUNCTION.to_owned(),
+        payload,
+    })
+}
+
+/// Replays a failure recorded in another process.
+struct Replayed(Arc<Failure>);
+
+impl Call for Replayed {
+    fn run(&self, _: &mut [Option<Value>]) -> Result<Value, OpError> {
+        Err(crate::client::replay(&self.0))
+    }
+}
+
+fn decode_failure(payload: &[u8]) -> Result<Failure, WireError> {
+    let (key, name, kind, message): ([u8; 32], String, u8, String) = postcard::from_bytes(payload)
+        .map_err(|e| WireError::Decode {
+            what: "a task failure".into(),
+            reason: e.to_string(),
+        })?;
+    let kind = match kind {
+        0 => FailureKind::Failed,
+        1 => FailureKind::Panicked,
+        _ => FailureKind::Cancelled,
+    };
+    Ok(Failure {
+        key: Key(key),
+        name: name.into(),
+        kind,
+        message,
+    })
+}
+
+/// A parameter rebuilt in a worker (rule 2): decodes its inputs with the
+/// parameter's own type, whatever form they arrive in.
+pub(crate) enum WireSlot<A> {
+    Literal(A),
+    One,
+    Many(u32),
+    Tuple(u32),
+}
+
+impl<A: Data> WireSlot<A> {
+    fn from_arg(arg: &WireArg) -> Result<Self, WireError> {
+        Ok(match arg {
+            WireArg::Literal(bytes) => {
+                WireSlot::Literal(postcard::from_bytes(bytes).map_err(|e| WireError::Decode {
+                    what: format!("a literal `{}`", std::any::type_name::<A>()),
+                    reason: e.to_string(),
+                })?)
+            }
+            WireArg::One => WireSlot::One,
+            WireArg::Many(n) => WireSlot::Many(*n),
+            WireArg::Tuple(n) => WireSlot::Tuple(*n),
+        })
+    }
+}
+
+/// The encoding of the next input, whatever form it is held in.
+fn next_bytes(inputs: &mut Inputs<'_>, out: &mut Vec<u8>) -> Result<(), OpError> {
+    let value = inputs.next_value()?;
+    match value.downcast_ref::<Encoded>() {
+        Some(encoded) => out.extend_from_slice(&encoded.0),
+        None => out.extend(value.encode().map_err(|e| OpError::failed(e.to_string()))?),
+    }
+    Ok(())
+}
+
+fn decode<A: Data>(bytes: &[u8]) -> Result<A, OpError> {
+    postcard::from_bytes(bytes).map_err(|e| {
+        OpError::failed(format!(
+            "could not decode a `{}`: {e}",
+            std::any::type_name::<A>()
+        ))
+    })
+}
+
+impl<A: Data> Slot<A> for WireSlot<A> {
+    fn extract(&self, inputs: &mut Inputs<'_>) -> Result<A, OpError> {
+        match self {
+            WireSlot::Literal(a) => Ok(a.clone()),
+            WireSlot::One => {
+                let value = inputs.next_value()?;
+                match rask_executor::downcast::<A>(value) {
+                    Ok(shared) => Ok(Arc::try_unwrap(shared).unwrap_or_else(|s| (*s).clone())),
+                    // A `T` produced here for an `Arc<T>` parameter, or bytes
+                    // from a peer: go through the encoding.
+                    Err(value) => {
+                        let mut bytes = Vec::new();
+                        match value.downcast_ref::<Encoded>() {
+                            Some(encoded) => bytes.extend_from_slice(&encoded.0),
+                            None => bytes.extend(
+                                value.encode().map_err(|e| OpError::failed(e.to_string()))?,
+                            ),
+                        }
+                        decode(&bytes)
+                    }
+                }
+            }
+            WireSlot::Many(n) => {
+                // A postcard sequence is its length as a varint, then the items.
+                let mut bytes = postcard::to_stdvec(&u64::from(*n))
+                    .map_err(|e| OpError::failed(e.to_string()))?;
+                for _ in 0..*n {
+                    next_bytes(inputs, &mut bytes)?;
+                }
+                decode(&bytes)
+            }
+            WireSlot::Tuple(n) => {
+                let mut bytes = Vec::new();
+                for _ in 0..*n {
+                    next_bytes(inputs, &mut bytes)?;
+                }
+                decode(&bytes)
+            }
+        }
+    }
+
+    fn wire(&self) -> Result<WireArg, WireError> {
+        Ok(match self {
+            WireSlot::Literal(a) => WireArg::Literal(encode_literal(a)?),
+            WireSlot::One => WireArg::One,
+            WireSlot::Many(n) => WireArg::Many(*n),
+            WireSlot::Tuple(n) => WireArg::Tuple(*n),
+        })
+    }
+}
+
+type Build = Box<dyn Fn(&Payload) -> Result<Arc<dyn Call>, WireError> + Send + Sync>;
+
+struct Entry {
+    plain: Option<Build>,
+    fallible: Option<Build>,
+}
+
+/// The functions a program can run on a cluster; build it with
+/// [`tasks!`](crate::tasks!) and hand it to [`init`].
+///
+/// # Examples
+///
+/// ```
+/// fn inc(x: i64) -> i64 { x + 1 }
+/// fn parse(s: String) -> Result<i64, std::num::ParseIntError> { s.parse() }
+///
+/// let tasks = rask::tasks![inc, parse?];   // `?`: called as `delayed!(parse(s)?)`
+/// assert_eq!(tasks.len(), 2);
+/// ```
+#[derive(Default)]
+pub struct Tasks {
+    entries: HashMap<&'static str, Entry>,
+}
+
+impl Tasks {
+    /// An empty list.
+    pub fn new() -> Self {
+        Tasks::default()
+    }
+
+    /// Adds `f`, called as `delayed!(f(...))`.
+    pub fn add<F, Sig>(mut self, f: F) -> Self
+    where
+        F: Register<Plain, Sig>,
+    {
+        self.entry::<F>().plain = Some(f.builder().0);
+        self
+    }
+
+    /// Adds `f`, called as `delayed!(f(...)?)` (it returns a `Result`).
+    pub fn add_fallible<F, Sig>(mut self, f: F) -> Self
+    where
+        F: Register<Fallible, Sig>,
+    {
+        self.entry::<F>().fallible = Some(f.builder().0);
+        self
+    }
+
+    fn entry<F>(&mut self) -> &mut Entry {
+        self.entries
+            .entry(std::any::type_name::<F>())
+            .or_insert(Entry {
+                plain: None,
+                fallible: None,
+            })
+    }
+
+    /// Number of functions.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the list is empty.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn has(&self, function: &str, fallible: bool) -> bool {
+        self.entries.get(function).is_some_and(|e| {
+            if fallible {
+                e.fallible.is_some()
+            } else {
+                e.plain.is_some()
+            }
+        })
+    }
+}
+
+impl std::fmt::Debug for Tasks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.entries.keys()).finish()
+    }
+}
+
+/// Lists functions for [`init`]: `rask::tasks![inc, add, parse?]`, with `?`
+/// after functions called as `delayed!(f(...)?)`.
+#[macro_export]
+macro_rules! tasks {
+    (@acc $t:expr ;) => { $t };
+    (@acc $t:expr ; $($f:ident)::+ ? $(, $($rest:tt)*)?) => {
+        $crate::tasks!(@acc $t.add_fallible($($f)::+) ; $($($rest)*)?)
+    };
+    (@acc $t:expr ; $($f:ident)::+ $(, $($rest:tt)*)?) => {
+        $crate::tasks!(@acc $t.add($($f)::+) ; $($($rest)*)?)
+    };
+    ($($items:tt)*) => { $crate::tasks!(@acc $crate::Tasks::new() ; $($items)*) };
+}
+
+/// A function that can be registered; implemented for functions of up to
+/// eight [`Data`] parameters.
+pub trait Register<M, Sig> {
+    #[doc(hidden)]
+    fn builder(self) -> Builder;
+}
+
+/// How a registered function rebuilds its calls; opaque.
+#[doc(hidden)]
+pub struct Builder(Build);
+
+macro_rules! register {
+    ($n:literal; $($a:ident $i:tt),*) => {
+        impl<F, M, R, $($a),*> Register<M, fn($($a),*) -> R> for F
+        where
+            F: Fn($($a),*) -> R + Clone + Send + Sync + 'static,
+            M: Returns<R>,
+            R: 'static,
+            $($a: Data,)*
+        {
+            #[allow(unused_variables)]
+            fn builder(self) -> Builder {
+                Builder(Box::new(move |payload: &Payload| {
+                    if payload.args.len() != $n {
+                        return Err(WireError::Decode {
+                            what: format!("a call of `{}`", std::any::type_name::<F>()),
+                            reason: format!("{} arguments for {} parameters", payload.args.len(), $n),
+                        });
+                    }
+                    let slots = ($(WireSlot::<$a>::from_arg(&payload.args[$i])?,)*);
+                    let call = Typed::<F, M, _, fn($($a),*) -> R> { f: self.clone(), slots, _sig: PhantomData };
+                    Ok(Arc::new(call) as Arc<dyn Call>)
+                }))
+            }
+        }
+    };
+}
+
+register!(0;);
+register!(1; A0 0);
+register!(2; A0 0, A1 1);
+register!(3; A0 0, A1 1, A2 2);
+register!(4; A0 0, A1 1, A2 2, A3 3);
+register!(5; A0 0, A1 1, A2 2, A3 3, A4 4);
+register!(6; A0 0, A1 1, A2 2, A3 3, A4 4, A5 5);
+register!(7; A0 0, A1 1, A2 2, A3 3, A4 4, A5 5, A6 6);
+register!(8; A0 0, A1 1, A2 2, A3 3, A4 4, A5 5, A6 6, A7 7);
+
+static REGISTRY: OnceLock<Arc<Resolver>> = OnceLock::new();
+
+/// The registry installed by [`init`], as executors see it.
+pub(crate) struct Resolver {
+    tasks: Tasks,
+}
+
+impl rask_executor::Registry for Resolver {
+    fn resolve(&self, task: &WireTask) -> Result<Arc<dyn Op>, WireError> {
+        let (name, call): (Name, Arc<dyn Call>) = match task.function.as_str() {
+            VALUE_FUNCTION => (
+                Name::Borrowed("value"),
+                Arc::new(Held(Arc::new(Encoded(Arc::from(task.payload.as_slice()))))),
+            ),
+            FAIL_FUNCTION => {
+                let failure = decode_failure(&task.payload)?;
+                (
+                    Name::Owned(failure.name.to_string()),
+                    Arc::new(Replayed(Arc::new(failure))),
+                )
+            }
+            function => {
+                let payload = Payload::decode(&task.payload)?;
+                let entry = self.tasks.entries.get(function);
+                let build = entry.and_then(|e| {
+                    if payload.fallible {
+                        e.fallible.as_ref()
+                    } else {
+                        e.plain.as_ref()
+                    }
+                });
+                let build = build.ok_or_else(|| WireError::Unregistered {
+                    function: function.to_owned(),
+                })?;
+                let short = function.rsplit("::").next().unwrap_or(function);
+                (Name::Owned(short.to_owned()), build(&payload)?)
+            }
+        };
+        // The key is not needed to run: the executor keeps each task's key.
+        Ok(Arc::new(Node {
+            key: Key([0; 32]),
+            name,
+            deps: Vec::new(),
+            call,
+        }))
+    }
+}
+
+/// The installed registry, if [`init`] was called.
+pub(crate) fn installed() -> Option<Arc<Resolver>> {
+    REGISTRY.get().cloned()
+}
+
+/// Whether `function` can be sent to another process (rule 1).
+pub(crate) fn check_registered(function: &str, fallible: bool) -> Result<(), WireError> {
+    match REGISTRY.get() {
+        Some(r) if r.tasks.has(function, fallible) => Ok(()),
+        _ => Err(WireError::Unregistered {
+            function: format!("{function}{}", if fallible { "?" } else { "" }),
+        }),
+    }
+}
+
+/// Sets the program up for distributed execution; call it first in `main`.
+///
+/// In a worker process (started by [`Client::local`](crate::Client::local),
+/// or by hand with `RASK_WORKER=tcp://host:port ./my-app`) this runs the
+/// worker and exits the process when the scheduler goes away — `main` goes no
+/// further. Otherwise it records `tasks` as the functions that may run on a
+/// cluster and returns. Calling it again keeps the first list.
+///
+/// ```
+/// fn inc(x: i64) -> i64 { x + 1 }
+/// rask::init(rask::tasks![inc]);
+/// ```
+pub fn init(tasks: Tasks) {
+    let _ = REGISTRY.set(Arc::new(Resolver { tasks }));
+    #[cfg(feature = "distributed")]
+    crate::cluster::run_worker_if_asked();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rask_executor::Registry as _;
+
+    fn add(a: i64, b: Vec<i64>) -> i64 {
+        a + b.iter().sum::<i64>()
+    }
+
+    #[test]
+    fn a_task_survives_the_trip_through_bytes() {
+        init(crate::tasks![add]);
+        let parts = vec![crate::value(1_i64), crate::value(2_i64)];
+        let d = crate::delayed!(add(10, parts));
+        let wire = rask_executor::Op::to_wire(&**d.node()).unwrap();
+        let op = installed().unwrap().resolve(&wire).unwrap();
+        // Inputs arrive as bytes from elsewhere and as local values.
+        let mut inputs: Vec<Option<Value>> = vec![
+            Some(Arc::new(Encoded(Arc::from(
+                postcard::to_stdvec(&1_i64).unwrap(),
+            )))),
+            Some(Arc::new(2_i64)),
+        ];
+        let out = op.run(&mut inputs).unwrap();
+        assert_eq!(out.downcast_ref::<i64>(), Some(&13));
+        assert_eq!(op.name(), "add");
+    }
+
+    #[test]
+    fn unregistered_functions_are_named() {
+        fn lonely(x: i64) -> i64 {
+            x
+        }
+        let d = crate::delayed!(lonely(1));
+        let err = rask_executor::Op::to_wire(&**d.node()).unwrap_err();
+        assert!(err.to_string().contains("lonely"), "{err}");
+        assert!(err.to_string().contains("not registered"), "{err}");
+    }
+}
