@@ -348,13 +348,20 @@ mod tests {
             ExecutorKind::parse("threads:8").unwrap(),
             ExecutorKind::Threads(Some(8))
         );
+        assert_eq!(ExecutorKind::parse("local:2").unwrap(), ExecutorKind::Local(2));
+        assert_eq!(
+            ExecutorKind::parse("tcp://10.0.0.5:8786").unwrap(),
+            ExecutorKind::Tcp("10.0.0.5:8786".into())
+        );
         for bad in [
             "bogus",
             "threads:0",
             "threads:x",
             "threads:",
-            "local:2",
-            "tcp://h:1",
+            "local:0",
+            "tcp://h",
+            "tcp://:1",
+            "tcp://h:x",
         ] {
             let err = ExecutorKind::parse(bad).unwrap_err().to_string();
             assert!(err.contains("accepted forms"), "{bad}: {err}");
