@@ -31,6 +31,8 @@ fn add(x: i64, y: i64) -> i64 {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // The functions tasks call, for worker processes (`local:N`, `tcp://`).
+    rask::init(rask::tasks![inc, dec, add]);
     // `Client(n_workers=4)`: the executor comes from RASK_SCHEDULER
     // (default: a thread pool with one thread per core).
     let client = Client::new()?;

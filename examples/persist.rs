@@ -63,6 +63,7 @@ fn create_data() -> std::io::Result<PathBuf> {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    rask::init(rask::tasks![load?, chunk_sum, chunk_max, total, largest]);
     let path = create_data()?;
     let file = path.to_string_lossy().into_owned();
     println!("data: {file} ({CHUNKS} chunks of {PER_CHUNK} numbers)");

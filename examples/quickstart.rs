@@ -55,6 +55,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn main() -> ExitCode {
+    // Lists the functions tasks call, so the same program can run on a
+    // cluster (RASK_SCHEDULER=local:2); a worker process stays in here.
+    rask::init(rask::tasks![inc, add, sum]);
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -43,6 +43,7 @@ impl Rng {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    rask::init(rask::tasks![rosenbrock]);
     let client = Client::new()?;
     println!("searching on {}", client.executor());
     let mut rng = Rng(42);

@@ -203,6 +203,21 @@ impl Client {
         Client::with_config(&Config::synchronous())
     }
 
+    /// Kills worker process `index` of the local cluster behind this client,
+    /// as `kill -9` would: for fault-tolerance tests.
+    ///
+    /// # Errors
+    ///
+    /// When the client is not on a local cluster, or the worker is gone.
+    #[doc(hidden)]
+    #[cfg(feature = "distributed")]
+    pub fn __kill_worker(&self, index: usize) -> Result<()> {
+        match &self.inner.backend {
+            Backend::Distributed(cluster) => cluster.kill_worker(index),
+            _ => Err(Error::Unavailable("local cluster")),
+        }
+    }
+
     /// The executor this client runs on.
     pub fn executor(&self) -> ExecutorKind {
         self.inner.kind.clone()

@@ -15,14 +15,14 @@ use rask_distributed::{Client, LocalCluster, WORKER_ENV};
 use crate::{Error, Result};
 
 /// The environment variable giving a worker's thread count (default 1).
-pub const WORKER_THREADS_ENV: &str = "RASK_WORKER_THREADS";
+pub(crate) const WORKER_THREADS_ENV: &str = "RASK_WORKER_THREADS";
 
 /// A connection to a scheduler, and the local cluster behind it if this
 /// process started one.
 pub(crate) struct Cluster {
     client: Client,
     // Dropped after the client: stops the scheduler and the workers.
-    _local: Option<LocalCluster>,
+    local: Mutex<Option<LocalCluster>>,
 }
 
 impl Cluster {
@@ -30,7 +30,7 @@ impl Cluster {
     pub(crate) fn connect(address: &str) -> Result<Cluster> {
         Ok(Cluster {
             client: Client::connect(address)?,
-            _local: None,
+            local: Mutex::new(None),
         })
     }
 
@@ -57,12 +57,21 @@ impl Cluster {
         })?;
         Ok(Cluster {
             client: local.client()?,
-            _local: Some(local),
+            local: Mutex::new(Some(local)),
         })
     }
 
     pub(crate) fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// Kills worker process `index` of a local cluster (for fault tests).
+    pub(crate) fn kill_worker(&self, index: usize) -> Result<()> {
+        let mut local = self.local.lock().unwrap_or_else(PoisonError::into_inner);
+        match local.as_mut() {
+            Some(cluster) => Ok(cluster.kill_worker(index)?),
+            None => Err(Error::Unavailable("local cluster")),
+        }
     }
 }
 

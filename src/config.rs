@@ -348,7 +348,10 @@ mod tests {
             ExecutorKind::parse("threads:8").unwrap(),
             ExecutorKind::Threads(Some(8))
         );
-        assert_eq!(ExecutorKind::parse("local:2").unwrap(), ExecutorKind::Local(2));
+        assert_eq!(
+            ExecutorKind::parse("local:2").unwrap(),
+            ExecutorKind::Local(2)
+        );
         assert_eq!(
             ExecutorKind::parse("tcp://10.0.0.5:8786").unwrap(),
             ExecutorKind::Tcp("10.0.0.5:8786".into())

@@ -8,9 +8,11 @@ use crate::data::Data;
 use crate::delayed::Delayed;
 use crate::node::Plain;
 
-/// A one-argument task calling `f`.
-fn build1<A, R, X>(name: &'static str, f: fn(A) -> R, a: X) -> Delayed<R>
+/// A one-argument task calling the function item `f` (its type names the
+/// operator and its operand types, which is its identity on the wire).
+fn build1<F, A, R, X>(name: &'static str, f: F, a: X) -> Delayed<R>
 where
+    F: Fn(A) -> R + Send + Sync + 'static,
     A: 'static,
     R: Data,
     X: IntoArg<A>,
@@ -18,9 +20,10 @@ where
     apply::<Plain, _, _, _>(name, f, (a,))
 }
 
-/// A two-argument task calling `f`.
-fn build2<A, B, R, X, Y>(name: &'static str, f: fn(A, B) -> R, a: X, b: Y) -> Delayed<R>
+/// A two-argument task calling the function item `f`.
+fn build2<F, A, B, R, X, Y>(name: &'static str, f: F, a: X, b: Y) -> Delayed<R>
 where
+    F: Fn(A, B) -> R + Send + Sync + 'static,
     A: 'static,
     B: 'static,
     R: Data,
@@ -28,6 +31,35 @@ where
     Y: IntoArg<B>,
 {
     apply::<Plain, _, _, _>(name, f, (a, b))
+}
+
+/// Registers the operator tasks on primitive operands of one type, so
+/// graphs using operators run on a cluster without listing them.
+pub(crate) fn builtins(mut tasks: crate::Tasks) -> crate::Tasks {
+    use cmp::{eq, ge, gt, le, lt, ne};
+    macro_rules! one {
+        ($f:ident: $($t:ty)*) => {$(tasks = tasks.register($f::<$t>);)*};
+    }
+    macro_rules! two {
+        ($f:ident: $($t:ty)*) => {$(tasks = tasks.register($f::<$t, $t>);)*};
+    }
+    two!(add: i8 i16 i32 i64 i128 isize u8 u16 u32 u64 u128 usize f32 f64);
+    two!(sub: i8 i16 i32 i64 i128 isize u8 u16 u32 u64 u128 usize f32 f64);
+    two!(mul: i8 i16 i32 i64 i128 isize u8 u16 u32 u64 u128 usize f32 f64);
+    two!(div: i8 i16 i32 i64 i128 isize u8 u16 u32 u64 u128 usize f32 f64);
+    two!(rem: i8 i16 i32 i64 i128 isize u8 u16 u32 u64 u128 usize f32 f64);
+    two!(bitand: i8 i16 i32 i64 i128 isize u8 u16 u32 u64 u128 usize bool);
+    two!(bitor: i8 i16 i32 i64 i128 isize u8 u16 u32 u64 u128 usize bool);
+    two!(bitxor: i8 i16 i32 i64 i128 isize u8 u16 u32 u64 u128 usize bool);
+    one!(neg: i8 i16 i32 i64 i128 isize f32 f64);
+    one!(not: i8 i16 i32 i64 i128 isize u8 u16 u32 u64 u128 usize bool);
+    one!(lt: i8 i16 i32 i64 i128 isize u8 u16 u32 u64 u128 usize f32 f64 bool String);
+    one!(le: i8 i16 i32 i64 i128 isize u8 u16 u32 u64 u128 usize f32 f64 bool String);
+    one!(gt: i8 i16 i32 i64 i128 isize u8 u16 u32 u64 u128 usize f32 f64 bool String);
+    one!(ge: i8 i16 i32 i64 i128 isize u8 u16 u32 u64 u128 usize f32 f64 bool String);
+    one!(eq: i8 i16 i32 i64 i128 isize u8 u16 u32 u64 u128 usize f32 f64 bool String);
+    one!(ne: i8 i16 i32 i64 i128 isize u8 u16 u32 u64 u128 usize f32 f64 bool String);
+    tasks
 }
 
 macro_rules! binary {

@@ -257,7 +257,7 @@ impl Tasks {
     }
 
     /// Adds `f`, called as `delayed!(f(...))`.
-    pub fn add<F, Sig>(mut self, f: F) -> Self
+    pub fn register<F, Sig>(mut self, f: F) -> Self
     where
         F: Register<Plain, Sig>,
     {
@@ -266,7 +266,7 @@ impl Tasks {
     }
 
     /// Adds `f`, called as `delayed!(f(...)?)` (it returns a `Result`).
-    pub fn add_fallible<F, Sig>(mut self, f: F) -> Self
+    pub fn register_fallible<F, Sig>(mut self, f: F) -> Self
     where
         F: Register<Fallible, Sig>,
     {
@@ -316,10 +316,10 @@ impl std::fmt::Debug for Tasks {
 macro_rules! tasks {
     (@acc $t:expr ;) => { $t };
     (@acc $t:expr ; $($f:ident)::+ ? $(, $($rest:tt)*)?) => {
-        $crate::tasks!(@acc $t.add_fallible($($f)::+) ; $($($rest)*)?)
+        $crate::tasks!(@acc $t.register_fallible($($f)::+) ; $($($rest)*)?)
     };
     (@acc $t:expr ; $($f:ident)::+ $(, $($rest:tt)*)?) => {
-        $crate::tasks!(@acc $t.add($($f)::+) ; $($($rest)*)?)
+        $crate::tasks!(@acc $t.register($($f)::+) ; $($($rest)*)?)
     };
     ($($items:tt)*) => { $crate::tasks!(@acc $crate::Tasks::new() ; $($items)*) };
 }
@@ -448,6 +448,7 @@ pub(crate) fn check_registered(function: &str, fallible: bool) -> Result<(), Wir
 /// rask::init(rask::tasks![inc]);
 /// ```
 pub fn init(tasks: Tasks) {
+    let tasks = crate::ops::builtins(tasks);
     let _ = REGISTRY.set(Arc::new(Resolver { tasks }));
     #[cfg(feature = "distributed")]
     crate::cluster::run_worker_if_asked();

@@ -137,21 +137,25 @@ pub fn upstream(specs: &[Spec], i: usize) -> Vec<bool> {
     seen
 }
 
+/// `inc` of the tree workload.
+pub fn tree_inc(x: i64) -> i64 {
+    x + 1
+}
+
+/// `add` of the tree workload.
+pub fn tree_add(x: i64, y: i64) -> i64 {
+    x + y
+}
+
 /// The tree workload of `shared/bench/WORKLOADS.md`: `inc(i)` leaves reduced
 /// pairwise by `add`.
 pub fn tree(n: i64) -> Delayed<i64> {
-    fn inc(x: i64) -> i64 {
-        x + 1
-    }
-    fn add(x: i64, y: i64) -> i64 {
-        x + y
-    }
-    let mut level: Vec<Delayed<i64>> = (0..n).map(|i| delayed!(inc(i))).collect();
+    let mut level: Vec<Delayed<i64>> = (0..n).map(|i| delayed!(tree_inc(i))).collect();
     while level.len() > 1 {
         level = level
             .chunks(2)
             .map(|pair| match pair {
-                [a, b] => delayed!(add(a, b)),
+                [a, b] => delayed!(tree_add(a, b)),
                 [a] => a.clone(),
                 _ => unreachable!(),
             })

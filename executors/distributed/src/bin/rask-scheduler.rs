@@ -1,0 +1,63 @@
+//! `rask-scheduler [--host 127.0.0.1] [--port 8786]`: runs a rask scheduler
+//! until killed. With `--port 0` the OS picks the port; the first line on
+//! stdout is always the bound address, `tcp://HOST:PORT`.
+
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::process::ExitCode;
+
+const USAGE: &str = "usage: rask-scheduler [--host 127.0.0.1] [--port 8786]";
+
+fn main() -> ExitCode {
+    let mut host: IpAddr = [127, 0, 0, 1].into();
+    let mut port: u16 = 8786;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) => (f.to_owned(), Some(v.to_owned())),
+            None => (arg.clone(), None),
+        };
+        let mut value = || inline.clone().or_else(|| args.next());
+        match flag.as_str() {
+            "--host" => match value().map(|v| v.parse()) {
+                Some(Ok(h)) => host = h,
+                _ => return usage("--host needs an IP address"),
+            },
+            "--port" => match value().map(|v| v.parse()) {
+                Some(Ok(p)) => port = p,
+                _ => return usage("--port needs a number from 0 to 65535"),
+            },
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            other => return usage(&format!("unknown argument `{other}`")),
+        }
+    }
+    let scheduler = match rask_distributed::scheduler::serve(SocketAddr::new(host, port)) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!(
+                "rask-scheduler: cannot listen on {host}:{port}: {e}: {}",
+                source(&e)
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut stdout = std::io::stdout();
+    let _ = writeln!(stdout, "tcp://{}", scheduler.address());
+    let _ = stdout.flush();
+    // Runs until killed: the scheduler lives on its own thread.
+    loop {
+        std::thread::park();
+    }
+}
+
+fn usage(problem: &str) -> ExitCode {
+    eprintln!("rask-scheduler: {problem}\n{USAGE}");
+    ExitCode::from(2)
+}
+
+fn source(e: &dyn std::error::Error) -> String {
+    e.source().map(|s| s.to_string()).unwrap_or_default()
+}

@@ -1,0 +1,172 @@
+//! The distributed executor of rask: a scheduler, worker processes and a
+//! client, speaking a small binary protocol over TCP.
+//!
+//! A [`Client`] is an [`Executor`](rask_executor::Executor): `submit` sends
+//! a plan's tasks to the scheduler as one graph, and each output's value
+//! comes back from a worker that holds it. The scheduler places tasks on
+//! workers; workers run them on their own threads, fetch inputs from each
+//! other and keep results until no client or pending task needs them.
+//!
+//! ```no_run
+//! use rask_distributed::{scheduler, worker, Client};
+//! # fn registry() -> std::sync::Arc<dyn rask_executor::Registry> { unimplemented!() }
+//! // One process can hold them all (tests); normally the scheduler is the
+//! // `rask-scheduler` binary or a `LocalCluster`, and workers are the
+//! // user's program started with `RASK_WORKER=tcp://host:port`.
+//! let sched = scheduler::serve("127.0.0.1:0".parse().unwrap())?;
+//! let address = format!("tcp://{}", sched.address());
+//! let _workers = [
+//!     worker::spawn(&address, registry(), 1)?,
+//!     worker::spawn(&address, registry(), 1)?,
+//! ];
+//! let client = Client::connect(&address)?;
+//! // client.submit(plan, reporter) — see rask_executor::Executor.
+//! # Ok::<(), rask_distributed::Error>(())
+//! ```
+//!
+//! # Starting workers
+//!
+//! A worker is the user's own binary in worker mode, because only that
+//! binary has the user's functions in its registry. The program checks
+//! [`WORKER_ENV`] first thing in `main` and, when it is set, runs
+//! [`worker::run`] instead of its own code. [`LocalCluster`] starts worker
+//! processes that way; on other machines, start
+//! `RASK_WORKER=tcp://scheduler-host:8786 ./my-app` by hand. A worker whose
+//! program forgot the check runs `main` again; if that `main` starts a
+//! cluster, [`LocalCluster::start`] refuses with [`Error::NestedCluster`]
+//! instead of recursing.
+//!
+//! # Design
+//!
+//! - **Sans-IO cores, thin async shells.** The scheduler's task state
+//!   machine (`scheduler/state.rs`) and the worker's (`worker/state.rs`) are
+//!   plain structs with `on_<fact>` handlers writing to an outbox; tokio only
+//!   moves bytes. The hard logic is unit-tested without sockets, clocks or
+//!   threads. See `scheduler/README.md` for the state machine.
+//! - **Batched everything.** A frame holds many messages; every shell
+//!   handles all input already queued before it flushes one frame per peer.
+//!   A map of 100 000 tasks costs a few hundred frames, not a few hundred
+//!   thousand round trips.
+//! - **Windows, not stealing.** The scheduler hands each worker a bounded
+//!   window of tasks (two per thread for slow tasks, up to 64 per thread for
+//!   very short ones) and keeps the rest in one priority queue. A worker with
+//!   room takes the next task even if its inputs are elsewhere (it fetches
+//!   them), so idle workers never starve, and no task is stuck behind a long
+//!   one for more than a window. Placement prefers the worker holding most of
+//!   a task's input bytes.
+//! - **Data moves peer to peer.** Values are fetched from a worker's data
+//!   port directly, by workers and by clients; the scheduler only knows who
+//!   has what.
+//! - **Everything is recomputable.** The scheduler keeps every task's spec
+//!   while anything refers to it, including data tasks (`rask.value`), so a
+//!   value lost with a worker is recomputed from its inputs.
+//! - **One thread per role.** Each scheduler, worker and client runs a
+//!   single-threaded tokio runtime on its own thread; workers run ops on
+//!   separate plain threads. No multi-threaded runtime, no locks on the
+//!   scheduler's hot path.
+//! - **Faults close one connection.** A bad handshake, an oversized or
+//!   malformed frame, or a message a role may not send closes that
+//!   connection with a line on stderr (`rask-distributed: …`); the rest of
+//!   the cluster carries on.
+#![warn(missing_docs)]
+
+mod client;
+mod cluster;
+mod net;
+pub mod protocol;
+pub mod scheduler;
+pub mod worker;
+
+use std::process::ExitStatus;
+use std::time::Duration;
+
+pub use client::Client;
+pub use cluster::LocalCluster;
+pub use protocol::ProtocolError;
+pub use worker::WorkerHandle;
+
+/// The environment variable a worker process reads: the `tcp://host:port`
+/// of its scheduler.
+pub const WORKER_ENV: &str = "RASK_WORKER";
+
+/// Everything that can go wrong in this crate.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A local I/O operation (bind, spawn a thread, build a runtime) failed.
+    #[error("i/o error")]
+    Io(#[source] std::io::Error),
+    /// An address is not `tcp://host:port` or `host:port`.
+    #[error("invalid address `{address}`: expected `tcp://host:port` or `host:port`")]
+    Address {
+        /// The address as given.
+        address: String,
+    },
+    /// Connecting to a scheduler failed.
+    #[error("could not connect to {addr}")]
+    Connection {
+        /// The address.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The other side is not a rask process of this protocol version.
+    #[error("handshake with {addr} failed")]
+    Handshake {
+        /// The address.
+        addr: String,
+        /// Why.
+        #[source]
+        reason: ProtocolError,
+    },
+    /// The other side broke the protocol after the handshake.
+    #[error("protocol error")]
+    Protocol {
+        /// Why.
+        #[source]
+        reason: ProtocolError,
+    },
+    /// Something took too long.
+    #[error("timed out after {after:?} waiting for {what}")]
+    Timeout {
+        /// What was awaited.
+        what: &'static str,
+        /// How long.
+        after: Duration,
+    },
+    /// A worker process exited before it registered with its scheduler.
+    #[error(
+        "worker process {index} exited before registering ({status}); does the program call \
+         rask's worker-mode setup first thing in main? its stderr ended with:\n{stderr}"
+    )]
+    WorkerExited {
+        /// Which worker.
+        index: usize,
+        /// Its exit status.
+        status: ExitStatus,
+        /// The last lines it wrote to stderr.
+        stderr: String,
+    },
+    /// A worker process could not be started.
+    #[error("could not start worker process {index}")]
+    Spawn {
+        /// Which worker.
+        index: usize,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A worker process tried to start a cluster of its own.
+    #[error(
+        "this process is a rask worker ({WORKER_ENV} is set) but ran the program's main and \
+         tried to start a cluster; call rask's worker-mode setup first thing in main"
+    )]
+    NestedCluster,
+    /// No such worker in a [`LocalCluster`], or it was killed already.
+    #[error("no running worker {index} in this cluster")]
+    NoWorker {
+        /// The index asked for.
+        index: usize,
+    },
+}

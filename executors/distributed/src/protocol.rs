@@ -1,0 +1,781 @@
+//! Wire messages and framing: data only, no sockets.
+//!
+//! Every connection carries **frames**: a `u32` little-endian length, then
+//! that many bytes of body. The first frame of every connection, in both
+//! directions, is the [handshake](Handshake); every later frame is a
+//! **batch**: one or more messages, each encoded with postcard, laid end to
+//! end. Batching is what lets a worker report a thousand finished tasks with
+//! one write.
+//!
+//! Rules:
+//!
+//! 1. A frame body is at most [`MAX_FRAME`] bytes. A peer that announces more
+//!    is closed at once, before anything is allocated for it.
+//! 2. The connecting side sends its handshake first; the accepting side checks
+//!    magic, version and role, then answers with its own handshake. Any
+//!    mismatch closes that one connection.
+//! 3. Messages are named by direction: [`ToScheduler`] (from clients and
+//!    workers), [`ToWorker`], [`ToClient`], and the data exchange between a
+//!    worker's data port and its readers, [`ToPeer`] / [`FromPeer`]. Facts
+//!    are past tense (`TaskFinished`), commands imperative (`Compute`).
+//! 4. Keys travel as their 32 raw bytes; a value's bytes are exactly what
+//!    [`AnyValue::encode`](rask_executor::AnyValue::encode) produced.
+//!
+//! Changing any encoding here changes the golden frames tested below and
+//! needs a new [`VERSION`].
+
+use std::fmt;
+use std::sync::Arc;
+
+use rask_executor::{Failure, FailureKind, Key};
+use serde::{Deserialize, Serialize};
+
+/// The first four bytes of every handshake body.
+pub const MAGIC: [u8; 4] = *b"RASK";
+
+/// The protocol version; peers with another version are refused.
+pub const VERSION: u16 = 1;
+
+/// The largest frame body accepted, in bytes (512 MiB).
+pub const MAX_FRAME: usize = 512 << 20;
+
+/// A batch is sealed into its own frame once it grows past this many bytes,
+/// so no frame a sender builds comes close to [`MAX_FRAME`] unless one
+/// message alone does.
+pub(crate) const SOFT_FRAME: usize = 4 << 20;
+
+/// Length of a handshake body: magic, version, role, one reserved byte.
+const HANDSHAKE_BODY: usize = 8;
+
+/// Length of a whole handshake frame, prefix included.
+pub const HANDSHAKE_FRAME: usize = 4 + HANDSHAKE_BODY;
+
+/// What a process is to the connection it opened or accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// A client, connecting to the scheduler.
+    Client,
+    /// A worker, connecting to the scheduler.
+    Worker,
+    /// A reader of a worker's data port (another worker or a client).
+    Peer,
+    /// The scheduler, answering a client or worker.
+    Scheduler,
+    /// A worker's data port, answering a peer.
+    DataServer,
+}
+
+impl Role {
+    fn to_byte(self) -> u8 {
+        match self {
+            Role::Client => 1,
+            Role::Worker => 2,
+            Role::Peer => 3,
+            Role::Scheduler => 4,
+            Role::DataServer => 5,
+        }
+    }
+
+    fn from_byte(byte: u8) -> Option<Role> {
+        Some(match byte {
+            1 => Role::Client,
+            2 => Role::Worker,
+            3 => Role::Peer,
+            4 => Role::Scheduler,
+            5 => Role::DataServer,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Client => "client",
+            Role::Worker => "worker",
+            Role::Peer => "peer",
+            Role::Scheduler => "scheduler",
+            Role::DataServer => "data server",
+        })
+    }
+}
+
+/// The first frame of every connection: who is talking, in which protocol.
+///
+/// Its layout is fixed by hand rather than by serde so that it can never
+/// change by accident: `08 00 00 00` (body length), `RASK`, the version as
+/// `u16` little-endian, the role byte, a zero byte.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Handshake {
+    /// The sender's protocol version.
+    pub version: u16,
+    /// The sender's role.
+    pub role: Role,
+}
+
+impl Handshake {
+    /// This build's handshake for `role`.
+    pub fn new(role: Role) -> Handshake {
+        Handshake {
+            version: VERSION,
+            role,
+        }
+    }
+
+    /// The whole frame, length prefix included.
+    pub fn to_frame(self) -> [u8; HANDSHAKE_FRAME] {
+        let v = self.version.to_le_bytes();
+        let [m0, m1, m2, m3] = MAGIC;
+        [
+            HANDSHAKE_BODY as u8,
+            0,
+            0,
+            0,
+            m0,
+            m1,
+            m2,
+            m3,
+            v[0],
+            v[1],
+            self.role.to_byte(),
+            0,
+        ]
+    }
+
+    /// Parses and checks a handshake frame.
+    ///
+    /// # Errors
+    ///
+    /// [`ProtocolError::NotRask`] for anything that is not a rask handshake,
+    /// [`ProtocolError::Version`] for another protocol version.
+    pub fn parse(frame: &[u8; HANDSHAKE_FRAME]) -> Result<Handshake, ProtocolError> {
+        let len = u32::from_le_bytes([frame[0], frame[1], frame[2], frame[3]]);
+        if len as usize != HANDSHAKE_BODY || frame[4..8] != MAGIC {
+            return Err(ProtocolError::NotRask);
+        }
+        let version = u16::from_le_bytes([frame[8], frame[9]]);
+        if version != VERSION {
+            return Err(ProtocolError::Version {
+                ours: VERSION,
+                theirs: version,
+            });
+        }
+        let role = Role::from_byte(frame[10]).ok_or(ProtocolError::NotRask)?;
+        Ok(Handshake { version, role })
+    }
+}
+
+/// Why a connection was closed by this side.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProtocolError {
+    /// The peer's first bytes are not a rask handshake.
+    #[error("peer is not a rask process (bad handshake)")]
+    NotRask,
+    /// The peer speaks another protocol version.
+    #[error("peer speaks protocol version {theirs}, this process speaks {ours}")]
+    Version {
+        /// This process's version.
+        ours: u16,
+        /// The peer's version.
+        theirs: u16,
+    },
+    /// The peer's role is not one this connection serves.
+    #[error("unexpected peer role: {0}")]
+    Role(Role),
+    /// The peer announced a frame over [`MAX_FRAME`].
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    FrameTooLarge {
+        /// The announced length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A frame did not decode as the messages this side expects.
+    #[error("malformed message")]
+    Malformed(#[source] postcard::Error),
+    /// A well-formed message that this connection may not send (now).
+    #[error("unexpected message: {0}")]
+    Unexpected(&'static str),
+    /// The connection ended in the middle of a frame or before a handshake.
+    #[error("connection closed")]
+    Closed,
+    /// Reading or writing the socket failed.
+    #[error("i/o error")]
+    Io(#[source] std::io::Error),
+    /// The peer sent nothing for too long during the handshake.
+    #[error("no handshake within {0:?}")]
+    Timeout(std::time::Duration),
+}
+
+/// Identifies a worker for as long as its connection to the scheduler lives.
+///
+/// Ids are never reused by one scheduler, so a stale id can only name a
+/// worker that is gone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct WorkerId(pub u32);
+
+impl fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "worker {}", self.0)
+    }
+}
+
+/// A key as it travels: its 32 bytes.
+pub type WireKey = [u8; 32];
+
+/// One task of a graph as a client sends it: enough to run it anywhere, and
+/// to run it again if its value is lost.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    /// The task's key.
+    pub key: WireKey,
+    /// The task's name (its op's name), for failures.
+    pub name: Arc<str>,
+    /// The registered function that runs it.
+    pub function: Arc<str>,
+    /// The function's arguments, opaque to everyone but the function.
+    #[serde(with = "bytes")]
+    pub payload: Arc<[u8]>,
+    /// Keys of the task's inputs, in the order the op receives them.
+    pub deps: Vec<WireKey>,
+}
+
+/// A [`Failure`] as it travels.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireFailure {
+    /// Key of the task where the failure started.
+    pub key: WireKey,
+    /// Name of that task.
+    pub name: String,
+    /// What kind of failure.
+    pub kind: WireFailureKind,
+    /// The error or panic message.
+    pub message: String,
+}
+
+/// [`FailureKind`] as it travels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireFailureKind {
+    /// The task returned an error (or could not be resolved or encoded).
+    Failed,
+    /// The task panicked.
+    Panicked,
+    /// The task was cancelled.
+    Cancelled,
+}
+
+impl From<&Failure> for WireFailure {
+    fn from(f: &Failure) -> Self {
+        WireFailure {
+            key: f.key.0,
+            name: f.name.to_string(),
+            kind: match f.kind {
+                FailureKind::Failed => WireFailureKind::Failed,
+                FailureKind::Panicked => WireFailureKind::Panicked,
+                FailureKind::Cancelled => WireFailureKind::Cancelled,
+            },
+            message: f.message.clone(),
+        }
+    }
+}
+
+impl From<&WireFailure> for Failure {
+    fn from(f: &WireFailure) -> Self {
+        Failure {
+            key: Key(f.key),
+            name: f.name.as_str().into(),
+            kind: match f.kind {
+                WireFailureKind::Failed => FailureKind::Failed,
+                WireFailureKind::Panicked => FailureKind::Panicked,
+                WireFailureKind::Cancelled => FailureKind::Cancelled,
+            },
+            message: f.message.clone(),
+        }
+    }
+}
+
+/// Messages to the scheduler, from clients and from workers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToScheduler {
+    /// Client: add these tasks (already known keys are deduplicated) and
+    /// hold one more reference to each `wanted` key for this client.
+    UpdateGraph {
+        /// The tasks, dependencies first.
+        tasks: Vec<TaskSpec>,
+        /// Keys this client wants; each is reported by `KeyInMemory` or
+        /// `KeyErred` once known.
+        wanted: Vec<WireKey>,
+    },
+    /// Client: drop one reference to each key (one per earlier `wanted`).
+    ReleaseKeys {
+        /// The keys.
+        keys: Vec<WireKey>,
+    },
+    /// Worker, first message: where peers can fetch its data, and how many
+    /// tasks it runs at once.
+    RegisterWorker {
+        /// `host:port` of the worker's data port.
+        address: String,
+        /// Number of compute threads.
+        threads: u32,
+    },
+    /// Worker: a task ran and its value is held here.
+    TaskFinished {
+        /// The task.
+        key: WireKey,
+        /// Size of the value's encoding.
+        nbytes: u64,
+        /// Time spent running the op, in nanoseconds.
+        duration_ns: u64,
+    },
+    /// Worker: a task failed (its op failed or panicked, its function was
+    /// not registered, or its value could not be encoded).
+    TaskErred {
+        /// The task.
+        key: WireKey,
+        /// Why.
+        failure: WireFailure,
+    },
+    /// Worker: a task was dropped without running because an input could not
+    /// be fetched from any holder the worker knew of (see `FetchFailed`).
+    TaskAbandoned {
+        /// The task.
+        key: WireKey,
+    },
+    /// Worker: a copy of a key was fetched from a peer and is held here too.
+    DataAdded {
+        /// The key.
+        key: WireKey,
+    },
+    /// Client or worker: `holder` did not deliver `key` (it is gone, or said
+    /// it does not hold it).
+    FetchFailed {
+        /// The key.
+        key: WireKey,
+        /// The worker that failed to deliver it.
+        holder: WorkerId,
+    },
+}
+
+/// Messages from the scheduler to a worker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToWorker {
+    /// Answer to `RegisterWorker`: the worker's id.
+    Registered {
+        /// The id.
+        id: WorkerId,
+    },
+    /// Another worker's data port (sent for every worker, before any
+    /// message that names it).
+    PeerJoined {
+        /// The peer.
+        id: WorkerId,
+        /// `host:port` of its data port.
+        address: String,
+    },
+    /// A worker left; its data is gone.
+    PeerLeft {
+        /// The peer.
+        id: WorkerId,
+    },
+    /// Run a task, fetching the inputs this worker does not hold.
+    Compute {
+        /// The task.
+        key: WireKey,
+        /// Its name, for failures.
+        name: Arc<str>,
+        /// Its registered function.
+        function: Arc<str>,
+        /// The function's arguments.
+        #[serde(with = "bytes")]
+        payload: Arc<[u8]>,
+        /// Its inputs in op order.
+        deps: Vec<WireKey>,
+        /// Holders of the inputs this worker does not hold.
+        who_has: Vec<(WireKey, Vec<WorkerId>)>,
+        /// Lower runs first.
+        priority: u64,
+    },
+    /// Forget `key`: drop its value, or the task if it has not finished. No
+    /// message about `key` follows unless a new `Compute` asks for it.
+    Release {
+        /// The key.
+        key: WireKey,
+    },
+}
+
+/// Messages from the scheduler to a client.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToClient {
+    /// A worker's data port (sent before any message naming the worker).
+    WorkerJoined {
+        /// The worker.
+        id: WorkerId,
+        /// `host:port` of its data port.
+        address: String,
+    },
+    /// A worker left.
+    WorkerLeft {
+        /// The worker.
+        id: WorkerId,
+    },
+    /// A wanted key is computed; fetch it from one of `holders`.
+    KeyInMemory {
+        /// The key.
+        key: WireKey,
+        /// Workers holding it.
+        holders: Vec<WorkerId>,
+        /// Size of its encoding.
+        nbytes: u64,
+    },
+    /// A wanted key failed.
+    KeyErred {
+        /// The key.
+        key: WireKey,
+        /// The failure, naming the task where it started.
+        failure: WireFailure,
+    },
+}
+
+/// Messages to a worker's data port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToPeer {
+    /// Send these keys' values; each is answered by `Data` or `Missing`.
+    GetData {
+        /// The keys.
+        keys: Vec<WireKey>,
+    },
+}
+
+/// Messages from a worker's data port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FromPeer {
+    /// A key's value.
+    Data {
+        /// The key.
+        key: WireKey,
+        /// The value's encoding.
+        #[serde(with = "bytes")]
+        bytes: Arc<[u8]>,
+    },
+    /// This worker does not hold the key (any more).
+    Missing {
+        /// The key.
+        key: WireKey,
+    },
+}
+
+/// [`FromPeer::Data`] borrowing its bytes, so a data server encodes a value
+/// straight into the frame. Encodes exactly as `FromPeer` does (tested).
+#[derive(Serialize)]
+pub(crate) enum FromPeerRef<'a> {
+    Data { key: &'a WireKey, bytes: &'a [u8] },
+}
+
+/// Messages collected into frames: appends each message to the open frame,
+/// sealing a frame once it passes [`SOFT_FRAME`] bytes.
+#[derive(Debug, Default)]
+pub(crate) struct Batch {
+    open: Vec<u8>,
+    sealed: Vec<Vec<u8>>,
+}
+
+impl Batch {
+    /// Appends one message.
+    pub(crate) fn push<M: Serialize>(&mut self, msg: &M) {
+        if self.open.is_empty() {
+            self.open.extend_from_slice(&[0; 4]);
+        }
+        let buf = std::mem::take(&mut self.open);
+        // Our messages have no maps of unknown length or failing Serialize
+        // impls, so encoding into a Vec cannot fail.
+        self.open = postcard::to_extend(msg, buf).expect("protocol messages always encode");
+        if self.open.len() >= SOFT_FRAME {
+            self.seal();
+        }
+    }
+
+    fn seal(&mut self) {
+        if self.open.len() > 4 {
+            let mut frame = std::mem::take(&mut self.open);
+            let len = (frame.len() - 4) as u32;
+            frame[..4].copy_from_slice(&len.to_le_bytes());
+            self.sealed.push(frame);
+        }
+    }
+
+    /// Whether no message is waiting.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.open.is_empty() && self.sealed.is_empty()
+    }
+
+    /// The finished frames (length prefixes included), leaving the batch
+    /// empty.
+    pub(crate) fn take_frames(&mut self) -> Vec<Vec<u8>> {
+        self.seal();
+        std::mem::take(&mut self.sealed)
+    }
+}
+
+/// One message as a whole frame (tests, and one-off messages).
+pub fn frame<M: Serialize>(msg: &M) -> Vec<u8> {
+    let mut batch = Batch::default();
+    batch.push(msg);
+    let mut frames = batch.take_frames();
+    frames.pop().expect("one message makes one frame")
+}
+
+/// Decodes the messages of one frame body.
+///
+/// # Errors
+///
+/// [`ProtocolError::Malformed`] if the body is not a sequence of `M`s, or is
+/// empty.
+pub fn decode_batch<'a, M: Deserialize<'a>>(mut body: &'a [u8]) -> Result<Vec<M>, ProtocolError> {
+    if body.is_empty() {
+        return Err(ProtocolError::Malformed(
+            postcard::Error::DeserializeUnexpectedEnd,
+        ));
+    }
+    let mut out = Vec::new();
+    while !body.is_empty() {
+        let (msg, rest) = postcard::take_from_bytes(body).map_err(ProtocolError::Malformed)?;
+        out.push(msg);
+        body = rest;
+    }
+    Ok(out)
+}
+
+/// Reads a frame length prefix, enforcing [`MAX_FRAME`].
+pub(crate) fn frame_len(prefix: [u8; 4]) -> Result<usize, ProtocolError> {
+    let len = u32::from_le_bytes(prefix) as usize;
+    if len > MAX_FRAME {
+        return Err(ProtocolError::FrameTooLarge {
+            len,
+            max: MAX_FRAME,
+        });
+    }
+    Ok(len)
+}
+
+/// Parses `tcp://host:port` or `host:port` into `host:port`.
+pub(crate) fn strip_scheme(address: &str) -> Option<&str> {
+    let rest = address.strip_prefix("tcp://").unwrap_or(address);
+    if rest.is_empty() || rest.contains("://") || !rest.contains(':') {
+        return None;
+    }
+    Some(rest)
+}
+
+/// `serde(with)` for `Arc<[u8]>` as postcard bytes: one copy in, none out.
+mod bytes {
+    use std::fmt;
+    use std::sync::Arc;
+
+    use serde::de::{SeqAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(bytes: &Arc<[u8]>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(bytes)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<[u8]>, D::Error> {
+        d.deserialize_bytes(BytesVisitor)
+    }
+
+    struct BytesVisitor;
+
+    impl<'de> Visitor<'de> for BytesVisitor {
+        type Value = Arc<[u8]>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("bytes")
+        }
+
+        fn visit_bytes<E>(self, v: &[u8]) -> Result<Self::Value, E> {
+            Ok(Arc::from(v))
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+            while let Some(b) = seq.next_element::<u8>()? {
+                v.push(b);
+            }
+            Ok(v.into())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn golden_handshake() {
+        let frame = Handshake::new(Role::Worker).to_frame();
+        assert_eq!(hex(&frame), "080000005241534b01000200");
+        assert_eq!(
+            Handshake::parse(&frame).unwrap(),
+            Handshake::new(Role::Worker)
+        );
+    }
+
+    #[test]
+    fn handshake_rejects_junk_and_other_versions() {
+        let mut junk = [0u8; HANDSHAKE_FRAME];
+        junk.copy_from_slice(b"GET / HTTP/1");
+        assert!(matches!(
+            Handshake::parse(&junk),
+            Err(ProtocolError::NotRask)
+        ));
+        let mut other = Handshake::new(Role::Client).to_frame();
+        other[8] = 99;
+        assert!(matches!(
+            Handshake::parse(&other),
+            Err(ProtocolError::Version {
+                ours: VERSION,
+                theirs: 99
+            })
+        ));
+        let mut role = Handshake::new(Role::Client).to_frame();
+        role[10] = 77;
+        assert!(matches!(
+            Handshake::parse(&role),
+            Err(ProtocolError::NotRask)
+        ));
+    }
+
+    #[test]
+    fn golden_compute_frame() {
+        let msg = ToWorker::Compute {
+            key: [1; 32],
+            name: "inc".into(),
+            function: "inc".into(),
+            payload: Arc::from(&[7u8, 8][..]),
+            deps: vec![[2; 32]],
+            who_has: vec![([2; 32], vec![WorkerId(3)])],
+            priority: 300,
+        };
+        let frame = frame(&msg);
+        let expected = [
+            "72000000", // body length: 114 bytes
+            "03",       // variant: Compute
+            &"01".repeat(32),
+            "03696e63", // name "inc"
+            "03696e63", // function "inc"
+            "020708",   // payload [7, 8]
+            "01",       // one dep
+            &"02".repeat(32),
+            "01", // one who_has entry
+            &"02".repeat(32),
+            "0103", // holders [3]
+            "ac02", // priority 300, varint
+        ]
+        .concat();
+        assert_eq!(hex(&frame), expected);
+        let back: Vec<ToWorker> = decode_batch(&frame[4..]).unwrap();
+        assert_eq!(back, vec![msg]);
+    }
+
+    #[test]
+    fn golden_task_finished_batch() {
+        let mut batch = Batch::default();
+        for i in 0..2u8 {
+            batch.push(&ToScheduler::TaskFinished {
+                key: [i; 32],
+                nbytes: 8,
+                duration_ns: 1000,
+            });
+        }
+        let frames = batch.take_frames();
+        assert_eq!(frames.len(), 1);
+        let one = format!("03{}08e807", "00".repeat(32));
+        let two = format!("03{}08e807", "01".repeat(32));
+        assert_eq!(hex(&frames[0]), format!("48000000{one}{two}"));
+        let back: Vec<ToScheduler> = decode_batch(&frames[0][4..]).unwrap();
+        assert_eq!(back.len(), 2);
+    }
+
+    #[test]
+    fn golden_data_frame() {
+        let msg = FromPeer::Data {
+            key: [9; 32],
+            bytes: Arc::from(&[42u8][..]),
+        };
+        assert_eq!(
+            hex(&frame(&msg)),
+            format!("23000000 00{}012a", "09".repeat(32)).replace(' ', "")
+        );
+    }
+
+    #[test]
+    fn borrowed_data_encodes_like_owned() {
+        let owned = FromPeer::Data {
+            key: [3; 32],
+            bytes: Arc::from(&[1u8, 2, 3][..]),
+        };
+        let borrowed = FromPeerRef::Data {
+            key: &[3; 32],
+            bytes: &[1, 2, 3],
+        };
+        assert_eq!(frame(&owned), frame(&borrowed));
+    }
+
+    #[test]
+    fn big_batches_are_split_into_frames() {
+        let mut batch = Batch::default();
+        let payload: Arc<[u8]> = vec![0u8; 1 << 20].into();
+        for _ in 0..10 {
+            batch.push(&FromPeer::Data {
+                key: [0; 32],
+                bytes: payload.clone(),
+            });
+        }
+        let frames = batch.take_frames();
+        assert!(frames.len() >= 2);
+        let total: usize = frames
+            .iter()
+            .map(|f| decode_batch::<FromPeer>(&f[4..]).unwrap().len())
+            .sum();
+        assert_eq!(total, 10);
+    }
+
+    #[test]
+    fn malformed_and_oversized_are_errors() {
+        assert!(matches!(
+            decode_batch::<ToScheduler>(&[0xff, 0xff]),
+            Err(ProtocolError::Malformed(_))
+        ));
+        assert!(decode_batch::<ToScheduler>(&[]).is_err());
+        assert!(matches!(
+            frame_len(((MAX_FRAME + 1) as u32).to_le_bytes()),
+            Err(ProtocolError::FrameTooLarge { .. })
+        ));
+        assert_eq!(frame_len(16u32.to_le_bytes()).unwrap(), 16);
+    }
+
+    #[test]
+    fn failures_round_trip() {
+        let f = Failure {
+            key: Key([5; 32]),
+            name: "boom".into(),
+            kind: FailureKind::Panicked,
+            message: "oh no".into(),
+        };
+        assert_eq!(Failure::from(&WireFailure::from(&f)), f);
+    }
+
+    #[test]
+    fn addresses() {
+        assert_eq!(strip_scheme("tcp://127.0.0.1:8786"), Some("127.0.0.1:8786"));
+        assert_eq!(strip_scheme("localhost:1"), Some("localhost:1"));
+        assert_eq!(strip_scheme("http://x:1"), None);
+        assert_eq!(strip_scheme("nope"), None);
+        assert_eq!(strip_scheme("tcp://"), None);
+    }
+}

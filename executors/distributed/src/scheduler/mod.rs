@@ -1,0 +1,435 @@
+//! The scheduler: a sans-IO state machine ([`state`](self)) behind a thin
+//! tokio shell.
+//!
+//! The shell accepts connections, checks handshakes, decodes frames into
+//! messages and hands them to the state machine's `on_<fact>` handlers one by
+//! one; what the handlers send is collected per connection and written as one
+//! frame per connection after every burst of input. The task state machine
+//! is described in `README.md` beside this file.
+//!
+//! Rules:
+//!
+//! 1. One thread owns the state; connection tasks only decode and forward.
+//! 2. A connection that breaks the protocol (bad handshake, oversized or
+//!    malformed frame, a message its role may not send) is closed with a
+//!    logged reason; for a worker that is the same as the worker dying, for a
+//!    client the same as it disconnecting. Everyone else is unaffected.
+//! 3. Outgoing messages are flushed after the input that caused them and all
+//!    input already queued behind it was handled: many small messages to one
+//!    peer become one frame and one write.
+
+mod placement;
+mod state;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use tokio::io::BufReader;
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::net::{self, log, Chain, FrameReader};
+use crate::protocol::{
+    decode_batch, Batch, ProtocolError, Role, ToClient, ToScheduler, ToWorker, WorkerId,
+};
+use crate::Error;
+use state::{ClientId, Outbox, State};
+
+/// A scheduler running on a background thread; dropping it shuts it down.
+///
+/// # Examples
+///
+/// ```
+/// let mut scheduler = rask_distributed::scheduler::serve("127.0.0.1:0".parse().unwrap())?;
+/// assert_ne!(scheduler.address().port(), 0);
+/// scheduler.shutdown();
+/// # Ok::<(), rask_distributed::Error>(())
+/// ```
+pub struct SchedulerHandle {
+    address: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+    counts: Arc<Counts>,
+}
+
+/// Figures the state loop publishes after every burst of input.
+#[derive(Default)]
+struct Counts {
+    workers: AtomicUsize,
+    tasks: AtomicUsize,
+}
+
+impl SchedulerHandle {
+    /// The address the scheduler listens on (with the real port when it was
+    /// started on port 0).
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// Number of workers registered now.
+    pub fn workers(&self) -> usize {
+        self.counts.workers.load(Ordering::Acquire)
+    }
+
+    /// Number of tasks the scheduler remembers now: tasks some client wants,
+    /// and their inputs. Zero once every client released everything.
+    pub fn tasks(&self) -> usize {
+        self.counts.tasks.load(Ordering::Acquire)
+    }
+
+    /// Stops the scheduler and waits for its thread. Every connection is
+    /// closed, so workers exit and clients see their submissions fail.
+    /// Calling it again does nothing.
+    pub fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for SchedulerHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl std::fmt::Debug for SchedulerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SchedulerHandle")
+            .field("address", &self.address)
+            .finish()
+    }
+}
+
+/// Starts a scheduler listening on `addr` (port 0 picks a free port) on a
+/// background thread with its own single-threaded tokio runtime.
+///
+/// # Errors
+///
+/// [`Error::Io`] if the address cannot be bound or the runtime not built.
+///
+/// # Examples
+///
+/// ```
+/// let scheduler = rask_distributed::scheduler::serve("127.0.0.1:0".parse().unwrap())?;
+/// let address = format!("tcp://{}", scheduler.address());
+/// # Ok::<(), rask_distributed::Error>(())
+/// ```
+pub fn serve(addr: SocketAddr) -> Result<SchedulerHandle, Error> {
+    let listener = net::listen(addr).map_err(Error::Io)?;
+    let address = listener.local_addr().map_err(Error::Io)?;
+    let runtime = net::runtime().map_err(Error::Io)?;
+    let (stop, stop_rx) = oneshot::channel();
+    let counts = Arc::new(Counts::default());
+    let count = counts.clone();
+    let thread = std::thread::Builder::new()
+        .name("rask-scheduler".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => run(listener, stop_rx, count).await,
+                    Err(e) => log!("scheduler: cannot listen: {e}"),
+                }
+            });
+        })
+        .map_err(Error::Io)?;
+    Ok(SchedulerHandle {
+        address,
+        stop: Some(stop),
+        thread: Some(thread),
+        counts,
+    })
+}
+
+/// What connection tasks tell the state loop.
+enum Event {
+    Connected {
+        conn: u32,
+        role: Role,
+        peer: SocketAddr,
+        writer: mpsc::UnboundedSender<Vec<u8>>,
+        kill: oneshot::Sender<()>,
+    },
+    Frame {
+        conn: u32,
+        msgs: Vec<ToScheduler>,
+    },
+    Closed {
+        conn: u32,
+        reason: Option<ProtocolError>,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Client(ClientId),
+    /// A worker that has not sent `RegisterWorker` yet.
+    NewWorker,
+    Worker(WorkerId),
+}
+
+struct Conn {
+    kind: Kind,
+    peer: SocketAddr,
+    writer: mpsc::UnboundedSender<Vec<u8>>,
+    // Dropping it ends the reader task, which closes the socket.
+    _kill: oneshot::Sender<()>,
+}
+
+/// The shell's outbox: one batch per connection, flushed after each burst.
+#[derive(Default)]
+struct Batches {
+    by_conn: HashMap<u32, Batch>,
+}
+
+impl Outbox for Batches {
+    fn to_worker(&mut self, worker: WorkerId, msg: ToWorker) {
+        self.by_conn.entry(worker.0).or_default().push(&msg);
+    }
+    fn to_client(&mut self, client: ClientId, msg: ToClient) {
+        self.by_conn.entry(client.0).or_default().push(&msg);
+    }
+}
+
+struct Shell {
+    state: State,
+    conns: HashMap<u32, Conn>,
+    out: Batches,
+}
+
+async fn run(listener: TcpListener, mut stop: oneshot::Receiver<()>, counts: Arc<Counts>) {
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let mut shell = Shell {
+        state: State::new(),
+        conns: HashMap::new(),
+        out: Batches::default(),
+    };
+    let mut next_conn: u32 = 0;
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let conn = next_conn;
+                    next_conn = next_conn.wrapping_add(1);
+                    tokio::spawn(connection(conn, stream, peer, events_tx.clone()));
+                }
+                Err(e) => {
+                    log!("scheduler: accept failed: {e}");
+                    // Out of file descriptors, typically: do not spin.
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            },
+            Some(event) = events.recv() => {
+                shell.handle(event);
+                // Handle whatever else is already queued before flushing, so
+                // a burst of input becomes one frame per peer (rule 3).
+                let mut n = 0;
+                while n < 4096 {
+                    match events.try_recv() {
+                        Ok(event) => shell.handle(event),
+                        Err(_) => break,
+                    }
+                    n += 1;
+                }
+                shell.flush();
+                counts.workers.store(shell.state.worker_count(), Ordering::Release);
+                counts.tasks.store(shell.state.task_count(), Ordering::Release);
+            }
+        }
+    }
+}
+
+/// One accepted connection: handshake, then forward decoded frames.
+async fn connection(
+    conn: u32,
+    stream: TcpStream,
+    peer: SocketAddr,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    let (role, read, write) = match net::accept(stream, Role::Scheduler).await {
+        Ok(x) => x,
+        Err(e) => {
+            log!("scheduler: closing connection from {peer}: {}", Chain(&e));
+            return;
+        }
+    };
+    if role != Role::Client && role != Role::Worker {
+        log!(
+            "scheduler: closing connection from {peer}: {}",
+            ProtocolError::Role(role)
+        );
+        return;
+    }
+    let writer = net::spawn_writer(write);
+    let (kill, killed) = oneshot::channel();
+    if events
+        .send(Event::Connected {
+            conn,
+            role,
+            peer,
+            writer,
+            kill,
+        })
+        .is_err()
+    {
+        return;
+    }
+    let reason = read_loop(read, killed, conn, &events).await;
+    let _ = events.send(Event::Closed { conn, reason });
+}
+
+async fn read_loop(
+    read: BufReader<OwnedReadHalf>,
+    mut killed: oneshot::Receiver<()>,
+    conn: u32,
+    events: &mpsc::UnboundedSender<Event>,
+) -> Option<ProtocolError> {
+    let mut read = FrameReader::new(read);
+    loop {
+        tokio::select! {
+            _ = &mut killed => return None,
+            got = read.next() => match got {
+                Ok(true) => match decode_batch::<ToScheduler>(read.frame()) {
+                    Ok(msgs) => {
+                        if events.send(Event::Frame { conn, msgs }).is_err() {
+                            return None;
+                        }
+                    }
+                    Err(e) => return Some(e),
+                },
+                Ok(false) => return None,
+                Err(e) => return Some(e),
+            },
+        }
+    }
+}
+
+impl Shell {
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Connected {
+                conn,
+                role,
+                peer,
+                writer,
+                kill,
+            } => {
+                let kind = match role {
+                    Role::Client => {
+                        self.state
+                            .on_client_connected(ClientId(conn), &mut self.out);
+                        Kind::Client(ClientId(conn))
+                    }
+                    _ => Kind::NewWorker,
+                };
+                self.conns.insert(
+                    conn,
+                    Conn {
+                        kind,
+                        peer,
+                        writer,
+                        _kill: kill,
+                    },
+                );
+            }
+            Event::Frame { conn, msgs } => {
+                for msg in msgs {
+                    let Some(c) = self.conns.get(&conn) else {
+                        return; // closed by an earlier message of this frame
+                    };
+                    if let Err(what) = self.message(conn, c.kind, msg) {
+                        self.close(conn, Some(ProtocolError::Unexpected(what)));
+                    }
+                }
+            }
+            Event::Closed { conn, reason } => self.close(conn, reason),
+        }
+    }
+
+    /// Dispatches one message; `Err` names a message this peer may not send.
+    fn message(&mut self, conn: u32, kind: Kind, msg: ToScheduler) -> Result<(), &'static str> {
+        let out = &mut self.out;
+        let state = &mut self.state;
+        match (kind, msg) {
+            (Kind::Client(c), ToScheduler::UpdateGraph { tasks, wanted }) => {
+                state.on_update_graph(c, tasks, wanted, out)
+            }
+            (Kind::Client(c), ToScheduler::ReleaseKeys { keys }) => {
+                state.on_release_keys(c, keys, out)
+            }
+            (Kind::Client(c), ToScheduler::FetchFailed { key, holder }) => {
+                state.on_fetch_failed(Some(c), key, holder, out)
+            }
+            (Kind::NewWorker, ToScheduler::RegisterWorker { address, threads }) => {
+                let w = WorkerId(conn);
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.kind = Kind::Worker(w);
+                }
+                state.on_worker_registered(w, address, threads, out);
+            }
+            (
+                Kind::Worker(w),
+                ToScheduler::TaskFinished {
+                    key,
+                    nbytes,
+                    duration_ns,
+                },
+            ) => state.on_task_finished(w, key, nbytes, duration_ns, out),
+            (Kind::Worker(w), ToScheduler::TaskErred { key, failure }) => {
+                state.on_task_erred(w, key, failure, out)
+            }
+            (Kind::Worker(w), ToScheduler::TaskAbandoned { key }) => {
+                state.on_task_abandoned(w, key, out)
+            }
+            (Kind::Worker(w), ToScheduler::DataAdded { key }) => state.on_data_added(w, key, out),
+            (Kind::Worker(_), ToScheduler::FetchFailed { key, holder }) => {
+                state.on_fetch_failed(None, key, holder, out)
+            }
+            (Kind::NewWorker, _) => return Err("a worker must register first"),
+            (Kind::Worker(_), ToScheduler::RegisterWorker { .. }) => {
+                return Err("a worker registered twice")
+            }
+            (Kind::Client(_), _) => return Err("a client sent a worker's message"),
+            (Kind::Worker(_), _) => return Err("a worker sent a client's message"),
+        }
+        Ok(())
+    }
+
+    fn close(&mut self, conn: u32, reason: Option<ProtocolError>) {
+        let Some(c) = self.conns.remove(&conn) else {
+            return;
+        };
+        if let Some(reason) = reason {
+            log!(
+                "scheduler: closing connection from {}: {}",
+                c.peer,
+                Chain(&reason)
+            );
+        }
+        self.out.by_conn.remove(&conn);
+        match c.kind {
+            Kind::Client(client) => self.state.on_client_disconnected(client, &mut self.out),
+            Kind::Worker(worker) => self.state.on_worker_lost(worker, &mut self.out),
+            Kind::NewWorker => {}
+        }
+    }
+
+    fn flush(&mut self) {
+        for (conn, mut batch) in self.out.by_conn.drain() {
+            if batch.is_empty() {
+                continue;
+            }
+            if let Some(c) = self.conns.get(&conn) {
+                net::send_batch(&c.writer, &mut batch);
+            }
+        }
+    }
+}

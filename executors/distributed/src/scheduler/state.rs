@@ -1,0 +1,1026 @@
+//! The scheduler's state machine: no sockets, no clock, no tokio.
+//!
+//! The shell in `mod.rs` calls one `on_<fact>` handler per message; handlers
+//! answer through an [`Outbox`]. The task state machine and its invariants
+//! are described in `README.md` beside this file; the numbered rules there
+//! are referred to as (S1)…(S8) in the code.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::sync::Arc;
+
+use rask_executor::Key;
+
+use super::placement::{self, Choice, Load};
+use crate::protocol::{
+    TaskSpec, ToClient, ToWorker, WireFailure, WireFailureKind, WireKey, WorkerId,
+};
+
+/// A worker that died this many times while holding a task makes the task
+/// fail rather than kill the next worker too.
+pub(crate) const ALLOWED_WORKER_DEATHS: u8 = 3;
+
+/// Identifies a client connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct ClientId(pub(crate) u32);
+
+/// Where handlers put the messages they send.
+pub(crate) trait Outbox {
+    /// Queues `msg` for `worker` (dropped if it is gone).
+    fn to_worker(&mut self, worker: WorkerId, msg: ToWorker);
+    /// Queues `msg` for `client` (dropped if it is gone).
+    fn to_client(&mut self, client: ClientId, msg: ToClient);
+}
+
+/// A slot index plus a generation, so a stale id never names a new task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct TaskId {
+    index: u32,
+    gen: u32,
+}
+
+/// Where a task is in its life (see README.md).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum TaskState {
+    /// Known, not needed now, or not yet started; no value anywhere.
+    Released,
+    /// Needed; some input is not in memory yet.
+    Waiting,
+    /// Needed, inputs in memory, in the central queue.
+    Queued,
+    /// Sent to this worker.
+    Processing(WorkerId),
+    /// The value is held by at least one worker.
+    Memory,
+    /// The task, or an input, failed.
+    Erred(Arc<WireFailure>),
+}
+
+impl TaskState {
+    fn is_active(&self) -> bool {
+        matches!(
+            self,
+            TaskState::Waiting | TaskState::Queued | TaskState::Processing(_)
+        )
+    }
+}
+
+struct Task {
+    key: Key,
+    name: Arc<str>,
+    function: Arc<str>,
+    payload: Arc<[u8]>,
+    /// Inputs in op order; one entry per edge, repeats kept.
+    deps: Vec<TaskId>,
+    /// One entry per edge from a dependent; may hold stale ids of forgotten
+    /// dependents (skipped, and compacted away), see `live_dependents`.
+    dependents: Vec<TaskId>,
+    /// Number of edges in `dependents` from live tasks.
+    live_dependents: u32,
+    state: TaskState,
+    /// While `Waiting`: input edges whose input is not in memory.
+    waiting_on: u32,
+    /// Input edges from active dependents (S2).
+    waiters: u32,
+    who_has: Vec<WorkerId>,
+    nbytes: u64,
+    /// Clients holding at least one reference.
+    who_wants: Vec<ClientId>,
+    priority: u64,
+    /// Times a worker died while this task was assigned to it.
+    deaths: u8,
+}
+
+impl Task {
+    fn needed(&self) -> bool {
+        !self.who_wants.is_empty() || self.waiters > 0
+    }
+}
+
+struct Slot {
+    gen: u32,
+    task: Option<Task>,
+}
+
+struct Worker {
+    address: String,
+    load: Load,
+}
+
+/// The scheduler's whole state.
+pub(crate) struct State {
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    by_key: HashMap<Key, TaskId>,
+    workers: BTreeMap<WorkerId, Worker>,
+    /// Per client, its references to each key (S5).
+    clients: HashMap<ClientId, HashMap<TaskId, u32>>,
+    queue: BinaryHeap<Reverse<(u64, TaskId)>>,
+    next_priority: u64,
+    /// Mean op duration (exponentially weighted), for the window size.
+    mean_ns: Option<f64>,
+    /// Tasks whose need may have changed, to settle (S3, S4).
+    unsettled: Vec<TaskId>,
+    /// Reused buffers.
+    loads: BTreeMap<WorkerId, Load>,
+    scratch: Vec<(WorkerId, u64)>,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State::new()
+    }
+}
+
+impl State {
+    pub(crate) fn new() -> State {
+        State {
+            slots: Vec::new(),
+            free: Vec::new(),
+            by_key: HashMap::new(),
+            workers: BTreeMap::new(),
+            clients: HashMap::new(),
+            queue: BinaryHeap::new(),
+            next_priority: 0,
+            mean_ns: None,
+            unsettled: Vec::new(),
+            loads: BTreeMap::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    // ----- queries (tests, the shell) -----
+
+    /// Number of registered workers.
+    pub(crate) fn worker_count(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Number of tasks the scheduler remembers.
+    pub(crate) fn task_count(&self) -> usize {
+        self.by_key.len()
+    }
+
+    /// The state of `key`, if remembered.
+    #[cfg(test)]
+    pub(crate) fn state_of(&self, key: &WireKey) -> Option<&TaskState> {
+        let id = self.by_key.get(&Key(*key))?;
+        Some(&self.task(*id).state)
+    }
+
+    /// Workers holding `key`.
+    #[cfg(test)]
+    pub(crate) fn who_has(&self, key: &WireKey) -> &[WorkerId] {
+        match self.by_key.get(&Key(*key)) {
+            Some(id) => &self.task(*id).who_has,
+            None => &[],
+        }
+    }
+
+    // ----- slab -----
+
+    fn task(&self, id: TaskId) -> &Task {
+        let slot = &self.slots[id.index as usize];
+        debug_assert_eq!(slot.gen, id.gen);
+        slot.task.as_ref().expect("a live task id names a task")
+    }
+
+    fn task_mut(&mut self, id: TaskId) -> &mut Task {
+        let slot = &mut self.slots[id.index as usize];
+        debug_assert_eq!(slot.gen, id.gen);
+        slot.task.as_mut().expect("a live task id names a task")
+    }
+
+    fn get(&self, id: TaskId) -> Option<&Task> {
+        let slot = self.slots.get(id.index as usize)?;
+        if slot.gen == id.gen {
+            slot.task.as_ref()
+        } else {
+            None
+        }
+    }
+
+    fn insert(&mut self, task: Task) -> TaskId {
+        let key = task.key;
+        let id = if let Some(index) = self.free.pop() {
+            let slot = &mut self.slots[index as usize];
+            slot.task = Some(task);
+            TaskId {
+                index,
+                gen: slot.gen,
+            }
+        } else {
+            let index = u32::try_from(self.slots.len()).expect("fewer than 2^32 live tasks");
+            self.slots.push(Slot {
+                gen: 0,
+                task: Some(task),
+            });
+            TaskId { index, gen: 0 }
+        };
+        self.by_key.insert(key, id);
+        id
+    }
+
+    fn remove(&mut self, id: TaskId) -> Task {
+        let slot = &mut self.slots[id.index as usize];
+        let task = slot.task.take().expect("a live task id names a task");
+        slot.gen = slot.gen.wrapping_add(1);
+        self.free.push(id.index);
+        self.by_key.remove(&task.key);
+        task
+    }
+
+    /// Live dependents of `id`, one entry per edge.
+    fn dependents(&self, id: TaskId) -> Vec<TaskId> {
+        self.task(id)
+            .dependents
+            .iter()
+            .copied()
+            .filter(|&d| self.get(d).is_some())
+            .collect()
+    }
+
+    // ----- connections -----
+
+    /// A client connected: tell it where the workers are.
+    pub(crate) fn on_client_connected(&mut self, client: ClientId, out: &mut impl Outbox) {
+        self.clients.insert(client, HashMap::new());
+        for (&id, w) in &self.workers {
+            out.to_client(
+                client,
+                ToClient::WorkerJoined {
+                    id,
+                    address: w.address.clone(),
+                },
+            );
+        }
+    }
+
+    /// A client went away: drop all its references (S5).
+    pub(crate) fn on_client_disconnected(&mut self, client: ClientId, out: &mut impl Outbox) {
+        let Some(wants) = self.clients.remove(&client) else {
+            return;
+        };
+        for (id, _) in wants {
+            if self.get(id).is_some() {
+                self.task_mut(id).who_wants.retain(|&c| c != client);
+                self.unsettled.push(id);
+            }
+        }
+        self.settle(out);
+        self.assign(out);
+    }
+
+    /// A worker registered its data address.
+    pub(crate) fn on_worker_registered(
+        &mut self,
+        worker: WorkerId,
+        address: String,
+        threads: u32,
+        out: &mut impl Outbox,
+    ) {
+        out.to_worker(worker, ToWorker::Registered { id: worker });
+        for (&id, w) in &self.workers {
+            out.to_worker(
+                worker,
+                ToWorker::PeerJoined {
+                    id,
+                    address: w.address.clone(),
+                },
+            );
+            out.to_worker(
+                id,
+                ToWorker::PeerJoined {
+                    id: worker,
+                    address: address.clone(),
+                },
+            );
+        }
+        for &client in self.clients.keys() {
+            out.to_client(
+                client,
+                ToClient::WorkerJoined {
+                    id: worker,
+                    address: address.clone(),
+                },
+            );
+        }
+        self.workers.insert(
+            worker,
+            Worker {
+                address,
+                load: Load {
+                    tasks: 0,
+                    threads: threads.max(1),
+                },
+            },
+        );
+        self.assign(out);
+    }
+
+    /// A worker's connection ended: reschedule what it was given, recompute
+    /// what only it held (S7).
+    pub(crate) fn on_worker_lost(&mut self, worker: WorkerId, out: &mut impl Outbox) {
+        if self.workers.remove(&worker).is_none() {
+            return;
+        }
+        for &id in self.workers.keys() {
+            out.to_worker(id, ToWorker::PeerLeft { id: worker });
+        }
+        for &client in self.clients.keys() {
+            out.to_client(client, ToClient::WorkerLeft { id: worker });
+        }
+        // A full scan: worker loss is rare, and it keeps the hot path free of
+        // per-worker task sets.
+        let mut lost = Vec::new();
+        let mut requeue = Vec::new();
+        for (index, slot) in self.slots.iter_mut().enumerate() {
+            let Some(task) = slot.task.as_mut() else {
+                continue;
+            };
+            let id = TaskId {
+                index: index as u32,
+                gen: slot.gen,
+            };
+            if let Some(pos) = task.who_has.iter().position(|&w| w == worker) {
+                task.who_has.swap_remove(pos);
+                if task.who_has.is_empty() && task.state == TaskState::Memory {
+                    lost.push(id);
+                }
+            }
+            if task.state == TaskState::Processing(worker) {
+                requeue.push(id);
+            }
+        }
+        for id in lost {
+            self.lose(id, out);
+        }
+        for id in requeue {
+            let task = self.task_mut(id);
+            task.deaths = task.deaths.saturating_add(1);
+            if task.deaths >= ALLOWED_WORKER_DEATHS {
+                let failure = Arc::new(WireFailure {
+                    key: task.key.0,
+                    name: task.name.to_string(),
+                    kind: WireFailureKind::Failed,
+                    message: format!(
+                        "{ALLOWED_WORKER_DEATHS} workers died while this task was assigned to them"
+                    ),
+                });
+                self.set_erred(id, failure, out);
+            } else {
+                self.restart(id, out);
+            }
+        }
+        self.settle(out);
+        self.assign(out);
+    }
+
+    // ----- client messages -----
+
+    /// A client's graph: add unknown tasks, take references to `wanted`.
+    pub(crate) fn on_update_graph(
+        &mut self,
+        client: ClientId,
+        tasks: Vec<TaskSpec>,
+        wanted: Vec<WireKey>,
+        out: &mut impl Outbox,
+    ) {
+        let mut added = Vec::new();
+        for spec in tasks {
+            let key = Key(spec.key);
+            if self.by_key.contains_key(&key) {
+                continue; // (S1) one task per key
+            }
+            let mut deps = Vec::with_capacity(spec.deps.len());
+            let mut unknown = None;
+            for dep in &spec.deps {
+                match self.by_key.get(&Key(*dep)) {
+                    Some(&d) => deps.push(d),
+                    None => unknown = Some(Key(*dep)),
+                }
+            }
+            let priority = self.next_priority;
+            self.next_priority += 1;
+            let state = match unknown {
+                None => TaskState::Released,
+                Some(dep) => TaskState::Erred(Arc::new(WireFailure {
+                    key: spec.key,
+                    name: spec.name.to_string(),
+                    kind: WireFailureKind::Failed,
+                    message: format!("input {dep} is not in the graph sent to the scheduler"),
+                })),
+            };
+            let n_deps = deps.len();
+            let id = self.insert(Task {
+                key,
+                name: spec.name,
+                function: spec.function,
+                payload: spec.payload,
+                deps,
+                dependents: Vec::new(),
+                live_dependents: 0,
+                state,
+                waiting_on: 0,
+                waiters: 0,
+                who_has: Vec::new(),
+                nbytes: 0,
+                who_wants: Vec::new(),
+                priority,
+                deaths: 0,
+            });
+            for i in 0..n_deps {
+                let d = self.task(id).deps[i];
+                let dep = self.task_mut(d);
+                dep.dependents.push(id);
+                dep.live_dependents += 1;
+            }
+            added.push(id);
+        }
+        let wants = self.clients.entry(client).or_default();
+        let mut to_activate = Vec::new();
+        for key in wanted {
+            let Some(&id) = self.by_key.get(&Key(key)) else {
+                out.to_client(
+                    client,
+                    ToClient::KeyErred {
+                        key,
+                        failure: WireFailure {
+                            key,
+                            name: "unknown".into(),
+                            kind: WireFailureKind::Failed,
+                            message: "the scheduler was asked for a key whose task it was not sent"
+                                .into(),
+                        },
+                    },
+                );
+                continue;
+            };
+            let count = wants.entry(id).or_insert(0);
+            *count += 1;
+            let slot = &mut self.slots[id.index as usize];
+            let task = slot.task.as_mut().expect("a live task id names a task");
+            if *count == 1 {
+                task.who_wants.push(client);
+            }
+            match &task.state {
+                TaskState::Memory => out.to_client(
+                    client,
+                    ToClient::KeyInMemory {
+                        key,
+                        holders: task.who_has.clone(),
+                        nbytes: task.nbytes,
+                    },
+                ),
+                TaskState::Erred(f) => out.to_client(
+                    client,
+                    ToClient::KeyErred {
+                        key,
+                        failure: (**f).clone(),
+                    },
+                ),
+                TaskState::Released => to_activate.push(id),
+                _ => {}
+            }
+        }
+        for id in to_activate {
+            self.activate(id, out);
+        }
+        // Tasks nobody wants and nothing depends on are forgotten at once.
+        self.unsettled.extend(added.into_iter().rev());
+        self.settle(out);
+        self.assign(out);
+    }
+
+    /// A client dropped references.
+    pub(crate) fn on_release_keys(
+        &mut self,
+        client: ClientId,
+        keys: Vec<WireKey>,
+        out: &mut impl Outbox,
+    ) {
+        let Some(wants) = self.clients.get_mut(&client) else {
+            return;
+        };
+        for key in keys {
+            let Some(&id) = self.by_key.get(&Key(key)) else {
+                continue;
+            };
+            let Some(count) = wants.get_mut(&id) else {
+                continue;
+            };
+            *count -= 1;
+            if *count == 0 {
+                wants.remove(&id);
+                let slot = &mut self.slots[id.index as usize];
+                let task = slot.task.as_mut().expect("a live task id names a task");
+                task.who_wants.retain(|&c| c != client);
+                self.unsettled.push(id);
+            }
+        }
+        self.settle(out);
+        self.assign(out);
+    }
+
+    // ----- worker messages -----
+
+    /// A worker ran a task and holds its value.
+    pub(crate) fn on_task_finished(
+        &mut self,
+        worker: WorkerId,
+        key: WireKey,
+        nbytes: u64,
+        duration_ns: u64,
+        out: &mut impl Outbox,
+    ) {
+        let Some(&id) = self.by_key.get(&Key(key)) else {
+            out.to_worker(worker, ToWorker::Release { key });
+            return;
+        };
+        let task = self.task(id);
+        if task.state != TaskState::Processing(worker) {
+            // Stale: the task was released, or reassigned (S6).
+            if !(task.state == TaskState::Memory && task.who_has.contains(&worker)) {
+                out.to_worker(worker, ToWorker::Release { key });
+            }
+            return;
+        }
+        self.unload(worker);
+        let sample = duration_ns as f64;
+        self.mean_ns = Some(match self.mean_ns {
+            None => sample,
+            Some(m) => 0.9 * m + 0.1 * sample,
+        });
+        let task = self.task_mut(id);
+        task.state = TaskState::Memory;
+        task.who_has.clear();
+        task.who_has.push(worker);
+        task.nbytes = nbytes;
+        self.deactivate(id);
+        self.in_memory(id, out);
+        self.unsettled.push(id);
+        self.settle(out);
+        self.assign(out);
+    }
+
+    /// A worker's task failed.
+    pub(crate) fn on_task_erred(
+        &mut self,
+        worker: WorkerId,
+        key: WireKey,
+        failure: WireFailure,
+        out: &mut impl Outbox,
+    ) {
+        let Some(&id) = self.by_key.get(&Key(key)) else {
+            return;
+        };
+        if self.task(id).state != TaskState::Processing(worker) {
+            return;
+        }
+        self.unload(worker);
+        self.set_erred(id, Arc::new(failure), out);
+        self.settle(out);
+        self.assign(out);
+    }
+
+    /// A worker gave a task back: an input could not be fetched.
+    pub(crate) fn on_task_abandoned(
+        &mut self,
+        worker: WorkerId,
+        key: WireKey,
+        out: &mut impl Outbox,
+    ) {
+        let Some(&id) = self.by_key.get(&Key(key)) else {
+            return;
+        };
+        if self.task(id).state != TaskState::Processing(worker) {
+            return;
+        }
+        self.unload(worker);
+        self.restart(id, out);
+        self.settle(out);
+        self.assign(out);
+    }
+
+    /// A worker holds a copy of `key` it fetched.
+    pub(crate) fn on_data_added(&mut self, worker: WorkerId, key: WireKey, out: &mut impl Outbox) {
+        let known = self.workers.contains_key(&worker);
+        if let Some(&id) = self.by_key.get(&Key(key)) {
+            let task = self.task_mut(id);
+            if task.state == TaskState::Processing(worker) {
+                // The value was lost elsewhere and recomputation was sent to
+                // this very worker, which already has a copy: it reports
+                // `TaskFinished` for it. A `Release` now would cancel the
+                // task the scheduler waits for.
+                return;
+            }
+            if task.state == TaskState::Memory && known {
+                if !task.who_has.contains(&worker) {
+                    task.who_has.push(worker);
+                }
+                return;
+            }
+        }
+        // Released meanwhile: the copy is not wanted (S6).
+        out.to_worker(worker, ToWorker::Release { key });
+    }
+
+    /// A client (`Some`) or worker (`None`) could not get `key` from `holder`.
+    pub(crate) fn on_fetch_failed(
+        &mut self,
+        client: Option<ClientId>,
+        key: WireKey,
+        holder: WorkerId,
+        out: &mut impl Outbox,
+    ) {
+        let Some(&id) = self.by_key.get(&Key(key)) else {
+            return;
+        };
+        let task = self.task_mut(id);
+        if task.state == TaskState::Memory {
+            if let Some(pos) = task.who_has.iter().position(|&w| w == holder) {
+                task.who_has.swap_remove(pos);
+                let now_lost = task.who_has.is_empty();
+                if self.workers.contains_key(&holder) {
+                    // It may hold the value after all (a transient error):
+                    // make it drop it, so who-has stays exact.
+                    out.to_worker(holder, ToWorker::Release { key });
+                }
+                if now_lost {
+                    self.lose(id, out);
+                }
+            }
+        }
+        if let Some(client) = client {
+            let task = self.task(id);
+            if task.state == TaskState::Memory && task.who_wants.contains(&client) {
+                out.to_client(
+                    client,
+                    ToClient::KeyInMemory {
+                        key,
+                        holders: task.who_has.clone(),
+                        nbytes: task.nbytes,
+                    },
+                );
+            }
+        }
+        self.settle(out);
+        self.assign(out);
+    }
+
+    // ----- transitions -----
+
+    fn unload(&mut self, worker: WorkerId) {
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.load.tasks = w.load.tasks.saturating_sub(1);
+        }
+    }
+
+    /// Released → Waiting or Queued, with every released input activated
+    /// too, since it is now needed (S2). Iterative: chains can be long.
+    fn activate(&mut self, id: TaskId, out: &mut impl Outbox) {
+        let mut stack = vec![id];
+        while let Some(id) = stack.pop() {
+            if self.task(id).state != TaskState::Released || !self.task(id).needed() {
+                continue;
+            }
+            let mut waiting_on = 0;
+            let mut erred = None;
+            for i in 0..self.task(id).deps.len() {
+                let d = self.task(id).deps[i];
+                let dep = self.task_mut(d);
+                dep.waiters += 1;
+                match &dep.state {
+                    TaskState::Memory => {}
+                    TaskState::Erred(f) => erred = Some(f.clone()),
+                    TaskState::Released => {
+                        waiting_on += 1;
+                        stack.push(d);
+                    }
+                    _ => waiting_on += 1,
+                }
+            }
+            let task = self.task_mut(id);
+            task.state = TaskState::Waiting;
+            task.waiting_on = waiting_on;
+            if let Some(f) = erred {
+                self.set_erred(id, f, out);
+            } else if waiting_on == 0 {
+                self.enqueue(id);
+            }
+        }
+    }
+
+    /// An active task goes back to Waiting or Queued, as its inputs now are.
+    fn restart(&mut self, id: TaskId, out: &mut impl Outbox) {
+        let mut waiting_on = 0;
+        let mut erred = None;
+        for i in 0..self.task(id).deps.len() {
+            let d = self.task(id).deps[i];
+            match &self.task(d).state {
+                TaskState::Memory => {}
+                TaskState::Erred(f) => erred = Some(f.clone()),
+                TaskState::Released => {
+                    waiting_on += 1;
+                    self.activate(d, out);
+                }
+                _ => waiting_on += 1,
+            }
+        }
+        let task = self.task_mut(id);
+        task.state = TaskState::Waiting;
+        task.waiting_on = waiting_on;
+        if let Some(f) = erred {
+            self.set_erred(id, f, out);
+        } else if waiting_on == 0 {
+            self.enqueue(id);
+        }
+    }
+
+    fn enqueue(&mut self, id: TaskId) {
+        let task = self.task_mut(id);
+        task.state = TaskState::Queued;
+        let priority = task.priority;
+        self.queue.push(Reverse((priority, id)));
+    }
+
+    /// An active task stops being active: its inputs lose a waiter.
+    fn deactivate(&mut self, id: TaskId) {
+        for i in 0..self.task(id).deps.len() {
+            let d = self.task(id).deps[i];
+            let dep = self.task_mut(d);
+            dep.waiters -= 1;
+            if dep.waiters == 0 {
+                self.unsettled.push(d);
+            }
+        }
+    }
+
+    /// `id` just entered memory: tell wanting clients, wake dependents.
+    fn in_memory(&mut self, id: TaskId, out: &mut impl Outbox) {
+        let task = self.task(id);
+        for &client in &task.who_wants {
+            out.to_client(
+                client,
+                ToClient::KeyInMemory {
+                    key: task.key.0,
+                    holders: task.who_has.clone(),
+                    nbytes: task.nbytes,
+                },
+            );
+        }
+        let len = task.dependents.len();
+        for i in 0..len {
+            let s = self.task(id).dependents[i];
+            let Some(dependent) = self.get(s) else {
+                continue;
+            };
+            if dependent.state == TaskState::Waiting {
+                let dependent = self.task_mut(s);
+                dependent.waiting_on -= 1;
+                if dependent.waiting_on == 0 {
+                    self.enqueue(s);
+                }
+            }
+        }
+    }
+
+    /// `id`'s value is gone from every worker (S7): dependents wait again,
+    /// and it is recomputed if still needed.
+    fn lose(&mut self, id: TaskId, out: &mut impl Outbox) {
+        self.task_mut(id).state = TaskState::Released;
+        for s in self.dependents(id) {
+            let dependent = self.task_mut(s);
+            match dependent.state {
+                TaskState::Waiting => dependent.waiting_on += 1,
+                TaskState::Queued => {
+                    dependent.state = TaskState::Waiting;
+                    dependent.waiting_on = 1;
+                }
+                // A dependent already sent to a worker either fetched the
+                // value in time or gives the task back (TaskAbandoned).
+                _ => {}
+            }
+        }
+        if self.task(id).needed() {
+            self.activate(id, out);
+        }
+        self.unsettled.push(id);
+    }
+
+    /// `id` failed with `failure`: so do its waiting dependents (S8).
+    fn set_erred(&mut self, id: TaskId, failure: Arc<WireFailure>, out: &mut impl Outbox) {
+        let mut stack = vec![id];
+        while let Some(id) = stack.pop() {
+            let task = self.task(id);
+            if matches!(task.state, TaskState::Erred(_)) {
+                continue;
+            }
+            let was_active = task.state.is_active();
+            self.task_mut(id).state = TaskState::Erred(failure.clone());
+            if was_active {
+                self.deactivate(id);
+            }
+            let task = self.task(id);
+            for &client in &task.who_wants {
+                out.to_client(
+                    client,
+                    ToClient::KeyErred {
+                        key: task.key.0,
+                        failure: (*failure).clone(),
+                    },
+                );
+            }
+            for s in self.dependents(id) {
+                if matches!(self.task(s).state, TaskState::Waiting | TaskState::Queued) {
+                    stack.push(s);
+                }
+            }
+            self.unsettled.push(id);
+        }
+    }
+
+    /// Applies (S3) and (S4) to every task whose need may have changed:
+    /// stop or drop what nobody needs, forget what nobody references.
+    fn settle(&mut self, out: &mut impl Outbox) {
+        while let Some(id) = self.unsettled.pop() {
+            let Some(task) = self.get(id) else {
+                continue;
+            };
+            if !task.needed() {
+                match task.state.clone() {
+                    TaskState::Waiting | TaskState::Queued => {
+                        self.task_mut(id).state = TaskState::Released;
+                        self.deactivate(id);
+                    }
+                    TaskState::Processing(w) => {
+                        out.to_worker(w, ToWorker::Release { key: task.key.0 });
+                        self.unload(w);
+                        self.task_mut(id).state = TaskState::Released;
+                        self.deactivate(id);
+                    }
+                    TaskState::Memory => {
+                        let key = task.key.0;
+                        let task = self.task_mut(id);
+                        task.state = TaskState::Released;
+                        for w in std::mem::take(&mut task.who_has) {
+                            out.to_worker(w, ToWorker::Release { key });
+                        }
+                    }
+                    TaskState::Released | TaskState::Erred(_) => {}
+                }
+            }
+            let task = self.task(id);
+            if task.who_wants.is_empty() && task.live_dependents == 0 {
+                let task = self.remove(id);
+                for d in task.deps {
+                    let dep = self.task_mut(d);
+                    dep.live_dependents -= 1;
+                    // Stale entries are skipped everywhere; compact so that a
+                    // task with many short-lived dependents stays small.
+                    if dep.dependents.len() > 2 * dep.live_dependents as usize + 8 {
+                        let mut deps = std::mem::take(&mut self.task_mut(d).dependents);
+                        deps.retain(|&s| self.get(s).is_some());
+                        self.task_mut(d).dependents = deps;
+                    }
+                    self.unsettled.push(d);
+                }
+            }
+        }
+    }
+
+    /// Hands queued tasks to workers with room in their window.
+    fn assign(&mut self, out: &mut impl Outbox) {
+        if self.queue.is_empty() || self.workers.is_empty() {
+            return;
+        }
+        let per_thread = placement::per_thread(self.mean_ns);
+        self.loads.clear();
+        for (&id, w) in &self.workers {
+            self.loads.insert(id, w.load.clone());
+        }
+        let mut deferred = Vec::new();
+        let mut scratch = std::mem::take(&mut self.scratch);
+        while let Some(Reverse((priority, id))) = self.queue.pop() {
+            let Some(task) = self.get(id) else { continue };
+            if task.state != TaskState::Queued || task.priority != priority {
+                continue; // stale queue entry
+            }
+            let inputs = task.deps.iter().map(|&d| {
+                let dep = self.task(d);
+                (&dep.who_has[..], dep.nbytes)
+            });
+            match placement::choose(inputs, &self.loads, per_thread, &mut scratch) {
+                Choice::Worker(w) => {
+                    self.send_compute(id, w, out);
+                    if let Some(load) = self.loads.get_mut(&w) {
+                        load.tasks += 1;
+                    }
+                }
+                Choice::Defer => {
+                    deferred.push(Reverse((priority, id)));
+                    // Bound the work spent skipping data-bound tasks.
+                    if deferred.len() >= 64 {
+                        break;
+                    }
+                }
+                Choice::Full => {
+                    deferred.push(Reverse((priority, id)));
+                    break;
+                }
+            }
+        }
+        self.scratch = scratch;
+        self.queue.extend(deferred);
+    }
+
+    fn send_compute(&mut self, id: TaskId, worker: WorkerId, out: &mut impl Outbox) {
+        let task = self.task(id);
+        let mut deps = Vec::with_capacity(task.deps.len());
+        let mut who_has = Vec::new();
+        for &d in &task.deps {
+            let dep = self.task(d);
+            deps.push(dep.key.0);
+            if !dep.who_has.contains(&worker) && !who_has.iter().any(|(k, _)| *k == dep.key.0) {
+                who_has.push((dep.key.0, dep.who_has.clone()));
+            }
+        }
+        out.to_worker(
+            worker,
+            ToWorker::Compute {
+                key: task.key.0,
+                name: task.name.clone(),
+                function: task.function.clone(),
+                payload: task.payload.clone(),
+                deps,
+                who_has,
+                priority: task.priority,
+            },
+        );
+        self.task_mut(id).state = TaskState::Processing(worker);
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.load.tasks += 1;
+        }
+    }
+
+    /// Checks the invariants of README.md (tests).
+    #[cfg(test)]
+    pub(crate) fn check_invariants(&self) {
+        for (index, slot) in self.slots.iter().enumerate() {
+            let Some(task) = &slot.task else { continue };
+            let id = TaskId {
+                index: index as u32,
+                gen: slot.gen,
+            };
+            assert_eq!(self.by_key.get(&task.key), Some(&id));
+            let waiters = self
+                .dependents(id)
+                .iter()
+                .filter(|&&s| self.task(s).state.is_active())
+                .count() as u32;
+            assert_eq!(task.waiters, waiters, "waiters of {:?}", task.key);
+            assert_eq!(self.dependents(id).len() as u32, task.live_dependents);
+            match &task.state {
+                TaskState::Memory => assert!(!task.who_has.is_empty()),
+                _ => assert!(task.who_has.is_empty(), "{:?} {:?}", task.key, task.state),
+            }
+            if task.state.is_active() || task.state == TaskState::Memory {
+                assert!(
+                    task.needed(),
+                    "{:?} is {:?} but not needed",
+                    task.key,
+                    task.state
+                );
+            }
+            if task.state == TaskState::Waiting {
+                let missing = task
+                    .deps
+                    .iter()
+                    .filter(|&&d| self.task(d).state != TaskState::Memory)
+                    .count() as u32;
+                assert_eq!(task.waiting_on, missing);
+                assert!(missing > 0);
+            }
+            if task.state == TaskState::Queued {
+                assert!(task
+                    .deps
+                    .iter()
+                    .all(|&d| self.task(d).state == TaskState::Memory));
+            }
+            assert!(!(task.who_wants.is_empty() && task.live_dependents == 0));
+        }
+        for (&w, worker) in &self.workers {
+            let n = self
+                .slots
+                .iter()
+                .filter_map(|s| s.task.as_ref())
+                .filter(|t| t.state == TaskState::Processing(w))
+                .count() as u32;
+            assert_eq!(worker.load.tasks, n);
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "state_tests.rs"]
+mod tests;

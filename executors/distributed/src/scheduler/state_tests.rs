@@ -1,0 +1,456 @@
+//! Handler tests with a recording outbox: no sockets, no threads.
+
+use super::*;
+
+#[derive(Debug, Clone, PartialEq)]
+enum Sent {
+    Worker(WorkerId, ToWorker),
+    Client(ClientId, ToClient),
+}
+
+#[derive(Default)]
+struct Rec(Vec<Sent>);
+
+impl Outbox for Rec {
+    fn to_worker(&mut self, worker: WorkerId, msg: ToWorker) {
+        self.0.push(Sent::Worker(worker, msg));
+    }
+    fn to_client(&mut self, client: ClientId, msg: ToClient) {
+        self.0.push(Sent::Client(client, msg));
+    }
+}
+
+impl Rec {
+    /// Drains the recorded `Compute`s as (worker, key).
+    fn computes(&mut self) -> Vec<(WorkerId, WireKey)> {
+        let mut got = Vec::new();
+        self.0.retain(|s| match s {
+            Sent::Worker(w, ToWorker::Compute { key, .. }) => {
+                got.push((*w, *key));
+                false
+            }
+            _ => true,
+        });
+        got
+    }
+    /// Drains the recorded `Release`s as (worker, key).
+    fn releases(&mut self) -> Vec<(WorkerId, WireKey)> {
+        let mut got = Vec::new();
+        self.0.retain(|s| match s {
+            Sent::Worker(w, ToWorker::Release { key }) => {
+                got.push((*w, *key));
+                false
+            }
+            _ => true,
+        });
+        got
+    }
+    /// Drains what clients were told, as (client, key, Ok(holders) / Err(failing key)).
+    fn told(&mut self) -> Vec<(ClientId, WireKey, Result<Vec<WorkerId>, WireKey>)> {
+        let mut got = Vec::new();
+        self.0.retain(|s| match s {
+            Sent::Client(c, ToClient::KeyInMemory { key, holders, .. }) => {
+                got.push((*c, *key, Ok(holders.clone())));
+                false
+            }
+            Sent::Client(c, ToClient::KeyErred { key, failure }) => {
+                got.push((*c, *key, Err(failure.key)));
+                false
+            }
+            _ => true,
+        });
+        got
+    }
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
+fn k(n: u8) -> WireKey {
+    [n; 32]
+}
+
+fn spec(n: u8, deps: &[u8]) -> TaskSpec {
+    TaskSpec {
+        key: k(n),
+        name: format!("t{n}").into(),
+        function: "f".into(),
+        payload: Arc::from(&[n][..]),
+        deps: deps.iter().map(|&d| k(d)).collect(),
+    }
+}
+
+const W0: WorkerId = WorkerId(0);
+const W1: WorkerId = WorkerId(1);
+const C0: ClientId = ClientId(0);
+const C1: ClientId = ClientId(1);
+
+/// A state with `n` one-thread workers and clients C0, C1.
+fn setup(n: u32) -> (State, Rec) {
+    let mut s = State::new();
+    let mut out = Rec::default();
+    for i in 0..n {
+        s.on_worker_registered(WorkerId(i), format!("127.0.0.1:{}", 1000 + i), 1, &mut out);
+    }
+    s.on_client_connected(C0, &mut out);
+    s.on_client_connected(C1, &mut out);
+    out.clear();
+    (s, out)
+}
+
+fn finish(s: &mut State, out: &mut Rec, w: WorkerId, key: u8, nbytes: u64) {
+    s.on_task_finished(w, k(key), nbytes, 1_000, out);
+    s.check_invariants();
+}
+
+fn failure(key: u8) -> WireFailure {
+    WireFailure {
+        key: k(key),
+        name: format!("t{key}"),
+        kind: WireFailureKind::Panicked,
+        message: "boom".into(),
+    }
+}
+
+#[test]
+fn diamond_runs_in_dependency_order_and_is_forgotten_after_release() {
+    let (mut s, mut out) = setup(2);
+    let graph = vec![spec(1, &[]), spec(2, &[1]), spec(3, &[1]), spec(4, &[2, 3])];
+    s.on_update_graph(C0, graph, vec![k(4)], &mut out);
+    s.check_invariants();
+    assert_eq!(out.computes(), vec![(W0, k(1))]);
+    finish(&mut s, &mut out, W0, 1, 8);
+    let mut next = out.computes();
+    next.sort();
+    // Both go to the holder of their input while it has room (2 per thread).
+    assert_eq!(next, vec![(W0, k(2)), (W0, k(3))]);
+    finish(&mut s, &mut out, W0, 2, 8);
+    assert!(out.computes().is_empty(), "4 still waits for 3");
+    finish(&mut s, &mut out, W0, 3, 8);
+    // 1 is no longer needed once 2 and 3 ran; 2 and 3 once 4 runs.
+    assert_eq!(out.releases(), vec![(W0, k(1))]);
+    assert_eq!(out.computes(), vec![(W0, k(4))]);
+    finish(&mut s, &mut out, W0, 4, 8);
+    let mut released = out.releases();
+    released.sort();
+    assert_eq!(released, vec![(W0, k(2)), (W0, k(3))]);
+    assert_eq!(out.told(), vec![(C0, k(4), Ok(vec![W0]))]);
+    assert_eq!(s.task_count(), 4);
+    s.on_release_keys(C0, vec![k(4)], &mut out);
+    s.check_invariants();
+    assert_eq!(out.releases(), vec![(W0, k(4))]);
+    assert_eq!(s.task_count(), 0, "everything is forgotten");
+}
+
+#[test]
+fn shared_keys_run_once_and_are_reference_counted() {
+    let (mut s, mut out) = setup(1);
+    s.on_update_graph(C0, vec![spec(1, &[])], vec![k(1)], &mut out);
+    s.on_update_graph(C1, vec![spec(1, &[])], vec![k(1)], &mut out);
+    s.on_update_graph(C0, vec![spec(1, &[])], vec![k(1)], &mut out);
+    s.check_invariants();
+    assert_eq!(out.computes().len(), 1, "one key, one run");
+    finish(&mut s, &mut out, W0, 1, 8);
+    let mut told = out.told();
+    told.sort_by_key(|t| t.0);
+    assert_eq!(
+        told,
+        vec![(C0, k(1), Ok(vec![W0])), (C1, k(1), Ok(vec![W0]))]
+    );
+    // Already in memory: answered at once, nothing runs.
+    s.on_update_graph(C1, vec![spec(1, &[])], vec![k(1)], &mut out);
+    assert_eq!(out.told(), vec![(C1, k(1), Ok(vec![W0]))]);
+    assert!(out.computes().is_empty());
+    // C0 holds two references, C1 two.
+    s.on_release_keys(C0, vec![k(1)], &mut out);
+    s.on_release_keys(C1, vec![k(1), k(1)], &mut out);
+    s.check_invariants();
+    assert!(out.releases().is_empty());
+    s.on_release_keys(C0, vec![k(1)], &mut out);
+    s.check_invariants();
+    assert_eq!(out.releases(), vec![(W0, k(1))]);
+    assert_eq!(s.task_count(), 0);
+}
+
+#[test]
+fn failure_propagates_to_dependents_naming_the_failed_task() {
+    let (mut s, mut out) = setup(1);
+    let graph = vec![spec(1, &[]), spec(2, &[1]), spec(3, &[2]), spec(5, &[])];
+    s.on_update_graph(C0, graph, vec![k(3), k(5)], &mut out);
+    let first = out.computes();
+    assert_eq!(first, vec![(W0, k(1)), (W0, k(5))]);
+    s.on_task_erred(W0, k(1), failure(1), &mut out);
+    s.check_invariants();
+    assert_eq!(out.told(), vec![(C0, k(3), Err(k(1)))]);
+    assert!(
+        out.computes().is_empty(),
+        "dependents of a failure never run"
+    );
+    finish(&mut s, &mut out, W0, 5, 8);
+    assert_eq!(out.told(), vec![(C0, k(5), Ok(vec![W0]))]);
+    // Asking again for an erred key answers at once.
+    s.on_update_graph(C1, vec![], vec![k(2)], &mut out);
+    assert_eq!(out.told(), vec![(C1, k(2), Err(k(1)))]);
+    s.on_release_keys(C0, vec![k(3), k(5)], &mut out);
+    s.on_client_disconnected(C1, &mut out);
+    s.check_invariants();
+    assert_eq!(s.task_count(), 0);
+}
+
+#[test]
+fn releasing_a_running_task_stops_it_and_ignores_its_late_result() {
+    let (mut s, mut out) = setup(1);
+    s.on_update_graph(C0, vec![spec(1, &[]), spec(2, &[1])], vec![k(2)], &mut out);
+    assert_eq!(out.computes(), vec![(W0, k(1))]);
+    s.on_release_keys(C0, vec![k(2)], &mut out);
+    s.check_invariants();
+    assert_eq!(out.releases(), vec![(W0, k(1))]);
+    assert_eq!(s.task_count(), 0);
+    // The worker finished before it read the release: told to drop it.
+    finish(&mut s, &mut out, W0, 1, 8);
+    assert_eq!(out.releases(), vec![(W0, k(1))]);
+    assert_eq!(s.task_count(), 0);
+}
+
+#[test]
+fn placement_follows_input_bytes() {
+    let (mut s, mut out) = setup(2);
+    s.on_update_graph(
+        C0,
+        vec![spec(1, &[]), spec(2, &[])],
+        vec![k(1), k(2)],
+        &mut out,
+    );
+    assert_eq!(out.computes(), vec![(W0, k(1)), (W1, k(2))]);
+    finish(&mut s, &mut out, W0, 1, 10);
+    finish(&mut s, &mut out, W1, 2, 10_000);
+    s.on_update_graph(C0, vec![spec(3, &[1, 2])], vec![k(3)], &mut out);
+    assert_eq!(out.computes(), vec![(W1, k(3))]);
+    // The Compute names where the input it lacks lives.
+    s.on_release_keys(C0, vec![k(3)], &mut out);
+    out.clear();
+    s.on_update_graph(C0, vec![spec(3, &[1, 2])], vec![k(3)], &mut out);
+    let who_has: Vec<_> = out
+        .0
+        .iter()
+        .filter_map(|m| match m {
+            Sent::Worker(_, ToWorker::Compute { who_has, .. }) => Some(who_has.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(who_has, vec![vec![(k(1), vec![W0])]]);
+    s.check_invariants();
+}
+
+#[test]
+fn windows_bound_assignment_and_grow_for_short_tasks() {
+    let (mut s, mut out) = setup(1);
+    let graph: Vec<_> = (1..=200).map(|i| spec(i, &[])).collect();
+    let wanted: Vec<_> = (1..=200).map(k).collect();
+    s.on_update_graph(C0, graph, wanted, &mut out);
+    let first = out.computes();
+    assert_eq!(first.len(), 2, "unknown durations: two per thread");
+    // Lower priority (earlier in the graph) first.
+    assert_eq!(first, vec![(W0, k(1)), (W0, k(2))]);
+    finish(&mut s, &mut out, W0, 1, 8); // 1 µs: short tasks
+    let more = out.computes();
+    assert_eq!(
+        more.len(),
+        placement::per_thread(Some(1_000.0)) as usize - 1
+    );
+    assert_eq!(more[0].1, k(3));
+    s.check_invariants();
+}
+
+#[test]
+fn idle_worker_takes_queued_work() {
+    let (mut s, mut out) = setup(1);
+    let graph: Vec<_> = (1..=5).map(|i| spec(i, &[])).collect();
+    s.on_update_graph(C0, graph, (1..=5).map(k).collect(), &mut out);
+    assert_eq!(out.computes().len(), 2);
+    s.on_worker_registered(W1, "127.0.0.1:2".into(), 1, &mut out);
+    assert_eq!(out.computes(), vec![(W1, k(3)), (W1, k(4))]);
+    s.check_invariants();
+}
+
+#[test]
+fn lost_worker_tasks_are_rescheduled_and_lost_keys_recomputed() {
+    let (mut s, mut out) = setup(2);
+    // 1 (data) on W0, 2 on W1; 3 needs both.
+    let graph = vec![spec(1, &[]), spec(2, &[]), spec(3, &[1, 2])];
+    s.on_update_graph(C0, graph, vec![k(3)], &mut out);
+    assert_eq!(out.computes(), vec![(W0, k(1)), (W1, k(2))]);
+    finish(&mut s, &mut out, W0, 1, 100);
+    finish(&mut s, &mut out, W1, 2, 10);
+    assert_eq!(out.computes(), vec![(W0, k(3))]);
+    // W0 dies while running 3: 3 is rescheduled, 1 (only on W0) recomputed.
+    s.on_worker_lost(W0, &mut out);
+    s.check_invariants();
+    assert_eq!(out.computes(), vec![(W1, k(1))]);
+    assert_eq!(s.state_of(&k(3)), Some(&TaskState::Waiting));
+    finish(&mut s, &mut out, W1, 1, 100);
+    assert_eq!(out.computes(), vec![(W1, k(3))]);
+    finish(&mut s, &mut out, W1, 3, 8);
+    assert_eq!(out.told(), vec![(C0, k(3), Ok(vec![W1]))]);
+    // A stale message from the dead worker changes nothing.
+    s.on_task_finished(W0, k(3), 8, 1, &mut out);
+    s.check_invariants();
+    assert_eq!(s.who_has(&k(3)), &[W1]);
+}
+
+#[test]
+fn lost_result_is_recomputed_for_a_waiting_client() {
+    let (mut s, mut out) = setup(2);
+    s.on_update_graph(C0, vec![spec(1, &[]), spec(2, &[1])], vec![k(2)], &mut out);
+    out.computes();
+    finish(&mut s, &mut out, W0, 1, 8);
+    out.computes();
+    finish(&mut s, &mut out, W0, 2, 8);
+    out.told();
+    out.releases();
+    // The client could not fetch 2 from W0 (it died, say): recompute it,
+    // and 1 too since its value was already released.
+    s.on_fetch_failed(Some(C0), k(2), W0, &mut out);
+    s.check_invariants();
+    assert_eq!(out.releases(), vec![(W0, k(2))]);
+    assert_eq!(out.computes(), vec![(W0, k(1))]);
+    finish(&mut s, &mut out, W0, 1, 8);
+    assert_eq!(out.computes(), vec![(W0, k(2))]);
+    finish(&mut s, &mut out, W0, 2, 8);
+    assert_eq!(out.told(), vec![(C0, k(2), Ok(vec![W0]))]);
+}
+
+#[test]
+fn fetch_failure_with_another_holder_points_the_client_there() {
+    let (mut s, mut out) = setup(2);
+    s.on_update_graph(C0, vec![spec(1, &[])], vec![k(1)], &mut out);
+    out.computes();
+    finish(&mut s, &mut out, W0, 1, 8);
+    s.on_data_added(W1, k(1), &mut out);
+    out.told();
+    s.on_fetch_failed(Some(C0), k(1), W0, &mut out);
+    s.check_invariants();
+    assert_eq!(out.told(), vec![(C0, k(1), Ok(vec![W1]))]);
+    assert!(out.computes().is_empty());
+}
+
+#[test]
+fn abandoned_task_is_requeued_after_its_input_is_recomputed() {
+    let (mut s, mut out) = setup(2);
+    s.on_update_graph(C0, vec![spec(1, &[]), spec(2, &[1])], vec![k(2)], &mut out);
+    out.computes();
+    finish(&mut s, &mut out, W0, 1, 8);
+    assert_eq!(out.computes(), vec![(W0, k(2))]);
+    // W0 could not read its own copy (say it was dropped); it reports the
+    // failed fetch, then gives the task back.
+    s.on_fetch_failed(None, k(1), W0, &mut out);
+    s.on_task_abandoned(W0, k(2), &mut out);
+    s.check_invariants();
+    let c = out.computes();
+    assert_eq!(c.len(), 1);
+    assert_eq!(c[0].1, k(1));
+}
+
+#[test]
+fn a_task_that_kills_workers_fails_after_three_deaths() {
+    let (mut s, mut out) = setup(0);
+    s.on_update_graph(C0, vec![spec(1, &[])], vec![k(1)], &mut out);
+    for i in 0..ALLOWED_WORKER_DEATHS as u32 {
+        s.on_worker_registered(WorkerId(i), "127.0.0.1:1".into(), 1, &mut out);
+        assert_eq!(out.computes(), vec![(WorkerId(i), k(1))]);
+        s.on_worker_lost(WorkerId(i), &mut out);
+        s.check_invariants();
+    }
+    assert_eq!(out.told(), vec![(C0, k(1), Err(k(1)))]);
+}
+
+#[test]
+fn client_disconnect_releases_its_keys() {
+    let (mut s, mut out) = setup(1);
+    s.on_update_graph(C0, vec![spec(1, &[])], vec![k(1)], &mut out);
+    s.on_update_graph(C1, vec![spec(2, &[])], vec![k(2)], &mut out);
+    out.computes();
+    finish(&mut s, &mut out, W0, 1, 8);
+    finish(&mut s, &mut out, W0, 2, 8);
+    out.releases();
+    s.on_client_disconnected(C0, &mut out);
+    s.check_invariants();
+    assert_eq!(out.releases(), vec![(W0, k(1))]);
+    assert_eq!(s.task_count(), 1);
+}
+
+#[test]
+fn unknown_input_is_a_failure_not_a_hang() {
+    let (mut s, mut out) = setup(1);
+    s.on_update_graph(C0, vec![spec(2, &[9])], vec![k(2)], &mut out);
+    s.check_invariants();
+    assert_eq!(out.told(), vec![(C0, k(2), Err(k(2)))]);
+    s.on_update_graph(C0, vec![], vec![k(7)], &mut out);
+    assert_eq!(out.told().len(), 1);
+}
+
+#[test]
+fn data_added_after_release_is_dropped() {
+    let (mut s, mut out) = setup(2);
+    s.on_data_added(W1, k(1), &mut out);
+    assert_eq!(out.releases(), vec![(W1, k(1))]);
+}
+
+#[test]
+fn worker_registration_introduces_peers() {
+    let (mut s, mut out) = setup(1);
+    s.on_worker_registered(W1, "127.0.0.1:9".into(), 2, &mut out);
+    assert!(out
+        .0
+        .contains(&Sent::Worker(W1, ToWorker::Registered { id: W1 })));
+    assert!(out.0.contains(&Sent::Worker(
+        W0,
+        ToWorker::PeerJoined {
+            id: W1,
+            address: "127.0.0.1:9".into()
+        }
+    )));
+    assert!(out.0.contains(&Sent::Client(
+        C0,
+        ToClient::WorkerJoined {
+            id: W1,
+            address: "127.0.0.1:9".into()
+        }
+    )));
+    assert_eq!(s.worker_count(), 2);
+}
+
+#[test]
+fn many_dependents_of_one_input_stay_cheap() {
+    let (mut s, mut out) = setup(2);
+    let mut graph = vec![spec(0, &[])];
+    // Keys 1..=250 all depend on 0.
+    graph.extend((1..=250).map(|i| spec(i, &[0])));
+    let wanted: Vec<_> = (1..=250).map(k).collect();
+    s.on_update_graph(C0, graph, wanted.clone(), &mut out);
+    let mut pending = out.computes();
+    while let Some((w, key)) = pending.pop() {
+        s.on_task_finished(w, key, 8, 1_000, &mut out);
+        pending.extend(out.computes());
+    }
+    s.check_invariants();
+    assert_eq!(out.told().len(), 250);
+    s.on_release_keys(C0, wanted, &mut out);
+    s.check_invariants();
+    assert_eq!(s.task_count(), 0);
+}
+
+#[test]
+fn a_copy_reported_by_the_worker_recomputing_it_does_not_cancel_it() {
+    let (mut s, mut out) = setup(2);
+    s.on_update_graph(C0, vec![spec(1, &[])], vec![k(1)], &mut out);
+    assert_eq!(out.computes(), vec![(W0, k(1))]);
+    finish(&mut s, &mut out, W0, 1, 8);
+    // W1 fetched a copy, but W0 died before the scheduler heard of it.
+    s.on_worker_lost(W0, &mut out);
+    assert_eq!(out.computes(), vec![(W1, k(1))]);
+    s.on_data_added(W1, k(1), &mut out);
+    assert!(out.releases().is_empty(), "W1 is computing it: no release");
+    finish(&mut s, &mut out, W1, 1, 8);
+    assert_eq!(s.who_has(&k(1)), &[W1]);
+}

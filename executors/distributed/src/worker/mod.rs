@@ -1,0 +1,619 @@
+//! The worker: runs tasks on its own threads, keeps their values, serves them
+//! to peers and clients on its data port.
+//!
+//! A worker is a library entry point: it runs inside the user's own binary
+//! (started in worker mode), because only that binary has the user's
+//! functions in its [`rask_executor::Registry`].
+//!
+//! Rules:
+//!
+//! 1. The worker's life is its scheduler connection: when it ends, for any
+//!    reason, [`run`] returns `Ok(())` and every value is dropped.
+//! 2. One tokio thread does all networking; ops run on `threads` plain
+//!    threads, so a long op never delays a data transfer or a report.
+//! 3. Reports to the scheduler are batched: everything that finished while
+//!    the network thread was busy goes out in one frame.
+//! 4. The data port listens on the address the worker used to reach its
+//!    scheduler (port chosen by the OS): the one interface other machines of
+//!    the cluster are known to route to.
+
+mod state;
+
+use std::collections::BinaryHeap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rask_executor::{run_task, Encoded, Failure, FailureKind, Key, Registry};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::net::{self, log, Chain, ConnectError, FrameReader, PeerPool};
+use crate::protocol::{
+    decode_batch, strip_scheme, Batch, FromPeer, FromPeerRef, ProtocolError, Role, ToPeer,
+    ToScheduler, ToWorker, WireKey, WorkerId, MAX_FRAME,
+};
+use crate::Error;
+use state::{lock, Compute, Done, Job, Outbox, Store, Stored, WorkerState};
+
+/// The largest value a worker keeps: one that still fits a frame.
+const MAX_VALUE: usize = MAX_FRAME - 1024;
+
+/// How long a worker waits for its scheduler to accept it.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs a worker until its scheduler goes away (then returns `Ok`), on the
+/// calling thread.
+///
+/// `scheduler` is `tcp://host:port` or `host:port`; `threads` is the number
+/// of tasks run at once (at least one).
+///
+/// # Errors
+///
+/// [`Error::Address`] for a malformed address, [`Error::Connection`] or
+/// [`Error::Timeout`] if the scheduler cannot be reached,
+/// [`Error::Handshake`] if it is not a rask scheduler of this version,
+/// [`Error::Protocol`] if it breaks the protocol.
+///
+/// # Examples
+///
+/// A program in worker mode, as `RASK_WORKER=tcp://host:8786 ./my-app` starts it:
+///
+/// ```no_run
+/// # fn registry() -> std::sync::Arc<dyn rask_executor::Registry> { unimplemented!() }
+/// if let Ok(scheduler) = std::env::var(rask_distributed::WORKER_ENV) {
+///     rask_distributed::worker::run(&scheduler, registry(), 4)?;
+///     std::process::exit(0);
+/// }
+/// # Ok::<(), rask_distributed::Error>(())
+/// ```
+pub fn run(scheduler: &str, registry: Arc<dyn Registry>, threads: usize) -> Result<(), Error> {
+    let runtime = net::runtime().map_err(Error::Io)?;
+    runtime.block_on(main(scheduler.to_owned(), registry, threads, None, None))
+}
+
+/// A worker running on a background thread of this process (tests).
+///
+/// [`WorkerHandle::stop`] (and dropping the handle) stops it abruptly: its
+/// connections are dropped as a crash would drop them.
+pub struct WorkerHandle {
+    id: WorkerId,
+    data_address: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<Result<(), Error>>>,
+}
+
+impl WorkerHandle {
+    /// The address of the worker's data port.
+    pub fn data_address(&self) -> SocketAddr {
+        self.data_address
+    }
+
+    /// The id the scheduler gave the worker.
+    pub fn id(&self) -> u32 {
+        self.id.0
+    }
+
+    /// Whether the worker stopped (its scheduler went away, or `stop`).
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Stops the worker at once, closing its connections without notice, as
+    /// if its process had been killed. Tasks running on its threads finish in
+    /// the background and their results are dropped.
+    pub fn stop(mut self) {
+        self.halt();
+    }
+
+    /// Waits until the worker stops by itself (when its scheduler goes
+    /// away) and returns how it ended.
+    ///
+    /// # Errors
+    ///
+    /// What [`run`] would have returned.
+    pub fn join(mut self) -> Result<(), Error> {
+        // Dropping the sender (not sending) lets the worker run on.
+        self.stop = None;
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(result)) => result,
+            _ => Ok(()),
+        }
+    }
+
+    fn halt(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for WorkerHandle {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+impl std::fmt::Debug for WorkerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerHandle")
+            .field("id", &self.id.0)
+            .field("data_address", &self.data_address)
+            .finish()
+    }
+}
+
+/// Starts a worker on a background thread; returns once the scheduler
+/// registered it.
+///
+/// # Errors
+///
+/// As [`run`], for the connection and registration.
+///
+/// # Examples
+///
+/// ```no_run
+/// # fn registry() -> std::sync::Arc<dyn rask_executor::Registry> { unimplemented!() }
+/// let scheduler = rask_distributed::scheduler::serve("127.0.0.1:0".parse().unwrap())?;
+/// let address = format!("tcp://{}", scheduler.address());
+/// let worker = rask_distributed::worker::spawn(&address, registry(), 1)?;
+/// worker.stop(); // as if killed
+/// # Ok::<(), rask_distributed::Error>(())
+/// ```
+pub fn spawn(
+    scheduler: &str,
+    registry: Arc<dyn Registry>,
+    threads: usize,
+) -> Result<WorkerHandle, Error> {
+    let runtime = net::runtime().map_err(Error::Io)?;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let scheduler = scheduler.to_owned();
+    let thread = std::thread::Builder::new()
+        .name("rask-worker".into())
+        .spawn(move || {
+            runtime.block_on(main(
+                scheduler,
+                registry,
+                threads,
+                Some(stop_rx),
+                Some(ready_tx),
+            ))
+        })
+        .map_err(Error::Io)?;
+    match ready_rx.recv() {
+        Ok((id, data_address)) => Ok(WorkerHandle {
+            id,
+            data_address,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }),
+        // The worker ended before registering: its result says why.
+        Err(_) => match thread.join() {
+            Ok(Err(e)) => Err(e),
+            _ => Err(Error::Protocol {
+                reason: ProtocolError::Closed,
+            }),
+        },
+    }
+}
+
+fn connect_error(addr: &str, e: ConnectError) -> Error {
+    match e {
+        ConnectError::Io(source) => Error::Connection {
+            addr: addr.to_owned(),
+            source,
+        },
+        ConnectError::Timeout => Error::Timeout {
+            what: "the scheduler to accept the connection",
+            after: net::CONNECT_TIMEOUT,
+        },
+        ConnectError::Handshake(reason) => Error::Handshake {
+            addr: addr.to_owned(),
+            reason,
+        },
+    }
+}
+
+/// What the worker's handlers send, sorted by destination.
+#[derive(Default)]
+struct Out {
+    scheduler: Batch,
+    fetches: Vec<(WorkerId, WireKey)>,
+    jobs: Vec<Job>,
+}
+
+impl Outbox for Out {
+    fn to_scheduler(&mut self, msg: ToScheduler) {
+        self.scheduler.push(&msg);
+    }
+    fn fetch(&mut self, from: WorkerId, key: WireKey) {
+        self.fetches.push((from, key));
+    }
+    fn run(&mut self, job: Job) {
+        self.jobs.push(job);
+    }
+}
+
+async fn main(
+    scheduler: String,
+    registry: Arc<dyn Registry>,
+    threads: usize,
+    stop: Option<oneshot::Receiver<()>>,
+    ready: Option<std::sync::mpsc::Sender<(WorkerId, SocketAddr)>>,
+) -> Result<(), Error> {
+    let address = strip_scheme(&scheduler).ok_or_else(|| Error::Address {
+        address: scheduler.clone(),
+    })?;
+    let (read, write) = net::connect(address, Role::Worker, Role::Scheduler, net::CONNECT_TIMEOUT)
+        .await
+        .map_err(|e| connect_error(address, e))?;
+    let local_ip = write.local_addr().map_err(Error::Io)?.ip();
+    let listener = TcpListener::bind((local_ip, 0)).await.map_err(Error::Io)?;
+    let data_address = listener.local_addr().map_err(Error::Io)?;
+    let writer = net::spawn_writer(write);
+    let threads = threads.max(1);
+    let mut out = Out::default();
+    out.to_scheduler(ToScheduler::RegisterWorker {
+        address: data_address.to_string(),
+        threads: threads as u32,
+    });
+    net::send_batch(&writer, &mut out.scheduler);
+
+    let mut read = FrameReader::new(read);
+    let protocol = |reason| Error::Protocol { reason };
+    let first = match tokio::time::timeout(REGISTER_TIMEOUT, read.next()).await {
+        Ok(Ok(true)) => decode_batch::<ToWorker>(read.frame()).map_err(protocol)?,
+        Ok(Ok(false)) => return Err(protocol(ProtocolError::Closed)),
+        Ok(Err(e)) => return Err(protocol(e)),
+        Err(_) => {
+            return Err(Error::Timeout {
+                what: "the scheduler to register the worker",
+                after: REGISTER_TIMEOUT,
+            })
+        }
+    };
+    let mut first = first.into_iter();
+    let Some(ToWorker::Registered { id }) = first.next() else {
+        return Err(protocol(ProtocolError::Unexpected(
+            "the scheduler did not answer the registration",
+        )));
+    };
+
+    let store = Store::default();
+    tokio::spawn(serve_data(listener, store.clone()));
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    let pool = Pool::start(threads, done_tx);
+    let (fetch_tx, mut fetch_rx) = mpsc::unbounded_channel();
+    let mut peers = PeerPool::new(fetch_tx);
+    let mut state = WorkerState::new(id, registry, store);
+    if let Some(ready) = ready {
+        let _ = ready.send((id, data_address));
+    }
+    let mut stop = stop;
+
+    let mut pending: Vec<ToWorker> = first.collect();
+    let result = loop {
+        for msg in pending.drain(..) {
+            match msg {
+                ToWorker::Compute {
+                    key,
+                    name,
+                    function,
+                    payload,
+                    deps,
+                    who_has,
+                    priority,
+                } => state.on_compute(
+                    Compute {
+                        key,
+                        name,
+                        function,
+                        payload,
+                        deps,
+                        who_has,
+                        priority,
+                    },
+                    &mut out,
+                ),
+                ToWorker::Release { key } => state.on_release(key),
+                ToWorker::PeerJoined { id, address } => peers.add_peer(id, address),
+                ToWorker::PeerLeft { id } => {
+                    peers.remove_peer(id);
+                    state.on_peer_left(id);
+                }
+                ToWorker::Registered { .. } => {
+                    log!("worker: closing the scheduler connection: registered twice");
+                    return Ok(());
+                }
+            }
+        }
+        // Flush (rule 3).
+        net::send_batch(&writer, &mut out.scheduler);
+        for (from, key) in out.fetches.drain(..) {
+            peers.request(from, key);
+        }
+        peers.flush();
+        if !out.jobs.is_empty() {
+            pool.submit(out.jobs.drain(..));
+        }
+
+        tokio::select! {
+            signal = async {
+                match stop.as_mut() {
+                    Some(s) => s.await,
+                    None => std::future::pending().await,
+                }
+            } => match signal {
+                Ok(()) => break Ok(()),
+                // The handle let go without stopping it (`join`).
+                Err(_) => stop = None,
+            },
+            got = read.next() => match got {
+                Ok(true) => match decode_batch::<ToWorker>(read.frame()) {
+                    Ok(msgs) => pending = msgs,
+                    Err(e) => {
+                        log!("worker: closing the scheduler connection: {}", Chain(&e));
+                        break Err(protocol(e));
+                    }
+                },
+                // The scheduler went away: the worker's life ends (rule 1).
+                Ok(false) | Err(ProtocolError::Closed) | Err(ProtocolError::Io(_)) => break Ok(()),
+                Err(e) => {
+                    log!("worker: closing the scheduler connection: {}", Chain(&e));
+                    break Err(protocol(e));
+                }
+            },
+            Some(done) = done_rx.recv() => {
+                state.on_task_done(done, &mut out);
+                while let Ok(done) = done_rx.try_recv() {
+                    state.on_task_done(done, &mut out);
+                }
+            }
+            Some(fetched) = fetch_rx.recv() => {
+                state.on_fetched(fetched.from, fetched.key, fetched.result, &mut out);
+                while let Ok(f) = fetch_rx.try_recv() {
+                    state.on_fetched(f.from, f.key, f.result, &mut out);
+                }
+            }
+        }
+    };
+    pool.close();
+    result
+}
+
+/// Accepts peers on the data port.
+async fn serve_data(listener: TcpListener, store: Store) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                tokio::spawn(data_connection(stream, peer, store.clone()));
+            }
+            Err(e) => {
+                log!("worker: data port accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// Answers one peer's `GetData`s until it goes away.
+async fn data_connection(stream: TcpStream, peer: SocketAddr, store: Store) {
+    let (role, read, write) = match net::accept(stream, Role::DataServer).await {
+        Ok(x) => x,
+        Err(e) => {
+            log!("worker: closing data connection from {peer}: {}", Chain(&e));
+            return;
+        }
+    };
+    if role != Role::Peer {
+        log!(
+            "worker: closing data connection from {peer}: {}",
+            ProtocolError::Role(role)
+        );
+        return;
+    }
+    let writer = net::spawn_writer(write);
+    let mut read = FrameReader::new(read);
+    let mut batch = Batch::default();
+    loop {
+        let msgs = match read.next().await {
+            Ok(true) => match decode_batch::<ToPeer>(read.frame()) {
+                Ok(m) => m,
+                Err(e) => {
+                    log!("worker: closing data connection from {peer}: {}", Chain(&e));
+                    return;
+                }
+            },
+            Ok(false) => return,
+            Err(e) => {
+                log!("worker: closing data connection from {peer}: {}", Chain(&e));
+                return;
+            }
+        };
+        for ToPeer::GetData { keys } in msgs {
+            for key in keys {
+                let stored = lock(&store).get(&key).map(|s| s.value.clone());
+                match stored {
+                    Some(value) => {
+                        if let Some(encoded) = value.downcast_ref::<Encoded>() {
+                            batch.push(&FromPeerRef::Data {
+                                key: &key,
+                                bytes: &encoded.0,
+                            });
+                        } else {
+                            match value.encode() {
+                                Ok(bytes) => batch.push(&FromPeerRef::Data {
+                                    key: &key,
+                                    bytes: &bytes,
+                                }),
+                                // Encoded once already when it was computed;
+                                // a failure now is the type's own bug.
+                                Err(_) => batch.push(&FromPeer::Missing { key }),
+                            }
+                        }
+                    }
+                    None => batch.push(&FromPeer::Missing { key }),
+                }
+            }
+        }
+        if !net::send_batch(&writer, &mut batch) {
+            return;
+        }
+    }
+}
+
+/// Jobs waiting for a thread, lowest priority number first.
+struct Queue {
+    heap: BinaryHeap<Queued>,
+    closed: bool,
+}
+
+struct Queued(Job);
+
+impl PartialEq for Queued {
+    fn eq(&self, other: &Self) -> bool {
+        (self.0.priority, self.0.id) == (other.0.priority, other.0.id)
+    }
+}
+impl Eq for Queued {}
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Queued {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        // BinaryHeap is a max-heap: reverse so the lowest priority pops first.
+        (other.0.priority, other.0.id).cmp(&(self.0.priority, self.0.id))
+    }
+}
+
+/// The worker's compute threads (rule 2).
+struct Pool {
+    shared: Arc<(Mutex<Queue>, Condvar)>,
+}
+
+impl Pool {
+    fn start(threads: usize, done: mpsc::UnboundedSender<Done>) -> Pool {
+        let shared = Arc::new((
+            Mutex::new(Queue {
+                heap: BinaryHeap::new(),
+                closed: false,
+            }),
+            Condvar::new(),
+        ));
+        for i in 0..threads {
+            let shared = shared.clone();
+            let done = done.clone();
+            // A thread that cannot be spawned leaves the pool smaller; the
+            // worker still runs as long as one thread exists.
+            let spawned = std::thread::Builder::new()
+                .name(format!("rask-worker-{i}"))
+                .spawn(move || compute_thread(&shared, &done));
+            if let Err(e) = spawned {
+                log!("worker: could not start compute thread {i}: {e}");
+            }
+        }
+        Pool { shared }
+    }
+
+    fn submit(&self, jobs: impl Iterator<Item = Job>) {
+        let (queue, ready) = &*self.shared;
+        let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
+        let before = q.heap.len();
+        q.heap.extend(jobs.map(Queued));
+        if q.heap.len() - before > 1 {
+            ready.notify_all();
+        } else {
+            ready.notify_one();
+        }
+    }
+
+    /// Threads exit once idle; running ops finish first, unobserved.
+    fn close(&self) {
+        let (queue, ready) = &*self.shared;
+        let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
+        q.closed = true;
+        q.heap.clear();
+        ready.notify_all();
+    }
+}
+
+fn compute_thread(shared: &(Mutex<Queue>, Condvar), done: &mpsc::UnboundedSender<Done>) {
+    let (queue, ready) = shared;
+    loop {
+        let job = {
+            let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                if q.closed {
+                    return;
+                }
+                if let Some(Queued(job)) = q.heap.pop() {
+                    break job;
+                }
+                q = ready.wait(q).unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        if job.cancelled.load(Ordering::Relaxed) {
+            continue;
+        }
+        let Job {
+            id,
+            key,
+            plan,
+            mut inputs,
+            ..
+        } = job;
+        let start = Instant::now();
+        let task = plan.task(0);
+        let outcome = run_task(task, &mut inputs);
+        drop(inputs);
+        let duration_ns = start.elapsed().as_nanos() as u64;
+        // Encode once now: it sizes the value for placement and turns an
+        // unserializable value into this task's failure (state rule 4).
+        let outcome = outcome.and_then(|value| {
+            let encoded = if value.is::<Encoded>() {
+                value.downcast_ref::<Encoded>().map(|e| Ok(e.0.len()))
+            } else {
+                None
+            }
+            .unwrap_or_else(|| value.encode().map(|b| b.len()));
+            let failed = |message: String| {
+                Arc::new(Failure {
+                    key: Key(key),
+                    name: task.op.name().into(),
+                    kind: FailureKind::Failed,
+                    message,
+                })
+            };
+            match encoded {
+                Ok(n) if n > MAX_VALUE => Err(failed(format!(
+                    "its value of type `{}` encodes to {n} bytes, over the {MAX_VALUE} byte limit of one frame",
+                    value.type_name()
+                ))),
+                Ok(n) => Ok(Stored {
+                    value,
+                    nbytes: n as u64,
+                }),
+                Err(e) => Err(failed(e.to_string())),
+            }
+        });
+        if done
+            .send(Done {
+                id,
+                key,
+                outcome,
+                duration_ns,
+            })
+            .is_err()
+        {
+            return;
+        }
+    }
+}

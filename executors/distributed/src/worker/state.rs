@@ -1,0 +1,597 @@
+//! A worker's state machine: which tasks wait for which inputs, which
+//! inputs are being fetched from whom. No sockets, no threads.
+//!
+//! Rules:
+//!
+//! 1. A task is handed to the thread pool once every input is in the store;
+//!    its inputs are given in the order of its `deps`.
+//! 2. Each missing input is fetched once, from one holder at a time; a holder
+//!    that fails is reported (`FetchFailed`) and the next one is tried. When
+//!    none is left, every task waiting for the input is given back
+//!    (`TaskAbandoned`): the scheduler knows better where the value is now.
+//! 3. After `Release`, nothing about that key is reported: a running task's
+//!    result is dropped (tasks carry a local id so a later `Compute` of the
+//!    same key is not confused with the released one).
+//! 4. A value enters the store with its encoded size, which the worker knows
+//!    because every result is encoded once when it is produced; a value that
+//!    cannot be encoded fails its task right there, naming its type.
+
+use std::collections::{HashMap, HashSet};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rask_executor::{
+    panic_message, Encoded, Failure, FailureKind, Key, Op, Plan, PlanBuilder, Registry, Value,
+    WireTask,
+};
+
+use crate::net::FetchResult;
+use crate::protocol::{ToScheduler, WireFailure, WireKey, WorkerId};
+
+/// A value held by this worker, with the size of its encoding.
+#[derive(Clone)]
+pub(crate) struct Stored {
+    pub(crate) value: Value,
+    pub(crate) nbytes: u64,
+}
+
+/// The values this worker holds, shared with its data server.
+pub(crate) type Store = Arc<Mutex<HashMap<WireKey, Stored>>>;
+
+/// Locks the store; a panic while it was held cannot leave it inconsistent
+/// (every critical section is a single map operation), so poison is ignored.
+pub(crate) fn lock(store: &Store) -> std::sync::MutexGuard<'_, HashMap<WireKey, Stored>> {
+    store.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A task ready to run on the pool.
+pub(crate) struct Job {
+    pub(crate) id: u64,
+    pub(crate) key: WireKey,
+    /// A one-task plan, so the pool runs it with `rask_executor::run_task`.
+    pub(crate) plan: Plan,
+    pub(crate) inputs: Vec<Option<Value>>,
+    pub(crate) priority: u64,
+    pub(crate) cancelled: Arc<AtomicBool>,
+}
+
+/// What the pool reports for a job.
+pub(crate) struct Done {
+    pub(crate) id: u64,
+    pub(crate) key: WireKey,
+    pub(crate) outcome: Result<Stored, Arc<Failure>>,
+    pub(crate) duration_ns: u64,
+}
+
+/// Where the worker's handlers put what they send.
+pub(crate) trait Outbox {
+    /// Queues a message to the scheduler.
+    fn to_scheduler(&mut self, msg: ToScheduler);
+    /// Asks `from` for `key`; the answer comes back as `on_fetched`.
+    fn fetch(&mut self, from: WorkerId, key: WireKey);
+    /// Hands a job to the thread pool.
+    fn run(&mut self, job: Job);
+}
+
+struct LocalTask {
+    id: u64,
+    op: Arc<dyn Op>,
+    deps: Vec<WireKey>,
+    /// Distinct inputs not in the store yet.
+    missing: u32,
+    priority: u64,
+    cancelled: Arc<AtomicBool>,
+}
+
+struct Fetch {
+    /// The holder asked now.
+    current: WorkerId,
+    /// Holders not tried yet.
+    others: Vec<WorkerId>,
+    /// Tasks waiting for this input.
+    waiting: Vec<WireKey>,
+}
+
+/// The `Compute` command's content.
+pub(crate) struct Compute {
+    pub(crate) key: WireKey,
+    pub(crate) name: Arc<str>,
+    pub(crate) function: Arc<str>,
+    pub(crate) payload: Arc<[u8]>,
+    pub(crate) deps: Vec<WireKey>,
+    pub(crate) who_has: Vec<(WireKey, Vec<WorkerId>)>,
+    pub(crate) priority: u64,
+}
+
+/// The worker's whole state.
+pub(crate) struct WorkerState {
+    me: WorkerId,
+    registry: Arc<dyn Registry>,
+    store: Store,
+    tasks: HashMap<WireKey, LocalTask>,
+    fetches: HashMap<WireKey, Fetch>,
+    next_id: u64,
+}
+
+impl WorkerState {
+    pub(crate) fn new(me: WorkerId, registry: Arc<dyn Registry>, store: Store) -> WorkerState {
+        WorkerState {
+            me,
+            registry,
+            store,
+            tasks: HashMap::new(),
+            fetches: HashMap::new(),
+            next_id: 0,
+        }
+    }
+
+    /// Tasks received and not finished (tests).
+    #[cfg(test)]
+    pub(crate) fn pending(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// The scheduler asks for a task.
+    pub(crate) fn on_compute(&mut self, msg: Compute, out: &mut impl Outbox) {
+        if self.tasks.contains_key(&msg.key) {
+            return;
+        }
+        if let Some(stored) = lock(&self.store).get(&msg.key) {
+            // Fetched earlier as someone's input: already done.
+            out.to_scheduler(ToScheduler::TaskFinished {
+                key: msg.key,
+                nbytes: stored.nbytes,
+                duration_ns: 0,
+            });
+            return;
+        }
+        let wire = WireTask {
+            function: msg.function.to_string(),
+            payload: msg.payload.to_vec(),
+        };
+        let fail = |kind, message: String| ToScheduler::TaskErred {
+            key: msg.key,
+            failure: WireFailure::from(&Failure {
+                key: Key(msg.key),
+                name: msg.name.clone(),
+                kind,
+                message,
+            }),
+        };
+        // A registry that panics while decoding fails that task only.
+        let op = match catch_unwind(AssertUnwindSafe(|| self.registry.resolve(&wire))) {
+            Ok(Ok(op)) => op,
+            Ok(Err(e)) => return out.to_scheduler(fail(FailureKind::Failed, e.to_string())),
+            Err(p) => return out.to_scheduler(fail(FailureKind::Panicked, panic_message(&*p))),
+        };
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut missing = Vec::new();
+        {
+            let store = lock(&self.store);
+            let mut seen = HashSet::new();
+            for dep in &msg.deps {
+                if !store.contains_key(dep) && seen.insert(*dep) {
+                    missing.push(*dep);
+                }
+            }
+        }
+        self.tasks.insert(
+            msg.key,
+            LocalTask {
+                id,
+                op,
+                deps: msg.deps,
+                missing: missing.len() as u32,
+                priority: msg.priority,
+                cancelled: Arc::new(AtomicBool::new(false)),
+            },
+        );
+        if missing.is_empty() {
+            self.dispatch(msg.key, out);
+            return;
+        }
+        for dep in missing {
+            if let Some(fetch) = self.fetches.get_mut(&dep) {
+                fetch.waiting.push(msg.key);
+                continue;
+            }
+            let mut holders: Vec<WorkerId> = msg
+                .who_has
+                .iter()
+                .find(|(k, _)| *k == dep)
+                .map(|(_, h)| h.iter().copied().filter(|&w| w != self.me).collect())
+                .unwrap_or_default();
+            // Spread the load of popular inputs across their holders.
+            if holders.len() > 1 {
+                let pick = (id as usize) % holders.len();
+                holders.swap(0, pick);
+            }
+            holders.reverse();
+            match holders.pop() {
+                Some(first) => {
+                    out.fetch(first, dep);
+                    self.fetches.insert(
+                        dep,
+                        Fetch {
+                            current: first,
+                            others: holders,
+                            waiting: vec![msg.key],
+                        },
+                    );
+                }
+                None => {
+                    // The scheduler believes this worker holds it; it does
+                    // not (released meanwhile). Say so and give the task back.
+                    out.to_scheduler(ToScheduler::FetchFailed {
+                        key: dep,
+                        holder: self.me,
+                    });
+                    self.abandon(msg.key, out);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The scheduler releases a key: drop its value or its task (rule 3).
+    pub(crate) fn on_release(&mut self, key: WireKey) {
+        lock(&self.store).remove(&key);
+        if let Some(task) = self.tasks.remove(&key) {
+            task.cancelled.store(true, Ordering::Relaxed);
+            self.unwait(&key, &task.deps);
+        }
+    }
+
+    /// The pool finished a job.
+    pub(crate) fn on_task_done(&mut self, done: Done, out: &mut impl Outbox) {
+        match self.tasks.get(&done.key) {
+            Some(task) if task.id == done.id => {}
+            _ => return, // released while it ran
+        }
+        self.tasks.remove(&done.key);
+        match done.outcome {
+            Ok(stored) => {
+                let nbytes = stored.nbytes;
+                lock(&self.store).insert(done.key, stored);
+                out.to_scheduler(ToScheduler::TaskFinished {
+                    key: done.key,
+                    nbytes,
+                    duration_ns: done.duration_ns,
+                });
+            }
+            Err(failure) => out.to_scheduler(ToScheduler::TaskErred {
+                key: done.key,
+                failure: WireFailure::from(&*failure),
+            }),
+        }
+    }
+
+    /// A fetch was answered (rule 2).
+    pub(crate) fn on_fetched(
+        &mut self,
+        from: WorkerId,
+        key: WireKey,
+        result: FetchResult,
+        out: &mut impl Outbox,
+    ) {
+        match self.fetches.get(&key) {
+            Some(fetch) if fetch.current == from => {}
+            _ => return, // nobody waits any more, or an old attempt
+        }
+        match result {
+            FetchResult::Data(bytes) => {
+                let fetch = self.fetches.remove(&key).expect("checked above");
+                if fetch.waiting.is_empty() {
+                    return;
+                }
+                let nbytes = bytes.len() as u64;
+                lock(&self.store).insert(
+                    key,
+                    Stored {
+                        value: Arc::new(Encoded(bytes)),
+                        nbytes,
+                    },
+                );
+                out.to_scheduler(ToScheduler::DataAdded { key });
+                for task in fetch.waiting {
+                    let Some(t) = self.tasks.get_mut(&task) else {
+                        continue;
+                    };
+                    t.missing -= 1;
+                    if t.missing == 0 {
+                        self.dispatch(task, out);
+                    }
+                }
+            }
+            FetchResult::Missing | FetchResult::Lost => {
+                out.to_scheduler(ToScheduler::FetchFailed { key, holder: from });
+                let fetch = self.fetches.get_mut(&key).expect("checked above");
+                if let Some(next) = fetch.others.pop() {
+                    fetch.current = next;
+                    out.fetch(next, key);
+                    return;
+                }
+                let fetch = self.fetches.remove(&key).expect("checked above");
+                for task in fetch.waiting {
+                    self.abandon(task, out);
+                }
+            }
+        }
+    }
+
+    /// A peer left: fetches from it will fail through their connection; no
+    /// state to change here. Kept as a hook for symmetry with the scheduler.
+    pub(crate) fn on_peer_left(&mut self, _peer: WorkerId) {}
+
+    /// Gives a task back to the scheduler.
+    fn abandon(&mut self, key: WireKey, out: &mut impl Outbox) {
+        if let Some(task) = self.tasks.remove(&key) {
+            self.unwait(&key, &task.deps);
+            out.to_scheduler(ToScheduler::TaskAbandoned { key });
+        }
+    }
+
+    /// Removes `task` from the waiting lists of its inputs' fetches.
+    fn unwait(&mut self, task: &WireKey, deps: &[WireKey]) {
+        for dep in deps {
+            if let Some(fetch) = self.fetches.get_mut(dep) {
+                fetch.waiting.retain(|t| t != task);
+            }
+        }
+    }
+
+    fn dispatch(&mut self, key: WireKey, out: &mut impl Outbox) {
+        let task = self.tasks.get(&key).expect("dispatch names a pending task");
+        let inputs: Option<Vec<Option<Value>>> = {
+            let store = lock(&self.store);
+            task.deps
+                .iter()
+                .map(|d| store.get(d).map(|s| Some(s.value.clone())))
+                .collect()
+        };
+        let Some(inputs) = inputs else {
+            // An input was released between its arrival and now: cannot
+            // happen within one handler, but giving the task back is safe.
+            self.abandon(key, out);
+            return;
+        };
+        let mut plan = PlanBuilder::with_capacity(1);
+        plan.push(Key(key), task.op.clone(), &[]);
+        out.run(Job {
+            id: task.id,
+            key,
+            plan: plan.build(),
+            inputs,
+            priority: task.priority,
+            cancelled: task.cancelled.clone(),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rask_executor::{OpError, WireError};
+
+    struct AddOne;
+    impl Op for AddOne {
+        fn run(&self, inputs: &mut [Option<Value>]) -> Result<Value, OpError> {
+            Ok(Arc::new(inputs.len() as i64))
+        }
+        fn name(&self) -> &str {
+            "add"
+        }
+    }
+
+    struct Reg;
+    impl Registry for Reg {
+        fn resolve(&self, task: &WireTask) -> Result<Arc<dyn Op>, WireError> {
+            match task.function.as_str() {
+                "add" => Ok(Arc::new(AddOne)),
+                "bad" => panic!("decoder exploded"),
+                f => Err(WireError::Unregistered {
+                    function: f.to_owned(),
+                }),
+            }
+        }
+    }
+
+    #[derive(Default)]
+    struct Rec {
+        sent: Vec<ToScheduler>,
+        fetches: Vec<(WorkerId, WireKey)>,
+        jobs: Vec<Job>,
+    }
+    impl Outbox for Rec {
+        fn to_scheduler(&mut self, msg: ToScheduler) {
+            self.sent.push(msg);
+        }
+        fn fetch(&mut self, from: WorkerId, key: WireKey) {
+            self.fetches.push((from, key));
+        }
+        fn run(&mut self, job: Job) {
+            self.jobs.push(job);
+        }
+    }
+
+    fn compute(key: u8, function: &str, deps: &[u8], who_has: &[(u8, &[u32])]) -> Compute {
+        Compute {
+            key: [key; 32],
+            name: "t".into(),
+            function: function.into(),
+            payload: Arc::from(&[][..]),
+            deps: deps.iter().map(|&d| [d; 32]).collect(),
+            who_has: who_has
+                .iter()
+                .map(|&(k, ws)| ([k; 32], ws.iter().map(|&w| WorkerId(w)).collect()))
+                .collect(),
+            priority: key as u64,
+        }
+    }
+
+    fn state() -> WorkerState {
+        WorkerState::new(WorkerId(0), Arc::new(Reg), Store::default())
+    }
+
+    fn put(s: &WorkerState, key: u8) {
+        lock(&s.store).insert(
+            [key; 32],
+            Stored {
+                value: Arc::new(1i64),
+                nbytes: 1,
+            },
+        );
+    }
+
+    #[test]
+    fn local_inputs_run_at_once_in_dep_order() {
+        let mut s = state();
+        let mut out = Rec::default();
+        put(&s, 1);
+        put(&s, 2);
+        s.on_compute(compute(3, "add", &[2, 1, 2], &[]), &mut out);
+        assert_eq!(out.jobs.len(), 1);
+        assert_eq!(out.jobs[0].inputs.len(), 3);
+        let job = out.jobs.pop().unwrap();
+        s.on_task_done(
+            Done {
+                id: job.id,
+                key: job.key,
+                outcome: Ok(Stored {
+                    value: Arc::new(3i64),
+                    nbytes: 1,
+                }),
+                duration_ns: 5,
+            },
+            &mut out,
+        );
+        assert_eq!(
+            out.sent,
+            vec![ToScheduler::TaskFinished {
+                key: [3; 32],
+                nbytes: 1,
+                duration_ns: 5
+            }]
+        );
+        assert_eq!(s.pending(), 0);
+    }
+
+    #[test]
+    fn missing_inputs_are_fetched_once_then_the_task_runs() {
+        let mut s = state();
+        let mut out = Rec::default();
+        s.on_compute(compute(3, "add", &[1], &[(1, &[7])]), &mut out);
+        s.on_compute(compute(4, "add", &[1], &[(1, &[7])]), &mut out);
+        assert_eq!(out.fetches, vec![(WorkerId(7), [1; 32])]);
+        assert!(out.jobs.is_empty());
+        s.on_fetched(
+            WorkerId(7),
+            [1; 32],
+            FetchResult::Data(Arc::from(&[2u8][..])),
+            &mut out,
+        );
+        assert_eq!(out.jobs.len(), 2);
+        assert_eq!(out.sent, vec![ToScheduler::DataAdded { key: [1; 32] }]);
+    }
+
+    #[test]
+    fn failed_fetch_tries_the_next_holder_then_gives_the_task_back() {
+        let mut s = state();
+        let mut out = Rec::default();
+        s.on_compute(compute(3, "add", &[1], &[(1, &[7, 8])]), &mut out);
+        let (first, _) = out.fetches[0];
+        s.on_fetched(first, [1; 32], FetchResult::Lost, &mut out);
+        assert_eq!(out.fetches.len(), 2);
+        let (second, _) = out.fetches[1];
+        assert_ne!(first, second);
+        s.on_fetched(second, [1; 32], FetchResult::Missing, &mut out);
+        assert_eq!(
+            out.sent,
+            vec![
+                ToScheduler::FetchFailed {
+                    key: [1; 32],
+                    holder: first
+                },
+                ToScheduler::FetchFailed {
+                    key: [1; 32],
+                    holder: second
+                },
+                ToScheduler::TaskAbandoned { key: [3; 32] },
+            ]
+        );
+        assert_eq!(s.pending(), 0);
+    }
+
+    #[test]
+    fn released_task_result_is_dropped() {
+        let mut s = state();
+        let mut out = Rec::default();
+        s.on_compute(compute(3, "add", &[], &[]), &mut out);
+        let job = out.jobs.pop().unwrap();
+        s.on_release([3; 32]);
+        assert!(job.cancelled.load(Ordering::Relaxed));
+        // Computed again after the release: the old result must not count.
+        s.on_compute(compute(3, "add", &[], &[]), &mut out);
+        let again = out.jobs.pop().unwrap();
+        s.on_task_done(
+            Done {
+                id: job.id,
+                key: job.key,
+                outcome: Ok(Stored {
+                    value: Arc::new(0i64),
+                    nbytes: 1,
+                }),
+                duration_ns: 1,
+            },
+            &mut out,
+        );
+        assert!(out.sent.is_empty());
+        assert_eq!(s.pending(), 1);
+        assert_ne!(again.id, job.id);
+    }
+
+    #[test]
+    fn unregistered_or_panicking_resolution_fails_the_task() {
+        let mut s = state();
+        let mut out = Rec::default();
+        s.on_compute(compute(3, "nope", &[], &[]), &mut out);
+        s.on_compute(compute(4, "bad", &[], &[]), &mut out);
+        match &out.sent[..] {
+            [ToScheduler::TaskErred {
+                key: a,
+                failure: fa,
+            }, ToScheduler::TaskErred {
+                key: b,
+                failure: fb,
+            }] => {
+                assert_eq!((*a, *b), ([3; 32], [4; 32]));
+                assert!(
+                    fa.message.contains("`nope` is not registered"),
+                    "{}",
+                    fa.message
+                );
+                assert!(fb.message.contains("decoder exploded"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn input_the_scheduler_thinks_is_here_but_is_not() {
+        let mut s = state();
+        let mut out = Rec::default();
+        s.on_compute(compute(3, "add", &[1], &[]), &mut out);
+        assert_eq!(
+            out.sent,
+            vec![
+                ToScheduler::FetchFailed {
+                    key: [1; 32],
+                    holder: WorkerId(0)
+                },
+                ToScheduler::TaskAbandoned { key: [3; 32] },
+            ]
+        );
+    }
+}

@@ -1,0 +1,475 @@
+//! The distributed executor end to end, in one process: a scheduler, workers
+//! on background threads and clients, all on 127.0.0.1 with OS-chosen ports.
+//! Every wait has a timeout (`support::TIMEOUT`).
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use rask_distributed::protocol::{self, Handshake, Role, ToScheduler};
+use rask_executor::FailureKind;
+use support::{Cluster, Collect, Graph, TIMEOUT};
+
+/// a = 1; b = a + 1; c = a + 1; d = b + c.
+fn diamond(cluster: &Cluster, client: &rask_distributed::Client, salt: u64) {
+    let mut g = Graph::salted(&cluster.shared, salt);
+    let a = g.value(1);
+    let b = g.op("inc", 0, &[a]);
+    let c = g.op("add", 1, &[a]);
+    let d = g.op("add", 0, &[b, c]);
+    g.output(d);
+    g.output(a);
+    let got = Collect::new(2);
+    got.submit(client, g.build());
+    assert_eq!(got.wait(), vec![Ok(4), Ok(1)]);
+}
+
+#[test]
+fn diamond_graph() {
+    let cluster = Cluster::new(2, 1);
+    let client = cluster.client();
+    diamond(&cluster, &client, 0);
+    // Everything is released once the outputs were reported.
+    cluster.eventually("release", |c| c.scheduler.tasks() == 0);
+}
+
+#[test]
+fn inputs_are_given_in_dependency_order() {
+    let cluster = Cluster::new(2, 1);
+    let client = cluster.client();
+    let mut g = Graph::new(&cluster.shared);
+    let a = g.value(10);
+    let b = g.value(3);
+    // "sleep_inc" takes only its first input: the order must be kept, and a
+    // repeated input must arrive twice.
+    let first = g.task("sleep_inc", postcard::to_stdvec(&0u64).unwrap(), &[b, a]);
+    let twice = g.op("add", 0, &[a, a, b]);
+    g.output(first);
+    g.output(twice);
+    let got = Collect::new(2);
+    got.submit(&client, g.build());
+    assert_eq!(got.wait(), vec![Ok(4), Ok(23)]);
+}
+
+#[test]
+fn shared_keys_across_submissions_and_clients_run_once() {
+    let cluster = Cluster::new(2, 1);
+    let (one, two) = (cluster.client(), cluster.client());
+    let plan = || {
+        let mut g = Graph::new(&cluster.shared);
+        let a = g.value(5);
+        let slow = g.op("gate", 0, &[a]);
+        let counted = g.op("count", 1, &[slow]);
+        g.output(counted);
+        g.build()
+    };
+    let first = Collect::new(1);
+    first.submit(&one, plan());
+    cluster.wait_started();
+    // While the first runs: the same keys from the same client and another.
+    let second = Collect::new(1);
+    second.submit(&one, plan());
+    let third = Collect::new(1);
+    third.submit(&two, plan());
+    cluster.shared.open_gate(1);
+    assert_eq!(first.wait(), vec![Ok(6)]);
+    assert_eq!(second.wait(), vec![Ok(6)]);
+    assert_eq!(third.wait(), vec![Ok(6)]);
+    assert_eq!(cluster.shared.runs.load(Ordering::SeqCst), 1);
+    cluster.eventually("release", |c| c.scheduler.tasks() == 0);
+}
+
+#[test]
+fn failure_propagates_and_names_the_failed_task() {
+    let cluster = Cluster::new(2, 1);
+    let client = cluster.client();
+    let mut g = Graph::new(&cluster.shared);
+    let bad = g.op("fail", 0, &[]);
+    let after = g.op("inc", 0, &[bad]);
+    let later = g.op("add", 7, &[after]);
+    let fine = g.value(9);
+    let bad_key = g.key(bad);
+    g.output(later);
+    g.output(fine);
+    let got = Collect::new(2);
+    got.submit(&client, g.build());
+    let out = got.wait();
+    let failure = out[0].clone().unwrap_err();
+    assert_eq!(failure.key, bad_key);
+    assert_eq!(&*failure.name, "fail");
+    assert_eq!(failure.kind, FailureKind::Failed);
+    assert_eq!(failure.message, "nope");
+    assert_eq!(out[1], Ok(9));
+}
+
+#[test]
+fn a_panicking_task_fails_only_itself() {
+    let cluster = Cluster::new(1, 1);
+    let client = cluster.client();
+    let mut g = Graph::new(&cluster.shared);
+    let boom = g.op("panic", 0, &[]);
+    let one = g.value(1);
+    let two = g.op("inc", 0, &[one]);
+    g.output(boom);
+    g.output(two);
+    let got = Collect::new(2);
+    got.submit(&client, g.build());
+    let out = got.wait();
+    let failure = out[0].clone().unwrap_err();
+    assert_eq!(failure.kind, FailureKind::Panicked);
+    assert_eq!(failure.message, "kaboom");
+    assert_eq!(out[1], Ok(2));
+    // The worker survived.
+    diamond(&cluster, &client, 1);
+}
+
+#[test]
+fn cancel_reports_cancelled_and_releases() {
+    let cluster = Cluster::new(1, 1);
+    let client = cluster.client();
+    let mut g = Graph::new(&cluster.shared);
+    let a = g.value(1);
+    let slow = g.op("gate", 0, &[a]);
+    let after = g.op("inc", 0, &[slow]);
+    g.output(after);
+    let got = Collect::new(1);
+    got.submit(&client, g.build());
+    cluster.wait_started();
+    got.cancel.store(true, Ordering::SeqCst);
+    let out = got.wait();
+    assert_eq!(out[0].clone().unwrap_err().kind, FailureKind::Cancelled);
+    cluster.eventually("release", |c| c.scheduler.tasks() == 0);
+    cluster.shared.open_gate(1);
+    // The cluster is still usable.
+    diamond(&cluster, &client, 2);
+}
+
+#[test]
+fn map_of_ten_thousand_tasks() {
+    let cluster = Cluster::new(2, 1);
+    let client = cluster.client();
+    let mut g = Graph::new(&cluster.shared);
+    let n = 10_000;
+    let base = g.value(0);
+    for i in 0..n {
+        let t = g.op("add", i, &[base]);
+        g.output(t);
+    }
+    let got = Collect::new(n as usize);
+    got.submit(&client, g.build());
+    let out = got.wait();
+    assert_eq!(out.len(), n as usize);
+    for (i, v) in out.iter().enumerate() {
+        assert_eq!(*v, Ok(i as i64));
+    }
+    cluster.eventually("release", |c| c.scheduler.tasks() == 0);
+}
+
+#[test]
+fn several_submissions_in_flight_on_one_client() {
+    let cluster = Cluster::new(2, 2);
+    let client = cluster.client();
+    let runs: Vec<_> = (0..20)
+        .map(|i| {
+            let mut g = Graph::new(&cluster.shared);
+            let a = g.value(i);
+            let b = g.op("inc", 0, &[a]);
+            g.output(b);
+            let got = Collect::new(1);
+            got.submit(&client, g.build());
+            (i, got)
+        })
+        .collect();
+    for (i, got) in runs {
+        assert_eq!(got.wait(), vec![Ok(i + 1)]);
+    }
+}
+
+#[test]
+fn killed_worker_mid_run_every_result_still_arrives() {
+    let mut cluster = Cluster::new(2, 1);
+    let client = cluster.client();
+    let mut g = Graph::new(&cluster.shared);
+    let n = 400;
+    let mut mapped = Vec::new();
+    for i in 0..n {
+        let v = g.value(i);
+        // 500 µs each: long enough to be mid-run when the worker dies.
+        let t = g.task("sleep_inc", postcard::to_stdvec(&500u64).unwrap(), &[v]);
+        mapped.push(t);
+        g.output(t);
+    }
+    // A reduction over everything: needs values held by both workers, so
+    // those held by the dead one must be recomputed.
+    let total = g.op("add", 0, &mapped);
+    g.output(total);
+    let got = Collect::new(n as usize + 1);
+    let progress = got.progress();
+    got.submit(&client, g.build());
+    for _ in 0..n / 4 {
+        progress.recv_timeout(TIMEOUT).expect("progress");
+    }
+    // Abrupt stop: connections dropped as by a crash.
+    cluster.workers[0].take().unwrap().stop();
+    let out = got.wait();
+    for (i, v) in out.iter().take(n as usize).enumerate() {
+        assert_eq!(*v, Ok(i as i64 + 1), "output {i}");
+    }
+    assert_eq!(out[n as usize], Ok((1..=n).sum()));
+}
+
+#[test]
+fn worker_exits_when_its_scheduler_goes_away() {
+    let mut cluster = Cluster::new(1, 1);
+    let worker = cluster.workers[0].take().unwrap();
+    cluster.scheduler.shutdown();
+    // `join` returns only once the worker stopped by itself.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(worker.join());
+    });
+    let result = rx.recv_timeout(TIMEOUT).expect("the worker should exit");
+    assert!(result.is_ok(), "{result:?}");
+}
+
+#[test]
+fn lost_scheduler_fails_open_submissions() {
+    let mut cluster = Cluster::new(1, 1);
+    let client = cluster.client();
+    let mut g = Graph::new(&cluster.shared);
+    let a = g.value(1);
+    let slow = g.op("gate", 0, &[a]);
+    g.output(slow);
+    let got = Collect::new(1);
+    got.submit(&client, g.build());
+    cluster.wait_started();
+    cluster.scheduler.shutdown();
+    let failure = got.wait()[0].clone().unwrap_err();
+    assert!(failure.message.contains("lost the connection"), "{failure}");
+    // Later submissions fail at once too.
+    let mut g = Graph::new(&cluster.shared);
+    let a = g.value(1);
+    g.output(a);
+    let got = Collect::new(1);
+    got.submit(&client, g.build());
+    assert!(got.wait()[0].is_err());
+}
+
+#[test]
+fn unregistered_function_is_a_clear_error() {
+    let cluster = Cluster::new(1, 1);
+    let client = cluster.client();
+    let mut g = Graph::new(&cluster.shared);
+    let a = g.value(1);
+    let nope = g.op("nope", 0, &[a]);
+    let after = g.op("inc", 0, &[nope]);
+    let nope_key = g.key(nope);
+    g.output(after);
+    let got = Collect::new(1);
+    got.submit(&client, g.build());
+    let failure = got.wait()[0].clone().unwrap_err();
+    assert_eq!(failure.key, nope_key);
+    assert!(
+        failure.message.contains("`nope` is not registered"),
+        "{failure}"
+    );
+}
+
+#[test]
+fn a_task_that_cannot_leave_the_process_fails_at_submit() {
+    let cluster = Cluster::new(1, 1);
+    let client = cluster.client();
+    let mut g = Graph::new(&cluster.shared);
+    let a = g.value(1);
+    let local = g.op("local_only", 0, &[a]);
+    let local_key = g.key(local);
+    g.output(local);
+    g.output(a);
+    let got = Collect::new(2);
+    got.submit(&client, g.build());
+    let out = got.wait();
+    for o in out {
+        let failure = o.unwrap_err();
+        assert_eq!(failure.key, local_key);
+        assert!(failure.message.contains("cannot be sent"), "{failure}");
+    }
+}
+
+#[test]
+fn bad_addresses_and_dead_ports_are_errors() {
+    assert!(matches!(
+        rask_distributed::Client::connect("http://x"),
+        Err(rask_distributed::Error::Address { .. })
+    ));
+    // A port nobody listens on (bind, read the port, close).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    assert!(matches!(
+        rask_distributed::Client::connect(&format!("127.0.0.1:{port}")),
+        Err(rask_distributed::Error::Connection { .. })
+    ));
+}
+
+/// Writes `bytes` to `addr` and expects the server to close the connection
+/// (after its handshake answer, if any) within the timeout.
+fn expect_closed(addr: SocketAddr, bytes: &[u8]) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let _ = s.write_all(bytes);
+    let mut sink = Vec::new();
+    match s.read_to_end(&mut sink) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("connection to {addr} not closed: {e}"),
+    }
+    assert!(sink.len() <= protocol::HANDSHAKE_FRAME, "got {sink:?}");
+}
+
+fn junk_inputs(role: Role) -> Vec<Vec<u8>> {
+    let hello = Handshake::new(role).to_frame();
+    let mut wrong_version = hello;
+    wrong_version[8] = 0xee;
+    let mut oversized = hello.to_vec();
+    oversized.extend_from_slice(&u32::MAX.to_le_bytes());
+    let mut malformed = hello.to_vec();
+    malformed.extend_from_slice(&[3, 0, 0, 0, 0xff, 0xff, 0xff]);
+    vec![
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        vec![0x08, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8],
+        wrong_version.to_vec(),
+        oversized,
+        malformed,
+    ]
+}
+
+#[test]
+fn junk_on_the_scheduler_port_closes_only_that_connection() {
+    let cluster = Cluster::new(2, 1);
+    let client = cluster.client();
+    for junk in junk_inputs(Role::Client) {
+        expect_closed(cluster.scheduler.address(), &junk);
+    }
+    // A client sending a worker's message is closed as well.
+    let mut wrong = Handshake::new(Role::Client).to_frame().to_vec();
+    wrong.extend(protocol::frame(&ToScheduler::TaskAbandoned {
+        key: [0; 32],
+    }));
+    expect_closed(cluster.scheduler.address(), &wrong);
+    // A peer's role is not served on the scheduler port.
+    expect_closed(
+        cluster.scheduler.address(),
+        &Handshake::new(Role::Peer).to_frame(),
+    );
+    diamond(&cluster, &client, 3);
+    diamond(&cluster, &cluster.client(), 4);
+}
+
+#[test]
+fn junk_on_a_worker_data_port_closes_only_that_connection() {
+    let cluster = Cluster::new(2, 1);
+    let client = cluster.client();
+    let data = cluster.workers[0].as_ref().unwrap().data_address();
+    for junk in junk_inputs(Role::Peer) {
+        expect_closed(data, &junk);
+    }
+    expect_closed(data, &Handshake::new(Role::Client).to_frame());
+    // Both workers still serve data: a reduction over values spread on both.
+    let mut g = Graph::new(&cluster.shared);
+    let vs: Vec<u32> = (0..8).map(|i| g.value(i)).collect();
+    let incs: Vec<u32> = vs.iter().map(|&v| g.op("inc", 0, &[v])).collect();
+    let total = g.op("add", 0, &incs);
+    g.output(total);
+    let got = Collect::new(1);
+    got.submit(&client, g.build());
+    assert_eq!(got.wait(), vec![Ok((1..=8).sum())]);
+}
+
+#[test]
+fn a_silent_peer_is_dropped_after_the_handshake_timeout_without_blocking_others() {
+    let cluster = Cluster::new(1, 1);
+    // Connects and says nothing: must not block anyone else meanwhile.
+    let _silent = TcpStream::connect(cluster.scheduler.address()).unwrap();
+    let client = cluster.client();
+    diamond(&cluster, &client, 5);
+}
+
+/// Random DAGs on 3 workers, one of which is stopped mid-run: the results
+/// equal the synchronous executor's.
+#[test]
+fn random_dags_survive_a_dying_worker_and_agree_with_synchronous() {
+    use rask_executor::{Executor, Synchronous};
+    for seed in 1..=4u64 {
+        let mut cluster = Cluster::new(3, 1);
+        let client = cluster.client();
+        let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut next = move |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        let build = |next: &mut dyn FnMut(u64) -> u64| {
+            let mut g = Graph::salted(&cluster.shared, 1000 + seed);
+            let mut nodes: Vec<u32> = (0..10).map(|i| g.value(i)).collect();
+            for i in 0..250 {
+                let k = 1 + next(3) as usize;
+                let deps: Vec<u32> = (0..k)
+                    .map(|_| nodes[nodes.len() - 1 - next(nodes.len().min(30) as u64) as usize])
+                    .collect();
+                nodes.push(g.op("sleep_add", i % 7, &deps));
+            }
+            for &n in nodes.iter().rev().take(20) {
+                g.output(n);
+            }
+            g.build()
+        };
+        let mut replay = next; // a copy: the same sequence again
+        let plan = build(&mut next);
+        let reference = Collect::new(20);
+        Synchronous.submit(build(&mut replay), reference.clone());
+        let expected = reference.wait();
+
+        let got = Collect::new(20);
+        got.submit(&client, plan);
+        // Not a wait for a condition: this picks the moment of the crash,
+        // a different one per seed, while the graph (~20 ms of work) runs.
+        std::thread::sleep(Duration::from_millis(3 * seed));
+        cluster.workers[(seed % 3) as usize].take().unwrap().stop();
+        assert_eq!(got.wait(), expected, "seed {seed}");
+    }
+}
+
+#[test]
+fn public_types_are_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<rask_distributed::Client>();
+    check::<rask_distributed::LocalCluster>();
+    check::<rask_distributed::scheduler::SchedulerHandle>();
+    check::<rask_distributed::WorkerHandle>();
+    check::<rask_distributed::Error>();
+}
+
+#[test]
+fn dropping_the_client_cancels_its_open_submissions_and_releases_its_keys() {
+    let cluster = Cluster::new(1, 1);
+    let client = cluster.client();
+    let mut g = Graph::new(&cluster.shared);
+    let a = g.value(1);
+    let slow = g.op("gate", 0, &[a]);
+    g.output(slow);
+    let got = Collect::new(1);
+    got.submit(&client, g.build());
+    cluster.wait_started();
+    drop(client);
+    assert_eq!(
+        got.wait()[0].clone().unwrap_err().kind,
+        FailureKind::Cancelled
+    );
+    cluster.eventually("release", |c| c.scheduler.tasks() == 0);
+}

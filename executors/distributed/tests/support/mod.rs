@@ -1,0 +1,375 @@
+//! A test registry, plan builders and a reporter that waits with timeouts.
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rask_distributed::scheduler::{self, SchedulerHandle};
+use rask_distributed::{worker, Client, WorkerHandle};
+use rask_executor::{
+    Encoded, Executor, Failure, Key, Op, OpError, Outcome, Plan, PlanBuilder, Registry, Reporter,
+    Value, WireError, WireTask,
+};
+
+/// Every wait in these tests gives up after this long.
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An `i64` from a value computed here (typed) or fetched (encoded).
+pub fn int(v: &Value) -> i64 {
+    if let Some(x) = v.downcast_ref::<i64>() {
+        *x
+    } else if let Some(e) = v.downcast_ref::<Encoded>() {
+        postcard::from_bytes(&e.0).expect("an encoded i64")
+    } else {
+        panic!("not an i64: {v:?}")
+    }
+}
+
+/// Shared by every op of a registry: run counts and the gate.
+#[derive(Default)]
+pub struct Shared {
+    /// Runs of `count` ops.
+    pub runs: AtomicUsize,
+    /// Tokens that let `gate` ops finish.
+    gate: Mutex<Option<Receiver<()>>>,
+    gate_tx: Mutex<Option<Sender<()>>>,
+    /// Told each time a `gate` op starts.
+    started: Mutex<Option<Sender<()>>>,
+}
+
+impl Shared {
+    pub fn new() -> (Arc<Shared>, Receiver<()>) {
+        let (tx, rx) = channel();
+        let (started_tx, started_rx) = channel();
+        let shared = Shared {
+            gate: Mutex::new(Some(rx)),
+            gate_tx: Mutex::new(Some(tx)),
+            started: Mutex::new(Some(started_tx)),
+            ..Default::default()
+        };
+        (Arc::new(shared), started_rx)
+    }
+
+    /// Lets `n` gate ops finish.
+    pub fn open_gate(&self, n: usize) {
+        if let Some(tx) = &*self.gate_tx.lock().unwrap() {
+            for _ in 0..n {
+                let _ = tx.send(());
+            }
+        }
+    }
+}
+
+/// Test ops: `rask.value` (payload = value bytes), `inc`, `add` (sum of the
+/// inputs plus the payload's i64), `count` (like add, counting runs),
+/// `sleep_inc` (sleeps payload µs, then inc), `gate` (waits for a token,
+/// then add), `fail`, `panic`. Anything else is unregistered.
+pub struct TestOp {
+    pub function: String,
+    pub payload: Vec<u8>,
+    pub shared: Arc<Shared>,
+}
+
+impl Op for TestOp {
+    fn run(&self, inputs: &mut [Option<Value>]) -> Result<Value, OpError> {
+        let sum = || -> i64 {
+            let c: i64 = postcard::from_bytes(&self.payload).unwrap_or(0);
+            c + inputs.iter().map(|v| int(v.as_ref().unwrap())).sum::<i64>()
+        };
+        match self.function.as_str() {
+            "rask.value" => Ok(Arc::new(Encoded(self.payload.clone().into()))),
+            "inc" => Ok(Arc::new(int(inputs[0].as_ref().unwrap()) + 1)),
+            "add" => Ok(Arc::new(sum())),
+            "sleep_add" => {
+                std::thread::sleep(Duration::from_micros(200));
+                Ok(Arc::new(sum()))
+            }
+            "count" => {
+                self.shared.runs.fetch_add(1, Ordering::SeqCst);
+                Ok(Arc::new(sum()))
+            }
+            "sleep_inc" => {
+                let micros: u64 = postcard::from_bytes(&self.payload).unwrap_or(0);
+                std::thread::sleep(Duration::from_micros(micros));
+                Ok(Arc::new(int(inputs[0].as_ref().unwrap()) + 1))
+            }
+            "gate" => {
+                if let Some(s) = &*self.shared.started.lock().unwrap() {
+                    let _ = s.send(());
+                }
+                let gate = self.shared.gate.lock().unwrap();
+                match gate.as_ref().map(|g| g.recv_timeout(TIMEOUT)) {
+                    Some(Ok(())) => Ok(Arc::new(sum())),
+                    _ => Err(OpError::failed("the gate never opened")),
+                }
+            }
+            "fail" => Err(OpError::failed("nope")),
+            "panic" => panic!("kaboom"),
+            other => Err(OpError::failed(format!("cannot run {other}"))),
+        }
+    }
+
+    fn name(&self) -> &str {
+        &self.function
+    }
+
+    fn to_wire(&self) -> Result<WireTask, WireError> {
+        if self.function == "local_only" {
+            return Err(WireError::NotSerializable {
+                what: "task `local_only`".into(),
+            });
+        }
+        Ok(WireTask {
+            function: self.function.clone(),
+            payload: self.payload.clone(),
+        })
+    }
+}
+
+pub struct TestRegistry {
+    pub shared: Arc<Shared>,
+}
+
+impl Registry for TestRegistry {
+    fn resolve(&self, task: &WireTask) -> Result<Arc<dyn Op>, WireError> {
+        match task.function.as_str() {
+            "rask.value" | "inc" | "add" | "sleep_add" | "count" | "sleep_inc" | "gate"
+            | "fail" | "panic" => Ok(Arc::new(TestOp {
+                function: task.function.clone(),
+                payload: task.payload.clone(),
+                shared: self.shared.clone(),
+            })),
+            f => Err(WireError::Unregistered {
+                function: f.to_owned(),
+            }),
+        }
+    }
+}
+
+/// Builds plans whose keys are hashes of (function, payload, input keys).
+pub struct Graph {
+    b: PlanBuilder,
+    keys: Vec<Key>,
+    shared: Arc<Shared>,
+    salt: u64,
+}
+
+impl Graph {
+    pub fn new(shared: &Arc<Shared>) -> Graph {
+        Graph::salted(shared, 0)
+    }
+
+    /// A salt makes keys differ from other tests' on a shared cluster.
+    pub fn salted(shared: &Arc<Shared>, salt: u64) -> Graph {
+        Graph {
+            b: PlanBuilder::new(),
+            keys: Vec::new(),
+            shared: shared.clone(),
+            salt,
+        }
+    }
+
+    pub fn task(&mut self, function: &str, payload: Vec<u8>, deps: &[u32]) -> u32 {
+        let mut key = [0u8; 32];
+        for (i, chunk) in key.chunks_mut(8).enumerate() {
+            let mut h = DefaultHasher::new();
+            (i, self.salt, function, &payload).hash(&mut h);
+            for &d in deps {
+                self.keys[d as usize].0.hash(&mut h);
+            }
+            chunk.copy_from_slice(&h.finish().to_le_bytes());
+        }
+        let op = Arc::new(TestOp {
+            function: function.to_owned(),
+            payload,
+            shared: self.shared.clone(),
+        });
+        self.keys.push(Key(key));
+        self.b.push(Key(key), op, deps)
+    }
+
+    pub fn value(&mut self, v: i64) -> u32 {
+        self.task("rask.value", postcard::to_stdvec(&v).unwrap(), &[])
+    }
+
+    pub fn op(&mut self, function: &str, constant: i64, deps: &[u32]) -> u32 {
+        self.task(function, postcard::to_stdvec(&constant).unwrap(), deps)
+    }
+
+    pub fn key(&self, t: u32) -> Key {
+        self.keys[t as usize]
+    }
+
+    pub fn output(&mut self, t: u32) -> usize {
+        self.b.output(t)
+    }
+
+    pub fn build(self) -> Arc<Plan> {
+        Arc::new(self.b.build())
+    }
+}
+
+/// Collects outputs; `wait` returns them once `finished` was called.
+pub struct Collect {
+    outs: Mutex<Vec<Option<Result<i64, Failure>>>>,
+    extra: AtomicUsize,
+    pub cancel: AtomicBool,
+    progress: Mutex<Option<Sender<usize>>>,
+    done: Mutex<Option<Sender<()>>>,
+    done_rx: Mutex<Receiver<()>>,
+    plan_dropped: Mutex<Option<std::sync::Weak<Plan>>>,
+}
+
+impl Collect {
+    pub fn new(n: usize) -> Arc<Collect> {
+        let (tx, rx) = channel();
+        Arc::new(Collect {
+            outs: Mutex::new(vec![None; n]),
+            extra: AtomicUsize::new(0),
+            cancel: AtomicBool::new(false),
+            progress: Mutex::new(None),
+            done: Mutex::new(Some(tx)),
+            done_rx: Mutex::new(rx),
+            plan_dropped: Mutex::new(None),
+        })
+    }
+
+    /// A channel told the slot of every output as it arrives.
+    pub fn progress(&self) -> Receiver<usize> {
+        let (tx, rx) = channel();
+        *self.progress.lock().unwrap() = Some(tx);
+        rx
+    }
+
+    /// Submits `plan` to `client`, checking at `finished` that the plan was
+    /// dropped (rule 4).
+    pub fn submit(self: &Arc<Self>, client: &Client, plan: Arc<Plan>) {
+        *self.plan_dropped.lock().unwrap() = Some(Arc::downgrade(&plan));
+        client.submit(plan, self.clone());
+    }
+
+    /// Waits for `finished`; panics after `TIMEOUT`.
+    pub fn wait(&self) -> Vec<Result<i64, Failure>> {
+        match self.done_rx.lock().unwrap().recv_timeout(TIMEOUT) {
+            Ok(()) => {}
+            Err(RecvTimeoutError::Timeout) => {
+                let outs = self.outs.lock().unwrap();
+                let missing = outs.iter().filter(|o| o.is_none()).count();
+                panic!("timed out: {missing} of {} outputs missing", outs.len())
+            }
+            Err(RecvTimeoutError::Disconnected) => panic!("finished twice?"),
+        }
+        assert_eq!(
+            self.extra.load(Ordering::SeqCst),
+            0,
+            "an output was reported twice"
+        );
+        self.outs
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|o| {
+                o.clone()
+                    .expect("finished before every output was reported")
+            })
+            .collect()
+    }
+}
+
+impl Reporter for Collect {
+    fn output(&self, index: usize, outcome: Outcome) {
+        let v = outcome.map(|v| int(&v)).map_err(|f| (*f).clone());
+        let mut outs = self.outs.lock().unwrap();
+        if outs[index].is_some() {
+            self.extra.fetch_add(1, Ordering::SeqCst);
+        }
+        outs[index] = Some(v);
+        drop(outs);
+        if let Some(p) = &*self.progress.lock().unwrap() {
+            let _ = p.send(index);
+        }
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+
+    fn finished(&self) {
+        if let Some(weak) = &*self.plan_dropped.lock().unwrap() {
+            assert_eq!(
+                weak.strong_count(),
+                0,
+                "the plan is still held at `finished`"
+            );
+        }
+        if let Some(tx) = self.done.lock().unwrap().take() {
+            let _ = tx.send(());
+        } else {
+            self.extra.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// A scheduler and in-process workers sharing one registry.
+pub struct Cluster {
+    pub workers: Vec<Option<WorkerHandle>>,
+    pub shared: Arc<Shared>,
+    pub started: Receiver<()>,
+    pub scheduler: SchedulerHandle,
+    pub address: String,
+}
+
+impl Cluster {
+    pub fn new(workers: usize, threads: usize) -> Cluster {
+        let scheduler = scheduler::serve("127.0.0.1:0".parse().unwrap()).unwrap();
+        let address = format!("tcp://{}", scheduler.address());
+        let (shared, started) = Shared::new();
+        let workers = (0..workers)
+            .map(|_| {
+                let registry = Arc::new(TestRegistry {
+                    shared: shared.clone(),
+                });
+                Some(worker::spawn(&address, registry, threads).unwrap())
+            })
+            .collect();
+        Cluster {
+            workers,
+            shared,
+            started,
+            scheduler,
+            address,
+        }
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect(&self.address).unwrap()
+    }
+
+    /// Waits until a gate op started.
+    pub fn wait_started(&self) {
+        self.started
+            .recv_timeout(TIMEOUT)
+            .expect("a gate op should have started");
+    }
+
+    /// Polls `cond` until it holds, up to `TIMEOUT`.
+    pub fn eventually(&self, what: &str, cond: impl Fn(&Cluster) -> bool) {
+        let deadline = Instant::now() + TIMEOUT;
+        while !cond(self) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Unblock any gate op still waiting so its thread ends.
+        self.shared.open_gate(64);
+        *self.shared.gate_tx.lock().unwrap() = None;
+    }
+}

@@ -1,0 +1,309 @@
+//! The distributed executor with real worker processes: each test starts a
+//! local cluster whose workers are this test binary in worker mode. Runs
+//! with its own `main` (`harness = false`), because a worker process must
+//! call `rask::init` before anything else.
+
+mod support;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+use proptest::test_runner::{Config as ProptestConfig, TestRunner};
+use rask::{as_completed, delayed, Client, Config, Delayed, Error, ExecutorKind, Status};
+
+fn inc(x: i64) -> i64 {
+    x + 1
+}
+
+fn add(x: i64, y: i64) -> i64 {
+    x + y
+}
+
+fn sum(xs: Vec<i64>) -> i64 {
+    xs.iter().sum()
+}
+
+fn total_len(data: Arc<Vec<u8>>, extra: usize) -> usize {
+    data.len() + extra
+}
+
+fn slow_inc(x: i64) -> i64 {
+    std::thread::sleep(Duration::from_millis(4));
+    x + 1
+}
+
+fn explode(x: i64) -> i64 {
+    if x == 3 {
+        panic!("exploded on {x}");
+    }
+    x
+}
+
+fn half(x: i64) -> Result<i64, String> {
+    if x % 2 == 0 {
+        Ok(x / 2)
+    } else {
+        Err(format!("{x} is odd"))
+    }
+}
+
+fn lonely(x: i64) -> i64 {
+    x
+}
+
+fn local2() -> Config {
+    Config::new().executor(ExecutorKind::Local(2))
+}
+
+fn graphs_compute_like_the_sync_executor() {
+    let x = delayed!(inc(1));
+    let y = delayed!(inc(2));
+    let total = delayed!(add(&x, &y));
+    assert_eq!(total.compute_with(&local2()).unwrap(), 5);
+    let parts: Vec<Delayed<i64>> = (0..50).map(|i| delayed!(inc(i))).collect();
+    let s = delayed!(sum(&parts));
+    assert_eq!(s.compute_with(&local2()).unwrap(), 1275);
+    let (a, b) = rask::compute_with((&s, &total), &local2()).unwrap();
+    assert_eq!((a, b), (1275, 5));
+    // Operators are registered for primitive types.
+    assert_eq!((&x * 10 + &y).compute_with(&local2()).unwrap(), 23);
+    // A large value travels once and is shared by reference.
+    let data = rask::value(vec![1u8; 100_000]);
+    assert_eq!(
+        delayed!(total_len(&data, 5))
+            .compute_with(&local2())
+            .unwrap(),
+        100_005
+    );
+    let n = 2000;
+    assert_eq!(
+        support::tree(n).compute_with(&local2()).unwrap(),
+        n * (n + 1) / 2
+    );
+}
+
+fn failures_name_the_task_and_spare_the_cluster() {
+    let bad = delayed!(explode(3));
+    let after = delayed!(add(&bad, 1));
+    match after.compute_with(&local2()).unwrap_err() {
+        Error::Task {
+            key,
+            panicked,
+            message,
+        } => {
+            assert_eq!(key, bad.key());
+            assert!(panicked);
+            assert!(message.contains("exploded on 3"), "{message}");
+        }
+        other => panic!("unexpected {other}"),
+    }
+    let odd = delayed!(half(7)?);
+    let err = odd.compute_with(&local2()).unwrap_err();
+    assert!(err.to_string().contains("7 is odd"), "{err}");
+    // The workers survived.
+    assert_eq!(delayed!(inc(41)).compute_with(&local2()).unwrap(), 42);
+}
+
+fn unregistered_functions_are_a_clear_error() {
+    let started = Instant::now();
+    let err = delayed!(lonely(1)).compute_with(&local2()).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("lonely") && text.contains("not registered"),
+        "{text}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+/// Waits until this process has at most `count` live children.
+fn children_settle_to(count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while live_children().len() > count {
+        assert!(
+            Instant::now() < deadline,
+            "worker processes left running: {:?}",
+            live_children()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn futures_api_on_a_cluster() {
+    let before = live_children().len();
+    let client = Client::local(2).unwrap();
+    assert_eq!(live_children().len(), before + 2, "two worker processes");
+    let f = client.submit(delayed!(inc(1))).unwrap();
+    let g = client.submit(delayed!(add(&f, 10))).unwrap();
+    assert_eq!(g.result().unwrap(), 12);
+    let fs = client.map(inc, 0..300).unwrap();
+    assert_eq!(client.gather(&fs).unwrap(), (1..=300).collect::<Vec<i64>>());
+    let again = client.map(inc, 0..300).unwrap();
+    assert!(
+        again.iter().all(|f| f.status() == Status::Finished),
+        "resubmission is instant"
+    );
+    let mut seq = as_completed(client.map(inc, 0..5).unwrap());
+    let mut seen = 0;
+    while let Some(done) = seq.next() {
+        let v = done.result().unwrap();
+        seen += 1;
+        if v < 3 {
+            seq.add(client.submit(delayed!(add(v, 100))).unwrap());
+        }
+    }
+    assert_eq!(seen, 7);
+    let held = client.stats().keys_held;
+    drop((fs, again));
+    assert!(client.stats().keys_held < held);
+    let data = client.scatter(vec![7u8; 1000]).unwrap();
+    assert_eq!(
+        client
+            .submit(delayed!(total_len(&data, 0)))
+            .unwrap()
+            .result()
+            .unwrap(),
+        1000
+    );
+    drop((data, f, g, client));
+    children_settle_to(before);
+}
+
+fn a_killed_worker_loses_no_result() {
+    let before = live_children().len();
+    let client = Client::local(2).unwrap();
+    let fs = client.map(slow_inc, 0..400).unwrap();
+    // Wait until some results exist, then kill a worker mid-map.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while fs.iter().filter(|f| f.done()).count() < 20 {
+        assert!(Instant::now() < deadline, "no progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    client.__kill_worker(0).unwrap();
+    assert_eq!(client.gather(&fs).unwrap(), (1..=400).collect::<Vec<i64>>());
+    // The cluster still works with one worker.
+    assert_eq!(
+        client.submit(delayed!(inc(1))).unwrap().result().unwrap(),
+        2
+    );
+    drop((fs, client));
+    children_settle_to(before);
+}
+
+fn random_graphs_agree_with_the_sync_executor() {
+    let mut runner = TestRunner::new(ProptestConfig {
+        cases: 12,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    runner
+        .run(&support::dag(40, 0.05), |specs| {
+            let nodes = support::build(&specs, 0);
+            let root = nodes.len() - 1;
+            let want = nodes[root].compute_with(&Config::synchronous());
+            let got = nodes[root].compute_with(&local2());
+            match (want, got) {
+                (Ok(a), Ok(b)) => prop_assert_eq!(a, b),
+                (Err(Error::Task { .. }), Err(Error::Task { .. })) => {}
+                (a, b) => prop_assert!(false, "sync {:?} vs local:2 {:?}", a, b),
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// Child processes of this process that are still alive.
+fn live_children() -> Vec<u32> {
+    let me = std::process::id();
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after the parenthesised command: state, ppid, ...
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.len() > 1 && fields[1] == me.to_string() && fields[0] != "Z" {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn main() {
+    rask::init(rask::tasks![
+        inc,
+        add,
+        sum,
+        total_len,
+        slow_inc,
+        explode,
+        half?,
+        support::leaf,
+        support::mix?,
+        support::tree_inc,
+        support::tree_add
+    ]);
+    let tests: &[(&str, fn())] = &[
+        (
+            "graphs_compute_like_the_sync_executor",
+            graphs_compute_like_the_sync_executor,
+        ),
+        (
+            "failures_name_the_task_and_spare_the_cluster",
+            failures_name_the_task_and_spare_the_cluster,
+        ),
+        (
+            "unregistered_functions_are_a_clear_error",
+            unregistered_functions_are_a_clear_error,
+        ),
+        ("futures_api_on_a_cluster", futures_api_on_a_cluster),
+        (
+            "a_killed_worker_loses_no_result",
+            a_killed_worker_loses_no_result,
+        ),
+        (
+            "random_graphs_agree_with_the_sync_executor",
+            random_graphs_agree_with_the_sync_executor,
+        ),
+    ];
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let (mut passed, mut failed) = (0, 0);
+    for (name, test) in tests {
+        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
+            continue;
+        }
+        let started = Instant::now();
+        match catch_unwind(AssertUnwindSafe(test)) {
+            Ok(()) => {
+                passed += 1;
+                println!("test {name} ... ok ({:.1?})", started.elapsed());
+            }
+            Err(_) => {
+                failed += 1;
+                println!("test {name} ... FAILED");
+            }
+        }
+    }
+    // Clusters started by `Client::local` are gone with their clients (the
+    // tests check it); the shared `local:2` cluster lives until exit, and its
+    // workers exit when the scheduler (in this process) goes away.
+    println!("{passed} passed, {failed} failed");
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}
