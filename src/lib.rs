@@ -65,8 +65,47 @@
 //!
 //! Explicit argument ([`Delayed::compute_with`]) > scoped [`config::set`] >
 //! the `RASK_SCHEDULER` environment variable (`sync`, `threads`,
-//! `threads:N`) > the default, `threads`. An unknown value is an error, never
-//! a silent fallback.
+//! `threads:N`, `local:N`, `tcp://host:port`) > the default, `threads`. An
+//! unknown value is an error, never a silent fallback.
+//!
+//! # Futures
+//!
+//! A [`Client`] runs work in the background and returns [`Future`]s, with
+//! Dask's names: `submit`, `map`, `gather`, `scatter`, `compute`, `persist`,
+//! [`as_completed`], [`wait`]. Futures are task arguments, identical
+//! submissions share one computation, and dropping the last clone of a
+//! future releases its result.
+//!
+//! ```
+//! use rask::{as_completed, delayed, Client};
+//! fn inc(x: i64) -> i64 { x + 1 }
+//!
+//! let client = Client::threads(2)?;
+//! let f = client.submit(delayed!(inc(1)))?;
+//! let g = client.submit(delayed!(inc(&f)))?;       // computation moves to the data
+//! let mut seq = as_completed(client.map(inc, 0..4)?);
+//! while let Some(done) = seq.next() {
+//!     if done.result()? < 3 { seq.add(client.submit(delayed!(inc(10)))?); }
+//! }
+//! assert_eq!(g.result()?, 3);
+//! # Ok::<(), rask::Error>(())
+//! ```
+//!
+//! # Clusters
+//!
+//! `RASK_SCHEDULER=local:N` (or [`Client::local`]) starts a scheduler and N
+//! worker processes of the program itself; `tcp://host:port` (or
+//! [`Client::connect`]) uses a running `rask-scheduler`. Workers find task
+//! functions in the list given to [`init`], called first in `main`:
+//!
+//! ```no_run
+//! fn inc(x: i64) -> i64 { x + 1 }
+//! fn main() {
+//!     rask::init(rask::tasks![inc]);   // a worker process stays in here
+//!     let two = rask::delayed!(inc(1)).compute().unwrap();
+//!     println!("{two}");
+//! }
+//! ```
 //!
 //! # Design
 //!
@@ -78,10 +117,15 @@
 //! - **A graph is its nodes.** A `Delayed` is an `Arc` to an immutable node
 //!   holding its inputs, so a graph needs no central map while it is built
 //!   (cheap, and cycles are impossible), and lowering merges graphs by key.
-//! - **Values are `Arc<dyn Any>`.** A value used by many tasks is shared; the
-//!   last consumer takes it without a copy. Serialization (serde) is needed
-//!   only for keys of literals and, later, to move values between processes;
-//!   local executors never serialize results.
+//! - **Values are `Arc<dyn AnyValue>`.** A value used by many tasks is
+//!   shared; the last consumer takes it without a copy. Every value can
+//!   encode itself (serde + postcard), which gives literals their keys and
+//!   lets the distributed executor move values between processes; local
+//!   executors never serialize results.
+//! - **A worker is the program itself.** Tasks travel as a registered
+//!   function's name plus their literal arguments as bytes; a worker process
+//!   is the same binary, so it has the same functions, found through the
+//!   list given to [`init`]. No code is shipped, nothing is `unsafe`.
 //! - **The order is the plan order.** Lowering emits a depth-first post-order,
 //!   which finishes a branch before starting the next; executors free each
 //!   value right after its last consumer ran, so a tree reduction holds
