@@ -251,12 +251,8 @@ impl<T: Data> Delayed<T> {
     ///
     /// As [`compute`](Delayed::compute).
     pub fn persist_with(&self, config: &Config) -> Result<Delayed<T>> {
-        if self.node.is_data() {
-            return Ok(self.clone());
-        }
-        let mut values = crate::compute::run(std::slice::from_ref(&self.node), config)?;
-        let value = values.pop().expect("one output for one root");
-        Ok(Delayed::held(self.node.key, self.node.name.clone(), value))
+        let mut kept = persist_with(std::slice::from_ref(self), config)?;
+        Ok(kept.pop().expect("one result per input"))
     }
 
     pub(crate) fn held(key: Key, name: Name, value: Value) -> Delayed<T> {
@@ -287,6 +283,53 @@ impl<T: Data> Compute for Delayed<T> {
     fn assemble(&self, values: &mut std::vec::IntoIter<Value>) -> Result<T> {
         crate::compute::take::<T>(values)
     }
+}
+
+/// Persists several values in one computation (shared work runs once, and
+/// independent parts run in parallel); see [`Delayed::persist`].
+///
+/// # Errors
+///
+/// As [`Delayed::compute`].
+///
+/// # Examples
+///
+/// ```
+/// fn load(i: u64) -> Vec<u64> { (0..1000).map(|x| x * i).collect() }
+/// fn total(chunks: Vec<Vec<u64>>) -> u64 { chunks.iter().flatten().sum() }
+///
+/// let chunks: Vec<_> = (0..4).map(|i| rask::delayed!(load(i))).collect();
+/// let chunks = rask::persist(&chunks)?;              // loaded once, kept
+/// assert_eq!(rask::delayed!(total(&chunks)).compute()?, 499_500 * 6);
+/// # Ok::<(), rask::Error>(())
+/// ```
+pub fn persist<T: Data>(items: &[Delayed<T>]) -> Result<Vec<Delayed<T>>> {
+    persist_with(items, &Config::default())
+}
+
+/// [`persist`] with an explicit configuration.
+///
+/// # Errors
+///
+/// As [`Delayed::compute`].
+pub fn persist_with<T: Data>(items: &[Delayed<T>], config: &Config) -> Result<Vec<Delayed<T>>> {
+    let roots: Vec<Arc<Node>> = items
+        .iter()
+        .filter(|d| !d.node.is_data())
+        .map(|d| d.node.clone())
+        .collect();
+    let mut values = crate::compute::run(&roots, config)?.into_iter();
+    Ok(items
+        .iter()
+        .map(|d| {
+            if d.node.is_data() {
+                d.clone()
+            } else {
+                let value = values.next().expect("one value per root");
+                Delayed::held(d.node.key, d.node.name.clone(), value)
+            }
+        })
+        .collect())
 }
 
 /// Wraps a plain value as a `Delayed`: a data node whose key is the hash of

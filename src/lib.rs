@@ -164,7 +164,7 @@ pub use client::{Client, ClientStats};
 pub use compute::{compute, compute_with, Compute};
 pub use config::{Config, ExecutorKind};
 pub use data::Data;
-pub use delayed::{named_key, value, value_named, Delayed, TaskKey};
+pub use delayed::{named_key, persist, persist_with, value, value_named, Delayed, TaskKey};
 pub use error::{Error, Result};
 pub use future::{as_completed, wait, wait_first, wait_timeout, AsCompleted, Done, Future, Status};
 pub use graph::Graph;
