@@ -30,9 +30,9 @@ impl Backend {
             #[cfg(feature = "distributed")]
             ExecutorKind::Local(n) => crate::cluster::shared_local(*n).map(Backend::Distributed),
             #[cfg(feature = "distributed")]
-            ExecutorKind::Tcp(address) => crate::cluster::Cluster::connect(address)
-                .map(Arc::new)
-                .map(Backend::Distributed),
+            ExecutorKind::Tcp(address) => {
+                crate::cluster::shared_connection(address).map(Backend::Distributed)
+            }
             #[cfg(not(feature = "distributed"))]
             ExecutorKind::Local(_) | ExecutorKind::Tcp(_) => {
                 Err(crate::Error::Unavailable("distributed"))

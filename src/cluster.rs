@@ -89,6 +89,20 @@ pub(crate) fn shared_local(workers: usize) -> Result<Arc<Cluster>> {
     Ok(cluster)
 }
 
+/// The process-wide connection for `RASK_SCHEDULER=tcp://host:port`: made on
+/// first use and kept, so computes don't reconnect each time.
+pub(crate) fn shared_connection(address: &str) -> Result<Arc<Cluster>> {
+    static CONNECTIONS: Mutex<Option<HashMap<String, Arc<Cluster>>>> = Mutex::new(None);
+    let mut connections = CONNECTIONS.lock().unwrap_or_else(PoisonError::into_inner);
+    let connections = connections.get_or_insert_with(HashMap::new);
+    if let Some(cluster) = connections.get(address) {
+        return Ok(cluster.clone());
+    }
+    let cluster = Arc::new(Cluster::connect(address)?);
+    connections.insert(address.to_owned(), cluster.clone());
+    Ok(cluster)
+}
+
 /// In a worker process (`RASK_WORKER` set): runs the worker, then exits the
 /// process. Otherwise returns at once.
 pub(crate) fn run_worker_if_asked() {

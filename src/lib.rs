@@ -185,4 +185,10 @@ pub mod prelude {
 pub mod __private {
     pub use crate::args::apply;
     pub use crate::node::{Fallible, Plain};
+
+    /// The registry installed by [`init`](crate::init), for tests that run
+    /// workers inside their own process.
+    pub fn registry() -> Option<std::sync::Arc<dyn rask_executor::Registry>> {
+        crate::registry::installed().map(|r| r as std::sync::Arc<dyn rask_executor::Registry>)
+    }
 }

@@ -195,3 +195,39 @@ pub fn chain(n: usize) -> Delayed<i64> {
     }
     x
 }
+
+/// A scheduler and two workers (2 threads each) inside this test process, on
+/// 127.0.0.1 with ports from the OS, started once per test binary; workers
+/// find functions in `tasks` (the first list given wins). Returns the
+/// configuration that computes on it.
+#[cfg(feature = "distributed")]
+pub fn loopback_cluster(tasks: rask::Tasks) -> rask::Config {
+    rask::Config::new().executor(rask::ExecutorKind::Tcp(loopback_address(tasks)))
+}
+
+/// The `host:port` of the cluster of [`loopback_cluster`].
+#[cfg(feature = "distributed")]
+pub fn loopback_address(tasks: rask::Tasks) -> String {
+    use std::sync::OnceLock;
+    type Cluster = (
+        rask_distributed::scheduler::SchedulerHandle,
+        Vec<rask_distributed::worker::WorkerHandle>,
+    );
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    let (scheduler, _) = CLUSTER.get_or_init(|| {
+        rask::init(tasks);
+        let registry = rask::__private::registry().expect("registry installed");
+        let scheduler =
+            rask_distributed::scheduler::serve("127.0.0.1:0".parse().expect("an address"))
+                .expect("scheduler starts");
+        let address = format!("tcp://{}", scheduler.address());
+        let workers = (0..2)
+            .map(|_| {
+                rask_distributed::worker::spawn(&address, registry.clone(), 2)
+                    .expect("worker starts")
+            })
+            .collect();
+        (scheduler, workers)
+    });
+    scheduler.address().to_string()
+}
