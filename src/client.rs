@@ -13,6 +13,13 @@
 //!    needs a pending entry starts only when that entry is done.
 //! 4. A submission stops (its executor run is cancelled) once none of its
 //!    outputs is wanted any more: all cancelled or released.
+//! 5. On a cluster, results stay where they were computed: the table holds
+//!    [`Remote`] handles (the client's runs ask to
+//!    [`keep_remote`](Reporter::keep_remote)), later graphs refer to them by
+//!    key, and a result's bytes come over only when `result()` (or a task in
+//!    this process) needs them. Scattered data is sent to the cluster once,
+//!    and held there the same way. Dropping the entry drops the handle,
+//!    which frees the value on the cluster.
 
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,7 +27,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::task::Waker;
 
 use rask_executor::{
-    Failure, FailureKind, Key, Op, OpError, Outcome, Reporter, Value, WireError, WireTask,
+    Failure, FailureKind, Key, Op, OpError, Outcome, Remote, Reporter, Value, WireError, WireTask,
 };
 
 use crate::args::{apply, IntoArg};
@@ -323,6 +330,10 @@ impl Client {
     /// it, keyed by its content like [`rask::value`](crate::value). Pass the
     /// future to later tasks instead of the data itself.
     ///
+    /// On a cluster the data is sent once, to one worker, and held there
+    /// (rule 5): `scatter` returns once it arrived, and later tasks that use
+    /// the future do not send it again.
+    ///
     /// # Errors
     ///
     /// As [`submit`](Client::submit).
@@ -340,7 +351,11 @@ impl Client {
     /// # Ok::<(), rask::Error>(())
     /// ```
     pub fn scatter<T: Data>(&self, data: T) -> Result<Future<T>> {
-        self.submit(crate::value(data))
+        let future = self.submit(crate::value(data))?;
+        if self.inner.backend.is_remote() {
+            future.wait();
+        }
+        Ok(future)
     }
 
     /// As [`scatter`](Client::scatter); `broadcast` asks for a copy on every
@@ -373,11 +388,16 @@ impl Client {
         ClientStats {
             keys_held: table.len(),
             pending: table.values().filter(|e| e.state.is_pending()).count(),
+            on_cluster: table
+                .values()
+                .filter(|e| matches!(&e.state, State::Finished(v) if v.is::<Remote>()))
+                .count(),
         }
     }
 
     /// Futures for `nodes`, scheduling those whose key has no live entry.
     fn submit_nodes<T>(&self, nodes: &[Arc<Node>]) -> Vec<Future<T>> {
+        let remote = self.inner.backend.is_remote();
         let mut fresh = Vec::new();
         let futures = {
             let mut table = self.inner.lock();
@@ -387,12 +407,14 @@ impl Client {
                     let entry = table
                         .entry(node.key)
                         .or_insert_with(|| match node.call.value() {
-                            // Data is finished work: nothing to run.
-                            Some(value) => Entry {
+                            // Data is finished work: nothing to run, unless it
+                            // is to be sent to a cluster once and held there
+                            // (rule 5).
+                            Some(value) if !remote => Entry {
                                 state: State::Finished(value.clone()),
                                 ..Entry::pending()
                             },
-                            None => {
+                            _ => {
                                 fresh.push(node.clone());
                                 Entry::pending()
                             }
@@ -432,6 +454,9 @@ pub struct ClientStats {
     pub keys_held: usize,
     /// Keys still being computed.
     pub pending: usize,
+    /// Finished keys whose value stays on a cluster, fetched only when
+    /// needed (rule 5); `0` on executors in this process.
+    pub on_cluster: usize,
 }
 
 impl Entry {
@@ -456,11 +481,16 @@ struct Run {
 
 impl Reporter for Run {
     fn output(&self, index: usize, outcome: Outcome) {
-        self.shared.complete(self.keys[index], outcome);
+        self.shared.complete(self, self.keys[index], outcome);
     }
 
     fn cancelled(&self) -> bool {
         self.live.load(Ordering::Relaxed) == 0
+    }
+
+    /// Results stay on a cluster until a future needs their value (rule 5).
+    fn keep_remote(&self) -> bool {
+        true
     }
 }
 
@@ -625,8 +655,8 @@ impl Shared {
         self.backend.executor().submit(Arc::new(plan), run);
     }
 
-    /// Records the outcome of a key and wakes whoever waits for it.
-    fn complete(self: &Arc<Self>, key: Key, outcome: Outcome) {
+    /// Records the outcome of a key from `run` and wakes whoever waits for it.
+    fn complete(self: &Arc<Self>, run: &Run, key: Key, outcome: Outcome) {
         let (listeners, deferred) = {
             let mut table = self.lock();
             let Some(entry) = table.get_mut(&key) else {
@@ -634,6 +664,9 @@ impl Shared {
             };
             if !entry.state.is_pending() {
                 return; // cancelled while it ran
+            }
+            if !entry.run.as_ref().is_some_and(|r| std::ptr::eq(&**r, run)) {
+                return; // cancelled, then submitted again: a newer run owns it
             }
             entry.state = match outcome {
                 Ok(value) => State::Finished(value),

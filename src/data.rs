@@ -27,22 +27,59 @@ pub trait Data: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {}
 
 impl<T> Data for T where T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {}
 
+/// Why a value could not be had as a `T`.
+pub(crate) enum Unshared {
+    /// It is another type, or its bytes are not a `T`.
+    Type(String),
+    /// It is held by a cluster and could not be fetched.
+    Fetch(String),
+}
+
+impl Unshared {
+    pub(crate) fn into_message(self) -> String {
+        match self {
+            Unshared::Type(m) | Unshared::Fetch(m) => m,
+        }
+    }
+}
+
 /// The value as an `Arc<T>`: shared without a copy when it is a `T`, decoded
-/// when it arrived encoded from another process.
+/// when it arrived encoded from another process, fetched and decoded when a
+/// cluster holds it.
 ///
 /// Returns a message naming the expected type when it is neither.
 pub(crate) fn shared<T: Data>(value: rask_executor::Value) -> Result<std::sync::Arc<T>, String> {
-    match rask_executor::downcast::<T>(value) {
-        Ok(shared) => Ok(shared),
-        Err(other) => match other.downcast_ref::<rask_executor::Encoded>() {
-            Some(encoded) => postcard::from_bytes::<T>(&encoded.0)
-                .map(std::sync::Arc::new)
-                .map_err(|e| format!("could not decode a `{}`: {e}", std::any::type_name::<T>())),
-            None => Err(format!(
-                "a value of type `{}` is not the `{}` expected",
-                other.type_name(),
-                std::any::type_name::<T>()
-            )),
-        },
+    try_shared(value).map_err(Unshared::into_message)
+}
+
+/// As [`shared`], telling a failed fetch from a wrong type.
+pub(crate) fn try_shared<T: Data>(
+    value: rask_executor::Value,
+) -> Result<std::sync::Arc<T>, Unshared> {
+    let other = match rask_executor::downcast::<T>(value) {
+        Ok(shared) => return Ok(shared),
+        Err(other) => other,
+    };
+    let decode = |bytes: &[u8]| {
+        postcard::from_bytes::<T>(bytes)
+            .map(std::sync::Arc::new)
+            .map_err(|e| {
+                Unshared::Type(format!(
+                    "could not decode a `{}`: {e}",
+                    std::any::type_name::<T>()
+                ))
+            })
+    };
+    if let Some(encoded) = other.downcast_ref::<rask_executor::Encoded>() {
+        decode(&encoded.0)
+    } else if let Some(remote) = other.downcast_ref::<rask_executor::Remote>() {
+        let bytes = remote.fetch().map_err(|e| Unshared::Fetch(e.to_string()))?;
+        decode(&bytes)
+    } else {
+        Err(Unshared::Type(format!(
+            "a value of type `{}` is not the `{}` expected",
+            other.type_name(),
+            std::any::type_name::<T>()
+        )))
     }
 }

@@ -9,11 +9,11 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use rask_executor::Key;
+use rask_executor::{Encoded, Key, Remote, Value, WireError};
 
 use crate::args::{Args, IntoArg, Many, Owned, Shared as SharedSlot};
 use crate::client::{FutureCall, Listener, Shared, State};
-use crate::data::Data;
+use crate::data::{Data, Unshared};
 use crate::delayed::{Delayed, TaskKey};
 use crate::node::{Name, Node};
 use crate::{Error, Result};
@@ -58,6 +58,8 @@ impl Drop for Handle {
 /// ```
 pub struct Future<T> {
     handle: Arc<Handle>,
+    /// The fetch `.await` started for a value a cluster holds.
+    fetch: Option<Arc<Fetch>>,
     _type: PhantomData<fn() -> T>,
 }
 
@@ -65,7 +67,49 @@ impl<T> Clone for Future<T> {
     fn clone(&self) -> Self {
         Future {
             handle: self.handle.clone(),
+            fetch: None,
             _type: PhantomData,
+        }
+    }
+}
+
+/// A value's bytes being fetched from a cluster on a helper thread, so that
+/// `.await` does not block the async runtime's thread; the waker of the
+/// latest poll is woken when they arrived.
+#[derive(Default)]
+struct Fetch {
+    slot: Mutex<FetchSlot>,
+}
+
+#[derive(Default)]
+struct FetchSlot {
+    result: Option<std::result::Result<Arc<[u8]>, WireError>>,
+    waker: Option<std::task::Waker>,
+}
+
+impl Fetch {
+    /// Starts fetching `remote` on a helper thread (here, if none starts).
+    fn start(remote: Remote) -> Arc<Fetch> {
+        let fetch = Arc::new(Fetch::default());
+        let (done, from) = (fetch.clone(), remote.clone());
+        let spawned = std::thread::Builder::new()
+            .name("rask-fetch".into())
+            .spawn(move || done.run(&from));
+        if spawned.is_err() {
+            fetch.run(&remote);
+        }
+        fetch
+    }
+
+    fn run(&self, remote: &Remote) {
+        let result = remote.fetch();
+        let waker = {
+            let mut slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
+            slot.result = Some(result);
+            slot.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
         }
     }
 }
@@ -93,6 +137,7 @@ impl<T> Future<T> {
     pub(crate) fn new(shared: Arc<Shared>, key: Key, name: Name) -> Self {
         Future {
             handle: Arc::new(Handle { shared, key, name }),
+            fetch: None,
             _type: PhantomData,
         }
     }
@@ -167,10 +212,19 @@ impl<T: Data> Future<T> {
     fn outcome(&self, state: State) -> Result<T> {
         match state {
             State::Finished(value) => {
-                let shared = crate::data::shared::<T>(value).map_err(|_| Error::WrongType {
-                    expected: std::any::type_name::<T>(),
+                let shared = crate::data::try_shared::<T>(value).map_err(|e| match e {
+                    Unshared::Type(_) => Error::WrongType {
+                        expected: std::any::type_name::<T>(),
+                    },
+                    // The value stayed on a cluster that cannot deliver it.
+                    Unshared::Fetch(message) => Error::Task {
+                        key: self.key(),
+                        panicked: false,
+                        message,
+                    },
                 })?;
-                Ok(T::clone(&shared))
+                // A value decoded for this call is not shared: no copy.
+                Ok(Arc::try_unwrap(shared).unwrap_or_else(|shared| T::clone(&shared)))
             }
             State::Failed(f) => Err(Error::from_failure(&f)),
             State::Cancelled | State::Pending => Err(self.cancelled()),
@@ -209,9 +263,37 @@ impl<T: Data> std::future::Future for Future<T> {
     type Output = Result<T>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T>> {
-        match self.handle.shared.poll_state(self.handle.key, cx.waker()) {
-            State::Pending => Poll::Pending,
-            state => Poll::Ready(self.outcome(state)),
+        let this = self.get_mut();
+        let state = this.handle.shared.poll_state(this.handle.key, cx.waker());
+        let remote = match &state {
+            State::Pending => return Poll::Pending,
+            State::Finished(value) => value.downcast_ref::<Remote>().cloned(),
+            _ => None,
+        };
+        let Some(remote) = remote else {
+            return Poll::Ready(this.outcome(state));
+        };
+        // The bytes are on a cluster: fetch them off this thread.
+        let fetch = this
+            .fetch
+            .get_or_insert_with(|| Fetch::start(remote))
+            .clone();
+        let mut slot = fetch.slot.lock().unwrap_or_else(PoisonError::into_inner);
+        match &slot.result {
+            Some(Ok(bytes)) => {
+                let value: Value = Arc::new(Encoded(bytes.clone()));
+                drop(slot);
+                Poll::Ready(this.outcome(State::Finished(value)))
+            }
+            Some(Err(e)) => Poll::Ready(Err(Error::Task {
+                key: this.key(),
+                panicked: false,
+                message: e.to_string(),
+            })),
+            None => {
+                slot.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
         }
     }
 }

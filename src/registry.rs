@@ -16,12 +16,20 @@
 //! 3. A held value (a `rask::value`, a persisted result, a future's value)
 //!    travels as the built-in function `rask.value` whose payload is the
 //!    value's bytes; a recorded failure as `rask.fail`.
+//! 4. A value a cluster holds for this process (a [`Remote`] handle: a
+//!    future's or persisted result on a cluster) travels as `rask.remote`
+//!    whose payload is its key: the cluster uses its own copy. The op it
+//!    resolves to only fails, since the scheduler runs it only when the key
+//!    is no longer held there.
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::{Arc, OnceLock};
 
-use rask_executor::{Encoded, Failure, FailureKind, Key, Op, OpError, Value, WireError, WireTask};
+use rask_executor::{
+    Encoded, Failure, FailureKind, Key, Op, OpError, Remote, Value, WireError, WireTask,
+    REMOTE_FUNCTION,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::args::Slot;
@@ -29,7 +37,7 @@ use crate::data::Data;
 use crate::node::{Call, Fallible, Held, Inputs, Name, Node, Plain, Returns, Typed};
 
 /// The function name of held values on the wire (rule 3).
-pub(crate) const VALUE_FUNCTION: &str = "rask.value";
+pub(crate) const VALUE_FUNCTION: &str = rask_executor::VALUE_FUNCTION;
 /// The function name of recorded failures on the wire (rule 3).
 pub(crate) const FAIL_FUNCTION: &str = "rask.fail";
 
@@ -77,8 +85,15 @@ pub(crate) fn encode_literal<T: Data>(value: &T) -> Result<Vec<u8>, WireError> {
     })
 }
 
-/// A held value as a task of its own (rule 3).
+/// A held value as a task of its own (rule 3), or a reference to the key
+/// when the value is held by a cluster (rule 4).
 pub(crate) fn value_task(value: &Value) -> Result<WireTask, WireError> {
+    if let Some(remote) = value.downcast_ref::<Remote>() {
+        return Ok(WireTask {
+            function: REMOTE_FUNCTION.to_owned(),
+            payload: remote.key().0.to_vec(),
+        });
+    }
     Ok(WireTask {
         function: VALUE_FUNCTION.to_owned(),
         payload: value.encode()?,
@@ -101,6 +116,19 @@ pub(crate) fn fail_task(failure: &Failure) -> Result<WireTask, WireError> {
         function: FAIL_FUNCTION.to_owned(),
         payload,
     })
+}
+
+/// Stands for a value the cluster was expected to hold (rule 4): runs only
+/// when it does not.
+struct Released(Key);
+
+impl Call for Released {
+    fn run(&self, _: &mut [Option<Value>]) -> Result<Value, OpError> {
+        Err(OpError::failed(format!(
+            "the cluster no longer holds value {} (it was released or its client is gone)",
+            self.0
+        )))
+    }
 }
 
 /// Replays a failure recorded in another process.
@@ -386,6 +414,17 @@ impl rask_executor::Registry for Resolver {
                 Name::Borrowed("value"),
                 Arc::new(Held(Arc::new(Encoded(Arc::from(task.payload.as_slice()))))),
             ),
+            REMOTE_FUNCTION => {
+                let key: [u8; 32] =
+                    task.payload
+                        .as_slice()
+                        .try_into()
+                        .map_err(|_| WireError::Decode {
+                            what: "a held value's key".into(),
+                            reason: format!("{} bytes instead of 32", task.payload.len()),
+                        })?;
+                (Name::Borrowed("value"), Arc::new(Released(Key(key))))
+            }
             FAIL_FUNCTION => {
                 let failure = decode_failure(&task.payload)?;
                 (
@@ -480,6 +519,43 @@ mod tests {
         let out = op.run(&mut inputs).unwrap();
         assert_eq!(out.downcast_ref::<i64>(), Some(&13));
         assert_eq!(op.name(), "add");
+    }
+
+    /// A value a cluster holds, which must never be fetched here.
+    struct Held7;
+
+    impl rask_executor::RemoteValue for Held7 {
+        fn key(&self) -> Key {
+            Key([7; 32])
+        }
+        fn fetch(&self) -> Result<Arc<[u8]>, WireError> {
+            panic!("a held value was fetched to be sent")
+        }
+    }
+
+    #[test]
+    fn a_value_held_by_a_cluster_travels_as_its_key() {
+        init(crate::tasks![add]);
+        let value: Value = Arc::new(Remote(Arc::new(Held7)));
+        let wire = value_task(&value).unwrap();
+        assert_eq!(wire.function, REMOTE_FUNCTION);
+        assert_eq!(wire.payload, vec![7; 32]);
+        // Run only when the cluster no longer holds the key: a clear failure.
+        let op = installed().unwrap().resolve(&wire).unwrap();
+        let err = op.run(&mut []).unwrap_err();
+        assert!(
+            err.message.contains("no longer holds value 0707"),
+            "{}",
+            err.message
+        );
+        let bad = WireTask {
+            function: REMOTE_FUNCTION.into(),
+            payload: vec![1, 2],
+        };
+        assert!(matches!(
+            installed().unwrap().resolve(&bad),
+            Err(WireError::Decode { .. })
+        ));
     }
 
     #[test]

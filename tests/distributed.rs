@@ -5,7 +5,9 @@
 
 mod support;
 
+use std::io::Write as _;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,6 +53,49 @@ fn half(x: i64) -> Result<i64, String> {
 
 fn lonely(x: i64) -> i64 {
     x
+}
+
+/// Appends a line to the file at `path`, from whichever process runs it, and
+/// returns `x`: the file counts the runs across worker processes.
+fn stamp(path: String, x: i64) -> i64 {
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .expect("the stamp file opens");
+    writeln!(file, "{x}").expect("the stamp file is writable");
+    x
+}
+
+/// Lines in the file at `path`: how often `stamp` ran on it.
+fn stamps(path: &str) -> usize {
+    std::fs::read_to_string(path).map_or(0, |text| text.lines().count())
+}
+
+fn stamp_path(test: &str) -> String {
+    let path = std::env::temp_dir().join(format!("rask-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    path.to_string_lossy().into_owned()
+}
+
+/// Serializations of `Counted` values in this process (workers count their
+/// own, in their own processes).
+static SERIALIZED: AtomicUsize = AtomicUsize::new(0);
+
+/// Bytes that count how often this process serializes them.
+#[derive(Clone, serde::Deserialize)]
+#[serde(transparent)]
+struct Counted(Vec<u8>);
+
+impl serde::Serialize for Counted {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        SERIALIZED.fetch_add(1, Ordering::SeqCst);
+        self.0.serialize(s)
+    }
+}
+
+fn counted_len(data: Arc<Counted>, extra: usize) -> usize {
+    data.0.len() + extra
 }
 
 fn local2() -> Config {
@@ -174,6 +219,104 @@ fn futures_api_on_a_cluster() {
     children_settle_to(before);
 }
 
+/// Polls `fut` on this thread until it is ready, parking in between.
+fn block_on<F: std::future::Future>(fut: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        if let std::task::Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park();
+    }
+}
+
+fn held_results_stay_on_the_cluster() {
+    // The shared `local:2` cluster used below lives until exit: start it first.
+    assert_eq!(delayed!(inc(1)).compute_with(&local2()).unwrap(), 2);
+    let before = live_children().len();
+    let path = stamp_path("held");
+    let client = Client::local(2).unwrap();
+    let f = client.submit(delayed!(stamp(path.clone(), 20))).unwrap();
+    let g = client.submit(delayed!(add(&f, 1))).unwrap();
+    assert_eq!(g.result().unwrap(), 21);
+    assert_eq!(client.stats().on_cluster, 2, "nothing fetched");
+    // The value comes over on demand, as often as asked.
+    assert_eq!(f.result().unwrap(), 20);
+    assert_eq!(f.result().unwrap(), 20);
+    assert_eq!(block_on(g.clone()).unwrap(), 21);
+    assert_eq!(client.stats().on_cluster, 2);
+    // Later graphs refer to it by key: it is used where it is, not run again.
+    let more = client.map(inc, [&f, &g]).unwrap();
+    assert_eq!(client.gather(&more).unwrap(), vec![21, 22]);
+    let persisted = client.persist(&delayed!(add(&f, 100))).unwrap();
+    let on_top = client.submit(delayed!(add(&persisted, &g))).unwrap();
+    assert_eq!(on_top.result().unwrap(), 141);
+    // Another cluster (the shared `local:2`) gets the value's bytes instead.
+    assert_eq!(
+        delayed!(add(&persisted, 1))
+            .compute_with(&local2())
+            .unwrap(),
+        121
+    );
+    assert_eq!(stamps(&path), 1);
+    // Release on drop frees the value on the cluster: the same work submitted
+    // again runs again.
+    drop((f, g, more, persisted, on_top));
+    assert_eq!(client.stats().keys_held, 0);
+    let again = client.submit(delayed!(stamp(path.clone(), 20))).unwrap();
+    assert_eq!(again.result().unwrap(), 20);
+    assert_eq!(stamps(&path), 2);
+    // Scattered data is serialized and sent once, then used where it is.
+    let data = client.scatter(Counted(vec![7; 1 << 20])).unwrap();
+    assert!(data.done());
+    assert_eq!(client.stats().on_cluster, 2, "`again` and the data");
+    let sent = SERIALIZED.load(Ordering::SeqCst);
+    for extra in 0..3 {
+        let total = client.submit(delayed!(counted_len(&data, extra))).unwrap();
+        assert_eq!(total.result().unwrap(), (1 << 20) + extra);
+    }
+    assert_eq!(SERIALIZED.load(Ordering::SeqCst), sent, "sent again");
+    drop((again, data, client));
+    let _ = std::fs::remove_file(&path);
+    children_settle_to(before);
+}
+
+fn compute_uses_values_its_cluster_holds() {
+    // A client on the shared `local:2` cluster, as `RASK_SCHEDULER=local:2`
+    // gives: `compute` on the same cluster uses its held values in place.
+    let path = stamp_path("compute");
+    let client = Client::with_config(&local2()).unwrap();
+    let chunk = client.submit(delayed!(stamp(path.clone(), 7))).unwrap();
+    let kept: Delayed<i64> = chunk.to_delayed();
+    for i in 0..3 {
+        assert_eq!(
+            delayed!(add(&kept, i)).compute_with(&local2()).unwrap(),
+            7 + i
+        );
+    }
+    assert_eq!(stamps(&path), 1);
+    // Computed in this process, the value is fetched.
+    assert_eq!(
+        delayed!(add(&kept, 1))
+            .compute_with(&Config::synchronous())
+            .unwrap(),
+        8
+    );
+    drop((kept, chunk));
+    let again = client.submit(delayed!(stamp(path.clone(), 7))).unwrap();
+    assert_eq!(again.result().unwrap(), 7);
+    assert_eq!(stamps(&path), 2, "released on drop");
+    let _ = std::fs::remove_file(&path);
+}
+
 fn a_killed_worker_loses_no_result() {
     let before = live_children().len();
     let client = Client::local(2).unwrap();
@@ -250,6 +393,8 @@ fn main() {
         slow_inc,
         explode,
         half?,
+        stamp,
+        counted_len,
         support::leaf,
         support::mix?,
         support::tree_inc,
@@ -269,6 +414,14 @@ fn main() {
             unregistered_functions_are_a_clear_error,
         ),
         ("futures_api_on_a_cluster", futures_api_on_a_cluster),
+        (
+            "held_results_stay_on_the_cluster",
+            held_results_stay_on_the_cluster,
+        ),
+        (
+            "compute_uses_values_its_cluster_holds",
+            compute_uses_values_its_cluster_holds,
+        ),
         (
             "a_killed_worker_loses_no_result",
             a_killed_worker_loses_no_result,

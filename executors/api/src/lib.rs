@@ -26,6 +26,10 @@
 //!    outputs not yet reported are reported as [`FailureKind::Cancelled`].
 //! 6. A value is dropped as soon as its last consumer (dependent task or
 //!    output report) took it, so intermediate memory stays bounded.
+//! 7. An executor that runs plans on a cluster fetches every output into this
+//!    process, unless [`Reporter::keep_remote`] says otherwise: then each
+//!    output stays on the cluster and is reported as a [`Remote`] handle,
+//!    which holds the key there until it is dropped (see [`RemoteValue`]).
 #![warn(missing_docs)]
 
 use std::any::Any;
@@ -50,7 +54,10 @@ pub type Value = Arc<dyn AnyValue>;
 
 mod wire;
 
-pub use wire::{downcast, AnyValue, Encoded, Registry, WireError, WireTask};
+pub use wire::{
+    downcast, AnyValue, Encoded, Registry, Remote, RemoteValue, WireError, WireTask,
+    REMOTE_FUNCTION, VALUE_FUNCTION,
+};
 
 /// Content hash of a task: equal keys mean equal values.
 ///
@@ -223,6 +230,16 @@ pub trait Reporter: Send + Sync {
 
     /// Polled between tasks: when `true`, no new task starts (rule 5).
     fn cancelled(&self) -> bool {
+        false
+    }
+
+    /// Whether outputs computed on a cluster may be reported as [`Remote`]
+    /// handles instead of being fetched (an executor may still bring small
+    /// values along, cached in the handle). Each handle keeps its key held
+    /// on the cluster until it is dropped, so later plans that use the value
+    /// find it there. Asked once, at submission. Executors that hold values
+    /// in this process ignore it.
+    fn keep_remote(&self) -> bool {
         false
     }
 

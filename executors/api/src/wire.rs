@@ -12,6 +12,18 @@
 //! 3. A [`WireTask`] names a function registered in every process of the
 //!    program (the same binary), and carries its literal arguments and the
 //!    shape of its inputs as opaque bytes only that function's decoder reads.
+//! 4. A value a cluster holds may stay there: a [`Reporter`](crate::Reporter)
+//!    whose [`keep_remote`](crate::Reporter::keep_remote) is `true` receives
+//!    [`Remote`] handles instead of bytes. A handle keeps its key held on the
+//!    cluster until it is dropped; [`RemoteValue::fetch`] (and so
+//!    [`AnyValue::encode`]) brings the bytes over when they are needed.
+//! 5. A held value travels as the task [`VALUE_FUNCTION`] whose payload is the
+//!    value's bytes; a [`Remote`] value as [`REMOTE_FUNCTION`] whose payload
+//!    is its key's 32 bytes. An executor sends a `REMOTE_FUNCTION` task only
+//!    to a cluster that holds that key, which then uses the value in place (a
+//!    task whose key is known is not run again); every other executor sends
+//!    the value's bytes. A registry resolves `REMOTE_FUNCTION` to an op that
+//!    fails: it runs only if the key was not held after all.
 
 use std::any::Any;
 use std::fmt;
@@ -19,7 +31,15 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::{Op, Value};
+use crate::{Key, Op, Value};
+
+/// The function name of a held value on the wire: its payload is the
+/// value's encoding (rule 5).
+pub const VALUE_FUNCTION: &str = "rask.value";
+
+/// The function name of a value a cluster holds: its payload is the key's
+/// 32 bytes (rule 5).
+pub const REMOTE_FUNCTION: &str = "rask.remote";
 
 /// A value that can be shared between tasks and sent to another process.
 ///
@@ -115,6 +135,66 @@ impl fmt::Debug for Encoded {
     }
 }
 
+/// A value held by a cluster, seen from the process that asked for it:
+/// its key, and a way to bring its bytes over (rule 4).
+///
+/// Implemented by executors that leave values where they were computed.
+/// Dropping the last reference to the implementation lets the cluster drop
+/// the value.
+pub trait RemoteValue: Send + Sync {
+    /// The key under which the cluster holds the value.
+    fn key(&self) -> Key;
+
+    /// The value's encoding, brought over from the cluster. Blocks the
+    /// calling thread until the bytes arrived.
+    ///
+    /// # Errors
+    ///
+    /// [`WireError::Fetch`] when the value cannot be brought over: the
+    /// connection to the cluster is gone, it took too long, or the key could
+    /// not be recomputed after its holders were lost.
+    fn fetch(&self) -> Result<Arc<[u8]>, WireError>;
+}
+
+/// A value left on a cluster: a [`Value`] like any other, whose
+/// [`encode`](AnyValue::encode) fetches its bytes (rule 4).
+///
+/// Deliberately not `Serialize`, like [`Encoded`].
+#[derive(Clone)]
+pub struct Remote(pub Arc<dyn RemoteValue>);
+
+impl Remote {
+    /// The key under which the cluster holds the value.
+    pub fn key(&self) -> Key {
+        self.0.key()
+    }
+
+    /// The value's encoding; see [`RemoteValue::fetch`].
+    ///
+    /// # Errors
+    ///
+    /// As [`RemoteValue::fetch`].
+    pub fn fetch(&self) -> Result<Arc<[u8]>, WireError> {
+        self.0.fetch()
+    }
+}
+
+impl AnyValue for Remote {
+    fn encode(&self) -> Result<Vec<u8>, WireError> {
+        Ok(self.fetch()?.to_vec())
+    }
+
+    fn type_name(&self) -> &'static str {
+        "a value held by a cluster"
+    }
+}
+
+impl fmt::Debug for Remote {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Remote({})", self.key().short())
+    }
+}
+
 /// A task as another process receives it: the registered name of its
 /// function and opaque argument bytes (rule 3).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -169,6 +249,14 @@ pub enum WireError {
         /// What was being decoded.
         what: String,
         /// The decoder's message.
+        reason: String,
+    },
+    /// A value held by a cluster could not be fetched from it.
+    #[error("could not fetch the value of key {} from the cluster: {reason}", .key.short())]
+    Fetch {
+        /// The value's key.
+        key: Key,
+        /// Why.
         reason: String,
     },
 }

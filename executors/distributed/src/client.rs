@@ -14,13 +14,34 @@
 //! 4. Every output is reported exactly once, then `finished` is called after
 //!    the plan was dropped — also when the scheduler connection is lost (the
 //!    outputs fail) and when the client is dropped (they are cancelled).
+//! 5. A submission whose reporter asks to [`keep_remote`](Reporter::keep_remote)
+//!    gets each output, once in memory, as a [`Remote`] handle: one handle
+//!    per distinct key, shared by the slots with that key. Its reference to
+//!    the key is not released with the submission (rule 2) but when the
+//!    handle is dropped. Outputs over [`EAGER_FETCH`] bytes are reported
+//!    unfetched; [`RemoteValue::fetch`] asks this client's thread for the
+//!    bytes (as rule 3, from the key's latest holders) and blocks until they
+//!    arrive; it refuses to run on that thread itself. Smaller outputs are
+//!    fetched first, as without `keep_remote`, and their handles hold the
+//!    bytes already: gathering many small results then costs no round trip
+//!    each, and later graphs still use the key in place.
+//! 6. A task that refers to a held key ([`REMOTE_FUNCTION`]) is sent as such
+//!    only while this client holds a handle for that key — it is then used
+//!    in place, since the scheduler never re-adds a known key. A handle of
+//!    another client (another cluster) is fetched and sent as bytes instead.
+//!    A submission that relies on held keys is queued while the table of
+//!    handles is locked, so a handle dropped meanwhile releases its key only
+//!    after the graph that uses it reached the scheduler.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
 
-use rask_executor::{Encoded, Executor, Failure, FailureKind, Outcome, Plan, Reporter};
+use rask_executor::{
+    Encoded, Executor, Failure, FailureKind, Key, Outcome, Plan, Remote, RemoteValue, Reporter,
+    Value, WireError, REMOTE_FUNCTION, VALUE_FUNCTION,
+};
 use tokio::sync::mpsc;
 
 use crate::net::{self, log, Chain, ConnectError, FetchResult, Fetched, FrameReader, PeerPool};
@@ -33,6 +54,14 @@ use crate::Error;
 /// How often open submissions are asked whether they were cancelled, when
 /// no message arrives meanwhile.
 const CANCEL_POLL: Duration = Duration::from_millis(20);
+
+/// Kept-remote outputs of at most this many bytes are fetched at once
+/// (rule 5): bringing them over costs less than a round trip later.
+const EAGER_FETCH: u64 = 64 << 10;
+
+/// How long [`RemoteValue::fetch`] waits for a held value's bytes before it
+/// gives up (a safety net: a lost connection fails the fetch at once).
+const FETCH_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// A connection to a scheduler. Cheap to clone; the connection closes (and
 /// the scheduler releases this client's keys) when the last clone is
@@ -56,7 +85,102 @@ struct Inner {
     address: String,
     commands: mpsc::UnboundedSender<Command>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    link: Arc<Link>,
+}
+
+/// What the client, its thread and its [`KeyHandle`]s share.
+struct Link {
+    address: String,
+    /// Weak, so that live handles do not keep the client thread running.
+    commands: mpsc::WeakUnboundedSender<Command>,
+    /// Live handles per key (rules 5 and 6).
+    held: Mutex<HashMap<WireKey, usize>>,
+    /// The client thread, where a fetch must not block.
     thread_id: ThreadId,
+}
+
+impl Link {
+    fn held(&self) -> MutexGuard<'_, HashMap<WireKey, usize>> {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A key held on the cluster for one submission's outputs (rule 5).
+struct KeyHandle {
+    key: WireKey,
+    link: Arc<Link>,
+    /// The bytes, once fetched.
+    bytes: OnceLock<Arc<[u8]>>,
+}
+
+impl KeyHandle {
+    fn new(key: WireKey, link: Arc<Link>) -> KeyHandle {
+        *link.held().entry(key).or_insert(0) += 1;
+        KeyHandle {
+            key,
+            link,
+            bytes: OnceLock::new(),
+        }
+    }
+}
+
+impl RemoteValue for KeyHandle {
+    fn key(&self) -> Key {
+        Key(self.key)
+    }
+
+    fn fetch(&self) -> Result<Arc<[u8]>, WireError> {
+        if let Some(bytes) = self.bytes.get() {
+            return Ok(bytes.clone());
+        }
+        let fail = |reason: String| WireError::Fetch {
+            key: Key(self.key),
+            reason,
+        };
+        if std::thread::current().id() == self.link.thread_id {
+            return Err(fail(
+                "a value cannot be fetched on its client's own network thread".into(),
+            ));
+        }
+        let closed = || fail(format!("the client of {} is closed", self.link.address));
+        let (reply, answer) = std::sync::mpsc::channel();
+        let sent = self.link.commands.upgrade().is_some_and(|commands| {
+            commands
+                .send(Command::Fetch {
+                    key: self.key,
+                    reply,
+                })
+                .is_ok()
+        });
+        if !sent {
+            return Err(closed());
+        }
+        match answer.recv_timeout(FETCH_TIMEOUT) {
+            Ok(Ok(bytes)) => Ok(self.bytes.get_or_init(|| bytes).clone()),
+            Ok(Err(reason)) => Err(fail(reason)),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                Err(fail(format!("no answer within {FETCH_TIMEOUT:?}")))
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(closed()),
+        }
+    }
+}
+
+impl Drop for KeyHandle {
+    fn drop(&mut self) {
+        // The release is queued under the lock, so it cannot overtake a
+        // submission that found the key held (rule 6).
+        let mut held = self.link.held();
+        if let Some(n) = held.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.key);
+            }
+        }
+        if let Some(commands) = self.link.commands.upgrade() {
+            let _ = commands.send(Command::Release(self.key));
+        }
+    }
 }
 
 impl Drop for Inner {
@@ -66,7 +190,7 @@ impl Drop for Inner {
         // clone).
         let (tx, _) = mpsc::unbounded_channel();
         drop(std::mem::replace(&mut self.commands, tx));
-        if std::thread::current().id() != self.thread_id {
+        if std::thread::current().id() != self.link.thread_id {
             let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
             if let Some(thread) = thread {
                 let _ = thread.join();
@@ -85,13 +209,24 @@ impl std::fmt::Debug for Client {
 
 enum Command {
     Submit(Submission),
+    /// A handle was dropped: drop its reference to the key.
+    Release(WireKey),
+    /// A handle wants its value's bytes.
+    Fetch {
+        key: WireKey,
+        reply: Reply,
+    },
 }
+
+/// Where a fetch for a handle is answered: the bytes or why not.
+type Reply = std::sync::mpsc::Sender<Result<Arc<[u8]>, String>>;
 
 struct Submission {
     plan: Arc<Plan>,
     reporter: Arc<dyn Reporter>,
     frames: Vec<Vec<u8>>,
     wanted: Vec<WireKey>,
+    keep_remote: bool,
 }
 
 impl Client {
@@ -113,6 +248,7 @@ impl Client {
         let runtime = net::runtime().map_err(Error::Io)?;
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (commands, commands_rx) = mpsc::unbounded_channel();
+        let weak = commands.downgrade();
         let name = address.to_owned();
         let thread = std::thread::Builder::new()
             .name("rask-client".into())
@@ -127,9 +263,15 @@ impl Client {
                     .await;
                     match conn {
                         Ok((read, write)) => {
-                            let _ = ready_tx.send(Ok(()));
+                            let link = Arc::new(Link {
+                                address: name,
+                                commands: weak,
+                                held: Mutex::new(HashMap::new()),
+                                thread_id: std::thread::current().id(),
+                            });
+                            let _ = ready_tx.send(Ok(link.clone()));
                             let writer = net::spawn_writer(write);
-                            Loop::new(name, writer)
+                            Loop::new(link, writer)
                                 .run(FrameReader::new(read), commands_rx)
                                 .await;
                         }
@@ -153,14 +295,13 @@ impl Client {
                 });
             })
             .map_err(Error::Io)?;
-        let thread_id = thread.thread().id();
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(Client {
+            Ok(Ok(link)) => Ok(Client {
                 inner: Arc::new(Inner {
                     address: address.to_owned(),
                     commands,
                     thread: Mutex::new(Some(thread)),
-                    thread_id,
+                    link,
                 }),
             }),
             Ok(Err(e)) => {
@@ -190,7 +331,10 @@ impl Executor for Client {
             reporter.finished();
             return;
         }
+        let keep_remote = reporter.keep_remote();
         let mut tasks = Vec::with_capacity(plan.len());
+        // Tasks that refer to a held key (rule 6).
+        let mut remote = Vec::new();
         for (i, task) in plan.tasks().iter().enumerate() {
             let wire = match task.op.to_wire() {
                 Ok(w) => w,
@@ -204,6 +348,9 @@ impl Executor for Client {
                     return fail_all(plan, &*reporter, &failure);
                 }
             };
+            if wire.function == REMOTE_FUNCTION {
+                remote.push(i);
+            }
             tasks.push(TaskSpec {
                 key: task.key.0,
                 name: task.op.name().into(),
@@ -216,6 +363,33 @@ impl Executor for Client {
                     .collect(),
             });
         }
+        // Rule 6: a held key travels as a reference only while this client
+        // holds it; the lock is kept until the submission is queued.
+        let held = loop {
+            if remote.is_empty() {
+                break None;
+            }
+            let held = self.inner.link.held();
+            let foreign: Vec<usize> = remote
+                .iter()
+                .copied()
+                .filter(|&i| !held.contains_key(&tasks[i].key))
+                .collect();
+            if foreign.is_empty() {
+                break Some(held);
+            }
+            drop(held);
+            for &i in &foreign {
+                match inline_value(&plan, i) {
+                    Ok(bytes) => {
+                        tasks[i].function = VALUE_FUNCTION.into();
+                        tasks[i].payload = bytes;
+                    }
+                    Err(failure) => return fail_all(plan, &*reporter, &failure),
+                }
+            }
+            remote.retain(|i| !foreign.contains(i));
+        };
         let mut wanted: Vec<WireKey> = plan.outputs().iter().map(|&t| plan.task(t).key.0).collect();
         wanted.sort_unstable();
         wanted.dedup();
@@ -226,6 +400,7 @@ impl Executor for Client {
         });
         let frames = batch.take_frames();
         if let Some(big) = frames.iter().find(|f| f.len() - 4 > MAX_FRAME) {
+            drop(held);
             let slot0 = &plan.tasks()[plan.outputs()[0] as usize];
             let failure = Arc::new(Failure {
                 key: slot0.key,
@@ -244,14 +419,41 @@ impl Executor for Client {
             reporter,
             frames,
             wanted,
+            keep_remote,
         };
-        if let Err(mpsc::error::SendError(Command::Submit(s))) =
-            self.inner.commands.send(Command::Submit(submission))
-        {
+        let sent = self.inner.commands.send(Command::Submit(submission));
+        drop(held);
+        if let Err(mpsc::error::SendError(Command::Submit(s))) = sent {
             let failures = lost(&s.plan, &self.inner.address);
             fail_each(s.plan, &*s.reporter, failures);
         }
     }
+}
+
+/// The bytes of task `i`, a reference to a key this client does not hold
+/// (rule 6): its op stands for a value, so running it gives the value, and
+/// a handle of another client is fetched through that client.
+fn inline_value(plan: &Plan, i: usize) -> Result<Arc<[u8]>, Arc<Failure>> {
+    let task = plan.task(i as u32);
+    let failure = |message: String| {
+        Arc::new(Failure {
+            key: task.key,
+            name: task.op.name().into(),
+            kind: FailureKind::Failed,
+            message,
+        })
+    };
+    if !plan.deps(i as u32).is_empty() {
+        return Err(failure(format!(
+            "a `{REMOTE_FUNCTION}` task has inputs; it must stand for a value"
+        )));
+    }
+    let value = rask_executor::run_task(task, &mut [])?;
+    let bytes = match value.downcast_ref::<Remote>() {
+        Some(remote) => remote.fetch(),
+        None => value.encode().map(Arc::from),
+    };
+    bytes.map_err(|e| failure(e.to_string()))
 }
 
 /// Reports `failure` for every output, then finishes.
@@ -295,6 +497,18 @@ struct Open {
     reported: Vec<bool>,
     unreported: usize,
     wanted: Vec<WireKey>,
+    keep_remote: bool,
+    /// Handles reported so far, by key (rule 5); their keys are released
+    /// when the handles are dropped, not with the submission.
+    handles: HashMap<WireKey, Arc<KeyHandle>>,
+}
+
+/// Who waits for a key's value.
+enum Waiter {
+    /// Output `slot` of submission `id`.
+    Slot(u64, usize),
+    /// A handle's fetch.
+    Fetch(Reply),
 }
 
 /// A fetch in flight for a key some submission waits for.
@@ -306,28 +520,36 @@ struct Fetching {
 /// The client thread's state.
 struct Loop {
     address: String,
+    link: Arc<Link>,
     writer: mpsc::UnboundedSender<Vec<u8>>,
     connected: bool,
     open: HashMap<u64, Open>,
     next_id: u64,
-    /// Output slots waiting for each key.
-    waiting: HashMap<WireKey, Vec<(u64, usize)>>,
+    /// Output slots and fetches waiting for each key.
+    waiting: HashMap<WireKey, Vec<Waiter>>,
     fetching: HashMap<WireKey, Fetching>,
+    /// The latest holders of each key a live handle refers to (rule 5).
+    holders: HashMap<WireKey, Vec<WorkerId>>,
+    /// Keys whose handles were dropped, released at the next flush.
+    releases: Vec<WireKey>,
     peers: Option<PeerPool>,
     out: Batch,
     last_poll: Instant,
 }
 
 impl Loop {
-    fn new(address: String, writer: mpsc::UnboundedSender<Vec<u8>>) -> Loop {
+    fn new(link: Arc<Link>, writer: mpsc::UnboundedSender<Vec<u8>>) -> Loop {
         Loop {
-            address,
+            address: link.address.clone(),
+            link,
             writer,
             connected: true,
             open: HashMap::new(),
             next_id: 0,
             waiting: HashMap::new(),
             fetching: HashMap::new(),
+            holders: HashMap::new(),
+            releases: Vec::new(),
             peers: None,
             out: Batch::default(),
             last_poll: Instant::now(),
@@ -347,10 +569,10 @@ impl Loop {
             let open = !self.open.is_empty();
             tokio::select! {
                 cmd = commands.recv() => match cmd {
-                    Some(Command::Submit(s)) => {
-                        self.submit(s);
-                        while let Ok(Command::Submit(s)) = commands.try_recv() {
-                            self.submit(s);
+                    Some(cmd) => {
+                        self.command(cmd);
+                        while let Ok(cmd) = commands.try_recv() {
+                            self.command(cmd);
                         }
                     }
                     None => break,
@@ -394,6 +616,103 @@ impl Loop {
         self.flush();
     }
 
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Submit(s) => self.submit(s),
+            Command::Release(key) => self.release(key),
+            Command::Fetch { key, reply } => self.fetch(key, reply),
+        }
+    }
+
+    /// A handle for `key` was dropped (rule 5).
+    fn release(&mut self, key: WireKey) {
+        if !self.link.held().contains_key(&key) {
+            // No handle for the key is left: nobody fetches it any more.
+            self.holders.remove(&key);
+            if let Some(waiters) = self.waiting.get_mut(&key) {
+                waiters.retain(|w| matches!(w, Waiter::Slot(..)));
+                if waiters.is_empty() {
+                    self.waiting.remove(&key);
+                    self.fetching.remove(&key);
+                }
+            }
+        }
+        if self.connected {
+            self.releases.push(key);
+        }
+    }
+
+    /// A handle wants the bytes of `key` (rule 5).
+    fn fetch(&mut self, key: WireKey, reply: Reply) {
+        if !self.connected {
+            let _ = reply.send(Err(format!(
+                "lost the connection to the scheduler at {}",
+                self.address
+            )));
+            return;
+        }
+        self.waiting
+            .entry(key)
+            .or_default()
+            .push(Waiter::Fetch(reply));
+        if self.fetching.contains_key(&key) {
+            return;
+        }
+        // Without known holders the key is being recomputed: the scheduler
+        // sends `KeyInMemory` again once it is back.
+        if let Some(holders) = self.holders.get(&key).cloned() {
+            self.start_fetch(key, holders);
+        }
+    }
+
+    /// Asks the first of `holders` for `key`, keeping the others in reserve.
+    fn start_fetch(&mut self, key: WireKey, mut holders: Vec<WorkerId>) {
+        holders.reverse();
+        if let Some(first) = holders.pop() {
+            if let Some(p) = self.peers.as_mut() {
+                p.request(first, key)
+            }
+            self.fetching.insert(
+                key,
+                Fetching {
+                    current: first,
+                    others: holders,
+                },
+            );
+        }
+    }
+
+    /// A handle of submission `id` for `key`, whose bytes are `bytes` if
+    /// known: the submission's first for the key makes it (rule 5).
+    fn handle(
+        &mut self,
+        id: u64,
+        key: WireKey,
+        holders: &[WorkerId],
+        bytes: Option<&Arc<[u8]>>,
+    ) -> Option<Value> {
+        let open = self.open.get_mut(&id)?;
+        let link = &self.link;
+        let handle = open
+            .handles
+            .entry(key)
+            .or_insert_with(|| Arc::new(KeyHandle::new(key, link.clone())));
+        if let Some(bytes) = bytes {
+            let _ = handle.bytes.set(bytes.clone());
+        }
+        let handle: Arc<dyn RemoteValue> = handle.clone();
+        let known = self.holders.entry(key).or_default();
+        if !holders.is_empty() {
+            *known = holders.to_vec();
+        }
+        Some(Arc::new(Remote(handle)))
+    }
+
+    /// Whether submission `id` wants handles rather than bytes.
+    fn keeps_remote(&self, id: u64) -> bool {
+        self.open.get(&id).is_some_and(|o| o.keep_remote)
+    }
+
     fn submit(&mut self, s: Submission) {
         if !self.connected {
             let failures = lost(&s.plan, &self.address);
@@ -405,8 +724,11 @@ impl Loop {
             self.waiting
                 .entry(s.plan.task(t).key.0)
                 .or_default()
-                .push((id, slot));
+                .push(Waiter::Slot(id, slot));
         }
+        // Messages leave in the order of their commands: a release queued
+        // before this submission reaches the scheduler before its graph.
+        self.flush_out();
         for frame in s.frames {
             let _ = self.writer.send(frame);
         }
@@ -419,6 +741,8 @@ impl Loop {
                 reported: vec![false; n],
                 unreported: n,
                 wanted: s.wanted,
+                keep_remote: s.keep_remote,
+                handles: HashMap::new(),
             },
         );
     }
@@ -434,10 +758,39 @@ impl Loop {
                 if let Some(p) = self.peers.as_mut() {
                     p.remove_peer(id)
                 }
+                for holders in self.holders.values_mut() {
+                    holders.retain(|&h| h != id);
+                }
             }
-            ToClient::KeyInMemory { key, holders, .. } => {
-                if !self.waiting.contains_key(&key) {
+            ToClient::KeyInMemory {
+                key,
+                holders,
+                nbytes,
+            } => {
+                if let Some(known) = self.holders.get_mut(&key) {
+                    known.clone_from(&holders);
+                }
+                let Some(waiters) = self.waiting.remove(&key) else {
                     return; // nobody waits any more (cancelled, or answered)
+                };
+                // Rule 5: big keep-remote outputs get their handle unfetched.
+                let (remote, rest): (Vec<Waiter>, Vec<Waiter>) =
+                    waiters.into_iter().partition(|w| match w {
+                        Waiter::Slot(id, _) => nbytes > EAGER_FETCH && self.keeps_remote(*id),
+                        Waiter::Fetch(_) => false,
+                    });
+                if !rest.is_empty() {
+                    self.waiting.insert(key, rest);
+                }
+                for waiter in remote {
+                    if let Waiter::Slot(id, slot) = waiter {
+                        if let Some(value) = self.handle(id, key, &holders, None) {
+                            self.report(id, slot, Ok(value));
+                        }
+                    }
+                }
+                if !self.waiting.contains_key(&key) {
+                    return;
                 }
                 if let Some(f) = self.fetching.get_mut(&key) {
                     for h in holders {
@@ -447,25 +800,11 @@ impl Loop {
                     }
                     return;
                 }
-                let mut holders = holders;
-                holders.reverse();
-                if let Some(first) = holders.pop() {
-                    if let Some(p) = self.peers.as_mut() {
-                        p.request(first, key)
-                    }
-                    self.fetching.insert(
-                        key,
-                        Fetching {
-                            current: first,
-                            others: holders,
-                        },
-                    );
-                }
+                self.start_fetch(key, holders);
             }
             ToClient::KeyErred { key, failure } => {
                 self.fetching.remove(&key);
-                let failure = Arc::new(Failure::from(&failure));
-                self.answer(key, |_| Err(failure.clone()));
+                self.answer(key, Err(Arc::new(Failure::from(&failure))));
             }
         }
     }
@@ -478,8 +817,7 @@ impl Loop {
         match f.result {
             FetchResult::Data(bytes) => {
                 self.fetching.remove(&f.key);
-                let value: rask_executor::Value = Arc::new(Encoded(bytes));
-                self.answer(f.key, |_| Ok(value.clone()));
+                self.answer(f.key, Ok((bytes, f.from)));
             }
             FetchResult::Missing | FetchResult::Lost => {
                 // Rule 3: the scheduler answers with another holder, or
@@ -501,13 +839,36 @@ impl Loop {
         }
     }
 
-    /// Reports `key`'s outcome to every slot waiting for it.
-    fn answer(&mut self, key: WireKey, outcome: impl Fn(usize) -> Outcome) {
-        let Some(slots) = self.waiting.remove(&key) else {
+    /// Reports `key`'s bytes (and the worker they came from) or failure to
+    /// everyone waiting for it.
+    fn answer(&mut self, key: WireKey, result: Result<(Arc<[u8]>, WorkerId), Arc<Failure>>) {
+        let Some(waiters) = self.waiting.remove(&key) else {
             return;
         };
-        for (id, slot) in slots {
-            self.report(id, slot, outcome(slot));
+        let outcome: Outcome = match &result {
+            Ok((bytes, _)) => Ok(Arc::new(Encoded(bytes.clone()))),
+            Err(failure) => Err(failure.clone()),
+        };
+        for waiter in waiters {
+            match waiter {
+                Waiter::Slot(id, slot) => {
+                    let outcome = match &result {
+                        // A small kept-remote output: a handle with its bytes.
+                        Ok((bytes, from)) if self.keeps_remote(id) => {
+                            match self.handle(id, key, &[*from], Some(bytes)) {
+                                Some(value) => Ok(value),
+                                None => continue,
+                            }
+                        }
+                        _ => outcome.clone(),
+                    };
+                    self.report(id, slot, outcome);
+                }
+                Waiter::Fetch(reply) => {
+                    let bytes = result.as_ref().map(|(b, _)| b.clone());
+                    let _ = reply.send(bytes.map_err(|f| f.to_string()));
+                }
+            }
         }
     }
 
@@ -525,17 +886,31 @@ impl Loop {
         }
     }
 
-    /// Releases a finished submission's keys and finishes it (rule 2).
+    /// Releases a finished submission's keys, except those its handles
+    /// hold (rule 5), and finishes it (rule 2).
     fn complete(&mut self, id: u64) {
         let Some(open) = self.open.remove(&id) else {
             return;
         };
+        let Open {
+            plan,
+            reporter,
+            wanted,
+            handles,
+            ..
+        } = open;
         if self.connected {
-            self.out
-                .push(&ToScheduler::ReleaseKeys { keys: open.wanted });
+            let keys: Vec<WireKey> = wanted
+                .into_iter()
+                .filter(|k| !handles.contains_key(k))
+                .collect();
+            if !keys.is_empty() {
+                self.out.push(&ToScheduler::ReleaseKeys { keys });
+            }
         }
-        let reporter = open.reporter;
-        drop(open.plan);
+        drop(plan);
+        // The reporter holds the handles it still wants.
+        drop(handles);
         reporter.finished();
     }
 
@@ -568,7 +943,7 @@ impl Loop {
         let failures: Vec<_> = (0..keys.len()).map(|s| plan.cancelled_output(s)).collect();
         for key in keys {
             if let Some(slots) = self.waiting.get_mut(&key) {
-                slots.retain(|&(sid, _)| sid != id);
+                slots.retain(|w| !matches!(w, Waiter::Slot(sid, _) if *sid == id));
                 if slots.is_empty() {
                     self.waiting.remove(&key);
                     self.fetching.remove(&key);
@@ -583,8 +958,17 @@ impl Loop {
     /// The scheduler connection is gone: every open output fails (rule 4).
     fn disconnected(&mut self) {
         self.connected = false;
-        self.waiting.clear();
+        let gone = format!("lost the connection to the scheduler at {}", self.address);
+        for (_, waiters) in self.waiting.drain() {
+            for waiter in waiters {
+                if let Waiter::Fetch(reply) = waiter {
+                    let _ = reply.send(Err(gone.clone()));
+                }
+            }
+        }
         self.fetching.clear();
+        self.holders.clear();
+        self.releases.clear();
         let ids: Vec<u64> = self.open.keys().copied().collect();
         for id in ids {
             let Some(open) = self.open.get(&id) else {
@@ -598,15 +982,24 @@ impl Loop {
     }
 
     fn flush(&mut self) {
+        self.flush_out();
+        if let Some(p) = self.peers.as_mut() {
+            p.flush();
+        }
+    }
+
+    /// Sends the queued messages to the scheduler.
+    fn flush_out(&mut self) {
+        if !self.releases.is_empty() {
+            let keys = std::mem::take(&mut self.releases);
+            self.out.push(&ToScheduler::ReleaseKeys { keys });
+        }
         if !self.out.is_empty() {
             if self.connected {
                 net::send_batch(&self.writer, &mut self.out);
             } else {
                 self.out.take_frames();
             }
-        }
-        if let Some(p) = self.peers.as_mut() {
-            p.flush();
         }
     }
 }

@@ -3,7 +3,10 @@
 //!
 //! A [`Client`] is an [`Executor`](rask_executor::Executor): `submit` sends
 //! a plan's tasks to the scheduler as one graph, and each output's value
-//! comes back from a worker that holds it. The scheduler places tasks on
+//! comes back from a worker that holds it — or, when the reporter asks to
+//! [`keep_remote`](rask_executor::Reporter::keep_remote), stays there behind
+//! a [`Remote`](rask_executor::Remote) handle that later graphs of the same
+//! client use in place. The scheduler places tasks on
 //! workers; workers run them on their own threads, fetch inputs from each
 //! other and keep results until no client or pending task needs them.
 //!

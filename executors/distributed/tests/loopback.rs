@@ -7,11 +7,12 @@ mod support;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rask_distributed::protocol::{self, Handshake, Role, ToScheduler};
-use rask_executor::FailureKind;
-use support::{Cluster, Collect, Graph, TIMEOUT};
+use rask_executor::{FailureKind, Value, WireError};
+use support::{fetch_int, fetch_len, remote, Cluster, Collect, Graph, Keep, TIMEOUT};
 
 /// a = 1; b = a + 1; c = a + 1; d = b + c.
 fn diamond(cluster: &Cluster, client: &rask_distributed::Client, salt: u64) {
@@ -472,4 +473,130 @@ fn dropping_the_client_cancels_its_open_submissions_and_releases_its_keys() {
         FailureKind::Cancelled
     );
     cluster.eventually("release", |c| c.scheduler.tasks() == 0);
+}
+
+/// Bytes over the client's eager-fetch limit: handles come unfetched.
+const BIG: u64 = 100_000;
+
+/// `big` (counted) kept on the cluster: outputs it twice, and a failure.
+fn keep_big(cluster: &Cluster, client: &rask_distributed::Client, salt: u64) -> Vec<Value> {
+    let mut g = Graph::salted(&cluster.shared, salt);
+    let big = g.task("big", postcard::to_stdvec(&BIG).unwrap(), &[]);
+    let bad = g.op("fail", 0, &[]);
+    let big_key = g.key(big);
+    g.output(big);
+    g.output(big);
+    g.output(bad);
+    let kept = Keep::new(3, true);
+    kept.submit(client, g.build());
+    let mut out = kept.wait();
+    assert_eq!(out.pop().unwrap().unwrap_err().message, "nope");
+    let values: Vec<Value> = out.into_iter().map(|o| o.unwrap()).collect();
+    assert_eq!(remote(&values[0]).key(), big_key);
+    values
+}
+
+/// `len(held) + 5` on `client`: uses the kept value by reference.
+fn len_of(cluster: &Cluster, client: &rask_distributed::Client, held: &Value) -> i64 {
+    let mut g = Graph::new(&cluster.shared);
+    let b = g.held(held.clone());
+    let c = g.op("len", 5, &[b]);
+    g.output(c);
+    let got = Collect::new(1);
+    got.submit(client, g.build());
+    got.wait()[0].clone().unwrap()
+}
+
+#[test]
+fn keep_remote_reports_handles_that_stay_held_until_dropped() {
+    let cluster = Cluster::new(2, 1);
+    let client = cluster.client();
+    let values = keep_big(&cluster, &client, 10);
+    // One handle per key, shared by the slots with that key.
+    assert!(Arc::ptr_eq(&remote(&values[0]).0, &remote(&values[1]).0));
+    // The failed output was released with the submission; `big` stays.
+    cluster.eventually("the failed key released", |c| c.scheduler.tasks() == 1);
+    // Later graphs use the held value in place: not sent, not recomputed.
+    assert_eq!(len_of(&cluster, &client, &values[0]), BIG as i64 + 5);
+    assert_eq!(len_of(&cluster, &client, &values[1]), BIG as i64 + 5);
+    assert_eq!(cluster.shared.runs.load(Ordering::SeqCst), 1);
+    // The bytes come over on demand, from any thread but the client's.
+    assert_eq!(fetch_len(&values[0]), BIG as usize);
+    assert_eq!(fetch_len(&values[1]), BIG as usize);
+    // Dropping the handle releases the key.
+    drop(values);
+    cluster.eventually("release", |c| c.scheduler.tasks() == 0);
+}
+
+#[test]
+fn small_kept_outputs_arrive_with_their_bytes_and_stay_held() {
+    let cluster = Cluster::new(1, 1);
+    let client = cluster.client();
+    let mut g = Graph::salted(&cluster.shared, 50);
+    let a = g.value(20);
+    let b = g.op("count", 1, &[a]);
+    g.output(b);
+    let kept = Keep::new(1, true);
+    kept.submit(&client, g.build());
+    let value = kept.wait().pop().unwrap().unwrap();
+    // Held on the cluster: a later graph uses it there.
+    let mut g = Graph::salted(&cluster.shared, 50);
+    let held = g.held(value.clone());
+    let c = g.op("add", 100, &[held]);
+    g.output(c);
+    let got = Collect::new(1);
+    got.submit(&client, g.build());
+    assert_eq!(got.wait(), vec![Ok(121)]);
+    assert_eq!(cluster.shared.runs.load(Ordering::SeqCst), 1);
+    // Its bytes came with it: they outlive the client.
+    drop(client);
+    cluster.eventually("release", |c| c.scheduler.tasks() == 0);
+    assert_eq!(fetch_int(&value), 21);
+}
+
+#[test]
+fn a_handle_from_another_cluster_is_sent_as_bytes() {
+    let one = Cluster::new(1, 1);
+    let two = Cluster::new(1, 1);
+    let owner = one.client();
+    let values = keep_big(&one, &owner, 20);
+    assert_eq!(len_of(&two, &two.client(), &values[0]), BIG as i64 + 5);
+    drop(values);
+    one.eventually("release", |c| c.scheduler.tasks() == 0);
+}
+
+#[test]
+fn a_held_value_lost_with_its_worker_is_recomputed_for_a_fetch() {
+    let mut cluster = Cluster::new(1, 1);
+    let client = cluster.client();
+    let values = keep_big(&cluster, &client, 30);
+    let registry = Arc::new(support::TestRegistry {
+        shared: cluster.shared.clone(),
+    });
+    let spare = rask_distributed::worker::spawn(&cluster.address, registry, 1).unwrap();
+    cluster.eventually("a second worker", |c| c.scheduler.workers() == 2);
+    cluster.workers[0].take().unwrap().stop();
+    assert_eq!(fetch_len(&values[0]), BIG as usize);
+    assert_eq!(cluster.shared.runs.load(Ordering::SeqCst), 2);
+    drop(values);
+    cluster.eventually("release", |c| c.scheduler.tasks() == 0);
+    spare.stop();
+}
+
+#[test]
+fn a_handle_fails_to_fetch_once_its_client_is_gone() {
+    let cluster = Cluster::new(1, 1);
+    let client = cluster.client();
+    // A big output's handle comes without its bytes.
+    let values = keep_big(&cluster, &client, 40);
+    drop(client);
+    // The scheduler drops a closed client's references, handles or not.
+    cluster.eventually("release", |c| c.scheduler.tasks() == 0);
+    match remote(&values[0]).fetch() {
+        Err(WireError::Fetch { key, reason }) => {
+            assert_eq!(key, remote(&values[0]).key());
+            assert!(reason.contains("closed"), "{reason}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
 }

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use rask_distributed::scheduler::{self, SchedulerHandle};
 use rask_distributed::{worker, Client, WorkerHandle};
 use rask_executor::{
-    Encoded, Executor, Failure, Key, Op, OpError, Outcome, Plan, PlanBuilder, Registry, Reporter,
-    Value, WireError, WireTask,
+    Encoded, Executor, Failure, Key, Op, OpError, Outcome, Plan, PlanBuilder, Registry, Remote,
+    Reporter, Value, WireError, WireTask, REMOTE_FUNCTION, VALUE_FUNCTION,
 };
 
 /// Every wait in these tests gives up after this long.
@@ -26,6 +26,19 @@ pub fn int(v: &Value) -> i64 {
         postcard::from_bytes(&e.0).expect("an encoded i64")
     } else {
         panic!("not an i64: {v:?}")
+    }
+}
+
+/// The length of a `Vec<u8>` computed here (typed) or fetched (encoded).
+pub fn bytes_len(v: &Value) -> usize {
+    if let Some(x) = v.downcast_ref::<Vec<u8>>() {
+        x.len()
+    } else if let Some(e) = v.downcast_ref::<Encoded>() {
+        postcard::from_bytes::<Vec<u8>>(&e.0)
+            .expect("encoded bytes")
+            .len()
+    } else {
+        panic!("not bytes: {v:?}")
     }
 }
 
@@ -67,7 +80,10 @@ impl Shared {
 /// Test ops: `rask.value` (payload = value bytes), `inc`, `add` (sum of the
 /// inputs plus the payload's i64), `count` (like add, counting runs),
 /// `sleep_inc` (sleeps payload µs, then inc), `gate` (waits for a token,
-/// then add), `fail`, `panic`. Anything else is unregistered.
+/// then add), `fail`, `panic`, `big` (payload n: `vec![7u8; n]`, counting
+/// runs), `len` (the input's length plus the payload's i64), `rask.remote`
+/// (fails: it runs only when the key it names is not held). Anything else is
+/// unregistered.
 pub struct TestOp {
     pub function: String,
     pub payload: Vec<u8>,
@@ -107,7 +123,17 @@ impl Op for TestOp {
                     _ => Err(OpError::failed("the gate never opened")),
                 }
             }
+            "big" => {
+                self.shared.runs.fetch_add(1, Ordering::SeqCst);
+                let n: u64 = postcard::from_bytes(&self.payload).unwrap_or(0);
+                Ok(Arc::new(vec![7u8; n as usize]))
+            }
+            "len" => {
+                let c: i64 = postcard::from_bytes(&self.payload).unwrap_or(0);
+                Ok(Arc::new(bytes_len(inputs[0].as_ref().unwrap()) as i64 + c))
+            }
             "fail" => Err(OpError::failed("nope")),
+            REMOTE_FUNCTION => Err(OpError::failed("the cluster no longer holds the value")),
             "panic" => panic!("kaboom"),
             other => Err(OpError::failed(format!("cannot run {other}"))),
         }
@@ -138,7 +164,7 @@ impl Registry for TestRegistry {
     fn resolve(&self, task: &WireTask) -> Result<Arc<dyn Op>, WireError> {
         match task.function.as_str() {
             "rask.value" | "inc" | "add" | "sleep_add" | "count" | "sleep_inc" | "gate"
-            | "fail" | "panic" => Ok(Arc::new(TestOp {
+            | "fail" | "panic" | "big" | "len" | REMOTE_FUNCTION => Ok(Arc::new(TestOp {
                 function: task.function.clone(),
                 payload: task.payload.clone(),
                 shared: self.shared.clone(),
@@ -200,6 +226,17 @@ impl Graph {
         self.task(function, postcard::to_stdvec(&constant).unwrap(), deps)
     }
 
+    /// A task standing for a value this process holds, as the `rask` crate
+    /// builds them: a [`Remote`] travels as a reference to its key.
+    pub fn held(&mut self, value: Value) -> u32 {
+        let key = match value.downcast_ref::<Remote>() {
+            Some(remote) => remote.key(),
+            None => return self.task("rask.value", value.encode().unwrap(), &[]),
+        };
+        self.keys.push(key);
+        self.b.push(key, Arc::new(HeldOp(value)), &[])
+    }
+
     pub fn key(&self, t: u32) -> Key {
         self.keys[t as usize]
     }
@@ -211,6 +248,104 @@ impl Graph {
     pub fn build(self) -> Arc<Plan> {
         Arc::new(self.b.build())
     }
+}
+
+/// A held value inside a plan, like the `rask` crate's.
+pub struct HeldOp(pub Value);
+
+impl Op for HeldOp {
+    fn run(&self, _: &mut [Option<Value>]) -> Result<Value, OpError> {
+        Ok(self.0.clone())
+    }
+
+    fn name(&self) -> &str {
+        "held"
+    }
+
+    fn to_wire(&self) -> Result<WireTask, WireError> {
+        Ok(match self.0.downcast_ref::<Remote>() {
+            Some(remote) => WireTask {
+                function: REMOTE_FUNCTION.to_owned(),
+                payload: remote.key().0.to_vec(),
+            },
+            None => WireTask {
+                function: VALUE_FUNCTION.to_owned(),
+                payload: self.0.encode()?,
+            },
+        })
+    }
+}
+
+/// Keeps the outcomes as reported (values, not numbers), and asks for
+/// remote handles when `remote`.
+pub struct Keep {
+    outs: Mutex<Vec<Option<Outcome>>>,
+    remote: bool,
+    done: Mutex<Option<Sender<()>>>,
+    done_rx: Mutex<Receiver<()>>,
+}
+
+impl Keep {
+    pub fn new(n: usize, remote: bool) -> Arc<Keep> {
+        let (tx, rx) = channel();
+        Arc::new(Keep {
+            outs: Mutex::new(vec![None; n]),
+            remote,
+            done: Mutex::new(Some(tx)),
+            done_rx: Mutex::new(rx),
+        })
+    }
+
+    pub fn submit(self: &Arc<Self>, client: &Client, plan: Arc<Plan>) {
+        client.submit(plan, self.clone());
+    }
+
+    /// Waits for `finished` and takes the outcomes out.
+    pub fn wait(&self) -> Vec<Outcome> {
+        self.done_rx
+            .lock()
+            .unwrap()
+            .recv_timeout(TIMEOUT)
+            .expect("finished in time");
+        std::mem::take(&mut *self.outs.lock().unwrap())
+            .into_iter()
+            .map(|o| o.expect("every output reported"))
+            .collect()
+    }
+}
+
+impl Reporter for Keep {
+    fn output(&self, index: usize, outcome: Outcome) {
+        self.outs.lock().unwrap()[index] = Some(outcome);
+    }
+
+    fn keep_remote(&self) -> bool {
+        self.remote
+    }
+
+    fn finished(&self) {
+        if let Some(tx) = self.done.lock().unwrap().take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// The handle behind a value reported by a keep-remote submission.
+pub fn remote(v: &Value) -> &Remote {
+    v.downcast_ref::<Remote>()
+        .unwrap_or_else(|| panic!("not a remote handle: {v:?}"))
+}
+
+/// An `i64` fetched through a remote handle.
+pub fn fetch_int(v: &Value) -> i64 {
+    postcard::from_bytes(&remote(v).fetch().expect("fetch")).expect("an encoded i64")
+}
+
+/// The length of a `Vec<u8>` fetched through a remote handle.
+pub fn fetch_len(v: &Value) -> usize {
+    postcard::from_bytes::<Vec<u8>>(&remote(v).fetch().expect("fetch"))
+        .expect("encoded bytes")
+        .len()
 }
 
 /// Collects outputs; `wait` returns them once `finished` was called.
