@@ -12,8 +12,13 @@
 //! prints the fastest run's JSON line on stdout and a summary on stderr.
 //! Every run checks its result and exits non-zero on a wrong one.
 //!
+//! Workloads on a cluster (`local:N`) re-run this same binary as the
+//! cluster's worker processes: `main` calls `rask::init` before anything
+//! else, listing every function a workload sends to a cluster.
+//!
 //! Adding a workload: write `fn my_workload(run: &Run) -> Outcome` and add
-//! one [`Workload`] row to [`WORKLOADS`].
+//! one [`Workload`] row to [`WORKLOADS`] (a function it runs on a cluster
+//! also goes into the `rask::tasks!` list of `main`).
 
 use std::fmt::Write as _;
 use std::process::{Command, ExitCode, Stdio};
@@ -37,7 +42,17 @@ struct Workload {
     executors: &'static [&'static str],
     /// Which executors a single run accepts.
     accepts: Accepts,
+    /// Sizes `all` leaves out on some executors, and why.
+    caps: &'static [Cap],
     run: fn(&Run) -> Outcome,
+}
+
+/// `all` runs a workload on executors starting with `executor` only up to
+/// `max_n` (a single run may still ask for more).
+struct Cap {
+    executor: &'static str,
+    max_n: u64,
+    why: &'static str,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -46,12 +61,22 @@ enum Accepts {
     Nothing,
     Sync,
     Threads,
-    /// `sync`, `threads`, `threads:N`.
+    /// A cluster: `local:N` or `tcp://host:port`.
+    Cluster,
+    /// `sync`, `threads`, `threads:N`, `local:N`, `tcp://host:port`.
     Any,
 }
 
 const SIZES: &[u64] = &[1_000, 10_000, 100_000];
 const SIZES_1M: &[u64] = &[1_000, 10_000, 100_000, 1_000_000];
+
+/// `all` runs the workloads that pay a client round trip per task up to
+/// 10 000 on a cluster, to stay within its 5-minute budget.
+const ROUND_TRIP_CAP: &[Cap] = &[Cap {
+    executor: "local:",
+    max_n: 10_000,
+    why: "one client round trip per task: 12-30 s a run at 100 000, over the time budget of `all` (run it alone)",
+}];
 
 const WORKLOADS: &[Workload] = &[
     Workload {
@@ -59,6 +84,7 @@ const WORKLOADS: &[Workload] = &[
         about: "build tree(N) only",
         sizes: SIZES_1M,
         executors: &["none"],
+        caps: &[],
         accepts: Accepts::Nothing,
         run: build,
     },
@@ -67,6 +93,7 @@ const WORKLOADS: &[Workload] = &[
         about: "build tree(N), compute it on the sync executor",
         sizes: SIZES_1M,
         executors: &["sync"],
+        caps: &[],
         accepts: Accepts::Sync,
         run: tree_compute,
     },
@@ -75,6 +102,7 @@ const WORKLOADS: &[Workload] = &[
         about: "build tree(N), compute it on the threaded executor",
         sizes: SIZES_1M,
         executors: &["threads", "threads:1"],
+        caps: &[],
         accepts: Accepts::Threads,
         run: tree_compute,
     },
@@ -83,6 +111,7 @@ const WORKLOADS: &[Workload] = &[
         about: "build chain(N); compute it on sync, then the same object on threads",
         sizes: SIZES,
         executors: &["threads"],
+        caps: &[],
         accepts: Accepts::Threads,
         run: chain,
     },
@@ -90,7 +119,14 @@ const WORKLOADS: &[Workload] = &[
         name: "persist",
         about: "N/100 chunks of 100k f64, N slice sums reduced by add; A: over loads, B: over persisted chunks",
         sizes: SIZES,
-        executors: &["sync", "threads"],
+        executors: &["sync", "threads", "local:2"],
+        // Every `slice_sum` on a worker decodes its whole 800 KB chunk:
+        // ~70 µs per task, 55 s a run at N = 100 000.
+        caps: &[Cap {
+            executor: "local:",
+            max_n: 10_000,
+            why: "~55 s a run (each slice_sum decodes its 800 KB chunk on the worker), ~3 min with the repeats, over the time budget of `all` (run it alone)",
+        }],
         accepts: Accepts::Any,
         run: persist,
     },
@@ -98,7 +134,8 @@ const WORKLOADS: &[Workload] = &[
         name: "cpu_scaling",
         about: "N tasks of ~5 ms CPU work (matrix products); speed-up over the sync executor",
         sizes: &[200],
-        executors: &["sync", "threads"],
+        executors: &["sync", "threads", "local:2"],
+        caps: &[],
         accepts: Accepts::Any,
         run: cpu_scaling,
     },
@@ -107,6 +144,7 @@ const WORKLOADS: &[Workload] = &[
         about: "in-process client: map(inc, 0..N) + gather, then the same again while the first futures are held",
         sizes: SIZES,
         executors: &["threads"],
+        caps: &[],
         accepts: Accepts::Any,
         run: map,
     },
@@ -114,14 +152,51 @@ const WORKLOADS: &[Workload] = &[
         name: "as_completed",
         about: "10 noop futures in flight; each completion submits one more, until N completions",
         sizes: SIZES,
-        executors: &["threads"],
+        executors: &["threads", "local:2"],
+        caps: &[],
         accepts: Accepts::Any,
         run: as_completed,
     },
-    // Not yet: `dist_map`, `dist_graph`, `dist_submit_chain`, `dist_roundtrip`,
-    // and `persist`, `cpu_scaling`, `as_completed` on a cluster: they need
-    // the distributed executor; each is one row here (or one more executor
-    // in a row's list) when it lands.
+    Workload {
+        name: "dist_map",
+        about: "map + gather as `map`, on a local cluster (start-up timed apart as startup_s)",
+        sizes: SIZES,
+        executors: &["local:2"],
+        caps: &[],
+        accepts: Accepts::Cluster,
+        run: map,
+    },
+    Workload {
+        name: "dist_graph",
+        about: "build tree(N), compute it on a cluster through the client",
+        sizes: SIZES,
+        executors: &["local:2"],
+        caps: &[],
+        accepts: Accepts::Cluster,
+        run: dist_graph,
+    },
+    Workload {
+        name: "dist_submit_chain",
+        about: "f = submit(inc(0)), then f = submit(inc(f)) N-1 times without waiting, then gather f",
+        sizes: SIZES,
+        executors: &["local:2"],
+        // One client round trip per task (120–300 µs here): N = 100 000
+        // takes 12–30 s a run, ~1.5 min with `all`'s three repeats.
+        caps: ROUND_TRIP_CAP,
+        accepts: Accepts::Cluster,
+        run: dist_submit_chain,
+    },
+    Workload {
+        name: "dist_roundtrip",
+        about: "N strictly sequential submit(inc(x)).result() round trips",
+        sizes: SIZES,
+        executors: &["local:2"],
+        // One client round trip per task (120–300 µs here): N = 100 000
+        // takes 12–30 s a run, ~1.5 min with `all`'s three repeats.
+        caps: ROUND_TRIP_CAP,
+        accepts: Accepts::Cluster,
+        run: dist_roundtrip,
+    },
 ];
 
 // ---------------------------------------------------------------------------
@@ -138,8 +213,12 @@ struct Run {
 }
 
 impl Run {
-    /// Thread count of a threads executor (`threads` = every core).
+    /// Thread count of a threads executor (`threads` = every core); on a
+    /// `local:N` cluster, workers × threads per worker.
     fn threads(&self) -> usize {
+        if let Some(workers) = self.cluster() {
+            return workers * worker_threads();
+        }
         match self.executor.strip_prefix("threads") {
             Some(n) => n
                 .trim_start_matches(':')
@@ -148,6 +227,26 @@ impl Run {
             None => 1,
         }
     }
+
+    /// Worker processes when the executor is a cluster: `N` of `local:N`,
+    /// 0 for `tcp://…` (not known here); `None` in process.
+    fn cluster(&self) -> Option<usize> {
+        match rask::ExecutorKind::parse(&self.executor) {
+            Ok(rask::ExecutorKind::Local(n)) => Some(n),
+            Ok(rask::ExecutorKind::Tcp(_)) => Some(0),
+            _ => None,
+        }
+    }
+}
+
+/// Threads per worker process, as workers read it (`RASK_WORKER_THREADS`,
+/// default 1).
+fn worker_threads() -> usize {
+    std::env::var("RASK_WORKER_THREADS")
+        .ok()
+        .and_then(|t| t.trim().parse::<usize>().ok())
+        .filter(|&t| t > 0)
+        .unwrap_or(1)
 }
 
 /// What a run measured: the headline figure, its task count, and every other
@@ -177,13 +276,31 @@ impl Report {
     fn new(run: &Run, tasks: u64, headline_s: f64, wall_s: f64) -> Self {
         // Graph optimization (on by default) changes what runs: say so.
         let optimize = std::env::var("RASK_OPTIMIZE").unwrap_or_else(|_| "default".into());
-        Report {
+        let mut report = Report {
             tasks,
             headline_s,
             wall_s,
             peak_rss_mib: peak_rss_mib(),
             executor: run.executor.clone(),
             fields: vec![("rask_optimize", Field::Str(optimize))],
+        };
+        if let Some(workers) = run.cluster() {
+            // `peak_rss_mib` is this process (client and scheduler); the
+            // workers are processes of their own.
+            report = report
+                .int("workers", workers as u64)
+                .int("worker_threads", worker_threads() as u64)
+                .float("workers_peak_rss_mib", children_peak_rss_mib());
+        }
+        report
+    }
+
+    /// A cluster's start-up seconds, when this run started one: reported
+    /// beside the figures, never inside a headline.
+    fn startup(self, startup_s: Option<f64>) -> Self {
+        match startup_s {
+            Some(s) => self.secs("startup_s", s),
+            None => self,
         }
     }
 
@@ -289,6 +406,46 @@ fn load_1m() -> f64 {
 
 fn peak_rss_mib() -> f64 {
     status_mib("VmHWM")
+}
+
+/// Sum of the peak resident memory (`VmHWM`) of this process's live child
+/// processes: a local cluster's workers.
+fn children_peak_rss_mib() -> f64 {
+    let me = std::process::id().to_string();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return f64::NAN;
+    };
+    let mut total = 0.0;
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // After the parenthesised command: state, ppid, …
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        if rest.split_whitespace().nth(1) != Some(me.as_str()) {
+            continue;
+        }
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let kib = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            });
+        total += kib.unwrap_or(0.0) / 1024.0;
+    }
+    total
 }
 
 fn cores() -> usize {
@@ -467,6 +624,7 @@ fn persist(run: &Run) -> Outcome {
     }
     let c = run.n / 100;
     let config = &run.config;
+    let startup_s = start_cluster(run)?;
 
     // A: over delayed loads; both computes run the loads.
     let (a, a_build_s) = timed(|| {
@@ -478,10 +636,23 @@ fn persist(run: &Run) -> Outcome {
     drop(a);
 
     // B: persist the chunks, then build over the held chunks (no loads).
+    // All C chunks at once, so that the loads run in parallel: in process
+    // one computation (Dask's `persist(*chunks)`); on a cluster through the
+    // client (Dask's `client.persist(chunks)`), whose results stay on the
+    // workers and are used there in place by the graphs built on them.
     let (chunks, b_persist_s) = timed(|| {
-        (0..c)
-            .map(|c| delayed!(load(c)).persist_with(config))
-            .collect::<rask::Result<Vec<_>>>()
+        let loads: Vec<_> = (0..c).map(|c| delayed!(load(c))).collect();
+        if run.cluster().is_some() {
+            let client = rask::Client::with_config(config)?;
+            let futures = loads
+                .iter()
+                .map(|load| client.submit(load))
+                .collect::<rask::Result<Vec<_>>>()?;
+            rask::wait(&futures);
+            Ok(futures.iter().map(rask::Future::to_delayed).collect())
+        } else {
+            rask::persist_with(&loads, config)
+        }
     });
     let chunks = computed("persist", chunks)?;
     let (b, b_build_s) = timed(|| persist_graph(&chunks));
@@ -496,12 +667,12 @@ fn persist(run: &Run) -> Outcome {
         b_compute1_s,
         wall_s + b_compute1_s + b_compute2_s,
     )
+    .startup(startup_s)
     .int("chunks", c)
     .secs("a_build_s", a_build_s)
     .secs("a_compute1_s", a_compute1_s)
     .secs("a_compute2_s", a_compute2_s)
     .secs("b_persist_s", b_persist_s)
-    .float("ms_per_load", b_persist_s / c as f64 * 1e3)
     .secs("b_build_s", b_build_s)
     .secs("b_compute1_s", b_compute1_s)
     .secs("b_compute2_s", b_compute2_s)
@@ -515,13 +686,14 @@ fn persist(run: &Run) -> Outcome {
     check("first B sum", b1.to_bits(), a1.to_bits())?;
     check("second B sum", b2.to_bits(), a1.to_bits())?;
     drop(chunks);
-    let plain: f64 = (0..c).map(|c| load(c).iter().sum::<f64>()).sum();
+    // The plain loop also tells what one load costs on this machine.
+    let (plain, plain_s) = timed(|| (0..c).map(|c| load(c).iter().sum::<f64>()).sum::<f64>());
     if (a1 - plain).abs() > 1e-9 * plain.abs() {
         return Err(format!(
             "wrong persist sum: got {a1}, a plain sum gives {plain}"
         ));
     }
-    Ok(report)
+    Ok(report.float("ms_per_load", plain_s / c as f64 * 1e3))
 }
 
 /// Side of the matrices of `cpu_work`: 3 × 128 KiB stays in a core's L2.
@@ -559,6 +731,7 @@ fn sum_all(parts: Vec<f64>) -> f64 {
 }
 
 fn cpu_scaling(run: &Run) -> Outcome {
+    let startup_s = start_cluster(run)?;
     let graph = || {
         let parts: Vec<Delayed<f64>> = (0..run.n).map(|i| delayed!(cpu_work(i))).collect();
         delayed!(sum_all(parts))
@@ -585,6 +758,7 @@ fn cpu_scaling(run: &Run) -> Outcome {
         compute_s,
         plain_s + compute_sync_s + compute_s,
     )
+    .startup(startup_s)
     .int("threads", run.threads() as u64)
     .secs("plain_loop_s", plain_s)
     .secs("compute_sync_s", compute_sync_s)
@@ -599,12 +773,28 @@ fn noop(i: i64) -> i64 {
     i
 }
 
-fn client(run: &Run) -> Result<rask::Client, String> {
-    rask::Client::with_config(&run.config).map_err(|e| format!("client: {e}"))
+/// On a cluster, starts it and returns the seconds that took (`startup_s`,
+/// never part of a headline): a `local:N` cluster is started once per
+/// process and kept, so later clients and computes on the same executor
+/// find it running. In process, `None`.
+fn start_cluster(run: &Run) -> Result<Option<f64>, String> {
+    if run.cluster().is_none() {
+        return Ok(None);
+    }
+    let (client, startup_s) = timed(|| rask::Client::with_config(&run.config));
+    client.map_err(|e| format!("cluster start-up: {e}"))?;
+    Ok(Some(startup_s))
+}
+
+/// A client on the run's executor, and the cluster's start-up seconds.
+fn client(run: &Run) -> Result<(rask::Client, Option<f64>), String> {
+    let startup_s = start_cluster(run)?;
+    let client = rask::Client::with_config(&run.config).map_err(|e| format!("client: {e}"))?;
+    Ok((client, startup_s))
 }
 
 fn map(run: &Run) -> Outcome {
-    let client = client(run)?;
+    let (client, startup_s) = client(run)?;
     let want: Vec<i64> = (1..=run.n as i64).collect();
     let ((first, got), map_gather_s) = timed(|| {
         let futures = client.map(inc, 0..run.n as i64);
@@ -647,6 +837,7 @@ fn map(run: &Run) -> Outcome {
         run.n,
     )?;
     let report = Report::new(run, run.n, map_gather_s, map_gather_s + map_gather_cached_s)
+        .startup(startup_s)
         .secs("map_gather_s", map_gather_s)
         .secs("map_gather_cached_s", map_gather_cached_s)
         .float(
@@ -659,7 +850,7 @@ fn map(run: &Run) -> Outcome {
 
 fn as_completed(run: &Run) -> Outcome {
     const IN_FLIGHT: u64 = 10;
-    let client = client(run)?;
+    let (client, startup_s) = client(run)?;
     let submit = |i: u64| {
         client
             .submit(delayed!(noop(i as i64)))
@@ -690,7 +881,64 @@ fn as_completed(run: &Run) -> Outcome {
         (run.n as i64 - 1) * run.n as i64 / 2,
     )?;
     let report = Report::new(run, run.n, as_completed_s, as_completed_s)
+        .startup(startup_s)
         .secs("as_completed_s", as_completed_s);
+    Ok(report)
+}
+
+/// tree(N) computed on a cluster through the client. The graph is sent as
+/// built: a remote graph is not optimized beyond culling.
+fn dist_graph(run: &Run) -> Outcome {
+    let (client, startup_s) = client(run)?;
+    let (root, build_s) = timed(|| tree(run.n));
+    let (total, compute_s) = timed(|| client.compute(&root).and_then(|f| f.result()));
+    check("tree sum", computed("compute", total)?, tree_sum(run.n))?;
+    let report = Report::new(run, 2 * run.n - 1, compute_s, build_s + compute_s)
+        .startup(startup_s)
+        .secs("build_s", build_s)
+        .secs("compute_s", compute_s);
+    Ok(report)
+}
+
+/// A chain of N submissions, each on the previous future, none waited for
+/// until the last is gathered.
+fn dist_submit_chain(run: &Run) -> Outcome {
+    let (client, startup_s) = client(run)?;
+    let start = Instant::now();
+    let mut submit_s = 0.0;
+    let got = (|| -> rask::Result<i64> {
+        let mut f = client.submit(delayed!(inc(0)))?;
+        for _ in 1..run.n {
+            f = client.submit(delayed!(inc(&f)))?;
+        }
+        submit_s = start.elapsed().as_secs_f64();
+        Ok(client.gather(std::slice::from_ref(&f))?[0])
+    })();
+    let submit_gather_s = start.elapsed().as_secs_f64();
+    check("chain result", computed("submit chain", got)?, run.n as i64)?;
+    let report = Report::new(run, run.n, submit_gather_s, submit_gather_s)
+        .startup(startup_s)
+        .secs("submit_s", submit_s)
+        .secs("submit_gather_s", submit_gather_s);
+    Ok(report)
+}
+
+/// N strictly sequential round trips: submit `inc(x)`, wait for its result,
+/// feed it to the next.
+fn dist_roundtrip(run: &Run) -> Outcome {
+    let (client, startup_s) = client(run)?;
+    let (got, roundtrips_s) = timed(|| -> rask::Result<i64> {
+        let mut x = 0;
+        for _ in 0..run.n {
+            x = client.submit(delayed!(inc(x)))?.result()?;
+        }
+        Ok(x)
+    });
+    check("last result", computed("round trip", got)?, run.n as i64)?;
+    let report = Report::new(run, run.n, roundtrips_s, roundtrips_s)
+        .startup(startup_s)
+        .secs("roundtrips_s", roundtrips_s)
+        .float("us_per_roundtrip", roundtrips_s / run.n as f64 * 1e6);
     Ok(report)
 }
 
@@ -703,13 +951,21 @@ usage: cargo bench --bench workloads -- WORKLOAD N [--executor E]
        cargo bench --bench workloads -- all [--executor E] [--repeat R]
        cargo bench --bench workloads -- list
 
-E: sync | threads | threads:N (default: the workload's first executor)
+E: sync | threads | threads:N | local:N | tcp://host:port (default: the
+   workload's first executor; local:N starts N worker processes of this
+   binary, RASK_WORKER_THREADS threads each, default 1)
 `all` runs every workload at the sizes of shared/bench/WORKLOADS.md on every
 executor it lists (or only E), each run in a fresh process, R times (default
 3), and prints the fastest run's JSON line (by headline figure) on stdout,
 with `\"best_of\": R` added; a summary table goes to stderr.";
 
 fn main() -> ExitCode {
+    // First of all: in a worker process of a local cluster (this binary,
+    // re-run with `RASK_WORKER` set) this runs the worker and exits. Every
+    // function a workload sends to a cluster is listed.
+    rask::init(rask::tasks![
+        inc, add, noop, load, slice_sum, add_f, cpu_work, sum_all
+    ]);
     // `cargo bench` appends `--bench`; it means nothing here.
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -723,7 +979,7 @@ fn main() -> ExitCode {
         Ok(Mode::List) => {
             for w in WORKLOADS {
                 println!(
-                    "{:<12} N in {:?}, on {}: {}",
+                    "{:<17} N in {:?}, on {}: {}",
                     w.name,
                     w.sizes,
                     w.executors.join(", "),
@@ -830,9 +1086,14 @@ fn executor_config(workload: &Workload, executor: &str) -> Result<Config, String
     }
     let kind = rask::ExecutorKind::parse(executor).map_err(|e| e.to_string())?;
     let threads = matches!(kind, rask::ExecutorKind::Threads(_));
+    let cluster = matches!(
+        kind,
+        rask::ExecutorKind::Local(_) | rask::ExecutorKind::Tcp(_)
+    );
     let fits = match workload.accepts {
-        Accepts::Sync => !threads,
+        Accepts::Sync => matches!(kind, rask::ExecutorKind::Synchronous),
         Accepts::Threads => threads,
+        Accepts::Cluster => cluster,
         Accepts::Any | Accepts::Nothing => true,
     };
     if !fits {
@@ -845,6 +1106,11 @@ fn executor_config(workload: &Workload, executor: &str) -> Result<Config, String
     if threads && !cfg!(feature = "threaded") {
         return Err(format!(
             "`{executor}` needs the `threaded` feature (built without it)"
+        ));
+    }
+    if cluster && !cfg!(feature = "distributed") {
+        return Err(format!(
+            "`{executor}` needs the `distributed` feature (built without it)"
         ));
     }
     Ok(Config::new().executor(kind))
@@ -884,8 +1150,20 @@ fn all(only: Option<&str>, repeat: u32) -> ExitCode {
                 if only.is_some_and(|o| o != e) {
                     continue;
                 }
+                if let Some(cap) = w
+                    .caps
+                    .iter()
+                    .find(|c| e.starts_with(c.executor) && n > c.max_n)
+                {
+                    eprintln!("skip {} {n} on {e}: {}", w.name, cap.why);
+                    continue;
+                }
                 if e.starts_with("threads") && !cfg!(feature = "threaded") {
                     eprintln!("skip {} {n} on {e}: built without `threaded`", w.name);
+                    continue;
+                }
+                if e.starts_with("local:") && !cfg!(feature = "distributed") {
+                    eprintln!("skip {} {n} on {e}: built without `distributed`", w.name);
                     continue;
                 }
                 let what = format!("{} {n} --executor {e}", w.name);
@@ -918,7 +1196,7 @@ fn all(only: Option<&str>, repeat: u32) -> ExitCode {
         }
     }
     eprintln!(
-        "\n{:<12} {:>9} {:<16} {:>9} {:>12} {:>10} {:>9} {:>6}",
+        "\n{:<17} {:>9} {:<16} {:>9} {:>12} {:>10} {:>9} {:>6}",
         "workload", "n", "executor", "tasks", "tasks/s", "us/task", "rss MiB", "load"
     );
     for row in &summary {
@@ -944,8 +1222,13 @@ fn run_child(
     n: u64,
     executor: &str,
 ) -> Result<String, String> {
-    let out = Command::new(exe)
-        .args([workload, &n.to_string(), "--executor", executor])
+    let mut command = Command::new(exe);
+    command.args([workload, &n.to_string(), "--executor", executor]);
+    if executor.starts_with("local:") {
+        // Clusters of `all` are N workers of one thread each.
+        command.env("RASK_WORKER_THREADS", "1");
+    }
+    let out = command
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
         .output()
@@ -977,7 +1260,7 @@ fn field(line: &str, name: &str) -> String {
 fn summary_row(line: &str) -> String {
     let field = |name| field(line, name);
     format!(
-        "{:<12} {:>9} {:<16} {:>9} {:>12} {:>10} {:>9} {:>6}",
+        "{:<17} {:>9} {:<16} {:>9} {:>12} {:>10} {:>9} {:>6}",
         field("workload"),
         field("n"),
         field("executor"),

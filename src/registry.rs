@@ -22,6 +22,7 @@
 //!    resolves to only fails, since the scheduler runs it only when the key
 //!    is no longer held there.
 
+use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::{Arc, OnceLock};
@@ -209,10 +210,16 @@ impl<A: Data> Slot<A> for WireSlot<A> {
             WireSlot::Literal(a) => Ok(a.clone()),
             WireSlot::One => {
                 let value = inputs.next_value()?;
-                match rask_executor::downcast::<A>(value) {
-                    Ok(shared) => Ok(Arc::try_unwrap(shared).unwrap_or_else(|s| (*s).clone())),
-                    // A `T` produced here for an `Arc<T>` parameter, or bytes
-                    // from a peer: go through the encoding.
+                let value = match rask_executor::downcast::<A>(value) {
+                    Ok(shared) => {
+                        return Ok(Arc::try_unwrap(shared).unwrap_or_else(|s| (*s).clone()))
+                    }
+                    Err(value) => value,
+                };
+                // A `T` produced here for an `Arc<T>` parameter: shared as is.
+                match as_shared::<A>(value) {
+                    Ok(a) => Ok(a),
+                    // Bytes from a peer: decode.
                     Err(value) => {
                         let mut bytes = Vec::new();
                         match value.downcast_ref::<Encoded>() {
@@ -276,6 +283,32 @@ struct Entry {
 #[derive(Default)]
 pub struct Tasks {
     entries: HashMap<&'static str, Entry>,
+    /// For every registered function's output type `R`, how to hand a stored
+    /// `R` to an `Arc<R>` parameter without a copy, keyed by `TypeId` of
+    /// `Arc<R>` (the parameter's type, which is all a worker-side slot knows).
+    shared: HashMap<TypeId, ToShared>,
+}
+
+/// Turns a stored `R` into a boxed `Arc<R>` (no copy), or gives it back.
+type ToShared = fn(Value) -> Result<Box<dyn Any>, Value>;
+
+fn to_shared<R: Data>(value: Value) -> Result<Box<dyn Any>, Value> {
+    rask_executor::downcast::<R>(value).map(|shared| Box::new(shared) as Box<dyn Any>)
+}
+
+/// The registered way to see `value` as an `A` when `A` is `Arc<R>` of a
+/// registered output type `R`.
+fn as_shared<A: 'static>(value: Value) -> Result<A, Value> {
+    let Some(convert) = REGISTRY
+        .get()
+        .and_then(|r| r.tasks.shared.get(&TypeId::of::<A>()))
+    else {
+        return Err(value);
+    };
+    let boxed = convert(value)?;
+    Ok(*boxed
+        .downcast::<A>()
+        .expect("the converter is keyed by the type it makes"))
 }
 
 impl Tasks {
@@ -289,6 +322,8 @@ impl Tasks {
     where
         F: Register<Plain, Sig>,
     {
+        let (output, convert) = f.shared_output();
+        self.shared.insert(output, convert);
         self.entry::<F>().plain = Some(f.builder().0);
         self
     }
@@ -298,6 +333,8 @@ impl Tasks {
     where
         F: Register<Fallible, Sig>,
     {
+        let (output, convert) = f.shared_output();
+        self.shared.insert(output, convert);
         self.entry::<F>().fallible = Some(f.builder().0);
         self
     }
@@ -357,6 +394,8 @@ macro_rules! tasks {
 pub trait Register<M, Sig> {
     #[doc(hidden)]
     fn builder(self) -> Builder;
+    #[doc(hidden)]
+    fn shared_output(&self) -> (TypeId, fn(Value) -> Result<Box<dyn Any>, Value>);
 }
 
 /// How a registered function rebuilds its calls; opaque.
@@ -372,6 +411,10 @@ macro_rules! register {
             R: 'static,
             $($a: Data,)*
         {
+            fn shared_output(&self) -> (TypeId, ToShared) {
+                (TypeId::of::<Arc<M::Out>>(), to_shared::<M::Out>)
+            }
+
             #[allow(unused_variables)]
             fn builder(self) -> Builder {
                 Builder(Box::new(move |payload: &Payload| {
@@ -502,9 +545,46 @@ mod tests {
         a + b.iter().sum::<i64>()
     }
 
+    fn numbers() -> Vec<i64> {
+        vec![1, 2, 3]
+    }
+
+    /// The address of the vector it was given.
+    fn address(v: Arc<Vec<i64>>) -> usize {
+        v.as_ptr() as usize
+    }
+
+    /// Every test registers the same list: the first `init` wins.
+    fn setup() {
+        init(crate::tasks![add, numbers, address]);
+    }
+
+    #[test]
+    fn an_arc_parameter_shares_a_value_produced_in_this_process() {
+        setup();
+        let made = crate::delayed!(numbers());
+        let d = crate::delayed!(address(&made));
+        let wire = rask_executor::Op::to_wire(&**d.node()).unwrap();
+        let op = installed().unwrap().resolve(&wire).unwrap();
+        // A worker holds the `Vec` the `numbers` task produced, typed.
+        let vec = Arc::new(vec![1_i64, 2, 3]);
+        let at = vec.as_ptr() as usize;
+        let mut inputs: Vec<Option<Value>> = vec![Some(vec)];
+        let out = op.run(&mut inputs).unwrap();
+        assert_eq!(
+            out.downcast_ref::<usize>(),
+            Some(&at),
+            "the vector was copied"
+        );
+        // Bytes from a peer still decode.
+        let bytes = postcard::to_stdvec(&vec![4_i64]).unwrap();
+        let mut inputs: Vec<Option<Value>> = vec![Some(Arc::new(Encoded(Arc::from(bytes))))];
+        assert!(op.run(&mut inputs).is_ok());
+    }
+
     #[test]
     fn a_task_survives_the_trip_through_bytes() {
-        init(crate::tasks![add]);
+        setup();
         let parts = vec![crate::value(1_i64), crate::value(2_i64)];
         let d = crate::delayed!(add(10, parts));
         let wire = rask_executor::Op::to_wire(&**d.node()).unwrap();
@@ -535,7 +615,7 @@ mod tests {
 
     #[test]
     fn a_value_held_by_a_cluster_travels_as_its_key() {
-        init(crate::tasks![add]);
+        setup();
         let value: Value = Arc::new(Remote(Arc::new(Held7)));
         let wire = value_task(&value).unwrap();
         assert_eq!(wire.function, REMOTE_FUNCTION);
