@@ -395,7 +395,7 @@ pub trait Register<M, Sig> {
     #[doc(hidden)]
     fn builder(self) -> Builder;
     #[doc(hidden)]
-    fn shared_output(&self) -> (TypeId, fn(Value) -> Result<Box<dyn Any>, Value>);
+    fn shared_output(&self) -> (TypeId, ToShared);
 }
 
 /// How a registered function rebuilds its calls; opaque.
