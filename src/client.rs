@@ -22,7 +22,7 @@
 //!    which frees the value on the cluster.
 
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::task::Waker;
 
@@ -477,6 +477,9 @@ struct Run {
     keys: Vec<Key>,
     /// Outputs still wanted (rule 4).
     live: AtomicUsize,
+    /// Set once the executor took the plan: from then on a cluster holds
+    /// this run's keys, and later graphs may refer to them (see `PendingRef`).
+    submitted: AtomicBool,
 }
 
 impl Reporter for Run {
@@ -527,6 +530,32 @@ impl Op for Replay {
     }
     fn to_wire(&self) -> std::result::Result<WireTask, WireError> {
         crate::registry::fail_task(&self.failure)
+    }
+}
+
+/// A key a cluster is computing for an earlier run of this client, as an
+/// input of a new graph sent to the same cluster.
+struct PendingRef {
+    name: Name,
+    key: Key,
+}
+
+impl Op for PendingRef {
+    fn run(&self, _: &mut [Option<Value>]) -> std::result::Result<Value, OpError> {
+        Err(OpError::failed(format!(
+            "{}-{} is still being computed on its cluster and cannot run here",
+            self.name,
+            self.key.short()
+        )))
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn to_wire(&self) -> std::result::Result<WireTask, WireError> {
+        Ok(WireTask {
+            function: rask_executor::REMOTE_FUNCTION.to_owned(),
+            payload: self.key.0.to_vec(),
+        })
     }
 }
 
@@ -601,6 +630,7 @@ impl Shared {
         let mut own: KeyMap<()> = KeyMap::default();
         own.extend(roots.iter().map(|r| (r.key, ())));
         let mut waits = Vec::new();
+        let remote = self.backend.is_remote();
         let plan = crate::graph::lower_with(&roots, |node| {
             if own.contains_key(&node.key) {
                 return None;
@@ -619,6 +649,22 @@ impl Shared {
                     name: node.name.clone(),
                     failure: cancelled_failure(node.key, &node.name),
                 }),
+                // A future computed by a run already handed to a cluster:
+                // refer to its key, and the scheduler makes this graph wait
+                // for it there, with no round trip through this process.
+                State::Pending
+                    if remote
+                        && node.call.is_future()
+                        && entry
+                            .run
+                            .as_ref()
+                            .is_some_and(|r| r.submitted.load(Ordering::Acquire)) =>
+                {
+                    Arc::new(PendingRef {
+                        name: node.name.clone(),
+                        key: node.key,
+                    })
+                }
                 State::Pending => {
                     waits.push(node.key);
                     Arc::new(Replay {
@@ -645,6 +691,7 @@ impl Shared {
             shared: self.clone(),
             keys: roots.iter().map(|r| r.key).collect(),
             live: AtomicUsize::new(roots.len()),
+            submitted: AtomicBool::new(false),
         });
         for root in &roots {
             if let Some(entry) = table.get_mut(&root.key) {
@@ -652,7 +699,8 @@ impl Shared {
             }
         }
         drop(table);
-        self.backend.executor().submit(Arc::new(plan), run);
+        self.backend.executor().submit(Arc::new(plan), run.clone());
+        run.submitted.store(true, Ordering::Release);
     }
 
     /// Records the outcome of a key from `run` and wakes whoever waits for it.
@@ -820,6 +868,10 @@ impl Call for FutureCall {
     fn prepare(&self) {
         let h = &self.handle;
         h.shared.wait(h.key, None);
+    }
+
+    fn is_future(&self) -> bool {
+        true
     }
 
     fn to_wire(&self) -> std::result::Result<WireTask, WireError> {

@@ -81,6 +81,12 @@ pub(crate) trait Call: Send + Sync + 'static {
     /// executor thread blocks on it.
     fn prepare(&self) {}
 
+    /// Whether the node stands for a future (its graph keeps the future, and
+    /// so its result, alive).
+    fn is_future(&self) -> bool {
+        false
+    }
+
     /// The work as a registered function and bytes, for another process.
     fn to_wire(&self) -> Result<WireTask, WireError> {
         Err(WireError::NotSerializable {

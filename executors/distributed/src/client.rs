@@ -32,6 +32,12 @@
 //!    A submission that relies on held keys is queued while the table of
 //!    handles is locked, so a handle dropped meanwhile releases its key only
 //!    after the graph that uses it reached the scheduler.
+//! 7. An open `keep_remote` submission counts as holding its output keys
+//!    (its handles will), so a later graph may refer to a key that is still
+//!    being computed: the scheduler makes it wait for that key, and a chain
+//!    of submits costs no client round trip per link. If the key fails or
+//!    is cancelled and released meanwhile, the reference fails with "no
+//!    longer holds".
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
@@ -227,6 +233,28 @@ struct Submission {
     frames: Vec<Vec<u8>>,
     wanted: Vec<WireKey>,
     keep_remote: bool,
+    /// Its output keys, held while it is open (rule 7).
+    holds: Vec<Hold>,
+}
+
+/// One count in [`Link::held`] for a key an open submission will hand out
+/// as a handle (rule 7). Dropping it only lowers the count: releasing the
+/// key at the scheduler stays the submission's (or its handles') business.
+struct Hold {
+    key: WireKey,
+    link: Arc<Link>,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let mut held = self.link.held();
+        if let Some(n) = held.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.key);
+            }
+        }
+    }
 }
 
 impl Client {
@@ -414,12 +442,32 @@ impl Executor for Client {
             });
             return fail_all(plan, &*reporter, &failure);
         }
+        // Rule 7: while it is open, a submission whose outputs become handles
+        // holds its keys, so later graphs may refer to them before they are
+        // computed (a chain of submits costs no round trip per link).
+        let mut held = held;
+        let holds = if keep_remote {
+            let guard = held.get_or_insert_with(|| self.inner.link.held());
+            wanted
+                .iter()
+                .map(|&key| {
+                    *guard.entry(key).or_insert(0) += 1;
+                    Hold {
+                        key,
+                        link: self.inner.link.clone(),
+                    }
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let submission = Submission {
             plan,
             reporter,
             frames,
             wanted,
             keep_remote,
+            holds,
         };
         let sent = self.inner.commands.send(Command::Submit(submission));
         drop(held);
@@ -501,6 +549,9 @@ struct Open {
     /// Handles reported so far, by key (rule 5); their keys are released
     /// when the handles are dropped, not with the submission.
     handles: HashMap<WireKey, Arc<KeyHandle>>,
+    /// Its output keys, held while it is open (rule 7); declared last so
+    /// they are dropped after the handles exist.
+    _holds: Vec<Hold>,
 }
 
 /// Who waits for a key's value.
@@ -743,6 +794,7 @@ impl Loop {
                 wanted: s.wanted,
                 keep_remote: s.keep_remote,
                 handles: HashMap::new(),
+                _holds: s.holds,
             },
         );
     }
