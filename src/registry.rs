@@ -318,24 +318,31 @@ impl Tasks {
     }
 
     /// Adds `f`, called as `delayed!(f(...))`.
-    pub fn register<F, Sig>(mut self, f: F) -> Self
+    pub fn register<F, Sig>(self, f: F) -> Self
     where
         F: Register<Plain, Sig>,
     {
-        let (output, convert) = f.shared_output();
-        self.shared.insert(output, convert);
-        self.entry::<F>().plain = Some(f.builder().0);
-        self
+        self.insert(f, false)
     }
 
     /// Adds `f`, called as `delayed!(f(...)?)` (it returns a `Result`).
-    pub fn register_fallible<F, Sig>(mut self, f: F) -> Self
+    pub fn register_fallible<F, Sig>(self, f: F) -> Self
     where
         F: Register<Fallible, Sig>,
     {
+        self.insert(f, true)
+    }
+
+    fn insert<F: Register<M, Sig>, M, Sig>(mut self, f: F, fallible: bool) -> Self {
         let (output, convert) = f.shared_output();
         self.shared.insert(output, convert);
-        self.entry::<F>().fallible = Some(f.builder().0);
+        let build = Some(f.builder().0);
+        let entry = self.entry::<F>();
+        if fallible {
+            entry.fallible = build;
+        } else {
+            entry.plain = build;
+        }
         self
     }
 
