@@ -563,6 +563,13 @@ impl State {
         self.assign(out);
     }
 
+    /// The task `key` if `worker` is processing it; a report about anything
+    /// else is stale (the task was released or reassigned, S6) and ignored.
+    fn processing_on(&self, worker: WorkerId, key: WireKey) -> Option<TaskId> {
+        let &id = self.by_key.get(&Key(key))?;
+        (self.task(id).state == TaskState::Processing(worker)).then_some(id)
+    }
+
     /// A worker's task failed.
     pub(crate) fn on_task_erred(
         &mut self,
@@ -571,12 +578,9 @@ impl State {
         failure: WireFailure,
         out: &mut impl Outbox,
     ) {
-        let Some(&id) = self.by_key.get(&Key(key)) else {
+        let Some(id) = self.processing_on(worker, key) else {
             return;
         };
-        if self.task(id).state != TaskState::Processing(worker) {
-            return;
-        }
         self.unload(worker);
         self.set_erred(id, Arc::new(failure), out);
         self.settle(out);
@@ -590,12 +594,9 @@ impl State {
         key: WireKey,
         out: &mut impl Outbox,
     ) {
-        let Some(&id) = self.by_key.get(&Key(key)) else {
+        let Some(id) = self.processing_on(worker, key) else {
             return;
         };
-        if self.task(id).state != TaskState::Processing(worker) {
-            return;
-        }
         self.unload(worker);
         self.restart(id, out);
         self.settle(out);
