@@ -221,7 +221,9 @@ impl Client {
     pub fn __kill_worker(&self, index: usize) -> Result<()> {
         match &self.inner.backend {
             Backend::Distributed(cluster) => cluster.kill_worker(index),
-            _ => Err(Error::Unavailable("local cluster")),
+            _ => Err(Error::Executor(std::io::Error::other(
+                "this client is not on a local cluster",
+            ))),
         }
     }
 

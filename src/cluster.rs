@@ -70,7 +70,9 @@ impl Cluster {
         let mut local = self.local.lock().unwrap_or_else(PoisonError::into_inner);
         match local.as_mut() {
             Some(cluster) => Ok(cluster.kill_worker(index)?),
-            None => Err(Error::Unavailable("local cluster")),
+            None => Err(Error::Executor(std::io::Error::other(
+                "this client is not on a local cluster",
+            ))),
         }
     }
 }
