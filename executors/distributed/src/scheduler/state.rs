@@ -3,7 +3,7 @@
 //! The shell in `mod.rs` calls one `on_<fact>` handler per message; handlers
 //! answer through an [`Outbox`]. The task state machine and its invariants
 //! are described in `README.md` beside this file; the numbered rules there
-//! are referred to as (S1)…(S8) in the code.
+//! are referred to as (S1)…(S9) in the code.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use rask_executor::Key;
 
-use super::placement::{self, Choice, Load};
+use super::placement::{self, Choice, Load, LOCALITY_BYTES};
 use crate::protocol::{
     TaskSpec, ToClient, ToWorker, WireFailure, WireFailureKind, WireKey, WorkerId,
 };
@@ -19,6 +19,10 @@ use crate::protocol::{
 /// A worker that died this many times while holding a task makes the task
 /// fail rather than kill the next worker too.
 pub(crate) const ALLOWED_WORKER_DEATHS: u8 = 3;
+
+/// Tasks with more inputs than this are never sent early (S9): deciding
+/// scans every input, at each change of one of them.
+pub(crate) const EARLY_MAX_DEPS: usize = 16;
 
 /// Identifies a client connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -89,6 +93,9 @@ struct Task {
     priority: u64,
     /// Times a worker died while this task was assigned to it.
     deaths: u8,
+    /// While `Processing`: sent early (S9), and not every input is known to
+    /// be in memory yet. Counted in its worker's `early`, not in its window.
+    early: bool,
 }
 
 impl Task {
@@ -105,6 +112,11 @@ struct Slot {
 struct Worker {
     address: String,
     load: Load,
+    /// Tasks sent early (S9) whose inputs are not all in memory yet.
+    early: u32,
+    /// Waiting tasks that may be sent early to this worker, by priority.
+    /// Entries can be stale: each is checked again when popped.
+    candidates: BinaryHeap<Reverse<(u64, TaskId)>>,
 }
 
 /// The scheduler's whole state.
@@ -313,6 +325,8 @@ impl State {
                     tasks: 0,
                     threads: threads.max(1),
                 },
+                early: 0,
+                candidates: BinaryHeap::new(),
             },
         );
         self.assign(out);
@@ -356,8 +370,15 @@ impl State {
             self.lose(id, out);
         }
         for id in requeue {
+            // An early task may have erred with an input requeued before it.
+            if self.task(id).state != TaskState::Processing(worker) {
+                continue;
+            }
             let task = self.task_mut(id);
-            task.deaths = task.deaths.saturating_add(1);
+            // An early task that never started cannot have killed the worker.
+            if !std::mem::take(&mut task.early) {
+                task.deaths = task.deaths.saturating_add(1);
+            }
             if task.deaths >= ALLOWED_WORKER_DEATHS {
                 let failure = Arc::new(WireFailure {
                     key: task.key.0,
@@ -428,6 +449,7 @@ impl State {
                 who_wants: Vec::new(),
                 priority,
                 deaths: 0,
+                early: false,
             });
             for i in 0..n_deps {
                 let d = self.task(id).deps[i];
@@ -545,7 +567,7 @@ impl State {
             }
             return;
         }
-        self.unload(worker);
+        self.unload(id);
         let sample = duration_ns as f64;
         self.mean_ns = Some(match self.mean_ns {
             None => sample,
@@ -581,7 +603,6 @@ impl State {
         let Some(id) = self.processing_on(worker, key) else {
             return;
         };
-        self.unload(worker);
         self.set_erred(id, Arc::new(failure), out);
         self.settle(out);
         self.assign(out);
@@ -597,7 +618,7 @@ impl State {
         let Some(id) = self.processing_on(worker, key) else {
             return;
         };
-        self.unload(worker);
+        self.unload(id);
         self.restart(id, out);
         self.settle(out);
         self.assign(out);
@@ -671,9 +692,20 @@ impl State {
 
     // ----- transitions -----
 
-    fn unload(&mut self, worker: WorkerId) {
+    /// Takes a `Processing` task off its worker's books: out of its window,
+    /// or out of its early count (S9). The caller changes the state next.
+    fn unload(&mut self, id: TaskId) {
+        let task = self.task_mut(id);
+        let TaskState::Processing(worker) = task.state else {
+            return;
+        };
+        let early = std::mem::take(&mut task.early);
         if let Some(w) = self.workers.get_mut(&worker) {
-            w.load.tasks = w.load.tasks.saturating_sub(1);
+            if early {
+                w.early = w.early.saturating_sub(1);
+            } else {
+                w.load.tasks = w.load.tasks.saturating_sub(1);
+            }
         }
     }
 
@@ -708,6 +740,8 @@ impl State {
                 self.set_erred(id, f, out);
             } else if waiting_on == 0 {
                 self.enqueue(id);
+            } else {
+                self.consider(id);
             }
         }
     }
@@ -735,6 +769,8 @@ impl State {
             self.set_erred(id, f, out);
         } else if waiting_on == 0 {
             self.enqueue(id);
+        } else {
+            self.consider(id);
         }
     }
 
@@ -776,13 +812,71 @@ impl State {
             let Some(dependent) = self.get(s) else {
                 continue;
             };
-            if dependent.state == TaskState::Waiting {
-                let dependent = self.task_mut(s);
-                dependent.waiting_on -= 1;
-                if dependent.waiting_on == 0 {
-                    self.enqueue(s);
+            match dependent.state {
+                TaskState::Waiting => {
+                    let dependent = self.task_mut(s);
+                    dependent.waiting_on -= 1;
+                    if dependent.waiting_on == 0 {
+                        self.enqueue(s);
+                    } else {
+                        self.consider(s);
+                    }
                 }
+                TaskState::Processing(w) if dependent.early => {
+                    // Every input in memory: it can run now, so it counts
+                    // in its worker's window from here on (S9).
+                    let ready = dependent
+                        .deps
+                        .iter()
+                        .all(|&d| self.task(d).state == TaskState::Memory);
+                    if ready {
+                        self.task_mut(s).early = false;
+                        if let Some(worker) = self.workers.get_mut(&w) {
+                            worker.early = worker.early.saturating_sub(1);
+                            worker.load.tasks += 1;
+                        }
+                    }
+                }
+                _ => {}
             }
+        }
+    }
+
+    /// The worker a waiting task may be sent to early (S9): the one
+    /// processing every input not in memory yet, if the inputs in memory
+    /// elsewhere are small.
+    fn early_target(&self, id: TaskId) -> Option<WorkerId> {
+        let task = self.task(id);
+        if task.state != TaskState::Waiting || task.deps.len() > EARLY_MAX_DEPS {
+            return None;
+        }
+        let mut target = None;
+        for &d in &task.deps {
+            match self.task(d).state {
+                TaskState::Processing(w) if target.is_none_or(|t| t == w) => target = Some(w),
+                TaskState::Memory => {}
+                _ => return None,
+            }
+        }
+        let target = target?;
+        let elsewhere: u64 = task
+            .deps
+            .iter()
+            .map(|&d| self.task(d))
+            .filter(|dep| dep.state == TaskState::Memory && !dep.who_has.contains(&target))
+            .map(|dep| dep.nbytes)
+            .sum();
+        (elsewhere < LOCALITY_BYTES).then_some(target)
+    }
+
+    /// Remembers a waiting task as a candidate to be sent early (S9).
+    fn consider(&mut self, id: TaskId) {
+        let Some(w) = self.early_target(id) else {
+            return;
+        };
+        let priority = self.task(id).priority;
+        if let Some(worker) = self.workers.get_mut(&w) {
+            worker.candidates.push(Reverse((priority, id)));
         }
     }
 
@@ -809,8 +903,10 @@ impl State {
         self.unsettled.push(id);
     }
 
-    /// `id` failed with `failure`: so do its waiting dependents (S8).
+    /// `id` failed with `failure`: so do its waiting dependents, and those
+    /// sent early (S8, S9).
     fn set_erred(&mut self, id: TaskId, failure: Arc<WireFailure>, out: &mut impl Outbox) {
+        let origin = id;
         let mut stack = vec![id];
         while let Some(id) = stack.pop() {
             let task = self.task(id);
@@ -818,6 +914,14 @@ impl State {
                 continue;
             }
             let was_active = task.state.is_active();
+            if let TaskState::Processing(w) = task.state {
+                // A dependent sent early still waits on its worker: drop it
+                // there. The failed task itself is already gone from it.
+                if id != origin {
+                    out.to_worker(w, ToWorker::Release { key: task.key.0 });
+                }
+                self.unload(id);
+            }
             self.task_mut(id).state = TaskState::Erred(failure.clone());
             if was_active {
                 self.deactivate(id);
@@ -833,7 +937,10 @@ impl State {
                 );
             }
             for s in self.dependents(id) {
-                if matches!(self.task(s).state, TaskState::Waiting | TaskState::Queued) {
+                let dependent = self.task(s);
+                if matches!(dependent.state, TaskState::Waiting | TaskState::Queued)
+                    || dependent.early
+                {
                     stack.push(s);
                 }
             }
@@ -856,7 +963,7 @@ impl State {
                     }
                     TaskState::Processing(w) => {
                         out.to_worker(w, ToWorker::Release { key: task.key.0 });
-                        self.unload(w);
+                        self.unload(id);
                         self.task_mut(id).state = TaskState::Released;
                         self.deactivate(id);
                     }
@@ -890,12 +997,21 @@ impl State {
         }
     }
 
-    /// Hands queued tasks to workers with room in their window.
+    /// Hands queued tasks to workers with room in their window, then
+    /// candidates to be sent early to workers with early room (S9).
     fn assign(&mut self, out: &mut impl Outbox) {
-        if self.queue.is_empty() || self.workers.is_empty() {
+        if self.workers.is_empty() {
             return;
         }
         let per_thread = placement::per_thread(self.mean_ns);
+        self.assign_queued(per_thread, out);
+        self.assign_early(per_thread, out);
+    }
+
+    fn assign_queued(&mut self, per_thread: u32, out: &mut impl Outbox) {
+        if self.queue.is_empty() {
+            return;
+        }
         self.loads.clear();
         for (&id, w) in &self.workers {
             self.loads.insert(id, w.load.clone());
@@ -913,7 +1029,7 @@ impl State {
             });
             match placement::choose(inputs, &self.loads, per_thread, &mut scratch) {
                 Choice::Worker(w) => {
-                    self.send_compute(id, w, out);
+                    self.send_compute(id, w, false, out);
                     if let Some(load) = self.loads.get_mut(&w) {
                         load.tasks += 1;
                     }
@@ -935,14 +1051,49 @@ impl State {
         self.queue.extend(deferred);
     }
 
-    fn send_compute(&mut self, id: TaskId, worker: WorkerId, out: &mut impl Outbox) {
+    /// Sends early candidates to their worker while it has early room: as
+    /// many tasks as its window (S9). Sending one can make its own waiting
+    /// dependents candidates, so a chain goes out link after link.
+    fn assign_early(&mut self, per_thread: u32, out: &mut impl Outbox) {
+        let ids: Vec<WorkerId> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| !w.candidates.is_empty())
+            .map(|(&id, _)| id)
+            .collect();
+        for w in ids {
+            while let Some(worker) = self.workers.get_mut(&w) {
+                if worker.early >= worker.load.threads.max(1) * per_thread {
+                    break;
+                }
+                let Some(Reverse((priority, id))) = worker.candidates.pop() else {
+                    break;
+                };
+                let fresh = self
+                    .get(id)
+                    .is_some_and(|t| t.priority == priority && t.state == TaskState::Waiting);
+                if fresh && self.early_target(id) == Some(w) {
+                    self.send_compute(id, w, true, out);
+                }
+            }
+        }
+    }
+
+    /// Sends `id` to `worker`; `early` when some input is not in memory yet
+    /// but being computed there (S9).
+    fn send_compute(&mut self, id: TaskId, worker: WorkerId, early: bool, out: &mut impl Outbox) {
         let task = self.task(id);
         let mut deps = Vec::with_capacity(task.deps.len());
         let mut who_has = Vec::new();
         for &d in &task.deps {
             let dep = self.task(d);
             deps.push(dep.key.0);
-            if !dep.who_has.contains(&worker) && !who_has.iter().any(|(k, _)| *k == dep.key.0) {
+            // An input still being computed is not named: the worker waits
+            // for its own result (S9).
+            if dep.state == TaskState::Memory
+                && !dep.who_has.contains(&worker)
+                && !who_has.iter().any(|(k, _)| *k == dep.key.0)
+            {
                 who_has.push((dep.key.0, dep.who_has.clone()));
             }
         }
@@ -958,9 +1109,23 @@ impl State {
                 priority: task.priority,
             },
         );
-        self.task_mut(id).state = TaskState::Processing(worker);
+        let task = self.task_mut(id);
+        task.state = TaskState::Processing(worker);
+        task.early = early;
         if let Some(w) = self.workers.get_mut(&worker) {
-            w.load.tasks += 1;
+            if early {
+                w.early += 1;
+            } else {
+                w.load.tasks += 1;
+            }
+        }
+        // Its waiting dependents may now go early to this worker too.
+        let len = self.task(id).dependents.len();
+        for i in 0..len {
+            let s = self.task(id).dependents[i];
+            if self.get(s).is_some_and(|t| t.state == TaskState::Waiting) {
+                self.consider(s);
+            }
         }
     }
 
@@ -1002,6 +1167,16 @@ impl State {
                 assert_eq!(task.waiting_on, missing);
                 assert!(missing > 0);
             }
+            if task.early {
+                assert!(matches!(task.state, TaskState::Processing(_)));
+                assert!(
+                    task.deps
+                        .iter()
+                        .any(|&d| self.task(d).state != TaskState::Memory),
+                    "{:?} is early with every input in memory",
+                    task.key
+                );
+            }
             if task.state == TaskState::Queued {
                 assert!(task
                     .deps
@@ -1011,13 +1186,17 @@ impl State {
             assert!(!(task.who_wants.is_empty() && task.live_dependents == 0));
         }
         for (&w, worker) in &self.workers {
-            let n = self
-                .slots
-                .iter()
-                .filter_map(|s| s.task.as_ref())
-                .filter(|t| t.state == TaskState::Processing(w))
-                .count() as u32;
-            assert_eq!(worker.load.tasks, n);
+            let on_w = || {
+                self.slots
+                    .iter()
+                    .filter_map(|s| s.task.as_ref())
+                    .filter(move |t| t.state == TaskState::Processing(w))
+            };
+            assert_eq!(
+                worker.load.tasks,
+                on_w().filter(|t| !t.early).count() as u32
+            );
+            assert_eq!(worker.early, on_w().filter(|t| t.early).count() as u32);
         }
     }
 }

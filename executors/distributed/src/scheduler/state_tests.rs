@@ -118,18 +118,18 @@ fn diamond_runs_in_dependency_order_and_is_forgotten_after_release() {
     let graph = vec![spec(1, &[]), spec(2, &[1]), spec(3, &[1]), spec(4, &[2, 3])];
     s.on_update_graph(C0, graph, vec![k(4)], &mut out);
     s.check_invariants();
-    assert_eq!(out.computes(), vec![(W0, k(1))]);
+    // 2 and 3 go early to the worker computing their input (S9), as many
+    // as its window (2 per thread before any duration is known).
+    assert_eq!(out.computes(), vec![(W0, k(1)), (W0, k(2)), (W0, k(3))]);
     finish(&mut s, &mut out, W0, 1, 8);
-    let mut next = out.computes();
-    next.sort();
-    // Both go to the holder of their input while it has room (2 per thread).
-    assert_eq!(next, vec![(W0, k(2)), (W0, k(3))]);
+    // 2 and 3 can run now; 4 goes early too.
+    assert_eq!(out.computes(), vec![(W0, k(4))]);
     finish(&mut s, &mut out, W0, 2, 8);
-    assert!(out.computes().is_empty(), "4 still waits for 3");
+    assert!(out.releases().is_empty(), "3 still needs 1");
     finish(&mut s, &mut out, W0, 3, 8);
     // 1 is no longer needed once 2 and 3 ran; 2 and 3 once 4 runs.
     assert_eq!(out.releases(), vec![(W0, k(1))]);
-    assert_eq!(out.computes(), vec![(W0, k(4))]);
+    assert!(out.computes().is_empty());
     finish(&mut s, &mut out, W0, 4, 8);
     let mut released = out.releases();
     released.sort();
@@ -178,7 +178,8 @@ fn failure_propagates_to_dependents_naming_the_failed_task() {
     let graph = vec![spec(1, &[]), spec(2, &[1]), spec(3, &[2]), spec(5, &[])];
     s.on_update_graph(C0, graph, vec![k(3), k(5)], &mut out);
     let first = out.computes();
-    assert_eq!(first, vec![(W0, k(1)), (W0, k(5))]);
+    // 2 and 3 were sent early (S9): they wait on the worker for 1.
+    assert_eq!(first, vec![(W0, k(1)), (W0, k(5)), (W0, k(2)), (W0, k(3))]);
     s.on_task_erred(W0, k(1), failure(1), &mut out);
     s.check_invariants();
     assert_eq!(out.told(), vec![(C0, k(3), Err(k(1)))]);
@@ -186,6 +187,9 @@ fn failure_propagates_to_dependents_naming_the_failed_task() {
         out.computes().is_empty(),
         "dependents of a failure never run"
     );
+    let mut dropped = out.releases();
+    dropped.sort();
+    assert_eq!(dropped, vec![(W0, k(2)), (W0, k(3))], "S8: and are dropped");
     finish(&mut s, &mut out, W0, 5, 8);
     assert_eq!(out.told(), vec![(C0, k(5), Ok(vec![W0]))]);
     // Asking again for an erred key answers at once.
@@ -201,10 +205,10 @@ fn failure_propagates_to_dependents_naming_the_failed_task() {
 fn releasing_a_running_task_stops_it_and_ignores_its_late_result() {
     let (mut s, mut out) = setup(1);
     s.on_update_graph(C0, vec![spec(1, &[]), spec(2, &[1])], vec![k(2)], &mut out);
-    assert_eq!(out.computes(), vec![(W0, k(1))]);
+    assert_eq!(out.computes(), vec![(W0, k(1)), (W0, k(2))]);
     s.on_release_keys(C0, vec![k(2)], &mut out);
     s.check_invariants();
-    assert_eq!(out.releases(), vec![(W0, k(1))]);
+    assert_eq!(out.releases(), vec![(W0, k(2)), (W0, k(1))]);
     assert_eq!(s.task_count(), 0);
     // The worker finished before it read the release: told to drop it.
     finish(&mut s, &mut out, W0, 1, 8);
@@ -280,16 +284,18 @@ fn lost_worker_tasks_are_rescheduled_and_lost_keys_recomputed() {
     let graph = vec![spec(1, &[]), spec(2, &[]), spec(3, &[1, 2])];
     s.on_update_graph(C0, graph, vec![k(3)], &mut out);
     assert_eq!(out.computes(), vec![(W0, k(1)), (W1, k(2))]);
-    finish(&mut s, &mut out, W0, 1, 100);
     finish(&mut s, &mut out, W1, 2, 10);
+    // Early to the worker computing 1 (S9); it runs once 1 is there.
     assert_eq!(out.computes(), vec![(W0, k(3))]);
-    // W0 dies while running 3: 3 is rescheduled, 1 (only on W0) recomputed.
+    finish(&mut s, &mut out, W0, 1, 100);
+    assert!(out.computes().is_empty());
+    // W0 dies while running 3: 3 is rescheduled, 1 (only on W0) recomputed,
+    // and 3 goes early to where 1 is recomputed.
     s.on_worker_lost(W0, &mut out);
     s.check_invariants();
-    assert_eq!(out.computes(), vec![(W1, k(1))]);
-    assert_eq!(s.state_of(&k(3)), Some(&TaskState::Waiting));
+    assert_eq!(out.computes(), vec![(W1, k(1)), (W1, k(3))]);
     finish(&mut s, &mut out, W1, 1, 100);
-    assert_eq!(out.computes(), vec![(W1, k(3))]);
+    assert!(out.computes().is_empty());
     finish(&mut s, &mut out, W1, 3, 8);
     assert_eq!(out.told(), vec![(C0, k(3), Ok(vec![W1]))]);
     // A stale message from the dead worker changes nothing.
@@ -309,13 +315,13 @@ fn lost_result_is_recomputed_for_a_waiting_client() {
     out.told();
     out.releases();
     // The client could not fetch 2 from W0 (it died, say): recompute it,
-    // and 1 too since its value was already released.
+    // and 1 too since its value was already released; 2 goes early.
     s.on_fetch_failed(Some(C0), k(2), W0, &mut out);
     s.check_invariants();
     assert_eq!(out.releases(), vec![(W0, k(2))]);
-    assert_eq!(out.computes(), vec![(W0, k(1))]);
+    assert_eq!(out.computes(), vec![(W0, k(1)), (W0, k(2))]);
     finish(&mut s, &mut out, W0, 1, 8);
-    assert_eq!(out.computes(), vec![(W0, k(2))]);
+    assert!(out.computes().is_empty());
     finish(&mut s, &mut out, W0, 2, 8);
     assert_eq!(out.told(), vec![(C0, k(2), Ok(vec![W0]))]);
 }
@@ -338,17 +344,17 @@ fn fetch_failure_with_another_holder_points_the_client_there() {
 fn abandoned_task_is_requeued_after_its_input_is_recomputed() {
     let (mut s, mut out) = setup(2);
     s.on_update_graph(C0, vec![spec(1, &[]), spec(2, &[1])], vec![k(2)], &mut out);
-    out.computes();
+    assert_eq!(out.computes(), vec![(W0, k(1)), (W0, k(2))]);
     finish(&mut s, &mut out, W0, 1, 8);
-    assert_eq!(out.computes(), vec![(W0, k(2))]);
     // W0 could not read its own copy (say it was dropped); it reports the
     // failed fetch, then gives the task back.
     s.on_fetch_failed(None, k(1), W0, &mut out);
+    s.check_invariants();
+    assert_eq!(out.computes(), vec![(W1, k(1))], "the lighter worker");
     s.on_task_abandoned(W0, k(2), &mut out);
     s.check_invariants();
-    let c = out.computes();
-    assert_eq!(c.len(), 1);
-    assert_eq!(c[0].1, k(1));
+    // Early again, to where its input is recomputed.
+    assert_eq!(out.computes(), vec![(W1, k(2))]);
 }
 
 #[test]
@@ -453,4 +459,154 @@ fn a_copy_reported_by_the_worker_recomputing_it_does_not_cancel_it() {
     assert!(out.releases().is_empty(), "W1 is computing it: no release");
     finish(&mut s, &mut out, W1, 1, 8);
     assert_eq!(s.who_has(&k(1)), &[W1]);
+}
+
+// ----- S9: tasks sent early -----
+
+/// A chain 1 ← 2 ← … ← n, wanting only its end.
+fn chain(n: u8) -> Vec<TaskSpec> {
+    (1..=n)
+        .map(|i| {
+            if i == 1 {
+                spec(1, &[])
+            } else {
+                spec(i, &[i - 1])
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn a_chain_goes_out_early_to_one_worker_as_far_as_its_window() {
+    let (mut s, mut out) = setup(2);
+    s.on_update_graph(C0, chain(8), vec![k(8)], &mut out);
+    s.check_invariants();
+    // The head, then two links early: the window before durations are known.
+    assert_eq!(out.computes(), vec![(W0, k(1)), (W0, k(2)), (W0, k(3))]);
+    assert_eq!(s.state_of(&k(4)), Some(&TaskState::Waiting));
+    // 1 µs tasks: the window grows, the rest of the chain follows at once,
+    // each link behind the previous one on the same worker.
+    finish(&mut s, &mut out, W0, 1, 8);
+    let rest: Vec<_> = (4..=8).map(|i| (W0, k(i))).collect();
+    assert_eq!(out.computes(), rest);
+    for i in 2..=8 {
+        finish(&mut s, &mut out, W0, i, 8);
+        assert!(out.computes().is_empty());
+    }
+    assert_eq!(out.told(), vec![(C0, k(8), Ok(vec![W0]))]);
+    s.on_release_keys(C0, vec![k(8)], &mut out);
+    s.check_invariants();
+    assert_eq!(s.task_count(), 0);
+}
+
+#[test]
+fn early_tasks_do_not_take_the_window_of_ready_tasks() {
+    let (mut s, mut out) = setup(1);
+    // A chain and two independent tasks, on one worker with a window of 2.
+    let mut graph = chain(3);
+    graph.extend([spec(10, &[]), spec(11, &[])]);
+    s.on_update_graph(C0, graph, vec![k(3), k(10), k(11)], &mut out);
+    s.check_invariants();
+    // 1 and 10 fill the window; 2 and 3 go early beside them; 11 waits.
+    assert_eq!(
+        out.computes(),
+        vec![(W0, k(1)), (W0, k(10)), (W0, k(2)), (W0, k(3))]
+    );
+    assert_eq!(s.state_of(&k(11)), Some(&TaskState::Queued));
+}
+
+#[test]
+fn a_worker_death_sends_early_tasks_back_to_wait() {
+    let (mut s, mut out) = setup(2);
+    s.on_update_graph(C0, chain(3), vec![k(3)], &mut out);
+    assert_eq!(out.computes(), vec![(W0, k(1)), (W0, k(2)), (W0, k(3))]);
+    s.on_worker_lost(W0, &mut out);
+    s.check_invariants();
+    // The whole chain goes to the survivor, early again.
+    assert_eq!(out.computes(), vec![(W1, k(1)), (W1, k(2)), (W1, k(3))]);
+    // A stale report from the dead worker changes nothing (S6).
+    s.on_task_finished(W0, k(2), 8, 1, &mut out);
+    s.check_invariants();
+    assert_eq!(s.state_of(&k(2)), Some(&TaskState::Processing(W1)));
+    for i in 1..=3 {
+        finish(&mut s, &mut out, W1, i, 8);
+    }
+    assert_eq!(out.told(), vec![(C0, k(3), Ok(vec![W1]))]);
+}
+
+#[test]
+fn early_tasks_do_not_count_a_worker_death_against_them() {
+    let (mut s, mut out) = setup(0);
+    s.on_update_graph(C0, chain(2), vec![k(2)], &mut out);
+    // Each worker dies with 1 running and 2 waiting there (early).
+    for i in 0..ALLOWED_WORKER_DEATHS as u32 {
+        s.on_worker_registered(WorkerId(i), "127.0.0.1:1".into(), 1, &mut out);
+        assert_eq!(
+            out.computes(),
+            vec![(WorkerId(i), k(1)), (WorkerId(i), k(2))]
+        );
+        s.on_worker_lost(WorkerId(i), &mut out);
+        s.check_invariants();
+    }
+    // 1 failed; 2 fails with 1's failure (S8), not as a killer of workers.
+    assert_eq!(out.told(), vec![(C0, k(2), Err(k(1)))]);
+}
+
+#[test]
+fn an_abandoned_input_takes_its_early_dependent_back_with_it() {
+    let (mut s, mut out) = setup(1);
+    s.on_update_graph(C0, chain(2), vec![k(2)], &mut out);
+    out.computes();
+    // The worker gives back 1 (an input of 1 could not be fetched, say),
+    // then 2, which waited for it.
+    s.on_task_abandoned(W0, k(1), &mut out);
+    s.check_invariants();
+    s.on_task_abandoned(W0, k(2), &mut out);
+    s.check_invariants();
+    assert_eq!(out.computes(), vec![(W0, k(1)), (W0, k(2))]);
+    // Reports in the other order land in the same state.
+    s.on_task_abandoned(W0, k(2), &mut out);
+    s.check_invariants();
+    s.on_task_abandoned(W0, k(1), &mut out);
+    s.check_invariants();
+    let mut again = out.computes();
+    again.sort();
+    assert_eq!(again, vec![(W0, k(1)), (W0, k(2))]);
+    assert_eq!(s.state_of(&k(2)), Some(&TaskState::Processing(W0)));
+}
+
+#[test]
+fn a_big_input_elsewhere_keeps_a_task_waiting() {
+    let (mut s, mut out) = setup(2);
+    s.on_update_graph(C0, vec![spec(1, &[])], vec![k(1)], &mut out);
+    assert_eq!(out.computes(), vec![(W0, k(1))]);
+    finish(&mut s, &mut out, W0, 1, LOCALITY_BYTES);
+    s.on_update_graph(C0, vec![spec(5, &[])], vec![k(5)], &mut out);
+    assert_eq!(out.computes(), vec![(W0, k(5))]);
+    // 2 runs on W1; 3 needs 2 and the big 1 on W0: it is not sent early.
+    s.on_update_graph(
+        C0,
+        vec![spec(2, &[]), spec(3, &[1, 2])],
+        vec![k(3)],
+        &mut out,
+    );
+    s.check_invariants();
+    assert_eq!(out.computes(), vec![(W1, k(2))]);
+    assert_eq!(s.state_of(&k(3)), Some(&TaskState::Waiting));
+}
+
+#[test]
+fn a_task_with_many_inputs_is_never_sent_early() {
+    for (n, early) in [(EARLY_MAX_DEPS, true), (EARLY_MAX_DEPS + 1, false)] {
+        let (mut s, mut out) = setup(1);
+        s.on_update_graph(C0, vec![spec(1, &[])], vec![k(1)], &mut out);
+        finish(&mut s, &mut out, W0, 1, 8); // the window grows
+        let leaves: Vec<u8> = (100..100 + n as u8).collect();
+        let mut graph: Vec<_> = leaves.iter().map(|&i| spec(i, &[])).collect();
+        graph.push(spec(99, &leaves));
+        s.on_update_graph(C0, graph, vec![k(99)], &mut out);
+        s.check_invariants();
+        let sent = out.computes().iter().any(|&(_, key)| key == k(99));
+        assert_eq!(sent, early, "{n} inputs");
+    }
 }

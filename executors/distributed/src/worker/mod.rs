@@ -321,7 +321,7 @@ async fn main(
                     },
                     &mut out,
                 ),
-                ToWorker::Release { key } => state.on_release(key),
+                ToWorker::Release { key } => state.on_release(key, &mut out),
                 ToWorker::PeerJoined { id, address } => peers.add_peer(id, address),
                 ToWorker::PeerLeft { id } => {
                     peers.remove_peer(id);
@@ -333,15 +333,16 @@ async fn main(
                 }
             }
         }
-        // Flush (rule 3).
+        // Flush (rule 3). Jobs first: a thread starts on them while the
+        // reports are written.
+        if !out.jobs.is_empty() {
+            pool.submit(out.jobs.drain(..));
+        }
         net::send_batch(&writer, &mut out.scheduler);
         for (from, key) in out.fetches.drain(..) {
             peers.request(from, key);
         }
         peers.flush();
-        if !out.jobs.is_empty() {
-            pool.submit(out.jobs.drain(..));
-        }
 
         tokio::select! {
             signal = async {
@@ -472,6 +473,8 @@ async fn data_connection(stream: TcpStream, peer: SocketAddr, store: Store) {
 struct Queue {
     heap: BinaryHeap<Queued>,
     closed: bool,
+    /// Threads blocked on the condition variable: only they need a wake-up.
+    sleeping: usize,
 }
 
 struct Queued(Job);
@@ -505,6 +508,7 @@ impl Pool {
             Mutex::new(Queue {
                 heap: BinaryHeap::new(),
                 closed: false,
+                sleeping: 0,
             }),
             Condvar::new(),
         ));
@@ -528,6 +532,9 @@ impl Pool {
         let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
         let before = q.heap.len();
         q.heap.extend(jobs.map(Queued));
+        if q.sleeping == 0 {
+            return;
+        }
         if q.heap.len() - before > 1 {
             ready.notify_all();
         } else {
@@ -557,7 +564,9 @@ fn compute_thread(shared: &(Mutex<Queue>, Condvar), done: &mpsc::UnboundedSender
                 if let Some(Queued(job)) = q.heap.pop() {
                     break job;
                 }
+                q.sleeping += 1;
                 q = ready.wait(q).unwrap_or_else(|e| e.into_inner());
+                q.sleeping -= 1;
             }
         };
         if job.cancelled.load(Ordering::Relaxed) {

@@ -4,7 +4,13 @@
 //! Rules:
 //!
 //! 1. A task is handed to the thread pool once every input is in the store;
-//!    its inputs are given in the order of its `deps`.
+//!    its inputs are given in the order of its `deps`. An input that is a
+//!    task of this worker (sent early, scheduler rule S9) is waited for, not
+//!    fetched: the dependent is dispatched in the same handler that stores
+//!    the input's value. If that input ends without a value (it failed, was
+//!    released or given back), its waiting dependents are given back
+//!    (`TaskAbandoned`); for a failure the scheduler has already failed them
+//!    and ignores the report.
 //! 2. Each missing input is fetched once, from one holder at a time; a holder
 //!    that fails is reported (`FetchFailed`) and the next one is tried. When
 //!    none is left, every task waiting for the input is given back
@@ -82,6 +88,8 @@ struct LocalTask {
     missing: u32,
     priority: u64,
     cancelled: Arc<AtomicBool>,
+    /// Tasks of this worker waiting for this one's value (rule 1).
+    dependents: Vec<WireKey>,
 }
 
 struct Fetch {
@@ -186,6 +194,7 @@ impl WorkerState {
                 missing: missing.len() as u32,
                 priority: msg.priority,
                 cancelled: Arc::new(AtomicBool::new(false)),
+                dependents: Vec::new(),
             },
         );
         if missing.is_empty() {
@@ -193,6 +202,10 @@ impl WorkerState {
             return;
         }
         for dep in missing {
+            if let Some(input) = self.tasks.get_mut(&dep) {
+                input.dependents.push(msg.key);
+                continue;
+            }
             if let Some(fetch) = self.fetches.get_mut(&dep) {
                 fetch.waiting.push(msg.key);
                 continue;
@@ -236,11 +249,15 @@ impl WorkerState {
     }
 
     /// The scheduler releases a key: drop its value or its task (rule 3).
-    pub(crate) fn on_release(&mut self, key: WireKey) {
+    /// Tasks waiting for the task's value are given back (rule 1).
+    pub(crate) fn on_release(&mut self, key: WireKey, out: &mut impl Outbox) {
         lock(&self.store).remove(&key);
         if let Some(task) = self.tasks.remove(&key) {
             task.cancelled.store(true, Ordering::Relaxed);
             self.unwait(&key, &task.deps);
+            for dependent in task.dependents {
+                self.abandon(dependent, out);
+            }
         }
     }
 
@@ -250,21 +267,43 @@ impl WorkerState {
             Some(task) if task.id == done.id => {}
             _ => return, // released while it ran
         }
-        self.tasks.remove(&done.key);
+        let Some(task) = self.tasks.remove(&done.key) else {
+            return;
+        };
         match done.outcome {
             Ok(stored) => {
                 let nbytes = stored.nbytes;
                 lock(&self.store).insert(done.key, stored);
+                // Dependents first: the pool starts on them sooner.
+                for dependent in task.dependents {
+                    self.input_arrived(dependent, out);
+                }
                 out.to_scheduler(ToScheduler::TaskFinished {
                     key: done.key,
                     nbytes,
                     duration_ns: done.duration_ns,
                 });
             }
-            Err(failure) => out.to_scheduler(ToScheduler::TaskErred {
-                key: done.key,
-                failure: WireFailure::from(&*failure),
-            }),
+            Err(failure) => {
+                out.to_scheduler(ToScheduler::TaskErred {
+                    key: done.key,
+                    failure: WireFailure::from(&*failure),
+                });
+                for dependent in task.dependents {
+                    self.abandon(dependent, out);
+                }
+            }
+        }
+    }
+
+    /// One missing input of `task` is now in the store.
+    fn input_arrived(&mut self, task: WireKey, out: &mut impl Outbox) {
+        let Some(t) = self.tasks.get_mut(&task) else {
+            return;
+        };
+        t.missing -= 1;
+        if t.missing == 0 {
+            self.dispatch(task, out);
         }
     }
 
@@ -296,13 +335,7 @@ impl WorkerState {
                 );
                 out.to_scheduler(ToScheduler::DataAdded { key });
                 for task in fetch.waiting {
-                    let Some(t) = self.tasks.get_mut(&task) else {
-                        continue;
-                    };
-                    t.missing -= 1;
-                    if t.missing == 0 {
-                        self.dispatch(task, out);
-                    }
+                    self.input_arrived(task, out);
                 }
             }
             FetchResult::Missing | FetchResult::Lost => {
@@ -325,19 +358,29 @@ impl WorkerState {
     /// state to change here. Kept as a hook for symmetry with the scheduler.
     pub(crate) fn on_peer_left(&mut self, _peer: WorkerId) {}
 
-    /// Gives a task back to the scheduler.
+    /// Gives a task back to the scheduler, and the tasks waiting for its
+    /// value with it (rule 1). Iterative: local chains can be long.
     fn abandon(&mut self, key: WireKey, out: &mut impl Outbox) {
-        if let Some(task) = self.tasks.remove(&key) {
-            self.unwait(&key, &task.deps);
-            out.to_scheduler(ToScheduler::TaskAbandoned { key });
+        let mut stack = vec![key];
+        while let Some(key) = stack.pop() {
+            if let Some(task) = self.tasks.remove(&key) {
+                task.cancelled.store(true, Ordering::Relaxed);
+                self.unwait(&key, &task.deps);
+                out.to_scheduler(ToScheduler::TaskAbandoned { key });
+                stack.extend(task.dependents);
+            }
         }
     }
 
-    /// Removes `task` from the waiting lists of its inputs' fetches.
+    /// Removes `task` from the waiting lists of its inputs: fetches, and
+    /// tasks of this worker.
     fn unwait(&mut self, task: &WireKey, deps: &[WireKey]) {
         for dep in deps {
             if let Some(fetch) = self.fetches.get_mut(dep) {
                 fetch.waiting.retain(|t| t != task);
+            }
+            if let Some(input) = self.tasks.get_mut(dep) {
+                input.dependents.retain(|t| t != task);
             }
         }
     }
@@ -530,7 +573,7 @@ mod tests {
         let mut out = Rec::default();
         s.on_compute(compute(3, "add", &[], &[]), &mut out);
         let job = out.jobs.pop().unwrap();
-        s.on_release([3; 32]);
+        s.on_release([3; 32], &mut out);
         assert!(job.cancelled.load(Ordering::Relaxed));
         // Computed again after the release: the old result must not count.
         s.on_compute(compute(3, "add", &[], &[]), &mut out);
@@ -593,5 +636,108 @@ mod tests {
                 ToScheduler::TaskAbandoned { key: [3; 32] },
             ]
         );
+    }
+
+    fn done(job: &Job, outcome: Result<Stored, Arc<Failure>>) -> Done {
+        Done {
+            id: job.id,
+            key: job.key,
+            outcome,
+            duration_ns: 1,
+        }
+    }
+
+    fn ok() -> Result<Stored, Arc<Failure>> {
+        Ok(Stored {
+            value: Arc::new(1i64),
+            nbytes: 1,
+        })
+    }
+
+    #[test]
+    fn an_input_computed_here_is_waited_for_not_fetched() {
+        let mut s = state();
+        let mut out = Rec::default();
+        s.on_compute(compute(1, "add", &[], &[]), &mut out);
+        // Sent early: its input is task 1 of this worker (no holder named).
+        s.on_compute(compute(2, "add", &[1], &[(1, &[])]), &mut out);
+        s.on_compute(compute(3, "add", &[2], &[]), &mut out);
+        assert!(out.fetches.is_empty() && out.sent.is_empty());
+        assert_eq!(out.jobs.len(), 1);
+        let one = out.jobs.pop().unwrap();
+        s.on_task_done(done(&one, ok()), &mut out);
+        // 2 is dispatched by the same handler that stored 1.
+        assert_eq!(out.jobs.len(), 1);
+        assert_eq!(out.jobs[0].key, [2; 32]);
+        let two = out.jobs.pop().unwrap();
+        s.on_task_done(done(&two, ok()), &mut out);
+        assert_eq!(out.jobs[0].key, [3; 32]);
+        let finished: Vec<_> = out
+            .sent
+            .iter()
+            .map(|m| match m {
+                ToScheduler::TaskFinished { key, .. } => key[0],
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(finished, vec![1, 2]);
+    }
+
+    #[test]
+    fn a_failed_local_input_gives_its_waiting_dependents_back() {
+        let mut s = state();
+        let mut out = Rec::default();
+        s.on_compute(compute(1, "add", &[], &[]), &mut out);
+        s.on_compute(compute(2, "add", &[1], &[]), &mut out);
+        s.on_compute(compute(3, "add", &[2], &[]), &mut out);
+        let one = out.jobs.pop().unwrap();
+        let failure = Arc::new(Failure {
+            key: Key([1; 32]),
+            name: "t".into(),
+            kind: FailureKind::Failed,
+            message: "no".into(),
+        });
+        s.on_task_done(done(&one, Err(failure)), &mut out);
+        assert!(out.jobs.is_empty(), "dependents of a failure never run");
+        match &out.sent[..] {
+            [ToScheduler::TaskErred { key, .. }, ToScheduler::TaskAbandoned { key: a }, ToScheduler::TaskAbandoned { key: b }] =>
+            {
+                assert_eq!((key[0], a[0], b[0]), (1, 2, 3));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.pending(), 0);
+    }
+
+    #[test]
+    fn a_released_dependent_stops_waiting_and_a_released_input_gives_it_back() {
+        let mut s = state();
+        let mut out = Rec::default();
+        s.on_compute(compute(1, "add", &[], &[]), &mut out);
+        s.on_compute(compute(2, "add", &[1], &[]), &mut out);
+        s.on_release([2; 32], &mut out);
+        let one = out.jobs.pop().unwrap();
+        s.on_task_done(done(&one, ok()), &mut out);
+        assert!(out.jobs.is_empty(), "the released dependent does not run");
+        assert_eq!(s.pending(), 0);
+        out.sent.clear();
+        // Now the input is released while its dependent waits for it.
+        s.on_compute(compute(4, "add", &[], &[]), &mut out);
+        s.on_compute(compute(5, "add", &[4], &[]), &mut out);
+        s.on_release([4; 32], &mut out);
+        assert_eq!(out.sent, vec![ToScheduler::TaskAbandoned { key: [5; 32] }]);
+        assert_eq!(s.pending(), 0);
+    }
+
+    #[test]
+    fn an_input_already_finished_here_lets_an_early_task_run_at_once() {
+        let mut s = state();
+        let mut out = Rec::default();
+        s.on_compute(compute(1, "add", &[], &[]), &mut out);
+        let one = out.jobs.pop().unwrap();
+        s.on_task_done(done(&one, ok()), &mut out);
+        // The scheduler sent 2 before it read 1's report.
+        s.on_compute(compute(2, "add", &[1], &[]), &mut out);
+        assert_eq!(out.jobs.len(), 1);
     }
 }
