@@ -107,7 +107,7 @@ impl Args {
         Delayed::from_node(Arc::new(Node {
             key,
             name,
-            deps: self.deps,
+            deps: self.deps.into(),
             call,
         }))
     }

@@ -12,7 +12,7 @@ use crate::compute::{compute_with, Compute};
 use crate::config::Config;
 use crate::data::Data;
 use crate::key::{KeyHasher, Tag};
-use crate::node::{Held, Name, Node};
+use crate::node::{Deps, Held, Name, Node};
 use crate::Result;
 
 /// A lazy value of type `T`: a task and, through its inputs, the whole graph
@@ -259,7 +259,7 @@ impl<T: Data> Delayed<T> {
         Delayed::from_node(Arc::new(Node {
             key,
             name,
-            deps: Vec::new(),
+            deps: Deps::None,
             call: Arc::new(Held(value)),
         }))
     }
@@ -543,7 +543,7 @@ impl<Tuple> Delayed<Tuple> {
         Delayed::from_node(Arc::new(Node {
             key: h.finish(),
             name: Name::Borrowed("getitem"),
-            deps: vec![self.node.clone()],
+            deps: Deps::One(self.node.clone()),
             call: Arc::new(Item::<Tuple, I>(PhantomData)),
         }))
     }

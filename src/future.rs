@@ -194,7 +194,7 @@ impl<T> Future<T> {
         Arc::new(Node {
             key: self.handle.key,
             name: self.handle.name.clone(),
-            deps: Vec::new(),
+            deps: crate::node::Deps::None,
             call: Arc::new(FutureCall {
                 handle: self.handle.clone(),
             }),

@@ -24,7 +24,7 @@ use rask_executor::{Key, Op, OpError, Plan, PlanBuilder, Value};
 use crate::data::Data;
 use crate::delayed::{named_key, Delayed, TaskKey};
 use crate::node::{Call, Held, Name, Node};
-use crate::optimize::{Draft, Weight};
+use crate::optimize::{chain, Draft, Weight};
 use crate::{Error, Result};
 
 /// Keys are uniformly random already: their first eight bytes are the hash.
@@ -50,33 +50,49 @@ impl Hasher for KeyHash {
 pub(crate) type KeyMap<V> = HashMap<Key, V, BuildHasherDefault<KeyHash>>;
 
 /// Visits the nodes reachable from `roots` in post-order (rule 2), once per
-/// key (rule 1), calling `emit(node, replacement, dependency_indices)`;
+/// key (rule 1), calling `emit(node, replacement, dependency_indices, size)`;
 /// returns the index of every key, numbered in visit order.
 ///
 /// `cut(node)` is asked once per key before its inputs are visited: `Some(op)`
 /// replaces the node and everything it depends on with `op`, which gets no
 /// dependencies (e.g. a value the caller already holds).
+///
+/// With `absorbed`, a node whose input chain can be absorbed
+/// ([`chain::absorb`]) is emitted as a [`Chain`](chain::Chain) of `size`
+/// nodes with the inputs of the chain's bottom; the absorbed nodes are not
+/// visited (nor asked about), and their keys are recorded in `absorbed`.
 fn postorder<'a>(
     roots: &'a [Arc<Node>],
+    mut absorbed: Option<&mut chain::Absorbed>,
     mut cut: impl FnMut(&Arc<Node>) -> Option<Arc<dyn Op>>,
-    mut emit: impl FnMut(&'a Arc<Node>, Option<Arc<dyn Op>>, &[u32]),
+    mut emit: impl FnMut(&'a Arc<Node>, Option<Arc<dyn Op>>, &[u32], u32),
 ) -> KeyMap<u32> {
+    /// A node being visited.
+    struct Frame<'a> {
+        node: &'a Arc<Node>,
+        /// Whose inputs are visited: the node, or the bottom of its chain.
+        visit: &'a Arc<Node>,
+        /// The next input of `visit`.
+        next: usize,
+        /// Where the inputs' indices start in `found`.
+        from: usize,
+        chain: Option<chain::Chain>,
+    }
     let mut index: KeyMap<u32> = KeyMap::default();
-    // Nodes being visited: the node, its next input, and where its inputs'
-    // indices start in `found`. Collecting indices as inputs finish keeps
-    // lowering at one map lookup per edge and one insertion per node.
-    let mut stack: Vec<(&'a Arc<Node>, usize, usize)> = Vec::new();
+    let mut stack: Vec<Frame<'a>> = Vec::new();
+    // Collecting indices as inputs finish keeps lowering at one map lookup
+    // per edge and one insertion per node.
     let mut found: Vec<u32> = Vec::new();
     // Emits a node (unless its key is taken: the first one wins, see
     // `Delayed::named`) and records its index for its parent.
     macro_rules! finish {
-        ($node:expr, $replacement:expr, $deps_from:expr) => {{
+        ($node:expr, $replacement:expr, $deps_from:expr, $size:expr) => {{
             let node: &'a Arc<Node> = $node;
             let next = index.len() as u32;
             let i = match index.entry(node.key) {
                 MapEntry::Occupied(e) => *e.get(),
                 MapEntry::Vacant(slot) => {
-                    emit(node, $replacement, &found[$deps_from..]);
+                    emit(node, $replacement, &found[$deps_from..], $size);
                     *slot.insert(next)
                 }
             };
@@ -91,9 +107,24 @@ fn postorder<'a>(
             match cut(node) {
                 Some(op) => {
                     let from = found.len();
-                    finish!(node, Some(op), from);
+                    finish!(node, Some(op), from, 1);
                 }
-                None => stack.push((node, 0, found.len())),
+                None => {
+                    let (visit, chain) = match absorbed.as_deref_mut() {
+                        Some(absorbed) => match chain::absorb(node, absorbed) {
+                            Some((bottom, chain)) => (bottom, Some(chain)),
+                            None => (node, None),
+                        },
+                        None => (node, None),
+                    };
+                    stack.push(Frame {
+                        node,
+                        visit,
+                        next: 0,
+                        from: found.len(),
+                        chain,
+                    });
+                }
             }
         }};
     }
@@ -104,17 +135,27 @@ fn postorder<'a>(
         found.clear();
         enter!(root);
         while let Some(top) = stack.last_mut() {
-            let (node, next, from) = *top;
-            if let Some(child) = node.deps.get(next) {
-                top.1 += 1;
+            if let Some(child) = top.visit.deps.get(top.next) {
+                top.next += 1;
                 match index.get(&child.key) {
                     Some(&i) => found.push(i),
                     None => enter!(child),
                 }
                 continue;
             }
-            stack.pop();
-            finish!(node, None, from);
+            let Some(Frame {
+                node, from, chain, ..
+            }) = stack.pop()
+            else {
+                break;
+            };
+            match chain {
+                Some(chain) => {
+                    let size = chain.len() as u32;
+                    finish!(node, Some(Arc::new(chain) as Arc<dyn Op>), from, size);
+                }
+                None => finish!(node, None, from, 1),
+            }
         }
     }
     index
@@ -125,14 +166,39 @@ fn postorder<'a>(
 /// the futures the graph depends on first, so that no executor thread ever
 /// blocks on one.
 ///
+/// With `absorb`, linear chains are fused as they are found
+/// ([`chain`](crate::optimize::chain)); the plan is what the fuse pass would
+/// make of it, built without a plan task per chain node.
+///
 /// # Complexity
 ///
-/// O(nodes + edges) time, one hash-map entry per distinct key.
-pub(crate) fn lower(roots: &[Arc<Node>]) -> Draft {
-    lower_draft(roots, |node| {
+/// O(nodes + edges) time, one hash-map entry per distinct key (one set entry
+/// per absorbed node); twice that when absorbing found a key twice.
+pub(crate) fn lower(roots: &[Arc<Node>], absorb: bool) -> Draft {
+    let prepare = |node: &Arc<Node>| {
         node.call.prepare();
         None
-    })
+    };
+    if absorb {
+        if let Some(draft) = lower_absorbing(roots, prepare) {
+            return draft;
+        }
+    }
+    lower_draft(roots, prepare)
+}
+
+/// [`lower_draft`] absorbing chains, or `None` when an absorbed key is also
+/// found elsewhere (chain rule 2): the caller lowers again without.
+pub(crate) fn lower_absorbing(
+    roots: &[Arc<Node>],
+    cut: impl FnMut(&Arc<Node>) -> Option<Arc<dyn Op>>,
+) -> Option<Draft> {
+    let mut absorbed = chain::Absorbed::default();
+    let (plan, weights, sizes) = lower_weighed(roots, Some(&mut absorbed), cut);
+    if absorbed.conflict(plan.tasks().iter().map(|t| &t.key)) {
+        return None;
+    }
+    Some(Draft::with_sizes(plan, weights, sizes))
 }
 
 /// [`lower`] with a `cut` that may replace a node and its inputs by an op
@@ -141,7 +207,7 @@ pub(crate) fn lower_with(
     roots: &[Arc<Node>],
     cut: impl FnMut(&Arc<Node>) -> Option<Arc<dyn Op>>,
 ) -> Plan {
-    lower_weighed(roots, cut).0
+    lower_weighed(roots, None, cut).0
 }
 
 /// [`lower_with`], as a draft for the optimizer.
@@ -149,23 +215,32 @@ pub(crate) fn lower_draft(
     roots: &[Arc<Node>],
     cut: impl FnMut(&Arc<Node>) -> Option<Arc<dyn Op>>,
 ) -> Draft {
-    let (plan, weights) = lower_weighed(roots, cut);
+    let (plan, weights, _) = lower_weighed(roots, None, cut);
     Draft::new(plan, weights)
 }
 
 /// [`lower_with`], plus whether each task is data (a replaced node counts as
-/// a call).
+/// a call) and, when chains were absorbed, how many graph nodes each task
+/// stands for (empty otherwise).
 fn lower_weighed(
     roots: &[Arc<Node>],
+    absorbed: Option<&mut chain::Absorbed>,
     cut: impl FnMut(&Arc<Node>) -> Option<Arc<dyn Op>>,
-) -> (Plan, Vec<Weight>) {
+) -> (Plan, Vec<Weight>, Vec<u32>) {
     let mut b = PlanBuilder::new();
     let mut weights = Vec::new();
-    let index = postorder(roots, cut, |node, replacement, deps| {
+    let mut sizes = Vec::new();
+    let index = postorder(roots, absorbed, cut, |node, replacement, deps, size| {
         let weight = match replacement {
             None if node.is_data() => Weight::Data,
             _ => Weight::Normal,
         };
+        if size > 1 && sizes.is_empty() {
+            sizes.resize(weights.len(), 1);
+        }
+        if size > 1 || !sizes.is_empty() {
+            sizes.push(size);
+        }
         let op = replacement.unwrap_or_else(|| node.clone());
         b.push(node.key, op, deps);
         weights.push(weight);
@@ -173,7 +248,7 @@ fn lower_weighed(
     for root in roots {
         b.output(index[&root.key]);
     }
-    (b.build(), weights)
+    (b.build(), weights, sizes)
 }
 
 /// Renders the graph behind `roots` as Graphviz DOT.
@@ -182,8 +257,9 @@ pub(crate) fn to_dot(roots: &[Arc<Node>]) -> String {
     let mut count = 0u32;
     postorder(
         roots,
+        None,
         |_| None,
-        |node, _, deps| {
+        |node, _, deps, _| {
             let shape = if node.is_data() { "box" } else { "ellipse" };
             let label = format!("{}-{}", node.name, node.key.short()).replace('"', "\\\"");
             let _ = writeln!(out, "  n{count} [label=\"{label}\", shape={shape}];");
@@ -277,8 +353,9 @@ impl Graph {
     pub fn insert<T>(&mut self, delayed: &Delayed<T>) -> Key {
         postorder(
             std::slice::from_ref(delayed.node()),
+            None,
             |_| None,
-            |node, _, _| {
+            |node, _, _, _| {
                 self.add(
                     node.key,
                     Task {
@@ -466,7 +543,8 @@ impl Graph {
                         Mark::Done(node) => node.clone(),
                         Mark::Visiting => unreachable!("a finished task's inputs are finished"),
                     })
-                    .collect();
+                    .collect::<Vec<_>>()
+                    .into();
                 let node = Arc::new(Node {
                     key: k,
                     name: task.name.clone(),

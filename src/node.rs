@@ -20,8 +20,78 @@ pub(crate) type Name = Cow<'static, str>;
 pub(crate) struct Node {
     pub(crate) key: Key,
     pub(crate) name: Name,
-    pub(crate) deps: Vec<Arc<Node>>,
+    pub(crate) deps: Deps,
     pub(crate) call: Arc<dyn Call>,
+}
+
+/// A node's inputs, in argument order. Most nodes have at most one, held in
+/// the node itself: no allocation of its own, and one pointer to follow from
+/// a node to its input, not two.
+#[derive(Clone, Default)]
+pub(crate) enum Deps {
+    /// No input.
+    #[default]
+    None,
+    /// One input.
+    One(Arc<Node>),
+    /// Two or more.
+    Many(Box<[Arc<Node>]>),
+}
+
+impl std::ops::Deref for Deps {
+    type Target = [Arc<Node>];
+
+    fn deref(&self) -> &[Arc<Node>] {
+        match self {
+            Deps::None => &[],
+            Deps::One(node) => std::slice::from_ref(node),
+            Deps::Many(nodes) => nodes,
+        }
+    }
+}
+
+impl From<Vec<Arc<Node>>> for Deps {
+    fn from(nodes: Vec<Arc<Node>>) -> Deps {
+        if nodes.len() > 1 {
+            return Deps::Many(nodes.into_boxed_slice());
+        }
+        match nodes.into_iter().next() {
+            Some(node) => Deps::One(node),
+            None => Deps::None,
+        }
+    }
+}
+
+/// Frees a graph without one stack frame per level: a node whose last
+/// reference goes away hands its inputs to a loop here instead of dropping
+/// them recursively, so a chain of millions of nodes drops on any stack.
+impl Drop for Node {
+    fn drop(&mut self) {
+        let mut stack: Vec<Arc<Node>> = Vec::new();
+        let mut next = std::mem::take(&mut self.deps);
+        loop {
+            match next {
+                Deps::None => {}
+                Deps::One(node) => {
+                    // The common case, a chain: no stack needed.
+                    if let Some(mut node) = Arc::into_inner(node) {
+                        next = std::mem::take(&mut node.deps);
+                        continue;
+                    }
+                }
+                Deps::Many(nodes) => stack.extend(nodes.into_vec()),
+            }
+            match stack.pop() {
+                Some(node) => {
+                    next = match Arc::into_inner(node) {
+                        Some(mut node) => std::mem::take(&mut node.deps),
+                        None => Deps::None,
+                    }
+                }
+                None => return,
+            }
+        }
+    }
 }
 
 impl Node {

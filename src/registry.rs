@@ -503,7 +503,7 @@ impl rask_executor::Registry for Resolver {
         Ok(Arc::new(Node {
             key: Key([0; 32]),
             name,
-            deps: Vec::new(),
+            deps: crate::node::Deps::None,
             call,
         }))
     }

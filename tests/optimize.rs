@@ -107,6 +107,118 @@ for_each_executor! {
         }
     }
 
+    /// `inc` applied `len` times on top of `x`, keeping no handle on the
+    /// steps: what chain absorption folds while lowering.
+    fn incs(x: Delayed<i64>, len: usize) -> Delayed<i64> {
+        (0..len).fold(x, |x, _| delayed!(inc(x)))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 32, .. ProptestConfig::default() })]
+
+        /// With no handle kept on the inner nodes (so that lowering absorbs
+        /// chains), failures included: the same value or error as without
+        /// optimization, and each key runs once.
+        #[test]
+        fn absorbed_chains_are_the_same(specs in support::dag(50, 0.08), len in 0usize..8) {
+            let run = run_id();
+            let root = {
+                let nodes = build(&specs, run);
+                incs(nodes[nodes.len() - 1].clone(), len)
+            };
+            let on = root.compute_with(&config());
+            if on.is_ok() {
+                prop_assert_eq!(executions(run), rask::Graph::from_delayed(&root).len() - len);
+            }
+            let off = root.compute_with(&config().optimize(false));
+            prop_assert!(same(&on, &off).is_ok(), "{}", same(&on, &off).unwrap_err());
+            let want = eval(&specs, specs.len() - 1).map(|v| v + len as i64);
+            prop_assert_eq!(on.ok(), want.ok());
+        }
+
+        /// Chains of temporaries over several nodes of a DAG, as several
+        /// outputs: the same values as a naive evaluation, under the same
+        /// keys.
+        #[test]
+        fn chains_over_many_outputs_are_the_same(
+            specs in support::dag(30, 0.0),
+            picks in proptest::collection::vec((any::<prop::sample::Index>(), 0usize..6), 1..5),
+        ) {
+            let (chosen, at) = {
+                let nodes = build(&specs, 0);
+                let at: Vec<(usize, usize)> = picks.iter().map(|(p, len)| (p.index(nodes.len()), *len)).collect();
+                let chosen: Vec<Delayed<i64>> = at.iter().map(|&(i, len)| incs(nodes[i].clone(), len)).collect();
+                (chosen, at)
+            };
+            let on = rask::compute_with(&chosen, &config()).unwrap();
+            let want: Vec<i64> = at.iter().map(|&(i, len)| eval(&specs, i).unwrap() + len as i64).collect();
+            prop_assert_eq!(&on, &want);
+            let keys: Vec<rask::Key> = chosen.iter().map(|d| d.key().key()).collect();
+            let plan = rask::explain(&chosen, &config()).unwrap();
+            prop_assert_eq!(plan.outputs().collect::<Vec<_>>(), keys);
+        }
+
+        /// The same graph built twice (equal keys, distinct nodes) under
+        /// chains of different tops, in one computation: each key still runs
+        /// once, as lowering notices the absorbed keys found twice.
+        #[test]
+        fn a_graph_built_twice_runs_each_key_once(specs in support::dag(30, 0.0), len in 1usize..5) {
+            let run = run_id();
+            let (a, b) = {
+                let first = build(&specs, run);
+                let second = build(&specs, run);
+                let a = incs(first[first.len() - 1].clone(), len);
+                let b = delayed!(inc(incs(second[second.len() - 1].clone(), len)));
+                (a, b)
+            };
+            let want = eval(&specs, specs.len() - 1).unwrap() + len as i64;
+            prop_assert_eq!(rask::compute_with((&a, &b), &config()).unwrap(), (want, want + 1));
+            prop_assert_eq!(executions(run), rask::Graph::from_delayed(&a).len() - len);
+        }
+    }
+
+    #[test]
+    fn a_chain_of_temporaries_is_absorbed_as_one_task_of_every_node() {
+        let x = incs(delayed!(inc(0)), 999);
+        let plan = rask::explain(&x, &config()).unwrap();
+        assert_eq!((plan.graph_len(), plan.len()), (1000, 1));
+        let task = plan.tasks().next().unwrap();
+        assert_eq!((task.name(), task.size()), ("inc…inc(1000)", 1000));
+        assert_eq!(x.compute_with(&config()).unwrap(), 1000);
+        // A handle on a step keeps it a node of its own while lowering; fuse
+        // still folds it.
+        let held = delayed!(inc(&x));
+        let top = incs(held.clone(), 2);
+        assert_eq!(rask::explain(&top, &config()).unwrap().len(), 1);
+        assert_eq!(top.compute_with(&config()).unwrap(), 1003);
+        assert_eq!(held.compute_with(&config()).unwrap(), 1001);
+    }
+
+    #[test]
+    fn an_error_inside_an_absorbed_chain_names_the_inner_task() {
+        let bad_key = delayed!(check(delayed!(inc(incs(delayed!(inc(0)), 3))))?).key();
+        let total = incs(delayed!(check(delayed!(inc(incs(delayed!(inc(0)), 3))))?), 2);
+        assert_eq!(rask::explain(&total, &config()).unwrap().len(), 1);
+        let err = total.compute_with(&config()).unwrap_err();
+        match &err {
+            Error::Task { key, panicked: false, message } => {
+                assert_eq!(key, &bad_key);
+                assert_eq!(message, "5 is not allowed");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let off = total.compute_with(&config().optimize(false));
+        assert_eq!(same(&Err(err), &off), Ok(()));
+        let total = incs(delayed!(explode(incs(delayed!(inc(0)), 4))), 3);
+        match total.compute_with(&config()).unwrap_err() {
+            Error::Task { key, panicked: true, message } => {
+                assert_eq!(key.name(), "explode");
+                assert_eq!(message, "exploded on 5");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
     #[test]
     fn a_chain_computes_as_one_task() {
         let x = support::chain(1000);
@@ -159,6 +271,22 @@ for_each_executor! {
 
 fn inc(x: i64) -> i64 {
     x + 1
+}
+
+/// Dropping a graph does not recurse per level: a 200 000-node chain drops
+/// on a 256 KiB stack.
+#[test]
+fn long_chains_drop_on_a_small_stack() {
+    let worker = std::thread::Builder::new()
+        .stack_size(256 * 1024)
+        .spawn(|| {
+            let x = support::chain(200_000);
+            let y = rask::delayed!(inc(&x));
+            drop(x);
+            y.compute_with(&Config::synchronous())
+        })
+        .unwrap();
+    assert_eq!(worker.join().unwrap().unwrap(), 200_001);
 }
 
 fn add(x: i64, y: i64) -> i64 {

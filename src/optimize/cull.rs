@@ -44,6 +44,7 @@ pub(crate) fn cull(draft: Draft) -> Draft {
     let mut index = vec![u32::MAX; n];
     let mut b = PlanBuilder::with_capacity(count);
     let mut weights = Vec::with_capacity(count);
+    let mut sizes = Vec::new();
     let mut deps = Vec::new();
     for i in 0..n as u32 {
         if !needed[i as usize] {
@@ -53,11 +54,14 @@ pub(crate) fn cull(draft: Draft) -> Draft {
         deps.extend(draft.deps(i).iter().map(|&d| index[d as usize]));
         index[i as usize] = b.push(draft.key(i), draft.op(i).clone(), &deps);
         weights.push(draft.weight(i));
+        if !draft.sizes.is_empty() {
+            sizes.push(draft.size(i));
+        }
     }
     for &o in draft.outputs() {
         b.output(index[o as usize]);
     }
-    Draft::new(b.build(), weights)
+    Draft::with_sizes(b.build(), weights, sizes)
 }
 
 #[cfg(test)]

@@ -208,11 +208,6 @@ impl Fused {
         }
     }
 
-    /// Number of steps (tasks of the original plan).
-    pub(crate) fn len(&self) -> usize {
-        self.steps.len()
-    }
-
     fn exec(
         &self,
         inputs: &mut [Option<Value>],

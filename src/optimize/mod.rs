@@ -75,6 +75,7 @@ use crate::config::Config;
 use crate::graph::KeyHash;
 use crate::Result;
 
+pub(crate) mod chain;
 pub(crate) mod cull;
 pub(crate) mod explain;
 pub(crate) mod fuse;
@@ -109,6 +110,9 @@ pub(crate) struct Draft {
     /// Shared with the fused tasks built from it.
     plan: Arc<Plan>,
     weights: Vec<Weight>,
+    /// How many graph nodes each task stands for (a [`chain::Chain`] stands
+    /// for several); empty when every task stands for one.
+    sizes: Vec<u32>,
 }
 
 impl Draft {
@@ -118,10 +122,39 @@ impl Draft {
     ///
     /// When the lengths differ: a bug in the caller.
     pub(crate) fn new(plan: Plan, weights: Vec<Weight>) -> Draft {
+        Draft::with_sizes(plan, weights, Vec::new())
+    }
+
+    /// A draft of `plan` with one weight per task, and one size per task
+    /// (how many graph nodes it stands for) or none when each stands for one.
+    ///
+    /// # Panics
+    ///
+    /// When the lengths differ: a bug in the caller.
+    pub(crate) fn with_sizes(plan: Plan, weights: Vec<Weight>, sizes: Vec<u32>) -> Draft {
         assert_eq!(plan.len(), weights.len(), "one weight per task");
+        assert!(
+            sizes.is_empty() || sizes.len() == plan.len(),
+            "one size per task"
+        );
         Draft {
             plan: Arc::new(plan),
             weights,
+            sizes,
+        }
+    }
+
+    /// How many graph nodes task `i` stands for.
+    pub(crate) fn size(&self, i: u32) -> u32 {
+        self.sizes.get(i as usize).copied().unwrap_or(1)
+    }
+
+    /// How many graph nodes the draft stands for.
+    pub(crate) fn graph_len(&self) -> usize {
+        if self.sizes.is_empty() {
+            self.len()
+        } else {
+            self.sizes.iter().map(|&s| s as usize).sum()
         }
     }
 
@@ -380,7 +413,9 @@ pub(crate) fn pipeline(
 /// The draft's plan as is, one plan task per draft task.
 fn plain(draft: Draft, describe: bool) -> Assembled {
     let shapes = if describe {
-        draft.weights.iter().map(|&w| Shape::of(w)).collect()
+        (0..draft.len() as u32)
+            .map(|i| Shape::of(draft.weight(i), draft.size(i)))
+            .collect()
     } else {
         Vec::new()
     };
@@ -406,14 +441,19 @@ pub(crate) fn assemble(draft: Draft, folds: &Folds, describe: bool) -> Assembled
     // Group sizes first, so that each fused op allocates its steps once:
     // inputs come first, so a folded task's size is final when its
     // consumer adds it.
+    // `steps`: draft tasks per group (a fused task's steps); `sizes`: graph
+    // nodes per group (a chain is one step of several nodes).
+    let mut steps = vec![1u32; n as usize];
     let mut sizes = vec![1u32; n as usize];
     for i in 0..n {
-        let mut size = 1;
+        let (mut count, mut size) = (1, draft.size(i));
         for &d in draft.deps(i) {
             if folds.folded(d) {
+                count += steps[d as usize];
                 size += sizes[d as usize];
             }
         }
+        steps[i as usize] = count;
         sizes[i as usize] = size;
     }
     let mut b = PlanBuilder::with_capacity(n as usize);
@@ -429,17 +469,17 @@ pub(crate) fn assemble(draft: Draft, folds: &Folds, describe: bool) -> Assembled
         let has_inner = draft.deps(i).iter().any(|&d| folds.folded(d));
         deps.clear();
         let op: Arc<dyn Op> = if has_inner {
-            let size = sizes[i as usize] as usize;
-            let fused = fuse::Fused::build(&draft, folds, i, size, &mut scratch);
+            let fused =
+                fuse::Fused::build(&draft, folds, i, steps[i as usize] as usize, &mut scratch);
             deps.extend(scratch.externals().iter().map(|&d| index[d as usize]));
             if describe {
-                shapes.push(Shape::Fused(fused.len() as u32));
+                shapes.push(Shape::Fused(sizes[i as usize]));
             }
             Arc::new(fused)
         } else {
             deps.extend(draft.deps(i).iter().map(|&d| index[d as usize]));
             if describe {
-                shapes.push(Shape::of(draft.weight(i)));
+                shapes.push(Shape::of(draft.weight(i), draft.size(i)));
             }
             draft.op(i).clone()
         };
@@ -457,8 +497,11 @@ pub(crate) fn assemble(draft: Draft, folds: &Folds, describe: bool) -> Assembled
 }
 
 impl Shape {
-    fn of(weight: Weight) -> Shape {
+    /// The shape of a draft task of `weight` standing for `size` graph
+    /// nodes.
+    fn of(weight: Weight, size: u32) -> Shape {
         match weight {
+            _ if size > 1 => Shape::Fused(size),
             Weight::Data => Shape::Data,
             Weight::Normal | Weight::Cheap => Shape::Task,
         }
