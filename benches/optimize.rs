@@ -286,20 +286,10 @@ fn main() -> ExitCode {
         .iter()
         .position(|a| a == "--only")
         .and_then(|i| args.get(i + 1).cloned());
-    // Dropping a graph frees its nodes recursively, one frame per level of a
-    // chain: give the 100 k chain a stack deep enough for that.
-    let worker = std::thread::Builder::new()
-        .stack_size(1 << 30)
-        .spawn(move || run(quick, only));
-    match worker.map(|h| h.join()) {
-        Ok(Ok(Ok(()))) => ExitCode::SUCCESS,
-        Ok(Ok(Err(e))) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-        Ok(Err(_)) => ExitCode::FAILURE,
+    match run(quick, only) {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: could not start the bench thread: {e}");
+            eprintln!("error: {e}");
             ExitCode::FAILURE
         }
     }

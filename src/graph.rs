@@ -67,19 +67,21 @@ fn postorder<'a>(
     mut cut: impl FnMut(&Arc<Node>) -> Option<Arc<dyn Op>>,
     mut emit: impl FnMut(&'a Arc<Node>, Option<Arc<dyn Op>>, &[u32], u32),
 ) -> KeyMap<u32> {
-    /// A node being visited.
+    /// A node being visited (kept small: a chain of unabsorbed nodes is
+    /// visited with one frame per node).
     struct Frame<'a> {
         node: &'a Arc<Node>,
-        /// Whose inputs are visited: the node, or the bottom of its chain.
+        /// Whose inputs are visited: the node, or the bottom of its chain
+        /// (then the chain is on top of `chains`).
         visit: &'a Arc<Node>,
         /// The next input of `visit`.
-        next: usize,
+        next: u32,
         /// Where the inputs' indices start in `found`.
-        from: usize,
-        chain: Option<chain::Chain>,
+        from: u32,
     }
     let mut index: KeyMap<u32> = KeyMap::default();
     let mut stack: Vec<Frame<'a>> = Vec::new();
+    let mut chains: Vec<chain::Chain> = Vec::new();
     // Collecting indices as inputs finish keeps lowering at one map lookup
     // per edge and one insertion per node.
     let mut found: Vec<u32> = Vec::new();
@@ -110,19 +112,18 @@ fn postorder<'a>(
                     finish!(node, Some(op), from, 1);
                 }
                 None => {
-                    let (visit, chain) = match absorbed.as_deref_mut() {
-                        Some(absorbed) => match chain::absorb(node, absorbed) {
-                            Some((bottom, chain)) => (bottom, Some(chain)),
-                            None => (node, None),
-                        },
-                        None => (node, None),
-                    };
+                    let mut visit = node;
+                    if let Some(absorbed) = absorbed.as_deref_mut() {
+                        if let Some((bottom, chain)) = chain::absorb(node, absorbed) {
+                            visit = bottom;
+                            chains.push(chain);
+                        }
+                    }
                     stack.push(Frame {
                         node,
                         visit,
                         next: 0,
-                        from: found.len(),
-                        chain,
+                        from: found.len() as u32,
                     });
                 }
             }
@@ -135,7 +136,7 @@ fn postorder<'a>(
         found.clear();
         enter!(root);
         while let Some(top) = stack.last_mut() {
-            if let Some(child) = top.visit.deps.get(top.next) {
+            if let Some(child) = top.visit.deps.get(top.next as usize) {
                 top.next += 1;
                 match index.get(&child.key) {
                     Some(&i) => found.push(i),
@@ -144,12 +145,13 @@ fn postorder<'a>(
                 continue;
             }
             let Some(Frame {
-                node, from, chain, ..
+                node, visit, from, ..
             }) = stack.pop()
             else {
                 break;
             };
-            match chain {
+            let from = from as usize;
+            match chains.pop_if(|_| !Arc::ptr_eq(node, visit)) {
                 Some(chain) => {
                     let size = chain.len() as u32;
                     finish!(node, Some(Arc::new(chain) as Arc<dyn Op>), from, size);

@@ -133,9 +133,10 @@
 //! - **Optimize between lowering and running.** The lowered plan goes through
 //!   cull, inline and fuse passes (`src/optimize/`) before it reaches the
 //!   executor: a chain of `n` tasks costs one trip through the executor, not
-//!   `n`. Passes never change a result, an output key or which task an error
-//!   names; [`Config::optimize`] switches them off, [`explain`] shows the
-//!   plan.
+//!   `n`, and a chain of temporaries (nodes no handle refers to) is folded
+//!   while lowering, without a plan task per node. Passes never change a
+//!   result, an output key or which task an error names;
+//!   [`Config::optimize`] switches them off, [`explain`] shows the plan.
 //! - **Failures are values.** A task that returns `Err` or panics becomes a
 //!   failure naming that task; its dependents do not run, the computation
 //!   stops early and returns [`Error::Task`]; the process survives.

@@ -41,7 +41,7 @@
 //!
 //! O(1) per node: a strong-count read and one set insertion per absorbed
 //! node; the set check at the end is one lookup per plan task, skipped when
-//! nothing was absorbed.
+//! nothing was absorbed. A chain holds one reference per [`SEGMENT`] steps.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -78,7 +78,7 @@ impl Absorbed {
         if (self.len + 1) * 2 <= self.slots.len() {
             return;
         }
-        let size = ((self.len + 1) * 4).next_power_of_two().max(64);
+        let size = (self.slots.len() * 4).max(64);
         let old = std::mem::replace(&mut self.slots, vec![0; size]);
         for fp in old.into_iter().filter(|&fp| fp != 0) {
             self.place(fp);
@@ -149,6 +149,7 @@ pub(crate) fn absorb<'a>(
 ) -> Option<(&'a Arc<Node>, Chain)> {
     let mut bottom = top;
     let mut len = 1;
+    let mut marks = Vec::new();
     while let [input] = &*bottom.deps {
         // A strong count of 1 is the consumer's own reference: no other node,
         // `Delayed` or plan holds this one. (Another thread lowering the same
@@ -160,77 +161,104 @@ pub(crate) fn absorb<'a>(
             break;
         }
         absorbed.insert(&input.key);
+        if len % SEGMENT == 0 {
+            marks.push(input.clone());
+        }
         len += 1;
         bottom = input;
     }
     if len == 1 {
         return None;
     }
-    Some((bottom, Chain::new(top.clone(), bottom, len)))
+    Some((bottom, Chain::new(top.clone(), marks, bottom, len)))
 }
 
 /// Names listed in full in a chain's name; longer chains are `first…last(n)`.
 const MAX_LISTED: usize = 3;
 
+/// Steps per segment of a chain (see [`Chain`]).
+const SEGMENT: usize = 64;
+
 /// A linear chain of graph nodes run as one task: each step's value is the
 /// next step's only input (see the [module docs](self)).
 ///
-/// It holds its top node only: the nodes below are its input's input and so
-/// on, which a node keeps alive and never changes. Running it follows them
-/// again (one pointer per node: a single input is held in the node), which
-/// costs less than taking and dropping a reference count per step.
+/// The steps run bottom-up, but a node only leads to its input, down. So a
+/// chain holds a node every [`SEGMENT`] steps (the top, then its marks): it
+/// runs the lowest segment first, finding its nodes from the segment's first
+/// node into a small buffer, then the one above, and so on. That costs one
+/// reference count per segment, not per step, and no buffer as long as the
+/// chain. (The nodes between two marks stay alive: a node holds its input,
+/// and never changes.)
 pub(crate) struct Chain {
+    /// The top node: the first node of the top segment.
     top: Arc<Node>,
+    /// The first node of each further segment, top down: the node `SEGMENT
+    /// × (i + 1)` steps below the top.
+    marks: Box<[Arc<Node>]>,
     /// Nodes in the chain, top included (at least 2).
     len: usize,
     name: Name,
 }
 
 impl Chain {
-    fn new(top: Arc<Node>, bottom: &Node, len: usize) -> Chain {
+    fn new(top: Arc<Node>, marks: Vec<Arc<Node>>, bottom: &Node, len: usize) -> Chain {
         let name = if len > MAX_LISTED {
             format!("{}…{}({len})", bottom.name, top.name).into()
         } else {
-            let mut names: Vec<&str> = top.chain(len).map(|node| &*node.name).collect();
+            let mut names: Vec<&str> = top.first_inputs(len).map(|node| &*node.name).collect();
             names.reverse();
             names.join("+").into()
         };
-        Chain { top, len, name }
+        Chain {
+            top,
+            marks: marks.into_boxed_slice(),
+            len,
+            name,
+        }
     }
 
     /// Number of graph nodes it runs.
     pub(crate) fn len(&self) -> usize {
         self.len
     }
+
+    /// The first node of segment `i` (segment 0 starts at the top).
+    fn segment_start(&self, i: usize) -> &Node {
+        match i {
+            0 => &self.top,
+            i => &self.marks[i - 1],
+        }
+    }
+
+    /// How many nodes segment `i` has.
+    fn segment_len(&self, i: usize) -> usize {
+        SEGMENT.min(self.len - SEGMENT * i)
+    }
 }
 
 impl Node {
     /// This node, its first input, that one's first input and so on: `len`
     /// nodes at most, top down.
-    fn chain(&self, len: usize) -> impl Iterator<Item = &Node> {
+    fn first_inputs(&self, len: usize) -> impl Iterator<Item = &Node> {
         std::iter::successors(Some(self), |node| node.deps.first().map(|n| &**n)).take(len)
     }
 }
 
 impl Op for Chain {
     fn run(&self, inputs: &mut [Option<Value>]) -> Result<Value, OpError> {
-        let steps: Vec<&Node> = self.top.chain(self.len).collect();
-        let mut steps = steps.into_iter().rev();
-        let Some(bottom) = steps.next() else {
-            return Err(OpError::failed("a chain has no step"));
-        };
-        let value = step(bottom, inputs);
-        // What the bottom step did not take is dropped now, as an executor
-        // drops a task's inputs once it ran.
-        for slot in inputs.iter_mut() {
-            *slot = None;
+        // The step running, to name it if it panics: one unwinding guard for
+        // the whole chain rather than one per step.
+        let mut running: Option<&Node> = None;
+        match catch_unwind(AssertUnwindSafe(|| self.steps(inputs, &mut running))) {
+            Ok(outcome) => outcome,
+            Err(payload) => {
+                let err = OpError::panicked(&*payload);
+                Err(match running {
+                    Some(node) => named(node, err),
+                    None => err,
+                })
+            }
         }
-        let mut value = value?;
-        for node in steps {
-            let mut slot = [Some(value)];
-            value = step(node, &mut slot)?;
-        }
-        Ok(value)
     }
 
     fn name(&self) -> &str {
@@ -238,17 +266,64 @@ impl Op for Chain {
     }
 }
 
-/// Runs one step, naming it as the origin of a failure or panic.
-fn step(node: &Node, inputs: &mut [Option<Value>]) -> Result<Value, OpError> {
-    let name = |mut err: OpError| {
-        if err.origin.is_none() {
-            err.origin = Some((node.key, Arc::from(&*node.name)));
+impl Chain {
+    /// Runs the steps, segments bottom-up, keeping `running` on the step
+    /// that runs. Finding a segment's nodes is one dependent load per node,
+    /// so the segment above is found one node per step while this one runs:
+    /// the two walks overlap.
+    fn steps<'a>(
+        &'a self,
+        inputs: &mut [Option<Value>],
+        running: &mut Option<&'a Node>,
+    ) -> Result<Value, OpError> {
+        let last = self.marks.len();
+        let mut current: Vec<&Node> = self
+            .segment_start(last)
+            .first_inputs(self.segment_len(last))
+            .collect();
+        let mut above: Vec<&Node> = Vec::with_capacity(SEGMENT);
+        let mut value: Option<Value> = None;
+        for i in (0..=last).rev() {
+            // The walk of segment `i - 1`, advanced as this one runs.
+            let mut walk = match i {
+                0 => None,
+                i => Some(
+                    self.segment_start(i - 1)
+                        .first_inputs(self.segment_len(i - 1)),
+                ),
+            };
+            above.clear();
+            for &node in current.iter().rev() {
+                if let Some(next) = walk.as_mut().and_then(Iterator::next) {
+                    above.push(next);
+                }
+                *running = Some(node);
+                let outcome = match value.take() {
+                    Some(below) => node.call.run(&mut [Some(below)]),
+                    None => {
+                        // The bottom step, on the chain's inputs. What it
+                        // did not take is dropped now, as an executor drops
+                        // a task's inputs once it ran.
+                        let outcome = node.call.run(inputs);
+                        for slot in inputs.iter_mut() {
+                            *slot = None;
+                        }
+                        outcome
+                    }
+                };
+                value = Some(outcome.map_err(|err| named(node, err))?);
+            }
+            above.extend(walk.into_iter().flatten());
+            std::mem::swap(&mut current, &mut above);
         }
-        err
-    };
-    match catch_unwind(AssertUnwindSafe(|| node.call.run(inputs))) {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(err)) => Err(name(err)),
-        Err(payload) => Err(name(OpError::panicked(&*payload))),
+        value.ok_or_else(|| OpError::failed("a chain has no step"))
     }
+}
+
+/// Names `node` as where `err` started, unless it names a task already.
+fn named(node: &Node, mut err: OpError) -> OpError {
+    if err.origin.is_none() {
+        err.origin = Some((node.key, Arc::from(&*node.name)));
+    }
+    err
 }

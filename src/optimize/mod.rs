@@ -3,7 +3,11 @@
 //! Lowering ([`crate::graph::lower`]) turns the nodes behind the requested
 //! outputs into a [`Draft`]: a topologically sorted [`Plan`] with one task per
 //! distinct key, plus what the passes need to know about each task (its
-//! [`Weight`]). The pipeline then runs, in this order:
+//! [`Weight`]). When fuse is on, lowering already folds the chains of nodes
+//! nothing else refers to ([`chain`]): such a chain becomes one draft task
+//! that stands for several nodes, without a plan task per node — on a long
+//! chain that is most of what optimizing saves. The pipeline then runs, in
+//! this order:
 //!
 //! 1. [`cull`](cull::cull): drop the tasks no output needs;
 //! 2. [`inline`](inline::inline): fold data and cheap tasks into their only
