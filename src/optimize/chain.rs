@@ -63,12 +63,26 @@ fn fingerprint(key: &Key) -> u64 {
 /// full): one probe per absorbed node, far cheaper than a map of keys.
 /// Fingerprints stand for keys: two different keys with one fingerprint are
 /// taken for a conflict, which only costs a second lowering.
+///
+/// A large table is handed back to its thread when lowering is done and
+/// reused by the next lowering that needs one about that size: a fresh one
+/// costs a page fault per 4 KiB, several times what clearing it does.
 #[derive(Default)]
 pub(crate) struct Absorbed {
     /// `0` marks an empty slot (a fingerprint of 0 is stored as 1).
     slots: Vec<u64>,
     len: usize,
     conflict: bool,
+}
+
+/// Tables of at least this many slots are kept for reuse ([`Absorbed`]).
+const SPARE_MIN: usize = 1 << 14;
+/// Nor more than this many (16 MiB).
+const SPARE_MAX: usize = 1 << 21;
+
+thread_local! {
+    /// A table for this thread's next large lowering; cleared when taken.
+    static SPARE: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl Absorbed {
@@ -79,10 +93,28 @@ impl Absorbed {
             return;
         }
         let size = (self.slots.len() * 4).max(64);
-        let old = std::mem::replace(&mut self.slots, vec![0; size]);
+        let old = std::mem::replace(&mut self.slots, Absorbed::table(size));
         for fp in old.into_iter().filter(|&fp| fp != 0) {
             self.place(fp);
         }
+    }
+
+    /// An empty table of at least `size` slots (a power of two): this
+    /// thread's spare one when it is no more than four times that, else a
+    /// new one.
+    fn table(size: usize) -> Vec<u64> {
+        if size >= SPARE_MIN {
+            let spare = SPARE.with(|spare| {
+                let mut spare = spare.borrow_mut();
+                let fits = spare.len() >= size && spare.len() <= size * 4;
+                fits.then(|| std::mem::take(&mut *spare))
+            });
+            if let Some(mut table) = spare {
+                table.fill(0);
+                return table;
+            }
+        }
+        vec![0; size]
     }
 
     /// Puts `fp` in its slot; returns whether it was there already.
@@ -133,6 +165,26 @@ impl Absorbed {
     /// (the keys of the plan's tasks).
     pub(crate) fn conflict<'a>(&self, mut tasks: impl Iterator<Item = &'a Key>) -> bool {
         self.conflict || (self.len > 0 && tasks.any(|k| self.contains(k)))
+    }
+}
+
+impl Drop for Absorbed {
+    /// Hands a large table back to the thread (see [`Absorbed`]), keeping
+    /// the larger of it and the spare already there.
+    fn drop(&mut self) {
+        let size = self.slots.len();
+        if (SPARE_MIN..=SPARE_MAX).contains(&size) {
+            let table = std::mem::take(&mut self.slots);
+            // Fails only while the thread is being torn down: then the
+            // table is simply freed.
+            let _ = SPARE.try_with(|spare| {
+                if let Ok(mut spare) = spare.try_borrow_mut() {
+                    if spare.len() < size {
+                        *spare = table;
+                    }
+                }
+            });
+        }
     }
 }
 
@@ -326,4 +378,62 @@ fn named(node: &Node, mut err: OpError) -> OpError {
         err.origin = Some((node.key, Arc::from(&*node.name)));
     }
     err
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Distinct keys with distinct fingerprints, spread over the table.
+    fn key(i: u64) -> Key {
+        let mut k = [0xa5u8; 32];
+        let fp = (i + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        k[..8].copy_from_slice(&fp.to_le_bytes());
+        Key(k)
+    }
+
+    fn spare_len() -> usize {
+        SPARE.with(|spare| spare.borrow().len())
+    }
+
+    #[test]
+    fn a_key_absorbed_twice_or_also_a_task_is_a_conflict() {
+        let mut absorbed = Absorbed::default();
+        for i in 0..1000 {
+            absorbed.insert(&key(i));
+        }
+        assert!(!absorbed.conflict([key(1000), key(5000)].iter()));
+        assert!(absorbed.conflict([key(1000), key(999)].iter()));
+        assert!(absorbed.conflict([key(0)].iter()));
+        absorbed.insert(&key(500));
+        assert!(absorbed.conflict(std::iter::empty()));
+        assert!(!Absorbed::default().conflict([key(1)].iter()));
+    }
+
+    #[test]
+    fn a_large_table_is_reused_by_the_next_lowering_cleared() {
+        SPARE.with(|spare| spare.borrow_mut().clear());
+        let n = SPARE_MIN as u64; // grows the table past SPARE_MIN slots
+        let mut first = Absorbed::default();
+        for i in 0..n {
+            first.insert(&key(i));
+        }
+        let size = first.slots.len();
+        assert!(size >= SPARE_MIN);
+        drop(first);
+        assert_eq!(spare_len(), size);
+        // The same keys again: a table that was not cleared would report
+        // every one as seen twice.
+        let mut second = Absorbed::default();
+        for i in 0..n {
+            second.insert(&key(i));
+        }
+        assert_eq!(spare_len(), 0, "the spare table is in use");
+        assert_eq!(second.slots.len(), size);
+        assert!(!second.conflict(std::iter::empty()));
+        assert!(second.conflict([key(n - 1)].iter()));
+        assert!(!second.conflict([key(n)].iter()));
+        drop(second);
+        assert_eq!(spare_len(), size);
+    }
 }
