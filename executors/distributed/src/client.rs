@@ -10,7 +10,9 @@
 //!    output was reported or the submission was cancelled.
 //! 3. Values are fetched from a worker that holds them, never through the
 //!    scheduler; a failed fetch is reported to the scheduler, which points the
-//!    client at another holder or recomputes the key.
+//!    client at another holder or recomputes the key. The exception is a
+//!    value of at most [`INLINE_BYTES`](crate::protocol::INLINE_BYTES): it
+//!    comes with `KeyInMemory`, saving a round trip to a worker per result.
 //! 4. Every output is reported exactly once, then `finished` is called after
 //!    the plan was dropped — also when the scheduler connection is lost (the
 //!    outputs fail) and when the client is dropped (they are cancelled).
@@ -818,9 +820,34 @@ impl Loop {
                 key,
                 holders,
                 nbytes,
+                value,
             } => {
                 if let Some(known) = self.holders.get_mut(&key) {
                     known.clone_from(&holders);
+                }
+                // A submission nobody waits for any more (its futures were
+                // dropped, as each link of a submit chain is) is cancelled
+                // now rather than at the next poll: fetching its value would
+                // be for nobody.
+                let cancelled: Vec<u64> = self
+                    .waiting
+                    .get(&key)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|w| match w {
+                        Waiter::Slot(id, _) => Some(*id),
+                        Waiter::Fetch(_) => None,
+                    })
+                    .filter(|id| self.open.get(id).is_some_and(|o| o.reporter.cancelled()))
+                    .collect();
+                for id in cancelled {
+                    self.cancel(id);
+                }
+                // Rule 3: a small value came with the answer; no fetch.
+                if let (Some(bytes), Some(&from)) = (value, holders.first()) {
+                    self.fetching.remove(&key);
+                    self.answer(key, Ok((bytes, from)));
+                    return;
                 }
                 let Some(waiters) = self.waiting.remove(&key) else {
                     return; // nobody waits any more (cancelled, or answered)

@@ -57,9 +57,14 @@
 //!   them), so idle workers never starve, and no task is stuck behind a long
 //!   one for more than a window. Placement prefers the worker holding most of
 //!   a task's input bytes.
+//!   A task whose inputs are all being computed on one worker is sent there
+//!   at once and waits for them on the worker, so a chain of tasks costs no
+//!   scheduler hop per link.
 //! - **Data moves peer to peer.** Values are fetched from a worker's data
 //!   port directly, by workers and by clients; the scheduler only knows who
-//!   has what.
+//!   has what. The exception is small values (at most 1 KiB encoded): they
+//!   travel with the task's report through the scheduler to the clients that
+//!   want them, since a fetch would cost a round trip per result.
 //! - **Everything is recomputable.** The scheduler keeps every task's spec
 //!   while anything refers to it, including data tasks (`rask.value`), so a
 //!   value lost with a worker is recomputed from its inputs.

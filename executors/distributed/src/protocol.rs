@@ -34,7 +34,15 @@ use serde::{Deserialize, Serialize};
 pub const MAGIC: [u8; 4] = *b"RASK";
 
 /// The protocol version; peers with another version are refused.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
+
+/// Values whose encoding is at most this many bytes travel with their
+/// report: in `TaskFinished` to the scheduler, and in `KeyInMemory` to the
+/// clients that want them, which then need no fetch from a worker (a round
+/// trip per result, most of the cost of a small future). The scheduler keeps
+/// these bytes while the value is in memory, so a client asking later gets
+/// them too; at this size that costs less than a task's own bookkeeping.
+pub const INLINE_BYTES: usize = 1024;
 
 /// The largest frame body accepted, in bytes (512 MiB).
 pub const MAX_FRAME: usize = 512 << 20;
@@ -328,6 +336,9 @@ pub enum ToScheduler {
         nbytes: u64,
         /// Time spent running the op, in nanoseconds.
         duration_ns: u64,
+        /// The value's encoding when it is at most [`INLINE_BYTES`] long.
+        #[serde(with = "opt_bytes")]
+        value: Option<Arc<[u8]>>,
     },
     /// Worker: a task failed (its op failed or panicked, its function was
     /// not registered, or its value could not be encoded).
@@ -428,6 +439,9 @@ pub enum ToClient {
         holders: Vec<WorkerId>,
         /// Size of its encoding.
         nbytes: u64,
+        /// Its encoding when at most [`INLINE_BYTES`] long: no fetch needed.
+        #[serde(with = "opt_bytes")]
+        value: Option<Arc<[u8]>>,
     },
     /// A wanted key failed.
     KeyErred {
@@ -569,6 +583,57 @@ pub(crate) fn strip_scheme(address: &str) -> Option<&str> {
 }
 
 /// `serde(with)` for `Arc<[u8]>` as postcard bytes: one copy in, none out.
+/// `Option<Arc<[u8]>>` as postcard's option tag, then bytes as [`bytes`].
+mod opt_bytes {
+    use std::fmt;
+    use std::sync::Arc;
+
+    use serde::de::Visitor;
+    use serde::{Deserializer, Serialize, Serializer};
+
+    struct Borrowed<'a>(&'a Arc<[u8]>);
+
+    impl Serialize for Borrowed<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            super::bytes::serialize(self.0, s)
+        }
+    }
+
+    pub(super) fn serialize<S: Serializer>(
+        value: &Option<Arc<[u8]>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match value {
+            None => s.serialize_none(),
+            Some(bytes) => s.serialize_some(&Borrowed(bytes)),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Arc<[u8]>>, D::Error> {
+        d.deserialize_option(OptionVisitor)
+    }
+
+    struct OptionVisitor;
+
+    impl<'de> Visitor<'de> for OptionVisitor {
+        type Value = Option<Arc<[u8]>>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("optional bytes")
+        }
+
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            super::bytes::deserialize(d).map(Some)
+        }
+    }
+}
+
 mod bytes {
     use std::fmt;
     use std::sync::Arc;
@@ -618,7 +683,7 @@ mod tests {
     #[test]
     fn golden_handshake() {
         let frame = Handshake::new(Role::Worker).to_frame();
-        assert_eq!(hex(&frame), "080000005241534b01000200");
+        assert_eq!(hex(&frame), "080000005241534b02000200");
         assert_eq!(
             Handshake::parse(&frame).unwrap(),
             Handshake::new(Role::Worker)
@@ -688,17 +753,23 @@ mod tests {
         for i in 0..2u8 {
             batch.push(&ToScheduler::TaskFinished {
                 key: [i; 32],
-                nbytes: 8,
+                nbytes: 1,
                 duration_ns: 1000,
+                value: (i == 1).then(|| Arc::from(&[42u8][..])),
             });
         }
         let frames = batch.take_frames();
         assert_eq!(frames.len(), 1);
-        let one = format!("03{}08e807", "00".repeat(32));
-        let two = format!("03{}08e807", "01".repeat(32));
-        assert_eq!(hex(&frames[0]), format!("48000000{one}{two}"));
+        // Variant, key, nbytes, duration (varint), then the value: none, or
+        // some (01) and its bytes with their length.
+        let one = format!("03{}01e80700", "00".repeat(32));
+        let two = format!("03{}01e80701012a", "01".repeat(32));
+        assert_eq!(hex(&frames[0]), format!("4c000000{one}{two}"));
         let back: Vec<ToScheduler> = decode_batch(&frames[0][4..]).unwrap();
         assert_eq!(back.len(), 2);
+        assert!(
+            matches!(&back[1], ToScheduler::TaskFinished { value: Some(v), .. } if **v == [42])
+        );
     }
 
     #[test]

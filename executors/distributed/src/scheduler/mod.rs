@@ -381,8 +381,9 @@ impl Shell {
                     key,
                     nbytes,
                     duration_ns,
+                    value,
                 },
-            ) => state.on_task_finished(w, key, nbytes, duration_ns, out),
+            ) => state.on_task_finished(w, key, nbytes, duration_ns, value, out),
             (Kind::Worker(w), ToScheduler::TaskErred { key, failure }) => {
                 state.on_task_erred(w, key, failure, out)
             }

@@ -13,7 +13,7 @@ use rask_executor::Key;
 
 use super::placement::{self, Choice, Load, LOCALITY_BYTES};
 use crate::protocol::{
-    TaskSpec, ToClient, ToWorker, WireFailure, WireFailureKind, WireKey, WorkerId,
+    TaskSpec, ToClient, ToWorker, WireFailure, WireFailureKind, WireKey, WorkerId, INLINE_BYTES,
 };
 
 /// A worker that died this many times while holding a task makes the task
@@ -88,6 +88,9 @@ struct Task {
     waiters: u32,
     who_has: Vec<WorkerId>,
     nbytes: u64,
+    /// While `Memory`: the value's encoding, when small enough to be
+    /// handed to clients with `KeyInMemory` (`INLINE_BYTES`).
+    inline: Option<Arc<[u8]>>,
     /// Clients holding at least one reference.
     who_wants: Vec<ClientId>,
     priority: u64,
@@ -446,6 +449,7 @@ impl State {
                 waiters: 0,
                 who_has: Vec::new(),
                 nbytes: 0,
+                inline: None,
                 who_wants: Vec::new(),
                 priority,
                 deaths: 0,
@@ -492,6 +496,7 @@ impl State {
                         key,
                         holders: task.who_has.clone(),
                         nbytes: task.nbytes,
+                        value: task.inline.clone(),
                     },
                 ),
                 TaskState::Erred(f) => out.to_client(
@@ -553,6 +558,7 @@ impl State {
         key: WireKey,
         nbytes: u64,
         duration_ns: u64,
+        value: Option<Arc<[u8]>>,
         out: &mut impl Outbox,
     ) {
         let Some(&id) = self.by_key.get(&Key(key)) else {
@@ -578,6 +584,8 @@ impl State {
         task.who_has.clear();
         task.who_has.push(worker);
         task.nbytes = nbytes;
+        // Bounded, whatever a worker sends.
+        task.inline = value.filter(|v| v.len() <= INLINE_BYTES);
         self.deactivate(id);
         self.in_memory(id, out);
         self.unsettled.push(id);
@@ -682,6 +690,7 @@ impl State {
                         key,
                         holders: task.who_has.clone(),
                         nbytes: task.nbytes,
+                        value: task.inline.clone(),
                     },
                 );
             }
@@ -803,6 +812,7 @@ impl State {
                     key: task.key.0,
                     holders: task.who_has.clone(),
                     nbytes: task.nbytes,
+                    value: task.inline.clone(),
                 },
             );
         }
@@ -883,7 +893,9 @@ impl State {
     /// `id`'s value is gone from every worker (S7): dependents wait again,
     /// and it is recomputed if still needed.
     fn lose(&mut self, id: TaskId, out: &mut impl Outbox) {
-        self.task_mut(id).state = TaskState::Released;
+        let task = self.task_mut(id);
+        task.state = TaskState::Released;
+        task.inline = None;
         for s in self.dependents(id) {
             let dependent = self.task_mut(s);
             match dependent.state {
@@ -971,6 +983,7 @@ impl State {
                         let key = task.key.0;
                         let task = self.task_mut(id);
                         task.state = TaskState::Released;
+                        task.inline = None;
                         for w in std::mem::take(&mut task.who_has) {
                             out.to_worker(w, ToWorker::Release { key });
                         }
@@ -1148,7 +1161,10 @@ impl State {
             assert_eq!(self.dependents(id).len() as u32, task.live_dependents);
             match &task.state {
                 TaskState::Memory => assert!(!task.who_has.is_empty()),
-                _ => assert!(task.who_has.is_empty(), "{:?} {:?}", task.key, task.state),
+                _ => {
+                    assert!(task.who_has.is_empty(), "{:?} {:?}", task.key, task.state);
+                    assert!(task.inline.is_none(), "{:?} {:?}", task.key, task.state);
+                }
             }
             if task.state.is_active() || task.state == TaskState::Memory {
                 assert!(

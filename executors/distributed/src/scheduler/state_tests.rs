@@ -99,7 +99,7 @@ fn setup(n: u32) -> (State, Rec) {
 }
 
 fn finish(s: &mut State, out: &mut Rec, w: WorkerId, key: u8, nbytes: u64) {
-    s.on_task_finished(w, k(key), nbytes, 1_000, out);
+    s.on_task_finished(w, k(key), nbytes, 1_000, None, out);
     s.check_invariants();
 }
 
@@ -299,7 +299,7 @@ fn lost_worker_tasks_are_rescheduled_and_lost_keys_recomputed() {
     finish(&mut s, &mut out, W1, 3, 8);
     assert_eq!(out.told(), vec![(C0, k(3), Ok(vec![W1]))]);
     // A stale message from the dead worker changes nothing.
-    s.on_task_finished(W0, k(3), 8, 1, &mut out);
+    s.on_task_finished(W0, k(3), 8, 1, None, &mut out);
     s.check_invariants();
     assert_eq!(s.who_has(&k(3)), &[W1]);
 }
@@ -436,7 +436,7 @@ fn many_dependents_of_one_input_stay_cheap() {
     s.on_update_graph(C0, graph, wanted.clone(), &mut out);
     let mut pending = out.computes();
     while let Some((w, key)) = pending.pop() {
-        s.on_task_finished(w, key, 8, 1_000, &mut out);
+        s.on_task_finished(w, key, 8, 1_000, None, &mut out);
         pending.extend(out.computes());
     }
     s.check_invariants();
@@ -525,7 +525,7 @@ fn a_worker_death_sends_early_tasks_back_to_wait() {
     // The whole chain goes to the survivor, early again.
     assert_eq!(out.computes(), vec![(W1, k(1)), (W1, k(2)), (W1, k(3))]);
     // A stale report from the dead worker changes nothing (S6).
-    s.on_task_finished(W0, k(2), 8, 1, &mut out);
+    s.on_task_finished(W0, k(2), 8, 1, None, &mut out);
     s.check_invariants();
     assert_eq!(s.state_of(&k(2)), Some(&TaskState::Processing(W1)));
     for i in 1..=3 {
@@ -609,4 +609,49 @@ fn a_task_with_many_inputs_is_never_sent_early() {
         let sent = out.computes().iter().any(|&(_, key)| key == k(99));
         assert_eq!(sent, early, "{n} inputs");
     }
+}
+
+/// A value as `KeyInMemory` carried it to a client.
+type Told = (ClientId, WireKey, Option<Arc<[u8]>>);
+
+/// Drains the values that came with `KeyInMemory`.
+fn inline_values(out: &mut Rec) -> Vec<Told> {
+    let mut got = Vec::new();
+    out.0.retain(|s| match s {
+        Sent::Client(c, ToClient::KeyInMemory { key, value, .. }) => {
+            got.push((*c, *key, value.clone()));
+            false
+        }
+        _ => true,
+    });
+    got
+}
+
+#[test]
+fn small_values_travel_with_their_report_while_in_memory() {
+    let (mut s, mut out) = setup(1);
+    s.on_update_graph(C0, vec![spec(1, &[])], vec![k(1)], &mut out);
+    out.computes();
+    let small: Arc<[u8]> = Arc::from(&[7u8][..]);
+    s.on_task_finished(W0, k(1), 1, 1_000, Some(small.clone()), &mut out);
+    s.check_invariants();
+    assert_eq!(
+        inline_values(&mut out),
+        vec![(C0, k(1), Some(small.clone()))]
+    );
+    // A client asking later gets the bytes too.
+    s.on_update_graph(C1, vec![spec(1, &[])], vec![k(1)], &mut out);
+    assert_eq!(inline_values(&mut out), vec![(C1, k(1), Some(small))]);
+    // Once the value is lost the bytes go with it: the recomputed value is
+    // the one clients get.
+    s.on_fetch_failed(Some(C0), k(1), W0, &mut out);
+    s.check_invariants();
+    assert_eq!(out.computes(), vec![(W0, k(1))]);
+    // Bytes over the limit are not kept, whatever a worker sends.
+    let big: Arc<[u8]> = vec![0u8; INLINE_BYTES + 1].into();
+    s.on_task_finished(W0, k(1), big.len() as u64, 1_000, Some(big), &mut out);
+    s.check_invariants();
+    let mut told = inline_values(&mut out);
+    told.sort_by_key(|t| t.0);
+    assert_eq!(told, vec![(C0, k(1), None), (C1, k(1), None)]);
 }

@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::net::{self, log, Chain, ConnectError, FrameReader, PeerPool};
 use crate::protocol::{
     decode_batch, strip_scheme, Batch, FromPeer, FromPeerRef, ProtocolError, Role, ToPeer,
-    ToScheduler, ToWorker, WireKey, WorkerId, MAX_FRAME,
+    ToScheduler, ToWorker, WireKey, WorkerId, INLINE_BYTES, MAX_FRAME,
 };
 use crate::Error;
 use state::{lock, Compute, Done, Job, Outbox, Store, Stored, WorkerState};
@@ -585,14 +585,25 @@ fn compute_thread(shared: &(Mutex<Queue>, Condvar), done: &mpsc::UnboundedSender
         drop(inputs);
         let duration_ns = start.elapsed().as_nanos() as u64;
         // Encode once now: it sizes the value for placement and turns an
-        // unserializable value into this task's failure (state rule 4).
+        // unserializable value into this task's failure (state rule 4); a
+        // small encoding travels with the report (`INLINE_BYTES`).
+        let mut inline = None;
         let outcome = outcome.and_then(|value| {
-            let encoded = if value.is::<Encoded>() {
-                value.downcast_ref::<Encoded>().map(|e| Ok(e.0.len()))
-            } else {
-                None
-            }
-            .unwrap_or_else(|| value.encode().map(|b| b.len()));
+            let encoded = match value.downcast_ref::<Encoded>() {
+                Some(e) => {
+                    if e.0.len() <= INLINE_BYTES {
+                        inline = Some(e.0.clone());
+                    }
+                    Ok(e.0.len())
+                }
+                None => value.encode().map(|bytes| {
+                    let n = bytes.len();
+                    if n <= INLINE_BYTES {
+                        inline = Some(Arc::from(bytes));
+                    }
+                    n
+                }),
+            };
             let failed = |message: String| {
                 Arc::new(Failure {
                     key: Key(key),
@@ -619,6 +630,7 @@ fn compute_thread(shared: &(Mutex<Queue>, Condvar), done: &mpsc::UnboundedSender
                 key,
                 outcome,
                 duration_ns,
+                inline,
             })
             .is_err()
         {

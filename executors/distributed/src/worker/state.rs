@@ -68,6 +68,8 @@ pub(crate) struct Done {
     pub(crate) key: WireKey,
     pub(crate) outcome: Result<Stored, Arc<Failure>>,
     pub(crate) duration_ns: u64,
+    /// The value's encoding, if small enough to go with the report.
+    pub(crate) inline: Option<Arc<[u8]>>,
 }
 
 /// Where the worker's handlers put what they send.
@@ -151,6 +153,7 @@ impl WorkerState {
                 key: msg.key,
                 nbytes: stored.nbytes,
                 duration_ns: 0,
+                value: None,
             });
             return;
         }
@@ -282,6 +285,7 @@ impl WorkerState {
                     key: done.key,
                     nbytes,
                     duration_ns: done.duration_ns,
+                    value: done.inline,
                 });
             }
             Err(failure) => {
@@ -507,6 +511,7 @@ mod tests {
                     nbytes: 1,
                 }),
                 duration_ns: 5,
+                inline: Some(Arc::from(&[3u8][..])),
             },
             &mut out,
         );
@@ -515,7 +520,8 @@ mod tests {
             vec![ToScheduler::TaskFinished {
                 key: [3; 32],
                 nbytes: 1,
-                duration_ns: 5
+                duration_ns: 5,
+                value: Some(Arc::from(&[3u8][..])),
             }]
         );
         assert_eq!(s.pending(), 0);
@@ -587,6 +593,7 @@ mod tests {
                     nbytes: 1,
                 }),
                 duration_ns: 1,
+                inline: None,
             },
             &mut out,
         );
@@ -644,6 +651,7 @@ mod tests {
             key: job.key,
             outcome,
             duration_ns: 1,
+            inline: None,
         }
     }
 
