@@ -223,6 +223,32 @@ fn killed_worker_mid_run_every_result_still_arrives() {
 }
 
 #[test]
+fn killed_worker_mid_chain_the_chain_still_completes() {
+    // Links go early to the worker computing their input (scheduler rule
+    // S9) and wait there: a death must send them back to be recomputed.
+    let mut cluster = Cluster::new(2, 1);
+    let client = cluster.client();
+    let mut g = Graph::new(&cluster.shared);
+    let n = 200;
+    let mut link = g.value(0);
+    for _ in 0..n {
+        link = g.task("sleep_inc", postcard::to_stdvec(&500u64).unwrap(), &[link]);
+        g.output(link);
+    }
+    let got = Collect::new(n as usize);
+    let progress = got.progress();
+    got.submit(&client, g.build());
+    for _ in 0..n / 4 {
+        progress.recv_timeout(TIMEOUT).expect("progress");
+    }
+    cluster.workers[0].take().unwrap().stop();
+    let out = got.wait();
+    for (i, v) in out.iter().enumerate() {
+        assert_eq!(*v, Ok(i as i64 + 1), "link {i}");
+    }
+}
+
+#[test]
 fn worker_exits_when_its_scheduler_goes_away() {
     let mut cluster = Cluster::new(1, 1);
     let worker = cluster.workers[0].take().unwrap();
