@@ -555,7 +555,7 @@ impl Pool {
 fn compute_thread(shared: &(Mutex<Queue>, Condvar), done: &mpsc::UnboundedSender<Done>) {
     let (queue, ready) = shared;
     loop {
-        let job = {
+        let mut job = {
             let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
             loop {
                 if q.closed {
@@ -569,72 +569,95 @@ fn compute_thread(shared: &(Mutex<Queue>, Condvar), done: &mpsc::UnboundedSender
                 q.sleeping -= 1;
             }
         };
-        if job.cancelled.load(Ordering::Relaxed) {
-            continue;
-        }
-        let Job {
-            id,
-            key,
-            plan,
-            mut inputs,
-            ..
-        } = job;
-        let start = Instant::now();
-        let task = plan.task(0);
-        let outcome = run_task(task, &mut inputs);
-        drop(inputs);
-        let duration_ns = start.elapsed().as_nanos() as u64;
-        // Encode once now: it sizes the value for placement and turns an
-        // unserializable value into this task's failure (state rule 4); a
-        // small encoding travels with the report (`INLINE_BYTES`).
-        let mut inline = None;
-        let outcome = outcome.and_then(|value| {
-            let encoded = match value.downcast_ref::<Encoded>() {
-                Some(e) => {
-                    if e.0.len() <= INLINE_BYTES {
-                        inline = Some(e.0.clone());
-                    }
-                    Ok(e.0.len())
-                }
-                None => value.encode().map(|bytes| {
-                    let n = bytes.len();
-                    if n <= INLINE_BYTES {
-                        inline = Some(Arc::from(bytes));
-                    }
-                    n
-                }),
-            };
-            let failed = |message: String| {
-                Arc::new(Failure {
-                    key: Key(key),
-                    name: task.op.name().into(),
-                    kind: FailureKind::Failed,
-                    message,
-                })
-            };
-            match encoded {
-                Ok(n) if n > MAX_VALUE => Err(failed(format!(
-                    "its value of type `{}` encodes to {n} bytes, over the {MAX_VALUE} byte limit of one frame",
-                    value.type_name()
-                ))),
-                Ok(n) => Ok(Stored {
-                    value,
-                    nbytes: n as u64,
-                }),
-                Err(e) => Err(failed(e.to_string())),
+        // A chain of successors runs here, link after link (state rule 5).
+        loop {
+            // Taken before the report, so the network thread never both
+            // attaches a successor and expects it to be dispatched by itself.
+            let successor = job.take_successor();
+            if job.cancelled.load(Ordering::Relaxed) {
+                // Released: the network thread gives the successor back.
+                break;
             }
-        });
-        if done
-            .send(Done {
-                id,
-                key,
-                outcome,
-                duration_ns,
-                inline,
-            })
-            .is_err()
-        {
-            return;
+            let report = run_job(job);
+            let value = match &report.outcome {
+                Ok(stored) => Some(stored.value.clone()),
+                Err(_) => None,
+            };
+            if done.send(report).is_err() {
+                return;
+            }
+            match (value, successor) {
+                (Some(value), Some(mut next)) => {
+                    for input in next.inputs.iter_mut().filter(|i| i.is_none()) {
+                        *input = Some(value.clone());
+                    }
+                    job = next;
+                }
+                _ => break,
+            }
         }
+    }
+}
+
+/// Runs one job and encodes its value.
+fn run_job(job: Job) -> Done {
+    let Job {
+        id,
+        key,
+        plan,
+        mut inputs,
+        ..
+    } = job;
+    let start = Instant::now();
+    let task = plan.task(0);
+    let outcome = run_task(task, &mut inputs);
+    drop(inputs);
+    let duration_ns = start.elapsed().as_nanos() as u64;
+    // Encode once now: it sizes the value for placement and turns an
+    // unserializable value into this task's failure (state rule 4); a
+    // small encoding travels with the report (`INLINE_BYTES`).
+    let mut inline = None;
+    let outcome = outcome.and_then(|value| {
+        let encoded = match value.downcast_ref::<Encoded>() {
+            Some(e) => {
+                if e.0.len() <= INLINE_BYTES {
+                    inline = Some(e.0.clone());
+                }
+                Ok(e.0.len())
+            }
+            None => value.encode().map(|bytes| {
+                let n = bytes.len();
+                if n <= INLINE_BYTES {
+                    inline = Some(Arc::from(bytes));
+                }
+                n
+            }),
+        };
+        let failed = |message: String| {
+            Arc::new(Failure {
+                key: Key(key),
+                name: task.op.name().into(),
+                kind: FailureKind::Failed,
+                message,
+            })
+        };
+        match encoded {
+            Ok(n) if n > MAX_VALUE => Err(failed(format!(
+                "its value of type `{}` encodes to {n} bytes, over the {MAX_VALUE} byte limit of one frame",
+                value.type_name()
+            ))),
+            Ok(n) => Ok(Stored {
+                value,
+                nbytes: n as u64,
+            }),
+            Err(e) => Err(failed(e.to_string())),
+        }
+    });
+    Done {
+        id,
+        key,
+        outcome,
+        duration_ns,
+        inline,
     }
 }

@@ -21,6 +21,16 @@
 //! 4. A value enters the store with its encoded size, which the worker knows
 //!    because every result is encoded once when it is produced; a value that
 //!    cannot be encoded fails its task right there, naming its type.
+//! 5. A task whose only missing input is a task of this worker already
+//!    handed to the pool becomes that job's *successor* (at most one per
+//!    job): the compute thread that runs the input runs it right after, with
+//!    the input's value, so a chain runs on one thread without a hand-off to
+//!    the network thread and back per link. The thread takes the successor
+//!    (closing the slot) before it reports the input, so a successor is run
+//!    exactly once: by that thread if the input succeeded, by nobody if it
+//!    failed or was released (the successor is then given back, rule 1).
+//!    The price: a chain keeps its thread until it ends, ahead of queued
+//!    jobs of better priority.
 
 use std::collections::{HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -57,9 +67,31 @@ pub(crate) struct Job {
     pub(crate) key: WireKey,
     /// A one-task plan, so the pool runs it with `rask_executor::run_task`.
     pub(crate) plan: Plan,
+    /// `None` only in a successor, where this job's value goes (rule 5).
     pub(crate) inputs: Vec<Option<Value>>,
     pub(crate) priority: u64,
     pub(crate) cancelled: Arc<AtomicBool>,
+    /// The job to run right after this one (rule 5).
+    pub(crate) next: Arc<Mutex<Successor>>,
+}
+
+/// A job's successor slot (rule 5).
+#[derive(Default)]
+pub(crate) struct Successor {
+    /// The successor, until the compute thread takes it.
+    pub(crate) job: Option<Job>,
+    /// Set by the compute thread when it takes the successor: from then on
+    /// nothing is attached.
+    pub(crate) finished: bool,
+}
+
+impl Job {
+    /// Closes this job's successor slot and takes the successor, if any.
+    pub(crate) fn take_successor(&self) -> Option<Job> {
+        let mut slot = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        slot.finished = true;
+        slot.job.take()
+    }
 }
 
 /// What the pool reports for a job.
@@ -92,6 +124,10 @@ struct LocalTask {
     cancelled: Arc<AtomicBool>,
     /// Tasks of this worker waiting for this one's value (rule 1).
     dependents: Vec<WireKey>,
+    /// Once its job is built: the job's successor slot (rule 5).
+    slot: Option<Arc<Mutex<Successor>>>,
+    /// It is some job's successor: its inputs' arrival does not dispatch it.
+    chained: bool,
 }
 
 struct Fetch {
@@ -198,11 +234,20 @@ impl WorkerState {
                 priority: msg.priority,
                 cancelled: Arc::new(AtomicBool::new(false)),
                 dependents: Vec::new(),
+                slot: None,
+                chained: false,
             },
         );
         if missing.is_empty() {
             self.dispatch(msg.key, out);
             return;
+        }
+        if let [dep] = missing[..] {
+            if let Some(input) = self.tasks.get_mut(&dep) {
+                input.dependents.push(msg.key);
+                self.chain_after(dep);
+                return;
+            }
         }
         for dep in missing {
             if let Some(input) = self.tasks.get_mut(&dep) {
@@ -306,7 +351,8 @@ impl WorkerState {
             return;
         };
         t.missing -= 1;
-        if t.missing == 0 {
+        // A successor is run by the thread that ran this input (rule 5).
+        if t.missing == 0 && !t.chained {
             self.dispatch(task, out);
         }
     }
@@ -390,30 +436,84 @@ impl WorkerState {
     }
 
     fn dispatch(&mut self, key: WireKey, out: &mut impl Outbox) {
-        let task = self.tasks.get(&key).expect("dispatch names a pending task");
-        let inputs: Option<Vec<Option<Value>>> = {
-            let store = lock(&self.store);
-            task.deps
-                .iter()
-                .map(|d| store.get(d).map(|s| Some(s.value.clone())))
-                .collect()
-        };
-        let Some(inputs) = inputs else {
+        let Some(job) = self.job(key, None) else {
             // An input was released between its arrival and now: cannot
             // happen within one handler, but giving the task back is safe.
             self.abandon(key, out);
             return;
         };
+        if let Some(task) = self.tasks.get_mut(&key) {
+            task.slot = Some(job.next.clone());
+        }
+        self.chain_after(key);
+        out.run(job);
+    }
+
+    /// The job for `key`, its inputs from the store except `from`, whose
+    /// places stay empty for a successor (rule 5); `None` if another input
+    /// is missing.
+    fn job(&self, key: WireKey, from: Option<WireKey>) -> Option<Job> {
+        let task = self.tasks.get(&key)?;
+        let inputs: Option<Vec<Option<Value>>> = {
+            let store = lock(&self.store);
+            task.deps
+                .iter()
+                .map(|d| match store.get(d) {
+                    _ if Some(*d) == from => Some(None),
+                    Some(s) => Some(Some(s.value.clone())),
+                    None => None,
+                })
+                .collect()
+        };
         let mut plan = PlanBuilder::with_capacity(1);
         plan.push(Key(key), task.op.clone(), &[]);
-        out.run(Job {
+        Some(Job {
             id: task.id,
             key,
             plan: plan.build(),
-            inputs,
+            inputs: inputs?,
             priority: task.priority,
             cancelled: task.cancelled.clone(),
-        });
+            next: Arc::default(),
+        })
+    }
+
+    /// Makes successors (rule 5): from `key`, whose job is built, attaches
+    /// a dependent waiting for it alone, then one waiting for that one, and
+    /// so on while slots are free.
+    fn chain_after(&mut self, mut key: WireKey) {
+        loop {
+            let Some(task) = self.tasks.get(&key) else {
+                return;
+            };
+            let Some(slot) = task.slot.clone() else {
+                return;
+            };
+            let next = task.dependents.iter().copied().find(|d| {
+                self.tasks
+                    .get(d)
+                    .is_some_and(|t| t.missing == 1 && t.slot.is_none())
+            });
+            let Some(next) = next else {
+                return;
+            };
+            let Some(job) = self.job(next, Some(key)) else {
+                return;
+            };
+            let next_slot = job.next.clone();
+            {
+                let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+                if slot.finished || slot.job.is_some() {
+                    return;
+                }
+                slot.job = Some(job);
+            }
+            if let Some(t) = self.tasks.get_mut(&next) {
+                t.chained = true;
+                t.slot = Some(next_slot);
+            }
+            key = next;
+        }
     }
 }
 
@@ -667,28 +767,55 @@ mod tests {
         let mut s = state();
         let mut out = Rec::default();
         s.on_compute(compute(1, "add", &[], &[]), &mut out);
+        let one = out.jobs.pop().unwrap();
+        // The pool took 1's successor slot already (it ran 1): 2 waits.
+        assert!(one.take_successor().is_none());
         // Sent early: its input is task 1 of this worker (no holder named).
         s.on_compute(compute(2, "add", &[1], &[(1, &[])]), &mut out);
-        s.on_compute(compute(3, "add", &[2], &[]), &mut out);
-        assert!(out.fetches.is_empty() && out.sent.is_empty());
-        assert_eq!(out.jobs.len(), 1);
-        let one = out.jobs.pop().unwrap();
+        assert!(out.fetches.is_empty() && out.sent.is_empty() && out.jobs.is_empty());
         s.on_task_done(done(&one, ok()), &mut out);
         // 2 is dispatched by the same handler that stored 1.
         assert_eq!(out.jobs.len(), 1);
         assert_eq!(out.jobs[0].key, [2; 32]);
-        let two = out.jobs.pop().unwrap();
-        s.on_task_done(done(&two, ok()), &mut out);
-        assert_eq!(out.jobs[0].key, [3; 32]);
-        let finished: Vec<_> = out
-            .sent
-            .iter()
-            .map(|m| match m {
-                ToScheduler::TaskFinished { key, .. } => key[0],
-                other => panic!("{other:?}"),
-            })
-            .collect();
-        assert_eq!(finished, vec![1, 2]);
+        assert_eq!(
+            out.sent,
+            vec![ToScheduler::TaskFinished {
+                key: [1; 32],
+                nbytes: 1,
+                duration_ns: 1,
+                value: None,
+            }]
+        );
+    }
+
+    #[test]
+    fn a_chain_becomes_successors_run_by_the_thread_of_their_input() {
+        let mut s = state();
+        let mut out = Rec::default();
+        put(&s, 9);
+        s.on_compute(compute(1, "add", &[], &[]), &mut out);
+        s.on_compute(compute(2, "add", &[1, 9, 1], &[]), &mut out);
+        s.on_compute(compute(3, "add", &[2], &[]), &mut out);
+        // Only the head goes to the pool; 2 and 3 hang behind it.
+        assert_eq!(out.jobs.len(), 1);
+        let one = out.jobs.pop().unwrap();
+        let two = one.take_successor().expect("2 follows 1");
+        assert_eq!(two.key, [2; 32]);
+        // The places of 1's value are left for the thread to fill.
+        let filled: Vec<bool> = two.inputs.iter().map(Option::is_some).collect();
+        assert_eq!(filled, vec![false, true, false]);
+        let three = two.take_successor().expect("3 follows 2");
+        assert_eq!(three.key, [3; 32]);
+        // The thread reports each link; none is dispatched a second time.
+        for job in [&one, &two, &three] {
+            s.on_task_done(done(job, ok()), &mut out);
+        }
+        assert!(out.jobs.is_empty());
+        assert_eq!(out.sent.len(), 3);
+        assert_eq!(s.pending(), 0);
+        // A link arriving once its input's slot is closed waits as usual.
+        s.on_compute(compute(4, "add", &[3], &[]), &mut out);
+        assert_eq!(out.jobs.len(), 1, "3 is in the store: 4 runs at once");
     }
 
     #[test]
