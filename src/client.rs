@@ -73,6 +73,9 @@ pub(crate) struct Shared {
     kind: ExecutorKind,
     table: Mutex<KeyMap<Entry>>,
     changed: Condvar,
+    /// Threads blocked on `changed`, counted under the `table` lock: a
+    /// notification nobody waits for costs a syscall, so none is sent then.
+    sleepers: AtomicUsize,
 }
 
 /// One key's result as the client holds it.
@@ -152,6 +155,7 @@ impl Client {
                 kind,
                 table: Mutex::new(KeyMap::default()),
                 changed: Condvar::new(),
+                sleepers: AtomicUsize::new(0),
             }),
         }
     }
@@ -732,8 +736,14 @@ impl Shared {
         self.wake(listeners, deferred);
     }
 
+    /// Wakes the threads in [`wait`](Shared::wait) and notifies
+    /// `listeners` and `deferred`; called after the table lock that changed
+    /// an entry was dropped, so every sleeper that saw the old state is
+    /// counted in `sleepers` by then.
     fn wake(self: &Arc<Self>, listeners: Vec<Listener>, deferred: Vec<Arc<Deferred>>) {
-        self.changed.notify_all();
+        if self.sleepers.load(Ordering::Relaxed) > 0 {
+            self.changed.notify_all();
+        }
         for listener in listeners {
             listener.notify();
         }
@@ -805,22 +815,31 @@ impl Shared {
             if !state.is_pending() {
                 return state;
             }
-            table = match deadline {
-                None => self
-                    .changed
-                    .wait(table)
-                    .unwrap_or_else(PoisonError::into_inner),
+            let timeout = match deadline {
+                None => None,
                 Some(deadline) => {
                     let now = std::time::Instant::now();
                     if now >= deadline {
                         return state;
                     }
+                    Some(deadline - now)
+                }
+            };
+            // Counted under the lock (see `wake`).
+            self.sleepers.fetch_add(1, Ordering::Relaxed);
+            table = match timeout {
+                None => self
+                    .changed
+                    .wait(table)
+                    .unwrap_or_else(PoisonError::into_inner),
+                Some(timeout) => {
                     self.changed
-                        .wait_timeout(table, deadline - now)
+                        .wait_timeout(table, timeout)
                         .unwrap_or_else(PoisonError::into_inner)
                         .0
                 }
             };
+            self.sleepers.fetch_sub(1, Ordering::Relaxed);
         }
     }
 

@@ -363,8 +363,16 @@ pub struct AsCompleted<T> {
 }
 
 struct Queue<T> {
-    done: Mutex<VecDeque<Future<T>>>,
+    done: Mutex<Ready<T>>,
     ready: Condvar,
+}
+
+/// The futures done and not yet yielded.
+struct Ready<T> {
+    futures: VecDeque<Future<T>>,
+    /// Whether the iterator sleeps on `ready`: a notification nobody waits
+    /// for costs a syscall, so none is sent then.
+    waiting: bool,
 }
 
 /// Iterates over `futures` in completion order; see [`AsCompleted`].
@@ -374,7 +382,10 @@ where
 {
     let mut seq = AsCompleted {
         queue: Arc::new(Queue {
-            done: Mutex::new(VecDeque::new()),
+            done: Mutex::new(Ready {
+                futures: VecDeque::new(),
+                waiting: false,
+            }),
             ready: Condvar::new(),
         }),
         outstanding: 0,
@@ -396,12 +407,13 @@ impl<T: 'static> AsCompleted<T> {
         let notify = move || {
             let taken = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
             if let Some(f) = taken {
-                queue
-                    .done
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .push_back(f);
-                queue.ready.notify_all();
+                let mut done = queue.done.lock().unwrap_or_else(PoisonError::into_inner);
+                done.futures.push_back(f);
+                let waiting = done.waiting;
+                drop(done);
+                if waiting {
+                    queue.ready.notify_one();
+                }
             }
         };
         shared.on_done(key, Listener::Queue(Arc::new(notify)));
@@ -444,15 +456,17 @@ impl<T: 'static> Iterator for AsCompleted<T> {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         loop {
-            if let Some(f) = done.pop_front() {
+            if let Some(f) = done.futures.pop_front() {
                 self.outstanding -= 1;
                 return Some(f);
             }
+            done.waiting = true;
             done = self
                 .queue
                 .ready
                 .wait(done)
                 .unwrap_or_else(PoisonError::into_inner);
+            done.waiting = false;
         }
     }
 }
