@@ -92,8 +92,18 @@ pub struct Client {
 struct Inner {
     address: String,
     commands: mpsc::UnboundedSender<Command>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    thread: Mutex<Option<Ending>>,
     link: Arc<Link>,
+}
+
+/// How to wait for a client's network loop to end.
+enum Ending {
+    /// The loop has a thread of its own.
+    Thread(JoinHandle<()>),
+    /// The loop is a task on another runtime's thread (a local cluster's
+    /// scheduler): this disconnects once it ended, or was dropped with its
+    /// runtime.
+    Task(std::sync::mpsc::Receiver<()>),
 }
 
 /// What the client, its thread and its [`KeyHandle`]s share.
@@ -200,8 +210,14 @@ impl Drop for Inner {
         drop(std::mem::replace(&mut self.commands, tx));
         if std::thread::current().id() != self.link.thread_id {
             let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
-            if let Some(thread) = thread {
-                let _ = thread.join();
+            match thread {
+                Some(Ending::Thread(thread)) => {
+                    let _ = thread.join();
+                }
+                Some(Ending::Task(ended)) => {
+                    let _ = ended.recv();
+                }
+                None => {}
             }
         }
     }
@@ -270,76 +286,116 @@ impl Client {
     /// ten seconds, [`Error::Handshake`] when the other side is not a rask
     /// scheduler of this protocol version.
     pub fn connect(address: &str) -> Result<Client, Error> {
+        Client::start(address, None)
+    }
+
+    /// [`Client::connect`], with the network loop a task on `runtime`'s
+    /// thread instead of a thread of its own. A local cluster's client runs
+    /// on its scheduler's thread: messages between the two then cost no
+    /// thread hand-off (a socket write, read by the same thread's next
+    /// poll), which is most of what a small task costs on a busy machine.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::connect`].
+    pub(crate) fn connect_on(
+        address: &str,
+        runtime: &tokio::runtime::Handle,
+    ) -> Result<Client, Error> {
+        Client::start(address, Some(runtime))
+    }
+
+    fn start(address: &str, on: Option<&tokio::runtime::Handle>) -> Result<Client, Error> {
         let target = strip_scheme(address)
             .ok_or_else(|| Error::Address {
                 address: address.to_owned(),
             })?
             .to_owned();
-        let runtime = net::runtime().map_err(Error::Io)?;
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let weak = commands.downgrade();
         let name = address.to_owned();
-        let thread = std::thread::Builder::new()
-            .name("rask-client".into())
-            .spawn(move || {
-                runtime.block_on(async move {
-                    let conn = net::connect(
-                        &target,
-                        crate::protocol::Role::Client,
-                        crate::protocol::Role::Scheduler,
-                        net::CONNECT_TIMEOUT,
-                    )
-                    .await;
-                    match conn {
-                        Ok((read, write)) => {
-                            let link = Arc::new(Link {
-                                address: name,
-                                commands: weak,
-                                held: Mutex::new(HashMap::new()),
-                                thread_id: std::thread::current().id(),
-                            });
-                            let _ = ready_tx.send(Ok(link.clone()));
-                            let writer = net::spawn_writer(write);
-                            Loop::new(link, writer)
-                                .run(FrameReader::new(read), commands_rx)
-                                .await;
-                        }
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(match e {
-                                ConnectError::Io(source) => Error::Connection {
-                                    addr: target,
-                                    source,
-                                },
-                                ConnectError::Timeout => Error::Timeout {
-                                    what: "the scheduler to accept the connection",
-                                    after: net::CONNECT_TIMEOUT,
-                                },
-                                ConnectError::Handshake(reason) => Error::Handshake {
-                                    addr: target,
-                                    reason,
-                                },
-                            }));
-                        }
-                    }
+        let body = async move {
+            let conn = net::connect(
+                &target,
+                crate::protocol::Role::Client,
+                crate::protocol::Role::Scheduler,
+                net::CONNECT_TIMEOUT,
+            )
+            .await;
+            match conn {
+                Ok((read, write)) => {
+                    let link = Arc::new(Link {
+                        address: name,
+                        commands: weak,
+                        held: Mutex::new(HashMap::new()),
+                        thread_id: std::thread::current().id(),
+                    });
+                    let _ = ready_tx.send(Ok(link.clone()));
+                    let writer = net::spawn_writer(write);
+                    Loop::new(link, writer)
+                        .run(FrameReader::new(read), commands_rx)
+                        .await;
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(match e {
+                        ConnectError::Io(source) => Error::Connection {
+                            addr: target,
+                            source,
+                        },
+                        ConnectError::Timeout => Error::Timeout {
+                            what: "the scheduler to accept the connection",
+                            after: net::CONNECT_TIMEOUT,
+                        },
+                        ConnectError::Handshake(reason) => Error::Handshake {
+                            addr: target,
+                            reason,
+                        },
+                    }));
+                }
+            }
+        };
+        let ending = match on {
+            Some(runtime) => {
+                let (ended_tx, ended) = std::sync::mpsc::channel::<()>();
+                runtime.spawn(async move {
+                    body.await;
+                    drop(ended_tx);
                 });
-            })
-            .map_err(Error::Io)?;
+                Ending::Task(ended)
+            }
+            None => {
+                let runtime = net::runtime().map_err(Error::Io)?;
+                let thread = std::thread::Builder::new()
+                    .name("rask-client".into())
+                    .spawn(move || runtime.block_on(body))
+                    .map_err(Error::Io)?;
+                Ending::Thread(thread)
+            }
+        };
+        let wait_for_end = |ending: Ending| match ending {
+            Ending::Thread(thread) => {
+                let _ = thread.join();
+            }
+            Ending::Task(ended) => {
+                let _ = ended.recv();
+            }
+        };
         match ready_rx.recv() {
             Ok(Ok(link)) => Ok(Client {
                 inner: Arc::new(Inner {
                     address: address.to_owned(),
                     commands,
-                    thread: Mutex::new(Some(thread)),
+                    thread: Mutex::new(Some(ending)),
                     link,
                 }),
             }),
             Ok(Err(e)) => {
-                let _ = thread.join();
+                wait_for_end(ending);
                 Err(e)
             }
             Err(_) => {
-                let _ = thread.join();
+                wait_for_end(ending);
                 Err(Error::Connection {
                     addr: address.to_owned(),
                     source: std::io::Error::other("the client thread ended"),

@@ -131,13 +131,15 @@ impl LocalCluster {
         format!("tcp://{}", self.scheduler.address())
     }
 
-    /// A new client of this cluster.
+    /// A new client of this cluster. Its network loop runs on the
+    /// scheduler's thread, so messages between the two cost no thread
+    /// hand-off.
     ///
     /// # Errors
     ///
     /// As [`Client::connect`].
     pub fn client(&self) -> Result<Client, Error> {
-        Client::connect(&self.address())
+        Client::connect_on(&self.address(), self.scheduler.runtime())
     }
 
     /// Kills worker `index` with SIGKILL and reaps it (to test recovery).

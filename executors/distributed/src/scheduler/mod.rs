@@ -54,6 +54,9 @@ pub struct SchedulerHandle {
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
     counts: Arc<Counts>,
+    /// The scheduler thread's runtime, for a client of this process to run
+    /// its connection on that thread ([`crate::LocalCluster::client`]).
+    runtime: tokio::runtime::Handle,
 }
 
 /// Figures the state loop publishes after every burst of input.
@@ -81,6 +84,11 @@ impl SchedulerHandle {
         self.counts.tasks.load(Ordering::Acquire)
     }
 
+    /// The runtime of the scheduler's thread.
+    pub(crate) fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.runtime
+    }
+
     /// Stops the scheduler and waits for its thread. Every connection is
     /// closed, so workers exit and clients see their submissions fail.
     /// Calling it again does nothing.
@@ -89,7 +97,12 @@ impl SchedulerHandle {
             let _ = stop.send(());
         }
         if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+            // A client running on this thread may hold the last reference
+            // to its cluster: then the thread ends by itself once the
+            // current task yields, and cannot wait for itself.
+            if thread.thread().id() != std::thread::current().id() {
+                let _ = thread.join();
+            }
         }
     }
 }
@@ -126,6 +139,7 @@ pub fn serve(addr: SocketAddr) -> Result<SchedulerHandle, Error> {
     let listener = net::listen(addr).map_err(Error::Io)?;
     let address = listener.local_addr().map_err(Error::Io)?;
     let runtime = net::runtime().map_err(Error::Io)?;
+    let handle = runtime.handle().clone();
     let (stop, stop_rx) = oneshot::channel();
     let counts = Arc::new(Counts::default());
     let count = counts.clone();
@@ -145,6 +159,7 @@ pub fn serve(addr: SocketAddr) -> Result<SchedulerHandle, Error> {
         stop: Some(stop),
         thread: Some(thread),
         counts,
+        runtime: handle,
     })
 }
 
