@@ -301,11 +301,22 @@ impl Client {
     pub(crate) fn connect_on(
         address: &str,
         runtime: &tokio::runtime::Handle,
+        pipe: Option<tokio::io::DuplexStream>,
     ) -> Result<Client, Error> {
-        Client::start(address, Some(runtime))
+        Client::start(address, Some((runtime, pipe)))
     }
 
-    fn start(address: &str, on: Option<&tokio::runtime::Handle>) -> Result<Client, Error> {
+    /// Connects over TCP, or over `pipe` (an in-memory connection to the
+    /// scheduler, see `SchedulerHandle::pipe`) when given; the loop runs on
+    /// its own thread, or as a task on the given runtime.
+    fn start(
+        address: &str,
+        on: Option<(&tokio::runtime::Handle, Option<tokio::io::DuplexStream>)>,
+    ) -> Result<Client, Error> {
+        let (on, pipe) = match on {
+            Some((runtime, pipe)) => (Some(runtime), pipe),
+            None => (None, None),
+        };
         let target = strip_scheme(address)
             .ok_or_else(|| Error::Address {
                 address: address.to_owned(),
@@ -316,13 +327,16 @@ impl Client {
         let weak = commands.downgrade();
         let name = address.to_owned();
         let body = async move {
-            let conn = net::connect(
-                &target,
+            let (me, scheduler) = (
                 crate::protocol::Role::Client,
                 crate::protocol::Role::Scheduler,
-                net::CONNECT_TIMEOUT,
-            )
-            .await;
+            );
+            let conn = match pipe {
+                Some(pipe) => net::greet(net::pipe_halves(pipe), me, scheduler).await,
+                None => net::connect(&target, me, scheduler, net::CONNECT_TIMEOUT)
+                    .await
+                    .map(|(read, write, _)| (read, write)),
+            };
             match conn {
                 Ok((read, write)) => {
                     let link = Arc::new(Link {
@@ -667,7 +681,7 @@ impl Loop {
 
     async fn run(
         mut self,
-        mut read: FrameReader<tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>>,
+        mut read: FrameReader<net::Reader>,
         mut commands: mpsc::UnboundedReceiver<Command>,
     ) {
         let (fetch_tx, mut fetched) = mpsc::unbounded_channel::<Fetched>();

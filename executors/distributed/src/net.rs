@@ -18,8 +18,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
@@ -168,21 +167,56 @@ async fn read_handshake<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Handshak
     }
 }
 
-/// Opens a connection as `role` and checks the answer comes from `expect`.
+/// The reading half of a connection, buffered: a TCP socket, or an
+/// in-memory pipe between a client and the scheduler of one process.
+pub(crate) type Reader = BufReader<Box<dyn AsyncRead + Unpin + Send>>;
+
+/// The writing half of a connection (see [`Reader`]).
+pub(crate) type Writer = Box<dyn AsyncWrite + Unpin + Send>;
+
+/// Splits a TCP stream into its halves, with Nagle off.
+fn tcp_halves(stream: TcpStream) -> (Reader, Writer) {
+    let _ = stream.set_nodelay(true);
+    let (read, write) = stream.into_split();
+    (
+        BufReader::with_capacity(64 << 10, Box::new(read)),
+        Box::new(write),
+    )
+}
+
+/// Splits an in-memory pipe (`tokio::io::duplex`) into its halves.
+pub(crate) fn pipe_halves(stream: tokio::io::DuplexStream) -> (Reader, Writer) {
+    let (read, write) = tokio::io::split(stream);
+    (
+        BufReader::with_capacity(64 << 10, Box::new(read)),
+        Box::new(write),
+    )
+}
+
+/// Opens a connection as `role` and checks the answer comes from `expect`;
+/// also returns this end's address.
 pub(crate) async fn connect(
     address: &str,
     role: Role,
     expect: Role,
     timeout: Duration,
-) -> Result<(BufReader<OwnedReadHalf>, OwnedWriteHalf), ConnectError> {
+) -> Result<(Reader, Writer, SocketAddr), ConnectError> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(ConnectError::Io(e)),
         Err(_) => return Err(ConnectError::Timeout),
     };
-    let _ = stream.set_nodelay(true);
-    let (read, mut write) = stream.into_split();
-    let mut read = BufReader::with_capacity(64 << 10, read);
+    let local = stream.local_addr().map_err(ConnectError::Io)?;
+    let (read, write) = greet(tcp_halves(stream), role, expect).await?;
+    Ok((read, write, local))
+}
+
+/// The handshake of [`connect`] on a connection already open.
+pub(crate) async fn greet(
+    (mut read, mut write): (Reader, Writer),
+    role: Role,
+    expect: Role,
+) -> Result<(Reader, Writer), ConnectError> {
     write
         .write_all(&Handshake::new(role).to_frame())
         .await
@@ -219,10 +253,15 @@ impl std::fmt::Display for ConnectError {
 pub(crate) async fn accept(
     stream: TcpStream,
     me: Role,
-) -> Result<(Role, BufReader<OwnedReadHalf>, OwnedWriteHalf), ProtocolError> {
-    let _ = stream.set_nodelay(true);
-    let (read, mut write) = stream.into_split();
-    let mut read = BufReader::with_capacity(64 << 10, read);
+) -> Result<(Role, Reader, Writer), ProtocolError> {
+    answer(tcp_halves(stream), me).await
+}
+
+/// The handshake of [`accept`] on any connection.
+pub(crate) async fn answer(
+    (mut read, mut write): (Reader, Writer),
+    me: Role,
+) -> Result<(Role, Reader, Writer), ProtocolError> {
     let theirs = read_handshake(&mut read).await?;
     write
         .write_all(&Handshake::new(me).to_frame())
@@ -237,7 +276,7 @@ const COALESCE: usize = 1 << 20;
 /// Spawns the task that writes frames to `write`, coalescing whatever is
 /// queued into one write. The task ends when every sender is dropped or the
 /// socket fails.
-pub(crate) fn spawn_writer(mut write: OwnedWriteHalf) -> mpsc::UnboundedSender<Vec<u8>> {
+pub(crate) fn spawn_writer(mut write: Writer) -> mpsc::UnboundedSender<Vec<u8>> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
     tokio::spawn(async move {
         let mut buf: Vec<u8> = Vec::new();
@@ -399,7 +438,7 @@ async fn peer_connection(
     for &key in &first {
         *in_flight.entry(key).or_default() += 1;
     }
-    let (read, mut write) =
+    let (read, mut write, _) =
         match connect(&address, Role::Peer, Role::DataServer, CONNECT_TIMEOUT).await {
             Ok(c) => c,
             Err(e) => {

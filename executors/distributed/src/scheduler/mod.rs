@@ -27,9 +27,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use tokio::io::BufReader;
-use tokio::net::tcp::OwnedReadHalf;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::net::{self, log, Chain, FrameReader};
@@ -57,6 +55,8 @@ pub struct SchedulerHandle {
     /// The scheduler thread's runtime, for a client of this process to run
     /// its connection on that thread ([`crate::LocalCluster::client`]).
     runtime: tokio::runtime::Handle,
+    /// Hands the scheduler the far end of an in-memory connection.
+    pipes: mpsc::UnboundedSender<tokio::io::DuplexStream>,
 }
 
 /// Figures the state loop publishes after every burst of input.
@@ -87,6 +87,14 @@ impl SchedulerHandle {
     /// The runtime of the scheduler's thread.
     pub(crate) fn runtime(&self) -> &tokio::runtime::Handle {
         &self.runtime
+    }
+
+    /// A connection to this scheduler through memory rather than a socket,
+    /// for a client of this process: the scheduler accepts it as it accepts
+    /// a TCP connection (handshake included). `None` once it stopped.
+    pub(crate) fn pipe(&self) -> Option<tokio::io::DuplexStream> {
+        let (ours, theirs) = tokio::io::duplex(PIPE_BUFFER);
+        self.pipes.send(theirs).ok().map(|()| ours)
     }
 
     /// Stops the scheduler and waits for its thread. Every connection is
@@ -140,6 +148,7 @@ pub fn serve(addr: SocketAddr) -> Result<SchedulerHandle, Error> {
     let address = listener.local_addr().map_err(Error::Io)?;
     let runtime = net::runtime().map_err(Error::Io)?;
     let handle = runtime.handle().clone();
+    let (pipes, pipes_rx) = mpsc::unbounded_channel();
     let (stop, stop_rx) = oneshot::channel();
     let counts = Arc::new(Counts::default());
     let count = counts.clone();
@@ -148,7 +157,7 @@ pub fn serve(addr: SocketAddr) -> Result<SchedulerHandle, Error> {
         .spawn(move || {
             runtime.block_on(async move {
                 match TcpListener::from_std(listener) {
-                    Ok(listener) => run(listener, stop_rx, count).await,
+                    Ok(listener) => run(listener, pipes_rx, stop_rx, count).await,
                     Err(e) => log!("scheduler: cannot listen: {e}"),
                 }
             });
@@ -160,6 +169,7 @@ pub fn serve(addr: SocketAddr) -> Result<SchedulerHandle, Error> {
         thread: Some(thread),
         counts,
         runtime: handle,
+        pipes,
     })
 }
 
@@ -219,7 +229,15 @@ struct Shell {
     out: Batches,
 }
 
-async fn run(listener: TcpListener, mut stop: oneshot::Receiver<()>, counts: Arc<Counts>) {
+/// Bytes an in-memory connection buffers each way before its writer waits.
+const PIPE_BUFFER: usize = 1 << 20;
+
+async fn run(
+    listener: TcpListener,
+    mut pipes: mpsc::UnboundedReceiver<tokio::io::DuplexStream>,
+    mut stop: oneshot::Receiver<()>,
+    counts: Arc<Counts>,
+) {
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let mut shell = Shell {
         state: State::new(),
@@ -234,7 +252,8 @@ async fn run(listener: TcpListener, mut stop: oneshot::Receiver<()>, counts: Arc
                 Ok((stream, peer)) => {
                     let conn = next_conn;
                     next_conn = next_conn.wrapping_add(1);
-                    tokio::spawn(connection(conn, stream, peer, events_tx.clone()));
+                    let accepted = net::accept(stream, Role::Scheduler);
+                    tokio::spawn(connection(conn, accepted, peer, events_tx.clone()));
                 }
                 Err(e) => {
                     log!("scheduler: accept failed: {e}");
@@ -242,6 +261,14 @@ async fn run(listener: TcpListener, mut stop: oneshot::Receiver<()>, counts: Arc
                     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 }
             },
+            Some(pipe) = pipes.recv() => {
+                let conn = next_conn;
+                next_conn = next_conn.wrapping_add(1);
+                let accepted = net::answer(net::pipe_halves(pipe), Role::Scheduler);
+                // An in-memory peer has no address: logs show 127.0.0.1:0.
+                let peer = SocketAddr::from(([127, 0, 0, 1], 0));
+                tokio::spawn(connection(conn, accepted, peer, events_tx.clone()));
+            }
             Some(event) = events.recv() => {
                 shell.handle(event);
                 // Handle whatever else is already queued before flushing, so
@@ -262,14 +289,15 @@ async fn run(listener: TcpListener, mut stop: oneshot::Receiver<()>, counts: Arc
     }
 }
 
-/// One accepted connection: handshake, then forward decoded frames.
+/// One accepted connection: handshake (`accepted`), then forward decoded
+/// frames.
 async fn connection(
     conn: u32,
-    stream: TcpStream,
+    accepted: impl std::future::Future<Output = Result<(Role, net::Reader, net::Writer), ProtocolError>>,
     peer: SocketAddr,
     events: mpsc::UnboundedSender<Event>,
 ) {
-    let (role, read, write) = match net::accept(stream, Role::Scheduler).await {
+    let (role, read, write) = match accepted.await {
         Ok(x) => x,
         Err(e) => {
             log!("scheduler: closing connection from {peer}: {}", Chain(&e));
@@ -302,7 +330,7 @@ async fn connection(
 }
 
 async fn read_loop(
-    read: BufReader<OwnedReadHalf>,
+    read: net::Reader,
     mut killed: oneshot::Receiver<()>,
     conn: u32,
     events: &mpsc::UnboundedSender<Event>,

@@ -250,10 +250,11 @@ async fn main(
     let address = strip_scheme(&scheduler).ok_or_else(|| Error::Address {
         address: scheduler.clone(),
     })?;
-    let (read, write) = net::connect(address, Role::Worker, Role::Scheduler, net::CONNECT_TIMEOUT)
-        .await
-        .map_err(|e| connect_error(address, e))?;
-    let local_ip = write.local_addr().map_err(Error::Io)?.ip();
+    let (read, write, local) =
+        net::connect(address, Role::Worker, Role::Scheduler, net::CONNECT_TIMEOUT)
+            .await
+            .map_err(|e| connect_error(address, e))?;
+    let local_ip = local.ip();
     let listener = TcpListener::bind((local_ip, 0)).await.map_err(Error::Io)?;
     let data_address = listener.local_addr().map_err(Error::Io)?;
     let writer = net::spawn_writer(write);
