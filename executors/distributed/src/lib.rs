@@ -71,7 +71,10 @@
 //! - **One thread per role.** Each scheduler, worker and client runs a
 //!   single-threaded tokio runtime on its own thread; workers run ops on
 //!   separate plain threads. No multi-threaded runtime, no locks on the
-//!   scheduler's hot path.
+//!   scheduler's hot path. The exception is a local cluster's client
+//!   ([`LocalCluster::client`]): it shares the scheduler's thread and talks
+//!   to it through an in-memory pipe (same handshake and frames), so a
+//!   message between them costs no system call and no thread hand-off.
 //! - **Faults close one connection.** A bad handshake, an oversized or
 //!   malformed frame, or a message a role may not send closes that
 //!   connection with a line on stderr (`rask-distributed: …`); the rest of
