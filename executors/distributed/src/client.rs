@@ -301,7 +301,7 @@ impl Client {
     pub(crate) fn connect_on(
         address: &str,
         runtime: &tokio::runtime::Handle,
-        pipe: Option<tokio::io::DuplexStream>,
+        pipe: tokio::io::DuplexStream,
     ) -> Result<Client, Error> {
         Client::start(address, Some((runtime, pipe)))
     }
@@ -311,10 +311,10 @@ impl Client {
     /// its own thread, or as a task on the given runtime.
     fn start(
         address: &str,
-        on: Option<(&tokio::runtime::Handle, Option<tokio::io::DuplexStream>)>,
+        on: Option<(&tokio::runtime::Handle, tokio::io::DuplexStream)>,
     ) -> Result<Client, Error> {
         let (on, pipe) = match on {
-            Some((runtime, pipe)) => (Some(runtime), pipe),
+            Some((runtime, pipe)) => (Some(runtime), Some(pipe)),
             None => (None, None),
         };
         let target = strip_scheme(address)

@@ -140,11 +140,7 @@ impl LocalCluster {
     ///
     /// As [`Client::connect`].
     pub fn client(&self) -> Result<Client, Error> {
-        Client::connect_on(
-            &self.address(),
-            self.scheduler.runtime(),
-            self.scheduler.pipe(),
-        )
+        in_process_client(&self.scheduler)
     }
 
     /// Kills worker `index` with SIGKILL and reaps it (to test recovery).
@@ -165,6 +161,37 @@ impl LocalCluster {
     /// Number of worker processes started.
     pub fn workers(&self) -> usize {
         self.workers.len()
+    }
+}
+
+/// A client of a scheduler this process started ([`scheduler::serve`]),
+/// as [`LocalCluster::client`] makes: it talks to the scheduler through an
+/// in-memory pipe (same handshake and frames as TCP) and runs its network
+/// loop on the scheduler's thread, so a message between the two costs no
+/// system call and no thread hand-off. Other processes (workers, other
+/// clients) still reach the scheduler at its TCP address.
+///
+/// # Errors
+///
+/// As [`Client::connect`]; a scheduler that was shut down refuses the
+/// connection.
+///
+/// # Examples
+///
+/// ```
+/// let scheduler = rask_distributed::scheduler::serve("127.0.0.1:0".parse().unwrap())?;
+/// let client = rask_distributed::in_process_client(&scheduler)?;
+/// assert_eq!(client.address(), format!("tcp://{}", scheduler.address()));
+/// # Ok::<(), rask_distributed::Error>(())
+/// ```
+pub fn in_process_client(scheduler: &SchedulerHandle) -> Result<Client, Error> {
+    let address = format!("tcp://{}", scheduler.address());
+    match scheduler.pipe() {
+        Some(pipe) => Client::connect_on(&address, scheduler.runtime(), pipe),
+        None => Err(Error::Connection {
+            addr: address,
+            source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        }),
     }
 }
 

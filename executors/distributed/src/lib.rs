@@ -71,8 +71,9 @@
 //! - **One thread per role.** Each scheduler, worker and client runs a
 //!   single-threaded tokio runtime on its own thread; workers run ops on
 //!   separate plain threads. No multi-threaded runtime, no locks on the
-//!   scheduler's hot path. The exception is a local cluster's client
-//!   ([`LocalCluster::client`]): it shares the scheduler's thread and talks
+//!   scheduler's hot path. The exception is a client of a scheduler in the
+//!   same process ([`LocalCluster::client`], [`in_process_client`]): it
+//!   shares the scheduler's thread and talks
 //!   to it through an in-memory pipe (same handshake and frames), so a
 //!   message between them costs no system call and no thread hand-off.
 //! - **Faults close one connection.** A bad handshake, an oversized or
@@ -92,7 +93,7 @@ use std::process::ExitStatus;
 use std::time::Duration;
 
 pub use client::Client;
-pub use cluster::LocalCluster;
+pub use cluster::{in_process_client, LocalCluster};
 pub use protocol::ProtocolError;
 pub use worker::WorkerHandle;
 

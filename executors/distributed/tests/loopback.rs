@@ -38,6 +38,47 @@ fn diamond_graph() {
 }
 
 #[test]
+fn an_in_process_client_works_beside_a_tcp_one() {
+    let cluster = Cluster::new(2, 1);
+    let (pipe, tcp) = (cluster.pipe_client(), cluster.client());
+    diamond(&cluster, &pipe, 0);
+    // The same keys from a TCP client: answered from memory, nothing runs
+    // twice, and both see the same values.
+    diamond(&cluster, &tcp, 0);
+    diamond(&cluster, &pipe, 1);
+    cluster.eventually("release", |c| c.scheduler.tasks() == 0);
+}
+
+#[test]
+fn dropping_an_in_process_client_cancels_its_submissions_and_releases_its_keys() {
+    let cluster = Cluster::new(1, 1);
+    let client = cluster.pipe_client();
+    let mut g = Graph::new(&cluster.shared);
+    let a = g.value(1);
+    let slow = g.op("gate", 0, &[a]);
+    g.output(slow);
+    let got = Collect::new(1);
+    got.submit(&client, g.build());
+    cluster.wait_started();
+    drop(client);
+    assert_eq!(
+        got.wait()[0].clone().unwrap_err().kind,
+        FailureKind::Cancelled
+    );
+    cluster.eventually("release", |c| c.scheduler.tasks() == 0);
+}
+
+#[test]
+fn a_stopped_scheduler_refuses_in_process_clients() {
+    let mut scheduler = rask_distributed::scheduler::serve("127.0.0.1:0".parse().unwrap()).unwrap();
+    scheduler.shutdown();
+    match rask_distributed::in_process_client(&scheduler) {
+        Err(rask_distributed::Error::Connection { .. }) => {}
+        other => panic!("expected a refused connection, got {other:?}"),
+    }
+}
+
+#[test]
 fn inputs_are_given_in_dependency_order() {
     let cluster = Cluster::new(2, 1);
     let client = cluster.client();

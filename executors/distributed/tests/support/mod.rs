@@ -484,6 +484,11 @@ impl Cluster {
         Client::connect(&self.address).unwrap()
     }
 
+    /// A client in this process that reaches the scheduler through memory.
+    pub fn pipe_client(&self) -> Client {
+        rask_distributed::in_process_client(&self.scheduler).unwrap()
+    }
+
     /// Waits until a gate op started.
     pub fn wait_started(&self) {
         self.started
