@@ -129,9 +129,8 @@ pub(crate) fn run(roots: &[Arc<Node>], config: &Config) -> Result<Vec<Value>> {
         options.inline = false;
         options.fuse = false;
     }
-    // Chains are absorbed while lowering when fuse would fold them anyway.
-    let absorb = options.fuse && options.keep.is_empty();
-    let plan = crate::optimize::optimize(crate::graph::lower(roots, absorb), &options);
+    let draft = crate::graph::lower(roots, options.absorbs_chains());
+    let plan = crate::optimize::optimize(draft, &options);
     let collector = Arc::new(Collector::new(roots.len()));
     backend.executor().submit(plan, collector.clone());
     collector.wait()

@@ -177,30 +177,27 @@ fn postorder<'a>(
 /// O(nodes + edges) time, one hash-map entry per distinct key (one set entry
 /// per absorbed node); twice that when absorbing found a key twice.
 pub(crate) fn lower(roots: &[Arc<Node>], absorb: bool) -> Draft {
-    let prepare = |node: &Arc<Node>| {
+    lower_draft_absorbing(roots, absorb, |node| {
         node.call.prepare();
         None
-    };
-    if absorb {
-        if let Some(draft) = lower_absorbing(roots, prepare) {
-            return draft;
-        }
-    }
-    lower_draft(roots, prepare)
+    })
 }
 
-/// [`lower_draft`] absorbing chains, or `None` when an absorbed key is also
-/// found elsewhere (chain rule 2): the caller lowers again without.
-pub(crate) fn lower_absorbing(
+/// [`lower_draft`], absorbing chains when `absorb` is set. When an absorbed
+/// key is also found elsewhere (chain rule 2), lowers again without.
+pub(crate) fn lower_draft_absorbing(
     roots: &[Arc<Node>],
-    cut: impl FnMut(&Arc<Node>) -> Option<Arc<dyn Op>>,
-) -> Option<Draft> {
-    let mut absorbed = chain::Absorbed::default();
-    let (plan, weights, sizes) = lower_weighed(roots, Some(&mut absorbed), cut);
-    if absorbed.conflict(plan.tasks().iter().map(|t| &t.key)) {
-        return None;
+    absorb: bool,
+    mut cut: impl FnMut(&Arc<Node>) -> Option<Arc<dyn Op>>,
+) -> Draft {
+    if absorb {
+        let mut absorbed = chain::Absorbed::default();
+        let (plan, weights, sizes) = lower_weighed(roots, Some(&mut absorbed), &mut cut);
+        if !absorbed.conflict(plan.tasks().iter().map(|t| &t.key)) {
+            return Draft::with_sizes(plan, weights, sizes);
+        }
     }
-    Some(Draft::with_sizes(plan, weights, sizes))
+    lower_draft(roots, cut)
 }
 
 /// [`lower`] with a `cut` that may replace a node and its inputs by an op

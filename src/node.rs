@@ -67,29 +67,26 @@ impl From<Vec<Arc<Node>>> for Deps {
 /// them recursively, so a chain of millions of nodes drops on any stack.
 impl Drop for Node {
     fn drop(&mut self) {
+        /// The inputs of `node` when this was its last reference (they are
+        /// then the loop's to free), else nothing.
+        fn release(node: Arc<Node>) -> Deps {
+            Arc::into_inner(node).map_or(Deps::None, |mut node| std::mem::take(&mut node.deps))
+        }
         let mut stack: Vec<Arc<Node>> = Vec::new();
         let mut next = std::mem::take(&mut self.deps);
         loop {
-            match next {
-                Deps::None => {}
-                Deps::One(node) => {
-                    // The common case, a chain: no stack needed.
-                    if let Some(mut node) = Arc::into_inner(node) {
-                        next = std::mem::take(&mut node.deps);
-                        continue;
-                    }
+            next = match next {
+                // The common case, a chain: no stack needed.
+                Deps::One(node) => release(node),
+                Deps::Many(nodes) => {
+                    stack.extend(nodes.into_vec());
+                    Deps::None
                 }
-                Deps::Many(nodes) => stack.extend(nodes.into_vec()),
-            }
-            match stack.pop() {
-                Some(node) => {
-                    next = match Arc::into_inner(node) {
-                        Some(mut node) => std::mem::take(&mut node.deps),
-                        None => Deps::None,
-                    }
-                }
-                None => return,
-            }
+                Deps::None => match stack.pop() {
+                    Some(node) => release(node),
+                    None => return,
+                },
+            };
         }
     }
 }

@@ -48,13 +48,15 @@ use std::sync::Arc;
 
 use rask_executor::{Key, Op, OpError, Value};
 
+use super::{group_name, named_origin, MAX_LISTED};
 use crate::node::{Name, Node};
 
-/// The fingerprint of a key: its first eight bytes (keys are uniform).
+/// The fingerprint of a key: its first eight bytes (keys are uniform), never
+/// 0 (which marks an empty slot of [`Absorbed`]).
 fn fingerprint(key: &Key) -> u64 {
     let mut word = [0u8; 8];
     word.copy_from_slice(&key.as_bytes()[..8]);
-    u64::from_le_bytes(word)
+    u64::from_le_bytes(word).max(1)
 }
 
 /// The keys of the nodes absorbed into chains during one lowering (rule 2).
@@ -69,7 +71,7 @@ fn fingerprint(key: &Key) -> u64 {
 /// costs a page fault per 4 KiB, several times what clearing it does.
 #[derive(Default)]
 pub(crate) struct Absorbed {
-    /// `0` marks an empty slot (a fingerprint of 0 is stored as 1).
+    /// `0` marks an empty slot ([`fingerprint`] is never 0).
     slots: Vec<u64>,
     len: usize,
     conflict: bool,
@@ -117,26 +119,31 @@ impl Absorbed {
         vec![0; size]
     }
 
-    /// Puts `fp` in its slot; returns whether it was there already.
-    fn place(&mut self, fp: u64) -> bool {
+    /// The slot holding `fp`, or the empty slot where it belongs: `(slot,
+    /// found)`.
+    fn probe(&self, fp: u64) -> (usize, bool) {
         let mask = self.slots.len() - 1;
         let mut i = fp as usize & mask;
         loop {
             match self.slots[i] {
-                0 => {
-                    self.slots[i] = fp;
-                    return false;
-                }
-                x if x == fp => return true,
+                0 => return (i, false),
+                x if x == fp => return (i, true),
                 _ => i = (i + 1) & mask,
             }
         }
     }
 
+    /// Puts `fp` in its slot; returns whether it was there already.
+    fn place(&mut self, fp: u64) -> bool {
+        let (i, found) = self.probe(fp);
+        self.slots[i] = fp;
+        found
+    }
+
     /// Records the key of an absorbed node; a key seen twice is a conflict.
     fn insert(&mut self, key: &Key) {
         self.reserve_one();
-        if self.place(fingerprint(key).max(1)) {
+        if self.place(fingerprint(key)) {
             self.conflict = true;
         } else {
             self.len += 1;
@@ -145,19 +152,7 @@ impl Absorbed {
 
     /// Whether `key`'s fingerprint was recorded.
     fn contains(&self, key: &Key) -> bool {
-        if self.len == 0 {
-            return false;
-        }
-        let fp = fingerprint(key).max(1);
-        let mask = self.slots.len() - 1;
-        let mut i = fp as usize & mask;
-        loop {
-            match self.slots[i] {
-                0 => return false,
-                x if x == fp => return true,
-                _ => i = (i + 1) & mask,
-            }
-        }
+        self.len > 0 && self.probe(fingerprint(key)).1
     }
 
     /// Whether the lowering that absorbed these keys must be redone without
@@ -225,9 +220,6 @@ pub(crate) fn absorb<'a>(
     Some((bottom, Chain::new(top.clone(), marks, bottom, len)))
 }
 
-/// Names listed in full in a chain's name; longer chains are `first…last(n)`.
-const MAX_LISTED: usize = 3;
-
 /// Steps per segment of a chain (see [`Chain`]).
 const SEGMENT: usize = 64;
 
@@ -254,13 +246,13 @@ pub(crate) struct Chain {
 
 impl Chain {
     fn new(top: Arc<Node>, marks: Vec<Arc<Node>>, bottom: &Node, len: usize) -> Chain {
-        let name = if len > MAX_LISTED {
-            format!("{}…{}({len})", bottom.name, top.name).into()
-        } else {
-            let mut names: Vec<&str> = top.first_inputs(len).map(|node| &*node.name).collect();
-            names.reverse();
-            names.join("+").into()
+        // Run order is bottom-up; a long chain names its ends only.
+        let mut listed: Vec<&str> = match len {
+            n if n > MAX_LISTED => vec![&bottom.name],
+            n => top.first_inputs(n).map(|node| &*node.name).collect(),
         };
+        listed.reverse();
+        let name = group_name(len, &listed, &top.name).into();
         Chain {
             top,
             marks: marks.into_boxed_slice(),
@@ -373,11 +365,8 @@ impl Chain {
 }
 
 /// Names `node` as where `err` started, unless it names a task already.
-fn named(node: &Node, mut err: OpError) -> OpError {
-    if err.origin.is_none() {
-        err.origin = Some((node.key, Arc::from(&*node.name)));
-    }
-    err
+fn named(node: &Node, err: OpError) -> OpError {
+    named_origin(node.key, &node.name, err)
 }
 
 #[cfg(test)]

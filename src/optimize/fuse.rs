@@ -23,9 +23,9 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use rask_executor::{Op, OpError, Plan, PlanTask, Value};
+use rask_executor::{Op, OpError, Plan, Value};
 
-use super::{Draft, Folds, Weight};
+use super::{group_name, named_origin, Draft, Folds, Weight, MAX_LISTED};
 
 /// Marks, in plan order, each task whose group reads exactly one edge from
 /// outside as absorbing that input's task, when the input is not pinned and
@@ -74,9 +74,6 @@ pub(crate) fn fuse(draft: &Draft, mut folds: Folds) -> Folds {
 /// Stack slots a fused task keeps on the thread's stack; deeper groups
 /// allocate their stack once per run.
 pub(crate) const INLINE_STACK: usize = 8;
-
-/// Long groups are named `first…last(count)` instead of listing every step.
-const MAX_LISTED: usize = 3;
 
 /// One step of a fused task: a task of the lowered plan, which the fused
 /// task shares.
@@ -235,8 +232,11 @@ impl Fused {
             }
             let value = match outcome {
                 Ok(Ok(value)) => value,
-                Ok(Err(err)) => return Err(origin(task, err)),
-                Err(payload) => return Err(origin(task, OpError::panicked(&*payload))),
+                Ok(Err(err)) => return Err(named_origin(task.key, task.op.name(), err)),
+                Err(payload) => {
+                    let err = OpError::panicked(&*payload);
+                    return Err(named_origin(task.key, task.op.name(), err));
+                }
             };
             stack[base] = Some(value);
             top = base + 1;
@@ -245,14 +245,6 @@ impl Fused {
             .take()
             .ok_or_else(|| OpError::failed("a fused task has no step"))
     }
-}
-
-/// Names `task` as the task that failed, unless its op already named one.
-fn origin(task: &PlanTask, mut err: OpError) -> OpError {
-    if err.origin.is_none() {
-        err.origin = Some((task.key, Arc::from(task.op.name())));
-    }
-    err
 }
 
 impl Op for Fused {
@@ -281,11 +273,13 @@ fn name_of(draft: &Draft, steps: &[Step], named: &Named) -> Name {
     match named.count {
         0 => Name::Step(steps.len().saturating_sub(1) as u32),
         1 => Name::Step(named.last),
-        n if n <= MAX_LISTED => {
-            let parts: Vec<&str> = named.first[..n].iter().map(|&i| name(i)).collect();
-            Name::Built(parts.join("+").into())
+        n => {
+            let listed: Vec<&str> = named.first[..n.min(MAX_LISTED)]
+                .iter()
+                .map(|&i| name(i))
+                .collect();
+            Name::Built(group_name(n, &listed, name(named.last)).into())
         }
-        n => Name::Built(format!("{}…{}({n})", name(named.first[0]), name(named.last)).into()),
     }
 }
 

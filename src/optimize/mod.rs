@@ -73,7 +73,7 @@ use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rask_executor::{Key, Op, Plan, PlanBuilder};
+use rask_executor::{Key, Op, OpError, Plan, PlanBuilder};
 
 use crate::config::Config;
 use crate::graph::KeyHash;
@@ -271,12 +271,40 @@ impl Options {
         })
     }
 
+    /// Whether lowering may absorb chains ([`chain`]): only when fuse would
+    /// fold them anyway and no key must stay a task of its own.
+    pub(crate) fn absorbs_chains(&self) -> bool {
+        self.fuse && self.keep.is_empty()
+    }
+
     /// Also keeps these keys as plan tasks of their own.
     #[allow(dead_code)] // for the futures client, which keeps the keys it caches
     pub(crate) fn keep(mut self, keys: impl IntoIterator<Item = Key>) -> Self {
         self.keep.extend(keys);
         self
     }
+}
+
+/// Names listed in full in a group's name; longer groups are `first…last(n)`.
+pub(crate) const MAX_LISTED: usize = 3;
+
+/// The name of a group of `count` named steps: `a+b+c` from `listed` (the
+/// first [`MAX_LISTED`] names, in run order) when there are that few, else
+/// `first…last(count)`.
+pub(crate) fn group_name(count: usize, listed: &[&str], last: &str) -> String {
+    match listed.first() {
+        Some(first) if count > MAX_LISTED => format!("{first}…{last}({count})"),
+        _ => listed.join("+"),
+    }
+}
+
+/// Names the step `(key, name)` as where `err` started, unless it already
+/// names one (a failure inside a fused task or a chain, invariant 5).
+pub(crate) fn named_origin(key: Key, name: &str, mut err: OpError) -> OpError {
+    if err.origin.is_none() {
+        err.origin = Some((key, Arc::from(name)));
+    }
+    err
 }
 
 /// Per task of a draft: whether it must stay a task (pinned) and whether a
@@ -446,20 +474,27 @@ pub(crate) fn assemble(draft: Draft, folds: &Folds, describe: bool) -> Assembled
     // inputs come first, so a folded task's size is final when its
     // consumer adds it.
     // `steps`: draft tasks per group (a fused task's steps); `sizes`: graph
-    // nodes per group (a chain is one step of several nodes).
-    let mut steps = vec![1u32; n as usize];
-    let mut sizes = vec![1u32; n as usize];
-    for i in 0..n {
-        let (mut count, mut size) = (1, draft.size(i));
-        for &d in draft.deps(i) {
-            if folds.folded(d) {
-                count += steps[d as usize];
-                size += sizes[d as usize];
-            }
+    // nodes per group (a chain is one step of several nodes), only to
+    // describe the plan.
+    let group = |per_task: &dyn Fn(u32) -> u32| {
+        let mut total = vec![0u32; n as usize];
+        for i in 0..n {
+            let inner: u32 = draft
+                .deps(i)
+                .iter()
+                .filter(|&&d| folds.folded(d))
+                .map(|&d| total[d as usize])
+                .sum();
+            total[i as usize] = per_task(i) + inner;
         }
-        steps[i as usize] = count;
-        sizes[i as usize] = size;
-    }
+        total
+    };
+    let steps = group(&|_| 1);
+    let sizes = if describe {
+        group(&|i| draft.size(i))
+    } else {
+        Vec::new()
+    };
     let mut b = PlanBuilder::with_capacity(n as usize);
     let mut shapes = Vec::new();
     // Plan index of each group root in the new plan; folded tasks have none.
