@@ -106,6 +106,20 @@ enum Ending {
     Task(std::sync::mpsc::Receiver<()>),
 }
 
+impl Ending {
+    /// Waits until the loop ended.
+    fn wait(self) {
+        match self {
+            Ending::Thread(thread) => {
+                let _ = thread.join();
+            }
+            Ending::Task(ended) => {
+                let _ = ended.recv();
+            }
+        }
+    }
+}
+
 /// What the client, its thread and its [`KeyHandle`]s share.
 struct Link {
     address: String,
@@ -209,15 +223,9 @@ impl Drop for Inner {
         let (tx, _) = mpsc::unbounded_channel();
         drop(std::mem::replace(&mut self.commands, tx));
         if std::thread::current().id() != self.link.thread_id {
-            let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
-            match thread {
-                Some(Ending::Thread(thread)) => {
-                    let _ = thread.join();
-                }
-                Some(Ending::Task(ended)) => {
-                    let _ = ended.recv();
-                }
-                None => {}
+            let ending = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(ending) = ending {
+                ending.wait();
             }
         }
     }
@@ -313,10 +321,7 @@ impl Client {
         address: &str,
         on: Option<(&tokio::runtime::Handle, tokio::io::DuplexStream)>,
     ) -> Result<Client, Error> {
-        let (on, pipe) = match on {
-            Some((runtime, pipe)) => (Some(runtime), Some(pipe)),
-            None => (None, None),
-        };
+        let (on, pipe) = on.unzip();
         let target = strip_scheme(address)
             .ok_or_else(|| Error::Address {
                 address: address.to_owned(),
@@ -387,14 +392,6 @@ impl Client {
                 Ending::Thread(thread)
             }
         };
-        let wait_for_end = |ending: Ending| match ending {
-            Ending::Thread(thread) => {
-                let _ = thread.join();
-            }
-            Ending::Task(ended) => {
-                let _ = ended.recv();
-            }
-        };
         match ready_rx.recv() {
             Ok(Ok(link)) => Ok(Client {
                 inner: Arc::new(Inner {
@@ -405,11 +402,11 @@ impl Client {
                 }),
             }),
             Ok(Err(e)) => {
-                wait_for_end(ending);
+                ending.wait();
                 Err(e)
             }
             Err(_) => {
-                wait_for_end(ending);
+                ending.wait();
                 Err(Error::Connection {
                     addr: address.to_owned(),
                     source: std::io::Error::other("the client thread ended"),

@@ -742,16 +742,29 @@ impl State {
                     _ => waiting_on += 1,
                 }
             }
-            let task = self.task_mut(id);
-            task.state = TaskState::Waiting;
-            task.waiting_on = waiting_on;
-            if let Some(f) = erred {
-                self.set_erred(id, f, out);
-            } else if waiting_on == 0 {
-                self.enqueue(id);
-            } else {
-                self.consider(id);
-            }
+            self.wait_for_inputs(id, waiting_on, erred, out);
+        }
+    }
+
+    /// Task `id` becomes Waiting on `waiting_on` inputs, then Erred if an
+    /// input is (S8), Queued if none is missing, or sent early if it can be
+    /// (S9).
+    fn wait_for_inputs(
+        &mut self,
+        id: TaskId,
+        waiting_on: u32,
+        erred: Option<Arc<WireFailure>>,
+        out: &mut impl Outbox,
+    ) {
+        let task = self.task_mut(id);
+        task.state = TaskState::Waiting;
+        task.waiting_on = waiting_on;
+        if let Some(f) = erred {
+            self.set_erred(id, f, out);
+        } else if waiting_on == 0 {
+            self.enqueue(id);
+        } else {
+            self.consider(id);
         }
     }
 
@@ -771,16 +784,7 @@ impl State {
                 _ => waiting_on += 1,
             }
         }
-        let task = self.task_mut(id);
-        task.state = TaskState::Waiting;
-        task.waiting_on = waiting_on;
-        if let Some(f) = erred {
-            self.set_erred(id, f, out);
-        } else if waiting_on == 0 {
-            self.enqueue(id);
-        } else {
-            self.consider(id);
-        }
+        self.wait_for_inputs(id, waiting_on, erred, out);
     }
 
     fn enqueue(&mut self, id: TaskId) {
