@@ -156,6 +156,79 @@ fn a_panicking_task_fails_only_itself() {
     diamond(&cluster, &client, 1);
 }
 
+/// Runs `function` with `payload` alone and waits: `Ok(1)` if it ran on
+/// the worker's network thread, `Ok(0)` on a compute thread.
+fn run_where(
+    cluster: &Cluster,
+    client: &rask_distributed::Client,
+    function: &str,
+    payload: i64,
+    salt: u64,
+) -> Result<i64, rask_executor::Failure> {
+    let mut g = Graph::salted(&cluster.shared, salt);
+    let t = g.op(function, payload, &[]);
+    g.output(t);
+    let got = Collect::new(1);
+    got.submit(client, g.build());
+    got.wait().remove(0)
+}
+
+#[test]
+fn short_functions_move_to_the_network_thread_and_long_ones_stay_on_the_pool() {
+    let cluster = Cluster::new(1, 1);
+    let client = cluster.client();
+    let fast: Vec<i64> = (0..24)
+        .map(|salt| run_where(&cluster, &client, "where", 0, salt).unwrap())
+        .collect();
+    // Four fast runs make a streak; until then the pool runs the function.
+    assert_eq!(fast[..4], [0, 0, 0, 0], "{fast:?}");
+    assert!(fast[4..].contains(&1), "{fast:?}");
+    // 200 µs is over the limit: never on the network thread.
+    for salt in 0..8 {
+        assert_eq!(run_where(&cluster, &client, "where_slow", 200, salt), Ok(0));
+    }
+}
+
+#[test]
+fn many_short_tasks_at_once_are_shared_between_the_network_thread_and_the_pool() {
+    let cluster = Cluster::new(1, 1);
+    let client = cluster.client();
+    let inline = (0..50).any(|salt| run_where(&cluster, &client, "where", 0, salt) == Ok(1));
+    assert!(inline, "`where` never ran on the network thread");
+    // Far more than one turn's budget: the network thread hands the rest to
+    // the pool.
+    const TASKS: usize = 5_000;
+    let mut g = Graph::salted(&cluster.shared, 1000);
+    for i in 0..TASKS {
+        // Distinct inputs make distinct keys; `where` ignores them.
+        let input = g.value(i as i64);
+        let t = g.op("where", 0, &[input]);
+        g.output(t);
+    }
+    let got = Collect::new(TASKS);
+    got.submit(&client, g.build());
+    let out: Vec<i64> = got.wait().into_iter().map(Result::unwrap).collect();
+    let on_network = out.iter().filter(|&&v| v == 1).count();
+    assert!(
+        on_network > 0 && on_network < TASKS,
+        "{on_network} of {TASKS}"
+    );
+}
+
+#[test]
+fn a_panic_on_the_network_thread_fails_only_its_task() {
+    let cluster = Cluster::new(1, 1);
+    let client = cluster.client();
+    let inline = (0..50).any(|salt| run_where(&cluster, &client, "where", 0, salt) == Ok(1));
+    assert!(inline, "`where` never ran on the network thread");
+    let failure = run_where(&cluster, &client, "where", -1, 0).unwrap_err();
+    assert_eq!(failure.kind, FailureKind::Panicked);
+    assert_eq!(failure.message, "kaboom");
+    // The worker survived.
+    diamond(&cluster, &client, 1);
+    assert!(run_where(&cluster, &client, "where", 0, 99).is_ok());
+}
+
 #[test]
 fn cancel_reports_cancelled_and_releases() {
     let cluster = Cluster::new(1, 1);

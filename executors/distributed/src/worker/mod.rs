@@ -10,23 +10,33 @@
 //! 1. The worker's life is its scheduler connection: when it ends, for any
 //!    reason, [`run`] returns `Ok(())` and every value is dropped.
 //! 2. One tokio thread does all networking; ops run on `threads` plain
-//!    threads, so a long op never delays a data transfer or a report.
+//!    threads, so a long op never delays a data transfer or a report (but
+//!    see rule 5 for ops known to be short).
 //! 3. Reports to the scheduler are batched: everything that finished while
 //!    the network thread was busy goes out in one frame.
 //! 4. The data port listens on the address the worker used to reach its
 //!    scheduler (port chosen by the OS): the one interface other machines of
 //!    the cluster are known to route to.
+//! 5. A job whose function's last [`FAST_STREAK`] runs on this worker each
+//!    took under [`FAST_OP`] runs on the network thread itself, right where
+//!    it is dispatched: for a tiny task, the hand-off to a compute thread
+//!    and back costs more than the task. One turn of the network loop runs
+//!    such jobs for at most [`INLINE_TURN`] and hands the rest to the pool.
+//!    A run over [`FAST_OP`] sends its function back to the pool until it
+//!    has been fast [`FAST_STREAK`] times in a row again, so a function that
+//!    turns slow delays the network thread once, by that one run.
 
 mod state;
 
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
 use std::net::SocketAddr;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rask_executor::{run_task, Encoded, Failure, FailureKind, Key, Registry};
+use rask_executor::{panic_message, run_task, Encoded, Failure, FailureKind, Key, Registry};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
@@ -43,6 +53,16 @@ const MAX_VALUE: usize = MAX_FRAME - 1024;
 
 /// How long a worker waits for its scheduler to accept it.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A run shorter than this is fast (rule 5).
+const FAST_OP: Duration = Duration::from_micros(50);
+
+/// How many fast runs in a row make a function run on the network thread
+/// (rule 5).
+const FAST_STREAK: u32 = 4;
+
+/// The longest the network thread runs jobs itself in one turn (rule 5).
+const INLINE_TURN: Duration = Duration::from_micros(500);
 
 /// Runs a worker until its scheduler goes away (then returns `Ok`), on the
 /// calling thread.
@@ -293,6 +313,7 @@ async fn main(
     let (fetch_tx, mut fetch_rx) = mpsc::unbounded_channel();
     let mut peers = PeerPool::new(fetch_tx);
     let mut state = WorkerState::new(id, registry, store);
+    let mut speeds = Speeds::default();
     if let Some(ready) = ready {
         let _ = ready.send((id, data_address));
     }
@@ -334,10 +355,12 @@ async fn main(
                 }
             }
         }
+        // Short jobs run here (rule 5), which may dispatch more jobs.
+        let jobs = run_fast_jobs(&mut out, &mut state, &mut speeds);
         // Flush (rule 3). Jobs first: a thread starts on them while the
         // reports are written.
-        if !out.jobs.is_empty() {
-            pool.submit(out.jobs.drain(..));
+        if !jobs.is_empty() {
+            pool.submit(jobs.into_iter());
         }
         net::send_batch(&writer, &mut out.scheduler);
         for (from, key) in out.fetches.drain(..) {
@@ -372,8 +395,10 @@ async fn main(
                 }
             },
             Some(done) = done_rx.recv() => {
+                speeds.record(&done);
                 state.on_task_done(done, &mut out);
                 while let Ok(done) = done_rx.try_recv() {
+                    speeds.record(&done);
                     state.on_task_done(done, &mut out);
                 }
             }
@@ -556,7 +581,7 @@ impl Pool {
 fn compute_thread(shared: &(Mutex<Queue>, Condvar), done: &mpsc::UnboundedSender<Done>) {
     let (queue, ready) = shared;
     loop {
-        let mut job = {
+        let job = {
             let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
             loop {
                 if q.closed {
@@ -570,34 +595,104 @@ fn compute_thread(shared: &(Mutex<Queue>, Condvar), done: &mpsc::UnboundedSender
                 q.sleeping -= 1;
             }
         };
-        // A chain of successors runs here, link after link (state rule 5).
-        loop {
-            // Taken before the report, so the network thread never both
-            // attaches a successor and expects it to be dispatched by itself.
-            let successor = job.take_successor();
-            if job.cancelled.load(Ordering::Relaxed) {
-                // Released: the network thread gives the successor back.
-                break;
-            }
-            let report = run_job(job);
-            let value = match &report.outcome {
-                Ok(stored) => Some(stored.value.clone()),
-                Err(_) => None,
-            };
-            if done.send(report).is_err() {
-                return;
-            }
-            match (value, successor) {
-                (Some(value), Some(mut next)) => {
-                    for input in next.inputs.iter_mut().filter(|i| i.is_none()) {
-                        *input = Some(value.clone());
-                    }
-                    job = next;
+        let mut open = true;
+        run_chain(job, |report| {
+            open = done.send(report).is_ok();
+            open
+        });
+        if !open {
+            return;
+        }
+    }
+}
+
+/// Runs `job`, then its successors link after link (state rule 5), giving
+/// each report to `report`. When `report` answers `false`, stops and
+/// returns the successor not yet run, its inputs filled in.
+fn run_chain(mut job: Job, mut report: impl FnMut(Done) -> bool) -> Option<Job> {
+    loop {
+        // Taken before the report, so the network thread never both
+        // attaches a successor and expects it to be dispatched by itself.
+        let successor = job.take_successor();
+        if job.cancelled.load(Ordering::Relaxed) {
+            // Released: the network thread gives the successor back.
+            return None;
+        }
+        let done = run_job(job);
+        let value = match &done.outcome {
+            Ok(stored) => Some(stored.value.clone()),
+            Err(_) => None,
+        };
+        let go_on = report(done);
+        match (value, successor) {
+            (Some(value), Some(mut next)) => {
+                for input in next.inputs.iter_mut().filter(|i| i.is_none()) {
+                    *input = Some(value.clone());
                 }
-                _ => break,
+                if !go_on {
+                    return Some(next);
+                }
+                job = next;
+            }
+            _ => return None,
+        }
+    }
+}
+
+/// How long each function's recent runs took on this worker (rule 5).
+#[derive(Default)]
+struct Speeds {
+    /// Fast runs in a row, per function.
+    streaks: HashMap<Arc<str>, u32>,
+}
+
+impl Speeds {
+    fn record(&mut self, done: &Done) {
+        let fast = done.duration_ns < FAST_OP.as_nanos() as u64;
+        match self.streaks.get_mut(&done.function) {
+            Some(streak) if fast => *streak = streak.saturating_add(1),
+            Some(streak) => *streak = 0,
+            None => {
+                self.streaks.insert(done.function.clone(), u32::from(fast));
             }
         }
     }
+
+    fn is_fast(&self, function: &str) -> bool {
+        self.streaks
+            .get(function)
+            .is_some_and(|&s| s >= FAST_STREAK)
+    }
+}
+
+/// Runs the jobs of fast functions on this thread for up to
+/// [`INLINE_TURN`], reporting each to `state`, including the jobs that
+/// their results dispatch (rule 5); returns the jobs left for the pool.
+fn run_fast_jobs(out: &mut Out, state: &mut WorkerState, speeds: &mut Speeds) -> Vec<Job> {
+    let mut to_pool = Vec::new();
+    if out.jobs.is_empty() {
+        return to_pool;
+    }
+    let start = Instant::now();
+    let mut reports = Vec::new();
+    while !out.jobs.is_empty() {
+        for job in std::mem::take(&mut out.jobs) {
+            if !speeds.is_fast(&job.function) || start.elapsed() >= INLINE_TURN {
+                to_pool.push(job);
+                continue;
+            }
+            let rest = run_chain(job, |done| {
+                reports.push(done);
+                start.elapsed() < INLINE_TURN
+            });
+            to_pool.extend(rest);
+            for done in reports.drain(..) {
+                speeds.record(&done);
+                state.on_task_done(done, out);
+            }
+        }
+    }
+    to_pool
 }
 
 /// Runs one job and encodes its value.
@@ -605,6 +700,7 @@ fn run_job(job: Job) -> Done {
     let Job {
         id,
         key,
+        function,
         plan,
         mut inputs,
         ..
@@ -626,39 +722,152 @@ fn run_job(job: Job) -> Done {
                 }
                 Ok(e.0.len())
             }
-            None => value.encode().map(|bytes| {
-                let n = bytes.len();
-                if n <= INLINE_BYTES {
-                    inline = Some(Arc::from(bytes));
+            // A panicking `Serialize` fails this task, not the thread
+            // (which may be the network thread, rule 5).
+            None => match catch_unwind(AssertUnwindSafe(|| value.encode())) {
+                Ok(Ok(bytes)) => {
+                    let n = bytes.len();
+                    if n <= INLINE_BYTES {
+                        inline = Some(Arc::from(bytes));
+                    }
+                    Ok(n)
                 }
-                n
-            }),
+                Ok(Err(e)) => Err((FailureKind::Failed, e.to_string())),
+                Err(p) => Err((
+                    FailureKind::Panicked,
+                    format!("encoding its value panicked: {}", panic_message(&*p)),
+                )),
+            },
         };
-        let failed = |message: String| {
+        let failed = |(kind, message): (FailureKind, String)| {
             Arc::new(Failure {
                 key: Key(key),
                 name: task.op.name().into(),
-                kind: FailureKind::Failed,
+                kind,
                 message,
             })
         };
         match encoded {
-            Ok(n) if n > MAX_VALUE => Err(failed(format!(
+            Ok(n) if n > MAX_VALUE => Err(failed((FailureKind::Failed, format!(
                 "its value of type `{}` encodes to {n} bytes, over the {MAX_VALUE} byte limit of one frame",
                 value.type_name()
-            ))),
+            )))),
             Ok(n) => Ok(Stored {
                 value,
                 nbytes: n as u64,
             }),
-            Err(e) => Err(failed(e.to_string())),
+            Err(e) => Err(failed(e)),
         }
     });
     Done {
         id,
         key,
+        function,
         outcome,
         duration_ns,
         inline,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::worker::state::Compute;
+    use rask_executor::{Op, OpError, Value, WireError, WireTask};
+
+    /// Busy for 20 µs: fast, yet 40 of them overrun one turn's budget.
+    struct Spin;
+    impl Op for Spin {
+        fn run(&self, _: &mut [Option<Value>]) -> Result<Value, OpError> {
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_micros(20) {
+                std::hint::spin_loop();
+            }
+            Ok(Arc::new(0i64))
+        }
+        fn name(&self) -> &str {
+            "spin"
+        }
+    }
+
+    struct Reg;
+    impl Registry for Reg {
+        fn resolve(&self, _: &WireTask) -> Result<Arc<dyn Op>, WireError> {
+            Ok(Arc::new(Spin))
+        }
+    }
+
+    fn done(function: &str, micros: u64) -> Done {
+        Done {
+            id: 0,
+            key: [0; 32],
+            function: function.into(),
+            outcome: Ok(Stored {
+                value: Arc::new(0i64),
+                nbytes: 1,
+            }),
+            duration_ns: micros * 1000,
+            inline: None,
+        }
+    }
+
+    #[test]
+    fn a_function_is_fast_after_a_streak_of_short_runs_until_a_long_one() {
+        let mut speeds = Speeds::default();
+        for _ in 1..FAST_STREAK {
+            speeds.record(&done("f", 1));
+        }
+        assert!(!speeds.is_fast("f"));
+        speeds.record(&done("f", 1));
+        assert!(speeds.is_fast("f"));
+        assert!(!speeds.is_fast("g"));
+        speeds.record(&done("f", 60));
+        assert!(!speeds.is_fast("f"));
+        for _ in 0..FAST_STREAK {
+            speeds.record(&done("f", 1));
+        }
+        assert!(speeds.is_fast("f"));
+    }
+
+    fn spin(k: usize) -> Compute {
+        Compute {
+            key: [k as u8; 32],
+            name: "spin".into(),
+            function: "spin".into(),
+            payload: Arc::from(&[][..]),
+            deps: Vec::new(),
+            who_has: Vec::new(),
+            priority: k as u64,
+        }
+    }
+
+    #[test]
+    fn one_turn_runs_fast_jobs_within_its_budget_and_leaves_the_rest_to_the_pool() {
+        const JOBS: usize = 40;
+        let mut state = WorkerState::new(WorkerId(0), Arc::new(Reg), Store::default());
+        let mut out = Out::default();
+        for k in 0..JOBS {
+            state.on_compute(spin(k), &mut out);
+        }
+        assert_eq!(out.jobs.len(), JOBS);
+        let mut speeds = Speeds::default();
+        // Not known to be fast yet: everything goes to the pool.
+        assert_eq!(run_fast_jobs(&mut out, &mut state, &mut speeds).len(), JOBS);
+        for _ in 0..FAST_STREAK {
+            speeds.record(&done("spin", 1));
+        }
+        for k in 0..JOBS {
+            state.on_compute(spin(JOBS + k), &mut out);
+        }
+        let to_pool = run_fast_jobs(&mut out, &mut state, &mut speeds);
+        // 40 × 20 µs is over the 500 µs budget: some ran here, not all.
+        assert!(
+            !to_pool.is_empty() && to_pool.len() < JOBS,
+            "{}",
+            to_pool.len()
+        );
+        // Those that ran here are finished in the state.
+        assert_eq!(state.pending(), JOBS + to_pool.len());
+        assert!(out.jobs.is_empty());
     }
 }

@@ -65,6 +65,9 @@ pub(crate) fn lock(store: &Store) -> std::sync::MutexGuard<'_, HashMap<WireKey, 
 pub(crate) struct Job {
     pub(crate) id: u64,
     pub(crate) key: WireKey,
+    /// The registered function it runs: the worker learns how long each
+    /// function takes (worker rule 5).
+    pub(crate) function: Arc<str>,
     /// A one-task plan, so the pool runs it with `rask_executor::run_task`.
     pub(crate) plan: Plan,
     /// `None` only in a successor, where this job's value goes (rule 5).
@@ -98,6 +101,7 @@ impl Job {
 pub(crate) struct Done {
     pub(crate) id: u64,
     pub(crate) key: WireKey,
+    pub(crate) function: Arc<str>,
     pub(crate) outcome: Result<Stored, Arc<Failure>>,
     pub(crate) duration_ns: u64,
     /// The value's encoding, if small enough to go with the report.
@@ -116,6 +120,7 @@ pub(crate) trait Outbox {
 
 struct LocalTask {
     id: u64,
+    function: Arc<str>,
     op: Arc<dyn Op>,
     deps: Vec<WireKey>,
     /// Distinct inputs not in the store yet.
@@ -228,6 +233,7 @@ impl WorkerState {
             msg.key,
             LocalTask {
                 id,
+                function: msg.function,
                 op,
                 deps: msg.deps,
                 missing: missing.len() as u32,
@@ -470,6 +476,7 @@ impl WorkerState {
         Some(Job {
             id: task.id,
             key,
+            function: task.function.clone(),
             plan: plan.build(),
             inputs: inputs?,
             priority: task.priority,
@@ -606,6 +613,7 @@ mod tests {
             Done {
                 id: job.id,
                 key: job.key,
+                function: job.function.clone(),
                 outcome: Ok(Stored {
                     value: Arc::new(3i64),
                     nbytes: 1,
@@ -688,6 +696,7 @@ mod tests {
             Done {
                 id: job.id,
                 key: job.key,
+                function: job.function.clone(),
                 outcome: Ok(Stored {
                     value: Arc::new(0i64),
                     nbytes: 1,
@@ -749,6 +758,7 @@ mod tests {
         Done {
             id: job.id,
             key: job.key,
+            function: job.function.clone(),
             outcome,
             duration_ns: 1,
             inline: None,

@@ -82,7 +82,9 @@ impl Shared {
 /// `sleep_inc` (sleeps payload µs, then inc), `gate` (waits for a token,
 /// then add), `fail`, `panic`, `big` (payload n: `vec![7u8; n]`, counting
 /// runs), `len` (the input's length plus the payload's i64), `rask.remote`
-/// (fails: it runs only when the key it names is not held). Anything else is
+/// (fails: it runs only when the key it names is not held), `where` and
+/// `where_slow` (payload n: panics if n < 0, else sleeps n µs; then 1 if it
+/// ran on an in-process worker's network thread, else 0). Anything else is
 /// unregistered.
 pub struct TestOp {
     pub function: String,
@@ -135,6 +137,17 @@ impl Op for TestOp {
             "fail" => Err(OpError::failed("nope")),
             REMOTE_FUNCTION => Err(OpError::failed("the cluster no longer holds the value")),
             "panic" => panic!("kaboom"),
+            "where" | "where_slow" => {
+                let micros: i64 = postcard::from_bytes(&self.payload).unwrap_or(0);
+                if micros < 0 {
+                    panic!("kaboom");
+                }
+                std::thread::sleep(Duration::from_micros(micros as u64));
+                // `worker::spawn` names the network thread; compute
+                // threads are `rask-worker-N`.
+                let network = std::thread::current().name() == Some("rask-worker");
+                Ok(Arc::new(i64::from(network)))
+            }
             other => Err(OpError::failed(format!("cannot run {other}"))),
         }
     }
@@ -164,11 +177,13 @@ impl Registry for TestRegistry {
     fn resolve(&self, task: &WireTask) -> Result<Arc<dyn Op>, WireError> {
         match task.function.as_str() {
             "rask.value" | "inc" | "add" | "sleep_add" | "count" | "sleep_inc" | "gate"
-            | "fail" | "panic" | "big" | "len" | REMOTE_FUNCTION => Ok(Arc::new(TestOp {
-                function: task.function.clone(),
-                payload: task.payload.clone(),
-                shared: self.shared.clone(),
-            })),
+            | "fail" | "panic" | "big" | "len" | "where" | "where_slow" | REMOTE_FUNCTION => {
+                Ok(Arc::new(TestOp {
+                    function: task.function.clone(),
+                    payload: task.payload.clone(),
+                    shared: self.shared.clone(),
+                }))
+            }
             f => Err(WireError::Unregistered {
                 function: f.to_owned(),
             }),
