@@ -139,7 +139,7 @@ pub(crate) fn run(roots: &[Arc<Node>], config: &Config) -> Result<Vec<Value>> {
 /// Moves the next value out, downcast to `T`.
 pub(crate) fn take<T: Data>(values: &mut std::vec::IntoIter<Value>) -> Result<T> {
     let value = values.next().expect("one value per root");
-    let shared = crate::data::shared::<T>(value).map_err(|_| Error::WrongType {
+    let shared = crate::data::unique::<T>(value).map_err(|_| Error::WrongType {
         expected: std::any::type_name::<T>(),
     })?;
     Ok(Arc::try_unwrap(shared).unwrap_or_else(|shared| (*shared).clone()))

@@ -47,6 +47,10 @@ impl Unshared {
 /// when it arrived encoded from another process, fetched and decoded when a
 /// cluster holds it.
 ///
+/// Encoded bytes are decoded once: the decoded value is kept with them
+/// ([`rask_executor::Encoded::keep_decoded`]) for the next consumer, such as
+/// the other tasks of a worker that read the same fetched input.
+///
 /// Returns a message naming the expected type when it is neither.
 pub(crate) fn shared<T: Data>(value: rask_executor::Value) -> Result<std::sync::Arc<T>, String> {
     try_shared(value).map_err(Unshared::into_message)
@@ -56,6 +60,17 @@ pub(crate) fn shared<T: Data>(value: rask_executor::Value) -> Result<std::sync::
 pub(crate) fn try_shared<T: Data>(
     value: rask_executor::Value,
 ) -> Result<std::sync::Arc<T>, Unshared> {
+    as_arc(value, true)
+}
+
+/// As [`shared`], for a value about to be moved out of its `Arc`: what
+/// encoded bytes decode to is not kept, so the `Arc` stays unique and the
+/// value moves without a copy.
+pub(crate) fn unique<T: Data>(value: rask_executor::Value) -> Result<std::sync::Arc<T>, String> {
+    as_arc(value, false).map_err(Unshared::into_message)
+}
+
+fn as_arc<T: Data>(value: rask_executor::Value, keep: bool) -> Result<std::sync::Arc<T>, Unshared> {
     let other = match rask_executor::downcast::<T>(value) {
         Ok(shared) => return Ok(shared),
         Err(other) => other,
@@ -71,7 +86,16 @@ pub(crate) fn try_shared<T: Data>(
             })
     };
     if let Some(encoded) = other.downcast_ref::<rask_executor::Encoded>() {
-        decode(&encoded.0)
+        if let Some(kept) = encoded.decoded() {
+            if let Ok(shared) = rask_executor::downcast::<T>(kept) {
+                return Ok(shared);
+            }
+        }
+        let shared = decode(&encoded.0)?;
+        if keep {
+            encoded.keep_decoded(shared.clone());
+        }
+        Ok(shared)
     } else if let Some(remote) = other.downcast_ref::<rask_executor::Remote>() {
         let bytes = remote.fetch().map_err(|e| Unshared::Fetch(e.to_string()))?;
         decode(&bytes)
@@ -81,5 +105,32 @@ pub(crate) fn try_shared<T: Data>(
             other.type_name(),
             std::any::type_name::<T>()
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rask_executor::{Encoded, Value};
+    use std::sync::Arc;
+
+    #[test]
+    fn shared_decodes_bytes_once_and_unique_keeps_nothing() {
+        let bytes: Arc<[u8]> = Arc::from(postcard::to_stdvec(&vec![1_u32, 2]).unwrap());
+        let encoded = Arc::new(Encoded::new(bytes.clone()));
+        let value: Value = encoded.clone();
+        let first = shared::<Vec<u32>>(value.clone()).ok().unwrap();
+        let second = shared::<Vec<u32>>(value).ok().unwrap();
+        assert!(Arc::ptr_eq(&first, &second));
+        assert_eq!(*first, vec![1, 2]);
+
+        let encoded = Arc::new(Encoded::new(bytes));
+        let moved = unique::<Vec<u32>>(encoded.clone()).ok().unwrap();
+        assert_eq!(Arc::strong_count(&moved), 1);
+        assert!(encoded.decoded().is_none());
+        // Another type asked of kept bytes is decoded, not mistaken.
+        let value: Value = Arc::new(Encoded::new(Arc::from(postcard::to_stdvec(&7_u8).unwrap())));
+        assert_eq!(*shared::<u8>(value.clone()).ok().unwrap(), 7);
+        assert_eq!(*shared::<u16>(value).ok().unwrap(), 7);
     }
 }

@@ -281,7 +281,7 @@ impl<T: Data> std::future::Future for Future<T> {
         let mut slot = fetch.slot.lock().unwrap_or_else(PoisonError::into_inner);
         match &slot.result {
             Some(Ok(bytes)) => {
-                let value: Value = Arc::new(Encoded(bytes.clone()));
+                let value: Value = Arc::new(Encoded::new(bytes.clone()));
                 drop(slot);
                 Poll::Ready(this.outcome(State::Finished(value)))
             }

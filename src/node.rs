@@ -223,7 +223,8 @@ impl<'a> Inputs<'a> {
     /// The next input by value: moved out when this task holds the last
     /// reference, cloned otherwise.
     pub(crate) fn owned<T: Data>(&mut self) -> Result<T, OpError> {
-        Ok(Arc::try_unwrap(self.shared::<T>()?).unwrap_or_else(|shared| (*shared).clone()))
+        let unique = crate::data::unique::<T>(self.next_value()?).map_err(OpError::failed)?;
+        Ok(Arc::try_unwrap(unique).unwrap_or_else(|shared| (*shared).clone()))
     }
 }
 

@@ -217,20 +217,28 @@ impl<A: Data> Slot<A> for WireSlot<A> {
                     Err(value) => value,
                 };
                 // A `T` produced here for an `Arc<T>` parameter: shared as is.
-                match as_shared::<A>(value) {
-                    Ok(a) => Ok(a),
-                    // Bytes from a peer: decode.
-                    Err(value) => {
-                        let mut bytes = Vec::new();
-                        match value.downcast_ref::<Encoded>() {
-                            Some(encoded) => bytes.extend_from_slice(&encoded.0),
-                            None => bytes.extend(
-                                value.encode().map_err(|e| OpError::failed(e.to_string()))?,
-                            ),
+                let value = match as_shared::<A>(value) {
+                    Ok(a) => return Ok(a),
+                    Err(value) => value,
+                };
+                // Bytes from a peer: decode.
+                let Some(encoded) = value.downcast_ref::<Encoded>() else {
+                    return decode(&value.encode().map_err(|e| OpError::failed(e.to_string()))?);
+                };
+                // For an `Arc<R>` parameter, once for all the tasks that
+                // share the fetched value.
+                if let Some(shared) = shared_output::<A>() {
+                    if let Some(a) = encoded.decoded().and_then(|v| as_shared::<A>(v).ok()) {
+                        return Ok(a);
+                    }
+                    if let Ok(decoded) = (shared.decode)(&encoded.0) {
+                        encoded.keep_decoded(decoded.clone());
+                        if let Ok(a) = as_shared::<A>(decoded) {
+                            return Ok(a);
                         }
-                        decode(&bytes)
                     }
                 }
+                decode(&encoded.0)
             }
             WireSlot::Many(n) => {
                 // A postcard sequence is its length as a varint, then the items.
@@ -286,26 +294,48 @@ pub struct Tasks {
     /// For every registered function's output type `R`, how to hand a stored
     /// `R` to an `Arc<R>` parameter without a copy, keyed by `TypeId` of
     /// `Arc<R>` (the parameter's type, which is all a worker-side slot knows).
-    shared: HashMap<TypeId, ToShared>,
+    shared: HashMap<TypeId, SharedOutput>,
 }
 
-/// Turns a stored `R` into a boxed `Arc<R>` (no copy), or gives it back.
-type ToShared = fn(Value) -> Result<Box<dyn Any>, Value>;
+/// How an `Arc<R>` parameter takes a registered output type `R`.
+#[derive(Clone, Copy)]
+#[doc(hidden)]
+pub struct SharedOutput {
+    /// Turns a stored `R` into a boxed `Arc<R>` (no copy), or gives it back.
+    convert: fn(Value) -> Result<Box<dyn Any>, Value>,
+    /// Decodes bytes into a stored `R`.
+    decode: fn(&[u8]) -> Result<Value, String>,
+}
 
-fn to_shared<R: Data>(value: Value) -> Result<Box<dyn Any>, Value> {
-    rask_executor::downcast::<R>(value).map(|shared| Box::new(shared) as Box<dyn Any>)
+impl SharedOutput {
+    fn of<R: Data>() -> SharedOutput {
+        SharedOutput {
+            convert: |value| {
+                rask_executor::downcast::<R>(value).map(|shared| Box::new(shared) as Box<dyn Any>)
+            },
+            decode: |bytes| {
+                postcard::from_bytes::<R>(bytes)
+                    .map(|r| Arc::new(r) as Value)
+                    .map_err(|e| e.to_string())
+            },
+        }
+    }
+}
+
+/// How `A` takes a registered output type, when `A` is `Arc<R>` of one.
+fn shared_output<A: 'static>() -> Option<SharedOutput> {
+    REGISTRY
+        .get()
+        .and_then(|r| r.tasks.shared.get(&TypeId::of::<A>()).copied())
 }
 
 /// The registered way to see `value` as an `A` when `A` is `Arc<R>` of a
 /// registered output type `R`.
 fn as_shared<A: 'static>(value: Value) -> Result<A, Value> {
-    let Some(convert) = REGISTRY
-        .get()
-        .and_then(|r| r.tasks.shared.get(&TypeId::of::<A>()))
-    else {
+    let Some(shared) = shared_output::<A>() else {
         return Err(value);
     };
-    let boxed = convert(value)?;
+    let boxed = (shared.convert)(value)?;
     Ok(*boxed
         .downcast::<A>()
         .expect("the converter is keyed by the type it makes"))
@@ -402,7 +432,7 @@ pub trait Register<M, Sig> {
     #[doc(hidden)]
     fn builder(self) -> Builder;
     #[doc(hidden)]
-    fn shared_output(&self) -> (TypeId, ToShared);
+    fn shared_output(&self) -> (TypeId, SharedOutput);
 }
 
 /// How a registered function rebuilds its calls; opaque.
@@ -418,8 +448,8 @@ macro_rules! register {
             R: 'static,
             $($a: Data,)*
         {
-            fn shared_output(&self) -> (TypeId, ToShared) {
-                (TypeId::of::<Arc<M::Out>>(), to_shared::<M::Out>)
+            fn shared_output(&self) -> (TypeId, SharedOutput) {
+                (TypeId::of::<Arc<M::Out>>(), SharedOutput::of::<M::Out>())
             }
 
             #[allow(unused_variables)]
@@ -462,7 +492,9 @@ impl rask_executor::Registry for Resolver {
         let (name, call): (Name, Arc<dyn Call>) = match task.function.as_str() {
             VALUE_FUNCTION => (
                 Name::Borrowed("value"),
-                Arc::new(Held(Arc::new(Encoded(Arc::from(task.payload.as_slice()))))),
+                Arc::new(Held(Arc::new(Encoded::new(Arc::from(
+                    task.payload.as_slice(),
+                ))))),
             ),
             REMOTE_FUNCTION => {
                 let key: [u8; 32] =
@@ -585,8 +617,43 @@ mod tests {
         );
         // Bytes from a peer still decode.
         let bytes = postcard::to_stdvec(&vec![4_i64]).unwrap();
-        let mut inputs: Vec<Option<Value>> = vec![Some(Arc::new(Encoded(Arc::from(bytes))))];
+        let mut inputs: Vec<Option<Value>> = vec![Some(Arc::new(Encoded::new(Arc::from(bytes))))];
         assert!(op.run(&mut inputs).is_ok());
+    }
+
+    #[test]
+    fn fetched_bytes_are_decoded_once_for_arc_parameters_only() {
+        setup();
+        let made = crate::delayed!(numbers());
+        let shares = crate::delayed!(address(&made));
+        let wire = rask_executor::Op::to_wire(&**shares.node()).unwrap();
+        let shares = installed().unwrap().resolve(&wire).unwrap();
+        let bytes = postcard::to_stdvec(&vec![4_i64, 5]).unwrap();
+        let fetched = Arc::new(Encoded::new(Arc::from(bytes)));
+        let run = |op: &Arc<dyn Op>| {
+            let mut inputs: Vec<Option<Value>> = vec![Some(fetched.clone())];
+            op.run(&mut inputs).unwrap()
+        };
+        // Two tasks given the same fetched value see one decoded vector.
+        let first = run(&shares);
+        assert!(fetched.decoded().is_some());
+        let second = run(&shares);
+        assert_eq!(
+            first.downcast_ref::<usize>(),
+            second.downcast_ref::<usize>()
+        );
+
+        // A parameter taken by value decodes its own copy and keeps none.
+        let owned = Arc::new(Encoded::new(Arc::from(
+            postcard::to_stdvec(&vec![4_i64, 5]).unwrap(),
+        )));
+        let d = crate::delayed!(add(1, made));
+        let wire = rask_executor::Op::to_wire(&**d.node()).unwrap();
+        let adds = installed().unwrap().resolve(&wire).unwrap();
+        let mut inputs: Vec<Option<Value>> = vec![Some(owned.clone())];
+        let out = adds.run(&mut inputs).unwrap();
+        assert_eq!(out.downcast_ref::<i64>(), Some(&10));
+        assert!(owned.decoded().is_none());
     }
 
     #[test]
@@ -598,7 +665,7 @@ mod tests {
         let op = installed().unwrap().resolve(&wire).unwrap();
         // Inputs arrive as bytes from elsewhere and as local values.
         let mut inputs: Vec<Option<Value>> = vec![
-            Some(Arc::new(Encoded(Arc::from(
+            Some(Arc::new(Encoded::new(Arc::from(
                 postcard::to_stdvec(&1_i64).unwrap(),
             )))),
             Some(Arc::new(2_i64)),

@@ -116,8 +116,44 @@ pub fn downcast<T: Any + Send + Sync>(value: Value) -> Result<Arc<T>, Value> {
 ///
 /// Deliberately not `Serialize`: encoding it returns its bytes as they are
 /// (rule 2), not a serialized byte array.
+///
+/// It can keep the value its bytes decode to ([`Encoded::keep_decoded`]),
+/// so that the many consumers of one fetched value (tasks sharing an input,
+/// on a worker) decode it once between them.
+///
+/// ```
+/// use std::sync::Arc;
+/// use rask_executor::{Encoded, Value};
+/// let encoded = Encoded::new(Arc::from(&[7u8][..]));
+/// assert!(encoded.decoded().is_none());
+/// encoded.keep_decoded(Arc::new(7u8));
+/// let kept: Value = encoded.decoded().unwrap();
+/// assert_eq!(kept.downcast_ref::<u8>(), Some(&7));
+/// ```
 #[derive(Clone)]
-pub struct Encoded(pub Arc<[u8]>);
+pub struct Encoded(pub Arc<[u8]>, Decoded);
+
+/// The value an [`Encoded`] was decoded to, once some consumer did.
+#[derive(Clone, Default)]
+struct Decoded(std::sync::OnceLock<Value>);
+
+impl Encoded {
+    /// Bytes as another process encoded them.
+    pub fn new(bytes: Arc<[u8]>) -> Encoded {
+        Encoded(bytes, Decoded::default())
+    }
+
+    /// The value kept by [`keep_decoded`](Encoded::keep_decoded), if any.
+    pub fn decoded(&self) -> Option<Value> {
+        self.1 .0.get().cloned()
+    }
+
+    /// Keeps `value`, which these bytes decode to, for later consumers; the
+    /// first value kept stays.
+    pub fn keep_decoded(&self, value: Value) {
+        let _ = self.1 .0.set(value);
+    }
+}
 
 impl AnyValue for Encoded {
     fn encode(&self) -> Result<Vec<u8>, WireError> {

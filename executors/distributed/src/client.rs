@@ -992,7 +992,7 @@ impl Loop {
             return;
         };
         let outcome: Outcome = match &result {
-            Ok((bytes, _)) => Ok(Arc::new(Encoded(bytes.clone()))),
+            Ok((bytes, _)) => Ok(Arc::new(Encoded::new(bytes.clone()))),
             Err(failure) => Err(failure.clone()),
         };
         for waiter in waiters {

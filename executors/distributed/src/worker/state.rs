@@ -385,7 +385,7 @@ impl WorkerState {
                 lock(&self.store).insert(
                     key,
                     Stored {
-                        value: Arc::new(Encoded(bytes)),
+                        value: Arc::new(Encoded::new(bytes)),
                         nbytes,
                     },
                 );

@@ -99,7 +99,7 @@ impl Op for TestOp {
             c + inputs.iter().map(|v| int(v.as_ref().unwrap())).sum::<i64>()
         };
         match self.function.as_str() {
-            "rask.value" => Ok(Arc::new(Encoded(self.payload.clone().into()))),
+            "rask.value" => Ok(Arc::new(Encoded::new(self.payload.clone().into()))),
             "inc" => Ok(Arc::new(int(inputs[0].as_ref().unwrap()) + 1)),
             "add" => Ok(Arc::new(sum())),
             "sleep_add" => {
