@@ -19,8 +19,10 @@ use std::time::Duration;
 
 use crate::protocol::WorkerId;
 
-/// Inputs this big on one full worker make a task wait for that worker.
-pub(crate) const LOCALITY_BYTES: u64 = 1 << 20;
+/// Inputs this big on one full worker make a task wait for that worker:
+/// moving them costs more than the short wait for a free slot there, and
+/// once moved they are held twice.
+pub(crate) const LOCALITY_BYTES: u64 = 64 << 10;
 
 /// The amount of queued work per thread that a window aims at.
 const TARGET_BACKLOG: Duration = Duration::from_millis(2);
