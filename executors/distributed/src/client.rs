@@ -52,7 +52,7 @@ use rask_executor::{
 };
 use tokio::sync::mpsc;
 
-use crate::net::{self, log, Chain, ConnectError, FetchResult, Fetched, FrameReader, PeerPool};
+use crate::net::{self, log, Chain, ConnectError, FetchResult, Fetched, PeerPool};
 use crate::protocol::{
     decode_batch, strip_scheme, Batch, TaskSpec, ToClient, ToScheduler, WireKey, WorkerId,
     MAX_FRAME,
@@ -297,11 +297,12 @@ impl Client {
         Client::start(address, None)
     }
 
-    /// [`Client::connect`], with the network loop a task on `runtime`'s
-    /// thread instead of a thread of its own. A local cluster's client runs
-    /// on its scheduler's thread: messages between the two then cost no
-    /// thread hand-off (a socket write, read by the same thread's next
-    /// poll), which is most of what a small task costs on a busy machine.
+    /// [`Client::connect`] to a scheduler of this process, through `local`
+    /// (see `SchedulerHandle::local`), with the network loop a task on the
+    /// scheduler's thread (`runtime`) instead of a thread of its own:
+    /// messages between the two then cost no thread hand-off and no copy
+    /// through a socket, which is most of what a small task costs on a busy
+    /// machine.
     ///
     /// # Errors
     ///
@@ -309,19 +310,19 @@ impl Client {
     pub(crate) fn connect_on(
         address: &str,
         runtime: &tokio::runtime::Handle,
-        pipe: tokio::io::DuplexStream,
+        local: net::LocalEnd,
     ) -> Result<Client, Error> {
-        Client::start(address, Some((runtime, pipe)))
+        Client::start(address, Some((runtime, local)))
     }
 
-    /// Connects over TCP, or over `pipe` (an in-memory connection to the
-    /// scheduler, see `SchedulerHandle::pipe`) when given; the loop runs on
-    /// its own thread, or as a task on the given runtime.
+    /// Connects over TCP, or over `local` (an in-memory connection to the
+    /// scheduler) when given; the loop runs on its own thread, or as a task
+    /// on the given runtime.
     fn start(
         address: &str,
-        on: Option<(&tokio::runtime::Handle, tokio::io::DuplexStream)>,
+        on: Option<(&tokio::runtime::Handle, net::LocalEnd)>,
     ) -> Result<Client, Error> {
-        let (on, pipe) = on.unzip();
+        let (on, local) = on.unzip();
         let target = strip_scheme(address)
             .ok_or_else(|| Error::Address {
                 address: address.to_owned(),
@@ -336,14 +337,14 @@ impl Client {
                 crate::protocol::Role::Client,
                 crate::protocol::Role::Scheduler,
             );
-            let conn = match pipe {
-                Some(pipe) => net::greet(net::pipe_halves(pipe), me, scheduler).await,
+            let conn = match local {
+                Some(end) => Ok((net::Frames::local(end.recv), end.send)),
                 None => net::connect(&target, me, scheduler, net::CONNECT_TIMEOUT)
                     .await
-                    .map(|(read, write, _)| (read, write)),
+                    .map(|(read, write, _)| (net::Frames::stream(read), net::spawn_writer(write))),
             };
             match conn {
-                Ok((read, write)) => {
+                Ok((frames, writer)) => {
                     let link = Arc::new(Link {
                         address: name,
                         commands: weak,
@@ -351,10 +352,7 @@ impl Client {
                         thread_id: std::thread::current().id(),
                     });
                     let _ = ready_tx.send(Ok(link.clone()));
-                    let writer = net::spawn_writer(write);
-                    Loop::new(link, writer)
-                        .run(FrameReader::new(read), commands_rx)
-                        .await;
+                    Loop::new(link, writer).run(frames, commands_rx).await;
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(match e {
@@ -657,6 +655,17 @@ struct Loop {
     last_poll: Instant,
 }
 
+/// A loop dropped before it ended, with the runtime it ran on (a local
+/// cluster's scheduler shutting down), still reports every open
+/// submission's outputs as lost (rule 4).
+impl Drop for Loop {
+    fn drop(&mut self) {
+        if self.connected {
+            self.disconnected();
+        }
+    }
+}
+
 impl Loop {
     fn new(link: Arc<Link>, writer: mpsc::UnboundedSender<Vec<u8>>) -> Loop {
         Loop {
@@ -676,11 +685,7 @@ impl Loop {
         }
     }
 
-    async fn run(
-        mut self,
-        mut read: FrameReader<net::Reader>,
-        mut commands: mpsc::UnboundedReceiver<Command>,
-    ) {
+    async fn run(mut self, mut read: net::Frames, mut commands: mpsc::UnboundedReceiver<Command>) {
         let (fetch_tx, mut fetched) = mpsc::unbounded_channel::<Fetched>();
         self.peers = Some(PeerPool::new(fetch_tx));
         let mut tick = tokio::time::interval(CANCEL_POLL);

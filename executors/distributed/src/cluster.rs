@@ -165,10 +165,11 @@ impl LocalCluster {
 }
 
 /// A client of a scheduler this process started ([`scheduler::serve`]),
-/// as [`LocalCluster::client`] makes: it talks to the scheduler through an
-/// in-memory pipe (same handshake and frames as TCP) and runs its network
-/// loop on the scheduler's thread, so a message between the two costs no
-/// system call and no thread hand-off. Other processes (workers, other
+/// as [`LocalCluster::client`] makes: it hands the scheduler its frames
+/// (the same as over TCP) through in-memory channels, with no handshake,
+/// and runs its network loop on the scheduler's thread, so a message
+/// between the two costs no system call, no copy through a socket and no
+/// thread hand-off. Other processes (workers, other
 /// clients) still reach the scheduler at its TCP address.
 ///
 /// # Errors
@@ -186,8 +187,8 @@ impl LocalCluster {
 /// ```
 pub fn in_process_client(scheduler: &SchedulerHandle) -> Result<Client, Error> {
     let address = format!("tcp://{}", scheduler.address());
-    match scheduler.pipe() {
-        Some(pipe) => Client::connect_on(&address, scheduler.runtime(), pipe),
+    match scheduler.local() {
+        Some(local) => Client::connect_on(&address, scheduler.runtime(), local),
         None => Err(Error::Connection {
             addr: address,
             source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),

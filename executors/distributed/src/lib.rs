@@ -73,9 +73,9 @@
 //!   separate plain threads. No multi-threaded runtime, no locks on the
 //!   scheduler's hot path. The exception is a client of a scheduler in the
 //!   same process ([`LocalCluster::client`], [`in_process_client`]): it
-//!   shares the scheduler's thread and talks
-//!   to it through an in-memory pipe (same handshake and frames), so a
-//!   message between them costs no system call and no thread hand-off.
+//!   shares the scheduler's thread and hands it frames (the same as over
+//!   TCP) through in-memory channels, so a message between them costs no
+//!   system call, no copy through a socket and no thread hand-off.
 //! - **Faults close one connection.** A bad handshake, an oversized or
 //!   malformed frame, or a message a role may not send closes that
 //!   connection with a line on stderr (`rask-distributed: …`); the rest of

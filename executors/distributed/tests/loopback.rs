@@ -40,19 +40,19 @@ fn diamond_graph() {
 #[test]
 fn an_in_process_client_works_beside_a_tcp_one() {
     let cluster = Cluster::new(2, 1);
-    let (pipe, tcp) = (cluster.pipe_client(), cluster.client());
-    diamond(&cluster, &pipe, 0);
+    let (memory, tcp) = (cluster.memory_client(), cluster.client());
+    diamond(&cluster, &memory, 0);
     // The same keys from a TCP client: answered from memory, nothing runs
     // twice, and both see the same values.
     diamond(&cluster, &tcp, 0);
-    diamond(&cluster, &pipe, 1);
+    diamond(&cluster, &memory, 1);
     cluster.eventually("release", |c| c.scheduler.tasks() == 0);
 }
 
 #[test]
 fn dropping_an_in_process_client_cancels_its_submissions_and_releases_its_keys() {
     let cluster = Cluster::new(1, 1);
-    let client = cluster.pipe_client();
+    let client = cluster.memory_client();
     drop_while_running(&cluster, client);
 }
 
@@ -368,12 +368,25 @@ fn worker_exits_when_its_scheduler_goes_away() {
 fn lost_scheduler_fails_open_submissions() {
     let mut cluster = Cluster::new(1, 1);
     let client = cluster.client();
+    lose_the_scheduler(&mut cluster, &client);
+}
+
+#[test]
+fn lost_scheduler_fails_open_submissions_of_an_in_process_client() {
+    let mut cluster = Cluster::new(1, 1);
+    let client = cluster.memory_client();
+    lose_the_scheduler(&mut cluster, &client);
+}
+
+/// Shuts the scheduler down while `client` waits for a task: the
+/// submission fails, and so do later ones.
+fn lose_the_scheduler(cluster: &mut Cluster, client: &rask_distributed::Client) {
     let mut g = Graph::new(&cluster.shared);
     let a = g.value(1);
     let slow = g.op("gate", 0, &[a]);
     g.output(slow);
     let got = Collect::new(1);
-    got.submit(&client, g.build());
+    got.submit(client, g.build());
     cluster.wait_started();
     cluster.scheduler.shutdown();
     let failure = got.wait()[0].clone().unwrap_err();
@@ -383,7 +396,7 @@ fn lost_scheduler_fails_open_submissions() {
     let a = g.value(1);
     g.output(a);
     let got = Collect::new(1);
-    got.submit(&client, g.build());
+    got.submit(client, g.build());
     assert!(got.wait()[0].is_err());
 }
 

@@ -30,7 +30,7 @@ use std::thread::JoinHandle;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::net::{self, log, Chain, FrameReader};
+use crate::net::{self, log, Chain};
 use crate::protocol::{
     decode_batch, Batch, ProtocolError, Role, ToClient, ToScheduler, ToWorker, WorkerId,
 };
@@ -55,8 +55,8 @@ pub struct SchedulerHandle {
     /// The scheduler thread's runtime, for a client of this process to run
     /// its connection on that thread ([`crate::LocalCluster::client`]).
     runtime: tokio::runtime::Handle,
-    /// Hands the scheduler the far end of an in-memory connection.
-    pipes: mpsc::UnboundedSender<tokio::io::DuplexStream>,
+    /// Hands the scheduler its end of an in-memory connection.
+    locals: mpsc::UnboundedSender<net::LocalEnd>,
 }
 
 /// Figures the state loop publishes after every burst of input.
@@ -90,11 +90,12 @@ impl SchedulerHandle {
     }
 
     /// A connection to this scheduler through memory rather than a socket,
-    /// for a client of this process: the scheduler accepts it as it accepts
-    /// a TCP connection (handshake included). `None` once it stopped.
-    pub(crate) fn pipe(&self) -> Option<tokio::io::DuplexStream> {
-        let (ours, theirs) = tokio::io::duplex(PIPE_BUFFER);
-        self.pipes.send(theirs).ok().map(|()| ours)
+    /// for a client of this process: frames are handed over as they are
+    /// ([`net::LocalEnd`]), and the scheduler treats it as a client's TCP
+    /// connection. `None` once it stopped.
+    pub(crate) fn local(&self) -> Option<net::LocalEnd> {
+        let (client, scheduler) = net::local_pair();
+        self.locals.send(scheduler).ok().map(|()| client)
     }
 
     /// Stops the scheduler and waits for its thread. Every connection is
@@ -148,7 +149,7 @@ pub fn serve(addr: SocketAddr) -> Result<SchedulerHandle, Error> {
     let address = listener.local_addr().map_err(Error::Io)?;
     let runtime = net::runtime().map_err(Error::Io)?;
     let handle = runtime.handle().clone();
-    let (pipes, pipes_rx) = mpsc::unbounded_channel();
+    let (locals, locals_rx) = mpsc::unbounded_channel();
     let (stop, stop_rx) = oneshot::channel();
     let counts = Arc::new(Counts::default());
     let count = counts.clone();
@@ -157,7 +158,7 @@ pub fn serve(addr: SocketAddr) -> Result<SchedulerHandle, Error> {
         .spawn(move || {
             runtime.block_on(async move {
                 match TcpListener::from_std(listener) {
-                    Ok(listener) => run(listener, pipes_rx, stop_rx, count).await,
+                    Ok(listener) => run(listener, locals_rx, stop_rx, count).await,
                     Err(e) => log!("scheduler: cannot listen: {e}"),
                 }
             });
@@ -169,7 +170,7 @@ pub fn serve(addr: SocketAddr) -> Result<SchedulerHandle, Error> {
         thread: Some(thread),
         counts,
         runtime: handle,
-        pipes,
+        locals,
     })
 }
 
@@ -229,12 +230,9 @@ struct Shell {
     out: Batches,
 }
 
-/// Bytes an in-memory connection buffers each way before its writer waits.
-const PIPE_BUFFER: usize = 1 << 20;
-
 async fn run(
     listener: TcpListener,
-    mut pipes: mpsc::UnboundedReceiver<tokio::io::DuplexStream>,
+    mut locals: mpsc::UnboundedReceiver<net::LocalEnd>,
     mut stop: oneshot::Receiver<()>,
     counts: Arc<Counts>,
 ) {
@@ -261,13 +259,13 @@ async fn run(
                     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 }
             },
-            Some(pipe) = pipes.recv() => {
+            Some(end) = locals.recv() => {
                 let conn = next_conn;
                 next_conn = next_conn.wrapping_add(1);
-                let accepted = net::answer(net::pipe_halves(pipe), Role::Scheduler);
                 // An in-memory peer has no address: logs show 127.0.0.1:0.
                 let peer = SocketAddr::from(([127, 0, 0, 1], 0));
-                tokio::spawn(connection(conn, accepted, peer, events_tx.clone()));
+                let frames = net::Frames::local(end.recv);
+                tokio::spawn(serve_connection(conn, Role::Client, peer, frames, end.send, events_tx.clone()));
             }
             Some(event) = events.recv() => {
                 shell.handle(event);
@@ -289,8 +287,8 @@ async fn run(
     }
 }
 
-/// One accepted connection: handshake (`accepted`), then forward decoded
-/// frames.
+/// One accepted connection: handshake (`accepted`), then
+/// [`serve_connection`].
 async fn connection(
     conn: u32,
     accepted: impl std::future::Future<Output = Result<(Role, net::Reader, net::Writer), ProtocolError>>,
@@ -311,7 +309,20 @@ async fn connection(
         );
         return;
     }
-    let writer = net::spawn_writer(write);
+    let frames = net::Frames::stream(read);
+    serve_connection(conn, role, peer, frames, net::spawn_writer(write), events).await;
+}
+
+/// Tells the state loop about a connection whose peer is `role`, forwards
+/// its decoded frames, then tells it the connection closed.
+async fn serve_connection(
+    conn: u32,
+    role: Role,
+    peer: SocketAddr,
+    frames: net::Frames,
+    writer: mpsc::UnboundedSender<Vec<u8>>,
+    events: mpsc::UnboundedSender<Event>,
+) {
     let (kill, killed) = oneshot::channel();
     if events
         .send(Event::Connected {
@@ -325,17 +336,16 @@ async fn connection(
     {
         return;
     }
-    let reason = read_loop(read, killed, conn, &events).await;
+    let reason = read_loop(frames, killed, conn, &events).await;
     let _ = events.send(Event::Closed { conn, reason });
 }
 
 async fn read_loop(
-    read: net::Reader,
+    mut read: net::Frames,
     mut killed: oneshot::Receiver<()>,
     conn: u32,
     events: &mpsc::UnboundedSender<Event>,
 ) -> Option<ProtocolError> {
-    let mut read = FrameReader::new(read);
     loop {
         tokio::select! {
             _ = &mut killed => return None,

@@ -500,7 +500,7 @@ impl Cluster {
     }
 
     /// A client in this process that reaches the scheduler through memory.
-    pub fn pipe_client(&self) -> Client {
+    pub fn memory_client(&self) -> Client {
         rask_distributed::in_process_client(&self.scheduler).unwrap()
     }
 
