@@ -92,13 +92,19 @@ pub(crate) fn shared_local(workers: usize) -> Result<Arc<Cluster>> {
 }
 
 /// The process-wide connection for `RASK_SCHEDULER=tcp://host:port`: made on
-/// first use and kept, so computes don't reconnect each time.
+/// first use and kept, so computes don't reconnect each time. A connection
+/// found lost (the scheduler restarted, the network failed) is replaced by
+/// a new one; whatever still holds the old one sees its futures fail.
 pub(crate) fn shared_connection(address: &str) -> Result<Arc<Cluster>> {
     static CONNECTIONS: Mutex<Option<HashMap<String, Arc<Cluster>>>> = Mutex::new(None);
     let mut connections = CONNECTIONS.lock().unwrap_or_else(PoisonError::into_inner);
     let connections = connections.get_or_insert_with(HashMap::new);
-    if let Some(cluster) = connections.get(address) {
-        return Ok(cluster.clone());
+    match connections.get(address) {
+        Some(cluster) if cluster.client.is_connected() => return Ok(cluster.clone()),
+        Some(_) => {
+            connections.remove(address);
+        }
+        None => {}
     }
     let cluster = Arc::new(Cluster::connect(address)?);
     connections.insert(address.to_owned(), cluster.clone());

@@ -166,6 +166,49 @@ fn unregistered_functions_are_a_clear_error() {
     );
 }
 
+/// A scheduler in this process on `addr`, and one worker process of this
+/// test binary started by hand as the README says (`RASK_WORKER=tcp://…`),
+/// registered.
+fn scheduler_with_a_worker(
+    addr: std::net::SocketAddr,
+) -> (
+    rask_distributed::scheduler::SchedulerHandle,
+    std::process::Child,
+) {
+    let scheduler = rask_distributed::scheduler::serve(addr).expect("the scheduler starts");
+    let worker = std::process::Command::new(std::env::current_exe().expect("this test's path"))
+        .env(
+            rask_distributed::WORKER_ENV,
+            format!("tcp://{}", scheduler.address()),
+        )
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("the worker starts");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while scheduler.workers() < 1 {
+        assert!(Instant::now() < deadline, "the worker never registered");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    (scheduler, worker)
+}
+
+fn a_restarted_scheduler_is_reconnected() {
+    let (mut scheduler, mut worker) = scheduler_with_a_worker("127.0.0.1:0".parse().unwrap());
+    let addr = scheduler.address();
+    let config = Config::new().executor(ExecutorKind::Tcp(addr.to_string()));
+    assert_eq!(delayed!(inc(1)).compute_with(&config).unwrap(), 2);
+    // The scheduler goes away, and its worker with it (it exits when it
+    // loses its scheduler); a new one comes up at the same address.
+    scheduler.shutdown();
+    assert!(worker.wait().expect("the worker exits").success());
+    let (mut scheduler, mut worker) = scheduler_with_a_worker(addr);
+    // The connection kept from the first compute is lost: a new one is made.
+    assert_eq!(delayed!(inc(2)).compute_with(&config).unwrap(), 3);
+    scheduler.shutdown();
+    assert!(worker.wait().expect("the worker exits").success());
+}
+
 /// Waits until this process has at most `count` live children.
 fn children_settle_to(count: usize) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -429,6 +472,10 @@ fn main() {
         (
             "random_graphs_agree_with_the_sync_executor",
             random_graphs_agree_with_the_sync_executor,
+        ),
+        (
+            "a_restarted_scheduler_is_reconnected",
+            a_restarted_scheduler_is_reconnected,
         ),
     ];
     let filter: Vec<String> = std::env::args()

@@ -42,6 +42,7 @@
 //!    longer holds".
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
@@ -129,6 +130,8 @@ struct Link {
     held: Mutex<HashMap<WireKey, usize>>,
     /// The client thread, where a fetch must not block.
     thread_id: ThreadId,
+    /// Cleared when the scheduler connection is lost or the loop ends.
+    connected: AtomicBool,
 }
 
 impl Link {
@@ -350,6 +353,7 @@ impl Client {
                         commands: weak,
                         held: Mutex::new(HashMap::new()),
                         thread_id: std::thread::current().id(),
+                        connected: AtomicBool::new(true),
                     });
                     let _ = ready_tx.send(Ok(link.clone()));
                     Loop::new(link, writer).run(frames, commands_rx).await;
@@ -416,6 +420,21 @@ impl Client {
     /// The address this client was connected to, as given.
     pub fn address(&self) -> &str {
         &self.inner.address
+    }
+
+    /// Whether the connection to the scheduler is still up. Once it is lost
+    /// (the scheduler stopped, the network failed) it stays lost: every
+    /// submission fails, and a new `Client` must connect.
+    ///
+    /// ```no_run
+    /// let client = rask_distributed::Client::connect("tcp://127.0.0.1:8786")?;
+    /// if !client.is_connected() {
+    ///     // the scheduler went away: connect again
+    /// }
+    /// # Ok::<(), rask_distributed::Error>(())
+    /// ```
+    pub fn is_connected(&self) -> bool {
+        self.inner.link.connected.load(Ordering::Acquire)
     }
 }
 
@@ -1109,6 +1128,7 @@ impl Loop {
     /// The scheduler connection is gone: every open output fails (rule 4).
     fn disconnected(&mut self) {
         self.connected = false;
+        self.link.connected.store(false, Ordering::Release);
         let gone = format!("lost the connection to the scheduler at {}", self.address);
         for (_, waiters) in self.waiting.drain() {
             for waiter in waiters {

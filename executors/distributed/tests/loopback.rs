@@ -381,6 +381,7 @@ fn lost_scheduler_fails_open_submissions_of_an_in_process_client() {
 /// Shuts the scheduler down while `client` waits for a task: the
 /// submission fails, and so do later ones.
 fn lose_the_scheduler(cluster: &mut Cluster, client: &rask_distributed::Client) {
+    assert!(client.is_connected());
     let mut g = Graph::new(&cluster.shared);
     let a = g.value(1);
     let slow = g.op("gate", 0, &[a]);
@@ -391,6 +392,7 @@ fn lose_the_scheduler(cluster: &mut Cluster, client: &rask_distributed::Client) 
     cluster.scheduler.shutdown();
     let failure = got.wait()[0].clone().unwrap_err();
     assert!(failure.message.contains("lost the connection"), "{failure}");
+    assert!(!client.is_connected());
     // Later submissions fail at once too.
     let mut g = Graph::new(&cluster.shared);
     let a = g.value(1);
