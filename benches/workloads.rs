@@ -634,23 +634,12 @@ fn persist(run: &Run) -> Outcome {
     drop(a);
 
     // B: persist the chunks, then build over the held chunks (no loads).
-    // All C chunks at once, so that the loads run in parallel: in process
-    // one computation (Dask's `persist(*chunks)`); on a cluster through the
-    // client (Dask's `client.persist(chunks)`), whose results stay on the
-    // workers and are used there in place by the graphs built on them.
+    // All C chunks at once (Dask's `persist(*chunks)`), so that the loads run
+    // in parallel; on a cluster the chunks stay on the workers (Dask's
+    // `client.persist(chunks)`) and the graphs built on them use them there.
     let (chunks, b_persist_s) = timed(|| {
         let loads: Vec<_> = (0..c).map(|c| delayed!(load(c))).collect();
-        if run.cluster().is_some() {
-            let client = rask::Client::with_config(config)?;
-            let futures = loads
-                .iter()
-                .map(|load| client.submit(load))
-                .collect::<rask::Result<Vec<_>>>()?;
-            rask::wait(&futures);
-            Ok(futures.iter().map(rask::Future::to_delayed).collect())
-        } else {
-            rask::persist_with(&loads, config)
-        }
+        rask::persist_with(&loads, config)
     });
     let chunks = computed("persist", chunks)?;
     let (b, b_build_s) = timed(|| persist_graph(&chunks));

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use rask_executor::{Key, Value};
 
 use crate::compute::{compute_with, Compute};
-use crate::config::Config;
+use crate::config::{Config, ExecutorKind};
 use crate::data::Data;
 use crate::key::{KeyHasher, Tag};
 use crate::node::{Deps, Held, Name, Node};
@@ -225,6 +225,11 @@ impl<T: Data> Delayed<T> {
     /// the held value instead of recomputing its inputs. The value is freed
     /// when the last handle to it is dropped.
     ///
+    /// On a cluster (`local:N`, `tcp://…`) the value stays on the workers,
+    /// as with Dask's `client.persist`: the result holds its key there, a
+    /// graph on the same cluster uses it in place, and any other executor
+    /// fetches its bytes when it needs them.
+    ///
     /// # Errors
     ///
     /// As [`compute`](Delayed::compute).
@@ -313,6 +318,10 @@ pub fn persist<T: Data>(items: &[Delayed<T>]) -> Result<Vec<Delayed<T>>> {
 ///
 /// As [`Delayed::compute`].
 pub fn persist_with<T: Data>(items: &[Delayed<T>], config: &Config) -> Result<Vec<Delayed<T>>> {
+    let kind = config.resolve()?;
+    if matches!(kind, ExecutorKind::Local(_) | ExecutorKind::Tcp(_)) {
+        return persist_on_cluster(items, config);
+    }
     let roots: Vec<Arc<Node>> = items
         .iter()
         .filter(|d| !d.node.is_data())
@@ -330,6 +339,23 @@ pub fn persist_with<T: Data>(items: &[Delayed<T>], config: &Config) -> Result<Ve
             }
         })
         .collect())
+}
+
+/// [`persist_with`] on a cluster: the values stay on the workers (Dask's
+/// `client.persist`), each returned `Delayed` holding its key there for as
+/// long as it lives. A later graph on the same cluster uses them in place;
+/// on any other executor, their bytes are fetched.
+fn persist_on_cluster<T: Data>(items: &[Delayed<T>], config: &Config) -> Result<Vec<Delayed<T>>> {
+    let client = crate::Client::with_config(config)?;
+    let futures = items
+        .iter()
+        .map(|d| client.submit(d))
+        .collect::<Result<Vec<_>>>()?;
+    crate::wait(&futures);
+    if let Some(e) = futures.iter().find_map(crate::Future::exception) {
+        return Err(e);
+    }
+    Ok(futures.iter().map(crate::Future::to_delayed).collect())
 }
 
 /// Wraps a plain value as a `Delayed`: a data node whose key is the hash of

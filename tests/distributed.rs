@@ -98,6 +98,11 @@ fn counted_len(data: Arc<Counted>, extra: usize) -> usize {
     data.0.len() + extra
 }
 
+/// `n` bytes, made wherever it runs.
+fn counted(n: usize) -> Counted {
+    Counted(vec![7; n])
+}
+
 fn local2() -> Config {
     Config::new().executor(ExecutorKind::Local(2))
 }
@@ -332,6 +337,45 @@ fn held_results_stay_on_the_cluster() {
     children_settle_to(before);
 }
 
+fn persist_on_a_cluster_keeps_the_values_there() {
+    let path = stamp_path("persist");
+    let stamped = delayed!(stamp(path.clone(), 5))
+        .persist_with(&local2())
+        .unwrap();
+    let data = rask::persist_with(&[delayed!(counted(1 << 20))], &local2()).unwrap();
+    let (stamped, data) = (&stamped, &data[0]);
+    // Each stands for a result held on the cluster, not for a value carried
+    // inside every later graph.
+    for held in [
+        rask::explain(stamped, &Config::new()),
+        rask::explain(data, &Config::new()),
+    ] {
+        assert!(!held.unwrap().tasks().any(|t| t.is_data()));
+    }
+    let sent = SERIALIZED.load(Ordering::SeqCst);
+    for extra in 0..3 {
+        let total = delayed!(counted_len(data, extra)).compute_with(&local2());
+        assert_eq!(total.unwrap(), (1 << 20) + extra);
+        assert_eq!(
+            delayed!(add(stamped, 1)).compute_with(&local2()).unwrap(),
+            6
+        );
+    }
+    // Used where it is: never brought here and sent back, never run again.
+    assert_eq!(SERIALIZED.load(Ordering::SeqCst), sent, "sent from here");
+    assert_eq!(stamps(&path), 1);
+    // Another executor gets the bytes.
+    let sync = Config::new().executor(ExecutorKind::Synchronous);
+    assert_eq!(
+        delayed!(counted_len(data, 1)).compute_with(&sync).unwrap(),
+        (1 << 20) + 1
+    );
+    // A failure is the error of `persist`, as of `compute`.
+    let err = rask::persist_with(&[delayed!(explode(3))], &local2()).unwrap_err();
+    assert!(err.to_string().contains("exploded on 3"), "{err}");
+    let _ = std::fs::remove_file(&path);
+}
+
 fn compute_uses_values_its_cluster_holds() {
     // A client on the shared `local:2` cluster, as `RASK_SCHEDULER=local:2`
     // gives: `compute` on the same cluster uses its held values in place.
@@ -438,6 +482,7 @@ fn main() {
         half?,
         stamp,
         counted_len,
+        counted,
         support::leaf,
         support::mix?,
         support::tree_inc,
@@ -460,6 +505,10 @@ fn main() {
         (
             "held_results_stay_on_the_cluster",
             held_results_stay_on_the_cluster,
+        ),
+        (
+            "persist_on_a_cluster_keeps_the_values_there",
+            persist_on_a_cluster_keeps_the_values_there,
         ),
         (
             "compute_uses_values_its_cluster_holds",
