@@ -88,26 +88,36 @@ fn inputs_are_given_in_dependency_order() {
 fn shared_keys_across_submissions_and_clients_run_once() {
     let cluster = Cluster::new(2, 1);
     let (one, two) = (cluster.client(), cluster.client());
-    let plan = || {
+    // The gate, then a count; `extra` adds an output of its own.
+    let plan = |extra: bool| {
         let mut g = Graph::new(&cluster.shared);
         let a = g.value(5);
         let slow = g.op("gate", 0, &[a]);
         let counted = g.op("count", 1, &[slow]);
         g.output(counted);
+        if extra {
+            let own = g.value(6);
+            g.output(own);
+        }
         g.build()
     };
     let first = Collect::new(1);
-    first.submit(&one, plan());
+    first.submit(&one, plan(false));
     cluster.wait_started();
+    assert_eq!(cluster.scheduler.tasks(), 3);
     // While the first runs: the same keys from the same client and another.
     let second = Collect::new(1);
-    second.submit(&one, plan());
-    let third = Collect::new(1);
-    third.submit(&two, plan());
+    second.submit(&one, plan(false));
+    let third = Collect::new(2);
+    third.submit(&two, plan(true));
+    // The other client's graph reached the scheduler (its own output is
+    // the one new task) before the gate opens; the same client's comes
+    // before that client's release of the first, on one connection.
+    cluster.eventually("the other client's graph", |c| c.scheduler.tasks() == 4);
     cluster.shared.open_gate(1);
     assert_eq!(first.wait(), vec![Ok(6)]);
     assert_eq!(second.wait(), vec![Ok(6)]);
-    assert_eq!(third.wait(), vec![Ok(6)]);
+    assert_eq!(third.wait(), vec![Ok(6), Ok(6)]);
     assert_eq!(cluster.shared.runs.load(Ordering::SeqCst), 1);
     cluster.eventually("release", |c| c.scheduler.tasks() == 0);
 }
