@@ -1050,15 +1050,16 @@ impl Loop {
             return;
         }
         open.unreported -= 1;
-        open.reporter.output(slot, outcome);
-        if open.unreported == 0 {
-            self.complete(id);
+        if open.unreported > 0 {
+            open.reporter.output(slot, outcome);
+        } else {
+            self.complete(id, slot, outcome);
         }
     }
 
-    /// Releases a finished submission's keys, except those its handles
-    /// hold (rule 5), and finishes it (rule 2).
-    fn complete(&mut self, id: u64) {
+    /// Reports a submission's last output, releases its keys except those
+    /// its handles hold (rule 5), and finishes it (rule 2).
+    fn complete(&mut self, id: u64, slot: usize, outcome: Outcome) {
         let Some(open) = self.open.remove(&id) else {
             return;
         };
@@ -1069,6 +1070,11 @@ impl Loop {
             handles,
             ..
         } = open;
+        // The plan goes before the last output is reported: a caller that
+        // has every output then finds the plan's own references (futures
+        // among its inputs) released.
+        drop(plan);
+        reporter.output(slot, outcome);
         if self.connected {
             let keys: Vec<WireKey> = wanted
                 .into_iter()
@@ -1078,7 +1084,6 @@ impl Loop {
                 self.out.push(&ToScheduler::ReleaseKeys { keys });
             }
         }
-        drop(plan);
         // The reporter holds the handles it still wants.
         drop(handles);
         reporter.finished();
