@@ -15,7 +15,10 @@
 //!    comes with `KeyInMemory`, saving a round trip to a worker per result.
 //! 4. Every output is reported exactly once, then `finished` is called after
 //!    the plan was dropped — also when the scheduler connection is lost (the
-//!    outputs fail) and when the client is dropped (they are cancelled).
+//!    outputs fail) and when the client is dropped (they are cancelled). On
+//!    success the plan is dropped before the last output is reported, so a
+//!    caller that has every output holds the only references left to the
+//!    plan's inputs.
 //! 5. A submission whose reporter asks to [`keep_remote`](Reporter::keep_remote)
 //!    gets each output, once in memory, as a [`Remote`] handle: one handle
 //!    per distinct key, shared by the slots with that key. Its reference to
