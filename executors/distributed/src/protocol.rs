@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 pub const MAGIC: [u8; 4] = *b"RASK";
 
 /// The protocol version; peers with another version are refused.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 
 /// Values whose encoding is at most this many bytes travel with their
 /// report: in `TaskFinished` to the scheduler, and in `KeyInMemory` to the
@@ -214,6 +214,10 @@ pub enum ProtocolError {
     /// The peer sent nothing for too long during the handshake.
     #[error("no handshake within {0:?}")]
     Timeout(std::time::Duration),
+    /// A worker sent nothing, not even a heartbeat, for this long: it is
+    /// taken for dead (hung, or its machine unreachable).
+    #[error("nothing heard for {0:?}: taken for dead")]
+    Silent(std::time::Duration),
 }
 
 /// Identifies a worker for as long as its connection to the scheduler lives.
@@ -367,6 +371,8 @@ pub enum ToScheduler {
         /// The worker that failed to deliver it.
         holder: WorkerId,
     },
+    /// Worker: it is alive (sent as often as `ToWorker::Heartbeat` asks).
+    Heartbeat,
 }
 
 /// Messages from the scheduler to a worker.
@@ -413,6 +419,13 @@ pub enum ToWorker {
     Release {
         /// The key.
         key: WireKey,
+    },
+    /// Send `ToScheduler::Heartbeat` every `every_ms` milliseconds: a worker
+    /// the scheduler does not hear from for a few times that is taken for
+    /// dead. Sent right after `Registered`.
+    Heartbeat {
+        /// The interval.
+        every_ms: u64,
     },
 }
 
@@ -683,7 +696,7 @@ mod tests {
     #[test]
     fn golden_handshake() {
         let frame = Handshake::new(Role::Worker).to_frame();
-        assert_eq!(hex(&frame), "080000005241534b02000200");
+        assert_eq!(hex(&frame), "080000005241534b03000200");
         assert_eq!(
             Handshake::parse(&frame).unwrap(),
             Handshake::new(Role::Worker)

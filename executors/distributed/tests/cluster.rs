@@ -103,7 +103,7 @@ fn a_worker_that_exits_early_is_reported_with_its_stderr() {
 fn rask_scheduler_binary_prints_its_address_and_serves() {
     use std::io::BufRead;
     let mut child = Command::new(env!("CARGO_BIN_EXE_rask-scheduler"))
-        .args(["--port", "0"])
+        .args(["--port", "0", "--worker-timeout", "30"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -157,10 +157,16 @@ fn rask_scheduler_binary_prints_its_address_and_serves() {
 
 #[test]
 fn rask_scheduler_binary_rejects_bad_arguments() {
-    let out = Command::new(env!("CARGO_BIN_EXE_rask-scheduler"))
-        .args(["--port", "nope"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("usage"));
+    for args in [
+        &["--port", "nope"][..],
+        &["--worker-timeout", "0"],
+        &["--worker-timeout", "soon"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_rask-scheduler"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("usage"));
+    }
 }

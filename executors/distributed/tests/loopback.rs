@@ -226,6 +226,35 @@ fn many_short_tasks_at_once_are_shared_between_the_network_thread_and_the_pool()
 }
 
 #[test]
+fn a_silent_worker_is_taken_for_dead_and_its_task_runs_elsewhere() {
+    let timeout = Duration::from_millis(500);
+    let options = rask_distributed::scheduler::Options::default().worker_timeout(timeout);
+    let mut cluster = Cluster::with_options(1, 1, options);
+    let client = cluster.client();
+    // Worker 0 learns that `where` is short and runs it on its network
+    // thread (worker rule 5).
+    let inline = (0..50).any(|salt| run_where(&cluster, &client, "where", 0, salt) == Ok(1));
+    assert!(inline, "`where` never ran on the network thread");
+    // Worker 1 has never run it: it would use a compute thread.
+    cluster.add_worker(1);
+    cluster.eventually("two workers", |c| c.scheduler.workers() == 2);
+    // Both idle: worker 0 (the lower id) takes this one, which sleeps 1.5 s
+    // on its network thread: no heartbeat meanwhile. After `timeout` the
+    // scheduler takes it for dead and runs the task again on worker 1.
+    let got = run_where(&cluster, &client, "where", 1_500_000, 77);
+    assert_eq!(got, Ok(0), "ran on a compute thread, so on worker 1");
+    assert_eq!(cluster.scheduler.workers(), 1);
+    // Worker 0 stops once it finds its connection closed.
+    cluster.eventually("worker 0 to stop", |c| {
+        c.workers[0].as_ref().is_none_or(|w| w.is_finished())
+    });
+    // The rest carries on, heartbeats and all, past the timeout.
+    std::thread::sleep(2 * timeout);
+    diamond(&cluster, &client, 3);
+    assert_eq!(cluster.scheduler.workers(), 1);
+}
+
+#[test]
 fn a_panic_on_the_network_thread_fails_only_its_task() {
     let cluster = Cluster::new(1, 1);
     let client = cluster.client();

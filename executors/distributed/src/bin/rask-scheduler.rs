@@ -1,16 +1,20 @@
-//! `rask-scheduler [--host 127.0.0.1] [--port 8786]`: runs a rask scheduler
-//! until killed. With `--port 0` the OS picks the port; the first line on
-//! stdout is always the bound address, `tcp://HOST:PORT`.
+//! `rask-scheduler [--host 127.0.0.1] [--port 8786] [--worker-timeout 60]`:
+//! runs a rask scheduler until killed. With `--port 0` the OS picks the
+//! port; the first line on stdout is always the bound address,
+//! `tcp://HOST:PORT`. A worker not heard from for `--worker-timeout`
+//! seconds is taken for dead and its work goes elsewhere.
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: rask-scheduler [--host 127.0.0.1] [--port 8786]";
+const USAGE: &str =
+    "usage: rask-scheduler [--host 127.0.0.1] [--port 8786] [--worker-timeout SECONDS (60)]";
 
 fn main() -> ExitCode {
     let mut host: IpAddr = [127, 0, 0, 1].into();
     let mut port: u16 = 8786;
+    let mut options = rask_distributed::scheduler::Options::default();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -27,6 +31,12 @@ fn main() -> ExitCode {
                 Some(Ok(p)) => port = p,
                 _ => return usage("--port needs a number from 0 to 65535"),
             },
+            "--worker-timeout" => match value().map(|v| v.parse::<f64>()) {
+                Some(Ok(s)) if s.is_finite() && s > 0.0 && s <= 1e6 => {
+                    options.worker_timeout = std::time::Duration::from_secs_f64(s);
+                }
+                _ => return usage("--worker-timeout needs a number of seconds above 0"),
+            },
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return ExitCode::SUCCESS;
@@ -34,16 +44,17 @@ fn main() -> ExitCode {
             other => return usage(&format!("unknown argument `{other}`")),
         }
     }
-    let scheduler = match rask_distributed::scheduler::serve(SocketAddr::new(host, port)) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!(
-                "rask-scheduler: cannot listen on {host}:{port}: {e}: {}",
-                source(&e)
-            );
-            return ExitCode::FAILURE;
-        }
-    };
+    let scheduler =
+        match rask_distributed::scheduler::serve_with(SocketAddr::new(host, port), options) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!(
+                    "rask-scheduler: cannot listen on {host}:{port}: {e}: {}",
+                    source(&e)
+                );
+                return ExitCode::FAILURE;
+            }
+        };
     let mut stdout = std::io::stdout();
     let _ = writeln!(stdout, "tcp://{}", scheduler.address());
     let _ = stdout.flush();

@@ -17,6 +17,11 @@
 //! 3. Outgoing messages are flushed after the input that caused them and all
 //!    input already queued behind it was handled: many small messages to one
 //!    peer become one frame and one write.
+//! 4. A worker is told to send a heartbeat every quarter of
+//!    [`Options::worker_timeout`]; one the scheduler hears nothing from for
+//!    that long is closed as if it had died (rule 2): hung, stopped, or on
+//!    a machine that became unreachable, it would otherwise hold its tasks
+//!    and values for ever. Clients are never timed out.
 
 mod placement;
 mod state;
@@ -26,6 +31,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -130,8 +136,39 @@ impl std::fmt::Debug for SchedulerHandle {
     }
 }
 
+/// How a scheduler treats its peers.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Options {
+    /// A worker that sends nothing, not even a heartbeat, for this long is
+    /// taken for dead and its work goes elsewhere (rule 4). Default 60 s.
+    pub worker_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            worker_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Options {
+    /// The default options with another worker timeout.
+    pub fn worker_timeout(mut self, timeout: Duration) -> Options {
+        self.worker_timeout = timeout;
+        self
+    }
+
+    /// How often workers are asked to send a heartbeat.
+    fn heartbeat(&self) -> Duration {
+        (self.worker_timeout / 4).max(Duration::from_millis(1))
+    }
+}
+
 /// Starts a scheduler listening on `addr` (port 0 picks a free port) on a
-/// background thread with its own single-threaded tokio runtime.
+/// background thread with its own single-threaded tokio runtime, with the
+/// default [`Options`].
 ///
 /// # Errors
 ///
@@ -145,6 +182,25 @@ impl std::fmt::Debug for SchedulerHandle {
 /// # Ok::<(), rask_distributed::Error>(())
 /// ```
 pub fn serve(addr: SocketAddr) -> Result<SchedulerHandle, Error> {
+    serve_with(addr, Options::default())
+}
+
+/// [`serve`] with `options`.
+///
+/// # Errors
+///
+/// As [`serve`].
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use rask_distributed::scheduler::{serve_with, Options};
+/// let options = Options::default().worker_timeout(Duration::from_secs(300));
+/// let scheduler = serve_with("127.0.0.1:0".parse().unwrap(), options)?;
+/// # Ok::<(), rask_distributed::Error>(())
+/// ```
+pub fn serve_with(addr: SocketAddr, options: Options) -> Result<SchedulerHandle, Error> {
     let listener = net::listen(addr).map_err(Error::Io)?;
     let address = listener.local_addr().map_err(Error::Io)?;
     let runtime = net::runtime().map_err(Error::Io)?;
@@ -158,7 +214,7 @@ pub fn serve(addr: SocketAddr) -> Result<SchedulerHandle, Error> {
         .spawn(move || {
             runtime.block_on(async move {
                 match TcpListener::from_std(listener) {
-                    Ok(listener) => run(listener, locals_rx, stop_rx, count).await,
+                    Ok(listener) => run(listener, locals_rx, stop_rx, count, options).await,
                     Err(e) => log!("scheduler: cannot listen: {e}"),
                 }
             });
@@ -204,6 +260,8 @@ enum Kind {
 struct Conn {
     kind: Kind,
     peer: SocketAddr,
+    /// When its last frame arrived (rule 4).
+    last_heard: Instant,
     writer: mpsc::UnboundedSender<Vec<u8>>,
     // Dropping it ends the reader task, which closes the socket.
     _kill: oneshot::Sender<()>,
@@ -228,6 +286,9 @@ struct Shell {
     state: State,
     conns: HashMap<u32, Conn>,
     out: Batches,
+    options: Options,
+    /// When silent workers were last looked for (rule 4).
+    last_check: Instant,
 }
 
 async fn run(
@@ -235,12 +296,17 @@ async fn run(
     mut locals: mpsc::UnboundedReceiver<net::LocalEnd>,
     mut stop: oneshot::Receiver<()>,
     counts: Arc<Counts>,
+    options: Options,
 ) {
     let (events_tx, mut events) = mpsc::unbounded_channel();
+    let mut silence = tokio::time::interval(options.heartbeat());
+    silence.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut shell = Shell {
         state: State::new(),
         conns: HashMap::new(),
         out: Batches::default(),
+        options,
+        last_check: Instant::now(),
     };
     let mut next_conn: u32 = 0;
     loop {
@@ -282,6 +348,13 @@ async fn run(
                 shell.flush();
                 counts.workers.store(shell.state.worker_count(), Ordering::Release);
                 counts.tasks.store(shell.state.task_count(), Ordering::Release);
+            }
+            _ = silence.tick() => {
+                if shell.close_silent_workers() {
+                    shell.flush();
+                    counts.workers.store(shell.state.worker_count(), Ordering::Release);
+                    counts.tasks.store(shell.state.task_count(), Ordering::Release);
+                }
             }
         }
     }
@@ -388,12 +461,16 @@ impl Shell {
                     Conn {
                         kind,
                         peer,
+                        last_heard: Instant::now(),
                         writer,
                         _kill: kill,
                     },
                 );
             }
             Event::Frame { conn, msgs } => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.last_heard = Instant::now();
+                }
                 for msg in msgs {
                     let Some(c) = self.conns.get(&conn) else {
                         return; // closed by an earlier message of this frame
@@ -427,7 +504,10 @@ impl Shell {
                     c.kind = Kind::Worker(w);
                 }
                 state.on_worker_registered(w, address, threads, out);
+                let every_ms = self.options.heartbeat().as_millis() as u64;
+                out.to_worker(w, ToWorker::Heartbeat { every_ms });
             }
+            (Kind::Worker(_), ToScheduler::Heartbeat) => {}
             (
                 Kind::Worker(w),
                 ToScheduler::TaskFinished {
@@ -474,6 +554,34 @@ impl Shell {
             Kind::Worker(worker) => self.state.on_worker_lost(worker, &mut self.out),
             Kind::NewWorker => {}
         }
+    }
+
+    /// Closes the workers not heard from for the worker timeout (rule 4);
+    /// whether there were any.
+    fn close_silent_workers(&mut self) -> bool {
+        let timeout = self.options.worker_timeout;
+        let now = Instant::now();
+        let since = now.duration_since(std::mem::replace(&mut self.last_check, now));
+        if since > 2 * self.options.heartbeat() {
+            // This thread was held up (a huge graph, a stalled machine): the
+            // frames that arrived meanwhile have not been read yet. Start
+            // everyone's window again rather than blame the workers.
+            for c in self.conns.values_mut() {
+                c.last_heard = now;
+            }
+            return false;
+        }
+        let silent: Vec<u32> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| !matches!(c.kind, Kind::Client(_)))
+            .filter(|(_, c)| c.last_heard.elapsed() > timeout)
+            .map(|(&conn, _)| conn)
+            .collect();
+        for &conn in &silent {
+            self.close(conn, Some(ProtocolError::Silent(timeout)));
+        }
+        !silent.is_empty()
     }
 
     fn flush(&mut self) {

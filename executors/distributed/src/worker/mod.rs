@@ -25,6 +25,10 @@
 //!    A run over [`FAST_OP`] sends its function back to the pool until it
 //!    has been fast [`FAST_STREAK`] times in a row again, so a function that
 //!    turns slow delays the network thread once, by that one run.
+//! 6. The worker sends a heartbeat as often as its scheduler asked
+//!    (`ToWorker::Heartbeat`), so a hung worker (or one whose machine became
+//!    unreachable) is told from a busy one: a long task on a compute thread
+//!    never delays it, a short one on the network thread (rule 5) barely.
 
 mod state;
 
@@ -320,6 +324,8 @@ async fn main(
     let mut stop = stop;
 
     let mut pending: Vec<ToWorker> = first.collect();
+    // Rule 6: ticks once the scheduler said how often.
+    let mut heartbeat: Option<tokio::time::Interval> = None;
     let result = loop {
         for msg in pending.drain(..) {
             match msg {
@@ -348,6 +354,12 @@ async fn main(
                 ToWorker::PeerLeft { id } => {
                     peers.remove_peer(id);
                     state.on_peer_left(id);
+                }
+                ToWorker::Heartbeat { every_ms } => {
+                    let every = Duration::from_millis(every_ms.max(1));
+                    let mut ticks = tokio::time::interval(every);
+                    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    heartbeat = Some(ticks);
                 }
                 ToWorker::Registered { .. } => {
                     log!("worker: closing the scheduler connection: registered twice");
@@ -408,6 +420,14 @@ async fn main(
                     state.on_fetched(f.from, f.key, f.result, &mut out);
                 }
             }
+            _ = async {
+                match heartbeat.as_mut() {
+                    Some(ticks) => {
+                        ticks.tick().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            } => out.to_scheduler(ToScheduler::Heartbeat),
         }
     };
     pool.close();

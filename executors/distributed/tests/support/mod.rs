@@ -475,24 +475,33 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn new(workers: usize, threads: usize) -> Cluster {
-        let scheduler = scheduler::serve("127.0.0.1:0".parse().unwrap()).unwrap();
+        Cluster::with_options(workers, threads, scheduler::Options::default())
+    }
+
+    pub fn with_options(workers: usize, threads: usize, options: scheduler::Options) -> Cluster {
+        let scheduler = scheduler::serve_with("127.0.0.1:0".parse().unwrap(), options).unwrap();
         let address = format!("tcp://{}", scheduler.address());
         let (shared, started) = Shared::new();
-        let workers = (0..workers)
-            .map(|_| {
-                let registry = Arc::new(TestRegistry {
-                    shared: shared.clone(),
-                });
-                Some(worker::spawn(&address, registry, threads).unwrap())
-            })
-            .collect();
-        Cluster {
-            workers,
+        let mut cluster = Cluster {
+            workers: Vec::new(),
             shared,
             started,
             scheduler,
             address,
+        };
+        for _ in 0..workers {
+            cluster.add_worker(threads);
         }
+        cluster
+    }
+
+    /// Starts one more worker; returns once it registered.
+    pub fn add_worker(&mut self, threads: usize) {
+        let registry = Arc::new(TestRegistry {
+            shared: self.shared.clone(),
+        });
+        let worker = worker::spawn(&self.address, registry, threads).unwrap();
+        self.workers.push(Some(worker));
     }
 
     pub fn client(&self) -> Client {
