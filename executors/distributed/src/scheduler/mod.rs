@@ -346,14 +346,12 @@ async fn run(
                     n += 1;
                 }
                 shell.flush();
-                counts.workers.store(shell.state.worker_count(), Ordering::Release);
-                counts.tasks.store(shell.state.task_count(), Ordering::Release);
+                shell.publish(&counts);
             }
             _ = silence.tick() => {
                 if shell.close_silent_workers() {
                     shell.flush();
-                    counts.workers.store(shell.state.worker_count(), Ordering::Release);
-                    counts.tasks.store(shell.state.task_count(), Ordering::Release);
+                    shell.publish(&counts);
                 }
             }
         }
@@ -554,6 +552,16 @@ impl Shell {
             Kind::Worker(worker) => self.state.on_worker_lost(worker, &mut self.out),
             Kind::NewWorker => {}
         }
+    }
+
+    /// Publishes the figures [`SchedulerHandle`] reads.
+    fn publish(&self, counts: &Counts) {
+        counts
+            .workers
+            .store(self.state.worker_count(), Ordering::Release);
+        counts
+            .tasks
+            .store(self.state.task_count(), Ordering::Release);
     }
 
     /// Closes the workers not heard from for the worker timeout (rule 4);
