@@ -17,14 +17,15 @@
 //! 4. The data port listens on the address the worker used to reach its
 //!    scheduler (port chosen by the OS): the one interface other machines of
 //!    the cluster are known to route to.
-//! 5. A job whose function's last [`FAST_STREAK`] runs on this worker each
-//!    took under [`FAST_OP`] runs on the network thread itself, right where
-//!    it is dispatched: for a tiny task, the hand-off to a compute thread
-//!    and back costs more than the task. One turn of the network loop runs
-//!    such jobs for at most [`INLINE_TURN`] and hands the rest to the pool.
-//!    A run over [`FAST_OP`] sends its function back to the pool until it
-//!    has been fast [`FAST_STREAK`] times in a row again, so a function that
-//!    turns slow delays the network thread once, by that one run.
+//! 5. A job whose function's last 4 runs on this worker (`FAST_STREAK`)
+//!    each took under 50 µs (`FAST_OP`) runs on the network thread itself,
+//!    right where it is dispatched: for a tiny task, the hand-off to a
+//!    compute thread and back costs more than the task. One turn of the
+//!    network loop runs such jobs for at most 500 µs (`INLINE_TURN`) and
+//!    hands the rest to the pool. A run over 50 µs sends its function back
+//!    to the pool until it has been fast 4 times in a row again, so a
+//!    function that turns slow delays the network thread once, by that one
+//!    run.
 //! 6. The worker sends a heartbeat as often as its scheduler asked
 //!    (`ToWorker::Heartbeat`), so a hung worker (or one whose machine became
 //!    unreachable) is told from a busy one: a long task on a compute thread
