@@ -173,9 +173,30 @@ pub(crate) type Reader = BufReader<Box<dyn AsyncRead + Unpin + Send>>;
 /// The writing half of a connection (see [`Reader`]).
 pub(crate) type Writer = Box<dyn AsyncWrite + Unpin + Send>;
 
-/// Splits a TCP stream into its halves, with Nagle off.
-fn tcp_halves(stream: TcpStream) -> (Reader, Writer) {
+/// How long a TCP connection may sit idle before the kernel probes the peer.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+
+/// Between unanswered probes; the kernel gives up after a few (Linux: 9).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Nagle off, keepalive on (see [`tcp_halves`]).
+fn tune(stream: &TcpStream) {
     let _ = stream.set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
+        log!("cannot turn TCP keepalive on: {e}");
+    }
+}
+
+/// Splits a TCP stream into its halves, with Nagle off and keepalive on: a
+/// peer whose machine vanished (powered off, unplugged) without closing
+/// the connection is noticed by the kernel within a few minutes and the
+/// connection fails, for clients too (workers also send heartbeats, which
+/// catch a hung process sooner).
+fn tcp_halves(stream: TcpStream) -> (Reader, Writer) {
+    tune(&stream);
     let (read, write) = stream.into_split();
     (
         BufReader::with_capacity(64 << 10, Box::new(read)),
@@ -589,4 +610,27 @@ pub(crate) fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .enable_io()
         .enable_time()
         .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcp_connections_probe_idle_peers() {
+        let rt = runtime().unwrap();
+        rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = listener.local_addr().unwrap();
+            let (dialed, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
+            for stream in [dialed.unwrap(), accepted.unwrap().0] {
+                tune(&stream);
+                let socket = socket2::SockRef::from(&stream);
+                assert!(socket.keepalive().unwrap());
+                assert_eq!(socket.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
+                assert_eq!(socket.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+                assert!(stream.nodelay().unwrap());
+            }
+        });
+    }
 }
