@@ -218,6 +218,17 @@ mod tests {
     }
 
     #[test]
+    fn a_chunk_of_hundreds_of_kilobytes_is_worth_waiting_for() {
+        // `persist`'s 800 KB chunks: a busy holder keeps its 1 µs tasks
+        // rather than another worker fetching the chunk for each.
+        let ws = workers(&[(2, 1), (1, 1)]);
+        let a = [WorkerId(0)];
+        let chunk = 800 << 10;
+        let got = choose([(&a[..], chunk)].into_iter(), &ws, 2, &mut vec![]);
+        assert_eq!(got, Choice::Defer);
+    }
+
+    #[test]
     fn all_full() {
         let ws = workers(&[(2, 1), (2, 1)]);
         assert_eq!(
