@@ -18,7 +18,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
@@ -168,10 +169,7 @@ async fn read_handshake<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Handshak
 }
 
 /// The reading half of a TCP connection, buffered.
-pub(crate) type Reader = BufReader<Box<dyn AsyncRead + Unpin + Send>>;
-
-/// The writing half of a connection (see [`Reader`]).
-pub(crate) type Writer = Box<dyn AsyncWrite + Unpin + Send>;
+pub(crate) type Reader = BufReader<OwnedReadHalf>;
 
 /// How long a TCP connection may sit idle before the kernel probes the peer.
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
@@ -195,13 +193,10 @@ fn tune(stream: &TcpStream) {
 /// the connection is noticed by the kernel within a few minutes and the
 /// connection fails, for clients too (workers also send heartbeats, which
 /// catch a hung process sooner).
-fn tcp_halves(stream: TcpStream) -> (Reader, Writer) {
+fn tcp_halves(stream: TcpStream) -> (Reader, OwnedWriteHalf) {
     tune(&stream);
     let (read, write) = stream.into_split();
-    (
-        BufReader::with_capacity(64 << 10, Box::new(read)),
-        Box::new(write),
-    )
+    (BufReader::with_capacity(64 << 10, read), write)
 }
 
 /// One end of an in-memory connection between a client and the scheduler
@@ -285,23 +280,14 @@ pub(crate) async fn connect(
     role: Role,
     expect: Role,
     timeout: Duration,
-) -> Result<(Reader, Writer, SocketAddr), ConnectError> {
+) -> Result<(Reader, OwnedWriteHalf, SocketAddr), ConnectError> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(ConnectError::Io(e)),
         Err(_) => return Err(ConnectError::Timeout),
     };
     let local = stream.local_addr().map_err(ConnectError::Io)?;
-    let (read, write) = greet(tcp_halves(stream), role, expect).await?;
-    Ok((read, write, local))
-}
-
-/// The handshake of [`connect`] on a connection already open.
-pub(crate) async fn greet(
-    (mut read, mut write): (Reader, Writer),
-    role: Role,
-    expect: Role,
-) -> Result<(Reader, Writer), ConnectError> {
+    let (mut read, mut write) = tcp_halves(stream);
     write
         .write_all(&Handshake::new(role).to_frame())
         .await
@@ -312,7 +298,7 @@ pub(crate) async fn greet(
     if theirs.role != expect {
         return Err(ConnectError::Handshake(ProtocolError::Role(theirs.role)));
     }
-    Ok((read, write))
+    Ok((read, write, local))
 }
 
 /// Why [`connect`] failed.
@@ -338,15 +324,8 @@ impl std::fmt::Display for ConnectError {
 pub(crate) async fn accept(
     stream: TcpStream,
     me: Role,
-) -> Result<(Role, Reader, Writer), ProtocolError> {
-    answer(tcp_halves(stream), me).await
-}
-
-/// The handshake of [`accept`] on any connection.
-pub(crate) async fn answer(
-    (mut read, mut write): (Reader, Writer),
-    me: Role,
-) -> Result<(Role, Reader, Writer), ProtocolError> {
+) -> Result<(Role, Reader, OwnedWriteHalf), ProtocolError> {
+    let (mut read, mut write) = tcp_halves(stream);
     let theirs = read_handshake(&mut read).await?;
     write
         .write_all(&Handshake::new(me).to_frame())
@@ -361,7 +340,7 @@ const COALESCE: usize = 1 << 20;
 /// Spawns the task that writes frames to `write`, coalescing whatever is
 /// queued into one write. The task ends when every sender is dropped or the
 /// socket fails.
-pub(crate) fn spawn_writer(mut write: Writer) -> mpsc::UnboundedSender<Vec<u8>> {
+pub(crate) fn spawn_writer(mut write: OwnedWriteHalf) -> mpsc::UnboundedSender<Vec<u8>> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
     tokio::spawn(async move {
         let mut buf: Vec<u8> = Vec::new();

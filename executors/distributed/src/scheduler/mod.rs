@@ -33,7 +33,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::net::{self, log, Chain};
@@ -316,8 +316,7 @@ async fn run(
                 Ok((stream, peer)) => {
                     let conn = next_conn;
                     next_conn = next_conn.wrapping_add(1);
-                    let accepted = net::accept(stream, Role::Scheduler);
-                    tokio::spawn(connection(conn, accepted, peer, events_tx.clone()));
+                    tokio::spawn(connection(conn, stream, peer, events_tx.clone()));
                 }
                 Err(e) => {
                     log!("scheduler: accept failed: {e}");
@@ -358,15 +357,14 @@ async fn run(
     }
 }
 
-/// One accepted connection: handshake (`accepted`), then
-/// [`serve_connection`].
+/// One accepted TCP connection: handshake, then [`serve_connection`].
 async fn connection(
     conn: u32,
-    accepted: impl std::future::Future<Output = Result<(Role, net::Reader, net::Writer), ProtocolError>>,
+    stream: TcpStream,
     peer: SocketAddr,
     events: mpsc::UnboundedSender<Event>,
 ) {
-    let (role, read, write) = match accepted.await {
+    let (role, read, write) = match net::accept(stream, Role::Scheduler).await {
         Ok(x) => x,
         Err(e) => {
             log!("scheduler: closing connection from {peer}: {}", Chain(&e));
