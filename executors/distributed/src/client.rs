@@ -143,6 +143,21 @@ impl Link {
     }
 }
 
+/// One more count for `key` in a table of held keys ([`Link::held`]).
+fn hold(held: &mut HashMap<WireKey, usize>, key: WireKey) {
+    *held.entry(key).or_insert(0) += 1;
+}
+
+/// One count fewer for `key`; the entry goes with its last count.
+fn unhold(held: &mut HashMap<WireKey, usize>, key: WireKey) {
+    if let Some(n) = held.get_mut(&key) {
+        *n -= 1;
+        if *n == 0 {
+            held.remove(&key);
+        }
+    }
+}
+
 /// A key held on the cluster for one submission's outputs (rule 5).
 struct KeyHandle {
     key: WireKey,
@@ -153,7 +168,7 @@ struct KeyHandle {
 
 impl KeyHandle {
     fn new(key: WireKey, link: Arc<Link>) -> KeyHandle {
-        *link.held().entry(key).or_insert(0) += 1;
+        hold(&mut link.held(), key);
         KeyHandle {
             key,
             link,
@@ -209,12 +224,7 @@ impl Drop for KeyHandle {
         // The release is queued under the lock, so it cannot overtake a
         // submission that found the key held (rule 6).
         let mut held = self.link.held();
-        if let Some(n) = held.get_mut(&self.key) {
-            *n -= 1;
-            if *n == 0 {
-                held.remove(&self.key);
-            }
-        }
+        unhold(&mut held, self.key);
         if let Some(commands) = self.link.commands.upgrade() {
             let _ = commands.send(Command::Release(self.key));
         }
@@ -279,13 +289,7 @@ struct Hold {
 
 impl Drop for Hold {
     fn drop(&mut self) {
-        let mut held = self.link.held();
-        if let Some(n) = held.get_mut(&self.key) {
-            *n -= 1;
-            if *n == 0 {
-                held.remove(&self.key);
-            }
-        }
+        unhold(&mut self.link.held(), self.key);
     }
 }
 
@@ -540,7 +544,7 @@ impl Executor for Client {
             wanted
                 .iter()
                 .map(|&key| {
-                    *guard.entry(key).or_insert(0) += 1;
+                    hold(guard, key);
                     Hold {
                         key,
                         link: self.inner.link.clone(),

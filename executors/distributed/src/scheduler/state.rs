@@ -105,6 +105,16 @@ impl Task {
     fn needed(&self) -> bool {
         !self.who_wants.is_empty() || self.waiters > 0
     }
+
+    /// What a client wanting this task is told once it is in memory.
+    fn key_in_memory(&self) -> ToClient {
+        ToClient::KeyInMemory {
+            key: self.key.0,
+            holders: self.who_has.clone(),
+            nbytes: self.nbytes,
+            value: self.inline.clone(),
+        }
+    }
 }
 
 struct Slot {
@@ -490,15 +500,7 @@ impl State {
                 task.who_wants.push(client);
             }
             match &task.state {
-                TaskState::Memory => out.to_client(
-                    client,
-                    ToClient::KeyInMemory {
-                        key,
-                        holders: task.who_has.clone(),
-                        nbytes: task.nbytes,
-                        value: task.inline.clone(),
-                    },
-                ),
+                TaskState::Memory => out.to_client(client, task.key_in_memory()),
                 TaskState::Erred(f) => out.to_client(
                     client,
                     ToClient::KeyErred {
@@ -684,15 +686,7 @@ impl State {
         if let Some(client) = client {
             let task = self.task(id);
             if task.state == TaskState::Memory && task.who_wants.contains(&client) {
-                out.to_client(
-                    client,
-                    ToClient::KeyInMemory {
-                        key,
-                        holders: task.who_has.clone(),
-                        nbytes: task.nbytes,
-                        value: task.inline.clone(),
-                    },
-                );
+                out.to_client(client, task.key_in_memory());
             }
         }
         self.settle(out);
@@ -810,15 +804,7 @@ impl State {
     fn in_memory(&mut self, id: TaskId, out: &mut impl Outbox) {
         let task = self.task(id);
         for &client in &task.who_wants {
-            out.to_client(
-                client,
-                ToClient::KeyInMemory {
-                    key: task.key.0,
-                    holders: task.who_has.clone(),
-                    nbytes: task.nbytes,
-                    value: task.inline.clone(),
-                },
-            );
+            out.to_client(client, task.key_in_memory());
         }
         let len = task.dependents.len();
         for i in 0..len {

@@ -408,11 +408,9 @@ async fn main(
                 }
             },
             Some(done) = done_rx.recv() => {
-                speeds.record(&done);
-                state.on_task_done(done, &mut out);
+                finished(done, &mut speeds, &mut state, &mut out);
                 while let Ok(done) = done_rx.try_recv() {
-                    speeds.record(&done);
-                    state.on_task_done(done, &mut out);
+                    finished(done, &mut speeds, &mut state, &mut out);
                 }
             }
             Some(fetched) = fetch_rx.recv() => {
@@ -686,6 +684,13 @@ impl Speeds {
     }
 }
 
+/// A job's report, from a compute thread or this one: its function's speed
+/// is noted (rule 5), then the state takes it.
+fn finished(done: Done, speeds: &mut Speeds, state: &mut WorkerState, out: &mut Out) {
+    speeds.record(&done);
+    state.on_task_done(done, out);
+}
+
 /// Runs the jobs of fast functions on this thread for up to
 /// [`INLINE_TURN`], reporting each to `state`, including the jobs that
 /// their results dispatch (rule 5); returns the jobs left for the pool.
@@ -708,8 +713,7 @@ fn run_fast_jobs(out: &mut Out, state: &mut WorkerState, speeds: &mut Speeds) ->
             });
             to_pool.extend(rest);
             for done in reports.drain(..) {
-                speeds.record(&done);
-                state.on_task_done(done, out);
+                finished(done, speeds, state, out);
             }
         }
     }
