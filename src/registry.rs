@@ -226,17 +226,10 @@ impl<A: Data> Slot<A> for WireSlot<A> {
                     return decode(&value.encode().map_err(|e| OpError::failed(e.to_string()))?);
                 };
                 // For an `Arc<R>` parameter, once for all the tasks that
-                // share the fetched value.
-                if let Some(shared) = shared_output::<A>() {
-                    if let Some(a) = encoded.decoded().and_then(|v| as_shared::<A>(v).ok()) {
-                        return Ok(a);
-                    }
-                    if let Ok(decoded) = (shared.decode)(&encoded.0) {
-                        encoded.keep_decoded(decoded.clone());
-                        if let Ok(a) = as_shared::<A>(decoded) {
-                            return Ok(a);
-                        }
-                    }
+                // share the fetched value (`data::shared` keeps it).
+                let shared = shared_output::<A>().and_then(|s| (s.decode)(value.clone()));
+                if let Some(Ok(a)) = shared.map(|boxed| boxed.downcast::<A>()) {
+                    return Ok(*a);
                 }
                 decode(&encoded.0)
             }
@@ -303,8 +296,9 @@ pub struct Tasks {
 pub struct SharedOutput {
     /// Turns a stored `R` into a boxed `Arc<R>` (no copy), or gives it back.
     convert: fn(Value) -> Result<Box<dyn Any>, Value>,
-    /// Decodes bytes into a stored `R`.
-    decode: fn(&[u8]) -> Result<Value, String>,
+    /// Turns encoded bytes into a boxed `Arc<R>`, decoding them once for
+    /// every consumer ([`crate::data::shared`]).
+    decode: fn(Value) -> Option<Box<dyn Any>>,
 }
 
 impl SharedOutput {
@@ -313,10 +307,10 @@ impl SharedOutput {
             convert: |value| {
                 rask_executor::downcast::<R>(value).map(|shared| Box::new(shared) as Box<dyn Any>)
             },
-            decode: |bytes| {
-                postcard::from_bytes::<R>(bytes)
-                    .map(|r| Arc::new(r) as Value)
-                    .map_err(|e| e.to_string())
+            decode: |value| {
+                crate::data::shared::<R>(value)
+                    .ok()
+                    .map(|shared| Box::new(shared) as Box<dyn Any>)
             },
         }
     }
@@ -593,6 +587,12 @@ mod tests {
         v.as_ptr() as usize
     }
 
+    /// The op a worker builds for `d`, from its wire form.
+    fn worker_op<T>(d: &crate::Delayed<T>) -> Arc<dyn Op> {
+        let wire = rask_executor::Op::to_wire(&**d.node()).unwrap();
+        installed().unwrap().resolve(&wire).unwrap()
+    }
+
     /// Every test registers the same list: the first `init` wins.
     fn setup() {
         init(crate::tasks![add, numbers, address]);
@@ -603,8 +603,7 @@ mod tests {
         setup();
         let made = crate::delayed!(numbers());
         let d = crate::delayed!(address(&made));
-        let wire = rask_executor::Op::to_wire(&**d.node()).unwrap();
-        let op = installed().unwrap().resolve(&wire).unwrap();
+        let op = worker_op(&d);
         // A worker holds the `Vec` the `numbers` task produced, typed.
         let vec = Arc::new(vec![1_i64, 2, 3]);
         let at = vec.as_ptr() as usize;
@@ -626,8 +625,7 @@ mod tests {
         setup();
         let made = crate::delayed!(numbers());
         let shares = crate::delayed!(address(&made));
-        let wire = rask_executor::Op::to_wire(&**shares.node()).unwrap();
-        let shares = installed().unwrap().resolve(&wire).unwrap();
+        let shares = worker_op(&shares);
         let bytes = postcard::to_stdvec(&vec![4_i64, 5]).unwrap();
         let fetched = Arc::new(Encoded::new(Arc::from(bytes)));
         let run = |op: &Arc<dyn Op>| {
@@ -648,8 +646,7 @@ mod tests {
             postcard::to_stdvec(&vec![4_i64, 5]).unwrap(),
         )));
         let d = crate::delayed!(add(1, made));
-        let wire = rask_executor::Op::to_wire(&**d.node()).unwrap();
-        let adds = installed().unwrap().resolve(&wire).unwrap();
+        let adds = worker_op(&d);
         let mut inputs: Vec<Option<Value>> = vec![Some(owned.clone())];
         let out = adds.run(&mut inputs).unwrap();
         assert_eq!(out.downcast_ref::<i64>(), Some(&10));
@@ -661,8 +658,7 @@ mod tests {
         setup();
         let parts = vec![crate::value(1_i64), crate::value(2_i64)];
         let d = crate::delayed!(add(10, parts));
-        let wire = rask_executor::Op::to_wire(&**d.node()).unwrap();
-        let op = installed().unwrap().resolve(&wire).unwrap();
+        let op = worker_op(&d);
         // Inputs arrive as bytes from elsewhere and as local values.
         let mut inputs: Vec<Option<Value>> = vec![
             Some(Arc::new(Encoded::new(Arc::from(
