@@ -169,8 +169,8 @@ impl LocalCluster {
 /// (the same as over TCP) through in-memory channels, with no handshake,
 /// and runs its network loop on the scheduler's thread, so a message
 /// between the two costs no system call, no copy through a socket and no
-/// thread hand-off. Other processes (workers, other
-/// clients) still reach the scheduler at its TCP address.
+/// thread hand-off. Other processes (workers, other clients) still reach
+/// the scheduler at its TCP address.
 ///
 /// # Errors
 ///

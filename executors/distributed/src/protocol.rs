@@ -595,8 +595,8 @@ pub(crate) fn strip_scheme(address: &str) -> Option<&str> {
     Some(rest)
 }
 
-/// `serde(with)` for `Arc<[u8]>` as postcard bytes: one copy in, none out.
-/// `Option<Arc<[u8]>>` as postcard's option tag, then bytes as [`bytes`].
+/// `serde(with)` for `Option<Arc<[u8]>>`: postcard's option tag, then the
+/// bytes as [`bytes`] writes them.
 mod opt_bytes {
     use std::fmt;
     use std::sync::Arc;
@@ -647,6 +647,7 @@ mod opt_bytes {
     }
 }
 
+/// `serde(with)` for `Arc<[u8]>` as postcard bytes: one copy in, none out.
 mod bytes {
     use std::fmt;
     use std::sync::Arc;
