@@ -348,15 +348,7 @@ fn killed_worker_mid_run_every_result_still_arrives() {
     // those held by the dead one must be recomputed.
     let total = g.op("add", 0, &mapped);
     g.output(total);
-    let got = Collect::new(n as usize + 1);
-    let progress = got.progress();
-    got.submit(&client, g.build());
-    for _ in 0..n / 4 {
-        progress.recv_timeout(TIMEOUT).expect("progress");
-    }
-    // Abrupt stop: connections dropped as by a crash.
-    cluster.workers[0].take().unwrap().stop();
-    let out = got.wait();
+    let out = lose_worker_0_midway(&mut cluster, &client, g, n as usize + 1, n as usize / 4);
     for (i, v) in out.iter().take(n as usize).enumerate() {
         assert_eq!(*v, Ok(i as i64 + 1), "output {i}");
     }
@@ -376,17 +368,30 @@ fn killed_worker_mid_chain_the_chain_still_completes() {
         link = g.task("sleep_inc", postcard::to_stdvec(&500u64).unwrap(), &[link]);
         g.output(link);
     }
-    let got = Collect::new(n as usize);
-    let progress = got.progress();
-    got.submit(&client, g.build());
-    for _ in 0..n / 4 {
-        progress.recv_timeout(TIMEOUT).expect("progress");
-    }
-    cluster.workers[0].take().unwrap().stop();
-    let out = got.wait();
+    let out = lose_worker_0_midway(&mut cluster, &client, g, n as usize, n as usize / 4);
     for (i, v) in out.iter().enumerate() {
         assert_eq!(*v, Ok(i as i64 + 1), "link {i}");
     }
+}
+
+/// Submits `g` (with `outputs` outputs), stops worker 0 abruptly (its
+/// connections dropped as by a crash) once `after` outputs arrived, and
+/// returns every output.
+fn lose_worker_0_midway(
+    cluster: &mut Cluster,
+    client: &rask_distributed::Client,
+    g: Graph,
+    outputs: usize,
+    after: usize,
+) -> Vec<Result<i64, rask_executor::Failure>> {
+    let got = Collect::new(outputs);
+    let progress = got.progress();
+    got.submit(client, g.build());
+    for _ in 0..after {
+        progress.recv_timeout(TIMEOUT).expect("progress");
+    }
+    cluster.workers[0].take().unwrap().stop();
+    got.wait()
 }
 
 #[test]

@@ -609,17 +609,15 @@ mod tests {
         assert_eq!(out.jobs.len(), 1);
         assert_eq!(out.jobs[0].inputs.len(), 3);
         let job = out.jobs.pop().unwrap();
+        let stored = Stored {
+            value: Arc::new(3i64),
+            nbytes: 1,
+        };
         s.on_task_done(
             Done {
-                id: job.id,
-                key: job.key,
-                function: job.function.clone(),
-                outcome: Ok(Stored {
-                    value: Arc::new(3i64),
-                    nbytes: 1,
-                }),
                 duration_ns: 5,
                 inline: Some(Arc::from(&[3u8][..])),
+                ..done(&job, Ok(stored))
             },
             &mut out,
         );
@@ -692,20 +690,7 @@ mod tests {
         // Computed again after the release: the old result must not count.
         s.on_compute(compute(3, "add", &[], &[]), &mut out);
         let again = out.jobs.pop().unwrap();
-        s.on_task_done(
-            Done {
-                id: job.id,
-                key: job.key,
-                function: job.function.clone(),
-                outcome: Ok(Stored {
-                    value: Arc::new(0i64),
-                    nbytes: 1,
-                }),
-                duration_ns: 1,
-                inline: None,
-            },
-            &mut out,
-        );
+        s.on_task_done(done(&job, ok()), &mut out);
         assert!(out.sent.is_empty());
         assert_eq!(s.pending(), 1);
         assert_ne!(again.id, job.id);
