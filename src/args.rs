@@ -22,7 +22,7 @@ use rask_executor::{OpError, Value, WireError, WireTask};
 
 use crate::data::Data;
 use crate::delayed::Delayed;
-use crate::key::{KeyHasher, Tag};
+use crate::key::KeyHasher;
 use crate::node::{Broken, Call, Inputs, Name, Node, Returns, Typed};
 use crate::registry::{Payload, WireArg};
 
@@ -55,9 +55,10 @@ pub struct Args {
 }
 
 impl Args {
-    pub(crate) fn new(name: &str, identity: &str) -> Self {
+    /// The arguments of a call of `F` named `name` (see `KeyHasher::call`).
+    pub(crate) fn call<F: 'static>(name: &str) -> Self {
         Args {
-            hasher: KeyHasher::new(Tag::Call, name, identity),
+            hasher: KeyHasher::call::<F>(name),
             deps: Vec::new(),
             error: None,
             position: 0,
@@ -348,7 +349,7 @@ macro_rules! apply {
             #[allow(unused_variables, unused_mut, non_snake_case)]
             fn apply(self, name: &'static str, xs: ($($x,)*)) -> Delayed<M::Out> {
                 let short = short_name(name);
-                let mut args = Args::new(short, std::any::type_name::<F>());
+                let mut args = Args::call::<F>(short);
                 let ($($x,)*) = xs;
                 let slots = ($($x.into_arg(&mut args),)*);
                 let call = Typed::<F, M, _, fn($($a),*) -> R> { f: self, slots, _sig: PhantomData };
@@ -371,13 +372,13 @@ macro_rules! apply {
             }
 
             fn to_wire(&self) -> Result<WireTask, WireError> {
-                let function = std::any::type_name::<F>();
-                crate::registry::check_registered(function, M::FALLIBLE)?;
+                let function = crate::registry::function_id::<F>()?;
+                crate::registry::check_registered(&function, M::FALLIBLE)?;
                 let payload = Payload {
                     fallible: M::FALLIBLE,
                     args: vec![$(self.slots.$i.wire()?),*],
                 };
-                Ok(WireTask { function: function.to_owned(), payload: payload.encode()? })
+                Ok(WireTask { function, payload: payload.encode()? })
             }
         }
     };

@@ -134,16 +134,9 @@ impl<T> Delayed<T> {
     /// assert_ne!(a.key(), b.key());
     /// ```
     pub fn unique(&self) -> Delayed<T> {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
         let mut h = KeyHasher::new(Tag::Unique, &self.node.name, "");
         h.input(&self.node.key);
-        h.bytes(&std::process::id().to_le_bytes());
-        h.bytes(&COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        h.bytes(&nanos.to_le_bytes());
+        h.bytes(&crate::key::nonce());
         let node = self.node.rekeyed(h.finish(), self.node.name.clone());
         Delayed::from_node(Arc::new(node))
     }
@@ -375,6 +368,8 @@ fn persist_on_cluster<T: Data>(items: &[Delayed<T>], config: &Config) -> Result<
 /// ```
 pub fn value<T: Data>(value: T) -> Delayed<T> {
     let mut h = KeyHasher::new(Tag::Data, "value", std::any::type_name::<T>());
+    // Two types may print alike (two versions of one crate): the tag differs.
+    h.bytes(&crate::key::type_tag::<T>().to_le_bytes());
     let key = match h.literal(&value) {
         Ok(()) => h.finish(),
         // Unhashable data still gets a working, unshared node.
@@ -478,7 +473,8 @@ impl fmt::Debug for TaskKey {
 /// result; nothing runs until it is computed.
 ///
 /// `f` is a function item or a closure bound to a name (its name is the
-/// task's name). Each argument may be a plain value, a `Delayed` (or a
+/// task's name). A closure that captures variables makes impure tasks: a
+/// fresh key for every call (see [keys](crate#keys)). Each argument may be a plain value, a `Delayed` (or a
 /// reference to one), or a collection of them; see the [argument
 /// table](crate#arguments). Write `delayed!(f(a)?)` when `f` returns
 /// `Result<T, E>`: the `Delayed` is then of `T`, and `Err(e)` fails the task

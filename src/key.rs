@@ -4,16 +4,34 @@
 //! `"rask task key v1"`, over:
 //!
 //! 1. a tag for the kind of node (call, data, named data, unique call),
-//! 2. the task's name and the function's stable identity (its path as the
-//!    compiler names it, `std::any::type_name` of the function item),
-//! 3. for each argument, in order: the key of a task input, or the postcard
+//! 2. the task's name and the function's identity: its path as the compiler
+//!    names it (`std::any::type_name`) and its [type tag](type_tag), which
+//!    tells apart every distinct function of one binary — two closures of
+//!    one function, two closures shadowing one name, and two nested
+//!    functions of the same name in different blocks share a path but not
+//!    a type,
+//! 3. for a closure that captures variables, a fresh nonce (rule 4),
+//! 4. for each argument, in order: the key of a task input, or the postcard
 //!    encoding of a literal.
 //!
-//! Keys are stable for the same binary and the same inputs. They change when
-//! a function is renamed or moved to another module, when a literal's
-//! serialized form changes (a `HashMap` serializes in iteration order, which
-//! differs between runs: use `BTreeMap` for literals that must hash the same),
-//! or when the key version in the context string is bumped (a breaking change).
+//! Rules:
+//!
+//! 1. Distinct functions never share a key: the type tag is part of it.
+//! 2. A function item or a closure that captures nothing keeps its key in
+//!    every run of the same binary for the same inputs.
+//! 3. Keys change when a function is renamed or moved to another module, when
+//!    a closure is added before another one in the same function (its type
+//!    changes), when the program is built with another compiler, when a
+//!    literal's serialized form changes (a `HashMap` serializes in iteration
+//!    order, which differs between runs: use `BTreeMap` for literals that
+//!    must hash the same), or when the key version in the context string is
+//!    bumped (a breaking change). They do not change when the body of a
+//!    function changes: equal keys from an edited program are kept apart on a
+//!    cluster by the build fingerprint, not by the key.
+//! 4. A closure that captures variables is impure: its captured values are
+//!    not hashed (they need not be serializable), so every call gets a fresh
+//!    key and is never shared with another call. Give it an identity with
+//!    `Delayed::named`, or pass the values as arguments of a function item.
 
 use std::io;
 use std::sync::LazyLock;
@@ -45,6 +63,58 @@ pub(crate) enum Tag {
     Item = 5,
 }
 
+/// The type tag of `T`: its `TypeId`, reduced to 64 bits. Equal in every
+/// process of one binary; distinct types of one binary get distinct tags
+/// (up to a 2⁻⁶⁴ chance), even when `type_name` prints them alike.
+pub(crate) fn type_tag<T: ?Sized + 'static>() -> u64 {
+    /// FNV-1a over whatever `TypeId`'s `Hash` writes.
+    struct Fnv(u64);
+    impl std::hash::Hasher for Fnv {
+        fn finish(&self) -> u64 {
+            self.0
+        }
+        fn write(&mut self, bytes: &[u8]) {
+            for &b in bytes {
+                self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+    }
+    let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+    std::hash::Hash::hash(&std::any::TypeId::of::<T>(), &mut h);
+    std::hash::Hasher::finish(&h)
+}
+
+/// Whether calls of `F` may share keys (rule 4): only a function item or a
+/// closure with no captured state, whose behaviour its type alone decides.
+pub(crate) fn is_pure_fn<F>() -> bool {
+    std::mem::size_of::<F>() == 0
+}
+
+/// Bytes no other call gets: this process's random salt and a counter.
+/// For impure work (rule 4, `Delayed::unique`).
+pub(crate) fn nonce() -> [u8; 16] {
+    static SALT: LazyLock<u64> = LazyLock::new(|| {
+        let mut h = blake3::Hasher::new();
+        h.update(&std::process::id().to_le_bytes());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        h.update(&now.to_le_bytes());
+        let here = 0u8;
+        h.update(&(std::ptr::addr_of!(here) as usize).to_le_bytes());
+        let mut salt = [0u8; 8];
+        salt.copy_from_slice(&h.finalize().as_bytes()[..8]);
+        u64::from_le_bytes(salt)
+    });
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&SALT.to_le_bytes());
+    out[8..].copy_from_slice(&n.to_le_bytes());
+    out
+}
+
 /// Incremental key derivation for one task.
 ///
 /// Most key material is short (a name, a path, a few input keys), so it is
@@ -56,6 +126,17 @@ pub(crate) struct KeyHasher {
 }
 
 impl KeyHasher {
+    /// A key for a call of the function `F`, named `name`: its path and type
+    /// tag (rule 1), and a nonce when it captures state (rule 4).
+    pub(crate) fn call<F: 'static>(name: &str) -> Self {
+        let mut this = KeyHasher::new(Tag::Call, name, std::any::type_name::<F>());
+        this.bytes(&type_tag::<F>().to_le_bytes());
+        if !is_pure_fn::<F>() {
+            this.bytes(&nonce());
+        }
+        this
+    }
+
     pub(crate) fn new(tag: Tag, name: &str, identity: &str) -> Self {
         let mut this = KeyHasher {
             buf: Vec::with_capacity(32 + name.len() + identity.len() + 96),

@@ -51,13 +51,27 @@
 //!
 //! # Keys
 //!
-//! A key is blake3 (derive-key mode, context `"rask task key v1"`) over the
-//! function's name and path, and each argument's key (for task inputs) or
-//! serialized bytes (for literals). It prints as `name-` plus eight hex
-//! digits. Keys are the same in every run of the same binary for the same
-//! inputs. They change when a function is renamed or moved, or when a
-//! literal's serialized form changes — and a `HashMap` literal serializes in
-//! its iteration order, which is random per process: use a `BTreeMap`.
+//! A key is blake3 (keyed with a key derived from the context
+//! `"rask task key v1"`) over the function's path and its *type tag* (its
+//! `TypeId`), and each argument's key (for task inputs) or serialized bytes
+//! (for literals). It prints as `name-` plus eight hex digits. The rules:
+//!
+//! 1. Distinct functions never share a key — closures included: two closures
+//!    of one function, or two bound to one name, are different types.
+//! 2. A function item or a closure that captures nothing keeps its keys in
+//!    every run of the same binary for the same inputs. Keys change when a
+//!    function is renamed or moved, when the program is built by another
+//!    compiler or in another profile, or when a literal's serialized form
+//!    changes (a `HashMap` literal serializes in its iteration order, which
+//!    is random per process: use a `BTreeMap`).
+//! 3. A closure that captures variables is impure: what it captured is not
+//!    hashed, so every call gets a fresh key and is never shared. To share
+//!    such work, pass the values as arguments of a function item, or name it.
+//! 4. Editing a function's body does not change its keys. Within one process
+//!    that cannot matter; on a cluster, workers serve only clients of their
+//!    own build (a fingerprint of the program), so an edited program never
+//!    receives values computed by the old code.
+//!
 //! [`Delayed::named`] and [`value_named`] set a key from a name instead of a
 //! hash; [`Delayed::unique`] gives a fresh key for impure work.
 //!

@@ -7,8 +7,12 @@
 //!
 //! Rules:
 //!
-//! 1. A function is known by `std::any::type_name` of the function item, the
-//!    same string in every process of one binary.
+//! 1. A function is known by its *id*: its path (`std::any::type_name`)
+//!    and its type tag (`crate::key::type_tag`), `app::inc#1a2b…`, the same
+//!    string in every process of one binary and a different one for every
+//!    distinct function, closures included. Only functions that capture
+//!    nothing can be registered or sent: a closure's captured values would
+//!    not travel with it, and the worker's copy could hold other values.
 //! 2. A task travels as its function's name and a [`Payload`]: one
 //!    [`WireArg`] per parameter — a literal's postcard bytes, or how many
 //!    task inputs the parameter takes. The worker rebuilds the call with
@@ -77,6 +81,31 @@ impl Payload {
             reason: e.to_string(),
         })
     }
+}
+
+/// The id of the function `F` on the wire (rule 1).
+///
+/// # Errors
+///
+/// [`WireError::NotSerializable`] for a closure that captures variables.
+pub(crate) fn function_id<F: 'static>() -> Result<String, WireError> {
+    if !crate::key::is_pure_fn::<F>() {
+        return Err(WireError::NotSerializable {
+            what: "a closure that captures variables (pass them as arguments of a function \
+                   item instead)"
+                .into(),
+        });
+    }
+    Ok(format!(
+        "{}#{:016x}",
+        std::any::type_name::<F>(),
+        crate::key::type_tag::<F>()
+    ))
+}
+
+/// The readable path of a function id (rule 1), for messages.
+fn function_path(id: &str) -> &str {
+    id.rsplit_once('#').map_or(id, |(path, _)| path)
 }
 
 pub(crate) fn encode_literal<T: Data>(value: &T) -> Result<Vec<u8>, WireError> {
@@ -283,7 +312,8 @@ struct Entry {
 /// ```
 #[derive(Default)]
 pub struct Tasks {
-    entries: HashMap<&'static str, Entry>,
+    /// By function id (rule 1).
+    entries: HashMap<String, Entry>,
     /// For every registered function's output type `R`, how to hand a stored
     /// `R` to an `Arc<R>` parameter without a copy, keyed by `TypeId` of
     /// `Arc<R>` (the parameter's type, which is all a worker-side slot knows).
@@ -344,7 +374,7 @@ impl Tasks {
     /// Adds `f`, called as `delayed!(f(...))`.
     pub fn register<F, Sig>(self, f: F) -> Self
     where
-        F: Register<Plain, Sig>,
+        F: Register<Plain, Sig> + 'static,
     {
         self.insert(f, false)
     }
@@ -352,12 +382,20 @@ impl Tasks {
     /// Adds `f`, called as `delayed!(f(...)?)` (it returns a `Result`).
     pub fn register_fallible<F, Sig>(self, f: F) -> Self
     where
-        F: Register<Fallible, Sig>,
+        F: Register<Fallible, Sig> + 'static,
     {
         self.insert(f, true)
     }
 
-    fn insert<F: Register<M, Sig>, M, Sig>(mut self, f: F, fallible: bool) -> Self {
+    fn insert<F: Register<M, Sig> + 'static, M, Sig>(mut self, f: F, fallible: bool) -> Self {
+        const {
+            assert!(
+                std::mem::size_of::<F>() == 0,
+                "a function registered with rask::init must not capture variables: \
+                 its workers would not see the captured values (use a fn item that takes them as \
+                 arguments)"
+            );
+        }
         let (output, convert) = f.shared_output();
         self.shared.insert(output, convert);
         let build = Some(f.builder().0);
@@ -370,10 +408,9 @@ impl Tasks {
         self
     }
 
-    fn entry<F>(&mut self) -> &mut Entry {
-        self.entries
-            .entry(std::any::type_name::<F>())
-            .or_insert(Entry {
+    fn entry<F: 'static>(&mut self) -> &mut Entry {
+        let id = function_id::<F>().expect("registered functions capture nothing (checked)");
+        self.entries.entry(id).or_insert(Entry {
                 plain: None,
                 fallible: None,
             })
@@ -402,7 +439,9 @@ impl Tasks {
 
 impl std::fmt::Debug for Tasks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_set().entries(self.entries.keys()).finish()
+        f.debug_set()
+            .entries(self.entries.keys().map(|id| function_path(id)))
+            .finish()
     }
 }
 
@@ -519,9 +558,10 @@ impl rask_executor::Registry for Resolver {
                     }
                 });
                 let build = build.ok_or_else(|| WireError::Unregistered {
-                    function: function.to_owned(),
+                    function: function_path(function).to_owned(),
                 })?;
-                let short = function.rsplit("::").next().unwrap_or(function);
+                let path = function_path(function);
+                let short = path.rsplit("::").next().unwrap_or(path);
                 (Name::Owned(short.to_owned()), build(&payload)?)
             }
         };
@@ -545,7 +585,11 @@ pub(crate) fn check_registered(function: &str, fallible: bool) -> Result<(), Wir
     match REGISTRY.get() {
         Some(r) if r.tasks.has(function, fallible) => Ok(()),
         _ => Err(WireError::Unregistered {
-            function: format!("{function}{}", if fallible { "?" } else { "" }),
+            function: format!(
+                "{}{}",
+                function_path(function),
+                if fallible { "?" } else { "" }
+            ),
         }),
     }
 }

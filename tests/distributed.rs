@@ -164,6 +164,13 @@ fn unregistered_functions_are_a_clear_error() {
         text.contains("lonely") && text.contains("not registered"),
         "{text}"
     );
+    // A closure that captures variables can never run elsewhere: its
+    // captured values would not travel with it.
+    let k = 3_i64;
+    let add_k = move |x: i64| x + k;
+    let err = delayed!(add_k(1)).compute_with(&local2()).unwrap_err();
+    let text = format!("{err:?}");
+    assert!(text.contains("captures variables"), "{text}");
     assert!(
         started.elapsed() < Duration::from_secs(30),
         "took {:?}",

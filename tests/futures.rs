@@ -267,6 +267,21 @@ fn cancel_a_pending_future() {
     assert_eq!(again.result().unwrap(), 1);
 }
 
+/// Two closures mapped in one function are two functions: their results
+/// never mix (they used to share a key and return the first one's values).
+#[test]
+fn map_with_two_closures_keeps_them_apart() {
+    for client in [Client::synchronous().unwrap(), Client::threads(2).unwrap()] {
+        let plus = client.map(|x: i64| x + 1, 0..3).unwrap();
+        let times = client.map(|x: i64| x * 10, 0..3).unwrap();
+        assert_eq!(client.gather(&plus).unwrap(), vec![1, 2, 3]);
+        assert_eq!(client.gather(&times).unwrap(), vec![0, 10, 20]);
+        let k = 100_i64;
+        let shifted = client.map(move |x: i64| x + k, 0..3).unwrap();
+        assert_eq!(client.gather(&shifted).unwrap(), vec![100, 101, 102]);
+    }
+}
+
 #[test]
 fn errors_reach_futures_and_gather() {
     for client in clients() {

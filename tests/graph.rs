@@ -52,20 +52,108 @@ fn key_display_is_short_and_readable() {
 }
 
 /// Golden key: changing it is a breaking change (keys are cache addresses).
+/// Keys of calls and values also hold the type tag of their function or
+/// type, which the compiler fixes for each build; they are checked for
+/// stability across runs below, not against a constant.
 #[test]
 fn golden_keys() {
-    let data = rask::value(vec![1_i64, 2, 3]);
-    assert_eq!(
-        data.key().key().to_string(),
-        "e888d660f0dfe5a911a31b9ec73b1dd60f34152bf5f1a4e8802937243fe2dc6b"
-    );
     assert_eq!(
         named_key("config").to_string(),
         "f229fa90df15fe6d8e0cd05d0486f5e2d7140f40ad0091d677b5f487edac1ab1"
     );
+}
+
+/// The keys of a fixed graph, one per line.
+fn fixed_keys() -> String {
+    let closure = |x: i64| x * 3;
+    [
+        rask::value(vec![1_i64, 2, 3]).key(),
+        delayed!(add(&delayed!(inc(1)), 2)).key(),
+        delayed!(closure(4)).key(),
+    ]
+    .iter()
+    .map(|k| format!("{}\n", k.key()))
+    .collect()
+}
+
+/// Rule: a function item, a closure that captures nothing and a value keep
+/// their keys in every run of the same binary.
+#[test]
+fn keys_are_the_same_in_every_run_of_the_binary() {
+    const PRINT: &str = "RASK_TEST_PRINT_KEYS";
+    if std::env::var_os(PRINT).is_some() {
+        print!("{}", fixed_keys());
+        return;
+    }
+    let ours = fixed_keys();
+    for _ in 0..2 {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "keys_are_the_same_in_every_run_of_the_binary",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(PRINT, "1")
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(&ours), "{ours} not in {text}");
+    }
+}
+
+/// Rule: distinct functions never share a key, closures included, and a
+/// closure that captures variables gets a fresh key per call.
+#[test]
+fn distinct_closures_never_share_a_key() {
+    let config = Config::synchronous();
+    // Two closures of one function.
+    let plus = |x: i64| x + 1;
+    let times = |x: i64| x * 10;
+    let (a, b) = (delayed!(plus(1)), delayed!(times(1)));
+    assert_ne!(a.key(), b.key());
+    assert_eq!(rask::compute_with((&a, &b), &config).unwrap(), (2, 10));
+    // The same capture-free closure twice: one key, shared work.
+    assert_eq!(delayed!(plus(1)).key(), a.key());
+    // Shadowing: two closures bound to one name.
+    let f = |x: i64| x + 1;
+    let first = delayed!(f(5));
+    let f = |x: i64| x * 10;
+    let second = delayed!(f(5));
+    assert_ne!(first.key(), second.key());
     assert_eq!(
-        delayed!(add(&delayed!(inc(1)), 2)).key().to_string(),
-        "add-34c69c44"
+        rask::compute_with((&first, &second), &config).unwrap(),
+        (6, 50)
+    );
+    // Captured state is not hashed: each call is its own work.
+    let mut adders = Vec::new();
+    for k in 0..3_i64 {
+        let add_k = move |x: i64| x + k;
+        adders.push(delayed!(add_k(1)));
+    }
+    assert_eq!(rask::compute_with(&adders, &config).unwrap(), vec![1, 2, 3]);
+    assert_ne!(adders[0].key(), adders[1].key());
+    let k = 7_i64;
+    let add_k = move |x: i64| x + k;
+    assert_ne!(delayed!(add_k(1)).key(), delayed!(add_k(1)).key());
+    // Two nested functions of one name in different blocks share a path.
+    let one = {
+        fn h(x: i64) -> i64 {
+            x + 1
+        }
+        delayed!(h(1))
+    };
+    let other = {
+        fn h(x: i64) -> i64 {
+            x * 10
+        }
+        delayed!(h(1))
+    };
+    assert_ne!(one.key(), other.key());
+    assert_eq!(
+        rask::compute_with((&one, &other), &config).unwrap(),
+        (2, 10)
     );
 }
 
