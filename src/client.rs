@@ -570,16 +570,18 @@ pub(crate) fn replay(failure: &Failure) -> OpError {
         kind: failure.kind,
         message: failure.message.clone(),
         origin: Some((failure.key, failure.name.clone())),
+        cause: failure.cause.clone(),
+        location: failure.location.clone(),
     }
 }
 
 fn cancelled_failure(key: Key, name: &Name) -> Arc<Failure> {
-    Arc::new(Failure {
+    Arc::new(Failure::new(
         key,
-        name: Arc::from(&**name),
-        kind: FailureKind::Cancelled,
-        message: "the future was cancelled".into(),
-    })
+        Arc::from(&**name),
+        FailureKind::Cancelled,
+        "the future was cancelled".into(),
+    ))
 }
 
 /// A graph waiting in [`QUEUE`] to be started by its client.

@@ -477,8 +477,9 @@ impl fmt::Debug for TaskKey {
 /// fresh key for every call (see [keys](crate#keys)). Each argument may be a plain value, a `Delayed` (or a
 /// reference to one), or a collection of them; see the [argument
 /// table](crate#arguments). Write `delayed!(f(a)?)` when `f` returns
-/// `Result<T, E>`: the `Delayed` is then of `T`, and `Err(e)` fails the task
-/// with `e`'s message.
+/// `Result<T, E>` (any `E` that converts into `Box<dyn Error + Send + Sync>`:
+/// an error type, a `String`, `anyhow::Error`): the `Delayed` is then of `T`,
+/// and `Err(e)` fails the task with `e` as the error's source.
 ///
 /// # Examples
 ///
@@ -494,7 +495,8 @@ impl fmt::Debug for TaskKey {
 ///
 /// let bad = delayed!(parse("x".to_string())?);
 /// let err = bad.compute().unwrap_err();
-/// assert!(err.to_string().contains("invalid digit"));
+/// // `{:#}` prints the task and its error; `source()` is the error itself.
+/// assert!(format!("{err:#}").contains("invalid digit"));
 /// # Ok::<(), rask::Error>(())
 /// ```
 #[macro_export]

@@ -1,5 +1,6 @@
 //! The one error type of rask.
 
+use std::fmt;
 use std::sync::Arc;
 
 use rask_executor::{Failure, FailureKind, Key};
@@ -8,26 +9,35 @@ use crate::delayed::TaskKey;
 
 /// Everything that can go wrong building or running a graph.
 ///
+/// Errors follow the convention of reports that walk
+/// [`source`](std::error::Error::source): a variant whose cause is an error
+/// value of its own (the error a task returned, the failed future of a
+/// gather, an I/O error) does not repeat the cause's message in its
+/// `Display`; `{:#}` prints the whole chain on one line.
+///
 /// # Examples
 ///
 /// ```
-/// fn half(x: i64) -> Result<i64, String> {
-///     if x % 2 == 0 { Ok(x / 2) } else { Err(format!("{x} is odd")) }
-/// }
-/// let err = rask::delayed!(half(3)?).compute().unwrap_err();
-/// match err {
+/// use std::num::ParseIntError;
+/// fn parse(s: String) -> Result<i64, ParseIntError> { s.parse() }
+///
+/// let err = rask::delayed!(parse("x".to_string())?).compute().unwrap_err();
+/// match &err {
 ///     rask::Error::Task { key, message, .. } => {
-///         assert_eq!(key.name(), "half");
-///         assert_eq!(message, "3 is odd");
+///         assert_eq!(key.name(), "parse");
+///         assert_eq!(message, "invalid digit found in string");
 ///     }
 ///     other => panic!("unexpected {other}"),
 /// }
+/// // The task's own error, with its type, is the source.
+/// let source = std::error::Error::source(&err).unwrap();
+/// assert!(source.downcast_ref::<ParseIntError>().is_some());
+/// assert!(format!("{err:#}").ends_with("failed: invalid digit found in string"));
 /// ```
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug)]
 #[non_exhaustive]
 pub enum Error {
     /// A task returned an error or panicked. Its dependents did not run.
-    #[error("task {key} {}: {message}", if *.panicked { "panicked" } else { "failed" })]
     Task {
         /// The task that failed (not one of its dependents).
         key: TaskKey,
@@ -35,35 +45,41 @@ pub enum Error {
         panicked: bool,
         /// The task's error or panic message.
         message: String,
+        /// Where the task panicked (`file:line:column`), for a panic.
+        location: Option<String>,
+        /// The error the task returned, which [`source`](std::error::Error::source)
+        /// also gives: the very value in the process where the task ran
+        /// (downcast it to its type), a [`RemoteError`](crate::RemoteError)
+        /// with its type name and message chain when it ran in another
+        /// process. `None` for a panic, or for a failure rask itself
+        /// detected (an input that could not be decoded, say).
+        error: Option<Arc<dyn std::error::Error + Send + Sync>>,
     },
     /// The computation was cancelled before this task produced a value.
-    #[error("task {key} was cancelled")]
     Cancelled {
         /// The task whose value was not produced.
         key: TaskKey,
     },
     /// A future passed to `gather` failed or was cancelled.
-    #[error("future {index} ({future}) of the gather failed: {source}")]
     Gather {
         /// Position of the future in the gathered list.
         index: usize,
         /// The future's key.
         future: TaskKey,
         /// Why it failed.
-        #[source]
         source: Box<Error>,
     },
-    /// A wait gave up before the result was ready.
-    #[error("timed out after {after:?}")]
+    /// A task ran past its timeout (`task` is set), or a wait gave up before
+    /// the result was ready (`task` is `None`).
     Timeout {
-        /// How long it waited.
+        /// The task that ran too long.
+        task: Option<TaskKey>,
+        /// How long it was given, or how long the wait was.
         after: std::time::Duration,
     },
     /// A hand-assembled graph has a cycle.
-    #[error("graph has a cycle through {0}")]
     Cycle(TaskKey),
     /// A hand-assembled graph names a dependency it does not contain.
-    #[error("task {task} depends on key {missing}, which is not in the graph")]
     MissingDependency {
         /// The task with the dangling dependency.
         task: TaskKey,
@@ -71,16 +87,13 @@ pub enum Error {
         missing: Key,
     },
     /// A key was asked for that the graph does not contain.
-    #[error("key {0} is not in the graph")]
     UnknownKey(Key),
     /// A value has another type than the one asked for.
-    #[error("a value has another type than the `{expected}` asked for")]
     WrongType {
         /// The type that was asked for.
         expected: &'static str,
     },
     /// The executor setting could not be understood.
-    #[error("invalid executor `{value}` (from {source_name}): {reason}; accepted forms: `sync`, `threads`, `threads:N`, `local:N` (N ≥ 1), `tcp://host:port`")]
     Config {
         /// The text that was given.
         value: String,
@@ -90,7 +103,6 @@ pub enum Error {
         reason: &'static str,
     },
     /// An on/off setting, such as `RASK_OPTIMIZE`, could not be understood.
-    #[error("invalid value `{value}` for {source_name}: expected `1`, `true`, `on`, `0`, `false` or `off`")]
     Switch {
         /// The text that was given.
         value: String,
@@ -98,22 +110,119 @@ pub enum Error {
         source_name: &'static str,
     },
     /// The chosen executor is not compiled into this build.
-    #[error("executor `{0}` is not compiled in; enable feature `{0}`")]
     Unavailable(&'static str),
     /// The distributed executor failed: a connection, the protocol, a worker.
     #[cfg(feature = "distributed")]
-    #[error(transparent)]
-    Distributed(#[from] rask_distributed::Error),
+    Distributed(rask_distributed::Error),
     /// This process was started as a worker (`RASK_WORKER` is set) but did
     /// not call `rask::init` first in `main`.
-    #[error("this process was started as a rask worker but did not call `rask::init(rask::tasks![...])` first in `main`")]
     WorkerSetup,
     /// Distributed execution was asked for before `rask::init` was called.
-    #[error("distributed execution needs `rask::init(rask::tasks![...])` at the start of `main`, listing the functions tasks call")]
     NotInitialized,
     /// The executor could not be started (e.g. no threads could be spawned).
-    #[error("executor could not start: {0}")]
-    Executor(#[source] std::io::Error),
+    Executor(std::io::Error),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Task {
+                key,
+                panicked,
+                message,
+                location,
+                error,
+            } => {
+                let what = if *panicked { "panicked" } else { "failed" };
+                write!(f, "task {key} {what}")?;
+                if let Some(location) = location {
+                    write!(f, " at {location}")?;
+                }
+                // With an error value, the message is the source's.
+                if error.is_none() {
+                    write!(f, ": {message}")?;
+                }
+            }
+            Error::Cancelled { key } => write!(f, "task {key} was cancelled")?,
+            Error::Gather { index, future, .. } => {
+                write!(f, "future {index} ({future}) of the gather failed")?
+            }
+            Error::Timeout {
+                task: Some(task),
+                after,
+            } => write!(f, "task {task} timed out after {after:?}")?,
+            Error::Timeout { task: None, after } => write!(f, "timed out after {after:?}")?,
+            Error::Cycle(key) => write!(f, "graph has a cycle through {key}")?,
+            Error::MissingDependency { task, missing } => write!(
+                f,
+                "task {task} depends on key {missing}, which is not in the graph"
+            )?,
+            Error::UnknownKey(key) => write!(f, "key {key} is not in the graph")?,
+            Error::WrongType { expected } => write!(
+                f,
+                "a value has another type than the `{expected}` asked for"
+            )?,
+            Error::Config {
+                value,
+                source_name,
+                reason,
+            } => write!(
+                f,
+                "invalid executor `{value}` (from {source_name}): {reason}; accepted forms: \
+                 `sync`, `threads`, `threads:N`, `local:N` (N ≥ 1), `tcp://host:port`"
+            )?,
+            Error::Switch { value, source_name } => write!(
+                f,
+                "invalid value `{value}` for {source_name}: expected `1`, `true`, `on`, `0`, \
+                 `false` or `off`"
+            )?,
+            Error::Unavailable(name) => write!(
+                f,
+                "executor `{name}` is not compiled in; enable feature `{name}`"
+            )?,
+            #[cfg(feature = "distributed")]
+            Error::Distributed(e) => return fmt::Display::fmt(e, f),
+            Error::WorkerSetup => f.write_str(
+                "this process was started as a rask worker but did not call \
+                 `rask::init(rask::tasks![...])` first in `main`",
+            )?,
+            Error::NotInitialized => f.write_str(
+                "distributed execution needs `rask::init(rask::tasks![...])` at the start of \
+                 `main`, listing the functions tasks call",
+            )?,
+            Error::Executor(_) => f.write_str("executor could not start")?,
+        }
+        if f.alternate() {
+            let mut source = std::error::Error::source(self);
+            while let Some(s) = source {
+                write!(f, ": {s}")?;
+                source = s.source();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Task {
+                error: Some(error), ..
+            } => Some(&**error as &(dyn std::error::Error + 'static)),
+            Error::Gather { source, .. } => Some(&**source),
+            #[cfg(feature = "distributed")]
+            Error::Distributed(e) => e.source(),
+            Error::Executor(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(feature = "distributed")]
+impl From<rask_distributed::Error> for Error {
+    fn from(e: rask_distributed::Error) -> Error {
+        Error::Distributed(e)
+    }
 }
 
 impl Error {
@@ -121,10 +230,16 @@ impl Error {
         let key = TaskKey::from_parts(f.name.clone(), f.key);
         match f.kind {
             FailureKind::Cancelled => Error::Cancelled { key },
+            FailureKind::TimedOut(after) => Error::Timeout {
+                task: Some(key),
+                after,
+            },
             kind => Error::Task {
                 key,
                 panicked: kind == FailureKind::Panicked,
                 message: f.message.clone(),
+                location: f.location.as_deref().map(str::to_owned),
+                error: f.cause.as_ref().map(|c| c.error.clone()),
             },
         }
     }

@@ -221,6 +221,8 @@ impl<T: Data> Future<T> {
                         key: self.key(),
                         panicked: false,
                         message,
+                        location: None,
+                        error: None,
                     },
                 })?;
                 // A value decoded for this call is not shared: no copy.
@@ -251,7 +253,10 @@ impl<T: Data> Future<T> {
             .shared
             .wait(self.handle.key, Some(Instant::now() + timeout))
         {
-            State::Pending => Err(Error::Timeout { after: timeout }),
+            State::Pending => Err(Error::Timeout {
+                task: None,
+                after: timeout,
+            }),
             state => self.outcome(state),
         }
     }
@@ -289,6 +294,8 @@ impl<T: Data> std::future::Future for Future<T> {
                 key: this.key(),
                 panicked: false,
                 message: e.to_string(),
+                location: None,
+                error: None,
             })),
             None => {
                 slot.waker = Some(cx.waker().clone());
@@ -512,7 +519,10 @@ pub fn wait_timeout<T>(futures: &[Future<T>], timeout: Duration) -> Result<()> {
             .wait(f.handle.key, Some(deadline))
             .is_pending()
         {
-            return Err(Error::Timeout { after: timeout });
+            return Err(Error::Timeout {
+                task: None,
+                after: timeout,
+            });
         }
     }
     Ok(())

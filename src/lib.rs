@@ -45,9 +45,11 @@
 //! | `(Delayed<A>, Delayed<B>)` (up to 4) | `(A, B)` | every element's result |
 //! | [`Untraversed<T>`] | `T` | the value as is |
 //!
-//! `delayed!(f(a)?)` is for functions returning `Result<T, E>`: `Err` fails
-//! the task with `E`'s message. Values must be [`Data`] (serde + `Clone` +
-//! `Send` + `Sync`).
+//! `delayed!(f(a)?)` is for functions returning `Result<T, E>`: `Err(e)`
+//! fails the task, and `e` is the [`source`](std::error::Error::source) of
+//! the [`Error::Task`] the caller gets — the value itself on a local
+//! executor, a [`RemoteError`] with its type name and message chain from a
+//! cluster. Values must be [`Data`] (serde + `Clone` + `Send` + `Sync`).
 //!
 //! # Keys
 //!
@@ -184,7 +186,7 @@ pub use error::{Error, Result};
 pub use future::{as_completed, wait, wait_first, wait_timeout, AsCompleted, Done, Future, Status};
 pub use graph::Graph;
 pub use optimize::{explain, Explain, PlannedTask, Timings};
-pub use rask_executor::{Key, Value};
+pub use rask_executor::{Key, RemoteError, Value};
 pub use registry::{init, Register, Tasks};
 
 /// The names most programs need: `use rask::prelude::*;`.

@@ -256,12 +256,22 @@ impl<R: Data> Returns<R> for Plain {
     }
 }
 
-impl<T: Data, E: fmt::Display> Returns<Result<T, E>> for Fallible {
+/// `Err(e)` keeps `e` whole as the failure's cause (its type survives in
+/// this process, its type name and message chain in another one).
+impl<T: Data, E> Returns<Result<T, E>> for Fallible
+where
+    E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
+{
     type Out = T;
     const FALLIBLE: bool = true;
     #[inline]
     fn finish(r: Result<T, E>) -> Result<T, OpError> {
-        r.map_err(|e| OpError::failed(e.to_string()))
+        r.map_err(|e| {
+            OpError::caused(rask_executor::Cause::boxed(
+                std::any::type_name::<E>(),
+                e.into(),
+            ))
+        })
     }
 }
 

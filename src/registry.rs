@@ -32,8 +32,7 @@ use std::marker::PhantomData;
 use std::sync::{Arc, OnceLock};
 
 use rask_executor::{
-    Encoded, Failure, FailureKind, Key, Op, OpError, Remote, Value, WireError, WireTask,
-    REMOTE_FUNCTION,
+    Encoded, Failure, Key, Op, OpError, Remote, Value, WireError, WireTask, REMOTE_FUNCTION,
 };
 use serde::{Deserialize, Serialize};
 
@@ -44,7 +43,7 @@ use crate::node::{Call, Fallible, Held, Inputs, Name, Node, Plain, Returns, Type
 /// The function name of held values on the wire (rule 3).
 pub(crate) const VALUE_FUNCTION: &str = rask_executor::VALUE_FUNCTION;
 /// The function name of recorded failures on the wire (rule 3).
-pub(crate) const FAIL_FUNCTION: &str = "rask.fail";
+pub(crate) const FAIL_FUNCTION: &str = rask_executor::FAIL_FUNCTION;
 
 /// How one parameter of a task travels (rule 2).
 #[doc(hidden)]
@@ -132,19 +131,9 @@ pub(crate) fn value_task(value: &Value) -> Result<WireTask, WireError> {
 
 /// A recorded failure as a task that fails the same way (rule 3).
 pub(crate) fn fail_task(failure: &Failure) -> Result<WireTask, WireError> {
-    let kind = match failure.kind {
-        FailureKind::Failed => 0u8,
-        FailureKind::Panicked => 1,
-        FailureKind::Cancelled => 2,
-    };
-    let payload = postcard::to_stdvec(&(failure.key.0, &*failure.name, kind, &failure.message))
-        .map_err(|e| WireError::Encode {
-            what: "a task failure".into(),
-            reason: e.to_string(),
-        })?;
     Ok(WireTask {
         function: FAIL_FUNCTION.to_owned(),
-        payload,
+        payload: rask_executor::encode_failure(failure)?,
     })
 }
 
@@ -168,25 +157,6 @@ impl Call for Replayed {
     fn run(&self, _: &mut [Option<Value>]) -> Result<Value, OpError> {
         Err(crate::client::replay(&self.0))
     }
-}
-
-fn decode_failure(payload: &[u8]) -> Result<Failure, WireError> {
-    let (key, name, kind, message): ([u8; 32], String, u8, String) = postcard::from_bytes(payload)
-        .map_err(|e| WireError::Decode {
-            what: "a task failure".into(),
-            reason: e.to_string(),
-        })?;
-    let kind = match kind {
-        0 => FailureKind::Failed,
-        1 => FailureKind::Panicked,
-        _ => FailureKind::Cancelled,
-    };
-    Ok(Failure {
-        key: Key(key),
-        name: name.into(),
-        kind,
-        message,
-    })
 }
 
 /// A parameter rebuilt in a worker (rule 2): decodes its inputs with the
@@ -411,9 +381,9 @@ impl Tasks {
     fn entry<F: 'static>(&mut self) -> &mut Entry {
         let id = function_id::<F>().expect("registered functions capture nothing (checked)");
         self.entries.entry(id).or_insert(Entry {
-                plain: None,
-                fallible: None,
-            })
+            plain: None,
+            fallible: None,
+        })
     }
 
     /// Number of functions.
@@ -541,7 +511,7 @@ impl rask_executor::Registry for Resolver {
                 (Name::Borrowed("value"), Arc::new(Released(Key(key))))
             }
             FAIL_FUNCTION => {
-                let failure = decode_failure(&task.payload)?;
+                let failure = rask_executor::decode_failure(&task.payload)?;
                 (
                     Name::Owned(failure.name.to_string()),
                     Arc::new(Replayed(Arc::new(failure))),

@@ -142,16 +142,27 @@ fn failures_name_the_task_and_spare_the_cluster() {
             key,
             panicked,
             message,
+            location,
+            ..
         } => {
             assert_eq!(key, bad.key());
             assert!(panicked);
             assert!(message.contains("exploded on 3"), "{message}");
+            // The panic's location came across from the worker.
+            let location = location.expect("a panic location");
+            assert!(location.starts_with("tests/distributed.rs:"), "{location}");
         }
         other => panic!("unexpected {other}"),
     }
     let odd = delayed!(half(7)?);
     let err = odd.compute_with(&local2()).unwrap_err();
-    assert!(err.to_string().contains("7 is odd"), "{err}");
+    // Across processes the error keeps its message and type name, once.
+    assert!(format!("{err:#}").ends_with("failed: 7 is odd"), "{err:#}");
+    let remote = std::error::Error::source(&err)
+        .and_then(|e| e.downcast_ref::<rask::RemoteError>())
+        .expect("the task's error");
+    assert_eq!(remote.to_string(), "7 is odd");
+    assert_eq!(remote.type_name(), "alloc::string::String");
     // The workers survived.
     assert_eq!(delayed!(inc(41)).compute_with(&local2()).unwrap(), 42);
 }

@@ -29,7 +29,7 @@ macro_rules! for_each_executor {
         mod distributed {
             fn config() -> rask::Config {
                 crate::support::loopback_cluster(rask::tasks![
-                    inc, add, sum, len_shared, first, explode,
+                    inc, add, sum, len_shared, first, explode, parse?,
                     crate::support::leaf, crate::support::mix?,
                     crate::support::tree_inc, crate::support::tree_add
                 ])
@@ -60,6 +60,42 @@ for_each_executor! {
     fn pair(x: i64) -> (i64, String) { (x * 2, format!("#{x}")) }
     fn first((a, b): (i64, i64)) -> i64 { a * 10 + b }
     fn explode(x: i64) -> i64 { if x > 0 { panic!("exploded on {x}") } x }
+    fn parse(s: String) -> Result<i64, std::num::ParseIntError> { s.parse() }
+
+    /// The error a task returns is the source of the error the caller gets:
+    /// the value itself in this process, its type name and message from
+    /// another one; the report prints its message once.
+    #[test]
+    fn a_task_error_keeps_its_type() {
+        let bad = delayed!(parse("x".to_string())?);
+        let err = delayed!(add(&bad, 1)).compute_with(&config()).unwrap_err();
+        let expected = "x".parse::<i64>().unwrap_err().to_string();
+        assert!(matches!(&err, Error::Task { key, panicked: false, .. } if *key == bad.key()), "{err}");
+        let source = std::error::Error::source(&err).expect("the task's error");
+        if crate::on_cluster(&config()) {
+            let remote = source.downcast_ref::<rask::RemoteError>().expect("a remote error");
+            assert!(remote.type_name().ends_with("ParseIntError"), "{}", remote.type_name());
+        } else {
+            assert!(source.downcast_ref::<std::num::ParseIntError>().is_some());
+        }
+        assert_eq!(source.to_string(), expected);
+        // Display names the task; `{:#}` adds the cause, once.
+        assert!(!err.to_string().contains(&expected), "{err}");
+        assert_eq!(format!("{err:#}").matches(&expected).count(), 1, "{err:#}");
+    }
+
+    /// A panic keeps where it happened.
+    #[test]
+    fn a_panic_keeps_its_location() {
+        let err = delayed!(explode(1)).compute_with(&config()).unwrap_err();
+        match &err {
+            Error::Task { panicked: true, location: Some(at), error: None, .. } => {
+                assert!(at.starts_with("tests/executors.rs:"), "{at}");
+                assert!(err.to_string().contains(at.as_str()), "{err}");
+            }
+            other => panic!("unexpected error {other:?}"),
+        }
+    }
 
     #[test]
     fn computes_a_small_graph() {
@@ -100,7 +136,7 @@ for_each_executor! {
         let after = delayed!(add(&bad, &ok));
         let err = rask::compute_with((&ok, &after), &config()).unwrap_err();
         match &err {
-            Error::Task { key, panicked, message } => {
+            Error::Task { key, panicked, message, .. } => {
                 assert_eq!(key, &bad.key());
                 assert!(*panicked);
                 assert_eq!(message, "exploded on 3");

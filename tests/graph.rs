@@ -269,6 +269,7 @@ fn fallible_tasks_report_their_error() {
             key,
             panicked,
             message,
+            ..
         } => {
             assert_eq!(key, bad.key());
             assert!(!panicked);

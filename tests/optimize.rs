@@ -14,13 +14,17 @@ fn same(on: &rask::Result<i64>, off: &rask::Result<i64>) -> Result<(), String> {
                 key: a,
                 panicked: pa,
                 message: ma,
+                location: la,
+                ..
             }),
             Err(Error::Task {
                 key: b,
                 panicked: pb,
                 message: mb,
+                location: lb,
+                ..
             }),
-        ) if a == b && a.name() == b.name() && pa == pb && ma == mb => Ok(()),
+        ) if a == b && a.name() == b.name() && pa == pb && ma == mb && la == lb => Ok(()),
         _ => Err(format!("optimized {on:?}, unoptimized {off:?}")),
     }
 }
@@ -201,7 +205,7 @@ for_each_executor! {
         assert_eq!(rask::explain(&total, &config()).unwrap().len(), 1);
         let err = total.compute_with(&config()).unwrap_err();
         match &err {
-            Error::Task { key, panicked: false, message } => {
+            Error::Task { key, panicked: false, message, .. } => {
                 assert_eq!(key, &bad_key);
                 assert_eq!(message, "5 is not allowed");
             }
@@ -211,7 +215,7 @@ for_each_executor! {
         assert_eq!(same(&Err(err), &off), Ok(()));
         let total = incs(delayed!(explode(incs(delayed!(inc(0)), 4))), 3);
         match total.compute_with(&config()).unwrap_err() {
-            Error::Task { key, panicked: true, message } => {
+            Error::Task { key, panicked: true, message, .. } => {
                 assert_eq!(key.name(), "explode");
                 assert_eq!(message, "exploded on 5");
             }
@@ -239,7 +243,7 @@ for_each_executor! {
         assert_eq!(plan.tasks().next().unwrap().name(), "inc…inc(5)");
         let err = total.compute_with(&config()).unwrap_err();
         match &err {
-            Error::Task { key, panicked: false, message } => {
+            Error::Task { key, panicked: false, message, .. } => {
                 assert_eq!(key, &bad.key());
                 assert_eq!(key.name(), "check");
                 assert_eq!(message, "5 is not allowed");
@@ -258,7 +262,7 @@ for_each_executor! {
         let total = delayed!(inc(delayed!(inc(&bad))));
         assert_eq!(rask::explain(&total, &config()).unwrap().len(), 1);
         match total.compute_with(&config()).unwrap_err() {
-            Error::Task { key, panicked: true, message } => {
+            Error::Task { key, panicked: true, message, .. } => {
                 assert_eq!(key, bad.key());
                 assert_eq!(message, "exploded on 5");
             }

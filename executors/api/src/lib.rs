@@ -32,14 +32,18 @@
 //!    which holds the key there until it is dropped (see [`RemoteValue`]).
 #![warn(missing_docs)]
 
-use std::any::Any;
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
+mod failure;
 mod plan;
 mod synchronous;
 
+pub use failure::{
+    decode_failure, encode_failure, panic_message, Cause, Failure, FailureKind, OpError,
+    RemoteError,
+};
 pub use plan::{Plan, PlanBuilder, PlanTask};
 pub use synchronous::Synchronous;
 
@@ -55,7 +59,7 @@ pub type Value = Arc<dyn AnyValue>;
 mod wire;
 
 pub use wire::{
-    downcast, AnyValue, Encoded, Registry, Remote, RemoteValue, WireError, WireTask,
+    downcast, AnyValue, Encoded, Registry, Remote, RemoteValue, WireError, WireTask, FAIL_FUNCTION,
     REMOTE_FUNCTION, VALUE_FUNCTION,
 };
 
@@ -139,82 +143,6 @@ pub trait Op: Send + Sync {
     }
 }
 
-/// Why an [`Op`] failed, as the op reports it.
-#[derive(Debug, Clone)]
-pub struct OpError {
-    /// What went wrong.
-    pub kind: FailureKind,
-    /// The error message.
-    pub message: String,
-    /// The task that actually failed, when the op runs several tasks (a fused
-    /// chain). `None` means the op's own task.
-    pub origin: Option<(Key, Arc<str>)>,
-}
-
-impl OpError {
-    /// An error returned by the task's own code.
-    pub fn failed(message: impl Into<String>) -> Self {
-        OpError {
-            kind: FailureKind::Failed,
-            message: message.into(),
-            origin: None,
-        }
-    }
-
-    /// A panic caught while running the task's code.
-    pub fn panicked(payload: &(dyn Any + Send)) -> Self {
-        OpError {
-            kind: FailureKind::Panicked,
-            message: panic_message(payload),
-            origin: None,
-        }
-    }
-}
-
-/// What kind of failure ended a task.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailureKind {
-    /// The task's code returned an error.
-    Failed,
-    /// The task's code panicked.
-    Panicked,
-    /// The run was cancelled before the task produced a value.
-    Cancelled,
-}
-
-/// A task that failed, with its key, its name and the reason.
-///
-/// Shared by every dependent of the failed task, so the error a caller sees
-/// always names the task where the failure started.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Failure {
-    /// Key of the task that failed.
-    pub key: Key,
-    /// Name of the task that failed (its function name).
-    pub name: Arc<str>,
-    /// What kind of failure it was.
-    pub kind: FailureKind,
-    /// The task's error or panic message.
-    pub message: String,
-}
-
-impl fmt::Display for Failure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let what = match self.kind {
-            FailureKind::Failed => "failed",
-            FailureKind::Panicked => "panicked",
-            FailureKind::Cancelled => "was cancelled",
-        };
-        write!(f, "task {}-{} {what}", self.name, self.key.short())?;
-        if !self.message.is_empty() {
-            write!(f, ": {}", self.message)?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for Failure {}
-
 /// The outcome of one task as executors pass it around.
 pub type Outcome = Result<Value, Arc<Failure>>;
 
@@ -261,20 +189,10 @@ pub trait Executor: Send + Sync {
 ///
 /// Shared by every executor so that rules 2 and 3 are implemented once.
 pub fn run_task(task: &PlanTask, inputs: &mut [Option<Value>]) -> Outcome {
+    failure::record_panic_locations();
     match catch_unwind(AssertUnwindSafe(|| task.op.run(inputs))) {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(err)) => Err(Arc::new(task.failure(err))),
         Err(payload) => Err(Arc::new(task.failure(OpError::panicked(&*payload)))),
-    }
-}
-
-/// The message carried by a panic payload.
-pub fn panic_message(payload: &(dyn Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "panic with a non-string payload".to_owned()
     }
 }

@@ -28,17 +28,12 @@ pub struct PlanTask {
 impl PlanTask {
     /// Turns an op's error into a named [`Failure`] of this task (or of the
     /// inner task the error names as its origin).
-    pub fn failure(&self, err: OpError) -> Failure {
-        let (key, name) = match err.origin {
+    pub fn failure(&self, mut err: OpError) -> Failure {
+        let (key, name) = match err.origin.take() {
             Some((key, name)) => (key, name),
             None => (self.key, self.op.name().into()),
         };
-        Failure {
-            key,
-            name,
-            kind: err.kind,
-            message: err.message,
-        }
+        Failure::from_op(key, name, err)
     }
 }
 
@@ -149,12 +144,12 @@ impl Plan {
     /// A failure of kind `Cancelled` for output slot `slot`.
     pub fn cancelled_output(&self, slot: usize) -> Arc<Failure> {
         let task = &self.tasks[self.outputs[slot] as usize];
-        Arc::new(Failure {
-            key: task.key,
-            name: task.op.name().into(),
-            kind: FailureKind::Cancelled,
-            message: "the computation was cancelled".into(),
-        })
+        Arc::new(Failure::new(
+            task.key,
+            task.op.name().into(),
+            FailureKind::Cancelled,
+            "the computation was cancelled".into(),
+        ))
     }
 }
 

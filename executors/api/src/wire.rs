@@ -24,6 +24,11 @@
 //!    task whose key is known is not run again); every other executor sends
 //!    the value's bytes. A registry resolves `REMOTE_FUNCTION` to an op that
 //!    fails: it runs only if the key was not held after all.
+//! 6. A recorded failure (a failed or cancelled input of a new graph)
+//!    travels as the task [`FAIL_FUNCTION`]. It stands for no value, so an
+//!    executor never sends it under the key of the value it replaces: a
+//!    cluster that still holds or computes that key would hand its value to
+//!    dependents that must fail.
 
 use std::any::Any;
 use std::fmt;
@@ -40,6 +45,11 @@ pub const VALUE_FUNCTION: &str = "rask.value";
 /// The function name of a value a cluster holds: its payload is the key's
 /// 32 bytes (rule 5).
 pub const REMOTE_FUNCTION: &str = "rask.remote";
+
+/// The function name of a recorded failure: its payload is
+/// [`encode_failure`](crate::encode_failure)'s bytes, and it fails the same
+/// way wherever it runs (rule 6).
+pub const FAIL_FUNCTION: &str = "rask.fail";
 
 /// A value that can be shared between tasks and sent to another process.
 ///

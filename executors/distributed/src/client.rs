@@ -460,12 +460,12 @@ impl Executor for Client {
             let wire = match task.op.to_wire() {
                 Ok(w) => w,
                 Err(e) => {
-                    let failure = Arc::new(Failure {
-                        key: task.key,
-                        name: task.op.name().into(),
-                        kind: FailureKind::Failed,
-                        message: e.to_string(),
-                    });
+                    let failure = Arc::new(Failure::new(
+                        task.key,
+                        task.op.name().into(),
+                        FailureKind::Failed,
+                        e.to_string(),
+                    ));
                     return fail_all(plan, &*reporter, &failure);
                 }
             };
@@ -523,16 +523,11 @@ impl Executor for Client {
         if let Some(big) = frames.iter().find(|f| f.len() - 4 > MAX_FRAME) {
             drop(held);
             let slot0 = &plan.tasks()[plan.outputs()[0] as usize];
-            let failure = Arc::new(Failure {
-                key: slot0.key,
-                name: slot0.op.name().into(),
-                kind: FailureKind::Failed,
-                message: format!(
+            let failure = Arc::new(Failure::new(slot0.key, slot0.op.name().into(), FailureKind::Failed, format!(
                     "the graph encodes to {} bytes, over the {MAX_FRAME} byte limit of one message; \
                      scatter big arguments instead of embedding them",
                     big.len() - 4
-                ),
-            });
+                )));
             return fail_all(plan, &*reporter, &failure);
         }
         // Rule 7: while it is open, a submission whose outputs become handles
@@ -577,12 +572,12 @@ impl Executor for Client {
 fn inline_value(plan: &Plan, i: usize) -> Result<Arc<[u8]>, Arc<Failure>> {
     let task = plan.task(i as u32);
     let failure = |message: String| {
-        Arc::new(Failure {
-            key: task.key,
-            name: task.op.name().into(),
-            kind: FailureKind::Failed,
+        Arc::new(Failure::new(
+            task.key,
+            task.op.name().into(),
+            FailureKind::Failed,
             message,
-        })
+        ))
     };
     if !plan.deps(i as u32).is_empty() {
         return Err(failure(format!(
@@ -621,12 +616,12 @@ fn lost(plan: &Plan, address: &str) -> Vec<Arc<Failure>> {
         .iter()
         .map(|&t| {
             let task = plan.task(t);
-            Arc::new(Failure {
-                key: task.key,
-                name: task.op.name().into(),
-                kind: FailureKind::Failed,
-                message: format!("lost the connection to the scheduler at {address}"),
-            })
+            Arc::new(Failure::new(
+                task.key,
+                task.op.name().into(),
+                FailureKind::Failed,
+                format!("lost the connection to the scheduler at {address}"),
+            ))
         })
         .collect()
 }

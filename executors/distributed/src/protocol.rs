@@ -27,7 +27,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use rask_executor::{Failure, FailureKind, Key};
+use rask_executor::{Cause, Failure, FailureKind, Key};
 use serde::{Deserialize, Serialize};
 
 /// The first four bytes of every handshake body.
@@ -253,7 +253,9 @@ pub struct TaskSpec {
     pub deps: Vec<WireKey>,
 }
 
-/// A [`Failure`] as it travels.
+/// A [`Failure`] as it travels: everything but the error value itself,
+/// whose type name and message chain go instead (the receiver rebuilds it
+/// as a [`RemoteError`](rask_executor::RemoteError)).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WireFailure {
     /// Key of the task where the failure started.
@@ -264,6 +266,27 @@ pub struct WireFailure {
     pub kind: WireFailureKind,
     /// The error or panic message.
     pub message: String,
+    /// The type of the error the task returned, if it returned one.
+    pub error_type: Option<String>,
+    /// The messages of that error's sources, outermost first.
+    pub chain: Vec<String>,
+    /// Where the task panicked (`file:line:column`).
+    pub location: Option<String>,
+}
+
+impl WireFailure {
+    /// A failure known by its message only.
+    pub fn new(key: WireKey, name: String, kind: WireFailureKind, message: String) -> WireFailure {
+        WireFailure {
+            key,
+            name,
+            kind,
+            message,
+            error_type: None,
+            chain: Vec::new(),
+            location: None,
+        }
+    }
 }
 
 /// [`FailureKind`] as it travels.
@@ -275,6 +298,11 @@ pub enum WireFailureKind {
     Panicked,
     /// The task was cancelled.
     Cancelled,
+    /// The task ran past its timeout.
+    TimedOut {
+        /// The timeout, in milliseconds.
+        after_ms: u64,
+    },
 }
 
 impl From<&Failure> for WireFailure {
@@ -286,8 +314,14 @@ impl From<&Failure> for WireFailure {
                 FailureKind::Failed => WireFailureKind::Failed,
                 FailureKind::Panicked => WireFailureKind::Panicked,
                 FailureKind::Cancelled => WireFailureKind::Cancelled,
+                FailureKind::TimedOut(after) => WireFailureKind::TimedOut {
+                    after_ms: u64::try_from(after.as_millis()).unwrap_or(u64::MAX),
+                },
             },
             message: f.message.clone(),
+            error_type: f.cause.as_ref().map(|c| c.type_name.to_string()),
+            chain: f.cause.as_ref().map(|c| c.chain()).unwrap_or_default(),
+            location: f.location.as_ref().map(|l| l.to_string()),
         }
     }
 }
@@ -301,8 +335,16 @@ impl From<&WireFailure> for Failure {
                 WireFailureKind::Failed => FailureKind::Failed,
                 WireFailureKind::Panicked => FailureKind::Panicked,
                 WireFailureKind::Cancelled => FailureKind::Cancelled,
+                WireFailureKind::TimedOut { after_ms } => {
+                    FailureKind::TimedOut(std::time::Duration::from_millis(after_ms))
+                }
             },
             message: f.message.clone(),
+            cause: f
+                .error_type
+                .as_ref()
+                .map(|t| Box::new(Cause::remote(t, &f.message, f.chain.clone()))),
+            location: f.location.as_deref().map(Arc::from),
         }
     }
 }
@@ -846,13 +888,27 @@ mod tests {
 
     #[test]
     fn failures_round_trip() {
-        let f = Failure {
-            key: Key([5; 32]),
-            name: "boom".into(),
-            kind: FailureKind::Panicked,
-            message: "oh no".into(),
-        };
+        let mut f = Failure::new(
+            Key([5; 32]),
+            "boom".into(),
+            FailureKind::Panicked,
+            "oh no".into(),
+        );
+        f.location = Some("src/main.rs:3:5".into());
         assert_eq!(Failure::from(&WireFailure::from(&f)), f);
+        let parse = "x".parse::<i64>().unwrap_err();
+        let f = Failure::from_op(
+            Key([6; 32]),
+            "parse".into(),
+            rask_executor::OpError::caused(Cause::new(parse.clone())),
+        );
+        let back = Failure::from(&WireFailure::from(&f));
+        assert_eq!(back, f);
+        let remote = std::error::Error::source(&back)
+            .and_then(|e| e.downcast_ref::<rask_executor::RemoteError>())
+            .expect("a remote error");
+        assert_eq!(remote.to_string(), parse.to_string());
+        assert!(remote.type_name().ends_with("ParseIntError"));
     }
 
     #[test]

@@ -393,14 +393,14 @@ impl State {
                 task.deaths = task.deaths.saturating_add(1);
             }
             if task.deaths >= ALLOWED_WORKER_DEATHS {
-                let failure = Arc::new(WireFailure {
-                    key: task.key.0,
-                    name: task.name.to_string(),
-                    kind: WireFailureKind::Failed,
-                    message: format!(
+                let failure = Arc::new(WireFailure::new(
+                    task.key.0,
+                    task.name.to_string(),
+                    WireFailureKind::Failed,
+                    format!(
                         "{ALLOWED_WORKER_DEATHS} workers died while this task was assigned to them"
                     ),
-                });
+                ));
                 self.set_erred(id, failure, out);
             } else {
                 self.restart(id, out);
@@ -438,12 +438,12 @@ impl State {
             self.next_priority += 1;
             let state = match unknown {
                 None => TaskState::Released,
-                Some(dep) => TaskState::Erred(Arc::new(WireFailure {
-                    key: spec.key,
-                    name: spec.name.to_string(),
-                    kind: WireFailureKind::Failed,
-                    message: format!("input {dep} is not in the graph sent to the scheduler"),
-                })),
+                Some(dep) => TaskState::Erred(Arc::new(WireFailure::new(
+                    spec.key,
+                    spec.name.to_string(),
+                    WireFailureKind::Failed,
+                    format!("input {dep} is not in the graph sent to the scheduler"),
+                ))),
             };
             let n_deps = deps.len();
             let id = self.insert(Task {
@@ -481,13 +481,12 @@ impl State {
                     client,
                     ToClient::KeyErred {
                         key,
-                        failure: WireFailure {
+                        failure: WireFailure::new(
                             key,
-                            name: "unknown".into(),
-                            kind: WireFailureKind::Failed,
-                            message: "the scheduler was asked for a key whose task it was not sent"
-                                .into(),
-                        },
+                            "unknown".into(),
+                            WireFailureKind::Failed,
+                            "the scheduler was asked for a key whose task it was not sent".into(),
+                        ),
                     },
                 );
                 continue;

@@ -104,12 +104,12 @@ fn finish(s: &mut State, out: &mut Rec, w: WorkerId, key: u8, nbytes: u64) {
 }
 
 fn failure(key: u8) -> WireFailure {
-    WireFailure {
-        key: k(key),
-        name: format!("t{key}"),
-        kind: WireFailureKind::Panicked,
-        message: "boom".into(),
-    }
+    WireFailure::new(
+        k(key),
+        format!("t{key}"),
+        WireFailureKind::Panicked,
+        "boom".into(),
+    )
 }
 
 #[test]

@@ -765,12 +765,7 @@ fn run_job(job: Job) -> Done {
             },
         };
         let failed = |(kind, message): (FailureKind, String)| {
-            Arc::new(Failure {
-                key: Key(key),
-                name: task.op.name().into(),
-                kind,
-                message,
-            })
+            Arc::new(Failure::new(Key(key), task.op.name().into(), kind, message))
         };
         match encoded {
             Ok(n) if n > MAX_VALUE => Err(failed((FailureKind::Failed, format!(

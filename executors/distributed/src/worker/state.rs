@@ -204,12 +204,12 @@ impl WorkerState {
         };
         let fail = |kind, message: String| ToScheduler::TaskErred {
             key: msg.key,
-            failure: WireFailure::from(&Failure {
-                key: Key(msg.key),
-                name: msg.name.clone(),
+            failure: WireFailure::from(&Failure::new(
+                Key(msg.key),
+                msg.name.clone(),
                 kind,
                 message,
-            }),
+            )),
         };
         // A registry that panics while decoding fails that task only.
         let op = match catch_unwind(AssertUnwindSafe(|| self.registry.resolve(&wire))) {
@@ -821,12 +821,12 @@ mod tests {
         s.on_compute(compute(2, "add", &[1], &[]), &mut out);
         s.on_compute(compute(3, "add", &[2], &[]), &mut out);
         let one = out.jobs.pop().unwrap();
-        let failure = Arc::new(Failure {
-            key: Key([1; 32]),
-            name: "t".into(),
-            kind: FailureKind::Failed,
-            message: "no".into(),
-        });
+        let failure = Arc::new(Failure::new(
+            Key([1; 32]),
+            "t".into(),
+            FailureKind::Failed,
+            "no".into(),
+        ));
         s.on_task_done(done(&one, Err(failure)), &mut out);
         assert!(out.jobs.is_empty(), "dependents of a failure never run");
         match &out.sent[..] {

@@ -403,6 +403,7 @@ impl Collect {
     }
 
     /// Waits for `finished`; panics after `TIMEOUT`.
+    #[allow(clippy::result_large_err)] // a test's results, compared whole
     pub fn wait(&self) -> Vec<Result<i64, Failure>> {
         match self.done_rx.lock().unwrap().recv_timeout(TIMEOUT) {
             Ok(()) => {}
