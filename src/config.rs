@@ -128,6 +128,8 @@ impl fmt::Display for ExecutorKind {
 /// # Ok::<(), rask::Error>(())
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[must_use = "a Config does nothing until it is passed to `compute_with`, \
+              `Client::with_config` or `config::set`"]
 pub struct Config {
     executor: Option<ExecutorKind>,
     optimize: Option<bool>,

@@ -37,6 +37,7 @@ use crate::Result;
 /// assert!(total.key().to_string().starts_with("add-"));
 /// # Ok::<(), rask::Error>(())
 /// ```
+#[must_use = "a Delayed is lazy: nothing runs until it is computed"]
 pub struct Delayed<T> {
     node: Arc<Node>,
     _type: PhantomData<fn() -> T>,

@@ -56,6 +56,8 @@ impl Drop for Handle {
 /// assert_eq!(client.stats().keys_held, 0);
 /// # Ok::<(), rask::Error>(())
 /// ```
+#[must_use = "dropping the last handle to a future releases its work: keep it, or hand it to \
+              `rask::fire_and_forget`"]
 pub struct Future<T> {
     handle: Arc<Handle>,
     /// The fetch `.await` started for a value a cluster holds.
@@ -364,6 +366,7 @@ impl<T: Data> IntoArg<Vec<T>> for &Vec<Future<T>> {
 /// assert_eq!(seen, vec![1, 2, 3, 12, 13, 14]);
 /// # Ok::<(), rask::Error>(())
 /// ```
+#[must_use = "iterate it to receive the futures as they finish"]
 pub struct AsCompleted<T> {
     queue: Arc<Queue<T>>,
     outstanding: usize,
@@ -485,6 +488,42 @@ pub struct Done<T> {
     pub done: Vec<Future<T>>,
     /// Still pending.
     pub not_done: Vec<Future<T>>,
+}
+
+/// Keeps the work behind `future` running to the end without a handle to
+/// it (Dask's `fire_and_forget`): for tasks run for their effects. The
+/// result is released as soon as the task is done; nothing is reported.
+///
+/// Dropping a future instead releases its work, which then stops once no
+/// other future wants it.
+///
+/// # Examples
+///
+/// ```
+/// use std::sync::atomic::{AtomicUsize, Ordering};
+/// use rask::{delayed, Client};
+///
+/// static SENT: AtomicUsize = AtomicUsize::new(0);
+/// fn notify(n: usize) -> usize { SENT.fetch_add(n, Ordering::SeqCst); n }
+///
+/// let client = Client::threads(2)?;
+/// rask::fire_and_forget(client.submit(delayed!(notify(1)))?);
+/// while SENT.load(Ordering::SeqCst) == 0 { std::thread::yield_now(); }
+/// # Ok::<(), rask::Error>(())
+/// ```
+pub fn fire_and_forget<T>(future: Future<T>) {
+    let handle = future.handle;
+    let shared = handle.shared.clone();
+    let key = handle.key;
+    // The listener holds the future's handle (so its work stays wanted)
+    // until the entry is done, then lets it go.
+    let held = Mutex::new(Some(handle));
+    shared.on_done(
+        key,
+        Listener::Queue(Arc::new(move || {
+            held.lock().unwrap_or_else(PoisonError::into_inner).take();
+        })),
+    );
 }
 
 /// Blocks until every future is done (finished, failed or cancelled).

@@ -183,7 +183,10 @@ pub use config::{Config, ExecutorKind};
 pub use data::Data;
 pub use delayed::{named_key, persist, persist_with, value, value_named, Delayed, TaskKey};
 pub use error::{Error, Result};
-pub use future::{as_completed, wait, wait_first, wait_timeout, AsCompleted, Done, Future, Status};
+pub use future::{
+    as_completed, fire_and_forget, wait, wait_first, wait_timeout, AsCompleted, Done, Future,
+    Status,
+};
 pub use graph::Graph;
 pub use optimize::{explain, Explain, PlannedTask, Timings};
 pub use rask_executor::{Key, RemoteError, Value};

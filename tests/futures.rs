@@ -267,6 +267,42 @@ fn cancel_a_pending_future() {
     assert_eq!(again.result().unwrap(), 1);
 }
 
+/// Waits (bounded) until `done` holds.
+fn eventually(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "never: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn fire_and_forget_runs_the_work_to_the_end_then_releases_it() {
+    for client in clients() {
+        let counter = new_id();
+        let gate = new_id();
+        // The synchronous executor runs the work inside `submit`.
+        let sync = client.executor() == rask::ExecutorKind::Synchronous;
+        if sync {
+            open(gate);
+        }
+        let gated_input = client.submit(delayed!(gated(gate, 1))).unwrap();
+        // No handle is kept; the task still runs once its input is ready.
+        rask::fire_and_forget(
+            client
+                .submit(delayed!(counted(counter, &gated_input)))
+                .unwrap(),
+        );
+        drop(gated_input);
+        if !sync {
+            assert_eq!(count(counter), 0);
+            open(gate);
+        }
+        eventually("the forgotten task ran", || count(counter) == 1);
+        eventually("its result was released", || client.stats().keys_held == 0);
+    }
+}
+
 /// Two closures mapped in one function are two functions: their results
 /// never mix (they used to share a key and return the first one's values).
 #[test]
