@@ -77,9 +77,10 @@
 //!   TCP) through in-memory channels, so a message between them costs no
 //!   system call, no copy through a socket and no thread hand-off.
 //! - **Faults close one connection.** A bad handshake, an oversized or
-//!   malformed frame, or a message a role may not send closes that
-//!   connection with a line on stderr (`rask-distributed: …`); the rest of
-//!   the cluster carries on.
+//!   malformed frame, a number out of the range the protocol allows for it
+//!   (a thread count, a size, a duration; see [`protocol`]), or a message a
+//!   role may not send closes that connection with a line on stderr
+//!   (`rask-distributed: …`); the rest of the cluster carries on.
 #![warn(missing_docs)]
 
 mod client;

@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::protocol::{
-    decode_batch, frame_len, Batch, FromPeer, Handshake, ProtocolError, Role, ToPeer, WireKey,
+    decode_checked, frame_len, Batch, FromPeer, Handshake, ProtocolError, Role, ToPeer, WireKey,
     WorkerId, HANDSHAKE_FRAME,
 };
 
@@ -542,7 +542,7 @@ async fn peer_connection(
             }
             got = read.next() => {
                 let msgs = match got {
-                    Ok(true) => decode_batch::<FromPeer>(read.frame()),
+                    Ok(true) => decode_checked::<FromPeer>(read.frame()),
                     Ok(false) => Err(ProtocolError::Closed),
                     Err(e) => Err(e),
                 };
