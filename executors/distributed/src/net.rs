@@ -34,9 +34,16 @@ pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long connecting to a peer's data port may take.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Logs a line on stderr with the crate's prefix.
+/// Logs a line on stderr with the crate's prefix, in one write: stderr is
+/// unbuffered, and an `eprintln!` written in pieces could mix with what
+/// tasks of the same process print at the same moment.
 macro_rules! log {
-    ($($arg:tt)*) => { eprintln!("rask-distributed: {}", format_args!($($arg)*)) };
+    ($($arg:tt)*) => {
+        {
+            let line = format!("rask-distributed: {}\n", format_args!($($arg)*));
+            eprint!("{line}")
+        }
+    };
 }
 pub(crate) use log;
 
