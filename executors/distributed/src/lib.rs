@@ -149,17 +149,17 @@ pub enum Error {
         after: Duration,
     },
     /// A worker process exited before it registered with its scheduler.
+    /// Workers write to this process's stderr, so what it wrote there is
+    /// printed above the error.
     #[error(
-        "worker process {index} exited before registering ({status}); does the program call \
-         rask's worker-mode setup first thing in main? its stderr ended with:\n{stderr}"
+        "worker process {index} exited before registering ({status}); its stderr is printed \
+         above; does the program call rask's worker-mode setup first thing in main?"
     )]
     WorkerExited {
         /// Which worker.
         index: usize,
         /// Its exit status.
         status: ExitStatus,
-        /// The last lines it wrote to stderr.
-        stderr: String,
     },
     /// A worker process could not be started.
     #[error("could not start worker process {index}")]

@@ -30,10 +30,16 @@
 //!    (`ToWorker::Heartbeat`), so a hung worker (or one whose machine became
 //!    unreachable) is told from a busy one: a long task on a compute thread
 //!    never delays it, a short one on the network thread (rule 5) barely.
+//! 7. Tasks print to the stdout and stderr the worker process was started
+//!    with. Stdout is flushed before each batch of reports is sent, so what
+//!    a task printed, even a `print!` without a newline, is written before
+//!    its result can reach a client (flushing an empty buffer costs no
+//!    system call).
 
 mod state;
 
 use std::collections::{BinaryHeap, HashMap};
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
@@ -386,6 +392,12 @@ async fn main(
         // reports are written.
         if !jobs.is_empty() {
             pool.submit(jobs.into_iter());
+        }
+        if !out.scheduler.is_empty() {
+            // Tasks' output before their reports (rule 7). A stdout that
+            // cannot be written to is the program's business, not the
+            // worker's.
+            let _ = std::io::stdout().flush();
         }
         net::send_batch(&writer, &mut out.scheduler);
         for (from, key) in out.fetches.drain(..) {
