@@ -181,7 +181,10 @@ impl<T: Data> Slot<Vec<T>> for Many<T> {
         (0..self.0).map(|_| inputs.owned::<T>()).collect()
     }
     fn wire(&self) -> Result<WireArg, WireError> {
-        Ok(WireArg::Many(self.0 as u32))
+        let n = u32::try_from(self.0).map_err(|_| WireError::NotSerializable {
+            what: format!("a list of {} task inputs (at most 2^32 - 1 travel)", self.0),
+        })?;
+        Ok(WireArg::Many(n))
     }
 }
 

@@ -165,6 +165,17 @@ impl Client {
     /// `Client(n_workers=…)`). The cluster stops when the last clone of the
     /// client is dropped. Needs [`rask::init`](crate::init) first in `main`.
     ///
+    /// Workers write to this program's stdout and stderr, so what tasks
+    /// print shows as if they ran here, unprefixed, and none of it is lost
+    /// when the program exits; a worker flushes its stdout before it reports
+    /// results, so a `print!` without a newline shows too. Lines of
+    /// different workers may interleave: a `println!` line stays whole
+    /// (Rust's stdout is line-buffered), but stderr is unbuffered and an
+    /// `eprintln!` is written in pieces that two workers can mix (a line
+    /// formatted first, newline included, and printed with
+    /// `eprint!("{line}")` is written at once).
+    /// `RASK_SCHEDULER=local:N` behaves the same.
+    ///
     /// # Errors
     ///
     /// [`Error::NotInitialized`] without `rask::init`; a distributed error

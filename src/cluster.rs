@@ -47,12 +47,11 @@ impl Cluster {
         }
         let exe = std::env::current_exe().map_err(Error::Executor)?;
         let args: Vec<_> = std::env::args_os().skip(1).collect();
+        // Workers inherit this program's stdout and stderr: what tasks
+        // print shows as if they ran here.
         let local = LocalCluster::start(workers, move || {
             let mut command = Command::new(&exe);
-            command
-                .args(&args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null());
+            command.args(&args).stdin(Stdio::null());
             command
         })?;
         Ok(Cluster {

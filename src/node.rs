@@ -208,6 +208,11 @@ impl<'a> Inputs<'a> {
         }
     }
 
+    /// Inputs not read yet.
+    pub(crate) fn remaining(&self) -> usize {
+        self.slots.len()
+    }
+
     pub(crate) fn next_value(&mut self) -> Result<Value, OpError> {
         self.slots
             .next()

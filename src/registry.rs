@@ -16,7 +16,10 @@
 //! 2. A task travels as its function's name and a [`Payload`]: one
 //!    [`WireArg`] per parameter — a literal's postcard bytes, or how many
 //!    task inputs the parameter takes. The worker rebuilds the call with
-//!    slots that decode inputs with the parameter's own type.
+//!    slots that decode inputs with the parameter's own type. Counts come
+//!    from another process and are not trusted: a tuple has 2 to
+//!    [`MAX_TUPLE`] elements, and a parameter taking more inputs than the
+//!    task has left fails the task before anything is read or allocated.
 //! 3. A held value (a `rask::value`, a persisted result, a future's value)
 //!    travels as the built-in function `rask.value` whose payload is the
 //!    value's bytes; a recorded failure as `rask.fail`.
@@ -44,6 +47,10 @@ use crate::node::{Call, Fallible, Held, Inputs, Name, Node, Plain, Returns, Type
 pub(crate) const VALUE_FUNCTION: &str = rask_executor::VALUE_FUNCTION;
 /// The function name of recorded failures on the wire (rule 3).
 pub(crate) const FAIL_FUNCTION: &str = rask_executor::FAIL_FUNCTION;
+
+/// The most elements of a tuple of task inputs (rule 2): `IntoArg` is
+/// implemented for tuples of 2 to 4 `Delayed`s (`args.rs`).
+pub(crate) const MAX_TUPLE: u32 = 4;
 
 /// How one parameter of a task travels (rule 2).
 #[doc(hidden)]
@@ -179,8 +186,27 @@ impl<A: Data> WireSlot<A> {
             }
             WireArg::One => WireSlot::One,
             WireArg::Many(n) => WireSlot::Many(*n),
-            WireArg::Tuple(n) => WireSlot::Tuple(*n),
+            WireArg::Tuple(n) if (2..=MAX_TUPLE).contains(n) => WireSlot::Tuple(*n),
+            WireArg::Tuple(n) => {
+                return Err(WireError::Decode {
+                    what: format!("a tuple parameter `{}`", std::any::type_name::<A>()),
+                    reason: format!("{n} elements, where tuples have 2 to {MAX_TUPLE}"),
+                })
+            }
         })
+    }
+}
+
+/// Checks that a parameter taking `n` inputs has them (rule 2): the count
+/// came from another process.
+fn take_count<A>(n: u32, inputs: &Inputs<'_>) -> Result<usize, OpError> {
+    let left = inputs.remaining();
+    match usize::try_from(n) {
+        Ok(n) if n <= left => Ok(n),
+        _ => Err(OpError::failed(format!(
+            "a parameter `{}` takes {n} task inputs, but only {left} are left",
+            std::any::type_name::<A>()
+        ))),
     }
 }
 
@@ -233,17 +259,19 @@ impl<A: Data> Slot<A> for WireSlot<A> {
                 decode(&encoded.0)
             }
             WireSlot::Many(n) => {
+                let n = take_count::<A>(*n, inputs)?;
                 // A postcard sequence is its length as a varint, then the items.
-                let mut bytes = postcard::to_stdvec(&u64::from(*n))
-                    .map_err(|e| OpError::failed(e.to_string()))?;
-                for _ in 0..*n {
+                let mut bytes =
+                    postcard::to_stdvec(&(n as u64)).map_err(|e| OpError::failed(e.to_string()))?;
+                for _ in 0..n {
                     next_bytes(inputs, &mut bytes)?;
                 }
                 decode(&bytes)
             }
             WireSlot::Tuple(n) => {
+                let n = take_count::<A>(*n, inputs)?;
                 let mut bytes = Vec::new();
-                for _ in 0..*n {
+                for _ in 0..n {
                     next_bytes(inputs, &mut bytes)?;
                 }
                 decode(&bytes)
@@ -607,9 +635,13 @@ mod tests {
         installed().unwrap().resolve(&wire).unwrap()
     }
 
+    fn pair(p: (i64, i64)) -> i64 {
+        p.0 + p.1
+    }
+
     /// Every test registers the same list: the first `init` wins.
     fn setup() {
-        init(crate::tasks![add, numbers, address]);
+        init(crate::tasks![add, numbers, address, pair]);
     }
 
     #[test]
@@ -718,6 +750,87 @@ mod tests {
         };
         assert!(matches!(
             installed().unwrap().resolve(&bad),
+            Err(WireError::Decode { .. })
+        ));
+    }
+
+    /// A task of `function` whose arguments are `args`, as another process
+    /// may send it.
+    fn task_of(function: &str, args: Vec<WireArg>) -> WireTask {
+        WireTask {
+            function: function.to_owned(),
+            payload: Payload {
+                fallible: false,
+                args,
+            }
+            .encode()
+            .unwrap(),
+        }
+    }
+
+    #[test]
+    fn counts_from_the_wire_are_not_trusted() {
+        setup();
+        let registry = installed().unwrap();
+        fn id_of<F: 'static>(_: &F) -> String {
+            function_id::<F>().unwrap()
+        }
+        let add = &id_of(&add);
+        let one = WireArg::Literal(postcard::to_stdvec(&1_i64).unwrap());
+        let inputs =
+            || -> Vec<Option<Value>> { vec![Some(Arc::new(2_i64)), Some(Arc::new(3_i64))] };
+        // The task's inputs are known only when it runs: it fails then,
+        // before reading or allocating anything for the count.
+        let op = registry
+            .resolve(&task_of(add, vec![one.clone(), WireArg::Many(u32::MAX)]))
+            .unwrap();
+        let mut given = inputs();
+        let err = op.run(&mut given).unwrap_err();
+        assert!(
+            err.message
+                .contains("takes 4294967295 task inputs, but only 2 are left"),
+            "{}",
+            err.message
+        );
+        assert!(given.iter().all(Option::is_some), "an input was taken");
+        let op = registry
+            .resolve(&task_of(add, vec![one.clone(), WireArg::Many(3)]))
+            .unwrap();
+        assert!(op.run(&mut inputs()).is_err());
+        // The right count runs.
+        let op = registry
+            .resolve(&task_of(add, vec![one, WireArg::Many(2)]))
+            .unwrap();
+        let out = op.run(&mut inputs()).unwrap();
+        assert_eq!(out.downcast_ref::<i64>(), Some(&6));
+
+        // A tuple has 2 to 4 elements: anything else is refused at once.
+        let pair = &id_of(&pair);
+        for n in [0, 1, MAX_TUPLE + 1, u32::MAX] {
+            match registry.resolve(&task_of(pair, vec![WireArg::Tuple(n)])) {
+                Err(WireError::Decode { reason, .. }) => {
+                    assert!(reason.contains(&format!("{n} elements")), "{reason}")
+                }
+                Err(other) => panic!("{other}"),
+                Ok(_) => panic!("a tuple of {n} resolved"),
+            }
+        }
+        let op = registry
+            .resolve(&task_of(pair, vec![WireArg::Tuple(2)]))
+            .unwrap();
+        assert_eq!(
+            op.run(&mut inputs()).unwrap().downcast_ref::<i64>(),
+            Some(&5)
+        );
+
+        // A recorded failure of a kind that does not exist.
+        let payload = postcard::to_stdvec(&([0u8; 32], "t", 9u8, "boom")).unwrap();
+        let bad = WireTask {
+            function: FAIL_FUNCTION.to_owned(),
+            payload,
+        };
+        assert!(matches!(
+            registry.resolve(&bad),
             Err(WireError::Decode { .. })
         ));
     }

@@ -55,6 +55,47 @@ fn lonely(x: i64) -> i64 {
     x
 }
 
+/// Set in a run of this binary as a child program: its `main` runs
+/// [`output_scenario`] instead of the tests.
+const OUTPUT_SCENARIO_ENV: &str = "RASK_TEST_OUTPUT_SCENARIO";
+
+/// Tasks of [`output_scenario`].
+const CHATTY_TASKS: i64 = 200;
+
+/// Prints a line on stdout and one on stderr, wherever it runs.
+fn chatty(i: i64) -> i64 {
+    println!("out {i}");
+    // Stderr is unbuffered: `eprintln!` writes "err ", the number and the
+    // newline separately, and two workers writing at once could mix them
+    // (see `LocalCluster::start`). One write keeps the line whole.
+    let line = format!("err {i}\n");
+    eprint!("{line}");
+    i
+}
+
+/// Prints without a newline.
+fn partial(i: i64) -> i64 {
+    print!("partial {i}");
+    i
+}
+
+/// The child program: on `RASK_SCHEDULER` (`local:2`), maps
+/// [`CHATTY_TASKS`] tasks that print, gathers them, and returns from `main`
+/// at once. Its cluster lives in a static that is never dropped. Before
+/// that, one task prints without a newline on a cluster of its own, whose
+/// worker is killed once the result is in.
+fn output_scenario() {
+    let client = Client::new().expect("a client from RASK_SCHEDULER");
+    let fs = client.map(chatty, 0..CHATTY_TASKS).expect("the map");
+    let got = client.gather(&fs).expect("the results");
+    assert_eq!(got, (0..CHATTY_TASKS).collect::<Vec<i64>>());
+    let own = Client::local(1).expect("a cluster of one worker");
+    let done = own.submit(delayed!(partial(7))).expect("the submit");
+    assert_eq!(done.result().expect("the result"), 7);
+    // Kills the worker: only what it flushed before reporting is written.
+    drop((done, own));
+}
+
 /// Appends a line to the file at `path`, from whichever process runs it, and
 /// returns `x`: the file counts the runs across worker processes.
 fn stamp(path: String, x: i64) -> i64 {
@@ -443,6 +484,119 @@ fn a_killed_worker_loses_no_result() {
     children_settle_to(before);
 }
 
+/// The numbers of the lines `<prefix> <n>` of `text`, sorted; other lines
+/// are returned apart.
+fn numbered(text: &str, prefix: &str) -> (Vec<i64>, Vec<String>) {
+    let (mut numbers, mut other) = (Vec::new(), Vec::new());
+    for line in text.lines() {
+        match line
+            .strip_prefix(prefix)
+            .and_then(|n| n.strip_prefix(' '))
+            .and_then(|n| n.parse().ok())
+        {
+            Some(n) => numbers.push(n),
+            None => other.push(line.to_owned()),
+        }
+    }
+    numbers.sort_unstable();
+    (numbers, other)
+}
+
+/// Runs this binary as a child program doing [`output_scenario`] on
+/// `local:2`; returns its stdout and stderr once every process writing to
+/// them (the child and its workers) is gone.
+fn run_output_scenario() -> (String, String) {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(std::env::current_exe().expect("this test's path"))
+        .env(OUTPUT_SCENARIO_ENV, "1")
+        .env("RASK_SCHEDULER", "local:2")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the child program starts");
+    // The pipes end once the child and both its workers exited (workers
+    // exit when they lose the child's scheduler): reading to the end is
+    // waiting for all three.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    let out_tx = tx.clone();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stdout.read_to_string(&mut text);
+        let _ = out_tx.send((1, text));
+    });
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        let _ = tx.send((2, text));
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("the child can be waited for") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the child program did not finish within a minute");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let (mut out, mut err) = (None, None);
+    for _ in 0..2 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left.max(Duration::from_secs(10))) {
+            Ok((1, text)) => out = Some(text),
+            Ok((_, text)) => err = Some(text),
+            Err(_) => panic!("the child's workers still hold its output open"),
+        }
+    }
+    let (out, err) = (out.expect("stdout"), err.expect("stderr"));
+    assert!(status.success(), "child program: {status}\n{err}");
+    (out, err)
+}
+
+fn task_output_reaches_the_program_under_local_n() {
+    // One core kept busy, as under a loaded CI machine; bounded in time.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let busy = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let mut x = 0u64;
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(300) {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+        })
+    };
+    let all: Vec<i64> = (0..CHATTY_TASKS).collect();
+    let result = catch_unwind(|| {
+        for run in 0..10 {
+            let (out, err) = run_output_scenario();
+            let (lines, other) = numbered(&out, "out");
+            assert_eq!(
+                lines, all,
+                "run {run}: stdout lines; other lines: {other:?}"
+            );
+            assert_eq!(other, ["partial 7"], "run {run}: other stdout");
+            assert!(out.ends_with("\npartial 7"), "run {run}: {out:?}");
+            let (lines, other) = numbered(&err, "err");
+            assert_eq!(
+                lines, all,
+                "run {run}: stderr lines; other lines: {other:?}"
+            );
+        }
+    });
+    stop.store(true, Ordering::Relaxed);
+    busy.join().expect("the busy thread ends");
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
 fn random_graphs_agree_with_the_sync_executor() {
     let mut runner = TestRunner::new(ProptestConfig {
         cases: 12,
@@ -504,8 +658,14 @@ fn main() {
         support::leaf,
         support::mix?,
         support::tree_inc,
-        support::tree_add
+        support::tree_add,
+        chatty,
+        partial
     ]);
+    if std::env::var_os(OUTPUT_SCENARIO_ENV).is_some() {
+        output_scenario();
+        return;
+    }
     let tests: &[(&str, fn())] = &[
         (
             "graphs_compute_like_the_sync_executor",
@@ -543,6 +703,10 @@ fn main() {
         (
             "a_restarted_scheduler_is_reconnected",
             a_restarted_scheduler_is_reconnected,
+        ),
+        (
+            "task_output_reaches_the_program_under_local_n",
+            task_output_reaches_the_program_under_local_n,
         ),
     ];
     let filter: Vec<String> = std::env::args()

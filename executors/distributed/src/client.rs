@@ -58,7 +58,7 @@ use tokio::sync::mpsc;
 
 use crate::net::{self, log, Chain, ConnectError, FetchResult, Fetched, PeerPool};
 use crate::protocol::{
-    decode_batch, strip_scheme, Batch, TaskSpec, ToClient, ToScheduler, WireKey, WorkerId,
+    decode_checked, strip_scheme, Batch, TaskSpec, ToClient, ToScheduler, WireKey, WorkerId,
     MAX_FRAME,
 };
 use crate::Error;
@@ -725,7 +725,7 @@ impl Loop {
                 },
                 got = read.next(), if self.connected => {
                     let msgs = match got {
-                        Ok(true) => decode_batch::<ToClient>(read.frame()),
+                        Ok(true) => decode_checked::<ToClient>(read.frame()),
                         Ok(false) => Err(crate::protocol::ProtocolError::Closed),
                         Err(e) => Err(e),
                     };

@@ -1,11 +1,7 @@
 //! [`LocalCluster`]: a scheduler in this process and worker processes on
 //! this machine.
 
-use std::collections::VecDeque;
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::scheduler::{self, SchedulerHandle};
@@ -13,9 +9,6 @@ use crate::{Client, Error, WORKER_ENV};
 
 /// How long `start` waits for every worker to register.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Bytes of a worker's stderr kept to explain an early exit.
-const TAIL_BYTES: usize = 4096;
 
 /// A scheduler running in this process plus `n` worker processes on
 /// 127.0.0.1. Dropping it kills and reaps every worker and stops the
@@ -40,8 +33,6 @@ pub struct LocalCluster {
 
 struct Worker {
     child: Option<Child>,
-    tail: Arc<Mutex<VecDeque<u8>>>,
-    stderr: Option<JoinHandle<()>>,
 }
 
 impl LocalCluster {
@@ -49,8 +40,19 @@ impl LocalCluster {
     /// processes made by `worker`, with [`WORKER_ENV`] set to the
     /// scheduler's address. Returns once every worker registered.
     ///
-    /// Workers' stderr is forwarded to this process's stderr; the last few
-    /// kilobytes are kept to explain a worker that exits early.
+    /// # Output
+    ///
+    /// Workers write straight to the stdout and stderr they inherit from
+    /// this process (unless `worker`'s command redirects them): no pipe or
+    /// thread stands in between, so nothing a task printed is lost when the
+    /// program exits, and a worker flushes its stdout after its tasks run,
+    /// before their results are reported (a `print!` without a newline
+    /// shows too). Lines are not prefixed, and lines of different workers
+    /// may interleave. Rust's stdout is line-buffered, so a `println!`
+    /// line reaches the terminal whole; stderr is unbuffered, so an
+    /// `eprintln!` is written in pieces, and two workers writing at the
+    /// same moment can mix within a line (a line formatted first, newline
+    /// included, and printed with `eprint!("{line}")` is written at once).
     ///
     /// # Errors
     ///
@@ -58,8 +60,9 @@ impl LocalCluster {
     /// `main` ran again instead of the worker: worker mode is not set up),
     /// [`Error::Spawn`] if a process cannot be started,
     /// [`Error::WorkerExited`] if one exits before registering (with its exit
-    /// status and the tail of its stderr), [`Error::Timeout`] if they do not
-    /// all register within a minute. Every process started is stopped.
+    /// status; what it wrote to stderr is printed above), [`Error::Timeout`]
+    /// if they do not all register within a minute. Every process started
+    /// is stopped.
     pub fn start(workers: usize, worker: impl Fn() -> Command) -> Result<LocalCluster, Error> {
         if std::env::var_os(WORKER_ENV).is_some() {
             return Err(Error::NestedCluster);
@@ -72,26 +75,12 @@ impl LocalCluster {
         };
         for index in 0..workers {
             let mut command = worker();
-            command
-                .env(WORKER_ENV, &address)
-                .stdin(Stdio::null())
-                .stderr(Stdio::piped());
-            let mut child = command
+            // Stdout and stderr are inherited (see Output above).
+            command.env(WORKER_ENV, &address).stdin(Stdio::null());
+            let child = command
                 .spawn()
                 .map_err(|source| Error::Spawn { index, source })?;
-            let tail = Arc::new(Mutex::new(VecDeque::new()));
-            let stderr = child.stderr.take().and_then(|pipe| {
-                let tail = tail.clone();
-                std::thread::Builder::new()
-                    .name(format!("rask-worker-{index}-stderr"))
-                    .spawn(move || forward_stderr(pipe, &tail))
-                    .ok()
-            });
-            cluster.workers.push(Worker {
-                child: Some(child),
-                tail,
-                stderr,
-            });
+            cluster.workers.push(Worker { child: Some(child) });
         }
         let deadline = Instant::now() + START_TIMEOUT;
         while cluster.scheduler.workers() < workers {
@@ -101,18 +90,7 @@ impl LocalCluster {
                 };
                 if let Ok(Some(status)) = child.try_wait() {
                     w.child = None;
-                    // Let the forwarder read what the process wrote last.
-                    if let Some(t) = w.stderr.take() {
-                        let _ = t.join();
-                    }
-                    let tail = w.tail.lock().unwrap_or_else(|e| e.into_inner());
-                    let stderr = String::from_utf8_lossy(&tail.iter().copied().collect::<Vec<_>>())
-                        .into_owned();
-                    return Err(Error::WorkerExited {
-                        index,
-                        status,
-                        stderr,
-                    });
+                    return Err(Error::WorkerExited { index, status });
                 }
             }
             if Instant::now() > deadline {
@@ -204,11 +182,6 @@ impl Drop for LocalCluster {
             }
         }
         self.scheduler.shutdown();
-        for w in &mut self.workers {
-            if let Some(t) = w.stderr.take() {
-                let _ = t.join();
-            }
-        }
     }
 }
 
@@ -226,25 +199,4 @@ fn reap(mut child: Child) -> std::io::Result<()> {
     let killed = child.kill();
     child.wait()?;
     killed.or(Ok(()))
-}
-
-/// Copies a worker's stderr to ours, keeping its last bytes.
-fn forward_stderr(pipe: std::process::ChildStderr, tail: &Mutex<VecDeque<u8>>) {
-    let mut reader = BufReader::new(pipe);
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        match reader.read_until(b'\n', &mut line) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {
-                // Through `eprint!` so test harnesses capture it.
-                eprint!("{}", String::from_utf8_lossy(&line));
-                let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
-                t.extend(line.iter().copied());
-                while t.len() > TAIL_BYTES {
-                    t.pop_front();
-                }
-            }
-        }
-    }
 }

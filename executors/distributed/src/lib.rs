@@ -77,9 +77,10 @@
 //!   TCP) through in-memory channels, so a message between them costs no
 //!   system call, no copy through a socket and no thread hand-off.
 //! - **Faults close one connection.** A bad handshake, an oversized or
-//!   malformed frame, or a message a role may not send closes that
-//!   connection with a line on stderr (`rask-distributed: …`); the rest of
-//!   the cluster carries on.
+//!   malformed frame, a number out of the range the protocol allows for it
+//!   (a thread count, a size, a duration; see [`protocol`]), or a message a
+//!   role may not send closes that connection with a line on stderr
+//!   (`rask-distributed: …`); the rest of the cluster carries on.
 #![warn(missing_docs)]
 
 mod client;
@@ -148,17 +149,17 @@ pub enum Error {
         after: Duration,
     },
     /// A worker process exited before it registered with its scheduler.
+    /// Workers write to this process's stderr, so what it wrote there is
+    /// printed above the error.
     #[error(
-        "worker process {index} exited before registering ({status}); does the program call \
-         rask's worker-mode setup first thing in main? its stderr ended with:\n{stderr}"
+        "worker process {index} exited before registering ({status}); its stderr is printed \
+         above; does the program call rask's worker-mode setup first thing in main?"
     )]
     WorkerExited {
         /// Which worker.
         index: usize,
         /// Its exit status.
         status: ExitStatus,
-        /// The last lines it wrote to stderr.
-        stderr: String,
     },
     /// A worker process could not be started.
     #[error("could not start worker process {index}")]

@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::protocol::{
-    decode_batch, frame_len, Batch, FromPeer, Handshake, ProtocolError, Role, ToPeer, WireKey,
+    decode_checked, frame_len, Batch, FromPeer, Handshake, ProtocolError, Role, ToPeer, WireKey,
     WorkerId, HANDSHAKE_FRAME,
 };
 
@@ -34,9 +34,16 @@ pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long connecting to a peer's data port may take.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Logs a line on stderr with the crate's prefix.
+/// Logs a line on stderr with the crate's prefix, in one write: stderr is
+/// unbuffered, and an `eprintln!` written in pieces could mix with what
+/// tasks of the same process print at the same moment.
 macro_rules! log {
-    ($($arg:tt)*) => { eprintln!("rask-distributed: {}", format_args!($($arg)*)) };
+    ($($arg:tt)*) => {
+        {
+            let line = format!("rask-distributed: {}\n", format_args!($($arg)*));
+            eprint!("{line}")
+        }
+    };
 }
 pub(crate) use log;
 
@@ -542,7 +549,7 @@ async fn peer_connection(
             }
             got = read.next() => {
                 let msgs = match got {
-                    Ok(true) => decode_batch::<FromPeer>(read.frame()),
+                    Ok(true) => decode_checked::<FromPeer>(read.frame()),
                     Ok(false) => Err(ProtocolError::Closed),
                     Err(e) => Err(e),
                 };

@@ -20,6 +20,19 @@
 //!    are past tense (`TaskFinished`), commands imperative (`Compute`).
 //! 4. Keys travel as their 32 raw bytes; a value's bytes are exactly what
 //!    [`AnyValue::encode`](rask_executor::AnyValue::encode) produced.
+//! 5. Nothing read from the wire is trusted. Every number a message carries
+//!    that the receiver computes with (a thread count, a size, a duration,
+//!    an interval, a length it fans out) has a documented range, checked as
+//!    the frame is decoded: [`MAX_THREADS`], [`MAX_FRAME`] for sizes,
+//!    [`INLINE_BYTES`] for values that travel with a report,
+//!    [`MAX_TASK_DURATION`], [`MIN_HEARTBEAT`]..=[`MAX_HEARTBEAT`] and
+//!    [`MAX_ADDRESS`]. A message out of range closes that connection with
+//!    [`ProtocolError::OutOfRange`], like a malformed one. Counts of list
+//!    entries are bounded by the frame they came in ([`MAX_FRAME`]), and ids,
+//!    keys and priorities are only compared, never computed with. Senders
+//!    stay within these ranges by construction (a worker clamps its thread
+//!    count and the durations it reports, a scheduler its heartbeat
+//!    interval).
 //!
 //! Changing any encoding here changes the golden frames tested below and
 //! needs a new [`VERSION`].
@@ -51,6 +64,32 @@ pub const MAX_FRAME: usize = 512 << 20;
 /// so no frame a sender builds comes close to [`MAX_FRAME`] unless one
 /// message alone does.
 pub(crate) const SOFT_FRAME: usize = 4 << 20;
+
+/// Most compute threads a worker may announce in `RegisterWorker` (rule 5).
+/// A worker started with more runs this many: far more than one machine's
+/// cores, and small enough that a window (threads × up to 64 tasks) stays
+/// far below `u32::MAX`.
+pub const MAX_THREADS: u32 = 4096;
+
+/// Longest task run a worker may report in `TaskFinished` (30 days; rule 5).
+/// A worker reports a longer run as this long: the figure only steers how
+/// many tasks a worker is sent at once, and a task that ran this long
+/// already gets the smallest window.
+pub const MAX_TASK_DURATION: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+/// Shortest heartbeat interval a scheduler may ask for in
+/// `ToWorker::Heartbeat` (rule 5).
+pub const MIN_HEARTBEAT: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// Longest heartbeat interval a scheduler may ask for in
+/// `ToWorker::Heartbeat` (one hour; rule 5). A scheduler whose worker
+/// timeout would call for a longer one asks for this.
+pub const MAX_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Longest data address (`host:port`) a worker may announce, in bytes
+/// (rule 5). Every peer and client is sent it; a DNS name is at most 253
+/// bytes, so 1 KiB leaves room for anything real.
+pub const MAX_ADDRESS: usize = 1024;
 
 /// Length of a handshake body: magic, version, role, one reserved byte.
 const HANDSHAKE_BODY: usize = 8;
@@ -205,6 +244,19 @@ pub enum ProtocolError {
     /// A well-formed message that this connection may not send (now).
     #[error("unexpected message: {0}")]
     Unexpected(&'static str),
+    /// A message carried a number outside the range the protocol allows
+    /// for it (rule 5).
+    #[error("value out of range: {what} is {value}, allowed {min}..={max}")]
+    OutOfRange {
+        /// The field, as `Message.field`.
+        what: &'static str,
+        /// The value received (a length, for a field of bytes).
+        value: u64,
+        /// The least value allowed.
+        min: u64,
+        /// The greatest value allowed.
+        max: u64,
+    },
     /// The connection ended in the middle of a frame or before a handshake.
     #[error("connection closed")]
     Closed,
@@ -369,20 +421,24 @@ pub enum ToScheduler {
     /// Worker, first message: where peers can fetch its data, and how many
     /// tasks it runs at once.
     RegisterWorker {
-        /// `host:port` of the worker's data port.
+        /// `host:port` of the worker's data port; at most [`MAX_ADDRESS`]
+        /// bytes.
         address: String,
-        /// Number of compute threads.
+        /// Number of compute threads: 1 to [`MAX_THREADS`].
         threads: u32,
     },
     /// Worker: a task ran and its value is held here.
     TaskFinished {
         /// The task.
         key: WireKey,
-        /// Size of the value's encoding.
+        /// Size of the value's encoding: at most [`MAX_FRAME`], since the
+        /// value must fit a frame to be fetched.
         nbytes: u64,
-        /// Time spent running the op, in nanoseconds.
+        /// Time spent running the op, in nanoseconds: at most
+        /// [`MAX_TASK_DURATION`].
         duration_ns: u64,
-        /// The value's encoding when it is at most [`INLINE_BYTES`] long.
+        /// The value's encoding when it is at most [`INLINE_BYTES`] long
+        /// (longer is out of range).
         #[serde(with = "opt_bytes")]
         value: Option<Arc<[u8]>>,
     },
@@ -430,7 +486,7 @@ pub enum ToWorker {
     PeerJoined {
         /// The peer.
         id: WorkerId,
-        /// `host:port` of its data port.
+        /// `host:port` of its data port; at most [`MAX_ADDRESS`] bytes.
         address: String,
     },
     /// A worker left; its data is gone.
@@ -453,7 +509,7 @@ pub enum ToWorker {
         deps: Vec<WireKey>,
         /// Holders of the inputs this worker does not hold.
         who_has: Vec<(WireKey, Vec<WorkerId>)>,
-        /// Lower runs first.
+        /// Lower runs first. Any value: it is only compared.
         priority: u64,
     },
     /// Forget `key`: drop its value, or the task if it has not finished. No
@@ -466,7 +522,8 @@ pub enum ToWorker {
     /// the scheduler does not hear from for a few times that is taken for
     /// dead. Sent right after `Registered`.
     Heartbeat {
-        /// The interval.
+        /// The interval, in milliseconds: from [`MIN_HEARTBEAT`] to
+        /// [`MAX_HEARTBEAT`].
         every_ms: u64,
     },
 }
@@ -478,7 +535,7 @@ pub enum ToClient {
     WorkerJoined {
         /// The worker.
         id: WorkerId,
-        /// `host:port` of its data port.
+        /// `host:port` of its data port; at most [`MAX_ADDRESS`] bytes.
         address: String,
     },
     /// A worker left.
@@ -492,9 +549,10 @@ pub enum ToClient {
         key: WireKey,
         /// Workers holding it.
         holders: Vec<WorkerId>,
-        /// Size of its encoding.
+        /// Size of its encoding: at most [`MAX_FRAME`].
         nbytes: u64,
-        /// Its encoding when at most [`INLINE_BYTES`] long: no fetch needed.
+        /// Its encoding when at most [`INLINE_BYTES`] long (longer is out
+        /// of range): no fetch needed.
         #[serde(with = "opt_bytes")]
         value: Option<Arc<[u8]>>,
     },
@@ -507,7 +565,8 @@ pub enum ToClient {
     },
 }
 
-/// Messages to a worker's data port.
+/// Messages to a worker's data port. They carry keys only: nothing the data
+/// port computes with (rule 5).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ToPeer {
     /// Send these keys' values; each is answered by `Data` or `Missing`.
@@ -517,7 +576,8 @@ pub enum ToPeer {
     },
 }
 
-/// Messages from a worker's data port.
+/// Messages from a worker's data port. A value's bytes are bounded by the
+/// frame they come in (rule 5).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FromPeer {
     /// A key's value.
@@ -614,6 +674,156 @@ pub fn decode_batch<'a, M: Deserialize<'a>>(mut body: &'a [u8]) -> Result<Vec<M>
         body = rest;
     }
     Ok(out)
+}
+
+/// Decodes the messages of one frame body and checks every number in them
+/// against its range (rule 5).
+///
+/// # Errors
+///
+/// As [`decode_batch`], and [`ProtocolError::OutOfRange`] for the first
+/// field out of its range.
+pub(crate) fn decode_checked<'a, M: Deserialize<'a> + Bounded>(
+    body: &'a [u8],
+) -> Result<Vec<M>, ProtocolError> {
+    let msgs = decode_batch::<M>(body)?;
+    msgs.iter().try_for_each(Bounded::check)?;
+    Ok(msgs)
+}
+
+/// A message whose numbers have ranges (rule 5).
+pub(crate) trait Bounded {
+    /// `Ok` when every field is within its documented range.
+    fn check(&self) -> Result<(), ProtocolError>;
+}
+
+/// `value` within `min..=max`, or the error naming `what`.
+fn within(what: &'static str, value: u64, min: u64, max: u64) -> Result<(), ProtocolError> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(ProtocolError::OutOfRange {
+            what,
+            value,
+            min,
+            max,
+        })
+    }
+}
+
+/// A length (of bytes or a string) of at most `max`.
+fn length(what: &'static str, len: usize, max: usize) -> Result<(), ProtocolError> {
+    // usize fits u64 on every target rask builds for; saturate regardless.
+    let len = u64::try_from(len).unwrap_or(u64::MAX);
+    within(what, len, 0, max as u64)
+}
+
+/// The inline value of a report: at most [`INLINE_BYTES`].
+fn inline(what: &'static str, value: &Option<Arc<[u8]>>) -> Result<(), ProtocolError> {
+    match value {
+        Some(bytes) => length(what, bytes.len(), INLINE_BYTES),
+        None => Ok(()),
+    }
+}
+
+impl Bounded for ToScheduler {
+    fn check(&self) -> Result<(), ProtocolError> {
+        match self {
+            ToScheduler::RegisterWorker { address, threads } => {
+                length("RegisterWorker.address length", address.len(), MAX_ADDRESS)?;
+                within(
+                    "RegisterWorker.threads",
+                    u64::from(*threads),
+                    1,
+                    u64::from(MAX_THREADS),
+                )
+            }
+            ToScheduler::TaskFinished {
+                nbytes,
+                duration_ns,
+                value,
+                ..
+            } => {
+                within("TaskFinished.nbytes", *nbytes, 0, MAX_FRAME as u64)?;
+                within(
+                    "TaskFinished.duration_ns",
+                    *duration_ns,
+                    0,
+                    duration_ns_of(MAX_TASK_DURATION),
+                )?;
+                inline("TaskFinished.value length", value)
+            }
+            // Keys and worker ids are only looked up; list lengths are
+            // bounded by the frame; failures are text.
+            ToScheduler::UpdateGraph { .. }
+            | ToScheduler::ReleaseKeys { .. }
+            | ToScheduler::TaskErred { .. }
+            | ToScheduler::TaskAbandoned { .. }
+            | ToScheduler::DataAdded { .. }
+            | ToScheduler::FetchFailed { .. }
+            | ToScheduler::Heartbeat => Ok(()),
+        }
+    }
+}
+
+impl Bounded for ToWorker {
+    fn check(&self) -> Result<(), ProtocolError> {
+        match self {
+            ToWorker::PeerJoined { address, .. } => {
+                length("PeerJoined.address length", address.len(), MAX_ADDRESS)
+            }
+            ToWorker::Heartbeat { every_ms } => within(
+                "Heartbeat.every_ms",
+                *every_ms,
+                millis_of(MIN_HEARTBEAT),
+                millis_of(MAX_HEARTBEAT),
+            ),
+            // Ids and keys are only looked up, a priority only compared.
+            ToWorker::Registered { .. }
+            | ToWorker::PeerLeft { .. }
+            | ToWorker::Compute { .. }
+            | ToWorker::Release { .. } => Ok(()),
+        }
+    }
+}
+
+impl Bounded for ToClient {
+    fn check(&self) -> Result<(), ProtocolError> {
+        match self {
+            ToClient::WorkerJoined { address, .. } => {
+                length("WorkerJoined.address length", address.len(), MAX_ADDRESS)
+            }
+            ToClient::KeyInMemory { nbytes, value, .. } => {
+                within("KeyInMemory.nbytes", *nbytes, 0, MAX_FRAME as u64)?;
+                inline("KeyInMemory.value length", value)
+            }
+            ToClient::WorkerLeft { .. } | ToClient::KeyErred { .. } => Ok(()),
+        }
+    }
+}
+
+/// Keys only: nothing to compute with.
+impl Bounded for ToPeer {
+    fn check(&self) -> Result<(), ProtocolError> {
+        Ok(())
+    }
+}
+
+/// A value's bytes are bounded by their frame; nothing else is a number.
+impl Bounded for FromPeer {
+    fn check(&self) -> Result<(), ProtocolError> {
+        Ok(())
+    }
+}
+
+/// `d` in whole milliseconds (the limits above are far below `u64::MAX` ms).
+fn millis_of(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// `d` in nanoseconds, saturating (30 days is about 2^51 ns).
+pub(crate) fn duration_ns_of(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Reads a frame length prefix, enforcing [`MAX_FRAME`].
@@ -884,6 +1094,122 @@ mod tests {
             Err(ProtocolError::FrameTooLarge { .. })
         ));
         assert_eq!(frame_len(16u32.to_le_bytes()).unwrap(), 16);
+    }
+
+    /// The field named by a decoding error, if it is out of range.
+    fn out_of_range<M: Serialize + for<'a> Deserialize<'a> + Bounded>(
+        msg: &M,
+    ) -> Option<&'static str> {
+        match decode_checked::<M>(&frame(msg)[4..]) {
+            Ok(_) => None,
+            Err(ProtocolError::OutOfRange { what, .. }) => Some(what),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn finished(nbytes: u64, duration_ns: u64, value: usize) -> ToScheduler {
+        ToScheduler::TaskFinished {
+            key: [0; 32],
+            nbytes,
+            duration_ns,
+            value: (value > 0).then(|| Arc::from(vec![0u8; value])),
+        }
+    }
+
+    #[test]
+    fn numbers_out_of_their_range_are_refused_at_decoding() {
+        let register = |threads, address: usize| ToScheduler::RegisterWorker {
+            address: "a".repeat(address),
+            threads,
+        };
+        assert_eq!(out_of_range(&register(1, 14)), None);
+        assert_eq!(out_of_range(&register(MAX_THREADS, MAX_ADDRESS)), None);
+        for threads in [0, MAX_THREADS + 1, u32::MAX] {
+            assert_eq!(
+                out_of_range(&register(threads, 14)),
+                Some("RegisterWorker.threads")
+            );
+        }
+        assert_eq!(
+            out_of_range(&register(1, MAX_ADDRESS + 1)),
+            Some("RegisterWorker.address length")
+        );
+
+        let max_ns = duration_ns_of(MAX_TASK_DURATION);
+        assert_eq!(
+            out_of_range(&finished(MAX_FRAME as u64, max_ns, INLINE_BYTES)),
+            None
+        );
+        assert_eq!(
+            out_of_range(&finished(MAX_FRAME as u64 + 1, 0, 0)),
+            Some("TaskFinished.nbytes")
+        );
+        assert_eq!(
+            out_of_range(&finished(u64::MAX, 0, 0)),
+            Some("TaskFinished.nbytes")
+        );
+        assert_eq!(
+            out_of_range(&finished(1, max_ns + 1, 0)),
+            Some("TaskFinished.duration_ns")
+        );
+        assert_eq!(
+            out_of_range(&finished(1, u64::MAX, 0)),
+            Some("TaskFinished.duration_ns")
+        );
+        assert_eq!(
+            out_of_range(&finished(1, 0, INLINE_BYTES + 1)),
+            Some("TaskFinished.value length")
+        );
+
+        let beat = |every_ms| ToWorker::Heartbeat { every_ms };
+        assert_eq!(out_of_range(&beat(1)), None);
+        assert_eq!(out_of_range(&beat(3_600_000)), None);
+        for every_ms in [0, 3_600_001, u64::MAX] {
+            assert_eq!(out_of_range(&beat(every_ms)), Some("Heartbeat.every_ms"));
+        }
+        let peer = ToWorker::PeerJoined {
+            id: WorkerId(1),
+            address: "a".repeat(MAX_ADDRESS + 1),
+        };
+        assert_eq!(out_of_range(&peer), Some("PeerJoined.address length"));
+
+        let joined = ToClient::WorkerJoined {
+            id: WorkerId(1),
+            address: "a".repeat(MAX_ADDRESS + 1),
+        };
+        assert_eq!(out_of_range(&joined), Some("WorkerJoined.address length"));
+        let in_memory = |nbytes, value: usize| ToClient::KeyInMemory {
+            key: [0; 32],
+            holders: vec![WorkerId(u32::MAX)],
+            nbytes,
+            value: (value > 0).then(|| Arc::from(vec![0u8; value])),
+        };
+        assert_eq!(out_of_range(&in_memory(MAX_FRAME as u64, 1)), None);
+        assert_eq!(
+            out_of_range(&in_memory(u64::MAX, 0)),
+            Some("KeyInMemory.nbytes")
+        );
+        assert_eq!(
+            out_of_range(&in_memory(1, INLINE_BYTES + 1)),
+            Some("KeyInMemory.value length")
+        );
+    }
+
+    #[test]
+    fn one_message_out_of_range_refuses_its_whole_frame() {
+        let mut batch = Batch::default();
+        batch.push(&ToScheduler::Heartbeat);
+        batch.push(&finished(u64::MAX, 0, 0));
+        let frames = batch.take_frames();
+        assert!(decode_batch::<ToScheduler>(&frames[0][4..]).is_ok());
+        let err = decode_checked::<ToScheduler>(&frames[0][4..]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "value out of range: TaskFinished.nbytes is {}, allowed 0..={MAX_FRAME}",
+                u64::MAX
+            )
+        );
     }
 
     #[test]

@@ -793,3 +793,186 @@ fn a_handle_fails_to_fetch_once_its_client_is_gone() {
         other => panic!("unexpected {other:?}"),
     }
 }
+
+/// A raw connection to `addr` as `role`, past the handshake.
+fn raw(addr: SocketAddr, role: Role) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    s.write_all(&Handshake::new(role).to_frame()).unwrap();
+    let mut answer = [0u8; protocol::HANDSHAKE_FRAME];
+    s.read_exact(&mut answer).unwrap();
+    Handshake::parse(&answer).unwrap();
+    s
+}
+
+/// The messages of the next frame on `s`.
+fn read_frame<M: serde::de::DeserializeOwned>(s: &mut TcpStream) -> Vec<M> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).unwrap();
+    let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
+    s.read_exact(&mut body).unwrap();
+    protocol::decode_batch(&body).unwrap()
+}
+
+/// Waits until the other side closes `s`, whatever it still sends first.
+fn wait_closed(s: &mut TcpStream) {
+    let mut sink = Vec::new();
+    match s.read_to_end(&mut sink) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("connection not closed: {e}"),
+    }
+}
+
+#[test]
+fn a_worker_announcing_threads_or_an_address_out_of_range_is_closed() {
+    let mut cluster = Cluster::new(1, 1);
+    let client = cluster.client();
+    let hello = Handshake::new(Role::Worker).to_frame();
+    for (threads, address) in [
+        (u32::MAX, "127.0.0.1:1".to_owned()),
+        (protocol::MAX_THREADS + 1, "127.0.0.1:1".to_owned()),
+        (0, "127.0.0.1:1".to_owned()),
+        (1, "h".repeat(protocol::MAX_ADDRESS + 1)),
+    ] {
+        let mut bytes = hello.to_vec();
+        bytes.extend(protocol::frame(&ToScheduler::RegisterWorker {
+            address,
+            threads,
+        }));
+        // Closed with nothing but the handshake answer: never registered.
+        expect_closed(cluster.scheduler.address(), &bytes);
+    }
+    assert_eq!(cluster.scheduler.workers(), 1);
+    // The scheduler placed nothing on them and still works, for old and
+    // new clients and workers.
+    diamond(&cluster, &client, 6);
+    cluster.add_worker(protocol::MAX_THREADS as usize);
+    cluster.eventually("two workers", |c| c.scheduler.workers() == 2);
+    diamond(&cluster, &cluster.client(), 7);
+}
+
+/// A worker of the test's own making: registers on `cluster`'s scheduler
+/// with one thread; returns the connection and the first frame it was
+/// sent (its registration, and what came with it).
+fn raw_worker(cluster: &Cluster) -> (TcpStream, Vec<protocol::ToWorker>) {
+    let mut s = raw(cluster.scheduler.address(), Role::Worker);
+    s.write_all(&protocol::frame(&ToScheduler::RegisterWorker {
+        address: "127.0.0.1:1".into(),
+        threads: 1,
+    }))
+    .unwrap();
+    let first = read_frame::<protocol::ToWorker>(&mut s);
+    assert!(matches!(first[0], protocol::ToWorker::Registered { .. }));
+    (s, first)
+}
+
+/// A `TaskFinished` for `key` with these figures and `inline` bytes.
+fn report(key: [u8; 32], nbytes: u64, duration_ns: u64, inline: usize) -> Vec<u8> {
+    protocol::frame(&ToScheduler::TaskFinished {
+        key,
+        nbytes,
+        duration_ns,
+        value: (inline > 0).then(|| Arc::from(vec![0u8; inline])),
+    })
+}
+
+#[test]
+fn a_worker_reporting_sizes_or_durations_out_of_range_is_closed_and_its_task_runs_elsewhere() {
+    let mut cluster = Cluster::new(0, 1);
+    let client = cluster.client();
+    let mut g = Graph::new(&cluster.shared);
+    let a = g.value(1);
+    let b = g.op("inc", 0, &[a]);
+    let c = g.op("add", 0, &[a, b]);
+    g.output(c);
+    let first = g.key(a).0;
+    let got = Collect::new(1);
+    got.submit(&client, g.build());
+    // Twice (a third death would fail the task, scheduler rule S7): a
+    // worker answers the first task it is sent with an impossible report.
+    for (nbytes, duration_ns) in [(u64::MAX, u64::MAX), (u64::MAX, 1_000)] {
+        let (mut s, mut msgs) = raw_worker(&cluster);
+        let key = loop {
+            let compute = msgs.into_iter().find_map(|m| match m {
+                protocol::ToWorker::Compute { key, .. } => Some(key),
+                _ => None,
+            });
+            if let Some(key) = compute {
+                break key;
+            }
+            msgs = read_frame(&mut s);
+        };
+        assert_eq!(key, first, "the graph's ready task");
+        s.write_all(&report(key, nbytes, duration_ns, 0)).unwrap();
+        wait_closed(&mut s);
+        cluster.eventually("the worker to be dropped", |c| c.scheduler.workers() == 0);
+    }
+    // A real worker computes the graph from the start.
+    cluster.add_worker(1);
+    assert_eq!(got.wait(), vec![Ok(3)]);
+    // Any report out of range closes its worker, asked for or not.
+    let max_ns = protocol::MAX_TASK_DURATION.as_nanos() as u64;
+    let too_long = protocol::INLINE_BYTES + 1;
+    for (nbytes, duration_ns, inline) in [
+        (protocol::MAX_FRAME as u64 + 1, 1_000, 0),
+        (8, u64::MAX, 0),
+        (8, max_ns + 1, 0),
+        (too_long as u64, 1_000, too_long),
+    ] {
+        let (mut s, _) = raw_worker(&cluster);
+        s.write_all(&report(first, nbytes, duration_ns, inline))
+            .unwrap();
+        wait_closed(&mut s);
+        cluster.eventually("the worker to be dropped", |c| c.scheduler.workers() == 1);
+    }
+    diamond(&cluster, &client, 8);
+    cluster.eventually("release", |c| c.scheduler.tasks() == 0);
+}
+
+#[test]
+fn a_worker_closes_a_scheduler_that_asks_for_a_heartbeat_out_of_range() {
+    use protocol::{ProtocolError, ToWorker, WorkerId};
+    for every_ms in [0, protocol::MAX_HEARTBEAT.as_millis() as u64 + 1, u64::MAX] {
+        // A scheduler of its own making, on a plain socket.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = format!("tcp://{}", listener.local_addr().unwrap());
+        let fake = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.set_read_timeout(Some(TIMEOUT)).unwrap();
+            let mut hello = [0u8; protocol::HANDSHAKE_FRAME];
+            s.read_exact(&mut hello).unwrap();
+            assert_eq!(Handshake::parse(&hello).unwrap().role, Role::Worker);
+            s.write_all(&Handshake::new(Role::Scheduler).to_frame())
+                .unwrap();
+            let register = read_frame::<ToScheduler>(&mut s);
+            assert!(matches!(
+                register[..],
+                [ToScheduler::RegisterWorker { threads: 1, .. }]
+            ));
+            s.write_all(&protocol::frame(&ToWorker::Registered { id: WorkerId(7) }))
+                .unwrap();
+            s.write_all(&protocol::frame(&ToWorker::Heartbeat { every_ms }))
+                .unwrap();
+            wait_closed(&mut s);
+        });
+        let (shared, _) = support::Shared::new();
+        let registry = Arc::new(support::TestRegistry { shared });
+        let worker = rask_distributed::worker::spawn(&address, registry, 1).unwrap();
+        assert_eq!(worker.id(), 7);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(worker.join()));
+        match rx.recv_timeout(TIMEOUT).expect("the worker to stop") {
+            Err(rask_distributed::Error::Protocol {
+                reason:
+                    ProtocolError::OutOfRange {
+                        what: "Heartbeat.every_ms",
+                        value,
+                        ..
+                    },
+            }) => assert_eq!(value, every_ms),
+            other => panic!("every_ms = {every_ms}: {other:?}"),
+        }
+        fake.join().unwrap();
+    }
+}

@@ -11,14 +11,15 @@
 //!
 //! 1. One thread owns the state; connection tasks only decode and forward.
 //! 2. A connection that breaks the protocol (bad handshake, oversized or
-//!    malformed frame, a message its role may not send) is closed with a
-//!    logged reason; for a worker that is the same as the worker dying, for a
+//!    malformed frame, a number out of its range, a message its role may
+//!    not send) is closed with a logged reason; for a worker that is the same as the worker dying, for a
 //!    client the same as it disconnecting. Everyone else is unaffected.
 //! 3. Outgoing messages are flushed after the input that caused them and all
 //!    input already queued behind it was handled: many small messages to one
 //!    peer become one frame and one write.
 //! 4. A worker is told to send a heartbeat every quarter of
-//!    [`Options::worker_timeout`]; one the scheduler hears nothing from for
+//!    [`Options::worker_timeout`] (kept within the protocol's
+//!    [`MIN_HEARTBEAT`]..=[`MAX_HEARTBEAT`]); one the scheduler hears nothing from for
 //!    that long is closed as if it had died (rule 2): hung, stopped, or on
 //!    a machine that became unreachable, it would otherwise hold its tasks
 //!    and values for ever. Clients are never timed out.
@@ -38,7 +39,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::net::{self, log, Chain};
 use crate::protocol::{
-    decode_batch, Batch, ProtocolError, Role, ToClient, ToScheduler, ToWorker, WorkerId,
+    decode_checked, Batch, ProtocolError, Role, ToClient, ToScheduler, ToWorker, WorkerId,
+    MAX_HEARTBEAT, MIN_HEARTBEAT,
 };
 use crate::Error;
 use state::{ClientId, Outbox, State};
@@ -160,9 +162,10 @@ impl Options {
         self
     }
 
-    /// How often workers are asked to send a heartbeat.
+    /// How often workers are asked to send a heartbeat: within the range a
+    /// worker accepts.
     fn heartbeat(&self) -> Duration {
-        (self.worker_timeout / 4).max(Duration::from_millis(1))
+        (self.worker_timeout / 4).clamp(MIN_HEARTBEAT, MAX_HEARTBEAT)
     }
 }
 
@@ -419,7 +422,7 @@ async fn read_loop(
         tokio::select! {
             _ = &mut killed => return None,
             got = read.next() => match got {
-                Ok(true) => match decode_batch::<ToScheduler>(read.frame()) {
+                Ok(true) => match decode_checked::<ToScheduler>(read.frame()) {
                     Ok(msgs) => {
                         if events.send(Event::Frame { conn, msgs }).is_err() {
                             return None;
@@ -500,6 +503,7 @@ impl Shell {
                     c.kind = Kind::Worker(w);
                 }
                 state.on_worker_registered(w, address, threads, out);
+                // At most an hour (`heartbeat`): the cast is exact.
                 let every_ms = self.options.heartbeat().as_millis() as u64;
                 out.to_worker(w, ToWorker::Heartbeat { every_ms });
             }

@@ -13,6 +13,9 @@
 //!    as tasks get shorter (see [`per_thread`]): enough queued work to cover a
 //!    round trip and batch messages, not so much that the last tasks of a run
 //!    pile up on one worker while another is idle.
+//! 4. Arithmetic saturates. Thread counts and sizes come from workers; the
+//!    shell refuses values out of the protocol's ranges, and what gets
+//!    through (or a sum over many inputs) still cannot overflow here.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -40,8 +43,13 @@ pub(crate) struct Load {
 }
 
 impl Load {
+    /// The most tasks this worker is given at once (rule 3).
+    pub(crate) fn window(&self, per_thread: u32) -> u32 {
+        self.threads.max(1).saturating_mul(per_thread)
+    }
+
     fn has_room(&self, per_thread: u32) -> bool {
-        self.tasks < self.threads.max(1) * per_thread
+        self.tasks < self.window(per_thread)
     }
 
     /// `self` is less loaded than `other`, per thread.
@@ -91,7 +99,7 @@ pub(crate) fn choose<'a>(
     for (holders, nbytes) in inputs {
         for &h in holders {
             match scratch.iter_mut().find(|(w, _)| *w == h) {
-                Some((_, b)) => *b += nbytes,
+                Some((_, b)) => *b = b.saturating_add(nbytes),
                 None => scratch.push((h, nbytes)),
             }
         }
@@ -226,6 +234,41 @@ mod tests {
         let chunk = 800 << 10;
         let got = choose([(&a[..], chunk)].into_iter(), &ws, 2, &mut vec![]);
         assert_eq!(got, Choice::Defer);
+    }
+
+    #[test]
+    fn extreme_thread_counts_and_sizes_do_not_overflow() {
+        // The largest values the types can carry, past the protocol's
+        // limits: nothing overflows (debug builds would panic).
+        let ws = workers(&[(u32::MAX, u32::MAX), (0, u32::MAX), (u32::MAX, 1)]);
+        assert_eq!(ws[&WorkerId(0)].window(MAX_PER_THREAD), u32::MAX);
+        let (both, first) = ([WorkerId(0), WorkerId(2)], [WorkerId(0)]);
+        let inputs = [
+            (&both[..], u64::MAX),
+            (&first[..], u64::MAX),
+            (&both[..], 1),
+        ];
+        let got = choose(inputs.iter().copied(), &ws, MAX_PER_THREAD, &mut vec![]);
+        // Workers 0 and 2 hold the most (saturated) bytes but are full;
+        // worker 1 is idle, so it takes the task (rule 2).
+        assert_eq!(got, Choice::Worker(WorkerId(1)));
+        // No one idle: the task waits for its holder.
+        let ws = workers(&[(u32::MAX, u32::MAX), (u32::MAX - 1, u32::MAX)]);
+        let got = choose(inputs.iter().copied(), &ws, u32::MAX, &mut vec![]);
+        assert_eq!(got, Choice::Defer);
+        // Nothing held anywhere: the worker with room takes it.
+        let got = choose(std::iter::empty(), &ws, u32::MAX, &mut vec![]);
+        assert_eq!(got, Choice::Worker(WorkerId(1)));
+        let ws = workers(&[(u32::MAX, 1), (u32::MAX, 0)]);
+        assert_eq!(
+            choose(std::iter::empty(), &ws, u32::MAX, &mut vec![]),
+            Choice::Full
+        );
+        // Means far beyond any real task, or none at all, give sane windows.
+        assert_eq!(per_thread(Some(f64::MAX)), 2);
+        assert_eq!(per_thread(Some(u64::MAX as f64)), 2);
+        assert_eq!(per_thread(Some(f64::INFINITY)), 2);
+        assert_eq!(per_thread(Some(f64::NAN)), MAX_PER_THREAD);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use rask_executor::Key;
 use super::placement::{self, Choice, Load, LOCALITY_BYTES};
 use crate::protocol::{
     TaskSpec, ToClient, ToWorker, WireFailure, WireFailureKind, WireKey, WorkerId, INLINE_BYTES,
+    MAX_THREADS,
 };
 
 /// A worker that died this many times while holding a task makes the task
@@ -296,7 +297,8 @@ impl State {
         self.assign(out);
     }
 
-    /// A worker registered its data address.
+    /// A worker registered its data address. `threads` counts as within
+    /// 1..=[`MAX_THREADS`] whatever the shell let through.
     pub(crate) fn on_worker_registered(
         &mut self,
         worker: WorkerId,
@@ -336,7 +338,7 @@ impl State {
                 address,
                 load: Load {
                     tasks: 0,
-                    threads: threads.max(1),
+                    threads: threads.clamp(1, MAX_THREADS),
                 },
                 early: 0,
                 candidates: BinaryHeap::new(),
@@ -492,7 +494,10 @@ impl State {
                 continue;
             };
             let count = wants.entry(id).or_insert(0);
-            *count += 1;
+            // A client can name one key any number of times without the
+            // scheduler storing anything more: saturate. A count stuck at
+            // the top only keeps that client's key until it disconnects.
+            *count = count.saturating_add(1);
             let slot = &mut self.slots[id.index as usize];
             let task = slot.task.as_mut().expect("a live task id names a task");
             if *count == 1 {
@@ -858,13 +863,13 @@ impl State {
             }
         }
         let target = target?;
+        // Sizes come from workers: saturate rather than trust their sum.
         let elsewhere: u64 = task
             .deps
             .iter()
             .map(|&d| self.task(d))
             .filter(|dep| dep.state == TaskState::Memory && !dep.who_has.contains(&target))
-            .map(|dep| dep.nbytes)
-            .sum();
+            .fold(0, |sum, dep| sum.saturating_add(dep.nbytes));
         (elsewhere < LOCALITY_BYTES).then_some(target)
     }
 
@@ -1065,7 +1070,7 @@ impl State {
             .collect();
         for w in ids {
             while let Some(worker) = self.workers.get_mut(&w) {
-                if worker.early >= worker.load.threads.max(1) * per_thread {
+                if worker.early >= worker.load.window(per_thread) {
                     break;
                 }
                 let Some(Reverse((priority, id))) = worker.candidates.pop() else {

@@ -655,3 +655,51 @@ fn small_values_travel_with_their_report_while_in_memory() {
     told.sort_by_key(|t| t.0);
     assert_eq!(told, vec![(C0, k(1), None), (C1, k(1), None)]);
 }
+
+#[test]
+fn extreme_numbers_from_workers_do_not_overflow() {
+    // Past what the shell lets through: the handlers saturate anyway.
+    let mut s = State::new();
+    let mut out = Rec::default();
+    s.on_worker_registered(W0, "127.0.0.1:1000".into(), u32::MAX, &mut out);
+    s.on_worker_registered(W1, "127.0.0.1:1001".into(), u32::MAX, &mut out);
+    s.on_client_connected(C0, &mut out);
+    // Repeated inputs make sums of the largest sizes: placement adds 1's
+    // size twice for 3, and the early check adds 2's twice for 4.
+    let graph = vec![
+        spec(1, &[]),
+        spec(2, &[]),
+        spec(3, &[1, 2, 1]),
+        spec(4, &[3, 2, 2]),
+    ];
+    s.on_update_graph(C0, graph, vec![k(4)], &mut out);
+    s.check_invariants();
+    let mut ran = Vec::new();
+    loop {
+        let computes = out.computes();
+        if computes.is_empty() {
+            break;
+        }
+        for (w, key) in computes {
+            s.on_task_finished(w, key, u64::MAX, u64::MAX, None, &mut out);
+            s.check_invariants();
+            ran.push(key[0]);
+        }
+    }
+    ran.sort();
+    assert_eq!(ran, vec![1, 2, 3, 4]);
+    let told = out.told();
+    assert_eq!(told.len(), 1);
+    assert_eq!((told[0].0, told[0].1), (C0, k(4)));
+    assert!(told[0].2.is_ok());
+    // Both workers still take work.
+    s.on_update_graph(
+        C0,
+        vec![spec(5, &[]), spec(6, &[])],
+        vec![k(5), k(6)],
+        &mut out,
+    );
+    let mut workers: Vec<WorkerId> = out.computes().into_iter().map(|(w, _)| w).collect();
+    workers.sort();
+    assert_eq!(workers, vec![W0, W1]);
+}

@@ -30,10 +30,16 @@
 //!    (`ToWorker::Heartbeat`), so a hung worker (or one whose machine became
 //!    unreachable) is told from a busy one: a long task on a compute thread
 //!    never delays it, a short one on the network thread (rule 5) barely.
+//! 7. Tasks print to the stdout and stderr the worker process was started
+//!    with. Stdout is flushed before each batch of reports is sent, so what
+//!    a task printed, even a `print!` without a newline, is written before
+//!    its result can reach a client (flushing an empty buffer costs no
+//!    system call).
 
 mod state;
 
 use std::collections::{BinaryHeap, HashMap};
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
@@ -47,8 +53,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::net::{self, log, Chain, ConnectError, FrameReader, PeerPool};
 use crate::protocol::{
-    decode_batch, strip_scheme, Batch, FromPeer, FromPeerRef, ProtocolError, Role, ToPeer,
-    ToScheduler, ToWorker, WireKey, WorkerId, INLINE_BYTES, MAX_FRAME,
+    decode_checked, duration_ns_of, strip_scheme, Batch, FromPeer, FromPeerRef, ProtocolError,
+    Role, ToPeer, ToScheduler, ToWorker, WireKey, WorkerId, INLINE_BYTES, MAX_FRAME,
+    MAX_TASK_DURATION, MAX_THREADS,
 };
 use crate::Error;
 use state::{lock, Compute, Done, Job, Outbox, Store, Stored, WorkerState};
@@ -73,14 +80,16 @@ const INLINE_TURN: Duration = Duration::from_micros(500);
 /// calling thread.
 ///
 /// `scheduler` is `tcp://host:port` or `host:port`; `threads` is the number
-/// of tasks run at once (at least one).
+/// of tasks run at once (at least one, at most [`MAX_THREADS`]: more is
+/// taken as that).
 ///
 /// # Errors
 ///
 /// [`Error::Address`] for a malformed address, [`Error::Connection`] or
 /// [`Error::Timeout`] if the scheduler cannot be reached,
 /// [`Error::Handshake`] if it is not a rask scheduler of this version,
-/// [`Error::Protocol`] if it breaks the protocol.
+/// [`Error::Protocol`] if it breaks the protocol (a malformed message, or a
+/// number out of its range such as a heartbeat interval over an hour).
 ///
 /// # Examples
 ///
@@ -283,7 +292,8 @@ async fn main(
     let listener = TcpListener::bind((local_ip, 0)).await.map_err(Error::Io)?;
     let data_address = listener.local_addr().map_err(Error::Io)?;
     let writer = net::spawn_writer(write);
-    let threads = threads.max(1);
+    // The protocol's range (rule 5 of `protocol`): the pool is that big too.
+    let threads = threads.clamp(1, MAX_THREADS as usize);
     let mut out = Out::default();
     out.to_scheduler(ToScheduler::RegisterWorker {
         address: data_address.to_string(),
@@ -294,7 +304,13 @@ async fn main(
     let mut read = FrameReader::new(read);
     let protocol = |reason| Error::Protocol { reason };
     let first = match tokio::time::timeout(REGISTER_TIMEOUT, read.next()).await {
-        Ok(Ok(true)) => decode_batch::<ToWorker>(read.frame()).map_err(protocol)?,
+        Ok(Ok(true)) => match decode_checked::<ToWorker>(read.frame()) {
+            Ok(msgs) => msgs,
+            Err(e) => {
+                log!("worker: closing the scheduler connection: {}", Chain(&e));
+                return Err(protocol(e));
+            }
+        },
         Ok(Ok(false)) => return Err(protocol(ProtocolError::Closed)),
         Ok(Err(e)) => return Err(protocol(e)),
         Err(_) => {
@@ -357,7 +373,9 @@ async fn main(
                     state.on_peer_left(id);
                 }
                 ToWorker::Heartbeat { every_ms } => {
-                    let every = Duration::from_millis(every_ms.max(1));
+                    // Within MIN_HEARTBEAT..=MAX_HEARTBEAT (checked when
+                    // decoded): the interval's arithmetic cannot overflow.
+                    let every = Duration::from_millis(every_ms);
                     let mut ticks = tokio::time::interval(every);
                     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     heartbeat = Some(ticks);
@@ -374,6 +392,12 @@ async fn main(
         // reports are written.
         if !jobs.is_empty() {
             pool.submit(jobs.into_iter());
+        }
+        if !out.scheduler.is_empty() {
+            // Tasks' output before their reports (rule 7). A stdout that
+            // cannot be written to is the program's business, not the
+            // worker's.
+            let _ = std::io::stdout().flush();
         }
         net::send_batch(&writer, &mut out.scheduler);
         for (from, key) in out.fetches.drain(..) {
@@ -393,7 +417,7 @@ async fn main(
                 Err(_) => stop = None,
             },
             got = read.next() => match got {
-                Ok(true) => match decode_batch::<ToWorker>(read.frame()) {
+                Ok(true) => match decode_checked::<ToWorker>(read.frame()) {
                     Ok(msgs) => pending = msgs,
                     Err(e) => {
                         log!("worker: closing the scheduler connection: {}", Chain(&e));
@@ -469,7 +493,7 @@ async fn data_connection(stream: TcpStream, peer: SocketAddr, store: Store) {
     let mut batch = Batch::default();
     loop {
         let msgs = match read.next().await {
-            Ok(true) => match decode_batch::<ToPeer>(read.frame()) {
+            Ok(true) => match decode_checked::<ToPeer>(read.frame()) {
                 Ok(m) => m,
                 Err(e) => {
                     log!("worker: closing data connection from {peer}: {}", Chain(&e));
@@ -734,7 +758,8 @@ fn run_job(job: Job) -> Done {
     let task = plan.task(0);
     let outcome = run_task(task, &mut inputs);
     drop(inputs);
-    let duration_ns = start.elapsed().as_nanos() as u64;
+    // Reported as at most the protocol's limit, which the scheduler checks.
+    let duration_ns = duration_ns_of(start.elapsed().min(MAX_TASK_DURATION));
     // Encode once now: it sizes the value for placement and turns an
     // unserializable value into this task's failure (state rule 4); a
     // small encoding travels with the report (`INLINE_BYTES`).
