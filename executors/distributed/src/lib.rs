@@ -82,6 +82,7 @@
 //!   the cluster carries on.
 #![warn(missing_docs)]
 
+mod build;
 mod client;
 mod cluster;
 mod net;
@@ -92,6 +93,7 @@ pub mod worker;
 use std::process::ExitStatus;
 use std::time::Duration;
 
+pub use build::BuildId;
 pub use client::Client;
 pub use cluster::{in_process_client, LocalCluster};
 pub use protocol::ProtocolError;
