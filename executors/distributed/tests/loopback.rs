@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rask_distributed::protocol::{self, Handshake, Role, ToScheduler};
+use rask_distributed::BuildId;
 use rask_executor::{FailureKind, Value, WireError};
 use support::{fetch_int, fetch_len, remote, Cluster, Collect, Graph, Keep, TIMEOUT};
 
@@ -520,7 +521,7 @@ fn expect_closed(addr: SocketAddr, bytes: &[u8]) {
 }
 
 fn junk_inputs(role: Role) -> Vec<Vec<u8>> {
-    let hello = Handshake::new(role).to_frame();
+    let hello = Handshake::new(role, BuildId::current()).to_frame();
     let mut wrong_version = hello;
     wrong_version[8] = 0xee;
     let mut oversized = hello.to_vec();
@@ -544,7 +545,9 @@ fn junk_on_the_scheduler_port_closes_only_that_connection() {
         expect_closed(cluster.scheduler.address(), &junk);
     }
     // A client sending a worker's message is closed as well.
-    let mut wrong = Handshake::new(Role::Client).to_frame().to_vec();
+    let mut wrong = Handshake::new(Role::Client, BuildId::current())
+        .to_frame()
+        .to_vec();
     wrong.extend(protocol::frame(&ToScheduler::TaskAbandoned {
         key: [0; 32],
     }));
@@ -552,7 +555,7 @@ fn junk_on_the_scheduler_port_closes_only_that_connection() {
     // A peer's role is not served on the scheduler port.
     expect_closed(
         cluster.scheduler.address(),
-        &Handshake::new(Role::Peer).to_frame(),
+        &Handshake::new(Role::Peer, BuildId::current()).to_frame(),
     );
     diamond(&cluster, &client, 3);
     diamond(&cluster, &cluster.client(), 4);
@@ -566,7 +569,10 @@ fn junk_on_a_worker_data_port_closes_only_that_connection() {
     for junk in junk_inputs(Role::Peer) {
         expect_closed(data, &junk);
     }
-    expect_closed(data, &Handshake::new(Role::Client).to_frame());
+    expect_closed(
+        data,
+        &Handshake::new(Role::Client, BuildId::current()).to_frame(),
+    );
     // Both workers still serve data: a reduction over values spread on both.
     let mut g = Graph::new(&cluster.shared);
     let vs: Vec<u32> = (0..8).map(|i| g.value(i)).collect();

@@ -40,7 +40,7 @@ use crate::net::{self, log, Chain};
 use crate::protocol::{
     decode_batch, Batch, ProtocolError, Role, ToClient, ToScheduler, ToWorker, WorkerId,
 };
-use crate::Error;
+use crate::{BuildId, Error};
 use state::{ClientId, Outbox, State};
 
 /// A scheduler running on a background thread; dropping it shuts it down.
@@ -364,13 +364,15 @@ async fn connection(
     peer: SocketAddr,
     events: mpsc::UnboundedSender<Event>,
 ) {
-    let (role, read, write) = match net::accept(stream, Role::Scheduler).await {
+    // The scheduler runs no user code: it has no build of its own.
+    let (theirs, read, write) = match net::accept(stream, Role::Scheduler, BuildId::NONE).await {
         Ok(x) => x,
         Err(e) => {
             log!("scheduler: closing connection from {peer}: {}", Chain(&e));
             return;
         }
     };
+    let role = theirs.role;
     if role != Role::Client && role != Role::Worker {
         log!(
             "scheduler: closing connection from {peer}: {}",
