@@ -295,7 +295,8 @@ impl Drop for Hold {
 
 impl Client {
     /// Connects to the scheduler at `address` (`tcp://host:port` or
-    /// `host:port`).
+    /// `host:port`) as a client of this program's build
+    /// ([`BuildId::current`]): only workers of that build run its tasks.
     ///
     /// # Errors
     ///

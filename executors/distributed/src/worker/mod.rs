@@ -30,9 +30,10 @@
 //!    (`ToWorker::Heartbeat`), so a hung worker (or one whose machine became
 //!    unreachable) is told from a busy one: a long task on a compute thread
 //!    never delays it, a short one on the network thread (rule 5) barely.
-//! 7. A worker announces its program's build ([`BuildId::current`]) in its
-//!    handshakes, and its data port serves only readers of that build: a
-//!    peer announcing another is closed with a logged reason.
+//! 7. A worker announces its program's build ([`BuildId::current`]) to the
+//!    scheduler, which gives it tasks of that build only, and its data port
+//!    serves only readers of that build: a peer announcing another is
+//!    closed with a logged reason.
 
 mod state;
 
