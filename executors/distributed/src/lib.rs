@@ -37,7 +37,8 @@
 //! `RASK_WORKER=tcp://scheduler-host:8786 ./my-app` by hand. A worker whose
 //! program forgot the check runs `main` again; if that `main` starts a
 //! cluster, [`LocalCluster::start`] refuses with [`Error::NestedCluster`]
-//! instead of recursing.
+//! instead of recursing. A worker serves only clients of its own build of
+//! the program ([`BuildId`]): after a rebuild, start the workers again.
 //!
 //! # Design
 //!
@@ -76,6 +77,15 @@
 //!   shares the scheduler's thread and hands it frames (the same as over
 //!   TCP) through in-memory channels, so a message between them costs no
 //!   system call, no copy through a socket and no thread hand-off.
+//! - **Builds never meet.** A key names a task's function by path, not by
+//!   its code, so a worker left running from an older build of the program
+//!   would compute another value under the same key. Every process sends
+//!   its [`BuildId`] (blake3 of its executable) in its handshake, and the
+//!   scheduler keeps one task state per build: tasks, keys and workers of
+//!   one build never meet another's. A client whose build has no worker
+//!   while others do gets an error naming the builds at once, not a wrong
+//!   value and not a wait; with no worker at all it waits, as ever. A
+//!   worker's data port serves only its own build.
 //! - **Faults close one connection.** A bad handshake, an oversized or
 //!   malformed frame, or a message a role may not send closes that
 //!   connection with a line on stderr (`rask-distributed: …`); the rest of
