@@ -284,6 +284,9 @@ struct Conn {
     kind: Kind,
     /// Its partition (rule 5).
     build: BuildId,
+    /// Whether a graph of it was refused (rule 6): logged once, not for
+    /// each of a client's many submissions.
+    refused: bool,
     peer: SocketAddr,
     /// When its last frame arrived (rule 4).
     last_heard: Instant,
@@ -500,6 +503,7 @@ impl Shell {
                     Conn {
                         kind,
                         build,
+                        refused: false,
                         peer,
                         last_heard: Instant::now(),
                         writer,
@@ -533,12 +537,17 @@ impl Shell {
         build: BuildId,
         msg: ToScheduler,
     ) -> Result<(), &'static str> {
-        if let (Kind::Client(c), ToScheduler::UpdateGraph { tasks, wanted }) = (kind, &msg) {
+        if let (Kind::Client(client), ToScheduler::UpdateGraph { tasks, wanted }) = (kind, &msg) {
             if let Some(why) = self.no_worker_of(build) {
-                if let Some(peer) = self.conns.get(&conn).map(|c| c.peer) {
-                    log!("scheduler: refusing a graph of the client at {peer}: {why}");
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    if !std::mem::replace(&mut c.refused, true) {
+                        log!(
+                            "scheduler: refusing graphs of the client at {}: {why}",
+                            c.peer
+                        );
+                    }
                 }
-                refuse(c, tasks, wanted, &why, &mut self.out);
+                refuse(client, tasks, wanted, &why, &mut self.out);
                 return Ok(());
             }
         }
