@@ -7,6 +7,8 @@ mod support;
 
 use std::io::Write as _;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -94,6 +96,19 @@ fn output_scenario() {
     assert_eq!(done.result().expect("the result"), 7);
     // Kills the worker: only what it flushed before reporting is written.
     drop((done, own));
+}
+
+/// Set in a worker started from a copy of this test binary: that "older
+/// build of the program" has an older `scale`.
+const OLD_VERSION_ENV: &str = "RASK_TEST_OLD_VERSION";
+
+/// `x * 1000`; the older build computes `x + 1`.
+fn scale(x: i64) -> i64 {
+    if std::env::var_os(OLD_VERSION_ENV).is_some() {
+        x + 1
+    } else {
+        x * 1000
+    }
 }
 
 /// Appends a line to the file at `path`, from whichever process runs it, and
@@ -271,6 +286,125 @@ fn a_restarted_scheduler_is_reconnected() {
     assert_eq!(delayed!(inc(2)).compute_with(&config).unwrap(), 3);
     scheduler.shutdown();
     assert!(worker.wait().expect("the worker exits").success());
+}
+
+/// A worker process, killed and reaped when dropped, so a failed assertion
+/// leaves none behind.
+struct WorkerProcess(Child);
+
+impl WorkerProcess {
+    /// Starts `program` in worker mode for the scheduler at `address`, as
+    /// the older build of this program when `old`.
+    fn start(program: &Path, address: &str, old: bool) -> WorkerProcess {
+        let mut command = Command::new(program);
+        command
+            .env(rask_distributed::WORKER_ENV, address)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        if old {
+            command.env(OLD_VERSION_ENV, "1");
+        }
+        // A file just written can be busy for a moment: a child forked
+        // meanwhile holds the writer's descriptor until it execs.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match command.spawn() {
+                Ok(child) => return WorkerProcess(child),
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::ExecutableFileBusy
+                        && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("cannot start {}: {e}", program.display()),
+            }
+        }
+    }
+
+    /// Waits (bounded) for the process to exit by itself; whether it
+    /// succeeded.
+    fn exits(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.0.try_wait().expect("the worker can be waited for") {
+                return status.success();
+            }
+            assert!(Instant::now() < deadline, "the worker did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A file removed when dropped.
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Waits until the scheduler has `count` workers.
+fn workers_registered(scheduler: &rask_distributed::scheduler::SchedulerHandle, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while scheduler.workers() < count {
+        assert!(Instant::now() < deadline, "the workers never registered");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn an_older_build_of_the_program_never_answers_for_this_one() {
+    // A rebuilt program, the other way round: a copy of this binary with
+    // bytes appended is another build of "the same program".
+    let exe = std::env::current_exe().expect("this test's path");
+    let copy = TempFile(std::env::temp_dir().join(format!("rask-older-{}", std::process::id())));
+    std::fs::copy(&exe, &copy.0).expect("the test binary copies");
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&copy.0)
+        .and_then(|mut f| f.write_all(b"an older build"))
+        .expect("the copy is writable");
+    // Fingerprints as errors show them: the first 8 hex digits of blake3.
+    let older = std::fs::read(&copy.0).expect("the copy is readable");
+    let older = blake3::hash(&older).to_hex()[..8].to_owned();
+    let this = rask_distributed::BuildId::current().to_string();
+    assert_ne!(older, this);
+
+    let mut scheduler =
+        rask_distributed::scheduler::serve("127.0.0.1:0".parse().unwrap()).expect("a scheduler");
+    let address = format!("tcp://{}", scheduler.address());
+    let mut old_worker = WorkerProcess::start(&copy.0, &address, true);
+    workers_registered(&scheduler, 1);
+    let client = Client::connect(&address).unwrap();
+    // Its `scale(41)` would be 42: the older build's worker must not run it.
+    match client.submit(delayed!(scale(41))).unwrap().result() {
+        Err(Error::Task { message, .. }) => {
+            assert!(
+                message.contains(&format!(
+                    "no worker runs this program's build: client {this}, workers {older} (1)"
+                )),
+                "{message}"
+            );
+        }
+        other => panic!("expected the build error, got {other:?}"),
+    }
+    // A worker of this build computes it.
+    let mut new_worker = WorkerProcess::start(&exe, &address, false);
+    workers_registered(&scheduler, 2);
+    let scaled = client.submit(delayed!(scale(41))).unwrap();
+    assert_eq!(scaled.result().unwrap(), 41_000);
+    drop((scaled, client));
+    // Workers exit when their scheduler goes away.
+    scheduler.shutdown();
+    assert!(old_worker.exits());
+    assert!(new_worker.exits());
 }
 
 /// Waits until this process has at most `count` live children.
@@ -652,6 +786,7 @@ fn main() {
         slow_inc,
         explode,
         half?,
+        scale,
         stamp,
         counted_len,
         counted,
@@ -707,6 +842,10 @@ fn main() {
         (
             "task_output_reaches_the_program_under_local_n",
             task_output_reaches_the_program_under_local_n,
+        ),
+        (
+            "an_older_build_of_the_program_never_answers_for_this_one",
+            an_older_build_of_the_program_never_answers_for_this_one,
         ),
     ];
     let filter: Vec<String> = std::env::args()

@@ -61,7 +61,7 @@ use crate::protocol::{
     decode_checked, strip_scheme, Batch, TaskSpec, ToClient, ToScheduler, WireKey, WorkerId,
     MAX_FRAME,
 };
-use crate::Error;
+use crate::{BuildId, Error};
 
 /// How often open submissions are asked whether they were cancelled, when
 /// no message arrives meanwhile.
@@ -295,7 +295,8 @@ impl Drop for Hold {
 
 impl Client {
     /// Connects to the scheduler at `address` (`tcp://host:port` or
-    /// `host:port`).
+    /// `host:port`) as a client of this program's build
+    /// ([`BuildId::current`]): only workers of that build run its tasks.
     ///
     /// # Errors
     ///
@@ -304,7 +305,19 @@ impl Client {
     /// ten seconds, [`Error::Handshake`] when the other side is not a rask
     /// scheduler of this protocol version.
     pub fn connect(address: &str) -> Result<Client, Error> {
-        Client::start(address, None)
+        Client::start(address, None, BuildId::current())
+    }
+
+    /// [`Client::connect`], announcing `build` instead of this process's
+    /// build: tests run clients of several "programs" in one process this
+    /// way (see [`worker::spawn_as`](crate::worker::spawn_as)).
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::connect`].
+    #[doc(hidden)]
+    pub fn connect_as(address: &str, build: BuildId) -> Result<Client, Error> {
+        Client::start(address, None, build)
     }
 
     /// [`Client::connect`] to a scheduler of this process, through `local`
@@ -322,15 +335,17 @@ impl Client {
         runtime: &tokio::runtime::Handle,
         local: net::LocalEnd,
     ) -> Result<Client, Error> {
-        Client::start(address, Some((runtime, local)))
+        // The scheduler files `local` under this process's build too.
+        Client::start(address, Some((runtime, local)), BuildId::current())
     }
 
     /// Connects over TCP, or over `local` (an in-memory connection to the
-    /// scheduler) when given; the loop runs on its own thread, or as a task
-    /// on the given runtime.
+    /// scheduler) when given, as a process of `build`; the loop runs on its
+    /// own thread, or as a task on the given runtime.
     fn start(
         address: &str,
         on: Option<(&tokio::runtime::Handle, net::LocalEnd)>,
+        build: BuildId,
     ) -> Result<Client, Error> {
         let (on, local) = on.unzip();
         let target = strip_scheme(address)
@@ -349,9 +364,9 @@ impl Client {
             );
             let conn = match local {
                 Some(end) => Ok((net::Frames::local(end.recv), end.send)),
-                None => net::connect(&target, me, scheduler, net::CONNECT_TIMEOUT)
+                None => net::connect(&target, me, scheduler, build, net::CONNECT_TIMEOUT)
                     .await
-                    .map(|(read, write, _)| (net::Frames::stream(read), net::spawn_writer(write))),
+                    .map(|(read, write, ..)| (net::Frames::stream(read), net::spawn_writer(write))),
             };
             match conn {
                 Ok((frames, writer)) => {
@@ -363,7 +378,9 @@ impl Client {
                         connected: AtomicBool::new(true),
                     });
                     let _ = ready_tx.send(Ok(link.clone()));
-                    Loop::new(link, writer).run(frames, commands_rx).await;
+                    Loop::new(link, writer)
+                        .run(frames, commands_rx, build)
+                        .await;
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(match e {
@@ -706,9 +723,16 @@ impl Loop {
         }
     }
 
-    async fn run(mut self, mut read: net::Frames, mut commands: mpsc::UnboundedReceiver<Command>) {
+    /// Runs until the last `Client` is gone; fetches from data ports as a
+    /// process of `build`.
+    async fn run(
+        mut self,
+        mut read: net::Frames,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+        build: BuildId,
+    ) {
         let (fetch_tx, mut fetched) = mpsc::unbounded_channel::<Fetched>();
-        self.peers = Some(PeerPool::new(fetch_tx));
+        self.peers = Some(PeerPool::new(fetch_tx, build));
         let mut tick = tokio::time::interval(CANCEL_POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

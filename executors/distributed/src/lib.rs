@@ -37,7 +37,8 @@
 //! `RASK_WORKER=tcp://scheduler-host:8786 ./my-app` by hand. A worker whose
 //! program forgot the check runs `main` again; if that `main` starts a
 //! cluster, [`LocalCluster::start`] refuses with [`Error::NestedCluster`]
-//! instead of recursing.
+//! instead of recursing. A worker serves only clients of its own build of
+//! the program ([`BuildId`]): after a rebuild, start the workers again.
 //!
 //! # Design
 //!
@@ -76,6 +77,15 @@
 //!   shares the scheduler's thread and hands it frames (the same as over
 //!   TCP) through in-memory channels, so a message between them costs no
 //!   system call, no copy through a socket and no thread hand-off.
+//! - **Builds never meet.** A key names a task's function by path, not by
+//!   its code, so a worker left running from an older build of the program
+//!   would compute another value under the same key. Every process sends
+//!   its [`BuildId`] (blake3 of its executable) in its handshake, and the
+//!   scheduler keeps one task state per build: tasks, keys and workers of
+//!   one build never meet another's. A client whose build has no worker
+//!   while others do gets an error naming the builds at once, not a wrong
+//!   value and not a wait; with no worker at all it waits, as ever. A
+//!   worker's data port serves only its own build.
 //! - **Faults close one connection.** A bad handshake, an oversized or
 //!   malformed frame, a number out of the range the protocol allows for it
 //!   (a thread count, a size, a duration; see [`protocol`]), or a message a
@@ -83,6 +93,7 @@
 //!   (`rask-distributed: …`); the rest of the cluster carries on.
 #![warn(missing_docs)]
 
+mod build;
 mod client;
 mod cluster;
 mod net;
@@ -93,6 +104,7 @@ pub mod worker;
 use std::process::ExitStatus;
 use std::time::Duration;
 
+pub use build::BuildId;
 pub use client::Client;
 pub use cluster::{in_process_client, LocalCluster};
 pub use protocol::ProtocolError;

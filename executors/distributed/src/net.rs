@@ -13,6 +13,10 @@
 //!    an unbounded channel and never wait for the network.
 //! 3. A connection is closed by dropping its writer channel and its reader;
 //!    every fetch in flight on a closed data connection is reported lost.
+//! 4. Handshakes carry the sender's [`BuildId`]; [`connect`] and [`accept`]
+//!    give the caller the peer's and leave the decision to it. The one
+//!    decision taken here: a data port whose answer names another build
+//!    than the reader's is not read from (its fetches are lost).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -24,9 +28,10 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::protocol::{
-    decode_checked, frame_len, Batch, FromPeer, Handshake, ProtocolError, Role, ToPeer, WireKey,
-    WorkerId, HANDSHAKE_FRAME,
+    decode_checked, frame_len, old_handshake, Batch, FromPeer, Handshake, ProtocolError, Role,
+    ToPeer, WireKey, WorkerId, HANDSHAKE_FRAME, HANDSHAKE_PREFIX, OLD_HANDSHAKE_PREFIX,
 };
+use crate::BuildId;
 
 /// How long a connection may take to send its handshake.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -160,7 +165,13 @@ async fn read_handshake<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Handshak
             .read_exact(&mut frame[..4])
             .await
             .map_err(eof_is_closed)?;
-        if frame[..4] != Handshake::new(Role::Client).to_frame()[..4] {
+        if frame[..4] == OLD_HANDSHAKE_PREFIX {
+            // A rask process of protocol 3 or older: name its version.
+            let mut body = [0u8; 8];
+            reader.read_exact(&mut body).await.map_err(eof_is_closed)?;
+            return Err(old_handshake(&body));
+        }
+        if frame[..4] != HANDSHAKE_PREFIX {
             return Err(ProtocolError::NotRask);
         }
         reader
@@ -280,14 +291,15 @@ impl Frames {
     }
 }
 
-/// Opens a connection as `role` and checks the answer comes from `expect`;
-/// also returns this end's address.
+/// Opens a connection as `role` of `build` and checks the answer comes from
+/// `expect`; also returns this end's address and the peer's build (rule 4).
 pub(crate) async fn connect(
     address: &str,
     role: Role,
     expect: Role,
+    build: BuildId,
     timeout: Duration,
-) -> Result<(Reader, OwnedWriteHalf, SocketAddr), ConnectError> {
+) -> Result<(Reader, OwnedWriteHalf, SocketAddr, BuildId), ConnectError> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(ConnectError::Io(e)),
@@ -296,7 +308,7 @@ pub(crate) async fn connect(
     let local = stream.local_addr().map_err(ConnectError::Io)?;
     let (mut read, mut write) = tcp_halves(stream);
     write
-        .write_all(&Handshake::new(role).to_frame())
+        .write_all(&Handshake::new(role, build).to_frame())
         .await
         .map_err(|e| ConnectError::Handshake(ProtocolError::Io(e)))?;
     let theirs = read_handshake(&mut read)
@@ -305,7 +317,7 @@ pub(crate) async fn connect(
     if theirs.role != expect {
         return Err(ConnectError::Handshake(ProtocolError::Role(theirs.role)));
     }
-    Ok((read, write, local))
+    Ok((read, write, local, theirs.build))
 }
 
 /// Why [`connect`] failed.
@@ -326,19 +338,21 @@ impl std::fmt::Display for ConnectError {
     }
 }
 
-/// Checks an accepted connection's handshake and answers it as `me`.
-/// Returns the peer's role, which the caller must check.
+/// Checks an accepted connection's handshake and answers it as `me` of
+/// `build`. Returns the peer's handshake, whose role and build the caller
+/// must check (rule 4).
 pub(crate) async fn accept(
     stream: TcpStream,
     me: Role,
-) -> Result<(Role, Reader, OwnedWriteHalf), ProtocolError> {
+    build: BuildId,
+) -> Result<(Handshake, Reader, OwnedWriteHalf), ProtocolError> {
     let (mut read, mut write) = tcp_halves(stream);
     let theirs = read_handshake(&mut read).await?;
     write
-        .write_all(&Handshake::new(me).to_frame())
+        .write_all(&Handshake::new(me, build).to_frame())
         .await
         .map_err(ProtocolError::Io)?;
-    Ok((theirs.role, read, write))
+    Ok((theirs, read, write))
 }
 
 /// Frames smaller than this are copied together before a write.
@@ -414,15 +428,19 @@ pub(crate) struct PeerPool {
     conns: HashMap<WorkerId, mpsc::UnboundedSender<Vec<WireKey>>>,
     pending: HashMap<WorkerId, Vec<WireKey>>,
     answers: mpsc::UnboundedSender<Fetched>,
+    /// The build this process announces, and expects of data ports.
+    build: BuildId,
 }
 
 impl PeerPool {
-    pub(crate) fn new(answers: mpsc::UnboundedSender<Fetched>) -> PeerPool {
+    /// A pool for a process of `build`.
+    pub(crate) fn new(answers: mpsc::UnboundedSender<Fetched>, build: BuildId) -> PeerPool {
         PeerPool {
             addresses: HashMap::new(),
             conns: HashMap::new(),
             pending: HashMap::new(),
             answers,
+            build,
         }
     }
 
@@ -471,7 +489,13 @@ impl PeerPool {
         let (tx, rx) = mpsc::unbounded_channel();
         let _ = tx.send(keys);
         self.conns.insert(peer, tx);
-        tokio::spawn(peer_connection(peer, address, rx, self.answers.clone()));
+        tokio::spawn(peer_connection(
+            peer,
+            address,
+            self.build,
+            rx,
+            self.answers.clone(),
+        ));
     }
 }
 
@@ -479,6 +503,7 @@ impl PeerPool {
 async fn peer_connection(
     peer: WorkerId,
     address: String,
+    build: BuildId,
     mut requests: mpsc::UnboundedReceiver<Vec<WireKey>>,
     answers: mpsc::UnboundedSender<Fetched>,
 ) {
@@ -509,15 +534,33 @@ async fn peer_connection(
     for &key in &first {
         *in_flight.entry(key).or_default() += 1;
     }
-    let (read, mut write, _) =
-        match connect(&address, Role::Peer, Role::DataServer, CONNECT_TIMEOUT).await {
-            Ok(c) => c,
-            Err(e) => {
-                log!("could not fetch data from {peer} at {address}: {e}");
-                lose_all(&mut in_flight, &mut requests);
-                return;
-            }
+    let (read, mut write, _, theirs) = match connect(
+        &address,
+        Role::Peer,
+        Role::DataServer,
+        build,
+        CONNECT_TIMEOUT,
+    )
+    .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            log!("could not fetch data from {peer} at {address}: {e}");
+            lose_all(&mut in_flight, &mut requests);
+            return;
+        }
+    };
+    if theirs != build {
+        // Rule 4: its values come from other code. The scheduler names only
+        // workers of this build, so this is a stale address reused.
+        let e = ProtocolError::Build {
+            ours: build,
+            theirs,
         };
+        log!("could not fetch data from {peer} at {address}: {e}");
+        lose_all(&mut in_flight, &mut requests);
+        return;
+    }
     let mut out = Batch::default();
     out.push(&ToPeer::GetData { keys: first });
     let mut read = FrameReader::new(read);

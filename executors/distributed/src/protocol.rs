@@ -13,7 +13,11 @@
 //!    is closed at once, before anything is allocated for it.
 //! 2. The connecting side sends its handshake first; the accepting side checks
 //!    magic, version and role, then answers with its own handshake. Any
-//!    mismatch closes that one connection.
+//!    mismatch closes that one connection. Each handshake also carries the
+//!    sender's [`BuildId`] (clients and workers send their program's, the
+//!    scheduler [`BuildId::NONE`]); what it decides is the receiver's
+//!    business: the scheduler keeps builds apart, a worker's data port
+//!    serves only its own build.
 //! 3. Messages are named by direction: [`ToScheduler`] (from clients and
 //!    workers), [`ToWorker`], [`ToClient`], and the data exchange between a
 //!    worker's data port and its readers, [`ToPeer`] / [`FromPeer`]. Facts
@@ -43,11 +47,13 @@ use std::sync::Arc;
 use rask_executor::{Cause, Failure, FailureKind, Key};
 use serde::{Deserialize, Serialize};
 
+use crate::BuildId;
+
 /// The first four bytes of every handshake body.
 pub const MAGIC: [u8; 4] = *b"RASK";
 
 /// The protocol version; peers with another version are refused.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 
 /// Values whose encoding is at most this many bytes travel with their
 /// report: in `TaskFinished` to the scheduler, and in `KeyInMemory` to the
@@ -91,11 +97,21 @@ pub const MAX_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(36
 /// bytes, so 1 KiB leaves room for anything real.
 pub const MAX_ADDRESS: usize = 1024;
 
-/// Length of a handshake body: magic, version, role, one reserved byte.
-const HANDSHAKE_BODY: usize = 8;
+/// Length of a handshake body: magic, version, role, one reserved byte,
+/// the sender's build id.
+const HANDSHAKE_BODY: usize = 8 + 32;
 
 /// Length of a whole handshake frame, prefix included.
 pub const HANDSHAKE_FRAME: usize = 4 + HANDSHAKE_BODY;
+
+/// The first four bytes of every handshake: its body's length. A peer that
+/// starts otherwise is refused before anything more is read from it.
+pub(crate) const HANDSHAKE_PREFIX: [u8; 4] = (HANDSHAKE_BODY as u32).to_le_bytes();
+
+/// The first four bytes of a handshake of protocol versions 1 to 3, whose
+/// body had no build id (8 bytes): such a peer is refused for its version,
+/// not taken for junk ([`old_handshake`]).
+pub(crate) const OLD_HANDSHAKE_PREFIX: [u8; 4] = 8u32.to_le_bytes();
 
 /// What a process is to the connection it opened or accepted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,46 +163,54 @@ impl fmt::Display for Role {
     }
 }
 
-/// The first frame of every connection: who is talking, in which protocol.
+/// The first frame of every connection: who is talking, in which protocol,
+/// from which build of which program.
 ///
 /// Its layout is fixed by hand rather than by serde so that it can never
-/// change by accident: `08 00 00 00` (body length), `RASK`, the version as
-/// `u16` little-endian, the role byte, a zero byte.
+/// change by accident: `28 00 00 00` (body length, 40), `RASK`, the version
+/// as `u16` little-endian, the role byte, a zero byte, then the 32 bytes of
+/// the sender's [`BuildId`].
+///
+/// # Examples
+///
+/// ```
+/// use rask_distributed::protocol::{Handshake, Role, HANDSHAKE_FRAME};
+/// use rask_distributed::BuildId;
+/// let hello = Handshake::new(Role::Client, BuildId::current());
+/// let frame: [u8; HANDSHAKE_FRAME] = hello.to_frame();
+/// assert_eq!(Handshake::parse(&frame)?, hello);
+/// # Ok::<(), rask_distributed::ProtocolError>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Handshake {
     /// The sender's protocol version.
     pub version: u16,
     /// The sender's role.
     pub role: Role,
+    /// The sender's build ([`BuildId::NONE`] from the scheduler).
+    pub build: BuildId,
 }
 
 impl Handshake {
-    /// This build's handshake for `role`.
-    pub fn new(role: Role) -> Handshake {
+    /// This protocol's handshake for `role`, from a process of `build`.
+    pub fn new(role: Role, build: BuildId) -> Handshake {
         Handshake {
             version: VERSION,
             role,
+            build,
         }
     }
 
     /// The whole frame, length prefix included.
     pub fn to_frame(self) -> [u8; HANDSHAKE_FRAME] {
-        let v = self.version.to_le_bytes();
-        let [m0, m1, m2, m3] = MAGIC;
-        [
-            HANDSHAKE_BODY as u8,
-            0,
-            0,
-            0,
-            m0,
-            m1,
-            m2,
-            m3,
-            v[0],
-            v[1],
-            self.role.to_byte(),
-            0,
-        ]
+        let mut frame = [0u8; HANDSHAKE_FRAME];
+        frame[..4].copy_from_slice(&HANDSHAKE_PREFIX);
+        frame[4..8].copy_from_slice(&MAGIC);
+        frame[8..10].copy_from_slice(&self.version.to_le_bytes());
+        frame[10] = self.role.to_byte();
+        // frame[11] is reserved: zero.
+        frame[12..].copy_from_slice(self.build.as_bytes());
+        frame
     }
 
     /// Parses and checks a handshake frame.
@@ -208,7 +232,25 @@ impl Handshake {
             });
         }
         let role = Role::from_byte(frame[10]).ok_or(ProtocolError::NotRask)?;
-        Ok(Handshake { version, role })
+        let mut build = [0u8; 32];
+        build.copy_from_slice(&frame[12..]);
+        Ok(Handshake {
+            version,
+            role,
+            build: BuildId::from_bytes(build),
+        })
+    }
+}
+
+/// Why a handshake of protocol versions 1 to 3 is refused, from its body
+/// (the 8 bytes after [`OLD_HANDSHAKE_PREFIX`]): its version, or junk.
+pub(crate) fn old_handshake(body: &[u8; 8]) -> ProtocolError {
+    if body[..4] != MAGIC {
+        return ProtocolError::NotRask;
+    }
+    ProtocolError::Version {
+        ours: VERSION,
+        theirs: u16::from_le_bytes([body[4], body[5]]),
     }
 }
 
@@ -230,6 +272,15 @@ pub enum ProtocolError {
     /// The peer's role is not one this connection serves.
     #[error("unexpected peer role: {0}")]
     Role(Role),
+    /// The peer runs another build of the program (another [`BuildId`]),
+    /// where only this process's own build is served.
+    #[error("peer runs build {theirs}, this process runs build {ours}")]
+    Build {
+        /// This process's build.
+        ours: BuildId,
+        /// The peer's build.
+        theirs: BuildId,
+    },
     /// The peer announced a frame over [`MAX_FRAME`].
     #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
     FrameTooLarge {
@@ -948,23 +999,51 @@ mod tests {
 
     #[test]
     fn golden_handshake() {
-        let frame = Handshake::new(Role::Worker).to_frame();
-        assert_eq!(hex(&frame), "080000005241534b03000200");
-        assert_eq!(
-            Handshake::parse(&frame).unwrap(),
-            Handshake::new(Role::Worker)
-        );
+        let build = BuildId::from_bytes([0xab; 32]);
+        let frame = Handshake::new(Role::Worker, build).to_frame();
+        let expected = [
+            "28000000", // body length: 40 bytes
+            "5241534b", // RASK
+            "0400",     // version 4
+            "02",       // role: worker
+            "00",       // reserved
+            &"ab".repeat(32),
+        ]
+        .concat();
+        assert_eq!(hex(&frame), expected);
+        assert_eq!(frame[..4], HANDSHAKE_PREFIX);
+        let back = Handshake::parse(&frame).unwrap();
+        assert_eq!(back, Handshake::new(Role::Worker, build));
+        assert_eq!(back.build, build);
+    }
+
+    #[test]
+    fn old_handshakes_are_refused_for_their_version() {
+        // A version-3 worker's handshake: 8-byte body, no build id.
+        let old: [u8; 12] = [8, 0, 0, 0, b'R', b'A', b'S', b'K', 3, 0, 2, 0];
+        assert_eq!(old[..4], OLD_HANDSHAKE_PREFIX);
+        let mut body = [0u8; 8];
+        body.copy_from_slice(&old[4..]);
+        assert!(matches!(
+            old_handshake(&body),
+            ProtocolError::Version {
+                ours: VERSION,
+                theirs: 3
+            }
+        ));
+        body[0] = b'X';
+        assert!(matches!(old_handshake(&body), ProtocolError::NotRask));
     }
 
     #[test]
     fn handshake_rejects_junk_and_other_versions() {
-        let mut junk = [0u8; HANDSHAKE_FRAME];
-        junk.copy_from_slice(b"GET / HTTP/1");
+        let mut junk = [b'x'; HANDSHAKE_FRAME];
+        junk[..12].copy_from_slice(b"GET / HTTP/1");
         assert!(matches!(
             Handshake::parse(&junk),
             Err(ProtocolError::NotRask)
         ));
-        let mut other = Handshake::new(Role::Client).to_frame();
+        let mut other = Handshake::new(Role::Client, BuildId::NONE).to_frame();
         other[8] = 99;
         assert!(matches!(
             Handshake::parse(&other),
@@ -973,7 +1052,7 @@ mod tests {
                 theirs: 99
             })
         ));
-        let mut role = Handshake::new(Role::Client).to_frame();
+        let mut role = Handshake::new(Role::Client, BuildId::NONE).to_frame();
         role[10] = 77;
         assert!(matches!(
             Handshake::parse(&role),

@@ -10,9 +10,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rask_distributed::protocol::{self, Handshake, Role, ToScheduler};
-use rask_executor::{FailureKind, Value, WireError};
-use support::{fetch_int, fetch_len, remote, Cluster, Collect, Graph, Keep, TIMEOUT};
+use rask_distributed::protocol::{self, FromPeer, Handshake, Role, ToPeer, ToScheduler};
+use rask_distributed::{worker, BuildId, Client, WorkerHandle};
+use rask_executor::{FailureKind, Op, OpError, Plan, Registry, Value, WireError, WireTask};
+use support::{fetch_int, fetch_len, remote, Cluster, Collect, Graph, Keep, TestRegistry, TIMEOUT};
 
 /// a = 1; b = a + 1; c = a + 1; d = b + c.
 fn diamond(cluster: &Cluster, client: &rask_distributed::Client, salt: u64) {
@@ -520,7 +521,7 @@ fn expect_closed(addr: SocketAddr, bytes: &[u8]) {
 }
 
 fn junk_inputs(role: Role) -> Vec<Vec<u8>> {
-    let hello = Handshake::new(role).to_frame();
+    let hello = Handshake::new(role, BuildId::current()).to_frame();
     let mut wrong_version = hello;
     wrong_version[8] = 0xee;
     let mut oversized = hello.to_vec();
@@ -544,7 +545,9 @@ fn junk_on_the_scheduler_port_closes_only_that_connection() {
         expect_closed(cluster.scheduler.address(), &junk);
     }
     // A client sending a worker's message is closed as well.
-    let mut wrong = Handshake::new(Role::Client).to_frame().to_vec();
+    let mut wrong = Handshake::new(Role::Client, BuildId::current())
+        .to_frame()
+        .to_vec();
     wrong.extend(protocol::frame(&ToScheduler::TaskAbandoned {
         key: [0; 32],
     }));
@@ -552,7 +555,7 @@ fn junk_on_the_scheduler_port_closes_only_that_connection() {
     // A peer's role is not served on the scheduler port.
     expect_closed(
         cluster.scheduler.address(),
-        &Handshake::new(Role::Peer).to_frame(),
+        &Handshake::new(Role::Peer, BuildId::current()).to_frame(),
     );
     diamond(&cluster, &client, 3);
     diamond(&cluster, &cluster.client(), 4);
@@ -566,7 +569,10 @@ fn junk_on_a_worker_data_port_closes_only_that_connection() {
     for junk in junk_inputs(Role::Peer) {
         expect_closed(data, &junk);
     }
-    expect_closed(data, &Handshake::new(Role::Client).to_frame());
+    expect_closed(
+        data,
+        &Handshake::new(Role::Client, BuildId::current()).to_frame(),
+    );
     // Both workers still serve data: a reduction over values spread on both.
     let mut g = Graph::new(&cluster.shared);
     let vs: Vec<u32> = (0..8).map(|i| g.value(i)).collect();
@@ -798,7 +804,8 @@ fn a_handle_fails_to_fetch_once_its_client_is_gone() {
 fn raw(addr: SocketAddr, role: Role) -> TcpStream {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(TIMEOUT)).unwrap();
-    s.write_all(&Handshake::new(role).to_frame()).unwrap();
+    s.write_all(&Handshake::new(role, BuildId::current()).to_frame())
+        .unwrap();
     let mut answer = [0u8; protocol::HANDSHAKE_FRAME];
     s.read_exact(&mut answer).unwrap();
     Handshake::parse(&answer).unwrap();
@@ -828,7 +835,7 @@ fn wait_closed(s: &mut TcpStream) {
 fn a_worker_announcing_threads_or_an_address_out_of_range_is_closed() {
     let mut cluster = Cluster::new(1, 1);
     let client = cluster.client();
-    let hello = Handshake::new(Role::Worker).to_frame();
+    let hello = Handshake::new(Role::Worker, BuildId::current()).to_frame();
     for (threads, address) in [
         (u32::MAX, "127.0.0.1:1".to_owned()),
         (protocol::MAX_THREADS + 1, "127.0.0.1:1".to_owned()),
@@ -930,6 +937,110 @@ fn a_worker_reporting_sizes_or_durations_out_of_range_is_closed_and_its_task_run
     cluster.eventually("release", |c| c.scheduler.tasks() == 0);
 }
 
+/// `scale`: its payload's i64 times `factor`. Two registries with different
+/// factors stand for two builds of one program that disagree on what
+/// `scale` computes (an edited function, same path).
+struct Scale {
+    factor: i64,
+    payload: Vec<u8>,
+}
+
+impl Op for Scale {
+    fn run(&self, _: &mut [Option<Value>]) -> Result<Value, OpError> {
+        let x: i64 = postcard::from_bytes(&self.payload)
+            .map_err(|e| OpError::failed(format!("bad payload: {e}")))?;
+        Ok(Arc::new(x * self.factor))
+    }
+
+    fn name(&self) -> &str {
+        "scale"
+    }
+}
+
+/// The test registry, with `scale` of a given factor.
+struct Versioned {
+    factor: i64,
+    rest: TestRegistry,
+}
+
+impl Registry for Versioned {
+    fn resolve(&self, task: &WireTask) -> Result<Arc<dyn Op>, WireError> {
+        if task.function == "scale" {
+            return Ok(Arc::new(Scale {
+                factor: self.factor,
+                payload: task.payload.clone(),
+            }));
+        }
+        self.rest.resolve(task)
+    }
+}
+
+/// A worker of `build` whose `scale` multiplies by `factor`.
+fn worker_of(cluster: &Cluster, build: BuildId, factor: i64) -> WorkerHandle {
+    let registry = Arc::new(Versioned {
+        factor,
+        rest: TestRegistry {
+            shared: cluster.shared.clone(),
+        },
+    });
+    worker::spawn_as(&cluster.address, registry, 1, build).unwrap()
+}
+
+/// `scale(x)` for each of `xs`, one output each: the same keys whoever
+/// builds it.
+fn scale(cluster: &Cluster, xs: &[i64]) -> Arc<Plan> {
+    let mut g = Graph::new(&cluster.shared);
+    for &x in xs {
+        let t = g.op("scale", x, &[]);
+        g.output(t);
+    }
+    g.build()
+}
+
+const OLD: BuildId = BuildId::from_bytes([1; 32]);
+const NEW: BuildId = BuildId::from_bytes([2; 32]);
+
+/// A scheduler with one worker of build `OLD` (`scale` is `x * 1`) and one
+/// of `NEW` (`x * 1000`), and a client of each build.
+fn two_builds() -> (Cluster, [WorkerHandle; 2], [Client; 2]) {
+    let cluster = Cluster::new(0, 1);
+    let workers = [worker_of(&cluster, OLD, 1), worker_of(&cluster, NEW, 1000)];
+    let clients = [OLD, NEW].map(|b| Client::connect_as(&cluster.address, b).unwrap());
+    assert_eq!(cluster.scheduler.workers(), 2);
+    (cluster, workers, clients)
+}
+
+/// `scale(41)` kept on the cluster by `client`: its handle.
+fn keep_scale_41(cluster: &Cluster, client: &Client) -> Value {
+    let kept = Keep::new(1, true);
+    kept.submit(client, scale(cluster, &[41]));
+    kept.wait().pop().unwrap().unwrap()
+}
+
+#[test]
+fn builds_with_the_same_keys_each_get_their_own_value() {
+    let (cluster, _workers, [old, new]) = two_builds();
+    // The old build computes `scale(41)` and keeps it in memory.
+    let old_value = keep_scale_41(&cluster, &old);
+    assert_eq!(fetch_int(&old_value), 41);
+    // The same key from the new build is computed by the new build's
+    // worker: never answered with the old build's value.
+    let got = Collect::new(1);
+    got.submit(&new, scale(&cluster, &[41]));
+    assert_eq!(got.wait(), vec![Ok(41_000)]);
+    // Both kept at once: one task per build under the same key.
+    let new_value = keep_scale_41(&cluster, &new);
+    assert_eq!(remote(&new_value).key(), remote(&old_value).key());
+    assert_eq!(fetch_int(&new_value), 41_000);
+    assert_eq!(cluster.scheduler.tasks(), 2);
+    // And the old build still gets its own, from its own memory.
+    let got = Collect::new(1);
+    got.submit(&old, scale(&cluster, &[41]));
+    assert_eq!(got.wait(), vec![Ok(41)]);
+    drop((old_value, new_value));
+    cluster.eventually("release", |c| c.scheduler.tasks() == 0);
+}
+
 #[test]
 fn a_worker_closes_a_scheduler_that_asks_for_a_heartbeat_out_of_range() {
     use protocol::{ProtocolError, ToWorker, WorkerId};
@@ -943,7 +1054,7 @@ fn a_worker_closes_a_scheduler_that_asks_for_a_heartbeat_out_of_range() {
             let mut hello = [0u8; protocol::HANDSHAKE_FRAME];
             s.read_exact(&mut hello).unwrap();
             assert_eq!(Handshake::parse(&hello).unwrap().role, Role::Worker);
-            s.write_all(&Handshake::new(Role::Scheduler).to_frame())
+            s.write_all(&Handshake::new(Role::Scheduler, BuildId::NONE).to_frame())
                 .unwrap();
             let register = read_frame::<ToScheduler>(&mut s);
             assert!(matches!(
@@ -975,4 +1086,99 @@ fn a_worker_closes_a_scheduler_that_asks_for_a_heartbeat_out_of_range() {
         }
         fake.join().unwrap();
     }
+}
+
+#[test]
+fn a_build_without_workers_gets_an_error_naming_the_builds() {
+    let (cluster, _workers, [old, _new]) = two_builds();
+    let _held = keep_scale_41(&cluster, &old);
+    let stray = BuildId::from_bytes([3; 32]);
+    let client = Client::connect_as(&cluster.address, stray).unwrap();
+    let plan = scale(&cluster, &[41, 42]);
+    let keys: Vec<_> = plan.outputs().iter().map(|&t| plan.task(t).key).collect();
+    let got = Collect::new(2);
+    got.submit(&client, plan);
+    for (out, key) in got.wait().into_iter().zip(keys) {
+        let failure = out.unwrap_err();
+        assert_eq!(failure.key, key);
+        assert_eq!(&*failure.name, "scale");
+        let message = &failure.message;
+        assert!(
+            message.starts_with(&format!(
+                "no worker runs this program's build: client {stray}, workers "
+            )),
+            "{message}"
+        );
+        for build in [OLD, NEW] {
+            assert!(message.contains(&format!("{build} (1)")), "{message}");
+        }
+    }
+    // Refused, not added: only the old build's kept task is remembered.
+    assert_eq!(cluster.scheduler.tasks(), 1);
+}
+
+#[test]
+fn with_no_worker_at_all_a_graph_waits_for_one_of_its_build() {
+    let cluster = Cluster::new(0, 1);
+    let client = Client::connect_as(&cluster.address, NEW).unwrap();
+    let got = Collect::new(1);
+    got.submit(&client, scale(&cluster, &[41]));
+    cluster.eventually("the graph to be accepted", |c| c.scheduler.tasks() == 1);
+    let _worker = worker_of(&cluster, NEW, 1000);
+    assert_eq!(got.wait(), vec![Ok(41_000)]);
+}
+
+#[test]
+fn a_data_port_serves_only_readers_of_its_build() {
+    let (cluster, [old_worker, _], [old, _]) = two_builds();
+    let held = keep_scale_41(&cluster, &old);
+    let key = remote(&held).key().0;
+    let data = old_worker.data_address();
+    let get = protocol::frame(&ToPeer::GetData { keys: vec![key] });
+    // A reader of another build: closed after the handshake, sent nothing.
+    let mut foreign = Handshake::new(Role::Peer, NEW).to_frame().to_vec();
+    foreign.extend_from_slice(&get);
+    expect_closed(data, &foreign);
+    // A reader of the worker's build is served, by a data server that
+    // names that build.
+    let mut s = TcpStream::connect(data).unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    s.write_all(&Handshake::new(Role::Peer, OLD).to_frame())
+        .unwrap();
+    s.write_all(&get).unwrap();
+    let mut hello = [0u8; protocol::HANDSHAKE_FRAME];
+    s.read_exact(&mut hello).unwrap();
+    let hello = Handshake::parse(&hello).unwrap();
+    assert_eq!((hello.role, hello.build), (Role::DataServer, OLD));
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).unwrap();
+    let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
+    s.read_exact(&mut body).unwrap();
+    match protocol::decode_batch::<FromPeer>(&body)
+        .unwrap()
+        .as_slice()
+    {
+        [FromPeer::Data { key: k, bytes }] => {
+            assert_eq!(*k, key);
+            assert_eq!(postcard::from_bytes::<i64>(bytes).unwrap(), 41);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    // The worker keeps computing for its build.
+    let got = Collect::new(1);
+    got.submit(&old, scale(&cluster, &[7]));
+    assert_eq!(got.wait(), vec![Ok(7)]);
+}
+
+#[test]
+fn the_scheduler_announces_no_build() {
+    let cluster = Cluster::new(0, 1);
+    let mut s = TcpStream::connect(cluster.scheduler.address()).unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    s.write_all(&Handshake::new(Role::Client, OLD).to_frame())
+        .unwrap();
+    let mut hello = [0u8; protocol::HANDSHAKE_FRAME];
+    s.read_exact(&mut hello).unwrap();
+    let hello = Handshake::parse(&hello).unwrap();
+    assert_eq!((hello.role, hello.build), (Role::Scheduler, BuildId::NONE));
 }

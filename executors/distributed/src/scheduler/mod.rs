@@ -23,6 +23,21 @@
 //!    that long is closed as if it had died (rule 2): hung, stopped, or on
 //!    a machine that became unreachable, it would otherwise hold its tasks
 //!    and values for ever. Clients are never timed out.
+//! 5. Builds never meet. Every connection belongs to the *partition* of its
+//!    build ([`BuildId`], from its handshake; a client of this process
+//!    through memory is of this process's build), and each partition is a
+//!    state machine of its own: the tasks, keys, references and workers of
+//!    one build are invisible to every other, so equal keys sent by
+//!    different code never share a value, and a worker only ever runs tasks
+//!    of its own program. A partition comes with its first connection and
+//!    goes with its last. Ids are connection numbers, unique across
+//!    partitions. (`README.md`, B1 to B4.)
+//! 6. A client's graph whose build has no worker while other builds have
+//!    some is refused at once: each wanted key is answered `KeyErred`,
+//!    naming the client's build and every other build with its number of
+//!    workers, and the graph is not added. With no worker at all, graphs
+//!    wait for workers as before; so does a graph accepted then, even if
+//!    only workers of other builds register later.
 
 mod placement;
 mod state;
@@ -34,15 +49,16 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use rask_executor::{Failure, FailureKind, Key};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::net::{self, log, Chain};
 use crate::protocol::{
-    decode_checked, Batch, ProtocolError, Role, ToClient, ToScheduler, ToWorker, WorkerId,
-    MAX_HEARTBEAT, MIN_HEARTBEAT,
+    decode_checked, Batch, ProtocolError, Role, TaskSpec, ToClient, ToScheduler, ToWorker,
+    WireFailure, WireKey, WorkerId, MAX_HEARTBEAT, MIN_HEARTBEAT,
 };
-use crate::Error;
+use crate::{BuildId, Error};
 use state::{ClientId, Outbox, State};
 
 /// A scheduler running on a background thread; dropping it shuts it down.
@@ -63,8 +79,9 @@ pub struct SchedulerHandle {
     /// The scheduler thread's runtime, for a client of this process to run
     /// its connection on that thread ([`crate::LocalCluster::client`]).
     runtime: tokio::runtime::Handle,
-    /// Hands the scheduler its end of an in-memory connection.
-    locals: mpsc::UnboundedSender<net::LocalEnd>,
+    /// Hands the scheduler its end of an in-memory connection, and the
+    /// client's build.
+    locals: mpsc::UnboundedSender<(net::LocalEnd, BuildId)>,
 }
 
 /// Figures the state loop publishes after every burst of input.
@@ -81,13 +98,14 @@ impl SchedulerHandle {
         self.address
     }
 
-    /// Number of workers registered now.
+    /// Number of workers registered now, of every build.
     pub fn workers(&self) -> usize {
         self.counts.workers.load(Ordering::Acquire)
     }
 
-    /// Number of tasks the scheduler remembers now: tasks some client wants,
-    /// and their inputs. Zero once every client released everything.
+    /// Number of tasks the scheduler remembers now, for every build: tasks
+    /// some client wants, and their inputs. Zero once every client released
+    /// everything.
     pub fn tasks(&self) -> usize {
         self.counts.tasks.load(Ordering::Acquire)
     }
@@ -100,10 +118,13 @@ impl SchedulerHandle {
     /// A connection to this scheduler through memory rather than a socket,
     /// for a client of this process: frames are handed over as they are
     /// ([`net::LocalEnd`]), and the scheduler treats it as a client's TCP
-    /// connection. `None` once it stopped.
+    /// connection from this process's build (rule 5). `None` once it
+    /// stopped.
     pub(crate) fn local(&self) -> Option<net::LocalEnd> {
         let (client, scheduler) = net::local_pair();
-        self.locals.send(scheduler).ok().map(|()| client)
+        // Hashed here, on the caller's thread, not on the scheduler's.
+        let build = BuildId::current();
+        self.locals.send((scheduler, build)).ok().map(|()| client)
     }
 
     /// Stops the scheduler and waits for its thread. Every connection is
@@ -238,6 +259,7 @@ enum Event {
     Connected {
         conn: u32,
         role: Role,
+        build: BuildId,
         peer: SocketAddr,
         writer: mpsc::UnboundedSender<Vec<u8>>,
         kill: oneshot::Sender<()>,
@@ -262,6 +284,11 @@ enum Kind {
 
 struct Conn {
     kind: Kind,
+    /// Its partition (rule 5).
+    build: BuildId,
+    /// Whether a graph of it was refused (rule 6): logged once, not for
+    /// each of a client's many submissions.
+    refused: bool,
     peer: SocketAddr,
     /// When its last frame arrived (rule 4).
     last_heard: Instant,
@@ -285,8 +312,18 @@ impl Outbox for Batches {
     }
 }
 
-struct Shell {
+/// The tasks, keys, clients and workers of one build (rule 5).
+#[derive(Default)]
+struct Partition {
     state: State,
+    /// Its connections, workers not registered yet included: the partition
+    /// goes with the last.
+    conns: usize,
+}
+
+struct Shell {
+    /// One partition per build with a connection (rule 5).
+    partitions: HashMap<BuildId, Partition>,
     conns: HashMap<u32, Conn>,
     out: Batches,
     options: Options,
@@ -296,7 +333,7 @@ struct Shell {
 
 async fn run(
     listener: TcpListener,
-    mut locals: mpsc::UnboundedReceiver<net::LocalEnd>,
+    mut locals: mpsc::UnboundedReceiver<(net::LocalEnd, BuildId)>,
     mut stop: oneshot::Receiver<()>,
     counts: Arc<Counts>,
     options: Options,
@@ -305,7 +342,7 @@ async fn run(
     let mut silence = tokio::time::interval(options.heartbeat());
     silence.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut shell = Shell {
-        state: State::new(),
+        partitions: HashMap::new(),
         conns: HashMap::new(),
         out: Batches::default(),
         options,
@@ -327,13 +364,14 @@ async fn run(
                     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 }
             },
-            Some(end) = locals.recv() => {
+            Some((end, build)) = locals.recv() => {
                 let conn = next_conn;
                 next_conn = next_conn.wrapping_add(1);
                 // An in-memory peer has no address: logs show 127.0.0.1:0.
                 let peer = SocketAddr::from(([127, 0, 0, 1], 0));
                 let frames = net::Frames::local(end.recv);
-                tokio::spawn(serve_connection(conn, Role::Client, peer, frames, end.send, events_tx.clone()));
+                let hello = (Role::Client, build);
+                tokio::spawn(serve_connection(conn, hello, peer, frames, end.send, events_tx.clone()));
             }
             Some(event) = events.recv() => {
                 shell.handle(event);
@@ -367,29 +405,31 @@ async fn connection(
     peer: SocketAddr,
     events: mpsc::UnboundedSender<Event>,
 ) {
-    let (role, read, write) = match net::accept(stream, Role::Scheduler).await {
+    // The scheduler runs no user code: it has no build of its own.
+    let (theirs, read, write) = match net::accept(stream, Role::Scheduler, BuildId::NONE).await {
         Ok(x) => x,
         Err(e) => {
             log!("scheduler: closing connection from {peer}: {}", Chain(&e));
             return;
         }
     };
-    if role != Role::Client && role != Role::Worker {
+    if theirs.role != Role::Client && theirs.role != Role::Worker {
         log!(
             "scheduler: closing connection from {peer}: {}",
-            ProtocolError::Role(role)
+            ProtocolError::Role(theirs.role)
         );
         return;
     }
     let frames = net::Frames::stream(read);
-    serve_connection(conn, role, peer, frames, net::spawn_writer(write), events).await;
+    let hello = (theirs.role, theirs.build);
+    serve_connection(conn, hello, peer, frames, net::spawn_writer(write), events).await;
 }
 
-/// Tells the state loop about a connection whose peer is `role`, forwards
-/// its decoded frames, then tells it the connection closed.
+/// Tells the state loop about a connection whose peer is `role` of `build`,
+/// forwards its decoded frames, then tells it the connection closed.
 async fn serve_connection(
     conn: u32,
-    role: Role,
+    (role, build): (Role, BuildId),
     peer: SocketAddr,
     frames: net::Frames,
     writer: mpsc::UnboundedSender<Vec<u8>>,
@@ -400,6 +440,7 @@ async fn serve_connection(
         .send(Event::Connected {
             conn,
             role,
+            build,
             peer,
             writer,
             kill,
@@ -443,13 +484,17 @@ impl Shell {
             Event::Connected {
                 conn,
                 role,
+                build,
                 peer,
                 writer,
                 kill,
             } => {
+                let partition = self.partitions.entry(build).or_default();
+                partition.conns += 1;
                 let kind = match role {
                     Role::Client => {
-                        self.state
+                        partition
+                            .state
                             .on_client_connected(ClientId(conn), &mut self.out);
                         Kind::Client(ClientId(conn))
                     }
@@ -459,6 +504,8 @@ impl Shell {
                     conn,
                     Conn {
                         kind,
+                        build,
+                        refused: false,
                         peer,
                         last_heard: Instant::now(),
                         writer,
@@ -474,7 +521,7 @@ impl Shell {
                     let Some(c) = self.conns.get(&conn) else {
                         return; // closed by an earlier message of this frame
                     };
-                    if let Err(what) = self.message(conn, c.kind, msg) {
+                    if let Err(what) = self.message(conn, c.kind, c.build, msg) {
                         self.close(conn, Some(ProtocolError::Unexpected(what)));
                     }
                 }
@@ -483,10 +530,31 @@ impl Shell {
         }
     }
 
-    /// Dispatches one message; `Err` names a message this peer may not send.
-    fn message(&mut self, conn: u32, kind: Kind, msg: ToScheduler) -> Result<(), &'static str> {
+    /// Dispatches one message to the partition of `build`; `Err` names a
+    /// message this peer may not send.
+    fn message(
+        &mut self,
+        conn: u32,
+        kind: Kind,
+        build: BuildId,
+        msg: ToScheduler,
+    ) -> Result<(), &'static str> {
+        if let (Kind::Client(client), ToScheduler::UpdateGraph { tasks, wanted }) = (kind, &msg) {
+            if let Some(why) = self.no_worker_of(build) {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    if !std::mem::replace(&mut c.refused, true) {
+                        log!(
+                            "scheduler: refusing graphs of the client at {}: {why}",
+                            c.peer
+                        );
+                    }
+                }
+                refuse(client, tasks, wanted, &why, &mut self.out);
+                return Ok(());
+            }
+        }
         let out = &mut self.out;
-        let state = &mut self.state;
+        let state = &mut self.partitions.entry(build).or_default().state;
         match (kind, msg) {
             (Kind::Client(c), ToScheduler::UpdateGraph { tasks, wanted }) => {
                 state.on_update_graph(c, tasks, wanted, out)
@@ -549,21 +617,58 @@ impl Shell {
             );
         }
         self.out.by_conn.remove(&conn);
+        let partition = self.partitions.entry(c.build).or_default();
         match c.kind {
-            Kind::Client(client) => self.state.on_client_disconnected(client, &mut self.out),
-            Kind::Worker(worker) => self.state.on_worker_lost(worker, &mut self.out),
+            Kind::Client(client) => partition
+                .state
+                .on_client_disconnected(client, &mut self.out),
+            Kind::Worker(worker) => partition.state.on_worker_lost(worker, &mut self.out),
             Kind::NewWorker => {}
+        }
+        partition.conns = partition.conns.saturating_sub(1);
+        if partition.conns == 0 {
+            // Rule 5: with no client left, every task was forgotten (S4).
+            self.partitions.remove(&c.build);
         }
     }
 
-    /// Publishes the figures [`SchedulerHandle`] reads.
+    /// Why a graph of a client of `build` cannot run (rule 6): no worker
+    /// of its build, but workers of others. `None` if it can, or if there
+    /// is no worker at all.
+    fn no_worker_of(&self, build: BuildId) -> Option<String> {
+        if self
+            .partitions
+            .get(&build)
+            .is_some_and(|p| p.state.worker_count() > 0)
+        {
+            return None;
+        }
+        let mut others: Vec<(BuildId, usize)> = self
+            .partitions
+            .iter()
+            .map(|(&b, p)| (b, p.state.worker_count()))
+            .filter(|&(b, n)| b != build && n > 0)
+            .collect();
+        if others.is_empty() {
+            return None;
+        }
+        // Most workers first; the order is stable for equal counts.
+        others.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let others: Vec<String> = others.iter().map(|(b, n)| format!("{b} ({n})")).collect();
+        Some(format!(
+            "no worker runs this program's build: client {build}, workers {}",
+            others.join(", ")
+        ))
+    }
+
+    /// Publishes the figures [`SchedulerHandle`] reads: totals over every
+    /// build.
     fn publish(&self, counts: &Counts) {
-        counts
-            .workers
-            .store(self.state.worker_count(), Ordering::Release);
-        counts
-            .tasks
-            .store(self.state.task_count(), Ordering::Release);
+        let partitions = self.partitions.values();
+        let workers = partitions.clone().map(|p| p.state.worker_count()).sum();
+        let tasks = partitions.map(|p| p.state.task_count()).sum();
+        counts.workers.store(workers, Ordering::Release);
+        counts.tasks.store(tasks, Ordering::Release);
     }
 
     /// Closes the workers not heard from for the worker timeout (rule 4);
@@ -603,5 +708,29 @@ impl Shell {
                 net::send_batch(&c.writer, &mut batch);
             }
         }
+    }
+}
+
+/// Answers every key `client` wants with a failure saying `why` (rule 6),
+/// without adding its graph.
+fn refuse(
+    client: ClientId,
+    tasks: &[TaskSpec],
+    wanted: &[WireKey],
+    why: &str,
+    out: &mut impl Outbox,
+) {
+    let names: HashMap<WireKey, &Arc<str>> = tasks.iter().map(|t| (t.key, &t.name)).collect();
+    for &key in wanted {
+        let failure = Failure::new(
+            Key(key),
+            names
+                .get(&key)
+                .map_or_else(|| "unknown".into(), |&n| n.clone()),
+            FailureKind::Failed,
+            why.to_owned(),
+        );
+        let failure = WireFailure::from(&failure);
+        out.to_client(client, ToClient::KeyErred { key, failure });
     }
 }

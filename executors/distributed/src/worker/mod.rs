@@ -35,6 +35,10 @@
 //!    a task printed, even a `print!` without a newline, is written before
 //!    its result can reach a client (flushing an empty buffer costs no
 //!    system call).
+//! 8. A worker announces its program's build ([`BuildId::current`]) to the
+//!    scheduler, which gives it tasks of that build only, and its data port
+//!    serves only readers of that build: a peer announcing another is
+//!    closed with a logged reason.
 
 mod state;
 
@@ -57,7 +61,7 @@ use crate::protocol::{
     Role, ToPeer, ToScheduler, ToWorker, WireKey, WorkerId, INLINE_BYTES, MAX_FRAME,
     MAX_TASK_DURATION, MAX_THREADS,
 };
-use crate::Error;
+use crate::{BuildId, Error};
 use state::{lock, Compute, Done, Job, Outbox, Store, Stored, WorkerState};
 
 /// The largest value a worker keeps: one that still fits a frame.
@@ -105,7 +109,15 @@ const INLINE_TURN: Duration = Duration::from_micros(500);
 /// ```
 pub fn run(scheduler: &str, registry: Arc<dyn Registry>, threads: usize) -> Result<(), Error> {
     let runtime = net::runtime().map_err(Error::Io)?;
-    runtime.block_on(main(scheduler.to_owned(), registry, threads, None, None))
+    let build = BuildId::current();
+    runtime.block_on(main(
+        scheduler.to_owned(),
+        registry,
+        threads,
+        build,
+        None,
+        None,
+    ))
 }
 
 /// A worker running on a background thread of this process (tests).
@@ -204,6 +216,22 @@ pub fn spawn(
     registry: Arc<dyn Registry>,
     threads: usize,
 ) -> Result<WorkerHandle, Error> {
+    spawn_as(scheduler, registry, threads, BuildId::current())
+}
+
+/// [`spawn`], announcing `build` instead of this process's build: tests
+/// run workers of several "programs" in one process this way.
+///
+/// # Errors
+///
+/// As [`spawn`].
+#[doc(hidden)]
+pub fn spawn_as(
+    scheduler: &str,
+    registry: Arc<dyn Registry>,
+    threads: usize,
+    build: BuildId,
+) -> Result<WorkerHandle, Error> {
     let runtime = net::runtime().map_err(Error::Io)?;
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = oneshot::channel();
@@ -215,6 +243,7 @@ pub fn spawn(
                 scheduler,
                 registry,
                 threads,
+                build,
                 Some(stop_rx),
                 Some(ready_tx),
             ))
@@ -278,16 +307,22 @@ async fn main(
     scheduler: String,
     registry: Arc<dyn Registry>,
     threads: usize,
+    build: BuildId,
     stop: Option<oneshot::Receiver<()>>,
     ready: Option<std::sync::mpsc::Sender<(WorkerId, SocketAddr)>>,
 ) -> Result<(), Error> {
     let address = strip_scheme(&scheduler).ok_or_else(|| Error::Address {
         address: scheduler.clone(),
     })?;
-    let (read, write, local) =
-        net::connect(address, Role::Worker, Role::Scheduler, net::CONNECT_TIMEOUT)
-            .await
-            .map_err(|e| connect_error(address, e))?;
+    let (read, write, local, _) = net::connect(
+        address,
+        Role::Worker,
+        Role::Scheduler,
+        build,
+        net::CONNECT_TIMEOUT,
+    )
+    .await
+    .map_err(|e| connect_error(address, e))?;
     let local_ip = local.ip();
     let listener = TcpListener::bind((local_ip, 0)).await.map_err(Error::Io)?;
     let data_address = listener.local_addr().map_err(Error::Io)?;
@@ -328,11 +363,11 @@ async fn main(
     };
 
     let store = Store::default();
-    tokio::spawn(serve_data(listener, store.clone()));
+    tokio::spawn(serve_data(listener, store.clone(), build));
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let pool = Pool::start(threads, done_tx);
     let (fetch_tx, mut fetch_rx) = mpsc::unbounded_channel();
-    let mut peers = PeerPool::new(fetch_tx);
+    let mut peers = PeerPool::new(fetch_tx, build);
     let mut state = WorkerState::new(id, registry, store);
     let mut speeds = Speeds::default();
     if let Some(ready) = ready {
@@ -458,11 +493,11 @@ async fn main(
 }
 
 /// Accepts peers on the data port.
-async fn serve_data(listener: TcpListener, store: Store) {
+async fn serve_data(listener: TcpListener, store: Store, build: BuildId) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                tokio::spawn(data_connection(stream, peer, store.clone()));
+                tokio::spawn(data_connection(stream, peer, store.clone(), build));
             }
             Err(e) => {
                 log!("worker: data port accept failed: {e}");
@@ -472,20 +507,28 @@ async fn serve_data(listener: TcpListener, store: Store) {
     }
 }
 
-/// Answers one peer's `GetData`s until it goes away.
-async fn data_connection(stream: TcpStream, peer: SocketAddr, store: Store) {
-    let (role, read, write) = match net::accept(stream, Role::DataServer).await {
+/// Answers one peer's `GetData`s until it goes away; only a peer of this
+/// worker's `build` is served (rule 7).
+async fn data_connection(stream: TcpStream, peer: SocketAddr, store: Store, build: BuildId) {
+    let (theirs, read, write) = match net::accept(stream, Role::DataServer, build).await {
         Ok(x) => x,
         Err(e) => {
             log!("worker: closing data connection from {peer}: {}", Chain(&e));
             return;
         }
     };
-    if role != Role::Peer {
-        log!(
-            "worker: closing data connection from {peer}: {}",
-            ProtocolError::Role(role)
-        );
+    let refused = if theirs.role != Role::Peer {
+        Some(ProtocolError::Role(theirs.role))
+    } else if theirs.build != build {
+        Some(ProtocolError::Build {
+            ours: build,
+            theirs: theirs.build,
+        })
+    } else {
+        None
+    };
+    if let Some(reason) = refused {
+        log!("worker: closing data connection from {peer}: {reason}");
         return;
     }
     let writer = net::spawn_writer(write);
