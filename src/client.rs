@@ -87,8 +87,9 @@ struct Entry {
     listeners: Vec<Listener>,
     /// Submissions waiting for this entry (rule 3).
     deferred: Vec<Arc<Deferred>>,
-    /// The run computing this entry, to stop it when nobody wants it (rule 4).
-    run: Option<Arc<Run>>,
+    /// The run computing this entry and the entry's output index in it, to
+    /// stop it when nobody wants it (rule 4).
+    run: Option<(Arc<Run>, usize)>,
 }
 
 /// Where a key's computation stands.
@@ -103,6 +104,15 @@ pub(crate) enum State {
 impl State {
     pub(crate) fn is_pending(&self) -> bool {
         matches!(self, State::Pending)
+    }
+
+    /// Cancelled, or failed because an input was cancelled.
+    pub(crate) fn is_cancelled(&self) -> bool {
+        match self {
+            State::Cancelled => true,
+            State::Failed(f) => f.kind == FailureKind::Cancelled,
+            _ => false,
+        }
     }
 }
 
@@ -436,7 +446,7 @@ impl Client {
                                 Entry::pending()
                             }
                         });
-                    if matches!(entry.state, State::Cancelled) {
+                    if entry.state.is_cancelled() {
                         entry.state = State::Pending;
                         fresh.push(node.clone());
                     }
@@ -497,6 +507,18 @@ struct Run {
     /// Set once the executor took the plan: from then on a cluster holds
     /// this run's keys, and later graphs may refer to them (see `PendingRef`).
     submitted: AtomicBool,
+    /// How the executor stops one output's work, if it can (rule 4).
+    stop: std::sync::OnceLock<Arc<dyn Fn(usize) + Send + Sync>>,
+}
+
+impl Run {
+    /// Nobody wants output `slot` any more (rule 4).
+    fn drop_output(&self, slot: usize) {
+        self.live.fetch_sub(1, Ordering::Relaxed);
+        if let Some(stop) = self.stop.get() {
+            stop(slot);
+        }
+    }
 }
 
 impl Reporter for Run {
@@ -511,6 +533,10 @@ impl Reporter for Run {
     /// Results stay on a cluster until a future needs their value (rule 5).
     fn keep_remote(&self) -> bool {
         true
+    }
+
+    fn stop_with(&self, stop: Arc<dyn Fn(usize) + Send + Sync>) {
+        let _ = self.stop.set(stop);
     }
 }
 
@@ -555,15 +581,27 @@ impl Op for Replay {
 struct PendingRef {
     name: Name,
     key: Key,
+    /// The client, which knows how the key ended if the cluster no longer
+    /// holds it by the time this graph is sent.
+    shared: std::sync::Weak<Shared>,
 }
 
 impl Op for PendingRef {
+    /// The key's outcome if its run already ended (the executor then sends
+    /// that rather than a reference); never waits, as it may run on the
+    /// thread that would complete the key.
     fn run(&self, _: &mut [Option<Value>]) -> std::result::Result<Value, OpError> {
-        Err(OpError::failed(format!(
-            "{}-{} is still being computed on its cluster and cannot run here",
-            self.name,
-            self.key.short()
-        )))
+        let state = self.shared.upgrade().map(|shared| shared.state(self.key));
+        match state {
+            Some(State::Finished(value)) => Ok(value),
+            Some(State::Failed(failure)) => Err(replay(&failure)),
+            Some(State::Cancelled) => Err(replay(&cancelled_failure(self.key, &self.name))),
+            Some(State::Pending) | None => Err(OpError::failed(format!(
+                "{}-{} is still being computed on its cluster and cannot run here",
+                self.name,
+                self.key.short()
+            ))),
+        }
     }
     fn name(&self) -> &str {
         &self.name
@@ -677,11 +715,12 @@ impl Shared {
                         && entry
                             .run
                             .as_ref()
-                            .is_some_and(|r| r.submitted.load(Ordering::Acquire)) =>
+                            .is_some_and(|(r, _)| r.submitted.load(Ordering::Acquire)) =>
                 {
                     Arc::new(PendingRef {
                         name: node.name.clone(),
                         key: node.key,
+                        shared: Arc::downgrade(self),
                     })
                 }
                 State::Pending => {
@@ -711,10 +750,11 @@ impl Shared {
             keys: roots.iter().map(|r| r.key).collect(),
             live: AtomicUsize::new(roots.len()),
             submitted: AtomicBool::new(false),
+            stop: std::sync::OnceLock::new(),
         });
-        for root in &roots {
+        for (slot, root) in roots.iter().enumerate() {
             if let Some(entry) = table.get_mut(&root.key) {
-                entry.run = Some(run.clone());
+                entry.run = Some((run.clone(), slot));
             }
         }
         drop(table);
@@ -732,12 +772,18 @@ impl Shared {
             if !entry.state.is_pending() {
                 return; // cancelled while it ran
             }
-            if !entry.run.as_ref().is_some_and(|r| std::ptr::eq(&**r, run)) {
+            if !entry
+                .run
+                .as_ref()
+                .is_some_and(|(r, _)| std::ptr::eq(&**r, run))
+            {
                 return; // cancelled, then submitted again: a newer run owns it
             }
             entry.state = match outcome {
                 Ok(value) => State::Finished(value),
-                Err(f) if f.kind == FailureKind::Cancelled => State::Cancelled,
+                // This very key was cancelled; an input's cancellation is
+                // kept as a failure naming that input.
+                Err(f) if f.kind == FailureKind::Cancelled && f.key == key => State::Cancelled,
                 Err(f) => State::Failed(f),
             };
             entry.run = None;
@@ -781,8 +827,8 @@ impl Shared {
             table.remove(&key)
         };
         if let Some(entry) = removed {
-            if let Some(run) = &entry.run {
-                run.live.fetch_sub(1, Ordering::Relaxed);
+            if let Some((run, slot)) = &entry.run {
+                run.drop_output(*slot);
             }
             // Graphs waiting for this key now compute it themselves.
             self.wake(entry.listeners, entry.deferred);
@@ -791,7 +837,7 @@ impl Shared {
 
     /// Cancels `key` if it is still pending.
     pub(crate) fn cancel(self: &Arc<Self>, key: Key) {
-        let (listeners, deferred) = {
+        let (listeners, deferred, run) = {
             let mut table = self.lock();
             let Some(entry) = table.get_mut(&key) else {
                 return;
@@ -800,14 +846,18 @@ impl Shared {
                 return;
             }
             entry.state = State::Cancelled;
-            if let Some(run) = entry.run.take() {
-                run.live.fetch_sub(1, Ordering::Relaxed);
-            }
+            let run = entry.run.take();
             (
                 std::mem::take(&mut entry.listeners),
                 std::mem::take(&mut entry.deferred),
+                run,
             )
         };
+        // Outside the table lock: the executor may report the output
+        // cancelled from here, which takes the lock.
+        if let Some((run, slot)) = run {
+            run.drop_output(slot);
+        }
         self.wake(listeners, deferred);
     }
 

@@ -142,6 +142,42 @@ impl<T> Delayed<T> {
         Delayed::from_node(Arc::new(node))
     }
 
+    /// The same work with a timeout: when it runs longer than `timeout`,
+    /// it fails with [`Error::Timeout`](crate::Error::Timeout) naming it,
+    /// and its dependents do not run. The key does not change.
+    ///
+    /// On every executor the task then runs on a thread of its own, which
+    /// the executor stops waiting for at the deadline (so a hung task never
+    /// holds up the rest); from then on `rask::cancelled()` is true for it,
+    /// and a task that ignores that keeps its thread until it returns.
+    /// That thread costs tens of microseconds per run: timeouts are for
+    /// tasks that take long enough to need one. A timed task is never fused
+    /// with others.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// fn spin(ms: u64) -> u64 {
+    ///     let start = std::time::Instant::now();
+    ///     while !rask::cancelled() && start.elapsed() < Duration::from_millis(ms) {
+    ///         std::thread::yield_now();
+    ///     }
+    ///     ms
+    /// }
+    /// let quick = rask::delayed!(spin(1)).timeout(Duration::from_secs(60));
+    /// assert_eq!(quick.compute()?, 1);
+    /// let slow = rask::delayed!(spin(60_000)).timeout(Duration::from_millis(20));
+    /// assert!(matches!(slow.compute(), Err(rask::Error::Timeout { task: Some(_), .. })));
+    /// # Ok::<(), rask::Error>(())
+    /// ```
+    pub fn timeout(&self, timeout: std::time::Duration) -> Delayed<T> {
+        let mut node = self.node.rekeyed(self.node.key, self.node.name.clone());
+        node.call = Arc::new(crate::node::Timed {
+            call: self.node.call.clone(),
+            timeout,
+        });
+        Delayed::from_node(Arc::new(node))
+    }
+
     /// Renders this task and everything it depends on as Graphviz DOT.
     ///
     /// Function calls are ellipses, data (wrapped or persisted values) are

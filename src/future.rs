@@ -160,6 +160,9 @@ impl<T> Future<T> {
         match self.handle.shared.state(self.handle.key) {
             State::Pending => Status::Pending,
             State::Finished(_) => Status::Finished,
+            State::Failed(f) if f.kind == rask_executor::FailureKind::Cancelled => {
+                Status::Cancelled
+            }
             State::Failed(_) => Status::Error,
             State::Cancelled => Status::Cancelled,
         }

@@ -189,7 +189,7 @@ pub use future::{
 };
 pub use graph::Graph;
 pub use optimize::{explain, Explain, PlannedTask, Timings};
-pub use rask_executor::{Key, RemoteError, Value};
+pub use rask_executor::{cancelled, Key, RemoteError, Value};
 pub use registry::{init, Register, Tasks};
 
 /// The names most programs need: `use rask::prelude::*;`.

@@ -117,6 +117,10 @@ impl Op for Node {
         &self.name
     }
 
+    fn timeout(&self) -> Option<std::time::Duration> {
+        self.call.timeout()
+    }
+
     fn to_wire(&self) -> Result<WireTask, WireError> {
         self.call.to_wire().map_err(|e| match e {
             WireError::NotSerializable { what } => WireError::NotSerializable {
@@ -159,6 +163,38 @@ pub(crate) trait Call: Send + Sync + 'static {
         Err(WireError::NotSerializable {
             what: "a hand-written task".into(),
         })
+    }
+
+    /// How long the work may run (see `Delayed::timeout`).
+    fn timeout(&self) -> Option<std::time::Duration> {
+        None
+    }
+}
+
+/// Another call with a timeout (`Delayed::timeout`).
+pub(crate) struct Timed {
+    pub(crate) call: Arc<dyn Call>,
+    pub(crate) timeout: std::time::Duration,
+}
+
+impl Call for Timed {
+    fn run(&self, inputs: &mut [Option<Value>]) -> Result<Value, OpError> {
+        self.call.run(inputs)
+    }
+    fn value(&self) -> Option<&Value> {
+        self.call.value()
+    }
+    fn prepare(&self) {
+        self.call.prepare()
+    }
+    fn is_future(&self) -> bool {
+        self.call.is_future()
+    }
+    fn to_wire(&self) -> Result<WireTask, WireError> {
+        self.call.to_wire()
+    }
+    fn timeout(&self) -> Option<std::time::Duration> {
+        Some(self.timeout)
     }
 }
 

@@ -87,6 +87,57 @@ fn total(v: Arc<Vec<u64>>) -> u64 {
     v.iter().sum()
 }
 
+/// Calls of `until_cancelled` that saw `rask::cancelled()`, by id.
+static SAW_CANCEL: Mutex<Option<HashMap<u64, bool>>> = Mutex::new(None);
+
+/// Runs until the task is cancelled (at most 30 s), noting when it starts
+/// and whether it saw the cancellation.
+fn until_cancelled(id: u64) -> i64 {
+    SAW_CANCEL
+        .lock()
+        .unwrap()
+        .get_or_insert_with(HashMap::new)
+        .insert(id, false);
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_secs(30) {
+        if rask::cancelled() {
+            SAW_CANCEL
+                .lock()
+                .unwrap()
+                .as_mut()
+                .unwrap()
+                .insert(id, true);
+            return -1;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    0
+}
+
+fn started(id: u64) -> bool {
+    SAW_CANCEL
+        .lock()
+        .unwrap()
+        .get_or_insert_with(HashMap::new)
+        .contains_key(&id)
+}
+
+fn saw_cancel(id: u64) -> bool {
+    SAW_CANCEL
+        .lock()
+        .unwrap()
+        .get_or_insert_with(HashMap::new)
+        .get(&id)
+        .copied()
+        .unwrap_or(false)
+}
+
+/// Waits for `gate`, ignoring cancellation: a hung task until the test
+/// opens the gate.
+fn sleepy(gate: u64, x: i64) -> i64 {
+    gated(gate, x)
+}
+
 /// The futures API on every executor: one thread, a pool, and (feature
 /// `distributed`) a scheduler with two workers in this process.
 fn clients() -> Vec<Client> {
@@ -95,7 +146,14 @@ fn clients() -> Vec<Client> {
     #[cfg(feature = "distributed")]
     clients.push(
         Client::connect(&support::loopback_address(rask::tasks![
-            counted, gated, inc, add, fail_on?, total
+            counted,
+            gated,
+            inc,
+            add,
+            fail_on?,
+            total,
+            until_cancelled,
+            sleepy
         ]))
         .unwrap(),
     );
@@ -265,6 +323,104 @@ fn cancel_a_pending_future() {
     // Resubmitting cancelled work computes it again.
     let again = client.submit(delayed!(gated(gate, 1))).unwrap();
     assert_eq!(again.result().unwrap(), 1);
+}
+
+/// Work submitted on a cancelled future fails at once as cancelled, on
+/// every executor, and the cancelled task's value never reaches it (it used
+/// to on a cluster, from the task still running there).
+#[test]
+fn work_on_a_cancelled_future_fails_at_once() {
+    for client in clients().into_iter().skip(1) {
+        let gate = new_id();
+        let f = client.submit(delayed!(gated(gate, 10))).unwrap();
+        f.cancel();
+        let g = client.submit(delayed!(inc(&f))).unwrap();
+        // Before the gate opens: it must not wait for the cancelled task.
+        rask::wait_timeout(std::slice::from_ref(&g), std::time::Duration::from_secs(10))
+            .expect("work on a cancelled future is answered at once");
+        match g.result() {
+            Err(Error::Cancelled { key }) => assert_eq!(key, f.key(), "{:?}", client.executor()),
+            other => panic!("{:?}: {other:?}", client.executor()),
+        }
+        assert_eq!(g.status(), Status::Cancelled);
+        // Also through a graph built on the future and computed plainly.
+        let plain =
+            delayed!(add(&f, 1)).compute_with(&rask::Config::new().executor(client.executor()));
+        assert!(matches!(plain, Err(Error::Cancelled { .. })), "{plain:?}");
+        open(gate);
+        assert!(matches!(g.result(), Err(Error::Cancelled { .. })));
+        // Resubmitted, the same work computes again.
+        assert_eq!(
+            client
+                .submit(delayed!(gated(gate, 10)))
+                .unwrap()
+                .result()
+                .unwrap(),
+            10
+        );
+    }
+    // The synchronous client finished the work inside `submit`: cancel does
+    // nothing to it, and dependents use its value.
+    let client = Client::synchronous().unwrap();
+    let f = client.submit(delayed!(inc(1))).unwrap();
+    f.cancel();
+    assert_eq!(f.status(), Status::Finished);
+    assert_eq!(
+        client.submit(delayed!(inc(&f))).unwrap().result().unwrap(),
+        3
+    );
+}
+
+/// A running task sees `rask::cancelled()` once its future is cancelled.
+#[test]
+fn a_running_task_sees_its_cancellation() {
+    for client in clients().into_iter().skip(1) {
+        let id = new_id();
+        let f = client.submit(delayed!(until_cancelled(id))).unwrap();
+        eventually("the task started", || started(id));
+        f.cancel();
+        eventually("the task saw the cancellation", || saw_cancel(id));
+    }
+}
+
+/// A task past its timeout fails as timed out, and the rest goes on.
+#[test]
+fn timeouts_fail_the_task_and_spare_the_rest() {
+    for client in clients().into_iter().skip(1) {
+        let gate = new_id();
+        let hung = delayed!(sleepy(gate, 1)).timeout(std::time::Duration::from_millis(50));
+        let hung = client.submit(hung).unwrap();
+        let after = client.submit(delayed!(inc(&hung))).unwrap();
+        let others = client.map(inc, 0..8).unwrap();
+        match after.result() {
+            Err(Error::Timeout {
+                task: Some(task),
+                after,
+            }) => {
+                assert_eq!(task, hung.key());
+                assert_eq!(after, std::time::Duration::from_millis(50));
+            }
+            other => panic!("{:?}: {other:?}", client.executor()),
+        }
+        assert_eq!(
+            client.gather(&others).unwrap(),
+            (1..9).collect::<Vec<i64>>()
+        );
+        // The hung task's thread was abandoned, not waited for.
+        assert_eq!(client.map(inc, 10..14).unwrap().len(), 4);
+        open(gate);
+        // A timed task that finishes in time gives its value.
+        let quick = delayed!(inc(41)).timeout(std::time::Duration::from_secs(60));
+        assert_eq!(client.submit(quick).unwrap().result().unwrap(), 42);
+    }
+    // On the synchronous executor too.
+    let quick = delayed!(inc(1)).timeout(std::time::Duration::from_secs(60));
+    assert_eq!(quick.compute_with(&rask::Config::synchronous()).unwrap(), 2);
+    let gate = new_id();
+    let hung = delayed!(sleepy(gate, 1)).timeout(std::time::Duration::from_millis(20));
+    let err = hung.compute_with(&rask::Config::synchronous()).unwrap_err();
+    assert!(matches!(err, Error::Timeout { task: Some(_), .. }), "{err}");
+    open(gate);
 }
 
 /// Waits (bounded) until `done` holds.

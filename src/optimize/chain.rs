@@ -194,6 +194,10 @@ pub(crate) fn absorb<'a>(
     top: &'a Arc<Node>,
     absorbed: &mut Absorbed,
 ) -> Option<(&'a Arc<Node>, Chain)> {
+    // A timed node runs alone (`Folds::isolated`).
+    if top.call.timeout().is_some() {
+        return None;
+    }
     let mut bottom = top;
     let mut len = 1;
     let mut marks = Vec::new();
@@ -204,6 +208,7 @@ pub(crate) fn absorb<'a>(
         // absorbed.)
         if Arc::strong_count(input) != 1
             || (input.deps.is_empty() && (input.is_data() || input.call.is_future()))
+            || input.call.timeout().is_some()
         {
             break;
         }

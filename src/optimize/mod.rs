@@ -324,7 +324,13 @@ impl Folds {
     /// empty.
     pub(crate) fn new(draft: &Draft, keep: &KeySet) -> Folds {
         let n = draft.len();
-        let mut pinned = vec![false; n];
+        // A timed task stays a task of its own (`Folds::isolated`).
+        let mut pinned: Vec<bool> = draft
+            .plan
+            .tasks()
+            .iter()
+            .map(|t| t.op.timeout().is_some())
+            .collect();
         for &o in draft.outputs() {
             pinned[o as usize] = true;
         }
@@ -342,6 +348,13 @@ impl Folds {
     /// Whether task `i` must stay a task of its own.
     pub(crate) fn pinned(&self, i: u32) -> bool {
         self.pinned[i as usize]
+    }
+
+    /// Whether task `i` must run alone: neither folded into its consumer nor
+    /// taking its inputs in. A task with a timeout runs alone, so that its
+    /// deadline times its own work only.
+    pub(crate) fn isolated(&self, draft: &Draft, i: u32) -> bool {
+        self.pinned(i) && draft.plan.task(i).op.timeout().is_some()
     }
 
     /// Whether task `i` was folded into its only consumer.

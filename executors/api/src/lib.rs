@@ -35,9 +35,11 @@
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
+use std::time::Duration;
 
 mod failure;
 mod plan;
+mod stop;
 mod synchronous;
 
 pub use failure::{
@@ -45,6 +47,7 @@ pub use failure::{
     RemoteError,
 };
 pub use plan::{Plan, PlanBuilder, PlanTask};
+pub use stop::{abandoned, cancelled, Abandoned, Stop};
 pub use synchronous::Synchronous;
 
 /// A computed value, type-erased and shared.
@@ -141,6 +144,39 @@ pub trait Op: Send + Sync {
             what: format!("task `{}`", self.name()),
         })
     }
+
+    /// How long the task may run before it fails as timed out (see
+    /// [`run_task`]); `None`: as long as it takes.
+    fn timeout(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// `op` with a timeout: runs and travels as `op` does, and fails as timed
+/// out when it runs longer than `timeout` (see [`run_task`]). Used where an
+/// op is rebuilt from its wire form, which carries no timeout.
+pub fn with_timeout(op: Arc<dyn Op>, timeout: Duration) -> Arc<dyn Op> {
+    Arc::new(Timed { op, timeout })
+}
+
+struct Timed {
+    op: Arc<dyn Op>,
+    timeout: Duration,
+}
+
+impl Op for Timed {
+    fn run(&self, inputs: &mut [Option<Value>]) -> Result<Value, OpError> {
+        self.op.run(inputs)
+    }
+    fn name(&self) -> &str {
+        self.op.name()
+    }
+    fn to_wire(&self) -> Result<WireTask, WireError> {
+        self.op.to_wire()
+    }
+    fn timeout(&self) -> Option<Duration> {
+        Some(self.timeout)
+    }
 }
 
 /// The outcome of one task as executors pass it around.
@@ -174,6 +210,16 @@ pub trait Reporter: Send + Sync {
     /// Every output was reported, no task of this plan is running, and the
     /// executor holds no reference to the plan any more.
     fn finished(&self) {}
+
+    /// Called at most once, at submission, by an executor that can stop the
+    /// work of a single output (a cluster, which releases its key there):
+    /// the reporter calls `stop` with an output index once nobody wants that
+    /// output any more. The executor then reports that output as
+    /// cancelled, if it has not reported it yet. Executors that stop only
+    /// whole runs ([`cancelled`](Reporter::cancelled)) never call it.
+    fn stop_with(&self, stop: Arc<dyn Fn(usize) + Send + Sync>) {
+        let _ = stop;
+    }
 }
 
 /// Runs plans.
@@ -188,11 +234,81 @@ pub trait Executor: Send + Sync {
 /// Runs `task`'s op on `inputs`, catching panics and naming the failure.
 ///
 /// Shared by every executor so that rules 2 and 3 are implemented once.
+///
+/// A task whose op has a [`timeout`](Op::timeout) runs on a thread of its
+/// own, which this call stops waiting for at the deadline: the task then
+/// fails as [`FailureKind::TimedOut`], and its thread is abandoned (see
+/// [`abandoned`]) with [`cancelled`] raised on it. Starting that thread
+/// costs tens of microseconds, for timed tasks only.
 pub fn run_task(task: &PlanTask, inputs: &mut [Option<Value>]) -> Outcome {
     failure::record_panic_locations();
+    if let Some(timeout) = task.op.timeout() {
+        return run_timed(task, inputs, timeout);
+    }
     match catch_unwind(AssertUnwindSafe(|| task.op.run(inputs))) {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(err)) => Err(Arc::new(task.failure(err))),
         Err(payload) => Err(Arc::new(task.failure(OpError::panicked(&*payload)))),
     }
+}
+
+/// [`run_task`] for a task with a timeout (stop rule 3).
+fn run_timed(task: &PlanTask, inputs: &mut [Option<Value>], timeout: Duration) -> Outcome {
+    /// Whether the task returned, and the note that its thread was
+    /// abandoned, which it takes back when it returns.
+    #[derive(Default)]
+    struct Ending {
+        returned: bool,
+        abandoned: Option<stop::AbandonedGuard>,
+    }
+    let deadline = stop::deadline(timeout);
+    let given_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let signal = {
+        let outer = Stop::current();
+        let given_up = given_up.clone();
+        Stop::when(move || given_up.load(std::sync::atomic::Ordering::Relaxed) || outer.raised())
+            .until(deadline)
+    };
+    let ending = Arc::new(std::sync::Mutex::new(Ending::default()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let op = task.op.clone();
+    let mut owned: Vec<Option<Value>> = inputs.iter_mut().map(Option::take).collect();
+    let on_thread = ending.clone();
+    let spawned = std::thread::Builder::new()
+        .name(format!("rask-timed-{}", task.op.name()))
+        .spawn(move || {
+            let result = signal.enter(|| {
+                catch_unwind(AssertUnwindSafe(|| op.run(&mut owned)))
+                    .unwrap_or_else(|payload| Err(OpError::panicked(&*payload)))
+            });
+            drop(owned);
+            let _ = tx.send(result);
+            let mut ending = on_thread.lock().unwrap_or_else(|e| e.into_inner());
+            ending.returned = true;
+            ending.abandoned = None;
+        });
+    if let Err(e) = spawned {
+        return Err(Arc::new(task.failure(OpError::failed(format!(
+            "could not start a thread to run it under its timeout: {e}"
+        )))));
+    }
+    let wait = deadline.saturating_duration_since(std::time::Instant::now());
+    let result = match rx.recv_timeout(wait) {
+        Ok(result) => result,
+        Err(_) => {
+            let mut ending = ending.lock().unwrap_or_else(|e| e.into_inner());
+            match rx.try_recv() {
+                // It returned just now.
+                Ok(result) => result,
+                Err(_) => {
+                    given_up.store(true, std::sync::atomic::Ordering::Relaxed);
+                    if !ending.returned {
+                        ending.abandoned = Some(stop::abandon(task.op.name().into()));
+                    }
+                    Err(OpError::timed_out(timeout))
+                }
+            }
+        }
+    };
+    result.map_err(|err| Arc::new(task.failure(err)))
 }

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::{run_task, Executor, Outcome, Plan, Reporter, Value};
+use crate::{run_task, Executor, Outcome, Plan, Reporter, Stop, Value};
 
 /// Runs a plan on the calling thread, in plan order (depth-first, so a branch
 /// finishes before the next starts), freeing each value right after its last
@@ -42,7 +42,12 @@ pub struct Synchronous;
 
 impl Executor for Synchronous {
     fn submit(&self, plan: Arc<Plan>, reporter: Arc<dyn Reporter>) {
-        run(&plan, &*reporter);
+        // Tasks see the run's cancellation (stop rule 1).
+        let stop = {
+            let reporter = reporter.clone();
+            Stop::when(move || reporter.cancelled())
+        };
+        stop.enter(|| run(&plan, &*reporter));
         drop(plan);
         reporter.finished();
     }

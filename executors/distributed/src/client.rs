@@ -42,17 +42,30 @@
 //!    being computed: the scheduler makes it wait for that key, and a chain
 //!    of submits costs no client round trip per link. If the key fails or
 //!    is cancelled and released meanwhile, the reference fails with "no
-//!    longer holds".
+//!    longer holds". The release of a key such a reference relies on never
+//!    overtakes the graph with the reference: the keys of a submission that
+//!    ends are released at the end of the loop's turn, after the commands
+//!    queued by then (a submission queued while the key was held among
+//!    them) were handled.
+//! 8. A reporter can stop one output ([`Reporter::stop_with`]): the output
+//!    is reported cancelled at once and its key released at the scheduler,
+//!    which stops the task on its worker if nothing else needs it (the
+//!    task's `rask::cancelled()` turns true there).
+//! 9. A recorded failure ([`FAIL_FUNCTION`], an input that failed or was
+//!    cancelled) travels under a key derived from its task's key, never the
+//!    key itself: a scheduler that still holds or computes that key would
+//!    give its value to dependents that must fail with the recorded
+//!    failure.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
 
 use rask_executor::{
     Encoded, Executor, Failure, FailureKind, Key, Outcome, Plan, Remote, RemoteValue, Reporter,
-    Value, WireError, REMOTE_FUNCTION, VALUE_FUNCTION,
+    Value, WireError, WireTask, FAIL_FUNCTION, REMOTE_FUNCTION, VALUE_FUNCTION,
 };
 use tokio::sync::mpsc;
 
@@ -135,6 +148,9 @@ struct Link {
     thread_id: ThreadId,
     /// Cleared when the scheduler connection is lost or the loop ends.
     connected: AtomicBool,
+    /// The id of the next submission (ids are given out by `submit`, so a
+    /// reporter can name its submission before the loop has seen it).
+    next_id: AtomicU64,
 }
 
 impl Link {
@@ -264,15 +280,23 @@ enum Command {
         key: WireKey,
         reply: Reply,
     },
+    /// Nobody wants output `slot` of submission `id` any more (rule 8).
+    Stop {
+        id: u64,
+        slot: usize,
+    },
 }
 
 /// Where a fetch for a handle is answered: the bytes or why not.
 type Reply = std::sync::mpsc::Sender<Result<Arc<[u8]>, String>>;
 
 struct Submission {
+    id: u64,
     plan: Arc<Plan>,
     reporter: Arc<dyn Reporter>,
     frames: Vec<Vec<u8>>,
+    /// The key of each output slot as the scheduler knows it (rule 9).
+    outputs: Vec<WireKey>,
     wanted: Vec<WireKey>,
     keep_remote: bool,
     /// Its output keys, held while it is open (rule 7).
@@ -376,6 +400,7 @@ impl Client {
                         held: Mutex::new(HashMap::new()),
                         thread_id: std::thread::current().id(),
                         connected: AtomicBool::new(true),
+                        next_id: AtomicU64::new(0),
                     });
                     let _ = ready_tx.send(Ok(link.clone()));
                     Loop::new(link, writer)
@@ -470,7 +495,7 @@ impl Executor for Client {
             return;
         }
         let keep_remote = reporter.keep_remote();
-        let mut tasks = Vec::with_capacity(plan.len());
+        let mut wires = Vec::with_capacity(plan.len());
         // Tasks that refer to a held key (rule 6).
         let mut remote = Vec::new();
         for (i, task) in plan.tasks().iter().enumerate() {
@@ -489,17 +514,7 @@ impl Executor for Client {
             if wire.function == REMOTE_FUNCTION {
                 remote.push(i);
             }
-            tasks.push(TaskSpec {
-                key: task.key.0,
-                name: task.op.name().into(),
-                function: wire.function.into(),
-                payload: wire.payload.into(),
-                deps: plan
-                    .deps(i as u32)
-                    .iter()
-                    .map(|&d| plan.task(d).key.0)
-                    .collect(),
-            });
+            wires.push(wire);
         }
         // Rule 6: a held key travels as a reference only while this client
         // holds it; the lock is kept until the submission is queued.
@@ -511,7 +526,7 @@ impl Executor for Client {
             let foreign: Vec<usize> = remote
                 .iter()
                 .copied()
-                .filter(|&i| !held.contains_key(&tasks[i].key))
+                .filter(|&i| !held.contains_key(&plan.task(i as u32).key.0))
                 .collect();
             if foreign.is_empty() {
                 break Some(held);
@@ -519,16 +534,45 @@ impl Executor for Client {
             drop(held);
             for &i in &foreign {
                 match inline_value(&plan, i) {
-                    Ok(bytes) => {
-                        tasks[i].function = VALUE_FUNCTION.into();
-                        tasks[i].payload = bytes;
-                    }
+                    Ok(wire) => wires[i] = wire,
                     Err(failure) => return fail_all(plan, &*reporter, &failure),
                 }
             }
             remote.retain(|i| !foreign.contains(i));
         };
-        let mut wanted: Vec<WireKey> = plan.outputs().iter().map(|&t| plan.task(t).key.0).collect();
+        // Rule 9: a recorded failure never travels under its value's key.
+        let keys: Vec<WireKey> = plan
+            .tasks()
+            .iter()
+            .zip(&wires)
+            .map(|(task, wire)| match wire.function.as_str() {
+                FAIL_FUNCTION => failure_key(&task.key.0),
+                _ => task.key.0,
+            })
+            .collect();
+        let tasks: Vec<TaskSpec> = plan
+            .tasks()
+            .iter()
+            .zip(wires)
+            .enumerate()
+            .map(|(i, (task, wire))| TaskSpec {
+                key: keys[i],
+                name: task.op.name().into(),
+                function: wire.function.into(),
+                payload: wire.payload.into(),
+                deps: plan
+                    .deps(i as u32)
+                    .iter()
+                    .map(|&d| keys[d as usize])
+                    .collect(),
+                timeout_ms: task
+                    .op
+                    .timeout()
+                    .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+            })
+            .collect();
+        let outputs: Vec<WireKey> = plan.outputs().iter().map(|&t| keys[t as usize]).collect();
+        let mut wanted = outputs.clone();
         wanted.sort_unstable();
         wanted.dedup();
         let mut batch = Batch::default();
@@ -540,11 +584,16 @@ impl Executor for Client {
         if let Some(big) = frames.iter().find(|f| f.len() - 4 > MAX_FRAME) {
             drop(held);
             let slot0 = &plan.tasks()[plan.outputs()[0] as usize];
-            let failure = Arc::new(Failure::new(slot0.key, slot0.op.name().into(), FailureKind::Failed, format!(
+            let failure = Arc::new(Failure::new(
+                slot0.key,
+                slot0.op.name().into(),
+                FailureKind::Failed,
+                format!(
                     "the graph encodes to {} bytes, over the {MAX_FRAME} byte limit of one message; \
                      scatter big arguments instead of embedding them",
                     big.len() - 4
-                )));
+                ),
+            ));
             return fail_all(plan, &*reporter, &failure);
         }
         // Rule 7: while it is open, a submission whose outputs become handles
@@ -566,10 +615,20 @@ impl Executor for Client {
         } else {
             Vec::new()
         };
+        // Rule 8: the reporter can stop one output.
+        let id = self.inner.link.next_id.fetch_add(1, Ordering::Relaxed);
+        let commands = self.inner.link.commands.clone();
+        reporter.stop_with(Arc::new(move |slot| {
+            if let Some(commands) = commands.upgrade() {
+                let _ = commands.send(Command::Stop { id, slot });
+            }
+        }));
         let submission = Submission {
+            id,
             plan,
             reporter,
             frames,
+            outputs,
             wanted,
             keep_remote,
             holds,
@@ -583,10 +642,17 @@ impl Executor for Client {
     }
 }
 
-/// The bytes of task `i`, a reference to a key this client does not hold
-/// (rule 6): its op stands for a value, so running it gives the value, and
-/// a handle of another client is fetched through that client.
-fn inline_value(plan: &Plan, i: usize) -> Result<Arc<[u8]>, Arc<Failure>> {
+/// The key a recorded failure of `key` travels under (rule 9): derived
+/// from `key`, never equal to a task's key.
+fn failure_key(key: &WireKey) -> WireKey {
+    blake3::derive_key("rask recorded failure v1", key)
+}
+
+/// Task `i`, a reference to a key this client does not hold (rule 6), as
+/// the value it stands for: its op gives the value (a handle of another
+/// client is fetched through that client) or the failure recorded for it
+/// (the key failed or was cancelled meanwhile), which travels as such.
+fn inline_value(plan: &Plan, i: usize) -> Result<WireTask, Arc<Failure>> {
     let task = plan.task(i as u32);
     let failure = |message: String| {
         Arc::new(Failure::new(
@@ -601,12 +667,27 @@ fn inline_value(plan: &Plan, i: usize) -> Result<Arc<[u8]>, Arc<Failure>> {
             "a `{REMOTE_FUNCTION}` task has inputs; it must stand for a value"
         )));
     }
-    let value = rask_executor::run_task(task, &mut [])?;
+    let value = match rask_executor::run_task(task, &mut []) {
+        Ok(value) => value,
+        Err(recorded) => {
+            return rask_executor::encode_failure(&recorded)
+                .map(|payload| WireTask {
+                    function: FAIL_FUNCTION.to_owned(),
+                    payload,
+                })
+                .map_err(|e| failure(e.to_string()))
+        }
+    };
     let bytes = match value.downcast_ref::<Remote>() {
         Some(remote) => remote.fetch(),
         None => value.encode().map(Arc::from),
     };
-    bytes.map_err(|e| failure(e.to_string()))
+    bytes
+        .map(|bytes| WireTask {
+            function: VALUE_FUNCTION.to_owned(),
+            payload: bytes.to_vec(),
+        })
+        .map_err(|e| failure(e.to_string()))
 }
 
 /// Reports `failure` for every output, then finishes.
@@ -649,7 +730,11 @@ struct Open {
     reporter: Arc<dyn Reporter>,
     reported: Vec<bool>,
     unreported: usize,
+    /// The key of each output slot as the scheduler knows it (rule 9).
+    outputs: Vec<WireKey>,
     wanted: Vec<WireKey>,
+    /// Wanted keys already released because nobody wanted them (rule 8).
+    stopped: Vec<WireKey>,
     keep_remote: bool,
     /// Handles reported so far, by key (rule 5); their keys are released
     /// when the handles are dropped, not with the submission.
@@ -680,7 +765,6 @@ struct Loop {
     writer: mpsc::UnboundedSender<Vec<u8>>,
     connected: bool,
     open: HashMap<u64, Open>,
-    next_id: u64,
     /// Output slots and fetches waiting for each key.
     waiting: HashMap<WireKey, Vec<Waiter>>,
     fetching: HashMap<WireKey, Fetching>,
@@ -688,6 +772,9 @@ struct Loop {
     holders: HashMap<WireKey, Vec<WorkerId>>,
     /// Keys whose handles were dropped, released at the next flush.
     releases: Vec<WireKey>,
+    /// Keys of submissions that ended this turn, released at its end
+    /// (rule 7).
+    ended: Vec<WireKey>,
     peers: Option<PeerPool>,
     out: Batch,
     last_poll: Instant,
@@ -712,11 +799,11 @@ impl Loop {
             writer,
             connected: true,
             open: HashMap::new(),
-            next_id: 0,
             waiting: HashMap::new(),
             fetching: HashMap::new(),
             holders: HashMap::new(),
             releases: Vec::new(),
+            ended: Vec::new(),
             peers: None,
             out: Batch::default(),
             last_poll: Instant::now(),
@@ -775,6 +862,12 @@ impl Loop {
                 }
                 _ = tick.tick(), if open => {}
             }
+            // Commands queued before the messages this turn made go first:
+            // a submission that found a key held reaches the scheduler
+            // before the release of that key (rule 6).
+            while let Ok(cmd) = commands.try_recv() {
+                self.command(cmd);
+            }
             self.poll_cancelled();
             self.flush();
         }
@@ -791,6 +884,7 @@ impl Loop {
             Command::Submit(s) => self.submit(s),
             Command::Release(key) => self.release(key),
             Command::Fetch { key, reply } => self.fetch(key, reply),
+            Command::Stop { id, slot } => self.stop(id, slot),
         }
     }
 
@@ -888,21 +982,22 @@ impl Loop {
             let failures = lost(&s.plan, &self.address);
             return fail_each(s.plan, &*s.reporter, failures);
         }
-        let id = self.next_id;
-        self.next_id += 1;
-        for (slot, &t) in s.plan.outputs().iter().enumerate() {
+        let id = s.id;
+        for (slot, &key) in s.outputs.iter().enumerate() {
             self.waiting
-                .entry(s.plan.task(t).key.0)
+                .entry(key)
                 .or_default()
                 .push(Waiter::Slot(id, slot));
         }
         // Messages leave in the order of their commands: a release queued
         // before this submission reaches the scheduler before its graph.
+        // Releases of submissions that ended this turn wait for the turn's
+        // end (rule 7).
         self.flush_out();
         for frame in s.frames {
             let _ = self.writer.send(frame);
         }
-        let n = s.plan.outputs().len();
+        let n = s.outputs.len();
         self.open.insert(
             id,
             Open {
@@ -910,12 +1005,45 @@ impl Loop {
                 reporter: s.reporter,
                 reported: vec![false; n],
                 unreported: n,
+                outputs: s.outputs,
                 wanted: s.wanted,
+                stopped: Vec::new(),
                 keep_remote: s.keep_remote,
                 handles: HashMap::new(),
                 _holds: s.holds,
             },
         );
+    }
+
+    /// Nobody wants output `slot` of submission `id` (rule 8): it is
+    /// reported cancelled, and its key released at the scheduler unless
+    /// another open output of the submission has the same key.
+    fn stop(&mut self, id: u64, slot: usize) {
+        let Some(open) = self.open.get_mut(&id) else {
+            return;
+        };
+        if open.reported.get(slot).copied().unwrap_or(true) {
+            return;
+        }
+        let key = open.outputs[slot];
+        let failure = open.plan.cancelled_output(slot);
+        let shared = open
+            .outputs
+            .iter()
+            .enumerate()
+            .any(|(other, k)| other != slot && *k == key && !open.reported[other]);
+        if !shared && self.connected {
+            open.stopped.push(key);
+            self.out.push(&ToScheduler::ReleaseKeys { keys: vec![key] });
+        }
+        if let Some(waiters) = self.waiting.get_mut(&key) {
+            waiters.retain(|w| !matches!(w, Waiter::Slot(sid, s) if *sid == id && *s == slot));
+            if waiters.is_empty() {
+                self.waiting.remove(&key);
+                self.fetching.remove(&key);
+            }
+        }
+        self.report(id, slot, Err(failure));
     }
 
     fn message(&mut self, msg: ToClient) {
@@ -1093,6 +1221,7 @@ impl Loop {
             plan,
             reporter,
             wanted,
+            stopped,
             handles,
             ..
         } = open;
@@ -1104,11 +1233,9 @@ impl Loop {
         if self.connected {
             let keys: Vec<WireKey> = wanted
                 .into_iter()
-                .filter(|k| !handles.contains_key(k))
+                .filter(|k| !handles.contains_key(k) && !stopped.contains(k))
                 .collect();
-            if !keys.is_empty() {
-                self.out.push(&ToScheduler::ReleaseKeys { keys });
-            }
+            self.ended.extend(keys);
         }
         // The reporter holds the handles it still wants.
         drop(handles);
@@ -1140,7 +1267,7 @@ impl Loop {
         // No clone of the plan may outlive `finished` (rule 4): copy out
         // what is needed first.
         let plan = &open.plan;
-        let keys: Vec<WireKey> = plan.outputs().iter().map(|&t| plan.task(t).key.0).collect();
+        let keys = open.outputs.clone();
         let failures: Vec<_> = (0..keys.len()).map(|s| plan.cancelled_output(s)).collect();
         for key in keys {
             if let Some(slots) = self.waiting.get_mut(&key) {
@@ -1171,6 +1298,7 @@ impl Loop {
         self.fetching.clear();
         self.holders.clear();
         self.releases.clear();
+        self.ended.clear();
         let ids: Vec<u64> = self.open.keys().copied().collect();
         for id in ids {
             let Some(open) = self.open.get(&id) else {
@@ -1184,6 +1312,12 @@ impl Loop {
     }
 
     fn flush(&mut self) {
+        if !self.ended.is_empty() {
+            let keys = std::mem::take(&mut self.ended);
+            if self.connected {
+                self.out.push(&ToScheduler::ReleaseKeys { keys });
+            }
+        }
         self.flush_out();
         if let Some(p) = self.peers.as_mut() {
             p.flush();

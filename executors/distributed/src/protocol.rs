@@ -354,6 +354,10 @@ pub struct TaskSpec {
     pub payload: Arc<[u8]>,
     /// Keys of the task's inputs, in the order the op receives them.
     pub deps: Vec<WireKey>,
+    /// How long it may run, in milliseconds, before it fails as timed out
+    /// (`Op::timeout`); `None`: the scheduler's default, if any. Any value:
+    /// a deadline past the end of time is no deadline.
+    pub timeout_ms: Option<u64>,
 }
 
 /// A [`Failure`] as it travels: everything but the error value itself,
@@ -562,6 +566,9 @@ pub enum ToWorker {
         who_has: Vec<(WireKey, Vec<WorkerId>)>,
         /// Lower runs first. Any value: it is only compared.
         priority: u64,
+        /// How long it may run, in milliseconds, before it fails as timed
+        /// out; `None`: as long as it takes.
+        timeout_ms: Option<u64>,
     },
     /// Forget `key`: drop its value, or the task if it has not finished. No
     /// message about `key` follows unless a new `Compute` asks for it.
@@ -1070,10 +1077,11 @@ mod tests {
             deps: vec![[2; 32]],
             who_has: vec![([2; 32], vec![WorkerId(3)])],
             priority: 300,
+            timeout_ms: Some(1500),
         };
         let frame = frame(&msg);
         let expected = [
-            "72000000", // body length: 114 bytes
+            "75000000", // body length: 117 bytes
             "03",       // variant: Compute
             &"01".repeat(32),
             "03696e63", // name "inc"
@@ -1083,8 +1091,9 @@ mod tests {
             &"02".repeat(32),
             "01", // one who_has entry
             &"02".repeat(32),
-            "0103", // holders [3]
-            "ac02", // priority 300, varint
+            "0103",   // holders [3]
+            "ac02",   // priority 300, varint
+            "01dc0b", // timeout: some, 1500 ms
         ]
         .concat();
         assert_eq!(hex(&frame), expected);

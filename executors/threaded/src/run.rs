@@ -35,7 +35,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use rask_executor::{run_task, Failure, Outcome, Plan, Reporter, Value};
+use rask_executor::{run_task, Failure, Outcome, Plan, Reporter, Stop, Value};
 
 /// How a run puts jobs on the pool: detached (`rayon::spawn`, for a submit
 /// from outside the pool) or inside a scope (a nested submit from one of the
@@ -76,6 +76,15 @@ pub(crate) enum Job {
 
 impl Job {
     fn run<S: Spawner>(self, spawner: &S) {
+        // Tasks see the run's cancellation (`rask_executor::cancelled`);
+        // installed once per job, which runs many tasks.
+        let stop = match &self {
+            Job::Puller(run, _) | Job::Chain(run, _) | Job::Batch(run, ..) => run.stop.clone(),
+        };
+        stop.enter(|| self.run_here(spawner));
+    }
+
+    fn run_here<S: Spawner>(self, spawner: &S) {
         match self {
             Job::Puller(run, me) => run.pull(me, spawner),
             Job::Chain(run, task) => {
@@ -118,7 +127,8 @@ pub(crate) fn start<S: Spawner>(
     for me in 1..pullers {
         spawner.spawn_job(Job::Puller(Arc::clone(&run), me));
     }
-    run.pull(0, spawner);
+    let stop = run.stop.clone();
+    stop.enter(|| run.pull(0, spawner));
 }
 
 /// The first chunk of sources a puller takes from the cursor; each refill
@@ -146,6 +156,8 @@ pub(crate) struct Run {
     active: AtomicUsize,
     /// Sticky copy of `reporter.cancelled()`.
     cancelled: AtomicBool,
+    /// What `rask_executor::cancelled` reads in this run's tasks.
+    stop: Stop,
 }
 
 /// 32 bytes a task: the whole per-task memory of a run.
@@ -203,9 +215,14 @@ impl Run {
             .iter()
             .map(|_| AtomicBool::new(false))
             .collect();
+        let stop = {
+            let reporter = reporter.clone();
+            Stop::when(move || reporter.cancelled())
+        };
         Run {
             plan,
             reporter,
+            stop,
             tasks,
             sources,
             cursor: AtomicUsize::new(0),

@@ -166,20 +166,30 @@ pub struct Options {
     /// A worker that sends nothing, not even a heartbeat, for this long is
     /// taken for dead and its work goes elsewhere (rule 4). Default 60 s.
     pub worker_timeout: Duration,
+    /// How long a task without a timeout of its own may run before it fails
+    /// as timed out. Default: no limit.
+    pub task_timeout: Option<Duration>,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
             worker_timeout: Duration::from_secs(60),
+            task_timeout: None,
         }
     }
 }
 
 impl Options {
-    /// The default options with another worker timeout.
+    /// These options with another worker timeout.
     pub fn worker_timeout(mut self, timeout: Duration) -> Options {
         self.worker_timeout = timeout;
+        self
+    }
+
+    /// These options with a default timeout for tasks that have none.
+    pub fn task_timeout(mut self, timeout: Duration) -> Options {
+        self.task_timeout = Some(timeout);
         self
     }
 
@@ -313,12 +323,19 @@ impl Outbox for Batches {
 }
 
 /// The tasks, keys, clients and workers of one build (rule 5).
-#[derive(Default)]
 struct Partition {
     state: State,
     /// Its connections, workers not registered yet included: the partition
     /// goes with the last.
     conns: usize,
+}
+
+impl Partition {
+    fn new(options: &Options) -> Partition {
+        let mut state = State::new();
+        state.set_task_timeout(options.task_timeout);
+        Partition { state, conns: 0 }
+    }
 }
 
 struct Shell {
@@ -489,7 +506,10 @@ impl Shell {
                 writer,
                 kill,
             } => {
-                let partition = self.partitions.entry(build).or_default();
+                let partition = self
+                    .partitions
+                    .entry(build)
+                    .or_insert_with(|| Partition::new(&self.options));
                 partition.conns += 1;
                 let kind = match role {
                     Role::Client => {
@@ -554,7 +574,11 @@ impl Shell {
             }
         }
         let out = &mut self.out;
-        let state = &mut self.partitions.entry(build).or_default().state;
+        let state = &mut self
+            .partitions
+            .entry(build)
+            .or_insert_with(|| Partition::new(&self.options))
+            .state;
         match (kind, msg) {
             (Kind::Client(c), ToScheduler::UpdateGraph { tasks, wanted }) => {
                 state.on_update_graph(c, tasks, wanted, out)
@@ -617,7 +641,10 @@ impl Shell {
             );
         }
         self.out.by_conn.remove(&conn);
-        let partition = self.partitions.entry(c.build).or_default();
+        let partition = self
+            .partitions
+            .entry(c.build)
+            .or_insert_with(|| Partition::new(&self.options));
         match c.kind {
             Kind::Client(client) => partition
                 .state

@@ -100,6 +100,8 @@ struct Task {
     /// While `Processing`: sent early (S9), and not every input is known to
     /// be in memory yet. Counted in its worker's `early`, not in its window.
     early: bool,
+    /// How long it may run, in milliseconds (`TaskSpec::timeout_ms`).
+    timeout_ms: Option<u64>,
 }
 
 impl Task {
@@ -150,6 +152,8 @@ pub(crate) struct State {
     /// Reused buffers.
     loads: BTreeMap<WorkerId, Load>,
     scratch: Vec<(WorkerId, u64)>,
+    /// The timeout of tasks that have none of their own, in milliseconds.
+    task_timeout_ms: Option<u64>,
 }
 
 impl Default for State {
@@ -172,7 +176,13 @@ impl State {
             unsettled: Vec::new(),
             loads: BTreeMap::new(),
             scratch: Vec::new(),
+            task_timeout_ms: None,
         }
+    }
+
+    /// Sets the timeout of tasks that have none of their own.
+    pub(crate) fn set_task_timeout(&mut self, timeout: Option<std::time::Duration>) {
+        self.task_timeout_ms = timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX));
     }
 
     // ----- queries (tests, the shell) -----
@@ -466,6 +476,7 @@ impl State {
                 priority,
                 deaths: 0,
                 early: false,
+                timeout_ms: spec.timeout_ms,
             });
             for i in 0..n_deps {
                 let d = self.task(id).deps[i];
@@ -1114,6 +1125,7 @@ impl State {
                 deps,
                 who_has,
                 priority: task.priority,
+                timeout_ms: task.timeout_ms.or(self.task_timeout_ms),
             },
         );
         let task = self.task_mut(id);

@@ -77,6 +77,7 @@ fn spec(n: u8, deps: &[u8]) -> TaskSpec {
         function: "f".into(),
         payload: Arc::from(&[n][..]),
         deps: deps.iter().map(|&d| k(d)).collect(),
+        timeout_ms: None,
     }
 }
 

@@ -51,7 +51,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rask_executor::{panic_message, run_task, Encoded, Failure, FailureKind, Key, Registry};
+use rask_executor::{panic_message, run_task, Encoded, Failure, FailureKind, Key, Registry, Stop};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
@@ -389,6 +389,7 @@ async fn main(
                     deps,
                     who_has,
                     priority,
+                    timeout_ms,
                 } => state.on_compute(
                     Compute {
                         key,
@@ -398,6 +399,7 @@ async fn main(
                         deps,
                         who_has,
                         priority,
+                        timeout: timeout_ms.map(Duration::from_millis),
                     },
                     &mut out,
                 ),
@@ -795,11 +797,13 @@ fn run_job(job: Job) -> Done {
         function,
         plan,
         mut inputs,
+        cancelled,
         ..
     } = job;
     let start = Instant::now();
     let task = plan.task(0);
-    let outcome = run_task(task, &mut inputs);
+    // A released task sees `rask::cancelled()` turn true (state rule 3).
+    let outcome = Stop::flag(cancelled).enter(|| run_task(task, &mut inputs));
     drop(inputs);
     // Reported as at most the protocol's limit, which the scheduler checks.
     let duration_ns = duration_ns_of(start.elapsed().min(MAX_TASK_DURATION));
@@ -926,6 +930,7 @@ mod tests {
             deps: Vec::new(),
             who_has: Vec::new(),
             priority: k as u64,
+            timeout: None,
         }
     }
 

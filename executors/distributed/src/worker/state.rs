@@ -153,6 +153,8 @@ pub(crate) struct Compute {
     pub(crate) deps: Vec<WireKey>,
     pub(crate) who_has: Vec<(WireKey, Vec<WorkerId>)>,
     pub(crate) priority: u64,
+    /// How long it may run (`rask_executor::run_task` enforces it).
+    pub(crate) timeout: Option<std::time::Duration>,
 }
 
 /// The worker's whole state.
@@ -213,7 +215,10 @@ impl WorkerState {
         };
         // A registry that panics while decoding fails that task only.
         let op = match catch_unwind(AssertUnwindSafe(|| self.registry.resolve(&wire))) {
-            Ok(Ok(op)) => op,
+            Ok(Ok(op)) => match msg.timeout {
+                Some(timeout) => rask_executor::with_timeout(op, timeout),
+                None => op,
+            },
             Ok(Err(e)) => return out.to_scheduler(fail(FailureKind::Failed, e.to_string())),
             Err(p) => return out.to_scheduler(fail(FailureKind::Panicked, panic_message(&*p))),
         };
@@ -582,6 +587,7 @@ mod tests {
                 .map(|&(k, ws)| ([k; 32], ws.iter().map(|&w| WorkerId(w)).collect()))
                 .collect(),
             priority: key as u64,
+            timeout: None,
         }
     }
 
