@@ -1088,6 +1088,50 @@ fn a_worker_closes_a_scheduler_that_asks_for_a_heartbeat_out_of_range() {
     }
 }
 
+/// The scheduler's default task timeout fails a task that runs too long;
+/// the worker's thread is not held by it, and other work goes on.
+#[test]
+fn the_scheduler_default_timeout_fails_a_hung_task() {
+    let options =
+        rask_distributed::scheduler::Options::default().task_timeout(Duration::from_millis(50));
+    let cluster = Cluster::with_options(1, 1, options);
+    let client = cluster.client();
+    let mut g = Graph::new(&cluster.shared);
+    let hung = g.op("gate", 0, &[]);
+    g.output(hung);
+    let got = Collect::new(1);
+    got.submit(&client, g.build());
+    match &got.wait()[0] {
+        Err(f) => assert_eq!(f.kind, FailureKind::TimedOut(Duration::from_millis(50))),
+        Ok(v) => panic!("a hung task gave {v}"),
+    }
+    // The only worker thread is free again: a graph of fresh tasks runs.
+    diamond(&cluster, &client, 77);
+    cluster.shared.open_gate(1);
+}
+
+/// A refused graph leaves the client's earlier references alone: the
+/// client releases every wanted key once, refused or not.
+#[test]
+fn a_refused_graph_does_not_drop_a_reference_held_before() {
+    let (cluster, [old_worker, _new_worker], [old, _new]) = two_builds();
+    let held = keep_scale_41(&cluster, &old);
+    old_worker.stop();
+    cluster.eventually("the old worker gone", |c| c.scheduler.workers() == 1);
+    let got = Collect::new(1);
+    got.submit(&old, scale(&cluster, &[41]));
+    assert!(got.wait()[0].is_err());
+    // The refused submission ended and released its key; a second one,
+    // answered after that release (one connection is handled in order),
+    // finds the handle's reference still keeping the task remembered.
+    let after = Collect::new(1);
+    after.submit(&old, scale(&cluster, &[99]));
+    assert!(after.wait()[0].is_err());
+    assert_eq!(cluster.scheduler.tasks(), 1);
+    drop(held);
+    cluster.eventually("release", |c| c.scheduler.tasks() == 0);
+}
+
 #[test]
 fn a_build_without_workers_gets_an_error_naming_the_builds() {
     let (cluster, _workers, [old, _new]) = two_builds();

@@ -1,15 +1,18 @@
-//! `rask-scheduler [--host 127.0.0.1] [--port 8786] [--worker-timeout 60]`:
-//! runs a rask scheduler until killed. With `--port 0` the OS picks the
-//! port; the first line on stdout is always the bound address,
-//! `tcp://HOST:PORT`. A worker not heard from for `--worker-timeout`
-//! seconds is taken for dead and its work goes elsewhere.
+//! `rask-scheduler [--host 127.0.0.1] [--port 8786] [--worker-timeout 60]
+//! [--task-timeout SECONDS]`: runs a rask scheduler until killed. With
+//! `--port 0` the OS picks the port; the first line on stdout is always the
+//! bound address, `tcp://HOST:PORT`. A worker not heard from for
+//! `--worker-timeout` seconds is taken for dead and its work goes
+//! elsewhere. A task without a timeout of its own fails as timed out after
+//! `--task-timeout` seconds (default: no limit).
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
 
 const USAGE: &str =
-    "usage: rask-scheduler [--host 127.0.0.1] [--port 8786] [--worker-timeout SECONDS (60)]";
+    "usage: rask-scheduler [--host 127.0.0.1] [--port 8786] [--worker-timeout SECONDS (60)] \
+     [--task-timeout SECONDS (none)]";
 
 fn main() -> ExitCode {
     let mut host: IpAddr = [127, 0, 0, 1].into();
@@ -36,6 +39,12 @@ fn main() -> ExitCode {
                     options.worker_timeout = std::time::Duration::from_secs_f64(s);
                 }
                 _ => return usage("--worker-timeout needs a number of seconds above 0"),
+            },
+            "--task-timeout" => match value().map(|v| v.parse::<f64>()) {
+                Some(Ok(s)) if s.is_finite() && s > 0.0 && s <= 1e9 => {
+                    options.task_timeout = Some(std::time::Duration::from_secs_f64(s));
+                }
+                _ => return usage("--task-timeout needs a number of seconds above 0"),
             },
             "-h" | "--help" => {
                 println!("{USAGE}");

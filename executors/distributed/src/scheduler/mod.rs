@@ -569,6 +569,22 @@ impl Shell {
                         );
                     }
                 }
+                // The client releases every wanted key once, refused or
+                // not: keys this build's tasks already have take their
+                // reference as usual, so that release cannot drop one an
+                // earlier graph of the client holds.
+                if let Some(partition) = self.partitions.get_mut(&build) {
+                    let known: Vec<WireKey> = wanted
+                        .iter()
+                        .copied()
+                        .filter(|k| partition.state.knows(k))
+                        .collect();
+                    if !known.is_empty() {
+                        partition
+                            .state
+                            .on_update_graph(client, Vec::new(), known, &mut self.out);
+                    }
+                }
                 refuse(client, tasks, wanted, &why, &mut self.out);
                 return Ok(());
             }

@@ -197,6 +197,11 @@ impl State {
         self.by_key.len()
     }
 
+    /// Whether `key`'s task is remembered.
+    pub(crate) fn knows(&self, key: &WireKey) -> bool {
+        self.by_key.contains_key(&Key(*key))
+    }
+
     /// The state of `key`, if remembered.
     #[cfg(test)]
     pub(crate) fn state_of(&self, key: &WireKey) -> Option<&TaskState> {
