@@ -4,7 +4,9 @@
 //! bound address, `tcp://HOST:PORT`. A worker not heard from for
 //! `--worker-timeout` seconds is taken for dead and its work goes
 //! elsewhere. A task without a timeout of its own fails as timed out after
-//! `--task-timeout` seconds (default: no limit).
+//! `--task-timeout` seconds (default: no limit). A task running on
+//! `--allowed-failures` workers when they died (default 3) fails instead of
+//! being run again.
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
@@ -12,7 +14,7 @@ use std::process::ExitCode;
 
 const USAGE: &str =
     "usage: rask-scheduler [--host 127.0.0.1] [--port 8786] [--worker-timeout SECONDS (60)] \
-     [--task-timeout SECONDS (none)]";
+     [--task-timeout SECONDS (none)] [--allowed-failures N (3)]";
 
 fn main() -> ExitCode {
     let mut host: IpAddr = [127, 0, 0, 1].into();
@@ -39,6 +41,10 @@ fn main() -> ExitCode {
                     options.worker_timeout = std::time::Duration::from_secs_f64(s);
                 }
                 _ => return usage("--worker-timeout needs a number of seconds above 0"),
+            },
+            "--allowed-failures" => match value().map(|v| v.parse::<u8>()) {
+                Some(Ok(n)) if n > 0 => options.allowed_failures = n,
+                _ => return usage("--allowed-failures needs a number from 1 to 255"),
             },
             "--task-timeout" => match value().map(|v| v.parse::<f64>()) {
                 Some(Ok(s)) if s.is_finite() && s > 0.0 && s <= 1e9 => {

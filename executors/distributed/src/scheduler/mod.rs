@@ -169,6 +169,11 @@ pub struct Options {
     /// How long a task without a timeout of its own may run before it fails
     /// as timed out. Default: no limit.
     pub task_timeout: Option<Duration>,
+    /// How many workers may die while running one task before the task
+    /// fails instead of being run again (a task that crashes its process
+    /// would otherwise take every worker down in turn). Default 3, at
+    /// least 1.
+    pub allowed_failures: u8,
 }
 
 impl Default for Options {
@@ -176,6 +181,7 @@ impl Default for Options {
         Options {
             worker_timeout: Duration::from_secs(60),
             task_timeout: None,
+            allowed_failures: 3,
         }
     }
 }
@@ -184,6 +190,12 @@ impl Options {
     /// These options with another worker timeout.
     pub fn worker_timeout(mut self, timeout: Duration) -> Options {
         self.worker_timeout = timeout;
+        self
+    }
+
+    /// These options with another number of allowed failures.
+    pub fn allowed_failures(mut self, n: u8) -> Options {
+        self.allowed_failures = n;
         self
     }
 
@@ -334,6 +346,7 @@ impl Partition {
     fn new(options: &Options) -> Partition {
         let mut state = State::new();
         state.set_task_timeout(options.task_timeout);
+        state.set_allowed_failures(options.allowed_failures);
         Partition { state, conns: 0 }
     }
 }

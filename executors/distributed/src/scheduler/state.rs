@@ -17,8 +17,9 @@ use crate::protocol::{
     MAX_THREADS,
 };
 
-/// A worker that died this many times while holding a task makes the task
-/// fail rather than kill the next worker too.
+/// A task that was running on this many workers when they died fails
+/// rather than kill the next worker too (S7), unless set otherwise
+/// (`State::set_allowed_failures`).
 pub(crate) const ALLOWED_WORKER_DEATHS: u8 = 3;
 
 /// Tasks with more inputs than this are never sent early (S9): deciding
@@ -95,7 +96,7 @@ struct Task {
     /// Clients holding at least one reference.
     who_wants: Vec<ClientId>,
     priority: u64,
-    /// Times a worker died while this task was assigned to it.
+    /// Times a worker died while this task was running on it (S7).
     deaths: u8,
     /// While `Processing`: sent early (S9), and not every input is known to
     /// be in memory yet. Counted in its worker's `early`, not in its window.
@@ -154,6 +155,8 @@ pub(crate) struct State {
     scratch: Vec<(WorkerId, u64)>,
     /// The timeout of tasks that have none of their own, in milliseconds.
     task_timeout_ms: Option<u64>,
+    /// Worker deaths a task may be running at before it fails (S7).
+    allowed_failures: u8,
 }
 
 impl Default for State {
@@ -177,7 +180,14 @@ impl State {
             loads: BTreeMap::new(),
             scratch: Vec::new(),
             task_timeout_ms: None,
+            allowed_failures: ALLOWED_WORKER_DEATHS,
         }
+    }
+
+    /// Sets how many worker deaths a task may be running at before it fails
+    /// (S7; at least 1).
+    pub(crate) fn set_allowed_failures(&mut self, n: u8) {
+        self.allowed_failures = n.max(1);
     }
 
     /// Sets the timeout of tasks that have none of their own.
@@ -365,9 +375,10 @@ impl State {
     /// A worker's connection ended: reschedule what it was given, recompute
     /// what only it held (S7).
     pub(crate) fn on_worker_lost(&mut self, worker: WorkerId, out: &mut impl Outbox) {
-        if self.workers.remove(&worker).is_none() {
+        let Some(gone) = self.workers.remove(&worker) else {
             return;
-        }
+        };
+        let threads = gone.load.threads;
         for &id in self.workers.keys() {
             out.to_worker(id, ToWorker::PeerLeft { id: worker });
         }
@@ -396,6 +407,19 @@ impl State {
                 requeue.push(id);
             }
         }
+        // S7: the tasks it was running, as far as the scheduler can tell:
+        // a worker runs its tasks in priority order, `threads` at a time
+        // plus one on its network thread, so those are its `threads + 1`
+        // first-priority tasks that are not waiting for inputs (early).
+        // Tasks queued behind them cannot have killed it.
+        let mut running: Vec<(u64, TaskId)> = requeue
+            .iter()
+            .map(|&id| self.task(id))
+            .filter(|t| !t.early)
+            .map(|t| (t.priority, self.by_key[&t.key]))
+            .collect();
+        running.sort_unstable();
+        running.truncate(threads as usize + 1);
         for id in lost {
             self.lose(id, out);
         }
@@ -404,18 +428,22 @@ impl State {
             if self.task(id).state != TaskState::Processing(worker) {
                 continue;
             }
+            let suspect = running.iter().any(|&(_, r)| r == id);
+            let allowed = self.allowed_failures;
             let task = self.task_mut(id);
-            // An early task that never started cannot have killed the worker.
-            if !std::mem::take(&mut task.early) {
+            task.early = false;
+            if suspect {
                 task.deaths = task.deaths.saturating_add(1);
             }
-            if task.deaths >= ALLOWED_WORKER_DEATHS {
+            if task.deaths >= allowed {
                 let failure = Arc::new(WireFailure::new(
                     task.key.0,
                     task.name.to_string(),
                     WireFailureKind::Failed,
                     format!(
-                        "{ALLOWED_WORKER_DEATHS} workers died while this task was assigned to them"
+                        "{} workers died while running this task (it may crash its process; \
+                         the limit is the scheduler's allowed failures)",
+                        task.deaths
                     ),
                 ));
                 self.set_erred(id, failure, out);
@@ -918,6 +946,13 @@ impl State {
                 // value in time or gives the task back (TaskAbandoned).
                 _ => {}
             }
+        }
+        // S7: recomputing lost work goes after work that never ran, unless
+        // a client waits for this very key.
+        if self.task(id).who_wants.is_empty() {
+            let priority = self.next_priority;
+            self.next_priority += 1;
+            self.task_mut(id).priority = priority;
         }
         if self.task(id).needed() {
             self.activate(id, out);

@@ -704,3 +704,80 @@ fn extreme_numbers_from_workers_do_not_overflow() {
     workers.sort();
     assert_eq!(workers, vec![W0, W1]);
 }
+
+/// S7: only the tasks a dying worker was running count the death against
+/// them; those queued behind them on it were never started.
+#[test]
+fn a_death_counts_only_against_the_tasks_it_was_running() {
+    let (mut s, mut out) = setup(0);
+    // Tasks of 1 µs make windows large: a worker is sent all six at once.
+    s.on_worker_registered(WorkerId(100), "127.0.0.1:1".into(), 1, &mut out);
+    s.on_update_graph(C0, vec![spec(99, &[])], vec![k(99)], &mut out);
+    finish(&mut s, &mut out, WorkerId(100), 99, 8);
+    s.on_release_keys(C0, vec![k(99)], &mut out);
+    s.on_worker_lost(WorkerId(100), &mut out);
+    out.clear();
+    let specs: Vec<TaskSpec> = (1..=6).map(|n| spec(n, &[])).collect();
+    let wanted: Vec<WireKey> = (1..=6).map(k).collect();
+    s.on_update_graph(C0, specs, wanted, &mut out);
+    // A one-thread worker runs one task, and one on its network thread:
+    // each death counts against tasks 1 and 2 only.
+    for i in 0..ALLOWED_WORKER_DEATHS as u32 {
+        s.on_worker_registered(WorkerId(i), "127.0.0.1:1".into(), 1, &mut out);
+        let sent: Vec<WireKey> = out.computes().into_iter().map(|(_, key)| key).collect();
+        assert_eq!(sent.len(), 6, "{sent:?}");
+        s.on_worker_lost(WorkerId(i), &mut out);
+        s.check_invariants();
+    }
+    let failed: Vec<_> = out.told().into_iter().map(|(_, key, _)| key).collect();
+    assert_eq!(failed, vec![k(1), k(2)]);
+    // The next worker is sent the rest; none of them failed.
+    s.on_worker_registered(WorkerId(9), "127.0.0.1:1".into(), 1, &mut out);
+    let sent: Vec<WireKey> = out.computes().into_iter().map(|(_, key)| key).collect();
+    assert_eq!(sent, (3..=6).map(k).collect::<Vec<_>>());
+}
+
+/// S7: the limit is the scheduler's allowed failures.
+#[test]
+fn allowed_failures_set_the_death_limit() {
+    let (mut s, mut out) = setup(0);
+    s.set_allowed_failures(1);
+    s.on_update_graph(C0, vec![spec(1, &[])], vec![k(1)], &mut out);
+    s.on_worker_registered(WorkerId(0), "127.0.0.1:1".into(), 1, &mut out);
+    out.computes();
+    s.on_worker_lost(WorkerId(0), &mut out);
+    assert_eq!(out.told(), vec![(C0, k(1), Err(k(1)))]);
+}
+
+/// S7: a lost value that only a dependent needs is recomputed after the
+/// work that never ran; one a client wants keeps its place.
+#[test]
+fn lost_values_are_recomputed_after_work_that_never_ran() {
+    let (mut s, mut out) = setup(1);
+    // 1 → 2 (wanted), and 3, 4 wanted, independent.
+    s.on_update_graph(C0, vec![spec(1, &[]), spec(2, &[1])], vec![k(2)], &mut out);
+    s.on_update_graph(
+        C0,
+        vec![spec(3, &[]), spec(4, &[])],
+        vec![k(3), k(4)],
+        &mut out,
+    );
+    // W0 runs 1 and holds it; 2, 3, 4 wait in the queue behind a full W0.
+    let sent = out.computes();
+    assert_eq!(sent[0], (W0, k(1)));
+    finish(&mut s, &mut out, W0, 1, 8);
+    out.computes();
+    // A second worker joins, then W0 dies with 1's value: 1 is lost.
+    s.on_worker_registered(W1, "127.0.0.1:2".into(), 1, &mut out);
+    let before = out.computes();
+    s.on_worker_lost(W0, &mut out);
+    s.check_invariants();
+    let after: Vec<WireKey> = before
+        .into_iter()
+        .chain(out.computes())
+        .map(|(_, key)| key)
+        .collect();
+    // 3 and 4 (never ran) go out before 1 is computed again.
+    let pos = |key| after.iter().position(|&x| x == k(key)).expect("sent");
+    assert!(pos(3) < pos(1) && pos(4) < pos(1), "{after:?}");
+}
