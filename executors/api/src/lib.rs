@@ -282,7 +282,7 @@ fn run_timed(task: &PlanTask, inputs: &mut [Option<Value>], timeout: Duration) -
                     .unwrap_or_else(|payload| Err(OpError::panicked(&*payload)))
             });
             drop(owned);
-            let _ = tx.send(result);
+            let _ = tx.send((result, std::time::Instant::now()));
             let mut ending = on_thread.lock().unwrap_or_else(|e| e.into_inner());
             ending.returned = true;
             ending.abandoned = None;
@@ -293,13 +293,22 @@ fn run_timed(task: &PlanTask, inputs: &mut [Option<Value>], timeout: Duration) -
         )))));
     }
     let wait = deadline.saturating_duration_since(std::time::Instant::now());
+    // A task that returns after its deadline (having seen `cancelled`, say)
+    // timed out all the same: its value may be partial.
+    let in_time = |(result, at): (Result<Value, OpError>, std::time::Instant)| {
+        if at < deadline {
+            result
+        } else {
+            Err(OpError::timed_out(timeout))
+        }
+    };
     let result = match rx.recv_timeout(wait) {
-        Ok(result) => result,
+        Ok(done) => in_time(done),
         Err(_) => {
             let mut ending = ending.lock().unwrap_or_else(|e| e.into_inner());
             match rx.try_recv() {
                 // It returned just now.
-                Ok(result) => result,
+                Ok(done) => in_time(done),
                 Err(_) => {
                     given_up.store(true, std::sync::atomic::Ordering::Relaxed);
                     if !ending.returned {

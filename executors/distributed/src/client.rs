@@ -6,8 +6,11 @@
 //!    returns; one background thread per client (its own single-threaded
 //!    runtime) talks to the scheduler and to workers' data ports.
 //! 2. Each submission holds one reference per distinct output key at the
-//!    scheduler, taken with its graph and dropped (`ReleaseKeys`) once every
-//!    output was reported or the submission was cancelled.
+//!    scheduler, taken with its graph and dropped (`ReleaseKeys`) as soon as
+//!    that output was reported (or stopped), unless a handle left the value
+//!    on the cluster (rule 5): the scheduler keeps what is still pending,
+//!    not every result a client already has, and never recomputes a result
+//!    a client has when a worker dies.
 //! 3. Values are fetched from a worker that holds them, never through the
 //!    scheduler; a failed fetch is reported to the scheduler, which points the
 //!    client at another holder or recomputes the key. The exception is a
@@ -21,15 +24,16 @@
 //!    plan's inputs.
 //! 5. A submission whose reporter asks to [`keep_remote`](Reporter::keep_remote)
 //!    gets each output, once in memory, as a [`Remote`] handle: one handle
-//!    per distinct key, shared by the slots with that key. Its reference to
-//!    the key is not released with the submission (rule 2) but when the
-//!    handle is dropped. Outputs over [`EAGER_FETCH`] bytes are reported
-//!    unfetched; [`RemoteValue::fetch`] asks this client's thread for the
-//!    bytes (as rule 3, from the key's latest holders) and blocks until they
-//!    arrive; it refuses to run on that thread itself. Smaller outputs are
-//!    fetched first, as without `keep_remote`, and their handles hold the
-//!    bytes already: gathering many small results then costs no round trip
-//!    each, and later graphs still use the key in place.
+//!    per distinct key, shared by the slots with that key. Outputs over
+//!    [`EAGER_FETCH`] bytes are reported unfetched: the handle holds the key
+//!    on the cluster (the submission's reference passes to it, rule 2) until
+//!    it is dropped, and [`RemoteValue::fetch`] asks this client's thread
+//!    for the bytes (as rule 3, from the key's latest holders) and blocks
+//!    until they arrive; it refuses to run on that thread itself. Smaller
+//!    outputs are fetched first, as without `keep_remote`: their handles
+//!    hold the bytes and not the key, which is released at once (rule 2),
+//!    so gathering many small results costs no round trip each, and a later
+//!    graph sends the bytes (rule 6).
 //! 6. A task that refers to a held key ([`REMOTE_FUNCTION`]) is sent as such
 //!    only while this client holds a handle for that key — it is then used
 //!    in place, since the scheduler never re-adds a known key. A handle of
@@ -42,11 +46,11 @@
 //!    being computed: the scheduler makes it wait for that key, and a chain
 //!    of submits costs no client round trip per link. If the key fails or
 //!    is cancelled and released meanwhile, the reference fails with "no
-//!    longer holds". The release of a key such a reference relies on never
-//!    overtakes the graph with the reference: the keys of a submission that
-//!    ends are released at the end of the loop's turn, after the commands
-//!    queued by then (a submission queued while the key was held among
-//!    them) were handled.
+//!    longer holds". Releases keep the order of events: every command is
+//!    numbered as it is sent, and the release of a reported output's key
+//!    goes out after the commands sent before the report (a submission
+//!    that found the key held among them) and before those sent after it
+//!    (a resubmission of the key then finds it released).
 //! 8. A reporter can stop one output ([`Reporter::stop_with`]): the output
 //!    is reported cancelled at once and its key released at the scheduler,
 //!    which stops the task on its worker if nothing else needs it (the
@@ -108,7 +112,7 @@ pub struct Client {
 
 struct Inner {
     address: String,
-    commands: mpsc::UnboundedSender<Command>,
+    commands: mpsc::UnboundedSender<Sequenced>,
     thread: Mutex<Option<Ending>>,
     link: Arc<Link>,
 }
@@ -141,7 +145,7 @@ impl Ending {
 struct Link {
     address: String,
     /// Weak, so that live handles do not keep the client thread running.
-    commands: mpsc::WeakUnboundedSender<Command>,
+    commands: mpsc::WeakUnboundedSender<Sequenced>,
     /// Live handles per key (rules 5 and 6).
     held: Mutex<HashMap<WireKey, usize>>,
     /// The client thread, where a fetch must not block.
@@ -151,9 +155,35 @@ struct Link {
     /// The id of the next submission (ids are given out by `submit`, so a
     /// reporter can name its submission before the loop has seen it).
     next_id: AtomicU64,
+    /// Commands sent so far: each command's sequence number is the count
+    /// before it (rule 7).
+    sent: Mutex<u64>,
 }
 
 impl Link {
+    /// Sends `cmd` with the next sequence number; numbering and sending
+    /// happen under one lock, so the channel holds commands in number
+    /// order. Gives the command back if the loop is gone.
+    fn send(
+        &self,
+        commands: &mpsc::UnboundedSender<Sequenced>,
+        cmd: Command,
+    ) -> Result<(), Command> {
+        let mut sent = self.sent.lock().unwrap_or_else(PoisonError::into_inner);
+        match commands.send((*sent, cmd)) {
+            Ok(()) => {
+                *sent += 1;
+                Ok(())
+            }
+            Err(mpsc::error::SendError((_, cmd))) => Err(cmd),
+        }
+    }
+
+    /// The number of commands sent so far.
+    fn sent(&self) -> u64 {
+        *self.sent.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn held(&self) -> MutexGuard<'_, HashMap<WireKey, usize>> {
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -180,15 +210,31 @@ struct KeyHandle {
     link: Arc<Link>,
     /// The bytes, once fetched.
     bytes: OnceLock<Arc<[u8]>>,
+    /// Whether it holds its key on the cluster: only a handle whose bytes
+    /// are not here does (rule 5).
+    holds: bool,
 }
 
 impl KeyHandle {
-    fn new(key: WireKey, link: Arc<Link>) -> KeyHandle {
+    /// A handle of a value left on the cluster: it holds the key there.
+    fn holding(key: WireKey, link: Arc<Link>) -> KeyHandle {
         hold(&mut link.held(), key);
         KeyHandle {
             key,
             link,
             bytes: OnceLock::new(),
+            holds: true,
+        }
+    }
+
+    /// A handle of a value whose bytes are here: the cluster need not keep
+    /// it, and a later graph sends the bytes (rule 5).
+    fn with_bytes(key: WireKey, link: Arc<Link>, bytes: Arc<[u8]>) -> KeyHandle {
+        KeyHandle {
+            key,
+            link,
+            bytes: OnceLock::from(bytes),
+            holds: false,
         }
     }
 }
@@ -214,11 +260,14 @@ impl RemoteValue for KeyHandle {
         let closed = || fail(format!("the client of {} is closed", self.link.address));
         let (reply, answer) = std::sync::mpsc::channel();
         let sent = self.link.commands.upgrade().is_some_and(|commands| {
-            commands
-                .send(Command::Fetch {
-                    key: self.key,
-                    reply,
-                })
+            self.link
+                .send(
+                    &commands,
+                    Command::Fetch {
+                        key: self.key,
+                        reply,
+                    },
+                )
                 .is_ok()
         });
         if !sent {
@@ -237,12 +286,15 @@ impl RemoteValue for KeyHandle {
 
 impl Drop for KeyHandle {
     fn drop(&mut self) {
+        if !self.holds {
+            return;
+        }
         // The release is queued under the lock, so it cannot overtake a
         // submission that found the key held (rule 6).
         let mut held = self.link.held();
         unhold(&mut held, self.key);
         if let Some(commands) = self.link.commands.upgrade() {
-            let _ = commands.send(Command::Release(self.key));
+            let _ = self.link.send(&commands, Command::Release(self.key));
         }
     }
 }
@@ -271,6 +323,9 @@ impl std::fmt::Debug for Client {
     }
 }
 
+/// A command with its place in the order commands were sent (rule 7).
+type Sequenced = (u64, Command);
+
 enum Command {
     Submit(Submission),
     /// A handle was dropped: drop its reference to the key.
@@ -297,7 +352,6 @@ struct Submission {
     frames: Vec<Vec<u8>>,
     /// The key of each output slot as the scheduler knows it (rule 9).
     outputs: Vec<WireKey>,
-    wanted: Vec<WireKey>,
     keep_remote: bool,
     /// Its output keys, held while it is open (rule 7).
     holds: Vec<Hold>,
@@ -308,13 +362,30 @@ struct Submission {
 /// key at the scheduler stays the submission's (or its handles') business.
 struct Hold {
     key: WireKey,
-    link: Arc<Link>,
+    /// `None` once the count was taken back by [`drop_hold`].
+    link: Option<Arc<Link>>,
 }
 
 impl Drop for Hold {
     fn drop(&mut self) {
-        unhold(&mut self.link.held(), self.key);
+        if let Some(link) = &self.link {
+            unhold(&mut link.held(), self.key);
+        }
     }
+}
+
+/// Drops the hold of `key` among `holds`, and gives the number of commands
+/// sent by then: the mark of its release (rule 7). Both happen under the
+/// `held` lock, which a submission keeps from finding the key held until it
+/// was sent: such a submission is numbered below the mark.
+fn drop_hold(link: &Link, holds: &mut Vec<Hold>, key: WireKey) -> u64 {
+    let mut held = link.held();
+    if let Some(pos) = holds.iter().position(|h| h.key == key) {
+        let mut hold = holds.swap_remove(pos);
+        hold.link = None;
+        unhold(&mut held, key);
+    }
+    link.sent()
 }
 
 impl Client {
@@ -401,6 +472,7 @@ impl Client {
                         thread_id: std::thread::current().id(),
                         connected: AtomicBool::new(true),
                         next_id: AtomicU64::new(0),
+                        sent: Mutex::new(0),
                     });
                     let _ = ready_tx.send(Ok(link.clone()));
                     Loop::new(link, writer)
@@ -608,7 +680,7 @@ impl Executor for Client {
                     hold(guard, key);
                     Hold {
                         key,
-                        link: self.inner.link.clone(),
+                        link: Some(self.inner.link.clone()),
                     }
                 })
                 .collect()
@@ -617,10 +689,10 @@ impl Executor for Client {
         };
         // Rule 8: the reporter can stop one output.
         let id = self.inner.link.next_id.fetch_add(1, Ordering::Relaxed);
-        let commands = self.inner.link.commands.clone();
+        let link = self.inner.link.clone();
         reporter.stop_with(Arc::new(move |slot| {
-            if let Some(commands) = commands.upgrade() {
-                let _ = commands.send(Command::Stop { id, slot });
+            if let Some(commands) = link.commands.upgrade() {
+                let _ = link.send(&commands, Command::Stop { id, slot });
             }
         }));
         let submission = Submission {
@@ -629,13 +701,15 @@ impl Executor for Client {
             reporter,
             frames,
             outputs,
-            wanted,
             keep_remote,
             holds,
         };
-        let sent = self.inner.commands.send(Command::Submit(submission));
+        let sent = self
+            .inner
+            .link
+            .send(&self.inner.commands, Command::Submit(submission));
         drop(held);
-        if let Err(mpsc::error::SendError(Command::Submit(s))) = sent {
+        if let Err(Command::Submit(s)) = sent {
             let failures = lost(&s.plan, &self.inner.address);
             fail_each(s.plan, &*s.reporter, failures);
         }
@@ -732,16 +806,15 @@ struct Open {
     unreported: usize,
     /// The key of each output slot as the scheduler knows it (rule 9).
     outputs: Vec<WireKey>,
-    wanted: Vec<WireKey>,
-    /// Wanted keys already released because nobody wanted them (rule 8).
-    stopped: Vec<WireKey>,
+    /// Wanted keys already released (rule 2).
+    released: Vec<WireKey>,
     keep_remote: bool,
     /// Handles reported so far, by key (rule 5); their keys are released
     /// when the handles are dropped, not with the submission.
     handles: HashMap<WireKey, Arc<KeyHandle>>,
-    /// Its output keys, held while it is open (rule 7); declared last so
-    /// they are dropped after the handles exist.
-    _holds: Vec<Hold>,
+    /// Its output keys, held while it is open (rule 7), each until its
+    /// output was reported.
+    holds: Vec<Hold>,
 }
 
 /// Who waits for a key's value.
@@ -772,9 +845,9 @@ struct Loop {
     holders: HashMap<WireKey, Vec<WorkerId>>,
     /// Keys whose handles were dropped, released at the next flush.
     releases: Vec<WireKey>,
-    /// Keys of submissions that ended this turn, released at its end
-    /// (rule 7).
-    ended: Vec<WireKey>,
+    /// Keys whose outputs were reported this turn, each with the number of
+    /// commands sent by then; released ahead of later commands (rule 7).
+    ended: Vec<(u64, WireKey)>,
     peers: Option<PeerPool>,
     out: Batch,
     last_poll: Instant,
@@ -815,7 +888,7 @@ impl Loop {
     async fn run(
         mut self,
         mut read: net::Frames,
-        mut commands: mpsc::UnboundedReceiver<Command>,
+        mut commands: mpsc::UnboundedReceiver<Sequenced>,
         build: BuildId,
     ) {
         let (fetch_tx, mut fetched) = mpsc::unbounded_channel::<Fetched>();
@@ -826,10 +899,10 @@ impl Loop {
             let open = !self.open.is_empty();
             tokio::select! {
                 cmd = commands.recv() => match cmd {
-                    Some(cmd) => {
-                        self.command(cmd);
-                        while let Ok(cmd) = commands.try_recv() {
-                            self.command(cmd);
+                    Some((seq, cmd)) => {
+                        self.command(seq, cmd);
+                        while let Ok((seq, cmd)) = commands.try_recv() {
+                            self.command(seq, cmd);
                         }
                     }
                     None => break,
@@ -862,11 +935,10 @@ impl Loop {
                 }
                 _ = tick.tick(), if open => {}
             }
-            // Commands queued before the messages this turn made go first:
-            // a submission that found a key held reaches the scheduler
-            // before the release of that key (rule 6).
-            while let Ok(cmd) = commands.try_recv() {
-                self.command(cmd);
+            // Commands sent before this turn's releases go ahead of them
+            // (rule 7).
+            while let Ok((seq, cmd)) = commands.try_recv() {
+                self.command(seq, cmd);
             }
             self.poll_cancelled();
             self.flush();
@@ -879,7 +951,15 @@ impl Loop {
         self.flush();
     }
 
-    fn command(&mut self, cmd: Command) {
+    /// Handles command number `seq`, after sending the releases made
+    /// before it was sent (rule 7).
+    fn command(&mut self, seq: u64, cmd: Command) {
+        if self.ended.iter().any(|&(mark, _)| mark <= seq) {
+            let (now, later): (Vec<_>, Vec<_>) =
+                self.ended.drain(..).partition(|&(mark, _)| mark <= seq);
+            self.ended = later;
+            self.release_ended(now);
+        }
         match cmd {
             Command::Submit(s) => self.submit(s),
             Command::Release(key) => self.release(key),
@@ -957,13 +1037,12 @@ impl Loop {
     ) -> Option<Value> {
         let open = self.open.get_mut(&id)?;
         let link = &self.link;
-        let handle = open
-            .handles
-            .entry(key)
-            .or_insert_with(|| Arc::new(KeyHandle::new(key, link.clone())));
-        if let Some(bytes) = bytes {
-            let _ = handle.bytes.set(bytes.clone());
-        }
+        let handle = open.handles.entry(key).or_insert_with(|| {
+            Arc::new(match bytes {
+                Some(bytes) => KeyHandle::with_bytes(key, link.clone(), bytes.clone()),
+                None => KeyHandle::holding(key, link.clone()),
+            })
+        });
         let handle: Arc<dyn RemoteValue> = handle.clone();
         let known = self.holders.entry(key).or_default();
         if !holders.is_empty() {
@@ -1006,11 +1085,10 @@ impl Loop {
                 reported: vec![false; n],
                 unreported: n,
                 outputs: s.outputs,
-                wanted: s.wanted,
-                stopped: Vec::new(),
+                released: Vec::new(),
                 keep_remote: s.keep_remote,
                 handles: HashMap::new(),
-                _holds: s.holds,
+                holds: s.holds,
             },
         );
     }
@@ -1027,15 +1105,6 @@ impl Loop {
         }
         let key = open.outputs[slot];
         let failure = open.plan.cancelled_output(slot);
-        let shared = open
-            .outputs
-            .iter()
-            .enumerate()
-            .any(|(other, k)| other != slot && *k == key && !open.reported[other]);
-        if !shared && self.connected {
-            open.stopped.push(key);
-            self.out.push(&ToScheduler::ReleaseKeys { keys: vec![key] });
-        }
         if let Some(waiters) = self.waiting.get_mut(&key) {
             waiters.retain(|w| !matches!(w, Waiter::Slot(sid, s) if *sid == id && *s == slot));
             if waiters.is_empty() {
@@ -1204,25 +1273,47 @@ impl Loop {
             return;
         }
         open.unreported -= 1;
+        // Rule 2: once no open output of this submission has the key, the
+        // scheduler need not keep it for it, unless a handle left the value
+        // there (rule 5).
+        let key = open.outputs[slot];
+        let release = !open.released.contains(&key)
+            && !open
+                .outputs
+                .iter()
+                .zip(&open.reported)
+                .any(|(k, &done)| *k == key && !done)
+            && !open.handles.get(&key).is_some_and(|h| h.holds);
+        if release {
+            open.released.push(key);
+        }
+        let release = release.then_some(key);
         if open.unreported > 0 {
             open.reporter.output(slot, outcome);
+            // After the output is reported: a graph that finds the key no
+            // longer held then finds the key's outcome (rule 7).
+            if let Some(key) = release {
+                let mark = drop_hold(&self.link, &mut open.holds, key);
+                if self.connected {
+                    self.ended.push((mark, key));
+                }
+            }
         } else {
-            self.complete(id, slot, outcome);
+            self.complete(id, slot, outcome, release);
         }
     }
 
-    /// Reports a submission's last output, releases its keys except those
-    /// its handles hold (rule 5), and finishes it (rule 2).
-    fn complete(&mut self, id: u64, slot: usize, outcome: Outcome) {
+    /// Reports a submission's last output, releasing its key if `release`
+    /// (as `report` does), and finishes it (rule 2).
+    fn complete(&mut self, id: u64, slot: usize, outcome: Outcome, release: Option<WireKey>) {
         let Some(open) = self.open.remove(&id) else {
             return;
         };
         let Open {
             plan,
             reporter,
-            wanted,
-            stopped,
             handles,
+            mut holds,
             ..
         } = open;
         // The plan goes before the last output is reported: a caller that
@@ -1230,13 +1321,13 @@ impl Loop {
         // among its inputs) released.
         drop(plan);
         reporter.output(slot, outcome);
-        if self.connected {
-            let keys: Vec<WireKey> = wanted
-                .into_iter()
-                .filter(|k| !handles.contains_key(k) && !stopped.contains(k))
-                .collect();
-            self.ended.extend(keys);
+        if let Some(key) = release {
+            let mark = drop_hold(&self.link, &mut holds, key);
+            if self.connected {
+                self.ended.push((mark, key));
+            }
         }
+        drop(holds);
         // The reporter holds the handles it still wants.
         drop(handles);
         reporter.finished();
@@ -1311,14 +1402,19 @@ impl Loop {
         }
     }
 
-    fn flush(&mut self) {
-        if !self.ended.is_empty() {
-            let keys = std::mem::take(&mut self.ended);
-            if self.connected {
-                self.out.push(&ToScheduler::ReleaseKeys { keys });
-            }
+    /// Queues the release of keys in `ended` (rule 7) and sends what is
+    /// queued.
+    fn release_ended(&mut self, ended: Vec<(u64, WireKey)>) {
+        if self.connected && !ended.is_empty() {
+            let keys = ended.into_iter().map(|(_, key)| key).collect();
+            self.out.push(&ToScheduler::ReleaseKeys { keys });
         }
         self.flush_out();
+    }
+
+    fn flush(&mut self) {
+        let ended = std::mem::take(&mut self.ended);
+        self.release_ended(ended);
         if let Some(p) = self.peers.as_mut() {
             p.flush();
         }

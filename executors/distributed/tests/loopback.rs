@@ -110,11 +110,12 @@ fn shared_keys_across_submissions_and_clients_run_once() {
     let second = Collect::new(1);
     second.submit(&one, plan(false));
     let third = Collect::new(2);
+    let arrived = third.progress();
     third.submit(&two, plan(true));
-    // The other client's graph reached the scheduler (its own output is
-    // the one new task) before the gate opens; the same client's comes
-    // before that client's release of the first, on one connection.
-    cluster.eventually("the other client's graph", |c| c.scheduler.tasks() == 4);
+    // The other client's graph reached the scheduler before the gate opens:
+    // its own output arrived; the same client's comes before that client's
+    // release of the first, on one connection.
+    assert_eq!(arrived.recv_timeout(TIMEOUT), Ok(1));
     cluster.shared.open_gate(1);
     assert_eq!(first.wait(), vec![Ok(6)]);
     assert_eq!(second.wait(), vec![Ok(6)]);
@@ -393,6 +394,50 @@ fn lose_worker_0_midway(
     }
     cluster.workers[0].take().unwrap().stop();
     got.wait()
+}
+
+/// Client rule 2: a result the client has is released on the cluster at
+/// once, so the scheduler keeps only what is pending, and a worker that
+/// dies afterwards costs no recomputation of it.
+#[test]
+fn results_the_client_has_are_released_and_never_recomputed() {
+    let mut cluster = Cluster::new(2, 1);
+    let client = cluster.client();
+    for keep in [false, true] {
+        let mut g = Graph::new(&cluster.shared);
+        for i in 0..200 {
+            let t = g.op("count", i, &[]);
+            g.output(t);
+        }
+        let before = cluster.shared.runs.load(Ordering::SeqCst);
+        let values = if keep {
+            let kept = Keep::new(200, true);
+            kept.submit(&client, g.build());
+            kept.wait()
+                .into_iter()
+                .map(|v| fetch_int(&v.unwrap()))
+                .collect()
+        } else {
+            let got = Collect::new(200);
+            got.submit(&client, g.build());
+            got.wait()
+                .into_iter()
+                .map(|v| v.unwrap())
+                .collect::<Vec<i64>>()
+        };
+        assert_eq!(values, (0..200).collect::<Vec<i64>>());
+        assert_eq!(cluster.shared.runs.load(Ordering::SeqCst), before + 200);
+        // Nothing stays on the cluster for results the client has, even
+        // while handles to them live (`values` came from them).
+        cluster.eventually("the results released", |c| c.scheduler.tasks() == 0);
+    }
+    let runs = cluster.shared.runs.load(Ordering::SeqCst);
+    cluster.workers[0].take().unwrap().stop();
+    cluster.eventually("the worker gone", |c| c.scheduler.workers() == 1);
+    diamond(&cluster, &client, 5);
+    // The diamond ran (it counts no runs): none of the results the dead
+    // worker held was computed again.
+    assert_eq!(cluster.shared.runs.load(Ordering::SeqCst), runs);
 }
 
 #[test]
@@ -949,7 +994,10 @@ impl Op for Scale {
     fn run(&self, _: &mut [Option<Value>]) -> Result<Value, OpError> {
         let x: i64 = postcard::from_bytes(&self.payload)
             .map_err(|e| OpError::failed(format!("bad payload: {e}")))?;
-        Ok(Arc::new(x * self.factor))
+        // Over the client's eager fetch size, so a kept handle leaves the
+        // value on the cluster and holds its key there; the encoding starts
+        // with the i64, which is all `int` reads.
+        Ok(Arc::new((x * self.factor, vec![0u8; 70 << 10])))
     }
 
     fn name(&self) -> &str {
