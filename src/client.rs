@@ -90,6 +90,8 @@ struct Entry {
     /// The run computing this entry and the entry's output index in it, to
     /// stop it when nobody wants it (rule 4).
     run: Option<(Arc<Run>, usize)>,
+    /// The work, until it finished: what `Client::retry` runs again.
+    node: Option<Arc<Node>>,
 }
 
 /// Where a key's computation stands.
@@ -409,6 +411,54 @@ impl Client {
         Ok(self.submit(delayed)?.to_delayed())
     }
 
+    /// Runs the work behind a failed or cancelled `future` again (Dask's
+    /// `Client.retry`): it is pending once more, and its result replaces the
+    /// failure for every clone of it. Does nothing to a pending or finished
+    /// future.
+    ///
+    /// # Errors
+    ///
+    /// None today; the `Result` leaves room for executors that refuse work.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::sync::atomic::{AtomicBool, Ordering};
+    /// use rask::{delayed, Client};
+    ///
+    /// static READY: AtomicBool = AtomicBool::new(false);
+    /// fn fetch(x: i64) -> Result<i64, String> {
+    ///     if READY.load(Ordering::SeqCst) { Ok(x) } else { Err("not yet".into()) }
+    /// }
+    ///
+    /// let client = Client::threads(2)?;
+    /// let f = client.submit(delayed!(fetch(3)?))?;
+    /// assert!(f.result().is_err());
+    /// READY.store(true, Ordering::SeqCst);
+    /// client.retry(&f)?;
+    /// assert_eq!(f.result()?, 3);
+    /// # Ok::<(), rask::Error>(())
+    /// ```
+    pub fn retry<T>(&self, future: &Future<T>) -> Result<()> {
+        let key = future.key().key();
+        let node = {
+            let mut table = self.inner.lock();
+            let Some(entry) = table.get_mut(&key) else {
+                return Ok(());
+            };
+            let failed = matches!(entry.state, State::Failed(_) | State::Cancelled);
+            match (&entry.node, failed) {
+                (Some(node), true) => {
+                    entry.state = State::Pending;
+                    node.clone()
+                }
+                _ => return Ok(()),
+            }
+        };
+        self.inner.schedule(vec![node]);
+        Ok(())
+    }
+
     /// Numbers describing what the client holds now.
     pub fn stats(&self) -> ClientStats {
         let table = self.inner.lock();
@@ -449,6 +499,9 @@ impl Client {
                     if entry.state.is_cancelled() {
                         entry.state = State::Pending;
                         fresh.push(node.clone());
+                    }
+                    if entry.state.is_pending() && entry.node.is_none() {
+                        entry.node = Some(node.clone());
                     }
                     entry.refs += 1;
                     Future::new(self.inner.clone(), node.key, node.name.clone())
@@ -494,6 +547,7 @@ impl Entry {
             listeners: Vec::new(),
             deferred: Vec::new(),
             run: None,
+            node: None,
         }
     }
 }
@@ -780,7 +834,10 @@ impl Shared {
                 return; // cancelled, then submitted again: a newer run owns it
             }
             entry.state = match outcome {
-                Ok(value) => State::Finished(value),
+                Ok(value) => {
+                    entry.node = None;
+                    State::Finished(value)
+                }
                 // This very key was cancelled; an input's cancellation is
                 // kept as a failure naming that input.
                 Err(f) if f.kind == FailureKind::Cancelled && f.key == key => State::Cancelled,

@@ -170,11 +170,37 @@ impl<T> Delayed<T> {
     /// # Ok::<(), rask::Error>(())
     /// ```
     pub fn timeout(&self, timeout: std::time::Duration) -> Delayed<T> {
+        self.limited(Some(timeout), None)
+    }
+
+    /// The same work, run again up to `retries` times when it fails (it
+    /// returns an error, panics or times out; Dask's `retries=`): for
+    /// transient failures such as a flaky network. Each attempt gets the
+    /// same inputs. The key does not change; a task with retries is never
+    /// fused with others. On a cluster the worker that ran it runs it
+    /// again. When every attempt failed, the error says how many there
+    /// were ([`Error::Task`](crate::Error::Task)'s `attempts`).
+    ///
+    /// ```
+    /// use std::sync::atomic::{AtomicU32, Ordering};
+    /// static CALLS: AtomicU32 = AtomicU32::new(0);
+    /// fn flaky(x: i64) -> Result<i64, String> {
+    ///     match CALLS.fetch_add(1, Ordering::SeqCst) {
+    ///         0 | 1 => Err("try again".into()),
+    ///         _ => Ok(x),
+    ///     }
+    /// }
+    /// assert_eq!(rask::delayed!(flaky(7)?).retries(2).compute()?, 7);
+    /// assert_eq!(CALLS.load(Ordering::SeqCst), 3);
+    /// # Ok::<(), rask::Error>(())
+    /// ```
+    pub fn retries(&self, retries: u32) -> Delayed<T> {
+        self.limited(None, Some(retries))
+    }
+
+    fn limited(&self, timeout: Option<std::time::Duration>, retries: Option<u32>) -> Delayed<T> {
         let mut node = self.node.rekeyed(self.node.key, self.node.name.clone());
-        node.call = Arc::new(crate::node::Timed {
-            call: self.node.call.clone(),
-            timeout,
-        });
+        node.call = crate::node::Limited::wrap(&self.node.call, timeout, retries);
         Delayed::from_node(Arc::new(node))
     }
 

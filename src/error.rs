@@ -47,6 +47,9 @@ pub enum Error {
         message: String,
         /// Where the task panicked (`file:line:column`), for a panic.
         location: Option<String>,
+        /// How many times the task ran: more than 1 when it had retries
+        /// ([`Delayed::retries`](crate::Delayed::retries)).
+        attempts: u32,
         /// The error the task returned, which [`source`](std::error::Error::source)
         /// also gives: the very value in the process where the task ran
         /// (downcast it to its type), a [`RemoteError`](crate::RemoteError)
@@ -132,9 +135,13 @@ impl fmt::Display for Error {
                 message,
                 location,
                 error,
+                attempts,
             } => {
                 let what = if *panicked { "panicked" } else { "failed" };
                 write!(f, "task {key} {what}")?;
+                if *attempts > 1 {
+                    write!(f, " after {attempts} attempts")?;
+                }
                 if let Some(location) = location {
                     write!(f, " at {location}")?;
                 }
@@ -240,6 +247,7 @@ impl Error {
                 message: f.message.clone(),
                 location: f.location.as_deref().map(str::to_owned),
                 error: f.cause.as_ref().map(|c| c.error.clone()),
+                attempts: f.attempts,
             },
         }
     }

@@ -228,6 +228,7 @@ impl<T: Data> Future<T> {
                         message,
                         location: None,
                         error: None,
+                        attempts: 1,
                     },
                 })?;
                 // A value decoded for this call is not shared: no copy.
@@ -301,6 +302,7 @@ impl<T: Data> std::future::Future for Future<T> {
                 message: e.to_string(),
                 location: None,
                 error: None,
+                attempts: 1,
             })),
             None => {
                 slot.waker = Some(cx.waker().clone());

@@ -121,6 +121,10 @@ impl Op for Node {
         self.call.timeout()
     }
 
+    fn retries(&self) -> u32 {
+        self.call.retries()
+    }
+
     fn to_wire(&self) -> Result<WireTask, WireError> {
         self.call.to_wire().map_err(|e| match e {
             WireError::NotSerializable { what } => WireError::NotSerializable {
@@ -169,15 +173,44 @@ pub(crate) trait Call: Send + Sync + 'static {
     fn timeout(&self) -> Option<std::time::Duration> {
         None
     }
+
+    /// How many times the work runs again when it fails (see
+    /// `Delayed::retries`).
+    fn retries(&self) -> u32 {
+        0
+    }
+
+    /// Whether the work must run as a task of its own, never fused with
+    /// others: its timeout or retries are its own.
+    fn runs_alone(&self) -> bool {
+        self.timeout().is_some() || self.retries() > 0
+    }
 }
 
-/// Another call with a timeout (`Delayed::timeout`).
-pub(crate) struct Timed {
+/// Another call with a timeout or retries (`Delayed::timeout`,
+/// `Delayed::retries`).
+pub(crate) struct Limited {
     pub(crate) call: Arc<dyn Call>,
-    pub(crate) timeout: std::time::Duration,
+    pub(crate) timeout: Option<std::time::Duration>,
+    pub(crate) retries: u32,
 }
 
-impl Call for Timed {
+impl Limited {
+    /// `call` with these limits, keeping those `call` already has.
+    pub(crate) fn wrap(
+        call: &Arc<dyn Call>,
+        timeout: Option<std::time::Duration>,
+        retries: Option<u32>,
+    ) -> Arc<dyn Call> {
+        Arc::new(Limited {
+            call: call.clone(),
+            timeout: timeout.or(call.timeout()),
+            retries: retries.unwrap_or(call.retries()),
+        })
+    }
+}
+
+impl Call for Limited {
     fn run(&self, inputs: &mut [Option<Value>]) -> Result<Value, OpError> {
         self.call.run(inputs)
     }
@@ -194,7 +227,10 @@ impl Call for Timed {
         self.call.to_wire()
     }
     fn timeout(&self) -> Option<std::time::Duration> {
-        Some(self.timeout)
+        self.timeout
+    }
+    fn retries(&self) -> u32 {
+        self.retries
     }
 }
 

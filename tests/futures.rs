@@ -138,6 +138,24 @@ fn sleepy(gate: u64, x: i64) -> i64 {
     gated(gate, x)
 }
 
+/// Fails the first `failures` calls with counter `id`, then returns `id`.
+fn flaky(id: u64, failures: usize) -> Result<i64, String> {
+    let n = {
+        let mut counts = COUNTS.lock().unwrap();
+        let n = counts
+            .get_or_insert_with(HashMap::new)
+            .entry(id)
+            .or_default();
+        *n += 1;
+        *n
+    };
+    if n <= failures {
+        Err(format!("attempt {n} failed"))
+    } else {
+        Ok(id as i64)
+    }
+}
+
 /// The futures API on every executor: one thread, a pool, and (feature
 /// `distributed`) a scheduler with two workers in this process.
 fn clients() -> Vec<Client> {
@@ -153,7 +171,8 @@ fn clients() -> Vec<Client> {
             fail_on?,
             total,
             until_cancelled,
-            sleepy
+            sleepy,
+            flaky?
         ]))
         .unwrap(),
     );
@@ -421,6 +440,47 @@ fn timeouts_fail_the_task_and_spare_the_rest() {
     let err = hung.compute_with(&rask::Config::synchronous()).unwrap_err();
     assert!(matches!(err, Error::Timeout { task: Some(_), .. }), "{err}");
     open(gate);
+}
+
+/// A task with retries runs again when it fails; a failure after every
+/// attempt says how many there were; `Client::retry` runs failed work again.
+#[test]
+fn retries_and_retry() {
+    for client in clients() {
+        let id = new_id();
+        let f = client.submit(delayed!(flaky(id, 2)?).retries(2)).unwrap();
+        assert_eq!(f.result().unwrap(), id as i64);
+        assert_eq!(count(id), 3);
+
+        let id = new_id();
+        let f = client.submit(delayed!(flaky(id, 5)?).retries(1)).unwrap();
+        match f.result() {
+            Err(Error::Task {
+                attempts, message, ..
+            }) => {
+                assert_eq!(attempts, 2, "{:?}", client.executor());
+                assert_eq!(message, "attempt 2 failed");
+            }
+            other => panic!("{:?}: {other:?}", client.executor()),
+        }
+        assert!(f
+            .result()
+            .unwrap_err()
+            .to_string()
+            .contains("after 2 attempts"));
+        // Run again by hand: attempts 3 and 4 fail; then 5 fails and 6,
+        // past the failures, gives the value.
+        client.retry(&f).unwrap();
+        assert!(f.result().is_err());
+        assert_eq!(count(id), 4);
+        client.retry(&f).unwrap();
+        assert_eq!(f.result().unwrap(), id as i64);
+        assert_eq!(count(id), 6);
+        // A finished future is left alone.
+        client.retry(&f).unwrap();
+        assert_eq!(f.result().unwrap(), id as i64);
+        assert_eq!(count(id), 6);
+    }
 }
 
 /// Waits (bounded) until `done` holds.

@@ -194,8 +194,8 @@ pub(crate) fn absorb<'a>(
     top: &'a Arc<Node>,
     absorbed: &mut Absorbed,
 ) -> Option<(&'a Arc<Node>, Chain)> {
-    // A timed node runs alone (`Folds::isolated`).
-    if top.call.timeout().is_some() {
+    // A timed or retried node runs alone (`Folds::isolated`).
+    if top.call.runs_alone() {
         return None;
     }
     let mut bottom = top;
@@ -208,7 +208,7 @@ pub(crate) fn absorb<'a>(
         // absorbed.)
         if Arc::strong_count(input) != 1
             || (input.deps.is_empty() && (input.is_data() || input.call.is_future()))
-            || input.call.timeout().is_some()
+            || input.call.runs_alone()
         {
             break;
         }

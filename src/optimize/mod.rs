@@ -307,6 +307,11 @@ pub(crate) fn named_origin(key: Key, name: &str, mut err: OpError) -> OpError {
     err
 }
 
+/// Whether `op` has a timeout or retries of its own (`Folds::isolated`).
+fn runs_alone(op: &dyn rask_executor::Op) -> bool {
+    op.timeout().is_some() || op.retries() > 0
+}
+
 /// Per task of a draft: whether it must stay a task (pinned) and whether a
 /// pass folded it into its only consumer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -324,12 +329,13 @@ impl Folds {
     /// empty.
     pub(crate) fn new(draft: &Draft, keep: &KeySet) -> Folds {
         let n = draft.len();
-        // A timed task stays a task of its own (`Folds::isolated`).
+        // A timed or retried task stays a task of its own
+        // (`Folds::isolated`).
         let mut pinned: Vec<bool> = draft
             .plan
             .tasks()
             .iter()
-            .map(|t| t.op.timeout().is_some())
+            .map(|t| runs_alone(&*t.op))
             .collect();
         for &o in draft.outputs() {
             pinned[o as usize] = true;
@@ -351,10 +357,10 @@ impl Folds {
     }
 
     /// Whether task `i` must run alone: neither folded into its consumer nor
-    /// taking its inputs in. A task with a timeout runs alone, so that its
-    /// deadline times its own work only.
+    /// taking its inputs in. A task with a timeout or retries runs alone, so
+    /// that its deadline times, and its retries repeat, its own work only.
     pub(crate) fn isolated(&self, draft: &Draft, i: u32) -> bool {
-        self.pinned(i) && draft.plan.task(i).op.timeout().is_some()
+        self.pinned(i) && runs_alone(&*draft.plan.task(i).op)
     }
 
     /// Whether task `i` was folded into its only consumer.

@@ -232,6 +232,8 @@ pub struct Failure {
     pub cause: Option<Box<Cause>>,
     /// Where the task panicked (rule 3).
     pub location: Option<Arc<str>>,
+    /// How many times the task ran: more than 1 when it had retries.
+    pub attempts: u32,
 }
 
 impl Failure {
@@ -244,6 +246,7 @@ impl Failure {
             message,
             cause: None,
             location: None,
+            attempts: 1,
         }
     }
 
@@ -256,6 +259,7 @@ impl Failure {
             message: err.message,
             cause: err.cause,
             location: err.location,
+            attempts: 1,
         }
     }
 }
@@ -267,6 +271,7 @@ impl PartialEq for Failure {
             && self.kind == other.kind
             && self.message == other.message
             && self.location == other.location
+            && self.attempts == other.attempts
             && self.cause.as_ref().map(|c| &c.type_name)
                 == other.cause.as_ref().map(|c| &c.type_name)
     }
@@ -282,6 +287,9 @@ impl fmt::Display for Failure {
             FailureKind::Panicked => f.write_str("panicked")?,
             FailureKind::Cancelled => f.write_str("was cancelled")?,
             FailureKind::TimedOut(after) => write!(f, "timed out after {after:?}")?,
+        }
+        if self.attempts > 1 {
+            write!(f, " after {} attempts", self.attempts)?;
         }
         if let Some(location) = &self.location {
             write!(f, " at {location}")?;
@@ -315,6 +323,7 @@ struct Portable {
     error_type: Option<String>,
     chain: Vec<String>,
     location: Option<String>,
+    attempts: u32,
 }
 
 /// The bytes of `failure` as the payload of a [`FAIL_FUNCTION`] task
@@ -345,6 +354,7 @@ pub fn encode_failure(failure: &Failure) -> Result<Vec<u8>, WireError> {
             .map(|c| c.chain())
             .unwrap_or_default(),
         location: failure.location.as_ref().map(|l| l.to_string()),
+        attempts: failure.attempts,
     };
     postcard::to_stdvec(&portable).map_err(|e| WireError::Encode {
         what: "a task failure".into(),
@@ -384,6 +394,7 @@ pub fn decode_failure(bytes: &[u8]) -> Result<Failure, WireError> {
         message: p.message,
         cause,
         location: p.location.map(Arc::from),
+        attempts: p.attempts.max(1),
     })
 }
 

@@ -150,21 +150,36 @@ pub trait Op: Send + Sync {
     fn timeout(&self) -> Option<Duration> {
         None
     }
+
+    /// How many times the task runs again when it fails, returning an error,
+    /// panicking or timing out (see [`run_task`]).
+    fn retries(&self) -> u32 {
+        0
+    }
 }
 
-/// `op` with a timeout: runs and travels as `op` does, and fails as timed
-/// out when it runs longer than `timeout` (see [`run_task`]). Used where an
-/// op is rebuilt from its wire form, which carries no timeout.
-pub fn with_timeout(op: Arc<dyn Op>, timeout: Duration) -> Arc<dyn Op> {
-    Arc::new(Timed { op, timeout })
+/// `op` with a timeout and retries: runs and travels as `op` does, fails as
+/// timed out when it runs longer than `timeout`, and runs again up to
+/// `retries` times when it fails (see [`run_task`]). Used where an op is
+/// rebuilt from its wire form, which carries neither.
+pub fn with_limits(op: Arc<dyn Op>, timeout: Option<Duration>, retries: u32) -> Arc<dyn Op> {
+    if timeout.is_none() && retries == 0 {
+        return op;
+    }
+    Arc::new(Limited {
+        op,
+        timeout,
+        retries,
+    })
 }
 
-struct Timed {
+struct Limited {
     op: Arc<dyn Op>,
-    timeout: Duration,
+    timeout: Option<Duration>,
+    retries: u32,
 }
 
-impl Op for Timed {
+impl Op for Limited {
     fn run(&self, inputs: &mut [Option<Value>]) -> Result<Value, OpError> {
         self.op.run(inputs)
     }
@@ -175,7 +190,10 @@ impl Op for Timed {
         self.op.to_wire()
     }
     fn timeout(&self) -> Option<Duration> {
-        Some(self.timeout)
+        self.timeout
+    }
+    fn retries(&self) -> u32 {
+        self.retries
     }
 }
 
@@ -240,8 +258,42 @@ pub trait Executor: Send + Sync {
 /// fails as [`FailureKind::TimedOut`], and its thread is abandoned (see
 /// [`abandoned`]) with [`cancelled`] raised on it. Starting that thread
 /// costs tens of microseconds, for timed tasks only.
+///
+/// A task whose op has [`retries`](Op::retries) runs again, on the same
+/// inputs, each time it fails (an error, a panic or a timeout; not a
+/// cancellation), up to that many times; its final failure counts its
+/// attempts ([`Failure::attempts`]).
 pub fn run_task(task: &PlanTask, inputs: &mut [Option<Value>]) -> Outcome {
     failure::record_panic_locations();
+    let retries = task.op.retries();
+    if retries == 0 {
+        return run_once(task, inputs);
+    }
+    let mut attempt = 1;
+    loop {
+        // The last attempt may take its inputs; earlier ones share them.
+        let outcome = if attempt > retries {
+            run_once(task, inputs)
+        } else {
+            run_once(task, &mut inputs.to_vec())
+        };
+        match outcome {
+            Err(failure)
+                if attempt <= retries && failure.kind != FailureKind::Cancelled && !cancelled() =>
+            {
+                attempt += 1;
+            }
+            Err(mut failure) => {
+                Arc::make_mut(&mut failure).attempts = attempt;
+                return Err(failure);
+            }
+            ok => return ok,
+        }
+    }
+}
+
+/// One attempt of [`run_task`].
+fn run_once(task: &PlanTask, inputs: &mut [Option<Value>]) -> Outcome {
     if let Some(timeout) = task.op.timeout() {
         return run_timed(task, inputs, timeout);
     }

@@ -641,6 +641,7 @@ impl Executor for Client {
                     .op
                     .timeout()
                     .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+                retries: task.op.retries(),
             })
             .collect();
         let outputs: Vec<WireKey> = plan.outputs().iter().map(|&t| keys[t as usize]).collect();

@@ -358,6 +358,9 @@ pub struct TaskSpec {
     /// (`Op::timeout`); `None`: the scheduler's default, if any. Any value:
     /// a deadline past the end of time is no deadline.
     pub timeout_ms: Option<u64>,
+    /// How many times it runs again when it fails (`Op::retries`). Any
+    /// value: a worker stops retrying a task nobody wants any more.
+    pub retries: u32,
 }
 
 /// A [`Failure`] as it travels: everything but the error value itself,
@@ -379,6 +382,8 @@ pub struct WireFailure {
     pub chain: Vec<String>,
     /// Where the task panicked (`file:line:column`).
     pub location: Option<String>,
+    /// How many times the task ran (more than 1 with retries). Any value.
+    pub attempts: u32,
 }
 
 impl WireFailure {
@@ -392,6 +397,7 @@ impl WireFailure {
             error_type: None,
             chain: Vec::new(),
             location: None,
+            attempts: 1,
         }
     }
 }
@@ -429,6 +435,7 @@ impl From<&Failure> for WireFailure {
             error_type: f.cause.as_ref().map(|c| c.type_name.to_string()),
             chain: f.cause.as_ref().map(|c| c.chain()).unwrap_or_default(),
             location: f.location.as_ref().map(|l| l.to_string()),
+            attempts: f.attempts,
         }
     }
 }
@@ -452,6 +459,7 @@ impl From<&WireFailure> for Failure {
                 .as_ref()
                 .map(|t| Box::new(Cause::remote(t, &f.message, f.chain.clone()))),
             location: f.location.as_deref().map(Arc::from),
+            attempts: f.attempts.max(1),
         }
     }
 }
@@ -569,6 +577,8 @@ pub enum ToWorker {
         /// How long it may run, in milliseconds, before it fails as timed
         /// out; `None`: as long as it takes.
         timeout_ms: Option<u64>,
+        /// How many times it runs again when it fails.
+        retries: u32,
     },
     /// Forget `key`: drop its value, or the task if it has not finished. No
     /// message about `key` follows unless a new `Compute` asks for it.
@@ -1078,10 +1088,11 @@ mod tests {
             who_has: vec![([2; 32], vec![WorkerId(3)])],
             priority: 300,
             timeout_ms: Some(1500),
+            retries: 2,
         };
         let frame = frame(&msg);
         let expected = [
-            "75000000", // body length: 117 bytes
+            "76000000", // body length: 118 bytes
             "03",       // variant: Compute
             &"01".repeat(32),
             "03696e63", // name "inc"
@@ -1094,6 +1105,7 @@ mod tests {
             "0103",   // holders [3]
             "ac02",   // priority 300, varint
             "01dc0b", // timeout: some, 1500 ms
+            "02",     // retries: 2
         ]
         .concat();
         assert_eq!(hex(&frame), expected);

@@ -103,6 +103,8 @@ struct Task {
     early: bool,
     /// How long it may run, in milliseconds (`TaskSpec::timeout_ms`).
     timeout_ms: Option<u64>,
+    /// How many times it runs again when it fails (`TaskSpec::retries`).
+    retries: u32,
 }
 
 impl Task {
@@ -510,6 +512,7 @@ impl State {
                 deaths: 0,
                 early: false,
                 timeout_ms: spec.timeout_ms,
+                retries: spec.retries,
             });
             for i in 0..n_deps {
                 let d = self.task(id).deps[i];
@@ -1166,6 +1169,7 @@ impl State {
                 who_has,
                 priority: task.priority,
                 timeout_ms: task.timeout_ms.or(self.task_timeout_ms),
+                retries: task.retries,
             },
         );
         let task = self.task_mut(id);

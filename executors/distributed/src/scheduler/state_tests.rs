@@ -78,6 +78,7 @@ fn spec(n: u8, deps: &[u8]) -> TaskSpec {
         payload: Arc::from(&[n][..]),
         deps: deps.iter().map(|&d| k(d)).collect(),
         timeout_ms: None,
+        retries: 0,
     }
 }
 

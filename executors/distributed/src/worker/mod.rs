@@ -390,6 +390,7 @@ async fn main(
                     who_has,
                     priority,
                     timeout_ms,
+                    retries,
                 } => state.on_compute(
                     Compute {
                         key,
@@ -400,6 +401,7 @@ async fn main(
                         who_has,
                         priority,
                         timeout: timeout_ms.map(Duration::from_millis),
+                        retries,
                     },
                     &mut out,
                 ),
@@ -931,6 +933,7 @@ mod tests {
             who_has: Vec::new(),
             priority: k as u64,
             timeout: None,
+            retries: 0,
         }
     }
 

@@ -155,6 +155,8 @@ pub(crate) struct Compute {
     pub(crate) priority: u64,
     /// How long it may run (`rask_executor::run_task` enforces it).
     pub(crate) timeout: Option<std::time::Duration>,
+    /// How many times it runs again when it fails (`run_task` again).
+    pub(crate) retries: u32,
 }
 
 /// The worker's whole state.
@@ -215,10 +217,7 @@ impl WorkerState {
         };
         // A registry that panics while decoding fails that task only.
         let op = match catch_unwind(AssertUnwindSafe(|| self.registry.resolve(&wire))) {
-            Ok(Ok(op)) => match msg.timeout {
-                Some(timeout) => rask_executor::with_timeout(op, timeout),
-                None => op,
-            },
+            Ok(Ok(op)) => rask_executor::with_limits(op, msg.timeout, msg.retries),
             Ok(Err(e)) => return out.to_scheduler(fail(FailureKind::Failed, e.to_string())),
             Err(p) => return out.to_scheduler(fail(FailureKind::Panicked, panic_message(&*p))),
         };
@@ -588,6 +587,7 @@ mod tests {
                 .collect(),
             priority: key as u64,
             timeout: None,
+            retries: 0,
         }
     }
 
