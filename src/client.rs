@@ -641,11 +641,17 @@ struct PendingRef {
 }
 
 impl Op for PendingRef {
-    /// The key's outcome if its run already ended (the executor then sends
-    /// that rather than a reference); never waits, as it may run on the
-    /// thread that would complete the key.
+    /// The key's outcome once its run ended: the executor runs this when
+    /// the cluster no longer holds the key, and sends the outcome instead
+    /// of a reference. The cluster lets a key go just before its outcome is
+    /// reported here, so this waits for it, briefly (the executor's own
+    /// thread, which reports it, never gets here with the key pending).
     fn run(&self, _: &mut [Option<Value>]) -> std::result::Result<Value, OpError> {
-        let state = self.shared.upgrade().map(|shared| shared.state(self.key));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let state = self
+            .shared
+            .upgrade()
+            .map(|shared| shared.wait(self.key, Some(deadline)));
         match state {
             Some(State::Finished(value)) => Ok(value),
             Some(State::Failed(failure)) => Err(replay(&failure)),
@@ -818,6 +824,9 @@ impl Shared {
 
     /// Records the outcome of a key from `run` and wakes whoever waits for it.
     fn complete(self: &Arc<Self>, run: &Run, key: Key, outcome: Outcome) {
+        // The finished work's graph is dropped after the table lock: it may
+        // hold futures, whose drop takes the lock.
+        let mut finished_node = None;
         let (listeners, deferred) = {
             let mut table = self.lock();
             let Some(entry) = table.get_mut(&key) else {
@@ -835,7 +844,7 @@ impl Shared {
             }
             entry.state = match outcome {
                 Ok(value) => {
-                    entry.node = None;
+                    finished_node = entry.node.take();
                     State::Finished(value)
                 }
                 // This very key was cancelled; an input's cancellation is
@@ -849,6 +858,7 @@ impl Shared {
                 std::mem::take(&mut entry.deferred),
             )
         };
+        drop(finished_node);
         self.wake(listeners, deferred);
     }
 

@@ -1285,28 +1285,24 @@ impl Loop {
                 .zip(&open.reported)
                 .any(|(k, &done)| *k == key && !done)
             && !open.handles.get(&key).is_some_and(|h| h.holds);
+        // The release is placed before the output is reported: whatever
+        // the caller sends once it has the output comes after it (rule 7).
         if release {
             open.released.push(key);
+            let mark = drop_hold(&self.link, &mut open.holds, key);
+            if self.connected {
+                self.ended.push((mark, key));
+            }
         }
-        let release = release.then_some(key);
         if open.unreported > 0 {
             open.reporter.output(slot, outcome);
-            // After the output is reported: a graph that finds the key no
-            // longer held then finds the key's outcome (rule 7).
-            if let Some(key) = release {
-                let mark = drop_hold(&self.link, &mut open.holds, key);
-                if self.connected {
-                    self.ended.push((mark, key));
-                }
-            }
         } else {
-            self.complete(id, slot, outcome, release);
+            self.complete(id, slot, outcome);
         }
     }
 
-    /// Reports a submission's last output, releasing its key if `release`
-    /// (as `report` does), and finishes it (rule 2).
-    fn complete(&mut self, id: u64, slot: usize, outcome: Outcome, release: Option<WireKey>) {
+    /// Reports a submission's last output and finishes it (rule 2).
+    fn complete(&mut self, id: u64, slot: usize, outcome: Outcome) {
         let Some(open) = self.open.remove(&id) else {
             return;
         };
@@ -1314,7 +1310,7 @@ impl Loop {
             plan,
             reporter,
             handles,
-            mut holds,
+            holds,
             ..
         } = open;
         // The plan goes before the last output is reported: a caller that
@@ -1322,12 +1318,6 @@ impl Loop {
         // among its inputs) released.
         drop(plan);
         reporter.output(slot, outcome);
-        if let Some(key) = release {
-            let mark = drop_hold(&self.link, &mut holds, key);
-            if self.connected {
-                self.ended.push((mark, key));
-            }
-        }
         drop(holds);
         // The reporter holds the handles it still wants.
         drop(handles);
