@@ -114,6 +114,22 @@ pub use worker::WorkerHandle;
 /// of its scheduler.
 pub const WORKER_ENV: &str = "RASK_WORKER";
 
+/// The environment variable giving a worker process its grace period, in
+/// seconds (`2.5` allowed; default 30): how long a thread may stay in a
+/// task after its cancellation or timeout before the worker is unhealthy
+/// (see [`worker::Options::grace`]).
+pub const GRACE_ENV: &str = "RASK_WORKER_GRACE";
+
+/// The environment variable a supervisor sets to `1` in the worker
+/// processes it restarts ([`LocalCluster`] does): an unhealthy worker then
+/// exits with [`RESTART_EXIT_CODE`] (see [`worker::Options::supervised`]).
+pub const SUPERVISED_ENV: &str = "RASK_WORKER_SUPERVISED";
+
+/// The exit status of a supervised worker process that asks to be
+/// restarted because a thread is stuck in a task (75, `EX_TEMPFAIL` of
+/// `sysexits.h`: a temporary failure, try again).
+pub const RESTART_EXIT_CODE: i32 = 75;
+
 /// Everything that can go wrong in this crate.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -188,6 +204,16 @@ pub enum Error {
          tried to start a cluster; call rask's worker-mode setup first thing in main"
     )]
     NestedCluster,
+    /// An environment variable a worker reads has a value it cannot use.
+    #[error("{name}={value:?} is not valid: expected {expected}")]
+    Env {
+        /// The variable.
+        name: &'static str,
+        /// Its value.
+        value: String,
+        /// What it should be.
+        expected: &'static str,
+    },
     /// No such worker in a [`LocalCluster`], or it was killed already.
     #[error("no running worker {index} in this cluster")]
     NoWorker {
