@@ -78,10 +78,23 @@ impl Running {
         }
         self.reported = true;
         Some(format!(
-            "task {} ignored its cancellation for {} s",
+            "task {} ignored its cancellation for {}",
             self.task(),
-            stuck.as_secs()
+            Seconds(stuck)
         ))
+    }
+}
+
+/// A duration for a log line: `31 s`, or `0.5 s` under ten seconds.
+struct Seconds(Duration);
+
+impl std::fmt::Display for Seconds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0 < Duration::from_secs(10) {
+            write!(f, "{:.1} s", self.0.as_secs_f64())
+        } else {
+            write!(f, "{} s", self.0.as_secs())
+        }
     }
 }
 
@@ -334,9 +347,9 @@ impl Watchdog {
             let stuck = now.saturating_duration_since(a.since);
             if stuck >= grace && self.abandoned.insert((a.name.clone(), a.since)) {
                 self.unhealthy(&format!(
-                    "task {} ignored its timeout for {} s",
+                    "task {} ignored its timeout for {}",
                     a.name,
-                    stuck.as_secs()
+                    Seconds(stuck)
                 ));
             }
         }
@@ -380,6 +393,14 @@ mod tests {
             cancel_seen: None,
             reported: false,
         }
+    }
+
+    #[test]
+    fn durations_in_lines_are_whole_seconds_from_ten_on() {
+        let line = |ms| Seconds(Duration::from_millis(ms)).to_string();
+        assert_eq!(line(500), "0.5 s");
+        assert_eq!(line(9_940), "9.9 s");
+        assert_eq!(line(31_700), "31 s");
     }
 
     #[test]
