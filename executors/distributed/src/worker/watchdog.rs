@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rask_executor::{Key, Op};
+use rask_executor::{Abandoned, Key, Op};
 
 use super::pool::Seat;
 use super::state::Job;
@@ -182,6 +182,34 @@ fn review(seat: &mut Seat, now: Instant, grace: Duration, spare: &mut usize) -> 
     verdict
 }
 
+/// The lines that make the worker unhealthy for tasks of `abandoned` that
+/// still run `grace` after their timeout (rule 11), each once: `reported`
+/// keeps the ones said, as long as they run.
+fn overdue_abandoned(
+    abandoned: &[Abandoned],
+    reported: &mut HashSet<(Arc<str>, Instant)>,
+    now: Instant,
+    grace: Duration,
+) -> Vec<String> {
+    reported.retain(|(name, since)| {
+        abandoned
+            .iter()
+            .any(|a| a.name == *name && a.since == *since)
+    });
+    let mut lines = Vec::new();
+    for a in abandoned {
+        let stuck = now.saturating_duration_since(a.since);
+        if stuck >= grace && reported.insert((a.name.clone(), a.since)) {
+            lines.push(format!(
+                "task {} ignored its timeout for {}",
+                a.name,
+                Seconds(stuck)
+            ));
+        }
+    }
+    lines
+}
+
 /// The watchdog's own state.
 struct Watchdog {
     worker: Arc<Worker>,
@@ -338,20 +366,8 @@ impl Watchdog {
     fn watch_abandoned(&mut self, now: Instant) {
         let grace = self.worker.options.grace;
         let abandoned = rask_executor::abandoned();
-        self.abandoned.retain(|(name, since)| {
-            abandoned
-                .iter()
-                .any(|a| a.name == *name && a.since == *since)
-        });
-        for a in abandoned {
-            let stuck = now.saturating_duration_since(a.since);
-            if stuck >= grace && self.abandoned.insert((a.name.clone(), a.since)) {
-                self.unhealthy(&format!(
-                    "task {} ignored its timeout for {}",
-                    a.name,
-                    Seconds(stuck)
-                ));
-            }
+        for line in overdue_abandoned(&abandoned, &mut self.abandoned, now, grace) {
+            self.unhealthy(&line);
         }
     }
 
@@ -393,6 +409,32 @@ mod tests {
             cancel_seen: None,
             reported: false,
         }
+    }
+
+    #[test]
+    fn a_task_abandoned_at_its_timeout_is_reported_once_after_the_grace() {
+        let grace = Duration::from_secs(30);
+        let t0 = Instant::now();
+        let task = |name: &str| Abandoned {
+            name: name.into(),
+            since: t0,
+        };
+        let mut reported = HashSet::new();
+        let list = [task("slow"), task("slower")];
+        let early = t0 + grace - Duration::from_millis(1);
+        assert!(overdue_abandoned(&list, &mut reported, early, grace).is_empty());
+        let late = t0 + grace + Duration::from_secs(2);
+        assert_eq!(
+            overdue_abandoned(&list, &mut reported, late, grace),
+            [
+                "task slow ignored its timeout for 32 s",
+                "task slower ignored its timeout for 32 s"
+            ]
+        );
+        assert!(overdue_abandoned(&list, &mut reported, late, grace).is_empty());
+        // One returned: forgotten; the other is not said again.
+        assert!(overdue_abandoned(&list[1..], &mut reported, late, grace).is_empty());
+        assert_eq!(reported.len(), 1);
     }
 
     #[test]
