@@ -45,12 +45,29 @@ impl Cluster {
         if crate::registry::installed().is_none() {
             return Err(Error::NotInitialized);
         }
-        let exe = std::env::current_exe().map_err(Error::Executor)?;
-        let args: Vec<_> = std::env::args_os().skip(1).collect();
+        // `/proc/self/exe` opens the file this program started from even
+        // after a rebuild replaced it: workers (restarted ones too) are
+        // always this very build.
+        let running = std::path::Path::new("/proc/self/exe");
+        let exe = if running.exists() {
+            running.to_path_buf()
+        } else {
+            std::env::current_exe().map_err(Error::Executor)?
+        };
+        let mut args = std::env::args_os();
+        let name = args.next();
+        let args: Vec<_> = args.collect();
         // Workers inherit this program's stdout and stderr: what tasks
         // print shows as if they ran here.
         let local = LocalCluster::start(workers, move || {
             let mut command = Command::new(&exe);
+            // Shown by `ps` as this program, not as `/proc/self/exe`.
+            #[cfg(unix)]
+            if let Some(name) = &name {
+                std::os::unix::process::CommandExt::arg0(&mut command, name);
+            }
+            #[cfg(not(unix))]
+            let _ = &name;
             command.args(&args).stdin(Stdio::null());
             command
         })?;

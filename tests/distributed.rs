@@ -98,6 +98,65 @@ fn output_scenario() {
     drop((done, own));
 }
 
+/// Set in a run of this binary as a child program: its `main` runs
+/// [`stuck_scenario`] instead of the tests.
+const STUCK_SCENARIO_ENV: &str = "RASK_TEST_STUCK_SCENARIO";
+
+/// Writes a line to the file at `path`, then ignores its cancellation for
+/// five minutes: longer than any wait of these tests, and bounded all the
+/// same.
+fn stubborn(path: String) -> i64 {
+    stamp(path, 0);
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(300) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    0
+}
+
+/// Waits (bounded) until `cond` holds.
+fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The child program, run with a short grace period: on a cluster of one
+/// worker process, a task that ignores its cancellation is cancelled. The
+/// worker keeps working on a new thread, then, past the grace period,
+/// exits to be restarted, and the cluster starts another process in its
+/// place, which takes later submissions. Nothing is left running.
+fn stuck_scenario() {
+    let client = Client::local(1).expect("a cluster of one worker");
+    let first = live_children();
+    assert_eq!(first.len(), 1, "one worker process");
+    let path = stamp_path("stuck");
+    let stuck = client.submit(delayed!(stubborn(path.clone()))).unwrap();
+    eventually("the stubborn task to start", || stamps(&path) == 1);
+    stuck.cancel();
+    assert!(matches!(stuck.result(), Err(Error::Cancelled { .. })));
+    // Its only thread is stuck: a replacement runs these.
+    let before = client.map(inc, 0..10).unwrap();
+    assert_eq!(
+        client.gather(&before).unwrap(),
+        (1..=10).collect::<Vec<i64>>()
+    );
+    eventually("another worker process", || {
+        let now = live_children();
+        now.len() == 1 && now != first
+    });
+    let after = client.map(inc, 100..110).unwrap();
+    assert_eq!(
+        client.gather(&after).unwrap(),
+        (101..=110).collect::<Vec<i64>>()
+    );
+    drop((before, after, stuck, client));
+    let _ = std::fs::remove_file(&path);
+    eventually("the worker processes to go", || live_children().is_empty());
+}
+
 /// Set in a worker started from a copy of this test binary: that "older
 /// build of the program" has an older `scale`.
 const OLD_VERSION_ENV: &str = "RASK_TEST_OLD_VERSION";
@@ -640,11 +699,17 @@ fn numbered(text: &str, prefix: &str) -> (Vec<i64>, Vec<String>) {
 /// `local:2`; returns its stdout and stderr once every process writing to
 /// them (the child and its workers) is gone.
 fn run_output_scenario() -> (String, String) {
+    run_child(&[(OUTPUT_SCENARIO_ENV, "1"), ("RASK_SCHEDULER", "local:2")])
+}
+
+/// Runs this binary as a child program with `env`, and checks it
+/// succeeded; returns its stdout and stderr once every process writing to
+/// them (the child and its workers) is gone.
+fn run_child(env: &[(&str, &str)]) -> (String, String) {
     use std::io::Read;
     use std::process::{Command, Stdio};
     let mut child = Command::new(std::env::current_exe().expect("this test's path"))
-        .env(OUTPUT_SCENARIO_ENV, "1")
-        .env("RASK_SCHEDULER", "local:2")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -731,6 +796,31 @@ fn task_output_reaches_the_program_under_local_n() {
     }
 }
 
+fn a_worker_stuck_in_a_cancelled_task_is_restarted_by_its_cluster() {
+    let before = live_children().len();
+    let (_, err) = run_child(&[
+        (STUCK_SCENARIO_ENV, "1"),
+        (rask_distributed::GRACE_ENV, "0.5"),
+    ]);
+    // One line when the worker gave up on its thread, one when the cluster
+    // started it again.
+    let unhealthy: Vec<&str> = err.lines().filter(|l| l.contains("unhealthy")).collect();
+    assert_eq!(unhealthy.len(), 1, "{err}");
+    assert!(
+        unhealthy[0].starts_with("rask-distributed: worker ")
+            && unhealthy[0].contains(": unhealthy: task ")
+            && unhealthy[0].contains("stubborn-")
+            && unhealthy[0].contains("ignored its cancellation for ")
+            && unhealthy[0].ends_with(" s; exiting to be restarted"),
+        "{err}"
+    );
+    assert!(
+        err.contains("rask-distributed: worker process 0 asked to be restarted (exit status: 75); started it again"),
+        "{err}"
+    );
+    assert_eq!(live_children().len(), before);
+}
+
 fn random_graphs_agree_with_the_sync_executor() {
     let mut runner = TestRunner::new(ProptestConfig {
         cases: 12,
@@ -795,10 +885,15 @@ fn main() {
         support::tree_inc,
         support::tree_add,
         chatty,
-        partial
+        partial,
+        stubborn
     ]);
     if std::env::var_os(OUTPUT_SCENARIO_ENV).is_some() {
         output_scenario();
+        return;
+    }
+    if std::env::var_os(STUCK_SCENARIO_ENV).is_some() {
+        stuck_scenario();
         return;
     }
     let tests: &[(&str, fn())] = &[
@@ -846,6 +941,10 @@ fn main() {
         (
             "an_older_build_of_the_program_never_answers_for_this_one",
             an_older_build_of_the_program_never_answers_for_this_one,
+        ),
+        (
+            "a_worker_stuck_in_a_cancelled_task_is_restarted_by_its_cluster",
+            a_worker_stuck_in_a_cancelled_task_is_restarted_by_its_cluster,
         ),
     ];
     let filter: Vec<String> = std::env::args()

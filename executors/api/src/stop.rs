@@ -14,8 +14,10 @@
 //!    fails it as [`FailureKind::TimedOut`](crate::FailureKind::TimedOut).
 //!    From then on [`cancelled`] is true on that thread; the thread is
 //!    *abandoned*: counted by [`abandoned`] until the task returns, its
-//!    result dropped. A task that never returns keeps its thread; a worker
-//!    process restarts itself when one stays abandoned too long.
+//!    result dropped. A task that never returns keeps its thread; a
+//!    distributed worker calls itself unhealthy when one stays abandoned
+//!    past its grace period, and a local cluster then restarts its process
+//!    (see `rask_distributed::worker`).
 
 use std::cell::RefCell;
 use std::collections::HashMap;

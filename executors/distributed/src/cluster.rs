@@ -2,17 +2,44 @@
 //! this machine.
 
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::net::log;
 use crate::scheduler::{self, SchedulerHandle};
-use crate::{Client, Error, WORKER_ENV};
+use crate::{Client, Error, RESTART_EXIT_CODE, SUPERVISED_ENV, WORKER_ENV};
 
 /// How long `start` waits for every worker to register.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How often the supervisor looks for workers that asked to be restarted.
+const SUPERVISE_EVERY: Duration = Duration::from_millis(20);
+
+/// A worker process started less than this long ago is restarted only
+/// once this long has passed: a worker that keeps asking restarts once a
+/// second at most.
+const MIN_LIFE: Duration = Duration::from_secs(1);
+
 /// A scheduler running in this process plus `n` worker processes on
 /// 127.0.0.1. Dropping it kills and reaps every worker and stops the
 /// scheduler.
+///
+/// # Restarts
+///
+/// A supervisor thread owned by the cluster restarts a worker process that
+/// exits with [`RESTART_EXIT_CODE`]: a worker does so when a thread of its
+/// stays stuck in a cancelled or timed-out task past its grace period (see
+/// [`worker`](crate::worker) rule 11; workers are started with
+/// [`SUPERVISED_ENV`] set, and [`GRACE_ENV`](crate::GRACE_ENV) sets the
+/// period). The new process is made by the same command and keeps the
+/// same index; it starts within a few tens of milliseconds of the exit, or
+/// one second after the old process started if that is later (a worker
+/// that keeps asking is restarted once a second at most). A line on stderr
+/// says so. A worker killed by [`LocalCluster::kill_worker`], or that exits
+/// in any other way, is not restarted. The supervisor is stopped and
+/// joined when the cluster is dropped, before the workers are killed.
 ///
 /// # Examples
 ///
@@ -28,17 +55,34 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// ```
 pub struct LocalCluster {
     scheduler: SchedulerHandle,
-    workers: Vec<Worker>,
+    workers: Workers,
+    /// Dropped to stop the supervisor, which is then joined.
+    supervisor: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
 }
 
+/// The worker processes, shared with the supervisor.
+type Workers = Arc<Mutex<Vec<Worker>>>;
+
 struct Worker {
+    /// `None` once killed by `kill_worker` (or never restarted).
     child: Option<Child>,
+    started: Instant,
+}
+
+/// Makes the command of a worker process.
+type MakeWorker = Box<dyn Fn() -> Command + Send>;
+
+fn lock_workers(workers: &Workers) -> MutexGuard<'_, Vec<Worker>> {
+    // Every critical section leaves the list whole: poison is harmless.
+    workers.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl LocalCluster {
     /// Starts a scheduler on 127.0.0.1 (port chosen by the OS) and `workers`
     /// processes made by `worker`, with [`WORKER_ENV`] set to the
-    /// scheduler's address. Returns once every worker registered.
+    /// scheduler's address and [`SUPERVISED_ENV`] to `1`. Returns once every
+    /// worker registered. `worker` is kept to restart workers that ask for
+    /// it (see Restarts above).
     ///
     /// # Output
     ///
@@ -61,9 +105,13 @@ impl LocalCluster {
     /// [`Error::Spawn`] if a process cannot be started,
     /// [`Error::WorkerExited`] if one exits before registering (with its exit
     /// status; what it wrote to stderr is printed above), [`Error::Timeout`]
-    /// if they do not all register within a minute. Every process started
-    /// is stopped.
-    pub fn start(workers: usize, worker: impl Fn() -> Command) -> Result<LocalCluster, Error> {
+    /// if they do not all register within a minute, [`Error::Io`] if the
+    /// supervisor thread cannot be started. Every process started is
+    /// stopped.
+    pub fn start(
+        workers: usize,
+        worker: impl Fn() -> Command + Send + 'static,
+    ) -> Result<LocalCluster, Error> {
         if std::env::var_os(WORKER_ENV).is_some() {
             return Err(Error::NestedCluster);
         }
@@ -71,20 +119,20 @@ impl LocalCluster {
         let address = format!("tcp://{}", scheduler.address());
         let mut cluster = LocalCluster {
             scheduler,
-            workers: Vec::with_capacity(workers),
+            workers: Arc::new(Mutex::new(Vec::with_capacity(workers))),
+            supervisor: None,
         };
+        let make: MakeWorker = Box::new(worker);
         for index in 0..workers {
-            let mut command = worker();
-            // Stdout and stderr are inherited (see Output above).
-            command.env(WORKER_ENV, &address).stdin(Stdio::null());
-            let child = command
-                .spawn()
-                .map_err(|source| Error::Spawn { index, source })?;
-            cluster.workers.push(Worker { child: Some(child) });
+            let child = spawn(&make, &address, index)?;
+            lock_workers(&cluster.workers).push(Worker {
+                child: Some(child),
+                started: Instant::now(),
+            });
         }
         let deadline = Instant::now() + START_TIMEOUT;
         while cluster.scheduler.workers() < workers {
-            for (index, w) in cluster.workers.iter_mut().enumerate() {
+            for (index, w) in lock_workers(&cluster.workers).iter_mut().enumerate() {
                 let Some(child) = w.child.as_mut() else {
                     continue;
                 };
@@ -101,6 +149,13 @@ impl LocalCluster {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
+        let (stop, stopped) = mpsc::channel();
+        let shared = cluster.workers.clone();
+        let supervisor = std::thread::Builder::new()
+            .name("rask-supervisor".into())
+            .spawn(move || supervise(&shared, &make, &address, &stopped))
+            .map_err(Error::Io)?;
+        cluster.supervisor = Some((stop, supervisor));
         Ok(cluster)
     }
 
@@ -128,17 +183,68 @@ impl LocalCluster {
     /// [`Error::NoWorker`] if there is no such worker, or it was killed
     /// already; [`Error::Io`] if the kill fails.
     pub fn kill_worker(&mut self, index: usize) -> Result<(), Error> {
-        let child = self
-            .workers
+        // Taken out under the lock: the supervisor never restarts it.
+        let child = lock_workers(&self.workers)
             .get_mut(index)
             .and_then(|w| w.child.take())
             .ok_or(Error::NoWorker { index })?;
         reap(child).map_err(Error::Io)
     }
 
-    /// Number of worker processes started.
+    /// Number of worker processes started (a restarted worker counts once).
     pub fn workers(&self) -> usize {
-        self.workers.len()
+        lock_workers(&self.workers).len()
+    }
+}
+
+/// Starts worker process `index` of the scheduler at `address`.
+fn spawn(make: &MakeWorker, address: &str, index: usize) -> Result<Child, Error> {
+    let mut command = make();
+    // Stdout and stderr are inherited (see Output above).
+    command
+        .env(WORKER_ENV, address)
+        .env(SUPERVISED_ENV, "1")
+        .stdin(Stdio::null());
+    command
+        .spawn()
+        .map_err(|source| Error::Spawn { index, source })
+}
+
+/// The supervisor (see Restarts on [`LocalCluster`]): until `stop` is sent
+/// to or dropped, restarts the workers that exited with
+/// [`RESTART_EXIT_CODE`].
+fn supervise(shared: &Workers, make: &MakeWorker, address: &str, stop: &mpsc::Receiver<()>) {
+    while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(SUPERVISE_EVERY) {
+        let mut list = lock_workers(shared);
+        for (index, w) in list.iter_mut().enumerate() {
+            let Some(child) = w.child.as_mut() else {
+                continue;
+            };
+            // Other exits are not ours to handle; the status is kept by
+            // `Child`, so asking again costs nothing.
+            let Ok(Some(status)) = child.try_wait() else {
+                continue;
+            };
+            if status.code() != Some(RESTART_EXIT_CODE) || w.started.elapsed() < MIN_LIFE {
+                continue;
+            }
+            match spawn(make, address, index) {
+                Ok(new) => {
+                    log!(
+                        "worker process {index} asked to be restarted ({status}); started it again"
+                    );
+                    w.child = Some(new);
+                    w.started = Instant::now();
+                }
+                Err(e) => {
+                    log!(
+                        "worker process {index} asked to be restarted, and could not be: {}",
+                        crate::net::Chain(&e)
+                    );
+                    w.child = None;
+                }
+            }
+        }
     }
 }
 
@@ -176,7 +282,12 @@ pub fn in_process_client(scheduler: &SchedulerHandle) -> Result<Client, Error> {
 
 impl Drop for LocalCluster {
     fn drop(&mut self) {
-        for w in &mut self.workers {
+        // First the supervisor, so nothing is restarted behind the kills.
+        if let Some((stop, supervisor)) = self.supervisor.take() {
+            drop(stop);
+            let _ = supervisor.join();
+        }
+        for w in lock_workers(&self.workers).iter_mut() {
             if let Some(child) = w.child.take() {
                 let _ = reap(child);
             }
@@ -189,7 +300,7 @@ impl std::fmt::Debug for LocalCluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LocalCluster")
             .field("address", &self.address())
-            .field("workers", &self.workers.len())
+            .field("workers", &self.workers())
             .finish()
     }
 }

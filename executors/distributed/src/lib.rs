@@ -38,7 +38,11 @@
 //! program forgot the check runs `main` again; if that `main` starts a
 //! cluster, [`LocalCluster::start`] refuses with [`Error::NestedCluster`]
 //! instead of recursing. A worker serves only clients of its own build of
-//! the program ([`BuildId`]): after a rebuild, start the workers again.
+//! the program ([`BuildId`]): after a rebuild, start the workers again. A
+//! [`LocalCluster`]'s command best starts `/proc/self/exe` on Linux, as the
+//! `rask` crate's does: the file the program started from, even after a
+//! rebuild replaced it, so its workers (restarted ones too) are always its
+//! own build.
 //!
 //! # Design
 //!
@@ -76,7 +80,20 @@
 //!   same process ([`LocalCluster::client`], [`in_process_client`]): it
 //!   shares the scheduler's thread and hands it frames (the same as over
 //!   TCP) through in-memory channels, so a message between them costs no
-//!   system call, no copy through a socket and no thread hand-off.
+//!   system call, no copy through a socket and no thread hand-off. A
+//!   worker's runtime is driven by one thread at a time, not always the
+//!   same one: its network thread runs very short tasks itself, outside
+//!   the runtime, and when one of them hangs a watchdog hands the runtime
+//!   to a new thread ([`worker`] rule 9), so a hang never silences a
+//!   worker.
+//! - **A stuck task costs a thread, not a worker.** Cancellation is
+//!   cooperative, so a task that ignores it keeps its thread. The worker
+//!   starts another thread in its place at once, so the thread count the
+//!   scheduler plans with stays true; if the task is still running after a
+//!   grace period (30 s, [`GRACE_ENV`]), as for a task abandoned at its
+//!   timeout, the worker says it is unhealthy on stderr, and a worker of a
+//!   [`LocalCluster`] exits to be restarted ([`RESTART_EXIT_CODE`]); a
+//!   worker started by hand goes on with its replacement threads.
 //! - **Builds never meet.** A key names a task's function by path, not by
 //!   its code, so a worker left running from an older build of the program
 //!   would compute another value under the same key. Every process sends
@@ -113,6 +130,22 @@ pub use worker::WorkerHandle;
 /// The environment variable a worker process reads: the `tcp://host:port`
 /// of its scheduler.
 pub const WORKER_ENV: &str = "RASK_WORKER";
+
+/// The environment variable giving a worker process its grace period, in
+/// seconds (`2.5` allowed; default 30): how long a thread may stay in a
+/// task after its cancellation or timeout before the worker is unhealthy
+/// (see [`worker::Options::grace`]).
+pub const GRACE_ENV: &str = "RASK_WORKER_GRACE";
+
+/// The environment variable a supervisor sets to `1` in the worker
+/// processes it restarts ([`LocalCluster`] does): an unhealthy worker then
+/// exits with [`RESTART_EXIT_CODE`] (see [`worker::Options::supervised`]).
+pub const SUPERVISED_ENV: &str = "RASK_WORKER_SUPERVISED";
+
+/// The exit status of a supervised worker process that asks to be
+/// restarted because a thread is stuck in a task (75, `EX_TEMPFAIL` of
+/// `sysexits.h`: a temporary failure, try again).
+pub const RESTART_EXIT_CODE: i32 = 75;
 
 /// Everything that can go wrong in this crate.
 #[derive(Debug, thiserror::Error)]
@@ -188,6 +221,16 @@ pub enum Error {
          tried to start a cluster; call rask's worker-mode setup first thing in main"
     )]
     NestedCluster,
+    /// An environment variable a worker reads has a value it cannot use.
+    #[error("{name}={value:?} is not valid: expected {expected}")]
+    Env {
+        /// The variable.
+        name: &'static str,
+        /// Its value.
+        value: String,
+        /// What it should be.
+        expected: &'static str,
+    },
     /// No such worker in a [`LocalCluster`], or it was killed already.
     #[error("no running worker {index} in this cluster")]
     NoWorker {

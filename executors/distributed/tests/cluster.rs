@@ -82,7 +82,7 @@ fn a_worker_that_exits_early_is_reported_and_writes_where_its_command_says() {
     // process's own by default, a file here.
     let path = std::env::temp_dir().join(format!("rask-early-exit-{}", std::process::id()));
     let file = std::fs::File::create(&path).unwrap();
-    let err = LocalCluster::start(1, || {
+    let err = LocalCluster::start(1, move || {
         let mut c = Command::new("sh");
         c.args(["-c", "echo 'no worker mode here' >&2; exit 3"]);
         c.stderr(file.try_clone().unwrap());

@@ -231,29 +231,117 @@ fn many_short_tasks_at_once_are_shared_between_the_network_thread_and_the_pool()
 fn a_silent_worker_is_taken_for_dead_and_its_task_runs_elsewhere() {
     let timeout = Duration::from_millis(500);
     let options = rask_distributed::scheduler::Options::default().worker_timeout(timeout);
-    let mut cluster = Cluster::with_options(1, 1, options);
+    let mut cluster = Cluster::with_options(0, 1, options);
     let client = cluster.client();
-    // Worker 0 learns that `where` is short and runs it on its network
-    // thread (worker rule 5).
-    let inline = (0..50).any(|salt| run_where(&cluster, &client, "where", 0, salt) == Ok(1));
-    assert!(inline, "`where` never ran on the network thread");
-    // Worker 1 has never run it: it would use a compute thread.
+    let mut g = Graph::new(&cluster.shared);
+    let a = g.value(1);
+    let b = g.op("inc", 0, &[a]);
+    g.output(b);
+    let got = Collect::new(1);
+    got.submit(&client, g.build());
+    // A worker that takes the task, then sends nothing, not even a
+    // heartbeat: a hung process.
+    let (mut s, mut msgs) = raw_worker(&cluster);
+    while !msgs
+        .iter()
+        .any(|m| matches!(m, protocol::ToWorker::Compute { .. }))
+    {
+        msgs = read_frame(&mut s);
+    }
     cluster.add_worker(1);
-    cluster.eventually("two workers", |c| c.scheduler.workers() == 2);
-    // Both idle: worker 0 (the lower id) takes this one, which sleeps 1.5 s
-    // on its network thread: no heartbeat meanwhile. After `timeout` the
-    // scheduler takes it for dead and runs the task again on worker 1.
-    let got = run_where(&cluster, &client, "where", 1_500_000, 77);
-    assert_eq!(got, Ok(0), "ran on a compute thread, so on worker 1");
+    // After `timeout` the scheduler takes it for dead, closes it and runs
+    // the task again on the real worker.
+    assert_eq!(got.wait(), vec![Ok(2)]);
+    wait_closed(&mut s);
     assert_eq!(cluster.scheduler.workers(), 1);
-    // Worker 0 stops once it finds its connection closed.
-    cluster.eventually("worker 0 to stop", |c| {
-        c.workers[0].as_ref().is_none_or(|w| w.is_finished())
-    });
     // The rest carries on, heartbeats and all, past the timeout.
     std::thread::sleep(2 * timeout);
     diamond(&cluster, &client, 3);
     assert_eq!(cluster.scheduler.workers(), 1);
+}
+
+#[test]
+fn a_thread_stuck_in_a_cancelled_task_is_replaced_and_its_worker_takes_new_work() {
+    // One worker, one thread: only a replacement thread can run anything
+    // while the first one hangs.
+    let cluster = Cluster::new(1, 1);
+    let client = cluster.client();
+    let mut g = Graph::new(&cluster.shared);
+    let stuck = g.op("hang", 0, &[]);
+    g.output(stuck);
+    let got = Collect::new(1);
+    got.submit(&client, g.build());
+    cluster.eventually("the task to hang", |c| {
+        c.shared.hanging.load(Ordering::SeqCst) == 1
+    });
+    // Cancelled: the scheduler releases it on its worker, which it never
+    // notices.
+    got.cancel.store(true, Ordering::SeqCst);
+    assert_eq!(
+        got.wait()[0].clone().unwrap_err().kind,
+        FailureKind::Cancelled
+    );
+    // Ten more tasks for the same worker all complete, while the first
+    // still hangs on its thread.
+    let mut g = Graph::salted(&cluster.shared, 1);
+    for i in 0..10 {
+        let v = g.value(i);
+        let t = g.op("add", 100, &[v]);
+        g.output(t);
+    }
+    let got = Collect::new(10);
+    got.submit(&client, g.build());
+    let want: Vec<_> = (0..10).map(|i| Ok(100 + i)).collect();
+    assert_eq!(got.wait(), want);
+    assert_eq!(cluster.shared.hanging.load(Ordering::SeqCst), 1);
+    assert_eq!(cluster.scheduler.workers(), 1);
+    // Once it returns, its late result is dropped, and nothing is left
+    // running.
+    cluster.shared.end_hangs();
+    cluster.eventually("the task to return", |c| {
+        c.shared.hanging.load(Ordering::SeqCst) == 0
+    });
+    diamond(&cluster, &client, 2);
+    cluster.eventually("release", |c| c.scheduler.tasks() == 0);
+}
+
+#[test]
+fn a_fast_function_that_hangs_on_the_network_thread_does_not_take_its_worker_out() {
+    // A worker silent for this long would be taken for dead.
+    let timeout = Duration::from_millis(500);
+    let options = rask_distributed::scheduler::Options::default().worker_timeout(timeout);
+    let cluster = Cluster::with_options(1, 1, options);
+    let client = cluster.client();
+    let inline = (0..50).any(|salt| run_where(&cluster, &client, "where", 0, salt) == Ok(1));
+    assert!(inline, "`where` never ran on the network thread");
+    let held = keep_big(&cluster, &client, 5);
+    // The next call of that fast function hangs, on the network thread.
+    let mut g = Graph::salted(&cluster.shared, 100);
+    let t = g.op("where", -2, &[]);
+    g.output(t);
+    let hung = Collect::new(1);
+    hung.submit(&client, g.build());
+    cluster.eventually("the task to hang", |c| {
+        c.shared.hanging.load(Ordering::SeqCst) == 1
+    });
+    // The worker goes on: it runs other tasks, serves its data and sends
+    // heartbeats past the scheduler's timeout.
+    diamond(&cluster, &client, 6);
+    assert_eq!(fetch_len(&held[0]), BIG as usize);
+    assert_eq!(len_of(&cluster, &client, &held[0]), BIG as i64 + 5);
+    std::thread::sleep(2 * timeout);
+    diamond(&cluster, &client, 7);
+    assert_eq!(cluster.scheduler.workers(), 1);
+    assert!(!cluster.workers[0].as_ref().unwrap().is_finished());
+    assert_eq!(cluster.shared.hanging.load(Ordering::SeqCst), 1);
+    // Released, the hung call reports its value (it was still wanted), run
+    // on the thread that was the network thread.
+    cluster.shared.end_hangs();
+    assert_eq!(hung.wait(), vec![Ok(1)]);
+    // Its function starts over on the pool.
+    assert_eq!(run_where(&cluster, &client, "where", 0, 200), Ok(0));
+    drop(held);
+    cluster.eventually("release", |c| c.scheduler.tasks() == 0);
 }
 
 #[test]

@@ -9,9 +9,10 @@
 //!
 //! 1. The worker's life is its scheduler connection: when it ends, for any
 //!    reason, [`run`] returns `Ok(())` and every value is dropped.
-//! 2. One tokio thread does all networking; ops run on `threads` plain
-//!    threads, so a long op never delays a data transfer or a report (but
-//!    see rule 5 for ops known to be short).
+//! 2. One thread at a time, the *network thread*, drives the worker's tokio
+//!    runtime: all networking and the dispatch of jobs. Ops run on
+//!    `threads` plain compute threads, so a long op never delays a data
+//!    transfer or a report (but see rule 5 for ops known to be short).
 //! 3. Reports to the scheduler are batched: everything that finished while
 //!    the network thread was busy goes out in one frame.
 //! 4. The data port listens on the address the worker used to reach its
@@ -19,17 +20,20 @@
 //!    the cluster are known to route to.
 //! 5. A job whose function's last 4 runs on this worker (`FAST_STREAK`)
 //!    each took under 50 µs (`FAST_OP`) runs on the network thread itself,
-//!    right where it is dispatched: for a tiny task, the hand-off to a
-//!    compute thread and back costs more than the task. One turn of the
-//!    network loop runs such jobs for at most 500 µs (`INLINE_TURN`) and
-//!    hands the rest to the pool. A run over 50 µs sends its function back
-//!    to the pool until it has been fast 4 times in a row again, so a
-//!    function that turns slow delays the network thread once, by that one
-//!    run.
+//!    right after it is dispatched: for a tiny task, the hand-off to a
+//!    compute thread and back costs more than the task. The network thread
+//!    runs such jobs outside the runtime, one at a time, with the worker's
+//!    state unlocked while each runs (rule 9); it does so for at most
+//!    500 µs a turn (`INLINE_TURN`) and hands the rest to the pool. A run
+//!    over 50 µs sends its function back to the pool until it has been fast
+//!    4 times in a row again, so a function that turns slow delays the
+//!    network thread once, by that one run, and by at most `INLINE_STUCK`
+//!    (rule 9).
 //! 6. The worker sends a heartbeat as often as its scheduler asked
 //!    (`ToWorker::Heartbeat`), so a hung worker (or one whose machine became
 //!    unreachable) is told from a busy one: a long task on a compute thread
-//!    never delays it, a short one on the network thread (rule 5) barely.
+//!    never delays it, a short one on the network thread (rule 5) barely,
+//!    and a task that hangs there by `INLINE_STUCK` at most (rule 9).
 //! 7. Tasks print to the stdout and stderr the worker process was started
 //!    with. Stdout is flushed before each batch of reports is sent, so what
 //!    a task printed, even a `print!` without a newline, is written before
@@ -39,15 +43,47 @@
 //!    scheduler, which gives it tasks of that build only, and its data port
 //!    serves only readers of that build: a peer announcing another is
 //!    closed with a logged reason.
+//! 9. **Hand-off.** A watchdog thread looks every 10 ms (`watchdog::TICK`).
+//!    When the network thread has been in one job of rule 5 for 20 ms
+//!    (`INLINE_STUCK`, 400 times `FAST_OP`), the watchdog starts another
+//!    thread, which becomes the network thread: the runtime, left by the
+//!    old one, is driven from the new one (a current-thread runtime can be,
+//!    once nobody is inside `block_on`). The job's function goes back to
+//!    the pool. When the job returns, the old thread sees it was replaced
+//!    (its `watchdog::Slot` says so), hands its report over as a compute
+//!    thread would and exits. So a hang on the network thread never takes
+//!    the worker out: heartbeats, reports and the data port carry on.
+//!    [`run`] waits on a channel for whichever thread ends the worker.
+//! 10. **Replacement.** A compute thread whose task was released (its
+//!     `cancelled` flag set, state rule 3) and that is still in it when the
+//!     watchdog looks is retired, and a new compute thread starts at once:
+//!     the worker keeps the `threads` working threads it announced, which
+//!     the scheduler's window counts on. A retired thread takes no new job
+//!     and exits when its task returns; the late result is dropped (state
+//!     rule 3). At most `threads` threads are retired at a time: a released
+//!     task stuck beyond that makes the worker unhealthy at once (rule 11).
+//! 11. **Grace.** A thread still in a released task (on the pool, or a
+//!     former network thread) [`Options::grace`] after the watchdog saw the
+//!     release, or a task abandoned at its timeout
+//!     ([`rask_executor::abandoned`], counted per process) still running
+//!     `grace` after, makes the worker *unhealthy*: it writes one line on
+//!     stderr (`rask-distributed: worker 3: unhealthy: task foo-1a2b3c4d
+//!     ignored its cancellation for 30 s`). A worker run by a supervisor
+//!     ([`Options::supervised`], which [`LocalCluster`](crate::LocalCluster)
+//!     sets) then exits its process with [`RESTART_EXIT_CODE`](crate::RESTART_EXIT_CODE), and the
+//!     supervisor starts it again; any other worker goes on with its
+//!     replacement threads.
 
+mod pool;
 mod state;
+mod watchdog;
 
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{HashMap, VecDeque};
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -55,14 +91,16 @@ use rask_executor::{panic_message, run_task, Encoded, Failure, FailureKind, Key,
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::net::{self, log, Chain, ConnectError, FrameReader, PeerPool};
+use crate::net::{self, log, Chain, ConnectError, Fetched, FrameReader, PeerPool, Reader};
 use crate::protocol::{
     decode_checked, duration_ns_of, strip_scheme, Batch, FromPeer, FromPeerRef, ProtocolError,
     Role, ToPeer, ToScheduler, ToWorker, WireKey, WorkerId, INLINE_BYTES, MAX_FRAME,
     MAX_TASK_DURATION, MAX_THREADS,
 };
-use crate::{BuildId, Error};
+use crate::{BuildId, Error, GRACE_ENV, SUPERVISED_ENV};
+use pool::Pool;
 use state::{lock, Compute, Done, Job, Outbox, Store, Stored, WorkerState};
+use watchdog::{Running, Slot};
 
 /// The largest value a worker keeps: one that still fits a frame.
 const MAX_VALUE: usize = MAX_FRAME - 1024;
@@ -80,20 +118,130 @@ const FAST_STREAK: u32 = 4;
 /// The longest the network thread runs jobs itself in one turn (rule 5).
 const INLINE_TURN: Duration = Duration::from_micros(500);
 
-/// Runs a worker until its scheduler goes away (then returns `Ok`), on the
-/// calling thread.
+/// How long a thread may stay in a released or timed-out task before its
+/// worker is unhealthy, unless [`Options::grace`] says otherwise (rule 11).
+pub const GRACE: Duration = Duration::from_secs(30);
+
+/// How a worker runs.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use rask_distributed::worker::Options;
+/// let options = Options::default().threads(4).grace(Duration::from_secs(5));
+/// assert_eq!(options.threads, 4);
+/// assert!(!options.supervised);
+/// ```
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Options {
+    /// Tasks run at once: at least one, at most [`MAX_THREADS`] (more is
+    /// taken as that). Default 1.
+    pub threads: usize,
+    /// How long a thread may stay in a task after its cancellation, or
+    /// after its timeout, before the worker is unhealthy (rule 11). Default
+    /// [`GRACE`], 30 s.
+    pub grace: Duration,
+    /// Whether a supervisor restarts this worker's process: an unhealthy
+    /// worker then exits the process with [`RESTART_EXIT_CODE`](crate::RESTART_EXIT_CODE) (rule 11).
+    /// Default `false`.
+    pub supervised: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            threads: 1,
+            grace: GRACE,
+            supervised: false,
+        }
+    }
+}
+
+impl Options {
+    /// These options with `threads` threads.
+    pub fn threads(mut self, threads: usize) -> Options {
+        self.threads = threads;
+        self
+    }
+
+    /// These options with another grace period (rule 11).
+    pub fn grace(mut self, grace: Duration) -> Options {
+        self.grace = grace;
+        self
+    }
+
+    /// These options, for a worker whose process a supervisor restarts
+    /// (`true`) or not (rule 11).
+    pub fn supervised(mut self, supervised: bool) -> Options {
+        self.supervised = supervised;
+        self
+    }
+
+    /// The defaults, with what the environment sets: [`GRACE_ENV`] (a
+    /// grace period in seconds, `2.5` allowed) and [`SUPERVISED_ENV`]
+    /// (`1` when a supervisor restarts this process, `0` or unset when
+    /// not).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Env`] for a value that is not one of those.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// // Neither variable is set here.
+    /// let options = rask_distributed::worker::Options::from_env()?;
+    /// assert_eq!(options.grace, rask_distributed::worker::GRACE);
+    /// # Ok::<(), rask_distributed::Error>(())
+    /// ```
+    pub fn from_env() -> Result<Options, Error> {
+        Options::default().with_env(|name| std::env::var_os(name))
+    }
+
+    /// [`Options::from_env`] with the variables `var` gives.
+    fn with_env(
+        mut self,
+        var: impl Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> Result<Options, Error> {
+        let invalid =
+            |name: &'static str, value: &std::ffi::OsStr, expected: &'static str| Error::Env {
+                name,
+                value: value.to_string_lossy().into_owned(),
+                expected,
+            };
+        if let Some(value) = var(GRACE_ENV) {
+            let seconds = value.to_str().and_then(|v| v.trim().parse::<f64>().ok());
+            self.grace = seconds
+                .and_then(|s| Duration::try_from_secs_f64(s).ok())
+                .ok_or_else(|| invalid(GRACE_ENV, &value, "a number of seconds"))?;
+        }
+        if let Some(value) = var(SUPERVISED_ENV) {
+            self.supervised = match value.to_str().map(str::trim) {
+                Some("1") => true,
+                Some("0") | Some("") => false,
+                _ => return Err(invalid(SUPERVISED_ENV, &value, "`1` or `0`")),
+            };
+        }
+        Ok(self)
+    }
+}
+
+/// Runs a worker until its scheduler goes away (then returns `Ok`); the
+/// calling thread waits for it, its network runs on threads of its own
+/// (rule 9).
 ///
 /// `scheduler` is `tcp://host:port` or `host:port`; `threads` is the number
 /// of tasks run at once (at least one, at most [`MAX_THREADS`]: more is
-/// taken as that).
+/// taken as that). The other [`Options`] come from the environment
+/// ([`Options::from_env`]): a [`LocalCluster`](crate::LocalCluster) sets
+/// [`SUPERVISED_ENV`], and [`GRACE_ENV`] sets the grace period.
 ///
 /// # Errors
 ///
-/// [`Error::Address`] for a malformed address, [`Error::Connection`] or
-/// [`Error::Timeout`] if the scheduler cannot be reached,
-/// [`Error::Handshake`] if it is not a rask scheduler of this version,
-/// [`Error::Protocol`] if it breaks the protocol (a malformed message, or a
-/// number out of its range such as a heartbeat interval over an hour).
+/// [`Error::Env`] for a malformed [`GRACE_ENV`] or [`SUPERVISED_ENV`];
+/// otherwise as [`run_with`].
 ///
 /// # Examples
 ///
@@ -108,19 +256,53 @@ const INLINE_TURN: Duration = Duration::from_micros(500);
 /// # Ok::<(), rask_distributed::Error>(())
 /// ```
 pub fn run(scheduler: &str, registry: Arc<dyn Registry>, threads: usize) -> Result<(), Error> {
-    let runtime = net::runtime().map_err(Error::Io)?;
-    let build = BuildId::current();
-    runtime.block_on(main(
-        scheduler.to_owned(),
-        registry,
-        threads,
-        build,
-        None,
-        None,
-    ))
+    run_with(scheduler, registry, Options::from_env()?.threads(threads))
 }
 
-/// A worker running on a background thread of this process (tests).
+/// [`run`] with `options`, and no look at the environment.
+///
+/// # Errors
+///
+/// [`Error::Address`] for a malformed address, [`Error::Connection`] or
+/// [`Error::Timeout`] if the scheduler cannot be reached,
+/// [`Error::Handshake`] if it is not a rask scheduler of this version,
+/// [`Error::Protocol`] if it breaks the protocol (a malformed message, or a
+/// number out of its range such as a heartbeat interval over an hour),
+/// [`Error::Io`] if the worker's threads cannot be started.
+///
+/// # Panics
+///
+/// If the worker's network thread panicked (a bug of this crate).
+///
+/// # Examples
+///
+/// ```no_run
+/// # fn registry() -> std::sync::Arc<dyn rask_executor::Registry> { unimplemented!() }
+/// use rask_distributed::worker::{self, Options};
+/// let options = Options::default().threads(2).grace(std::time::Duration::from_secs(5));
+/// worker::run_with("tcp://127.0.0.1:8786", registry(), options)?;
+/// # Ok::<(), rask_distributed::Error>(())
+/// ```
+pub fn run_with(
+    scheduler: &str,
+    registry: Arc<dyn Registry>,
+    options: Options,
+) -> Result<(), Error> {
+    let started = start(scheduler, registry, options, BuildId::current(), None)?;
+    let ending = started.ending.recv();
+    let _ = started.watchdog.join();
+    match ending {
+        Ok(Ok(result)) => result,
+        Ok(Err(panic)) => std::panic::resume_unwind(panic),
+        // The thread that ended the worker could not say how: it went.
+        Err(_) => Ok(()),
+    }
+}
+
+/// How a worker ended: its result, or the panic of its network thread.
+type Ending = std::thread::Result<Result<(), Error>>;
+
+/// A worker running on background threads of this process (tests).
 ///
 /// [`WorkerHandle::stop`] (and dropping the handle) stops it abruptly: its
 /// connections are dropped as a crash would drop them.
@@ -128,7 +310,10 @@ pub struct WorkerHandle {
     id: WorkerId,
     data_address: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<Result<(), Error>>>,
+    // In a mutex only to make the handle `Sync`.
+    ending: Mutex<std::sync::mpsc::Receiver<Ending>>,
+    /// Ends last, after every socket closed.
+    watchdog: Option<JoinHandle<()>>,
 }
 
 impl WorkerHandle {
@@ -144,7 +329,7 @@ impl WorkerHandle {
 
     /// Whether the worker stopped (its scheduler went away, or `stop`).
     pub fn is_finished(&self) -> bool {
-        self.thread.as_ref().is_none_or(|t| t.is_finished())
+        self.watchdog.as_ref().is_none_or(|t| t.is_finished())
     }
 
     /// Stops the worker at once, closing its connections without notice, as
@@ -163,8 +348,17 @@ impl WorkerHandle {
     pub fn join(mut self) -> Result<(), Error> {
         // Dropping the sender (not sending) lets the worker run on.
         self.stop = None;
-        match self.thread.take().map(|t| t.join()) {
-            Some(Ok(result)) => result,
+        self.wait()
+    }
+
+    fn wait(&mut self) -> Result<(), Error> {
+        let Some(watchdog) = self.watchdog.take() else {
+            return Ok(());
+        };
+        let ending = locked(&self.ending).recv();
+        let _ = watchdog.join();
+        match ending {
+            Ok(Ok(result)) => result,
             _ => Ok(()),
         }
     }
@@ -173,9 +367,7 @@ impl WorkerHandle {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        let _ = self.wait();
     }
 }
 
@@ -194,12 +386,12 @@ impl std::fmt::Debug for WorkerHandle {
     }
 }
 
-/// Starts a worker on a background thread; returns once the scheduler
+/// Starts a worker on background threads; returns once the scheduler
 /// registered it.
 ///
 /// # Errors
 ///
-/// As [`run`], for the connection and registration.
+/// As [`run_with`], for the connection and registration.
 ///
 /// # Examples
 ///
@@ -216,7 +408,34 @@ pub fn spawn(
     registry: Arc<dyn Registry>,
     threads: usize,
 ) -> Result<WorkerHandle, Error> {
-    spawn_as(scheduler, registry, threads, BuildId::current())
+    spawn_with(scheduler, registry, Options::default().threads(threads))
+}
+
+/// [`spawn`] with `options` (a supervised worker exits this process when
+/// it is unhealthy, rule 11).
+///
+/// # Errors
+///
+/// As [`spawn`].
+///
+/// # Examples
+///
+/// ```no_run
+/// # fn registry() -> std::sync::Arc<dyn rask_executor::Registry> { unimplemented!() }
+/// use std::time::Duration;
+/// use rask_distributed::worker::{self, Options};
+/// let scheduler = rask_distributed::scheduler::serve("127.0.0.1:0".parse().unwrap())?;
+/// let address = format!("tcp://{}", scheduler.address());
+/// let options = Options::default().grace(Duration::from_secs(1));
+/// let worker = worker::spawn_with(&address, registry(), options)?;
+/// # Ok::<(), rask_distributed::Error>(())
+/// ```
+pub fn spawn_with(
+    scheduler: &str,
+    registry: Arc<dyn Registry>,
+    options: Options,
+) -> Result<WorkerHandle, Error> {
+    spawn_inner(scheduler, registry, options, BuildId::current())
 }
 
 /// [`spawn`], announcing `build` instead of this process's build: tests
@@ -232,38 +451,29 @@ pub fn spawn_as(
     threads: usize,
     build: BuildId,
 ) -> Result<WorkerHandle, Error> {
-    let runtime = net::runtime().map_err(Error::Io)?;
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let (stop_tx, stop_rx) = oneshot::channel();
-    let scheduler = scheduler.to_owned();
-    let thread = std::thread::Builder::new()
-        .name("rask-worker".into())
-        .spawn(move || {
-            runtime.block_on(main(
-                scheduler,
-                registry,
-                threads,
-                build,
-                Some(stop_rx),
-                Some(ready_tx),
-            ))
-        })
-        .map_err(Error::Io)?;
-    match ready_rx.recv() {
-        Ok((id, data_address)) => Ok(WorkerHandle {
-            id,
-            data_address,
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        }),
-        // The worker ended before registering: its result says why.
-        Err(_) => match thread.join() {
-            Ok(Err(e)) => Err(e),
-            _ => Err(Error::Protocol {
-                reason: ProtocolError::Closed,
-            }),
-        },
-    }
+    spawn_inner(
+        scheduler,
+        registry,
+        Options::default().threads(threads),
+        build,
+    )
+}
+
+fn spawn_inner(
+    scheduler: &str,
+    registry: Arc<dyn Registry>,
+    options: Options,
+    build: BuildId,
+) -> Result<WorkerHandle, Error> {
+    let (stop, stopped) = oneshot::channel();
+    let started = start(scheduler, registry, options, build, Some(stopped))?;
+    Ok(WorkerHandle {
+        id: started.id,
+        data_address: started.data_address,
+        stop: Some(stop),
+        ending: Mutex::new(started.ending),
+        watchdog: Some(started.watchdog),
+    })
 }
 
 fn connect_error(addr: &str, e: ConnectError) -> Error {
@@ -303,16 +513,241 @@ impl Outbox for Out {
     }
 }
 
-async fn main(
-    scheduler: String,
-    registry: Arc<dyn Registry>,
+/// The worker's state and what its handlers produce: locked by the network
+/// thread while it handles messages and reports, never while a job runs
+/// (rules 5 and 9).
+struct Core {
+    state: WorkerState,
+    speeds: Speeds,
+    out: Out,
+    /// Jobs of fast functions, for the network thread (rule 5).
+    fast: VecDeque<Job>,
+    /// Jobs for the pool, sent at the end of the turn.
+    to_pool: Vec<Job>,
+    /// The job the network thread runs now, for the watchdog (rule 9).
+    inline: Option<Running>,
+}
+
+impl Core {
+    fn new(state: WorkerState) -> Core {
+        Core {
+            state,
+            speeds: Speeds::default(),
+            out: Out::default(),
+            fast: VecDeque::new(),
+            to_pool: Vec::new(),
+            inline: None,
+        }
+    }
+
+    /// A job's report, from a compute thread or the network thread: its
+    /// function's speed is noted (rule 5), then the state takes it.
+    fn finished(&mut self, done: Done) {
+        self.speeds.record(&done);
+        self.state.on_task_done(done, &mut self.out);
+    }
+
+    /// Sorts the jobs dispatched since the last look: fast ones for the
+    /// network thread, the others for the pool (rule 5).
+    fn route(&mut self) {
+        for job in self.out.jobs.drain(..) {
+            if self.speeds.is_fast(&job.function) {
+                self.fast.push_back(job);
+            } else {
+                self.to_pool.push(job);
+            }
+        }
+    }
+
+    /// The next job for the network thread in a turn that began at
+    /// `start`, if its budget allows one (rule 5).
+    fn next_fast(&mut self, start: Instant) -> Option<Job> {
+        self.route();
+        if self.fast.is_empty() || start.elapsed() >= INLINE_TURN {
+            return None;
+        }
+        self.fast.pop_front()
+    }
+
+    /// Every job not run yet, for the pool (end of a turn, rule 5).
+    fn leftovers(&mut self, into: &mut Vec<Job>) {
+        self.route();
+        into.append(&mut self.to_pool);
+        into.extend(self.fast.drain(..));
+    }
+}
+
+/// The worker's runtime and connections: only the network thread touches
+/// them (rules 2 and 9).
+struct Net {
+    // Dropped before the runtime they were made in.
+    io: Io,
+    runtime: tokio::runtime::Runtime,
+}
+
+/// What one turn of the network loop reads and writes.
+struct Io {
+    read: FrameReader<Reader>,
+    writer: mpsc::UnboundedSender<Vec<u8>>,
+    peers: PeerPool,
+    done_rx: mpsc::UnboundedReceiver<Done>,
+    fetch_rx: mpsc::UnboundedReceiver<Fetched>,
+    /// Rule 6: ticks once the scheduler said how often.
+    heartbeat: Option<tokio::time::Interval>,
+    /// A test's `WorkerHandle::stop`.
+    stop: Option<oneshot::Receiver<()>>,
+    /// What arrived, for the next turn to handle under one lock.
+    messages: Vec<ToWorker>,
+    done: Vec<Done>,
+    fetched: Vec<Fetched>,
+    heartbeat_due: bool,
+    /// Buffers kept from turn to turn.
+    fetches: Vec<(WorkerId, WireKey)>,
+    to_pool: Vec<Job>,
+}
+
+/// Everything the threads of one worker share: the network thread (whoever
+/// it is, rule 9), the watchdog and, through the pool, the compute threads.
+struct Worker {
+    id: WorkerId,
+    options: Options,
+    /// The announced thread count, within the protocol's range.
     threads: usize,
+    core: Mutex<Core>,
+    /// `None` once the worker ended.
+    net: Mutex<Option<Net>>,
+    pool: Pool,
+    /// Reports of compute threads and of former network threads.
+    done: mpsc::UnboundedSender<Done>,
+    store: Store,
+    /// Taken by the thread that ends the worker.
+    end: Mutex<Option<End>>,
+}
+
+/// Who learns that the worker ended.
+struct End {
+    /// `run` or the `WorkerHandle`.
+    ending: std::sync::mpsc::Sender<Ending>,
+    /// Dropped to stop the watchdog.
+    _watchdog: std::sync::mpsc::Sender<()>,
+}
+
+/// Locks `mutex`; the critical sections of a worker leave their data
+/// consistent at every step a panic could interrupt (a panicking handler
+/// is caught in the state), so poison is ignored.
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Worker {
+    fn core(&self) -> MutexGuard<'_, Core> {
+        locked(&self.core)
+    }
+
+    /// Ends the worker (rule 1): its sockets close, its pool stops, its
+    /// values go, and `run` returns `ending`.
+    fn finish(&self, ending: Ending) {
+        let net = locked(&self.net).take();
+        drop(net);
+        self.pool.close();
+        lock(&self.store).clear();
+        if let Some(end) = locked(&self.end).take() {
+            let _ = end.ending.send(ending);
+        }
+    }
+}
+
+/// A started worker, as `run` and `spawn` hold it.
+struct Started {
+    id: WorkerId,
+    data_address: SocketAddr,
+    ending: std::sync::mpsc::Receiver<Ending>,
+    watchdog: JoinHandle<()>,
+}
+
+/// Connects, registers, and starts the worker's threads: the network
+/// thread, the watchdog and the pool.
+fn start(
+    scheduler: &str,
+    registry: Arc<dyn Registry>,
+    options: Options,
     build: BuildId,
     stop: Option<oneshot::Receiver<()>>,
-    ready: Option<std::sync::mpsc::Sender<(WorkerId, SocketAddr)>>,
-) -> Result<(), Error> {
-    let address = strip_scheme(&scheduler).ok_or_else(|| Error::Address {
-        address: scheduler.clone(),
+) -> Result<Started, Error> {
+    let runtime = net::runtime().map_err(Error::Io)?;
+    // The protocol's range (rule 5 of `protocol`): the pool is that big too.
+    let threads = options.threads.clamp(1, MAX_THREADS as usize);
+    let store = Store::default();
+    let (done, done_rx) = mpsc::unbounded_channel();
+    let (registered, io) = runtime.block_on(register(
+        scheduler,
+        threads,
+        build,
+        store.clone(),
+        done_rx,
+        stop,
+    ))?;
+    let pool = Pool::start(threads, done.clone());
+    let (ending, ended) = std::sync::mpsc::channel();
+    let (end_watchdog, watchdog_ends) = std::sync::mpsc::channel();
+    let worker = Arc::new(Worker {
+        id: registered.id,
+        options,
+        threads,
+        core: Mutex::new(Core::new(WorkerState::new(
+            registered.id,
+            registry,
+            store.clone(),
+        ))),
+        net: Mutex::new(Some(Net { io, runtime })),
+        pool,
+        done,
+        store,
+        end: Mutex::new(Some(End {
+            ending,
+            _watchdog: end_watchdog,
+        })),
+    });
+    let slot = Arc::new(Slot::default());
+    let watchdog = match watchdog::start(worker.clone(), slot.clone(), watchdog_ends) {
+        Ok(w) => w,
+        Err(e) => {
+            worker.finish(Ok(Ok(())));
+            return Err(Error::Io(e));
+        }
+    };
+    let (go, ready) = std::sync::mpsc::channel();
+    let _ = go.send(true);
+    if let Err(e) = spawn_driver(worker.clone(), slot, ready) {
+        worker.finish(Ok(Ok(())));
+        let _ = watchdog.join();
+        return Err(Error::Io(e));
+    }
+    Ok(Started {
+        id: registered.id,
+        data_address: registered.data_address,
+        ending: ended,
+        watchdog,
+    })
+}
+
+/// What the scheduler's registration gave.
+struct Registered {
+    id: WorkerId,
+    data_address: SocketAddr,
+}
+
+/// Connects to the scheduler, opens the data port and registers.
+async fn register(
+    scheduler: &str,
+    threads: usize,
+    build: BuildId,
+    store: Store,
+    done_rx: mpsc::UnboundedReceiver<Done>,
+    stop: Option<oneshot::Receiver<()>>,
+) -> Result<(Registered, Io), Error> {
+    let address = strip_scheme(scheduler).ok_or_else(|| Error::Address {
+        address: scheduler.to_owned(),
     })?;
     let (read, write, local, _) = net::connect(
         address,
@@ -327,14 +762,12 @@ async fn main(
     let listener = TcpListener::bind((local_ip, 0)).await.map_err(Error::Io)?;
     let data_address = listener.local_addr().map_err(Error::Io)?;
     let writer = net::spawn_writer(write);
-    // The protocol's range (rule 5 of `protocol`): the pool is that big too.
-    let threads = threads.clamp(1, MAX_THREADS as usize);
-    let mut out = Out::default();
-    out.to_scheduler(ToScheduler::RegisterWorker {
+    let mut batch = Batch::default();
+    batch.push(&ToScheduler::RegisterWorker {
         address: data_address.to_string(),
         threads: threads as u32,
     });
-    net::send_batch(&writer, &mut out.scheduler);
+    net::send_batch(&writer, &mut batch);
 
     let mut read = FrameReader::new(read);
     let protocol = |reason| Error::Protocol { reason };
@@ -361,38 +794,140 @@ async fn main(
             "the scheduler did not answer the registration",
         )));
     };
+    tokio::spawn(serve_data(listener, store, build));
+    let (fetch_tx, fetch_rx) = mpsc::unbounded_channel();
+    let io = Io {
+        read,
+        writer,
+        peers: PeerPool::new(fetch_tx, build),
+        done_rx,
+        fetch_rx,
+        heartbeat: None,
+        stop,
+        messages: first.collect(),
+        done: Vec::new(),
+        fetched: Vec::new(),
+        heartbeat_due: false,
+        fetches: Vec::new(),
+        to_pool: Vec::new(),
+    };
+    Ok((Registered { id, data_address }, io))
+}
 
-    let store = Store::default();
-    tokio::spawn(serve_data(listener, store.clone(), build));
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
-    let pool = Pool::start(threads, done_tx);
-    let (fetch_tx, mut fetch_rx) = mpsc::unbounded_channel();
-    let mut peers = PeerPool::new(fetch_tx, build);
-    let mut state = WorkerState::new(id, registry, store);
-    let mut speeds = Speeds::default();
-    if let Some(ready) = ready {
-        let _ = ready.send((id, data_address));
+/// Starts a thread that becomes the network thread of `worker`, watched
+/// through `slot`, once `go` says so (rule 9).
+fn spawn_driver(
+    worker: Arc<Worker>,
+    slot: Arc<Slot>,
+    go: std::sync::mpsc::Receiver<bool>,
+) -> std::io::Result<()> {
+    // The name tells the network thread from compute threads
+    // (`rask-worker-N`), in tests and in debuggers.
+    std::thread::Builder::new()
+        .name("rask-worker".into())
+        .spawn(move || {
+            if go.recv() == Ok(true) {
+                drive(&worker, &slot);
+            }
+        })
+        .map(drop)
+}
+
+/// The network thread (rules 2, 5 and 9): turns of the network loop inside
+/// the runtime, and the fast jobs they dispatch outside it.
+fn drive(worker: &Arc<Worker>, slot: &Slot) {
+    let mut seq = 0;
+    let mut to_pool = Vec::new();
+    let ended = catch_unwind(AssertUnwindSafe(|| loop {
+        {
+            let mut net = locked(&worker.net);
+            let Net { io, runtime } = net.as_mut()?;
+            if let Some(result) = runtime.block_on(turn(io, worker)) {
+                return Some(result);
+            }
+        }
+        match run_fast(&worker.core, slot, &mut seq, &mut to_pool) {
+            Fast::Finished if to_pool.is_empty() => {}
+            Fast::Finished => worker.pool.submit(to_pool.drain(..)),
+            Fast::Replaced(handed) => {
+                let (done, next) = *handed;
+                // Rule 9: as a compute thread would.
+                if let Some(done) = done {
+                    let _ = worker.done.send(done);
+                }
+                worker.pool.submit(next);
+                return None;
+            }
+        }
+    }));
+    match ended {
+        Ok(None) => {}
+        Ok(Some(result)) => worker.finish(Ok(result)),
+        Err(panic) => {
+            log!(
+                "{}: the network thread panicked: {}",
+                worker.id,
+                panic_message(&*panic)
+            );
+            worker.finish(Err(panic));
+        }
     }
-    let mut stop = stop;
+}
 
-    let mut pending: Vec<ToWorker> = first.collect();
-    // Rule 6: ticks once the scheduler said how often.
-    let mut heartbeat: Option<tokio::time::Interval> = None;
-    let result = loop {
-        for msg in pending.drain(..) {
-            match msg {
-                ToWorker::Compute {
-                    key,
-                    name,
-                    function,
-                    payload,
-                    deps,
-                    who_has,
-                    priority,
-                    timeout_ms,
-                    retries,
-                } => state.on_compute(
-                    Compute {
+/// How a run of fast jobs ended.
+enum Fast {
+    /// Its budget is spent or no fast job is left; the jobs not run are
+    /// for the pool.
+    Finished,
+    /// The network was taken over while the last job ran (rule 9): its
+    /// report and successor are this thread's to hand over (boxed: this is
+    /// the rare case).
+    Replaced(Box<(Option<Done>, Option<Job>)>),
+}
+
+/// Runs fast jobs on this thread, one at a time, for up to
+/// [`INLINE_TURN`], each outside the lock, with `slot` telling the
+/// watchdog (rule 9); reports each, which may dispatch more. The jobs left
+/// go to `to_pool`.
+fn run_fast(core: &Mutex<Core>, slot: &Slot, seq: &mut u64, to_pool: &mut Vec<Job>) -> Fast {
+    let start = Instant::now();
+    let mut c = locked(core);
+    loop {
+        let Some(job) = c.next_fast(start) else {
+            c.inline = None;
+            c.leftovers(to_pool);
+            return Fast::Finished;
+        };
+        c.inline = Some(Running::of(&job));
+        drop(c);
+        *seq += 1;
+        slot.begin(*seq);
+        let (done, next) = run_link(job);
+        if !slot.end() {
+            return Fast::Replaced(Box::new((done, next)));
+        }
+        c = locked(core);
+        if let Some(done) = done {
+            c.finished(done);
+        }
+        // Its successor is a job like any other here: fast or not.
+        c.out.jobs.extend(next);
+    }
+}
+
+/// One turn of the network loop: handles what arrived, sends what is due
+/// and waits for more, until fast jobs wait for the network thread (then
+/// `None`, rule 5) or the worker's life ends (its result, rule 1).
+async fn turn(io: &mut Io, worker: &Worker) -> Option<Result<(), Error>> {
+    let protocol = |reason| Error::Protocol { reason };
+    loop {
+        // Everything that arrived, under one lock (rule 3).
+        let (frames, fast) = {
+            let mut core = worker.core();
+            let c = &mut *core;
+            for msg in io.messages.drain(..) {
+                match msg {
+                    ToWorker::Compute {
                         key,
                         name,
                         function,
@@ -400,100 +935,129 @@ async fn main(
                         deps,
                         who_has,
                         priority,
-                        timeout: timeout_ms.map(Duration::from_millis),
+                        timeout_ms,
                         retries,
-                    },
-                    &mut out,
-                ),
-                ToWorker::Release { key } => state.on_release(key, &mut out),
-                ToWorker::PeerJoined { id, address } => peers.add_peer(id, address),
-                ToWorker::PeerLeft { id } => {
-                    peers.remove_peer(id);
-                    state.on_peer_left(id);
-                }
-                ToWorker::Heartbeat { every_ms } => {
-                    // Within MIN_HEARTBEAT..=MAX_HEARTBEAT (checked when
-                    // decoded): the interval's arithmetic cannot overflow.
-                    let every = Duration::from_millis(every_ms);
-                    let mut ticks = tokio::time::interval(every);
-                    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                    heartbeat = Some(ticks);
-                }
-                ToWorker::Registered { .. } => {
-                    log!("worker: closing the scheduler connection: registered twice");
-                    return Ok(());
+                    } => c.state.on_compute(
+                        Compute {
+                            key,
+                            name,
+                            function,
+                            payload,
+                            deps,
+                            who_has,
+                            priority,
+                            timeout: timeout_ms.map(Duration::from_millis),
+                            retries,
+                        },
+                        &mut c.out,
+                    ),
+                    ToWorker::Release { key } => c.state.on_release(key, &mut c.out),
+                    ToWorker::PeerJoined { id, address } => io.peers.add_peer(id, address),
+                    ToWorker::PeerLeft { id } => {
+                        io.peers.remove_peer(id);
+                        c.state.on_peer_left(id);
+                    }
+                    ToWorker::Heartbeat { every_ms } => {
+                        // Within MIN_HEARTBEAT..=MAX_HEARTBEAT (checked when
+                        // decoded): the interval's arithmetic cannot overflow.
+                        let every = Duration::from_millis(every_ms);
+                        let mut ticks = tokio::time::interval(every);
+                        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        io.heartbeat = Some(ticks);
+                    }
+                    ToWorker::Registered { .. } => {
+                        log!("worker: closing the scheduler connection: registered twice");
+                        return Some(Ok(()));
+                    }
                 }
             }
-        }
-        // Short jobs run here (rule 5), which may dispatch more jobs.
-        let jobs = run_fast_jobs(&mut out, &mut state, &mut speeds);
+            for done in io.done.drain(..) {
+                c.finished(done);
+            }
+            for f in io.fetched.drain(..) {
+                c.state.on_fetched(f.from, f.key, f.result, &mut c.out);
+            }
+            if std::mem::take(&mut io.heartbeat_due) {
+                c.out.to_scheduler(ToScheduler::Heartbeat);
+            }
+            c.route();
+            std::mem::swap(&mut c.to_pool, &mut io.to_pool);
+            std::mem::swap(&mut c.out.fetches, &mut io.fetches);
+            (c.out.scheduler.take_frames(), !c.fast.is_empty())
+        };
         // Flush (rule 3). Jobs first: a thread starts on them while the
         // reports are written.
-        if !jobs.is_empty() {
-            pool.submit(jobs.into_iter());
+        if !io.to_pool.is_empty() {
+            worker.pool.submit(io.to_pool.drain(..));
         }
-        if !out.scheduler.is_empty() {
+        if !frames.is_empty() {
             // Tasks' output before their reports (rule 7). A stdout that
             // cannot be written to is the program's business, not the
             // worker's.
             let _ = std::io::stdout().flush();
+            for frame in frames {
+                let _ = io.writer.send(frame);
+            }
         }
-        net::send_batch(&writer, &mut out.scheduler);
-        for (from, key) in out.fetches.drain(..) {
-            peers.request(from, key);
+        for (from, key) in io.fetches.drain(..) {
+            io.peers.request(from, key);
         }
-        peers.flush();
+        io.peers.flush();
+        if fast {
+            // Run outside the runtime (rules 5 and 9).
+            return None;
+        }
 
         tokio::select! {
             signal = async {
-                match stop.as_mut() {
+                match io.stop.as_mut() {
                     Some(s) => s.await,
                     None => std::future::pending().await,
                 }
             } => match signal {
-                Ok(()) => break Ok(()),
+                Ok(()) => return Some(Ok(())),
                 // The handle let go without stopping it (`join`).
-                Err(_) => stop = None,
+                Err(_) => io.stop = None,
             },
-            got = read.next() => match got {
-                Ok(true) => match decode_checked::<ToWorker>(read.frame()) {
-                    Ok(msgs) => pending = msgs,
+            got = io.read.next() => match got {
+                Ok(true) => match decode_checked::<ToWorker>(io.read.frame()) {
+                    Ok(msgs) => io.messages = msgs,
                     Err(e) => {
                         log!("worker: closing the scheduler connection: {}", Chain(&e));
-                        break Err(protocol(e));
+                        return Some(Err(protocol(e)));
                     }
                 },
                 // The scheduler went away: the worker's life ends (rule 1).
-                Ok(false) | Err(ProtocolError::Closed) | Err(ProtocolError::Io(_)) => break Ok(()),
+                Ok(false) | Err(ProtocolError::Closed) | Err(ProtocolError::Io(_)) => {
+                    return Some(Ok(()))
+                }
                 Err(e) => {
                     log!("worker: closing the scheduler connection: {}", Chain(&e));
-                    break Err(protocol(e));
+                    return Some(Err(protocol(e)));
                 }
             },
-            Some(done) = done_rx.recv() => {
-                finished(done, &mut speeds, &mut state, &mut out);
-                while let Ok(done) = done_rx.try_recv() {
-                    finished(done, &mut speeds, &mut state, &mut out);
+            Some(done) = io.done_rx.recv() => {
+                io.done.push(done);
+                while let Ok(done) = io.done_rx.try_recv() {
+                    io.done.push(done);
                 }
             }
-            Some(fetched) = fetch_rx.recv() => {
-                state.on_fetched(fetched.from, fetched.key, fetched.result, &mut out);
-                while let Ok(f) = fetch_rx.try_recv() {
-                    state.on_fetched(f.from, f.key, f.result, &mut out);
+            Some(fetched) = io.fetch_rx.recv() => {
+                io.fetched.push(fetched);
+                while let Ok(f) = io.fetch_rx.try_recv() {
+                    io.fetched.push(f);
                 }
             }
             _ = async {
-                match heartbeat.as_mut() {
+                match io.heartbeat.as_mut() {
                     Some(ticks) => {
                         ticks.tick().await;
                     }
                     None => std::future::pending().await,
                 }
-            } => out.to_scheduler(ToScheduler::Heartbeat),
+            } => io.heartbeat_due = true,
         }
-    };
-    pool.close();
-    result
+    }
 }
 
 /// Accepts peers on the data port.
@@ -512,7 +1076,7 @@ async fn serve_data(listener: TcpListener, store: Store, build: BuildId) {
 }
 
 /// Answers one peer's `GetData`s until it goes away; only a peer of this
-/// worker's `build` is served (rule 7).
+/// worker's `build` is served (rule 8).
 async fn data_connection(stream: TcpStream, peer: SocketAddr, store: Store, build: BuildId) {
     let (theirs, read, write) = match net::accept(stream, Role::DataServer, build).await {
         Ok(x) => x,
@@ -585,148 +1149,28 @@ async fn data_connection(stream: TcpStream, peer: SocketAddr, store: Store, buil
     }
 }
 
-/// Jobs waiting for a thread, lowest priority number first.
-struct Queue {
-    heap: BinaryHeap<Queued>,
-    closed: bool,
-    /// Threads blocked on the condition variable: only they need a wake-up.
-    sleeping: usize,
-}
-
-struct Queued(Job);
-
-impl PartialEq for Queued {
-    fn eq(&self, other: &Self) -> bool {
-        (self.0.priority, self.0.id) == (other.0.priority, other.0.id)
+/// Runs one link of a chain (state rule 5): `job`, then fills its
+/// successor's inputs with the value. Returns the report, none for a job
+/// released before it started (the state gives its successor back), and
+/// the successor to run next.
+fn run_link(job: Job) -> (Option<Done>, Option<Job>) {
+    // Taken before the report, so the network thread never both attaches
+    // a successor and expects it to be dispatched by itself.
+    let successor = job.take_successor();
+    if job.cancelled.load(Ordering::Relaxed) {
+        return (None, None);
     }
-}
-impl Eq for Queued {}
-impl PartialOrd for Queued {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Queued {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        // BinaryHeap is a max-heap: reverse so the lowest priority pops first.
-        (other.0.priority, other.0.id).cmp(&(self.0.priority, self.0.id))
-    }
-}
-
-/// The worker's compute threads (rule 2).
-struct Pool {
-    shared: Arc<(Mutex<Queue>, Condvar)>,
-}
-
-impl Pool {
-    fn start(threads: usize, done: mpsc::UnboundedSender<Done>) -> Pool {
-        let shared = Arc::new((
-            Mutex::new(Queue {
-                heap: BinaryHeap::new(),
-                closed: false,
-                sleeping: 0,
-            }),
-            Condvar::new(),
-        ));
-        for i in 0..threads {
-            let shared = shared.clone();
-            let done = done.clone();
-            // A thread that cannot be spawned leaves the pool smaller; the
-            // worker still runs as long as one thread exists.
-            let spawned = std::thread::Builder::new()
-                .name(format!("rask-worker-{i}"))
-                .spawn(move || compute_thread(&shared, &done));
-            if let Err(e) = spawned {
-                log!("worker: could not start compute thread {i}: {e}");
+    let done = run_job(job);
+    let next = match (&done.outcome, successor) {
+        (Ok(stored), Some(mut next)) => {
+            for input in next.inputs.iter_mut().filter(|i| i.is_none()) {
+                *input = Some(stored.value.clone());
             }
+            Some(next)
         }
-        Pool { shared }
-    }
-
-    fn submit(&self, jobs: impl Iterator<Item = Job>) {
-        let (queue, ready) = &*self.shared;
-        let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
-        let before = q.heap.len();
-        q.heap.extend(jobs.map(Queued));
-        if q.sleeping == 0 {
-            return;
-        }
-        if q.heap.len() - before > 1 {
-            ready.notify_all();
-        } else {
-            ready.notify_one();
-        }
-    }
-
-    /// Threads exit once idle; running ops finish first, unobserved.
-    fn close(&self) {
-        let (queue, ready) = &*self.shared;
-        let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
-        q.closed = true;
-        q.heap.clear();
-        ready.notify_all();
-    }
-}
-
-fn compute_thread(shared: &(Mutex<Queue>, Condvar), done: &mpsc::UnboundedSender<Done>) {
-    let (queue, ready) = shared;
-    loop {
-        let job = {
-            let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
-            loop {
-                if q.closed {
-                    return;
-                }
-                if let Some(Queued(job)) = q.heap.pop() {
-                    break job;
-                }
-                q.sleeping += 1;
-                q = ready.wait(q).unwrap_or_else(|e| e.into_inner());
-                q.sleeping -= 1;
-            }
-        };
-        let mut open = true;
-        run_chain(job, |report| {
-            open = done.send(report).is_ok();
-            open
-        });
-        if !open {
-            return;
-        }
-    }
-}
-
-/// Runs `job`, then its successors link after link (state rule 5), giving
-/// each report to `report`. When `report` answers `false`, stops and
-/// returns the successor not yet run, its inputs filled in.
-fn run_chain(mut job: Job, mut report: impl FnMut(Done) -> bool) -> Option<Job> {
-    loop {
-        // Taken before the report, so the network thread never both
-        // attaches a successor and expects it to be dispatched by itself.
-        let successor = job.take_successor();
-        if job.cancelled.load(Ordering::Relaxed) {
-            // Released: the network thread gives the successor back.
-            return None;
-        }
-        let done = run_job(job);
-        let value = match &done.outcome {
-            Ok(stored) => Some(stored.value.clone()),
-            Err(_) => None,
-        };
-        let go_on = report(done);
-        match (value, successor) {
-            (Some(value), Some(mut next)) => {
-                for input in next.inputs.iter_mut().filter(|i| i.is_none()) {
-                    *input = Some(value.clone());
-                }
-                if !go_on {
-                    return Some(next);
-                }
-                job = next;
-            }
-            _ => return None,
-        }
-    }
+        _ => None,
+    };
+    (Some(done), next)
 }
 
 /// How long each function's recent runs took on this worker (rule 5).
@@ -748,47 +1192,19 @@ impl Speeds {
         }
     }
 
+    /// A run of `function` is stuck on the network thread (rule 9): it
+    /// starts over on the pool.
+    fn forget(&mut self, function: &str) {
+        if let Some(streak) = self.streaks.get_mut(function) {
+            *streak = 0;
+        }
+    }
+
     fn is_fast(&self, function: &str) -> bool {
         self.streaks
             .get(function)
             .is_some_and(|&s| s >= FAST_STREAK)
     }
-}
-
-/// A job's report, from a compute thread or this one: its function's speed
-/// is noted (rule 5), then the state takes it.
-fn finished(done: Done, speeds: &mut Speeds, state: &mut WorkerState, out: &mut Out) {
-    speeds.record(&done);
-    state.on_task_done(done, out);
-}
-
-/// Runs the jobs of fast functions on this thread for up to
-/// [`INLINE_TURN`], reporting each to `state`, including the jobs that
-/// their results dispatch (rule 5); returns the jobs left for the pool.
-fn run_fast_jobs(out: &mut Out, state: &mut WorkerState, speeds: &mut Speeds) -> Vec<Job> {
-    let mut to_pool = Vec::new();
-    if out.jobs.is_empty() {
-        return to_pool;
-    }
-    let start = Instant::now();
-    let mut reports = Vec::new();
-    while !out.jobs.is_empty() {
-        for job in std::mem::take(&mut out.jobs) {
-            if !speeds.is_fast(&job.function) || start.elapsed() >= INLINE_TURN {
-                to_pool.push(job);
-                continue;
-            }
-            let rest = run_chain(job, |done| {
-                reports.push(done);
-                start.elapsed() < INLINE_TURN
-            });
-            to_pool.extend(rest);
-            for done in reports.drain(..) {
-                finished(done, speeds, state, out);
-            }
-        }
-    }
-    to_pool
 }
 
 /// Runs one job and encodes its value.
@@ -937,33 +1353,166 @@ mod tests {
         }
     }
 
+    fn core(registry: Arc<dyn Registry>) -> Mutex<Core> {
+        Mutex::new(Core::new(WorkerState::new(
+            WorkerId(0),
+            registry,
+            Store::default(),
+        )))
+    }
+
     #[test]
     fn one_turn_runs_fast_jobs_within_its_budget_and_leaves_the_rest_to_the_pool() {
         const JOBS: usize = 40;
-        let mut state = WorkerState::new(WorkerId(0), Arc::new(Reg), Store::default());
-        let mut out = Out::default();
-        for k in 0..JOBS {
-            state.on_compute(spin(k), &mut out);
+        let core = core(Arc::new(Reg));
+        let (slot, mut seq, mut to_pool) = (Slot::default(), 0, Vec::new());
+        {
+            let mut c = locked(&core);
+            let c = &mut *c;
+            for k in 0..JOBS {
+                c.state.on_compute(spin(k), &mut c.out);
+            }
+            assert_eq!(c.out.jobs.len(), JOBS);
         }
-        assert_eq!(out.jobs.len(), JOBS);
-        let mut speeds = Speeds::default();
         // Not known to be fast yet: everything goes to the pool.
-        assert_eq!(run_fast_jobs(&mut out, &mut state, &mut speeds).len(), JOBS);
-        for _ in 0..FAST_STREAK {
-            speeds.record(&done("spin", 1));
+        assert!(matches!(
+            run_fast(&core, &slot, &mut seq, &mut to_pool),
+            Fast::Finished
+        ));
+        assert_eq!(to_pool.len(), JOBS);
+        to_pool.clear();
+        {
+            let mut c = locked(&core);
+            let c = &mut *c;
+            for _ in 0..FAST_STREAK {
+                c.speeds.record(&done("spin", 1));
+            }
+            for k in 0..JOBS {
+                c.state.on_compute(spin(JOBS + k), &mut c.out);
+            }
         }
-        for k in 0..JOBS {
-            state.on_compute(spin(JOBS + k), &mut out);
-        }
-        let to_pool = run_fast_jobs(&mut out, &mut state, &mut speeds);
+        assert!(matches!(
+            run_fast(&core, &slot, &mut seq, &mut to_pool),
+            Fast::Finished
+        ));
         // 40 × 20 µs is over the 500 µs budget: some ran here, not all.
         assert!(
             !to_pool.is_empty() && to_pool.len() < JOBS,
             "{}",
             to_pool.len()
         );
+        assert_eq!(seq as usize, JOBS - to_pool.len(), "one slot number a job");
+        let c = locked(&core);
         // Those that ran here are finished in the state.
-        assert_eq!(state.pending(), JOBS + to_pool.len());
-        assert!(out.jobs.is_empty());
+        assert_eq!(c.state.pending(), JOBS + to_pool.len());
+        assert!(c.out.jobs.is_empty() && c.fast.is_empty() && c.to_pool.is_empty());
+        assert!(c.inline.is_none());
+    }
+
+    /// Waits for a token from its test.
+    struct Block(Arc<Mutex<std::sync::mpsc::Receiver<()>>>);
+    impl Op for Block {
+        fn run(&self, _: &mut [Option<Value>]) -> Result<Value, OpError> {
+            let rx = self.0.lock().unwrap();
+            rx.recv_timeout(Duration::from_secs(30)).unwrap();
+            Ok(Arc::new(1i64))
+        }
+        fn name(&self) -> &str {
+            "block"
+        }
+    }
+    impl Registry for Block {
+        fn resolve(&self, _: &WireTask) -> Result<Arc<dyn Op>, WireError> {
+            Ok(Arc::new(Block(self.0.clone())))
+        }
+    }
+
+    #[test]
+    fn a_network_thread_taken_over_in_a_job_keeps_its_report_and_leaves_the_rest() {
+        let (unblock, rx) = std::sync::mpsc::channel();
+        let core = Arc::new(core(Arc::new(Block(Arc::new(Mutex::new(rx))))));
+        {
+            let mut c = locked(&core);
+            let c = &mut *c;
+            for _ in 0..FAST_STREAK {
+                c.speeds.record(&done("spin", 1));
+            }
+            c.state.on_compute(spin(1), &mut c.out);
+            c.state.on_compute(spin(2), &mut c.out);
+        }
+        let slot = Arc::new(Slot::default());
+        let runner = {
+            let (core, slot) = (core.clone(), slot.clone());
+            std::thread::spawn(move || {
+                let (mut seq, mut to_pool) = (0, Vec::new());
+                let fast = run_fast(&core, &slot, &mut seq, &mut to_pool);
+                (fast, to_pool.len())
+            })
+        };
+        // What the watchdog does (rule 9): the job in the slot is taken
+        // over, and the state shows which one it is.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let seq = loop {
+            if let Some(seq) = slot.running() {
+                break seq;
+            }
+            assert!(Instant::now() < deadline, "the job never started");
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        assert!(slot.take(seq));
+        let stuck = locked(&core).inline.take().expect("the job running");
+        assert_eq!(stuck.key, [1; 32]);
+        unblock.send(()).unwrap();
+        let (fast, left) = runner.join().unwrap();
+        match fast {
+            Fast::Replaced(handed) => match *handed {
+                (Some(done), None) => assert_eq!(done.key, [1; 32]),
+                _ => panic!("no report"),
+            },
+            Fast::Finished => panic!("not replaced"),
+        }
+        // The old thread took nothing more: job 2 waits for the new one.
+        assert_eq!(left, 0);
+        let c = locked(&core);
+        assert_eq!(c.fast.len(), 1);
+        assert_eq!(
+            c.state.pending(),
+            2,
+            "the report is not the old thread's to give"
+        );
+        assert!(slot.returned());
+    }
+
+    #[test]
+    fn options_come_from_the_environment_and_bad_values_are_errors() {
+        let env = |grace: Option<&str>, supervised: Option<&str>| {
+            Options::default().with_env(|name| match name {
+                GRACE_ENV => grace.map(Into::into),
+                SUPERVISED_ENV => supervised.map(Into::into),
+                _ => None,
+            })
+        };
+        let options = env(None, None).unwrap();
+        assert_eq!((options.grace, options.supervised), (GRACE, false));
+        let options = env(Some("2.5"), Some("1")).unwrap();
+        assert_eq!(options.grace, Duration::from_millis(2500));
+        assert!(options.supervised);
+        assert!(!env(None, Some("0")).unwrap().supervised);
+        for (grace, supervised, name) in [
+            (Some("soon"), None, GRACE_ENV),
+            (Some("-1"), None, GRACE_ENV),
+            (Some("inf"), None, GRACE_ENV),
+            (None, Some("yes"), SUPERVISED_ENV),
+        ] {
+            match env(grace, supervised) {
+                Err(Error::Env { name: n, .. }) => assert_eq!(n, name),
+                other => panic!("{grace:?} {supervised:?}: {other:?}"),
+            }
+        }
+        let text = env(Some("soon"), None).unwrap_err().to_string();
+        assert_eq!(
+            text,
+            "RASK_WORKER_GRACE=\"soon\" is not valid: expected a number of seconds"
+        );
     }
 }

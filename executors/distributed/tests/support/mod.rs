@@ -52,19 +52,42 @@ pub struct Shared {
     gate_tx: Mutex<Option<Sender<()>>>,
     /// Told each time a `gate` op starts.
     started: Mutex<Option<Sender<()>>>,
+    /// Tokens that let `hang` ops return; dropped, it lets every one return.
+    hang: Mutex<Option<Receiver<()>>>,
+    hang_tx: Mutex<Option<Sender<()>>>,
+    /// `hang` ops running now.
+    pub hanging: AtomicUsize,
 }
 
 impl Shared {
     pub fn new() -> (Arc<Shared>, Receiver<()>) {
         let (tx, rx) = channel();
         let (started_tx, started_rx) = channel();
+        let (hang_tx, hang_rx) = channel();
         let shared = Shared {
             gate: Mutex::new(Some(rx)),
             gate_tx: Mutex::new(Some(tx)),
             started: Mutex::new(Some(started_tx)),
+            hang: Mutex::new(Some(hang_rx)),
+            hang_tx: Mutex::new(Some(hang_tx)),
             ..Default::default()
         };
         (Arc::new(shared), started_rx)
+    }
+
+    /// Lets every `hang` op return, now and from now on.
+    pub fn end_hangs(&self) {
+        *self.hang_tx.lock().unwrap() = None;
+    }
+
+    /// Waits, ignoring cancellation, until [`Shared::end_hangs`] (or four
+    /// times `TIMEOUT`: longer than any wait of a test).
+    fn hang(&self) {
+        self.hanging.fetch_add(1, Ordering::SeqCst);
+        if let Some(rx) = &*self.hang.lock().unwrap() {
+            let _ = rx.recv_timeout(4 * TIMEOUT);
+        }
+        self.hanging.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Lets `n` gate ops finish.
@@ -83,9 +106,10 @@ impl Shared {
 /// then add), `fail`, `panic`, `big` (payload n: `vec![7u8; n]`, counting
 /// runs), `len` (the input's length plus the payload's i64), `rask.remote`
 /// (fails: it runs only when the key it names is not held), `where` and
-/// `where_slow` (payload n: panics if n < 0, else sleeps n µs; then 1 if it
-/// ran on an in-process worker's network thread, else 0). Anything else is
-/// unregistered.
+/// `where_slow` (payload n: panics if n = -1, hangs like `hang` if n = -2,
+/// else sleeps n µs; then 1 if it ran on an in-process worker's network
+/// thread, else 0), `hang` (ignores cancellation and waits for
+/// `Shared::end_hangs`, then add). Anything else is unregistered.
 pub struct TestOp {
     pub function: String,
     pub payload: Vec<u8>,
@@ -134,15 +158,20 @@ impl Op for TestOp {
                 let c: i64 = postcard::from_bytes(&self.payload).unwrap_or(0);
                 Ok(Arc::new(bytes_len(inputs[0].as_ref().unwrap()) as i64 + c))
             }
+            "hang" => {
+                self.shared.hang();
+                Ok(Arc::new(sum()))
+            }
             "fail" => Err(OpError::failed("nope")),
             REMOTE_FUNCTION => Err(OpError::failed("the cluster no longer holds the value")),
             "panic" => panic!("kaboom"),
             "where" | "where_slow" => {
                 let micros: i64 = postcard::from_bytes(&self.payload).unwrap_or(0);
-                if micros < 0 {
-                    panic!("kaboom");
+                match micros {
+                    -2 => self.shared.hang(),
+                    ..0 => panic!("kaboom"),
+                    _ => std::thread::sleep(Duration::from_micros(micros as u64)),
                 }
-                std::thread::sleep(Duration::from_micros(micros as u64));
                 // `worker::spawn` names the network thread; compute
                 // threads are `rask-worker-N`.
                 let network = std::thread::current().name() == Some("rask-worker");
@@ -177,13 +206,12 @@ impl Registry for TestRegistry {
     fn resolve(&self, task: &WireTask) -> Result<Arc<dyn Op>, WireError> {
         match task.function.as_str() {
             "rask.value" | "inc" | "add" | "sleep_add" | "count" | "sleep_inc" | "gate"
-            | "fail" | "panic" | "big" | "len" | "where" | "where_slow" | REMOTE_FUNCTION => {
-                Ok(Arc::new(TestOp {
-                    function: task.function.clone(),
-                    payload: task.payload.clone(),
-                    shared: self.shared.clone(),
-                }))
-            }
+            | "fail" | "panic" | "big" | "len" | "where" | "where_slow" | "hang"
+            | REMOTE_FUNCTION => Ok(Arc::new(TestOp {
+                function: task.function.clone(),
+                payload: task.payload.clone(),
+                shared: self.shared.clone(),
+            })),
             f => Err(WireError::Unregistered {
                 function: f.to_owned(),
             }),
@@ -533,8 +561,9 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        // Unblock any gate op still waiting so its thread ends.
+        // Unblock any gate or hang op still waiting so its thread ends.
         self.shared.open_gate(64);
         *self.shared.gate_tx.lock().unwrap() = None;
+        self.shared.end_hangs();
     }
 }
