@@ -60,6 +60,15 @@
 //!    key itself: a scheduler that still holds or computes that key would
 //!    give its value to dependents that must fail with the recorded
 //!    failure.
+//! 10. A client connected over TCP outlives its connection: when it is
+//!     lost, every open output fails ("lost the connection to the
+//!     scheduler"), and the client connects again at once, then with a
+//!     backoff (100 ms doubling to 2 s) for as long as it lives. A
+//!     submission made while it is disconnected waits for one attempt,
+//!     made at once, and goes out if it succeeds or fails if it does not.
+//!     A new connection is a new *epoch*: what the old one held is gone,
+//!     handles of it hold nothing (a fetch fails unless they have their
+//!     bytes), and graphs referring to their keys send their bytes or fail.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -158,6 +167,9 @@ struct Link {
     /// Commands sent so far: each command's sequence number is the count
     /// before it (rule 7).
     sent: Mutex<u64>,
+    /// The connection the client is on: bumped at each reconnection
+    /// (rule 10), under the `held` lock.
+    epoch: AtomicU64,
 }
 
 impl Link {
@@ -213,28 +225,37 @@ struct KeyHandle {
     /// Whether it holds its key on the cluster: only a handle whose bytes
     /// are not here does (rule 5).
     holds: bool,
+    /// The connection it was made on (rule 10).
+    epoch: u64,
 }
 
 impl KeyHandle {
     /// A handle of a value left on the cluster: it holds the key there.
     fn holding(key: WireKey, link: Arc<Link>) -> KeyHandle {
-        hold(&mut link.held(), key);
+        let epoch = {
+            let mut held = link.held();
+            hold(&mut held, key);
+            link.epoch.load(Ordering::Acquire)
+        };
         KeyHandle {
             key,
             link,
             bytes: OnceLock::new(),
             holds: true,
+            epoch,
         }
     }
 
     /// A handle of a value whose bytes are here: the cluster need not keep
     /// it, and a later graph sends the bytes (rule 5).
     fn with_bytes(key: WireKey, link: Arc<Link>, bytes: Arc<[u8]>) -> KeyHandle {
+        let epoch = link.epoch.load(Ordering::Acquire);
         KeyHandle {
             key,
             link,
             bytes: OnceLock::from(bytes),
             holds: false,
+            epoch,
         }
     }
 }
@@ -265,6 +286,7 @@ impl RemoteValue for KeyHandle {
                     &commands,
                     Command::Fetch {
                         key: self.key,
+                        epoch: self.epoch,
                         reply,
                     },
                 )
@@ -292,6 +314,10 @@ impl Drop for KeyHandle {
         // The release is queued under the lock, so it cannot overtake a
         // submission that found the key held (rule 6).
         let mut held = self.link.held();
+        // A handle of an earlier connection holds nothing any more (rule 10).
+        if self.epoch != self.link.epoch.load(Ordering::Acquire) {
+            return;
+        }
         unhold(&mut held, self.key);
         if let Some(commands) = self.link.commands.upgrade() {
             let _ = self.link.send(&commands, Command::Release(self.key));
@@ -333,6 +359,8 @@ enum Command {
     /// A handle wants its value's bytes.
     Fetch {
         key: WireKey,
+        /// The connection the handle was made on (rule 10).
+        epoch: u64,
         reply: Reply,
     },
     /// Nobody wants output `slot` of submission `id` any more (rule 8).
@@ -443,6 +471,7 @@ impl Client {
         build: BuildId,
     ) -> Result<Client, Error> {
         let (on, local) = on.unzip();
+        let in_process = local.is_some();
         let target = strip_scheme(address)
             .ok_or_else(|| Error::Address {
                 address: address.to_owned(),
@@ -473,9 +502,13 @@ impl Client {
                         connected: AtomicBool::new(true),
                         next_id: AtomicU64::new(0),
                         sent: Mutex::new(0),
+                        epoch: AtomicU64::new(0),
                     });
                     let _ = ready_tx.send(Ok(link.clone()));
-                    Loop::new(link, writer)
+                    // A client of a scheduler in this process does not
+                    // outlive it: only TCP clients connect again.
+                    let again = (!in_process).then(|| target.clone());
+                    Loop::new(link, writer, again)
                         .run(frames, commands_rx, build)
                         .await;
                 }
@@ -543,9 +576,10 @@ impl Client {
         &self.inner.address
     }
 
-    /// Whether the connection to the scheduler is still up. Once it is lost
-    /// (the scheduler stopped, the network failed) it stays lost: every
-    /// submission fails, and a new `Client` must connect.
+    /// Whether the connection to the scheduler is up. A client connected
+    /// over TCP that lost it (the scheduler restarted, the network failed)
+    /// connects again by itself (rule 10); a client of a scheduler in this
+    /// process stays disconnected.
     ///
     /// ```no_run
     /// let client = rask_distributed::Client::connect("tcp://127.0.0.1:8786")?;
@@ -852,22 +886,53 @@ struct Loop {
     peers: Option<PeerPool>,
     out: Batch,
     last_poll: Instant,
+    /// Where to connect again when the connection is lost (rule 10);
+    /// `None` for a client of a scheduler in this process.
+    target: Option<String>,
+    /// When to try connecting again, while disconnected (rule 10).
+    next_attempt: Option<Instant>,
+    /// The wait before the next attempt after a failed one.
+    backoff: Duration,
+    /// Submissions made while disconnected, waiting for the attempt in
+    /// flight (rule 10).
+    parked: Vec<Submission>,
 }
+
+/// The first wait between attempts to connect again (rule 10); it doubles
+/// up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The longest wait between attempts to connect again (rule 10).
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// A connection attempt in flight (rule 10).
+type Attempt = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<(net::Frames, Writer), ConnectError>> + Send>,
+>;
+
+/// Where a connection's frames go.
+type Writer = mpsc::UnboundedSender<Vec<u8>>;
 
 /// A loop dropped before it ended, with the runtime it ran on (a local
 /// cluster's scheduler shutting down), still reports every open
 /// submission's outputs as lost (rule 4).
 impl Drop for Loop {
     fn drop(&mut self) {
+        self.target = None;
         if self.connected {
             self.disconnected();
         }
+        self.fail_parked("the client was closed");
     }
 }
 
 impl Loop {
-    fn new(link: Arc<Link>, writer: mpsc::UnboundedSender<Vec<u8>>) -> Loop {
+    fn new(link: Arc<Link>, writer: Writer, target: Option<String>) -> Loop {
         Loop {
+            target,
+            next_attempt: None,
+            backoff: FIRST_BACKOFF,
+            parked: Vec::new(),
             address: link.address.clone(),
             link,
             writer,
@@ -893,12 +958,45 @@ impl Loop {
         build: BuildId,
     ) {
         let (fetch_tx, mut fetched) = mpsc::unbounded_channel::<Fetched>();
-        self.peers = Some(PeerPool::new(fetch_tx, build));
+        self.peers = Some(PeerPool::new(fetch_tx.clone(), build));
         let mut tick = tokio::time::interval(CANCEL_POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut attempt: Option<Attempt> = None;
         loop {
             let open = !self.open.is_empty();
+            let retry_at = match (&attempt, self.next_attempt) {
+                (None, Some(at)) if !self.connected => Some(at),
+                _ => None,
+            };
             tokio::select! {
+                _ = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now).into()),
+                    if retry_at.is_some() =>
+                {
+                    self.next_attempt = None;
+                    if let Some(target) = self.target.clone() {
+                        attempt = Some(Box::pin(async move {
+                            net::connect(
+                                &target,
+                                crate::protocol::Role::Client,
+                                crate::protocol::Role::Scheduler,
+                                build,
+                                net::CONNECT_TIMEOUT,
+                            )
+                            .await
+                            .map(|(r, w, ..)| (net::Frames::stream(r), net::spawn_writer(w)))
+                        }));
+                    }
+                }
+                done = async { attempt.as_mut().expect("guarded").await }, if attempt.is_some() => {
+                    attempt = None;
+                    match done {
+                        Ok((frames, writer)) => {
+                            read = frames;
+                            self.reconnected(writer, PeerPool::new(fetch_tx.clone(), build));
+                        }
+                        Err(e) => self.reconnect_failed(&e),
+                    }
+                }
                 cmd = commands.recv() => match cmd {
                     Some((seq, cmd)) => {
                         self.command(seq, cmd);
@@ -949,6 +1047,7 @@ impl Loop {
         for id in ids {
             self.cancel(id);
         }
+        self.fail_parked("the client was closed");
         self.flush();
     }
 
@@ -964,7 +1063,7 @@ impl Loop {
         match cmd {
             Command::Submit(s) => self.submit(s),
             Command::Release(key) => self.release(key),
-            Command::Fetch { key, reply } => self.fetch(key, reply),
+            Command::Fetch { key, epoch, reply } => self.fetch(key, epoch, reply),
             Command::Stop { id, slot } => self.stop(id, slot),
         }
     }
@@ -988,10 +1087,10 @@ impl Loop {
     }
 
     /// A handle wants the bytes of `key` (rule 5).
-    fn fetch(&mut self, key: WireKey, reply: Reply) {
-        if !self.connected {
+    fn fetch(&mut self, key: WireKey, epoch: u64, reply: Reply) {
+        if !self.connected || epoch != self.link.epoch.load(Ordering::Acquire) {
             let _ = reply.send(Err(format!(
-                "lost the connection to the scheduler at {}",
+                "the value was lost with the connection to the scheduler at {}",
                 self.address
             )));
             return;
@@ -1059,6 +1158,15 @@ impl Loop {
 
     fn submit(&mut self, s: Submission) {
         if !self.connected {
+            if self.target.is_some() {
+                // Rule 10: it goes out once an attempt to connect, made now,
+                // succeeds; it fails if that attempt fails.
+                self.parked.push(s);
+                if self.next_attempt.is_some() {
+                    self.next_attempt = Some(Instant::now());
+                }
+                return;
+            }
             let failures = lost(&s.plan, &self.address);
             return fail_each(s.plan, &*s.reporter, failures);
         }
@@ -1366,9 +1474,72 @@ impl Loop {
     }
 
     /// The scheduler connection is gone: every open output fails (rule 4).
+    /// Connected again (rule 10): a new connection, a new epoch; what the
+    /// old one held is gone; parked submissions go out.
+    fn reconnected(&mut self, writer: Writer, peers: PeerPool) {
+        log!(
+            "client: connected again to the scheduler at {}",
+            self.address
+        );
+        {
+            let mut held = self.link.held();
+            held.clear();
+            self.link.epoch.fetch_add(1, Ordering::AcqRel);
+        }
+        self.writer = writer;
+        self.peers = Some(peers);
+        self.out = Batch::default();
+        self.connected = true;
+        self.link.connected.store(true, Ordering::Release);
+        self.backoff = FIRST_BACKOFF;
+        for s in std::mem::take(&mut self.parked) {
+            self.submit(s);
+        }
+    }
+
+    /// An attempt to connect again failed (rule 10): parked submissions
+    /// fail, the next attempt is after the backoff.
+    fn reconnect_failed(&mut self, e: &ConnectError) {
+        let message = format!(
+            "not connected to the scheduler at {} (it cannot be reached: {e}; trying again)",
+            self.address
+        );
+        self.fail_parked(&message);
+        self.next_attempt = Some(Instant::now() + self.backoff);
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+    }
+
+    /// Fails every parked submission with `message` (rules 4 and 10).
+    fn fail_parked(&mut self, message: &str) {
+        for s in std::mem::take(&mut self.parked) {
+            let failures = s
+                .plan
+                .outputs()
+                .iter()
+                .map(|&t| {
+                    let task = s.plan.task(t);
+                    Arc::new(Failure::new(
+                        task.key,
+                        task.op.name().into(),
+                        FailureKind::Failed,
+                        message.to_owned(),
+                    ))
+                })
+                .collect();
+            fail_each(s.plan, &*s.reporter, failures);
+        }
+    }
+
     fn disconnected(&mut self) {
         self.connected = false;
         self.link.connected.store(false, Ordering::Release);
+        if self.target.is_some() {
+            log!(
+                "client: lost the connection to the scheduler at {}; connecting again",
+                self.address
+            );
+            self.next_attempt = Some(Instant::now());
+        }
         let gone = format!("lost the connection to the scheduler at {}", self.address);
         for (_, waiters) in self.waiting.drain() {
             for waiter in waiters {

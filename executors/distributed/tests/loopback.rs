@@ -580,6 +580,35 @@ fn lose_the_scheduler(cluster: &mut Cluster, client: &rask_distributed::Client) 
     assert!(got.wait()[0].is_err());
 }
 
+/// Client rule 10: a TCP client outlives a scheduler restart. What was open
+/// fails; once the scheduler is back, every submission succeeds, the first
+/// one included (it waits for the client to connect again).
+#[test]
+fn a_client_connects_again_after_a_scheduler_restart() {
+    let mut cluster = Cluster::new(1, 1);
+    let client = cluster.client();
+    let kept = keep_big(&cluster, &client, 3);
+    lose_the_scheduler(&mut cluster, &client);
+    let address: std::net::SocketAddr = cluster
+        .address
+        .trim_start_matches("tcp://")
+        .parse()
+        .unwrap();
+    cluster.workers.clear();
+    cluster.scheduler = rask_distributed::scheduler::serve(address).unwrap();
+    cluster.add_worker(1);
+    for salt in 0..3 {
+        diamond(&cluster, &client, 100 + salt);
+    }
+    assert!(client.is_connected());
+    // A value held through the old connection is gone with it: its fetch
+    // fails with a clear error, not a hang.
+    let err = remote(&kept[0]).fetch().unwrap_err().to_string();
+    assert!(err.contains("lost with the connection"), "{err}");
+    drop(kept);
+    cluster.eventually("release", |c| c.scheduler.tasks() == 0);
+}
+
 #[test]
 fn unregistered_function_is_a_clear_error() {
     let cluster = Cluster::new(1, 1);

@@ -1,4 +1,4 @@
-//! `rask-scheduler [--host 127.0.0.1] [--port 8786] [--worker-timeout 60]
+//! `rask-scheduler [--host 127.0.0.1] [--port 8786] [--worker-timeout 5]
 //! [--task-timeout SECONDS]`: runs a rask scheduler until killed. With
 //! `--port 0` the OS picks the port; the first line on stdout is always the
 //! bound address, `tcp://HOST:PORT`. A worker not heard from for
@@ -13,7 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
 
 const USAGE: &str =
-    "usage: rask-scheduler [--host 127.0.0.1] [--port 8786] [--worker-timeout SECONDS (60)] \
+    "usage: rask-scheduler [--host 127.0.0.1] [--port 8786] [--worker-timeout SECONDS (5)] \
      [--task-timeout SECONDS (none)] [--allowed-failures N (3)]";
 
 fn main() -> ExitCode {

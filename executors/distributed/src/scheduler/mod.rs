@@ -17,7 +17,7 @@
 //! 3. Outgoing messages are flushed after the input that caused them and all
 //!    input already queued behind it was handled: many small messages to one
 //!    peer become one frame and one write.
-//! 4. A worker is told to send a heartbeat every quarter of
+//! 4. A worker is told to send a heartbeat every fifth of
 //!    [`Options::worker_timeout`] (kept within the protocol's
 //!    [`MIN_HEARTBEAT`]..=[`MAX_HEARTBEAT`]); one the scheduler hears nothing from for
 //!    that long is closed as if it had died (rule 2): hung, stopped, or on
@@ -164,7 +164,10 @@ impl std::fmt::Debug for SchedulerHandle {
 #[non_exhaustive]
 pub struct Options {
     /// A worker that sends nothing, not even a heartbeat, for this long is
-    /// taken for dead and its work goes elsewhere (rule 4). Default 60 s.
+    /// taken for dead and its work goes elsewhere (rule 4). Default 5 s:
+    /// workers send a heartbeat every fifth of it (once a second), and a
+    /// worker's network thread is never held up by a task (worker rule
+    /// 9), so only a stopped or vanished worker stays silent that long.
     pub worker_timeout: Duration,
     /// How long a task without a timeout of its own may run before it fails
     /// as timed out. Default: no limit.
@@ -179,7 +182,7 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Options {
-            worker_timeout: Duration::from_secs(60),
+            worker_timeout: Duration::from_secs(5),
             task_timeout: None,
             allowed_failures: 3,
         }
@@ -208,7 +211,7 @@ impl Options {
     /// How often workers are asked to send a heartbeat: within the range a
     /// worker accepts.
     fn heartbeat(&self) -> Duration {
-        (self.worker_timeout / 4).clamp(MIN_HEARTBEAT, MAX_HEARTBEAT)
+        (self.worker_timeout / 5).clamp(MIN_HEARTBEAT, MAX_HEARTBEAT)
     }
 }
 
