@@ -681,6 +681,7 @@ pub(crate) fn replay(failure: &Failure) -> OpError {
         origin: Some((failure.key, failure.name.clone())),
         cause: failure.cause.clone(),
         location: failure.location.clone(),
+        attempts: failure.attempts,
     }
 }
 

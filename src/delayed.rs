@@ -151,8 +151,8 @@ impl<T> Delayed<T> {
     /// holds up the rest); from then on `rask::cancelled()` is true for it,
     /// and a task that ignores that keeps its thread until it returns.
     /// That thread costs tens of microseconds per run: timeouts are for
-    /// tasks that take long enough to need one. A timed task is never fused
-    /// with others.
+    /// tasks that take long enough to need one. The timeout times this
+    /// task's own work, also when the optimizer fused it with others.
     ///
     /// ```
     /// use std::time::Duration;
@@ -176,9 +176,9 @@ impl<T> Delayed<T> {
     /// The same work, run again up to `retries` times when it fails (it
     /// returns an error, panics or times out; Dask's `retries=`): for
     /// transient failures such as a flaky network. Each attempt gets the
-    /// same inputs. The key does not change; a task with retries is never
-    /// fused with others. On a cluster the worker that ran it runs it
-    /// again. When every attempt failed, the error says how many there
+    /// same inputs. The key does not change; the retries repeat this
+    /// task's own work, also when the optimizer fused it with others. On a
+    /// cluster the worker that ran it runs it again. When every attempt failed, the error says how many there
     /// were ([`Error::Task`](crate::Error::Task)'s `attempts`).
     ///
     /// ```
@@ -432,7 +432,7 @@ fn persist_on_cluster<T: Data>(items: &[Delayed<T>], config: &Config) -> Result<
 pub fn value<T: Data>(value: T) -> Delayed<T> {
     let mut h = KeyHasher::new(Tag::Data, "value", std::any::type_name::<T>());
     // Two types may print alike (two versions of one crate): the tag differs.
-    h.bytes(&crate::key::type_tag::<T>().to_le_bytes());
+    h.type_id::<T>();
     let key = match h.literal(&value) {
         Ok(()) => h.finish(),
         // Unhashable data still gets a working, unshared node.

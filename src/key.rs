@@ -130,7 +130,7 @@ impl KeyHasher {
     /// tag (rule 1), and a nonce when it captures state (rule 4).
     pub(crate) fn call<F: 'static>(name: &str) -> Self {
         let mut this = KeyHasher::new(Tag::Call, name, std::any::type_name::<F>());
-        this.bytes(&type_tag::<F>().to_le_bytes());
+        this.type_id::<F>();
         if !is_pure_fn::<F>() {
             this.bytes(&nonce());
         }
@@ -161,6 +161,22 @@ impl KeyHasher {
             stream.update(&self.buf);
             self.buf.clear();
         }
+    }
+
+    /// Mixes in `T`'s `TypeId` (what its `Hash` writes, a fixed length):
+    /// the type tag's source, without reducing it.
+    pub(crate) fn type_id<T: ?Sized + 'static>(&mut self) {
+        struct Raw<'a>(&'a mut Vec<u8>);
+        impl std::hash::Hasher for Raw<'_> {
+            fn finish(&self) -> u64 {
+                0
+            }
+            fn write(&mut self, bytes: &[u8]) {
+                self.0.extend_from_slice(bytes);
+            }
+        }
+        self.buf.push(b't');
+        std::hash::Hash::hash(&std::any::TypeId::of::<T>(), &mut Raw(&mut self.buf));
     }
 
     /// Mixes in the key of a task input.

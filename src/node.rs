@@ -179,12 +179,6 @@ pub(crate) trait Call: Send + Sync + 'static {
     fn retries(&self) -> u32 {
         0
     }
-
-    /// Whether the work must run as a task of its own, never fused with
-    /// others: its timeout or retries are its own.
-    fn runs_alone(&self) -> bool {
-        self.timeout().is_some() || self.retries() > 0
-    }
 }
 
 /// Another call with a timeout or retries (`Delayed::timeout`,
@@ -212,7 +206,10 @@ impl Limited {
 
 impl Call for Limited {
     fn run(&self, inputs: &mut [Option<Value>]) -> Result<Value, OpError> {
-        self.call.run(inputs)
+        let call = self.call.clone();
+        let run: rask_executor::Run =
+            Arc::new(move |inputs: &mut [Option<Value>]| call.run(inputs));
+        rask_executor::run_limited("task", self.timeout, self.retries, &run, inputs)
     }
     fn value(&self) -> Option<&Value> {
         self.call.value()

@@ -29,7 +29,7 @@ macro_rules! for_each_executor {
         mod distributed {
             fn config() -> rask::Config {
                 crate::support::loopback_cluster(rask::tasks![
-                    inc, add, sum, len_shared, first, explode, parse?,
+                    inc, add, sum, len_shared, first, explode, parse?, flaky_once?, nap,
                     crate::support::leaf, crate::support::mix?,
                     crate::support::tree_inc, crate::support::tree_add
                 ])
@@ -61,6 +61,41 @@ for_each_executor! {
     fn first((a, b): (i64, i64)) -> i64 { a * 10 + b }
     fn explode(x: i64) -> i64 { if x > 0 { panic!("exploded on {x}") } x }
     fn parse(s: String) -> Result<i64, std::num::ParseIntError> { s.parse() }
+
+    /// Fails the first call for each `id`.
+    fn flaky_once(id: u64) -> Result<i64, String> {
+        static SEEN: std::sync::Mutex<Vec<u64>> = std::sync::Mutex::new(Vec::new());
+        let mut seen = SEEN.lock().unwrap();
+        if seen.contains(&id) {
+            Ok(id as i64)
+        } else {
+            seen.push(id);
+            Err("first call".into())
+        }
+    }
+
+    /// Sleeps `ms` milliseconds.
+    fn nap(ms: u64) -> i64 {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+        0
+    }
+
+    /// Retries and timeouts hold for a task inside a chain the optimizer
+    /// fuses: they apply to that task's own work.
+    #[test]
+    fn limits_hold_inside_fused_chains() {
+        static IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) * 1_000 + line!() as u64;
+        let flaky = delayed!(flaky_once(id)?).retries(1);
+        let x = delayed!(inc(delayed!(inc(flaky))));
+        assert_eq!(x.compute_with(&config()).unwrap(), id as i64 + 2);
+        let slow = delayed!(nap(5_000)).timeout(std::time::Duration::from_millis(50));
+        let y = delayed!(inc(delayed!(inc(&slow))));
+        match y.compute_with(&config()) {
+            Err(Error::Timeout { task: Some(task), .. }) => assert_eq!(task, slow.key()),
+            other => panic!("{other:?}"),
+        }
+    }
 
     /// The error a task returns is the source of the error the caller gets:
     /// the value itself in this process, its type name and message from

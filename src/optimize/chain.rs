@@ -194,10 +194,6 @@ pub(crate) fn absorb<'a>(
     top: &'a Arc<Node>,
     absorbed: &mut Absorbed,
 ) -> Option<(&'a Arc<Node>, Chain)> {
-    // A timed or retried node runs alone (`Folds::isolated`).
-    if top.call.runs_alone() {
-        return None;
-    }
     let mut bottom = top;
     let mut len = 1;
     let mut marks = Vec::new();
@@ -208,7 +204,6 @@ pub(crate) fn absorb<'a>(
         // absorbed.)
         if Arc::strong_count(input) != 1
             || (input.deps.is_empty() && (input.is_data() || input.call.is_future()))
-            || input.call.runs_alone()
         {
             break;
         }

@@ -60,7 +60,7 @@ pub(crate) fn fuse(draft: &Draft, mut folds: Folds) -> Folds {
                 count = count.saturating_add(1).min(2);
             }
         }
-        if count == 1 && !folds.isolated(draft, c) && folds.can_fold(draft, one) {
+        if count == 1 && folds.can_fold(draft, one) {
             folds.fold(one);
             count = reads[one as usize];
             one = source[one as usize];

@@ -34,7 +34,6 @@ pub(crate) fn inline(draft: &Draft, mut folds: Folds) -> Folds {
         for &d in draft.deps(c).iter().rev() {
             let du = d as usize;
             if draft.weight(d) != Weight::Normal
-                && !folds.isolated(draft, c)
                 && folds.can_fold(draft, d)
                 && (!fallible[du] || !external_follows)
             {

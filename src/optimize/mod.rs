@@ -307,11 +307,6 @@ pub(crate) fn named_origin(key: Key, name: &str, mut err: OpError) -> OpError {
     err
 }
 
-/// Whether `op` has a timeout or retries of its own (`Folds::isolated`).
-fn runs_alone(op: &dyn rask_executor::Op) -> bool {
-    op.timeout().is_some() || op.retries() > 0
-}
-
 /// Per task of a draft: whether it must stay a task (pinned) and whether a
 /// pass folded it into its only consumer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -329,14 +324,7 @@ impl Folds {
     /// empty.
     pub(crate) fn new(draft: &Draft, keep: &KeySet) -> Folds {
         let n = draft.len();
-        // A timed or retried task stays a task of its own
-        // (`Folds::isolated`).
-        let mut pinned: Vec<bool> = draft
-            .plan
-            .tasks()
-            .iter()
-            .map(|t| runs_alone(&*t.op))
-            .collect();
+        let mut pinned = vec![false; n];
         for &o in draft.outputs() {
             pinned[o as usize] = true;
         }
@@ -354,13 +342,6 @@ impl Folds {
     /// Whether task `i` must stay a task of its own.
     pub(crate) fn pinned(&self, i: u32) -> bool {
         self.pinned[i as usize]
-    }
-
-    /// Whether task `i` must run alone: neither folded into its consumer nor
-    /// taking its inputs in. A task with a timeout or retries runs alone, so
-    /// that its deadline times, and its retries repeat, its own work only.
-    pub(crate) fn isolated(&self, draft: &Draft, i: u32) -> bool {
-        self.pinned(i) && runs_alone(&*draft.plan.task(i).op)
     }
 
     /// Whether task `i` was folded into its only consumer.

@@ -164,6 +164,8 @@ pub struct OpError {
     pub cause: Option<Box<Cause>>,
     /// Where the task panicked (rule 3).
     pub location: Option<Arc<str>>,
+    /// How many times the task ran: more than 1 when it had retries.
+    pub attempts: u32,
 }
 
 impl OpError {
@@ -175,6 +177,7 @@ impl OpError {
             origin: None,
             cause: None,
             location: None,
+            attempts: 1,
         }
     }
 
@@ -186,6 +189,7 @@ impl OpError {
             origin: None,
             cause: Some(Box::new(cause)),
             location: None,
+            attempts: 1,
         }
     }
 
@@ -198,6 +202,7 @@ impl OpError {
             origin: None,
             cause: None,
             location: take_panic_location(),
+            attempts: 1,
         }
     }
 
@@ -209,6 +214,7 @@ impl OpError {
             origin: None,
             cause: None,
             location: None,
+            attempts: 1,
         }
     }
 }
@@ -259,7 +265,7 @@ impl Failure {
             message: err.message,
             cause: err.cause,
             location: err.location,
-            attempts: 1,
+            attempts: err.attempts.max(1),
         }
     }
 }

@@ -38,6 +38,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod failure;
+mod limits;
 mod plan;
 mod stop;
 mod synchronous;
@@ -46,6 +47,7 @@ pub use failure::{
     decode_failure, encode_failure, panic_message, Cause, Failure, FailureKind, OpError,
     RemoteError,
 };
+pub use limits::{run_limited, Run};
 pub use plan::{Plan, PlanBuilder, PlanTask};
 pub use stop::{abandoned, cancelled, Abandoned, Stop};
 pub use synchronous::Synchronous;
@@ -145,14 +147,16 @@ pub trait Op: Send + Sync {
         })
     }
 
-    /// How long the task may run before it fails as timed out (see
-    /// [`run_task`]); `None`: as long as it takes.
+    /// How long the task may run before it fails as timed out; `None`: as
+    /// long as it takes. An op with a timeout enforces it in its own `run`
+    /// ([`run_limited`]); this tells executors that send it elsewhere.
     fn timeout(&self) -> Option<Duration> {
         None
     }
 
     /// How many times the task runs again when it fails, returning an error,
-    /// panicking or timing out (see [`run_task`]).
+    /// panicking or timing out; enforced, and told, as
+    /// [`timeout`](Op::timeout) is.
     fn retries(&self) -> u32 {
         0
     }
@@ -160,7 +164,7 @@ pub trait Op: Send + Sync {
 
 /// `op` with a timeout and retries: runs and travels as `op` does, fails as
 /// timed out when it runs longer than `timeout`, and runs again up to
-/// `retries` times when it fails (see [`run_task`]). Used where an op is
+/// `retries` times when it fails (see [`run_limited`]). Used where an op is
 /// rebuilt from its wire form, which carries neither.
 pub fn with_limits(op: Arc<dyn Op>, timeout: Option<Duration>, retries: u32) -> Arc<dyn Op> {
     if timeout.is_none() && retries == 0 {
@@ -181,7 +185,9 @@ struct Limited {
 
 impl Op for Limited {
     fn run(&self, inputs: &mut [Option<Value>]) -> Result<Value, OpError> {
-        self.op.run(inputs)
+        let op = self.op.clone();
+        let run: limits::Run = Arc::new(move |inputs: &mut [Option<Value>]| op.run(inputs));
+        run_limited(self.op.name(), self.timeout, self.retries, &run, inputs)
     }
     fn name(&self) -> &str {
         self.op.name()
@@ -251,125 +257,13 @@ pub trait Executor: Send + Sync {
 
 /// Runs `task`'s op on `inputs`, catching panics and naming the failure.
 ///
-/// Shared by every executor so that rules 2 and 3 are implemented once.
-///
-/// A task whose op has a [`timeout`](Op::timeout) runs on a thread of its
-/// own, which this call stops waiting for at the deadline: the task then
-/// fails as [`FailureKind::TimedOut`], and its thread is abandoned (see
-/// [`abandoned`]) with [`cancelled`] raised on it. Starting that thread
-/// costs tens of microseconds, for timed tasks only.
-///
-/// A task whose op has [`retries`](Op::retries) runs again, on the same
-/// inputs, each time it fails (an error, a panic or a timeout; not a
-/// cancellation), up to that many times; its final failure counts its
-/// attempts ([`Failure::attempts`]).
+/// Shared by every executor so that rules 2 and 3 are implemented once. An
+/// op with a timeout or retries enforces them itself ([`run_limited`]).
 pub fn run_task(task: &PlanTask, inputs: &mut [Option<Value>]) -> Outcome {
     failure::record_panic_locations();
-    let retries = task.op.retries();
-    if retries == 0 {
-        return run_once(task, inputs);
-    }
-    let mut attempt = 1;
-    loop {
-        // The last attempt may take its inputs; earlier ones share them.
-        let outcome = if attempt > retries {
-            run_once(task, inputs)
-        } else {
-            run_once(task, &mut inputs.to_vec())
-        };
-        match outcome {
-            Err(failure)
-                if attempt <= retries && failure.kind != FailureKind::Cancelled && !cancelled() =>
-            {
-                attempt += 1;
-            }
-            Err(mut failure) => {
-                Arc::make_mut(&mut failure).attempts = attempt;
-                return Err(failure);
-            }
-            ok => return ok,
-        }
-    }
-}
-
-/// One attempt of [`run_task`].
-fn run_once(task: &PlanTask, inputs: &mut [Option<Value>]) -> Outcome {
-    if let Some(timeout) = task.op.timeout() {
-        return run_timed(task, inputs, timeout);
-    }
     match catch_unwind(AssertUnwindSafe(|| task.op.run(inputs))) {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(err)) => Err(Arc::new(task.failure(err))),
         Err(payload) => Err(Arc::new(task.failure(OpError::panicked(&*payload)))),
     }
-}
-
-/// [`run_task`] for a task with a timeout (stop rule 3).
-fn run_timed(task: &PlanTask, inputs: &mut [Option<Value>], timeout: Duration) -> Outcome {
-    /// Whether the task returned, and the note that its thread was
-    /// abandoned, which it takes back when it returns.
-    #[derive(Default)]
-    struct Ending {
-        returned: bool,
-        abandoned: Option<stop::AbandonedGuard>,
-    }
-    let deadline = stop::deadline(timeout);
-    let given_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let signal = {
-        let outer = Stop::current();
-        let given_up = given_up.clone();
-        Stop::when(move || given_up.load(std::sync::atomic::Ordering::Relaxed) || outer.raised())
-            .until(deadline)
-    };
-    let ending = Arc::new(std::sync::Mutex::new(Ending::default()));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let op = task.op.clone();
-    let mut owned: Vec<Option<Value>> = inputs.iter_mut().map(Option::take).collect();
-    let on_thread = ending.clone();
-    let spawned = std::thread::Builder::new()
-        .name(format!("rask-timed-{}", task.op.name()))
-        .spawn(move || {
-            let result = signal.enter(|| {
-                catch_unwind(AssertUnwindSafe(|| op.run(&mut owned)))
-                    .unwrap_or_else(|payload| Err(OpError::panicked(&*payload)))
-            });
-            drop(owned);
-            let _ = tx.send((result, std::time::Instant::now()));
-            let mut ending = on_thread.lock().unwrap_or_else(|e| e.into_inner());
-            ending.returned = true;
-            ending.abandoned = None;
-        });
-    if let Err(e) = spawned {
-        return Err(Arc::new(task.failure(OpError::failed(format!(
-            "could not start a thread to run it under its timeout: {e}"
-        )))));
-    }
-    let wait = deadline.saturating_duration_since(std::time::Instant::now());
-    // A task that returns after its deadline (having seen `cancelled`, say)
-    // timed out all the same: its value may be partial.
-    let in_time = |(result, at): (Result<Value, OpError>, std::time::Instant)| {
-        if at < deadline {
-            result
-        } else {
-            Err(OpError::timed_out(timeout))
-        }
-    };
-    let result = match rx.recv_timeout(wait) {
-        Ok(done) => in_time(done),
-        Err(_) => {
-            let mut ending = ending.lock().unwrap_or_else(|e| e.into_inner());
-            match rx.try_recv() {
-                // It returned just now.
-                Ok(done) => in_time(done),
-                Err(_) => {
-                    given_up.store(true, std::sync::atomic::Ordering::Relaxed);
-                    if !ending.returned {
-                        ending.abandoned = Some(stop::abandon(task.op.name().into()));
-                    }
-                    Err(OpError::timed_out(timeout))
-                }
-            }
-        }
-    };
-    result.map_err(|err| Arc::new(task.failure(err)))
 }

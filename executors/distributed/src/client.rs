@@ -353,7 +353,7 @@ impl std::fmt::Debug for Client {
 type Sequenced = (u64, Command);
 
 enum Command {
-    Submit(Submission),
+    Submit(Box<Submission>),
     /// A handle was dropped: drop its reference to the key.
     Release(WireKey),
     /// A handle wants its value's bytes.
@@ -375,6 +375,8 @@ type Reply = std::sync::mpsc::Sender<Result<Arc<[u8]>, String>>;
 
 struct Submission {
     id: u64,
+    /// How many distinct keys its outputs have.
+    wanted_len: usize,
     plan: Arc<Plan>,
     reporter: Arc<dyn Reporter>,
     frames: Vec<Vec<u8>>,
@@ -382,7 +384,7 @@ struct Submission {
     outputs: Vec<WireKey>,
     keep_remote: bool,
     /// Its output keys, held while it is open (rule 7).
-    holds: Vec<Hold>,
+    holds: HashMap<WireKey, Hold>,
 }
 
 /// One count in [`Link::held`] for a key an open submission will hand out
@@ -406,10 +408,9 @@ impl Drop for Hold {
 /// sent by then: the mark of its release (rule 7). Both happen under the
 /// `held` lock, which a submission keeps from finding the key held until it
 /// was sent: such a submission is numbered below the mark.
-fn drop_hold(link: &Link, holds: &mut Vec<Hold>, key: WireKey) -> u64 {
+fn drop_hold(link: &Link, holds: &mut HashMap<WireKey, Hold>, key: WireKey) -> u64 {
     let mut held = link.held();
-    if let Some(pos) = holds.iter().position(|h| h.key == key) {
-        let mut hold = holds.swap_remove(pos);
+    if let Some(mut hold) = holds.remove(&key) {
         hold.link = None;
         unhold(&mut held, key);
     }
@@ -713,14 +714,15 @@ impl Executor for Client {
                 .iter()
                 .map(|&key| {
                     hold(guard, key);
-                    Hold {
+                    let hold = Hold {
                         key,
                         link: Some(self.inner.link.clone()),
-                    }
+                    };
+                    (key, hold)
                 })
                 .collect()
         } else {
-            Vec::new()
+            HashMap::new()
         };
         // Rule 8: the reporter can stop one output.
         let id = self.inner.link.next_id.fetch_add(1, Ordering::Relaxed);
@@ -732,6 +734,7 @@ impl Executor for Client {
         }));
         let submission = Submission {
             id,
+            wanted_len: wanted.len(),
             plan,
             reporter,
             frames,
@@ -742,7 +745,7 @@ impl Executor for Client {
         let sent = self
             .inner
             .link
-            .send(&self.inner.commands, Command::Submit(submission));
+            .send(&self.inner.commands, Command::Submit(Box::new(submission)));
         drop(held);
         if let Err(Command::Submit(s)) = sent {
             let failures = lost(&s.plan, &self.inner.address);
@@ -841,15 +844,17 @@ struct Open {
     unreported: usize,
     /// The key of each output slot as the scheduler knows it (rule 9).
     outputs: Vec<WireKey>,
-    /// Wanted keys already released (rule 2).
-    released: Vec<WireKey>,
+    /// For a submission with several outputs of one key: the outputs of
+    /// each such key not reported yet (rule 2); `None` when every output
+    /// has a key of its own, the usual case.
+    shared_keys: Option<HashMap<WireKey, u32>>,
     keep_remote: bool,
     /// Handles reported so far, by key (rule 5); their keys are released
     /// when the handles are dropped, not with the submission.
     handles: HashMap<WireKey, Arc<KeyHandle>>,
     /// Its output keys, held while it is open (rule 7), each until its
     /// output was reported.
-    holds: Vec<Hold>,
+    holds: HashMap<WireKey, Hold>,
 }
 
 /// Who waits for a key's value.
@@ -882,7 +887,7 @@ struct Loop {
     releases: Vec<WireKey>,
     /// Keys whose outputs were reported this turn, each with the number of
     /// commands sent by then; released ahead of later commands (rule 7).
-    ended: Vec<(u64, WireKey)>,
+    ended: std::collections::VecDeque<(u64, WireKey)>,
     peers: Option<PeerPool>,
     out: Batch,
     last_poll: Instant,
@@ -942,7 +947,7 @@ impl Loop {
             fetching: HashMap::new(),
             holders: HashMap::new(),
             releases: Vec::new(),
-            ended: Vec::new(),
+            ended: std::collections::VecDeque::new(),
             peers: None,
             out: Batch::default(),
             last_poll: Instant::now(),
@@ -1054,14 +1059,18 @@ impl Loop {
     /// Handles command number `seq`, after sending the releases made
     /// before it was sent (rule 7).
     fn command(&mut self, seq: u64, cmd: Command) {
-        if self.ended.iter().any(|&(mark, _)| mark <= seq) {
-            let (now, later): (Vec<_>, Vec<_>) =
-                self.ended.drain(..).partition(|&(mark, _)| mark <= seq);
-            self.ended = later;
+        // Marks never decrease, so the releases due come first.
+        let due = self
+            .ended
+            .iter()
+            .take_while(|&&(mark, _)| mark <= seq)
+            .count();
+        if due > 0 {
+            let now: Vec<_> = self.ended.drain(..due).collect();
             self.release_ended(now);
         }
         match cmd {
-            Command::Submit(s) => self.submit(s),
+            Command::Submit(s) => self.submit(*s),
             Command::Release(key) => self.release(key),
             Command::Fetch { key, epoch, reply } => self.fetch(key, epoch, reply),
             Command::Stop { id, slot } => self.stop(id, slot),
@@ -1186,6 +1195,13 @@ impl Loop {
             let _ = self.writer.send(frame);
         }
         let n = s.outputs.len();
+        let shared_keys = (s.wanted_len < n).then(|| {
+            let mut counts = HashMap::new();
+            for &key in &s.outputs {
+                *counts.entry(key).or_insert(0) += 1;
+            }
+            counts
+        });
         self.open.insert(
             id,
             Open {
@@ -1194,7 +1210,7 @@ impl Loop {
                 reported: vec![false; n],
                 unreported: n,
                 outputs: s.outputs,
-                released: Vec::new(),
+                shared_keys,
                 keep_remote: s.keep_remote,
                 handles: HashMap::new(),
                 holds: s.holds,
@@ -1386,20 +1402,20 @@ impl Loop {
         // scheduler need not keep it for it, unless a handle left the value
         // there (rule 5).
         let key = open.outputs[slot];
-        let release = !open.released.contains(&key)
-            && !open
-                .outputs
-                .iter()
-                .zip(&open.reported)
-                .any(|(k, &done)| *k == key && !done)
-            && !open.handles.get(&key).is_some_and(|h| h.holds);
+        let last_of_key = match open.shared_keys.as_mut().and_then(|c| c.get_mut(&key)) {
+            Some(left) => {
+                *left -= 1;
+                *left == 0
+            }
+            None => true,
+        };
+        let release = last_of_key && !open.handles.get(&key).is_some_and(|h| h.holds);
         // The release is placed before the output is reported: whatever
         // the caller sends once it has the output comes after it (rule 7).
         if release {
-            open.released.push(key);
             let mark = drop_hold(&self.link, &mut open.holds, key);
             if self.connected {
-                self.ended.push((mark, key));
+                self.ended.push_back((mark, key));
             }
         }
         if open.unreported > 0 {
@@ -1575,7 +1591,7 @@ impl Loop {
     }
 
     fn flush(&mut self) {
-        let ended = std::mem::take(&mut self.ended);
+        let ended = std::mem::take(&mut self.ended).into();
         self.release_ended(ended);
         if let Some(p) = self.peers.as_mut() {
             p.flush();
