@@ -542,6 +542,46 @@ fn worker_exits_when_its_scheduler_goes_away() {
     assert!(result.is_ok(), "{result:?}");
 }
 
+/// A free port on 127.0.0.1 that nobody listens on now (bound, noted,
+/// closed).
+fn free_address() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+#[test]
+fn a_worker_started_before_its_scheduler_registers_once_it_is_up() {
+    let address = free_address();
+    let (shared, started) = support::Shared::new();
+    let registry = Arc::new(TestRegistry {
+        shared: shared.clone(),
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    let target = format!("tcp://{address}");
+    std::thread::spawn(move || {
+        let options = worker::Options::default().death_timeout(TIMEOUT);
+        let _ = tx.send(worker::spawn_with(&target, registry, options));
+    });
+    // Nothing listens yet: the worker waits rather than failing at once.
+    assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
+    let scheduler = rask_distributed::scheduler::serve(address).unwrap();
+    let worker = rx
+        .recv_timeout(TIMEOUT)
+        .expect("the worker registers")
+        .unwrap();
+    let cluster = Cluster {
+        workers: vec![Some(worker)],
+        shared,
+        started,
+        scheduler,
+        address: format!("tcp://{address}"),
+    };
+    assert_eq!(cluster.scheduler.workers(), 1);
+    diamond(&cluster, &cluster.client(), 0);
+}
+
 #[test]
 fn lost_scheduler_fails_open_submissions() {
     let mut cluster = Cluster::new(1, 1);

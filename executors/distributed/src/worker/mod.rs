@@ -7,7 +7,12 @@
 //!
 //! Rules:
 //!
-//! 1. The worker's life is its scheduler connection: when it ends, for any
+//! 1. The worker's life is its scheduler connection. It registers with the
+//!    scheduler at one address, trying again while nothing answers there
+//!    (refused, timed out, closed: `connect::retried` says which failures
+//!    are worth it) every 100 ms at first, doubling up to every 2 s, for up
+//!    to [`Options::death_timeout`] (60 s by default) from its first
+//!    attempt; zero means one attempt. When the connection ends, for any
 //!    reason, [`run`] returns `Ok(())` and every value is dropped.
 //! 2. One thread at a time, the *network thread*, drives the worker's tokio
 //!    runtime: all networking and the dispatch of jobs. Ops run on
@@ -74,6 +79,7 @@
 //!     supervisor starts it again; any other worker goes on with its
 //!     replacement threads.
 
+mod connect;
 mod pool;
 mod state;
 mod watchdog;
@@ -91,22 +97,20 @@ use rask_executor::{panic_message, run_task, Encoded, Failure, FailureKind, Key,
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::net::{self, log, Chain, ConnectError, Fetched, FrameReader, PeerPool, Reader};
+use crate::net::{self, log, Chain, Fetched, FrameReader, PeerPool, Reader};
 use crate::protocol::{
     decode_checked, duration_ns_of, strip_scheme, Batch, FromPeer, FromPeerRef, ProtocolError,
     Role, ToPeer, ToScheduler, ToWorker, WireKey, WorkerId, INLINE_BYTES, MAX_FRAME,
     MAX_TASK_DURATION, MAX_THREADS,
 };
-use crate::{BuildId, Error, GRACE_ENV, SUPERVISED_ENV};
+use crate::{BuildId, Error, DEATH_TIMEOUT_ENV, GRACE_ENV, SUPERVISED_ENV};
+use connect::{Connection, Link};
 use pool::Pool;
 use state::{lock, Compute, Done, Job, Outbox, Store, Stored, WorkerState};
 use watchdog::{Running, Slot};
 
 /// The largest value a worker keeps: one that still fits a frame.
 const MAX_VALUE: usize = MAX_FRAME - 1024;
-
-/// How long a worker waits for its scheduler to accept it.
-const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A run shorter than this is fast (rule 5).
 const FAST_OP: Duration = Duration::from_micros(50);
@@ -122,6 +126,10 @@ const INLINE_TURN: Duration = Duration::from_micros(500);
 /// worker is unhealthy, unless [`Options::grace`] says otherwise (rule 11).
 pub const GRACE: Duration = Duration::from_secs(30);
 
+/// How long a worker tries to reach its scheduler, unless
+/// [`Options::death_timeout`] says otherwise (rule 1).
+pub const DEATH_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// How a worker runs.
 ///
 /// # Examples
@@ -132,6 +140,9 @@ pub const GRACE: Duration = Duration::from_secs(30);
 /// let options = Options::default().threads(4).grace(Duration::from_secs(5));
 /// assert_eq!(options.threads, 4);
 /// assert!(!options.supervised);
+/// // One attempt to reach the scheduler, no waiting.
+/// let options = options.death_timeout(Duration::ZERO);
+/// assert!(options.death_timeout.is_zero());
 /// ```
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -147,6 +158,12 @@ pub struct Options {
     /// worker then exits the process with [`RESTART_EXIT_CODE`](crate::RESTART_EXIT_CODE) (rule 11).
     /// Default `false`.
     pub supervised: bool,
+    /// How long the worker tries to reach its scheduler before it gives up
+    /// (rule 1), counted from its first attempt. It retries a scheduler
+    /// that cannot be reached (connection refused, timed out, closed)
+    /// every 100 ms at first, doubling up to every 2 s. Zero: one attempt.
+    /// Default [`DEATH_TIMEOUT`], 60 s.
+    pub death_timeout: Duration,
 }
 
 impl Default for Options {
@@ -155,6 +172,7 @@ impl Default for Options {
             threads: 1,
             grace: GRACE,
             supervised: false,
+            death_timeout: DEATH_TIMEOUT,
         }
     }
 }
@@ -179,10 +197,17 @@ impl Options {
         self
     }
 
+    /// These options with another death timeout (rule 1).
+    pub fn death_timeout(mut self, death_timeout: Duration) -> Options {
+        self.death_timeout = death_timeout;
+        self
+    }
+
     /// The defaults, with what the environment sets: [`GRACE_ENV`] (a
-    /// grace period in seconds, `2.5` allowed) and [`SUPERVISED_ENV`]
-    /// (`1` when a supervisor restarts this process, `0` or unset when
-    /// not).
+    /// grace period in seconds, `2.5` allowed), [`DEATH_TIMEOUT_ENV`] (a
+    /// death timeout in seconds, `2.5` allowed, `0` not to wait) and
+    /// [`SUPERVISED_ENV`] (`1` when a supervisor restarts this process, `0`
+    /// or unset when not).
     ///
     /// # Errors
     ///
@@ -191,9 +216,10 @@ impl Options {
     /// # Examples
     ///
     /// ```
-    /// // Neither variable is set here.
+    /// // None of the variables is set here.
     /// let options = rask_distributed::worker::Options::from_env()?;
     /// assert_eq!(options.grace, rask_distributed::worker::GRACE);
+    /// assert_eq!(options.death_timeout, rask_distributed::worker::DEATH_TIMEOUT);
     /// # Ok::<(), rask_distributed::Error>(())
     /// ```
     pub fn from_env() -> Result<Options, Error> {
@@ -211,11 +237,23 @@ impl Options {
                 value: value.to_string_lossy().into_owned(),
                 expected,
             };
-        if let Some(value) = var(GRACE_ENV) {
-            let seconds = value.to_str().and_then(|v| v.trim().parse::<f64>().ok());
-            self.grace = seconds
+        // Negative, infinite and NaN seconds are no duration.
+        let seconds = |name: &'static str| -> Result<Option<Duration>, Error> {
+            let Some(value) = var(name) else {
+                return Ok(None);
+            };
+            value
+                .to_str()
+                .and_then(|v| v.trim().parse::<f64>().ok())
                 .and_then(|s| Duration::try_from_secs_f64(s).ok())
-                .ok_or_else(|| invalid(GRACE_ENV, &value, "a number of seconds"))?;
+                .map(Some)
+                .ok_or_else(|| invalid(name, &value, "a number of seconds"))
+        };
+        if let Some(grace) = seconds(GRACE_ENV)? {
+            self.grace = grace;
+        }
+        if let Some(death_timeout) = seconds(DEATH_TIMEOUT_ENV)? {
+            self.death_timeout = death_timeout;
         }
         if let Some(value) = var(SUPERVISED_ENV) {
             self.supervised = match value.to_str().map(str::trim) {
@@ -236,12 +274,13 @@ impl Options {
 /// of tasks run at once (at least one, at most [`MAX_THREADS`]: more is
 /// taken as that). The other [`Options`] come from the environment
 /// ([`Options::from_env`]): a [`LocalCluster`](crate::LocalCluster) sets
-/// [`SUPERVISED_ENV`], and [`GRACE_ENV`] sets the grace period.
+/// [`SUPERVISED_ENV`], [`GRACE_ENV`] sets the grace period and
+/// [`DEATH_TIMEOUT_ENV`] how long to wait for the scheduler.
 ///
 /// # Errors
 ///
-/// [`Error::Env`] for a malformed [`GRACE_ENV`] or [`SUPERVISED_ENV`];
-/// otherwise as [`run_with`].
+/// [`Error::Env`] for a malformed [`GRACE_ENV`], [`DEATH_TIMEOUT_ENV`] or
+/// [`SUPERVISED_ENV`]; otherwise as [`run_with`].
 ///
 /// # Examples
 ///
@@ -263,12 +302,15 @@ pub fn run(scheduler: &str, registry: Arc<dyn Registry>, threads: usize) -> Resu
 ///
 /// # Errors
 ///
-/// [`Error::Address`] for a malformed address, [`Error::Connection`] or
-/// [`Error::Timeout`] if the scheduler cannot be reached,
-/// [`Error::Handshake`] if it is not a rask scheduler of this version,
+/// [`Error::Address`] for a malformed address; [`Error::Connection`],
+/// [`Error::Timeout`] or [`Error::Handshake`] if the scheduler cannot be
+/// reached within the death timeout (rule 1; the last attempt's error);
+/// [`Error::Handshake`] at once if what answers at the address is not a
+/// rask scheduler of this version;
 /// [`Error::Protocol`] if it breaks the protocol (a malformed message, or a
 /// number out of its range such as a heartbeat interval over an hour),
-/// [`Error::Io`] if the worker's threads cannot be started.
+/// [`Error::Io`] if the worker's threads or its data port cannot be
+/// started.
 ///
 /// # Panics
 ///
@@ -387,7 +429,8 @@ impl std::fmt::Debug for WorkerHandle {
 }
 
 /// Starts a worker on background threads; returns once the scheduler
-/// registered it.
+/// registered it. A scheduler that cannot be reached yet is waited for, as
+/// [`run`] waits for it: for up to the death timeout (rule 1).
 ///
 /// # Errors
 ///
@@ -474,23 +517,6 @@ fn spawn_inner(
         ending: Mutex::new(started.ending),
         watchdog: Some(started.watchdog),
     })
-}
-
-fn connect_error(addr: &str, e: ConnectError) -> Error {
-    match e {
-        ConnectError::Io(source) => Error::Connection {
-            addr: addr.to_owned(),
-            source,
-        },
-        ConnectError::Timeout => Error::Timeout {
-            what: "the scheduler to accept the connection",
-            after: net::CONNECT_TIMEOUT,
-        },
-        ConnectError::Handshake(reason) => Error::Handshake {
-            addr: addr.to_owned(),
-            reason,
-        },
-    }
 }
 
 /// What the worker's handlers send, sorted by destination.
@@ -606,13 +632,41 @@ struct Io {
     to_pool: Vec<Job>,
 }
 
+impl Io {
+    /// The network loop's parts for its scheduler `connection`.
+    fn new(
+        connection: Connection,
+        done_rx: mpsc::UnboundedReceiver<Done>,
+        stop: Option<oneshot::Receiver<()>>,
+        build: BuildId,
+    ) -> Io {
+        let (fetch_tx, fetch_rx) = mpsc::unbounded_channel();
+        Io {
+            read: connection.read,
+            writer: connection.writer,
+            peers: PeerPool::new(fetch_tx, build),
+            done_rx,
+            fetch_rx,
+            heartbeat: None,
+            stop,
+            messages: connection.first,
+            done: Vec::new(),
+            fetched: Vec::new(),
+            heartbeat_due: false,
+            fetches: Vec::new(),
+            to_pool: Vec::new(),
+        }
+    }
+}
+
 /// Everything the threads of one worker share: the network thread (whoever
 /// it is, rule 9), the watchdog and, through the pool, the compute threads.
 struct Worker {
     id: WorkerId,
     options: Options,
-    /// The announced thread count, within the protocol's range.
-    threads: usize,
+    /// Where the worker registers, and the announced thread count (within
+    /// the protocol's range).
+    link: Link,
     core: Mutex<Core>,
     /// `None` once the worker ended.
     net: Mutex<Option<Net>>,
@@ -665,8 +719,9 @@ struct Started {
     watchdog: JoinHandle<()>,
 }
 
-/// Connects, registers, and starts the worker's threads: the network
-/// thread, the watchdog and the pool.
+/// Connects, registers (waiting for the scheduler as rule 1 says), and
+/// starts the worker's threads: the network thread, the watchdog and the
+/// pool.
 fn start(
     scheduler: &str,
     registry: Arc<dyn Registry>,
@@ -674,31 +729,37 @@ fn start(
     build: BuildId,
     stop: Option<oneshot::Receiver<()>>,
 ) -> Result<Started, Error> {
-    let runtime = net::runtime().map_err(Error::Io)?;
-    // The protocol's range (rule 5 of `protocol`): the pool is that big too.
-    let threads = options.threads.clamp(1, MAX_THREADS as usize);
-    let store = Store::default();
-    let (done, done_rx) = mpsc::unbounded_channel();
-    let (registered, io) = runtime.block_on(register(
-        scheduler,
-        threads,
+    let address = strip_scheme(scheduler).ok_or_else(|| Error::Address {
+        address: scheduler.to_owned(),
+    })?;
+    let link = Link {
+        address: address.to_owned(),
         build,
-        store.clone(),
-        done_rx,
-        stop,
+        // The protocol's range (rule 5 of `protocol`): the pool is that
+        // big too.
+        threads: options.threads.clamp(1, MAX_THREADS as usize),
+    };
+    let runtime = net::runtime().map_err(Error::Io)?;
+    let store = Store::default();
+    let connection = runtime.block_on(connect::reach(
+        &link,
+        &store,
+        &mut None,
+        Instant::now(),
+        options.death_timeout,
+        true,
     ))?;
-    let pool = Pool::start(threads, done.clone());
+    let (id, data_address) = (connection.id, connection.data_address);
+    let (done, done_rx) = mpsc::unbounded_channel();
+    let io = Io::new(connection, done_rx, stop, build);
+    let pool = Pool::start(link.threads, done.clone());
     let (ending, ended) = std::sync::mpsc::channel();
     let (end_watchdog, watchdog_ends) = std::sync::mpsc::channel();
     let worker = Arc::new(Worker {
-        id: registered.id,
+        id,
         options,
-        threads,
-        core: Mutex::new(Core::new(WorkerState::new(
-            registered.id,
-            registry,
-            store.clone(),
-        ))),
+        link,
+        core: Mutex::new(Core::new(WorkerState::new(id, registry, store.clone()))),
         net: Mutex::new(Some(Net { io, runtime })),
         pool,
         done,
@@ -724,94 +785,11 @@ fn start(
         return Err(Error::Io(e));
     }
     Ok(Started {
-        id: registered.id,
-        data_address: registered.data_address,
+        id,
+        data_address,
         ending: ended,
         watchdog,
     })
-}
-
-/// What the scheduler's registration gave.
-struct Registered {
-    id: WorkerId,
-    data_address: SocketAddr,
-}
-
-/// Connects to the scheduler, opens the data port and registers.
-async fn register(
-    scheduler: &str,
-    threads: usize,
-    build: BuildId,
-    store: Store,
-    done_rx: mpsc::UnboundedReceiver<Done>,
-    stop: Option<oneshot::Receiver<()>>,
-) -> Result<(Registered, Io), Error> {
-    let address = strip_scheme(scheduler).ok_or_else(|| Error::Address {
-        address: scheduler.to_owned(),
-    })?;
-    let (read, write, local, _) = net::connect(
-        address,
-        Role::Worker,
-        Role::Scheduler,
-        build,
-        net::CONNECT_TIMEOUT,
-    )
-    .await
-    .map_err(|e| connect_error(address, e))?;
-    let local_ip = local.ip();
-    let listener = TcpListener::bind((local_ip, 0)).await.map_err(Error::Io)?;
-    let data_address = listener.local_addr().map_err(Error::Io)?;
-    let writer = net::spawn_writer(write);
-    let mut batch = Batch::default();
-    batch.push(&ToScheduler::RegisterWorker {
-        address: data_address.to_string(),
-        threads: threads as u32,
-    });
-    net::send_batch(&writer, &mut batch);
-
-    let mut read = FrameReader::new(read);
-    let protocol = |reason| Error::Protocol { reason };
-    let first = match tokio::time::timeout(REGISTER_TIMEOUT, read.next()).await {
-        Ok(Ok(true)) => match decode_checked::<ToWorker>(read.frame()) {
-            Ok(msgs) => msgs,
-            Err(e) => {
-                log!("worker: closing the scheduler connection: {}", Chain(&e));
-                return Err(protocol(e));
-            }
-        },
-        Ok(Ok(false)) => return Err(protocol(ProtocolError::Closed)),
-        Ok(Err(e)) => return Err(protocol(e)),
-        Err(_) => {
-            return Err(Error::Timeout {
-                what: "the scheduler to register the worker",
-                after: REGISTER_TIMEOUT,
-            })
-        }
-    };
-    let mut first = first.into_iter();
-    let Some(ToWorker::Registered { id }) = first.next() else {
-        return Err(protocol(ProtocolError::Unexpected(
-            "the scheduler did not answer the registration",
-        )));
-    };
-    tokio::spawn(serve_data(listener, store, build));
-    let (fetch_tx, fetch_rx) = mpsc::unbounded_channel();
-    let io = Io {
-        read,
-        writer,
-        peers: PeerPool::new(fetch_tx, build),
-        done_rx,
-        fetch_rx,
-        heartbeat: None,
-        stop,
-        messages: first.collect(),
-        done: Vec::new(),
-        fetched: Vec::new(),
-        heartbeat_due: false,
-        fetches: Vec::new(),
-        to_pool: Vec::new(),
-    };
-    Ok((Registered { id, data_address }, io))
 }
 
 /// Starts a thread that becomes the network thread of `worker`, watched
@@ -1494,6 +1472,7 @@ mod tests {
         };
         let options = env(None, None).unwrap();
         assert_eq!((options.grace, options.supervised), (GRACE, false));
+        assert_eq!(options.death_timeout, DEATH_TIMEOUT);
         let options = env(Some("2.5"), Some("1")).unwrap();
         assert_eq!(options.grace, Duration::from_millis(2500));
         assert!(options.supervised);
@@ -1513,6 +1492,29 @@ mod tests {
         assert_eq!(
             text,
             "RASK_WORKER_GRACE=\"soon\" is not valid: expected a number of seconds"
+        );
+    }
+
+    #[test]
+    fn the_death_timeout_comes_from_the_environment_in_seconds() {
+        let env = |value: &str| {
+            Options::default().with_env(|name| (name == DEATH_TIMEOUT_ENV).then(|| value.into()))
+        };
+        let timeout = |value| env(value).unwrap().death_timeout;
+        assert_eq!(timeout("0"), Duration::ZERO);
+        assert_eq!(timeout(" 1.5 "), Duration::from_millis(1500));
+        assert_eq!(timeout("120"), Duration::from_secs(120));
+        for bad in ["", "soon", "-1", "inf", "NaN", "1e300"] {
+            match env(bad) {
+                Err(Error::Env { name, value, .. }) => {
+                    assert_eq!((name, value.as_str()), (DEATH_TIMEOUT_ENV, bad))
+                }
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+        assert_eq!(
+            env("soon").unwrap_err().to_string(),
+            "RASK_WORKER_DEATH_TIMEOUT=\"soon\" is not valid: expected a number of seconds"
         );
     }
 }

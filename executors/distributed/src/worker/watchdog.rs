@@ -86,7 +86,7 @@ impl Running {
 }
 
 /// A duration for a log line: `31 s`, or `0.5 s` under ten seconds.
-struct Seconds(Duration);
+pub(super) struct Seconds(pub(super) Duration);
 
 impl std::fmt::Display for Seconds {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -331,7 +331,7 @@ impl Watchdog {
             let seats = self.worker.pool.seats();
             let mut locked: Vec<_> = seats.iter().map(|s| super::pool::seat(s)).collect();
             let retired = locked.iter().filter(|s| s.retired).count();
-            let mut spare = self.worker.threads.saturating_sub(retired);
+            let mut spare = self.worker.link.threads.saturating_sub(retired);
             for seat in &mut locked {
                 let verdict = review(seat, now, grace, &mut spare);
                 replace += usize::from(verdict.replace);
