@@ -139,8 +139,8 @@ pub const GRACE_ENV: &str = "RASK_WORKER_GRACE";
 
 /// The environment variable giving a worker process its death timeout, in
 /// seconds (`2.5` allowed, `0` not to wait; default 60): how long it tries
-/// to reach its scheduler before it gives up (see
-/// [`worker::Options::death_timeout`]).
+/// to reach its scheduler, when it starts and after losing it, before it
+/// gives up (see [`worker::Options::death_timeout`]).
 pub const DEATH_TIMEOUT_ENV: &str = "RASK_WORKER_DEATH_TIMEOUT";
 
 /// The environment variable a supervisor sets to `1` in the worker

@@ -283,7 +283,7 @@ impl Watchdog {
             if !std::mem::replace(&mut self.spawn_failed, true) {
                 log!(
                     "{}: could not start a thread to take the network over: {e}",
-                    self.worker.id
+                    self.worker.id()
                 );
             }
             return;
@@ -310,7 +310,7 @@ impl Watchdog {
         if let Some(r) = &running {
             log!(
                 "{}: task {} held the network thread over {INLINE_STUCK:?}; another thread took the network over",
-                self.worker.id,
+                self.worker.id(),
                 r.task()
             );
         }
@@ -374,7 +374,7 @@ impl Watchdog {
     /// Rule 11: one line, and a supervised worker's process exits to be
     /// restarted.
     fn unhealthy(&self, why: &str) {
-        let id = self.worker.id;
+        let id = self.worker.id();
         if self.worker.options.supervised {
             log!("{id}: unhealthy: {why}; exiting to be restarted");
             // Exit flushes what stdout holds if no thread holds its lock,
