@@ -467,6 +467,52 @@ fn an_older_build_of_the_program_never_answers_for_this_one() {
     assert!(new_worker.exits());
 }
 
+fn a_worker_started_by_hand_survives_a_scheduler_restart() {
+    let exe = std::env::current_exe().expect("this test's path");
+    let mut scheduler =
+        rask_distributed::scheduler::serve("127.0.0.1:0".parse().unwrap()).expect("a scheduler");
+    let addr = scheduler.address();
+    let address = format!("tcp://{addr}");
+    // Longer than any wait here: the worker never gives up in this test.
+    let worker = WorkerProcess::start(
+        &exe,
+        &address,
+        &[(rask_distributed::DEATH_TIMEOUT_ENV, "120")],
+    );
+    workers_registered(&scheduler, 1);
+    let client = Client::connect(&address).unwrap();
+    assert_eq!(
+        client.submit(delayed!(inc(1))).unwrap().result().unwrap(),
+        2
+    );
+    drop(client);
+    // The scheduler stops, and another comes up at the same address.
+    scheduler.shutdown();
+    let scheduler = rask_distributed::scheduler::serve(addr).expect("the scheduler restarts");
+    workers_registered(&scheduler, 1);
+    let mut worker = worker;
+    assert!(
+        worker
+            .0
+            .try_wait()
+            .expect("the worker can be waited for")
+            .is_none(),
+        "the worker process exited"
+    );
+    // The only worker, so the one that computes: for a client that never
+    // saw the first scheduler.
+    let client = Client::connect(&address).unwrap();
+    assert_eq!(
+        client.submit(delayed!(inc(41))).unwrap().result().unwrap(),
+        42
+    );
+    drop(client);
+    let pid = worker.0.id();
+    // Killed and reaped.
+    drop(worker);
+    assert!(!live_children().contains(&pid));
+}
+
 /// Waits until this process has at most `count` live children.
 fn children_settle_to(count: usize) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -934,6 +980,10 @@ fn main() {
         (
             "a_restarted_scheduler_is_reconnected",
             a_restarted_scheduler_is_reconnected,
+        ),
+        (
+            "a_worker_started_by_hand_survives_a_scheduler_restart",
+            a_worker_started_by_hand_survives_a_scheduler_restart,
         ),
         (
             "task_output_reaches_the_program_under_local_n",
