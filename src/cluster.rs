@@ -4,7 +4,9 @@
 //! A worker is this program's own binary, started with `RASK_WORKER` set to
 //! its scheduler's address: [`crate::init`] sees the variable and runs the
 //! worker instead of returning to `main`, so the functions it runs are the
-//! ones the program registered.
+//! ones the program registered. The process exits once the worker gives up
+//! on its scheduler (`rask_distributed::worker` rule 1: after its death
+//! timeout, `RASK_WORKER_DEATH_TIMEOUT`).
 
 use std::collections::HashMap;
 use std::process::{Command, Stdio};

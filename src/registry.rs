@@ -596,9 +596,14 @@ pub(crate) fn check_registered(function: &str, fallible: bool) -> Result<(), Wir
 ///
 /// In a worker process (started by [`Client::local`](crate::Client::local),
 /// or by hand with `RASK_WORKER=tcp://host:port ./my-app`) this runs the
-/// worker and exits the process when the scheduler goes away — `main` goes no
-/// further. Otherwise it records `tasks` as the functions that may run on a
-/// cluster and returns. Calling it again keeps the first list.
+/// worker and exits the process when its scheduler is gone for good —
+/// `main` goes no further. A worker started by hand waits for its
+/// scheduler, when it starts and after losing it, for up to
+/// `RASK_WORKER_DEATH_TIMEOUT` seconds (default 60), and registers with it
+/// again when it comes back; a [`Client::local`](crate::Client::local)
+/// cluster's workers exit as soon as their scheduler, in the program's own
+/// process, goes away. Otherwise it records `tasks` as the functions that
+/// may run on a cluster and returns. Calling it again keeps the first list.
 ///
 /// ```
 /// fn inc(x: i64) -> i64 { x + 1 }

@@ -306,7 +306,7 @@ fn unregistered_functions_are_a_clear_error() {
 
 /// A scheduler in this process on `addr`, and one worker process of this
 /// test binary started by hand as the README says (`RASK_WORKER=tcp://…`),
-/// registered.
+/// registered. With no death timeout, the worker exits with its scheduler.
 fn scheduler_with_a_worker(
     addr: std::net::SocketAddr,
 ) -> (
@@ -319,6 +319,7 @@ fn scheduler_with_a_worker(
             rask_distributed::WORKER_ENV,
             format!("tcp://{}", scheduler.address()),
         )
+        .env(rask_distributed::DEATH_TIMEOUT_ENV, "0")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -336,8 +337,8 @@ fn a_restarted_scheduler_is_reconnected() {
     let addr = scheduler.address();
     let config = Config::new().executor(ExecutorKind::Tcp(addr.to_string()));
     assert_eq!(delayed!(inc(1)).compute_with(&config).unwrap(), 2);
-    // The scheduler goes away, and its worker with it (it exits when it
-    // loses its scheduler); a new one comes up at the same address.
+    // The scheduler goes away, and its worker with it (it has no death
+    // timeout); a new one comes up at the same address.
     scheduler.shutdown();
     assert!(worker.wait().expect("the worker exits").success());
     let (mut scheduler, mut worker) = scheduler_with_a_worker(addr);
@@ -352,17 +353,17 @@ fn a_restarted_scheduler_is_reconnected() {
 struct WorkerProcess(Child);
 
 impl WorkerProcess {
-    /// Starts `program` in worker mode for the scheduler at `address`, as
-    /// the older build of this program when `old`.
-    fn start(program: &Path, address: &str, old: bool) -> WorkerProcess {
+    /// Starts `program` in worker mode for the scheduler at `address`,
+    /// with no death timeout (it exits with its scheduler) unless `env`
+    /// gives one; `env` is set last.
+    fn start(program: &Path, address: &str, env: &[(&str, &str)]) -> WorkerProcess {
         let mut command = Command::new(program);
         command
             .env(rask_distributed::WORKER_ENV, address)
+            .env(rask_distributed::DEATH_TIMEOUT_ENV, "0")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null());
-        if old {
-            command.env(OLD_VERSION_ENV, "1");
-        }
         // A file just written can be busy for a moment: a child forked
         // meanwhile holds the writer's descriptor until it execs.
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -439,7 +440,7 @@ fn an_older_build_of_the_program_never_answers_for_this_one() {
     let mut scheduler =
         rask_distributed::scheduler::serve("127.0.0.1:0".parse().unwrap()).expect("a scheduler");
     let address = format!("tcp://{}", scheduler.address());
-    let mut old_worker = WorkerProcess::start(&copy.0, &address, true);
+    let mut old_worker = WorkerProcess::start(&copy.0, &address, &[(OLD_VERSION_ENV, "1")]);
     workers_registered(&scheduler, 1);
     let client = Client::connect(&address).unwrap();
     // Its `scale(41)` would be 42: the older build's worker must not run it.
@@ -455,15 +456,61 @@ fn an_older_build_of_the_program_never_answers_for_this_one() {
         other => panic!("expected the build error, got {other:?}"),
     }
     // A worker of this build computes it.
-    let mut new_worker = WorkerProcess::start(&exe, &address, false);
+    let mut new_worker = WorkerProcess::start(&exe, &address, &[]);
     workers_registered(&scheduler, 2);
     let scaled = client.submit(delayed!(scale(41))).unwrap();
     assert_eq!(scaled.result().unwrap(), 41_000);
     drop((scaled, client));
-    // Workers exit when their scheduler goes away.
+    // Workers with no death timeout exit when their scheduler goes away.
     scheduler.shutdown();
     assert!(old_worker.exits());
     assert!(new_worker.exits());
+}
+
+fn a_worker_started_by_hand_survives_a_scheduler_restart() {
+    let exe = std::env::current_exe().expect("this test's path");
+    let mut scheduler =
+        rask_distributed::scheduler::serve("127.0.0.1:0".parse().unwrap()).expect("a scheduler");
+    let addr = scheduler.address();
+    let address = format!("tcp://{addr}");
+    // Longer than any wait here: the worker never gives up in this test.
+    let worker = WorkerProcess::start(
+        &exe,
+        &address,
+        &[(rask_distributed::DEATH_TIMEOUT_ENV, "120")],
+    );
+    workers_registered(&scheduler, 1);
+    let client = Client::connect(&address).unwrap();
+    assert_eq!(
+        client.submit(delayed!(inc(1))).unwrap().result().unwrap(),
+        2
+    );
+    drop(client);
+    // The scheduler stops, and another comes up at the same address.
+    scheduler.shutdown();
+    let scheduler = rask_distributed::scheduler::serve(addr).expect("the scheduler restarts");
+    workers_registered(&scheduler, 1);
+    let mut worker = worker;
+    assert!(
+        worker
+            .0
+            .try_wait()
+            .expect("the worker can be waited for")
+            .is_none(),
+        "the worker process exited"
+    );
+    // The only worker, so the one that computes: for a client that never
+    // saw the first scheduler.
+    let client = Client::connect(&address).unwrap();
+    assert_eq!(
+        client.submit(delayed!(inc(41))).unwrap().result().unwrap(),
+        42
+    );
+    drop(client);
+    let pid = worker.0.id();
+    // Killed and reaped.
+    drop(worker);
+    assert!(!live_children().contains(&pid));
 }
 
 /// Waits until this process has at most `count` live children.
@@ -933,6 +980,10 @@ fn main() {
         (
             "a_restarted_scheduler_is_reconnected",
             a_restarted_scheduler_is_reconnected,
+        ),
+        (
+            "a_worker_started_by_hand_survives_a_scheduler_restart",
+            a_worker_started_by_hand_survives_a_scheduler_restart,
         ),
         (
             "task_output_reaches_the_program_under_local_n",

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::net::log;
 use crate::scheduler::{self, SchedulerHandle};
-use crate::{Client, Error, RESTART_EXIT_CODE, SUPERVISED_ENV, WORKER_ENV};
+use crate::{Client, Error, DEATH_TIMEOUT_ENV, RESTART_EXIT_CODE, SUPERVISED_ENV, WORKER_ENV};
 
 /// How long `start` waits for every worker to register.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -80,8 +80,11 @@ fn lock_workers(workers: &Workers) -> MutexGuard<'_, Vec<Worker>> {
 impl LocalCluster {
     /// Starts a scheduler on 127.0.0.1 (port chosen by the OS) and `workers`
     /// processes made by `worker`, with [`WORKER_ENV`] set to the
-    /// scheduler's address and [`SUPERVISED_ENV`] to `1`. Returns once every
-    /// worker registered. `worker` is kept to restart workers that ask for
+    /// scheduler's address, [`SUPERVISED_ENV`] to `1` and
+    /// [`DEATH_TIMEOUT_ENV`] to `0`: the scheduler lives in this process, so
+    /// when it goes away the program is gone, and its workers exit at once
+    /// instead of waiting for it to come back. Returns once every worker
+    /// registered. `worker` is kept to restart workers that ask for
     /// it (see Restarts above).
     ///
     /// # Output
@@ -201,9 +204,11 @@ impl LocalCluster {
 fn spawn(make: &MakeWorker, address: &str, index: usize) -> Result<Child, Error> {
     let mut command = make();
     // Stdout and stderr are inherited (see Output above).
+    // The scheduler is in this process: never coming back once gone.
     command
         .env(WORKER_ENV, address)
         .env(SUPERVISED_ENV, "1")
+        .env(DEATH_TIMEOUT_ENV, "0")
         .stdin(Stdio::null());
     command
         .spawn()

@@ -44,6 +44,14 @@
 //! rebuild replaced it, so its workers (restarted ones too) are always its
 //! own build.
 //!
+//! A worker started by hand waits for its scheduler: started before it,
+//! or having lost it (a restart, a network failure), it tries again for up
+//! to its death timeout ([`DEATH_TIMEOUT_ENV`], 60 s by default, `0` not
+//! to wait) and registers as a new worker once the scheduler answers
+//! ([`worker`] rule 1). A [`LocalCluster`]'s workers are started with a
+//! death timeout of 0: their scheduler is in the program's own process, so
+//! they exit with it.
+//!
 //! # Design
 //!
 //! - **Sans-IO cores, thin async shells.** The scheduler's task state
@@ -73,6 +81,13 @@
 //! - **Everything is recomputable.** The scheduler keeps every task's spec
 //!   while anything refers to it, including data tasks (`rask.value`), so a
 //!   value lost with a worker is recomputed from its inputs.
+//! - **A scheduler restart costs values, not workers.** A worker that loses
+//!   its scheduler drops what it held and registers again, as a new
+//!   worker, when a scheduler answers at the same address within its death
+//!   timeout. It does not offer its old values to the new scheduler, which
+//!   would then have to trust results of tasks it never placed; that
+//!   scheduler recomputes what its clients need instead, on workers whose
+//!   threads, pool and data port carried on.
 //! - **One thread per role.** Each scheduler, worker and client runs a
 //!   single-threaded tokio runtime on its own thread; workers run ops on
 //!   separate plain threads. No multi-threaded runtime, no locks on the
@@ -136,6 +151,12 @@ pub const WORKER_ENV: &str = "RASK_WORKER";
 /// task after its cancellation or timeout before the worker is unhealthy
 /// (see [`worker::Options::grace`]).
 pub const GRACE_ENV: &str = "RASK_WORKER_GRACE";
+
+/// The environment variable giving a worker process its death timeout, in
+/// seconds (`2.5` allowed, `0` not to wait; default 60): how long it tries
+/// to reach its scheduler, when it starts and after losing it, before it
+/// gives up (see [`worker::Options::death_timeout`]).
+pub const DEATH_TIMEOUT_ENV: &str = "RASK_WORKER_DEATH_TIMEOUT";
 
 /// The environment variable a supervisor sets to `1` in the worker
 /// processes it restarts ([`LocalCluster`] does): an unhealthy worker then

@@ -133,12 +133,14 @@ fn rask_scheduler_binary_prints_its_address_and_serves() {
     assert!(address.starts_with("tcp://127.0.0.1:"), "{address}");
 
     let (shared, _) = Shared::new();
-    let w = worker::spawn(
+    // No death timeout: it ends with the scheduler, as it did before it
+    // could wait for another.
+    let w = worker::spawn_with(
         address,
         Arc::new(TestRegistry {
             shared: shared.clone(),
         }),
-        1,
+        worker::Options::default().death_timeout(std::time::Duration::ZERO),
     )
     .unwrap();
     let client = rask_distributed::Client::connect(address).unwrap();

@@ -528,18 +528,157 @@ fn results_the_client_has_are_released_and_never_recomputed() {
     assert_eq!(cluster.shared.runs.load(Ordering::SeqCst), runs);
 }
 
-#[test]
-fn worker_exits_when_its_scheduler_goes_away() {
-    let mut cluster = Cluster::new(1, 1);
-    let worker = cluster.workers[0].take().unwrap();
-    cluster.scheduler.shutdown();
-    // `join` returns only once the worker stopped by itself.
+/// Waits (bounded) in another thread for `worker` to stop by itself.
+fn joined(worker: WorkerHandle) -> Result<(), rask_distributed::Error> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(worker.join());
     });
-    let result = rx.recv_timeout(TIMEOUT).expect("the worker should exit");
-    assert!(result.is_ok(), "{result:?}");
+    rx.recv_timeout(TIMEOUT).expect("the worker should exit")
+}
+
+/// Whether the data port at `data` holds `key`: it answers with the value,
+/// or says it is missing.
+fn data_port_holds(data: SocketAddr, key: [u8; 32]) -> bool {
+    let mut s = TcpStream::connect(data).unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    s.write_all(&Handshake::new(Role::Peer, BuildId::current()).to_frame())
+        .unwrap();
+    s.write_all(&protocol::frame(&ToPeer::GetData { keys: vec![key] }))
+        .unwrap();
+    let mut hello = [0u8; protocol::HANDSHAKE_FRAME];
+    s.read_exact(&mut hello).unwrap();
+    match read_frame::<FromPeer>(&mut s).as_slice() {
+        [FromPeer::Data { key: k, .. }] if *k == key => true,
+        [FromPeer::Missing { key: k }] if *k == key => false,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+/// A free port on 127.0.0.1 that nobody listens on now (bound, noted,
+/// closed).
+fn free_address() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+#[test]
+fn a_worker_without_a_death_timeout_exits_with_its_scheduler() {
+    let mut cluster = Cluster::new(0, 1);
+    cluster.add_worker_with(worker::Options::default().death_timeout(Duration::ZERO));
+    let worker = cluster.workers[0].take().unwrap();
+    cluster.scheduler.shutdown();
+    // `join` returns only once the worker stopped by itself.
+    assert!(joined(worker).is_ok());
+}
+
+#[test]
+fn a_worker_that_cannot_reach_its_scheduler_again_exits_after_its_death_timeout() {
+    let death_timeout = Duration::from_millis(300);
+    let mut cluster = Cluster::new(0, 1);
+    cluster.add_worker_with(worker::Options::default().death_timeout(death_timeout));
+    let worker = cluster.workers[0].take().unwrap();
+    let lost = std::time::Instant::now();
+    cluster.scheduler.shutdown();
+    assert!(joined(worker).is_ok());
+    // Not a timing assertion: its last attempt is made at the deadline, so
+    // it cannot have given up any earlier.
+    assert!(lost.elapsed() >= death_timeout, "{:?}", lost.elapsed());
+}
+
+#[test]
+fn a_worker_started_before_its_scheduler_registers_once_it_is_up() {
+    let address = free_address();
+    let (shared, started) = support::Shared::new();
+    let registry = Arc::new(TestRegistry {
+        shared: shared.clone(),
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    let target = format!("tcp://{address}");
+    std::thread::spawn(move || {
+        let options = worker::Options::default().death_timeout(TIMEOUT);
+        let _ = tx.send(worker::spawn_with(&target, registry, options));
+    });
+    // Nothing listens yet: the worker waits rather than failing at once.
+    assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
+    let scheduler = rask_distributed::scheduler::serve(address).unwrap();
+    let worker = rx
+        .recv_timeout(TIMEOUT)
+        .expect("the worker registers")
+        .unwrap();
+    let cluster = Cluster {
+        workers: vec![Some(worker)],
+        shared,
+        started,
+        scheduler,
+        address: format!("tcp://{address}"),
+    };
+    assert_eq!(cluster.scheduler.workers(), 1);
+    diamond(&cluster, &cluster.client(), 0);
+}
+
+/// 100 kB of sevens (`big`, which counts its runs): a value large enough
+/// for a client to leave it on the worker (not fetched at once).
+fn big(g: &mut Graph) -> u32 {
+    g.task("big", postcard::to_stdvec(&100_000u64).unwrap(), &[])
+}
+
+#[test]
+fn a_worker_registers_again_with_a_restarted_scheduler_and_computes_for_it() {
+    let mut cluster = Cluster::new(0, 1);
+    // Long enough never to run out in this test: `stop` ends it below.
+    cluster.add_worker_with(worker::Options::default().death_timeout(4 * TIMEOUT));
+    let worker = cluster.workers[0].take().unwrap();
+    let data = worker.data_address();
+    let address = cluster.scheduler.address();
+    // The worker computes and holds a value for a client of the first
+    // scheduler.
+    let first = cluster.client();
+    let mut g = Graph::new(&cluster.shared);
+    let t = big(&mut g);
+    g.output(t);
+    let kept = Keep::new(1, true);
+    kept.submit(&first, g.build());
+    let held = kept.wait().pop().unwrap().unwrap();
+    let key = remote(&held).key().0;
+    assert!(data_port_holds(data, key));
+    assert_eq!(cluster.shared.runs.load(Ordering::SeqCst), 1);
+
+    // The scheduler stops, and another starts at the same address.
+    cluster.scheduler.shutdown();
+    cluster.scheduler = rask_distributed::scheduler::serve(address).unwrap();
+    cluster.eventually("the worker to register again", |c| {
+        c.scheduler.workers() == 1
+    });
+    assert!(!worker.is_finished());
+    // What it held for the first scheduler is gone; its data port is up
+    // and says so.
+    assert!(!data_port_holds(data, key));
+    drop((held, first));
+
+    // A client of the new scheduler computes on it; the value held before
+    // is computed again, since the new scheduler never saw it.
+    let second = cluster.client();
+    let mut g = Graph::new(&cluster.shared);
+    let t = big(&mut g);
+    let len = g.op("len", 1, &[t]);
+    g.output(len);
+    let got = Collect::new(1);
+    got.submit(&second, g.build());
+    assert_eq!(got.wait(), vec![Ok(100_001)]);
+    assert_eq!(cluster.shared.runs.load(Ordering::SeqCst), 2);
+
+    // A worker waiting for its scheduler stops at once when told to,
+    // well within its death timeout.
+    cluster.scheduler.shutdown();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        worker.stop();
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(TIMEOUT).expect("the worker stops");
 }
 
 #[test]

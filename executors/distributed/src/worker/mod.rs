@@ -7,8 +7,29 @@
 //!
 //! Rules:
 //!
-//! 1. The worker's life is its scheduler connection: when it ends, for any
-//!    reason, [`run`] returns `Ok(())` and every value is dropped.
+//! 1. **The worker outlives its scheduler by its death timeout.** It
+//!    registers with the scheduler at one address, trying again while
+//!    nothing answers there (refused, timed out, closed: `connect::retried`
+//!    says which failures are worth it) every 100 ms at first, doubling up
+//!    to every 2 s, for up to [`Options::death_timeout`] (60 s by default)
+//!    from its first attempt. A scheduler connection lasts until it closes
+//!    or fails, the scheduler breaks the protocol (then [`run`] returns
+//!    [`Error::Protocol`]), or [`WorkerHandle::stop`]. When it closes or
+//!    fails, everything the worker held for it goes: its values, its queued
+//!    tasks and its running ones, released as by `Release` (state rule 3;
+//!    rule 10 replaces threads stuck in them). Its data port stays up
+//!    (rule 4) and answers `Missing` for what went. The worker then
+//!    registers again in the same way, within the death timeout counted
+//!    from the loss, as a new worker with the id the scheduler gives it: a
+//!    restarted scheduler knows nothing of the old values and computes
+//!    again whatever it needs. Only when the death timeout passes without a
+//!    registration does [`run`] return, `Ok(())` (or the error of an
+//!    attempt refused for a reason time does not change, such as another
+//!    protocol version). A zero death timeout means one attempt at the
+//!    start and none after a loss: the worker ends with its scheduler, as
+//!    a [`LocalCluster`](crate::LocalCluster)'s do. The runtime, the pool,
+//!    the watchdog and the data port last the worker's whole life, across
+//!    connections.
 //! 2. One thread at a time, the *network thread*, drives the worker's tokio
 //!    runtime: all networking and the dispatch of jobs. Ops run on
 //!    `threads` plain compute threads, so a long op never delays a data
@@ -17,7 +38,9 @@
 //!    the network thread was busy goes out in one frame.
 //! 4. The data port listens on the address the worker used to reach its
 //!    scheduler (port chosen by the OS): the one interface other machines of
-//!    the cluster are known to route to.
+//!    the cluster are known to route to. It is bound by the first
+//!    connection and kept for the next ones (rule 1), which announce the
+//!    same address.
 //! 5. A job whose function's last 4 runs on this worker (`FAST_STREAK`)
 //!    each took under 50 µs (`FAST_OP`) runs on the network thread itself,
 //!    right after it is dispatched: for a tiny task, the hand-off to a
@@ -74,6 +97,7 @@
 //!     supervisor starts it again; any other worker goes on with its
 //!     replacement threads.
 
+mod connect;
 mod pool;
 mod state;
 mod watchdog;
@@ -82,7 +106,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -91,22 +115,20 @@ use rask_executor::{panic_message, run_task, Encoded, Failure, FailureKind, Key,
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::net::{self, log, Chain, ConnectError, Fetched, FrameReader, PeerPool, Reader};
+use crate::net::{self, log, Chain, Fetched, FrameReader, PeerPool, Reader};
 use crate::protocol::{
     decode_checked, duration_ns_of, strip_scheme, Batch, FromPeer, FromPeerRef, ProtocolError,
     Role, ToPeer, ToScheduler, ToWorker, WireKey, WorkerId, INLINE_BYTES, MAX_FRAME,
     MAX_TASK_DURATION, MAX_THREADS,
 };
-use crate::{BuildId, Error, GRACE_ENV, SUPERVISED_ENV};
+use crate::{BuildId, Error, DEATH_TIMEOUT_ENV, GRACE_ENV, SUPERVISED_ENV};
+use connect::{Connection, Link};
 use pool::Pool;
 use state::{lock, Compute, Done, Job, Outbox, Store, Stored, WorkerState};
-use watchdog::{Running, Slot};
+use watchdog::{Running, Seconds, Slot};
 
 /// The largest value a worker keeps: one that still fits a frame.
 const MAX_VALUE: usize = MAX_FRAME - 1024;
-
-/// How long a worker waits for its scheduler to accept it.
-const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A run shorter than this is fast (rule 5).
 const FAST_OP: Duration = Duration::from_micros(50);
@@ -122,6 +144,10 @@ const INLINE_TURN: Duration = Duration::from_micros(500);
 /// worker is unhealthy, unless [`Options::grace`] says otherwise (rule 11).
 pub const GRACE: Duration = Duration::from_secs(30);
 
+/// How long a worker tries to reach its scheduler, when it starts and after
+/// losing it, unless [`Options::death_timeout`] says otherwise (rule 1).
+pub const DEATH_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// How a worker runs.
 ///
 /// # Examples
@@ -132,6 +158,9 @@ pub const GRACE: Duration = Duration::from_secs(30);
 /// let options = Options::default().threads(4).grace(Duration::from_secs(5));
 /// assert_eq!(options.threads, 4);
 /// assert!(!options.supervised);
+/// // Exit at once when the scheduler goes away, as a local cluster's do.
+/// let options = options.death_timeout(Duration::ZERO);
+/// assert!(options.death_timeout.is_zero());
 /// ```
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -147,6 +176,16 @@ pub struct Options {
     /// worker then exits the process with [`RESTART_EXIT_CODE`](crate::RESTART_EXIT_CODE) (rule 11).
     /// Default `false`.
     pub supervised: bool,
+    /// How long the worker tries to reach its scheduler before it gives up
+    /// (rule 1): when it starts, counted from its first attempt, and after
+    /// losing the scheduler, counted from the loss. It retries a scheduler
+    /// that cannot be reached (connection refused, timed out, closed)
+    /// every 100 ms at first, doubling up to every 2 s. Zero: one attempt
+    /// when it starts, and none after a loss, so the worker ends with its
+    /// scheduler (a [`LocalCluster`](crate::LocalCluster)'s workers run so,
+    /// their scheduler being in the program's own process). Default
+    /// [`DEATH_TIMEOUT`], 60 s.
+    pub death_timeout: Duration,
 }
 
 impl Default for Options {
@@ -155,6 +194,7 @@ impl Default for Options {
             threads: 1,
             grace: GRACE,
             supervised: false,
+            death_timeout: DEATH_TIMEOUT,
         }
     }
 }
@@ -179,10 +219,17 @@ impl Options {
         self
     }
 
+    /// These options with another death timeout (rule 1).
+    pub fn death_timeout(mut self, death_timeout: Duration) -> Options {
+        self.death_timeout = death_timeout;
+        self
+    }
+
     /// The defaults, with what the environment sets: [`GRACE_ENV`] (a
-    /// grace period in seconds, `2.5` allowed) and [`SUPERVISED_ENV`]
-    /// (`1` when a supervisor restarts this process, `0` or unset when
-    /// not).
+    /// grace period in seconds, `2.5` allowed), [`DEATH_TIMEOUT_ENV`] (a
+    /// death timeout in seconds, `2.5` allowed, `0` not to wait) and
+    /// [`SUPERVISED_ENV`] (`1` when a supervisor restarts this process, `0`
+    /// or unset when not).
     ///
     /// # Errors
     ///
@@ -191,9 +238,10 @@ impl Options {
     /// # Examples
     ///
     /// ```
-    /// // Neither variable is set here.
+    /// // None of the variables is set here.
     /// let options = rask_distributed::worker::Options::from_env()?;
     /// assert_eq!(options.grace, rask_distributed::worker::GRACE);
+    /// assert_eq!(options.death_timeout, rask_distributed::worker::DEATH_TIMEOUT);
     /// # Ok::<(), rask_distributed::Error>(())
     /// ```
     pub fn from_env() -> Result<Options, Error> {
@@ -211,11 +259,23 @@ impl Options {
                 value: value.to_string_lossy().into_owned(),
                 expected,
             };
-        if let Some(value) = var(GRACE_ENV) {
-            let seconds = value.to_str().and_then(|v| v.trim().parse::<f64>().ok());
-            self.grace = seconds
+        // Negative, infinite and NaN seconds are no duration.
+        let seconds = |name: &'static str| -> Result<Option<Duration>, Error> {
+            let Some(value) = var(name) else {
+                return Ok(None);
+            };
+            value
+                .to_str()
+                .and_then(|v| v.trim().parse::<f64>().ok())
                 .and_then(|s| Duration::try_from_secs_f64(s).ok())
-                .ok_or_else(|| invalid(GRACE_ENV, &value, "a number of seconds"))?;
+                .map(Some)
+                .ok_or_else(|| invalid(name, &value, "a number of seconds"))
+        };
+        if let Some(grace) = seconds(GRACE_ENV)? {
+            self.grace = grace;
+        }
+        if let Some(death_timeout) = seconds(DEATH_TIMEOUT_ENV)? {
+            self.death_timeout = death_timeout;
         }
         if let Some(value) = var(SUPERVISED_ENV) {
             self.supervised = match value.to_str().map(str::trim) {
@@ -228,20 +288,22 @@ impl Options {
     }
 }
 
-/// Runs a worker until its scheduler goes away (then returns `Ok`); the
-/// calling thread waits for it, its network runs on threads of its own
-/// (rule 9).
+/// Runs a worker until its scheduler is gone for its death timeout (then
+/// returns `Ok`, rule 1), registering with it again each time it comes
+/// back; the calling thread waits for it, its network runs on threads of
+/// its own (rule 9).
 ///
 /// `scheduler` is `tcp://host:port` or `host:port`; `threads` is the number
 /// of tasks run at once (at least one, at most [`MAX_THREADS`]: more is
 /// taken as that). The other [`Options`] come from the environment
 /// ([`Options::from_env`]): a [`LocalCluster`](crate::LocalCluster) sets
-/// [`SUPERVISED_ENV`], and [`GRACE_ENV`] sets the grace period.
+/// [`SUPERVISED_ENV`] and a [`DEATH_TIMEOUT_ENV`] of 0, [`GRACE_ENV`] sets
+/// the grace period.
 ///
 /// # Errors
 ///
-/// [`Error::Env`] for a malformed [`GRACE_ENV`] or [`SUPERVISED_ENV`];
-/// otherwise as [`run_with`].
+/// [`Error::Env`] for a malformed [`GRACE_ENV`], [`DEATH_TIMEOUT_ENV`] or
+/// [`SUPERVISED_ENV`]; otherwise as [`run_with`].
 ///
 /// # Examples
 ///
@@ -263,12 +325,15 @@ pub fn run(scheduler: &str, registry: Arc<dyn Registry>, threads: usize) -> Resu
 ///
 /// # Errors
 ///
-/// [`Error::Address`] for a malformed address, [`Error::Connection`] or
-/// [`Error::Timeout`] if the scheduler cannot be reached,
-/// [`Error::Handshake`] if it is not a rask scheduler of this version,
-/// [`Error::Protocol`] if it breaks the protocol (a malformed message, or a
-/// number out of its range such as a heartbeat interval over an hour),
-/// [`Error::Io`] if the worker's threads cannot be started.
+/// [`Error::Address`] for a malformed address; [`Error::Connection`],
+/// [`Error::Timeout`] or [`Error::Handshake`] if the scheduler cannot be
+/// reached when the worker starts, within its death timeout (rule 1; the
+/// last attempt's error); [`Error::Handshake`] at once, when it starts or
+/// after a loss, if what answers at the address is not a rask scheduler of
+/// this version; [`Error::Protocol`] if the scheduler breaks the protocol
+/// (a malformed message, or a number out of its range such as a heartbeat
+/// interval over an hour); [`Error::Io`] if the worker's threads or its
+/// data port cannot be started.
 ///
 /// # Panics
 ///
@@ -305,9 +370,12 @@ type Ending = std::thread::Result<Result<(), Error>>;
 /// A worker running on background threads of this process (tests).
 ///
 /// [`WorkerHandle::stop`] (and dropping the handle) stops it abruptly: its
-/// connections are dropped as a crash would drop them.
+/// connections are dropped as a crash would drop them. Until then it runs
+/// as [`run`] would, reconnecting to its scheduler within its
+/// [`Options::death_timeout`] (rule 1).
 pub struct WorkerHandle {
-    id: WorkerId,
+    /// The id of its latest registration, updated by the worker.
+    id: Arc<AtomicU32>,
     data_address: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     // In a mutex only to make the handle `Sync`.
@@ -322,12 +390,15 @@ impl WorkerHandle {
         self.data_address
     }
 
-    /// The id the scheduler gave the worker.
+    /// The id the scheduler gave the worker at its latest registration: a
+    /// worker that registered again after losing its scheduler has the id
+    /// the new connection was given (rule 1).
     pub fn id(&self) -> u32 {
-        self.id.0
+        self.id.load(Ordering::Acquire)
     }
 
-    /// Whether the worker stopped (its scheduler went away, or `stop`).
+    /// Whether the worker stopped: its scheduler stayed away for its death
+    /// timeout, it broke the protocol, or `stop`.
     pub fn is_finished(&self) -> bool {
         self.watchdog.as_ref().is_none_or(|t| t.is_finished())
     }
@@ -339,8 +410,8 @@ impl WorkerHandle {
         self.halt();
     }
 
-    /// Waits until the worker stops by itself (when its scheduler goes
-    /// away) and returns how it ended.
+    /// Waits until the worker stops by itself (when its scheduler stayed
+    /// away for its death timeout, rule 1) and returns how it ended.
     ///
     /// # Errors
     ///
@@ -380,14 +451,15 @@ impl Drop for WorkerHandle {
 impl std::fmt::Debug for WorkerHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WorkerHandle")
-            .field("id", &self.id.0)
+            .field("id", &self.id())
             .field("data_address", &self.data_address)
             .finish()
     }
 }
 
 /// Starts a worker on background threads; returns once the scheduler
-/// registered it.
+/// registered it. A scheduler that cannot be reached yet is waited for, as
+/// [`run`] waits for it: for up to the death timeout (rule 1).
 ///
 /// # Errors
 ///
@@ -474,23 +546,6 @@ fn spawn_inner(
         ending: Mutex::new(started.ending),
         watchdog: Some(started.watchdog),
     })
-}
-
-fn connect_error(addr: &str, e: ConnectError) -> Error {
-    match e {
-        ConnectError::Io(source) => Error::Connection {
-            addr: addr.to_owned(),
-            source,
-        },
-        ConnectError::Timeout => Error::Timeout {
-            what: "the scheduler to accept the connection",
-            after: net::CONNECT_TIMEOUT,
-        },
-        ConnectError::Handshake(reason) => Error::Handshake {
-            addr: addr.to_owned(),
-            reason,
-        },
-    }
 }
 
 /// What the worker's handlers send, sorted by destination.
@@ -587,14 +642,17 @@ struct Net {
 
 /// What one turn of the network loop reads and writes.
 struct Io {
+    /// The scheduler connection's reading end; replaced with the rest of
+    /// the connection's parts at each registration (rule 1).
     read: FrameReader<Reader>,
     writer: mpsc::UnboundedSender<Vec<u8>>,
     peers: PeerPool,
-    done_rx: mpsc::UnboundedReceiver<Done>,
     fetch_rx: mpsc::UnboundedReceiver<Fetched>,
     /// Rule 6: ticks once the scheduler said how often.
     heartbeat: Option<tokio::time::Interval>,
-    /// A test's `WorkerHandle::stop`.
+    /// Kept across connections: reports of the pool, which go on.
+    done_rx: mpsc::UnboundedReceiver<Done>,
+    /// Kept across connections: a test's `WorkerHandle::stop`.
     stop: Option<oneshot::Receiver<()>>,
     /// What arrived, for the next turn to handle under one lock.
     messages: Vec<ToWorker>,
@@ -606,13 +664,65 @@ struct Io {
     to_pool: Vec<Job>,
 }
 
+impl Io {
+    /// The network loop's parts for its first `connection`.
+    fn new(
+        connection: Connection,
+        done_rx: mpsc::UnboundedReceiver<Done>,
+        stop: Option<oneshot::Receiver<()>>,
+        build: BuildId,
+    ) -> Io {
+        let (fetch_tx, fetch_rx) = mpsc::unbounded_channel();
+        Io {
+            read: connection.read,
+            writer: connection.writer,
+            peers: PeerPool::new(fetch_tx, build),
+            fetch_rx,
+            heartbeat: None,
+            done_rx,
+            stop,
+            messages: connection.first,
+            done: Vec::new(),
+            fetched: Vec::new(),
+            heartbeat_due: false,
+            fetches: Vec::new(),
+            to_pool: Vec::new(),
+        }
+    }
+
+    /// Takes `connection` in place of a lost one (rule 1): whatever
+    /// belonged to the old one goes with it. The peers of the old
+    /// scheduler go with their answers, on a channel of their own: the new
+    /// scheduler numbers its workers afresh, so an old answer could
+    /// otherwise pass for a new peer's.
+    fn reconnected(&mut self, connection: Connection, build: BuildId) {
+        let (fetch_tx, fetch_rx) = mpsc::unbounded_channel();
+        self.read = connection.read;
+        self.writer = connection.writer;
+        self.peers = PeerPool::new(fetch_tx, build);
+        self.fetch_rx = fetch_rx;
+        self.heartbeat = None;
+        self.messages = connection.first;
+        self.done.clear();
+        self.fetched.clear();
+        self.heartbeat_due = false;
+        self.fetches.clear();
+        self.to_pool.clear();
+    }
+}
+
 /// Everything the threads of one worker share: the network thread (whoever
 /// it is, rule 9), the watchdog and, through the pool, the compute threads.
 struct Worker {
-    id: WorkerId,
+    /// The id of the latest registration (rule 1), shared with a
+    /// `WorkerHandle`.
+    id: Arc<AtomicU32>,
     options: Options,
-    /// The announced thread count, within the protocol's range.
-    threads: usize,
+    /// Where the worker registers, and the announced thread count (within
+    /// the protocol's range).
+    link: Link,
+    /// The data port, bound by the first connection and kept (rule 4).
+    data_address: SocketAddr,
     core: Mutex<Core>,
     /// `None` once the worker ended.
     net: Mutex<Option<Net>>,
@@ -644,6 +754,36 @@ impl Worker {
         locked(&self.core)
     }
 
+    /// The id of the latest registration, for log lines.
+    fn id(&self) -> WorkerId {
+        WorkerId(self.id.load(Ordering::Acquire))
+    }
+
+    /// The scheduler connection ended (rule 1): every task and value of it
+    /// goes, running tasks are released (rule 10 replaces threads stuck in
+    /// them), and jobs not started yet are dropped. Returns how many tasks
+    /// and values went.
+    fn lose(&self) -> (usize, usize) {
+        let lost = {
+            let mut core = self.core();
+            let core = &mut *core;
+            let lost = core.state.on_scheduler_lost();
+            // Their tasks are gone from the state: these are stale.
+            core.out = Out::default();
+            core.fast.clear();
+            core.to_pool.clear();
+            lost
+        };
+        self.pool.clear();
+        lost
+    }
+
+    /// A new connection registered as `id` (rule 1).
+    fn registered(&self, id: WorkerId) {
+        self.id.store(id.0, Ordering::Release);
+        self.core().state.on_registered(id);
+    }
+
     /// Ends the worker (rule 1): its sockets close, its pool stops, its
     /// values go, and `run` returns `ending`.
     fn finish(&self, ending: Ending) {
@@ -659,14 +799,15 @@ impl Worker {
 
 /// A started worker, as `run` and `spawn` hold it.
 struct Started {
-    id: WorkerId,
+    id: Arc<AtomicU32>,
     data_address: SocketAddr,
     ending: std::sync::mpsc::Receiver<Ending>,
     watchdog: JoinHandle<()>,
 }
 
-/// Connects, registers, and starts the worker's threads: the network
-/// thread, the watchdog and the pool.
+/// Connects, registers (waiting for the scheduler as rule 1 says), and
+/// starts the worker's threads: the network thread, the watchdog and the
+/// pool.
 fn start(
     scheduler: &str,
     registry: Arc<dyn Registry>,
@@ -674,31 +815,39 @@ fn start(
     build: BuildId,
     stop: Option<oneshot::Receiver<()>>,
 ) -> Result<Started, Error> {
-    let runtime = net::runtime().map_err(Error::Io)?;
-    // The protocol's range (rule 5 of `protocol`): the pool is that big too.
-    let threads = options.threads.clamp(1, MAX_THREADS as usize);
-    let store = Store::default();
-    let (done, done_rx) = mpsc::unbounded_channel();
-    let (registered, io) = runtime.block_on(register(
-        scheduler,
-        threads,
+    let address = strip_scheme(scheduler).ok_or_else(|| Error::Address {
+        address: scheduler.to_owned(),
+    })?;
+    let link = Link {
+        address: address.to_owned(),
         build,
-        store.clone(),
-        done_rx,
-        stop,
+        // The protocol's range (rule 5 of `protocol`): the pool is that
+        // big too.
+        threads: options.threads.clamp(1, MAX_THREADS as usize),
+    };
+    let runtime = net::runtime().map_err(Error::Io)?;
+    let store = Store::default();
+    let connection = runtime.block_on(connect::reach(
+        &link,
+        &store,
+        &mut None,
+        Instant::now(),
+        options.death_timeout,
+        true,
     ))?;
-    let pool = Pool::start(threads, done.clone());
+    let (id, data_address) = (connection.id, connection.data_address);
+    let (done, done_rx) = mpsc::unbounded_channel();
+    let io = Io::new(connection, done_rx, stop, build);
+    let pool = Pool::start(link.threads, done.clone());
     let (ending, ended) = std::sync::mpsc::channel();
     let (end_watchdog, watchdog_ends) = std::sync::mpsc::channel();
+    let shared_id = Arc::new(AtomicU32::new(id.0));
     let worker = Arc::new(Worker {
-        id: registered.id,
+        id: shared_id.clone(),
         options,
-        threads,
-        core: Mutex::new(Core::new(WorkerState::new(
-            registered.id,
-            registry,
-            store.clone(),
-        ))),
+        link,
+        data_address,
+        core: Mutex::new(Core::new(WorkerState::new(id, registry, store.clone()))),
         net: Mutex::new(Some(Net { io, runtime })),
         pool,
         done,
@@ -724,94 +873,79 @@ fn start(
         return Err(Error::Io(e));
     }
     Ok(Started {
-        id: registered.id,
-        data_address: registered.data_address,
+        id: shared_id,
+        data_address,
         ending: ended,
         watchdog,
     })
 }
 
-/// What the scheduler's registration gave.
-struct Registered {
-    id: WorkerId,
-    data_address: SocketAddr,
+/// Reaches the scheduler again after losing it (rule 1), within the death
+/// timeout counted from now, and puts the new connection in `io`: `None`
+/// then, and the worker goes on. Otherwise how the worker ends: `Ok` when
+/// the death timeout passed (at once when it is zero) or on
+/// `WorkerHandle::stop`, the error of an attempt refused for a reason that
+/// is not retried.
+async fn reconnect(io: &mut Io, worker: &Worker) -> Option<Result<(), Error>> {
+    let limit = worker.options.death_timeout;
+    if limit.is_zero() {
+        // The worker ends with its scheduler, silently, as it always did.
+        return Some(Ok(()));
+    }
+    let lost = Instant::now();
+    let old = worker.id();
+    let (tasks, values) = worker.lose();
+    let address = &worker.link.address;
+    let counted = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+    log!(
+        "{old}: lost the scheduler at {address}; dropped {} and {}; waiting for it (up to {})",
+        counted(values, "value"),
+        counted(tasks, "task"),
+        Seconds(limit)
+    );
+    let mut data = Some(worker.data_address);
+    let reach = connect::reach(&worker.link, &worker.store, &mut data, lost, limit, false);
+    let connection = tokio::select! {
+        reached = reach => reached,
+        () = stop_signal(&mut io.stop) => return Some(Ok(())),
+    };
+    match connection {
+        Ok(connection) => {
+            let id = connection.id;
+            worker.registered(id);
+            io.reconnected(connection, worker.link.build);
+            log!("{id}: registered again with the scheduler at {address} (was {old})");
+            None
+        }
+        Err(e) if connect::retried(&e) => {
+            log!(
+                "{old}: no scheduler at {address} for {}: {}; giving up",
+                Seconds(limit),
+                Chain(&e)
+            );
+            Some(Ok(()))
+        }
+        Err(e) => {
+            log!(
+                "{old}: the scheduler at {address} refused the worker: {}",
+                Chain(&e)
+            );
+            Some(Err(e))
+        }
+    }
 }
 
-/// Connects to the scheduler, opens the data port and registers.
-async fn register(
-    scheduler: &str,
-    threads: usize,
-    build: BuildId,
-    store: Store,
-    done_rx: mpsc::UnboundedReceiver<Done>,
-    stop: Option<oneshot::Receiver<()>>,
-) -> Result<(Registered, Io), Error> {
-    let address = strip_scheme(scheduler).ok_or_else(|| Error::Address {
-        address: scheduler.to_owned(),
-    })?;
-    let (read, write, local, _) = net::connect(
-        address,
-        Role::Worker,
-        Role::Scheduler,
-        build,
-        net::CONNECT_TIMEOUT,
-    )
-    .await
-    .map_err(|e| connect_error(address, e))?;
-    let local_ip = local.ip();
-    let listener = TcpListener::bind((local_ip, 0)).await.map_err(Error::Io)?;
-    let data_address = listener.local_addr().map_err(Error::Io)?;
-    let writer = net::spawn_writer(write);
-    let mut batch = Batch::default();
-    batch.push(&ToScheduler::RegisterWorker {
-        address: data_address.to_string(),
-        threads: threads as u32,
-    });
-    net::send_batch(&writer, &mut batch);
-
-    let mut read = FrameReader::new(read);
-    let protocol = |reason| Error::Protocol { reason };
-    let first = match tokio::time::timeout(REGISTER_TIMEOUT, read.next()).await {
-        Ok(Ok(true)) => match decode_checked::<ToWorker>(read.frame()) {
-            Ok(msgs) => msgs,
-            Err(e) => {
-                log!("worker: closing the scheduler connection: {}", Chain(&e));
-                return Err(protocol(e));
-            }
-        },
-        Ok(Ok(false)) => return Err(protocol(ProtocolError::Closed)),
-        Ok(Err(e)) => return Err(protocol(e)),
-        Err(_) => {
-            return Err(Error::Timeout {
-                what: "the scheduler to register the worker",
-                after: REGISTER_TIMEOUT,
-            })
+/// Resolves when `stop` is sent to (`WorkerHandle::stop`); never when there
+/// is none, or once its sender was dropped without sending (`join`: the
+/// worker runs on), which also forgets it.
+async fn stop_signal(stop: &mut Option<oneshot::Receiver<()>>) {
+    if let Some(signal) = stop.as_mut() {
+        if signal.await.is_ok() {
+            return;
         }
-    };
-    let mut first = first.into_iter();
-    let Some(ToWorker::Registered { id }) = first.next() else {
-        return Err(protocol(ProtocolError::Unexpected(
-            "the scheduler did not answer the registration",
-        )));
-    };
-    tokio::spawn(serve_data(listener, store, build));
-    let (fetch_tx, fetch_rx) = mpsc::unbounded_channel();
-    let io = Io {
-        read,
-        writer,
-        peers: PeerPool::new(fetch_tx, build),
-        done_rx,
-        fetch_rx,
-        heartbeat: None,
-        stop,
-        messages: first.collect(),
-        done: Vec::new(),
-        fetched: Vec::new(),
-        heartbeat_due: false,
-        fetches: Vec::new(),
-        to_pool: Vec::new(),
-    };
-    Ok((Registered { id, data_address }, io))
+        *stop = None;
+    }
+    std::future::pending().await
 }
 
 /// Starts a thread that becomes the network thread of `worker`, watched
@@ -842,8 +976,14 @@ fn drive(worker: &Arc<Worker>, slot: &Slot) {
         {
             let mut net = locked(&worker.net);
             let Net { io, runtime } = net.as_mut()?;
-            if let Some(result) = runtime.block_on(turn(io, worker)) {
-                return Some(result);
+            match runtime.block_on(turn(io, worker)) {
+                None => {}
+                Some(Ended::Finished(result)) => return Some(result),
+                // Rule 1. A new connection has no fast jobs waiting yet.
+                Some(Ended::Lost) => match runtime.block_on(reconnect(io, worker)) {
+                    Some(result) => return Some(result),
+                    None => continue,
+                },
             }
         }
         match run_fast(&worker.core, slot, &mut seq, &mut to_pool) {
@@ -866,7 +1006,7 @@ fn drive(worker: &Arc<Worker>, slot: &Slot) {
         Err(panic) => {
             log!(
                 "{}: the network thread panicked: {}",
-                worker.id,
+                worker.id(),
                 panic_message(&*panic)
             );
             worker.finish(Err(panic));
@@ -915,11 +1055,21 @@ fn run_fast(core: &Mutex<Core>, slot: &Slot, seq: &mut u64, to_pool: &mut Vec<Jo
     }
 }
 
+/// Why the network loop left a scheduler connection.
+enum Ended {
+    /// The connection closed or failed: the worker reaches its scheduler
+    /// again, or ends (rule 1).
+    Lost,
+    /// The worker ends: `WorkerHandle::stop`, or the scheduler broke the
+    /// protocol.
+    Finished(Result<(), Error>),
+}
+
 /// One turn of the network loop: handles what arrived, sends what is due
 /// and waits for more, until fast jobs wait for the network thread (then
-/// `None`, rule 5) or the worker's life ends (its result, rule 1).
-async fn turn(io: &mut Io, worker: &Worker) -> Option<Result<(), Error>> {
-    let protocol = |reason| Error::Protocol { reason };
+/// `None`, rule 5) or the connection ends (rule 1).
+async fn turn(io: &mut Io, worker: &Worker) -> Option<Ended> {
+    let protocol = |reason| Ended::Finished(Err(Error::Protocol { reason }));
     loop {
         // Everything that arrived, under one lock (rule 3).
         let (frames, fast) = {
@@ -967,7 +1117,7 @@ async fn turn(io: &mut Io, worker: &Worker) -> Option<Result<(), Error>> {
                     }
                     ToWorker::Registered { .. } => {
                         log!("worker: closing the scheduler connection: registered twice");
-                        return Some(Ok(()));
+                        return Some(Ended::Finished(Ok(())));
                     }
                 }
             }
@@ -1009,31 +1159,23 @@ async fn turn(io: &mut Io, worker: &Worker) -> Option<Result<(), Error>> {
         }
 
         tokio::select! {
-            signal = async {
-                match io.stop.as_mut() {
-                    Some(s) => s.await,
-                    None => std::future::pending().await,
-                }
-            } => match signal {
-                Ok(()) => return Some(Ok(())),
-                // The handle let go without stopping it (`join`).
-                Err(_) => io.stop = None,
-            },
+            () = stop_signal(&mut io.stop) => return Some(Ended::Finished(Ok(()))),
             got = io.read.next() => match got {
                 Ok(true) => match decode_checked::<ToWorker>(io.read.frame()) {
                     Ok(msgs) => io.messages = msgs,
                     Err(e) => {
                         log!("worker: closing the scheduler connection: {}", Chain(&e));
-                        return Some(Err(protocol(e)));
+                        return Some(protocol(e));
                     }
                 },
-                // The scheduler went away: the worker's life ends (rule 1).
+                // The scheduler went away: the worker reaches it again or
+                // ends (rule 1).
                 Ok(false) | Err(ProtocolError::Closed) | Err(ProtocolError::Io(_)) => {
-                    return Some(Ok(()))
+                    return Some(Ended::Lost)
                 }
                 Err(e) => {
                     log!("worker: closing the scheduler connection: {}", Chain(&e));
-                    return Some(Err(protocol(e)));
+                    return Some(protocol(e));
                 }
             },
             Some(done) = io.done_rx.recv() => {
@@ -1494,6 +1636,7 @@ mod tests {
         };
         let options = env(None, None).unwrap();
         assert_eq!((options.grace, options.supervised), (GRACE, false));
+        assert_eq!(options.death_timeout, DEATH_TIMEOUT);
         let options = env(Some("2.5"), Some("1")).unwrap();
         assert_eq!(options.grace, Duration::from_millis(2500));
         assert!(options.supervised);
@@ -1513,6 +1656,29 @@ mod tests {
         assert_eq!(
             text,
             "RASK_WORKER_GRACE=\"soon\" is not valid: expected a number of seconds"
+        );
+    }
+
+    #[test]
+    fn the_death_timeout_comes_from_the_environment_in_seconds() {
+        let env = |value: &str| {
+            Options::default().with_env(|name| (name == DEATH_TIMEOUT_ENV).then(|| value.into()))
+        };
+        let timeout = |value| env(value).unwrap().death_timeout;
+        assert_eq!(timeout("0"), Duration::ZERO);
+        assert_eq!(timeout(" 1.5 "), Duration::from_millis(1500));
+        assert_eq!(timeout("120"), Duration::from_secs(120));
+        for bad in ["", "soon", "-1", "inf", "NaN", "1e300"] {
+            match env(bad) {
+                Err(Error::Env { name, value, .. }) => {
+                    assert_eq!((name, value.as_str()), (DEATH_TIMEOUT_ENV, bad))
+                }
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+        assert_eq!(
+            env("soon").unwrap_err().to_string(),
+            "RASK_WORKER_DEATH_TIMEOUT=\"soon\" is not valid: expected a number of seconds"
         );
     }
 }

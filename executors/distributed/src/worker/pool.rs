@@ -153,6 +153,12 @@ impl Pool {
         }
     }
 
+    /// Drops the jobs waiting for a thread (their scheduler connection was
+    /// lost, worker rule 1); the threads stay for the next connection's.
+    pub(crate) fn clear(&self) {
+        self.queue().heap.clear();
+    }
+
     /// Threads exit once idle; running ops finish first, unobserved.
     pub(crate) fn close(&self) {
         let mut q = self.queue();

@@ -414,6 +414,34 @@ impl WorkerState {
         }
     }
 
+    /// The scheduler connection ended (worker rule 1): everything of it
+    /// goes, and nothing is reported, since nobody is there to hear it.
+    /// Every task is released as by `Release` (rule 3: a running one sees
+    /// its cancellation, and its report is dropped), every fetch
+    /// forgotten (late answers find nobody waiting, rule 2) and every value
+    /// dropped, so the data port answers `Missing` for them. Local ids go
+    /// on counting, so no report of a task of the lost connection passes
+    /// for one of the next. Returns how many tasks and values went.
+    pub(crate) fn on_scheduler_lost(&mut self) -> (usize, usize) {
+        let tasks = self.tasks.len();
+        for (_, task) in self.tasks.drain() {
+            task.cancelled.store(true, Ordering::Relaxed);
+        }
+        self.fetches.clear();
+        let values = {
+            let mut store = lock(&self.store);
+            let n = store.len();
+            store.clear();
+            n
+        };
+        (tasks, values)
+    }
+
+    /// A scheduler registered this worker as `me` (worker rule 1).
+    pub(crate) fn on_registered(&mut self, me: WorkerId) {
+        self.me = me;
+    }
+
     /// A peer left: fetches from it will fail through their connection; no
     /// state to change here. Kept as a hook for symmetry with the scheduler.
     pub(crate) fn on_peer_left(&mut self, _peer: WorkerId) {}
@@ -700,6 +728,48 @@ mod tests {
         assert!(out.sent.is_empty());
         assert_eq!(s.pending(), 1);
         assert_ne!(again.id, job.id);
+    }
+
+    #[test]
+    fn a_lost_scheduler_takes_every_task_fetch_and_value_and_tells_nobody() {
+        let mut s = state();
+        let mut out = Rec::default();
+        put(&s, 1);
+        // Running, waiting for a fetch, and chained after the running one.
+        s.on_compute(compute(3, "add", &[1], &[]), &mut out);
+        s.on_compute(compute(4, "add", &[2], &[(2, &[7])]), &mut out);
+        s.on_compute(compute(5, "add", &[3], &[]), &mut out);
+        let running = out.jobs.pop().unwrap();
+        let successor = running.next.lock().unwrap().job.take().unwrap();
+        let sent_before = out.sent.len();
+        assert_eq!(s.on_scheduler_lost(), (3, 1));
+        assert!(out.sent.len() == sent_before && out.jobs.is_empty());
+        assert!(running.cancelled.load(Ordering::Relaxed));
+        assert!(successor.cancelled.load(Ordering::Relaxed));
+        assert!(lock(&s.store).is_empty());
+        assert_eq!(s.pending(), 0);
+        // Registered again under another id: late answers and reports of
+        // the lost connection count for nothing.
+        s.on_registered(WorkerId(9));
+        s.on_fetched(
+            WorkerId(7),
+            [2; 32],
+            FetchResult::Data(Arc::from(&[2u8][..])),
+            &mut out,
+        );
+        s.on_task_done(done(&running, ok()), &mut out);
+        assert!(out.sent.is_empty() && out.jobs.is_empty());
+        assert!(lock(&s.store).is_empty());
+        // The same task again is a new one, with a new local id; its input
+        // is fetched now, and never from the worker itself.
+        s.on_compute(compute(3, "add", &[1], &[(1, &[9, 8])]), &mut out);
+        assert_eq!(out.fetches.pop(), Some((WorkerId(8), [1; 32])));
+        put(&s, 1);
+        s.on_compute(compute(6, "add", &[1], &[]), &mut out);
+        let again = out.jobs.pop().unwrap();
+        assert!(again.id > successor.id.max(running.id));
+        s.on_task_done(done(&running, ok()), &mut out);
+        assert!(out.sent.is_empty(), "the old report passes for nothing");
     }
 
     #[test]

@@ -86,7 +86,7 @@ impl Running {
 }
 
 /// A duration for a log line: `31 s`, or `0.5 s` under ten seconds.
-struct Seconds(Duration);
+pub(super) struct Seconds(pub(super) Duration);
 
 impl std::fmt::Display for Seconds {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -283,7 +283,7 @@ impl Watchdog {
             if !std::mem::replace(&mut self.spawn_failed, true) {
                 log!(
                     "{}: could not start a thread to take the network over: {e}",
-                    self.worker.id
+                    self.worker.id()
                 );
             }
             return;
@@ -310,7 +310,7 @@ impl Watchdog {
         if let Some(r) = &running {
             log!(
                 "{}: task {} held the network thread over {INLINE_STUCK:?}; another thread took the network over",
-                self.worker.id,
+                self.worker.id(),
                 r.task()
             );
         }
@@ -331,7 +331,7 @@ impl Watchdog {
             let seats = self.worker.pool.seats();
             let mut locked: Vec<_> = seats.iter().map(|s| super::pool::seat(s)).collect();
             let retired = locked.iter().filter(|s| s.retired).count();
-            let mut spare = self.worker.threads.saturating_sub(retired);
+            let mut spare = self.worker.link.threads.saturating_sub(retired);
             for seat in &mut locked {
                 let verdict = review(seat, now, grace, &mut spare);
                 replace += usize::from(verdict.replace);
@@ -374,7 +374,7 @@ impl Watchdog {
     /// Rule 11: one line, and a supervised worker's process exits to be
     /// restarted.
     fn unhealthy(&self, why: &str) {
-        let id = self.worker.id;
+        let id = self.worker.id();
         if self.worker.options.supervised {
             log!("{id}: unhealthy: {why}; exiting to be restarted");
             // Exit flushes what stdout holds if no thread holds its lock,

@@ -526,11 +526,20 @@ impl Cluster {
 
     /// Starts one more worker; returns once it registered.
     pub fn add_worker(&mut self, threads: usize) {
-        let registry = Arc::new(TestRegistry {
-            shared: self.shared.clone(),
-        });
-        let worker = worker::spawn(&self.address, registry, threads).unwrap();
+        self.add_worker_with(worker::Options::default().threads(threads));
+    }
+
+    /// Starts one more worker with `options`; returns once it registered.
+    pub fn add_worker_with(&mut self, options: worker::Options) {
+        let worker = worker::spawn_with(&self.address, self.registry(), options).unwrap();
         self.workers.push(Some(worker));
+    }
+
+    /// The registry of this cluster's workers.
+    pub fn registry(&self) -> Arc<TestRegistry> {
+        Arc::new(TestRegistry {
+            shared: self.shared.clone(),
+        })
     }
 
     pub fn client(&self) -> Client {
