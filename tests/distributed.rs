@@ -3,10 +3,12 @@
 //! with its own `main` (`harness = false`), because a worker process must
 //! call `rask::init` before anything else.
 
+#[path = "support/harness.rs"]
+mod harness;
 mod support;
 
 use std::io::Write as _;
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::panic::catch_unwind;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -998,32 +1000,8 @@ fn main() {
             a_worker_stuck_in_a_cancelled_task_is_restarted_by_its_cluster,
         ),
     ];
-    let filter: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    let (mut passed, mut failed) = (0, 0);
-    for (name, test) in tests {
-        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
-            continue;
-        }
-        let started = Instant::now();
-        match catch_unwind(AssertUnwindSafe(test)) {
-            Ok(()) => {
-                passed += 1;
-                println!("test {name} ... ok ({:.1?})", started.elapsed());
-            }
-            Err(_) => {
-                failed += 1;
-                println!("test {name} ... FAILED");
-            }
-        }
-    }
     // Clusters started by `Client::local` are gone with their clients (the
     // tests check it); the shared `local:2` cluster lives until exit, and its
     // workers exit when the scheduler (in this process) goes away.
-    println!("{passed} passed, {failed} failed");
-    if failed > 0 {
-        std::process::exit(1);
-    }
+    harness::run(tests);
 }
