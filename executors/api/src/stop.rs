@@ -44,8 +44,19 @@ use std::time::{Duration, Instant};
 /// ```
 #[derive(Clone, Default)]
 pub struct Stop {
-    check: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
+    check: Check,
     deadline: Option<Instant>,
+}
+
+/// What raises a [`Stop`] besides its deadline.
+#[derive(Clone, Default)]
+enum Check {
+    #[default]
+    Never,
+    /// A flag: one reference count to copy, nothing to allocate (a worker
+    /// makes one per task).
+    Flag(Arc<AtomicBool>),
+    When(Arc<dyn Fn() -> bool + Send + Sync>),
 }
 
 impl std::fmt::Debug for Stop {
@@ -65,13 +76,16 @@ impl Stop {
 
     /// A signal raised once `flag` is set.
     pub fn flag(flag: Arc<AtomicBool>) -> Stop {
-        Stop::when(move || flag.load(Ordering::Relaxed))
+        Stop {
+            check: Check::Flag(flag),
+            deadline: None,
+        }
     }
 
     /// A signal raised once `check` returns true.
     pub fn when(check: impl Fn() -> bool + Send + Sync + 'static) -> Stop {
         Stop {
-            check: Some(Arc::new(check)),
+            check: Check::When(Arc::new(check)),
             deadline: None,
         }
     }
@@ -85,7 +99,11 @@ impl Stop {
     /// Whether the signal is raised now.
     pub fn raised(&self) -> bool {
         self.deadline.is_some_and(|d| Instant::now() >= d)
-            || self.check.as_ref().is_some_and(|c| c())
+            || match &self.check {
+                Check::Never => false,
+                Check::Flag(flag) => flag.load(Ordering::Relaxed),
+                Check::When(check) => check(),
+            }
     }
 
     /// Runs `f` with this signal as the current thread's (rule 1), then

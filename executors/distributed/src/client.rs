@@ -383,8 +383,9 @@ struct Submission {
     /// The key of each output slot as the scheduler knows it (rule 9).
     outputs: Vec<WireKey>,
     keep_remote: bool,
-    /// Its output keys, held while it is open (rule 7).
-    holds: HashMap<WireKey, Hold>,
+    /// Its output keys, held while it is open (rule 7): one per key, on
+    /// the key's first output slot.
+    holds: Vec<Option<Hold>>,
 }
 
 /// One count in [`Link::held`] for a key an open submission will hand out
@@ -408,9 +409,16 @@ impl Drop for Hold {
 /// sent by then: the mark of its release (rule 7). Both happen under the
 /// `held` lock, which a submission keeps from finding the key held until it
 /// was sent: such a submission is numbered below the mark.
-fn drop_hold(link: &Link, holds: &mut HashMap<WireKey, Hold>, key: WireKey) -> u64 {
+fn drop_hold(link: &Link, holds: &mut [Option<Hold>], slot: usize, key: WireKey) -> u64 {
     let mut held = link.held();
-    if let Some(mut hold) = holds.remove(&key) {
+    // The hold is on the key's first slot: this one, unless keys repeat.
+    let at = match holds.get(slot) {
+        Some(Some(h)) if h.key == key => Some(slot),
+        _ => holds
+            .iter()
+            .position(|h| h.as_ref().is_some_and(|h| h.key == key)),
+    };
+    if let Some(mut hold) = at.and_then(|at| holds[at].take()) {
         hold.link = None;
         unhold(&mut held, key);
     }
@@ -710,19 +718,23 @@ impl Executor for Client {
         let mut held = held;
         let holds = if keep_remote {
             let guard = held.get_or_insert_with(|| self.inner.link.held());
-            wanted
+            // One per key, on the first output slot with that key.
+            let mut first = (wanted.len() < outputs.len()).then(std::collections::HashSet::new);
+            outputs
                 .iter()
                 .map(|&key| {
+                    if first.as_mut().is_some_and(|seen| !seen.insert(key)) {
+                        return None;
+                    }
                     hold(guard, key);
-                    let hold = Hold {
+                    Some(Hold {
                         key,
                         link: Some(self.inner.link.clone()),
-                    };
-                    (key, hold)
+                    })
                 })
                 .collect()
         } else {
-            HashMap::new()
+            Vec::new()
         };
         // Rule 8: the reporter can stop one output.
         let id = self.inner.link.next_id.fetch_add(1, Ordering::Relaxed);
@@ -854,7 +866,7 @@ struct Open {
     handles: HashMap<WireKey, Arc<KeyHandle>>,
     /// Its output keys, held while it is open (rule 7), each until its
     /// output was reported.
-    holds: HashMap<WireKey, Hold>,
+    holds: Vec<Option<Hold>>,
 }
 
 /// Who waits for a key's value.
@@ -1413,7 +1425,7 @@ impl Loop {
         // The release is placed before the output is reported: whatever
         // the caller sends once it has the output comes after it (rule 7).
         if release {
-            let mark = drop_hold(&self.link, &mut open.holds, key);
+            let mark = drop_hold(&self.link, &mut open.holds, slot, key);
             if self.connected {
                 self.ended.push_back((mark, key));
             }
