@@ -390,6 +390,27 @@ fn work_on_a_cancelled_future_fails_at_once() {
     );
 }
 
+/// On a cluster, work on a cancelled future needs no worker: it fails in
+/// the client, even while every worker thread is busy.
+#[cfg(feature = "distributed")]
+#[test]
+fn work_on_a_cancelled_future_needs_no_worker() {
+    let client = clients().pop().unwrap();
+    let gate = new_id();
+    // Two workers of two threads: four busy tasks fill them.
+    let busy: Vec<_> = (0..4)
+        .map(|i| client.submit(delayed!(gated(gate, i))).unwrap())
+        .collect();
+    let f = client.submit(delayed!(gated(gate, 100))).unwrap();
+    f.cancel();
+    let g = client.submit(delayed!(inc(&f))).unwrap();
+    rask::wait_timeout(std::slice::from_ref(&g), std::time::Duration::from_secs(10))
+        .expect("answered with every worker busy");
+    assert!(matches!(g.result(), Err(Error::Cancelled { key }) if key == f.key()));
+    open(gate);
+    assert_eq!(client.gather(&busy).unwrap(), vec![0, 1, 2, 3]);
+}
+
 /// A running task sees `rask::cancelled()` once its future is cancelled.
 #[test]
 fn a_running_task_sees_its_cancellation() {

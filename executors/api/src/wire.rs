@@ -24,11 +24,11 @@
 //!    task whose key is known is not run again); every other executor sends
 //!    the value's bytes. A registry resolves `REMOTE_FUNCTION` to an op that
 //!    fails: it runs only if the key was not held after all.
-//! 6. A recorded failure (a failed or cancelled input of a new graph)
-//!    travels as the task [`FAIL_FUNCTION`]. It stands for no value, so an
-//!    executor never sends it under the key of the value it replaces: a
-//!    cluster that still holds or computes that key would hand its value to
-//!    dependents that must fail.
+//! 6. A recorded failure (a failed or cancelled input of a new graph) is
+//!    the task [`FAIL_FUNCTION`]. It stands for no value, so a cluster
+//!    executor never sends it: a cluster that still holds or computes that
+//!    key would hand its value to dependents that must fail. The work that
+//!    depends on it fails where it was submitted, at once.
 
 use std::any::Any;
 use std::fmt;

@@ -55,11 +55,12 @@
 //!    is reported cancelled at once and its key released at the scheduler,
 //!    which stops the task on its worker if nothing else needs it (the
 //!    task's `rask::cancelled()` turns true there).
-//! 9. A recorded failure ([`FAIL_FUNCTION`], an input that failed or was
-//!    cancelled) travels under a key derived from its task's key, never the
-//!    key itself: a scheduler that still holds or computes that key would
-//!    give its value to dependents that must fail with the recorded
-//!    failure.
+//! 9. Work that depends on a recorded failure ([`FAIL_FUNCTION`]: an input
+//!    that failed or was cancelled) fails in this process, at once, with
+//!    that failure, and is not sent: a recorded failure never reaches the
+//!    scheduler, where a key still held or being computed would give its
+//!    value to dependents that must fail. The rest of the submission goes
+//!    out as usual.
 //! 10. A client connected over TCP outlives its connection: when it is
 //!     lost, every open output fails ("lost the connection to the
 //!     scheduler"), and the client connects again at once, then with a
@@ -375,8 +376,10 @@ type Reply = std::sync::mpsc::Sender<Result<Arc<[u8]>, String>>;
 
 struct Submission {
     id: u64,
-    /// How many distinct keys its outputs have.
-    wanted_len: usize,
+    /// Whether outputs repeat a key (rule 2).
+    repeats: bool,
+    /// Output slots already reported, failed here (rule 9), ascending.
+    early: Vec<usize>,
     plan: Arc<Plan>,
     reporter: Arc<dyn Reporter>,
     frames: Vec<Vec<u8>>,
@@ -655,30 +658,53 @@ impl Executor for Client {
             }
             remote.retain(|i| !foreign.contains(i));
         };
-        // Rule 9: a recorded failure never travels under its value's key.
-        let keys: Vec<WireKey> = plan
-            .tasks()
+        // Rule 9: work that depends on a recorded failure fails here, at
+        // once, and is not sent.
+        let mut failed: Vec<Option<Arc<Failure>>> = Vec::with_capacity(plan.len());
+        for (i, (task, wire)) in plan.tasks().iter().zip(&wires).enumerate() {
+            let failure = if wire.function == FAIL_FUNCTION {
+                let recorded = rask_executor::decode_failure(&wire.payload).unwrap_or_else(|e| {
+                    Failure::new(
+                        task.key,
+                        task.op.name().into(),
+                        FailureKind::Failed,
+                        e.to_string(),
+                    )
+                });
+                Some(Arc::new(recorded))
+            } else {
+                plan.deps(i as u32)
+                    .iter()
+                    .find_map(|&d| failed[d as usize].clone())
+            };
+            failed.push(failure);
+        }
+        let early: Vec<(usize, Arc<Failure>)> = plan
+            .outputs()
             .iter()
-            .zip(&wires)
-            .map(|(task, wire)| match wire.function.as_str() {
-                FAIL_FUNCTION => failure_key(&task.key.0),
-                _ => task.key.0,
-            })
+            .enumerate()
+            .filter_map(|(slot, &t)| failed[t as usize].clone().map(|f| (slot, f)))
             .collect();
+        if early.len() == plan.outputs().len() {
+            drop(held);
+            let failures = early.into_iter().map(|(_, f)| f).collect();
+            return fail_each(plan, &*reporter, failures, &[]);
+        }
         let tasks: Vec<TaskSpec> = plan
             .tasks()
             .iter()
             .zip(wires)
             .enumerate()
+            .filter(|(i, _)| failed[*i].is_none())
             .map(|(i, (task, wire))| TaskSpec {
-                key: keys[i],
+                key: task.key.0,
                 name: task.op.name().into(),
                 function: wire.function.into(),
                 payload: wire.payload.into(),
                 deps: plan
                     .deps(i as u32)
                     .iter()
-                    .map(|&d| keys[d as usize])
+                    .map(|&d| plan.task(d).key.0)
                     .collect(),
                 timeout_ms: task
                     .op
@@ -687,10 +713,17 @@ impl Executor for Client {
                 retries: task.op.retries(),
             })
             .collect();
-        let outputs: Vec<WireKey> = plan.outputs().iter().map(|&t| keys[t as usize]).collect();
-        let mut wanted = outputs.clone();
+        let outputs: Vec<WireKey> = plan.outputs().iter().map(|&t| plan.task(t).key.0).collect();
+        let mut wanted: Vec<WireKey> = plan
+            .outputs()
+            .iter()
+            .filter(|&&t| failed[t as usize].is_none())
+            .map(|&t| plan.task(t).key.0)
+            .collect();
         wanted.sort_unstable();
         wanted.dedup();
+        // Whether outputs repeat a key (rule 2 counts them then).
+        let repeats = wanted.len() + early.len() < outputs.len();
         let mut batch = Batch::default();
         batch.push(&ToScheduler::UpdateGraph {
             tasks,
@@ -718,12 +751,16 @@ impl Executor for Client {
         let mut held = held;
         let holds = if keep_remote {
             let guard = held.get_or_insert_with(|| self.inner.link.held());
-            // One per key, on the first output slot with that key.
-            let mut first = (wanted.len() < outputs.len()).then(std::collections::HashSet::new);
+            // One per key, on the first output slot with that key; none for
+            // outputs that failed here (rule 9).
+            let mut first = repeats.then(std::collections::HashSet::new);
             outputs
                 .iter()
-                .map(|&key| {
-                    if first.as_mut().is_some_and(|seen| !seen.insert(key)) {
+                .enumerate()
+                .map(|(slot, &key)| {
+                    if early.binary_search_by_key(&slot, |&(s, _)| s).is_ok()
+                        || first.as_mut().is_some_and(|seen| !seen.insert(key))
+                    {
                         return None;
                     }
                     hold(guard, key);
@@ -744,9 +781,19 @@ impl Executor for Client {
                 let _ = link.send(&commands, Command::Stop { id, slot });
             }
         }));
+        // Outputs that failed here are reported now, before the loop can
+        // report the others and finish (rule 9).
+        let early: Vec<usize> = early
+            .into_iter()
+            .map(|(slot, failure)| {
+                reporter.output(slot, Err(failure));
+                slot
+            })
+            .collect();
         let submission = Submission {
             id,
-            wanted_len: wanted.len(),
+            repeats,
+            early,
             plan,
             reporter,
             frames,
@@ -761,15 +808,9 @@ impl Executor for Client {
         drop(held);
         if let Err(Command::Submit(s)) = sent {
             let failures = lost(&s.plan, &self.inner.address);
-            fail_each(s.plan, &*s.reporter, failures);
+            fail_each(s.plan, &*s.reporter, failures, &s.early);
         }
     }
-}
-
-/// The key a recorded failure of `key` travels under (rule 9): derived
-/// from `key`, never equal to a task's key.
-fn failure_key(key: &WireKey) -> WireKey {
-    blake3::derive_key("rask recorded failure v1", key)
 }
 
 /// Task `i`, a reference to a key this client does not hold (rule 6), as
@@ -824,10 +865,18 @@ fn fail_all(plan: Arc<Plan>, reporter: &dyn Reporter, failure: &Arc<Failure>) {
 }
 
 /// Reports `failures[slot]` for every output, drops the plan, finishes.
-fn fail_each(plan: Arc<Plan>, reporter: &dyn Reporter, failures: Vec<Arc<Failure>>) {
+/// Slots in `reported` were reported already (rule 9) and are skipped.
+fn fail_each(
+    plan: Arc<Plan>,
+    reporter: &dyn Reporter,
+    failures: Vec<Arc<Failure>>,
+    reported: &[usize],
+) {
     drop(plan);
     for (slot, failure) in failures.into_iter().enumerate() {
-        reporter.output(slot, Err(failure));
+        if reported.binary_search(&slot).is_err() {
+            reporter.output(slot, Err(failure));
+        }
     }
     reporter.finished();
 }
@@ -1189,14 +1238,16 @@ impl Loop {
                 return;
             }
             let failures = lost(&s.plan, &self.address);
-            return fail_each(s.plan, &*s.reporter, failures);
+            return fail_each(s.plan, &*s.reporter, failures, &s.early);
         }
         let id = s.id;
         for (slot, &key) in s.outputs.iter().enumerate() {
-            self.waiting
-                .entry(key)
-                .or_default()
-                .push(Waiter::Slot(id, slot));
+            if s.early.binary_search(&slot).is_err() {
+                self.waiting
+                    .entry(key)
+                    .or_default()
+                    .push(Waiter::Slot(id, slot));
+            }
         }
         // Messages leave in the order of their commands: a release queued
         // before this submission reaches the scheduler before its graph.
@@ -1207,7 +1258,7 @@ impl Loop {
             let _ = self.writer.send(frame);
         }
         let n = s.outputs.len();
-        let shared_keys = (s.wanted_len < n).then(|| {
+        let shared_keys = s.repeats.then(|| {
             let mut counts = HashMap::new();
             for &key in &s.outputs {
                 *counts.entry(key).or_insert(0) += 1;
@@ -1219,8 +1270,10 @@ impl Loop {
             Open {
                 plan: s.plan,
                 reporter: s.reporter,
-                reported: vec![false; n],
-                unreported: n,
+                reported: (0..n)
+                    .map(|slot| s.early.binary_search(&slot).is_ok())
+                    .collect(),
+                unreported: n - s.early.len(),
                 outputs: s.outputs,
                 shared_keys,
                 keep_remote: s.keep_remote,
@@ -1554,7 +1607,7 @@ impl Loop {
                     ))
                 })
                 .collect();
-            fail_each(s.plan, &*s.reporter, failures);
+            fail_each(s.plan, &*s.reporter, failures, &s.early);
         }
     }
 

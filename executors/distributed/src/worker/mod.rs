@@ -83,8 +83,9 @@
 //!     the worker keeps the `threads` working threads it announced, which
 //!     the scheduler's window counts on. A retired thread takes no new job
 //!     and exits when its task returns; the late result is dropped (state
-//!     rule 3). At most `threads` threads are retired at a time: a released
-//!     task stuck beyond that makes the worker unhealthy at once (rule 11).
+//!     rule 3). At most `threads` threads are retired at a time: beyond
+//!     that, the worker runs on fewer threads until one returns, and a task
+//!     still stuck after the grace makes it unhealthy (rule 11).
 //! 11. **Grace.** A thread still in a released task (on the pool, or a
 //!     former network thread) [`Options::grace`] after the watchdog saw the
 //!     release, or a task abandoned at its timeout
