@@ -162,6 +162,7 @@ impl std::fmt::Debug for SchedulerHandle {
 /// How a scheduler treats its peers.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
+#[must_use = "options do nothing until they are passed to `serve_with`"]
 pub struct Options {
     /// A worker that sends nothing, not even a heartbeat, for this long is
     /// taken for dead and its work goes elsewhere (rule 4). Default 5 s:

@@ -165,6 +165,7 @@ pub const DEATH_TIMEOUT: Duration = Duration::from_secs(60);
 /// ```
 #[derive(Clone, Debug)]
 #[non_exhaustive]
+#[must_use = "options do nothing until they are passed to `run_with` or `spawn_with`"]
 pub struct Options {
     /// Tasks run at once: at least one, at most [`MAX_THREADS`] (more is
     /// taken as that). Default 1.
