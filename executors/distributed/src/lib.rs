@@ -139,8 +139,11 @@
 //!   worker's data port serves only its own build.
 //! - **Trust is per connection, checked once.** The handshake proves the
 //!   token both ways; after it, a connection is trusted for what its role
-//!   may send, and the scheduler takes a result only from the worker the
-//!   task was sent to (`scheduler/README.md`, S6). A process holding the
+//!   may send, and the scheduler still checks each report against what it
+//!   asked of that very worker (`scheduler/README.md`, S6 and S10–S12): a
+//!   result only from the worker the task was sent to, a fetched copy only
+//!   of an input of a task sent to it, a failed fetch only of a key the
+//!   sender needs, naming a holder it was told of. A process holding the
 //!   token can still run any registered function; no code is shipped.
 //! - **Faults close one connection.** A bad handshake, an oversized or
 //!   malformed frame, a number out of the range the protocol allows for it

@@ -1717,3 +1717,108 @@ fn a_worker_without_the_token_cannot_register() {
     assert_eq!(cluster.scheduler.workers(), 1);
     diamond(&cluster, &client, 60);
 }
+
+#[test]
+fn a_forged_copy_and_a_forged_failed_fetch_do_not_make_a_client_read_forged_bytes() {
+    let cluster = Cluster::new(1, 1);
+    let owner = cluster.client();
+    let values = keep_big(&cluster, &owner, 70);
+    let key = remote(&values[0]).key().0;
+    let honest = protocol::WorkerId(cluster.workers[0].as_ref().unwrap().id());
+    // A data port of the rogue's: anyone who reads from it gets forged
+    // bytes, as the issue observed.
+    let fake = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    fake.set_nonblocking(true).unwrap();
+    let fake_address = fake.local_addr().unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let contacted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let forger = {
+        let (stop, contacted, token) = (stop.clone(), contacted.clone(), cluster.token().clone());
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + TIMEOUT;
+            while !stop.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+                let Ok((mut s, _)) = fake.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                contacted.store(true, Ordering::SeqCst);
+                s.set_nonblocking(false).unwrap();
+                s.set_read_timeout(Some(TIMEOUT)).unwrap();
+                if support::accept_shake(&mut s, Role::DataServer, &token) {
+                    let forged = postcard::to_stdvec(&vec![6u8; BIG as usize]).unwrap();
+                    let _ = read_frame::<ToPeer>(&mut s);
+                    let _ = s.write_all(&protocol::frame(&FromPeer::Data {
+                        key,
+                        bytes: forged.into(),
+                    }));
+                }
+            }
+        })
+    };
+    // The rogue holds the token (an insider, at worst a buggy worker): it
+    // registers with the fake port, claims a copy of the owner's key it
+    // was never asked to fetch, and says the honest holder failed it. An
+    // unknown key's copy, last, is answered with a `Release` once the
+    // scheduler handled all three.
+    let mut rogue = raw(cluster.scheduler.address(), Role::Worker, &cluster.auth);
+    rogue
+        .write_all(&protocol::frame(&ToScheduler::RegisterWorker {
+            address: fake_address.to_string(),
+            threads: 1,
+        }))
+        .unwrap();
+    let _ = read_frame::<protocol::ToWorker>(&mut rogue);
+    let barrier = [0xee; 32];
+    let mut forged = Vec::new();
+    for msg in [
+        ToScheduler::DataAdded { key },
+        ToScheduler::FetchFailed {
+            key,
+            holder: honest,
+        },
+        ToScheduler::DataAdded { key: barrier },
+    ] {
+        forged.extend(protocol::frame(&msg));
+    }
+    rogue.write_all(&forged).unwrap();
+    let mut released = Vec::new();
+    while !released.contains(&barrier) {
+        for msg in read_frame::<protocol::ToWorker>(&mut rogue) {
+            if let protocol::ToWorker::Release { key } = msg {
+                released.push(key);
+            }
+        }
+    }
+    // Its claimed copy was refused: it was told to drop it.
+    assert_eq!(released, vec![key, barrier]);
+    // A fresh client asking for the key reads the honest worker's bytes.
+    let fresh = cluster.client();
+    let mut g = Graph::salted(&cluster.shared, 70);
+    let big = g.task("big", postcard::to_stdvec(&BIG).unwrap(), &[]);
+    assert_eq!(g.key(big).0, key);
+    g.output(big);
+    let kept = Keep::new(1, false);
+    kept.submit(&fresh, g.build());
+    let value = kept.wait().pop().unwrap().unwrap();
+    let bytes: Vec<u8> = match value.downcast_ref::<rask_executor::Encoded>() {
+        Some(e) => postcard::from_bytes(&e.0).unwrap(),
+        None => panic!("not fetched: {value:?}"),
+    };
+    assert_eq!(bytes.len(), BIG as usize);
+    assert!(
+        bytes.iter().all(|&b| b == 7),
+        "forged bytes reached a client"
+    );
+    assert!(
+        !contacted.load(Ordering::SeqCst),
+        "a client read from the rogue"
+    );
+    assert_eq!(
+        cluster.shared.runs.load(Ordering::SeqCst),
+        1,
+        "never recomputed"
+    );
+    stop.store(true, Ordering::SeqCst);
+    forger.join().unwrap();
+    drop(values);
+}

@@ -43,7 +43,8 @@
 //!    i.e. once its peer proved the scheduler's token ([`Options::auth`];
 //!    `auth.rs` rules). A refused peer gets the scheduler's hello and
 //!    nothing else, and costs one log line. What an authenticated worker
-//!    may report is then checked by the state machine (README.md, S6).
+//!    may report is then checked by the state machine (README.md, S6 and
+//!    S10 to S12).
 
 mod placement;
 mod state;
@@ -65,7 +66,7 @@ use crate::protocol::{
     WireFailure, WireKey, WorkerId, MAX_HEARTBEAT, MIN_HEARTBEAT,
 };
 use crate::{Auth, BuildId, Error, Token};
-use state::{ClientId, Outbox, State};
+use state::{ClientId, Outbox, Reporter, State};
 
 /// A scheduler running on a background thread; dropping it shuts it down.
 ///
@@ -697,7 +698,7 @@ impl Shell {
                 state.on_release_keys(c, keys, out)
             }
             (Kind::Client(c), ToScheduler::FetchFailed { key, holder }) => {
-                state.on_fetch_failed(Some(c), key, holder, out)
+                state.on_fetch_failed(Reporter::Client(c), key, holder, out)
             }
             (Kind::NewWorker, ToScheduler::RegisterWorker { address, threads }) => {
                 let w = WorkerId(conn);
@@ -726,8 +727,8 @@ impl Shell {
                 state.on_task_abandoned(w, key, out)
             }
             (Kind::Worker(w), ToScheduler::DataAdded { key }) => state.on_data_added(w, key, out),
-            (Kind::Worker(_), ToScheduler::FetchFailed { key, holder }) => {
-                state.on_fetch_failed(None, key, holder, out)
+            (Kind::Worker(w), ToScheduler::FetchFailed { key, holder }) => {
+                state.on_fetch_failed(Reporter::Worker(w), key, holder, out)
             }
             (Kind::NewWorker, _) => return Err("a worker must register first"),
             (Kind::Worker(_), ToScheduler::RegisterWorker { .. }) => {

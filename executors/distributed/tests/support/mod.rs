@@ -695,3 +695,25 @@ pub fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
     }
     sink
 }
+
+/// The accepting side of a handshake on `s`, by hand, as `me` proving
+/// `token`: reads the connector's hello, answers with a hello and proof,
+/// checks the connector's proof. Whether the connector proved the token.
+pub fn accept_shake(s: &mut TcpStream, me: Role, token: &Token) -> bool {
+    let mut theirs = [0u8; protocol::HANDSHAKE_FRAME];
+    if s.read_exact(&mut theirs).is_err() {
+        return false;
+    }
+    let nonce = *blake3::hash(format!("{:?}", std::time::Instant::now()).as_bytes()).as_bytes();
+    let ours = Handshake::new(me, BuildId::current(), nonce, true).to_frame();
+    let (c, a) = (&theirs[4..], &ours[4..]);
+    let mut answer = ours.to_vec();
+    answer.extend([32, 0, 0, 0]);
+    answer.extend(handshake_proof(token, "rask acceptor proof v1", c, a));
+    if s.write_all(&answer).is_err() {
+        return false;
+    }
+    let mut proof = [0u8; protocol::PROOF_FRAME];
+    s.read_exact(&mut proof).is_ok()
+        && proof[4..] == handshake_proof(token, "rask connector proof v1", c, a)
+}
