@@ -667,7 +667,12 @@ pub enum FromPeer {
 /// straight into the frame. Encodes exactly as `FromPeer` does (tested).
 #[derive(Serialize)]
 pub(crate) enum FromPeerRef<'a> {
-    Data { key: &'a WireKey, bytes: &'a [u8] },
+    Data {
+        key: &'a WireKey,
+        /// As bytes, in one copy, not byte by byte as a slice would be.
+        #[serde(serialize_with = "bytes::serialize_slice")]
+        bytes: &'a [u8],
+    },
 }
 
 /// Messages collected into frames: appends each message to the open frame,
@@ -976,6 +981,11 @@ mod bytes {
     use serde::{Deserializer, Serializer};
 
     pub(super) fn serialize<S: Serializer>(bytes: &Arc<[u8]>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(bytes)
+    }
+
+    /// As [`serialize`], for borrowed bytes.
+    pub(super) fn serialize_slice<S: Serializer>(bytes: &&[u8], s: S) -> Result<S::Ok, S::Error> {
         s.serialize_bytes(bytes)
     }
 
