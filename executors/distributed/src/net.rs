@@ -1,6 +1,8 @@
 //! The transport every role shares: framed TCP connections with handshakes,
-//! per-connection writer tasks that coalesce frames, and the pool of
-//! connections to workers' data ports that clients and workers fetch from.
+//! per-connection writer tasks that coalesce frames, the pool of
+//! connections to workers' data ports that clients and workers fetch from,
+//! and the limits that keep a peer, trusted or not, from taking more of a
+//! process than its share.
 //!
 //! This module knows messages only through [`protocol`](crate::protocol);
 //! the scheduler, worker and client use it and never each other.
@@ -17,15 +19,34 @@
 //!    give the caller the peer's and leave the decision to it. The one
 //!    decision taken here: a data port whose answer names another build
 //!    than the reader's is not read from (its fetches are lost).
+//! 5. **Logs a peer can trigger are rate-limited** ([`log_limited!`]): at
+//!    most [`LOG_BURST`] lines of a kind per [`LOG_WINDOW`], and the next
+//!    line printed says how many were left out. A failing `accept` backs
+//!    off from 10 ms to 1 s ([`Backoff`]) instead of spinning.
+//! 6. **Before authentication.** An accepted connection is *pre-auth* until
+//!    [`accept`] returns `Ok`: the single place where a connection becomes
+//!    authenticated (today: its handshake passed) and its limits switch
+//!    from these to those of the rules that follow. Pre-auth, nothing but the
+//!    handshake is read, straight from the socket into a fixed array of
+//!    [`HANDSHAKE_FRAME`] bytes: no read buffer, no frame, nothing sized by
+//!    the peer. It must be over within [`HANDSHAKE_TIMEOUT`], and at most
+//!    [`Caps::pre_auth`] connections are pre-auth at once: a new one closes
+//!    the oldest ([`Gate`]), so sockets left idle before their handshake
+//!    cannot lock out a peer that completes its own in one round trip.
+//! 7. **Connection caps.** A listening socket takes at most
+//!    [`Caps::total`] connections, derived from the process's limit of
+//!    open files; each role at most [`Caps::per_role`], leaving room for
+//!    the others.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::protocol::{
     decode_checked, frame_len, old_handshake, Batch, FromPeer, Handshake, ProtocolError, Role,
@@ -33,11 +54,32 @@ use crate::protocol::{
 };
 use crate::BuildId;
 
-/// How long a connection may take to send its handshake.
-pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an accepted connection may take over its handshake (rule 6).
+/// A handshake is one round trip on a connection just opened, so 5 s is
+/// plenty even far away, and short enough that sockets left idle before
+/// their handshake are soon gone.
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How long connecting to a peer's data port may take.
+/// How long connecting to a peer may take, and how long the peer may take
+/// to answer the handshake.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How many lines of one kind [`log_limited!`] prints per [`LOG_WINDOW`].
+pub(crate) const LOG_BURST: u32 = 10;
+
+/// The window of [`LOG_BURST`].
+pub(crate) const LOG_WINDOW: Duration = Duration::from_secs(1);
+
+/// The first wait after a failed `accept` (rule 5); it doubles after each
+/// failure in a row, up to [`ACCEPT_BACKOFF_MAX`].
+pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+
+/// The longest wait after a failed `accept`.
+pub(crate) const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Connections at most pre-auth on one listening socket (rule 6), unless
+/// the open-file limit allows fewer ([`Caps::for_files`]).
+pub(crate) const PRE_AUTH_LIMIT: usize = 256;
 
 /// Logs a line on stderr with the crate's prefix, in one write: stderr is
 /// unbuffered, and an `eprintln!` written in pieces could mix with what
@@ -64,6 +106,103 @@ impl std::fmt::Display for Chain<'_> {
             source = s.source();
         }
         Ok(())
+    }
+}
+
+/// [`log!`] for a line a peer can make this process print (rule 5): at
+/// most [`LOG_BURST`] lines of `kind` per [`LOG_WINDOW`]; the next line
+/// printed after some were left out says how many.
+macro_rules! log_limited {
+    ($kind:expr, $($arg:tt)*) => {
+        if let Some(left_out) = $crate::net::log_admit($kind) {
+            if left_out == 0 {
+                $crate::net::log!($($arg)*)
+            } else {
+                $crate::net::log!(
+                    "{} ({left_out} more like this not logged)",
+                    format_args!($($arg)*)
+                )
+            }
+        }
+    };
+}
+pub(crate) use log_limited;
+
+/// How many lines of one kind were printed in the current window, and how
+/// many were left out since the last one printed (rule 5). Pure: the
+/// caller gives the time.
+#[derive(Debug, Default)]
+pub(crate) struct RateLimit {
+    window: Option<std::time::Instant>,
+    printed: u32,
+    left_out: u64,
+}
+
+impl RateLimit {
+    /// A line at `now`: `Some(n)` to print it, `n` lines having been left
+    /// out since the last one printed; `None` to leave it out.
+    pub(crate) fn admit(&mut self, now: std::time::Instant) -> Option<u64> {
+        let fresh = self
+            .window
+            .is_none_or(|start| now.saturating_duration_since(start) >= LOG_WINDOW);
+        if fresh {
+            self.window = Some(now);
+            self.printed = 0;
+        }
+        if self.printed < LOG_BURST {
+            self.printed += 1;
+            Some(std::mem::take(&mut self.left_out))
+        } else {
+            self.left_out += 1;
+            None
+        }
+    }
+}
+
+/// The rate limits of every kind of line, for the whole process: a flood
+/// of one kind is one flood, whichever role's socket it comes through.
+static LOG_LIMITS: Mutex<Vec<(&'static str, RateLimit)>> = Mutex::new(Vec::new());
+
+/// [`RateLimit::admit`] for a line of `kind`, now.
+pub(crate) fn log_admit(kind: &'static str) -> Option<u64> {
+    let mut limits = LOG_LIMITS.lock().unwrap_or_else(PoisonError::into_inner);
+    let now = std::time::Instant::now();
+    if let Some((_, limit)) = limits.iter_mut().find(|(k, _)| *k == kind) {
+        return limit.admit(now);
+    }
+    let mut limit = RateLimit::default();
+    let verdict = limit.admit(now);
+    limits.push((kind, limit));
+    verdict
+}
+
+/// The wait after each failed `accept` in a row (rule 5): from
+/// [`ACCEPT_BACKOFF`], doubling up to [`ACCEPT_BACKOFF_MAX`]; a success
+/// starts over. Pure.
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            next: ACCEPT_BACKOFF,
+        }
+    }
+}
+
+impl Backoff {
+    /// An attempt failed: how long to wait before the next.
+    pub(crate) fn failed(&mut self) -> Duration {
+        let wait = self.next;
+        self.next = (wait * 2).min(ACCEPT_BACKOFF_MAX);
+        wait
+    }
+
+    /// An attempt succeeded.
+    pub(crate) fn succeeded(&mut self) {
+        self.next = ACCEPT_BACKOFF;
     }
 }
 
@@ -156,34 +295,29 @@ fn eof_is_closed(e: std::io::Error) -> ProtocolError {
     }
 }
 
+/// Reads a handshake, and nothing more, from `reader` (rule 6).
 async fn read_handshake<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Handshake, ProtocolError> {
     let mut frame = [0u8; HANDSHAKE_FRAME];
-    let read = async {
-        // The length prefix alone tells a rask peer from junk: refuse early
-        // rather than wait for bytes that will never come.
-        reader
-            .read_exact(&mut frame[..4])
-            .await
-            .map_err(eof_is_closed)?;
-        if frame[..4] == OLD_HANDSHAKE_PREFIX {
-            // A rask process of protocol 3 or older: name its version.
-            let mut body = [0u8; 8];
-            reader.read_exact(&mut body).await.map_err(eof_is_closed)?;
-            return Err(old_handshake(&body));
-        }
-        if frame[..4] != HANDSHAKE_PREFIX {
-            return Err(ProtocolError::NotRask);
-        }
-        reader
-            .read_exact(&mut frame[4..])
-            .await
-            .map_err(eof_is_closed)?;
-        Handshake::parse(&frame)
-    };
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, read).await {
-        Ok(result) => result,
-        Err(_) => Err(ProtocolError::Timeout(HANDSHAKE_TIMEOUT)),
+    // The length prefix alone tells a rask peer from junk: refuse early
+    // rather than wait for bytes that will never come.
+    reader
+        .read_exact(&mut frame[..4])
+        .await
+        .map_err(eof_is_closed)?;
+    if frame[..4] == OLD_HANDSHAKE_PREFIX {
+        // A rask process of protocol 3 or older: name its version.
+        let mut body = [0u8; 8];
+        reader.read_exact(&mut body).await.map_err(eof_is_closed)?;
+        return Err(old_handshake(&body));
     }
+    if frame[..4] != HANDSHAKE_PREFIX {
+        return Err(ProtocolError::NotRask);
+    }
+    reader
+        .read_exact(&mut frame[4..])
+        .await
+        .map_err(eof_is_closed)?;
+    Handshake::parse(&frame)
 }
 
 /// The reading half of a TCP connection, buffered.
@@ -206,13 +340,13 @@ fn tune(stream: &TcpStream) {
     }
 }
 
-/// Splits a TCP stream into its halves, with Nagle off and keepalive on: a
-/// peer whose machine vanished (powered off, unplugged) without closing
-/// the connection is noticed by the kernel within a few minutes and the
-/// connection fails, for clients too (workers also send heartbeats, which
-/// catch a hung process sooner).
+/// Splits a TCP stream (already [`tune`]d: Nagle off, keepalive on) into
+/// its halves: a peer whose machine vanished (powered off, unplugged)
+/// without closing the connection is noticed by the kernel within a few
+/// minutes and the connection fails, for clients too (workers also send
+/// heartbeats, which catch a hung process sooner). The read buffer is
+/// allocated here, after the handshake (rule 6).
 fn tcp_halves(stream: TcpStream) -> (Reader, OwnedWriteHalf) {
-    tune(&stream);
     let (read, write) = stream.into_split();
     (BufReader::with_capacity(64 << 10, read), write)
 }
@@ -293,6 +427,8 @@ impl Frames {
 
 /// Opens a connection as `role` of `build` and checks the answer comes from
 /// `expect`; also returns this end's address and the peer's build (rule 4).
+/// `timeout` bounds the connection, [`CONNECT_TIMEOUT`] the handshake's
+/// answer.
 pub(crate) async fn connect(
     address: &str,
     role: Role,
@@ -300,23 +436,33 @@ pub(crate) async fn connect(
     build: BuildId,
     timeout: Duration,
 ) -> Result<(Reader, OwnedWriteHalf, SocketAddr, BuildId), ConnectError> {
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
+    let mut stream = match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(ConnectError::Io(e)),
         Err(_) => return Err(ConnectError::Timeout),
     };
     let local = stream.local_addr().map_err(ConnectError::Io)?;
-    let (mut read, mut write) = tcp_halves(stream);
-    write
-        .write_all(&Handshake::new(role, build).to_frame())
-        .await
-        .map_err(|e| ConnectError::Handshake(ProtocolError::Io(e)))?;
-    let theirs = read_handshake(&mut read)
-        .await
-        .map_err(ConnectError::Handshake)?;
+    tune(&stream);
+    let exchange = async {
+        stream
+            .write_all(&Handshake::new(role, build).to_frame())
+            .await
+            .map_err(ProtocolError::Io)?;
+        read_handshake(&mut stream).await
+    };
+    let theirs = match tokio::time::timeout(CONNECT_TIMEOUT, exchange).await {
+        Ok(Ok(theirs)) => theirs,
+        Ok(Err(e)) => return Err(ConnectError::Handshake(e)),
+        Err(_) => {
+            return Err(ConnectError::Handshake(ProtocolError::Timeout(
+                CONNECT_TIMEOUT,
+            )))
+        }
+    };
     if theirs.role != expect {
         return Err(ConnectError::Handshake(ProtocolError::Role(theirs.role)));
     }
+    let (read, write) = tcp_halves(stream);
     Ok((read, write, local, theirs.build))
 }
 
@@ -338,21 +484,324 @@ impl std::fmt::Display for ConnectError {
     }
 }
 
-/// Checks an accepted connection's handshake and answers it as `me` of
-/// `build`. Returns the peer's handshake, whose role and build the caller
-/// must check (rule 4).
+/// An authenticated connection, as [`accept`] returns it.
+pub(crate) struct Accepted {
+    /// The peer's handshake: its role is one the caller serves; its build
+    /// is the caller's to check (rule 4).
+    pub(crate) hello: Handshake,
+    /// Its reading half, buffered.
+    pub(crate) read: Reader,
+    /// Its write half, for [`spawn_writer`].
+    pub(crate) write: OwnedWriteHalf,
+    /// Its place among the connections of its role (rule 7): keep it as
+    /// long as the connection.
+    pub(crate) slot: Slot,
+}
+
+/// Takes an accepted connection, pre-auth under `ticket`, through its
+/// handshake: checks the peer's, answers as `me` of `build`, and, if the
+/// peer's role is one of `serves` and has room, authenticates it. This is
+/// the one place a connection switches from the limits of rule 6 to those
+/// of the rules that follow.
+///
+/// # Errors
+///
+/// Why the connection is to be closed: a bad, slow or refused handshake
+/// ([`ProtocolError::Timeout`] after [`HANDSHAKE_TIMEOUT`]), eviction by a
+/// newer connection ([`ProtocolError::Evicted`]), a role not served
+/// ([`ProtocolError::Role`]) or full ([`ProtocolError::Full`]).
 pub(crate) async fn accept(
-    stream: TcpStream,
+    mut stream: TcpStream,
+    ticket: PreAuth,
     me: Role,
     build: BuildId,
-) -> Result<(Handshake, Reader, OwnedWriteHalf), ProtocolError> {
-    let (mut read, mut write) = tcp_halves(stream);
-    let theirs = read_handshake(&mut read).await?;
-    write
-        .write_all(&Handshake::new(me, build).to_frame())
-        .await
-        .map_err(ProtocolError::Io)?;
-    Ok((theirs, read, write))
+    serves: &[Role],
+) -> Result<Accepted, ProtocolError> {
+    let PreAuth {
+        id,
+        gate,
+        mut evicted,
+    } = ticket;
+    // Dropped on every way out, which takes the ticket out of the line.
+    let ticket = Ticket { id, gate };
+    tune(&stream);
+    let exchange = async {
+        let theirs = read_handshake(&mut stream).await?;
+        stream
+            .write_all(&Handshake::new(me, build).to_frame())
+            .await
+            .map_err(ProtocolError::Io)?;
+        Ok(theirs)
+    };
+    let theirs = tokio::select! {
+        done = tokio::time::timeout(HANDSHAKE_TIMEOUT, exchange) => match done {
+            Ok(result) => result?,
+            Err(_) => return Err(ProtocolError::Timeout(HANDSHAKE_TIMEOUT)),
+        },
+        _ = &mut evicted => return Err(ProtocolError::Evicted(ticket.gate.caps.pre_auth)),
+    };
+    if !serves.contains(&theirs.role) {
+        return Err(ProtocolError::Role(theirs.role));
+    }
+    // Authenticated from here on (rule 6).
+    let slot = ticket.authenticated(theirs.role)?;
+    let (read, write) = tcp_halves(stream);
+    Ok(Accepted {
+        hello: theirs,
+        read,
+        write,
+        slot,
+    })
+}
+
+/// How many connections one listening socket takes (rules 6 and 7).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Caps {
+    /// Connections of every kind at once.
+    pub(crate) total: usize,
+    /// Connections still in their handshake: room always kept for them.
+    pub(crate) pre_auth: usize,
+    /// Authenticated connections of one role: an eighth of the room for
+    /// authenticated ones stays for the other roles.
+    pub(crate) per_role: usize,
+}
+
+impl Caps {
+    /// The caps of a socket that may use `1/share` of the open files of a
+    /// process allowed `files` of them. Some files stay for everything else
+    /// a process opens (its listeners, its runtime, its own files; a
+    /// worker's tasks): an eighth of them, at least 64.
+    pub(crate) fn for_files(files: usize, share: usize) -> Caps {
+        let spare = (files / 8).max(64);
+        let total = (files.saturating_sub(spare) / share.max(1)).max(16);
+        let pre_auth = (total / 4).clamp(1, PRE_AUTH_LIMIT);
+        let authenticated = total - pre_auth;
+        Caps {
+            total,
+            pre_auth,
+            per_role: authenticated - authenticated / 8,
+        }
+    }
+
+    /// The caps for this process (see [`open_files`]).
+    pub(crate) fn for_this_process(share: usize) -> Caps {
+        Caps::for_files(open_files(), share)
+    }
+}
+
+/// How many files this process may open (its soft `RLIMIT_NOFILE`, read
+/// from `/proc/self/limits`); 1024, the usual default, where that cannot be
+/// read, and at most 1 048 576.
+pub(crate) fn open_files() -> usize {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|text| parse_open_files(&text))
+        .unwrap_or(1024)
+        .min(1 << 20)
+}
+
+/// The soft limit of open files in the text of `/proc/self/limits`.
+fn parse_open_files(text: &str) -> Option<usize> {
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    let soft = line["Max open files".len()..].split_whitespace().next()?;
+    if soft == "unlimited" {
+        return Some(usize::MAX);
+    }
+    soft.parse().ok()
+}
+
+/// The connections of one listening socket (rules 6 and 7): those in their
+/// handshake, oldest first, and the authenticated ones by role.
+#[derive(Clone, Debug)]
+pub(crate) struct Gate {
+    caps: Caps,
+    state: Arc<Mutex<GateState>>,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    next: u64,
+    /// Pre-auth connections by age; dropping a sender closes its
+    /// connection.
+    waiting: BTreeMap<u64, oneshot::Sender<()>>,
+    /// Authenticated connections by role.
+    roles: Vec<(Role, usize)>,
+}
+
+impl GateState {
+    fn authenticated(&self) -> usize {
+        self.roles.iter().map(|&(_, n)| n).sum()
+    }
+
+    fn role(&mut self, role: Role) -> &mut usize {
+        let at = match self.roles.iter().position(|&(r, _)| r == role) {
+            Some(at) => at,
+            None => {
+                self.roles.push((role, 0));
+                self.roles.len() - 1
+            }
+        };
+        &mut self.roles[at].1
+    }
+}
+
+impl Gate {
+    /// A gate with these caps.
+    pub(crate) fn new(caps: Caps) -> Gate {
+        Gate {
+            caps,
+            state: Arc::new(Mutex::new(GateState::default())),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Lets a connection just accepted in, pre-auth: when the pre-auth
+    /// connections are at their cap, or every connection is, the oldest
+    /// pre-auth one is closed to make room (rule 6).
+    ///
+    /// # Errors
+    ///
+    /// [`ProtocolError::Full`] when every connection is authenticated and
+    /// the total is reached: the new one is to be closed.
+    pub(crate) fn admit(&self) -> Result<PreAuth, ProtocolError> {
+        let mut state = self.state();
+        let open = state.waiting.len() + state.authenticated();
+        if (state.waiting.len() >= self.caps.pre_auth || open >= self.caps.total)
+            && state.waiting.pop_first().is_none()
+        {
+            return Err(ProtocolError::Full {
+                role: None,
+                count: open,
+                max: self.caps.total,
+            });
+        }
+        let id = state.next;
+        state.next += 1;
+        let (evict, evicted) = oneshot::channel();
+        state.waiting.insert(id, evict);
+        Ok(PreAuth {
+            id,
+            gate: self.clone(),
+            evicted,
+        })
+    }
+
+    /// Closes the oldest connection still in its handshake, if any: the
+    /// process ran out of file descriptors.
+    pub(crate) fn evict_oldest(&self) -> bool {
+        self.state().waiting.pop_first().is_some()
+    }
+
+    /// Connections open now: pre-auth, and authenticated of each role.
+    #[cfg(test)]
+    fn counts(&self) -> (usize, Vec<(Role, usize)>) {
+        let state = self.state();
+        (state.waiting.len(), state.roles.clone())
+    }
+}
+
+/// A connection's place in line while it is pre-auth (rule 6), from
+/// [`Gate::admit`] to [`accept`].
+pub(crate) struct PreAuth {
+    id: u64,
+    gate: Gate,
+    /// Resolves when the gate closed this connection to make room.
+    evicted: oneshot::Receiver<()>,
+}
+
+/// A pre-auth connection's entry in its gate, taken out when dropped.
+struct Ticket {
+    id: u64,
+    gate: Gate,
+}
+
+impl Ticket {
+    /// The connection passed its handshake as `role`: its slot, if the
+    /// role has room (rule 7).
+    fn authenticated(self, role: Role) -> Result<Slot, ProtocolError> {
+        let caps = self.gate.caps;
+        let mut state = self.gate.state();
+        state.waiting.remove(&self.id);
+        let authenticated = state.authenticated();
+        let of_role = state.role(role);
+        let full = if *of_role >= caps.per_role {
+            Some((Some(role), *of_role, caps.per_role))
+        } else if authenticated >= caps.total - caps.pre_auth {
+            Some((None, authenticated, caps.total - caps.pre_auth))
+        } else {
+            None
+        };
+        if let Some((role, count, max)) = full {
+            return Err(ProtocolError::Full { role, count, max });
+        }
+        *of_role += 1;
+        drop(state);
+        Ok(Slot {
+            role,
+            gate: self.gate.clone(),
+        })
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.gate.state().waiting.remove(&self.id);
+    }
+}
+
+/// An authenticated connection's place among those of its role (rule 7),
+/// given back when dropped.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    role: Role,
+    gate: Gate,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut state = self.gate.state();
+        let of_role = state.role(self.role);
+        *of_role = of_role.saturating_sub(1);
+    }
+}
+
+/// Accepts connections on `listener` for ever, each pre-auth under a
+/// ticket of `gate`, and hands them to `serve` (rule 6). Refusals and
+/// failures are logged as `who` (rule 5); a failing `accept` backs off,
+/// and when the process is out of file descriptors the oldest pre-auth
+/// connection makes room.
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    gate: Gate,
+    who: &'static str,
+    mut serve: impl FnMut(TcpStream, SocketAddr, PreAuth),
+) {
+    let mut backoff = Backoff::default();
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                backoff.succeeded();
+                match gate.admit() {
+                    Ok(ticket) => serve(stream, peer, ticket),
+                    Err(e) => {
+                        log_limited!("refused", "{who}: refusing connection from {peer}: {e}")
+                    }
+                }
+            }
+            Err(e) => {
+                // EMFILE and ENFILE (the same numbers on Linux and macOS):
+                // std has no stable kind for them yet.
+                if matches!(e.raw_os_error(), Some(23 | 24)) {
+                    gate.evict_oldest();
+                }
+                log_limited!("accept failed", "{who}: accept failed: {e}");
+                tokio::time::sleep(backoff.failed()).await;
+            }
+        }
+    }
 }
 
 /// Frames smaller than this are copied together before a write.
@@ -545,7 +994,10 @@ async fn peer_connection(
     {
         Ok(c) => c,
         Err(e) => {
-            log!("could not fetch data from {peer} at {address}: {e}");
+            log_limited!(
+                "fetch failed",
+                "could not fetch data from {peer} at {address}: {e}"
+            );
             lose_all(&mut in_flight, &mut requests);
             return;
         }
@@ -557,7 +1009,10 @@ async fn peer_connection(
             ours: build,
             theirs,
         };
-        log!("could not fetch data from {peer} at {address}: {e}");
+        log_limited!(
+            "fetch failed",
+            "could not fetch data from {peer} at {address}: {e}"
+        );
         lose_all(&mut in_flight, &mut requests);
         return;
     }
@@ -600,7 +1055,11 @@ async fn peer_connection(
                     Ok(m) => m,
                     Err(e) => {
                         if !in_flight.is_empty() {
-                            log!("lost data connection to {peer} at {address}: {}", Chain(&e));
+                            log_limited!(
+                                "data connection lost",
+                                "lost data connection to {peer} at {address}: {}",
+                                Chain(&e)
+                            );
                         }
                         lose_all(&mut in_flight, &mut requests);
                         return;
@@ -644,6 +1103,151 @@ pub(crate) fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kind_of_line_prints_a_burst_a_window_then_says_what_it_left_out() {
+        let t0 = std::time::Instant::now();
+        let mut limit = RateLimit::default();
+        for _ in 0..LOG_BURST {
+            assert_eq!(limit.admit(t0), Some(0));
+        }
+        for i in 0..500u32 {
+            assert_eq!(limit.admit(t0 + Duration::from_micros(u64::from(i))), None);
+        }
+        let later = t0 + LOG_WINDOW;
+        assert_eq!(limit.admit(later), Some(500));
+        assert_eq!(limit.admit(later), Some(0));
+        // A quiet kind prints every line.
+        let mut quiet = RateLimit::default();
+        for s in 0..30 {
+            assert_eq!(quiet.admit(t0 + Duration::from_secs(s)), Some(0));
+        }
+    }
+
+    #[test]
+    fn accept_backs_off_from_10_ms_to_a_second_and_starts_over_on_success() {
+        let mut backoff = Backoff::default();
+        let waits: Vec<u64> = (0..10)
+            .map(|_| backoff.failed().as_millis() as u64)
+            .collect();
+        assert_eq!(waits, [10, 20, 40, 80, 160, 320, 640, 1000, 1000, 1000]);
+        backoff.succeeded();
+        assert_eq!(backoff.failed(), ACCEPT_BACKOFF);
+    }
+
+    #[test]
+    fn the_file_limit_is_the_soft_one_of_proc_self_limits() {
+        let text = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                    Max cpu time              unlimited            unlimited            seconds   \n\
+                    Max open files            1024                 524288               files     \n";
+        assert_eq!(parse_open_files(text), Some(1024));
+        let unlimited = text.replace("1024  ", "unlimited");
+        assert_eq!(parse_open_files(&unlimited), Some(usize::MAX));
+        assert_eq!(parse_open_files("Max processes 10 10"), None);
+        // This machine's, whatever it is.
+        assert!(open_files() >= 16);
+    }
+
+    #[test]
+    fn connection_caps_follow_the_file_limit() {
+        // The usual default: an eighth kept for the rest of the process.
+        let caps = Caps::for_files(1024, 1);
+        assert_eq!(caps.total, 896);
+        assert_eq!(caps.pre_auth, 224);
+        assert_eq!(caps.per_role, 672 - 84);
+        // A data port takes half of what is left.
+        assert_eq!(Caps::for_files(1024, 2).total, 448);
+        // Many files: at most 256 pre-auth.
+        let big = Caps::for_files(1 << 20, 1);
+        assert_eq!(big.pre_auth, PRE_AUTH_LIMIT);
+        assert!(big.per_role < big.total - big.pre_auth);
+        // Hardly any: still some room for everyone.
+        let tiny = Caps::for_files(10, 1);
+        assert_eq!((tiny.total, tiny.pre_auth), (16, 4));
+        assert!(tiny.per_role > 0);
+    }
+
+    #[test]
+    fn a_new_connection_closes_the_oldest_one_still_in_its_handshake() {
+        let caps = Caps {
+            total: 6,
+            pre_auth: 2,
+            per_role: 3,
+        };
+        let gate = Gate::new(caps);
+        let mut first = gate.admit().unwrap();
+        let mut second = gate.admit().unwrap();
+        assert!(first
+            .evicted
+            .try_recv()
+            .is_err_and(|e| e == oneshot::error::TryRecvError::Empty));
+        let third = gate.admit().unwrap();
+        // The first one is closed; the others wait on.
+        assert_eq!(
+            first.evicted.try_recv(),
+            Err(oneshot::error::TryRecvError::Closed)
+        );
+        assert_eq!(
+            second.evicted.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        );
+        assert_eq!(gate.counts().0, 2);
+        // Authenticated: out of the line, into its role's count.
+        let ticket = |t: PreAuth| Ticket {
+            id: t.id,
+            gate: t.gate,
+        };
+        let worker = ticket(second).authenticated(Role::Worker).unwrap();
+        let client = ticket(third).authenticated(Role::Client).unwrap();
+        assert_eq!(
+            gate.counts(),
+            (0, vec![(Role::Worker, 1), (Role::Client, 1)])
+        );
+        drop((worker, client, first));
+        assert_eq!(
+            gate.counts(),
+            (0, vec![(Role::Worker, 0), (Role::Client, 0)])
+        );
+    }
+
+    #[test]
+    fn authenticated_connections_are_capped_per_role_and_in_total() {
+        let caps = Caps {
+            total: 6,
+            pre_auth: 2,
+            per_role: 3,
+        };
+        let gate = Gate::new(caps);
+        let auth = |role| {
+            let t = gate.admit().unwrap();
+            Ticket {
+                id: t.id,
+                gate: t.gate,
+            }
+            .authenticated(role)
+        };
+        let clients: Vec<Slot> = (0..3).map(|_| auth(Role::Client).unwrap()).collect();
+        // A fourth client: its role is full; a worker still gets in.
+        assert!(matches!(
+            auth(Role::Client),
+            Err(ProtocolError::Full {
+                role: Some(Role::Client),
+                count: 3,
+                max: 3
+            })
+        ));
+        let worker = auth(Role::Worker).unwrap();
+        // Four authenticated of at most six, two kept for handshakes: full.
+        assert!(matches!(
+            auth(Role::Worker),
+            Err(ProtocolError::Full { role: None, .. })
+        ));
+        // New connections still get in line, pre-auth.
+        let waiting: Vec<PreAuth> = (0..2).map(|_| gate.admit().unwrap()).collect();
+        assert!(gate.admit().is_ok(), "the oldest makes room");
+        drop((clients, worker, waiting));
+        assert!(auth(Role::Client).is_ok());
+    }
 
     #[test]
     fn tcp_connections_probe_idle_peers() {

@@ -321,6 +321,24 @@ pub enum ProtocolError {
     /// taken for dead (hung, or its machine unreachable).
     #[error("nothing heard for {0:?}: taken for dead")]
     Silent(std::time::Duration),
+    /// A connection still in its handshake was closed to make room for a
+    /// newer one: too many connections were waiting for theirs (at most
+    /// the number given), or the process ran out of file descriptors.
+    #[error(
+        "closed to make room for a newer connection (at most {0} may wait for their handshake)"
+    )]
+    Evicted(usize),
+    /// This side has as many connections as it takes (of this role, when
+    /// named).
+    #[error("connection limit reached: {count} connections{}, limit {max}", .role.map(|r| format!(" of role {r}")).unwrap_or_default())]
+    Full {
+        /// The role counted, or `None` for every connection.
+        role: Option<Role>,
+        /// Connections open.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
 }
 
 /// Identifies a worker for as long as its connection to the scheduler lives.

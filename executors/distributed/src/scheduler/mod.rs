@@ -38,13 +38,19 @@
 //!    workers, and the graph is not added. With no worker at all, graphs
 //!    wait for workers as before; so does a graph accepted then, even if
 //!    only workers of other builds register later.
+//! 7. **Limits before trust** (`net` rules 5 to 7). A connection is
+//!    pre-auth until `net::accept` returns: it may send its handshake only,
+//!    within 5 s, and at most 256 of them wait at once (the oldest makes
+//!    room for a new one). Connections are capped from the limit of open
+//!    files, per role and in total, and accepting backs off when it fails.
+//!    Every line a peer can make the scheduler log is rate-limited.
 
 mod placement;
 mod state;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -53,7 +59,7 @@ use rask_executor::{Failure, FailureKind, Key};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::net::{self, log, Chain};
+use crate::net::{self, log, log_limited, Chain};
 use crate::protocol::{
     decode_checked, Batch, ProtocolError, Role, TaskSpec, ToClient, ToScheduler, ToWorker,
     WireFailure, WireKey, WorkerId, MAX_HEARTBEAT, MIN_HEARTBEAT,
@@ -373,6 +379,18 @@ async fn run(
     options: Options,
 ) {
     let (events_tx, mut events) = mpsc::unbounded_channel();
+    // Connection numbers, for TCP and in-memory connections alike.
+    let numbers = Arc::new(AtomicU32::new(0));
+    let gate = net::Gate::new(net::Caps::for_this_process(1));
+    // Accepting has a task of its own: its back-off (rule 7) never holds
+    // up the state.
+    tokio::spawn({
+        let (events, numbers) = (events_tx.clone(), numbers.clone());
+        net::accept_loop(listener, gate, "scheduler", move |stream, peer, ticket| {
+            let conn = numbers.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(connection(conn, stream, peer, ticket, events.clone()));
+        })
+    });
     let mut silence = tokio::time::interval(options.heartbeat());
     silence.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut shell = Shell {
@@ -382,30 +400,16 @@ async fn run(
         options,
         last_check: Instant::now(),
     };
-    let mut next_conn: u32 = 0;
     loop {
         tokio::select! {
             _ = &mut stop => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let conn = next_conn;
-                    next_conn = next_conn.wrapping_add(1);
-                    tokio::spawn(connection(conn, stream, peer, events_tx.clone()));
-                }
-                Err(e) => {
-                    log!("scheduler: accept failed: {e}");
-                    // Out of file descriptors, typically: do not spin.
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                }
-            },
             Some((end, build)) = locals.recv() => {
-                let conn = next_conn;
-                next_conn = next_conn.wrapping_add(1);
+                let conn = numbers.fetch_add(1, Ordering::Relaxed);
                 // An in-memory peer has no address: logs show 127.0.0.1:0.
                 let peer = SocketAddr::from(([127, 0, 0, 1], 0));
                 let frames = net::Frames::local(end.recv);
                 let hello = (Role::Client, build);
-                tokio::spawn(serve_connection(conn, hello, peer, frames, end.send, events_tx.clone()));
+                tokio::spawn(serve_connection(conn, hello, peer, frames, end.send, None, events_tx.clone()));
             }
             Some(event) = events.recv() => {
                 shell.handle(event);
@@ -432,41 +436,47 @@ async fn run(
     }
 }
 
-/// One accepted TCP connection: handshake, then [`serve_connection`].
+/// One accepted TCP connection, pre-auth under `ticket`: handshake, then
+/// [`serve_connection`].
 async fn connection(
     conn: u32,
     stream: TcpStream,
     peer: SocketAddr,
+    ticket: net::PreAuth,
     events: mpsc::UnboundedSender<Event>,
 ) {
     // The scheduler runs no user code: it has no build of its own.
-    let (theirs, read, write) = match net::accept(stream, Role::Scheduler, BuildId::NONE).await {
-        Ok(x) => x,
+    let serves = [Role::Client, Role::Worker];
+    let accepted = match net::accept(stream, ticket, Role::Scheduler, BuildId::NONE, &serves).await
+    {
+        Ok(accepted) => accepted,
         Err(e) => {
-            log!("scheduler: closing connection from {peer}: {}", Chain(&e));
+            log_limited!(
+                "scheduler: closing",
+                "scheduler: closing connection from {peer}: {}",
+                Chain(&e)
+            );
             return;
         }
     };
-    if theirs.role != Role::Client && theirs.role != Role::Worker {
-        log!(
-            "scheduler: closing connection from {peer}: {}",
-            ProtocolError::Role(theirs.role)
-        );
-        return;
-    }
-    let frames = net::Frames::stream(read);
-    let hello = (theirs.role, theirs.build);
-    serve_connection(conn, hello, peer, frames, net::spawn_writer(write), events).await;
+    let frames = net::Frames::stream(accepted.read);
+    let hello = (accepted.hello.role, accepted.hello.build);
+    let writer = net::spawn_writer(accepted.write);
+    let slot = Some(accepted.slot);
+    serve_connection(conn, hello, peer, frames, writer, slot, events).await;
 }
 
 /// Tells the state loop about a connection whose peer is `role` of `build`,
-/// forwards its decoded frames, then tells it the connection closed.
+/// forwards its decoded frames, then tells it the connection closed. Its
+/// `slot` among the connections of its role (rule 7; none in memory) goes
+/// with it.
 async fn serve_connection(
     conn: u32,
     (role, build): (Role, BuildId),
     peer: SocketAddr,
     frames: net::Frames,
     writer: mpsc::UnboundedSender<Vec<u8>>,
+    slot: Option<net::Slot>,
     events: mpsc::UnboundedSender<Event>,
 ) {
     let (kill, killed) = oneshot::channel();
@@ -485,6 +495,7 @@ async fn serve_connection(
     }
     let reason = read_loop(frames, killed, conn, &events).await;
     let _ = events.send(Event::Closed { conn, reason });
+    drop(slot);
 }
 
 async fn read_loop(
@@ -580,7 +591,8 @@ impl Shell {
             if let Some(why) = self.no_worker_of(build) {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     if !std::mem::replace(&mut c.refused, true) {
-                        log!(
+                        log_limited!(
+                            "scheduler: refusing graphs",
                             "scheduler: refusing graphs of the client at {}: {why}",
                             c.peer
                         );
@@ -667,7 +679,8 @@ impl Shell {
             return;
         };
         if let Some(reason) = reason {
-            log!(
+            log_limited!(
+                "scheduler: closing",
                 "scheduler: closing connection from {}: {}",
                 c.peer,
                 Chain(&reason)

@@ -97,6 +97,11 @@
 //!     sets) then exits its process with [`RESTART_EXIT_CODE`](crate::RESTART_EXIT_CODE), and the
 //!     supervisor starts it again; any other worker goes on with its
 //!     replacement threads.
+//! 12. **Limits** (`net` rules 5 to 7). The data port takes connections
+//!     as the scheduler does: pre-auth only the handshake, for 5 s; at
+//!     most 256 pre-auth; capped from half the open-file limit, the rest
+//!     being the worker's and its tasks'. Every line a peer can make it log
+//!     is rate-limited.
 
 mod connect;
 mod pool;
@@ -116,7 +121,7 @@ use rask_executor::{panic_message, run_task, Encoded, Failure, FailureKind, Key,
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::net::{self, log, Chain, Fetched, FrameReader, PeerPool, Reader};
+use crate::net::{self, log, log_limited, Chain, Fetched, FrameReader, PeerPool, Reader};
 use crate::protocol::{
     decode_checked, duration_ns_of, strip_scheme, Batch, FromPeer, FromPeerRef, ProtocolError,
     Role, ToPeer, ToScheduler, ToWorker, WireKey, WorkerId, INLINE_BYTES, MAX_FRAME,
@@ -1204,92 +1209,91 @@ async fn turn(io: &mut Io, worker: &Worker) -> Option<Ended> {
     }
 }
 
-/// Accepts peers on the data port.
+/// Accepts peers on the data port (rule 12).
 async fn serve_data(listener: TcpListener, store: Store, build: BuildId) {
+    // Half the open files: the rest are the worker's own and its tasks'.
+    let gate = net::Gate::new(net::Caps::for_this_process(2));
+    net::accept_loop(
+        listener,
+        gate,
+        "worker: data port",
+        move |stream, peer, ticket| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                if let Err(e) = data_connection(stream, ticket, store, build).await {
+                    log_limited!(
+                        "worker: closing data connection",
+                        "worker: closing data connection from {peer}: {}",
+                        Chain(&e)
+                    );
+                }
+            });
+        },
+    )
+    .await
+}
+
+/// Answers one peer's `GetData`s until it goes away; only a peer of this
+/// worker's `build` is served (rule 8). `Err` says why this side closed
+/// it.
+async fn data_connection(
+    stream: TcpStream,
+    ticket: net::PreAuth,
+    store: Store,
+    build: BuildId,
+) -> Result<(), ProtocolError> {
+    let accepted = net::accept(stream, ticket, Role::DataServer, build, &[Role::Peer]).await?;
+    if accepted.hello.build != build {
+        return Err(ProtocolError::Build {
+            ours: build,
+            theirs: accepted.hello.build,
+        });
+    }
+    let _slot = accepted.slot;
+    let writer = net::spawn_writer(accepted.write);
+    let mut read = FrameReader::new(accepted.read);
+    let mut batch = Batch::default();
     loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                tokio::spawn(data_connection(stream, peer, store.clone(), build));
+        let msgs = match read.next().await {
+            Ok(true) => decode_checked::<ToPeer>(read.frame())?,
+            Ok(false) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        for ToPeer::GetData { keys } in msgs {
+            for key in keys {
+                answer(&store, key, &mut batch);
             }
-            Err(e) => {
-                log!("worker: data port accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+        }
+        if !net::send_batch(&writer, &mut batch) {
+            return Ok(());
         }
     }
 }
 
-/// Answers one peer's `GetData`s until it goes away; only a peer of this
-/// worker's `build` is served (rule 8).
-async fn data_connection(stream: TcpStream, peer: SocketAddr, store: Store, build: BuildId) {
-    let (theirs, read, write) = match net::accept(stream, Role::DataServer, build).await {
-        Ok(x) => x,
-        Err(e) => {
-            log!("worker: closing data connection from {peer}: {}", Chain(&e));
-            return;
-        }
-    };
-    let refused = if theirs.role != Role::Peer {
-        Some(ProtocolError::Role(theirs.role))
-    } else if theirs.build != build {
-        Some(ProtocolError::Build {
-            ours: build,
-            theirs: theirs.build,
-        })
-    } else {
-        None
-    };
-    if let Some(reason) = refused {
-        log!("worker: closing data connection from {peer}: {reason}");
-        return;
-    }
-    let writer = net::spawn_writer(write);
-    let mut read = FrameReader::new(read);
-    let mut batch = Batch::default();
-    loop {
-        let msgs = match read.next().await {
-            Ok(true) => match decode_checked::<ToPeer>(read.frame()) {
-                Ok(m) => m,
-                Err(e) => {
-                    log!("worker: closing data connection from {peer}: {}", Chain(&e));
-                    return;
-                }
-            },
-            Ok(false) => return,
-            Err(e) => {
-                log!("worker: closing data connection from {peer}: {}", Chain(&e));
-                return;
-            }
-        };
-        for ToPeer::GetData { keys } in msgs {
-            for key in keys {
-                let stored = lock(&store).get(&key).map(|s| s.value.clone());
-                match stored {
-                    Some(value) => {
-                        if let Some(encoded) = value.downcast_ref::<Encoded>() {
-                            batch.push(&FromPeerRef::Data {
-                                key: &key,
-                                bytes: &encoded.0,
-                            });
-                        } else {
-                            match value.encode() {
-                                Ok(bytes) => batch.push(&FromPeerRef::Data {
-                                    key: &key,
-                                    bytes: &bytes,
-                                }),
-                                // Encoded once already when it was computed;
-                                // a failure now is the type's own bug.
-                                Err(_) => batch.push(&FromPeer::Missing { key }),
-                            }
-                        }
-                    }
-                    None => batch.push(&FromPeer::Missing { key }),
+/// Puts the answer to a `GetData` for `key` in `batch`: the value's bytes,
+/// or `Missing`.
+fn answer(store: &Store, key: WireKey, batch: &mut Batch) {
+    let stored = lock(store).get(&key).map(|s| s.value.clone());
+    match stored {
+        Some(value) => {
+            if let Some(encoded) = value.downcast_ref::<Encoded>() {
+                batch.push(&FromPeerRef::Data {
+                    key: &key,
+                    bytes: &encoded.0,
+                });
+            } else {
+                match value.encode() {
+                    Ok(bytes) => batch.push(&FromPeerRef::Data {
+                        key: &key,
+                        bytes: &bytes,
+                    }),
+                    // Encoded once already when it was computed; a
+                    // failure now is the type's own bug.
+                    Err(_) => batch.push(&FromPeer::Missing { key }),
                 }
             }
         }
-        if !net::send_batch(&writer, &mut batch) {
-            return;
-        }
+        None => batch.push(&FromPeer::Missing { key }),
     }
 }
 
