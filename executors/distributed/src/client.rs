@@ -493,16 +493,11 @@ impl Client {
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let weak = commands.downgrade();
         let name = address.to_owned();
+        let limits = net::Limits::standard();
         let body = async move {
-            let (me, scheduler) = (
-                crate::protocol::Role::Client,
-                crate::protocol::Role::Scheduler,
-            );
             let conn = match local {
                 Some(end) => Ok((net::Frames::local(end.recv), end.send)),
-                None => net::connect(&target, me, scheduler, build, net::CONNECT_TIMEOUT)
-                    .await
-                    .map(|(read, write, ..)| (net::Frames::stream(read), net::spawn_writer(write))),
+                None => connect(&target, build, &limits).await,
             };
             match conn {
                 Ok((frames, writer)) => {
@@ -521,7 +516,7 @@ impl Client {
                     // outlive it: only TCP clients connect again.
                     let again = (!in_process).then(|| target.clone());
                     Loop::new(link, writer, again)
-                        .run(frames, commands_rx, build)
+                        .run(frames, commands_rx, build, limits)
                         .await;
                 }
                 Err(e) => {
@@ -979,6 +974,21 @@ type Attempt = std::pin::Pin<
 /// Where a connection's frames go.
 type Writer = mpsc::UnboundedSender<Vec<u8>>;
 
+/// Connects to the scheduler at `target` over TCP, as a client of `build`,
+/// reading within `limits`.
+async fn connect(
+    target: &str,
+    build: BuildId,
+    limits: &net::Limits,
+) -> Result<(net::Frames, Writer), ConnectError> {
+    let (me, scheduler) = (
+        crate::protocol::Role::Client,
+        crate::protocol::Role::Scheduler,
+    );
+    let c = net::connect(target, me, scheduler, build, net::CONNECT_TIMEOUT, limits).await?;
+    Ok((net::Frames::stream(c.read), net::spawn_writer(c.write)))
+}
+
 /// A loop dropped before it ended, with the runtime it ran on (a local
 /// cluster's scheduler shutting down), still reports every open
 /// submission's outputs as lost (rule 4).
@@ -1016,15 +1026,16 @@ impl Loop {
     }
 
     /// Runs until the last `Client` is gone; fetches from data ports as a
-    /// process of `build`.
+    /// process of `build`; reads within `limits`.
     async fn run(
         mut self,
         mut read: net::Frames,
         mut commands: mpsc::UnboundedReceiver<Sequenced>,
         build: BuildId,
+        limits: net::Limits,
     ) {
         let (fetch_tx, mut fetched) = mpsc::unbounded_channel::<Fetched>();
-        self.peers = Some(PeerPool::new(fetch_tx.clone(), build));
+        self.peers = Some(PeerPool::new(fetch_tx.clone(), build, limits.clone()));
         let mut tick = tokio::time::interval(CANCEL_POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut attempt: Option<Attempt> = None;
@@ -1040,16 +1051,9 @@ impl Loop {
                 {
                     self.next_attempt = None;
                     if let Some(target) = self.target.clone() {
+                        let limits = limits.clone();
                         attempt = Some(Box::pin(async move {
-                            net::connect(
-                                &target,
-                                crate::protocol::Role::Client,
-                                crate::protocol::Role::Scheduler,
-                                build,
-                                net::CONNECT_TIMEOUT,
-                            )
-                            .await
-                            .map(|(r, w, ..)| (net::Frames::stream(r), net::spawn_writer(w)))
+                            connect(&target, build, &limits).await
                         }));
                     }
                 }
@@ -1058,7 +1062,8 @@ impl Loop {
                     match done {
                         Ok((frames, writer)) => {
                             read = frames;
-                            self.reconnected(writer, PeerPool::new(fetch_tx.clone(), build));
+                            let peers = PeerPool::new(fetch_tx.clone(), build, limits.clone());
+                            self.reconnected(writer, peers);
                         }
                         Err(e) => self.reconnect_failed(&e),
                     }

@@ -37,16 +37,41 @@
 //!    [`Caps::total`] connections, derived from the process's limit of
 //!    open files; each role at most [`Caps::per_role`], leaving room for
 //!    the others.
+//! 8. **Frame budget.** A frame body is at most
+//!    [`MAX_FRAME`](crate::protocol::MAX_FRAME). Every frame over
+//!    [`SMALL_FRAME`] is read only once its whole announced length was
+//!    granted from the [`Budget`] of the process ([`FRAME_BUDGET`] unless a
+//!    scheduler's options say otherwise), and the grant lasts until its
+//!    messages were handled. A frame that does not fit waits, and its
+//!    connection is not read meanwhile (back-pressure, nothing
+//!    allocated); a frame larger than the whole budget closes its
+//!    connection. Grants are handed out first come, first served, so a
+//!    frame up to the whole budget is read once the frames before it
+//!    finish. That cannot deadlock: a grant is only held by a frame being
+//!    received, which rule 9 bounds in time, or by one being handled, which
+//!    never waits for a grant. Small frames (heartbeats, most batches) never
+//!    wait, so a big frame waiting for room does not silence its process;
+//!    they cost at most [`SMALL_FRAME`] per connection, and connections are
+//!    capped (rule 7).
+//! 9. **Stalls.** A frame must be received within [`STALL_TIMEOUT`] (a
+//!    scheduler's `stall_timeout`) of its first byte, or of its grant, plus
+//!    one second per [`MIN_FRAME_RATE`] bytes of its length: a peer that
+//!    trickles a frame (slow-loris) is closed.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Sleep};
 
 use crate::protocol::{
     decode_checked, frame_len, old_handshake, Batch, FromPeer, Handshake, ProtocolError, Role,
@@ -63,6 +88,25 @@ pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long connecting to a peer may take, and how long the peer may take
 /// to answer the handshake.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Frames up to this many bytes are read without a grant from the budget
+/// (rule 8): heartbeats, reports and most batches.
+pub(crate) const SMALL_FRAME: usize = 64 << 10;
+
+/// The bytes of frames over [`SMALL_FRAME`] a process receives and handles
+/// at once (rule 8), 1 GiB: twice [`MAX_FRAME`](crate::protocol::MAX_FRAME),
+/// so two of the biggest frames can be read at once, and a process's
+/// memory for frames stays bounded however many peers send them.
+pub(crate) const FRAME_BUDGET: usize = 1 << 30;
+
+/// The time a frame may take, on top of one second per [`MIN_FRAME_RATE`]
+/// bytes (rule 9). A healthy peer never stops for this long.
+pub(crate) const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The slowest a frame may arrive, after [`STALL_TIMEOUT`] (rule 9), in
+/// bytes per second: 1 MiB/s, so the biggest frame may take about 9
+/// minutes, and a frame of a few bytes the stall timeout.
+pub(crate) const MIN_FRAME_RATE: usize = 1 << 20;
 
 /// How many lines of one kind [`log_limited!`] prints per [`LOG_WINDOW`].
 pub(crate) const LOG_BURST: u32 = 10;
@@ -206,51 +250,138 @@ impl Backoff {
     }
 }
 
-/// Reads frames from a stream, one at a time.
+/// A grant of budget for one frame (rule 8): the frame's bytes return to
+/// the budget when it is dropped.
+pub(crate) type Grant = OwnedSemaphorePermit;
+
+/// The bytes of big frames a process may hold at once (rule 8), shared by
+/// the connections of one scheduler, one worker or one client.
+#[derive(Clone, Debug)]
+pub(crate) struct Budget {
+    permits: Arc<Semaphore>,
+    total: usize,
+}
+
+impl Budget {
+    /// A budget of `bytes` (at most what a semaphore counts: far more than
+    /// any memory).
+    pub(crate) fn new(bytes: usize) -> Budget {
+        let total = bytes.min(Semaphore::MAX_PERMITS);
+        Budget {
+            permits: Arc::new(Semaphore::new(total)),
+            total,
+        }
+    }
+}
+
+/// What a process allows its authenticated connections (rules 8 and 9).
+#[derive(Clone, Debug)]
+pub(crate) struct Limits {
+    pub(crate) budget: Budget,
+    /// [`STALL_TIMEOUT`] unless a scheduler's options say otherwise.
+    pub(crate) stall: Duration,
+}
+
+impl Limits {
+    /// A budget of `budget` bytes and a stall timeout of `stall`.
+    pub(crate) fn new(budget: usize, stall: Duration) -> Limits {
+        Limits {
+            budget: Budget::new(budget),
+            stall,
+        }
+    }
+
+    /// The defaults: [`FRAME_BUDGET`] and [`STALL_TIMEOUT`].
+    pub(crate) fn standard() -> Limits {
+        Limits::new(FRAME_BUDGET, STALL_TIMEOUT)
+    }
+
+    /// The time a frame of `len` bytes may take (rule 9).
+    fn allowance(&self, len: usize) -> Duration {
+        self.stall
+            .saturating_add(Duration::from_secs((len / MIN_FRAME_RATE) as u64))
+    }
+}
+
+/// Set while a connection's reader waits for something this side decides
+/// (a grant, room in its writer): the peer is not to be blamed for the
+/// silence meanwhile.
+pub(crate) type Held = Arc<AtomicBool>;
+
+/// A grant being waited for, kept across cancellations so the frame keeps
+/// its place in line (rule 8).
+type Waiting = Pin<Box<dyn Future<Output = Result<Grant, tokio::sync::AcquireError>> + Send>>;
+
+/// Reads frames from a stream, one at a time, within the limits of rules 8
+/// and 9.
 ///
-/// Cancel-safe: progress through a frame is kept in `self`, so `next` can sit
-/// in a `select!` beside other branches without losing bytes.
+/// Cancel-safe: progress through a frame (and a grant being waited for) is
+/// kept in `self`, so `next` can sit in a `select!` beside other branches
+/// without losing bytes or its place.
 pub(crate) struct FrameReader<R> {
     inner: R,
     prefix: [u8; 4],
     prefix_len: usize,
-    /// The frame being read, once its length is known.
+    /// The frame being read, once its length is known and admitted.
     want: Option<usize>,
     body: Vec<u8>,
+    limits: Limits,
+    /// The budget of the frame being read, or of the one just returned.
+    grant: Option<Grant>,
+    waiting: Option<Waiting>,
+    /// When the frame being read must be complete, and what that allows.
+    deadline: Option<(Instant, Duration)>,
+    /// Armed only when a read has to wait, so frames already buffered
+    /// cost no timer.
+    timer: Option<Pin<Box<Sleep>>>,
+    timer_at: Option<Instant>,
+    /// Whether `next` returned a frame not released yet.
+    returned: bool,
+    held: Option<Held>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
-    pub(crate) fn new(inner: R) -> Self {
+    /// A reader of `inner` within `limits`.
+    pub(crate) fn new(inner: R, limits: Limits) -> Self {
         FrameReader {
             inner,
             prefix: [0; 4],
             prefix_len: 0,
             want: None,
             body: Vec::new(),
+            limits,
+            grant: None,
+            waiting: None,
+            deadline: None,
+            timer: None,
+            timer_at: None,
+            returned: false,
+            held: None,
         }
     }
 
+    /// Sets `held` while the reader waits for a grant.
+    pub(crate) fn held_by(mut self, held: Held) -> Self {
+        self.held = Some(held);
+        self
+    }
+
     /// Reads the next frame; `Ok(false)` on a clean end of stream between
-    /// frames. The frame's body is then [`FrameReader::frame`].
+    /// frames. The frame's body is then [`FrameReader::frame`]; its grant
+    /// is released by the next call, unless [`FrameReader::take_grant`]
+    /// took it along with the frame's messages.
     pub(crate) async fn next(&mut self) -> Result<bool, ProtocolError> {
+        self.release();
         loop {
             match self.want {
                 None if self.prefix_len == 4 => {
                     let len = frame_len(self.prefix)?;
-                    // Shrink after big frames; grow as bytes arrive rather
-                    // than trusting the announced length up front.
-                    if self.body.capacity() > (16 << 20) {
-                        self.body = Vec::new();
-                    }
+                    self.admit(len).await?;
                     self.body.clear();
                     self.want = Some(len);
                 }
                 None => {
-                    let n = self
-                        .inner
-                        .read(&mut self.prefix[self.prefix_len..])
-                        .await
-                        .map_err(ProtocolError::Io)?;
+                    let n = self.read_prefix().await?;
                     if n == 0 {
                         return if self.prefix_len == 0 {
                             Ok(false)
@@ -258,21 +389,24 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                             Err(ProtocolError::Closed)
                         };
                     }
+                    if self.prefix_len == 0 {
+                        // A frame starts: its first deadline (rule 9).
+                        let allowed = self.limits.stall;
+                        self.deadline = Some((Instant::now() + allowed, allowed));
+                    }
                     self.prefix_len += n;
                 }
                 Some(len) if self.body.len() == len => {
                     self.want = None;
                     self.prefix_len = 0;
+                    self.deadline = None;
+                    self.returned = true;
                     return Ok(true);
                 }
                 Some(len) => {
                     let remaining = len - self.body.len();
                     self.body.reserve(remaining.min(1 << 20));
-                    let n = (&mut self.inner)
-                        .take(remaining as u64)
-                        .read_buf(&mut self.body)
-                        .await
-                        .map_err(ProtocolError::Io)?;
+                    let n = self.read_body(remaining).await?;
                     if n == 0 {
                         return Err(ProtocolError::Closed);
                     }
@@ -285,6 +419,129 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub(crate) fn frame(&self) -> &[u8] {
         &self.body
     }
+
+    /// The grant of the frame `next` just read, to keep until its messages
+    /// were handled (rule 8).
+    pub(crate) fn take_grant(&mut self) -> Option<Grant> {
+        self.grant.take()
+    }
+
+    /// Lets go of the frame returned last: its grant, and its buffer if it
+    /// was big, so an idle connection holds at most [`SMALL_FRAME`].
+    fn release(&mut self) {
+        if std::mem::take(&mut self.returned) {
+            self.grant = None;
+            if self.body.capacity() > SMALL_FRAME {
+                self.body = Vec::new();
+            }
+        }
+    }
+
+    /// Admits a frame of `len` bytes (rule 8): a small one at once, a big
+    /// one once the budget grants its length. Sets the frame's deadline
+    /// (rule 9).
+    async fn admit(&mut self, len: usize) -> Result<(), ProtocolError> {
+        let mut waited = false;
+        if len > SMALL_FRAME {
+            let budget = &self.limits.budget;
+            if len > budget.total {
+                return Err(ProtocolError::FrameTooLarge {
+                    len,
+                    max: budget.total,
+                });
+            }
+            // At most MAX_FRAME (checked by `frame_len`), far below u32::MAX.
+            let permits = len as u32;
+            if self.waiting.is_none() {
+                match budget.permits.clone().try_acquire_many_owned(permits) {
+                    Ok(grant) => self.grant = Some(grant),
+                    Err(_) => {
+                        let permits_for = budget.permits.clone();
+                        self.waiting = Some(Box::pin(permits_for.acquire_many_owned(permits)));
+                    }
+                }
+            }
+            if let Some(waiting) = self.waiting.as_mut() {
+                if let Some(held) = &self.held {
+                    held.store(true, Ordering::Release);
+                }
+                let granted = waiting.await;
+                self.waiting = None;
+                if let Some(held) = &self.held {
+                    held.store(false, Ordering::Release);
+                }
+                // The semaphore is never closed.
+                self.grant = Some(granted.map_err(|_| ProtocolError::Closed)?);
+                waited = true;
+            }
+        }
+        let allowed = self.limits.allowance(len);
+        let start = match self.deadline {
+            // The stall timeout counts from the frame's first byte, or
+            // from its grant when it had to wait for one.
+            Some((deadline, first)) if !waited => deadline - first,
+            _ => Instant::now(),
+        };
+        self.deadline = Some((start + allowed, allowed));
+        Ok(())
+    }
+
+    async fn read_prefix(&mut self) -> Result<usize, ProtocolError> {
+        let FrameReader {
+            inner,
+            prefix,
+            prefix_len,
+            deadline,
+            timer,
+            timer_at,
+            ..
+        } = self;
+        let read = inner.read(&mut prefix[*prefix_len..]);
+        within(read, *deadline, timer, timer_at).await
+    }
+
+    async fn read_body(&mut self, remaining: usize) -> Result<usize, ProtocolError> {
+        let FrameReader {
+            inner,
+            body,
+            deadline,
+            timer,
+            timer_at,
+            ..
+        } = self;
+        let mut limited = inner.take(remaining as u64);
+        let read = limited.read_buf(body);
+        within(read, *deadline, timer, timer_at).await
+    }
+}
+
+/// Runs `read` until it completes or `deadline` passes (rule 9). The timer
+/// is only armed when the read has to wait.
+async fn within<F: Future<Output = std::io::Result<usize>>>(
+    read: F,
+    deadline: Option<(Instant, Duration)>,
+    timer: &mut Option<Pin<Box<Sleep>>>,
+    timer_at: &mut Option<Instant>,
+) -> Result<usize, ProtocolError> {
+    let mut read = std::pin::pin!(read);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(result) = read.as_mut().poll(cx) {
+            return Poll::Ready(result.map_err(ProtocolError::Io));
+        }
+        let Some((at, allowed)) = deadline else {
+            return Poll::Pending;
+        };
+        let sleep = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+        if *timer_at != Some(at) {
+            sleep.as_mut().reset(at);
+            *timer_at = Some(at);
+        }
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(ProtocolError::Stalled(allowed))),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
 }
 
 fn eof_is_closed(e: std::io::Error) -> ProtocolError {
@@ -382,7 +639,8 @@ pub(crate) fn local_pair() -> (LocalEnd, LocalEnd) {
 /// Where a connection's frames come from: a socket, or the other end of an
 /// in-memory connection ([`LocalEnd`]).
 pub(crate) enum Frames {
-    Stream(FrameReader<Reader>),
+    /// Boxed: a reader is much bigger than an in-memory end.
+    Stream(Box<FrameReader<Reader>>),
     Local {
         recv: mpsc::UnboundedReceiver<Vec<u8>>,
         /// The last frame received, length prefix included.
@@ -391,8 +649,8 @@ pub(crate) enum Frames {
 }
 
 impl Frames {
-    pub(crate) fn stream(read: Reader) -> Frames {
-        Frames::Stream(FrameReader::new(read))
+    pub(crate) fn stream(read: FrameReader<Reader>) -> Frames {
+        Frames::Stream(Box::new(read))
     }
 
     pub(crate) fn local(recv: mpsc::UnboundedReceiver<Vec<u8>>) -> Frames {
@@ -423,19 +681,39 @@ impl Frames {
             Frames::Local { current, .. } => current.get(4..).unwrap_or_default(),
         }
     }
+
+    /// As [`FrameReader::take_grant`]; none for an in-memory connection.
+    pub(crate) fn take_grant(&mut self) -> Option<Grant> {
+        match self {
+            Frames::Stream(reader) => reader.take_grant(),
+            Frames::Local { .. } => None,
+        }
+    }
+}
+
+/// A connection opened by [`connect`].
+pub(crate) struct Connected {
+    /// Its frames, within the limits given to `connect`.
+    pub(crate) read: FrameReader<Reader>,
+    /// Its write half, for [`spawn_writer`].
+    pub(crate) write: OwnedWriteHalf,
+    /// This end's address.
+    pub(crate) local: SocketAddr,
+    /// The peer's build (rule 4).
+    pub(crate) build: BuildId,
 }
 
 /// Opens a connection as `role` of `build` and checks the answer comes from
-/// `expect`; also returns this end's address and the peer's build (rule 4).
-/// `timeout` bounds the connection, [`CONNECT_TIMEOUT`] the handshake's
-/// answer.
+/// `expect` (rule 4); its frames are read within `limits`. `timeout` bounds
+/// the connection, [`CONNECT_TIMEOUT`] the handshake's answer.
 pub(crate) async fn connect(
     address: &str,
     role: Role,
     expect: Role,
     build: BuildId,
     timeout: Duration,
-) -> Result<(Reader, OwnedWriteHalf, SocketAddr, BuildId), ConnectError> {
+    limits: &Limits,
+) -> Result<Connected, ConnectError> {
     let mut stream = match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(ConnectError::Io(e)),
@@ -463,7 +741,12 @@ pub(crate) async fn connect(
         return Err(ConnectError::Handshake(ProtocolError::Role(theirs.role)));
     }
     let (read, write) = tcp_halves(stream);
-    Ok((read, write, local, theirs.build))
+    Ok(Connected {
+        read: FrameReader::new(read, limits.clone()),
+        write,
+        local,
+        build: theirs.build,
+    })
 }
 
 /// Why [`connect`] failed.
@@ -489,8 +772,8 @@ pub(crate) struct Accepted {
     /// The peer's handshake: its role is one the caller serves; its build
     /// is the caller's to check (rule 4).
     pub(crate) hello: Handshake,
-    /// Its reading half, buffered.
-    pub(crate) read: Reader,
+    /// Its frames, within the limits given to `accept`.
+    pub(crate) read: FrameReader<Reader>,
     /// Its write half, for [`spawn_writer`].
     pub(crate) write: OwnedWriteHalf,
     /// Its place among the connections of its role (rule 7): keep it as
@@ -502,7 +785,7 @@ pub(crate) struct Accepted {
 /// handshake: checks the peer's, answers as `me` of `build`, and, if the
 /// peer's role is one of `serves` and has room, authenticates it. This is
 /// the one place a connection switches from the limits of rule 6 to those
-/// of the rules that follow.
+/// of the rules that follow: its frames are then read within `limits`.
 ///
 /// # Errors
 ///
@@ -516,6 +799,7 @@ pub(crate) async fn accept(
     me: Role,
     build: BuildId,
     serves: &[Role],
+    limits: &Limits,
 ) -> Result<Accepted, ProtocolError> {
     let PreAuth {
         id,
@@ -548,7 +832,7 @@ pub(crate) async fn accept(
     let (read, write) = tcp_halves(stream);
     Ok(Accepted {
         hello: theirs,
-        read,
+        read: FrameReader::new(read, limits.clone()),
         write,
         slot,
     })
@@ -879,17 +1163,24 @@ pub(crate) struct PeerPool {
     answers: mpsc::UnboundedSender<Fetched>,
     /// The build this process announces, and expects of data ports.
     build: BuildId,
+    /// The process's limits, for the values it reads.
+    limits: Limits,
 }
 
 impl PeerPool {
-    /// A pool for a process of `build`.
-    pub(crate) fn new(answers: mpsc::UnboundedSender<Fetched>, build: BuildId) -> PeerPool {
+    /// A pool for a process of `build`, reading within `limits`.
+    pub(crate) fn new(
+        answers: mpsc::UnboundedSender<Fetched>,
+        build: BuildId,
+        limits: Limits,
+    ) -> PeerPool {
         PeerPool {
             addresses: HashMap::new(),
             conns: HashMap::new(),
             pending: HashMap::new(),
             answers,
             build,
+            limits,
         }
     }
 
@@ -939,23 +1230,38 @@ impl PeerPool {
         let _ = tx.send(keys);
         self.conns.insert(peer, tx);
         tokio::spawn(peer_connection(
-            peer,
-            address,
-            self.build,
+            Peer {
+                id: peer,
+                address,
+                build: self.build,
+                limits: self.limits.clone(),
+            },
             rx,
             self.answers.clone(),
         ));
     }
 }
 
-/// One connection to a data port: sends `GetData` batches, forwards answers.
-async fn peer_connection(
-    peer: WorkerId,
+/// Where and how to reach one data port.
+struct Peer {
+    id: WorkerId,
     address: String,
     build: BuildId,
+    limits: Limits,
+}
+
+/// One connection to a data port: sends `GetData` batches, forwards answers.
+async fn peer_connection(
+    peer: Peer,
     mut requests: mpsc::UnboundedReceiver<Vec<WireKey>>,
     answers: mpsc::UnboundedSender<Fetched>,
 ) {
+    let Peer {
+        id: peer,
+        address,
+        build,
+        limits,
+    } = peer;
     // Keys asked for and not yet answered, with their multiplicity (a key
     // can be asked twice if a first answer is still on its way).
     let mut in_flight: HashMap<WireKey, u32> = HashMap::new();
@@ -983,12 +1289,13 @@ async fn peer_connection(
     for &key in &first {
         *in_flight.entry(key).or_default() += 1;
     }
-    let (read, mut write, _, theirs) = match connect(
+    let connected = match connect(
         &address,
         Role::Peer,
         Role::DataServer,
         build,
         CONNECT_TIMEOUT,
+        &limits,
     )
     .await
     {
@@ -1002,12 +1309,12 @@ async fn peer_connection(
             return;
         }
     };
-    if theirs != build {
+    if connected.build != build {
         // Rule 4: its values come from other code. The scheduler names only
         // workers of this build, so this is a stale address reused.
         let e = ProtocolError::Build {
             ours: build,
-            theirs,
+            theirs: connected.build,
         };
         log_limited!(
             "fetch failed",
@@ -1016,9 +1323,9 @@ async fn peer_connection(
         lose_all(&mut in_flight, &mut requests);
         return;
     }
+    let (mut read, mut write) = (connected.read, connected.write);
     let mut out = Batch::default();
     out.push(&ToPeer::GetData { keys: first });
-    let mut read = FrameReader::new(read);
     let mut pending_write: Vec<Vec<u8>> = out.take_frames();
     loop {
         for frame in pending_write.drain(..) {
@@ -1103,6 +1410,26 @@ pub(crate) fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::frame;
+
+    /// Every wait in these tests gives up after this long.
+    const WAIT: Duration = Duration::from_secs(30);
+
+    /// Runs `test` on a runtime like the roles', bounded by [`WAIT`].
+    fn run<F: Future<Output = ()>>(test: F) {
+        runtime().unwrap().block_on(async {
+            tokio::time::timeout(WAIT, test)
+                .await
+                .expect("the test finished in time");
+        });
+    }
+
+    /// A frame of `len` bytes of junk, prefix included.
+    fn junk(len: usize) -> Vec<u8> {
+        let mut bytes = (len as u32).to_le_bytes().to_vec();
+        bytes.resize(4 + len, 0xab);
+        bytes
+    }
 
     #[test]
     fn a_kind_of_line_prints_a_burst_a_window_then_says_what_it_left_out() {
@@ -1247,6 +1574,83 @@ mod tests {
         assert!(gate.admit().is_ok(), "the oldest makes room");
         drop((clients, worker, waiting));
         assert!(auth(Role::Client).is_ok());
+    }
+
+    #[test]
+    fn big_frames_wait_for_the_budget_small_ones_never_and_too_big_ones_are_refused() {
+        run(async {
+            let limits = Limits::new(3 * SMALL_FRAME, Duration::from_secs(30));
+            let reader = |bytes: Vec<u8>| {
+                let (mut tx, rx) = tokio::io::duplex(1 << 20);
+                let mut read = FrameReader::new(rx, limits.clone());
+                let held = Held::default();
+                read = read.held_by(held.clone());
+                tokio::spawn(async move {
+                    let _ = tx.write_all(&bytes).await;
+                    // Kept open: the reader sees no end of stream.
+                    std::future::pending::<()>().await;
+                });
+                (read, held)
+            };
+            let (mut a, _) = reader(junk(2 * SMALL_FRAME));
+            let (mut b, held) = reader(junk(2 * SMALL_FRAME));
+            let (mut small, _) = reader(junk(SMALL_FRAME));
+            assert!(a.next().await.unwrap());
+            assert_eq!(a.frame().len(), 2 * SMALL_FRAME);
+            let grant = a.take_grant().expect("a big frame holds a grant");
+            // `b` does not fit beside it: it waits, held, its bytes unread.
+            let waiting = tokio::time::timeout(Duration::from_millis(50), b.next()).await;
+            assert!(waiting.is_err());
+            assert!(held.load(Ordering::Acquire));
+            // A small frame does not wait.
+            assert!(small.next().await.unwrap());
+            assert!(small.take_grant().is_none());
+            // Once `a`'s messages were handled, `b` goes on where it was.
+            drop(grant);
+            assert!(b.next().await.unwrap());
+            assert_eq!(b.frame().len(), 2 * SMALL_FRAME);
+            assert!(!held.load(Ordering::Acquire));
+            // Bigger than the whole budget: refused before anything is read.
+            let (mut huge, _) = reader(junk(3 * SMALL_FRAME + 1));
+            assert!(matches!(
+                huge.next().await,
+                Err(ProtocolError::FrameTooLarge { max, .. }) if max == 3 * SMALL_FRAME
+            ));
+        });
+    }
+
+    #[test]
+    fn a_frame_trickled_byte_by_byte_stalls_and_one_sent_whole_does_not() {
+        run(async {
+            let stall = Duration::from_millis(200);
+            let limits = Limits::new(FRAME_BUDGET, stall);
+            let (mut tx, rx) = tokio::io::duplex(1 << 10);
+            let mut read = FrameReader::new(rx, limits.clone());
+            tokio::spawn(async move {
+                let _ = tx.write_all(&1000u32.to_le_bytes()).await;
+                loop {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    if tx.write_all(&[0]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            assert!(matches!(
+                read.next().await,
+                Err(ProtocolError::Stalled(allowed)) if allowed == stall
+            ));
+            // Idle between frames is no stall: only a frame started counts.
+            let (mut tx, rx) = tokio::io::duplex(1 << 10);
+            let mut read = FrameReader::new(rx, limits);
+            tokio::spawn(async move {
+                tokio::time::sleep(3 * stall).await;
+                let _ = tx
+                    .write_all(&frame(&ToPeer::GetData { keys: vec![] }))
+                    .await;
+                std::future::pending::<()>().await;
+            });
+            assert!(read.next().await.unwrap());
+        });
     }
 
     #[test]

@@ -321,6 +321,10 @@ pub enum ProtocolError {
     /// taken for dead (hung, or its machine unreachable).
     #[error("nothing heard for {0:?}: taken for dead")]
     Silent(std::time::Duration),
+    /// A frame was started and not finished in the time allowed for its
+    /// length: a peer that trickles bytes (slow-loris) or stalled.
+    #[error("frame not received within {0:?} of its start")]
+    Stalled(std::time::Duration),
     /// A connection still in its handshake was closed to make room for a
     /// newer one: too many connections were waiting for theirs (at most
     /// the number given), or the process ran out of file descriptors.

@@ -22,7 +22,9 @@
 //!    [`MIN_HEARTBEAT`]..=[`MAX_HEARTBEAT`]); one the scheduler hears nothing from for
 //!    that long is closed as if it had died (rule 2): hung, stopped, or on
 //!    a machine that became unreachable, it would otherwise hold its tasks
-//!    and values for ever. Clients are never timed out.
+//!    and values for ever. Clients are never timed out. A worker this side
+//!    stopped reading (a frame waiting for its budget, rule 7) is not
+//!    blamed for the silence meanwhile.
 //! 5. Builds never meet. Every connection belongs to the *partition* of its
 //!    build ([`BuildId`], from its handshake; a client of this process
 //!    through memory is of this process's build), and each partition is a
@@ -38,12 +40,15 @@
 //!    workers, and the graph is not added. With no worker at all, graphs
 //!    wait for workers as before; so does a graph accepted then, even if
 //!    only workers of other builds register later.
-//! 7. **Limits before trust** (`net` rules 5 to 7). A connection is
+//! 7. **Limits before trust** (`net` rules 5 to 9). A connection is
 //!    pre-auth until `net::accept` returns: it may send its handshake only,
 //!    within 5 s, and at most 256 of them wait at once (the oldest makes
-//!    room for a new one). Connections are capped from the limit of open
-//!    files, per role and in total, and accepting backs off when it fails.
-//!    Every line a peer can make the scheduler log is rate-limited.
+//!    room for a new one). Once authenticated, its frames are read within
+//!    the scheduler's budget ([`Options::frame_budget`]) and its stall
+//!    timeout ([`Options::stall_timeout`]). Connections are capped from the
+//!    limit of open files, per role and in total, and accepting backs off
+//!    when it fails. Every line a peer can make the scheduler log is
+//!    rate-limited.
 
 mod placement;
 mod state;
@@ -184,6 +189,17 @@ pub struct Options {
     /// would otherwise take every worker down in turn). Default 3, at
     /// least 1.
     pub allowed_failures: u8,
+    /// How long a frame may take to arrive, on top of one second per MiB
+    /// of its length, before its connection is closed (rule 7): a peer
+    /// that trickles a frame byte by byte. Default 30 s.
+    pub stall_timeout: Duration,
+    /// The most bytes of frames over 64 KiB the scheduler reads and
+    /// handles at once, over every connection (rule 7); a frame that does
+    /// not fit waits for room, and its connection is not read meanwhile. A
+    /// frame bigger than the whole budget closes its connection, so this
+    /// is also the biggest graph frame a client can send. Default 1 GiB,
+    /// twice the largest frame.
+    pub frame_budget: usize,
 }
 
 impl Default for Options {
@@ -192,6 +208,8 @@ impl Default for Options {
             worker_timeout: Duration::from_secs(5),
             task_timeout: None,
             allowed_failures: 3,
+            stall_timeout: net::STALL_TIMEOUT,
+            frame_budget: net::FRAME_BUDGET,
         }
     }
 }
@@ -212,6 +230,36 @@ impl Options {
     /// These options with a default timeout for tasks that have none.
     pub fn task_timeout(mut self, timeout: Duration) -> Options {
         self.task_timeout = Some(timeout);
+        self
+    }
+
+    /// These options with another stall timeout (rule 7).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let options = rask_distributed::scheduler::Options::default()
+    ///     .stall_timeout(Duration::from_secs(120));
+    /// assert_eq!(options.stall_timeout, Duration::from_secs(120));
+    /// ```
+    pub fn stall_timeout(mut self, timeout: Duration) -> Options {
+        self.stall_timeout = timeout;
+        self
+    }
+
+    /// These options with another frame budget, in bytes (rule 7).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// // A scheduler on a small machine: at most 256 MiB of big frames at
+    /// // once, and no graph frame over that.
+    /// let options = rask_distributed::scheduler::Options::default().frame_budget(256 << 20);
+    /// assert_eq!(options.frame_budget, 256 << 20);
+    /// ```
+    pub fn frame_budget(mut self, bytes: usize) -> Options {
+        self.frame_budget = bytes;
         self
     }
 
@@ -294,11 +342,14 @@ enum Event {
         build: BuildId,
         peer: SocketAddr,
         writer: mpsc::UnboundedSender<Vec<u8>>,
+        held: net::Held,
         kill: oneshot::Sender<()>,
     },
     Frame {
         conn: u32,
         msgs: Vec<ToScheduler>,
+        /// Returns the frame's bytes to the budget once handled.
+        _grant: Option<net::Grant>,
     },
     Closed {
         conn: u32,
@@ -324,6 +375,8 @@ struct Conn {
     peer: SocketAddr,
     /// When its last frame arrived (rule 4).
     last_heard: Instant,
+    /// Set while its reader waits on this side (rule 4).
+    held: net::Held,
     writer: mpsc::UnboundedSender<Vec<u8>>,
     // Dropping it ends the reader task, which closes the socket.
     _kill: oneshot::Sender<()>,
@@ -379,16 +432,25 @@ async fn run(
     options: Options,
 ) {
     let (events_tx, mut events) = mpsc::unbounded_channel();
+    let limits = net::Limits::new(options.frame_budget, options.stall_timeout);
     // Connection numbers, for TCP and in-memory connections alike.
     let numbers = Arc::new(AtomicU32::new(0));
     let gate = net::Gate::new(net::Caps::for_this_process(1));
     // Accepting has a task of its own: its back-off (rule 7) never holds
     // up the state.
     tokio::spawn({
-        let (events, numbers) = (events_tx.clone(), numbers.clone());
+        let (events, numbers, limits) = (events_tx.clone(), numbers.clone(), limits.clone());
         net::accept_loop(listener, gate, "scheduler", move |stream, peer, ticket| {
             let conn = numbers.fetch_add(1, Ordering::Relaxed);
-            tokio::spawn(connection(conn, stream, peer, ticket, events.clone()));
+            let limits = limits.clone();
+            tokio::spawn(connection(
+                conn,
+                stream,
+                peer,
+                ticket,
+                limits,
+                events.clone(),
+            ));
         })
     });
     let mut silence = tokio::time::interval(options.heartbeat());
@@ -407,9 +469,14 @@ async fn run(
                 let conn = numbers.fetch_add(1, Ordering::Relaxed);
                 // An in-memory peer has no address: logs show 127.0.0.1:0.
                 let peer = SocketAddr::from(([127, 0, 0, 1], 0));
-                let frames = net::Frames::local(end.recv);
+                let link = Link {
+                    frames: net::Frames::local(end.recv),
+                    writer: end.send,
+                    held: net::Held::default(),
+                    slot: None,
+                };
                 let hello = (Role::Client, build);
-                tokio::spawn(serve_connection(conn, hello, peer, frames, end.send, None, events_tx.clone()));
+                tokio::spawn(serve_connection(conn, hello, peer, link, events_tx.clone()));
             }
             Some(event) = events.recv() => {
                 shell.handle(event);
@@ -437,17 +504,26 @@ async fn run(
 }
 
 /// One accepted TCP connection, pre-auth under `ticket`: handshake, then
-/// [`serve_connection`].
+/// [`serve_connection`] within `limits` (rule 7).
 async fn connection(
     conn: u32,
     stream: TcpStream,
     peer: SocketAddr,
     ticket: net::PreAuth,
+    limits: net::Limits,
     events: mpsc::UnboundedSender<Event>,
 ) {
     // The scheduler runs no user code: it has no build of its own.
     let serves = [Role::Client, Role::Worker];
-    let accepted = match net::accept(stream, ticket, Role::Scheduler, BuildId::NONE, &serves).await
+    let accepted = match net::accept(
+        stream,
+        ticket,
+        Role::Scheduler,
+        BuildId::NONE,
+        &serves,
+        &limits,
+    )
+    .await
     {
         Ok(accepted) => accepted,
         Err(e) => {
@@ -459,26 +535,42 @@ async fn connection(
             return;
         }
     };
-    let frames = net::Frames::stream(accepted.read);
+    let held = net::Held::default();
+    let link = Link {
+        frames: net::Frames::stream(accepted.read.held_by(held.clone())),
+        writer: net::spawn_writer(accepted.write),
+        held,
+        slot: Some(accepted.slot),
+    };
     let hello = (accepted.hello.role, accepted.hello.build);
-    let writer = net::spawn_writer(accepted.write);
-    let slot = Some(accepted.slot);
-    serve_connection(conn, hello, peer, frames, writer, slot, events).await;
+    serve_connection(conn, hello, peer, link, events).await;
+}
+
+/// The parts of a connection, TCP or in memory.
+struct Link {
+    frames: net::Frames,
+    writer: mpsc::UnboundedSender<Vec<u8>>,
+    /// Set while its reader waits on this side (rule 4).
+    held: net::Held,
+    /// Its place among the connections of its role; none in memory.
+    slot: Option<net::Slot>,
 }
 
 /// Tells the state loop about a connection whose peer is `role` of `build`,
-/// forwards its decoded frames, then tells it the connection closed. Its
-/// `slot` among the connections of its role (rule 7; none in memory) goes
-/// with it.
+/// forwards its decoded frames, then tells it the connection closed.
 async fn serve_connection(
     conn: u32,
     (role, build): (Role, BuildId),
     peer: SocketAddr,
-    frames: net::Frames,
-    writer: mpsc::UnboundedSender<Vec<u8>>,
-    slot: Option<net::Slot>,
+    link: Link,
     events: mpsc::UnboundedSender<Event>,
 ) {
+    let Link {
+        frames,
+        writer,
+        held,
+        slot,
+    } = link;
     let (kill, killed) = oneshot::channel();
     if events
         .send(Event::Connected {
@@ -487,6 +579,7 @@ async fn serve_connection(
             build,
             peer,
             writer,
+            held,
             kill,
         })
         .is_err()
@@ -495,6 +588,7 @@ async fn serve_connection(
     }
     let reason = read_loop(frames, killed, conn, &events).await;
     let _ = events.send(Event::Closed { conn, reason });
+    // The connection's place goes with it (rule 7).
     drop(slot);
 }
 
@@ -510,7 +604,10 @@ async fn read_loop(
             got = read.next() => match got {
                 Ok(true) => match decode_checked::<ToScheduler>(read.frame()) {
                     Ok(msgs) => {
-                        if events.send(Event::Frame { conn, msgs }).is_err() {
+                        // The frame's budget is held until its messages
+                        // were handled (net rule 8).
+                        let grant = read.take_grant();
+                        if events.send(Event::Frame { conn, msgs, _grant: grant }).is_err() {
                             return None;
                         }
                     }
@@ -532,6 +629,7 @@ impl Shell {
                 build,
                 peer,
                 writer,
+                held,
                 kill,
             } => {
                 let partition = self
@@ -556,12 +654,13 @@ impl Shell {
                         refused: false,
                         peer,
                         last_heard: Instant::now(),
+                        held,
                         writer,
                         _kill: kill,
                     },
                 );
             }
-            Event::Frame { conn, msgs } => {
+            Event::Frame { conn, msgs, .. } => {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.last_heard = Instant::now();
                 }
@@ -759,13 +858,17 @@ impl Shell {
             }
             return false;
         }
-        let silent: Vec<u32> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| !matches!(c.kind, Kind::Client(_)))
-            .filter(|(_, c)| c.last_heard.elapsed() > timeout)
-            .map(|(&conn, _)| conn)
-            .collect();
+        let mut silent = Vec::new();
+        for (&conn, c) in &mut self.conns {
+            if c.held.load(Ordering::Acquire) {
+                // Not read on purpose (rule 7): not the peer's silence.
+                c.last_heard = now;
+                continue;
+            }
+            if !matches!(c.kind, Kind::Client(_)) && now.duration_since(c.last_heard) > timeout {
+                silent.push(conn);
+            }
+        }
         for &conn in &silent {
             self.close(conn, Some(ProtocolError::Silent(timeout)));
         }

@@ -37,6 +37,9 @@ pub(crate) struct Link {
     pub(crate) build: BuildId,
     /// The thread count it announces, within the protocol's range.
     pub(crate) threads: usize,
+    /// The limits of the worker's connections (`net` rules 8 and 9), one
+    /// budget for all of them.
+    pub(crate) limits: net::Limits,
 }
 
 /// A registered scheduler connection, for the network loop.
@@ -171,15 +174,17 @@ async fn attempt(
     data: &mut Option<SocketAddr>,
 ) -> Result<Connection, Error> {
     let address = link.address.as_str();
-    let (read, write, local, _) = net::connect(
+    let connected = net::connect(
         address,
         Role::Worker,
         Role::Scheduler,
         link.build,
         net::CONNECT_TIMEOUT,
+        &link.limits,
     )
     .await
     .map_err(|e| connect_error(address, e))?;
+    let local = connected.local;
     let data_address = match *data {
         Some(bound) => bound,
         None => {
@@ -187,12 +192,17 @@ async fn attempt(
                 .await
                 .map_err(Error::Io)?;
             let bound = listener.local_addr().map_err(Error::Io)?;
-            tokio::spawn(serve_data(listener, store.clone(), link.build));
+            tokio::spawn(serve_data(
+                listener,
+                store.clone(),
+                link.build,
+                link.limits.clone(),
+            ));
             *data = Some(bound);
             bound
         }
     };
-    let writer = net::spawn_writer(write);
+    let writer = net::spawn_writer(connected.write);
     let mut batch = Batch::default();
     batch.push(&ToScheduler::RegisterWorker {
         address: data_address.to_string(),
@@ -200,7 +210,7 @@ async fn attempt(
     });
     net::send_batch(&writer, &mut batch);
 
-    let mut read = FrameReader::new(read);
+    let mut read = connected.read;
     let protocol = |reason| Error::Protocol { reason };
     let first = match tokio::time::timeout(REGISTER_TIMEOUT, read.next()).await {
         Ok(Ok(true)) => match decode_checked::<ToWorker>(read.frame()) {

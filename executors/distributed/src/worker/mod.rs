@@ -97,11 +97,13 @@
 //!     sets) then exits its process with [`RESTART_EXIT_CODE`](crate::RESTART_EXIT_CODE), and the
 //!     supervisor starts it again; any other worker goes on with its
 //!     replacement threads.
-//! 12. **Limits** (`net` rules 5 to 7). The data port takes connections
-//!     as the scheduler does: pre-auth only the handshake, for 5 s; at
-//!     most 256 pre-auth; capped from half the open-file limit, the rest
-//!     being the worker's and its tasks'. Every line a peer can make it log
-//!     is rate-limited.
+//! 12. **Limits** (`net` rules 5 to 9). The worker's connections, to its
+//!     scheduler, to other data ports and on its own, share one budget for
+//!     big frames (1 GiB) and the stall timeout (30 s). The data port takes
+//!     connections as the scheduler does: pre-auth only the handshake, for
+//!     5 s; at most 256 pre-auth; capped from half the open-file limit, the
+//!     rest being the worker's and its tasks'. Every line a peer can make
+//!     it log is rate-limited.
 
 mod connect;
 mod pool;
@@ -677,13 +679,13 @@ impl Io {
         connection: Connection,
         done_rx: mpsc::UnboundedReceiver<Done>,
         stop: Option<oneshot::Receiver<()>>,
-        build: BuildId,
+        link: &Link,
     ) -> Io {
         let (fetch_tx, fetch_rx) = mpsc::unbounded_channel();
         Io {
             read: connection.read,
             writer: connection.writer,
-            peers: PeerPool::new(fetch_tx, build),
+            peers: PeerPool::new(fetch_tx, link.build, link.limits.clone()),
             fetch_rx,
             heartbeat: None,
             done_rx,
@@ -702,11 +704,11 @@ impl Io {
     /// scheduler go with their answers, on a channel of their own: the new
     /// scheduler numbers its workers afresh, so an old answer could
     /// otherwise pass for a new peer's.
-    fn reconnected(&mut self, connection: Connection, build: BuildId) {
+    fn reconnected(&mut self, connection: Connection, link: &Link) {
         let (fetch_tx, fetch_rx) = mpsc::unbounded_channel();
         self.read = connection.read;
         self.writer = connection.writer;
-        self.peers = PeerPool::new(fetch_tx, build);
+        self.peers = PeerPool::new(fetch_tx, link.build, link.limits.clone());
         self.fetch_rx = fetch_rx;
         self.heartbeat = None;
         self.messages = connection.first;
@@ -831,6 +833,7 @@ fn start(
         // The protocol's range (rule 5 of `protocol`): the pool is that
         // big too.
         threads: options.threads.clamp(1, MAX_THREADS as usize),
+        limits: net::Limits::standard(),
     };
     let runtime = net::runtime().map_err(Error::Io)?;
     let store = Store::default();
@@ -844,7 +847,7 @@ fn start(
     ))?;
     let (id, data_address) = (connection.id, connection.data_address);
     let (done, done_rx) = mpsc::unbounded_channel();
-    let io = Io::new(connection, done_rx, stop, build);
+    let io = Io::new(connection, done_rx, stop, &link);
     let pool = Pool::start(link.threads, done.clone());
     let (ending, ended) = std::sync::mpsc::channel();
     let (end_watchdog, watchdog_ends) = std::sync::mpsc::channel();
@@ -920,7 +923,7 @@ async fn reconnect(io: &mut Io, worker: &Worker) -> Option<Result<(), Error>> {
         Ok(connection) => {
             let id = connection.id;
             worker.registered(id);
-            io.reconnected(connection, worker.link.build);
+            io.reconnected(connection, &worker.link);
             log!("{id}: registered again with the scheduler at {address} (was {old})");
             None
         }
@@ -1175,11 +1178,12 @@ async fn turn(io: &mut Io, worker: &Worker) -> Option<Ended> {
                         return Some(protocol(e));
                     }
                 },
-                // The scheduler went away: the worker reaches it again or
-                // ends (rule 1).
-                Ok(false) | Err(ProtocolError::Closed) | Err(ProtocolError::Io(_)) => {
-                    return Some(Ended::Lost)
-                }
+                // The scheduler went away, or stalled in a frame (net rule
+                // 9): the worker reaches it again or ends (rule 1).
+                Ok(false)
+                | Err(ProtocolError::Closed)
+                | Err(ProtocolError::Io(_))
+                | Err(ProtocolError::Stalled(_)) => return Some(Ended::Lost),
                 Err(e) => {
                     log!("worker: closing the scheduler connection: {}", Chain(&e));
                     return Some(protocol(e));
@@ -1210,7 +1214,7 @@ async fn turn(io: &mut Io, worker: &Worker) -> Option<Ended> {
 }
 
 /// Accepts peers on the data port (rule 12).
-async fn serve_data(listener: TcpListener, store: Store, build: BuildId) {
+async fn serve_data(listener: TcpListener, store: Store, build: BuildId, limits: net::Limits) {
     // Half the open files: the rest are the worker's own and its tasks'.
     let gate = net::Gate::new(net::Caps::for_this_process(2));
     net::accept_loop(
@@ -1218,9 +1222,9 @@ async fn serve_data(listener: TcpListener, store: Store, build: BuildId) {
         gate,
         "worker: data port",
         move |stream, peer, ticket| {
-            let store = store.clone();
+            let (store, limits) = (store.clone(), limits.clone());
             tokio::spawn(async move {
-                if let Err(e) = data_connection(stream, ticket, store, build).await {
+                if let Err(e) = data_connection(stream, ticket, store, build, &limits).await {
                     log_limited!(
                         "worker: closing data connection",
                         "worker: closing data connection from {peer}: {}",
@@ -1241,8 +1245,17 @@ async fn data_connection(
     ticket: net::PreAuth,
     store: Store,
     build: BuildId,
+    limits: &net::Limits,
 ) -> Result<(), ProtocolError> {
-    let accepted = net::accept(stream, ticket, Role::DataServer, build, &[Role::Peer]).await?;
+    let accepted = net::accept(
+        stream,
+        ticket,
+        Role::DataServer,
+        build,
+        &[Role::Peer],
+        limits,
+    )
+    .await?;
     if accepted.hello.build != build {
         return Err(ProtocolError::Build {
             ours: build,
@@ -1251,7 +1264,7 @@ async fn data_connection(
     }
     let _slot = accepted.slot;
     let writer = net::spawn_writer(accepted.write);
-    let mut read = FrameReader::new(accepted.read);
+    let mut read = accepted.read;
     let mut batch = Batch::default();
     loop {
         let msgs = match read.next().await {
