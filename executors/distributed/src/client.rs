@@ -70,6 +70,10 @@
 //!     A new connection is a new *epoch*: what the old one held is gone,
 //!     handles of it hold nothing (a fetch fails unless they have their
 //!     bytes), and graphs referring to their keys send their bytes or fail.
+//! 11. A client's connections read within one budget for big frames and
+//!     the stall timeout (`net` rules 8 and 9); a scheduler that stops
+//!     reading what the client sends for that long is taken as lost (rule
+//!     10).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -496,7 +500,7 @@ impl Client {
         let limits = net::Limits::standard();
         let body = async move {
             let conn = match local {
-                Some(end) => Ok((net::Frames::local(end.recv), end.send)),
+                Some(end) => Ok((net::Frames::local(end.recv), net::Writer::local(end.send))),
                 None => connect(&target, build, &limits).await,
             };
             match conn {
@@ -931,7 +935,7 @@ struct Fetching {
 struct Loop {
     address: String,
     link: Arc<Link>,
-    writer: mpsc::UnboundedSender<Vec<u8>>,
+    writer: Writer,
     connected: bool,
     open: HashMap<u64, Open>,
     /// Output slots and fetches waiting for each key.
@@ -972,7 +976,7 @@ type Attempt = std::pin::Pin<
 >;
 
 /// Where a connection's frames go.
-type Writer = mpsc::UnboundedSender<Vec<u8>>;
+type Writer = net::Writer;
 
 /// Connects to the scheduler at `target` over TCP, as a client of `build`,
 /// reading within `limits`.
@@ -986,7 +990,10 @@ async fn connect(
         crate::protocol::Role::Scheduler,
     );
     let c = net::connect(target, me, scheduler, build, net::CONNECT_TIMEOUT, limits).await?;
-    Ok((net::Frames::stream(c.read), net::spawn_writer(c.write)))
+    Ok((
+        net::Frames::stream(c.read),
+        net::spawn_writer(c.write, limits, None),
+    ))
 }
 
 /// A loop dropped before it ended, with the runtime it ran on (a local
@@ -1102,6 +1109,14 @@ impl Loop {
                     while let Ok(f) = fetched.try_recv() {
                         self.fetched(f);
                     }
+                }
+                why = self.writer.closed(), if self.connected => {
+                    // The scheduler stopped reading (net rule 9), or the
+                    // socket failed: the connection is lost (rule 10).
+                    if let Some(e) = why {
+                        log!("client: closing the scheduler connection: {e}");
+                    }
+                    self.disconnected();
                 }
                 _ = tick.tick(), if open => {}
             }
@@ -1676,7 +1691,8 @@ impl Loop {
         }
         if !self.out.is_empty() {
             if self.connected {
-                net::send_batch(&self.writer, &mut self.out);
+                // A refusal is the connection failing: `run` sees it go.
+                let _ = net::send_batch(&self.writer, &mut self.out);
             } else {
                 self.out.take_frames();
             }

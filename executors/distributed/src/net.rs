@@ -11,10 +11,10 @@
 //!
 //! 1. Every socket has `TCP_NODELAY`: batches are already coalesced by the
 //!    writer task, so Nagle's algorithm would only add latency.
-//! 2. A writer task owns the write half; senders hand it whole frames through
-//!    an unbounded channel and never wait for the network.
-//! 3. A connection is closed by dropping its writer channel and its reader;
-//!    every fetch in flight on a closed data connection is reported lost.
+//! 2. A writer task owns the write half; senders hand it whole frames
+//!    through a [`Writer`] and never wait for the network.
+//! 3. A connection is closed by dropping its writer and its reader; every
+//!    fetch in flight on a closed data connection is reported lost.
 //! 4. Handshakes carry the sender's [`BuildId`]; [`connect`] and [`accept`]
 //!    give the caller the peer's and leave the decision to it. The one
 //!    decision taken here: a data port whose answer names another build
@@ -56,21 +56,29 @@
 //! 9. **Stalls.** A frame must be received within [`STALL_TIMEOUT`] (a
 //!    scheduler's `stall_timeout`) of its first byte, or of its grant, plus
 //!    one second per [`MIN_FRAME_RATE`] bytes of its length: a peer that
-//!    trickles a frame (slow-loris) is closed.
+//!    trickles a frame (slow-loris) is closed. A writer whose peer takes no
+//!    byte for that long while something is queued for it gives up, and
+//!    the connection closes: the peer stopped reading.
+//! 10. **Backlog.** A writer counts the bytes queued for its peer and not yet
+//!     taken by the socket. Above [`QUEUE_LIMIT`], a server stops reading
+//!     that peer's requests until the backlog drains ([`Writer::room`]): a
+//!     peer cannot make a process answer faster than it reads the answers.
+//!     A writer given a cap ([`spawn_writer`]) refuses a frame once more
+//!     than the cap is queued, and its connection closes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::Poll;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
 use crate::protocol::{
@@ -100,13 +108,18 @@ pub(crate) const SMALL_FRAME: usize = 64 << 10;
 pub(crate) const FRAME_BUDGET: usize = 1 << 30;
 
 /// The time a frame may take, on top of one second per [`MIN_FRAME_RATE`]
-/// bytes (rule 9). A healthy peer never stops for this long.
+/// bytes, and the longest a peer may leave bytes queued for it unread
+/// (rule 9). A healthy peer never stops for this long.
 pub(crate) const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The slowest a frame may arrive, after [`STALL_TIMEOUT`] (rule 9), in
 /// bytes per second: 1 MiB/s, so the biggest frame may take about 9
 /// minutes, and a frame of a few bytes the stall timeout.
 pub(crate) const MIN_FRAME_RATE: usize = 1 << 20;
+
+/// The bytes queued for one peer above which a server stops reading that
+/// peer's requests (rule 10), 64 MiB.
+pub(crate) const QUEUE_LIMIT: usize = 64 << 20;
 
 /// How many lines of one kind [`log_limited!`] prints per [`LOG_WINDOW`].
 pub(crate) const LOG_BURST: u32 = 10;
@@ -612,7 +625,7 @@ fn tcp_halves(stream: TcpStream) -> (Reader, OwnedWriteHalf) {
 /// of one process: whole frames (length prefix included) are handed over as
 /// they are, with no bytes copied through a pipe and no handshake (both ends
 /// are the same build). Dropping an end closes the connection, as closing a
-/// socket does.
+/// socket does. Nothing here is limited: both ends are the same program.
 pub(crate) struct LocalEnd {
     /// Frames to the other end.
     pub(crate) send: mpsc::UnboundedSender<Vec<u8>>,
@@ -1091,16 +1104,131 @@ pub(crate) async fn accept_loop(
 /// Frames smaller than this are copied together before a write.
 const COALESCE: usize = 1 << 20;
 
+/// A writer's count of the bytes queued for its peer (rule 10), and why it
+/// gave up, if it did.
+#[derive(Debug, Default)]
+struct Queue {
+    bytes: AtomicUsize,
+    /// Woken when the backlog falls to [`QUEUE_LIMIT`], and when the writer
+    /// ends.
+    room: Notify,
+    /// Set when the peer stopped reading (rule 9).
+    stalled: OnceLock<(usize, Duration)>,
+}
+
+/// Hands whole frames to a connection's writer task (rule 2), counting the
+/// bytes queued for the peer (rule 10); or to the other end of an in-memory
+/// connection, uncounted.
+#[derive(Clone, Debug)]
+pub(crate) struct Writer {
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    /// `None` for an in-memory connection.
+    queue: Option<Arc<Queue>>,
+    /// Bytes queued beyond which a frame is refused (rule 10).
+    cap: Option<usize>,
+}
+
+impl Writer {
+    /// A writer to the other end of an in-memory connection ([`LocalEnd`]).
+    pub(crate) fn local(tx: mpsc::UnboundedSender<Vec<u8>>) -> Writer {
+        Writer {
+            tx,
+            queue: None,
+            cap: None,
+        }
+    }
+
+    /// Queues `frame` (length prefix included).
+    ///
+    /// # Errors
+    ///
+    /// [`ProtocolError::Backlog`] when more than the writer's cap is queued
+    /// already (rule 10); [`ProtocolError::NotReading`] when the writer gave
+    /// up on a peer that stopped reading; [`ProtocolError::Closed`] when the
+    /// connection is gone. Each means the connection is to be closed.
+    pub(crate) fn send(&self, frame: Vec<u8>) -> Result<(), ProtocolError> {
+        if let Some(queue) = &self.queue {
+            let queued = queue.bytes.fetch_add(frame.len(), Ordering::AcqRel);
+            if let Some(max) = self.cap.filter(|&max| queued > max) {
+                queue.bytes.fetch_sub(frame.len(), Ordering::AcqRel);
+                return Err(ProtocolError::Backlog { queued, max });
+            }
+        }
+        self.tx
+            .send(frame)
+            .map_err(|_| self.gone().unwrap_or(ProtocolError::Closed))
+    }
+
+    /// The bytes queued and not yet taken by the socket.
+    pub(crate) fn queued(&self) -> usize {
+        self.queue
+            .as_ref()
+            .map_or(0, |q| q.bytes.load(Ordering::Acquire))
+    }
+
+    /// Whether the backlog is within [`QUEUE_LIMIT`] (rule 10).
+    pub(crate) fn has_room(&self) -> bool {
+        self.queued() <= QUEUE_LIMIT
+    }
+
+    /// Waits until the backlog is within [`QUEUE_LIMIT`] (rule 10).
+    ///
+    /// # Errors
+    ///
+    /// Why the writer ended meanwhile, as [`Writer::send`] says.
+    pub(crate) async fn room(&self) -> Result<(), ProtocolError> {
+        let Some(queue) = &self.queue else {
+            return Ok(());
+        };
+        loop {
+            let notified = queue.room.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if self.tx.is_closed() {
+                return Err(self.gone().unwrap_or(ProtocolError::Closed));
+            }
+            if self.has_room() {
+                return Ok(());
+            }
+            notified.await;
+        }
+    }
+
+    /// Resolves when the connection's writing side ended, with the reason
+    /// when this side gave up on the peer (rule 9): `None` when the socket
+    /// failed or closed, which its reader sees too.
+    pub(crate) async fn closed(&self) -> Option<ProtocolError> {
+        self.tx.closed().await;
+        self.gone()
+    }
+
+    fn gone(&self) -> Option<ProtocolError> {
+        let &(queued, after) = self.queue.as_ref()?.stalled.get()?;
+        Some(ProtocolError::NotReading { queued, after })
+    }
+}
+
 /// Spawns the task that writes frames to `write`, coalescing whatever is
-/// queued into one write. The task ends when every sender is dropped or the
-/// socket fails.
-pub(crate) fn spawn_writer(mut write: OwnedWriteHalf) -> mpsc::UnboundedSender<Vec<u8>> {
+/// queued into one write, and gives up on a peer that takes no byte for
+/// `limits.stall` (rule 9). With a `cap`, [`Writer::send`] refuses frames
+/// once more than `cap` bytes are queued (rule 10): for peers whose answers
+/// are small, so that only a peer that stopped reading gets there. The task
+/// ends when every sender is dropped or the socket fails.
+pub(crate) fn spawn_writer(
+    mut write: OwnedWriteHalf,
+    limits: &Limits,
+    cap: Option<usize>,
+) -> Writer {
     let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let queue = Arc::new(Queue::default());
+    let stall = limits.stall;
+    let counted = queue.clone();
     tokio::spawn(async move {
+        let queue = counted;
         let mut buf: Vec<u8> = Vec::new();
         while let Some(first) = rx.recv().await {
             let result = if first.len() >= COALESCE {
-                write.write_all(&first).await
+                write_counted(&mut write, &first, &queue, stall).await
             } else {
                 // Coalesce whatever else is queued into one syscall.
                 buf.extend_from_slice(&first);
@@ -1110,7 +1238,7 @@ pub(crate) fn spawn_writer(mut write: OwnedWriteHalf) -> mpsc::UnboundedSender<V
                         Err(_) => break,
                     }
                 }
-                let r = write.write_all(&buf).await;
+                let r = write_counted(&mut write, &buf, &queue, stall).await;
                 buf.clear();
                 r
             };
@@ -1118,18 +1246,58 @@ pub(crate) fn spawn_writer(mut write: OwnedWriteHalf) -> mpsc::UnboundedSender<V
                 break;
             }
         }
+        // Later sends fail, and what was queued is freed now.
+        rx.close();
+        while rx.try_recv().is_ok() {}
+        drop(rx);
+        queue.room.notify_waiters();
         let _ = write.shutdown().await;
     });
-    tx
+    Writer {
+        tx,
+        queue: Some(queue),
+        cap,
+    }
 }
 
-/// Sends a batch's frames to a writer; false if the connection is gone.
-pub(crate) fn send_batch(writer: &mpsc::UnboundedSender<Vec<u8>>, batch: &mut Batch) -> bool {
-    let mut ok = true;
-    for frame in batch.take_frames() {
-        ok &= writer.send(frame).is_ok();
+/// Writes `buf`, taking each chunk the socket accepts off the backlog
+/// (rule 10); fails when the socket does, or takes nothing for `stall`
+/// (rule 9).
+async fn write_counted(
+    write: &mut OwnedWriteHalf,
+    mut buf: &[u8],
+    queue: &Queue,
+    stall: Duration,
+) -> Result<(), ()> {
+    while !buf.is_empty() {
+        let n = match tokio::time::timeout(stall, write.write(buf)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            Ok(_) => return Err(()),
+            Err(_) => {
+                let queued = queue.bytes.load(Ordering::Acquire);
+                let _ = queue.stalled.set((queued, stall));
+                return Err(());
+            }
+        };
+        buf = &buf[n..];
+        let before = queue.bytes.fetch_sub(n, Ordering::AcqRel);
+        if before > QUEUE_LIMIT && before - n <= QUEUE_LIMIT {
+            queue.room.notify_waiters();
+        }
     }
-    ok
+    Ok(())
+}
+
+/// Sends a batch's frames to a writer.
+///
+/// # Errors
+///
+/// As [`Writer::send`], for the first frame refused; the rest are dropped.
+pub(crate) fn send_batch(writer: &Writer, batch: &mut Batch) -> Result<(), ProtocolError> {
+    for frame in batch.take_frames() {
+        writer.send(frame)?;
+    }
+    Ok(())
 }
 
 /// What a data fetch produced.
@@ -1257,7 +1425,7 @@ async fn peer_connection(
     answers: mpsc::UnboundedSender<Fetched>,
 ) {
     let Peer {
-        id: peer,
+        id: from,
         address,
         build,
         limits,
@@ -1276,7 +1444,7 @@ async fn peer_connection(
         for (key, n) in in_flight.drain() {
             for _ in 0..n {
                 let _ = answers.send(Fetched {
-                    from: peer,
+                    from,
                     key,
                     result: FetchResult::Lost,
                 });
@@ -1303,7 +1471,7 @@ async fn peer_connection(
         Err(e) => {
             log_limited!(
                 "fetch failed",
-                "could not fetch data from {peer} at {address}: {e}"
+                "could not fetch data from {from} at {address}: {e}"
             );
             lose_all(&mut in_flight, &mut requests);
             return;
@@ -1318,22 +1486,20 @@ async fn peer_connection(
         };
         log_limited!(
             "fetch failed",
-            "could not fetch data from {peer} at {address}: {e}"
+            "could not fetch data from {from} at {address}: {e}"
         );
         lose_all(&mut in_flight, &mut requests);
         return;
     }
-    let (mut read, mut write) = (connected.read, connected.write);
+    // Requests go through a writer task, so answers are read while a big
+    // request is written (rule 10: a data port stops reading requests while
+    // its answers pile up).
+    let writer = spawn_writer(connected.write, &limits, None);
+    let mut read = connected.read;
     let mut out = Batch::default();
     out.push(&ToPeer::GetData { keys: first });
-    let mut pending_write: Vec<Vec<u8>> = out.take_frames();
+    let _ = send_batch(&writer, &mut out);
     loop {
-        for frame in pending_write.drain(..) {
-            if write.write_all(&frame).await.is_err() {
-                lose_all(&mut in_flight, &mut requests);
-                return;
-            }
-        }
         tokio::select! {
             req = requests.recv() => {
                 let Some(keys) = req else {
@@ -1350,7 +1516,7 @@ async fn peer_connection(
                     }
                     out.push(&ToPeer::GetData { keys });
                 }
-                pending_write = out.take_frames();
+                let _ = send_batch(&writer, &mut out);
             }
             got = read.next() => {
                 let msgs = match got {
@@ -1364,7 +1530,7 @@ async fn peer_connection(
                         if !in_flight.is_empty() {
                             log_limited!(
                                 "data connection lost",
-                                "lost data connection to {peer} at {address}: {}",
+                                "lost data connection to {from} at {address}: {}",
                                 Chain(&e)
                             );
                         }
@@ -1384,8 +1550,18 @@ async fn peer_connection(
                         }
                         None => continue, // not asked for: ignore
                     }
-                    let _ = answers.send(Fetched { from: peer, key, result });
+                    let _ = answers.send(Fetched { from, key, result });
                 }
+            }
+            why = writer.closed() => {
+                if let Some(e) = why {
+                    log_limited!(
+                        "data connection lost",
+                        "lost data connection to {from} at {address}: {e}"
+                    );
+                }
+                lose_all(&mut in_flight, &mut requests);
+                return;
             }
         }
     }
@@ -1653,20 +1829,72 @@ mod tests {
         });
     }
 
+    /// A connected pair of sockets: this end's write half, the peer's
+    /// stream (which the test reads, or not).
+    async fn socket_pair() -> (OwnedWriteHalf, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (dialed, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
+        let (_read, write) = dialed.unwrap().into_split();
+        // Dropping the read half leaves the socket open for writing.
+        (write, accepted.unwrap().0)
+    }
+
     #[test]
-    fn tcp_connections_probe_idle_peers() {
-        let rt = runtime().unwrap();
-        rt.block_on(async {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let address = listener.local_addr().unwrap();
-            let (dialed, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
-            for stream in [dialed.unwrap(), accepted.unwrap().0] {
-                tune(&stream);
-                let socket = socket2::SockRef::from(&stream);
-                assert!(socket.keepalive().unwrap());
-                assert_eq!(socket.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
-                assert_eq!(socket.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
-                assert!(stream.nodelay().unwrap());
+    fn a_writer_counts_its_backlog_refuses_past_its_cap_and_gives_up_on_a_peer_that_reads_nothing()
+    {
+        run(async {
+            let stall = Duration::from_millis(300);
+            let limits = Limits::new(FRAME_BUDGET, stall);
+            let (write, peer) = socket_pair().await;
+            let cap = 2 * QUEUE_LIMIT;
+            let writer = spawn_writer(write, &limits, Some(cap));
+            // Far more than the socket holds, and not read.
+            let chunk = 8 << 20;
+            while writer.queued() <= cap {
+                writer.send(vec![1; chunk]).unwrap();
+            }
+            assert!(!writer.has_room());
+            assert!(matches!(
+                writer.send(vec![1; 10]),
+                Err(ProtocolError::Backlog { max, .. }) if max == cap
+            ));
+            // Given up after the stall timeout: the reason, and no room.
+            let why = writer.closed().await;
+            assert!(matches!(why, Some(ProtocolError::NotReading { after, .. }) if after == stall));
+            assert!(matches!(
+                writer.room().await,
+                Err(ProtocolError::NotReading { .. })
+            ));
+            assert!(writer.send(vec![1; 10]).is_err());
+            drop(peer);
+        });
+    }
+
+    #[test]
+    fn a_writer_whose_peer_reads_makes_room_again() {
+        run(async {
+            let limits = Limits::standard();
+            let (write, mut peer) = socket_pair().await;
+            let writer = spawn_writer(write, &limits, None);
+            let total = QUEUE_LIMIT + (16 << 20);
+            for _ in 0..total / (8 << 20) {
+                writer.send(vec![1; 8 << 20]).unwrap();
+            }
+            assert!(!writer.has_room());
+            let reading = tokio::spawn(async move {
+                let mut sink = vec![0; 1 << 20];
+                let mut got = 0;
+                while got < total {
+                    got += peer.read(&mut sink).await.unwrap();
+                }
+            });
+            writer.room().await.unwrap();
+            assert!(writer.has_room());
+            reading.await.unwrap();
+            // Everything written is off the books.
+            while writer.queued() > 0 {
+                tokio::task::yield_now().await;
             }
         });
     }

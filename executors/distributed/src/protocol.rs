@@ -325,6 +325,24 @@ pub enum ProtocolError {
     /// length: a peer that trickles bytes (slow-loris) or stalled.
     #[error("frame not received within {0:?} of its start")]
     Stalled(std::time::Duration),
+    /// The peer took none of the bytes queued for it for this long: it
+    /// stopped reading.
+    #[error("peer read nothing for {after:?} with {queued} bytes queued for it")]
+    NotReading {
+        /// Bytes waiting to be sent to it.
+        queued: usize,
+        /// How long it read nothing.
+        after: std::time::Duration,
+    },
+    /// More bytes were queued for the peer than this side holds for one
+    /// connection: it reads far slower than it asks.
+    #[error("peer is not keeping up: {queued} bytes queued for it, limit {max}")]
+    Backlog {
+        /// Bytes waiting to be sent to it.
+        queued: usize,
+        /// The limit.
+        max: usize,
+    },
     /// A connection still in its handshake was closed to make room for a
     /// newer one: too many connections were waiting for theirs (at most
     /// the number given), or the process ran out of file descriptors.
@@ -727,6 +745,13 @@ impl Batch {
             frame[..4].copy_from_slice(&len.to_le_bytes());
             self.sealed.push(frame);
         }
+    }
+
+    /// The frames sealed so far (length prefixes included), leaving the
+    /// open one: a sender that must not hold many bytes at once hands these
+    /// over as it goes.
+    pub(crate) fn take_sealed(&mut self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.sealed)
     }
 
     /// Whether no message is waiting.

@@ -23,7 +23,7 @@
 //!    that long is closed as if it had died (rule 2): hung, stopped, or on
 //!    a machine that became unreachable, it would otherwise hold its tasks
 //!    and values for ever. Clients are never timed out. A worker this side
-//!    stopped reading (a frame waiting for its budget, rule 7) is not
+//!    stopped reading (rule 7, or a frame waiting for its budget) is not
 //!    blamed for the silence meanwhile.
 //! 5. Builds never meet. Every connection belongs to the *partition* of its
 //!    build ([`BuildId`], from its handshake; a client of this process
@@ -40,12 +40,17 @@
 //!    workers, and the graph is not added. With no worker at all, graphs
 //!    wait for workers as before; so does a graph accepted then, even if
 //!    only workers of other builds register later.
-//! 7. **Limits before trust** (`net` rules 5 to 9). A connection is
+//! 7. **Limits before trust** (`net` rules 5 to 10). A connection is
 //!    pre-auth until `net::accept` returns: it may send its handshake only,
 //!    within 5 s, and at most 256 of them wait at once (the oldest makes
 //!    room for a new one). Once authenticated, its frames are read within
 //!    the scheduler's budget ([`Options::frame_budget`]) and its stall
-//!    timeout ([`Options::stall_timeout`]). Connections are capped from the
+//!    timeout ([`Options::stall_timeout`]); while more than 64 MiB wait to
+//!    be sent to it, its own frames are not read; a client with more than
+//!    [`CLIENT_BACKLOG`] waiting is closed (its answers are small, so only
+//!    a client that stopped reading gets there; a worker is sent tasks with
+//!    their inputs, as big as clients made them, and is closed only when it
+//!    reads nothing for the stall timeout). Connections are capped from the
 //!    limit of open files, per role and in total, and accepting backs off
 //!    when it fails. Every line a peer can make the scheduler log is
 //!    rate-limited.
@@ -71,6 +76,12 @@ use crate::protocol::{
 };
 use crate::{BuildId, Error};
 use state::{ClientId, Outbox, State};
+
+/// The most bytes waiting to be sent to one client before it is closed
+/// (rule 7), 256 MiB: a client is sent reports of at most
+/// [`INLINE_BYTES`](crate::protocol::INLINE_BYTES) each, so this is a
+/// quarter of a million of them unread.
+pub const CLIENT_BACKLOG: usize = 256 << 20;
 
 /// A scheduler running on a background thread; dropping it shuts it down.
 ///
@@ -190,8 +201,9 @@ pub struct Options {
     /// least 1.
     pub allowed_failures: u8,
     /// How long a frame may take to arrive, on top of one second per MiB
-    /// of its length, before its connection is closed (rule 7): a peer
-    /// that trickles a frame byte by byte. Default 30 s.
+    /// of its length, and how long a peer may leave bytes queued for it
+    /// unread, before its connection is closed (rule 7): a peer that
+    /// trickles a frame byte by byte, or stopped reading. Default 30 s.
     pub stall_timeout: Duration,
     /// The most bytes of frames over 64 KiB the scheduler reads and
     /// handles at once, over every connection (rule 7); a frame that does
@@ -341,7 +353,7 @@ enum Event {
         role: Role,
         build: BuildId,
         peer: SocketAddr,
-        writer: mpsc::UnboundedSender<Vec<u8>>,
+        writer: net::Writer,
         held: net::Held,
         kill: oneshot::Sender<()>,
     },
@@ -377,7 +389,7 @@ struct Conn {
     last_heard: Instant,
     /// Set while its reader waits on this side (rule 4).
     held: net::Held,
-    writer: mpsc::UnboundedSender<Vec<u8>>,
+    writer: net::Writer,
     // Dropping it ends the reader task, which closes the socket.
     _kill: oneshot::Sender<()>,
 }
@@ -471,7 +483,7 @@ async fn run(
                 let peer = SocketAddr::from(([127, 0, 0, 1], 0));
                 let link = Link {
                     frames: net::Frames::local(end.recv),
-                    writer: end.send,
+                    writer: net::Writer::local(end.send),
                     held: net::Held::default(),
                     slot: None,
                 };
@@ -535,21 +547,23 @@ async fn connection(
             return;
         }
     };
+    let role = accepted.hello.role;
+    // Rule 7: a client's answers are small, a worker's tasks are not.
+    let cap = (role == Role::Client).then_some(CLIENT_BACKLOG);
     let held = net::Held::default();
     let link = Link {
         frames: net::Frames::stream(accepted.read.held_by(held.clone())),
-        writer: net::spawn_writer(accepted.write),
+        writer: net::spawn_writer(accepted.write, &limits, cap),
         held,
         slot: Some(accepted.slot),
     };
-    let hello = (accepted.hello.role, accepted.hello.build);
-    serve_connection(conn, hello, peer, link, events).await;
+    serve_connection(conn, (role, accepted.hello.build), peer, link, events).await;
 }
 
 /// The parts of a connection, TCP or in memory.
 struct Link {
     frames: net::Frames,
-    writer: mpsc::UnboundedSender<Vec<u8>>,
+    writer: net::Writer,
     /// Set while its reader waits on this side (rule 4).
     held: net::Held,
     /// Its place among the connections of its role; none in memory.
@@ -578,15 +592,15 @@ async fn serve_connection(
             role,
             build,
             peer,
-            writer,
-            held,
+            writer: writer.clone(),
+            held: held.clone(),
             kill,
         })
         .is_err()
     {
         return;
     }
-    let reason = read_loop(frames, killed, conn, &events).await;
+    let reason = read_loop(frames, killed, conn, &events, &writer, &held).await;
     let _ = events.send(Event::Closed { conn, reason });
     // The connection's place goes with it (rule 7).
     drop(slot);
@@ -597,9 +611,25 @@ async fn read_loop(
     mut killed: oneshot::Receiver<()>,
     conn: u32,
     events: &mpsc::UnboundedSender<Event>,
+    writer: &net::Writer,
+    held: &net::Held,
 ) -> Option<ProtocolError> {
     loop {
+        if !writer.has_room() {
+            // Rule 7: a peer that does not read its answers is not read
+            // from either, and not blamed for its silence meanwhile.
+            held.store(true, Ordering::Release);
+            let room = tokio::select! {
+                _ = &mut killed => return None,
+                room = writer.room() => room,
+            };
+            held.store(false, Ordering::Release);
+            if let Err(e) = room {
+                return Some(e);
+            }
+        }
         tokio::select! {
+            biased;
             _ = &mut killed => return None,
             got = read.next() => match got {
                 Ok(true) => match decode_checked::<ToScheduler>(read.frame()) {
@@ -616,6 +646,7 @@ async fn read_loop(
                 Ok(false) => return None,
                 Err(e) => return Some(e),
             },
+            why = writer.closed() => return why,
         }
     }
 }
@@ -875,13 +906,29 @@ impl Shell {
         !silent.is_empty()
     }
 
+    /// Sends what the handlers produced, one batch per connection (rule 3).
+    /// A connection whose writer refuses (rule 7) is closed, and what that
+    /// produces is sent in turn.
     fn flush(&mut self) {
-        for (conn, mut batch) in self.out.by_conn.drain() {
-            if batch.is_empty() {
-                continue;
+        loop {
+            let mut refused = Vec::new();
+            for (conn, mut batch) in self.out.by_conn.drain() {
+                if batch.is_empty() {
+                    continue;
+                }
+                if let Some(c) = self.conns.get(&conn) {
+                    if let Err(e) = net::send_batch(&c.writer, &mut batch) {
+                        refused.push((conn, e));
+                    }
+                }
             }
-            if let Some(c) = self.conns.get(&conn) {
-                net::send_batch(&c.writer, &mut batch);
+            if refused.is_empty() {
+                return;
+            }
+            for (conn, e) in refused {
+                // A connection already gone says so itself, quietly.
+                let reason = (!matches!(e, ProtocolError::Closed)).then_some(e);
+                self.close(conn, reason);
             }
         }
     }

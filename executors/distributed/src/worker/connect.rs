@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 
 use super::serve_data;
 use super::state::Store;
@@ -37,7 +36,7 @@ pub(crate) struct Link {
     pub(crate) build: BuildId,
     /// The thread count it announces, within the protocol's range.
     pub(crate) threads: usize,
-    /// The limits of the worker's connections (`net` rules 8 and 9), one
+    /// The limits of the worker's connections (`net` rules 8 to 10), one
     /// budget for all of them.
     pub(crate) limits: net::Limits,
 }
@@ -49,7 +48,7 @@ pub(crate) struct Connection {
     /// The worker's data port (rule 4), bound by the first connection.
     pub(crate) data_address: SocketAddr,
     pub(crate) read: FrameReader<Reader>,
-    pub(crate) writer: mpsc::UnboundedSender<Vec<u8>>,
+    pub(crate) writer: net::Writer,
     /// What followed `Registered` in the scheduler's first frame.
     pub(crate) first: Vec<ToWorker>,
 }
@@ -202,13 +201,13 @@ async fn attempt(
             bound
         }
     };
-    let writer = net::spawn_writer(connected.write);
+    let writer = net::spawn_writer(connected.write, &link.limits, None);
     let mut batch = Batch::default();
     batch.push(&ToScheduler::RegisterWorker {
         address: data_address.to_string(),
         threads: link.threads as u32,
     });
-    net::send_batch(&writer, &mut batch);
+    let _ = net::send_batch(&writer, &mut batch);
 
     let mut read = connected.read;
     let protocol = |reason| Error::Protocol { reason };

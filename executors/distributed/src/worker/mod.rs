@@ -97,13 +97,16 @@
 //!     sets) then exits its process with [`RESTART_EXIT_CODE`](crate::RESTART_EXIT_CODE), and the
 //!     supervisor starts it again; any other worker goes on with its
 //!     replacement threads.
-//! 12. **Limits** (`net` rules 5 to 9). The worker's connections, to its
+//! 12. **Limits** (`net` rules 5 to 10). The worker's connections, to its
 //!     scheduler, to other data ports and on its own, share one budget for
 //!     big frames (1 GiB) and the stall timeout (30 s). The data port takes
-//!     connections as the scheduler does: pre-auth only the handshake, for
-//!     5 s; at most 256 pre-auth; capped from half the open-file limit, the
-//!     rest being the worker's and its tasks'. Every line a peer can make
-//!     it log is rate-limited.
+//!     connections as the scheduler does (pre-auth only the handshake, for
+//!     5 s; at most 256 pre-auth; capped from half the open-file limit,
+//!     the rest being the worker's and its tasks'), answers a `GetData`
+//!     one value at a time, waiting while more than 64 MiB wait to be sent
+//!     to the reader (so a reader that stops reading holds at most that and
+//!     one value, and is closed once it reads nothing for the stall
+//!     timeout). Every line a peer can make it log is rate-limited.
 
 mod connect;
 mod pool;
@@ -654,7 +657,7 @@ struct Io {
     /// The scheduler connection's reading end; replaced with the rest of
     /// the connection's parts at each registration (rule 1).
     read: FrameReader<Reader>,
-    writer: mpsc::UnboundedSender<Vec<u8>>,
+    writer: net::Writer,
     peers: PeerPool,
     fetch_rx: mpsc::UnboundedReceiver<Fetched>,
     /// Rule 6: ticks once the scheduler said how often.
@@ -1178,7 +1181,7 @@ async fn turn(io: &mut Io, worker: &Worker) -> Option<Ended> {
                         return Some(protocol(e));
                     }
                 },
-                // The scheduler went away, or stalled in a frame (net rule
+                // The scheduler went away, or stopped reading (net rule
                 // 9): the worker reaches it again or ends (rule 1).
                 Ok(false)
                 | Err(ProtocolError::Closed)
@@ -1189,6 +1192,12 @@ async fn turn(io: &mut Io, worker: &Worker) -> Option<Ended> {
                     return Some(protocol(e));
                 }
             },
+            why = io.writer.closed() => {
+                if let Some(e) = why {
+                    log!("worker: closing the scheduler connection: {e}");
+                }
+                return Some(Ended::Lost);
+            }
             Some(done) = io.done_rx.recv() => {
                 io.done.push(done);
                 while let Ok(done) = io.done_rx.try_recv() {
@@ -1238,8 +1247,8 @@ async fn serve_data(listener: TcpListener, store: Store, build: BuildId, limits:
 }
 
 /// Answers one peer's `GetData`s until it goes away; only a peer of this
-/// worker's `build` is served (rule 8). `Err` says why this side closed
-/// it.
+/// worker's `build` is served (rules 8 and 12). `Err` says why this side
+/// closed it.
 async fn data_connection(
     stream: TcpStream,
     ticket: net::PreAuth,
@@ -1263,23 +1272,36 @@ async fn data_connection(
         });
     }
     let _slot = accepted.slot;
-    let writer = net::spawn_writer(accepted.write);
+    let writer = net::spawn_writer(accepted.write, limits, None);
     let mut read = accepted.read;
     let mut batch = Batch::default();
     loop {
-        let msgs = match read.next().await {
-            Ok(true) => decode_checked::<ToPeer>(read.frame())?,
-            Ok(false) => return Ok(()),
-            Err(e) => return Err(e),
+        let msgs = tokio::select! {
+            biased;
+            got = read.next() => match got {
+                Ok(true) => decode_checked::<ToPeer>(read.frame())?,
+                Ok(false) => return Ok(()),
+                Err(e) => return Err(e),
+            },
+            why = writer.closed() => return why.map_or(Ok(()), Err),
         };
         for ToPeer::GetData { keys } in msgs {
             for key in keys {
                 answer(&store, key, &mut batch);
+                // One value at a time while the reader lags (rule 12).
+                let sealed = batch.take_sealed();
+                if !sealed.is_empty() {
+                    for frame in sealed {
+                        writer.send(frame)?;
+                    }
+                    writer.room().await?;
+                    // A frame's worth of answers was encoded: let the rest
+                    // of the worker (heartbeats, reports) have its turn.
+                    tokio::task::yield_now().await;
+                }
             }
         }
-        if !net::send_batch(&writer, &mut batch) {
-            return Ok(());
-        }
+        net::send_batch(&writer, &mut batch)?;
     }
 }
 
