@@ -70,10 +70,12 @@
 //!     A new connection is a new *epoch*: what the old one held is gone,
 //!     handles of it hold nothing (a fetch fails unless they have their
 //!     bytes), and graphs referring to their keys send their bytes or fail.
-//! 11. A client's connections read within one budget for big frames and
-//!     the stall timeout (`net` rules 8 and 9); a scheduler that stops
-//!     reading what the client sends for that long is taken as lost (rule
-//!     10).
+//! 11. A client connected over TCP sends `Heartbeat` every
+//!     [`HEARTBEAT`] in which it sent nothing else, so its scheduler tells
+//!     an idle client from a vanished one (scheduler rule 4). Its
+//!     connections read within one budget for big frames and the stall
+//!     timeout (`net` rules 8 and 9); a scheduler that stops reading what
+//!     the client sends for that long is taken as lost (rule 10).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -101,6 +103,10 @@ const CANCEL_POLL: Duration = Duration::from_millis(20);
 /// Kept-remote outputs of at most this many bytes are fetched at once
 /// (rule 5): bringing them over costs less than a round trip later.
 const EAGER_FETCH: u64 = 64 << 10;
+
+/// How often a client connected over TCP says it is alive, when it sends
+/// nothing else (rule 11).
+const HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// How long [`RemoteValue::fetch`] waits for a held value's bytes before it
 /// gives up (a safety net: a lost connection fails the fetch at once).
@@ -961,6 +967,8 @@ struct Loop {
     /// Submissions made while disconnected, waiting for the attempt in
     /// flight (rule 10).
     parked: Vec<Submission>,
+    /// When the last frame went to the scheduler (rule 11).
+    last_sent: Instant,
 }
 
 /// The first wait between attempts to connect again (rule 10); it doubles
@@ -1016,6 +1024,7 @@ impl Loop {
             next_attempt: None,
             backoff: FIRST_BACKOFF,
             parked: Vec::new(),
+            last_sent: Instant::now(),
             address: link.address.clone(),
             link,
             writer,
@@ -1045,6 +1054,12 @@ impl Loop {
         self.peers = Some(PeerPool::new(fetch_tx.clone(), build, limits.clone()));
         let mut tick = tokio::time::interval(CANCEL_POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Rule 11; a client of a scheduler in this process sends none.
+        let beats = self.target.is_some();
+        // Ticks twice per period: a heartbeat goes at most 1.5 periods
+        // after the last frame.
+        let mut heartbeat = tokio::time::interval(HEARTBEAT / 2);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut attempt: Option<Attempt> = None;
         loop {
             let open = !self.open.is_empty();
@@ -1117,6 +1132,11 @@ impl Loop {
                         log!("client: closing the scheduler connection: {e}");
                     }
                     self.disconnected();
+                }
+                _ = heartbeat.tick(), if beats => {
+                    if self.connected && self.last_sent.elapsed() >= HEARTBEAT {
+                        self.out.push(&ToScheduler::Heartbeat);
+                    }
                 }
                 _ = tick.tick(), if open => {}
             }
@@ -1693,6 +1713,7 @@ impl Loop {
             if self.connected {
                 // A refusal is the connection failing: `run` sees it go.
                 let _ = net::send_batch(&self.writer, &mut self.out);
+                self.last_sent = Instant::now();
             } else {
                 self.out.take_frames();
             }

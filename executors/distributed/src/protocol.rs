@@ -53,7 +53,12 @@ use crate::BuildId;
 pub const MAGIC: [u8; 4] = *b"RASK";
 
 /// The protocol version; peers with another version are refused.
-pub const VERSION: u16 = 4;
+///
+/// Version 5: clients send `ToScheduler::Heartbeat` too, and a scheduler
+/// closes a client it hears nothing from for its client timeout; a client
+/// of version 4 would be taken for dead when idle, and a scheduler of
+/// version 4 would close a client for its heartbeat.
+pub const VERSION: u16 = 5;
 
 /// Values whose encoding is at most this many bytes travel with their
 /// report: in `TaskFinished` to the scheduler, and in `KeyInMemory` to the
@@ -317,8 +322,8 @@ pub enum ProtocolError {
     /// The peer sent nothing for too long during the handshake.
     #[error("no handshake within {0:?}")]
     Timeout(std::time::Duration),
-    /// A worker sent nothing, not even a heartbeat, for this long: it is
-    /// taken for dead (hung, or its machine unreachable).
+    /// A worker or client sent nothing, not even a heartbeat, for this
+    /// long: it is taken for dead (hung, or its machine unreachable).
     #[error("nothing heard for {0:?}: taken for dead")]
     Silent(std::time::Duration),
     /// A frame was started and not finished in the time allowed for its
@@ -572,7 +577,10 @@ pub enum ToScheduler {
         /// The worker that failed to deliver it.
         holder: WorkerId,
     },
-    /// Worker: it is alive (sent as often as `ToWorker::Heartbeat` asks).
+    /// Worker or client: it is alive. A worker sends it as often as
+    /// `ToWorker::Heartbeat` asks; a client connected over TCP every second
+    /// in which it sent nothing else, so a scheduler can tell an idle
+    /// client from a vanished one.
     Heartbeat,
 }
 
@@ -1078,7 +1086,7 @@ mod tests {
         let expected = [
             "28000000", // body length: 40 bytes
             "5241534b", // RASK
-            "0400",     // version 4
+            "0500",     // version 5
             "02",       // role: worker
             "00",       // reserved
             &"ab".repeat(32),

@@ -1,9 +1,11 @@
 //! `rask-scheduler [--host 127.0.0.1] [--port 8786] [--worker-timeout 5]
-//! [--task-timeout SECONDS]`: runs a rask scheduler until killed. With
-//! `--port 0` the OS picks the port; the first line on stdout is always the
-//! bound address, `tcp://HOST:PORT`. A worker not heard from for
+//! [--client-timeout 60] [--task-timeout SECONDS]`: runs a rask scheduler
+//! until killed. With `--port 0` the OS picks the port; the first line on
+//! stdout is always the bound address, `tcp://HOST:PORT`. A worker not heard from for
 //! `--worker-timeout` seconds is taken for dead and its work goes
-//! elsewhere. A task without a timeout of its own fails as timed out after
+//! elsewhere; a client not heard from for `--client-timeout` seconds
+//! (clients send a heartbeat every second) is taken as disconnected. A
+//! task without a timeout of its own fails as timed out after
 //! `--task-timeout` seconds (default: no limit). A task running on
 //! `--allowed-failures` workers when they died (default 3) fails instead of
 //! being run again.
@@ -14,7 +16,7 @@ use std::process::ExitCode;
 
 const USAGE: &str =
     "usage: rask-scheduler [--host 127.0.0.1] [--port 8786] [--worker-timeout SECONDS (5)] \
-     [--task-timeout SECONDS (none)] [--allowed-failures N (3)]";
+     [--client-timeout SECONDS (60)] [--task-timeout SECONDS (none)] [--allowed-failures N (3)]";
 
 fn main() -> ExitCode {
     let mut host: IpAddr = [127, 0, 0, 1].into();
@@ -41,6 +43,12 @@ fn main() -> ExitCode {
                     options.worker_timeout = std::time::Duration::from_secs_f64(s);
                 }
                 _ => return usage("--worker-timeout needs a number of seconds above 0"),
+            },
+            "--client-timeout" => match value().map(|v| v.parse::<f64>()) {
+                Some(Ok(s)) if s.is_finite() && s > 0.0 && s <= 1e9 => {
+                    options.client_timeout = std::time::Duration::from_secs_f64(s);
+                }
+                _ => return usage("--client-timeout needs a number of seconds above 0"),
             },
             "--allowed-failures" => match value().map(|v| v.parse::<u8>()) {
                 Some(Ok(n)) if n > 0 => options.allowed_failures = n,

@@ -22,9 +22,14 @@
 //!    [`MIN_HEARTBEAT`]..=[`MAX_HEARTBEAT`]); one the scheduler hears nothing from for
 //!    that long is closed as if it had died (rule 2): hung, stopped, or on
 //!    a machine that became unreachable, it would otherwise hold its tasks
-//!    and values for ever. Clients are never timed out. A worker this side
-//!    stopped reading (rule 7, or a frame waiting for its budget) is not
-//!    blamed for the silence meanwhile.
+//!    and values for ever. A client connected over TCP sends a heartbeat
+//!    every second it sends nothing else, and one silent for
+//!    [`Options::client_timeout`] (60 s) is closed as if it had
+//!    disconnected: clients are long-lived and often idle, so the timeout
+//!    is long, and only a client that hung or vanished reaches it. A
+//!    client of this process (through memory) is never timed out. A peer
+//!    this side stopped reading (rule 7, or a frame waiting for its budget)
+//!    is not blamed for the silence meanwhile.
 //! 5. Builds never meet. Every connection belongs to the *partition* of its
 //!    build ([`BuildId`], from its handshake; a client of this process
 //!    through memory is of this process's build), and each partition is a
@@ -110,6 +115,7 @@ pub struct SchedulerHandle {
 #[derive(Default)]
 struct Counts {
     workers: AtomicUsize,
+    clients: AtomicUsize,
     tasks: AtomicUsize,
 }
 
@@ -123,6 +129,20 @@ impl SchedulerHandle {
     /// Number of workers registered now, of every build.
     pub fn workers(&self) -> usize {
         self.counts.workers.load(Ordering::Acquire)
+    }
+
+    /// Number of clients connected now, of every build, those of this
+    /// process (through memory) included.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let scheduler = rask_distributed::scheduler::serve("127.0.0.1:0".parse().unwrap())?;
+    /// assert_eq!(scheduler.clients(), 0);
+    /// # Ok::<(), rask_distributed::Error>(())
+    /// ```
+    pub fn clients(&self) -> usize {
+        self.counts.clients.load(Ordering::Acquire)
     }
 
     /// Number of tasks the scheduler remembers now, for every build: tasks
@@ -200,6 +220,11 @@ pub struct Options {
     /// would otherwise take every worker down in turn). Default 3, at
     /// least 1.
     pub allowed_failures: u8,
+    /// A client connected over TCP that sends nothing, not even a
+    /// heartbeat, for this long is closed as if it had disconnected (rule
+    /// 4). Default 60 s. Clients send a heartbeat every second they send
+    /// nothing else, so anything much above 2 s keeps every live client.
+    pub client_timeout: Duration,
     /// How long a frame may take to arrive, on top of one second per MiB
     /// of its length, and how long a peer may leave bytes queued for it
     /// unread, before its connection is closed (rule 7): a peer that
@@ -220,6 +245,7 @@ impl Default for Options {
             worker_timeout: Duration::from_secs(5),
             task_timeout: None,
             allowed_failures: 3,
+            client_timeout: Duration::from_secs(60),
             stall_timeout: net::STALL_TIMEOUT,
             frame_budget: net::FRAME_BUDGET,
         }
@@ -242,6 +268,21 @@ impl Options {
     /// These options with a default timeout for tasks that have none.
     pub fn task_timeout(mut self, timeout: Duration) -> Options {
         self.task_timeout = Some(timeout);
+        self
+    }
+
+    /// These options with another client timeout (rule 4).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let options = rask_distributed::scheduler::Options::default()
+    ///     .client_timeout(Duration::from_secs(300));
+    /// assert_eq!(options.client_timeout, Duration::from_secs(300));
+    /// ```
+    pub fn client_timeout(mut self, timeout: Duration) -> Options {
+        self.client_timeout = timeout;
         self
     }
 
@@ -355,6 +396,8 @@ enum Event {
         peer: SocketAddr,
         writer: net::Writer,
         held: net::Held,
+        /// Whether it is a client of this process, through memory.
+        local: bool,
         kill: oneshot::Sender<()>,
     },
     Frame {
@@ -389,6 +432,8 @@ struct Conn {
     last_heard: Instant,
     /// Set while its reader waits on this side (rule 4).
     held: net::Held,
+    /// A client of this process, through memory: never timed out.
+    local: bool,
     writer: net::Writer,
     // Dropping it ends the reader task, which closes the socket.
     _kill: oneshot::Sender<()>,
@@ -430,6 +475,8 @@ struct Shell {
     /// One partition per build with a connection (rule 5).
     partitions: HashMap<BuildId, Partition>,
     conns: HashMap<u32, Conn>,
+    /// How many of `conns` are clients.
+    clients: usize,
     out: Batches,
     options: Options,
     /// When silent workers were last looked for (rule 4).
@@ -470,6 +517,7 @@ async fn run(
     let mut shell = Shell {
         partitions: HashMap::new(),
         conns: HashMap::new(),
+        clients: 0,
         out: Batches::default(),
         options,
         last_check: Instant::now(),
@@ -506,7 +554,7 @@ async fn run(
                 shell.publish(&counts);
             }
             _ = silence.tick() => {
-                if shell.close_silent_workers() {
+                if shell.close_silent() {
                     shell.flush();
                     shell.publish(&counts);
                 }
@@ -586,6 +634,7 @@ async fn serve_connection(
         slot,
     } = link;
     let (kill, killed) = oneshot::channel();
+    let local = slot.is_none();
     if events
         .send(Event::Connected {
             conn,
@@ -594,6 +643,7 @@ async fn serve_connection(
             peer,
             writer: writer.clone(),
             held: held.clone(),
+            local,
             kill,
         })
         .is_err()
@@ -661,6 +711,7 @@ impl Shell {
                 peer,
                 writer,
                 held,
+                local,
                 kill,
             } => {
                 let partition = self
@@ -673,6 +724,7 @@ impl Shell {
                         partition
                             .state
                             .on_client_connected(ClientId(conn), &mut self.out);
+                        self.clients += 1;
                         Kind::Client(ClientId(conn))
                     }
                     _ => Kind::NewWorker,
@@ -686,6 +738,7 @@ impl Shell {
                         peer,
                         last_heard: Instant::now(),
                         held,
+                        local,
                         writer,
                         _kill: kill,
                     },
@@ -774,7 +827,7 @@ impl Shell {
                 let every_ms = self.options.heartbeat().as_millis() as u64;
                 out.to_worker(w, ToWorker::Heartbeat { every_ms });
             }
-            (Kind::Worker(_), ToScheduler::Heartbeat) => {}
+            (Kind::Worker(_) | Kind::Client(_), ToScheduler::Heartbeat) => {}
             (
                 Kind::Worker(w),
                 ToScheduler::TaskFinished {
@@ -822,9 +875,12 @@ impl Shell {
             .entry(c.build)
             .or_insert_with(|| Partition::new(&self.options));
         match c.kind {
-            Kind::Client(client) => partition
-                .state
-                .on_client_disconnected(client, &mut self.out),
+            Kind::Client(client) => {
+                self.clients -= 1;
+                partition
+                    .state
+                    .on_client_disconnected(client, &mut self.out)
+            }
             Kind::Worker(worker) => partition.state.on_worker_lost(worker, &mut self.out),
             Kind::NewWorker => {}
         }
@@ -871,13 +927,14 @@ impl Shell {
         let workers = partitions.clone().map(|p| p.state.worker_count()).sum();
         let tasks = partitions.map(|p| p.state.task_count()).sum();
         counts.workers.store(workers, Ordering::Release);
+        counts.clients.store(self.clients, Ordering::Release);
         counts.tasks.store(tasks, Ordering::Release);
     }
 
-    /// Closes the workers not heard from for the worker timeout (rule 4);
-    /// whether there were any.
-    fn close_silent_workers(&mut self) -> bool {
-        let timeout = self.options.worker_timeout;
+    /// Closes the workers not heard from for the worker timeout, and the
+    /// clients not heard from for the client timeout (rule 4); whether
+    /// there were any.
+    fn close_silent(&mut self) -> bool {
         let now = Instant::now();
         let since = now.duration_since(std::mem::replace(&mut self.last_check, now));
         if since > 2 * self.options.heartbeat() {
@@ -889,6 +946,7 @@ impl Shell {
             }
             return false;
         }
+        let (workers, clients) = (self.options.worker_timeout, self.options.client_timeout);
         let mut silent = Vec::new();
         for (&conn, c) in &mut self.conns {
             if c.held.load(Ordering::Acquire) {
@@ -896,11 +954,16 @@ impl Shell {
                 c.last_heard = now;
                 continue;
             }
-            if !matches!(c.kind, Kind::Client(_)) && now.duration_since(c.last_heard) > timeout {
-                silent.push(conn);
+            let timeout = match c.kind {
+                Kind::Client(_) if c.local => continue,
+                Kind::Client(_) => clients,
+                Kind::NewWorker | Kind::Worker(_) => workers,
+            };
+            if now.duration_since(c.last_heard) > timeout {
+                silent.push((conn, timeout));
             }
         }
-        for &conn in &silent {
+        for &(conn, timeout) in &silent {
             self.close(conn, Some(ProtocolError::Silent(timeout)));
         }
         !silent.is_empty()
