@@ -138,6 +138,12 @@ pub(crate) const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// the open-file limit allows fewer ([`Caps::for_files`]).
 pub(crate) const PRE_AUTH_LIMIT: usize = 256;
 
+/// How long a reader keeps a data connection with nothing in flight before
+/// it closes it (a later fetch opens another). Shorter than a data port's
+/// own idle timeout, so in the normal course a reader closes its idle
+/// connections itself and never races a server closing them.
+pub(crate) const PEER_IDLE: Duration = Duration::from_secs(30);
+
 /// Logs a line on stderr with the crate's prefix, in one write: stderr is
 /// unbuffered, and an `eprintln!` written in pieces could mix with what
 /// tasks of the same process print at the same moment.
@@ -437,6 +443,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// were handled (rule 8).
     pub(crate) fn take_grant(&mut self) -> Option<Grant> {
         self.grant.take()
+    }
+
+    /// Whether a frame is under way: some of it was read, or it waits for
+    /// its grant.
+    pub(crate) fn in_frame(&self) -> bool {
+        self.prefix_len > 0 && !self.returned
     }
 
     /// Lets go of the frame returned last: its grant, and its buffer if it
@@ -1319,7 +1331,9 @@ pub(crate) struct Fetched {
     pub(crate) result: FetchResult,
 }
 
-/// Connections to workers' data ports, one per worker, opened on first use.
+/// Connections to workers' data ports, one per worker, opened on first use
+/// and closed after [`PEER_IDLE`] with nothing in flight (a data port closes
+/// idle connections too, later: the next request opens another).
 ///
 /// Requests are batched: [`PeerPool::request`] only queues; [`PeerPool::flush`]
 /// sends one `GetData` per worker. Answers arrive on the channel given to
@@ -1333,6 +1347,8 @@ pub(crate) struct PeerPool {
     build: BuildId,
     /// The process's limits, for the values it reads.
     limits: Limits,
+    /// How long a connection with nothing in flight stays open.
+    idle: Duration,
 }
 
 impl PeerPool {
@@ -1349,6 +1365,7 @@ impl PeerPool {
             answers,
             build,
             limits,
+            idle: PEER_IDLE,
         }
     }
 
@@ -1403,6 +1420,7 @@ impl PeerPool {
                 address,
                 build: self.build,
                 limits: self.limits.clone(),
+                idle: self.idle,
             },
             rx,
             self.answers.clone(),
@@ -1416,9 +1434,11 @@ struct Peer {
     address: String,
     build: BuildId,
     limits: Limits,
+    idle: Duration,
 }
 
-/// One connection to a data port: sends `GetData` batches, forwards answers.
+/// One connection to a data port: sends `GetData` batches, forwards
+/// answers; closes itself once idle for `peer.idle`.
 async fn peer_connection(
     peer: Peer,
     mut requests: mpsc::UnboundedReceiver<Vec<WireKey>>,
@@ -1429,6 +1449,7 @@ async fn peer_connection(
         address,
         build,
         limits,
+        idle,
     } = peer;
     // Keys asked for and not yet answered, with their multiplicity (a key
     // can be asked twice if a first answer is still on its way).
@@ -1499,9 +1520,17 @@ async fn peer_connection(
     let mut out = Batch::default();
     out.push(&ToPeer::GetData { keys: first });
     let _ = send_batch(&writer, &mut out);
+    let mut last_active = Instant::now();
+    // Set once idle: no new request is taken; ends when nothing is in
+    // flight.
+    let mut closing = false;
     loop {
+        if closing && in_flight.is_empty() {
+            return;
+        }
+        let idle_at = last_active + idle;
         tokio::select! {
-            req = requests.recv() => {
+            req = requests.recv(), if !closing => {
                 let Some(keys) = req else {
                     lose_all(&mut in_flight, &mut requests);
                     return;
@@ -1517,6 +1546,7 @@ async fn peer_connection(
                     out.push(&ToPeer::GetData { keys });
                 }
                 let _ = send_batch(&writer, &mut out);
+                last_active = Instant::now();
             }
             got = read.next() => {
                 let msgs = match got {
@@ -1538,6 +1568,7 @@ async fn peer_connection(
                         return;
                     }
                 };
+                last_active = Instant::now();
                 for msg in msgs {
                     let (key, result) = match msg {
                         FromPeer::Data { key, bytes } => (key, FetchResult::Data(bytes)),
@@ -1562,6 +1593,19 @@ async fn peer_connection(
                 }
                 lose_all(&mut in_flight, &mut requests);
                 return;
+            }
+            () = tokio::time::sleep_until(idle_at), if in_flight.is_empty() && !closing => {
+                // Idle: take no more requests (the pool opens another
+                // connection for the next), but answer any that raced in.
+                closing = true;
+                requests.close();
+                while let Ok(keys) = requests.try_recv() {
+                    for &key in &keys {
+                        *in_flight.entry(key).or_default() += 1;
+                    }
+                    out.push(&ToPeer::GetData { keys });
+                }
+                let _ = send_batch(&writer, &mut out);
             }
         }
     }
@@ -1778,6 +1822,7 @@ mod tests {
             let waiting = tokio::time::timeout(Duration::from_millis(50), b.next()).await;
             assert!(waiting.is_err());
             assert!(held.load(Ordering::Acquire));
+            assert!(b.in_frame());
             // A small frame does not wait.
             assert!(small.next().await.unwrap());
             assert!(small.take_grant().is_none());
@@ -1895,6 +1940,80 @@ mod tests {
             // Everything written is off the books.
             while writer.queued() > 0 {
                 tokio::task::yield_now().await;
+            }
+        });
+    }
+
+    #[test]
+    fn a_reader_closes_its_idle_data_connection_and_opens_another_when_needed() {
+        run(async {
+            // A data port that answers `Missing` to everything and counts
+            // its connections and their ends.
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = listener.local_addr().unwrap().to_string();
+            let (events, mut seen) = mpsc::unbounded_channel::<&'static str>();
+            tokio::spawn(async move {
+                loop {
+                    let (stream, _) = listener.accept().await.unwrap();
+                    let gate = Gate::new(Caps::for_files(1024, 1));
+                    let events = events.clone();
+                    let limits = Limits::standard();
+                    tokio::spawn(async move {
+                        let serves = [Role::Peer];
+                        let ticket = gate.admit().unwrap();
+                        let build = BuildId::NONE;
+                        let c = accept(stream, ticket, Role::DataServer, build, &serves, &limits)
+                            .await
+                            .unwrap();
+                        let _ = events.send("opened");
+                        let writer = spawn_writer(c.write, &limits, None);
+                        let mut read = c.read;
+                        while let Ok(true) = read.next().await {
+                            let msgs = decode_checked::<ToPeer>(read.frame()).unwrap();
+                            let mut out = Batch::default();
+                            for ToPeer::GetData { keys } in msgs {
+                                for key in keys {
+                                    out.push(&FromPeer::Missing { key });
+                                }
+                            }
+                            send_batch(&writer, &mut out).unwrap();
+                        }
+                        let _ = events.send("closed");
+                    });
+                }
+            });
+            let (answers, mut answered) = mpsc::unbounded_channel();
+            let mut pool = PeerPool::new(answers, BuildId::NONE, Limits::standard());
+            pool.idle = Duration::from_millis(100);
+            pool.add_peer(WorkerId(1), address);
+            for round in 0..2u8 {
+                pool.request(WorkerId(1), [round; 32]);
+                pool.flush();
+                let got = answered.recv().await.unwrap();
+                assert_eq!(got.key, [round; 32]);
+                assert!(matches!(got.result, FetchResult::Missing));
+                // The reader closes it once idle; the next fetch opens
+                // another.
+                assert_eq!(seen.recv().await, Some("opened"));
+                assert_eq!(seen.recv().await, Some("closed"));
+            }
+        });
+    }
+
+    #[test]
+    fn tcp_connections_probe_idle_peers() {
+        let rt = runtime().unwrap();
+        rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = listener.local_addr().unwrap();
+            let (dialed, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
+            for stream in [dialed.unwrap(), accepted.unwrap().0] {
+                tune(&stream);
+                let socket = socket2::SockRef::from(&stream);
+                assert!(socket.keepalive().unwrap());
+                assert_eq!(socket.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
+                assert_eq!(socket.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+                assert!(stream.nodelay().unwrap());
             }
         });
     }

@@ -366,6 +366,10 @@ pub enum ProtocolError {
         /// The limit.
         max: usize,
     },
+    /// A data connection with nothing in flight either way for this long
+    /// was closed; its reader connects again when it needs to.
+    #[error("idle for {0:?}")]
+    Idle(std::time::Duration),
 }
 
 /// Identifies a worker for as long as its connection to the scheduler lives.

@@ -106,7 +106,10 @@
 //!     one value at a time, waiting while more than 64 MiB wait to be sent
 //!     to the reader (so a reader that stops reading holds at most that and
 //!     one value, and is closed once it reads nothing for the stall
-//!     timeout). Every line a peer can make it log is rate-limited.
+//!     timeout), and closes a connection with nothing in flight either way
+//!     for [`DATA_IDLE`] (readers close theirs after 30 s idle and connect
+//!     again when they need to). Every line a peer can make it log is
+//!     rate-limited.
 
 mod connect;
 mod pool;
@@ -150,6 +153,11 @@ const FAST_STREAK: u32 = 4;
 
 /// The longest the network thread runs jobs itself in one turn (rule 5).
 const INLINE_TURN: Duration = Duration::from_micros(500);
+
+/// How long a data connection with nothing in flight either way stays open
+/// (rule 12): two minutes, four times as long as a reader keeps one, so
+/// only a connection its reader forgot or abandoned reaches it.
+pub const DATA_IDLE: Duration = Duration::from_secs(120);
 
 /// How long a thread may stay in a released or timed-out task before its
 /// worker is unhealthy, unless [`Options::grace`] says otherwise (rule 11).
@@ -1246,9 +1254,9 @@ async fn serve_data(listener: TcpListener, store: Store, build: BuildId, limits:
     .await
 }
 
-/// Answers one peer's `GetData`s until it goes away; only a peer of this
-/// worker's `build` is served (rules 8 and 12). `Err` says why this side
-/// closed it.
+/// Answers one peer's `GetData`s until it goes away, or is idle for
+/// [`DATA_IDLE`]; only a peer of this worker's `build` is served (rules 8
+/// and 12). `Err` says why this side closed it.
 async fn data_connection(
     stream: TcpStream,
     ticket: net::PreAuth,
@@ -1275,6 +1283,9 @@ async fn data_connection(
     let writer = net::spawn_writer(accepted.write, limits, None);
     let mut read = accepted.read;
     let mut batch = Batch::default();
+    let mut idle = tokio::time::interval(DATA_IDLE / 4);
+    idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_active = Instant::now();
     loop {
         let msgs = tokio::select! {
             biased;
@@ -1284,6 +1295,14 @@ async fn data_connection(
                 Err(e) => return Err(e),
             },
             why = writer.closed() => return why.map_or(Ok(()), Err),
+            _ = idle.tick() => {
+                if read.in_frame() || writer.queued() > 0 {
+                    last_active = Instant::now();
+                } else if last_active.elapsed() >= DATA_IDLE {
+                    return Err(ProtocolError::Idle(DATA_IDLE));
+                }
+                continue;
+            }
         };
         for ToPeer::GetData { keys } in msgs {
             for key in keys {
@@ -1302,6 +1321,7 @@ async fn data_connection(
             }
         }
         net::send_batch(&writer, &mut batch)?;
+        last_active = Instant::now();
     }
 }
 
