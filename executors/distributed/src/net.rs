@@ -54,9 +54,11 @@
 //!    they cost at most [`SMALL_FRAME`] per connection, and connections are
 //!    capped (rule 7).
 //! 9. **Stalls.** A frame must be received within [`STALL_TIMEOUT`] (a
-//!    scheduler's `stall_timeout`) of its first byte, or of its grant, plus
-//!    one second per [`MIN_FRAME_RATE`] bytes of its length: a peer that
-//!    trickles a frame (slow-loris) is closed. A writer whose peer takes no
+//!    scheduler's `stall_timeout`) of its start, or of its grant, plus one
+//!    second per [`MIN_FRAME_RATE`] bytes of its length: a peer that
+//!    trickles a frame (slow-loris) is closed. The time counts from the
+//!    first read of the frame that has to wait for bytes, so a frame that
+//!    arrived whole costs no clock and no timer. A writer whose peer takes no
 //!    byte for that long while something is queued for it gives up, and
 //!    the connection closes: the peer stopped reading.
 //! 10. **Backlog.** A writer counts the bytes queued for its peer and not yet
@@ -348,10 +350,12 @@ pub(crate) struct FrameReader<R> {
     /// The budget of the frame being read, or of the one just returned.
     grant: Option<Grant>,
     waiting: Option<Waiting>,
-    /// When the frame being read must be complete, and what that allows.
-    deadline: Option<(Instant, Duration)>,
-    /// Armed only when a read has to wait, so frames already buffered
-    /// cost no timer.
+    /// What the frame under way is allowed (rule 9); `None` between
+    /// frames.
+    allowed: Option<Duration>,
+    /// When it must be complete: set by the first read of it that has to
+    /// wait, so a frame already buffered costs no clock and no timer.
+    deadline: Option<Instant>,
     timer: Option<Pin<Box<Sleep>>>,
     timer_at: Option<Instant>,
     /// Whether `next` returned a frame not released yet.
@@ -371,6 +375,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             limits,
             grant: None,
             waiting: None,
+            allowed: None,
             deadline: None,
             timer: None,
             timer_at: None,
@@ -409,15 +414,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                         };
                     }
                     if self.prefix_len == 0 {
-                        // A frame starts: its first deadline (rule 9).
-                        let allowed = self.limits.stall;
-                        self.deadline = Some((Instant::now() + allowed, allowed));
+                        // A frame starts: the stall timeout until its
+                        // length is known (rule 9).
+                        self.allowed = Some(self.limits.stall);
                     }
                     self.prefix_len += n;
                 }
                 Some(len) if self.body.len() == len => {
                     self.want = None;
                     self.prefix_len = 0;
+                    self.allowed = None;
                     self.deadline = None;
                     self.returned = true;
                     return Ok(true);
@@ -501,13 +507,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             }
         }
         let allowed = self.limits.allowance(len);
-        let start = match self.deadline {
-            // The stall timeout counts from the frame's first byte, or
-            // from its grant when it had to wait for one.
-            Some((deadline, first)) if !waited => deadline - first,
-            _ => Instant::now(),
+        // The time counts from the frame's start, or from its grant when it
+        // had to wait for one.
+        self.deadline = match (self.deadline, self.allowed) {
+            (Some(deadline), Some(first)) if !waited => Some(deadline - first + allowed),
+            _ => None,
         };
-        self.deadline = Some((start + allowed, allowed));
+        self.allowed = Some(allowed);
         Ok(())
     }
 
@@ -516,19 +522,21 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             inner,
             prefix,
             prefix_len,
+            allowed,
             deadline,
             timer,
             timer_at,
             ..
         } = self;
         let read = inner.read(&mut prefix[*prefix_len..]);
-        within(read, *deadline, timer, timer_at).await
+        within(read, *allowed, deadline, timer, timer_at).await
     }
 
     async fn read_body(&mut self, remaining: usize) -> Result<usize, ProtocolError> {
         let FrameReader {
             inner,
             body,
+            allowed,
             deadline,
             timer,
             timer_at,
@@ -536,26 +544,30 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         } = self;
         let mut limited = inner.take(remaining as u64);
         let read = limited.read_buf(body);
-        within(read, *deadline, timer, timer_at).await
+        within(read, *allowed, deadline, timer, timer_at).await
     }
 }
 
-/// Runs `read` until it completes or `deadline` passes (rule 9). The timer
-/// is only armed when the read has to wait.
+/// Runs `io` (a read or a write) until it completes or the time `allowed`
+/// for it is up (rule 9): `deadline` is set, to `allowed` from now, by the
+/// first poll that has to wait, and the timer armed only then, so an
+/// operation that completes at once costs neither a clock nor a timer.
 async fn within<F: Future<Output = std::io::Result<usize>>>(
-    read: F,
-    deadline: Option<(Instant, Duration)>,
+    io: F,
+    allowed: Option<Duration>,
+    deadline: &mut Option<Instant>,
     timer: &mut Option<Pin<Box<Sleep>>>,
     timer_at: &mut Option<Instant>,
 ) -> Result<usize, ProtocolError> {
-    let mut read = std::pin::pin!(read);
+    let mut io = std::pin::pin!(io);
     std::future::poll_fn(|cx| {
-        if let Poll::Ready(result) = read.as_mut().poll(cx) {
+        if let Poll::Ready(result) = io.as_mut().poll(cx) {
             return Poll::Ready(result.map_err(ProtocolError::Io));
         }
-        let Some((at, allowed)) = deadline else {
+        let Some(allowed) = allowed else {
             return Poll::Pending;
         };
+        let at = *deadline.get_or_insert_with(|| Instant::now() + allowed);
         let sleep = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
         if *timer_at != Some(at) {
             sleep.as_mut().reset(at);
@@ -1237,10 +1249,17 @@ pub(crate) fn spawn_writer(
     let counted = queue.clone();
     tokio::spawn(async move {
         let queue = counted;
+        let mut out = Out {
+            write: &mut write,
+            queue: &queue,
+            stall,
+            timer: None,
+            timer_at: None,
+        };
         let mut buf: Vec<u8> = Vec::new();
         while let Some(first) = rx.recv().await {
             let result = if first.len() >= COALESCE {
-                write_counted(&mut write, &first, &queue, stall).await
+                out.write_counted(&first).await
             } else {
                 // Coalesce whatever else is queued into one syscall.
                 buf.extend_from_slice(&first);
@@ -1250,7 +1269,7 @@ pub(crate) fn spawn_writer(
                         Err(_) => break,
                     }
                 }
-                let r = write_counted(&mut write, &buf, &queue, stall).await;
+                let r = out.write_counted(&buf).await;
                 buf.clear();
                 r
             };
@@ -1258,6 +1277,7 @@ pub(crate) fn spawn_writer(
                 break;
             }
         }
+        drop(out);
         // Later sends fail, and what was queued is freed now.
         rx.close();
         while rx.try_recv().is_ok() {}
@@ -1272,32 +1292,54 @@ pub(crate) fn spawn_writer(
     }
 }
 
-/// Writes `buf`, taking each chunk the socket accepts off the backlog
-/// (rule 10); fails when the socket does, or takes nothing for `stall`
-/// (rule 9).
-async fn write_counted(
-    write: &mut OwnedWriteHalf,
-    mut buf: &[u8],
-    queue: &Queue,
+/// A writer task's socket, its count and its stall timer.
+struct Out<'a> {
+    write: &'a mut OwnedWriteHalf,
+    queue: &'a Queue,
     stall: Duration,
-) -> Result<(), ()> {
-    while !buf.is_empty() {
-        let n = match tokio::time::timeout(stall, write.write(buf)).await {
-            Ok(Ok(n)) if n > 0 => n,
-            Ok(_) => return Err(()),
-            Err(_) => {
-                let queued = queue.bytes.load(Ordering::Acquire);
-                let _ = queue.stalled.set((queued, stall));
-                return Err(());
+    timer: Option<Pin<Box<Sleep>>>,
+    timer_at: Option<Instant>,
+}
+
+impl Out<'_> {
+    /// Writes `buf`, taking each chunk the socket accepts off the backlog
+    /// (rule 10); fails when the socket does, or takes nothing for the
+    /// stall timeout (rule 9).
+    async fn write_counted(&mut self, mut buf: &[u8]) -> Result<(), ()> {
+        while !buf.is_empty() {
+            // Each write may wait the stall timeout: progress is what counts.
+            let mut deadline = None;
+            let Out {
+                write,
+                queue,
+                stall,
+                timer,
+                timer_at,
+            } = self;
+            let written = within(
+                write.write(buf),
+                Some(*stall),
+                &mut deadline,
+                timer,
+                timer_at,
+            );
+            let n = match written.await {
+                Ok(n) if n > 0 => n,
+                Err(ProtocolError::Stalled(after)) => {
+                    let queued = queue.bytes.load(Ordering::Acquire);
+                    let _ = queue.stalled.set((queued, after));
+                    return Err(());
+                }
+                _ => return Err(()),
+            };
+            buf = &buf[n..];
+            let before = queue.bytes.fetch_sub(n, Ordering::AcqRel);
+            if before > QUEUE_LIMIT && before - n <= QUEUE_LIMIT {
+                queue.room.notify_waiters();
             }
-        };
-        buf = &buf[n..];
-        let before = queue.bytes.fetch_sub(n, Ordering::AcqRel);
-        if before > QUEUE_LIMIT && before - n <= QUEUE_LIMIT {
-            queue.room.notify_waiters();
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Sends a batch's frames to a writer.
