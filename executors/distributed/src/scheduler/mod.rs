@@ -51,7 +51,9 @@
 //!    room for a new one). Once authenticated, its frames are read within
 //!    the scheduler's budget ([`Options::frame_budget`]) and its stall
 //!    timeout ([`Options::stall_timeout`]); while more than 64 MiB wait to
-//!    be sent to it, its own frames are not read; a client with more than
+//!    be sent to it, its own frames are not read (and its reader lets the
+//!    state loop answer every 4 MiB it read, so that count is up to date:
+//!    `READ_AHEAD`); a client with more than
 //!    [`CLIENT_BACKLOG`] waiting is closed (its answers are small, so only
 //!    a client that stopped reading gets there; a worker is sent tasks with
 //!    their inputs, as big as clients made them, and is closed only when it
@@ -87,6 +89,12 @@ use state::{ClientId, Outbox, State};
 /// [`INLINE_BYTES`](crate::protocol::INLINE_BYTES) each, so this is a
 /// quarter of a million of them unread.
 pub const CLIENT_BACKLOG: usize = 256 << 20;
+
+/// The bytes of frames a connection's reader hands the state loop before it
+/// lets the state loop run (rule 7): the pause for a peer that does not read
+/// counts the answers of what was read, so a reader must not run far ahead
+/// of the state loop. Far more than a burst of ordinary frames.
+const READ_AHEAD: usize = 4 << 20;
 
 /// A scheduler running on a background thread; dropping it shuts it down.
 ///
@@ -664,7 +672,14 @@ async fn read_loop(
     writer: &net::Writer,
     held: &net::Held,
 ) -> Option<ProtocolError> {
+    let mut ahead = 0;
     loop {
+        if ahead >= READ_AHEAD {
+            // The state loop answers what was read before more is read, so
+            // the backlog below is up to date (rule 7).
+            ahead = 0;
+            tokio::task::yield_now().await;
+        }
         if !writer.has_room() {
             // Rule 7: a peer that does not read its answers is not read
             // from either, and not blamed for its silence meanwhile.
@@ -684,6 +699,7 @@ async fn read_loop(
             got = read.next() => match got {
                 Ok(true) => match decode_checked::<ToScheduler>(read.frame()) {
                     Ok(msgs) => {
+                        ahead += read.frame().len();
                         // The frame's budget is held until its messages
                         // were handled (net rule 8).
                         let grant = read.take_grant();
