@@ -76,6 +76,12 @@
 //!     never sees its graphs and never sends it a value. A client of a
 //!     scheduler in this process proves that scheduler's token to data
 //!     ports.
+//! 12. A client connected over TCP sends `Heartbeat` every
+//!     [`HEARTBEAT`] in which it sent nothing else, so its scheduler tells
+//!     an idle client from a vanished one (scheduler rule 4). Its
+//!     connections read within one budget for big frames and the stall
+//!     timeout (`net` rules 8 and 9); a scheduler that stops reading what
+//!     the client sends for that long is taken as lost (rule 10 of `net`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -103,6 +109,10 @@ const CANCEL_POLL: Duration = Duration::from_millis(20);
 /// Kept-remote outputs of at most this many bytes are fetched at once
 /// (rule 5): bringing them over costs less than a round trip later.
 const EAGER_FETCH: u64 = 64 << 10;
+
+/// How often a client connected over TCP says it is alive, when it sends
+/// nothing else (rule 12).
+const HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// How long [`RemoteValue::fetch`] waits for a held value's bytes before it
 /// gives up (a safety net: a lost connection fails the fetch at once).
@@ -538,16 +548,11 @@ impl Client {
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let weak = commands.downgrade();
         let name = address.to_owned();
+        let limits = net::Limits::standard();
         let body = async move {
-            let (me, scheduler) = (
-                crate::protocol::Role::Client,
-                crate::protocol::Role::Scheduler,
-            );
             let conn = match local {
-                Some(end) => Ok((net::Frames::local(end.recv), end.send)),
-                None => net::connect(&target, me, scheduler, build, &auth, net::CONNECT_TIMEOUT)
-                    .await
-                    .map(|(read, write, ..)| (net::Frames::stream(read), net::spawn_writer(write))),
+                Some(end) => Ok((net::Frames::local(end.recv), net::Writer::local(end.send))),
+                None => connect(&target, build, &auth, &limits).await,
             };
             match conn {
                 Ok((frames, writer)) => {
@@ -566,11 +571,12 @@ impl Client {
                     // outlive it: only TCP clients connect again.
                     let again = (!in_process).then(|| target.clone());
                     Loop::new(link, writer, again)
-                        .run(frames, commands_rx, build, auth)
+                        .run(frames, commands_rx, build, auth, limits)
                         .await;
                 }
                 Err(e) => {
-                    let _ = ready_tx.send(Err(e.into_error(&target, scheduler)));
+                    let _ =
+                        ready_tx.send(Err(e.into_error(&target, crate::protocol::Role::Scheduler)));
                 }
             }
         };
@@ -968,7 +974,7 @@ struct Fetching {
 struct Loop {
     address: String,
     link: Arc<Link>,
-    writer: mpsc::UnboundedSender<Vec<u8>>,
+    writer: Writer,
     connected: bool,
     open: HashMap<u64, Open>,
     /// Output slots and fetches waiting for each key.
@@ -994,6 +1000,8 @@ struct Loop {
     /// Submissions made while disconnected, waiting for the attempt in
     /// flight (rule 10).
     parked: Vec<Submission>,
+    /// When the last frame went to the scheduler (rule 12).
+    last_sent: Instant,
 }
 
 /// The first wait between attempts to connect again (rule 10); it doubles
@@ -1009,7 +1017,35 @@ type Attempt = std::pin::Pin<
 >;
 
 /// Where a connection's frames go.
-type Writer = mpsc::UnboundedSender<Vec<u8>>;
+type Writer = net::Writer;
+
+/// Connects to the scheduler at `target` over TCP, as a client of `build`,
+/// reading within `limits`.
+async fn connect(
+    target: &str,
+    build: BuildId,
+    auth: &Auth,
+    limits: &net::Limits,
+) -> Result<(net::Frames, Writer), ConnectError> {
+    let (me, scheduler) = (
+        crate::protocol::Role::Client,
+        crate::protocol::Role::Scheduler,
+    );
+    let c = net::connect(
+        target,
+        me,
+        scheduler,
+        build,
+        auth,
+        net::CONNECT_TIMEOUT,
+        limits,
+    )
+    .await?;
+    Ok((
+        net::Frames::stream(c.read),
+        net::spawn_writer(c.write, limits, None),
+    ))
+}
 
 /// A loop dropped before it ended, with the runtime it ran on (a local
 /// cluster's scheduler shutting down), still reports every open
@@ -1031,6 +1067,7 @@ impl Loop {
             next_attempt: None,
             backoff: FIRST_BACKOFF,
             parked: Vec::new(),
+            last_sent: Instant::now(),
             address: link.address.clone(),
             link,
             writer,
@@ -1049,18 +1086,30 @@ impl Loop {
 
     /// Runs until the last `Client` is gone; fetches from data ports as a
     /// process of `build` proving `auth`, and connects again with it
-    /// (rules 10 and 11).
+    /// (rules 10 and 11); reads within `limits`.
     async fn run(
         mut self,
         mut read: net::Frames,
         mut commands: mpsc::UnboundedReceiver<Sequenced>,
         build: BuildId,
         auth: Arc<Auth>,
+        limits: net::Limits,
     ) {
         let (fetch_tx, mut fetched) = mpsc::unbounded_channel::<Fetched>();
-        self.peers = Some(PeerPool::new(fetch_tx.clone(), build, auth.clone()));
+        self.peers = Some(PeerPool::new(
+            fetch_tx.clone(),
+            build,
+            auth.clone(),
+            limits.clone(),
+        ));
         let mut tick = tokio::time::interval(CANCEL_POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Rule 12; a client of a scheduler in this process sends none.
+        let beats = self.target.is_some();
+        // Ticks twice per period: a heartbeat goes at most 1.5 periods
+        // after the last frame.
+        let mut heartbeat = tokio::time::interval(HEARTBEAT / 2);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut attempt: Option<Attempt> = None;
         loop {
             let open = !self.open.is_empty();
@@ -1075,17 +1124,9 @@ impl Loop {
                     self.next_attempt = None;
                     if let Some(target) = self.target.clone() {
                         let auth = auth.clone();
+                        let limits = limits.clone();
                         attempt = Some(Box::pin(async move {
-                            net::connect(
-                                &target,
-                                crate::protocol::Role::Client,
-                                crate::protocol::Role::Scheduler,
-                                build,
-                                &auth,
-                                net::CONNECT_TIMEOUT,
-                            )
-                            .await
-                            .map(|(r, w, ..)| (net::Frames::stream(r), net::spawn_writer(w)))
+                            connect(&target, build, &auth, &limits).await
                         }));
                     }
                 }
@@ -1094,7 +1135,8 @@ impl Loop {
                     match done {
                         Ok((frames, writer)) => {
                             read = frames;
-                            let peers = PeerPool::new(fetch_tx.clone(), build, auth.clone());
+                            let peers =
+                                PeerPool::new(fetch_tx.clone(), build, auth.clone(), limits.clone());
                             self.reconnected(writer, peers);
                         }
                         Err(e) => self.reconnect_failed(&e),
@@ -1133,6 +1175,19 @@ impl Loop {
                     self.fetched(f);
                     while let Ok(f) = fetched.try_recv() {
                         self.fetched(f);
+                    }
+                }
+                why = self.writer.closed(), if self.connected => {
+                    // The scheduler stopped reading (net rule 9), or the
+                    // socket failed: the connection is lost (rule 10).
+                    if let Some(e) = why {
+                        log!("client: closing the scheduler connection: {e}");
+                    }
+                    self.disconnected();
+                }
+                _ = heartbeat.tick(), if beats => {
+                    if self.connected && self.last_sent.elapsed() >= HEARTBEAT {
+                        self.out.push(&ToScheduler::Heartbeat);
                     }
                 }
                 _ = tick.tick(), if open => {}
@@ -1708,7 +1763,9 @@ impl Loop {
         }
         if !self.out.is_empty() {
             if self.connected {
-                net::send_batch(&self.writer, &mut self.out);
+                // A refusal is the connection failing: `run` sees it go.
+                let _ = net::send_batch(&self.writer, &mut self.out);
+                self.last_sent = Instant::now();
             } else {
                 self.out.take_frames();
             }

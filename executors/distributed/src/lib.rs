@@ -150,6 +150,18 @@
 //!   (a thread count, a size, a duration; see [`protocol`]), or a message a
 //!   role may not send closes that connection with a line on stderr
 //!   (`rask-distributed: …`); the rest of the cluster carries on.
+//! - **Limits before trust.** Until its handshake passed, a connection may
+//!   send that handshake only (a fixed 44 bytes, within 5 s), and at most
+//!   256 connections wait so on a socket: a new one closes the oldest.
+//!   After it, what any peer can make a process hold is bounded: frames
+//!   over 64 KiB wait for a share of a budget of 1 GiB per process (a
+//!   scheduler's [`scheduler::Options::frame_budget`]) instead of being
+//!   allocated; a frame trickled in, or a peer that stops reading its
+//!   answers, is closed after a stall timeout (30 s); a server stops
+//!   reading a peer with more than 64 MiB of answers waiting for it;
+//!   clients send heartbeats and a silent one is closed after a minute;
+//!   connections are capped per role from the limit of open files; and
+//!   lines a peer can make a process log are rate-limited.
 #![warn(missing_docs)]
 
 mod auth;

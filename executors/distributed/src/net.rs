@@ -1,6 +1,8 @@
 //! The transport every role shares: framed TCP connections with handshakes,
-//! per-connection writer tasks that coalesce frames, and the pool of
-//! connections to workers' data ports that clients and workers fetch from.
+//! per-connection writer tasks that coalesce frames, the pool of
+//! connections to workers' data ports that clients and workers fetch from,
+//! and the limits that keep a peer, trusted or not, from taking more of a
+//! process than its share.
 //!
 //! This module knows messages only through [`protocol`](crate::protocol);
 //! the scheduler, worker and client use it and never each other.
@@ -9,29 +11,84 @@
 //!
 //! 1. Every socket has `TCP_NODELAY`: batches are already coalesced by the
 //!    writer task, so Nagle's algorithm would only add latency.
-//! 2. A writer task owns the write half; senders hand it whole frames through
-//!    an unbounded channel and never wait for the network.
-//! 3. A connection is closed by dropping its writer channel and its reader;
-//!    every fetch in flight on a closed data connection is reported lost.
+//! 2. A writer task owns the write half; senders hand it whole frames
+//!    through a [`Writer`] and never wait for the network.
+//! 3. A connection is closed by dropping its writer and its reader; every
+//!    fetch in flight on a closed data connection is reported lost.
 //! 4. Handshakes carry the sender's [`BuildId`]; [`connect`] and [`accept`]
 //!    give the caller the peer's and leave the decision to it. The one
 //!    decision taken here: a data port whose answer names another build
 //!    than the reader's is not read from (its fetches are lost).
-//! 5. [`connect`] and [`accept`] return only once the handshake's
-//!    authentication passed (`auth.rs` rules 2 to 4, `handshake.rs`):
-//!    whatever is read or written on a connection after they return is
-//!    between processes that proved the cluster's token, or that both run
-//!    without one. A [`PeerPool`] proves the token of the process it
-//!    belongs to.
+//! 5. **Logs a peer can trigger are rate-limited** ([`log_limited!`]): at
+//!    most [`LOG_BURST`] lines of a kind per [`LOG_WINDOW`], and the next
+//!    line printed says how many were left out. A failing `accept` backs
+//!    off from 10 ms to 1 s ([`Backoff`]) instead of spinning.
+//! 6. **Before authentication.** An accepted connection is *pre-auth* until
+//!    [`accept`] returns `Ok`: the single place where a connection becomes
+//!    authenticated (its handshake passed, token proofs included) and its limits switch
+//!    from these to those of the rules that follow. Pre-auth, nothing but the
+//!    handshake is read, straight from the socket into the fixed arrays of
+//!    `handshake.rs`: no read buffer, no frame, nothing sized by the peer.
+//!    It must be over within
+//!    [`HANDSHAKE_TIMEOUT`](handshake::HANDSHAKE_TIMEOUT), and at most
+//!    [`Caps::pre_auth`] connections are pre-auth at once: a new one closes
+//!    the oldest ([`Gate`]), so sockets left idle before their handshake
+//!    cannot lock out a peer that completes its own in one round trip.
+//! 7. **Connection caps.** A listening socket takes at most
+//!    [`Caps::total`] connections, derived from the process's limit of
+//!    open files; each role at most [`Caps::per_role`], leaving room for
+//!    the others.
+//! 8. **Frame budget.** A frame body is at most
+//!    [`MAX_FRAME`](crate::protocol::MAX_FRAME). Every frame over
+//!    [`SMALL_FRAME`] is read only once its whole announced length was
+//!    granted from the [`Budget`] of the process ([`FRAME_BUDGET`] unless a
+//!    scheduler's options say otherwise), and the grant lasts until its
+//!    messages were handled. A frame that does not fit waits, and its
+//!    connection is not read meanwhile (back-pressure, nothing
+//!    allocated); a frame larger than the whole budget closes its
+//!    connection. Grants are handed out first come, first served, so a
+//!    frame up to the whole budget is read once the frames before it
+//!    finish. That cannot deadlock: a grant is only held by a frame being
+//!    received, which rule 9 bounds in time, or by one being handled, which
+//!    never waits for a grant. Small frames (heartbeats, most batches) never
+//!    wait, so a big frame waiting for room does not silence its process;
+//!    they cost at most [`SMALL_FRAME`] per connection, and connections are
+//!    capped (rule 7).
+//! 9. **Stalls.** A frame must be received within [`STALL_TIMEOUT`] (a
+//!    scheduler's `stall_timeout`) of its start, or of its grant, plus one
+//!    second per [`MIN_FRAME_RATE`] bytes of its length: a peer that
+//!    trickles a frame (slow-loris) is closed. The time counts from the
+//!    first read of the frame that has to wait for bytes, so a frame that
+//!    arrived whole costs no clock and no timer. A writer whose peer takes no
+//!    byte for that long while something is queued for it gives up, and
+//!    the connection closes: the peer stopped reading.
+//! 10. **Backlog.** A writer counts the bytes queued for its peer and not yet
+//!     taken by the socket. Above [`QUEUE_LIMIT`], a server stops reading
+//!     that peer's requests until the backlog drains ([`Writer::room`]): a
+//!     peer cannot make a process answer faster than it reads the answers.
+//!     A writer given a cap ([`spawn_writer`]) refuses a frame once more
+//!     than the cap is queued, and its connection closes.
+//! 11. **Authentication.** [`connect`] and [`accept`] return only once the
+//!     handshake's authentication passed (`auth.rs` rules 2 to 4,
+//!     `handshake.rs`): whatever is read or written on a connection after
+//!     they return is between processes that proved the cluster's token, or
+//!     that both run without one. A [`PeerPool`] proves the token of the
+//!     process it belongs to.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Sleep};
 
 use crate::handshake;
 use crate::protocol::{
@@ -40,8 +97,56 @@ use crate::protocol::{
 };
 use crate::{Auth, BuildId};
 
-/// How long connecting to a peer's data port may take.
+/// How long connecting to a peer may take, and how long the peer may take
+/// to answer the handshake.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Frames up to this many bytes are read without a grant from the budget
+/// (rule 8): heartbeats, reports and most batches.
+pub(crate) const SMALL_FRAME: usize = 64 << 10;
+
+/// The bytes of frames over [`SMALL_FRAME`] a process receives and handles
+/// at once (rule 8), 1 GiB: twice [`MAX_FRAME`](crate::protocol::MAX_FRAME),
+/// so two of the biggest frames can be read at once, and a process's
+/// memory for frames stays bounded however many peers send them.
+pub(crate) const FRAME_BUDGET: usize = 1 << 30;
+
+/// The time a frame may take, on top of one second per [`MIN_FRAME_RATE`]
+/// bytes, and the longest a peer may leave bytes queued for it unread
+/// (rule 9). A healthy peer never stops for this long.
+pub(crate) const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The slowest a frame may arrive, after [`STALL_TIMEOUT`] (rule 9), in
+/// bytes per second: 1 MiB/s, so the biggest frame may take about 9
+/// minutes, and a frame of a few bytes the stall timeout.
+pub(crate) const MIN_FRAME_RATE: usize = 1 << 20;
+
+/// The bytes queued for one peer above which a server stops reading that
+/// peer's requests (rule 10), 64 MiB.
+pub(crate) const QUEUE_LIMIT: usize = 64 << 20;
+
+/// How many lines of one kind [`log_limited!`] prints per [`LOG_WINDOW`].
+pub(crate) const LOG_BURST: u32 = 10;
+
+/// The window of [`LOG_BURST`].
+pub(crate) const LOG_WINDOW: Duration = Duration::from_secs(1);
+
+/// The first wait after a failed `accept` (rule 5); it doubles after each
+/// failure in a row, up to [`ACCEPT_BACKOFF_MAX`].
+pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+
+/// The longest wait after a failed `accept`.
+pub(crate) const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Connections at most pre-auth on one listening socket (rule 6), unless
+/// the open-file limit allows fewer ([`Caps::for_files`]).
+pub(crate) const PRE_AUTH_LIMIT: usize = 256;
+
+/// How long a reader keeps a data connection with nothing in flight before
+/// it closes it (a later fetch opens another). Shorter than a data port's
+/// own idle timeout, so in the normal course a reader closes its idle
+/// connections itself and never races a server closing them.
+pub(crate) const PEER_IDLE: Duration = Duration::from_secs(30);
 
 /// Logs a line on stderr with the crate's prefix, in one write: stderr is
 /// unbuffered, and an `eprintln!` written in pieces could mix with what
@@ -71,51 +176,238 @@ impl std::fmt::Display for Chain<'_> {
     }
 }
 
-/// Reads frames from a stream, one at a time.
+/// [`log!`] for a line a peer can make this process print (rule 5): at
+/// most [`LOG_BURST`] lines of `kind` per [`LOG_WINDOW`]; the next line
+/// printed after some were left out says how many.
+macro_rules! log_limited {
+    ($kind:expr, $($arg:tt)*) => {
+        if let Some(left_out) = $crate::net::log_admit($kind) {
+            if left_out == 0 {
+                $crate::net::log!($($arg)*)
+            } else {
+                $crate::net::log!(
+                    "{} ({left_out} more like this not logged)",
+                    format_args!($($arg)*)
+                )
+            }
+        }
+    };
+}
+pub(crate) use log_limited;
+
+/// How many lines of one kind were printed in the current window, and how
+/// many were left out since the last one printed (rule 5). Pure: the
+/// caller gives the time.
+#[derive(Debug, Default)]
+pub(crate) struct RateLimit {
+    window: Option<std::time::Instant>,
+    printed: u32,
+    left_out: u64,
+}
+
+impl RateLimit {
+    /// A line at `now`: `Some(n)` to print it, `n` lines having been left
+    /// out since the last one printed; `None` to leave it out.
+    pub(crate) fn admit(&mut self, now: std::time::Instant) -> Option<u64> {
+        let fresh = self
+            .window
+            .is_none_or(|start| now.saturating_duration_since(start) >= LOG_WINDOW);
+        if fresh {
+            self.window = Some(now);
+            self.printed = 0;
+        }
+        if self.printed < LOG_BURST {
+            self.printed += 1;
+            Some(std::mem::take(&mut self.left_out))
+        } else {
+            self.left_out += 1;
+            None
+        }
+    }
+}
+
+/// The rate limits of every kind of line, for the whole process: a flood
+/// of one kind is one flood, whichever role's socket it comes through.
+static LOG_LIMITS: Mutex<Vec<(&'static str, RateLimit)>> = Mutex::new(Vec::new());
+
+/// [`RateLimit::admit`] for a line of `kind`, now.
+pub(crate) fn log_admit(kind: &'static str) -> Option<u64> {
+    let mut limits = LOG_LIMITS.lock().unwrap_or_else(PoisonError::into_inner);
+    let now = std::time::Instant::now();
+    if let Some((_, limit)) = limits.iter_mut().find(|(k, _)| *k == kind) {
+        return limit.admit(now);
+    }
+    let mut limit = RateLimit::default();
+    let verdict = limit.admit(now);
+    limits.push((kind, limit));
+    verdict
+}
+
+/// The wait after each failed `accept` in a row (rule 5): from
+/// [`ACCEPT_BACKOFF`], doubling up to [`ACCEPT_BACKOFF_MAX`]; a success
+/// starts over. Pure.
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            next: ACCEPT_BACKOFF,
+        }
+    }
+}
+
+impl Backoff {
+    /// An attempt failed: how long to wait before the next.
+    pub(crate) fn failed(&mut self) -> Duration {
+        let wait = self.next;
+        self.next = (wait * 2).min(ACCEPT_BACKOFF_MAX);
+        wait
+    }
+
+    /// An attempt succeeded.
+    pub(crate) fn succeeded(&mut self) {
+        self.next = ACCEPT_BACKOFF;
+    }
+}
+
+/// A grant of budget for one frame (rule 8): the frame's bytes return to
+/// the budget when it is dropped.
+pub(crate) type Grant = OwnedSemaphorePermit;
+
+/// The bytes of big frames a process may hold at once (rule 8), shared by
+/// the connections of one scheduler, one worker or one client.
+#[derive(Clone, Debug)]
+pub(crate) struct Budget {
+    permits: Arc<Semaphore>,
+    total: usize,
+}
+
+impl Budget {
+    /// A budget of `bytes` (at most what a semaphore counts: far more than
+    /// any memory).
+    pub(crate) fn new(bytes: usize) -> Budget {
+        let total = bytes.min(Semaphore::MAX_PERMITS);
+        Budget {
+            permits: Arc::new(Semaphore::new(total)),
+            total,
+        }
+    }
+}
+
+/// What a process allows its authenticated connections (rules 8 and 9).
+#[derive(Clone, Debug)]
+pub(crate) struct Limits {
+    pub(crate) budget: Budget,
+    /// [`STALL_TIMEOUT`] unless a scheduler's options say otherwise.
+    pub(crate) stall: Duration,
+}
+
+impl Limits {
+    /// A budget of `budget` bytes and a stall timeout of `stall`.
+    pub(crate) fn new(budget: usize, stall: Duration) -> Limits {
+        Limits {
+            budget: Budget::new(budget),
+            stall,
+        }
+    }
+
+    /// The defaults: [`FRAME_BUDGET`] and [`STALL_TIMEOUT`].
+    pub(crate) fn standard() -> Limits {
+        Limits::new(FRAME_BUDGET, STALL_TIMEOUT)
+    }
+
+    /// The time a frame of `len` bytes may take (rule 9).
+    fn allowance(&self, len: usize) -> Duration {
+        self.stall
+            .saturating_add(Duration::from_secs((len / MIN_FRAME_RATE) as u64))
+    }
+}
+
+/// Set while a connection's reader waits for something this side decides
+/// (a grant, room in its writer): the peer is not to be blamed for the
+/// silence meanwhile.
+pub(crate) type Held = Arc<AtomicBool>;
+
+/// A grant being waited for, kept across cancellations so the frame keeps
+/// its place in line (rule 8).
+type Waiting = Pin<Box<dyn Future<Output = Result<Grant, tokio::sync::AcquireError>> + Send>>;
+
+/// Reads frames from a stream, one at a time, within the limits of rules 8
+/// and 9.
 ///
-/// Cancel-safe: progress through a frame is kept in `self`, so `next` can sit
-/// in a `select!` beside other branches without losing bytes.
+/// Cancel-safe: progress through a frame (and a grant being waited for) is
+/// kept in `self`, so `next` can sit in a `select!` beside other branches
+/// without losing bytes or its place.
 pub(crate) struct FrameReader<R> {
     inner: R,
     prefix: [u8; 4],
     prefix_len: usize,
-    /// The frame being read, once its length is known.
+    /// The frame being read, once its length is known and admitted.
     want: Option<usize>,
     body: Vec<u8>,
+    limits: Limits,
+    /// The budget of the frame being read, or of the one just returned.
+    grant: Option<Grant>,
+    waiting: Option<Waiting>,
+    /// What the frame under way is allowed (rule 9); `None` between
+    /// frames.
+    allowed: Option<Duration>,
+    /// When it must be complete: set by the first read of it that has to
+    /// wait, so a frame already buffered costs no clock and no timer.
+    deadline: Option<Instant>,
+    timer: Option<Pin<Box<Sleep>>>,
+    timer_at: Option<Instant>,
+    /// Whether `next` returned a frame not released yet.
+    returned: bool,
+    held: Option<Held>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
-    pub(crate) fn new(inner: R) -> Self {
+    /// A reader of `inner` within `limits`.
+    pub(crate) fn new(inner: R, limits: Limits) -> Self {
         FrameReader {
             inner,
             prefix: [0; 4],
             prefix_len: 0,
             want: None,
             body: Vec::new(),
+            limits,
+            grant: None,
+            waiting: None,
+            allowed: None,
+            deadline: None,
+            timer: None,
+            timer_at: None,
+            returned: false,
+            held: None,
         }
     }
 
+    /// Sets `held` while the reader waits for a grant.
+    pub(crate) fn held_by(mut self, held: Held) -> Self {
+        self.held = Some(held);
+        self
+    }
+
     /// Reads the next frame; `Ok(false)` on a clean end of stream between
-    /// frames. The frame's body is then [`FrameReader::frame`].
+    /// frames. The frame's body is then [`FrameReader::frame`]; its grant
+    /// is released by the next call, unless [`FrameReader::take_grant`]
+    /// took it along with the frame's messages.
     pub(crate) async fn next(&mut self) -> Result<bool, ProtocolError> {
+        self.release();
         loop {
             match self.want {
                 None if self.prefix_len == 4 => {
                     let len = frame_len(self.prefix)?;
-                    // Shrink after big frames; grow as bytes arrive rather
-                    // than trusting the announced length up front.
-                    if self.body.capacity() > (16 << 20) {
-                        self.body = Vec::new();
-                    }
+                    self.admit(len).await?;
                     self.body.clear();
                     self.want = Some(len);
                 }
                 None => {
-                    let n = self
-                        .inner
-                        .read(&mut self.prefix[self.prefix_len..])
-                        .await
-                        .map_err(ProtocolError::Io)?;
+                    let n = self.read_prefix().await?;
                     if n == 0 {
                         return if self.prefix_len == 0 {
                             Ok(false)
@@ -123,21 +415,25 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                             Err(ProtocolError::Closed)
                         };
                     }
+                    if self.prefix_len == 0 {
+                        // A frame starts: the stall timeout until its
+                        // length is known (rule 9).
+                        self.allowed = Some(self.limits.stall);
+                    }
                     self.prefix_len += n;
                 }
                 Some(len) if self.body.len() == len => {
                     self.want = None;
                     self.prefix_len = 0;
+                    self.allowed = None;
+                    self.deadline = None;
+                    self.returned = true;
                     return Ok(true);
                 }
                 Some(len) => {
                     let remaining = len - self.body.len();
                     self.body.reserve(remaining.min(1 << 20));
-                    let n = (&mut self.inner)
-                        .take(remaining as u64)
-                        .read_buf(&mut self.body)
-                        .await
-                        .map_err(ProtocolError::Io)?;
+                    let n = self.read_body(remaining).await?;
                     if n == 0 {
                         return Err(ProtocolError::Closed);
                     }
@@ -150,6 +446,141 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub(crate) fn frame(&self) -> &[u8] {
         &self.body
     }
+
+    /// The grant of the frame `next` just read, to keep until its messages
+    /// were handled (rule 8).
+    pub(crate) fn take_grant(&mut self) -> Option<Grant> {
+        self.grant.take()
+    }
+
+    /// Whether a frame is under way: some of it was read, or it waits for
+    /// its grant.
+    pub(crate) fn in_frame(&self) -> bool {
+        self.prefix_len > 0 && !self.returned
+    }
+
+    /// Lets go of the frame returned last: its grant, and its buffer if it
+    /// was big, so an idle connection holds at most [`SMALL_FRAME`].
+    fn release(&mut self) {
+        if std::mem::take(&mut self.returned) {
+            self.grant = None;
+            if self.body.capacity() > SMALL_FRAME {
+                self.body = Vec::new();
+            }
+        }
+    }
+
+    /// Admits a frame of `len` bytes (rule 8): a small one at once, a big
+    /// one once the budget grants its length. Sets the frame's deadline
+    /// (rule 9).
+    async fn admit(&mut self, len: usize) -> Result<(), ProtocolError> {
+        let mut waited = false;
+        if len > SMALL_FRAME {
+            let budget = &self.limits.budget;
+            if len > budget.total {
+                return Err(ProtocolError::FrameTooLarge {
+                    len,
+                    max: budget.total,
+                });
+            }
+            // At most MAX_FRAME (checked by `frame_len`), far below u32::MAX.
+            let permits = len as u32;
+            if self.waiting.is_none() {
+                match budget.permits.clone().try_acquire_many_owned(permits) {
+                    Ok(grant) => self.grant = Some(grant),
+                    Err(_) => {
+                        let permits_for = budget.permits.clone();
+                        self.waiting = Some(Box::pin(permits_for.acquire_many_owned(permits)));
+                    }
+                }
+            }
+            if let Some(waiting) = self.waiting.as_mut() {
+                if let Some(held) = &self.held {
+                    held.store(true, Ordering::Release);
+                }
+                let granted = waiting.await;
+                self.waiting = None;
+                if let Some(held) = &self.held {
+                    held.store(false, Ordering::Release);
+                }
+                // The semaphore is never closed.
+                self.grant = Some(granted.map_err(|_| ProtocolError::Closed)?);
+                waited = true;
+            }
+        }
+        let allowed = self.limits.allowance(len);
+        // The time counts from the frame's start, or from its grant when it
+        // had to wait for one.
+        self.deadline = match (self.deadline, self.allowed) {
+            (Some(deadline), Some(first)) if !waited => Some(deadline - first + allowed),
+            _ => None,
+        };
+        self.allowed = Some(allowed);
+        Ok(())
+    }
+
+    async fn read_prefix(&mut self) -> Result<usize, ProtocolError> {
+        let FrameReader {
+            inner,
+            prefix,
+            prefix_len,
+            allowed,
+            deadline,
+            timer,
+            timer_at,
+            ..
+        } = self;
+        let read = inner.read(&mut prefix[*prefix_len..]);
+        within(read, *allowed, deadline, timer, timer_at).await
+    }
+
+    async fn read_body(&mut self, remaining: usize) -> Result<usize, ProtocolError> {
+        let FrameReader {
+            inner,
+            body,
+            allowed,
+            deadline,
+            timer,
+            timer_at,
+            ..
+        } = self;
+        let mut limited = inner.take(remaining as u64);
+        let read = limited.read_buf(body);
+        within(read, *allowed, deadline, timer, timer_at).await
+    }
+}
+
+/// Runs `io` (a read or a write) until it completes or the time `allowed`
+/// for it is up (rule 9): `deadline` is set, to `allowed` from now, by the
+/// first poll that has to wait, and the timer armed only then, so an
+/// operation that completes at once costs neither a clock nor a timer.
+async fn within<F: Future<Output = std::io::Result<usize>>>(
+    io: F,
+    allowed: Option<Duration>,
+    deadline: &mut Option<Instant>,
+    timer: &mut Option<Pin<Box<Sleep>>>,
+    timer_at: &mut Option<Instant>,
+) -> Result<usize, ProtocolError> {
+    let mut io = std::pin::pin!(io);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(result) = io.as_mut().poll(cx) {
+            return Poll::Ready(result.map_err(ProtocolError::Io));
+        }
+        let Some(allowed) = allowed else {
+            return Poll::Pending;
+        };
+        let at = *deadline.get_or_insert_with(|| Instant::now() + allowed);
+        let sleep = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+        if *timer_at != Some(at) {
+            sleep.as_mut().reset(at);
+            *timer_at = Some(at);
+        }
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(ProtocolError::Stalled(allowed))),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// The reading half of a TCP connection, buffered.
@@ -172,13 +603,13 @@ fn tune(stream: &TcpStream) {
     }
 }
 
-/// Splits a TCP stream into its halves, with Nagle off and keepalive on: a
-/// peer whose machine vanished (powered off, unplugged) without closing
-/// the connection is noticed by the kernel within a few minutes and the
-/// connection fails, for clients too (workers also send heartbeats, which
-/// catch a hung process sooner).
+/// Splits a TCP stream (already [`tune`]d: Nagle off, keepalive on) into
+/// its halves: a peer whose machine vanished (powered off, unplugged)
+/// without closing the connection is noticed by the kernel within a few
+/// minutes and the connection fails, for clients too (workers also send
+/// heartbeats, which catch a hung process sooner). The read buffer is
+/// allocated here, after the handshake (rule 6).
 fn tcp_halves(stream: TcpStream) -> (Reader, OwnedWriteHalf) {
-    tune(&stream);
     let (read, write) = stream.into_split();
     (BufReader::with_capacity(64 << 10, read), write)
 }
@@ -187,7 +618,7 @@ fn tcp_halves(stream: TcpStream) -> (Reader, OwnedWriteHalf) {
 /// of one process: whole frames (length prefix included) are handed over as
 /// they are, with no bytes copied through a pipe and no handshake (both ends
 /// are the same build). Dropping an end closes the connection, as closing a
-/// socket does.
+/// socket does. Nothing here is limited: both ends are the same program.
 pub(crate) struct LocalEnd {
     /// Frames to the other end.
     pub(crate) send: mpsc::UnboundedSender<Vec<u8>>,
@@ -214,7 +645,8 @@ pub(crate) fn local_pair() -> (LocalEnd, LocalEnd) {
 /// Where a connection's frames come from: a socket, or the other end of an
 /// in-memory connection ([`LocalEnd`]).
 pub(crate) enum Frames {
-    Stream(FrameReader<Reader>),
+    /// Boxed: a reader is much bigger than an in-memory end.
+    Stream(Box<FrameReader<Reader>>),
     Local {
         recv: mpsc::UnboundedReceiver<Vec<u8>>,
         /// The last frame received, length prefix included.
@@ -223,8 +655,8 @@ pub(crate) enum Frames {
 }
 
 impl Frames {
-    pub(crate) fn stream(read: Reader) -> Frames {
-        Frames::Stream(FrameReader::new(read))
+    pub(crate) fn stream(read: FrameReader<Reader>) -> Frames {
+        Frames::Stream(Box::new(read))
     }
 
     pub(crate) fn local(recv: mpsc::UnboundedReceiver<Vec<u8>>) -> Frames {
@@ -255,11 +687,32 @@ impl Frames {
             Frames::Local { current, .. } => current.get(4..).unwrap_or_default(),
         }
     }
+
+    /// As [`FrameReader::take_grant`]; none for an in-memory connection.
+    pub(crate) fn take_grant(&mut self) -> Option<Grant> {
+        match self {
+            Frames::Stream(reader) => reader.take_grant(),
+            Frames::Local { .. } => None,
+        }
+    }
+}
+
+/// A connection opened by [`connect`].
+pub(crate) struct Connected {
+    /// Its frames, within the limits given to `connect`.
+    pub(crate) read: FrameReader<Reader>,
+    /// Its write half, for [`spawn_writer`].
+    pub(crate) write: OwnedWriteHalf,
+    /// This end's address.
+    pub(crate) local: SocketAddr,
+    /// The peer's build (rule 4).
+    pub(crate) build: BuildId,
 }
 
 /// Opens a connection as `role` of `build` proving `auth`, and checks the
-/// answer comes from `expect` and proves the same (rule 5); also returns
-/// this end's address and the peer's build (rule 4).
+/// answer comes from `expect` and proves the same (rule 11); its frames are
+/// read within `limits`. `timeout` bounds the connection,
+/// [`HANDSHAKE_TIMEOUT`](handshake::HANDSHAKE_TIMEOUT) the handshake.
 pub(crate) async fn connect(
     address: &str,
     role: Role,
@@ -267,18 +720,30 @@ pub(crate) async fn connect(
     build: BuildId,
     auth: &Auth,
     timeout: Duration,
-) -> Result<(Reader, OwnedWriteHalf, SocketAddr, BuildId), ConnectError> {
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
+    limits: &Limits,
+) -> Result<Connected, ConnectError> {
+    let mut stream = match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(ConnectError::Io(e)),
         Err(_) => return Err(ConnectError::Timeout),
     };
     let local = stream.local_addr().map_err(ConnectError::Io)?;
-    let (mut read, mut write) = tcp_halves(stream);
-    let theirs = handshake::connector(&mut read, &mut write, role, expect, build, auth)
-        .await
-        .map_err(ConnectError::Handshake)?;
-    Ok((read, write, local, theirs.build))
+    tune(&stream);
+    let theirs = {
+        // Straight from the socket: the handshake reads exactly its fixed
+        // frames, so nothing of the peer's first batch is consumed here.
+        let (mut read, mut write) = stream.split();
+        handshake::connector(&mut read, &mut write, role, expect, build, auth)
+            .await
+            .map_err(ConnectError::Handshake)?
+    };
+    let (read, write) = tcp_halves(stream);
+    Ok(Connected {
+        read: FrameReader::new(read, limits.clone()),
+        write,
+        local,
+        build: theirs.build,
+    })
 }
 
 /// Why [`connect`] failed.
@@ -318,33 +783,461 @@ impl std::fmt::Display for ConnectError {
     }
 }
 
-/// Checks an accepted connection's handshake and answers it as `me` of
-/// `build`, requiring the peer to prove `auth` (rule 5). Returns the peer's
-/// handshake, whose role and build the caller must check (rule 4).
+/// An authenticated connection, as [`accept`] returns it.
+pub(crate) struct Accepted {
+    /// The peer's handshake: its role is one the caller serves; its build
+    /// is the caller's to check (rule 4).
+    pub(crate) hello: Handshake,
+    /// Its frames, within the limits given to `accept`.
+    pub(crate) read: FrameReader<Reader>,
+    /// Its write half, for [`spawn_writer`].
+    pub(crate) write: OwnedWriteHalf,
+    /// Its place among the connections of its role (rule 7): keep it as
+    /// long as the connection.
+    pub(crate) slot: Slot,
+}
+
+/// Takes an accepted connection, pre-auth under `ticket`, through its
+/// handshake: checks the peer's, answers as `me` of `build`, requires the
+/// peer to prove `auth` (rule 11) and, if the peer's role is one of
+/// `serves` and has room, authenticates it. This is
+/// the one place a connection switches from the limits of rule 6 to those
+/// of the rules that follow: its frames are then read within `limits`.
+///
+/// # Errors
+///
+/// Why the connection is to be closed: a bad, slow or refused handshake
+/// ([`ProtocolError::Timeout`] after
+/// [`HANDSHAKE_TIMEOUT`](handshake::HANDSHAKE_TIMEOUT)), a token not proved
+/// ([`ProtocolError::Auth`]), eviction by a
+/// newer connection ([`ProtocolError::Evicted`]), a role not served
+/// ([`ProtocolError::Role`]) or full ([`ProtocolError::Full`]).
 pub(crate) async fn accept(
-    stream: TcpStream,
+    mut stream: TcpStream,
+    ticket: PreAuth,
     me: Role,
     build: BuildId,
     auth: &Auth,
-) -> Result<(Handshake, Reader, OwnedWriteHalf), ProtocolError> {
-    let (mut read, mut write) = tcp_halves(stream);
-    let theirs = handshake::acceptor(&mut read, &mut write, me, build, auth).await?;
-    Ok((theirs, read, write))
+    serves: &[Role],
+    limits: &Limits,
+) -> Result<Accepted, ProtocolError> {
+    let PreAuth {
+        id,
+        gate,
+        mut evicted,
+    } = ticket;
+    // Dropped on every way out, which takes the ticket out of the line.
+    let ticket = Ticket { id, gate };
+    tune(&stream);
+    let theirs = {
+        // Straight from the socket into the handshake's fixed frames: no
+        // read buffer, nothing sized by the peer (rule 6).
+        let (mut read, mut write) = stream.split();
+        let exchange = handshake::acceptor(&mut read, &mut write, me, build, auth);
+        tokio::select! {
+            done = exchange => done?,
+            _ = &mut evicted => return Err(ProtocolError::Evicted(ticket.gate.caps.pre_auth)),
+        }
+    };
+    if !serves.contains(&theirs.role) {
+        return Err(ProtocolError::Role(theirs.role));
+    }
+    // Authenticated from here on (rule 6).
+    let slot = ticket.authenticated(theirs.role)?;
+    let (read, write) = tcp_halves(stream);
+    Ok(Accepted {
+        hello: theirs,
+        read: FrameReader::new(read, limits.clone()),
+        write,
+        slot,
+    })
+}
+
+/// How many connections one listening socket takes (rules 6 and 7).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Caps {
+    /// Connections of every kind at once.
+    pub(crate) total: usize,
+    /// Connections still in their handshake: room always kept for them.
+    pub(crate) pre_auth: usize,
+    /// Authenticated connections of one role: an eighth of the room for
+    /// authenticated ones stays for the other roles.
+    pub(crate) per_role: usize,
+}
+
+impl Caps {
+    /// The caps of a socket that may use `1/share` of the open files of a
+    /// process allowed `files` of them. Some files stay for everything else
+    /// a process opens (its listeners, its runtime, its own files; a
+    /// worker's tasks): an eighth of them, at least 64.
+    pub(crate) fn for_files(files: usize, share: usize) -> Caps {
+        let spare = (files / 8).max(64);
+        let total = (files.saturating_sub(spare) / share.max(1)).max(16);
+        let pre_auth = (total / 4).clamp(1, PRE_AUTH_LIMIT);
+        let authenticated = total - pre_auth;
+        Caps {
+            total,
+            pre_auth,
+            per_role: authenticated - authenticated / 8,
+        }
+    }
+
+    /// The caps for this process (see [`open_files`]).
+    pub(crate) fn for_this_process(share: usize) -> Caps {
+        Caps::for_files(open_files(), share)
+    }
+}
+
+/// How many files this process may open (its soft `RLIMIT_NOFILE`, read
+/// from `/proc/self/limits`); 1024, the usual default, where that cannot be
+/// read, and at most 1 048 576.
+pub(crate) fn open_files() -> usize {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|text| parse_open_files(&text))
+        .unwrap_or(1024)
+        .min(1 << 20)
+}
+
+/// The soft limit of open files in the text of `/proc/self/limits`.
+fn parse_open_files(text: &str) -> Option<usize> {
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    let soft = line["Max open files".len()..].split_whitespace().next()?;
+    if soft == "unlimited" {
+        return Some(usize::MAX);
+    }
+    soft.parse().ok()
+}
+
+/// The connections of one listening socket (rules 6 and 7): those in their
+/// handshake, oldest first, and the authenticated ones by role.
+#[derive(Clone, Debug)]
+pub(crate) struct Gate {
+    caps: Caps,
+    state: Arc<Mutex<GateState>>,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    next: u64,
+    /// Pre-auth connections by age; dropping a sender closes its
+    /// connection.
+    waiting: BTreeMap<u64, oneshot::Sender<()>>,
+    /// Authenticated connections by role.
+    roles: Vec<(Role, usize)>,
+}
+
+impl GateState {
+    fn authenticated(&self) -> usize {
+        self.roles.iter().map(|&(_, n)| n).sum()
+    }
+
+    fn role(&mut self, role: Role) -> &mut usize {
+        let at = match self.roles.iter().position(|&(r, _)| r == role) {
+            Some(at) => at,
+            None => {
+                self.roles.push((role, 0));
+                self.roles.len() - 1
+            }
+        };
+        &mut self.roles[at].1
+    }
+}
+
+impl Gate {
+    /// A gate with these caps.
+    pub(crate) fn new(caps: Caps) -> Gate {
+        Gate {
+            caps,
+            state: Arc::new(Mutex::new(GateState::default())),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Lets a connection just accepted in, pre-auth: when the pre-auth
+    /// connections are at their cap, or every connection is, the oldest
+    /// pre-auth one is closed to make room (rule 6).
+    ///
+    /// # Errors
+    ///
+    /// [`ProtocolError::Full`] when every connection is authenticated and
+    /// the total is reached: the new one is to be closed.
+    pub(crate) fn admit(&self) -> Result<PreAuth, ProtocolError> {
+        let mut state = self.state();
+        let open = state.waiting.len() + state.authenticated();
+        if (state.waiting.len() >= self.caps.pre_auth || open >= self.caps.total)
+            && state.waiting.pop_first().is_none()
+        {
+            return Err(ProtocolError::Full {
+                role: None,
+                count: open,
+                max: self.caps.total,
+            });
+        }
+        let id = state.next;
+        state.next += 1;
+        let (evict, evicted) = oneshot::channel();
+        state.waiting.insert(id, evict);
+        Ok(PreAuth {
+            id,
+            gate: self.clone(),
+            evicted,
+        })
+    }
+
+    /// Closes the oldest connection still in its handshake, if any: the
+    /// process ran out of file descriptors.
+    pub(crate) fn evict_oldest(&self) -> bool {
+        self.state().waiting.pop_first().is_some()
+    }
+
+    /// Connections open now: pre-auth, and authenticated of each role.
+    #[cfg(test)]
+    fn counts(&self) -> (usize, Vec<(Role, usize)>) {
+        let state = self.state();
+        (state.waiting.len(), state.roles.clone())
+    }
+}
+
+/// A connection's place in line while it is pre-auth (rule 6), from
+/// [`Gate::admit`] to [`accept`].
+pub(crate) struct PreAuth {
+    id: u64,
+    gate: Gate,
+    /// Resolves when the gate closed this connection to make room.
+    evicted: oneshot::Receiver<()>,
+}
+
+/// A pre-auth connection's entry in its gate, taken out when dropped.
+struct Ticket {
+    id: u64,
+    gate: Gate,
+}
+
+impl Ticket {
+    /// The connection passed its handshake as `role`: its slot, if the
+    /// role has room (rule 7).
+    fn authenticated(self, role: Role) -> Result<Slot, ProtocolError> {
+        let caps = self.gate.caps;
+        let mut state = self.gate.state();
+        state.waiting.remove(&self.id);
+        let authenticated = state.authenticated();
+        let of_role = state.role(role);
+        let full = if *of_role >= caps.per_role {
+            Some((Some(role), *of_role, caps.per_role))
+        } else if authenticated >= caps.total - caps.pre_auth {
+            Some((None, authenticated, caps.total - caps.pre_auth))
+        } else {
+            None
+        };
+        if let Some((role, count, max)) = full {
+            return Err(ProtocolError::Full { role, count, max });
+        }
+        *of_role += 1;
+        drop(state);
+        Ok(Slot {
+            role,
+            gate: self.gate.clone(),
+        })
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.gate.state().waiting.remove(&self.id);
+    }
+}
+
+/// An authenticated connection's place among those of its role (rule 7),
+/// given back when dropped.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    role: Role,
+    gate: Gate,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut state = self.gate.state();
+        let of_role = state.role(self.role);
+        *of_role = of_role.saturating_sub(1);
+    }
+}
+
+/// Accepts connections on `listener` for ever, each pre-auth under a
+/// ticket of `gate`, and hands them to `serve` (rule 6). Refusals and
+/// failures are logged as `who` (rule 5); a failing `accept` backs off,
+/// and when the process is out of file descriptors the oldest pre-auth
+/// connection makes room.
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    gate: Gate,
+    who: &'static str,
+    mut serve: impl FnMut(TcpStream, SocketAddr, PreAuth),
+) {
+    let mut backoff = Backoff::default();
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                backoff.succeeded();
+                match gate.admit() {
+                    Ok(ticket) => serve(stream, peer, ticket),
+                    Err(e) => {
+                        log_limited!("refused", "{who}: refusing connection from {peer}: {e}")
+                    }
+                }
+            }
+            Err(e) => {
+                // EMFILE and ENFILE (the same numbers on Linux and macOS):
+                // std has no stable kind for them yet.
+                if matches!(e.raw_os_error(), Some(23 | 24)) {
+                    gate.evict_oldest();
+                }
+                log_limited!("accept failed", "{who}: accept failed: {e}");
+                tokio::time::sleep(backoff.failed()).await;
+            }
+        }
+    }
 }
 
 /// Frames smaller than this are copied together before a write.
 const COALESCE: usize = 1 << 20;
 
+/// A writer's count of the bytes queued for its peer (rule 10), and why it
+/// gave up, if it did.
+#[derive(Debug, Default)]
+struct Queue {
+    bytes: AtomicUsize,
+    /// Woken when the backlog falls to [`QUEUE_LIMIT`], and when the writer
+    /// ends.
+    room: Notify,
+    /// Set when the peer stopped reading (rule 9).
+    stalled: OnceLock<(usize, Duration)>,
+}
+
+/// Hands whole frames to a connection's writer task (rule 2), counting the
+/// bytes queued for the peer (rule 10); or to the other end of an in-memory
+/// connection, uncounted.
+#[derive(Clone, Debug)]
+pub(crate) struct Writer {
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    /// `None` for an in-memory connection.
+    queue: Option<Arc<Queue>>,
+    /// Bytes queued beyond which a frame is refused (rule 10).
+    cap: Option<usize>,
+}
+
+impl Writer {
+    /// A writer to the other end of an in-memory connection ([`LocalEnd`]).
+    pub(crate) fn local(tx: mpsc::UnboundedSender<Vec<u8>>) -> Writer {
+        Writer {
+            tx,
+            queue: None,
+            cap: None,
+        }
+    }
+
+    /// Queues `frame` (length prefix included).
+    ///
+    /// # Errors
+    ///
+    /// [`ProtocolError::Backlog`] when more than the writer's cap is queued
+    /// already (rule 10); [`ProtocolError::NotReading`] when the writer gave
+    /// up on a peer that stopped reading; [`ProtocolError::Closed`] when the
+    /// connection is gone. Each means the connection is to be closed.
+    pub(crate) fn send(&self, frame: Vec<u8>) -> Result<(), ProtocolError> {
+        if let Some(queue) = &self.queue {
+            let queued = queue.bytes.fetch_add(frame.len(), Ordering::AcqRel);
+            if let Some(max) = self.cap.filter(|&max| queued > max) {
+                queue.bytes.fetch_sub(frame.len(), Ordering::AcqRel);
+                return Err(ProtocolError::Backlog { queued, max });
+            }
+        }
+        self.tx
+            .send(frame)
+            .map_err(|_| self.gone().unwrap_or(ProtocolError::Closed))
+    }
+
+    /// The bytes queued and not yet taken by the socket.
+    pub(crate) fn queued(&self) -> usize {
+        self.queue
+            .as_ref()
+            .map_or(0, |q| q.bytes.load(Ordering::Acquire))
+    }
+
+    /// Whether the backlog is within [`QUEUE_LIMIT`] (rule 10).
+    pub(crate) fn has_room(&self) -> bool {
+        self.queued() <= QUEUE_LIMIT
+    }
+
+    /// Waits until the backlog is within [`QUEUE_LIMIT`] (rule 10).
+    ///
+    /// # Errors
+    ///
+    /// Why the writer ended meanwhile, as [`Writer::send`] says.
+    pub(crate) async fn room(&self) -> Result<(), ProtocolError> {
+        let Some(queue) = &self.queue else {
+            return Ok(());
+        };
+        loop {
+            let notified = queue.room.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if self.tx.is_closed() {
+                return Err(self.gone().unwrap_or(ProtocolError::Closed));
+            }
+            if self.has_room() {
+                return Ok(());
+            }
+            notified.await;
+        }
+    }
+
+    /// Resolves when the connection's writing side ended, with the reason
+    /// when this side gave up on the peer (rule 9): `None` when the socket
+    /// failed or closed, which its reader sees too.
+    pub(crate) async fn closed(&self) -> Option<ProtocolError> {
+        self.tx.closed().await;
+        self.gone()
+    }
+
+    fn gone(&self) -> Option<ProtocolError> {
+        let &(queued, after) = self.queue.as_ref()?.stalled.get()?;
+        Some(ProtocolError::NotReading { queued, after })
+    }
+}
+
 /// Spawns the task that writes frames to `write`, coalescing whatever is
-/// queued into one write. The task ends when every sender is dropped or the
-/// socket fails.
-pub(crate) fn spawn_writer(mut write: OwnedWriteHalf) -> mpsc::UnboundedSender<Vec<u8>> {
+/// queued into one write, and gives up on a peer that takes no byte for
+/// `limits.stall` (rule 9). With a `cap`, [`Writer::send`] refuses frames
+/// once more than `cap` bytes are queued (rule 10): for peers whose answers
+/// are small, so that only a peer that stopped reading gets there. The task
+/// ends when every sender is dropped or the socket fails.
+pub(crate) fn spawn_writer(
+    mut write: OwnedWriteHalf,
+    limits: &Limits,
+    cap: Option<usize>,
+) -> Writer {
     let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let queue = Arc::new(Queue::default());
+    let stall = limits.stall;
+    let counted = queue.clone();
     tokio::spawn(async move {
+        let queue = counted;
+        let mut out = Out {
+            write: &mut write,
+            queue: &queue,
+            stall,
+            timer: None,
+            timer_at: None,
+        };
         let mut buf: Vec<u8> = Vec::new();
         while let Some(first) = rx.recv().await {
             let result = if first.len() >= COALESCE {
-                write.write_all(&first).await
+                out.write_counted(&first).await
             } else {
                 // Coalesce whatever else is queued into one syscall.
                 buf.extend_from_slice(&first);
@@ -354,7 +1247,7 @@ pub(crate) fn spawn_writer(mut write: OwnedWriteHalf) -> mpsc::UnboundedSender<V
                         Err(_) => break,
                     }
                 }
-                let r = write.write_all(&buf).await;
+                let r = out.write_counted(&buf).await;
                 buf.clear();
                 r
             };
@@ -362,18 +1255,81 @@ pub(crate) fn spawn_writer(mut write: OwnedWriteHalf) -> mpsc::UnboundedSender<V
                 break;
             }
         }
+        drop(out);
+        // Later sends fail, and what was queued is freed now.
+        rx.close();
+        while rx.try_recv().is_ok() {}
+        drop(rx);
+        queue.room.notify_waiters();
         let _ = write.shutdown().await;
     });
-    tx
+    Writer {
+        tx,
+        queue: Some(queue),
+        cap,
+    }
 }
 
-/// Sends a batch's frames to a writer; false if the connection is gone.
-pub(crate) fn send_batch(writer: &mpsc::UnboundedSender<Vec<u8>>, batch: &mut Batch) -> bool {
-    let mut ok = true;
-    for frame in batch.take_frames() {
-        ok &= writer.send(frame).is_ok();
+/// A writer task's socket, its count and its stall timer.
+struct Out<'a> {
+    write: &'a mut OwnedWriteHalf,
+    queue: &'a Queue,
+    stall: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
+    timer_at: Option<Instant>,
+}
+
+impl Out<'_> {
+    /// Writes `buf`, taking each chunk the socket accepts off the backlog
+    /// (rule 10); fails when the socket does, or takes nothing for the
+    /// stall timeout (rule 9).
+    async fn write_counted(&mut self, mut buf: &[u8]) -> Result<(), ()> {
+        while !buf.is_empty() {
+            // Each write may wait the stall timeout: progress is what counts.
+            let mut deadline = None;
+            let Out {
+                write,
+                queue,
+                stall,
+                timer,
+                timer_at,
+            } = self;
+            let written = within(
+                write.write(buf),
+                Some(*stall),
+                &mut deadline,
+                timer,
+                timer_at,
+            );
+            let n = match written.await {
+                Ok(n) if n > 0 => n,
+                Err(ProtocolError::Stalled(after)) => {
+                    let queued = queue.bytes.load(Ordering::Acquire);
+                    let _ = queue.stalled.set((queued, after));
+                    return Err(());
+                }
+                _ => return Err(()),
+            };
+            buf = &buf[n..];
+            let before = queue.bytes.fetch_sub(n, Ordering::AcqRel);
+            if before > QUEUE_LIMIT && before - n <= QUEUE_LIMIT {
+                queue.room.notify_waiters();
+            }
+        }
+        Ok(())
     }
-    ok
+}
+
+/// Sends a batch's frames to a writer.
+///
+/// # Errors
+///
+/// As [`Writer::send`], for the first frame refused; the rest are dropped.
+pub(crate) fn send_batch(writer: &Writer, batch: &mut Batch) -> Result<(), ProtocolError> {
+    for frame in batch.take_frames() {
+        writer.send(frame)?;
+    }
+    Ok(())
 }
 
 /// What a data fetch produced.
@@ -395,7 +1351,9 @@ pub(crate) struct Fetched {
     pub(crate) result: FetchResult,
 }
 
-/// Connections to workers' data ports, one per worker, opened on first use.
+/// Connections to workers' data ports, one per worker, opened on first use
+/// and closed after [`PEER_IDLE`] with nothing in flight (a data port closes
+/// idle connections too, later: the next request opens another).
 ///
 /// Requests are batched: [`PeerPool::request`] only queues; [`PeerPool::flush`]
 /// sends one `GetData` per worker. Answers arrive on the channel given to
@@ -407,16 +1365,22 @@ pub(crate) struct PeerPool {
     answers: mpsc::UnboundedSender<Fetched>,
     /// The build this process announces, and expects of data ports.
     build: BuildId,
-    /// What this process proves to data ports (rule 5).
-    auth: std::sync::Arc<Auth>,
+    /// What this process proves to data ports (rule 11).
+    auth: Arc<Auth>,
+    /// The process's limits, for the values it reads.
+    limits: Limits,
+    /// How long a connection with nothing in flight stays open.
+    idle: Duration,
 }
 
 impl PeerPool {
-    /// A pool for a process of `build` proving `auth`.
+    /// A pool for a process of `build` proving `auth`, reading within
+    /// `limits`.
     pub(crate) fn new(
         answers: mpsc::UnboundedSender<Fetched>,
         build: BuildId,
-        auth: std::sync::Arc<Auth>,
+        auth: Arc<Auth>,
+        limits: Limits,
     ) -> PeerPool {
         PeerPool {
             addresses: HashMap::new(),
@@ -425,6 +1389,8 @@ impl PeerPool {
             answers,
             build,
             auth,
+            limits,
+            idle: PEER_IDLE,
         }
     }
 
@@ -474,25 +1440,45 @@ impl PeerPool {
         let _ = tx.send(keys);
         self.conns.insert(peer, tx);
         tokio::spawn(peer_connection(
-            peer,
-            address,
-            self.build,
-            self.auth.clone(),
+            Peer {
+                id: peer,
+                address,
+                build: self.build,
+                auth: self.auth.clone(),
+                limits: self.limits.clone(),
+                idle: self.idle,
+            },
             rx,
             self.answers.clone(),
         ));
     }
 }
 
-/// One connection to a data port: sends `GetData` batches, forwards answers.
-async fn peer_connection(
-    peer: WorkerId,
+/// Where and how to reach one data port.
+struct Peer {
+    id: WorkerId,
     address: String,
     build: BuildId,
-    auth: std::sync::Arc<Auth>,
+    auth: Arc<Auth>,
+    limits: Limits,
+    idle: Duration,
+}
+
+/// One connection to a data port: sends `GetData` batches, forwards
+/// answers; closes itself once idle for `peer.idle`.
+async fn peer_connection(
+    peer: Peer,
     mut requests: mpsc::UnboundedReceiver<Vec<WireKey>>,
     answers: mpsc::UnboundedSender<Fetched>,
 ) {
+    let Peer {
+        id: from,
+        address,
+        build,
+        auth,
+        limits,
+        idle,
+    } = peer;
     // Keys asked for and not yet answered, with their multiplicity (a key
     // can be asked twice if a first answer is still on its way).
     let mut in_flight: HashMap<WireKey, u32> = HashMap::new();
@@ -507,7 +1493,7 @@ async fn peer_connection(
         for (key, n) in in_flight.drain() {
             for _ in 0..n {
                 let _ = answers.send(Fetched {
-                    from: peer,
+                    from,
                     key,
                     result: FetchResult::Lost,
                 });
@@ -520,47 +1506,60 @@ async fn peer_connection(
     for &key in &first {
         *in_flight.entry(key).or_default() += 1;
     }
-    let (read, mut write, _, theirs) = match connect(
+    let connected = match connect(
         &address,
         Role::Peer,
         Role::DataServer,
         build,
         &auth,
         CONNECT_TIMEOUT,
+        &limits,
     )
     .await
     {
         Ok(c) => c,
         Err(e) => {
-            log!("could not fetch data from {peer} at {address}: {e}");
+            log_limited!(
+                "fetch failed",
+                "could not fetch data from {from} at {address}: {e}"
+            );
             lose_all(&mut in_flight, &mut requests);
             return;
         }
     };
-    if theirs != build {
+    if connected.build != build {
         // Rule 4: its values come from other code. The scheduler names only
         // workers of this build, so this is a stale address reused.
         let e = ProtocolError::Build {
             ours: build,
-            theirs,
+            theirs: connected.build,
         };
-        log!("could not fetch data from {peer} at {address}: {e}");
+        log_limited!(
+            "fetch failed",
+            "could not fetch data from {from} at {address}: {e}"
+        );
         lose_all(&mut in_flight, &mut requests);
         return;
     }
+    // Requests go through a writer task, so answers are read while a big
+    // request is written (rule 10: a data port stops reading requests while
+    // its answers pile up).
+    let writer = spawn_writer(connected.write, &limits, None);
+    let mut read = connected.read;
     let mut out = Batch::default();
     out.push(&ToPeer::GetData { keys: first });
-    let mut read = FrameReader::new(read);
-    let mut pending_write: Vec<Vec<u8>> = out.take_frames();
+    let _ = send_batch(&writer, &mut out);
+    let mut last_active = Instant::now();
+    // Set once idle: no new request is taken; ends when nothing is in
+    // flight.
+    let mut closing = false;
     loop {
-        for frame in pending_write.drain(..) {
-            if write.write_all(&frame).await.is_err() {
-                lose_all(&mut in_flight, &mut requests);
-                return;
-            }
+        if closing && in_flight.is_empty() {
+            return;
         }
+        let idle_at = last_active + idle;
         tokio::select! {
-            req = requests.recv() => {
+            req = requests.recv(), if !closing => {
                 let Some(keys) = req else {
                     lose_all(&mut in_flight, &mut requests);
                     return;
@@ -575,7 +1574,8 @@ async fn peer_connection(
                     }
                     out.push(&ToPeer::GetData { keys });
                 }
-                pending_write = out.take_frames();
+                let _ = send_batch(&writer, &mut out);
+                last_active = Instant::now();
             }
             got = read.next() => {
                 let msgs = match got {
@@ -587,12 +1587,17 @@ async fn peer_connection(
                     Ok(m) => m,
                     Err(e) => {
                         if !in_flight.is_empty() {
-                            log!("lost data connection to {peer} at {address}: {}", Chain(&e));
+                            log_limited!(
+                                "data connection lost",
+                                "lost data connection to {from} at {address}: {}",
+                                Chain(&e)
+                            );
                         }
                         lose_all(&mut in_flight, &mut requests);
                         return;
                     }
                 };
+                last_active = Instant::now();
                 for msg in msgs {
                     let (key, result) = match msg {
                         FromPeer::Data { key, bytes } => (key, FetchResult::Data(bytes)),
@@ -605,8 +1610,31 @@ async fn peer_connection(
                         }
                         None => continue, // not asked for: ignore
                     }
-                    let _ = answers.send(Fetched { from: peer, key, result });
+                    let _ = answers.send(Fetched { from, key, result });
                 }
+            }
+            why = writer.closed() => {
+                if let Some(e) = why {
+                    log_limited!(
+                        "data connection lost",
+                        "lost data connection to {from} at {address}: {e}"
+                    );
+                }
+                lose_all(&mut in_flight, &mut requests);
+                return;
+            }
+            () = tokio::time::sleep_until(idle_at), if in_flight.is_empty() && !closing => {
+                // Idle: take no more requests (the pool opens another
+                // connection for the next), but answer any that raced in.
+                closing = true;
+                requests.close();
+                while let Ok(keys) = requests.try_recv() {
+                    for &key in &keys {
+                        *in_flight.entry(key).or_default() += 1;
+                    }
+                    out.push(&ToPeer::GetData { keys });
+                }
+                let _ = send_batch(&writer, &mut out);
             }
         }
     }
@@ -631,6 +1659,379 @@ pub(crate) fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::frame;
+
+    /// Every wait in these tests gives up after this long.
+    const WAIT: Duration = Duration::from_secs(30);
+
+    /// Runs `test` on a runtime like the roles', bounded by [`WAIT`].
+    fn run<F: Future<Output = ()>>(test: F) {
+        runtime().unwrap().block_on(async {
+            tokio::time::timeout(WAIT, test)
+                .await
+                .expect("the test finished in time");
+        });
+    }
+
+    /// A frame of `len` bytes of junk, prefix included.
+    fn junk(len: usize) -> Vec<u8> {
+        let mut bytes = (len as u32).to_le_bytes().to_vec();
+        bytes.resize(4 + len, 0xab);
+        bytes
+    }
+
+    #[test]
+    fn a_kind_of_line_prints_a_burst_a_window_then_says_what_it_left_out() {
+        let t0 = std::time::Instant::now();
+        let mut limit = RateLimit::default();
+        for _ in 0..LOG_BURST {
+            assert_eq!(limit.admit(t0), Some(0));
+        }
+        for i in 0..500u32 {
+            assert_eq!(limit.admit(t0 + Duration::from_micros(u64::from(i))), None);
+        }
+        let later = t0 + LOG_WINDOW;
+        assert_eq!(limit.admit(later), Some(500));
+        assert_eq!(limit.admit(later), Some(0));
+        // A quiet kind prints every line.
+        let mut quiet = RateLimit::default();
+        for s in 0..30 {
+            assert_eq!(quiet.admit(t0 + Duration::from_secs(s)), Some(0));
+        }
+    }
+
+    #[test]
+    fn accept_backs_off_from_10_ms_to_a_second_and_starts_over_on_success() {
+        let mut backoff = Backoff::default();
+        let waits: Vec<u64> = (0..10)
+            .map(|_| backoff.failed().as_millis() as u64)
+            .collect();
+        assert_eq!(waits, [10, 20, 40, 80, 160, 320, 640, 1000, 1000, 1000]);
+        backoff.succeeded();
+        assert_eq!(backoff.failed(), ACCEPT_BACKOFF);
+    }
+
+    #[test]
+    fn the_file_limit_is_the_soft_one_of_proc_self_limits() {
+        let text = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                    Max cpu time              unlimited            unlimited            seconds   \n\
+                    Max open files            1024                 524288               files     \n";
+        assert_eq!(parse_open_files(text), Some(1024));
+        let unlimited = text.replace("1024  ", "unlimited");
+        assert_eq!(parse_open_files(&unlimited), Some(usize::MAX));
+        assert_eq!(parse_open_files("Max processes 10 10"), None);
+        // This machine's, whatever it is.
+        assert!(open_files() >= 16);
+    }
+
+    #[test]
+    fn connection_caps_follow_the_file_limit() {
+        // The usual default: an eighth kept for the rest of the process.
+        let caps = Caps::for_files(1024, 1);
+        assert_eq!(caps.total, 896);
+        assert_eq!(caps.pre_auth, 224);
+        assert_eq!(caps.per_role, 672 - 84);
+        // A data port takes half of what is left.
+        assert_eq!(Caps::for_files(1024, 2).total, 448);
+        // Many files: at most 256 pre-auth.
+        let big = Caps::for_files(1 << 20, 1);
+        assert_eq!(big.pre_auth, PRE_AUTH_LIMIT);
+        assert!(big.per_role < big.total - big.pre_auth);
+        // Hardly any: still some room for everyone.
+        let tiny = Caps::for_files(10, 1);
+        assert_eq!((tiny.total, tiny.pre_auth), (16, 4));
+        assert!(tiny.per_role > 0);
+    }
+
+    #[test]
+    fn a_new_connection_closes_the_oldest_one_still_in_its_handshake() {
+        let caps = Caps {
+            total: 6,
+            pre_auth: 2,
+            per_role: 3,
+        };
+        let gate = Gate::new(caps);
+        let mut first = gate.admit().unwrap();
+        let mut second = gate.admit().unwrap();
+        assert!(first
+            .evicted
+            .try_recv()
+            .is_err_and(|e| e == oneshot::error::TryRecvError::Empty));
+        let third = gate.admit().unwrap();
+        // The first one is closed; the others wait on.
+        assert_eq!(
+            first.evicted.try_recv(),
+            Err(oneshot::error::TryRecvError::Closed)
+        );
+        assert_eq!(
+            second.evicted.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        );
+        assert_eq!(gate.counts().0, 2);
+        // Authenticated: out of the line, into its role's count.
+        let ticket = |t: PreAuth| Ticket {
+            id: t.id,
+            gate: t.gate,
+        };
+        let worker = ticket(second).authenticated(Role::Worker).unwrap();
+        let client = ticket(third).authenticated(Role::Client).unwrap();
+        assert_eq!(
+            gate.counts(),
+            (0, vec![(Role::Worker, 1), (Role::Client, 1)])
+        );
+        drop((worker, client, first));
+        assert_eq!(
+            gate.counts(),
+            (0, vec![(Role::Worker, 0), (Role::Client, 0)])
+        );
+    }
+
+    #[test]
+    fn authenticated_connections_are_capped_per_role_and_in_total() {
+        let caps = Caps {
+            total: 6,
+            pre_auth: 2,
+            per_role: 3,
+        };
+        let gate = Gate::new(caps);
+        let auth = |role| {
+            let t = gate.admit().unwrap();
+            Ticket {
+                id: t.id,
+                gate: t.gate,
+            }
+            .authenticated(role)
+        };
+        let clients: Vec<Slot> = (0..3).map(|_| auth(Role::Client).unwrap()).collect();
+        // A fourth client: its role is full; a worker still gets in.
+        assert!(matches!(
+            auth(Role::Client),
+            Err(ProtocolError::Full {
+                role: Some(Role::Client),
+                count: 3,
+                max: 3
+            })
+        ));
+        let worker = auth(Role::Worker).unwrap();
+        // Four authenticated of at most six, two kept for handshakes: full.
+        assert!(matches!(
+            auth(Role::Worker),
+            Err(ProtocolError::Full { role: None, .. })
+        ));
+        // New connections still get in line, pre-auth.
+        let waiting: Vec<PreAuth> = (0..2).map(|_| gate.admit().unwrap()).collect();
+        assert!(gate.admit().is_ok(), "the oldest makes room");
+        drop((clients, worker, waiting));
+        assert!(auth(Role::Client).is_ok());
+    }
+
+    #[test]
+    fn big_frames_wait_for_the_budget_small_ones_never_and_too_big_ones_are_refused() {
+        run(async {
+            let limits = Limits::new(3 * SMALL_FRAME, Duration::from_secs(30));
+            let reader = |bytes: Vec<u8>| {
+                let (mut tx, rx) = tokio::io::duplex(1 << 20);
+                let mut read = FrameReader::new(rx, limits.clone());
+                let held = Held::default();
+                read = read.held_by(held.clone());
+                tokio::spawn(async move {
+                    let _ = tx.write_all(&bytes).await;
+                    // Kept open: the reader sees no end of stream.
+                    std::future::pending::<()>().await;
+                });
+                (read, held)
+            };
+            let (mut a, _) = reader(junk(2 * SMALL_FRAME));
+            let (mut b, held) = reader(junk(2 * SMALL_FRAME));
+            let (mut small, _) = reader(junk(SMALL_FRAME));
+            assert!(a.next().await.unwrap());
+            assert_eq!(a.frame().len(), 2 * SMALL_FRAME);
+            let grant = a.take_grant().expect("a big frame holds a grant");
+            // `b` does not fit beside it: it waits, held, its bytes unread.
+            let waiting = tokio::time::timeout(Duration::from_millis(50), b.next()).await;
+            assert!(waiting.is_err());
+            assert!(held.load(Ordering::Acquire));
+            assert!(b.in_frame());
+            // A small frame does not wait.
+            assert!(small.next().await.unwrap());
+            assert!(small.take_grant().is_none());
+            // Once `a`'s messages were handled, `b` goes on where it was.
+            drop(grant);
+            assert!(b.next().await.unwrap());
+            assert_eq!(b.frame().len(), 2 * SMALL_FRAME);
+            assert!(!held.load(Ordering::Acquire));
+            // Bigger than the whole budget: refused before anything is read.
+            let (mut huge, _) = reader(junk(3 * SMALL_FRAME + 1));
+            assert!(matches!(
+                huge.next().await,
+                Err(ProtocolError::FrameTooLarge { max, .. }) if max == 3 * SMALL_FRAME
+            ));
+        });
+    }
+
+    #[test]
+    fn a_frame_trickled_byte_by_byte_stalls_and_one_sent_whole_does_not() {
+        run(async {
+            let stall = Duration::from_millis(200);
+            let limits = Limits::new(FRAME_BUDGET, stall);
+            let (mut tx, rx) = tokio::io::duplex(1 << 10);
+            let mut read = FrameReader::new(rx, limits.clone());
+            tokio::spawn(async move {
+                let _ = tx.write_all(&1000u32.to_le_bytes()).await;
+                loop {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    if tx.write_all(&[0]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            assert!(matches!(
+                read.next().await,
+                Err(ProtocolError::Stalled(allowed)) if allowed == stall
+            ));
+            // Idle between frames is no stall: only a frame started counts.
+            let (mut tx, rx) = tokio::io::duplex(1 << 10);
+            let mut read = FrameReader::new(rx, limits);
+            tokio::spawn(async move {
+                tokio::time::sleep(3 * stall).await;
+                let _ = tx
+                    .write_all(&frame(&ToPeer::GetData { keys: vec![] }))
+                    .await;
+                std::future::pending::<()>().await;
+            });
+            assert!(read.next().await.unwrap());
+        });
+    }
+
+    /// A connected pair of sockets: this end's write half, the peer's
+    /// stream (which the test reads, or not).
+    async fn socket_pair() -> (OwnedWriteHalf, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (dialed, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
+        let (_read, write) = dialed.unwrap().into_split();
+        // Dropping the read half leaves the socket open for writing.
+        (write, accepted.unwrap().0)
+    }
+
+    #[test]
+    fn a_writer_counts_its_backlog_refuses_past_its_cap_and_gives_up_on_a_peer_that_reads_nothing()
+    {
+        run(async {
+            let stall = Duration::from_millis(300);
+            let limits = Limits::new(FRAME_BUDGET, stall);
+            let (write, peer) = socket_pair().await;
+            let cap = 2 * QUEUE_LIMIT;
+            let writer = spawn_writer(write, &limits, Some(cap));
+            // Far more than the socket holds, and not read.
+            let chunk = 8 << 20;
+            while writer.queued() <= cap {
+                writer.send(vec![1; chunk]).unwrap();
+            }
+            assert!(!writer.has_room());
+            assert!(matches!(
+                writer.send(vec![1; 10]),
+                Err(ProtocolError::Backlog { max, .. }) if max == cap
+            ));
+            // Given up after the stall timeout: the reason, and no room.
+            let why = writer.closed().await;
+            assert!(matches!(why, Some(ProtocolError::NotReading { after, .. }) if after == stall));
+            assert!(matches!(
+                writer.room().await,
+                Err(ProtocolError::NotReading { .. })
+            ));
+            assert!(writer.send(vec![1; 10]).is_err());
+            drop(peer);
+        });
+    }
+
+    #[test]
+    fn a_writer_whose_peer_reads_makes_room_again() {
+        run(async {
+            let limits = Limits::standard();
+            let (write, mut peer) = socket_pair().await;
+            let writer = spawn_writer(write, &limits, None);
+            let total = QUEUE_LIMIT + (16 << 20);
+            for _ in 0..total / (8 << 20) {
+                writer.send(vec![1; 8 << 20]).unwrap();
+            }
+            assert!(!writer.has_room());
+            let reading = tokio::spawn(async move {
+                let mut sink = vec![0; 1 << 20];
+                let mut got = 0;
+                while got < total {
+                    got += peer.read(&mut sink).await.unwrap();
+                }
+            });
+            writer.room().await.unwrap();
+            assert!(writer.has_room());
+            reading.await.unwrap();
+            // Everything written is off the books.
+            while writer.queued() > 0 {
+                tokio::task::yield_now().await;
+            }
+        });
+    }
+
+    #[test]
+    fn a_reader_closes_its_idle_data_connection_and_opens_another_when_needed() {
+        run(async {
+            // A data port that answers `Missing` to everything and counts
+            // its connections and their ends.
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = listener.local_addr().unwrap().to_string();
+            let (events, mut seen) = mpsc::unbounded_channel::<&'static str>();
+            let auth = Arc::new(Auth::Token(crate::Token::generate().unwrap()));
+            let theirs = auth.clone();
+            tokio::spawn(async move {
+                loop {
+                    let (stream, _) = listener.accept().await.unwrap();
+                    let gate = Gate::new(Caps::for_files(1024, 1));
+                    let events = events.clone();
+                    let limits = Limits::standard();
+                    let auth = theirs.clone();
+                    tokio::spawn(async move {
+                        let serves = [Role::Peer];
+                        let ticket = gate.admit().unwrap();
+                        let build = BuildId::NONE;
+                        let me = Role::DataServer;
+                        let c = accept(stream, ticket, me, build, &auth, &serves, &limits)
+                            .await
+                            .unwrap();
+                        let _ = events.send("opened");
+                        let writer = spawn_writer(c.write, &limits, None);
+                        let mut read = c.read;
+                        while let Ok(true) = read.next().await {
+                            let msgs = decode_checked::<ToPeer>(read.frame()).unwrap();
+                            let mut out = Batch::default();
+                            for ToPeer::GetData { keys } in msgs {
+                                for key in keys {
+                                    out.push(&FromPeer::Missing { key });
+                                }
+                            }
+                            send_batch(&writer, &mut out).unwrap();
+                        }
+                        let _ = events.send("closed");
+                    });
+                }
+            });
+            let (answers, mut answered) = mpsc::unbounded_channel();
+            let mut pool = PeerPool::new(answers, BuildId::NONE, auth, Limits::standard());
+            pool.idle = Duration::from_millis(100);
+            pool.add_peer(WorkerId(1), address);
+            for round in 0..2u8 {
+                pool.request(WorkerId(1), [round; 32]);
+                pool.flush();
+                let got = answered.recv().await.unwrap();
+                assert_eq!(got.key, [round; 32]);
+                assert!(matches!(got.result, FetchResult::Missing));
+                // The reader closes it once idle; the next fetch opens
+                // another.
+                assert_eq!(seen.recv().await, Some("opened"));
+                assert_eq!(seen.recv().await, Some("closed"));
+            }
+        });
+    }
 
     #[test]
     fn tcp_connections_probe_idle_peers() {

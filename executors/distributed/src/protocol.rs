@@ -59,6 +59,11 @@ use crate::{AuthError, BuildId};
 pub const MAGIC: [u8; 4] = *b"RASK";
 
 /// The protocol version; peers with another version are refused.
+///
+/// Version 5: every connection proves the cluster's token in a mutual
+/// challenge–response before anything else; clients send
+/// `ToScheduler::Heartbeat` too, and a scheduler closes a client it hears
+/// nothing from for its client timeout.
 pub const VERSION: u16 = 5;
 
 /// Values whose encoding is at most this many bytes travel with their
@@ -389,10 +394,54 @@ pub enum ProtocolError {
     /// The peer sent nothing for too long during the handshake.
     #[error("no handshake within {0:?}")]
     Timeout(std::time::Duration),
-    /// A worker sent nothing, not even a heartbeat, for this long: it is
-    /// taken for dead (hung, or its machine unreachable).
+    /// A worker or client sent nothing, not even a heartbeat, for this
+    /// long: it is taken for dead (hung, or its machine unreachable).
     #[error("nothing heard for {0:?}: taken for dead")]
     Silent(std::time::Duration),
+    /// A frame was started and not finished in the time allowed for its
+    /// length: a peer that trickles bytes (slow-loris) or stalled.
+    #[error("frame not received within {0:?} of its start")]
+    Stalled(std::time::Duration),
+    /// The peer took none of the bytes queued for it for this long: it
+    /// stopped reading.
+    #[error("peer read nothing for {after:?} with {queued} bytes queued for it")]
+    NotReading {
+        /// Bytes waiting to be sent to it.
+        queued: usize,
+        /// How long it read nothing.
+        after: std::time::Duration,
+    },
+    /// More bytes were queued for the peer than this side holds for one
+    /// connection: it reads far slower than it asks.
+    #[error("peer is not keeping up: {queued} bytes queued for it, limit {max}")]
+    Backlog {
+        /// Bytes waiting to be sent to it.
+        queued: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A connection still in its handshake was closed to make room for a
+    /// newer one: too many connections were waiting for theirs (at most
+    /// the number given), or the process ran out of file descriptors.
+    #[error(
+        "closed to make room for a newer connection (at most {0} may wait for their handshake)"
+    )]
+    Evicted(usize),
+    /// This side has as many connections as it takes (of this role, when
+    /// named).
+    #[error("connection limit reached: {count} connections{}, limit {max}", .role.map(|r| format!(" of role {r}")).unwrap_or_default())]
+    Full {
+        /// The role counted, or `None` for every connection.
+        role: Option<Role>,
+        /// Connections open.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A data connection with nothing in flight either way for this long
+    /// was closed; its reader connects again when it needs to.
+    #[error("idle for {0:?}")]
+    Idle(std::time::Duration),
 }
 
 /// Identifies a worker for as long as its connection to the scheduler lives.
@@ -604,7 +653,10 @@ pub enum ToScheduler {
         /// The worker that failed to deliver it.
         holder: WorkerId,
     },
-    /// Worker: it is alive (sent as often as `ToWorker::Heartbeat` asks).
+    /// Worker or client: it is alive. A worker sends it as often as
+    /// `ToWorker::Heartbeat` asks; a client connected over TCP every second
+    /// in which it sent nothing else, so a scheduler can tell an idle
+    /// client from a vanished one.
     Heartbeat,
 }
 
@@ -739,7 +791,12 @@ pub enum FromPeer {
 /// straight into the frame. Encodes exactly as `FromPeer` does (tested).
 #[derive(Serialize)]
 pub(crate) enum FromPeerRef<'a> {
-    Data { key: &'a WireKey, bytes: &'a [u8] },
+    Data {
+        key: &'a WireKey,
+        /// As bytes, in one copy, not byte by byte as a slice would be.
+        #[serde(serialize_with = "bytes::serialize_slice")]
+        bytes: &'a [u8],
+    },
 }
 
 /// Messages collected into frames: appends each message to the open frame,
@@ -772,6 +829,13 @@ impl Batch {
             frame[..4].copy_from_slice(&len.to_le_bytes());
             self.sealed.push(frame);
         }
+    }
+
+    /// The frames sealed so far (length prefixes included), leaving the
+    /// open one: a sender that must not hold many bytes at once hands these
+    /// over as it goes.
+    pub(crate) fn take_sealed(&mut self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.sealed)
     }
 
     /// Whether no message is waiting.
@@ -1048,6 +1112,11 @@ mod bytes {
     use serde::{Deserializer, Serializer};
 
     pub(super) fn serialize<S: Serializer>(bytes: &Arc<[u8]>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(bytes)
+    }
+
+    /// As [`serialize`], for borrowed bytes.
+    pub(super) fn serialize_slice<S: Serializer>(bytes: &&[u8], s: S) -> Result<S::Ok, S::Error> {
         s.serialize_bytes(bytes)
     }
 

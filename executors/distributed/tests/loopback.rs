@@ -1822,3 +1822,539 @@ fn a_forged_copy_and_a_forged_failed_fetch_do_not_make_a_client_read_forged_byte
     forger.join().unwrap();
     drop(values);
 }
+
+// ---------------------------------------------------------------------------
+// Limits before trust (issue #14): what a peer can make a process hold.
+// ---------------------------------------------------------------------------
+
+/// Set in a copy of this test binary that runs one test alone.
+const ISOLATED_ENV: &str = "RASK_TEST_ISOLATED";
+
+/// What an isolated test prints last, so the parent knows it ran.
+const ISOLATED_OK: &str = "rask-isolated-test-passed";
+
+/// Runs `body` as the test `name` alone in a fresh process (this test
+/// binary, filtered down to it): memory figures of the process are then
+/// the test's own, not those of tests running beside it.
+fn isolated(name: &str, body: impl FnOnce()) {
+    if std::env::var(ISOLATED_ENV).as_deref() == Ok(name) {
+        body();
+        println!("{ISOLATED_OK}");
+        return;
+    }
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--test-threads=1", "--nocapture"])
+        .env(ISOLATED_ENV, name)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let (done, output) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stdout.read_to_string(&mut text);
+        let _ = done.send(text);
+    });
+    // Three test timeouts: the body waits with `TIMEOUT` at most a few times.
+    let text = match output.recv_timeout(3 * TIMEOUT) {
+        Ok(text) => text,
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{name} did not finish in its own process");
+        }
+    };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{name} failed in its own process: {text}");
+    assert!(text.contains(ISOLATED_OK), "{name} did not run: {text}");
+}
+
+/// This process's resident memory, in bytes (`VmRSS`).
+fn resident() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib << 10
+}
+
+const MIB: u64 = 1 << 20;
+
+/// Sends `prefix`, then junk up to `total` bytes, until done or the other
+/// side closes; returns the bytes it got through.
+fn flood(addr: SocketAddr, prefix: Vec<u8>, total: usize) -> std::thread::JoinHandle<usize> {
+    flood_as(addr, None, prefix, total)
+}
+
+/// [`flood`], after a handshake proving `auth` when given.
+fn flood_as(
+    addr: SocketAddr,
+    auth: Option<Auth>,
+    prefix: Vec<u8>,
+    total: usize,
+) -> std::thread::JoinHandle<usize> {
+    std::thread::spawn(move || {
+        let mut s = match &auth {
+            Some(auth) => raw(addr, Role::Client, auth),
+            None => TcpStream::connect(addr).unwrap(),
+        };
+        s.set_write_timeout(Some(TIMEOUT)).unwrap();
+        if s.write_all(&prefix).is_err() {
+            return 0;
+        }
+        let chunk = vec![0xffu8; 1 << 20];
+        let mut sent = 0;
+        while sent < total {
+            let n = chunk.len().min(total - sent);
+            if s.write_all(&chunk[..n]).is_err() {
+                break;
+            }
+            sent += n;
+        }
+        // Wait for the verdict: the scheduler closes the connection.
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink);
+        sent
+    })
+}
+
+/// A frame prefix announcing `len` bytes.
+fn announce(len: usize) -> Vec<u8> {
+    (len as u32).to_le_bytes().to_vec()
+}
+
+/// The peak of this process's resident memory while `floods` run, and
+/// whether `meanwhile` succeeded while they ran.
+fn peak_while(floods: Vec<std::thread::JoinHandle<usize>>, meanwhile: impl FnOnce()) -> u64 {
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let sampler = std::thread::spawn(move || {
+        let mut peak = resident();
+        while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+            stopped.recv_timeout(Duration::from_millis(2))
+        {
+            peak = peak.max(resident());
+        }
+        peak
+    });
+    meanwhile();
+    for f in floods {
+        f.join().unwrap();
+    }
+    drop(stop);
+    sampler.join().unwrap()
+}
+
+#[test]
+fn floods_of_big_frames_before_and_after_the_handshake_keep_the_scheduler_small() {
+    isolated(
+        "floods_of_big_frames_before_and_after_the_handshake_keep_the_scheduler_small",
+        || {
+            // A budget of 64 MiB for frames over 64 KiB: one of the 48 MiB
+            // frames below fits at a time.
+            let options = rask_distributed::scheduler::Options::default().frame_budget(64 << 20);
+            let cluster = Cluster::with_options(1, 1, options);
+            let client = cluster.client();
+            diamond(&cluster, &client, 0);
+            let addr = cluster.scheduler.address();
+            let before = resident();
+            // Three connections each, announcing 300 MiB without a
+            // handshake, or after an authenticated one (over the whole
+            // budget: refused at once), and 48 MiB after one, sent whole:
+            // every frame read waits for the one before it, each ends the
+            // connection as malformed.
+            let auth = || Some(cluster.auth.clone());
+            let floods: Vec<_> = (0..3)
+                .flat_map(|_| {
+                    [
+                        flood(addr, announce(300 << 20), 300 << 20),
+                        flood_as(addr, auth(), announce(300 << 20), 300 << 20),
+                        flood_as(addr, auth(), announce(48 << 20), 48 << 20),
+                    ]
+                })
+                .collect();
+            // The scheduler serves a client while the frames wait: small
+            // frames never wait for the budget.
+            let peak = peak_while(floods, || diamond(&cluster, &client, 1));
+            let grown = peak.saturating_sub(before);
+            assert!(
+                grown < 100 * MIB,
+                "the scheduler's process grew by {} MiB",
+                grown / MIB
+            );
+            diamond(&cluster, &cluster.client(), 2);
+        },
+    );
+}
+
+/// A client of another build: each graph it sends is refused at once
+/// (scheduler rule 6), with one failure per wanted key.
+fn foreign_client(addr: SocketAddr, auth: &Auth) -> TcpStream {
+    let foreign = BuildId::from_bytes([0x5a; 32]);
+    support::raw_as(addr, Role::Client, foreign, auth)
+}
+
+#[test]
+fn a_client_that_never_reads_is_closed_and_the_scheduler_stays_small() {
+    isolated(
+        "a_client_that_never_reads_is_closed_and_the_scheduler_stays_small",
+        || {
+            let options = rask_distributed::scheduler::Options::default()
+                .stall_timeout(Duration::from_secs(1));
+            let cluster = Cluster::with_options(1, 1, options);
+            let client = cluster.client();
+            diamond(&cluster, &client, 0);
+            let before = resident();
+            let mut s = foreign_client(cluster.scheduler.address(), &cluster.auth);
+            cluster.eventually("two clients", |c| c.scheduler.clients() == 2);
+            // 500 wanted keys of tasks named with 2 KiB each: a frame of
+            // 1 MB, answered with as much in failures. 400 of them would
+            // queue 400 MB unbounded.
+            let name: Arc<str> = "n".repeat(2 << 10).into();
+            let keys: Vec<[u8; 32]> = (0..500u32)
+                .map(|i| {
+                    let mut key = [0u8; 32];
+                    key[..4].copy_from_slice(&i.to_le_bytes());
+                    key
+                })
+                .collect();
+            let graph = protocol::frame(&ToScheduler::UpdateGraph {
+                tasks: keys
+                    .iter()
+                    .map(|&key| protocol::TaskSpec {
+                        key,
+                        name: name.clone(),
+                        function: "inc".into(),
+                        payload: Arc::from(&[][..]),
+                        deps: Vec::new(),
+                        timeout_ms: None,
+                        retries: 0,
+                    })
+                    .collect(),
+                wanted: keys,
+            });
+            s.set_write_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            let mut peak = before;
+            let mut sent = 0;
+            // The scheduler stops reading the client once its answers pile
+            // up: then a write blocks past its timeout.
+            while sent < 400 && s.write_all(&graph).is_ok() {
+                sent += 1;
+                peak = peak.max(resident());
+            }
+            assert!(sent < 400, "the scheduler read every graph");
+            // Closed once it read nothing for the stall timeout; never
+            // read from here, or it would drain its backlog.
+            cluster.eventually("the client to be closed", |c| c.scheduler.clients() == 1);
+            peak = peak.max(resident());
+            let grown = peak.saturating_sub(before);
+            assert!(
+                grown < 160 * MIB,
+                "the scheduler's process grew by {} MiB",
+                grown / MIB
+            );
+            diamond(&cluster, &client, 1);
+        },
+    );
+}
+
+#[test]
+fn a_frame_trickled_byte_by_byte_is_closed_after_the_stall_timeout() {
+    let options =
+        rask_distributed::scheduler::Options::default().stall_timeout(Duration::from_millis(500));
+    let cluster = Cluster::with_options(1, 1, options);
+    let client = cluster.client();
+    let mut s = raw(cluster.scheduler.address(), Role::Client, &cluster.auth);
+    cluster.eventually("two clients", |c| c.scheduler.clients() == 2);
+    // A frame of 1 000 bytes at a byte every 200 ms would take 200 s.
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let mut w = s.try_clone().unwrap();
+    let trickle = std::thread::spawn(move || {
+        let _ = w.write_all(&1000u32.to_le_bytes());
+        while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+            stopped.recv_timeout(Duration::from_millis(200))
+        {
+            if w.write_all(&[0]).is_err() {
+                break;
+            }
+        }
+    });
+    cluster.eventually("the slow client to be closed", |c| {
+        c.scheduler.clients() == 1
+    });
+    wait_closed(&mut s);
+    drop(stop);
+    trickle.join().unwrap();
+    diamond(&cluster, &client, 1);
+}
+
+#[test]
+fn a_silent_client_is_closed_and_an_idle_one_kept_by_its_heartbeats() {
+    let timeout = Duration::from_secs(3);
+    let options = rask_distributed::scheduler::Options::default().client_timeout(timeout);
+    let cluster = Cluster::with_options(1, 1, options);
+    let client = cluster.client();
+    // A task in flight for the idle client: were its connection dropped,
+    // the output would fail as lost.
+    let mut g = Graph::new(&cluster.shared);
+    let a = g.value(1);
+    let slow = g.op("gate", 0, &[a]);
+    g.output(slow);
+    let got = Collect::new(1);
+    got.submit(&client, g.build());
+    cluster.wait_started();
+    // A client that passes its handshake, then says nothing.
+    let mut silent = raw(cluster.scheduler.address(), Role::Client, &cluster.auth);
+    cluster.eventually("two clients", |c| c.scheduler.clients() == 2);
+    wait_closed(&mut silent);
+    assert_eq!(cluster.scheduler.clients(), 1);
+    // The real client, idle all along, is kept past twice the timeout.
+    std::thread::sleep(2 * timeout);
+    assert_eq!(cluster.scheduler.clients(), 1);
+    cluster.shared.open_gate(1);
+    assert_eq!(got.wait(), vec![Ok(1)]);
+    diamond(&cluster, &client, 1);
+}
+
+#[test]
+fn a_data_port_answers_a_reader_that_stops_reading_one_value_at_a_time() {
+    isolated(
+        "a_data_port_answers_a_reader_that_stops_reading_one_value_at_a_time",
+        || {
+            let cluster = Cluster::new(1, 1);
+            let client = cluster.client();
+            // A value of 4 MiB, held on the worker.
+            const SIZE: u64 = 4 << 20;
+            let mut g = Graph::new(&cluster.shared);
+            let big = g.task("rask.value", vec![7; SIZE as usize], &[]);
+            g.output(big);
+            let kept = Keep::new(1, true);
+            kept.submit(&client, g.build());
+            let held = kept.wait().pop().unwrap().unwrap();
+            let key = remote(&held).key().0;
+            let data = cluster.workers[0].as_ref().unwrap().data_address();
+            let before = resident();
+            // 100 copies asked for at once, 400 MiB, and nothing read.
+            let mut s = raw(data, Role::Peer, &cluster.auth);
+            s.write_all(&protocol::frame(&ToPeer::GetData {
+                keys: vec![key; 100],
+            }))
+            .unwrap();
+            // The worker stops at its queue limit, whenever we look.
+            let mut peak = before;
+            for _ in 0..50 {
+                std::thread::sleep(Duration::from_millis(20));
+                peak = peak.max(resident());
+            }
+            let grown = peak.saturating_sub(before);
+            assert!(
+                grown < 100 * MIB,
+                "the worker's process grew by {} MiB",
+                grown / MIB
+            );
+            // Read, and every answer comes: the data port carries on where
+            // it stopped.
+            let mut answers = 0;
+            while answers < 100 {
+                for msg in read_frame::<FromPeer>(&mut s) {
+                    match msg {
+                        FromPeer::Data { key: k, bytes } => {
+                            assert_eq!(k, key);
+                            assert_eq!(bytes.len() as u64, SIZE);
+                        }
+                        other => panic!("unexpected {other:?}"),
+                    }
+                    answers += 1;
+                }
+            }
+            diamond(&cluster, &client, 1);
+        },
+    );
+}
+
+/// Set in the scheduler process of
+/// `idle_connections_past_the_file_limit_leave_room_for_a_new_client`.
+const LIMITED_ENV: &str = "RASK_TEST_LIMITED_SCHEDULER";
+
+/// The file limit that test runs its scheduler under.
+const FILE_LIMIT: usize = 1024;
+
+/// In a process under a file limit: a scheduler, its address on stdout,
+/// until stdin closes. Run normally, it does nothing.
+#[test]
+fn limited_scheduler_entry() {
+    if std::env::var_os(LIMITED_ENV).is_none() {
+        return;
+    }
+    // The test's token, in the test's variable.
+    let token = Token::parse(&std::env::var(LIMITED_ENV).unwrap()).unwrap();
+    let options = rask_distributed::scheduler::Options::default().auth(Auth::Token(token));
+    let scheduler =
+        rask_distributed::scheduler::serve_with("127.0.0.1:0".parse().unwrap(), options).unwrap();
+    println!("tcp://{}", scheduler.address());
+    std::io::stdout().flush().unwrap();
+    // Until the test closes stdin, or ends and so closes it.
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+}
+
+/// How to start a program under a limit of `FILE_LIMIT` open files:
+/// `prlimit` (util-linux) or `sh -c 'ulimit -n …'`; `None` when neither
+/// works here.
+fn under_file_limit(program: &std::path::Path) -> Option<std::process::Command> {
+    let works = |c: &mut std::process::Command| {
+        c.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let limit = format!("--nofile={FILE_LIMIT}");
+    if works(std::process::Command::new("prlimit").args([&limit, "true"])) {
+        let mut c = std::process::Command::new("prlimit");
+        c.arg(limit).arg(program);
+        return Some(c);
+    }
+    let script = format!("ulimit -n {FILE_LIMIT} && exec \"$0\" \"$@\"");
+    if works(std::process::Command::new("sh").args(["-c", &script, "true"])) {
+        let mut c = std::process::Command::new("sh");
+        c.args(["-c", &script]).arg(program);
+        return Some(c);
+    }
+    None
+}
+
+/// This process's limit of open files, from `/proc/self/limits`.
+fn open_files() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    match line.split_whitespace().nth(3)? {
+        "unlimited" => Some(usize::MAX),
+        n => n.parse().ok(),
+    }
+}
+
+#[test]
+fn idle_connections_past_the_file_limit_leave_room_for_a_new_client() {
+    const IDLE: usize = 1100;
+    const HANDSHAKEN: usize = 100;
+    let exe = std::env::current_exe().unwrap();
+    let Some(mut command) = under_file_limit(&exe) else {
+        eprintln!(
+            "skipped: neither `prlimit` nor `sh -c 'ulimit -n'` can lower the file limit here"
+        );
+        return;
+    };
+    // This process holds the idle connections' own ends.
+    if open_files().is_none_or(|n| n < IDLE + 256) {
+        eprintln!("skipped: this process may not open {IDLE} connections");
+        return;
+    }
+    let token = Token::generate().unwrap();
+    let auth = Auth::Token(token.clone());
+    let started = std::time::Instant::now();
+    let mut scheduler = command
+        .args([
+            "--exact",
+            "limited_scheduler_entry",
+            "--test-threads=1",
+            "--nocapture",
+        ])
+        .env(LIMITED_ENV, token.expose_secret())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Its stderr, read all along: a scheduler logging without limits would
+    // otherwise block on a full pipe.
+    let mut stderr = scheduler.stderr.take().unwrap();
+    let logged = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let mut stdout = std::io::BufReader::new(scheduler.stdout.take().unwrap());
+    let (found, address) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        while std::io::BufRead::read_line(&mut stdout, &mut line).is_ok_and(|n| n > 0) {
+            // The harness may have written the test's name on this line.
+            if let Some(at) = line.find("tcp://") {
+                let _ = found.send(line[at..].trim().to_owned());
+            }
+            // Read on to the end: the harness writes more.
+            line.clear();
+        }
+    });
+    let address = address
+        .recv_timeout(TIMEOUT)
+        .expect("the scheduler's address");
+    let addr: SocketAddr = address["tcp://".len()..].parse().unwrap();
+    // More idle connections than the scheduler may open files: most say
+    // nothing, some pass their handshake as clients and then say nothing.
+    let mut idle = Vec::new();
+    for i in 0..IDLE {
+        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+            continue;
+        };
+        if i < HANDSHAKEN {
+            let _ = s.set_read_timeout(Some(TIMEOUT));
+            if !matches!(
+                support::shake(&mut s, Role::Client, BuildId::current(), Some(&token)),
+                support::Shook::Done(_)
+            ) {
+                continue;
+            }
+        }
+        idle.push(s);
+    }
+    assert!(
+        idle.len() > FILE_LIMIT,
+        "only {} connections opened",
+        idle.len()
+    );
+    // A new worker and a new client get in, and compute.
+    let (shared, _) = support::Shared::new();
+    let registry = Arc::new(TestRegistry {
+        shared: shared.clone(),
+    });
+    let options = worker::Options::default().auth(auth.clone());
+    let worker = worker::spawn_with(&address, registry, options).unwrap();
+    let client = Client::connect_with(&address, auth).unwrap();
+    let mut g = Graph::new(&shared);
+    let a = g.value(20);
+    let b = g.op("inc", 0, &[a]);
+    let c = g.op("add", 1, &[a, b]);
+    g.output(c);
+    let got = Collect::new(1);
+    got.submit(&client, g.build());
+    assert_eq!(got.wait(), vec![Ok(42)]);
+    drop((client, worker, idle));
+    drop(scheduler.stdin.take());
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while scheduler.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = scheduler.kill();
+            let _ = scheduler.wait();
+            panic!("the scheduler did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Hundreds of connections were closed to make room, some logged: at
+    // most ten lines of a kind a second (and a line saying how many were
+    // left out), for the few kinds there are.
+    let logged = logged.join().unwrap();
+    let lines = logged
+        .lines()
+        .filter(|l| l.starts_with("rask-distributed:"))
+        .count();
+    let seconds = started.elapsed().as_secs() as usize + 1;
+    assert!(
+        lines <= 4 * 10 * seconds,
+        "{lines} lines in {seconds} s:\n{logged}"
+    );
+    assert!(
+        logged.contains("closed to make room"),
+        "no connection closed to make room:\n{logged}"
+    );
+}

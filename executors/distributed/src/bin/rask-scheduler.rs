@@ -1,12 +1,14 @@
 //! `rask-scheduler [--host 127.0.0.1] [--port 8786] [--worker-timeout 5]
-//! [--task-timeout SECONDS] [--token-file PATH | --insecure]`: runs a rask
-//! scheduler until killed. With `--port 0` the OS picks the port; the first
-//! line on stdout is always the bound address, `tcp://HOST:PORT`. A worker
-//! not heard from for `--worker-timeout` seconds is taken for dead and its
-//! work goes elsewhere. A task without a timeout of its own fails as timed
-//! out after `--task-timeout` seconds (default: no limit). A task running
-//! on `--allowed-failures` workers when they died (default 3) fails instead
-//! of being run again.
+//! [--client-timeout 60] [--task-timeout SECONDS] [--token-file PATH | --insecure]`:
+//! runs a rask scheduler until killed. With `--port 0` the OS picks the
+//! port; the first line on stdout is always the bound address,
+//! `tcp://HOST:PORT`. A worker not heard from for `--worker-timeout`
+//! seconds is taken for dead and its work goes elsewhere; a client not
+//! heard from for `--client-timeout` seconds (clients send a heartbeat
+//! every second) is taken as disconnected. A task without a timeout of its
+//! own fails as timed out after `--task-timeout` seconds (default: no
+//! limit). A task running on `--allowed-failures` workers when they died
+//! (default 3) fails instead of being run again.
 //!
 //! Every client and worker must prove the scheduler's token. It is, in
 //! order: the one in `--token-file PATH`, the one in `RASK_TOKEN`, the one
@@ -26,7 +28,7 @@ use rask_distributed::{Auth, Token, INSECURE_ENV, TOKEN_ENV, TOKEN_FILE_ENV};
 
 const USAGE: &str =
     "usage: rask-scheduler [--host 127.0.0.1] [--port 8786] [--worker-timeout SECONDS (5)] \
-     [--task-timeout SECONDS (none)] [--allowed-failures N (3)] \
+     [--client-timeout SECONDS (60)] [--task-timeout SECONDS (none)] [--allowed-failures N (3)] \
      [--token-file PATH ($HOME/.rask/token) | --insecure]";
 
 fn main() -> ExitCode {
@@ -56,6 +58,12 @@ fn main() -> ExitCode {
                     options.worker_timeout = std::time::Duration::from_secs_f64(s);
                 }
                 _ => return usage("--worker-timeout needs a number of seconds above 0"),
+            },
+            "--client-timeout" => match value().map(|v| v.parse::<f64>()) {
+                Some(Ok(s)) if s.is_finite() && s > 0.0 && s <= 1e9 => {
+                    options.client_timeout = std::time::Duration::from_secs_f64(s);
+                }
+                _ => return usage("--client-timeout needs a number of seconds above 0"),
             },
             "--allowed-failures" => match value().map(|v| v.parse::<u8>()) {
                 Some(Ok(n)) if n > 0 => options.allowed_failures = n,

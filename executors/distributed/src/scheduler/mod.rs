@@ -22,7 +22,14 @@
 //!    [`MIN_HEARTBEAT`]..=[`MAX_HEARTBEAT`]); one the scheduler hears nothing from for
 //!    that long is closed as if it had died (rule 2): hung, stopped, or on
 //!    a machine that became unreachable, it would otherwise hold its tasks
-//!    and values for ever. Clients are never timed out.
+//!    and values for ever. A client connected over TCP sends a heartbeat
+//!    every second it sends nothing else, and one silent for
+//!    [`Options::client_timeout`] (60 s) is closed as if it had
+//!    disconnected: clients are long-lived and often idle, so the timeout
+//!    is long, and only a client that hung or vanished reaches it. A
+//!    client of this process (through memory) is never timed out. A peer
+//!    this side stopped reading (rule 8, or a frame waiting for its budget)
+//!    is not blamed for the silence meanwhile.
 //! 5. Builds never meet. Every connection belongs to the *partition* of its
 //!    build ([`BuildId`], from its handshake; a client of this process
 //!    through memory is of this process's build), and each partition is a
@@ -45,13 +52,29 @@
 //!    nothing else, and costs one log line. What an authenticated worker
 //!    may report is then checked by the state machine (README.md, S6 and
 //!    S10 to S12).
+//! 8. **Limits before trust** (`net` rules 5 to 10). A connection is
+//!    pre-auth until `net::accept` returns: it may send its handshake only,
+//!    within 10 s, and at most 256 of them wait at once (the oldest makes
+//!    room for a new one). Once authenticated, its frames are read within
+//!    the scheduler's budget ([`Options::frame_budget`]) and its stall
+//!    timeout ([`Options::stall_timeout`]); while more than 64 MiB wait to
+//!    be sent to it, its own frames are not read (and its reader lets the
+//!    state loop answer every 4 MiB it read, so that count is up to date:
+//!    `READ_AHEAD`); a client with more than
+//!    [`CLIENT_BACKLOG`] waiting is closed (its answers are small, so only
+//!    a client that stopped reading gets there; a worker is sent tasks with
+//!    their inputs, as big as clients made them, and is closed only when it
+//!    reads nothing for the stall timeout). Connections are capped from the
+//!    limit of open files, per role and in total, and accepting backs off
+//!    when it fails. Every line a peer can make the scheduler log is
+//!    rate-limited.
 
 mod placement;
 mod state;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -60,13 +83,25 @@ use rask_executor::{Failure, FailureKind, Key};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::net::{self, log, Chain};
+use crate::net::{self, log, log_limited, Chain};
 use crate::protocol::{
     decode_checked, Batch, ProtocolError, Role, TaskSpec, ToClient, ToScheduler, ToWorker,
     WireFailure, WireKey, WorkerId, MAX_HEARTBEAT, MIN_HEARTBEAT,
 };
 use crate::{Auth, BuildId, Error, Token};
 use state::{ClientId, Outbox, Reporter, State};
+
+/// The most bytes waiting to be sent to one client before it is closed
+/// (rule 8), 256 MiB: a client is sent reports of at most
+/// [`INLINE_BYTES`](crate::protocol::INLINE_BYTES) each, so this is a
+/// quarter of a million of them unread.
+pub const CLIENT_BACKLOG: usize = 256 << 20;
+
+/// The bytes of frames a connection's reader hands the state loop before it
+/// lets the state loop run (rule 8): the pause for a peer that does not read
+/// counts the answers of what was read, so a reader must not run far ahead
+/// of the state loop. Far more than a burst of ordinary frames.
+const READ_AHEAD: usize = 4 << 20;
 
 /// A scheduler running on a background thread; dropping it shuts it down.
 ///
@@ -97,6 +132,7 @@ pub struct SchedulerHandle {
 #[derive(Default)]
 struct Counts {
     workers: AtomicUsize,
+    clients: AtomicUsize,
     tasks: AtomicUsize,
 }
 
@@ -110,6 +146,20 @@ impl SchedulerHandle {
     /// Number of workers registered now, of every build.
     pub fn workers(&self) -> usize {
         self.counts.workers.load(Ordering::Acquire)
+    }
+
+    /// Number of clients connected now, of every build, those of this
+    /// process (through memory) included.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let scheduler = rask_distributed::scheduler::serve("127.0.0.1:0".parse().unwrap())?;
+    /// assert_eq!(scheduler.clients(), 0);
+    /// # Ok::<(), rask_distributed::Error>(())
+    /// ```
+    pub fn clients(&self) -> usize {
+        self.counts.clients.load(Ordering::Acquire)
     }
 
     /// Number of tasks the scheduler remembers now, for every build: tasks
@@ -216,6 +266,23 @@ pub struct Options {
     /// lets anyone who can connect run the program's registered functions
     /// and read every value.
     pub auth: Option<Auth>,
+    /// A client connected over TCP that sends nothing, not even a
+    /// heartbeat, for this long is closed as if it had disconnected (rule
+    /// 4). Default 60 s. Clients send a heartbeat every second they send
+    /// nothing else, so anything much above 2 s keeps every live client.
+    pub client_timeout: Duration,
+    /// How long a frame may take to arrive, on top of one second per MiB
+    /// of its length, and how long a peer may leave bytes queued for it
+    /// unread, before its connection is closed (rule 8): a peer that
+    /// trickles a frame byte by byte, or stopped reading. Default 30 s.
+    pub stall_timeout: Duration,
+    /// The most bytes of frames over 64 KiB the scheduler reads and
+    /// handles at once, over every connection (rule 8); a frame that does
+    /// not fit waits for room, and its connection is not read meanwhile. A
+    /// frame bigger than the whole budget closes its connection, so this
+    /// is also the biggest graph frame a client can send. Default 1 GiB,
+    /// twice the largest frame.
+    pub frame_budget: usize,
 }
 
 impl Default for Options {
@@ -225,6 +292,9 @@ impl Default for Options {
             task_timeout: None,
             allowed_failures: 3,
             auth: None,
+            client_timeout: Duration::from_secs(60),
+            stall_timeout: net::STALL_TIMEOUT,
+            frame_budget: net::FRAME_BUDGET,
         }
     }
 }
@@ -263,6 +333,51 @@ impl Options {
     /// ```
     pub fn auth(mut self, auth: Auth) -> Options {
         self.auth = Some(auth);
+        self
+    }
+
+    /// These options with another client timeout (rule 4).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let options = rask_distributed::scheduler::Options::default()
+    ///     .client_timeout(Duration::from_secs(300));
+    /// assert_eq!(options.client_timeout, Duration::from_secs(300));
+    /// ```
+    pub fn client_timeout(mut self, timeout: Duration) -> Options {
+        self.client_timeout = timeout;
+        self
+    }
+
+    /// These options with another stall timeout (rule 8).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let options = rask_distributed::scheduler::Options::default()
+    ///     .stall_timeout(Duration::from_secs(120));
+    /// assert_eq!(options.stall_timeout, Duration::from_secs(120));
+    /// ```
+    pub fn stall_timeout(mut self, timeout: Duration) -> Options {
+        self.stall_timeout = timeout;
+        self
+    }
+
+    /// These options with another frame budget, in bytes (rule 8).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// // A scheduler on a small machine: at most 256 MiB of big frames at
+    /// // once, and no graph frame over that.
+    /// let options = rask_distributed::scheduler::Options::default().frame_budget(256 << 20);
+    /// assert_eq!(options.frame_budget, 256 << 20);
+    /// ```
+    pub fn frame_budget(mut self, bytes: usize) -> Options {
+        self.frame_budget = bytes;
         self
     }
 
@@ -356,12 +471,17 @@ enum Event {
         role: Role,
         build: BuildId,
         peer: SocketAddr,
-        writer: mpsc::UnboundedSender<Vec<u8>>,
+        writer: net::Writer,
+        held: net::Held,
+        /// Whether it is a client of this process, through memory.
+        local: bool,
         kill: oneshot::Sender<()>,
     },
     Frame {
         conn: u32,
         msgs: Vec<ToScheduler>,
+        /// Returns the frame's bytes to the budget once handled.
+        _grant: Option<net::Grant>,
     },
     Closed {
         conn: u32,
@@ -387,7 +507,11 @@ struct Conn {
     peer: SocketAddr,
     /// When its last frame arrived (rule 4).
     last_heard: Instant,
-    writer: mpsc::UnboundedSender<Vec<u8>>,
+    /// Set while its reader waits on this side (rule 4).
+    held: net::Held,
+    /// A client of this process, through memory: never timed out.
+    local: bool,
+    writer: net::Writer,
     // Dropping it ends the reader task, which closes the socket.
     _kill: oneshot::Sender<()>,
 }
@@ -428,6 +552,8 @@ struct Shell {
     /// One partition per build with a connection (rule 5).
     partitions: HashMap<BuildId, Partition>,
     conns: HashMap<u32, Conn>,
+    /// How many of `conns` are clients.
+    clients: usize,
     out: Batches,
     options: Options,
     /// When silent workers were last looked for (rule 4).
@@ -443,39 +569,52 @@ async fn run(
     auth: Arc<Auth>,
 ) {
     let (events_tx, mut events) = mpsc::unbounded_channel();
+    let limits = net::Limits::new(options.frame_budget, options.stall_timeout);
+    // Connection numbers, for TCP and in-memory connections alike.
+    let numbers = Arc::new(AtomicU32::new(0));
+    let gate = net::Gate::new(net::Caps::for_this_process(1));
+    // Accepting has a task of its own: its back-off (rule 8) never holds
+    // up the state.
+    tokio::spawn({
+        let (events, numbers, limits) = (events_tx.clone(), numbers.clone(), limits.clone());
+        net::accept_loop(listener, gate, "scheduler", move |stream, peer, ticket| {
+            let conn = numbers.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(connection(
+                conn,
+                stream,
+                peer,
+                ticket,
+                auth.clone(),
+                limits.clone(),
+                events.clone(),
+            ));
+        })
+    });
     let mut silence = tokio::time::interval(options.heartbeat());
     silence.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut shell = Shell {
         partitions: HashMap::new(),
         conns: HashMap::new(),
+        clients: 0,
         out: Batches::default(),
         options,
         last_check: Instant::now(),
     };
-    let mut next_conn: u32 = 0;
     loop {
         tokio::select! {
             _ = &mut stop => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let conn = next_conn;
-                    next_conn = next_conn.wrapping_add(1);
-                    tokio::spawn(connection(conn, stream, peer, auth.clone(), events_tx.clone()));
-                }
-                Err(e) => {
-                    log!("scheduler: accept failed: {e}");
-                    // Out of file descriptors, typically: do not spin.
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                }
-            },
             Some((end, build)) = locals.recv() => {
-                let conn = next_conn;
-                next_conn = next_conn.wrapping_add(1);
+                let conn = numbers.fetch_add(1, Ordering::Relaxed);
                 // An in-memory peer has no address: logs show 127.0.0.1:0.
                 let peer = SocketAddr::from(([127, 0, 0, 1], 0));
-                let frames = net::Frames::local(end.recv);
+                let link = Link {
+                    frames: net::Frames::local(end.recv),
+                    writer: net::Writer::local(end.send),
+                    held: net::Held::default(),
+                    slot: None,
+                };
                 let hello = (Role::Client, build);
-                tokio::spawn(serve_connection(conn, hello, peer, frames, end.send, events_tx.clone()));
+                tokio::spawn(serve_connection(conn, hello, peer, link, events_tx.clone()));
             }
             Some(event) = events.recv() => {
                 shell.handle(event);
@@ -493,7 +632,7 @@ async fn run(
                 shell.publish(&counts);
             }
             _ = silence.tick() => {
-                if shell.close_silent_workers() {
+                if shell.close_silent() {
                     shell.flush();
                     shell.publish(&counts);
                 }
@@ -502,39 +641,70 @@ async fn run(
     }
 }
 
-/// One accepted TCP connection: handshake, then [`serve_connection`]; the
-/// state loop hears of it only once its peer authenticated (rule 7).
+/// One accepted TCP connection, pre-auth under `ticket`: handshake, then
+/// [`serve_connection`] within `limits` (rule 8); the state loop hears of
+/// it only once its peer authenticated (rule 7).
 async fn connection(
     conn: u32,
     stream: TcpStream,
     peer: SocketAddr,
+    ticket: net::PreAuth,
     auth: Arc<Auth>,
+    limits: net::Limits,
     events: mpsc::UnboundedSender<Event>,
 ) {
     // The scheduler runs no user code: it has no build of its own.
-    let accepted = net::accept(stream, Role::Scheduler, BuildId::NONE, &auth).await;
-    let (theirs, read, write) = match accepted {
-        Ok(x) => x,
+    let serves = [Role::Client, Role::Worker];
+    let accepted = match net::accept(
+        stream,
+        ticket,
+        Role::Scheduler,
+        BuildId::NONE,
+        &auth,
+        &serves,
+        &limits,
+    )
+    .await
+    {
+        Ok(accepted) => accepted,
         // One line per refusal (rule 7), naming what is wrong.
         Err(e @ ProtocolError::Auth(_)) => {
-            log!("scheduler: refused the connection from {peer}: {e}");
+            log_limited!(
+                "scheduler: refused",
+                "scheduler: refused the connection from {peer}: {e}"
+            );
             return;
         }
         Err(e) => {
-            log!("scheduler: closing connection from {peer}: {}", Chain(&e));
+            log_limited!(
+                "scheduler: closing",
+                "scheduler: closing connection from {peer}: {}",
+                Chain(&e)
+            );
             return;
         }
     };
-    if theirs.role != Role::Client && theirs.role != Role::Worker {
-        log!(
-            "scheduler: closing connection from {peer}: {}",
-            ProtocolError::Role(theirs.role)
-        );
-        return;
-    }
-    let frames = net::Frames::stream(read);
-    let hello = (theirs.role, theirs.build);
-    serve_connection(conn, hello, peer, frames, net::spawn_writer(write), events).await;
+    let role = accepted.hello.role;
+    // Rule 7: a client's answers are small, a worker's tasks are not.
+    let cap = (role == Role::Client).then_some(CLIENT_BACKLOG);
+    let held = net::Held::default();
+    let link = Link {
+        frames: net::Frames::stream(accepted.read.held_by(held.clone())),
+        writer: net::spawn_writer(accepted.write, &limits, cap),
+        held,
+        slot: Some(accepted.slot),
+    };
+    serve_connection(conn, (role, accepted.hello.build), peer, link, events).await;
+}
+
+/// The parts of a connection, TCP or in memory.
+struct Link {
+    frames: net::Frames,
+    writer: net::Writer,
+    /// Set while its reader waits on this side (rule 4).
+    held: net::Held,
+    /// Its place among the connections of its role; none in memory.
+    slot: Option<net::Slot>,
 }
 
 /// Tells the state loop about a connection whose peer is `role` of `build`,
@@ -543,26 +713,36 @@ async fn serve_connection(
     conn: u32,
     (role, build): (Role, BuildId),
     peer: SocketAddr,
-    frames: net::Frames,
-    writer: mpsc::UnboundedSender<Vec<u8>>,
+    link: Link,
     events: mpsc::UnboundedSender<Event>,
 ) {
+    let Link {
+        frames,
+        writer,
+        held,
+        slot,
+    } = link;
     let (kill, killed) = oneshot::channel();
+    let local = slot.is_none();
     if events
         .send(Event::Connected {
             conn,
             role,
             build,
             peer,
-            writer,
+            writer: writer.clone(),
+            held: held.clone(),
+            local,
             kill,
         })
         .is_err()
     {
         return;
     }
-    let reason = read_loop(frames, killed, conn, &events).await;
+    let reason = read_loop(frames, killed, conn, &events, &writer, &held).await;
     let _ = events.send(Event::Closed { conn, reason });
+    // The connection's place goes with it (rule 8).
+    drop(slot);
 }
 
 async fn read_loop(
@@ -570,14 +750,41 @@ async fn read_loop(
     mut killed: oneshot::Receiver<()>,
     conn: u32,
     events: &mpsc::UnboundedSender<Event>,
+    writer: &net::Writer,
+    held: &net::Held,
 ) -> Option<ProtocolError> {
+    let mut ahead = 0;
     loop {
+        if ahead >= READ_AHEAD {
+            // The state loop answers what was read before more is read, so
+            // the backlog below is up to date (rule 8).
+            ahead = 0;
+            tokio::task::yield_now().await;
+        }
+        if !writer.has_room() {
+            // Rule 7: a peer that does not read its answers is not read
+            // from either, and not blamed for its silence meanwhile.
+            held.store(true, Ordering::Release);
+            let room = tokio::select! {
+                _ = &mut killed => return None,
+                room = writer.room() => room,
+            };
+            held.store(false, Ordering::Release);
+            if let Err(e) = room {
+                return Some(e);
+            }
+        }
         tokio::select! {
+            biased;
             _ = &mut killed => return None,
             got = read.next() => match got {
                 Ok(true) => match decode_checked::<ToScheduler>(read.frame()) {
                     Ok(msgs) => {
-                        if events.send(Event::Frame { conn, msgs }).is_err() {
+                        ahead += read.frame().len();
+                        // The frame's budget is held until its messages
+                        // were handled (net rule 8).
+                        let grant = read.take_grant();
+                        if events.send(Event::Frame { conn, msgs, _grant: grant }).is_err() {
                             return None;
                         }
                     }
@@ -586,6 +793,7 @@ async fn read_loop(
                 Ok(false) => return None,
                 Err(e) => return Some(e),
             },
+            why = writer.closed() => return why,
         }
     }
 }
@@ -599,6 +807,8 @@ impl Shell {
                 build,
                 peer,
                 writer,
+                held,
+                local,
                 kill,
             } => {
                 let partition = self
@@ -611,6 +821,7 @@ impl Shell {
                         partition
                             .state
                             .on_client_connected(ClientId(conn), &mut self.out);
+                        self.clients += 1;
                         Kind::Client(ClientId(conn))
                     }
                     _ => Kind::NewWorker,
@@ -623,12 +834,14 @@ impl Shell {
                         refused: false,
                         peer,
                         last_heard: Instant::now(),
+                        held,
+                        local,
                         writer,
                         _kill: kill,
                     },
                 );
             }
-            Event::Frame { conn, msgs } => {
+            Event::Frame { conn, msgs, .. } => {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.last_heard = Instant::now();
                 }
@@ -658,7 +871,8 @@ impl Shell {
             if let Some(why) = self.no_worker_of(build) {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     if !std::mem::replace(&mut c.refused, true) {
-                        log!(
+                        log_limited!(
+                            "scheduler: refusing graphs",
                             "scheduler: refusing graphs of the client at {}: {why}",
                             c.peer
                         );
@@ -710,7 +924,7 @@ impl Shell {
                 let every_ms = self.options.heartbeat().as_millis() as u64;
                 out.to_worker(w, ToWorker::Heartbeat { every_ms });
             }
-            (Kind::Worker(_), ToScheduler::Heartbeat) => {}
+            (Kind::Worker(_) | Kind::Client(_), ToScheduler::Heartbeat) => {}
             (
                 Kind::Worker(w),
                 ToScheduler::TaskFinished {
@@ -745,7 +959,8 @@ impl Shell {
             return;
         };
         if let Some(reason) = reason {
-            log!(
+            log_limited!(
+                "scheduler: closing",
                 "scheduler: closing connection from {}: {}",
                 c.peer,
                 Chain(&reason)
@@ -757,9 +972,12 @@ impl Shell {
             .entry(c.build)
             .or_insert_with(|| Partition::new(&self.options));
         match c.kind {
-            Kind::Client(client) => partition
-                .state
-                .on_client_disconnected(client, &mut self.out),
+            Kind::Client(client) => {
+                self.clients -= 1;
+                partition
+                    .state
+                    .on_client_disconnected(client, &mut self.out)
+            }
             Kind::Worker(worker) => partition.state.on_worker_lost(worker, &mut self.out),
             Kind::NewWorker => {}
         }
@@ -806,13 +1024,14 @@ impl Shell {
         let workers = partitions.clone().map(|p| p.state.worker_count()).sum();
         let tasks = partitions.map(|p| p.state.task_count()).sum();
         counts.workers.store(workers, Ordering::Release);
+        counts.clients.store(self.clients, Ordering::Release);
         counts.tasks.store(tasks, Ordering::Release);
     }
 
-    /// Closes the workers not heard from for the worker timeout (rule 4);
-    /// whether there were any.
-    fn close_silent_workers(&mut self) -> bool {
-        let timeout = self.options.worker_timeout;
+    /// Closes the workers not heard from for the worker timeout, and the
+    /// clients not heard from for the client timeout (rule 4); whether
+    /// there were any.
+    fn close_silent(&mut self) -> bool {
         let now = Instant::now();
         let since = now.duration_since(std::mem::replace(&mut self.last_check, now));
         if since > 2 * self.options.heartbeat() {
@@ -824,26 +1043,52 @@ impl Shell {
             }
             return false;
         }
-        let silent: Vec<u32> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| !matches!(c.kind, Kind::Client(_)))
-            .filter(|(_, c)| c.last_heard.elapsed() > timeout)
-            .map(|(&conn, _)| conn)
-            .collect();
-        for &conn in &silent {
+        let (workers, clients) = (self.options.worker_timeout, self.options.client_timeout);
+        let mut silent = Vec::new();
+        for (&conn, c) in &mut self.conns {
+            if c.held.load(Ordering::Acquire) {
+                // Not read on purpose (rule 8): not the peer's silence.
+                c.last_heard = now;
+                continue;
+            }
+            let timeout = match c.kind {
+                Kind::Client(_) if c.local => continue,
+                Kind::Client(_) => clients,
+                Kind::NewWorker | Kind::Worker(_) => workers,
+            };
+            if now.duration_since(c.last_heard) > timeout {
+                silent.push((conn, timeout));
+            }
+        }
+        for &(conn, timeout) in &silent {
             self.close(conn, Some(ProtocolError::Silent(timeout)));
         }
         !silent.is_empty()
     }
 
+    /// Sends what the handlers produced, one batch per connection (rule 3).
+    /// A connection whose writer refuses (rule 8) is closed, and what that
+    /// produces is sent in turn.
     fn flush(&mut self) {
-        for (conn, mut batch) in self.out.by_conn.drain() {
-            if batch.is_empty() {
-                continue;
+        loop {
+            let mut refused = Vec::new();
+            for (conn, mut batch) in self.out.by_conn.drain() {
+                if batch.is_empty() {
+                    continue;
+                }
+                if let Some(c) = self.conns.get(&conn) {
+                    if let Err(e) = net::send_batch(&c.writer, &mut batch) {
+                        refused.push((conn, e));
+                    }
+                }
             }
-            if let Some(c) = self.conns.get(&conn) {
-                net::send_batch(&c.writer, &mut batch);
+            if refused.is_empty() {
+                return;
+            }
+            for (conn, e) in refused {
+                // A connection already gone says so itself, quietly.
+                let reason = (!matches!(e, ProtocolError::Closed)).then_some(e);
+                self.close(conn, reason);
             }
         }
     }

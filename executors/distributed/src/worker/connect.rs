@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 
 use super::serve_data;
 use super::state::Store;
@@ -41,6 +40,9 @@ pub(crate) struct Link {
     /// What it proves to its scheduler, requires of its data port's
     /// readers and proves to its peers' data ports (rule 12).
     pub(crate) auth: Arc<Auth>,
+    /// The limits of the worker's connections (`net` rules 8 to 10), one
+    /// budget for all of them.
+    pub(crate) limits: net::Limits,
 }
 
 /// A registered scheduler connection, for the network loop.
@@ -50,7 +52,7 @@ pub(crate) struct Connection {
     /// The worker's data port (rule 4), bound by the first connection.
     pub(crate) data_address: SocketAddr,
     pub(crate) read: FrameReader<Reader>,
-    pub(crate) writer: mpsc::UnboundedSender<Vec<u8>>,
+    pub(crate) writer: net::Writer,
     /// What followed `Registered` in the scheduler's first frame.
     pub(crate) first: Vec<ToWorker>,
 }
@@ -177,16 +179,18 @@ async fn attempt(
     data: &mut Option<SocketAddr>,
 ) -> Result<Connection, Error> {
     let address = link.address.as_str();
-    let (read, write, local, _) = net::connect(
+    let connected = net::connect(
         address,
         Role::Worker,
         Role::Scheduler,
         link.build,
         &link.auth,
         net::CONNECT_TIMEOUT,
+        &link.limits,
     )
     .await
     .map_err(|e| e.into_error(address, Role::Scheduler))?;
+    let local = connected.local;
     let data_address = match *data {
         Some(bound) => bound,
         None => {
@@ -199,20 +203,21 @@ async fn attempt(
                 store.clone(),
                 link.build,
                 link.auth.clone(),
+                link.limits.clone(),
             ));
             *data = Some(bound);
             bound
         }
     };
-    let writer = net::spawn_writer(write);
+    let writer = net::spawn_writer(connected.write, &link.limits, None);
     let mut batch = Batch::default();
     batch.push(&ToScheduler::RegisterWorker {
         address: data_address.to_string(),
         threads: link.threads as u32,
     });
-    net::send_batch(&writer, &mut batch);
+    let _ = net::send_batch(&writer, &mut batch);
 
-    let mut read = FrameReader::new(read);
+    let mut read = connected.read;
     let protocol = |reason| Error::Protocol { reason };
     let first = match tokio::time::timeout(REGISTER_TIMEOUT, read.next()).await {
         Ok(Ok(true)) => match decode_checked::<ToWorker>(read.frame()) {

@@ -105,6 +105,19 @@
 //!     not told the cluster is insecure does not start
 //!     ([`Error::NoToken`]); one its scheduler refuses ([`Error::Auth`])
 //!     does not try again (rule 1), time does not change a token.
+//! 13. **Limits** (`net` rules 5 to 10). The worker's connections, to its
+//!     scheduler, to other data ports and on its own, share one budget for
+//!     big frames (1 GiB) and the stall timeout (30 s). The data port takes
+//!     connections as the scheduler does (pre-auth only the handshake, for
+//!     10 s; at most 256 pre-auth; capped from half the open-file limit,
+//!     the rest being the worker's and its tasks'), answers a `GetData`
+//!     one value at a time, waiting while more than 64 MiB wait to be sent
+//!     to the reader (so a reader that stops reading holds at most that and
+//!     one value, and is closed once it reads nothing for the stall
+//!     timeout), and closes a connection with nothing in flight either way
+//!     for [`DATA_IDLE`] (readers close theirs after 30 s idle and connect
+//!     again when they need to). Every line a peer can make it log is
+//!     rate-limited.
 
 mod connect;
 mod pool;
@@ -124,7 +137,7 @@ use rask_executor::{panic_message, run_task, Encoded, Failure, FailureKind, Key,
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::net::{self, log, Chain, Fetched, FrameReader, PeerPool, Reader};
+use crate::net::{self, log, log_limited, Chain, Fetched, FrameReader, PeerPool, Reader};
 use crate::protocol::{
     decode_checked, duration_ns_of, strip_scheme, Batch, FromPeer, FromPeerRef, ProtocolError,
     Role, ToPeer, ToScheduler, ToWorker, WireKey, WorkerId, INLINE_BYTES, MAX_FRAME,
@@ -148,6 +161,11 @@ const FAST_STREAK: u32 = 4;
 
 /// The longest the network thread runs jobs itself in one turn (rule 5).
 const INLINE_TURN: Duration = Duration::from_micros(500);
+
+/// How long a data connection with nothing in flight either way stays open
+/// (rule 13): two minutes, four times as long as a reader keeps one, so
+/// only a connection its reader forgot or abandoned reaches it.
+pub const DATA_IDLE: Duration = Duration::from_secs(120);
 
 /// How long a thread may stay in a released or timed-out task before its
 /// worker is unhealthy, unless [`Options::grace`] says otherwise (rule 11).
@@ -687,7 +705,7 @@ struct Io {
     /// The scheduler connection's reading end; replaced with the rest of
     /// the connection's parts at each registration (rule 1).
     read: FrameReader<Reader>,
-    writer: mpsc::UnboundedSender<Vec<u8>>,
+    writer: net::Writer,
     peers: PeerPool,
     fetch_rx: mpsc::UnboundedReceiver<Fetched>,
     /// Rule 6: ticks once the scheduler said how often.
@@ -712,14 +730,13 @@ impl Io {
         connection: Connection,
         done_rx: mpsc::UnboundedReceiver<Done>,
         stop: Option<oneshot::Receiver<()>>,
-        build: BuildId,
-        auth: Arc<Auth>,
+        link: &Link,
     ) -> Io {
         let (fetch_tx, fetch_rx) = mpsc::unbounded_channel();
         Io {
             read: connection.read,
             writer: connection.writer,
-            peers: PeerPool::new(fetch_tx, build, auth),
+            peers: PeerPool::new(fetch_tx, link.build, link.auth.clone(), link.limits.clone()),
             fetch_rx,
             heartbeat: None,
             done_rx,
@@ -742,7 +759,7 @@ impl Io {
         let (fetch_tx, fetch_rx) = mpsc::unbounded_channel();
         self.read = connection.read;
         self.writer = connection.writer;
-        self.peers = PeerPool::new(fetch_tx, link.build, link.auth.clone());
+        self.peers = PeerPool::new(fetch_tx, link.build, link.auth.clone(), link.limits.clone());
         self.fetch_rx = fetch_rx;
         self.heartbeat = None;
         self.messages = connection.first;
@@ -871,6 +888,7 @@ fn start(
         // The protocol's range (rule 5 of `protocol`): the pool is that
         // big too.
         threads: options.threads.clamp(1, MAX_THREADS as usize),
+        limits: net::Limits::standard(),
     };
     let runtime = net::runtime().map_err(Error::Io)?;
     let store = Store::default();
@@ -884,7 +902,7 @@ fn start(
     ))?;
     let (id, data_address) = (connection.id, connection.data_address);
     let (done, done_rx) = mpsc::unbounded_channel();
-    let io = Io::new(connection, done_rx, stop, build, link.auth.clone());
+    let io = Io::new(connection, done_rx, stop, &link);
     let pool = Pool::start(link.threads, done.clone());
     let (ending, ended) = std::sync::mpsc::channel();
     let (end_watchdog, watchdog_ends) = std::sync::mpsc::channel();
@@ -1215,16 +1233,23 @@ async fn turn(io: &mut Io, worker: &Worker) -> Option<Ended> {
                         return Some(protocol(e));
                     }
                 },
-                // The scheduler went away: the worker reaches it again or
-                // ends (rule 1).
-                Ok(false) | Err(ProtocolError::Closed) | Err(ProtocolError::Io(_)) => {
-                    return Some(Ended::Lost)
-                }
+                // The scheduler went away, or stopped reading (net rule
+                // 9): the worker reaches it again or ends (rule 1).
+                Ok(false)
+                | Err(ProtocolError::Closed)
+                | Err(ProtocolError::Io(_))
+                | Err(ProtocolError::Stalled(_)) => return Some(Ended::Lost),
                 Err(e) => {
                     log!("worker: closing the scheduler connection: {}", Chain(&e));
                     return Some(protocol(e));
                 }
             },
+            why = io.writer.closed() => {
+                if let Some(e) = why {
+                    log!("worker: closing the scheduler connection: {e}");
+                }
+                return Some(Ended::Lost);
+            }
             Some(done) = io.done_rx.recv() => {
                 io.done.push(done);
                 while let Ok(done) = io.done_rx.try_recv() {
@@ -1249,104 +1274,140 @@ async fn turn(io: &mut Io, worker: &Worker) -> Option<Ended> {
     }
 }
 
-/// Accepts peers on the data port.
-async fn serve_data(listener: TcpListener, store: Store, build: BuildId, auth: Arc<Auth>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let auth = auth.clone();
-                tokio::spawn(data_connection(stream, peer, store.clone(), build, auth));
-            }
-            Err(e) => {
-                log!("worker: data port accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    }
-}
-
-/// Answers one peer's `GetData`s until it goes away; only a peer that
-/// proved `auth` (rule 12), of this worker's `build` (rule 8), is served.
-async fn data_connection(
-    stream: TcpStream,
-    peer: SocketAddr,
+/// Accepts peers on the data port (rule 13).
+async fn serve_data(
+    listener: TcpListener,
     store: Store,
     build: BuildId,
     auth: Arc<Auth>,
+    limits: net::Limits,
 ) {
-    let (theirs, read, write) = match net::accept(stream, Role::DataServer, build, &auth).await {
-        Ok(x) => x,
-        // Rule 12: one line per refusal, naming what is wrong.
-        Err(e @ ProtocolError::Auth(_)) => {
-            log!("worker: refused the data connection from {peer}: {e}");
-            return;
-        }
-        Err(e) => {
-            log!("worker: closing data connection from {peer}: {}", Chain(&e));
-            return;
-        }
-    };
-    let refused = if theirs.role != Role::Peer {
-        Some(ProtocolError::Role(theirs.role))
-    } else if theirs.build != build {
-        Some(ProtocolError::Build {
-            ours: build,
-            theirs: theirs.build,
-        })
-    } else {
-        None
-    };
-    if let Some(reason) = refused {
-        log!("worker: closing data connection from {peer}: {reason}");
-        return;
-    }
-    let writer = net::spawn_writer(write);
-    let mut read = FrameReader::new(read);
-    let mut batch = Batch::default();
-    loop {
-        let msgs = match read.next().await {
-            Ok(true) => match decode_checked::<ToPeer>(read.frame()) {
-                Ok(m) => m,
-                Err(e) => {
-                    log!("worker: closing data connection from {peer}: {}", Chain(&e));
-                    return;
+    // Half the open files: the rest are the worker's own and its tasks'.
+    let gate = net::Gate::new(net::Caps::for_this_process(2));
+    net::accept_loop(
+        listener,
+        gate,
+        "worker: data port",
+        move |stream, peer, ticket| {
+            let (store, auth, limits) = (store.clone(), auth.clone(), limits.clone());
+            tokio::spawn(async move {
+                match data_connection(stream, ticket, store, build, &auth, &limits).await {
+                    Ok(()) => {}
+                    // Rule 12: a line per refusal, naming what is wrong.
+                    Err(e @ ProtocolError::Auth(_)) => log_limited!(
+                        "worker: refused data connection",
+                        "worker: refused the data connection from {peer}: {e}"
+                    ),
+                    Err(e) => log_limited!(
+                        "worker: closing data connection",
+                        "worker: closing data connection from {peer}: {}",
+                        Chain(&e)
+                    ),
                 }
+            });
+        },
+    )
+    .await
+}
+
+/// Answers one peer's `GetData`s until it goes away, or is idle for
+/// [`DATA_IDLE`]; only a peer that proved `auth` (rule 12), of this
+/// worker's `build` (rule 8), is served (rule 13). `Err` says why this side
+/// closed it.
+async fn data_connection(
+    stream: TcpStream,
+    ticket: net::PreAuth,
+    store: Store,
+    build: BuildId,
+    auth: &Auth,
+    limits: &net::Limits,
+) -> Result<(), ProtocolError> {
+    let accepted = net::accept(
+        stream,
+        ticket,
+        Role::DataServer,
+        build,
+        auth,
+        &[Role::Peer],
+        limits,
+    )
+    .await?;
+    if accepted.hello.build != build {
+        return Err(ProtocolError::Build {
+            ours: build,
+            theirs: accepted.hello.build,
+        });
+    }
+    let _slot = accepted.slot;
+    let writer = net::spawn_writer(accepted.write, limits, None);
+    let mut read = accepted.read;
+    let mut batch = Batch::default();
+    let mut idle = tokio::time::interval(DATA_IDLE / 4);
+    idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_active = Instant::now();
+    loop {
+        let msgs = tokio::select! {
+            biased;
+            got = read.next() => match got {
+                Ok(true) => decode_checked::<ToPeer>(read.frame())?,
+                Ok(false) => return Ok(()),
+                Err(e) => return Err(e),
             },
-            Ok(false) => return,
-            Err(e) => {
-                log!("worker: closing data connection from {peer}: {}", Chain(&e));
-                return;
+            why = writer.closed() => return why.map_or(Ok(()), Err),
+            _ = idle.tick() => {
+                if read.in_frame() || writer.queued() > 0 {
+                    last_active = Instant::now();
+                } else if last_active.elapsed() >= DATA_IDLE {
+                    return Err(ProtocolError::Idle(DATA_IDLE));
+                }
+                continue;
             }
         };
         for ToPeer::GetData { keys } in msgs {
             for key in keys {
-                let stored = lock(&store).get(&key).map(|s| s.value.clone());
-                match stored {
-                    Some(value) => {
-                        if let Some(encoded) = value.downcast_ref::<Encoded>() {
-                            batch.push(&FromPeerRef::Data {
-                                key: &key,
-                                bytes: &encoded.0,
-                            });
-                        } else {
-                            match value.encode() {
-                                Ok(bytes) => batch.push(&FromPeerRef::Data {
-                                    key: &key,
-                                    bytes: &bytes,
-                                }),
-                                // Encoded once already when it was computed;
-                                // a failure now is the type's own bug.
-                                Err(_) => batch.push(&FromPeer::Missing { key }),
-                            }
-                        }
+                answer(&store, key, &mut batch);
+                // One value at a time while the reader lags (rule 13).
+                let sealed = batch.take_sealed();
+                if !sealed.is_empty() {
+                    for frame in sealed {
+                        writer.send(frame)?;
                     }
-                    None => batch.push(&FromPeer::Missing { key }),
+                    writer.room().await?;
+                    // A frame's worth of answers was encoded: let the rest
+                    // of the worker (heartbeats, reports) have its turn.
+                    tokio::task::yield_now().await;
                 }
             }
         }
-        if !net::send_batch(&writer, &mut batch) {
-            return;
+        net::send_batch(&writer, &mut batch)?;
+        last_active = Instant::now();
+    }
+}
+
+/// Puts the answer to a `GetData` for `key` in `batch`: the value's bytes,
+/// or `Missing`.
+fn answer(store: &Store, key: WireKey, batch: &mut Batch) {
+    let stored = lock(store).get(&key).map(|s| s.value.clone());
+    match stored {
+        Some(value) => {
+            if let Some(encoded) = value.downcast_ref::<Encoded>() {
+                batch.push(&FromPeerRef::Data {
+                    key: &key,
+                    bytes: &encoded.0,
+                });
+            } else {
+                match value.encode() {
+                    Ok(bytes) => batch.push(&FromPeerRef::Data {
+                        key: &key,
+                        bytes: &bytes,
+                    }),
+                    // Encoded once already when it was computed; a
+                    // failure now is the type's own bug.
+                    Err(_) => batch.push(&FromPeer::Missing { key }),
+                }
+            }
         }
+        None => batch.push(&FromPeer::Missing { key }),
     }
 }
 
