@@ -76,6 +76,9 @@ pub(crate) struct Shared {
     /// Threads blocked on `changed`, counted under the `table` lock: a
     /// notification nobody waits for costs a syscall, so none is sent then.
     sleepers: AtomicUsize,
+    /// Whether `compute` and `persist` draw a progress bar
+    /// ([`Config::progress`]).
+    progress: bool,
 }
 
 /// One key's result as the client holds it.
@@ -157,14 +160,16 @@ impl Client {
     /// As [`Client::new`].
     pub fn with_config(config: &Config) -> Result<Client> {
         let kind = config.resolve()?;
-        Ok(Client::on(Backend::get(&kind)?, kind))
+        let progress = config.resolve_progress()?;
+        Ok(Client::on(Backend::get(&kind)?, kind, progress))
     }
 
-    fn on(backend: Backend, kind: ExecutorKind) -> Client {
+    fn on(backend: Backend, kind: ExecutorKind, progress: bool) -> Client {
         Client {
             inner: Arc::new(Shared {
                 backend,
                 kind,
+                progress,
                 table: Mutex::new(KeyMap::default()),
                 changed: Condvar::new(),
                 sleepers: AtomicUsize::new(0),
@@ -198,6 +203,7 @@ impl Client {
         Ok(Client::on(
             Backend::Distributed(Arc::new(cluster)),
             ExecutorKind::Local(workers),
+            Config::new().resolve_progress()?,
         ))
     }
 
@@ -215,6 +221,7 @@ impl Client {
         Ok(Client::on(
             Backend::Distributed(Arc::new(cluster)),
             ExecutorKind::Tcp(address.to_owned()),
+            Config::new().resolve_progress()?,
         ))
     }
 
@@ -289,13 +296,19 @@ impl Client {
     }
 
     /// `compute` through the client: the same as [`submit`](Client::submit),
-    /// returning a future at once (Dask's `client.compute(delayed)`).
+    /// returning a future at once (Dask's `client.compute(delayed)`), and
+    /// drawing a progress bar for it when the client was made with
+    /// [`Config::progress`] (or `RASK_PROGRESS=1`).
     ///
     /// # Errors
     ///
     /// As [`submit`](Client::submit).
     pub fn compute<T: Data>(&self, delayed: &Delayed<T>) -> Result<Future<T>> {
-        self.submit(delayed)
+        let future = self.submit(delayed)?;
+        if self.inner.progress {
+            crate::progress(&future);
+        }
+        Ok(future)
     }
 
     /// Calls `f` on every item, as one submission: one future per item, in
@@ -408,7 +421,7 @@ impl Client {
     ///
     /// As [`submit`](Client::submit).
     pub fn persist<T: Data>(&self, delayed: &Delayed<T>) -> Result<Delayed<T>> {
-        Ok(self.submit(delayed)?.to_delayed())
+        Ok(self.compute(delayed)?.to_delayed())
     }
 
     /// Runs the work behind a failed or cancelled `future` again (Dask's
@@ -868,11 +881,13 @@ impl Shared {
     /// an entry was dropped, so every sleeper that saw the old state is
     /// counted in `sleepers` by then.
     fn wake(self: &Arc<Self>, listeners: Vec<Listener>, deferred: Vec<Arc<Deferred>>) {
-        if self.sleepers.load(Ordering::Relaxed) > 0 {
-            self.changed.notify_all();
-        }
+        // Listeners first: a progress bar draws its last state before the
+        // program, woken from `wait`, prints its next line.
         for listener in listeners {
             listener.notify();
+        }
+        if self.sleepers.load(Ordering::Relaxed) > 0 {
+            self.changed.notify_all();
         }
         for d in deferred {
             if d.waiting.fetch_sub(1, Ordering::AcqRel) == 1 {
@@ -971,6 +986,37 @@ impl Shared {
                 }
             };
             self.sleepers.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Appends the tasks `key` still waits for, itself included, as key and
+    /// name: its graph down to data and to futures already done. Nothing
+    /// when `key` is not pending. The walk follows futures used as inputs
+    /// into their own pending graphs.
+    pub(crate) fn pending_tasks(&self, key: Key, out: &mut Vec<(Key, String)>) {
+        let mut seen = std::collections::HashSet::new();
+        let mut roots = vec![key];
+        while let Some(key) = roots.pop() {
+            let node = {
+                let table = self.lock();
+                match table.get(&key) {
+                    Some(entry) if entry.state.is_pending() => entry.node.clone(),
+                    _ => None,
+                }
+            };
+            let Some(node) = node else { continue };
+            let mut stack = vec![node];
+            while let Some(node) = stack.pop() {
+                if !seen.insert(node.key) || node.call.value().is_some() {
+                    continue;
+                }
+                if node.call.is_future() {
+                    roots.push(node.key);
+                    continue;
+                }
+                out.push((node.key, node.name.to_string()));
+                stack.extend(node.deps.iter().cloned());
+            }
         }
     }
 

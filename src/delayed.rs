@@ -407,6 +407,9 @@ fn persist_on_cluster<T: Data>(items: &[Delayed<T>], config: &Config) -> Result<
         .iter()
         .map(|d| client.submit(d))
         .collect::<Result<Vec<_>>>()?;
+    if config.resolve_progress()? {
+        crate::progress(&futures).wait();
+    }
     crate::wait(&futures);
     if let Some(e) = futures.iter().find_map(crate::Future::exception) {
         return Err(e);

@@ -174,6 +174,7 @@ mod key;
 mod node;
 mod ops;
 mod optimize;
+pub mod progress;
 mod registry;
 
 pub use args::{IntoArg, Untraversed};
@@ -189,7 +190,8 @@ pub use future::{
 };
 pub use graph::Graph;
 pub use optimize::{explain, Explain, PlannedTask, Timings};
-pub use rask_executor::{cancelled, Key, RemoteError, Value};
+pub use progress::{progress, Progress};
+pub use rask_executor::{cancelled, events, Key, RemoteError, Value};
 pub use registry::{init, Register, Tasks};
 
 /// The names most programs need: `use rask::prelude::*;`.
