@@ -424,6 +424,49 @@ impl Client {
         Ok(self.compute(delayed)?.to_delayed())
     }
 
+    /// Runs `work` and writes a performance report of it to `path` (Dask's
+    /// `performance_report`): one self-contained HTML page with the task
+    /// stream (a lane per worker thread, a bar per task), the tasks and
+    /// time per function, and how busy each worker's threads were. The page
+    /// needs no server and no network; open it in any browser.
+    ///
+    /// The report holds every task this process heard of while `work` ran,
+    /// on any executor; on a cluster, as its scheduler reports them.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Write`] when `path` cannot be written; `work`'s own result
+    /// is then dropped.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use rask::{delayed, Client};
+    /// fn inc(x: i64) -> i64 { x + 1 }
+    ///
+    /// let client = Client::threads(2)?;
+    /// let path = std::env::temp_dir().join(format!("report-{}.html", std::process::id()));
+    /// let total = client.performance_report(&path, || -> rask::Result<i64> {
+    ///     let futures = client.map(inc, 0..100)?;
+    ///     Ok(client.gather(&futures)?.iter().sum())
+    /// })??;
+    /// assert_eq!(total, 5050);
+    /// let page = std::fs::read_to_string(&path).unwrap();
+    /// assert!(page.contains(r#""function":"inc""#));
+    /// # std::fs::remove_file(&path).unwrap();
+    /// # Ok::<(), rask::Error>(())
+    /// ```
+    pub fn performance_report<R>(
+        &self,
+        path: impl AsRef<std::path::Path>,
+        work: impl FnOnce() -> R,
+    ) -> Result<R> {
+        let recorder = crate::report::Recorder::start();
+        let result = work();
+        recorder.finish(path.as_ref(), self.inner.kind.to_string())?;
+        Ok(result)
+    }
+
     /// Runs the work behind a failed or cancelled `future` again (Dask's
     /// `Client.retry`): it is pending once more, and its result replaces the
     /// failure for every clone of it. Does nothing to a pending or finished
@@ -617,6 +660,9 @@ impl Op for HeldOp {
     fn run(&self, _: &mut [Option<Value>]) -> std::result::Result<Value, OpError> {
         Ok(self.value.clone())
     }
+    fn is_work(&self) -> bool {
+        false
+    }
     fn name(&self) -> &str {
         &self.name
     }
@@ -634,6 +680,9 @@ struct Replay {
 impl Op for Replay {
     fn run(&self, _: &mut [Option<Value>]) -> std::result::Result<Value, OpError> {
         Err(replay(&self.failure))
+    }
+    fn is_work(&self) -> bool {
+        false
     }
     fn name(&self) -> &str {
         &self.name
@@ -675,6 +724,9 @@ impl Op for PendingRef {
                 self.key.short()
             ))),
         }
+    }
+    fn is_work(&self) -> bool {
+        false
     }
     fn name(&self) -> &str {
         &self.name

@@ -132,9 +132,10 @@ pub(crate) fn run(roots: &[Arc<Node>], config: &Config) -> Result<Vec<Value>> {
     let draft = crate::graph::lower(roots, options.absorbs_chains());
     let plan = crate::optimize::optimize(draft, &options);
     // Finished, however the run ends, when it is dropped.
-    let _bar = config
-        .resolve_progress()?
-        .then(|| crate::progress::Bar::start(plan.tasks().iter().map(|t| (t.key, t.op.name()))));
+    let _bar = config.resolve_progress()?.then(|| {
+        let work = plan.tasks().iter().filter(|t| t.op.is_work());
+        crate::progress::Bar::start(work.map(|t| (t.key, t.op.name())))
+    });
     let collector = Arc::new(Collector::new(roots.len()));
     backend.executor().submit(plan, collector.clone());
     collector.wait()

@@ -176,6 +176,7 @@ mod ops;
 mod optimize;
 pub mod progress;
 mod registry;
+mod report;
 
 pub use args::{IntoArg, Untraversed};
 pub use client::{Client, ClientStats};

@@ -7,7 +7,8 @@
 //!    plan it runs through [`emit`], but only while [`listening`] is true:
 //!    with no subscriber, an executor pays one relaxed atomic load per task
 //!    and builds no event, reads no clock.
-//! 2. For each task of a plan an executor reports [`EventKind::Queued`] at
+//! 2. For each task of a plan that is work of its own
+//!    ([`Op::is_work`](crate::Op::is_work)), an executor reports [`EventKind::Queued`] at
 //!    submission, then either [`EventKind::Started`] followed by
 //!    [`EventKind::Finished`] or [`EventKind::Erred`], or only `Erred` when
 //!    the task did not run because an input failed. Tasks a cancelled run
@@ -197,7 +198,7 @@ impl Drop for Subscription {
 
 /// Reports `Queued` for every task of a plan about to run (rule 2).
 pub fn queued<'a>(tasks: impl IntoIterator<Item = &'a PlanTask>) {
-    for task in tasks {
+    for task in tasks.into_iter().filter(|t| t.op.is_work()) {
         emit(&Event {
             key: task.key,
             name: task.op.name(),
@@ -215,7 +216,7 @@ pub fn observe(
     place: impl FnOnce() -> Place,
     run: impl FnOnce() -> Outcome,
 ) -> Outcome {
-    if !listening() {
+    if !listening() || !task.op.is_work() {
         return run();
     }
     let place = place();
@@ -250,7 +251,7 @@ pub fn observe(
 /// cancellation), when anyone listens (rule 2).
 #[inline]
 pub fn skipped(task: &PlanTask, failure: &Failure) {
-    if listening() {
+    if listening() && task.op.is_work() {
         emit(&Event {
             key: task.key,
             name: task.op.name(),

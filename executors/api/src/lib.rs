@@ -37,6 +37,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod diagnostics;
 pub mod events;
 mod failure;
 mod limits;
@@ -155,6 +156,14 @@ pub trait Op: Send + Sync {
         None
     }
 
+    /// Whether the task is work of its own, which task events report
+    /// ([`events`]): `false` for ops that only hand over a value that
+    /// already exists — data, a result held from an earlier run, a recorded
+    /// failure.
+    fn is_work(&self) -> bool {
+        true
+    }
+
     /// How many times the task runs again when it fails, returning an error,
     /// panicking or timing out; enforced, and told, as
     /// [`timeout`](Op::timeout) is.
@@ -201,6 +210,9 @@ impl Op for Limited {
     }
     fn retries(&self) -> u32 {
         self.retries
+    }
+    fn is_work(&self) -> bool {
+        self.op.is_work()
     }
 }
 
