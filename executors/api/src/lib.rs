@@ -274,9 +274,13 @@ pub trait Executor: Send + Sync {
 /// op with a timeout or retries enforces them itself ([`run_limited`]).
 pub fn run_task(task: &PlanTask, inputs: &mut [Option<Value>]) -> Outcome {
     failure::record_panic_locations();
-    match catch_unwind(AssertUnwindSafe(|| task.op.run(inputs))) {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(err)) => Err(Arc::new(task.failure(err))),
-        Err(payload) => Err(Arc::new(task.failure(OpError::panicked(&*payload)))),
-    }
+    let _span =
+        tracing::trace_span!("task", name = task.op.name(), key = %task.key.short()).entered();
+    let outcome = match catch_unwind(AssertUnwindSafe(|| task.op.run(inputs))) {
+        Ok(Ok(value)) => return Ok(value),
+        Ok(Err(err)) => Arc::new(task.failure(err)),
+        Err(payload) => Arc::new(task.failure(OpError::panicked(&*payload))),
+    };
+    tracing::debug!(task = %outcome.name, key = %outcome.key.short(), kind = ?outcome.kind, "task erred: {}", outcome.message);
+    Err(outcome)
 }
