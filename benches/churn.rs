@@ -8,6 +8,8 @@
 
 #[path = "../tests/support/chaos.rs"]
 mod chaos;
+#[path = "../tests/support/harness.rs"]
+mod harness;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -55,6 +57,7 @@ fn run(tasks: i64, kill_every: Option<Duration>) -> (Duration, f64, Duration, us
 
 fn main() {
     rask::init(rask::tasks![work]);
+    harness::token_for_this_run();
     let tasks: i64 = std::env::args()
         .skip(1)
         .find_map(|a| a.parse().ok())

@@ -209,11 +209,16 @@ impl Client {
 
     /// A client on a running scheduler, e.g. `Client::connect("tcp://10.0.0.5:8786")`
     /// (started with the `rask-scheduler` binary, its workers with
-    /// `RASK_WORKER=tcp://10.0.0.5:8786 ./my-app`).
+    /// `RASK_WORKER=tcp://10.0.0.5:8786 ./my-app`). It proves the
+    /// scheduler's token, found in `RASK_TOKEN`, the file `RASK_TOKEN_FILE`
+    /// names, or `~/.rask/token` (`RASK_INSECURE=1` for a scheduler
+    /// started with `--insecure`).
     ///
     /// # Errors
     ///
-    /// A distributed error when the scheduler cannot be reached.
+    /// A distributed error when the scheduler cannot be reached, when no
+    /// token is found, or when the scheduler refuses this one (the error
+    /// says what to set).
     #[cfg(feature = "distributed")]
     pub fn connect(address: &str) -> Result<Client> {
         let address = address.strip_prefix("tcp://").unwrap_or(address);

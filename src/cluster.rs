@@ -148,7 +148,14 @@ pub(crate) fn run_worker_if_asked() {
     match rask_distributed::worker::run(&address, registry, threads) {
         Ok(()) => std::process::exit(0),
         Err(e) => {
-            eprintln!("rask worker for {address}: {e}");
+            // The whole chain: a handshake's reason is the error's source.
+            let mut line = format!("rask worker for {address}: {e}");
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                line.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            eprintln!("{line}");
             std::process::exit(1);
         }
     }

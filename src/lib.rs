@@ -111,8 +111,12 @@
 //!
 //! `RASK_SCHEDULER=local:N` (or [`Client::local`]) starts a scheduler and N
 //! worker processes of the program itself; `tcp://host:port` (or
-//! [`Client::connect`]) uses a running `rask-scheduler`. Workers find task
-//! functions in the list given to [`init`], called first in `main`:
+//! [`Client::connect`]) uses a running `rask-scheduler`. Every process of a
+//! cluster proves the cluster's token when it connects: a local cluster
+//! makes its own, and for a running scheduler clients and workers find it
+//! in `RASK_TOKEN`, the file `RASK_TOKEN_FILE` names, or `~/.rask/token`
+//! (README, Security). Workers find task functions in the list given to
+//! [`init`], called first in `main`:
 //!
 //! ```no_run
 //! fn inc(x: i64) -> i64 { x + 1 }

@@ -142,6 +142,7 @@ fn a_task_that_exits_fails_alone() {
 
 fn main() {
     rask::init(rask::tasks![work, crash]);
+    harness::token_for_this_run();
     let tests: &[(&str, fn())] = &[
         (
             "a_worker_killed_every_half_second_loses_nothing",

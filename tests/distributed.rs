@@ -306,6 +306,14 @@ fn unregistered_functions_are_a_clear_error() {
     );
 }
 
+/// A scheduler in this process on `addr`, requiring this run's token
+/// (`harness::token_for_this_run`), which its clients and the worker
+/// processes of these tests find in their environment.
+fn serve(addr: std::net::SocketAddr) -> rask_distributed::scheduler::SchedulerHandle {
+    let options = rask_distributed::scheduler::Options::default().auth(harness::auth());
+    rask_distributed::scheduler::serve_with(addr, options).expect("the scheduler starts")
+}
+
 /// A scheduler in this process on `addr`, and one worker process of this
 /// test binary started by hand as the README says (`RASK_WORKER=tcp://…`),
 /// registered. With no death timeout, the worker exits with its scheduler.
@@ -315,7 +323,7 @@ fn scheduler_with_a_worker(
     rask_distributed::scheduler::SchedulerHandle,
     std::process::Child,
 ) {
-    let scheduler = rask_distributed::scheduler::serve(addr).expect("the scheduler starts");
+    let scheduler = serve(addr);
     let worker = std::process::Command::new(std::env::current_exe().expect("this test's path"))
         .env(
             rask_distributed::WORKER_ENV,
@@ -439,8 +447,7 @@ fn an_older_build_of_the_program_never_answers_for_this_one() {
     let this = rask_distributed::BuildId::current().to_string();
     assert_ne!(older, this);
 
-    let mut scheduler =
-        rask_distributed::scheduler::serve("127.0.0.1:0".parse().unwrap()).expect("a scheduler");
+    let mut scheduler = serve("127.0.0.1:0".parse().unwrap());
     let address = format!("tcp://{}", scheduler.address());
     let mut old_worker = WorkerProcess::start(&copy.0, &address, &[(OLD_VERSION_ENV, "1")]);
     workers_registered(&scheduler, 1);
@@ -471,8 +478,7 @@ fn an_older_build_of_the_program_never_answers_for_this_one() {
 
 fn a_worker_started_by_hand_survives_a_scheduler_restart() {
     let exe = std::env::current_exe().expect("this test's path");
-    let mut scheduler =
-        rask_distributed::scheduler::serve("127.0.0.1:0".parse().unwrap()).expect("a scheduler");
+    let mut scheduler = serve("127.0.0.1:0".parse().unwrap());
     let addr = scheduler.address();
     let address = format!("tcp://{addr}");
     // Longer than any wait here: the worker never gives up in this test.
@@ -490,7 +496,7 @@ fn a_worker_started_by_hand_survives_a_scheduler_restart() {
     drop(client);
     // The scheduler stops, and another comes up at the same address.
     scheduler.shutdown();
-    let scheduler = rask_distributed::scheduler::serve(addr).expect("the scheduler restarts");
+    let scheduler = serve(addr);
     workers_registered(&scheduler, 1);
     let mut worker = worker;
     assert!(
@@ -945,6 +951,7 @@ fn main() {
         stuck_scenario();
         return;
     }
+    harness::token_for_this_run();
     let tests: &[(&str, fn())] = &[
         (
             "graphs_compute_like_the_sync_executor",

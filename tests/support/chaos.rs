@@ -66,7 +66,16 @@ impl Churn {
     /// Starts the scheduler with `options`, `n` workers and the keeper;
     /// returns once every worker registered. With `count_runs`, tasks that
     /// call [`count_run`] are counted ([`Churn::runs`]).
-    pub fn start(n: usize, options: Options, count_runs: bool) -> Churn {
+    /// The scheduler requires the token in this process's environment
+    /// unless `options` say otherwise (see `harness::token_for_this_run`):
+    /// the workers inherit it, and so does `rask::Client::connect`.
+    pub fn start(n: usize, mut options: Options, count_runs: bool) -> Churn {
+        if options.auth.is_none() {
+            let auth = rask_distributed::Auth::from_env()
+                .expect("valid token settings")
+                .expect("a token in RASK_TOKEN: call `harness::token_for_this_run` in main");
+            options = options.auth(auth);
+        }
         let scheduler = scheduler::serve_with("127.0.0.1:0".parse().unwrap(), options.clone())
             .expect("the scheduler starts");
         let address = scheduler.address();

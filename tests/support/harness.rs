@@ -6,6 +6,26 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
 
+/// Gives this run a fresh token in `RASK_TOKEN`, as a user gives one to
+/// every process of a cluster: the schedulers these tests start require
+/// it (`Auth::from_env`), and the clients (`rask::Client::connect`) and the
+/// worker processes (which inherit the environment) find it there. Call it
+/// first thing in `main`, after `rask::init`, while this process has one
+/// thread: the environment is not to be changed once others run.
+pub fn token_for_this_run() {
+    let token = rask_distributed::Token::generate().expect("a fresh token");
+    std::env::set_var(rask_distributed::TOKEN_ENV, token.expose_secret());
+    std::env::remove_var(rask_distributed::TOKEN_FILE_ENV);
+    std::env::remove_var(rask_distributed::INSECURE_ENV);
+}
+
+/// The credentials of this run (see [`token_for_this_run`]).
+pub fn auth() -> rask_distributed::Auth {
+    rask_distributed::Auth::from_env()
+        .expect("valid token settings")
+        .expect("a token: call `token_for_this_run` first in main")
+}
+
 /// Runs the tests whose names contain one of the arguments (all without
 /// any), printing a libtest-like line for each; exits with status 1 if one
 /// failed.

@@ -199,7 +199,9 @@ pub fn chain(n: usize) -> Delayed<i64> {
 /// A scheduler and two workers (2 threads each) inside this test process, on
 /// 127.0.0.1 with ports from the OS, started once per test binary; workers
 /// find functions in `tasks` (the first list given wins). Returns the
-/// configuration that computes on it.
+/// configuration that computes on it. The scheduler requires the token a
+/// client of this process finds ([`user_auth`]), so `RASK_SCHEDULER=tcp://…`
+/// and `rask::Client::connect` reach it as they would a user's.
 #[cfg(feature = "distributed")]
 pub fn loopback_cluster(tasks: rask::Tasks) -> rask::Config {
     rask::Config::new().executor(rask::ExecutorKind::Tcp(loopback_address(tasks)))
@@ -217,17 +219,43 @@ pub fn loopback_address(tasks: rask::Tasks) -> String {
     let (scheduler, _) = CLUSTER.get_or_init(|| {
         rask::init(tasks);
         let registry = rask::__private::registry().expect("registry installed");
-        let scheduler =
-            rask_distributed::scheduler::serve("127.0.0.1:0".parse().expect("an address"))
-                .expect("scheduler starts");
+        let auth = user_auth();
+        let options = rask_distributed::scheduler::Options::default().auth(auth.clone());
+        let scheduler = rask_distributed::scheduler::serve_with(
+            "127.0.0.1:0".parse().expect("an address"),
+            options,
+        )
+        .expect("scheduler starts");
         let address = format!("tcp://{}", scheduler.address());
+        let options = rask_distributed::worker::Options::default()
+            .threads(2)
+            .auth(auth);
         let workers = (0..2)
             .map(|_| {
-                rask_distributed::worker::spawn(&address, registry.clone(), 2)
+                rask_distributed::worker::spawn_with(&address, registry.clone(), options.clone())
                     .expect("worker starts")
             })
             .collect();
         (scheduler, workers)
     });
     scheduler.address().to_string()
+}
+
+/// The credentials a client of this process finds, as a user's would
+/// (`Auth::from_env`: `RASK_TOKEN`, `RASK_TOKEN_FILE`, then the per-user
+/// file `$HOME/.rask/token`); when there are none, the per-user file is
+/// created first, as `rask-scheduler` creates it. These test binaries run
+/// many tests on threads at once, so they cannot set `RASK_TOKEN` for
+/// themselves safely: the environment is not to be changed while other
+/// threads read it.
+#[cfg(feature = "distributed")]
+pub fn user_auth() -> rask_distributed::Auth {
+    use rask_distributed::{Auth, Token};
+    match Auth::from_env().expect("valid token settings") {
+        Some(auth) => auth,
+        None => {
+            let path = Token::default_path().expect("HOME is set");
+            Auth::Token(Token::load_or_create(&path).expect("the token file").0)
+        }
+    }
 }

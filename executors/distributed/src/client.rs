@@ -70,6 +70,12 @@
 //!     A new connection is a new *epoch*: what the old one held is gone,
 //!     handles of it hold nothing (a fetch fails unless they have their
 //!     bytes), and graphs referring to their keys send their bytes or fail.
+//! 11. A client proves its [`Auth`] to the scheduler and to every data
+//!     port it reads from, and connects only to ones that prove the same
+//!     (`auth.rs` rules): a scheduler or worker without the client's token
+//!     never sees its graphs and never sends it a value. A client of a
+//!     scheduler in this process proves that scheduler's token to data
+//!     ports.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -88,7 +94,7 @@ use crate::protocol::{
     decode_checked, strip_scheme, Batch, TaskSpec, ToClient, ToScheduler, WireKey, WorkerId,
     MAX_FRAME,
 };
-use crate::{BuildId, Error};
+use crate::{Auth, BuildId, Error, Token};
 
 /// How often open submissions are asked whether they were cancelled, when
 /// no message arrives meanwhile.
@@ -110,6 +116,7 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(600);
 ///
 /// ```no_run
 /// use rask_distributed::Client;
+/// // The token comes from RASK_TOKEN, RASK_TOKEN_FILE or ~/.rask/token.
 /// let client = Client::connect("tcp://127.0.0.1:8786")?;
 /// assert_eq!(client.address(), "tcp://127.0.0.1:8786");
 /// // `client` is a `rask_executor::Executor`: `client.submit(plan, reporter)`.
@@ -432,27 +439,63 @@ impl Client {
     /// Connects to the scheduler at `address` (`tcp://host:port` or
     /// `host:port`) as a client of this program's build
     /// ([`BuildId::current`]): only workers of that build run its tasks.
+    /// The token it proves is the one [`Auth::from_env`] finds (rule 11).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Address`] for a malformed address; [`Error::NoToken`] when
+    /// the environment gives no token and does not say the cluster is
+    /// insecure, or an error of [`Auth::from_env`]; otherwise as
+    /// [`Client::connect_with`].
+    pub fn connect(address: &str) -> Result<Client, Error> {
+        // A malformed address is the first thing to say.
+        strip_scheme(address).ok_or_else(|| Error::Address {
+            address: address.to_owned(),
+        })?;
+        let auth = Auth::from_env()?.ok_or_else(|| Error::NoToken {
+            default_path: Token::default_path(),
+        })?;
+        Client::connect_with(address, auth)
+    }
+
+    /// [`Client::connect`] proving `auth` rather than what the environment
+    /// says.
     ///
     /// # Errors
     ///
     /// [`Error::Address`] for a malformed address, [`Error::Connection`] when
     /// nothing accepts the connection, [`Error::Timeout`] when it takes over
-    /// ten seconds, [`Error::Handshake`] when the other side is not a rask
+    /// ten seconds, [`Error::Auth`] when the scheduler requires a token and
+    /// `auth` has none, runs without one and `auth` has one, or holds
+    /// another, [`Error::Handshake`] when the other side is not a rask
     /// scheduler of this protocol version.
-    pub fn connect(address: &str) -> Result<Client, Error> {
-        Client::start(address, None, BuildId::current())
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use rask_distributed::{scheduler, Auth, Client, Token};
+    /// let sched = scheduler::serve("127.0.0.1:0".parse().unwrap())?;
+    /// let address = format!("tcp://{}", sched.address());
+    /// let wrong = Client::connect_with(&address, Auth::Token(Token::generate()?));
+    /// assert!(wrong.unwrap_err().to_string().starts_with("wrong token"));
+    /// let right = Auth::Token(sched.token().unwrap().clone());
+    /// let client = Client::connect_with(&address, right)?;
+    /// # Ok::<(), rask_distributed::Error>(())
+    /// ```
+    pub fn connect_with(address: &str, auth: Auth) -> Result<Client, Error> {
+        Client::start(address, None, BuildId::current(), Arc::new(auth))
     }
 
-    /// [`Client::connect`], announcing `build` instead of this process's
-    /// build: tests run clients of several "programs" in one process this
-    /// way (see [`worker::spawn_as`](crate::worker::spawn_as)).
+    /// [`Client::connect_with`], announcing `build` instead of this
+    /// process's build: tests run clients of several "programs" in one
+    /// process this way (see [`worker::spawn_as`](crate::worker::spawn_as)).
     ///
     /// # Errors
     ///
-    /// As [`Client::connect`].
+    /// As [`Client::connect_with`].
     #[doc(hidden)]
-    pub fn connect_as(address: &str, build: BuildId) -> Result<Client, Error> {
-        Client::start(address, None, build)
+    pub fn connect_as(address: &str, auth: Auth, build: BuildId) -> Result<Client, Error> {
+        Client::start(address, None, build, Arc::new(auth))
     }
 
     /// [`Client::connect`] to a scheduler of this process, through `local`
@@ -469,18 +512,20 @@ impl Client {
         address: &str,
         runtime: &tokio::runtime::Handle,
         local: net::LocalEnd,
+        auth: Arc<Auth>,
     ) -> Result<Client, Error> {
         // The scheduler files `local` under this process's build too.
-        Client::start(address, Some((runtime, local)), BuildId::current())
+        Client::start(address, Some((runtime, local)), BuildId::current(), auth)
     }
 
     /// Connects over TCP, or over `local` (an in-memory connection to the
-    /// scheduler) when given, as a process of `build`; the loop runs on its
-    /// own thread, or as a task on the given runtime.
+    /// scheduler) when given, as a process of `build` proving `auth`; the
+    /// loop runs on its own thread, or as a task on the given runtime.
     fn start(
         address: &str,
         on: Option<(&tokio::runtime::Handle, net::LocalEnd)>,
         build: BuildId,
+        auth: Arc<Auth>,
     ) -> Result<Client, Error> {
         let (on, local) = on.unzip();
         let in_process = local.is_some();
@@ -500,7 +545,7 @@ impl Client {
             );
             let conn = match local {
                 Some(end) => Ok((net::Frames::local(end.recv), end.send)),
-                None => net::connect(&target, me, scheduler, build, net::CONNECT_TIMEOUT)
+                None => net::connect(&target, me, scheduler, build, &auth, net::CONNECT_TIMEOUT)
                     .await
                     .map(|(read, write, ..)| (net::Frames::stream(read), net::spawn_writer(write))),
             };
@@ -521,24 +566,11 @@ impl Client {
                     // outlive it: only TCP clients connect again.
                     let again = (!in_process).then(|| target.clone());
                     Loop::new(link, writer, again)
-                        .run(frames, commands_rx, build)
+                        .run(frames, commands_rx, build, auth)
                         .await;
                 }
                 Err(e) => {
-                    let _ = ready_tx.send(Err(match e {
-                        ConnectError::Io(source) => Error::Connection {
-                            addr: target,
-                            source,
-                        },
-                        ConnectError::Timeout => Error::Timeout {
-                            what: "the scheduler to accept the connection",
-                            after: net::CONNECT_TIMEOUT,
-                        },
-                        ConnectError::Handshake(reason) => Error::Handshake {
-                            addr: target,
-                            reason,
-                        },
-                    }));
+                    let _ = ready_tx.send(Err(e.into_error(&target, scheduler)));
                 }
             }
         };
@@ -1016,15 +1048,17 @@ impl Loop {
     }
 
     /// Runs until the last `Client` is gone; fetches from data ports as a
-    /// process of `build`.
+    /// process of `build` proving `auth`, and connects again with it
+    /// (rules 10 and 11).
     async fn run(
         mut self,
         mut read: net::Frames,
         mut commands: mpsc::UnboundedReceiver<Sequenced>,
         build: BuildId,
+        auth: Arc<Auth>,
     ) {
         let (fetch_tx, mut fetched) = mpsc::unbounded_channel::<Fetched>();
-        self.peers = Some(PeerPool::new(fetch_tx.clone(), build));
+        self.peers = Some(PeerPool::new(fetch_tx.clone(), build, auth.clone()));
         let mut tick = tokio::time::interval(CANCEL_POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut attempt: Option<Attempt> = None;
@@ -1040,12 +1074,14 @@ impl Loop {
                 {
                     self.next_attempt = None;
                     if let Some(target) = self.target.clone() {
+                        let auth = auth.clone();
                         attempt = Some(Box::pin(async move {
                             net::connect(
                                 &target,
                                 crate::protocol::Role::Client,
                                 crate::protocol::Role::Scheduler,
                                 build,
+                                &auth,
                                 net::CONNECT_TIMEOUT,
                             )
                             .await
@@ -1058,7 +1094,8 @@ impl Loop {
                     match done {
                         Ok((frames, writer)) => {
                             read = frames;
-                            self.reconnected(writer, PeerPool::new(fetch_tx.clone(), build));
+                            let peers = PeerPool::new(fetch_tx.clone(), build, auth.clone());
+                            self.reconnected(writer, peers);
                         }
                         Err(e) => self.reconnect_failed(&e),
                     }

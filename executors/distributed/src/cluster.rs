@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 
 use crate::net::log;
 use crate::scheduler::{self, SchedulerHandle};
-use crate::{Client, Error, DEATH_TIMEOUT_ENV, RESTART_EXIT_CODE, SUPERVISED_ENV, WORKER_ENV};
+use crate::{
+    Client, Error, Token, DEATH_TIMEOUT_ENV, INSECURE_ENV, RESTART_EXIT_CODE, SUPERVISED_ENV,
+    TOKEN_ENV, TOKEN_FILE_ENV, WORKER_ENV,
+};
 
 /// How long `start` waits for every worker to register.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -25,6 +28,16 @@ const MIN_LIFE: Duration = Duration::from_secs(1);
 /// A scheduler running in this process plus `n` worker processes on
 /// 127.0.0.1. Dropping it kills and reaps every worker and stops the
 /// scheduler.
+///
+/// # Authentication
+///
+/// Each cluster has a fresh [`Token`]: its workers get it in [`TOKEN_ENV`]
+/// (the command's [`INSECURE_ENV`] and [`TOKEN_FILE_ENV`] are removed, so
+/// nothing in this process's environment overrides it), and its scheduler
+/// and their data ports refuse every process that does not prove it.
+/// [`LocalCluster::client`] talks to the scheduler through memory and
+/// needs no token of its own; another process connects with
+/// [`LocalCluster::token`].
 ///
 /// # Restarts
 ///
@@ -118,8 +131,13 @@ impl LocalCluster {
         if std::env::var_os(WORKER_ENV).is_some() {
             return Err(Error::NestedCluster);
         }
+        // A fresh token (`serve`'s default): see Authentication above.
         let scheduler = scheduler::serve(([127, 0, 0, 1], 0).into())?;
         let address = format!("tcp://{}", scheduler.address());
+        let token = scheduler
+            .token()
+            .map(Token::expose_secret)
+            .unwrap_or_default();
         let mut cluster = LocalCluster {
             scheduler,
             workers: Arc::new(Mutex::new(Vec::with_capacity(workers))),
@@ -127,7 +145,7 @@ impl LocalCluster {
         };
         let make: MakeWorker = Box::new(worker);
         for index in 0..workers {
-            let child = spawn(&make, &address, index)?;
+            let child = spawn(&make, &address, &token, index)?;
             lock_workers(&cluster.workers).push(Worker {
                 child: Some(child),
                 started: Instant::now(),
@@ -156,7 +174,7 @@ impl LocalCluster {
         let shared = cluster.workers.clone();
         let supervisor = std::thread::Builder::new()
             .name("rask-supervisor".into())
-            .spawn(move || supervise(&shared, &make, &address, &stopped))
+            .spawn(move || supervise(&shared, &make, &address, &token, &stopped))
             .map_err(Error::Io)?;
         cluster.supervisor = Some((stop, supervisor));
         Ok(cluster)
@@ -165,6 +183,27 @@ impl LocalCluster {
     /// The scheduler's address, `tcp://127.0.0.1:PORT`.
     pub fn address(&self) -> String {
         format!("tcp://{}", self.scheduler.address())
+    }
+
+    /// The cluster's token, for another process to connect by
+    /// [`LocalCluster::address`] (in its [`TOKEN_ENV`], or with
+    /// [`Client::connect_with`]).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use rask_distributed::{Auth, Client, LocalCluster};
+    /// let cluster = LocalCluster::start(1, || {
+    ///     std::process::Command::new(std::env::current_exe().unwrap())
+    /// })?;
+    /// let auth = Auth::Token(cluster.token().clone());
+    /// let other = Client::connect_with(&cluster.address(), auth)?;
+    /// # Ok::<(), rask_distributed::Error>(())
+    /// ```
+    pub fn token(&self) -> &Token {
+        self.scheduler
+            .token()
+            .expect("a local cluster's scheduler always has a token")
     }
 
     /// A new client of this cluster. It talks to the scheduler through
@@ -200,8 +239,9 @@ impl LocalCluster {
     }
 }
 
-/// Starts worker process `index` of the scheduler at `address`.
-fn spawn(make: &MakeWorker, address: &str, index: usize) -> Result<Child, Error> {
+/// Starts worker process `index` of the scheduler at `address`, whose
+/// token's text is `token`.
+fn spawn(make: &MakeWorker, address: &str, token: &str, index: usize) -> Result<Child, Error> {
     let mut command = make();
     // Stdout and stderr are inherited (see Output above).
     // The scheduler is in this process: never coming back once gone.
@@ -209,6 +249,9 @@ fn spawn(make: &MakeWorker, address: &str, index: usize) -> Result<Child, Error>
         .env(WORKER_ENV, address)
         .env(SUPERVISED_ENV, "1")
         .env(DEATH_TIMEOUT_ENV, "0")
+        .env(TOKEN_ENV, token)
+        .env_remove(TOKEN_FILE_ENV)
+        .env_remove(INSECURE_ENV)
         .stdin(Stdio::null());
     command
         .spawn()
@@ -218,7 +261,13 @@ fn spawn(make: &MakeWorker, address: &str, index: usize) -> Result<Child, Error>
 /// The supervisor (see Restarts on [`LocalCluster`]): until `stop` is sent
 /// to or dropped, restarts the workers that exited with
 /// [`RESTART_EXIT_CODE`].
-fn supervise(shared: &Workers, make: &MakeWorker, address: &str, stop: &mpsc::Receiver<()>) {
+fn supervise(
+    shared: &Workers,
+    make: &MakeWorker,
+    address: &str,
+    token: &str,
+    stop: &mpsc::Receiver<()>,
+) {
     while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(SUPERVISE_EVERY) {
         let mut list = lock_workers(shared);
         for (index, w) in list.iter_mut().enumerate() {
@@ -233,7 +282,7 @@ fn supervise(shared: &Workers, make: &MakeWorker, address: &str, stop: &mpsc::Re
             if status.code() != Some(RESTART_EXIT_CODE) || w.started.elapsed() < MIN_LIFE {
                 continue;
             }
-            match spawn(make, address, index) {
+            match spawn(make, address, token, index) {
                 Ok(new) => {
                     log!(
                         "worker process {index} asked to be restarted ({status}); started it again"
@@ -255,11 +304,12 @@ fn supervise(shared: &Workers, make: &MakeWorker, address: &str, stop: &mpsc::Re
 
 /// A client of a scheduler this process started ([`scheduler::serve`]),
 /// as [`LocalCluster::client`] makes: it hands the scheduler its frames
-/// (the same as over TCP) through in-memory channels, with no handshake,
-/// and runs its network loop on the scheduler's thread, so a message
-/// between the two costs no system call, no copy through a socket and no
-/// thread hand-off. Other processes (workers, other clients) still reach
-/// the scheduler at its TCP address.
+/// (the same as over TCP) through in-memory channels, with no handshake
+/// (it is the scheduler's own process), and runs its network loop on the
+/// scheduler's thread, so a message between the two costs no system call,
+/// no copy through a socket and no thread hand-off. Other processes
+/// (workers, other clients) still reach the scheduler at its TCP address;
+/// this client proves the scheduler's token to workers' data ports.
 ///
 /// # Errors
 ///
@@ -277,7 +327,10 @@ fn supervise(shared: &Workers, make: &MakeWorker, address: &str, stop: &mpsc::Re
 pub fn in_process_client(scheduler: &SchedulerHandle) -> Result<Client, Error> {
     let address = format!("tcp://{}", scheduler.address());
     match scheduler.local() {
-        Some(local) => Client::connect_on(&address, scheduler.runtime(), local),
+        Some(local) => {
+            let auth = scheduler.auth().clone();
+            Client::connect_on(&address, scheduler.runtime(), local, auth)
+        }
         None => Err(Error::Connection {
             addr: address,
             source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),

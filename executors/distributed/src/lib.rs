@@ -11,18 +11,21 @@
 //! other and keep results until no client or pending task needs them.
 //!
 //! ```no_run
-//! use rask_distributed::{scheduler, worker, Client};
+//! use rask_distributed::{scheduler, worker, Auth, Client};
 //! # fn registry() -> std::sync::Arc<dyn rask_executor::Registry> { unimplemented!() }
 //! // One process can hold them all (tests); normally the scheduler is the
 //! // `rask-scheduler` binary or a `LocalCluster`, and workers are the
 //! // user's program started with `RASK_WORKER=tcp://host:port`.
 //! let sched = scheduler::serve("127.0.0.1:0".parse().unwrap())?;
 //! let address = format!("tcp://{}", sched.address());
+//! // A scheduler of its own makes a fresh token; every process proves it.
+//! let auth = Auth::Token(sched.token().expect("authenticated").clone());
+//! let options = worker::Options::default().auth(auth.clone());
 //! let _workers = [
-//!     worker::spawn(&address, registry(), 1)?,
-//!     worker::spawn(&address, registry(), 1)?,
+//!     worker::spawn_with(&address, registry(), options.clone())?,
+//!     worker::spawn_with(&address, registry(), options)?,
 //! ];
-//! let client = Client::connect(&address)?;
+//! let client = Client::connect_with(&address, auth)?;
 //! // client.submit(plan, reporter) — see rask_executor::Executor.
 //! # Ok::<(), rask_distributed::Error>(())
 //! ```
@@ -51,6 +54,22 @@
 //! ([`worker`] rule 1). A [`LocalCluster`]'s workers are started with a
 //! death timeout of 0: their scheduler is in the program's own process, so
 //! they exit with it.
+//!
+//! # Authentication
+//!
+//! Every TCP connection — client to scheduler, worker to scheduler, peer
+//! to a worker's data port — starts with a mutual challenge–response over
+//! the cluster's [`Token`], so a process that does not hold it is refused
+//! before it can send or receive anything else (`auth.rs` rules). On by
+//! default: a [`LocalCluster`] makes a fresh token and hands it to its
+//! workers ([`TOKEN_ENV`]); [`scheduler::serve`] makes one too
+//! ([`SchedulerHandle::token`](scheduler::SchedulerHandle::token)); the
+//! `rask-scheduler` binary keeps one in a file; clients and workers find it
+//! as [`Auth::from_env`] says, and refuse to start without one unless told
+//! the cluster is insecure ([`INSECURE_ENV`]). The token proves membership,
+//! nothing more: traffic is not encrypted, so someone who can watch or
+//! alter packets between two processes can read values and take over a
+//! connection after its handshake.
 //!
 //! # Design
 //!
@@ -118,6 +137,14 @@
 //!   while others do gets an error naming the builds at once, not a wrong
 //!   value and not a wait; with no worker at all it waits, as ever. A
 //!   worker's data port serves only its own build.
+//! - **Trust is per connection, checked once.** The handshake proves the
+//!   token both ways; after it, a connection is trusted for what its role
+//!   may send, and the scheduler still checks each report against what it
+//!   asked of that very worker (`scheduler/README.md`, S6 and S10–S12): a
+//!   result only from the worker the task was sent to, a fetched copy only
+//!   of an input of a task sent to it, a failed fetch only of a key the
+//!   sender needs, naming a holder it was told of. A process holding the
+//!   token can still run any registered function; no code is shipped.
 //! - **Faults close one connection.** A bad handshake, an oversized or
 //!   malformed frame, a number out of the range the protocol allows for it
 //!   (a thread count, a size, a duration; see [`protocol`]), or a message a
@@ -125,9 +152,11 @@
 //!   (`rask-distributed: …`); the rest of the cluster carries on.
 #![warn(missing_docs)]
 
+mod auth;
 mod build;
 mod client;
 mod cluster;
+mod handshake;
 mod net;
 pub mod protocol;
 pub mod scheduler;
@@ -136,6 +165,7 @@ pub mod worker;
 use std::process::ExitStatus;
 use std::time::Duration;
 
+pub use auth::{Auth, AuthError, Token, INSECURE_ENV, TOKEN_ENV, TOKEN_FILE_ENV};
 pub use build::BuildId;
 pub use client::Client;
 pub use cluster::{in_process_client, LocalCluster};
@@ -199,6 +229,53 @@ pub enum Error {
         #[source]
         reason: ProtocolError,
     },
+    /// The handshake with a scheduler or data port failed to authenticate:
+    /// one side has a token and the other none, or their tokens differ.
+    /// The message says which, and what to set.
+    #[error("{}", reason.describe(*peer, addr))]
+    Auth {
+        /// The address.
+        addr: String,
+        /// What this process was connecting to.
+        peer: protocol::Role,
+        /// What went wrong.
+        reason: AuthError,
+    },
+    /// A client or worker found no token and was not told the cluster is
+    /// insecure ([`Auth::from_env`]).
+    #[error(
+        "no token for the cluster: set {TOKEN_ENV} to the scheduler's token, or \
+         {TOKEN_FILE_ENV} to a file holding it, or copy it to {}; or set {INSECURE_ENV}=1 \
+         for a scheduler started with --insecure",
+        default_path.as_ref().map_or_else(|| "$HOME/.rask/token".to_owned(), |p| p.display().to_string())
+    )]
+    NoToken {
+        /// The per-user token file looked for, if `HOME` is set.
+        default_path: Option<std::path::PathBuf>,
+    },
+    /// A token's text is not 64 hex digits. The text itself is not
+    /// repeated: it may be a secret mistyped.
+    #[error("{from} does not hold a rask token (64 hex digits, as rask-scheduler writes)")]
+    BadToken {
+        /// Where the text came from: a variable's name or a file's path.
+        from: String,
+    },
+    /// A token file could not be read or created.
+    #[error("cannot use the token file {}", path.display())]
+    TokenFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// [`INSECURE_ENV`] is `1` and a token is given too: one of them is a
+    /// mistake.
+    #[error(
+        "{INSECURE_ENV}=1 is set together with a token ({TOKEN_ENV} or {TOKEN_FILE_ENV}); \
+         unset one of them"
+    )]
+    AuthConflict,
     /// The other side broke the protocol after the handshake.
     #[error("protocol error")]
     Protocol {

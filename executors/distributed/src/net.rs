@@ -17,6 +17,12 @@
 //!    give the caller the peer's and leave the decision to it. The one
 //!    decision taken here: a data port whose answer names another build
 //!    than the reader's is not read from (its fetches are lost).
+//! 5. [`connect`] and [`accept`] return only once the handshake's
+//!    authentication passed (`auth.rs` rules 2 to 4, `handshake.rs`):
+//!    whatever is read or written on a connection after they return is
+//!    between processes that proved the cluster's token, or that both run
+//!    without one. A [`PeerPool`] proves the token of the process it
+//!    belongs to.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -27,14 +33,12 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
+use crate::handshake;
 use crate::protocol::{
-    decode_checked, frame_len, old_handshake, Batch, FromPeer, Handshake, ProtocolError, Role,
-    ToPeer, WireKey, WorkerId, HANDSHAKE_FRAME, HANDSHAKE_PREFIX, OLD_HANDSHAKE_PREFIX,
+    decode_checked, frame_len, Batch, FromPeer, Handshake, ProtocolError, Role, ToPeer, WireKey,
+    WorkerId,
 };
-use crate::BuildId;
-
-/// How long a connection may take to send its handshake.
-pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::{Auth, BuildId};
 
 /// How long connecting to a peer's data port may take.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -148,44 +152,6 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 }
 
-fn eof_is_closed(e: std::io::Error) -> ProtocolError {
-    if e.kind() == std::io::ErrorKind::UnexpectedEof {
-        ProtocolError::Closed
-    } else {
-        ProtocolError::Io(e)
-    }
-}
-
-async fn read_handshake<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Handshake, ProtocolError> {
-    let mut frame = [0u8; HANDSHAKE_FRAME];
-    let read = async {
-        // The length prefix alone tells a rask peer from junk: refuse early
-        // rather than wait for bytes that will never come.
-        reader
-            .read_exact(&mut frame[..4])
-            .await
-            .map_err(eof_is_closed)?;
-        if frame[..4] == OLD_HANDSHAKE_PREFIX {
-            // A rask process of protocol 3 or older: name its version.
-            let mut body = [0u8; 8];
-            reader.read_exact(&mut body).await.map_err(eof_is_closed)?;
-            return Err(old_handshake(&body));
-        }
-        if frame[..4] != HANDSHAKE_PREFIX {
-            return Err(ProtocolError::NotRask);
-        }
-        reader
-            .read_exact(&mut frame[4..])
-            .await
-            .map_err(eof_is_closed)?;
-        Handshake::parse(&frame)
-    };
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, read).await {
-        Ok(result) => result,
-        Err(_) => Err(ProtocolError::Timeout(HANDSHAKE_TIMEOUT)),
-    }
-}
-
 /// The reading half of a TCP connection, buffered.
 pub(crate) type Reader = BufReader<OwnedReadHalf>;
 
@@ -291,13 +257,15 @@ impl Frames {
     }
 }
 
-/// Opens a connection as `role` of `build` and checks the answer comes from
-/// `expect`; also returns this end's address and the peer's build (rule 4).
+/// Opens a connection as `role` of `build` proving `auth`, and checks the
+/// answer comes from `expect` and proves the same (rule 5); also returns
+/// this end's address and the peer's build (rule 4).
 pub(crate) async fn connect(
     address: &str,
     role: Role,
     expect: Role,
     build: BuildId,
+    auth: &Auth,
     timeout: Duration,
 ) -> Result<(Reader, OwnedWriteHalf, SocketAddr, BuildId), ConnectError> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
@@ -307,16 +275,9 @@ pub(crate) async fn connect(
     };
     let local = stream.local_addr().map_err(ConnectError::Io)?;
     let (mut read, mut write) = tcp_halves(stream);
-    write
-        .write_all(&Handshake::new(role, build).to_frame())
-        .await
-        .map_err(|e| ConnectError::Handshake(ProtocolError::Io(e)))?;
-    let theirs = read_handshake(&mut read)
+    let theirs = handshake::connector(&mut read, &mut write, role, expect, build, auth)
         .await
         .map_err(ConnectError::Handshake)?;
-    if theirs.role != expect {
-        return Err(ConnectError::Handshake(ProtocolError::Role(theirs.role)));
-    }
     Ok((read, write, local, theirs.build))
 }
 
@@ -326,6 +287,25 @@ pub(crate) enum ConnectError {
     Io(std::io::Error),
     Timeout,
     Handshake(ProtocolError),
+}
+
+impl ConnectError {
+    /// The crate's error for a failed connection to the `peer` at `addr`:
+    /// an authentication failure names what to set (`Error::Auth`).
+    pub(crate) fn into_error(self, addr: &str, peer: Role) -> crate::Error {
+        let addr = addr.to_owned();
+        match self {
+            ConnectError::Io(source) => crate::Error::Connection { addr, source },
+            ConnectError::Timeout => crate::Error::Timeout {
+                what: "the scheduler to accept the connection",
+                after: CONNECT_TIMEOUT,
+            },
+            ConnectError::Handshake(ProtocolError::Auth(reason)) => {
+                crate::Error::Auth { addr, peer, reason }
+            }
+            ConnectError::Handshake(reason) => crate::Error::Handshake { addr, reason },
+        }
+    }
 }
 
 impl std::fmt::Display for ConnectError {
@@ -339,19 +319,16 @@ impl std::fmt::Display for ConnectError {
 }
 
 /// Checks an accepted connection's handshake and answers it as `me` of
-/// `build`. Returns the peer's handshake, whose role and build the caller
-/// must check (rule 4).
+/// `build`, requiring the peer to prove `auth` (rule 5). Returns the peer's
+/// handshake, whose role and build the caller must check (rule 4).
 pub(crate) async fn accept(
     stream: TcpStream,
     me: Role,
     build: BuildId,
+    auth: &Auth,
 ) -> Result<(Handshake, Reader, OwnedWriteHalf), ProtocolError> {
     let (mut read, mut write) = tcp_halves(stream);
-    let theirs = read_handshake(&mut read).await?;
-    write
-        .write_all(&Handshake::new(me, build).to_frame())
-        .await
-        .map_err(ProtocolError::Io)?;
+    let theirs = handshake::acceptor(&mut read, &mut write, me, build, auth).await?;
     Ok((theirs, read, write))
 }
 
@@ -430,17 +407,24 @@ pub(crate) struct PeerPool {
     answers: mpsc::UnboundedSender<Fetched>,
     /// The build this process announces, and expects of data ports.
     build: BuildId,
+    /// What this process proves to data ports (rule 5).
+    auth: std::sync::Arc<Auth>,
 }
 
 impl PeerPool {
-    /// A pool for a process of `build`.
-    pub(crate) fn new(answers: mpsc::UnboundedSender<Fetched>, build: BuildId) -> PeerPool {
+    /// A pool for a process of `build` proving `auth`.
+    pub(crate) fn new(
+        answers: mpsc::UnboundedSender<Fetched>,
+        build: BuildId,
+        auth: std::sync::Arc<Auth>,
+    ) -> PeerPool {
         PeerPool {
             addresses: HashMap::new(),
             conns: HashMap::new(),
             pending: HashMap::new(),
             answers,
             build,
+            auth,
         }
     }
 
@@ -493,6 +477,7 @@ impl PeerPool {
             peer,
             address,
             self.build,
+            self.auth.clone(),
             rx,
             self.answers.clone(),
         ));
@@ -504,6 +489,7 @@ async fn peer_connection(
     peer: WorkerId,
     address: String,
     build: BuildId,
+    auth: std::sync::Arc<Auth>,
     mut requests: mpsc::UnboundedReceiver<Vec<WireKey>>,
     answers: mpsc::UnboundedSender<Fetched>,
 ) {
@@ -539,6 +525,7 @@ async fn peer_connection(
         Role::Peer,
         Role::DataServer,
         build,
+        &auth,
         CONNECT_TIMEOUT,
     )
     .await

@@ -12,12 +12,18 @@
 //! 1. A frame body is at most [`MAX_FRAME`] bytes. A peer that announces more
 //!    is closed at once, before anything is allocated for it.
 //! 2. The connecting side sends its handshake first; the accepting side checks
-//!    magic, version and role, then answers with its own handshake. Any
+//!    magic and version, then answers with its own handshake. Any
 //!    mismatch closes that one connection. Each handshake also carries the
 //!    sender's [`BuildId`] (clients and workers send their program's, the
 //!    scheduler [`BuildId::NONE`]); what it decides is the receiver's
 //!    business: the scheduler keeps builds apart, a worker's data port
-//!    serves only its own build.
+//!    serves only its own build. Each also carries a fresh nonce and
+//!    whether the sender authenticates; when both do, the acceptor's
+//!    handshake is followed by its [proof](PROOF_FRAME), and the
+//!    connector's proof follows that, before any batch (`auth.rs` rules 2
+//!    to 4). A handshake of protocol version 4 is answered with a version-4
+//!    handshake naming version 5, so an old peer reports the version
+//!    rather than a closed connection.
 //! 3. Messages are named by direction: [`ToScheduler`] (from clients and
 //!    workers), [`ToWorker`], [`ToClient`], and the data exchange between a
 //!    worker's data port and its readers, [`ToPeer`] / [`FromPeer`]. Facts
@@ -47,13 +53,13 @@ use std::sync::Arc;
 use rask_executor::{Cause, Failure, FailureKind, Key};
 use serde::{Deserialize, Serialize};
 
-use crate::BuildId;
+use crate::{AuthError, BuildId};
 
 /// The first four bytes of every handshake body.
 pub const MAGIC: [u8; 4] = *b"RASK";
 
 /// The protocol version; peers with another version are refused.
-pub const VERSION: u16 = 4;
+pub const VERSION: u16 = 5;
 
 /// Values whose encoding is at most this many bytes travel with their
 /// report: in `TaskFinished` to the scheduler, and in `KeyInMemory` to the
@@ -97,9 +103,9 @@ pub const MAX_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(36
 /// bytes, so 1 KiB leaves room for anything real.
 pub const MAX_ADDRESS: usize = 1024;
 
-/// Length of a handshake body: magic, version, role, one reserved byte,
-/// the sender's build id.
-const HANDSHAKE_BODY: usize = 8 + 32;
+/// Length of a handshake body: magic, version, role, flags, the sender's
+/// build id, its nonce.
+pub(crate) const HANDSHAKE_BODY: usize = 8 + 32 + 32;
 
 /// Length of a whole handshake frame, prefix included.
 pub const HANDSHAKE_FRAME: usize = 4 + HANDSHAKE_BODY;
@@ -112,6 +118,29 @@ pub(crate) const HANDSHAKE_PREFIX: [u8; 4] = (HANDSHAKE_BODY as u32).to_le_bytes
 /// body had no build id (8 bytes): such a peer is refused for its version,
 /// not taken for junk ([`old_handshake`]).
 pub(crate) const OLD_HANDSHAKE_PREFIX: [u8; 4] = 8u32.to_le_bytes();
+
+/// Length of a handshake body of protocol version 4: magic, version, role,
+/// a reserved byte, the build id; no nonce, no authentication.
+pub(crate) const V4_HANDSHAKE_BODY: usize = 8 + 32;
+
+/// The first four bytes of a handshake of protocol version 4: such a peer
+/// is refused for its version ([`old_handshake`]).
+pub(crate) const V4_HANDSHAKE_PREFIX: [u8; 4] = (V4_HANDSHAKE_BODY as u32).to_le_bytes();
+
+/// Length of a proof: a keyed blake3 hash.
+pub(crate) const PROOF_LEN: usize = 32;
+
+/// Length of a whole proof frame: `20 00 00 00` (body length, 32), then
+/// the proof, keyed blake3 of a domain and both handshakes' bodies (see
+/// `auth.rs`). Sent by the acceptor right after its handshake, and by the
+/// connector once it checked the acceptor's, when both authenticate.
+pub const PROOF_FRAME: usize = 4 + PROOF_LEN;
+
+/// The first four bytes of a proof frame.
+pub(crate) const PROOF_PREFIX: [u8; 4] = (PROOF_LEN as u32).to_le_bytes();
+
+/// The one flag a handshake defines: the sender authenticates.
+const AUTHENTICATES: u8 = 1;
 
 /// What a process is to the connection it opened or accepted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -164,19 +193,21 @@ impl fmt::Display for Role {
 }
 
 /// The first frame of every connection: who is talking, in which protocol,
-/// from which build of which program.
+/// from which build of which program, whether it authenticates, and its
+/// challenge to the other side.
 ///
 /// Its layout is fixed by hand rather than by serde so that it can never
-/// change by accident: `28 00 00 00` (body length, 40), `RASK`, the version
-/// as `u16` little-endian, the role byte, a zero byte, then the 32 bytes of
-/// the sender's [`BuildId`].
+/// change by accident: `48 00 00 00` (body length, 72), `RASK`, the version
+/// as `u16` little-endian, the role byte, the flags byte (bit 0: the sender
+/// authenticates; the other bits are zero), the 32 bytes of the sender's
+/// [`BuildId`], then its 32-byte nonce, fresh for each connection.
 ///
 /// # Examples
 ///
 /// ```
 /// use rask_distributed::protocol::{Handshake, Role, HANDSHAKE_FRAME};
 /// use rask_distributed::BuildId;
-/// let hello = Handshake::new(Role::Client, BuildId::current());
+/// let hello = Handshake::new(Role::Client, BuildId::current(), [7; 32], true);
 /// let frame: [u8; HANDSHAKE_FRAME] = hello.to_frame();
 /// assert_eq!(Handshake::parse(&frame)?, hello);
 /// # Ok::<(), rask_distributed::ProtocolError>(())
@@ -189,15 +220,23 @@ pub struct Handshake {
     pub role: Role,
     /// The sender's build ([`BuildId::NONE`] from the scheduler).
     pub build: BuildId,
+    /// Whether the sender authenticates: it holds a token, and requires
+    /// the other side to prove it holds the same.
+    pub authenticates: bool,
+    /// Random bytes the other side's proof must cover.
+    pub nonce: [u8; 32],
 }
 
 impl Handshake {
-    /// This protocol's handshake for `role`, from a process of `build`.
-    pub fn new(role: Role, build: BuildId) -> Handshake {
+    /// This protocol's handshake for `role`, from a process of `build`,
+    /// with `nonce`; `authenticates` when the sender has a token.
+    pub fn new(role: Role, build: BuildId, nonce: [u8; 32], authenticates: bool) -> Handshake {
         Handshake {
             version: VERSION,
             role,
             build,
+            authenticates,
+            nonce,
         }
     }
 
@@ -208,8 +247,9 @@ impl Handshake {
         frame[4..8].copy_from_slice(&MAGIC);
         frame[8..10].copy_from_slice(&self.version.to_le_bytes());
         frame[10] = self.role.to_byte();
-        // frame[11] is reserved: zero.
-        frame[12..].copy_from_slice(self.build.as_bytes());
+        frame[11] = if self.authenticates { AUTHENTICATES } else { 0 };
+        frame[12..44].copy_from_slice(self.build.as_bytes());
+        frame[44..].copy_from_slice(&self.nonce);
         frame
     }
 
@@ -232,26 +272,55 @@ impl Handshake {
             });
         }
         let role = Role::from_byte(frame[10]).ok_or(ProtocolError::NotRask)?;
+        let authenticates = match frame[11] {
+            0 => false,
+            AUTHENTICATES => true,
+            _ => return Err(ProtocolError::NotRask),
+        };
         let mut build = [0u8; 32];
-        build.copy_from_slice(&frame[12..]);
+        build.copy_from_slice(&frame[12..44]);
+        let mut nonce = [0u8; 32];
+        nonce.copy_from_slice(&frame[44..]);
         Ok(Handshake {
             version,
             role,
             build: BuildId::from_bytes(build),
+            authenticates,
+            nonce,
         })
     }
 }
 
-/// Why a handshake of protocol versions 1 to 3 is refused, from its body
-/// (the 8 bytes after [`OLD_HANDSHAKE_PREFIX`]): its version, or junk.
-pub(crate) fn old_handshake(body: &[u8; 8]) -> ProtocolError {
-    if body[..4] != MAGIC {
-        return ProtocolError::NotRask;
+/// Why a handshake of an older protocol version is refused, from its body
+/// (the bytes after [`OLD_HANDSHAKE_PREFIX`] or [`V4_HANDSHAKE_PREFIX`],
+/// which start alike): its version, or junk.
+pub(crate) fn old_handshake(body: &[u8]) -> ProtocolError {
+    match body {
+        [m0, m1, m2, m3, v0, v1, ..] if [*m0, *m1, *m2, *m3] == MAGIC => ProtocolError::Version {
+            ours: VERSION,
+            theirs: u16::from_le_bytes([*v0, *v1]),
+        },
+        _ => ProtocolError::NotRask,
     }
-    ProtocolError::Version {
-        ours: VERSION,
-        theirs: u16::from_le_bytes([body[4], body[5]]),
-    }
+}
+
+/// The answer to a handshake of protocol version 4: a version-4 handshake
+/// naming this version, which such a peer reports as a version mismatch.
+pub(crate) fn v4_refusal(role: Role) -> [u8; 4 + V4_HANDSHAKE_BODY] {
+    let mut frame = [0u8; 4 + V4_HANDSHAKE_BODY];
+    frame[..4].copy_from_slice(&V4_HANDSHAKE_PREFIX);
+    frame[4..8].copy_from_slice(&MAGIC);
+    frame[8..10].copy_from_slice(&VERSION.to_le_bytes());
+    frame[10] = role.to_byte();
+    frame
+}
+
+/// A proof as its frame ([`PROOF_FRAME`]).
+pub(crate) fn proof_frame(proof: &[u8; PROOF_LEN]) -> [u8; PROOF_FRAME] {
+    let mut frame = [0u8; PROOF_FRAME];
+    frame[..4].copy_from_slice(&PROOF_PREFIX);
+    frame[4..].copy_from_slice(proof);
+    frame
 }
 
 /// Why a connection was closed by this side.
@@ -272,6 +341,9 @@ pub enum ProtocolError {
     /// The peer's role is not one this connection serves.
     #[error("unexpected peer role: {0}")]
     Role(Role),
+    /// The handshake's authentication failed (see [`AuthError`]).
+    #[error(transparent)]
+    Auth(#[from] AuthError),
     /// The peer runs another build of the program (another [`BuildId`]),
     /// where only this process's own build is served.
     #[error("peer runs build {theirs}, this process runs build {ours}")]
@@ -1017,21 +1089,33 @@ mod tests {
     #[test]
     fn golden_handshake() {
         let build = BuildId::from_bytes([0xab; 32]);
-        let frame = Handshake::new(Role::Worker, build).to_frame();
+        let frame = Handshake::new(Role::Worker, build, [0xcd; 32], true).to_frame();
         let expected = [
-            "28000000", // body length: 40 bytes
+            "48000000", // body length: 72 bytes
             "5241534b", // RASK
-            "0400",     // version 4
+            "0500",     // version 5
             "02",       // role: worker
-            "00",       // reserved
+            "01",       // flags: authenticates
             &"ab".repeat(32),
+            &"cd".repeat(32),
         ]
         .concat();
         assert_eq!(hex(&frame), expected);
         assert_eq!(frame[..4], HANDSHAKE_PREFIX);
         let back = Handshake::parse(&frame).unwrap();
-        assert_eq!(back, Handshake::new(Role::Worker, build));
+        assert_eq!(back, Handshake::new(Role::Worker, build, [0xcd; 32], true));
         assert_eq!(back.build, build);
+        assert!(back.authenticates);
+        let insecure = Handshake::new(Role::Client, build, [0; 32], false).to_frame();
+        assert_eq!(insecure[11], 0);
+        assert!(!Handshake::parse(&insecure).unwrap().authenticates);
+    }
+
+    #[test]
+    fn golden_proof_frame() {
+        let frame = proof_frame(&[0x5a; PROOF_LEN]);
+        assert_eq!(hex(&frame), format!("20000000{}", "5a".repeat(32)));
+        assert_eq!(frame[..4], PROOF_PREFIX);
     }
 
     #[test]
@@ -1039,17 +1123,34 @@ mod tests {
         // A version-3 worker's handshake: 8-byte body, no build id.
         let old: [u8; 12] = [8, 0, 0, 0, b'R', b'A', b'S', b'K', 3, 0, 2, 0];
         assert_eq!(old[..4], OLD_HANDSHAKE_PREFIX);
-        let mut body = [0u8; 8];
-        body.copy_from_slice(&old[4..]);
         assert!(matches!(
-            old_handshake(&body),
+            old_handshake(&old[4..]),
             ProtocolError::Version {
                 ours: VERSION,
                 theirs: 3
             }
         ));
-        body[0] = b'X';
-        assert!(matches!(old_handshake(&body), ProtocolError::NotRask));
+        // A version-4 client's: a 40-byte body with a build id.
+        let mut v4 = vec![40, 0, 0, 0, b'R', b'A', b'S', b'K', 4, 0, 1, 0];
+        v4.extend([0xab; 32]);
+        assert_eq!(v4[..4], V4_HANDSHAKE_PREFIX);
+        assert_eq!(v4.len(), 4 + V4_HANDSHAKE_BODY);
+        assert!(matches!(
+            old_handshake(&v4[4..]),
+            ProtocolError::Version {
+                ours: VERSION,
+                theirs: 4
+            }
+        ));
+        let mut junk = old;
+        junk[4] = b'X';
+        assert!(matches!(old_handshake(&junk[4..]), ProtocolError::NotRask));
+        // What a version-4 peer is answered: its own layout, naming 5.
+        let answer = v4_refusal(Role::Scheduler);
+        assert_eq!(
+            hex(&answer),
+            format!("280000005241534b05000400{}", "00".repeat(32))
+        );
     }
 
     #[test]
@@ -1060,7 +1161,8 @@ mod tests {
             Handshake::parse(&junk),
             Err(ProtocolError::NotRask)
         ));
-        let mut other = Handshake::new(Role::Client, BuildId::NONE).to_frame();
+        let hello = Handshake::new(Role::Client, BuildId::NONE, [0; 32], false);
+        let mut other = hello.to_frame();
         other[8] = 99;
         assert!(matches!(
             Handshake::parse(&other),
@@ -1069,10 +1171,16 @@ mod tests {
                 theirs: 99
             })
         ));
-        let mut role = Handshake::new(Role::Client, BuildId::NONE).to_frame();
+        let mut role = hello.to_frame();
         role[10] = 77;
         assert!(matches!(
             Handshake::parse(&role),
+            Err(ProtocolError::NotRask)
+        ));
+        let mut flags = hello.to_frame();
+        flags[11] = 2;
+        assert!(matches!(
+            Handshake::parse(&flags),
             Err(ProtocolError::NotRask)
         ));
     }

@@ -7,7 +7,7 @@ mod support;
 use std::process::Command;
 use std::sync::Arc;
 
-use rask_distributed::{worker, Error, LocalCluster, WORKER_ENV};
+use rask_distributed::{worker, Auth, AuthError, Client, Error, LocalCluster, Token, WORKER_ENV};
 use support::{Collect, Graph, Shared, TestRegistry, TIMEOUT};
 
 /// Worker mode: when started by a `LocalCluster`, this "test" is the worker
@@ -76,6 +76,53 @@ fn local_cluster_runs_a_graph_and_survives_a_killed_worker() {
     assert_eq!(out[n as usize], Ok((1..=n).sum()));
 }
 
+/// `a + 1` on `client`.
+fn compute_inc(client: &Client, shared: &Arc<Shared>, a: i64) -> i64 {
+    let mut g = Graph::salted(shared, a as u64);
+    let v = g.value(a);
+    let b = g.op("inc", 0, &[v]);
+    g.output(b);
+    let got = Collect::new(1);
+    got.submit(client, g.build());
+    got.wait().pop().unwrap().unwrap()
+}
+
+#[test]
+fn a_local_cluster_has_a_token_of_its_own_that_lets_other_processes_in() {
+    let one = LocalCluster::start(1, worker_command).unwrap();
+    let two = LocalCluster::start(1, worker_command).unwrap();
+    // Fresh for each cluster; its workers registered with it.
+    assert_ne!(one.token().expose_secret(), two.token().expose_secret());
+    let (shared, _) = Shared::new();
+    // Another process would connect by address with the token.
+    let by_address = Client::connect_with(&one.address(), Auth::Token(one.token().clone()));
+    assert_eq!(compute_inc(&by_address.unwrap(), &shared, 1), 2);
+    // Not with another cluster's token, and not with none.
+    let err = Client::connect_with(&one.address(), Auth::Token(two.token().clone())).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Auth {
+                reason: AuthError::WrongToken,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = Client::connect_with(&one.address(), Auth::Insecure).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.starts_with(&format!(
+            "the scheduler at {} requires a token; set RASK_TOKEN",
+            one.address().trim_start_matches("tcp://")
+        )),
+        "{text}"
+    );
+    // The in-process client needs none, and reads values from the
+    // workers' data ports with the cluster's token.
+    assert_eq!(compute_inc(&one.client().unwrap(), &shared, 2), 3);
+}
+
 #[test]
 fn a_worker_that_exits_early_is_reported_and_writes_where_its_command_says() {
     // Workers write where their command points stdout and stderr: this
@@ -104,53 +151,133 @@ fn a_worker_that_exits_early_is_reported_and_writes_where_its_command_says() {
     assert_eq!(written, "no worker mode here\n");
 }
 
-#[test]
-fn rask_scheduler_binary_prints_its_address_and_serves() {
+/// A `rask-scheduler` process, killed and reaped however the test ends.
+struct Reap(std::process::Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `rask-scheduler` with `args` and `env`; returns it with its
+/// address (its first line on stdout), its first line on stderr, and its
+/// later lines on stderr as they come.
+fn start_scheduler(
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Reap, String, String, std::sync::mpsc::Receiver<String>) {
     use std::io::BufRead;
     let mut child = Command::new(env!("CARGO_BIN_EXE_rask-scheduler"))
-        .args(["--port", "0", "--worker-timeout", "30"])
+        .args(args)
+        .env_remove(rask_distributed::TOKEN_ENV)
+        .env_remove(rask_distributed::TOKEN_FILE_ENV)
+        .env_remove(rask_distributed::INSECURE_ENV)
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Reaped however the test ends.
-    struct Reap(std::process::Child);
-    impl Drop for Reap {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
+    // Every line read, so the scheduler never blocks on a full pipe; the
+    // threads end when it exits.
+    let lines = |from: Box<dyn std::io::Read + Send>| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(from).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        rx
+    };
+    let stdout = lines(Box::new(child.stdout.take().unwrap()));
+    let stderr = lines(Box::new(child.stderr.take().unwrap()));
+    let child = Reap(child);
+    let address = stdout.recv_timeout(TIMEOUT).expect("the address line");
+    let said = stderr.recv_timeout(TIMEOUT).expect("a line on stderr");
+    (child, address.trim().to_owned(), said, stderr)
+}
+
+/// A directory of this test's own, removed when dropped.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("rask-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        TempDir(dir)
     }
-    let stdout = child.stdout.take().unwrap();
-    let mut child = Reap(child);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx.recv_timeout(TIMEOUT).expect("the address line");
-    let address = line.trim();
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn rask_scheduler_binary_prints_its_address_and_serves() {
+    let dir = TempDir::new("scheduler-token");
+    let path = dir.0.join("sub").join("token");
+    let path_arg = path.to_str().unwrap();
+    let args = [
+        "--port",
+        "0",
+        "--worker-timeout",
+        "30",
+        "--token-file",
+        path_arg,
+    ];
+    let (mut child, address, said, stderr) = start_scheduler(&args, &[]);
     assert!(address.starts_with("tcp://127.0.0.1:"), "{address}");
+    // It made the token file, and says where it is.
+    assert!(said.contains("created a token in"), "{said}");
+    assert!(said.contains(path_arg), "{said}");
+    let token = Token::load(&path).unwrap();
+    let auth = Auth::Token(token);
 
     let (shared, _) = Shared::new();
     // No death timeout: it ends with the scheduler, as it did before it
     // could wait for another.
     let w = worker::spawn_with(
-        address,
+        &address,
         Arc::new(TestRegistry {
             shared: shared.clone(),
         }),
-        worker::Options::default().death_timeout(std::time::Duration::ZERO),
+        worker::Options::default()
+            .death_timeout(std::time::Duration::ZERO)
+            .auth(auth.clone()),
     )
     .unwrap();
-    let client = rask_distributed::Client::connect(address).unwrap();
-    let mut g = Graph::new(&shared);
-    let a = g.value(1);
-    let b = g.op("inc", 0, &[a]);
-    g.output(b);
-    let got = Collect::new(1);
-    got.submit(&client, g.build());
-    assert_eq!(got.wait(), vec![Ok(2)]);
+    let client = Client::connect_with(&address, auth).unwrap();
+    assert_eq!(compute_inc(&client, &shared, 1), 2);
+    // Without the token, neither a client nor a worker gets in, and the
+    // scheduler says so in one line each.
+    let err = Client::connect_with(&address, Auth::Insecure).unwrap_err();
+    assert!(err.to_string().contains("requires a token"), "{err}");
+    let logged = stderr.recv_timeout(TIMEOUT).expect("a refusal line");
+    assert!(
+        logged.contains("refused the connection from 127.0.0.1:")
+            && logged.ends_with("the peer has no token, and this process requires one"),
+        "{logged}"
+    );
+    let stranger = Auth::Token(Token::generate().unwrap());
+    let options = worker::Options::default()
+        .death_timeout(std::time::Duration::ZERO)
+        .auth(stranger);
+    let registry = Arc::new(TestRegistry {
+        shared: shared.clone(),
+    });
+    match worker::spawn_with(&address, registry, options) {
+        Err(Error::Auth {
+            reason: AuthError::WrongToken,
+            ..
+        }) => {}
+        other => panic!("a worker with another token: {other:?}"),
+    }
+    let logged = stderr.recv_timeout(TIMEOUT).expect("a refusal line");
+    assert!(logged.contains("wrong token"), "{logged}");
     drop(client);
     let _ = child.0.kill();
     let _ = child.0.wait();
@@ -160,6 +287,72 @@ fn rask_scheduler_binary_prints_its_address_and_serves() {
         let _ = tx.send(w.join());
     });
     assert!(rx.recv_timeout(TIMEOUT).expect("worker exit").is_ok());
+
+    // Started again, it reads the same file and keeps the token.
+    let (_child, _, said, _) = start_scheduler(&args, &[]);
+    assert!(
+        said.starts_with(&format!("rask-scheduler: the token in {path_arg}: ")),
+        "{said}"
+    );
+    assert_eq!(
+        Token::load(&path).unwrap().expose_secret(),
+        auth_text(&path)
+    );
+}
+
+/// The token text in the file at `path`.
+fn auth_text(path: &std::path::Path) -> String {
+    std::fs::read_to_string(path).unwrap().trim().to_owned()
+}
+
+#[test]
+fn rask_scheduler_binary_takes_its_token_from_the_environment_or_runs_insecure_when_told() {
+    let token = Token::generate().unwrap();
+    let text = token.expose_secret();
+    let (_child, address, said, _) = start_scheduler(&["--port", "0"], &[("RASK_TOKEN", &text)]);
+    assert!(said.contains("token given in RASK_TOKEN"), "{said}");
+    assert!(Client::connect_with(&address, Auth::Token(token)).is_ok());
+    let other = Auth::Token(Token::generate().unwrap());
+    let err = Client::connect_with(&address, other).unwrap_err();
+    assert!(err.to_string().starts_with("wrong token"), "{err}");
+
+    // Insecure, with a warning; a client with a token is refused there.
+    let (_child, address, said, _) = start_scheduler(&["--port", "0", "--insecure"], &[]);
+    assert!(said.contains("warning: authentication is off"), "{said}");
+    let with_token = Auth::Token(Token::generate().unwrap());
+    let err = Client::connect_with(&address, with_token).unwrap_err();
+    assert!(err.to_string().contains("RASK_INSECURE=1"), "{err}");
+    assert!(Client::connect_with(&address, Auth::Insecure).is_ok());
+}
+
+#[test]
+fn rask_scheduler_binary_refuses_to_listen_beyond_loopback_insecure_unless_told() {
+    // 192.0.2.1 is TEST-NET-1: never this machine's. The refusal comes
+    // before any socket is bound, and nothing is sent anywhere.
+    let out = Command::new(env!("CARGO_BIN_EXE_rask-scheduler"))
+        .args(["--host", "192.0.2.1", "--port", "0"])
+        .env("RASK_INSECURE", "1")
+        .env_remove(rask_distributed::TOKEN_ENV)
+        .env_remove(rask_distributed::TOKEN_FILE_ENV)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("refusing to listen on 192.0.2.1 without authentication"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--insecure"), "{stderr}");
+    assert!(out.stdout.is_empty());
+    // A token given together with RASK_INSECURE=1 is a contradiction.
+    let out = Command::new(env!("CARGO_BIN_EXE_rask-scheduler"))
+        .args(["--port", "0"])
+        .env("RASK_INSECURE", "1")
+        .env("RASK_TOKEN", Token::generate().unwrap().expose_secret())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unset one of them"));
 }
 
 #[test]
@@ -168,6 +361,8 @@ fn rask_scheduler_binary_rejects_bad_arguments() {
         &["--port", "nope"][..],
         &["--worker-timeout", "0"],
         &["--worker-timeout", "soon"],
+        &["--insecure", "--token-file", "/nonexistent/token"],
+        &["--token-file"],
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_rask-scheduler"))
             .args(args)

@@ -11,9 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rask_distributed::protocol::{self, FromPeer, Handshake, Role, ToPeer, ToScheduler};
-use rask_distributed::{worker, BuildId, Client, WorkerHandle};
+use rask_distributed::{worker, Auth, BuildId, Client, Token, WorkerHandle};
 use rask_executor::{FailureKind, Op, OpError, Plan, Registry, Value, WireError, WireTask};
-use support::{fetch_int, fetch_len, remote, Cluster, Collect, Graph, Keep, TestRegistry, TIMEOUT};
+use support::{
+    fetch_int, fetch_len, raw, raw_as, read_until_closed, remote, Cluster, Collect, Graph, Keep,
+    TestRegistry, TIMEOUT,
+};
 
 /// a = 1; b = a + 1; c = a + 1; d = b + c.
 fn diamond(cluster: &Cluster, client: &rask_distributed::Client, salt: u64) {
@@ -538,16 +541,11 @@ fn joined(worker: WorkerHandle) -> Result<(), rask_distributed::Error> {
 }
 
 /// Whether the data port at `data` holds `key`: it answers with the value,
-/// or says it is missing.
-fn data_port_holds(data: SocketAddr, key: [u8; 32]) -> bool {
-    let mut s = TcpStream::connect(data).unwrap();
-    s.set_read_timeout(Some(TIMEOUT)).unwrap();
-    s.write_all(&Handshake::new(Role::Peer, BuildId::current()).to_frame())
-        .unwrap();
+/// or says it is missing. The reader proves `auth`.
+fn data_port_holds(auth: &Auth, data: SocketAddr, key: [u8; 32]) -> bool {
+    let mut s = raw(data, Role::Peer, auth);
     s.write_all(&protocol::frame(&ToPeer::GetData { keys: vec![key] }))
         .unwrap();
-    let mut hello = [0u8; protocol::HANDSHAKE_FRAME];
-    s.read_exact(&mut hello).unwrap();
     match read_frame::<FromPeer>(&mut s).as_slice() {
         [FromPeer::Data { key: k, .. }] if *k == key => true,
         [FromPeer::Missing { key: k }] if *k == key => false,
@@ -597,13 +595,17 @@ fn a_worker_started_before_its_scheduler_registers_once_it_is_up() {
     });
     let (tx, rx) = std::sync::mpsc::channel();
     let target = format!("tcp://{address}");
+    let auth = Auth::Token(Token::generate().unwrap());
+    let options = worker::Options::default()
+        .death_timeout(TIMEOUT)
+        .auth(auth.clone());
     std::thread::spawn(move || {
-        let options = worker::Options::default().death_timeout(TIMEOUT);
         let _ = tx.send(worker::spawn_with(&target, registry, options));
     });
     // Nothing listens yet: the worker waits rather than failing at once.
     assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
-    let scheduler = rask_distributed::scheduler::serve(address).unwrap();
+    let options = rask_distributed::scheduler::Options::default().auth(auth.clone());
+    let scheduler = rask_distributed::scheduler::serve_with(address, options).unwrap();
     let worker = rx
         .recv_timeout(TIMEOUT)
         .expect("the worker registers")
@@ -614,6 +616,7 @@ fn a_worker_started_before_its_scheduler_registers_once_it_is_up() {
         started,
         scheduler,
         address: format!("tcp://{address}"),
+        auth,
     };
     assert_eq!(cluster.scheduler.workers(), 1);
     diamond(&cluster, &cluster.client(), 0);
@@ -643,19 +646,20 @@ fn a_worker_registers_again_with_a_restarted_scheduler_and_computes_for_it() {
     kept.submit(&first, g.build());
     let held = kept.wait().pop().unwrap().unwrap();
     let key = remote(&held).key().0;
-    assert!(data_port_holds(data, key));
+    assert!(data_port_holds(&cluster.auth, data, key));
     assert_eq!(cluster.shared.runs.load(Ordering::SeqCst), 1);
 
     // The scheduler stops, and another starts at the same address.
     cluster.scheduler.shutdown();
-    cluster.scheduler = rask_distributed::scheduler::serve(address).unwrap();
+    cluster.scheduler =
+        rask_distributed::scheduler::serve_with(address, cluster.options()).unwrap();
     cluster.eventually("the worker to register again", |c| {
         c.scheduler.workers() == 1
     });
     assert!(!worker.is_finished());
     // What it held for the first scheduler is gone; its data port is up
     // and says so.
-    assert!(!data_port_holds(data, key));
+    assert!(!data_port_holds(&cluster.auth, data, key));
     drop((held, first));
 
     // A client of the new scheduler computes on it; the value held before
@@ -734,7 +738,8 @@ fn a_client_connects_again_after_a_scheduler_restart() {
         .parse()
         .unwrap();
     cluster.workers.clear();
-    cluster.scheduler = rask_distributed::scheduler::serve(address).unwrap();
+    cluster.scheduler =
+        rask_distributed::scheduler::serve_with(address, cluster.options()).unwrap();
     cluster.add_worker(1);
     for salt in 0..3 {
         diamond(&cluster, &client, 100 + salt);
@@ -800,41 +805,77 @@ fn bad_addresses_and_dead_ports_are_errors() {
         .local_addr()
         .unwrap()
         .port();
+    let insecure =
+        rask_distributed::Client::connect_with(&format!("127.0.0.1:{port}"), Auth::Insecure);
     assert!(matches!(
-        rask_distributed::Client::connect(&format!("127.0.0.1:{port}")),
+        insecure,
         Err(rask_distributed::Error::Connection { .. })
     ));
 }
 
 /// Writes `bytes` to `addr` and expects the server to close the connection
-/// (after its handshake answer, if any) within the timeout.
+/// within the timeout, after sending at most its handshake answer (its
+/// hello, and its proof or a version-4 refusal).
 fn expect_closed(addr: SocketAddr, bytes: &[u8]) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(TIMEOUT)).unwrap();
     let _ = s.write_all(bytes);
-    let mut sink = Vec::new();
-    match s.read_to_end(&mut sink) {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
-        Err(e) => panic!("connection to {addr} not closed: {e}"),
-    }
-    assert!(sink.len() <= protocol::HANDSHAKE_FRAME, "got {sink:?}");
+    let sink = read_until_closed(&mut s);
+    assert!(
+        sink.len() <= protocol::HANDSHAKE_FRAME + protocol::PROOF_FRAME,
+        "got {sink:?}"
+    );
 }
 
-fn junk_inputs(role: Role) -> Vec<Vec<u8>> {
-    let hello = Handshake::new(role, BuildId::current()).to_frame();
+/// Connects to `addr` as `role` proving `auth`, writes `bytes` and expects
+/// the server to close the connection without sending anything more than
+/// what it greets every client with (where the workers are).
+fn expect_closed_after_handshake(addr: SocketAddr, role: Role, auth: &Auth, bytes: &[u8]) {
+    let mut s = raw(addr, role, auth);
+    let _ = s.write_all(bytes);
+    let sink = read_until_closed(&mut s);
+    if role != Role::Client {
+        assert!(sink.is_empty(), "got {sink:?}");
+        return;
+    }
+    let mut rest = &sink[..];
+    while !rest.is_empty() {
+        let len = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
+        let msgs: Vec<protocol::ToClient> = protocol::decode_batch(&rest[4..4 + len]).unwrap();
+        for msg in msgs {
+            assert!(
+                matches!(msg, protocol::ToClient::WorkerJoined { .. }),
+                "{msg:?}"
+            );
+        }
+        rest = &rest[4 + len..];
+    }
+}
+
+/// Bytes that are no handshake of this protocol.
+fn bad_handshakes(role: Role) -> Vec<Vec<u8>> {
+    let hello = Handshake::new(role, BuildId::current(), [1; 32], true).to_frame();
     let mut wrong_version = hello;
     wrong_version[8] = 0xee;
-    let mut oversized = hello.to_vec();
-    oversized.extend_from_slice(&u32::MAX.to_le_bytes());
-    let mut malformed = hello.to_vec();
-    malformed.extend_from_slice(&[3, 0, 0, 0, 0xff, 0xff, 0xff]);
+    let mut wrong_flags = hello;
+    wrong_flags[11] = 0x80;
+    // A version-4 handshake: 40 bytes of body, no nonce.
+    let mut v4 = vec![40, 0, 0, 0, b'R', b'A', b'S', b'K', 4, 0, 1, 0];
+    v4.extend([0; 32]);
     vec![
         b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
         vec![0x08, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8],
         wrong_version.to_vec(),
-        oversized,
-        malformed,
+        wrong_flags.to_vec(),
+        v4,
+    ]
+}
+
+/// Frames no peer may send after its handshake.
+fn bad_frames() -> Vec<Vec<u8>> {
+    vec![
+        u32::MAX.to_le_bytes().to_vec(),
+        vec![3, 0, 0, 0, 0xff, 0xff, 0xff],
     ]
 }
 
@@ -842,22 +883,18 @@ fn junk_inputs(role: Role) -> Vec<Vec<u8>> {
 fn junk_on_the_scheduler_port_closes_only_that_connection() {
     let cluster = Cluster::new(2, 1);
     let client = cluster.client();
-    for junk in junk_inputs(Role::Client) {
-        expect_closed(cluster.scheduler.address(), &junk);
+    let addr = cluster.scheduler.address();
+    for junk in bad_handshakes(Role::Client) {
+        expect_closed(addr, &junk);
+    }
+    for junk in bad_frames() {
+        expect_closed_after_handshake(addr, Role::Client, &cluster.auth, &junk);
     }
     // A client sending a worker's message is closed as well.
-    let mut wrong = Handshake::new(Role::Client, BuildId::current())
-        .to_frame()
-        .to_vec();
-    wrong.extend(protocol::frame(&ToScheduler::TaskAbandoned {
-        key: [0; 32],
-    }));
-    expect_closed(cluster.scheduler.address(), &wrong);
+    let wrong = protocol::frame(&ToScheduler::TaskAbandoned { key: [0; 32] });
+    expect_closed_after_handshake(addr, Role::Client, &cluster.auth, &wrong);
     // A peer's role is not served on the scheduler port.
-    expect_closed(
-        cluster.scheduler.address(),
-        &Handshake::new(Role::Peer, BuildId::current()).to_frame(),
-    );
+    expect_closed_after_handshake(addr, Role::Peer, &cluster.auth, &[]);
     diamond(&cluster, &client, 3);
     diamond(&cluster, &cluster.client(), 4);
 }
@@ -867,13 +904,13 @@ fn junk_on_a_worker_data_port_closes_only_that_connection() {
     let cluster = Cluster::new(2, 1);
     let client = cluster.client();
     let data = cluster.workers[0].as_ref().unwrap().data_address();
-    for junk in junk_inputs(Role::Peer) {
+    for junk in bad_handshakes(Role::Peer) {
         expect_closed(data, &junk);
     }
-    expect_closed(
-        data,
-        &Handshake::new(Role::Client, BuildId::current()).to_frame(),
-    );
+    for junk in bad_frames() {
+        expect_closed_after_handshake(data, Role::Peer, &cluster.auth, &junk);
+    }
+    expect_closed_after_handshake(data, Role::Client, &cluster.auth, &[]);
     // Both workers still serve data: a reduction over values spread on both.
     let mut g = Graph::new(&cluster.shared);
     let vs: Vec<u32> = (0..8).map(|i| g.value(i)).collect();
@@ -1073,7 +1110,8 @@ fn a_held_value_lost_with_its_worker_is_recomputed_for_a_fetch() {
     let registry = Arc::new(support::TestRegistry {
         shared: cluster.shared.clone(),
     });
-    let spare = rask_distributed::worker::spawn(&cluster.address, registry, 1).unwrap();
+    let options = worker::Options::default().auth(cluster.auth.clone());
+    let spare = rask_distributed::worker::spawn_with(&cluster.address, registry, options).unwrap();
     cluster.eventually("a second worker", |c| c.scheduler.workers() == 2);
     cluster.workers[0].take().unwrap().stop();
     assert_eq!(fetch_len(&values[0]), BIG as usize);
@@ -1101,18 +1139,6 @@ fn a_handle_fails_to_fetch_once_its_client_is_gone() {
     }
 }
 
-/// A raw connection to `addr` as `role`, past the handshake.
-fn raw(addr: SocketAddr, role: Role) -> TcpStream {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(TIMEOUT)).unwrap();
-    s.write_all(&Handshake::new(role, BuildId::current()).to_frame())
-        .unwrap();
-    let mut answer = [0u8; protocol::HANDSHAKE_FRAME];
-    s.read_exact(&mut answer).unwrap();
-    Handshake::parse(&answer).unwrap();
-    s
-}
-
 /// The messages of the next frame on `s`.
 fn read_frame<M: serde::de::DeserializeOwned>(s: &mut TcpStream) -> Vec<M> {
     let mut len = [0u8; 4];
@@ -1124,32 +1150,23 @@ fn read_frame<M: serde::de::DeserializeOwned>(s: &mut TcpStream) -> Vec<M> {
 
 /// Waits until the other side closes `s`, whatever it still sends first.
 fn wait_closed(s: &mut TcpStream) {
-    let mut sink = Vec::new();
-    match s.read_to_end(&mut sink) {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
-        Err(e) => panic!("connection not closed: {e}"),
-    }
+    read_until_closed(s);
 }
 
 #[test]
 fn a_worker_announcing_threads_or_an_address_out_of_range_is_closed() {
     let mut cluster = Cluster::new(1, 1);
     let client = cluster.client();
-    let hello = Handshake::new(Role::Worker, BuildId::current()).to_frame();
     for (threads, address) in [
         (u32::MAX, "127.0.0.1:1".to_owned()),
         (protocol::MAX_THREADS + 1, "127.0.0.1:1".to_owned()),
         (0, "127.0.0.1:1".to_owned()),
         (1, "h".repeat(protocol::MAX_ADDRESS + 1)),
     ] {
-        let mut bytes = hello.to_vec();
-        bytes.extend(protocol::frame(&ToScheduler::RegisterWorker {
-            address,
-            threads,
-        }));
-        // Closed with nothing but the handshake answer: never registered.
-        expect_closed(cluster.scheduler.address(), &bytes);
+        let register = protocol::frame(&ToScheduler::RegisterWorker { address, threads });
+        // Closed with nothing after the handshake: never registered.
+        let addr = cluster.scheduler.address();
+        expect_closed_after_handshake(addr, Role::Worker, &cluster.auth, &register);
     }
     assert_eq!(cluster.scheduler.workers(), 1);
     // The scheduler placed nothing on them and still works, for old and
@@ -1164,7 +1181,7 @@ fn a_worker_announcing_threads_or_an_address_out_of_range_is_closed() {
 /// with one thread; returns the connection and the first frame it was
 /// sent (its registration, and what came with it).
 fn raw_worker(cluster: &Cluster) -> (TcpStream, Vec<protocol::ToWorker>) {
-    let mut s = raw(cluster.scheduler.address(), Role::Worker);
+    let mut s = raw(cluster.scheduler.address(), Role::Worker, &cluster.auth);
     s.write_all(&protocol::frame(&ToScheduler::RegisterWorker {
         address: "127.0.0.1:1".into(),
         threads: 1,
@@ -1287,7 +1304,10 @@ fn worker_of(cluster: &Cluster, build: BuildId, factor: i64) -> WorkerHandle {
             shared: cluster.shared.clone(),
         },
     });
-    worker::spawn_as(&cluster.address, registry, 1, build).unwrap()
+    let options = worker::Options::default()
+        .threads(1)
+        .auth(cluster.auth.clone());
+    worker::spawn_as(&cluster.address, registry, options, build).unwrap()
 }
 
 /// `scale(x)` for each of `xs`, one output each: the same keys whoever
@@ -1309,7 +1329,8 @@ const NEW: BuildId = BuildId::from_bytes([2; 32]);
 fn two_builds() -> (Cluster, [WorkerHandle; 2], [Client; 2]) {
     let cluster = Cluster::new(0, 1);
     let workers = [worker_of(&cluster, OLD, 1), worker_of(&cluster, NEW, 1000)];
-    let clients = [OLD, NEW].map(|b| Client::connect_as(&cluster.address, b).unwrap());
+    let clients =
+        [OLD, NEW].map(|b| Client::connect_as(&cluster.address, cluster.auth.clone(), b).unwrap());
     assert_eq!(cluster.scheduler.workers(), 2);
     (cluster, workers, clients)
 }
@@ -1357,9 +1378,10 @@ fn a_worker_closes_a_scheduler_that_asks_for_a_heartbeat_out_of_range() {
             s.set_read_timeout(Some(TIMEOUT)).unwrap();
             let mut hello = [0u8; protocol::HANDSHAKE_FRAME];
             s.read_exact(&mut hello).unwrap();
-            assert_eq!(Handshake::parse(&hello).unwrap().role, Role::Worker);
-            s.write_all(&Handshake::new(Role::Scheduler, BuildId::NONE).to_frame())
-                .unwrap();
+            let hello = Handshake::parse(&hello).unwrap();
+            assert_eq!((hello.role, hello.authenticates), (Role::Worker, false));
+            let answer = Handshake::new(Role::Scheduler, BuildId::NONE, [2; 32], false);
+            s.write_all(&answer.to_frame()).unwrap();
             let register = read_frame::<ToScheduler>(&mut s);
             assert!(matches!(
                 register[..],
@@ -1373,7 +1395,9 @@ fn a_worker_closes_a_scheduler_that_asks_for_a_heartbeat_out_of_range() {
         });
         let (shared, _) = support::Shared::new();
         let registry = Arc::new(support::TestRegistry { shared });
-        let worker = rask_distributed::worker::spawn(&address, registry, 1).unwrap();
+        // Without authentication, which the fake scheduler does not do.
+        let options = worker::Options::default().auth(Auth::Insecure);
+        let worker = worker::spawn_with(&address, registry, options).unwrap();
         assert_eq!(worker.id(), 7);
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || tx.send(worker.join()));
@@ -1441,7 +1465,7 @@ fn a_build_without_workers_gets_an_error_naming_the_builds() {
     let (cluster, _workers, [old, _new]) = two_builds();
     let _held = keep_scale_41(&cluster, &old);
     let stray = BuildId::from_bytes([3; 32]);
-    let client = Client::connect_as(&cluster.address, stray).unwrap();
+    let client = Client::connect_as(&cluster.address, cluster.auth.clone(), stray).unwrap();
     let plan = scale(&cluster, &[41, 42]);
     let keys: Vec<_> = plan.outputs().iter().map(|&t| plan.task(t).key).collect();
     let got = Collect::new(2);
@@ -1468,7 +1492,7 @@ fn a_build_without_workers_gets_an_error_naming_the_builds() {
 #[test]
 fn with_no_worker_at_all_a_graph_waits_for_one_of_its_build() {
     let cluster = Cluster::new(0, 1);
-    let client = Client::connect_as(&cluster.address, NEW).unwrap();
+    let client = Client::connect_as(&cluster.address, cluster.auth.clone(), NEW).unwrap();
     let got = Collect::new(1);
     got.submit(&client, scale(&cluster, &[41]));
     cluster.eventually("the graph to be accepted", |c| c.scheduler.tasks() == 1);
@@ -1484,28 +1508,20 @@ fn a_data_port_serves_only_readers_of_its_build() {
     let data = old_worker.data_address();
     let get = protocol::frame(&ToPeer::GetData { keys: vec![key] });
     // A reader of another build: closed after the handshake, sent nothing.
-    let mut foreign = Handshake::new(Role::Peer, NEW).to_frame().to_vec();
-    foreign.extend_from_slice(&get);
-    expect_closed(data, &foreign);
+    let mut foreign = raw_as(data, Role::Peer, NEW, &cluster.auth);
+    let _ = foreign.write_all(&get);
+    assert!(read_until_closed(&mut foreign).is_empty());
     // A reader of the worker's build is served, by a data server that
     // names that build.
     let mut s = TcpStream::connect(data).unwrap();
     s.set_read_timeout(Some(TIMEOUT)).unwrap();
-    s.write_all(&Handshake::new(Role::Peer, OLD).to_frame())
-        .unwrap();
-    s.write_all(&get).unwrap();
-    let mut hello = [0u8; protocol::HANDSHAKE_FRAME];
-    s.read_exact(&mut hello).unwrap();
-    let hello = Handshake::parse(&hello).unwrap();
+    let hello = match support::shake(&mut s, Role::Peer, OLD, Some(cluster.token())) {
+        support::Shook::Done(hello) => hello,
+        other => panic!("{other:?}"),
+    };
     assert_eq!((hello.role, hello.build), (Role::DataServer, OLD));
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).unwrap();
-    let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
-    s.read_exact(&mut body).unwrap();
-    match protocol::decode_batch::<FromPeer>(&body)
-        .unwrap()
-        .as_slice()
-    {
+    s.write_all(&get).unwrap();
+    match read_frame::<FromPeer>(&mut s).as_slice() {
         [FromPeer::Data { key: k, bytes }] => {
             assert_eq!(*k, key);
             assert_eq!(postcard::from_bytes::<i64>(bytes).unwrap(), 41);
@@ -1523,10 +1539,286 @@ fn the_scheduler_announces_no_build() {
     let cluster = Cluster::new(0, 1);
     let mut s = TcpStream::connect(cluster.scheduler.address()).unwrap();
     s.set_read_timeout(Some(TIMEOUT)).unwrap();
-    s.write_all(&Handshake::new(Role::Client, OLD).to_frame())
-        .unwrap();
-    let mut hello = [0u8; protocol::HANDSHAKE_FRAME];
-    s.read_exact(&mut hello).unwrap();
-    let hello = Handshake::parse(&hello).unwrap();
+    let hello = match support::shake(&mut s, Role::Client, OLD, Some(cluster.token())) {
+        support::Shook::Done(hello) => hello,
+        other => panic!("{other:?}"),
+    };
     assert_eq!((hello.role, hello.build), (Role::Scheduler, BuildId::NONE));
+}
+
+// ----- issue #14: a cluster that lets no one in -----
+
+/// The ways into a port without the cluster's token: no token at all, a
+/// token of another cluster, and a handshake of protocol version 4 (which
+/// had no authentication). Each connects to `addr` as `role`, finishes
+/// what handshake it can, sends `then`, and returns everything it received
+/// until the port closed the connection.
+fn without_the_token(addr: SocketAddr, role: Role, then: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
+    let mut got = Vec::new();
+    for way in ["no token", "wrong token", "version 4"] {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let mut received = Vec::new();
+        match way {
+            "no token" => match support::shake(&mut s, role, BuildId::current(), None) {
+                support::Shook::Refused(hello) => {
+                    assert!(hello.authenticates);
+                    received.extend(hello.to_frame());
+                }
+                other => panic!("{way}: {other:?}"),
+            },
+            "wrong token" => {
+                let stranger = Token::generate().unwrap();
+                match support::shake(&mut s, role, BuildId::current(), Some(&stranger)) {
+                    support::Shook::WrongProof => {}
+                    other => panic!("{way}: {other:?}"),
+                }
+                // Goes on regardless, with a proof of its own making.
+                let _ = s.write_all(&[32, 0, 0, 0]);
+                let _ = s.write_all(&[0xab; 32]);
+            }
+            _ => {
+                let mut v4 = vec![40, 0, 0, 0, b'R', b'A', b'S', b'K', 4, 0];
+                v4.extend([if role == Role::Peer { 3 } else { 1 }, 0]);
+                v4.extend(BuildId::current().as_bytes());
+                let _ = s.write_all(&v4);
+            }
+        }
+        let _ = s.write_all(then);
+        received.extend(read_until_closed(&mut s));
+        got.push((way, received));
+    }
+    got
+}
+
+/// Checks what `without_the_token` received: the port's hello and
+/// nothing it would only tell a process of the cluster.
+fn nothing_but_refusals(got: Vec<(&'static str, Vec<u8>)>) {
+    for (way, received) in got {
+        match way {
+            // The hello it was answered (read by `shake`), nothing after.
+            "no token" => assert_eq!(received.len(), protocol::HANDSHAKE_FRAME, "{way}"),
+            // Only what was read by `shake`: nothing after its proof.
+            "wrong token" => assert!(received.is_empty(), "{way}: {received:?}"),
+            // A version-4 handshake naming version 5, nothing after.
+            _ => {
+                assert_eq!(received.len(), 44, "{way}: {received:?}");
+                assert_eq!(&received[8..10], &protocol::VERSION.to_le_bytes());
+            }
+        }
+    }
+}
+
+#[test]
+fn a_client_without_the_token_gets_no_value_not_even_a_small_one() {
+    let cluster = Cluster::new(1, 1);
+    let client = cluster.client();
+    // x = 41 + 1 stays in memory, its bytes at the scheduler (a small
+    // value travels with its report), while `gate` waits on it.
+    let mut g = Graph::new(&cluster.shared);
+    let v = g.value(41);
+    let x = g.op("inc", 0, &[v]);
+    let y = g.op("gate", 0, &[x]);
+    g.output(y);
+    let secret = g.key(x).0;
+    let got = Collect::new(1);
+    got.submit(&client, g.build());
+    cluster.wait_started();
+    // Another client of the cluster is told x's value, bytes and all:
+    // what an outsider must not get.
+    let insider = support::raw(cluster.scheduler.address(), Role::Client, &cluster.auth);
+    let ask = protocol::frame(&ToScheduler::UpdateGraph {
+        tasks: Vec::new(),
+        wanted: vec![secret],
+    });
+    let mut insider = insider;
+    insider.write_all(&ask).unwrap();
+    let told = loop {
+        let msgs = read_frame::<protocol::ToClient>(&mut insider);
+        if let Some(m) = msgs
+            .into_iter()
+            .find(|m| matches!(m, protocol::ToClient::KeyInMemory { .. }))
+        {
+            break m;
+        }
+    };
+    assert!(
+        matches!(&told, protocol::ToClient::KeyInMemory { key, value: Some(_), .. } if *key == secret),
+        "{told:?}"
+    );
+    // Outsiders asking the same get the scheduler's hello, and nothing.
+    nothing_but_refusals(without_the_token(
+        cluster.scheduler.address(),
+        Role::Client,
+        &ask,
+    ));
+    cluster.shared.open_gate(1);
+    assert_eq!(got.wait(), vec![Ok(42)]);
+}
+
+#[test]
+fn a_data_port_gives_nothing_to_a_reader_without_the_token() {
+    let cluster = Cluster::new(1, 1);
+    let client = cluster.client();
+    let values = keep_big(&cluster, &client, 50);
+    let key = remote(&values[0]).key().0;
+    let data = cluster.workers[0].as_ref().unwrap().data_address();
+    // With the token, the value is there to take.
+    assert!(data_port_holds(&cluster.auth, data, key));
+    let get = protocol::frame(&ToPeer::GetData { keys: vec![key] });
+    nothing_but_refusals(without_the_token(data, Role::Peer, &get));
+    // The worker still serves the cluster.
+    assert_eq!(fetch_len(&values[0]), BIG as usize);
+}
+
+#[test]
+fn a_worker_without_the_token_cannot_register() {
+    let cluster = Cluster::new(1, 1);
+    let client = cluster.client();
+    let register = protocol::frame(&ToScheduler::RegisterWorker {
+        address: "127.0.0.1:1".into(),
+        threads: 1,
+    });
+    nothing_but_refusals(without_the_token(
+        cluster.scheduler.address(),
+        Role::Worker,
+        &register,
+    ));
+    assert_eq!(cluster.scheduler.workers(), 1);
+    // A real worker process without the token, or with another, is
+    // refused with an error saying so, and is not retried.
+    for (auth, expected) in [
+        (Auth::Insecure, rask_distributed::AuthError::TokenRequired),
+        (
+            Auth::Token(Token::generate().unwrap()),
+            rask_distributed::AuthError::WrongToken,
+        ),
+    ] {
+        let options = worker::Options::default().auth(auth).death_timeout(TIMEOUT);
+        match worker::spawn_with(&cluster.address, cluster.registry(), options) {
+            Err(rask_distributed::Error::Auth { reason, .. }) => assert_eq!(reason, expected),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+    let err = worker::spawn_with(
+        &cluster.address,
+        cluster.registry(),
+        worker::Options::default().auth(Auth::Insecure),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.starts_with(&format!(
+            "the scheduler at {} requires a token; set RASK_TOKEN",
+            cluster.scheduler.address()
+        )),
+        "{err}"
+    );
+    assert_eq!(cluster.scheduler.workers(), 1);
+    diamond(&cluster, &client, 60);
+}
+
+#[test]
+fn a_forged_copy_and_a_forged_failed_fetch_do_not_make_a_client_read_forged_bytes() {
+    let cluster = Cluster::new(1, 1);
+    let owner = cluster.client();
+    let values = keep_big(&cluster, &owner, 70);
+    let key = remote(&values[0]).key().0;
+    let honest = protocol::WorkerId(cluster.workers[0].as_ref().unwrap().id());
+    // A data port of the rogue's: anyone who reads from it gets forged
+    // bytes, as the issue observed.
+    let fake = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    fake.set_nonblocking(true).unwrap();
+    let fake_address = fake.local_addr().unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let contacted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let forger = {
+        let (stop, contacted, token) = (stop.clone(), contacted.clone(), cluster.token().clone());
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + TIMEOUT;
+            while !stop.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+                let Ok((mut s, _)) = fake.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                contacted.store(true, Ordering::SeqCst);
+                s.set_nonblocking(false).unwrap();
+                s.set_read_timeout(Some(TIMEOUT)).unwrap();
+                if support::accept_shake(&mut s, Role::DataServer, &token) {
+                    let forged = postcard::to_stdvec(&vec![6u8; BIG as usize]).unwrap();
+                    let _ = read_frame::<ToPeer>(&mut s);
+                    let _ = s.write_all(&protocol::frame(&FromPeer::Data {
+                        key,
+                        bytes: forged.into(),
+                    }));
+                }
+            }
+        })
+    };
+    // The rogue holds the token (an insider, at worst a buggy worker): it
+    // registers with the fake port, claims a copy of the owner's key it
+    // was never asked to fetch, and says the honest holder failed it. An
+    // unknown key's copy, last, is answered with a `Release` once the
+    // scheduler handled all three.
+    let mut rogue = raw(cluster.scheduler.address(), Role::Worker, &cluster.auth);
+    rogue
+        .write_all(&protocol::frame(&ToScheduler::RegisterWorker {
+            address: fake_address.to_string(),
+            threads: 1,
+        }))
+        .unwrap();
+    let _ = read_frame::<protocol::ToWorker>(&mut rogue);
+    let barrier = [0xee; 32];
+    let mut forged = Vec::new();
+    for msg in [
+        ToScheduler::DataAdded { key },
+        ToScheduler::FetchFailed {
+            key,
+            holder: honest,
+        },
+        ToScheduler::DataAdded { key: barrier },
+    ] {
+        forged.extend(protocol::frame(&msg));
+    }
+    rogue.write_all(&forged).unwrap();
+    let mut released = Vec::new();
+    while !released.contains(&barrier) {
+        for msg in read_frame::<protocol::ToWorker>(&mut rogue) {
+            if let protocol::ToWorker::Release { key } = msg {
+                released.push(key);
+            }
+        }
+    }
+    // Its claimed copy was refused: it was told to drop it.
+    assert_eq!(released, vec![key, barrier]);
+    // A fresh client asking for the key reads the honest worker's bytes.
+    let fresh = cluster.client();
+    let mut g = Graph::salted(&cluster.shared, 70);
+    let big = g.task("big", postcard::to_stdvec(&BIG).unwrap(), &[]);
+    assert_eq!(g.key(big).0, key);
+    g.output(big);
+    let kept = Keep::new(1, false);
+    kept.submit(&fresh, g.build());
+    let value = kept.wait().pop().unwrap().unwrap();
+    let bytes: Vec<u8> = match value.downcast_ref::<rask_executor::Encoded>() {
+        Some(e) => postcard::from_bytes(&e.0).unwrap(),
+        None => panic!("not fetched: {value:?}"),
+    };
+    assert_eq!(bytes.len(), BIG as usize);
+    assert!(
+        bytes.iter().all(|&b| b == 7),
+        "forged bytes reached a client"
+    );
+    assert!(
+        !contacted.load(Ordering::SeqCst),
+        "a client read from the rogue"
+    );
+    assert_eq!(
+        cluster.shared.runs.load(Ordering::SeqCst),
+        1,
+        "never recomputed"
+    );
+    stop.store(true, Ordering::SeqCst);
+    forger.join().unwrap();
+    drop(values);
 }

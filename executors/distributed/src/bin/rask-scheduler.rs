@@ -1,25 +1,40 @@
 //! `rask-scheduler [--host 127.0.0.1] [--port 8786] [--worker-timeout 5]
-//! [--task-timeout SECONDS]`: runs a rask scheduler until killed. With
-//! `--port 0` the OS picks the port; the first line on stdout is always the
-//! bound address, `tcp://HOST:PORT`. A worker not heard from for
-//! `--worker-timeout` seconds is taken for dead and its work goes
-//! elsewhere. A task without a timeout of its own fails as timed out after
-//! `--task-timeout` seconds (default: no limit). A task running on
-//! `--allowed-failures` workers when they died (default 3) fails instead of
-//! being run again.
+//! [--task-timeout SECONDS] [--token-file PATH | --insecure]`: runs a rask
+//! scheduler until killed. With `--port 0` the OS picks the port; the first
+//! line on stdout is always the bound address, `tcp://HOST:PORT`. A worker
+//! not heard from for `--worker-timeout` seconds is taken for dead and its
+//! work goes elsewhere. A task without a timeout of its own fails as timed
+//! out after `--task-timeout` seconds (default: no limit). A task running
+//! on `--allowed-failures` workers when they died (default 3) fails instead
+//! of being run again.
+//!
+//! Every client and worker must prove the scheduler's token. It is, in
+//! order: the one in `--token-file PATH`, the one in `RASK_TOKEN`, the one
+//! in the file `RASK_TOKEN_FILE` names, the one in `$HOME/.rask/token`; a
+//! file that does not exist is created with a fresh token (mode 0600, its
+//! directory 0700). A line on stderr says where the token is.
+//! `--insecure` turns authentication off, with a warning; so does
+//! `RASK_INSECURE=1`, but only on a loopback address: to listen on any
+//! other without authentication, `--insecure` must be given.
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::process::ExitCode;
+
+use rask_distributed::{Auth, Token, INSECURE_ENV, TOKEN_ENV, TOKEN_FILE_ENV};
 
 const USAGE: &str =
     "usage: rask-scheduler [--host 127.0.0.1] [--port 8786] [--worker-timeout SECONDS (5)] \
-     [--task-timeout SECONDS (none)] [--allowed-failures N (3)]";
+     [--task-timeout SECONDS (none)] [--allowed-failures N (3)] \
+     [--token-file PATH ($HOME/.rask/token) | --insecure]";
 
 fn main() -> ExitCode {
     let mut host: IpAddr = [127, 0, 0, 1].into();
     let mut port: u16 = 8786;
     let mut options = rask_distributed::scheduler::Options::default();
+    let mut token_file: Option<PathBuf> = None;
+    let mut insecure = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -52,6 +67,11 @@ fn main() -> ExitCode {
                 }
                 _ => return usage("--task-timeout needs a number of seconds above 0"),
             },
+            "--token-file" => match value().filter(|v| !v.is_empty()) {
+                Some(path) => token_file = Some(path.into()),
+                None => return usage("--token-file needs a path"),
+            },
+            "--insecure" if inline.is_none() => insecure = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return ExitCode::SUCCESS;
@@ -59,6 +79,17 @@ fn main() -> ExitCode {
             other => return usage(&format!("unknown argument `{other}`")),
         }
     }
+    if insecure && token_file.is_some() {
+        return usage("--insecure and --token-file contradict each other: give one");
+    }
+    let (auth, whence) = match credentials(insecure, token_file, host) {
+        Ok(found) => found,
+        Err(problem) => {
+            eprintln!("rask-scheduler: {problem}");
+            return ExitCode::FAILURE;
+        }
+    };
+    options.auth = Some(auth);
     let scheduler =
         match rask_distributed::scheduler::serve_with(SocketAddr::new(host, port), options) {
             Ok(s) => s,
@@ -70,12 +101,110 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+    let address = scheduler.address();
     let mut stdout = std::io::stdout();
-    let _ = writeln!(stdout, "tcp://{}", scheduler.address());
+    let _ = writeln!(stdout, "tcp://{address}");
     let _ = stdout.flush();
+    eprintln!("rask-scheduler: {}", whence.describe(address));
     // Runs until killed: the scheduler lives on its own thread.
     loop {
         std::thread::park();
+    }
+}
+
+/// Where the scheduler's token came from, for the line on stderr.
+enum Whence {
+    Insecure,
+    Env,
+    File { path: PathBuf, created: bool },
+}
+
+impl Whence {
+    fn describe(&self, address: SocketAddr) -> String {
+        match self {
+            Whence::Insecure => format!(
+                "warning: authentication is off: anyone who can connect to {address} can run \
+                 this cluster's registered functions and read every value; clients and workers \
+                 need {INSECURE_ENV}=1"
+            ),
+            Whence::Env => format!(
+                "clients and workers must prove the token given in {TOKEN_ENV} (set it to the \
+                 same value for them)"
+            ),
+            Whence::File { path, created } => format!(
+                "{} token in {path}: clients and workers on this machine read it there; \
+                 elsewhere, set {TOKEN_ENV} to its contents or {TOKEN_FILE_ENV} to a copy of it",
+                if *created { "created a" } else { "the" },
+                path = path.display()
+            ),
+        }
+    }
+}
+
+/// The scheduler's credentials, as the module docs list them; an error
+/// to print when there are none it may use on `host`.
+fn credentials(
+    insecure: bool,
+    token_file: Option<PathBuf>,
+    host: IpAddr,
+) -> Result<(Auth, Whence), String> {
+    if insecure {
+        return Ok((Auth::Insecure, Whence::Insecure));
+    }
+    let set = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    let insecure_env = match set(INSECURE_ENV).as_ref().and_then(|v| v.to_str()) {
+        None | Some("0") => false,
+        Some("1") => true,
+        Some(other) => return Err(format!("{INSECURE_ENV}={other:?} is not `1` or `0`")),
+    };
+    let from_env = token_file.is_none() && set(TOKEN_ENV).is_some();
+    if insecure_env {
+        if token_file.is_some() || from_env || set(TOKEN_FILE_ENV).is_some() {
+            return Err(rask_distributed::Error::AuthConflict.to_string());
+        }
+        if !host.is_loopback() {
+            return Err(format!(
+                "refusing to listen on {host} without authentication because {INSECURE_ENV}=1 \
+                 is set: pass --insecure to mean it, or unset {INSECURE_ENV}"
+            ));
+        }
+        return Ok((Auth::Insecure, Whence::Insecure));
+    }
+    if from_env {
+        let text = set(TOKEN_ENV).unwrap_or_default();
+        return match Token::parse(&text.to_string_lossy()) {
+            Ok(token) => Ok((Auth::Token(token), Whence::Env)),
+            // `parse` names "the text given": name the variable instead.
+            Err(_) => Err(rask_distributed::Error::BadToken {
+                from: TOKEN_ENV.to_owned(),
+            }
+            .to_string()),
+        };
+    }
+    let path = match token_file
+        .or_else(|| set(TOKEN_FILE_ENV).map(PathBuf::from))
+        .or_else(Token::default_path)
+    {
+        Some(path) => path,
+        None => {
+            return Err(format!(
+                "no token file: HOME is not set; pass --token-file PATH or set {TOKEN_ENV}"
+            ))
+        }
+    };
+    match Token::load_or_create(&path) {
+        Ok((token, created)) => Ok((Auth::Token(token), Whence::File { path, created })),
+        Err(e) => {
+            let cause = source(&e);
+            let cause = if cause.is_empty() {
+                cause
+            } else {
+                format!(": {cause}")
+            };
+            Err(format!(
+                "{e}{cause}; pass --token-file PATH or set {TOKEN_ENV}"
+            ))
+        }
     }
 }
 

@@ -38,6 +38,13 @@
 //!    workers, and the graph is not added. With no worker at all, graphs
 //!    wait for workers as before; so does a graph accepted then, even if
 //!    only workers of other builds register later.
+//! 7. Only authenticated connections reach the state loop: a connection is
+//!    announced to it (`Event::Connected`) once `net::accept` returned,
+//!    i.e. once its peer proved the scheduler's token ([`Options::auth`];
+//!    `auth.rs` rules). A refused peer gets the scheduler's hello and
+//!    nothing else, and costs one log line. What an authenticated worker
+//!    may report is then checked by the state machine (README.md, S6 and
+//!    S10 to S12).
 
 mod placement;
 mod state;
@@ -58,8 +65,8 @@ use crate::protocol::{
     decode_checked, Batch, ProtocolError, Role, TaskSpec, ToClient, ToScheduler, ToWorker,
     WireFailure, WireKey, WorkerId, MAX_HEARTBEAT, MIN_HEARTBEAT,
 };
-use crate::{BuildId, Error};
-use state::{ClientId, Outbox, State};
+use crate::{Auth, BuildId, Error, Token};
+use state::{ClientId, Outbox, Reporter, State};
 
 /// A scheduler running on a background thread; dropping it shuts it down.
 ///
@@ -82,6 +89,8 @@ pub struct SchedulerHandle {
     /// Hands the scheduler its end of an in-memory connection, and the
     /// client's build.
     locals: mpsc::UnboundedSender<(net::LocalEnd, BuildId)>,
+    /// What every TCP peer must prove (rule 7).
+    auth: Arc<Auth>,
 }
 
 /// Figures the state loop publishes after every burst of input.
@@ -108,6 +117,29 @@ impl SchedulerHandle {
     /// everything.
     pub fn tasks(&self) -> usize {
         self.counts.tasks.load(Ordering::Acquire)
+    }
+
+    /// The token every client and worker must prove; `None` when the
+    /// scheduler runs without authentication ([`Auth::Insecure`]). Hand it
+    /// to other processes with [`Token::expose_secret`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let scheduler = rask_distributed::scheduler::serve("127.0.0.1:0".parse().unwrap())?;
+    /// // A fresh token unless the options gave one.
+    /// let token = scheduler.token().expect("on by default");
+    /// assert_eq!(token.expose_secret().len(), 64);
+    /// # Ok::<(), rask_distributed::Error>(())
+    /// ```
+    pub fn token(&self) -> Option<&Token> {
+        self.auth.token()
+    }
+
+    /// What the scheduler requires of TCP peers, for a client of this
+    /// process to prove to workers' data ports.
+    pub(crate) fn auth(&self) -> &Arc<Auth> {
+        &self.auth
     }
 
     /// The runtime of the scheduler's thread.
@@ -178,6 +210,12 @@ pub struct Options {
     /// would otherwise take every worker down in turn). Default 3, at
     /// least 1.
     pub allowed_failures: u8,
+    /// What clients and workers must prove in their handshake (rule 7).
+    /// Default `None`: a fresh token, made when the scheduler starts and
+    /// read back with [`SchedulerHandle::token`]. `Some(Auth::Insecure)`
+    /// lets anyone who can connect run the program's registered functions
+    /// and read every value.
+    pub auth: Option<Auth>,
 }
 
 impl Default for Options {
@@ -186,6 +224,7 @@ impl Default for Options {
             worker_timeout: Duration::from_secs(5),
             task_timeout: None,
             allowed_failures: 3,
+            auth: None,
         }
     }
 }
@@ -209,6 +248,24 @@ impl Options {
         self
     }
 
+    /// These options requiring `auth` of every client and worker (rule 7).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use rask_distributed::scheduler::{serve_with, Options};
+    /// use rask_distributed::{Auth, Token};
+    /// let token = Token::generate()?;
+    /// let options = Options::default().auth(Auth::Token(token.clone()));
+    /// let scheduler = serve_with("127.0.0.1:0".parse().unwrap(), options)?;
+    /// assert_eq!(scheduler.token().unwrap().expose_secret(), token.expose_secret());
+    /// # Ok::<(), rask_distributed::Error>(())
+    /// ```
+    pub fn auth(mut self, auth: Auth) -> Options {
+        self.auth = Some(auth);
+        self
+    }
+
     /// How often workers are asked to send a heartbeat: within the range a
     /// worker accepts.
     fn heartbeat(&self) -> Duration {
@@ -220,9 +277,13 @@ impl Options {
 /// background thread with its own single-threaded tokio runtime, with the
 /// default [`Options`].
 ///
+/// Clients and workers must prove the scheduler's token, a fresh one made
+/// now ([`SchedulerHandle::token`]); see [`Options::auth`] for another.
+///
 /// # Errors
 ///
-/// [`Error::Io`] if the address cannot be bound or the runtime not built.
+/// [`Error::Io`] if the address cannot be bound, the runtime not built or
+/// the token not made.
 ///
 /// # Examples
 ///
@@ -251,6 +312,10 @@ pub fn serve(addr: SocketAddr) -> Result<SchedulerHandle, Error> {
 /// # Ok::<(), rask_distributed::Error>(())
 /// ```
 pub fn serve_with(addr: SocketAddr, options: Options) -> Result<SchedulerHandle, Error> {
+    let auth = Arc::new(match &options.auth {
+        Some(auth) => auth.clone(),
+        None => Auth::Token(Token::generate()?),
+    });
     let listener = net::listen(addr).map_err(Error::Io)?;
     let address = listener.local_addr().map_err(Error::Io)?;
     let runtime = net::runtime().map_err(Error::Io)?;
@@ -259,12 +324,15 @@ pub fn serve_with(addr: SocketAddr, options: Options) -> Result<SchedulerHandle,
     let (stop, stop_rx) = oneshot::channel();
     let counts = Arc::new(Counts::default());
     let count = counts.clone();
+    let required = auth.clone();
     let thread = std::thread::Builder::new()
         .name("rask-scheduler".into())
         .spawn(move || {
             runtime.block_on(async move {
                 match TcpListener::from_std(listener) {
-                    Ok(listener) => run(listener, locals_rx, stop_rx, count, options).await,
+                    Ok(listener) => {
+                        run(listener, locals_rx, stop_rx, count, options, required).await
+                    }
                     Err(e) => log!("scheduler: cannot listen: {e}"),
                 }
             });
@@ -277,6 +345,7 @@ pub fn serve_with(addr: SocketAddr, options: Options) -> Result<SchedulerHandle,
         counts,
         runtime: handle,
         locals,
+        auth,
     })
 }
 
@@ -371,6 +440,7 @@ async fn run(
     mut stop: oneshot::Receiver<()>,
     counts: Arc<Counts>,
     options: Options,
+    auth: Arc<Auth>,
 ) {
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let mut silence = tokio::time::interval(options.heartbeat());
@@ -390,7 +460,7 @@ async fn run(
                 Ok((stream, peer)) => {
                     let conn = next_conn;
                     next_conn = next_conn.wrapping_add(1);
-                    tokio::spawn(connection(conn, stream, peer, events_tx.clone()));
+                    tokio::spawn(connection(conn, stream, peer, auth.clone(), events_tx.clone()));
                 }
                 Err(e) => {
                     log!("scheduler: accept failed: {e}");
@@ -432,16 +502,24 @@ async fn run(
     }
 }
 
-/// One accepted TCP connection: handshake, then [`serve_connection`].
+/// One accepted TCP connection: handshake, then [`serve_connection`]; the
+/// state loop hears of it only once its peer authenticated (rule 7).
 async fn connection(
     conn: u32,
     stream: TcpStream,
     peer: SocketAddr,
+    auth: Arc<Auth>,
     events: mpsc::UnboundedSender<Event>,
 ) {
     // The scheduler runs no user code: it has no build of its own.
-    let (theirs, read, write) = match net::accept(stream, Role::Scheduler, BuildId::NONE).await {
+    let accepted = net::accept(stream, Role::Scheduler, BuildId::NONE, &auth).await;
+    let (theirs, read, write) = match accepted {
         Ok(x) => x,
+        // One line per refusal (rule 7), naming what is wrong.
+        Err(e @ ProtocolError::Auth(_)) => {
+            log!("scheduler: refused the connection from {peer}: {e}");
+            return;
+        }
         Err(e) => {
             log!("scheduler: closing connection from {peer}: {}", Chain(&e));
             return;
@@ -620,7 +698,7 @@ impl Shell {
                 state.on_release_keys(c, keys, out)
             }
             (Kind::Client(c), ToScheduler::FetchFailed { key, holder }) => {
-                state.on_fetch_failed(Some(c), key, holder, out)
+                state.on_fetch_failed(Reporter::Client(c), key, holder, out)
             }
             (Kind::NewWorker, ToScheduler::RegisterWorker { address, threads }) => {
                 let w = WorkerId(conn);
@@ -649,8 +727,8 @@ impl Shell {
                 state.on_task_abandoned(w, key, out)
             }
             (Kind::Worker(w), ToScheduler::DataAdded { key }) => state.on_data_added(w, key, out),
-            (Kind::Worker(_), ToScheduler::FetchFailed { key, holder }) => {
-                state.on_fetch_failed(None, key, holder, out)
+            (Kind::Worker(w), ToScheduler::FetchFailed { key, holder }) => {
+                state.on_fetch_failed(Reporter::Worker(w), key, holder, out)
             }
             (Kind::NewWorker, _) => return Err("a worker must register first"),
             (Kind::Worker(_), ToScheduler::RegisterWorker { .. }) => {

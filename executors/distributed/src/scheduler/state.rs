@@ -3,7 +3,7 @@
 //! The shell in `mod.rs` calls one `on_<fact>` handler per message; handlers
 //! answer through an [`Outbox`]. The task state machine and its invariants
 //! are described in `README.md` beside this file; the numbered rules there
-//! are referred to as (S1)…(S9) in the code.
+//! are referred to as (S1)…(S12) in the code.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
@@ -29,6 +29,15 @@ pub(crate) const EARLY_MAX_DEPS: usize = 16;
 /// Identifies a client connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) struct ClientId(pub(crate) u32);
+
+/// Who reports a failed fetch (S12).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Reporter {
+    /// A client, fetching a key it wants.
+    Client(ClientId),
+    /// A worker, fetching an input of a task it was sent.
+    Worker(WorkerId),
+}
 
 /// Where handlers put the messages they send.
 pub(crate) trait Outbox {
@@ -88,13 +97,24 @@ struct Task {
     waiting_on: u32,
     /// Input edges from active dependents (S2).
     waiters: u32,
+    /// While `Memory`: the workers holding the value. Changed only through
+    /// `add_holder`, `remove_holder` and `clear_holders`, which keep
+    /// `since` beside it.
     who_has: Vec<WorkerId>,
+    /// For each entry of `who_has`, the tick of the clock when it became a
+    /// holder (S11, S12).
+    since: Vec<u64>,
+    /// The tick when the task last entered `Memory` (S11).
+    in_memory_at: u64,
+    /// While `Processing`: the tick when its `Compute` was sent, naming
+    /// the holders of its inputs as they were then (S11, S12).
+    sent_at: u64,
     nbytes: u64,
     /// While `Memory`: the value's encoding, when small enough to be
     /// handed to clients with `KeyInMemory` (`INLINE_BYTES`).
     inline: Option<Arc<[u8]>>,
     /// Clients holding at least one reference.
-    who_wants: Vec<ClientId>,
+    who_wants: Vec<Wanter>,
     priority: u64,
     /// Times a worker died while this task was running on it (S7).
     deaths: u8,
@@ -107,9 +127,38 @@ struct Task {
     retries: u32,
 }
 
+/// A client holding a reference to a task (S5).
+#[derive(Clone, Copy, Debug)]
+struct Wanter {
+    client: ClientId,
+    /// The tick when it was last told `KeyInMemory`, naming the holders of
+    /// that moment; 0 if never (S12).
+    told_at: u64,
+}
+
 impl Task {
     fn needed(&self) -> bool {
         !self.who_wants.is_empty() || self.waiters > 0
+    }
+
+    fn wanted_by(&self, client: ClientId) -> bool {
+        self.who_wants.iter().any(|w| w.client == client)
+    }
+
+    fn add_holder(&mut self, worker: WorkerId, now: u64) {
+        self.who_has.push(worker);
+        self.since.push(now);
+    }
+
+    fn remove_holder(&mut self, pos: usize) {
+        self.who_has.swap_remove(pos);
+        self.since.swap_remove(pos);
+    }
+
+    /// Empties `who_has`, returning who it named.
+    fn clear_holders(&mut self) -> Vec<WorkerId> {
+        self.since.clear();
+        std::mem::take(&mut self.who_has)
     }
 
     /// What a client wanting this task is told once it is in memory.
@@ -159,6 +208,10 @@ pub(crate) struct State {
     task_timeout_ms: Option<u64>,
     /// Worker deaths a task may be running at before it fails (S7).
     allowed_failures: u8,
+    /// A logical clock: ticks at each holder added, each `Compute` sent
+    /// and each `KeyInMemory` sent, so the scheduler can tell which holders
+    /// it named to whom (S11, S12).
+    clock: u64,
 }
 
 impl Default for State {
@@ -183,7 +236,14 @@ impl State {
             scratch: Vec::new(),
             task_timeout_ms: None,
             allowed_failures: ALLOWED_WORKER_DEATHS,
+            clock: 0,
         }
+    }
+
+    /// The next tick of the clock.
+    fn tick(&mut self) -> u64 {
+        self.clock += 1;
+        self.clock
     }
 
     /// Sets how many worker deaths a task may be running at before it fails
@@ -316,7 +376,7 @@ impl State {
         };
         for (id, _) in wants {
             if self.get(id).is_some() {
-                self.task_mut(id).who_wants.retain(|&c| c != client);
+                self.task_mut(id).who_wants.retain(|w| w.client != client);
                 self.unsettled.push(id);
             }
         }
@@ -400,7 +460,7 @@ impl State {
                 gen: slot.gen,
             };
             if let Some(pos) = task.who_has.iter().position(|&w| w == worker) {
-                task.who_has.swap_remove(pos);
+                task.remove_holder(pos);
                 if task.who_has.is_empty() && task.state == TaskState::Memory {
                     lost.push(id);
                 }
@@ -505,6 +565,9 @@ impl State {
                 waiting_on: 0,
                 waiters: 0,
                 who_has: Vec::new(),
+                since: Vec::new(),
+                in_memory_at: 0,
+                sent_at: 0,
                 nbytes: 0,
                 inline: None,
                 who_wants: Vec::new(),
@@ -548,10 +611,18 @@ impl State {
             let slot = &mut self.slots[id.index as usize];
             let task = slot.task.as_mut().expect("a live task id names a task");
             if *count == 1 {
-                task.who_wants.push(client);
+                task.who_wants.push(Wanter { client, told_at: 0 });
             }
             match &task.state {
-                TaskState::Memory => out.to_client(client, task.key_in_memory()),
+                TaskState::Memory => {
+                    out.to_client(client, task.key_in_memory());
+                    // The clock, inlined: `self` is borrowed through `wants`.
+                    self.clock += 1;
+                    let now = self.clock;
+                    for w in task.who_wants.iter_mut().filter(|w| w.client == client) {
+                        w.told_at = now;
+                    }
+                }
                 TaskState::Erred(f) => out.to_client(
                     client,
                     ToClient::KeyErred {
@@ -594,7 +665,7 @@ impl State {
                 wants.remove(&id);
                 let slot = &mut self.slots[id.index as usize];
                 let task = slot.task.as_mut().expect("a live task id names a task");
-                task.who_wants.retain(|&c| c != client);
+                task.who_wants.retain(|w| w.client != client);
                 self.unsettled.push(id);
             }
         }
@@ -632,10 +703,12 @@ impl State {
             None => sample,
             Some(m) => 0.9 * m + 0.1 * sample,
         });
+        let now = self.tick();
         let task = self.task_mut(id);
         task.state = TaskState::Memory;
-        task.who_has.clear();
-        task.who_has.push(worker);
+        task.in_memory_at = now;
+        task.clear_holders();
+        task.add_holder(worker, now);
         task.nbytes = nbytes;
         // Bounded, whatever a worker sends.
         task.inline = value.filter(|v| v.len() <= INLINE_BYTES);
@@ -685,11 +758,13 @@ impl State {
         self.assign(out);
     }
 
-    /// A worker holds a copy of `key` it fetched.
+    /// A worker holds a copy of `key` it fetched. It counts only if the
+    /// scheduler asked that worker to fetch it (S11); otherwise, as for a
+    /// copy of a key no longer in memory (S6), the worker is told to drop
+    /// it.
     pub(crate) fn on_data_added(&mut self, worker: WorkerId, key: WireKey, out: &mut impl Outbox) {
-        let known = self.workers.contains_key(&worker);
         if let Some(&id) = self.by_key.get(&Key(key)) {
-            let task = self.task_mut(id);
+            let task = self.task(id);
             if task.state == TaskState::Processing(worker) {
                 // The value was lost elsewhere and recomputation was sent to
                 // this very worker, which already has a copy: it reports
@@ -697,21 +772,41 @@ impl State {
                 // task the scheduler waits for.
                 return;
             }
-            if task.state == TaskState::Memory && known {
-                if !task.who_has.contains(&worker) {
-                    task.who_has.push(worker);
-                }
+            if task.state == TaskState::Memory && task.who_has.contains(&worker) {
+                return; // already a holder: a `Release` would lose a copy
+            }
+            if task.state == TaskState::Memory
+                && self.workers.contains_key(&worker)
+                && self.asked_to_fetch(worker, id, task.in_memory_at)
+            {
+                let now = self.tick();
+                self.task_mut(id).add_holder(worker, now);
                 return;
             }
         }
-        // Released meanwhile: the copy is not wanted (S6).
+        // Released meanwhile, or never asked for: not a holder (S6, S11).
         out.to_worker(worker, ToWorker::Release { key });
     }
 
-    /// A client (`Some`) or worker (`None`) could not get `key` from `holder`.
+    /// Whether a task sent to `worker` after `after` (a tick) has `id`
+    /// among its inputs: the scheduler then named `id`'s holders of that
+    /// moment to `worker` (S11, S12). Scans `id`'s dependents: a report
+    /// about a fetch is rare next to the tasks it serves.
+    fn asked_to_fetch(&self, worker: WorkerId, id: TaskId, after: u64) -> bool {
+        self.task(id).dependents.iter().any(|&d| {
+            self.get(d)
+                .is_some_and(|t| t.state == TaskState::Processing(worker) && t.sent_at > after)
+        })
+    }
+
+    /// A client or worker could not get `key` from `holder`. It counts
+    /// only if the key is in memory, the reporter needs it (a client
+    /// wanting it, a worker with a task that has it as input) and the
+    /// scheduler named `holder` to it, or the reporter is `holder` itself
+    /// (S12); a client is told the key's holders again either way.
     pub(crate) fn on_fetch_failed(
         &mut self,
-        client: Option<ClientId>,
+        reporter: Reporter,
         key: WireKey,
         holder: WorkerId,
         out: &mut impl Outbox,
@@ -719,10 +814,22 @@ impl State {
         let Some(&id) = self.by_key.get(&Key(key)) else {
             return;
         };
-        let task = self.task_mut(id);
-        if task.state == TaskState::Memory {
-            if let Some(pos) = task.who_has.iter().position(|&w| w == holder) {
-                task.who_has.swap_remove(pos);
+        let task = self.task(id);
+        let pos = task.who_has.iter().position(|&w| w == holder);
+        if let (TaskState::Memory, Some(pos)) = (&task.state, pos) {
+            let since = task.since[pos];
+            let told = match reporter {
+                Reporter::Client(c) => task
+                    .who_wants
+                    .iter()
+                    .any(|w| w.client == c && w.told_at > since),
+                // A worker may always say it lacks a value it is said to
+                // hold: it can only take itself off.
+                Reporter::Worker(w) => w == holder || self.asked_to_fetch(w, id, since),
+            };
+            if told {
+                let task = self.task_mut(id);
+                task.remove_holder(pos);
                 let now_lost = task.who_has.is_empty();
                 if self.workers.contains_key(&holder) {
                     // It may hold the value after all (a transient error):
@@ -734,10 +841,16 @@ impl State {
                 }
             }
         }
-        if let Some(client) = client {
+        if let Reporter::Client(client) = reporter {
             let task = self.task(id);
-            if task.state == TaskState::Memory && task.who_wants.contains(&client) {
+            if task.state == TaskState::Memory && task.wanted_by(client) {
                 out.to_client(client, task.key_in_memory());
+                let now = self.tick();
+                for w in self.task_mut(id).who_wants.iter_mut() {
+                    if w.client == client {
+                        w.told_at = now;
+                    }
+                }
             }
         }
         self.settle(out);
@@ -853,10 +966,16 @@ impl State {
 
     /// `id` just entered memory: tell wanting clients, wake dependents.
     fn in_memory(&mut self, id: TaskId, out: &mut impl Outbox) {
-        let task = self.task(id);
-        for &client in &task.who_wants {
-            out.to_client(client, task.key_in_memory());
+        if !self.task(id).who_wants.is_empty() {
+            let now = self.tick();
+            let task = self.task_mut(id);
+            let told = task.key_in_memory();
+            for w in &mut task.who_wants {
+                w.told_at = now;
+                out.to_client(w.client, told.clone());
+            }
         }
+        let task = self.task(id);
         let len = task.dependents.len();
         for i in 0..len {
             let s = self.task(id).dependents[i];
@@ -987,7 +1106,7 @@ impl State {
                 self.deactivate(id);
             }
             let task = self.task(id);
-            for &client in &task.who_wants {
+            for &Wanter { client, .. } in &task.who_wants {
                 out.to_client(
                     client,
                     ToClient::KeyErred {
@@ -1032,7 +1151,7 @@ impl State {
                         let task = self.task_mut(id);
                         task.state = TaskState::Released;
                         task.inline = None;
-                        for w in std::mem::take(&mut task.who_has) {
+                        for w in task.clear_holders() {
                             out.to_worker(w, ToWorker::Release { key });
                         }
                     }
@@ -1172,8 +1291,10 @@ impl State {
                 retries: task.retries,
             },
         );
+        let now = self.tick();
         let task = self.task_mut(id);
         task.state = TaskState::Processing(worker);
+        task.sent_at = now;
         task.early = early;
         if let Some(w) = self.workers.get_mut(&worker) {
             if early {
@@ -1209,6 +1330,7 @@ impl State {
                 .count() as u32;
             assert_eq!(task.waiters, waiters, "waiters of {:?}", task.key);
             assert_eq!(self.dependents(id).len() as u32, task.live_dependents);
+            assert_eq!(task.since.len(), task.who_has.len());
             match &task.state {
                 TaskState::Memory => assert!(!task.who_has.is_empty()),
                 _ => {

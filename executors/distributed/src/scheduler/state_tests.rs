@@ -318,7 +318,7 @@ fn lost_result_is_recomputed_for_a_waiting_client() {
     out.releases();
     // The client could not fetch 2 from W0 (it died, say): recompute it,
     // and 1 too since its value was already released; 2 goes early.
-    s.on_fetch_failed(Some(C0), k(2), W0, &mut out);
+    s.on_fetch_failed(Reporter::Client(C0), k(2), W0, &mut out);
     s.check_invariants();
     assert_eq!(out.releases(), vec![(W0, k(2))]);
     assert_eq!(out.computes(), vec![(W0, k(1)), (W0, k(2))]);
@@ -330,13 +330,11 @@ fn lost_result_is_recomputed_for_a_waiting_client() {
 
 #[test]
 fn fetch_failure_with_another_holder_points_the_client_there() {
-    let (mut s, mut out) = setup(2);
-    s.on_update_graph(C0, vec![spec(1, &[])], vec![k(1)], &mut out);
-    out.computes();
-    finish(&mut s, &mut out, W0, 1, 8);
+    let (mut s, mut out) = fetched_by_w1();
     s.on_data_added(W1, k(1), &mut out);
+    assert_eq!(s.who_has(&k(1)), &[W0, W1]);
     out.told();
-    s.on_fetch_failed(Some(C0), k(1), W0, &mut out);
+    s.on_fetch_failed(Reporter::Client(C0), k(1), W0, &mut out);
     s.check_invariants();
     assert_eq!(out.told(), vec![(C0, k(1), Ok(vec![W1]))]);
     assert!(out.computes().is_empty());
@@ -350,7 +348,7 @@ fn abandoned_task_is_requeued_after_its_input_is_recomputed() {
     finish(&mut s, &mut out, W0, 1, 8);
     // W0 could not read its own copy (say it was dropped); it reports the
     // failed fetch, then gives the task back.
-    s.on_fetch_failed(None, k(1), W0, &mut out);
+    s.on_fetch_failed(Reporter::Worker(W0), k(1), W0, &mut out);
     s.check_invariants();
     assert_eq!(out.computes(), vec![(W1, k(1))], "the lighter worker");
     s.on_task_abandoned(W0, k(2), &mut out);
@@ -646,7 +644,7 @@ fn small_values_travel_with_their_report_while_in_memory() {
     assert_eq!(inline_values(&mut out), vec![(C1, k(1), Some(small))]);
     // Once the value is lost the bytes go with it: the recomputed value is
     // the one clients get.
-    s.on_fetch_failed(Some(C0), k(1), W0, &mut out);
+    s.on_fetch_failed(Reporter::Client(C0), k(1), W0, &mut out);
     s.check_invariants();
     assert_eq!(out.computes(), vec![(W0, k(1))]);
     // Bytes over the limit are not kept, whatever a worker sends.
@@ -781,4 +779,159 @@ fn lost_values_are_recomputed_after_work_that_never_ran() {
     // 3 and 4 (never ran) go out before 1 is computed again.
     let pos = |key| after.iter().position(|&x| x == k(key)).expect("sent");
     assert!(pos(3) < pos(1) && pos(4) < pos(1), "{after:?}");
+}
+
+// ----- S10 to S12: reports checked against what was asked -----
+
+/// Key 1 in memory on W0 (wanted by C0, who was told so), and task 4,
+/// which needs 1, sent to W1 naming W0 as 1's holder: W1 has reason to
+/// fetch 1. Tasks 2 and 3, which need 1 too, fill W0's window first.
+fn fetched_by_w1() -> (State, Rec) {
+    let (mut s, mut out) = setup(2);
+    s.on_update_graph(C0, vec![spec(1, &[])], vec![k(1)], &mut out);
+    assert_eq!(out.computes(), vec![(W0, k(1))]);
+    // A task of a second: windows of 2 per thread from now on.
+    s.on_task_finished(W0, k(1), 8, 1_000_000_000, None, &mut out);
+    assert_eq!(out.told(), vec![(C0, k(1), Ok(vec![W0]))]);
+    let graph = vec![spec(1, &[]), spec(2, &[1]), spec(3, &[1]), spec(4, &[1])];
+    s.on_update_graph(C1, graph, vec![k(2), k(3), k(4)], &mut out);
+    s.check_invariants();
+    assert_eq!(out.computes(), vec![(W0, k(2)), (W0, k(3)), (W1, k(4))]);
+    out.clear();
+    (s, out)
+}
+
+#[test]
+fn results_count_only_from_the_worker_the_task_was_sent_to() {
+    let (mut s, mut out) = setup(2);
+    s.on_update_graph(C0, vec![spec(1, &[])], vec![k(1)], &mut out);
+    assert_eq!(out.computes(), vec![(W0, k(1))]);
+    // W1 was not sent 1: its result (bytes and all), its failure and its
+    // giving the task back change nothing (S6, S10).
+    let forged: Arc<[u8]> = Arc::from(&b"forged"[..]);
+    s.on_task_finished(W1, k(1), 6, 1_000, Some(forged.clone()), &mut out);
+    s.on_task_erred(W1, k(1), failure(1), &mut out);
+    s.on_task_abandoned(W1, k(1), &mut out);
+    s.check_invariants();
+    assert_eq!(s.state_of(&k(1)), Some(&TaskState::Processing(W0)));
+    assert_eq!(out.releases(), vec![(W1, k(1))]);
+    assert!(out.told().is_empty());
+    assert!(out.computes().is_empty());
+    // W0's result is the one its client gets.
+    let real: Arc<[u8]> = Arc::from(&b"real"[..]);
+    s.on_task_finished(W0, k(1), 4, 1_000, Some(real.clone()), &mut out);
+    assert_eq!(
+        inline_values(&mut out),
+        vec![(C0, k(1), Some(real.clone()))]
+    );
+    // Once it is in memory, a "result" from W1 does not make W1 a holder.
+    s.on_task_finished(W1, k(1), 6, 1_000, Some(forged), &mut out);
+    s.check_invariants();
+    assert_eq!(s.who_has(&k(1)), &[W0]);
+    assert_eq!(out.releases(), vec![(W1, k(1))]);
+    // A client asking later gets W0's bytes.
+    s.on_update_graph(C1, vec![spec(1, &[])], vec![k(1)], &mut out);
+    assert_eq!(inline_values(&mut out), vec![(C1, k(1), Some(real))]);
+}
+
+#[test]
+fn a_copy_counts_only_from_a_worker_sent_a_task_that_needs_it() {
+    let (mut s, mut out) = fetched_by_w1();
+    // W1 holds a copy for task 4: recorded (S11).
+    s.on_data_added(W1, k(1), &mut out);
+    s.check_invariants();
+    assert_eq!(s.who_has(&k(1)), &[W0, W1]);
+    assert!(out.releases().is_empty());
+    // Reported twice: still one entry, and no release of a real copy.
+    s.on_data_added(W1, k(1), &mut out);
+    assert_eq!(s.who_has(&k(1)), &[W0, W1]);
+    assert!(out.releases().is_empty());
+
+    // A worker sent nothing that needs 1 is told to drop its "copy".
+    let (mut s, mut out) = setup(2);
+    s.on_update_graph(C0, vec![spec(1, &[])], vec![k(1)], &mut out);
+    out.computes();
+    finish(&mut s, &mut out, W0, 1, 8);
+    s.on_data_added(W1, k(1), &mut out);
+    s.check_invariants();
+    assert_eq!(s.who_has(&k(1)), &[W0]);
+    assert_eq!(out.releases(), vec![(W1, k(1))]);
+}
+
+#[test]
+fn a_copy_reported_after_its_task_was_released_is_dropped() {
+    let (mut s, mut out) = fetched_by_w1();
+    // C1 no longer wants 4: W1 is told to drop it before its copy of 1
+    // is reported, so that copy is not W1's business any more.
+    s.on_release_keys(C1, vec![k(4)], &mut out);
+    assert_eq!(out.releases(), vec![(W1, k(4))]);
+    s.on_data_added(W1, k(1), &mut out);
+    s.check_invariants();
+    assert_eq!(s.who_has(&k(1)), &[W0]);
+    assert_eq!(out.releases(), vec![(W1, k(1))]);
+}
+
+#[test]
+fn a_failed_fetch_counts_only_from_who_needs_the_key_and_was_told_the_holder() {
+    const W2: WorkerId = WorkerId(2);
+    let (mut s, mut out) = fetched_by_w1();
+    s.on_worker_registered(W2, "127.0.0.1:1002".into(), 1, &mut out);
+    out.clear();
+    // A client that does not want 1, a worker sent nothing that needs it:
+    // not counted, and the client is told nothing (S12).
+    s.on_fetch_failed(Reporter::Client(C1), k(1), W0, &mut out);
+    s.on_fetch_failed(Reporter::Worker(W2), k(1), W0, &mut out);
+    s.check_invariants();
+    assert_eq!(s.who_has(&k(1)), &[W0]);
+    assert!(out.releases().is_empty());
+    assert!(out.told().is_empty());
+    // W1 becomes a holder after C0 was told of W0 alone: C0 cannot have
+    // tried W1, so naming it does not count; C0 is told both holders.
+    s.on_data_added(W1, k(1), &mut out);
+    s.on_fetch_failed(Reporter::Client(C0), k(1), W1, &mut out);
+    s.check_invariants();
+    assert_eq!(s.who_has(&k(1)), &[W0, W1]);
+    assert!(out.releases().is_empty());
+    assert_eq!(out.told(), vec![(C0, k(1), Ok(vec![W0, W1]))]);
+    // Told now: naming W1 counts.
+    s.on_fetch_failed(Reporter::Client(C0), k(1), W1, &mut out);
+    s.check_invariants();
+    assert_eq!(s.who_has(&k(1)), &[W0]);
+    assert_eq!(out.releases(), vec![(W1, k(1))]);
+    assert_eq!(out.told(), vec![(C0, k(1), Ok(vec![W0]))]);
+    // W2 was never told of W0 for 1; W1 was (task 4): its report counts,
+    // and 1, held nowhere now, is computed again.
+    s.on_fetch_failed(Reporter::Worker(W2), k(1), W0, &mut out);
+    assert_eq!(s.who_has(&k(1)), &[W0]);
+    s.on_fetch_failed(Reporter::Worker(W1), k(1), W0, &mut out);
+    s.check_invariants();
+    assert!(s.who_has(&k(1)).is_empty());
+    assert_ne!(s.state_of(&k(1)), Some(&TaskState::Memory));
+    assert!(out.computes().iter().any(|&(_, key)| key == k(1)));
+}
+
+#[test]
+fn a_rogue_worker_cannot_make_itself_the_holder_of_a_key_it_never_computed() {
+    // Issue #14: a worker that was sent nothing claims a copy of a
+    // client's key (`DataAdded`), then reports that the real holder failed
+    // to deliver it (`FetchFailed`), so that the next client would fetch
+    // the key from it.
+    const ROGUE: WorkerId = WorkerId(9);
+    let (mut s, mut out) = setup(1);
+    s.on_update_graph(C0, vec![spec(1, &[])], vec![k(1)], &mut out);
+    out.computes();
+    // Too big to travel inline: clients fetch it from a holder.
+    finish(&mut s, &mut out, W0, 1, 100_000);
+    out.told();
+    s.on_worker_registered(ROGUE, "127.0.0.1:9".into(), 1, &mut out);
+    out.clear();
+    s.on_data_added(ROGUE, k(1), &mut out);
+    s.on_fetch_failed(Reporter::Worker(ROGUE), k(1), W0, &mut out);
+    s.check_invariants();
+    assert_eq!(s.who_has(&k(1)), &[W0]);
+    assert_eq!(out.releases(), vec![(ROGUE, k(1))]);
+    assert!(out.computes().is_empty());
+    // A fresh client is pointed at the honest holder only.
+    s.on_update_graph(C1, vec![spec(1, &[])], vec![k(1)], &mut out);
+    assert_eq!(out.told(), vec![(C1, k(1), Ok(vec![W0]))]);
 }

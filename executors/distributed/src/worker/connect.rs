@@ -5,6 +5,7 @@
 //! sockets or clocks.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
@@ -13,11 +14,11 @@ use tokio::sync::mpsc;
 use super::serve_data;
 use super::state::Store;
 use super::watchdog::Seconds;
-use crate::net::{self, log, Chain, ConnectError, FrameReader, Reader};
+use crate::net::{self, log, Chain, FrameReader, Reader};
 use crate::protocol::{
     decode_checked, Batch, ProtocolError, Role, ToScheduler, ToWorker, WorkerId,
 };
-use crate::{BuildId, Error};
+use crate::{Auth, BuildId, Error};
 
 /// The wait after the first failed attempt; it doubles after each failure,
 /// up to [`MAX_RETRY`].
@@ -37,6 +38,9 @@ pub(crate) struct Link {
     pub(crate) build: BuildId,
     /// The thread count it announces, within the protocol's range.
     pub(crate) threads: usize,
+    /// What it proves to its scheduler, requires of its data port's
+    /// readers and proves to its peers' data ports (rule 12).
+    pub(crate) auth: Arc<Auth>,
 }
 
 /// A registered scheduler connection, for the network loop.
@@ -108,7 +112,9 @@ impl Retry {
 ///   [`Error::Connection`] of kind `InvalidInput`, e.g. a port that is not a
 ///   number); anything but a rask scheduler of this protocol version at the
 ///   address (not rask, another version, another role); a scheduler that
-///   broke the protocol in its answer; a local failure ([`Error::Io`]).
+///   broke the protocol in its answer; a scheduler that refused the
+///   worker's token, or its lack of one ([`Error::Auth`]); a local failure
+///   ([`Error::Io`]).
 pub(crate) fn retried(e: &Error) -> bool {
     let transient = |reason: &ProtocolError| {
         matches!(
@@ -176,10 +182,11 @@ async fn attempt(
         Role::Worker,
         Role::Scheduler,
         link.build,
+        &link.auth,
         net::CONNECT_TIMEOUT,
     )
     .await
-    .map_err(|e| connect_error(address, e))?;
+    .map_err(|e| e.into_error(address, Role::Scheduler))?;
     let data_address = match *data {
         Some(bound) => bound,
         None => {
@@ -187,7 +194,12 @@ async fn attempt(
                 .await
                 .map_err(Error::Io)?;
             let bound = listener.local_addr().map_err(Error::Io)?;
-            tokio::spawn(serve_data(listener, store.clone(), link.build));
+            tokio::spawn(serve_data(
+                listener,
+                store.clone(),
+                link.build,
+                link.auth.clone(),
+            ));
             *data = Some(bound);
             bound
         }
@@ -232,23 +244,6 @@ async fn attempt(
         writer,
         first: first.collect(),
     })
-}
-
-fn connect_error(addr: &str, e: ConnectError) -> Error {
-    match e {
-        ConnectError::Io(source) => Error::Connection {
-            addr: addr.to_owned(),
-            source,
-        },
-        ConnectError::Timeout => Error::Timeout {
-            what: "the scheduler to accept the connection",
-            after: net::CONNECT_TIMEOUT,
-        },
-        ConnectError::Handshake(reason) => Error::Handshake {
-            addr: addr.to_owned(),
-            reason,
-        },
-    }
 }
 
 #[cfg(test)]

@@ -97,6 +97,14 @@
 //!     sets) then exits its process with [`RESTART_EXIT_CODE`](crate::RESTART_EXIT_CODE), and the
 //!     supervisor starts it again; any other worker goes on with its
 //!     replacement threads.
+//! 12. **Authentication.** A worker proves its [`Options::auth`] to its
+//!     scheduler, requires the same of every reader of its data port, and
+//!     proves it to the data ports of its peers (`auth.rs` rules): a reader
+//!     that does not prove the cluster's token gets the data port's hello
+//!     and nothing else, not one value. A worker without a token that was
+//!     not told the cluster is insecure does not start
+//!     ([`Error::NoToken`]); one its scheduler refuses ([`Error::Auth`])
+//!     does not try again (rule 1), time does not change a token.
 
 mod connect;
 mod pool;
@@ -122,7 +130,7 @@ use crate::protocol::{
     Role, ToPeer, ToScheduler, ToWorker, WireKey, WorkerId, INLINE_BYTES, MAX_FRAME,
     MAX_TASK_DURATION, MAX_THREADS,
 };
-use crate::{BuildId, Error, DEATH_TIMEOUT_ENV, GRACE_ENV, SUPERVISED_ENV};
+use crate::{Auth, BuildId, Error, Token, DEATH_TIMEOUT_ENV, GRACE_ENV, SUPERVISED_ENV};
 use connect::{Connection, Link};
 use pool::Pool;
 use state::{lock, Compute, Done, Job, Outbox, Store, Stored, WorkerState};
@@ -188,6 +196,11 @@ pub struct Options {
     /// their scheduler being in the program's own process). Default
     /// [`DEATH_TIMEOUT`], 60 s.
     pub death_timeout: Duration,
+    /// What the worker proves to its scheduler and requires of its data
+    /// port's readers (rule 12). Default `None`: the worker does not start
+    /// ([`Error::NoToken`]); [`Options::from_env`] finds one as
+    /// [`Auth::from_env`] says.
+    pub auth: Option<Auth>,
 }
 
 impl Default for Options {
@@ -197,6 +210,7 @@ impl Default for Options {
             grace: GRACE,
             supervised: false,
             death_timeout: DEATH_TIMEOUT,
+            auth: None,
         }
     }
 }
@@ -227,19 +241,36 @@ impl Options {
         self
     }
 
-    /// The defaults, with what the environment sets: [`GRACE_ENV`] (a
-    /// grace period in seconds, `2.5` allowed), [`DEATH_TIMEOUT_ENV`] (a
-    /// death timeout in seconds, `2.5` allowed, `0` not to wait) and
-    /// [`SUPERVISED_ENV`] (`1` when a supervisor restarts this process, `0`
-    /// or unset when not).
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Env`] for a value that is not one of those.
+    /// These options proving `auth` (rule 12).
     ///
     /// # Examples
     ///
     /// ```
+    /// use rask_distributed::{worker::Options, Auth, Token};
+    /// let options = Options::default().auth(Auth::Token(Token::generate()?));
+    /// assert!(options.auth.is_some());
+    /// # Ok::<(), rask_distributed::Error>(())
+    /// ```
+    pub fn auth(mut self, auth: Auth) -> Options {
+        self.auth = Some(auth);
+        self
+    }
+
+    /// The defaults, with what the environment sets: [`GRACE_ENV`] (a
+    /// grace period in seconds, `2.5` allowed), [`DEATH_TIMEOUT_ENV`] (a
+    /// death timeout in seconds, `2.5` allowed, `0` not to wait),
+    /// [`SUPERVISED_ENV`] (`1` when a supervisor restarts this process, `0`
+    /// or unset when not), and the token or its absence as
+    /// [`Auth::from_env`] finds it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Env`] for a value that is not one of those; as
+    /// [`Auth::from_env`] for the token.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
     /// // None of the variables is set here.
     /// let options = rask_distributed::worker::Options::from_env()?;
     /// assert_eq!(options.grace, rask_distributed::worker::GRACE);
@@ -286,6 +317,9 @@ impl Options {
                 _ => return Err(invalid(SUPERVISED_ENV, &value, "`1` or `0`")),
             };
         }
+        if let Some(auth) = Auth::with_env(&var)? {
+            self.auth = Some(auth);
+        }
         Ok(self)
     }
 }
@@ -305,7 +339,8 @@ impl Options {
 /// # Errors
 ///
 /// [`Error::Env`] for a malformed [`GRACE_ENV`], [`DEATH_TIMEOUT_ENV`] or
-/// [`SUPERVISED_ENV`]; otherwise as [`run_with`].
+/// [`SUPERVISED_ENV`], errors of [`Auth::from_env`] for the token;
+/// otherwise as [`run_with`].
 ///
 /// # Examples
 ///
@@ -327,7 +362,9 @@ pub fn run(scheduler: &str, registry: Arc<dyn Registry>, threads: usize) -> Resu
 ///
 /// # Errors
 ///
-/// [`Error::Address`] for a malformed address; [`Error::Connection`],
+/// [`Error::NoToken`] when `options` has no [`Options::auth`];
+/// [`Error::Auth`] at once if the scheduler refuses the worker's token or
+/// its lack of one (rule 12); [`Error::Address`] for a malformed address; [`Error::Connection`],
 /// [`Error::Timeout`] or [`Error::Handshake`] if the scheduler cannot be
 /// reached when the worker starts, within its death timeout (rule 1; the
 /// last attempt's error); [`Error::Handshake`] at once, when it starts or
@@ -346,7 +383,9 @@ pub fn run(scheduler: &str, registry: Arc<dyn Registry>, threads: usize) -> Resu
 /// ```no_run
 /// # fn registry() -> std::sync::Arc<dyn rask_executor::Registry> { unimplemented!() }
 /// use rask_distributed::worker::{self, Options};
-/// let options = Options::default().threads(2).grace(std::time::Duration::from_secs(5));
+/// use rask_distributed::{Auth, Token};
+/// let token = Token::load("/etc/rask/token".as_ref())?;
+/// let options = Options::default().threads(2).auth(Auth::Token(token));
 /// worker::run_with("tcp://127.0.0.1:8786", registry(), options)?;
 /// # Ok::<(), rask_distributed::Error>(())
 /// ```
@@ -461,19 +500,21 @@ impl std::fmt::Debug for WorkerHandle {
 
 /// Starts a worker on background threads; returns once the scheduler
 /// registered it. A scheduler that cannot be reached yet is waited for, as
-/// [`run`] waits for it: for up to the death timeout (rule 1).
+/// [`run`] waits for it: for up to the death timeout (rule 1). The token
+/// comes from the environment, as [`Auth::from_env`] finds it; the other
+/// options are the defaults with `threads`.
 ///
 /// # Errors
 ///
-/// As [`run_with`], for the connection and registration.
+/// As [`run_with`], for the connection and registration; as
+/// [`Auth::from_env`] for the token.
 ///
 /// # Examples
 ///
 /// ```no_run
 /// # fn registry() -> std::sync::Arc<dyn rask_executor::Registry> { unimplemented!() }
-/// let scheduler = rask_distributed::scheduler::serve("127.0.0.1:0".parse().unwrap())?;
-/// let address = format!("tcp://{}", scheduler.address());
-/// let worker = rask_distributed::worker::spawn(&address, registry(), 1)?;
+/// // `RASK_TOKEN` holds the scheduler's token.
+/// let worker = rask_distributed::worker::spawn("tcp://127.0.0.1:8786", registry(), 1)?;
 /// worker.stop(); // as if killed
 /// # Ok::<(), rask_distributed::Error>(())
 /// ```
@@ -482,7 +523,9 @@ pub fn spawn(
     registry: Arc<dyn Registry>,
     threads: usize,
 ) -> Result<WorkerHandle, Error> {
-    spawn_with(scheduler, registry, Options::default().threads(threads))
+    let mut options = Options::default().threads(threads);
+    options.auth = Auth::from_env()?;
+    spawn_with(scheduler, registry, options)
 }
 
 /// [`spawn`] with `options` (a supervised worker exits this process when
@@ -498,9 +541,11 @@ pub fn spawn(
 /// # fn registry() -> std::sync::Arc<dyn rask_executor::Registry> { unimplemented!() }
 /// use std::time::Duration;
 /// use rask_distributed::worker::{self, Options};
+/// use rask_distributed::Auth;
 /// let scheduler = rask_distributed::scheduler::serve("127.0.0.1:0".parse().unwrap())?;
 /// let address = format!("tcp://{}", scheduler.address());
-/// let options = Options::default().grace(Duration::from_secs(1));
+/// let token = scheduler.token().expect("on by default").clone();
+/// let options = Options::default().grace(Duration::from_secs(1)).auth(Auth::Token(token));
 /// let worker = worker::spawn_with(&address, registry(), options)?;
 /// # Ok::<(), rask_distributed::Error>(())
 /// ```
@@ -512,25 +557,20 @@ pub fn spawn_with(
     spawn_inner(scheduler, registry, options, BuildId::current())
 }
 
-/// [`spawn`], announcing `build` instead of this process's build: tests
-/// run workers of several "programs" in one process this way.
+/// [`spawn_with`], announcing `build` instead of this process's build:
+/// tests run workers of several "programs" in one process this way.
 ///
 /// # Errors
 ///
-/// As [`spawn`].
+/// As [`spawn_with`].
 #[doc(hidden)]
 pub fn spawn_as(
     scheduler: &str,
     registry: Arc<dyn Registry>,
-    threads: usize,
+    options: Options,
     build: BuildId,
 ) -> Result<WorkerHandle, Error> {
-    spawn_inner(
-        scheduler,
-        registry,
-        Options::default().threads(threads),
-        build,
-    )
+    spawn_inner(scheduler, registry, options, build)
 }
 
 fn spawn_inner(
@@ -673,12 +713,13 @@ impl Io {
         done_rx: mpsc::UnboundedReceiver<Done>,
         stop: Option<oneshot::Receiver<()>>,
         build: BuildId,
+        auth: Arc<Auth>,
     ) -> Io {
         let (fetch_tx, fetch_rx) = mpsc::unbounded_channel();
         Io {
             read: connection.read,
             writer: connection.writer,
-            peers: PeerPool::new(fetch_tx, build),
+            peers: PeerPool::new(fetch_tx, build, auth),
             fetch_rx,
             heartbeat: None,
             done_rx,
@@ -697,11 +738,11 @@ impl Io {
     /// scheduler go with their answers, on a channel of their own: the new
     /// scheduler numbers its workers afresh, so an old answer could
     /// otherwise pass for a new peer's.
-    fn reconnected(&mut self, connection: Connection, build: BuildId) {
+    fn reconnected(&mut self, connection: Connection, link: &Link) {
         let (fetch_tx, fetch_rx) = mpsc::unbounded_channel();
         self.read = connection.read;
         self.writer = connection.writer;
-        self.peers = PeerPool::new(fetch_tx, build);
+        self.peers = PeerPool::new(fetch_tx, link.build, link.auth.clone());
         self.fetch_rx = fetch_rx;
         self.heartbeat = None;
         self.messages = connection.first;
@@ -820,9 +861,13 @@ fn start(
     let address = strip_scheme(scheduler).ok_or_else(|| Error::Address {
         address: scheduler.to_owned(),
     })?;
+    let auth = options.auth.clone().ok_or_else(|| Error::NoToken {
+        default_path: Token::default_path(),
+    })?;
     let link = Link {
         address: address.to_owned(),
         build,
+        auth: Arc::new(auth),
         // The protocol's range (rule 5 of `protocol`): the pool is that
         // big too.
         threads: options.threads.clamp(1, MAX_THREADS as usize),
@@ -839,7 +884,7 @@ fn start(
     ))?;
     let (id, data_address) = (connection.id, connection.data_address);
     let (done, done_rx) = mpsc::unbounded_channel();
-    let io = Io::new(connection, done_rx, stop, build);
+    let io = Io::new(connection, done_rx, stop, build, link.auth.clone());
     let pool = Pool::start(link.threads, done.clone());
     let (ending, ended) = std::sync::mpsc::channel();
     let (end_watchdog, watchdog_ends) = std::sync::mpsc::channel();
@@ -915,7 +960,7 @@ async fn reconnect(io: &mut Io, worker: &Worker) -> Option<Result<(), Error>> {
         Ok(connection) => {
             let id = connection.id;
             worker.registered(id);
-            io.reconnected(connection, worker.link.build);
+            io.reconnected(connection, &worker.link);
             log!("{id}: registered again with the scheduler at {address} (was {old})");
             None
         }
@@ -1205,11 +1250,12 @@ async fn turn(io: &mut Io, worker: &Worker) -> Option<Ended> {
 }
 
 /// Accepts peers on the data port.
-async fn serve_data(listener: TcpListener, store: Store, build: BuildId) {
+async fn serve_data(listener: TcpListener, store: Store, build: BuildId, auth: Arc<Auth>) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                tokio::spawn(data_connection(stream, peer, store.clone(), build));
+                let auth = auth.clone();
+                tokio::spawn(data_connection(stream, peer, store.clone(), build, auth));
             }
             Err(e) => {
                 log!("worker: data port accept failed: {e}");
@@ -1219,11 +1265,22 @@ async fn serve_data(listener: TcpListener, store: Store, build: BuildId) {
     }
 }
 
-/// Answers one peer's `GetData`s until it goes away; only a peer of this
-/// worker's `build` is served (rule 8).
-async fn data_connection(stream: TcpStream, peer: SocketAddr, store: Store, build: BuildId) {
-    let (theirs, read, write) = match net::accept(stream, Role::DataServer, build).await {
+/// Answers one peer's `GetData`s until it goes away; only a peer that
+/// proved `auth` (rule 12), of this worker's `build` (rule 8), is served.
+async fn data_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    store: Store,
+    build: BuildId,
+    auth: Arc<Auth>,
+) {
+    let (theirs, read, write) = match net::accept(stream, Role::DataServer, build, &auth).await {
         Ok(x) => x,
+        // Rule 12: one line per refusal, naming what is wrong.
+        Err(e @ ProtocolError::Auth(_)) => {
+            log!("worker: refused the data connection from {peer}: {e}");
+            return;
+        }
         Err(e) => {
             log!("worker: closing data connection from {peer}: {}", Chain(&e));
             return;

@@ -3,13 +3,16 @@
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rask_distributed::protocol::{self, Handshake, Role};
 use rask_distributed::scheduler::{self, SchedulerHandle};
-use rask_distributed::{worker, Client, WorkerHandle};
+use rask_distributed::{worker, Auth, BuildId, Client, Token, WorkerHandle};
 use rask_executor::{
     Encoded, Executor, Failure, Key, Op, OpError, Outcome, Plan, PlanBuilder, Registry, Remote,
     Reporter, Value, WireError, WireTask, REMOTE_FUNCTION, VALUE_FUNCTION,
@@ -493,13 +496,15 @@ impl Reporter for Collect {
     }
 }
 
-/// A scheduler and in-process workers sharing one registry.
+/// A scheduler and in-process workers sharing one registry, and the
+/// scheduler's credentials, which its workers and clients prove.
 pub struct Cluster {
     pub workers: Vec<Option<WorkerHandle>>,
     pub shared: Arc<Shared>,
     pub started: Receiver<()>,
     pub scheduler: SchedulerHandle,
     pub address: String,
+    pub auth: Auth,
 }
 
 impl Cluster {
@@ -507,9 +512,15 @@ impl Cluster {
         Cluster::with_options(workers, threads, scheduler::Options::default())
     }
 
+    /// A cluster whose scheduler runs with `options`; with no
+    /// `options.auth`, with the fresh token the scheduler makes.
     pub fn with_options(workers: usize, threads: usize, options: scheduler::Options) -> Cluster {
         let scheduler = scheduler::serve_with("127.0.0.1:0".parse().unwrap(), options).unwrap();
         let address = format!("tcp://{}", scheduler.address());
+        let auth = match scheduler.token() {
+            Some(token) => Auth::Token(token.clone()),
+            None => Auth::Insecure,
+        };
         let (shared, started) = Shared::new();
         let mut cluster = Cluster {
             workers: Vec::new(),
@@ -517,6 +528,7 @@ impl Cluster {
             started,
             scheduler,
             address,
+            auth,
         };
         for _ in 0..workers {
             cluster.add_worker(threads);
@@ -524,13 +536,28 @@ impl Cluster {
         cluster
     }
 
+    /// The cluster's token (panics for an insecure cluster).
+    pub fn token(&self) -> &Token {
+        self.auth.token().expect("an authenticated cluster")
+    }
+
+    /// Scheduler options with this cluster's credentials, to start its
+    /// scheduler again.
+    pub fn options(&self) -> scheduler::Options {
+        scheduler::Options::default().auth(self.auth.clone())
+    }
+
     /// Starts one more worker; returns once it registered.
     pub fn add_worker(&mut self, threads: usize) {
         self.add_worker_with(worker::Options::default().threads(threads));
     }
 
-    /// Starts one more worker with `options`; returns once it registered.
-    pub fn add_worker_with(&mut self, options: worker::Options) {
+    /// Starts one more worker with `options`, proving the cluster's
+    /// credentials unless they say otherwise; returns once it registered.
+    pub fn add_worker_with(&mut self, mut options: worker::Options) {
+        if options.auth.is_none() {
+            options = options.auth(self.auth.clone());
+        }
         let worker = worker::spawn_with(&self.address, self.registry(), options).unwrap();
         self.workers.push(Some(worker));
     }
@@ -543,7 +570,7 @@ impl Cluster {
     }
 
     pub fn client(&self) -> Client {
-        Client::connect(&self.address).unwrap()
+        Client::connect_with(&self.address, self.auth.clone()).unwrap()
     }
 
     /// A client in this process that reaches the scheduler through memory.
@@ -575,4 +602,118 @@ impl Drop for Cluster {
         *self.shared.gate_tx.lock().unwrap() = None;
         self.shared.end_hangs();
     }
+}
+
+/// The handshake key of `token`, derived as `auth.rs` rule 1 says, from its
+/// text: written out again here so these tests check the specification,
+/// not the crate's code against itself.
+pub fn handshake_key(token: &Token) -> [u8; 32] {
+    let text = token.expose_secret();
+    let bytes: Vec<u8> = (0..32)
+        .map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    blake3::derive_key("rask token v1", &bytes)
+}
+
+/// A proof as `auth.rs` rule 2 says: keyed blake3 of a domain, then the
+/// connector's hello body, then the acceptor's.
+pub fn handshake_proof(token: &Token, domain: &str, connector: &[u8], acceptor: &[u8]) -> [u8; 32] {
+    let mut hasher = blake3::Hasher::new_keyed(&handshake_key(token));
+    hasher.update(domain.as_bytes());
+    hasher.update(connector);
+    hasher.update(acceptor);
+    *hasher.finalize().as_bytes()
+}
+
+/// What a raw handshake ended with.
+#[derive(Debug)]
+pub enum Shook {
+    /// Both sides proved the token (or both run without one): the peer's
+    /// hello.
+    Done(Handshake),
+    /// The peer answered with its hello (an authenticating one when
+    /// `true`), sent no proof this side could check, and this side stopped.
+    Refused(Handshake),
+    /// The peer's proof did not match `token`.
+    WrongProof,
+}
+
+/// The connector's side of a handshake on `s`, by hand: a hello as `role`
+/// of `build`, authenticating with `token` if given; then, if both sides
+/// authenticate, checks the acceptor's proof and sends this side's.
+pub fn shake(s: &mut TcpStream, role: Role, build: BuildId, token: Option<&Token>) -> Shook {
+    let nonce = *blake3::hash(format!("{:?}", std::time::Instant::now()).as_bytes()).as_bytes();
+    let ours = Handshake::new(role, build, nonce, token.is_some()).to_frame();
+    s.write_all(&ours).unwrap();
+    let mut theirs = [0u8; protocol::HANDSHAKE_FRAME];
+    s.read_exact(&mut theirs).unwrap();
+    let hello = Handshake::parse(&theirs).unwrap();
+    let Some(token) = token.filter(|_| hello.authenticates) else {
+        return if hello.authenticates || token.is_some() {
+            Shook::Refused(hello)
+        } else {
+            Shook::Done(hello)
+        };
+    };
+    let mut proof = [0u8; protocol::PROOF_FRAME];
+    s.read_exact(&mut proof).unwrap();
+    assert_eq!(proof[..4], [32, 0, 0, 0], "a proof frame");
+    let (c, a) = (&ours[4..], &theirs[4..]);
+    if proof[4..] != handshake_proof(token, "rask acceptor proof v1", c, a) {
+        return Shook::WrongProof;
+    }
+    let mine = handshake_proof(token, "rask connector proof v1", c, a);
+    let mut frame = vec![32, 0, 0, 0];
+    frame.extend(mine);
+    s.write_all(&frame).unwrap();
+    Shook::Done(hello)
+}
+
+/// A raw connection to `addr` as `role` of this build, past a handshake
+/// proving `auth` (which must succeed).
+pub fn raw(addr: std::net::SocketAddr, role: Role, auth: &Auth) -> TcpStream {
+    raw_as(addr, role, BuildId::current(), auth)
+}
+
+/// [`raw`], announcing `build`.
+pub fn raw_as(addr: std::net::SocketAddr, role: Role, build: BuildId, auth: &Auth) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    match shake(&mut s, role, build, auth.token()) {
+        Shook::Done(_) => s,
+        other => panic!("handshake with {addr} failed: {other:?}"),
+    }
+}
+
+/// Waits until the other side closes `s`; what it sent first.
+pub fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
+    let mut sink = Vec::new();
+    match s.read_to_end(&mut sink) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("connection not closed: {e}"),
+    }
+    sink
+}
+
+/// The accepting side of a handshake on `s`, by hand, as `me` proving
+/// `token`: reads the connector's hello, answers with a hello and proof,
+/// checks the connector's proof. Whether the connector proved the token.
+pub fn accept_shake(s: &mut TcpStream, me: Role, token: &Token) -> bool {
+    let mut theirs = [0u8; protocol::HANDSHAKE_FRAME];
+    if s.read_exact(&mut theirs).is_err() {
+        return false;
+    }
+    let nonce = *blake3::hash(format!("{:?}", std::time::Instant::now()).as_bytes()).as_bytes();
+    let ours = Handshake::new(me, BuildId::current(), nonce, true).to_frame();
+    let (c, a) = (&theirs[4..], &ours[4..]);
+    let mut answer = ours.to_vec();
+    answer.extend([32, 0, 0, 0]);
+    answer.extend(handshake_proof(token, "rask acceptor proof v1", c, a));
+    if s.write_all(&answer).is_err() {
+        return false;
+    }
+    let mut proof = [0u8; protocol::PROOF_FRAME];
+    s.read_exact(&mut proof).is_ok()
+        && proof[4..] == handshake_proof(token, "rask connector proof v1", c, a)
 }
