@@ -64,13 +64,13 @@ use crate::{Error, Result};
 /// ```
 #[derive(Clone)]
 pub struct Client {
-    inner: Arc<Shared>,
+    pub(crate) inner: Arc<Shared>,
 }
 
 /// State shared by a client, its futures and its running submissions.
 pub(crate) struct Shared {
-    backend: Backend,
-    kind: ExecutorKind,
+    pub(crate) backend: Backend,
+    pub(crate) kind: ExecutorKind,
     table: Mutex<KeyMap<Entry>>,
     changed: Condvar,
     /// Threads blocked on `changed`, counted under the `table` lock: a
@@ -951,6 +951,17 @@ impl Shared {
                 self.schedule(d.roots.clone());
             }
         }
+    }
+
+    /// Keys pending and keys finished, now.
+    pub(crate) fn counts(&self) -> (u64, u64) {
+        let table = self.lock();
+        let pending = table.values().filter(|e| e.state.is_pending()).count();
+        let finished = table
+            .values()
+            .filter(|e| matches!(e.state, State::Finished(_)))
+            .count();
+        (pending as u64, finished as u64)
     }
 
     /// Drops one future handle's reference to `key` (rule 1).

@@ -174,6 +174,7 @@ mod delayed;
 mod error;
 mod future;
 mod graph;
+mod inspect;
 mod key;
 mod node;
 mod ops;
@@ -196,7 +197,7 @@ pub use future::{
 pub use graph::Graph;
 pub use optimize::{explain, Explain, PlannedTask, Timings};
 pub use progress::{progress, Progress};
-pub use rask_executor::{cancelled, events, Key, RemoteError, Value};
+pub use rask_executor::{cancelled, diagnostics, events, Key, RemoteError, Value};
 pub use registry::{init, Register, Tasks};
 
 /// The names most programs need: `use rask::prelude::*;`.

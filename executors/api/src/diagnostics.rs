@@ -37,17 +37,62 @@ pub struct Counts {
     pub done: u64,
 }
 
-/// One function's counts: every task whose name is `name`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One function's counts: every task whose name is `name`. In JSON the
+/// counts sit beside the name: `{"name": "inc", "waiting": 0, …}`.
+#[derive(Debug, Clone, PartialEq)]
 pub struct FunctionCounts {
     /// The function, e.g. `inc`.
     pub name: String,
     /// Its tasks by state.
-    #[serde(flatten)]
     pub counts: Counts,
     /// Total time its finished tasks ran, in milliseconds.
-    #[serde(default)]
     pub busy_ms: f64,
+}
+
+/// The flat form of [`FunctionCounts`], the same in JSON and in binary
+/// encodings (which cannot flatten).
+#[derive(Serialize, Deserialize)]
+struct FlatCounts {
+    name: String,
+    waiting: u64,
+    processing: u64,
+    memory: u64,
+    erred: u64,
+    done: u64,
+    busy_ms: f64,
+}
+
+impl Serialize for FunctionCounts {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let c = self.counts;
+        FlatCounts {
+            name: self.name.clone(),
+            waiting: c.waiting,
+            processing: c.processing,
+            memory: c.memory,
+            erred: c.erred,
+            done: c.done,
+            busy_ms: self.busy_ms,
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for FunctionCounts {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let f = FlatCounts::deserialize(deserializer)?;
+        Ok(FunctionCounts {
+            name: f.name,
+            counts: Counts {
+                waiting: f.waiting,
+                processing: f.processing,
+                memory: f.memory,
+                erred: f.erred,
+                done: f.done,
+            },
+            busy_ms: f.busy_ms,
+        })
+    }
 }
 
 /// One worker of a cluster (a report of work in this process has one, for
@@ -71,8 +116,7 @@ pub struct WorkerRow {
     /// Milliseconds since it was last heard from.
     pub last_heartbeat_ms: u64,
     /// Share of its threads' time spent running tasks, from 0 to 1, over
-    /// the report's span (reports only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// the report's span (reports only; `null` live).
     pub utilisation: Option<f64>,
 }
 
@@ -207,6 +251,8 @@ mod tests {
             r#"{"seq":3,"key":"ab","function":"inc","worker":1,"thread":0,"start_ms":1.5,"end_ms":2.0,"status":"erred"}"#
         );
         assert_eq!(serde_json::from_str::<TaskRecord>(&text).unwrap(), record);
+        let bytes = postcard::to_allocvec(&record).unwrap();
+        assert_eq!(postcard::from_bytes::<TaskRecord>(&bytes).unwrap(), record);
         let counts = FunctionCounts {
             name: "inc".into(),
             counts: Counts {
@@ -219,6 +265,15 @@ mod tests {
         assert_eq!(
             text,
             r#"{"name":"inc","waiting":0,"processing":0,"memory":0,"erred":0,"done":2,"busy_ms":0.5}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<FunctionCounts>(&text).unwrap(),
+            counts
+        );
+        let bytes = postcard::to_allocvec(&counts).unwrap();
+        assert_eq!(
+            postcard::from_bytes::<FunctionCounts>(&bytes).unwrap(),
+            counts
         );
     }
 }

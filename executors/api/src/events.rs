@@ -40,13 +40,22 @@ pub struct Event<'a> {
     pub kind: EventKind<'a>,
 }
 
+impl<'a> Event<'a> {
+    /// An event: `kind` happened to the task `key` named `name`.
+    pub fn new(key: Key, name: &'a str, kind: EventKind<'a>) -> Event<'a> {
+        Event { key, name, kind }
+    }
+}
+
 /// What happened to a task; see [`Event`].
 #[derive(Debug, Clone, Copy)]
 #[non_exhaustive]
 pub enum EventKind<'a> {
     /// Submitted: it runs once its inputs are ready.
     Queued,
-    /// Started running at `place`.
+    /// Started running at `place`. On a cluster: sent to that worker,
+    /// which runs it once its inputs are there (an input that fails then
+    /// makes it err without running).
     Started {
         /// Where.
         place: Place,
@@ -162,12 +171,64 @@ pub fn emit(event: &Event<'_>) {
 /// ```
 pub fn subscribe(callback: impl Fn(&Event<'_>) + Send + Sync + 'static) -> Subscription {
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-    let mut subscribers = SUBSCRIBERS.lock().unwrap_or_else(PoisonError::into_inner);
-    let mut list: Vec<(u64, Callback)> = subscribers.as_deref().cloned().unwrap_or_default();
-    list.push((id, Arc::new(callback)));
-    *subscribers = Some(Arc::new(list));
-    LISTENERS.fetch_add(1, Ordering::Relaxed);
+    let first = {
+        let mut subscribers = SUBSCRIBERS.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut list: Vec<(u64, Callback)> = subscribers.as_deref().cloned().unwrap_or_default();
+        list.push((id, Arc::new(callback)));
+        *subscribers = Some(Arc::new(list));
+        LISTENERS.fetch_add(1, Ordering::Relaxed) == 0
+    };
+    if first {
+        changed();
+    }
     Subscription { id }
+}
+
+type Hook = Arc<dyn Fn() + Send + Sync>;
+
+/// Hooks called when [`listening`] may have changed.
+static HOOKS: Mutex<Vec<(u64, Hook)>> = Mutex::new(Vec::new());
+
+/// Calls every hook, outside every lock.
+fn changed() {
+    let hooks: Vec<Hook> = HOOKS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .iter()
+        .map(|(_, h)| h.clone())
+        .collect();
+    for hook in hooks {
+        hook();
+    }
+}
+
+/// Calls `hook` whenever [`listening`] may have changed (the first
+/// subscriber came, the last one left), until the returned guard is
+/// dropped; the hook reads [`listening`] for the news. An executor that
+/// must ask another process for events (a cluster client) uses it.
+pub fn on_change(hook: impl Fn() + Send + Sync + 'static) -> ChangeHook {
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    HOOKS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push((id, Arc::new(hook)));
+    ChangeHook { id }
+}
+
+/// A hook's registration ([`on_change`]): dropping it removes the hook.
+#[derive(Debug)]
+#[must_use = "dropping the guard removes the hook at once"]
+pub struct ChangeHook {
+    id: u64,
+}
+
+impl Drop for ChangeHook {
+    fn drop(&mut self) {
+        HOOKS
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|(id, _)| *id != self.id);
+    }
 }
 
 /// A subscriber's registration: dropping it stops the callback (events
@@ -192,7 +253,11 @@ impl Drop for Subscription {
         } else {
             Some(Arc::new(list))
         };
-        LISTENERS.fetch_sub(1, Ordering::Relaxed);
+        let last = LISTENERS.fetch_sub(1, Ordering::Relaxed) == 1;
+        drop(subscribers);
+        if last {
+            changed();
+        }
     }
 }
 

@@ -50,6 +50,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use rask_executor::diagnostics::Snapshot;
 use rask_executor::{Cause, Failure, FailureKind, Key};
 use serde::{Deserialize, Serialize};
 
@@ -102,6 +103,12 @@ pub const MAX_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(36
 /// (rule 5). Every peer and client is sent it; a DNS name is at most 253
 /// bytes, so 1 KiB leaves room for anything real.
 pub const MAX_ADDRESS: usize = 1024;
+
+/// The largest memory figure a worker may report: 1 PiB.
+pub const MAX_MEMORY: u64 = 1 << 50;
+
+/// The longest task name in a [`WireEvent`], in bytes.
+pub const MAX_NAME: usize = 4096;
 
 /// Length of a handshake body: magic, version, role, flags, the sender's
 /// build id, its nonce.
@@ -576,6 +583,10 @@ pub enum ToScheduler {
         /// (longer is out of range).
         #[serde(with = "opt_bytes")]
         value: Option<Arc<[u8]>>,
+        /// The lane of the thread that ran it, for the task stream: 0 for
+        /// the worker's network thread, `i + 1` for compute thread `i`; at
+        /// most [`MAX_THREADS`].
+        thread: u32,
     },
     /// Worker: a task failed (its op failed or panicked, its function was
     /// not registered, or its value could not be encoded).
@@ -606,6 +617,31 @@ pub enum ToScheduler {
     },
     /// Worker: it is alive (sent as often as `ToWorker::Heartbeat` asks).
     Heartbeat,
+    /// Worker: what it uses, sent with its heartbeats.
+    Resources {
+        /// Its resident memory in bytes: at most [`MAX_MEMORY`].
+        memory_bytes: u64,
+    },
+    /// Client: send [`ToClient::TaskEvents`] about the tasks of this
+    /// client's build from now on (`on`), or stop.
+    Watch {
+        /// Whether to send them.
+        on: bool,
+    },
+    /// Client: what the cluster looks like now; answered by
+    /// [`ToClient::Info`] with the same `id`.
+    Info {
+        /// Chosen by the client, returned as is.
+        id: u64,
+    },
+    /// Client: which workers hold `keys`; answered by
+    /// [`ToClient::WhoHas`] with the same `id`.
+    WhoHas {
+        /// Chosen by the client, returned as is.
+        id: u64,
+        /// The keys.
+        keys: Vec<WireKey>,
+    },
 }
 
 /// Messages from the scheduler to a worker.
@@ -669,7 +705,7 @@ pub enum ToWorker {
 }
 
 /// Messages from the scheduler to a client.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ToClient {
     /// A worker's data port (sent before any message naming the worker).
     WorkerJoined {
@@ -702,6 +738,71 @@ pub enum ToClient {
         key: WireKey,
         /// The failure, naming the task where it started.
         failure: WireFailure,
+    },
+    /// What happened to tasks of the client's build, for a client that
+    /// asked with [`ToScheduler::Watch`].
+    TaskEvents {
+        /// In the order they happened.
+        events: Vec<WireEvent>,
+    },
+    /// Answer to [`ToScheduler::Info`].
+    Info {
+        /// The request's id.
+        id: u64,
+        /// The cluster: workers, tasks per state and per function.
+        snapshot: Snapshot,
+    },
+    /// Answer to [`ToScheduler::WhoHas`]: for each key asked, in order, the
+    /// workers holding it (none when it is not in memory or unknown).
+    WhoHas {
+        /// The request's id.
+        id: u64,
+        /// One entry per key asked.
+        holders: Vec<Vec<WorkerId>>,
+    },
+}
+
+/// Something that happened to a task on a cluster ([`ToClient::TaskEvents`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WireEvent {
+    /// The task.
+    pub key: WireKey,
+    /// Its name, e.g. `inc`: at most [`MAX_NAME`] bytes.
+    pub name: Arc<str>,
+    /// What happened.
+    pub kind: WireEventKind,
+}
+
+/// What happened to a task; see [`WireEvent`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireEventKind {
+    /// Sent to `worker` to run.
+    Started {
+        /// The worker.
+        worker: WorkerId,
+    },
+    /// Finished on `worker`.
+    Finished {
+        /// The worker.
+        worker: WorkerId,
+        /// The lane of its thread (see `ToScheduler::TaskFinished`).
+        thread: u32,
+        /// How long its op ran: at most [`MAX_TASK_DURATION`].
+        duration_ns: u64,
+        /// Size of its value's encoding: at most [`MAX_FRAME`].
+        nbytes: u64,
+    },
+    /// Failed, on `worker` if it ran.
+    Erred {
+        /// The worker, if it ran.
+        worker: Option<WorkerId>,
+    },
+    /// Forgotten: nobody wants it.
+    Released,
+    /// Its value was lost with `worker`.
+    Lost {
+        /// The worker that died.
+        worker: WorkerId,
     },
 }
 
@@ -882,6 +983,7 @@ impl Bounded for ToScheduler {
                 nbytes,
                 duration_ns,
                 value,
+                thread,
                 ..
             } => {
                 within("TaskFinished.nbytes", *nbytes, 0, MAX_FRAME as u64)?;
@@ -891,7 +993,16 @@ impl Bounded for ToScheduler {
                     0,
                     duration_ns_of(MAX_TASK_DURATION),
                 )?;
-                inline("TaskFinished.value length", value)
+                inline("TaskFinished.value length", value)?;
+                within(
+                    "TaskFinished.thread",
+                    u64::from(*thread),
+                    0,
+                    u64::from(MAX_THREADS),
+                )
+            }
+            ToScheduler::Resources { memory_bytes } => {
+                within("Resources.memory_bytes", *memory_bytes, 0, MAX_MEMORY)
             }
             // Keys and worker ids are only looked up; list lengths are
             // bounded by the frame; failures are text.
@@ -901,7 +1012,10 @@ impl Bounded for ToScheduler {
             | ToScheduler::TaskAbandoned { .. }
             | ToScheduler::DataAdded { .. }
             | ToScheduler::FetchFailed { .. }
-            | ToScheduler::Heartbeat => Ok(()),
+            | ToScheduler::Heartbeat
+            | ToScheduler::Watch { .. }
+            | ToScheduler::Info { .. }
+            | ToScheduler::WhoHas { .. } => Ok(()),
         }
     }
 }
@@ -937,7 +1051,37 @@ impl Bounded for ToClient {
                 within("KeyInMemory.nbytes", *nbytes, 0, MAX_FRAME as u64)?;
                 inline("KeyInMemory.value length", value)
             }
-            ToClient::WorkerLeft { .. } | ToClient::KeyErred { .. } => Ok(()),
+            ToClient::TaskEvents { events } => events.iter().try_for_each(|e| {
+                length("WireEvent.name length", e.name.len(), MAX_NAME)?;
+                match e.kind {
+                    WireEventKind::Finished {
+                        thread,
+                        duration_ns,
+                        nbytes,
+                        ..
+                    } => {
+                        within(
+                            "WireEvent.thread",
+                            u64::from(thread),
+                            0,
+                            u64::from(MAX_THREADS),
+                        )?;
+                        within(
+                            "WireEvent.duration_ns",
+                            duration_ns,
+                            0,
+                            duration_ns_of(MAX_TASK_DURATION),
+                        )?;
+                        within("WireEvent.nbytes", nbytes, 0, MAX_FRAME as u64)
+                    }
+                    _ => Ok(()),
+                }
+            }),
+            // Shown to people, not computed with; lists bounded by the frame.
+            ToClient::WorkerLeft { .. }
+            | ToClient::KeyErred { .. }
+            | ToClient::Info { .. }
+            | ToClient::WhoHas { .. } => Ok(()),
         }
     }
 }
