@@ -97,6 +97,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|c| client.submit(c))
         .collect::<Result<_, _>>()?;
     println!("submit (persist) returned after {:?}", t.elapsed());
+    // A bar on stderr that does not block (Dask's `progress`); a plain line
+    // at the end when stderr is not a terminal.
+    rask::progress(&futures);
     rask::wait(&futures); // the loads run in the background; wait for them
     println!("chunks loaded and held after {:?}", t.elapsed());
     let kept: Vec<Delayed<Vec<f64>>> = futures.iter().map(Future::to_delayed).collect();

@@ -1,7 +1,9 @@
 //! The dynamic search of the Dask tutorial: minimise the Rosenbrock function
 //! by random search around the best point so far, submitting a new point
 //! each time one finishes (`as_completed` with `add`), while the search box
-//! shrinks. Prints each new best; writes an SVG of the points tried.
+//! shrinks. Prints each new best; writes an SVG of the points tried as it
+//! goes (open it in a browser and reload to watch the search), and on a
+//! cluster prints the link to the live dashboard.
 //!
 //! ```text
 //! cargo run --example rosenbrock
@@ -52,6 +54,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut best_point = (0.0, 0.0); // initial guess
     let mut best_score = f64::INFINITY;
     let mut tried = Vec::new();
+    let path = std::env::temp_dir().join("rosenbrock.svg");
+    println!(
+        "points tried, written as the search goes: {}",
+        path.display()
+    );
 
     // 10 random starting points, in flight at once.
     let starts: Vec<(f64, f64)> = (0..10)
@@ -76,6 +83,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
         iterator.add(client.submit(delayed!(rosenbrock(new)))?);
 
+        if tried.len() % 25 == 0 {
+            write_svg(&path, &tried, best_point)?;
+        }
+
         // Narrow the search and consider stopping.
         scale *= 0.99;
         if scale < 0.001 {
@@ -89,10 +100,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         tried.len()
     );
 
-    let path = std::env::temp_dir().join("rosenbrock.svg");
-    std::fs::write(&path, svg(&tried, best_point))?;
+    write_svg(&path, &tried, best_point)?;
     println!("points tried: {}", path.display());
     Ok(())
+}
+
+/// Replaces the SVG at `path` at once (written beside it, then renamed), so
+/// a browser reloading it never reads half a file.
+fn write_svg(
+    path: &std::path::Path,
+    points: &[(f64, f64)],
+    best: (f64, f64),
+) -> std::io::Result<()> {
+    let partial = path.with_extension("svg.partial");
+    std::fs::write(&partial, svg(points, best))?;
+    std::fs::rename(&partial, path)
 }
 
 /// The log of the function as a background, the points tried in grey, the

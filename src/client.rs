@@ -64,18 +64,21 @@ use crate::{Error, Result};
 /// ```
 #[derive(Clone)]
 pub struct Client {
-    inner: Arc<Shared>,
+    pub(crate) inner: Arc<Shared>,
 }
 
 /// State shared by a client, its futures and its running submissions.
 pub(crate) struct Shared {
-    backend: Backend,
-    kind: ExecutorKind,
+    pub(crate) backend: Backend,
+    pub(crate) kind: ExecutorKind,
     table: Mutex<KeyMap<Entry>>,
     changed: Condvar,
     /// Threads blocked on `changed`, counted under the `table` lock: a
     /// notification nobody waits for costs a syscall, so none is sent then.
     sleepers: AtomicUsize,
+    /// Whether `compute` and `persist` draw a progress bar
+    /// ([`Config::progress`]).
+    progress: bool,
 }
 
 /// One key's result as the client holds it.
@@ -157,14 +160,16 @@ impl Client {
     /// As [`Client::new`].
     pub fn with_config(config: &Config) -> Result<Client> {
         let kind = config.resolve()?;
-        Ok(Client::on(Backend::get(&kind)?, kind))
+        let progress = config.resolve_progress()?;
+        Ok(Client::on(Backend::get(&kind)?, kind, progress))
     }
 
-    fn on(backend: Backend, kind: ExecutorKind) -> Client {
+    fn on(backend: Backend, kind: ExecutorKind, progress: bool) -> Client {
         Client {
             inner: Arc::new(Shared {
                 backend,
                 kind,
+                progress,
                 table: Mutex::new(KeyMap::default()),
                 changed: Condvar::new(),
                 sleepers: AtomicUsize::new(0),
@@ -198,6 +203,7 @@ impl Client {
         Ok(Client::on(
             Backend::Distributed(Arc::new(cluster)),
             ExecutorKind::Local(workers),
+            Config::new().resolve_progress()?,
         ))
     }
 
@@ -220,6 +226,7 @@ impl Client {
         Ok(Client::on(
             Backend::Distributed(Arc::new(cluster)),
             ExecutorKind::Tcp(address.to_owned()),
+            Config::new().resolve_progress()?,
         ))
     }
 
@@ -294,13 +301,19 @@ impl Client {
     }
 
     /// `compute` through the client: the same as [`submit`](Client::submit),
-    /// returning a future at once (Dask's `client.compute(delayed)`).
+    /// returning a future at once (Dask's `client.compute(delayed)`), and
+    /// drawing a progress bar for it when the client was made with
+    /// [`Config::progress`] (or `RASK_PROGRESS=1`).
     ///
     /// # Errors
     ///
     /// As [`submit`](Client::submit).
     pub fn compute<T: Data>(&self, delayed: &Delayed<T>) -> Result<Future<T>> {
-        self.submit(delayed)
+        let future = self.submit(delayed)?;
+        if self.inner.progress {
+            crate::progress(&future);
+        }
+        Ok(future)
     }
 
     /// Calls `f` on every item, as one submission: one future per item, in
@@ -413,7 +426,50 @@ impl Client {
     ///
     /// As [`submit`](Client::submit).
     pub fn persist<T: Data>(&self, delayed: &Delayed<T>) -> Result<Delayed<T>> {
-        Ok(self.submit(delayed)?.to_delayed())
+        Ok(self.compute(delayed)?.to_delayed())
+    }
+
+    /// Runs `work` and writes a performance report of it to `path` (Dask's
+    /// `performance_report`): one self-contained HTML page with the task
+    /// stream (a lane per worker thread, a bar per task), the tasks and
+    /// time per function, and how busy each worker's threads were. The page
+    /// needs no server and no network; open it in any browser.
+    ///
+    /// The report holds every task this process heard of while `work` ran,
+    /// on any executor; on a cluster, as its scheduler reports them.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Write`] when `path` cannot be written; `work`'s own result
+    /// is then dropped.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use rask::{delayed, Client};
+    /// fn inc(x: i64) -> i64 { x + 1 }
+    ///
+    /// let client = Client::threads(2)?;
+    /// let path = std::env::temp_dir().join(format!("report-{}.html", std::process::id()));
+    /// let total = client.performance_report(&path, || -> rask::Result<i64> {
+    ///     let futures = client.map(inc, 0..100)?;
+    ///     Ok(client.gather(&futures)?.iter().sum())
+    /// })??;
+    /// assert_eq!(total, 5050);
+    /// let page = std::fs::read_to_string(&path).unwrap();
+    /// assert!(page.contains(r#""function":"inc""#));
+    /// # std::fs::remove_file(&path).unwrap();
+    /// # Ok::<(), rask::Error>(())
+    /// ```
+    pub fn performance_report<R>(
+        &self,
+        path: impl AsRef<std::path::Path>,
+        work: impl FnOnce() -> R,
+    ) -> Result<R> {
+        let recorder = crate::report::Recorder::start();
+        let result = work();
+        recorder.finish(path.as_ref(), self.inner.kind.to_string())?;
+        Ok(result)
     }
 
     /// Runs the work behind a failed or cancelled `future` again (Dask's
@@ -609,6 +665,9 @@ impl Op for HeldOp {
     fn run(&self, _: &mut [Option<Value>]) -> std::result::Result<Value, OpError> {
         Ok(self.value.clone())
     }
+    fn is_work(&self) -> bool {
+        false
+    }
     fn name(&self) -> &str {
         &self.name
     }
@@ -626,6 +685,9 @@ struct Replay {
 impl Op for Replay {
     fn run(&self, _: &mut [Option<Value>]) -> std::result::Result<Value, OpError> {
         Err(replay(&self.failure))
+    }
+    fn is_work(&self) -> bool {
+        false
     }
     fn name(&self) -> &str {
         &self.name
@@ -667,6 +729,9 @@ impl Op for PendingRef {
                 self.key.short()
             ))),
         }
+    }
+    fn is_work(&self) -> bool {
+        false
     }
     fn name(&self) -> &str {
         &self.name
@@ -873,17 +938,30 @@ impl Shared {
     /// an entry was dropped, so every sleeper that saw the old state is
     /// counted in `sleepers` by then.
     fn wake(self: &Arc<Self>, listeners: Vec<Listener>, deferred: Vec<Arc<Deferred>>) {
-        if self.sleepers.load(Ordering::Relaxed) > 0 {
-            self.changed.notify_all();
-        }
+        // Listeners first: a progress bar draws its last state before the
+        // program, woken from `wait`, prints its next line.
         for listener in listeners {
             listener.notify();
+        }
+        if self.sleepers.load(Ordering::Relaxed) > 0 {
+            self.changed.notify_all();
         }
         for d in deferred {
             if d.waiting.fetch_sub(1, Ordering::AcqRel) == 1 {
                 self.schedule(d.roots.clone());
             }
         }
+    }
+
+    /// Keys pending and keys finished, now.
+    pub(crate) fn counts(&self) -> (u64, u64) {
+        let table = self.lock();
+        let pending = table.values().filter(|e| e.state.is_pending()).count();
+        let finished = table
+            .values()
+            .filter(|e| matches!(e.state, State::Finished(_)))
+            .count();
+        (pending as u64, finished as u64)
     }
 
     /// Drops one future handle's reference to `key` (rule 1).
@@ -976,6 +1054,37 @@ impl Shared {
                 }
             };
             self.sleepers.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Appends the tasks `key` still waits for, itself included, as key and
+    /// name: its graph down to data and to futures already done. Nothing
+    /// when `key` is not pending. The walk follows futures used as inputs
+    /// into their own pending graphs.
+    pub(crate) fn pending_tasks(&self, key: Key, out: &mut Vec<(Key, String)>) {
+        let mut seen = std::collections::HashSet::new();
+        let mut roots = vec![key];
+        while let Some(key) = roots.pop() {
+            let node = {
+                let table = self.lock();
+                match table.get(&key) {
+                    Some(entry) if entry.state.is_pending() => entry.node.clone(),
+                    _ => None,
+                }
+            };
+            let Some(node) = node else { continue };
+            let mut stack = vec![node];
+            while let Some(node) = stack.pop() {
+                if !seen.insert(node.key) || node.call.value().is_some() {
+                    continue;
+                }
+                if node.call.is_future() {
+                    roots.push(node.key);
+                    continue;
+                }
+                out.push((node.key, node.name.to_string()));
+                stack.extend(node.deps.iter().cloned());
+            }
         }
     }
 

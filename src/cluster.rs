@@ -19,6 +19,30 @@ use crate::{Error, Result};
 /// The environment variable giving a worker's thread count (default 1).
 pub(crate) const WORKER_THREADS_ENV: &str = "RASK_WORKER_THREADS";
 
+/// The environment variable that serves a local cluster's dashboard:
+/// `HOST:PORT`, or `:PORT` on 127.0.0.1 (`:0` picks a free port).
+pub(crate) const DASHBOARD_ENV: &str = "RASK_DASHBOARD";
+
+/// The dashboard address `RASK_DASHBOARD` names, if set.
+fn dashboard_from_env() -> Result<Option<std::net::SocketAddr>> {
+    let Ok(text) = std::env::var(DASHBOARD_ENV) else {
+        return Ok(None);
+    };
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let full = match text.strip_prefix(':') {
+        Some(port) => format!("127.0.0.1:{port}"),
+        None => text.to_owned(),
+    };
+    full.parse().map(Some).map_err(|_| Error::Config {
+        value: text.to_owned(),
+        source_name: DASHBOARD_ENV,
+        reason: "expected HOST:PORT with an IP address, or :PORT for 127.0.0.1",
+    })
+}
+
 /// A connection to a scheduler, and the local cluster behind it if this
 /// process started one.
 pub(crate) struct Cluster {
@@ -61,7 +85,11 @@ impl Cluster {
         let args: Vec<_> = args.collect();
         // Workers inherit this program's stdout and stderr: what tasks
         // print shows as if they ran here.
-        let local = LocalCluster::start(workers, move || {
+        let mut options = rask_distributed::scheduler::Options::default();
+        if let Some(at) = dashboard_from_env()? {
+            options = options.dashboard(at);
+        }
+        let local = LocalCluster::start_with(workers, options, move || {
             let mut command = Command::new(&exe);
             // Shown by `ps` as this program, not as `/proc/self/exe`.
             #[cfg(unix)]
@@ -81,6 +109,15 @@ impl Cluster {
 
     pub(crate) fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// The address of a local cluster's dashboard, if it runs.
+    pub(crate) fn dashboard(&self) -> Option<std::net::SocketAddr> {
+        self.local
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .and_then(LocalCluster::dashboard)
     }
 
     /// Kills worker process `index` of a local cluster (for fault tests).

@@ -122,7 +122,10 @@ pub fn compute_with<C: Compute>(what: C, config: &Config) -> Result<C::Output> {
 
 /// Runs the graph behind `roots`, returning one value per root.
 pub(crate) fn run(roots: &[Arc<Node>], config: &Config) -> Result<Vec<Value>> {
-    let backend = Backend::get(&config.resolve()?)?;
+    let kind = config.resolve()?;
+    let span = tracing::info_span!("compute", executor = %kind, tasks = tracing::field::Empty);
+    let _entered = span.enter();
+    let backend = Backend::get(&kind)?;
     let mut options = crate::optimize::Options::from_config(config)?;
     if backend.is_remote() {
         // Fused and inlined tasks exist only in this process.
@@ -131,6 +134,12 @@ pub(crate) fn run(roots: &[Arc<Node>], config: &Config) -> Result<Vec<Value>> {
     }
     let draft = crate::graph::lower(roots, options.absorbs_chains());
     let plan = crate::optimize::optimize(draft, &options);
+    span.record("tasks", plan.len());
+    // Finished, however the run ends, when it is dropped.
+    let _bar = config.resolve_progress()?.then(|| {
+        let work = plan.tasks().iter().filter(|t| t.op.is_work());
+        crate::progress::Bar::start(work.map(|t| (t.key, t.op.name())))
+    });
     let collector = Arc::new(Collector::new(roots.len()));
     backend.executor().submit(plan, collector.clone());
     collector.wait()

@@ -2,7 +2,9 @@
 //! > default (`threads`).
 //!
 //! Whether to optimize the graph first follows the same precedence:
-//! [`Config::optimize`] > scoped > `RASK_OPTIMIZE` > default (on).
+//! [`Config::optimize`] > scoped > `RASK_OPTIMIZE` > default (on). So does
+//! whether to draw progress bars: [`Config::progress`] > scoped >
+//! `RASK_PROGRESS` > default (off).
 //!
 //! Switching a whole program between executors is a configuration change:
 //!
@@ -10,6 +12,7 @@
 //! RASK_SCHEDULER=sync cargo run --example quickstart
 //! RASK_SCHEDULER=threads:2 cargo run --example quickstart
 //! RASK_OPTIMIZE=off cargo run --example quickstart
+//! RASK_PROGRESS=1 cargo run --example persist
 //! ```
 
 use std::cell::RefCell;
@@ -24,6 +27,10 @@ pub const ENV_VAR: &str = "RASK_SCHEDULER";
 /// The environment variable that switches graph optimization: `1`, `true`,
 /// `on` or `0`, `false`, `off` (any case).
 pub const OPTIMIZE_ENV_VAR: &str = "RASK_OPTIMIZE";
+
+/// The environment variable that draws a progress bar for every `compute`
+/// and `persist`: `1`, `true`, `on` or `0`, `false`, `off` (any case).
+pub const PROGRESS_ENV_VAR: &str = "RASK_PROGRESS";
 
 /// Which executor runs a computation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,6 +140,7 @@ impl fmt::Display for ExecutorKind {
 pub struct Config {
     executor: Option<ExecutorKind>,
     optimize: Option<bool>,
+    progress: Option<bool>,
 }
 
 impl Config {
@@ -187,17 +195,39 @@ impl Config {
         self
     }
 
-    /// The settings named by `RASK_SCHEDULER` and `RASK_OPTIMIZE` (unset:
-    /// nothing set).
+    /// Whether every `compute` and `persist` with this configuration draws
+    /// a progress bar on stderr while it runs (see
+    /// [`rask::progress`](crate::progress())): off by default, or
+    /// `RASK_PROGRESS=1`. Bars are drawn only when stderr is a terminal;
+    /// otherwise one plain line is printed when the work is done.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use rask::{delayed, Config};
+    /// fn inc(x: i64) -> i64 { x + 1 }
+    ///
+    /// let watched = Config::threads(2).progress(true);
+    /// assert_eq!(delayed!(inc(1)).compute_with(&watched)?, 2);
+    /// # Ok::<(), rask::Error>(())
+    /// ```
+    pub fn progress(mut self, on: bool) -> Self {
+        self.progress = Some(on);
+        self
+    }
+
+    /// The settings named by `RASK_SCHEDULER`, `RASK_OPTIMIZE` and
+    /// `RASK_PROGRESS` (unset: nothing set).
     ///
     /// # Errors
     ///
     /// [`Error::Config`] when `RASK_SCHEDULER` holds an unknown value,
-    /// [`Error::Switch`] when `RASK_OPTIMIZE` does.
+    /// [`Error::Switch`] when `RASK_OPTIMIZE` or `RASK_PROGRESS` does.
     pub fn from_env() -> Result<Self> {
         Ok(Config {
             executor: env_executor()?,
-            optimize: env_optimize()?,
+            optimize: env_switch(OPTIMIZE_ENV_VAR)?,
+            progress: env_switch(PROGRESS_ENV_VAR)?,
         })
     }
 
@@ -243,7 +273,25 @@ impl Config {
         if let Some(on) = SCOPED.with(|s| s.borrow().iter().rev().find_map(|c| c.optimize)) {
             return Ok(on);
         }
-        Ok(env_optimize()?.unwrap_or(true))
+        Ok(env_switch(OPTIMIZE_ENV_VAR)?.unwrap_or(true))
+    }
+
+    /// Whether computations with this configuration draw progress bars,
+    /// applying the precedence explicit > scoped > `RASK_PROGRESS` >
+    /// default (off).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Switch`] when the environment variable is consulted and holds
+    /// an unknown value.
+    pub fn resolve_progress(&self) -> Result<bool> {
+        if let Some(on) = self.progress {
+            return Ok(on);
+        }
+        if let Some(on) = SCOPED.with(|s| s.borrow().iter().rev().find_map(|c| c.progress)) {
+            return Ok(on);
+        }
+        Ok(env_switch(PROGRESS_ENV_VAR)?.unwrap_or(false))
     }
 }
 
@@ -254,9 +302,10 @@ fn env_executor() -> Result<Option<ExecutorKind>> {
     }
 }
 
-fn env_optimize() -> Result<Option<bool>> {
-    match std::env::var(OPTIMIZE_ENV_VAR) {
-        Ok(text) if !text.trim().is_empty() => Ok(Some(parse_switch(&text, OPTIMIZE_ENV_VAR)?)),
+/// The on/off setting in environment variable `name`, if set.
+fn env_switch(name: &'static str) -> Result<Option<bool>> {
+    match std::env::var(name) {
+        Ok(text) if !text.trim().is_empty() => Ok(Some(parse_switch(&text, name)?)),
         _ => Ok(None),
     }
 }

@@ -375,6 +375,7 @@ pub fn persist<T: Data>(items: &[Delayed<T>]) -> Result<Vec<Delayed<T>>> {
 /// As [`Delayed::compute`].
 pub fn persist_with<T: Data>(items: &[Delayed<T>], config: &Config) -> Result<Vec<Delayed<T>>> {
     let kind = config.resolve()?;
+    let _span = tracing::info_span!("persist", executor = %kind, items = items.len()).entered();
     if matches!(kind, ExecutorKind::Local(_) | ExecutorKind::Tcp(_)) {
         return persist_on_cluster(items, config);
     }
@@ -407,6 +408,9 @@ fn persist_on_cluster<T: Data>(items: &[Delayed<T>], config: &Config) -> Result<
         .iter()
         .map(|d| client.submit(d))
         .collect::<Result<Vec<_>>>()?;
+    if config.resolve_progress()? {
+        crate::progress(&futures).wait();
+    }
     crate::wait(&futures);
     if let Some(e) = futures.iter().find_map(crate::Future::exception) {
         return Err(e);

@@ -124,6 +124,13 @@ pub enum Error {
     NotInitialized,
     /// The executor could not be started (e.g. no threads could be spawned).
     Executor(std::io::Error),
+    /// A file could not be written (a performance report).
+    Write {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 impl fmt::Display for Error {
@@ -198,6 +205,7 @@ impl fmt::Display for Error {
                  `main`, listing the functions tasks call",
             )?,
             Error::Executor(_) => f.write_str("executor could not start")?,
+            Error::Write { path, .. } => write!(f, "could not write {}", path.display())?,
         }
         if f.alternate() {
             let mut source = std::error::Error::source(self);
@@ -220,6 +228,7 @@ impl std::error::Error for Error {
             #[cfg(feature = "distributed")]
             Error::Distributed(e) => e.source(),
             Error::Executor(e) => Some(e),
+            Error::Write { source, .. } => Some(source),
             _ => None,
         }
     }

@@ -194,6 +194,11 @@ impl<T> Future<T> {
         Error::Cancelled { key: self.key() }
     }
 
+    /// The client behind this future, and its key.
+    pub(crate) fn parts(&self) -> (Arc<Shared>, Key) {
+        (self.handle.shared.clone(), self.handle.key)
+    }
+
     /// A node standing for this future inside a graph.
     pub(crate) fn node(&self) -> Arc<Node> {
         Arc::new(Node {

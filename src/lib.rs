@@ -174,11 +174,14 @@ mod delayed;
 mod error;
 mod future;
 mod graph;
+mod inspect;
 mod key;
 mod node;
 mod ops;
 mod optimize;
+pub mod progress;
 mod registry;
+mod report;
 
 pub use args::{IntoArg, Untraversed};
 pub use client::{Client, ClientStats};
@@ -193,7 +196,8 @@ pub use future::{
 };
 pub use graph::Graph;
 pub use optimize::{explain, Explain, PlannedTask, Timings};
-pub use rask_executor::{cancelled, Key, RemoteError, Value};
+pub use progress::{progress, Progress};
+pub use rask_executor::{cancelled, diagnostics, events, Key, RemoteError, Value};
 pub use registry::{init, Register, Tasks};
 
 /// The names most programs need: `use rask::prelude::*;`.

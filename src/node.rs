@@ -125,6 +125,10 @@ impl Op for Node {
         self.call.retries()
     }
 
+    fn is_work(&self) -> bool {
+        self.call.value().is_none() && !self.call.is_future()
+    }
+
     fn to_wire(&self) -> Result<WireTask, WireError> {
         self.call.to_wire().map_err(|e| match e {
             WireError::NotSerializable { what } => WireError::NotSerializable {

@@ -238,6 +238,76 @@ for_each_executor! {
         assert_eq!(got, (0..8).map(|i| (i + 1) * 2).collect::<Vec<_>>());
     }
 
+    /// Per key: the task's name and its event kinds in arrival order.
+    type EventLog = std::collections::HashMap<rask::Key, (String, Vec<&'static str>)>;
+
+    /// The events a computation reports for the tasks of its plan.
+    fn events_of(what: &Delayed<i64>, plan_config: &rask::Config) -> (EventLog, Result<i64, Error>) {
+        use rask::events::EventKind;
+        let plan = rask::explain(what, plan_config).unwrap();
+        let keys: std::collections::HashSet<rask::Key> = plan.tasks().map(|t| t.key()).collect();
+        let log = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+        let sink = log.clone();
+        let subscription = rask::events::subscribe(move |e: &rask::events::Event<'_>| {
+            if !keys.contains(&e.key) {
+                return;
+            }
+            let kind = match e.kind {
+                EventKind::Queued => "queued",
+                EventKind::Started { .. } => "started",
+                EventKind::Finished { .. } => "finished",
+                EventKind::Erred { .. } => "erred",
+                // A cluster lets values go once nobody wants them: not
+                // part of what ran.
+                EventKind::Released => return,
+                _ => "other",
+            };
+            let mut log = sink.lock().unwrap();
+            let entry = log.entry(e.key).or_insert_with(|| (e.name.to_owned(), Vec::new()));
+            entry.1.push(kind);
+        });
+        let result = what.compute_with(plan_config);
+        drop(subscription);
+        let log = std::mem::take(&mut *log.lock().unwrap());
+        (log, result)
+    }
+
+    /// Every task of a successful plan is queued, started and finished,
+    /// once each, in that order, under its own name.
+    #[test]
+    fn every_task_reports_queued_started_finished() {
+        let run = run_id() as i64;
+        let a = delayed!(inc(run));
+        let b = delayed!(inc(run + 1));
+        let total = delayed!(add(&a, &b));
+        let plain = config().optimize(false);
+        let (log, result) = events_of(&total, &plain);
+        assert_eq!(result.unwrap(), 2 * run + 3);
+        assert_eq!(log.len(), 3, "{log:?}");
+        for key in [a.key().key(), b.key().key(), total.key().key()] {
+            let (_, kinds) = &log[&key];
+            assert_eq!(kinds, &["queued", "started", "finished"], "{key:?}");
+        }
+        assert_eq!(log[&total.key().key()].0, "add");
+    }
+
+    /// A failing task errs; its dependent errs without starting.
+    #[test]
+    fn a_failure_and_its_dependents_report_erred() {
+        let bad = delayed!(parse(format!("x{}", run_id()))?);
+        let after = delayed!(add(&bad, 1));
+        let (log, result) = events_of(&after, &config().optimize(false));
+        assert!(result.is_err());
+        assert_eq!(log[&bad.key().key()].1, ["queued", "started", "erred"]);
+        let after = &log[&after.key().key()].1;
+        if crate::on_cluster(&config()) {
+            // Sent early to the worker that ran `bad`, to wait there.
+            assert!(after == &["queued", "erred"] || after == &["queued", "started", "erred"], "{after:?}");
+        } else {
+            assert_eq!(after, &["queued", "erred"]);
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
 
@@ -263,6 +333,33 @@ for_each_executor! {
                     prop_assert!(culprit, "error names {} which is not a failing upstream task", key);
                 }
                 (want, got) => prop_assert!(false, "naive {:?}, executor {:?}", want, got),
+            }
+        }
+
+        /// Events agree with the run: with no failure every planned task
+        /// finishes once, after it started; with failures no task both
+        /// finishes and errs, and none reports twice.
+        #[test]
+        fn events_report_each_planned_task_once(specs in support::dag(40, 0.05)) {
+            let run = run_id();
+            let nodes = build(&specs, run);
+            let root = nodes.len() - 1;
+            let plan = rask::explain(&nodes[root], &config()).unwrap();
+            let (log, result) = events_of(&nodes[root], &config());
+            for (key, (name, kinds)) in &log {
+                let count = |k: &str| kinds.iter().filter(|&&x| x == k).count();
+                prop_assert!(count("finished") + count("erred") <= 1, "{} {:?}: {:?}", name, key, kinds);
+                prop_assert!(count("queued") <= 1 && count("started") <= 1, "{:?}", kinds);
+                if let Some(f) = kinds.iter().position(|&k| k == "finished") {
+                    prop_assert!(kinds[..f].contains(&"started"), "{:?}", kinds);
+                }
+            }
+            if result.is_ok() {
+                prop_assert_eq!(log.len(), plan.len());
+                for task in plan.tasks() {
+                    let kinds = &log[&task.key()].1;
+                    prop_assert_eq!(kinds.iter().filter(|&&k| k == "finished").count(), 1);
+                }
             }
         }
 

@@ -636,3 +636,58 @@ fn a_chain_of_submits_does_not_recurse() {
         assert_eq!(f.result().unwrap(), n);
     }
 }
+
+/// A progress display counts every task behind the futures, inputs
+/// included, per function, and finishes when they are done.
+#[test]
+fn progress_counts_the_tasks_behind_futures() {
+    let client = Client::threads(2).unwrap();
+    let gate = new_id();
+    let parts: Vec<Delayed<i64>> = (0..10).map(|i| delayed!(gated(gate, i))).collect();
+    let bad = delayed!(refuse(gate)?);
+    let sum = delayed!(add(delayed!(total_of(&parts)), 1));
+    let good = client.submit(&sum).unwrap();
+    let failing = client.submit(delayed!(add(&bad, 1))).unwrap();
+    let bar = rask::progress(&[good.clone(), failing.clone()]);
+    assert!(!bar.done(), "returns before the work is done");
+    let before: HashMap<String, (u64, u64)> = bar
+        .counts()
+        .into_iter()
+        .map(|c| (c.name.clone(), (c.total, c.done + c.erred)))
+        .collect();
+    assert_eq!(before["gated"], (10, 0));
+    assert_eq!(before["total_of"].0, 1);
+    assert_eq!(before["add"].0, 2);
+    open(gate);
+    bar.wait();
+    assert!(good.done() && failing.done());
+    let after = bar.counts();
+    for c in &after {
+        assert_eq!(c.done + c.erred, c.total, "{c:?}");
+    }
+    let erred: u64 = after.iter().map(|c| c.erred).sum();
+    assert_eq!(
+        erred, 2,
+        "refuse, and the `add` that needs it, erred: {after:?}"
+    );
+    assert_eq!(good.result().unwrap(), 46);
+}
+
+/// Futures already done give a display that is done at once, with nothing
+/// to count.
+#[test]
+fn progress_of_finished_futures_is_done_at_once() {
+    let client = Client::synchronous().unwrap();
+    let f = client.submit(delayed!(inc(new_id() as i64))).unwrap();
+    let bar = rask::progress(&f);
+    assert!(bar.done());
+    assert!(bar.counts().is_empty());
+}
+
+fn total_of(xs: Vec<i64>) -> i64 {
+    xs.iter().sum()
+}
+
+fn refuse(id: u64) -> Result<i64, String> {
+    Err(format!("refused {id}"))
+}

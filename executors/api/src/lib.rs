@@ -37,6 +37,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod diagnostics;
+pub mod events;
 mod failure;
 mod limits;
 mod plan;
@@ -154,6 +156,14 @@ pub trait Op: Send + Sync {
         None
     }
 
+    /// Whether the task is work of its own, which task events report
+    /// ([`events`]): `false` for ops that only hand over a value that
+    /// already exists — data, a result held from an earlier run, a recorded
+    /// failure.
+    fn is_work(&self) -> bool {
+        true
+    }
+
     /// How many times the task runs again when it fails, returning an error,
     /// panicking or timing out; enforced, and told, as
     /// [`timeout`](Op::timeout) is.
@@ -200,6 +210,9 @@ impl Op for Limited {
     }
     fn retries(&self) -> u32 {
         self.retries
+    }
+    fn is_work(&self) -> bool {
+        self.op.is_work()
     }
 }
 
@@ -261,9 +274,13 @@ pub trait Executor: Send + Sync {
 /// op with a timeout or retries enforces them itself ([`run_limited`]).
 pub fn run_task(task: &PlanTask, inputs: &mut [Option<Value>]) -> Outcome {
     failure::record_panic_locations();
-    match catch_unwind(AssertUnwindSafe(|| task.op.run(inputs))) {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(err)) => Err(Arc::new(task.failure(err))),
-        Err(payload) => Err(Arc::new(task.failure(OpError::panicked(&*payload)))),
-    }
+    let _span =
+        tracing::trace_span!("task", name = task.op.name(), key = %task.key.short()).entered();
+    let outcome = match catch_unwind(AssertUnwindSafe(|| task.op.run(inputs))) {
+        Ok(Ok(value)) => return Ok(value),
+        Ok(Err(err)) => Arc::new(task.failure(err)),
+        Err(payload) => Arc::new(task.failure(OpError::panicked(&*payload))),
+    };
+    tracing::debug!(task = %outcome.name, key = %outcome.key.short(), kind = ?outcome.kind, "task erred: {}", outcome.message);
+    Err(outcome)
 }

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use crate::events::{self, Place};
 use crate::{run_task, Executor, Outcome, Plan, Reporter, Stop, Value};
 
 /// Runs a plan on the calling thread, in plan order (depth-first, so a branch
@@ -47,6 +48,9 @@ impl Executor for Synchronous {
             let reporter = reporter.clone();
             Stop::when(move || reporter.cancelled())
         };
+        if events::listening() {
+            events::queued(plan.tasks());
+        }
         stop.enter(|| run(&plan, &*reporter));
         drop(plan);
         reporter.finished();
@@ -73,9 +77,13 @@ fn run(plan: &Plan, reporter: &dyn Reporter) {
                 }
             }
         }
+        let task = plan.task(i);
         let outcome = match failed {
-            Some(f) => Err(f),
-            None => run_task(plan.task(i), &mut inputs),
+            Some(f) => {
+                events::skipped(task, &f);
+                Err(f)
+            }
+            None => events::observe(task, || Place::local(0), || run_task(task, &mut inputs)),
         };
         inputs.clear();
         slots[i as usize] = Some(outcome);

@@ -82,6 +82,16 @@
 //!     connections read within one budget for big frames and the stall
 //!     timeout (`net` rules 8 and 9); a scheduler that stops reading what
 //!     the client sends for that long is taken as lost (rule 10 of `net`).
+//! 13. While this process listens for task events
+//!     (`rask_executor::events`), the client asks the scheduler for the
+//!     events of its build's tasks (`Watch`) and hands them on, with the
+//!     worker and thread that ran each task; it emits `Queued` itself for
+//!     the tasks it submits. When nobody listens, neither side builds any.
+//! 14. Questions ([`Client::info`], [`Client::who_has`]) are numbered and
+//!     answered by number; a lost connection answers every open one with
+//!     an error.
+//! 15. Work that waits 5 s while the scheduler has no worker of this
+//!     program's build is reported once, naming the scheduler.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -97,14 +107,18 @@ use tokio::sync::mpsc;
 
 use crate::net::{self, log, Chain, ConnectError, FetchResult, Fetched, PeerPool};
 use crate::protocol::{
-    decode_checked, strip_scheme, Batch, TaskSpec, ToClient, ToScheduler, WireKey, WorkerId,
-    MAX_FRAME,
+    decode_checked, strip_scheme, Batch, TaskSpec, ToClient, ToScheduler, WireEvent, WireEventKind,
+    WireKey, WorkerId, MAX_FRAME,
 };
 use crate::{Auth, BuildId, Error, Token};
+use rask_executor::diagnostics::Snapshot;
 
 /// How often open submissions are asked whether they were cancelled, when
 /// no message arrives meanwhile.
 const CANCEL_POLL: Duration = Duration::from_millis(20);
+
+/// How long work waits with no worker before the client says so (rule 15).
+const NO_WORKERS_WARNING: Duration = Duration::from_secs(5);
 
 /// Kept-remote outputs of at most this many bytes are fetched at once
 /// (rule 5): bringing them over costs less than a round trip later.
@@ -142,6 +156,9 @@ struct Inner {
     commands: mpsc::UnboundedSender<Sequenced>,
     thread: Mutex<Option<Ending>>,
     link: Arc<Link>,
+    /// Tells the loop when this process starts or stops listening for
+    /// task events (rule 13).
+    _watch: rask_executor::events::ChangeHook,
 }
 
 /// How to wait for a client's network loop to end.
@@ -386,6 +403,76 @@ enum Command {
         id: u64,
         slot: usize,
     },
+    /// Whether this process listens for task events may have changed
+    /// (rule 13).
+    Watch,
+    /// A question for the scheduler (rule 14).
+    Ask(Ask, AskReply),
+}
+
+/// A question for the scheduler ([`Client::info`], [`Client::who_has`]).
+enum Ask {
+    Info,
+    WhoHas(Vec<WireKey>),
+}
+
+/// The scheduler's answer to an [`Ask`], or why there is none.
+enum Answer {
+    Info(Box<Snapshot>),
+    /// For each key asked, the data ports of the workers holding it.
+    WhoHas(Vec<Vec<String>>),
+}
+
+/// Where an [`Ask`] is answered.
+type AskReply = std::sync::mpsc::Sender<Result<Answer, String>>;
+
+/// Hands task events from the scheduler to this process's subscribers
+/// (rule 13).
+fn emit_events(events: &[WireEvent]) {
+    use rask_executor::events::{emit, Event, EventKind, Place};
+    for e in events {
+        let place = |worker: WorkerId, thread: u32| Place {
+            worker: Some(worker.0),
+            thread,
+        };
+        let kind = match e.kind {
+            WireEventKind::Started { worker } => EventKind::Started {
+                place: place(worker, 0),
+            },
+            WireEventKind::Finished {
+                worker,
+                thread,
+                duration_ns,
+                nbytes,
+            } => EventKind::Finished {
+                place: place(worker, thread),
+                duration: Duration::from_nanos(duration_ns),
+                nbytes: Some(nbytes),
+            },
+            WireEventKind::Erred { worker } => {
+                // The failure itself reaches the futures that want the key;
+                // the event only says that the task erred, and where.
+                let failure = Failure::new(
+                    Key(e.key),
+                    e.name.clone(),
+                    FailureKind::Failed,
+                    "failed on the cluster".into(),
+                );
+                emit(&Event::new(
+                    Key(e.key),
+                    &e.name,
+                    EventKind::Erred {
+                        place: worker.map(|w| place(w, 0)),
+                        failure: &failure,
+                    },
+                ));
+                continue;
+            }
+            WireEventKind::Released => EventKind::Released,
+            WireEventKind::Lost { worker } => EventKind::Lost { worker: worker.0 },
+        };
+        emit(&Event::new(Key(e.key), &e.name, kind));
+    }
 }
 
 /// Where a fetch for a handle is answered: the bytes or why not.
@@ -599,14 +686,30 @@ impl Client {
             }
         };
         match ready_rx.recv() {
-            Ok(Ok(link)) => Ok(Client {
-                inner: Arc::new(Inner {
-                    address: address.to_owned(),
-                    commands,
-                    thread: Mutex::new(Some(ending)),
-                    link,
-                }),
-            }),
+            Ok(Ok(link)) => {
+                let hook = {
+                    let link = link.clone();
+                    move || {
+                        if let Some(commands) = link.commands.upgrade() {
+                            let _ = link.send(&commands, Command::Watch);
+                        }
+                    }
+                };
+                // Listening already: ask at once.
+                if rask_executor::events::listening() {
+                    hook();
+                }
+                let watch = rask_executor::events::on_change(hook);
+                Ok(Client {
+                    inner: Arc::new(Inner {
+                        address: address.to_owned(),
+                        commands,
+                        thread: Mutex::new(Some(ending)),
+                        link,
+                        _watch: watch,
+                    }),
+                })
+            }
             Ok(Err(e)) => {
                 ending.wait();
                 Err(e)
@@ -641,6 +744,58 @@ impl Client {
     pub fn is_connected(&self) -> bool {
         self.inner.link.connected.load(Ordering::Acquire)
     }
+
+    /// What the cluster looks like now, for this program's build: its
+    /// workers (threads, tasks running, memory, data held, last heartbeat)
+    /// and its tasks per function and state (Dask's `scheduler_info`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Connection`] when the client is not connected, or the
+    /// scheduler does not answer within 10 s.
+    pub fn info(&self) -> Result<Snapshot, Error> {
+        match self.ask(Ask::Info)? {
+            Answer::Info(snapshot) => Ok(*snapshot),
+            Answer::WhoHas(_) => Err(self.no_answer("a wrong answer")),
+        }
+    }
+
+    /// For each key, the data ports (`host:port`) of the workers holding
+    /// its value; empty for a key not in memory (Dask's `who_has`).
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::info`].
+    pub fn who_has(&self, keys: &[Key]) -> Result<Vec<Vec<String>>, Error> {
+        let keys = keys.iter().map(|k| k.0).collect();
+        match self.ask(Ask::WhoHas(keys))? {
+            Answer::WhoHas(holders) => Ok(holders),
+            Answer::Info(_) => Err(self.no_answer("a wrong answer")),
+        }
+    }
+
+    fn ask(&self, ask: Ask) -> Result<Answer, Error> {
+        if std::thread::current().id() == self.inner.link.thread_id {
+            return Err(self.no_answer("asked on the client's own thread"));
+        }
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.inner
+            .link
+            .send(&self.inner.commands, Command::Ask(ask, reply))
+            .map_err(|_| self.no_answer("the client is closed"))?;
+        match answer.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(why)) => Err(self.no_answer(&why)),
+            Err(_) => Err(self.no_answer("no answer within 10 s")),
+        }
+    }
+
+    fn no_answer(&self, why: &str) -> Error {
+        Error::Connection {
+            addr: self.inner.address.clone(),
+            source: std::io::Error::other(why.to_owned()),
+        }
+    }
 }
 
 impl Executor for Client {
@@ -651,6 +806,9 @@ impl Executor for Client {
             return;
         }
         let keep_remote = reporter.keep_remote();
+        if rask_executor::events::listening() {
+            rask_executor::events::queued(plan.tasks());
+        }
         let mut wires = Vec::with_capacity(plan.len());
         // Tasks that refer to a held key (rule 6).
         let mut remote = Vec::new();
@@ -1002,6 +1160,17 @@ struct Loop {
     parked: Vec<Submission>,
     /// When the last frame went to the scheduler (rule 12).
     last_sent: Instant,
+    /// Whether the scheduler was asked for task events (rule 13).
+    watching: bool,
+    /// Questions sent and not answered, by id (rule 14).
+    asks: HashMap<u64, AskReply>,
+    next_ask: u64,
+    /// The data ports of the workers the scheduler told of.
+    workers: HashMap<WorkerId, String>,
+    /// Since when work has been open with no worker to run it, and whether
+    /// that was said (rule 15).
+    no_workers_since: Option<Instant>,
+    warned: bool,
 }
 
 /// The first wait between attempts to connect again (rule 10); it doubles
@@ -1081,6 +1250,12 @@ impl Loop {
             peers: None,
             out: Batch::default(),
             last_poll: Instant::now(),
+            watching: false,
+            asks: HashMap::new(),
+            next_ask: 0,
+            workers: HashMap::new(),
+            no_workers_since: None,
+            warned: false,
         }
     }
 
@@ -1198,6 +1373,7 @@ impl Loop {
                 self.command(seq, cmd);
             }
             self.poll_cancelled();
+            self.no_workers();
             self.flush();
         }
         // The last `Client` is gone: cancel what is still open (rule 4).
@@ -1227,7 +1403,60 @@ impl Loop {
             Command::Release(key) => self.release(key),
             Command::Fetch { key, epoch, reply } => self.fetch(key, epoch, reply),
             Command::Stop { id, slot } => self.stop(id, slot),
+            Command::Watch => self.watch(),
+            Command::Ask(ask, reply) => self.ask(ask, reply),
         }
+    }
+
+    /// Says so once when work has waited [`NO_WORKERS_WARNING`] with no
+    /// worker of this program's build on the cluster (rule 15).
+    fn no_workers(&mut self) {
+        if self.open.is_empty() || !self.workers.is_empty() || !self.connected {
+            self.no_workers_since = None;
+            return;
+        }
+        let since = *self.no_workers_since.get_or_insert_with(Instant::now);
+        if !self.warned && since.elapsed() >= NO_WORKERS_WARNING {
+            self.warned = true;
+            log!(
+                "client: work has waited {} s and the scheduler at {} has no worker of this \
+                 program's build; start some with RASK_WORKER={} (and the cluster's token)",
+                NO_WORKERS_WARNING.as_secs(),
+                self.address,
+                self.address
+            );
+        }
+    }
+
+    /// Asks the scheduler for task events while this process listens, and
+    /// stops when it does not (rule 13).
+    fn watch(&mut self) {
+        let on = rask_executor::events::listening();
+        if on != self.watching && self.connected {
+            self.out.push(&ToScheduler::Watch { on });
+        }
+        self.watching = on;
+    }
+
+    /// Sends a question; its answer goes to `reply` (rule 14).
+    fn ask(&mut self, ask: Ask, reply: AskReply) {
+        if !self.connected {
+            let _ = reply.send(Err(format!(
+                "not connected to the scheduler at {}",
+                self.address
+            )));
+            return;
+        }
+        let id = self.next_ask;
+        self.next_ask += 1;
+        self.out.push(&match &ask {
+            Ask::Info => ToScheduler::Info { id },
+            Ask::WhoHas(keys) => ToScheduler::WhoHas {
+                id,
+                keys: keys.clone(),
+            },
+        });
+        self.asks.insert(id, reply);
     }
 
     /// A handle for `key` was dropped (rule 5).
@@ -1400,11 +1629,13 @@ impl Loop {
     fn message(&mut self, msg: ToClient) {
         match msg {
             ToClient::WorkerJoined { id, address } => {
+                self.workers.insert(id, address.clone());
                 if let Some(p) = self.peers.as_mut() {
                     p.add_peer(id, address)
                 }
             }
             ToClient::WorkerLeft { id } => {
+                self.workers.remove(&id);
                 if let Some(p) = self.peers.as_mut() {
                     p.remove_peer(id)
                 }
@@ -1480,6 +1711,29 @@ impl Loop {
             ToClient::KeyErred { key, failure } => {
                 self.fetching.remove(&key);
                 self.answer(key, Err(Arc::new(Failure::from(&failure))));
+            }
+            ToClient::TaskEvents { events } => {
+                if self.watching {
+                    emit_events(&events);
+                }
+            }
+            ToClient::Info { id, snapshot } => {
+                if let Some(reply) = self.asks.remove(&id) {
+                    let _ = reply.send(Ok(Answer::Info(Box::new(snapshot))));
+                }
+            }
+            ToClient::WhoHas { id, holders } => {
+                if let Some(reply) = self.asks.remove(&id) {
+                    let addresses = holders
+                        .iter()
+                        .map(|ids| {
+                            ids.iter()
+                                .filter_map(|id| self.workers.get(id).cloned())
+                                .collect()
+                        })
+                        .collect();
+                    let _ = reply.send(Ok(Answer::WhoHas(addresses)));
+                }
             }
         }
     }
@@ -1665,6 +1919,10 @@ impl Loop {
         self.connected = true;
         self.link.connected.store(true, Ordering::Release);
         self.backoff = FIRST_BACKOFF;
+        self.workers.clear();
+        if self.watching {
+            self.out.push(&ToScheduler::Watch { on: true });
+        }
         for s in std::mem::take(&mut self.parked) {
             self.submit(s);
         }
@@ -1714,6 +1972,9 @@ impl Loop {
             self.next_attempt = Some(Instant::now());
         }
         let gone = format!("lost the connection to the scheduler at {}", self.address);
+        for (_, reply) in self.asks.drain() {
+            let _ = reply.send(Err(gone.clone()));
+        }
         for (_, waiters) in self.waiting.drain() {
             for waiter in waiters {
                 if let Waiter::Fetch(reply) = waiter {

@@ -128,11 +128,26 @@ impl LocalCluster {
         workers: usize,
         worker: impl Fn() -> Command + Send + 'static,
     ) -> Result<LocalCluster, Error> {
+        LocalCluster::start_with(workers, scheduler::Options::default(), worker)
+    }
+
+    /// [`LocalCluster::start`] with a scheduler of these `options`, e.g.
+    /// serving the dashboard ([`scheduler::Options::dashboard`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`LocalCluster::start`], and [`Error::Io`] when the dashboard's
+    /// address cannot be bound.
+    pub fn start_with(
+        workers: usize,
+        options: scheduler::Options,
+        worker: impl Fn() -> Command + Send + 'static,
+    ) -> Result<LocalCluster, Error> {
         if std::env::var_os(WORKER_ENV).is_some() {
             return Err(Error::NestedCluster);
         }
         // A fresh token (`serve`'s default): see Authentication above.
-        let scheduler = scheduler::serve(([127, 0, 0, 1], 0).into())?;
+        let scheduler = scheduler::serve_with(([127, 0, 0, 1], 0).into(), options)?;
         let address = format!("tcp://{}", scheduler.address());
         let token = scheduler
             .token()
@@ -183,6 +198,13 @@ impl LocalCluster {
     /// The scheduler's address, `tcp://127.0.0.1:PORT`.
     pub fn address(&self) -> String {
         format!("tcp://{}", self.scheduler.address())
+    }
+
+    /// The address of the scheduler's web dashboard, when it runs
+    /// ([`scheduler::Options::dashboard`]): its page is
+    /// `http://ADDRESS/status`.
+    pub fn dashboard(&self) -> Option<std::net::SocketAddr> {
+        self.scheduler.dashboard()
     }
 
     /// The cluster's token, for another process to connect by

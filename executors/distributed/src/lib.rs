@@ -168,6 +168,7 @@ mod auth;
 mod build;
 mod client;
 mod cluster;
+mod dashboard;
 mod handshake;
 mod net;
 pub mod protocol;

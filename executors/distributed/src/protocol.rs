@@ -50,6 +50,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use rask_executor::diagnostics::Snapshot;
 use rask_executor::{Cause, Failure, FailureKind, Key};
 use serde::{Deserialize, Serialize};
 
@@ -107,6 +108,12 @@ pub const MAX_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(36
 /// (rule 5). Every peer and client is sent it; a DNS name is at most 253
 /// bytes, so 1 KiB leaves room for anything real.
 pub const MAX_ADDRESS: usize = 1024;
+
+/// The largest memory figure a worker may report: 1 PiB.
+pub const MAX_MEMORY: u64 = 1 << 50;
+
+/// The longest task name in a [`WireEvent`], in bytes.
+pub const MAX_NAME: usize = 4096;
 
 /// Length of a handshake body: magic, version, role, flags, the sender's
 /// build id, its nonce.
@@ -625,6 +632,10 @@ pub enum ToScheduler {
         /// (longer is out of range).
         #[serde(with = "opt_bytes")]
         value: Option<Arc<[u8]>>,
+        /// The lane of the thread that ran it, for the task stream: 0 for
+        /// the worker's network thread, `i + 1` for compute thread `i`; at
+        /// most [`MAX_THREADS`].
+        thread: u32,
     },
     /// Worker: a task failed (its op failed or panicked, its function was
     /// not registered, or its value could not be encoded).
@@ -658,6 +669,31 @@ pub enum ToScheduler {
     /// in which it sent nothing else, so a scheduler can tell an idle
     /// client from a vanished one.
     Heartbeat,
+    /// Worker: what it uses, sent with its heartbeats.
+    Resources {
+        /// Its resident memory in bytes: at most [`MAX_MEMORY`].
+        memory_bytes: u64,
+    },
+    /// Client: send [`ToClient::TaskEvents`] about the tasks of this
+    /// client's build from now on (`on`), or stop.
+    Watch {
+        /// Whether to send them.
+        on: bool,
+    },
+    /// Client: what the cluster looks like now; answered by
+    /// [`ToClient::Info`] with the same `id`.
+    Info {
+        /// Chosen by the client, returned as is.
+        id: u64,
+    },
+    /// Client: which workers hold `keys`; answered by
+    /// [`ToClient::WhoHas`] with the same `id`.
+    WhoHas {
+        /// Chosen by the client, returned as is.
+        id: u64,
+        /// The keys.
+        keys: Vec<WireKey>,
+    },
 }
 
 /// Messages from the scheduler to a worker.
@@ -721,7 +757,7 @@ pub enum ToWorker {
 }
 
 /// Messages from the scheduler to a client.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ToClient {
     /// A worker's data port (sent before any message naming the worker).
     WorkerJoined {
@@ -754,6 +790,71 @@ pub enum ToClient {
         key: WireKey,
         /// The failure, naming the task where it started.
         failure: WireFailure,
+    },
+    /// What happened to tasks of the client's build, for a client that
+    /// asked with [`ToScheduler::Watch`].
+    TaskEvents {
+        /// In the order they happened.
+        events: Vec<WireEvent>,
+    },
+    /// Answer to [`ToScheduler::Info`].
+    Info {
+        /// The request's id.
+        id: u64,
+        /// The cluster: workers, tasks per state and per function.
+        snapshot: Snapshot,
+    },
+    /// Answer to [`ToScheduler::WhoHas`]: for each key asked, in order, the
+    /// workers holding it (none when it is not in memory or unknown).
+    WhoHas {
+        /// The request's id.
+        id: u64,
+        /// One entry per key asked.
+        holders: Vec<Vec<WorkerId>>,
+    },
+}
+
+/// Something that happened to a task on a cluster ([`ToClient::TaskEvents`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WireEvent {
+    /// The task.
+    pub key: WireKey,
+    /// Its name, e.g. `inc`: at most [`MAX_NAME`] bytes.
+    pub name: Arc<str>,
+    /// What happened.
+    pub kind: WireEventKind,
+}
+
+/// What happened to a task; see [`WireEvent`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireEventKind {
+    /// Sent to `worker` to run.
+    Started {
+        /// The worker.
+        worker: WorkerId,
+    },
+    /// Finished on `worker`.
+    Finished {
+        /// The worker.
+        worker: WorkerId,
+        /// The lane of its thread (see `ToScheduler::TaskFinished`).
+        thread: u32,
+        /// How long its op ran: at most [`MAX_TASK_DURATION`].
+        duration_ns: u64,
+        /// Size of its value's encoding: at most [`MAX_FRAME`].
+        nbytes: u64,
+    },
+    /// Failed, on `worker` if it ran.
+    Erred {
+        /// The worker, if it ran.
+        worker: Option<WorkerId>,
+    },
+    /// Forgotten: nobody wants it.
+    Released,
+    /// Its value was lost with `worker`.
+    Lost {
+        /// The worker that died.
+        worker: WorkerId,
     },
 }
 
@@ -946,6 +1047,7 @@ impl Bounded for ToScheduler {
                 nbytes,
                 duration_ns,
                 value,
+                thread,
                 ..
             } => {
                 within("TaskFinished.nbytes", *nbytes, 0, MAX_FRAME as u64)?;
@@ -955,7 +1057,16 @@ impl Bounded for ToScheduler {
                     0,
                     duration_ns_of(MAX_TASK_DURATION),
                 )?;
-                inline("TaskFinished.value length", value)
+                inline("TaskFinished.value length", value)?;
+                within(
+                    "TaskFinished.thread",
+                    u64::from(*thread),
+                    0,
+                    u64::from(MAX_THREADS),
+                )
+            }
+            ToScheduler::Resources { memory_bytes } => {
+                within("Resources.memory_bytes", *memory_bytes, 0, MAX_MEMORY)
             }
             // Keys and worker ids are only looked up; list lengths are
             // bounded by the frame; failures are text.
@@ -965,7 +1076,10 @@ impl Bounded for ToScheduler {
             | ToScheduler::TaskAbandoned { .. }
             | ToScheduler::DataAdded { .. }
             | ToScheduler::FetchFailed { .. }
-            | ToScheduler::Heartbeat => Ok(()),
+            | ToScheduler::Heartbeat
+            | ToScheduler::Watch { .. }
+            | ToScheduler::Info { .. }
+            | ToScheduler::WhoHas { .. } => Ok(()),
         }
     }
 }
@@ -1001,7 +1115,37 @@ impl Bounded for ToClient {
                 within("KeyInMemory.nbytes", *nbytes, 0, MAX_FRAME as u64)?;
                 inline("KeyInMemory.value length", value)
             }
-            ToClient::WorkerLeft { .. } | ToClient::KeyErred { .. } => Ok(()),
+            ToClient::TaskEvents { events } => events.iter().try_for_each(|e| {
+                length("WireEvent.name length", e.name.len(), MAX_NAME)?;
+                match e.kind {
+                    WireEventKind::Finished {
+                        thread,
+                        duration_ns,
+                        nbytes,
+                        ..
+                    } => {
+                        within(
+                            "WireEvent.thread",
+                            u64::from(thread),
+                            0,
+                            u64::from(MAX_THREADS),
+                        )?;
+                        within(
+                            "WireEvent.duration_ns",
+                            duration_ns,
+                            0,
+                            duration_ns_of(MAX_TASK_DURATION),
+                        )?;
+                        within("WireEvent.nbytes", nbytes, 0, MAX_FRAME as u64)
+                    }
+                    _ => Ok(()),
+                }
+            }),
+            // Shown to people, not computed with; lists bounded by the frame.
+            ToClient::WorkerLeft { .. }
+            | ToClient::KeyErred { .. }
+            | ToClient::Info { .. }
+            | ToClient::WhoHas { .. } => Ok(()),
         }
     }
 }
@@ -1299,15 +1443,17 @@ mod tests {
                 nbytes: 1,
                 duration_ns: 1000,
                 value: (i == 1).then(|| Arc::from(&[42u8][..])),
+                thread: u32::from(i) * 200,
             });
         }
         let frames = batch.take_frames();
         assert_eq!(frames.len(), 1);
-        // Variant, key, nbytes, duration (varint), then the value: none, or
-        // some (01) and its bytes with their length.
-        let one = format!("03{}01e80700", "00".repeat(32));
-        let two = format!("03{}01e80701012a", "01".repeat(32));
-        assert_eq!(hex(&frames[0]), format!("4c000000{one}{two}"));
+        // Variant, key, nbytes, duration (varint), the value: none, or
+        // some (01) and its bytes with their length; then the thread's lane
+        // (varint: 0, then 200 as c8 01).
+        let one = format!("03{}01e8070000", "00".repeat(32));
+        let two = format!("03{}01e80701012ac801", "01".repeat(32));
+        assert_eq!(hex(&frames[0]), format!("4f000000{one}{two}"));
         let back: Vec<ToScheduler> = decode_batch(&frames[0][4..]).unwrap();
         assert_eq!(back.len(), 2);
         assert!(
@@ -1390,6 +1536,7 @@ mod tests {
             nbytes,
             duration_ns,
             value: (value > 0).then(|| Arc::from(vec![0u8; value])),
+            thread: 0,
         }
     }
 
@@ -1436,6 +1583,27 @@ mod tests {
         assert_eq!(
             out_of_range(&finished(1, 0, INLINE_BYTES + 1)),
             Some("TaskFinished.value length")
+        );
+        let on_lane = |lane| match finished(1, 0, 0) {
+            ToScheduler::TaskFinished {
+                key,
+                nbytes,
+                duration_ns,
+                value,
+                ..
+            } => ToScheduler::TaskFinished {
+                key,
+                nbytes,
+                duration_ns,
+                value,
+                thread: lane,
+            },
+            other => other,
+        };
+        assert_eq!(out_of_range(&on_lane(MAX_THREADS)), None);
+        assert_eq!(
+            out_of_range(&on_lane(MAX_THREADS + 1)),
+            Some("TaskFinished.thread")
         );
 
         let beat = |every_ms| ToWorker::Heartbeat { every_ms };

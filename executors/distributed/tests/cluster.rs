@@ -169,8 +169,12 @@ fn start_scheduler(
     env: &[(&str, &str)],
 ) -> (Reap, String, String, std::sync::mpsc::Receiver<String>) {
     use std::io::BufRead;
+    // No dashboard unless asked: its default port may be taken by a test
+    // beside this one, and its warning would come before the token's line.
+    let quiet = (!args.iter().any(|a| a.starts_with("--dashboard"))).then_some("--no-dashboard");
     let mut child = Command::new(env!("CARGO_BIN_EXE_rask-scheduler"))
         .args(args)
+        .args(quiet)
         .env_remove(rask_distributed::TOKEN_ENV)
         .env_remove(rask_distributed::TOKEN_FILE_ENV)
         .env_remove(rask_distributed::INSECURE_ENV)

@@ -1199,6 +1199,7 @@ fn report(key: [u8; 32], nbytes: u64, duration_ns: u64, inline: usize) -> Vec<u8
         nbytes,
         duration_ns,
         value: (inline > 0).then(|| Arc::from(vec![0u8; inline])),
+        thread: 0,
     })
 }
 

@@ -35,7 +35,14 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use rask_executor::events::{self, Place};
 use rask_executor::{run_task, Failure, Outcome, Plan, Reporter, Stop, Value};
+
+/// This thread's place in events: its index in the pool (`0` off the pool,
+/// which runs only on a pool of one thread run inline).
+fn thread_place() -> Place {
+    Place::local(rayon::current_thread_index().map_or(0, |i| i as u32))
+}
 
 /// How a run puts jobs on the pool: detached (`rayon::spawn`, for a submit
 /// from outside the pool) or inside a scope (a nested submit from one of the
@@ -116,6 +123,9 @@ pub(crate) fn start<S: Spawner>(
     reporter: Arc<dyn Reporter>,
     threads: usize,
 ) {
+    if events::listening() {
+        events::queued(plan.tasks());
+    }
     let run = Arc::new(Run::new(plan, reporter, threads));
     if run.sources.is_empty() {
         // No source means no task at all (task 0 never has dependencies).
@@ -376,9 +386,13 @@ impl Run {
             }
         }
         debug_assert!(handoff.is_none(), "a handed-over outcome is an input");
+        let planned = plan.task(task);
         let outcome = match failed {
-            Some(failure) => Err(failure),
-            None => run_task(plan.task(task), inputs),
+            Some(failure) => {
+                events::skipped(planned, &failure);
+                Err(failure)
+            }
+            None => events::observe(planned, thread_place, || run_task(planned, inputs)),
         };
         inputs.clear();
         self.resolve(task, outcome, spawner, scratch)

@@ -18,6 +18,13 @@
 //! `--insecure` turns authentication off, with a warning; so does
 //! `RASK_INSECURE=1`, but only on a loopback address: to listen on any
 //! other without authentication, `--insecure` must be given.
+//!
+//! The web dashboard is served on `--dashboard ADDR` (default
+//! `127.0.0.1:8787`; `:PORT` means 127.0.0.1, `:0` picks a free port; when
+//! the default port is taken, a free one is picked with a warning), or not
+//! at all with `--no-dashboard`. The second line on stdout is then
+//! `dashboard: http://HOST:PORT/status`. Off loopback, it asks for the
+//! token: open `/status?token=TOKEN` once.
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
@@ -29,7 +36,11 @@ use rask_distributed::{Auth, Token, INSECURE_ENV, TOKEN_ENV, TOKEN_FILE_ENV};
 const USAGE: &str =
     "usage: rask-scheduler [--host 127.0.0.1] [--port 8786] [--worker-timeout SECONDS (5)] \
      [--client-timeout SECONDS (60)] [--task-timeout SECONDS (none)] [--allowed-failures N (3)] \
-     [--token-file PATH ($HOME/.rask/token) | --insecure]";
+     [--token-file PATH ($HOME/.rask/token) | --insecure] \
+     [--dashboard HOST:PORT (127.0.0.1:8787) | --no-dashboard]";
+
+/// Where the dashboard answers unless told otherwise.
+const DEFAULT_DASHBOARD: ([u8; 4], u16) = ([127, 0, 0, 1], 8787);
 
 fn main() -> ExitCode {
     let mut host: IpAddr = [127, 0, 0, 1].into();
@@ -37,6 +48,8 @@ fn main() -> ExitCode {
     let mut options = rask_distributed::scheduler::Options::default();
     let mut token_file: Option<PathBuf> = None;
     let mut insecure = false;
+    // `None`: the default; `Some(None)`: none.
+    let mut dashboard: Option<Option<SocketAddr>> = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -80,6 +93,11 @@ fn main() -> ExitCode {
                 None => return usage("--token-file needs a path"),
             },
             "--insecure" if inline.is_none() => insecure = true,
+            "--dashboard" => match value().as_deref().map(dashboard_address) {
+                Some(Some(at)) => dashboard = Some(Some(at)),
+                _ => return usage("--dashboard needs HOST:PORT with an IP address, or :PORT"),
+            },
+            "--no-dashboard" if inline.is_none() => dashboard = Some(None),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return ExitCode::SUCCESS;
@@ -98,25 +116,63 @@ fn main() -> ExitCode {
         }
     };
     options.auth = Some(auth);
-    let scheduler =
-        match rask_distributed::scheduler::serve_with(SocketAddr::new(host, port), options) {
-            Ok(s) => s,
-            Err(e) => {
+    let default_dashboard = dashboard.is_none();
+    options.dashboard = dashboard.unwrap_or(Some(DEFAULT_DASHBOARD.into()));
+    let at = SocketAddr::new(host, port);
+    let scheduler = match rask_distributed::scheduler::serve_with(at, options.clone()) {
+        Err(rask_distributed::Error::Io(e))
+            if default_dashboard && e.kind() == std::io::ErrorKind::AddrInUse =>
+        {
+            // The scheduler's own port or the dashboard's is taken: try
+            // the dashboard on a free port; the scheduler's own failure, if
+            // it was that one, is reported below.
+            let picked = options.dashboard(SocketAddr::from(([127, 0, 0, 1], 0)));
+            let again = rask_distributed::scheduler::serve_with(at, picked);
+            if again.is_ok() {
                 eprintln!(
-                    "rask-scheduler: cannot listen on {host}:{port}: {e}: {}",
-                    source(&e)
+                    "rask-scheduler: warning: port {} is taken; the dashboard is on a free port",
+                    DEFAULT_DASHBOARD.1
                 );
-                return ExitCode::FAILURE;
             }
-        };
+            again
+        }
+        other => other,
+    };
+    let scheduler = match scheduler {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!(
+                "rask-scheduler: cannot listen on {host}:{port}: {e}: {}",
+                source(&e)
+            );
+            return ExitCode::FAILURE;
+        }
+    };
     let address = scheduler.address();
     let mut stdout = std::io::stdout();
     let _ = writeln!(stdout, "tcp://{address}");
+    if let Some(dashboard) = scheduler.dashboard() {
+        let _ = writeln!(stdout, "dashboard: http://{dashboard}/status");
+        if !dashboard.ip().is_loopback() && !insecure {
+            eprintln!(
+                "rask-scheduler: the dashboard asks for the token: open \
+                 http://{dashboard}/status?token=TOKEN once"
+            );
+        }
+    }
     let _ = stdout.flush();
     eprintln!("rask-scheduler: {}", whence.describe(address));
     // Runs until killed: the scheduler lives on its own thread.
     loop {
         std::thread::park();
+    }
+}
+
+/// `HOST:PORT`, or `:PORT` on 127.0.0.1.
+fn dashboard_address(text: &str) -> Option<SocketAddr> {
+    match text.strip_prefix(':') {
+        Some(port) => Some(SocketAddr::from(([127, 0, 0, 1], port.parse().ok()?))),
+        None => text.parse().ok(),
     }
 }
 

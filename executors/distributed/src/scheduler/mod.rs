@@ -68,9 +68,17 @@
 //!    limit of open files, per role and in total, and accepting backs off
 //!    when it fails. Every line a peer can make the scheduler log is
 //!    rate-limited.
+//! 9. **Watching.** A client that asks (`Watch`) is sent the task events
+//!    of its build's partition as they happen, batched with everything
+//!    else; when no client watches a build, no event of it is built. With a
+//!    dashboard ([`Options::dashboard`]) every partition's events are kept
+//!    in a bounded history (`watch.rs`) and a snapshot of the cluster is
+//!    published on the dashboard's board after each flush; the dashboard
+//!    server reads the board and never touches the state.
 
 mod placement;
 mod state;
+mod watch;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -83,13 +91,15 @@ use rask_executor::{Failure, FailureKind, Key};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::dashboard::{self, Access, Board};
 use crate::net::{self, log, log_limited, Chain};
 use crate::protocol::{
     decode_checked, Batch, ProtocolError, Role, TaskSpec, ToClient, ToScheduler, ToWorker,
-    WireFailure, WireKey, WorkerId, MAX_HEARTBEAT, MIN_HEARTBEAT,
+    WireEvent, WireFailure, WireKey, WorkerId, MAX_HEARTBEAT, MIN_HEARTBEAT,
 };
 use crate::{Auth, BuildId, Error, Token};
 use state::{ClientId, Outbox, Reporter, State};
+use watch::{History, WorkerShell};
 
 /// The most bytes waiting to be sent to one client before it is closed
 /// (rule 8), 256 MiB: a client is sent reports of at most
@@ -115,6 +125,8 @@ const READ_AHEAD: usize = 4 << 20;
 /// ```
 pub struct SchedulerHandle {
     address: SocketAddr,
+    /// Where the dashboard answers, if it runs.
+    dashboard: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
     counts: Arc<Counts>,
@@ -141,6 +153,13 @@ impl SchedulerHandle {
     /// started on port 0).
     pub fn address(&self) -> SocketAddr {
         self.address
+    }
+
+    /// The address of the web dashboard ([`Options::dashboard`]), with
+    /// its real port; `None` when it does not run. Its page is
+    /// `http://ADDRESS/status`.
+    pub fn dashboard(&self) -> Option<SocketAddr> {
+        self.dashboard
     }
 
     /// Number of workers registered now, of every build.
@@ -283,6 +302,9 @@ pub struct Options {
     /// is also the biggest graph frame a client can send. Default 1 GiB,
     /// twice the largest frame.
     pub frame_budget: usize,
+    /// Where to serve the web dashboard (rule 9): `None` (the default),
+    /// none; port 0 picks a free port ([`SchedulerHandle::dashboard`]).
+    pub dashboard: Option<SocketAddr>,
 }
 
 impl Default for Options {
@@ -295,6 +317,7 @@ impl Default for Options {
             client_timeout: Duration::from_secs(60),
             stall_timeout: net::STALL_TIMEOUT,
             frame_budget: net::FRAME_BUDGET,
+            dashboard: None,
         }
     }
 }
@@ -381,6 +404,22 @@ impl Options {
         self
     }
 
+    /// These options serving the web dashboard on `address` (rule 9).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use rask_distributed::scheduler::{serve_with, Options};
+    /// let options = Options::default().dashboard("127.0.0.1:0".parse().unwrap());
+    /// let scheduler = serve_with("127.0.0.1:0".parse().unwrap(), options)?;
+    /// let page = format!("http://{}/status", scheduler.dashboard().unwrap());
+    /// # Ok::<(), rask_distributed::Error>(())
+    /// ```
+    pub fn dashboard(mut self, address: SocketAddr) -> Options {
+        self.dashboard = Some(address);
+        self
+    }
+
     /// How often workers are asked to send a heartbeat: within the range a
     /// worker accepts.
     fn heartbeat(&self) -> Duration {
@@ -433,6 +472,17 @@ pub fn serve_with(addr: SocketAddr, options: Options) -> Result<SchedulerHandle,
     });
     let listener = net::listen(addr).map_err(Error::Io)?;
     let address = listener.local_addr().map_err(Error::Io)?;
+    let dashboard = match options.dashboard {
+        Some(at) => {
+            let listener = net::listen(at).map_err(Error::Io)?;
+            let at = listener.local_addr().map_err(Error::Io)?;
+            let secret = auth.token().map(|t| t.expose_secret());
+            let access = Access::for_address(at, secret.as_deref());
+            Some((listener, at, access, Arc::new(Board::default())))
+        }
+        None => None,
+    };
+    let dashboard_address = dashboard.as_ref().map(|(_, at, _, _)| *at);
     let runtime = net::runtime().map_err(Error::Io)?;
     let handle = runtime.handle().clone();
     let (locals, locals_rx) = mpsc::unbounded_channel();
@@ -444,9 +494,23 @@ pub fn serve_with(addr: SocketAddr, options: Options) -> Result<SchedulerHandle,
         .name("rask-scheduler".into())
         .spawn(move || {
             runtime.block_on(async move {
+                let mut board = None;
+                if let Some((listener, _, access, shown)) = dashboard {
+                    match TcpListener::from_std(listener) {
+                        Ok(listener) => {
+                            tokio::spawn(dashboard::serve(listener, shown.clone(), access));
+                            board = Some(shown);
+                        }
+                        Err(e) => log!("scheduler: cannot serve the dashboard: {e}"),
+                    }
+                }
                 match TcpListener::from_std(listener) {
                     Ok(listener) => {
-                        run(listener, locals_rx, stop_rx, count, options, required).await
+                        let served = Served { address, board };
+                        run(
+                            listener, locals_rx, stop_rx, count, options, required, served,
+                        )
+                        .await
                     }
                     Err(e) => log!("scheduler: cannot listen: {e}"),
                 }
@@ -455,6 +519,7 @@ pub fn serve_with(addr: SocketAddr, options: Options) -> Result<SchedulerHandle,
         .map_err(Error::Io)?;
     Ok(SchedulerHandle {
         address,
+        dashboard: dashboard_address,
         stop: Some(stop),
         thread: Some(thread),
         counts,
@@ -512,14 +577,37 @@ struct Conn {
     /// A client of this process, through memory: never timed out.
     local: bool,
     writer: net::Writer,
+    /// A client that asked for task events (rule 9).
+    watching: bool,
+    /// A worker's resident memory, as it last said.
+    memory_bytes: Option<u64>,
     // Dropping it ends the reader task, which closes the socket.
     _kill: oneshot::Sender<()>,
 }
 
 /// The shell's outbox: one batch per connection, flushed after each burst.
-#[derive(Default)]
 struct Batches {
     by_conn: HashMap<u32, Batch>,
+    /// The build whose state machine is handling a message now.
+    current: BuildId,
+    /// Whether every build's task events are wanted (a dashboard runs).
+    all: bool,
+    /// The connections of the clients watching each build (rule 9).
+    watched: HashMap<BuildId, Vec<u32>>,
+    /// Task events of this burst, counted at the flush.
+    events: Vec<WireEvent>,
+}
+
+impl Default for Batches {
+    fn default() -> Self {
+        Batches {
+            by_conn: HashMap::new(),
+            current: BuildId::NONE,
+            all: false,
+            watched: HashMap::new(),
+            events: Vec::new(),
+        }
+    }
 }
 
 impl Outbox for Batches {
@@ -528,6 +616,22 @@ impl Outbox for Batches {
     }
     fn to_client(&mut self, client: ClientId, msg: ToClient) {
         self.by_conn.entry(client.0).or_default().push(&msg);
+    }
+    fn watching(&self) -> bool {
+        self.all || self.watched.contains_key(&self.current)
+    }
+    /// Sent at once, in order with the other messages to each watcher: a
+    /// client hears that a task finished before its result arrives.
+    fn task_event(&mut self, event: WireEvent) {
+        if let Some(conns) = self.watched.get(&self.current) {
+            for &conn in conns {
+                let msg = ToClient::TaskEvents {
+                    events: vec![event.clone()],
+                };
+                self.by_conn.entry(conn).or_default().push(&msg);
+            }
+        }
+        self.events.push(event);
     }
 }
 
@@ -558,6 +662,17 @@ struct Shell {
     options: Options,
     /// When silent workers were last looked for (rule 4).
     last_check: Instant,
+    /// The dashboard's board and the counts of watched events (rule 9).
+    history: History,
+    /// `tcp://host:port`, as snapshots name the scheduler.
+    address: String,
+}
+
+/// Where the scheduler answers: its address, and the board of its
+/// dashboard if one runs.
+struct Served {
+    address: SocketAddr,
+    board: Option<Arc<Board>>,
 }
 
 async fn run(
@@ -567,6 +682,7 @@ async fn run(
     counts: Arc<Counts>,
     options: Options,
     auth: Arc<Auth>,
+    served: Served,
 ) {
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let limits = net::Limits::new(options.frame_budget, options.stall_timeout);
@@ -592,13 +708,26 @@ async fn run(
     });
     let mut silence = tokio::time::interval(options.heartbeat());
     silence.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The board's snapshot is refreshed this often; without a dashboard
+    // the tick is rare and does nothing.
+    let mut refresh = tokio::time::interval(if served.board.is_some() {
+        dashboard::UPDATE_EVERY
+    } else {
+        Duration::from_secs(3600)
+    });
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut shell = Shell {
         partitions: HashMap::new(),
         conns: HashMap::new(),
         clients: 0,
-        out: Batches::default(),
+        out: Batches {
+            all: served.board.is_some(),
+            ..Batches::default()
+        },
         options,
         last_check: Instant::now(),
+        history: History::new(served.board),
+        address: format!("tcp://{}", served.address),
     };
     loop {
         tokio::select! {
@@ -637,6 +766,7 @@ async fn run(
                     shell.publish(&counts);
                 }
             }
+            _ = refresh.tick() => shell.refresh_board(),
         }
     }
 }
@@ -836,6 +966,8 @@ impl Shell {
                         last_heard: Instant::now(),
                         held,
                         local,
+                        watching: false,
+                        memory_bytes: None,
                         writer,
                         _kill: kill,
                     },
@@ -867,6 +999,38 @@ impl Shell {
         build: BuildId,
         msg: ToScheduler,
     ) -> Result<(), &'static str> {
+        self.out.current = build;
+        let msg = match (kind, msg) {
+            (Kind::Client(client), ToScheduler::Watch { on }) => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.watching = on;
+                }
+                self.rewatch();
+                let _ = client;
+                return Ok(());
+            }
+            (Kind::Client(client), ToScheduler::Info { id }) => {
+                let snapshot = self.snapshot(Some(build));
+                self.out.to_client(client, ToClient::Info { id, snapshot });
+                return Ok(());
+            }
+            (Kind::Client(client), ToScheduler::WhoHas { id, keys }) => {
+                let state = self.partitions.get(&build).map(|p| &p.state);
+                let holders = keys
+                    .iter()
+                    .map(|k| state.map_or_else(Vec::new, |s| s.who_has(k).to_vec()))
+                    .collect();
+                self.out.to_client(client, ToClient::WhoHas { id, holders });
+                return Ok(());
+            }
+            (Kind::Worker(_), ToScheduler::Resources { memory_bytes }) => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.memory_bytes = Some(memory_bytes);
+                }
+                return Ok(());
+            }
+            (_, msg) => msg,
+        };
         if let (Kind::Client(client), ToScheduler::UpdateGraph { tasks, wanted }) = (kind, &msg) {
             if let Some(why) = self.no_worker_of(build) {
                 if let Some(c) = self.conns.get_mut(&conn) {
@@ -932,8 +1096,17 @@ impl Shell {
                     nbytes,
                     duration_ns,
                     value,
+                    thread,
                 },
-            ) => state.on_task_finished(w, key, nbytes, duration_ns, value, out),
+            ) => {
+                let report = state::Finished {
+                    nbytes,
+                    duration_ns,
+                    value,
+                    thread,
+                };
+                state.on_task_finished(w, key, report, out)
+            }
             (Kind::Worker(w), ToScheduler::TaskErred { key, failure }) => {
                 state.on_task_erred(w, key, failure, out)
             }
@@ -967,6 +1140,10 @@ impl Shell {
             );
         }
         self.out.by_conn.remove(&conn);
+        if c.watching {
+            self.rewatch();
+        }
+        self.out.current = c.build;
         let partition = self
             .partitions
             .entry(c.build)
@@ -1066,11 +1243,69 @@ impl Shell {
         !silent.is_empty()
     }
 
-    /// Sends what the handlers produced, one batch per connection (rule 3).
+    /// The builds some client watches (rule 9).
+    fn rewatch(&mut self) {
+        let mut watched: HashMap<BuildId, Vec<u32>> = HashMap::new();
+        for (&conn, c) in &self.conns {
+            if c.watching {
+                watched.entry(c.build).or_default().push(conn);
+            }
+        }
+        self.out.watched = watched;
+    }
+
+    /// The snapshot of one build's partition, or of every one.
+    fn snapshot(&self, build: Option<BuildId>) -> rask_executor::diagnostics::Snapshot {
+        let shells: HashMap<WorkerId, WorkerShell> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| build.is_none_or(|b| c.build == b))
+            .filter_map(|(_, c)| match c.kind {
+                Kind::Worker(w) => Some((
+                    w,
+                    WorkerShell {
+                        last_heard: c.last_heard,
+                        memory_bytes: c.memory_bytes,
+                    },
+                )),
+                _ => None,
+            })
+            .collect();
+        let clients = self
+            .conns
+            .values()
+            .filter(|c| matches!(c.kind, Kind::Client(_)))
+            .filter(|c| build.is_none_or(|b| c.build == b))
+            .count();
+        let states = self
+            .partitions
+            .iter()
+            .filter(move |(b, _)| build.is_none_or(|want| **b == want))
+            .map(|(_, p)| &p.state);
+        self.history.snapshot(
+            &self.address,
+            u32::try_from(clients).unwrap_or(u32::MAX),
+            states,
+            &shells,
+        )
+    }
+
+    /// Puts a fresh snapshot on the dashboard's board (rule 9).
+    fn refresh_board(&mut self) {
+        if let Some(board) = self.history.board().cloned() {
+            board.publish(self.snapshot(None));
+        }
+    }
+
+    /// Sends what the handlers produced, one batch per connection (rule 3),
+    /// once their task events are on record for the dashboard (rule 9).
     /// A connection whose writer refuses (rule 8) is closed, and what that
     /// produces is sent in turn.
     fn flush(&mut self) {
         loop {
+            for event in std::mem::take(&mut self.out.events) {
+                self.history.record(&event);
+            }
             let mut refused = Vec::new();
             for (conn, mut batch) in self.out.by_conn.drain() {
                 if batch.is_empty() {

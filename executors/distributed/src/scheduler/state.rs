@@ -12,9 +12,11 @@ use std::sync::Arc;
 use rask_executor::Key;
 
 use super::placement::{self, Choice, Load, LOCALITY_BYTES};
+use rask_executor::diagnostics::Counts;
+
 use crate::protocol::{
-    TaskSpec, ToClient, ToWorker, WireFailure, WireFailureKind, WireKey, WorkerId, INLINE_BYTES,
-    MAX_THREADS,
+    TaskSpec, ToClient, ToWorker, WireEvent, WireEventKind, WireFailure, WireFailureKind, WireKey,
+    WorkerId, INLINE_BYTES, MAX_THREADS,
 };
 
 /// A task that was running on this many workers when they died fails
@@ -39,12 +41,52 @@ pub(crate) enum Reporter {
     Worker(WorkerId),
 }
 
+/// Whether a task with this function is work of its own, which events and
+/// counts report: not a value or a failure a client sent in its stead
+/// (`rask_executor::Op::is_work`).
+fn is_work(function: &str) -> bool {
+    function != rask_executor::VALUE_FUNCTION
+        && function != rask_executor::REMOTE_FUNCTION
+        && function != rask_executor::FAIL_FUNCTION
+}
+
+/// What a worker says of a task it finished (`ToScheduler::TaskFinished`).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Finished {
+    pub(crate) nbytes: u64,
+    pub(crate) duration_ns: u64,
+    pub(crate) value: Option<Arc<[u8]>>,
+    pub(crate) thread: u32,
+}
+
+/// One worker as [`State::census`] counts it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct WorkerCensus {
+    pub(crate) id: WorkerId,
+    pub(crate) address: String,
+    pub(crate) threads: u32,
+    /// Tasks sent to it and not reported.
+    pub(crate) running: u64,
+    /// Bytes and number of the values it holds.
+    pub(crate) data_bytes: u64,
+    pub(crate) keys: u64,
+}
+
 /// Where handlers put the messages they send.
 pub(crate) trait Outbox {
     /// Queues `msg` for `worker` (dropped if it is gone).
     fn to_worker(&mut self, worker: WorkerId, msg: ToWorker);
     /// Queues `msg` for `client` (dropped if it is gone).
     fn to_client(&mut self, client: ClientId, msg: ToClient);
+    /// Whether anyone wants task events (a dashboard, a watching client):
+    /// handlers build them only then.
+    fn watching(&self) -> bool {
+        false
+    }
+    /// What happened to a task (asked only while `watching`).
+    fn task_event(&mut self, event: WireEvent) {
+        let _ = event;
+    }
 }
 
 /// A slot index plus a generation, so a stale id never names a new task.
@@ -259,6 +301,57 @@ impl State {
 
     // ----- queries (tests, the shell) -----
 
+    /// Adds this state's live tasks to `by_name`, counted by name and
+    /// state, and one figure per worker to `workers` (the dashboard, the
+    /// clients' `Info`). A full scan: asked a few times a second at most.
+    pub(crate) fn census(
+        &self,
+        by_name: &mut HashMap<Arc<str>, Counts>,
+        workers: &mut Vec<WorkerCensus>,
+    ) {
+        let first = workers.len();
+        let index: HashMap<WorkerId, usize> = self
+            .workers
+            .keys()
+            .enumerate()
+            .map(|(i, &id)| (id, first + i))
+            .collect();
+        workers.extend(self.workers.iter().map(|(&id, w)| WorkerCensus {
+            id,
+            address: w.address.clone(),
+            threads: w.load.threads,
+            running: 0,
+            data_bytes: 0,
+            keys: 0,
+        }));
+        for task in self.slots.iter().filter_map(|s| s.task.as_ref()) {
+            if !is_work(&task.function) {
+                continue;
+            }
+            let counts = by_name.entry(task.name.clone()).or_default();
+            match &task.state {
+                TaskState::Released => {}
+                TaskState::Waiting | TaskState::Queued => counts.waiting += 1,
+                TaskState::Processing(w) => {
+                    counts.processing += 1;
+                    if let Some(&i) = index.get(w) {
+                        workers[i].running += 1;
+                    }
+                }
+                TaskState::Memory => {
+                    counts.memory += 1;
+                    for w in &task.who_has {
+                        if let Some(&i) = index.get(w) {
+                            workers[i].data_bytes += task.nbytes;
+                            workers[i].keys += 1;
+                        }
+                    }
+                }
+                TaskState::Erred(_) => counts.erred += 1,
+            }
+        }
+    }
+
     /// Number of registered workers.
     pub(crate) fn worker_count(&self) -> usize {
         self.workers.len()
@@ -282,7 +375,6 @@ impl State {
     }
 
     /// Workers holding `key`.
-    #[cfg(test)]
     pub(crate) fn who_has(&self, key: &WireKey) -> &[WorkerId] {
         match self.by_key.get(&Key(*key)) {
             Some(id) => &self.task(*id).who_has,
@@ -332,6 +424,22 @@ impl State {
         };
         self.by_key.insert(key, id);
         id
+    }
+
+    /// Tells the outbox what happened to `id`, if anyone watches and it is
+    /// work of its own (not a value a client sent).
+    fn event(&self, id: TaskId, kind: WireEventKind, out: &mut impl Outbox) {
+        if out.watching() {
+            let task = self.task(id);
+            if !is_work(&task.function) {
+                return;
+            }
+            out.task_event(WireEvent {
+                key: task.key.0,
+                name: task.name.clone(),
+                kind,
+            });
+        }
     }
 
     fn remove(&mut self, id: TaskId) -> Task {
@@ -483,6 +591,7 @@ impl State {
         running.sort_unstable();
         running.truncate(threads as usize + 1);
         for id in lost {
+            self.event(id, WireEventKind::Lost { worker }, out);
             self.lose(id, out);
         }
         for id in requeue {
@@ -680,11 +789,15 @@ impl State {
         &mut self,
         worker: WorkerId,
         key: WireKey,
-        nbytes: u64,
-        duration_ns: u64,
-        value: Option<Arc<[u8]>>,
+        report: Finished,
         out: &mut impl Outbox,
     ) {
+        let Finished {
+            nbytes,
+            duration_ns,
+            value,
+            thread,
+        } = report;
         let Some(&id) = self.by_key.get(&Key(key)) else {
             out.to_worker(worker, ToWorker::Release { key });
             return;
@@ -712,6 +825,16 @@ impl State {
         task.nbytes = nbytes;
         // Bounded, whatever a worker sends.
         task.inline = value.filter(|v| v.len() <= INLINE_BYTES);
+        self.event(
+            id,
+            WireEventKind::Finished {
+                worker,
+                thread,
+                duration_ns,
+                nbytes,
+            },
+            out,
+        );
         self.deactivate(id);
         self.in_memory(id, out);
         self.unsettled.push(id);
@@ -1101,7 +1224,12 @@ impl State {
                 }
                 self.unload(id);
             }
+            let ran_on = match self.task(id).state {
+                TaskState::Processing(w) if id == origin => Some(w),
+                _ => None,
+            };
             self.task_mut(id).state = TaskState::Erred(failure.clone());
+            self.event(id, WireEventKind::Erred { worker: ran_on }, out);
             if was_active {
                 self.deactivate(id);
             }
@@ -1148,6 +1276,7 @@ impl State {
                     }
                     TaskState::Memory => {
                         let key = task.key.0;
+                        self.event(id, WireEventKind::Released, out);
                         let task = self.task_mut(id);
                         task.state = TaskState::Released;
                         task.inline = None;
@@ -1291,6 +1420,7 @@ impl State {
                 retries: task.retries,
             },
         );
+        self.event(id, WireEventKind::Started { worker }, out);
         let now = self.tick();
         let task = self.task_mut(id);
         task.state = TaskState::Processing(worker);

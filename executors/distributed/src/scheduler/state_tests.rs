@@ -101,7 +101,17 @@ fn setup(n: u32) -> (State, Rec) {
 }
 
 fn finish(s: &mut State, out: &mut Rec, w: WorkerId, key: u8, nbytes: u64) {
-    s.on_task_finished(w, k(key), nbytes, 1_000, None, out);
+    s.on_task_finished(
+        w,
+        k(key),
+        Finished {
+            nbytes,
+            duration_ns: 1_000,
+            value: None,
+            thread: 0,
+        },
+        out,
+    );
     s.check_invariants();
 }
 
@@ -301,7 +311,17 @@ fn lost_worker_tasks_are_rescheduled_and_lost_keys_recomputed() {
     finish(&mut s, &mut out, W1, 3, 8);
     assert_eq!(out.told(), vec![(C0, k(3), Ok(vec![W1]))]);
     // A stale message from the dead worker changes nothing.
-    s.on_task_finished(W0, k(3), 8, 1, None, &mut out);
+    s.on_task_finished(
+        W0,
+        k(3),
+        Finished {
+            nbytes: 8,
+            duration_ns: 1,
+            value: None,
+            thread: 0,
+        },
+        &mut out,
+    );
     s.check_invariants();
     assert_eq!(s.who_has(&k(3)), &[W1]);
 }
@@ -436,7 +456,17 @@ fn many_dependents_of_one_input_stay_cheap() {
     s.on_update_graph(C0, graph, wanted.clone(), &mut out);
     let mut pending = out.computes();
     while let Some((w, key)) = pending.pop() {
-        s.on_task_finished(w, key, 8, 1_000, None, &mut out);
+        s.on_task_finished(
+            w,
+            key,
+            Finished {
+                nbytes: 8,
+                duration_ns: 1_000,
+                value: None,
+                thread: 0,
+            },
+            &mut out,
+        );
         pending.extend(out.computes());
     }
     s.check_invariants();
@@ -525,7 +555,17 @@ fn a_worker_death_sends_early_tasks_back_to_wait() {
     // The whole chain goes to the survivor, early again.
     assert_eq!(out.computes(), vec![(W1, k(1)), (W1, k(2)), (W1, k(3))]);
     // A stale report from the dead worker changes nothing (S6).
-    s.on_task_finished(W0, k(2), 8, 1, None, &mut out);
+    s.on_task_finished(
+        W0,
+        k(2),
+        Finished {
+            nbytes: 8,
+            duration_ns: 1,
+            value: None,
+            thread: 0,
+        },
+        &mut out,
+    );
     s.check_invariants();
     assert_eq!(s.state_of(&k(2)), Some(&TaskState::Processing(W1)));
     for i in 1..=3 {
@@ -633,7 +673,17 @@ fn small_values_travel_with_their_report_while_in_memory() {
     s.on_update_graph(C0, vec![spec(1, &[])], vec![k(1)], &mut out);
     out.computes();
     let small: Arc<[u8]> = Arc::from(&[7u8][..]);
-    s.on_task_finished(W0, k(1), 1, 1_000, Some(small.clone()), &mut out);
+    s.on_task_finished(
+        W0,
+        k(1),
+        Finished {
+            nbytes: 1,
+            duration_ns: 1_000,
+            value: Some(small.clone()),
+            thread: 0,
+        },
+        &mut out,
+    );
     s.check_invariants();
     assert_eq!(
         inline_values(&mut out),
@@ -649,7 +699,17 @@ fn small_values_travel_with_their_report_while_in_memory() {
     assert_eq!(out.computes(), vec![(W0, k(1))]);
     // Bytes over the limit are not kept, whatever a worker sends.
     let big: Arc<[u8]> = vec![0u8; INLINE_BYTES + 1].into();
-    s.on_task_finished(W0, k(1), big.len() as u64, 1_000, Some(big), &mut out);
+    s.on_task_finished(
+        W0,
+        k(1),
+        Finished {
+            nbytes: big.len() as u64,
+            duration_ns: 1_000,
+            value: Some(big),
+            thread: 0,
+        },
+        &mut out,
+    );
     s.check_invariants();
     let mut told = inline_values(&mut out);
     told.sort_by_key(|t| t.0);
@@ -681,7 +741,17 @@ fn extreme_numbers_from_workers_do_not_overflow() {
             break;
         }
         for (w, key) in computes {
-            s.on_task_finished(w, key, u64::MAX, u64::MAX, None, &mut out);
+            s.on_task_finished(
+                w,
+                key,
+                Finished {
+                    nbytes: u64::MAX,
+                    duration_ns: u64::MAX,
+                    value: None,
+                    thread: 0,
+                },
+                &mut out,
+            );
             s.check_invariants();
             ran.push(key[0]);
         }
@@ -791,7 +861,17 @@ fn fetched_by_w1() -> (State, Rec) {
     s.on_update_graph(C0, vec![spec(1, &[])], vec![k(1)], &mut out);
     assert_eq!(out.computes(), vec![(W0, k(1))]);
     // A task of a second: windows of 2 per thread from now on.
-    s.on_task_finished(W0, k(1), 8, 1_000_000_000, None, &mut out);
+    s.on_task_finished(
+        W0,
+        k(1),
+        Finished {
+            nbytes: 8,
+            duration_ns: 1_000_000_000,
+            value: None,
+            thread: 0,
+        },
+        &mut out,
+    );
     assert_eq!(out.told(), vec![(C0, k(1), Ok(vec![W0]))]);
     let graph = vec![spec(1, &[]), spec(2, &[1]), spec(3, &[1]), spec(4, &[1])];
     s.on_update_graph(C1, graph, vec![k(2), k(3), k(4)], &mut out);
@@ -809,7 +889,17 @@ fn results_count_only_from_the_worker_the_task_was_sent_to() {
     // W1 was not sent 1: its result (bytes and all), its failure and its
     // giving the task back change nothing (S6, S10).
     let forged: Arc<[u8]> = Arc::from(&b"forged"[..]);
-    s.on_task_finished(W1, k(1), 6, 1_000, Some(forged.clone()), &mut out);
+    s.on_task_finished(
+        W1,
+        k(1),
+        Finished {
+            nbytes: 6,
+            duration_ns: 1_000,
+            value: Some(forged.clone()),
+            thread: 0,
+        },
+        &mut out,
+    );
     s.on_task_erred(W1, k(1), failure(1), &mut out);
     s.on_task_abandoned(W1, k(1), &mut out);
     s.check_invariants();
@@ -819,13 +909,33 @@ fn results_count_only_from_the_worker_the_task_was_sent_to() {
     assert!(out.computes().is_empty());
     // W0's result is the one its client gets.
     let real: Arc<[u8]> = Arc::from(&b"real"[..]);
-    s.on_task_finished(W0, k(1), 4, 1_000, Some(real.clone()), &mut out);
+    s.on_task_finished(
+        W0,
+        k(1),
+        Finished {
+            nbytes: 4,
+            duration_ns: 1_000,
+            value: Some(real.clone()),
+            thread: 0,
+        },
+        &mut out,
+    );
     assert_eq!(
         inline_values(&mut out),
         vec![(C0, k(1), Some(real.clone()))]
     );
     // Once it is in memory, a "result" from W1 does not make W1 a holder.
-    s.on_task_finished(W1, k(1), 6, 1_000, Some(forged), &mut out);
+    s.on_task_finished(
+        W1,
+        k(1),
+        Finished {
+            nbytes: 6,
+            duration_ns: 1_000,
+            value: Some(forged),
+            thread: 0,
+        },
+        &mut out,
+    );
     s.check_invariants();
     assert_eq!(s.who_has(&k(1)), &[W0]);
     assert_eq!(out.releases(), vec![(W1, k(1))]);

@@ -1194,6 +1194,9 @@ async fn turn(io: &mut Io, worker: &Worker) -> Option<Ended> {
             }
             if std::mem::take(&mut io.heartbeat_due) {
                 c.out.to_scheduler(ToScheduler::Heartbeat);
+                if let Some(memory_bytes) = resident_memory() {
+                    c.out.to_scheduler(ToScheduler::Resources { memory_bytes });
+                }
             }
             c.route();
             std::mem::swap(&mut c.to_pool, &mut io.to_pool);
@@ -1469,6 +1472,16 @@ impl Speeds {
     }
 }
 
+/// This process's resident memory in bytes, from `/proc/self/statm` (the
+/// dashboard's workers table); `None` where it cannot be read.
+fn resident_memory() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // Linux pages are 4 KiB on the platforms rask builds for, save a few
+    // with larger pages, where this underestimates.
+    Some(pages.saturating_mul(4096).min(crate::protocol::MAX_MEMORY))
+}
+
 /// Runs one job and encodes its value.
 fn run_job(job: Job) -> Done {
     let Job {
@@ -1538,6 +1551,7 @@ fn run_job(job: Job) -> Done {
         outcome,
         duration_ns,
         inline,
+        thread: pool::lane(),
     }
 }
 
@@ -1580,6 +1594,7 @@ mod tests {
             }),
             duration_ns: micros * 1000,
             inline: None,
+            thread: 0,
         }
     }
 

@@ -117,7 +117,12 @@ impl Pool {
         self.seats().push(me.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("rask-worker-{index}"))
-            .spawn(move || compute_thread(&shared, &mine));
+            .spawn(move || {
+                LANE.with(|lane| {
+                    lane.set(u32::try_from(index).unwrap_or(u32::MAX).saturating_add(1))
+                });
+                compute_thread(&shared, &mine)
+            });
         if let Err(e) = spawned {
             log!("worker: could not start compute thread {index}: {e}");
             self.seats().retain(|s| !Arc::ptr_eq(s, &me));
@@ -173,6 +178,19 @@ impl Pool {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+thread_local! {
+    /// Where task events place a task run on this thread: 0 on the
+    /// worker's network thread (short tasks run there), `i + 1` on compute
+    /// thread `i`.
+    static LANE: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// This thread's lane for task events (see `LANE`).
+pub(crate) fn lane() -> u32 {
+    LANE.with(std::cell::Cell::get)
+        .min(crate::protocol::MAX_THREADS)
 }
 
 fn compute_thread(shared: &Arc<Shared>, me: &SeatRef) {

@@ -106,6 +106,8 @@ pub(crate) struct Done {
     pub(crate) duration_ns: u64,
     /// The value's encoding, if small enough to go with the report.
     pub(crate) inline: Option<Arc<[u8]>>,
+    /// The lane of the thread it ran on (`pool::lane`).
+    pub(crate) thread: u32,
 }
 
 /// Where the worker's handlers put what they send.
@@ -199,6 +201,7 @@ impl WorkerState {
                 nbytes: stored.nbytes,
                 duration_ns: 0,
                 value: None,
+                thread: 0,
             });
             return;
         }
@@ -341,6 +344,7 @@ impl WorkerState {
                     nbytes,
                     duration_ns: done.duration_ns,
                     value: done.inline,
+                    thread: done.thread,
                 });
             }
             Err(failure) => {
@@ -651,6 +655,7 @@ mod tests {
             Done {
                 duration_ns: 5,
                 inline: Some(Arc::from(&[3u8][..])),
+                thread: 1,
                 ..done(&job, Ok(stored))
             },
             &mut out,
@@ -662,6 +667,7 @@ mod tests {
                 nbytes: 1,
                 duration_ns: 5,
                 value: Some(Arc::from(&[3u8][..])),
+                thread: 1,
             }]
         );
         assert_eq!(s.pending(), 0);
@@ -823,6 +829,7 @@ mod tests {
             outcome,
             duration_ns: 1,
             inline: None,
+            thread: 0,
         }
     }
 
@@ -855,6 +862,7 @@ mod tests {
                 nbytes: 1,
                 duration_ns: 1,
                 value: None,
+                thread: 0,
             }]
         );
     }

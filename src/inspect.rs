@@ -1,0 +1,178 @@
+//! Looking at the executor behind a [`Client`] (Dask's `scheduler_info`,
+//! `wait_for_workers`, `who_has`, `dashboard_link`).
+//!
+//! On a cluster the answers come from its scheduler. Executors in this
+//! process answer as a cluster of one worker would: this process, with its
+//! threads.
+
+use std::time::{Duration, Instant};
+
+use rask_executor::diagnostics::{Counts, Snapshot, WorkerRow, SCHEMA_VERSION};
+
+use crate::backend::Backend;
+use crate::client::{Client, State};
+use crate::future::Future;
+use crate::{Error, Result, TaskKey};
+
+/// What "this process" is called where a cluster names a worker.
+const THIS_PROCESS: &str = "this process";
+
+impl Client {
+    /// What the executor looks like now: its workers (threads, tasks
+    /// running, memory, data held, last heartbeat) and the tasks of this
+    /// program per state and per function (Dask's `scheduler_info`). On a
+    /// cluster, its scheduler answers for this program's build; on
+    /// `sync` and `threads`, the answer is one worker, this process, and
+    /// the futures this client holds.
+    ///
+    /// # Errors
+    ///
+    /// On a cluster, [`Error::Distributed`] when its scheduler cannot be
+    /// asked (not connected, no answer within 10 s).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let client = rask::Client::threads(2)?;
+    /// let info = client.scheduler_info()?;
+    /// assert_eq!(info.workers.len(), 1);
+    /// assert_eq!(info.workers[0].threads, 2);
+    /// # Ok::<(), rask::Error>(())
+    /// ```
+    pub fn scheduler_info(&self) -> Result<Snapshot> {
+        let threads = match &self.inner.backend {
+            #[cfg(feature = "distributed")]
+            Backend::Distributed(cluster) => return Ok(cluster.client().info()?),
+            Backend::Synchronous(_) => 1,
+            #[cfg(feature = "threaded")]
+            Backend::Threads(pool) => pool.threads(),
+        };
+        let (pending, finished) = self.inner.counts();
+        let totals = Counts {
+            waiting: pending,
+            memory: finished,
+            done: finished,
+            ..Counts::default()
+        };
+        Ok(Snapshot {
+            version: SCHEMA_VERSION,
+            scheduler: self.inner.kind.to_string(),
+            uptime_ms: 0,
+            clients: 1,
+            tasks_per_second: 0.0,
+            totals,
+            functions: Vec::new(),
+            workers: vec![WorkerRow {
+                id: 0,
+                address: THIS_PROCESS.to_owned(),
+                threads: u32::try_from(threads).unwrap_or(u32::MAX),
+                running: 0,
+                memory_bytes: None,
+                data_bytes: 0,
+                keys: finished,
+                last_heartbeat_ms: 0,
+                utilisation: None,
+            }],
+        })
+    }
+
+    /// Waits until the executor has at least `n` workers (Dask's
+    /// `wait_for_workers`): on a cluster, workers of this program's build
+    /// registered with its scheduler. Executors in this process have one
+    /// worker, this process.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`] when fewer than `n` are there after `timeout`
+    /// (at once on an executor in this process, which never has more than
+    /// one); as [`scheduler_info`](Client::scheduler_info) otherwise.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let client = rask::Client::synchronous()?;
+    /// client.wait_for_workers(1, Duration::from_secs(1))?;
+    /// assert!(client.wait_for_workers(2, Duration::from_secs(1)).is_err());
+    /// # Ok::<(), rask::Error>(())
+    /// ```
+    pub fn wait_for_workers(&self, n: usize, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let have = self.scheduler_info()?.workers.len();
+            if have >= n {
+                return Ok(());
+            }
+            if !self.inner.backend.is_remote() || Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    task: None,
+                    after: timeout,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Where the value of each finished future is held (Dask's `who_has`):
+    /// the data ports (`host:port`) of the workers holding it on a cluster,
+    /// `this process` on `sync` and `threads`; nothing for a future that
+    /// is not finished, or whose value was brought into this process and
+    /// released on the cluster.
+    ///
+    /// # Errors
+    ///
+    /// As [`scheduler_info`](Client::scheduler_info).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// fn inc(x: i64) -> i64 { x + 1 }
+    /// let client = rask::Client::synchronous()?;
+    /// let f = client.submit(rask::delayed!(inc(1)))?;
+    /// let held = client.who_has(&[f.clone()])?;
+    /// assert_eq!(held, vec![(f.key(), vec!["this process".to_string()])]);
+    /// # Ok::<(), rask::Error>(())
+    /// ```
+    pub fn who_has<T>(&self, futures: &[Future<T>]) -> Result<Vec<(TaskKey, Vec<String>)>> {
+        #[cfg(feature = "distributed")]
+        if let Backend::Distributed(cluster) = &self.inner.backend {
+            let keys: Vec<rask_executor::Key> = futures.iter().map(|f| f.key().key()).collect();
+            let holders = cluster.client().who_has(&keys)?;
+            return Ok(futures.iter().map(|f| f.key()).zip(holders).collect());
+        }
+        Ok(futures
+            .iter()
+            .map(|f| {
+                let (shared, key) = f.parts();
+                let here = match shared.state(key) {
+                    State::Finished(_) => vec![THIS_PROCESS.to_owned()],
+                    _ => Vec::new(),
+                };
+                (f.key(), here)
+            })
+            .collect())
+    }
+
+    /// The address of the live dashboard, `http://HOST:PORT/status`, when
+    /// this client's cluster serves one: a local cluster started with
+    /// `RASK_DASHBOARD=ADDR` (`:0` picks a port). `None` otherwise, also
+    /// for a cluster this process connected to by address (its dashboard
+    /// is printed by `rask-scheduler`).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let client = rask::Client::threads(2)?;
+    /// assert_eq!(client.dashboard_link(), None);
+    /// # Ok::<(), rask::Error>(())
+    /// ```
+    pub fn dashboard_link(&self) -> Option<String> {
+        match &self.inner.backend {
+            #[cfg(feature = "distributed")]
+            Backend::Distributed(cluster) => {
+                cluster.dashboard().map(|at| format!("http://{at}/status"))
+            }
+            _ => None,
+        }
+    }
+}

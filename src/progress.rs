@@ -1,0 +1,451 @@
+//! Progress bars (Dask's `progress` and `ProgressBar`): a consumer of the
+//! executors' task events (`rask_executor::events`).
+//!
+//! Rules:
+//!
+//! 1. A bar tracks a fixed set of tasks, known when it starts: a plan's
+//!    tasks for `compute` and `persist`, the tasks behind the futures given
+//!    to [`progress`]. A task counts once, when it finishes or errs; events
+//!    about other tasks are ignored.
+//! 2. A bar is done when the work it watches is done — `compute` returned,
+//!    every future finished — whatever events arrived: tasks it never heard
+//!    of (folded into a fused task, run before it started listening) count
+//!    as done then, so a finished bar always reads 100 %.
+//! 3. Output goes to stderr only, on one line redrawn in place, so a
+//!    program's own lines are never erased. When stderr is not a terminal,
+//!    nothing is drawn and one plain line is printed at the end.
+
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rask_executor::events::{self, Event, EventKind, Subscription};
+use rask_executor::Key;
+
+use crate::client::Listener;
+use crate::future::Future;
+
+/// Where a progress display stands, for one function (see
+/// [`Progress::counts`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FunctionProgress {
+    /// The function's name, e.g. `inc`.
+    pub name: String,
+    /// Tasks of this function being watched.
+    pub total: u64,
+    /// Of those, finished successfully.
+    pub done: u64,
+    /// Of those, failed or not run because an input failed.
+    pub erred: u64,
+}
+
+/// A progress display drawing on stderr until the work it watches is done;
+/// returned by [`progress`]. Dropping it does not stop it.
+#[derive(Clone)]
+pub struct Progress {
+    tracker: Arc<Tracker>,
+}
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Progress")
+            .field("counts", &self.counts())
+            .field("done", &self.done())
+            .finish()
+    }
+}
+
+impl Progress {
+    /// Blocks until the watched work is done and the bar drew its last state.
+    pub fn wait(&self) {
+        let mut state = self.tracker.lock();
+        while !state.finished {
+            state = self
+                .tracker
+                .changed
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Whether the watched work is done.
+    pub fn done(&self) -> bool {
+        self.tracker.lock().finished
+    }
+
+    /// Counts per function, in the order the functions were first seen.
+    pub fn counts(&self) -> Vec<FunctionProgress> {
+        self.tracker.lock().counts()
+    }
+}
+
+/// Draws a progress bar on stderr for the work behind `futures` and
+/// returns at once (Dask's `progress`); the bar finishes by itself when
+/// every future is done. Shows tasks done out of the total, the rate and
+/// the time left, per function when there are several. When stderr is not
+/// a terminal, prints one plain line at the end instead.
+///
+/// The bar counts every task the futures still wait for, their inputs
+/// included; on a cluster, it counts them as the scheduler reports them.
+///
+/// # Examples
+///
+/// ```
+/// use rask::{delayed, Client};
+/// fn inc(x: i64) -> i64 { x + 1 }
+///
+/// let client = Client::threads(2)?;
+/// let futures = client.map(inc, 0..100)?;
+/// let bar = rask::progress(&futures);   // returns at once
+/// bar.wait();                           // the bar reached 100 %
+/// let counts = bar.counts();
+/// assert_eq!((counts[0].name.as_str(), counts[0].total, counts[0].done), ("inc", 100, 100));
+/// # Ok::<(), rask::Error>(())
+/// ```
+pub fn progress<W: Watch + ?Sized>(futures: &W) -> Progress {
+    let mut watched = Watched::default();
+    futures.watch(&mut watched);
+    let mut tasks = Vec::new();
+    for (shared, key, _) in &watched.futures {
+        shared.pending_tasks(*key, &mut tasks);
+    }
+    let tracker = Tracker::start(tasks);
+    let count = watched.futures.len();
+    tracker.lock().futures = count;
+    if count == 0 {
+        tracker.finish();
+    }
+    for (shared, key, _) in watched.futures {
+        let tracker = tracker.clone();
+        shared.on_done(
+            key,
+            Listener::Queue(Arc::new(move || tracker.future_done())),
+        );
+    }
+    Progress { tracker }
+}
+
+/// What [`progress`] can watch: a [`Future`], or a slice, array or `Vec`
+/// of them. Implemented by rask.
+pub trait Watch {
+    #[doc(hidden)]
+    fn watch(&self, out: &mut Watched);
+}
+
+/// The futures a [`Watch`] value names; not a public API.
+#[doc(hidden)]
+#[derive(Default)]
+pub struct Watched {
+    futures: Vec<(Arc<crate::client::Shared>, Key, ())>,
+}
+
+impl<T> Watch for Future<T> {
+    fn watch(&self, out: &mut Watched) {
+        let (shared, key) = self.parts();
+        out.futures.push((shared, key, ()));
+    }
+}
+
+impl<T> Watch for [Future<T>] {
+    fn watch(&self, out: &mut Watched) {
+        for future in self {
+            future.watch(out);
+        }
+    }
+}
+
+impl<T> Watch for Vec<Future<T>> {
+    fn watch(&self, out: &mut Watched) {
+        self.as_slice().watch(out);
+    }
+}
+
+impl<T, const N: usize> Watch for [Future<T>; N] {
+    fn watch(&self, out: &mut Watched) {
+        self.as_slice().watch(out);
+    }
+}
+
+/// A bar for one `compute` or `persist` of `tasks` (key and name of each
+/// task of its plan); finished with [`Bar::finish`].
+pub(crate) struct Bar {
+    tracker: Arc<Tracker>,
+}
+
+impl Bar {
+    pub(crate) fn start<'a>(tasks: impl IntoIterator<Item = (Key, &'a str)>) -> Bar {
+        Bar {
+            tracker: Tracker::start(tasks.into_iter().map(|(k, n)| (k, n.to_owned())).collect()),
+        }
+    }
+}
+
+impl Drop for Bar {
+    /// The work is over, however it ended (rule 2).
+    fn drop(&mut self) {
+        self.tracker.finish();
+    }
+}
+
+/// One function's row.
+struct Function {
+    name: String,
+    total: u64,
+    done: u64,
+    erred: u64,
+}
+
+struct Tracker {
+    state: Mutex<TrackerState>,
+    changed: Condvar,
+    bar: ProgressBar,
+    /// Whether stderr is a terminal: bars drawn, else one line at the end.
+    terminal: bool,
+    started: Instant,
+}
+
+struct TrackerState {
+    /// Tasks not yet finished: key to index in `functions`.
+    pending: HashMap<Key, usize>,
+    functions: Vec<Function>,
+    /// Watched futures not yet done.
+    futures: usize,
+    finished: bool,
+    /// When the per-function message was last redrawn.
+    message_at: Option<Instant>,
+    subscription: Option<Subscription>,
+}
+
+impl TrackerState {
+    fn counts(&self) -> Vec<FunctionProgress> {
+        self.functions
+            .iter()
+            .map(|f| FunctionProgress {
+                name: f.name.clone(),
+                total: f.total,
+                done: f.done,
+                erred: f.erred,
+            })
+            .collect()
+    }
+
+    /// `inc 40/100 · add 12/100 · 2 erred`, or empty for one function and no
+    /// error (the bar says it all).
+    fn message(&self) -> String {
+        let erred: u64 = self.functions.iter().map(|f| f.erred).sum();
+        let mut parts: Vec<String> = Vec::new();
+        if self.functions.len() > 1 {
+            parts.extend(
+                self.functions
+                    .iter()
+                    .map(|f| format!("{} {}/{}", f.name, f.done + f.erred, f.total)),
+            );
+        }
+        if erred > 0 {
+            parts.push(format!("{erred} erred"));
+        }
+        parts.join(" · ")
+    }
+}
+
+/// How often the per-function text is rebuilt: the bar's numbers are
+/// drawn at most this often anyway.
+const MESSAGE_EVERY: Duration = Duration::from_millis(100);
+
+impl Tracker {
+    fn start(tasks: Vec<(Key, String)>) -> Arc<Tracker> {
+        let mut functions: Vec<Function> = Vec::new();
+        let mut index: HashMap<String, usize> = HashMap::new();
+        let mut pending = HashMap::with_capacity(tasks.len());
+        for (key, name) in tasks {
+            if pending.contains_key(&key) {
+                continue;
+            }
+            let i = *index.entry(name.clone()).or_insert_with(|| {
+                functions.push(Function {
+                    name,
+                    total: 0,
+                    done: 0,
+                    erred: 0,
+                });
+                functions.len() - 1
+            });
+            functions[i].total += 1;
+            pending.insert(key, i);
+        }
+        let terminal = std::io::stderr().is_terminal();
+        let total = pending.len() as u64;
+        let bar = ProgressBar::with_draw_target(
+            Some(total),
+            if terminal {
+                ProgressDrawTarget::stderr_with_hz(10)
+            } else {
+                ProgressDrawTarget::hidden()
+            },
+        );
+        let prefix = match functions.as_slice() {
+            [only] => only.name.clone(),
+            _ => "tasks".to_owned(),
+        };
+        if let Ok(style) = ProgressStyle::with_template(
+            "{prefix:.bold} [{bar:25}] {pos}/{len} {rate} eta {eta} {wide_msg}",
+        ) {
+            let style = style.progress_chars("=> ").with_key(
+                "rate",
+                |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = write!(w, "{:.0}/s", state.per_sec());
+                },
+            );
+            bar.set_style(style);
+        }
+        bar.set_prefix(prefix);
+        let tracker = Arc::new(Tracker {
+            state: Mutex::new(TrackerState {
+                pending,
+                functions,
+                futures: 0,
+                finished: false,
+                message_at: None,
+                subscription: None,
+            }),
+            changed: Condvar::new(),
+            bar,
+            terminal,
+            started: Instant::now(),
+        });
+        if terminal {
+            tracker.bar.enable_steady_tick(Duration::from_millis(250));
+        }
+        let weak = Arc::downgrade(&tracker);
+        let subscription = events::subscribe(move |event: &Event<'_>| {
+            if let Some(tracker) = weak.upgrade() {
+                tracker.event(event);
+            }
+        });
+        tracker.lock().subscription = Some(subscription);
+        tracker
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, TrackerState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn event(&self, event: &Event<'_>) {
+        let ok = match event.kind {
+            EventKind::Finished { .. } => true,
+            EventKind::Erred { .. } => false,
+            _ => return,
+        };
+        let mut state = self.lock();
+        if state.finished {
+            return;
+        }
+        let Some(i) = state.pending.remove(&event.key) else {
+            return;
+        };
+        let function = &mut state.functions[i];
+        if ok {
+            function.done += 1;
+        } else {
+            function.erred += 1;
+        }
+        let redraw = state
+            .message_at
+            .is_none_or(|at| at.elapsed() >= MESSAGE_EVERY);
+        if redraw && self.terminal {
+            state.message_at = Some(Instant::now());
+            self.bar.set_message(state.message());
+        }
+        drop(state);
+        self.bar.inc(1);
+    }
+
+    fn future_done(&self) {
+        let last = {
+            let mut state = self.lock();
+            state.futures = state.futures.saturating_sub(1);
+            state.futures == 0
+        };
+        if last {
+            self.finish();
+        }
+    }
+
+    /// The work is over: everything not heard of counts as done (rule 2),
+    /// the bar draws its last state, or the plain line is printed.
+    fn finish(&self) {
+        let subscription = {
+            let mut state = self.lock();
+            if state.finished {
+                return;
+            }
+            state.finished = true;
+            for i in std::mem::take(&mut state.pending).into_values() {
+                state.functions[i].done += 1;
+            }
+            let message = state.message();
+            let total: u64 = state.functions.iter().map(|f| f.total).sum();
+            self.bar.set_position(total);
+            if self.terminal {
+                self.bar.set_message(message);
+                self.bar.finish();
+            } else if total > 0 {
+                let line = summary(&state.functions, self.started.elapsed());
+                // One write: the line stays whole beside other output.
+                let _ = std::io::stderr().write_all(line.as_bytes());
+            }
+            self.changed.notify_all();
+            state.subscription.take()
+        };
+        drop(subscription);
+    }
+}
+
+/// The plain line printed at the end when stderr is not a terminal.
+fn summary(functions: &[Function], elapsed: Duration) -> String {
+    let total: u64 = functions.iter().map(|f| f.total).sum();
+    let erred: u64 = functions.iter().map(|f| f.erred).sum();
+    let mut line = format!(
+        "rask: {total} task{} done in {:.1} s",
+        if total == 1 { "" } else { "s" },
+        elapsed.as_secs_f64()
+    );
+    if functions.len() > 1 {
+        let parts: Vec<String> = functions
+            .iter()
+            .map(|f| format!("{} {}", f.name, f.total))
+            .collect();
+        line.push_str(&format!(" ({})", parts.join(", ")));
+    }
+    if erred > 0 {
+        line.push_str(&format!(", {erred} erred"));
+    }
+    line.push('\n');
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_plain_line_names_functions_and_errors() {
+        let f = |name: &str, total, erred| Function {
+            name: name.into(),
+            total,
+            done: total - erred,
+            erred,
+        };
+        assert_eq!(
+            summary(&[f("inc", 1, 0)], Duration::from_millis(1250)),
+            "rask: 1 task done in 1.2 s\n"
+        );
+        assert_eq!(
+            summary(&[f("inc", 3, 0), f("add", 2, 1)], Duration::from_secs(2)),
+            "rask: 5 tasks done in 2.0 s (inc 3, add 2), 1 erred\n"
+        );
+    }
+}
