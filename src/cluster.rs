@@ -172,6 +172,9 @@ pub(crate) fn run_worker_if_asked() {
     let Some(address) = std::env::var_os(WORKER_ENV) else {
         return;
     };
+    // A worker process is rask's own: its life goes to the program's stderr
+    // (RUST_LOG filters it), unless the program installed a subscriber.
+    rask_distributed::init_logging();
     let address = address.to_string_lossy().into_owned();
     let threads = std::env::var(WORKER_THREADS_ENV)
         .ok()

@@ -197,6 +197,13 @@ pub use future::{
 pub use graph::Graph;
 pub use optimize::{explain, Explain, PlannedTask, Timings};
 pub use progress::{progress, Progress};
+/// Prints rask's log lines (a cluster's workers joining, dying and being
+/// restarted, refused connections, warnings) on stderr, filtered by
+/// `RUST_LOG`, for a program without a `tracing` subscriber of its own.
+/// rask prints nothing until one is installed. See
+/// [`rask_distributed::init_logging`].
+#[cfg(feature = "distributed")]
+pub use rask_distributed::init_logging;
 pub use rask_executor::{cancelled, diagnostics, events, Key, RemoteError, Value};
 pub use registry::{init, Register, Tasks};
 

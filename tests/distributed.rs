@@ -131,6 +131,8 @@ fn eventually(what: &str, cond: impl Fn() -> bool) {
 /// exits to be restarted, and the cluster starts another process in its
 /// place, which takes later submissions. Nothing is left running.
 fn stuck_scenario() {
+    // The cluster's life on stderr, for the parent to read.
+    assert!(rask::init_logging(), "no subscriber before this one");
     let client = Client::local(1).expect("a cluster of one worker");
     let first = live_children();
     assert_eq!(first.len(), 1, "one worker process");
@@ -862,7 +864,7 @@ fn a_worker_stuck_in_a_cancelled_task_is_restarted_by_its_cluster() {
     let unhealthy: Vec<&str> = err.lines().filter(|l| l.contains("unhealthy")).collect();
     assert_eq!(unhealthy.len(), 1, "{err}");
     assert!(
-        unhealthy[0].starts_with("rask-distributed: worker ")
+        unhealthy[0].contains(" WARN rask_distributed::worker::watchdog: worker ")
             && unhealthy[0].contains(": unhealthy: task ")
             && unhealthy[0].contains("stubborn-")
             && unhealthy[0].contains("ignored its cancellation for ")
@@ -870,7 +872,10 @@ fn a_worker_stuck_in_a_cancelled_task_is_restarted_by_its_cluster() {
         "{err}"
     );
     assert!(
-        err.contains("rask-distributed: worker process 0 asked to be restarted (exit status: 75); started it again"),
+        err.contains(
+            " WARN rask_distributed::cluster: worker process 0 asked to be restarted \
+             (exit status: 75); started it again"
+        ),
         "{err}"
     );
     assert_eq!(live_children().len(), before);

@@ -28,8 +28,6 @@ use std::fs::File;
 use std::path::Path;
 use std::sync::OnceLock;
 
-use crate::net::log;
-
 /// The fingerprint of a program's build: blake3 of its executable.
 ///
 /// Shown as the first 8 hex digits of the hash (`3f2a1b0c`), as errors and
@@ -139,7 +137,7 @@ fn fingerprint() -> BuildId {
         Ok(path) => path.into_os_string(),
         Err(_) => std::env::args_os().next().unwrap_or_default(),
     };
-    log!(
+    tracing::warn!(
         "cannot read this program's executable ({}); its build id is a hash of its path {:?}, \
          which does not change when the program is rebuilt",
         failures.join("; "),

@@ -105,7 +105,7 @@ use rask_executor::{
 };
 use tokio::sync::mpsc;
 
-use crate::net::{self, log, Chain, ConnectError, FetchResult, Fetched, PeerPool};
+use crate::net::{self, Chain, ConnectError, FetchResult, Fetched, PeerPool};
 use crate::protocol::{
     decode_checked, strip_scheme, Batch, TaskSpec, ToClient, ToScheduler, WireEvent, WireEventKind,
     WireKey, WorkerId, MAX_FRAME,
@@ -1340,7 +1340,7 @@ impl Loop {
                         }
                         Err(e) => {
                             if !matches!(e, crate::protocol::ProtocolError::Closed) {
-                                log!("client: closing the scheduler connection: {}", Chain(&e));
+                                tracing::warn!("client: closing the scheduler connection: {}", Chain(&e));
                             }
                             self.disconnected();
                         }
@@ -1356,7 +1356,7 @@ impl Loop {
                     // The scheduler stopped reading (net rule 9), or the
                     // socket failed: the connection is lost (rule 10).
                     if let Some(e) = why {
-                        log!("client: closing the scheduler connection: {e}");
+                        tracing::warn!("client: closing the scheduler connection: {e}");
                     }
                     self.disconnected();
                 }
@@ -1418,7 +1418,7 @@ impl Loop {
         let since = *self.no_workers_since.get_or_insert_with(Instant::now);
         if !self.warned && since.elapsed() >= NO_WORKERS_WARNING {
             self.warned = true;
-            log!(
+            tracing::warn!(
                 "client: work has waited {} s and the scheduler at {} has no worker of this \
                  program's build; start some with RASK_WORKER={} (and the cluster's token)",
                 NO_WORKERS_WARNING.as_secs(),
@@ -1904,7 +1904,7 @@ impl Loop {
     /// Connected again (rule 10): a new connection, a new epoch; what the
     /// old one held is gone; parked submissions go out.
     fn reconnected(&mut self, writer: Writer, peers: PeerPool) {
-        log!(
+        tracing::warn!(
             "client: connected again to the scheduler at {}",
             self.address
         );
@@ -1965,7 +1965,7 @@ impl Loop {
         self.connected = false;
         self.link.connected.store(false, Ordering::Release);
         if self.target.is_some() {
-            log!(
+            tracing::warn!(
                 "client: lost the connection to the scheduler at {}; connecting again",
                 self.address
             );

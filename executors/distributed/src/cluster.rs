@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::net::log;
 use crate::scheduler::{self, SchedulerHandle};
 use crate::{
     Client, Error, Token, DEATH_TIMEOUT_ENV, INSECURE_ENV, RESTART_EXIT_CODE, SUPERVISED_ENV,
@@ -306,14 +305,14 @@ fn supervise(
             }
             match spawn(make, address, token, index) {
                 Ok(new) => {
-                    log!(
+                    tracing::warn!(
                         "worker process {index} asked to be restarted ({status}); started it again"
                     );
                     w.child = Some(new);
                     w.started = Instant::now();
                 }
                 Err(e) => {
-                    log!(
+                    tracing::warn!(
                         "worker process {index} asked to be restarted, and could not be: {}",
                         crate::net::Chain(&e)
                     );

@@ -39,8 +39,6 @@ use rask_executor::diagnostics::{Snapshot, TaskRecord, Update, STATUS_PAGE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::net::log;
-
 /// The longest request head served.
 pub(crate) const MAX_HEAD: usize = 8 * 1024;
 /// How long a request head may take to arrive.
@@ -148,7 +146,7 @@ pub(crate) async fn serve(listener: TcpListener, board: Arc<Board>, access: Acce
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
-                log!("dashboard: accept failed: {e}");
+                tracing::warn!("dashboard: accept failed: {e}");
                 // Out of file descriptors, most likely: let some close.
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;

@@ -148,11 +148,12 @@
 //! - **Faults close one connection.** A bad handshake, an oversized or
 //!   malformed frame, a number out of the range the protocol allows for it
 //!   (a thread count, a size, a duration; see [`protocol`]), or a message a
-//!   role may not send closes that connection with a line on stderr
-//!   (`rask-distributed: …`); the rest of the cluster carries on.
+//!   role may not send closes that connection with a warning (a `tracing`
+//!   event, see [`init_logging`]); the rest of the cluster carries on.
 //! - **Limits before trust.** Until its handshake passed, a connection may
-//!   send that handshake only (a fixed 44 bytes, within 5 s), and at most
-//!   256 connections wait so on a socket: a new one closes the oldest.
+//!   send that handshake only (a hello of 76 bytes and a proof of 36, within
+//!   10 s), and at most 256 connections wait so on a socket: a new one
+//!   closes the oldest.
 //!   After it, what any peer can make a process hold is bounded: frames
 //!   over 64 KiB wait for a share of a budget of 1 GiB per process (a
 //!   scheduler's [`scheduler::Options::frame_budget`]) instead of being
@@ -170,6 +171,7 @@ mod client;
 mod cluster;
 mod dashboard;
 mod handshake;
+mod logging;
 mod net;
 pub mod protocol;
 pub mod scheduler;
@@ -182,6 +184,7 @@ pub use auth::{Auth, AuthError, Token, INSECURE_ENV, TOKEN_ENV, TOKEN_FILE_ENV};
 pub use build::BuildId;
 pub use client::Client;
 pub use cluster::{in_process_client, LocalCluster};
+pub use logging::{init_logging, LOG_ENV};
 pub use protocol::ProtocolError;
 pub use worker::WorkerHandle;
 

@@ -148,19 +148,6 @@ pub(crate) const PRE_AUTH_LIMIT: usize = 256;
 /// connections itself and never races a server closing them.
 pub(crate) const PEER_IDLE: Duration = Duration::from_secs(30);
 
-/// Logs a line on stderr with the crate's prefix, in one write: stderr is
-/// unbuffered, and an `eprintln!` written in pieces could mix with what
-/// tasks of the same process print at the same moment.
-macro_rules! log {
-    ($($arg:tt)*) => {
-        {
-            let line = format!("rask-distributed: {}\n", format_args!($($arg)*));
-            eprint!("{line}")
-        }
-    };
-}
-pub(crate) use log;
-
 /// An error and its sources, for log lines: `malformed message: …`.
 pub(crate) struct Chain<'a>(pub(crate) &'a dyn std::error::Error);
 
@@ -176,24 +163,37 @@ impl std::fmt::Display for Chain<'_> {
     }
 }
 
-/// [`log!`] for a line a peer can make this process print (rule 5): at
-/// most [`LOG_BURST`] lines of `kind` per [`LOG_WINDOW`]; the next line
-/// printed after some were left out says how many.
+/// A warning a peer can make this process log (rule 5), through
+/// `tracing`: at most [`LOG_BURST`] of `kind` per [`LOG_WINDOW`]; the next
+/// one logged after some were left out says how many in its `left_out`
+/// field.
 macro_rules! log_limited {
     ($kind:expr, $($arg:tt)*) => {
         if let Some(left_out) = $crate::net::log_admit($kind) {
             if left_out == 0 {
-                $crate::net::log!($($arg)*)
+                tracing::warn!($($arg)*)
             } else {
-                $crate::net::log!(
-                    "{} ({left_out} more like this not logged)",
-                    format_args!($($arg)*)
-                )
+                tracing::warn!(left_out, $($arg)*)
             }
         }
     };
 }
 pub(crate) use log_limited;
+
+/// [`log_limited!`] at `info`: news a peer can make this process log often
+/// (a connection made or closed), limited the same way (rule 5).
+macro_rules! info_limited {
+    ($kind:expr, $($arg:tt)*) => {
+        if let Some(left_out) = $crate::net::log_admit($kind) {
+            if left_out == 0 {
+                tracing::info!($($arg)*)
+            } else {
+                tracing::info!(left_out, $($arg)*)
+            }
+        }
+    };
+}
+pub(crate) use info_limited;
 
 /// How many lines of one kind were printed in the current window, and how
 /// many were left out since the last one printed (rule 5). Pure: the
@@ -599,7 +599,7 @@ fn tune(stream: &TcpStream) {
         .with_time(KEEPALIVE_IDLE)
         .with_interval(KEEPALIVE_INTERVAL);
     if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
-        log!("cannot turn TCP keepalive on: {e}");
+        tracing::warn!("cannot turn TCP keepalive on: {e}");
     }
 }
 

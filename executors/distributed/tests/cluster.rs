@@ -203,6 +203,18 @@ fn start_scheduler(
     (child, address.trim().to_owned(), said, stderr)
 }
 
+/// The next line of `lines` that contains `text`, skipping others.
+fn line_with(lines: &std::sync::mpsc::Receiver<String>, text: &str) -> String {
+    loop {
+        let line = lines
+            .recv_timeout(TIMEOUT)
+            .unwrap_or_else(|_| panic!("no line with {text:?}"));
+        if line.contains(text) {
+            return line;
+        }
+    }
+}
+
 /// A directory of this test's own, removed when dropped.
 struct TempDir(std::path::PathBuf);
 
@@ -256,11 +268,20 @@ fn rask_scheduler_binary_prints_its_address_and_serves() {
     .unwrap();
     let client = Client::connect_with(&address, auth).unwrap();
     assert_eq!(compute_inc(&client, &shared, 1), 2);
+    // The cluster's life, as tracing events on the scheduler's stderr.
+    let joined = line_with(&stderr, " joined from 127.0.0.1:");
+    assert!(
+        joined.contains(" INFO rask_distributed::scheduler: worker ")
+            && joined.contains(": 1 threads, data port "),
+        "{joined}"
+    );
+    let connected = line_with(&stderr, " connected from 127.0.0.1:");
+    assert!(connected.contains(" INFO "), "{connected}");
     // Without the token, neither a client nor a worker gets in, and the
     // scheduler says so in one line each.
     let err = Client::connect_with(&address, Auth::Insecure).unwrap_err();
     assert!(err.to_string().contains("requires a token"), "{err}");
-    let logged = stderr.recv_timeout(TIMEOUT).expect("a refusal line");
+    let logged = line_with(&stderr, "refused");
     assert!(
         logged.contains("refused the connection from 127.0.0.1:")
             && logged.ends_with("the peer has no token, and this process requires one"),
@@ -280,9 +301,14 @@ fn rask_scheduler_binary_prints_its_address_and_serves() {
         }) => {}
         other => panic!("a worker with another token: {other:?}"),
     }
-    let logged = stderr.recv_timeout(TIMEOUT).expect("a refusal line");
+    let logged = line_with(&stderr, "refused");
     assert!(logged.contains("wrong token"), "{logged}");
     drop(client);
+    let left = line_with(&stderr, " disconnected: ");
+    assert!(
+        left.contains(" INFO ") && left.contains("client "),
+        "{left}"
+    );
     let _ = child.0.kill();
     let _ = child.0.wait();
     // The worker exits by itself once its scheduler is gone.

@@ -2187,6 +2187,8 @@ fn limited_scheduler_entry() {
     if std::env::var_os(LIMITED_ENV).is_none() {
         return;
     }
+    // Its log lines on stderr, for the test to count.
+    rask_distributed::init_logging();
     // The test's token, in the test's variable.
     let token = Token::parse(&std::env::var(LIMITED_ENV).unwrap()).unwrap();
     let options = rask_distributed::scheduler::Options::default().auth(Auth::Token(token));
@@ -2342,17 +2344,18 @@ fn idle_connections_past_the_file_limit_leave_room_for_a_new_client() {
         std::thread::sleep(Duration::from_millis(10));
     }
     // Hundreds of connections were closed to make room, some logged: at
-    // most ten lines of a kind a second (and a line saying how many were
-    // left out), for the few kinds there are.
+    // most ten lines of a kind in a window of a second (the next one saying
+    // how many were left out), for the few kinds there are: refused,
+    // closing, accept failed, client connected, client left, worker joined.
     let logged = logged.join().unwrap();
     let lines = logged
         .lines()
-        .filter(|l| l.starts_with("rask-distributed:"))
+        .filter(|l| l.contains(" WARN ") || l.contains(" INFO "))
         .count();
-    let seconds = started.elapsed().as_secs() as usize + 1;
+    let windows = started.elapsed().as_secs() as usize + 2;
     assert!(
-        lines <= 4 * 10 * seconds,
-        "{lines} lines in {seconds} s:\n{logged}"
+        lines <= 6 * 10 * windows,
+        "{lines} lines in {windows} windows:\n{logged}"
     );
     assert!(
         logged.contains("closed to make room"),

@@ -43,6 +43,8 @@ const USAGE: &str =
 const DEFAULT_DASHBOARD: ([u8; 4], u16) = ([127, 0, 0, 1], 8787);
 
 fn main() -> ExitCode {
+    // The cluster's life on stderr, as RUST_LOG filters it (info by default).
+    rask_distributed::init_logging();
     let mut host: IpAddr = [127, 0, 0, 1].into();
     let mut port: u16 = 8786;
     let mut options = rask_distributed::scheduler::Options::default();

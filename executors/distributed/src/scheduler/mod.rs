@@ -92,7 +92,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::dashboard::{self, Access, Board};
-use crate::net::{self, log, log_limited, Chain};
+use crate::net::{self, info_limited, log_limited, Chain};
 use crate::protocol::{
     decode_checked, Batch, ProtocolError, Role, TaskSpec, ToClient, ToScheduler, ToWorker,
     WireEvent, WireFailure, WireKey, WorkerId, MAX_HEARTBEAT, MIN_HEARTBEAT,
@@ -501,7 +501,7 @@ pub fn serve_with(addr: SocketAddr, options: Options) -> Result<SchedulerHandle,
                             tokio::spawn(dashboard::serve(listener, shown.clone(), access));
                             board = Some(shown);
                         }
-                        Err(e) => log!("scheduler: cannot serve the dashboard: {e}"),
+                        Err(e) => tracing::warn!("scheduler: cannot serve the dashboard: {e}"),
                     }
                 }
                 match TcpListener::from_std(listener) {
@@ -512,7 +512,7 @@ pub fn serve_with(addr: SocketAddr, options: Options) -> Result<SchedulerHandle,
                         )
                         .await
                     }
-                    Err(e) => log!("scheduler: cannot listen: {e}"),
+                    Err(e) => tracing::warn!("scheduler: cannot listen: {e}"),
                 }
             });
         })
@@ -952,6 +952,14 @@ impl Shell {
                             .state
                             .on_client_connected(ClientId(conn), &mut self.out);
                         self.clients += 1;
+                        if !local {
+                            info_limited!(
+                                "scheduler: client connected",
+                                client = conn,
+                                %peer,
+                                "client {conn} connected from {peer}"
+                            );
+                        }
                         Kind::Client(ClientId(conn))
                     }
                     _ => Kind::NewWorker,
@@ -1082,6 +1090,14 @@ impl Shell {
                 let w = WorkerId(conn);
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.kind = Kind::Worker(w);
+                    info_limited!(
+                        "scheduler: worker joined",
+                        %w,
+                        peer = %c.peer,
+                        threads,
+                        "{w} joined from {}: {threads} threads, data port {address}",
+                        c.peer
+                    );
                 }
                 state.on_worker_registered(w, address, threads, out);
                 // At most an hour (`heartbeat`): the cast is exact.
@@ -1131,13 +1147,36 @@ impl Shell {
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
-        if let Some(reason) = reason {
-            log_limited!(
+        let peer = c.peer;
+        let why = match &reason {
+            Some(reason) => Chain(reason).to_string(),
+            None => "its connection closed".to_owned(),
+        };
+        match (c.kind, reason.is_some()) {
+            (Kind::Worker(w), true) => log_limited!(
+                "scheduler: worker died",
+                %w,
+                %peer,
+                "{w} at {peer} is taken for dead: {why}"
+            ),
+            // A worker killed and one that exited look the same from here.
+            (Kind::Worker(w), false) => log_limited!(
+                "scheduler: worker gone",
+                %w,
+                %peer,
+                "{w} at {peer} is gone: {why}"
+            ),
+            (Kind::Client(ClientId(id)), _) if !c.local => info_limited!(
+                "scheduler: client left",
+                client = id,
+                %peer,
+                "client {id} at {peer} disconnected: {why}"
+            ),
+            (_, true) => log_limited!(
                 "scheduler: closing",
-                "scheduler: closing connection from {}: {}",
-                c.peer,
-                Chain(&reason)
-            );
+                "scheduler: closing connection from {peer}: {why}"
+            ),
+            _ => {}
         }
         self.out.by_conn.remove(&conn);
         if c.watching {

@@ -590,7 +590,18 @@ impl State {
             .collect();
         running.sort_unstable();
         running.truncate(threads as usize + 1);
+        tracing::info!(
+            %worker,
+            running = running.len(),
+            given = requeue.len(),
+            lost = lost.len(),
+            "{worker} is gone: {} of its tasks go elsewhere, {} values it alone held are lost \
+             (recomputed where still needed)",
+            requeue.len(),
+            lost.len()
+        );
         for id in lost {
+            tracing::debug!(%worker, task = %label(self.task(id)), "value lost with {worker}");
             self.event(id, WireEventKind::Lost { worker }, out);
             self.lose(id, out);
         }
@@ -605,6 +616,14 @@ impl State {
             task.early = false;
             if suspect {
                 task.deaths = task.deaths.saturating_add(1);
+            }
+            if suspect {
+                tracing::debug!(
+                    %worker,
+                    task = %label(task),
+                    deaths = task.deaths,
+                    "task was running on {worker} when it died"
+                );
             }
             if task.deaths >= allowed {
                 let failure = Arc::new(WireFailure::new(
@@ -1208,6 +1227,11 @@ impl State {
     /// `id` failed with `failure`: so do its waiting dependents, and those
     /// sent early (S8, S9).
     fn set_erred(&mut self, id: TaskId, failure: Arc<WireFailure>, out: &mut impl Outbox) {
+        tracing::debug!(
+            task = %label(self.task(id)),
+            "task erred: {}",
+            failure.message
+        );
         let origin = id;
         let mut stack = vec![id];
         while let Some(id) = stack.pop() {
@@ -1522,3 +1546,9 @@ impl State {
 #[cfg(test)]
 #[path = "state_tests.rs"]
 mod tests;
+
+/// A task as log lines name it: `name-1a2b3c4d`.
+fn label(task: &Task) -> String {
+    let hex: String = task.key.0[..4].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}-{hex}", task.name)
+}

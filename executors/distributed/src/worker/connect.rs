@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use super::serve_data;
 use super::state::Store;
 use super::watchdog::Seconds;
-use crate::net::{self, log, Chain, FrameReader, Reader};
+use crate::net::{self, Chain, FrameReader, Reader};
 use crate::protocol::{
     decode_checked, Batch, ProtocolError, Role, ToScheduler, ToWorker, WorkerId,
 };
@@ -161,7 +161,7 @@ pub(crate) async fn reach(
             return Err(error);
         };
         if announce && !std::mem::replace(&mut waited, true) {
-            log!(
+            tracing::warn!(
                 "worker: waiting for the scheduler at {} (up to {})",
                 link.address,
                 Seconds(limit)
@@ -223,7 +223,7 @@ async fn attempt(
         Ok(Ok(true)) => match decode_checked::<ToWorker>(read.frame()) {
             Ok(msgs) => msgs,
             Err(e) => {
-                log!("worker: closing the scheduler connection: {}", Chain(&e));
+                tracing::warn!("worker: closing the scheduler connection: {}", Chain(&e));
                 return Err(protocol(e));
             }
         },

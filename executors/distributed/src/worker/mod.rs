@@ -90,8 +90,8 @@
 //!     former network thread) [`Options::grace`] after the watchdog saw the
 //!     release, or a task abandoned at its timeout
 //!     ([`rask_executor::abandoned`], counted per process) still running
-//!     `grace` after, makes the worker *unhealthy*: it writes one line on
-//!     stderr (`rask-distributed: worker 3: unhealthy: task foo-1a2b3c4d
+//!     `grace` after, makes the worker *unhealthy*: it logs one warning
+//!     (`worker 3: unhealthy: task foo-1a2b3c4d
 //!     ignored its cancellation for 30 s`). A worker run by a supervisor
 //!     ([`Options::supervised`], which [`LocalCluster`](crate::LocalCluster)
 //!     sets) then exits its process with [`RESTART_EXIT_CODE`](crate::RESTART_EXIT_CODE), and the
@@ -137,7 +137,7 @@ use rask_executor::{panic_message, run_task, Encoded, Failure, FailureKind, Key,
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::net::{self, log, log_limited, Chain, Fetched, FrameReader, PeerPool, Reader};
+use crate::net::{self, log_limited, Chain, Fetched, FrameReader, PeerPool, Reader};
 use crate::protocol::{
     decode_checked, duration_ns_of, strip_scheme, Batch, FromPeer, FromPeerRef, ProtocolError,
     Role, ToPeer, ToScheduler, ToWorker, WireKey, WorkerId, INLINE_BYTES, MAX_FRAME,
@@ -962,7 +962,7 @@ async fn reconnect(io: &mut Io, worker: &Worker) -> Option<Result<(), Error>> {
     let (tasks, values) = worker.lose();
     let address = &worker.link.address;
     let counted = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
-    log!(
+    tracing::warn!(
         "{old}: lost the scheduler at {address}; dropped {} and {}; waiting for it (up to {})",
         counted(values, "value"),
         counted(tasks, "task"),
@@ -979,11 +979,11 @@ async fn reconnect(io: &mut Io, worker: &Worker) -> Option<Result<(), Error>> {
             let id = connection.id;
             worker.registered(id);
             io.reconnected(connection, &worker.link);
-            log!("{id}: registered again with the scheduler at {address} (was {old})");
+            tracing::warn!("{id}: registered again with the scheduler at {address} (was {old})");
             None
         }
         Err(e) if connect::retried(&e) => {
-            log!(
+            tracing::warn!(
                 "{old}: no scheduler at {address} for {}: {}; giving up",
                 Seconds(limit),
                 Chain(&e)
@@ -991,7 +991,7 @@ async fn reconnect(io: &mut Io, worker: &Worker) -> Option<Result<(), Error>> {
             Some(Ok(()))
         }
         Err(e) => {
-            log!(
+            tracing::warn!(
                 "{old}: the scheduler at {address} refused the worker: {}",
                 Chain(&e)
             );
@@ -1069,7 +1069,7 @@ fn drive(worker: &Arc<Worker>, slot: &Slot) {
         Ok(None) => {}
         Ok(Some(result)) => worker.finish(Ok(result)),
         Err(panic) => {
-            log!(
+            tracing::warn!(
                 "{}: the network thread panicked: {}",
                 worker.id(),
                 panic_message(&*panic)
@@ -1181,7 +1181,9 @@ async fn turn(io: &mut Io, worker: &Worker) -> Option<Ended> {
                         io.heartbeat = Some(ticks);
                     }
                     ToWorker::Registered { .. } => {
-                        log!("worker: closing the scheduler connection: registered twice");
+                        tracing::warn!(
+                            "worker: closing the scheduler connection: registered twice"
+                        );
                         return Some(Ended::Finished(Ok(())));
                     }
                 }
@@ -1232,7 +1234,7 @@ async fn turn(io: &mut Io, worker: &Worker) -> Option<Ended> {
                 Ok(true) => match decode_checked::<ToWorker>(io.read.frame()) {
                     Ok(msgs) => io.messages = msgs,
                     Err(e) => {
-                        log!("worker: closing the scheduler connection: {}", Chain(&e));
+                        tracing::warn!("worker: closing the scheduler connection: {}", Chain(&e));
                         return Some(protocol(e));
                     }
                 },
@@ -1243,13 +1245,13 @@ async fn turn(io: &mut Io, worker: &Worker) -> Option<Ended> {
                 | Err(ProtocolError::Io(_))
                 | Err(ProtocolError::Stalled(_)) => return Some(Ended::Lost),
                 Err(e) => {
-                    log!("worker: closing the scheduler connection: {}", Chain(&e));
+                    tracing::warn!("worker: closing the scheduler connection: {}", Chain(&e));
                     return Some(protocol(e));
                 }
             },
             why = io.writer.closed() => {
                 if let Some(e) = why {
-                    log!("worker: closing the scheduler connection: {e}");
+                    tracing::warn!("worker: closing the scheduler connection: {e}");
                 }
                 return Some(Ended::Lost);
             }

@@ -11,7 +11,6 @@ use tokio::sync::mpsc;
 use super::run_link;
 use super::state::{Done, Job};
 use super::watchdog::Running;
-use crate::net::log;
 
 /// Jobs waiting for a thread, lowest priority number first.
 struct Queue {
@@ -124,7 +123,7 @@ impl Pool {
                 compute_thread(&shared, &mine)
             });
         if let Err(e) = spawned {
-            log!("worker: could not start compute thread {index}: {e}");
+            tracing::warn!("worker: could not start compute thread {index}: {e}");
             self.seats().retain(|s| !Arc::ptr_eq(s, &me));
             return false;
         }

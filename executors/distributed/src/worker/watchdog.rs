@@ -16,7 +16,6 @@ use rask_executor::{Abandoned, Key, Op};
 use super::pool::Seat;
 use super::state::Job;
 use super::{spawn_driver, Worker, FAST_OP};
-use crate::net::log;
 use crate::protocol::WireKey;
 use crate::RESTART_EXIT_CODE;
 
@@ -274,7 +273,7 @@ impl Watchdog {
         // Started first, so a refusal leaves the old thread in charge.
         if let Err(e) = spawn_driver(self.worker.clone(), slot.clone(), ready) {
             if !std::mem::replace(&mut self.spawn_failed, true) {
-                log!(
+                tracing::warn!(
                     "{}: could not start a thread to take the network over: {e}",
                     self.worker.id()
                 );
@@ -301,7 +300,7 @@ impl Watchdog {
             running
         };
         if let Some(r) = &running {
-            log!(
+            tracing::warn!(
                 "{}: task {} held the network thread over {INLINE_STUCK:?}; another thread took the network over",
                 self.worker.id(),
                 r.task()
@@ -369,12 +368,12 @@ impl Watchdog {
     fn unhealthy(&self, why: &str) {
         let id = self.worker.id();
         if self.worker.options.supervised {
-            log!("{id}: unhealthy: {why}; exiting to be restarted");
+            tracing::warn!("{id}: unhealthy: {why}; exiting to be restarted");
             // Exit flushes what stdout holds if no thread holds its lock,
             // and never waits for one that does.
             std::process::exit(RESTART_EXIT_CODE);
         }
-        log!("{id}: unhealthy: {why}");
+        tracing::warn!("{id}: unhealthy: {why}");
     }
 }
 
