@@ -8,6 +8,7 @@
 //! ```text
 //! cargo run --example rosenbrock
 //! RASK_SCHEDULER=threads:2 cargo run --example rosenbrock
+//! RASK_SCHEDULER=local:2 RASK_DASHBOARD=127.0.0.1:8787 cargo run --example rosenbrock
 //! ```
 //!
 //! Each evaluation sleeps 5 ms (the tutorial: 100 ms) so the search takes a
@@ -48,6 +49,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     rask::init(rask::tasks![rosenbrock]);
     let client = Client::new()?;
     println!("searching on {}", client.executor());
+    if let Some(link) = client.dashboard_link() {
+        println!("dashboard: {link}");
+    }
     let mut rng = Rng(42);
 
     let mut scale = 5.0; // initial random perturbation scale
