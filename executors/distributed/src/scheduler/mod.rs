@@ -88,7 +88,8 @@ use crate::protocol::{
     decode_checked, Batch, ProtocolError, Role, TaskSpec, ToClient, ToScheduler, ToWorker,
     WireFailure, WireKey, WorkerId, MAX_HEARTBEAT, MIN_HEARTBEAT,
 };
-use crate::{Auth, BuildId, Error, Token};
+use crate::tls::Acceptor;
+use crate::{Auth, BuildId, Error, Tls, Token};
 use state::{ClientId, Outbox, Reporter, State};
 
 /// The most bytes waiting to be sent to one client before it is closed
@@ -126,6 +127,8 @@ pub struct SchedulerHandle {
     locals: mpsc::UnboundedSender<(net::LocalEnd, BuildId)>,
     /// What every TCP peer must prove (rule 7).
     auth: Arc<Auth>,
+    /// The TLS settings it serves with.
+    tls: Option<Tls>,
 }
 
 /// Figures the state loop publishes after every burst of input.
@@ -190,6 +193,12 @@ impl SchedulerHandle {
     /// process to prove to workers' data ports.
     pub(crate) fn auth(&self) -> &Arc<Auth> {
         &self.auth
+    }
+
+    /// The TLS settings the scheduler serves with, if any: a client of
+    /// this process reaches workers' data ports with them.
+    pub(crate) fn tls(&self) -> Option<&Tls> {
+        self.tls.as_ref()
     }
 
     /// The runtime of the scheduler's thread.
@@ -283,6 +292,11 @@ pub struct Options {
     /// is also the biggest graph frame a client can send. Default 1 GiB,
     /// twice the largest frame.
     pub frame_budget: usize,
+    /// TLS: clients and workers connect with `tls://` addresses, and the
+    /// scheduler presents the settings' certificate; settings with a CA
+    /// require a client certificate signed by it of every client and
+    /// worker (mutual TLS, `tls.rs` rule 4). Default `None`: plain TCP.
+    pub tls: Option<Tls>,
 }
 
 impl Default for Options {
@@ -295,6 +309,7 @@ impl Default for Options {
             client_timeout: Duration::from_secs(60),
             stall_timeout: net::STALL_TIMEOUT,
             frame_budget: net::FRAME_BUDGET,
+            tls: None,
         }
     }
 }
@@ -381,6 +396,24 @@ impl Options {
         self
     }
 
+    /// These options serving TLS with `tls` (see [`Options::tls`]).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use rask_distributed::scheduler::{serve_with, Options};
+    /// use rask_distributed::Tls;
+    /// let tls = Tls::new()
+    ///     .identity("scheduler.pem".as_ref(), "scheduler.key".as_ref())?
+    ///     .trust("ca.pem".as_ref())?; // mutual TLS
+    /// let scheduler = serve_with("0.0.0.0:8786".parse().unwrap(), Options::default().tls(tls))?;
+    /// # Ok::<(), rask_distributed::Error>(())
+    /// ```
+    pub fn tls(mut self, tls: Tls) -> Options {
+        self.tls = Some(tls);
+        self
+    }
+
     /// How often workers are asked to send a heartbeat: within the range a
     /// worker accepts.
     fn heartbeat(&self) -> Duration {
@@ -398,7 +431,8 @@ impl Options {
 /// # Errors
 ///
 /// [`Error::Io`] if the address cannot be bound, the runtime not built or
-/// the token not made.
+/// the token not made; [`Error::TlsSettings`] for TLS settings without a
+/// certificate.
 ///
 /// # Examples
 ///
@@ -431,6 +465,11 @@ pub fn serve_with(addr: SocketAddr, options: Options) -> Result<SchedulerHandle,
         Some(auth) => auth.clone(),
         None => Auth::Token(Token::generate()?),
     });
+    let acceptor = match &options.tls {
+        Some(tls) => Some(tls.acceptor(tls.has_ca())?),
+        None => None,
+    };
+    let tls = options.tls.clone();
     let listener = net::listen(addr).map_err(Error::Io)?;
     let address = listener.local_addr().map_err(Error::Io)?;
     let runtime = net::runtime().map_err(Error::Io)?;
@@ -446,7 +485,8 @@ pub fn serve_with(addr: SocketAddr, options: Options) -> Result<SchedulerHandle,
             runtime.block_on(async move {
                 match TcpListener::from_std(listener) {
                     Ok(listener) => {
-                        run(listener, locals_rx, stop_rx, count, options, required).await
+                        let peers = (required, acceptor);
+                        run(listener, locals_rx, stop_rx, count, options, peers).await
                     }
                     Err(e) => log!("scheduler: cannot listen: {e}"),
                 }
@@ -461,6 +501,7 @@ pub fn serve_with(addr: SocketAddr, options: Options) -> Result<SchedulerHandle,
         runtime: handle,
         locals,
         auth,
+        tls,
     })
 }
 
@@ -566,7 +607,7 @@ async fn run(
     mut stop: oneshot::Receiver<()>,
     counts: Arc<Counts>,
     options: Options,
-    auth: Arc<Auth>,
+    (auth, tls): (Arc<Auth>, Option<Acceptor>),
 ) {
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let limits = net::Limits::new(options.frame_budget, options.stall_timeout);
@@ -584,7 +625,7 @@ async fn run(
                 stream,
                 peer,
                 ticket,
-                auth.clone(),
+                (auth.clone(), tls.clone()),
                 limits.clone(),
                 events.clone(),
             ));
@@ -649,14 +690,14 @@ async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
     ticket: net::PreAuth,
-    auth: Arc<Auth>,
+    (auth, tls): (Arc<Auth>, Option<Acceptor>),
     limits: net::Limits,
     events: mpsc::UnboundedSender<Event>,
 ) {
     // The scheduler runs no user code: it has no build of its own.
     let serves = [Role::Client, Role::Worker];
     let accepted = match net::accept(
-        stream,
+        (stream, tls.as_ref()),
         ticket,
         Role::Scheduler,
         BuildId::NONE,
