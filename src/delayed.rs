@@ -375,7 +375,10 @@ pub fn persist<T: Data>(items: &[Delayed<T>]) -> Result<Vec<Delayed<T>>> {
 /// As [`Delayed::compute`].
 pub fn persist_with<T: Data>(items: &[Delayed<T>], config: &Config) -> Result<Vec<Delayed<T>>> {
     let kind = config.resolve()?;
-    if matches!(kind, ExecutorKind::Local(_) | ExecutorKind::Tcp(_)) {
+    if matches!(
+        kind,
+        ExecutorKind::Local(_) | ExecutorKind::Tcp(_) | ExecutorKind::Tls(_)
+    ) {
         return persist_on_cluster(items, config);
     }
     let roots: Vec<Arc<Node>> = items
