@@ -67,9 +67,19 @@
 //! `rask-scheduler` binary keeps one in a file; clients and workers find it
 //! as [`Auth::from_env`] says, and refuse to start without one unless told
 //! the cluster is insecure ([`INSECURE_ENV`]). The token proves membership,
-//! nothing more: traffic is not encrypted, so someone who can watch or
-//! alter packets between two processes can read values and take over a
-//! connection after its handshake.
+//! nothing more: over `tcp://` traffic is not encrypted, so someone who can
+//! watch or alter packets between two processes can read values and take
+//! over a connection after its handshake.
+//!
+//! # TLS
+//!
+//! A `tls://host:port` address runs every connection of the cluster over
+//! TLS (rustls, TLS 1.3), with the token proved inside it: [`Tls`] holds a
+//! process's CA and certificate ([`Tls::from_env`]: [`TLS_CA_ENV`],
+//! [`TLS_CERT_ENV`], [`TLS_KEY_ENV`]); [`scheduler::Options::tls`] serves it
+//! (with a CA: mutual TLS), [`Client::connect_tls`] and
+//! [`worker::Options::tls`] connect with it, and workers' data ports serve
+//! it too (`tls.rs` rules).
 //!
 //! # Design
 //!

@@ -29,7 +29,10 @@
 //!    from these to those of the rules that follow. Pre-auth, nothing but the
 //!    handshake is read, straight from the socket into the fixed arrays of
 //!    `handshake.rs`: no read buffer, no frame, nothing sized by the peer.
-//!    It must be over within
+//!    Over TLS, the TLS handshake comes first (`tls.rs` rule 2), and rustls
+//!    holds what it reads in buffers of its own, bounded by TLS's record
+//!    and handshake-message sizes (16 KiB and 64 KiB), not by anything the
+//!    peer announces. Both handshakes together must be over within
 //!    [`HANDSHAKE_TIMEOUT`](handshake::HANDSHAKE_TIMEOUT), and at most
 //!    [`Caps::pre_auth`] connections are pre-auth at once: a new one closes
 //!    the oldest ([`Gate`]), so sockets left idle before their handshake
