@@ -61,9 +61,9 @@ enum Accepts {
     Nothing,
     Sync,
     Threads,
-    /// A cluster: `local:N` or `tcp://host:port`.
+    /// A cluster: `local:N` or `tcp://host:port` (`tls://` over TLS).
     Cluster,
-    /// `sync`, `threads`, `threads:N`, `local:N`, `tcp://host:port`.
+    /// `sync`, `threads`, `threads:N`, `local:N`, `tcp://host:port`, `tls://host:port`.
     Any,
 }
 
@@ -231,7 +231,7 @@ impl Run {
     fn cluster(&self) -> Option<usize> {
         match rask::ExecutorKind::parse(&self.executor) {
             Ok(rask::ExecutorKind::Local(n)) => Some(n),
-            Ok(rask::ExecutorKind::Tcp(_)) => Some(0),
+            Ok(rask::ExecutorKind::Tcp(_) | rask::ExecutorKind::Tls(_)) => Some(0),
             _ => None,
         }
     }
@@ -938,7 +938,7 @@ usage: cargo bench --bench workloads -- WORKLOAD N [--executor E]
        cargo bench --bench workloads -- all [--executor E] [--repeat R]
        cargo bench --bench workloads -- list
 
-E: sync | threads | threads:N | local:N | tcp://host:port (default: the
+E: sync | threads | threads:N | local:N | tcp://host:port | tls://host:port (default: the
    workload's first executor; local:N starts N worker processes of this
    binary, RASK_WORKER_THREADS threads each, default 1)
 `all` runs every workload at the sizes of shared/bench/WORKLOADS.md on every
@@ -1075,7 +1075,7 @@ fn executor_config(workload: &Workload, executor: &str) -> Result<Config, String
     let threads = matches!(kind, rask::ExecutorKind::Threads(_));
     let cluster = matches!(
         kind,
-        rask::ExecutorKind::Local(_) | rask::ExecutorKind::Tcp(_)
+        rask::ExecutorKind::Local(_) | rask::ExecutorKind::Tcp(_) | rask::ExecutorKind::Tls(_)
     );
     let fits = match workload.accepts {
         Accepts::Sync => matches!(kind, rask::ExecutorKind::Synchronous),

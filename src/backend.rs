@@ -33,8 +33,13 @@ impl Backend {
             ExecutorKind::Tcp(address) => {
                 crate::cluster::shared_connection(address).map(Backend::Distributed)
             }
+            #[cfg(feature = "distributed")]
+            ExecutorKind::Tls(address) => {
+                crate::cluster::shared_connection(&format!("tls://{address}"))
+                    .map(Backend::Distributed)
+            }
             #[cfg(not(feature = "distributed"))]
-            ExecutorKind::Local(_) | ExecutorKind::Tcp(_) => {
+            ExecutorKind::Local(_) | ExecutorKind::Tcp(_) | ExecutorKind::Tls(_) => {
                 Err(crate::Error::Unavailable("distributed"))
             }
         }

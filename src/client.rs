@@ -212,7 +212,10 @@ impl Client {
     /// `RASK_WORKER=tcp://10.0.0.5:8786 ./my-app`). It proves the
     /// scheduler's token, found in `RASK_TOKEN`, the file `RASK_TOKEN_FILE`
     /// names, or `~/.rask/token` (`RASK_INSECURE=1` for a scheduler
-    /// started with `--insecure`).
+    /// started with `--insecure`). A `tls://host:port` address is reached
+    /// over TLS, verified with the CA in `RASK_TLS_CA` (and presenting
+    /// `RASK_TLS_CERT` and `RASK_TLS_KEY` to a scheduler that requires a
+    /// client certificate).
     ///
     /// # Errors
     ///
@@ -221,11 +224,15 @@ impl Client {
     /// says what to set).
     #[cfg(feature = "distributed")]
     pub fn connect(address: &str) -> Result<Client> {
-        let address = address.strip_prefix("tcp://").unwrap_or(address);
+        let kind = match address.strip_prefix("tls://") {
+            Some(rest) => ExecutorKind::Tls(rest.to_owned()),
+            None => ExecutorKind::Tcp(address.strip_prefix("tcp://").unwrap_or(address).to_owned()),
+        };
+        // `rask_distributed` reads the scheme; a bare `host:port` is TCP.
         let cluster = crate::cluster::Cluster::connect(address)?;
         Ok(Client::on(
             Backend::Distributed(Arc::new(cluster)),
-            ExecutorKind::Tcp(address.to_owned()),
+            kind,
             Config::new().resolve_progress()?,
         ))
     }

@@ -52,7 +52,8 @@ pub(crate) struct Cluster {
 }
 
 impl Cluster {
-    /// Connects to a running scheduler at `host:port`.
+    /// Connects to a running scheduler at `host:port` (`tls://host:port`
+    /// over TLS).
     pub(crate) fn connect(address: &str) -> Result<Cluster> {
         Ok(Cluster {
             client: Client::connect(address)?,

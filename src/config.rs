@@ -45,11 +45,15 @@ pub enum ExecutorKind {
     Local(usize),
     /// A running scheduler at `host:port` (feature `distributed`).
     Tcp(String),
+    /// A running scheduler at `host:port`, reached over TLS (feature
+    /// `distributed`; TLS settings from `RASK_TLS_CA`, `RASK_TLS_CERT`,
+    /// `RASK_TLS_KEY`).
+    Tls(String),
 }
 
 impl ExecutorKind {
     /// Parses the forms accepted by `RASK_SCHEDULER`: `sync`, `threads`,
-    /// `threads:N`, `local:N`, `tcp://host:port`.
+    /// `threads:N`, `local:N`, `tcp://host:port`, `tls://host:port`.
     ///
     /// # Errors
     ///
@@ -92,13 +96,20 @@ fn parse(text: &str, source_name: &'static str) -> Result<ExecutorKind> {
             Ok(n) => Ok(ExecutorKind::Local(n)),
         };
     }
-    if let Some(address) = trimmed.strip_prefix("tcp://") {
-        return match address.rsplit_once(':') {
-            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
-                Ok(ExecutorKind::Tcp(address.to_owned()))
-            }
-            _ => Err(err("a scheduler address is `tcp://host:port`")),
-        };
+    for (scheme, kind) in [
+        ("tcp://", ExecutorKind::Tcp as fn(String) -> ExecutorKind),
+        ("tls://", ExecutorKind::Tls),
+    ] {
+        if let Some(address) = trimmed.strip_prefix(scheme) {
+            return match address.rsplit_once(':') {
+                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                    Ok(kind(address.to_owned()))
+                }
+                _ => Err(err(
+                    "a scheduler address is `tcp://host:port` or `tls://host:port`",
+                )),
+            };
+        }
     }
     Err(err("unknown executor"))
 }
@@ -118,6 +129,7 @@ impl fmt::Display for ExecutorKind {
             ExecutorKind::Threads(Some(n)) => write!(f, "threads:{n}"),
             ExecutorKind::Local(n) => write!(f, "local:{n}"),
             ExecutorKind::Tcp(address) => write!(f, "tcp://{address}"),
+            ExecutorKind::Tls(address) => write!(f, "tls://{address}"),
         }
     }
 }
@@ -407,6 +419,10 @@ mod tests {
             ExecutorKind::parse("tcp://10.0.0.5:8786").unwrap(),
             ExecutorKind::Tcp("10.0.0.5:8786".into())
         );
+        assert_eq!(
+            ExecutorKind::parse("tls://sched.example:8786").unwrap(),
+            ExecutorKind::Tls("sched.example:8786".into())
+        );
         for bad in [
             "bogus",
             "threads:0",
@@ -416,6 +432,8 @@ mod tests {
             "tcp://h",
             "tcp://:1",
             "tcp://h:x",
+            "tls://h",
+            "tls://:1",
         ] {
             let err = ExecutorKind::parse(bad).unwrap_err().to_string();
             assert!(err.contains("accepted forms"), "{bad}: {err}");
@@ -431,6 +449,7 @@ mod tests {
             ExecutorKind::Threads(Some(3)),
             ExecutorKind::Local(2),
             ExecutorKind::Tcp("127.0.0.1:8786".into()),
+            ExecutorKind::Tls("127.0.0.1:8786".into()),
         ] {
             assert_eq!(ExecutorKind::parse(&kind.to_string()).unwrap(), kind);
         }

@@ -376,7 +376,10 @@ pub fn persist<T: Data>(items: &[Delayed<T>]) -> Result<Vec<Delayed<T>>> {
 pub fn persist_with<T: Data>(items: &[Delayed<T>], config: &Config) -> Result<Vec<Delayed<T>>> {
     let kind = config.resolve()?;
     let _span = tracing::info_span!("persist", executor = %kind, items = items.len()).entered();
-    if matches!(kind, ExecutorKind::Local(_) | ExecutorKind::Tcp(_)) {
+    if matches!(
+        kind,
+        ExecutorKind::Local(_) | ExecutorKind::Tcp(_) | ExecutorKind::Tls(_)
+    ) {
         return persist_on_cluster(items, config);
     }
     let roots: Vec<Arc<Node>> = items

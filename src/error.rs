@@ -183,7 +183,8 @@ impl fmt::Display for Error {
             } => write!(
                 f,
                 "invalid executor `{value}` (from {source_name}): {reason}; accepted forms: \
-                 `sync`, `threads`, `threads:N`, `local:N` (N ≥ 1), `tcp://host:port`"
+                 `sync`, `threads`, `threads:N`, `local:N` (N ≥ 1), `tcp://host:port`, \
+                 `tls://host:port`"
             )?,
             Error::Switch { value, source_name } => write!(
                 f,

@@ -81,7 +81,8 @@
 //!
 //! Explicit argument ([`Delayed::compute_with`]) > scoped [`config::set`] >
 //! the `RASK_SCHEDULER` environment variable (`sync`, `threads`,
-//! `threads:N`, `local:N`, `tcp://host:port`) > the default, `threads`. An
+//! `threads:N`, `local:N`, `tcp://host:port`, `tls://host:port`) > the
+//! default, `threads`. An
 //! unknown value is an error, never a silent fallback.
 //!
 //! # Futures
@@ -111,7 +112,9 @@
 //!
 //! `RASK_SCHEDULER=local:N` (or [`Client::local`]) starts a scheduler and N
 //! worker processes of the program itself; `tcp://host:port` (or
-//! [`Client::connect`]) uses a running `rask-scheduler`. Every process of a
+//! [`Client::connect`]) uses a running `rask-scheduler`, and
+//! `tls://host:port` reaches one over TLS (`RASK_TLS_CA`, `RASK_TLS_CERT`,
+//! `RASK_TLS_KEY`; README, Security). Every process of a
 //! cluster proves the cluster's token when it connects: a local cluster
 //! makes its own, and for a running scheduler clients and workers find it
 //! in `RASK_TOKEN`, the file `RASK_TOKEN_FILE` names, or `~/.rask/token`

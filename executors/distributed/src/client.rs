@@ -107,10 +107,11 @@ use tokio::sync::mpsc;
 
 use crate::net::{self, Chain, ConnectError, FetchResult, Fetched, PeerPool};
 use crate::protocol::{
-    decode_checked, strip_scheme, Batch, TaskSpec, ToClient, ToScheduler, WireEvent, WireEventKind,
-    WireKey, WorkerId, MAX_FRAME,
+    decode_checked, parse_address, Batch, Scheme, TaskSpec, ToClient, ToScheduler, WireEvent,
+    WireEventKind, WireKey, WorkerId, MAX_FRAME,
 };
-use crate::{Auth, BuildId, Error, Token};
+use crate::tls::Connector;
+use crate::{Auth, BuildId, Error, Tls, Token};
 use rask_executor::diagnostics::Snapshot;
 
 /// How often open submissions are asked whether they were cancelled, when
@@ -533,10 +534,12 @@ fn drop_hold(link: &Link, holds: &mut [Option<Hold>], slot: usize, key: WireKey)
 }
 
 impl Client {
-    /// Connects to the scheduler at `address` (`tcp://host:port` or
-    /// `host:port`) as a client of this program's build
+    /// Connects to the scheduler at `address` (`tcp://host:port`,
+    /// `tls://host:port` or `host:port`) as a client of this program's build
     /// ([`BuildId::current`]): only workers of that build run its tasks.
-    /// The token it proves is the one [`Auth::from_env`] finds (rule 11).
+    /// The token it proves is the one [`Auth::from_env`] finds (rule 11);
+    /// a `tls://` address is reached with the settings [`Tls::from_env`]
+    /// finds.
     ///
     /// # Errors
     ///
@@ -546,7 +549,7 @@ impl Client {
     /// [`Client::connect_with`].
     pub fn connect(address: &str) -> Result<Client, Error> {
         // A malformed address is the first thing to say.
-        strip_scheme(address).ok_or_else(|| Error::Address {
+        parse_address(address).ok_or_else(|| Error::Address {
             address: address.to_owned(),
         })?;
         let auth = Auth::from_env()?.ok_or_else(|| Error::NoToken {
@@ -579,8 +582,39 @@ impl Client {
     /// let client = Client::connect_with(&address, right)?;
     /// # Ok::<(), rask_distributed::Error>(())
     /// ```
+    ///
+    /// A `tls://` address is reached with the settings [`Tls::from_env`]
+    /// finds; [`Client::connect_tls`] takes them as an argument.
     pub fn connect_with(address: &str, auth: Auth) -> Result<Client, Error> {
-        Client::start(address, None, BuildId::current(), Arc::new(auth))
+        let tls = connector(address, None)?;
+        Client::start(address, None, BuildId::current(), Arc::new(auth), tls)
+    }
+
+    /// [`Client::connect_with`] over TLS with `tls`: `address` is
+    /// `tls://host:port`, and the scheduler's certificate must be signed by
+    /// `tls`'s CA and name `host`. With mutual TLS, `tls` also holds the
+    /// client's certificate. The client reaches workers' data ports with
+    /// the same settings (`tls.rs` rule 1).
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::connect_with`]; [`Error::TlsSettings`] when `tls` has
+    /// no CA, [`Error::Tls`] when the TLS handshake fails (the message says
+    /// why: an unknown CA, a certificate not naming `host`, a client
+    /// certificate required or refused, a port that does not speak TLS).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use rask_distributed::{Auth, Client, Tls};
+    /// let tls = Tls::new().trust("ca.pem".as_ref())?;
+    /// let auth = Auth::from_env()?.expect("a token");
+    /// let client = Client::connect_tls("tls://sched.example:8786", auth, tls)?;
+    /// # Ok::<(), rask_distributed::Error>(())
+    /// ```
+    pub fn connect_tls(address: &str, auth: Auth, tls: Tls) -> Result<Client, Error> {
+        let tls = connector(address, Some(tls))?;
+        Client::start(address, None, BuildId::current(), Arc::new(auth), tls)
     }
 
     /// [`Client::connect_with`], announcing `build` instead of this
@@ -592,7 +626,8 @@ impl Client {
     /// As [`Client::connect_with`].
     #[doc(hidden)]
     pub fn connect_as(address: &str, auth: Auth, build: BuildId) -> Result<Client, Error> {
-        Client::start(address, None, build, Arc::new(auth))
+        let tls = connector(address, None)?;
+        Client::start(address, None, build, Arc::new(auth), tls)
     }
 
     /// [`Client::connect`] to a scheduler of this process, through `local`
@@ -610,26 +645,36 @@ impl Client {
         runtime: &tokio::runtime::Handle,
         local: net::LocalEnd,
         auth: Arc<Auth>,
+        tls: Option<Connector>,
     ) -> Result<Client, Error> {
         // The scheduler files `local` under this process's build too.
-        Client::start(address, Some((runtime, local)), BuildId::current(), auth)
+        Client::start(
+            address,
+            Some((runtime, local)),
+            BuildId::current(),
+            auth,
+            tls,
+        )
     }
 
-    /// Connects over TCP, or over `local` (an in-memory connection to the
-    /// scheduler) when given, as a process of `build` proving `auth`; the
-    /// loop runs on its own thread, or as a task on the given runtime.
+    /// Connects over TCP (TLS with `tls`), or over `local` (an in-memory
+    /// connection to the scheduler) when given, as a process of `build`
+    /// proving `auth`; the loop runs on its own thread, or as a task on the
+    /// given runtime. Data ports are reached with `tls` too.
     fn start(
         address: &str,
         on: Option<(&tokio::runtime::Handle, net::LocalEnd)>,
         build: BuildId,
         auth: Arc<Auth>,
+        tls: Option<Connector>,
     ) -> Result<Client, Error> {
         let (on, local) = on.unzip();
         let in_process = local.is_some();
-        let target = strip_scheme(address)
+        let target = parse_address(address)
             .ok_or_else(|| Error::Address {
                 address: address.to_owned(),
             })?
+            .1
             .to_owned();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (commands, commands_rx) = mpsc::unbounded_channel();
@@ -639,7 +684,7 @@ impl Client {
         let body = async move {
             let conn = match local {
                 Some(end) => Ok((net::Frames::local(end.recv), net::Writer::local(end.send))),
-                None => connect(&target, build, &auth, &limits).await,
+                None => connect(&target, tls.as_ref(), build, &auth, &limits).await,
             };
             match conn {
                 Ok((frames, writer)) => {
@@ -658,7 +703,7 @@ impl Client {
                     // outlive it: only TCP clients connect again.
                     let again = (!in_process).then(|| target.clone());
                     Loop::new(link, writer, again)
-                        .run(frames, commands_rx, build, auth, limits)
+                        .run(frames, commands_rx, build, auth, tls, limits)
                         .await;
                 }
                 Err(e) => {
@@ -1188,10 +1233,34 @@ type Attempt = std::pin::Pin<
 /// Where a connection's frames go.
 type Writer = net::Writer;
 
-/// Connects to the scheduler at `target` over TCP, as a client of `build`,
-/// reading within `limits`.
+/// The TLS connector for `address`: none for a `tcp://` one; for a
+/// `tls://` one, from `tls`, else from the environment (`tls.rs` rule 1).
+fn connector(address: &str, tls: Option<Tls>) -> Result<Option<Connector>, Error> {
+    let Some((scheme, _)) = parse_address(address) else {
+        return Err(Error::Address {
+            address: address.to_owned(),
+        });
+    };
+    if scheme == Scheme::Tcp {
+        return Ok(None);
+    }
+    let tls = match tls {
+        Some(tls) => tls,
+        None => Tls::from_env()?.ok_or(Error::TlsSettings {
+            problem: "a `tls://` address needs TLS settings: set RASK_TLS_CA to the CA that \
+                      signed the scheduler's certificate (and RASK_TLS_CERT and RASK_TLS_KEY \
+                      for mutual TLS)",
+            source: None,
+        })?,
+    };
+    tls.connector().map(Some)
+}
+
+/// Connects to the scheduler at `target` over TCP (TLS with `tls`), as a
+/// client of `build`, reading within `limits`.
 async fn connect(
     target: &str,
+    tls: Option<&Connector>,
     build: BuildId,
     auth: &Auth,
     limits: &net::Limits,
@@ -1201,7 +1270,7 @@ async fn connect(
         crate::protocol::Role::Scheduler,
     );
     let c = net::connect(
-        target,
+        (target, tls),
         me,
         scheduler,
         build,
@@ -1268,6 +1337,7 @@ impl Loop {
         mut commands: mpsc::UnboundedReceiver<Sequenced>,
         build: BuildId,
         auth: Arc<Auth>,
+        tls: Option<Connector>,
         limits: net::Limits,
     ) {
         let (fetch_tx, mut fetched) = mpsc::unbounded_channel::<Fetched>();
@@ -1275,6 +1345,7 @@ impl Loop {
             fetch_tx.clone(),
             build,
             auth.clone(),
+            tls.clone(),
             limits.clone(),
         ));
         let mut tick = tokio::time::interval(CANCEL_POLL);
@@ -1300,8 +1371,9 @@ impl Loop {
                     if let Some(target) = self.target.clone() {
                         let auth = auth.clone();
                         let limits = limits.clone();
+                        let tls = tls.clone();
                         attempt = Some(Box::pin(async move {
-                            connect(&target, build, &auth, &limits).await
+                            connect(&target, tls.as_ref(), build, &auth, &limits).await
                         }));
                     }
                 }
@@ -1310,8 +1382,13 @@ impl Loop {
                     match done {
                         Ok((frames, writer)) => {
                             read = frames;
-                            let peers =
-                                PeerPool::new(fetch_tx.clone(), build, auth.clone(), limits.clone());
+                            let peers = PeerPool::new(
+                                fetch_tx.clone(),
+                                build,
+                                auth.clone(),
+                                tls.clone(),
+                                limits.clone(),
+                            );
                             self.reconnected(writer, peers);
                         }
                         Err(e) => self.reconnect_failed(&e),

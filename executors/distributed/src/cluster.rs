@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::scheduler::{self, SchedulerHandle};
 use crate::{
-    Client, Error, Token, DEATH_TIMEOUT_ENV, INSECURE_ENV, RESTART_EXIT_CODE, SUPERVISED_ENV,
+    Client, Error, Tls, Token, DEATH_TIMEOUT_ENV, INSECURE_ENV, RESTART_EXIT_CODE, SUPERVISED_ENV,
     TOKEN_ENV, TOKEN_FILE_ENV, WORKER_ENV,
 };
 
@@ -37,6 +37,17 @@ const MIN_LIFE: Duration = Duration::from_secs(1);
 /// [`LocalCluster::client`] talks to the scheduler through memory and
 /// needs no token of its own; another process connects with
 /// [`LocalCluster::token`].
+///
+/// # TLS
+///
+/// When the environment holds TLS settings ([`Tls::from_env`]:
+/// [`TLS_CA_ENV`](crate::TLS_CA_ENV), [`TLS_CERT_ENV`](crate::TLS_CERT_ENV),
+/// [`TLS_KEY_ENV`](crate::TLS_KEY_ENV)), the cluster runs over TLS: the
+/// scheduler presents the certificate and, the CA being given, requires
+/// its workers' (mutual TLS); the workers inherit the same variables, so
+/// they present the same certificate to the scheduler and on their data
+/// ports, and [`LocalCluster::address`] is `tls://127.0.0.1:PORT`. The
+/// certificate must name `127.0.0.1`. All three variables are needed.
 ///
 /// # Restarts
 ///
@@ -117,6 +128,8 @@ impl LocalCluster {
     ///
     /// [`Error::NestedCluster`] when called inside a worker process (its
     /// `main` ran again instead of the worker: worker mode is not set up),
+    /// errors of [`Tls::from_env`], and [`Error::TlsSettings`] when the TLS
+    /// settings lack one of their three parts (see TLS above),
     /// [`Error::Spawn`] if a process cannot be started,
     /// [`Error::WorkerExited`] if one exits before registering (with its exit
     /// status; what it wrote to stderr is printed above), [`Error::Timeout`]
@@ -146,8 +159,19 @@ impl LocalCluster {
             return Err(Error::NestedCluster);
         }
         // A fresh token (`serve`'s default): see Authentication above.
+        let mut options = options;
+        if let Some(tls) = Tls::from_env()? {
+            if !tls.has_ca() || !tls.has_identity() {
+                return Err(Error::TlsSettings {
+                    problem: "a local cluster over TLS needs RASK_TLS_CA, RASK_TLS_CERT and \
+                              RASK_TLS_KEY, its certificate naming 127.0.0.1",
+                    source: None,
+                });
+            }
+            options = options.tls(tls);
+        }
         let scheduler = scheduler::serve_with(([127, 0, 0, 1], 0).into(), options)?;
-        let address = format!("tcp://{}", scheduler.address());
+        let address = scheme_address(&scheduler);
         let token = scheduler
             .token()
             .map(Token::expose_secret)
@@ -194,9 +218,10 @@ impl LocalCluster {
         Ok(cluster)
     }
 
-    /// The scheduler's address, `tcp://127.0.0.1:PORT`.
+    /// The scheduler's address, `tcp://127.0.0.1:PORT` (`tls://…` over
+    /// TLS).
     pub fn address(&self) -> String {
-        format!("tcp://{}", self.scheduler.address())
+        scheme_address(&self.scheduler)
     }
 
     /// The address of the scheduler's web dashboard, when it runs
@@ -346,17 +371,29 @@ fn supervise(
 /// # Ok::<(), rask_distributed::Error>(())
 /// ```
 pub fn in_process_client(scheduler: &SchedulerHandle) -> Result<Client, Error> {
-    let address = format!("tcp://{}", scheduler.address());
+    let address = scheme_address(scheduler);
+    // Workers' data ports of a TLS cluster are TLS too (`tls.rs` rule 1).
+    let tls = scheduler.tls().map(Tls::connector).transpose()?;
     match scheduler.local() {
         Some(local) => {
             let auth = scheduler.auth().clone();
-            Client::connect_on(&address, scheduler.runtime(), local, auth)
+            Client::connect_on(&address, scheduler.runtime(), local, auth, tls)
         }
         None => Err(Error::Connection {
             addr: address,
             source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
         }),
     }
+}
+
+/// The address clients and workers reach `scheduler` at, with its scheme.
+fn scheme_address(scheduler: &SchedulerHandle) -> String {
+    let scheme = if scheduler.tls().is_some() {
+        "tls"
+    } else {
+        "tcp"
+    };
+    format!("{scheme}://{}", scheduler.address())
 }
 
 impl Drop for LocalCluster {

@@ -28,6 +28,12 @@ use crate::protocol::{
 };
 use crate::BuildId;
 
+/// The first byte of a TLS handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// The first byte of a TLS alert record.
+const TLS_ALERT_RECORD: u8 = 0x15;
+
 /// How long a whole handshake may take, proofs included.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -51,7 +57,7 @@ where
     let exchange = async {
         let token = auth.token();
         let ours = Handshake::new(role, build, nonce()?, token.is_some()).to_frame();
-        write.write_all(&ours).await.map_err(ProtocolError::Io)?;
+        send(write, &ours).await?;
         let (theirs, their_frame) = read_hello(read, None::<(&mut W, Role)>).await?;
         if theirs.role != expect {
             return Err(ProtocolError::Role(theirs.role));
@@ -68,10 +74,7 @@ where
             return Err(AuthError::WrongToken.into());
         }
         let mine = auth::proof(token, Side::Connector, c, a);
-        write
-            .write_all(&proof_frame(mine.as_bytes()))
-            .await
-            .map_err(ProtocolError::Io)?;
+        send(write, &proof_frame(mine.as_bytes())).await?;
         Ok(theirs)
     };
     bounded(exchange).await
@@ -99,7 +102,7 @@ where
         let ours = Handshake::new(me, build, nonce()?, token.is_some()).to_frame();
         // Answered even when refused (rule 4): the connector can then say
         // what is wrong rather than that the connection closed.
-        write.write_all(&ours).await.map_err(ProtocolError::Io)?;
+        send(write, &ours).await?;
         let token = match (token, theirs.authenticates) {
             (None, false) => return Ok(theirs),
             (Some(_), false) => return Err(AuthError::NoToken.into()),
@@ -108,10 +111,7 @@ where
         };
         let (c, a) = (&their_frame[4..], &ours[4..]);
         let mine = auth::proof(token, Side::Acceptor, c, a);
-        write
-            .write_all(&proof_frame(mine.as_bytes()))
-            .await
-            .map_err(ProtocolError::Io)?;
+        send(write, &proof_frame(mine.as_bytes())).await?;
         let proof = match read_proof(read).await {
             Ok(proof) => proof,
             // The connector checked this side's proof and left (rule 4).
@@ -134,6 +134,14 @@ async fn bounded<T>(
         Ok(result) => result,
         Err(_) => Err(ProtocolError::Timeout(HANDSHAKE_TIMEOUT)),
     }
+}
+
+/// Writes `frame` whole and flushes it: over TLS, what `write` took may
+/// otherwise wait in the session for the next write (none comes before
+/// the peer's answer). A no-op on a plain socket.
+async fn send<W: AsyncWrite + Unpin>(write: &mut W, frame: &[u8]) -> Result<(), ProtocolError> {
+    write.write_all(frame).await.map_err(ProtocolError::Io)?;
+    write.flush().await.map_err(ProtocolError::Io)
 }
 
 /// A fresh nonce (`auth.rs` rule 6).
@@ -184,12 +192,18 @@ where
             .map_err(eof_is_closed)?;
         let refused = old_handshake(&body[..len]);
         if let (Some((write, me)), V4_HANDSHAKE_PREFIX) = (answer_old, prefix) {
-            let _ = write.write_all(&v4_refusal(me)).await;
+            let _ = send(write, &v4_refusal(me)).await;
         }
         return Err(refused);
     }
     if prefix != HANDSHAKE_PREFIX {
-        return Err(ProtocolError::NotRask);
+        // A TLS record (content type, then version 3.x): a TLS client on a
+        // plain port, or a TLS server's alert answering a plain hello.
+        return Err(match (prefix[0], prefix[1], &answer_old) {
+            (TLS_HANDSHAKE_RECORD, 3, Some(_)) => ProtocolError::TlsOnPlain,
+            (TLS_ALERT_RECORD | TLS_HANDSHAKE_RECORD, 3, None) => ProtocolError::TlsPeer,
+            _ => ProtocolError::NotRask,
+        });
     }
     reader
         .read_exact(&mut frame[4..])

@@ -67,9 +67,19 @@
 //! `rask-scheduler` binary keeps one in a file; clients and workers find it
 //! as [`Auth::from_env`] says, and refuse to start without one unless told
 //! the cluster is insecure ([`INSECURE_ENV`]). The token proves membership,
-//! nothing more: traffic is not encrypted, so someone who can watch or
-//! alter packets between two processes can read values and take over a
-//! connection after its handshake.
+//! nothing more: over `tcp://` traffic is not encrypted, so someone who can
+//! watch or alter packets between two processes can read values and take
+//! over a connection after its handshake.
+//!
+//! # TLS
+//!
+//! A `tls://host:port` address runs every connection of the cluster over
+//! TLS (rustls, TLS 1.3), with the token proved inside it: [`Tls`] holds a
+//! process's CA and certificate ([`Tls::from_env`]: [`TLS_CA_ENV`],
+//! [`TLS_CERT_ENV`], [`TLS_KEY_ENV`]); [`scheduler::Options::tls`] serves it
+//! (with a CA: mutual TLS), [`Client::connect_tls`] and
+//! [`worker::Options::tls`] connect with it, and workers' data ports serve
+//! it too (`tls.rs` rules).
 //!
 //! # Design
 //!
@@ -175,6 +185,7 @@ mod logging;
 mod net;
 pub mod protocol;
 pub mod scheduler;
+mod tls;
 pub mod worker;
 
 use std::process::ExitStatus;
@@ -186,6 +197,7 @@ pub use client::Client;
 pub use cluster::{in_process_client, LocalCluster};
 pub use logging::{init_logging, LOG_ENV};
 pub use protocol::ProtocolError;
+pub use tls::{Tls, TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV};
 pub use worker::WorkerHandle;
 
 /// The environment variable a worker process reads: the `tcp://host:port`
@@ -221,8 +233,11 @@ pub enum Error {
     /// A local I/O operation (bind, spawn a thread, build a runtime) failed.
     #[error("i/o error")]
     Io(#[source] std::io::Error),
-    /// An address is not `tcp://host:port` or `host:port`.
-    #[error("invalid address `{address}`: expected `tcp://host:port` or `host:port`")]
+    /// An address is not `tcp://host:port`, `tls://host:port` or
+    /// `host:port`.
+    #[error(
+        "invalid address `{address}`: expected `tcp://host:port`, `tls://host:port` or `host:port`"
+    )]
     Address {
         /// The address as given.
         address: String,
@@ -292,6 +307,56 @@ pub enum Error {
          unset one of them"
     )]
     AuthConflict,
+    /// A TLS file (CA, certificate, key) cannot be read.
+    #[error("cannot read the TLS {what} file {}", path.display())]
+    TlsFile {
+        /// Which file: `CA`, `certificate` or `key`.
+        what: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A TLS file holds nothing of what it should, in PEM form.
+    #[error("{} holds no {what} in PEM form", path.display())]
+    BadPem {
+        /// What was looked for: `certificate` or `private key`.
+        what: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+    },
+    /// TLS settings that cannot be used as they are: a part missing for
+    /// what the process does, a key that does not match its certificate.
+    #[error("TLS settings: {problem}")]
+    TlsSettings {
+        /// What is wrong, and what to set.
+        problem: &'static str,
+        /// The TLS library's reason, if any.
+        #[source]
+        source: Option<std::io::Error>,
+    },
+    /// The TLS handshake with a scheduler or a data port failed: an
+    /// unknown CA, a certificate that does not name the host, a client
+    /// certificate missing or refused, a peer that does not speak TLS.
+    #[error("TLS handshake with {addr} failed: {reason}{hint}")]
+    Tls {
+        /// The address.
+        addr: String,
+        /// The TLS library's reason.
+        reason: std::io::Error,
+        /// What to check, when the reason says (empty otherwise).
+        hint: &'static str,
+    },
+    /// The peer at a `tcp://` address speaks TLS.
+    #[error(
+        "{addr} speaks TLS: connect with `tls://{addr}`, with RASK_TLS_CA set to the CA of its \
+         certificate"
+    )]
+    TlsRequired {
+        /// The address.
+        addr: String,
+    },
     /// The other side broke the protocol after the handshake.
     #[error("protocol error")]
     Protocol {

@@ -29,7 +29,10 @@
 //!    from these to those of the rules that follow. Pre-auth, nothing but the
 //!    handshake is read, straight from the socket into the fixed arrays of
 //!    `handshake.rs`: no read buffer, no frame, nothing sized by the peer.
-//!    It must be over within
+//!    Over TLS, the TLS handshake comes first (`tls.rs` rule 2), and rustls
+//!    holds what it reads in buffers of its own, bounded by TLS's record
+//!    and handshake-message sizes (16 KiB and 64 KiB), not by anything the
+//!    peer announces. Both handshakes together must be over within
 //!    [`HANDSHAKE_TIMEOUT`](handshake::HANDSHAKE_TIMEOUT), and at most
 //!    [`Caps::pre_auth`] connections are pre-auth at once: a new one closes
 //!    the oldest ([`Gate`]), so sockets left idle before their handshake
@@ -84,17 +87,19 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::Poll;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
+use tokio_rustls::TlsStream;
 
 use crate::handshake;
 use crate::protocol::{
     decode_checked, frame_len, Batch, FromPeer, Handshake, ProtocolError, Role, ToPeer, WireKey,
     WorkerId,
 };
+use crate::tls::{self, Acceptor, Connector};
 use crate::{Auth, BuildId};
 
 /// How long connecting to a peer may take, and how long the peer may take
@@ -583,8 +588,143 @@ async fn within<F: Future<Output = std::io::Result<usize>>>(
     .await
 }
 
-/// The reading half of a TCP connection, buffered.
-pub(crate) type Reader = BufReader<OwnedReadHalf>;
+/// The reading half of a connection, buffered.
+pub(crate) type Reader = BufReader<ReadHalf>;
+
+/// A connection's bytes: plain TCP, or TLS over TCP (`tls.rs`). An enum
+/// rather than a boxed trait object, so that plain TCP costs one branch
+/// per read or write and no allocation or dynamic call.
+pub(crate) enum Stream {
+    Plain(TcpStream),
+    /// Boxed: a TLS stream is much bigger than a socket.
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// The reading half of a [`Stream`].
+pub(crate) enum ReadHalf {
+    Plain(OwnedReadHalf),
+    Tls(tokio::io::ReadHalf<TlsStream<TcpStream>>),
+}
+
+/// The writing half of a [`Stream`].
+pub(crate) enum WriteHalf {
+    Plain(OwnedWriteHalf),
+    Tls(tokio::io::WriteHalf<TlsStream<TcpStream>>),
+}
+
+impl WriteHalf {
+    /// Whether what `write` took may wait in a buffer of this side until a
+    /// flush (TLS records not yet sent).
+    fn buffers(&self) -> bool {
+        matches!(self, WriteHalf::Tls(_))
+    }
+}
+
+impl AsyncRead for ReadHalf {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ReadHalf::Plain(r) => Pin::new(r).poll_read(cx, buf),
+            ReadHalf::Tls(r) => Pin::new(r).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for WriteHalf {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            WriteHalf::Plain(w) => Pin::new(w).poll_write(cx, buf),
+            WriteHalf::Tls(w) => Pin::new(w).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            WriteHalf::Plain(w) => Pin::new(w).poll_flush(cx),
+            WriteHalf::Tls(w) => Pin::new(w).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            WriteHalf::Plain(w) => Pin::new(w).poll_shutdown(cx),
+            WriteHalf::Tls(w) => Pin::new(w).poll_shutdown(cx),
+        }
+    }
+}
+
+impl Stream {
+    /// Runs the connecting side of the token handshake on this stream.
+    async fn connector(
+        &mut self,
+        role: Role,
+        expect: Role,
+        build: BuildId,
+        auth: &Auth,
+    ) -> Result<Handshake, ProtocolError> {
+        // Straight from the socket (or the TLS session): the handshake
+        // reads exactly its fixed frames, so nothing of the peer's first
+        // batch is consumed here.
+        match self {
+            Stream::Plain(s) => {
+                let (mut read, mut write) = s.split();
+                handshake::connector(&mut read, &mut write, role, expect, build, auth).await
+            }
+            Stream::Tls(s) => {
+                let (mut read, mut write) = tokio::io::split(&mut **s);
+                handshake::connector(&mut read, &mut write, role, expect, build, auth).await
+            }
+        }
+    }
+
+    /// Runs the accepting side of the token handshake on this stream.
+    async fn acceptor(
+        &mut self,
+        me: Role,
+        build: BuildId,
+        auth: &Auth,
+    ) -> Result<Handshake, ProtocolError> {
+        // Straight from the socket into the handshake's fixed frames: no
+        // read buffer of this side, nothing sized by the peer (rule 6).
+        match self {
+            Stream::Plain(s) => {
+                let (mut read, mut write) = s.split();
+                handshake::acceptor(&mut read, &mut write, me, build, auth).await
+            }
+            Stream::Tls(s) => {
+                let (mut read, mut write) = tokio::io::split(&mut **s);
+                handshake::acceptor(&mut read, &mut write, me, build, auth).await
+            }
+        }
+    }
+
+    /// Splits the stream into its halves: see [`halves`].
+    fn into_halves(self) -> (Reader, WriteHalf) {
+        match self {
+            Stream::Plain(s) => {
+                let (read, write) = s.into_split();
+                (reader(ReadHalf::Plain(read)), WriteHalf::Plain(write))
+            }
+            Stream::Tls(s) => {
+                let (read, write) = tokio::io::split(*s);
+                (reader(ReadHalf::Tls(read)), WriteHalf::Tls(write))
+            }
+        }
+    }
+}
 
 /// How long a TCP connection may sit idle before the kernel probes the peer.
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
@@ -592,7 +732,7 @@ const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 /// Between unanswered probes; the kernel gives up after a few (Linux: 9).
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Nagle off, keepalive on (see [`tcp_halves`]).
+/// Nagle off, keepalive on (see [`Stream::into_halves`]).
 fn tune(stream: &TcpStream) {
     let _ = stream.set_nodelay(true);
     let keepalive = socket2::TcpKeepalive::new()
@@ -603,15 +743,15 @@ fn tune(stream: &TcpStream) {
     }
 }
 
-/// Splits a TCP stream (already [`tune`]d: Nagle off, keepalive on) into
-/// its halves: a peer whose machine vanished (powered off, unplugged)
-/// without closing the connection is noticed by the kernel within a few
-/// minutes and the connection fails, for clients too (workers also send
-/// heartbeats, which catch a hung process sooner). The read buffer is
-/// allocated here, after the handshake (rule 6).
-fn tcp_halves(stream: TcpStream) -> (Reader, OwnedWriteHalf) {
-    let (read, write) = stream.into_split();
-    (BufReader::with_capacity(64 << 10, read), write)
+/// The buffered reader of a connection's reading half. Its socket is
+/// already [`tune`]d (Nagle off, keepalive on): a peer whose machine
+/// vanished (powered off, unplugged) without closing the connection is
+/// noticed by the kernel within a few minutes and the connection fails,
+/// for clients too (workers also send heartbeats, which catch a hung
+/// process sooner). The read buffer is allocated here, after the handshake
+/// (rule 6).
+fn reader(read: ReadHalf) -> Reader {
+    BufReader::with_capacity(64 << 10, read)
 }
 
 /// One end of an in-memory connection between a client and the scheduler
@@ -702,19 +842,22 @@ pub(crate) struct Connected {
     /// Its frames, within the limits given to `connect`.
     pub(crate) read: FrameReader<Reader>,
     /// Its write half, for [`spawn_writer`].
-    pub(crate) write: OwnedWriteHalf,
+    pub(crate) write: WriteHalf,
     /// This end's address.
     pub(crate) local: SocketAddr,
     /// The peer's build (rule 4).
     pub(crate) build: BuildId,
 }
 
-/// Opens a connection as `role` of `build` proving `auth`, and checks the
-/// answer comes from `expect` and proves the same (rule 11); its frames are
-/// read within `limits`. `timeout` bounds the connection,
-/// [`HANDSHAKE_TIMEOUT`](handshake::HANDSHAKE_TIMEOUT) the handshake.
+/// Opens a connection to `address` (`host:port`), over TLS when given a
+/// connector (the server's certificate must name `host`), as `role` of
+/// `build` proving `auth`, and checks the answer comes from `expect` and
+/// proves the same (rule 11); its frames are read within `limits`.
+/// `timeout` bounds the connection,
+/// [`HANDSHAKE_TIMEOUT`](handshake::HANDSHAKE_TIMEOUT) the TLS handshake
+/// and the token handshake, each.
 pub(crate) async fn connect(
-    address: &str,
+    (address, tls): (&str, Option<&Connector>),
     role: Role,
     expect: Role,
     build: BuildId,
@@ -722,22 +865,39 @@ pub(crate) async fn connect(
     timeout: Duration,
     limits: &Limits,
 ) -> Result<Connected, ConnectError> {
-    let mut stream = match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
+    let tcp = match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(ConnectError::Io(e)),
         Err(_) => return Err(ConnectError::Timeout),
     };
-    let local = stream.local_addr().map_err(ConnectError::Io)?;
-    tune(&stream);
-    let theirs = {
-        // Straight from the socket: the handshake reads exactly its fixed
-        // frames, so nothing of the peer's first batch is consumed here.
-        let (mut read, mut write) = stream.split();
-        handshake::connector(&mut read, &mut write, role, expect, build, auth)
-            .await
-            .map_err(ConnectError::Handshake)?
+    let local = tcp.local_addr().map_err(ConnectError::Io)?;
+    tune(&tcp);
+    let mut stream = match tls {
+        None => Stream::Plain(tcp),
+        Some(tls) => {
+            let name = tls::server_name(address).map_err(ConnectError::Io)?;
+            let dial = tls.connector.connect(name, tcp);
+            match tokio::time::timeout(handshake::HANDSHAKE_TIMEOUT, dial).await {
+                Ok(Ok(s)) => Stream::Tls(Box::new(TlsStream::Client(s))),
+                Ok(Err(e)) => return Err(ConnectError::Tls(e)),
+                Err(_) => {
+                    let after = handshake::HANDSHAKE_TIMEOUT;
+                    return Err(ConnectError::Handshake(ProtocolError::Timeout(after)));
+                }
+            }
+        }
     };
-    let (read, write) = tcp_halves(stream);
+    let theirs = stream
+        .connector(role, expect, build, auth)
+        .await
+        .map_err(|e| match e {
+            // With TLS 1.3 a server checks the client's certificate after
+            // the client's side of the TLS handshake is done: its refusal
+            // arrives as the answer to the hello.
+            ProtocolError::Io(e) if tls::is_tls(&e) => ConnectError::Tls(e),
+            e => ConnectError::Handshake(e),
+        })?;
+    let (read, write) = stream.into_halves();
     Ok(Connected {
         read: FrameReader::new(read, limits.clone()),
         write,
@@ -751,6 +911,9 @@ pub(crate) async fn connect(
 pub(crate) enum ConnectError {
     Io(std::io::Error),
     Timeout,
+    /// The TLS handshake failed, or the peer refused this side's
+    /// certificate.
+    Tls(std::io::Error),
     Handshake(ProtocolError),
 }
 
@@ -765,6 +928,12 @@ impl ConnectError {
                 what: "the scheduler to accept the connection",
                 after: CONNECT_TIMEOUT,
             },
+            ConnectError::Tls(reason) => crate::Error::Tls {
+                addr,
+                hint: tls::hint(&reason),
+                reason,
+            },
+            ConnectError::Handshake(ProtocolError::TlsPeer) => crate::Error::TlsRequired { addr },
             ConnectError::Handshake(ProtocolError::Auth(reason)) => {
                 crate::Error::Auth { addr, peer, reason }
             }
@@ -778,6 +947,7 @@ impl std::fmt::Display for ConnectError {
         match self {
             ConnectError::Io(e) => write!(f, "{e}"),
             ConnectError::Timeout => write!(f, "timed out after {CONNECT_TIMEOUT:?}"),
+            ConnectError::Tls(e) => write!(f, "TLS handshake failed: {e}{}", tls::hint(e)),
             ConnectError::Handshake(e) => write!(f, "handshake failed: {}", Chain(e)),
         }
     }
@@ -791,14 +961,15 @@ pub(crate) struct Accepted {
     /// Its frames, within the limits given to `accept`.
     pub(crate) read: FrameReader<Reader>,
     /// Its write half, for [`spawn_writer`].
-    pub(crate) write: OwnedWriteHalf,
+    pub(crate) write: WriteHalf,
     /// Its place among the connections of its role (rule 7): keep it as
     /// long as the connection.
     pub(crate) slot: Slot,
 }
 
 /// Takes an accepted connection, pre-auth under `ticket`, through its
-/// handshake: checks the peer's, answers as `me` of `build`, requires the
+/// handshakes: TLS first when given an acceptor (`tls.rs` rule 2), then
+/// the token handshake: checks the peer's, answers as `me` of `build`, requires the
 /// peer to prove `auth` (rule 11) and, if the peer's role is one of
 /// `serves` and has room, authenticates it. This is
 /// the one place a connection switches from the limits of rule 6 to those
@@ -808,12 +979,13 @@ pub(crate) struct Accepted {
 ///
 /// Why the connection is to be closed: a bad, slow or refused handshake
 /// ([`ProtocolError::Timeout`] after
-/// [`HANDSHAKE_TIMEOUT`](handshake::HANDSHAKE_TIMEOUT)), a token not proved
+/// [`HANDSHAKE_TIMEOUT`](handshake::HANDSHAKE_TIMEOUT) for both), a TLS
+/// handshake failed ([`ProtocolError::Tls`]), a token not proved
 /// ([`ProtocolError::Auth`]), eviction by a
 /// newer connection ([`ProtocolError::Evicted`]), a role not served
 /// ([`ProtocolError::Role`]) or full ([`ProtocolError::Full`]).
 pub(crate) async fn accept(
-    mut stream: TcpStream,
+    (stream, tls): (TcpStream, Option<&Acceptor>),
     ticket: PreAuth,
     me: Role,
     build: BuildId,
@@ -829,22 +1001,31 @@ pub(crate) async fn accept(
     // Dropped on every way out, which takes the ticket out of the line.
     let ticket = Ticket { id, gate };
     tune(&stream);
-    let theirs = {
-        // Straight from the socket into the handshake's fixed frames: no
-        // read buffer, nothing sized by the peer (rule 6).
-        let (mut read, mut write) = stream.split();
-        let exchange = handshake::acceptor(&mut read, &mut write, me, build, auth);
-        tokio::select! {
-            done = exchange => done?,
-            _ = &mut evicted => return Err(ProtocolError::Evicted(ticket.gate.caps.pre_auth)),
-        }
+    let exchange = async {
+        let mut stream = match tls {
+            None => Stream::Plain(stream),
+            Some(tls) => match tls.acceptor.accept(stream).await {
+                Ok(s) => Stream::Tls(Box::new(TlsStream::Server(s))),
+                Err(e) => return Err(ProtocolError::Tls(e)),
+            },
+        };
+        let theirs = stream.acceptor(me, build, auth).await?;
+        Ok((stream, theirs))
+    };
+    // One deadline for both handshakes (rule 6).
+    let (stream, theirs) = tokio::select! {
+        done = tokio::time::timeout(handshake::HANDSHAKE_TIMEOUT, exchange) => match done {
+            Ok(done) => done?,
+            Err(_) => return Err(ProtocolError::Timeout(handshake::HANDSHAKE_TIMEOUT)),
+        },
+        _ = &mut evicted => return Err(ProtocolError::Evicted(ticket.gate.caps.pre_auth)),
     };
     if !serves.contains(&theirs.role) {
         return Err(ProtocolError::Role(theirs.role));
     }
     // Authenticated from here on (rule 6).
     let slot = ticket.authenticated(theirs.role)?;
-    let (read, write) = tcp_halves(stream);
+    let (read, write) = stream.into_halves();
     Ok(Accepted {
         hello: theirs,
         read: FrameReader::new(read, limits.clone()),
@@ -1216,11 +1397,7 @@ impl Writer {
 /// once more than `cap` bytes are queued (rule 10): for peers whose answers
 /// are small, so that only a peer that stopped reading gets there. The task
 /// ends when every sender is dropped or the socket fails.
-pub(crate) fn spawn_writer(
-    mut write: OwnedWriteHalf,
-    limits: &Limits,
-    cap: Option<usize>,
-) -> Writer {
+pub(crate) fn spawn_writer(mut write: WriteHalf, limits: &Limits, cap: Option<usize>) -> Writer {
     let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let queue = Arc::new(Queue::default());
     let stall = limits.stall;
@@ -1272,7 +1449,7 @@ pub(crate) fn spawn_writer(
 
 /// A writer task's socket, its count and its stall timer.
 struct Out<'a> {
-    write: &'a mut OwnedWriteHalf,
+    write: &'a mut WriteHalf,
     queue: &'a Queue,
     stall: Duration,
     timer: Option<Pin<Box<Sleep>>>,
@@ -1315,6 +1492,22 @@ impl Out<'_> {
             if before > QUEUE_LIMIT && before - n <= QUEUE_LIMIT {
                 queue.room.notify_waiters();
             }
+        }
+        if self.write.buffers() {
+            // TLS keeps the records the socket did not take yet: they go
+            // out now, not with the next frame, within the same deadline.
+            let mut deadline = None;
+            let Out {
+                write,
+                stall,
+                timer,
+                timer_at,
+                ..
+            } = self;
+            let flushed = async { write.flush().await.map(|()| 0) };
+            within(flushed, Some(*stall), &mut deadline, timer, timer_at)
+                .await
+                .map_err(|_| ())?;
         }
         Ok(())
     }
@@ -1367,6 +1560,8 @@ pub(crate) struct PeerPool {
     build: BuildId,
     /// What this process proves to data ports (rule 11).
     auth: Arc<Auth>,
+    /// Set when the cluster is TLS (`tls.rs` rule 1).
+    tls: Option<Connector>,
     /// The process's limits, for the values it reads.
     limits: Limits,
     /// How long a connection with nothing in flight stays open.
@@ -1374,12 +1569,13 @@ pub(crate) struct PeerPool {
 }
 
 impl PeerPool {
-    /// A pool for a process of `build` proving `auth`, reading within
-    /// `limits`.
+    /// A pool for a process of `build` proving `auth`, over TLS when given
+    /// a connector, reading within `limits`.
     pub(crate) fn new(
         answers: mpsc::UnboundedSender<Fetched>,
         build: BuildId,
         auth: Arc<Auth>,
+        tls: Option<Connector>,
         limits: Limits,
     ) -> PeerPool {
         PeerPool {
@@ -1389,6 +1585,7 @@ impl PeerPool {
             answers,
             build,
             auth,
+            tls,
             limits,
             idle: PEER_IDLE,
         }
@@ -1445,6 +1642,7 @@ impl PeerPool {
                 address,
                 build: self.build,
                 auth: self.auth.clone(),
+                tls: self.tls.clone(),
                 limits: self.limits.clone(),
                 idle: self.idle,
             },
@@ -1460,6 +1658,7 @@ struct Peer {
     address: String,
     build: BuildId,
     auth: Arc<Auth>,
+    tls: Option<Connector>,
     limits: Limits,
     idle: Duration,
 }
@@ -1476,6 +1675,7 @@ async fn peer_connection(
         address,
         build,
         auth,
+        tls,
         limits,
         idle,
     } = peer;
@@ -1507,7 +1707,7 @@ async fn peer_connection(
         *in_flight.entry(key).or_default() += 1;
     }
     let connected = match connect(
-        &address,
+        (&address, tls.as_ref()),
         Role::Peer,
         Role::DataServer,
         build,
@@ -1905,13 +2105,13 @@ mod tests {
 
     /// A connected pair of sockets: this end's write half, the peer's
     /// stream (which the test reads, or not).
-    async fn socket_pair() -> (OwnedWriteHalf, TcpStream) {
+    async fn socket_pair() -> (WriteHalf, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let (dialed, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
         let (_read, write) = dialed.unwrap().into_split();
         // Dropping the read half leaves the socket open for writing.
-        (write, accepted.unwrap().0)
+        (WriteHalf::Plain(write), accepted.unwrap().0)
     }
 
     #[test]
@@ -1995,7 +2195,7 @@ mod tests {
                         let ticket = gate.admit().unwrap();
                         let build = BuildId::NONE;
                         let me = Role::DataServer;
-                        let c = accept(stream, ticket, me, build, &auth, &serves, &limits)
+                        let c = accept((stream, None), ticket, me, build, &auth, &serves, &limits)
                             .await
                             .unwrap();
                         let _ = events.send("opened");
@@ -2016,7 +2216,7 @@ mod tests {
                 }
             });
             let (answers, mut answered) = mpsc::unbounded_channel();
-            let mut pool = PeerPool::new(answers, BuildId::NONE, auth, Limits::standard());
+            let mut pool = PeerPool::new(answers, BuildId::NONE, auth, None, Limits::standard());
             pool.idle = Duration::from_millis(100);
             pool.add_peer(WorkerId(1), address);
             for round in 0..2u8 {

@@ -342,6 +342,18 @@ pub enum ProtocolError {
     /// The peer's first bytes are not a rask handshake.
     #[error("peer is not a rask process (bad handshake)")]
     NotRask,
+    /// The peer answered a plain connection with TLS: connect to it with a
+    /// `tls://` address.
+    #[error("peer speaks TLS: connect to it with a `tls://` address (and TLS settings)")]
+    TlsPeer,
+    /// The peer started a TLS handshake on a port that takes plain
+    /// connections.
+    #[error("peer started a TLS handshake; this port takes plain `tcp://` connections")]
+    TlsOnPlain,
+    /// The TLS handshake failed: the peer does not speak TLS, presented no
+    /// certificate or one that is not trusted.
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
     /// The peer speaks another protocol version.
     #[error("peer speaks protocol version {theirs}, this process speaks {ours}")]
     Version {
@@ -1186,13 +1198,29 @@ pub(crate) fn frame_len(prefix: [u8; 4]) -> Result<usize, ProtocolError> {
     Ok(len)
 }
 
-/// Parses `tcp://host:port` or `host:port` into `host:port`.
-pub(crate) fn strip_scheme(address: &str) -> Option<&str> {
-    let rest = address.strip_prefix("tcp://").unwrap_or(address);
+/// How an address is reached (`tls.rs` rule 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Scheme {
+    /// `tcp://host:port`, or a bare `host:port`.
+    Tcp,
+    /// `tls://host:port`.
+    Tls,
+}
+
+/// Parses `tcp://host:port`, `tls://host:port` or `host:port` into its
+/// scheme and `host:port`.
+pub(crate) fn parse_address(address: &str) -> Option<(Scheme, &str)> {
+    let (scheme, rest) = match address.strip_prefix("tls://") {
+        Some(rest) => (Scheme::Tls, rest),
+        None => (
+            Scheme::Tcp,
+            address.strip_prefix("tcp://").unwrap_or(address),
+        ),
+    };
     if rest.is_empty() || rest.contains("://") || !rest.contains(':') {
         return None;
     }
-    Some(rest)
+    Some((scheme, rest))
 }
 
 /// `serde(with)` for `Option<Arc<[u8]>>`: postcard's option tag, then the
@@ -1684,10 +1712,17 @@ mod tests {
 
     #[test]
     fn addresses() {
-        assert_eq!(strip_scheme("tcp://127.0.0.1:8786"), Some("127.0.0.1:8786"));
-        assert_eq!(strip_scheme("localhost:1"), Some("localhost:1"));
-        assert_eq!(strip_scheme("http://x:1"), None);
-        assert_eq!(strip_scheme("nope"), None);
-        assert_eq!(strip_scheme("tcp://"), None);
+        let tcp = |a| Some((Scheme::Tcp, a));
+        assert_eq!(parse_address("tcp://127.0.0.1:8786"), tcp("127.0.0.1:8786"));
+        assert_eq!(parse_address("localhost:1"), tcp("localhost:1"));
+        assert_eq!(
+            parse_address("tls://sched.example:8786"),
+            Some((Scheme::Tls, "sched.example:8786"))
+        );
+        assert_eq!(parse_address("http://x:1"), None);
+        assert_eq!(parse_address("nope"), None);
+        assert_eq!(parse_address("tcp://"), None);
+        assert_eq!(parse_address("tls://"), None);
+        assert_eq!(parse_address("tls://tcp://x:1"), None);
     }
 }

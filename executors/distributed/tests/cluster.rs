@@ -7,7 +7,9 @@ mod support;
 use std::process::Command;
 use std::sync::Arc;
 
-use rask_distributed::{worker, Auth, AuthError, Client, Error, LocalCluster, Token, WORKER_ENV};
+use rask_distributed::{
+    scheduler, worker, Auth, AuthError, Client, Error, LocalCluster, Tls, Token, WORKER_ENV,
+};
 use support::{Collect, Graph, Shared, TestRegistry, TIMEOUT};
 
 /// Worker mode: when started by a `LocalCluster`, this "test" is the worker
@@ -401,4 +403,270 @@ fn rask_scheduler_binary_rejects_bad_arguments() {
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         assert!(String::from_utf8_lossy(&out.stderr).contains("usage"));
     }
+}
+
+/// A throwaway CA, and certificates it signs, as PEM files in a directory
+/// of the test's own.
+struct Pki {
+    dir: TempDir,
+    ca: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let dir = TempDir::new(name);
+        std::fs::create_dir_all(&dir.0).unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{name} test CA"));
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(dir.0.join("ca.pem"), cert.pem()).unwrap();
+        Pki {
+            dir,
+            ca: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    fn ca(&self) -> std::path::PathBuf {
+        self.dir.0.join("ca.pem")
+    }
+
+    /// A certificate for `names` (DNS names or IPs), good for servers and
+    /// clients: its PEM file and its key's.
+    fn issue(&self, file: &str, names: &[&str]) -> (std::path::PathBuf, std::path::PathBuf) {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = rcgen::CertificateParams::new(names).unwrap();
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        let (cert_path, key_path) = (
+            self.dir.0.join(format!("{file}.pem")),
+            self.dir.0.join(format!("{file}.key")),
+        );
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (cert_path, key_path)
+    }
+
+    /// Settings trusting this CA, with a certificate for 127.0.0.1.
+    fn tls(&self, file: &str) -> Tls {
+        let (cert, key) = self.issue(file, &["127.0.0.1", "localhost"]);
+        Tls::new()
+            .trust(&self.ca())
+            .unwrap()
+            .identity(&cert, &key)
+            .unwrap()
+    }
+}
+
+/// A TLS scheduler in this process (mutual TLS when `mutual`), and its
+/// address and token.
+fn tls_scheduler(pki: &Pki, mutual: bool) -> (scheduler::SchedulerHandle, String, Auth) {
+    let (cert, key) = pki.issue("scheduler", &["127.0.0.1"]);
+    let mut tls = Tls::new().identity(&cert, &key).unwrap();
+    if mutual {
+        tls = tls.trust(&pki.ca()).unwrap();
+    }
+    let options = scheduler::Options::default().tls(tls);
+    let sched = scheduler::serve_with("127.0.0.1:0".parse().unwrap(), options).unwrap();
+    let address = format!("tls://{}", sched.address());
+    let auth = Auth::Token(sched.token().unwrap().clone());
+    (sched, address, auth)
+}
+
+#[test]
+fn mutual_tls_computes_and_workers_fetch_from_each_other_over_tls() {
+    let pki = Pki::new("mtls");
+    let (_sched, address, auth) = tls_scheduler(&pki, true);
+    let (shared, _) = Shared::new();
+    let registry = || {
+        Arc::new(TestRegistry {
+            shared: shared.clone(),
+        })
+    };
+    let options = |file| {
+        worker::Options::default()
+            .auth(auth.clone())
+            .tls(pki.tls(file))
+            .death_timeout(std::time::Duration::ZERO)
+    };
+    let _workers = [
+        worker::spawn_with(&address, registry(), options("worker-a")).unwrap(),
+        worker::spawn_with(&address, registry(), options("worker-b")).unwrap(),
+    ];
+    let client = Client::connect_tls(&address, auth.clone(), pki.tls("client")).unwrap();
+    assert_eq!(compute_inc(&client, &shared, 41), 42);
+    // A map over both workers, then one sum: the worker running the sum
+    // reads the other's values from its data port, over TLS.
+    let n = 40;
+    let mut g = Graph::salted(&shared, 7);
+    let mapped: Vec<u32> = (0..n)
+        .map(|i| {
+            let v = g.value(i);
+            g.task("sleep_inc", postcard::to_stdvec(&2_000u64).unwrap(), &[v])
+        })
+        .collect();
+    let total = g.op("add", 0, &mapped);
+    g.output(total);
+    let got = Collect::new(1);
+    got.submit(&client, g.build());
+    assert_eq!(got.wait(), vec![Ok((1..=n).sum())]);
+    // The client reads a big value from a data port, over TLS too.
+    let mut g = Graph::salted(&shared, 8);
+    let big = g.task("big", postcard::to_stdvec(&100_000u64).unwrap(), &[]);
+    let len = g.op("len", 0, &[big]);
+    g.output(len);
+    let got = Collect::new(1);
+    got.submit(&client, g.build());
+    assert_eq!(got.wait(), vec![Ok(100_000)]);
+}
+
+#[test]
+fn tls_refusals_name_the_address_and_the_reason() {
+    let pki = Pki::new("tls-refusals");
+    let (sched, address, auth) = tls_scheduler(&pki, true);
+    let plain = sched.address().to_string();
+    // No client certificate, to a scheduler that requires one.
+    let no_cert = Tls::new().trust(&pki.ca()).unwrap();
+    let err = Client::connect_tls(&address, auth.clone(), no_cert).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, Error::Tls { .. }), "{err:?}");
+    assert!(text.contains(&plain), "{text}");
+    assert!(text.contains("requires a client certificate"), "{text}");
+    // Trusting another CA.
+    let other = Pki::new("tls-other-ca");
+    let err = Client::connect_tls(&address, auth.clone(), other.tls("client")).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.starts_with(&format!("TLS handshake with {plain} failed")),
+        "{text}"
+    );
+    assert!(text.contains("not signed by the CA"), "{text}");
+    // A certificate that does not name the host dialled.
+    let (cert, key) = pki.issue("elsewhere", &["elsewhere.example"]);
+    let tls = Tls::new().identity(&cert, &key).unwrap();
+    let options = scheduler::Options::default().tls(tls);
+    let misnamed = scheduler::serve_with("127.0.0.1:0".parse().unwrap(), options).unwrap();
+    let at = format!("tls://{}", misnamed.address());
+    let err = Client::connect_tls(&at, auth.clone(), pki.tls("client")).unwrap_err();
+    assert!(err.to_string().contains("does not name the host"), "{err}");
+    // `tcp://` to the TLS port: told to use `tls://`, not left hanging.
+    let err = Client::connect_with(&format!("tcp://{plain}"), auth.clone()).unwrap_err();
+    assert!(matches!(err, Error::TlsRequired { .. }), "{err:?}");
+    assert!(
+        err.to_string()
+            .starts_with(&format!("{plain} speaks TLS: connect with `tls://{plain}`")),
+        "{err}"
+    );
+    // And `tls://` to a plain port.
+    let plain_sched = scheduler::serve("127.0.0.1:0".parse().unwrap()).unwrap();
+    let at = format!("tls://{}", plain_sched.address());
+    let token = Auth::Token(plain_sched.token().unwrap().clone());
+    let err = Client::connect_tls(&at, token, pki.tls("client")).unwrap_err();
+    assert!(err.to_string().contains("is it a TLS port?"), "{err}");
+    // A worker without a certificate cannot serve its data port over TLS.
+    let (shared, _) = Shared::new();
+    let options = worker::Options::default()
+        .auth(auth)
+        .tls(Tls::new().trust(&pki.ca()).unwrap());
+    let err = worker::spawn_with(&address, Arc::new(TestRegistry { shared }), options).unwrap_err();
+    assert!(err.to_string().contains("RASK_TLS_CERT"), "{err}");
+}
+
+#[test]
+fn tls_files_that_cannot_be_used_are_named() {
+    let pki = Pki::new("tls-files");
+    let missing = pki.dir.0.join("missing.pem");
+    let err = Tls::new().trust(&missing).unwrap_err();
+    assert!(matches!(err, Error::TlsFile { .. }), "{err:?}");
+    assert!(err.to_string().contains(missing.to_str().unwrap()), "{err}");
+    let junk = pki.dir.0.join("junk.pem");
+    std::fs::write(&junk, "not a certificate").unwrap();
+    let err = Tls::new().trust(&junk).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("{} holds no certificate in PEM form", junk.display())
+    );
+    let (cert, key) = pki.issue("one", &["127.0.0.1"]);
+    let err = Tls::new().identity(&cert, &junk).unwrap_err();
+    assert!(err.to_string().contains("holds no private key"), "{err}");
+    let (_, other_key) = pki.issue("two", &["127.0.0.1"]);
+    let err = Tls::new().identity(&cert, &other_key).unwrap_err();
+    assert!(
+        err.to_string().contains("the key does not go with"),
+        "{err}"
+    );
+    let tls = Tls::new().identity(&cert, &key).unwrap();
+    assert!(tls.names("127.0.0.1"));
+    assert!(!tls.names("10.1.2.3"));
+}
+
+#[test]
+fn rask_scheduler_binary_serves_mutual_tls_to_a_worker_and_a_client() {
+    let pki = Pki::new("scheduler-tls");
+    let (cert, key) = pki.issue("scheduler", &["127.0.0.1"]);
+    let ca = pki.ca();
+    let token = Token::generate().unwrap();
+    let text = token.expose_secret();
+    let args = [
+        "--port",
+        "0",
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+        "--tls-ca",
+        ca.to_str().unwrap(),
+    ];
+    let (_child, address, _, stderr) = start_scheduler(&args, &[("RASK_TOKEN", &text)]);
+    assert!(address.starts_with("tls://127.0.0.1:"), "{address}");
+    let said = stderr.recv_timeout(TIMEOUT).expect("the TLS line");
+    assert!(
+        said.contains("TLS on") && said.contains("--tls-ca"),
+        "{said}"
+    );
+    let auth = Auth::Token(token);
+    let (shared, _) = Shared::new();
+    let options = worker::Options::default()
+        .death_timeout(std::time::Duration::ZERO)
+        .auth(auth.clone())
+        .tls(pki.tls("worker"));
+    let registry = Arc::new(TestRegistry {
+        shared: shared.clone(),
+    });
+    let _worker = worker::spawn_with(&address, registry, options).unwrap();
+    let client = Client::connect_tls(&address, auth.clone(), pki.tls("client")).unwrap();
+    assert_eq!(compute_inc(&client, &shared, 1), 2);
+    // Without a client certificate: refused, and the scheduler says why.
+    let no_cert = Tls::new().trust(&ca).unwrap();
+    assert!(Client::connect_tls(&address, auth, no_cert).is_err());
+    let logged = line_with(&stderr, "TLS handshake failed");
+    assert!(logged.contains(" WARN "), "{logged}");
+    // A key without its certificate is a usage error.
+    let out = Command::new(env!("CARGO_BIN_EXE_rask-scheduler"))
+        .args(["--tls-key", key.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn rask_scheduler_binary_on_every_interface_prints_an_address_clients_can_use() {
+    let args = ["--host", "0.0.0.0", "--port", "0", "--insecure"];
+    let (_child, address, _, _) = start_scheduler(&args, &[]);
+    assert!(address.starts_with("tcp://"), "{address}");
+    assert!(!address.starts_with("tcp://0.0.0.0:"), "{address}");
+    // Usable: a client connects by it.
+    let client = Client::connect_with(&address, Auth::Insecure);
+    assert!(client.is_ok(), "{address}: {:?}", client.err());
 }

@@ -1,8 +1,29 @@
 //! `rask-scheduler [--host 127.0.0.1] [--port 8786] [--worker-timeout 5]
-//! [--client-timeout 60] [--task-timeout SECONDS] [--token-file PATH | --insecure]`:
+//! [--client-timeout 60] [--task-timeout SECONDS] [--token-file PATH | --insecure]
+//! [--tls-cert PEM --tls-key PEM [--tls-ca PEM]]`:
 //! runs a rask scheduler until killed. With `--port 0` the OS picks the
-//! port; the first line on stdout is always the bound address,
-//! `tcp://HOST:PORT`. A worker not heard from for `--worker-timeout`
+//! port; the first line on stdout is always the address clients and
+//! workers use, `tcp://HOST:PORT` (`tls://HOST:PORT` with TLS).
+//!
+//! **The address printed.** For a `--host` that is one address, `HOST` is
+//! that address. For `0.0.0.0` or `::` (every interface), it is the IP of
+//! the interface this machine would reach the internet by: the local end
+//! of a UDP socket connected to a documentation address (192.0.2.1, or
+//! 2001:db8::1 for `::`), which sends nothing; when there is none, the
+//! machine's hostname; failing that, the loopback address. With TLS,
+//! clients check that the certificate names the host they dial, so the
+//! first of these that the certificate names is printed: that IP, the
+//! hostname, `localhost`, the loopback address; when it names none of
+//! them, the IP is printed and a warning on stderr says clients must use
+//! a name the certificate holds.
+//!
+//! **TLS.** `--tls-cert PEM --tls-key PEM` serve TLS with that certificate
+//! (chain) and key: clients and workers then connect with `tls://`
+//! addresses, verifying the certificate with the CA in their
+//! `RASK_TLS_CA`. `--tls-ca PEM` in addition requires every client and
+//! worker to present a certificate signed by that CA (`RASK_TLS_CERT`,
+//! `RASK_TLS_KEY`): mutual TLS. The token is proved inside TLS as without
+//! it. A worker not heard from for `--worker-timeout`
 //! seconds is taken for dead and its work goes elsewhere; a client not
 //! heard from for `--client-timeout` seconds (clients send a heartbeat
 //! every second) is taken as disconnected. A task without a timeout of its
@@ -31,13 +52,14 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use rask_distributed::{Auth, Token, INSECURE_ENV, TOKEN_ENV, TOKEN_FILE_ENV};
+use rask_distributed::{Auth, Tls, Token, INSECURE_ENV, TOKEN_ENV, TOKEN_FILE_ENV};
 
 const USAGE: &str =
     "usage: rask-scheduler [--host 127.0.0.1] [--port 8786] [--worker-timeout SECONDS (5)] \
      [--client-timeout SECONDS (60)] [--task-timeout SECONDS (none)] [--allowed-failures N (3)] \
      [--token-file PATH ($HOME/.rask/token) | --insecure] \
-     [--dashboard HOST:PORT (127.0.0.1:8787) | --no-dashboard]";
+     [--dashboard HOST:PORT (127.0.0.1:8787) | --no-dashboard] \
+     [--tls-cert PEM --tls-key PEM [--tls-ca PEM]]";
 
 /// Where the dashboard answers unless told otherwise.
 const DEFAULT_DASHBOARD: ([u8; 4], u16) = ([127, 0, 0, 1], 8787);
@@ -52,6 +74,7 @@ fn main() -> ExitCode {
     let mut insecure = false;
     // `None`: the default; `Some(None)`: none.
     let mut dashboard: Option<Option<SocketAddr>> = None;
+    let (mut tls_cert, mut tls_key, mut tls_ca): (Option<PathBuf>, _, _) = (None, None, None);
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -100,6 +123,17 @@ fn main() -> ExitCode {
                 _ => return usage("--dashboard needs HOST:PORT with an IP address, or :PORT"),
             },
             "--no-dashboard" if inline.is_none() => dashboard = Some(None),
+            "--tls-cert" | "--tls-key" | "--tls-ca" => {
+                let Some(path) = value().filter(|v| !v.is_empty()) else {
+                    return usage(&format!("{flag} needs a path to a PEM file"));
+                };
+                let slot = match flag.as_str() {
+                    "--tls-cert" => &mut tls_cert,
+                    "--tls-key" => &mut tls_key,
+                    _ => &mut tls_ca,
+                };
+                *slot = Some(PathBuf::from(path));
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return ExitCode::SUCCESS;
@@ -110,6 +144,23 @@ fn main() -> ExitCode {
     if insecure && token_file.is_some() {
         return usage("--insecure and --token-file contradict each other: give one");
     }
+    let tls = match (tls_cert, tls_key, tls_ca) {
+        (None, None, None) => None,
+        (Some(cert), Some(key), ca) => {
+            let tls = Tls::new().identity(&cert, &key).and_then(|tls| match ca {
+                Some(ca) => tls.trust(&ca),
+                None => Ok(tls),
+            });
+            match tls {
+                Ok(tls) => Some(tls),
+                Err(e) => {
+                    eprintln!("rask-scheduler: {e}{}", with_source(&e));
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        _ => return usage("--tls-cert and --tls-key go together, and --tls-ca needs them"),
+    };
     let (auth, whence) = match credentials(insecure, token_file, host) {
         Ok(found) => found,
         Err(problem) => {
@@ -118,6 +169,7 @@ fn main() -> ExitCode {
         }
     };
     options.auth = Some(auth);
+    options.tls = tls.clone();
     let default_dashboard = dashboard.is_none();
     options.dashboard = dashboard.unwrap_or(Some(DEFAULT_DASHBOARD.into()));
     let at = SocketAddr::new(host, port);
@@ -151,8 +203,12 @@ fn main() -> ExitCode {
         }
     };
     let address = scheduler.address();
+    let (scheme, host) = match &tls {
+        None => ("tcp", usable_host(address.ip())),
+        Some(tls) => ("tls", tls_host(address.ip(), tls)),
+    };
     let mut stdout = std::io::stdout();
-    let _ = writeln!(stdout, "tcp://{address}");
+    let _ = writeln!(stdout, "{scheme}://{}", join(&host, address.port()));
     if let Some(dashboard) = scheduler.dashboard() {
         let _ = writeln!(stdout, "dashboard: http://{dashboard}/status");
         if !dashboard.ip().is_loopback() && !insecure {
@@ -164,6 +220,19 @@ fn main() -> ExitCode {
     }
     let _ = stdout.flush();
     eprintln!("rask-scheduler: {}", whence.describe(address));
+    if let Some(tls) = &tls {
+        eprintln!(
+            "rask-scheduler: TLS on: clients and workers connect to {scheme}://{} with \
+             RASK_TLS_CA set to the CA of its certificate{}",
+            join(&host, address.port()),
+            if tls.has_ca() {
+                ", and must present a certificate signed by --tls-ca (RASK_TLS_CERT, \
+                 RASK_TLS_KEY)"
+            } else {
+                ""
+            }
+        );
+    }
     // Runs until killed: the scheduler lives on its own thread.
     loop {
         std::thread::park();
@@ -176,6 +245,83 @@ fn dashboard_address(text: &str) -> Option<SocketAddr> {
         Some(port) => Some(SocketAddr::from(([127, 0, 0, 1], port.parse().ok()?))),
         None => text.parse().ok(),
     }
+}
+
+/// The host clients reach a scheduler listening on `ip` by, as the module
+/// docs say.
+fn usable_host(ip: IpAddr) -> String {
+    if !ip.is_unspecified() {
+        return ip.to_string();
+    }
+    primary_ip(ip)
+        .map(|ip| ip.to_string())
+        .or_else(hostname)
+        .unwrap_or_else(|| loopback(ip).to_string())
+}
+
+/// [`usable_host`] for a TLS scheduler: the first candidate its
+/// certificate names.
+fn tls_host(ip: IpAddr, tls: &Tls) -> String {
+    let first = usable_host(ip);
+    let mut candidates = vec![first.clone()];
+    if ip.is_unspecified() {
+        candidates.extend(hostname());
+        candidates.push("localhost".to_owned());
+        candidates.push(loopback(ip).to_string());
+    }
+    if let Some(named) = candidates.into_iter().find(|c| tls.names(c)) {
+        return named;
+    }
+    eprintln!(
+        "rask-scheduler: warning: the certificate does not name {first}: clients and workers \
+         must connect by a name it holds"
+    );
+    first
+}
+
+/// The IP this machine would reach the internet by: the local end of a UDP
+/// socket connected (nothing is sent) to a documentation address.
+fn primary_ip(unspecified: IpAddr) -> Option<IpAddr> {
+    let (bind, probe): (SocketAddr, SocketAddr) = if unspecified.is_ipv4() {
+        (([0, 0, 0, 0], 0).into(), ([192, 0, 2, 1], 9).into())
+    } else {
+        let probe = IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, 1]);
+        ((IpAddr::from([0u16; 8]), 0).into(), (probe, 9).into())
+    };
+    let socket = std::net::UdpSocket::bind(bind).ok()?;
+    socket.connect(probe).ok()?;
+    let ip = socket.local_addr().ok()?.ip();
+    (!ip.is_unspecified()).then_some(ip)
+}
+
+/// This machine's hostname (Linux), if it has one.
+fn hostname() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    let name = name.trim();
+    (!name.is_empty() && name != "localhost").then(|| name.to_owned())
+}
+
+/// The loopback address of `ip`'s family.
+fn loopback(ip: IpAddr) -> IpAddr {
+    if ip.is_ipv4() {
+        [127, 0, 0, 1].into()
+    } else {
+        std::net::Ipv6Addr::LOCALHOST.into()
+    }
+}
+
+/// `host:port`, with an IPv6 address in brackets.
+fn join(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// `": source"` for an error with a source, else nothing.
+fn with_source(e: &dyn std::error::Error) -> String {
+    e.source().map(|s| format!(": {s}")).unwrap_or_default()
 }
 
 /// Where the scheduler's token came from, for the line on stderr.

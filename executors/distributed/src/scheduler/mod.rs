@@ -97,7 +97,8 @@ use crate::protocol::{
     decode_checked, Batch, ProtocolError, Role, TaskSpec, ToClient, ToScheduler, ToWorker,
     WireEvent, WireFailure, WireKey, WorkerId, MAX_HEARTBEAT, MIN_HEARTBEAT,
 };
-use crate::{Auth, BuildId, Error, Token};
+use crate::tls::Acceptor;
+use crate::{Auth, BuildId, Error, Tls, Token};
 use state::{ClientId, Outbox, Reporter, State};
 use watch::{History, WorkerShell};
 
@@ -138,6 +139,8 @@ pub struct SchedulerHandle {
     locals: mpsc::UnboundedSender<(net::LocalEnd, BuildId)>,
     /// What every TCP peer must prove (rule 7).
     auth: Arc<Auth>,
+    /// The TLS settings it serves with.
+    tls: Option<Tls>,
 }
 
 /// Figures the state loop publishes after every burst of input.
@@ -209,6 +212,12 @@ impl SchedulerHandle {
     /// process to prove to workers' data ports.
     pub(crate) fn auth(&self) -> &Arc<Auth> {
         &self.auth
+    }
+
+    /// The TLS settings the scheduler serves with, if any: a client of
+    /// this process reaches workers' data ports with them.
+    pub(crate) fn tls(&self) -> Option<&Tls> {
+        self.tls.as_ref()
     }
 
     /// The runtime of the scheduler's thread.
@@ -305,6 +314,11 @@ pub struct Options {
     /// Where to serve the web dashboard (rule 9): `None` (the default),
     /// none; port 0 picks a free port ([`SchedulerHandle::dashboard`]).
     pub dashboard: Option<SocketAddr>,
+    /// TLS: clients and workers connect with `tls://` addresses, and the
+    /// scheduler presents the settings' certificate; settings with a CA
+    /// require a client certificate signed by it of every client and
+    /// worker (mutual TLS, `tls.rs` rule 4). Default `None`: plain TCP.
+    pub tls: Option<Tls>,
 }
 
 impl Default for Options {
@@ -318,6 +332,7 @@ impl Default for Options {
             stall_timeout: net::STALL_TIMEOUT,
             frame_budget: net::FRAME_BUDGET,
             dashboard: None,
+            tls: None,
         }
     }
 }
@@ -420,6 +435,24 @@ impl Options {
         self
     }
 
+    /// These options serving TLS with `tls` (see [`Options::tls`]).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use rask_distributed::scheduler::{serve_with, Options};
+    /// use rask_distributed::Tls;
+    /// let tls = Tls::new()
+    ///     .identity("scheduler.pem".as_ref(), "scheduler.key".as_ref())?
+    ///     .trust("ca.pem".as_ref())?; // mutual TLS
+    /// let scheduler = serve_with("0.0.0.0:8786".parse().unwrap(), Options::default().tls(tls))?;
+    /// # Ok::<(), rask_distributed::Error>(())
+    /// ```
+    pub fn tls(mut self, tls: Tls) -> Options {
+        self.tls = Some(tls);
+        self
+    }
+
     /// How often workers are asked to send a heartbeat: within the range a
     /// worker accepts.
     fn heartbeat(&self) -> Duration {
@@ -437,7 +470,8 @@ impl Options {
 /// # Errors
 ///
 /// [`Error::Io`] if the address cannot be bound, the runtime not built or
-/// the token not made.
+/// the token not made; [`Error::TlsSettings`] for TLS settings without a
+/// certificate.
 ///
 /// # Examples
 ///
@@ -470,6 +504,11 @@ pub fn serve_with(addr: SocketAddr, options: Options) -> Result<SchedulerHandle,
         Some(auth) => auth.clone(),
         None => Auth::Token(Token::generate()?),
     });
+    let acceptor = match &options.tls {
+        Some(tls) => Some(tls.acceptor(tls.has_ca())?),
+        None => None,
+    };
+    let tls = options.tls.clone();
     let listener = net::listen(addr).map_err(Error::Io)?;
     let address = listener.local_addr().map_err(Error::Io)?;
     let dashboard = match options.dashboard {
@@ -507,10 +546,8 @@ pub fn serve_with(addr: SocketAddr, options: Options) -> Result<SchedulerHandle,
                 match TcpListener::from_std(listener) {
                     Ok(listener) => {
                         let served = Served { address, board };
-                        run(
-                            listener, locals_rx, stop_rx, count, options, required, served,
-                        )
-                        .await
+                        let peers = (required, acceptor);
+                        run(listener, locals_rx, stop_rx, count, options, peers, served).await
                     }
                     Err(e) => tracing::warn!("scheduler: cannot listen: {e}"),
                 }
@@ -526,6 +563,7 @@ pub fn serve_with(addr: SocketAddr, options: Options) -> Result<SchedulerHandle,
         runtime: handle,
         locals,
         auth,
+        tls,
     })
 }
 
@@ -681,7 +719,7 @@ async fn run(
     mut stop: oneshot::Receiver<()>,
     counts: Arc<Counts>,
     options: Options,
-    auth: Arc<Auth>,
+    (auth, tls): (Arc<Auth>, Option<Acceptor>),
     served: Served,
 ) {
     let (events_tx, mut events) = mpsc::unbounded_channel();
@@ -700,7 +738,7 @@ async fn run(
                 stream,
                 peer,
                 ticket,
-                auth.clone(),
+                (auth.clone(), tls.clone()),
                 limits.clone(),
                 events.clone(),
             ));
@@ -779,14 +817,14 @@ async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
     ticket: net::PreAuth,
-    auth: Arc<Auth>,
+    (auth, tls): (Arc<Auth>, Option<Acceptor>),
     limits: net::Limits,
     events: mpsc::UnboundedSender<Event>,
 ) {
     // The scheduler runs no user code: it has no build of its own.
     let serves = [Role::Client, Role::Worker];
     let accepted = match net::accept(
-        stream,
+        (stream, tls.as_ref()),
         ticket,
         Role::Scheduler,
         BuildId::NONE,

@@ -17,7 +17,8 @@ use crate::net::{self, Chain, FrameReader, Reader};
 use crate::protocol::{
     decode_checked, Batch, ProtocolError, Role, ToScheduler, ToWorker, WorkerId,
 };
-use crate::{Auth, BuildId, Error};
+use crate::tls::Connector;
+use crate::{Auth, BuildId, Error, Tls};
 
 /// The wait after the first failed attempt; it doubles after each failure,
 /// up to [`MAX_RETRY`].
@@ -33,6 +34,8 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
 pub(crate) struct Link {
     /// The scheduler's `host:port`.
     pub(crate) address: String,
+    /// Set for a `tls://` scheduler (`tls.rs` rule 1).
+    pub(crate) tls: Option<LinkTls>,
     /// The build the worker announces (rule 8).
     pub(crate) build: BuildId,
     /// The thread count it announces, within the protocol's range.
@@ -43,6 +46,20 @@ pub(crate) struct Link {
     /// The limits of the worker's connections (`net` rules 8 to 10), one
     /// budget for all of them.
     pub(crate) limits: net::Limits,
+}
+
+/// How a worker of a TLS cluster connects, and what its data port serves.
+pub(crate) struct LinkTls {
+    pub(crate) connector: Connector,
+    pub(crate) settings: Tls,
+}
+
+impl Link {
+    /// The TLS connector to the scheduler and to peers' data ports, if the
+    /// cluster is TLS.
+    pub(crate) fn connector(&self) -> Option<Connector> {
+        self.tls.as_ref().map(|t| t.connector.clone())
+    }
 }
 
 /// A registered scheduler connection, for the network loop.
@@ -115,8 +132,9 @@ impl Retry {
 ///   number); anything but a rask scheduler of this protocol version at the
 ///   address (not rask, another version, another role); a scheduler that
 ///   broke the protocol in its answer; a scheduler that refused the
-///   worker's token, or its lack of one ([`Error::Auth`]); a local failure
-///   ([`Error::Io`]).
+///   worker's token, or its lack of one ([`Error::Auth`]); a failed TLS
+///   handshake ([`Error::Tls`]: certificates and CAs do not change by
+///   waiting); a local failure ([`Error::Io`]).
 pub(crate) fn retried(e: &Error) -> bool {
     let transient = |reason: &ProtocolError| {
         matches!(
@@ -180,7 +198,7 @@ async fn attempt(
 ) -> Result<Connection, Error> {
     let address = link.address.as_str();
     let connected = net::connect(
-        address,
+        (address, link.tls.as_ref().map(|t| &t.connector)),
         Role::Worker,
         Role::Scheduler,
         link.build,
@@ -198,11 +216,17 @@ async fn attempt(
                 .await
                 .map_err(Error::Io)?;
             let bound = listener.local_addr().map_err(Error::Io)?;
+            // Mutual TLS when the scheduler asked this worker for its
+            // certificate (`tls.rs` rule 4).
+            let acceptor = match &link.tls {
+                Some(tls) => Some(tls.settings.acceptor(tls.connector.was_asked())?),
+                None => None,
+            };
             tokio::spawn(serve_data(
                 listener,
                 store.clone(),
                 link.build,
-                link.auth.clone(),
+                (link.auth.clone(), acceptor),
                 link.limits.clone(),
             ));
             *data = Some(bound);

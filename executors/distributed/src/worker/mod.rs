@@ -138,12 +138,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::net::{self, log_limited, Chain, Fetched, FrameReader, PeerPool, Reader};
+use crate::protocol::Scheme;
 use crate::protocol::{
-    decode_checked, duration_ns_of, strip_scheme, Batch, FromPeer, FromPeerRef, ProtocolError,
+    decode_checked, duration_ns_of, parse_address, Batch, FromPeer, FromPeerRef, ProtocolError,
     Role, ToPeer, ToScheduler, ToWorker, WireKey, WorkerId, INLINE_BYTES, MAX_FRAME,
     MAX_TASK_DURATION, MAX_THREADS,
 };
-use crate::{Auth, BuildId, Error, Token, DEATH_TIMEOUT_ENV, GRACE_ENV, SUPERVISED_ENV};
+use crate::tls::Acceptor;
+use crate::{Auth, BuildId, Error, Tls, Token, DEATH_TIMEOUT_ENV, GRACE_ENV, SUPERVISED_ENV};
 use connect::{Connection, Link};
 use pool::Pool;
 use state::{lock, Compute, Done, Job, Outbox, Store, Stored, WorkerState};
@@ -219,6 +221,14 @@ pub struct Options {
     /// ([`Error::NoToken`]); [`Options::from_env`] finds one as
     /// [`Auth::from_env`] says.
     pub auth: Option<Auth>,
+    /// How the worker reaches a `tls://` scheduler and serves its data
+    /// port then (`tls.rs` rules): the CA that signed the scheduler's
+    /// certificate, and the worker's own certificate, which its data port
+    /// presents (it must name the worker's IP address as the scheduler
+    /// connection sees it) and which it shows the scheduler when asked
+    /// (mutual TLS). Not used with a `tcp://` address. Default `None`;
+    /// [`Options::from_env`] reads it as [`Tls::from_env`] says.
+    pub tls: Option<Tls>,
 }
 
 impl Default for Options {
@@ -229,6 +239,7 @@ impl Default for Options {
             supervised: false,
             death_timeout: DEATH_TIMEOUT,
             auth: None,
+            tls: None,
         }
     }
 }
@@ -274,17 +285,35 @@ impl Options {
         self
     }
 
+    /// These options with TLS settings (see [`Options::tls`]).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use rask_distributed::{worker::Options, Tls};
+    /// let tls = Tls::new()
+    ///     .trust("ca.pem".as_ref())?
+    ///     .identity("worker.pem".as_ref(), "worker.key".as_ref())?;
+    /// let options = Options::default().tls(tls);
+    /// # Ok::<(), rask_distributed::Error>(())
+    /// ```
+    pub fn tls(mut self, tls: Tls) -> Options {
+        self.tls = Some(tls);
+        self
+    }
+
     /// The defaults, with what the environment sets: [`GRACE_ENV`] (a
     /// grace period in seconds, `2.5` allowed), [`DEATH_TIMEOUT_ENV`] (a
     /// death timeout in seconds, `2.5` allowed, `0` not to wait),
     /// [`SUPERVISED_ENV`] (`1` when a supervisor restarts this process, `0`
-    /// or unset when not), and the token or its absence as
-    /// [`Auth::from_env`] finds it.
+    /// or unset when not), the token or its absence as
+    /// [`Auth::from_env`] finds it, and the TLS settings as
+    /// [`Tls::from_env`] finds them.
     ///
     /// # Errors
     ///
     /// [`Error::Env`] for a value that is not one of those; as
-    /// [`Auth::from_env`] for the token.
+    /// [`Auth::from_env`] for the token, as [`Tls::from_env`] for TLS.
     ///
     /// # Examples
     ///
@@ -296,7 +325,9 @@ impl Options {
     /// # Ok::<(), rask_distributed::Error>(())
     /// ```
     pub fn from_env() -> Result<Options, Error> {
-        Options::default().with_env(|name| std::env::var_os(name))
+        let mut options = Options::default().with_env(|name| std::env::var_os(name))?;
+        options.tls = Tls::from_env()?;
+        Ok(options)
     }
 
     /// [`Options::from_env`] with the variables `var` gives.
@@ -543,6 +574,7 @@ pub fn spawn(
 ) -> Result<WorkerHandle, Error> {
     let mut options = Options::default().threads(threads);
     options.auth = Auth::from_env()?;
+    options.tls = Tls::from_env()?;
     spawn_with(scheduler, registry, options)
 }
 
@@ -736,7 +768,13 @@ impl Io {
         Io {
             read: connection.read,
             writer: connection.writer,
-            peers: PeerPool::new(fetch_tx, link.build, link.auth.clone(), link.limits.clone()),
+            peers: PeerPool::new(
+                fetch_tx,
+                link.build,
+                link.auth.clone(),
+                link.connector(),
+                link.limits.clone(),
+            ),
             fetch_rx,
             heartbeat: None,
             done_rx,
@@ -759,7 +797,13 @@ impl Io {
         let (fetch_tx, fetch_rx) = mpsc::unbounded_channel();
         self.read = connection.read;
         self.writer = connection.writer;
-        self.peers = PeerPool::new(fetch_tx, link.build, link.auth.clone(), link.limits.clone());
+        self.peers = PeerPool::new(
+            fetch_tx,
+            link.build,
+            link.auth.clone(),
+            link.connector(),
+            link.limits.clone(),
+        );
         self.fetch_rx = fetch_rx;
         self.heartbeat = None;
         self.messages = connection.first;
@@ -875,14 +919,35 @@ fn start(
     build: BuildId,
     stop: Option<oneshot::Receiver<()>>,
 ) -> Result<Started, Error> {
-    let address = strip_scheme(scheduler).ok_or_else(|| Error::Address {
+    let (scheme, address) = parse_address(scheduler).ok_or_else(|| Error::Address {
         address: scheduler.to_owned(),
     })?;
     let auth = options.auth.clone().ok_or_else(|| Error::NoToken {
         default_path: Token::default_path(),
     })?;
+    let tls = match (scheme, &options.tls) {
+        (Scheme::Tcp, _) => None,
+        (Scheme::Tls, None) => {
+            return Err(Error::TlsSettings {
+                problem: "a worker of a `tls://` scheduler needs TLS settings: set RASK_TLS_CA \
+                          to the CA that signed the scheduler's certificate, and RASK_TLS_CERT \
+                          and RASK_TLS_KEY to the worker's certificate (its data port presents \
+                          it)",
+                source: None,
+            })
+        }
+        (Scheme::Tls, Some(tls)) => {
+            // Checked now, not once the data port is bound (rule 4).
+            tls.acceptor(false)?;
+            Some(connect::LinkTls {
+                connector: tls.connector()?,
+                settings: tls.clone(),
+            })
+        }
+    };
     let link = Link {
         address: address.to_owned(),
+        tls,
         build,
         auth: Arc::new(auth),
         // The protocol's range (rule 5 of `protocol`): the pool is that
@@ -1279,12 +1344,13 @@ async fn turn(io: &mut Io, worker: &Worker) -> Option<Ended> {
     }
 }
 
-/// Accepts peers on the data port (rule 13).
+/// Accepts peers on the data port (rule 13), over TLS when given an
+/// acceptor.
 async fn serve_data(
     listener: TcpListener,
     store: Store,
     build: BuildId,
-    auth: Arc<Auth>,
+    (auth, tls): (Arc<Auth>, Option<Acceptor>),
     limits: net::Limits,
 ) {
     // Half the open files: the rest are the worker's own and its tasks'.
@@ -1295,8 +1361,10 @@ async fn serve_data(
         "worker: data port",
         move |stream, peer, ticket| {
             let (store, auth, limits) = (store.clone(), auth.clone(), limits.clone());
+            let tls = tls.clone();
             tokio::spawn(async move {
-                match data_connection(stream, ticket, store, build, &auth, &limits).await {
+                let conn = data_connection(stream, ticket, store, build, (&auth, tls), &limits);
+                match conn.await {
                     Ok(()) => {}
                     // Rule 12: a line per refusal, naming what is wrong.
                     Err(e @ ProtocolError::Auth(_)) => log_limited!(
@@ -1324,11 +1392,11 @@ async fn data_connection(
     ticket: net::PreAuth,
     store: Store,
     build: BuildId,
-    auth: &Auth,
+    (auth, tls): (&Auth, Option<Acceptor>),
     limits: &net::Limits,
 ) -> Result<(), ProtocolError> {
     let accepted = net::accept(
-        stream,
+        (stream, tls.as_ref()),
         ticket,
         Role::DataServer,
         build,
