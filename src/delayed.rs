@@ -569,12 +569,12 @@ impl fmt::Debug for TaskKey {
 #[macro_export]
 macro_rules! delayed {
     ($($f:ident)::+ ( $($arg:expr),* $(,)? ) ?) => {
-        $crate::__private::apply::<$crate::__private::Fallible, _, _, _>(
+        $crate::__private::apply::<$crate::__private::Fallible, _, _, _, _>(
             stringify!($($f)::+), $($f)::+, ($($arg,)*),
         )
     };
     ($($f:ident)::+ ( $($arg:expr),* $(,)? )) => {
-        $crate::__private::apply::<$crate::__private::Plain, _, _, _>(
+        $crate::__private::apply::<$crate::__private::Plain, _, _, _, _>(
             stringify!($($f)::+), $($f)::+, ($($arg,)*),
         )
     };

@@ -183,7 +183,7 @@ pub mod progress;
 mod registry;
 mod report;
 
-pub use args::{IntoArg, Untraversed};
+pub use args::{mode, IntoArg, Traverse, Untraversed};
 pub use client::{Client, ClientStats};
 pub use compute::{compute, compute_with, Compute};
 pub use config::{Config, ExecutorKind};
