@@ -179,6 +179,7 @@ mod key;
 mod node;
 mod ops;
 mod optimize;
+mod pick;
 pub mod progress;
 mod registry;
 mod report;

@@ -34,6 +34,9 @@
 //!    whose payload is its key: the cluster uses its own copy. The op it
 //!    resolves to only fails, since the scheduler runs it only when the key
 //!    is no longer held there.
+//! 5. A part of a value (`Delayed::split`, `Delayed::item`) travels as
+//!    `rask.getitem` (`pick.rs`): the worker finds the whole's type among
+//!    the output types of the registered functions, by type tag.
 
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
@@ -353,6 +356,9 @@ pub struct Tasks {
     /// `R` to an `Arc<R>` parameter without a copy, keyed by `TypeId` of
     /// `Arc<R>` (the parameter's type, which is all a worker-side slot knows).
     shared: HashMap<TypeId, SharedOutput>,
+    /// For every registered function's output type, how a worker takes a
+    /// part of it (rule 5), by type tag.
+    picks: HashMap<u64, crate::pick::Picks>,
 }
 
 /// How an `Arc<R>` parameter takes a registered output type `R`.
@@ -433,6 +439,8 @@ impl Tasks {
         }
         let (output, convert) = f.shared_output();
         self.shared.insert(output, convert);
+        let parts = f.parts();
+        self.picks.insert(parts.tag, parts.picks);
         let build = Some(f.builder().0);
         let entry = self.entry::<F>();
         if fallible {
@@ -501,6 +509,16 @@ pub trait Register<M, Sig> {
     fn builder(self) -> Builder;
     #[doc(hidden)]
     fn shared_output(&self) -> (TypeId, SharedOutput);
+    #[doc(hidden)]
+    fn parts(&self) -> Parts;
+}
+
+/// How a worker takes parts of a registered output type (rule 5); opaque.
+#[doc(hidden)]
+#[derive(Clone, Copy)]
+pub struct Parts {
+    tag: u64,
+    picks: crate::pick::Picks,
 }
 
 /// How a registered function rebuilds its calls; opaque.
@@ -518,6 +536,10 @@ macro_rules! register {
         {
             fn shared_output(&self) -> (TypeId, SharedOutput) {
                 (TypeId::of::<Arc<M::Out>>(), SharedOutput::of::<M::Out>())
+            }
+
+            fn parts(&self) -> Parts {
+                Parts { tag: crate::key::type_tag::<M::Out>(), picks: crate::pick::pick::<M::Out> }
             }
 
             #[allow(unused_variables)]
@@ -575,6 +597,24 @@ impl rask_executor::Registry for Resolver {
                         })?;
                 (Name::Borrowed("value"), Arc::new(Released(Key(key))))
             }
+            crate::pick::GETITEM_FUNCTION => {
+                let pick = crate::pick::Pick::decode(&task.payload)?;
+                let picks = self
+                    .tasks
+                    .picks
+                    .get(&pick.tag)
+                    .ok_or_else(|| WireError::Decode {
+                        what: format!("a part of a `{}`", pick.type_name),
+                        reason: "the type is the output of no function given to rask::init".into(),
+                    })?;
+                (
+                    Name::Borrowed("getitem"),
+                    Arc::new(crate::pick::Picked {
+                        picks: *picks,
+                        step: pick.step,
+                    }),
+                )
+            }
             FAIL_FUNCTION => {
                 let failure = rask_executor::decode_failure(&task.payload)?;
                 (
@@ -613,6 +653,14 @@ impl rask_executor::Registry for Resolver {
 /// The installed registry, if [`init`] was called.
 pub(crate) fn installed() -> Option<Arc<Resolver>> {
     REGISTRY.get().cloned()
+}
+
+/// Whether a worker can take parts of values of the type tagged `tag`
+/// (rule 5).
+pub(crate) fn picks_known(tag: u64) -> bool {
+    REGISTRY
+        .get()
+        .is_some_and(|r| r.tasks.picks.contains_key(&tag))
 }
 
 /// Whether `function` can be sent to another process (rule 1).

@@ -934,6 +934,7 @@ fn arguments_on_local_2() {
     arguments::nested_structures(&local2());
     arguments::futures_in_structures(&local2());
     arguments::operators(&local2());
+    arguments::parts(&local2());
 }
 
 fn main() {

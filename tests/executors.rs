@@ -31,7 +31,7 @@ macro_rules! for_each_executor {
         mod distributed {
             fn config() -> rask::Config {
                 crate::support::loopback_cluster(crate::arguments::register(rask::tasks![
-                    inc, add, sum, len_shared, first, explode, parse?, flaky_once?, nap,
+                    inc, add, sum, len_shared, pair, first, explode, parse?, flaky_once?, nap,
                     crate::support::leaf, crate::support::mix?,
                     crate::support::tree_inc, crate::support::tree_add
                 ]))
@@ -150,11 +150,8 @@ for_each_executor! {
         assert_eq!(delayed!(sum(&parts)).compute_with(&config()).unwrap(), 5050);
         let t = delayed!(first((&parts[1], &parts[2])));
         assert_eq!(t.compute_with(&config()).unwrap(), 23);
-        if !crate::on_cluster(&config()) {
-            // Split tasks exist only in this process.
-            let (doubled, label) = delayed!(pair(21)).split();
-            assert_eq!(rask::compute_with((&doubled, &label), &config()).unwrap(), (42, "#21".to_string()));
-        }
+        let (doubled, label) = delayed!(pair(21)).split();
+        assert_eq!(rask::compute_with((&doubled, &label), &config()).unwrap(), (42, "#21".to_string()));
         let all = rask::compute_with(parts[..3].to_vec(), &config()).unwrap();
         assert_eq!(all, vec![1, 2, 3]);
     }
@@ -162,6 +159,11 @@ for_each_executor! {
     #[test]
     fn nested_structures_are_traversed() {
         crate::arguments::nested_structures(&config());
+    }
+
+    #[test]
+    fn parts_of_values_and_map() {
+        crate::arguments::parts(&config());
     }
 
     #[test]

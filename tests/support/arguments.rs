@@ -54,6 +54,10 @@ pub fn double(x: i64) -> i64 {
     x * 2
 }
 
+pub fn total(v: Vec<i64>) -> i64 {
+    v.iter().sum()
+}
+
 /// The functions of this suite, for `rask::init`.
 pub fn register(tasks: rask::Tasks) -> rask::Tasks {
     tasks
@@ -67,6 +71,7 @@ pub fn register(tasks: rask::Tasks) -> rask::Tasks {
         .register(list)
         .register(table)
         .register(double)
+        .register(total)
 }
 
 /// Nested structures, `Option`, maps and arrays of `Delayed`s as arguments.
@@ -149,4 +154,27 @@ pub fn operators(config: &Config) {
     // `==` compares keys: the same work, not equal values.
     assert!(a != value(7));
     assert!(a == value(6));
+}
+
+/// Parts of values: tuple elements, list elements, map values, and `map`.
+pub fn parts(config: &Config) {
+    let (doubled, label) = delayed!(pair(21)).split();
+    let got = rask::compute_with((&doubled, &label), config).unwrap();
+    assert_eq!(got, (42, "#21".to_string()));
+    assert_eq!(delayed!(double(&doubled)).compute_with(config).unwrap(), 84);
+    let l = delayed!(list(5));
+    assert_eq!(l.item(3).compute_with(config).unwrap(), 3);
+    let both = rask::compute_with((&l.item(0), &l.item(4)), config).unwrap();
+    assert_eq!(both, (0, 4));
+    let err = l.item(9).compute_with(config).unwrap_err();
+    assert!(format!("{err:#}").contains("out of range"), "{err:#}");
+    let t = delayed!(table(4));
+    assert_eq!(t.item("k3".to_string()).compute_with(config).unwrap(), 9);
+    let err = t.item("zz".to_string()).compute_with(config).unwrap_err();
+    assert!(format!("{err:#}").contains("not in the map"), "{err:#}");
+    let chained = delayed!(list(4)).map(total).map(double);
+    assert_eq!(chained.compute_with(config).unwrap(), 12);
+    assert_eq!(chained.name(), "double");
+    assert_eq!(l.item(2).key(), l.item(2).key());
+    assert_ne!(l.item(2).key(), l.item(3).key());
 }
