@@ -34,7 +34,10 @@ pub fn maybe(x: Option<i64>) -> i64 {
     x.unwrap_or(-1)
 }
 
-pub fn shaped(t: (Vec<Option<i64>>, (String, Arc<Vec<u8>>))) -> String {
+/// A list of options, and a pair of a string and shared bytes.
+pub type Shaped = (Vec<Option<i64>>, (String, Arc<Vec<u8>>));
+
+pub fn shaped(t: Shaped) -> String {
     format!("{:?} {} {}", t.0, (t.1).0, (t.1).1.len())
 }
 
