@@ -1,19 +1,48 @@
 //! How the arguments of `delayed!(f(a, b, ...))` become task inputs.
 //!
-//! Each argument converts, through [`IntoArg<A>`] (where `A` is the type of
-//! the function's parameter), into a *slot* stored in the task: a literal kept
-//! by value, or a reference to one or more input tasks. The slot also feeds
-//! the task key: a literal's bytes, or its inputs' keys.
+//! Each argument converts, through [`IntoArg<A, K>`] (where `A` is the type
+//! of the function's parameter and `K` how the argument is passed, which
+//! the compiler infers), into a *slot* stored in the task: a literal kept by
+//! value, or a structure of references to input tasks. The slot also feeds
+//! the task key: a literal's bytes, or its inputs' keys and the structure's
+//! shape.
 //!
 //! | argument | parameter | how it is passed |
 //! |---|---|---|
 //! | `x: T` (plain value) | `T` | literal, hashed into the key |
-//! | `Delayed<T>`, `&Delayed<T>` | `T` | the task's result (moved if last use, else cloned) |
-//! | `Delayed<T>`, `&Delayed<T>` | `Arc<T>` | the task's result, shared without a copy |
-//! | `Vec<Delayed<T>>`, `&[Delayed<T>]`, `&Vec<Delayed<T>>` | `Vec<T>` | each element's result, in order |
-//! | `(Delayed<A>, Delayed<B>)`, `(&Delayed<A>, &Delayed<B>)` (up to 4) | `(A, B)` | each element's result |
+//! | `Delayed<T>`, `&Delayed<T>`, `Future<T>`, `&Future<T>` | `T` | the task's result (moved if last use, else cloned) |
+//! | the same | `Arc<T>` | the task's result, shared without a copy |
+//! | `Vec<X>`, `&[X]`, `[X; N]` | `Vec<A>` (`[A; N]` for arrays) | each element converted, in order |
+//! | `Option<X>` | `Option<A>` | the element converted, or `None` |
+//! | `BTreeMap<K, X>`, `HashMap<K, X>` | the same map of `A` | each value converted; keys are literals |
+//! | `(X1, X2, ...)` (up to 6) | `(A1, A2, ...)` | each element converted |
 //! | [`Untraversed<T>`] | `T` | the value as is, even if it holds `Delayed`s |
+//!
+//! In the rows with `X`, each `X` is itself any argument of the rows above
+//! except a plain value or `Untraversed` (a [`Traverse`] type): structures
+//! nest to any depth, `vec![vec![a, b], vec![c]]` or
+//! `BTreeMap<String, Option<Delayed<T>>>`, as Dask traverses lists and
+//! dicts. A plain value inside a structure is wrapped with
+//! [`value`](crate::value).
+//!
+//! Rules:
+//!
+//! 1. A structure's inputs are the `Delayed`s it holds in traversal order
+//!    (elements in order, map entries in key order: a `BTreeMap`'s order, a
+//!    `HashMap`'s sorted by the keys' encoding), and its slot reads them
+//!    back in that order.
+//! 2. The key hashes the shape along with the inputs' keys: a list's
+//!    length, whether an option is `Some`, a map's length and every map
+//!    key. Read in the parameter's type, these bytes decode to exactly one
+//!    structure, so two different structures never share a key, and equal
+//!    structures (a `Vec` or an array of the same inputs) always do.
+//! 3. On the wire a structure travels as a template of its value's postcard
+//!    encoding (`registry.rs`, rule 2): bytes for the shape, holes for the
+//!    inputs. A worker fills the holes with its inputs' bytes and decodes
+//!    the result as the parameter's type, so it needs no type of its own
+//!    for the structure.
 
+use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -24,25 +53,118 @@ use crate::data::Data;
 use crate::delayed::Delayed;
 use crate::key::KeyHasher;
 use crate::node::{Broken, Call, Inputs, Name, Node, Returns, Typed};
-use crate::registry::{Payload, WireArg};
+use crate::registry::{Payload, Piece, WireArg};
 
 /// Converts a `delayed!` argument into an input of a parameter of type `A`.
 ///
-/// Implemented for plain values, `Delayed`s and collections of them (see the
-/// [module table](crate#arguments)); not meant to be implemented outside rask.
-pub trait IntoArg<A> {
+/// `K` says how (a literal, a traversed structure, or an [`Untraversed`]
+/// value); it is inferred and never written. Implemented for plain values,
+/// `Delayed`s, futures and structures of them (see the [module
+/// table](crate#arguments)); not meant to be implemented outside rask.
+pub trait IntoArg<A, K> {
     #[doc(hidden)]
     type Slot: Slot<A>;
     #[doc(hidden)]
     fn into_arg(self, args: &mut Args) -> Self::Slot;
 }
 
+/// How an argument is passed: the `K` of [`IntoArg<A, K>`], inferred.
+pub mod mode {
+    /// A plain value, kept and hashed as is.
+    #[derive(Debug)]
+    pub enum Literal {}
+    /// A structure holding `Delayed`s or futures ([`Traverse`](crate::Traverse)).
+    #[derive(Debug)]
+    pub enum Traversed {}
+    /// An [`Untraversed`](crate::Untraversed) value.
+    #[derive(Debug)]
+    pub enum Opaque {}
+}
+
+/// A `Delayed`, a future, or a structure of them that `delayed!` looks
+/// into, producing a parameter of type `A` (see the [argument
+/// table](crate#arguments)).
+///
+/// Implemented for `Delayed<T>` and `Future<T>` (as `T` or `Arc<T>`), and
+/// for `Vec`, slices, arrays, `Option`, `BTreeMap`, `HashMap` and tuples of
+/// up to 6 elements whose elements are themselves `Traverse`, to any depth;
+/// references to any of these too. Not meant to be implemented outside
+/// rask.
+///
+/// # Examples
+///
+/// ```
+/// use std::collections::BTreeMap;
+/// use rask::{delayed, value};
+///
+/// fn total(groups: Vec<Vec<i64>>) -> i64 { groups.iter().flatten().sum() }
+/// fn pick(m: BTreeMap<String, Option<i64>>) -> i64 { m.values().flatten().sum() }
+///
+/// let (a, b, c) = (value(1), value(2), value(3));
+/// assert_eq!(delayed!(total(vec![vec![&a, &b], vec![&c]])).compute()?, 6);
+///
+/// let m = BTreeMap::from([("x".to_string(), Some(&a)), ("y".to_string(), None)]);
+/// assert_eq!(delayed!(pick(m)).compute()?, 1);
+/// # Ok::<(), rask::Error>(())
+/// ```
+pub trait Traverse<A> {
+    #[doc(hidden)]
+    type Slot: Slot<A>;
+    #[doc(hidden)]
+    fn traverse(&self, args: &mut Args) -> Self::Slot;
+}
+
 /// The stored form of one argument; produces the parameter value at run time.
 #[doc(hidden)]
 pub trait Slot<A>: Send + Sync + 'static {
     fn extract(&self, inputs: &mut Inputs<'_>) -> Result<A, OpError>;
-    /// The slot as it travels to another process.
-    fn wire(&self) -> Result<WireArg, WireError>;
+
+    /// This slot's part of a template (module rule 3).
+    fn template(&self, out: &mut Template) -> Result<(), WireError>;
+
+    /// The slot as it travels to another process, as a whole parameter.
+    fn wire(&self) -> Result<WireArg, WireError> {
+        let mut template = Template::default();
+        self.template(&mut template)?;
+        Ok(WireArg::Nested(template.0))
+    }
+}
+
+/// The postcard encoding of a parameter with holes for its inputs (module
+/// rule 3).
+#[doc(hidden)]
+#[derive(Default)]
+pub struct Template(Vec<Piece>);
+
+impl Template {
+    pub(crate) fn bytes(&mut self, bytes: &[u8]) {
+        if let Some(Piece::Bytes(last)) = self.0.last_mut() {
+            last.extend_from_slice(bytes);
+        } else {
+            self.0.push(Piece::Bytes(bytes.to_vec()));
+        }
+    }
+
+    /// A postcard length (a varint), as sequences and maps start.
+    fn length(&mut self, n: usize) -> Result<(), WireError> {
+        let bytes = postcard::to_stdvec(&(n as u64)).map_err(|e| WireError::Encode {
+            what: "a length".into(),
+            reason: e.to_string(),
+        })?;
+        self.bytes(&bytes);
+        Ok(())
+    }
+
+    pub(crate) fn input(&mut self) -> Result<(), WireError> {
+        if let Some(Piece::Inputs(n)) = self.0.last_mut() {
+            *n = n.checked_add(1).ok_or_else(|| WireError::NotSerializable {
+                what: "a structure of more than 2^32 - 1 task inputs".into(),
+            })?;
+        } else {
+            self.0.push(Piece::Inputs(1));
+        }
+        Ok(())
+    }
 }
 
 /// Collects a task's inputs and key while its arguments are converted.
@@ -74,15 +196,36 @@ impl Args {
         self.deps.push(node.clone());
     }
 
+    fn fail(&mut self, what: impl FnOnce() -> String) {
+        if self.error.is_none() {
+            self.error = Some(format!("argument {} {}", self.position, what()));
+        }
+    }
+
     fn literal<T: serde::Serialize + ?Sized>(&mut self, value: &T) {
         if let Err(e) = self.hasher.literal(value) {
-            self.error.get_or_insert_with(|| {
+            self.fail(|| {
                 format!(
-                    "argument {} of type `{}` could not be serialized for its key: {e}",
-                    self.position,
+                    "of type `{}` could not be serialized for its key: {e}",
                     std::any::type_name::<T>()
                 )
             });
+        }
+    }
+
+    /// A map key's encoding, for its key and its template.
+    fn map_key<K: serde::Serialize>(&mut self, key: &K) -> Vec<u8> {
+        match postcard::to_stdvec(key) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                self.fail(|| {
+                    format!(
+                        "has a map key of type `{}` that could not be serialized: {e}",
+                        std::any::type_name::<K>()
+                    )
+                });
+                Vec::new()
+            }
         }
     }
 
@@ -123,6 +266,10 @@ impl<T: Data> Slot<T> for Literal<T> {
     fn extract(&self, _: &mut Inputs<'_>) -> Result<T, OpError> {
         Ok(self.0.clone())
     }
+    fn template(&self, out: &mut Template) -> Result<(), WireError> {
+        out.bytes(&crate::registry::encode_literal(&self.0)?);
+        Ok(())
+    }
     fn wire(&self) -> Result<WireArg, WireError> {
         crate::registry::encode_literal(&self.0).map(WireArg::Literal)
     }
@@ -137,7 +284,7 @@ impl<T: Clone + Send + Sync + 'static> Slot<T> for Opaque<T> {
     fn extract(&self, _: &mut Inputs<'_>) -> Result<T, OpError> {
         Ok(self.0.clone())
     }
-    fn wire(&self) -> Result<WireArg, WireError> {
+    fn template(&self, _: &mut Template) -> Result<(), WireError> {
         Err(WireError::NotSerializable {
             what: format!("an untraversed `{}`", std::any::type_name::<T>()),
         })
@@ -153,6 +300,9 @@ impl<T: Data> Slot<T> for Owned<T> {
     fn extract(&self, inputs: &mut Inputs<'_>) -> Result<T, OpError> {
         inputs.owned::<T>()
     }
+    fn template(&self, out: &mut Template) -> Result<(), WireError> {
+        out.input()
+    }
     fn wire(&self) -> Result<WireArg, WireError> {
         Ok(WireArg::One)
     }
@@ -167,28 +317,15 @@ impl<T: Data> Slot<Arc<T>> for Shared<T> {
     fn extract(&self, inputs: &mut Inputs<'_>) -> Result<Arc<T>, OpError> {
         inputs.shared::<T>()
     }
+    fn template(&self, out: &mut Template) -> Result<(), WireError> {
+        out.input()
+    }
     fn wire(&self) -> Result<WireArg, WireError> {
         Ok(WireArg::One)
     }
 }
 
-/// `n` task inputs collected into a `Vec<T>`.
-#[doc(hidden)]
-pub struct Many<T>(usize, PhantomData<fn() -> T>);
-
-impl<T: Data> Slot<Vec<T>> for Many<T> {
-    fn extract(&self, inputs: &mut Inputs<'_>) -> Result<Vec<T>, OpError> {
-        (0..self.0).map(|_| inputs.owned::<T>()).collect()
-    }
-    fn wire(&self) -> Result<WireArg, WireError> {
-        let n = u32::try_from(self.0).map_err(|_| WireError::NotSerializable {
-            what: format!("a list of {} task inputs (at most 2^32 - 1 travel)", self.0),
-        })?;
-        Ok(WireArg::Many(n))
-    }
-}
-
-impl<T: Data> IntoArg<T> for T {
+impl<T: Data> IntoArg<T, mode::Literal> for T {
     type Slot = Literal<T>;
     fn into_arg(self, args: &mut Args) -> Literal<T> {
         args.literal(&self);
@@ -197,105 +334,251 @@ impl<T: Data> IntoArg<T> for T {
     }
 }
 
-impl<T: Data> IntoArg<T> for &Delayed<T> {
-    type Slot = Owned<T>;
-    fn into_arg(self, args: &mut Args) -> Owned<T> {
-        args.input(self.node());
+impl<A, X: Traverse<A>> IntoArg<A, mode::Traversed> for X {
+    type Slot = X::Slot;
+    #[inline]
+    fn into_arg(self, args: &mut Args) -> X::Slot {
+        let slot = self.traverse(args);
         args.next_position();
+        slot
+    }
+}
+
+impl<T: Data> Traverse<T> for Delayed<T> {
+    type Slot = Owned<T>;
+    #[inline]
+    fn traverse(&self, args: &mut Args) -> Owned<T> {
+        args.input(self.node());
         Owned(PhantomData)
     }
 }
 
-impl<T: Data> IntoArg<T> for Delayed<T> {
-    type Slot = Owned<T>;
-    fn into_arg(self, args: &mut Args) -> Owned<T> {
-        <&Delayed<T> as IntoArg<T>>::into_arg(&self, args)
-    }
-}
-
-impl<T: Data> IntoArg<Arc<T>> for &Delayed<T> {
+impl<T: Data> Traverse<Arc<T>> for Delayed<T> {
     type Slot = Shared<T>;
-    fn into_arg(self, args: &mut Args) -> Shared<T> {
+    #[inline]
+    fn traverse(&self, args: &mut Args) -> Shared<T> {
         args.input(self.node());
-        args.next_position();
         Shared(PhantomData)
     }
 }
 
-impl<T: Data> IntoArg<Arc<T>> for Delayed<T> {
-    type Slot = Shared<T>;
-    fn into_arg(self, args: &mut Args) -> Shared<T> {
-        <&Delayed<T> as IntoArg<Arc<T>>>::into_arg(&self, args)
+impl<A, X: Traverse<A> + ?Sized> Traverse<A> for &X {
+    type Slot = X::Slot;
+    #[inline]
+    fn traverse(&self, args: &mut Args) -> X::Slot {
+        (**self).traverse(args)
     }
 }
 
-impl<T: Data> IntoArg<Vec<T>> for &[Delayed<T>] {
-    type Slot = Many<T>;
-    fn into_arg(self, args: &mut Args) -> Many<T> {
-        // The count is part of the key so `[a, b]` and `[a], b` differ.
-        args.hasher.bytes(&(self.len() as u64).to_le_bytes());
-        for d in self {
-            args.input(d.node());
-        }
-        args.next_position();
-        Many(self.len(), PhantomData)
-    }
-}
-
-impl<T: Data> IntoArg<Vec<T>> for &Vec<Delayed<T>> {
-    type Slot = Many<T>;
-    fn into_arg(self, args: &mut Args) -> Many<T> {
-        self.as_slice().into_arg(args)
-    }
-}
-
-impl<T: Data> IntoArg<Vec<T>> for Vec<Delayed<T>> {
-    type Slot = Many<T>;
-    fn into_arg(self, args: &mut Args) -> Many<T> {
-        self.as_slice().into_arg(args)
-    }
-}
-
-/// Tuples of task inputs, each element by value.
+/// A list of slots, producing a `Vec` (or, with `N`, an array).
 #[doc(hidden)]
-pub struct TupleOf<T>(PhantomData<fn() -> T>);
+pub struct Each<S, A>(Vec<S>, PhantomData<fn() -> A>);
 
-macro_rules! tuple_args {
-    ($($t:ident),+) => {
-        impl<$($t: Data),+> Slot<($($t,)+)> for TupleOf<($($t,)+)> {
-            fn extract(&self, inputs: &mut Inputs<'_>) -> Result<($($t,)+), OpError> {
-                Ok(($(inputs.owned::<$t>()?,)+))
+fn each<S, A, X: Traverse<A, Slot = S>>(items: &[X], args: &mut Args) -> Each<S, A> {
+    // The length is part of the key so `[[a, b]]` and `[[a], [b]]` differ.
+    args.hasher.bytes(&(items.len() as u64).to_le_bytes());
+    Each(
+        items.iter().map(|x| x.traverse(args)).collect(),
+        PhantomData,
+    )
+}
+
+impl<A: 'static, S: Slot<A>> Slot<Vec<A>> for Each<S, A> {
+    fn extract(&self, inputs: &mut Inputs<'_>) -> Result<Vec<A>, OpError> {
+        self.0.iter().map(|s| s.extract(inputs)).collect()
+    }
+    fn template(&self, out: &mut Template) -> Result<(), WireError> {
+        out.length(self.0.len())?;
+        self.0.iter().try_for_each(|s| s.template(out))
+    }
+}
+
+impl<A: 'static, S: Slot<A>, const N: usize> Slot<[A; N]> for Each<S, A> {
+    fn extract(&self, inputs: &mut Inputs<'_>) -> Result<[A; N], OpError> {
+        let items: Vec<A> = self
+            .0
+            .iter()
+            .map(|s| s.extract(inputs))
+            .collect::<Result<_, _>>()?;
+        items.try_into().map_err(|_| {
+            OpError::failed(format!("an array of {N} elements was given another length"))
+        })
+    }
+    fn template(&self, out: &mut Template) -> Result<(), WireError> {
+        // Arrays encode as their elements alone: the length is the type's.
+        self.0.iter().try_for_each(|s| s.template(out))
+    }
+}
+
+impl<A: 'static, X: Traverse<A>> Traverse<Vec<A>> for [X] {
+    type Slot = Each<X::Slot, A>;
+    fn traverse(&self, args: &mut Args) -> Self::Slot {
+        each(self, args)
+    }
+}
+
+impl<A: 'static, X: Traverse<A>> Traverse<Vec<A>> for Vec<X> {
+    type Slot = Each<X::Slot, A>;
+    fn traverse(&self, args: &mut Args) -> Self::Slot {
+        each(self, args)
+    }
+}
+
+impl<A: 'static, X: Traverse<A>, const N: usize> Traverse<Vec<A>> for [X; N] {
+    type Slot = Each<X::Slot, A>;
+    fn traverse(&self, args: &mut Args) -> Self::Slot {
+        each(self, args)
+    }
+}
+
+impl<A: 'static, X: Traverse<A>, const N: usize> Traverse<[A; N]> for [X; N] {
+    type Slot = Each<X::Slot, A>;
+    fn traverse(&self, args: &mut Args) -> Self::Slot {
+        each(self, args)
+    }
+}
+
+/// An optional slot, producing an `Option`.
+#[doc(hidden)]
+pub struct Maybe<S>(Option<S>);
+
+impl<A, S: Slot<A>> Slot<Option<A>> for Maybe<S> {
+    fn extract(&self, inputs: &mut Inputs<'_>) -> Result<Option<A>, OpError> {
+        self.0.as_ref().map(|s| s.extract(inputs)).transpose()
+    }
+    fn template(&self, out: &mut Template) -> Result<(), WireError> {
+        match &self.0 {
+            None => {
+                out.bytes(&[0]);
+                Ok(())
             }
-            fn wire(&self) -> Result<WireArg, WireError> {
-                Ok(WireArg::Tuple([$(stringify!($t)),+].len() as u32))
+            Some(s) => {
+                out.bytes(&[1]);
+                s.template(out)
             }
         }
-        impl<$($t: Data),+> IntoArg<($($t,)+)> for ($(&Delayed<$t>,)+) {
-            type Slot = TupleOf<($($t,)+)>;
-            #[allow(non_snake_case)]
-            fn into_arg(self, args: &mut Args) -> Self::Slot {
-                let ($($t,)+) = self;
-                $(args.input($t.node());)+
-                args.next_position();
-                TupleOf(PhantomData)
+    }
+}
+
+impl<A, X: Traverse<A>> Traverse<Option<A>> for Option<X> {
+    type Slot = Maybe<X::Slot>;
+    fn traverse(&self, args: &mut Args) -> Self::Slot {
+        args.hasher.bytes(&[b'?', u8::from(self.is_some())]);
+        Maybe(self.as_ref().map(|x| x.traverse(args)))
+    }
+}
+
+/// Map entries: a literal key and a slot, producing a map of type `M`.
+#[doc(hidden)]
+pub struct Entries<K, S, M>(Vec<(K, Vec<u8>, S)>, PhantomData<fn() -> M>);
+
+fn entries<'a, K, A, X, M>(
+    items: impl Iterator<Item = (&'a K, &'a X)>,
+    sort: bool,
+    args: &mut Args,
+) -> Entries<K, X::Slot, M>
+where
+    K: Data,
+    X: Traverse<A> + 'a,
+{
+    let mut encoded: Vec<(Vec<u8>, &K, &X)> = items.map(|(k, x)| (args.map_key(k), k, x)).collect();
+    if sort {
+        // A `HashMap` iterates in a per-process random order (module rule 1).
+        encoded.sort_by(|a, b| a.0.cmp(&b.0));
+    }
+    let mut head = vec![b'{'];
+    head.extend_from_slice(&(encoded.len() as u64).to_le_bytes());
+    args.hasher.bytes(&head);
+    let slots = encoded
+        .into_iter()
+        .map(|(bytes, k, x)| {
+            args.hasher.bytes(&bytes);
+            let slot = x.traverse(args);
+            (k.clone(), bytes, slot)
+        })
+        .collect();
+    Entries(slots, PhantomData)
+}
+
+macro_rules! map_slot {
+    ($map:ident $($bound:path),*) => {
+        impl<K, A, S> Slot<$map<K, A>> for Entries<K, S, $map<K, A>>
+        where
+            K: Clone + Send + Sync + 'static $(+ $bound)*,
+            A: 'static,
+            S: Slot<A>,
+        {
+            fn extract(&self, inputs: &mut Inputs<'_>) -> Result<$map<K, A>, OpError> {
+                self.0
+                    .iter()
+                    .map(|(k, _, s)| Ok((k.clone(), s.extract(inputs)?)))
+                    .collect()
             }
-        }
-        impl<$($t: Data),+> IntoArg<($($t,)+)> for ($(Delayed<$t>,)+) {
-            type Slot = TupleOf<($($t,)+)>;
-            #[allow(non_snake_case)]
-            fn into_arg(self, args: &mut Args) -> Self::Slot {
-                let ($($t,)+) = self;
-                $(args.input($t.node());)+
-                args.next_position();
-                TupleOf(PhantomData)
+            fn template(&self, out: &mut Template) -> Result<(), WireError> {
+                out.length(self.0.len())?;
+                for (_, key, s) in &self.0 {
+                    out.bytes(key);
+                    s.template(out)?;
+                }
+                Ok(())
             }
         }
     };
 }
 
-tuple_args!(A, B);
-tuple_args!(A, B, C);
-tuple_args!(A, B, C, D);
+map_slot!(BTreeMap Ord);
+map_slot!(HashMap Eq, Hash);
+
+impl<K, A, X> Traverse<BTreeMap<K, A>> for BTreeMap<K, X>
+where
+    K: Data + Ord,
+    A: 'static,
+    X: Traverse<A>,
+{
+    type Slot = Entries<K, X::Slot, BTreeMap<K, A>>;
+    fn traverse(&self, args: &mut Args) -> Self::Slot {
+        entries(self.iter(), false, args)
+    }
+}
+
+impl<K, A, X, S> Traverse<HashMap<K, A>> for HashMap<K, X, S>
+where
+    K: Data + Eq + Hash,
+    A: 'static,
+    X: Traverse<A>,
+{
+    type Slot = Entries<K, X::Slot, HashMap<K, A>>;
+    fn traverse(&self, args: &mut Args) -> Self::Slot {
+        entries(self.iter(), true, args)
+    }
+}
+
+macro_rules! tuple_args {
+    ($($a:ident $x:ident $s:ident $i:tt),+) => {
+        impl<$($a, $s: Slot<$a>),+> Slot<($($a,)+)> for ($($s,)+) {
+            fn extract(&self, inputs: &mut Inputs<'_>) -> Result<($($a,)+), OpError> {
+                Ok(($(self.$i.extract(inputs)?,)+))
+            }
+            fn template(&self, out: &mut Template) -> Result<(), WireError> {
+                // A tuple encodes as its elements in order.
+                $(self.$i.template(out)?;)+
+                Ok(())
+            }
+        }
+        impl<$($a, $x: Traverse<$a>),+> Traverse<($($a,)+)> for ($($x,)+) {
+            type Slot = ($($x::Slot,)+);
+            fn traverse(&self, args: &mut Args) -> Self::Slot {
+                ($(self.$i.traverse(args),)+)
+            }
+        }
+    };
+}
+
+tuple_args!(A0 X0 S0 0, A1 X1 S1 1);
+tuple_args!(A0 X0 S0 0, A1 X1 S1 1, A2 X2 S2 2);
+tuple_args!(A0 X0 S0 0, A1 X1 S1 1, A2 X2 S2 2, A3 X3 S3 3);
+tuple_args!(A0 X0 S0 0, A1 X1 S1 1, A2 X2 S2 2, A3 X3 S3 3, A4 X4 S4 4);
+tuple_args!(A0 X0 S0 0, A1 X1 S1 1, A2 X2 S2 2, A3 X3 S3 3, A4 X4 S4 4, A5 X5 S5 5);
 
 /// Passes a value to a task as is, without looking for `Delayed`s inside it.
 ///
@@ -319,7 +602,7 @@ tuple_args!(A, B, C, D);
 #[derive(Debug, Clone)]
 pub struct Untraversed<T>(pub T);
 
-impl<T: Hash + Clone + Send + Sync + 'static> IntoArg<T> for Untraversed<T> {
+impl<T: Hash + Clone + Send + Sync + 'static> IntoArg<T, mode::Opaque> for Untraversed<T> {
     type Slot = Opaque<T>;
     fn into_arg(self, args: &mut Args) -> Opaque<T> {
         args.hasher.bytes(b"untraversed");
@@ -332,21 +615,22 @@ impl<T: Hash + Clone + Send + Sync + 'static> IntoArg<T> for Untraversed<T> {
 /// A function applied to converted arguments: the engine of `delayed!`.
 ///
 /// `Xs` is the tuple of arguments as written, `Sig` the function's signature
-/// (it only guides type inference), `M` how the result is returned.
+/// (it only guides type inference), `Ks` how each argument is passed
+/// (inferred, see [`IntoArg`]), `M` how the result is returned.
 #[doc(hidden)]
-pub trait Apply<M, Xs, Sig> {
+pub trait Apply<M, Xs, Sig, Ks> {
     type Out;
     fn apply(self, name: &'static str, xs: Xs) -> Delayed<Self::Out>;
 }
 
 macro_rules! apply {
     ($($a:ident $x:ident $s:ident $i:tt),*) => {
-        impl<F, M, R, $($a, $x),*> Apply<M, ($($x,)*), fn($($a),*) -> R> for F
+        impl<F, M, R, $($a, $x, $s),*> Apply<M, ($($x,)*), fn($($a),*) -> R, ($($s,)*)> for F
         where
             F: Fn($($a),*) -> R + Send + Sync + 'static,
             M: Returns<R>,
             R: 'static,
-            $($a: 'static, $x: IntoArg<$a>,)*
+            $($a: 'static, $x: IntoArg<$a, $s>,)*
         {
             type Out = M::Out;
             #[allow(unused_variables, unused_mut, non_snake_case)]
@@ -404,7 +688,7 @@ fn short_name(path: &'static str) -> &'static str {
 
 /// Entry point of the `delayed!` macro.
 #[doc(hidden)]
-pub fn apply<M, Xs, Sig, F: Apply<M, Xs, Sig>>(
+pub fn apply<M, Xs, Sig, Ks, F: Apply<M, Xs, Sig, Ks>>(
     name: &'static str,
     f: F,
     xs: Xs,

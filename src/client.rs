@@ -341,19 +341,19 @@ impl Client {
     /// assert_eq!(client.gather(&squares)?, vec![1, 4, 9, 16]);
     /// # Ok::<(), rask::Error>(())
     /// ```
-    pub fn map<F, A, R, X, I>(&self, f: F, items: I) -> Result<Vec<Future<R>>>
+    pub fn map<F, A, R, X, K, I>(&self, f: F, items: I) -> Result<Vec<Future<R>>>
     where
         F: Fn(A) -> R + Clone + Send + Sync + 'static,
         A: 'static,
         R: Data,
-        X: IntoArg<A>,
+        X: IntoArg<A, K>,
         I: IntoIterator<Item = X>,
     {
         let name = std::any::type_name::<F>();
         let nodes: Vec<Arc<Node>> = items
             .into_iter()
             .map(|x| {
-                let d: Delayed<R> = apply::<Plain, _, _, _>(name, f.clone(), (x,));
+                let d: Delayed<R> = apply::<Plain, _, _, _, _>(name, f.clone(), (x,));
                 d.node().clone()
             })
             .collect();

@@ -13,7 +13,9 @@ use crate::config::{Config, ExecutorKind};
 use crate::data::Data;
 use crate::key::{KeyHasher, Tag};
 use crate::node::{Deps, Held, Name, Node};
+use crate::pick::{Part, Step};
 use crate::Result;
+use rask_executor::OpError;
 
 /// A lazy value of type `T`: a task and, through its inputs, the whole graph
 /// needed to compute it.
@@ -572,42 +574,28 @@ impl fmt::Debug for TaskKey {
 #[macro_export]
 macro_rules! delayed {
     ($($f:ident)::+ ( $($arg:expr),* $(,)? ) ?) => {
-        $crate::__private::apply::<$crate::__private::Fallible, _, _, _>(
+        $crate::__private::apply::<$crate::__private::Fallible, _, _, _, _>(
             stringify!($($f)::+), $($f)::+, ($($arg,)*),
         )
     };
     ($($f:ident)::+ ( $($arg:expr),* $(,)? )) => {
-        $crate::__private::apply::<$crate::__private::Plain, _, _, _>(
+        $crate::__private::apply::<$crate::__private::Plain, _, _, _, _>(
             stringify!($($f)::+), $($f)::+, ($($arg,)*),
         )
     };
 }
 
-/// Picks element `I` out of a tuple-valued input.
-struct Item<Tuple, const I: usize>(PhantomData<fn() -> Tuple>);
-
-macro_rules! item_call {
-    ([$($t:ident),+] $i:tt) => {
-        impl<$($t: Data),+> crate::node::Call for Item<($($t,)+), $i> {
-            fn run(&self, inputs: &mut [Option<Value>]) -> std::result::Result<Value, rask_executor::OpError> {
-                let tuple = crate::node::Inputs::new(inputs).shared::<($($t,)+)>()?;
-                // The last user of the tuple moves the element out.
-                let item = match Arc::try_unwrap(tuple) {
-                    Ok(owned) => owned.$i,
-                    Err(shared) => shared.$i.clone(),
-                };
-                Ok(Arc::new(item))
-            }
-        }
-    };
-}
-
 macro_rules! split {
-    (@method [$($t:ident),+] $($i:tt)+) => {
-        impl<$($t: Data),+> Delayed<($($t,)+)> {
+    ([$($t:ident),+] $($i:tt)+) => {
+        split!(@method ($($t,)+) [$($t),+] $($i)+);
+    };
+    (@method $w:ty [$($t:ident),+] $($i:tt)+) => {
+        impl<$($t: Data),+> Delayed<$w> {
             /// Splits a tuple-valued task into one `Delayed` per element
             /// (Dask's `nout`). Each element is a small task that depends on
-            /// this one; the tuple itself runs once.
+            /// this one; the tuple itself runs once. On a cluster the tuple
+            /// type must be the output of a function given to
+            /// [`init`](crate::init) (it is, when such a function made it).
             ///
             /// ```
             /// fn divmod(a: i64, b: i64) -> (i64, i64) { (a / b, a % b) }
@@ -616,32 +604,182 @@ macro_rules! split {
             /// # Ok::<(), rask::Error>(())
             /// ```
             pub fn split(&self) -> ($(Delayed<$t>,)+) {
-                ($(self.item::<$t, $i>(),)+)
+                ($(self.part(Step::Element($i), |w: $w, _| Ok(w.$i), |w, _| Ok(w.$i.clone())),)+)
             }
         }
     };
-    ($gen:tt $($i:tt)+) => {
-        $(item_call!($gen $i);)+
-        split!(@method $gen $($i)+);
-    };
 }
 
-impl<Tuple> Delayed<Tuple> {
-    fn item<T, const I: usize>(&self) -> Delayed<T>
-    where
-        Item<Tuple, I>: crate::node::Call,
-    {
+impl<W: Data> Delayed<W> {
+    /// A task taking one part of this value (`pick.rs`); its key is this
+    /// task's key and the step.
+    fn part<P: Data>(
+        &self,
+        step: Step,
+        take: fn(W, &Step) -> std::result::Result<P, OpError>,
+        borrow: fn(&W, &Step) -> std::result::Result<P, OpError>,
+    ) -> Delayed<P> {
         let mut h = KeyHasher::new(Tag::Item, "getitem", "");
         h.input(&self.node.key);
-        h.bytes(&(I as u64).to_le_bytes());
+        match &step {
+            // The element's number alone, as before parts of lists and maps.
+            Step::Element(i) => h.bytes(&u64::from(*i).to_le_bytes()),
+            other => h.bytes(&postcard::to_stdvec(other).expect("a step encodes")),
+        }
         Delayed::from_node(Arc::new(Node {
             key: h.finish(),
             name: Name::Borrowed("getitem"),
             deps: Deps::One(self.node.clone()),
-            call: Arc::new(Item::<Tuple, I>(PhantomData)),
+            call: Arc::new(Part::<W, P> {
+                step,
+                take,
+                borrow,
+                _types: PhantomData,
+            }),
         }))
     }
+
+    /// A task applying `f` to this value: `d.map(f)` is `delayed!(f(&d))`,
+    /// for chains written left to right. `f` is a function item (or a
+    /// closure bound to a name, see [keys](crate#keys)); the task is named
+    /// after it and runs on a cluster when `f` is given to
+    /// [`init`](crate::init). For the elements of a list, a tuple or a map,
+    /// see [`item`](Delayed::item) and [`split`](Delayed::split).
+    ///
+    /// ```
+    /// fn load(n: i64) -> Vec<i64> { (1..=n).collect() }
+    /// fn total(v: Vec<i64>) -> i64 { v.iter().sum() }
+    /// fn double(x: i64) -> i64 { x * 2 }
+    ///
+    /// let t = rask::delayed!(load(4)).map(total).map(double);
+    /// assert_eq!(t.compute()?, 20);
+    /// assert_eq!(t.name(), "double");
+    /// # Ok::<(), rask::Error>(())
+    /// ```
+    pub fn map<F, U>(&self, f: F) -> Delayed<U>
+    where
+        F: Fn(W) -> U + Send + Sync + 'static,
+        U: Data,
+    {
+        crate::args::apply::<crate::node::Plain, _, _, _, _>(std::any::type_name::<F>(), f, (self,))
+    }
 }
+
+impl<T: Data> Delayed<Vec<T>> {
+    /// The element at `index` of a list-valued task, as a task of its own
+    /// (Dask's `x[i]`); it fails, naming the length, when the list is
+    /// shorter. On a cluster the list type must be the output of a function
+    /// given to [`init`](crate::init).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// fn squares(n: u64) -> Vec<u64> { (0..n).map(|i| i * i).collect() }
+    /// let s = rask::delayed!(squares(5));
+    /// assert_eq!(s.item(3).compute()?, 9);
+    /// assert!(s.item(7).compute().is_err());
+    /// # Ok::<(), rask::Error>(())
+    /// ```
+    pub fn item(&self, index: usize) -> Delayed<T> {
+        fn at<T: Clone>(v: &[T], step: &Step) -> std::result::Result<T, OpError> {
+            let Step::Index(i) = step else {
+                unreachable!("a list's step is an index")
+            };
+            usize::try_from(*i)
+                .ok()
+                .and_then(|i| v.get(i))
+                .cloned()
+                .ok_or_else(|| {
+                    OpError::failed(format!(
+                        "index {i} is out of range for a list of {}",
+                        v.len()
+                    ))
+                })
+        }
+        self.part(
+            Step::Index(index as u64),
+            |mut v: Vec<T>, step| {
+                let Step::Index(i) = step else {
+                    unreachable!("a list's step is an index")
+                };
+                match usize::try_from(*i) {
+                    Ok(i) if i < v.len() => Ok(v.swap_remove(i)),
+                    _ => at(&v, step),
+                }
+            },
+            |v, step| at(v, step),
+        )
+    }
+}
+
+macro_rules! map_item {
+    ($map:ident $($bound:path),*) => {
+        impl<K: Data $(+ $bound)*, V: Data> Delayed<std::collections::$map<K, V>> {
+            /// The value under `key` of a map-valued task, as a task of its
+            /// own (Dask's `x[key]`); it fails when the key is missing. On
+            /// a cluster the map type must be the output of a function
+            /// given to [`init`](crate::init).
+            ///
+            /// # Errors
+            ///
+            /// None here; a key that cannot be serialized makes a task that
+            /// fails with that message.
+            ///
+            /// ```
+            #[doc = concat!("use std::collections::", stringify!($map), ";")]
+            #[doc = concat!("fn ages() -> ", stringify!($map), "<String, u32> {")]
+            #[doc = concat!("    ", stringify!($map), "::from([(\"ada\".to_string(), 36)])")]
+            /// }
+            /// let a = rask::delayed!(ages());
+            /// assert_eq!(a.item("ada".to_string()).compute()?, 36);
+            /// assert!(a.item("bob".to_string()).compute().is_err());
+            /// # Ok::<(), rask::Error>(())
+            /// ```
+            pub fn item(&self, key: K) -> Delayed<V> {
+                fn get<K: Data $(+ $bound)*, V: Data>(
+                    m: &std::collections::$map<K, V>,
+                    step: &Step,
+                ) -> std::result::Result<V, OpError> {
+                    let Step::Key(bytes) = step else { unreachable!("a map's step is a key") };
+                    let key: K = postcard::from_bytes(bytes)
+                        .map_err(|e| OpError::failed(format!("could not decode the key: {e}")))?;
+                    m.get(&key)
+                        .cloned()
+                        .ok_or_else(|| OpError::failed(format!("the key is not in the map ({} entries)", m.len())))
+                }
+                let bytes = match postcard::to_stdvec(&key) {
+                    Ok(bytes) => bytes,
+                    // Building stays infallible: the task fails instead.
+                    Err(e) => {
+                        return Delayed::from_node(Arc::new(Node {
+                            key: named_key(&format!("getitem-{}", unique_suffix())),
+                            name: Name::Borrowed("getitem"),
+                            deps: Deps::One(self.node.clone()),
+                            call: Arc::new(crate::node::Broken(format!(
+                                "a map key of type `{}` could not be serialized: {e}",
+                                std::any::type_name::<K>()
+                            ))),
+                        }))
+                    }
+                };
+                self.part(
+                    Step::Key(bytes),
+                    |mut m: std::collections::$map<K, V>, step| {
+                        let Step::Key(bytes) = step else { unreachable!("a map's step is a key") };
+                        match postcard::from_bytes::<K>(bytes).ok().and_then(|k| m.remove(&k)) {
+                            Some(v) => Ok(v),
+                            None => get(&m, step),
+                        }
+                    },
+                    |m, step| get(m, step),
+                )
+            }
+        }
+    };
+}
+
+map_item!(BTreeMap Ord);
+map_item!(HashMap Eq, std::hash::Hash);
 
 split!([A, B] 0 1);
 split!([A, B, C] 0 1 2);

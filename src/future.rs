@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use rask_executor::{Encoded, Key, Remote, Value, WireError};
 
-use crate::args::{Args, IntoArg, Many, Owned, Shared as SharedSlot};
+use crate::args::{Args, Owned, Shared as SharedSlot, Traverse};
 use crate::client::{FutureCall, Listener, Shared, State};
 use crate::data::{Data, Unshared};
 use crate::delayed::{Delayed, TaskKey};
@@ -317,39 +317,17 @@ impl<T: Data> std::future::Future for Future<T> {
     }
 }
 
-impl<T: Data> IntoArg<T> for &Future<T> {
+impl<T: Data> Traverse<T> for Future<T> {
     type Slot = Owned<T>;
-    fn into_arg(self, args: &mut Args) -> Owned<T> {
-        <&Delayed<T> as IntoArg<T>>::into_arg(&self.to_delayed(), args)
+    fn traverse(&self, args: &mut Args) -> Owned<T> {
+        <Delayed<T> as Traverse<T>>::traverse(&self.to_delayed(), args)
     }
 }
 
-impl<T: Data> IntoArg<T> for Future<T> {
-    type Slot = Owned<T>;
-    fn into_arg(self, args: &mut Args) -> Owned<T> {
-        <&Future<T> as IntoArg<T>>::into_arg(&self, args)
-    }
-}
-
-impl<T: Data> IntoArg<Arc<T>> for &Future<T> {
+impl<T: Data> Traverse<Arc<T>> for Future<T> {
     type Slot = SharedSlot<T>;
-    fn into_arg(self, args: &mut Args) -> SharedSlot<T> {
-        <&Delayed<T> as IntoArg<Arc<T>>>::into_arg(&self.to_delayed(), args)
-    }
-}
-
-impl<T: Data> IntoArg<Vec<T>> for &[Future<T>] {
-    type Slot = Many<T>;
-    fn into_arg(self, args: &mut Args) -> Many<T> {
-        let delayed: Vec<Delayed<T>> = self.iter().map(Future::to_delayed).collect();
-        delayed.as_slice().into_arg(args)
-    }
-}
-
-impl<T: Data> IntoArg<Vec<T>> for &Vec<Future<T>> {
-    type Slot = Many<T>;
-    fn into_arg(self, args: &mut Args) -> Many<T> {
-        self.as_slice().into_arg(args)
+    fn traverse(&self, args: &mut Args) -> SharedSlot<T> {
+        <Delayed<T> as Traverse<Arc<T>>>::traverse(&self.to_delayed(), args)
     }
 }
 

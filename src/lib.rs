@@ -39,11 +39,36 @@
 //! | argument | parameter | passed as |
 //! |---|---|---|
 //! | plain value `x: T` | `T` | a literal, hashed into the key |
-//! | `Delayed<T>` / `&Delayed<T>` | `T` | the result (moved on last use, else cloned) |
-//! | `Delayed<T>` / `&Delayed<T>` | `Arc<T>` | the result, shared without copying |
-//! | `Vec<Delayed<T>>` / `&[Delayed<T>]` | `Vec<T>` | every element's result |
-//! | `(Delayed<A>, Delayed<B>)` (up to 4) | `(A, B)` | every element's result |
+//! | `Delayed<T>` / `&Delayed<T>` / [`Future<T>`] | `T` | the result (moved on last use, else cloned) |
+//! | the same | `Arc<T>` | the result, shared without copying |
+//! | `Vec<X>` / `&[X]` / `[X; N]` | `Vec<A>` (or `[A; N]`) | every element converted |
+//! | `Option<X>` | `Option<A>` | the element converted, or `None` |
+//! | `BTreeMap<K, X>` / `HashMap<K, X>` | the same map of `A` | every value converted |
+//! | `(X1, X2, …)` (up to 6) | `(A1, A2, …)` | every element converted |
 //! | [`Untraversed<T>`] | `T` | the value as is |
+//!
+//! Each `X` is a `Delayed`, a future or again a structure ([`Traverse`]),
+//! to any depth: `vec![vec![&a, &b], vec![&c]]` is a `Vec<Vec<T>>`. The key
+//! holds the structure's shape, so distinct structures never share a key.
+//! Parts of a value are tasks too: [`Delayed::split`] for tuples,
+//! [`Delayed::item`] for a list's element or a map's value, and
+//! [`Delayed::map`] applies a function. Operators take plain values on
+//! either side (`1 + &a`); `a == b` compares keys, [`Delayed::lazy_eq`] is
+//! the lazy comparison.
+//!
+//! ```
+//! use std::collections::BTreeMap;
+//! use rask::{delayed, value};
+//!
+//! fn total(groups: Vec<Vec<i64>>) -> i64 { groups.iter().flatten().sum() }
+//! fn squares(n: i64) -> Vec<i64> { (0..n).map(|i| i * i).collect() }
+//!
+//! let (a, b, c) = (value(1), value(2), value(3));
+//! assert_eq!(delayed!(total(vec![vec![&a, &b], vec![&c]])).compute()?, 6);
+//! assert_eq!((10 - delayed!(squares(4)).item(3)).compute()?, 1);
+//! assert!(a.lazy_eq(1).compute()? && a != b);
+//! # Ok::<(), rask::Error>(())
+//! ```
 //!
 //! `delayed!(f(a)?)` is for functions returning `Result<T, E>`: `Err(e)`
 //! fails the task, and `e` is the [`source`](std::error::Error::source) of
@@ -182,11 +207,12 @@ mod key;
 mod node;
 mod ops;
 mod optimize;
+mod pick;
 pub mod progress;
 mod registry;
 mod report;
 
-pub use args::{IntoArg, Untraversed};
+pub use args::{mode, IntoArg, Traverse, Untraversed};
 pub use client::{Client, ClientStats};
 pub use compute::{compute, compute_with, Compute};
 pub use config::{Config, ExecutorKind};

@@ -10,33 +10,33 @@ use crate::node::Plain;
 
 /// A one-argument task calling the function item `f` (its type names the
 /// operator and its operand types, which is its identity on the wire).
-fn build1<F, A, R, X>(name: &'static str, f: F, a: X) -> Delayed<R>
+fn build1<F, A, R, X, K>(name: &'static str, f: F, a: X) -> Delayed<R>
 where
     F: Fn(A) -> R + Send + Sync + 'static,
     A: 'static,
     R: Data,
-    X: IntoArg<A>,
+    X: IntoArg<A, K>,
 {
-    apply::<Plain, _, _, _>(name, f, (a,))
+    apply::<Plain, _, _, _, _>(name, f, (a,))
 }
 
 /// A two-argument task calling the function item `f`.
-fn build2<F, A, B, R, X, Y>(name: &'static str, f: F, a: X, b: Y) -> Delayed<R>
+fn build2<F, A, B, R, X, Y, K, L>(name: &'static str, f: F, a: X, b: Y) -> Delayed<R>
 where
     F: Fn(A, B) -> R + Send + Sync + 'static,
     A: 'static,
     B: 'static,
     R: Data,
-    X: IntoArg<A>,
-    Y: IntoArg<B>,
+    X: IntoArg<A, K>,
+    Y: IntoArg<B, L>,
 {
-    apply::<Plain, _, _, _>(name, f, (a, b))
+    apply::<Plain, _, _, _, _>(name, f, (a, b))
 }
 
 /// Registers the operator tasks on primitive operands of one type, so
 /// graphs using operators run on a cluster without listing them.
 pub(crate) fn builtins(mut tasks: crate::Tasks) -> crate::Tasks {
-    use cmp::{eq, ge, gt, le, lt, ne};
+    use cmp::{ge, gt, lazy_eq, lazy_ne, le, lt};
     macro_rules! one {
         ($f:ident: $($t:ty)*) => {$(tasks = tasks.register($f::<$t>);)*};
     }
@@ -57,8 +57,8 @@ pub(crate) fn builtins(mut tasks: crate::Tasks) -> crate::Tasks {
     one!(le: i8 i16 i32 i64 i128 isize u8 u16 u32 u64 u128 usize f32 f64 bool String);
     one!(gt: i8 i16 i32 i64 i128 isize u8 u16 u32 u64 u128 usize f32 f64 bool String);
     one!(ge: i8 i16 i32 i64 i128 isize u8 u16 u32 u64 u128 usize f32 f64 bool String);
-    one!(eq: i8 i16 i32 i64 i128 isize u8 u16 u32 u64 u128 usize f32 f64 bool String);
-    one!(ne: i8 i16 i32 i64 i128 isize u8 u16 u32 u64 u128 usize f32 f64 bool String);
+    one!(lazy_eq: i8 i16 i32 i64 i128 isize u8 u16 u32 u64 u128 usize f32 f64 bool String);
+    one!(lazy_ne: i8 i16 i32 i64 i128 isize u8 u16 u32 u64 u128 usize f32 f64 bool String);
     tasks
 }
 
@@ -140,6 +140,32 @@ macro_rules! binary {
                 build2(stringify!($method), $method::<T, $lit>, &self, rhs)
             }
         }
+
+        /// The plain value on the left: `1 + &a`.
+        impl<T> $trait<&Delayed<T>> for $lit
+        where
+            T: Data,
+            $lit: $trait<T>,
+            <$lit as $trait<T>>::Output: Data,
+        {
+            type Output = Delayed<<$lit as $trait<T>>::Output>;
+            fn $method(self, rhs: &Delayed<T>) -> Self::Output {
+                build2(stringify!($method), $method::<$lit, T>, self, rhs)
+            }
+        }
+
+        /// The plain value on the left: `1 + a`.
+        impl<T> $trait<Delayed<T>> for $lit
+        where
+            T: Data,
+            $lit: $trait<T>,
+            <$lit as $trait<T>>::Output: Data,
+        {
+            type Output = Delayed<<$lit as $trait<T>>::Output>;
+            fn $method(self, rhs: Delayed<T>) -> Self::Output {
+                build2(stringify!($method), $method::<$lit, T>, self, &rhs)
+            }
+        }
     )*};
 }
 
@@ -186,7 +212,7 @@ unary!(Neg neg);
 unary!(Not not);
 
 macro_rules! comparisons {
-    ($($method:ident $op:tt $bound:ident $doc:literal),*) => {
+    ($($method:ident $task:literal $op:tt $bound:ident $doc:literal),*) => {
         mod cmp {
             $(pub(super) fn $method<T: $bound>(a: T, b: T) -> bool { a $op b })*
         }
@@ -196,11 +222,18 @@ macro_rules! comparisons {
                 ///
                 /// `rhs` may be a plain value or another `Delayed`, as in
                 /// [`delayed!`](crate::delayed!).
-                pub fn $method<X: IntoArg<T>>(&self, rhs: X) -> Delayed<bool>
+                ///
+                /// ```
+                /// let (a, b) = (rask::value(1), rask::value(2));
+                #[doc = concat!("let lazy = a.", stringify!($method), "(&b);")]
+                #[doc = concat!("assert_eq!(lazy.compute()?, 1 ", stringify!($op), " 2);")]
+                /// # Ok::<(), rask::Error>(())
+                /// ```
+                pub fn $method<X: IntoArg<T, K>, K>(&self, rhs: X) -> Delayed<bool>
                 where
                     T: $bound,
                 {
-                    build2(stringify!($method), cmp::$method::<T>, self, rhs)
+                    build2($task, cmp::$method::<T>, self, rhs)
                 }
             )*
         }
@@ -208,12 +241,14 @@ macro_rules! comparisons {
 }
 
 comparisons!(
-    lt < PartialOrd "A task computing `self < rhs`.",
-    le <= PartialOrd "A task computing `self <= rhs`.",
-    gt > PartialOrd "A task computing `self > rhs`.",
-    ge >= PartialOrd "A task computing `self >= rhs`.",
-    eq == PartialEq "A task computing `self == rhs`.",
-    ne != PartialEq "A task computing `self != rhs`."
+    lt "lt" < PartialOrd "A task computing `self < rhs`.",
+    le "le" <= PartialOrd "A task computing `self <= rhs`.",
+    gt "gt" > PartialOrd "A task computing `self > rhs`.",
+    ge "ge" >= PartialOrd "A task computing `self >= rhs`.",
+    lazy_eq "eq" == PartialEq "A task computing `self == rhs`: a lazy `Delayed<bool>`, unlike \
+        `==` on two `Delayed`s, which compares their keys (whether they are the same work).",
+    lazy_ne "ne" != PartialEq "A task computing `self != rhs`: a lazy `Delayed<bool>`, unlike \
+        `!=` on two `Delayed`s, which compares their keys."
 );
 
 #[cfg(test)]
@@ -233,7 +268,12 @@ mod tests {
         assert_eq!((-&a).compute_with(&c).unwrap(), -6);
         assert!(a.gt(&b).compute_with(&c).unwrap());
         assert!(!a.lt(3).compute_with(&c).unwrap());
-        assert!(a.eq(6).compute_with(&c).unwrap());
+        assert!(a.lazy_eq(6).compute_with(&c).unwrap());
+        assert!(!a.lazy_ne(&a).compute_with(&c).unwrap());
+        assert_eq!((1 + &a).compute_with(&c).unwrap(), 7);
+        assert_eq!((10 - a.clone()).compute_with(&c).unwrap(), 4);
+        assert_eq!((1 + &a).key(), (1 + &a).key());
+        assert_ne!((1 - &a).key(), (&a - 1).key());
         assert!(!(!value(true)).compute_with(&c).unwrap());
         assert_eq!((&a + &b).key(), (&a + &b).key());
         assert_ne!((&a + &b).key(), (&a - &b).key());

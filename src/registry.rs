@@ -14,12 +14,18 @@
 //!    nothing can be registered or sent: a closure's captured values would
 //!    not travel with it, and the worker's copy could hold other values.
 //! 2. A task travels as its function's name and a [`Payload`]: one
-//!    [`WireArg`] per parameter — a literal's postcard bytes, or how many
-//!    task inputs the parameter takes. The worker rebuilds the call with
-//!    slots that decode inputs with the parameter's own type. Counts come
-//!    from another process and are not trusted: a tuple has 2 to
-//!    [`MAX_TUPLE`] elements, and a parameter taking more inputs than the
-//!    task has left fails the task before anything is read or allocated.
+//!    [`WireArg`] per parameter — a literal's postcard bytes, one task
+//!    input, or a template: the postcard encoding of a structure
+//!    (`Vec`, `Option`, map, tuple, nested to any depth) with holes for its
+//!    task inputs ([`Piece`]). The worker rebuilds the call with slots that
+//!    decode inputs with the parameter's own type; a template is filled
+//!    with its inputs' bytes and decoded as the parameter, so the worker
+//!    needs no knowledge of the structure and never recurses over it.
+//!    Counts come from another process and are not trusted: a template
+//!    taking more inputs than the task has left fails the task before
+//!    anything is read or allocated for them, and a template's bytes that
+//!    do not decode as the parameter fail it too. A template is at most
+//!    [`MAX_PIECES`] pieces (its size is already bounded by the frame).
 //! 3. A held value (a `rask::value`, a persisted result, a future's value)
 //!    travels as the built-in function `rask.value` whose payload is the
 //!    value's bytes; a recorded failure as `rask.fail`.
@@ -28,6 +34,9 @@
 //!    whose payload is its key: the cluster uses its own copy. The op it
 //!    resolves to only fails, since the scheduler runs it only when the key
 //!    is no longer held there.
+//! 5. A part of a value (`Delayed::split`, `Delayed::item`) travels as
+//!    `rask.getitem` (`pick.rs`): the worker finds the whole's type among
+//!    the output types of the registered functions, by type tag.
 
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
@@ -48,9 +57,10 @@ pub(crate) const VALUE_FUNCTION: &str = rask_executor::VALUE_FUNCTION;
 /// The function name of recorded failures on the wire (rule 3).
 pub(crate) const FAIL_FUNCTION: &str = rask_executor::FAIL_FUNCTION;
 
-/// The most elements of a tuple of task inputs (rule 2): `IntoArg` is
-/// implemented for tuples of 2 to 4 `Delayed`s (`args.rs`).
-pub(crate) const MAX_TUPLE: u32 = 4;
+/// The most pieces of a template (rule 2): runs of inputs merge into one
+/// piece, so only a structure alternating shape bytes and inputs (a long
+/// list of `Option`s, a map) comes near it.
+pub(crate) const MAX_PIECES: usize = 1 << 20;
 
 /// How one parameter of a task travels (rule 2).
 #[doc(hidden)]
@@ -60,10 +70,18 @@ pub enum WireArg {
     Literal(Vec<u8>),
     /// One task input.
     One,
-    /// `n` task inputs collected into a `Vec`.
-    Many(u32),
-    /// `n` task inputs collected into a tuple.
-    Tuple(u32),
+    /// A structure: its encoding with holes for its task inputs.
+    Nested(Vec<Piece>),
+}
+
+/// A piece of a template (rule 2).
+#[doc(hidden)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Piece {
+    /// Encoded bytes of the structure's shape (lengths, tags, map keys).
+    Bytes(Vec<u8>),
+    /// The encodings of the next `n` task inputs, in order.
+    Inputs(u32),
 }
 
 /// The bytes of a [`WireTask`] built from a typed call.
@@ -171,8 +189,7 @@ impl Call for Replayed {
 pub(crate) enum WireSlot<A> {
     Literal(A),
     One,
-    Many(u32),
-    Tuple(u32),
+    Nested(Vec<Piece>),
 }
 
 impl<A: Data> WireSlot<A> {
@@ -185,12 +202,16 @@ impl<A: Data> WireSlot<A> {
                 })?)
             }
             WireArg::One => WireSlot::One,
-            WireArg::Many(n) => WireSlot::Many(*n),
-            WireArg::Tuple(n) if (2..=MAX_TUPLE).contains(n) => WireSlot::Tuple(*n),
-            WireArg::Tuple(n) => {
+            WireArg::Nested(pieces) if pieces.len() <= MAX_PIECES => {
+                WireSlot::Nested(pieces.clone())
+            }
+            WireArg::Nested(pieces) => {
                 return Err(WireError::Decode {
-                    what: format!("a tuple parameter `{}`", std::any::type_name::<A>()),
-                    reason: format!("{n} elements, where tuples have 2 to {MAX_TUPLE}"),
+                    what: format!("a parameter `{}`", std::any::type_name::<A>()),
+                    reason: format!(
+                        "a template of {} pieces, where at most {MAX_PIECES} are taken",
+                        pieces.len()
+                    ),
                 })
             }
         })
@@ -258,33 +279,52 @@ impl<A: Data> Slot<A> for WireSlot<A> {
                 }
                 decode(&encoded.0)
             }
-            WireSlot::Many(n) => {
-                let n = take_count::<A>(*n, inputs)?;
-                // A postcard sequence is its length as a varint, then the items.
-                let mut bytes =
-                    postcard::to_stdvec(&(n as u64)).map_err(|e| OpError::failed(e.to_string()))?;
-                for _ in 0..n {
-                    next_bytes(inputs, &mut bytes)?;
-                }
-                decode(&bytes)
-            }
-            WireSlot::Tuple(n) => {
-                let n = take_count::<A>(*n, inputs)?;
+            WireSlot::Nested(pieces) => {
+                // Every count first, so a lying template reads nothing.
+                let total = pieces.iter().try_fold(0_u64, |sum, piece| match piece {
+                    Piece::Inputs(n) => Some(sum + u64::from(*n)),
+                    Piece::Bytes(_) => Some(sum),
+                });
+                let total = total
+                    .and_then(|t| u32::try_from(t).ok())
+                    .unwrap_or(u32::MAX);
+                take_count::<A>(total, inputs)?;
                 let mut bytes = Vec::new();
-                for _ in 0..n {
-                    next_bytes(inputs, &mut bytes)?;
+                for piece in pieces {
+                    match piece {
+                        Piece::Bytes(b) => bytes.extend_from_slice(b),
+                        Piece::Inputs(n) => {
+                            for _ in 0..*n {
+                                next_bytes(inputs, &mut bytes)?;
+                            }
+                        }
+                    }
                 }
                 decode(&bytes)
             }
         }
     }
 
+    fn template(&self, out: &mut crate::args::Template) -> Result<(), WireError> {
+        match self {
+            WireSlot::Literal(a) => out.bytes(&encode_literal(a)?),
+            WireSlot::One => out.input()?,
+            WireSlot::Nested(pieces) => pieces.iter().try_for_each(|piece| match piece {
+                Piece::Bytes(b) => {
+                    out.bytes(b);
+                    Ok(())
+                }
+                Piece::Inputs(n) => (0..*n).try_for_each(|_| out.input()),
+            })?,
+        }
+        Ok(())
+    }
+
     fn wire(&self) -> Result<WireArg, WireError> {
         Ok(match self {
             WireSlot::Literal(a) => WireArg::Literal(encode_literal(a)?),
             WireSlot::One => WireArg::One,
-            WireSlot::Many(n) => WireArg::Many(*n),
-            WireSlot::Tuple(n) => WireArg::Tuple(*n),
+            WireSlot::Nested(pieces) => WireArg::Nested(pieces.clone()),
         })
     }
 }
@@ -316,6 +356,9 @@ pub struct Tasks {
     /// `R` to an `Arc<R>` parameter without a copy, keyed by `TypeId` of
     /// `Arc<R>` (the parameter's type, which is all a worker-side slot knows).
     shared: HashMap<TypeId, SharedOutput>,
+    /// For every registered function's output type, how a worker takes a
+    /// part of it (rule 5), by type tag.
+    picks: HashMap<u64, crate::pick::Picks>,
 }
 
 /// How an `Arc<R>` parameter takes a registered output type `R`.
@@ -396,6 +439,8 @@ impl Tasks {
         }
         let (output, convert) = f.shared_output();
         self.shared.insert(output, convert);
+        let parts = f.parts();
+        self.picks.insert(parts.tag, parts.picks);
         let build = Some(f.builder().0);
         let entry = self.entry::<F>();
         if fallible {
@@ -464,6 +509,16 @@ pub trait Register<M, Sig> {
     fn builder(self) -> Builder;
     #[doc(hidden)]
     fn shared_output(&self) -> (TypeId, SharedOutput);
+    #[doc(hidden)]
+    fn parts(&self) -> Parts;
+}
+
+/// How a worker takes parts of a registered output type (rule 5); opaque.
+#[doc(hidden)]
+#[derive(Clone, Copy)]
+pub struct Parts {
+    tag: u64,
+    picks: crate::pick::Picks,
 }
 
 /// How a registered function rebuilds its calls; opaque.
@@ -481,6 +536,10 @@ macro_rules! register {
         {
             fn shared_output(&self) -> (TypeId, SharedOutput) {
                 (TypeId::of::<Arc<M::Out>>(), SharedOutput::of::<M::Out>())
+            }
+
+            fn parts(&self) -> Parts {
+                Parts { tag: crate::key::type_tag::<M::Out>(), picks: crate::pick::pick::<M::Out> }
             }
 
             #[allow(unused_variables)]
@@ -538,6 +597,24 @@ impl rask_executor::Registry for Resolver {
                         })?;
                 (Name::Borrowed("value"), Arc::new(Released(Key(key))))
             }
+            crate::pick::GETITEM_FUNCTION => {
+                let pick = crate::pick::Pick::decode(&task.payload)?;
+                let picks = self
+                    .tasks
+                    .picks
+                    .get(&pick.tag)
+                    .ok_or_else(|| WireError::Decode {
+                        what: format!("a part of a `{}`", pick.type_name),
+                        reason: "the type is the output of no function given to rask::init".into(),
+                    })?;
+                (
+                    Name::Borrowed("getitem"),
+                    Arc::new(crate::pick::Picked {
+                        picks: *picks,
+                        step: pick.step,
+                    }),
+                )
+            }
             FAIL_FUNCTION => {
                 let failure = rask_executor::decode_failure(&task.payload)?;
                 (
@@ -576,6 +653,14 @@ impl rask_executor::Registry for Resolver {
 /// The installed registry, if [`init`] was called.
 pub(crate) fn installed() -> Option<Arc<Resolver>> {
     REGISTRY.get().cloned()
+}
+
+/// Whether a worker can take parts of values of the type tagged `tag`
+/// (rule 5).
+pub(crate) fn picks_known(tag: u64) -> bool {
+    REGISTRY
+        .get()
+        .is_some_and(|r| r.tasks.picks.contains_key(&tag))
 }
 
 /// Whether `function` can be sent to another process (rule 1).
@@ -786,8 +871,12 @@ mod tests {
             || -> Vec<Option<Value>> { vec![Some(Arc::new(2_i64)), Some(Arc::new(3_i64))] };
         // The task's inputs are known only when it runs: it fails then,
         // before reading or allocating anything for the count.
+        let list = |n: u32, holes: u32| {
+            let head = postcard::to_stdvec(&u64::from(n)).unwrap();
+            WireArg::Nested(vec![Piece::Bytes(head), Piece::Inputs(holes)])
+        };
         let op = registry
-            .resolve(&task_of(add, vec![one.clone(), WireArg::Many(u32::MAX)]))
+            .resolve(&task_of(add, vec![one.clone(), list(2, u32::MAX)]))
             .unwrap();
         let mut given = inputs();
         let err = op.run(&mut given).unwrap_err();
@@ -798,30 +887,45 @@ mod tests {
             err.message
         );
         assert!(given.iter().all(Option::is_some), "an input was taken");
+        // Counts that overflow together are refused the same way.
+        let many = WireArg::Nested(vec![Piece::Inputs(u32::MAX), Piece::Inputs(u32::MAX)]);
         let op = registry
-            .resolve(&task_of(add, vec![one.clone(), WireArg::Many(3)]))
+            .resolve(&task_of(add, vec![one.clone(), many]))
+            .unwrap();
+        let mut given = inputs();
+        assert!(op.run(&mut given).is_err());
+        assert!(given.iter().all(Option::is_some), "an input was taken");
+        let op = registry
+            .resolve(&task_of(add, vec![one.clone(), list(3, 3)]))
+            .unwrap();
+        assert!(op.run(&mut inputs()).is_err());
+        // A length that lies about the holes fails to decode, and reads no further.
+        let op = registry
+            .resolve(&task_of(add, vec![one.clone(), list(9, 2)]))
             .unwrap();
         assert!(op.run(&mut inputs()).is_err());
         // The right count runs.
         let op = registry
-            .resolve(&task_of(add, vec![one, WireArg::Many(2)]))
+            .resolve(&task_of(add, vec![one, list(2, 2)]))
             .unwrap();
         let out = op.run(&mut inputs()).unwrap();
         assert_eq!(out.downcast_ref::<i64>(), Some(&6));
 
-        // A tuple has 2 to 4 elements: anything else is refused at once.
+        // A template longer than the bound is refused at once.
+        let long = WireArg::Nested(vec![Piece::Inputs(0); MAX_PIECES + 1]);
         let pair = &id_of(&pair);
-        for n in [0, 1, MAX_TUPLE + 1, u32::MAX] {
-            match registry.resolve(&task_of(pair, vec![WireArg::Tuple(n)])) {
-                Err(WireError::Decode { reason, .. }) => {
-                    assert!(reason.contains(&format!("{n} elements")), "{reason}")
-                }
-                Err(other) => panic!("{other}"),
-                Ok(_) => panic!("a tuple of {n} resolved"),
+        match registry.resolve(&task_of(pair, vec![long])) {
+            Err(WireError::Decode { reason, .. }) => {
+                assert!(reason.contains("pieces"), "{reason}")
             }
+            Err(other) => panic!("{other}"),
+            Ok(_) => panic!("an oversized template resolved"),
         }
         let op = registry
-            .resolve(&task_of(pair, vec![WireArg::Tuple(2)]))
+            .resolve(&task_of(
+                pair,
+                vec![WireArg::Nested(vec![Piece::Inputs(2)])],
+            ))
             .unwrap();
         assert_eq!(
             op.run(&mut inputs()).unwrap().downcast_ref::<i64>(),

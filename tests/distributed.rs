@@ -3,6 +3,8 @@
 //! with its own `main` (`harness = false`), because a worker process must
 //! call `rask::init` before anything else.
 
+#[path = "support/arguments.rs"]
+mod arguments;
 #[path = "support/harness.rs"]
 mod harness;
 mod support;
@@ -927,8 +929,16 @@ fn live_children() -> Vec<u32> {
     out
 }
 
+/// Arguments and operators (#16) on real worker processes.
+fn arguments_on_local_2() {
+    arguments::nested_structures(&local2());
+    arguments::futures_in_structures(&local2());
+    arguments::operators(&local2());
+    arguments::parts(&local2());
+}
+
 fn main() {
-    rask::init(rask::tasks![
+    rask::init(arguments::register(rask::tasks![
         inc,
         add,
         sum,
@@ -947,7 +957,7 @@ fn main() {
         chatty,
         partial,
         stubborn
-    ]);
+    ]));
     if std::env::var_os(OUTPUT_SCENARIO_ENV).is_some() {
         output_scenario();
         return;
@@ -971,6 +981,7 @@ fn main() {
             unregistered_functions_are_a_clear_error,
         ),
         ("futures_api_on_a_cluster", futures_api_on_a_cluster),
+        ("arguments_on_local_2", arguments_on_local_2),
         (
             "held_results_stay_on_the_cluster",
             held_results_stay_on_the_cluster,

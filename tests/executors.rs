@@ -2,6 +2,8 @@
 //! configuration its `config()` returns, and the properties compare every
 //! executor with a naive evaluation.
 
+#[path = "support/arguments.rs"]
+mod arguments;
 mod support;
 
 macro_rules! for_each_executor {
@@ -28,11 +30,11 @@ macro_rules! for_each_executor {
         #[cfg(feature = "distributed")]
         mod distributed {
             fn config() -> rask::Config {
-                crate::support::loopback_cluster(rask::tasks![
-                    inc, add, sum, len_shared, first, explode, parse?, flaky_once?, nap,
+                crate::support::loopback_cluster(crate::arguments::register(rask::tasks![
+                    inc, add, sum, len_shared, pair, first, explode, parse?, flaky_once?, nap,
                     crate::support::leaf, crate::support::mix?,
                     crate::support::tree_inc, crate::support::tree_add
-                ])
+                ]))
             }
             $($t)*
         }
@@ -148,13 +150,30 @@ for_each_executor! {
         assert_eq!(delayed!(sum(&parts)).compute_with(&config()).unwrap(), 5050);
         let t = delayed!(first((&parts[1], &parts[2])));
         assert_eq!(t.compute_with(&config()).unwrap(), 23);
-        if !crate::on_cluster(&config()) {
-            // Split tasks exist only in this process.
-            let (doubled, label) = delayed!(pair(21)).split();
-            assert_eq!(rask::compute_with((&doubled, &label), &config()).unwrap(), (42, "#21".to_string()));
-        }
+        let (doubled, label) = delayed!(pair(21)).split();
+        assert_eq!(rask::compute_with((&doubled, &label), &config()).unwrap(), (42, "#21".to_string()));
         let all = rask::compute_with(parts[..3].to_vec(), &config()).unwrap();
         assert_eq!(all, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn nested_structures_are_traversed() {
+        crate::arguments::nested_structures(&config());
+    }
+
+    #[test]
+    fn parts_of_values_and_map() {
+        crate::arguments::parts(&config());
+    }
+
+    #[test]
+    fn futures_inside_structures() {
+        crate::arguments::futures_in_structures(&config());
+    }
+
+    #[test]
+    fn operators_in_both_orders_and_lazy_comparisons() {
+        crate::arguments::operators(&config());
     }
 
     #[test]

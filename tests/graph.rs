@@ -335,3 +335,96 @@ fn public_types_are_send_and_sync() {
     check::<Config>();
     check::<rask::TaskKey>();
 }
+
+/// Nested arguments (#16): shapes over a pool of three inputs.
+mod nested_keys {
+    use std::collections::{BTreeMap, HashMap};
+
+    use proptest::prelude::*;
+    use rask::{delayed, value, Delayed};
+
+    type Shape = Vec<Vec<Option<usize>>>;
+    type Named = BTreeMap<String, Vec<usize>>;
+
+    fn grid(x: Vec<Vec<Option<i64>>>) -> usize {
+        x.len()
+    }
+
+    fn named(x: BTreeMap<String, Vec<i64>>) -> usize {
+        x.len()
+    }
+
+    fn hashed(x: HashMap<String, Vec<i64>>) -> usize {
+        x.len()
+    }
+
+    fn pool() -> Vec<Delayed<i64>> {
+        (0..3).map(value).collect()
+    }
+
+    fn shape() -> impl Strategy<Value = Shape> {
+        prop::collection::vec(
+            prop::collection::vec(prop::option::of(0..3_usize), 0..3),
+            0..3,
+        )
+    }
+
+    fn table() -> impl Strategy<Value = Named> {
+        prop::collection::btree_map("[ab]{0,2}", prop::collection::vec(0..3_usize, 0..3), 0..3)
+    }
+
+    fn grid_key(s: &Shape) -> rask::TaskKey {
+        let p = pool();
+        let arg: Vec<Vec<Option<&Delayed<i64>>>> = s
+            .iter()
+            .map(|row| row.iter().map(|c| c.map(|i| &p[i])).collect())
+            .collect();
+        delayed!(grid(arg)).key()
+    }
+
+    fn with_inputs(t: &Named) -> BTreeMap<String, Vec<Delayed<i64>>> {
+        let p = pool();
+        t.iter()
+            .map(|(k, v)| (k.clone(), v.iter().map(|&i| p[i].clone()).collect()))
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, .. ProptestConfig::default() })]
+
+        /// Distinct structures never share a key; equal ones always do.
+        #[test]
+        fn distinct_shapes_never_share_a_key(a in shape(), b in shape()) {
+            prop_assert_eq!(grid_key(&a) == grid_key(&b), a == b, "{:?} {:?}", a, b);
+            prop_assert_eq!(grid_key(&a), grid_key(&a));
+        }
+
+        /// Map keys and values are part of the key; a `HashMap`'s key does
+        /// not depend on its iteration order.
+        #[test]
+        fn distinct_maps_never_share_a_key(a in table(), b in table()) {
+            let ka = delayed!(named(with_inputs(&a))).key();
+            let kb = delayed!(named(with_inputs(&b))).key();
+            prop_assert_eq!(ka == kb, a == b, "{:?} {:?}", a, b);
+            let h1: HashMap<_, _> = with_inputs(&a).into_iter().collect();
+            let mut h2: HashMap<_, _> = HashMap::with_capacity(64);
+            h2.extend(with_inputs(&a).into_iter().rev());
+            prop_assert_eq!(delayed!(hashed(h1)).key(), delayed!(hashed(h2)).key());
+        }
+    }
+
+    /// A list and an array of the same inputs make the same value and key;
+    /// a literal and the same value as inputs do not share a key.
+    #[test]
+    fn same_value_same_key_across_list_kinds() {
+        fn three(x: Vec<i64>) -> i64 {
+            x.iter().sum()
+        }
+        let p = pool();
+        let a = delayed!(three(vec![&p[0], &p[1], &p[2]]));
+        let b = delayed!(three([&p[0], &p[1], &p[2]]));
+        assert_eq!(a.key(), b.key());
+        assert_ne!(a.key(), delayed!(three(vec![0, 1, 2])).key());
+        assert_ne!(a.key(), delayed!(three(vec![&p[0], &p[1]])).key());
+    }
+}
