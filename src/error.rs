@@ -198,11 +198,11 @@ impl fmt::Display for Error {
             Error::Distributed(e) => return fmt::Display::fmt(e, f),
             Error::WorkerSetup => f.write_str(
                 "this process was started as a rask worker but did not call \
-                 `rask::init(rask::tasks![...])` first in `main`",
+                 `rask::init()` first in `main`",
             )?,
             Error::NotInitialized => f.write_str(
-                "distributed execution needs `rask::init(rask::tasks![...])` at the start of \
-                 `main`, listing the functions tasks call",
+                "distributed execution needs `rask::init()` at the start of `main`, where \
+                 worker processes of the program stop to run tasks",
             )?,
             Error::Executor(_) => f.write_str("executor could not start")?,
             Error::Write { path, .. } => write!(f, "could not write {}", path.display())?,

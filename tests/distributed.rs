@@ -1,7 +1,8 @@
 //! The distributed executor with real worker processes: each test starts a
 //! local cluster whose workers are this test binary in worker mode. Runs
 //! with its own `main` (`harness = false`), because a worker process must
-//! call `rask::init` before anything else.
+//! call `rask::init` before anything else. Its functions are listed with
+//! `rask::tasks!` (`tests/registration.rs` marks them instead).
 
 #[path = "support/harness.rs"]
 mod harness;
@@ -19,6 +20,9 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
 use rask::{as_completed, delayed, Client, Config, Delayed, Error, ExecutorKind, Status};
 
+// `inc` and `half` are both marked and listed in `main`: registered twice,
+// which is no error, and every test here runs them on workers.
+#[rask::task]
 fn inc(x: i64) -> i64 {
     x + 1
 }
@@ -47,6 +51,7 @@ fn explode(x: i64) -> i64 {
     x
 }
 
+#[rask::task]
 fn half(x: i64) -> Result<i64, String> {
     if x % 2 == 0 {
         Ok(x / 2)
@@ -928,7 +933,7 @@ fn live_children() -> Vec<u32> {
 }
 
 fn main() {
-    rask::init(rask::tasks![
+    rask::init_with(rask::tasks![
         inc,
         add,
         sum,

@@ -268,7 +268,8 @@ pub trait Registry: Send + Sync {
 pub enum WireError {
     /// The function is not in the registry.
     #[error(
-        "function `{function}` is not registered; add it to the task list given to `rask::init`"
+        "function `{function}` is not registered; mark it `#[rask::task]`, or list it in the \
+         `rask::tasks!` given to `rask::init_with`"
     )]
     Unregistered {
         /// The function's name.
