@@ -122,6 +122,15 @@ pub enum Error {
     WorkerSetup,
     /// Distributed execution was asked for before `rask::init` was called.
     NotInitialized,
+    /// A graph was submitted to a cluster with a task that cannot run
+    /// there: its function is a closure that captures variables, or is not
+    /// registered. Nothing of the graph was sent.
+    Unsendable {
+        /// The first such task found.
+        key: TaskKey,
+        /// Why, and what to do instead; part of the message.
+        reason: rask_executor::WireError,
+    },
     /// The executor could not be started (e.g. no threads could be spawned).
     Executor(std::io::Error),
     /// A file could not be written (a performance report).
@@ -204,6 +213,11 @@ impl fmt::Display for Error {
                 "distributed execution needs `rask::init()` at the start of `main`, where \
                  worker processes of the program stop to run tasks",
             )?,
+            // The reason is in the message, not only a source: it says
+            // what to do, and a program printing `{e}` should show it.
+            Error::Unsendable { key, reason } => {
+                write!(f, "task {key} cannot be sent to a cluster: {reason}")?
+            }
             Error::Executor(_) => f.write_str("executor could not start")?,
             Error::Write { path, .. } => write!(f, "could not write {}", path.display())?,
         }

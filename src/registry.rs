@@ -36,6 +36,11 @@
 //!    link-time list — the linker's — does not matter, a function both
 //!    marked and listed is registered once, and every process of one binary
 //!    builds the same registry.
+//! 6. A graph bound for a cluster is checked before anything of it is sent
+//!    ([`check_sendable`]): a task calling a closure that captures
+//!    variables, or a function not registered, refuses the whole
+//!    submission with [`Error::Unsendable`](crate::Error::Unsendable),
+//!    which names the task and says what to do instead.
 //!
 //! # Why a link-time list
 //!
@@ -59,7 +64,7 @@
 //! `macro_rules!` macro cannot tell the two apart.
 
 use std::any::{Any, TypeId};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::marker::PhantomData;
 use std::sync::{Arc, OnceLock};
 
@@ -122,13 +127,11 @@ impl Payload {
 ///
 /// # Errors
 ///
-/// [`WireError::NotSerializable`] for a closure that captures variables.
+/// [`WireError::Captures`] for a closure that captures variables.
 pub(crate) fn function_id<F: 'static>() -> Result<String, WireError> {
     if !crate::key::is_pure_fn::<F>() {
-        return Err(WireError::NotSerializable {
-            what: "a closure that captures variables (pass them as arguments of a function \
-                   item instead)"
-                .into(),
+        return Err(WireError::Captures {
+            function: std::any::type_name::<F>().to_owned(),
         });
     }
     Ok(format!(
@@ -633,6 +636,33 @@ pub struct Registration(pub fn(Tasks) -> Tasks);
 #[doc(hidden)]
 #[linkme::distributed_slice]
 pub static REGISTRATIONS: [Registration];
+
+/// Checks that every task behind `roots` can be sent to a cluster as far as
+/// its function goes (rule 1): registered, and capturing nothing. Run
+/// before a graph is handed to a cluster, so that such a graph is refused
+/// where it is submitted rather than failing a task later. Arguments are
+/// not encoded here; one that cannot travel still fails its task.
+///
+/// # Errors
+///
+/// [`Error::Unsendable`](crate::Error::Unsendable) for the first task found.
+pub(crate) fn check_sendable(roots: &[Arc<Node>]) -> crate::Result<()> {
+    let mut seen = HashSet::new();
+    let mut stack: Vec<&Arc<Node>> = roots.iter().collect();
+    while let Some(node) = stack.pop() {
+        if !seen.insert(node.key) {
+            continue;
+        }
+        node.call
+            .sendable()
+            .map_err(|reason| crate::Error::Unsendable {
+                key: crate::delayed::TaskKey::new(node),
+                reason,
+            })?;
+        stack.extend(node.deps.iter());
+    }
+    Ok(())
+}
 
 /// Sets the program up for distributed execution; call it first in `main`.
 ///

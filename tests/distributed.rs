@@ -304,7 +304,7 @@ fn unregistered_functions_are_a_clear_error() {
     let k = 3_i64;
     let add_k = move |x: i64| x + k;
     let err = delayed!(add_k(1)).compute_with(&local2()).unwrap_err();
-    let text = format!("{err:?}");
+    let text = err.to_string();
     assert!(text.contains("captures variables"), "{text}");
     assert!(
         started.elapsed() < Duration::from_secs(30),

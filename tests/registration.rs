@@ -148,6 +148,53 @@ fn unmarked_functions_are_named_on_a_cluster() {
     assert!(text.contains("#[rask::task]"), "{text}");
 }
 
+/// A closure that captures variables runs in this process; a cluster
+/// refuses it where it is submitted, saying what to do instead, and sends
+/// nothing of the graph.
+fn capturing_closures_are_refused_by_a_cluster_at_submit() {
+    let [sync, threads, local] = executors();
+    let k = 3_i64;
+    let add_k = move |x: i64| x + k;
+    for config in [&sync, &threads] {
+        let d = delayed!(add_k(delayed!(inc(1))));
+        assert_eq!(d.compute_with(config).unwrap(), 5, "on {config:?}");
+        let client = Client::with_config(config).unwrap();
+        let f = client.submit(delayed!(add_k(1))).unwrap();
+        assert_eq!(f.result().unwrap(), 4, "on {config:?}");
+    }
+
+    let client = Client::with_config(&local).unwrap();
+    let before = client.stats();
+    // Deep in a graph, behind a marked function.
+    let d = delayed!(inc(delayed!(add_k(1))));
+    // `map` names its tasks by the function's type, here the closure's.
+    let refused = [
+        ("add_k", client.submit(&d).map(drop).unwrap_err()),
+        (
+            "{{closure}}",
+            client.map(add_k, 0..3).map(drop).unwrap_err(),
+        ),
+        ("add_k", d.compute_with(&local).unwrap_err()),
+    ];
+    for (name, err) in refused {
+        let Error::Unsendable { ref key, .. } = err else {
+            panic!("unexpected {err}");
+        };
+        assert_eq!(key.name(), name);
+        let text = err.to_string();
+        for what in [
+            "registration::capturing_closures_are_refused_by_a_cluster_at_submit::{{closure}}",
+            "is a closure that captures variables",
+            "call a fn item marked `#[rask::task]` instead, taking those values as arguments",
+        ] {
+            assert!(text.contains(what), "{what:?} not in {text}");
+        }
+    }
+    assert_eq!(client.stats(), before, "nothing was submitted");
+    // The same work as a marked function taking the value runs.
+    assert_eq!(delayed!(add(1, k)).compute_with(&local).unwrap(), 4);
+}
+
 fn main() {
     // No list: the worker processes of `local:2` know every marked function.
     rask::init();
@@ -168,6 +215,10 @@ fn main() {
         (
             "unmarked_functions_are_named_on_a_cluster",
             unmarked_functions_are_named_on_a_cluster,
+        ),
+        (
+            "capturing_closures_are_refused_by_a_cluster_at_submit",
+            capturing_closures_are_refused_by_a_cluster_at_submit,
         ),
     ];
     harness::run(tests);
