@@ -56,7 +56,7 @@ fn run(tasks: i64, kill_every: Option<Duration>) -> (Duration, f64, Duration, us
 }
 
 fn main() {
-    rask::init(rask::tasks![work]);
+    rask::init_with(rask::tasks![work]);
     harness::token_for_this_run();
     let tasks: i64 = std::env::args()
         .skip(1)

@@ -950,7 +950,7 @@ fn main() -> ExitCode {
     // First of all: in a worker process of a local cluster (this binary,
     // re-run with `RASK_WORKER` set) this runs the worker and exits. Every
     // function a workload sends to a cluster is listed.
-    rask::init(rask::tasks![
+    rask::init_with(rask::tasks![
         inc, add, noop, load, slice_sum, add_f, cpu_work, sum_all
     ]);
     // `cargo bench` appends `--bench`; it means nothing here.

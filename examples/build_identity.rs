@@ -19,6 +19,7 @@ use rask::prelude::*;
 
 /// The function being edited: the build made with `RASK_EXAMPLE_VARIANT`
 /// set is the old version.
+#[rask::task]
 fn scale(x: i64) -> i64 {
     match option_env!("RASK_EXAMPLE_VARIANT") {
         Some(_) => x + 1,
@@ -28,7 +29,7 @@ fn scale(x: i64) -> i64 {
 
 fn main() -> ExitCode {
     // In a worker process (`RASK_WORKER` set) this runs the worker.
-    rask::init(rask::tasks![scale]);
+    rask::init();
     match delayed!(scale(41)).compute() {
         Ok(value) => {
             println!("scale(41) = {value}");

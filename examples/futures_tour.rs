@@ -15,24 +15,28 @@ use std::time::{Duration, Instant};
 
 use rask::prelude::*;
 
+#[rask::task]
 fn inc(x: i64) -> i64 {
     sleep(Duration::from_millis(500));
     x + 1
 }
 
+#[rask::task]
 fn dec(x: i64) -> i64 {
     sleep(Duration::from_millis(300));
     x - 1
 }
 
+#[rask::task]
 fn add(x: i64, y: i64) -> i64 {
     sleep(Duration::from_millis(700));
     x + y
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    // The functions tasks call, for worker processes (`local:N`, `tcp://`).
-    rask::init(rask::tasks![inc, dec, add]);
+    // Worker processes (`local:N`, `tcp://`) stop here and run the
+    // functions marked `#[rask::task]`.
+    rask::init();
     // `Client(n_workers=4)`: the executor comes from RASK_SCHEDULER
     // (default: a thread pool with one thread per core).
     let client = Client::new()?;

@@ -18,6 +18,7 @@ const CHUNKS: usize = 8;
 const PER_CHUNK: usize = 250_000;
 
 /// Loads chunk `index` of the text file: one number per line.
+#[rask::task]
 fn load(path: String, index: usize) -> Result<Vec<f64>, String> {
     let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
     text.lines()
@@ -27,18 +28,22 @@ fn load(path: String, index: usize) -> Result<Vec<f64>, String> {
         .collect()
 }
 
+#[rask::task]
 fn chunk_sum(chunk: Arc<Vec<f64>>) -> f64 {
     chunk.iter().sum()
 }
 
+#[rask::task]
 fn chunk_max(chunk: Arc<Vec<f64>>) -> f64 {
     chunk.iter().copied().fold(f64::MIN, f64::max)
 }
 
+#[rask::task]
 fn total(parts: Vec<f64>) -> f64 {
     parts.iter().sum()
 }
 
+#[rask::task]
 fn largest(parts: Vec<f64>) -> f64 {
     parts.iter().copied().fold(f64::MIN, f64::max)
 }
@@ -63,7 +68,7 @@ fn create_data() -> std::io::Result<PathBuf> {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    rask::init(rask::tasks![load?, chunk_sum, chunk_max, total, largest]);
+    rask::init();
     let path = create_data()?;
     let file = path.to_string_lossy().into_owned();
     println!("data: {file} ({CHUNKS} chunks of {PER_CHUNK} numbers)");

@@ -10,14 +10,17 @@ use std::process::ExitCode;
 
 use rask::prelude::*;
 
+#[rask::task]
 fn inc(x: i64) -> i64 {
     x + 1
 }
 
+#[rask::task]
 fn add(x: i64, y: i64) -> i64 {
     x + y
 }
 
+#[rask::task]
 fn sum(values: Vec<i64>) -> i64 {
     values.iter().sum()
 }
@@ -55,9 +58,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn main() -> ExitCode {
-    // Lists the functions tasks call, so the same program can run on a
-    // cluster (RASK_SCHEDULER=local:2); a worker process stays in here.
-    rask::init(rask::tasks![inc, add, sum]);
+    // The functions marked `#[rask::task]` can run on a cluster
+    // (RASK_SCHEDULER=local:2); a worker process stays in here.
+    rask::init();
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -20,6 +20,7 @@ use std::time::Duration;
 use rask::prelude::*;
 
 /// The function of interest, with a pause standing for real work.
+#[rask::task]
 fn rosenbrock(point: (f64, f64)) -> ((f64, f64), f64) {
     let ms = std::env::var("ROSENBROCK_SLEEP_MS")
         .ok()
@@ -46,7 +47,7 @@ impl Rng {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    rask::init(rask::tasks![rosenbrock]);
+    rask::init();
     let client = Client::new()?;
     println!("searching on {}", client.executor());
     if let Some(link) = client.dashboard_link() {

@@ -658,6 +658,11 @@ macro_rules! apply {
                 Ok(Arc::new(M::finish(out)?))
             }
 
+            fn sendable(&self) -> Result<(), WireError> {
+                let function = crate::registry::function_id::<F>()?;
+                crate::registry::check_registered(&function, M::FALLIBLE)
+            }
+
             fn to_wire(&self) -> Result<WireTask, WireError> {
                 let function = crate::registry::function_id::<F>()?;
                 crate::registry::check_registered(&function, M::FALLIBLE)?;

@@ -284,8 +284,9 @@ impl Client {
     ///
     /// # Errors
     ///
-    /// None today; the `Result` leaves room for executors that can refuse
-    /// work (a lost cluster connection).
+    /// On a cluster, [`Error::Unsendable`] for a graph with a task that
+    /// cannot run there (a closure that captures variables, a function that
+    /// is not registered); nothing of it is sent.
     ///
     /// # Examples
     ///
@@ -303,7 +304,7 @@ impl Client {
         &self,
         delayed: impl std::borrow::Borrow<Delayed<T>>,
     ) -> Result<Future<T>> {
-        let mut futures = self.submit_nodes(std::slice::from_ref(delayed.borrow().node()));
+        let mut futures = self.submit_nodes(std::slice::from_ref(delayed.borrow().node()))?;
         Ok(futures.pop().expect("one future per submitted node"))
     }
 
@@ -357,7 +358,7 @@ impl Client {
                 d.node().clone()
             })
             .collect();
-        Ok(self.submit_nodes(&nodes))
+        self.submit_nodes(&nodes)
     }
 
     /// Waits for every future and returns their values, in order.
@@ -541,8 +542,11 @@ impl Client {
     }
 
     /// Futures for `nodes`, scheduling those whose key has no live entry.
-    fn submit_nodes<T>(&self, nodes: &[Arc<Node>]) -> Vec<Future<T>> {
+    fn submit_nodes<T>(&self, nodes: &[Arc<Node>]) -> Result<Vec<Future<T>>> {
         let remote = self.inner.backend.is_remote();
+        if remote {
+            crate::registry::check_sendable(nodes)?;
+        }
         let mut fresh = Vec::new();
         let futures = {
             let mut table = self.inner.lock();
@@ -579,7 +583,7 @@ impl Client {
         if !fresh.is_empty() {
             self.inner.schedule(fresh);
         }
-        futures
+        Ok(futures)
     }
 }
 

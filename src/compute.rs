@@ -128,6 +128,7 @@ pub(crate) fn run(roots: &[Arc<Node>], config: &Config) -> Result<Vec<Value>> {
     let backend = Backend::get(&kind)?;
     let mut options = crate::optimize::Options::from_config(config)?;
     if backend.is_remote() {
+        crate::registry::check_sendable(roots)?;
         // Fused and inlined tasks exist only in this process.
         options.inline = false;
         options.fuse = false;

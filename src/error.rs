@@ -122,6 +122,15 @@ pub enum Error {
     WorkerSetup,
     /// Distributed execution was asked for before `rask::init` was called.
     NotInitialized,
+    /// A graph was submitted to a cluster with a task that cannot run
+    /// there: its function is a closure that captures variables, or is not
+    /// registered. Nothing of the graph was sent.
+    Unsendable {
+        /// The first such task found.
+        key: TaskKey,
+        /// Why, and what to do instead; part of the message.
+        reason: rask_executor::WireError,
+    },
     /// The executor could not be started (e.g. no threads could be spawned).
     Executor(std::io::Error),
     /// A file could not be written (a performance report).
@@ -199,12 +208,17 @@ impl fmt::Display for Error {
             Error::Distributed(e) => return fmt::Display::fmt(e, f),
             Error::WorkerSetup => f.write_str(
                 "this process was started as a rask worker but did not call \
-                 `rask::init(rask::tasks![...])` first in `main`",
+                 `rask::init()` first in `main`",
             )?,
             Error::NotInitialized => f.write_str(
-                "distributed execution needs `rask::init(rask::tasks![...])` at the start of \
-                 `main`, listing the functions tasks call",
+                "distributed execution needs `rask::init()` at the start of `main`, where \
+                 worker processes of the program stop to run tasks",
             )?,
+            // The reason is in the message, not only a source: it says
+            // what to do, and a program printing `{e}` should show it.
+            Error::Unsendable { key, reason } => {
+                write!(f, "task {key} cannot be sent to a cluster: {reason}")?
+            }
             Error::Executor(_) => f.write_str("executor could not start")?,
             Error::Write { path, .. } => write!(f, "could not write {}", path.display())?,
         }

@@ -143,13 +143,14 @@
 //! cluster proves the cluster's token when it connects: a local cluster
 //! makes its own, and for a running scheduler clients and workers find it
 //! in `RASK_TOKEN`, the file `RASK_TOKEN_FILE` names, or `~/.rask/token`
-//! (README, Security). Workers find task functions in the list given to
-//! [`init`], called first in `main`:
+//! (README, Security). Workers run the functions marked [`#[rask::task]`](task),
+//! found by [`init`], called first in `main`:
 //!
 //! ```no_run
+//! #[rask::task]
 //! fn inc(x: i64) -> i64 { x + 1 }
 //! fn main() {
-//!     rask::init(rask::tasks![inc]);   // a worker process stays in here
+//!     rask::init();   // a worker process stays in here
 //!     let two = rask::delayed!(inc(1)).compute().unwrap();
 //!     println!("{two}");
 //! }
@@ -173,7 +174,8 @@
 //! - **A worker is the program itself.** Tasks travel as a registered
 //!   function's name plus their literal arguments as bytes; a worker process
 //!   is the same binary, so it has the same functions, found through the
-//!   list given to [`init`]. No code is shipped, nothing is `unsafe`.
+//!   link-time list [`#[rask::task]`](task) adds them to. No code is
+//!   shipped, and this crate has no `unsafe`.
 //! - **The order is the plan order.** Lowering emits a depth-first post-order,
 //!   which finishes a branch before starting the next; executors free each
 //!   value right after its last consumer ran, so a tree reduction holds
@@ -234,7 +236,55 @@ pub use progress::{progress, Progress};
 #[cfg(feature = "distributed")]
 pub use rask_distributed::init_logging;
 pub use rask_executor::{cancelled, diagnostics, events, Key, RemoteError, Value};
-pub use registry::{init, Register, Tasks};
+pub use registry::{init, init_with, Register, Tasks};
+
+/// Registers a fn item as a task function, so that [`init`] finds it in
+/// every process of the program and a cluster can run it: no list to keep.
+///
+/// A function returning a `Result` (any type path ending in `Result`:
+/// `Result<T, E>`, `io::Result<T>`, `anyhow::Result<T>`) is registered as
+/// called with `?`, `delayed!(f(x)?)`, where `Err` fails the task; any
+/// other is registered as called without, `delayed!(f(x))`. Say it when the
+/// name misleads: `#[rask::task(fallible)]` for an alias by another name,
+/// `#[rask::task(plain)]` for a `Result` that is the task's value. The
+/// function itself is left as written, and may still be listed in
+/// [`tasks!`] (it is registered once).
+///
+/// It takes free fn items without type or const parameters: a generic
+/// function is one function per instance, so register the instances used
+/// with [`init_with`] (`Tasks::new().register(f::<i64>)`). A closure cannot
+/// be marked; one that captures nothing may be listed in [`tasks!`], and
+/// one that captures variables can never run on a cluster (make it a
+/// marked fn item taking the captured values as arguments). The generated
+/// code names the crate `::rask`, so a dependency renamed in `Cargo.toml`
+/// cannot use the attribute.
+///
+/// # Examples
+///
+/// ```
+/// use rask::delayed;
+///
+/// #[rask::task]
+/// fn inc(x: i64) -> i64 { x + 1 }
+///
+/// #[rask::task]   // a `Result`: called as `delayed!(parse(s)?)`
+/// fn parse(s: String) -> Result<i64, std::num::ParseIntError> { s.parse() }
+///
+/// fn main() -> Result<(), rask::Error> {
+///     rask::init();   // no list: `RASK_SCHEDULER=local:2` runs these too
+///     let n = delayed!(parse("41".to_string())?);
+///     assert_eq!(delayed!(inc(&n)).compute()?, 42);
+///     Ok(())
+/// }
+/// ```
+///
+/// A generic function is refused, with what to do instead:
+///
+/// ```compile_fail
+/// #[rask::task]
+/// fn double<T: std::ops::Add<Output = T> + Copy>(x: T) -> T { x + x }
+/// ```
+pub use rask_macros::task;
 
 /// The names most programs need: `use rask::prelude::*;`.
 pub mod prelude {
@@ -249,6 +299,8 @@ pub mod prelude {
 pub mod __private {
     pub use crate::args::apply;
     pub use crate::node::{Fallible, Plain};
+    pub use crate::registry::{Registration, REGISTRATIONS};
+    pub use linkme;
 
     /// The registry installed by [`init`](crate::init), for tests that run
     /// workers inside their own process.

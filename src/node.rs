@@ -173,6 +173,13 @@ pub(crate) trait Call: Send + Sync + 'static {
         })
     }
 
+    /// Whether [`to_wire`](Call::to_wire) can succeed as far as the function
+    /// goes, without encoding anything: for a call, its function is
+    /// registered and captures nothing (`registry::check_sendable`).
+    fn sendable(&self) -> Result<(), WireError> {
+        Ok(())
+    }
+
     /// How long the work may run (see `Delayed::timeout`).
     fn timeout(&self) -> Option<std::time::Duration> {
         None
@@ -226,6 +233,9 @@ impl Call for Limited {
     }
     fn to_wire(&self) -> Result<WireTask, WireError> {
         self.call.to_wire()
+    }
+    fn sendable(&self) -> Result<(), WireError> {
+        self.call.sendable()
     }
     fn timeout(&self) -> Option<std::time::Duration> {
         self.timeout

@@ -2,8 +2,10 @@
 //! task travels there.
 //!
 //! A distributed worker is the program's own binary started in worker mode.
-//! It finds functions by name in the list given to [`init`], which every
-//! process of the program builds the same way at the start of `main`.
+//! It finds functions by name in the registry [`init`] builds, which every
+//! process of the program builds the same way at the start of `main`: from
+//! the functions marked [`#[rask::task]`](crate::task) anywhere in the
+//! program, plus any list given to [`init_with`] (`rask::tasks![…]`).
 //!
 //! Rules:
 //!
@@ -37,9 +39,41 @@
 //! 5. A part of a value (`Delayed::split`, `Delayed::item`) travels as
 //!    `rask.getitem` (`pick.rs`): the worker finds the whole's type among
 //!    the output types of the registered functions, by type tag.
+//! 6. The registry is the operators on primitive types, then the given
+//!    list, then every [`Registration`] in [`REGISTRATIONS`]. Adding a
+//!    function is idempotent (its id is its entry), so the order of the
+//!    link-time list — the linker's — does not matter, a function both
+//!    marked and listed is registered once, and every process of one binary
+//!    builds the same registry.
+//! 7. A graph bound for a cluster is checked before anything of it is sent
+//!    ([`check_sendable`]): a task calling a closure that captures
+//!    variables, or a function not registered, refuses the whole
+//!    submission with [`Error::Unsendable`](crate::Error::Unsendable),
+//!    which names the task and says what to do instead.
+//!
+//! # Why a link-time list
+//!
+//! A worker must know a function before any task names it, and a worker
+//! never runs the code that builds graphs: it stops in [`init`]. So the
+//! registry cannot be filled as `delayed!` meets functions; it must be
+//! known from the binary alone. `#[rask::task]` (the `rask-macros` crate in
+//! `src/macros/`, a proc-macro crate of its own since Cargo requires one,
+//! kept under `src/` because it is part of what users depend on) adds one
+//! `linkme` distributed-slice element per function: a static the linker
+//! gathers into one array, read by [`init`]. `linkme` rather than
+//! `inventory`: no code runs before `main`, nothing is allocated, and the
+//! crate's `unsafe_code = "forbid"` holds (the link sections are written in
+//! `linkme`'s expansion). The cost is linker support: Linux, macOS,
+//! Windows, the BSDs and illumos, not WebAssembly; and a crate whose only
+//! use is its marked functions may be left out by the linker (call any of
+//! its functions, or list them with `tasks!`).
+//!
+//! `delayed!` does not register the functions it names: the path it sees may
+//! be a local closure, which no `static` can refer to, and a
+//! `macro_rules!` macro cannot tell the two apart.
 
 use std::any::{Any, TypeId};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::marker::PhantomData;
 use std::sync::{Arc, OnceLock};
 
@@ -111,13 +145,11 @@ impl Payload {
 ///
 /// # Errors
 ///
-/// [`WireError::NotSerializable`] for a closure that captures variables.
+/// [`WireError::Captures`] for a closure that captures variables.
 pub(crate) fn function_id<F: 'static>() -> Result<String, WireError> {
     if !crate::key::is_pure_fn::<F>() {
-        return Err(WireError::NotSerializable {
-            what: "a closure that captures variables (pass them as arguments of a function \
-                   item instead)"
-                .into(),
+        return Err(WireError::Captures {
+            function: std::any::type_name::<F>().to_owned(),
         });
     }
     Ok(format!(
@@ -336,8 +368,9 @@ struct Entry {
     fallible: Option<Build>,
 }
 
-/// The functions a program can run on a cluster; build it with
-/// [`tasks!`](crate::tasks!) and hand it to [`init`].
+/// A list of functions a program can run on a cluster; build it with
+/// [`tasks!`](crate::tasks!) and hand it to [`init_with`]. Functions marked
+/// [`#[rask::task]`](crate::task) need no list.
 ///
 /// # Examples
 ///
@@ -432,9 +465,8 @@ impl Tasks {
         const {
             assert!(
                 std::mem::size_of::<F>() == 0,
-                "a function registered with rask::init must not capture variables: \
-                 its workers would not see the captured values (use a fn item that takes them as \
-                 arguments)"
+                "a registered function must not capture variables: its workers would not \
+                 see the captured values (use a fn item that takes them as arguments)"
             );
         }
         let (output, convert) = f.shared_output();
@@ -488,8 +520,10 @@ impl std::fmt::Debug for Tasks {
     }
 }
 
-/// Lists functions for [`init`]: `rask::tasks![inc, add, parse?]`, with `?`
-/// after functions called as `delayed!(f(...)?)`.
+/// Lists functions for [`init_with`]: `rask::tasks![inc, add, parse?]`, with
+/// `?` after functions called as `delayed!(f(...)?)`. Marking them
+/// [`#[rask::task]`](crate::task) instead needs no list; a function both
+/// listed and marked is registered once.
 #[macro_export]
 macro_rules! tasks {
     (@acc $t:expr ;) => { $t };
@@ -677,6 +711,44 @@ pub(crate) fn check_registered(function: &str, fallible: bool) -> Result<(), Wir
     }
 }
 
+/// One [`#[rask::task]`](crate::task) function's registration: adds it to
+/// a list, as `tasks![f]` would (rule 6). Written by the attribute only.
+#[doc(hidden)]
+pub struct Registration(pub fn(Tasks) -> Tasks);
+
+/// Every [`#[rask::task]`](crate::task) function of the program, gathered
+/// by the linker (rule 6).
+#[doc(hidden)]
+#[linkme::distributed_slice]
+pub static REGISTRATIONS: [Registration];
+
+/// Checks that every task behind `roots` can be sent to a cluster as far as
+/// its function goes (rule 1): registered, and capturing nothing. Run
+/// before a graph is handed to a cluster, so that such a graph is refused
+/// where it is submitted rather than failing a task later. Arguments are
+/// not encoded here; one that cannot travel still fails its task.
+///
+/// # Errors
+///
+/// [`Error::Unsendable`](crate::Error::Unsendable) for the first task found.
+pub(crate) fn check_sendable(roots: &[Arc<Node>]) -> crate::Result<()> {
+    let mut seen = HashSet::new();
+    let mut stack: Vec<&Arc<Node>> = roots.iter().collect();
+    while let Some(node) = stack.pop() {
+        if !seen.insert(node.key) {
+            continue;
+        }
+        node.call
+            .sendable()
+            .map_err(|reason| crate::Error::Unsendable {
+                key: crate::delayed::TaskKey::new(node),
+                reason,
+            })?;
+        stack.extend(node.deps.iter());
+    }
+    Ok(())
+}
+
 /// Sets the program up for distributed execution; call it first in `main`.
 ///
 /// In a worker process (started by [`Client::local`](crate::Client::local),
@@ -687,15 +759,44 @@ pub(crate) fn check_registered(function: &str, fallible: bool) -> Result<(), Wir
 /// `RASK_WORKER_DEATH_TIMEOUT` seconds (default 60), and registers with it
 /// again when it comes back; a [`Client::local`](crate::Client::local)
 /// cluster's workers exit as soon as their scheduler, in the program's own
-/// process, goes away. Otherwise it records `tasks` as the functions that
-/// may run on a cluster and returns. Calling it again keeps the first list.
+/// process, goes away. Otherwise it records the functions marked
+/// [`#[rask::task]`](crate::task) as those that may run on a cluster and
+/// returns. Calling it again keeps the first registry.
+///
+/// # Examples
+///
+/// ```
+/// #[rask::task]
+/// fn inc(x: i64) -> i64 { x + 1 }
+///
+/// fn main() {
+///     rask::init();   // a worker process stays in here
+///     assert_eq!(rask::delayed!(inc(1)).compute().unwrap(), 2);
+/// }
+/// ```
+pub fn init() {
+    init_with(Tasks::new());
+}
+
+/// [`init`], also registering the functions of `tasks` (a
+/// [`tasks!`](crate::tasks!) list): for functions that cannot be marked
+/// [`#[rask::task]`](crate::task), such as one instance of a generic
+/// function, a named closure that captures nothing, or a function of a
+/// crate that does not use the attribute.
+///
+/// # Examples
 ///
 /// ```
 /// fn inc(x: i64) -> i64 { x + 1 }
-/// rask::init(rask::tasks![inc]);
+/// fn double<T: std::ops::Add<Output = T> + Copy>(x: T) -> T { x + x }
+///
+/// rask::init_with(rask::tasks![inc].register(double::<i64>));
 /// ```
-pub fn init(tasks: Tasks) {
+pub fn init_with(tasks: Tasks) {
     let tasks = crate::ops::builtins(tasks);
+    let tasks = REGISTRATIONS
+        .iter()
+        .fold(tasks, |tasks, registration| (registration.0)(tasks));
     let _ = REGISTRY.set(Arc::new(Resolver { tasks }));
     #[cfg(feature = "distributed")]
     crate::cluster::run_worker_if_asked();
@@ -731,7 +832,7 @@ mod tests {
 
     /// Every test registers the same list: the first `init` wins.
     fn setup() {
-        init(crate::tasks![add, numbers, address, pair]);
+        init_with(crate::tasks![add, numbers, address, pair]);
     }
 
     #[test]
@@ -942,6 +1043,23 @@ mod tests {
             registry.resolve(&bad),
             Err(WireError::Decode { .. })
         ));
+    }
+
+    #[test]
+    fn registering_a_function_again_changes_nothing() {
+        // What `init_with` does for a function both listed and marked
+        // (rule 6): one entry per function, each form kept once.
+        fn half(x: i64) -> Result<i64, String> {
+            Ok(x / 2)
+        }
+        fn id_of<F: 'static>(_: &F) -> String {
+            function_id::<F>().unwrap()
+        }
+        let tasks = crate::tasks![add, half?, add, half?];
+        assert_eq!(tasks.len(), 2);
+        assert!(tasks.has(&id_of(&half), true));
+        assert!(!tasks.has(&id_of(&half), false));
+        assert!(tasks.has(&id_of(&add), false));
     }
 
     #[test]

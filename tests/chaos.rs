@@ -141,7 +141,7 @@ fn a_task_that_exits_fails_alone() {
 }
 
 fn main() {
-    rask::init(rask::tasks![work, crash]);
+    rask::init_with(rask::tasks![work, crash]);
     harness::token_for_this_run();
     let tests: &[(&str, fn())] = &[
         (

@@ -299,7 +299,7 @@ fn screenshot_path() -> PathBuf {
 }
 
 fn main() {
-    rask::init(rask::tasks![rosenbrock, summarise, inc]);
+    rask::init_with(rask::tasks![rosenbrock, summarise, inc]);
     harness::token_for_this_run();
     // Every local cluster of this run serves a dashboard on a free port.
     std::env::set_var("RASK_DASHBOARD", "127.0.0.1:0");

@@ -1,7 +1,8 @@
 //! The distributed executor with real worker processes: each test starts a
 //! local cluster whose workers are this test binary in worker mode. Runs
 //! with its own `main` (`harness = false`), because a worker process must
-//! call `rask::init` before anything else.
+//! call `rask::init` before anything else. Its functions are listed with
+//! `rask::tasks!` (`tests/registration.rs` marks them instead).
 
 #[path = "support/arguments.rs"]
 mod arguments;
@@ -21,6 +22,9 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
 use rask::{as_completed, delayed, Client, Config, Delayed, Error, ExecutorKind, Status};
 
+// `inc` and `half` are both marked and listed in `main`: registered twice,
+// which is no error, and every test here runs them on workers.
+#[rask::task]
 fn inc(x: i64) -> i64 {
     x + 1
 }
@@ -49,6 +53,7 @@ fn explode(x: i64) -> i64 {
     x
 }
 
+#[rask::task]
 fn half(x: i64) -> Result<i64, String> {
     if x % 2 == 0 {
         Ok(x / 2)
@@ -301,7 +306,7 @@ fn unregistered_functions_are_a_clear_error() {
     let k = 3_i64;
     let add_k = move |x: i64| x + k;
     let err = delayed!(add_k(1)).compute_with(&local2()).unwrap_err();
-    let text = format!("{err:?}");
+    let text = err.to_string();
     assert!(text.contains("captures variables"), "{text}");
     assert!(
         started.elapsed() < Duration::from_secs(30),
@@ -938,7 +943,7 @@ fn arguments_on_local_2() {
 }
 
 fn main() {
-    rask::init(arguments::register(rask::tasks![
+    rask::init_with(arguments::register(rask::tasks![
         inc,
         add,
         sum,

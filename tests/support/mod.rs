@@ -217,7 +217,7 @@ pub fn loopback_address(tasks: rask::Tasks) -> String {
     );
     static CLUSTER: OnceLock<Cluster> = OnceLock::new();
     let (scheduler, _) = CLUSTER.get_or_init(|| {
-        rask::init(tasks);
+        rask::init_with(tasks);
         let registry = rask::__private::registry().expect("registry installed");
         let auth = user_auth();
         let options = rask_distributed::scheduler::Options::default().auth(auth.clone());

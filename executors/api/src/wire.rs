@@ -268,14 +268,26 @@ pub trait Registry: Send + Sync {
 pub enum WireError {
     /// The function is not in the registry.
     #[error(
-        "function `{function}` is not registered; add it to the task list given to `rask::init`"
+        "function `{function}` is not registered; mark it `#[rask::task]`, or list it in the \
+         `rask::tasks!` given to `rask::init_with`"
     )]
     Unregistered {
         /// The function's name.
         function: String,
     },
-    /// Something that cannot be serialized (a closure task, an untraversed
-    /// argument) was asked to leave the process.
+    /// A task calls a closure that captures variables: what it captured
+    /// would not travel with it, so it runs only in its own process.
+    #[error(
+        "`{function}` is a closure that captures variables, which cannot run in another \
+         process (its captured values do not travel with it); call a fn item marked \
+         `#[rask::task]` instead, taking those values as arguments"
+    )]
+    Captures {
+        /// The closure's path, e.g. `app::main::{{closure}}`.
+        function: String,
+    },
+    /// Something that cannot be serialized (a hand-written task, an
+    /// untraversed argument) was asked to leave the process.
     #[error("{what} cannot be sent to another process")]
     NotSerializable {
         /// What it was.

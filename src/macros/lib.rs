@@ -1,0 +1,291 @@
+//! The `#[rask::task]` attribute. Use it through the `rask` crate, which
+//! re-exports it as `rask::task` and documents it there; this crate only
+//! writes code that names `::rask`.
+//!
+//! The attribute leaves the function as written and adds, beside it, one
+//! element of `rask`'s link-time list of registrations (a `linkme`
+//! distributed slice): a function that adds this one to a `rask::Tasks`,
+//! exactly as `rask::tasks![f]` (or `f?`) does. `rask::init` applies every
+//! element of the list (`rask`'s `registry` module, rule 5).
+#![warn(missing_docs)]
+
+use proc_macro2::{Span, TokenStream};
+use quote::quote;
+use syn::{FnArg, GenericParam, ItemFn, ReturnType, Safety, Type};
+
+/// Registers a fn item as a task function for `rask::init`; see `rask::task`.
+#[proc_macro_attribute]
+pub fn task(
+    attr: proc_macro::TokenStream,
+    item: proc_macro::TokenStream,
+) -> proc_macro::TokenStream {
+    match expand(attr.into(), item.into()) {
+        Ok(tokens) => tokens.into(),
+        Err(e) => e.to_compile_error().into(),
+    }
+}
+
+/// How the function is called in `delayed!`, which decides which entry of
+/// the registry it fills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Form {
+    /// `delayed!(f(x))`: the return value is the task's value.
+    Plain,
+    /// `delayed!(f(x)?)`: the function returns a `Result` and `Err` fails
+    /// the task.
+    Fallible,
+}
+
+/// The attribute's expansion: `item` unchanged, then its registration.
+fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
+    let function: ItemFn = syn::parse2(item.clone())?;
+    check(&function)?;
+    let form = match form_from_attr(attr)? {
+        Some(form) => form,
+        None if returns_result(&function.sig.output) => Form::Fallible,
+        None => Form::Plain,
+    };
+    let name = &function.sig.ident;
+    let register = match form {
+        Form::Plain => quote!(register),
+        Form::Fallible => quote!(register_fallible),
+    };
+    // The anonymous `const` keeps the helper names out of the caller's
+    // namespace; inside it, `#name` still resolves to the function, which
+    // lives in the same module (or block) as the `const`.
+    Ok(quote! {
+        #item
+        const _: () = {
+            fn __rask_register(tasks: ::rask::Tasks) -> ::rask::Tasks {
+                tasks.#register(#name)
+            }
+            #[::rask::__private::linkme::distributed_slice(::rask::__private::REGISTRATIONS)]
+            #[linkme(crate = ::rask::__private::linkme)]
+            static __RASK_TASK: ::rask::__private::Registration =
+                ::rask::__private::Registration(__rask_register);
+        };
+    })
+}
+
+/// `#[rask::task]`, `#[rask::task(fallible)]` or `#[rask::task(plain)]`.
+fn form_from_attr(attr: TokenStream) -> syn::Result<Option<Form>> {
+    if attr.is_empty() {
+        return Ok(None);
+    }
+    let word: syn::Ident = syn::parse2(attr).map_err(|e| {
+        syn::Error::new(
+            e.span(),
+            "expected `#[rask::task]`, `#[rask::task(fallible)]` or `#[rask::task(plain)]`",
+        )
+    })?;
+    match word.to_string().as_str() {
+        "fallible" => Ok(Some(Form::Fallible)),
+        "plain" => Ok(Some(Form::Plain)),
+        _ => Err(syn::Error::new(
+            word.span(),
+            "unknown option: `fallible` (called as `delayed!(f(x)?)`) or `plain` (called as \
+             `delayed!(f(x))`)",
+        )),
+    }
+}
+
+/// Refuses what cannot be registered by its name alone, saying what to do.
+fn check(function: &ItemFn) -> syn::Result<()> {
+    let sig = &function.sig;
+    let refuse = |span: Span, why: &str| Err(syn::Error::new(span, why));
+    if let Some(token) = &sig.asyncness {
+        return refuse(
+            token.span,
+            "`#[rask::task]` cannot register an `async fn`: a task is a plain function call",
+        );
+    }
+    if let Safety::Unsafe(token) = &sig.safety {
+        return refuse(
+            token.span,
+            "`#[rask::task]` cannot register an `unsafe fn`: wrap the call in a safe function",
+        );
+    }
+    if let Some(FnArg::Receiver(receiver)) = sig.inputs.first() {
+        return refuse(
+            receiver.self_token.span,
+            "`#[rask::task]` registers free functions, not methods: write a fn item that takes \
+             the value as an argument",
+        );
+    }
+    let generic = sig
+        .generics
+        .params
+        .iter()
+        .find(|p| !matches!(p, GenericParam::Lifetime(_)));
+    if let Some(param) = generic {
+        return Err(syn::Error::new_spanned(
+            param,
+            "`#[rask::task]` cannot register a generic function, which is one function per \
+             instance: register each instance used, e.g. \
+             `rask::init_with(rask::Tasks::new().register(f::<i64>))`",
+        ));
+    }
+    Ok(())
+}
+
+/// Whether the written return type is a `Result` (`Result<T, E>`,
+/// `io::Result<T>`, `anyhow::Result<T>`, …): the last path segment is read,
+/// since a macro sees no types. An alias by another name needs
+/// `#[rask::task(fallible)]`.
+fn returns_result(output: &ReturnType) -> bool {
+    let ReturnType::Type(_, ty) = output else {
+        return false;
+    };
+    let mut ty = &**ty;
+    while let Type::Paren(inner) = ty {
+        ty = &inner.elem;
+    }
+    match ty {
+        Type::Path(path) => path
+            .path
+            .segments
+            .last()
+            .is_some_and(|segment| segment.ident == "Result"),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn expanded(attr: TokenStream, item: TokenStream) -> Result<String, String> {
+        expand(attr, item)
+            .map(|tokens| tokens.to_string())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_return_type_picks_the_form() {
+        let plain = expanded(
+            quote!(),
+            quote!(
+                fn inc(x: i64) -> i64 {
+                    x + 1
+                }
+            ),
+        )
+        .unwrap();
+        assert!(plain.contains("tasks . register (inc)"), "{plain}");
+        assert!(
+            plain.starts_with("fn inc"),
+            "the function stays first: {plain}"
+        );
+        for output in [
+            quote!(Result<i64, String>),
+            quote!(std::io::Result<i64>),
+            quote!((anyhow::Result<i64>)),
+        ] {
+            let item = quote!(fn parse(s: String) -> #output { todo!() });
+            let fallible = expanded(quote!(), item).unwrap();
+            assert!(
+                fallible.contains("tasks . register_fallible (parse)"),
+                "{fallible}"
+            );
+        }
+        let unit = expanded(
+            quote!(),
+            quote!(
+                fn touch(path: String) {}
+            ),
+        )
+        .unwrap();
+        assert!(unit.contains("tasks . register (touch)"), "{unit}");
+    }
+
+    #[test]
+    fn the_attribute_overrides_the_return_type() {
+        let item = quote!(
+            fn parse(s: String) -> Result<i64, String> {
+                todo!()
+            }
+        );
+        let plain = expanded(quote!(plain), item).unwrap();
+        assert!(plain.contains("tasks . register (parse)"), "{plain}");
+        let item = quote!(
+            fn parse(s: String) -> Parsed<i64> {
+                todo!()
+            }
+        );
+        let fallible = expanded(quote!(fallible), item).unwrap();
+        assert!(
+            fallible.contains("tasks . register_fallible (parse)"),
+            "{fallible}"
+        );
+        let err = expanded(
+            quote!(sometimes),
+            quote!(
+                fn f() {}
+            ),
+        )
+        .unwrap_err();
+        assert!(err.contains("unknown option"), "{err}");
+        let err = expanded(
+            quote!(fallible = true),
+            quote!(
+                fn f() {}
+            ),
+        )
+        .unwrap_err();
+        assert!(err.contains("expected `#[rask::task]`"), "{err}");
+    }
+
+    #[test]
+    fn what_cannot_be_registered_says_what_to_do() {
+        let cases = [
+            (
+                quote!(
+                    async fn f() {}
+                ),
+                "async fn",
+            ),
+            (
+                quote!(
+                    unsafe fn f() {}
+                ),
+                "unsafe fn",
+            ),
+            (
+                quote!(
+                    fn f(&self) {}
+                ),
+                "not methods",
+            ),
+            (
+                quote!(
+                    fn f<T>(x: T) {}
+                ),
+                "register each instance",
+            ),
+            (
+                quote!(
+                    fn f<const N: usize>() {}
+                ),
+                "register each instance",
+            ),
+            (
+                quote!(
+                    struct S;
+                ),
+                "expected",
+            ),
+        ];
+        for (item, why) in cases {
+            let err = expanded(quote!(), item.clone()).unwrap_err();
+            assert!(err.contains(why), "{item}: {err}");
+        }
+        // Lifetimes alone are not generics over types.
+        assert!(expanded(
+            quote!(),
+            quote!(
+                fn f<'a>() {}
+            )
+        )
+        .is_ok());
+    }
+}
