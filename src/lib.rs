@@ -192,42 +192,23 @@
 //!   stops early and returns [`Error::Task`]; the process survives.
 #![warn(missing_docs)]
 
-mod args;
-mod backend;
-mod client;
-#[cfg(feature = "distributed")]
-mod cluster;
-mod compute;
-pub mod config;
-mod data;
-mod delayed;
-mod error;
-mod future;
-mod graph;
-mod inspect;
-mod key;
-mod node;
-mod ops;
-mod optimize;
-mod pick;
-pub mod progress;
-mod registry;
-mod report;
+mod build;
+mod futures;
+mod plan;
+mod run;
 
-pub use args::{mode, IntoArg, Traverse, Untraversed};
-pub use client::{Client, ClientStats};
-pub use compute::{compute, compute_with, Compute};
-pub use config::{Config, ExecutorKind};
-pub use data::Data;
-pub use delayed::{named_key, persist, persist_with, value, value_named, Delayed, TaskKey};
-pub use error::{Error, Result};
-pub use future::{
+pub use build::args::{mode, IntoArg, Traverse, Untraversed};
+pub use build::data::Data;
+pub use build::delayed::{named_key, persist, persist_with, value, value_named, Delayed, TaskKey};
+pub use build::error::{Error, Result};
+pub use build::graph::Graph;
+pub use build::registry::{init, init_with, Register, Tasks};
+pub use futures::client::{Client, ClientStats};
+pub use futures::future::{
     as_completed, fire_and_forget, wait, wait_first, wait_timeout, AsCompleted, Done, Future,
     Status,
 };
-pub use graph::Graph;
-pub use optimize::{explain, Explain, PlannedTask, Timings};
-pub use progress::{progress, Progress};
+pub use plan::{explain, Explain, PlannedTask, Timings};
 /// Prints rask's log lines (a cluster's workers joining, dying and being
 /// restarted, refused connections, warnings) on stderr, filtered by
 /// `RUST_LOG`, for a program without a `tracing` subscriber of its own.
@@ -236,7 +217,10 @@ pub use progress::{progress, Progress};
 #[cfg(feature = "distributed")]
 pub use rask_distributed::init_logging;
 pub use rask_executor::{cancelled, diagnostics, events, Key, RemoteError, Value};
-pub use registry::{init, init_with, Register, Tasks};
+pub use run::compute::{compute, compute_with, Compute};
+pub use run::config::{Config, ExecutorKind};
+pub use run::progress::{progress, Progress};
+pub use run::{config, progress};
 
 /// Registers a fn item as a task function, so that [`init`] finds it in
 /// every process of the program and a cluster can run it: no list to keep.
@@ -297,14 +281,15 @@ pub mod prelude {
 /// Support for the `delayed!` macro; not a public API.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::args::apply;
-    pub use crate::node::{Fallible, Plain};
-    pub use crate::registry::{Registration, REGISTRATIONS};
+    pub use crate::build::args::apply;
+    pub use crate::build::node::{Fallible, Plain};
+    pub use crate::build::registry::{Registration, REGISTRATIONS};
     pub use linkme;
 
     /// The registry installed by [`init`](crate::init), for tests that run
     /// workers inside their own process.
     pub fn registry() -> Option<std::sync::Arc<dyn rask_executor::Registry>> {
-        crate::registry::installed().map(|r| r as std::sync::Arc<dyn rask_executor::Registry>)
+        crate::build::registry::installed()
+            .map(|r| r as std::sync::Arc<dyn rask_executor::Registry>)
     }
 }

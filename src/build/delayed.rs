@@ -8,12 +8,12 @@ use std::sync::Arc;
 
 use rask_executor::{Key, Value};
 
-use crate::compute::{compute_with, Compute};
-use crate::config::{Config, ExecutorKind};
-use crate::data::Data;
-use crate::key::{KeyHasher, Tag};
-use crate::node::{Deps, Held, Name, Node};
-use crate::pick::{Part, Step};
+use crate::build::data::Data;
+use crate::build::key::{KeyHasher, Tag};
+use crate::build::node::{Deps, Held, Name, Node};
+use crate::build::pick::{Part, Step};
+use crate::run::compute::{compute_with, Compute};
+use crate::run::config::{Config, ExecutorKind};
 use crate::Result;
 use rask_executor::OpError;
 
@@ -139,7 +139,7 @@ impl<T> Delayed<T> {
     pub fn unique(&self) -> Delayed<T> {
         let mut h = KeyHasher::new(Tag::Unique, &self.node.name, "");
         h.input(&self.node.key);
-        h.bytes(&crate::key::nonce());
+        h.bytes(&crate::build::key::nonce());
         let node = self.node.rekeyed(h.finish(), self.node.name.clone());
         Delayed::from_node(Arc::new(node))
     }
@@ -202,7 +202,7 @@ impl<T> Delayed<T> {
 
     fn limited(&self, timeout: Option<std::time::Duration>, retries: Option<u32>) -> Delayed<T> {
         let mut node = self.node.rekeyed(self.node.key, self.node.name.clone());
-        node.call = crate::node::Limited::wrap(&self.node.call, timeout, retries);
+        node.call = crate::build::node::Limited::wrap(&self.node.call, timeout, retries);
         Delayed::from_node(Arc::new(node))
     }
 
@@ -218,7 +218,7 @@ impl<T> Delayed<T> {
     /// assert!(dot.contains("inc-"));
     /// ```
     pub fn to_dot(&self) -> String {
-        crate::graph::to_dot(std::slice::from_ref(&self.node))
+        crate::build::graph::to_dot(std::slice::from_ref(&self.node))
     }
 
     /// Renders the plan an executor would run for this value as Graphviz
@@ -242,7 +242,7 @@ impl<T> Delayed<T> {
     /// ```
     pub fn plan_dot(&self, config: &Config) -> Result<String> {
         let roots = std::slice::from_ref(&self.node);
-        Ok(crate::optimize::explain::explain_roots(roots, config)?.to_dot())
+        Ok(crate::plan::explain::explain_roots(roots, config)?.to_dot())
     }
 }
 
@@ -330,21 +330,21 @@ impl<T: Data> Delayed<T> {
 
 impl<T: Data> Compute for &Delayed<T> {
     type Output = T;
-    fn roots(&self, out: &mut crate::compute::Roots) {
+    fn roots(&self, out: &mut crate::run::compute::Roots) {
         out.0.push(self.node.clone());
     }
     fn assemble(&self, values: &mut std::vec::IntoIter<Value>) -> Result<T> {
-        crate::compute::take::<T>(values)
+        crate::run::compute::take::<T>(values)
     }
 }
 
 impl<T: Data> Compute for Delayed<T> {
     type Output = T;
-    fn roots(&self, out: &mut crate::compute::Roots) {
+    fn roots(&self, out: &mut crate::run::compute::Roots) {
         out.0.push(self.node.clone());
     }
     fn assemble(&self, values: &mut std::vec::IntoIter<Value>) -> Result<T> {
-        crate::compute::take::<T>(values)
+        crate::run::compute::take::<T>(values)
     }
 }
 
@@ -389,7 +389,7 @@ pub fn persist_with<T: Data>(items: &[Delayed<T>], config: &Config) -> Result<Ve
         .filter(|d| !d.node.is_data())
         .map(|d| d.node.clone())
         .collect();
-    let mut values = crate::compute::run(&roots, config)?.into_iter();
+    let mut values = crate::run::compute::run(&roots, config)?.into_iter();
     Ok(items
         .iter()
         .map(|d| {
@@ -661,7 +661,11 @@ impl<W: Data> Delayed<W> {
         F: Fn(W) -> U + Send + Sync + 'static,
         U: Data,
     {
-        crate::args::apply::<crate::node::Plain, _, _, _, _>(std::any::type_name::<F>(), f, (self,))
+        crate::build::args::apply::<crate::build::node::Plain, _, _, _, _>(
+            std::any::type_name::<F>(),
+            f,
+            (self,),
+        )
     }
 }
 
@@ -755,7 +759,7 @@ macro_rules! map_item {
                             key: named_key(&format!("getitem-{}", unique_suffix())),
                             name: Name::Borrowed("getitem"),
                             deps: Deps::One(self.node.clone()),
-                            call: Arc::new(crate::node::Broken(format!(
+                            call: Arc::new(crate::build::node::Broken(format!(
                                 "a map key of type `{}` could not be serialized: {e}",
                                 std::any::type_name::<K>()
                             ))),

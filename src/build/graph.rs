@@ -21,10 +21,10 @@ use std::sync::Arc;
 
 use rask_executor::{Key, Op, OpError, Plan, PlanBuilder, Value};
 
-use crate::data::Data;
-use crate::delayed::{named_key, Delayed, TaskKey};
-use crate::node::{Call, Held, Name, Node};
-use crate::optimize::{chain, Draft, Weight};
+use crate::build::data::Data;
+use crate::build::delayed::{named_key, Delayed, TaskKey};
+use crate::build::node::{Call, Held, Name, Node};
+use crate::plan::{chain, Draft, Weight};
 use crate::{Error, Result};
 
 /// Keys are uniformly random already: their first eight bytes are the hash.

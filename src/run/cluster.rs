@@ -69,7 +69,7 @@ impl Cluster {
             // first; starting a cluster here would recurse.
             return Err(Error::WorkerSetup);
         }
-        if crate::registry::installed().is_none() {
+        if crate::build::registry::installed().is_none() {
             return Err(Error::NotInitialized);
         }
         // `/proc/self/exe` opens the file this program started from even
@@ -182,7 +182,7 @@ pub(crate) fn run_worker_if_asked() {
         .and_then(|t| t.trim().parse::<usize>().ok())
         .filter(|&t| t > 0)
         .unwrap_or(1);
-    let Some(registry) = crate::registry::installed() else {
+    let Some(registry) = crate::build::registry::installed() else {
         eprintln!("rask worker: no task registry installed");
         std::process::exit(2);
     };

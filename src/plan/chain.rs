@@ -49,7 +49,7 @@ use std::sync::Arc;
 use rask_executor::{Key, Op, OpError, Value};
 
 use super::{group_name, named_origin, MAX_LISTED};
-use crate::node::{Name, Node};
+use crate::build::node::{Name, Node};
 
 /// The fingerprint of a key: its first eight bytes (keys are uniform), never
 /// 0 (which marks an empty slot of [`Absorbed`]).

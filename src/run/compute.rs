@@ -6,10 +6,10 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use rask_executor::{FailureKind, Outcome, Reporter, Value};
 
-use crate::backend::Backend;
-use crate::config::Config;
-use crate::data::Data;
-use crate::node::Node;
+use crate::build::data::Data;
+use crate::build::node::Node;
+use crate::run::backend::Backend;
+use crate::run::config::Config;
 use crate::{Error, Result};
 
 /// The tasks a [`Compute`] value asks for, in order.
@@ -126,20 +126,20 @@ pub(crate) fn run(roots: &[Arc<Node>], config: &Config) -> Result<Vec<Value>> {
     let span = tracing::info_span!("compute", executor = %kind, tasks = tracing::field::Empty);
     let _entered = span.enter();
     let backend = Backend::get(&kind)?;
-    let mut options = crate::optimize::Options::from_config(config)?;
+    let mut options = crate::plan::Options::from_config(config)?;
     if backend.is_remote() {
-        crate::registry::check_sendable(roots)?;
+        crate::build::registry::check_sendable(roots)?;
         // Fused and inlined tasks exist only in this process.
         options.inline = false;
         options.fuse = false;
     }
-    let draft = crate::graph::lower(roots, options.absorbs_chains());
-    let plan = crate::optimize::optimize(draft, &options);
+    let draft = crate::build::graph::lower(roots, options.absorbs_chains());
+    let plan = crate::plan::optimize(draft, &options);
     span.record("tasks", plan.len());
     // Finished, however the run ends, when it is dropped.
     let _bar = config.resolve_progress()?.then(|| {
         let work = plan.tasks().iter().filter(|t| t.op.is_work());
-        crate::progress::Bar::start(work.map(|t| (t.key, t.op.name())))
+        crate::run::progress::Bar::start(work.map(|t| (t.key, t.op.name())))
     });
     let collector = Arc::new(Collector::new(roots.len()));
     backend.executor().submit(plan, collector.clone());
@@ -149,7 +149,7 @@ pub(crate) fn run(roots: &[Arc<Node>], config: &Config) -> Result<Vec<Value>> {
 /// Moves the next value out, downcast to `T`.
 pub(crate) fn take<T: Data>(values: &mut std::vec::IntoIter<Value>) -> Result<T> {
     let value = values.next().expect("one value per root");
-    let shared = crate::data::unique::<T>(value).map_err(|_| Error::WrongType {
+    let shared = crate::build::data::unique::<T>(value).map_err(|_| Error::WrongType {
         expected: std::any::type_name::<T>(),
     })?;
     Ok(Arc::try_unwrap(shared).unwrap_or_else(|shared| (*shared).clone()))

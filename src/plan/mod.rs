@@ -75,8 +75,8 @@ use std::time::{Duration, Instant};
 
 use rask_executor::{Key, Op, OpError, Plan, PlanBuilder};
 
-use crate::config::Config;
-use crate::graph::KeyHash;
+use crate::build::graph::KeyHash;
+use crate::run::config::Config;
 use crate::Result;
 
 pub(crate) mod chain;

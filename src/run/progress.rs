@@ -24,8 +24,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rask_executor::events::{self, Event, EventKind, Subscription};
 use rask_executor::Key;
 
-use crate::client::Listener;
-use crate::future::Future;
+use crate::futures::client::Listener;
+use crate::futures::future::Future;
 
 /// Where a progress display stands, for one function (see
 /// [`Progress::counts`]).
@@ -139,7 +139,7 @@ pub trait Watch {
 #[doc(hidden)]
 #[derive(Default)]
 pub struct Watched {
-    futures: Vec<(Arc<crate::client::Shared>, Key, ())>,
+    futures: Vec<(Arc<crate::futures::client::Shared>, Key, ())>,
 }
 
 impl<T> Watch for Future<T> {

@@ -82,9 +82,9 @@ use rask_executor::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::args::Slot;
-use crate::data::Data;
-use crate::node::{Call, Fallible, Held, Inputs, Name, Node, Plain, Returns, Typed};
+use crate::build::args::Slot;
+use crate::build::data::Data;
+use crate::build::node::{Call, Fallible, Held, Inputs, Name, Node, Plain, Returns, Typed};
 
 /// The function name of held values on the wire (rule 3).
 pub(crate) const VALUE_FUNCTION: &str = rask_executor::VALUE_FUNCTION;
@@ -147,7 +147,7 @@ impl Payload {
 ///
 /// [`WireError::Captures`] for a closure that captures variables.
 pub(crate) fn function_id<F: 'static>() -> Result<String, WireError> {
-    if !crate::key::is_pure_fn::<F>() {
+    if !crate::build::key::is_pure_fn::<F>() {
         return Err(WireError::Captures {
             function: std::any::type_name::<F>().to_owned(),
         });
@@ -155,7 +155,7 @@ pub(crate) fn function_id<F: 'static>() -> Result<String, WireError> {
     Ok(format!(
         "{}#{:016x}",
         std::any::type_name::<F>(),
-        crate::key::type_tag::<F>()
+        crate::build::key::type_tag::<F>()
     ))
 }
 
@@ -212,7 +212,7 @@ struct Replayed(Arc<Failure>);
 
 impl Call for Replayed {
     fn run(&self, _: &mut [Option<Value>]) -> Result<Value, OpError> {
-        Err(crate::client::replay(&self.0))
+        Err(crate::futures::client::replay(&self.0))
     }
 }
 
@@ -337,7 +337,7 @@ impl<A: Data> Slot<A> for WireSlot<A> {
         }
     }
 
-    fn template(&self, out: &mut crate::args::Template) -> Result<(), WireError> {
+    fn template(&self, out: &mut crate::build::args::Template) -> Result<(), WireError> {
         match self {
             WireSlot::Literal(a) => out.bytes(&encode_literal(a)?),
             WireSlot::One => out.input()?,
@@ -391,7 +391,7 @@ pub struct Tasks {
     shared: HashMap<TypeId, SharedOutput>,
     /// For every registered function's output type, how a worker takes a
     /// part of it (rule 5), by type tag.
-    picks: HashMap<u64, crate::pick::Picks>,
+    picks: HashMap<u64, crate::build::pick::Picks>,
 }
 
 /// How an `Arc<R>` parameter takes a registered output type `R`.
@@ -412,7 +412,7 @@ impl SharedOutput {
                 rask_executor::downcast::<R>(value).map(|shared| Box::new(shared) as Box<dyn Any>)
             },
             decode: |value| {
-                crate::data::shared::<R>(value)
+                crate::build::data::shared::<R>(value)
                     .ok()
                     .map(|shared| Box::new(shared) as Box<dyn Any>)
             },
@@ -552,7 +552,7 @@ pub trait Register<M, Sig> {
 #[derive(Clone, Copy)]
 pub struct Parts {
     tag: u64,
-    picks: crate::pick::Picks,
+    picks: crate::build::pick::Picks,
 }
 
 /// How a registered function rebuilds its calls; opaque.
@@ -573,7 +573,7 @@ macro_rules! register {
             }
 
             fn parts(&self) -> Parts {
-                Parts { tag: crate::key::type_tag::<M::Out>(), picks: crate::pick::pick::<M::Out> }
+                Parts { tag: crate::build::key::type_tag::<M::Out>(), picks: crate::build::pick::pick::<M::Out> }
             }
 
             #[allow(unused_variables)]
@@ -631,8 +631,8 @@ impl rask_executor::Registry for Resolver {
                         })?;
                 (Name::Borrowed("value"), Arc::new(Released(Key(key))))
             }
-            crate::pick::GETITEM_FUNCTION => {
-                let pick = crate::pick::Pick::decode(&task.payload)?;
+            crate::build::pick::GETITEM_FUNCTION => {
+                let pick = crate::build::pick::Pick::decode(&task.payload)?;
                 let picks = self
                     .tasks
                     .picks
@@ -643,7 +643,7 @@ impl rask_executor::Registry for Resolver {
                     })?;
                 (
                     Name::Borrowed("getitem"),
-                    Arc::new(crate::pick::Picked {
+                    Arc::new(crate::build::pick::Picked {
                         picks: *picks,
                         step: pick.step,
                     }),
@@ -678,7 +678,7 @@ impl rask_executor::Registry for Resolver {
         Ok(Arc::new(Node {
             key: Key([0; 32]),
             name,
-            deps: crate::node::Deps::None,
+            deps: crate::build::node::Deps::None,
             call,
         }))
     }
@@ -741,7 +741,7 @@ pub(crate) fn check_sendable(roots: &[Arc<Node>]) -> crate::Result<()> {
         node.call
             .sendable()
             .map_err(|reason| crate::Error::Unsendable {
-                key: crate::delayed::TaskKey::new(node),
+                key: crate::build::delayed::TaskKey::new(node),
                 reason,
             })?;
         stack.extend(node.deps.iter());
@@ -793,13 +793,13 @@ pub fn init() {
 /// rask::init_with(rask::tasks![inc].register(double::<i64>));
 /// ```
 pub fn init_with(tasks: Tasks) {
-    let tasks = crate::ops::builtins(tasks);
+    let tasks = crate::build::ops::builtins(tasks);
     let tasks = REGISTRATIONS
         .iter()
         .fold(tasks, |tasks, registration| (registration.0)(tasks));
     let _ = REGISTRY.set(Arc::new(Resolver { tasks }));
     #[cfg(feature = "distributed")]
-    crate::cluster::run_worker_if_asked();
+    crate::run::cluster::run_worker_if_asked();
 }
 
 #[cfg(test)]

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use rask_executor::{Key, Plan};
 
 use super::{pipeline, Assembled, Options, Shape};
-use crate::compute::{Compute, Roots};
-use crate::config::Config;
-use crate::node::Node;
+use crate::build::node::Node;
+use crate::run::compute::{Compute, Roots};
+use crate::run::config::Config;
 use crate::Result;
 
 /// Lowers and optimizes `what` as [`compute_with`](crate::compute_with)
@@ -55,7 +55,7 @@ pub(crate) fn explain_roots(roots: &[Arc<Node>], config: &Config) -> Result<Expl
     let start = Instant::now();
     // Without `prepare`: inspecting a graph must not wait for the futures in
     // it.
-    let draft = crate::graph::lower_draft_absorbing(roots, opts.absorbs_chains(), |_| None);
+    let draft = crate::build::graph::lower_draft_absorbing(roots, opts.absorbs_chains(), |_| None);
     timings.lower = start.elapsed();
     let graph_len = draft.graph_len();
     let Assembled { plan, shapes } = pipeline(draft, &opts, true, Some(&mut timings));
