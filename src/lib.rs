@@ -202,7 +202,7 @@ pub use build::data::Data;
 pub use build::delayed::{named_key, persist, persist_with, value, value_named, Delayed, TaskKey};
 pub use build::error::{Error, Result};
 pub use build::graph::Graph;
-pub use build::registry::{init, init_with, Register, Tasks};
+pub use build::registry::{Register, Tasks};
 pub use futures::client::{Client, ClientStats};
 pub use futures::future::{
     as_completed, fire_and_forget, wait, wait_first, wait_timeout, AsCompleted, Done, Future,
@@ -219,6 +219,7 @@ pub use rask_distributed::init_logging;
 pub use rask_executor::{cancelled, diagnostics, events, Key, RemoteError, Value};
 pub use run::compute::{compute, compute_with, Compute};
 pub use run::config::{Config, ExecutorKind};
+pub use run::init::{init, init_with};
 pub use run::progress::{progress, Progress};
 pub use run::{config, progress};
 

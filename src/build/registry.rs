@@ -2,10 +2,10 @@
 //! task travels there.
 //!
 //! A distributed worker is the program's own binary started in worker mode.
-//! It finds functions by name in the registry [`init`] builds, which every
+//! It finds functions by name in the registry [`init`](crate::init) builds, which every
 //! process of the program builds the same way at the start of `main`: from
 //! the functions marked [`#[rask::task]`](crate::task) anywhere in the
-//! program, plus any list given to [`init_with`] (`rask::tasks![…]`).
+//! program, plus any list given to [`init_with`](crate::init_with) (`rask::tasks![…]`).
 //!
 //! Rules:
 //!
@@ -54,13 +54,13 @@
 //! # Why a link-time list
 //!
 //! A worker must know a function before any task names it, and a worker
-//! never runs the code that builds graphs: it stops in [`init`]. So the
+//! never runs the code that builds graphs: it stops in [`init`](crate::init). So the
 //! registry cannot be filled as `delayed!` meets functions; it must be
 //! known from the binary alone. `#[rask::task]` (the `rask-macros` crate in
 //! `src/macros/`, a proc-macro crate of its own since Cargo requires one,
 //! kept under `src/` because it is part of what users depend on) adds one
 //! `linkme` distributed-slice element per function: a static the linker
-//! gathers into one array, read by [`init`]. `linkme` rather than
+//! gathers into one array, read by [`init`](crate::init). `linkme` rather than
 //! `inventory`: no code runs before `main`, nothing is allocated, and the
 //! crate's `unsafe_code = "forbid"` holds (the link sections are written in
 //! `linkme`'s expansion). The cost is linker support: Linux, macOS,
@@ -212,7 +212,20 @@ struct Replayed(Arc<Failure>);
 
 impl Call for Replayed {
     fn run(&self, _: &mut [Option<Value>]) -> Result<Value, OpError> {
-        Err(crate::futures::client::replay(&self.0))
+        Err(replay(&self.0))
+    }
+}
+
+/// The error of a task replaying `failure`, recorded here or in another
+/// process: the same failure, naming the task where it started.
+pub(crate) fn replay(failure: &Failure) -> OpError {
+    OpError {
+        kind: failure.kind,
+        message: failure.message.clone(),
+        origin: Some((failure.key, failure.name.clone())),
+        cause: failure.cause.clone(),
+        location: failure.location.clone(),
+        attempts: failure.attempts,
     }
 }
 
@@ -369,7 +382,7 @@ struct Entry {
 }
 
 /// A list of functions a program can run on a cluster; build it with
-/// [`tasks!`](crate::tasks!) and hand it to [`init_with`]. Functions marked
+/// [`tasks!`](crate::tasks!) and hand it to [`init_with`](crate::init_with). Functions marked
 /// [`#[rask::task]`](crate::task) need no list.
 ///
 /// # Examples
@@ -520,7 +533,7 @@ impl std::fmt::Debug for Tasks {
     }
 }
 
-/// Lists functions for [`init_with`]: `rask::tasks![inc, add, parse?]`, with
+/// Lists functions for [`init_with`](crate::init_with): `rask::tasks![inc, add, parse?]`, with
 /// `?` after functions called as `delayed!(f(...)?)`. Marking them
 /// [`#[rask::task]`](crate::task) instead needs no list; a function both
 /// listed and marked is registered once.
@@ -606,7 +619,7 @@ register!(8; A0 0, A1 1, A2 2, A3 3, A4 4, A5 5, A6 6, A7 7);
 
 static REGISTRY: OnceLock<Arc<Resolver>> = OnceLock::new();
 
-/// The registry installed by [`init`], as executors see it.
+/// The registry installed by [`init`](crate::init), as executors see it.
 pub(crate) struct Resolver {
     tasks: Tasks,
 }
@@ -684,7 +697,7 @@ impl rask_executor::Registry for Resolver {
     }
 }
 
-/// The installed registry, if [`init`] was called.
+/// The installed registry, if [`init`](crate::init) was called.
 pub(crate) fn installed() -> Option<Arc<Resolver>> {
     REGISTRY.get().cloned()
 }
@@ -749,57 +762,14 @@ pub(crate) fn check_sendable(roots: &[Arc<Node>]) -> crate::Result<()> {
     Ok(())
 }
 
-/// Sets the program up for distributed execution; call it first in `main`.
-///
-/// In a worker process (started by [`Client::local`](crate::Client::local),
-/// or by hand with `RASK_WORKER=tcp://host:port ./my-app`) this runs the
-/// worker and exits the process when its scheduler is gone for good —
-/// `main` goes no further. A worker started by hand waits for its
-/// scheduler, when it starts and after losing it, for up to
-/// `RASK_WORKER_DEATH_TIMEOUT` seconds (default 60), and registers with it
-/// again when it comes back; a [`Client::local`](crate::Client::local)
-/// cluster's workers exit as soon as their scheduler, in the program's own
-/// process, goes away. Otherwise it records the functions marked
-/// [`#[rask::task]`](crate::task) as those that may run on a cluster and
-/// returns. Calling it again keeps the first registry.
-///
-/// # Examples
-///
-/// ```
-/// #[rask::task]
-/// fn inc(x: i64) -> i64 { x + 1 }
-///
-/// fn main() {
-///     rask::init();   // a worker process stays in here
-///     assert_eq!(rask::delayed!(inc(1)).compute().unwrap(), 2);
-/// }
-/// ```
-pub fn init() {
-    init_with(Tasks::new());
-}
-
-/// [`init`], also registering the functions of `tasks` (a
-/// [`tasks!`](crate::tasks!) list): for functions that cannot be marked
-/// [`#[rask::task]`](crate::task), such as one instance of a generic
-/// function, a named closure that captures nothing, or a function of a
-/// crate that does not use the attribute.
-///
-/// # Examples
-///
-/// ```
-/// fn inc(x: i64) -> i64 { x + 1 }
-/// fn double<T: std::ops::Add<Output = T> + Copy>(x: T) -> T { x + x }
-///
-/// rask::init_with(rask::tasks![inc].register(double::<i64>));
-/// ```
-pub fn init_with(tasks: Tasks) {
+/// Installs the registry of the program: the built-in operators, then
+/// `tasks`, then every [`Registration`] (rule 6). The first call wins.
+pub(crate) fn install(tasks: Tasks) {
     let tasks = crate::build::ops::builtins(tasks);
     let tasks = REGISTRATIONS
         .iter()
         .fold(tasks, |tasks, registration| (registration.0)(tasks));
     let _ = REGISTRY.set(Arc::new(Resolver { tasks }));
-    #[cfg(feature = "distributed")]
-    crate::run::cluster::run_worker_if_asked();
 }
 
 #[cfg(test)]
@@ -832,7 +802,7 @@ mod tests {
 
     /// Every test registers the same list: the first `init` wins.
     fn setup() {
-        init_with(crate::tasks![add, numbers, address, pair]);
+        install(crate::tasks![add, numbers, address, pair]);
     }
 
     #[test]

@@ -35,6 +35,7 @@ use crate::build::data::Data;
 use crate::build::delayed::Delayed;
 use crate::build::graph::KeyMap;
 use crate::build::node::{Call, Name, Node, Plain};
+use crate::build::registry::replay;
 use crate::futures::future::Future;
 use crate::run::backend::Backend;
 use crate::run::config::{Config, ExecutorKind};
@@ -752,17 +753,6 @@ impl Op for PendingRef {
             function: rask_executor::REMOTE_FUNCTION.to_owned(),
             payload: self.key.0.to_vec(),
         })
-    }
-}
-
-pub(crate) fn replay(failure: &Failure) -> OpError {
-    OpError {
-        kind: failure.kind,
-        message: failure.message.clone(),
-        origin: Some((failure.key, failure.name.clone())),
-        cause: failure.cause.clone(),
-        location: failure.location.clone(),
-        attempts: failure.attempts,
     }
 }
 

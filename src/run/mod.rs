@@ -5,4 +5,5 @@ pub(crate) mod backend;
 pub(crate) mod cluster;
 pub(crate) mod compute;
 pub mod config;
+pub(crate) mod init;
 pub mod progress;
