@@ -820,7 +820,7 @@ impl Shared {
         own.extend(roots.iter().map(|r| (r.key, ())));
         let mut waits = Vec::new();
         let remote = self.backend.is_remote();
-        let plan = crate::build::graph::lower_with(&roots, |node| {
+        let plan = crate::plan::lower::lower_with(&roots, |node| {
             if own.contains_key(&node.key) {
                 return None;
             }

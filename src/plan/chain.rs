@@ -7,7 +7,7 @@
 //! does. Most chains, though, can be recognised on the nodes themselves: a
 //! node whose `Arc` only its consumer holds (strong count 1) has exactly one
 //! consumer in any graph — no `Delayed`, no other node and no plan refers to
-//! it. Lowering ([`crate::graph::lower`]) asks [`absorb`] about every node it
+//! it. Lowering ([`lower`](super::lower::lower)) asks [`absorb`] about every node it
 //! enters, and a node whose only input is such a node takes that input in as
 //! the step before it, and so on down the chain. The whole chain becomes one
 //! draft task, a [`Chain`], under the key of its top node, with the inputs of

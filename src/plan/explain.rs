@@ -55,7 +55,7 @@ pub(crate) fn explain_roots(roots: &[Arc<Node>], config: &Config) -> Result<Expl
     let start = Instant::now();
     // Without `prepare`: inspecting a graph must not wait for the futures in
     // it.
-    let draft = crate::build::graph::lower_draft_absorbing(roots, opts.absorbs_chains(), |_| None);
+    let draft = crate::plan::lower::lower_draft_absorbing(roots, opts.absorbs_chains(), |_| None);
     timings.lower = start.elapsed();
     let graph_len = draft.graph_len();
     let Assembled { plan, shapes } = pipeline(draft, &opts, true, Some(&mut timings));

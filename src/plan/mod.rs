@@ -1,6 +1,6 @@
 //! Lowered graph → executable plan: the optimization pipeline.
 //!
-//! Lowering ([`crate::graph::lower`]) turns the nodes behind the requested
+//! Lowering ([`lower`](super::lower::lower)) turns the nodes behind the requested
 //! outputs into a [`Draft`]: a topologically sorted [`Plan`] with one task per
 //! distinct key, plus what the passes need to know about each task (its
 //! [`Weight`]). When fuse is on, lowering already folds the chains of nodes
@@ -84,6 +84,7 @@ pub(crate) mod cull;
 pub(crate) mod explain;
 pub(crate) mod fuse;
 pub(crate) mod inline;
+pub(crate) mod lower;
 
 pub use explain::{explain, Explain, PlannedTask, Timings};
 

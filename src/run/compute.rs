@@ -133,7 +133,7 @@ pub(crate) fn run(roots: &[Arc<Node>], config: &Config) -> Result<Vec<Value>> {
         options.inline = false;
         options.fuse = false;
     }
-    let draft = crate::build::graph::lower(roots, options.absorbs_chains());
+    let draft = crate::plan::lower::lower(roots, options.absorbs_chains());
     let plan = crate::plan::optimize(draft, &options);
     span.record("tasks", plan.len());
     // Finished, however the run ends, when it is dropped.
