@@ -199,7 +199,7 @@ mod run;
 
 pub use build::args::{mode, IntoArg, Traverse, Untraversed};
 pub use build::data::Data;
-pub use build::delayed::{named_key, persist, persist_with, value, value_named, Delayed, TaskKey};
+pub use build::delayed::{named_key, value, value_named, Delayed, TaskKey};
 pub use build::error::{Error, Result};
 pub use build::graph::Graph;
 pub use build::registry::{Register, Tasks};
@@ -208,7 +208,8 @@ pub use futures::future::{
     as_completed, fire_and_forget, wait, wait_first, wait_timeout, AsCompleted, Done, Future,
     Status,
 };
-pub use plan::{explain, Explain, PlannedTask, Timings};
+pub use futures::persist::{persist, persist_with};
+pub use plan::{Explain, PlannedTask, Timings};
 /// Prints rask's log lines (a cluster's workers joining, dying and being
 /// restarted, refused connections, warnings) on stderr, filtered by
 /// `RUST_LOG`, for a program without a `tracing` subscriber of its own.
@@ -217,7 +218,7 @@ pub use plan::{explain, Explain, PlannedTask, Timings};
 #[cfg(feature = "distributed")]
 pub use rask_distributed::init_logging;
 pub use rask_executor::{cancelled, diagnostics, events, Key, RemoteError, Value};
-pub use run::compute::{compute, compute_with, Compute};
+pub use run::compute::{compute, compute_with, explain, Compute};
 pub use run::config::{Config, ExecutorKind};
 pub use run::init::{init, init_with};
 pub use run::progress::{progress, Progress};

@@ -375,24 +375,6 @@ impl Graph {
         ))
     }
 
-    /// Computes the task with this key on the configured executor.
-    ///
-    /// # Errors
-    ///
-    /// As [`delayed`](Graph::delayed), then as [`Delayed::compute`].
-    pub fn compute<T: Data>(&self, key: Key) -> Result<T> {
-        self.compute_with(key, &crate::Config::default())
-    }
-
-    /// [`compute`](Graph::compute) with an explicit configuration.
-    ///
-    /// # Errors
-    ///
-    /// As [`compute`](Graph::compute).
-    pub fn compute_with<T: Data>(&self, key: Key, config: &crate::Config) -> Result<T> {
-        self.delayed::<T>(key)?.compute_with(config)
-    }
-
     /// Renders the whole graph as Graphviz DOT.
     ///
     /// # Errors

@@ -3,4 +3,5 @@
 pub(crate) mod client;
 pub(crate) mod future;
 pub(crate) mod inspect;
+pub(crate) mod persist;
 pub(crate) mod report;

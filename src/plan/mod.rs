@@ -76,8 +76,6 @@ use std::time::{Duration, Instant};
 use rask_executor::{Key, Op, OpError, Plan, PlanBuilder};
 
 use crate::build::graph::KeyHash;
-use crate::run::config::Config;
-use crate::Result;
 
 pub(crate) mod chain;
 pub(crate) mod cull;
@@ -86,7 +84,7 @@ pub(crate) mod fuse;
 pub(crate) mod inline;
 pub(crate) mod lower;
 
-pub use explain::{explain, Explain, PlannedTask, Timings};
+pub use explain::{Explain, PlannedTask, Timings};
 
 /// What the inline pass may do with a task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -257,19 +255,6 @@ impl Options {
             fuse: false,
             keep: KeySet::default(),
         }
-    }
-
-    /// Every pass when `config` resolves to optimizing, none otherwise.
-    ///
-    /// # Errors
-    ///
-    /// As [`Config::resolve_optimize`].
-    pub(crate) fn from_config(config: &Config) -> Result<Self> {
-        Ok(if config.resolve_optimize()? {
-            Options::all()
-        } else {
-            Options::none()
-        })
     }
 
     /// Whether lowering may absorb chains ([`chain`]): only when fuse would
