@@ -209,6 +209,8 @@ pub use futures::future::{
     Status,
 };
 pub use futures::persist::{persist, persist_with};
+pub use futures::progress;
+pub use futures::progress::{progress, Progress};
 pub use plan::{Explain, PlannedTask, Timings};
 /// Prints rask's log lines (a cluster's workers joining, dying and being
 /// restarted, refused connections, warnings) on stderr, filtered by
@@ -219,10 +221,9 @@ pub use plan::{Explain, PlannedTask, Timings};
 pub use rask_distributed::init_logging;
 pub use rask_executor::{cancelled, diagnostics, events, Key, RemoteError, Value};
 pub use run::compute::{compute, compute_with, explain, Compute};
+pub use run::config;
 pub use run::config::{Config, ExecutorKind};
 pub use run::init::{init, init_with};
-pub use run::progress::{progress, Progress};
-pub use run::{config, progress};
 
 /// Registers a fn item as a task function, so that [`init`] finds it in
 /// every process of the program and a cluster can run it: no list to keep.

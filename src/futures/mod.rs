@@ -4,4 +4,5 @@ pub(crate) mod client;
 pub(crate) mod future;
 pub(crate) mod inspect;
 pub(crate) mod persist;
+pub mod progress;
 pub(crate) mod report;

@@ -8,9 +8,9 @@ use crate::build::delayed::Delayed;
 use crate::build::node::Node;
 use crate::futures::client::Client;
 use crate::futures::future::{wait, Future};
+use crate::futures::progress::progress;
 use crate::run::compute::run;
 use crate::run::config::{Config, ExecutorKind};
-use crate::run::progress::progress;
 use crate::Result;
 
 impl<T: Data> Delayed<T> {

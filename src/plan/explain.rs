@@ -29,7 +29,7 @@ pub(crate) fn explain_roots(roots: &[Arc<Node>], opts: &Options) -> Explain {
     }
 }
 
-/// The plan an executor would run for a computation, from [`explain`]: its
+/// The plan an executor would run for a computation, from [`explain`](crate::explain()): its
 /// tasks after culling, inlining and fusing, or one task per node of the
 /// graph when optimization is off.
 ///
@@ -241,7 +241,7 @@ impl fmt::Debug for PlannedTask<'_> {
     }
 }
 
-/// How long each stage of [`explain`] took: lowering the graph, then each
+/// How long each stage of [`explain`](crate::explain()) took: lowering the graph, then each
 /// optimization pass. A pass switched off takes (almost) no time.
 ///
 /// # Examples

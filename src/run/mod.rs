@@ -6,4 +6,4 @@ pub(crate) mod cluster;
 pub(crate) mod compute;
 pub mod config;
 pub(crate) mod init;
-pub mod progress;
+pub(crate) mod progress;
