@@ -37,6 +37,7 @@ use crate::build::graph::KeyMap;
 use crate::build::node::{Call, Name, Node, Plain};
 use crate::build::registry::replay;
 use crate::futures::future::Future;
+use crate::plan::Options;
 use crate::run::backend::Backend;
 use crate::run::config::{Config, ExecutorKind};
 use crate::{Error, Result};
@@ -820,7 +821,7 @@ impl Shared {
         own.extend(roots.iter().map(|r| (r.key, ())));
         let mut waits = Vec::new();
         let remote = self.backend.is_remote();
-        let plan = crate::plan::lower::lower_with(&roots, |node| {
+        let cut = |node: &Arc<Node>| {
             if own.contains_key(&node.key) {
                 return None;
             }
@@ -864,7 +865,10 @@ impl Shared {
                 }
             };
             Some(op)
-        });
+        };
+        // Lowered only, no pass: the client's runs are not optimized (yet;
+        // `Options::keep` is for the keys it would have to keep).
+        let plan = crate::plan::plan(&roots, &Options::none(), cut, None);
         if !waits.is_empty() {
             let deferred = Arc::new(Deferred {
                 waiting: AtomicUsize::new(waits.len()),
@@ -890,7 +894,7 @@ impl Shared {
             }
         }
         drop(table);
-        self.backend.executor().submit(Arc::new(plan), run.clone());
+        self.backend.executor().submit(plan, run.clone());
         run.submitted.store(true, Ordering::Release);
     }
 

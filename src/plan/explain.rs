@@ -3,29 +3,25 @@
 
 use std::fmt::{self, Write as _};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rask_executor::{Key, Plan};
 
-use super::{pipeline, Assembled, Options, Shape};
+use super::{Options, Record, Shape};
 use crate::build::node::Node;
 
 /// Lowers and optimizes the graph behind `roots` as `opts` says, recording
 /// what [`Explain`] shows; [`explain`](crate::explain) is the public entry.
 pub(crate) fn explain_roots(roots: &[Arc<Node>], opts: &Options) -> Explain {
-    let mut timings = Timings::default();
-    let start = Instant::now();
+    let mut record = Record::default();
     // Without `prepare`: inspecting a graph must not wait for the futures in
     // it.
-    let draft = crate::plan::lower::lower_draft_absorbing(roots, opts.absorbs_chains(), |_| None);
-    timings.lower = start.elapsed();
-    let graph_len = draft.graph_len();
-    let Assembled { plan, shapes } = pipeline(draft, opts, true, Some(&mut timings));
+    let plan = super::plan(roots, opts, |_| None, Some(&mut record));
     Explain {
         plan,
-        shapes,
-        graph_len,
-        timings,
+        shapes: record.shapes,
+        graph_len: record.graph_len,
+        timings: record.timings,
     }
 }
 

@@ -19,29 +19,23 @@ use super::{chain, Draft, Weight};
 use crate::build::graph::postorder;
 use crate::build::node::Node;
 
-/// Lowers the graph behind `roots` into a plan whose outputs are the roots,
-/// in order, ready for [`optimize`](super::optimize). Waits for
-/// the futures the graph depends on first, so that no executor thread ever
-/// blocks on one.
+/// Lowers the graph behind `roots` into a draft whose outputs are the roots,
+/// in order: the first stage of [`plan`](super::plan).
+///
+/// `cut(node)` is asked once per key before its inputs are visited: `Some(op)`
+/// replaces the node and everything it depends on with `op` (see
+/// [`postorder`]), e.g. a value the caller already holds.
 ///
 /// With `absorb`, linear chains are fused as they are found
 /// ([`chain`](super::chain)); the plan is what the fuse pass would
-/// make of it, built without a plan task per chain node.
+/// make of it, built without a plan task per chain node. When an absorbed
+/// key is also found elsewhere (chain rule 2), lowers again without.
 ///
 /// # Complexity
 ///
 /// O(nodes + edges) time, one hash-map entry per distinct key (one set entry
 /// per absorbed node); twice that when absorbing found a key twice.
-pub(crate) fn lower(roots: &[Arc<Node>], absorb: bool) -> Draft {
-    lower_draft_absorbing(roots, absorb, |node| {
-        node.call.prepare();
-        None
-    })
-}
-
-/// [`lower_draft`], absorbing chains when `absorb` is set. When an absorbed
-/// key is also found elsewhere (chain rule 2), lowers again without.
-pub(crate) fn lower_draft_absorbing(
+pub(crate) fn lower(
     roots: &[Arc<Node>],
     absorb: bool,
     mut cut: impl FnMut(&Arc<Node>) -> Option<Arc<dyn Op>>,
@@ -53,28 +47,11 @@ pub(crate) fn lower_draft_absorbing(
             return Draft::with_sizes(plan, weights, sizes);
         }
     }
-    lower_draft(roots, cut)
-}
-
-/// [`lower`] with a `cut` that may replace a node and its inputs by an op
-/// (see [`postorder`]).
-pub(crate) fn lower_with(
-    roots: &[Arc<Node>],
-    cut: impl FnMut(&Arc<Node>) -> Option<Arc<dyn Op>>,
-) -> Plan {
-    lower_weighed(roots, None, cut).0
-}
-
-/// [`lower_with`], as a draft for the optimizer.
-pub(crate) fn lower_draft(
-    roots: &[Arc<Node>],
-    cut: impl FnMut(&Arc<Node>) -> Option<Arc<dyn Op>>,
-) -> Draft {
     let (plan, weights, _) = lower_weighed(roots, None, cut);
     Draft::new(plan, weights)
 }
 
-/// [`lower_with`], plus whether each task is data (a replaced node counts as
+/// The plan of [`lower`], plus whether each task is data (a replaced node counts as
 /// a call) and, when chains were absorbed, how many graph nodes each task
 /// stands for (empty otherwise).
 fn lower_weighed(

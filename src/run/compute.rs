@@ -285,8 +285,17 @@ pub(crate) fn run(roots: &[Arc<Node>], config: &Config) -> Result<Vec<Value>> {
         options.inline = false;
         options.fuse = false;
     }
-    let draft = crate::plan::lower::lower(roots, options.absorbs_chains());
-    let plan = crate::plan::optimize(draft, &options);
+    // Waits for the futures the graph depends on first (`prepare`), so
+    // that no executor thread ever blocks on one.
+    let plan = crate::plan::plan(
+        roots,
+        &options,
+        |node| {
+            node.call.prepare();
+            None
+        },
+        None,
+    );
     span.record("tasks", plan.len());
     // Finished, however the run ends, when it is dropped.
     let _bar = config.resolve_progress()?.then(|| {
