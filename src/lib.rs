@@ -158,6 +158,37 @@
 //!
 //! # Design
 //!
+//! - **`src/` is four layers, one folder each, and a lower layer never
+//!   names a higher one** (`tests/layers.rs` fails on a reference that
+//!   points up, so no module cycle runs through two layers). Bottom to top:
+//!   1. `build/`: what a graph is made of, as users build it: keys
+//!      (`key`), values (`data`), nodes and typed calls (`node`, `args`,
+//!      `ops`, `pick`), [`Delayed`] and its constructors (`delayed`),
+//!      [`Graph`] (`graph`, with the post-order walk lowering shares),
+//!      [`Error`] (`error`), and the task registry (`registry`): which
+//!      functions may travel and their wire form. The registry is here,
+//!      not in `run/`, because a task's wire form consults it while graphs
+//!      are built; only [`init`], which can turn the process into a
+//!      worker, is in `run/`.
+//!   2. `plan/`: nodes → [`Plan`](rask_executor::Plan), one pipeline with
+//!      one entry (`plan::plan`): lower → cull → inline → fuse → assemble,
+//!      the data going through once; [`Explain`] reads what it recorded.
+//!   3. `run/`: [`Config`], the `Backend` over the executor crates, the
+//!      cluster a process starts or joins, [`init`], the progress-bar
+//!      engine, and running: [`compute`], [`explain`] and the methods of
+//!      `Delayed` and `Graph` that run (`Delayed::compute`,
+//!      `Delayed::plan_dot`, `Graph::compute`), written as inherent `impl`
+//!      blocks in `run/compute.rs` — Rust allows them in any module of the
+//!      crate, so a type's methods sit in the layer of what they use.
+//!   4. `futures/`: [`Client`], [`Future`], [`as_completed`]/[`wait`],
+//!      [`progress()`] for futures, performance reports, and [`persist`]
+//!      (`Delayed::persist`), which keeps values on a cluster through a
+//!      client.
+//!
+//!   `lib.rs` is the facade: it names every layer, and the public paths
+//!   (`rask::Client`, `rask::config`, `rask::progress`, …) are its
+//!   re-exports, so moving code between layers changes none of them.
+//!   Test modules may use any layer (a unit test runs what it tests).
 //! - **Executors don't know `Delayed`.** The graph is lowered into a
 //!   [`Plan`](rask_executor::Plan) — task indices, dependency lists and
 //!   opaque ops — defined by the `rask-executor` crate. Executors
@@ -181,7 +212,7 @@
 //!   value right after its last consumer ran, so a tree reduction holds
 //!   O(depth) intermediates.
 //! - **Optimize between lowering and running.** The lowered plan goes through
-//!   cull, inline and fuse passes (`src/optimize/`) before it reaches the
+//!   cull, inline and fuse passes (`src/plan/`) before it reaches the
 //!   executor: a chain of `n` tasks costs one trip through the executor, not
 //!   `n`, and a chain of temporaries (nodes no handle refers to) is folded
 //!   while lowering, without a plan task per node. Passes never change a
