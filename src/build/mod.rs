@@ -1,4 +1,9 @@
-//! The build layer: what a graph is made of, as users build it.
+//! The build layer, the bottom one: what a graph is made of, as users build
+//! it — keys, values, nodes and typed calls, `Delayed`, `Graph`, `Error`,
+//! and the task registry (a task's wire form consults it while graphs are
+//! built). It names no other layer (`tests/layers.rs`); what runs a graph
+//! is added to these types from above, as inherent `impl` blocks in `run/`
+//! and `futures/`.
 
 pub(crate) mod args;
 pub(crate) mod data;

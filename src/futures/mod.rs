@@ -1,4 +1,7 @@
-//! The futures layer: a client running work in the background.
+//! The futures layer, the top one: a `Client` running work in the
+//! background, `Future`s, `progress` for futures, performance reports, and
+//! `persist`, which keeps values on a cluster through a client. It may name
+//! every layer below.
 
 pub(crate) mod client;
 pub(crate) mod future;

@@ -1,4 +1,8 @@
-//! The run layer: configuration, executors and running plans.
+//! The run layer: configuration, the `Backend` over the executor crates,
+//! clusters, `init`, the progress-bar engine, and running plans
+//! (`compute.rs`, which also holds the methods of `Delayed` and `Graph`
+//! that run). It names `build/` and `plan/`, never `futures/`
+//! (`tests/layers.rs`).
 
 pub(crate) mod backend;
 #[cfg(feature = "distributed")]
