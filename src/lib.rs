@@ -104,11 +104,14 @@
 //!
 //! # Choosing the executor
 //!
-//! Explicit argument ([`Delayed::compute_with`]) > scoped [`config::set`] >
-//! the `RASK_SCHEDULER` environment variable (`sync`, `threads`,
-//! `threads:N`, `local:N`, `tcp://host:port`, `tls://host:port`) > the
-//! default, `threads`. An
-//! unknown value is an error, never a silent fallback.
+//! Explicit argument ([`Delayed::compute_with`]) > scoped [`config::set`]
+//! (this thread) > process-wide [`config::set_global`] > the
+//! `RASK_SCHEDULER` environment variable (`sync`, `threads`, `threads:N`,
+//! `local:N`, `tcp://host:port`, `tls://host:port`) > the config file
+//! (`rask.toml` in the working directory, or the file `RASK_CONFIG`
+//! names) > the default, `threads`. Whether to optimize, draw progress bars, serve
+//! a dashboard and where the token is follow the same order ([`config`]).
+//! An unknown value is an error, never a silent fallback.
 //!
 //! # Futures
 //!
