@@ -20,7 +20,7 @@
 //!
 //! let (a, t) = rask::compute((&x, &total))?; // shared nodes run once
 //! assert_eq!((a, t), (2, 5));
-//! println!("{}", total.key());             // add-3f9a0c1e: same inputs, same key
+//! println!("{}", total.key());             // e.g. add-3f9a0c1e: same inputs, same key
 //! let dot = total.to_dot();                 // Graphviz rendering
 //!
 //! let sum = &x + &y * 10;                   // operators build tasks too
@@ -104,11 +104,14 @@
 //!
 //! # Choosing the executor
 //!
-//! Explicit argument ([`Delayed::compute_with`]) > scoped [`config::set`] >
-//! the `RASK_SCHEDULER` environment variable (`sync`, `threads`,
-//! `threads:N`, `local:N`, `tcp://host:port`, `tls://host:port`) > the
-//! default, `threads`. An
-//! unknown value is an error, never a silent fallback.
+//! Explicit argument ([`Delayed::compute_with`]) > scoped [`config::set`]
+//! (this thread) > process-wide [`config::set_global`] > the
+//! `RASK_SCHEDULER` environment variable (`sync`, `threads`, `threads:N`,
+//! `local:N`, `tcp://host:port`, `tls://host:port`) > the config file
+//! (`rask.toml` in the working directory, or the file `RASK_CONFIG`
+//! names) > the default, `threads`. Whether to optimize, draw progress bars, serve
+//! a dashboard and where the token is follow the same order ([`config`]).
+//! An unknown value is an error, never a silent fallback.
 //!
 //! # Futures
 //!
@@ -303,6 +306,11 @@ pub use run::init::{init, init_with};
 /// fn double<T: std::ops::Add<Output = T> + Copy>(x: T) -> T { x + x }
 /// ```
 pub use rask_macros::task;
+
+/// The README's Rust examples, compiled and run as doc-tests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
 
 /// The names most programs need: `use rask::prelude::*;`.
 pub mod prelude {

@@ -61,6 +61,32 @@ use crate::build::registry::{Payload, Piece, WireArg};
 /// value); it is inferred and never written. Implemented for plain values,
 /// `Delayed`s, futures and structures of them (see the [module
 /// table](crate#arguments)); not meant to be implemented outside rask.
+///
+/// An argument that does not fit its parameter is a compile error naming
+/// both types:
+///
+/// ```compile_fail
+/// fn inc(x: i64) -> i64 { x + 1 }
+/// let x = rask::delayed!(inc("one".to_string())); // `String` where `i64` is taken
+/// ```
+///
+/// A function taking a reference cannot be a task: its parameters are
+/// owned values, since the task runs later, maybe in another process. The
+/// compiler says "implementation of `Deserialize` is not general enough";
+/// the fix is to take `String` instead of `&str` (`Vec<T>` instead of
+/// `&[T]`, `T` or `Arc<T>` instead of `&T`):
+///
+/// ```compile_fail
+/// fn len(s: &str) -> usize { s.len() }
+/// let n = rask::delayed!(len("abc")); // take `s: String`
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be passed where the task function takes `{A}`",
+    label = "this argument does not fit its parameter",
+    note = "an argument is a plain `{A}`, a `Delayed<{A}>` or `Future<{A}>` (by value or by `&`), \
+            or a `Vec`, slice, array, `Option`, map or tuple of those",
+    note = "a plain value inside a structure is wrapped with `rask::value(x)`"
+)]
 pub trait IntoArg<A, K> {
     #[doc(hidden)]
     type Slot: Slot<A>;
@@ -107,6 +133,13 @@ pub mod mode {
 /// assert_eq!(delayed!(pick(m)).compute()?, 1);
 /// # Ok::<(), rask::Error>(())
 /// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be passed where the task function takes `{A}`",
+    label = "this argument does not fit its parameter",
+    note = "an argument is a plain `{A}`, a `Delayed<{A}>` or `Future<{A}>` (by value or by `&`), \
+            or a `Vec`, slice, array, `Option`, map or tuple of those",
+    note = "a plain value inside a structure is wrapped with `rask::value(x)`"
+)]
 pub trait Traverse<A> {
     #[doc(hidden)]
     type Slot: Slot<A>;
@@ -618,6 +651,15 @@ impl<T: Hash + Clone + Send + Sync + 'static> IntoArg<T, mode::Opaque> for Untra
 /// (it only guides type inference), `Ks` how each argument is passed
 /// (inferred, see [`IntoArg`]), `M` how the result is returned.
 #[doc(hidden)]
+#[diagnostic::on_unimplemented(
+    message = "`delayed!` cannot make a task of `{Self}` with these arguments",
+    label = "check the function's result type and each argument",
+    note = "the result must be `rask::Data`: derive `Clone, serde::Serialize, serde::Deserialize` on it",
+    note = "each argument must fit its parameter: a plain value, a `Delayed` or future of the \
+            parameter's type, or a structure of those",
+    note = "parameters are owned values: take `String`, not `&str`",
+    note = "a function returning `Result` whose `Err` should fail the task is called as `delayed!(f(x)?)`"
+)]
 pub trait Apply<M, Xs, Sig, Ks> {
     type Out;
     fn apply(self, name: &'static str, xs: Xs) -> Delayed<Self::Out>;

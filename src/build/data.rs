@@ -23,6 +23,20 @@ use serde::Serialize;
 /// let n = rask::delayed!(norm(Point { x: 3.0, y: 4.0 }));
 /// assert_eq!(n.compute().unwrap(), 5.0);
 /// ```
+///
+/// A task whose result is not `Data` is refused by the compiler:
+///
+/// ```compile_fail
+/// struct Opaque(i32); // no serde, no Clone
+/// fn make() -> Opaque { Opaque(1) }
+/// let x = rask::delayed!(make()); // derive `Clone, Serialize, Deserialize` on `Opaque`
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not `rask::Data`: task values must be serde-serializable, `Clone`, `Send`, `Sync` and `'static`",
+    label = "not `rask::Data`",
+    note = "derive `Clone, serde::Serialize, serde::Deserialize` on it (serde with feature `derive`)",
+    note = "a borrowed value (`&str`, `&[T]`) is not `Data`: use its owned form (`String`, `Vec<T>`)"
+)]
 pub trait Data: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {}
 
 impl<T> Data for T where T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {}

@@ -112,6 +112,23 @@ pub enum Error {
         /// Where it came from, e.g. `RASK_OPTIMIZE`.
         source_name: &'static str,
     },
+    /// A setting, such as `RASK_DASHBOARD`, could not be understood.
+    Setting {
+        /// Where it came from, e.g. `RASK_DASHBOARD`.
+        name: &'static str,
+        /// The text that was given.
+        value: String,
+        /// What is accepted.
+        expected: &'static str,
+    },
+    /// The config file (`rask.toml`, or the one `RASK_CONFIG` names) could
+    /// not be read, or holds an unknown key or a bad value.
+    ConfigFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong, naming the key and what it accepts.
+        problem: String,
+    },
     /// The chosen executor is not compiled into this build.
     Unavailable(&'static str),
     /// The distributed executor failed: a connection, the protocol, a worker.
@@ -200,6 +217,14 @@ impl fmt::Display for Error {
                 "invalid value `{value}` for {source_name}: expected `1`, `true`, `on`, `0`, \
                  `false` or `off`"
             )?,
+            Error::Setting {
+                name,
+                value,
+                expected,
+            } => write!(f, "invalid value `{value}` for {name}: expected {expected}")?,
+            Error::ConfigFile { path, problem } => {
+                write!(f, "config file {}: {problem}", path.display())?
+            }
             Error::Unavailable(name) => write!(
                 f,
                 "executor `{name}` is not compiled in; enable feature `{name}`"

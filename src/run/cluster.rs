@@ -19,30 +19,6 @@ use crate::{Error, Result};
 /// The environment variable giving a worker's thread count (default 1).
 pub(crate) const WORKER_THREADS_ENV: &str = "RASK_WORKER_THREADS";
 
-/// The environment variable that serves a local cluster's dashboard:
-/// `HOST:PORT`, or `:PORT` on 127.0.0.1 (`:0` picks a free port).
-pub(crate) const DASHBOARD_ENV: &str = "RASK_DASHBOARD";
-
-/// The dashboard address `RASK_DASHBOARD` names, if set.
-fn dashboard_from_env() -> Result<Option<std::net::SocketAddr>> {
-    let Ok(text) = std::env::var(DASHBOARD_ENV) else {
-        return Ok(None);
-    };
-    let text = text.trim();
-    if text.is_empty() {
-        return Ok(None);
-    }
-    let full = match text.strip_prefix(':') {
-        Some(port) => format!("127.0.0.1:{port}"),
-        None => text.to_owned(),
-    };
-    full.parse().map(Some).map_err(|_| Error::Config {
-        value: text.to_owned(),
-        source_name: DASHBOARD_ENV,
-        reason: "expected HOST:PORT with an IP address, or :PORT for 127.0.0.1",
-    })
-}
-
 /// A connection to a scheduler, and the local cluster behind it if this
 /// process started one.
 pub(crate) struct Cluster {
@@ -53,10 +29,13 @@ pub(crate) struct Cluster {
 
 impl Cluster {
     /// Connects to a running scheduler at `host:port` (`tls://host:port`
-    /// over TLS).
+    /// over TLS), with the token the configuration gives.
     pub(crate) fn connect(address: &str) -> Result<Cluster> {
+        let auth = crate::run::config::auth()?.ok_or_else(|| rask_distributed::Error::NoToken {
+            default_path: rask_distributed::Token::default_path(),
+        })?;
         Ok(Cluster {
-            client: Client::connect(address)?,
+            client: Client::connect_with(address, auth)?,
             local: Mutex::new(None),
         })
     }
@@ -87,7 +66,7 @@ impl Cluster {
         // Workers inherit this program's stdout and stderr: what tasks
         // print shows as if they ran here.
         let mut options = rask_distributed::scheduler::Options::default();
-        if let Some(at) = dashboard_from_env()? {
+        if let Some(at) = crate::run::config::dashboard()? {
             options = options.dashboard(at);
         }
         let local = LocalCluster::start_with(workers, options, move || {
@@ -186,7 +165,14 @@ pub(crate) fn run_worker_if_asked() {
         eprintln!("rask worker: no task registry installed");
         std::process::exit(2);
     };
-    match rask_distributed::worker::run(&address, registry, threads) {
+    let run = || -> Result<()> {
+        let mut options = rask_distributed::worker::Options::from_env()?.threads(threads);
+        options.auth = crate::run::config::auth()?;
+        Ok(rask_distributed::worker::run_with(
+            &address, registry, options,
+        )?)
+    };
+    match run() {
         Ok(()) => std::process::exit(0),
         Err(e) => {
             // The whole chain: a handshake's reason is the error's source.

@@ -1,10 +1,34 @@
-//! Choosing the executor: explicit argument > scoped [`set`] > `RASK_SCHEDULER`
-//! > default (`threads`).
+//! Settings: which executor runs a computation, whether its graph is
+//! optimized, whether progress bars are drawn, and what a cluster needs.
 //!
-//! Whether to optimize the graph first follows the same precedence:
-//! [`Config::optimize`] > scoped > `RASK_OPTIMIZE` > default (on). So does
-//! whether to draw progress bars: [`Config::progress`] > scoped >
-//! `RASK_PROGRESS` > default (off).
+//! Each setting is taken from the first of these places that sets it:
+//!
+//! | | executor | optimize | progress | dashboard | token file | cache |
+//! |---|---|---|---|---|---|---|
+//! | 1. argument ([`Delayed::compute_with`](crate::Delayed::compute_with), …) | [`Config::executor`] | [`Config::optimize`] | [`Config::progress`] | | | |
+//! | 2. scoped, this thread ([`set`]) | the same | the same | the same | | | |
+//! | 3. process-wide ([`set_global`]) | the same | the same | the same | | | |
+//! | 4. environment | `RASK_SCHEDULER` | `RASK_OPTIMIZE` | `RASK_PROGRESS` | `RASK_DASHBOARD` | `RASK_TOKEN`, `RASK_TOKEN_FILE` | |
+//! | 5. config file | `scheduler` | `optimize` | `progress` | `dashboard` | `token_file` | `cache` |
+//! | 6. default | `threads` | on | off | none | `~/.rask/token` | none |
+//!
+//! The config file is the one `RASK_CONFIG` names (it must exist), else
+//! `rask.toml` in the working directory if there is one; it is read once,
+//! when a setting is first looked up, and an unknown key or a bad value in
+//! it is an error naming the file and the key ([`FileSettings`]):
+//!
+//! ```toml
+//! scheduler = "threads:4"          # the forms of RASK_SCHEDULER
+//! optimize = true
+//! progress = false
+//! dashboard = "127.0.0.1:8787"     # a local cluster's dashboard (":0": any port)
+//! token_file = "secrets/token"     # relative to the file's directory
+//! cache = ".rask-cache"            # reserved for the result cache (#18): checked, not used yet
+//! ```
+//!
+//! The dashboard setting applies to the clusters this process starts
+//! (`local:N`, [`Client::local`](crate::Client::local)); the token file to
+//! the clusters it connects to, as a client or as a worker.
 //!
 //! Switching a whole program between executors is a configuration change:
 //!
@@ -14,15 +38,64 @@
 //! RASK_OPTIMIZE=off cargo run --example quickstart
 //! RASK_PROGRESS=1 cargo run --example persist
 //! ```
+//!
+//! Every layer, from the bottom up:
+//!
+//! ```
+//! use rask::config::{self, Config, ExecutorKind};
+//! # let dir = std::env::temp_dir().join(format!("rask-layers-doc-{}", std::process::id()));
+//! # std::fs::create_dir_all(&dir).unwrap();
+//! # std::env::remove_var("RASK_SCHEDULER");
+//! let kind = || Config::new().resolve();
+//! std::fs::write(dir.join("rask.toml"), "scheduler = 'threads:1'\n").unwrap();
+//! std::env::set_var("RASK_CONFIG", dir.join("rask.toml"));
+//! assert_eq!(kind()?, ExecutorKind::Threads(Some(1)));          // 5. file
+//! std::env::set_var("RASK_SCHEDULER", "threads:2");
+//! assert_eq!(kind()?, ExecutorKind::Threads(Some(2)));          // 4. environment
+//! config::set_global(Config::threads(3));
+//! assert_eq!(kind()?, ExecutorKind::Threads(Some(3)));          // 3. process-wide
+//! let _scope = config::set(Config::threads(4));
+//! assert_eq!(kind()?, ExecutorKind::Threads(Some(4)));          // 2. scoped
+//! assert_eq!(Config::synchronous().resolve()?, ExecutorKind::Synchronous); // 1. argument
+//! # std::fs::remove_dir_all(&dir).unwrap();
+//! # Ok::<(), rask::Error>(())
+//! ```
+//!
+//! Rules:
+//!
+//! 1. A scoped setting ([`set`]) is thread-local: it applies to the
+//!    computations this thread starts, not to other threads, not to threads
+//!    spawned while it is in place, and not to the tasks themselves.
+//!    [`set_global`] is for the whole process.
+//! 2. A layer that leaves a setting unset passes it on to the next:
+//!    `set(Config::new().optimize(false))` keeps the executor of the layers
+//!    below.
+//! 3. A bad value is an error when it is consulted, never a silent
+//!    fallback to the next layer.
 
 use std::cell::RefCell;
 use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::{OnceLock, PoisonError, RwLock};
 
 use crate::{Error, Result};
 
 /// The environment variable that picks the executor.
 pub const ENV_VAR: &str = "RASK_SCHEDULER";
+
+/// The environment variable that names the config file (which must then
+/// exist).
+pub const FILE_ENV_VAR: &str = "RASK_CONFIG";
+
+/// The config file looked for in the working directory when
+/// [`FILE_ENV_VAR`] is not set: `rask.toml`.
+pub const FILE_NAME: &str = "rask.toml";
+
+/// The environment variable that serves a local cluster's dashboard:
+/// `HOST:PORT`, or `:PORT` on 127.0.0.1 (`:0` picks a free port).
+pub const DASHBOARD_ENV_VAR: &str = "RASK_DASHBOARD";
 
 /// The environment variable that switches graph optimization: `1`, `true`,
 /// `on` or `0`, `false`, `off` (any case).
@@ -135,7 +208,8 @@ impl fmt::Display for ExecutorKind {
 }
 
 /// Settings for a computation. Fields left unset fall back to the scoped
-/// settings, then the environment, then the defaults.
+/// settings, the process-wide ones, the environment, the config file and
+/// the defaults, in this order (see [the module](self)).
 ///
 /// # Examples
 ///
@@ -244,32 +318,36 @@ impl Config {
     }
 
     /// The executor this configuration resolves to, applying the precedence
-    /// explicit > scoped > environment > default.
+    /// explicit > scoped > process-wide > `RASK_SCHEDULER` > config file >
+    /// default (`threads`).
     ///
     /// # Errors
     ///
     /// [`Error::Config`] when the environment variable is consulted and holds
-    /// an unknown value.
+    /// an unknown value, [`Error::ConfigFile`] when the config file is and
+    /// cannot be read or holds an unknown key or a bad value.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use rask::config::{Config, ExecutorKind};
+    /// assert_eq!(Config::threads(3).resolve()?, ExecutorKind::Threads(Some(3)));
+    /// # Ok::<(), rask::Error>(())
+    /// ```
     pub fn resolve(&self) -> Result<ExecutorKind> {
-        if let Some(kind) = &self.executor {
-            return Ok(kind.clone());
-        }
-        if let Some(kind) =
-            SCOPED.with(|s| s.borrow().iter().rev().find_map(|c| c.executor.clone()))
-        {
-            return Ok(kind);
-        }
-        Ok(env_executor()?.unwrap_or(DEFAULT))
+        Ok(self
+            .pick(|c| c.executor.clone(), env_executor)?
+            .unwrap_or(DEFAULT))
     }
 
     /// Whether computations with this configuration optimize the graph,
-    /// applying the precedence explicit > scoped > `RASK_OPTIMIZE` > default
-    /// (on).
+    /// applying the precedence explicit > scoped > process-wide >
+    /// `RASK_OPTIMIZE` > config file > default (on).
     ///
     /// # Errors
     ///
     /// [`Error::Switch`] when the environment variable is consulted and holds
-    /// an unknown value.
+    /// an unknown value; as [`Config::resolve`] for the config file.
     ///
     /// # Examples
     ///
@@ -279,31 +357,53 @@ impl Config {
     /// # Ok::<(), rask::Error>(())
     /// ```
     pub fn resolve_optimize(&self) -> Result<bool> {
-        if let Some(on) = self.optimize {
-            return Ok(on);
-        }
-        if let Some(on) = SCOPED.with(|s| s.borrow().iter().rev().find_map(|c| c.optimize)) {
-            return Ok(on);
-        }
-        Ok(env_switch(OPTIMIZE_ENV_VAR)?.unwrap_or(true))
+        Ok(self
+            .pick(|c| c.optimize, || env_switch(OPTIMIZE_ENV_VAR))?
+            .unwrap_or(true))
     }
 
     /// Whether computations with this configuration draw progress bars,
-    /// applying the precedence explicit > scoped > `RASK_PROGRESS` >
-    /// default (off).
+    /// applying the precedence explicit > scoped > process-wide >
+    /// `RASK_PROGRESS` > config file > default (off).
     ///
     /// # Errors
     ///
     /// [`Error::Switch`] when the environment variable is consulted and holds
-    /// an unknown value.
+    /// an unknown value; as [`Config::resolve`] for the config file.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use rask::Config;
+    /// assert!(Config::new().progress(true).resolve_progress()?);
+    /// # Ok::<(), rask::Error>(())
+    /// ```
     pub fn resolve_progress(&self) -> Result<bool> {
-        if let Some(on) = self.progress {
-            return Ok(on);
+        Ok(self
+            .pick(|c| c.progress, || env_switch(PROGRESS_ENV_VAR))?
+            .unwrap_or(false))
+    }
+
+    /// One setting, from the first layer that sets it: this configuration,
+    /// the scoped ones (innermost first), the process-wide one, the
+    /// environment (`env`), the config file. `None`: the default applies.
+    fn pick<T>(
+        &self,
+        get: impl Fn(&Config) -> Option<T>,
+        env: impl FnOnce() -> Result<Option<T>>,
+    ) -> Result<Option<T>> {
+        let scoped = || SCOPED.with(|s| s.borrow().iter().rev().find_map(&get));
+        let global = || {
+            let global = GLOBAL.read().unwrap_or_else(PoisonError::into_inner);
+            global.as_ref().and_then(&get)
+        };
+        if let Some(value) = get(self).or_else(scoped).or_else(global) {
+            return Ok(Some(value));
         }
-        if let Some(on) = SCOPED.with(|s| s.borrow().iter().rev().find_map(|c| c.progress)) {
-            return Ok(on);
+        if let Some(value) = env()? {
+            return Ok(Some(value));
         }
-        Ok(env_switch(PROGRESS_ENV_VAR)?.unwrap_or(false))
+        Ok(file()?.and_then(|f| get(&f.config)))
     }
 }
 
@@ -355,6 +455,10 @@ thread_local! {
 /// the returned guard is dropped. Guards nest; an explicit configuration
 /// passed to a call still wins.
 ///
+/// The setting is **thread-local**: computations started on other threads,
+/// on threads spawned while the guard lives, or by `async` code that moves
+/// between threads do not see it. Use [`set_global`] for the whole process.
+///
 /// # Examples
 ///
 /// ```
@@ -375,7 +479,9 @@ pub fn set(config: Config) -> ConfigGuard {
     }
 }
 
-/// Restores the previous scoped configuration when dropped.
+/// Restores the previous scoped configuration when dropped; returned by
+/// [`set`]. It must be dropped on the thread that made it, so it is neither
+/// `Send` nor `Sync`.
 pub struct ConfigGuard {
     // The setting is thread-local, so the guard must be dropped on its thread.
     _not_send: std::marker::PhantomData<*const ()>,
@@ -391,6 +497,279 @@ impl fmt::Debug for ConfigGuard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("ConfigGuard")
     }
+}
+
+static GLOBAL: RwLock<Option<Config>> = RwLock::new(None);
+
+/// Makes `config` the process-wide setting, beneath explicit arguments and
+/// [`set`] scopes and above the environment and the config file, for every
+/// thread; returns the one it replaces. `set_global(Config::new())` clears
+/// it.
+///
+/// Why there is both: a scope is undone when its guard drops, so it is safe
+/// in libraries and tests that run in parallel; the process-wide setting is
+/// for a program's `main`, the one place that owns the whole process.
+///
+/// # Examples
+///
+/// ```
+/// use rask::config::{self, Config, ExecutorKind};
+///
+/// config::set_global(Config::synchronous().optimize(false));
+/// let other = std::thread::spawn(|| Config::new().resolve()).join().unwrap()?;
+/// assert_eq!(other, ExecutorKind::Synchronous); // every thread sees it
+/// {
+///     let _scope = config::set(Config::threads(2));
+///     assert_eq!(Config::new().resolve()?, ExecutorKind::Threads(Some(2))); // a scope wins
+///     assert!(!Config::new().resolve_optimize()?); // what the scope leaves unset
+/// }
+/// let before = config::set_global(Config::new());
+/// assert_eq!(before, Config::synchronous().optimize(false));
+/// # Ok::<(), rask::Error>(())
+/// ```
+pub fn set_global(config: Config) -> Config {
+    let mut global = GLOBAL.write().unwrap_or_else(PoisonError::into_inner);
+    let before = global.take().unwrap_or_default();
+    if config != Config::new() {
+        *global = Some(config);
+    }
+    before
+}
+
+/// The settings of a config file ([`FILE_NAME`] or the file
+/// [`FILE_ENV_VAR`] names). Relative paths in it are taken from the file's
+/// directory.
+///
+/// Keys, all optional:
+///
+/// | key | value | e.g. |
+/// |---|---|---|
+/// | `scheduler` | a form of `RASK_SCHEDULER` | `"threads:4"`, `"tcp://10.0.0.5:8786"` |
+/// | `optimize` | `true` or `false` | `false` |
+/// | `progress` | `true` or `false` | `true` |
+/// | `dashboard` | `HOST:PORT`, or `:PORT` on 127.0.0.1 | `":8787"` |
+/// | `token_file` | a file holding a cluster's token | `"/etc/rask/token"` |
+/// | `cache` | a directory | `".rask-cache"` |
+///
+/// `cache` is reserved for the persistent result cache (issue #18): it is
+/// checked (a path that exists must be a directory) and kept in
+/// [`FileSettings::cache`], and nothing reads it yet.
+///
+/// # Examples
+///
+/// ```
+/// use rask::config::{ExecutorKind, FileSettings};
+/// let file = FileSettings::parse("scheduler = 'sync'\noptimize = false\n", "rask.toml".as_ref())?;
+/// assert_eq!(file.config.resolve()?, ExecutorKind::Synchronous);
+///
+/// let err = FileSettings::parse("schedular = 'sync'", "rask.toml".as_ref()).unwrap_err();
+/// assert!(err.to_string().contains("unknown field `schedular`, expected one of `scheduler`"));
+/// # Ok::<(), rask::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FileSettings {
+    /// The file they were read from.
+    pub path: PathBuf,
+    /// The executor, optimize and progress settings.
+    pub config: Config,
+    /// Where a local cluster started by this process serves its dashboard.
+    pub dashboard: Option<SocketAddr>,
+    /// The file holding the token of the clusters this process connects to.
+    pub token_file: Option<PathBuf>,
+    /// The directory of the result cache (reserved: issue #18).
+    pub cache: Option<PathBuf>,
+}
+
+/// A config file as written.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    scheduler: Option<String>,
+    optimize: Option<bool>,
+    progress: Option<bool>,
+    dashboard: Option<String>,
+    token_file: Option<PathBuf>,
+    cache: Option<PathBuf>,
+}
+
+impl FileSettings {
+    /// Reads the config file at `path`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ConfigFile`] when it cannot be read, is not TOML, or holds
+    /// an unknown key or a bad value; the message names the file, the key
+    /// and what is accepted.
+    pub fn load(path: &Path) -> Result<FileSettings> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::ConfigFile {
+            path: path.to_owned(),
+            problem: format!("cannot be read: {e}"),
+        })?;
+        FileSettings::parse(&text, path)
+    }
+
+    /// Parses `text` as the config file at `path` (which is not read; it
+    /// names the file in errors and anchors relative paths).
+    ///
+    /// # Errors
+    ///
+    /// As [`FileSettings::load`].
+    pub fn parse(text: &str, path: &Path) -> Result<FileSettings> {
+        let bad = |problem: String| Error::ConfigFile {
+            path: path.to_owned(),
+            problem,
+        };
+        let raw: RawFile = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|span| format!("line {}: ", text[..span.start].matches('\n').count() + 1))
+                .unwrap_or_default();
+            bad(format!("{line}{}", e.message().trim_end()))
+        })?;
+        let executor = match &raw.scheduler {
+            None => None,
+            Some(text) => Some(parse(text, "key `scheduler`").map_err(|e| bad(e.to_string()))?),
+        };
+        let dashboard = match &raw.dashboard {
+            None => None,
+            Some(text) => parse_dashboard(text).ok_or_else(|| {
+                bad(format!(
+                    "invalid value `{text}` for key `dashboard`: expected {DASHBOARD_FORMS}"
+                ))
+            })?,
+        };
+        let base = path.parent().unwrap_or(Path::new(""));
+        let anchor = |p: &PathBuf| base.join(p);
+        for (key, value) in [("token_file", &raw.token_file), ("cache", &raw.cache)] {
+            if value.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                return Err(bad(format!("key `{key}` is empty: expected a path")));
+            }
+        }
+        let cache = raw.cache.as_ref().map(anchor);
+        if let Some(cache) = &cache {
+            if cache.exists() && !cache.is_dir() {
+                return Err(bad(format!(
+                    "key `cache`: {} is not a directory",
+                    cache.display()
+                )));
+            }
+        }
+        Ok(FileSettings {
+            path: path.to_owned(),
+            config: Config {
+                executor,
+                optimize: raw.optimize,
+                progress: raw.progress,
+            },
+            dashboard,
+            token_file: raw.token_file.as_ref().map(anchor),
+            cache,
+        })
+    }
+}
+
+/// The config file of this process: the one [`FILE_ENV_VAR`] names, else
+/// [`FILE_NAME`] in the working directory, else none. Read on first use and
+/// kept; a file that could not be read is tried again on the next call.
+///
+/// # Errors
+///
+/// [`Error::ConfigFile`] when [`FILE_ENV_VAR`] names a file that does not
+/// exist, or the file cannot be read or holds an unknown key or a bad value.
+///
+/// # Examples
+///
+/// ```
+/// # let dir = std::env::temp_dir().join(format!("rask-config-doc-{}", std::process::id()));
+/// # std::fs::create_dir_all(&dir).unwrap();
+/// // A file RASK_CONFIG names must exist.
+/// std::env::set_var("RASK_CONFIG", dir.join("missing.toml"));
+/// let err = rask::config::file().unwrap_err().to_string();
+/// assert!(err.ends_with("missing.toml: does not exist (named by RASK_CONFIG)"), "{err}");
+///
+/// std::fs::write(dir.join("rask.toml"), "progress = true\n").unwrap();
+/// std::env::set_var("RASK_CONFIG", dir.join("rask.toml"));
+/// assert_eq!(rask::config::file()?.unwrap().config, rask::Config::new().progress(true));
+/// # std::fs::remove_dir_all(&dir).unwrap();
+/// # Ok::<(), rask::Error>(())
+/// ```
+pub fn file() -> Result<Option<&'static FileSettings>> {
+    static FILE: OnceLock<Option<FileSettings>> = OnceLock::new();
+    if let Some(file) = FILE.get() {
+        return Ok(file.as_ref());
+    }
+    let found = match std::env::var_os(FILE_ENV_VAR).filter(|v| !v.is_empty()) {
+        Some(named) => {
+            let path = PathBuf::from(named);
+            if !path.exists() {
+                return Err(Error::ConfigFile {
+                    path,
+                    problem: format!("does not exist (named by {FILE_ENV_VAR})"),
+                });
+            }
+            Some(FileSettings::load(&path)?)
+        }
+        None => {
+            let path = Path::new(FILE_NAME);
+            if path.is_file() {
+                Some(FileSettings::load(path)?)
+            } else {
+                None
+            }
+        }
+    };
+    // Two threads may both read the file on first use; one result is kept.
+    Ok(FILE.get_or_init(|| found).as_ref())
+}
+
+const DASHBOARD_FORMS: &str = "HOST:PORT with an IP address, or :PORT for 127.0.0.1";
+
+/// `HOST:PORT`, or `:PORT` for 127.0.0.1; `Some(None)` for empty text.
+fn parse_dashboard(text: &str) -> Option<Option<SocketAddr>> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Some(None);
+    }
+    let full = match text.strip_prefix(':') {
+        Some(port) => format!("127.0.0.1:{port}"),
+        None => text.to_owned(),
+    };
+    full.parse().ok().map(Some)
+}
+
+/// Where a local cluster started by this process serves its dashboard:
+/// `RASK_DASHBOARD` > the config file's `dashboard` > nowhere.
+#[cfg(feature = "distributed")]
+pub(crate) fn dashboard() -> Result<Option<SocketAddr>> {
+    match std::env::var(DASHBOARD_ENV_VAR) {
+        Ok(text) if !text.trim().is_empty() => {
+            parse_dashboard(&text).ok_or_else(|| Error::Setting {
+                name: DASHBOARD_ENV_VAR,
+                value: text.trim().to_owned(),
+                expected: DASHBOARD_FORMS,
+            })
+        }
+        _ => Ok(file()?.and_then(|f| f.dashboard)),
+    }
+}
+
+/// The token of the clusters this process connects to, as a client or a
+/// worker: `RASK_INSECURE`, `RASK_TOKEN` and `RASK_TOKEN_FILE` as
+/// [`rask_distributed::Auth::from_env`] reads them, the config file's
+/// `token_file` where `RASK_TOKEN_FILE` is unset, then `~/.rask/token`.
+#[cfg(feature = "distributed")]
+pub(crate) fn auth() -> Result<Option<rask_distributed::Auth>> {
+    use rask_distributed::{Auth, TOKEN_FILE_ENV};
+    let token_file = file()?.and_then(|f| f.token_file.clone());
+    Ok(Auth::from_vars(|name| {
+        let set = std::env::var_os(name).filter(|v| !v.is_empty());
+        if name == TOKEN_FILE_ENV {
+            set.or_else(|| token_file.clone().map(PathBuf::into_os_string))
+        } else {
+            set
+        }
+    })?)
 }
 
 #[cfg(test)]
@@ -469,6 +848,103 @@ mod tests {
             assert!(err.contains(OPTIMIZE_ENV_VAR), "{bad}: {err}");
             assert!(err.contains("`off`"), "{bad}: {err}");
         }
+    }
+
+    fn parse_file(text: &str) -> Result<FileSettings> {
+        FileSettings::parse(text, Path::new("conf/rask.toml"))
+    }
+
+    #[test]
+    fn file_reads_every_key() {
+        let file = parse_file(
+            "scheduler = 'local:2'\noptimize = false\nprogress = true\n\
+             dashboard = ':0'\ntoken_file = 'token'\ncache = '/nonexistent/cache'\n",
+        )
+        .unwrap();
+        assert_eq!(
+            file.config,
+            Config::new()
+                .executor(ExecutorKind::Local(2))
+                .optimize(false)
+                .progress(true)
+        );
+        assert_eq!(file.dashboard, Some("127.0.0.1:0".parse().unwrap()));
+        // Relative paths are the file's directory's.
+        assert_eq!(file.token_file, Some(PathBuf::from("conf/token")));
+        assert_eq!(file.cache, Some(PathBuf::from("/nonexistent/cache")));
+        assert_eq!(parse_file("").unwrap().config, Config::new());
+    }
+
+    #[test]
+    fn file_errors_name_the_file_the_key_and_what_is_accepted() {
+        for (text, expected) in [
+            (
+                "optimize = true\nschedular = 'sync'",
+                "config file conf/rask.toml: line 2: unknown field `schedular`, expected one of \
+                 `scheduler`, `optimize`, `progress`, `dashboard`, `token_file`, `cache`",
+            ),
+            (
+                "scheduler = 'bogus'",
+                "config file conf/rask.toml: invalid executor `bogus` (from key `scheduler`): \
+                 unknown executor; accepted forms: `sync`",
+            ),
+            (
+                "optimize = 'off'",
+                "config file conf/rask.toml: line 1: invalid type: string \"off\", expected a boolean",
+            ),
+            (
+                "dashboard = 'localhost:80'",
+                "config file conf/rask.toml: invalid value `localhost:80` for key `dashboard`: \
+                 expected HOST:PORT with an IP address, or :PORT for 127.0.0.1",
+            ),
+            (
+                "token_file = ''",
+                "config file conf/rask.toml: key `token_file` is empty: expected a path",
+            ),
+            ("scheduler = ", "config file conf/rask.toml: line 1: "),
+        ] {
+            let err = parse_file(text).unwrap_err();
+            assert!(matches!(err, Error::ConfigFile { .. }), "{text}: {err:?}");
+            let err = err.to_string();
+            assert!(err.starts_with(expected), "{text}:\n{err}\n{expected}");
+        }
+        let not_a_dir = format!("cache = '{}'", file!());
+        let err = FileSettings::parse(&not_a_dir, Path::new("rask.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.ends_with("is not a directory"), "{err}");
+    }
+
+    #[test]
+    fn the_file_comes_after_every_other_layer() {
+        // `pick` with the file's value standing in as the last layer.
+        let file = Config::synchronous().optimize(false);
+        let pick = |config: &Config, env: Option<bool>| {
+            config
+                .pick(|c| c.optimize, || Ok(env))
+                .map(|v| v.or(file.optimize))
+                .unwrap()
+        };
+        assert_eq!(pick(&Config::new(), None), Some(false));
+        assert_eq!(pick(&Config::new(), Some(true)), Some(true));
+        let _scope = set(Config::new().optimize(true));
+        assert_eq!(pick(&Config::new(), Some(false)), Some(true));
+        assert_eq!(pick(&Config::new().optimize(false), None), Some(false));
+    }
+
+    #[test]
+    fn dashboard_forms() {
+        assert_eq!(parse_dashboard(" "), Some(None));
+        assert_eq!(
+            parse_dashboard(":8787"),
+            Some(Some("127.0.0.1:8787".parse().unwrap()))
+        );
+        assert_eq!(
+            parse_dashboard("0.0.0.0:1"),
+            Some(Some("0.0.0.0:1".parse().unwrap()))
+        );
+        assert_eq!(parse_dashboard("localhost:1"), None);
+        assert_eq!(parse_dashboard(":x"), None);
     }
 
     #[test]

@@ -401,6 +401,28 @@ impl Auth {
         Auth::with_env(|name| std::env::var_os(name))
     }
 
+    /// [`Auth::from_env`] with the variables `var` gives, for a program
+    /// with settings of its own: rask takes `RASK_TOKEN_FILE` from its
+    /// config file when the variable is unset.
+    ///
+    /// # Errors
+    ///
+    /// As [`Auth::from_env`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use rask_distributed::{Auth, INSECURE_ENV};
+    /// let auth = Auth::from_vars(|name| (name == INSECURE_ENV).then(|| "1".into()))?;
+    /// assert!(matches!(auth, Some(Auth::Insecure)));
+    /// # Ok::<(), rask_distributed::Error>(())
+    /// ```
+    pub fn from_vars(
+        var: impl Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> Result<Option<Auth>, Error> {
+        Auth::with_env(var)
+    }
+
     /// [`Auth::from_env`] with the variables `var` gives.
     pub(crate) fn with_env(
         var: impl Fn(&str) -> Option<std::ffi::OsString>,
