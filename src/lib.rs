@@ -161,6 +161,37 @@
 //!
 //! # Design
 //!
+//! - **`src/` is four layers, one folder each, and a lower layer never
+//!   names a higher one** (`tests/layers.rs` fails on a reference that
+//!   points up, so no module cycle runs through two layers). Bottom to top:
+//!   1. `build/`: what a graph is made of, as users build it: keys
+//!      (`key`), values (`data`), nodes and typed calls (`node`, `args`,
+//!      `ops`, `pick`), [`Delayed`] and its constructors (`delayed`),
+//!      [`Graph`] (`graph`, with the post-order walk lowering shares),
+//!      [`Error`] (`error`), and the task registry (`registry`): which
+//!      functions may travel and their wire form. The registry is here,
+//!      not in `run/`, because a task's wire form consults it while graphs
+//!      are built; only [`init`], which can turn the process into a
+//!      worker, is in `run/`.
+//!   2. `plan/`: nodes → [`Plan`](rask_executor::Plan), one pipeline with
+//!      one entry (`plan::plan`): lower → cull → inline → fuse → assemble,
+//!      the data going through once; [`Explain`] reads what it recorded.
+//!   3. `run/`: [`Config`], the `Backend` over the executor crates, the
+//!      cluster a process starts or joins, [`init`], the progress-bar
+//!      engine, and running: [`compute`], [`explain`] and the methods of
+//!      `Delayed` and `Graph` that run (`Delayed::compute`,
+//!      `Delayed::plan_dot`, `Graph::compute`), written as inherent `impl`
+//!      blocks in `run/compute.rs` — Rust allows them in any module of the
+//!      crate, so a type's methods sit in the layer of what they use.
+//!   4. `futures/`: [`Client`], [`Future`], [`as_completed`]/[`wait`],
+//!      [`progress()`] for futures, performance reports, and [`persist`]
+//!      (`Delayed::persist`), which keeps values on a cluster through a
+//!      client.
+//!
+//!   `lib.rs` is the facade: it names every layer, and the public paths
+//!   (`rask::Client`, `rask::config`, `rask::progress`, …) are its
+//!   re-exports, so moving code between layers changes none of them.
+//!   Test modules may use any layer (a unit test runs what it tests).
 //! - **Executors don't know `Delayed`.** The graph is lowered into a
 //!   [`Plan`](rask_executor::Plan) — task indices, dependency lists and
 //!   opaque ops — defined by the `rask-executor` crate. Executors
@@ -184,7 +215,7 @@
 //!   value right after its last consumer ran, so a tree reduction holds
 //!   O(depth) intermediates.
 //! - **Optimize between lowering and running.** The lowered plan goes through
-//!   cull, inline and fuse passes (`src/optimize/`) before it reaches the
+//!   cull, inline and fuse passes (`src/plan/`) before it reaches the
 //!   executor: a chain of `n` tasks costs one trip through the executor, not
 //!   `n`, and a chain of temporaries (nodes no handle refers to) is folded
 //!   while lowering, without a plan task per node. Passes never change a
@@ -195,42 +226,26 @@
 //!   stops early and returns [`Error::Task`]; the process survives.
 #![warn(missing_docs)]
 
-mod args;
-mod backend;
-mod client;
-#[cfg(feature = "distributed")]
-mod cluster;
-mod compute;
-pub mod config;
-mod data;
-mod delayed;
-mod error;
-mod future;
-mod graph;
-mod inspect;
-mod key;
-mod node;
-mod ops;
-mod optimize;
-mod pick;
-pub mod progress;
-mod registry;
-mod report;
+mod build;
+mod futures;
+mod plan;
+mod run;
 
-pub use args::{mode, IntoArg, Traverse, Untraversed};
-pub use client::{Client, ClientStats};
-pub use compute::{compute, compute_with, Compute};
-pub use config::{Config, ExecutorKind};
-pub use data::Data;
-pub use delayed::{named_key, persist, persist_with, value, value_named, Delayed, TaskKey};
-pub use error::{Error, Result};
-pub use future::{
+pub use build::args::{mode, IntoArg, Traverse, Untraversed};
+pub use build::data::Data;
+pub use build::delayed::{named_key, value, value_named, Delayed, TaskKey};
+pub use build::error::{Error, Result};
+pub use build::graph::Graph;
+pub use build::registry::{Register, Tasks};
+pub use futures::client::{Client, ClientStats};
+pub use futures::future::{
     as_completed, fire_and_forget, wait, wait_first, wait_timeout, AsCompleted, Done, Future,
     Status,
 };
-pub use graph::Graph;
-pub use optimize::{explain, Explain, PlannedTask, Timings};
-pub use progress::{progress, Progress};
+pub use futures::persist::{persist, persist_with};
+pub use futures::progress;
+pub use futures::progress::{progress, Progress};
+pub use plan::{Explain, PlannedTask, Timings};
 /// Prints rask's log lines (a cluster's workers joining, dying and being
 /// restarted, refused connections, warnings) on stderr, filtered by
 /// `RUST_LOG`, for a program without a `tracing` subscriber of its own.
@@ -239,7 +254,10 @@ pub use progress::{progress, Progress};
 #[cfg(feature = "distributed")]
 pub use rask_distributed::init_logging;
 pub use rask_executor::{cancelled, diagnostics, events, Key, RemoteError, Value};
-pub use registry::{init, init_with, Register, Tasks};
+pub use run::compute::{compute, compute_with, explain, Compute};
+pub use run::config;
+pub use run::config::{Config, ExecutorKind};
+pub use run::init::{init, init_with};
 
 /// Registers a fn item as a task function, so that [`init`] finds it in
 /// every process of the program and a cluster can run it: no list to keep.
@@ -305,14 +323,15 @@ pub mod prelude {
 /// Support for the `delayed!` macro; not a public API.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::args::apply;
-    pub use crate::node::{Fallible, Plain};
-    pub use crate::registry::{Registration, REGISTRATIONS};
+    pub use crate::build::args::apply;
+    pub use crate::build::node::{Fallible, Plain};
+    pub use crate::build::registry::{Registration, REGISTRATIONS};
     pub use linkme;
 
     /// The registry installed by [`init`](crate::init), for tests that run
     /// workers inside their own process.
     pub fn registry() -> Option<std::sync::Arc<dyn rask_executor::Registry>> {
-        crate::registry::installed().map(|r| r as std::sync::Arc<dyn rask_executor::Registry>)
+        crate::build::registry::installed()
+            .map(|r| r as std::sync::Arc<dyn rask_executor::Registry>)
     }
 }

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use rask_executor::diagnostics::{Counts, Snapshot, WorkerRow, SCHEMA_VERSION};
 
-use crate::backend::Backend;
-use crate::client::{Client, State};
-use crate::future::Future;
+use crate::futures::client::{Client, State};
+use crate::futures::future::Future;
+use crate::run::backend::Backend;
 use crate::{Error, Result, TaskKey};
 
 /// What "this process" is called where a cluster names a worker.

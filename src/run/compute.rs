@@ -4,12 +4,16 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
-use rask_executor::{FailureKind, Outcome, Reporter, Value};
+use rask_executor::{FailureKind, Key, Outcome, Reporter, Value};
 
-use crate::backend::Backend;
-use crate::config::Config;
-use crate::data::Data;
-use crate::node::Node;
+use crate::build::data::Data;
+use crate::build::delayed::Delayed;
+use crate::build::graph::Graph;
+use crate::build::node::Node;
+use crate::plan::explain::{explain_roots, Explain};
+use crate::plan::Options;
+use crate::run::backend::Backend;
+use crate::run::config::Config;
 use crate::{Error, Result};
 
 /// The tasks a [`Compute`] value asks for, in order.
@@ -120,26 +124,183 @@ pub fn compute_with<C: Compute>(what: C, config: &Config) -> Result<C::Output> {
     what.assemble(&mut values.into_iter())
 }
 
+/// Lowers and optimizes `what` as [`compute_with`](crate::compute_with)
+/// would, without running anything (nor waiting for futures in the graph),
+/// and returns the plan for inspection.
+///
+/// Optimization follows `config` ([`Config::optimize`]), so comparing the
+/// result with optimization on and off shows what it did.
+///
+/// # Errors
+///
+/// A configuration error when `RASK_OPTIMIZE` holds an unknown value.
+///
+/// # Examples
+///
+/// ```
+/// use rask::{delayed, Config};
+/// fn inc(x: i64) -> i64 { x + 1 }
+///
+/// let mut x = delayed!(inc(0));
+/// for _ in 1..100 {
+///     x = delayed!(inc(&x));
+/// }
+/// let plan = rask::explain(&x, &Config::new())?;
+/// assert_eq!((plan.graph_len(), plan.len()), (100, 1)); // the chain is fused
+/// let task = plan.tasks().next().unwrap();
+/// assert_eq!((task.name(), task.size()), ("inc…inc(100)", 100));
+/// assert_eq!(plan.outputs().collect::<Vec<_>>(), [x.key().key()]);
+///
+/// let plain = rask::explain(&x, &Config::new().optimize(false))?;
+/// assert_eq!(plain.len(), 100); // one task per node
+/// # Ok::<(), rask::Error>(())
+/// ```
+pub fn explain<C: Compute>(what: C, config: &Config) -> Result<Explain> {
+    let mut roots = Roots::default();
+    what.roots(&mut roots);
+    Ok(explain_roots(&roots.0, &options(config)?))
+}
+
+/// Every pass when `config` resolves to optimizing, none otherwise.
+///
+/// # Errors
+///
+/// As [`Config::resolve_optimize`].
+pub(crate) fn options(config: &Config) -> Result<Options> {
+    Ok(if config.resolve_optimize()? {
+        Options::all()
+    } else {
+        Options::none()
+    })
+}
+
+impl<T: Data> Delayed<T> {
+    /// Runs the graph on the configured executor and returns the value.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Task`](crate::Error::Task) when a task this value depends on
+    /// returned an error or panicked (naming that task), or a configuration
+    /// error when `RASK_SCHEDULER` names no usable executor.
+    ///
+    /// ```
+    /// fn inc(x: i64) -> i64 { x + 1 }
+    /// assert_eq!(rask::delayed!(inc(41)).compute()?, 42);
+    /// # Ok::<(), rask::Error>(())
+    /// ```
+    pub fn compute(&self) -> Result<T> {
+        self.compute_with(&Config::default())
+    }
+
+    /// Like [`compute`](Delayed::compute), with an explicit configuration
+    /// that takes precedence over scoped settings and the environment.
+    ///
+    /// ```
+    /// use rask::Config;
+    /// fn inc(x: i64) -> i64 { x + 1 }
+    /// assert_eq!(rask::delayed!(inc(1)).compute_with(&Config::synchronous())?, 2);
+    /// # Ok::<(), rask::Error>(())
+    /// ```
+    pub fn compute_with(&self, config: &Config) -> Result<T> {
+        compute_with(self, config)
+    }
+}
+
+impl<T> Delayed<T> {
+    /// Renders the plan an executor would run for this value as Graphviz
+    /// DOT: the graph after optimization, as `config` sets it (see
+    /// [`explain`](crate::explain) for the plan itself). Fused tasks are
+    /// labelled with the names of the tasks they run.
+    ///
+    /// # Errors
+    ///
+    /// A configuration error when `RASK_OPTIMIZE` holds an unknown value.
+    ///
+    /// ```
+    /// use rask::Config;
+    /// fn inc(x: i64) -> i64 { x + 1 }
+    /// let x = rask::delayed!(inc(rask::delayed!(inc(rask::delayed!(inc(1))))));
+    /// let dot = x.plan_dot(&Config::new())?;
+    /// assert!(dot.contains("inc+inc+inc-"));
+    /// let plain = x.plan_dot(&Config::new().optimize(false))?;
+    /// assert_eq!(plain.matches("label=").count(), 3);
+    /// # Ok::<(), rask::Error>(())
+    /// ```
+    pub fn plan_dot(&self, config: &Config) -> Result<String> {
+        let roots = std::slice::from_ref(self.node());
+        Ok(explain_roots(roots, &options(config)?).to_dot())
+    }
+}
+
+impl<T: Data> Compute for &Delayed<T> {
+    type Output = T;
+    fn roots(&self, out: &mut Roots) {
+        out.0.push(self.node().clone());
+    }
+    fn assemble(&self, values: &mut std::vec::IntoIter<Value>) -> Result<T> {
+        take::<T>(values)
+    }
+}
+
+impl<T: Data> Compute for Delayed<T> {
+    type Output = T;
+    fn roots(&self, out: &mut Roots) {
+        out.0.push(self.node().clone());
+    }
+    fn assemble(&self, values: &mut std::vec::IntoIter<Value>) -> Result<T> {
+        take::<T>(values)
+    }
+}
+
+impl Graph {
+    /// Computes the task with this key on the configured executor.
+    ///
+    /// # Errors
+    ///
+    /// As [`delayed`](Graph::delayed), then as [`Delayed::compute`].
+    pub fn compute<T: Data>(&self, key: Key) -> Result<T> {
+        self.compute_with(key, &Config::default())
+    }
+
+    /// [`compute`](Graph::compute) with an explicit configuration.
+    ///
+    /// # Errors
+    ///
+    /// As [`compute`](Graph::compute).
+    pub fn compute_with<T: Data>(&self, key: Key, config: &Config) -> Result<T> {
+        self.delayed::<T>(key)?.compute_with(config)
+    }
+}
+
 /// Runs the graph behind `roots`, returning one value per root.
 pub(crate) fn run(roots: &[Arc<Node>], config: &Config) -> Result<Vec<Value>> {
     let kind = config.resolve()?;
     let span = tracing::info_span!("compute", executor = %kind, tasks = tracing::field::Empty);
     let _entered = span.enter();
     let backend = Backend::get(&kind)?;
-    let mut options = crate::optimize::Options::from_config(config)?;
+    let mut options = options(config)?;
     if backend.is_remote() {
-        crate::registry::check_sendable(roots)?;
+        crate::build::registry::check_sendable(roots)?;
         // Fused and inlined tasks exist only in this process.
         options.inline = false;
         options.fuse = false;
     }
-    let draft = crate::graph::lower(roots, options.absorbs_chains());
-    let plan = crate::optimize::optimize(draft, &options);
+    // Waits for the futures the graph depends on first (`prepare`), so
+    // that no executor thread ever blocks on one.
+    let plan = crate::plan::plan(
+        roots,
+        &options,
+        |node| {
+            node.call.prepare();
+            None
+        },
+        None,
+    );
     span.record("tasks", plan.len());
     // Finished, however the run ends, when it is dropped.
     let _bar = config.resolve_progress()?.then(|| {
         let work = plan.tasks().iter().filter(|t| t.op.is_work());
-        crate::progress::Bar::start(work.map(|t| (t.key, t.op.name())))
+        crate::run::progress::Bar::start(work.map(|t| (t.key, t.op.name())))
     });
     let collector = Arc::new(Collector::new(roots.len()));
     backend.executor().submit(plan, collector.clone());
@@ -149,7 +310,7 @@ pub(crate) fn run(roots: &[Arc<Node>], config: &Config) -> Result<Vec<Value>> {
 /// Moves the next value out, downcast to `T`.
 pub(crate) fn take<T: Data>(values: &mut std::vec::IntoIter<Value>) -> Result<T> {
     let value = values.next().expect("one value per root");
-    let shared = crate::data::unique::<T>(value).map_err(|_| Error::WrongType {
+    let shared = crate::build::data::unique::<T>(value).map_err(|_| Error::WrongType {
         expected: std::any::type_name::<T>(),
     })?;
     Ok(Arc::try_unwrap(shared).unwrap_or_else(|shared| (*shared).clone()))

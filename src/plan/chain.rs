@@ -7,7 +7,7 @@
 //! does. Most chains, though, can be recognised on the nodes themselves: a
 //! node whose `Arc` only its consumer holds (strong count 1) has exactly one
 //! consumer in any graph — no `Delayed`, no other node and no plan refers to
-//! it. Lowering ([`crate::graph::lower`]) asks [`absorb`] about every node it
+//! it. Lowering ([`lower`](super::lower::lower)) asks [`absorb`] about every node it
 //! enters, and a node whose only input is such a node takes that input in as
 //! the step before it, and so on down the chain. The whole chain becomes one
 //! draft task, a [`Chain`], under the key of its top node, with the inputs of
@@ -49,7 +49,7 @@ use std::sync::Arc;
 use rask_executor::{Key, Op, OpError, Value};
 
 use super::{group_name, named_origin, MAX_LISTED};
-use crate::node::{Name, Node};
+use crate::build::node::{Name, Node};
 
 /// The fingerprint of a key: its first eight bytes (keys are uniform), never
 /// 0 (which marks an empty slot of [`Absorbed`]).

@@ -1,12 +1,14 @@
-//! Progress bars (Dask's `progress` and `ProgressBar`): a consumer of the
-//! executors' task events (`rask_executor::events`).
+//! The progress-bar engine (Dask's `progress` and `ProgressBar`): a
+//! consumer of the executors' task events (`rask_executor::events`). A
+//! [`Bar`] serves `compute` and `persist`; the futures layer's
+//! [`progress`](crate::progress()) watches futures with a [`Progress`].
 //!
 //! Rules:
 //!
 //! 1. A bar tracks a fixed set of tasks, known when it starts: a plan's
 //!    tasks for `compute` and `persist`, the tasks behind the futures given
-//!    to [`progress`]. A task counts once, when it finishes or errs; events
-//!    about other tasks are ignored.
+//!    to [`progress`](crate::progress()). A task counts once, when it
+//!    finishes or errs; events about other tasks are ignored.
 //! 2. A bar is done when the work it watches is done — `compute` returned,
 //!    every future finished — whatever events arrived: tasks it never heard
 //!    of (folded into a fused task, run before it started listening) count
@@ -24,9 +26,6 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rask_executor::events::{self, Event, EventKind, Subscription};
 use rask_executor::Key;
 
-use crate::client::Listener;
-use crate::future::Future;
-
 /// Where a progress display stands, for one function (see
 /// [`Progress::counts`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,7 +42,7 @@ pub struct FunctionProgress {
 }
 
 /// A progress display drawing on stderr until the work it watches is done;
-/// returned by [`progress`]. Dropping it does not stop it.
+/// returned by [`progress`](crate::progress()). Dropping it does not stop it.
 #[derive(Clone)]
 pub struct Progress {
     tracker: Arc<Tracker>,
@@ -82,90 +81,22 @@ impl Progress {
     }
 }
 
-/// Draws a progress bar on stderr for the work behind `futures` and
-/// returns at once (Dask's `progress`); the bar finishes by itself when
-/// every future is done. Shows tasks done out of the total, the rate and
-/// the time left, per function when there are several. When stderr is not
-/// a terminal, prints one plain line at the end instead.
-///
-/// The bar counts every task the futures still wait for, their inputs
-/// included; on a cluster, it counts them as the scheduler reports them.
-///
-/// # Examples
-///
-/// ```
-/// use rask::{delayed, Client};
-/// fn inc(x: i64) -> i64 { x + 1 }
-///
-/// let client = Client::threads(2)?;
-/// let futures = client.map(inc, 0..100)?;
-/// let bar = rask::progress(&futures);   // returns at once
-/// bar.wait();                           // the bar reached 100 %
-/// let counts = bar.counts();
-/// assert_eq!((counts[0].name.as_str(), counts[0].total, counts[0].done), ("inc", 100, 100));
-/// # Ok::<(), rask::Error>(())
-/// ```
-pub fn progress<W: Watch + ?Sized>(futures: &W) -> Progress {
-    let mut watched = Watched::default();
-    futures.watch(&mut watched);
-    let mut tasks = Vec::new();
-    for (shared, key, _) in &watched.futures {
-        shared.pending_tasks(*key, &mut tasks);
-    }
-    let tracker = Tracker::start(tasks);
-    let count = watched.futures.len();
-    tracker.lock().futures = count;
-    if count == 0 {
-        tracker.finish();
-    }
-    for (shared, key, _) in watched.futures {
-        let tracker = tracker.clone();
-        shared.on_done(
-            key,
-            Listener::Queue(Arc::new(move || tracker.future_done())),
-        );
-    }
-    Progress { tracker }
-}
-
-/// What [`progress`] can watch: a [`Future`], or a slice, array or `Vec`
-/// of them. Implemented by rask.
-pub trait Watch {
-    #[doc(hidden)]
-    fn watch(&self, out: &mut Watched);
-}
-
-/// The futures a [`Watch`] value names; not a public API.
-#[doc(hidden)]
-#[derive(Default)]
-pub struct Watched {
-    futures: Vec<(Arc<crate::client::Shared>, Key, ())>,
-}
-
-impl<T> Watch for Future<T> {
-    fn watch(&self, out: &mut Watched) {
-        let (shared, key) = self.parts();
-        out.futures.push((shared, key, ()));
-    }
-}
-
-impl<T> Watch for [Future<T>] {
-    fn watch(&self, out: &mut Watched) {
-        for future in self {
-            future.watch(out);
+impl Progress {
+    /// A display of `tasks` (key and name each) that is done once
+    /// [`future_done`](Progress::future_done) was called `futures` times
+    /// (rule 2): at once when `futures` is 0.
+    pub(crate) fn watching(tasks: Vec<(Key, String)>, futures: usize) -> Progress {
+        let tracker = Tracker::start(tasks);
+        tracker.lock().futures = futures;
+        if futures == 0 {
+            tracker.finish();
         }
+        Progress { tracker }
     }
-}
 
-impl<T> Watch for Vec<Future<T>> {
-    fn watch(&self, out: &mut Watched) {
-        self.as_slice().watch(out);
-    }
-}
-
-impl<T, const N: usize> Watch for [Future<T>; N] {
-    fn watch(&self, out: &mut Watched) {
-        self.as_slice().watch(out);
+    /// One of the watched futures is done.
+    pub(crate) fn future_done(&self) {
+        self.tracker.future_done();
     }
 }
 

@@ -2,10 +2,10 @@
 //! task travels there.
 //!
 //! A distributed worker is the program's own binary started in worker mode.
-//! It finds functions by name in the registry [`init`] builds, which every
+//! It finds functions by name in the registry [`init`](crate::init) builds, which every
 //! process of the program builds the same way at the start of `main`: from
 //! the functions marked [`#[rask::task]`](crate::task) anywhere in the
-//! program, plus any list given to [`init_with`] (`rask::tasks![…]`).
+//! program, plus any list given to [`init_with`](crate::init_with) (`rask::tasks![…]`).
 //!
 //! Rules:
 //!
@@ -54,13 +54,13 @@
 //! # Why a link-time list
 //!
 //! A worker must know a function before any task names it, and a worker
-//! never runs the code that builds graphs: it stops in [`init`]. So the
+//! never runs the code that builds graphs: it stops in [`init`](crate::init). So the
 //! registry cannot be filled as `delayed!` meets functions; it must be
 //! known from the binary alone. `#[rask::task]` (the `rask-macros` crate in
 //! `src/macros/`, a proc-macro crate of its own since Cargo requires one,
 //! kept under `src/` because it is part of what users depend on) adds one
 //! `linkme` distributed-slice element per function: a static the linker
-//! gathers into one array, read by [`init`]. `linkme` rather than
+//! gathers into one array, read by [`init`](crate::init). `linkme` rather than
 //! `inventory`: no code runs before `main`, nothing is allocated, and the
 //! crate's `unsafe_code = "forbid"` holds (the link sections are written in
 //! `linkme`'s expansion). The cost is linker support: Linux, macOS,
@@ -82,9 +82,9 @@ use rask_executor::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::args::Slot;
-use crate::data::Data;
-use crate::node::{Call, Fallible, Held, Inputs, Name, Node, Plain, Returns, Typed};
+use crate::build::args::Slot;
+use crate::build::data::Data;
+use crate::build::node::{Call, Fallible, Held, Inputs, Name, Node, Plain, Returns, Typed};
 
 /// The function name of held values on the wire (rule 3).
 pub(crate) const VALUE_FUNCTION: &str = rask_executor::VALUE_FUNCTION;
@@ -147,7 +147,7 @@ impl Payload {
 ///
 /// [`WireError::Captures`] for a closure that captures variables.
 pub(crate) fn function_id<F: 'static>() -> Result<String, WireError> {
-    if !crate::key::is_pure_fn::<F>() {
+    if !crate::build::key::is_pure_fn::<F>() {
         return Err(WireError::Captures {
             function: std::any::type_name::<F>().to_owned(),
         });
@@ -155,7 +155,7 @@ pub(crate) fn function_id<F: 'static>() -> Result<String, WireError> {
     Ok(format!(
         "{}#{:016x}",
         std::any::type_name::<F>(),
-        crate::key::type_tag::<F>()
+        crate::build::key::type_tag::<F>()
     ))
 }
 
@@ -212,7 +212,20 @@ struct Replayed(Arc<Failure>);
 
 impl Call for Replayed {
     fn run(&self, _: &mut [Option<Value>]) -> Result<Value, OpError> {
-        Err(crate::client::replay(&self.0))
+        Err(replay(&self.0))
+    }
+}
+
+/// The error of a task replaying `failure`, recorded here or in another
+/// process: the same failure, naming the task where it started.
+pub(crate) fn replay(failure: &Failure) -> OpError {
+    OpError {
+        kind: failure.kind,
+        message: failure.message.clone(),
+        origin: Some((failure.key, failure.name.clone())),
+        cause: failure.cause.clone(),
+        location: failure.location.clone(),
+        attempts: failure.attempts,
     }
 }
 
@@ -337,7 +350,7 @@ impl<A: Data> Slot<A> for WireSlot<A> {
         }
     }
 
-    fn template(&self, out: &mut crate::args::Template) -> Result<(), WireError> {
+    fn template(&self, out: &mut crate::build::args::Template) -> Result<(), WireError> {
         match self {
             WireSlot::Literal(a) => out.bytes(&encode_literal(a)?),
             WireSlot::One => out.input()?,
@@ -369,7 +382,7 @@ struct Entry {
 }
 
 /// A list of functions a program can run on a cluster; build it with
-/// [`tasks!`](crate::tasks!) and hand it to [`init_with`]. Functions marked
+/// [`tasks!`](crate::tasks!) and hand it to [`init_with`](crate::init_with). Functions marked
 /// [`#[rask::task]`](crate::task) need no list.
 ///
 /// # Examples
@@ -391,7 +404,7 @@ pub struct Tasks {
     shared: HashMap<TypeId, SharedOutput>,
     /// For every registered function's output type, how a worker takes a
     /// part of it (rule 5), by type tag.
-    picks: HashMap<u64, crate::pick::Picks>,
+    picks: HashMap<u64, crate::build::pick::Picks>,
 }
 
 /// How an `Arc<R>` parameter takes a registered output type `R`.
@@ -412,7 +425,7 @@ impl SharedOutput {
                 rask_executor::downcast::<R>(value).map(|shared| Box::new(shared) as Box<dyn Any>)
             },
             decode: |value| {
-                crate::data::shared::<R>(value)
+                crate::build::data::shared::<R>(value)
                     .ok()
                     .map(|shared| Box::new(shared) as Box<dyn Any>)
             },
@@ -520,7 +533,7 @@ impl std::fmt::Debug for Tasks {
     }
 }
 
-/// Lists functions for [`init_with`]: `rask::tasks![inc, add, parse?]`, with
+/// Lists functions for [`init_with`](crate::init_with): `rask::tasks![inc, add, parse?]`, with
 /// `?` after functions called as `delayed!(f(...)?)`. Marking them
 /// [`#[rask::task]`](crate::task) instead needs no list; a function both
 /// listed and marked is registered once.
@@ -552,7 +565,7 @@ pub trait Register<M, Sig> {
 #[derive(Clone, Copy)]
 pub struct Parts {
     tag: u64,
-    picks: crate::pick::Picks,
+    picks: crate::build::pick::Picks,
 }
 
 /// How a registered function rebuilds its calls; opaque.
@@ -573,7 +586,7 @@ macro_rules! register {
             }
 
             fn parts(&self) -> Parts {
-                Parts { tag: crate::key::type_tag::<M::Out>(), picks: crate::pick::pick::<M::Out> }
+                Parts { tag: crate::build::key::type_tag::<M::Out>(), picks: crate::build::pick::pick::<M::Out> }
             }
 
             #[allow(unused_variables)]
@@ -606,7 +619,7 @@ register!(8; A0 0, A1 1, A2 2, A3 3, A4 4, A5 5, A6 6, A7 7);
 
 static REGISTRY: OnceLock<Arc<Resolver>> = OnceLock::new();
 
-/// The registry installed by [`init`], as executors see it.
+/// The registry installed by [`init`](crate::init), as executors see it.
 pub(crate) struct Resolver {
     tasks: Tasks,
 }
@@ -631,8 +644,8 @@ impl rask_executor::Registry for Resolver {
                         })?;
                 (Name::Borrowed("value"), Arc::new(Released(Key(key))))
             }
-            crate::pick::GETITEM_FUNCTION => {
-                let pick = crate::pick::Pick::decode(&task.payload)?;
+            crate::build::pick::GETITEM_FUNCTION => {
+                let pick = crate::build::pick::Pick::decode(&task.payload)?;
                 let picks = self
                     .tasks
                     .picks
@@ -643,7 +656,7 @@ impl rask_executor::Registry for Resolver {
                     })?;
                 (
                     Name::Borrowed("getitem"),
-                    Arc::new(crate::pick::Picked {
+                    Arc::new(crate::build::pick::Picked {
                         picks: *picks,
                         step: pick.step,
                     }),
@@ -678,13 +691,13 @@ impl rask_executor::Registry for Resolver {
         Ok(Arc::new(Node {
             key: Key([0; 32]),
             name,
-            deps: crate::node::Deps::None,
+            deps: crate::build::node::Deps::None,
             call,
         }))
     }
 }
 
-/// The installed registry, if [`init`] was called.
+/// The installed registry, if [`init`](crate::init) was called.
 pub(crate) fn installed() -> Option<Arc<Resolver>> {
     REGISTRY.get().cloned()
 }
@@ -741,7 +754,7 @@ pub(crate) fn check_sendable(roots: &[Arc<Node>]) -> crate::Result<()> {
         node.call
             .sendable()
             .map_err(|reason| crate::Error::Unsendable {
-                key: crate::delayed::TaskKey::new(node),
+                key: crate::build::delayed::TaskKey::new(node),
                 reason,
             })?;
         stack.extend(node.deps.iter());
@@ -749,57 +762,14 @@ pub(crate) fn check_sendable(roots: &[Arc<Node>]) -> crate::Result<()> {
     Ok(())
 }
 
-/// Sets the program up for distributed execution; call it first in `main`.
-///
-/// In a worker process (started by [`Client::local`](crate::Client::local),
-/// or by hand with `RASK_WORKER=tcp://host:port ./my-app`) this runs the
-/// worker and exits the process when its scheduler is gone for good —
-/// `main` goes no further. A worker started by hand waits for its
-/// scheduler, when it starts and after losing it, for up to
-/// `RASK_WORKER_DEATH_TIMEOUT` seconds (default 60), and registers with it
-/// again when it comes back; a [`Client::local`](crate::Client::local)
-/// cluster's workers exit as soon as their scheduler, in the program's own
-/// process, goes away. Otherwise it records the functions marked
-/// [`#[rask::task]`](crate::task) as those that may run on a cluster and
-/// returns. Calling it again keeps the first registry.
-///
-/// # Examples
-///
-/// ```
-/// #[rask::task]
-/// fn inc(x: i64) -> i64 { x + 1 }
-///
-/// fn main() {
-///     rask::init();   // a worker process stays in here
-///     assert_eq!(rask::delayed!(inc(1)).compute().unwrap(), 2);
-/// }
-/// ```
-pub fn init() {
-    init_with(Tasks::new());
-}
-
-/// [`init`], also registering the functions of `tasks` (a
-/// [`tasks!`](crate::tasks!) list): for functions that cannot be marked
-/// [`#[rask::task]`](crate::task), such as one instance of a generic
-/// function, a named closure that captures nothing, or a function of a
-/// crate that does not use the attribute.
-///
-/// # Examples
-///
-/// ```
-/// fn inc(x: i64) -> i64 { x + 1 }
-/// fn double<T: std::ops::Add<Output = T> + Copy>(x: T) -> T { x + x }
-///
-/// rask::init_with(rask::tasks![inc].register(double::<i64>));
-/// ```
-pub fn init_with(tasks: Tasks) {
-    let tasks = crate::ops::builtins(tasks);
+/// Installs the registry of the program: the built-in operators, then
+/// `tasks`, then every [`Registration`] (rule 6). The first call wins.
+pub(crate) fn install(tasks: Tasks) {
+    let tasks = crate::build::ops::builtins(tasks);
     let tasks = REGISTRATIONS
         .iter()
         .fold(tasks, |tasks, registration| (registration.0)(tasks));
     let _ = REGISTRY.set(Arc::new(Resolver { tasks }));
-    #[cfg(feature = "distributed")]
-    crate::cluster::run_worker_if_asked();
 }
 
 #[cfg(test)]
@@ -832,7 +802,7 @@ mod tests {
 
     /// Every test registers the same list: the first `init` wins.
     fn setup() {
-        init_with(crate::tasks![add, numbers, address, pair]);
+        install(crate::tasks![add, numbers, address, pair]);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use rask_executor::{Key, Op, OpError, Value, WireError, WireTask};
 
-use crate::data::Data;
+use crate::build::data::Data;
 
 /// A task name: the function name for calls, or a user-chosen name.
 pub(crate) type Name = Cow<'static, str>;
@@ -258,7 +258,7 @@ impl Call for Held {
     }
 
     fn to_wire(&self) -> Result<WireTask, WireError> {
-        crate::registry::value_task(&self.0)
+        crate::build::registry::value_task(&self.0)
     }
 }
 
@@ -305,13 +305,14 @@ impl<'a> Inputs<'a> {
 
     /// The next input as a shared `Arc<T>` (no copy).
     pub(crate) fn shared<T: Data>(&mut self) -> Result<Arc<T>, OpError> {
-        crate::data::shared::<T>(self.next_value()?).map_err(OpError::failed)
+        crate::build::data::shared::<T>(self.next_value()?).map_err(OpError::failed)
     }
 
     /// The next input by value: moved out when this task holds the last
     /// reference, cloned otherwise.
     pub(crate) fn owned<T: Data>(&mut self) -> Result<T, OpError> {
-        let unique = crate::data::unique::<T>(self.next_value()?).map_err(OpError::failed)?;
+        let unique =
+            crate::build::data::unique::<T>(self.next_value()?).map_err(OpError::failed)?;
         Ok(Arc::try_unwrap(unique).unwrap_or_else(|shared| (*shared).clone()))
     }
 }

@@ -1,73 +1,31 @@
-//! Inspecting the plan an executor would run: [`explain`].
+//! Inspecting the plan an executor would run: what [`explain`](crate::explain)
+//! returns.
 
 use std::fmt::{self, Write as _};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rask_executor::{Key, Plan};
 
-use super::{pipeline, Assembled, Options, Shape};
-use crate::compute::{Compute, Roots};
-use crate::config::Config;
-use crate::node::Node;
-use crate::Result;
+use super::{Options, Record, Shape};
+use crate::build::node::Node;
 
-/// Lowers and optimizes `what` as [`compute_with`](crate::compute_with)
-/// would, without running anything (nor waiting for futures in the graph),
-/// and returns the plan for inspection.
-///
-/// Optimization follows `config` ([`Config::optimize`]), so comparing the
-/// result with optimization on and off shows what it did.
-///
-/// # Errors
-///
-/// A configuration error when `RASK_OPTIMIZE` holds an unknown value.
-///
-/// # Examples
-///
-/// ```
-/// use rask::{delayed, Config};
-/// fn inc(x: i64) -> i64 { x + 1 }
-///
-/// let mut x = delayed!(inc(0));
-/// for _ in 1..100 {
-///     x = delayed!(inc(&x));
-/// }
-/// let plan = rask::explain(&x, &Config::new())?;
-/// assert_eq!((plan.graph_len(), plan.len()), (100, 1)); // the chain is fused
-/// let task = plan.tasks().next().unwrap();
-/// assert_eq!((task.name(), task.size()), ("inc…inc(100)", 100));
-/// assert_eq!(plan.outputs().collect::<Vec<_>>(), [x.key().key()]);
-///
-/// let plain = rask::explain(&x, &Config::new().optimize(false))?;
-/// assert_eq!(plain.len(), 100); // one task per node
-/// # Ok::<(), rask::Error>(())
-/// ```
-pub fn explain<C: Compute>(what: C, config: &Config) -> Result<Explain> {
-    let mut roots = Roots::default();
-    what.roots(&mut roots);
-    explain_roots(&roots.0, config)
-}
-
-pub(crate) fn explain_roots(roots: &[Arc<Node>], config: &Config) -> Result<Explain> {
-    let opts = Options::from_config(config)?;
-    let mut timings = Timings::default();
-    let start = Instant::now();
+/// Lowers and optimizes the graph behind `roots` as `opts` says, recording
+/// what [`Explain`] shows; [`explain`](crate::explain) is the public entry.
+pub(crate) fn explain_roots(roots: &[Arc<Node>], opts: &Options) -> Explain {
+    let mut record = Record::default();
     // Without `prepare`: inspecting a graph must not wait for the futures in
     // it.
-    let draft = crate::graph::lower_draft_absorbing(roots, opts.absorbs_chains(), |_| None);
-    timings.lower = start.elapsed();
-    let graph_len = draft.graph_len();
-    let Assembled { plan, shapes } = pipeline(draft, &opts, true, Some(&mut timings));
-    Ok(Explain {
+    let plan = super::plan(roots, opts, |_| None, Some(&mut record));
+    Explain {
         plan,
-        shapes,
-        graph_len,
-        timings,
-    })
+        shapes: record.shapes,
+        graph_len: record.graph_len,
+        timings: record.timings,
+    }
 }
 
-/// The plan an executor would run for a computation, from [`explain`]: its
+/// The plan an executor would run for a computation, from [`explain`](crate::explain()): its
 /// tasks after culling, inlining and fusing, or one task per node of the
 /// graph when optimization is off.
 ///
@@ -279,7 +237,7 @@ impl fmt::Debug for PlannedTask<'_> {
     }
 }
 
-/// How long each stage of [`explain`] took: lowering the graph, then each
+/// How long each stage of [`explain`](crate::explain()) took: lowering the graph, then each
 /// optimization pass. A pass switched off takes (almost) no time.
 ///
 /// # Examples

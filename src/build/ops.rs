@@ -3,10 +3,10 @@
 
 use std::ops::{Add, BitAnd, BitOr, BitXor, Div, Mul, Neg, Not, Rem, Sub};
 
-use crate::args::{apply, IntoArg};
-use crate::data::Data;
-use crate::delayed::Delayed;
-use crate::node::Plain;
+use crate::build::args::{apply, IntoArg};
+use crate::build::data::Data;
+use crate::build::delayed::Delayed;
+use crate::build::node::Plain;
 
 /// A one-argument task calling the function item `f` (its type names the
 /// operator and its operand types, which is its identity on the wire).

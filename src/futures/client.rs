@@ -30,14 +30,16 @@ use rask_executor::{
     Failure, FailureKind, Key, Op, OpError, Outcome, Remote, Reporter, Value, WireError, WireTask,
 };
 
-use crate::args::{apply, IntoArg};
-use crate::backend::Backend;
-use crate::config::{Config, ExecutorKind};
-use crate::data::Data;
-use crate::delayed::Delayed;
-use crate::future::Future;
-use crate::graph::KeyMap;
-use crate::node::{Call, Name, Node, Plain};
+use crate::build::args::{apply, IntoArg};
+use crate::build::data::Data;
+use crate::build::delayed::Delayed;
+use crate::build::graph::KeyMap;
+use crate::build::node::{Call, Name, Node, Plain};
+use crate::build::registry::replay;
+use crate::futures::future::Future;
+use crate::plan::Options;
+use crate::run::backend::Backend;
+use crate::run::config::{Config, ExecutorKind};
 use crate::{Error, Result};
 
 /// A handle to an executor that runs work in the background and returns
@@ -199,7 +201,7 @@ impl Client {
     /// when the scheduler or a worker cannot start.
     #[cfg(feature = "distributed")]
     pub fn local(workers: usize) -> Result<Client> {
-        let cluster = crate::cluster::Cluster::local(workers)?;
+        let cluster = crate::run::cluster::Cluster::local(workers)?;
         Ok(Client::on(
             Backend::Distributed(Arc::new(cluster)),
             ExecutorKind::Local(workers),
@@ -229,7 +231,7 @@ impl Client {
             None => ExecutorKind::Tcp(address.strip_prefix("tcp://").unwrap_or(address).to_owned()),
         };
         // `rask_distributed` reads the scheme; a bare `host:port` is TCP.
-        let cluster = crate::cluster::Cluster::connect(address)?;
+        let cluster = crate::run::cluster::Cluster::connect(address)?;
         Ok(Client::on(
             Backend::Distributed(Arc::new(cluster)),
             kind,
@@ -474,7 +476,7 @@ impl Client {
         path: impl AsRef<std::path::Path>,
         work: impl FnOnce() -> R,
     ) -> Result<R> {
-        let recorder = crate::report::Recorder::start();
+        let recorder = crate::futures::report::Recorder::start();
         let result = work();
         recorder.finish(path.as_ref(), self.inner.kind.to_string())?;
         Ok(result)
@@ -545,7 +547,7 @@ impl Client {
     fn submit_nodes<T>(&self, nodes: &[Arc<Node>]) -> Result<Vec<Future<T>>> {
         let remote = self.inner.backend.is_remote();
         if remote {
-            crate::registry::check_sendable(nodes)?;
+            crate::build::registry::check_sendable(nodes)?;
         }
         let mut fresh = Vec::new();
         let futures = {
@@ -683,7 +685,7 @@ impl Op for HeldOp {
         &self.name
     }
     fn to_wire(&self) -> std::result::Result<WireTask, WireError> {
-        crate::registry::value_task(&self.value)
+        crate::build::registry::value_task(&self.value)
     }
 }
 
@@ -704,7 +706,7 @@ impl Op for Replay {
         &self.name
     }
     fn to_wire(&self) -> std::result::Result<WireTask, WireError> {
-        crate::registry::fail_task(&self.failure)
+        crate::build::registry::fail_task(&self.failure)
     }
 }
 
@@ -752,17 +754,6 @@ impl Op for PendingRef {
             function: rask_executor::REMOTE_FUNCTION.to_owned(),
             payload: self.key.0.to_vec(),
         })
-    }
-}
-
-pub(crate) fn replay(failure: &Failure) -> OpError {
-    OpError {
-        kind: failure.kind,
-        message: failure.message.clone(),
-        origin: Some((failure.key, failure.name.clone())),
-        cause: failure.cause.clone(),
-        location: failure.location.clone(),
-        attempts: failure.attempts,
     }
 }
 
@@ -830,7 +821,7 @@ impl Shared {
         own.extend(roots.iter().map(|r| (r.key, ())));
         let mut waits = Vec::new();
         let remote = self.backend.is_remote();
-        let plan = crate::graph::lower_with(&roots, |node| {
+        let cut = |node: &Arc<Node>| {
             if own.contains_key(&node.key) {
                 return None;
             }
@@ -874,7 +865,10 @@ impl Shared {
                 }
             };
             Some(op)
-        });
+        };
+        // Lowered only, no pass: the client's runs are not optimized (yet;
+        // `Options::keep` is for the keys it would have to keep).
+        let plan = crate::plan::plan(&roots, &Options::none(), cut, None);
         if !waits.is_empty() {
             let deferred = Arc::new(Deferred {
                 waiting: AtomicUsize::new(waits.len()),
@@ -900,7 +894,7 @@ impl Shared {
             }
         }
         drop(table);
-        self.backend.executor().submit(Arc::new(plan), run.clone());
+        self.backend.executor().submit(plan, run.clone());
         run.submitted.store(true, Ordering::Release);
     }
 
@@ -1129,7 +1123,7 @@ impl Shared {
 
 /// A node standing for a future inside a graph: its value is the future's.
 pub(crate) struct FutureCall {
-    pub(crate) handle: Arc<crate::future::Handle>,
+    pub(crate) handle: Arc<crate::futures::future::Handle>,
 }
 
 impl Call for FutureCall {
@@ -1154,10 +1148,10 @@ impl Call for FutureCall {
     fn to_wire(&self) -> std::result::Result<WireTask, WireError> {
         let h = &self.handle;
         match h.shared.wait(h.key, None) {
-            State::Finished(value) => crate::registry::value_task(&value),
-            State::Failed(failure) => crate::registry::fail_task(&failure),
+            State::Finished(value) => crate::build::registry::value_task(&value),
+            State::Failed(failure) => crate::build::registry::fail_task(&failure),
             State::Cancelled | State::Pending => {
-                crate::registry::fail_task(&cancelled_failure(h.key, &h.name))
+                crate::build::registry::fail_task(&cancelled_failure(h.key, &h.name))
             }
         }
     }

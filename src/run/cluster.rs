@@ -31,7 +31,7 @@ impl Cluster {
     /// Connects to a running scheduler at `host:port` (`tls://host:port`
     /// over TLS), with the token the configuration gives.
     pub(crate) fn connect(address: &str) -> Result<Cluster> {
-        let auth = crate::config::auth()?.ok_or_else(|| rask_distributed::Error::NoToken {
+        let auth = crate::run::config::auth()?.ok_or_else(|| rask_distributed::Error::NoToken {
             default_path: rask_distributed::Token::default_path(),
         })?;
         Ok(Cluster {
@@ -48,7 +48,7 @@ impl Cluster {
             // first; starting a cluster here would recurse.
             return Err(Error::WorkerSetup);
         }
-        if crate::registry::installed().is_none() {
+        if crate::build::registry::installed().is_none() {
             return Err(Error::NotInitialized);
         }
         // `/proc/self/exe` opens the file this program started from even
@@ -66,7 +66,7 @@ impl Cluster {
         // Workers inherit this program's stdout and stderr: what tasks
         // print shows as if they ran here.
         let mut options = rask_distributed::scheduler::Options::default();
-        if let Some(at) = crate::config::dashboard()? {
+        if let Some(at) = crate::run::config::dashboard()? {
             options = options.dashboard(at);
         }
         let local = LocalCluster::start_with(workers, options, move || {
@@ -161,13 +161,13 @@ pub(crate) fn run_worker_if_asked() {
         .and_then(|t| t.trim().parse::<usize>().ok())
         .filter(|&t| t > 0)
         .unwrap_or(1);
-    let Some(registry) = crate::registry::installed() else {
+    let Some(registry) = crate::build::registry::installed() else {
         eprintln!("rask worker: no task registry installed");
         std::process::exit(2);
     };
     let run = || -> Result<()> {
         let mut options = rask_distributed::worker::Options::from_env()?.threads(threads);
-        options.auth = crate::config::auth()?;
+        options.auth = crate::run::config::auth()?;
         Ok(rask_distributed::worker::run_with(
             &address, registry, options,
         )?)

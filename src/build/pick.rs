@@ -25,8 +25,8 @@ use rask_executor::{Encoded, OpError, Value, WireError, WireTask};
 use serde::ser::{self, Impossible, Serialize};
 use serde::{Deserialize, Serialize as SerializeDerive};
 
-use crate::data::Data;
-use crate::node::{Call, Inputs};
+use crate::build::data::Data;
+use crate::build::node::{Call, Inputs};
 
 /// The function name of a part of a value on the wire (rule 2).
 pub(crate) const GETITEM_FUNCTION: &str = "rask.getitem";
@@ -64,7 +64,7 @@ pub(crate) type Picks = fn(Value, &Step) -> Result<Value, OpError>;
 
 /// The part of a `W` at `step`, as bytes (rule 3).
 pub(crate) fn pick<W: Data>(value: Value, step: &Step) -> Result<Value, OpError> {
-    let whole = crate::data::shared::<W>(value).map_err(OpError::failed)?;
+    let whole = crate::build::data::shared::<W>(value).map_err(OpError::failed)?;
     let mut picker = Picker {
         step,
         found: None,
@@ -110,9 +110,9 @@ impl<W: Data, P: Data> Call for Part<W, P> {
     }
 
     fn to_wire(&self) -> Result<WireTask, WireError> {
-        let tag = crate::key::type_tag::<W>();
+        let tag = crate::build::key::type_tag::<W>();
         let type_name = std::any::type_name::<W>();
-        if !crate::registry::picks_known(tag) {
+        if !crate::build::registry::picks_known(tag) {
             return Err(WireError::NotSerializable {
                 what: format!(
                     "a part of a `{type_name}`, which is the output of no function given to \

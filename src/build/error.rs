@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use rask_executor::{Failure, FailureKind, Key};
 
-use crate::delayed::TaskKey;
+use crate::build::delayed::TaskKey;
 
 /// Everything that can go wrong building or running a graph.
 ///

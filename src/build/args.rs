@@ -49,11 +49,11 @@ use std::sync::Arc;
 
 use rask_executor::{OpError, Value, WireError, WireTask};
 
-use crate::data::Data;
-use crate::delayed::Delayed;
-use crate::key::KeyHasher;
-use crate::node::{Broken, Call, Inputs, Name, Node, Returns, Typed};
-use crate::registry::{Payload, Piece, WireArg};
+use crate::build::data::Data;
+use crate::build::delayed::Delayed;
+use crate::build::key::KeyHasher;
+use crate::build::node::{Broken, Call, Inputs, Name, Node, Returns, Typed};
+use crate::build::registry::{Payload, Piece, WireArg};
 
 /// Converts a `delayed!` argument into an input of a parameter of type `A`.
 ///
@@ -300,11 +300,11 @@ impl<T: Data> Slot<T> for Literal<T> {
         Ok(self.0.clone())
     }
     fn template(&self, out: &mut Template) -> Result<(), WireError> {
-        out.bytes(&crate::registry::encode_literal(&self.0)?);
+        out.bytes(&crate::build::registry::encode_literal(&self.0)?);
         Ok(())
     }
     fn wire(&self) -> Result<WireArg, WireError> {
-        crate::registry::encode_literal(&self.0).map(WireArg::Literal)
+        crate::build::registry::encode_literal(&self.0).map(WireArg::Literal)
     }
 }
 
@@ -701,13 +701,13 @@ macro_rules! apply {
             }
 
             fn sendable(&self) -> Result<(), WireError> {
-                let function = crate::registry::function_id::<F>()?;
-                crate::registry::check_registered(&function, M::FALLIBLE)
+                let function = crate::build::registry::function_id::<F>()?;
+                crate::build::registry::check_registered(&function, M::FALLIBLE)
             }
 
             fn to_wire(&self) -> Result<WireTask, WireError> {
-                let function = crate::registry::function_id::<F>()?;
-                crate::registry::check_registered(&function, M::FALLIBLE)?;
+                let function = crate::build::registry::function_id::<F>()?;
+                crate::build::registry::check_registered(&function, M::FALLIBLE)?;
                 let payload = Payload {
                     fallible: M::FALLIBLE,
                     args: vec![$(self.slots.$i.wire()?),*],

@@ -1,6 +1,8 @@
-//! Lowered graph → executable plan: the optimization pipeline.
+//! The plan layer: nodes → executable plan, one pipeline with one entry,
+//! [`plan`], that every caller goes through (compute, explain, the futures
+//! client); the data passes through it once.
 //!
-//! Lowering ([`crate::graph::lower`]) turns the nodes behind the requested
+//! Lowering ([`lower`](lower::lower)) turns the nodes behind the requested
 //! outputs into a [`Draft`]: a topologically sorted [`Plan`] with one task per
 //! distinct key, plus what the passes need to know about each task (its
 //! [`Weight`]). When fuse is on, lowering already folds the chains of nodes
@@ -75,17 +77,18 @@ use std::time::{Duration, Instant};
 
 use rask_executor::{Key, Op, OpError, Plan, PlanBuilder};
 
-use crate::config::Config;
-use crate::graph::KeyHash;
-use crate::Result;
+use crate::build::node::Node;
+
+use crate::build::graph::KeyHash;
 
 pub(crate) mod chain;
 pub(crate) mod cull;
 pub(crate) mod explain;
 pub(crate) mod fuse;
 pub(crate) mod inline;
+pub(crate) mod lower;
 
-pub use explain::{explain, Explain, PlannedTask, Timings};
+pub use explain::{Explain, PlannedTask, Timings};
 
 /// What the inline pass may do with a task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -258,19 +261,6 @@ impl Options {
         }
     }
 
-    /// Every pass when `config` resolves to optimizing, none otherwise.
-    ///
-    /// # Errors
-    ///
-    /// As [`Config::resolve_optimize`].
-    pub(crate) fn from_config(config: &Config) -> Result<Self> {
-        Ok(if config.resolve_optimize()? {
-            Options::all()
-        } else {
-            Options::none()
-        })
-    }
-
     /// Whether lowering may absorb chains ([`chain`]): only when fuse would
     /// fold them anyway and no key must stay a task of its own.
     pub(crate) fn absorbs_chains(&self) -> bool {
@@ -366,11 +356,49 @@ impl Folds {
     }
 }
 
-/// Runs the pipeline that `opts` asks for on `draft`.
+/// Nodes → the plan an executor runs: the one way through this layer.
+///
+/// Lowers the graph behind `roots` (asking `cut` about each node, see
+/// [`lower`](lower::lower)), then runs the passes `opts` turns on, in order:
+/// cull → inline → fuse → assemble. The data goes through once, each stage
+/// taking the previous one's output by value; when fuse is on, chains are
+/// already absorbed while lowering. With `record`, it also notes what each
+/// plan task stands for and how long each stage took ([`explain`](crate::explain()).
 ///
 /// # Complexity
 ///
-/// O(tasks + edges) (invariant 7).
+/// O(nodes + edges) (invariant 7).
+pub(crate) fn plan(
+    roots: &[Arc<Node>],
+    opts: &Options,
+    cut: impl FnMut(&Arc<Node>) -> Option<Arc<dyn Op>>,
+    record: Option<&mut Record>,
+) -> Arc<Plan> {
+    // The clock is read only when asked.
+    let start = record.is_some().then(Instant::now);
+    let draft = lower::lower(roots, opts.absorbs_chains(), cut);
+    let Some(record) = record else {
+        return pipeline(draft, opts, false, None).plan;
+    };
+    record.timings.lower = start.map_or(Duration::ZERO, |s| s.elapsed());
+    record.graph_len = draft.graph_len();
+    let Assembled { plan, shapes } = pipeline(draft, opts, true, Some(&mut record.timings));
+    record.shapes = shapes;
+    plan
+}
+
+/// What [`plan`] notes on the way when asked, for [`Explain`].
+#[derive(Default)]
+pub(crate) struct Record {
+    /// What each plan task stands for.
+    pub(crate) shapes: Vec<Shape>,
+    /// Distinct tasks of the graph, before the passes.
+    pub(crate) graph_len: usize,
+    pub(crate) timings: Timings,
+}
+
+/// The passes alone, on a draft made by hand.
+#[cfg(test)]
 pub(crate) fn optimize(draft: Draft, opts: &Options) -> Arc<Plan> {
     pipeline(draft, opts, false, None).plan
 }
@@ -413,8 +441,9 @@ pub(crate) enum Shape {
     Fused(u32),
 }
 
-/// [`optimize`], optionally describing each plan task and timing each stage.
-pub(crate) fn pipeline(
+/// The passes after lowering, optionally describing each plan task and
+/// timing each stage.
+fn pipeline(
     draft: Draft,
     opts: &Options,
     describe: bool,

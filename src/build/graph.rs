@@ -1,5 +1,6 @@
-//! Graphs: lowering `Delayed` graphs into plans, DOT rendering, and
-//! [`Graph`], the low-level graph keyed by [`Key`].
+//! Graphs: the post-order walk lowering and DOT rendering share, and
+//! [`Graph`], the low-level graph keyed by [`Key`]. Lowering itself is the
+//! plan layer's (`plan/lower.rs`).
 //!
 //! Rules:
 //!
@@ -19,12 +20,11 @@ use std::fmt::Write as _;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
-use rask_executor::{Key, Op, OpError, Plan, PlanBuilder, Value};
+use rask_executor::{Key, Op, OpError, Value};
 
-use crate::data::Data;
-use crate::delayed::{named_key, Delayed, TaskKey};
-use crate::node::{Call, Held, Name, Node};
-use crate::optimize::{chain, Draft, Weight};
+use crate::build::data::Data;
+use crate::build::delayed::{named_key, Delayed, TaskKey};
+use crate::build::node::{Call, Held, Name, Node};
 use crate::{Error, Result};
 
 /// Keys are uniformly random already: their first eight bytes are the hash.
@@ -57,13 +57,14 @@ pub(crate) type KeyMap<V> = HashMap<Key, V, BuildHasherDefault<KeyHash>>;
 /// replaces the node and everything it depends on with `op`, which gets no
 /// dependencies (e.g. a value the caller already holds).
 ///
-/// With `absorbed`, a node whose input chain can be absorbed
-/// ([`chain::absorb`]) is emitted as a [`Chain`](chain::Chain) of `size`
-/// nodes with the inputs of the chain's bottom; the absorbed nodes are not
-/// visited (nor asked about), and their keys are recorded in `absorbed`.
-fn postorder<'a>(
+/// `absorb(node)`, asked after `cut` said `None`, may fold the chain of
+/// inputs below a node into one op (the plan layer's `chain::absorb`):
+/// `Some((bottom, op, size))` emits `op`, standing for `size` nodes, with the
+/// inputs of the chain's `bottom`; the nodes in between are not visited (nor
+/// asked about).
+pub(crate) fn postorder<'a>(
     roots: &'a [Arc<Node>],
-    mut absorbed: Option<&mut chain::Absorbed>,
+    mut absorb: impl FnMut(&'a Arc<Node>) -> Option<(&'a Arc<Node>, Arc<dyn Op>, u32)>,
     mut cut: impl FnMut(&Arc<Node>) -> Option<Arc<dyn Op>>,
     mut emit: impl FnMut(&'a Arc<Node>, Option<Arc<dyn Op>>, &[u32], u32),
 ) -> KeyMap<u32> {
@@ -81,7 +82,7 @@ fn postorder<'a>(
     }
     let mut index: KeyMap<u32> = KeyMap::default();
     let mut stack: Vec<Frame<'a>> = Vec::new();
-    let mut chains: Vec<chain::Chain> = Vec::new();
+    let mut chains: Vec<(Arc<dyn Op>, u32)> = Vec::new();
     // Collecting indices as inputs finish keeps lowering at one map lookup
     // per edge and one insertion per node.
     let mut found: Vec<u32> = Vec::new();
@@ -113,11 +114,9 @@ fn postorder<'a>(
                 }
                 None => {
                     let mut visit = node;
-                    if let Some(absorbed) = absorbed.as_deref_mut() {
-                        if let Some((bottom, chain)) = chain::absorb(node, absorbed) {
-                            visit = bottom;
-                            chains.push(chain);
-                        }
+                    if let Some((bottom, chain, size)) = absorb(node) {
+                        visit = bottom;
+                        chains.push((chain, size));
                     }
                     stack.push(Frame {
                         node,
@@ -152,102 +151,12 @@ fn postorder<'a>(
             };
             let from = from as usize;
             match chains.pop_if(|_| !Arc::ptr_eq(node, visit)) {
-                Some(chain) => {
-                    let size = chain.len() as u32;
-                    finish!(node, Some(Arc::new(chain) as Arc<dyn Op>), from, size);
-                }
+                Some((chain, size)) => finish!(node, Some(chain), from, size),
                 None => finish!(node, None, from, 1),
             }
         }
     }
     index
-}
-
-/// Lowers the graph behind `roots` into a plan whose outputs are the roots,
-/// in order, ready for [`optimize`](crate::optimize::optimize). Waits for
-/// the futures the graph depends on first, so that no executor thread ever
-/// blocks on one.
-///
-/// With `absorb`, linear chains are fused as they are found
-/// ([`chain`](crate::optimize::chain)); the plan is what the fuse pass would
-/// make of it, built without a plan task per chain node.
-///
-/// # Complexity
-///
-/// O(nodes + edges) time, one hash-map entry per distinct key (one set entry
-/// per absorbed node); twice that when absorbing found a key twice.
-pub(crate) fn lower(roots: &[Arc<Node>], absorb: bool) -> Draft {
-    lower_draft_absorbing(roots, absorb, |node| {
-        node.call.prepare();
-        None
-    })
-}
-
-/// [`lower_draft`], absorbing chains when `absorb` is set. When an absorbed
-/// key is also found elsewhere (chain rule 2), lowers again without.
-pub(crate) fn lower_draft_absorbing(
-    roots: &[Arc<Node>],
-    absorb: bool,
-    mut cut: impl FnMut(&Arc<Node>) -> Option<Arc<dyn Op>>,
-) -> Draft {
-    if absorb {
-        let mut absorbed = chain::Absorbed::default();
-        let (plan, weights, sizes) = lower_weighed(roots, Some(&mut absorbed), &mut cut);
-        if !absorbed.conflict(plan.tasks().iter().map(|t| &t.key)) {
-            return Draft::with_sizes(plan, weights, sizes);
-        }
-    }
-    lower_draft(roots, cut)
-}
-
-/// [`lower`] with a `cut` that may replace a node and its inputs by an op
-/// (see [`postorder`]).
-pub(crate) fn lower_with(
-    roots: &[Arc<Node>],
-    cut: impl FnMut(&Arc<Node>) -> Option<Arc<dyn Op>>,
-) -> Plan {
-    lower_weighed(roots, None, cut).0
-}
-
-/// [`lower_with`], as a draft for the optimizer.
-pub(crate) fn lower_draft(
-    roots: &[Arc<Node>],
-    cut: impl FnMut(&Arc<Node>) -> Option<Arc<dyn Op>>,
-) -> Draft {
-    let (plan, weights, _) = lower_weighed(roots, None, cut);
-    Draft::new(plan, weights)
-}
-
-/// [`lower_with`], plus whether each task is data (a replaced node counts as
-/// a call) and, when chains were absorbed, how many graph nodes each task
-/// stands for (empty otherwise).
-fn lower_weighed(
-    roots: &[Arc<Node>],
-    absorbed: Option<&mut chain::Absorbed>,
-    cut: impl FnMut(&Arc<Node>) -> Option<Arc<dyn Op>>,
-) -> (Plan, Vec<Weight>, Vec<u32>) {
-    let mut b = PlanBuilder::new();
-    let mut weights = Vec::new();
-    let mut sizes = Vec::new();
-    let index = postorder(roots, absorbed, cut, |node, replacement, deps, size| {
-        let weight = match replacement {
-            None if node.is_data() => Weight::Data,
-            _ => Weight::Normal,
-        };
-        if size > 1 && sizes.is_empty() {
-            sizes.resize(weights.len(), 1);
-        }
-        if size > 1 || !sizes.is_empty() {
-            sizes.push(size);
-        }
-        let op = replacement.unwrap_or_else(|| node.clone());
-        b.push(node.key, op, deps);
-        weights.push(weight);
-    });
-    for root in roots {
-        b.output(index[&root.key]);
-    }
-    (b.build(), weights, sizes)
 }
 
 /// Renders the graph behind `roots` as Graphviz DOT.
@@ -256,7 +165,7 @@ pub(crate) fn to_dot(roots: &[Arc<Node>]) -> String {
     let mut count = 0u32;
     postorder(
         roots,
-        None,
+        |_| None,
         |_| None,
         |node, _, deps, _| {
             let shape = if node.is_data() { "box" } else { "ellipse" };
@@ -352,7 +261,7 @@ impl Graph {
     pub fn insert<T>(&mut self, delayed: &Delayed<T>) -> Key {
         postorder(
             std::slice::from_ref(delayed.node()),
-            None,
+            |_| None,
             |_| None,
             |node, _, _, _| {
                 self.add(
@@ -464,24 +373,6 @@ impl Graph {
         Ok(Delayed::from_node(
             nodes.pop().expect("one node per key asked"),
         ))
-    }
-
-    /// Computes the task with this key on the configured executor.
-    ///
-    /// # Errors
-    ///
-    /// As [`delayed`](Graph::delayed), then as [`Delayed::compute`].
-    pub fn compute<T: Data>(&self, key: Key) -> Result<T> {
-        self.compute_with(key, &crate::Config::default())
-    }
-
-    /// [`compute`](Graph::compute) with an explicit configuration.
-    ///
-    /// # Errors
-    ///
-    /// As [`compute`](Graph::compute).
-    pub fn compute_with<T: Data>(&self, key: Key, config: &crate::Config) -> Result<T> {
-        self.delayed::<T>(key)?.compute_with(config)
     }
 
     /// Renders the whole graph as Graphviz DOT.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use rask_executor::{Executor, Synchronous};
 
-use crate::config::ExecutorKind;
+use crate::run::config::ExecutorKind;
 use crate::Result;
 
 /// A resolved executor, ready to run plans.
@@ -14,7 +14,7 @@ pub(crate) enum Backend {
     #[cfg(feature = "threaded")]
     Threads(Arc<rask_threaded::ThreadPool>),
     #[cfg(feature = "distributed")]
-    Distributed(Arc<crate::cluster::Cluster>),
+    Distributed(Arc<crate::run::cluster::Cluster>),
 }
 
 impl Backend {
@@ -28,14 +28,16 @@ impl Backend {
             #[cfg(not(feature = "threaded"))]
             ExecutorKind::Threads(_) => Err(crate::Error::Unavailable("threaded")),
             #[cfg(feature = "distributed")]
-            ExecutorKind::Local(n) => crate::cluster::shared_local(*n).map(Backend::Distributed),
+            ExecutorKind::Local(n) => {
+                crate::run::cluster::shared_local(*n).map(Backend::Distributed)
+            }
             #[cfg(feature = "distributed")]
             ExecutorKind::Tcp(address) => {
-                crate::cluster::shared_connection(address).map(Backend::Distributed)
+                crate::run::cluster::shared_connection(address).map(Backend::Distributed)
             }
             #[cfg(feature = "distributed")]
             ExecutorKind::Tls(address) => {
-                crate::cluster::shared_connection(&format!("tls://{address}"))
+                crate::run::cluster::shared_connection(&format!("tls://{address}"))
                     .map(Backend::Distributed)
             }
             #[cfg(not(feature = "distributed"))]

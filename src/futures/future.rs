@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 
 use rask_executor::{Encoded, Key, Remote, Value, WireError};
 
-use crate::args::{Args, Owned, Shared as SharedSlot, Traverse};
-use crate::client::{FutureCall, Listener, Shared, State};
-use crate::data::{Data, Unshared};
-use crate::delayed::{Delayed, TaskKey};
-use crate::node::{Name, Node};
+use crate::build::args::{Args, Owned, Shared as SharedSlot, Traverse};
+use crate::build::data::{Data, Unshared};
+use crate::build::delayed::{Delayed, TaskKey};
+use crate::build::node::{Name, Node};
+use crate::futures::client::{FutureCall, Listener, Shared, State};
 use crate::{Error, Result};
 
 /// The handle behind a future and its clones: its drop releases the key.
@@ -204,7 +204,7 @@ impl<T> Future<T> {
         Arc::new(Node {
             key: self.handle.key,
             name: self.handle.name.clone(),
-            deps: crate::node::Deps::None,
+            deps: crate::build::node::Deps::None,
             call: Arc::new(FutureCall {
                 handle: self.handle.clone(),
             }),
@@ -222,7 +222,7 @@ impl<T: Data> Future<T> {
     fn outcome(&self, state: State) -> Result<T> {
         match state {
             State::Finished(value) => {
-                let shared = crate::data::try_shared::<T>(value).map_err(|e| match e {
+                let shared = crate::build::data::try_shared::<T>(value).map_err(|e| match e {
                     Unshared::Type(_) => Error::WrongType {
                         expected: std::any::type_name::<T>(),
                     },

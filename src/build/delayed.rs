@@ -8,13 +8,10 @@ use std::sync::Arc;
 
 use rask_executor::{Key, Value};
 
-use crate::compute::{compute_with, Compute};
-use crate::config::{Config, ExecutorKind};
-use crate::data::Data;
-use crate::key::{KeyHasher, Tag};
-use crate::node::{Deps, Held, Name, Node};
-use crate::pick::{Part, Step};
-use crate::Result;
+use crate::build::data::Data;
+use crate::build::key::{KeyHasher, Tag};
+use crate::build::node::{Deps, Held, Name, Node};
+use crate::build::pick::{Part, Step};
 use rask_executor::OpError;
 
 /// A lazy value of type `T`: a task and, through its inputs, the whole graph
@@ -139,7 +136,7 @@ impl<T> Delayed<T> {
     pub fn unique(&self) -> Delayed<T> {
         let mut h = KeyHasher::new(Tag::Unique, &self.node.name, "");
         h.input(&self.node.key);
-        h.bytes(&crate::key::nonce());
+        h.bytes(&crate::build::key::nonce());
         let node = self.node.rekeyed(h.finish(), self.node.name.clone());
         Delayed::from_node(Arc::new(node))
     }
@@ -202,7 +199,7 @@ impl<T> Delayed<T> {
 
     fn limited(&self, timeout: Option<std::time::Duration>, retries: Option<u32>) -> Delayed<T> {
         let mut node = self.node.rekeyed(self.node.key, self.node.name.clone());
-        node.call = crate::node::Limited::wrap(&self.node.call, timeout, retries);
+        node.call = crate::build::node::Limited::wrap(&self.node.call, timeout, retries);
         Delayed::from_node(Arc::new(node))
     }
 
@@ -218,106 +215,11 @@ impl<T> Delayed<T> {
     /// assert!(dot.contains("inc-"));
     /// ```
     pub fn to_dot(&self) -> String {
-        crate::graph::to_dot(std::slice::from_ref(&self.node))
-    }
-
-    /// Renders the plan an executor would run for this value as Graphviz
-    /// DOT: the graph after optimization, as `config` sets it (see
-    /// [`explain`](crate::explain) for the plan itself). Fused tasks are
-    /// labelled with the names of the tasks they run.
-    ///
-    /// # Errors
-    ///
-    /// A configuration error when `RASK_OPTIMIZE` holds an unknown value.
-    ///
-    /// ```
-    /// use rask::Config;
-    /// fn inc(x: i64) -> i64 { x + 1 }
-    /// let x = rask::delayed!(inc(rask::delayed!(inc(rask::delayed!(inc(1))))));
-    /// let dot = x.plan_dot(&Config::new())?;
-    /// assert!(dot.contains("inc+inc+inc-"));
-    /// let plain = x.plan_dot(&Config::new().optimize(false))?;
-    /// assert_eq!(plain.matches("label=").count(), 3);
-    /// # Ok::<(), rask::Error>(())
-    /// ```
-    pub fn plan_dot(&self, config: &Config) -> Result<String> {
-        let roots = std::slice::from_ref(&self.node);
-        Ok(crate::optimize::explain::explain_roots(roots, config)?.to_dot())
+        crate::build::graph::to_dot(std::slice::from_ref(&self.node))
     }
 }
 
 impl<T: Data> Delayed<T> {
-    /// Runs the graph on the configured executor and returns the value.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Task`](crate::Error::Task) when a task this value depends on
-    /// returned an error or panicked (naming that task), or a configuration
-    /// error when `RASK_SCHEDULER` names no usable executor.
-    ///
-    /// ```
-    /// fn inc(x: i64) -> i64 { x + 1 }
-    /// assert_eq!(rask::delayed!(inc(41)).compute()?, 42);
-    /// # Ok::<(), rask::Error>(())
-    /// ```
-    pub fn compute(&self) -> Result<T> {
-        self.compute_with(&Config::default())
-    }
-
-    /// Like [`compute`](Delayed::compute), with an explicit configuration
-    /// that takes precedence over scoped settings and the environment.
-    ///
-    /// ```
-    /// use rask::Config;
-    /// fn inc(x: i64) -> i64 { x + 1 }
-    /// assert_eq!(rask::delayed!(inc(1)).compute_with(&Config::synchronous())?, 2);
-    /// # Ok::<(), rask::Error>(())
-    /// ```
-    pub fn compute_with(&self, config: &Config) -> Result<T> {
-        compute_with(self, config)
-    }
-
-    /// Computes the value now and returns a `Delayed` that holds it.
-    ///
-    /// The result has the same key and name; graphs built on it start from
-    /// the held value instead of recomputing its inputs. The value is freed
-    /// when the last handle to it is dropped.
-    ///
-    /// On a cluster (`local:N`, `tcp://…`) the value stays on the workers,
-    /// as with Dask's `client.persist`: the result holds its key there, a
-    /// graph on the same cluster uses it in place, and any other executor
-    /// fetches its bytes when it needs them.
-    ///
-    /// # Errors
-    ///
-    /// As [`compute`](Delayed::compute).
-    ///
-    /// ```
-    /// use std::sync::atomic::{AtomicUsize, Ordering};
-    /// static LOADS: AtomicUsize = AtomicUsize::new(0);
-    /// fn load(n: i64) -> Vec<i64> { LOADS.fetch_add(1, Ordering::SeqCst); (0..n).collect() }
-    /// fn total(v: Vec<i64>) -> i64 { v.iter().sum() }
-    ///
-    /// let data = rask::delayed!(load(10)).persist()?;
-    /// assert_eq!(rask::delayed!(total(&data)).compute()?, 45);
-    /// assert_eq!(rask::delayed!(total(&data)).compute()?, 45);
-    /// assert_eq!(LOADS.load(Ordering::SeqCst), 1);
-    /// # Ok::<(), rask::Error>(())
-    /// ```
-    pub fn persist(&self) -> Result<Delayed<T>> {
-        self.persist_with(&Config::default())
-    }
-
-    /// Like [`persist`](Delayed::persist) with an explicit configuration.
-    ///
-    /// # Errors
-    ///
-    /// As [`compute`](Delayed::compute).
-    pub fn persist_with(&self, config: &Config) -> Result<Delayed<T>> {
-        let mut kept = persist_with(std::slice::from_ref(self), config)?;
-        Ok(kept.pop().expect("one result per input"))
-    }
-
     pub(crate) fn held(key: Key, name: Name, value: Value) -> Delayed<T> {
         Delayed::from_node(Arc::new(Node {
             key,
@@ -326,101 +228,6 @@ impl<T: Data> Delayed<T> {
             call: Arc::new(Held(value)),
         }))
     }
-}
-
-impl<T: Data> Compute for &Delayed<T> {
-    type Output = T;
-    fn roots(&self, out: &mut crate::compute::Roots) {
-        out.0.push(self.node.clone());
-    }
-    fn assemble(&self, values: &mut std::vec::IntoIter<Value>) -> Result<T> {
-        crate::compute::take::<T>(values)
-    }
-}
-
-impl<T: Data> Compute for Delayed<T> {
-    type Output = T;
-    fn roots(&self, out: &mut crate::compute::Roots) {
-        out.0.push(self.node.clone());
-    }
-    fn assemble(&self, values: &mut std::vec::IntoIter<Value>) -> Result<T> {
-        crate::compute::take::<T>(values)
-    }
-}
-
-/// Persists several values in one computation (shared work runs once, and
-/// independent parts run in parallel); see [`Delayed::persist`].
-///
-/// # Errors
-///
-/// As [`Delayed::compute`].
-///
-/// # Examples
-///
-/// ```
-/// fn load(i: u64) -> Vec<u64> { (0..1000).map(|x| x * i).collect() }
-/// fn total(chunks: Vec<Vec<u64>>) -> u64 { chunks.iter().flatten().sum() }
-///
-/// let chunks: Vec<_> = (0..4).map(|i| rask::delayed!(load(i))).collect();
-/// let chunks = rask::persist(&chunks)?;              // loaded once, kept
-/// assert_eq!(rask::delayed!(total(&chunks)).compute()?, 499_500 * 6);
-/// # Ok::<(), rask::Error>(())
-/// ```
-pub fn persist<T: Data>(items: &[Delayed<T>]) -> Result<Vec<Delayed<T>>> {
-    persist_with(items, &Config::default())
-}
-
-/// [`persist`] with an explicit configuration.
-///
-/// # Errors
-///
-/// As [`Delayed::compute`].
-pub fn persist_with<T: Data>(items: &[Delayed<T>], config: &Config) -> Result<Vec<Delayed<T>>> {
-    let kind = config.resolve()?;
-    let _span = tracing::info_span!("persist", executor = %kind, items = items.len()).entered();
-    if matches!(
-        kind,
-        ExecutorKind::Local(_) | ExecutorKind::Tcp(_) | ExecutorKind::Tls(_)
-    ) {
-        return persist_on_cluster(items, config);
-    }
-    let roots: Vec<Arc<Node>> = items
-        .iter()
-        .filter(|d| !d.node.is_data())
-        .map(|d| d.node.clone())
-        .collect();
-    let mut values = crate::compute::run(&roots, config)?.into_iter();
-    Ok(items
-        .iter()
-        .map(|d| {
-            if d.node.is_data() {
-                d.clone()
-            } else {
-                let value = values.next().expect("one value per root");
-                Delayed::held(d.node.key, d.node.name.clone(), value)
-            }
-        })
-        .collect())
-}
-
-/// [`persist_with`] on a cluster: the values stay on the workers (Dask's
-/// `client.persist`), each returned `Delayed` holding its key there for as
-/// long as it lives. A later graph on the same cluster uses them in place;
-/// on any other executor, their bytes are fetched.
-fn persist_on_cluster<T: Data>(items: &[Delayed<T>], config: &Config) -> Result<Vec<Delayed<T>>> {
-    let client = crate::Client::with_config(config)?;
-    let futures = items
-        .iter()
-        .map(|d| client.submit(d))
-        .collect::<Result<Vec<_>>>()?;
-    if config.resolve_progress()? {
-        crate::progress(&futures).wait();
-    }
-    crate::wait(&futures);
-    if let Some(e) = futures.iter().find_map(crate::Future::exception) {
-        return Err(e);
-    }
-    Ok(futures.iter().map(crate::Future::to_delayed).collect())
 }
 
 /// Wraps a plain value as a `Delayed`: a data node whose key is the hash of
@@ -661,7 +468,11 @@ impl<W: Data> Delayed<W> {
         F: Fn(W) -> U + Send + Sync + 'static,
         U: Data,
     {
-        crate::args::apply::<crate::node::Plain, _, _, _, _>(std::any::type_name::<F>(), f, (self,))
+        crate::build::args::apply::<crate::build::node::Plain, _, _, _, _>(
+            std::any::type_name::<F>(),
+            f,
+            (self,),
+        )
     }
 }
 
@@ -755,7 +566,7 @@ macro_rules! map_item {
                             key: named_key(&format!("getitem-{}", unique_suffix())),
                             name: Name::Borrowed("getitem"),
                             deps: Deps::One(self.node.clone()),
-                            call: Arc::new(crate::node::Broken(format!(
+                            call: Arc::new(crate::build::node::Broken(format!(
                                 "a map key of type `{}` could not be serialized: {e}",
                                 std::any::type_name::<K>()
                             ))),

@@ -1,0 +1,96 @@
+//! Progress bars (Dask's `progress` and `ProgressBar`) on stderr, for
+//! futures with [`progress`], and for `compute` and `persist` when
+//! [`Config::progress`](crate::Config::progress) or `RASK_PROGRESS` asks.
+//! A bar counts each task once, reads 100 % when the work it watches is
+//! done, and draws on one line of stderr redrawn in place — or, when stderr
+//! is not a terminal, prints one plain line at the end.
+
+use std::sync::Arc;
+
+use rask_executor::Key;
+
+use crate::futures::client::{Listener, Shared};
+use crate::futures::future::Future;
+pub use crate::run::progress::{FunctionProgress, Progress};
+
+/// Draws a progress bar on stderr for the work behind `futures` and
+/// returns at once (Dask's `progress`); the bar finishes by itself when
+/// every future is done. Shows tasks done out of the total, the rate and
+/// the time left, per function when there are several. When stderr is not
+/// a terminal, prints one plain line at the end instead.
+///
+/// The bar counts every task the futures still wait for, their inputs
+/// included; on a cluster, it counts them as the scheduler reports them.
+///
+/// # Examples
+///
+/// ```
+/// use rask::{delayed, Client};
+/// fn inc(x: i64) -> i64 { x + 1 }
+///
+/// let client = Client::threads(2)?;
+/// let futures = client.map(inc, 0..100)?;
+/// let bar = rask::progress(&futures);   // returns at once
+/// bar.wait();                           // the bar reached 100 %
+/// let counts = bar.counts();
+/// assert_eq!((counts[0].name.as_str(), counts[0].total, counts[0].done), ("inc", 100, 100));
+/// # Ok::<(), rask::Error>(())
+/// ```
+pub fn progress<W: Watch + ?Sized>(futures: &W) -> Progress {
+    let mut watched = Watched::default();
+    futures.watch(&mut watched);
+    let mut tasks = Vec::new();
+    for (shared, key, _) in &watched.futures {
+        shared.pending_tasks(*key, &mut tasks);
+    }
+    let progress = Progress::watching(tasks, watched.futures.len());
+    for (shared, key, _) in watched.futures {
+        let progress = progress.clone();
+        shared.on_done(
+            key,
+            Listener::Queue(Arc::new(move || progress.future_done())),
+        );
+    }
+    progress
+}
+
+/// What [`progress`] can watch: a [`Future`], or a slice, array or `Vec`
+/// of them. Implemented by rask.
+pub trait Watch {
+    #[doc(hidden)]
+    fn watch(&self, out: &mut Watched);
+}
+
+/// The futures a [`Watch`] value names; not a public API.
+#[doc(hidden)]
+#[derive(Default)]
+pub struct Watched {
+    futures: Vec<(Arc<Shared>, Key, ())>,
+}
+
+impl<T> Watch for Future<T> {
+    fn watch(&self, out: &mut Watched) {
+        let (shared, key) = self.parts();
+        out.futures.push((shared, key, ()));
+    }
+}
+
+impl<T> Watch for [Future<T>] {
+    fn watch(&self, out: &mut Watched) {
+        for future in self {
+            future.watch(out);
+        }
+    }
+}
+
+impl<T> Watch for Vec<Future<T>> {
+    fn watch(&self, out: &mut Watched) {
+        self.as_slice().watch(out);
+    }
+}
+
+impl<T, const N: usize> Watch for [Future<T>; N] {
+    fn watch(&self, out: &mut Watched) {
+        self.as_slice().watch(out);
+    }
+}

@@ -1,0 +1,90 @@
+//! Lowering: the nodes behind the requested outputs become a [`Draft`], a
+//! plan in the order it runs, for the passes of the pipeline (`mod.rs`).
+//!
+//! Rules:
+//!
+//! 1. Tasks with equal keys are one task: lowering keeps the first node found
+//!    for a key, so shared work runs once, within a graph and across graphs
+//!    merged into one computation.
+//! 2. Lowering visits dependencies depth-first, in argument order, and emits a
+//!    task after its inputs (a post-order: `build::graph::postorder`). That
+//!    order is the plan order: a branch finishes before the next one starts,
+//!    which keeps few intermediate values alive at once.
+
+use std::sync::Arc;
+
+use rask_executor::{Op, Plan, PlanBuilder};
+
+use super::{chain, Draft, Weight};
+use crate::build::graph::postorder;
+use crate::build::node::Node;
+
+/// Lowers the graph behind `roots` into a draft whose outputs are the roots,
+/// in order: the first stage of [`plan`](super::plan).
+///
+/// `cut(node)` is asked once per key before its inputs are visited: `Some(op)`
+/// replaces the node and everything it depends on with `op` (see
+/// [`postorder`]), e.g. a value the caller already holds.
+///
+/// With `absorb`, linear chains are fused as they are found
+/// ([`chain`](super::chain)); the plan is what the fuse pass would
+/// make of it, built without a plan task per chain node. When an absorbed
+/// key is also found elsewhere (chain rule 2), lowers again without.
+///
+/// # Complexity
+///
+/// O(nodes + edges) time, one hash-map entry per distinct key (one set entry
+/// per absorbed node); twice that when absorbing found a key twice.
+pub(crate) fn lower(
+    roots: &[Arc<Node>],
+    absorb: bool,
+    mut cut: impl FnMut(&Arc<Node>) -> Option<Arc<dyn Op>>,
+) -> Draft {
+    if absorb {
+        let mut absorbed = chain::Absorbed::default();
+        let (plan, weights, sizes) = lower_weighed(roots, Some(&mut absorbed), &mut cut);
+        if !absorbed.conflict(plan.tasks().iter().map(|t| &t.key)) {
+            return Draft::with_sizes(plan, weights, sizes);
+        }
+    }
+    let (plan, weights, _) = lower_weighed(roots, None, cut);
+    Draft::new(plan, weights)
+}
+
+/// The plan of [`lower`], plus whether each task is data (a replaced node counts as
+/// a call) and, when chains were absorbed, how many graph nodes each task
+/// stands for (empty otherwise).
+fn lower_weighed(
+    roots: &[Arc<Node>],
+    absorbed: Option<&mut chain::Absorbed>,
+    cut: impl FnMut(&Arc<Node>) -> Option<Arc<dyn Op>>,
+) -> (Plan, Vec<Weight>, Vec<u32>) {
+    let mut b = PlanBuilder::new();
+    let mut weights = Vec::new();
+    let mut sizes = Vec::new();
+    let mut absorbed = absorbed;
+    let absorb = |node| {
+        let (bottom, chain) = chain::absorb(node, absorbed.as_deref_mut()?)?;
+        let size = chain.len() as u32;
+        Some((bottom, Arc::new(chain) as Arc<dyn Op>, size))
+    };
+    let index = postorder(roots, absorb, cut, |node, replacement, deps, size| {
+        let weight = match replacement {
+            None if node.is_data() => Weight::Data,
+            _ => Weight::Normal,
+        };
+        if size > 1 && sizes.is_empty() {
+            sizes.resize(weights.len(), 1);
+        }
+        if size > 1 || !sizes.is_empty() {
+            sizes.push(size);
+        }
+        let op = replacement.unwrap_or_else(|| node.clone());
+        b.push(node.key, op, deps);
+        weights.push(weight);
+    });
+    for root in roots {
+        b.output(index[&root.key]);
+    }
+    (b.build(), weights, sizes)
+}
