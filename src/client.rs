@@ -193,10 +193,35 @@ impl Client {
     /// `eprint!("{line}")` is written at once).
     /// `RASK_SCHEDULER=local:N` behaves the same.
     ///
+    /// # Threads
+    ///
+    /// Each worker runs `RASK_WORKER_THREADS` threads if that is set, and
+    /// otherwise the machine's cores split between the workers, at least one
+    /// each: `max(1, cores / workers)`, as Dask's `Client(n_workers=…)`. On 8
+    /// cores, `Client::local(2)` is 2 workers of 4 threads, and
+    /// `Client::local(16)` 16 workers of 1. [`Client::scheduler_info`] shows
+    /// the threads of each worker.
+    ///
     /// # Errors
     ///
-    /// [`Error::NotInitialized`] without `rask::init`; a distributed error
+    /// [`Error::NotInitialized`] without `rask::init`; [`Error::Distributed`]
+    /// naming the variable and its value when `RASK_WORKER_THREADS` is not a
+    /// positive integer (before any process starts); a distributed error
     /// when the scheduler or a worker cannot start.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// fn main() -> rask::Result<()> {
+    ///     rask::init();   // worker processes of this program stop here
+    ///     let client = rask::Client::local(2)?;
+    ///     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    ///     for worker in client.scheduler_info()?.workers {
+    ///         assert_eq!(worker.threads as usize, (cores / 2).max(1));
+    ///     }
+    ///     Ok(())
+    /// }
+    /// ```
     #[cfg(feature = "distributed")]
     pub fn local(workers: usize) -> Result<Client> {
         let cluster = crate::cluster::Cluster::local(workers)?;
