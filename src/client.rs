@@ -386,6 +386,54 @@ impl Client {
         self.submit_nodes(&nodes)
     }
 
+    /// Calls `f` with one item of each iterable, walked in step, as one
+    /// submission: Dask's `client.map(f, xs, ys)`, written
+    /// `client.map_zip(f, (xs, ys))` (a tuple of 1 to 6 iterables, one per
+    /// parameter of `f`). One future per call, in order. Items may be plain
+    /// values, `Delayed`s or futures, as in [`map`](Client::map).
+    ///
+    /// Iterables of different lengths stop at the shortest, as Dask's
+    /// `map` and Rust's [`zip`](std::iter::zip) do: the items left in the
+    /// longer ones are not used (compare lengths first if that would be a
+    /// bug).
+    ///
+    /// # Errors
+    ///
+    /// As [`submit`](Client::submit).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use rask::Client;
+    /// fn add(x: i64, y: i64) -> i64 { x + y }
+    /// fn scale(x: i64, by: i64, offset: i64) -> i64 { x * by + offset }
+    ///
+    /// let client = Client::threads(2)?;
+    /// let sums = client.map_zip(add, (1..=3, vec![10, 20, 30]))?;
+    /// assert_eq!(client.gather(&sums)?, vec![11, 22, 33]);
+    ///
+    /// // Futures are items too; the shortest iterable sets the length.
+    /// let scaled = client.map_zip(scale, (&sums, [2, 3], std::iter::repeat(1)))?;
+    /// assert_eq!(client.gather(&scaled)?, vec![23, 67]);
+    /// # Ok::<(), rask::Error>(())
+    /// ```
+    pub fn map_zip<F, Is, Sig, Ks>(&self, f: F, iterables: Is) -> Result<Vec<Future<F::Out>>>
+    where
+        Is: Iterables,
+        F: crate::args::Apply<Plain, Is::Items, Sig, Ks> + Clone,
+        F::Out: Data,
+    {
+        let name = std::any::type_name::<F>();
+        let nodes: Vec<Arc<Node>> = iterables
+            .zip_items()
+            .map(|xs| {
+                let d: Delayed<F::Out> = apply::<Plain, _, _, _, _>(name, f.clone(), xs);
+                d.node().clone()
+            })
+            .collect();
+        self.submit_nodes(&nodes)
+    }
+
     /// Waits for every future and returns their values, in order.
     ///
     /// # Errors
@@ -635,6 +683,47 @@ pub struct ClientStats {
     /// needed (rule 5); `0` on executors in this process.
     pub on_cluster: usize,
 }
+
+/// A tuple of 1 to 6 iterables, walked in step by [`Client::map_zip`]: each
+/// step takes one item of every iterable, and the walk stops at the end
+/// of the shortest.
+///
+/// # Examples
+///
+/// ```
+/// use rask::Iterables;
+/// let steps: Vec<(i32, char)> = (0..5, ['a', 'b']).zip_items().collect();
+/// assert_eq!(steps, vec![(0, 'a'), (1, 'b')]);
+/// ```
+pub trait Iterables {
+    /// One step: a tuple with an item of each iterable.
+    type Items;
+
+    /// The steps, in order, up to the end of the shortest iterable.
+    fn zip_items(self) -> impl Iterator<Item = Self::Items>;
+}
+
+macro_rules! iterables {
+    ($($i:ident $n:tt),+) => {
+        impl<$($i: IntoIterator),+> Iterables for ($($i,)+) {
+            type Items = ($($i::Item,)+);
+
+            fn zip_items(self) -> impl Iterator<Item = Self::Items> {
+                let mut iters = ($(self.$n.into_iter(),)+);
+                // Stops at the first iterable to end (items taken from the
+                // ones before it in that step are dropped, as `zip` does).
+                std::iter::from_fn(move || Some(($(iters.$n.next()?,)+)))
+            }
+        }
+    };
+}
+
+iterables!(I0 0);
+iterables!(I0 0, I1 1);
+iterables!(I0 0, I1 1, I2 2);
+iterables!(I0 0, I1 1, I2 2, I3 3);
+iterables!(I0 0, I1 1, I2 2, I3 3, I4 4);
+iterables!(I0 0, I1 1, I2 2, I3 3, I4 4, I5 5);
 
 impl Entry {
     fn pending() -> Entry {

@@ -215,15 +215,15 @@ mod registry;
 mod report;
 
 pub use args::{mode, IntoArg, Traverse, Untraversed};
-pub use client::{Client, ClientStats};
+pub use client::{Client, ClientStats, Iterables};
 pub use compute::{compute, compute_with, Compute};
 pub use config::{Config, ExecutorKind};
 pub use data::Data;
 pub use delayed::{named_key, persist, persist_with, value, value_named, Delayed, TaskKey};
 pub use error::{Error, Result};
 pub use future::{
-    as_completed, fire_and_forget, wait, wait_first, wait_timeout, AsCompleted, Done, Future,
-    Status,
+    as_completed, fire_and_forget, wait, wait_first, wait_timeout, AnyFuture, AsCompleted, Done,
+    Future, Status, Waitable,
 };
 pub use graph::Graph;
 pub use optimize::{explain, Explain, PlannedTask, Timings};

@@ -6,6 +6,8 @@
 
 #[path = "support/arguments.rs"]
 mod arguments;
+#[path = "support/futures_api.rs"]
+mod futures_api;
 #[path = "support/harness.rs"]
 mod harness;
 mod support;
@@ -942,6 +944,18 @@ fn arguments_on_local_2() {
     arguments::parts(&local2());
 }
 
+/// The futures API of #16 on real worker processes.
+fn futures_api_on_local_2() {
+    let before = live_children().len();
+    let client = Client::local(2).unwrap();
+    futures_api::map_over_several_iterables(&client);
+    futures_api::as_completed_is_a_stream(&client);
+    futures_api::as_completed_in_batches(&client);
+    futures_api::futures_of_different_types(&client);
+    drop(client);
+    children_settle_to(before);
+}
+
 /// Set in a run of this binary as a child program: its `main` prints what
 /// [`threads_scenario`] finds instead of running the tests.
 const THREADS_SCENARIO_ENV: &str = "RASK_TEST_THREADS_SCENARIO";
@@ -1003,7 +1017,7 @@ fn worker_threads_split_the_cores() {
 }
 
 fn main() {
-    rask::init_with(arguments::register(rask::tasks![
+    rask::init_with(futures_api::register(arguments::register(rask::tasks![
         inc,
         add,
         sum,
@@ -1022,7 +1036,7 @@ fn main() {
         chatty,
         partial,
         stubborn
-    ]));
+    ])));
     if std::env::var_os(OUTPUT_SCENARIO_ENV).is_some() {
         output_scenario();
         return;
@@ -1051,6 +1065,7 @@ fn main() {
         ),
         ("futures_api_on_a_cluster", futures_api_on_a_cluster),
         ("arguments_on_local_2", arguments_on_local_2),
+        ("futures_api_on_local_2", futures_api_on_local_2),
         (
             "worker_threads_split_the_cores",
             worker_threads_split_the_cores,
