@@ -486,16 +486,52 @@ impl Client {
         Ok(future)
     }
 
-    /// As [`scatter`](Client::scatter); `broadcast` asks for a copy on every
-    /// worker of a cluster. In process there is one copy, shared by all
-    /// threads, so the flag changes nothing here.
+    /// As [`scatter`](Client::scatter); with `broadcast`, every worker of a
+    /// cluster holds a copy (Dask's `scatter(…, broadcast=True)`), so tasks
+    /// using the data on any worker start without fetching it. The data is
+    /// sent once, to one worker; the others fetch it from there, through
+    /// the scheduler's replicate request, and `scatter_with` returns once
+    /// they all hold it (after at most 30 s: a copy that did not arrive by
+    /// then is fetched when a task needs it, and a warning says so).
+    /// [`who_has`](Client::who_has) lists the holders. Workers that join
+    /// later get no copy. A value of at most 64 KiB is kept in this
+    /// process instead and sent with each task that uses it (as for
+    /// `scatter`), so there is nothing to copy and `broadcast` changes
+    /// nothing.
+    ///
+    /// On `sync` and `threads` there is one copy, in this process, shared
+    /// by every thread: `broadcast` changes nothing there.
     ///
     /// # Errors
     ///
-    /// As [`submit`](Client::submit).
+    /// As [`submit`](Client::submit); on a cluster, [`Error::Distributed`]
+    /// when its scheduler cannot be asked who holds the copies.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use rask::{delayed, Client};
+    /// use std::sync::Arc;
+    /// fn total(v: Arc<Vec<u8>>) -> u64 { v.iter().map(|&b| b as u64).sum() }
+    /// let client = Client::threads(2)?;
+    /// let data = client.scatter_with(vec![1u8; 1000], true)?;
+    /// let held = client.who_has(&[data.clone()])?;
+    /// assert_eq!(held[0].1, vec!["this process".to_string()]);   // every worker
+    /// assert_eq!(client.submit(delayed!(total(&data)))?.result()?, 1000);
+    /// # Ok::<(), rask::Error>(())
+    /// ```
     pub fn scatter_with<T: Data>(&self, data: T, broadcast: bool) -> Result<Future<T>> {
-        let _ = broadcast;
-        self.scatter(data)
+        let future = self.scatter(data)?;
+        #[cfg(feature = "distributed")]
+        if let (true, Backend::Distributed(cluster)) = (broadcast, &self.inner.backend) {
+            let key = future.key().key();
+            if matches!(self.inner.state(key), State::Finished(_)) {
+                cluster.broadcast(key)?;
+            }
+        }
+        #[cfg(not(feature = "distributed"))]
+        let _ = broadcast; // one copy in this process: nothing to do
+        Ok(future)
     }
 
     /// Computes `delayed` in the background and returns a `Delayed` backed by

@@ -50,6 +50,9 @@ fn worker_threads(workers: usize) -> Result<usize> {
     }
 }
 
+/// How long [`Cluster::broadcast`] waits for every worker to hold a copy.
+const BROADCAST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The environment variable that serves a local cluster's dashboard:
 /// `HOST:PORT`, or `:PORT` on 127.0.0.1 (`:0` picks a free port).
 pub(crate) const DASHBOARD_ENV: &str = "RASK_DASHBOARD";
@@ -148,6 +151,49 @@ impl Cluster {
 
     pub(crate) fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// Has every worker hold a copy of `key` (Dask's `replicate`), if the
+    /// cluster holds it, and waits until they do, at most
+    /// [`BROADCAST_TIMEOUT`]: the scheduler
+    /// asks each worker to fetch it (its rule S13) and answers nothing, so
+    /// this asks it who holds the key until every worker does.
+    // Asking is a round trip per look, with pauses growing to 50 ms: a
+    // broadcast is rare and its copies take a fetch each, so this costs
+    // little; a scheduler answer once all copies arrived would cost none,
+    // and a state per request in the scheduler (TODO(#16)).
+    pub(crate) fn broadcast(&self, key: rask_executor::Key) -> Result<()> {
+        let holders = |client: &Client| -> Result<usize> {
+            Ok(client.who_has(&[key])?.pop().map_or(0, |h| h.len()))
+        };
+        if holders(&self.client)? == 0 {
+            // Not held there: a small value came back to this process and
+            // travels with each task (`rask_distributed::client` rule 5).
+            return Ok(());
+        }
+        self.client.replicate(&[key])?;
+        let deadline = std::time::Instant::now() + BROADCAST_TIMEOUT;
+        let mut pause = std::time::Duration::from_millis(1);
+        loop {
+            // Workers may leave meanwhile: counted again each time.
+            let workers = self.client.info()?.workers.len();
+            let held = holders(&self.client)?;
+            if held >= workers {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    held,
+                    workers,
+                    "scatter: {held} of {workers} workers hold the broadcast value after {:?}; \
+                     the others fetch it when a task needs it",
+                    BROADCAST_TIMEOUT
+                );
+                return Ok(());
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(std::time::Duration::from_millis(50));
+        }
     }
 
     /// The address of a local cluster's dashboard, if it runs.

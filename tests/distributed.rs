@@ -952,6 +952,8 @@ fn futures_api_on_local_2() {
     futures_api::as_completed_is_a_stream(&client);
     futures_api::as_completed_in_batches(&client);
     futures_api::futures_of_different_types(&client);
+    futures_api::scatter_broadcast(&client, 2);
+    futures_api::small_broadcast_returns_at_once(&client);
     drop(client);
     children_settle_to(before);
 }

@@ -761,3 +761,17 @@ fn a_batch_holds_every_future_done_so_far() {
     assert_eq!(seq.next_batch().unwrap()[0].key(), fs[2].key());
     assert!(seq.next_batch().is_none());
 }
+
+#[test]
+fn scatter_broadcast_reaches_every_worker() {
+    for client in clients() {
+        // The loopback cluster has two workers; the others are one process.
+        let workers = if matches!(client.executor(), rask::ExecutorKind::Tcp(_)) {
+            2
+        } else {
+            1
+        };
+        futures_api::scatter_broadcast(&client, workers);
+        futures_api::small_broadcast_returns_at_once(&client);
+    }
+}

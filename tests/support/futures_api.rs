@@ -209,3 +209,35 @@ pub fn futures_of_different_types(client: &Client) {
     drop(lone);
     assert_eq!(client.stats().keys_held, held);
 }
+
+/// `scatter_with(.., broadcast: true)`: every one of the client's
+/// `workers` holds the value (one, this process, off a cluster); without
+/// it, one does. The values are over 64 KiB: smaller ones stay in this
+/// process and travel with each task (`rask_distributed::client` rule 5).
+pub fn scatter_broadcast(client: &Client, workers: usize) {
+    const N: usize = 100_000;
+    let plain = client.scatter(vec![1u8; N]).unwrap();
+    let wide = client.scatter_with(vec![2u8; N], true).unwrap();
+    let held = client.who_has(&[plain.clone(), wide.clone()]).unwrap();
+    assert_eq!(held[0].1.len(), 1, "{held:?}");
+    let mut holders = held[1].1.clone();
+    holders.sort();
+    holders.dedup();
+    assert_eq!(holders.len(), workers, "{held:?}");
+    // Used in place wherever tasks run.
+    let lens = client.map(bytes_len, vec![&wide; 8]).unwrap();
+    assert_eq!(client.gather(&lens).unwrap(), vec![N; 8]);
+    // Broadcasting data already scattered copies it too.
+    let again = client.scatter_with(vec![1u8; N], true).unwrap();
+    assert_eq!(again.key(), plain.key());
+    assert_eq!(client.who_has(&[plain]).unwrap()[0].1.len(), workers);
+}
+
+/// A broadcast of a small value returns at once: it is kept in this
+/// process and sent with each task, so there is nothing to copy.
+pub fn small_broadcast_returns_at_once(client: &Client) {
+    let started = Instant::now();
+    let small = client.scatter_with(vec![3u8; 100], true).unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(client.submit(delayed!(bytes_len(&small))).unwrap().result().unwrap(), 100);
+}
