@@ -165,17 +165,19 @@ fn clients() -> Vec<Client> {
     let mut clients = vec![Client::synchronous().unwrap(), Client::threads(2).unwrap()];
     #[cfg(feature = "distributed")]
     clients.push(
-        Client::connect(&support::loopback_address(futures_api::register(rask::tasks![
-            counted,
-            gated,
-            inc,
-            add,
-            fail_on?,
-            total,
-            until_cancelled,
-            sleepy,
-            flaky?
-        ])))
+        Client::connect(&support::loopback_address(futures_api::register(
+            rask::tasks![
+                counted,
+                gated,
+                inc,
+                add,
+                fail_on?,
+                total,
+                until_cancelled,
+                sleepy,
+                flaky?
+            ],
+        )))
         .unwrap(),
     );
     clients

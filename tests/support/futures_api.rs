@@ -70,8 +70,7 @@ struct Unpark {
 
 impl Wake for Unpark {
     fn wake(self: Arc<Self>) {
-        self.wakes
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.wakes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.thread.unpark();
     }
 }
@@ -239,5 +238,12 @@ pub fn small_broadcast_returns_at_once(client: &Client) {
     let started = Instant::now();
     let small = client.scatter_with(vec![3u8; 100], true).unwrap();
     assert!(started.elapsed() < Duration::from_secs(10));
-    assert_eq!(client.submit(delayed!(bytes_len(&small))).unwrap().result().unwrap(), 100);
+    assert_eq!(
+        client
+            .submit(delayed!(bytes_len(&small)))
+            .unwrap()
+            .result()
+            .unwrap(),
+        100
+    );
 }

@@ -1019,7 +1019,9 @@ impl State {
                 // A worker may always say it lacks a value it is said to
                 // hold: it can only take itself off.
                 Reporter::Worker(w) => {
-                    w == holder || self.asked_to_fetch(w, id, since) || asked_to_copy(task, w, since)
+                    w == holder
+                        || self.asked_to_fetch(w, id, since)
+                        || asked_to_copy(task, w, since)
                 }
             };
             if told {

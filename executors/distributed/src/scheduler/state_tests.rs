@@ -557,7 +557,11 @@ fn a_copy_counts_only_if_asked_after_the_value_was_computed() {
     finish(&mut s, &mut out, W1, 1, 8);
     s.on_worker_registered(W0, "127.0.0.1:1000".into(), 1, &mut out);
     s.on_data_added(W0, k(1), &mut out);
-    assert_eq!(out.releases(), vec![(W0, k(1))], "never asked of this value");
+    assert_eq!(
+        out.releases(),
+        vec![(W0, k(1))],
+        "never asked of this value"
+    );
     assert_eq!(s.who_has(&k(1)), &[W1]);
     // A worker asked may say a holder failed it (S12), and is asked again
     // by a later request.
