@@ -116,7 +116,10 @@
 //! Dask's names: `submit`, `map`, `gather`, `scatter`, `compute`, `persist`,
 //! [`as_completed`], [`wait`]. Futures are task arguments, identical
 //! submissions share one computation, and dropping the last clone of a
-//! future releases its result.
+//! future releases its result. [`Client::map_zip`] maps over several
+//! iterables, [`AsCompleted`] is also a `Stream` and gives batches,
+//! [`AnyFuture`] lets `wait` and `as_completed` take futures of different
+//! types, and [`Client::scatter_with`] broadcasts to every worker.
 //!
 //! ```
 //! use rask::{as_completed, delayed, Client};
