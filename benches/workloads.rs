@@ -215,7 +215,7 @@ impl Run {
     /// `local:N` cluster, workers × threads per worker.
     fn threads(&self) -> usize {
         if let Some(workers) = self.cluster() {
-            return workers * worker_threads();
+            return workers * worker_threads(workers);
         }
         match self.executor.strip_prefix("threads") {
             Some(n) => n
@@ -237,14 +237,19 @@ impl Run {
     }
 }
 
-/// Threads per worker process, as workers read it (`RASK_WORKER_THREADS`,
-/// default 1).
-fn worker_threads() -> usize {
+/// Threads per worker process of a local cluster of `workers`, as
+/// `Client::local` chooses them (`RASK_WORKER_THREADS`, default the cores
+/// split between the workers, at least 1 each); for a cluster reached by
+/// address (0 workers here), what a worker started by hand runs.
+fn worker_threads(workers: usize) -> usize {
     std::env::var("RASK_WORKER_THREADS")
         .ok()
         .and_then(|t| t.trim().parse::<usize>().ok())
         .filter(|&t| t > 0)
-        .unwrap_or(1)
+        .unwrap_or_else(|| match workers {
+            0 => 1, // a worker started by hand without the variable
+            n => (cores() / n).max(1),
+        })
 }
 
 /// What a run measured: the headline figure, its task count, and every other
@@ -287,7 +292,7 @@ impl Report {
             // workers are processes of their own.
             report = report
                 .int("workers", workers as u64)
-                .int("worker_threads", worker_threads() as u64)
+                .int("worker_threads", worker_threads(workers) as u64)
                 .float("workers_peak_rss_mib", children_peak_rss_mib());
         }
         report
@@ -940,7 +945,7 @@ usage: cargo bench --bench workloads -- WORKLOAD N [--executor E]
 
 E: sync | threads | threads:N | local:N | tcp://host:port | tls://host:port (default: the
    workload's first executor; local:N starts N worker processes of this
-   binary, RASK_WORKER_THREADS threads each, default 1)
+   binary, RASK_WORKER_THREADS threads each, default cores / N, at least 1)
 `all` runs every workload at the sizes of shared/bench/WORKLOADS.md on every
 executor it lists (or only E), each run in a fresh process, R times (default
 3), and prints the fastest run's JSON line (by headline figure) on stdout,

@@ -119,7 +119,10 @@
 //! Dask's names: `submit`, `map`, `gather`, `scatter`, `compute`, `persist`,
 //! [`as_completed`], [`wait`]. Futures are task arguments, identical
 //! submissions share one computation, and dropping the last clone of a
-//! future releases its result.
+//! future releases its result. [`Client::map_zip`] maps over several
+//! iterables, [`AsCompleted`] is also a `Stream` and gives batches,
+//! [`AnyFuture`] lets `wait` and `as_completed` take futures of different
+//! types, and [`Client::scatter_with`] broadcasts to every worker.
 //!
 //! ```
 //! use rask::{as_completed, delayed, Client};
@@ -237,10 +240,10 @@ pub use build::delayed::{named_key, value, value_named, Delayed, TaskKey};
 pub use build::error::{Error, Result};
 pub use build::graph::Graph;
 pub use build::registry::{Register, Tasks};
-pub use futures::client::{Client, ClientStats};
+pub use futures::client::{Client, ClientStats, Iterables};
 pub use futures::future::{
-    as_completed, fire_and_forget, wait, wait_first, wait_timeout, AsCompleted, Done, Future,
-    Status,
+    as_completed, fire_and_forget, wait, wait_first, wait_timeout, AnyFuture, AsCompleted, Done,
+    Future, Status, Waitable,
 };
 pub use futures::persist::{persist, persist_with};
 pub use futures::progress;

@@ -6,6 +6,8 @@
 
 #[path = "support/arguments.rs"]
 mod arguments;
+#[path = "support/futures_api.rs"]
+mod futures_api;
 #[path = "support/harness.rs"]
 mod harness;
 mod support;
@@ -942,8 +944,82 @@ fn arguments_on_local_2() {
     arguments::parts(&local2());
 }
 
+/// The futures API of #16 on real worker processes.
+fn futures_api_on_local_2() {
+    let before = live_children().len();
+    let client = Client::local(2).unwrap();
+    futures_api::map_over_several_iterables(&client);
+    futures_api::as_completed_is_a_stream(&client);
+    futures_api::as_completed_in_batches(&client);
+    futures_api::futures_of_different_types(&client);
+    futures_api::scatter_broadcast(&client, 2);
+    futures_api::small_broadcast_returns_at_once(&client);
+    drop(client);
+    children_settle_to(before);
+}
+
+/// Set in a run of this binary as a child program: its `main` prints what
+/// [`threads_scenario`] finds instead of running the tests.
+const THREADS_SCENARIO_ENV: &str = "RASK_TEST_THREADS_SCENARIO";
+
+/// The child program: starts `Client::local(2)` under the environment it
+/// was given and prints `threads A B` (each worker's threads) or `error
+/// MESSAGE`.
+fn threads_scenario() {
+    match Client::local(2) {
+        Ok(client) => {
+            let mut threads: Vec<u32> = client
+                .scheduler_info()
+                .expect("the cluster answers")
+                .workers
+                .iter()
+                .map(|w| w.threads)
+                .collect();
+            threads.sort_unstable();
+            println!("threads {threads:?}");
+        }
+        Err(e) => println!("error {e}"),
+    }
+}
+
+/// `Client::local(n)` splits the machine's cores between its workers;
+/// `RASK_WORKER_THREADS` overrides it, and an invalid value is an error
+/// naming it, from the client before any worker starts, and from a worker
+/// started by hand.
+fn worker_threads_split_the_cores() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let split = (cores / 2).max(1) as u32;
+    let (out, _) = run_child(&[(THREADS_SCENARIO_ENV, "1")]);
+    assert_eq!(out.trim(), format!("threads {:?}", [split, split]));
+    let (out, _) = run_child(&[(THREADS_SCENARIO_ENV, "1"), ("RASK_WORKER_THREADS", "3")]);
+    assert_eq!(out.trim(), "threads [3, 3]");
+    for bad in ["0", "four", "-1", ""] {
+        let (out, _) = run_child(&[(THREADS_SCENARIO_ENV, "1"), ("RASK_WORKER_THREADS", bad)]);
+        assert_eq!(
+            out.trim(),
+            format!(
+                "error RASK_WORKER_THREADS={bad:?} is not valid: expected a positive integer \
+                 (threads per worker process)"
+            )
+        );
+    }
+    // A worker started by hand with a bad value refuses before connecting.
+    let output = Command::new(std::env::current_exe().expect("this test's path"))
+        .env(rask_distributed::WORKER_ENV, "tcp://127.0.0.1:9")
+        .env("RASK_WORKER_THREADS", "many")
+        .stdin(Stdio::null())
+        .output()
+        .expect("the worker runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(r#"RASK_WORKER_THREADS="many" is not valid"#),
+        "{stderr}"
+    );
+}
+
 fn main() {
-    rask::init_with(arguments::register(rask::tasks![
+    rask::init_with(futures_api::register(arguments::register(rask::tasks![
         inc,
         add,
         sum,
@@ -962,13 +1038,17 @@ fn main() {
         chatty,
         partial,
         stubborn
-    ]));
+    ])));
     if std::env::var_os(OUTPUT_SCENARIO_ENV).is_some() {
         output_scenario();
         return;
     }
     if std::env::var_os(STUCK_SCENARIO_ENV).is_some() {
         stuck_scenario();
+        return;
+    }
+    if std::env::var_os(THREADS_SCENARIO_ENV).is_some() {
+        threads_scenario();
         return;
     }
     harness::token_for_this_run();
@@ -987,6 +1067,11 @@ fn main() {
         ),
         ("futures_api_on_a_cluster", futures_api_on_a_cluster),
         ("arguments_on_local_2", arguments_on_local_2),
+        ("futures_api_on_local_2", futures_api_on_local_2),
+        (
+            "worker_threads_split_the_cores",
+            worker_threads_split_the_cores,
+        ),
         (
             "held_results_stay_on_the_cluster",
             held_results_stay_on_the_cluster,

@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 
+#[path = "support/futures_api.rs"]
+mod futures_api;
 mod support;
 
 use rask::{as_completed, delayed, wait, wait_first, Client, Delayed, Error, Status};
@@ -163,17 +165,19 @@ fn clients() -> Vec<Client> {
     let mut clients = vec![Client::synchronous().unwrap(), Client::threads(2).unwrap()];
     #[cfg(feature = "distributed")]
     clients.push(
-        Client::connect(&support::loopback_address(rask::tasks![
-            counted,
-            gated,
-            inc,
-            add,
-            fail_on?,
-            total,
-            until_cancelled,
-            sleepy,
-            flaky?
-        ]))
+        Client::connect(&support::loopback_address(futures_api::register(
+            rask::tasks![
+                counted,
+                gated,
+                inc,
+                add,
+                fail_on?,
+                total,
+                until_cancelled,
+                sleepy,
+                flaky?
+            ],
+        )))
         .unwrap(),
     );
     clients
@@ -690,4 +694,86 @@ fn total_of(xs: Vec<i64>) -> i64 {
 
 fn refuse(id: u64) -> Result<i64, String> {
     Err(format!("refused {id}"))
+}
+
+// The futures API of #16 (`tests/support/futures_api.rs`) on every client;
+// `tests/distributed.rs` runs it on `local:2`.
+
+#[test]
+fn map_over_several_iterables() {
+    for client in clients() {
+        futures_api::map_over_several_iterables(&client);
+    }
+}
+
+#[test]
+fn as_completed_is_a_stream() {
+    for client in clients() {
+        futures_api::as_completed_is_a_stream(&client);
+    }
+}
+
+#[test]
+fn as_completed_in_batches() {
+    for client in clients() {
+        futures_api::as_completed_in_batches(&client);
+    }
+}
+
+#[test]
+fn futures_of_different_types() {
+    for client in clients() {
+        futures_api::futures_of_different_types(&client);
+    }
+}
+
+/// A stream waiting for a running task is woken by its completion, not
+/// polled in a loop.
+#[test]
+fn a_stream_sleeps_until_a_future_completes() {
+    let client = Client::threads(2).unwrap();
+    let gate = new_id();
+    let seq = as_completed(vec![client.submit(delayed!(gated(gate, 5))).unwrap()]);
+    let opener = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        open(gate);
+    });
+    let (done, polls) = futures_api::drain(seq);
+    opener.join().unwrap();
+    assert_eq!(done[0].result().unwrap(), 5);
+    assert!(polls <= 3, "{polls} polls: pending, woken, then the end");
+}
+
+/// Batches gather what completed while the caller was busy.
+#[test]
+fn a_batch_holds_every_future_done_so_far() {
+    let client = Client::threads(2).unwrap();
+    let (g1, g2) = (new_id(), new_id());
+    let fs = vec![
+        client.submit(delayed!(gated(g1, 1))).unwrap(),
+        client.submit(delayed!(gated(g1, 2))).unwrap(),
+        client.submit(delayed!(gated(g2, 3))).unwrap(),
+    ];
+    let mut seq = as_completed(fs.clone());
+    open(g1);
+    rask::wait(&fs[..2]);
+    let first = seq.next_batch().unwrap();
+    assert_eq!(first.len(), 2);
+    open(g2);
+    assert_eq!(seq.next_batch().unwrap()[0].key(), fs[2].key());
+    assert!(seq.next_batch().is_none());
+}
+
+#[test]
+fn scatter_broadcast_reaches_every_worker() {
+    for client in clients() {
+        // The loopback cluster has two workers; the others are one process.
+        let workers = if matches!(client.executor(), rask::ExecutorKind::Tcp(_)) {
+            2
+        } else {
+            1
+        };
+        futures_api::scatter_broadcast(&client, workers);
+        futures_api::small_broadcast_returns_at_once(&client);
+    }
 }

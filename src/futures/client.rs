@@ -195,10 +195,35 @@ impl Client {
     /// `eprint!("{line}")` is written at once).
     /// `RASK_SCHEDULER=local:N` behaves the same.
     ///
+    /// # Threads
+    ///
+    /// Each worker runs `RASK_WORKER_THREADS` threads if that is set, and
+    /// otherwise the machine's cores split between the workers, at least one
+    /// each: `max(1, cores / workers)`, as Dask's `Client(n_workers=…)`. On 8
+    /// cores, `Client::local(2)` is 2 workers of 4 threads, and
+    /// `Client::local(16)` 16 workers of 1. [`Client::scheduler_info`] shows
+    /// the threads of each worker.
+    ///
     /// # Errors
     ///
-    /// [`Error::NotInitialized`] without `rask::init`; a distributed error
+    /// [`Error::NotInitialized`] without `rask::init`; [`Error::Distributed`]
+    /// naming the variable and its value when `RASK_WORKER_THREADS` is not a
+    /// positive integer (before any process starts); a distributed error
     /// when the scheduler or a worker cannot start.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// fn main() -> rask::Result<()> {
+    ///     rask::init();   // worker processes of this program stop here
+    ///     let client = rask::Client::local(2)?;
+    ///     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    ///     for worker in client.scheduler_info()?.workers {
+    ///         assert_eq!(worker.threads as usize, (cores / 2).max(1));
+    ///     }
+    ///     Ok(())
+    /// }
+    /// ```
     #[cfg(feature = "distributed")]
     pub fn local(workers: usize) -> Result<Client> {
         let cluster = crate::run::cluster::Cluster::local(workers)?;
@@ -363,6 +388,54 @@ impl Client {
         self.submit_nodes(&nodes)
     }
 
+    /// Calls `f` with one item of each iterable, walked in step, as one
+    /// submission: Dask's `client.map(f, xs, ys)`, written
+    /// `client.map_zip(f, (xs, ys))` (a tuple of 1 to 6 iterables, one per
+    /// parameter of `f`). One future per call, in order. Items may be plain
+    /// values, `Delayed`s or futures, as in [`map`](Client::map).
+    ///
+    /// Iterables of different lengths stop at the shortest, as Dask's
+    /// `map` and Rust's [`zip`](std::iter::zip) do: the items left in the
+    /// longer ones are not used (compare lengths first if that would be a
+    /// bug).
+    ///
+    /// # Errors
+    ///
+    /// As [`submit`](Client::submit).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use rask::Client;
+    /// fn add(x: i64, y: i64) -> i64 { x + y }
+    /// fn scale(x: i64, by: i64, offset: i64) -> i64 { x * by + offset }
+    ///
+    /// let client = Client::threads(2)?;
+    /// let sums = client.map_zip(add, (1..=3, vec![10, 20, 30]))?;
+    /// assert_eq!(client.gather(&sums)?, vec![11, 22, 33]);
+    ///
+    /// // Futures are items too; the shortest iterable sets the length.
+    /// let scaled = client.map_zip(scale, (&sums, [2, 3], std::iter::repeat(1)))?;
+    /// assert_eq!(client.gather(&scaled)?, vec![23, 67]);
+    /// # Ok::<(), rask::Error>(())
+    /// ```
+    pub fn map_zip<F, Is, Sig, Ks>(&self, f: F, iterables: Is) -> Result<Vec<Future<F::Out>>>
+    where
+        Is: Iterables,
+        F: crate::build::args::Apply<Plain, Is::Items, Sig, Ks> + Clone,
+        F::Out: Data,
+    {
+        let name = std::any::type_name::<F>();
+        let nodes: Vec<Arc<Node>> = iterables
+            .zip_items()
+            .map(|xs| {
+                let d: Delayed<F::Out> = apply::<Plain, _, _, _, _>(name, f.clone(), xs);
+                d.node().clone()
+            })
+            .collect();
+        self.submit_nodes(&nodes)
+    }
+
     /// Waits for every future and returns their values, in order.
     ///
     /// # Errors
@@ -415,16 +488,52 @@ impl Client {
         Ok(future)
     }
 
-    /// As [`scatter`](Client::scatter); `broadcast` asks for a copy on every
-    /// worker of a cluster. In process there is one copy, shared by all
-    /// threads, so the flag changes nothing here.
+    /// As [`scatter`](Client::scatter); with `broadcast`, every worker of a
+    /// cluster holds a copy (Dask's `scatter(…, broadcast=True)`), so tasks
+    /// using the data on any worker start without fetching it. The data is
+    /// sent once, to one worker; the others fetch it from there, through
+    /// the scheduler's replicate request, and `scatter_with` returns once
+    /// they all hold it (after at most 30 s: a copy that did not arrive by
+    /// then is fetched when a task needs it, and a warning says so).
+    /// [`who_has`](Client::who_has) lists the holders. Workers that join
+    /// later get no copy. A value of at most 64 KiB is kept in this
+    /// process instead and sent with each task that uses it (as for
+    /// `scatter`), so there is nothing to copy and `broadcast` changes
+    /// nothing.
+    ///
+    /// On `sync` and `threads` there is one copy, in this process, shared
+    /// by every thread: `broadcast` changes nothing there.
     ///
     /// # Errors
     ///
-    /// As [`submit`](Client::submit).
+    /// As [`submit`](Client::submit); on a cluster, [`Error::Distributed`]
+    /// when its scheduler cannot be asked who holds the copies.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use rask::{delayed, Client};
+    /// use std::sync::Arc;
+    /// fn total(v: Arc<Vec<u8>>) -> u64 { v.iter().map(|&b| b as u64).sum() }
+    /// let client = Client::threads(2)?;
+    /// let data = client.scatter_with(vec![1u8; 1000], true)?;
+    /// let held = client.who_has(&[data.clone()])?;
+    /// assert_eq!(held[0].1, vec!["this process".to_string()]);   // every worker
+    /// assert_eq!(client.submit(delayed!(total(&data)))?.result()?, 1000);
+    /// # Ok::<(), rask::Error>(())
+    /// ```
     pub fn scatter_with<T: Data>(&self, data: T, broadcast: bool) -> Result<Future<T>> {
-        let _ = broadcast;
-        self.scatter(data)
+        let future = self.scatter(data)?;
+        #[cfg(feature = "distributed")]
+        if let (true, Backend::Distributed(cluster)) = (broadcast, &self.inner.backend) {
+            let key = future.key().key();
+            if matches!(self.inner.state(key), State::Finished(_)) {
+                cluster.broadcast(key)?;
+            }
+        }
+        #[cfg(not(feature = "distributed"))]
+        let _ = broadcast; // one copy in this process: nothing to do
+        Ok(future)
     }
 
     /// Computes `delayed` in the background and returns a `Delayed` backed by
@@ -612,6 +721,47 @@ pub struct ClientStats {
     /// needed (rule 5); `0` on executors in this process.
     pub on_cluster: usize,
 }
+
+/// A tuple of 1 to 6 iterables, walked in step by [`Client::map_zip`]: each
+/// step takes one item of every iterable, and the walk stops at the end
+/// of the shortest.
+///
+/// # Examples
+///
+/// ```
+/// use rask::Iterables;
+/// let steps: Vec<(i32, char)> = (0..5, ['a', 'b']).zip_items().collect();
+/// assert_eq!(steps, vec![(0, 'a'), (1, 'b')]);
+/// ```
+pub trait Iterables {
+    /// One step: a tuple with an item of each iterable.
+    type Items;
+
+    /// The steps, in order, up to the end of the shortest iterable.
+    fn zip_items(self) -> impl Iterator<Item = Self::Items>;
+}
+
+macro_rules! iterables {
+    ($($i:ident $n:tt),+) => {
+        impl<$($i: IntoIterator),+> Iterables for ($($i,)+) {
+            type Items = ($($i::Item,)+);
+
+            fn zip_items(self) -> impl Iterator<Item = Self::Items> {
+                let mut iters = ($(self.$n.into_iter(),)+);
+                // Stops at the first iterable to end (items taken from the
+                // ones before it in that step are dropped, as `zip` does).
+                std::iter::from_fn(move || Some(($(iters.$n.next()?,)+)))
+            }
+        }
+    };
+}
+
+iterables!(I0 0);
+iterables!(I0 0, I1 1);
+iterables!(I0 0, I1 1, I2 2);
+iterables!(I0 0, I1 1, I2 2, I3 3);
+iterables!(I0 0, I1 1, I2 2, I3 3, I4 4);
+iterables!(I0 0, I1 1, I2 2, I3 3, I4 4, I5 5);
 
 impl Entry {
     fn pending() -> Entry {

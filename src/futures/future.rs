@@ -1,12 +1,13 @@
 //! `Future<T>`: a result a [`Client`](crate::Client) is computing or holds,
-//! and the functions that wait on many of them (`as_completed`, `wait`).
+//! [`AnyFuture`]: one of any value type, and the functions that wait on many
+//! of them (`as_completed`, `wait`), which take both ([`Waitable`]).
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use rask_executor::{Encoded, Key, Remote, Value, WireError};
@@ -19,7 +20,10 @@ use crate::futures::client::{FutureCall, Listener, Shared, State};
 use crate::{Error, Result};
 
 /// The handle behind a future and its clones: its drop releases the key.
-pub(crate) struct Handle {
+/// `pub` only so that [`Waitable`]'s sealed method may name it; nothing
+/// outside the crate can reach its fields or make one.
+#[doc(hidden)]
+pub struct Handle {
     pub(crate) shared: Arc<Shared>,
     pub(crate) key: Key,
     pub(crate) name: Name,
@@ -334,6 +338,14 @@ impl<T: Data> Traverse<Arc<T>> for Future<T> {
 /// Yields futures in the order they finish; more can be added while
 /// iterating (Dask's `as_completed`).
 ///
+/// It is an [`Iterator`] that blocks in `next`, a
+/// [`Stream`](futures_core::Stream) for async code (woken by the futures'
+/// completion, never polling), and gives batches: every future done so far
+/// at once ([`next_batch`](AsCompleted::next_batch),
+/// [`batches`](AsCompleted::batches); Dask's `as_completed(...).batches()`).
+/// The futures may be of one value type, [`Future<T>`], or of several,
+/// erased to [`AnyFuture`].
+///
 /// # Examples
 ///
 /// ```
@@ -354,35 +366,55 @@ impl<T: Data> Traverse<Arc<T>> for Future<T> {
 /// assert_eq!(seen, vec![1, 2, 3, 12, 13, 14]);
 /// # Ok::<(), rask::Error>(())
 /// ```
+///
+/// Futures of different value types, erased to [`AnyFuture`]:
+///
+/// ```
+/// use rask::{as_completed, delayed, Client};
+/// fn inc(x: i64) -> i64 { x + 1 }
+/// fn name(x: i64) -> String { format!("#{x}") }
+///
+/// let client = Client::threads(2)?;
+/// let n = client.submit(delayed!(inc(1)))?;
+/// let s = client.submit(delayed!(name(1)))?;
+/// for done in as_completed([n.erase(), s.erase()]) {
+///     match done.downcast::<i64>() {
+///         Ok(n) => assert_eq!(n.result()?, 2),
+///         Err(other) => assert_eq!(other.downcast::<String>().unwrap().result()?, "#1"),
+///     }
+/// }
+/// # Ok::<(), rask::Error>(())
+/// ```
 #[must_use = "iterate it to receive the futures as they finish"]
-pub struct AsCompleted<T> {
-    queue: Arc<Queue<T>>,
+pub struct AsCompleted<F> {
+    queue: Arc<Queue<F>>,
     outstanding: usize,
 }
 
-struct Queue<T> {
-    done: Mutex<Ready<T>>,
+struct Queue<F> {
+    done: Mutex<Ready<F>>,
     ready: Condvar,
 }
 
 /// The futures done and not yet yielded.
-struct Ready<T> {
-    futures: VecDeque<Future<T>>,
+struct Ready<F> {
+    futures: VecDeque<F>,
     /// Whether the iterator sleeps on `ready`: a notification nobody waits
     /// for costs a syscall, so none is sent then.
     waiting: bool,
+    /// The task of the latest `poll_next` that found nothing, woken by the
+    /// next future done.
+    waker: Option<Waker>,
 }
 
 /// Iterates over `futures` in completion order; see [`AsCompleted`].
-pub fn as_completed<T>(futures: impl IntoIterator<Item = Future<T>>) -> AsCompleted<T>
-where
-    T: 'static,
-{
+pub fn as_completed<F: Waitable>(futures: impl IntoIterator<Item = F>) -> AsCompleted<F> {
     let mut seq = AsCompleted {
         queue: Arc::new(Queue {
             done: Mutex::new(Ready {
                 futures: VecDeque::new(),
                 waiting: false,
+                waker: None,
             }),
             ready: Condvar::new(),
         }),
@@ -394,13 +426,12 @@ where
     seq
 }
 
-impl<T: 'static> AsCompleted<T> {
+impl<F: Waitable> AsCompleted<F> {
     /// Tracks one more future; it is yielded once it is done.
-    pub fn add(&mut self, future: Future<T>) {
+    pub fn add(&mut self, future: F) {
         self.outstanding += 1;
         let queue = self.queue.clone();
-        let shared = future.handle.shared.clone();
-        let key = future.handle.key;
+        let handle = future.handle().clone();
         let slot = Mutex::new(Some(future));
         let notify = move || {
             let taken = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
@@ -408,13 +439,19 @@ impl<T: 'static> AsCompleted<T> {
                 let mut done = queue.done.lock().unwrap_or_else(PoisonError::into_inner);
                 done.futures.push_back(f);
                 let waiting = done.waiting;
+                let waker = done.waker.take();
                 drop(done);
                 if waiting {
                     queue.ready.notify_one();
                 }
+                if let Some(waker) = waker {
+                    waker.wake();
+                }
             }
         };
-        shared.on_done(key, Listener::Queue(Arc::new(notify)));
+        handle
+            .shared
+            .on_done(handle.key, Listener::Queue(Arc::new(notify)));
     }
 
     /// Number of futures added and not yet yielded.
@@ -427,11 +464,66 @@ impl<T: 'static> AsCompleted<T> {
         self.outstanding == 0
     }
 
+    /// Every future done now and not yet yielded, in completion order,
+    /// blocking until there is at least one; `None` once every added future
+    /// was yielded.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use rask::{as_completed, Client};
+    /// fn inc(x: i64) -> i64 { x + 1 }
+    ///
+    /// let client = Client::threads(2)?;
+    /// let futures = client.map(inc, 0..10)?;
+    /// rask::wait(&futures);
+    /// let mut seq = as_completed(futures);
+    /// assert_eq!(seq.next_batch().map(|batch| batch.len()), Some(10));
+    /// assert!(seq.next_batch().is_none());
+    /// # Ok::<(), rask::Error>(())
+    /// ```
+    pub fn next_batch(&mut self) -> Option<Vec<F>> {
+        let first = self.next()?;
+        let mut done = self
+            .queue
+            .done
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut batch = Vec::with_capacity(1 + done.futures.len());
+        batch.push(first);
+        batch.extend(done.futures.drain(..));
+        self.outstanding -= batch.len() - 1;
+        Some(batch)
+    }
+
+    /// Iterates over batches: each is every future done by then (Dask's
+    /// `as_completed(...).batches()`); see
+    /// [`next_batch`](AsCompleted::next_batch). Every batch has at least one
+    /// future.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use rask::{as_completed, Client};
+    /// fn inc(x: i64) -> i64 { x + 1 }
+    ///
+    /// let client = Client::threads(2)?;
+    /// let mut seq = as_completed(client.map(inc, 0..100)?);
+    /// let mut total = 0;
+    /// for batch in seq.batches() {
+    ///     total += client.gather(&batch)?.iter().sum::<i64>();
+    /// }
+    /// assert_eq!(total, 5050);
+    /// # Ok::<(), rask::Error>(())
+    /// ```
+    pub fn batches(&mut self) -> impl Iterator<Item = Vec<F>> + '_ {
+        std::iter::from_fn(move || self.next_batch())
+    }
+}
+
+impl<T: Data> AsCompleted<Future<T>> {
     /// Yields each future together with its result.
-    pub fn with_results(self) -> impl Iterator<Item = (Future<T>, Result<T>)>
-    where
-        T: Data,
-    {
+    pub fn with_results(self) -> impl Iterator<Item = (Future<T>, Result<T>)> {
         self.map(|f| {
             let r = f.result();
             (f, r)
@@ -439,12 +531,12 @@ impl<T: 'static> AsCompleted<T> {
     }
 }
 
-impl<T: 'static> Iterator for AsCompleted<T> {
-    type Item = Future<T>;
+impl<F: Waitable> Iterator for AsCompleted<F> {
+    type Item = F;
 
     /// The next future to finish; blocks until one does. `None` once every
     /// added future was yielded.
-    fn next(&mut self) -> Option<Future<T>> {
+    fn next(&mut self) -> Option<F> {
         if self.outstanding == 0 {
             return None;
         }
@@ -467,15 +559,86 @@ impl<T: 'static> Iterator for AsCompleted<T> {
             done.waiting = false;
         }
     }
+
+    /// Exactly the futures added and not yet yielded.
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.outstanding, Some(self.outstanding))
+    }
 }
 
-/// The futures that are done and those that are not, from [`wait_first`].
+/// In async code: the next future to finish, without blocking the thread.
+/// The task is woken when one finishes (the client's completion
+/// notification; nothing polls). Only the latest task to poll is woken.
+///
+/// # Examples
+///
+/// ```
+/// use futures_core::Stream;
+/// use std::pin::Pin;
+/// use std::task::{Context, Poll, Waker};
+/// use rask::{as_completed, Client};
+/// fn inc(x: i64) -> i64 { x + 1 }
+///
+/// let client = Client::threads(2)?;
+/// let mut seq = as_completed(client.map(inc, 0..3)?);
+/// let mut cx = Context::from_waker(Waker::noop());
+/// let mut seen = 0;
+/// while seen < 3 {
+///     match Pin::new(&mut seq).poll_next(&mut cx) {
+///         Poll::Ready(Some(done)) => { done.result()?; seen += 1; }
+///         Poll::Ready(None) => unreachable!(),
+///         Poll::Pending => std::thread::yield_now(),  // a real executor parks here
+///     }
+/// }
+/// assert!(matches!(Pin::new(&mut seq).poll_next(&mut cx), Poll::Ready(None)));
+/// # Ok::<(), rask::Error>(())
+/// ```
+impl<F: Waitable> futures_core::Stream for AsCompleted<F> {
+    type Item = F;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<F>> {
+        let this = self.get_mut();
+        if this.outstanding == 0 {
+            return Poll::Ready(None);
+        }
+        let mut done = this
+            .queue
+            .done
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match done.futures.pop_front() {
+            Some(f) => {
+                this.outstanding -= 1;
+                Poll::Ready(Some(f))
+            }
+            None => {
+                // Under the lock: a future done after this poll looked
+                // finds the waker and wakes it.
+                done.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.outstanding, Some(self.outstanding))
+    }
+}
+
+impl<F: Waitable> futures_core::FusedStream for AsCompleted<F> {
+    fn is_terminated(&self) -> bool {
+        self.outstanding == 0
+    }
+}
+
+/// The futures that are done and those that are not, from [`wait_first`]:
+/// [`Future<T>`]s or [`AnyFuture`]s, as given.
 #[derive(Debug)]
-pub struct Done<T> {
+pub struct Done<F> {
     /// Finished, failed or cancelled.
-    pub done: Vec<Future<T>>,
+    pub done: Vec<F>,
     /// Still pending.
-    pub not_done: Vec<Future<T>>,
+    pub not_done: Vec<F>,
 }
 
 /// Keeps the work behind `future` running to the end without a handle to
@@ -514,22 +677,30 @@ pub fn fire_and_forget<T>(future: Future<T>) {
     );
 }
 
-/// Blocks until every future is done (finished, failed or cancelled).
+/// Blocks until every future is done (finished, failed or cancelled). The
+/// futures are [`Future<T>`]s of one type, or [`AnyFuture`]s of any.
 ///
 /// # Examples
 ///
 /// ```
-/// # use rask::Client;
+/// # use rask::{delayed, Client};
 /// fn inc(x: i64) -> i64 { x + 1 }
+/// fn name(x: i64) -> String { format!("#{x}") }
 /// let client = Client::threads(2)?;
 /// let fs = client.map(inc, 0..4)?;
 /// rask::wait(&fs);
 /// assert!(fs.iter().all(|f| f.done()));
+///
+/// // Different value types: erase them.
+/// let (n, s) = (client.submit(delayed!(inc(1)))?, client.submit(delayed!(name(1)))?);
+/// rask::wait(&[n.erase(), s.erase()]);
+/// assert!(n.done() && s.done());
 /// # Ok::<(), rask::Error>(())
 /// ```
-pub fn wait<T>(futures: &[Future<T>]) {
+pub fn wait<F: Waitable>(futures: &[F]) {
     for f in futures {
-        f.wait();
+        let h = f.handle();
+        h.shared.wait(h.key, None);
     }
 }
 
@@ -538,14 +709,11 @@ pub fn wait<T>(futures: &[Future<T>]) {
 /// # Errors
 ///
 /// [`Error::Timeout`] if some future is still pending after `timeout`.
-pub fn wait_timeout<T>(futures: &[Future<T>], timeout: Duration) -> Result<()> {
+pub fn wait_timeout<F: Waitable>(futures: &[F], timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     for f in futures {
-        if f.handle
-            .shared
-            .wait(f.handle.key, Some(deadline))
-            .is_pending()
-        {
+        let h = f.handle();
+        if h.shared.wait(h.key, Some(deadline)).is_pending() {
             return Err(Error::Timeout {
                 task: None,
                 after: timeout,
@@ -557,11 +725,168 @@ pub fn wait_timeout<T>(futures: &[Future<T>], timeout: Duration) -> Result<()> {
 
 /// Blocks until at least one future is done; returns which are done and
 /// which are not (Dask's `wait(..., return_when="FIRST_COMPLETED")`).
-pub fn wait_first<T: 'static>(futures: &[Future<T>]) -> Done<T> {
+pub fn wait_first<F: Waitable>(futures: &[F]) -> Done<F> {
     if !futures.is_empty() {
         let mut seq = as_completed(futures.iter().cloned());
         let _first = seq.next();
     }
-    let (done, not_done) = futures.iter().cloned().partition(Future::done);
+    let (done, not_done) = futures.iter().cloned().partition(|f| {
+        let h = f.handle();
+        !h.shared.state(h.key).is_pending()
+    });
     Done { done, not_done }
+}
+
+/// What [`wait`], [`wait_timeout`], [`wait_first`] and [`as_completed`]
+/// take: a [`Future<T>`] or an [`AnyFuture`]. Sealed: implemented by those
+/// two only.
+pub trait Waitable: Clone + Send + 'static + sealed::Sealed {}
+
+impl<T: 'static> Waitable for Future<T> {}
+impl Waitable for AnyFuture {}
+
+mod sealed {
+    /// Gives the crate the handle behind a future; see [`Waitable`](super::Waitable).
+    pub trait Sealed {
+        #[doc(hidden)]
+        fn handle(&self) -> &std::sync::Arc<super::Handle>;
+    }
+}
+
+impl<T> sealed::Sealed for Future<T> {
+    fn handle(&self) -> &Arc<Handle> {
+        &self.handle
+    }
+}
+
+impl sealed::Sealed for AnyFuture {
+    fn handle(&self) -> &Arc<Handle> {
+        &self.inner.handle
+    }
+}
+
+/// The value type of an [`AnyFuture`]: none (it cannot be named outside).
+enum Erased {}
+
+/// A [`Future`] of any value type, for [`wait`] and [`as_completed`] over
+/// futures of different types; [`downcast`](AnyFuture::downcast) gives the
+/// typed future back. Made by [`Future::erase`] or `AnyFuture::from`.
+/// Holds the result as the future did (release on drop included).
+///
+/// # Examples
+///
+/// ```
+/// use rask::{delayed, AnyFuture, Client};
+/// fn inc(x: i64) -> i64 { x + 1 }
+///
+/// let client = Client::threads(2)?;
+/// let any: AnyFuture = client.submit(delayed!(inc(1)))?.into();
+/// assert_eq!(any.type_name(), "i64");
+/// let wrong = any.downcast::<String>().unwrap_err();   // the handle comes back
+/// assert_eq!(wrong.downcast::<i64>().unwrap().result()?, 2);
+/// # Ok::<(), rask::Error>(())
+/// ```
+#[must_use = "dropping the last handle to a future releases its work"]
+#[derive(Clone)]
+pub struct AnyFuture {
+    inner: Future<Erased>,
+    type_id: std::any::TypeId,
+    type_name: &'static str,
+}
+
+impl<T: 'static> Future<T> {
+    /// A handle to this future's result as an [`AnyFuture`], to wait for it
+    /// beside futures of other value types (a clone: this one stays
+    /// usable; `AnyFuture::from(future)` takes it instead).
+    pub fn erase(&self) -> AnyFuture {
+        AnyFuture::from(self.clone())
+    }
+}
+
+impl<T: 'static> From<Future<T>> for AnyFuture {
+    fn from(future: Future<T>) -> AnyFuture {
+        AnyFuture {
+            inner: Future {
+                handle: future.handle,
+                fetch: None,
+                _type: PhantomData,
+            },
+            type_id: std::any::TypeId::of::<T>(),
+            type_name: std::any::type_name::<T>(),
+        }
+    }
+}
+
+impl AnyFuture {
+    /// The typed future back, if its value type is `T`; otherwise this
+    /// handle, unchanged (as [`Box::<dyn Any>::downcast`](std::any::Any) does),
+    /// whose [`type_name`](AnyFuture::type_name) says what it is.
+    ///
+    /// # Errors
+    ///
+    /// `Err(self)` when the value type is not `T`.
+    pub fn downcast<T: 'static>(self) -> std::result::Result<Future<T>, AnyFuture> {
+        if self.is::<T>() {
+            Ok(Future {
+                handle: self.inner.handle,
+                fetch: None,
+                _type: PhantomData,
+            })
+        } else {
+            Err(self)
+        }
+    }
+
+    /// Whether the value type is `T`.
+    pub fn is<T: 'static>(&self) -> bool {
+        self.type_id == std::any::TypeId::of::<T>()
+    }
+
+    /// The value type's name, e.g. `i64` or `alloc::string::String`
+    /// ([`std::any::type_name`]: for messages, not to compare).
+    pub fn type_name(&self) -> &'static str {
+        self.type_name
+    }
+
+    /// The key of the computation; see [`Future::key`].
+    pub fn key(&self) -> TaskKey {
+        self.inner.key()
+    }
+
+    /// Whether the computation is over; see [`Future::done`].
+    pub fn done(&self) -> bool {
+        self.inner.done()
+    }
+
+    /// Where the computation stands now; see [`Future::status`].
+    pub fn status(&self) -> Status {
+        self.inner.status()
+    }
+
+    /// Cancels the computation if it is still pending; see [`Future::cancel`].
+    pub fn cancel(&self) {
+        self.inner.cancel();
+    }
+
+    /// The error of a failed or cancelled future; see [`Future::exception`].
+    pub fn exception(&self) -> Option<Error> {
+        self.inner.exception()
+    }
+
+    /// Blocks until the computation is over.
+    pub fn wait(&self) {
+        self.inner.wait();
+    }
+}
+
+impl fmt::Debug for AnyFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "AnyFuture({}, {:?}, {})",
+            self.key(),
+            self.status(),
+            self.type_name
+        )
+    }
 }

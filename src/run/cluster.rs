@@ -16,8 +16,42 @@ use rask_distributed::{Client, LocalCluster, WORKER_ENV};
 
 use crate::{Error, Result};
 
-/// The environment variable giving a worker's thread count (default 1).
+/// The environment variable giving a worker's thread count: a positive
+/// integer. A local cluster sets it on its workers (see [`worker_threads`]);
+/// a worker started by hand without it runs 1 thread.
 pub(crate) const WORKER_THREADS_ENV: &str = "RASK_WORKER_THREADS";
+
+/// What [`WORKER_THREADS_ENV`] must hold, for its error.
+const WORKER_THREADS_EXPECTED: &str = "a positive integer (threads per worker process)";
+
+/// The thread count `text` names, from [`WORKER_THREADS_ENV`].
+fn parse_worker_threads(text: &str) -> Result<usize> {
+    match text.trim().parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(Error::Distributed(rask_distributed::Error::Env {
+            name: WORKER_THREADS_ENV,
+            value: text.to_owned(),
+            expected: WORKER_THREADS_EXPECTED,
+        })),
+    }
+}
+
+/// Threads per worker process of a local cluster of `workers`:
+/// [`WORKER_THREADS_ENV`] if set, else the machine's cores split between
+/// the workers, at least one each (Dask's `LocalCluster` does the same).
+fn worker_threads(workers: usize) -> Result<usize> {
+    match std::env::var(WORKER_THREADS_ENV) {
+        Ok(text) => parse_worker_threads(&text),
+        Err(std::env::VarError::NotUnicode(text)) => parse_worker_threads(&text.to_string_lossy()),
+        Err(std::env::VarError::NotPresent) => {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            Ok((cores / workers.max(1)).max(1))
+        }
+    }
+}
+
+/// How long [`Cluster::broadcast`] waits for every worker to hold a copy.
+const BROADCAST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A connection to a scheduler, and the local cluster behind it if this
 /// process started one.
@@ -41,7 +75,8 @@ impl Cluster {
     }
 
     /// Starts a scheduler in this process and `workers` worker processes of
-    /// this program on 127.0.0.1, and connects to it.
+    /// this program on 127.0.0.1, [`worker_threads`] threads each, and
+    /// connects to it.
     pub(crate) fn local(workers: usize) -> Result<Cluster> {
         if std::env::var_os(WORKER_ENV).is_some() {
             // A worker that reached this point did not call `rask::init`
@@ -60,6 +95,9 @@ impl Cluster {
         } else {
             std::env::current_exe().map_err(Error::Executor)?
         };
+        // Checked before any process starts: a bad setting is the
+        // client's error, not a worker's death.
+        let threads = worker_threads(workers)?.to_string();
         let mut args = std::env::args_os();
         let name = args.next();
         let args: Vec<_> = args.collect();
@@ -78,7 +116,10 @@ impl Cluster {
             }
             #[cfg(not(unix))]
             let _ = &name;
-            command.args(&args).stdin(Stdio::null());
+            command
+                .args(&args)
+                .env(WORKER_THREADS_ENV, &threads)
+                .stdin(Stdio::null());
             command
         })?;
         Ok(Cluster {
@@ -89,6 +130,49 @@ impl Cluster {
 
     pub(crate) fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// Has every worker hold a copy of `key` (Dask's `replicate`), if the
+    /// cluster holds it, and waits until they do, at most
+    /// [`BROADCAST_TIMEOUT`]: the scheduler
+    /// asks each worker to fetch it (its rule S13) and answers nothing, so
+    /// this asks it who holds the key until every worker does.
+    // Asking is a round trip per look, with pauses growing to 50 ms: a
+    // broadcast is rare and its copies take a fetch each, so this costs
+    // little; a scheduler answer once all copies arrived would cost none,
+    // and a state per request in the scheduler (TODO(#16)).
+    pub(crate) fn broadcast(&self, key: rask_executor::Key) -> Result<()> {
+        let holders = |client: &Client| -> Result<usize> {
+            Ok(client.who_has(&[key])?.pop().map_or(0, |h| h.len()))
+        };
+        if holders(&self.client)? == 0 {
+            // Not held there: a small value came back to this process and
+            // travels with each task (`rask_distributed::client` rule 5).
+            return Ok(());
+        }
+        self.client.replicate(&[key])?;
+        let deadline = std::time::Instant::now() + BROADCAST_TIMEOUT;
+        let mut pause = std::time::Duration::from_millis(1);
+        loop {
+            // Workers may leave meanwhile: counted again each time.
+            let workers = self.client.info()?.workers.len();
+            let held = holders(&self.client)?;
+            if held >= workers {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    held,
+                    workers,
+                    "scatter: {held} of {workers} workers hold the broadcast value after {:?}; \
+                     the others fetch it when a task needs it",
+                    BROADCAST_TIMEOUT
+                );
+                return Ok(());
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(std::time::Duration::from_millis(50));
+        }
     }
 
     /// The address of a local cluster's dashboard, if it runs.
@@ -156,11 +240,18 @@ pub(crate) fn run_worker_if_asked() {
     // (RUST_LOG filters it), unless the program installed a subscriber.
     rask_distributed::init_logging();
     let address = address.to_string_lossy().into_owned();
-    let threads = std::env::var(WORKER_THREADS_ENV)
-        .ok()
-        .and_then(|t| t.trim().parse::<usize>().ok())
-        .filter(|&t| t > 0)
-        .unwrap_or(1);
+    // Unset: a worker started by hand runs one thread. Invalid: refused,
+    // never silently replaced by a default.
+    let threads = match std::env::var_os(WORKER_THREADS_ENV) {
+        None => 1,
+        Some(text) => match parse_worker_threads(&text.to_string_lossy()) {
+            Ok(n) => n,
+            Err(e) => {
+                eprintln!("rask worker for {address}: {e}");
+                std::process::exit(2);
+            }
+        },
+    };
     let Some(registry) = crate::build::registry::installed() else {
         eprintln!("rask worker: no task registry installed");
         std::process::exit(2);

@@ -92,6 +92,10 @@
 //!     an error.
 //! 15. Work that waits 5 s while the scheduler has no worker of this
 //!     program's build is reported once, naming the scheduler.
+//! 16. [`Client::replicate`] asks for copies of held keys on every worker
+//!     (Dask's `replicate`) and returns at once: nothing answers it, and
+//!     [`Client::who_has`] shows the copies as they arrive. Sent while
+//!     disconnected, it is dropped.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -409,6 +413,8 @@ enum Command {
     Watch,
     /// A question for the scheduler (rule 14).
     Ask(Ask, AskReply),
+    /// Ask for a copy of these keys on every worker (rule 16).
+    Replicate(Vec<WireKey>),
 }
 
 /// A question for the scheduler ([`Client::info`], [`Client::who_has`]).
@@ -817,6 +823,23 @@ impl Client {
             Answer::WhoHas(holders) => Ok(holders),
             Answer::Info(_) => Err(self.no_answer("a wrong answer")),
         }
+    }
+
+    /// Asks the scheduler for a copy of each of `keys` on every worker of
+    /// this program's build (Dask's `replicate`), for keys this client
+    /// holds in memory there; others are skipped. Returns once the request
+    /// is queued, before any copy arrived: [`Client::who_has`] shows them
+    /// (rule 16). A worker that joins later gets no copy.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Connection`] when the client is closed.
+    pub fn replicate(&self, keys: &[Key]) -> Result<(), Error> {
+        let keys = keys.iter().map(|k| k.0).collect();
+        self.inner
+            .link
+            .send(&self.inner.commands, Command::Replicate(keys))
+            .map_err(|_| self.no_answer("the client is closed"))
     }
 
     fn ask(&self, ask: Ask) -> Result<Answer, Error> {
@@ -1482,6 +1505,13 @@ impl Loop {
             Command::Stop { id, slot } => self.stop(id, slot),
             Command::Watch => self.watch(),
             Command::Ask(ask, reply) => self.ask(ask, reply),
+            Command::Replicate(keys) => {
+                // Lost with the connection, like any request: the caller
+                // sees no copies and may ask again (rule 16).
+                if self.connected {
+                    self.out.push(&ToScheduler::Replicate { keys });
+                }
+            }
         }
     }
 

@@ -22,7 +22,7 @@
 //!    handshake is followed by its [proof](PROOF_FRAME), and the
 //!    connector's proof follows that, before any batch (`auth.rs` rules 2
 //!    to 4). A handshake of protocol version 4 is answered with a version-4
-//!    handshake naming version 5, so an old peer reports the version
+//!    handshake naming the current version, so an old peer reports the version
 //!    rather than a closed connection.
 //! 3. Messages are named by direction: [`ToScheduler`] (from clients and
 //!    workers), [`ToWorker`], [`ToClient`], and the data exchange between a
@@ -64,8 +64,10 @@ pub const MAGIC: [u8; 4] = *b"RASK";
 /// Version 5: every connection proves the cluster's token in a mutual
 /// challenge–response before anything else; clients send
 /// `ToScheduler::Heartbeat` too, and a scheduler closes a client it hears
-/// nothing from for its client timeout.
-pub const VERSION: u16 = 5;
+/// nothing from for its client timeout. Version 6: clients may ask for
+/// copies on every worker (`ToScheduler::Replicate`), which the scheduler
+/// asks of workers with `ToWorker::Fetch`.
+pub const VERSION: u16 = 6;
 
 /// Values whose encoding is at most this many bytes travel with their
 /// report: in `TaskFinished` to the scheduler, and in `KeyInMemory` to the
@@ -706,6 +708,14 @@ pub enum ToScheduler {
         /// The keys.
         keys: Vec<WireKey>,
     },
+    /// Client: have every worker hold a copy of each of `keys` (Dask's
+    /// `replicate`); keys this client does not want, or that are not in
+    /// memory, are skipped. Nothing answers: [`ToScheduler::WhoHas`] shows
+    /// the copies as they arrive.
+    Replicate {
+        /// The keys.
+        keys: Vec<WireKey>,
+    },
 }
 
 /// Messages from the scheduler to a worker.
@@ -765,6 +775,16 @@ pub enum ToWorker {
         /// The interval, in milliseconds: from [`MIN_HEARTBEAT`] to
         /// [`MAX_HEARTBEAT`].
         every_ms: u64,
+    },
+    /// Fetch `key` from one of `holders` and keep a copy (a replica, asked
+    /// for by a client's [`ToScheduler::Replicate`]); report
+    /// `ToScheduler::DataAdded` once it is held, `ToScheduler::FetchFailed`
+    /// for each holder that does not deliver it.
+    Fetch {
+        /// The key.
+        key: WireKey,
+        /// Its holders, tried in turn.
+        holders: Vec<WorkerId>,
     },
 }
 
@@ -1091,7 +1111,8 @@ impl Bounded for ToScheduler {
             | ToScheduler::Heartbeat
             | ToScheduler::Watch { .. }
             | ToScheduler::Info { .. }
-            | ToScheduler::WhoHas { .. } => Ok(()),
+            | ToScheduler::WhoHas { .. }
+            | ToScheduler::Replicate { .. } => Ok(()),
         }
     }
 }
@@ -1112,7 +1133,8 @@ impl Bounded for ToWorker {
             ToWorker::Registered { .. }
             | ToWorker::PeerLeft { .. }
             | ToWorker::Compute { .. }
-            | ToWorker::Release { .. } => Ok(()),
+            | ToWorker::Release { .. }
+            | ToWorker::Fetch { .. } => Ok(()),
         }
     }
 }
@@ -1334,7 +1356,7 @@ mod tests {
         let expected = [
             "48000000", // body length: 72 bytes
             "5241534b", // RASK
-            "0500",     // version 5
+            "0600",     // version 6
             "02",       // role: worker
             "01",       // flags: authenticates
             &"ab".repeat(32),
@@ -1386,11 +1408,11 @@ mod tests {
         let mut junk = old;
         junk[4] = b'X';
         assert!(matches!(old_handshake(&junk[4..]), ProtocolError::NotRask));
-        // What a version-4 peer is answered: its own layout, naming 5.
+        // What a version-4 peer is answered: its own layout, naming 6.
         let answer = v4_refusal(Role::Scheduler);
         assert_eq!(
             hex(&answer),
-            format!("280000005241534b05000400{}", "00".repeat(32))
+            format!("280000005241534b06000400{}", "00".repeat(32))
         );
     }
 
@@ -1460,6 +1482,38 @@ mod tests {
         assert_eq!(hex(&frame), expected);
         let back: Vec<ToWorker> = decode_batch(&frame[4..]).unwrap();
         assert_eq!(back, vec![msg]);
+    }
+
+    #[test]
+    fn golden_replicate_and_fetch_frames() {
+        let replicate = ToScheduler::Replicate {
+            keys: vec![[4; 32]],
+        };
+        let expected = [
+            "22000000", // body length: 34 bytes
+            "0d",       // variant: Replicate
+            "01",       // one key
+            &"04".repeat(32),
+        ]
+        .concat();
+        assert_eq!(hex(&frame(&replicate)), expected);
+        let back: Vec<ToScheduler> = decode_checked(&frame(&replicate)[4..]).unwrap();
+        assert_eq!(back, vec![replicate]);
+        let fetch = ToWorker::Fetch {
+            key: [5; 32],
+            holders: vec![WorkerId(1), WorkerId(300)],
+        };
+        let expected = [
+            "25000000", // body length: 37 bytes
+            "06",       // variant: Fetch
+            &"05".repeat(32),
+            "02",     // two holders
+            "01ac02", // 1, then 300 as a varint
+        ]
+        .concat();
+        assert_eq!(hex(&frame(&fetch)), expected);
+        let back: Vec<ToWorker> = decode_checked(&frame(&fetch)[4..]).unwrap();
+        assert_eq!(back, vec![fetch]);
     }
 
     #[test]

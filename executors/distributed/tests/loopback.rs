@@ -1601,7 +1601,7 @@ fn nothing_but_refusals(got: Vec<(&'static str, Vec<u8>)>) {
             "no token" => assert_eq!(received.len(), protocol::HANDSHAKE_FRAME, "{way}"),
             // Only what was read by `shake`: nothing after its proof.
             "wrong token" => assert!(received.is_empty(), "{way}: {received:?}"),
-            // A version-4 handshake naming version 5, nothing after.
+            // A version-4 handshake naming this version, nothing after.
             _ => {
                 assert_eq!(received.len(), 44, "{way}: {received:?}");
                 assert_eq!(&received[8..10], &protocol::VERSION.to_le_bytes());

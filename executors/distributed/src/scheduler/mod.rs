@@ -1124,6 +1124,7 @@ impl Shell {
             (Kind::Client(c), ToScheduler::FetchFailed { key, holder }) => {
                 state.on_fetch_failed(Reporter::Client(c), key, holder, out)
             }
+            (Kind::Client(c), ToScheduler::Replicate { keys }) => state.on_replicate(c, keys, out),
             (Kind::NewWorker, ToScheduler::RegisterWorker { address, threads }) => {
                 let w = WorkerId(conn);
                 if let Some(c) = self.conns.get_mut(&conn) {

@@ -3,7 +3,7 @@
 //! The shell in `mod.rs` calls one `on_<fact>` handler per message; handlers
 //! answer through an [`Outbox`]. The task state machine and its invariants
 //! are described in `README.md` beside this file; the numbered rules there
-//! are referred to as (S1)…(S12) in the code.
+//! are referred to as (S1)…(S13) in the code.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
@@ -148,6 +148,10 @@ struct Task {
     since: Vec<u64>,
     /// The tick when the task last entered `Memory` (S11).
     in_memory_at: u64,
+    /// While `Memory`: workers asked to fetch a copy (`ToWorker::Fetch`,
+    /// S13) that are not holders yet, each with the tick of the ask.
+    /// Emptied with `who_has` by `clear_holders`, and by `lose`.
+    replicas: Vec<(WorkerId, u64)>,
     /// While `Processing`: the tick when its `Compute` was sent, naming
     /// the holders of its inputs as they were then (S11, S12).
     sent_at: u64,
@@ -197,9 +201,11 @@ impl Task {
         self.since.swap_remove(pos);
     }
 
-    /// Empties `who_has`, returning who it named.
+    /// Empties `who_has` (and the copies asked for, S13), returning who it
+    /// named.
     fn clear_holders(&mut self) -> Vec<WorkerId> {
         self.since.clear();
+        self.replicas.clear();
         std::mem::take(&mut self.who_has)
     }
 
@@ -567,6 +573,7 @@ impl State {
                 index: index as u32,
                 gen: slot.gen,
             };
+            task.replicas.retain(|&(w, _)| w != worker);
             if let Some(pos) = task.who_has.iter().position(|&w| w == worker) {
                 task.remove_holder(pos);
                 if task.who_has.is_empty() && task.state == TaskState::Memory {
@@ -695,6 +702,7 @@ impl State {
                 who_has: Vec::new(),
                 since: Vec::new(),
                 in_memory_at: 0,
+                replicas: Vec::new(),
                 sent_at: 0,
                 nbytes: 0,
                 inline: None,
@@ -900,8 +908,48 @@ impl State {
         self.assign(out);
     }
 
+    /// A client asks for a copy of each of `keys` on every worker (S13):
+    /// each key it wants that is in memory is fetched by every worker that
+    /// does not hold it.
+    pub(crate) fn on_replicate(
+        &mut self,
+        client: ClientId,
+        keys: Vec<WireKey>,
+        out: &mut impl Outbox,
+    ) {
+        let workers: Vec<WorkerId> = self.workers.keys().copied().collect();
+        for key in keys {
+            let Some(&id) = self.by_key.get(&Key(key)) else {
+                continue;
+            };
+            let task = self.task(id);
+            if task.state != TaskState::Memory || !task.wanted_by(client) {
+                continue;
+            }
+            let holders = task.who_has.clone();
+            for &w in &workers {
+                if holders.contains(&w) {
+                    continue;
+                }
+                // Asked again if asked before: an earlier fetch may have
+                // failed with every holder it was told of.
+                let now = self.tick();
+                let replicas = &mut self.task_mut(id).replicas;
+                replicas.retain(|&(r, _)| r != w);
+                replicas.push((w, now));
+                out.to_worker(
+                    w,
+                    ToWorker::Fetch {
+                        key,
+                        holders: holders.clone(),
+                    },
+                );
+            }
+        }
+    }
+
     /// A worker holds a copy of `key` it fetched. It counts only if the
-    /// scheduler asked that worker to fetch it (S11); otherwise, as for a
+    /// scheduler asked that worker to fetch it (S11, S13); otherwise, as for a
     /// copy of a key no longer in memory (S6), the worker is told to drop
     /// it.
     pub(crate) fn on_data_added(&mut self, worker: WorkerId, key: WireKey, out: &mut impl Outbox) {
@@ -919,10 +967,13 @@ impl State {
             }
             if task.state == TaskState::Memory
                 && self.workers.contains_key(&worker)
-                && self.asked_to_fetch(worker, id, task.in_memory_at)
+                && (self.asked_to_fetch(worker, id, task.in_memory_at)
+                    || asked_to_copy(task, worker, task.in_memory_at))
             {
                 let now = self.tick();
-                self.task_mut(id).add_holder(worker, now);
+                let task = self.task_mut(id);
+                task.replicas.retain(|&(w, _)| w != worker);
+                task.add_holder(worker, now);
                 return;
             }
         }
@@ -967,7 +1018,11 @@ impl State {
                     .any(|w| w.client == c && w.told_at > since),
                 // A worker may always say it lacks a value it is said to
                 // hold: it can only take itself off.
-                Reporter::Worker(w) => w == holder || self.asked_to_fetch(w, id, since),
+                Reporter::Worker(w) => {
+                    w == holder
+                        || self.asked_to_fetch(w, id, since)
+                        || asked_to_copy(task, w, since)
+                }
             };
             if told {
                 let task = self.task_mut(id);
@@ -1198,6 +1253,7 @@ impl State {
         let task = self.task_mut(id);
         task.state = TaskState::Released;
         task.inline = None;
+        task.replicas.clear();
         for s in self.dependents(id) {
             let dependent = self.task_mut(s);
             match dependent.state {
@@ -1485,11 +1541,16 @@ impl State {
             assert_eq!(task.waiters, waiters, "waiters of {:?}", task.key);
             assert_eq!(self.dependents(id).len() as u32, task.live_dependents);
             assert_eq!(task.since.len(), task.who_has.len());
+            for (w, _) in &task.replicas {
+                assert!(!task.who_has.contains(w), "{w} asked to copy what it holds");
+                assert!(self.workers.contains_key(w), "{w} asked to copy, then gone");
+            }
             match &task.state {
                 TaskState::Memory => assert!(!task.who_has.is_empty()),
                 _ => {
                     assert!(task.who_has.is_empty(), "{:?} {:?}", task.key, task.state);
                     assert!(task.inline.is_none(), "{:?} {:?}", task.key, task.state);
+                    assert!(task.replicas.is_empty(), "{:?} {:?}", task.key, task.state);
                 }
             }
             if task.state.is_active() || task.state == TaskState::Memory {
@@ -1546,6 +1607,14 @@ impl State {
 #[cfg(test)]
 #[path = "state_tests.rs"]
 mod tests;
+
+/// Whether `worker` was asked to fetch a copy of `task` (S13) after `after`
+/// (a tick): that `Fetch` named the holders of that moment.
+fn asked_to_copy(task: &Task, worker: WorkerId, after: u64) -> bool {
+    task.replicas
+        .iter()
+        .any(|&(w, asked)| w == worker && asked > after)
+}
 
 /// A task as log lines name it: `name-1a2b3c4d`.
 fn label(task: &Task) -> String {

@@ -491,6 +491,94 @@ fn a_copy_reported_by_the_worker_recomputing_it_does_not_cancel_it() {
     assert_eq!(s.who_has(&k(1)), &[W1]);
 }
 
+// ----- S13: copies on every worker -----
+
+/// Drains the recorded `Fetch`es as (worker, key, holders).
+fn copies(out: &mut Rec) -> Vec<(WorkerId, WireKey, Vec<WorkerId>)> {
+    let mut got = Vec::new();
+    out.0.retain(|s| match s {
+        Sent::Worker(w, ToWorker::Fetch { key, holders }) => {
+            got.push((*w, *key, holders.clone()));
+            false
+        }
+        _ => true,
+    });
+    got
+}
+
+#[test]
+fn replicate_asks_every_other_worker_for_a_copy() {
+    let (mut s, mut out) = setup(3);
+    let w2 = WorkerId(2);
+    s.on_update_graph(C0, vec![spec(1, &[])], vec![k(1)], &mut out);
+    assert_eq!(out.computes(), vec![(W0, k(1))]);
+    // Not in memory yet: nothing to copy.
+    s.on_replicate(C0, vec![k(1)], &mut out);
+    assert!(copies(&mut out).is_empty());
+    finish(&mut s, &mut out, W0, 1, 8);
+    // Only a client wanting the key may ask; unknown keys are skipped.
+    s.on_replicate(C1, vec![k(1), k(9)], &mut out);
+    assert!(copies(&mut out).is_empty());
+    s.on_replicate(C0, vec![k(1), k(9)], &mut out);
+    s.check_invariants();
+    assert_eq!(
+        copies(&mut out),
+        vec![(W1, k(1), vec![W0]), (w2, k(1), vec![W0])]
+    );
+    s.on_data_added(W1, k(1), &mut out);
+    s.on_data_added(w2, k(1), &mut out);
+    s.check_invariants();
+    assert!(out.releases().is_empty(), "both copies were asked for");
+    assert_eq!(s.who_has(&k(1)), &[W0, W1, w2]);
+    // Everyone holds it: asking again asks nobody.
+    s.on_replicate(C0, vec![k(1)], &mut out);
+    assert!(copies(&mut out).is_empty());
+    // Released: every copy is released.
+    s.on_release_keys(C0, vec![k(1)], &mut out);
+    s.check_invariants();
+    let mut released = out.releases();
+    released.sort();
+    assert_eq!(released, vec![(W0, k(1)), (W1, k(1)), (w2, k(1))]);
+}
+
+#[test]
+fn a_copy_counts_only_if_asked_after_the_value_was_computed() {
+    let (mut s, mut out) = setup(2);
+    s.on_update_graph(C0, vec![spec(1, &[])], vec![k(1)], &mut out);
+    out.computes();
+    finish(&mut s, &mut out, W0, 1, 8);
+    s.on_replicate(C0, vec![k(1)], &mut out);
+    assert_eq!(copies(&mut out).len(), 1);
+    // W0 dies before W1's copy arrives: the value is lost, computed again
+    // on W1, and an old copy report changes nothing (S11, S13).
+    s.on_worker_lost(W0, &mut out);
+    s.check_invariants();
+    assert_eq!(out.computes(), vec![(W1, k(1))]);
+    finish(&mut s, &mut out, W1, 1, 8);
+    s.on_worker_registered(W0, "127.0.0.1:1000".into(), 1, &mut out);
+    s.on_data_added(W0, k(1), &mut out);
+    assert_eq!(
+        out.releases(),
+        vec![(W0, k(1))],
+        "never asked of this value"
+    );
+    assert_eq!(s.who_has(&k(1)), &[W1]);
+    // A worker asked may say a holder failed it (S12), and is asked again
+    // by a later request.
+    s.on_replicate(C0, vec![k(1)], &mut out);
+    assert_eq!(copies(&mut out), vec![(W0, k(1), vec![W1])]);
+    s.on_fetch_failed(Reporter::Worker(W0), k(1), W1, &mut out);
+    s.check_invariants();
+    assert_eq!(out.computes(), vec![(W0, k(1))], "W1 was its only holder");
+    finish(&mut s, &mut out, W0, 1, 8);
+    assert_eq!(s.who_has(&k(1)), &[W0]);
+    s.on_replicate(C0, vec![k(1)], &mut out);
+    assert_eq!(copies(&mut out), vec![(W1, k(1), vec![W0])]);
+    s.on_data_added(W1, k(1), &mut out);
+    s.check_invariants();
+    assert_eq!(s.who_has(&k(1)), &[W0, W1]);
+}
+
 // ----- S9: tasks sent early -----
 
 /// A chain 1 ← 2 ← … ← n, wanting only its end.

@@ -1232,6 +1232,7 @@ async fn turn(io: &mut Io, worker: &Worker) -> Option<Ended> {
                         &mut c.out,
                     ),
                     ToWorker::Release { key } => c.state.on_release(key, &mut c.out),
+                    ToWorker::Fetch { key, holders } => c.state.on_fetch(key, holders, &mut c.out),
                     ToWorker::PeerJoined { id, address } => io.peers.add_peer(id, address),
                     ToWorker::PeerLeft { id } => {
                         io.peers.remove_peer(id);

@@ -15,6 +15,9 @@
 //!    that fails is reported (`FetchFailed`) and the next one is tried. When
 //!    none is left, every task waiting for the input is given back
 //!    (`TaskAbandoned`): the scheduler knows better where the value is now.
+//!    A copy the scheduler asks for (`Fetch`, scheduler rule S13) is
+//!    fetched the same way, with no task waiting, and kept (`DataAdded`);
+//!    when no holder delivers it, nothing more is said.
 //! 3. After `Release`, nothing about that key is reported: a running task's
 //!    result is dropped (tasks carry a local id so a later `Compute` of the
 //!    same key is not confused with the released one).
@@ -144,6 +147,9 @@ struct Fetch {
     others: Vec<WorkerId>,
     /// Tasks waiting for this input.
     waiting: Vec<WireKey>,
+    /// The scheduler asked for a copy (`ToWorker::Fetch`): keep the value
+    /// even if no task waits for it.
+    keep: bool,
 }
 
 /// The `Compute` command's content.
@@ -292,6 +298,7 @@ impl WorkerState {
                             current: first,
                             others: holders,
                             waiting: vec![msg.key],
+                            keep: false,
                         },
                     );
                 }
@@ -309,10 +316,49 @@ impl WorkerState {
         }
     }
 
+    /// The scheduler asks for a copy of `key`, held by `holders`: fetch
+    /// it and keep it, reporting `DataAdded` (rule 2). Nothing to do when
+    /// it is held or computed here, or already being fetched (which then
+    /// keeps it).
+    pub(crate) fn on_fetch(&mut self, key: WireKey, holders: Vec<WorkerId>, out: &mut impl Outbox) {
+        if lock(&self.store).contains_key(&key) {
+            // Held already (fetched as an input): say so, and the
+            // scheduler counts it as the copy it asked for.
+            out.to_scheduler(ToScheduler::DataAdded { key });
+            return;
+        }
+        if self.tasks.contains_key(&key) {
+            return; // computed here: reported by `TaskFinished`
+        }
+        if let Some(fetch) = self.fetches.get_mut(&key) {
+            fetch.keep = true;
+            return;
+        }
+        let mut others: Vec<WorkerId> = holders.into_iter().filter(|&w| w != self.me).collect();
+        others.reverse();
+        let Some(first) = others.pop() else {
+            return; // no holder but this worker, which does not hold it
+        };
+        out.fetch(first, key);
+        self.fetches.insert(
+            key,
+            Fetch {
+                current: first,
+                others,
+                waiting: Vec::new(),
+                keep: true,
+            },
+        );
+    }
+
     /// The scheduler releases a key: drop its value or its task (rule 3).
     /// Tasks waiting for the task's value are given back (rule 1).
     pub(crate) fn on_release(&mut self, key: WireKey, out: &mut impl Outbox) {
         lock(&self.store).remove(&key);
+        if let Some(fetch) = self.fetches.get_mut(&key) {
+            // A copy being fetched is no longer wanted.
+            fetch.keep = false;
+        }
         if let Some(task) = self.tasks.remove(&key) {
             task.cancelled.store(true, Ordering::Relaxed);
             self.unwait(&key, &task.deps);
@@ -386,7 +432,7 @@ impl WorkerState {
         match result {
             FetchResult::Data(bytes) => {
                 let fetch = self.fetches.remove(&key).expect("checked above");
-                if fetch.waiting.is_empty() {
+                if fetch.waiting.is_empty() && !fetch.keep {
                     return;
                 }
                 let nbytes = bytes.len() as u64;
@@ -689,6 +735,58 @@ mod tests {
         );
         assert_eq!(out.jobs.len(), 2);
         assert_eq!(out.sent, vec![ToScheduler::DataAdded { key: [1; 32] }]);
+    }
+
+    #[test]
+    fn a_copy_asked_for_is_fetched_and_kept() {
+        let mut s = state();
+        let mut out = Rec::default();
+        s.on_fetch([1; 32], vec![WorkerId(7), WorkerId(8)], &mut out);
+        assert_eq!(out.fetches, vec![(WorkerId(7), [1; 32])]);
+        // The first holder fails: reported, the next one is tried.
+        s.on_fetched(WorkerId(7), [1; 32], FetchResult::Missing, &mut out);
+        assert_eq!(out.fetches[1], (WorkerId(8), [1; 32]));
+        s.on_fetched(
+            WorkerId(8),
+            [1; 32],
+            FetchResult::Data(Arc::from(&[2u8][..])),
+            &mut out,
+        );
+        assert_eq!(
+            out.sent,
+            vec![
+                ToScheduler::FetchFailed {
+                    key: [1; 32],
+                    holder: WorkerId(7)
+                },
+                ToScheduler::DataAdded { key: [1; 32] }
+            ]
+        );
+        assert!(lock(&s.store).contains_key(&[1; 32]), "no task waits: kept");
+        assert!(out.jobs.is_empty());
+        // Asked again for what it holds: says so at once, fetches nothing.
+        s.on_fetch([1; 32], vec![WorkerId(8)], &mut out);
+        assert_eq!(out.fetches.len(), 2);
+        assert_eq!(out.sent[2], ToScheduler::DataAdded { key: [1; 32] });
+    }
+
+    #[test]
+    fn a_copy_released_while_fetched_is_dropped() {
+        let mut s = state();
+        let mut out = Rec::default();
+        s.on_fetch([1; 32], vec![WorkerId(7)], &mut out);
+        s.on_release([1; 32], &mut out);
+        s.on_fetched(
+            WorkerId(7),
+            [1; 32],
+            FetchResult::Data(Arc::from(&[2u8][..])),
+            &mut out,
+        );
+        assert!(out.sent.is_empty());
+        assert!(!lock(&s.store).contains_key(&[1; 32]));
+        // Only itself named as holder: nothing to fetch from.
+        s.on_fetch([2; 32], vec![WorkerId(0)], &mut out);
+        assert!(out.fetches.len() == 1 && out.sent.is_empty());
     }
 
     #[test]
