@@ -46,6 +46,9 @@
 //! 8. A token file is created with mode 0600 in a directory created with
 //!    mode 0700, and linked into place whole, so two processes creating it
 //!    at once agree on one token and no reader sees half of one.
+//! 9. A token file others may read (any group or other permission bit) is
+//!    still used, with a warning naming the file and `chmod 600`: whoever
+//!    can read it is a member of the cluster.
 
 use std::fmt;
 use std::io::{Read as _, Write as _};
@@ -187,7 +190,17 @@ impl Token {
             path: path.to_owned(),
             source,
         })?;
-        parse_from(&text, &path.display().to_string())
+        let token = parse_from(&text, &path.display().to_string())?;
+        if let Some(mode) = readable_by_others(path) {
+            tracing::warn!(
+                path = %path.display(),
+                "the token file {} has mode {mode:o}: other users may read it and join the \
+                 cluster; run `chmod 600 {}`",
+                path.display(),
+                path.display()
+            );
+        }
+        Ok(token)
     }
 
     /// Reads the token in the file at `path`, or creates the file with a
@@ -534,6 +547,23 @@ impl AuthError {
     }
 }
 
+/// The permission bits of the file at `path` when its group or others may
+/// read or write it (rule 9); `None` when only its owner may, or where the
+/// platform has no such bits.
+fn readable_by_others(path: &Path) -> Option<u32> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+        (mode & 0o077 != 0).then_some(mode)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -556,6 +586,23 @@ mod tests {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         dir
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_token_file_others_may_read_is_used_and_flagged() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = temp_dir("mode");
+        let path = dir.join("token");
+        let (token, created) = Token::load_or_create(&path).unwrap();
+        assert!(created);
+        assert_eq!(readable_by_others(&path), None, "created 0600");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(readable_by_others(&path), Some(0o644));
+        // Still the same token: a warning, not a refusal.
+        let again = Token::load(&path).unwrap();
+        assert_eq!(again.expose_secret(), token.expose_secret());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
