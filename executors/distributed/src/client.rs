@@ -2038,10 +2038,20 @@ impl Loop {
     /// An attempt to connect again failed (rule 10): parked submissions
     /// fail, the next attempt is after the backoff.
     fn reconnect_failed(&mut self, e: &ConnectError) {
-        let message = format!(
-            "not connected to the scheduler at {} (it cannot be reached: {e}; trying again)",
-            self.address
-        );
+        let message = match e {
+            // A scheduler that came back with another token, or without
+            // authentication: time alone will not fix it, so say so.
+            ConnectError::Handshake(crate::protocol::ProtocolError::Auth(reason)) => format!(
+                "not connected to the scheduler at {}: it refused this client ({reason}); \
+                 a restarted scheduler may hold another token — trying again, but this client \
+                 keeps the token it started with",
+                self.address
+            ),
+            _ => format!(
+                "not connected to the scheduler at {} (it cannot be reached: {e}; trying again)",
+                self.address
+            ),
+        };
         self.fail_parked(&message);
         self.next_attempt = Some(Instant::now() + self.backoff);
         self.backoff = (self.backoff * 2).min(MAX_BACKOFF);

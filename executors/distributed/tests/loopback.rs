@@ -753,6 +753,39 @@ fn a_client_connects_again_after_a_scheduler_restart() {
     cluster.eventually("release", |c| c.scheduler.tasks() == 0);
 }
 
+/// Client rule 10, with a scheduler restarted under another token: the
+/// client keeps trying, and what it cannot send fails saying it was
+/// refused, not that the scheduler cannot be reached.
+#[test]
+fn a_scheduler_back_with_another_token_refuses_the_client_and_says_so() {
+    let mut cluster = Cluster::new(1, 1);
+    let client = cluster.client();
+    lose_the_scheduler(&mut cluster, &client);
+    let address: std::net::SocketAddr = cluster
+        .address
+        .trim_start_matches("tcp://")
+        .parse()
+        .unwrap();
+    cluster.workers.clear();
+    let other = Auth::Token(Token::generate().unwrap());
+    let options = rask_distributed::scheduler::Options::default().auth(other);
+    cluster.scheduler = rask_distributed::scheduler::serve_with(address, options).unwrap();
+    let mut g = Graph::new(&cluster.shared);
+    let a = g.value(1);
+    g.output(a);
+    let got = Collect::new(1);
+    got.submit(&client, g.build());
+    let failure = got.wait()[0].clone().unwrap_err();
+    assert!(
+        failure
+            .message
+            .contains("it refused this client (wrong token")
+            && failure.message.contains("keeps the token it started with"),
+        "{failure}"
+    );
+    assert!(!client.is_connected());
+}
+
 #[test]
 fn unregistered_function_is_a_clear_error() {
     let cluster = Cluster::new(1, 1);
