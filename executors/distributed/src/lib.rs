@@ -185,6 +185,7 @@ mod logging;
 mod net;
 pub mod protocol;
 pub mod scheduler;
+pub mod sim;
 mod tls;
 pub mod worker;
 
