@@ -38,13 +38,28 @@ macro_rules! for_each_executor {
             }
             $($t)*
         }
+        #[cfg(feature = "distributed")]
+        mod sim_cluster {
+            fn config() -> rask::Config {
+                rask::init_with(crate::arguments::register(rask::tasks![
+                    inc, add, sum, len_shared, pair, first, explode, parse?, flaky_once?, nap,
+                    crate::support::leaf, crate::support::mix?,
+                    crate::support::tree_inc, crate::support::tree_add
+                ]));
+                rask::Config::new().executor(rask::ExecutorKind::SimCluster { workers: 3, seed: 7 })
+            }
+            $($t)*
+        }
     };
 }
 
 /// Whether `config` runs on a cluster, where tasks cannot be split or call
 /// `compute` from inside a worker that has no spare thread.
 fn on_cluster(config: &rask::Config) -> bool {
-    matches!(config.resolve(), Ok(rask::ExecutorKind::Tcp(_)))
+    matches!(
+        config.resolve(),
+        Ok(rask::ExecutorKind::Tcp(_) | rask::ExecutorKind::SimCluster { .. })
+    )
 }
 
 for_each_executor! {

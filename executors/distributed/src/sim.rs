@@ -93,8 +93,8 @@ use rask_executor::{
 };
 
 use crate::protocol::{
-    TaskSpec, ToClient, ToScheduler, ToWorker, WireFailure, WireFailureKind, WireKey, WorkerId,
-    INLINE_BYTES,
+    TaskSpec, ToClient, ToScheduler, ToWorker, WireEvent, WireFailure, WireFailureKind, WireKey,
+    WorkerId, INLINE_BYTES,
 };
 use crate::scheduler::state::{ClientId, Finished, Outbox, Reporter as FetchReporter, State};
 
@@ -294,6 +294,9 @@ pub struct Report {
     /// Whether the event queue ran dry, or the step limit was reached,
     /// before every wanted key was known.
     pub stalled: bool,
+    /// The scheduler's task events, as a watching client receives them
+    /// (empty unless [`Sim::watch`]).
+    pub task_events: Vec<WireEvent>,
 }
 
 impl Report {
@@ -363,6 +366,7 @@ pub struct Sim {
     log: bool,
     max_steps: u64,
     max_duration: u64,
+    watch: bool,
 }
 
 impl Sim {
@@ -380,6 +384,7 @@ impl Sim {
             log: true,
             max_steps: u64::MAX,
             max_duration: 100,
+            watch: false,
         }
     }
 
@@ -414,6 +419,13 @@ impl Sim {
     /// Whether to keep [`Report::log`] (on by default).
     pub fn log(mut self, on: bool) -> Sim {
         self.log = on;
+        self
+    }
+
+    /// Whether to collect the scheduler's task events
+    /// ([`Report::task_events`]; off by default).
+    pub fn watch(mut self, on: bool) -> Sim {
+        self.watch = on;
         self
     }
 
@@ -482,9 +494,17 @@ enum Ev {
 struct Mail {
     to_workers: Vec<(WorkerId, ToWorker)>,
     to_client: Vec<ToClient>,
+    watching: bool,
+    events: Vec<WireEvent>,
 }
 
 impl Outbox for Mail {
+    fn watching(&self) -> bool {
+        self.watching
+    }
+    fn task_event(&mut self, event: WireEvent) {
+        self.events.push(event);
+    }
     fn to_worker(&mut self, worker: WorkerId, msg: ToWorker) {
         self.to_workers.push((worker, msg));
     }
@@ -568,6 +588,7 @@ struct World {
     decisions: u64,
     scheduler_time: Duration,
     stalled: bool,
+    task_events: Vec<WireEvent>,
 }
 
 impl World {
@@ -624,6 +645,7 @@ impl World {
             decisions: 0,
             scheduler_time: Duration::ZERO,
             stalled: false,
+            task_events: Vec::new(),
             sim,
         }
     }
@@ -660,7 +682,10 @@ impl World {
 
     /// Calls a scheduler handler and sends what it wrote.
     fn schedule(&mut self, f: impl FnOnce(&mut State, &mut Mail)) {
-        let mut mail = Mail::default();
+        let mut mail = Mail {
+            watching: self.sim.watch,
+            ..Mail::default()
+        };
         let started = Instant::now();
         f(&mut self.state, &mut mail);
         self.scheduler_time += started.elapsed();
@@ -673,6 +698,7 @@ impl World {
         for msg in mail.to_client {
             self.send(Link::ToClient, Ev::ToClient(msg));
         }
+        self.task_events.extend(mail.events);
     }
 
     fn join(&mut self) {
@@ -1250,6 +1276,7 @@ impl World {
             decisions: self.decisions,
             scheduler_time: self.scheduler_time,
             stalled: self.stalled,
+            task_events: self.task_events,
         }
     }
 }
@@ -1367,11 +1394,18 @@ impl Executor for Cluster {
                     .iter()
                     .map(|&d| plan.task(d).key.0)
                     .collect(),
-                timeout_ms: None,
+                timeout_ms: task
+                    .op
+                    .timeout()
+                    .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
                 retries: task.op.retries(),
             });
         }
         let wanted: Vec<WireKey> = plan.outputs().iter().map(|&t| plan.task(t).key.0).collect();
+        let watch = rask_executor::events::listening();
+        if watch {
+            rask_executor::events::queued(plan.tasks());
+        }
         let registry = self.registry.clone();
         let mut runner = |spec: &TaskSpec, inputs: &mut [Option<Value>]| {
             let wire = WireTask {
@@ -1387,7 +1421,9 @@ impl Executor for Cluster {
                 )))
             };
             let op = registry.resolve(&wire).map_err(|e| fail(e.to_string()))?;
-            let op = rask_executor::with_limits(op, None, spec.retries);
+            // Limits are real: a timeout waits on the clock, as on a worker.
+            let timeout = spec.timeout_ms.map(Duration::from_millis);
+            let op = rask_executor::with_limits(op, timeout, spec.retries);
             let mut one = PlanBuilder::with_capacity(1);
             one.push(Key(spec.key), op, &[]);
             let one = one.build();
@@ -1397,7 +1433,9 @@ impl Executor for Cluster {
         let report = Sim::new(self.workers, self.seed)
             .check_invariants(false)
             .log(false)
+            .watch(watch)
             .run(tasks, wanted.clone(), &mut runner);
+        crate::client::emit_events(&report.task_events);
         for (slot, key) in wanted.iter().enumerate() {
             let outcome = match report.results.get(key) {
                 Some(Ok(bytes)) => Ok(Arc::new(Encoded::new(bytes.clone())) as Value),
