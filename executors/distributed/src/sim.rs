@@ -796,6 +796,13 @@ impl World {
     }
 
     fn handle(&mut self, ev: Ev, runner: &mut Runner<'_>) {
+        // Only these events change a worker's ready tasks or free threads:
+        // starting runs on that worker alone keeps a step O(1) in workers.
+        let touched = match &ev {
+            Ev::ToWorker(w, _) | Ev::RunDone(w, _) => Some(*w),
+            Ev::Fetched { worker, .. } => Some(*worker),
+            _ => None,
+        };
         match ev {
             Ev::ToWorker(w, msg) => self.worker_message(w, msg),
             Ev::ToScheduler(w, msg) => self.scheduler_message(w, msg),
@@ -826,7 +833,9 @@ impl World {
             }
             Ev::Join => self.join(),
         }
-        self.pump(runner);
+        if let Some(w) = touched {
+            self.pump(w, runner);
+        }
     }
 
     fn scheduler_message(&mut self, w: WorkerId, msg: ToScheduler) {
@@ -1063,24 +1072,16 @@ impl World {
         }
     }
 
-    /// Starts ready tasks on free threads, in priority order.
-    fn pump(&mut self, runner: &mut Runner<'_>) {
-        let ids: Vec<WorkerId> = self
-            .workers
-            .iter()
-            .filter(|(_, w)| w.busy < w.threads && !w.ready.is_empty())
-            .map(|(&id, _)| id)
-            .collect();
-        for w in ids {
-            while let Some(worker) = self.workers.get_mut(&w) {
-                if worker.busy >= worker.threads {
-                    break;
-                }
-                let Some((_, key)) = worker.ready.pop_first() else {
-                    break;
-                };
-                self.start_run(w, key, runner);
+    /// Starts ready tasks of `w` on its free threads, in priority order.
+    fn pump(&mut self, w: WorkerId, runner: &mut Runner<'_>) {
+        while let Some(worker) = self.workers.get_mut(&w) {
+            if worker.busy >= worker.threads {
+                break;
             }
+            let Some((_, key)) = worker.ready.pop_first() else {
+                break;
+            };
+            self.start_run(w, key, runner);
         }
     }
 
