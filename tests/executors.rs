@@ -30,21 +30,60 @@ macro_rules! for_each_executor {
         #[cfg(feature = "distributed")]
         mod distributed {
             fn config() -> rask::Config {
-                crate::support::loopback_cluster(crate::arguments::register(rask::tasks![
-                    inc, add, sum, len_shared, pair, first, explode, parse?, flaky_once?, nap,
-                    crate::support::leaf, crate::support::mix?,
-                    crate::support::tree_inc, crate::support::tree_add
-                ]))
+                crate::support::loopback_cluster(crate::cluster_tasks())
+            }
+            $($t)*
+        }
+        #[cfg(feature = "distributed")]
+        mod sim_cluster {
+            fn config() -> rask::Config {
+                rask::init_with(crate::cluster_tasks());
+                rask::Config::new().executor(rask::ExecutorKind::SimCluster { workers: 3, seed: 7 })
             }
             $($t)*
         }
     };
 }
 
+/// The functions of both cluster modules: one registry serves the
+/// process, and the module whose test runs first installs it.
+#[cfg(feature = "distributed")]
+fn cluster_tasks() -> rask::Tasks {
+    arguments::register(rask::tasks![
+        distributed::inc,
+        distributed::add,
+        distributed::sum,
+        distributed::len_shared,
+        distributed::pair,
+        distributed::first,
+        distributed::explode,
+        distributed::parse?,
+        distributed::flaky_once?,
+        distributed::nap,
+        sim_cluster::inc,
+        sim_cluster::add,
+        sim_cluster::sum,
+        sim_cluster::len_shared,
+        sim_cluster::pair,
+        sim_cluster::first,
+        sim_cluster::explode,
+        sim_cluster::parse?,
+        sim_cluster::flaky_once?,
+        sim_cluster::nap,
+        support::leaf,
+        support::mix?,
+        support::tree_inc,
+        support::tree_add
+    ])
+}
+
 /// Whether `config` runs on a cluster, where tasks cannot be split or call
 /// `compute` from inside a worker that has no spare thread.
 fn on_cluster(config: &rask::Config) -> bool {
-    matches!(config.resolve(), Ok(rask::ExecutorKind::Tcp(_)))
+    matches!(
+        config.resolve(),
+        Ok(rask::ExecutorKind::Tcp(_) | rask::ExecutorKind::SimCluster { .. })
+    )
 }
 
 for_each_executor! {
@@ -55,17 +94,17 @@ for_each_executor! {
 
     use crate::support::{self, build, eval, executions, run_id, upstream};
 
-    fn inc(x: i64) -> i64 { x + 1 }
-    fn add(x: i64, y: i64) -> i64 { x + y }
-    fn sum(xs: Vec<i64>) -> i64 { xs.iter().sum() }
-    fn len_shared(xs: Arc<Vec<u8>>) -> usize { xs.len() }
-    fn pair(x: i64) -> (i64, String) { (x * 2, format!("#{x}")) }
-    fn first((a, b): (i64, i64)) -> i64 { a * 10 + b }
-    fn explode(x: i64) -> i64 { if x > 0 { panic!("exploded on {x}") } x }
-    fn parse(s: String) -> Result<i64, std::num::ParseIntError> { s.parse() }
+    pub(crate) fn inc(x: i64) -> i64 { x + 1 }
+    pub(crate) fn add(x: i64, y: i64) -> i64 { x + y }
+    pub(crate) fn sum(xs: Vec<i64>) -> i64 { xs.iter().sum() }
+    pub(crate) fn len_shared(xs: Arc<Vec<u8>>) -> usize { xs.len() }
+    pub(crate) fn pair(x: i64) -> (i64, String) { (x * 2, format!("#{x}")) }
+    pub(crate) fn first((a, b): (i64, i64)) -> i64 { a * 10 + b }
+    pub(crate) fn explode(x: i64) -> i64 { if x > 0 { panic!("exploded on {x}") } x }
+    pub(crate) fn parse(s: String) -> Result<i64, std::num::ParseIntError> { s.parse() }
 
     /// Fails the first call for each `id`.
-    fn flaky_once(id: u64) -> Result<i64, String> {
+    pub(crate) fn flaky_once(id: u64) -> Result<i64, String> {
         static SEEN: std::sync::Mutex<Vec<u64>> = std::sync::Mutex::new(Vec::new());
         let mut seen = SEEN.lock().unwrap();
         if seen.contains(&id) {
@@ -77,7 +116,7 @@ for_each_executor! {
     }
 
     /// Sleeps `ms` milliseconds.
-    fn nap(ms: u64) -> i64 {
+    pub(crate) fn nap(ms: u64) -> i64 {
         std::thread::sleep(std::time::Duration::from_millis(ms));
         0
     }

@@ -44,6 +44,9 @@ impl Client {
             #[cfg(feature = "distributed")]
             Backend::Distributed(cluster) => return Ok(cluster.client().info()?),
             Backend::Synchronous(_) => 1,
+            // A simulated cluster runs on the calling thread.
+            #[cfg(feature = "distributed")]
+            Backend::SimCluster(_) => 1,
             #[cfg(feature = "threaded")]
             Backend::Threads(pool) => pool.threads(),
         };

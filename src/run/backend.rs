@@ -15,6 +15,10 @@ pub(crate) enum Backend {
     Threads(Arc<rask_threaded::ThreadPool>),
     #[cfg(feature = "distributed")]
     Distributed(Arc<crate::run::cluster::Cluster>),
+    /// `sim-cluster:W:SEED`: runs each plan on a fresh simulated cluster,
+    /// its tasks resolved through the program's registry as a worker would.
+    #[cfg(feature = "distributed")]
+    SimCluster(rask_distributed::sim::Cluster),
 }
 
 impl Backend {
@@ -40,10 +44,20 @@ impl Backend {
                 crate::run::cluster::shared_connection(&format!("tls://{address}"))
                     .map(Backend::Distributed)
             }
-            #[cfg(not(feature = "distributed"))]
-            ExecutorKind::Local(_) | ExecutorKind::Tcp(_) | ExecutorKind::Tls(_) => {
-                Err(crate::Error::Unavailable("distributed"))
+            #[cfg(feature = "distributed")]
+            ExecutorKind::SimCluster { workers, seed } => {
+                let Some(registry) = crate::build::registry::installed() else {
+                    return Err(crate::Error::NotInitialized);
+                };
+                Ok(Backend::SimCluster(rask_distributed::sim::Cluster::new(
+                    *workers, *seed, registry,
+                )))
             }
+            #[cfg(not(feature = "distributed"))]
+            ExecutorKind::Local(_)
+            | ExecutorKind::Tcp(_)
+            | ExecutorKind::Tls(_)
+            | ExecutorKind::SimCluster { .. } => Err(crate::Error::Unavailable("distributed")),
         }
     }
 
@@ -54,6 +68,8 @@ impl Backend {
             Backend::Threads(pool) => &**pool,
             #[cfg(feature = "distributed")]
             Backend::Distributed(cluster) => cluster.client(),
+            #[cfg(feature = "distributed")]
+            Backend::SimCluster(sim) => sim,
         }
     }
 
@@ -62,7 +78,7 @@ impl Backend {
     pub(crate) fn is_remote(&self) -> bool {
         match self {
             #[cfg(feature = "distributed")]
-            Backend::Distributed(_) => true,
+            Backend::Distributed(_) | Backend::SimCluster(_) => true,
             _ => false,
         }
     }

@@ -122,11 +122,22 @@ pub enum ExecutorKind {
     /// `distributed`; TLS settings from `RASK_TLS_CA`, `RASK_TLS_CERT`,
     /// `RASK_TLS_KEY`).
     Tls(String),
+    /// A simulated cluster in this process (feature `distributed`): the
+    /// real scheduler state machine with `workers` simulated workers, every
+    /// latency and choice decided by `seed`, so a run replays exactly
+    /// (`rask_distributed::sim`). Each computation runs on a fresh one.
+    SimCluster {
+        /// Simulated workers, at least 1.
+        workers: u32,
+        /// The seed of every choice.
+        seed: u64,
+    },
 }
 
 impl ExecutorKind {
     /// Parses the forms accepted by `RASK_SCHEDULER`: `sync`, `threads`,
-    /// `threads:N`, `local:N`, `tcp://host:port`, `tls://host:port`.
+    /// `threads:N`, `local:N`, `tcp://host:port`, `tls://host:port`,
+    /// `sim-cluster:WORKERS:SEED`.
     ///
     /// # Errors
     ///
@@ -169,6 +180,18 @@ fn parse(text: &str, source_name: &'static str) -> Result<ExecutorKind> {
             Ok(n) => Ok(ExecutorKind::Local(n)),
         };
     }
+    if let Some(rest) = trimmed.strip_prefix("sim-cluster:") {
+        let parsed = rest
+            .split_once(':')
+            .and_then(|(w, seed)| Some((w.parse::<u32>().ok()?, seed.parse::<u64>().ok()?)));
+        return match parsed {
+            Some((workers, seed)) if workers >= 1 => Ok(ExecutorKind::SimCluster { workers, seed }),
+            _ => Err(err(
+                "a simulated cluster is `sim-cluster:WORKERS:SEED`, WORKERS ≥ 1 and SEED a \
+                 whole number",
+            )),
+        };
+    }
     for (scheme, kind) in [
         ("tcp://", ExecutorKind::Tcp as fn(String) -> ExecutorKind),
         ("tls://", ExecutorKind::Tls),
@@ -203,6 +226,7 @@ impl fmt::Display for ExecutorKind {
             ExecutorKind::Local(n) => write!(f, "local:{n}"),
             ExecutorKind::Tcp(address) => write!(f, "tcp://{address}"),
             ExecutorKind::Tls(address) => write!(f, "tls://{address}"),
+            ExecutorKind::SimCluster { workers, seed } => write!(f, "sim-cluster:{workers}:{seed}"),
         }
     }
 }
@@ -794,6 +818,24 @@ mod tests {
             ExecutorKind::parse("local:2").unwrap(),
             ExecutorKind::Local(2)
         );
+        let sim = ExecutorKind::parse("sim-cluster:3:42").unwrap();
+        assert_eq!(
+            sim,
+            ExecutorKind::SimCluster {
+                workers: 3,
+                seed: 42
+            }
+        );
+        assert_eq!(sim.to_string(), "sim-cluster:3:42");
+        for bad in [
+            "sim-cluster:0:1",
+            "sim-cluster:3",
+            "sim-cluster:x:1",
+            "sim-cluster:2:-1",
+        ] {
+            let err = ExecutorKind::parse(bad).unwrap_err().to_string();
+            assert!(err.contains("sim-cluster:WORKERS:SEED"), "{err}");
+        }
         assert_eq!(
             ExecutorKind::parse("tcp://10.0.0.5:8786").unwrap(),
             ExecutorKind::Tcp("10.0.0.5:8786".into())

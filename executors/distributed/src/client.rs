@@ -435,7 +435,7 @@ type AskReply = std::sync::mpsc::Sender<Result<Answer, String>>;
 
 /// Hands task events from the scheduler to this process's subscribers
 /// (rule 13).
-fn emit_events(events: &[WireEvent]) {
+pub(crate) fn emit_events(events: &[WireEvent]) {
     use rask_executor::events::{emit, Event, EventKind, Place};
     for e in events {
         let place = |worker: WorkerId, thread: u32| Place {

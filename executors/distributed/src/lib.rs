@@ -88,6 +88,10 @@
 //!   plain structs with `on_<fact>` handlers writing to an outbox; tokio only
 //!   moves bytes. The hard logic is unit-tested without sockets, clocks or
 //!   threads. See `scheduler/README.md` for the state machine.
+//! - **A simulated cluster tests the real scheduler.** [`sim`] runs the
+//!   scheduler's state machine with simulated workers on a seeded clock,
+//!   with faults injected at chosen steps, so a failure replays from its
+//!   seed (`RASK_SCHEDULER=sim-cluster:W:SEED` in the `rask` crate).
 //! - **Batched everything.** A frame holds many messages; every shell
 //!   handles all input already queued before it flushes one frame per peer.
 //!   A map of 100 000 tasks costs a few hundred frames, not a few hundred
@@ -185,6 +189,7 @@ mod logging;
 mod net;
 pub mod protocol;
 pub mod scheduler;
+pub mod sim;
 mod tls;
 pub mod worker;
 

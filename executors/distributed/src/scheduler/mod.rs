@@ -77,7 +77,7 @@
 //!    server reads the board and never touches the state.
 
 mod placement;
-mod state;
+pub(crate) mod state;
 mod watch;
 
 use std::collections::HashMap;

@@ -1523,8 +1523,8 @@ impl State {
         }
     }
 
-    /// Checks the invariants of README.md (tests).
-    #[cfg(test)]
+    /// Checks the invariants of README.md (tests, and the simulated
+    /// cluster after every step). A full scan.
     pub(crate) fn check_invariants(&self) {
         for (index, slot) in self.slots.iter().enumerate() {
             let Some(task) = &slot.task else { continue };

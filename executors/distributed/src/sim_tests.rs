@@ -1,0 +1,397 @@
+//! The simulated cluster against a reference evaluation: results agree
+//! whatever the faults, lost values are recomputed, a seed replays.
+
+use super::*;
+
+/// One task of a random graph: inputs (earlier tasks), a salt, whether
+/// its value is big (fetched rather than inlined) and whether it fails.
+#[derive(Clone, Debug)]
+struct Node {
+    deps: Vec<usize>,
+    salt: u64,
+    big: bool,
+    fails: bool,
+}
+
+fn key(i: usize) -> WireKey {
+    let mut k = [0; 32];
+    k[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+    k
+}
+
+fn random_graph(rng: &mut SplitMix64) -> (Vec<Node>, Vec<usize>) {
+    let n = 1 + rng.below(30) as usize;
+    let nodes: Vec<Node> = (0..n)
+        .map(|i| Node {
+            deps: (0..rng.below(4))
+                .filter(|_| i > 0)
+                .map(|_| rng.below(i as u64) as usize)
+                .collect(),
+            salt: rng.next_u64(),
+            big: rng.below(5) == 0,
+            fails: rng.below(25) == 0,
+        })
+        .collect();
+    let mut wanted: Vec<usize> = (0..n).filter(|_| rng.below(3) == 0).collect();
+    wanted.push(n - 1);
+    wanted.sort_unstable();
+    wanted.dedup();
+    (nodes, wanted)
+}
+
+fn specs(nodes: &[Node]) -> Vec<TaskSpec> {
+    nodes
+        .iter()
+        .enumerate()
+        .map(|(i, node)| {
+            let mut payload = node.salt.to_le_bytes().to_vec();
+            payload.push(u8::from(node.big) | u8::from(node.fails) << 1);
+            TaskSpec {
+                key: key(i),
+                name: format!("t{i}").into(),
+                function: "mix".into(),
+                payload: payload.into(),
+                deps: node.deps.iter().map(|&d| key(d)).collect(),
+                timeout_ms: None,
+                retries: 0,
+            }
+        })
+        .collect()
+}
+
+fn mix(inputs: impl Iterator<Item = u64>, salt: u64) -> u64 {
+    inputs.fold(salt, |acc, x| {
+        (acc ^ x).wrapping_mul(0x100_0000_01b3).rotate_left(7)
+    })
+}
+
+fn length(big: bool) -> usize {
+    if big {
+        300 // over INLINE_BYTES encoded: clients and peers fetch it
+    } else {
+        1
+    }
+}
+
+fn decode(value: &Value) -> Vec<u64> {
+    if let Some(v) = value.downcast_ref::<Vec<u64>>() {
+        return v.clone();
+    }
+    let encoded = value.downcast_ref::<Encoded>().expect("Vec<u64> or bytes");
+    postcard::from_bytes(&encoded.0).expect("a Vec<u64>")
+}
+
+/// The runner of "mix" tasks.
+fn run_mix(spec: &TaskSpec, inputs: &mut [Option<Value>]) -> Result<Value, Box<WireFailure>> {
+    let salt = u64::from_le_bytes(spec.payload[..8].try_into().unwrap());
+    let flags = spec.payload[8];
+    if flags & 2 != 0 {
+        return Err(Box::new(WireFailure::new(
+            spec.key,
+            spec.name.to_string(),
+            WireFailureKind::Failed,
+            "fails by design".into(),
+        )));
+    }
+    let x = mix(inputs.iter().map(|v| decode(v.as_ref().unwrap())[0]), salt);
+    Ok(Arc::new(vec![x; length(flags & 1 != 0)]))
+}
+
+/// What the synchronous executor computes: each value, or the failing
+/// tasks upstream (any of them may be named).
+fn reference(nodes: &[Node]) -> Vec<Result<Vec<u64>, BTreeSet<WireKey>>> {
+    let mut out: Vec<Result<Vec<u64>, BTreeSet<WireKey>>> = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let mut failed = BTreeSet::new();
+        for &d in &node.deps {
+            if let Err(f) = &out[d] {
+                failed.extend(f.iter().copied());
+            }
+        }
+        if node.fails {
+            failed.insert(key(i));
+        }
+        out.push(if failed.is_empty() {
+            let x = mix(
+                node.deps.iter().map(|&d| out[d].as_ref().unwrap()[0]),
+                node.salt,
+            );
+            Ok(vec![x; length(node.big)])
+        } else {
+            Err(failed)
+        });
+    }
+    out
+}
+
+fn check_agrees(nodes: &[Node], wanted: &[usize], report: &Report, what: &str) {
+    let tail = &report.log[report.log.len().saturating_sub(25)..];
+    assert!(!report.stalled, "{what}: stalled; the log ends\n{tail:?}");
+    assert_eq!(report.remembered, 0, "{what}: the scheduler leaked tasks");
+    assert_eq!(report.held, 0, "{what}: workers leaked values");
+    let expected = reference(nodes);
+    for &i in wanted {
+        match (&report.results[&key(i)], &expected[i]) {
+            (Ok(bytes), Ok(v)) => {
+                assert_eq!(
+                    &postcard::from_bytes::<Vec<u64>>(bytes).unwrap(),
+                    v,
+                    "{what}: t{i}"
+                )
+            }
+            (Err(f), Err(origins)) => {
+                assert!(
+                    origins.contains(&f.key),
+                    "{what}: t{i} failed at {}",
+                    f.name
+                )
+            }
+            (got, want) => panic!("{what}: t{i}: got {got:?}, want {want:?}"),
+        }
+    }
+}
+
+#[test]
+fn agrees_with_the_reference_over_500_random_graphs_with_faults() {
+    let mut rng = SplitMix64::new(17);
+    let mut faults_seen = 0;
+    for case in 0..500 {
+        let (nodes, wanted) = random_graph(&mut rng);
+        let workers = 1 + rng.below(5) as u32;
+        let seed = rng.next_u64();
+        let faults = rng.below(5) as usize;
+        let report = Sim::new(workers, seed)
+            .threads(1 + rng.below(3) as u32)
+            .random_faults(faults)
+            .run(
+                specs(&nodes),
+                wanted.iter().map(|&i| key(i)).collect(),
+                &mut run_mix,
+            );
+        faults_seen += report
+            .log
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e.event,
+                    Event::Killed { .. } | Event::Dropped { .. } | Event::Delayed { .. }
+                )
+            })
+            .count();
+        let what = format!("case {case} ({workers} workers, seed {seed}, {faults} faults)");
+        check_agrees(&nodes, &wanted, &report, &what);
+    }
+    // The faults did happen, in numbers.
+    assert!(faults_seen > 300, "only {faults_seen} faults happened");
+}
+
+/// `c = f(a, b)`, `b` at the end of a chain: `a` is done long before `c`
+/// can start.
+fn late_join() -> (Vec<Node>, Vec<usize>) {
+    let node = |deps: Vec<usize>| Node {
+        deps,
+        salt: 5,
+        big: false,
+        fails: false,
+    };
+    let mut nodes = vec![node(vec![])]; // 0: a
+    for i in 0..8 {
+        nodes.push(node(if i == 0 { vec![] } else { vec![i] })); // 1..=8: the chain
+    }
+    nodes.push(node(vec![0, 8])); // 9: c
+    (nodes, vec![9])
+}
+
+fn first(report: &Report, pred: impl Fn(&Event) -> bool) -> &Entry {
+    report
+        .log
+        .iter()
+        .find(|e| pred(&e.event))
+        .expect("in the log")
+}
+
+#[test]
+fn a_value_lost_with_its_worker_is_recomputed() {
+    let (nodes, wanted) = late_join();
+    let run = |sim: Sim| {
+        sim.run(
+            specs(&nodes),
+            wanted.iter().map(|&i| key(i)).collect(),
+            &mut run_mix,
+        )
+    };
+    // A run without faults says where `a` ran and when it finished.
+    let clean = run(Sim::new(3, 1));
+    check_agrees(&nodes, &wanted, &clean, "clean");
+    assert!(clean.ran_again().is_empty());
+    let done = first(
+        &clean,
+        |e| matches!(e, Event::Finished { key: k, .. } if *k == key(0)),
+    );
+    let Event::Finished { worker, .. } = done.event else {
+        unreachable!()
+    };
+    let c_ran = first(
+        &clean,
+        |e| matches!(e, Event::Ran { key: k, .. } if *k == key(9)),
+    );
+    assert!(
+        done.step + 1 < c_ran.step,
+        "a finishes well before c starts"
+    );
+    // Kill `a`'s worker right after: the same run up to there (the seed),
+    // then `a` runs again elsewhere, `c` once.
+    let faulty = run(Sim::new(3, 1).fault(Fault::KillWorker {
+        step: done.step + 1,
+        worker: worker.0,
+    }));
+    check_agrees(&nodes, &wanted, &faulty, "killed");
+    assert_eq!(faulty.log[..5], clean.log[..5]);
+    let killed = first(&faulty, |e| matches!(e, Event::Killed { .. }));
+    assert_eq!(killed.event, Event::Killed { worker, key: None });
+    assert_eq!(faulty.runs(&key(0)), 2);
+    assert_eq!(faulty.runs(&key(9)), 1);
+    assert!(faulty.ran_again().contains(&Arc::from("t0")));
+    let again = faulty
+        .log
+        .iter()
+        .filter(|e| matches!(&e.event, Event::Ran { key: k, .. } if *k == key(0)))
+        .nth(1)
+        .unwrap();
+    let Event::Ran { worker: on, .. } = again.event else {
+        unreachable!()
+    };
+    assert!(
+        again.step > killed.step && on != worker,
+        "recomputed elsewhere, after"
+    );
+    // Every task run twice was held by the dead worker alone: what it held
+    // at the kill, per the clean log, is a superset.
+    for name in faulty.ran_again() {
+        let i: usize = name[1..].parse().unwrap();
+        let ran_on = clean
+            .log
+            .iter()
+            .filter(|e| e.step <= done.step)
+            .find_map(|e| match &e.event {
+                Event::Finished { worker: w, key: k } if *k == key(i) => Some(*w),
+                _ => None,
+            });
+        assert_eq!(
+            ran_on,
+            Some(worker),
+            "t{i} ran again but was not on {worker}"
+        );
+    }
+}
+
+#[test]
+fn a_dropped_value_is_found_missing_and_recomputed() {
+    let (nodes, wanted) = late_join();
+    let specs = specs(&nodes);
+    let wanted: Vec<WireKey> = wanted.iter().map(|&i| key(i)).collect();
+    // Drop a value at every step in turn: results always agree.
+    for step in 0..40 {
+        let report = Sim::new(2, 3).fault(Fault::LoseValue { step }).run(
+            specs.clone(),
+            wanted.clone(),
+            &mut run_mix,
+        );
+        check_agrees(&nodes, &[9], &report, &format!("dropped at {step}"));
+    }
+}
+
+#[test]
+fn an_injected_error_fails_the_task_and_its_dependents() {
+    let (nodes, wanted) = late_join();
+    let report = Sim::new(2, 4)
+        .fault(Fault::FailRun {
+            function: "mix".into(),
+            nth: 3,
+            how: FailHow::Error,
+        })
+        .run(
+            specs(&nodes),
+            wanted.iter().map(|&i| key(i)).collect(),
+            &mut run_mix,
+        );
+    let injected = first(&report, |e| matches!(e, Event::Injected { .. }));
+    let Event::Injected { key: failed } = injected.event else {
+        unreachable!()
+    };
+    let failure = report.results[&key(9)].as_ref().unwrap_err();
+    assert_eq!(failure.key, failed);
+    assert!(failure
+        .message
+        .contains("injected failure of run 3 of `mix`"));
+    assert_eq!(report.remembered, 0);
+}
+
+#[test]
+fn a_crashing_run_costs_a_worker_not_the_result() {
+    let (nodes, wanted) = late_join();
+    let report = Sim::new(2, 4)
+        .fault(Fault::FailRun {
+            function: "mix".into(),
+            nth: 2,
+            how: FailHow::Crash,
+        })
+        .run(
+            specs(&nodes),
+            wanted.iter().map(|&i| key(i)).collect(),
+            &mut run_mix,
+        );
+    check_agrees(&nodes, &wanted, &report, "crash");
+    let killed = first(&report, |e| matches!(e, Event::Killed { key: Some(_), .. }));
+    let Event::Killed { key: Some(k), .. } = killed.event else {
+        unreachable!()
+    };
+    assert_eq!(report.runs(&k), 2, "the crashed run runs again");
+    assert!(report
+        .log
+        .iter()
+        .any(|e| matches!(e.event, Event::Joined(WorkerId(2)))));
+}
+
+#[test]
+fn a_delayed_message_changes_timing_not_results() {
+    let (nodes, wanted) = late_join();
+    let clean = Sim::new(2, 5).run(specs(&nodes), vec![key(9)], &mut run_mix);
+    let delayed = Sim::new(2, 5)
+        .fault(Fault::DelayMessage { step: 3, by: 500 })
+        .run(specs(&nodes), vec![key(9)], &mut run_mix);
+    check_agrees(&nodes, &wanted, &delayed, "delayed");
+    assert!(
+        delayed.time > clean.time,
+        "{} vs {}",
+        delayed.time,
+        clean.time
+    );
+    assert!(delayed
+        .log
+        .iter()
+        .any(|e| e.event == Event::Delayed { by: 500 }));
+    assert_eq!(clean.results, delayed.results);
+}
+
+#[test]
+fn a_seed_replays_exactly() {
+    let mut rng = SplitMix64::new(99);
+    for _ in 0..20 {
+        let (nodes, wanted) = random_graph(&mut rng);
+        let seed = rng.next_u64();
+        let wanted: Vec<WireKey> = wanted.iter().map(|&i| key(i)).collect();
+        let run = || {
+            Sim::new(3, seed)
+                .random_faults(3)
+                .run(specs(&nodes), wanted.clone(), &mut run_mix)
+        };
+        let (a, b) = (run(), run());
+        assert_eq!(a.log, b.log);
+        assert_eq!(a.results, b.results);
+        assert_eq!(
+            (a.steps, a.time, a.decisions),
+            (b.steps, b.time, b.decisions)
+        );
+    }
+}
