@@ -60,6 +60,8 @@ enum Accepts {
     /// Runs nothing (`build`).
     Nothing,
     Sync,
+    /// The simulated executor: `sim:SEED`.
+    Sim,
     Threads,
     /// A cluster: `local:N` or `tcp://host:port` (`tls://` over TLS).
     Cluster,
@@ -96,6 +98,15 @@ const WORKLOADS: &[Workload] = &[
         executors: &["sync"],
         caps: &[],
         accepts: Accepts::Sync,
+        run: tree_compute,
+    },
+    Workload {
+        name: "sim",
+        about: "build tree(N), compute it on the simulated executor (ready tasks in seed order)",
+        sizes: SIZES_1M,
+        executors: &["sim:1"],
+        caps: &[],
+        accepts: Accepts::Sim,
         run: tree_compute,
     },
     Workload {
@@ -1084,6 +1095,7 @@ fn executor_config(workload: &Workload, executor: &str) -> Result<Config, String
     );
     let fits = match workload.accepts {
         Accepts::Sync => matches!(kind, rask::ExecutorKind::Synchronous),
+        Accepts::Sim => matches!(kind, rask::ExecutorKind::Simulated(_)),
         Accepts::Threads => threads,
         Accepts::Cluster => cluster,
         Accepts::Any | Accepts::Nothing => true,

@@ -190,6 +190,8 @@
 //!      [`progress()`] for futures, performance reports, and [`persist`]
 //!      (`Delayed::persist`), which keeps values on a cluster through a
 //!      client.
+//!   5. `testing/` (feature `testing`): `rask::testing`, strategies and
+//!      assertions for property tests, on top of everything.
 //!
 //!   `lib.rs` is the facade: it names every layer, and the public paths
 //!   (`rask::Client`, `rask::config`, `rask::progress`, …) are its
@@ -233,6 +235,8 @@ mod build;
 mod futures;
 mod plan;
 mod run;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use build::args::{mode, IntoArg, Traverse, Untraversed};
 pub use build::data::Data;

@@ -12,6 +12,12 @@ macro_rules! for_each_executor {
             fn config() -> rask::Config { rask::Config::synchronous() }
             $($t)*
         }
+        /// Ready tasks in a seeded order; every case's plan differs, so
+        /// one seed still explores many orders.
+        mod simulated {
+            fn config() -> rask::Config { rask::Config::simulated(0x5eed) }
+            $($t)*
+        }
         #[cfg(feature = "threaded")]
         mod threads_1 {
             fn config() -> rask::Config { rask::Config::threads(1) }

@@ -162,7 +162,11 @@ fn flaky(id: u64, failures: usize) -> Result<i64, String> {
 /// `distributed`) a scheduler with two workers in this process.
 fn clients() -> Vec<Client> {
     #[allow(unused_mut)]
-    let mut clients = vec![Client::synchronous().unwrap(), Client::threads(2).unwrap()];
+    let mut clients = vec![
+        Client::synchronous().unwrap(),
+        Client::simulated(17).unwrap(),
+        Client::threads(2).unwrap(),
+    ];
     #[cfg(feature = "distributed")]
     clients.push(
         Client::connect(&support::loopback_address(futures_api::register(
@@ -181,6 +185,21 @@ fn clients() -> Vec<Client> {
         .unwrap(),
     );
     clients
+}
+
+/// The clients that run work in the background, while the test thread
+/// does something else: not `sync` (which runs it inside `submit`) nor
+/// `sim:SEED` (which runs it inside the waits).
+fn background_clients() -> Vec<Client> {
+    clients()
+        .into_iter()
+        .filter(|c| {
+            !matches!(
+                c.executor(),
+                rask::ExecutorKind::Synchronous | rask::ExecutorKind::Simulated(_)
+            )
+        })
+        .collect()
 }
 
 #[test]
@@ -418,7 +437,7 @@ fn work_on_a_cancelled_future_needs_no_worker() {
 /// A running task sees `rask::cancelled()` once its future is cancelled.
 #[test]
 fn a_running_task_sees_its_cancellation() {
-    for client in clients().into_iter().skip(1) {
+    for client in background_clients() {
         let id = new_id();
         let f = client.submit(delayed!(until_cancelled(id))).unwrap();
         eventually("the task started", || started(id));
@@ -519,7 +538,10 @@ fn eventually(what: &str, done: impl Fn() -> bool) {
 
 #[test]
 fn fire_and_forget_runs_the_work_to_the_end_then_releases_it() {
-    for client in clients() {
+    for client in clients()
+        .into_iter()
+        .filter(|c| !matches!(c.executor(), rask::ExecutorKind::Simulated(_)))
+    {
         let counter = new_id();
         let gate = new_id();
         // The synchronous executor runs the work inside `submit`.

@@ -35,6 +35,10 @@ macro_rules! for_each_executor {
             fn config() -> rask::Config { rask::Config::synchronous() }
             $($t)*
         }
+        mod simulated {
+            fn config() -> rask::Config { rask::Config::simulated(0x5eed) }
+            $($t)*
+        }
         #[cfg(feature = "threaded")]
         mod threads_2 {
             fn config() -> rask::Config { rask::Config::threads(2) }

@@ -163,7 +163,7 @@ impl Client {
     pub fn with_config(config: &Config) -> Result<Client> {
         let kind = config.resolve()?;
         let progress = config.resolve_progress()?;
-        Ok(Client::on(Backend::get(&kind)?, kind, progress))
+        Ok(Client::on(Backend::for_client(&kind)?, kind, progress))
     }
 
     fn on(backend: Backend, kind: ExecutorKind, progress: bool) -> Client {
@@ -281,6 +281,36 @@ impl Client {
     /// As [`Client::new`].
     pub fn synchronous() -> Result<Client> {
         Client::with_config(&Config::synchronous())
+    }
+
+    /// A client on the simulated executor (`RASK_SCHEDULER=sim:SEED`):
+    /// `submit` only queues the work; whoever waits for a future
+    /// (`result`, `wait`, `as_completed`, `wait_first`, `.await`) runs the
+    /// queued work on its own thread, one task at a time, picked among the
+    /// ready tasks of every submission by `seed`, and `as_completed` picks
+    /// among the futures done by `seed` too. The same seed and the same
+    /// calls give the same order on any machine.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::new`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use rask::{as_completed, Client};
+    /// fn inc(x: i64) -> i64 { x + 1 }
+    ///
+    /// let order = |seed| -> rask::Result<Vec<i64>> {
+    ///     let client = Client::simulated(seed)?;
+    ///     as_completed(client.map(inc, 0..6)?).map(|f| f.result()).collect()
+    /// };
+    /// assert_eq!(order(4)?, order(4)?);   // a seed replays its order
+    /// assert!((0..20).any(|seed| order(seed).unwrap() != order(4).unwrap()));
+    /// # Ok::<(), rask::Error>(())
+    /// ```
+    pub fn simulated(seed: u64) -> Result<Client> {
+        Client::with_config(&Config::simulated(seed))
     }
 
     /// Kills worker process `index` of the local cluster behind this client,
@@ -1174,8 +1204,21 @@ impl Shared {
             .map_or(State::Cancelled, |e| e.state.clone())
     }
 
+    /// Runs queued work of a simulated client until `done` holds or
+    /// nothing is left to run: on `sim:SEED` nothing runs in the
+    /// background, so whoever waits runs the work, one task at a time, in
+    /// seed order. Returns at once on every other executor.
+    pub(crate) fn drive(&self, mut done: impl FnMut() -> bool) {
+        if let Some(sim) = self.backend.simulation() {
+            while !done() && sim.step() {}
+        }
+    }
+
     /// Blocks until `key` is no longer pending, or until `deadline`.
     pub(crate) fn wait(&self, key: Key, deadline: Option<std::time::Instant>) -> State {
+        // A simulated client has no time: the deadline never passes while
+        // work is left.
+        self.drive(|| !self.state(key).is_pending());
         let mut table = self.lock();
         loop {
             let state = table
@@ -1258,7 +1301,9 @@ impl Shared {
     }
 
     /// Registers a waker for `key` if it is pending; returns the state seen.
+    /// A simulated client runs the work first (see [`drive`](Shared::drive)).
     pub(crate) fn poll_state(&self, key: Key, waker: &Waker) -> State {
+        self.drive(|| !self.state(key).is_pending());
         let mut table = self.lock();
         match table.get_mut(&key) {
             Some(entry) if entry.state.is_pending() => {

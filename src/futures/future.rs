@@ -389,6 +389,10 @@ impl<T: Data> Traverse<Arc<T>> for Future<T> {
 pub struct AsCompleted<F> {
     queue: Arc<Queue<F>>,
     outstanding: usize,
+    /// The client of a future added, when it runs on `sim:SEED`: `next`
+    /// runs its work until a future is done, and picks among the done ones
+    /// by the seed.
+    simulated: Option<Arc<Shared>>,
 }
 
 struct Queue<F> {
@@ -419,6 +423,7 @@ pub fn as_completed<F: Waitable>(futures: impl IntoIterator<Item = F>) -> AsComp
             ready: Condvar::new(),
         }),
         outstanding: 0,
+        simulated: None,
     };
     for f in futures {
         seq.add(f);
@@ -432,6 +437,9 @@ impl<F: Waitable> AsCompleted<F> {
         self.outstanding += 1;
         let queue = self.queue.clone();
         let handle = future.handle().clone();
+        if self.simulated.is_none() && handle.shared.backend.simulation().is_some() {
+            self.simulated = Some(handle.shared.clone());
+        }
         let slot = Mutex::new(Some(future));
         let notify = move || {
             let taken = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
@@ -521,6 +529,32 @@ impl<F: Waitable> AsCompleted<F> {
     }
 }
 
+impl<F> AsCompleted<F> {
+    /// On `sim:SEED`: runs the client's work until a future is done, then
+    /// takes one of the done futures, picked by the seed (`None` on other
+    /// executors, or when no work is left to run).
+    fn next_simulated(&mut self) -> Option<F> {
+        let shared = self.simulated.as_ref()?;
+        let sim = shared.backend.simulation()?;
+        let queue = &self.queue;
+        let ready = || {
+            !queue
+                .done
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .futures
+                .is_empty()
+        };
+        shared.drive(ready);
+        let mut done = queue.done.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = done.futures.len();
+        if n == 0 {
+            return None;
+        }
+        done.futures.remove(sim.choose(n))
+    }
+}
+
 impl<T: Data> AsCompleted<Future<T>> {
     /// Yields each future together with its result.
     pub fn with_results(self) -> impl Iterator<Item = (Future<T>, Result<T>)> {
@@ -539,6 +573,10 @@ impl<F: Waitable> Iterator for AsCompleted<F> {
     fn next(&mut self) -> Option<F> {
         if self.outstanding == 0 {
             return None;
+        }
+        if let Some(f) = self.next_simulated() {
+            self.outstanding -= 1;
+            return Some(f);
         }
         let mut done = self
             .queue
@@ -600,6 +638,10 @@ impl<F: Waitable> futures_core::Stream for AsCompleted<F> {
         let this = self.get_mut();
         if this.outstanding == 0 {
             return Poll::Ready(None);
+        }
+        if let Some(f) = this.next_simulated() {
+            this.outstanding -= 1;
+            return Poll::Ready(Some(f));
         }
         let mut done = this
             .queue

@@ -43,7 +43,7 @@ impl Client {
         let threads = match &self.inner.backend {
             #[cfg(feature = "distributed")]
             Backend::Distributed(cluster) => return Ok(cluster.client().info()?),
-            Backend::Synchronous(_) => 1,
+            Backend::Synchronous(_) | Backend::Simulated(_) => 1,
             // A simulated cluster runs on the calling thread.
             #[cfg(feature = "distributed")]
             Backend::SimCluster(_) => 1,

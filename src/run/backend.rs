@@ -1,9 +1,8 @@
 //! The one type that knows every executor.
 
-#[cfg(any(feature = "threaded", feature = "distributed"))]
 use std::sync::Arc;
 
-use rask_executor::{Executor, Synchronous};
+use rask_executor::{Executor, Simulated, Synchronous};
 
 use crate::run::config::ExecutorKind;
 use crate::Result;
@@ -11,6 +10,9 @@ use crate::Result;
 /// A resolved executor, ready to run plans.
 pub(crate) enum Backend {
     Synchronous(Synchronous),
+    /// Eager for `compute` and `persist`, stepped for a client
+    /// ([`Backend::for_client`]).
+    Simulated(Arc<Simulated>),
     #[cfg(feature = "threaded")]
     Threads(Arc<rask_threaded::ThreadPool>),
     #[cfg(feature = "distributed")]
@@ -27,6 +29,11 @@ impl Backend {
     pub(crate) fn get(kind: &ExecutorKind) -> Result<Backend> {
         match kind {
             ExecutorKind::Synchronous => Ok(Backend::Synchronous(Synchronous)),
+            // A new one per computation: each replays from its seed,
+            // whatever ran before it in the process.
+            ExecutorKind::Simulated(seed) => {
+                Ok(Backend::Simulated(Arc::new(Simulated::new(*seed))))
+            }
             #[cfg(feature = "threaded")]
             ExecutorKind::Threads(n) => pools::get(n.unwrap_or(0)).map(Backend::Threads),
             #[cfg(not(feature = "threaded"))]
@@ -61,9 +68,32 @@ impl Backend {
         }
     }
 
+    /// The executor a [`Client`](crate::Client) on `kind` submits to: as
+    /// [`Backend::get`], except that a simulated one is stepped, so that
+    /// the client's submissions wait in one queue and whoever waits for a
+    /// future runs them one task at a time, in seed order.
+    pub(crate) fn for_client(kind: &ExecutorKind) -> Result<Backend> {
+        match kind {
+            ExecutorKind::Simulated(seed) => {
+                Ok(Backend::Simulated(Arc::new(Simulated::stepped(*seed))))
+            }
+            _ => Backend::get(kind),
+        }
+    }
+
+    /// The stepped simulation behind a client on `sim:SEED`, which its
+    /// waits drive.
+    pub(crate) fn simulation(&self) -> Option<&Simulated> {
+        match self {
+            Backend::Simulated(sim) if !sim.is_eager() => Some(sim),
+            _ => None,
+        }
+    }
+
     pub(crate) fn executor(&self) -> &dyn Executor {
         match self {
             Backend::Synchronous(s) => s,
+            Backend::Simulated(s) => &**s,
             #[cfg(feature = "threaded")]
             Backend::Threads(pool) => &**pool,
             #[cfg(feature = "distributed")]

@@ -122,6 +122,12 @@ pub enum ExecutorKind {
     /// `distributed`; TLS settings from `RASK_TLS_CA`, `RASK_TLS_CERT`,
     /// `RASK_TLS_KEY`).
     Tls(String),
+    /// One thread, ready tasks (and, for a [`Client`](crate::Client), the
+    /// futures' completions) picked in an order drawn from this seed: the
+    /// same seed replays the same order exactly, on any machine
+    /// ([`Simulated`](rask_executor::Simulated)). For tests that explore
+    /// the orders a pool or a cluster might choose.
+    Simulated(u64),
     /// A simulated cluster in this process (feature `distributed`): the
     /// real scheduler state machine with `workers` simulated workers, every
     /// latency and choice decided by `seed`, so a run replays exactly
@@ -137,7 +143,7 @@ pub enum ExecutorKind {
 impl ExecutorKind {
     /// Parses the forms accepted by `RASK_SCHEDULER`: `sync`, `threads`,
     /// `threads:N`, `local:N`, `tcp://host:port`, `tls://host:port`,
-    /// `sim-cluster:WORKERS:SEED`.
+    /// `sim:SEED`, `sim-cluster:WORKERS:SEED`.
     ///
     /// # Errors
     ///
@@ -172,6 +178,12 @@ fn parse(text: &str, source_name: &'static str) -> Result<ExecutorKind> {
         return match n.parse::<usize>() {
             Ok(0) | Err(_) => Err(err("the thread count must be a whole number ≥ 1")),
             Ok(n) => Ok(ExecutorKind::Threads(Some(n))),
+        };
+    }
+    if let Some(seed) = trimmed.strip_prefix("sim:") {
+        return match seed.parse::<u64>() {
+            Ok(seed) => Ok(ExecutorKind::Simulated(seed)),
+            Err(_) => Err(err("the seed must be a whole number from 0 to 2^64 - 1")),
         };
     }
     if let Some(n) = trimmed.strip_prefix("local:") {
@@ -226,6 +238,7 @@ impl fmt::Display for ExecutorKind {
             ExecutorKind::Local(n) => write!(f, "local:{n}"),
             ExecutorKind::Tcp(address) => write!(f, "tcp://{address}"),
             ExecutorKind::Tls(address) => write!(f, "tls://{address}"),
+            ExecutorKind::Simulated(seed) => write!(f, "sim:{seed}"),
             ExecutorKind::SimCluster { workers, seed } => write!(f, "sim-cluster:{workers}:{seed}"),
         }
     }
@@ -263,6 +276,25 @@ impl Config {
     /// Run on the synchronous executor.
     pub fn synchronous() -> Self {
         Config::new().executor(ExecutorKind::Synchronous)
+    }
+
+    /// Run on the simulated executor: one thread, tasks (and a client's
+    /// completions) in an order drawn from `seed`; `RASK_SCHEDULER=sim:SEED`
+    /// does the same.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use rask::{delayed, Config};
+    /// fn add(x: i64, y: i64) -> i64 { x + y }
+    /// let total = delayed!(add(delayed!(add(1, 2)), delayed!(add(3, 4))));
+    /// for seed in 0..10 {
+    ///     assert_eq!(total.compute_with(&Config::simulated(seed))?, 10);
+    /// }
+    /// # Ok::<(), rask::Error>(())
+    /// ```
+    pub fn simulated(seed: u64) -> Self {
+        Config::new().executor(ExecutorKind::Simulated(seed))
     }
 
     /// Run on a pool of `n` threads (`0`: one per core).
@@ -844,6 +876,10 @@ mod tests {
             ExecutorKind::parse("tls://sched.example:8786").unwrap(),
             ExecutorKind::Tls("sched.example:8786".into())
         );
+        assert_eq!(
+            ExecutorKind::parse("sim:18446744073709551615").unwrap(),
+            ExecutorKind::Simulated(u64::MAX)
+        );
         for bad in [
             "bogus",
             "threads:0",
@@ -855,6 +891,9 @@ mod tests {
             "tcp://h:x",
             "tls://h",
             "tls://:1",
+            "sim:",
+            "sim:-1",
+            "sim:x",
         ] {
             let err = ExecutorKind::parse(bad).unwrap_err().to_string();
             assert!(err.contains("accepted forms"), "{bad}: {err}");
@@ -871,6 +910,7 @@ mod tests {
             ExecutorKind::Local(2),
             ExecutorKind::Tcp("127.0.0.1:8786".into()),
             ExecutorKind::Tls("127.0.0.1:8786".into()),
+            ExecutorKind::Simulated(42),
         ] {
             assert_eq!(ExecutorKind::parse(&kind.to_string()).unwrap(), kind);
         }

@@ -8,7 +8,9 @@
 //!
 //! This crate also holds [`Synchronous`], the reference executor: one thread,
 //! tasks in plan order. Every other executor must produce the same outputs
-//! and failures as it does.
+//! and failures as it does. [`Simulated`] is its seeded variant: one
+//! thread, ready tasks in an order drawn from a seed, for tests that
+//! explore orders and replay the one that failed.
 //!
 //! # Rules every executor keeps
 //!
@@ -42,6 +44,7 @@ pub mod events;
 mod failure;
 mod limits;
 mod plan;
+mod simulated;
 mod stop;
 mod synchronous;
 
@@ -51,6 +54,7 @@ pub use failure::{
 };
 pub use limits::{run_limited, Run};
 pub use plan::{Plan, PlanBuilder, PlanTask};
+pub use simulated::{Simulated, SplitMix64};
 pub use stop::{abandoned, cancelled, Abandoned, Stop};
 pub use synchronous::Synchronous;
 
