@@ -52,13 +52,16 @@ impl Backend {
                     .map(Backend::Distributed)
             }
             #[cfg(feature = "distributed")]
-            ExecutorKind::SimCluster { workers, seed } => {
+            ExecutorKind::SimCluster {
+                workers,
+                seed,
+                faults,
+            } => {
                 let Some(registry) = crate::build::registry::installed() else {
                     return Err(crate::Error::NotInitialized);
                 };
-                Ok(Backend::SimCluster(rask_distributed::sim::Cluster::new(
-                    *workers, *seed, registry,
-                )))
+                let cluster = rask_distributed::sim::Cluster::new(*workers, *seed, registry);
+                Ok(Backend::SimCluster(cluster.random_faults(*faults as usize)))
             }
             #[cfg(not(feature = "distributed"))]
             ExecutorKind::Local(_)

@@ -131,12 +131,16 @@ pub enum ExecutorKind {
     /// A simulated cluster in this process (feature `distributed`): the
     /// real scheduler state machine with `workers` simulated workers, every
     /// latency and choice decided by `seed`, so a run replays exactly
-    /// (`rask_distributed::sim`). Each computation runs on a fresh one.
+    /// (`rask_distributed::sim`). Each computation runs on a fresh one,
+    /// with `faults` faults the seed places (killed workers, lost values,
+    /// delayed messages) that must not change any result.
     SimCluster {
         /// Simulated workers, at least 1.
         workers: u32,
         /// The seed of every choice.
         seed: u64,
+        /// Faults in every run: `sim-cluster:W:SEED:FAULTS`, 0 when left out.
+        faults: u32,
     },
 }
 
@@ -193,14 +197,26 @@ fn parse(text: &str, source_name: &'static str) -> Result<ExecutorKind> {
         };
     }
     if let Some(rest) = trimmed.strip_prefix("sim-cluster:") {
-        let parsed = rest
-            .split_once(':')
-            .and_then(|(w, seed)| Some((w.parse::<u32>().ok()?, seed.parse::<u64>().ok()?)));
+        let parsed = || -> Option<(u32, u64, u32)> {
+            let mut parts = rest.split(':');
+            let workers = parts.next()?.parse().ok()?;
+            let seed = parts.next()?.parse().ok()?;
+            let faults = match parts.next() {
+                Some(f) => f.parse().ok()?,
+                None => 0,
+            };
+            parts.next().is_none().then_some((workers, seed, faults))
+        };
+        let parsed = parsed().map(|(w, s, f)| (w, s, Some(f)));
         return match parsed {
-            Some((workers, seed)) if workers >= 1 => Ok(ExecutorKind::SimCluster { workers, seed }),
+            Some((workers, seed, Some(faults))) if workers >= 1 => Ok(ExecutorKind::SimCluster {
+                workers,
+                seed,
+                faults,
+            }),
             _ => Err(err(
-                "a simulated cluster is `sim-cluster:WORKERS:SEED`, WORKERS ≥ 1 and SEED a \
-                 whole number",
+                "a simulated cluster is `sim-cluster:WORKERS:SEED[:FAULTS]`, WORKERS ≥ 1, SEED \
+                 and FAULTS whole numbers",
             )),
         };
     }
@@ -239,7 +255,16 @@ impl fmt::Display for ExecutorKind {
             ExecutorKind::Tcp(address) => write!(f, "tcp://{address}"),
             ExecutorKind::Tls(address) => write!(f, "tls://{address}"),
             ExecutorKind::Simulated(seed) => write!(f, "sim:{seed}"),
-            ExecutorKind::SimCluster { workers, seed } => write!(f, "sim-cluster:{workers}:{seed}"),
+            ExecutorKind::SimCluster {
+                workers,
+                seed,
+                faults: 0,
+            } => write!(f, "sim-cluster:{workers}:{seed}"),
+            ExecutorKind::SimCluster {
+                workers,
+                seed,
+                faults,
+            } => write!(f, "sim-cluster:{workers}:{seed}:{faults}"),
         }
     }
 }
@@ -855,10 +880,23 @@ mod tests {
             sim,
             ExecutorKind::SimCluster {
                 workers: 3,
-                seed: 42
+                seed: 42,
+                faults: 0
             }
         );
         assert_eq!(sim.to_string(), "sim-cluster:3:42");
+        let faulty = ExecutorKind::parse("sim-cluster:3:42:5").unwrap();
+        assert_eq!(
+            faulty,
+            ExecutorKind::SimCluster {
+                workers: 3,
+                seed: 42,
+                faults: 5
+            }
+        );
+        assert_eq!(faulty.to_string(), "sim-cluster:3:42:5");
+        assert!(ExecutorKind::parse("sim-cluster:3:42:5:1").is_err());
+        assert!(ExecutorKind::parse("sim-cluster:3:42:many").is_err());
         for bad in [
             "sim-cluster:0:1",
             "sim-cluster:3",

@@ -1309,6 +1309,7 @@ impl World {
 pub struct Cluster {
     workers: u32,
     seed: u64,
+    faults: usize,
     registry: Arc<dyn Registry>,
 }
 
@@ -1319,8 +1320,22 @@ impl Cluster {
         Cluster {
             workers: workers.max(1),
             seed,
+            faults: 0,
             registry,
         }
+    }
+
+    /// This cluster with `n` faults in every run, chosen by the seed, that
+    /// leave results unchanged ([`Sim::random_faults`]): killed workers,
+    /// lost values, delayed messages.
+    pub fn random_faults(mut self, n: usize) -> Cluster {
+        self.faults = n;
+        self
+    }
+
+    /// The faults of every run.
+    pub fn faults(&self) -> usize {
+        self.faults
     }
 
     /// The number of workers.
@@ -1338,8 +1353,8 @@ impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "sim::Cluster({} workers, seed {})",
-            self.workers, self.seed
+            "sim::Cluster({} workers, seed {}, {} faults)",
+            self.workers, self.seed, self.faults
         )
     }
 }
@@ -1432,6 +1447,7 @@ impl Executor for Cluster {
                 .map_err(|f| Box::new(WireFailure::from(&*f)))
         };
         let report = Sim::new(self.workers, self.seed)
+            .random_faults(self.faults)
             .check_invariants(false)
             .log(false)
             .watch(watch)
