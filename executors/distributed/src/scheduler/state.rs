@@ -6,7 +6,7 @@
 //! are referred to as (S1)…(S13) in the code.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::sync::Arc;
 
 use rask_executor::Key;
@@ -251,6 +251,15 @@ pub(crate) struct State {
     unsettled: Vec<TaskId>,
     /// Every worker's tasks in its window and threads, in placement order.
     loads: Loads,
+    /// Workers whose early candidates (S9) may be sent: given a candidate,
+    /// or early room, since `assign_early` last looked. It empties them.
+    early_ready: BTreeSet<WorkerId>,
+    /// Workers with candidates but no early room when last looked, and
+    /// `per_thread` then: they need a look again only when their early
+    /// count drops or windows grow. With `early_ready`, this keeps
+    /// `assign_early` off the workers it has nothing to send to.
+    early_blocked: BTreeSet<WorkerId>,
+    early_per_thread: u32,
     /// Reused buffer.
     scratch: Vec<(WorkerId, u64)>,
     /// The timeout of tasks that have none of their own, in milliseconds.
@@ -282,6 +291,9 @@ impl State {
             mean_ns: None,
             unsettled: Vec::new(),
             loads: Loads::default(),
+            early_ready: BTreeSet::new(),
+            early_blocked: BTreeSet::new(),
+            early_per_thread: 0,
             scratch: Vec::new(),
             task_timeout_ms: None,
             allowed_failures: ALLOWED_WORKER_DEATHS,
@@ -543,6 +555,8 @@ impl State {
             },
         );
         self.loads.insert(worker, threads.clamp(1, MAX_THREADS));
+        self.early_ready.remove(&worker);
+        self.early_blocked.remove(&worker);
         self.assign(out);
     }
 
@@ -557,6 +571,8 @@ impl State {
             .remove(worker)
             .expect("loads and workers have the same ids")
             .threads;
+        self.early_ready.remove(&worker);
+        self.early_blocked.remove(&worker);
         for &id in self.workers.keys() {
             out.to_worker(id, ToWorker::PeerLeft { id: worker });
         }
@@ -1070,6 +1086,7 @@ impl State {
             self.loads.remove_task(worker);
         } else if let Some(w) = self.workers.get_mut(&worker) {
             w.early = w.early.saturating_sub(1);
+            self.early_room(worker);
         }
     }
 
@@ -1201,6 +1218,7 @@ impl State {
                         if let Some(worker) = self.workers.get_mut(&w) {
                             worker.early = worker.early.saturating_sub(1);
                             self.loads.add_task(w);
+                            self.early_room(w);
                         }
                     }
                 }
@@ -1244,6 +1262,15 @@ impl State {
         let priority = self.task(id).priority;
         if let Some(worker) = self.workers.get_mut(&w) {
             worker.candidates.push(Reverse((priority, id)));
+            self.early_ready.insert(w);
+        }
+    }
+
+    /// `w`'s early count dropped: if its candidates waited for room, they
+    /// may go now.
+    fn early_room(&mut self, w: WorkerId) {
+        if self.early_blocked.remove(&w) {
+            self.early_ready.insert(w);
         }
     }
 
@@ -1434,17 +1461,26 @@ impl State {
     /// Sends early candidates to their worker while it has early room: as
     /// many tasks as its window (S9). Sending one can make its own waiting
     /// dependents candidates, so a chain goes out link after link.
+    ///
+    /// Looks only at workers in `early_ready` (and all blocked ones when
+    /// windows grew), by id: any other worker has no candidate or no early
+    /// room, so it would send nothing.
     fn assign_early(&mut self, per_thread: u32, out: &mut impl Outbox) {
-        let ids: Vec<WorkerId> = self
-            .workers
-            .iter()
-            .filter(|(_, w)| !w.candidates.is_empty())
-            .map(|(&id, _)| id)
-            .collect();
-        for w in ids {
+        if per_thread > self.early_per_thread {
+            let blocked = std::mem::take(&mut self.early_blocked);
+            self.early_ready.extend(blocked);
+        }
+        self.early_per_thread = per_thread;
+        // Sending to `w` can give `w` new candidates (its dependents go
+        // early to it) and so put it back: never a worker visited earlier.
+        while let Some(w) = self.early_ready.pop_first() {
+            self.early_blocked.remove(&w);
             let window = self.loads.get(w).map_or(0, |l| l.window(per_thread));
             while let Some(worker) = self.workers.get_mut(&w) {
                 if worker.early >= window {
+                    if !worker.candidates.is_empty() {
+                        self.early_blocked.insert(w);
+                    }
                     break;
                 }
                 let Some(Reverse((priority, id))) = worker.candidates.pop() else {
@@ -1599,6 +1635,17 @@ impl State {
             "loads and workers name different workers"
         );
         self.loads.check();
+        for (&w, worker) in &self.workers {
+            let window = self.loads.get(w).map(|l| l.window(self.early_per_thread));
+            if self.early_blocked.contains(&w) {
+                assert!(Some(worker.early) >= window, "{w} blocked with early room");
+            } else if !worker.candidates.is_empty() {
+                assert!(self.early_ready.contains(&w), "{w}'s candidates overlooked");
+            }
+        }
+        for w in self.early_ready.iter().chain(&self.early_blocked) {
+            assert!(self.workers.contains_key(w), "{w} is gone but indexed");
+        }
     }
 }
 
