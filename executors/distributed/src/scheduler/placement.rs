@@ -16,8 +16,14 @@
 //! 4. Arithmetic saturates. Thread counts and sizes come from workers; the
 //!    shell refuses values out of the protocol's ranges, and what gets
 //!    through (or a sum over many inputs) still cannot overflow here.
+//! 5. Every decision costs O(log workers) plus the task's inputs: [`Loads`]
+//!    keeps the workers ordered by load per thread, then id. Room in a window
+//!    is monotone in load per thread (`tasks < threads × per_thread` is
+//!    `tasks / threads < per_thread`), and so is idleness, so the first
+//!    worker of that order is the lightest with room, or idle, if any is.
 
-use std::collections::BTreeMap;
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use crate::protocol::WorkerId;
@@ -34,7 +40,7 @@ const TARGET_BACKLOG: Duration = Duration::from_millis(2);
 const MAX_PER_THREAD: u32 = 64;
 
 /// What placement needs to know about a worker.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Load {
     /// Tasks assigned and not yet reported.
     pub(crate) tasks: u32,
@@ -54,8 +60,129 @@ impl Load {
 
     /// `self` is less loaded than `other`, per thread.
     fn lighter(&self, other: &Load) -> bool {
-        (self.tasks as u64) * (other.threads.max(1) as u64)
-            < (other.tasks as u64) * (self.threads.max(1) as u64)
+        self.per_thread() < other.per_thread()
+    }
+
+    fn per_thread(&self) -> PerThread {
+        PerThread {
+            tasks: self.tasks,
+            threads: self.threads.max(1),
+        }
+    }
+}
+
+/// Tasks per thread as an exact fraction: `1/2` equals `2/4`. Compared by
+/// cross-multiplication, which cannot overflow in `u64` (rule 4), where
+/// floats would round two close loads to one.
+#[derive(Debug, Clone, Copy)]
+struct PerThread {
+    tasks: u32,
+    /// At least 1.
+    threads: u32,
+}
+
+impl Ord for PerThread {
+    fn cmp(&self, other: &Self) -> Ordering {
+        (u64::from(self.tasks) * u64::from(other.threads))
+            .cmp(&(u64::from(other.tasks) * u64::from(self.threads)))
+    }
+}
+
+impl PartialOrd for PerThread {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for PerThread {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for PerThread {}
+
+/// Every worker's load, by id and in placement order: load per thread,
+/// then id (rule 5). All changes go through its methods, which keep the two
+/// in step.
+#[derive(Debug, Default)]
+pub(crate) struct Loads {
+    by_id: BTreeMap<WorkerId, Load>,
+    by_load: BTreeSet<(PerThread, WorkerId)>,
+}
+
+impl Loads {
+    /// Adds worker `id` with no tasks, or resets it.
+    pub(crate) fn insert(&mut self, id: WorkerId, threads: u32) {
+        self.set(id, Load { tasks: 0, threads });
+    }
+
+    /// Removes worker `id`, returning its load.
+    pub(crate) fn remove(&mut self, id: WorkerId) -> Option<Load> {
+        let load = self.by_id.remove(&id)?;
+        self.by_load.remove(&(load.per_thread(), id));
+        Some(load)
+    }
+
+    pub(crate) fn get(&self, id: WorkerId) -> Option<&Load> {
+        self.by_id.get(&id)
+    }
+
+    /// One more task on worker `id`, if it is known.
+    pub(crate) fn add_task(&mut self, id: WorkerId) {
+        if let Some(&load) = self.by_id.get(&id) {
+            let tasks = load.tasks.saturating_add(1);
+            self.set(id, Load { tasks, ..load });
+        }
+    }
+
+    /// One task fewer on worker `id`, if it is known.
+    pub(crate) fn remove_task(&mut self, id: WorkerId) {
+        if let Some(&load) = self.by_id.get(&id) {
+            let tasks = load.tasks.saturating_sub(1);
+            self.set(id, Load { tasks, ..load });
+        }
+    }
+
+    fn set(&mut self, id: WorkerId, load: Load) {
+        if let Some(old) = self.by_id.insert(id, load) {
+            self.by_load.remove(&(old.per_thread(), id));
+        }
+        self.by_load.insert((load.per_thread(), id));
+    }
+
+    /// The least loaded worker per thread, lowest id first on ties.
+    fn lightest(&self) -> Option<(WorkerId, &Load)> {
+        let &(_, id) = self.by_load.first()?;
+        Some((id, &self.by_id[&id]))
+    }
+
+    /// Workers by id.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (WorkerId, &Load)> {
+        self.by_id.iter().map(|(&id, load)| (id, load))
+    }
+
+    /// Checks that the order is the one recomputed from the loads (tests,
+    /// and the simulated cluster after every step).
+    pub(crate) fn check(&self) {
+        let expected: Vec<(WorkerId, Load)> = {
+            let mut v: Vec<_> = self.iter().map(|(id, &l)| (id, l)).collect();
+            v.sort_by(|(a, la), (b, lb)| la.per_thread().cmp(&lb.per_thread()).then(a.cmp(b)));
+            v
+        };
+        let indexed: Vec<(WorkerId, Load)> = self
+            .by_load
+            .iter()
+            .map(|&(_, id)| (id, self.by_id[&id]))
+            .collect();
+        assert_eq!(indexed, expected, "placement order out of step with loads");
+        for &(key, id) in &self.by_load {
+            let load = self.by_id[&id].per_thread();
+            assert!(
+                key.tasks == load.tasks && key.threads == load.threads,
+                "{id} indexed at {key:?}, holds {load:?}"
+            );
+        }
     }
 }
 
@@ -91,7 +218,7 @@ pub(crate) enum Choice {
 /// of each input); `scratch` is reused between calls to avoid allocating.
 pub(crate) fn choose<'a>(
     inputs: impl Iterator<Item = (&'a [WorkerId], u64)>,
-    workers: &BTreeMap<WorkerId, Load>,
+    workers: &Loads,
     per_thread: u32,
     scratch: &mut Vec<(WorkerId, u64)>,
 ) -> Choice {
@@ -108,14 +235,15 @@ pub(crate) fn choose<'a>(
     let mut best_any: Option<(WorkerId, u64)> = None;
     let mut best_room: Option<(WorkerId, u64)> = None;
     for &(w, bytes) in scratch.iter() {
-        let Some(load) = workers.get(&w) else {
+        let Some(load) = workers.get(w) else {
             continue;
         };
-        if best_any.is_none_or(|(bw, bb)| better(bytes, load, w, bb, &workers[&bw], bw)) {
+        let of = |id| workers.get(id).expect("only known workers are kept");
+        if best_any.is_none_or(|(bw, bb)| better(bytes, load, w, bb, of(bw), bw)) {
             best_any = Some((w, bytes));
         }
         if load.has_room(per_thread)
-            && best_room.is_none_or(|(bw, bb)| better(bytes, load, w, bb, &workers[&bw], bw))
+            && best_room.is_none_or(|(bw, bb)| better(bytes, load, w, bb, of(bw), bw))
         {
             best_room = Some((w, bytes));
         }
@@ -126,9 +254,9 @@ pub(crate) fn choose<'a>(
         }
         if bytes >= LOCALITY_BYTES {
             // Its data is on a full worker: only an idle worker takes it.
-            return match lightest(workers, |l| l.tasks == 0) {
-                Some(idle) => Choice::Worker(idle),
-                None => Choice::Defer,
+            return match workers.lightest() {
+                Some((idle, l)) if l.tasks == 0 => Choice::Worker(idle),
+                _ => Choice::Defer,
             };
         }
         if let Some((w, bytes)) = best_room {
@@ -137,9 +265,10 @@ pub(crate) fn choose<'a>(
             }
         }
     }
-    match lightest(workers, |l| l.has_room(per_thread)) {
-        Some(w) => Choice::Worker(w),
-        None => Choice::Full,
+    // Rule 5: if the lightest worker has no room, none has.
+    match workers.lightest() {
+        Some((w, l)) if l.has_room(per_thread) => Choice::Worker(w),
+        _ => Choice::Full,
     }
 }
 
@@ -154,30 +283,17 @@ fn better(a_bytes: u64, a: &Load, a_id: WorkerId, b_bytes: u64, b: &Load, b_id: 
     !b.lighter(a) && a_id < b_id
 }
 
-/// The least loaded worker passing `filter`, lowest id first on ties.
-fn lightest(
-    workers: &BTreeMap<WorkerId, Load>,
-    filter: impl Fn(&Load) -> bool,
-) -> Option<WorkerId> {
-    let mut best: Option<(WorkerId, &Load)> = None;
-    for (&w, load) in workers {
-        if filter(load) && best.is_none_or(|(_, b)| load.lighter(b)) {
-            best = Some((w, load));
-        }
-    }
-    best.map(|(w, _)| w)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn workers(loads: &[(u32, u32)]) -> BTreeMap<WorkerId, Load> {
-        loads
-            .iter()
-            .enumerate()
-            .map(|(i, &(tasks, threads))| (WorkerId(i as u32), Load { tasks, threads }))
-            .collect()
+    fn workers(loads: &[(u32, u32)]) -> Loads {
+        let mut ws = Loads::default();
+        for (i, &(tasks, threads)) in loads.iter().enumerate() {
+            ws.set(WorkerId(i as u32), Load { tasks, threads });
+        }
+        ws.check();
+        ws
     }
 
     #[test]
@@ -241,7 +357,10 @@ mod tests {
         // The largest values the types can carry, past the protocol's
         // limits: nothing overflows (debug builds would panic).
         let ws = workers(&[(u32::MAX, u32::MAX), (0, u32::MAX), (u32::MAX, 1)]);
-        assert_eq!(ws[&WorkerId(0)].window(MAX_PER_THREAD), u32::MAX);
+        assert_eq!(
+            ws.get(WorkerId(0)).unwrap().window(MAX_PER_THREAD),
+            u32::MAX
+        );
         let (both, first) = ([WorkerId(0), WorkerId(2)], [WorkerId(0)]);
         let inputs = [
             (&both[..], u64::MAX),
@@ -278,5 +397,47 @@ mod tests {
             choose(std::iter::empty(), &ws, 2, &mut vec![]),
             Choice::Full
         );
+    }
+
+    /// The scan the index replaced: lightest passing `filter`, lowest id
+    /// first on ties.
+    fn scan(ws: &Loads, filter: impl Fn(&Load) -> bool) -> Option<WorkerId> {
+        let mut best: Option<(WorkerId, &Load)> = None;
+        for (w, load) in ws.iter() {
+            if filter(load) && best.is_none_or(|(_, b)| load.lighter(b)) {
+                best = Some((w, load));
+            }
+        }
+        best.map(|(w, _)| w)
+    }
+
+    #[test]
+    fn the_index_picks_what_a_scan_of_every_worker_picks() {
+        // Equal loads per thread with different counts (1/2 and 2/4), ties
+        // on id, workers coming and going: a fixed pseudo-random walk.
+        let mut ws = Loads::default();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for step in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let id = WorkerId((x % 12) as u32);
+            match (x >> 8) % 8 {
+                0 => ws.insert(id, 1 + ((x >> 16) % 4) as u32),
+                1 => drop(ws.remove(id)),
+                2..=4 => ws.add_task(id),
+                _ => ws.remove_task(id),
+            }
+            let per_thread = 1 + ((x >> 24) % 4) as u32;
+            let lightest = ws.lightest().map(|(w, _)| w);
+            assert_eq!(lightest, scan(&ws, |_| true), "step {step}");
+            let room = lightest.filter(|&w| ws.get(w).unwrap().has_room(per_thread));
+            assert_eq!(room, scan(&ws, |l| l.has_room(per_thread)), "step {step}");
+            let idle = lightest.filter(|&w| ws.get(w).unwrap().tasks == 0);
+            assert_eq!(idle, scan(&ws, |l| l.tasks == 0), "step {step}");
+            if step % 64 == 0 {
+                ws.check();
+            }
+        }
     }
 }

@@ -6,12 +6,12 @@
 //! are referred to as (S1)…(S13) in the code.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::sync::Arc;
 
 use rask_executor::Key;
 
-use super::placement::{self, Choice, Load, LOCALITY_BYTES};
+use super::placement::{self, Choice, Loads, LOCALITY_BYTES};
 use rask_executor::diagnostics::Counts;
 
 use crate::protocol::{
@@ -225,9 +225,9 @@ struct Slot {
     task: Option<Task>,
 }
 
+/// A worker; its load is in `State::loads`, where placement finds it.
 struct Worker {
     address: String,
-    load: Load,
     /// Tasks sent early (S9) whose inputs are not all in memory yet.
     early: u32,
     /// Waiting tasks that may be sent early to this worker, by priority.
@@ -249,8 +249,18 @@ pub(crate) struct State {
     mean_ns: Option<f64>,
     /// Tasks whose need may have changed, to settle (S3, S4).
     unsettled: Vec<TaskId>,
-    /// Reused buffers.
-    loads: BTreeMap<WorkerId, Load>,
+    /// Every worker's tasks in its window and threads, in placement order.
+    loads: Loads,
+    /// Workers whose early candidates (S9) may be sent: given a candidate,
+    /// or early room, since `assign_early` last looked. It empties them.
+    early_ready: BTreeSet<WorkerId>,
+    /// Workers with candidates but no early room when last looked, and
+    /// `per_thread` then: they need a look again only when their early
+    /// count drops or windows grow. With `early_ready`, this keeps
+    /// `assign_early` off the workers it has nothing to send to.
+    early_blocked: BTreeSet<WorkerId>,
+    early_per_thread: u32,
+    /// Reused buffer.
     scratch: Vec<(WorkerId, u64)>,
     /// The timeout of tasks that have none of their own, in milliseconds.
     task_timeout_ms: Option<u64>,
@@ -280,7 +290,10 @@ impl State {
             next_priority: 0,
             mean_ns: None,
             unsettled: Vec::new(),
-            loads: BTreeMap::new(),
+            loads: Loads::default(),
+            early_ready: BTreeSet::new(),
+            early_blocked: BTreeSet::new(),
+            early_per_thread: 0,
             scratch: Vec::new(),
             task_timeout_ms: None,
             allowed_failures: ALLOWED_WORKER_DEATHS,
@@ -325,7 +338,7 @@ impl State {
         workers.extend(self.workers.iter().map(|(&id, w)| WorkerCensus {
             id,
             address: w.address.clone(),
-            threads: w.load.threads,
+            threads: self.loads.get(id).map_or(0, |l| l.threads),
             running: 0,
             data_bytes: 0,
             keys: 0,
@@ -537,24 +550,29 @@ impl State {
             worker,
             Worker {
                 address,
-                load: Load {
-                    tasks: 0,
-                    threads: threads.clamp(1, MAX_THREADS),
-                },
                 early: 0,
                 candidates: BinaryHeap::new(),
             },
         );
+        self.loads.insert(worker, threads.clamp(1, MAX_THREADS));
+        self.early_ready.remove(&worker);
+        self.early_blocked.remove(&worker);
         self.assign(out);
     }
 
     /// A worker's connection ended: reschedule what it was given, recompute
     /// what only it held (S7).
     pub(crate) fn on_worker_lost(&mut self, worker: WorkerId, out: &mut impl Outbox) {
-        let Some(gone) = self.workers.remove(&worker) else {
+        if self.workers.remove(&worker).is_none() {
             return;
-        };
-        let threads = gone.load.threads;
+        }
+        let threads = self
+            .loads
+            .remove(worker)
+            .expect("loads and workers have the same ids")
+            .threads;
+        self.early_ready.remove(&worker);
+        self.early_blocked.remove(&worker);
         for &id in self.workers.keys() {
             out.to_worker(id, ToWorker::PeerLeft { id: worker });
         }
@@ -1064,12 +1082,11 @@ impl State {
             return;
         };
         let early = std::mem::take(&mut task.early);
-        if let Some(w) = self.workers.get_mut(&worker) {
-            if early {
-                w.early = w.early.saturating_sub(1);
-            } else {
-                w.load.tasks = w.load.tasks.saturating_sub(1);
-            }
+        if !early {
+            self.loads.remove_task(worker);
+        } else if let Some(w) = self.workers.get_mut(&worker) {
+            w.early = w.early.saturating_sub(1);
+            self.early_room(worker);
         }
     }
 
@@ -1200,7 +1217,8 @@ impl State {
                         self.task_mut(s).early = false;
                         if let Some(worker) = self.workers.get_mut(&w) {
                             worker.early = worker.early.saturating_sub(1);
-                            worker.load.tasks += 1;
+                            self.loads.add_task(w);
+                            self.early_room(w);
                         }
                     }
                 }
@@ -1244,6 +1262,15 @@ impl State {
         let priority = self.task(id).priority;
         if let Some(worker) = self.workers.get_mut(&w) {
             worker.candidates.push(Reverse((priority, id)));
+            self.early_ready.insert(w);
+        }
+    }
+
+    /// `w`'s early count dropped: if its candidates waited for room, they
+    /// may go now.
+    fn early_room(&mut self, w: WorkerId) {
+        if self.early_blocked.remove(&w) {
+            self.early_ready.insert(w);
         }
     }
 
@@ -1401,10 +1428,6 @@ impl State {
         if self.queue.is_empty() {
             return;
         }
-        self.loads.clear();
-        for (&id, w) in &self.workers {
-            self.loads.insert(id, w.load.clone());
-        }
         let mut deferred = Vec::new();
         let mut scratch = std::mem::take(&mut self.scratch);
         while let Some(Reverse((priority, id))) = self.queue.pop() {
@@ -1417,12 +1440,7 @@ impl State {
                 (&dep.who_has[..], dep.nbytes)
             });
             match placement::choose(inputs, &self.loads, per_thread, &mut scratch) {
-                Choice::Worker(w) => {
-                    self.send_compute(id, w, false, out);
-                    if let Some(load) = self.loads.get_mut(&w) {
-                        load.tasks += 1;
-                    }
-                }
+                Choice::Worker(w) => self.send_compute(id, w, false, out),
                 Choice::Defer => {
                     deferred.push(Reverse((priority, id)));
                     // Bound the work spent skipping data-bound tasks.
@@ -1443,16 +1461,26 @@ impl State {
     /// Sends early candidates to their worker while it has early room: as
     /// many tasks as its window (S9). Sending one can make its own waiting
     /// dependents candidates, so a chain goes out link after link.
+    ///
+    /// Looks only at workers in `early_ready` (and all blocked ones when
+    /// windows grew), by id: any other worker has no candidate or no early
+    /// room, so it would send nothing.
     fn assign_early(&mut self, per_thread: u32, out: &mut impl Outbox) {
-        let ids: Vec<WorkerId> = self
-            .workers
-            .iter()
-            .filter(|(_, w)| !w.candidates.is_empty())
-            .map(|(&id, _)| id)
-            .collect();
-        for w in ids {
+        if per_thread > self.early_per_thread {
+            let blocked = std::mem::take(&mut self.early_blocked);
+            self.early_ready.extend(blocked);
+        }
+        self.early_per_thread = per_thread;
+        // Sending to `w` can give `w` new candidates (its dependents go
+        // early to it) and so put it back: never a worker visited earlier.
+        while let Some(w) = self.early_ready.pop_first() {
+            self.early_blocked.remove(&w);
+            let window = self.loads.get(w).map_or(0, |l| l.window(per_thread));
             while let Some(worker) = self.workers.get_mut(&w) {
-                if worker.early >= worker.load.window(per_thread) {
+                if worker.early >= window {
+                    if !worker.candidates.is_empty() {
+                        self.early_blocked.insert(w);
+                    }
                     break;
                 }
                 let Some(Reverse((priority, id))) = worker.candidates.pop() else {
@@ -1506,12 +1534,10 @@ impl State {
         task.state = TaskState::Processing(worker);
         task.sent_at = now;
         task.early = early;
-        if let Some(w) = self.workers.get_mut(&worker) {
-            if early {
-                w.early += 1;
-            } else {
-                w.load.tasks += 1;
-            }
+        if !early {
+            self.loads.add_task(worker);
+        } else if let Some(w) = self.workers.get_mut(&worker) {
+            w.early += 1;
         }
         // Its waiting dependents may now go early to this worker too.
         let len = self.task(id).dependents.len();
@@ -1596,10 +1622,29 @@ impl State {
                     .filter(move |t| t.state == TaskState::Processing(w))
             };
             assert_eq!(
-                worker.load.tasks,
+                self.loads.get(w).expect("every worker has a load").tasks,
                 on_w().filter(|t| !t.early).count() as u32
             );
             assert_eq!(worker.early, on_w().filter(|t| t.early).count() as u32);
+        }
+        assert!(
+            self.loads
+                .iter()
+                .map(|(id, _)| id)
+                .eq(self.workers.keys().copied()),
+            "loads and workers name different workers"
+        );
+        self.loads.check();
+        for (&w, worker) in &self.workers {
+            let window = self.loads.get(w).map(|l| l.window(self.early_per_thread));
+            if self.early_blocked.contains(&w) {
+                assert!(Some(worker.early) >= window, "{w} blocked with early room");
+            } else if !worker.candidates.is_empty() {
+                assert!(self.early_ready.contains(&w), "{w}'s candidates overlooked");
+            }
+        }
+        for w in self.early_ready.iter().chain(&self.early_blocked) {
+            assert!(self.workers.contains_key(w), "{w} is gone but indexed");
         }
     }
 }
