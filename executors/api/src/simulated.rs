@@ -28,6 +28,7 @@
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::events::{self, Place};
+use crate::synchronous::take;
 use crate::{run_task, Executor, Failure, Outcome, Plan, Reporter, Stop, Value};
 
 /// A small, fast, seedable generator (Steele, Lea and Flood's SplitMix64):
@@ -454,20 +455,6 @@ impl RunState {
         // been emptied since by its last consumer, but then `remaining`
         // fell below the task's consumer count.
         self.slots[t as usize].is_some() || self.remaining[t as usize] < self.plan.consumers(t)
-    }
-}
-
-/// Takes one use of task `d`'s outcome; the last use moves it out.
-fn take(slots: &mut [Option<Outcome>], remaining: &mut [u32], d: u32) -> Outcome {
-    let d = d as usize;
-    remaining[d] -= 1;
-    let slot = &mut slots[d];
-    if remaining[d] == 0 {
-        slot.take()
-            .expect("a task's value is taken at most `consumers` times")
-    } else {
-        slot.clone()
-            .expect("a dependency runs before its dependents")
     }
 }
 

@@ -94,8 +94,9 @@ fn run(plan: &Plan, reporter: &dyn Reporter) {
     }
 }
 
-/// Takes one use of task `d`'s outcome; the last use moves it out of its slot.
-fn take(slots: &mut [Option<Outcome>], remaining: &mut [u32], d: u32) -> Outcome {
+/// Takes one use of task `d`'s outcome; the last use moves it out of its
+/// slot. Shared with the simulated executor.
+pub(crate) fn take(slots: &mut [Option<Outcome>], remaining: &mut [u32], d: u32) -> Outcome {
     let d = d as usize;
     remaining[d] -= 1;
     let slot = &mut slots[d];

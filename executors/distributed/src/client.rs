@@ -960,22 +960,7 @@ impl Executor for Client {
             .zip(wires)
             .enumerate()
             .filter(|(i, _)| failed[*i].is_none())
-            .map(|(i, (task, wire))| TaskSpec {
-                key: task.key.0,
-                name: task.op.name().into(),
-                function: wire.function.into(),
-                payload: wire.payload.into(),
-                deps: plan
-                    .deps(i as u32)
-                    .iter()
-                    .map(|&d| plan.task(d).key.0)
-                    .collect(),
-                timeout_ms: task
-                    .op
-                    .timeout()
-                    .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
-                retries: task.op.retries(),
-            })
+            .map(|(i, (_, wire))| TaskSpec::of(&plan, i as u32, wire))
             .collect();
         let outputs: Vec<WireKey> = plan.outputs().iter().map(|&t| plan.task(t).key.0).collect();
         let mut wanted: Vec<WireKey> = plan

@@ -505,6 +505,30 @@ pub struct TaskSpec {
     pub retries: u32,
 }
 
+impl TaskSpec {
+    /// Task `i` of `plan`, travelling as `wire`: its key, name, inputs'
+    /// keys and limits as the plan has them.
+    pub(crate) fn of(
+        plan: &rask_executor::Plan,
+        i: u32,
+        wire: rask_executor::WireTask,
+    ) -> TaskSpec {
+        let task = plan.task(i);
+        TaskSpec {
+            key: task.key.0,
+            name: task.op.name().into(),
+            function: wire.function.into(),
+            payload: wire.payload.into(),
+            deps: plan.deps(i).iter().map(|&d| plan.task(d).key.0).collect(),
+            timeout_ms: task
+                .op
+                .timeout()
+                .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+            retries: task.op.retries(),
+        }
+    }
+}
+
 /// A [`Failure`] as it travels: everything but the error value itself,
 /// whose type name and message chain go instead (the receiver rebuilds it
 /// as a [`RemoteError`](rask_executor::RemoteError)).

@@ -1400,22 +1400,7 @@ impl Executor for Cluster {
                     )))
                 }
             };
-            tasks.push(TaskSpec {
-                key: task.key.0,
-                name: task.op.name().into(),
-                function: wire.function.into(),
-                payload: wire.payload.into(),
-                deps: plan
-                    .deps(i as u32)
-                    .iter()
-                    .map(|&d| plan.task(d).key.0)
-                    .collect(),
-                timeout_ms: task
-                    .op
-                    .timeout()
-                    .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
-                retries: task.op.retries(),
-            });
+            tasks.push(TaskSpec::of(&plan, i as u32, wire));
         }
         let wanted: Vec<WireKey> = plan.outputs().iter().map(|&t| plan.task(t).key.0).collect();
         let watch = rask_executor::events::listening();
