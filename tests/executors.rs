@@ -439,6 +439,30 @@ for_each_executor! {
     }
 }
 
+/// A simulated cluster shows its simulated workers, and waiting for more
+/// than it has fails instead of waiting: none will join.
+#[cfg(feature = "distributed")]
+#[test]
+fn a_simulated_cluster_has_its_workers() {
+    rask::init_with(cluster_tasks());
+    let config = rask::Config::new().executor(rask::ExecutorKind::SimCluster {
+        workers: 3,
+        seed: 1,
+        faults: 0,
+    });
+    let client = rask::Client::with_config(&config).unwrap();
+    let info = client.scheduler_info().unwrap();
+    assert_eq!(info.workers.len(), 3);
+    assert!(info.workers.iter().all(|w| w.threads == 2));
+    client
+        .wait_for_workers(3, std::time::Duration::from_secs(1))
+        .unwrap();
+    let err = client
+        .wait_for_workers(4, std::time::Duration::from_secs(3600))
+        .unwrap_err();
+    assert!(matches!(err, rask::Error::Timeout { .. }), "{err}");
+}
+
 /// The simulated cluster under faults (workers killed, values lost,
 /// messages delayed; 4 per run, placed by each run's own seed) gives the
 /// sync executor's results over 500 random graphs: values equal, and a

@@ -40,15 +40,16 @@ impl Client {
     /// # Ok::<(), rask::Error>(())
     /// ```
     pub fn scheduler_info(&self) -> Result<Snapshot> {
-        let threads = match &self.inner.backend {
+        // (workers, threads each): a simulated cluster's workers run on the
+        // calling thread but are its workers all the same.
+        let (workers, threads) = match &self.inner.backend {
             #[cfg(feature = "distributed")]
             Backend::Distributed(cluster) => return Ok(cluster.client().info()?),
-            Backend::Synchronous(_) | Backend::Simulated(_) => 1,
-            // A simulated cluster runs on the calling thread.
+            Backend::Synchronous(_) | Backend::Simulated(_) => (1u32, 1usize),
             #[cfg(feature = "distributed")]
-            Backend::SimCluster(_) => 1,
+            Backend::SimCluster(sim) => (sim.workers(), rask_distributed::sim::THREADS as usize),
             #[cfg(feature = "threaded")]
-            Backend::Threads(pool) => pool.threads(),
+            Backend::Threads(pool) => (1, pool.threads()),
         };
         let (pending, finished) = self.inner.counts();
         let totals = Counts {
@@ -65,24 +66,26 @@ impl Client {
             tasks_per_second: 0.0,
             totals,
             functions: Vec::new(),
-            workers: vec![WorkerRow {
-                id: 0,
-                address: THIS_PROCESS.to_owned(),
-                threads: u32::try_from(threads).unwrap_or(u32::MAX),
-                running: 0,
-                memory_bytes: None,
-                data_bytes: 0,
-                keys: finished,
-                last_heartbeat_ms: 0,
-                utilisation: None,
-            }],
+            workers: (0..workers)
+                .map(|id| WorkerRow {
+                    id,
+                    address: THIS_PROCESS.to_owned(),
+                    threads: u32::try_from(threads).unwrap_or(u32::MAX),
+                    running: 0,
+                    memory_bytes: None,
+                    data_bytes: 0,
+                    keys: if id == 0 { finished } else { 0 },
+                    last_heartbeat_ms: 0,
+                    utilisation: None,
+                })
+                .collect(),
         })
     }
 
     /// Waits until the executor has at least `n` workers (Dask's
     /// `wait_for_workers`): on a cluster, workers of this program's build
     /// registered with its scheduler. Executors in this process have one
-    /// worker, this process.
+    /// worker, this process; `sim-cluster:W:SEED` has its W simulated ones.
     ///
     /// # Errors
     ///
@@ -106,7 +109,12 @@ impl Client {
             if have >= n {
                 return Ok(());
             }
-            if !self.inner.backend.is_remote() || Instant::now() >= deadline {
+            // Only a real cluster gains workers while we wait.
+            #[cfg(feature = "distributed")]
+            let grows = matches!(&self.inner.backend, Backend::Distributed(_));
+            #[cfg(not(feature = "distributed"))]
+            let grows = false;
+            if !grows || Instant::now() >= deadline {
                 return Err(Error::Timeout {
                     task: None,
                     after: timeout,

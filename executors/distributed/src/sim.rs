@@ -349,6 +349,9 @@ pub fn decode_u64(value: &Value) -> u64 {
 pub type Runner<'a> =
     dyn FnMut(&TaskSpec, &mut [Option<Value>]) -> Result<Value, Box<WireFailure>> + 'a;
 
+/// Threads per simulated worker unless [`Sim::threads`] says otherwise.
+pub const THREADS: u32 = 2;
+
 /// A simulated cluster, set up by its builder methods and run once with
 /// [`Sim::run`].
 ///
@@ -377,7 +380,7 @@ impl Sim {
         Sim {
             workers: workers.max(1),
             seed,
-            threads: 2,
+            threads: THREADS,
             faults: Vec::new(),
             random_faults: 0,
             check: true,
