@@ -40,6 +40,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub mod diagnostics;
+pub mod entry;
 pub mod events;
 mod failure;
 mod limits;

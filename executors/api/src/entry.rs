@@ -1,0 +1,340 @@
+//! One value on disk: the file format of the result cache and of a
+//! worker's spilled values.
+//!
+//! A file holds one value's postcard bytes behind a header:
+//!
+//! | field | size | content |
+//! |---|---|---|
+//! | magic | 8 | `RASKVAL\0` |
+//! | format version | 4 | [`FORMAT_VERSION`], little-endian |
+//! | type name length | 2 | little-endian, at most [`MAX_TYPE_NAME`] |
+//! | type name | n | UTF-8, [`std::any::type_name`] of the value |
+//! | value length | 8 | little-endian |
+//! | checksum | 32 | blake3 of the value's bytes |
+//! | value | length | postcard |
+//!
+//! Rules:
+//!
+//! 1. A file is written to a temporary name in its directory and renamed
+//!    into place, so a reader sees a whole file or none; two processes
+//!    writing the same entry leave one of two equal files.
+//! 2. Nothing in a file is trusted: a file that is short, long, of another
+//!    format version, of another type or whose bytes do not match the
+//!    checksum is [`EntryError::Corrupt`] or [`EntryError::Foreign`], never
+//!    a value.
+//! 3. Entries are named by key: `dir/ab/abcd…` (the full hex key, under a
+//!    directory named by its first two hex digits).
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::Key;
+
+/// The first eight bytes of every entry.
+pub const MAGIC: [u8; 8] = *b"RASKVAL\0";
+
+/// The version of this format; a file of another version is a miss.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The longest type name a header may hold, in bytes.
+pub const MAX_TYPE_NAME: usize = 4096;
+
+/// Why an entry could not be read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EntryError {
+    /// No file for that key.
+    #[error("no entry")]
+    Missing,
+    /// The file is not a whole entry of this format (rule 2).
+    #[error("{path}: not a valid entry ({reason})")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The file holds a value of another type than the one asked for.
+    #[error("{path}: holds a `{found}`, not a `{expected}`")]
+    Foreign {
+        /// The file.
+        path: PathBuf,
+        /// The type in the header.
+        found: String,
+        /// The type asked for.
+        expected: String,
+    },
+    /// Reading the file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A value read back from disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The type name the writer recorded.
+    pub type_name: String,
+    /// The value's postcard bytes, checked against the header's checksum.
+    pub bytes: Vec<u8>,
+}
+
+/// Where the entry of `key` lives under `dir` (rule 3).
+///
+/// ```
+/// use rask_executor::{entry, Key};
+/// let path = entry::path(std::path::Path::new("/cache"), &Key([0xab; 32]));
+/// assert!(path.starts_with("/cache/ab"));
+/// assert_eq!(path.file_name().unwrap().len(), 64);
+/// ```
+pub fn path(dir: &Path, key: &Key) -> PathBuf {
+    let hex = key.to_string();
+    dir.join(&hex[..2]).join(hex)
+}
+
+/// The header of an entry holding `bytes` of type `type_name`.
+fn header(type_name: &str, bytes: &[u8]) -> Vec<u8> {
+    let name = &type_name.as_bytes()[..type_name.len().min(MAX_TYPE_NAME)];
+    let mut out = Vec::with_capacity(8 + 4 + 2 + name.len() + 8 + 32);
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    // `name` is at most MAX_TYPE_NAME (4096) bytes, so it fits in a u16.
+    out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+    out.extend_from_slice(name);
+    out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+    out.extend_from_slice(blake3::hash(bytes).as_bytes());
+    out
+}
+
+/// Writes the entry of `key` under `dir`: to a temporary file, renamed into
+/// place (rule 1). Creates the directories it needs. Returns the number of
+/// bytes the file takes.
+///
+/// # Errors
+///
+/// The I/O error of creating, writing or renaming the file (a full disk
+/// among them); the temporary file is removed.
+///
+/// ```
+/// use rask_executor::{entry, Key};
+/// let dir = std::env::temp_dir().join(format!("rask-entry-doc-{}", std::process::id()));
+/// let key = Key([7; 32]);
+/// entry::write(&dir, &key, "u8", &[42]).unwrap();
+/// let back = entry::read(&dir, &key, Some("u8")).unwrap();
+/// assert_eq!(back.bytes, vec![42]);
+/// std::fs::remove_dir_all(&dir).unwrap();
+/// ```
+pub fn write(dir: &Path, key: &Key, type_name: &str, bytes: &[u8]) -> io::Result<u64> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let target = path(dir, key);
+    let parent = target.parent().unwrap_or(dir);
+    fs::create_dir_all(parent)?;
+    let temporary = parent.join(format!(
+        ".tmp-{}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed),
+        &key.to_string()[..16],
+    ));
+    let header = header(type_name, bytes);
+    let written = (|| {
+        let mut file = fs::File::create(&temporary)?;
+        file.write_all(&header)?;
+        file.write_all(bytes)?;
+        file.flush()?;
+        drop(file);
+        fs::rename(&temporary, &target)
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&temporary);
+        return Err(e);
+    }
+    Ok((header.len() + bytes.len()) as u64)
+}
+
+/// Reads the entry of `key` under `dir`; with `expected_type`, a file of
+/// another type is [`EntryError::Foreign`].
+///
+/// # Errors
+///
+/// [`EntryError::Missing`] when there is no file; [`EntryError::Corrupt`],
+/// [`EntryError::Foreign`] or [`EntryError::Io`] otherwise (rule 2).
+pub fn read(dir: &Path, key: &Key, expected_type: Option<&str>) -> Result<Entry, EntryError> {
+    let path = path(dir, key);
+    let mut file = match fs::File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(EntryError::Missing),
+        Err(source) => return Err(EntryError::Io { path, source }),
+    };
+    let mut raw = Vec::new();
+    if let Err(source) = file.read_to_end(&mut raw) {
+        return Err(EntryError::Io { path, source });
+    }
+    let corrupt = |reason: &str| EntryError::Corrupt {
+        path: path.clone(),
+        reason: reason.to_owned(),
+    };
+    let mut rest = raw.as_slice();
+    let mut take = |n: usize, what: &str| -> Result<&[u8], EntryError> {
+        if rest.len() < n {
+            return Err(corrupt(&format!("truncated in the {what}")));
+        }
+        let (head, tail) = rest.split_at(n);
+        rest = tail;
+        Ok(head)
+    };
+    if take(8, "magic")? != MAGIC {
+        return Err(corrupt("not a rask entry"));
+    }
+    let version = u32::from_le_bytes(fixed(take(4, "version")?));
+    if version != FORMAT_VERSION {
+        return Err(corrupt(&format!(
+            "format version {version}, this build reads {FORMAT_VERSION}"
+        )));
+    }
+    let name_len = usize::from(u16::from_le_bytes(fixed(take(2, "type name length")?)));
+    if name_len > MAX_TYPE_NAME {
+        return Err(corrupt("type name too long"));
+    }
+    let type_name = std::str::from_utf8(take(name_len, "type name")?)
+        .map_err(|_| corrupt("type name is not UTF-8"))?
+        .to_owned();
+    let len = u64::from_le_bytes(fixed(take(8, "value length")?));
+    let checksum: [u8; 32] = fixed(take(32, "checksum")?);
+    if u64::try_from(rest.len()).ok() != Some(len) {
+        return Err(corrupt(&format!(
+            "header says {len} bytes, the file holds {}",
+            rest.len()
+        )));
+    }
+    if blake3::hash(rest).as_bytes() != &checksum {
+        return Err(corrupt("checksum mismatch"));
+    }
+    if let Some(expected) = expected_type {
+        if expected != type_name {
+            return Err(EntryError::Foreign {
+                path,
+                found: type_name,
+                expected: expected.to_owned(),
+            });
+        }
+    }
+    let bytes = rest.to_vec();
+    Ok(Entry { type_name, bytes })
+}
+
+/// Removes the entry of `key` under `dir`; a missing file is not an error.
+///
+/// # Errors
+///
+/// Any other I/O error.
+pub fn remove(dir: &Path, key: &Key) -> io::Result<()> {
+    match fs::remove_file(path(dir, key)) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// The first `N` bytes of a slice `take` made exactly `N` long.
+fn fixed<const N: usize>(bytes: &[u8]) -> [u8; N] {
+    let mut out = [0; N];
+    out.copy_from_slice(bytes);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("rask-entry-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn a_written_entry_reads_back_with_its_type() {
+        let dir = scratch("roundtrip");
+        let key = Key([3; 32]);
+        let size = write(&dir, &key, "alloc::vec::Vec<i64>", &[1, 2, 3]).unwrap();
+        assert_eq!(size, fs::metadata(path(&dir, &key)).unwrap().len());
+        let entry = read(&dir, &key, Some("alloc::vec::Vec<i64>")).unwrap();
+        assert_eq!(entry.bytes, vec![1, 2, 3]);
+        assert_eq!(entry.type_name, "alloc::vec::Vec<i64>");
+        assert!(matches!(
+            read(&dir, &key, Some("u8")),
+            Err(EntryError::Foreign { found, .. }) if found == "alloc::vec::Vec<i64>"
+        ));
+        assert!(matches!(
+            read(&dir, &Key([4; 32]), None),
+            Err(EntryError::Missing)
+        ));
+        remove(&dir, &key).unwrap();
+        remove(&dir, &key).unwrap();
+        assert!(matches!(read(&dir, &key, None), Err(EntryError::Missing)));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn every_damage_is_corrupt_never_a_value() {
+        let dir = scratch("damage");
+        let key = Key([5; 32]);
+        write(&dir, &key, "u64", &[9; 100]).unwrap();
+        let file = path(&dir, &key);
+        let whole = fs::read(&file).unwrap();
+        // Every truncation, and a flipped bit at every position.
+        for cut in 0..whole.len() {
+            fs::write(&file, &whole[..cut]).unwrap();
+            assert!(
+                matches!(read(&dir, &key, None), Err(EntryError::Corrupt { .. })),
+                "cut at {cut}"
+            );
+        }
+        for at in 0..whole.len() {
+            let mut damaged = whole.clone();
+            damaged[at] ^= 0x10;
+            fs::write(&file, &damaged).unwrap();
+            let read = read(&dir, &key, Some("u64"));
+            assert!(read.is_err(), "a flipped bit at {at} was read as a value");
+        }
+        let mut longer = whole.clone();
+        longer.push(0);
+        fs::write(&file, &longer).unwrap();
+        assert!(matches!(
+            read(&dir, &key, None),
+            Err(EntryError::Corrupt { .. })
+        ));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn concurrent_writers_leave_one_whole_file() {
+        let dir = scratch("race");
+        let key = Key([6; 32]);
+        let bytes = vec![1u8; 1 << 16];
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..20 {
+                        write(&dir, &key, "bytes", &bytes).unwrap();
+                        if let Ok(entry) = read(&dir, &key, Some("bytes")) {
+                            assert_eq!(entry.bytes, bytes);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(read(&dir, &key, None).unwrap().bytes, bytes);
+        let left: Vec<_> = fs::read_dir(path(&dir, &key).parent().unwrap())
+            .unwrap()
+            .collect();
+        assert_eq!(left.len(), 1, "temporary files left behind");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
