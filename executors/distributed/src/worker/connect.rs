@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 
 use super::serve_data;
-use super::state::Store;
+use super::memory::Store;
 use super::watchdog::Seconds;
 use crate::net::{self, Chain, FrameReader, Reader};
 use crate::protocol::{
