@@ -409,10 +409,9 @@ impl Held {
         bytes: Option<&Arc<[u8]>>,
         keep: bool,
     ) -> Option<OnDisk> {
-        let current = self
-            .values
-            .get(&disk.key)
-            .is_some_and(|s| s.generation == disk.generation && matches!(s.place, Place::Disk { .. }));
+        let current = self.values.get(&disk.key).is_some_and(|s| {
+            s.generation == disk.generation && matches!(s.place, Place::Disk { .. })
+        });
         match bytes {
             Some(bytes) => {
                 self.stats.unspills += 1;
@@ -705,7 +704,11 @@ impl Store {
                     if let Some(spill) = held.next_spill() {
                         break spill;
                     }
-                    held = self.0.wake.wait(held).unwrap_or_else(PoisonError::into_inner);
+                    held = self
+                        .0
+                        .wake
+                        .wait(held)
+                        .unwrap_or_else(PoisonError::into_inner);
                 }
             };
             let written = self.write(&spill);
@@ -794,6 +797,25 @@ fn file_key(disk: &OnDisk) -> Key {
     Key(*h.finalize().as_bytes())
 }
 
+/// Removes the spill directories a worker process `pid` made under
+/// `parent`: a [`LocalCluster`](crate::LocalCluster) does so for the
+/// workers it killed, which could not.
+pub(crate) fn remove_spill_dirs(parent: &Path, pid: u32) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    let prefix = format!("rask-spill-{pid}-");
+    for entry in entries.flatten() {
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(&prefix))
+        {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 /// Removes the spill directories under `parent` of processes that no
 /// longer run (killed before they could remove their own, rule 3).
 /// Linux only: elsewhere no process can be told gone.
@@ -845,7 +867,17 @@ mod tests {
         for off in ["0", "none", "NONE", "off"] {
             assert_eq!(parse(off), Ok(None), "{off}");
         }
-        for bad in ["", "lots", "-1", "1.5", "2 parsecs", "nan", "inf", "0.0.1", "2PB0"] {
+        for bad in [
+            "",
+            "lots",
+            "-1",
+            "1.5",
+            "2 parsecs",
+            "nan",
+            "inf",
+            "0.0.1",
+            "2PB0",
+        ] {
             assert_eq!(parse(bad), Err(LIMIT_EXPECTED), "{bad:?}");
         }
         assert_eq!(parse("5000TiB"), Err(LIMIT_EXPECTED));
@@ -1000,7 +1032,10 @@ mod tests {
             panic!("key 0 spilled")
         };
         let bytes = store.read(&disk, false).expect("whole");
-        assert_eq!(postcard::from_bytes::<Vec<u8>>(&bytes).unwrap(), vec![0; 200]);
+        assert_eq!(
+            postcard::from_bytes::<Vec<u8>>(&bytes).unwrap(),
+            vec![0; 200]
+        );
         // Damage key 1's file: it is dropped, never served.
         let Found::Disk(one) = store.find(&[1; 32]) else {
             panic!("key 1 spilled")

@@ -132,6 +132,7 @@ mod pool;
 mod state;
 mod watchdog;
 
+pub(crate) use memory::remove_spill_dirs;
 pub use memory::{machine_memory, PAUSE_AT, SPILL_AT};
 
 use std::collections::{HashMap, VecDeque};
