@@ -34,7 +34,12 @@
 //!    one is made.
 //! 4. **Coming back.** A spilled value needed by a task of this worker is
 //!    read back into memory (an [`Encoded`], most recently used) before the
-//!    task is handed to the pool, and its file removed. A spilled value a
+//!    task is handed to the pool, and its file removed. The read happens on
+//!    the network thread, where the task is dispatched: a few milliseconds
+//!    for a value of tens of MiB in the page cache, more from a cold disk,
+//!    during which the worker neither reports nor dispatches (its data port
+//!    and heartbeats wait too). Reading on the compute thread would avoid
+//!    that at the cost of a third way for a job to end; not done yet. A spilled value a
 //!    peer or a client asks the data port for is read from disk on a
 //!    blocking thread and sent, and stays on disk.
 //! 5. **Never a wrong value.** A file that cannot be read back whole and
@@ -606,8 +611,15 @@ impl Store {
                 None
             }
         };
-        let file = self.held().read_back(disk, bytes.as_ref(), keep);
+        let (file, over) = {
+            let mut held = self.held();
+            let file = held.read_back(disk, bytes.as_ref(), keep);
+            (file, held.levels.is_some_and(|l| held.memory > l.spill))
+        };
         self.remove_files(file);
+        if over {
+            self.start_spilling();
+        }
         bytes
     }
 
@@ -726,8 +738,22 @@ impl Store {
                     "worker: cannot spill",
                     "worker: cannot spill a value to disk, it stays in memory: {e}"
                 );
-                let held = self.held();
-                let _ = self.0.wake.wait_timeout(held, RETRY_AFTER);
+                // A whole second, whatever wakes the thread meanwhile (new
+                // values would only fail the same way), unless it ends.
+                let deadline = std::time::Instant::now() + RETRY_AFTER;
+                let mut held = self.held();
+                while !locked(&self.0.spill).closed {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    held = self
+                        .0
+                        .wake
+                        .wait_timeout(held, left)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                }
             }
         }
     }
