@@ -1085,6 +1085,28 @@ mod tests {
     }
 
     #[test]
+    fn a_value_that_cannot_be_written_stays_in_memory() {
+        // The spill directory's parent is a file: every write fails, as on
+        // a full disk.
+        let parent = scratch("unwritable");
+        let file = parent.join("not-a-directory");
+        std::fs::write(&file, b"").unwrap();
+        let store = Store::new(Some(100), file);
+        store.insert([1; 32], stored(80));
+        eventually("a failed spill", || {
+            store.report().unwrap().failed_spills > 0
+        });
+        let report = store.report().unwrap();
+        assert_eq!((report.memory_bytes, report.spills), (80, 0));
+        match store.input(&[1; 32]) {
+            Ok(Some(v)) => assert_eq!(v.downcast_ref::<Vec<u8>>().unwrap().len(), 80),
+            _ => panic!("still held in memory"),
+        }
+        store.close();
+        std::fs::remove_dir_all(&parent).unwrap();
+    }
+
+    #[test]
     fn directories_of_dead_processes_are_removed() {
         let parent = scratch("stale");
         // No process has pid u32::MAX - 1 on Linux (pids stop at 2^22).
