@@ -77,6 +77,7 @@ impl Client {
                     keys: if id == 0 { finished } else { 0 },
                     last_heartbeat_ms: 0,
                     utilisation: None,
+                    spill: None,
                 })
                 .collect(),
         })

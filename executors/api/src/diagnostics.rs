@@ -118,6 +118,42 @@ pub struct WorkerRow {
     /// Share of its threads' time spent running tasks, from 0 to 1, over
     /// the report's span (reports only; `null` live).
     pub utilisation: Option<f64>,
+    /// Its memory limit and what it spilled to disk, for a worker with a
+    /// memory limit (`null` otherwise, and before its first heartbeat).
+    #[serde(default)]
+    pub spill: Option<Spill>,
+}
+
+/// A worker's memory limit and what it did to stay within it: values held
+/// in memory, values moved to its spill directory and read back, whether
+/// it paused. Sizes are the values' encoded sizes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Spill {
+    /// The memory limit, in bytes.
+    pub limit_bytes: u64,
+    /// Above this many bytes held in memory, the worker spills least
+    /// recently used values to disk.
+    pub spill_at_bytes: u64,
+    /// Above this many bytes held in memory, the worker starts no new task.
+    pub pause_at_bytes: u64,
+    /// Bytes of values held in memory now.
+    pub memory_bytes: u64,
+    /// Bytes of values on disk now.
+    pub spilled_bytes: u64,
+    /// Values on disk now.
+    pub spilled_keys: u64,
+    /// Values written to disk since the worker started.
+    pub spills: u64,
+    /// Spilled values read back since the worker started (for a task of
+    /// the worker, or for a reader of its data port).
+    pub unspills: u64,
+    /// Spilled values that could not be read back (a damaged or missing
+    /// file): dropped, never served; the scheduler computes them again.
+    pub lost: u64,
+    /// Values that could not be written (a full disk): kept in memory.
+    pub failed_spills: u64,
+    /// Whether the worker holds back new tasks now.
+    pub paused: bool,
 }
 
 /// The state of a cluster at one moment (`GET /api/status`).

@@ -1,6 +1,7 @@
 //! [`LocalCluster`]: a scheduler in this process and worker processes on
 //! this machine.
 
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -9,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use crate::scheduler::{self, SchedulerHandle};
 use crate::{
-    Client, Error, Tls, Token, DEATH_TIMEOUT_ENV, INSECURE_ENV, RESTART_EXIT_CODE, SUPERVISED_ENV,
-    TOKEN_ENV, TOKEN_FILE_ENV, WORKER_ENV,
+    Client, Error, Tls, Token, DEATH_TIMEOUT_ENV, INSECURE_ENV, MEMORY_LIMIT_ENV,
+    RESTART_EXIT_CODE, SPILL_DIR_ENV, SUPERVISED_ENV, TOKEN_ENV, TOKEN_FILE_ENV, WORKER_ENV,
 };
 
 /// How long `start` waits for every worker to register.
@@ -48,6 +49,19 @@ const MIN_LIFE: Duration = Duration::from_secs(1);
 /// they present the same certificate to the scheduler and on their data
 /// ports, and [`LocalCluster::address`] is `tls://127.0.0.1:PORT`. The
 /// certificate must name `127.0.0.1`. All three variables are needed.
+///
+/// # Memory
+///
+/// Each worker gets a memory limit ([`MEMORY_LIMIT_ENV`]) of an equal
+/// share of the machine's memory ([`worker::machine_memory`](crate::worker::machine_memory):
+/// the machine's, or its cgroup's if smaller), as Dask's `LocalCluster`
+/// does: a worker spills to disk above 60 % of it and holds back new tasks
+/// above 95 % (see [`worker`](crate::worker) rule 14). A
+/// [`MEMORY_LIMIT_ENV`] set in this process (inherited by the workers), or
+/// on the command `worker` makes, wins; `none` turns the limit off. A
+/// worker removes its spill directory when it ends; for the worker
+/// processes the cluster kills (when dropped, by
+/// [`LocalCluster::kill_worker`]) or restarts, the cluster removes it.
 ///
 /// # Restarts
 ///
@@ -90,6 +104,9 @@ struct Worker {
     /// `None` once killed by `kill_worker` (or never restarted).
     child: Option<Child>,
     started: Instant,
+    /// Where its process makes its spill directory, which is removed
+    /// once the process is gone (see Memory on [`LocalCluster`]).
+    spill_parent: PathBuf,
 }
 
 /// Makes the command of a worker process.
@@ -181,12 +198,21 @@ impl LocalCluster {
             workers: Arc::new(Mutex::new(Vec::with_capacity(workers))),
             supervisor: None,
         };
-        let make: MakeWorker = Box::new(worker);
+        let share = machine_share(workers);
+        let make: MakeWorker = Box::new(move || {
+            let mut command = worker();
+            let set = command.get_envs().any(|(name, _)| name == MEMORY_LIMIT_ENV);
+            if let (Some(bytes), false) = (share, set) {
+                command.env(MEMORY_LIMIT_ENV, bytes.to_string());
+            }
+            command
+        });
         for index in 0..workers {
-            let child = spawn(&make, &address, &token, index)?;
+            let (child, spill_parent) = spawn(&make, &address, &token, index)?;
             lock_workers(&cluster.workers).push(Worker {
                 child: Some(child),
                 started: Instant::now(),
+                spill_parent,
             });
         }
         let deadline = Instant::now() + START_TIMEOUT;
@@ -272,11 +298,11 @@ impl LocalCluster {
     /// already; [`Error::Io`] if the kill fails.
     pub fn kill_worker(&mut self, index: usize) -> Result<(), Error> {
         // Taken out under the lock: the supervisor never restarts it.
-        let child = lock_workers(&self.workers)
+        let (child, parent) = lock_workers(&self.workers)
             .get_mut(index)
-            .and_then(|w| w.child.take())
+            .and_then(|w| Some((w.child.take()?, w.spill_parent.clone())))
             .ok_or(Error::NoWorker { index })?;
-        reap(child).map_err(Error::Io)
+        reap(child, &parent).map_err(Error::Io)
     }
 
     /// Number of worker processes started (a restarted worker counts once).
@@ -285,10 +311,33 @@ impl LocalCluster {
     }
 }
 
+/// Each worker's memory limit by default (see Memory on [`LocalCluster`]):
+/// `None` when this process sets [`MEMORY_LIMIT_ENV`] (the workers inherit
+/// it) or the machine's memory is unknown.
+fn machine_share(workers: usize) -> Option<u64> {
+    if std::env::var_os(MEMORY_LIMIT_ENV).is_some() {
+        return None;
+    }
+    Some(crate::worker::machine_memory()? / workers.max(1) as u64)
+}
+
 /// Starts worker process `index` of the scheduler at `address`, whose
-/// token's text is `token`.
-fn spawn(make: &MakeWorker, address: &str, token: &str, index: usize) -> Result<Child, Error> {
+/// token's text is `token`; returns it and where it makes its spill
+/// directory.
+fn spawn(
+    make: &MakeWorker,
+    address: &str,
+    token: &str,
+    index: usize,
+) -> Result<(Child, PathBuf), Error> {
     let mut command = make();
+    let spill_parent = command
+        .get_envs()
+        .find(|(name, _)| *name == SPILL_DIR_ENV)
+        .map(|(_, value)| value.map(PathBuf::from))
+        .unwrap_or_else(|| std::env::var_os(SPILL_DIR_ENV).map(PathBuf::from))
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(std::env::temp_dir);
     // Stdout and stderr are inherited (see Output above).
     // The scheduler is in this process: never coming back once gone.
     command
@@ -301,6 +350,7 @@ fn spawn(make: &MakeWorker, address: &str, token: &str, index: usize) -> Result<
         .stdin(Stdio::null());
     command
         .spawn()
+        .map(|child| (child, spill_parent))
         .map_err(|source| Error::Spawn { index, source })
 }
 
@@ -328,8 +378,10 @@ fn supervise(
             if status.code() != Some(RESTART_EXIT_CODE) || w.started.elapsed() < MIN_LIFE {
                 continue;
             }
+            crate::worker::remove_spill_dirs(&w.spill_parent, child.id());
             match spawn(make, address, token, index) {
-                Ok(new) => {
+                Ok((new, spill_parent)) => {
+                    w.spill_parent = spill_parent;
                     tracing::warn!(
                         "worker process {index} asked to be restarted ({status}); started it again"
                     );
@@ -405,7 +457,7 @@ impl Drop for LocalCluster {
         }
         for w in lock_workers(&self.workers).iter_mut() {
             if let Some(child) = w.child.take() {
-                let _ = reap(child);
+                let _ = reap(child, &w.spill_parent);
             }
         }
         self.scheduler.shutdown();
@@ -421,9 +473,12 @@ impl std::fmt::Debug for LocalCluster {
     }
 }
 
-fn reap(mut child: Child) -> std::io::Result<()> {
+/// Kills and reaps `child`, then removes the spill directories it made
+/// under `spill_parent`, which a killed worker cannot.
+fn reap(mut child: Child, spill_parent: &std::path::Path) -> std::io::Result<()> {
     // `kill` fails if the process already exited; `wait` reaps it either way.
     let killed = child.kill();
     child.wait()?;
+    crate::worker::remove_spill_dirs(spill_parent, child.id());
     killed.or(Ok(()))
 }

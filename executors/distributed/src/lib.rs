@@ -221,6 +221,19 @@ pub const GRACE_ENV: &str = "RASK_WORKER_GRACE";
 /// gives up (see [`worker::Options::death_timeout`]).
 pub const DEATH_TIMEOUT_ENV: &str = "RASK_WORKER_DEATH_TIMEOUT";
 
+/// The environment variable giving a worker process its memory limit
+/// (see [`worker::Options::memory_limit`]): a size (`200MiB`, `2GB`,
+/// `1.5GiB`, a number of bytes), a fraction of the machine's memory
+/// (`0.5`), `auto` (all of it) or `none`/`0` (no limit, the default for a
+/// worker started by hand). A [`LocalCluster`] sets it on its workers to
+/// their share of the machine unless this process has it set.
+pub const MEMORY_LIMIT_ENV: &str = "RASK_WORKER_MEMORY_LIMIT";
+
+/// The environment variable naming the directory a worker process makes
+/// its spill directory in (see [`worker::Options::spill_dir`]); the
+/// system's temporary directory when unset.
+pub const SPILL_DIR_ENV: &str = "RASK_WORKER_SPILL_DIR";
+
 /// The environment variable a supervisor sets to `1` in the worker
 /// processes it restarts ([`LocalCluster`] does): an unhealthy worker then
 /// exits with [`RESTART_EXIT_CODE`] (see [`worker::Options::supervised`]).

@@ -50,7 +50,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use rask_executor::diagnostics::Snapshot;
+use rask_executor::diagnostics::{Snapshot, Spill};
 use rask_executor::{Cause, Failure, FailureKind, Key};
 use serde::{Deserialize, Serialize};
 
@@ -66,8 +66,10 @@ pub const MAGIC: [u8; 4] = *b"RASK";
 /// `ToScheduler::Heartbeat` too, and a scheduler closes a client it hears
 /// nothing from for its client timeout. Version 6: clients may ask for
 /// copies on every worker (`ToScheduler::Replicate`), which the scheduler
-/// asks of workers with `ToWorker::Fetch`.
-pub const VERSION: u16 = 6;
+/// asks of workers with `ToWorker::Fetch`. Version 7: workers with a
+/// memory limit report it and what they spilled (`ToScheduler::Memory`),
+/// and `Info` answers carry it.
+pub const VERSION: u16 = 7;
 
 /// Values whose encoding is at most this many bytes travel with their
 /// report: in `TaskFinished` to the scheduler, and in `KeyInMemory` to the
@@ -740,6 +742,14 @@ pub enum ToScheduler {
         /// The keys.
         keys: Vec<WireKey>,
     },
+    /// Worker with a memory limit: the limit, what it holds in memory and
+    /// on disk, what it spilled, whether it paused; sent with its
+    /// heartbeats. Its byte counts are at most [`MAX_MEMORY`]; the other
+    /// counts are only shown.
+    Memory {
+        /// The figures.
+        spill: Spill,
+    },
 }
 
 /// Messages from the scheduler to a worker.
@@ -1124,6 +1134,13 @@ impl Bounded for ToScheduler {
             ToScheduler::Resources { memory_bytes } => {
                 within("Resources.memory_bytes", *memory_bytes, 0, MAX_MEMORY)
             }
+            ToScheduler::Memory { spill } => {
+                within("Memory.limit_bytes", spill.limit_bytes, 0, MAX_MEMORY)?;
+                within("Memory.spill_at_bytes", spill.spill_at_bytes, 0, MAX_MEMORY)?;
+                within("Memory.pause_at_bytes", spill.pause_at_bytes, 0, MAX_MEMORY)?;
+                within("Memory.memory_bytes", spill.memory_bytes, 0, MAX_MEMORY)?;
+                within("Memory.spilled_bytes", spill.spilled_bytes, 0, MAX_MEMORY)
+            }
             // Keys and worker ids are only looked up; list lengths are
             // bounded by the frame; failures are text.
             ToScheduler::UpdateGraph { .. }
@@ -1380,7 +1397,7 @@ mod tests {
         let expected = [
             "48000000", // body length: 72 bytes
             "5241534b", // RASK
-            "0600",     // version 6
+            "0700",     // version 7
             "02",       // role: worker
             "01",       // flags: authenticates
             &"ab".repeat(32),
@@ -1432,11 +1449,11 @@ mod tests {
         let mut junk = old;
         junk[4] = b'X';
         assert!(matches!(old_handshake(&junk[4..]), ProtocolError::NotRask));
-        // What a version-4 peer is answered: its own layout, naming 6.
+        // What a version-4 peer is answered: its own layout, naming 7.
         let answer = v4_refusal(Role::Scheduler);
         assert_eq!(
             hex(&answer),
-            format!("280000005241534b06000400{}", "00".repeat(32))
+            format!("280000005241534b07000400{}", "00".repeat(32))
         );
     }
 

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use rask_distributed::{
     scheduler, worker, Auth, AuthError, Client, Error, LocalCluster, Tls, Token, WORKER_ENV,
 };
-use support::{Collect, Graph, Shared, TestRegistry, TIMEOUT};
+use rask_executor::{Key, Value};
+use support::{Collect, Graph, Keep, Shared, TestRegistry, TIMEOUT};
 
 /// Worker mode: when started by a `LocalCluster`, this "test" is the worker
 /// process's whole life. Run normally, it does nothing.
@@ -669,4 +670,240 @@ fn rask_scheduler_binary_on_every_interface_prints_an_address_clients_can_use() 
     // Usable: a client connects by it.
     let client = Client::connect_with(&address, Auth::Insecure);
     assert!(client.is_ok(), "{address}: {:?}", client.err());
+}
+
+/// Chunks of 16 MiB: 64 of them are 1 GiB.
+const CHUNK: u64 = 16 << 20;
+
+/// `bytesum` of chunk `i`, computed here: what a worker without a memory
+/// limit computes (a chunk repeats one block, whose words align).
+fn chunk_sum(i: u64) -> i64 {
+    support::word_sum(&support::chunk(i, support::BLOCK))
+        .wrapping_mul((CHUNK / support::BLOCK) as i64)
+}
+
+/// A fresh directory for the spill directories of one test's workers.
+fn spill_parent(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("rask-spill-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Worker processes with a 200 MiB memory limit, spilling under `parent`.
+fn limited_workers(parent: std::path::PathBuf) -> impl Fn() -> Command + Send + 'static {
+    move || {
+        let mut c = worker_command();
+        c.env(rask_distributed::MEMORY_LIMIT_ENV, "200MiB")
+            .env(rask_distributed::SPILL_DIR_ENV, &parent);
+        c
+    }
+}
+
+/// Computes chunks `0..n` on `client`, kept on the cluster (persisted):
+/// their remote handles and keys.
+fn persist_chunks(client: &Client, shared: &Arc<Shared>, n: u64) -> (Vec<Value>, Vec<Key>) {
+    let mut g = Graph::new(shared);
+    let mut keys = Vec::new();
+    for i in 0..n {
+        let t = g.task("chunk", postcard::to_stdvec(&(i, CHUNK)).unwrap(), &[]);
+        keys.push(g.key(t));
+        g.output(t);
+    }
+    let kept = Keep::new(n as usize, true);
+    kept.submit(client, g.build());
+    let values = kept.wait().into_iter().map(|o| o.unwrap()).collect();
+    (values, keys)
+}
+
+/// `bytesum` of each group of held chunks, one task per group.
+fn sums(client: &Client, shared: &Arc<Shared>, groups: &[Vec<&Value>]) -> Vec<i64> {
+    let mut g = Graph::salted(shared, 7);
+    for group in groups {
+        let inputs: Vec<u32> = group.iter().map(|v| g.held((*v).clone())).collect();
+        let t = g.op("bytesum", 0, &inputs);
+        g.output(t);
+    }
+    let got = Collect::new(groups.len());
+    got.submit(client, g.build());
+    got.wait().into_iter().map(|r| r.unwrap()).collect()
+}
+
+/// The spill figures of every worker, once each reported some spilled
+/// bytes (they come with heartbeats); panics after `TIMEOUT`.
+fn spilled(client: &Client, workers: usize) -> Vec<rask_executor::diagnostics::Spill> {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let info = client.info().unwrap();
+        let spills: Vec<_> = info.workers.iter().filter_map(|w| w.spill).collect();
+        if spills.len() == workers && spills.iter().all(|s| s.spilled_bytes > 0) {
+            return spills;
+        }
+        assert!(std::time::Instant::now() < deadline, "no spill: {info:?}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// The spill figures of every worker once each spilled and holds no more
+/// than its spill level in memory (the spill thread is idle then); panics
+/// after `TIMEOUT`.
+fn settled(client: &Client, workers: usize) -> Vec<rask_executor::diagnostics::Spill> {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let spills = spilled(client, workers);
+        if spills
+            .iter()
+            .all(|s| s.memory_bytes <= s.spill_at_bytes && !s.paused)
+        {
+            return spills;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still spilling: {spills:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+#[test]
+fn workers_over_their_memory_limit_spill_and_every_value_comes_back_right() {
+    let parent = spill_parent("limit");
+    let cluster = LocalCluster::start(2, limited_workers(parent.clone())).unwrap();
+    let client = cluster.client().unwrap();
+    let (shared, _) = Shared::new();
+    // 1 GiB of persisted chunks on two workers limited to 200 MiB each.
+    let n = 64;
+    let (chunks, keys) = persist_chunks(&client, &shared, n);
+    // Each worker spills until it holds no more than its spill level
+    // (120 MiB), far below what it computed.
+    let spills = settled(&client, 2);
+    for s in &spills {
+        assert_eq!(s.limit_bytes, 200 << 20);
+        assert!(s.spills > 0 && s.spilled_keys > 0, "{s:?}");
+    }
+    let on_disk: u64 = spills.iter().map(|s| s.spilled_bytes).sum();
+    assert!(on_disk >= 600 << 20, "{on_disk} bytes spilled");
+    // The same sums as without a limit: each chunk read back by a task on
+    // the worker holding it.
+    let groups: Vec<Vec<&Value>> = chunks.iter().map(|c| vec![c]).collect();
+    let expected: Vec<i64> = (0..n).map(chunk_sum).collect();
+    assert_eq!(sums(&client, &shared, &groups), expected);
+    // Dependents of chunks held by two workers: one of them is fetched
+    // from the other's data port, from disk if spilled there.
+    let holders = client.who_has(&keys).unwrap();
+    // Chunks held by one worker only (a sum may have copied one).
+    let (mut first, mut second): (Vec<usize>, Vec<usize>) = (Vec::new(), Vec::new());
+    for (i, h) in holders.iter().enumerate() {
+        match &h[..] {
+            [one] if first.is_empty() || holders[first[0]][0] == *one => first.push(i),
+            [_] => second.push(i),
+            _ => {}
+        }
+    }
+    assert!(!first.is_empty() && !second.is_empty(), "{holders:?}");
+    let pairs: Vec<(usize, usize)> = first
+        .iter()
+        .copied()
+        .zip(second.iter().copied())
+        .take(8)
+        .collect();
+    let groups: Vec<Vec<&Value>> = pairs
+        .iter()
+        .map(|&(a, b)| vec![&chunks[a], &chunks[b]])
+        .collect();
+    let expected: Vec<i64> = pairs
+        .iter()
+        .map(|&(a, b)| chunk_sum(a as u64).wrapping_add(chunk_sum(b as u64)))
+        .collect();
+    assert_eq!(sums(&client, &shared, &groups), expected);
+    // Every chunk gathered by this client, spilled ones from disk.
+    for (i, chunk) in chunks.iter().enumerate() {
+        let bytes = support::remote(chunk).fetch().unwrap();
+        let got: &[u8] = postcard::from_bytes(&bytes).unwrap();
+        assert!(
+            got == support::chunk(i as u64, CHUNK),
+            "chunk {i} came back wrong"
+        );
+    }
+    // Read back for tasks and readers, and nothing lost.
+    let spills = spilled(&client, 2);
+    assert!(
+        spills.iter().map(|s| s.unspills).sum::<u64>() > 0,
+        "{spills:?}"
+    );
+    assert!(
+        spills.iter().all(|s| s.lost == 0 && s.failed_spills == 0),
+        "{spills:?}"
+    );
+    drop(chunks);
+    drop(client);
+    drop(cluster);
+    // The killed workers' spill directories went with them.
+    assert!(
+        files_under(&parent).is_empty(),
+        "{:?}",
+        files_under(&parent)
+    );
+    std::fs::remove_dir_all(&parent).unwrap();
+}
+
+#[test]
+fn a_damaged_spill_file_is_never_read_as_a_value() {
+    let parent = spill_parent("damaged");
+    let cluster = LocalCluster::start(1, limited_workers(parent.clone())).unwrap();
+    let client = cluster.client().unwrap();
+    let (shared, _) = Shared::new();
+    let n = 24;
+    let (chunks, _) = persist_chunks(&client, &shared, n);
+    let settled = settled(&client, 1)[0];
+    // Flip one bit in the middle of every spilled value's file.
+    let files: Vec<_> = files_under(&parent)
+        .into_iter()
+        .filter(|f| !f.file_name().unwrap().to_string_lossy().starts_with(".tmp"))
+        .collect();
+    assert_eq!(files.len() as u64, settled.spilled_keys, "{files:?}");
+    for file in &files {
+        let mut raw = std::fs::read(file).unwrap();
+        let middle = raw.len() / 2;
+        raw[middle] ^= 0x20;
+        std::fs::write(file, raw).unwrap();
+    }
+    // Half the chunks summed by a task on the worker (a damaged input is
+    // given back and computed again), the other half gathered here (the
+    // data port answers `Missing`, the scheduler computes it again): right
+    // values either way.
+    let half = chunks.len() / 2;
+    let groups: Vec<Vec<&Value>> = chunks[..half].iter().map(|c| vec![c]).collect();
+    let expected: Vec<i64> = (0..half as u64).map(chunk_sum).collect();
+    assert_eq!(sums(&client, &shared, &groups), expected);
+    for (i, chunk) in chunks.iter().enumerate().skip(half) {
+        let bytes = support::remote(chunk).fetch().unwrap();
+        let got: &[u8] = postcard::from_bytes(&bytes).unwrap();
+        assert!(
+            got == support::chunk(i as u64, CHUNK),
+            "chunk {i} came back wrong"
+        );
+    }
+    // Every damaged file was read once, and dropped.
+    let after = spilled(&client, 1)[0];
+    assert_eq!(after.lost, files.len() as u64, "{after:?}");
+    drop(chunks);
+    drop(client);
+    drop(cluster);
+    assert!(files_under(&parent).is_empty());
+    std::fs::remove_dir_all(&parent).unwrap();
 }

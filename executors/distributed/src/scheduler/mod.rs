@@ -87,6 +87,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use rask_executor::diagnostics::Spill;
 use rask_executor::{Failure, FailureKind, Key};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
@@ -619,6 +620,8 @@ struct Conn {
     watching: bool,
     /// A worker's resident memory, as it last said.
     memory_bytes: Option<u64>,
+    /// A worker's memory limit and spilling, as it last said.
+    spill: Option<Spill>,
     // Dropping it ends the reader task, which closes the socket.
     _kill: oneshot::Sender<()>,
 }
@@ -1014,6 +1017,7 @@ impl Shell {
                         local,
                         watching: false,
                         memory_bytes: None,
+                        spill: None,
                         writer,
                         _kill: kill,
                     },
@@ -1072,6 +1076,12 @@ impl Shell {
             (Kind::Worker(_), ToScheduler::Resources { memory_bytes }) => {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.memory_bytes = Some(memory_bytes);
+                }
+                return Ok(());
+            }
+            (Kind::Worker(_), ToScheduler::Memory { spill }) => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.spill = Some(spill);
                 }
                 return Ok(());
             }
@@ -1344,6 +1354,7 @@ impl Shell {
                     WorkerShell {
                         last_heard: c.last_heard,
                         memory_bytes: c.memory_bytes,
+                        spill: c.spill,
                     },
                 )),
                 _ => None,

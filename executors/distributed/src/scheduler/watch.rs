@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rask_executor::diagnostics::{
-    Counts, FunctionCounts, RecordStatus, Snapshot, TaskRecord, WorkerRow, SCHEMA_VERSION,
+    Counts, FunctionCounts, RecordStatus, Snapshot, Spill, TaskRecord, WorkerRow, SCHEMA_VERSION,
 };
 use rask_executor::Key;
 
@@ -44,6 +44,7 @@ pub(super) struct History {
 pub(super) struct WorkerShell {
     pub(super) last_heard: Instant,
     pub(super) memory_bytes: Option<u64>,
+    pub(super) spill: Option<Spill>,
 }
 
 impl History {
@@ -195,6 +196,7 @@ impl History {
                         u64::try_from(s.last_heard.elapsed().as_millis()).unwrap_or(u64::MAX)
                     }),
                     utilisation: None,
+                    spill: shell.and_then(|s| s.spill),
                 }
             })
             .collect();

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 
+use super::memory::Store;
 use super::serve_data;
-use super::state::Store;
 use super::watchdog::Seconds;
 use crate::net::{self, Chain, FrameReader, Reader};
 use crate::protocol::{

@@ -118,11 +118,22 @@
 //!     for [`DATA_IDLE`] (readers close theirs after 30 s idle and connect
 //!     again when they need to). Every line a peer can make it log is
 //!     rate-limited.
+//! 14. **Memory** (`memory` rules). With [`Options::memory_limit`], the
+//!     worker spills its least recently used values to disk above 60 % of
+//!     the limit ([`SPILL_AT`]) and reads them back when a task or a reader
+//!     needs them; above 95 % ([`PAUSE_AT`]) it holds back new tasks
+//!     (`state` rule 6) until spilling brings it below. It sends what it
+//!     holds and spilled with each heartbeat (`ToScheduler::Memory`), which
+//!     `scheduler_info` shows.
 
 mod connect;
+mod memory;
 mod pool;
 mod state;
 mod watchdog;
+
+pub(crate) use memory::remove_spill_dirs;
+pub use memory::{machine_memory, PAUSE_AT, SPILL_AT};
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Write as _;
@@ -145,10 +156,14 @@ use crate::protocol::{
     MAX_TASK_DURATION, MAX_THREADS,
 };
 use crate::tls::Acceptor;
-use crate::{Auth, BuildId, Error, Tls, Token, DEATH_TIMEOUT_ENV, GRACE_ENV, SUPERVISED_ENV};
+use crate::{
+    Auth, BuildId, Error, Tls, Token, DEATH_TIMEOUT_ENV, GRACE_ENV, MEMORY_LIMIT_ENV,
+    SPILL_DIR_ENV, SUPERVISED_ENV,
+};
 use connect::{Connection, Link};
+use memory::{Found, Store, Stored};
 use pool::Pool;
-use state::{lock, Compute, Done, Job, Outbox, Store, Stored, WorkerState};
+use state::{Compute, Done, Job, Outbox, WorkerState};
 use watchdog::{Running, Seconds, Slot};
 
 /// The largest value a worker keeps: one that still fits a frame.
@@ -229,6 +244,18 @@ pub struct Options {
     /// (mutual TLS). Not used with a `tcp://` address. Default `None`;
     /// [`Options::from_env`] reads it as [`Tls::from_env`] says.
     pub tls: Option<Tls>,
+    /// The memory limit, in bytes (rule 14): above [`SPILL_AT`] of it the
+    /// worker spills least recently used values to disk, above
+    /// [`PAUSE_AT`] it starts no new task. What counts is the encoded size
+    /// of the values it holds, not the process's resident memory (`memory`
+    /// rule 1). Default `None`: no limit ([`Options::from_env`] reads
+    /// [`MEMORY_LIMIT_ENV`]; a [`LocalCluster`](crate::LocalCluster) gives
+    /// each worker a share of the machine).
+    pub memory_limit: Option<u64>,
+    /// Where the worker makes its spill directory, `rask-spill-PID-N`,
+    /// removed when the worker ends. Default `None`: the system's
+    /// temporary directory ([`Options::from_env`] reads [`SPILL_DIR_ENV`]).
+    pub spill_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for Options {
@@ -240,6 +267,8 @@ impl Default for Options {
             death_timeout: DEATH_TIMEOUT,
             auth: None,
             tls: None,
+            memory_limit: None,
+            spill_dir: None,
         }
     }
 }
@@ -267,6 +296,26 @@ impl Options {
     /// These options with another death timeout (rule 1).
     pub fn death_timeout(mut self, death_timeout: Duration) -> Options {
         self.death_timeout = death_timeout;
+        self
+    }
+
+    /// These options with a memory limit in bytes, or none (rule 14).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use rask_distributed::worker::Options;
+    /// let options = Options::default().memory_limit(Some(200 << 20));
+    /// assert_eq!(options.memory_limit, Some(200 << 20));
+    /// ```
+    pub fn memory_limit(mut self, bytes: Option<u64>) -> Options {
+        self.memory_limit = bytes;
+        self
+    }
+
+    /// These options making the spill directory under `dir` (rule 14).
+    pub fn spill_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Options {
+        self.spill_dir = Some(dir.into());
         self
     }
 
@@ -306,7 +355,9 @@ impl Options {
     /// grace period in seconds, `2.5` allowed), [`DEATH_TIMEOUT_ENV`] (a
     /// death timeout in seconds, `2.5` allowed, `0` not to wait),
     /// [`SUPERVISED_ENV`] (`1` when a supervisor restarts this process, `0`
-    /// or unset when not), the token or its absence as
+    /// or unset when not), [`MEMORY_LIMIT_ENV`] (`200MiB`, `2GB`, `0.5` of
+    /// the machine's memory, `auto` for all of it, `none` or `0` for no
+    /// limit), [`SPILL_DIR_ENV`] (a directory), the token or its absence as
     /// [`Auth::from_env`] finds it, and the TLS settings as
     /// [`Tls::from_env`] finds them.
     ///
@@ -365,6 +416,14 @@ impl Options {
                 Some("0") | Some("") => false,
                 _ => return Err(invalid(SUPERVISED_ENV, &value, "`1` or `0`")),
             };
+        }
+        if let Some(value) = var(MEMORY_LIMIT_ENV) {
+            let text = value.to_string_lossy();
+            self.memory_limit = memory::parse_limit(&text, machine_memory)
+                .map_err(|expected| invalid(MEMORY_LIMIT_ENV, &value, expected))?;
+        }
+        if let Some(dir) = var(SPILL_DIR_ENV).filter(|d| !d.is_empty()) {
+            self.spill_dir = Some(dir.into());
         }
         if let Some(auth) = Auth::with_env(&var)? {
             self.auth = Some(auth);
@@ -894,7 +953,7 @@ impl Worker {
         let net = locked(&self.net).take();
         drop(net);
         self.pool.close();
-        lock(&self.store).clear();
+        self.store.close();
         if let Some(end) = locked(&self.end).take() {
             let _ = end.ending.send(ending);
         }
@@ -956,7 +1015,8 @@ fn start(
         limits: net::Limits::standard(),
     };
     let runtime = net::runtime().map_err(Error::Io)?;
-    let store = Store::default();
+    let spill_parent = options.spill_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let store = Store::new(options.memory_limit, spill_parent);
     let connection = runtime.block_on(connect::reach(
         &link,
         &store,
@@ -1265,7 +1325,13 @@ async fn turn(io: &mut Io, worker: &Worker) -> Option<Ended> {
                 if let Some(memory_bytes) = resident_memory() {
                     c.out.to_scheduler(ToScheduler::Resources { memory_bytes });
                 }
+                // Rule 14.
+                if let Some(spill) = worker.store.report() {
+                    c.out.to_scheduler(ToScheduler::Memory { spill });
+                }
             }
+            // Tasks held back while paused (state rule 6).
+            c.state.resume(&mut c.out);
             c.route();
             std::mem::swap(&mut c.to_pool, &mut io.to_pool);
             std::mem::swap(&mut c.out.fetches, &mut io.fetches);
@@ -1333,6 +1399,9 @@ async fn turn(io: &mut Io, worker: &Worker) -> Option<Ended> {
                     io.fetched.push(f);
                 }
             }
+            // A spill brought the store below its pause level: the next
+            // round resumes held-back tasks (state rule 6).
+            () = worker.store.resumed() => {}
             _ = async {
                 match io.heartbeat.as_mut() {
                     Some(ticks) => {
@@ -1439,7 +1508,7 @@ async fn data_connection(
         };
         for ToPeer::GetData { keys } in msgs {
             for key in keys {
-                answer(&store, key, &mut batch);
+                answer(&store, key, &mut batch).await;
                 // One value at a time while the reader lags (rule 13).
                 let sealed = batch.take_sealed();
                 if !sealed.is_empty() {
@@ -1459,11 +1528,23 @@ async fn data_connection(
 }
 
 /// Puts the answer to a `GetData` for `key` in `batch`: the value's bytes,
-/// or `Missing`.
-fn answer(store: &Store, key: WireKey, batch: &mut Batch) {
-    let stored = lock(store).get(&key).map(|s| s.value.clone());
-    match stored {
-        Some(value) => {
+/// or `Missing`. A spilled value is read on a blocking thread, so the
+/// network thread goes on meanwhile, and stays on disk (`memory` rules 4
+/// and 5: a damaged file is `Missing`, never a wrong value).
+async fn answer(store: &Store, key: WireKey, batch: &mut Batch) {
+    match store.find(&key) {
+        Found::Disk(disk) => {
+            let store = store.clone();
+            let read = tokio::task::spawn_blocking(move || store.read(&disk, false)).await;
+            match read {
+                Ok(Some(bytes)) => batch.push(&FromPeerRef::Data {
+                    key: &key,
+                    bytes: &bytes,
+                }),
+                _ => batch.push(&FromPeer::Missing { key }),
+            }
+        }
+        Found::Memory(value) => {
             if let Some(encoded) = value.downcast_ref::<Encoded>() {
                 batch.push(&FromPeerRef::Data {
                     key: &key,
@@ -1481,7 +1562,7 @@ fn answer(store: &Store, key: WireKey, batch: &mut Batch) {
                 }
             }
         }
-        None => batch.push(&FromPeer::Missing { key }),
+        Found::Missing => batch.push(&FromPeer::Missing { key }),
     }
 }
 
@@ -1862,6 +1943,28 @@ mod tests {
         assert_eq!(
             text,
             "RASK_WORKER_GRACE=\"soon\" is not valid: expected a number of seconds"
+        );
+    }
+
+    #[test]
+    fn the_memory_limit_and_spill_directory_come_from_the_environment() {
+        let env = |limit: &str, dir: &str| {
+            Options::default().with_env(|name| match name {
+                MEMORY_LIMIT_ENV => Some(limit.into()),
+                SPILL_DIR_ENV => Some(dir.into()),
+                _ => None,
+            })
+        };
+        let options = env("200MiB", "/scratch").unwrap();
+        assert_eq!(options.memory_limit, Some(200 << 20));
+        assert_eq!(options.spill_dir, Some("/scratch".into()));
+        assert_eq!(env("none", "").unwrap().memory_limit, None);
+        assert_eq!(env("none", "").unwrap().spill_dir, None);
+        assert_eq!(Options::default().memory_limit, None);
+        let text = env("lots", "").unwrap_err().to_string();
+        assert!(
+            text.starts_with("RASK_WORKER_MEMORY_LIMIT=\"lots\" is not valid: expected a size"),
+            "{text}"
         );
     }
 

@@ -34,8 +34,22 @@
 //!    failed or was released (the successor is then given back, rule 1).
 //!    The price: a chain keeps its thread until it ends, ahead of queued
 //!    jobs of better priority.
+//! 6. **Paused** (`memory` rule 2): while the store holds more than its
+//!    pause level, a task whose inputs are all here is held back, in the
+//!    order it became ready, instead of being handed to the pool, and no
+//!    successor is attached (one attached before goes on). The scheduler
+//!    is not told: it still sends up to its window of tasks, which wait
+//!    here, and other workers take the rest. [`WorkerState::resume`]
+//!    dispatches them once spilling brought the store below the level.
+//!    Inputs are fetched as usual meanwhile.
+//! 7. A spilled input is read back when its task is dispatched (`memory`
+//!    rule 4). One whose file is damaged is reported as this worker
+//!    failing to deliver it (`FetchFailed` naming itself: the scheduler
+//!    takes it off the holders and computes it again if no one else holds
+//!    it) and the task is given back (`TaskAbandoned`), as for an input
+//!    that cannot be fetched (rule 2): never a wrong value.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -45,24 +59,9 @@ use rask_executor::{
     WireTask,
 };
 
+use super::memory::{Store, Stored};
 use crate::net::FetchResult;
 use crate::protocol::{ToScheduler, WireFailure, WireKey, WorkerId};
-
-/// A value held by this worker, with the size of its encoding.
-#[derive(Clone)]
-pub(crate) struct Stored {
-    pub(crate) value: Value,
-    pub(crate) nbytes: u64,
-}
-
-/// The values this worker holds, shared with its data server.
-pub(crate) type Store = Arc<Mutex<HashMap<WireKey, Stored>>>;
-
-/// Locks the store; a panic while it was held cannot leave it inconsistent
-/// (every critical section is a single map operation), so poison is ignored.
-pub(crate) fn lock(store: &Store) -> std::sync::MutexGuard<'_, HashMap<WireKey, Stored>> {
-    store.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// A task ready to run on the pool.
 pub(crate) struct Job {
@@ -175,6 +174,8 @@ pub(crate) struct WorkerState {
     tasks: HashMap<WireKey, LocalTask>,
     fetches: HashMap<WireKey, Fetch>,
     next_id: u64,
+    /// Tasks ready to run, held back while paused (rule 6).
+    held_back: VecDeque<WireKey>,
 }
 
 impl WorkerState {
@@ -186,6 +187,7 @@ impl WorkerState {
             tasks: HashMap::new(),
             fetches: HashMap::new(),
             next_id: 0,
+            held_back: VecDeque::new(),
         }
     }
 
@@ -200,11 +202,11 @@ impl WorkerState {
         if self.tasks.contains_key(&msg.key) {
             return;
         }
-        if let Some(stored) = lock(&self.store).get(&msg.key) {
+        if let Some(nbytes) = self.store.nbytes(&msg.key) {
             // Fetched earlier as someone's input: already done.
             out.to_scheduler(ToScheduler::TaskFinished {
                 key: msg.key,
-                nbytes: stored.nbytes,
+                nbytes,
                 duration_ns: 0,
                 value: None,
                 thread: 0,
@@ -234,10 +236,9 @@ impl WorkerState {
         self.next_id += 1;
         let mut missing = Vec::new();
         {
-            let store = lock(&self.store);
             let mut seen = HashSet::new();
             for dep in &msg.deps {
-                if !store.contains_key(dep) && seen.insert(*dep) {
+                if seen.insert(*dep) && !self.store.contains(dep) {
                     missing.push(*dep);
                 }
             }
@@ -264,7 +265,7 @@ impl WorkerState {
         if let [dep] = missing[..] {
             if let Some(input) = self.tasks.get_mut(&dep) {
                 input.dependents.push(msg.key);
-                self.chain_after(dep);
+                self.chain_after(dep, out);
                 return;
             }
         }
@@ -321,7 +322,7 @@ impl WorkerState {
     /// it is held or computed here, or already being fetched (which then
     /// keeps it).
     pub(crate) fn on_fetch(&mut self, key: WireKey, holders: Vec<WorkerId>, out: &mut impl Outbox) {
-        if lock(&self.store).contains_key(&key) {
+        if self.store.contains(&key) {
             // Held already (fetched as an input): say so, and the
             // scheduler counts it as the copy it asked for.
             out.to_scheduler(ToScheduler::DataAdded { key });
@@ -354,7 +355,7 @@ impl WorkerState {
     /// The scheduler releases a key: drop its value or its task (rule 3).
     /// Tasks waiting for the task's value are given back (rule 1).
     pub(crate) fn on_release(&mut self, key: WireKey, out: &mut impl Outbox) {
-        lock(&self.store).remove(&key);
+        self.store.remove(&key);
         if let Some(fetch) = self.fetches.get_mut(&key) {
             // A copy being fetched is no longer wanted.
             fetch.keep = false;
@@ -380,7 +381,7 @@ impl WorkerState {
         match done.outcome {
             Ok(stored) => {
                 let nbytes = stored.nbytes;
-                lock(&self.store).insert(done.key, stored);
+                self.store.insert(done.key, stored);
                 // Dependents first: the pool starts on them sooner.
                 for dependent in task.dependents {
                     self.input_arrived(dependent, out);
@@ -436,7 +437,7 @@ impl WorkerState {
                     return;
                 }
                 let nbytes = bytes.len() as u64;
-                lock(&self.store).insert(
+                self.store.insert(
                     key,
                     Stored {
                         value: Arc::new(Encoded::new(bytes)),
@@ -478,18 +479,33 @@ impl WorkerState {
             task.cancelled.store(true, Ordering::Relaxed);
         }
         self.fetches.clear();
-        let values = {
-            let mut store = lock(&self.store);
-            let n = store.len();
-            store.clear();
-            n
-        };
+        self.held_back.clear();
+        let values = self.store.clear();
         (tasks, values)
     }
 
     /// A scheduler registered this worker as `me` (worker rule 1).
     pub(crate) fn on_registered(&mut self, me: WorkerId) {
         self.me = me;
+    }
+
+    /// Dispatches the tasks held back while paused, once the store is
+    /// below its pause level again (rule 6); those released or given back
+    /// meanwhile are skipped.
+    pub(crate) fn resume(&mut self, out: &mut impl Outbox) {
+        if self.held_back.is_empty() || self.store.paused() {
+            return;
+        }
+        for key in std::mem::take(&mut self.held_back) {
+            let ready = self
+                .tasks
+                .get(&key)
+                .is_some_and(|t| t.missing == 0 && !t.chained && t.slot.is_none());
+            if ready {
+                // Held back again if this one's input brought the pause back.
+                self.dispatch(key, out);
+            }
+        }
     }
 
     /// A peer left: fetches from it will fail through their connection; no
@@ -524,7 +540,11 @@ impl WorkerState {
     }
 
     fn dispatch(&mut self, key: WireKey, out: &mut impl Outbox) {
-        let Some(job) = self.job(key, None) else {
+        if self.store.paused() {
+            self.held_back.push_back(key);
+            return;
+        }
+        let Some(job) = self.job(key, None, out) else {
             // An input was released between its arrival and now: cannot
             // happen within one handler, but giving the task back is safe.
             self.abandon(key, out);
@@ -533,26 +553,35 @@ impl WorkerState {
         if let Some(task) = self.tasks.get_mut(&key) {
             task.slot = Some(job.next.clone());
         }
-        self.chain_after(key);
+        self.chain_after(key, out);
         out.run(job);
     }
 
     /// The job for `key`, its inputs from the store except `from`, whose
     /// places stay empty for a successor (rule 5); `None` if another input
-    /// is missing.
-    fn job(&self, key: WireKey, from: Option<WireKey>) -> Option<Job> {
+    /// is missing, or was spilled and cannot be read back (then reported,
+    /// rule 7).
+    fn job(&self, key: WireKey, from: Option<WireKey>, out: &mut impl Outbox) -> Option<Job> {
         let task = self.tasks.get(&key)?;
-        let inputs: Option<Vec<Option<Value>>> = {
-            let store = lock(&self.store);
-            task.deps
-                .iter()
-                .map(|d| match store.get(d) {
-                    _ if Some(*d) == from => Some(None),
-                    Some(s) => Some(Some(s.value.clone())),
-                    None => None,
-                })
-                .collect()
-        };
+        let mut inputs = Vec::with_capacity(task.deps.len());
+        for dep in &task.deps {
+            if Some(*dep) == from {
+                inputs.push(None);
+                continue;
+            }
+            match self.store.input(dep) {
+                Ok(Some(value)) => inputs.push(Some(value)),
+                Ok(None) => return None,
+                Err(super::memory::Lost) => {
+                    out.to_scheduler(ToScheduler::FetchFailed {
+                        key: *dep,
+                        holder: self.me,
+                    });
+                    return None;
+                }
+            }
+        }
+        let inputs = Some(inputs);
         let mut plan = PlanBuilder::with_capacity(1);
         plan.push(Key(key), task.op.clone(), &[]);
         Some(Job {
@@ -569,9 +598,12 @@ impl WorkerState {
 
     /// Makes successors (rule 5): from `key`, whose job is built, attaches
     /// a dependent waiting for it alone, then one waiting for that one, and
-    /// so on while slots are free.
-    fn chain_after(&mut self, mut key: WireKey) {
+    /// so on while slots are free; none while paused (rule 6).
+    fn chain_after(&mut self, mut key: WireKey, out: &mut impl Outbox) {
         loop {
+            if self.store.paused() {
+                return;
+            }
             let Some(task) = self.tasks.get(&key) else {
                 return;
             };
@@ -586,7 +618,7 @@ impl WorkerState {
             let Some(next) = next else {
                 return;
             };
-            let Some(job) = self.job(next, Some(key)) else {
+            let Some(job) = self.job(next, Some(key), out) else {
                 return;
             };
             let next_slot = job.next.clone();
@@ -674,7 +706,7 @@ mod tests {
     }
 
     fn put(s: &WorkerState, key: u8) {
-        lock(&s.store).insert(
+        s.store.insert(
             [key; 32],
             Stored {
                 value: Arc::new(1i64),
@@ -762,7 +794,7 @@ mod tests {
                 ToScheduler::DataAdded { key: [1; 32] }
             ]
         );
-        assert!(lock(&s.store).contains_key(&[1; 32]), "no task waits: kept");
+        assert!(s.store.contains(&[1; 32]), "no task waits: kept");
         assert!(out.jobs.is_empty());
         // Asked again for what it holds: says so at once, fetches nothing.
         s.on_fetch([1; 32], vec![WorkerId(8)], &mut out);
@@ -783,7 +815,7 @@ mod tests {
             &mut out,
         );
         assert!(out.sent.is_empty());
-        assert!(!lock(&s.store).contains_key(&[1; 32]));
+        assert!(!s.store.contains(&[1; 32]));
         // Only itself named as holder: nothing to fetch from.
         s.on_fetch([2; 32], vec![WorkerId(0)], &mut out);
         assert!(out.fetches.len() == 1 && out.sent.is_empty());
@@ -850,7 +882,7 @@ mod tests {
         assert!(out.sent.len() == sent_before && out.jobs.is_empty());
         assert!(running.cancelled.load(Ordering::Relaxed));
         assert!(successor.cancelled.load(Ordering::Relaxed));
-        assert!(lock(&s.store).is_empty());
+        assert_eq!(s.store.clear(), 0);
         assert_eq!(s.pending(), 0);
         // Registered again under another id: late answers and reports of
         // the lost connection count for nothing.
@@ -863,7 +895,7 @@ mod tests {
         );
         s.on_task_done(done(&running, ok()), &mut out);
         assert!(out.sent.is_empty() && out.jobs.is_empty());
-        assert!(lock(&s.store).is_empty());
+        assert_eq!(s.store.clear(), 0);
         // The same task again is a new one, with a new local id; its input
         // is fetched now, and never from the worker itself.
         s.on_compute(compute(3, "add", &[1], &[(1, &[9, 8])]), &mut out);
@@ -1039,6 +1071,76 @@ mod tests {
         s.on_release([4; 32], &mut out);
         assert_eq!(out.sent, vec![ToScheduler::TaskAbandoned { key: [5; 32] }]);
         assert_eq!(s.pending(), 0);
+    }
+
+    fn sized(n: u64) -> Stored {
+        Stored {
+            value: Arc::new(1i64),
+            nbytes: n,
+        }
+    }
+
+    #[test]
+    fn a_paused_worker_holds_tasks_back_until_memory_drops() {
+        // Limit 100: paused above 95 bytes held.
+        let mut s = WorkerState::new(WorkerId(0), Arc::new(Reg), Store::unspilled(100));
+        let mut out = Rec::default();
+        s.store.insert([1; 32], sized(50));
+        s.store.insert([2; 32], sized(50));
+        assert!(s.store.paused());
+        s.on_compute(compute(3, "add", &[1], &[]), &mut out);
+        s.on_compute(compute(4, "add", &[], &[]), &mut out);
+        // A task waiting for 4 attaches no successor while paused.
+        s.on_compute(compute(5, "add", &[4], &[]), &mut out);
+        assert!(out.jobs.is_empty(), "nothing starts while paused");
+        assert_eq!(s.pending(), 3);
+        s.resume(&mut out);
+        assert!(out.jobs.is_empty(), "still paused");
+        // A released task is not run later.
+        s.on_release([4; 32], &mut out);
+        assert_eq!(out.sent, vec![ToScheduler::TaskAbandoned { key: [5; 32] }]);
+        s.on_release([2; 32], &mut out);
+        assert!(!s.store.paused());
+        s.resume(&mut out);
+        let keys: Vec<u8> = out.jobs.iter().map(|j| j.key[0]).collect();
+        assert_eq!(keys, vec![3]);
+        assert!(out.jobs[0].take_successor().is_none());
+    }
+
+    #[test]
+    fn a_damaged_spilled_input_is_reported_lost_and_its_task_given_back() {
+        let parent = std::env::temp_dir().join(format!("rask-state-lost-{}", std::process::id()));
+        let store = Store::new(Some(100), parent.clone());
+        let mut s = WorkerState::new(WorkerId(4), Arc::new(Reg), store.clone());
+        let mut out = Rec::default();
+        store.insert([1; 32], sized(70));
+        store.insert([2; 32], sized(70));
+        // Over 60 bytes: the spill thread writes key 1, the older.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let file = loop {
+            if let Some(file) = store.spill_file(&[1; 32]) {
+                break file;
+            }
+            assert!(std::time::Instant::now() < deadline, "never spilled");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        };
+        std::fs::write(&file, b"not an entry").unwrap();
+        s.on_compute(compute(3, "add", &[2, 1], &[]), &mut out);
+        assert!(out.jobs.is_empty(), "never run on a damaged input");
+        assert_eq!(
+            out.sent,
+            vec![
+                ToScheduler::FetchFailed {
+                    key: [1; 32],
+                    holder: WorkerId(4)
+                },
+                ToScheduler::TaskAbandoned { key: [3; 32] },
+            ]
+        );
+        assert!(!store.contains(&[1; 32]));
+        assert_eq!(store.report().unwrap().lost, 1);
+        store.close();
+        let _ = std::fs::remove_dir_all(&parent);
     }
 
     #[test]

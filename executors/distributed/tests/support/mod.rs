@@ -45,6 +45,58 @@ pub fn bytes_len(v: &Value) -> usize {
     }
 }
 
+/// The period of a chunk's bytes.
+pub const BLOCK: u64 = 4096;
+
+/// The bytes of chunk `i` of `n` bytes (the `chunk` op): a block of
+/// [`BLOCK`] bytes that differ, repeated, so chunks differ from each other
+/// and are cheap to make in a debug build.
+pub fn chunk(i: u64, n: u64) -> Vec<u8> {
+    let block: Vec<u8> = (0..BLOCK)
+        .map(|j| ((i * 131 + j * 7) % 251) as u8)
+        .collect();
+    let mut out = Vec::with_capacity(n as usize);
+    while (out.len() as u64) < n {
+        let take = (n - out.len() as u64).min(BLOCK) as usize;
+        out.extend_from_slice(&block[..take]);
+    }
+    out
+}
+
+/// The wrapping sum of `bytes` read as little-endian `u64` words (the last
+/// one padded with zeros): what `bytesum` computes, 8 bytes a step.
+pub fn word_sum(bytes: &[u8]) -> i64 {
+    bytes
+        .chunks(8)
+        .map(|c| {
+            let mut word = [0u8; 8];
+            word[..c.len()].copy_from_slice(c);
+            u64::from_le_bytes(word)
+        })
+        .fold(0u64, u64::wrapping_add) as i64
+}
+
+/// Bytes that encode as one run (postcard: a length, then the bytes), the
+/// same encoding as a `Vec<u8>` but in one copy, not a call per byte.
+pub struct Bytes(pub Vec<u8>);
+
+impl serde::Serialize for Bytes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+/// The bytes of a [`Bytes`] computed here (typed) or fetched (encoded).
+pub fn byte_slice(v: &Value) -> &[u8] {
+    if let Some(x) = v.downcast_ref::<Bytes>() {
+        &x.0
+    } else if let Some(e) = v.downcast_ref::<Encoded>() {
+        postcard::from_bytes::<&[u8]>(&e.0).expect("encoded bytes")
+    } else {
+        panic!("not bytes: {v:?}")
+    }
+}
+
 /// Shared by every op of a registry: run counts and the gate.
 #[derive(Default)]
 pub struct Shared {
@@ -107,7 +159,10 @@ impl Shared {
 /// inputs plus the payload's i64), `count` (like add, counting runs),
 /// `sleep_inc` (sleeps payload µs, then inc), `gate` (waits for a token,
 /// then add), `fail`, `panic`, `big` (payload n: `vec![7u8; n]`, counting
-/// runs), `len` (the input's length plus the payload's i64), `rask.remote`
+/// runs), `len` (the input's length plus the payload's i64), `chunk`
+/// (payload `(i, n)`: [`chunk`]`(i, n)` as [`Bytes`], counting runs),
+/// `bytesum` (the [`word_sum`]s of its byte inputs plus the payload's i64,
+/// wrapping), `rask.remote`
 /// (fails: it runs only when the key it names is not held), `where` and
 /// `where_slow` (payload n: panics if n = -1, hangs like `hang` if n = -2,
 /// else sleeps n µs; then 1 if it ran on an in-process worker's network
@@ -156,6 +211,19 @@ impl Op for TestOp {
                 self.shared.runs.fetch_add(1, Ordering::SeqCst);
                 let n: u64 = postcard::from_bytes(&self.payload).unwrap_or(0);
                 Ok(Arc::new(vec![7u8; n as usize]))
+            }
+            "chunk" => {
+                self.shared.runs.fetch_add(1, Ordering::SeqCst);
+                let (i, n): (u64, u64) = postcard::from_bytes(&self.payload).unwrap_or((0, 0));
+                Ok(Arc::new(Bytes(chunk(i, n))))
+            }
+            "bytesum" => {
+                let c: i64 = postcard::from_bytes(&self.payload).unwrap_or(0);
+                let sum = inputs
+                    .iter()
+                    .map(|v| word_sum(byte_slice(v.as_ref().unwrap())))
+                    .fold(c, i64::wrapping_add);
+                Ok(Arc::new(sum))
             }
             "len" => {
                 let c: i64 = postcard::from_bytes(&self.payload).unwrap_or(0);
@@ -209,8 +277,8 @@ impl Registry for TestRegistry {
     fn resolve(&self, task: &WireTask) -> Result<Arc<dyn Op>, WireError> {
         match task.function.as_str() {
             "rask.value" | "inc" | "add" | "sleep_add" | "count" | "sleep_inc" | "gate"
-            | "fail" | "panic" | "big" | "len" | "where" | "where_slow" | "hang"
-            | REMOTE_FUNCTION => Ok(Arc::new(TestOp {
+            | "fail" | "panic" | "big" | "len" | "where" | "where_slow" | "hang" | "chunk"
+            | "bytesum" | REMOTE_FUNCTION => Ok(Arc::new(TestOp {
                 function: task.function.clone(),
                 payload: task.payload.clone(),
                 shared: self.shared.clone(),

@@ -1,0 +1,1124 @@
+//! The values a worker holds, its memory limit, and spilling to disk.
+//!
+//! Rules:
+//!
+//! 1. **What counts.** The memory a worker holds is the sum of the encoded
+//!    sizes of the values in its store (`Stored::nbytes`, known because
+//!    every value is encoded once when it is produced or arrives: state
+//!    rule 4). Not the process's resident memory, which is reported beside
+//!    it: resident memory also counts the program, the runtime, buffers in
+//!    flight and heap the allocator keeps after a value is freed, so it may
+//!    never come down however much is spilled, and a worker that paused on
+//!    it could stay paused for good. The encoded size is a good measure of
+//!    the plain data rask moves (vectors, numbers, strings) and what a
+//!    spill frees; a value whose in-memory form is much bigger than its
+//!    encoding (a map of small boxes) is undercounted.
+//! 2. **Levels.** With a memory limit `L`, above [`SPILL_AT`] × `L`
+//!    (60 %, Dask's `target`) one spill thread moves the least recently
+//!    used values to the worker's spill directory until the store holds
+//!    less again; above [`PAUSE_AT`] × `L` (95 %, Dask's `pause`) the
+//!    worker holds back new tasks (state rule 6) until spilling brings it
+//!    below. A value is *used* when it is stored, given to a task as an
+//!    input, or read by a peer or client; a value being written stays
+//!    readable from memory until the file is whole.
+//! 3. **Files.** A spilled value is one [`rask_executor::entry`] file (the
+//!    cache's format: a header with the type name, length and blake3 of
+//!    the value's bytes, written to a temporary name and renamed) holding
+//!    exactly what [`AnyValue::encode`](rask_executor::AnyValue::encode)
+//!    produced. Each spill of a key gets a file of its own (named by the
+//!    key and a generation), so a late removal never deletes a newer file.
+//!    The directory, `rask-spill-PID-N` under [`Options::spill_dir`] (the
+//!    system's temporary directory by default), is made at the first
+//!    spill and removed with everything in it when the worker ends;
+//!    directories of processes that no longer run are removed when a new
+//!    one is made.
+//! 4. **Coming back.** A spilled value needed by a task of this worker is
+//!    read back into memory (an [`Encoded`], most recently used) before the
+//!    task is handed to the pool, and its file removed. The read happens on
+//!    the network thread, where the task is dispatched: a few milliseconds
+//!    for a value of tens of MiB in the page cache, more from a cold disk,
+//!    during which the worker neither reports nor dispatches (its data port
+//!    and heartbeats wait too). Reading on the compute thread would avoid
+//!    that at the cost of a third way for a job to end; not done yet. A spilled value a
+//!    peer or a client asks the data port for is read from disk on a
+//!    blocking thread and sent, and stays on disk.
+//! 5. **Never a wrong value.** A file that cannot be read back whole and
+//!    matching its checksum (`entry` rule 2) drops its value, with a
+//!    warning: the data port answers `Missing`, a task that needed it is
+//!    given back after `FetchFailed` names this worker, and the scheduler
+//!    computes the value again (its lost-data path) — as if the worker had
+//!    never held it.
+//! 6. **Failures keep values.** A value that cannot be written (a full
+//!    disk, no directory, an encoding that fails now) stays in memory with
+//!    a warning, and the spill thread waits a second before trying again.
+//!    Such a worker may stay paused until values are released.
+//!
+//! [`Options::spill_dir`]: super::Options::spill_dir
+
+use std::collections::{BTreeMap, HashMap};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use rask_executor::diagnostics::Spill;
+use rask_executor::{entry, Encoded, Key, Value};
+
+use crate::net::log_limited;
+use crate::protocol::{WireKey, MAX_MEMORY};
+
+/// Share of the memory limit above which values are spilled (rule 2).
+pub const SPILL_AT: f64 = 0.6;
+
+/// Share of the memory limit above which no new task starts (rule 2).
+pub const PAUSE_AT: f64 = 0.95;
+
+/// How long the spill thread waits after a failed write (rule 6).
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// What a memory limit setting must be, for [`Error::Env`](crate::Error::Env).
+pub(crate) const LIMIT_EXPECTED: &str = "a size such as `200MiB` or `2GB`, a fraction of the \
+     machine's memory such as `0.5`, `auto` (the machine's memory), or `none`";
+
+/// What a memory limit setting must be when the machine's memory is not
+/// known.
+pub(crate) const LIMIT_EXPECTED_NO_MACHINE: &str = "a size such as `200MiB` or `2GB`, or `none` \
+     (this machine's memory could not be read, so a fraction or `auto` means nothing)";
+
+/// The memory of this machine in bytes, or of the cgroup this process
+/// runs in if that is smaller (a container's limit); `None` where neither
+/// can be read (not Linux).
+///
+/// # Examples
+///
+/// ```
+/// if let Some(bytes) = rask_distributed::worker::machine_memory() {
+///     assert!(bytes > 0);
+/// }
+/// ```
+pub fn machine_memory() -> Option<u64> {
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            kib.checked_mul(1024)
+        });
+    // cgroup v2, then v1 (whose "no limit" is a huge number, which `min`
+    // ignores); "max" does not parse and means no limit.
+    let cgroup = [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .iter()
+    .find_map(|p| std::fs::read_to_string(p).ok()?.trim().parse::<u64>().ok());
+    match (total, cgroup) {
+        (Some(t), Some(c)) => Some(t.min(c)),
+        (t, c) => t.or(c),
+    }
+    .filter(|&b| b > 0)
+}
+
+/// Reads a memory limit: `None` for no limit. `machine` gives the
+/// machine's memory, for fractions and `auto`. `Err` is what was expected.
+pub(crate) fn parse_limit(
+    text: &str,
+    machine: impl FnOnce() -> Option<u64>,
+) -> Result<Option<u64>, &'static str> {
+    let text = text.trim().to_ascii_lowercase();
+    if matches!(text.as_str(), "none" | "off" | "0") {
+        return Ok(None);
+    }
+    let share = |fraction: f64| -> Result<Option<u64>, &'static str> {
+        let machine = machine().ok_or(LIMIT_EXPECTED_NO_MACHINE)?;
+        Ok(Some(((machine as f64 * fraction) as u64).max(1)))
+    };
+    if text == "auto" {
+        return share(1.0);
+    }
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number.parse().map_err(|_| LIMIT_EXPECTED)?;
+    if !value.is_finite() || value <= 0.0 {
+        return Err(LIMIT_EXPECTED);
+    }
+    let scale: u64 = match unit.trim() {
+        // No unit: a fraction of the machine up to 1, whole bytes above.
+        "" if value <= 1.0 => return share(value),
+        "" if value.fract() == 0.0 => 1,
+        "" => return Err(LIMIT_EXPECTED),
+        "b" => 1,
+        "k" | "kb" => 1000,
+        "m" | "mb" => 1000_u64.pow(2),
+        "g" | "gb" => 1000_u64.pow(3),
+        "t" | "tb" => 1000_u64.pow(4),
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        _ => return Err(LIMIT_EXPECTED),
+    };
+    let bytes = value * scale as f64;
+    if bytes < 1.0 || bytes > MAX_MEMORY as f64 {
+        return Err(LIMIT_EXPECTED);
+    }
+    Ok(Some(bytes as u64))
+}
+
+/// A value held by this worker, with the size of its encoding.
+#[derive(Clone)]
+pub(crate) struct Stored {
+    pub(crate) value: Value,
+    pub(crate) nbytes: u64,
+}
+
+/// Where one held value is.
+enum Place {
+    /// In memory; `touched` is its place in the LRU order.
+    Memory { value: Value, touched: u64 },
+    /// In memory, being written by the spill thread (rule 2).
+    Writing { value: Value },
+    /// In its file (rule 3).
+    Disk { type_name: &'static str },
+}
+
+struct Slot {
+    nbytes: u64,
+    /// Names this value's file apart from other spills of the same key.
+    generation: u64,
+    place: Place,
+}
+
+/// A value the spill thread writes.
+pub(crate) struct ToSpill {
+    key: WireKey,
+    generation: u64,
+    value: Value,
+}
+
+/// A spilled value to read back.
+pub(crate) struct OnDisk {
+    key: WireKey,
+    generation: u64,
+    type_name: &'static str,
+}
+
+/// How a lookup for a task's input or a reader went.
+pub(crate) enum Found {
+    Memory(Value),
+    Disk(OnDisk),
+    Missing,
+}
+
+/// The levels of rule 2, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Levels {
+    pub(crate) limit: u64,
+    pub(crate) spill: u64,
+    pub(crate) pause: u64,
+}
+
+impl Levels {
+    pub(crate) fn of(limit: u64) -> Levels {
+        // Within the protocol's range (`ToScheduler::Memory`).
+        let limit = limit.clamp(1, MAX_MEMORY);
+        Levels {
+            limit,
+            spill: (limit as f64 * SPILL_AT) as u64,
+            pause: (limit as f64 * PAUSE_AT) as u64,
+        }
+    }
+}
+
+/// The store's bookkeeping, with no I/O: which value is where, the LRU
+/// order, the byte counts and the levels.
+#[derive(Default)]
+pub(crate) struct Held {
+    values: HashMap<WireKey, Slot>,
+    /// Values in memory and not being written, by last use (rule 2): a
+    /// tick per use and a map ordered by tick, O(log n) per use.
+    lru: BTreeMap<u64, WireKey>,
+    tick: u64,
+    levels: Option<Levels>,
+    memory: u64,
+    stats: Spill,
+}
+
+impl Held {
+    pub(crate) fn new(levels: Option<Levels>) -> Held {
+        Held {
+            levels,
+            ..Held::default()
+        }
+    }
+
+    fn next_tick(&mut self) -> u64 {
+        self.tick += 1;
+        self.tick
+    }
+
+    /// Stores `stored` under `key`, most recently used; returns the file
+    /// of a value it replaces, to remove.
+    pub(crate) fn insert(&mut self, key: WireKey, stored: Stored) -> Option<OnDisk> {
+        let old = self.remove(&key);
+        let touched = self.next_tick();
+        self.lru.insert(touched, key);
+        self.memory += stored.nbytes;
+        self.values.insert(
+            key,
+            Slot {
+                nbytes: stored.nbytes,
+                generation: touched,
+                place: Place::Memory {
+                    value: stored.value,
+                    touched,
+                },
+            },
+        );
+        old
+    }
+
+    /// Drops `key`; returns its file, to remove, if it was spilled.
+    pub(crate) fn remove(&mut self, key: &WireKey) -> Option<OnDisk> {
+        let slot = self.values.remove(key)?;
+        match slot.place {
+            Place::Memory { touched, .. } => {
+                self.lru.remove(&touched);
+                self.memory -= slot.nbytes;
+                None
+            }
+            // The spill thread finds it gone and removes its file.
+            Place::Writing { .. } => {
+                self.memory -= slot.nbytes;
+                None
+            }
+            Place::Disk { type_name } => {
+                self.stats.spilled_bytes -= slot.nbytes;
+                self.stats.spilled_keys -= 1;
+                Some(OnDisk {
+                    key: *key,
+                    generation: slot.generation,
+                    type_name,
+                })
+            }
+        }
+    }
+
+    /// Drops every value; returns the files to remove.
+    pub(crate) fn clear(&mut self) -> Vec<OnDisk> {
+        let keys: Vec<WireKey> = self.values.keys().copied().collect();
+        keys.iter().filter_map(|k| self.remove(k)).collect()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    pub(crate) fn contains(&self, key: &WireKey) -> bool {
+        self.values.contains_key(key)
+    }
+
+    pub(crate) fn nbytes(&self, key: &WireKey) -> Option<u64> {
+        self.values.get(key).map(|s| s.nbytes)
+    }
+
+    /// Looks `key` up, making it the most recently used (rule 2).
+    pub(crate) fn find(&mut self, key: &WireKey) -> Found {
+        let tick = self.next_tick();
+        let Some(slot) = self.values.get_mut(key) else {
+            return Found::Missing;
+        };
+        match &mut slot.place {
+            Place::Memory { value, touched } => {
+                self.lru.remove(touched);
+                *touched = tick;
+                self.lru.insert(tick, *key);
+                Found::Memory(value.clone())
+            }
+            Place::Writing { value } => Found::Memory(value.clone()),
+            Place::Disk { type_name } => Found::Disk(OnDisk {
+                key: *key,
+                generation: slot.generation,
+                type_name,
+            }),
+        }
+    }
+
+    /// The least recently used value to spill, if the store holds more
+    /// than the spill level; it is `Writing` until [`Held::written`].
+    pub(crate) fn next_spill(&mut self) -> Option<ToSpill> {
+        let levels = self.levels?;
+        if self.memory <= levels.spill {
+            return None;
+        }
+        let (_, key) = self.lru.pop_first()?;
+        let slot = self.values.get_mut(&key).expect("the LRU lists held keys");
+        let Place::Memory { value, .. } = &slot.place else {
+            unreachable!("the LRU lists values in memory only");
+        };
+        let value = value.clone();
+        slot.place = Place::Writing {
+            value: value.clone(),
+        };
+        Some(ToSpill {
+            key,
+            generation: slot.generation,
+            value,
+        })
+    }
+
+    /// The spill thread wrote `spill` (`ok`) or could not (rule 6). Returns
+    /// the file to remove when the value went meanwhile (or was replaced).
+    pub(crate) fn written(&mut self, spill: &ToSpill, ok: bool) -> Option<OnDisk> {
+        let gone = OnDisk {
+            key: spill.key,
+            generation: spill.generation,
+            type_name: spill.value.type_name(),
+        };
+        let tick = self.next_tick();
+        let Some(slot) = self.values.get_mut(&spill.key) else {
+            return ok.then_some(gone);
+        };
+        if slot.generation != spill.generation || !matches!(slot.place, Place::Writing { .. }) {
+            return ok.then_some(gone);
+        }
+        if ok {
+            slot.place = Place::Disk {
+                type_name: spill.value.type_name(),
+            };
+            self.memory -= slot.nbytes;
+            self.stats.spilled_bytes += slot.nbytes;
+            self.stats.spilled_keys += 1;
+            self.stats.spills += 1;
+        } else {
+            // Back in the LRU as just used: the next try picks another.
+            slot.place = Place::Memory {
+                value: spill.value.clone(),
+                touched: tick,
+            };
+            self.lru.insert(tick, spill.key);
+            self.stats.failed_spills += 1;
+        }
+        None
+    }
+
+    /// `disk` was read back (`Some` bytes, checked) or could not be (rule
+    /// 5). With `keep`, a value read back goes back into memory and its
+    /// file is to be removed (returned). Counts the read either way.
+    pub(crate) fn read_back(
+        &mut self,
+        disk: &OnDisk,
+        bytes: Option<&Arc<[u8]>>,
+        keep: bool,
+    ) -> Option<OnDisk> {
+        let current = self.values.get(&disk.key).is_some_and(|s| {
+            s.generation == disk.generation && matches!(s.place, Place::Disk { .. })
+        });
+        match bytes {
+            Some(bytes) => {
+                self.stats.unspills += 1;
+                if !(keep && current) {
+                    return None;
+                }
+                let nbytes = self.values[&disk.key].nbytes;
+                let file = self.remove(&disk.key);
+                // A new generation: the old file goes, a later spill makes
+                // its own.
+                self.insert(
+                    disk.key,
+                    Stored {
+                        value: Arc::new(Encoded::new(bytes.clone())),
+                        nbytes,
+                    },
+                );
+                file
+            }
+            None => {
+                if !current {
+                    return None;
+                }
+                self.stats.lost += 1;
+                self.remove(&disk.key)
+            }
+        }
+    }
+
+    /// Whether no new task should start (rule 2).
+    pub(crate) fn paused(&self) -> bool {
+        self.levels.is_some_and(|l| self.memory > l.pause)
+    }
+
+    /// The figures for `scheduler_info`; `None` without a limit.
+    pub(crate) fn report(&self) -> Option<Spill> {
+        let levels = self.levels?;
+        Some(Spill {
+            limit_bytes: levels.limit,
+            spill_at_bytes: levels.spill,
+            pause_at_bytes: levels.pause,
+            memory_bytes: self.memory.min(MAX_MEMORY),
+            spilled_bytes: self.stats.spilled_bytes.min(MAX_MEMORY),
+            paused: self.paused(),
+            ..self.stats
+        })
+    }
+}
+
+/// The values a worker holds, shared by its state, its data port and its
+/// spill thread (rules 2 to 6). Cheap to clone.
+#[derive(Clone, Default)]
+pub(crate) struct Store(Arc<Shared>);
+
+#[derive(Default)]
+struct Shared {
+    held: Mutex<Held>,
+    /// Wakes the spill thread.
+    wake: Condvar,
+    /// Where spilled values go; the directory is made at the first spill.
+    spill: Mutex<SpillDir>,
+    /// Told when a spill brought the store below the pause level.
+    resumed: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct SpillDir {
+    /// The directory the spill directory is made in.
+    parent: PathBuf,
+    /// The spill directory, once made.
+    made: Option<PathBuf>,
+    /// The spill thread runs.
+    thread: bool,
+    /// The worker ended: the spill thread exits.
+    closed: bool,
+}
+
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section leaves its data whole at each step a panic
+    // could interrupt (no user code runs under these locks).
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Store {
+    /// A store spilling above the levels of `limit` (none: never) into a
+    /// directory under `parent` (rule 3).
+    pub(crate) fn new(limit: Option<u64>, parent: PathBuf) -> Store {
+        let shared = Shared {
+            held: Mutex::new(Held::new(limit.map(Levels::of))),
+            spill: Mutex::new(SpillDir {
+                parent,
+                ..SpillDir::default()
+            }),
+            wake: Condvar::new(),
+            resumed: tokio::sync::Notify::new(),
+        };
+        Store(Arc::new(shared))
+    }
+
+    fn held(&self) -> MutexGuard<'_, Held> {
+        locked(&self.0.held)
+    }
+
+    /// Stores a value; wakes the spill thread when over the spill level.
+    pub(crate) fn insert(&self, key: WireKey, stored: Stored) {
+        let (old, over) = {
+            let mut held = self.held();
+            let old = held.insert(key, stored);
+            let over = held.levels.is_some_and(|l| held.memory > l.spill);
+            (old, over)
+        };
+        self.remove_files(old);
+        if over {
+            self.start_spilling();
+        }
+    }
+
+    pub(crate) fn remove(&self, key: &WireKey) {
+        let file = self.held().remove(key);
+        self.remove_files(file);
+    }
+
+    /// Drops every value; returns how many there were.
+    pub(crate) fn clear(&self) -> usize {
+        let (n, files) = {
+            let mut held = self.held();
+            (held.len(), held.clear())
+        };
+        self.remove_files(files);
+        n
+    }
+
+    pub(crate) fn contains(&self, key: &WireKey) -> bool {
+        self.held().contains(key)
+    }
+
+    pub(crate) fn nbytes(&self, key: &WireKey) -> Option<u64> {
+        self.held().nbytes(key)
+    }
+
+    pub(crate) fn paused(&self) -> bool {
+        self.held().paused()
+    }
+
+    pub(crate) fn report(&self) -> Option<Spill> {
+        self.held().report()
+    }
+
+    /// Resolves after a spill that left the store below the pause level
+    /// (a wake-up is kept if nobody waits).
+    pub(crate) async fn resumed(&self) {
+        self.0.resumed.notified().await
+    }
+
+    /// Looks up a value (rule 2).
+    pub(crate) fn find(&self, key: &WireKey) -> Found {
+        self.held().find(key)
+    }
+
+    /// A task's input: from memory, or read back from disk into memory
+    /// (rule 4). `Ok(None)`: not held. `Err`: its file was damaged, the
+    /// value is dropped (rule 5).
+    pub(crate) fn input(&self, key: &WireKey) -> Result<Option<Value>, Lost> {
+        match self.find(key) {
+            Found::Memory(value) => Ok(Some(value)),
+            Found::Missing => Ok(None),
+            Found::Disk(disk) => match self.read(&disk, true) {
+                Some(bytes) => Ok(Some(Arc::new(Encoded::new(bytes)))),
+                None => Err(Lost),
+            },
+        }
+    }
+
+    /// Reads a spilled value's bytes (rules 4 and 5): `keep` puts it back
+    /// in memory. `None` when its file cannot be read back whole; the value
+    /// is dropped then.
+    pub(crate) fn read(&self, disk: &OnDisk, keep: bool) -> Option<Arc<[u8]>> {
+        let dir = locked(&self.0.spill).made.clone();
+        let read = match &dir {
+            Some(dir) => entry::read(dir, &file_key(disk), Some(disk.type_name)),
+            None => Err(entry::EntryError::Missing),
+        };
+        let bytes = match read {
+            Ok(entry) => Some(Arc::<[u8]>::from(entry.bytes)),
+            Err(e) => {
+                log_limited!(
+                    "worker: spilled value lost",
+                    "worker: a spilled value ({}) cannot be read back, dropped; the scheduler \
+                     computes it again: {e}",
+                    Key(disk.key)
+                );
+                None
+            }
+        };
+        let (file, over) = {
+            let mut held = self.held();
+            let file = held.read_back(disk, bytes.as_ref(), keep);
+            (file, held.levels.is_some_and(|l| held.memory > l.spill))
+        };
+        self.remove_files(file);
+        if over {
+            self.start_spilling();
+        }
+        bytes
+    }
+
+    /// Ends spilling: every value and the spill directory go, the spill
+    /// thread exits (the worker ended).
+    pub(crate) fn close(&self) {
+        self.clear();
+        let made = {
+            let mut spill = locked(&self.0.spill);
+            spill.closed = true;
+            spill.made.take()
+        };
+        // The thread waits on `held`'s condvar: notified under that lock.
+        {
+            let _held = self.held();
+            self.0.wake.notify_all();
+        }
+        if let Some(dir) = made {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+
+    /// The spill directory, once made (tests).
+    #[cfg(test)]
+    pub(crate) fn spill_dir(&self) -> Option<PathBuf> {
+        locked(&self.0.spill).made.clone()
+    }
+
+    /// The file of a spilled value (tests).
+    #[cfg(test)]
+    pub(crate) fn spill_file(&self, key: &WireKey) -> Option<PathBuf> {
+        let Found::Disk(disk) = self.held().find(key) else {
+            return None;
+        };
+        Some(entry::path(&self.spill_dir()?, &file_key(&disk)))
+    }
+
+    /// A store with `limit` that never spills: its levels only pause
+    /// (tests of the state's rule 6).
+    #[cfg(test)]
+    pub(crate) fn unspilled(limit: u64) -> Store {
+        let store = Store::new(Some(limit), PathBuf::new());
+        locked(&store.0.spill).closed = true;
+        store
+    }
+
+    fn remove_files(&self, files: impl IntoIterator<Item = OnDisk>) {
+        let mut files = files.into_iter().peekable();
+        if files.peek().is_none() {
+            return;
+        }
+        let Some(dir) = locked(&self.0.spill).made.clone() else {
+            return;
+        };
+        for file in files {
+            let _ = entry::remove(&dir, &file_key(&file));
+        }
+    }
+
+    /// Starts the spill thread if it does not run (rule 2).
+    fn start_spilling(&self) {
+        {
+            let mut spill = locked(&self.0.spill);
+            if spill.closed || spill.thread {
+                drop(spill);
+                self.0.wake.notify_one();
+                return;
+            }
+            spill.thread = true;
+        }
+        let store = self.clone();
+        let started = std::thread::Builder::new()
+            .name("rask-spill".into())
+            .spawn(move || store.spill_loop());
+        if let Err(e) = started {
+            locked(&self.0.spill).thread = false;
+            log_limited!(
+                "worker: no spill thread",
+                "worker: cannot start the spill thread, values stay in memory: {e}"
+            );
+        }
+    }
+
+    /// The spill thread: writes the least recently used value while the
+    /// store is over its spill level (rule 2); exits at `close`.
+    fn spill_loop(&self) {
+        loop {
+            let spill = {
+                let mut held = self.held();
+                loop {
+                    if locked(&self.0.spill).closed {
+                        return;
+                    }
+                    if let Some(spill) = held.next_spill() {
+                        break spill;
+                    }
+                    held = self
+                        .0
+                        .wake
+                        .wait(held)
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
+            };
+            let written = self.write(&spill);
+            let (file, paused) = {
+                let mut held = self.held();
+                (held.written(&spill, written.is_ok()), held.paused())
+            };
+            drop(spill);
+            self.remove_files(file);
+            if !paused {
+                self.0.resumed.notify_one();
+            }
+            if let Err(e) = written {
+                log_limited!(
+                    "worker: cannot spill",
+                    "worker: cannot spill a value to disk, it stays in memory: {e}"
+                );
+                // A whole second, whatever wakes the thread meanwhile (new
+                // values would only fail the same way), unless it ends.
+                let deadline = std::time::Instant::now() + RETRY_AFTER;
+                let mut held = self.held();
+                while !locked(&self.0.spill).closed {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    held = self
+                        .0
+                        .wake
+                        .wait_timeout(held, left)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                }
+            }
+        }
+    }
+
+    /// Writes one value's file (rule 3).
+    fn write(&self, spill: &ToSpill) -> Result<(), String> {
+        let dir = self.dir()?;
+        let encoded;
+        let bytes: &[u8] = match spill.value.downcast_ref::<Encoded>() {
+            Some(e) => &e.0,
+            None => {
+                // It encoded when it was made; a panic now is the type's
+                // own bug, and must not end the spill thread.
+                encoded = catch_unwind(AssertUnwindSafe(|| spill.value.encode()))
+                    .map_err(|_| "encoding the value panicked".to_owned())?
+                    .map_err(|e| e.to_string())?;
+                &encoded
+            }
+        };
+        let key = file_key(&OnDisk {
+            key: spill.key,
+            generation: spill.generation,
+            type_name: spill.value.type_name(),
+        });
+        entry::write(&dir, &key, spill.value.type_name(), bytes)
+            .map(drop)
+            .map_err(|e| format!("{}: {e}", dir.display()))
+    }
+
+    /// The spill directory, made now if it is not yet (rule 3).
+    fn dir(&self) -> Result<PathBuf, String> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let mut spill = locked(&self.0.spill);
+        if let Some(dir) = &spill.made {
+            return Ok(dir.clone());
+        }
+        let pid = std::process::id();
+        remove_stale(&spill.parent);
+        let dir = spill.parent.join(format!(
+            "rask-spill-{pid}-{}",
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        spill.made = Some(dir.clone());
+        Ok(dir)
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let made = locked(&self.spill).made.take();
+        if let Some(dir) = made {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// A spilled value's file could not be read back (rule 5).
+#[derive(Debug)]
+pub(crate) struct Lost;
+
+/// The name of a spill's file: its key and generation (rule 3).
+fn file_key(disk: &OnDisk) -> Key {
+    let mut h = blake3::Hasher::new_derive_key("rask spill file v1");
+    h.update(&disk.key);
+    h.update(&disk.generation.to_le_bytes());
+    Key(*h.finalize().as_bytes())
+}
+
+/// Removes the spill directories a worker process `pid` made under
+/// `parent`: a [`LocalCluster`](crate::LocalCluster) does so for the
+/// workers it killed, which could not.
+pub(crate) fn remove_spill_dirs(parent: &Path, pid: u32) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    let prefix = format!("rask-spill-{pid}-");
+    for entry in entries.flatten() {
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(&prefix))
+        {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Removes the spill directories under `parent` of processes that no
+/// longer run (killed before they could remove their own, rule 3).
+/// Linux only: elsewhere no process can be told gone.
+fn remove_stale(parent: &Path) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("rask-spill-")) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn stored(n: u64) -> Stored {
+        Stored {
+            value: Arc::new(vec![1u8; n as usize]),
+            nbytes: n,
+        }
+    }
+
+    #[test]
+    fn limits_read_sizes_fractions_and_none() {
+        let machine = || Some(8 << 30);
+        let parse = |t: &str| parse_limit(t, machine);
+        assert_eq!(parse("200MiB"), Ok(Some(200 << 20)));
+        assert_eq!(parse(" 2GB "), Ok(Some(2_000_000_000)));
+        assert_eq!(parse("1.5 gib"), Ok(Some(3 << 29)));
+        assert_eq!(parse("0.5"), Ok(Some(4 << 30)));
+        assert_eq!(parse("1"), Ok(Some(8 << 30)));
+        assert_eq!(parse("auto"), Ok(Some(8 << 30)));
+        assert_eq!(parse("1000000"), Ok(Some(1_000_000)));
+        for off in ["0", "none", "NONE", "off"] {
+            assert_eq!(parse(off), Ok(None), "{off}");
+        }
+        for bad in [
+            "",
+            "lots",
+            "-1",
+            "1.5",
+            "2 parsecs",
+            "nan",
+            "inf",
+            "0.0.1",
+            "2PB0",
+        ] {
+            assert_eq!(parse(bad), Err(LIMIT_EXPECTED), "{bad:?}");
+        }
+        assert_eq!(parse("5000TiB"), Err(LIMIT_EXPECTED));
+        assert_eq!(parse_limit("0.5", || None), Err(LIMIT_EXPECTED_NO_MACHINE));
+        assert_eq!(parse_limit("1GB", || None), Ok(Some(1_000_000_000)));
+    }
+
+    #[test]
+    fn least_recently_used_values_spill_above_the_spill_level_only() {
+        // Limit 100 MiB: spill above 60, pause above 95.
+        let mut held = Held::new(Some(Levels::of(100 * MIB)));
+        for k in 0..5u8 {
+            held.insert([k; 32], stored(20 * MIB));
+        }
+        // 100 MiB held: over both levels.
+        assert!(held.paused());
+        // Key 0 is used again: key 1 is now the least recently used.
+        assert!(matches!(held.find(&[0; 32]), Found::Memory(_)));
+        let first = held.next_spill().expect("over the spill level");
+        assert_eq!(first.key, [1; 32]);
+        // Still readable from memory while being written.
+        assert!(matches!(held.find(&[1; 32]), Found::Memory(_)));
+        assert!(held.written(&first, true).is_none());
+        assert!(matches!(held.find(&[1; 32]), Found::Disk(_)));
+        // 80 MiB: below the pause level, still over the spill level.
+        assert!(!held.paused());
+        let second = held.next_spill().unwrap();
+        assert_eq!(second.key, [2; 32]);
+        held.written(&second, true);
+        // 60 MiB: at the level, not over it.
+        assert!(held.next_spill().is_none());
+        let report = held.report().unwrap();
+        assert_eq!(
+            (report.memory_bytes, report.spilled_bytes, report.spills),
+            (60 * MIB, 40 * MIB, 2)
+        );
+        assert_eq!(report.spilled_keys, 2);
+        assert!(!report.paused);
+        // No limit: nothing ever spills or pauses.
+        let mut free = Held::new(None);
+        free.insert(
+            [9; 32],
+            Stored {
+                value: Arc::new(0u8),
+                nbytes: 1 << 40,
+            },
+        );
+        assert!(free.next_spill().is_none() && !free.paused() && free.report().is_none());
+    }
+
+    #[test]
+    fn a_value_released_or_replaced_while_written_leaves_no_file() {
+        let mut held = Held::new(Some(Levels::of(10)));
+        held.insert([1; 32], stored(20));
+        let spill = held.next_spill().unwrap();
+        held.remove(&[1; 32]);
+        assert_eq!(held.report().unwrap().memory_bytes, 0);
+        // Written after it went: its file is to be removed.
+        let file = held.written(&spill, true).expect("a file to remove");
+        assert_eq!(file.generation, spill.generation);
+        // Replaced by a new value of the same key while written.
+        held.insert([2; 32], stored(20));
+        let spill = held.next_spill().unwrap();
+        held.insert([2; 32], stored(20));
+        assert!(held.written(&spill, true).is_some());
+        assert!(matches!(held.find(&[2; 32]), Found::Memory(_)));
+        // A failed write keeps the value in memory, most recently used.
+        held.insert([3; 32], stored(1));
+        let spill = held.next_spill().unwrap();
+        assert_eq!(spill.key, [2; 32]);
+        assert!(held.written(&spill, false).is_none());
+        assert!(matches!(held.find(&[2; 32]), Found::Memory(_)));
+        let report = held.report().unwrap();
+        assert_eq!((report.failed_spills, report.spills), (1, 0));
+        assert_eq!(held.next_spill().unwrap().key, [3; 32]);
+    }
+
+    #[test]
+    fn a_read_back_comes_into_memory_and_a_damaged_one_is_dropped() {
+        let mut held = Held::new(Some(Levels::of(100)));
+        held.insert([1; 32], stored(70));
+        held.insert([2; 32], stored(70));
+        let spill = held.next_spill().unwrap();
+        held.written(&spill, true);
+        let Found::Disk(disk) = held.find(&[1; 32]) else {
+            panic!("spilled")
+        };
+        // A reader of the data port: the value stays on disk.
+        let bytes: Arc<[u8]> = Arc::from(&[1u8; 70][..]);
+        assert!(held.read_back(&disk, Some(&bytes), false).is_none());
+        assert!(matches!(held.find(&[1; 32]), Found::Disk(_)));
+        // A task of this worker: back in memory, its file to remove.
+        let file = held.read_back(&disk, Some(&bytes), true).expect("file");
+        assert_eq!(file.generation, disk.generation);
+        match held.find(&[1; 32]) {
+            Found::Memory(v) => assert_eq!(v.downcast_ref::<Encoded>().unwrap().0.len(), 70),
+            _ => panic!("in memory"),
+        }
+        let report = held.report().unwrap();
+        assert_eq!((report.unspills, report.memory_bytes), (2, 140));
+        assert_eq!(report.spilled_bytes, 0);
+        // A damaged file: the value is gone, counted, its file removed.
+        let spill = held.next_spill().unwrap();
+        held.written(&spill, true);
+        let Found::Disk(disk) = held.find(&spill.key) else {
+            panic!("spilled")
+        };
+        assert!(held.read_back(&disk, None, true).is_some());
+        assert!(!held.contains(&spill.key));
+        assert_eq!(held.report().unwrap().lost, 1);
+        // An old read of a value spilled again reports nothing.
+        assert!(held.read_back(&disk, None, true).is_none());
+        assert_eq!(held.report().unwrap().lost, 1);
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("rask-memory-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// Waits until `check` holds, for up to 30 s.
+    fn eventually(what: &str, check: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !check() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    #[test]
+    fn the_spill_thread_writes_files_that_read_back_and_close_removes_them() {
+        let parent = scratch("thread");
+        let store = Store::new(Some(1000), parent.clone());
+        for k in 0..10u8 {
+            store.insert(
+                [k; 32],
+                Stored {
+                    value: Arc::new(vec![k; 200]),
+                    nbytes: 200,
+                },
+            );
+        }
+        eventually("spilled below 600 bytes", || {
+            store.report().unwrap().memory_bytes <= 600
+        });
+        let dir = store.spill_dir().expect("made at the first spill");
+        assert!(dir.starts_with(&parent));
+        // The oldest went first; it reads back as the bytes `encode` gave.
+        let Found::Disk(disk) = store.find(&[0; 32]) else {
+            panic!("key 0 spilled")
+        };
+        let bytes = store.read(&disk, false).expect("whole");
+        assert_eq!(
+            postcard::from_bytes::<Vec<u8>>(&bytes).unwrap(),
+            vec![0; 200]
+        );
+        // Damage key 1's file: it is dropped, never served.
+        let Found::Disk(one) = store.find(&[1; 32]) else {
+            panic!("key 1 spilled")
+        };
+        let file = entry::path(&dir, &file_key(&one));
+        let mut raw = std::fs::read(&file).unwrap();
+        let last = raw.len() - 1;
+        raw[last] ^= 1;
+        std::fs::write(&file, raw).unwrap();
+        assert!(matches!(store.input(&[1; 32]), Err(Lost)));
+        assert!(!store.contains(&[1; 32]));
+        assert!(!file.exists());
+        // A task's input comes back into memory, its file goes.
+        let value = store.input(&[0; 32]).unwrap().expect("held");
+        assert!(value.downcast_ref::<Encoded>().is_some());
+        assert!(!entry::path(&dir, &file_key(&disk)).exists());
+        store.close();
+        assert!(!dir.exists());
+        assert_eq!(store.clear(), 0);
+        std::fs::remove_dir_all(&parent).unwrap();
+    }
+
+    #[test]
+    fn a_value_that_cannot_be_written_stays_in_memory() {
+        // The spill directory's parent is a file: every write fails, as on
+        // a full disk.
+        let parent = scratch("unwritable");
+        let file = parent.join("not-a-directory");
+        std::fs::write(&file, b"").unwrap();
+        let store = Store::new(Some(100), file);
+        store.insert([1; 32], stored(80));
+        eventually("a failed spill", || {
+            store.report().unwrap().failed_spills > 0
+        });
+        let report = store.report().unwrap();
+        assert_eq!((report.memory_bytes, report.spills), (80, 0));
+        match store.input(&[1; 32]) {
+            Ok(Some(v)) => assert_eq!(v.downcast_ref::<Vec<u8>>().unwrap().len(), 80),
+            _ => panic!("still held in memory"),
+        }
+        store.close();
+        std::fs::remove_dir_all(&parent).unwrap();
+    }
+
+    #[test]
+    fn directories_of_dead_processes_are_removed() {
+        let parent = scratch("stale");
+        // No process has pid u32::MAX - 1 on Linux (pids stop at 2^22).
+        let stale = parent.join(format!("rask-spill-{}-0", u32::MAX - 1));
+        let live = parent.join(format!("rask-spill-{}-99", std::process::id()));
+        std::fs::create_dir_all(&stale).unwrap();
+        std::fs::create_dir_all(&live).unwrap();
+        remove_stale(&parent);
+        if Path::new("/proc/self").exists() {
+            assert!(!stale.exists());
+        }
+        assert!(live.exists());
+        std::fs::remove_dir_all(&parent).unwrap();
+    }
+}
