@@ -261,9 +261,10 @@ pub use plan::{Explain, PlannedTask, Timings};
 #[cfg(feature = "distributed")]
 pub use rask_distributed::init_logging;
 pub use rask_executor::{cancelled, diagnostics, events, Key, RemoteError, Value};
+pub use run::cache;
 pub use run::compute::{compute, compute_with, explain, Compute};
 pub use run::config;
-pub use run::config::{Config, ExecutorKind};
+pub use run::config::{CacheSettings, Config, ExecutorKind};
 pub use run::init::{init, init_with};
 
 /// Registers a fn item as a task function, so that [`init`] finds it in

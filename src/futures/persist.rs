@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::build::data::Data;
 use crate::build::delayed::Delayed;
-use crate::build::node::Node;
+use crate::build::node::{Node, Origin};
 use crate::futures::client::Client;
 use crate::futures::future::{wait, Future};
 use crate::futures::progress::progress;
@@ -105,7 +105,7 @@ pub fn persist_with<T: Data>(items: &[Delayed<T>], config: &Config) -> Result<Ve
                 d.clone()
             } else {
                 let value = values.next().expect("one value per root");
-                Delayed::held(d.node().key, d.node().name.clone(), value)
+                Delayed::held(d.node().key, d.node().name.clone(), value, Origin::Result)
             }
         })
         .collect())

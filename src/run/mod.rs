@@ -5,6 +5,7 @@
 //! (`tests/layers.rs`).
 
 pub(crate) mod backend;
+pub mod cache;
 #[cfg(feature = "distributed")]
 pub(crate) mod cluster;
 pub(crate) mod compute;
