@@ -293,7 +293,10 @@ fn evict(dir: &Path, max_bytes: u64) -> io::Result<()> {
 /// What looking a graph up in the cache found (rule 1): the values of the
 /// hits by task key, and the cached tasks to write once they ran.
 pub(crate) struct Lookup {
-    pub(crate) hits: KeyMap<Value>,
+    /// Each hit's node with its value. Holding the node keeps lowering from
+    /// absorbing it into a chain (`plan::chain` rule 1 absorbs only nodes
+    /// nothing else holds), so lowering asks about it and replaces it.
+    pub(crate) hits: KeyMap<(Arc<Node>, Value)>,
     pub(crate) writes: Vec<Write>,
     dir: PathBuf,
     max_bytes: Option<u64>,
@@ -331,7 +334,7 @@ impl Lookup {
                     if let Some(value) = lookup.read(node, address, &function) {
                         HITS.fetch_add(1, Ordering::Relaxed);
                         emit(node, EventKind::CacheHit);
-                        lookup.hits.insert(node.key, value);
+                        lookup.hits.insert(node.key, (node.clone(), value));
                         continue;
                     }
                     MISSES.fetch_add(1, Ordering::Relaxed);

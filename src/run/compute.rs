@@ -316,7 +316,7 @@ pub(crate) fn run(roots: &[Arc<Node>], config: &Config) -> Result<Vec<Value>> {
         planned,
         &options,
         |node| {
-            if let Some(value) = lookup.as_ref().and_then(|l| l.hits.get(&node.key)) {
+            if let Some((_, value)) = lookup.as_ref().and_then(|l| l.hits.get(&node.key)) {
                 return Some(crate::build::node::Held::loaded(node, value.clone()));
             }
             node.call.prepare();
@@ -364,6 +364,9 @@ struct Collector {
 struct State {
     outcomes: Vec<Option<Outcome>>,
     finished: bool,
+    /// The first failure of a cached task that is not a root: it stops the
+    /// run, so the roots it fails may only see a cancellation.
+    extra_failure: Option<Arc<rask_executor::Failure>>,
 }
 
 impl Collector {
@@ -375,6 +378,7 @@ impl Collector {
             state: Mutex::new(State {
                 outcomes: vec![None; roots],
                 finished: false,
+                extra_failure: None,
             }),
             done: Condvar::new(),
             failed: AtomicBool::new(false),
@@ -404,9 +408,10 @@ impl Collector {
                 Err(f) => return Err(Error::from_failure(&f)),
             }
         }
-        match first_cancelled {
-            Some(f) => Err(Error::from_failure(&f)),
-            None => Ok(values),
+        match (first_cancelled, state.extra_failure.take()) {
+            (Some(_), Some(f)) => Err(Error::from_failure(&f)),
+            (Some(f), None) => Err(Error::from_failure(&f)),
+            (None, _) => Ok(values),
         }
     }
 }
@@ -424,6 +429,12 @@ impl Reporter for Collector {
         // Past the roots: a cached task a root needs (so its failure fails
         // a root too).
         if index >= self.roots {
+            if let Err(f) = outcome {
+                if f.kind != FailureKind::Cancelled {
+                    let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+                    state.extra_failure.get_or_insert(f);
+                }
+            }
             return;
         }
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
