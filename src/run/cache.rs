@@ -102,8 +102,10 @@
 //! 7. A capturing closure's calls and [`unique`](crate::Delayed::unique)
 //!    work are never cached (their keys are fresh in every run), nor are
 //!    data nodes and hand-written [`Graph`](crate::Graph) tasks.
-//!    Futures' graphs submitted through a [`Client`](crate::Client) are
-//!    not looked up in the cache (`compute` and `persist` are).
+//! 8. `compute` and `persist` use the cache on every executor. On a
+//!    cluster, `persist` looks up and writes the values it persists, not
+//!    the cached tasks they depend on; futures submitted through a
+//!    [`Client`](crate::Client) do not use the cache.
 
 use std::collections::HashSet;
 use std::io;
@@ -313,6 +315,16 @@ impl Lookup {
     /// Looks up every cached task behind `roots`, from the roots down,
     /// stopping at hits: what only a hit needs is never visited.
     pub(crate) fn new(roots: &[Arc<Node>], settings: &CacheSettings) -> Lookup {
+        Lookup::find(roots, settings, true)
+    }
+
+    /// Looks up the cached tasks among `roots` only, not what they need
+    /// (a [`Client`](crate::Client)'s submissions, rule 7).
+    pub(crate) fn roots(roots: &[Arc<Node>], settings: &CacheSettings) -> Lookup {
+        Lookup::find(roots, settings, false)
+    }
+
+    fn find(roots: &[Arc<Node>], settings: &CacheSettings, descend: bool) -> Lookup {
         let mut lookup = Lookup {
             hits: KeyMap::default(),
             writes: Vec::new(),
@@ -346,7 +358,9 @@ impl Lookup {
                     });
                 }
             }
-            stack.extend(node.deps.iter().rev());
+            if descend {
+                stack.extend(node.deps.iter().rev());
+            }
         }
         lookup
     }
