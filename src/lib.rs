@@ -279,6 +279,12 @@ pub use run::init::{init, init_with};
 /// function itself is left as written, and may still be listed in
 /// [`tasks!`] (it is registered once).
 ///
+/// For the result cache ([`cache`]), the attribute also records the
+/// function's version — a hash of its signature and body tokens, so that
+/// editing it invalidates its cache entries — or the `N` of
+/// `#[rask::task(version = N)]`; `#[rask::task(cache)]` caches every call
+/// of the function. Options combine: `#[rask::task(fallible, cache)]`.
+///
 /// It takes free fn items without type or const parameters: a generic
 /// function is one function per instance, so register the instances used
 /// with [`init_with`] (`Tasks::new().register(f::<i64>)`). A closure cannot

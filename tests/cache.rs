@@ -255,7 +255,7 @@ fn damaged_entries_are_misses_with_one_warning_each_then_written_again() {
     // Damaged entries that were reached warn once each; every one of them
     // ran again (with the chunk it needs), the intact one did not.
     assert!(
-        warnings >= 1 && warnings <= 4,
+        (1..=4).contains(&warnings),
         "{warnings} warnings:\n{stderr}"
     );
     assert!(reran >= 1, "nothing ran again");
