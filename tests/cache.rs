@@ -14,6 +14,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rask::{delayed, Config};
 
+/// A pool of threads when the feature is on, else a seeded order.
+const POOL: &str = if cfg!(feature = "threaded") {
+    "threads:2"
+} else {
+    "sim:5"
+};
+
+fn pool() -> Config {
+    Config::new().executor(rask::ExecutorKind::parse(POOL).unwrap())
+}
+
 /// A fresh directory for one test.
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("rask-cache-test-{name}-{}", std::process::id()));
@@ -159,7 +170,7 @@ fn a_second_process_runs_no_task_and_gets_the_same_value() {
     let (cache, counts) = (dir.join("cache"), dir.join("counts"));
     assert_eq!(run_child(&cache, &counts, "sync").0, EXPECTED);
     assert_eq!(counted(&counts).len(), 9, "first run: every task");
-    for scheduler in ["sync", "threads:2", "sim:7"] {
+    for scheduler in ["sync", POOL, "sim:7"] {
         assert_eq!(run_child(&cache, &counts, scheduler).0, EXPECTED);
         assert_eq!(counted(&counts).len(), 9, "{scheduler}: a task ran again");
     }
@@ -172,8 +183,8 @@ fn two_processes_racing_on_one_cache_agree() {
     let dir = scratch("race");
     let (cache, counts) = (dir.join("cache"), dir.join("counts"));
     for _ in 0..3 {
-        let a = spawn_child(&cache, &counts, "threads:2");
-        let b = spawn_child(&cache, &counts, "threads:2");
+        let a = spawn_child(&cache, &counts, POOL);
+        let b = spawn_child(&cache, &counts, POOL);
         assert_eq!(finish(a).0, EXPECTED);
         assert_eq!(finish(b).0, EXPECTED);
     }
@@ -292,7 +303,7 @@ fn a_hit_stands_for_everything_below_it_on_every_local_executor() {
     let dir = scratch("hit");
     let configs = [
         Config::synchronous(),
-        Config::threads(2),
+        pool(),
         Config::simulated(3),
         Config::synchronous().optimize(false),
     ];
@@ -317,7 +328,7 @@ fn a_cache_that_cannot_be_written_leaves_results_alone() {
     // A file where the cache's directory should be: every write fails.
     let cache = dir.join("cache");
     std::fs::write(&cache, b"in the way").unwrap();
-    let config = Config::threads(2).cache(&cache).cache_all(true);
+    let config = pool().cache(&cache).cache_all(true);
     for _ in 0..2 {
         let total = delayed!(sum(delayed!(bytes_to_u64(delayed!(bytes_of(3))))));
         assert_eq!(total.compute_with(&config).unwrap(), 21);
@@ -386,7 +397,7 @@ mod properties {
             let dir = crate::scratch(&format!("prop-{}", run_id()));
             let config = [
                 rask::Config::synchronous(),
-                rask::Config::threads(2),
+                crate::pool(),
                 rask::Config::simulated(11),
             ][which].clone().cache(&dir).cache_all(true);
             let run = run_id();

@@ -73,6 +73,10 @@
 //! decode and is a miss, but a layout that still decodes gives the old
 //! value). Give such a function an explicit `version = N` and bump it, or
 //! turn on [`cache_strict`](crate::Config::cache_strict), when that matters.
+//! Nor does anything behind a name you chose: a
+//! [`value_named`](crate::value_named) whose data changed, or a
+//! [`named`](crate::Delayed::named) task whose literal arguments changed,
+//! keeps its key and so its entries (a named task's inputs still count).
 //!
 //! # Rules
 //!
