@@ -140,6 +140,16 @@ const WORKLOADS: &[Workload] = &[
         run: persist,
     },
     Workload {
+        name: "persist_cache",
+        about: "persist's chunks from the result cache: cold (computed, written) here, warm (loaded from disk) in a fresh process",
+        // 800 KB per chunk on disk: 100 000 would write 800 MB.
+        sizes: &[1_000, 10_000],
+        executors: &["sync", "threads", "local:2"],
+        caps: &[],
+        accepts: Accepts::Any,
+        run: persist_cache,
+    },
+    Workload {
         name: "cpu_scaling",
         about: "N tasks of ~5 ms CPU work (matrix products); speed-up over the sync executor",
         sizes: &[200],
@@ -697,6 +707,92 @@ fn persist(run: &Run) -> Outcome {
         ));
     }
     Ok(report.float("ms_per_load", plain_s / c as f64 * 1e3))
+}
+
+/// A chunk of the `persist` workload, cached (`#[rask::task(cache)]`:
+/// versioned by its source, so no process hashes its executable).
+#[rask::task(cache)]
+fn cached_load(c: u64) -> Vec<f64> {
+    load(c)
+}
+
+/// The environment variable that makes a `persist_cache` run the warm
+/// phase on the cache directory it names.
+const WARM_ENV: &str = "RASK_BENCH_WARM_CACHE";
+
+/// Persists the C cached chunks with the cache `dir`, then computes the
+/// slice sums over them: the seconds of each, and the sum.
+fn persist_cache_phase(run: &Run, dir: &std::path::Path) -> Result<(f64, f64, f64), String> {
+    let config = run.config.clone().cache(dir);
+    let chunks: Vec<_> = (0..run.n / 100).map(|c| delayed!(cached_load(c))).collect();
+    let (chunks, persist_s) = timed(|| rask::persist_with(&chunks, &config));
+    let chunks = computed("persist", chunks)?;
+    let graph = persist_graph(&chunks);
+    let (sum, compute_s) = timed(|| graph.compute_with(&config));
+    Ok((persist_s, compute_s, computed("compute", sum)?))
+}
+
+/// `persist`'s B part with its chunks cached: cold in this process (the
+/// chunks are computed and written), then warm in a fresh process of this
+/// binary (the chunks are read from disk), interleaved by `--repeat`.
+fn persist_cache(run: &Run) -> Outcome {
+    if run.n % 100 != 0 || run.n == 0 {
+        return Err(format!(
+            "persist_cache needs N a multiple of 100, got {}",
+            run.n
+        ));
+    }
+    let startup_s = start_cluster(run)?;
+    if let Some(dir) = std::env::var_os(WARM_ENV) {
+        let (persist_s, compute_s, sum) = persist_cache_phase(run, std::path::Path::new(&dir))?;
+        println!("warm {persist_s} {compute_s} {}", sum.to_bits());
+        return Err("the warm phase reports to its parent".into());
+    }
+    let dir = std::env::temp_dir().join(format!("rask-bench-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (cold_persist_s, cold_compute_s, cold_sum) = persist_cache_phase(run, &dir)?;
+    let bytes = rask::cache::info(&dir).map_err(|e| e.to_string())?.bytes;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let (output, warm_wall_s) = timed(|| {
+        std::process::Command::new(exe)
+            .args([
+                "persist_cache",
+                &run.n.to_string(),
+                "--executor",
+                &run.executor,
+            ])
+            .env(WARM_ENV, &dir)
+            .stderr(std::process::Stdio::null())
+            .output()
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    let output = output.map_err(|e| format!("warm process: {e}"))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let said = || format!("the warm process said: {stdout}");
+    let warm: Vec<&str> = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("warm "))
+        .ok_or_else(said)?
+        .split(' ')
+        .collect();
+    let [warm_persist_s, warm_compute_s, warm_bits] = warm[..] else {
+        return Err(said());
+    };
+    let secs = |x: &str| x.parse::<f64>().map_err(|_| said());
+    let (warm_persist_s, warm_compute_s) = (secs(warm_persist_s)?, secs(warm_compute_s)?);
+    let warm_bits = warm_bits.parse::<u64>().map_err(|_| said())?;
+    check("warm sum", warm_bits, cold_sum.to_bits())?;
+    let report = Report::new(run, run.n / 100, warm_persist_s, warm_wall_s)
+        .startup(startup_s)
+        .int("chunks", run.n / 100)
+        .int("cache_bytes", bytes)
+        .secs("cold_persist_s", cold_persist_s)
+        .secs("cold_compute_s", cold_compute_s)
+        .secs("warm_persist_s", warm_persist_s)
+        .secs("warm_compute_s", warm_compute_s)
+        .secs("warm_process_s", warm_wall_s)
+        .float("speedup_warm_over_cold", cold_persist_s / warm_persist_s);
+    Ok(report)
 }
 
 /// Side of the matrices of `cpu_work`: 3 × 128 KiB stays in a core's L2.

@@ -261,9 +261,10 @@ pub use plan::{Explain, PlannedTask, Timings};
 #[cfg(feature = "distributed")]
 pub use rask_distributed::init_logging;
 pub use rask_executor::{cancelled, diagnostics, events, Key, RemoteError, Value};
+pub use run::cache;
 pub use run::compute::{compute, compute_with, explain, Compute};
 pub use run::config;
-pub use run::config::{Config, ExecutorKind};
+pub use run::config::{CacheSettings, Config, ExecutorKind};
 pub use run::init::{init, init_with};
 
 /// Registers a fn item as a task function, so that [`init`] finds it in
@@ -277,6 +278,12 @@ pub use run::init::{init, init_with};
 /// `#[rask::task(plain)]` for a `Result` that is the task's value. The
 /// function itself is left as written, and may still be listed in
 /// [`tasks!`] (it is registered once).
+///
+/// For the result cache ([`cache`]), the attribute also records the
+/// function's version — a hash of its signature and body tokens, so that
+/// editing it invalidates its cache entries — or the `N` of
+/// `#[rask::task(version = N)]`; `#[rask::task(cache)]` caches every call
+/// of the function. Options combine: `#[rask::task(fallible, cache)]`.
 ///
 /// It takes free fn items without type or const parameters: a generic
 /// function is one function per instance, so register the instances used

@@ -52,7 +52,7 @@ use rask_executor::{OpError, Value, WireError, WireTask};
 use crate::build::data::Data;
 use crate::build::delayed::Delayed;
 use crate::build::key::KeyHasher;
-use crate::build::node::{Broken, Call, Inputs, Name, Node, Returns, Typed};
+use crate::build::node::{Broken, Call, Code, Function, Inputs, Name, Node, Returns, Typed};
 use crate::build::registry::{Payload, Piece, WireArg};
 
 /// Converts a `delayed!` argument into an input of a parameter of type `A`.
@@ -698,6 +698,10 @@ macro_rules! apply {
                 let mut inputs = Inputs::new(inputs);
                 let out = (self.f)($(self.slots.$i.extract(&mut inputs)?),*);
                 Ok(Arc::new(M::finish(out)?))
+            }
+
+            fn code(&self) -> Code {
+                Code::Call(Function::of::<F, M::Out>())
             }
 
             fn sendable(&self) -> Result<(), WireError> {

@@ -10,7 +10,7 @@ use rask_executor::{Key, Value};
 
 use crate::build::data::Data;
 use crate::build::key::{KeyHasher, Tag};
-use crate::build::node::{Deps, Held, Name, Node};
+use crate::build::node::{Deps, Held, Marked, Name, Node, Origin};
 use crate::build::pick::{Part, Step};
 use rask_executor::OpError;
 
@@ -137,7 +137,12 @@ impl<T> Delayed<T> {
         let mut h = KeyHasher::new(Tag::Unique, &self.node.name, "");
         h.input(&self.node.key);
         h.bytes(&crate::build::key::nonce());
-        let node = self.node.rekeyed(h.finish(), self.node.name.clone());
+        let mut node = self.node.rekeyed(h.finish(), self.node.name.clone());
+        // A fresh key never hits the result cache: nothing to write.
+        node.call = Arc::new(Marked {
+            call: node.call.clone(),
+            cache: false,
+        });
         Delayed::from_node(Arc::new(node))
     }
 
@@ -197,6 +202,32 @@ impl<T> Delayed<T> {
         self.limited(None, Some(retries))
     }
 
+    /// The same work, its value kept in the result cache when one is
+    /// configured ([`Config::cache`](crate::Config::cache), `RASK_CACHE`):
+    /// a later run, in this process or another, that reaches the same work
+    /// loads the value instead of running the task or anything it depends
+    /// on. See [the `cache` module](crate::cache) for what an entry is
+    /// keyed by and what invalidates it. The key does not change; without
+    /// a configured cache this does nothing.
+    ///
+    /// ```
+    /// # let dir = std::env::temp_dir().join(format!("rask-cache-doc-{}", std::process::id()));
+    /// fn square(x: i64) -> i64 { x * x }
+    /// let config = rask::Config::synchronous().cache(&dir);
+    /// assert_eq!(rask::delayed!(square(7)).cache().compute_with(&config)?, 49);
+    /// assert_eq!(rask::cache::info(&dir)?.entries, 1);
+    /// # std::fs::remove_dir_all(&dir).unwrap();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn cache(&self) -> Delayed<T> {
+        let mut node = self.node.rekeyed(self.node.key, self.node.name.clone());
+        node.call = Arc::new(Marked {
+            call: self.node.call.clone(),
+            cache: true,
+        });
+        Delayed::from_node(Arc::new(node))
+    }
+
     fn limited(&self, timeout: Option<std::time::Duration>, retries: Option<u32>) -> Delayed<T> {
         let mut node = self.node.rekeyed(self.node.key, self.node.name.clone());
         node.call = crate::build::node::Limited::wrap(&self.node.call, timeout, retries);
@@ -220,12 +251,12 @@ impl<T> Delayed<T> {
 }
 
 impl<T: Data> Delayed<T> {
-    pub(crate) fn held(key: Key, name: Name, value: Value) -> Delayed<T> {
+    pub(crate) fn held(key: Key, name: Name, value: Value, origin: Origin) -> Delayed<T> {
         Delayed::from_node(Arc::new(Node {
             key,
             name,
             deps: Deps::None,
-            call: Arc::new(Held(value)),
+            call: Arc::new(Held(value, origin)),
         }))
     }
 }
@@ -254,7 +285,12 @@ pub fn value<T: Data>(value: T) -> Delayed<T> {
         // Unhashable data still gets a working, unshared node.
         Err(_) => return value_named(format!("value-{}", unique_suffix()), value),
     };
-    Delayed::held(key, Name::Borrowed("value"), Arc::new(value))
+    Delayed::held(
+        key,
+        Name::Borrowed("value"),
+        Arc::new(value),
+        Origin::Literal,
+    )
 }
 
 /// Wraps a plain value under a name you choose; nothing is hashed, so this is
@@ -272,7 +308,8 @@ pub fn value<T: Data>(value: T) -> Delayed<T> {
 /// ```
 pub fn value_named<T: Data>(name: impl Into<String>, value: T) -> Delayed<T> {
     let name: String = name.into();
-    Delayed::held(named_key(&name), Name::Owned(name), Arc::new(value))
+    let key = named_key(&name);
+    Delayed::held(key, Name::Owned(name), Arc::new(value), Origin::Literal)
 }
 
 fn unique_suffix() -> u64 {

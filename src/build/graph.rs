@@ -24,7 +24,7 @@ use rask_executor::{Key, Op, OpError, Value};
 
 use crate::build::data::Data;
 use crate::build::delayed::{named_key, Delayed, TaskKey};
-use crate::build::node::{Call, Held, Name, Node};
+use crate::build::node::{Call, Held, Name, Node, Origin};
 use crate::{Error, Result};
 
 /// Keys are uniformly random already: their first eight bytes are the hash.
@@ -293,7 +293,7 @@ impl Graph {
             Task {
                 name: Name::Owned(name.to_owned()),
                 deps: Vec::new(),
-                call: Arc::new(Held(Arc::new(value))),
+                call: Arc::new(Held(Arc::new(value), Origin::Literal)),
             },
         );
         key

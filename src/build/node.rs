@@ -190,6 +190,104 @@ pub(crate) trait Call: Send + Sync + 'static {
     fn retries(&self) -> u32 {
         0
     }
+
+    /// What decides the work's value besides its key, for the result cache
+    /// (`run::cache`).
+    fn code(&self) -> Code {
+        Code::Opaque
+    }
+
+    /// Whether the work was marked cached (`Delayed::cache`) or never to be
+    /// cached (`Delayed::unique`); `None`: the defaults decide.
+    fn cache_mark(&self) -> Option<bool> {
+        None
+    }
+}
+
+/// What decides a node's value besides its key, for the result cache.
+#[derive(Clone, Copy)]
+pub(crate) enum Code {
+    /// Its key says everything: the hash of a literal's bytes, or a name
+    /// the user gave to a value.
+    Literal,
+    /// A call of a function.
+    Call(Function),
+    /// Not known here (a persisted result, a future, a hand-written task):
+    /// trusted only within this build of the program.
+    Opaque,
+}
+
+/// A called function, as the result cache sees it.
+#[derive(Clone, Copy)]
+pub(crate) struct Function {
+    /// Its type, which the registry maps to a recorded version.
+    pub(crate) id: std::any::TypeId,
+    /// Whether it captures nothing: only then may its calls be cached.
+    pub(crate) pure: bool,
+    /// Whether it is rask's own (a part of a value): versioned by rask's
+    /// version, not the registry.
+    pub(crate) builtin: bool,
+    /// Its output type's name, written in a cache entry's header.
+    pub(crate) output: &'static str,
+    /// Decodes a cache entry's bytes into its output value.
+    pub(crate) decode: fn(&[u8]) -> Result<Value, String>,
+}
+
+impl Function {
+    /// The function `F` returning `T`.
+    pub(crate) fn of<F: 'static, T: Data>() -> Function {
+        Function {
+            id: std::any::TypeId::of::<F>(),
+            pure: crate::build::key::is_pure_fn::<F>(),
+            builtin: false,
+            output: std::any::type_name::<T>(),
+            decode: |bytes| match postcard::take_from_bytes::<T>(bytes) {
+                Ok((value, [])) => Ok(Arc::new(value) as Value),
+                Ok((_, rest)) => Err(format!("{} bytes left over", rest.len())),
+                Err(e) => Err(e.to_string()),
+            },
+        }
+    }
+}
+
+/// Another call marked for the result cache, or kept out of it
+/// (`Delayed::cache`, `Delayed::unique`).
+pub(crate) struct Marked {
+    pub(crate) call: Arc<dyn Call>,
+    pub(crate) cache: bool,
+}
+
+impl Call for Marked {
+    fn run(&self, inputs: &mut [Option<Value>]) -> Result<Value, OpError> {
+        self.call.run(inputs)
+    }
+    fn value(&self) -> Option<&Value> {
+        self.call.value()
+    }
+    fn prepare(&self) {
+        self.call.prepare()
+    }
+    fn is_future(&self) -> bool {
+        self.call.is_future()
+    }
+    fn to_wire(&self) -> Result<WireTask, WireError> {
+        self.call.to_wire()
+    }
+    fn sendable(&self) -> Result<(), WireError> {
+        self.call.sendable()
+    }
+    fn timeout(&self) -> Option<std::time::Duration> {
+        self.call.timeout()
+    }
+    fn retries(&self) -> u32 {
+        self.call.retries()
+    }
+    fn code(&self) -> Code {
+        self.call.code()
+    }
+    fn cache_mark(&self) -> Option<bool> {
+        Some(self.cache)
+    }
 }
 
 /// Another call with a timeout or retries (`Delayed::timeout`,
@@ -243,10 +341,40 @@ impl Call for Limited {
     fn retries(&self) -> u32 {
         self.retries
     }
+    fn code(&self) -> Code {
+        self.call.code()
+    }
+    fn cache_mark(&self) -> Option<bool> {
+        self.call.cache_mark()
+    }
 }
 
-/// A node that holds a value: a wrapped literal or a persisted result.
-pub(crate) struct Held(pub(crate) Value);
+/// A node that holds a value: a wrapped literal, or a result when it is
+/// [`Origin::Result`].
+pub(crate) struct Held(pub(crate) Value, pub(crate) Origin);
+
+/// Where a held value came from: the cache trusts a literal's key to say
+/// what it is, and a computed result's only within this build.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// A value wrapped by the user (`rask::value`, `value_named`).
+    Literal,
+    /// A value computed by a task (a persisted result, a cache entry).
+    Result,
+}
+
+impl Held {
+    /// A replacement for `node` holding its value, loaded from elsewhere
+    /// (the result cache).
+    pub(crate) fn loaded(node: &Node, value: Value) -> Arc<dyn Op> {
+        Arc::new(Node {
+            key: node.key,
+            name: node.name.clone(),
+            deps: Deps::None,
+            call: Arc::new(Held(value, Origin::Result)),
+        })
+    }
+}
 
 impl Call for Held {
     fn run(&self, _: &mut [Option<Value>]) -> Result<Value, OpError> {
@@ -259,6 +387,13 @@ impl Call for Held {
 
     fn to_wire(&self) -> Result<WireTask, WireError> {
         crate::build::registry::value_task(&self.0)
+    }
+
+    fn code(&self) -> Code {
+        match self.1 {
+            Origin::Literal => Code::Literal,
+            Origin::Result => Code::Opaque,
+        }
     }
 }
 

@@ -26,7 +26,7 @@ use serde::ser::{self, Impossible, Serialize};
 use serde::{Deserialize, Serialize as SerializeDerive};
 
 use crate::build::data::Data;
-use crate::build::node::{Call, Inputs};
+use crate::build::node::{Call, Code, Function, Inputs};
 
 /// The function name of a part of a value on the wire (rule 2).
 pub(crate) const GETITEM_FUNCTION: &str = "rask.getitem";
@@ -107,6 +107,13 @@ impl<W: Data, P: Data> Call for Part<W, P> {
             Err(shared) => (self.borrow)(&shared, &self.step)?,
         };
         Ok(Arc::new(part))
+    }
+
+    fn code(&self) -> Code {
+        Code::Call(Function {
+            builtin: true,
+            ..Function::of::<Self, P>()
+        })
     }
 
     fn to_wire(&self) -> Result<WireTask, WireError> {

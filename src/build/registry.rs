@@ -50,6 +50,13 @@
 //!    variables, or a function not registered, refuses the whole
 //!    submission with [`Error::Unsendable`](crate::Error::Unsendable),
 //!    which names the task and says what to do instead.
+//! 8. For the result cache (`run::cache`), `#[rask::task]` records each
+//!    function's version — a hash of its signature and body tokens, or
+//!    `version = N` — and whether its calls are cached by default
+//!    (`#[rask::task(cache)]`); [`recorded`] reads them by the function's
+//!    type. Operators on primitive types are versioned by rask's version;
+//!    a function given to [`init_with`](crate::init_with) only, or never
+//!    registered, has no version.
 //!
 //! # Why a link-time list
 //!
@@ -84,7 +91,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::build::args::Slot;
 use crate::build::data::Data;
-use crate::build::node::{Call, Fallible, Held, Inputs, Name, Node, Plain, Returns, Typed};
+use crate::build::node::{Call, Fallible, Held, Inputs, Name, Node, Origin, Plain, Returns, Typed};
 
 /// The function name of held values on the wire (rule 3).
 pub(crate) const VALUE_FUNCTION: &str = rask_executor::VALUE_FUNCTION;
@@ -405,6 +412,28 @@ pub struct Tasks {
     /// For every registered function's output type, how a worker takes a
     /// part of it (rule 5), by type tag.
     picks: HashMap<u64, crate::build::pick::Picks>,
+    /// What the result cache knows of each function (rule 8), by type.
+    recorded: HashMap<TypeId, Recorded>,
+}
+
+/// A function's version, recorded where it is declared (rule 8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Version {
+    /// A hash of its signature and body as written (`#[rask::task]`).
+    Source(u128),
+    /// Given by the user (`#[rask::task(version = N)]`).
+    Explicit(u64),
+    /// One of rask's own operators: versioned by rask's version.
+    Builtin,
+}
+
+/// What the result cache knows of a function (rule 8).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Recorded {
+    /// Its version, when one was recorded.
+    pub(crate) version: Option<Version>,
+    /// Whether its calls are cached by default (`#[rask::task(cache)]`).
+    pub(crate) cache: bool,
 }
 
 /// How an `Arc<R>` parameter takes a registered output type `R`.
@@ -486,6 +515,7 @@ impl Tasks {
         self.shared.insert(output, convert);
         let parts = f.parts();
         self.picks.insert(parts.tag, parts.picks);
+        self.recorded.entry(TypeId::of::<F>()).or_default();
         let build = Some(f.builder().0);
         let entry = self.entry::<F>();
         if fallible {
@@ -502,6 +532,32 @@ impl Tasks {
             plain: None,
             fallible: None,
         })
+    }
+
+    /// Records `f`'s version and whether its calls are cached by default,
+    /// for the result cache (rule 8): written by `#[rask::task]`, which
+    /// hashes the function's signature and body (`source`) or takes
+    /// `version = N` (`explicit`).
+    #[doc(hidden)]
+    pub fn __record<F: 'static>(
+        mut self,
+        _f: F,
+        source: u128,
+        explicit: Option<u64>,
+        cache: bool,
+    ) -> Self {
+        let version = match explicit {
+            Some(n) => Version::Explicit(n),
+            None => Version::Source(source),
+        };
+        self.recorded.insert(
+            TypeId::of::<F>(),
+            Recorded {
+                version: Some(version),
+                cache,
+            },
+        );
+        self
     }
 
     /// Number of functions.
@@ -629,9 +685,10 @@ impl rask_executor::Registry for Resolver {
         let (name, call): (Name, Arc<dyn Call>) = match task.function.as_str() {
             VALUE_FUNCTION => (
                 Name::Borrowed("value"),
-                Arc::new(Held(Arc::new(Encoded::new(Arc::from(
-                    task.payload.as_slice(),
-                ))))),
+                Arc::new(Held(
+                    Arc::new(Encoded::new(Arc::from(task.payload.as_slice()))),
+                    Origin::Result,
+                )),
             ),
             REMOTE_FUNCTION => {
                 let key: [u8; 32] =
@@ -734,6 +791,23 @@ pub struct Registration(pub fn(Tasks) -> Tasks);
 #[doc(hidden)]
 #[linkme::distributed_slice]
 pub static REGISTRATIONS: [Registration];
+
+/// What the result cache knows of the function whose type is `id` (rule
+/// 8): rask's operators, then every [`#[rask::task]`](crate::task)
+/// function, gathered once (without [`init`](crate::init): a process that
+/// never calls it still caches right).
+pub(crate) fn recorded(id: TypeId) -> Recorded {
+    static RECORDED: std::sync::LazyLock<HashMap<TypeId, Recorded>> =
+        std::sync::LazyLock::new(|| {
+            let mut tasks = crate::build::ops::builtins(Tasks::new());
+            for recorded in tasks.recorded.values_mut() {
+                recorded.version = Some(Version::Builtin);
+            }
+            let tasks = REGISTRATIONS.iter().fold(tasks, |t, r| (r.0)(t));
+            tasks.recorded
+        });
+    RECORDED.get(&id).copied().unwrap_or_default()
+}
 
 /// Checks that every task behind `roots` can be sent to a cluster as far as
 /// its function goes (rule 1): registered, and capturing nothing. Run

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::build::data::Data;
 use crate::build::delayed::Delayed;
-use crate::build::node::Node;
+use crate::build::node::{Node, Origin};
 use crate::futures::client::Client;
 use crate::futures::future::{wait, Future};
 use crate::futures::progress::progress;
@@ -105,7 +105,7 @@ pub fn persist_with<T: Data>(items: &[Delayed<T>], config: &Config) -> Result<Ve
                 d.clone()
             } else {
                 let value = values.next().expect("one value per root");
-                Delayed::held(d.node().key, d.node().name.clone(), value)
+                Delayed::held(d.node().key, d.node().name.clone(), value, Origin::Result)
             }
         })
         .collect())
@@ -116,9 +116,20 @@ pub fn persist_with<T: Data>(items: &[Delayed<T>], config: &Config) -> Result<Ve
 /// long as it lives. A later graph on the same cluster uses them in place;
 /// on any other executor, their bytes are fetched.
 fn persist_on_cluster<T: Data>(items: &[Delayed<T>], config: &Config) -> Result<Vec<Delayed<T>>> {
+    // Cached items are looked up here, before anything is sent; the values
+    // of those that missed are fetched and written once computed.
+    let lookup = match config.resolve_cache()? {
+        Some(settings) => {
+            let roots: Vec<Arc<Node>> = items.iter().map(|d| d.node().clone()).collect();
+            Some(crate::run::cache::Lookup::roots(&roots, &settings))
+        }
+        None => None,
+    };
+    let hit = |d: &Delayed<T>| lookup.as_ref().and_then(|l| l.hits.get(&d.node().key));
     let client = Client::with_config(config)?;
     let futures = items
         .iter()
+        .filter(|d| hit(d).is_none())
         .map(|d| client.submit(d))
         .collect::<Result<Vec<_>>>()?;
     if config.resolve_progress()? {
@@ -128,5 +139,27 @@ fn persist_on_cluster<T: Data>(items: &[Delayed<T>], config: &Config) -> Result<
     if let Some(e) = futures.iter().find_map(Future::exception) {
         return Err(e);
     }
-    Ok(futures.iter().map(Future::to_delayed).collect())
+    if let Some(lookup) = &lookup {
+        for (i, write) in lookup.writes.iter().enumerate() {
+            if let Some(f) = futures.iter().find(|f| f.key().key() == write.node.key) {
+                lookup.write(i, &(Arc::new(f.result()?) as rask_executor::Value));
+            }
+        }
+        lookup.finish();
+    }
+    let mut computed = futures.iter();
+    Ok(items
+        .iter()
+        .map(|d| match hit(d) {
+            Some((_, value)) => Delayed::held(
+                d.node().key,
+                d.node().name.clone(),
+                value.clone(),
+                Origin::Result,
+            ),
+            None => computed
+                .next()
+                .map_or_else(|| d.clone(), Future::to_delayed),
+        })
+        .collect())
 }

@@ -36,11 +36,23 @@ enum Form {
     Fallible,
 }
 
+/// What the attribute says: `#[rask::task(fallible, cache, version = 3)]`.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Options {
+    /// How it is called; from the return type when not given.
+    form: Option<Form>,
+    /// Whether its calls are cached by default.
+    cache: bool,
+    /// A version given by the user, instead of the source hash.
+    version: Option<u64>,
+}
+
 /// The attribute's expansion: `item` unchanged, then its registration.
 fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
     let function: ItemFn = syn::parse2(item.clone())?;
     check(&function)?;
-    let form = match form_from_attr(attr)? {
+    let options = options_from_attr(attr)?;
+    let form = match options.form {
         Some(form) => form,
         None if returns_result(&function.sig.output) => Form::Fallible,
         None => Form::Plain,
@@ -50,6 +62,12 @@ fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
         Form::Plain => quote!(register),
         Form::Fallible => quote!(register_fallible),
     };
+    let source = source_hash(&function);
+    let explicit = match options.version {
+        Some(n) => quote!(::core::option::Option::Some(#n)),
+        None => quote!(::core::option::Option::None),
+    };
+    let cache = options.cache;
     // The anonymous `const` keeps the helper names out of the caller's
     // namespace; inside it, `#name` still resolves to the function, which
     // lives in the same module (or block) as the `const`.
@@ -57,7 +75,7 @@ fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
         #item
         const _: () = {
             fn __rask_register(tasks: ::rask::Tasks) -> ::rask::Tasks {
-                tasks.#register(#name)
+                tasks.#register(#name).__record(#name, #source, #explicit, #cache)
             }
             #[::rask::__private::linkme::distributed_slice(::rask::__private::REGISTRATIONS)]
             #[linkme(crate = ::rask::__private::linkme)]
@@ -67,26 +85,70 @@ fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
     })
 }
 
-/// `#[rask::task]`, `#[rask::task(fallible)]` or `#[rask::task(plain)]`.
-fn form_from_attr(attr: TokenStream) -> syn::Result<Option<Form>> {
+/// The function's version for the result cache: a 128-bit FNV-1a hash of
+/// its signature and body tokens as written. Comments, doc comments,
+/// attributes and layout are not tokens of either, so they do not change
+/// it; any other edit does, and so may another compiler (which may print
+/// tokens differently: a spurious miss, never a stale hit).
+fn source_hash(function: &ItemFn) -> proc_macro2::Literal {
+    let sig = &function.sig;
+    let block = &function.block;
+    let text = quote!(#sig #block).to_string();
+    let mut hash: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
+    for byte in text.bytes() {
+        hash ^= u128::from(byte);
+        hash = hash.wrapping_mul(0x0000_0000_0100_0000_0000_0000_0000_013b);
+    }
+    proc_macro2::Literal::u128_suffixed(hash)
+}
+
+/// `#[rask::task]` with any of `fallible` or `plain`, `cache`, and
+/// `version = N`, separated by commas.
+fn options_from_attr(attr: TokenStream) -> syn::Result<Options> {
+    use syn::punctuated::Punctuated;
+    const EXPECTED: &str = "expected `#[rask::task]` with any of `fallible` (called as \
+                            `delayed!(f(x)?)`) or `plain` (called as `delayed!(f(x))`), `cache`, \
+                            `version = N`";
+    let mut options = Options::default();
     if attr.is_empty() {
-        return Ok(None);
+        return Ok(options);
     }
-    let word: syn::Ident = syn::parse2(attr).map_err(|e| {
-        syn::Error::new(
-            e.span(),
-            "expected `#[rask::task]`, `#[rask::task(fallible)]` or `#[rask::task(plain)]`",
-        )
-    })?;
-    match word.to_string().as_str() {
-        "fallible" => Ok(Some(Form::Fallible)),
-        "plain" => Ok(Some(Form::Plain)),
-        _ => Err(syn::Error::new(
-            word.span(),
-            "unknown option: `fallible` (called as `delayed!(f(x)?)`) or `plain` (called as \
-             `delayed!(f(x))`)",
-        )),
+    let metas = syn::parse::Parser::parse2(
+        Punctuated::<syn::Meta, syn::Token![,]>::parse_terminated,
+        attr,
+    )
+    .map_err(|e| syn::Error::new(e.span(), EXPECTED))?;
+    for meta in metas {
+        let unknown = || syn::Error::new_spanned(&meta, format!("unknown option: {EXPECTED}"));
+        match &meta {
+            syn::Meta::Path(path) => {
+                let Some(word) = path.get_ident() else {
+                    return Err(unknown());
+                };
+                match word.to_string().as_str() {
+                    "fallible" => options.form = Some(Form::Fallible),
+                    "plain" => options.form = Some(Form::Plain),
+                    "cache" => options.cache = true,
+                    _ => return Err(unknown()),
+                }
+            }
+            syn::Meta::NameValue(nv) if nv.path.is_ident("version") => {
+                let syn::Expr::Lit(syn::ExprLit {
+                    lit: syn::Lit::Int(n),
+                    ..
+                }) = &nv.value
+                else {
+                    return Err(syn::Error::new_spanned(
+                        &nv.value,
+                        "`version` takes a whole number: `#[rask::task(version = 2)]`",
+                    ));
+                };
+                options.version = Some(n.base10_parse::<u64>()?);
+            }
+            _ => return Err(unknown()),
+        }
     }
+    Ok(options)
 }
 
 /// Refuses what cannot be registered by its name alone, saying what to do.
@@ -233,6 +295,24 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.contains("expected `#[rask::task]`"), "{err}");
+    }
+
+    #[test]
+    fn cache_and_version_are_recorded_and_the_body_is_hashed() {
+        let item = |body: TokenStream| quote!(fn inc(x: i64) -> i64 { #body });
+        let with = |attr: TokenStream, body: TokenStream| expanded(attr, item(body)).unwrap();
+        let plain = with(quote!(), quote!(x + 1));
+        assert!(plain.contains(". __record (inc ,"), "{plain}");
+        assert!(plain.contains(":: None , false)"), "{plain}");
+        // Another body, another version; the same body, the same one.
+        assert_ne!(plain, with(quote!(), quote!(x + 2)));
+        assert_eq!(plain, with(quote!(), quote!(x + 1)));
+        let cached = with(quote!(cache, version = 7), quote!(x + 1));
+        assert!(cached.contains(":: Some (7u64) , true)"), "{cached}");
+        let both = with(quote!(plain, cache), quote!(x + 1));
+        assert!(both.contains("tasks . register (inc)") && both.contains("true)"));
+        let err = expanded(quote!(version = "x"), item(quote!(x))).unwrap_err();
+        assert!(err.contains("whole number"), "{err}");
     }
 
     #[test]

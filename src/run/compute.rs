@@ -1,6 +1,7 @@
 //! Running graphs: lowering, optimizing, dispatch to the executor, collecting
 //! outputs.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
@@ -285,12 +286,39 @@ pub(crate) fn run(roots: &[Arc<Node>], config: &Config) -> Result<Vec<Value>> {
         options.inline = false;
         options.fuse = false;
     }
+    // Cached tasks: hits replace what they stand for, misses become extra
+    // outputs, written as they arrive (`cache` rules 1, 2).
+    let lookup = config
+        .resolve_cache()?
+        .map(|settings| crate::run::cache::Lookup::new(roots, &settings));
+    let mut all_roots: Vec<Arc<Node>>;
+    // Output slot → the cached task written from it.
+    let mut writes: HashMap<usize, usize> = HashMap::new();
+    let planned = match &lookup {
+        Some(lookup) if !lookup.writes.is_empty() => {
+            all_roots = roots.to_vec();
+            let slots: HashMap<Key, usize> =
+                roots.iter().enumerate().map(|(i, r)| (r.key, i)).collect();
+            for (i, write) in lookup.writes.iter().enumerate() {
+                let slot = slots.get(&write.node.key).copied().unwrap_or_else(|| {
+                    all_roots.push(write.node.clone());
+                    all_roots.len() - 1
+                });
+                writes.insert(slot, i);
+            }
+            &all_roots[..]
+        }
+        _ => roots,
+    };
     // Waits for the futures the graph depends on first (`prepare`), so
     // that no executor thread ever blocks on one.
     let plan = crate::plan::plan(
-        roots,
+        planned,
         &options,
         |node| {
+            if let Some((_, value)) = lookup.as_ref().and_then(|l| l.hits.get(&node.key)) {
+                return Some(crate::build::node::Held::loaded(node, value.clone()));
+            }
             node.call.prepare();
             None
         },
@@ -302,9 +330,15 @@ pub(crate) fn run(roots: &[Arc<Node>], config: &Config) -> Result<Vec<Value>> {
         let work = plan.tasks().iter().filter(|t| t.op.is_work());
         crate::run::progress::Bar::start(work.map(|t| (t.key, t.op.name())))
     });
-    let collector = Arc::new(Collector::new(roots.len()));
+    let lookup = lookup.map(Arc::new);
+    let cache = lookup.clone().map(|lookup| (lookup, writes));
+    let collector = Arc::new(Collector::new(roots.len(), cache));
     backend.executor().submit(plan, collector.clone());
-    collector.wait()
+    let values = collector.wait();
+    if let Some(lookup) = lookup {
+        lookup.finish();
+    }
+    values
 }
 
 /// Moves the next value out, downcast to `T`.
@@ -321,22 +355,35 @@ struct Collector {
     state: Mutex<State>,
     done: Condvar,
     failed: AtomicBool,
+    /// Outputs past the roots are only there to be written to the cache.
+    roots: usize,
+    /// The cache lookup, and which output slot holds which cached task.
+    cache: Option<(Arc<crate::run::cache::Lookup>, HashMap<usize, usize>)>,
 }
 
 struct State {
     outcomes: Vec<Option<Outcome>>,
     finished: bool,
+    /// The first failure of a cached task that is not a root: it stops the
+    /// run, so the roots it fails may only see a cancellation.
+    extra_failure: Option<Arc<rask_executor::Failure>>,
 }
 
 impl Collector {
-    fn new(outputs: usize) -> Self {
+    fn new(
+        roots: usize,
+        cache: Option<(Arc<crate::run::cache::Lookup>, HashMap<usize, usize>)>,
+    ) -> Self {
         Collector {
             state: Mutex::new(State {
-                outcomes: vec![None; outputs],
+                outcomes: vec![None; roots],
                 finished: false,
+                extra_failure: None,
             }),
             done: Condvar::new(),
             failed: AtomicBool::new(false),
+            roots,
+            cache,
         }
     }
 
@@ -361,9 +408,10 @@ impl Collector {
                 Err(f) => return Err(Error::from_failure(&f)),
             }
         }
-        match first_cancelled {
-            Some(f) => Err(Error::from_failure(&f)),
-            None => Ok(values),
+        match (first_cancelled, state.extra_failure.take()) {
+            (Some(_), Some(f)) => Err(Error::from_failure(&f)),
+            (Some(f), None) => Err(Error::from_failure(&f)),
+            (None, _) => Ok(values),
         }
     }
 }
@@ -372,6 +420,22 @@ impl Reporter for Collector {
     fn output(&self, index: usize, outcome: Outcome) {
         if outcome.is_err() {
             self.failed.store(true, Ordering::Relaxed);
+        }
+        if let (Some((lookup, writes)), Ok(value)) = (&self.cache, &outcome) {
+            if let Some(&i) = writes.get(&index) {
+                lookup.write(i, value);
+            }
+        }
+        // Past the roots: a cached task a root needs (so its failure fails
+        // a root too).
+        if index >= self.roots {
+            if let Err(f) = outcome {
+                if f.kind != FailureKind::Cancelled {
+                    let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+                    state.extra_failure.get_or_insert(f);
+                }
+            }
+            return;
         }
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         state.outcomes[index] = Some(outcome);

@@ -5,10 +5,10 @@
 //!
 //! | | executor | optimize | progress | dashboard | token file | cache |
 //! |---|---|---|---|---|---|---|
-//! | 1. argument ([`Delayed::compute_with`](crate::Delayed::compute_with), …) | [`Config::executor`] | [`Config::optimize`] | [`Config::progress`] | | | |
-//! | 2. scoped, this thread ([`set`]) | the same | the same | the same | | | |
-//! | 3. process-wide ([`set_global`]) | the same | the same | the same | | | |
-//! | 4. environment | `RASK_SCHEDULER` | `RASK_OPTIMIZE` | `RASK_PROGRESS` | `RASK_DASHBOARD` | `RASK_TOKEN`, `RASK_TOKEN_FILE` | |
+//! | 1. argument ([`Delayed::compute_with`](crate::Delayed::compute_with), …) | [`Config::executor`] | [`Config::optimize`] | [`Config::progress`] | | | [`Config::cache`] |
+//! | 2. scoped, this thread ([`set`]) | the same | the same | the same | | | the same |
+//! | 3. process-wide ([`set_global`]) | the same | the same | the same | | | the same |
+//! | 4. environment | `RASK_SCHEDULER` | `RASK_OPTIMIZE` | `RASK_PROGRESS` | `RASK_DASHBOARD` | `RASK_TOKEN`, `RASK_TOKEN_FILE` | `RASK_CACHE` |
 //! | 5. config file | `scheduler` | `optimize` | `progress` | `dashboard` | `token_file` | `cache` |
 //! | 6. default | `threads` | on | off | none | `~/.rask/token` | none |
 //!
@@ -23,7 +23,7 @@
 //! progress = false
 //! dashboard = "127.0.0.1:8787"     # a local cluster's dashboard (":0": any port)
 //! token_file = "secrets/token"     # relative to the file's directory
-//! cache = ".rask-cache"            # reserved for the result cache (#18): checked, not used yet
+//! cache = ".rask-cache"            # the result cache's directory (see `rask::cache`)
 //! ```
 //!
 //! The dashboard setting applies to the clusters this process starts
@@ -289,6 +289,10 @@ pub struct Config {
     executor: Option<ExecutorKind>,
     optimize: Option<bool>,
     progress: Option<bool>,
+    cache: Option<PathBuf>,
+    cache_all: Option<bool>,
+    cache_max_bytes: Option<u64>,
+    cache_strict: Option<bool>,
 }
 
 impl Config {
@@ -383,6 +387,82 @@ impl Config {
         self
     }
 
+    /// Keeps the values of cached tasks in the directory `dir`, made when
+    /// first needed, so that later runs load them instead of running them:
+    /// the result cache ([`crate::cache`]); `RASK_CACHE=dir` or the config
+    /// file's `cache` do the same. Tasks opt in with
+    /// [`Delayed::cache`](crate::Delayed::cache), `#[rask::task(cache)]` or
+    /// [`cache_all`](Config::cache_all).
+    ///
+    /// ```
+    /// # let dir = std::env::temp_dir().join(format!("rask-config-cache-doc-{}", std::process::id()));
+    /// use rask::Config;
+    /// let config = Config::new().cache(&dir).cache_max_bytes(1 << 30);
+    /// assert_eq!(config.resolve_cache()?.unwrap().dir, dir);
+    /// assert!(Config::new().resolve_cache()?.is_none() || std::env::var_os("RASK_CACHE").is_some());
+    /// # Ok::<(), rask::Error>(())
+    /// ```
+    pub fn cache(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.cache = Some(dir.into());
+        self
+    }
+
+    /// Caches every pure call (a function item or a closure that captures
+    /// nothing, not [`unique`](crate::Delayed::unique)) when a cache is
+    /// configured, as if each were marked [`cache`](crate::Delayed::cache):
+    /// off by default, `RASK_CACHE_ALL=1`, or the config file's
+    /// `cache_all`.
+    pub fn cache_all(mut self, on: bool) -> Self {
+        self.cache_all = Some(on);
+        self
+    }
+
+    /// The most bytes the cache's entries may take: after a run writes
+    /// entries past it, the least recently used entries are removed until
+    /// they fit ([`crate::cache`]); `RASK_CACHE_MAX_BYTES`, or the config
+    /// file's `cache_max_bytes`. No limit by default.
+    pub fn cache_max_bytes(mut self, bytes: u64) -> Self {
+        self.cache_max_bytes = Some(bytes);
+        self
+    }
+
+    /// Also folds this program's build (a hash of its executable) into
+    /// every cache entry's address, so that any rebuild invalidates every
+    /// entry, whatever versions functions record: for when a task's value
+    /// depends on code its version does not cover (a helper function, a
+    /// type's layout). Off by default, `RASK_CACHE_STRICT=1`, or the config
+    /// file's `cache_strict`.
+    pub fn cache_strict(mut self, on: bool) -> Self {
+        self.cache_strict = Some(on);
+        self
+    }
+
+    /// The result cache this configuration uses, if any, applying the
+    /// precedence explicit > scoped > process-wide > environment
+    /// (`RASK_CACHE`, `RASK_CACHE_ALL`, `RASK_CACHE_MAX_BYTES`,
+    /// `RASK_CACHE_STRICT`) > config file > default (none) to each setting.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Switch`] or [`Error::Setting`] when an environment variable
+    /// is consulted and holds a bad value; as [`Config::resolve`] for the
+    /// config file.
+    pub fn resolve_cache(&self) -> Result<Option<CacheSettings>> {
+        let Some(dir) = self.pick(|c| c.cache.clone(), || Ok(env_path(CACHE_ENV_VAR)))? else {
+            return Ok(None);
+        };
+        Ok(Some(CacheSettings {
+            dir,
+            all: self
+                .pick(|c| c.cache_all, || env_switch(CACHE_ALL_ENV_VAR))?
+                .unwrap_or(false),
+            max_bytes: self.pick(|c| c.cache_max_bytes, env_max_bytes)?,
+            strict: self
+                .pick(|c| c.cache_strict, || env_switch(CACHE_STRICT_ENV_VAR))?
+                .unwrap_or(false),
+        }))
+    }
+
     /// The settings named by `RASK_SCHEDULER`, `RASK_OPTIMIZE` and
     /// `RASK_PROGRESS` (unset: nothing set).
     ///
@@ -395,6 +475,7 @@ impl Config {
             executor: env_executor()?,
             optimize: env_switch(OPTIMIZE_ENV_VAR)?,
             progress: env_switch(PROGRESS_ENV_VAR)?,
+            ..Config::default()
         })
     }
 
@@ -485,6 +566,50 @@ impl Config {
             return Ok(Some(value));
         }
         Ok(file()?.and_then(|f| get(&f.config)))
+    }
+}
+
+/// The result cache a computation uses ([`Config::resolve_cache`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CacheSettings {
+    /// The directory of its entries.
+    pub dir: PathBuf,
+    /// Whether every pure call is cached ([`Config::cache_all`]).
+    pub all: bool,
+    /// The most bytes its entries may take ([`Config::cache_max_bytes`]).
+    pub max_bytes: Option<u64>,
+    /// Whether the program's build is part of every address
+    /// ([`Config::cache_strict`]).
+    pub strict: bool,
+}
+
+/// The environment variable that turns the result cache on: a directory.
+pub const CACHE_ENV_VAR: &str = "RASK_CACHE";
+/// The environment variable that caches every pure call: on/off.
+pub const CACHE_ALL_ENV_VAR: &str = "RASK_CACHE_ALL";
+/// The environment variable that caps the cache's size: a number of bytes.
+pub const CACHE_MAX_BYTES_ENV_VAR: &str = "RASK_CACHE_MAX_BYTES";
+/// The environment variable that folds the build into every address: on/off.
+pub const CACHE_STRICT_ENV_VAR: &str = "RASK_CACHE_STRICT";
+
+/// A path in environment variable `name`, if set and not empty.
+fn env_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os(name)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+fn env_max_bytes() -> Result<Option<u64>> {
+    match std::env::var(CACHE_MAX_BYTES_ENV_VAR) {
+        Ok(text) if !text.trim().is_empty() => {
+            text.trim().parse().map(Some).map_err(|_| Error::Setting {
+                name: CACHE_MAX_BYTES_ENV_VAR,
+                value: text.trim().to_owned(),
+                expected: "a whole number of bytes",
+            })
+        }
+        _ => Ok(None),
     }
 }
 
@@ -630,11 +755,12 @@ pub fn set_global(config: Config) -> Config {
 /// | `progress` | `true` or `false` | `true` |
 /// | `dashboard` | `HOST:PORT`, or `:PORT` on 127.0.0.1 | `":8787"` |
 /// | `token_file` | a file holding a cluster's token | `"/etc/rask/token"` |
-/// | `cache` | a directory | `".rask-cache"` |
+/// | `cache` | the result cache's directory | `".rask-cache"` |
+/// | `cache_all` | `true` or `false` | `true` |
+/// | `cache_max_bytes` | a whole number of bytes | `10_000_000_000` |
+/// | `cache_strict` | `true` or `false` | `false` |
 ///
-/// `cache` is reserved for the persistent result cache (issue #18): it is
-/// checked (a path that exists must be a directory) and kept in
-/// [`FileSettings::cache`], and nothing reads it yet.
+/// A `cache` path that exists must be a directory.
 ///
 /// # Examples
 ///
@@ -658,7 +784,7 @@ pub struct FileSettings {
     pub dashboard: Option<SocketAddr>,
     /// The file holding the token of the clusters this process connects to.
     pub token_file: Option<PathBuf>,
-    /// The directory of the result cache (reserved: issue #18).
+    /// The directory of the result cache (also in `config`).
     pub cache: Option<PathBuf>,
 }
 
@@ -672,6 +798,9 @@ struct RawFile {
     dashboard: Option<String>,
     token_file: Option<PathBuf>,
     cache: Option<PathBuf>,
+    cache_all: Option<bool>,
+    cache_max_bytes: Option<u64>,
+    cache_strict: Option<bool>,
 }
 
 impl FileSettings {
@@ -742,6 +871,10 @@ impl FileSettings {
                 executor,
                 optimize: raw.optimize,
                 progress: raw.progress,
+                cache: cache.clone(),
+                cache_all: raw.cache_all,
+                cache_max_bytes: raw.cache_max_bytes,
+                cache_strict: raw.cache_strict,
             },
             dashboard,
             token_file: raw.token_file.as_ref().map(anchor),
@@ -978,7 +1111,8 @@ mod tests {
     fn file_reads_every_key() {
         let file = parse_file(
             "scheduler = 'local:2'\noptimize = false\nprogress = true\n\
-             dashboard = ':0'\ntoken_file = 'token'\ncache = '/nonexistent/cache'\n",
+             dashboard = ':0'\ntoken_file = 'token'\ncache = '/nonexistent/cache'\n\
+             cache_all = true\ncache_max_bytes = 1_000\ncache_strict = true\n",
         )
         .unwrap();
         assert_eq!(
@@ -987,6 +1121,10 @@ mod tests {
                 .executor(ExecutorKind::Local(2))
                 .optimize(false)
                 .progress(true)
+                .cache("/nonexistent/cache")
+                .cache_all(true)
+                .cache_max_bytes(1_000)
+                .cache_strict(true)
         );
         assert_eq!(file.dashboard, Some("127.0.0.1:0".parse().unwrap()));
         // Relative paths are the file's directory's.
@@ -1001,7 +1139,8 @@ mod tests {
             (
                 "optimize = true\nschedular = 'sync'",
                 "config file conf/rask.toml: line 2: unknown field `schedular`, expected one of \
-                 `scheduler`, `optimize`, `progress`, `dashboard`, `token_file`, `cache`",
+                 `scheduler`, `optimize`, `progress`, `dashboard`, `token_file`, `cache`, \
+                 `cache_all`, `cache_max_bytes`, `cache_strict`",
             ),
             (
                 "scheduler = 'bogus'",

@@ -23,6 +23,10 @@ pub enum Seen {
     Released,
     /// A cluster lost its value with a worker.
     Lost,
+    /// Loaded from the result cache instead of run.
+    CacheHit,
+    /// Cached, with no usable entry: it runs and is written.
+    CacheMiss,
     /// Something newer than this list.
     Other,
 }
@@ -84,6 +88,8 @@ impl EventLog {
                 EventKind::Erred { .. } => Seen::Erred,
                 EventKind::Released => Seen::Released,
                 EventKind::Lost { .. } => Seen::Lost,
+                EventKind::CacheHit => Seen::CacheHit,
+                EventKind::CacheMiss => Seen::CacheMiss,
                 _ => Seen::Other,
             };
             sink.lock()

@@ -86,6 +86,12 @@ pub enum EventKind<'a> {
         /// The worker that died.
         worker: u32,
     },
+    /// Its value was loaded from the result cache: it does not run, nor
+    /// does anything only it needed (reported by `rask` while it plans).
+    CacheHit,
+    /// It is cached, and the result cache had no usable entry: it runs,
+    /// and its value is written (reported by `rask` while it plans).
+    CacheMiss,
 }
 
 /// Where a task ran: a worker of a cluster (if any) and a thread on it.

@@ -1,0 +1,422 @@
+//! The result cache: what ran and what was loaded, across processes, under
+//! damage and races, and that it never changes a result.
+//!
+//! The cross-process tests run this test binary again as a child (the
+//! `child` test, idle unless `RASK_CACHE_TEST_CHILD` is set), which counts
+//! each task it runs as a line in a file.
+
+mod support;
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use rask::{delayed, Config};
+
+/// A pool of threads when the feature is on, else a seeded order.
+const POOL: &str = if cfg!(feature = "threaded") {
+    "threads:2"
+} else {
+    "sim:5"
+};
+
+fn pool() -> Config {
+    Config::new().executor(rask::ExecutorKind::parse(POOL).unwrap())
+}
+
+/// A fresh directory for one test.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("rask-cache-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+// ---- the child's pipeline: 4 chunks (not cached), 4 sums and a total (cached)
+
+/// Appends `what` to the count file, when there is one.
+fn count(what: &str) {
+    if let Some(path) = std::env::var_os("RASK_CACHE_TEST_COUNT") {
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap();
+        file.write_all(format!("{what}\n").as_bytes()).unwrap();
+    }
+}
+
+#[rask::task]
+fn chunk(i: u64) -> Vec<u64> {
+    count("chunk");
+    (0..1000).map(|x| x * i).collect()
+}
+
+#[rask::task(cache)]
+fn square_sum(values: Vec<u64>) -> u64 {
+    count("square_sum");
+    values.iter().map(|v| v * v).sum()
+}
+
+#[rask::task(cache)]
+fn total(parts: Vec<u64>) -> u64 {
+    count("total");
+    parts.iter().sum()
+}
+
+fn pipeline() -> rask::Delayed<u64> {
+    let parts: Vec<_> = (1..=4)
+        .map(|i| delayed!(square_sum(delayed!(chunk(i)))))
+        .collect();
+    delayed!(total(parts))
+}
+
+/// 332833500 · (1 + 4 + 9 + 16)
+const EXPECTED: u64 = 332_833_500 * 30;
+
+/// Prints warnings on stderr, as a program's own subscriber would.
+struct Warnings;
+
+impl tracing::Subscriber for Warnings {
+    fn enabled(&self, meta: &tracing::Metadata<'_>) -> bool {
+        *meta.level() <= tracing::Level::WARN
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        struct Message(String);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, field: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = format!("{v:?}");
+                }
+            }
+        }
+        let mut message = Message(String::new());
+        event.record(&mut message);
+        eprintln!("WARN {}", message.0);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// The child: computes the pipeline with the cache `RASK_CACHE` names.
+#[test]
+fn child() {
+    if std::env::var_os("RASK_CACHE_TEST_CHILD").is_none() {
+        return;
+    }
+    let _ = tracing::subscriber::set_global_default(Warnings);
+    let value = pipeline().compute().unwrap();
+    println!("result={value}");
+}
+
+/// Starts the child on the cache `dir`, counting into `counts`.
+fn spawn_child(dir: &Path, counts: &Path, scheduler: &str) -> std::process::Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child", "--nocapture", "--test-threads", "1"])
+        .env("RASK_CACHE_TEST_CHILD", "1")
+        .env("RASK_CACHE", dir)
+        .env("RASK_CACHE_TEST_COUNT", counts)
+        .env("RASK_SCHEDULER", scheduler)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// The child's result and stderr, once it exited successfully.
+fn finish(child: std::process::Child) -> (u64, String) {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&stdout).into_owned(),
+        String::from_utf8_lossy(&stderr).into_owned(),
+    );
+    assert!(status.success(), "child failed:\n{stdout}\n{stderr}");
+    let value: String = stdout
+        .split_once("result=")
+        .unwrap_or_else(|| panic!("no result in:\n{stdout}\n{stderr}"))
+        .1
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    (value.parse().unwrap(), stderr)
+}
+
+fn run_child(dir: &Path, counts: &Path, scheduler: &str) -> (u64, String) {
+    finish(spawn_child(dir, counts, scheduler))
+}
+
+/// Lines of the count file: tasks run so far.
+fn counted(counts: &Path) -> Vec<String> {
+    std::fs::read_to_string(counts)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn a_second_process_runs_no_task_and_gets_the_same_value() {
+    let dir = scratch("second");
+    let (cache, counts) = (dir.join("cache"), dir.join("counts"));
+    assert_eq!(run_child(&cache, &counts, "sync").0, EXPECTED);
+    assert_eq!(counted(&counts).len(), 9, "first run: every task");
+    for scheduler in ["sync", POOL, "sim:7"] {
+        assert_eq!(run_child(&cache, &counts, scheduler).0, EXPECTED);
+        assert_eq!(counted(&counts).len(), 9, "{scheduler}: a task ran again");
+    }
+    assert_eq!(rask::cache::info(&cache).unwrap().entries, 5);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn two_processes_racing_on_one_cache_agree() {
+    let dir = scratch("race");
+    let (cache, counts) = (dir.join("cache"), dir.join("counts"));
+    for _ in 0..3 {
+        let a = spawn_child(&cache, &counts, POOL);
+        let b = spawn_child(&cache, &counts, POOL);
+        assert_eq!(finish(a).0, EXPECTED);
+        assert_eq!(finish(b).0, EXPECTED);
+    }
+    let ran = counted(&counts).len();
+    assert!((9..=18).contains(&ran), "{ran} tasks ran");
+    // Whole entries only: a third process runs nothing.
+    assert_eq!(run_child(&cache, &counts, "sync").0, EXPECTED);
+    assert_eq!(counted(&counts).len(), ran);
+    let left: Vec<_> = walk(&cache)
+        .into_iter()
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(".tmp"))
+        .collect();
+    assert!(left.is_empty(), "temporary files left: {left:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let path = e.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    files
+}
+
+#[test]
+fn damaged_entries_are_misses_with_one_warning_each_then_written_again() {
+    let dir = scratch("damage");
+    let (cache, counts) = (dir.join("cache"), dir.join("counts"));
+    run_child(&cache, &counts, "sync");
+    let mut entries = walk(&cache);
+    entries.sort();
+    assert_eq!(entries.len(), 5);
+    // The total's entry is the one holding the largest value: find it by
+    // reading each back.
+    let size = |p: &PathBuf| std::fs::metadata(p).unwrap().len();
+    let (mut damaged, mut kept) = (0, 0);
+    for (i, path) in entries.iter().enumerate() {
+        let mut bytes = std::fs::read(path).unwrap();
+        match i {
+            0 => bytes.truncate(bytes.len() / 2),
+            1 => *bytes.last_mut().unwrap() ^= 0x40,
+            2 => bytes = b"not a rask entry at all".to_vec(),
+            3 => {
+                // A whole entry of another type.
+                let name = path.file_name().unwrap().to_str().unwrap();
+                let mut key = [0u8; 32];
+                for (k, pair) in key.iter_mut().zip(name.as_bytes().chunks(2)) {
+                    *k = u8::from_str_radix(std::str::from_utf8(pair).unwrap(), 16).unwrap();
+                }
+                rask_executor::entry::write(&cache, &rask::Key(key), "alloc::string::String", &[0])
+                    .unwrap();
+                damaged += 1;
+                continue;
+            }
+            _ => {
+                kept += 1;
+                assert!(size(path) > 0);
+                continue;
+            }
+        }
+        std::fs::write(path, bytes).unwrap();
+        damaged += 1;
+    }
+    assert_eq!((damaged, kept), (4, 1));
+    let before = counted(&counts).len();
+    let (value, stderr) = run_child(&cache, &counts, "sync");
+    assert_eq!(value, EXPECTED);
+    let warnings = stderr.matches("result cache: ignoring an entry").count();
+    let reran = counted(&counts).len() - before;
+    // Damaged entries that were reached warn once each; every one of them
+    // ran again (with the chunk it needs), the intact one did not.
+    assert!(
+        (1..=4).contains(&warnings),
+        "{warnings} warnings:\n{stderr}"
+    );
+    assert!(reran >= 1, "nothing ran again");
+    // Written again: the next run loads everything.
+    let before = counted(&counts).len();
+    let (value, stderr) = run_child(&cache, &counts, "sync");
+    assert_eq!(value, EXPECTED);
+    assert_eq!(counted(&counts).len(), before, "entries were not rewritten");
+    assert!(!stderr.contains("ignoring"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+// ---- in this process
+
+static LOADS: AtomicUsize = AtomicUsize::new(0);
+static SQUARES: AtomicUsize = AtomicUsize::new(0);
+
+fn load(seed: u64) -> Vec<u64> {
+    LOADS.fetch_add(1, Ordering::SeqCst);
+    (0..100).map(|x| x + seed).collect()
+}
+
+fn squares(v: Vec<u64>) -> Vec<u64> {
+    SQUARES.fetch_add(1, Ordering::SeqCst);
+    v.iter().map(|x| x * x).collect()
+}
+
+fn sum(v: Vec<u64>) -> u64 {
+    v.iter().sum()
+}
+
+#[test]
+fn a_hit_stands_for_everything_below_it_on_every_local_executor() {
+    let dir = scratch("hit");
+    let configs = [
+        Config::synchronous(),
+        pool(),
+        Config::simulated(3),
+        Config::synchronous().optimize(false),
+    ];
+    for (seed, config) in configs.into_iter().enumerate() {
+        let config = config.cache(&dir);
+        let (loads, squared) = (LOADS.load(Ordering::SeqCst), SQUARES.load(Ordering::SeqCst));
+        let build = || delayed!(sum(delayed!(squares(delayed!(load(seed as u64)))).cache()));
+        let first = build().compute_with(&config).unwrap();
+        let second = build().compute_with(&config).unwrap();
+        assert_eq!(first, second);
+        // One load and one squaring in all: the second run found the
+        // squares and did not even load their input.
+        assert_eq!(LOADS.load(Ordering::SeqCst) - loads, 1, "{config:?}");
+        assert_eq!(SQUARES.load(Ordering::SeqCst) - squared, 1);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_cache_that_cannot_be_written_leaves_results_alone() {
+    let dir = scratch("unwritable");
+    // A file where the cache's directory should be: every write fails.
+    let cache = dir.join("cache");
+    std::fs::write(&cache, b"in the way").unwrap();
+    let config = pool().cache(&cache).cache_all(true);
+    for _ in 0..2 {
+        let total = delayed!(sum(delayed!(bytes_to_u64(delayed!(bytes_of(3))))));
+        assert_eq!(total.compute_with(&config).unwrap(), 21);
+    }
+    assert_eq!(std::fs::read(&cache).unwrap(), b"in the way");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn bytes_of(n: u64) -> Vec<u8> {
+    vec![7; n as usize]
+}
+
+fn bytes_to_u64(v: Vec<u8>) -> Vec<u64> {
+    v.into_iter().map(u64::from).collect()
+}
+
+#[test]
+fn the_size_cap_removes_the_least_recently_used_entries() {
+    let dir = scratch("cap");
+    let config = Config::synchronous().cache(&dir).cache_all(true);
+    // Three entries of about 10 kB, used in order a, b, c, then a again.
+    for n in [10_000, 10_001, 10_002] {
+        delayed!(bytes_of(n)).compute_with(&config).unwrap();
+    }
+    let info = rask::cache::info(&dir).unwrap();
+    assert_eq!(info.entries, 3);
+    // Mark every entry as used long ago, oldest first; then use `a`.
+    let mut files = walk(&dir);
+    files.sort_by_key(|p| std::fs::metadata(p).unwrap().len());
+    let past = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    for (i, path) in files.iter().enumerate() {
+        let file = std::fs::File::options().append(true).open(path).unwrap();
+        file.set_modified(past + std::time::Duration::from_secs(i as u64))
+            .unwrap();
+    }
+    delayed!(bytes_of(10_000)).compute_with(&config).unwrap();
+    // A fourth entry past the cap: `b`, the least recently used, goes.
+    let capped = config.clone().cache_max_bytes(info.bytes + 1000);
+    let before = rask::cache::stats();
+    delayed!(bytes_of(10_003)).compute_with(&capped).unwrap();
+    let after = rask::cache::info(&dir).unwrap();
+    assert!(after.bytes <= info.bytes + 1000, "{after:?}");
+    assert_eq!(after.entries, 3);
+    assert!(
+        !files[1].exists(),
+        "the least recently used entry is still there"
+    );
+    assert!(files[0].exists() && files[2].exists());
+    assert!(rask::cache::stats().evicted > before.evicted);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+mod properties {
+    use proptest::prelude::*;
+
+    use crate::support::{self, build, eval, executions, run_id};
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+
+        /// With every pure call cached, a cold and a warm run give what the
+        /// graph means, failures included, on every local executor; the warm
+        /// run runs nothing when the root succeeded.
+        #[test]
+        fn caching_never_changes_a_result(specs in support::dag(40, 0.08), which in 0..3usize) {
+            let dir = crate::scratch(&format!("prop-{}", run_id()));
+            let config = [
+                rask::Config::synchronous(),
+                crate::pool(),
+                rask::Config::simulated(11),
+            ][which].clone().cache(&dir).cache_all(true);
+            let run = run_id();
+            let want = eval(&specs, specs.len() - 1);
+            for round in 0..2 {
+                let nodes = build(&specs, run);
+                let root = &nodes[nodes.len() - 1];
+                let before = executions(run);
+                let got = root.compute_with(&config);
+                match (&got, want) {
+                    (Ok(v), Ok(w)) => prop_assert_eq!(*v, w),
+                    (Err(rask::Error::Task { .. }), Err(())) => {}
+                    _ => prop_assert!(false, "round {}: got {:?}, want {:?}", round, got, want),
+                }
+                if round == 1 && want.is_ok() {
+                    prop_assert_eq!(executions(run), before, "a warm run ran tasks");
+                }
+            }
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+}
