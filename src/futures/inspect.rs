@@ -77,8 +77,10 @@ impl Client {
                     keys: if id == 0 { finished } else { 0 },
                     last_heartbeat_ms: 0,
                     utilisation: None,
+                    resources: String::new(),
                 })
                 .collect(),
+            unrunnable: Vec::new(),
         })
     }
 

@@ -145,6 +145,7 @@ impl Recording {
                     last_heartbeat_ms: 0,
                     utilisation: (span_ms > 0.0)
                         .then(|| (busy_ms / (span_ms * f64::from(threads))).min(1.0)),
+                    resources: String::new(),
                 }
             })
             .collect();
@@ -163,6 +164,7 @@ impl Recording {
                 totals,
                 functions: self.functions.clone(),
                 workers,
+                unrunnable: Vec::new(),
             },
             tasks: self.tasks.clone(),
             title,

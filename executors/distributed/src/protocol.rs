@@ -66,8 +66,11 @@ pub const MAGIC: [u8; 4] = *b"RASK";
 /// `ToScheduler::Heartbeat` too, and a scheduler closes a client it hears
 /// nothing from for its client timeout. Version 6: clients may ask for
 /// copies on every worker (`ToScheduler::Replicate`), which the scheduler
-/// asks of workers with `ToWorker::Fetch`.
-pub const VERSION: u16 = 6;
+/// asks of workers with `ToWorker::Fetch`. Version 7: tasks carry
+/// annotations (a priority, resources, workers; `TaskSpec::annotations`),
+/// workers declare resources (`RegisterWorker::resources`), and a
+/// `Compute`'s priority is a [`Priority`].
+pub const VERSION: u16 = 7;
 
 /// Values whose encoding is at most this many bytes travel with their
 /// report: in `TaskFinished` to the scheduler, and in `KeyInMemory` to the
@@ -481,6 +484,36 @@ impl fmt::Display for WorkerId {
 /// A key as it travels: its 32 bytes.
 pub type WireKey = [u8; 32];
 
+/// Where a task stands among ready work: by the user's priority, higher
+/// first (`Delayed::priority`, Dask's `priority=`), then by `order`, lower
+/// first (the scheduler's submission order). [`Ord`] puts what runs first
+/// first: `a < b` when `a` runs before `b`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub struct Priority {
+    /// The user's priority; 0 by default. Any value.
+    pub user: i32,
+    /// Submission order. Any value: it is only compared.
+    pub order: u64,
+}
+
+impl Ord for Priority {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        other
+            .user
+            .cmp(&self.user)
+            .then(self.order.cmp(&other.order))
+    }
+}
+
+impl PartialOrd for Priority {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// The most workers a task may name (`Annotations::workers`).
+pub const MAX_WORKERS_NAMED: usize = 1024;
+
 /// One task of a graph as a client sends it: enough to run it anywhere, and
 /// to run it again if its value is lost.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -503,6 +536,12 @@ pub struct TaskSpec {
     /// How many times it runs again when it fails (`Op::retries`). Any
     /// value: a worker stops retrying a task nobody wants any more.
     pub retries: u32,
+    /// Its priority, resources and workers (`Op::annotations`): at most
+    /// [`MAX_RESOURCES`](rask_executor::MAX_RESOURCES) resources with
+    /// names of at most [`MAX_RESOURCE_NAME`](rask_executor::MAX_RESOURCE_NAME)
+    /// bytes, and [`MAX_WORKERS_NAMED`] workers of at most [`MAX_ADDRESS`]
+    /// bytes each.
+    pub annotations: rask_executor::Annotations,
 }
 
 impl TaskSpec {
@@ -525,6 +564,7 @@ impl TaskSpec {
                 .timeout()
                 .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
             retries: task.op.retries(),
+            annotations: task.op.annotations().cloned().unwrap_or_default(),
         }
     }
 }
@@ -655,6 +695,9 @@ pub enum ToScheduler {
         address: String,
         /// Number of compute threads: 1 to [`MAX_THREADS`].
         threads: u32,
+        /// What it has for tasks that ask for resources (`--resources`,
+        /// `RASK_WORKER_RESOURCES`): bounded as a task's are.
+        resources: rask_executor::Resources,
     },
     /// Worker: a task ran and its value is held here.
     TaskFinished {
@@ -778,8 +821,8 @@ pub enum ToWorker {
         deps: Vec<WireKey>,
         /// Holders of the inputs this worker does not hold.
         who_has: Vec<(WireKey, Vec<WorkerId>)>,
-        /// Lower runs first. Any value: it is only compared.
-        priority: u64,
+        /// Lesser runs first ([`Priority`]'s order).
+        priority: Priority,
         /// How long it may run, in milliseconds, before it fails as timed
         /// out; `None`: as long as it takes.
         timeout_ms: Option<u64>,
@@ -1079,6 +1122,19 @@ fn length(what: &'static str, len: usize, max: usize) -> Result<(), ProtocolErro
     within(what, len, 0, max as u64)
 }
 
+/// Resources as they travel: at most `MAX_RESOURCES` entries with names of
+/// at most `MAX_RESOURCE_NAME` bytes (amounts are any `u64`: sums saturate).
+fn bounded_resources(
+    what: &'static str,
+    resources: &rask_executor::Resources,
+) -> Result<(), ProtocolError> {
+    let entries = resources.milli();
+    length(what, entries.len(), rask_executor::MAX_RESOURCES)?;
+    entries.iter().try_for_each(|(name, _)| {
+        length(what, name.len(), rask_executor::MAX_RESOURCE_NAME)
+    })
+}
+
 /// The inline value of a report: at most [`INLINE_BYTES`].
 fn inline(what: &'static str, value: &Option<Arc<[u8]>>) -> Result<(), ProtocolError> {
     match value {
@@ -1090,8 +1146,13 @@ fn inline(what: &'static str, value: &Option<Arc<[u8]>>) -> Result<(), ProtocolE
 impl Bounded for ToScheduler {
     fn check(&self) -> Result<(), ProtocolError> {
         match self {
-            ToScheduler::RegisterWorker { address, threads } => {
+            ToScheduler::RegisterWorker {
+                address,
+                threads,
+                resources,
+            } => {
                 length("RegisterWorker.address length", address.len(), MAX_ADDRESS)?;
+                bounded_resources("RegisterWorker.resources", resources)?;
                 within(
                     "RegisterWorker.threads",
                     u64::from(*threads),
@@ -1124,10 +1185,21 @@ impl Bounded for ToScheduler {
             ToScheduler::Resources { memory_bytes } => {
                 within("Resources.memory_bytes", *memory_bytes, 0, MAX_MEMORY)
             }
+            ToScheduler::UpdateGraph { tasks, .. } => tasks.iter().try_for_each(|t| {
+                let a = &t.annotations;
+                bounded_resources("TaskSpec.annotations.resources", &a.resources)?;
+                length(
+                    "TaskSpec.annotations.workers count",
+                    a.workers.len(),
+                    MAX_WORKERS_NAMED,
+                )?;
+                a.workers.iter().try_for_each(|w| {
+                    length("TaskSpec.annotations.workers length", w.len(), MAX_ADDRESS)
+                })
+            }),
             // Keys and worker ids are only looked up; list lengths are
             // bounded by the frame; failures are text.
-            ToScheduler::UpdateGraph { .. }
-            | ToScheduler::ReleaseKeys { .. }
+            ToScheduler::ReleaseKeys { .. }
             | ToScheduler::TaskErred { .. }
             | ToScheduler::TaskAbandoned { .. }
             | ToScheduler::DataAdded { .. }
@@ -1380,7 +1452,7 @@ mod tests {
         let expected = [
             "48000000", // body length: 72 bytes
             "5241534b", // RASK
-            "0600",     // version 6
+            "0700",     // version 7
             "02",       // role: worker
             "01",       // flags: authenticates
             &"ab".repeat(32),
@@ -1432,11 +1504,11 @@ mod tests {
         let mut junk = old;
         junk[4] = b'X';
         assert!(matches!(old_handshake(&junk[4..]), ProtocolError::NotRask));
-        // What a version-4 peer is answered: its own layout, naming 6.
+        // What a version-4 peer is answered: its own layout, naming 7.
         let answer = v4_refusal(Role::Scheduler);
         assert_eq!(
             hex(&answer),
-            format!("280000005241534b06000400{}", "00".repeat(32))
+            format!("280000005241534b07000400{}", "00".repeat(32))
         );
     }
 
@@ -1481,13 +1553,16 @@ mod tests {
             payload: Arc::from(&[7u8, 8][..]),
             deps: vec![[2; 32]],
             who_has: vec![([2; 32], vec![WorkerId(3)])],
-            priority: 300,
+            priority: Priority {
+                user: 0,
+                order: 300,
+            },
             timeout_ms: Some(1500),
             retries: 2,
         };
         let frame = frame(&msg);
         let expected = [
-            "76000000", // body length: 118 bytes
+            "77000000", // body length: 119 bytes
             "03",       // variant: Compute
             &"01".repeat(32),
             "03696e63", // name "inc"
@@ -1498,7 +1573,7 @@ mod tests {
             "01", // one who_has entry
             &"02".repeat(32),
             "0103",   // holders [3]
-            "ac02",   // priority 300, varint
+            "00ac02", // priority: user 0, order 300 (varints)
             "01dc0b", // timeout: some, 1500 ms
             "02",     // retries: 2
         ]
@@ -1651,6 +1726,7 @@ mod tests {
         let register = |threads, address: usize| ToScheduler::RegisterWorker {
             address: "a".repeat(address),
             threads,
+            resources: Default::default(),
         };
         assert_eq!(out_of_range(&register(1, 14)), None);
         assert_eq!(out_of_range(&register(MAX_THREADS, MAX_ADDRESS)), None);

@@ -54,6 +54,7 @@ fn specs(nodes: &[Node]) -> Vec<TaskSpec> {
                 deps: node.deps.iter().map(|&d| key(d)).collect(),
                 timeout_ms: None,
                 retries: 0,
+                annotations: Default::default(),
             }
         })
         .collect()

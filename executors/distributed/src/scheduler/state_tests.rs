@@ -79,6 +79,7 @@ fn spec(n: u8, deps: &[u8]) -> TaskSpec {
         deps: deps.iter().map(|&d| k(d)).collect(),
         timeout_ms: None,
         retries: 0,
+        annotations: Default::default(),
     }
 }
 

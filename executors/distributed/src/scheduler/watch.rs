@@ -143,8 +143,10 @@ impl History {
     ) -> Snapshot {
         let mut by_name: HashMap<Arc<str>, Counts> = HashMap::new();
         let mut census: Vec<WorkerCensus> = Vec::new();
+        let mut unrunnable = Vec::new();
         for state in states {
             state.census(&mut by_name, &mut census);
+            state.unrunnable_lines(&mut unrunnable);
         }
         let mut names: Vec<Arc<str>> = self
             .order
@@ -195,6 +197,7 @@ impl History {
                         u64::try_from(s.last_heard.elapsed().as_millis()).unwrap_or(u64::MAX)
                     }),
                     utilisation: None,
+                    resources: w.resources,
                 }
             })
             .collect();
@@ -212,6 +215,7 @@ impl History {
             totals,
             functions,
             workers,
+            unrunnable,
         }
     }
 }

@@ -145,7 +145,9 @@ use crate::protocol::{
     MAX_TASK_DURATION, MAX_THREADS,
 };
 use crate::tls::Acceptor;
-use crate::{Auth, BuildId, Error, Tls, Token, DEATH_TIMEOUT_ENV, GRACE_ENV, SUPERVISED_ENV};
+use crate::{
+    Auth, BuildId, Error, Tls, Token, DEATH_TIMEOUT_ENV, GRACE_ENV, RESOURCES_ENV, SUPERVISED_ENV,
+};
 use connect::{Connection, Link};
 use pool::Pool;
 use state::{lock, Compute, Done, Job, Outbox, Store, Stored, WorkerState};
@@ -229,6 +231,31 @@ pub struct Options {
     /// (mutual TLS). Not used with a `tcp://` address. Default `None`;
     /// [`Options::from_env`] reads it as [`Tls::from_env`] says.
     pub tls: Option<Tls>,
+    /// What the worker has for tasks that ask for resources
+    /// (`Delayed::resources`): the scheduler sends it a task only while the
+    /// tasks it runs leave enough of each. Default none; [`Options::from_env`]
+    /// reads [`RESOURCES_ENV`] with [`parse_resources`].
+    pub resources: rask_executor::Resources,
+}
+
+/// Parses a worker's resources as `--resources` and [`RESOURCES_ENV`]
+/// give them: `NAME=AMOUNT` entries separated by commas, e.g.
+/// `GPU=2,MEM=64e9` (amounts from 0 to 10^15, kept in thousandths).
+///
+/// # Errors
+///
+/// [`ResourceError`](rask_executor::ResourceError) naming the first bad
+/// entry.
+///
+/// # Examples
+///
+/// ```
+/// let r = rask_distributed::worker::parse_resources("GPU=2,MEM=64e9")?;
+/// assert_eq!(r.get_milli("GPU"), 2000);
+/// # Ok::<(), rask_executor::ResourceError>(())
+/// ```
+pub fn parse_resources(text: &str) -> Result<rask_executor::Resources, rask_executor::ResourceError> {
+    rask_executor::Resources::parse(text)
 }
 
 impl Default for Options {
@@ -240,6 +267,7 @@ impl Default for Options {
             death_timeout: DEATH_TIMEOUT,
             auth: None,
             tls: None,
+            resources: rask_executor::Resources::new(),
         }
     }
 }
@@ -282,6 +310,12 @@ impl Options {
     /// ```
     pub fn auth(mut self, auth: Auth) -> Options {
         self.auth = Some(auth);
+        self
+    }
+
+    /// These options with these resources (see [`Options::resources`]).
+    pub fn resources(mut self, resources: rask_executor::Resources) -> Options {
+        self.resources = resources;
         self
     }
 
@@ -365,6 +399,18 @@ impl Options {
                 Some("0") | Some("") => false,
                 _ => return Err(invalid(SUPERVISED_ENV, &value, "`1` or `0`")),
             };
+        }
+        if let Some(value) = var(RESOURCES_ENV) {
+            self.resources = value
+                .to_str()
+                .and_then(|v| parse_resources(v).ok())
+                .ok_or_else(|| {
+                    invalid(
+                        RESOURCES_ENV,
+                        &value,
+                        "NAME=AMOUNT[,NAME=AMOUNT…], e.g. GPU=2,MEM=64e9",
+                    )
+                })?;
         }
         if let Some(auth) = Auth::with_env(&var)? {
             self.auth = Some(auth);
@@ -953,6 +999,7 @@ fn start(
         // The protocol's range (rule 5 of `protocol`): the pool is that
         // big too.
         threads: options.threads.clamp(1, MAX_THREADS as usize),
+        resources: options.resources.clone(),
         limits: net::Limits::standard(),
     };
     let runtime = net::runtime().map_err(Error::Io)?;
@@ -1695,7 +1742,10 @@ mod tests {
             payload: Arc::from(&[][..]),
             deps: Vec::new(),
             who_has: Vec::new(),
-            priority: k as u64,
+            priority: crate::protocol::Priority {
+                user: 0,
+                order: k as u64,
+            },
             timeout: None,
             retries: 0,
         }
