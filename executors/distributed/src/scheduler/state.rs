@@ -340,6 +340,8 @@ pub(crate) struct State {
     restricted: BTreeMap<Arc<Restriction>, BinaryHeap<Reverse<(Priority, TaskId)>>>,
     /// The next submission order (`Priority::order`).
     next_priority: u64,
+    /// Whether idle workers take queued work from busy ones (S15).
+    balancing: bool,
     /// Mean op duration (exponentially weighted), for the window size.
     mean_ns: Option<f64>,
     /// Tasks whose need may have changed, to settle (S3, S4).
@@ -384,6 +386,7 @@ impl State {
             queue: BinaryHeap::new(),
             restricted: BTreeMap::new(),
             next_priority: 0,
+            balancing: true,
             mean_ns: None,
             unsettled: Vec::new(),
             loads: Loads::default(),
@@ -407,6 +410,12 @@ impl State {
     /// (S7; at least 1).
     pub(crate) fn set_allowed_failures(&mut self, n: u8) {
         self.allowed_failures = n.max(1);
+    }
+
+    /// Turns S15 off (tests about other rules) or on.
+    #[cfg(test)]
+    pub(crate) fn set_balancing(&mut self, on: bool) {
+        self.balancing = on;
     }
 
     /// Sets the timeout of tasks that have none of their own.
@@ -1787,13 +1796,15 @@ impl State {
 
     /// Moves queued work from the busiest worker to idle threads (S15):
     /// while some worker has fewer tasks than threads and another has more
-    /// than its threads + 1, the worst-priority task of the busiest that it
-    /// does not seem to run yet goes to the idlest, if its expected wait
+    /// than threads, the worst-priority task of the busiest that it does
+    /// not seem to run yet goes to the idlest, if its expected wait
     /// there is longer than [`STEAL_MIN_WAIT_NS`] and than fetching its
     /// inputs the idle worker lacks would take. The old worker is told to
     /// `Release` it; a result it sends anyway is stale (S10).
     fn balance(&mut self, out: &mut impl Outbox) {
-        let Some(mean) = self.mean_ns else { return };
+        let Some(mean) = self.mean_ns.filter(|_| self.balancing) else {
+            return;
+        };
         for _ in 0..64 {
             let Some((thief, idle)) = self.loads.lightest() else {
                 return;
@@ -1805,7 +1816,7 @@ impl State {
                 return;
             };
             let threads = busy.threads.max(1);
-            if victim == thief || busy.tasks <= threads + 1 {
+            if victim == thief || busy.tasks <= threads {
                 return;
             }
             // The last task of the victim starts once the tasks before it
@@ -1827,7 +1838,7 @@ impl State {
 
     /// The task S15 moves from `victim` to `thief`: of the victim's tasks
     /// sent with every input in memory, the worst priority, if it is not
-    /// among the `threads + 1` it runs first, `thief` may run it (S14), and
+    /// among the `threads` it runs first, `thief` may run it (S14), and
     /// fetching what `thief` lacks of its inputs is quicker than `wait`.
     fn steal_candidate(&self, victim: WorkerId, thief: WorkerId, wait: f64) -> Option<TaskId> {
         let v = self.workers.get(&victim)?;
@@ -1839,11 +1850,11 @@ impl State {
             .filter(|&&(id, at)| self.sent_to(id, at, victim) && !self.task(id).early)
             .map(|&(id, _)| (self.task(id).priority, id))
             .collect();
-        if live.len() <= threads + 1 {
+        if live.len() <= threads {
             return None;
         }
         live.sort_unstable();
-        live.drain(..threads + 1);
+        live.drain(..threads);
         live.into_iter().rev().map(|(_, id)| id).find(|&id| {
             let task = self.task(id);
             let fits = task
