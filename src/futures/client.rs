@@ -721,7 +721,8 @@ impl Client {
                         Some(_) => n.clone(),
                         None => {
                             let mut copy = n.rekeyed(n.key, n.name.clone());
-                            copy.call = crate::build::annotate::annotate_call(&n.call, (**a).clone());
+                            copy.call =
+                                crate::build::annotate::annotate_call(&n.call, (**a).clone());
                             Arc::new(copy)
                         }
                     })

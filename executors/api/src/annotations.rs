@@ -176,10 +176,7 @@ impl Resources {
 
     /// Whether every amount of `request` is at most this one's.
     pub fn covers(&self, request: &Resources) -> bool {
-        request
-            .entries
-            .iter()
-            .all(|(n, a)| self.get_milli(n) >= *a)
+        request.entries.iter().all(|(n, a)| self.get_milli(n) >= *a)
     }
 }
 
@@ -276,10 +273,15 @@ mod tests {
     #[test]
     fn parse_is_exact_and_names_the_bad_entry() {
         let r = Resources::parse(" MEM=64e9 ,GPU=0.5,CPU=0").unwrap();
-        assert_eq!(r.milli(), &[("GPU".into(), 500), ("MEM".into(), 64_000_000_000_000)]);
+        assert_eq!(
+            r.milli(),
+            &[("GPU".into(), 500), ("MEM".into(), 64_000_000_000_000)]
+        );
         assert_eq!(r.to_string(), "GPU=0.5,MEM=64000000000");
         assert_eq!(Resources::parse("").unwrap(), Resources::new());
-        for bad in ["GPU", "GPU=x", "GPU=-1", "GPU=NaN", "GPU=inf", "G PU=1", "=1", "A=1,A=2"] {
+        for bad in [
+            "GPU", "GPU=x", "GPU=-1", "GPU=NaN", "GPU=inf", "G PU=1", "=1", "A=1,A=2",
+        ] {
             let e = Resources::parse(bad).unwrap_err();
             assert!(e.to_string().contains("bad resource"), "{bad}: {e}");
         }

@@ -1130,9 +1130,9 @@ fn bounded_resources(
 ) -> Result<(), ProtocolError> {
     let entries = resources.milli();
     length(what, entries.len(), rask_executor::MAX_RESOURCES)?;
-    entries.iter().try_for_each(|(name, _)| {
-        length(what, name.len(), rask_executor::MAX_RESOURCE_NAME)
-    })
+    entries
+        .iter()
+        .try_for_each(|(name, _)| length(what, name.len(), rask_executor::MAX_RESOURCE_NAME))
 }
 
 /// The inline value of a report: at most [`INLINE_BYTES`].

@@ -1219,7 +1219,10 @@ impl World {
                 .iter()
                 .map(|t| t.annotations.resources.get_milli(name))
                 .sum();
-            assert!(held <= *total, "{w} runs {held} thousandths of {name}, above its {total}");
+            assert!(
+                held <= *total,
+                "{w} runs {held} thousandths of {name}, above its {total}"
+            );
         }
         for t in &running {
             assert!(

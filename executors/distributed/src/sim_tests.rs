@@ -437,18 +437,27 @@ fn annotated_graphs_agree_and_never_exceed_resources_under_faults() {
             .threads(1 + rng.below(3) as u32)
             .worker_resources(vec![Resources::parse("GPU=1").unwrap()])
             .random_faults(faults)
-            .run(tasks, wanted.iter().map(|&i| key(i)).collect(), &mut run_mix);
+            .run(
+                tasks,
+                wanted.iter().map(|&i| key(i)).collect(),
+                &mut run_mix,
+            );
         let what = format!("case {case} ({workers} workers, seed {seed}, {faults} faults)");
         // A graph that arrives while the only worker of a restriction is
         // dead (killed before the graph was delivered) fails at once,
         // naming the request (S14): by design, not a disagreement.
         let refused = report.results.values().any(|r| {
-            r.as_ref()
-                .is_err_and(|f| f.message.starts_with("no connected worker can run this task"))
+            r.as_ref().is_err_and(|f| {
+                f.message
+                    .starts_with("no connected worker can run this task")
+            })
         });
         if refused {
             assert!(
-                report.log.iter().any(|e| matches!(e.event, Event::Killed { .. })),
+                report
+                    .log
+                    .iter()
+                    .any(|e| matches!(e.event, Event::Killed { .. })),
                 "{what}: refused with every worker alive"
             );
             refusals += 1;

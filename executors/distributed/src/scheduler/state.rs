@@ -1365,7 +1365,9 @@ impl State {
             .copied()
             .filter(|&id| {
                 let task = self.task(id);
-                task.deps.iter().any(|&d| self.task(d).priority.user < task.priority.user)
+                task.deps
+                    .iter()
+                    .any(|&d| self.task(d).priority.user < task.priority.user)
             })
             .collect();
         while let Some(id) = stack.pop() {
@@ -1663,9 +1665,12 @@ impl State {
         let mut blocked: BTreeSet<Arc<Restriction>> = BTreeSet::new();
         loop {
             // The best head among the open queues; stale heads are dropped.
-            let central = if central_open { self.head_of_central() } else { None };
-            let mut best: Option<(Priority, Option<Arc<Restriction>>)> =
-                central.map(|p| (p, None));
+            let central = if central_open {
+                self.head_of_central()
+            } else {
+                None
+            };
+            let mut best: Option<(Priority, Option<Arc<Restriction>>)> = central.map(|p| (p, None));
             let mut emptied = Vec::new();
             for (r, heap) in &mut self.restricted {
                 if blocked.contains(r) {
@@ -1726,7 +1731,8 @@ impl State {
                     }
                 }
                 Some(r) => {
-                    let Some(Reverse((_, id))) = self.restricted.get(&r).and_then(|h| h.peek().copied())
+                    let Some(Reverse((_, id))) =
+                        self.restricted.get(&r).and_then(|h| h.peek().copied())
                     else {
                         continue;
                     };

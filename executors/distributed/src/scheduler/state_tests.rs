@@ -1193,10 +1193,21 @@ fn higher_priority_runs_first_and_ties_keep_submission_order() {
     assert_eq!(order, [5, 6, 1, 2, 4, 3]);
     // The worker is told the priority too, for its own queue.
     let (mut s, mut out) = setup(1);
-    s.on_update_graph(C0, vec![annotated(1, &[], 9, "", &[])], vec![k(1)], &mut out);
+    s.on_update_graph(
+        C0,
+        vec![annotated(1, &[], 9, "", &[])],
+        vec![k(1)],
+        &mut out,
+    );
     assert!(out.0.iter().any(|m| matches!(
         m,
-        Sent::Worker(_, ToWorker::Compute { priority: Priority { user: 9, .. }, .. })
+        Sent::Worker(
+            _,
+            ToWorker::Compute {
+                priority: Priority { user: 9, .. },
+                ..
+            }
+        )
     )));
 }
 
@@ -1219,7 +1230,12 @@ fn inputs_inherit_the_priority_of_their_dependent() {
     let graph: Vec<_> = (1..=4).map(|i| spec(i, &[])).collect();
     s.on_update_graph(C0, graph, (1..=4).map(k).collect(), &mut out);
     out.clear();
-    s.on_update_graph(C1, vec![annotated(9, &[4], 3, "", &[])], vec![k(9)], &mut out);
+    s.on_update_graph(
+        C1,
+        vec![annotated(9, &[4], 3, "", &[])],
+        vec![k(9)],
+        &mut out,
+    );
     s.check_invariants();
     finish_in(&mut s, &mut out, W0, 1, 10_000_000);
     // 4 before 2's queued peers, and 9 early after it (S9).
@@ -1284,7 +1300,11 @@ fn an_impossible_request_fails_at_once_naming_it() {
     let told = out.told();
     assert_eq!(
         told,
-        vec![(C0, k(1), Err(k(1))), (C0, k(2), Err(k(2))), (C0, k(3), Err(k(1)))]
+        vec![
+            (C0, k(1), Err(k(1))),
+            (C0, k(2), Err(k(2))),
+            (C0, k(3), Err(k(1)))
+        ]
     );
     let messages: Vec<String> = out
         .0
@@ -1297,7 +1317,12 @@ fn an_impossible_request_fails_at_once_naming_it() {
         .collect();
     assert!(messages.is_empty(), "told() drained them");
     let (mut s, mut out) = setup(1);
-    s.on_update_graph(C0, vec![annotated(1, &[], 0, "GPU=1", &[])], vec![k(1)], &mut out);
+    s.on_update_graph(
+        C0,
+        vec![annotated(1, &[], 0, "GPU=1", &[])],
+        vec![k(1)],
+        &mut out,
+    );
     let message = out
         .0
         .iter()
@@ -1307,12 +1332,20 @@ fn an_impossible_request_fails_at_once_naming_it() {
         })
         .unwrap();
     assert!(message.contains("asks for resources GPU=1"), "{message}");
-    assert!(message.contains("worker 0 at 127.0.0.1:1000: no resources"), "{message}");
+    assert!(
+        message.contains("worker 0 at 127.0.0.1:1000: no resources"),
+        "{message}"
+    );
     // With no worker at all the task waits, as any does.
     let mut s = State::new();
     s.on_client_connected(C0, &mut out);
     out.clear();
-    s.on_update_graph(C0, vec![annotated(1, &[], 0, "GPU=1", &[])], vec![k(1)], &mut out);
+    s.on_update_graph(
+        C0,
+        vec![annotated(1, &[], 0, "GPU=1", &[])],
+        vec![k(1)],
+        &mut out,
+    );
     assert_eq!(out.told(), vec![]);
     join(&mut s, &mut out, 0, 1, "GPU=1", None);
     assert_eq!(out.computes(), vec![(W0, k(1))]);
@@ -1326,7 +1359,12 @@ fn a_task_whose_only_fitting_worker_left_waits_with_a_reason() {
     join(&mut s, &mut out, 0, 1, "", None);
     join(&mut s, &mut out, 1, 1, "GPU=2", None);
     out.clear();
-    s.on_update_graph(C0, vec![annotated(1, &[], 0, "GPU=2", &[])], vec![k(1)], &mut out);
+    s.on_update_graph(
+        C0,
+        vec![annotated(1, &[], 0, "GPU=2", &[])],
+        vec![k(1)],
+        &mut out,
+    );
     assert_eq!(out.computes(), vec![(W1, k(1))]);
     s.on_worker_lost(W1, &mut out);
     s.check_invariants();
@@ -1353,7 +1391,9 @@ fn restricted_work_waiting_for_its_worker_does_not_hold_up_other_work() {
     join(&mut s, &mut out, 1, 1, "", None);
     out.clear();
     // 100 GPU tasks of high priority ahead of 3 plain ones.
-    let mut graph: Vec<_> = (1..=100).map(|i| annotated(i, &[], 5, "GPU=1", &[])).collect();
+    let mut graph: Vec<_> = (1..=100)
+        .map(|i| annotated(i, &[], 5, "GPU=1", &[]))
+        .collect();
     graph.extend((101..=103).map(|i| spec(i, &[])));
     s.on_update_graph(C0, graph, (1..=103).map(k).collect(), &mut out);
     s.check_invariants();
@@ -1372,7 +1412,12 @@ fn an_idle_worker_takes_queued_work_and_the_old_result_is_ignored() {
     // Two per thread each: 1, 3 on W0 and 2, 4 on W1 (alternating).
     let sent = out.computes();
     assert_eq!(sent.len(), 4, "{sent:?}");
-    let on = |w| sent.iter().filter(|(x, _)| *x == w).map(|(_, k)| k[0]).collect::<Vec<_>>();
+    let on = |w| {
+        sent.iter()
+            .filter(|(x, _)| *x == w)
+            .map(|(_, k)| k[0])
+            .collect::<Vec<_>>()
+    };
     let (a, b) = (on(W0), on(W1));
     finish_in(&mut s, &mut out, W0, a[0], 10_000_000);
     // The window per thread is 2 for 10 ms tasks: W0 takes two more.

@@ -254,7 +254,9 @@ pub struct Options {
 /// assert_eq!(r.get_milli("GPU"), 2000);
 /// # Ok::<(), rask_executor::ResourceError>(())
 /// ```
-pub fn parse_resources(text: &str) -> Result<rask_executor::Resources, rask_executor::ResourceError> {
+pub fn parse_resources(
+    text: &str,
+) -> Result<rask_executor::Resources, rask_executor::ResourceError> {
     rask_executor::Resources::parse(text)
 }
 
