@@ -277,6 +277,9 @@ struct Worker {
     /// order; stale entries (no longer processing here since that tick)
     /// are skipped and compacted away. Where S15 looks for a task to move.
     sent: Vec<(TaskId, u64)>,
+    /// `sent` is compacted when it reaches this length, which is then set
+    /// to twice what is left plus 64 (amortized O(1) per task sent).
+    sent_limit: usize,
 }
 
 impl Worker {
@@ -685,6 +688,7 @@ impl State {
                 used: vec![0; resources.milli().len()],
                 resources,
                 sent: Vec::new(),
+                sent_limit: 64,
             },
         );
         self.loads.insert(worker, threads.clamp(1, MAX_THREADS));
@@ -1988,13 +1992,11 @@ impl State {
                 w.hold(&r, true);
             }
             w.sent.push((id, now));
-            // Compact once stale entries outnumber live ones (amortized
-            // O(1) per task sent).
-            let live = self.loads.get(worker).map_or(0, |l| l.tasks) as usize + w.early as usize;
-            if w.sent.len() > 2 * live + 64 {
+            if w.sent.len() >= w.sent_limit {
                 let mut sent = std::mem::take(&mut w.sent);
                 sent.retain(|&(t, at)| self.sent_to(t, at, worker));
                 if let Some(w) = self.workers.get_mut(&worker) {
+                    w.sent_limit = 2 * sent.len() + 64;
                     w.sent = sent;
                 }
             }
