@@ -34,6 +34,12 @@ pub(crate) const EARLY_MAX_DEPS: usize = 16;
 /// `Compute` cost about what the wait does.
 pub(crate) const STEAL_MIN_WAIT_NS: f64 = 1e6;
 
+/// Tasks move (S15) only while the mean task takes at least this long:
+/// shorter tasks run faster than the scheduler learns of them (a worker
+/// runs the shortest on its network thread as they arrive), so what it
+/// reads as queued has often run already, and would run twice.
+pub(crate) const STEAL_MIN_TASK_NS: f64 = 1e6;
+
 /// Bytes an idle worker fetches per nanosecond, as S15 weighs them against
 /// the wait: 0.1 (100 MB/s), a cautious figure for a busy network.
 pub(crate) const STEAL_BYTES_PER_NS: f64 = 0.1;
@@ -1806,13 +1812,17 @@ impl State {
 
     /// Moves queued work from the busiest worker to idle threads (S15):
     /// while some worker has fewer tasks than threads and another has more
-    /// than threads, the worst-priority task of the busiest that it does
-    /// not seem to run yet goes to the idlest, if its expected wait
+    /// than threads + 1, the worst-priority task of the busiest that it does
+    /// not seem to run yet goes to the idlest, when tasks take at least
+    /// [`STEAL_MIN_TASK_NS`] on average and if its expected wait
     /// there is longer than [`STEAL_MIN_WAIT_NS`] and than fetching its
     /// inputs the idle worker lacks would take. The old worker is told to
     /// `Release` it; a result it sends anyway is stale (S10).
     fn balance(&mut self, out: &mut impl Outbox) {
-        let Some(mean) = self.mean_ns.filter(|_| self.balancing) else {
+        let Some(mean) = self
+            .mean_ns
+            .filter(|&m| self.balancing && m >= STEAL_MIN_TASK_NS)
+        else {
             return;
         };
         for _ in 0..64 {
@@ -1826,7 +1836,7 @@ impl State {
                 return;
             };
             let threads = busy.threads.max(1);
-            if victim == thief || busy.tasks <= threads {
+            if victim == thief || busy.tasks <= threads + 1 {
                 return;
             }
             // The last task of the victim starts once the tasks before it
@@ -1848,7 +1858,7 @@ impl State {
 
     /// The task S15 moves from `victim` to `thief`: of the victim's tasks
     /// sent with every input in memory, the worst priority, if it is not
-    /// among the `threads` it runs first, `thief` may run it (S14), and
+    /// among the `threads + 1` it runs first (S7's reading), `thief` may run it (S14), and
     /// fetching what `thief` lacks of its inputs is quicker than `wait`.
     fn steal_candidate(&self, victim: WorkerId, thief: WorkerId, wait: f64) -> Option<TaskId> {
         let v = self.workers.get(&victim)?;
@@ -1860,11 +1870,11 @@ impl State {
             .filter(|&&(id, at)| self.sent_to(id, at, victim) && !self.task(id).early)
             .map(|&(id, _)| (self.task(id).priority, id))
             .collect();
-        if live.len() <= threads {
+        if live.len() <= threads + 1 {
             return None;
         }
         live.sort_unstable();
-        live.drain(..threads);
+        live.drain(..threads + 1);
         live.into_iter().rev().map(|(_, id)| id).find(|&id| {
             let task = self.task(id);
             let fits = task

@@ -1405,51 +1405,51 @@ fn restricted_work_waiting_for_its_worker_does_not_hold_up_other_work() {
 #[test]
 fn an_idle_worker_takes_queued_work_and_the_old_result_is_ignored() {
     let (mut s, mut out) = setup(2);
-    // Long tasks (10 ms) make the mean known; then W1 goes idle while W0
-    // holds a queue of them.
-    let graph: Vec<_> = (1..=8).map(|i| spec(i, &[])).collect();
-    s.on_update_graph(C0, graph, (1..=8).map(k).collect(), &mut out);
-    // Two per thread each: 1, 3 on W0 and 2, 4 on W1 (alternating).
+    // Two 1 µs tasks make windows large (64 per thread)...
+    s.on_update_graph(
+        C0,
+        vec![spec(1, &[]), spec(2, &[])],
+        vec![k(1), k(2)],
+        &mut out,
+    );
+    assert_eq!(out.computes(), vec![(W0, k(1)), (W1, k(2))]);
+    finish_in(&mut s, &mut out, W0, 1, 1_000);
+    finish_in(&mut s, &mut out, W1, 2, 1_000);
+    // ...so twenty more go out at once, ten to each worker; they take
+    // 100 ms each.
+    let graph: Vec<_> = (11..=30).map(|i| spec(i, &[])).collect();
+    s.on_update_graph(C0, graph, (11..=30).map(k).collect(), &mut out);
     let sent = out.computes();
-    assert_eq!(sent.len(), 4, "{sent:?}");
-    let on = |w| {
-        sent.iter()
-            .filter(|(x, _)| *x == w)
-            .map(|(_, k)| k[0])
-            .collect::<Vec<_>>()
-    };
-    let (a, b) = (on(W0), on(W1));
-    finish_in(&mut s, &mut out, W0, a[0], 10_000_000);
-    // The window per thread is 2 for 10 ms tasks: W0 takes two more.
-    let refill = out.computes();
-    assert!(refill.iter().all(|(w, _)| *w == W0), "{refill:?}");
-    // W1 runs everything it is given; once the queue is empty, a report
-    // of W1 leaves it idle while W0 holds a task queued behind its
-    // running one: W1 takes it, and W0 is told to drop it.
-    let mut w1: Vec<u8> = b;
+    assert_eq!(sent.len(), 20);
+    let mut w1: Vec<u8> = sent
+        .iter()
+        .filter(|(w, _)| *w == W1)
+        .map(|(_, k)| k[0])
+        .collect();
+    w1.reverse();
+    // W1 runs all of its own; then, idle while W0 holds queued work, it
+    // takes W0's worst-priority task, and W0 is told to drop it.
     let mut stolen = Vec::new();
     let mut moved = Vec::new();
     while let Some(key) = w1.pop() {
-        finish_in(&mut s, &mut out, W1, key, 10_000_000);
+        finish_in(&mut s, &mut out, W1, key, 100_000_000);
         stolen = out.releases();
         moved = out.computes();
-        w1.extend(moved.iter().filter(|(w, _)| *w == W1).map(|(_, k)| k[0]));
         if !stolen.is_empty() {
             break;
         }
     }
-    assert_eq!(stolen.len(), 1, "nothing moved");
-    assert_eq!(stolen[0].0, W0);
-    assert_eq!(moved, vec![(W1, stolen[0].1)]);
-    let (_, key) = stolen[0];
+    assert_eq!(stolen, vec![(W0, k(29))], "the last sent to W0 moves");
+    assert_eq!(moved, vec![(W1, k(29))]);
+    let key = k(29);
     out.told();
     // W0's late result for it (it ran after all) counts for nothing (S10):
     // it is told to drop it, and no client hears of it.
-    finish_in(&mut s, &mut out, W0, key[0], 10_000_000);
+    finish_in(&mut s, &mut out, W0, 29, 100_000_000);
     assert_eq!(out.releases(), vec![(W0, key)]);
     assert_eq!(out.told(), vec![]);
     // W1's result is the one accepted.
-    finish_in(&mut s, &mut out, W1, key[0], 10_000_000);
+    finish_in(&mut s, &mut out, W1, 29, 100_000_000);
     assert_eq!(out.told(), vec![(C0, key, Ok(vec![W1]))]);
 }
 
