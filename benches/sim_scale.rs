@@ -34,6 +34,7 @@ fn spec(i: usize, name: &Arc<str>, function: &Arc<str>, deps: Vec<WireKey>) -> T
         deps,
         timeout_ms: None,
         retries: 0,
+        annotations: Default::default(),
     }
 }
 

@@ -206,6 +206,15 @@ const WORKLOADS: &[Workload] = &[
         run: dist_submit_chain,
     },
     Workload {
+        name: "dist_unequal",
+        about: "N sleeping tasks, 20 % 50 ms and the rest 1 ms, the long ones all placed on one worker; after a warm-up of 2000 no-ops",
+        sizes: &[200],
+        executors: &["local:2"],
+        caps: &[],
+        accepts: Accepts::Cluster,
+        run: dist_unequal,
+    },
+    Workload {
         name: "dist_roundtrip",
         about: "N strictly sequential submit(inc(x)).result() round trips",
         sizes: SIZES,
@@ -1022,6 +1031,42 @@ fn dist_submit_chain(run: &Run) -> Outcome {
     Ok(report)
 }
 
+/// Sleeps 50 ms for `i` ending in 0 or 2, 1 ms otherwise; returns `i`.
+fn unequal(i: i64) -> i64 {
+    let ms = if matches!(i % 10, 0 | 2) { 50 } else { 1 };
+    std::thread::sleep(std::time::Duration::from_millis(ms));
+    i
+}
+
+/// Unequal task costs placed unluckily: 2000 no-ops first teach the
+/// scheduler that tasks are short (windows of 64 per thread), then
+/// `map(unequal, 0..N)` goes out in those windows, alternately to the two
+/// workers, so every long task (even `i`) lands on the first worker. Timed:
+/// the map and its gather.
+fn dist_unequal(run: &Run) -> Outcome {
+    let (client, startup_s) = client(run)?;
+    let warm = client
+        .map(noop, 0..2000)
+        .and_then(|f| client.gather(&f))
+        .map_err(|e| format!("warm-up: {e}"))?;
+    check("warm-up results", warm.len(), 2000)?;
+    let (got, map_gather_s) = timed(|| {
+        client
+            .map(unequal, 0..run.n as i64)
+            .and_then(|f| client.gather(&f))
+    });
+    let got = computed("unequal", got)?;
+    check(
+        "sum of results",
+        got.iter().sum::<i64>(),
+        (run.n as i64 - 1) * run.n as i64 / 2,
+    )?;
+    let report = Report::new(run, run.n, map_gather_s, map_gather_s)
+        .startup(startup_s)
+        .secs("map_gather_s", map_gather_s);
+    Ok(report)
+}
+
 /// N strictly sequential round trips: submit `inc(x)`, wait for its result,
 /// feed it to the next.
 fn dist_roundtrip(run: &Run) -> Outcome {
@@ -1063,7 +1108,7 @@ fn main() -> ExitCode {
     // re-run with `RASK_WORKER` set) this runs the worker and exits. Every
     // function a workload sends to a cluster is listed.
     rask::init_with(rask::tasks![
-        inc, add, noop, load, slice_sum, add_f, cpu_work, sum_all
+        inc, add, noop, load, slice_sum, add_f, cpu_work, sum_all, unequal
     ]);
     // `cargo bench` appends `--bench`; it means nothing here.
     let args: Vec<String> = std::env::args()

@@ -260,7 +260,9 @@ pub use plan::{Explain, PlannedTask, Timings};
 /// [`rask_distributed::init_logging`].
 #[cfg(feature = "distributed")]
 pub use rask_distributed::init_logging;
-pub use rask_executor::{cancelled, diagnostics, events, Key, RemoteError, Value};
+pub use rask_executor::{
+    cancelled, diagnostics, events, Annotations, Key, RemoteError, ResourceError, Resources, Value,
+};
 pub use run::cache;
 pub use run::compute::{compute, compute_with, explain, Compute};
 pub use run::config;

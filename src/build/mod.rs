@@ -5,6 +5,7 @@
 //! is added to these types from above, as inherent `impl` blocks in `run/`
 //! and `futures/`.
 
+pub(crate) mod annotate;
 pub(crate) mod args;
 pub(crate) mod data;
 pub(crate) mod delayed;

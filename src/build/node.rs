@@ -125,6 +125,10 @@ impl Op for Node {
         self.call.retries()
     }
 
+    fn annotations(&self) -> Option<&rask_executor::Annotations> {
+        self.call.annotations()
+    }
+
     fn is_work(&self) -> bool {
         self.call.value().is_none() && !self.call.is_future()
     }
@@ -200,6 +204,11 @@ pub(crate) trait Call: Send + Sync + 'static {
     /// Whether the work was marked cached (`Delayed::cache`) or never to be
     /// cached (`Delayed::unique`); `None`: the defaults decide.
     fn cache_mark(&self) -> Option<bool> {
+        None
+    }
+
+    /// Its priority, resources and workers (see `Delayed::annotate`).
+    fn annotations(&self) -> Option<&rask_executor::Annotations> {
         None
     }
 }
@@ -288,6 +297,9 @@ impl Call for Marked {
     fn cache_mark(&self) -> Option<bool> {
         Some(self.cache)
     }
+    fn annotations(&self) -> Option<&rask_executor::Annotations> {
+        self.call.annotations()
+    }
 }
 
 /// Another call with a timeout or retries (`Delayed::timeout`,
@@ -346,6 +358,52 @@ impl Call for Limited {
     }
     fn cache_mark(&self) -> Option<bool> {
         self.call.cache_mark()
+    }
+    fn annotations(&self) -> Option<&rask_executor::Annotations> {
+        self.call.annotations()
+    }
+}
+
+/// Another call with annotations (`Delayed::annotate`): the same work,
+/// limits and key.
+pub(crate) struct Annotated {
+    pub(crate) call: Arc<dyn Call>,
+    pub(crate) annotations: rask_executor::Annotations,
+}
+
+impl Call for Annotated {
+    fn run(&self, inputs: &mut [Option<Value>]) -> Result<Value, OpError> {
+        self.call.run(inputs)
+    }
+    fn value(&self) -> Option<&Value> {
+        self.call.value()
+    }
+    fn prepare(&self) {
+        self.call.prepare()
+    }
+    fn is_future(&self) -> bool {
+        self.call.is_future()
+    }
+    fn to_wire(&self) -> Result<WireTask, WireError> {
+        self.call.to_wire()
+    }
+    fn sendable(&self) -> Result<(), WireError> {
+        self.call.sendable()
+    }
+    fn timeout(&self) -> Option<std::time::Duration> {
+        self.call.timeout()
+    }
+    fn retries(&self) -> u32 {
+        self.call.retries()
+    }
+    fn code(&self) -> Code {
+        self.call.code()
+    }
+    fn cache_mark(&self) -> Option<bool> {
+        self.call.cache_mark()
+    }
+    fn annotations(&self) -> Option<&rask_executor::Annotations> {
+        Some(&self.annotations)
     }
 }
 

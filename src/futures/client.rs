@@ -67,6 +67,9 @@ use crate::{Error, Result};
 #[derive(Clone)]
 pub struct Client {
     pub(crate) inner: Arc<Shared>,
+    /// Given to every task this handle submits that has none of its own
+    /// ([`Client::annotate`]).
+    annotations: Option<Arc<rask_executor::Annotations>>,
 }
 
 /// State shared by a client, its futures and its running submissions.
@@ -176,6 +179,31 @@ impl Client {
                 changed: Condvar::new(),
                 sleepers: AtomicUsize::new(0),
             }),
+            annotations: None,
+        }
+    }
+
+    /// This client, giving `annotations` (a priority, resources, workers)
+    /// to every task it submits that has none of its own — Dask's
+    /// `client.submit(…, priority=…)`, `client.map(…, resources=…)`. The
+    /// clone shares everything else (futures, cache, connection) with
+    /// `self`. Identical work already submitted keeps its first
+    /// annotations. Local executors ignore them (see
+    /// [`Delayed::priority`](crate::Delayed::priority)).
+    ///
+    /// ```
+    /// # use rask::{Annotations, Client};
+    /// fn inc(x: i64) -> i64 { x + 1 }
+    /// let client = Client::threads(2)?;
+    /// let urgent = client.annotate(Annotations { priority: 10, ..Annotations::default() });
+    /// let fs = urgent.map(inc, 0..4)?;
+    /// assert_eq!(client.gather(&fs)?, vec![1, 2, 3, 4]);
+    /// # Ok::<(), rask::Error>(())
+    /// ```
+    pub fn annotate(&self, annotations: rask_executor::Annotations) -> Client {
+        Client {
+            inner: self.inner.clone(),
+            annotations: Some(Arc::new(annotations)),
         }
     }
 
@@ -684,6 +712,25 @@ impl Client {
 
     /// Futures for `nodes`, scheduling those whose key has no live entry.
     fn submit_nodes<T>(&self, nodes: &[Arc<Node>]) -> Result<Vec<Future<T>>> {
+        let annotated: Vec<Arc<Node>>;
+        let nodes = match &self.annotations {
+            Some(a) => {
+                annotated = nodes
+                    .iter()
+                    .map(|n| match n.call.annotations() {
+                        Some(_) => n.clone(),
+                        None => {
+                            let mut copy = n.rekeyed(n.key, n.name.clone());
+                            copy.call =
+                                crate::build::annotate::annotate_call(&n.call, (**a).clone());
+                            Arc::new(copy)
+                        }
+                    })
+                    .collect();
+                &annotated[..]
+            }
+            None => nodes,
+        };
         let remote = self.inner.backend.is_remote();
         if remote {
             crate::build::registry::check_sendable(nodes)?;

@@ -78,8 +78,10 @@ impl Client {
                     last_heartbeat_ms: 0,
                     utilisation: None,
                     spill: None,
+                    resources: String::new(),
                 })
                 .collect(),
+            unrunnable: Vec::new(),
         })
     }
 

@@ -146,6 +146,7 @@ impl Recording {
                     utilisation: (span_ms > 0.0)
                         .then(|| (busy_ms / (span_ms * f64::from(threads))).min(1.0)),
                     spill: None,
+                    resources: String::new(),
                 }
             })
             .collect();
@@ -164,6 +165,7 @@ impl Recording {
                 totals,
                 functions: self.functions.clone(),
                 workers,
+                unrunnable: Vec::new(),
             },
             tasks: self.tasks.clone(),
             title,

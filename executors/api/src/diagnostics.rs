@@ -118,6 +118,10 @@ pub struct WorkerRow {
     /// Share of its threads' time spent running tasks, from 0 to 1, over
     /// the report's span (reports only; `null` live).
     pub utilisation: Option<f64>,
+    /// The resources it declared, e.g. `GPU=2,MEM=64000000000`; empty
+    /// when none.
+    #[serde(default)]
+    pub resources: String,
     /// Its memory limit and what it spilled to disk, for a worker with a
     /// memory limit (`null` otherwise, and before its first heartbeat).
     #[serde(default)]
@@ -177,6 +181,11 @@ pub struct Snapshot {
     pub functions: Vec<FunctionCounts>,
     /// Workers, by id.
     pub workers: Vec<WorkerRow>,
+    /// Work that waits because no connected worker can run it: one line
+    /// per restriction (`Delayed::resources`, `Delayed::workers`) that no
+    /// worker satisfies any more, with how many tasks wait for it.
+    #[serde(default)]
+    pub unrunnable: Vec<String>,
 }
 
 /// Whether a task in the task stream finished or failed.
@@ -245,6 +254,7 @@ const DATA_SLOT: &str = r#"<script id="rask-data" type="application/json">null</
 /// let status = Snapshot {
 ///     version: SCHEMA_VERSION, scheduler: "sync".into(), uptime_ms: 5, clients: 1,
 ///     tasks_per_second: 0.0, totals: Counts::default(), functions: vec![], workers: vec![],
+///     unrunnable: vec![],
 /// };
 /// let page = report_page(&Report { status, tasks: vec![], title: "</script> & co".into() });
 /// assert!(page.contains(r#""scheduler":"sync""#));

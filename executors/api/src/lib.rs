@@ -39,6 +39,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod annotations;
 pub mod diagnostics;
 pub mod entry;
 pub mod events;
@@ -49,6 +50,9 @@ mod simulated;
 mod stop;
 mod synchronous;
 
+pub use annotations::{
+    Annotations, ResourceError, Resources, MAX_AMOUNT, MAX_RESOURCES, MAX_RESOURCE_NAME,
+};
 pub use failure::{
     decode_failure, encode_failure, panic_message, Cause, Failure, FailureKind, OpError,
     RemoteError,
@@ -174,6 +178,13 @@ pub trait Op: Send + Sync {
     /// [`timeout`](Op::timeout) is.
     fn retries(&self) -> u32 {
         0
+    }
+
+    /// What the task asks of a cluster's scheduler: a priority, resources,
+    /// workers ([`Annotations`]); `None` asks for nothing. Executors that
+    /// run everything in this process ignore it.
+    fn annotations(&self) -> Option<&Annotations> {
+        None
     }
 }
 

@@ -239,6 +239,11 @@ pub const SPILL_DIR_ENV: &str = "RASK_WORKER_SPILL_DIR";
 /// exits with [`RESTART_EXIT_CODE`] (see [`worker::Options::supervised`]).
 pub const SUPERVISED_ENV: &str = "RASK_WORKER_SUPERVISED";
 
+/// The environment variable declaring a worker process's resources, e.g.
+/// `GPU=2,MEM=64e9` (see [`worker::Options::resources`] and
+/// [`worker::parse_resources`]).
+pub const RESOURCES_ENV: &str = "RASK_WORKER_RESOURCES";
+
 /// The exit status of a supervised worker process that asks to be
 /// restarted because a thread is stuck in a task (75, `EX_TEMPFAIL` of
 /// `sysexits.h`: a temporary failure, try again).

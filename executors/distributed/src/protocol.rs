@@ -68,7 +68,10 @@ pub const MAGIC: [u8; 4] = *b"RASK";
 /// copies on every worker (`ToScheduler::Replicate`), which the scheduler
 /// asks of workers with `ToWorker::Fetch`. Version 7: workers with a
 /// memory limit report it and what they spilled (`ToScheduler::Memory`),
-/// and `Info` answers carry it.
+/// and `Info` answers carry it; tasks carry annotations (a priority,
+/// resources, workers; `TaskSpec::annotations`), workers declare resources
+/// (`RegisterWorker::resources`), and a `Compute`'s priority is a
+/// [`Priority`].
 pub const VERSION: u16 = 7;
 
 /// Values whose encoding is at most this many bytes travel with their
@@ -483,6 +486,36 @@ impl fmt::Display for WorkerId {
 /// A key as it travels: its 32 bytes.
 pub type WireKey = [u8; 32];
 
+/// Where a task stands among ready work: by the user's priority, higher
+/// first (`Delayed::priority`, Dask's `priority=`), then by `order`, lower
+/// first (the scheduler's submission order). [`Ord`] puts what runs first
+/// first: `a < b` when `a` runs before `b`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub struct Priority {
+    /// The user's priority; 0 by default. Any value.
+    pub user: i32,
+    /// Submission order. Any value: it is only compared.
+    pub order: u64,
+}
+
+impl Ord for Priority {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        other
+            .user
+            .cmp(&self.user)
+            .then(self.order.cmp(&other.order))
+    }
+}
+
+impl PartialOrd for Priority {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// The most workers a task may name (`Annotations::workers`).
+pub const MAX_WORKERS_NAMED: usize = 1024;
+
 /// One task of a graph as a client sends it: enough to run it anywhere, and
 /// to run it again if its value is lost.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -505,6 +538,12 @@ pub struct TaskSpec {
     /// How many times it runs again when it fails (`Op::retries`). Any
     /// value: a worker stops retrying a task nobody wants any more.
     pub retries: u32,
+    /// Its priority, resources and workers (`Op::annotations`): at most
+    /// [`MAX_RESOURCES`](rask_executor::MAX_RESOURCES) resources with
+    /// names of at most [`MAX_RESOURCE_NAME`](rask_executor::MAX_RESOURCE_NAME)
+    /// bytes, and [`MAX_WORKERS_NAMED`] workers of at most [`MAX_ADDRESS`]
+    /// bytes each.
+    pub annotations: rask_executor::Annotations,
 }
 
 impl TaskSpec {
@@ -527,6 +566,7 @@ impl TaskSpec {
                 .timeout()
                 .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
             retries: task.op.retries(),
+            annotations: task.op.annotations().cloned().unwrap_or_default(),
         }
     }
 }
@@ -657,6 +697,9 @@ pub enum ToScheduler {
         address: String,
         /// Number of compute threads: 1 to [`MAX_THREADS`].
         threads: u32,
+        /// What it has for tasks that ask for resources (`--resources`,
+        /// `RASK_WORKER_RESOURCES`): bounded as a task's are.
+        resources: rask_executor::Resources,
     },
     /// Worker: a task ran and its value is held here.
     TaskFinished {
@@ -788,8 +831,8 @@ pub enum ToWorker {
         deps: Vec<WireKey>,
         /// Holders of the inputs this worker does not hold.
         who_has: Vec<(WireKey, Vec<WorkerId>)>,
-        /// Lower runs first. Any value: it is only compared.
-        priority: u64,
+        /// Lesser runs first ([`Priority`]'s order).
+        priority: Priority,
         /// How long it may run, in milliseconds, before it fails as timed
         /// out; `None`: as long as it takes.
         timeout_ms: Option<u64>,
@@ -1089,6 +1132,19 @@ fn length(what: &'static str, len: usize, max: usize) -> Result<(), ProtocolErro
     within(what, len, 0, max as u64)
 }
 
+/// Resources as they travel: at most `MAX_RESOURCES` entries with names of
+/// at most `MAX_RESOURCE_NAME` bytes (amounts are any `u64`: sums saturate).
+fn bounded_resources(
+    what: &'static str,
+    resources: &rask_executor::Resources,
+) -> Result<(), ProtocolError> {
+    let entries = resources.milli();
+    length(what, entries.len(), rask_executor::MAX_RESOURCES)?;
+    entries
+        .iter()
+        .try_for_each(|(name, _)| length(what, name.len(), rask_executor::MAX_RESOURCE_NAME))
+}
+
 /// The inline value of a report: at most [`INLINE_BYTES`].
 fn inline(what: &'static str, value: &Option<Arc<[u8]>>) -> Result<(), ProtocolError> {
     match value {
@@ -1100,8 +1156,13 @@ fn inline(what: &'static str, value: &Option<Arc<[u8]>>) -> Result<(), ProtocolE
 impl Bounded for ToScheduler {
     fn check(&self) -> Result<(), ProtocolError> {
         match self {
-            ToScheduler::RegisterWorker { address, threads } => {
+            ToScheduler::RegisterWorker {
+                address,
+                threads,
+                resources,
+            } => {
                 length("RegisterWorker.address length", address.len(), MAX_ADDRESS)?;
+                bounded_resources("RegisterWorker.resources", resources)?;
                 within(
                     "RegisterWorker.threads",
                     u64::from(*threads),
@@ -1141,10 +1202,21 @@ impl Bounded for ToScheduler {
                 within("Memory.memory_bytes", spill.memory_bytes, 0, MAX_MEMORY)?;
                 within("Memory.spilled_bytes", spill.spilled_bytes, 0, MAX_MEMORY)
             }
+            ToScheduler::UpdateGraph { tasks, .. } => tasks.iter().try_for_each(|t| {
+                let a = &t.annotations;
+                bounded_resources("TaskSpec.annotations.resources", &a.resources)?;
+                length(
+                    "TaskSpec.annotations.workers count",
+                    a.workers.len(),
+                    MAX_WORKERS_NAMED,
+                )?;
+                a.workers.iter().try_for_each(|w| {
+                    length("TaskSpec.annotations.workers length", w.len(), MAX_ADDRESS)
+                })
+            }),
             // Keys and worker ids are only looked up; list lengths are
             // bounded by the frame; failures are text.
-            ToScheduler::UpdateGraph { .. }
-            | ToScheduler::ReleaseKeys { .. }
+            ToScheduler::ReleaseKeys { .. }
             | ToScheduler::TaskErred { .. }
             | ToScheduler::TaskAbandoned { .. }
             | ToScheduler::DataAdded { .. }
@@ -1498,13 +1570,16 @@ mod tests {
             payload: Arc::from(&[7u8, 8][..]),
             deps: vec![[2; 32]],
             who_has: vec![([2; 32], vec![WorkerId(3)])],
-            priority: 300,
+            priority: Priority {
+                user: 0,
+                order: 300,
+            },
             timeout_ms: Some(1500),
             retries: 2,
         };
         let frame = frame(&msg);
         let expected = [
-            "76000000", // body length: 118 bytes
+            "77000000", // body length: 119 bytes
             "03",       // variant: Compute
             &"01".repeat(32),
             "03696e63", // name "inc"
@@ -1515,7 +1590,7 @@ mod tests {
             "01", // one who_has entry
             &"02".repeat(32),
             "0103",   // holders [3]
-            "ac02",   // priority 300, varint
+            "00ac02", // priority: user 0, order 300 (varints)
             "01dc0b", // timeout: some, 1500 ms
             "02",     // retries: 2
         ]
@@ -1668,6 +1743,7 @@ mod tests {
         let register = |threads, address: usize| ToScheduler::RegisterWorker {
             address: "a".repeat(address),
             threads,
+            resources: Default::default(),
         };
         assert_eq!(out_of_range(&register(1, 14)), None);
         assert_eq!(out_of_range(&register(MAX_THREADS, MAX_ADDRESS)), None);

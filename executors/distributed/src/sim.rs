@@ -18,6 +18,7 @@
 //!     deps: deps.iter().map(|&d| [d; 32]).collect(),
 //!     timeout_ms: None,
 //!     retries: 0,
+//!     annotations: Default::default(),
 //! };
 //! let mut add = |task: &TaskSpec, inputs: &mut [Option<Value>]| -> Result<Value, Box<WireFailure>> {
 //!     let sum: u64 = inputs.iter().map(|v| rask_distributed::sim::decode_u64(v.as_ref().unwrap())).sum();
@@ -93,10 +94,13 @@ use rask_executor::{
 };
 
 use crate::protocol::{
-    TaskSpec, ToClient, ToScheduler, ToWorker, WireEvent, WireFailure, WireFailureKind, WireKey,
-    WorkerId, INLINE_BYTES,
+    Priority, TaskSpec, ToClient, ToScheduler, ToWorker, WireEvent, WireFailure, WireFailureKind,
+    WireKey, WorkerId, INLINE_BYTES,
 };
-use crate::scheduler::state::{ClientId, Finished, Outbox, Reporter as FetchReporter, State};
+use crate::scheduler::state::{
+    ClientId, Finished, Outbox, Registration, Reporter as FetchReporter, State,
+};
+use rask_executor::Resources;
 
 /// The seeded generator behind every choice of a simulation: SplitMix64
 /// (Steele, Lea and Flood), small, fast and good enough to pick latencies.
@@ -370,6 +374,8 @@ pub struct Sim {
     max_steps: u64,
     max_duration: u64,
     watch: bool,
+    /// The resources of the worker in each slot (`Sim::worker_resources`).
+    resources: Vec<Resources>,
 }
 
 impl Sim {
@@ -388,7 +394,16 @@ impl Sim {
             max_steps: u64::MAX,
             max_duration: 100,
             watch: false,
+            resources: Vec::new(),
         }
+    }
+
+    /// The resources each worker declares, by slot: the `i`-th worker
+    /// started, and each worker that replaces it after a kill, declares
+    /// `resources[i]`; workers past the list declare none.
+    pub fn worker_resources(mut self, resources: Vec<Resources>) -> Sim {
+        self.resources = resources;
+        self
     }
 
     /// Threads per worker (at least 1).
@@ -486,10 +501,11 @@ enum Ev {
         key: WireKey,
         holders: Vec<WorkerId>,
     },
-    /// The scheduler notices a dead worker's connection closed.
-    Lost(WorkerId),
-    /// A replacement worker registers.
-    Join,
+    /// The scheduler notices a dead worker's connection closed; the
+    /// worker's slot.
+    Lost(WorkerId, u32),
+    /// A worker registers in this slot.
+    Join(u32),
 }
 
 /// The sim's outbox: what the scheduler sent during one handler.
@@ -526,7 +542,7 @@ struct Held {
 /// A task a worker was sent.
 struct Pending {
     spec: TaskSpec,
-    priority: u64,
+    priority: Priority,
     /// Inputs not in the store yet.
     missing: BTreeSet<WireKey>,
     /// The run's id while running.
@@ -536,6 +552,8 @@ struct Pending {
 struct Running {
     key: WireKey,
     outcome: Result<Held, WireFailure>,
+    /// When it started: its duration is reported (ticks read as µs).
+    started: u64,
 }
 
 struct SimWorker {
@@ -543,16 +561,21 @@ struct SimWorker {
     busy: u32,
     store: BTreeMap<WireKey, Held>,
     tasks: BTreeMap<WireKey, Pending>,
-    ready: BTreeSet<(u64, WireKey)>,
+    ready: BTreeSet<(Priority, WireKey)>,
     /// Inputs being fetched, with the holders still to try after the
     /// current one.
     fetching: BTreeSet<WireKey>,
     runs: BTreeMap<u64, Running>,
+    /// Its slot (`Sim::worker_resources`) and what it declared.
+    slot: u32,
+    resources: Resources,
 }
 
 impl SimWorker {
-    fn new(threads: u32) -> SimWorker {
+    fn new(threads: u32, slot: u32, resources: Resources) -> SimWorker {
         SimWorker {
+            slot,
+            resources,
             threads,
             busy: 0,
             store: BTreeMap::new(),
@@ -592,6 +615,9 @@ struct World {
     scheduler_time: Duration,
     stalled: bool,
     task_events: Vec<WireEvent>,
+    /// The annotations of the run's tasks, which a `Compute` does not
+    /// carry (the resources a simulated worker checks).
+    annotations: BTreeMap<WireKey, rask_executor::Annotations>,
 }
 
 impl World {
@@ -649,6 +675,11 @@ impl World {
             scheduler_time: Duration::ZERO,
             stalled: false,
             task_events: Vec::new(),
+            annotations: tasks
+                .iter()
+                .filter(|t| t.annotations != rask_executor::Annotations::default())
+                .map(|t| (t.key, t.annotations.clone()))
+                .collect(),
             sim,
         }
     }
@@ -704,18 +735,30 @@ impl World {
         self.task_events.extend(mail.events);
     }
 
-    fn join(&mut self) {
+    fn join(&mut self, slot: u32) {
         let id = WorkerId(self.next_worker);
         self.next_worker += 1;
-        self.workers.insert(id, SimWorker::new(self.sim.threads));
+        let resources = self
+            .sim
+            .resources
+            .get(slot as usize)
+            .cloned()
+            .unwrap_or_default();
+        let worker = SimWorker::new(self.sim.threads, slot, resources.clone());
+        self.workers.insert(id, worker);
         self.record(Event::Joined(id));
-        let threads = self.sim.threads;
-        self.schedule(|s, out| s.on_worker_registered(id, format!("sim:{}", id.0), threads, out));
+        let registration = Registration {
+            address: format!("sim:{}", id.0),
+            threads: self.sim.threads,
+            resources,
+            name: Some(format!("slot-{slot}")),
+        };
+        self.schedule(|s, out| s.on_worker_joined(id, registration, out));
     }
 
     fn start(&mut self, tasks: Vec<TaskSpec>, wanted: Vec<WireKey>) {
-        for _ in 0..self.sim.workers {
-            self.join();
+        for slot in 0..self.sim.workers {
+            self.join(slot);
         }
         self.schedule(|s, out| s.on_client_connected(CLIENT, out));
         self.wanted = wanted.iter().copied().collect();
@@ -790,12 +833,12 @@ impl World {
 
     /// `w` dies (rule 5).
     fn kill(&mut self, w: WorkerId, key: Option<WireKey>) {
-        if self.workers.remove(&w).is_none() {
+        let Some(dead) = self.workers.remove(&w) else {
             return;
-        }
+        };
         self.record(Event::Killed { worker: w, key });
         // Behind what it already sent.
-        self.send(Link::FromWorker(w), Ev::Lost(w));
+        self.send(Link::FromWorker(w), Ev::Lost(w, dead.slot));
     }
 
     fn handle(&mut self, ev: Ev, runner: &mut Runner<'_>) {
@@ -829,12 +872,12 @@ impl World {
                 holders,
             } => self.fetched(worker, key, holders),
             Ev::ClientFetched { key, holders } => self.client_fetched(key, holders),
-            Ev::Lost(w) => {
+            Ev::Lost(w, slot) => {
                 self.schedule(|s, out| s.on_worker_lost(w, out));
                 let at = self.now + 1 + self.rng.below(20);
-                self.at(at, Ev::Join);
+                self.at(at, Ev::Join(slot));
             }
-            Ev::Join => self.join(),
+            Ev::Join(slot) => self.join(slot),
         }
         if let Some(w) = touched {
             self.pump(w, runner);
@@ -946,6 +989,7 @@ impl World {
                     deps,
                     timeout_ms,
                     retries,
+                    annotations: self.annotations.get(&key).cloned().unwrap_or_default(),
                 };
                 worker.tasks.insert(
                     key,
@@ -1154,7 +1198,38 @@ impl World {
         let worker = self.workers.get_mut(&w).expect("live");
         worker.busy += 1;
         worker.tasks.get_mut(&key).expect("pending").run = Some(run);
-        worker.runs.insert(run, Running { key, outcome });
+        let started = self.now;
+        worker.runs.insert(
+            run,
+            Running {
+                key,
+                outcome,
+                started,
+            },
+        );
+        // Resources are never exceeded by what runs at once (S14).
+        let running: Vec<&TaskSpec> = worker
+            .runs
+            .values()
+            .filter_map(|r| worker.tasks.get(&r.key))
+            .map(|t| &t.spec)
+            .collect();
+        for (name, total) in worker.resources.milli() {
+            let held: u64 = running
+                .iter()
+                .map(|t| t.annotations.resources.get_milli(name))
+                .sum();
+            assert!(
+                held <= *total,
+                "{w} runs {held} thousandths of {name}, above its {total}"
+            );
+        }
+        for t in &running {
+            assert!(
+                worker.resources.covers(&t.annotations.resources),
+                "{w} runs a task asking for resources it lacks"
+            );
+        }
         let at = self.now + 1 + self.rng.below(self.sim.max_duration);
         self.at(at, Ev::RunDone(w, run));
     }
@@ -1163,7 +1238,12 @@ impl World {
         let Some(worker) = self.workers.get_mut(&w) else {
             return;
         };
-        let Some(Running { key, outcome }) = worker.runs.remove(&run) else {
+        let Some(Running {
+            key,
+            outcome,
+            started,
+        }) = worker.runs.remove(&run)
+        else {
             return; // released while running
         };
         worker.busy -= 1;
@@ -1183,7 +1263,7 @@ impl World {
                 let finished = ToScheduler::TaskFinished {
                     key,
                     nbytes,
-                    duration_ns: 1_000,
+                    duration_ns: (self.now - started).saturating_mul(1_000),
                     value,
                     thread: 0,
                 };

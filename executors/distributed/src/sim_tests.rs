@@ -2,6 +2,7 @@
 //! whatever the faults, lost values are recomputed, a seed replays.
 
 use super::*;
+use crate::protocol::WireEventKind;
 
 /// One task of a random graph: inputs (earlier tasks), a salt, whether
 /// its value is big (fetched rather than inlined) and whether it fails.
@@ -54,6 +55,7 @@ fn specs(nodes: &[Node]) -> Vec<TaskSpec> {
                 deps: node.deps.iter().map(|&d| key(d)).collect(),
                 timeout_ms: None,
                 retries: 0,
+                annotations: Default::default(),
             }
         })
         .collect()
@@ -394,4 +396,152 @@ fn a_seed_replays_exactly() {
             (b.steps, b.time, b.decisions)
         );
     }
+}
+
+/// `specs(nodes)` with annotations drawn from `rng`: priorities from -3
+/// to 3, a quarter of the tasks asking for `GPU=1` (slot 0's worker has
+/// one), a few naming slot 1's worker.
+fn annotated_specs(nodes: &[Node], rng: &mut SplitMix64, named: bool) -> Vec<TaskSpec> {
+    let mut specs = specs(nodes);
+    for spec in &mut specs {
+        spec.annotations.priority = rng.below(7) as i32 - 3;
+        match rng.below(8) {
+            0 | 1 => spec.annotations.resources = Resources::parse("GPU=1").unwrap(),
+            2 if named => spec.annotations.workers = vec!["slot-1".into()],
+            _ => {}
+        }
+    }
+    specs
+}
+
+#[test]
+fn annotated_graphs_agree_and_never_exceed_resources_under_faults() {
+    // The simulated workers assert that what they run at once never holds
+    // more of a resource than they have, nor any they lack (S14), and the
+    // scheduler's invariants are checked after every step.
+    let mut rng = SplitMix64::new(23);
+    let mut gpu_runs = 0;
+    let mut refusals = 0;
+    for case in 0..300 {
+        let (nodes, wanted) = random_graph(&mut rng);
+        let workers = 1 + rng.below(4) as u32;
+        let seed = rng.next_u64();
+        let faults = rng.below(4) as usize;
+        let tasks = annotated_specs(&nodes, &mut rng, workers >= 2);
+        let gpu: BTreeSet<WireKey> = tasks
+            .iter()
+            .filter(|t| !t.annotations.resources.is_empty())
+            .map(|t| t.key)
+            .collect();
+        let report = Sim::new(workers, seed)
+            .threads(1 + rng.below(3) as u32)
+            .worker_resources(vec![Resources::parse("GPU=1").unwrap()])
+            .random_faults(faults)
+            .run(
+                tasks,
+                wanted.iter().map(|&i| key(i)).collect(),
+                &mut run_mix,
+            );
+        let what = format!("case {case} ({workers} workers, seed {seed}, {faults} faults)");
+        // A graph that arrives while the only worker of a restriction is
+        // dead (killed before the graph was delivered) fails at once,
+        // naming the request (S14): by design, not a disagreement.
+        let refused = report.results.values().any(|r| {
+            r.as_ref().is_err_and(|f| {
+                f.message
+                    .starts_with("no connected worker can run this task")
+            })
+        });
+        if refused {
+            assert!(
+                report
+                    .log
+                    .iter()
+                    .any(|e| matches!(e.event, Event::Killed { .. })),
+                "{what}: refused with every worker alive"
+            );
+            refusals += 1;
+            continue;
+        }
+        check_agrees(&nodes, &wanted, &report, &what);
+        // Restricted tasks ran only on the worker of their slot: workers
+        // of slot 0 have ids 0 and, after kills, ids past the others.
+        for e in &report.log {
+            if let Event::Ran { worker, key, .. } = &e.event {
+                if gpu.contains(key) {
+                    gpu_runs += 1;
+                    assert!(
+                        worker.0 == 0 || worker.0 >= workers,
+                        "{what}: GPU task on {worker}"
+                    );
+                }
+            }
+        }
+    }
+    assert!(gpu_runs > 300, "only {gpu_runs} GPU runs");
+    assert!(refusals < 30, "{refusals} refusals");
+}
+
+#[test]
+fn higher_priority_runs_first_on_a_busy_worker() {
+    // One worker, one thread, twenty independent tasks; the last five have
+    // priority 1: they run before every task still queued.
+    let nodes: Vec<Node> = (0..20)
+        .map(|i| Node {
+            deps: vec![],
+            salt: i,
+            big: false,
+            fails: false,
+        })
+        .collect();
+    let mut tasks = specs(&nodes);
+    for t in &mut tasks[15..] {
+        t.annotations.priority = 1;
+    }
+    let report = Sim::new(1, 5)
+        .threads(1)
+        .run(tasks, (0..20).map(key).collect(), &mut run_mix);
+    check_agrees(&nodes, &(0..20).collect::<Vec<_>>(), &report, "priorities");
+    let ran: Vec<WireKey> = report
+        .log
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::Ran { key, .. } => Some(*key),
+            _ => None,
+        })
+        .collect();
+    let urgent: BTreeSet<WireKey> = (15..20).map(key).collect();
+    assert!(ran[..5].iter().all(|k| urgent.contains(k)), "{ran:?}");
+}
+
+#[test]
+fn long_tasks_queued_on_a_busy_worker_move_to_an_idle_one() {
+    // Two one-thread workers, forty tasks of up to 3 ms: whenever one
+    // worker runs dry while the other holds queued work, a task moves
+    // (S15); each result still comes from the run the scheduler accepted.
+    let nodes: Vec<Node> = (0..40)
+        .map(|i| Node {
+            deps: vec![],
+            salt: i,
+            big: false,
+            fails: false,
+        })
+        .collect();
+    let mut moved = 0;
+    for seed in 0..20 {
+        let report = Sim::new(2, seed)
+            .threads(1)
+            .max_duration(3_000)
+            .watch(true)
+            .run(specs(&nodes), (0..40).map(key).collect(), &mut run_mix);
+        check_agrees(&nodes, &(0..40).collect::<Vec<_>>(), &report, "moved");
+        let mut started: BTreeMap<WireKey, BTreeSet<WorkerId>> = BTreeMap::new();
+        for e in &report.task_events {
+            if let WireEventKind::Started { worker } = e.kind {
+                started.entry(e.key).or_default().insert(worker);
+            }
+        }
+        moved += started.values().filter(|ws| ws.len() > 1).count();
+    }
+    assert!(moved > 0, "no task moved in 20 runs");
 }

@@ -1196,7 +1196,11 @@ fn a_worker_announcing_threads_or_an_address_out_of_range_is_closed() {
         (0, "127.0.0.1:1".to_owned()),
         (1, "h".repeat(protocol::MAX_ADDRESS + 1)),
     ] {
-        let register = protocol::frame(&ToScheduler::RegisterWorker { address, threads });
+        let register = protocol::frame(&ToScheduler::RegisterWorker {
+            address,
+            threads,
+            resources: Default::default(),
+        });
         // Closed with nothing after the handshake: never registered.
         let addr = cluster.scheduler.address();
         expect_closed_after_handshake(addr, Role::Worker, &cluster.auth, &register);
@@ -1218,6 +1222,7 @@ fn raw_worker(cluster: &Cluster) -> (TcpStream, Vec<protocol::ToWorker>) {
     s.write_all(&protocol::frame(&ToScheduler::RegisterWorker {
         address: "127.0.0.1:1".into(),
         threads: 1,
+        resources: Default::default(),
     }))
     .unwrap();
     let first = read_frame::<protocol::ToWorker>(&mut s);
@@ -1712,6 +1717,7 @@ fn a_worker_without_the_token_cannot_register() {
     let register = protocol::frame(&ToScheduler::RegisterWorker {
         address: "127.0.0.1:1".into(),
         threads: 1,
+        resources: Default::default(),
     });
     nothing_but_refusals(without_the_token(
         cluster.scheduler.address(),
@@ -1799,6 +1805,7 @@ fn a_forged_copy_and_a_forged_failed_fetch_do_not_make_a_client_read_forged_byte
         .write_all(&protocol::frame(&ToScheduler::RegisterWorker {
             address: fake_address.to_string(),
             threads: 1,
+            resources: Default::default(),
         }))
         .unwrap();
     let _ = read_frame::<protocol::ToWorker>(&mut rogue);
@@ -2062,6 +2069,7 @@ fn a_client_that_never_reads_is_closed_and_the_scheduler_stays_small() {
                         deps: Vec::new(),
                         timeout_ms: None,
                         retries: 0,
+                        annotations: Default::default(),
                     })
                     .collect(),
                 wanted: keys,

@@ -1135,7 +1135,14 @@ impl Shell {
                 state.on_fetch_failed(Reporter::Client(c), key, holder, out)
             }
             (Kind::Client(c), ToScheduler::Replicate { keys }) => state.on_replicate(c, keys, out),
-            (Kind::NewWorker, ToScheduler::RegisterWorker { address, threads }) => {
+            (
+                Kind::NewWorker,
+                ToScheduler::RegisterWorker {
+                    address,
+                    threads,
+                    resources,
+                },
+            ) => {
                 let w = WorkerId(conn);
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.kind = Kind::Worker(w);
@@ -1148,7 +1155,15 @@ impl Shell {
                         c.peer
                     );
                 }
-                state.on_worker_registered(w, address, threads, out);
+                // Workers do not send a name yet: `.workers([…])` names
+                // them by address until they do.
+                let registration = state::Registration {
+                    address,
+                    threads,
+                    resources,
+                    name: None,
+                };
+                state.on_worker_joined(w, registration, out);
                 // At most an hour (`heartbeat`): the cast is exact.
                 let every_ms = self.options.heartbeat().as_millis() as u64;
                 out.to_worker(w, ToWorker::Heartbeat { every_ms });

@@ -54,8 +54,14 @@ impl Load {
         self.threads.max(1).saturating_mul(per_thread)
     }
 
-    fn has_room(&self, per_thread: u32) -> bool {
+    pub(crate) fn has_room(&self, per_thread: u32) -> bool {
         self.tasks < self.window(per_thread)
+    }
+
+    /// Whether worker `id` with this load goes before worker `other_id`
+    /// with `other`: lighter per thread, then lower id.
+    pub(crate) fn lighter_or_first(&self, id: WorkerId, other: &Load, other_id: WorkerId) -> bool {
+        self.lighter(other) || (!other.lighter(self) && id < other_id)
     }
 
     /// `self` is less loaded than `other`, per thread.
@@ -152,9 +158,15 @@ impl Loads {
     }
 
     /// The least loaded worker per thread, lowest id first on ties.
-    fn lightest(&self) -> Option<(WorkerId, &Load)> {
+    pub(crate) fn lightest(&self) -> Option<(WorkerId, Load)> {
         let &(_, id) = self.by_load.first()?;
-        Some((id, &self.by_id[&id]))
+        Some((id, self.by_id[&id]))
+    }
+
+    /// The most loaded worker per thread, highest id first on ties.
+    pub(crate) fn heaviest(&self) -> Option<(WorkerId, Load)> {
+        let &(_, id) = self.by_load.last()?;
+        Some((id, self.by_id[&id]))
     }
 
     /// Workers by id.

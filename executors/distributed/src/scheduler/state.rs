@@ -15,9 +15,10 @@ use super::placement::{self, Choice, Loads, LOCALITY_BYTES};
 use rask_executor::diagnostics::Counts;
 
 use crate::protocol::{
-    TaskSpec, ToClient, ToWorker, WireEvent, WireEventKind, WireFailure, WireFailureKind, WireKey,
-    WorkerId, INLINE_BYTES, MAX_THREADS,
+    Priority, TaskSpec, ToClient, ToWorker, WireEvent, WireEventKind, WireFailure, WireFailureKind,
+    WireKey, WorkerId, INLINE_BYTES, MAX_THREADS,
 };
+use rask_executor::Resources;
 
 /// A task that was running on this many workers when they died fails
 /// rather than kill the next worker too (S7), unless set otherwise
@@ -27,6 +28,41 @@ pub(crate) const ALLOWED_WORKER_DEATHS: u8 = 3;
 /// Tasks with more inputs than this are never sent early (S9): deciding
 /// scans every input, at each change of one of them.
 pub(crate) const EARLY_MAX_DEPS: usize = 16;
+
+/// A task is moved to an idle worker only when it would otherwise wait at
+/// least this long on its own (S15): below that, the `Release` and the new
+/// `Compute` cost about what the wait does.
+pub(crate) const STEAL_MIN_WAIT_NS: f64 = 1e6;
+
+/// Tasks move (S15) only while the mean task takes at least this long:
+/// shorter tasks run faster than the scheduler learns of them (a worker
+/// runs the shortest on its network thread as they arrive), so what it
+/// reads as queued has often run already, and would run twice.
+pub(crate) const STEAL_MIN_TASK_NS: f64 = 1e6;
+
+/// Bytes an idle worker fetches per nanosecond, as S15 weighs them against
+/// the wait: 0.1 (100 MB/s), a cautious figure for a busy network.
+pub(crate) const STEAL_BYTES_PER_NS: f64 = 0.1;
+
+/// What a restricted task needs of its worker (S14): resources and worker
+/// names. Tasks with equal restrictions share one queue.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct Restriction {
+    resources: Resources,
+    /// Addresses or names; empty: any worker.
+    workers: Vec<String>,
+}
+
+impl Restriction {
+    fn describe(&self) -> String {
+        rask_executor::Annotations {
+            priority: 0,
+            resources: self.resources.clone(),
+            workers: self.workers.clone(),
+        }
+        .describe_restrictions()
+    }
+}
 
 /// Identifies a client connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -70,6 +106,8 @@ pub(crate) struct WorkerCensus {
     /// Bytes and number of the values it holds.
     pub(crate) data_bytes: u64,
     pub(crate) keys: u64,
+    /// Its resources, as `GPU=2,MEM=64`.
+    pub(crate) resources: String,
 }
 
 /// Where handlers put the messages they send.
@@ -161,7 +199,9 @@ struct Task {
     inline: Option<Arc<[u8]>>,
     /// Clients holding at least one reference.
     who_wants: Vec<Wanter>,
-    priority: u64,
+    priority: Priority,
+    /// What it needs of its worker (S14); `None`: any worker.
+    restriction: Option<Arc<Restriction>>,
     /// Times a worker died while this task was running on it (S7).
     deaths: u8,
     /// While `Processing`: sent early (S9), and not every input is known to
@@ -232,7 +272,67 @@ struct Worker {
     early: u32,
     /// Waiting tasks that may be sent early to this worker, by priority.
     /// Entries can be stale: each is checked again when popped.
-    candidates: BinaryHeap<Reverse<(u64, TaskId)>>,
+    candidates: BinaryHeap<Reverse<(Priority, TaskId)>>,
+    /// Its name, when it has one (S14: tasks may name it).
+    name: Option<String>,
+    /// What it declared (S14).
+    resources: Resources,
+    /// Per entry of `resources`, what its processing tasks hold.
+    used: Vec<u64>,
+    /// Tasks sent to it, each with the tick it was sent at, in sending
+    /// order; stale entries (no longer processing here since that tick)
+    /// are skipped and compacted away. Where S15 looks for a task to move.
+    sent: Vec<(TaskId, u64)>,
+    /// `sent` is compacted when it reaches this length, which is then set
+    /// to twice what is left plus 64 (amortized O(1) per task sent).
+    sent_limit: usize,
+}
+
+impl Worker {
+    /// Whether it may ever run tasks restricted by `r`: it is named, if
+    /// names are given, and declared enough of each resource (S14).
+    fn eligible(&self, r: &Restriction) -> bool {
+        (r.workers.is_empty()
+            || r.workers
+                .iter()
+                .any(|n| *n == self.address || self.name.as_ref() == Some(n)))
+            && self.resources.covers(&r.resources)
+    }
+
+    /// Whether `r`'s resources fit in what its running tasks leave.
+    fn fits_now(&self, r: &Restriction) -> bool {
+        r.resources.milli().iter().all(|(name, amount)| {
+            let entries = self.resources.milli();
+            match entries.binary_search_by(|(n, _)| n.cmp(name)) {
+                Ok(i) => entries[i].1.saturating_sub(self.used[i]) >= *amount,
+                Err(_) => false,
+            }
+        })
+    }
+
+    /// Adds (`hold`) or takes back what `r` holds of its resources.
+    fn hold(&mut self, r: &Restriction, hold: bool) {
+        for (name, amount) in r.resources.milli() {
+            let entries = self.resources.milli();
+            if let Ok(i) = entries.binary_search_by(|(n, _)| n.cmp(name)) {
+                self.used[i] = if hold {
+                    self.used[i].saturating_add(*amount)
+                } else {
+                    self.used[i].saturating_sub(*amount)
+                };
+            }
+        }
+    }
+}
+
+/// What a worker says of itself when it registers.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Registration {
+    pub(crate) address: String,
+    pub(crate) threads: u32,
+    pub(crate) resources: Resources,
+    /// Its name, if it has one.
+    pub(crate) name: Option<String>,
 }
 
 /// The scheduler's whole state.
@@ -243,8 +343,14 @@ pub(crate) struct State {
     workers: BTreeMap<WorkerId, Worker>,
     /// Per client, its references to each key (S5).
     clients: HashMap<ClientId, HashMap<TaskId, u32>>,
-    queue: BinaryHeap<Reverse<(u64, TaskId)>>,
+    queue: BinaryHeap<Reverse<(Priority, TaskId)>>,
+    /// Queued restricted tasks (S14), one queue per restriction. Entries
+    /// can be stale, as in `queue`; empty queues are dropped.
+    restricted: BTreeMap<Arc<Restriction>, BinaryHeap<Reverse<(Priority, TaskId)>>>,
+    /// The next submission order (`Priority::order`).
     next_priority: u64,
+    /// Whether idle workers take queued work from busy ones (S15).
+    balancing: bool,
     /// Mean op duration (exponentially weighted), for the window size.
     mean_ns: Option<f64>,
     /// Tasks whose need may have changed, to settle (S3, S4).
@@ -287,7 +393,9 @@ impl State {
             workers: BTreeMap::new(),
             clients: HashMap::new(),
             queue: BinaryHeap::new(),
+            restricted: BTreeMap::new(),
             next_priority: 0,
+            balancing: true,
             mean_ns: None,
             unsettled: Vec::new(),
             loads: Loads::default(),
@@ -311,6 +419,12 @@ impl State {
     /// (S7; at least 1).
     pub(crate) fn set_allowed_failures(&mut self, n: u8) {
         self.allowed_failures = n.max(1);
+    }
+
+    /// Turns S15 off (tests about other rules) or on.
+    #[cfg(test)]
+    pub(crate) fn set_balancing(&mut self, on: bool) {
+        self.balancing = on;
     }
 
     /// Sets the timeout of tasks that have none of their own.
@@ -342,6 +456,7 @@ impl State {
             running: 0,
             data_bytes: 0,
             keys: 0,
+            resources: w.resources.to_string(),
         }));
         for task in self.slots.iter().filter_map(|s| s.task.as_ref()) {
             if !is_work(&task.function) {
@@ -511,8 +626,9 @@ impl State {
         self.assign(out);
     }
 
-    /// A worker registered its data address. `threads` counts as within
-    /// 1..=[`MAX_THREADS`] whatever the shell let through.
+    /// A worker registered its data address, with no resources and no
+    /// name (tests).
+    #[cfg(test)]
     pub(crate) fn on_worker_registered(
         &mut self,
         worker: WorkerId,
@@ -520,6 +636,28 @@ impl State {
         threads: u32,
         out: &mut impl Outbox,
     ) {
+        let registration = Registration {
+            address,
+            threads,
+            ..Registration::default()
+        };
+        self.on_worker_joined(worker, registration, out);
+    }
+
+    /// A worker registered. Its `threads` count as within
+    /// 1..=[`MAX_THREADS`] whatever the shell let through.
+    pub(crate) fn on_worker_joined(
+        &mut self,
+        worker: WorkerId,
+        registration: Registration,
+        out: &mut impl Outbox,
+    ) {
+        let Registration {
+            address,
+            threads,
+            resources,
+            name,
+        } = registration;
         out.to_worker(worker, ToWorker::Registered { id: worker });
         for (&id, w) in &self.workers {
             out.to_worker(
@@ -552,6 +690,11 @@ impl State {
                 address,
                 early: 0,
                 candidates: BinaryHeap::new(),
+                name,
+                used: vec![0; resources.milli().len()],
+                resources,
+                sent: Vec::new(),
+                sent_limit: 64,
             },
         );
         self.loads.insert(worker, threads.clamp(1, MAX_THREADS));
@@ -607,7 +750,7 @@ impl State {
         // plus one on its network thread, so those are its `threads + 1`
         // first-priority tasks that are not waiting for inputs (early).
         // Tasks queued behind them cannot have killed it.
-        let mut running: Vec<(u64, TaskId)> = requeue
+        let mut running: Vec<(Priority, TaskId)> = requeue
             .iter()
             .map(|&id| self.task(id))
             .filter(|t| !t.early)
@@ -694,15 +837,30 @@ impl State {
                     None => unknown = Some(Key(*dep)),
                 }
             }
-            let priority = self.next_priority;
+            let priority = Priority {
+                user: spec.annotations.priority,
+                order: self.next_priority,
+            };
             self.next_priority += 1;
-            let state = match unknown {
-                None => TaskState::Released,
-                Some(dep) => TaskState::Erred(Arc::new(WireFailure::new(
+            let restriction = spec.annotations.is_restricted().then(|| {
+                Arc::new(Restriction {
+                    resources: spec.annotations.resources.clone(),
+                    workers: spec.annotations.workers.clone(),
+                })
+            });
+            let state = match (unknown, self.unrunnable(restriction.as_deref())) {
+                (None, None) => TaskState::Released,
+                (Some(dep), _) => TaskState::Erred(Arc::new(WireFailure::new(
                     spec.key,
                     spec.name.to_string(),
                     WireFailureKind::Failed,
                     format!("input {dep} is not in the graph sent to the scheduler"),
+                ))),
+                (None, Some(why)) => TaskState::Erred(Arc::new(WireFailure::new(
+                    spec.key,
+                    spec.name.to_string(),
+                    WireFailureKind::Failed,
+                    why,
                 ))),
             };
             let n_deps = deps.len();
@@ -726,6 +884,7 @@ impl State {
                 inline: None,
                 who_wants: Vec::new(),
                 priority,
+                restriction,
                 deaths: 0,
                 early: false,
                 timeout_ms: spec.timeout_ms,
@@ -739,6 +898,7 @@ impl State {
             }
             added.push(id);
         }
+        self.inherit_priorities(&added);
         let wants = self.clients.entry(client).or_default();
         let mut to_activate = Vec::new();
         for key in wanted {
@@ -1082,8 +1242,12 @@ impl State {
             return;
         };
         let early = std::mem::take(&mut task.early);
+        let restriction = task.restriction.clone();
         if !early {
             self.loads.remove_task(worker);
+            if let (Some(r), Some(w)) = (restriction, self.workers.get_mut(&worker)) {
+                w.hold(&r, false);
+            }
         } else if let Some(w) = self.workers.get_mut(&worker) {
             w.early = w.early.saturating_sub(1);
             self.early_room(worker);
@@ -1162,8 +1326,77 @@ impl State {
     fn enqueue(&mut self, id: TaskId) {
         let task = self.task_mut(id);
         task.state = TaskState::Queued;
-        let priority = task.priority;
-        self.queue.push(Reverse((priority, id)));
+        let entry = Reverse((task.priority, id));
+        match task.restriction.clone() {
+            None => self.queue.push(entry),
+            Some(r) => self.restricted.entry(r).or_default().push(entry),
+        }
+    }
+
+    /// Why no worker could run a task restricted by `r` (S14): `None`
+    /// when some connected worker may, when `r` is `None`, or when no
+    /// worker is connected at all (the task waits for one, as any does).
+    fn unrunnable(&self, r: Option<&Restriction>) -> Option<String> {
+        let r = r?;
+        if self.workers.is_empty() || self.workers.values().any(|w| w.eligible(r)) {
+            return None;
+        }
+        let mut listed: Vec<String> = self
+            .workers
+            .iter()
+            .take(8)
+            .map(|(id, w)| {
+                let name = w.name.as_ref().map_or(String::new(), |n| format!(" `{n}`"));
+                let has = if w.resources.is_empty() {
+                    "no resources".to_owned()
+                } else {
+                    w.resources.to_string()
+                };
+                format!("{id}{name} at {}: {has}", w.address)
+            })
+            .collect();
+        if self.workers.len() > 8 {
+            listed.push(format!("and {} more", self.workers.len() - 8));
+        }
+        Some(format!(
+            "no connected worker can run this task: it asks for {} (workers: {})",
+            r.describe(),
+            listed.join("; ")
+        ))
+    }
+
+    /// Raises the priority of the inputs of each task of `added` to the
+    /// task's own, transitively (Delayed::priority: inputs run at least at
+    /// their dependent's priority). Queued tasks go in their queue again
+    /// (the old entry is stale); waiting ones are found by priority later.
+    fn inherit_priorities(&mut self, added: &[TaskId]) {
+        let mut stack: Vec<TaskId> = added
+            .iter()
+            .copied()
+            .filter(|&id| {
+                let task = self.task(id);
+                task.deps
+                    .iter()
+                    .any(|&d| self.task(d).priority.user < task.priority.user)
+            })
+            .collect();
+        while let Some(id) = stack.pop() {
+            let user = self.task(id).priority.user;
+            for i in 0..self.task(id).deps.len() {
+                let d = self.task(id).deps[i];
+                let dep = self.task_mut(d);
+                if dep.priority.user >= user {
+                    continue;
+                }
+                dep.priority.user = user;
+                if dep.state == TaskState::Queued {
+                    self.enqueue(d);
+                } else if dep.state == TaskState::Waiting {
+                    self.consider(d);
+                }
+                stack.push(d);
+            }
+        }
     }
 
     /// An active task stops being active: its inputs lose a waiter.
@@ -1232,7 +1465,11 @@ impl State {
     /// elsewhere are small.
     fn early_target(&self, id: TaskId) -> Option<WorkerId> {
         let task = self.task(id);
-        if task.state != TaskState::Waiting || task.deps.len() > EARLY_MAX_DEPS {
+        // Restricted tasks wait for a worker that fits them now (S14).
+        if task.state != TaskState::Waiting
+            || task.deps.len() > EARLY_MAX_DEPS
+            || task.restriction.is_some()
+        {
             return None;
         }
         let mut target = None;
@@ -1297,9 +1534,9 @@ impl State {
         // S7: recomputing lost work goes after work that never ran, unless
         // a client waits for this very key.
         if self.task(id).who_wants.is_empty() {
-            let priority = self.next_priority;
+            let order = self.next_priority;
             self.next_priority += 1;
-            self.task_mut(id).priority = priority;
+            self.task_mut(id).priority.order = order;
         }
         if self.task(id).needed() {
             self.activate(id, out);
@@ -1422,40 +1659,260 @@ impl State {
         let per_thread = placement::per_thread(self.mean_ns);
         self.assign_queued(per_thread, out);
         self.assign_early(per_thread, out);
+        self.balance(out);
     }
 
+    /// Hands queued tasks to workers, best priority first across the
+    /// central queue and the restricted queues (S14): a queue whose head
+    /// cannot be placed now is left for this pass, and the others go on.
     fn assign_queued(&mut self, per_thread: u32, out: &mut impl Outbox) {
-        if self.queue.is_empty() {
+        if self.queue.is_empty() && self.restricted.is_empty() {
             return;
         }
         let mut deferred = Vec::new();
         let mut scratch = std::mem::take(&mut self.scratch);
-        while let Some(Reverse((priority, id))) = self.queue.pop() {
-            let Some(task) = self.get(id) else { continue };
-            if task.state != TaskState::Queued || task.priority != priority {
-                continue; // stale queue entry
+        let mut central_open = true;
+        let mut blocked: BTreeSet<Arc<Restriction>> = BTreeSet::new();
+        loop {
+            // The best head among the open queues; stale heads are dropped.
+            let central = if central_open {
+                self.head_of_central()
+            } else {
+                None
+            };
+            let mut best: Option<(Priority, Option<Arc<Restriction>>)> = central.map(|p| (p, None));
+            let mut emptied = Vec::new();
+            for (r, heap) in &mut self.restricted {
+                if blocked.contains(r) {
+                    continue;
+                }
+                let head = loop {
+                    match heap.peek() {
+                        None => break None,
+                        Some(&Reverse((p, id))) => {
+                            let live = self.slots.get(id.index as usize).is_some_and(|slot| {
+                                slot.gen == id.gen
+                                    && slot.task.as_ref().is_some_and(|t| {
+                                        t.state == TaskState::Queued && t.priority == p
+                                    })
+                            });
+                            if live {
+                                break Some(p);
+                            }
+                            heap.pop();
+                        }
+                    }
+                };
+                match head {
+                    None => emptied.push(r.clone()),
+                    Some(p) if best.as_ref().is_none_or(|(b, _)| p < *b) => {
+                        best = Some((p, Some(r.clone())))
+                    }
+                    Some(_) => {}
+                }
             }
-            let inputs = task.deps.iter().map(|&d| {
-                let dep = self.task(d);
-                (&dep.who_has[..], dep.nbytes)
-            });
-            match placement::choose(inputs, &self.loads, per_thread, &mut scratch) {
-                Choice::Worker(w) => self.send_compute(id, w, false, out),
-                Choice::Defer => {
-                    deferred.push(Reverse((priority, id)));
-                    // Bound the work spent skipping data-bound tasks.
-                    if deferred.len() >= 64 {
+            for r in emptied {
+                self.restricted.remove(&r);
+            }
+            let Some((_, from)) = best else { break };
+            match from {
+                None => {
+                    let Some(Reverse((priority, id))) = self.queue.pop() else {
                         break;
+                    };
+                    let task = self.task(id);
+                    let inputs = task.deps.iter().map(|&d| {
+                        let dep = self.task(d);
+                        (&dep.who_has[..], dep.nbytes)
+                    });
+                    match placement::choose(inputs, &self.loads, per_thread, &mut scratch) {
+                        Choice::Worker(w) => self.send_compute(id, w, false, out),
+                        Choice::Defer => {
+                            deferred.push(Reverse((priority, id)));
+                            // Bound the work spent skipping data-bound tasks.
+                            if deferred.len() >= 64 {
+                                central_open = false;
+                            }
+                        }
+                        Choice::Full => {
+                            deferred.push(Reverse((priority, id)));
+                            central_open = false;
+                        }
                     }
                 }
-                Choice::Full => {
-                    deferred.push(Reverse((priority, id)));
-                    break;
+                Some(r) => {
+                    let Some(Reverse((_, id))) =
+                        self.restricted.get(&r).and_then(|h| h.peek().copied())
+                    else {
+                        continue;
+                    };
+                    match self.choose_restricted(id, &r, per_thread) {
+                        Some(w) => {
+                            if let Some(heap) = self.restricted.get_mut(&r) {
+                                heap.pop();
+                            }
+                            self.send_compute(id, w, false, out);
+                        }
+                        None => {
+                            blocked.insert(r);
+                        }
+                    }
                 }
             }
         }
         self.scratch = scratch;
         self.queue.extend(deferred);
+    }
+
+    /// The priority of the central queue's first live entry, dropping
+    /// stale ones.
+    fn head_of_central(&mut self) -> Option<Priority> {
+        while let Some(&Reverse((priority, id))) = self.queue.peek() {
+            if self
+                .get(id)
+                .is_some_and(|t| t.state == TaskState::Queued && t.priority == priority)
+            {
+                return Some(priority);
+            }
+            self.queue.pop();
+        }
+        None
+    }
+
+    /// The worker for restricted task `id` (S14): among the workers `r`
+    /// allows, with room in their window and `r`'s resources free, the one
+    /// holding the most bytes of its inputs, then the least loaded, then the
+    /// lowest id. `None` when none fits now. A scan of the workers:
+    /// restricted tasks are the rare ones.
+    fn choose_restricted(&self, id: TaskId, r: &Restriction, per_thread: u32) -> Option<WorkerId> {
+        let task = self.task(id);
+        let mut best: Option<(u64, placement::Load, WorkerId)> = None;
+        for (&wid, w) in &self.workers {
+            let Some(&load) = self.loads.get(wid) else {
+                continue;
+            };
+            if !load.has_room(per_thread) || !w.eligible(r) || !w.fits_now(r) {
+                continue;
+            }
+            let bytes = task
+                .deps
+                .iter()
+                .map(|&d| self.task(d))
+                .filter(|dep| dep.who_has.contains(&wid))
+                .fold(0u64, |sum, dep| sum.saturating_add(dep.nbytes));
+            let better = best.as_ref().is_none_or(|(bb, bl, bw)| {
+                bytes > *bb || (bytes == *bb && load.lighter_or_first(wid, bl, *bw))
+            });
+            if better {
+                best = Some((bytes, load, wid));
+            }
+        }
+        best.map(|(_, _, w)| w)
+    }
+
+    /// Moves queued work from the busiest worker to idle threads (S15):
+    /// while some worker has fewer tasks than threads and another has more
+    /// than threads + 1, the worst-priority task of the busiest that it does
+    /// not seem to run yet goes to the idlest, when tasks take at least
+    /// [`STEAL_MIN_TASK_NS`] on average and if its expected wait
+    /// there is longer than [`STEAL_MIN_WAIT_NS`] and than fetching its
+    /// inputs the idle worker lacks would take. The old worker is told to
+    /// `Release` it; a result it sends anyway is stale (S10).
+    fn balance(&mut self, out: &mut impl Outbox) {
+        let Some(mean) = self
+            .mean_ns
+            .filter(|&m| self.balancing && m >= STEAL_MIN_TASK_NS)
+        else {
+            return;
+        };
+        for _ in 0..64 {
+            let Some((thief, idle)) = self.loads.lightest() else {
+                return;
+            };
+            if idle.tasks >= idle.threads.max(1) {
+                return;
+            }
+            let Some((victim, busy)) = self.loads.heaviest() else {
+                return;
+            };
+            let threads = busy.threads.max(1);
+            if victim == thief || busy.tasks <= threads + 1 {
+                return;
+            }
+            // The last task of the victim starts once the tasks before it
+            // ran, `threads` at a time.
+            let wait = f64::from(busy.tasks - threads) / f64::from(threads) * mean;
+            if wait < STEAL_MIN_WAIT_NS {
+                return;
+            }
+            let Some(id) = self.steal_candidate(victim, thief, wait) else {
+                return;
+            };
+            let key = self.task(id).key.0;
+            tracing::debug!(task = %label(self.task(id)), %victim, %thief, "task moved to an idle worker");
+            out.to_worker(victim, ToWorker::Release { key });
+            self.unload(id);
+            self.send_compute(id, thief, false, out);
+        }
+    }
+
+    /// The task S15 moves from `victim` to `thief`: of the victim's tasks
+    /// sent with every input in memory, the worst priority, if it is not
+    /// among the `threads + 1` it runs first (S7's reading), `thief` may run it (S14), and
+    /// fetching what `thief` lacks of its inputs is quicker than `wait`.
+    fn steal_candidate(&self, victim: WorkerId, thief: WorkerId, wait: f64) -> Option<TaskId> {
+        let v = self.workers.get(&victim)?;
+        let t = self.workers.get(&thief)?;
+        let threads = self.loads.get(victim)?.threads.max(1) as usize;
+        let mut live: Vec<(Priority, TaskId)> = v
+            .sent
+            .iter()
+            .filter(|&&(id, at)| self.sent_to(id, at, victim) && !self.task(id).early)
+            .map(|&(id, _)| (self.task(id).priority, id))
+            .collect();
+        if live.len() <= threads + 1 {
+            return None;
+        }
+        live.sort_unstable();
+        live.drain(..threads + 1);
+        live.into_iter().rev().map(|(_, id)| id).find(|&id| {
+            let task = self.task(id);
+            let fits = task
+                .restriction
+                .as_deref()
+                .is_none_or(|r| t.eligible(r) && t.fits_now(r));
+            let missing = task
+                .deps
+                .iter()
+                .map(|&d| self.task(d))
+                .filter(|dep| !dep.who_has.contains(&thief))
+                .fold(0u64, |sum, dep| sum.saturating_add(dep.nbytes));
+            fits && (missing as f64) / STEAL_BYTES_PER_NS < wait
+        })
+    }
+
+    /// Why queued restricted tasks cannot run (S14): one line per
+    /// restriction no connected worker satisfies, with how many tasks wait
+    /// for it. For `scheduler_info` and the dashboard.
+    pub(crate) fn unrunnable_lines(&self, lines: &mut Vec<String>) {
+        for (r, heap) in &self.restricted {
+            if self.workers.values().any(|w| w.eligible(r)) {
+                continue;
+            }
+            let waiting = heap
+                .iter()
+                .filter(|Reverse((p, id))| {
+                    self.get(*id)
+                        .is_some_and(|t| t.state == TaskState::Queued && t.priority == *p)
+                })
+                .count();
+            if waiting > 0 {
+                lines.push(format!(
+                    "{waiting} task(s) wait for a worker with {}: no connected worker has it",
+                    r.describe()
+                ));
+            }
+        }
     }
 
     /// Sends early candidates to their worker while it has early room: as
@@ -1534,10 +1991,25 @@ impl State {
         task.state = TaskState::Processing(worker);
         task.sent_at = now;
         task.early = early;
+        let restriction = task.restriction.clone();
         if !early {
             self.loads.add_task(worker);
-        } else if let Some(w) = self.workers.get_mut(&worker) {
-            w.early += 1;
+        }
+        if let Some(w) = self.workers.get_mut(&worker) {
+            if early {
+                w.early += 1;
+            } else if let Some(r) = restriction {
+                w.hold(&r, true);
+            }
+            w.sent.push((id, now));
+            if w.sent.len() >= w.sent_limit {
+                let mut sent = std::mem::take(&mut w.sent);
+                sent.retain(|&(t, at)| self.sent_to(t, at, worker));
+                if let Some(w) = self.workers.get_mut(&worker) {
+                    w.sent_limit = 2 * sent.len() + 64;
+                    w.sent = sent;
+                }
+            }
         }
         // Its waiting dependents may now go early to this worker too.
         let len = self.task(id).dependents.len();
@@ -1547,6 +2019,13 @@ impl State {
                 self.consider(s);
             }
         }
+    }
+
+    /// Whether `id` is still processing on `worker` since the `Compute`
+    /// sent at tick `at`: an entry of that worker's `sent` is live.
+    fn sent_to(&self, id: TaskId, at: u64, worker: WorkerId) -> bool {
+        self.get(id)
+            .is_some_and(|t| t.state == TaskState::Processing(worker) && t.sent_at == at)
     }
 
     /// Checks the invariants of README.md (tests, and the simulated
@@ -1626,6 +2105,26 @@ impl State {
                 on_w().filter(|t| !t.early).count() as u32
             );
             assert_eq!(worker.early, on_w().filter(|t| t.early).count() as u32);
+            let mut used = vec![0u64; worker.resources.milli().len()];
+            for t in on_w().filter(|t| !t.early) {
+                assert!(
+                    t.restriction.as_deref().is_none_or(|r| worker.eligible(r)),
+                    "{:?} runs on {w}, which it may not use",
+                    t.key
+                );
+                for (name, amount) in t.restriction.iter().flat_map(|r| r.resources.milli()) {
+                    let i = worker
+                        .resources
+                        .milli()
+                        .binary_search_by(|(n, _)| n.cmp(name))
+                        .expect("a task holds only resources its worker has");
+                    used[i] += amount;
+                }
+            }
+            assert_eq!(worker.used, used, "resources held on {w}");
+            for (i, (name, total)) in worker.resources.milli().iter().enumerate() {
+                assert!(used[i] <= *total, "{w} runs more {name} than it has");
+            }
         }
         assert!(
             self.loads

@@ -79,6 +79,7 @@ fn spec(n: u8, deps: &[u8]) -> TaskSpec {
         deps: deps.iter().map(|&d| k(d)).collect(),
         timeout_ms: None,
         retries: 0,
+        annotations: Default::default(),
     }
 }
 
@@ -946,6 +947,8 @@ fn lost_values_are_recomputed_after_work_that_never_ran() {
 /// fetch 1. Tasks 2 and 3, which need 1 too, fill W0's window first.
 fn fetched_by_w1() -> (State, Rec) {
     let (mut s, mut out) = setup(2);
+    // About S11 and S12: W0 keeps its tasks when W1 is idle (no S15).
+    s.set_balancing(false);
     s.on_update_graph(C0, vec![spec(1, &[])], vec![k(1)], &mut out);
     assert_eq!(out.computes(), vec![(W0, k(1))]);
     // A task of a second: windows of 2 per thread from now on.
@@ -1132,4 +1135,335 @@ fn a_rogue_worker_cannot_make_itself_the_holder_of_a_key_it_never_computed() {
     // A fresh client is pointed at the honest holder only.
     s.on_update_graph(C1, vec![spec(1, &[])], vec![k(1)], &mut out);
     assert_eq!(out.told(), vec![(C1, k(1), Ok(vec![W0]))]);
+}
+
+// ----- priorities, resources, restrictions, balancing (S14, S15) -----
+
+fn annotated(n: u8, deps: &[u8], priority: i32, resources: &str, workers: &[&str]) -> TaskSpec {
+    let mut t = spec(n, deps);
+    t.annotations = rask_executor::Annotations {
+        priority,
+        resources: Resources::parse(resources).unwrap(),
+        workers: workers.iter().map(|w| w.to_string()).collect(),
+    };
+    t
+}
+
+fn join(s: &mut State, out: &mut Rec, w: u32, threads: u32, resources: &str, name: Option<&str>) {
+    let registration = Registration {
+        address: format!("127.0.0.1:{}", 1000 + w),
+        threads,
+        resources: Resources::parse(resources).unwrap(),
+        name: name.map(str::to_owned),
+    };
+    s.on_worker_joined(WorkerId(w), registration, out);
+    s.check_invariants();
+}
+
+fn finish_in(s: &mut State, out: &mut Rec, w: WorkerId, key: u8, duration_ns: u64) {
+    let report = Finished {
+        nbytes: 8,
+        duration_ns,
+        value: None,
+        thread: 0,
+    };
+    s.on_task_finished(w, k(key), report, out);
+    s.check_invariants();
+}
+
+#[test]
+fn higher_priority_runs_first_and_ties_keep_submission_order() {
+    let (mut s, mut out) = setup(1);
+    // A window of 2 (per thread, for 10 ms tasks): the rest wait queued.
+    let graph = vec![
+        spec(1, &[]),
+        spec(2, &[]),
+        annotated(3, &[], -1, "", &[]),
+        spec(4, &[]),
+        annotated(5, &[], 7, "", &[]),
+        annotated(6, &[], 7, "", &[]),
+    ];
+    s.on_update_graph(C0, graph, (1..=6).map(k).collect(), &mut out);
+    let mut order: Vec<u8> = out.computes().into_iter().map(|(_, key)| key[0]).collect();
+    for done in [5, 6, 1, 2, 4, 3] {
+        finish_in(&mut s, &mut out, W0, done, 10_000_000);
+        order.extend(out.computes().into_iter().map(|(_, key)| key[0]));
+    }
+    // 5 and 6 (priority 7, in submission order), then 1, 2, 4 (0), then 3 (-1).
+    assert_eq!(order, [5, 6, 1, 2, 4, 3]);
+    // The worker is told the priority too, for its own queue.
+    let (mut s, mut out) = setup(1);
+    s.on_update_graph(
+        C0,
+        vec![annotated(1, &[], 9, "", &[])],
+        vec![k(1)],
+        &mut out,
+    );
+    assert!(out.0.iter().any(|m| matches!(
+        m,
+        Sent::Worker(
+            _,
+            ToWorker::Compute {
+                priority: Priority { user: 9, .. },
+                ..
+            }
+        )
+    )));
+}
+
+#[test]
+fn inputs_inherit_the_priority_of_their_dependent() {
+    let (mut s, mut out) = setup(1);
+    // Fill the window with 1 and 2, queue 3 and 4; then a graph whose
+    // priority-5 task 6 needs 5: 5 runs before 3 and 4.
+    let graph: Vec<_> = (1..=4).map(|i| spec(i, &[])).collect();
+    s.on_update_graph(C0, graph, (1..=4).map(k).collect(), &mut out);
+    out.clear();
+    let graph = vec![spec(5, &[]), annotated(6, &[5], 5, "", &[])];
+    s.on_update_graph(C0, graph, vec![k(6)], &mut out);
+    s.check_invariants();
+    finish_in(&mut s, &mut out, W0, 1, 10_000_000);
+    // 5 first; 6 goes early after it, to the worker computing 5 (S9).
+    assert_eq!(out.computes(), vec![(W0, k(5)), (W0, k(6))]);
+    // An input already queued is raised too, and queued again.
+    let (mut s, mut out) = setup(1);
+    let graph: Vec<_> = (1..=4).map(|i| spec(i, &[])).collect();
+    s.on_update_graph(C0, graph, (1..=4).map(k).collect(), &mut out);
+    out.clear();
+    s.on_update_graph(
+        C1,
+        vec![annotated(9, &[4], 3, "", &[])],
+        vec![k(9)],
+        &mut out,
+    );
+    s.check_invariants();
+    finish_in(&mut s, &mut out, W0, 1, 10_000_000);
+    // 4 before 2's queued peers, and 9 early after it (S9).
+    assert_eq!(out.computes(), vec![(W0, k(4)), (W0, k(9))]);
+}
+
+#[test]
+fn resources_are_never_exceeded_whatever_the_threads() {
+    let mut s = State::new();
+    let mut out = Rec::default();
+    s.on_client_connected(C0, &mut out);
+    join(&mut s, &mut out, 0, 4, "", None);
+    join(&mut s, &mut out, 1, 4, "GPU=1", None);
+    out.clear();
+    let graph = vec![
+        annotated(1, &[], 0, "GPU=1", &[]),
+        annotated(2, &[], 0, "GPU=1", &[]),
+        annotated(3, &[], 0, "GPU=0.5", &[]),
+        spec(4, &[]),
+    ];
+    s.on_update_graph(C0, graph, (1..=4).map(k).collect(), &mut out);
+    s.check_invariants();
+    // One GPU task on the GPU worker (4 threads notwithstanding); the
+    // plain task goes to the lighter worker.
+    assert_eq!(out.computes(), vec![(W1, k(1)), (W0, k(4))]);
+    finish(&mut s, &mut out, W1, 1, 8);
+    assert_eq!(out.computes(), vec![(W1, k(2))]);
+    // An erred task gives its resources back too.
+    s.on_task_erred(W1, k(2), failure(2), &mut out);
+    s.check_invariants();
+    assert_eq!(out.computes(), vec![(W1, k(3))]);
+}
+
+#[test]
+fn workers_restriction_by_address_or_name() {
+    let mut s = State::new();
+    let mut out = Rec::default();
+    s.on_client_connected(C0, &mut out);
+    join(&mut s, &mut out, 0, 2, "", None);
+    join(&mut s, &mut out, 1, 2, "", Some("big"));
+    out.clear();
+    let graph = vec![
+        annotated(1, &[], 0, "", &["127.0.0.1:1000"]),
+        annotated(2, &[], 0, "", &["big"]),
+        annotated(3, &[], 0, "", &["big"]),
+    ];
+    s.on_update_graph(C0, graph, (1..=3).map(k).collect(), &mut out);
+    s.check_invariants();
+    assert_eq!(out.computes(), vec![(W0, k(1)), (W1, k(2)), (W1, k(3))]);
+}
+
+#[test]
+fn an_impossible_request_fails_at_once_naming_it() {
+    let (mut s, mut out) = setup(2);
+    let graph = vec![
+        annotated(1, &[], 0, "GPU=1", &[]),
+        annotated(2, &[], 0, "", &["nowhere:1"]),
+        spec(3, &[1]),
+    ];
+    s.on_update_graph(C0, graph, vec![k(1), k(2), k(3)], &mut out);
+    s.check_invariants();
+    let told = out.told();
+    assert_eq!(
+        told,
+        vec![
+            (C0, k(1), Err(k(1))),
+            (C0, k(2), Err(k(2))),
+            (C0, k(3), Err(k(1)))
+        ]
+    );
+    let messages: Vec<String> = out
+        .0
+        .iter()
+        .chain(std::iter::empty())
+        .filter_map(|m| match m {
+            Sent::Client(_, ToClient::KeyErred { failure, .. }) => Some(failure.message.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(messages.is_empty(), "told() drained them");
+    let (mut s, mut out) = setup(1);
+    s.on_update_graph(
+        C0,
+        vec![annotated(1, &[], 0, "GPU=1", &[])],
+        vec![k(1)],
+        &mut out,
+    );
+    let message = out
+        .0
+        .iter()
+        .find_map(|m| match m {
+            Sent::Client(_, ToClient::KeyErred { failure, .. }) => Some(failure.message.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert!(message.contains("asks for resources GPU=1"), "{message}");
+    assert!(
+        message.contains("worker 0 at 127.0.0.1:1000: no resources"),
+        "{message}"
+    );
+    // With no worker at all the task waits, as any does.
+    let mut s = State::new();
+    s.on_client_connected(C0, &mut out);
+    out.clear();
+    s.on_update_graph(
+        C0,
+        vec![annotated(1, &[], 0, "GPU=1", &[])],
+        vec![k(1)],
+        &mut out,
+    );
+    assert_eq!(out.told(), vec![]);
+    join(&mut s, &mut out, 0, 1, "GPU=1", None);
+    assert_eq!(out.computes(), vec![(W0, k(1))]);
+}
+
+#[test]
+fn a_task_whose_only_fitting_worker_left_waits_with_a_reason() {
+    let mut s = State::new();
+    let mut out = Rec::default();
+    s.on_client_connected(C0, &mut out);
+    join(&mut s, &mut out, 0, 1, "", None);
+    join(&mut s, &mut out, 1, 1, "GPU=2", None);
+    out.clear();
+    s.on_update_graph(
+        C0,
+        vec![annotated(1, &[], 0, "GPU=2", &[])],
+        vec![k(1)],
+        &mut out,
+    );
+    assert_eq!(out.computes(), vec![(W1, k(1))]);
+    s.on_worker_lost(W1, &mut out);
+    s.check_invariants();
+    assert_eq!(out.computes(), vec![], "no other worker has a GPU");
+    let mut lines = Vec::new();
+    s.unrunnable_lines(&mut lines);
+    assert_eq!(
+        lines,
+        vec!["1 task(s) wait for a worker with resources GPU=2: no connected worker has it"]
+    );
+    join(&mut s, &mut out, 2, 1, "GPU=4", None);
+    assert_eq!(out.computes(), vec![(WorkerId(2), k(1))]);
+    lines.clear();
+    s.unrunnable_lines(&mut lines);
+    assert!(lines.is_empty());
+}
+
+#[test]
+fn restricted_work_waiting_for_its_worker_does_not_hold_up_other_work() {
+    let mut s = State::new();
+    let mut out = Rec::default();
+    s.on_client_connected(C0, &mut out);
+    join(&mut s, &mut out, 0, 1, "GPU=1", None);
+    join(&mut s, &mut out, 1, 1, "", None);
+    out.clear();
+    // 100 GPU tasks of high priority ahead of 3 plain ones.
+    let mut graph: Vec<_> = (1..=100)
+        .map(|i| annotated(i, &[], 5, "GPU=1", &[]))
+        .collect();
+    graph.extend((101..=103).map(|i| spec(i, &[])));
+    s.on_update_graph(C0, graph, (1..=103).map(k).collect(), &mut out);
+    s.check_invariants();
+    let sent = out.computes();
+    assert_eq!(sent[0], (W0, k(1)));
+    assert!(sent.contains(&(W1, k(101))), "{sent:?}");
+}
+
+#[test]
+fn an_idle_worker_takes_queued_work_and_the_old_result_is_ignored() {
+    let (mut s, mut out) = setup(2);
+    // Two 1 µs tasks make windows large (64 per thread)...
+    s.on_update_graph(
+        C0,
+        vec![spec(1, &[]), spec(2, &[])],
+        vec![k(1), k(2)],
+        &mut out,
+    );
+    assert_eq!(out.computes(), vec![(W0, k(1)), (W1, k(2))]);
+    finish_in(&mut s, &mut out, W0, 1, 1_000);
+    finish_in(&mut s, &mut out, W1, 2, 1_000);
+    // ...so twenty more go out at once, ten to each worker; they take
+    // 100 ms each.
+    let graph: Vec<_> = (11..=30).map(|i| spec(i, &[])).collect();
+    s.on_update_graph(C0, graph, (11..=30).map(k).collect(), &mut out);
+    let sent = out.computes();
+    assert_eq!(sent.len(), 20);
+    let mut w1: Vec<u8> = sent
+        .iter()
+        .filter(|(w, _)| *w == W1)
+        .map(|(_, k)| k[0])
+        .collect();
+    w1.reverse();
+    // W1 runs all of its own; then, idle while W0 holds queued work, it
+    // takes W0's worst-priority task, and W0 is told to drop it.
+    let mut stolen = Vec::new();
+    let mut moved = Vec::new();
+    while let Some(key) = w1.pop() {
+        finish_in(&mut s, &mut out, W1, key, 100_000_000);
+        stolen = out.releases();
+        moved = out.computes();
+        if !stolen.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(stolen, vec![(W0, k(29))], "the last sent to W0 moves");
+    assert_eq!(moved, vec![(W1, k(29))]);
+    let key = k(29);
+    out.told();
+    // W0's late result for it (it ran after all) counts for nothing (S10):
+    // it is told to drop it, and no client hears of it.
+    finish_in(&mut s, &mut out, W0, 29, 100_000_000);
+    assert_eq!(out.releases(), vec![(W0, key)]);
+    assert_eq!(out.told(), vec![]);
+    // W1's result is the one accepted.
+    finish_in(&mut s, &mut out, W1, 29, 100_000_000);
+    assert_eq!(out.told(), vec![(C0, key, Ok(vec![W1]))]);
+}
+
+#[test]
+fn short_tasks_are_not_moved() {
+    let (mut s, mut out) = setup(2);
+    let graph: Vec<_> = (1..=8).map(|i| spec(i, &[])).collect();
+    s.on_update_graph(C0, graph, (1..=8).map(k).collect(), &mut out);
+    let sent = out.computes();
+    for (w, key) in sent {
+        if w == W1 {
+            finish_in(&mut s, &mut out, W1, key[0], 1_000);
+        }
+    }
+    // Waiting behind 1 µs tasks costs less than moving them.
+    assert_eq!(out.releases(), vec![]);
 }

@@ -144,8 +144,10 @@ impl History {
     ) -> Snapshot {
         let mut by_name: HashMap<Arc<str>, Counts> = HashMap::new();
         let mut census: Vec<WorkerCensus> = Vec::new();
+        let mut unrunnable = Vec::new();
         for state in states {
             state.census(&mut by_name, &mut census);
+            state.unrunnable_lines(&mut unrunnable);
         }
         let mut names: Vec<Arc<str>> = self
             .order
@@ -197,6 +199,7 @@ impl History {
                     }),
                     utilisation: None,
                     spill: shell.and_then(|s| s.spill),
+                    resources: w.resources,
                 }
             })
             .collect();
@@ -214,6 +217,7 @@ impl History {
             totals,
             functions,
             workers,
+            unrunnable,
         }
     }
 }

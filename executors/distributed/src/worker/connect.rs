@@ -40,6 +40,8 @@ pub(crate) struct Link {
     pub(crate) build: BuildId,
     /// The thread count it announces, within the protocol's range.
     pub(crate) threads: usize,
+    /// The resources it declares (`Options::resources`).
+    pub(crate) resources: rask_executor::Resources,
     /// What it proves to its scheduler, requires of its data port's
     /// readers and proves to its peers' data ports (rule 12).
     pub(crate) auth: Arc<Auth>,
@@ -238,6 +240,7 @@ async fn attempt(
     batch.push(&ToScheduler::RegisterWorker {
         address: data_address.to_string(),
         threads: link.threads as u32,
+        resources: link.resources.clone(),
     });
     let _ = net::send_batch(&writer, &mut batch);
 

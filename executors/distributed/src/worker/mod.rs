@@ -158,7 +158,7 @@ use crate::protocol::{
 use crate::tls::Acceptor;
 use crate::{
     Auth, BuildId, Error, Tls, Token, DEATH_TIMEOUT_ENV, GRACE_ENV, MEMORY_LIMIT_ENV,
-    SPILL_DIR_ENV, SUPERVISED_ENV,
+    RESOURCES_ENV, SPILL_DIR_ENV, SUPERVISED_ENV,
 };
 use connect::{Connection, Link};
 use memory::{Found, Store, Stored};
@@ -256,6 +256,33 @@ pub struct Options {
     /// removed when the worker ends. Default `None`: the system's
     /// temporary directory ([`Options::from_env`] reads [`SPILL_DIR_ENV`]).
     pub spill_dir: Option<std::path::PathBuf>,
+    /// What the worker has for tasks that ask for resources
+    /// (`Delayed::resources`): the scheduler sends it a task only while the
+    /// tasks it runs leave enough of each. Default none; [`Options::from_env`]
+    /// reads [`RESOURCES_ENV`] with [`parse_resources`].
+    pub resources: rask_executor::Resources,
+}
+
+/// Parses a worker's resources as `--resources` and [`RESOURCES_ENV`]
+/// give them: `NAME=AMOUNT` entries separated by commas, e.g.
+/// `GPU=2,MEM=64e9` (amounts from 0 to 10^15, kept in thousandths).
+///
+/// # Errors
+///
+/// [`ResourceError`](rask_executor::ResourceError) naming the first bad
+/// entry.
+///
+/// # Examples
+///
+/// ```
+/// let r = rask_distributed::worker::parse_resources("GPU=2,MEM=64e9")?;
+/// assert_eq!(r.get_milli("GPU"), 2000);
+/// # Ok::<(), rask_executor::ResourceError>(())
+/// ```
+pub fn parse_resources(
+    text: &str,
+) -> Result<rask_executor::Resources, rask_executor::ResourceError> {
+    rask_executor::Resources::parse(text)
 }
 
 impl Default for Options {
@@ -269,6 +296,7 @@ impl Default for Options {
             tls: None,
             memory_limit: None,
             spill_dir: None,
+            resources: rask_executor::Resources::new(),
         }
     }
 }
@@ -331,6 +359,12 @@ impl Options {
     /// ```
     pub fn auth(mut self, auth: Auth) -> Options {
         self.auth = Some(auth);
+        self
+    }
+
+    /// These options with these resources (see [`Options::resources`]).
+    pub fn resources(mut self, resources: rask_executor::Resources) -> Options {
+        self.resources = resources;
         self
     }
 
@@ -424,6 +458,18 @@ impl Options {
         }
         if let Some(dir) = var(SPILL_DIR_ENV).filter(|d| !d.is_empty()) {
             self.spill_dir = Some(dir.into());
+        }
+        if let Some(value) = var(RESOURCES_ENV) {
+            self.resources = value
+                .to_str()
+                .and_then(|v| parse_resources(v).ok())
+                .ok_or_else(|| {
+                    invalid(
+                        RESOURCES_ENV,
+                        &value,
+                        "NAME=AMOUNT[,NAME=AMOUNT…], e.g. GPU=2,MEM=64e9",
+                    )
+                })?;
         }
         if let Some(auth) = Auth::with_env(&var)? {
             self.auth = Some(auth);
@@ -1012,6 +1058,7 @@ fn start(
         // The protocol's range (rule 5 of `protocol`): the pool is that
         // big too.
         threads: options.threads.clamp(1, MAX_THREADS as usize),
+        resources: options.resources.clone(),
         limits: net::Limits::standard(),
     };
     let runtime = net::runtime().map_err(Error::Io)?;
@@ -1776,7 +1823,10 @@ mod tests {
             payload: Arc::from(&[][..]),
             deps: Vec::new(),
             who_has: Vec::new(),
-            priority: k as u64,
+            priority: crate::protocol::Priority {
+                user: 0,
+                order: k as u64,
+            },
             timeout: None,
             retries: 0,
         }

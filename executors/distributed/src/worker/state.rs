@@ -61,7 +61,7 @@ use rask_executor::{
 
 use super::memory::{Store, Stored};
 use crate::net::FetchResult;
-use crate::protocol::{ToScheduler, WireFailure, WireKey, WorkerId};
+use crate::protocol::{Priority, ToScheduler, WireFailure, WireKey, WorkerId};
 
 /// A task ready to run on the pool.
 pub(crate) struct Job {
@@ -74,7 +74,7 @@ pub(crate) struct Job {
     pub(crate) plan: Plan,
     /// `None` only in a successor, where this job's value goes (rule 5).
     pub(crate) inputs: Vec<Option<Value>>,
-    pub(crate) priority: u64,
+    pub(crate) priority: Priority,
     pub(crate) cancelled: Arc<AtomicBool>,
     /// The job to run right after this one (rule 5).
     pub(crate) next: Arc<Mutex<Successor>>,
@@ -129,7 +129,7 @@ struct LocalTask {
     deps: Vec<WireKey>,
     /// Distinct inputs not in the store yet.
     missing: u32,
-    priority: u64,
+    priority: Priority,
     cancelled: Arc<AtomicBool>,
     /// Tasks of this worker waiting for this one's value (rule 1).
     dependents: Vec<WireKey>,
@@ -159,7 +159,7 @@ pub(crate) struct Compute {
     pub(crate) payload: Arc<[u8]>,
     pub(crate) deps: Vec<WireKey>,
     pub(crate) who_has: Vec<(WireKey, Vec<WorkerId>)>,
-    pub(crate) priority: u64,
+    pub(crate) priority: Priority,
     /// How long it may run (`rask_executor::run_task` enforces it).
     pub(crate) timeout: Option<std::time::Duration>,
     /// How many times it runs again when it fails (`run_task` again).
@@ -695,7 +695,10 @@ mod tests {
                 .iter()
                 .map(|&(k, ws)| ([k; 32], ws.iter().map(|&w| WorkerId(w)).collect()))
                 .collect(),
-            priority: key as u64,
+            priority: Priority {
+                user: 0,
+                order: key as u64,
+            },
             timeout: None,
             retries: 0,
         }
