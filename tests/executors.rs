@@ -66,6 +66,7 @@ fn cluster_tasks() -> rask::Tasks {
         distributed::parse?,
         distributed::flaky_once?,
         distributed::nap,
+        distributed::outer,
         sim_cluster::inc,
         sim_cluster::add,
         sim_cluster::sum,
@@ -76,6 +77,7 @@ fn cluster_tasks() -> rask::Tasks {
         sim_cluster::parse?,
         sim_cluster::flaky_once?,
         sim_cluster::nap,
+        sim_cluster::outer,
         support::leaf,
         support::mix?,
         support::tree_inc,
@@ -119,6 +121,12 @@ for_each_executor! {
             seen.push(id);
             Err("first call".into())
         }
+    }
+
+    /// Computes `inc(x)` from inside the task, on the same executor, and
+    /// doubles it.
+    pub(crate) fn outer(x: i64) -> i64 {
+        delayed!(inc(x)).compute_with(&config()).unwrap() * 2
     }
 
     /// Sleeps `ms` milliseconds.
@@ -285,18 +293,11 @@ for_each_executor! {
         assert_eq!(support::tree(n).compute_with(&config()).unwrap(), n * (n + 1) / 2);
     }
 
+    /// A task that computes a graph itself, on the same executor: on a
+    /// cluster its thread is given back while it waits, so eight of them
+    /// on four worker threads cannot deadlock.
     #[test]
     fn nested_compute_inside_a_task() {
-        if crate::on_cluster(&config()) {
-            // A task that waits for the cluster from inside a worker needs a
-            // spare worker thread; that is the user's to provide.
-            return;
-        }
-        fn outer(x: i64) -> i64 {
-            let inner = delayed!(inc(x));
-            // A compute from inside a task, on the same executor.
-            inner.compute_with(&config()).unwrap() * 2
-        }
         let parts: Vec<Delayed<i64>> = (0..8).map(|i| delayed!(outer(i))).collect();
         let got = rask::compute_with(parts, &config()).unwrap();
         assert_eq!(got, (0..8).map(|i| (i + 1) * 2).collect::<Vec<_>>());

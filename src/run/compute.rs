@@ -304,7 +304,13 @@ pub(crate) fn run(roots: &[Arc<Node>], config: &Config) -> Result<Vec<Value>> {
     });
     let collector = Arc::new(Collector::new(roots.len()));
     backend.executor().submit(plan, collector.clone());
-    collector.wait()
+    if backend.is_remote() {
+        // A nested computation on a cluster worker gives the task's
+        // thread back while it waits (`rask_executor::blocking`).
+        rask_executor::blocking(|| collector.wait())
+    } else {
+        collector.wait()
+    }
 }
 
 /// Moves the next value out, downcast to `T`.
@@ -321,6 +327,9 @@ struct Collector {
     state: Mutex<State>,
     done: Condvar,
     failed: AtomicBool,
+    /// The stop signal of the task computing this, if it runs in one: a
+    /// nested computation stops when its task is given up.
+    task: rask_executor::Stop,
 }
 
 struct State {
@@ -337,6 +346,7 @@ impl Collector {
             }),
             done: Condvar::new(),
             failed: AtomicBool::new(false),
+            task: rask_executor::Stop::current(),
         }
     }
 
@@ -378,7 +388,7 @@ impl Reporter for Collector {
     }
 
     fn cancelled(&self) -> bool {
-        self.failed.load(Ordering::Relaxed)
+        self.failed.load(Ordering::Relaxed) || self.task.raised()
     }
 
     fn finished(&self) {

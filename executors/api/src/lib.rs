@@ -39,6 +39,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod blocking;
 pub mod diagnostics;
 pub mod events;
 mod failure;
@@ -48,6 +49,7 @@ mod simulated;
 mod stop;
 mod synchronous;
 
+pub use blocking::{blocking, Seat};
 pub use failure::{
     decode_failure, encode_failure, panic_message, Cause, Failure, FailureKind, OpError,
     RemoteError,

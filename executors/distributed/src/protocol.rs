@@ -740,6 +740,13 @@ pub enum ToScheduler {
         /// The keys.
         keys: Vec<WireKey>,
     },
+    /// Worker: a task it runs waits for a nested computation and gave its
+    /// thread back (`worker` rule 14): it no longer takes room in the
+    /// worker's window until it ends.
+    TaskSeceded {
+        /// The task.
+        key: WireKey,
+    },
 }
 
 /// Messages from the scheduler to a worker.
@@ -1136,7 +1143,8 @@ impl Bounded for ToScheduler {
             | ToScheduler::Watch { .. }
             | ToScheduler::Info { .. }
             | ToScheduler::WhoHas { .. }
-            | ToScheduler::Replicate { .. } => Ok(()),
+            | ToScheduler::Replicate { .. }
+            | ToScheduler::TaskSeceded { .. } => Ok(()),
         }
     }
 }
