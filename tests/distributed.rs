@@ -272,6 +272,13 @@ fn halves(xs: Vec<i64>) -> Result<i64, String> {
     Ok(got.iter().sum())
 }
 
+/// Computes the `Delayed`s it was given untraversed, through the
+/// cluster it runs on, and sums them.
+fn sum_given(parts: Vec<Delayed<i64>>) -> Result<i64, String> {
+    let got = rask::compute(parts).map_err(|e| format!("{e:#}"))?;
+    Ok(got.iter().sum())
+}
+
 /// Stamps the file at `path`, naps 50 ms and returns `i`.
 fn slow_stamp(path: String, i: i64) -> i64 {
     stamp(path, i);
@@ -393,6 +400,18 @@ fn nested_scenario() {
     }
     let _ = std::fs::remove_file(&path);
     println!("ok kill");
+
+    // `Delayed`s given untraversed travel as their graphs and are computed
+    // by the task, on the cluster; one calling an unregistered function is
+    // refused at submit, naming it.
+    let a = delayed!(inc(1));
+    let parts = vec![a.clone(), delayed!(add(&a, delayed!(slow_inc(&a))))];
+    let given = delayed!(sum_given(rask::Untraversed(parts))?);
+    assert_eq!(client.submit(given).unwrap().result().unwrap(), 2 + 5);
+    let stray = delayed!(sum_given(rask::Untraversed(vec![delayed!(lonely(3))]))?);
+    let err = client.submit(stray).and_then(|f| f.result()).unwrap_err();
+    assert!(err.to_string().contains("lonely"), "{err}");
+    println!("ok untraversed");
     drop((outer, client));
 }
 
@@ -908,7 +927,8 @@ fn nested_computation_on_one_thread_workers() {
             "ok two levels",
             "ok failing child",
             "ok cancel",
-            "ok kill"
+            "ok kill",
+            "ok untraversed"
         ],
         "{out}\n{err}"
     );
@@ -1236,7 +1256,8 @@ fn main() {
         fan_out_twice?,
         halves?,
         slow_stamp,
-        slow_fan_out?
+        slow_fan_out?,
+        sum_given?
     ])));
     if std::env::var_os(OUTPUT_SCENARIO_ENV).is_some() {
         output_scenario();
