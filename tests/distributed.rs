@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
-use rask::{as_completed, delayed, Client, Config, Delayed, Error, ExecutorKind, Status};
+use rask::{as_completed, delayed, Client, Config, Delayed, Error, ExecutorKind, Future, Status};
 
 // `inc` and `half` are both marked and listed in `main`: registered twice,
 // which is no error, and every test here runs them on workers.
@@ -229,6 +229,190 @@ fn counted_len(data: Arc<Counted>, extra: usize) -> usize {
 /// `n` bytes, made wherever it runs.
 fn counted(n: usize) -> Counted {
     Counted(vec![7; n])
+}
+
+/// Set in a run of this binary as a child program: its `main` runs
+/// [`nested_scenario`] instead of the tests.
+const NESTED_SCENARIO_ENV: &str = "RASK_TEST_NESTED_SCENARIO";
+
+/// This process's id, wherever it runs.
+fn pid(_: i64) -> u32 {
+    std::process::id()
+}
+
+/// Computes `pid` for `n` children through the cluster it runs on — the
+/// default executor inside a task — and returns their processes' ids and
+/// its own.
+fn nested_pids(n: i64) -> Result<(Vec<u32>, u32), String> {
+    let children: Vec<Delayed<u32>> = (0..n).map(|i| delayed!(pid(i))).collect();
+    let pids = rask::compute(children).map_err(|e| format!("{e:#}"))?;
+    Ok((pids, std::process::id()))
+}
+
+/// Submits `inc(0..n)` through a client of the cluster it runs on and
+/// gathers them: a nested fan-out of futures.
+fn fan_out(n: i64) -> Result<i64, String> {
+    let client = Client::new().map_err(|e| format!("{e:#}"))?;
+    let fs = client.map(inc, 0..n).map_err(|e| format!("{e:#}"))?;
+    let got = client.gather(&fs).map_err(|e| format!("{e:#}"))?;
+    Ok(got.iter().sum())
+}
+
+/// Two levels: `k` nested `fan_out`s, each a fan-out of its own.
+fn fan_out_twice(k: i64) -> Result<i64, String> {
+    let parts: Vec<Delayed<i64>> = (0..k).map(|i| delayed!(fan_out(3 + i)?)).collect();
+    let sums = rask::compute(parts).map_err(|e| format!("{e:#}"))?;
+    Ok(sums.iter().sum())
+}
+
+/// Halves every `x` in nested tasks: an odd one fails its child.
+fn halves(xs: Vec<i64>) -> Result<i64, String> {
+    let parts: Vec<Delayed<i64>> = xs.iter().map(|&x| delayed!(half(x)?)).collect();
+    let got = rask::compute(parts).map_err(|e| format!("{e:#}"))?;
+    Ok(got.iter().sum())
+}
+
+/// Computes the `Delayed`s it was given untraversed, through the
+/// cluster it runs on, and sums them.
+fn sum_given(parts: Vec<Delayed<i64>>) -> Result<i64, String> {
+    let got = rask::compute(parts).map_err(|e| format!("{e:#}"))?;
+    Ok(got.iter().sum())
+}
+
+/// Stamps the file at `path`, naps 50 ms and returns `i`.
+fn slow_stamp(path: String, i: i64) -> i64 {
+    stamp(path, i);
+    std::thread::sleep(Duration::from_millis(50));
+    i
+}
+
+/// A nested fan-out of `n` `slow_stamp`s.
+fn slow_fan_out(path: String, n: i64) -> Result<i64, String> {
+    let parts: Vec<Delayed<i64>> = (0..n)
+        .map(|i| delayed!(slow_stamp(path.clone(), i)))
+        .collect();
+    let got = rask::compute(parts).map_err(|e| format!("{e:#}"))?;
+    Ok(got.iter().sum())
+}
+
+/// The child program, with `RASK_WORKER_THREADS=1`: nested computation on
+/// `Client::local(2)`, two worker processes of one thread each, where a
+/// task that waits for its nested work holds the only thread of its
+/// worker unless it gives it back. Each part prints `ok NAME`.
+fn nested_scenario() {
+    let client = Client::local(2).expect("a cluster of two workers");
+    let threads: Vec<u32> = client
+        .scheduler_info()
+        .unwrap()
+        .workers
+        .iter()
+        .map(|w| w.threads)
+        .collect();
+    assert_eq!(threads, [1, 1]);
+    let workers = live_children();
+    assert_eq!(workers.len(), 2);
+
+    // The default executor inside a task is its worker's cluster: the
+    // children ran in the worker processes (this program's environment,
+    // which the workers inherit, says `local:2`: another cluster).
+    let outer: Vec<Future<(Vec<u32>, u32)>> = (0..4)
+        .map(|i| client.submit(delayed!(nested_pids(4 + i)?)).unwrap())
+        .collect();
+    for (i, f) in outer.iter().enumerate() {
+        let (pids, own) = f.result().unwrap();
+        assert_eq!(pids.len(), 4 + i);
+        assert!(workers.contains(&own), "{own} is no worker of {workers:?}");
+        assert!(
+            pids.iter().all(|p| workers.contains(p)),
+            "{pids:?} vs {workers:?}"
+        );
+    }
+    println!("ok default executor");
+
+    // A fan-out of futures from 6 tasks on 2 threads.
+    let sums: Vec<Future<i64>> = (1..7)
+        .map(|n| client.submit(delayed!(fan_out(n)?)).unwrap())
+        .collect();
+    let want: Vec<i64> = (1..7).map(|n| n * (n + 1) / 2).collect();
+    assert_eq!(client.gather(&sums).unwrap(), want);
+    println!("ok fan-out");
+
+    // Two levels deep: tasks whose nested tasks nest again.
+    let deep: Vec<Future<i64>> = (1..4)
+        .map(|k| client.submit(delayed!(fan_out_twice(k)?)).unwrap())
+        .collect();
+    let level = |k: i64| (0..k).map(|i| (3 + i) * (4 + i) / 2).sum::<i64>();
+    assert_eq!(
+        client.gather(&deep).unwrap(),
+        [level(1), level(2), level(3)]
+    );
+    println!("ok two levels");
+
+    // A failing child fails its outer task, with the child's message.
+    let outer = client.submit(delayed!(halves(vec![2, 4, 7, 8])?)).unwrap();
+    match outer.result() {
+        Err(Error::Task { key, message, .. }) => {
+            assert_eq!(key, outer.key());
+            assert!(message.contains("7 is odd"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let fine = client.submit(delayed!(halves(vec![2, 4])?)).unwrap();
+    assert_eq!(fine.result().unwrap(), 3);
+    println!("ok failing child");
+
+    // A cancelled outer task stops waiting: its nested work is released,
+    // and both one-thread workers take new work.
+    let path = stamp_path("nested-cancel");
+    let slow = client
+        .submit(delayed!(slow_fan_out(path.clone(), 400)?))
+        .unwrap();
+    eventually("the nested work to start", || stamps(&path) >= 2);
+    slow.cancel();
+    assert!(matches!(slow.result(), Err(Error::Cancelled { .. })));
+    let after = client.map(inc, 0..20).unwrap();
+    assert_eq!(
+        client.gather(&after).unwrap(),
+        (1..=20).collect::<Vec<i64>>()
+    );
+    let _ = std::fs::remove_file(&path);
+    println!("ok cancel");
+
+    // A worker killed (SIGKILL) during nested fan-outs: every outer task
+    // still gives its right value, or a clear error, well within the
+    // child's minute.
+    let path = stamp_path("nested-kill");
+    let outer: Vec<Future<i64>> = (0..4)
+        .map(|k| {
+            client
+                .submit(delayed!(slow_fan_out(path.clone(), 10 + k)?))
+                .unwrap()
+        })
+        .collect();
+    eventually("the nested work to start", || stamps(&path) >= 4);
+    client.__kill_worker(0).unwrap();
+    for (k, f) in outer.iter().enumerate() {
+        let n = 10 + k as i64;
+        match f.result() {
+            Ok(sum) => assert_eq!(sum, n * (n - 1) / 2),
+            Err(e) => panic!("outer task {k} failed: {e:#}"),
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+    println!("ok kill");
+
+    // `Delayed`s given untraversed travel as their graphs and are computed
+    // by the task, on the cluster; one calling an unregistered function is
+    // refused at submit, naming it.
+    let a = delayed!(inc(1));
+    let parts = vec![a.clone(), delayed!(add(&a, delayed!(slow_inc(&a))))];
+    let given = delayed!(sum_given(rask::Untraversed(parts))?);
+    assert_eq!(client.submit(given).unwrap().result().unwrap(), 2 + 5);
+    let stray = delayed!(sum_given(rask::Untraversed(vec![delayed!(lonely(3))]))?);
+    let err = client.submit(stray).and_then(|f| f.result()).unwrap_err();
+    assert!(err.to_string().contains("lonely"), "{err}");
+    println!("ok untraversed");
+    drop((outer, client));
 }
 
 fn local2() -> Config {
@@ -722,6 +906,34 @@ fn compute_uses_values_its_cluster_holds() {
     let _ = std::fs::remove_file(&path);
 }
 
+/// Nested computation with real worker processes of one thread each
+/// ([`nested_scenario`], in a child program so that its workers get
+/// `RASK_WORKER_THREADS=1`): the default executor inside a task, fan-outs
+/// one and two levels deep, a failing child, a cancelled outer task, and a
+/// worker killed mid-fan-out. None deadlocks: each would without the
+/// thread given back.
+fn nested_computation_on_one_thread_workers() {
+    let (out, err) = run_child(&[
+        (NESTED_SCENARIO_ENV, "1"),
+        ("RASK_WORKER_THREADS", "1"),
+        ("RASK_SCHEDULER", "local:2"),
+    ]);
+    let done: Vec<&str> = out.lines().filter(|l| l.starts_with("ok ")).collect();
+    assert_eq!(
+        done,
+        [
+            "ok default executor",
+            "ok fan-out",
+            "ok two levels",
+            "ok failing child",
+            "ok cancel",
+            "ok kill",
+            "ok untraversed"
+        ],
+        "{out}\n{err}"
+    );
+}
+
 fn a_killed_worker_loses_no_result() {
     let before = live_children().len();
     let client = Client::local(2).unwrap();
@@ -1037,7 +1249,15 @@ fn main() {
         support::tree_add,
         chatty,
         partial,
-        stubborn
+        stubborn,
+        pid,
+        nested_pids?,
+        fan_out?,
+        fan_out_twice?,
+        halves?,
+        slow_stamp,
+        slow_fan_out?,
+        sum_given?
     ])));
     if std::env::var_os(OUTPUT_SCENARIO_ENV).is_some() {
         output_scenario();
@@ -1049,6 +1269,10 @@ fn main() {
     }
     if std::env::var_os(THREADS_SCENARIO_ENV).is_some() {
         threads_scenario();
+        return;
+    }
+    if std::env::var_os(NESTED_SCENARIO_ENV).is_some() {
+        nested_scenario();
         return;
     }
     harness::token_for_this_run();
@@ -1111,6 +1335,10 @@ fn main() {
         (
             "a_worker_stuck_in_a_cancelled_task_is_restarted_by_its_cluster",
             a_worker_stuck_in_a_cancelled_task_is_restarted_by_its_cluster,
+        ),
+        (
+            "nested_computation_on_one_thread_workers",
+            nested_computation_on_one_thread_workers,
         ),
     ];
     // Clusters started by `Client::local` are gone with their clients (the

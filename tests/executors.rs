@@ -66,6 +66,10 @@ fn cluster_tasks() -> rask::Tasks {
         distributed::parse?,
         distributed::flaky_once?,
         distributed::nap,
+        distributed::outer,
+        distributed::total_of,
+        distributed::keys_of,
+        distributed::length,
         sim_cluster::inc,
         sim_cluster::add,
         sim_cluster::sum,
@@ -76,6 +80,10 @@ fn cluster_tasks() -> rask::Tasks {
         sim_cluster::parse?,
         sim_cluster::flaky_once?,
         sim_cluster::nap,
+        sim_cluster::outer,
+        sim_cluster::total_of,
+        sim_cluster::keys_of,
+        sim_cluster::length,
         support::leaf,
         support::mix?,
         support::tree_inc,
@@ -119,6 +127,28 @@ for_each_executor! {
             seen.push(id);
             Err("first call".into())
         }
+    }
+
+    /// Computes `inc(x)` from inside the task, on the same executor, and
+    /// doubles it.
+    pub(crate) fn outer(x: i64) -> i64 {
+        delayed!(inc(x)).compute_with(&config()).unwrap() * 2
+    }
+
+    /// Computes the `Delayed`s it was given as they are (untraversed),
+    /// from inside the task, on the same executor, and sums them.
+    pub(crate) fn total_of(parts: Vec<Delayed<i64>>) -> i64 {
+        rask::compute_with(parts, &config()).unwrap().iter().sum()
+    }
+
+    /// The keys of the `Delayed`s it was given, where it runs.
+    pub(crate) fn keys_of(parts: Vec<Delayed<i64>>) -> Vec<String> {
+        parts.iter().map(|p| p.key().to_string()).collect()
+    }
+
+    /// The length of plain untraversed data.
+    pub(crate) fn length(bytes: Vec<u8>) -> usize {
+        bytes.len()
     }
 
     /// Sleeps `ms` milliseconds.
@@ -285,21 +315,36 @@ for_each_executor! {
         assert_eq!(support::tree(n).compute_with(&config()).unwrap(), n * (n + 1) / 2);
     }
 
+    /// A task that computes a graph itself, on the same executor: on a
+    /// cluster its thread is given back while it waits, so eight of them
+    /// on four worker threads cannot deadlock.
     #[test]
     fn nested_compute_inside_a_task() {
-        if crate::on_cluster(&config()) {
-            // A task that waits for the cluster from inside a worker needs a
-            // spare worker thread; that is the user's to provide.
-            return;
-        }
-        fn outer(x: i64) -> i64 {
-            let inner = delayed!(inc(x));
-            // A compute from inside a task, on the same executor.
-            inner.compute_with(&config()).unwrap() * 2
-        }
         let parts: Vec<Delayed<i64>> = (0..8).map(|i| delayed!(outer(i))).collect();
         let got = rask::compute_with(parts, &config()).unwrap();
         assert_eq!(got, (0..8).map(|i| (i + 1) * 2).collect::<Vec<_>>());
+    }
+
+    /// `Untraversed` values reach the task as they are, on every executor:
+    /// `Delayed`s as handles the task computes itself (on a cluster, its
+    /// graph travels and is rebuilt under the same keys), plain data as
+    /// data. Equal values give equal keys, different ones different keys.
+    #[test]
+    fn untraversed_values_reach_the_task_as_they_are() {
+        use rask::Untraversed;
+        let a = delayed!(inc(1));
+        let parts = vec![a.clone(), delayed!(add(&a, delayed!(inc(&a)))), delayed!(sum(vec![7, 8]))];
+        let total = delayed!(total_of(Untraversed(parts.clone())));
+        assert_eq!(total.compute_with(&config()).unwrap(), 2 + 5 + 15);
+        let keys = delayed!(keys_of(Untraversed(parts.clone()))).compute_with(&config()).unwrap();
+        assert_eq!(keys, parts.iter().map(|p| p.key().to_string()).collect::<Vec<_>>());
+        assert_eq!(delayed!(total_of(Untraversed(parts.clone()))).key(), total.key());
+        let other = delayed!(total_of(Untraversed(vec![a.clone(), delayed!(inc(2))])));
+        assert_ne!(other.key(), total.key());
+        assert_eq!(other.compute_with(&config()).unwrap(), 5);
+        let n = delayed!(length(Untraversed(vec![3u8; 10])));
+        assert_eq!(n.compute_with(&config()).unwrap(), 10);
+        assert_ne!(n.key(), delayed!(length(Untraversed(vec![3u8; 11]))).key());
     }
 
     /// Per key: the task's name and its event kinds in arrival order.

@@ -308,19 +308,22 @@ impl<T: Data> Slot<T> for Literal<T> {
     }
 }
 
-/// An [`Untraversed`] value, kept in the task; it never leaves the process.
+/// An [`Untraversed`] value, kept in the task as is; it travels as a
+/// literal (a `Delayed` inside it as its graph, `travel.rs`).
 #[doc(hidden)]
 pub struct Opaque<T>(T);
 
-impl<T: Clone + Send + Sync + 'static> Slot<T> for Opaque<T> {
+impl<T: Data> Slot<T> for Opaque<T> {
     #[inline]
     fn extract(&self, _: &mut Inputs<'_>) -> Result<T, OpError> {
         Ok(self.0.clone())
     }
-    fn template(&self, _: &mut Template) -> Result<(), WireError> {
-        Err(WireError::NotSerializable {
-            what: format!("an untraversed `{}`", std::any::type_name::<T>()),
-        })
+    fn template(&self, out: &mut Template) -> Result<(), WireError> {
+        out.bytes(&crate::build::travel::encode_untraversed(&self.0)?);
+        Ok(())
+    }
+    fn wire(&self) -> Result<WireArg, WireError> {
+        crate::build::travel::encode_untraversed(&self.0).map(WireArg::Literal)
     }
 }
 
@@ -618,8 +621,14 @@ tuple_args!(A0 X0 S0 0, A1 X1 S1 1, A2 X2 S2 2, A3 X3 S3 3, A4 X4 S4 4, A5 X5 S5
 /// The function receives the value itself: a `Vec<Delayed<T>>` stays a list
 /// of handles (the task may compute them itself) instead of becoming a list
 /// of results. The key hashes the value with [`std::hash::Hash`] (a
-/// `Delayed` hashes as its key). Untraversed values never leave the process,
-/// so they are for local executors only.
+/// `Delayed` hashes as its key).
+///
+/// On a cluster the value travels as it serializes: plain data as its
+/// bytes, a `Delayed` as its graph of registered tasks, which the worker
+/// rebuilds under the same keys, so the task can compute it there — a
+/// nested computation, on the cluster the task runs on. A `Delayed` whose
+/// graph calls a function that is not registered (or a closure that
+/// captures variables) cannot travel: the submission fails, naming it.
 ///
 /// # Examples
 ///
@@ -635,7 +644,7 @@ tuple_args!(A0 X0 S0 0, A1 X1 S1 1, A2 X2 S2 2, A3 X3 S3 3, A4 X4 S4 4, A5 X5 S5
 #[derive(Debug, Clone)]
 pub struct Untraversed<T>(pub T);
 
-impl<T: Hash + Clone + Send + Sync + 'static> IntoArg<T, mode::Opaque> for Untraversed<T> {
+impl<T: Data + Hash> IntoArg<T, mode::Opaque> for Untraversed<T> {
     type Slot = Opaque<T>;
     fn into_arg(self, args: &mut Args) -> Opaque<T> {
         args.hasher.bytes(b"untraversed");

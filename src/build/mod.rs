@@ -16,3 +16,4 @@ pub(crate) mod node;
 pub(crate) mod ops;
 pub(crate) mod pick;
 pub(crate) mod registry;
+pub(crate) mod travel;

@@ -993,6 +993,10 @@ fn cancelled_failure(key: Key, name: &Name) -> Arc<Failure> {
     ))
 }
 
+/// How often a wait inside a task looks whether the task was released
+/// ([`Shared::wait`]).
+const TASK_RELEASE_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// A graph waiting in [`QUEUE`] to be started by its client.
 type Scheduled = (Arc<Shared>, Vec<Arc<Node>>);
 
@@ -1262,10 +1266,31 @@ impl Shared {
     }
 
     /// Blocks until `key` is no longer pending, or until `deadline`.
+    ///
+    /// Inside a task, the wait gives the task's thread back to its
+    /// executor meanwhile (`rask_executor::blocking`: a cluster worker
+    /// starts another thread, so the work waited for finds one), and ends
+    /// as `Cancelled` within [`TASK_RELEASE_POLL`] once the task's own work
+    /// is given up: nobody wants what the task would do with the value.
     pub(crate) fn wait(&self, key: Key, deadline: Option<std::time::Instant>) -> State {
         // A simulated client has no time: the deadline never passes while
         // work is left.
         self.drive(|| !self.state(key).is_pending());
+        let state = self.state(key);
+        if !state.is_pending() {
+            return state;
+        }
+        let task = rask_executor::Stop::current();
+        rask_executor::blocking(|| self.wait_pending(key, deadline, &task))
+    }
+
+    /// [`wait`](Shared::wait) once `key` was seen pending.
+    fn wait_pending(
+        &self,
+        key: Key,
+        deadline: Option<std::time::Instant>,
+        task: &rask_executor::Stop,
+    ) -> State {
         let mut table = self.lock();
         loop {
             let state = table
@@ -1274,6 +1299,10 @@ impl Shared {
             if !state.is_pending() {
                 return state;
             }
+            if task.raised() {
+                return State::Cancelled;
+            }
+            let poll = task.can_raise().then_some(TASK_RELEASE_POLL);
             let timeout = match deadline {
                 None => None,
                 Some(deadline) => {
@@ -1283,6 +1312,10 @@ impl Shared {
                     }
                     Some(deadline - now)
                 }
+            };
+            let timeout = match (timeout, poll) {
+                (Some(t), Some(p)) => Some(t.min(p)),
+                (t, p) => t.or(p),
             };
             // Counted under the lock (see `wake`).
             self.sleepers.fetch_add(1, Ordering::Relaxed);

@@ -583,19 +583,26 @@ impl<F: Waitable> Iterator for AsCompleted<F> {
             .done
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        loop {
+        if let Some(f) = done.futures.pop_front() {
+            self.outstanding -= 1;
+            return Some(f);
+        }
+        // Inside a task on a cluster worker, its thread is given back
+        // while it waits (`rask_executor::blocking`).
+        let queue = &self.queue;
+        let f = rask_executor::blocking(move || loop {
             if let Some(f) = done.futures.pop_front() {
-                self.outstanding -= 1;
-                return Some(f);
+                return f;
             }
             done.waiting = true;
-            done = self
-                .queue
+            done = queue
                 .ready
                 .wait(done)
                 .unwrap_or_else(PoisonError::into_inner);
             done.waiting = false;
-        }
+        });
+        self.outstanding -= 1;
+        Some(f)
     }
 
     /// Exactly the futures added and not yet yielded.

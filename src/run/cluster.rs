@@ -63,8 +63,16 @@ pub(crate) struct Cluster {
 
 impl Cluster {
     /// Connects to a running scheduler at `host:port` (`tls://host:port`
-    /// over TLS), with the token the configuration gives.
+    /// over TLS), with the token the configuration gives; inside a task on
+    /// a worker of that scheduler, as that worker (its build, token and
+    /// TLS settings: `rask_distributed::TaskCluster`).
     pub(crate) fn connect(address: &str) -> Result<Cluster> {
+        if let Some(cluster) = task_cluster_at(address) {
+            return Ok(Cluster {
+                client: Client::for_task_cluster(&cluster)?,
+                local: Mutex::new(None),
+            });
+        }
         let auth = crate::run::config::auth()?.ok_or_else(|| rask_distributed::Error::NoToken {
             default_path: rask_distributed::Token::default_path(),
         })?;
@@ -228,6 +236,22 @@ pub(crate) fn shared_connection(address: &str) -> Result<Arc<Cluster>> {
     let cluster = Arc::new(Cluster::connect(address)?);
     connections.insert(address.to_owned(), cluster.clone());
     Ok(cluster)
+}
+
+/// The executor of the cluster whose worker runs this thread's task, if it
+/// runs on one (config rule 4).
+pub(crate) fn task_cluster_executor() -> Option<crate::run::config::ExecutorKind> {
+    let cluster = rask_distributed::task_cluster()?;
+    crate::run::config::ExecutorKind::parse(cluster.address()).ok()
+}
+
+/// The cluster of the worker running this thread's task, if `address` (as
+/// [`shared_connection`] is given it: `host:port`, or `tls://host:port`)
+/// is its scheduler's.
+fn task_cluster_at(address: &str) -> Option<Arc<rask_distributed::TaskCluster>> {
+    let cluster = rask_distributed::task_cluster()?;
+    let own = cluster.address();
+    (own == address || own.strip_prefix("tcp://") == Some(address)).then_some(cluster)
 }
 
 /// In a worker process (`RASK_WORKER` set): runs the worker, then exits the

@@ -334,7 +334,13 @@ pub(crate) fn run(roots: &[Arc<Node>], config: &Config) -> Result<Vec<Value>> {
     let cache = lookup.clone().map(|lookup| (lookup, writes));
     let collector = Arc::new(Collector::new(roots.len(), cache));
     backend.executor().submit(plan, collector.clone());
-    let values = collector.wait();
+    let values = if backend.is_remote() {
+        // A nested computation on a cluster worker gives the task's
+        // thread back while it waits (`rask_executor::blocking`).
+        rask_executor::blocking(|| collector.wait())
+    } else {
+        collector.wait()
+    };
     if let Some(lookup) = lookup {
         lookup.finish();
     }
@@ -359,6 +365,9 @@ struct Collector {
     roots: usize,
     /// The cache lookup, and which output slot holds which cached task.
     cache: Option<(Arc<crate::run::cache::Lookup>, HashMap<usize, usize>)>,
+    /// The stop signal of the task computing this, if it runs in one: a
+    /// nested computation stops when its task is given up.
+    task: rask_executor::Stop,
 }
 
 struct State {
@@ -384,6 +393,7 @@ impl Collector {
             failed: AtomicBool::new(false),
             roots,
             cache,
+            task: rask_executor::Stop::current(),
         }
     }
 
@@ -442,7 +452,7 @@ impl Reporter for Collector {
     }
 
     fn cancelled(&self) -> bool {
-        self.failed.load(Ordering::Relaxed)
+        self.failed.load(Ordering::Relaxed) || self.task.raised()
     }
 
     fn finished(&self) {

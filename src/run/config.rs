@@ -72,6 +72,14 @@
 //!    below.
 //! 3. A bad value is an error when it is consulted, never a silent
 //!    fallback to the next layer.
+//! 4. Inside a task running on a cluster worker, the executor is that
+//!    worker's cluster, below an argument and a scope and above every
+//!    other layer (a worker process inherits its program's environment,
+//!    where `RASK_SCHEDULER=local:2` would mean another cluster): a task's
+//!    nested `compute`, `persist` or `Client::new()` runs on the cluster
+//!    the task runs on, through one connection per worker process. Its
+//!    thread is given back to the worker while it waits, so nested work
+//!    never waits for a thread its own waiting holds.
 
 use std::cell::RefCell;
 use std::fmt;
@@ -497,6 +505,15 @@ impl Config {
     /// # Ok::<(), rask::Error>(())
     /// ```
     pub fn resolve(&self) -> Result<ExecutorKind> {
+        let scoped = || SCOPED.with(|s| s.borrow().iter().rev().find_map(|c| c.executor.clone()));
+        if let Some(kind) = self.executor.clone().or_else(scoped) {
+            return Ok(kind);
+        }
+        // Rule 4: a task on a cluster worker computes on its cluster.
+        #[cfg(feature = "distributed")]
+        if let Some(kind) = crate::run::cluster::task_cluster_executor() {
+            return Ok(kind);
+        }
         Ok(self
             .pick(|c| c.executor.clone(), env_executor)?
             .unwrap_or(DEFAULT))

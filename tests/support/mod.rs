@@ -196,7 +196,7 @@ pub fn chain(n: usize) -> Delayed<i64> {
     x
 }
 
-/// A scheduler and two workers (2 threads each) inside this test process, on
+/// A scheduler and two workers (1 thread each) inside this test process, on
 /// 127.0.0.1 with ports from the OS, started once per test binary; workers
 /// find functions in `tasks` (the first list given wins). Returns the
 /// configuration that computes on it. The scheduler requires the token a
@@ -227,8 +227,10 @@ pub fn loopback_address(tasks: rask::Tasks) -> String {
         )
         .expect("scheduler starts");
         let address = format!("tcp://{}", scheduler.address());
+        // One thread each: the case where a task computing a graph itself
+        // must give its thread back (`nested_compute_inside_a_task`).
         let options = rask_distributed::worker::Options::default()
-            .threads(2)
+            .threads(1)
             .auth(auth);
         let workers = (0..2)
             .map(|_| {

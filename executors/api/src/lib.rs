@@ -40,6 +40,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod annotations;
+mod blocking;
 pub mod diagnostics;
 pub mod entry;
 pub mod events;
@@ -53,6 +54,7 @@ mod synchronous;
 pub use annotations::{
     Annotations, ResourceError, Resources, MAX_AMOUNT, MAX_RESOURCES, MAX_RESOURCE_NAME,
 };
+pub use blocking::{blocking, Seat};
 pub use failure::{
     decode_failure, encode_failure, panic_message, Cause, Failure, FailureKind, OpError,
     RemoteError,

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::stop::{self, Stop};
-use crate::{cancelled, FailureKind, OpError, Value};
+use crate::{cancelled, FailureKind, OpError, Seat, Value};
 
 /// The work of an op, callable from another thread (rule 2).
 pub type Run = Arc<dyn Fn(&mut [Option<Value>]) -> Result<Value, OpError> + Send + Sync>;
@@ -115,13 +115,22 @@ fn attempt_once(
     let work = run.clone();
     let mut owned: Vec<Option<Value>> = inputs.iter_mut().map(Option::take).collect();
     let on_thread = ending.clone();
+    // A nested computation's wait there gives the task's thread back
+    // (blocking rule 4).
+    let seat = <dyn Seat>::current();
     let spawned = std::thread::Builder::new()
         .name(format!("rask-timed-{name}"))
         .spawn(move || {
-            let result = signal.enter(|| {
-                catch_unwind(AssertUnwindSafe(|| work(&mut owned)))
-                    .unwrap_or_else(|payload| Err(OpError::panicked(&*payload)))
-            });
+            let mut attempt = || {
+                signal.enter(|| {
+                    catch_unwind(AssertUnwindSafe(|| work(&mut owned)))
+                        .unwrap_or_else(|payload| Err(OpError::panicked(&*payload)))
+                })
+            };
+            let result = match seat {
+                Some(seat) => <dyn Seat>::enter(seat, attempt),
+                None => attempt(),
+            };
             drop(owned);
             let _ = tx.send((result, Instant::now()));
             let mut ending = on_thread.lock().unwrap_or_else(|e| e.into_inner());

@@ -96,6 +96,12 @@ impl Stop {
         self
     }
 
+    /// Whether the signal can ever be raised: false for
+    /// [`Stop::never`], the signal outside tasks.
+    pub fn can_raise(&self) -> bool {
+        self.deadline.is_some() || !matches!(self.check, Check::Never)
+    }
+
     /// Whether the signal is raised now.
     pub fn raised(&self) -> bool {
         self.deadline.is_some_and(|d| Instant::now() >= d)

@@ -623,6 +623,33 @@ impl Client {
         Client::start(address, None, BuildId::current(), Arc::new(auth), tls)
     }
 
+    /// A client of the cluster whose worker runs the current task, as
+    /// that worker: its build, its token, its TLS settings (`nested`
+    /// rule 3). What a task's nested computations run through.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::connect_with`].
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// // Inside a task running on a worker:
+    /// if let Some(cluster) = rask_distributed::task_cluster() {
+    ///     let client = rask_distributed::Client::for_task_cluster(&cluster)?;
+    /// }
+    /// # Ok::<(), rask_distributed::Error>(())
+    /// ```
+    pub fn for_task_cluster(cluster: &crate::TaskCluster) -> Result<Client, Error> {
+        Client::start(
+            &cluster.address,
+            None,
+            cluster.build,
+            cluster.auth.clone(),
+            cluster.tls.clone(),
+        )
+    }
+
     /// [`Client::connect_with`], announcing `build` instead of this
     /// process's build: tests run clients of several "programs" in one
     /// process this way (see [`worker::spawn_as`](crate::worker::spawn_as)).

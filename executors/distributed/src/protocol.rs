@@ -793,6 +793,13 @@ pub enum ToScheduler {
         /// The figures.
         spill: Spill,
     },
+    /// Worker: a task it runs waits for a nested computation and gave its
+    /// thread back (`worker` rule 15): it no longer takes room in the
+    /// worker's window until it ends.
+    TaskSeceded {
+        /// The task.
+        key: WireKey,
+    },
 }
 
 /// Messages from the scheduler to a worker.
@@ -1225,7 +1232,8 @@ impl Bounded for ToScheduler {
             | ToScheduler::Watch { .. }
             | ToScheduler::Info { .. }
             | ToScheduler::WhoHas { .. }
-            | ToScheduler::Replicate { .. } => Ok(()),
+            | ToScheduler::Replicate { .. }
+            | ToScheduler::TaskSeceded { .. } => Ok(()),
         }
     }
 }

@@ -1193,6 +1193,9 @@ impl Shell {
             (Kind::Worker(w), ToScheduler::TaskAbandoned { key }) => {
                 state.on_task_abandoned(w, key, out)
             }
+            (Kind::Worker(w), ToScheduler::TaskSeceded { key }) => {
+                state.on_task_seceded(w, key, out)
+            }
             (Kind::Worker(w), ToScheduler::DataAdded { key }) => state.on_data_added(w, key, out),
             (Kind::Worker(w), ToScheduler::FetchFailed { key, holder }) => {
                 state.on_fetch_failed(Reporter::Worker(w), key, holder, out)

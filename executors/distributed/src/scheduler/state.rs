@@ -207,6 +207,11 @@ struct Task {
     /// While `Processing`: sent early (S9), and not every input is known to
     /// be in memory yet. Counted in its worker's `early`, not in its window.
     early: bool,
+    /// While `Processing`: it waits for a nested computation on its
+    /// worker's thread it gave back (`ToScheduler::TaskSeceded`); out of
+    /// its worker's window, which it would otherwise hold shut on the work
+    /// it waits for.
+    seceded: bool,
     /// How long it may run, in milliseconds (`TaskSpec::timeout_ms`).
     timeout_ms: Option<u64>,
     /// How many times it runs again when it fails (`TaskSpec::retries`).
@@ -782,6 +787,7 @@ impl State {
             let allowed = self.allowed_failures;
             let task = self.task_mut(id);
             task.early = false;
+            task.seceded = false;
             if suspect {
                 task.deaths = task.deaths.saturating_add(1);
             }
@@ -887,6 +893,7 @@ impl State {
                 restriction,
                 deaths: 0,
                 early: false,
+                seceded: false,
                 timeout_ms: spec.timeout_ms,
                 retries: spec.retries,
             });
@@ -1086,6 +1093,29 @@ impl State {
         self.assign(out);
     }
 
+    /// A task `worker` runs waits for a nested computation and gave its
+    /// thread back (`worker` rule 15): it leaves the worker's window, so
+    /// the work it waits for can be sent there. Ignored for a task not
+    /// processing on `worker` (a late report), and said once.
+    pub(crate) fn on_task_seceded(
+        &mut self,
+        worker: WorkerId,
+        key: WireKey,
+        out: &mut impl Outbox,
+    ) {
+        let Some(id) = self.processing_on(worker, key) else {
+            return;
+        };
+        let task = self.task_mut(id);
+        if std::mem::replace(&mut task.seceded, true) || task.early {
+            // An early task takes no window room to give back; it never
+            // takes any now (see `settle`).
+            return;
+        }
+        self.loads.remove_task(worker);
+        self.assign(out);
+    }
+
     /// A client asks for a copy of each of `keys` on every worker (S13):
     /// each key it wants that is in memory is fetched by every worker that
     /// does not hold it.
@@ -1243,8 +1273,11 @@ impl State {
         };
         let early = std::mem::take(&mut task.early);
         let restriction = task.restriction.clone();
+        let seceded = std::mem::take(&mut task.seceded);
         if !early {
-            self.loads.remove_task(worker);
+            if !seceded {
+                self.loads.remove_task(worker);
+            }
             if let (Some(r), Some(w)) = (restriction, self.workers.get_mut(&worker)) {
                 w.hold(&r, false);
             }
@@ -1448,9 +1481,12 @@ impl State {
                         .all(|&d| self.task(d).state == TaskState::Memory);
                     if ready {
                         self.task_mut(s).early = false;
+                        let seceded = self.task(s).seceded;
                         if let Some(worker) = self.workers.get_mut(&w) {
                             worker.early = worker.early.saturating_sub(1);
-                            self.loads.add_task(w);
+                            if !seceded {
+                                self.loads.add_task(w);
+                            }
                             self.early_room(w);
                         }
                     }
@@ -2102,7 +2138,7 @@ impl State {
             };
             assert_eq!(
                 self.loads.get(w).expect("every worker has a load").tasks,
-                on_w().filter(|t| !t.early).count() as u32
+                on_w().filter(|t| !t.early && !t.seceded).count() as u32
             );
             assert_eq!(worker.early, on_w().filter(|t| t.early).count() as u32);
             let mut used = vec![0u64; worker.resources.milli().len()];

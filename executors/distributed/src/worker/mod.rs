@@ -125,6 +125,19 @@
 //!     (`state` rule 6) until spilling brings it below. It sends what it
 //!     holds and spilled with each heartbeat (`ToScheduler::Memory`), which
 //!     `scheduler_info` shows.
+//! 15. **Nested computation.** Every thread that runs tasks knows the
+//!     worker's cluster (`nested` rules): a task that computes a graph
+//!     itself computes it there. While such a task waits
+//!     (`rask_executor::blocking`), its compute thread *secedes*: it stops
+//!     counting towards `threads`, and the pool starts a thread in its
+//!     place, so as many tasks as the worker announced keep running and
+//!     the tasks it waits for find a thread, on a worker of one thread
+//!     too. When the wait ends it *rejoins*; the next thread between jobs
+//!     leaves, so the worker is over its count for at most one task's end
+//!     per rejoin (Dask's `rejoin` waits for that instead; running on
+//!     cannot deadlock). A seceded task is no hung one: the watchdog acts
+//!     on it only once it is released (rule 10), and then starts no thread
+//!     for it, one took its place already.
 
 mod connect;
 mod memory;
@@ -849,12 +862,15 @@ struct Io {
     heartbeat: Option<tokio::time::Interval>,
     /// Kept across connections: reports of the pool, which go on.
     done_rx: mpsc::UnboundedReceiver<Done>,
+    /// Kept across connections: tasks that seceded (rule 15).
+    seceded_rx: mpsc::UnboundedReceiver<WireKey>,
     /// Kept across connections: a test's `WorkerHandle::stop`.
     stop: Option<oneshot::Receiver<()>>,
     /// What arrived, for the next turn to handle under one lock.
     messages: Vec<ToWorker>,
     done: Vec<Done>,
     fetched: Vec<Fetched>,
+    seceded: Vec<WireKey>,
     heartbeat_due: bool,
     /// Buffers kept from turn to turn.
     fetches: Vec<(WorkerId, WireKey)>,
@@ -865,7 +881,10 @@ impl Io {
     /// The network loop's parts for its first `connection`.
     fn new(
         connection: Connection,
-        done_rx: mpsc::UnboundedReceiver<Done>,
+        (done_rx, seceded_rx): (
+            mpsc::UnboundedReceiver<Done>,
+            mpsc::UnboundedReceiver<WireKey>,
+        ),
         stop: Option<oneshot::Receiver<()>>,
         link: &Link,
     ) -> Io {
@@ -883,10 +902,12 @@ impl Io {
             fetch_rx,
             heartbeat: None,
             done_rx,
+            seceded_rx,
             stop,
             messages: connection.first,
             done: Vec::new(),
             fetched: Vec::new(),
+            seceded: Vec::new(),
             heartbeat_due: false,
             fetches: Vec::new(),
             to_pool: Vec::new(),
@@ -914,6 +935,7 @@ impl Io {
         self.messages = connection.first;
         self.done.clear();
         self.fetched.clear();
+        self.seceded.clear();
         self.heartbeat_due = false;
         self.fetches.clear();
         self.to_pool.clear();
@@ -939,6 +961,8 @@ struct Worker {
     /// Reports of compute threads and of former network threads.
     done: mpsc::UnboundedSender<Done>,
     store: Store,
+    /// What its tasks' nested computations connect to (rule 15).
+    cluster: Arc<crate::nested::TaskCluster>,
     /// Taken by the thread that ends the worker.
     end: Mutex<Option<End>>,
 }
@@ -1074,8 +1098,16 @@ fn start(
     ))?;
     let (id, data_address) = (connection.id, connection.data_address);
     let (done, done_rx) = mpsc::unbounded_channel();
-    let io = Io::new(connection, done_rx, stop, &link);
-    let pool = Pool::start(link.threads, done.clone());
+    let (seceded, seceded_rx) = mpsc::unbounded_channel();
+    let io = Io::new(connection, (done_rx, seceded_rx), stop, &link);
+    let cluster = Arc::new(crate::nested::TaskCluster::new(
+        scheme,
+        &link.address,
+        link.build,
+        link.auth.clone(),
+        link.connector(),
+    ));
+    let pool = Pool::start(link.threads, done.clone(), seceded, Some(cluster.clone()));
     let (ending, ended) = std::sync::mpsc::channel();
     let (end_watchdog, watchdog_ends) = std::sync::mpsc::channel();
     let shared_id = Arc::new(AtomicU32::new(id.0));
@@ -1089,6 +1121,7 @@ fn start(
         pool,
         done,
         store,
+        cluster,
         end: Mutex::new(Some(End {
             ending,
             _watchdog: end_watchdog,
@@ -1198,6 +1231,8 @@ fn spawn_driver(
         .name("rask-worker".into())
         .spawn(move || {
             if go.recv() == Ok(true) {
+                // Fast jobs run here (rules 5 and 14).
+                crate::nested::install(worker.cluster.clone());
                 drive(&worker, &slot);
             }
         })
@@ -1361,6 +1396,11 @@ async fn turn(io: &mut Io, worker: &Worker) -> Option<Ended> {
                     }
                 }
             }
+            // Before the reports: one of them may end a task that
+            // seceded, and the scheduler ignores a late secession.
+            for key in io.seceded.drain(..) {
+                c.out.to_scheduler(ToScheduler::TaskSeceded { key });
+            }
             for done in io.done.drain(..) {
                 c.finished(done);
             }
@@ -1438,6 +1478,12 @@ async fn turn(io: &mut Io, worker: &Worker) -> Option<Ended> {
                 io.done.push(done);
                 while let Ok(done) = io.done_rx.try_recv() {
                     io.done.push(done);
+                }
+            }
+            Some(key) = io.seceded_rx.recv() => {
+                io.seceded.push(key);
+                while let Ok(key) = io.seceded_rx.try_recv() {
+                    io.seceded.push(key);
                 }
             }
             Some(fetched) = io.fetch_rx.recv() => {

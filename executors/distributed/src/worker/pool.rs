@@ -1,7 +1,13 @@
-//! The worker's compute threads (worker rules 2 and 10): a priority queue
-//! of jobs, the threads that take them, and what each thread runs now, so
-//! the watchdog can retire a thread stuck in a released task and start
-//! another in its place.
+//! The worker's compute threads (worker rules 2, 10 and 14): a priority
+//! queue of jobs, the threads that take them, and what each thread runs
+//! now, so the watchdog can retire a thread stuck in a released task and
+//! start another in its place.
+//!
+//! *Members* are the threads that count towards the worker's `threads`:
+//! live, not retired, and not seceded (waiting in a task for a nested
+//! computation, rule 15). The pool keeps at least `threads` members: a
+//! thread that secedes is replaced at once; one that rejoins makes a member
+//! too many, and the next member to look for a job leaves instead.
 
 use std::collections::BinaryHeap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -11,6 +17,8 @@ use tokio::sync::mpsc;
 use super::run_link;
 use super::state::{Done, Job};
 use super::watchdog::Running;
+use crate::nested::TaskCluster;
+use crate::protocol::WireKey;
 
 /// Jobs waiting for a thread, lowest priority number first.
 struct Queue {
@@ -18,6 +26,8 @@ struct Queue {
     closed: bool,
     /// Threads blocked on the condition variable: only they need a wake-up.
     sleeping: usize,
+    /// Threads counting towards `Shared::target` (module docs).
+    members: usize,
 }
 
 struct Queued(Job);
@@ -47,6 +57,9 @@ pub(crate) struct Seat {
     /// Replaced: the thread takes no new job and exits when this one
     /// returns.
     pub(crate) retired: bool,
+    /// Its task waits for a nested computation (rule 15): the thread is
+    /// no member, another took its place.
+    pub(crate) seceded: bool,
 }
 
 /// One compute thread's seat, shared with the watchdog.
@@ -61,10 +74,16 @@ struct Shared {
     queue: Mutex<Queue>,
     ready: Condvar,
     done: mpsc::UnboundedSender<Done>,
+    /// Tasks that seceded, for the scheduler (rule 15).
+    seceded: mpsc::UnboundedSender<WireKey>,
     /// The seat of every live compute thread, retired ones included.
     seats: Mutex<Vec<SeatRef>>,
     /// Compute threads started so far, for their names.
     started: Mutex<usize>,
+    /// The members the pool keeps (module docs): the worker's threads.
+    target: usize,
+    /// Installed on every compute thread (`nested` rule 1).
+    cluster: Option<Arc<TaskCluster>>,
 }
 
 /// The worker's compute threads (rule 2). Cheap to clone.
@@ -74,31 +93,63 @@ pub(crate) struct Pool {
 }
 
 impl Pool {
-    /// Starts `threads` compute threads that report to `done`.
-    pub(crate) fn start(threads: usize, done: mpsc::UnboundedSender<Done>) -> Pool {
+    /// Starts `threads` compute threads that report to `done`, and tasks
+    /// that secede to `seceded`, each thread with `cluster` installed
+    /// (`nested` rule 1).
+    pub(crate) fn start(
+        threads: usize,
+        done: mpsc::UnboundedSender<Done>,
+        seceded: mpsc::UnboundedSender<WireKey>,
+        cluster: Option<Arc<TaskCluster>>,
+    ) -> Pool {
         let pool = Pool {
             shared: Arc::new(Shared {
                 queue: Mutex::new(Queue {
                     heap: BinaryHeap::new(),
                     closed: false,
                     sleeping: 0,
+                    members: 0,
                 }),
                 ready: Condvar::new(),
                 done,
+                seceded,
                 seats: Mutex::new(Vec::new()),
                 started: Mutex::new(0),
+                target: threads,
+                cluster,
             }),
         };
         for _ in 0..threads {
             // A thread that cannot be spawned leaves the pool smaller; the
             // worker still runs as long as one thread exists.
-            pool.add_thread();
+            pool.add_member();
         }
         pool
     }
 
-    /// Starts one more compute thread; false if the system refused.
-    pub(crate) fn add_thread(&self) -> bool {
+    /// Starts one more member (module docs); false if the system refused.
+    fn add_member(&self) -> bool {
+        self.queue().members += 1;
+        let added = self.add_thread();
+        if !added {
+            self.queue().members -= 1;
+        }
+        added
+    }
+
+    /// Starts a thread in place of a member the watchdog retired (rule
+    /// 10): the number of members stays; false if the system refused.
+    pub(crate) fn replace_retired(&self) -> bool {
+        let added = self.add_thread();
+        if !added {
+            self.queue().members -= 1;
+        }
+        added
+    }
+
+    /// Starts one more compute thread, counted as the caller says; false if
+    /// the system refused.
+    fn add_thread(&self) -> bool {
         let index = {
             let mut started = self
                 .shared
@@ -120,7 +171,14 @@ impl Pool {
                 LANE.with(|lane| {
                     lane.set(u32::try_from(index).unwrap_or(u32::MAX).saturating_add(1))
                 });
-                compute_thread(&shared, &mine)
+                if let Some(cluster) = &shared.cluster {
+                    crate::nested::install(cluster.clone());
+                }
+                let seat: Arc<dyn rask_executor::Seat> = Arc::new(PoolSeat {
+                    shared: shared.clone(),
+                    me: mine.clone(),
+                });
+                <dyn rask_executor::Seat>::enter(seat, || compute_thread(&shared, &mine))
             });
         if let Err(e) = spawned {
             tracing::warn!("worker: could not start compute thread {index}: {e}");
@@ -203,6 +261,12 @@ fn compute_thread(shared: &Arc<Shared>, me: &SeatRef) {
                 if q.closed {
                     break None;
                 }
+                if q.members > shared.target {
+                    // A seceded thread rejoined (rule 15): one member too
+                    // many, and this one is between jobs.
+                    q.members -= 1;
+                    break None;
+                }
                 if let Some(Queued(job)) = q.heap.pop() {
                     break Some(job);
                 }
@@ -243,4 +307,62 @@ fn compute_thread(shared: &Arc<Shared>, me: &SeatRef) {
         }
     }
     pool.seats().retain(|s| !Arc::ptr_eq(s, me));
+}
+
+/// A compute thread's place in the pool, given back while its task waits
+/// for a nested computation (rule 15, `rask_executor::blocking`).
+struct PoolSeat {
+    shared: Arc<Shared>,
+    me: SeatRef,
+}
+
+impl rask_executor::Seat for PoolSeat {
+    fn secede(&self) {
+        let task = {
+            let mut s = seat(&self.me);
+            s.seceded = true;
+            s.running.as_ref().map(|r| r.key)
+        };
+        if let Some(key) = task {
+            // Out of the scheduler's window for this worker, so the work
+            // the task waits for can come here. A closed channel: the
+            // worker ended.
+            let _ = self.shared.seceded.send(key);
+        }
+        let pool = Pool {
+            shared: self.shared.clone(),
+        };
+        let short = {
+            let mut q = pool.queue();
+            q.members -= 1;
+            !q.closed && q.members < self.shared.target
+        };
+        if short {
+            // Refused: the worker runs on fewer threads until this one
+            // rejoins, as when a thread cannot be started at all.
+            pool.add_member();
+        }
+    }
+
+    fn rejoin(&self) {
+        let retired = {
+            let mut s = seat(&self.me);
+            s.seceded = false;
+            s.retired
+        };
+        if retired {
+            // Its task was released meanwhile (rule 10): the thread exits
+            // when the task returns, as no member.
+            return;
+        }
+        let pool = Pool {
+            shared: self.shared.clone(),
+        };
+        let mut q = pool.queue();
+        q.members += 1;
+        if q.members > self.shared.target && q.sleeping > 0 {
+            // An idle member leaves at once.
+            self.shared.ready.notify_all();
+        }
+    }
 }

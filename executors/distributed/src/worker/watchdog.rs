@@ -165,7 +165,12 @@ fn review(seat: &mut Seat, now: Instant, grace: Duration, spare: &mut usize) -> 
     if !running.is_cancelled() {
         return verdict;
     }
-    if !seat.retired && *spare > 0 {
+    if seat.seceded {
+        // Its task waits for a nested computation (rule 15): another
+        // thread took its place when it seceded, so it only leaves once
+        // its task returns, which the release makes it do soon.
+        seat.retired = true;
+    } else if !seat.retired && *spare > 0 {
         *spare -= 1;
         seat.retired = true;
         verdict.replace = true;
@@ -331,7 +336,7 @@ impl Watchdog {
             }
         }
         for _ in 0..replace {
-            self.worker.pool.add_thread();
+            self.worker.pool.replace_retired();
         }
         for line in lines {
             self.unhealthy(&line);
@@ -464,6 +469,7 @@ mod tests {
         let mut seat = Seat {
             running: Some(running(false)),
             retired: false,
+            seceded: false,
         };
         let mut spare = 1;
         // Running and wanted: nothing to do.
@@ -514,6 +520,7 @@ mod tests {
         let mut seat = Seat {
             running: Some(running(true)),
             retired: false,
+            seceded: false,
         };
         let mut spare = 0;
         let verdict = review(&mut seat, now, Duration::from_secs(30), &mut spare);

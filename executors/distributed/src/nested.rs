@@ -1,0 +1,94 @@
+//! Nested computation: what a task running on a worker knows of its
+//! cluster, so that the graphs it computes itself run there too (Dask's
+//! `get_client`).
+//!
+//! Rules:
+//!
+//! 1. Every thread of a worker that runs tasks (its compute threads and
+//!    its network thread, `worker` rules 2 and 5) has the worker's
+//!    [`TaskCluster`] installed for its whole life: the scheduler's
+//!    address, the worker's build, token and TLS settings.
+//! 2. [`task_cluster`] reads it; outside a worker's threads it is `None`.
+//! 3. [`Client::for_task_cluster`](crate::Client::for_task_cluster)
+//!    connects to it as a client of the worker's build, proving the
+//!    worker's token over the worker's TLS settings: no environment
+//!    variable is read, so a worker started with explicit options nests as
+//!    well as one started from the environment.
+//! 4. The worker's compute threads give their place back while a task
+//!    waits for a nested computation (`rask_executor::blocking`, `worker`
+//!    rule 15), so a nested fan-out never waits for a thread its own
+//!    waiting holds.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use crate::protocol::Scheme;
+use crate::tls::Connector;
+use crate::{Auth, BuildId};
+
+/// The cluster of the worker whose thread runs the current task (rule 1).
+///
+/// # Examples
+///
+/// ```
+/// // Outside a worker's task there is none.
+/// assert!(rask_distributed::task_cluster().is_none());
+/// ```
+pub struct TaskCluster {
+    /// `tcp://host:port` or `tls://host:port`.
+    pub(crate) address: String,
+    pub(crate) build: BuildId,
+    pub(crate) auth: Arc<Auth>,
+    pub(crate) tls: Option<Connector>,
+}
+
+impl TaskCluster {
+    /// The worker's cluster: its scheduler at `host:port`, reached with
+    /// `scheme`.
+    pub(crate) fn new(
+        scheme: Scheme,
+        host_port: &str,
+        build: BuildId,
+        auth: Arc<Auth>,
+        tls: Option<Connector>,
+    ) -> TaskCluster {
+        let prefix = match scheme {
+            Scheme::Tcp => "tcp",
+            Scheme::Tls => "tls",
+        };
+        TaskCluster {
+            address: format!("{prefix}://{host_port}"),
+            build,
+            auth,
+            tls,
+        }
+    }
+
+    /// The scheduler's address, `tcp://host:port` or `tls://host:port`.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+}
+
+impl std::fmt::Debug for TaskCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskCluster")
+            .field("address", &self.address)
+            .field("build", &self.build)
+            .finish_non_exhaustive()
+    }
+}
+
+thread_local! {
+    static CURRENT: RefCell<Option<Arc<TaskCluster>>> = const { RefCell::new(None) };
+}
+
+/// Installs `cluster` on this thread for the rest of its life (rule 1).
+pub(crate) fn install(cluster: Arc<TaskCluster>) {
+    let _ = CURRENT.try_with(|c| c.replace(Some(cluster)));
+}
+
+/// The cluster of the worker running this thread's task, if any (rule 2).
+pub fn task_cluster() -> Option<Arc<TaskCluster>> {
+    CURRENT.try_with(|c| c.borrow().clone()).ok().flatten()
+}
