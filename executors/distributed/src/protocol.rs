@@ -66,8 +66,13 @@ pub const MAGIC: [u8; 4] = *b"RASK";
 /// `ToScheduler::Heartbeat` too, and a scheduler closes a client it hears
 /// nothing from for its client timeout. Version 6: clients may ask for
 /// copies on every worker (`ToScheduler::Replicate`), which the scheduler
-/// asks of workers with `ToWorker::Fetch`.
-pub const VERSION: u16 = 6;
+/// asks of workers with `ToWorker::Fetch`. Version 7: a worker announces
+/// its name in `RegisterWorker`, which the scheduler may refuse
+/// (`ToWorker::Refused`); a client may retire workers
+/// (`ToScheduler::RetireWorkers`, answered by `ToClient::Retired`), which
+/// the scheduler tells to exit (`ToWorker::Retire`) once their values are
+/// held elsewhere.
+pub const VERSION: u16 = 7;
 
 /// Values whose encoding is at most this many bytes travel with their
 /// report: in `TaskFinished` to the scheduler, and in `KeyInMemory` to the
@@ -110,6 +115,10 @@ pub const MAX_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(36
 /// (rule 5). Every peer and client is sent it; a DNS name is at most 253
 /// bytes, so 1 KiB leaves room for anything real.
 pub const MAX_ADDRESS: usize = 1024;
+
+/// Longest worker name, in bytes (rule 5): `RegisterWorker.name`, and each
+/// name of a `RetireWorkers`.
+pub const MAX_WORKER_NAME: usize = 255;
 
 /// The largest memory figure a worker may report: 1 PiB.
 pub const MAX_MEMORY: u64 = 1 << 50;
@@ -655,6 +664,9 @@ pub enum ToScheduler {
         address: String,
         /// Number of compute threads: 1 to [`MAX_THREADS`].
         threads: u32,
+        /// Its name, unique on the scheduler: 1 to [`MAX_WORKER_NAME`]
+        /// bytes, no whitespace or control characters.
+        name: String,
     },
     /// Worker: a task ran and its value is held here.
     TaskFinished {
@@ -740,6 +752,17 @@ pub enum ToScheduler {
         /// The keys.
         keys: Vec<WireKey>,
     },
+    /// Client: retire the workers of these names (Dask's
+    /// `retire_workers`): give them no more tasks, have the values only
+    /// they hold copied to other workers, then tell them to exit. Answered
+    /// by [`ToClient::Retired`] with the same `id` once every one of them
+    /// is gone, or at once if one cannot be retired.
+    RetireWorkers {
+        /// Chosen by the client, returned as is.
+        id: u64,
+        /// The workers' names, each at most [`MAX_WORKER_NAME`] bytes.
+        names: Vec<String>,
+    },
 }
 
 /// Messages from the scheduler to a worker.
@@ -810,6 +833,16 @@ pub enum ToWorker {
         /// Its holders, tried in turn.
         holders: Vec<WorkerId>,
     },
+    /// Answer to `RegisterWorker` instead of `Registered`: the worker may
+    /// not join (its name is taken); the scheduler closes the connection.
+    Refused {
+        /// Why, for the worker's error; at most [`MAX_NAME`] bytes.
+        reason: String,
+    },
+    /// Exit: every value this worker held is held by another worker too,
+    /// and it runs nothing for the scheduler any more (it was retired). The
+    /// worker closes the connection and ends, without registering again.
+    Retire,
 }
 
 /// Messages from the scheduler to a client.
@@ -867,6 +900,14 @@ pub enum ToClient {
         id: u64,
         /// One entry per key asked.
         holders: Vec<Vec<WorkerId>>,
+    },
+    /// Answer to [`ToScheduler::RetireWorkers`]: every worker named is
+    /// gone (`error` is `None`), or why none was retired.
+    Retired {
+        /// The request's id.
+        id: u64,
+        /// Why the request was refused, if it was.
+        error: Option<String>,
     },
 }
 
@@ -1073,6 +1114,15 @@ fn within(what: &'static str, value: u64, min: u64, max: u64) -> Result<(), Prot
 }
 
 /// A length (of bytes or a string) of at most `max`.
+/// Whether `name` may name a worker: 1 to [`MAX_WORKER_NAME`] bytes, none
+/// of them whitespace or a control character, so it reads unquoted in log
+/// lines and on the dashboard.
+pub fn valid_worker_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_WORKER_NAME
+        && !name.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
 fn length(what: &'static str, len: usize, max: usize) -> Result<(), ProtocolError> {
     // usize fits u64 on every target rask builds for; saturate regardless.
     let len = u64::try_from(len).unwrap_or(u64::MAX);
@@ -1090,8 +1140,23 @@ fn inline(what: &'static str, value: &Option<Arc<[u8]>>) -> Result<(), ProtocolE
 impl Bounded for ToScheduler {
     fn check(&self) -> Result<(), ProtocolError> {
         match self {
-            ToScheduler::RegisterWorker { address, threads } => {
+            ToScheduler::RegisterWorker {
+                address,
+                threads,
+                name,
+            } => {
                 length("RegisterWorker.address length", address.len(), MAX_ADDRESS)?;
+                within(
+                    "RegisterWorker.name length",
+                    name.len() as u64,
+                    1,
+                    MAX_WORKER_NAME as u64,
+                )?;
+                if !valid_worker_name(name) {
+                    return Err(ProtocolError::Unexpected(
+                        "a worker name with whitespace or control characters",
+                    ));
+                }
                 within(
                     "RegisterWorker.threads",
                     u64::from(*threads),
@@ -1099,6 +1164,9 @@ impl Bounded for ToScheduler {
                     u64::from(MAX_THREADS),
                 )
             }
+            ToScheduler::RetireWorkers { names, .. } => names
+                .iter()
+                .try_for_each(|n| length("RetireWorkers.names length", n.len(), MAX_WORKER_NAME)),
             ToScheduler::TaskFinished {
                 nbytes,
                 duration_ns,
@@ -1158,7 +1226,9 @@ impl Bounded for ToWorker {
             | ToWorker::PeerLeft { .. }
             | ToWorker::Compute { .. }
             | ToWorker::Release { .. }
-            | ToWorker::Fetch { .. } => Ok(()),
+            | ToWorker::Fetch { .. }
+            | ToWorker::Retire => Ok(()),
+            ToWorker::Refused { reason } => length("Refused.reason length", reason.len(), MAX_NAME),
         }
     }
 }
@@ -1203,7 +1273,8 @@ impl Bounded for ToClient {
             ToClient::WorkerLeft { .. }
             | ToClient::KeyErred { .. }
             | ToClient::Info { .. }
-            | ToClient::WhoHas { .. } => Ok(()),
+            | ToClient::WhoHas { .. }
+            | ToClient::Retired { .. } => Ok(()),
         }
     }
 }
@@ -1380,7 +1451,7 @@ mod tests {
         let expected = [
             "48000000", // body length: 72 bytes
             "5241534b", // RASK
-            "0600",     // version 6
+            "0700",     // version 7
             "02",       // role: worker
             "01",       // flags: authenticates
             &"ab".repeat(32),
@@ -1432,11 +1503,11 @@ mod tests {
         let mut junk = old;
         junk[4] = b'X';
         assert!(matches!(old_handshake(&junk[4..]), ProtocolError::NotRask));
-        // What a version-4 peer is answered: its own layout, naming 6.
+        // What a version-4 peer is answered: its own layout, naming 7.
         let answer = v4_refusal(Role::Scheduler);
         assert_eq!(
             hex(&answer),
-            format!("280000005241534b06000400{}", "00".repeat(32))
+            format!("280000005241534b07000400{}", "00".repeat(32))
         );
     }
 
@@ -1651,6 +1722,7 @@ mod tests {
         let register = |threads, address: usize| ToScheduler::RegisterWorker {
             address: "a".repeat(address),
             threads,
+            name: "w-1".into(),
         };
         assert_eq!(out_of_range(&register(1, 14)), None);
         assert_eq!(out_of_range(&register(MAX_THREADS, MAX_ADDRESS)), None);
@@ -1663,6 +1735,33 @@ mod tests {
         assert_eq!(
             out_of_range(&register(1, MAX_ADDRESS + 1)),
             Some("RegisterWorker.address length")
+        );
+        let named = |name: &str| ToScheduler::RegisterWorker {
+            address: "a:1".into(),
+            threads: 1,
+            name: name.into(),
+        };
+        assert_eq!(out_of_range(&named(&"n".repeat(MAX_WORKER_NAME))), None);
+        for bad in [String::new(), "n".repeat(MAX_WORKER_NAME + 1)] {
+            assert_eq!(
+                out_of_range(&named(&bad)),
+                Some("RegisterWorker.name length")
+            );
+        }
+        for bad in ["a b", "a\u{1b}[2J", "a\n"] {
+            assert!(matches!(
+                decode_checked::<ToScheduler>(&frame(&named(bad))[4..]),
+                Err(ProtocolError::Unexpected(_))
+            ));
+        }
+        let retire = |name: String| ToScheduler::RetireWorkers {
+            id: 1,
+            names: vec![name],
+        };
+        assert_eq!(out_of_range(&retire("n".repeat(MAX_WORKER_NAME))), None);
+        assert_eq!(
+            out_of_range(&retire("n".repeat(MAX_WORKER_NAME + 1))),
+            Some("RetireWorkers.names length")
         );
 
         let max_ns = duration_ns_of(MAX_TASK_DURATION);
