@@ -195,6 +195,18 @@ fn stamp(path: String, x: i64) -> i64 {
     x
 }
 
+/// 100 kB of `i`, big enough to stay on the worker that made it; each run
+/// writes a line to the file at `path`.
+fn stamped_block(path: String, i: i64) -> Vec<u8> {
+    stamp(path, i);
+    vec![i as u8; 100_000]
+}
+
+/// The block's length plus its first byte.
+fn block_len(block: Vec<u8>) -> i64 {
+    block.len() as i64 + i64::from(block.first().copied().unwrap_or(0))
+}
+
 /// Lines in the file at `path`: how often `stamp` ran on it.
 fn stamps(path: &str) -> usize {
     std::fs::read_to_string(path).map_or(0, |text| text.lines().count())
@@ -1205,13 +1217,13 @@ fn worker_threads_split_the_cores() {
     assert_eq!(out.trim(), format!("threads {:?}", [split, split]));
     let (out, _) = run_child(&[(THREADS_SCENARIO_ENV, "1"), ("RASK_WORKER_THREADS", "3")]);
     assert_eq!(out.trim(), "threads [3, 3]");
-    for bad in ["0", "four", "-1", ""] {
+    for bad in ["0", "four", "-1", "", "4097"] {
         let (out, _) = run_child(&[(THREADS_SCENARIO_ENV, "1"), ("RASK_WORKER_THREADS", bad)]);
         assert_eq!(
             out.trim(),
             format!(
-                "error RASK_WORKER_THREADS={bad:?} is not valid: expected a positive integer \
-                 (threads per worker process)"
+                "error RASK_WORKER_THREADS={bad:?} is not valid: expected a whole number of \
+                 threads from 1 to 4096"
             )
         );
     }
@@ -1230,6 +1242,170 @@ fn worker_threads_split_the_cores() {
     );
 }
 
+/// Retirement with real processes: on a cluster of three workers, values
+/// persisted all over it are kept while two workers are retired; the two
+/// processes exit, every value stays readable, and no task runs again (each
+/// run writes a line to a file).
+fn retired_workers_hand_their_values_over_on_local_3() {
+    let before = live_children().len();
+    let path = stamp_path("retire");
+    let client = Client::local(3).unwrap();
+    client.wait_for_workers(3, Duration::from_secs(30)).unwrap();
+    let children = live_children().len();
+    let persisted: Vec<Delayed<Vec<u8>>> = (0..12)
+        .map(|i| {
+            client
+                .persist(&delayed!(stamped_block(path.clone(), i)))
+                .unwrap()
+        })
+        .collect();
+    // `persist` through a client returns at once (Dask's does too).
+    eventually("the persisted values", || {
+        let info = client.scheduler_info().unwrap();
+        info.workers.iter().map(|w| w.keys).sum::<u64>() >= 12
+    });
+    assert_eq!(stamps(&path), 12);
+    let info = client.scheduler_info().unwrap();
+    let mut names: Vec<String> = info.workers.iter().map(|w| w.name.clone()).collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), 3, "three distinct names: {names:?}");
+    // Values sit on every worker, so each retirement moves some.
+    assert!(
+        info.workers.iter().filter(|w| w.keys > 0).count() >= 2,
+        "{info:?}"
+    );
+    client.retire_workers(&names[..2]).unwrap();
+    let left: Vec<String> = client
+        .scheduler_info()
+        .unwrap()
+        .workers
+        .into_iter()
+        .map(|w| w.name)
+        .collect();
+    assert_eq!(left, names[2..]);
+    // The retired processes exit; the cluster does not start them again.
+    eventually("the retired workers to exit", || {
+        live_children().len() == children - 2
+    });
+    for (i, held) in persisted.iter().enumerate() {
+        let len = client.compute(&delayed!(block_len(held))).unwrap().result();
+        assert_eq!(len.unwrap(), 100_000 + i as i64);
+    }
+    assert_eq!(stamps(&path), 12, "a task ran again");
+    // A name it does not know, or the last worker: refused, nothing retired.
+    for (bad, says) in [
+        ("nobody", "no worker named \"nobody\""),
+        (&*names[2], "none to hold"),
+    ] {
+        let err = client.retire_workers(&[bad]).unwrap_err().to_string();
+        assert!(err.contains(says), "{err}");
+    }
+    assert_eq!(client.scheduler_info().unwrap().workers.len(), 1);
+    drop((persisted, client));
+    let _ = std::fs::remove_file(&path);
+    children_settle_to(before);
+}
+
+/// A worker started by hand takes `--nthreads` and `--name` (or their
+/// variables), shown by `scheduler_info`; it runs one thread per core by
+/// default; a bad argument or value is refused before it connects, naming
+/// what it takes.
+fn a_worker_started_by_hand_takes_its_options() {
+    let exe = std::env::current_exe().expect("this test's path");
+    let mut scheduler = serve("127.0.0.1:0".parse().unwrap());
+    let address = format!("tcp://{}", scheduler.address());
+    let start = |args: &[&str], env: &[(&str, &str)]| {
+        let mut command = Command::new(&exe);
+        command
+            .args(args)
+            .env(rask_distributed::WORKER_ENV, &address)
+            .env(rask_distributed::DEATH_TIMEOUT_ENV, "0")
+            .env_remove(rask_distributed::WORKER_THREADS_ENV)
+            .env_remove(rask_distributed::WORKER_NAME_ENV)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        command
+    };
+    let mut by_hand = WorkerProcess(
+        start(
+            &[
+                "--nthreads",
+                "3",
+                "--name=by-hand",
+                "--resources",
+                "GPU=2",
+                "--memory-limit=200MiB",
+            ],
+            &[],
+        )
+        .spawn()
+        .unwrap(),
+    );
+    let mut by_env = WorkerProcess(
+        start(&[], &[(rask_distributed::WORKER_NAME_ENV, "by-env")])
+            .spawn()
+            .unwrap(),
+    );
+    workers_registered(&scheduler, 2);
+    let client = Client::connect(&address).unwrap();
+    let mut seen: Vec<(String, u32, String)> = client
+        .scheduler_info()
+        .unwrap()
+        .workers
+        .into_iter()
+        .map(|w| (w.name, w.threads, w.resources))
+        .collect();
+    seen.sort();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    assert_eq!(
+        seen,
+        [
+            ("by-env".to_owned(), cores, String::new()),
+            ("by-hand".to_owned(), 3, "GPU=2".to_owned())
+        ]
+    );
+    // A second worker of a taken name is refused, and says so.
+    let twin = start(&["--name", "by-hand"], &[]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&twin.stderr);
+    assert_eq!(twin.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("the name \"by-hand\" is taken"), "{stderr}");
+    for (args, says) in [
+        (
+            &["--nthreads", "0"][..],
+            "expected a whole number of threads",
+        ),
+        (&["--nthreads"][..], "needs a value"),
+        (&["--name", "two words"][..], "no whitespace"),
+        (&["--threads", "2"][..], "not a worker option"),
+        (&["--resources", "GPU"][..], "GPU"),
+        (&["--memory-limit", "lots"][..], "expected a size"),
+        (&["input.csv"][..], "not a worker option"),
+    ] {
+        let out = start(args, &[]).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(says) && stderr.contains("--nthreads N"),
+            "{stderr}"
+        );
+    }
+    let out = start(&[], &[(rask_distributed::WORKER_NAME_ENV, "")])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("RASK_WORKER_NAME=\"\" is not valid"),
+        "{stderr}"
+    );
+    drop(client);
+    scheduler.shutdown();
+    for worker in [&mut by_hand, &mut by_env] {
+        assert!(worker.0.wait().unwrap().success());
+    }
+}
+
 fn main() {
     rask::init_with(futures_api::register(arguments::register(rask::tasks![
         inc,
@@ -1241,6 +1417,8 @@ fn main() {
         half?,
         scale,
         stamp,
+        stamped_block,
+        block_len,
         counted_len,
         counted,
         support::leaf,
@@ -1319,6 +1497,14 @@ fn main() {
         (
             "a_restarted_scheduler_is_reconnected",
             a_restarted_scheduler_is_reconnected,
+        ),
+        (
+            "a_worker_started_by_hand_takes_its_options",
+            a_worker_started_by_hand_takes_its_options,
+        ),
+        (
+            "retired_workers_hand_their_values_over_on_local_3",
+            retired_workers_hand_their_values_over_on_local_3,
         ),
         (
             "a_worker_started_by_hand_survives_a_scheduler_restart",

@@ -1,5 +1,6 @@
 //! Looking at the executor behind a [`Client`] (Dask's `scheduler_info`,
-//! `wait_for_workers`, `who_has`, `dashboard_link`).
+//! `wait_for_workers`, `who_has`, `dashboard_link`), and retiring a
+//! cluster's workers (`retire_workers`).
 //!
 //! On a cluster the answers come from its scheduler. Executors in this
 //! process answer as a cluster of one worker would: this process, with its
@@ -70,6 +71,7 @@ impl Client {
                 .map(|id| WorkerRow {
                     id,
                     address: THIS_PROCESS.to_owned(),
+                    name: String::new(),
                     threads: u32::try_from(threads).unwrap_or(u32::MAX),
                     running: 0,
                     memory_bytes: None,
@@ -124,6 +126,43 @@ impl Client {
                 });
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Retires the cluster's workers of these names gracefully (Dask's
+    /// `retire_workers`) and returns once they are gone: they get no new
+    /// task, finish what they were sent, every value only they hold is
+    /// copied to a worker that stays, then their processes exit. Nothing
+    /// is computed again; persisted values and futures stay readable.
+    /// Names are those [`scheduler_info`](Client::scheduler_info) lists:
+    /// a worker's `--name` or `RASK_WORKER_NAME`, by default `host-pid`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Distributed`] wrapping `rask_distributed::Error::Retire`
+    /// when a name is not one of this program's workers, when no other
+    /// worker would be left to hold their values (none is retired then),
+    /// or when this client's executor is not a cluster; or the connection's
+    /// error if it is lost first.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// rask::init();
+    /// let client = rask::Client::local(3)?;
+    /// let names: Vec<String> =
+    ///     client.scheduler_info()?.workers.into_iter().map(|w| w.name).collect();
+    /// client.retire_workers(&names[..1])?;
+    /// assert_eq!(client.scheduler_info()?.workers.len(), 2);
+    /// # Ok::<(), rask::Error>(())
+    /// ```
+    #[cfg(feature = "distributed")]
+    pub fn retire_workers<S: AsRef<str>>(&self, names: &[S]) -> Result<()> {
+        match &self.inner.backend {
+            Backend::Distributed(cluster) => Ok(cluster.client().retire_workers(names)?),
+            _ => Err(Error::Distributed(rask_distributed::Error::Retire {
+                reason: "this client's executor is not a cluster".to_owned(),
+            })),
         }
     }
 

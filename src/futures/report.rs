@@ -137,6 +137,7 @@ impl Recording {
                     } else {
                         format!("worker {id}")
                     },
+                    name: String::new(),
                     threads,
                     running: 0,
                     memory_bytes: None,

@@ -12,22 +12,19 @@ use std::collections::HashMap;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use rask_distributed::{Client, LocalCluster, WORKER_ENV};
+use rask_distributed::{Client, LocalCluster, WORKER_ENV, WORKER_THREADS_ENV};
 
 use crate::{Error, Result};
 
-/// The environment variable giving a worker's thread count: a positive
-/// integer. A local cluster sets it on its workers (see [`worker_threads`]);
-/// a worker started by hand without it runs 1 thread.
-pub(crate) const WORKER_THREADS_ENV: &str = "RASK_WORKER_THREADS";
-
-/// What [`WORKER_THREADS_ENV`] must hold, for its error.
-const WORKER_THREADS_EXPECTED: &str = "a positive integer (threads per worker process)";
+/// What [`WORKER_THREADS_ENV`] must hold, for its error: as a worker
+/// process says it.
+const WORKER_THREADS_EXPECTED: &str = "a whole number of threads from 1 to 4096";
 
 /// The thread count `text` names, from [`WORKER_THREADS_ENV`].
 fn parse_worker_threads(text: &str) -> Result<usize> {
+    let max = rask_distributed::protocol::MAX_THREADS as usize;
     match text.trim().parse::<usize>() {
-        Ok(n) if n > 0 => Ok(n),
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
         _ => Err(Error::Distributed(rask_distributed::Error::Env {
             name: WORKER_THREADS_ENV,
             value: text.to_owned(),
@@ -264,24 +261,23 @@ pub(crate) fn run_worker_if_asked() {
     // (RUST_LOG filters it), unless the program installed a subscriber.
     rask_distributed::init_logging();
     let address = address.to_string_lossy().into_owned();
-    // Unset: a worker started by hand runs one thread. Invalid: refused,
+    // Threads and name from the environment and, for a worker started by
+    // hand, its command line (`--nthreads`, `--name`). Invalid: refused,
     // never silently replaced by a default.
-    let threads = match std::env::var_os(WORKER_THREADS_ENV) {
-        None => 1,
-        Some(text) => match parse_worker_threads(&text.to_string_lossy()) {
-            Ok(n) => n,
-            Err(e) => {
-                eprintln!("rask worker for {address}: {e}");
-                std::process::exit(2);
-            }
-        },
+    let options = match rask_distributed::worker::Options::from_process(std::env::args_os().skip(1))
+    {
+        Ok(options) => options,
+        Err(e) => {
+            eprintln!("rask worker for {address}: {e}");
+            std::process::exit(2);
+        }
     };
     let Some(registry) = crate::build::registry::installed() else {
         eprintln!("rask worker: no task registry installed");
         std::process::exit(2);
     };
     let run = || -> Result<()> {
-        let mut options = rask_distributed::worker::Options::from_env()?.threads(threads);
+        let mut options = options;
         options.auth = crate::run::config::auth()?;
         Ok(rask_distributed::worker::run_with(
             &address, registry, options,

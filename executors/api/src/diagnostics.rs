@@ -103,6 +103,10 @@ pub struct WorkerRow {
     pub id: u32,
     /// Its data port, `host:port`, or `this process`.
     pub address: String,
+    /// Its name (`--name`, `RASK_WORKER_NAME`; by default `host-pid`);
+    /// empty where workers have none (this process, a simulated worker).
+    #[serde(default)]
+    pub name: String,
     /// Compute threads.
     pub threads: u32,
     /// Tasks running on it now.

@@ -96,6 +96,9 @@
 //!     (Dask's `replicate`) and returns at once: nothing answers it, and
 //!     [`Client::who_has`] shows the copies as they arrive. Sent while
 //!     disconnected, it is dropped.
+//! 17. [`Client::retire_workers`] is a question (rule 14) answered once the
+//!     workers named are gone, however long their retirement takes (the
+//!     scheduler's rule S16), or at once when the scheduler refuses it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -121,6 +124,9 @@ use rask_executor::diagnostics::Snapshot;
 /// How often open submissions are asked whether they were cancelled, when
 /// no message arrives meanwhile.
 const CANCEL_POLL: Duration = Duration::from_millis(20);
+
+/// How long [`Client::info`] and [`Client::who_has`] wait for their answer.
+const ASK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long work waits with no worker before the client says so (rule 15).
 const NO_WORKERS_WARNING: Duration = Duration::from_secs(5);
@@ -421,6 +427,8 @@ enum Command {
 enum Ask {
     Info,
     WhoHas(Vec<WireKey>),
+    /// Retire the workers of these names (rule 17).
+    Retire(Vec<String>),
 }
 
 /// The scheduler's answer to an [`Ask`], or why there is none.
@@ -428,6 +436,8 @@ enum Answer {
     Info(Box<Snapshot>),
     /// For each key asked, the data ports of the workers holding it.
     WhoHas(Vec<Vec<String>>),
+    /// The workers are gone, or why none was retired.
+    Retired(Option<String>),
 }
 
 /// Where an [`Ask`] is answered.
@@ -832,9 +842,9 @@ impl Client {
     /// [`Error::Connection`] when the client is not connected, or the
     /// scheduler does not answer within 10 s.
     pub fn info(&self) -> Result<Snapshot, Error> {
-        match self.ask(Ask::Info)? {
+        match self.ask(Ask::Info, ASK_TIMEOUT)? {
             Answer::Info(snapshot) => Ok(*snapshot),
-            Answer::WhoHas(_) => Err(self.no_answer("a wrong answer")),
+            _ => Err(self.no_answer("a wrong answer")),
         }
     }
 
@@ -846,9 +856,43 @@ impl Client {
     /// As [`Client::info`].
     pub fn who_has(&self, keys: &[Key]) -> Result<Vec<Vec<String>>, Error> {
         let keys = keys.iter().map(|k| k.0).collect();
-        match self.ask(Ask::WhoHas(keys))? {
+        match self.ask(Ask::WhoHas(keys), ASK_TIMEOUT)? {
             Answer::WhoHas(holders) => Ok(holders),
-            Answer::Info(_) => Err(self.no_answer("a wrong answer")),
+            _ => Err(self.no_answer("a wrong answer")),
+        }
+    }
+
+    /// Retires the workers of these names, gracefully (Dask's
+    /// `retire_workers`), and returns once they are gone: the scheduler
+    /// gives them no new task, lets them finish the tasks they were sent,
+    /// has every value only they hold copied to a worker that stays, then
+    /// tells them to exit (their processes end). Nothing is computed again
+    /// and no value is lost. Names are those [`Client::info`] lists
+    /// (`--name`, `RASK_WORKER_NAME`), among this program's workers.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Retire`] when a name is not one of this program's
+    /// workers, or when no other worker would be left to hold their
+    /// values (none is retired then); [`Error::Connection`] when the
+    /// connection is lost first.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), rask_distributed::Error> {
+    /// # let client: rask_distributed::Client = unimplemented!();
+    /// let names: Vec<String> = client.info()?.workers.iter().map(|w| w.name.clone()).collect();
+    /// client.retire_workers(&names[..1])?;
+    /// assert_eq!(client.info()?.workers.len(), names.len() - 1);
+    /// # Ok(()) }
+    /// ```
+    pub fn retire_workers<S: AsRef<str>>(&self, names: &[S]) -> Result<(), Error> {
+        let names = names.iter().map(|n| n.as_ref().to_owned()).collect();
+        match self.ask(Ask::Retire(names), Duration::MAX)? {
+            Answer::Retired(None) => Ok(()),
+            Answer::Retired(Some(reason)) => Err(Error::Retire { reason }),
+            _ => Err(self.no_answer("a wrong answer")),
         }
     }
 
@@ -869,7 +913,8 @@ impl Client {
             .map_err(|_| self.no_answer("the client is closed"))
     }
 
-    fn ask(&self, ask: Ask) -> Result<Answer, Error> {
+    /// Asks the scheduler; waits `timeout` at most for the answer.
+    fn ask(&self, ask: Ask, timeout: Duration) -> Result<Answer, Error> {
         if std::thread::current().id() == self.inner.link.thread_id {
             return Err(self.no_answer("asked on the client's own thread"));
         }
@@ -878,10 +923,17 @@ impl Client {
             .link
             .send(&self.inner.commands, Command::Ask(ask, reply))
             .map_err(|_| self.no_answer("the client is closed"))?;
-        match answer.recv_timeout(Duration::from_secs(10)) {
+        let answer = match Instant::now().checked_add(timeout) {
+            Some(deadline) => answer.recv_timeout(deadline - Instant::now()),
+            // No deadline: a lost connection answers (rule 14).
+            None => answer
+                .recv()
+                .map_err(|_| std::sync::mpsc::RecvTimeoutError::Disconnected),
+        };
+        match answer {
             Ok(Ok(answer)) => Ok(answer),
             Ok(Err(why)) => Err(self.no_answer(&why)),
-            Err(_) => Err(self.no_answer("no answer within 10 s")),
+            Err(_) => Err(self.no_answer(&format!("no answer within {timeout:?}"))),
         }
     }
 
@@ -1574,6 +1626,10 @@ impl Loop {
                 id,
                 keys: keys.clone(),
             },
+            Ask::Retire(names) => ToScheduler::RetireWorkers {
+                id,
+                names: names.clone(),
+            },
         });
         self.asks.insert(id, reply);
     }
@@ -1839,6 +1895,11 @@ impl Loop {
             ToClient::Info { id, snapshot } => {
                 if let Some(reply) = self.asks.remove(&id) {
                     let _ = reply.send(Ok(Answer::Info(Box::new(snapshot))));
+                }
+            }
+            ToClient::Retired { id, error } => {
+                if let Some(reply) = self.asks.remove(&id) {
+                    let _ = reply.send(Ok(Answer::Retired(error)));
                 }
             }
             ToClient::WhoHas { id, holders } => {

@@ -211,6 +211,28 @@ pub use worker::WorkerHandle;
 /// of its scheduler.
 pub const WORKER_ENV: &str = "RASK_WORKER";
 
+/// The environment variable giving a worker process its compute threads
+/// (tasks run at once): 1 to [`protocol::MAX_THREADS`]. A worker started
+/// by hand without it (or `--nthreads`) runs one per core; a
+/// [`LocalCluster`]'s workers share the machine's cores (see
+/// [`worker::Options::from_process`]).
+pub const WORKER_THREADS_ENV: &str = "RASK_WORKER_THREADS";
+
+/// The environment variable naming a worker process (like `--name`): 1 to
+/// [`protocol::MAX_WORKER_NAME`] bytes, no whitespace or control
+/// characters, unique among its scheduler's workers (a second worker of
+/// the same name is refused). Default `host-pid`.
+pub const WORKER_NAME_ENV: &str = "RASK_WORKER_NAME";
+
+/// What a worker started by hand accepts on its command line, for errors
+/// and documentation (see [`worker::Options::from_process`]).
+pub const WORKER_USAGE: &str = "a rask worker (RASK_WORKER=tcp://host:port ./program [options]) \
+takes: --nthreads N (tasks run at once, 1 to 4096; or RASK_WORKER_THREADS; default: the \
+machine's cores), --name NAME (unique among the scheduler's workers, no whitespace; or \
+RASK_WORKER_NAME; default: host-pid), --resources NAME=AMOUNT[,…] (e.g. GPU=2,MEM=64e9; or \
+RASK_WORKER_RESOURCES; default: none), --memory-limit SIZE (e.g. 200MiB, 2GB, 0.5 of the \
+machine, auto, none; or RASK_WORKER_MEMORY_LIMIT; default: none)";
+
 /// The environment variable giving a worker process its grace period, in
 /// seconds (`2.5` allowed; default 30): how long a thread may stay in a
 /// task after its cancellation or timeout before the worker is unhealthy
@@ -434,6 +456,28 @@ pub enum Error {
         value: String,
         /// What it should be.
         expected: &'static str,
+    },
+    /// A worker process started by hand got a command-line argument it
+    /// does not take, or a value it cannot use ([`WORKER_USAGE`]).
+    #[error("worker argument {arg:?}: {problem}; {WORKER_USAGE}")]
+    Arg {
+        /// The argument as given.
+        arg: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// The scheduler refused to register this worker (its name is taken).
+    #[error("the scheduler refused this worker: {reason}")]
+    Refused {
+        /// The scheduler's reason.
+        reason: String,
+    },
+    /// No worker of these names, or a retirement that would leave no
+    /// worker ([`Client::retire_workers`]).
+    #[error("cannot retire workers: {reason}")]
+    Retire {
+        /// The scheduler's reason.
+        reason: String,
     },
     /// No such worker in a [`LocalCluster`], or it was killed already.
     #[error("no running worker {index} in this cluster")]

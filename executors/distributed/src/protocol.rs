@@ -71,7 +71,11 @@ pub const MAGIC: [u8; 4] = *b"RASK";
 /// and `Info` answers carry it; tasks carry annotations (a priority,
 /// resources, workers; `TaskSpec::annotations`), workers declare resources
 /// (`RegisterWorker::resources`), and a `Compute`'s priority is a
-/// [`Priority`].
+/// [`Priority`]; a worker announces its name in `RegisterWorker`, which the
+/// scheduler may refuse (`ToWorker::Refused`); a client may retire workers
+/// (`ToScheduler::RetireWorkers`, answered by `ToClient::Retired`), which
+/// the scheduler tells to exit (`ToWorker::Retire`) once their values are
+/// held elsewhere.
 pub const VERSION: u16 = 7;
 
 /// Values whose encoding is at most this many bytes travel with their
@@ -115,6 +119,10 @@ pub const MAX_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(36
 /// (rule 5). Every peer and client is sent it; a DNS name is at most 253
 /// bytes, so 1 KiB leaves room for anything real.
 pub const MAX_ADDRESS: usize = 1024;
+
+/// Longest worker name, in bytes (rule 5): `RegisterWorker.name`, and each
+/// name of a `RetireWorkers`.
+pub const MAX_WORKER_NAME: usize = 255;
 
 /// The largest memory figure a worker may report: 1 PiB.
 pub const MAX_MEMORY: u64 = 1 << 50;
@@ -700,6 +708,9 @@ pub enum ToScheduler {
         /// What it has for tasks that ask for resources (`--resources`,
         /// `RASK_WORKER_RESOURCES`): bounded as a task's are.
         resources: rask_executor::Resources,
+        /// Its name, unique on the scheduler: 1 to [`MAX_WORKER_NAME`]
+        /// bytes, no whitespace or control characters.
+        name: String,
     },
     /// Worker: a task ran and its value is held here.
     TaskFinished {
@@ -800,6 +811,17 @@ pub enum ToScheduler {
         /// The task.
         key: WireKey,
     },
+    /// Client: retire the workers of these names (Dask's
+    /// `retire_workers`): give them no more tasks, have the values only
+    /// they hold copied to other workers, then tell them to exit. Answered
+    /// by [`ToClient::Retired`] with the same `id` once every one of them
+    /// is gone, or at once if one cannot be retired.
+    RetireWorkers {
+        /// Chosen by the client, returned as is.
+        id: u64,
+        /// The workers' names, each at most [`MAX_WORKER_NAME`] bytes.
+        names: Vec<String>,
+    },
 }
 
 /// Messages from the scheduler to a worker.
@@ -870,6 +892,16 @@ pub enum ToWorker {
         /// Its holders, tried in turn.
         holders: Vec<WorkerId>,
     },
+    /// Answer to `RegisterWorker` instead of `Registered`: the worker may
+    /// not join (its name is taken); the scheduler closes the connection.
+    Refused {
+        /// Why, for the worker's error; at most [`MAX_NAME`] bytes.
+        reason: String,
+    },
+    /// Exit: every value this worker held is held by another worker too,
+    /// and it runs nothing for the scheduler any more (it was retired). The
+    /// worker closes the connection and ends, without registering again.
+    Retire,
 }
 
 /// Messages from the scheduler to a client.
@@ -927,6 +959,14 @@ pub enum ToClient {
         id: u64,
         /// One entry per key asked.
         holders: Vec<Vec<WorkerId>>,
+    },
+    /// Answer to [`ToScheduler::RetireWorkers`]: every worker named is
+    /// gone (`error` is `None`), or why none was retired.
+    Retired {
+        /// The request's id.
+        id: u64,
+        /// Why the request was refused, if it was.
+        error: Option<String>,
     },
 }
 
@@ -1133,6 +1173,15 @@ fn within(what: &'static str, value: u64, min: u64, max: u64) -> Result<(), Prot
 }
 
 /// A length (of bytes or a string) of at most `max`.
+/// Whether `name` may name a worker: 1 to [`MAX_WORKER_NAME`] bytes, none
+/// of them whitespace or a control character, so it reads unquoted in log
+/// lines and on the dashboard.
+pub fn valid_worker_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_WORKER_NAME
+        && !name.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
 fn length(what: &'static str, len: usize, max: usize) -> Result<(), ProtocolError> {
     // usize fits u64 on every target rask builds for; saturate regardless.
     let len = u64::try_from(len).unwrap_or(u64::MAX);
@@ -1167,9 +1216,21 @@ impl Bounded for ToScheduler {
                 address,
                 threads,
                 resources,
+                name,
             } => {
                 length("RegisterWorker.address length", address.len(), MAX_ADDRESS)?;
                 bounded_resources("RegisterWorker.resources", resources)?;
+                within(
+                    "RegisterWorker.name length",
+                    name.len() as u64,
+                    1,
+                    MAX_WORKER_NAME as u64,
+                )?;
+                if !valid_worker_name(name) {
+                    return Err(ProtocolError::Unexpected(
+                        "a worker name with whitespace or control characters",
+                    ));
+                }
                 within(
                     "RegisterWorker.threads",
                     u64::from(*threads),
@@ -1177,6 +1238,9 @@ impl Bounded for ToScheduler {
                     u64::from(MAX_THREADS),
                 )
             }
+            ToScheduler::RetireWorkers { names, .. } => names
+                .iter()
+                .try_for_each(|n| length("RetireWorkers.names length", n.len(), MAX_WORKER_NAME)),
             ToScheduler::TaskFinished {
                 nbytes,
                 duration_ns,
@@ -1255,7 +1319,9 @@ impl Bounded for ToWorker {
             | ToWorker::PeerLeft { .. }
             | ToWorker::Compute { .. }
             | ToWorker::Release { .. }
-            | ToWorker::Fetch { .. } => Ok(()),
+            | ToWorker::Fetch { .. }
+            | ToWorker::Retire => Ok(()),
+            ToWorker::Refused { reason } => length("Refused.reason length", reason.len(), MAX_NAME),
         }
     }
 }
@@ -1300,7 +1366,8 @@ impl Bounded for ToClient {
             ToClient::WorkerLeft { .. }
             | ToClient::KeyErred { .. }
             | ToClient::Info { .. }
-            | ToClient::WhoHas { .. } => Ok(()),
+            | ToClient::WhoHas { .. }
+            | ToClient::Retired { .. } => Ok(()),
         }
     }
 }
@@ -1752,6 +1819,7 @@ mod tests {
             address: "a".repeat(address),
             threads,
             resources: Default::default(),
+            name: "w-1".into(),
         };
         assert_eq!(out_of_range(&register(1, 14)), None);
         assert_eq!(out_of_range(&register(MAX_THREADS, MAX_ADDRESS)), None);
@@ -1764,6 +1832,34 @@ mod tests {
         assert_eq!(
             out_of_range(&register(1, MAX_ADDRESS + 1)),
             Some("RegisterWorker.address length")
+        );
+        let named = |name: &str| ToScheduler::RegisterWorker {
+            address: "a:1".into(),
+            threads: 1,
+            resources: Default::default(),
+            name: name.into(),
+        };
+        assert_eq!(out_of_range(&named(&"n".repeat(MAX_WORKER_NAME))), None);
+        for bad in [String::new(), "n".repeat(MAX_WORKER_NAME + 1)] {
+            assert_eq!(
+                out_of_range(&named(&bad)),
+                Some("RegisterWorker.name length")
+            );
+        }
+        for bad in ["a b", "a\u{1b}[2J", "a\n"] {
+            assert!(matches!(
+                decode_checked::<ToScheduler>(&frame(&named(bad))[4..]),
+                Err(ProtocolError::Unexpected(_))
+            ));
+        }
+        let retire = |name: String| ToScheduler::RetireWorkers {
+            id: 1,
+            names: vec![name],
+        };
+        assert_eq!(out_of_range(&retire("n".repeat(MAX_WORKER_NAME))), None);
+        assert_eq!(
+            out_of_range(&retire("n".repeat(MAX_WORKER_NAME + 1))),
+            Some("RetireWorkers.names length")
         );
 
         let max_ns = duration_ns_of(MAX_TASK_DURATION);

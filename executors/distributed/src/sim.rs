@@ -1024,6 +1024,8 @@ impl World {
             | ToWorker::PeerLeft { .. }
             | ToWorker::Heartbeat { .. }
             | ToWorker::Fetch { .. } => {}
+            // The simulated cluster names no worker and retires none.
+            ToWorker::Refused { .. } | ToWorker::Retire => {}
         }
     }
 

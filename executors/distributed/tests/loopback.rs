@@ -1200,6 +1200,7 @@ fn a_worker_announcing_threads_or_an_address_out_of_range_is_closed() {
             address,
             threads,
             resources: Default::default(),
+            name: "out-of-range".into(),
         });
         // Closed with nothing after the handshake: never registered.
         let addr = cluster.scheduler.address();
@@ -1218,11 +1219,14 @@ fn a_worker_announcing_threads_or_an_address_out_of_range_is_closed() {
 /// with one thread; returns the connection and the first frame it was
 /// sent (its registration, and what came with it).
 fn raw_worker(cluster: &Cluster) -> (TcpStream, Vec<protocol::ToWorker>) {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut s = raw(cluster.scheduler.address(), Role::Worker, &cluster.auth);
     s.write_all(&protocol::frame(&ToScheduler::RegisterWorker {
         address: "127.0.0.1:1".into(),
         threads: 1,
         resources: Default::default(),
+        name: format!("raw-{n}"),
     }))
     .unwrap();
     let first = read_frame::<protocol::ToWorker>(&mut s);
@@ -1718,6 +1722,7 @@ fn a_worker_without_the_token_cannot_register() {
         address: "127.0.0.1:1".into(),
         threads: 1,
         resources: Default::default(),
+        name: "no-token".into(),
     });
     nothing_but_refusals(without_the_token(
         cluster.scheduler.address(),
@@ -1806,6 +1811,7 @@ fn a_forged_copy_and_a_forged_failed_fetch_do_not_make_a_client_read_forged_byte
             address: fake_address.to_string(),
             threads: 1,
             resources: Default::default(),
+            name: "rogue".into(),
         }))
         .unwrap();
     let _ = read_frame::<protocol::ToWorker>(&mut rogue);
@@ -2402,4 +2408,115 @@ fn idle_connections_past_the_file_limit_leave_room_for_a_new_client() {
         logged.contains("closed to make room"),
         "no connection closed to make room:\n{logged}"
     );
+}
+
+/// Retirement (scheduler rule S16): a worker running a task and holding a
+/// kept value is retired while a named one stays; the task finishes where
+/// it runs, the value moves, the retired worker's `join` returns, and
+/// nothing runs twice.
+#[test]
+fn a_retired_worker_finishes_its_task_hands_its_values_over_and_exits() {
+    let mut cluster = Cluster::new(1, 1);
+    let client = cluster.client();
+    let values = keep_big(&cluster, &client, 40);
+    // A task running on the first worker while it is retired.
+    let mut g = Graph::salted(&cluster.shared, 40);
+    let a = g.value(5);
+    let slow = g.op("gate", 0, &[a]);
+    g.output(slow);
+    let gated = Keep::new(1, true);
+    gated.submit(&client, g.build());
+    cluster.wait_started();
+    let runs = cluster.shared.runs.load(Ordering::SeqCst);
+    let stays = worker::Options::default().name("stays").unwrap();
+    cluster.add_worker_with(stays);
+    cluster.eventually("two workers", |c| c.scheduler.workers() == 2);
+    let info = client.info().unwrap();
+    let leaving = info
+        .workers
+        .iter()
+        .find(|w| w.name != "stays")
+        .expect("the first worker")
+        .name
+        .clone();
+    assert!(!leaving.is_empty());
+    let retiring = {
+        let client = client.clone();
+        let leaving = leaving.clone();
+        std::thread::spawn(move || client.retire_workers(&[leaving]))
+    };
+    // It waits for the running task, which nothing reruns elsewhere.
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(!retiring.is_finished());
+    cluster.shared.open_gate(1);
+    retiring.join().unwrap().unwrap();
+    let names: Vec<String> = client
+        .info()
+        .unwrap()
+        .workers
+        .into_iter()
+        .map(|w| w.name)
+        .collect();
+    assert_eq!(names, ["stays"]);
+    // Told to exit: its worker ends by itself, without an error.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let first = cluster.workers[0].take().unwrap();
+    std::thread::spawn(move || tx.send(first.join()));
+    rx.recv_timeout(TIMEOUT)
+        .expect("the retired worker ends")
+        .unwrap();
+    // Everything it held is read from the worker that stays.
+    assert_eq!(fetch_len(&values[0]), BIG as usize);
+    let slow = gated.wait().pop().unwrap().unwrap();
+    assert_eq!(fetch_int(&slow), 5);
+    assert_eq!(cluster.shared.runs.load(Ordering::SeqCst), runs);
+    assert_eq!(len_of(&cluster, &client, &values[0]), BIG as i64 + 5);
+    // Bad requests retire nothing and say why.
+    match client.retire_workers(&["nobody"]) {
+        Err(rask_distributed::Error::Retire { reason }) => {
+            assert!(
+                reason.contains("\"nobody\"") && reason.contains("stays"),
+                "{reason}"
+            )
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    match client.retire_workers(&["stays"]) {
+        Err(rask_distributed::Error::Retire { reason }) => {
+            assert!(reason.contains("none to hold their values"), "{reason}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(cluster.scheduler.workers(), 1);
+    drop((values, slow));
+}
+
+#[test]
+fn a_second_worker_of_the_same_name_is_refused() {
+    let mut cluster = Cluster::new(0, 1);
+    cluster.add_worker_with(worker::Options::default().name("twin").unwrap());
+    let options = worker::Options::default()
+        .name("twin")
+        .unwrap()
+        .auth(cluster.auth.clone());
+    match worker::spawn_with(&cluster.address, cluster.registry(), options) {
+        Err(rask_distributed::Error::Refused { reason }) => {
+            assert!(reason.contains("\"twin\" is taken"), "{reason}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(cluster.scheduler.workers(), 1);
+    // The refused connection left nothing behind: a new name joins.
+    cluster.add_worker_with(worker::Options::default().name("other").unwrap());
+    cluster.eventually("two workers", |c| c.scheduler.workers() == 2);
+    let client = cluster.client();
+    let mut names: Vec<String> = client
+        .info()
+        .unwrap()
+        .workers
+        .into_iter()
+        .map(|w| w.name)
+        .collect();
+    names.sort();
+    assert_eq!(names, ["other", "twin"]);
 }

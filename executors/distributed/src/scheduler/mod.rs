@@ -622,6 +622,8 @@ struct Conn {
     memory_bytes: Option<u64>,
     /// A worker's memory limit and spilling, as it last said.
     spill: Option<Spill>,
+    /// A registered worker's name, unique among the scheduler's workers.
+    name: Option<String>,
     // Dropping it ends the reader task, which closes the socket.
     _kill: oneshot::Sender<()>,
 }
@@ -1018,6 +1020,7 @@ impl Shell {
                         watching: false,
                         memory_bytes: None,
                         spill: None,
+                        name: None,
                         writer,
                         _kill: kill,
                     },
@@ -1135,33 +1138,89 @@ impl Shell {
                 state.on_fetch_failed(Reporter::Client(c), key, holder, out)
             }
             (Kind::Client(c), ToScheduler::Replicate { keys }) => state.on_replicate(c, keys, out),
+            (Kind::Client(c), ToScheduler::RetireWorkers { id, names }) => {
+                // Names are looked up among the workers of the client's
+                // build: only those run its tasks and hold its values.
+                let mut workers = Vec::with_capacity(names.len());
+                for name in &names {
+                    let found = self.conns.iter().find_map(|(_, w)| match w.kind {
+                        Kind::Worker(id) if w.build == build && w.name.as_ref() == Some(name) => {
+                            Some(id)
+                        }
+                        _ => None,
+                    });
+                    match found {
+                        Some(w) => workers.push(w),
+                        None => {
+                            let mut known: Vec<&str> = self
+                                .conns
+                                .values()
+                                .filter(|w| w.build == build)
+                                .filter_map(|w| w.name.as_deref())
+                                .collect();
+                            known.sort_unstable();
+                            let error = Some(format!(
+                                "no worker named {name:?} runs this program's build \
+                                 (workers: {}); none was retired",
+                                if known.is_empty() {
+                                    "none".to_owned()
+                                } else {
+                                    known.join(", ")
+                                }
+                            ));
+                            out.to_client(c, ToClient::Retired { id, error });
+                            return Ok(());
+                        }
+                    }
+                }
+                state.on_retire_workers(c, id, workers, out)
+            }
             (
                 Kind::NewWorker,
                 ToScheduler::RegisterWorker {
                     address,
                     threads,
                     resources,
+                    name,
                 },
             ) => {
                 let w = WorkerId(conn);
+                let taken = self.conns.iter().find_map(|(_, other)| {
+                    (other.name.as_ref() == Some(&name)).then_some(other.peer)
+                });
+                if let Some(holder) = taken {
+                    // The worker closes the connection when told (a
+                    // silent one is closed after the worker timeout).
+                    let reason = format!(
+                        "the name {name:?} is taken by the worker connected from {holder}; \
+                         give each worker its own name (--name, RASK_WORKER_NAME)"
+                    );
+                    log_limited!(
+                        "scheduler: worker refused",
+                        "scheduler: refusing a worker: {reason}"
+                    );
+                    out.to_worker(w, ToWorker::Refused { reason });
+                    return Ok(());
+                }
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.kind = Kind::Worker(w);
+                    c.name = Some(name.clone());
                     info_limited!(
                         "scheduler: worker joined",
                         %w,
                         peer = %c.peer,
                         threads,
-                        "{w} joined from {}: {threads} threads, data port {address}",
+                        name = %name,
+                        "{w} ({name}) joined from {}: {threads} threads, data port {address}",
                         c.peer
                     );
                 }
-                // Workers do not send a name yet: `.workers([…])` names
-                // them by address until they do.
+                // `.workers([…])` names a worker by address or name.
                 let registration = state::Registration {
                     address,
                     threads,
                     resources,
-                    name: None,
+                    name: Some(name),
                 };
                 state.on_worker_joined(w, registration, out);
                 // At most an hour (`heartbeat`): the cast is exact.
@@ -1215,6 +1274,11 @@ impl Shell {
             return;
         };
         let peer = c.peer;
+        // Named in the lines below as `worker 3 (gpu-1)`.
+        let named = c
+            .name
+            .as_deref()
+            .map_or_else(String::new, |n| format!(" ({n})"));
         let why = match &reason {
             Some(reason) => Chain(reason).to_string(),
             None => "its connection closed".to_owned(),
@@ -1224,14 +1288,14 @@ impl Shell {
                 "scheduler: worker died",
                 %w,
                 %peer,
-                "{w} at {peer} is taken for dead: {why}"
+                "{w}{named} at {peer} is taken for dead: {why}"
             ),
             // A worker killed and one that exited look the same from here.
             (Kind::Worker(w), false) => log_limited!(
                 "scheduler: worker gone",
                 %w,
                 %peer,
-                "{w} at {peer} is gone: {why}"
+                "{w}{named} at {peer} is gone: {why}"
             ),
             (Kind::Client(ClientId(id)), _) if !c.local => info_limited!(
                 "scheduler: client left",
@@ -1370,6 +1434,7 @@ impl Shell {
                 Kind::Worker(w) => Some((
                     w,
                     WorkerShell {
+                        name: c.name.clone().unwrap_or_default(),
                         last_heard: c.last_heard,
                         memory_bytes: c.memory_bytes,
                         spill: c.spill,

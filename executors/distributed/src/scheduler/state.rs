@@ -3,7 +3,7 @@
 //! The shell in `mod.rs` calls one `on_<fact>` handler per message; handlers
 //! answer through an [`Outbox`]. The task state machine and its invariants
 //! are described in `README.md` beside this file; the numbered rules there
-//! are referred to as (S1)…(S13) in the code.
+//! are referred to as (S1)…(S16) in the code.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
@@ -291,6 +291,8 @@ struct Worker {
     /// `sent` is compacted when it reaches this length, which is then set
     /// to twice what is left plus 64 (amortized O(1) per task sent).
     sent_limit: usize,
+    /// Set while it is being retired (S16).
+    retiring: Option<Retiring>,
 }
 
 impl Worker {
@@ -340,6 +342,26 @@ pub(crate) struct Registration {
     pub(crate) name: Option<String>,
 }
 
+/// A worker being retired (S16): out of placement, finishing what it was
+/// sent, then handing its values over.
+struct Retiring {
+    /// Its compute threads (its load left placement with it).
+    threads: u32,
+    /// Tasks in its window, not reported yet.
+    busy: u32,
+    /// Once it runs nothing: the values it holds, dropped from the list as
+    /// they leave memory.
+    held: Option<Vec<TaskId>>,
+}
+
+/// A client's request to retire workers (S16), answered once every one is
+/// gone.
+struct RetireRequest {
+    client: ClientId,
+    id: u64,
+    waiting: BTreeSet<WorkerId>,
+}
+
 /// The scheduler's whole state.
 pub(crate) struct State {
     slots: Vec<Slot>,
@@ -381,6 +403,11 @@ pub(crate) struct State {
     /// and each `KeyInMemory` sent, so the scheduler can tell which holders
     /// it named to whom (S11, S12).
     clock: u64,
+    /// Workers being retired (S16), and the requests waiting for them.
+    retiring: BTreeSet<WorkerId>,
+    retire_requests: Vec<RetireRequest>,
+    /// Turns the workers that keep copies of retiring workers' values.
+    copy_turn: usize,
 }
 
 impl Default for State {
@@ -411,6 +438,9 @@ impl State {
             task_timeout_ms: None,
             allowed_failures: ALLOWED_WORKER_DEATHS,
             clock: 0,
+            retiring: BTreeSet::new(),
+            retire_requests: Vec::new(),
+            copy_turn: 0,
         }
     }
 
@@ -457,7 +487,10 @@ impl State {
         workers.extend(self.workers.iter().map(|(&id, w)| WorkerCensus {
             id,
             address: w.address.clone(),
-            threads: self.loads.get(id).map_or(0, |l| l.threads),
+            threads: match &w.retiring {
+                Some(r) => r.threads,
+                None => self.loads.get(id).map_or(0, |l| l.threads),
+            },
             running: 0,
             data_bytes: 0,
             keys: 0,
@@ -618,6 +651,8 @@ impl State {
 
     /// A client went away: drop all its references (S5).
     pub(crate) fn on_client_disconnected(&mut self, client: ClientId, out: &mut impl Outbox) {
+        // Its retirements go on, unanswered (S16).
+        self.retire_requests.retain(|r| r.client != client);
         let Some(wants) = self.clients.remove(&client) else {
             return;
         };
@@ -700,25 +735,30 @@ impl State {
                 resources,
                 sent: Vec::new(),
                 sent_limit: 64,
+                retiring: None,
             },
         );
         self.loads.insert(worker, threads.clamp(1, MAX_THREADS));
         self.early_ready.remove(&worker);
         self.early_blocked.remove(&worker);
+        // A retirement waiting for a worker to hand values to goes on
+        // there (S16).
         self.assign(out);
     }
 
     /// A worker's connection ended: reschedule what it was given, recompute
     /// what only it held (S7).
     pub(crate) fn on_worker_lost(&mut self, worker: WorkerId, out: &mut impl Outbox) {
-        if self.workers.remove(&worker).is_none() {
+        let Some(gone) = self.workers.remove(&worker) else {
             return;
-        }
-        let threads = self
-            .loads
-            .remove(worker)
-            .expect("loads and workers have the same ids")
-            .threads;
+        };
+        // A retiring worker's load already left placement (S16).
+        let threads = match (self.loads.remove(worker), gone.retiring) {
+            (Some(load), _) => load.threads,
+            (None, Some(retiring)) => retiring.threads,
+            (None, None) => unreachable!("loads name every worker not retiring"),
+        };
+        self.retiring.remove(&worker);
         self.early_ready.remove(&worker);
         self.early_blocked.remove(&worker);
         for &id in self.workers.keys() {
@@ -817,6 +857,19 @@ impl State {
         }
         self.settle(out);
         self.assign(out);
+        // Requests waiting for it are done with it, retired or dead (S16).
+        for request in &mut self.retire_requests {
+            request.waiting.remove(&worker);
+        }
+        let (done, waiting) = std::mem::take(&mut self.retire_requests)
+            .into_iter()
+            .partition(|r| r.waiting.is_empty());
+        self.retire_requests = waiting;
+        for request in done {
+            let (id, error) = (request.id, None);
+            out.to_client(request.client, ToClient::Retired { id, error });
+        }
+        self.retire_step(out);
     }
 
     // ----- client messages -----
@@ -1125,7 +1178,13 @@ impl State {
         keys: Vec<WireKey>,
         out: &mut impl Outbox,
     ) {
-        let workers: Vec<WorkerId> = self.workers.keys().copied().collect();
+        // A retiring worker is leaving: no copy for it (S16).
+        let workers: Vec<WorkerId> = self
+            .workers
+            .keys()
+            .copied()
+            .filter(|w| !self.retiring.contains(w))
+            .collect();
         for key in keys {
             let Some(&id) = self.by_key.get(&Key(key)) else {
                 continue;
@@ -1182,6 +1241,9 @@ impl State {
                 let task = self.task_mut(id);
                 task.replicas.retain(|&(w, _)| w != worker);
                 task.add_holder(worker, now);
+                if !self.retiring.is_empty() {
+                    self.retire_step(out); // a retiring worker's value moved (S16)
+                }
                 return;
             }
         }
@@ -1262,6 +1324,181 @@ impl State {
         self.assign(out);
     }
 
+    /// A client asks to retire `workers` (S16), answered by
+    /// `ToClient::Retired` with `id`: they get no new task, finish what
+    /// they were sent, each value only they hold is copied to another
+    /// worker, then each is told to exit. Refused, retiring none, when no
+    /// other worker would be left to hold their values.
+    pub(crate) fn on_retire_workers(
+        &mut self,
+        client: ClientId,
+        id: u64,
+        workers: Vec<WorkerId>,
+        out: &mut impl Outbox,
+    ) {
+        let workers: BTreeSet<WorkerId> = workers
+            .into_iter()
+            .filter(|w| self.workers.contains_key(w))
+            .collect();
+        let keep = self
+            .workers
+            .keys()
+            .filter(|w| !self.retiring.contains(w) && !workers.contains(w))
+            .count();
+        if keep == 0 && !workers.is_empty() {
+            let error = Some(format!(
+                "retiring {} of the {} workers would leave none to hold their values; \
+                 start another worker first",
+                workers.len(),
+                self.workers.len()
+            ));
+            out.to_client(client, ToClient::Retired { id, error });
+            return;
+        }
+        if workers.is_empty() {
+            out.to_client(client, ToClient::Retired { id, error: None });
+            return;
+        }
+        for &w in &workers {
+            if self.retiring.contains(&w) {
+                continue;
+            }
+            let load = self
+                .loads
+                .remove(w)
+                .expect("loads name every worker not retiring");
+            // Its seceded tasks left its load but still run there.
+            let seceded = self
+                .slots
+                .iter()
+                .filter_map(|slot| slot.task.as_ref())
+                .filter(|t| t.state == TaskState::Processing(w) && !t.early && t.seceded)
+                .count() as u32;
+            if let Some(worker) = self.workers.get_mut(&w) {
+                worker.retiring = Some(Retiring {
+                    threads: load.threads,
+                    busy: load.tasks + seceded,
+                    held: None,
+                });
+            }
+            self.retiring.insert(w);
+            tracing::info!(
+                worker = %w,
+                "{w} retiring: it gets no new task; once the {} sent to it are done, the \
+                 values only it holds are copied to other workers",
+                load.tasks
+            );
+        }
+        self.retire_requests.push(RetireRequest {
+            client,
+            id,
+            waiting: workers,
+        });
+        // Queued work it had no room for yet, and early candidates bound
+        // for it, go elsewhere now.
+        self.assign(out);
+    }
+
+    /// Moves each retiring worker that runs nothing a step on (S16): asks
+    /// a worker that stays for a copy of each value it alone holds (in
+    /// turn over those workers), and tells it to exit once every such value
+    /// is held elsewhere. Its held values are found by one full scan when
+    /// it becomes idle; each later step checks only those left.
+    fn retire_step(&mut self, out: &mut impl Outbox) {
+        let keep: Vec<WorkerId> = self
+            .workers
+            .keys()
+            .copied()
+            .filter(|w| !self.retiring.contains(w))
+            .collect();
+        for w in self.retiring.clone() {
+            // A retirement finished in this loop may have ended it.
+            let Some(worker) = self.workers.get_mut(&w) else {
+                continue;
+            };
+            let Some(retiring) = worker.retiring.as_mut() else {
+                continue;
+            };
+            if retiring.busy > 0 || worker.early > 0 {
+                continue; // still running what it was sent
+            }
+            let held = match retiring.held.take() {
+                Some(held) => held,
+                None => {
+                    self.slots
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(index, slot)| {
+                            let task = slot.task.as_ref()?;
+                            (task.state == TaskState::Memory && task.who_has.contains(&w))
+                                .then_some(TaskId {
+                                    index: index as u32,
+                                    gen: slot.gen,
+                                })
+                        })
+                        .collect()
+                }
+            };
+            let mut still = Vec::with_capacity(held.len());
+            let mut moving = false;
+            for id in held {
+                let Some(task) = self.get(id) else { continue };
+                if task.state != TaskState::Memory || !task.who_has.contains(&w) {
+                    continue; // released, or lost
+                }
+                still.push(id);
+                if task.who_has.iter().any(|h| !self.retiring.contains(h)) {
+                    continue; // held by a worker that stays
+                }
+                moving = true;
+                // A copy asked of a worker that stays is on its way; with
+                // no such worker, the next one to register takes it.
+                if keep.is_empty() || task.replicas.iter().any(|(r, _)| keep.contains(r)) {
+                    continue;
+                }
+                let holders = task.who_has.clone();
+                let key = task.key.0;
+                let target = keep[self.copy_turn % keep.len()];
+                self.copy_turn = self.copy_turn.wrapping_add(1);
+                let now = self.tick();
+                self.task_mut(id).replicas.push((target, now));
+                out.to_worker(target, ToWorker::Fetch { key, holders });
+            }
+            if moving {
+                if let Some(r) = self.workers.get_mut(&w).and_then(|w| w.retiring.as_mut()) {
+                    r.held = Some(still);
+                }
+                continue;
+            }
+            out.to_worker(w, ToWorker::Retire);
+            tracing::info!(
+                worker = %w,
+                values = still.len(),
+                "{w} retired: other workers hold the {} values it held",
+                still.len()
+            );
+            // Loses nothing and requeues nothing: it runs nothing and
+            // holds nothing alone.
+            self.on_worker_lost(w, out);
+            // Clients drop it from the holders they know (`WorkerLeft`):
+            // those that want its values are told where they are now.
+            for id in still {
+                let Some(task) = self.get(id) else { continue };
+                if task.state != TaskState::Memory || task.who_wants.is_empty() {
+                    continue;
+                }
+                let msg = task.key_in_memory();
+                for wanter in &task.who_wants {
+                    out.to_client(wanter.client, msg.clone());
+                }
+                let now = self.tick();
+                for wanter in self.task_mut(id).who_wants.iter_mut() {
+                    wanter.told_at = now;
+                }
+            }
+        }
+    }
+
     // ----- transitions -----
 
     /// Takes a `Processing` task off its worker's books: out of its window,
@@ -1278,8 +1515,15 @@ impl State {
             if !seceded {
                 self.loads.remove_task(worker);
             }
-            if let (Some(r), Some(w)) = (restriction, self.workers.get_mut(&worker)) {
-                w.hold(&r, false);
+            if let Some(w) = self.workers.get_mut(&worker) {
+                if let Some(r) = &restriction {
+                    w.hold(r, false);
+                }
+                // A retiring worker's window counts its seceded tasks too:
+                // it is not idle while one still runs (S16).
+                if let Some(r) = w.retiring.as_mut() {
+                    r.busy = r.busy.saturating_sub(1);
+                }
             }
         } else if let Some(w) = self.workers.get_mut(&worker) {
             w.early = w.early.saturating_sub(1);
@@ -1696,6 +1940,9 @@ impl State {
         self.assign_queued(per_thread, out);
         self.assign_early(per_thread, out);
         self.balance(out);
+        if !self.retiring.is_empty() {
+            self.retire_step(out);
+        }
     }
 
     /// Hands queued tasks to workers, best priority first across the
@@ -2136,10 +2383,17 @@ impl State {
                     .filter_map(|s| s.task.as_ref())
                     .filter(move |t| t.state == TaskState::Processing(w))
             };
-            assert_eq!(
-                self.loads.get(w).expect("every worker has a load").tasks,
-                on_w().filter(|t| !t.early && !t.seceded).count() as u32
-            );
+            let window = match &worker.retiring {
+                Some(r) => r.busy,
+                None => self.loads.get(w).expect("every worker has a load").tasks,
+            };
+            let seceded_count = |counted: bool| {
+                on_w()
+                    .filter(|t| !t.early && (counted || !t.seceded))
+                    .count() as u32
+            };
+            assert_eq!(window, seceded_count(worker.retiring.is_some()));
+            assert_eq!(worker.retiring.is_some(), self.retiring.contains(&w));
             assert_eq!(worker.early, on_w().filter(|t| t.early).count() as u32);
             let mut used = vec![0u64; worker.resources.milli().len()];
             for t in on_w().filter(|t| !t.early) {
@@ -2163,10 +2417,11 @@ impl State {
             }
         }
         assert!(
-            self.loads
-                .iter()
-                .map(|(id, _)| id)
-                .eq(self.workers.keys().copied()),
+            self.loads.iter().map(|(id, _)| id).eq(self
+                .workers
+                .keys()
+                .copied()
+                .filter(|w| !self.retiring.contains(w))),
             "loads and workers name different workers"
         );
         self.loads.check();

@@ -1467,3 +1467,94 @@ fn short_tasks_are_not_moved() {
     // Waiting behind 1 µs tasks costs less than moving them.
     assert_eq!(out.releases(), vec![]);
 }
+
+/// Drains `Retired` answers as (client, id, error).
+fn retired(out: &mut Rec) -> Vec<(ClientId, u64, Option<String>)> {
+    let mut got = Vec::new();
+    out.0.retain(|s| match s {
+        Sent::Client(c, ToClient::Retired { id, error }) => {
+            got.push((*c, *id, error.clone()));
+            false
+        }
+        _ => true,
+    });
+    got
+}
+
+#[test]
+fn a_retiring_worker_finishes_its_tasks_hands_its_values_over_then_is_told_to_exit() {
+    let (mut s, mut out) = setup(3);
+    let w2 = WorkerId(2);
+    // t1 is held by W0 alone; t2 runs on W0 when it is retired.
+    s.on_update_graph(C0, vec![spec(1, &[])], vec![k(1)], &mut out);
+    assert_eq!(out.computes(), vec![(W0, k(1))]);
+    finish(&mut s, &mut out, W0, 1, 8);
+    s.on_update_graph(C0, vec![spec(2, &[1])], vec![k(2)], &mut out);
+    assert_eq!(out.computes(), vec![(W0, k(2))]);
+    out.clear();
+    s.on_retire_workers(C0, 7, vec![W0], &mut out);
+    s.check_invariants();
+    // Nothing moves while it runs t2, and new work goes elsewhere.
+    assert!(copies(&mut out).is_empty());
+    s.on_update_graph(C0, vec![spec(3, &[1])], vec![k(3)], &mut out);
+    let placed = out.computes();
+    assert_eq!(placed.len(), 1);
+    assert_ne!(placed[0].0, W0);
+    finish(&mut s, &mut out, W0, 2, 8);
+    // Idle: each value it alone holds is asked of a worker that stays.
+    let mut asked = copies(&mut out);
+    asked.sort();
+    assert_eq!(asked.len(), 2, "{asked:?}");
+    assert!(asked
+        .iter()
+        .all(|(w, _, holders)| *w != W0 && holders == &[W0]));
+    assert!(retired(&mut out).is_empty());
+    // The worker asked for t1 dies first: t1 is asked of the other one.
+    let (t1_at, t2_at) = (asked[0].0, asked[1].0);
+    let other = if t1_at == W1 { w2 } else { W1 };
+    s.on_data_added(t2_at, k(2), &mut out);
+    if t1_at != t2_at {
+        s.on_worker_lost(t1_at, &mut out);
+        s.check_invariants();
+        assert_eq!(copies(&mut out), vec![(other, k(1), vec![W0])]);
+        s.on_data_added(other, k(1), &mut out);
+    } else {
+        s.on_data_added(t1_at, k(1), &mut out);
+    }
+    s.check_invariants();
+    // Every value is held elsewhere: W0 is told to exit, the client is
+    // answered and told where its values are now; nothing ran again.
+    assert!(out.0.contains(&Sent::Worker(W0, ToWorker::Retire)));
+    assert_eq!(retired(&mut out), vec![(C0, 7, None)]);
+    let told = out.told();
+    assert!(told.iter().any(|(c, key, holders)| *c == C0
+        && *key == k(1)
+        && holders
+            .as_ref()
+            .is_ok_and(|h| !h.contains(&W0) && !h.is_empty())));
+    assert!(out.computes().iter().all(|&(_, key)| key == k(3)));
+    assert_eq!(s.worker_count(), if t1_at != t2_at { 1 } else { 2 });
+    assert!(!s.who_has(&k(1)).contains(&W0));
+    assert!(!s.who_has(&k(2)).contains(&W0));
+}
+
+#[test]
+fn retiring_every_worker_is_refused_and_retires_none() {
+    let (mut s, mut out) = setup(2);
+    s.on_retire_workers(C0, 1, vec![W0, W1], &mut out);
+    s.check_invariants();
+    let answer = retired(&mut out);
+    assert_eq!(answer.len(), 1);
+    assert!(answer[0]
+        .2
+        .as_deref()
+        .is_some_and(|e| e.contains("none to hold")));
+    // W1 retiring leaves W0; W0 then cannot go too.
+    s.on_retire_workers(C0, 2, vec![W1], &mut out);
+    assert!(out.0.contains(&Sent::Worker(W1, ToWorker::Retire)));
+    assert_eq!(retired(&mut out), vec![(C0, 2, None)]);
+    s.on_retire_workers(C0, 3, vec![W0], &mut out);
+    assert!(retired(&mut out)[0].2.is_some());
+    assert_eq!(s.worker_count(), 1);
+    s.check_invariants();
+}

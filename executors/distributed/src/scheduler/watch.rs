@@ -42,6 +42,7 @@ pub(super) struct History {
 
 /// What the shell knows of a worker that the state does not.
 pub(super) struct WorkerShell {
+    pub(super) name: String,
     pub(super) last_heard: Instant,
     pub(super) memory_bytes: Option<u64>,
     pub(super) spill: Option<Spill>,
@@ -189,6 +190,7 @@ impl History {
                 WorkerRow {
                     id: w.id.0,
                     address: w.address,
+                    name: shell.map_or_else(String::new, |s| s.name.clone()),
                     threads: w.threads,
                     running: w.running,
                     memory_bytes: shell.and_then(|s| s.memory_bytes),

@@ -42,6 +42,8 @@ pub(crate) struct Link {
     pub(crate) threads: usize,
     /// The resources it declares (`Options::resources`).
     pub(crate) resources: rask_executor::Resources,
+    /// The name it announces (valid: `Options::name` checked it).
+    pub(crate) name: String,
     /// What it proves to its scheduler, requires of its data port's
     /// readers and proves to its peers' data ports (rule 12).
     pub(crate) auth: Arc<Auth>,
@@ -156,7 +158,10 @@ pub(crate) fn retried(e: &Error) -> bool {
 /// succeeds, one fails for a reason not [`retried`], or `limit` passed
 /// since `start` ([`Retry`]); with a zero `limit`, once. Binds the data
 /// port in `data` on the first connection, and reuses it after (rule 4).
-/// When `announce`, says on stderr when it starts waiting.
+/// When `announce`, says on stderr when it starts waiting. After a loss
+/// (`after_loss`), a refusal of the worker's name is retried too: the
+/// worker holding it may be this one's old connection, which the
+/// scheduler has not found dead yet.
 ///
 /// # Errors
 ///
@@ -168,12 +173,14 @@ pub(crate) async fn reach(
     start: Instant,
     limit: Duration,
     announce: bool,
+    after_loss: bool,
 ) -> Result<Connection, Error> {
     let mut retry = Retry::new(start, limit);
     let mut waited = false;
     loop {
         let error = match attempt(link, store, data).await {
             Ok(connection) => return Ok(connection),
+            Err(e @ Error::Refused { .. }) if after_loss => e,
             Err(e) if !retried(&e) => return Err(e),
             Err(e) => e,
         };
@@ -241,6 +248,7 @@ async fn attempt(
         address: data_address.to_string(),
         threads: link.threads as u32,
         resources: link.resources.clone(),
+        name: link.name.clone(),
     });
     let _ = net::send_batch(&writer, &mut batch);
 
@@ -264,10 +272,14 @@ async fn attempt(
         }
     };
     let mut first = first.into_iter();
-    let Some(ToWorker::Registered { id }) = first.next() else {
-        return Err(protocol(ProtocolError::Unexpected(
-            "the scheduler did not answer the registration",
-        )));
+    let id = match first.next() {
+        Some(ToWorker::Registered { id }) => id,
+        Some(ToWorker::Refused { reason }) => return Err(Error::Refused { reason }),
+        _ => {
+            return Err(protocol(ProtocolError::Unexpected(
+                "the scheduler did not answer the registration",
+            )))
+        }
     };
     Ok(Connection {
         id,

@@ -162,6 +162,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::net::{self, log_limited, Chain, Fetched, FrameReader, PeerPool, Reader};
+use crate::protocol::valid_worker_name;
 use crate::protocol::Scheme;
 use crate::protocol::{
     decode_checked, duration_ns_of, parse_address, Batch, FromPeer, FromPeerRef, ProtocolError,
@@ -171,7 +172,7 @@ use crate::protocol::{
 use crate::tls::Acceptor;
 use crate::{
     Auth, BuildId, Error, Tls, Token, DEATH_TIMEOUT_ENV, GRACE_ENV, MEMORY_LIMIT_ENV,
-    RESOURCES_ENV, SPILL_DIR_ENV, SUPERVISED_ENV,
+    RESOURCES_ENV, SPILL_DIR_ENV, SUPERVISED_ENV, WORKER_NAME_ENV, WORKER_THREADS_ENV,
 };
 use connect::{Connection, Link};
 use memory::{Found, Store, Stored};
@@ -274,6 +275,11 @@ pub struct Options {
     /// tasks it runs leave enough of each. Default none; [`Options::from_env`]
     /// reads [`RESOURCES_ENV`] with [`parse_resources`].
     pub resources: rask_executor::Resources,
+    /// The worker's name, unique among its scheduler's workers: shown by
+    /// `scheduler_info`, the dashboard and log lines, and what
+    /// [`Client::retire_workers`](crate::Client::retire_workers) takes.
+    /// Default `None`: `host-pid` ([`default_name`]).
+    pub name: Option<String>,
 }
 
 /// Parses a worker's resources as `--resources` and [`RESOURCES_ENV`]
@@ -310,6 +316,7 @@ impl Default for Options {
             memory_limit: None,
             spill_dir: None,
             resources: rask_executor::Resources::new(),
+            name: None,
         }
     }
 }
@@ -379,6 +386,133 @@ impl Options {
     pub fn resources(mut self, resources: rask_executor::Resources) -> Options {
         self.resources = resources;
         self
+    }
+
+    /// These options naming the worker `name` (see [`Options::name`]).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Arg`] for an empty name, one longer than
+    /// [`MAX_WORKER_NAME`](crate::protocol::MAX_WORKER_NAME) bytes, or one with whitespace or a control
+    /// character.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use rask_distributed::worker::Options;
+    /// let options = Options::default().name("gpu-1")?;
+    /// assert_eq!(options.name.as_deref(), Some("gpu-1"));
+    /// assert!(Options::default().name("two words").is_err());
+    /// # Ok::<(), rask_distributed::Error>(())
+    /// ```
+    pub fn name(mut self, name: &str) -> Result<Options, Error> {
+        if !valid_worker_name(name) {
+            return Err(Error::Arg {
+                arg: name.to_owned(),
+                problem: NAME_EXPECTED.to_owned(),
+            });
+        }
+        self.name = Some(name.to_owned());
+        Ok(self)
+    }
+
+    /// The options of a worker process started in worker mode (what
+    /// `rask::init` uses): the defaults with one thread per core, then
+    /// what the environment sets ([`Options::from_env`],
+    /// [`WORKER_THREADS_ENV`], [`WORKER_NAME_ENV`]), then, for a worker
+    /// started by hand, its command-line arguments `args` (the program's,
+    /// without its name; [`WORKER_USAGE`](crate::WORKER_USAGE)): `--nthreads N` and
+    /// `--name NAME` (also `--nthreads=N`), which win over the
+    /// environment. A supervised worker ([`SUPERVISED_ENV`], a
+    /// [`LocalCluster`](crate::LocalCluster)'s) runs with the arguments of
+    /// the program that started the cluster, which are that program's own:
+    /// they are not read, and its threads come from [`WORKER_THREADS_ENV`]
+    /// as the cluster set it.
+    ///
+    /// # Errors
+    ///
+    /// As [`Options::from_env`], [`Error::Env`] for a bad
+    /// [`WORKER_THREADS_ENV`] or [`WORKER_NAME_ENV`], and [`Error::Arg`] for
+    /// an argument that is not one of those or a bad value.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// // RASK_WORKER=tcp://host:8786 ./my-app --nthreads 4 --name gpu-1
+    /// let args = std::env::args_os().skip(1);
+    /// let options = rask_distributed::worker::Options::from_process(args)?;
+    /// # Ok::<(), rask_distributed::Error>(())
+    /// ```
+    pub fn from_process(
+        args: impl IntoIterator<Item = std::ffi::OsString>,
+    ) -> Result<Options, Error> {
+        let mut options = Options::from_env()?;
+        if std::env::var_os(WORKER_THREADS_ENV).is_none() {
+            options.threads = cores();
+        }
+        if options.supervised {
+            return Ok(options);
+        }
+        options.with_args(args)
+    }
+
+    /// These options with the command-line arguments `args` of a worker
+    /// started by hand ([`Options::from_process`]).
+    fn with_args(
+        mut self,
+        args: impl IntoIterator<Item = std::ffi::OsString>,
+    ) -> Result<Options, Error> {
+        let mut args = args.into_iter().map(|a| a.to_string_lossy().into_owned());
+        while let Some(arg) = args.next() {
+            let (flag, inline) = match arg.split_once('=') {
+                Some((flag, value)) if flag.starts_with("--") => {
+                    (flag.to_owned(), Some(value.to_owned()))
+                }
+                _ => (arg.clone(), None),
+            };
+            let problem = |problem: &str| Error::Arg {
+                arg: arg.clone(),
+                problem: problem.to_owned(),
+            };
+            let mut value = || {
+                inline
+                    .clone()
+                    .or_else(|| args.next())
+                    .ok_or_else(|| problem("needs a value"))
+            };
+            match flag.as_str() {
+                "--nthreads" => {
+                    let text = value()?;
+                    self.threads = parse_threads(&text).ok_or_else(|| Error::Arg {
+                        arg: format!("{flag} {text}"),
+                        problem: format!("expected {THREADS_EXPECTED}"),
+                    })?;
+                }
+                "--name" => {
+                    let text = value()?;
+                    self = self.name(&text)?;
+                }
+                "--resources" => {
+                    let text = value()?;
+                    self.resources = parse_resources(&text).map_err(|e| Error::Arg {
+                        arg: format!("{flag} {text}"),
+                        problem: e.to_string(),
+                    })?;
+                }
+                "--memory-limit" => {
+                    let text = value()?;
+                    self.memory_limit =
+                        memory::parse_limit(&text, machine_memory).map_err(|expected| {
+                            Error::Arg {
+                                arg: format!("{flag} {text}"),
+                                problem: format!("expected {expected}"),
+                            }
+                        })?;
+                }
+                _ => return Err(problem("not a worker option")),
+            }
+        }
+        Ok(self)
     }
 
     /// These options with TLS settings (see [`Options::tls`]).
@@ -487,7 +621,72 @@ impl Options {
         if let Some(auth) = Auth::with_env(&var)? {
             self.auth = Some(auth);
         }
+        if let Some(value) = var(WORKER_THREADS_ENV) {
+            self.threads = value
+                .to_str()
+                .and_then(parse_threads)
+                .ok_or_else(|| invalid(WORKER_THREADS_ENV, &value, THREADS_EXPECTED))?;
+        }
+        if let Some(value) = var(WORKER_NAME_ENV) {
+            match value.to_str() {
+                Some(name) if valid_worker_name(name) => self.name = Some(name.to_owned()),
+                _ => return Err(invalid(WORKER_NAME_ENV, &value, NAME_EXPECTED)),
+            }
+        }
         Ok(self)
+    }
+}
+
+/// What a thread count must be, for errors.
+const THREADS_EXPECTED: &str = "a whole number of threads from 1 to 4096";
+
+/// What a worker name must be, for errors.
+const NAME_EXPECTED: &str = "a worker name: 1 to 255 bytes, no whitespace or control characters";
+
+/// The thread count `text` names, if it is one: 1 to [`MAX_THREADS`].
+fn parse_threads(text: &str) -> Option<usize> {
+    text.trim()
+        .parse::<usize>()
+        .ok()
+        .filter(|&n| (1..=MAX_THREADS as usize).contains(&n))
+}
+
+/// The machine's cores, as the OS lets this process use them (at least 1).
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The name of a worker that was given none: `host-pid`, the host's name
+/// as the kernel has it (`localhost` if unknown), so that workers of one
+/// machine differ and a worker is found with `ps` from its name. A process
+/// running several workers (tests) names its second one `host-pid-2`, and
+/// so on.
+pub fn default_name() -> String {
+    static STARTED: AtomicU32 = AtomicU32::new(0);
+    let nth = STARTED.fetch_add(1, Ordering::Relaxed) + 1;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned());
+    // Whatever the host's name holds, the result is a valid name.
+    let mut host: String = host
+        .chars()
+        .map(|c| {
+            if c.is_whitespace() || c.is_control() {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect();
+    while host.len() > 200 {
+        host.pop();
+    }
+    match nth {
+        1 => format!("{host}-{}", std::process::id()),
+        n => format!("{host}-{}-{n}", std::process::id()),
     }
 }
 
@@ -1083,6 +1282,7 @@ fn start(
         // big too.
         threads: options.threads.clamp(1, MAX_THREADS as usize),
         resources: options.resources.clone(),
+        name: options.name.clone().unwrap_or_else(default_name),
         limits: net::Limits::standard(),
     };
     let runtime = net::runtime().map_err(Error::Io)?;
@@ -1095,6 +1295,7 @@ fn start(
         Instant::now(),
         options.death_timeout,
         true,
+        false,
     ))?;
     let (id, data_address) = (connection.id, connection.data_address);
     let (done, done_rx) = mpsc::unbounded_channel();
@@ -1174,7 +1375,15 @@ async fn reconnect(io: &mut Io, worker: &Worker) -> Option<Result<(), Error>> {
         Seconds(limit)
     );
     let mut data = Some(worker.data_address);
-    let reach = connect::reach(&worker.link, &worker.store, &mut data, lost, limit, false);
+    let reach = connect::reach(
+        &worker.link,
+        &worker.store,
+        &mut data,
+        lost,
+        limit,
+        false,
+        true,
+    );
     let connection = tokio::select! {
         reached = reach => reached,
         () = stop_signal(&mut io.stop) => return Some(Ok(())),
@@ -1388,7 +1597,15 @@ async fn turn(io: &mut Io, worker: &Worker) -> Option<Ended> {
                         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                         io.heartbeat = Some(ticks);
                     }
-                    ToWorker::Registered { .. } => {
+                    ToWorker::Retire => {
+                        tracing::info!(
+                            "{} ({}): retired by the scheduler: other workers hold its values",
+                            worker.id(),
+                            worker.link.name
+                        );
+                        return Some(Ended::Finished(Ok(())));
+                    }
+                    ToWorker::Registered { .. } | ToWorker::Refused { .. } => {
                         tracing::warn!(
                             "worker: closing the scheduler connection: registered twice"
                         );
