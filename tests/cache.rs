@@ -477,6 +477,56 @@ fn a_hit_stands_for_everything_below_it_on_every_local_executor() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+static CLIENT_LOADS: AtomicUsize = AtomicUsize::new(0);
+static CLIENT_SQUARES: AtomicUsize = AtomicUsize::new(0);
+
+fn client_load(seed: u64) -> Vec<u64> {
+    CLIENT_LOADS.fetch_add(1, Ordering::SeqCst);
+    (0..100).map(|x| x + seed).collect()
+}
+
+fn client_squares(v: Vec<u64>) -> Vec<u64> {
+    CLIENT_SQUARES.fetch_add(1, Ordering::SeqCst);
+    v.iter().map(|x| x * x).collect()
+}
+
+#[test]
+fn client_compute_uses_the_cache_on_every_local_executor() {
+    let dir = scratch("client");
+    let configs = [Config::synchronous(), pool(), Config::simulated(5)];
+    for (i, config) in configs.into_iter().enumerate() {
+        let client = rask::Client::with_config(&config.cache(&dir)).unwrap();
+        let seed = 100 + i as u64;
+        let build = || {
+            let squared = delayed!(client_squares(delayed!(client_load(seed)))).cache();
+            delayed!(sum(squared))
+        };
+        let (loads, squared) = (
+            CLIENT_LOADS.load(Ordering::SeqCst),
+            CLIENT_SQUARES.load(Ordering::SeqCst),
+        );
+        let first = client.compute(&build()).unwrap().result().unwrap();
+        rask::cache::flush();
+        // A new client, as another program would make: the entry is there.
+        let again = rask::Client::with_config(&configs_again(i).cache(&dir)).unwrap();
+        let second = again.compute(&build()).unwrap().result().unwrap();
+        assert_eq!(first, second);
+        assert_eq!(CLIENT_LOADS.load(Ordering::SeqCst) - loads, 1, "executor {i}");
+        assert_eq!(CLIENT_SQUARES.load(Ordering::SeqCst) - squared, 1, "executor {i}");
+        // `submit` does not use the cache: it runs everything (once the
+        // loaded value `compute` placed is let go).
+        rask::cache::flush();
+        let third = again.submit(build()).unwrap().result().unwrap();
+        assert_eq!(third, first);
+        assert_eq!(CLIENT_LOADS.load(Ordering::SeqCst) - loads, 2, "executor {i}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn configs_again(i: usize) -> Config {
+    [Config::synchronous(), pool(), Config::simulated(6)][i].clone()
+}
+
 #[test]
 fn a_cache_that_cannot_be_written_leaves_results_alone() {
     let dir = scratch("unwritable");

@@ -111,7 +111,7 @@
 //!    the cached tasks they depend on; futures submitted through a
 //!    [`Client`](crate::Client) do not use the cache.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -190,6 +190,49 @@ pub fn stats() -> CacheStats {
         written_bytes: WRITTEN_BYTES.load(Ordering::Relaxed),
         evicted: EVICTED.load(Ordering::Relaxed),
     }
+}
+
+/// Waits until the values of cached tasks that [`Client::compute`] and
+/// [`Client::persist`] computed so far in this process are written (rule
+/// 8). Those two return a future at once and write in the background once
+/// the work is done, so a program that ends right after reading such a
+/// result calls this first, or its last values may not be written. Returns
+/// at once when nothing is being written; waits for work still running.
+///
+/// [`Client::compute`]: crate::Client::compute
+/// [`Client::persist`]: crate::Client::persist
+///
+/// ```
+/// # let dir = std::env::temp_dir().join(format!("rask-cache-flush-doc-{}", std::process::id()));
+/// fn square(x: i64) -> i64 { x * x }
+/// let client = rask::Client::with_config(&rask::Config::threads(2).cache(&dir))?;
+/// let future = client.compute(&rask::delayed!(square(9)).cache())?;
+/// assert_eq!(future.result()?, 81);
+/// rask::cache::flush();                              // written now
+/// assert_eq!(rask::cache::info(&dir)?.entries, 1);
+/// # std::fs::remove_dir_all(&dir).unwrap();
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn flush() {
+    loop {
+        let pending = std::mem::take(&mut *WRITERS.lock().unwrap_or_else(PoisonError::into_inner));
+        if pending.is_empty() {
+            return;
+        }
+        for thread in pending {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Threads writing the values of a client's computation ([`flush`]).
+static WRITERS: Mutex<Vec<std::thread::JoinHandle<()>>> = Mutex::new(Vec::new());
+
+/// Counts `thread` among those [`flush`] waits for.
+pub(crate) fn writing(thread: std::thread::JoinHandle<()>) {
+    let mut writers = WRITERS.lock().unwrap_or_else(PoisonError::into_inner);
+    writers.retain(|t| !t.is_finished());
+    writers.push(thread);
 }
 
 /// How many entries a cache directory holds and how many bytes they take
@@ -319,16 +362,6 @@ impl Lookup {
     /// Looks up every cached task behind `roots`, from the roots down,
     /// stopping at hits: what only a hit needs is never visited.
     pub(crate) fn new(roots: &[Arc<Node>], settings: &CacheSettings) -> Lookup {
-        Lookup::find(roots, settings, true)
-    }
-
-    /// Looks up the cached tasks among `roots` only, not what they need
-    /// (a [`Client`](crate::Client)'s submissions, rule 7).
-    pub(crate) fn roots(roots: &[Arc<Node>], settings: &CacheSettings) -> Lookup {
-        Lookup::find(roots, settings, false)
-    }
-
-    fn find(roots: &[Arc<Node>], settings: &CacheSettings, descend: bool) -> Lookup {
         let mut lookup = Lookup {
             hits: KeyMap::default(),
             writes: Vec::new(),
@@ -362,11 +395,30 @@ impl Lookup {
                     });
                 }
             }
-            if descend {
-                stack.extend(node.deps.iter().rev());
-            }
+            stack.extend(node.deps.iter().rev());
         }
         lookup
+    }
+
+    /// The outputs of a run of `roots` that writes the misses (rule 2):
+    /// `roots`, then each cached task that missed and is not a root; and,
+    /// for each of [`writes`](Lookup::writes) in order, the index of the
+    /// output that holds its value.
+    pub(crate) fn outputs(&self, roots: &[Arc<Node>]) -> (Vec<Arc<Node>>, Vec<usize>) {
+        let mut outputs = roots.to_vec();
+        let slots: HashMap<Key, usize> =
+            roots.iter().enumerate().map(|(i, r)| (r.key, i)).collect();
+        let writes = self
+            .writes
+            .iter()
+            .map(|write| {
+                slots.get(&write.node.key).copied().unwrap_or_else(|| {
+                    outputs.push(write.node.clone());
+                    outputs.len() - 1
+                })
+            })
+            .collect();
+        (outputs, writes)
     }
 
     /// The value of the entry at `address`, if it is whole and decodes as
