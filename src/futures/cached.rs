@@ -1,6 +1,6 @@
 //! Submitting through a [`Client`] with the result cache: what
 //! [`Client::compute`], [`Client::persist`] and `persist` on a cluster do
-//! (`rask::cache` rule 8). The lookup and the list of writes are the ones
+//! (`rask::cache` rules 8 to 10). The lookup and the list of writes are the ones
 //! `compute` makes (`Lookup`); what differs is where a hit goes and when a
 //! miss is written.
 //!

@@ -422,7 +422,7 @@ impl Client {
     /// placed on the executor (on a cluster: sent once, to a worker, as by
     /// [`scatter`](Client::scatter)) and stands for everything below it,
     /// and the value of each cached task that missed is written once it is
-    /// done (see [`rask::cache`](crate::cache) rule 8).
+    /// done (see [`rask::cache`](crate::cache) rules 8 to 10).
     ///
     /// # Errors
     ///

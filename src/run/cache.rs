@@ -82,9 +82,9 @@
 //!
 //! 1. Looked up before anything runs, in this process, for every executor
 //!    alike: a hit replaces the task and everything only it needs before
-//!    the graph is lowered, so nothing of it is run, loaded or sent to a
-//!    cluster. The entry is decoded then; one that does not decode as the
-//!    task's output type is a miss.
+//!    the graph is lowered, so nothing of it is run or loaded, and only the
+//!    hit's own value goes to a cluster (rule 9). The entry is decoded
+//!    then; one that does not decode as the task's output type is a miss.
 //! 2. A cached task that misses becomes an output of the run, and its
 //!    value is written when it reaches this process — on a cluster, the
 //!    value travels to the client, and workers never touch the directory
@@ -106,10 +106,33 @@
 //! 7. A capturing closure's calls and [`unique`](crate::Delayed::unique)
 //!    work are never cached (their keys are fresh in every run), nor are
 //!    data nodes and hand-written [`Graph`](crate::Graph) tasks.
-//! 8. `compute` and `persist` use the cache on every executor. On a
-//!    cluster, `persist` looks up and writes the values it persists, not
-//!    the cached tasks they depend on; futures submitted through a
-//!    [`Client`](crate::Client) do not use the cache.
+//! 8. **Entry points.** These use the cache, on every executor:
+//!    `compute` ([`Delayed::compute`](crate::Delayed::compute),
+//!    [`rask::compute`](crate::compute), [`Graph::compute`](crate::Graph::compute)),
+//!    `persist` ([`Delayed::persist`](crate::Delayed::persist),
+//!    [`rask::persist`](crate::persist)), and a client's
+//!    [`Client::compute`](crate::Client::compute) and
+//!    [`Client::persist`](crate::Client::persist), with the cache its
+//!    configuration named when it was made. [`Client::submit`](crate::Client::submit),
+//!    [`map`](crate::Client::map), [`map_zip`](crate::Client::map_zip)
+//!    and [`scatter`](crate::Client::scatter) never do: they run the
+//!    graph as submitted, at the lowest latency.
+//! 9. **Where hits go.** `compute` puts a hit's value in the plan: on a
+//!    cluster it travels with that one graph. `persist` on a cluster and
+//!    a client's `compute` and `persist` first *place* each hit, as
+//!    [`Client::scatter`](crate::Client::scatter) would: on a cluster it
+//!    is sent once, to one worker, and held there under its task's key,
+//!    so the tasks and later graphs that need it refer to it by key and
+//!    fetch it from that worker. It is held while the computation needs
+//!    it, and for as long as a persisted result is it.
+//! 10. **When misses are written.** `compute` and `persist` write each
+//!    value as it reaches this process, before they return (on a cluster,
+//!    the bytes of a value that stays there are fetched for it). A
+//!    client's `compute` and `persist` return a future at once and write
+//!    in the background once the work is done; [`flush`] waits for those
+//!    writes, which a program that ends right after reading such a result
+//!    needs. A miss whose computation was cancelled, or whose root
+//!    failed before it finished, is not written.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -194,7 +217,7 @@ pub fn stats() -> CacheStats {
 
 /// Waits until the values of cached tasks that [`Client::compute`] and
 /// [`Client::persist`] computed so far in this process are written (rule
-/// 8). Those two return a future at once and write in the background once
+/// 10). Those two return a future at once and write in the background once
 /// the work is done, so a program that ends right after reading such a
 /// result calls this first, or its last values may not be written. Returns
 /// at once when nothing is being written; waits for work still running.
