@@ -511,14 +511,26 @@ fn client_compute_uses_the_cache_on_every_local_executor() {
         let again = rask::Client::with_config(&configs_again(i).cache(&dir)).unwrap();
         let second = again.compute(&build()).unwrap().result().unwrap();
         assert_eq!(first, second);
-        assert_eq!(CLIENT_LOADS.load(Ordering::SeqCst) - loads, 1, "executor {i}");
-        assert_eq!(CLIENT_SQUARES.load(Ordering::SeqCst) - squared, 1, "executor {i}");
+        assert_eq!(
+            CLIENT_LOADS.load(Ordering::SeqCst) - loads,
+            1,
+            "executor {i}"
+        );
+        assert_eq!(
+            CLIENT_SQUARES.load(Ordering::SeqCst) - squared,
+            1,
+            "executor {i}"
+        );
         // `submit` does not use the cache: it runs everything (once the
         // loaded value `compute` placed is let go).
         rask::cache::flush();
         let third = again.submit(build()).unwrap().result().unwrap();
         assert_eq!(third, first);
-        assert_eq!(CLIENT_LOADS.load(Ordering::SeqCst) - loads, 2, "executor {i}");
+        assert_eq!(
+            CLIENT_LOADS.load(Ordering::SeqCst) - loads,
+            2,
+            "executor {i}"
+        );
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }

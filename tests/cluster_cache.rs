@@ -66,7 +66,9 @@ fn flat_total(parts: Vec<Vec<u64>>) -> u64 {
 }
 
 fn scaled_chunks(by: u64) -> Vec<Delayed<Vec<u64>>> {
-    (0..4).map(|i| delayed!(scaled(delayed!(chunk(i)), by))).collect()
+    (0..4)
+        .map(|i| delayed!(scaled(delayed!(chunk(i)), by)))
+        .collect()
 }
 
 /// The child program: on `RASK_SCHEDULER` (`local:2`) with the cache
@@ -109,10 +111,8 @@ fn child(which: &str) {
 
 /// A fresh directory for one test.
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "rask-cluster-cache-{name}-{}",
-        std::process::id()
-    ));
+    let dir =
+        std::env::temp_dir().join(format!("rask-cluster-cache-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -208,6 +208,9 @@ fn main() {
             "cached_tasks_persisted_on_a_cluster_hit_in_a_second_process",
             cached_tasks_persisted_on_a_cluster_hit_in_a_second_process,
         ),
-        ("client_compute_uses_the_cache", client_compute_uses_the_cache),
+        (
+            "client_compute_uses_the_cache",
+            client_compute_uses_the_cache,
+        ),
     ]);
 }
