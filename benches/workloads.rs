@@ -670,6 +670,8 @@ mod floor {
     }
 
     /// Runs every task once its inputs are done; the value of each task.
+    // Index loops: the arrays run in parallel, as in any such runner.
+    #[allow(clippy::needless_range_loop)]
     fn run(g: &Tasks) -> Vec<i64> {
         let tasks = g.ops.len();
         // Dependents of each task, compressed rows, and dependency counters.
