@@ -570,7 +570,11 @@ fn build(run: &Run) -> Outcome {
         rask::Graph::from_delayed(&root).len() as u64,
         tasks,
     )?;
-    Ok(report)
+    drop(root);
+    let floor = floor::measure(run.n)?;
+    Ok(report
+        .secs("floor_build_s", floor.build_s)
+        .float("build_x_floor", build_s / floor.build_s))
 }
 
 fn tree_compute(run: &Run) -> Outcome {
@@ -580,7 +584,166 @@ fn tree_compute(run: &Run) -> Outcome {
     let report = Report::new(run, 2 * run.n - 1, compute_s, build_s + compute_s)
         .secs("build_s", build_s)
         .secs("compute_s", compute_s);
-    Ok(report)
+    // The floor runs after the memory figure was read, on memory rask no
+    // longer holds.
+    drop(root);
+    let floor = floor::measure(run.n)?;
+    Ok(report
+        .secs("floor_build_s", floor.build_s)
+        .secs("floor_compute_s", floor.compute_s)
+        .float("build_x_floor", build_s / floor.build_s)
+        .float("compute_x_floor", compute_s / floor.compute_s))
+}
+
+/// The floor: the cheapest honest runner of tree(N) we know, measured in
+/// the same process as rask so that every in-process figure has a ratio to
+/// it (`build_x_floor`, `compute_x_floor`).
+///
+/// Honest means it does the work any task runner must do, with nothing
+/// known in advance about the shape: tasks in flat arrays (an op as a
+/// function pointer, its arguments as literals or task indices), the
+/// dependents of each task found from the arguments, a dependency counter
+/// per task, a stack of ready tasks, one thread, and the result checked.
+/// What it leaves out is what rask adds on purpose: keys (content hashes),
+/// typed values behind `Arc<dyn Any>`, optimization, errors and panics as
+/// data, executors that can be swapped.
+mod floor {
+    use std::time::Instant;
+
+    /// One argument of a task.
+    #[derive(Clone, Copy)]
+    enum Arg {
+        Literal(i64),
+        Task(u32),
+    }
+
+    /// Tasks in flat arrays: task `t` calls `ops[t]` on
+    /// `args[starts[t]..starts[t + 1]]`.
+    struct Tasks {
+        ops: Vec<fn(&[i64]) -> i64>,
+        starts: Vec<u32>,
+        args: Vec<Arg>,
+    }
+
+    impl Tasks {
+        fn push(&mut self, op: fn(&[i64]) -> i64, args: &[Arg]) -> u32 {
+            let t = self.ops.len() as u32;
+            self.ops.push(op);
+            self.args.extend_from_slice(args);
+            self.starts.push(self.args.len() as u32);
+            t
+        }
+    }
+
+    fn inc(x: &[i64]) -> i64 {
+        x[0] + 1
+    }
+
+    fn add(x: &[i64]) -> i64 {
+        x[0] + x[1]
+    }
+
+    /// tree(N) as the workloads build it: leaves `inc(i)`, reduced pairwise.
+    fn tree(n: u64) -> (Tasks, u32) {
+        let tasks = (2 * n - 1) as usize;
+        let mut g = Tasks {
+            ops: Vec::with_capacity(tasks),
+            starts: Vec::with_capacity(tasks + 1),
+            args: Vec::with_capacity(2 * tasks),
+        };
+        g.starts.push(0);
+        let mut level: Vec<u32> = (0..n as i64)
+            .map(|i| g.push(inc, &[Arg::Literal(i)]))
+            .collect();
+        while level.len() > 1 {
+            let mut next = Vec::with_capacity(level.len().div_ceil(2));
+            for pair in level.chunks(2) {
+                next.push(match *pair {
+                    [a, b] => g.push(add, &[Arg::Task(a), Arg::Task(b)]),
+                    [a] => a,
+                    _ => unreachable!("chunks of 2"),
+                });
+            }
+            level = next;
+        }
+        (g, level[0])
+    }
+
+    /// Runs every task once its inputs are done; the value of each task.
+    // Index loops: the arrays run in parallel, as in any such runner.
+    #[allow(clippy::needless_range_loop)]
+    fn run(g: &Tasks) -> Vec<i64> {
+        let tasks = g.ops.len();
+        // Dependents of each task, compressed rows, and dependency counters.
+        let mut pending = vec![0u32; tasks];
+        let mut dependents_start = vec![0u32; tasks + 1];
+        for t in 0..tasks {
+            for arg in &g.args[g.starts[t] as usize..g.starts[t + 1] as usize] {
+                if let Arg::Task(input) = *arg {
+                    pending[t] += 1;
+                    dependents_start[input as usize + 1] += 1;
+                }
+            }
+        }
+        for t in 0..tasks {
+            dependents_start[t + 1] += dependents_start[t];
+        }
+        let mut fill = dependents_start.clone();
+        let mut dependents = vec![0u32; dependents_start[tasks] as usize];
+        for t in 0..tasks {
+            for arg in &g.args[g.starts[t] as usize..g.starts[t + 1] as usize] {
+                if let Arg::Task(input) = *arg {
+                    dependents[fill[input as usize] as usize] = t as u32;
+                    fill[input as usize] += 1;
+                }
+            }
+        }
+        let mut ready: Vec<u32> = (0..tasks as u32)
+            .filter(|&t| pending[t as usize] == 0)
+            .collect();
+        let mut values = vec![0i64; tasks];
+        let mut inputs = Vec::with_capacity(4);
+        while let Some(t) = ready.pop() {
+            let t = t as usize;
+            inputs.clear();
+            inputs.extend(
+                g.args[g.starts[t] as usize..g.starts[t + 1] as usize]
+                    .iter()
+                    .map(|arg| match *arg {
+                        Arg::Literal(x) => x,
+                        Arg::Task(input) => values[input as usize],
+                    }),
+            );
+            values[t] = (g.ops[t])(&inputs);
+            let from = dependents_start[t] as usize;
+            let to = dependents_start[t + 1] as usize;
+            for &d in &dependents[from..to] {
+                pending[d as usize] -= 1;
+                if pending[d as usize] == 0 {
+                    ready.push(d);
+                }
+            }
+        }
+        values
+    }
+
+    /// Seconds the floor took to build and to run tree(`n`).
+    pub(super) struct Floor {
+        pub(super) build_s: f64,
+        pub(super) compute_s: f64,
+    }
+
+    /// Builds and runs tree(`n`) on the floor; `Err` on a wrong sum.
+    pub(super) fn measure(n: u64) -> Result<Floor, String> {
+        let start = Instant::now();
+        let (g, root) = std::hint::black_box(tree(n));
+        let build_s = start.elapsed().as_secs_f64();
+        let start = Instant::now();
+        let values = std::hint::black_box(run(&g));
+        let compute_s = start.elapsed().as_secs_f64();
+        super::check("floor tree sum", values[root as usize], super::tree_sum(n))?;
+        Ok(Floor { build_s, compute_s })
+    }
 }
 
 fn chain(run: &Run) -> Outcome {

@@ -282,6 +282,7 @@ impl Args {
             Some(message) => Arc::new(Broken(message)),
         };
         Delayed::from_node(Arc::new(Node {
+            mark: Default::default(),
             key,
             name,
             deps: self.deps.into(),

@@ -253,6 +253,7 @@ impl<T> Delayed<T> {
 impl<T: Data> Delayed<T> {
     pub(crate) fn held(key: Key, name: Name, value: Value, origin: Origin) -> Delayed<T> {
         Delayed::from_node(Arc::new(Node {
+            mark: Default::default(),
             key,
             name,
             deps: Deps::None,
@@ -471,6 +472,7 @@ impl<W: Data> Delayed<W> {
             other => h.bytes(&postcard::to_stdvec(other).expect("a step encodes")),
         }
         Delayed::from_node(Arc::new(Node {
+            mark: Default::default(),
             key: h.finish(),
             name: Name::Borrowed("getitem"),
             deps: Deps::One(self.node.clone()),
@@ -600,6 +602,7 @@ macro_rules! map_item {
                     // Building stays infallible: the task fails instead.
                     Err(e) => {
                         return Delayed::from_node(Arc::new(Node {
+                            mark: Default::default(),
                             key: named_key(&format!("getitem-{}", unique_suffix())),
                             name: Name::Borrowed("getitem"),
                             deps: Deps::One(self.node.clone()),

@@ -51,7 +51,7 @@ pub(crate) type KeyMap<V> = HashMap<Key, V, BuildHasherDefault<KeyHash>>;
 
 /// Visits the nodes reachable from `roots` in post-order (rule 2), once per
 /// key (rule 1), calling `emit(node, replacement, dependency_indices, size)`;
-/// returns the index of every key, numbered in visit order.
+/// returns the index of each root, numbered in visit order.
 ///
 /// `cut(node)` is asked once per key before its inputs are visited: `Some(op)`
 /// replaces the node and everything it depends on with `op`, which gets no
@@ -62,12 +62,191 @@ pub(crate) type KeyMap<V> = HashMap<Key, V, BuildHasherDefault<KeyHash>>;
 /// `Some((bottom, op, size))` emits `op`, standing for `size` nodes, with the
 /// inputs of the chain's `bottom`; the nodes in between are not visited (nor
 /// asked about).
+///
+/// # Complexity
+///
+/// O(nodes + edges), one key-map lookup per edge and one insertion per node.
+/// [`postorder_marked`] does without the map.
 pub(crate) fn postorder<'a>(
     roots: &'a [Arc<Node>],
+    absorb: impl FnMut(&'a Arc<Node>) -> Option<(&'a Arc<Node>, Arc<dyn Op>, u32)>,
+    cut: impl FnMut(&Arc<Node>) -> Option<Arc<dyn Op>>,
+    emit: impl FnMut(&'a Arc<Node>, Option<Arc<dyn Op>>, &[u32], u32),
+) -> Vec<u32> {
+    walk(roots, &mut KeyMap::default(), absorb, cut, emit)
+}
+
+/// [`postorder`] finding the nodes it already emitted by their
+/// [`Mark`](crate::build::node::Mark) instead of a key map: on a large
+/// graph the map's probes and insertions miss the caches on nearly every
+/// node, while a mark sits in the node the walk reads anyway.
+///
+/// Marks tell nodes apart, not keys: two distinct nodes with one key would
+/// both be emitted. So the keys emitted are checked for repeats afterwards
+/// (by fingerprint, in cache-sized buckets), and `None` is returned when
+/// one repeats, or when another lowering holds the marks (node rule 1):
+/// the caller then starts again with [`postorder`], which asks `cut` and
+/// `absorb` about the same nodes again, and throws away what `emit` got.
+/// Rare in practice (a repeat needs the same task built twice), it then
+/// costs a second lowering.
+///
+/// # Complexity
+///
+/// O(nodes + edges), no map; the repeat check is two passes over 8 bytes
+/// per node.
+pub(crate) fn postorder_marked<'a>(
+    roots: &'a [Arc<Node>],
+    absorb: impl FnMut(&'a Arc<Node>) -> Option<(&'a Arc<Node>, Arc<dyn Op>, u32)>,
+    cut: impl FnMut(&Arc<Node>) -> Option<Arc<dyn Op>>,
+    emit: impl FnMut(&'a Arc<Node>, Option<Arc<dyn Op>>, &[u32], u32),
+) -> Option<Vec<u32>> {
+    let mut marks = Marks::take()?;
+    let roots = walk(roots, &mut marks, absorb, cut, emit);
+    let fingerprints: Vec<u64> = marks.nodes.iter().map(|n| fingerprint(&n.key)).collect();
+    drop(marks);
+    (!repeats(fingerprints)).then_some(roots)
+}
+
+/// How [`walk`] remembers the nodes it emitted.
+trait Seen<'a> {
+    /// The index of a node (or of its key) emitted before.
+    fn get(&self, node: &'a Arc<Node>) -> Option<u32>;
+    /// Records `node` as the next index, unless its key has one already:
+    /// then that index.
+    fn claim(&mut self, node: &'a Arc<Node>) -> Result<u32, u32>;
+}
+
+impl<'a> Seen<'a> for KeyMap<u32> {
+    fn get(&self, node: &'a Arc<Node>) -> Option<u32> {
+        KeyMap::get(self, &node.key).copied()
+    }
+
+    fn claim(&mut self, node: &'a Arc<Node>) -> Result<u32, u32> {
+        let next = self.len() as u32;
+        match self.entry(node.key) {
+            MapEntry::Occupied(e) => Err(*e.get()),
+            MapEntry::Vacant(slot) => Ok(*slot.insert(next)),
+        }
+    }
+}
+
+/// The process-wide marking token (node rule 1).
+static MARKING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The marks of one lowering: holds the token, and unsets every mark and
+/// gives the token back when dropped (node rule 2), unwinding included.
+struct Marks<'a> {
+    /// The nodes emitted, in index order.
+    nodes: Vec<&'a Arc<Node>>,
+}
+
+impl Marks<'_> {
+    /// The token, unless another lowering holds it.
+    fn take() -> Option<Self> {
+        use std::sync::atomic::Ordering;
+        MARKING
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .ok()?;
+        Some(Marks { nodes: Vec::new() })
+    }
+}
+
+impl Drop for Marks<'_> {
+    fn drop(&mut self) {
+        for node in &self.nodes {
+            node.mark.set(None);
+        }
+        MARKING.store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
+impl<'a> Seen<'a> for Marks<'a> {
+    fn get(&self, node: &'a Arc<Node>) -> Option<u32> {
+        node.mark.get()
+    }
+
+    fn claim(&mut self, node: &'a Arc<Node>) -> Result<u32, u32> {
+        if let Some(i) = node.mark.get() {
+            return Err(i);
+        }
+        let next = self.nodes.len() as u32;
+        node.mark.set(Some(next));
+        self.nodes.push(node);
+        Ok(next)
+    }
+}
+
+/// A key's first eight bytes: keys are uniform already.
+fn fingerprint(key: &Key) -> u64 {
+    let mut word = [0u8; 8];
+    word.copy_from_slice(&key.as_bytes()[..8]);
+    u64::from_le_bytes(word)
+}
+
+/// Whether a fingerprint occurs twice. Sorted into buckets by their top
+/// bits first, so that each bucket's table fits in a cache: one probe per
+/// fingerprint that hits a cache, where one table over a million keys would
+/// miss on nearly every probe.
+fn repeats(fingerprints: Vec<u64>) -> bool {
+    /// Fingerprints per bucket, about.
+    const BUCKET: usize = 1 << 12;
+    let bits = (fingerprints.len() / BUCKET)
+        .next_power_of_two()
+        .trailing_zeros();
+    let mut buckets = vec![0usize; (1 << bits) + 1];
+    // `checked_shr`: with one bucket (`bits` = 0) every fingerprint is in it.
+    let bucket = |f: u64| f.checked_shr(64 - bits).unwrap_or(0) as usize;
+    for &f in &fingerprints {
+        buckets[bucket(f) + 1] += 1;
+    }
+    for b in 1..buckets.len() {
+        buckets[b] += buckets[b - 1];
+    }
+    let mut sorted = vec![0u64; fingerprints.len()];
+    let mut fill = buckets.clone();
+    for &f in &fingerprints {
+        let b = bucket(f);
+        sorted[fill[b]] = f;
+        fill[b] += 1;
+    }
+    drop(fingerprints);
+    // Open addressing over the low bits; a slot holds a fingerprint + 1 (0
+    // is empty), so fingerprint `u64::MAX` takes the slot of 0's successor:
+    // a repeat reported for two fingerprints that differ costs a relowering
+    // only.
+    let mut table: Vec<u64> = Vec::new();
+    for w in buckets.windows(2) {
+        let bucket = &sorted[w[0]..w[1]];
+        let size = (bucket.len() * 2).next_power_of_two();
+        table.clear();
+        table.resize(size, 0);
+        let mask = size - 1;
+        for &f in bucket {
+            let stored = f.wrapping_add(1).max(1);
+            let mut slot = (f as usize) & mask;
+            loop {
+                match table[slot] {
+                    0 => {
+                        table[slot] = stored;
+                        break;
+                    }
+                    s if s == stored => return true,
+                    _ => slot = (slot + 1) & mask,
+                }
+            }
+        }
+    }
+    false
+}
+
+/// The post-order walk of [`postorder`] and [`postorder_marked`].
+fn walk<'a>(
+    roots: &'a [Arc<Node>],
+    seen: &mut impl Seen<'a>,
     mut absorb: impl FnMut(&'a Arc<Node>) -> Option<(&'a Arc<Node>, Arc<dyn Op>, u32)>,
     mut cut: impl FnMut(&Arc<Node>) -> Option<Arc<dyn Op>>,
     mut emit: impl FnMut(&'a Arc<Node>, Option<Arc<dyn Op>>, &[u32], u32),
-) -> KeyMap<u32> {
+) -> Vec<u32> {
     /// A node being visited (kept small: a chain of unabsorbed nodes is
     /// visited with one frame per node).
     struct Frame<'a> {
@@ -80,23 +259,22 @@ pub(crate) fn postorder<'a>(
         /// Where the inputs' indices start in `found`.
         from: u32,
     }
-    let mut index: KeyMap<u32> = KeyMap::default();
     let mut stack: Vec<Frame<'a>> = Vec::new();
     let mut chains: Vec<(Arc<dyn Op>, u32)> = Vec::new();
-    // Collecting indices as inputs finish keeps lowering at one map lookup
-    // per edge and one insertion per node.
+    // Collecting indices as inputs finish keeps lowering at one lookup per
+    // edge and one insertion per node.
     let mut found: Vec<u32> = Vec::new();
+    let mut root_indices = Vec::with_capacity(roots.len());
     // Emits a node (unless its key is taken: the first one wins, see
     // `Delayed::named`) and records its index for its parent.
     macro_rules! finish {
         ($node:expr, $replacement:expr, $deps_from:expr, $size:expr) => {{
             let node: &'a Arc<Node> = $node;
-            let next = index.len() as u32;
-            let i = match index.entry(node.key) {
-                MapEntry::Occupied(e) => *e.get(),
-                MapEntry::Vacant(slot) => {
+            let i = match seen.claim(node) {
+                Err(i) => i,
+                Ok(i) => {
                     emit(node, $replacement, &found[$deps_from..], $size);
-                    *slot.insert(next)
+                    i
                 }
             };
             found.truncate($deps_from);
@@ -129,7 +307,8 @@ pub(crate) fn postorder<'a>(
         }};
     }
     for root in roots {
-        if index.contains_key(&root.key) {
+        if let Some(i) = seen.get(root) {
+            root_indices.push(i);
             continue;
         }
         found.clear();
@@ -137,8 +316,8 @@ pub(crate) fn postorder<'a>(
         while let Some(top) = stack.last_mut() {
             if let Some(child) = top.visit.deps.get(top.next as usize) {
                 top.next += 1;
-                match index.get(&child.key) {
-                    Some(&i) => found.push(i),
+                match seen.get(child) {
+                    Some(i) => found.push(i),
                     None => enter!(child),
                 }
                 continue;
@@ -155,8 +334,9 @@ pub(crate) fn postorder<'a>(
                 None => finish!(node, None, from, 1),
             }
         }
+        root_indices.push(found[0]);
     }
-    index
+    root_indices
 }
 
 /// Renders the graph behind `roots` as Graphviz DOT.
@@ -436,6 +616,7 @@ impl Graph {
                     .collect::<Vec<_>>()
                     .into();
                 let node = Arc::new(Node {
+                    mark: Default::default(),
                     key: k,
                     name: task.name.clone(),
                     deps,
@@ -455,5 +636,164 @@ impl Graph {
 impl std::fmt::Debug for Graph {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_list().entries(self.keys()).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delayed;
+
+    fn inc(x: i64) -> i64 {
+        x + 1
+    }
+
+    fn add(x: i64, y: i64) -> i64 {
+        x + y
+    }
+
+    /// The keys `postorder_marked` emits, or `None` when it gave up.
+    fn marked_keys_once(roots: &[Arc<Node>]) -> Option<(Vec<Key>, Vec<u32>)> {
+        let mut keys = Vec::new();
+        let outputs = postorder_marked(
+            roots,
+            |_| None,
+            |_| None,
+            |node, _, _, _| keys.push(node.key),
+        )?;
+        Some((keys, outputs))
+    }
+
+    /// [`marked_keys_once`], tried again while other tests' lowerings hold
+    /// the marks (a few milliseconds at most; `None` after 10 s).
+    fn marked_keys(roots: &[Arc<Node>]) -> Option<(Vec<Key>, Vec<u32>)> {
+        let start = std::time::Instant::now();
+        loop {
+            let keys = marked_keys_once(roots);
+            if keys.is_some() || start.elapsed() > std::time::Duration::from_secs(10) {
+                return keys;
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    fn mapped_keys(roots: &[Arc<Node>]) -> (Vec<Key>, Vec<u32>) {
+        let mut keys = Vec::new();
+        let outputs = postorder(
+            roots,
+            |_| None,
+            |_| None,
+            |node, _, _, _| keys.push(node.key),
+        );
+        (keys, outputs)
+    }
+
+    fn unmarked(roots: &[Arc<Node>]) -> bool {
+        let mut all = true;
+        postorder(
+            roots,
+            |_| None,
+            |_| None,
+            |node, _, _, _| {
+                all &= node.mark.get().is_none();
+            },
+        );
+        all
+    }
+
+    #[test]
+    fn marks_lower_as_the_key_map_does_and_are_unset_after() {
+        // A shared node (`a` twice) and a root that is also an input.
+        let a = delayed!(inc(1));
+        let b = delayed!(add(&a, &a));
+        let c = delayed!(add(&b, &a));
+        let roots = [c.node().clone(), a.node().clone(), b.node().clone()];
+        let marked = marked_keys(&roots).expect("no repeated key, nobody else marking");
+        assert_eq!(marked, mapped_keys(&roots));
+        assert_eq!(marked.0.len(), 3);
+        assert!(unmarked(&roots));
+        // Twice in a row: nothing left over from the first.
+        assert_eq!(marked_keys(&roots), Some(marked));
+    }
+
+    #[test]
+    fn one_key_in_two_distinct_nodes_gives_up_on_marks() {
+        // Built twice: equal keys, distinct nodes (rule 1 makes them one task).
+        let left = delayed!(inc(1));
+        let right = delayed!(inc(1));
+        assert!(!Arc::ptr_eq(left.node(), right.node()));
+        let sum = delayed!(add(&left, &right));
+        let roots = [sum.node().clone()];
+        assert_eq!(marked_keys_once(&roots), None);
+        assert!(unmarked(&roots));
+        // The key map, which lowering falls back to, makes them one task.
+        assert_eq!(mapped_keys(&roots).0.len(), 2);
+    }
+
+    #[test]
+    fn a_lowering_holding_the_marks_sends_others_to_the_key_map() {
+        let a = delayed!(inc(1));
+        let b = delayed!(add(&a, &a));
+        let roots = [b.node().clone()];
+        let held = loop {
+            // Other tests lower meanwhile, briefly.
+            if let Some(held) = Marks::take() {
+                break held;
+            }
+            std::thread::yield_now();
+        };
+        assert_eq!(marked_keys_once(&roots), None);
+        drop(held);
+        assert!(marked_keys(&roots).is_some());
+    }
+
+    #[test]
+    fn a_panicking_cut_leaves_no_mark_behind() {
+        let a = delayed!(inc(1));
+        let b = delayed!(add(&a, &a));
+        let roots = [b.node().clone()];
+        let attempt = || {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                postorder_marked(
+                    &roots,
+                    |_| None,
+                    |node| {
+                        assert!(node.deps.is_empty(), "the cut fails at the root");
+                        None
+                    },
+                    |_, _, _, _| {},
+                )
+            }))
+        };
+        // `Ok(None)`: another test's lowering held the marks; try again.
+        let mut unwound = attempt();
+        while matches!(unwound, Ok(None)) {
+            std::thread::yield_now();
+            unwound = attempt();
+        }
+        assert!(unwound.is_err());
+        assert!(unmarked(&roots));
+        assert!(marked_keys(&roots).is_some(), "the token was given back");
+    }
+
+    #[test]
+    fn repeats_finds_a_repeat_in_any_bucket() {
+        for n in [0usize, 1, 2, 100, 5_000, 40_000] {
+            // Spread over the whole range, as keys are.
+            let fps: Vec<u64> = (0..n as u64)
+                .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+                .collect();
+            assert!(!repeats(fps.clone()), "n = {n}");
+            for at in [0, n / 2, n.saturating_sub(1)] {
+                if n < 2 {
+                    continue;
+                }
+                let mut with = fps.clone();
+                with.push(fps[at]);
+                assert!(repeats(with), "n = {n}, repeat of {at}");
+            }
+        }
+        assert!(repeats(vec![u64::MAX, 7, u64::MAX]));
+        assert!(!repeats(vec![u64::MAX, 0]));
     }
 }

@@ -22,6 +22,45 @@ pub(crate) struct Node {
     pub(crate) name: Name,
     pub(crate) deps: Deps,
     pub(crate) call: Arc<dyn Call>,
+    /// This node's plan index while a lowering holds the marks
+    /// (`build::graph::postorder`); unset at any other time.
+    pub(crate) mark: Mark,
+}
+
+/// A node's index in the plan being lowered, so that lowering finds a node
+/// it already emitted without a map from keys (`build::graph::postorder`).
+///
+/// Rules:
+///
+/// 1. Only the one lowering holding the process-wide marking token writes
+///    marks; every other lowering (another thread, a nested computation)
+///    meanwhile uses a key map and never reads them.
+/// 2. That lowering unsets every mark it set before it gives the token back,
+///    on panics too, so a mark read under the token was set by this lowering.
+pub(crate) struct Mark(std::sync::atomic::AtomicU32);
+
+impl Mark {
+    const UNSET: u32 = u32::MAX;
+
+    /// The index set by the lowering holding the token, if any.
+    pub(crate) fn get(&self) -> Option<u32> {
+        match self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            Mark::UNSET => None,
+            i => Some(i),
+        }
+    }
+
+    /// Sets the index (`None` unsets it); for the token holder only.
+    pub(crate) fn set(&self, index: Option<u32>) {
+        let raw = index.unwrap_or(Mark::UNSET);
+        self.0.store(raw, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Default for Mark {
+    fn default() -> Self {
+        Mark(std::sync::atomic::AtomicU32::new(Mark::UNSET))
+    }
 }
 
 /// A node's inputs, in argument order. Most nodes have at most one, held in
@@ -104,6 +143,7 @@ impl Node {
             name,
             deps: self.deps.clone(),
             call: self.call.clone(),
+            mark: Mark::default(),
         }
     }
 }
@@ -426,6 +466,7 @@ impl Held {
     /// (the result cache).
     pub(crate) fn loaded(node: &Node, value: Value) -> Arc<dyn Op> {
         Arc::new(Node {
+            mark: Default::default(),
             key: node.key,
             name: node.name.clone(),
             deps: Deps::None,

@@ -746,6 +746,7 @@ impl rask_executor::Registry for Resolver {
         };
         // The key is not needed to run: the executor keeps each task's key.
         Ok(Arc::new(Node {
+            mark: Default::default(),
             key: Key([0; 32]),
             name,
             deps: crate::build::node::Deps::None,

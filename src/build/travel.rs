@@ -175,6 +175,7 @@ fn rebuild(wire: Vec<WireNode>) -> Result<Arc<Node>, String> {
             call = Limited::wrap(&call, timeout, Some(node.retries));
         }
         built.push(Arc::new(Node {
+            mark: Default::default(),
             key: Key(node.key),
             name: Name::Owned(node.name),
             deps: deps.into(),

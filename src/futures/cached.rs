@@ -114,6 +114,7 @@ fn place<T>(client: &Client, lookup: &Lookup) -> Result<Vec<Future<T>>> {
         .values()
         .map(|(node, value)| {
             Arc::new(Node {
+                mark: Default::default(),
                 key: node.key,
                 name: node.name.clone(),
                 deps: Deps::None,

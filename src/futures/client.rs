@@ -1147,7 +1147,7 @@ impl Shared {
         };
         // Lowered only, no pass: the client's runs are not optimized (yet;
         // `Options::keep` is for the keys it would have to keep).
-        let plan = crate::plan::plan(&roots, &Options::none(), cut, None);
+        let plan = crate::plan::plan(&roots, &Options::none(), crate::plan::Asks::Once, cut, None);
         if !waits.is_empty() {
             let deferred = Arc::new(Deferred {
                 waiting: AtomicUsize::new(waits.len()),

@@ -206,6 +206,7 @@ impl<T> Future<T> {
     /// A node standing for this future inside a graph.
     pub(crate) fn node(&self) -> Arc<Node> {
         Arc::new(Node {
+            mark: Default::default(),
             key: self.handle.key,
             name: self.handle.name.clone(),
             deps: crate::build::node::Deps::None,

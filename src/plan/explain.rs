@@ -16,7 +16,13 @@ pub(crate) fn explain_roots(roots: &[Arc<Node>], opts: &Options) -> Explain {
     let mut record = Record::default();
     // Without `prepare`: inspecting a graph must not wait for the futures in
     // it.
-    let plan = super::plan(roots, opts, |_| None, Some(&mut record));
+    let plan = super::plan(
+        roots,
+        opts,
+        super::Asks::Repeatable,
+        |_| None,
+        Some(&mut record),
+    );
     Explain {
         plan,
         shapes: record.shapes,

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use rask_executor::{Op, Plan, PlanBuilder};
 
 use super::{chain, Draft, Weight};
-use crate::build::graph::postorder;
+use crate::build::graph::{postorder, postorder_marked};
 use crate::build::node::Node;
 
 /// Lowers the graph behind `roots` into a draft whose outputs are the roots,
@@ -31,34 +31,55 @@ use crate::build::node::Node;
 /// make of it, built without a plan task per chain node. When an absorbed
 /// key is also found elsewhere (chain rule 2), lowers again without.
 ///
+/// With `repeatable` (`cut` may be asked again about a node, with the same
+/// answer and no effect that matters), lowering finds the nodes it emitted
+/// by their marks, not by a map from keys ([`postorder_marked`]), and
+/// lowers again with the map in the rare case that fails. Without it, `cut`
+/// is asked exactly once per key.
+///
 /// # Complexity
 ///
-/// O(nodes + edges) time, one hash-map entry per distinct key (one set entry
-/// per absorbed node); twice that when absorbing found a key twice.
+/// O(nodes + edges) time; with `repeatable`, no map, else one hash-map entry
+/// per distinct key (one set entry per absorbed node); twice that when
+/// absorbing found a key twice, or a key was found in two distinct nodes.
 pub(crate) fn lower(
     roots: &[Arc<Node>],
     absorb: bool,
+    repeatable: bool,
     mut cut: impl FnMut(&Arc<Node>) -> Option<Arc<dyn Op>>,
 ) -> Draft {
+    let mut marked = repeatable;
     if absorb {
         let mut absorbed = chain::Absorbed::default();
-        let (plan, weights, sizes) = lower_weighed(roots, Some(&mut absorbed), &mut cut);
-        if !absorbed.conflict(plan.tasks().iter().map(|t| &t.key)) {
-            return Draft::with_sizes(plan, weights, sizes);
+        let lowered = lower_weighed(roots, Some(&mut absorbed), marked, &mut cut);
+        match lowered {
+            Some((plan, weights, sizes)) => {
+                if !absorbed.conflict(plan.tasks().iter().map(|t| &t.key)) {
+                    return Draft::with_sizes(plan, weights, sizes);
+                }
+            }
+            None => marked = false,
         }
     }
-    let (plan, weights, _) = lower_weighed(roots, None, cut);
+    if marked {
+        if let Some((plan, weights, _)) = lower_weighed(roots, None, true, &mut cut) {
+            return Draft::new(plan, weights);
+        }
+    }
+    let (plan, weights, _) =
+        lower_weighed(roots, None, false, cut).expect("lowering by key map always succeeds");
     Draft::new(plan, weights)
 }
 
 /// The plan of [`lower`], plus whether each task is data (a replaced node counts as
 /// a call) and, when chains were absorbed, how many graph nodes each task
-/// stands for (empty otherwise).
+/// stands for (empty otherwise). `None` when lowering by marks failed.
 fn lower_weighed(
     roots: &[Arc<Node>],
     absorbed: Option<&mut chain::Absorbed>,
+    marked: bool,
     cut: impl FnMut(&Arc<Node>) -> Option<Arc<dyn Op>>,
-) -> (Plan, Vec<Weight>, Vec<u32>) {
+) -> Option<(Plan, Vec<Weight>, Vec<u32>)> {
     let mut b = PlanBuilder::new();
     let mut weights = Vec::new();
     let mut sizes = Vec::new();
@@ -68,7 +89,7 @@ fn lower_weighed(
         let size = chain.len() as u32;
         Some((bottom, Arc::new(chain) as Arc<dyn Op>, size))
     };
-    let index = postorder(roots, absorb, cut, |node, replacement, deps, size| {
+    let emit = |node: &Arc<Node>, replacement: Option<Arc<dyn Op>>, deps: &[u32], size| {
         let weight = match replacement {
             None if node.is_data() => Weight::Data,
             _ => Weight::Normal,
@@ -82,9 +103,14 @@ fn lower_weighed(
         let op = replacement.unwrap_or_else(|| node.clone());
         b.push(node.key, op, deps);
         weights.push(weight);
-    });
-    for root in roots {
-        b.output(index[&root.key]);
+    };
+    let outputs = if marked {
+        postorder_marked(roots, absorb, cut, emit)?
+    } else {
+        postorder(roots, absorb, cut, emit)
+    };
+    for i in outputs {
+        b.output(i);
     }
-    (b.build(), weights, sizes)
+    Some((b.build(), weights, sizes))
 }

@@ -356,10 +356,21 @@ impl Folds {
     }
 }
 
+/// How often [`plan`] may ask its `cut` about a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Asks {
+    /// Exactly once per key: `cut` has effects that must not repeat.
+    Once,
+    /// Possibly again, with the same answer and no effect that matters:
+    /// lowering may then find nodes by their marks instead of a key map,
+    /// and start again in the rare case that fails ([`lower`](lower::lower)).
+    Repeatable,
+}
+
 /// Nodes → the plan an executor runs: the one way through this layer.
 ///
-/// Lowers the graph behind `roots` (asking `cut` about each node, see
-/// [`lower`](lower::lower)), then runs the passes `opts` turns on, in order:
+/// Lowers the graph behind `roots` (asking `cut` about each node as `asks`
+/// allows, see [`lower`](lower::lower)), then runs the passes `opts` turns on, in order:
 /// cull → inline → fuse → assemble. The data goes through once, each stage
 /// taking the previous one's output by value; when fuse is on, chains are
 /// already absorbed while lowering. With `record`, it also notes what each
@@ -371,12 +382,14 @@ impl Folds {
 pub(crate) fn plan(
     roots: &[Arc<Node>],
     opts: &Options,
+    asks: Asks,
     cut: impl FnMut(&Arc<Node>) -> Option<Arc<dyn Op>>,
     record: Option<&mut Record>,
 ) -> Arc<Plan> {
     // The clock is read only when asked.
     let start = record.is_some().then(Instant::now);
-    let draft = lower::lower(roots, opts.absorbs_chains(), cut);
+    let repeatable = asks == Asks::Repeatable;
+    let draft = lower::lower(roots, opts.absorbs_chains(), repeatable, cut);
     let Some(record) = record else {
         return pipeline(draft, opts, false, None).plan;
     };

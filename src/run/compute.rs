@@ -305,9 +305,12 @@ pub(crate) fn run(roots: &[Arc<Node>], config: &Config) -> Result<Vec<Value>> {
     };
     // Waits for the futures the graph depends on first (`prepare`), so
     // that no executor thread ever blocks on one.
+    // The cut is repeatable: a cache lookup, and `prepare`, which waits for
+    // a future once and returns at once after.
     let plan = crate::plan::plan(
         planned,
         &options,
+        crate::plan::Asks::Repeatable,
         |node| {
             if let Some((_, value)) = lookup.as_ref().and_then(|l| l.hits.get(&node.key)) {
                 return Some(crate::build::node::Held::loaded(node, value.clone()));
