@@ -126,13 +126,13 @@
 //!    fetch it from that worker. It is held while the computation needs
 //!    it, and for as long as a persisted result is it.
 //! 10. **When misses are written.** `compute` and `persist` write each
-//!    value as it reaches this process, before they return (on a cluster,
-//!    the bytes of a value that stays there are fetched for it). A
-//!    client's `compute` and `persist` return a future at once and write
-//!    in the background once the work is done; [`flush`] waits for those
-//!    writes, which a program that ends right after reading such a result
-//!    needs. A miss whose computation was cancelled, or whose root
-//!    failed before it finished, is not written.
+//!     value as it reaches this process, before they return (on a cluster,
+//!     the bytes of a value that stays there are fetched for it). A
+//!     client's `compute` and `persist` return a future at once and write
+//!     in the background once the work is done; [`flush`] waits for those
+//!     writes, which a program that ends right after reading such a result
+//!     needs. A miss whose computation was cancelled, or whose root
+//!     failed before it finished, is not written.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
