@@ -157,6 +157,9 @@ impl<T> Cached<T> {
     /// The roots' futures, once they are done and the misses written
     /// (rules 4, 5).
     pub(crate) fn finish_now(self) -> Vec<Future<T>> {
+        for root in &self.roots {
+            root.wait();
+        }
         if let Some(rest) = self.rest {
             rest.finish(&self.roots.iter().map(|f| f.key().key()).collect::<Vec<_>>());
         }
