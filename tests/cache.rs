@@ -521,6 +521,22 @@ fn client_compute_uses_the_cache_on_every_local_executor() {
             1,
             "executor {i}"
         );
+        // A cached root whose future is dropped at once, before it ran:
+        // held until it is written (on `sim`, `flush` runs it).
+        let expected = client_squares(client_load(seed + 10));
+        let root = delayed!(client_squares(delayed!(client_load(seed + 10)))).cache();
+        drop(again.compute(&root).unwrap());
+        rask::cache::flush();
+        let squared = CLIENT_SQUARES.load(Ordering::SeqCst);
+        let third = rask::Client::with_config(&configs_again(i).cache(&dir)).unwrap();
+        assert_eq!(third.compute(&root).unwrap().result().unwrap(), expected);
+        assert_eq!(
+            CLIENT_SQUARES.load(Ordering::SeqCst),
+            squared,
+            "executor {i}"
+        );
+        // Two loads more: `expected`'s and the dropped compute's.
+        let loads = loads + 2;
         // `submit` does not use the cache: it runs everything (once the
         // loaded value `compute` placed is let go).
         rask::cache::flush();

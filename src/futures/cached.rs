@@ -21,15 +21,19 @@
 //!    value of each is written once it is done — on a cluster, its bytes
 //!    are fetched to this process first: workers never touch the cache.
 //! 4. The placed hits and the missed tasks are held until the roots are
-//!    done and the finished misses written, then let go. When a root ends
-//!    otherwise (failed, cancelled, released), misses still running are
-//!    let go too, so that nobody keeps unwanted work alive (the client's
+//!    done and the finished misses written, then let go. A root that is a
+//!    cached task itself is held too, so dropping its future does not
+//!    stop it before it is written ([`Future::cancel`] does). When a root
+//!    ends otherwise (failed, cancelled, released), misses still running
+//!    are let go, so that nobody keeps unwanted work alive (the client's
 //!    rule 4).
 //! 5. [`Cached::finish_now`] does rule 4 on the calling thread, before it
 //!    returns (`persist`); [`Cached::finish_later`] on a thread of its own
 //!    (`Client::compute`, which returns at once), which
-//!    [`rask::cache::flush`](crate::cache::flush) waits for. Neither waits for work itself on a simulated client: they are
-//!    told when keys are done, and whoever waits for a future runs it.
+//!    [`rask::cache::flush`](crate::cache::flush) waits for. That thread
+//!    never runs a simulated client's work (one task at a time, by one
+//!    waiting thread): it is told when keys are done; whoever waits for a
+//!    future runs the work, and so does `flush`.
 
 use std::sync::{mpsc, Arc};
 
@@ -55,11 +59,11 @@ struct Rest<T> {
     lookup: Lookup,
     /// Placed hits, kept on the executor while the roots may need them.
     placed: Vec<Future<T>>,
-    /// The key of each of `lookup.writes`, in order, with its future when
-    /// it is not a root (a root's is the caller's: holding a clone would
-    /// keep it from being released). Typed `T` only because the client's
-    /// submissions are: never read as a `T`.
-    writes: Vec<(Key, Option<Future<T>>)>,
+    /// The future of each of `lookup.writes`, in order: held, so that its
+    /// value is still there to write when it is done, even if it is a root
+    /// whose caller dropped its own future meanwhile (rule 4). Typed `T`
+    /// only because the client's submissions are: never read as a `T`.
+    writes: Vec<Future<T>>,
 }
 
 /// Looks `roots` up in the client's cache, places the hits and submits the
@@ -80,16 +84,7 @@ pub(crate) fn submit<T>(client: &Client, roots: &[Arc<Node>]) -> Result<Cached<T
     let placed = place(client, &lookup)?;
     let (outputs, slots) = lookup.outputs(roots);
     let futures: Vec<Future<T>> = client.submit_nodes(&outputs)?;
-    let writes = slots
-        .iter()
-        .map(|&slot| {
-            let future = &futures[slot];
-            (
-                future.key().key(),
-                (slot >= roots.len()).then(|| future.clone()),
-            )
-        })
-        .collect();
+    let writes = slots.iter().map(|&slot| futures[slot].clone()).collect();
     let mut futures = futures;
     futures.truncate(roots.len());
     Ok(Cached {
@@ -178,11 +173,20 @@ impl<T: 'static> Cached<T> {
             return self.roots;
         }
         let roots: Vec<Key> = self.roots.iter().map(|f| f.key().key()).collect();
+        let shared = rest.shared.clone();
         let started = std::thread::Builder::new()
             .name("rask-cache".into())
             .spawn(move || rest.finish(&roots));
         match started {
-            Ok(thread) => crate::run::cache::writing(thread),
+            Ok(thread) => {
+                // A simulated client runs work only while someone waits:
+                // `flush` does.
+                let drive = shared.backend.simulation().is_some().then(|| {
+                    Box::new(move |done: &dyn Fn() -> bool| shared.drive(done))
+                        as crate::run::cache::Drive
+                });
+                crate::run::cache::writing(crate::run::cache::Writer { thread, drive });
+            }
             Err(e) => tracing::warn!(
                 "result cache: cannot start a thread to write cached values ({e}); this \
                  computation's values are not written"
@@ -206,7 +210,8 @@ impl<T> Rest<T> {
             all_done &= matches!(done(&shared, key), State::Finished(_));
         }
         drop(placed);
-        for (i, (key, future)) in writes.into_iter().enumerate() {
+        for (i, future) in writes.into_iter().enumerate() {
+            let key = future.key().key();
             let state = if all_done {
                 done(&shared, key)
             } else {

@@ -437,7 +437,8 @@ impl Client {
     ///
     /// let client = Client::with_config(&Config::threads(2).cache(&dir))?;
     /// let before = rask::cache::stats();
-    /// assert_eq!(client.compute(&delayed!(square(7)).cache())?.result()?, 49);  // written
+    /// assert_eq!(client.compute(&delayed!(square(7)).cache())?.result()?, 49);
+    /// rask::cache::flush();                  // written in the background: wait for it
     /// let again = Client::with_config(&Config::threads(2).cache(&dir))?;
     /// assert_eq!(again.compute(&delayed!(square(7)).cache())?.result()?, 49);   // loaded
     /// assert_eq!(rask::cache::stats().hits - before.hits, 1);

@@ -132,7 +132,9 @@
 //!     in the background once the work is done; [`flush`] waits for those
 //!     writes, which a program that ends right after reading such a result
 //!     needs. A miss whose computation was cancelled, or whose root
-//!     failed before it finished, is not written.
+//!     failed before it finished, is not written. A cached task that is
+//!     itself the root of a client's `compute` is held until it is
+//!     written: dropping its future does not stop it, cancelling it does.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -242,20 +244,33 @@ pub fn flush() {
         if pending.is_empty() {
             return;
         }
-        for thread in pending {
+        for Writer { thread, drive } in pending {
+            if let Some(drive) = drive {
+                drive(&|| thread.is_finished());
+            }
             let _ = thread.join();
         }
     }
 }
 
-/// Threads writing the values of a client's computation ([`flush`]).
-static WRITERS: Mutex<Vec<std::thread::JoinHandle<()>>> = Mutex::new(Vec::new());
+/// A thread writing the values of a client's computation ([`flush`]).
+pub(crate) struct Writer {
+    pub(crate) thread: std::thread::JoinHandle<()>,
+    /// Runs the work the thread waits for until the given test holds,
+    /// where nothing runs unless someone waits (a simulated client).
+    pub(crate) drive: Option<Drive>,
+}
 
-/// Counts `thread` among those [`flush`] waits for.
-pub(crate) fn writing(thread: std::thread::JoinHandle<()>) {
+/// How [`Writer::drive`] runs work: until the test it is given holds.
+pub(crate) type Drive = Box<dyn FnOnce(&dyn Fn() -> bool) + Send>;
+
+static WRITERS: Mutex<Vec<Writer>> = Mutex::new(Vec::new());
+
+/// Counts `writer` among those [`flush`] waits for.
+pub(crate) fn writing(writer: Writer) {
     let mut writers = WRITERS.lock().unwrap_or_else(PoisonError::into_inner);
-    writers.retain(|t| !t.is_finished());
-    writers.push(thread);
+    writers.retain(|w| !w.thread.is_finished());
+    writers.push(writer);
 }
 
 /// How many entries a cache directory holds and how many bytes they take
