@@ -893,15 +893,22 @@ fn cached_load(c: u64) -> Vec<f64> {
 const WARM_ENV: &str = "RASK_BENCH_WARM_CACHE";
 
 /// Persists the C cached chunks with the cache `dir`, then computes the
-/// slice sums over them: the seconds of each, and the sum.
-fn persist_cache_phase(run: &Run, dir: &std::path::Path) -> Result<(f64, f64, f64), String> {
+/// slice sums over them twice (two graphs): the seconds of each, and the
+/// sum (checked equal).
+fn persist_cache_phase(run: &Run, dir: &std::path::Path) -> Result<(f64, f64, f64, f64), String> {
     let config = run.config.clone().cache(dir);
     let chunks: Vec<_> = (0..run.n / 100).map(|c| delayed!(cached_load(c))).collect();
     let (chunks, persist_s) = timed(|| rask::persist_with(&chunks, &config));
     let chunks = computed("persist", chunks)?;
-    let graph = persist_graph(&chunks);
-    let (sum, compute_s) = timed(|| graph.compute_with(&config));
-    Ok((persist_s, compute_s, computed("compute", sum)?))
+    let (sum, compute_s) = timed(|| persist_graph(&chunks).compute_with(&config));
+    let sum = computed("compute", sum)?;
+    let (again, compute2_s) = timed(|| persist_graph(&chunks).compute_with(&config));
+    check(
+        "second sum",
+        computed("compute", again)?.to_bits(),
+        sum.to_bits(),
+    )?;
+    Ok((persist_s, compute_s, compute2_s, sum))
 }
 
 /// `persist`'s B part with its chunks cached: cold in this process (the
@@ -916,13 +923,18 @@ fn persist_cache(run: &Run) -> Outcome {
     }
     let startup_s = start_cluster(run)?;
     if let Some(dir) = std::env::var_os(WARM_ENV) {
-        let (persist_s, compute_s, sum) = persist_cache_phase(run, std::path::Path::new(&dir))?;
-        println!("warm {persist_s} {compute_s} {}", sum.to_bits());
+        let (persist_s, compute_s, compute2_s, sum) =
+            persist_cache_phase(run, std::path::Path::new(&dir))?;
+        println!(
+            "warm {persist_s} {compute_s} {compute2_s} {}",
+            sum.to_bits()
+        );
         return Err("the warm phase reports to its parent".into());
     }
     let dir = std::env::temp_dir().join(format!("rask-bench-cache-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let (cold_persist_s, cold_compute_s, cold_sum) = persist_cache_phase(run, &dir)?;
+    let (cold_persist_s, cold_compute_s, cold_compute2_s, cold_sum) =
+        persist_cache_phase(run, &dir)?;
     let bytes = rask::cache::info(&dir).map_err(|e| e.to_string())?.bytes;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let (output, warm_wall_s) = timed(|| {
@@ -947,11 +959,15 @@ fn persist_cache(run: &Run) -> Outcome {
         .ok_or_else(said)?
         .split(' ')
         .collect();
-    let [warm_persist_s, warm_compute_s, warm_bits] = warm[..] else {
+    let [warm_persist_s, warm_compute_s, warm_compute2_s, warm_bits] = warm[..] else {
         return Err(said());
     };
     let secs = |x: &str| x.parse::<f64>().map_err(|_| said());
-    let (warm_persist_s, warm_compute_s) = (secs(warm_persist_s)?, secs(warm_compute_s)?);
+    let (warm_persist_s, warm_compute_s, warm_compute2_s) = (
+        secs(warm_persist_s)?,
+        secs(warm_compute_s)?,
+        secs(warm_compute2_s)?,
+    );
     let warm_bits = warm_bits.parse::<u64>().map_err(|_| said())?;
     check("warm sum", warm_bits, cold_sum.to_bits())?;
     let report = Report::new(run, run.n / 100, warm_persist_s, warm_wall_s)
@@ -960,8 +976,10 @@ fn persist_cache(run: &Run) -> Outcome {
         .int("cache_bytes", bytes)
         .secs("cold_persist_s", cold_persist_s)
         .secs("cold_compute_s", cold_compute_s)
+        .secs("cold_compute2_s", cold_compute2_s)
         .secs("warm_persist_s", warm_persist_s)
         .secs("warm_compute_s", warm_compute_s)
+        .secs("warm_compute2_s", warm_compute2_s)
         .secs("warm_process_s", warm_wall_s)
         .float("speedup_warm_over_cold", cold_persist_s / warm_persist_s);
     Ok(report)

@@ -6,6 +6,8 @@
 //! each task it runs as a line in a file.
 
 mod support;
+#[path = "support/tmpfs.rs"]
+mod tmpfs;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -279,6 +281,159 @@ fn damaged_entries_are_misses_with_one_warning_each_then_written_again() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+// ---- a full disk: a child fills a 256 KiB tmpfs
+
+/// A cached block of 100 000 bytes: an entry takes 25 pages of a tmpfs, so
+/// two fit in 256 KiB (64 pages) and the third does not.
+#[rask::task(cache)]
+fn block(i: u64) -> Vec<u8> {
+    count("block");
+    vec![i as u8; 100_000]
+}
+
+#[rask::task(cache)]
+fn block_sum(blocks: Vec<Vec<u8>>) -> u64 {
+    count("block_sum");
+    blocks.iter().flatten().map(|&b| u64::from(b)).sum()
+}
+
+/// 100 000 · (1 + 2 + 3 + 4)
+const BLOCKS_EXPECTED: u64 = 1_000_000;
+
+/// The child on a full disk: computes the blocks' sum three times with the
+/// cache `RASK_CACHE` names, printing each round's value and what the
+/// cache did.
+#[test]
+fn full_disk_child() {
+    if std::env::var_os("RASK_CACHE_TEST_FULL_DISK").is_none() {
+        return;
+    }
+    let _ = tracing::subscriber::set_global_default(Warnings);
+    for round in 0..3 {
+        let before = rask::cache::stats();
+        let blocks: Vec<_> = (1..=4).map(|i| delayed!(block(i))).collect();
+        let value = delayed!(block_sum(blocks)).compute().unwrap();
+        let after = rask::cache::stats();
+        println!(
+            "round={round} value={value} hits={} written={}",
+            after.hits - before.hits,
+            after.written - before.written
+        );
+    }
+}
+
+/// One round of [`full_disk_child`]: its value, hits and entries written.
+#[derive(Debug, PartialEq)]
+struct Round {
+    value: u64,
+    hits: u64,
+    written: u64,
+}
+
+/// Runs [`full_disk_child`] on the cache `dir`; its rounds and stderr.
+fn run_full_disk_child(dir: &Path, counts: &Path, scheduler: &str) -> (Vec<Round>, String) {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "full_disk_child",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env("RASK_CACHE_TEST_FULL_DISK", "1")
+        .env("RASK_CACHE", dir)
+        .env("RASK_CACHE_TEST_COUNT", counts)
+        .env("RASK_SCHEDULER", scheduler)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(out.status.success(), "child failed:\n{stdout}\n{stderr}");
+    let field = |line: &str, name: &str| -> u64 {
+        let rest = line.split_once(&format!("{name}=")).unwrap().1;
+        rest.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    // libtest's "test full_disk_child ... " may start the first line.
+    let rounds = stdout
+        .lines()
+        .filter_map(|l| l.find("round=").map(|at| &l[at..]))
+        .map(|l| Round {
+            value: field(l, "value"),
+            hits: field(l, "hits"),
+            written: field(l, "written"),
+        })
+        .collect();
+    (rounds, stderr)
+}
+
+#[test]
+fn a_full_disk_turns_writing_off_with_one_warning_and_results_stay_right() {
+    let dir = scratch("full");
+    let counts = dir.join("counts");
+    let Some(disk) = tmpfs::Tmpfs::mount(&dir.join("disk"), 256 << 10) else {
+        return;
+    };
+    let cache = disk.path().join("cache");
+    let full_warnings = |stderr: &str| {
+        stderr
+            .lines()
+            .filter(|l| l.contains("result cache: cannot write to") && l.contains("os error 28"))
+            .count()
+    };
+    // An empty disk, filled by the first round: two blocks are written, the
+    // third write finds no space (ENOSPC), and writing turns off for the
+    // rest of the process with one warning. The later rounds load the two
+    // entries, compute the rest and try no write: no other warning.
+    let (rounds, stderr) = run_full_disk_child(&cache, &counts, "sync");
+    assert_eq!(
+        rounds,
+        [
+            Round {
+                value: BLOCKS_EXPECTED,
+                hits: 0,
+                written: 2
+            },
+            Round {
+                value: BLOCKS_EXPECTED,
+                hits: 2,
+                written: 0
+            },
+            Round {
+                value: BLOCKS_EXPECTED,
+                hits: 2,
+                written: 0
+            },
+        ],
+        "{stderr}"
+    );
+    assert_eq!(full_warnings(&stderr), 1, "{stderr}");
+    // Each round ran the three tasks that have no entry: 5 + 3 + 3.
+    assert_eq!(counted(&counts).len(), 11);
+    let files = walk(&cache);
+    assert_eq!(
+        files.len(),
+        2,
+        "whole entries only, no temporary file: {files:?}"
+    );
+    assert_eq!(rask::cache::info(&cache).unwrap().entries, 2);
+    // Another process, on the disk that is full from the start, on a pool
+    // of threads: the same, its first write failing.
+    let (rounds, stderr) = run_full_disk_child(&cache, &counts, POOL);
+    assert!(
+        rounds
+            .iter()
+            .all(|r| r.value == BLOCKS_EXPECTED && r.hits == 2 && r.written == 0),
+        "{rounds:?}\n{stderr}"
+    );
+    assert_eq!(rounds.len(), 3);
+    assert_eq!(full_warnings(&stderr), 1, "{stderr}");
+    assert_eq!(walk(&cache).len(), 2);
+    drop(disk);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 // ---- in this process
 
 static LOADS: AtomicUsize = AtomicUsize::new(0);
@@ -320,6 +475,84 @@ fn a_hit_stands_for_everything_below_it_on_every_local_executor() {
         assert_eq!(SQUARES.load(Ordering::SeqCst) - squared, 1);
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+static CLIENT_LOADS: AtomicUsize = AtomicUsize::new(0);
+static CLIENT_SQUARES: AtomicUsize = AtomicUsize::new(0);
+
+fn client_load(seed: u64) -> Vec<u64> {
+    CLIENT_LOADS.fetch_add(1, Ordering::SeqCst);
+    (0..100).map(|x| x + seed).collect()
+}
+
+fn client_squares(v: Vec<u64>) -> Vec<u64> {
+    CLIENT_SQUARES.fetch_add(1, Ordering::SeqCst);
+    v.iter().map(|x| x * x).collect()
+}
+
+#[test]
+fn client_compute_uses_the_cache_on_every_local_executor() {
+    let dir = scratch("client");
+    let configs = [Config::synchronous(), pool(), Config::simulated(5)];
+    for (i, config) in configs.into_iter().enumerate() {
+        let client = rask::Client::with_config(&config.cache(&dir)).unwrap();
+        let seed = 100 + i as u64;
+        let build = || {
+            let squared = delayed!(client_squares(delayed!(client_load(seed)))).cache();
+            delayed!(sum(squared))
+        };
+        let (loads, squared) = (
+            CLIENT_LOADS.load(Ordering::SeqCst),
+            CLIENT_SQUARES.load(Ordering::SeqCst),
+        );
+        let first = client.compute(&build()).unwrap().result().unwrap();
+        rask::cache::flush();
+        // A new client, as another program would make: the entry is there.
+        let again = rask::Client::with_config(&configs_again(i).cache(&dir)).unwrap();
+        let second = again.compute(&build()).unwrap().result().unwrap();
+        assert_eq!(first, second);
+        assert_eq!(
+            CLIENT_LOADS.load(Ordering::SeqCst) - loads,
+            1,
+            "executor {i}"
+        );
+        assert_eq!(
+            CLIENT_SQUARES.load(Ordering::SeqCst) - squared,
+            1,
+            "executor {i}"
+        );
+        // A cached root whose future is dropped at once, before it ran:
+        // held until it is written (on `sim`, `flush` runs it).
+        let expected = client_squares(client_load(seed + 10));
+        let root = delayed!(client_squares(delayed!(client_load(seed + 10)))).cache();
+        drop(again.compute(&root).unwrap());
+        rask::cache::flush();
+        let squared = CLIENT_SQUARES.load(Ordering::SeqCst);
+        let third = rask::Client::with_config(&configs_again(i).cache(&dir)).unwrap();
+        assert_eq!(third.compute(&root).unwrap().result().unwrap(), expected);
+        assert_eq!(
+            CLIENT_SQUARES.load(Ordering::SeqCst),
+            squared,
+            "executor {i}"
+        );
+        // Two loads more: `expected`'s and the dropped compute's.
+        let loads = loads + 2;
+        // `submit` does not use the cache: it runs everything (once the
+        // loaded value `compute` placed is let go).
+        rask::cache::flush();
+        let third = again.submit(build()).unwrap().result().unwrap();
+        assert_eq!(third, first);
+        assert_eq!(
+            CLIENT_LOADS.load(Ordering::SeqCst) - loads,
+            2,
+            "executor {i}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn configs_again(i: usize) -> Config {
+    [Config::synchronous(), pool(), Config::simulated(6)][i].clone()
 }
 
 #[test]

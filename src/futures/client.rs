@@ -84,6 +84,10 @@ pub(crate) struct Shared {
     /// Whether `compute` and `persist` draw a progress bar
     /// ([`Config::progress`]).
     progress: bool,
+    /// The result cache `compute` and `persist` use
+    /// (`crate::futures::cached`), as the configuration named it when the
+    /// client was made.
+    pub(crate) cache: Option<crate::run::config::CacheSettings>,
 }
 
 /// One key's result as the client holds it.
@@ -166,15 +170,27 @@ impl Client {
     pub fn with_config(config: &Config) -> Result<Client> {
         let kind = config.resolve()?;
         let progress = config.resolve_progress()?;
-        Ok(Client::on(Backend::for_client(&kind)?, kind, progress))
+        let cache = config.resolve_cache()?;
+        Ok(Client::on(
+            Backend::for_client(&kind)?,
+            kind,
+            progress,
+            cache,
+        ))
     }
 
-    fn on(backend: Backend, kind: ExecutorKind, progress: bool) -> Client {
+    fn on(
+        backend: Backend,
+        kind: ExecutorKind,
+        progress: bool,
+        cache: Option<crate::run::config::CacheSettings>,
+    ) -> Client {
         Client {
             inner: Arc::new(Shared {
                 backend,
                 kind,
                 progress,
+                cache,
                 table: Mutex::new(KeyMap::default()),
                 changed: Condvar::new(),
                 sleepers: AtomicUsize::new(0),
@@ -259,6 +275,7 @@ impl Client {
             Backend::Distributed(Arc::new(cluster)),
             ExecutorKind::Local(workers),
             Config::new().resolve_progress()?,
+            Config::new().resolve_cache()?,
         ))
     }
 
@@ -289,6 +306,7 @@ impl Client {
             Backend::Distributed(Arc::new(cluster)),
             kind,
             Config::new().resolve_progress()?,
+            Config::new().resolve_cache()?,
         ))
     }
 
@@ -393,16 +411,46 @@ impl Client {
         Ok(futures.pop().expect("one future per submitted node"))
     }
 
-    /// `compute` through the client: the same as [`submit`](Client::submit),
+    /// `compute` through the client: as [`submit`](Client::submit),
     /// returning a future at once (Dask's `client.compute(delayed)`), and
     /// drawing a progress bar for it when the client was made with
     /// [`Config::progress`] (or `RASK_PROGRESS=1`).
     ///
+    /// Unlike `submit`, it uses the [result cache](crate::cache) the
+    /// client's configuration names (`RASK_CACHE`, [`Config::cache`]): the
+    /// cached tasks of the graph are looked up before it returns, a hit is
+    /// placed on the executor (on a cluster: sent once, to a worker, as by
+    /// [`scatter`](Client::scatter)) and stands for everything below it,
+    /// and the value of each cached task that missed is written once it is
+    /// done (see [`rask::cache`](crate::cache) rules 8 to 10).
+    ///
     /// # Errors
     ///
     /// As [`submit`](Client::submit).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # let dir = std::env::temp_dir().join(format!("rask-client-compute-doc-{}", std::process::id()));
+    /// use rask::{delayed, Client, Config};
+    /// fn square(x: i64) -> i64 { x * x }
+    ///
+    /// let client = Client::with_config(&Config::threads(2).cache(&dir))?;
+    /// let before = rask::cache::stats();
+    /// assert_eq!(client.compute(&delayed!(square(7)).cache())?.result()?, 49);
+    /// rask::cache::flush();                  // written in the background: wait for it
+    /// let again = Client::with_config(&Config::threads(2).cache(&dir))?;
+    /// assert_eq!(again.compute(&delayed!(square(7)).cache())?.result()?, 49);   // loaded
+    /// assert_eq!(rask::cache::stats().hits - before.hits, 1);
+    /// # std::fs::remove_dir_all(&dir).unwrap();
+    /// # Ok::<(), rask::Error>(())
+    /// ```
     pub fn compute<T: Data>(&self, delayed: &Delayed<T>) -> Result<Future<T>> {
-        let future = self.submit(delayed)?;
+        let roots = std::slice::from_ref(delayed.node());
+        let future = crate::futures::cached::submit::<T>(self, roots)?
+            .finish_later()
+            .pop()
+            .expect("one future per root");
         if self.inner.progress {
             crate::progress(&future);
         }
@@ -597,7 +645,8 @@ impl Client {
     /// Computes `delayed` in the background and returns a `Delayed` backed by
     /// the held result: later graphs built on it start from that result. The
     /// result is kept until the returned `Delayed` (and its clones, and
-    /// graphs built on it) are dropped.
+    /// graphs built on it) are dropped. Uses the result cache as
+    /// [`compute`](Client::compute) does.
     ///
     /// # Errors
     ///
@@ -711,7 +760,7 @@ impl Client {
     }
 
     /// Futures for `nodes`, scheduling those whose key has no live entry.
-    fn submit_nodes<T>(&self, nodes: &[Arc<Node>]) -> Result<Vec<Future<T>>> {
+    pub(crate) fn submit_nodes<T>(&self, nodes: &[Arc<Node>]) -> Result<Vec<Future<T>>> {
         let annotated: Vec<Arc<Node>>;
         let nodes = match &self.annotations {
             Some(a) => {

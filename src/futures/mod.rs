@@ -3,6 +3,7 @@
 //! `persist`, which keeps values on a cluster through a client. It may name
 //! every layer below.
 
+pub(crate) mod cached;
 pub(crate) mod client;
 pub(crate) mod future;
 pub(crate) mod inspect;

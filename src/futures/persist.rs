@@ -7,7 +7,7 @@ use crate::build::data::Data;
 use crate::build::delayed::Delayed;
 use crate::build::node::{Node, Origin};
 use crate::futures::client::Client;
-use crate::futures::future::{wait, Future};
+use crate::futures::future::Future;
 use crate::futures::progress::progress;
 use crate::run::compute::run;
 use crate::run::config::{Config, ExecutorKind};
@@ -114,52 +114,19 @@ pub fn persist_with<T: Data>(items: &[Delayed<T>], config: &Config) -> Result<Ve
 /// [`persist_with`] on a cluster: the values stay on the workers (Dask's
 /// `client.persist`), each returned `Delayed` holding its key there for as
 /// long as it lives. A later graph on the same cluster uses them in place;
-/// on any other executor, their bytes are fetched.
+/// on any other executor, their bytes are fetched. With a result cache,
+/// its hits are placed on the cluster and its misses written before this
+/// returns (`futures::cached`).
 fn persist_on_cluster<T: Data>(items: &[Delayed<T>], config: &Config) -> Result<Vec<Delayed<T>>> {
-    // Cached items are looked up here, before anything is sent; the values
-    // of those that missed are fetched and written once computed.
-    let lookup = match config.resolve_cache()? {
-        Some(settings) => {
-            let roots: Vec<Arc<Node>> = items.iter().map(|d| d.node().clone()).collect();
-            Some(crate::run::cache::Lookup::roots(&roots, &settings))
-        }
-        None => None,
-    };
-    let hit = |d: &Delayed<T>| lookup.as_ref().and_then(|l| l.hits.get(&d.node().key));
     let client = Client::with_config(config)?;
-    let futures = items
-        .iter()
-        .filter(|d| hit(d).is_none())
-        .map(|d| client.submit(d))
-        .collect::<Result<Vec<_>>>()?;
+    let roots: Vec<Arc<Node>> = items.iter().map(|d| d.node().clone()).collect();
+    let submitted = crate::futures::cached::submit::<T>(&client, &roots)?;
     if config.resolve_progress()? {
-        progress(&futures).wait();
+        progress(submitted.roots()).wait();
     }
-    wait(&futures);
+    let futures = submitted.finish_now();
     if let Some(e) = futures.iter().find_map(Future::exception) {
         return Err(e);
     }
-    if let Some(lookup) = &lookup {
-        for (i, write) in lookup.writes.iter().enumerate() {
-            if let Some(f) = futures.iter().find(|f| f.key().key() == write.node.key) {
-                lookup.write(i, &(Arc::new(f.result()?) as rask_executor::Value));
-            }
-        }
-        lookup.finish();
-    }
-    let mut computed = futures.iter();
-    Ok(items
-        .iter()
-        .map(|d| match hit(d) {
-            Some((_, value)) => Delayed::held(
-                d.node().key,
-                d.node().name.clone(),
-                value.clone(),
-                Origin::Result,
-            ),
-            None => computed
-                .next()
-                .map_or_else(|| d.clone(), Future::to_delayed),
-        })
-        .collect())
+    Ok(futures.iter().map(Future::to_delayed).collect())
 }

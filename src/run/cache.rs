@@ -82,9 +82,9 @@
 //!
 //! 1. Looked up before anything runs, in this process, for every executor
 //!    alike: a hit replaces the task and everything only it needs before
-//!    the graph is lowered, so nothing of it is run, loaded or sent to a
-//!    cluster. The entry is decoded then; one that does not decode as the
-//!    task's output type is a miss.
+//!    the graph is lowered, so nothing of it is run or loaded, and only the
+//!    hit's own value goes to a cluster (rule 9). The entry is decoded
+//!    then; one that does not decode as the task's output type is a miss.
 //! 2. A cached task that misses becomes an output of the run, and its
 //!    value is written when it reaches this process — on a cluster, the
 //!    value travels to the client, and workers never touch the directory
@@ -106,12 +106,37 @@
 //! 7. A capturing closure's calls and [`unique`](crate::Delayed::unique)
 //!    work are never cached (their keys are fresh in every run), nor are
 //!    data nodes and hand-written [`Graph`](crate::Graph) tasks.
-//! 8. `compute` and `persist` use the cache on every executor. On a
-//!    cluster, `persist` looks up and writes the values it persists, not
-//!    the cached tasks they depend on; futures submitted through a
-//!    [`Client`](crate::Client) do not use the cache.
+//! 8. **Entry points.** These use the cache, on every executor:
+//!    `compute` ([`Delayed::compute`](crate::Delayed::compute),
+//!    [`rask::compute`](crate::compute), [`Graph::compute`](crate::Graph::compute)),
+//!    `persist` ([`Delayed::persist`](crate::Delayed::persist),
+//!    [`rask::persist`](crate::persist)), and a client's
+//!    [`Client::compute`](crate::Client::compute) and
+//!    [`Client::persist`](crate::Client::persist), with the cache its
+//!    configuration named when it was made. [`Client::submit`](crate::Client::submit),
+//!    [`map`](crate::Client::map), [`map_zip`](crate::Client::map_zip)
+//!    and [`scatter`](crate::Client::scatter) never do: they run the
+//!    graph as submitted, at the lowest latency.
+//! 9. **Where hits go.** `compute` puts a hit's value in the plan: on a
+//!    cluster it travels with that one graph. `persist` on a cluster and
+//!    a client's `compute` and `persist` first *place* each hit, as
+//!    [`Client::scatter`](crate::Client::scatter) would: on a cluster it
+//!    is sent once, to one worker, and held there under its task's key,
+//!    so the tasks and later graphs that need it refer to it by key and
+//!    fetch it from that worker. It is held while the computation needs
+//!    it, and for as long as a persisted result is it.
+//! 10. **When misses are written.** `compute` and `persist` write each
+//!     value as it reaches this process, before they return (on a cluster,
+//!     the bytes of a value that stays there are fetched for it). A
+//!     client's `compute` and `persist` return a future at once and write
+//!     in the background once the work is done; [`flush`] waits for those
+//!     writes, which a program that ends right after reading such a result
+//!     needs. A miss whose computation was cancelled, or whose root
+//!     failed before it finished, is not written. A cached task that is
+//!     itself the root of a client's `compute` is held until it is
+//!     written: dropping its future does not stop it, cancelling it does.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -190,6 +215,62 @@ pub fn stats() -> CacheStats {
         written_bytes: WRITTEN_BYTES.load(Ordering::Relaxed),
         evicted: EVICTED.load(Ordering::Relaxed),
     }
+}
+
+/// Waits until the values of cached tasks that [`Client::compute`] and
+/// [`Client::persist`] computed so far in this process are written (rule
+/// 10). Those two return a future at once and write in the background once
+/// the work is done, so a program that ends right after reading such a
+/// result calls this first, or its last values may not be written. Returns
+/// at once when nothing is being written; waits for work still running.
+///
+/// [`Client::compute`]: crate::Client::compute
+/// [`Client::persist`]: crate::Client::persist
+///
+/// ```
+/// # let dir = std::env::temp_dir().join(format!("rask-cache-flush-doc-{}", std::process::id()));
+/// fn square(x: i64) -> i64 { x * x }
+/// let client = rask::Client::with_config(&rask::Config::threads(2).cache(&dir))?;
+/// let future = client.compute(&rask::delayed!(square(9)).cache())?;
+/// assert_eq!(future.result()?, 81);
+/// rask::cache::flush();                              // written now
+/// assert_eq!(rask::cache::info(&dir)?.entries, 1);
+/// # std::fs::remove_dir_all(&dir).unwrap();
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn flush() {
+    loop {
+        let pending = std::mem::take(&mut *WRITERS.lock().unwrap_or_else(PoisonError::into_inner));
+        if pending.is_empty() {
+            return;
+        }
+        for Writer { thread, drive } in pending {
+            if let Some(drive) = drive {
+                drive(&|| thread.is_finished());
+            }
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A thread writing the values of a client's computation ([`flush`]).
+pub(crate) struct Writer {
+    pub(crate) thread: std::thread::JoinHandle<()>,
+    /// Runs the work the thread waits for until the given test holds,
+    /// where nothing runs unless someone waits (a simulated client).
+    pub(crate) drive: Option<Drive>,
+}
+
+/// How [`Writer::drive`] runs work: until the test it is given holds.
+pub(crate) type Drive = Box<dyn FnOnce(&dyn Fn() -> bool) + Send>;
+
+static WRITERS: Mutex<Vec<Writer>> = Mutex::new(Vec::new());
+
+/// Counts `writer` among those [`flush`] waits for.
+pub(crate) fn writing(writer: Writer) {
+    let mut writers = WRITERS.lock().unwrap_or_else(PoisonError::into_inner);
+    writers.retain(|w| !w.thread.is_finished());
+    writers.push(writer);
 }
 
 /// How many entries a cache directory holds and how many bytes they take
@@ -319,16 +400,6 @@ impl Lookup {
     /// Looks up every cached task behind `roots`, from the roots down,
     /// stopping at hits: what only a hit needs is never visited.
     pub(crate) fn new(roots: &[Arc<Node>], settings: &CacheSettings) -> Lookup {
-        Lookup::find(roots, settings, true)
-    }
-
-    /// Looks up the cached tasks among `roots` only, not what they need
-    /// (a [`Client`](crate::Client)'s submissions, rule 7).
-    pub(crate) fn roots(roots: &[Arc<Node>], settings: &CacheSettings) -> Lookup {
-        Lookup::find(roots, settings, false)
-    }
-
-    fn find(roots: &[Arc<Node>], settings: &CacheSettings, descend: bool) -> Lookup {
         let mut lookup = Lookup {
             hits: KeyMap::default(),
             writes: Vec::new(),
@@ -362,11 +433,30 @@ impl Lookup {
                     });
                 }
             }
-            if descend {
-                stack.extend(node.deps.iter().rev());
-            }
+            stack.extend(node.deps.iter().rev());
         }
         lookup
+    }
+
+    /// The outputs of a run of `roots` that writes the misses (rule 2):
+    /// `roots`, then each cached task that missed and is not a root; and,
+    /// for each of [`writes`](Lookup::writes) in order, the index of the
+    /// output that holds its value.
+    pub(crate) fn outputs(&self, roots: &[Arc<Node>]) -> (Vec<Arc<Node>>, Vec<usize>) {
+        let mut outputs = roots.to_vec();
+        let slots: HashMap<Key, usize> =
+            roots.iter().enumerate().map(|(i, r)| (r.key, i)).collect();
+        let writes = self
+            .writes
+            .iter()
+            .map(|write| {
+                slots.get(&write.node.key).copied().unwrap_or_else(|| {
+                    outputs.push(write.node.clone());
+                    outputs.len() - 1
+                })
+            })
+            .collect();
+        (outputs, writes)
     }
 
     /// The value of the entry at `address`, if it is whole and decodes as

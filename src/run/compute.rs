@@ -291,21 +291,14 @@ pub(crate) fn run(roots: &[Arc<Node>], config: &Config) -> Result<Vec<Value>> {
     let lookup = config
         .resolve_cache()?
         .map(|settings| crate::run::cache::Lookup::new(roots, &settings));
-    let mut all_roots: Vec<Arc<Node>>;
+    let all_roots: Vec<Arc<Node>>;
     // Output slot → the cached task written from it.
     let mut writes: HashMap<usize, usize> = HashMap::new();
     let planned = match &lookup {
         Some(lookup) if !lookup.writes.is_empty() => {
-            all_roots = roots.to_vec();
-            let slots: HashMap<Key, usize> =
-                roots.iter().enumerate().map(|(i, r)| (r.key, i)).collect();
-            for (i, write) in lookup.writes.iter().enumerate() {
-                let slot = slots.get(&write.node.key).copied().unwrap_or_else(|| {
-                    all_roots.push(write.node.clone());
-                    all_roots.len() - 1
-                });
-                writes.insert(slot, i);
-            }
+            let (outputs, slots) = lookup.outputs(roots);
+            all_roots = outputs;
+            writes.extend(slots.into_iter().enumerate().map(|(i, slot)| (slot, i)));
             &all_roots[..]
         }
         _ => roots,

@@ -3,6 +3,8 @@
 //! model the root crate uses).
 
 mod support;
+#[path = "support/tmpfs.rs"]
+mod tmpfs;
 
 use std::process::Command;
 use std::sync::Arc;
@@ -18,10 +20,16 @@ use support::{Collect, Graph, Keep, Shared, TestRegistry, TIMEOUT};
 #[test]
 fn worker_entry() {
     if let Ok(scheduler) = std::env::var(WORKER_ENV) {
+        if std::env::var_os(WORKER_LOG_ENV).is_some() {
+            rask_distributed::init_logging();
+        }
         let (shared, _) = Shared::new();
         worker::run(&scheduler, Arc::new(TestRegistry { shared }), 1).unwrap();
     }
 }
+
+/// Set for a worker whose log lines a test reads (on its stderr).
+const WORKER_LOG_ENV: &str = "RASK_TEST_WORKER_LOG";
 
 /// This test binary, filtered down to `worker_entry`.
 fn worker_command() -> Command {
@@ -905,5 +913,94 @@ fn a_damaged_spill_file_is_never_read_as_a_value() {
     drop(client);
     drop(cluster);
     assert!(files_under(&parent).is_empty());
+    std::fs::remove_dir_all(&parent).unwrap();
+}
+
+#[test]
+fn a_worker_whose_spill_disk_is_full_keeps_its_values_in_memory() {
+    let parent = spill_parent("full");
+    // 256 KiB: a directory fits, no chunk of 16 MiB does (ENOSPC).
+    let Some(disk) = tmpfs::Tmpfs::mount(&parent.join("disk"), 256 << 10) else {
+        return;
+    };
+    let log = parent.join("worker.log");
+    let (spill_dir, log_file) = (disk.path().to_owned(), log.clone());
+    // Limit 100 MiB: spills above 60 MiB, pauses above 95 MiB; 5 chunks
+    // (80 MiB) are over the first and under the second.
+    let cluster = LocalCluster::start(1, move || {
+        let mut c = worker_command();
+        c.env(rask_distributed::MEMORY_LIMIT_ENV, "100MiB")
+            .env(rask_distributed::SPILL_DIR_ENV, &spill_dir)
+            .env(WORKER_LOG_ENV, "1")
+            .env("RUST_LOG", "warn")
+            .stderr(std::fs::File::create(&log_file).unwrap());
+        c
+    })
+    .unwrap();
+    let client = cluster.client().unwrap();
+    let (shared, _) = Shared::new();
+    let n = 5;
+    let (chunks, _) = persist_chunks(&client, &shared, n);
+    // The spill thread tries, fails, and tries again a second later.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let spill = loop {
+        let info = client.info().unwrap();
+        if let Some(s) = info.workers.iter().find_map(|w| w.spill) {
+            if s.failed_spills >= 2 {
+                break s;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no failed spill: {info:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    // Nothing went to disk; everything is held in memory, and the worker
+    // is not paused.
+    assert_eq!(
+        (spill.spills, spill.spilled_keys, spill.spilled_bytes),
+        (0, 0, 0),
+        "{spill:?}"
+    );
+    assert!(spill.memory_bytes >= n * CHUNK, "{spill:?}");
+    assert!(
+        spill.memory_bytes > spill.spill_at_bytes && !spill.paused,
+        "{spill:?}"
+    );
+    // The same sums as without a limit, and every chunk comes back whole.
+    let groups: Vec<Vec<&Value>> = chunks.iter().map(|c| vec![c]).collect();
+    let expected: Vec<i64> = (0..n).map(chunk_sum).collect();
+    assert_eq!(sums(&client, &shared, &groups), expected);
+    for (i, chunk) in chunks.iter().enumerate() {
+        let bytes = support::remote(chunk).fetch().unwrap();
+        let got: &[u8] = postcard::from_bytes(&bytes).unwrap();
+        assert!(
+            got == support::chunk(i as u64, CHUNK),
+            "chunk {i} came back wrong"
+        );
+    }
+    let after = client.info().unwrap().workers[0].spill.unwrap();
+    assert_eq!((after.spills, after.lost), (0, 0), "{after:?}");
+    drop(chunks);
+    drop(client);
+    drop(cluster);
+    // The warning names the full disk (ENOSPC is os error 28), limited to
+    // a few lines however often the spill was tried.
+    let logged = std::fs::read_to_string(&log).unwrap();
+    let warned: Vec<&str> = logged
+        .lines()
+        .filter(|l| l.contains("cannot spill a value to disk, it stays in memory"))
+        .collect();
+    assert!(!warned.is_empty(), "no warning:\n{logged}");
+    assert!(warned.iter().all(|l| l.contains("os error 28")), "{logged}");
+    // No temporary file was left, and the spill directory went with the
+    // worker.
+    assert!(
+        files_under(disk.path()).is_empty(),
+        "{:?}",
+        files_under(disk.path())
+    );
+    drop(disk);
     std::fs::remove_dir_all(&parent).unwrap();
 }
