@@ -1082,9 +1082,14 @@ impl Shell {
                 }
                 return Ok(());
             }
-            (Kind::Worker(_), ToScheduler::Memory { spill }) => {
+            (Kind::Worker(w), ToScheduler::Memory { spill }) => {
+                let paused = spill.paused;
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.spill = Some(spill);
+                }
+                // S17: a paused worker is sent nothing.
+                if let Some(partition) = self.partitions.get_mut(&build) {
+                    partition.state.on_worker_paused(w, paused, &mut self.out);
                 }
                 return Ok(());
             }
@@ -1254,6 +1259,12 @@ impl Shell {
             }
             (Kind::Worker(w), ToScheduler::TaskSeceded { key }) => {
                 state.on_task_seceded(w, key, out)
+            }
+            (Kind::Worker(w), ToScheduler::TaskGivenUp { key, id }) => {
+                state.on_task_given_up(w, key, id, out)
+            }
+            (Kind::Worker(w), ToScheduler::TaskKept { key, id }) => {
+                state.on_task_kept(w, key, id, out)
             }
             (Kind::Worker(w), ToScheduler::DataAdded { key }) => state.on_data_added(w, key, out),
             (Kind::Worker(w), ToScheduler::FetchFailed { key, holder }) => {
