@@ -55,6 +55,25 @@ fn record(path: String, i: i64) -> i64 {
     i
 }
 
+/// Sleeps 50 ms on the worker named `slow` and 2 ms on any other, appends
+/// `i name` to the file `path` (one line per run) and returns the worker's
+/// name.
+fn uneven(path: String, i: i64) -> String {
+    use std::io::Write as _;
+    let name = std::env::var(rask_distributed::WORKER_NAME_ENV).unwrap_or_default();
+    let ms = if name == "slow" { 50 } else { 2 };
+    std::thread::sleep(Duration::from_millis(ms));
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&path)
+        .expect("the runs file opens");
+    // One write per line: appends of a few bytes do not interleave.
+    f.write_all(format!("{i} {name}\n").as_bytes())
+        .expect("the runs file is written");
+    name
+}
+
 /// A cluster: a scheduler here and one worker process per entry of
 /// `workers` (threads, resources), all registered; workers exit with the
 /// scheduler (no death timeout) and are killed when the cluster is dropped.
@@ -65,14 +84,24 @@ struct Cluster {
 
 impl Cluster {
     fn start(workers: &[(u32, &str)]) -> Cluster {
+        let named: Vec<(u32, &str, &str)> = workers.iter().map(|&(t, r)| (t, r, "")).collect();
+        Cluster::start_named(&named)
+    }
+
+    /// As `start`, each worker named as given (`""`: the default name).
+    fn start_named(workers: &[(u32, &str, &str)]) -> Cluster {
         let options = rask_distributed::scheduler::Options::default().auth(harness::auth());
         let scheduler =
             rask_distributed::scheduler::serve_with("127.0.0.1:0".parse().unwrap(), options)
                 .expect("the scheduler starts");
         let workers: Vec<Child> = workers
             .iter()
-            .map(|&(threads, resources)| {
-                Command::new(std::env::current_exe().expect("this test's path"))
+            .map(|&(threads, resources, name)| {
+                let mut command = Command::new(std::env::current_exe().expect("this test's path"));
+                if !name.is_empty() {
+                    command.env(rask_distributed::WORKER_NAME_ENV, name);
+                }
+                command
                     .env(
                         rask_distributed::WORKER_ENV,
                         format!("tcp://{}", scheduler.address()),
@@ -267,8 +296,49 @@ fn higher_priority_runs_first_on_a_busy_worker() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+fn an_idle_worker_takes_queued_work_and_each_task_runs_once() {
+    let cluster = Cluster::start_named(&[(1, "", "slow"), (1, "", "fast")]);
+    let client = cluster.client();
+    // Short tasks first make the windows large (64 tasks per thread), so
+    // the next map goes out at once, half to each worker: every task
+    // placed on `slow` takes 50 ms, on `fast` 2 ms. Once `fast` ran its
+    // half, it takes `slow`'s queued tasks, each once `slow` gave it up.
+    let warm = client.map(pid, 0..300).unwrap();
+    client.gather(&warm).unwrap();
+    let dir = std::env::temp_dir().join(format!("rask-move-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let runs = dir.join("runs");
+    let _ = std::fs::remove_file(&runs);
+    let path = runs.display().to_string();
+    let n = 40;
+    let fs = client
+        .map_zip(uneven, (std::iter::repeat(path), 0..n))
+        .unwrap();
+    let names: Vec<String> = client.gather(&fs).unwrap();
+    let ran: Vec<(i64, String)> = std::fs::read_to_string(&runs)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let (i, name) = l.split_once(' ').expect("`i name`");
+            (i.parse().unwrap(), name.to_owned())
+        })
+        .collect();
+    let _ = std::fs::remove_dir_all(&dir);
+    // Every task ran exactly once, and its result is that run's.
+    let mut once: Vec<i64> = ran.iter().map(|(i, _)| *i).collect();
+    once.sort_unstable();
+    assert_eq!(once, (0..n).collect::<Vec<_>>(), "runs: {ran:?}");
+    for (i, name) in &ran {
+        assert_eq!(&names[*i as usize], name);
+    }
+    // Work moved: `fast` ran more than its half.
+    let fast = names.iter().filter(|n| *n == "fast").count();
+    assert!(cluster.scheduler.moved() > 0, "nothing moved: {ran:?}");
+    assert!(fast > n as usize / 2, "fast ran {fast} of {n}: {ran:?}");
+}
+
 fn main() {
-    rask::init_with(rask::tasks![on_gpu?, pid, blocker, record]);
+    rask::init_with(rask::tasks![on_gpu?, pid, blocker, record, uneven]);
     harness::token_for_this_run();
     let tests: &[(&str, fn())] = &[
         (
@@ -286,6 +356,10 @@ fn main() {
         (
             "higher_priority_runs_first_on_a_busy_worker",
             higher_priority_runs_first_on_a_busy_worker,
+        ),
+        (
+            "an_idle_worker_takes_queued_work_and_each_task_runs_once",
+            an_idle_worker_takes_queued_work_and_each_task_runs_once,
         ),
     ];
     harness::run(tests);

@@ -428,6 +428,8 @@ pub(crate) struct State {
     retire_requests: Vec<RetireRequest>,
     /// Turns the workers that keep copies of retiring workers' values.
     copy_turn: usize,
+    /// Tasks moved so far (S15).
+    moved: u64,
 }
 
 impl Default for State {
@@ -461,6 +463,7 @@ impl State {
             retiring: BTreeSet::new(),
             retire_requests: Vec::new(),
             copy_turn: 0,
+            moved: 0,
         }
     }
 
@@ -547,6 +550,11 @@ impl State {
     /// Number of registered workers.
     pub(crate) fn worker_count(&self) -> usize {
         self.workers.len()
+    }
+
+    /// Tasks moved to another worker once given up, so far (S15).
+    pub(crate) fn moved(&self) -> u64 {
+        self.moved
     }
 
     /// Number of tasks the scheduler remembers.
@@ -1203,6 +1211,7 @@ impl State {
         if open && fits {
             tracing::debug!(task = %label(task), from = %worker, to = %m.to, "task moved to an idle worker");
             self.send_compute(tid, m.to, false, out);
+            self.moved += 1;
         } else {
             self.restart(tid, out);
         }
