@@ -34,12 +34,6 @@ pub(crate) const EARLY_MAX_DEPS: usize = 16;
 /// `Compute` cost about what the wait does.
 pub(crate) const STEAL_MIN_WAIT_NS: f64 = 1e6;
 
-/// Tasks move (S15) only while the mean task takes at least this long:
-/// shorter tasks run faster than the scheduler learns of them (a worker
-/// runs the shortest on its network thread as they arrive), so what it
-/// reads as queued has often run already, and would run twice.
-pub(crate) const STEAL_MIN_TASK_NS: f64 = 1e6;
-
 /// Bytes an idle worker fetches per nanosecond, as S15 weighs them against
 /// the wait: 0.1 (100 MB/s), a cautious figure for a busy network.
 pub(crate) const STEAL_BYTES_PER_NS: f64 = 0.1;
@@ -1282,6 +1276,8 @@ impl State {
         let Some(id) = self.processing_on(worker, key) else {
             return;
         };
+        // It runs: an ask to give it up will be answered `TaskKept` (S15).
+        self.cancel_move(id);
         let task = self.task_mut(id);
         if std::mem::replace(&mut task.seceded, true) || task.early {
             // An early task takes no window room to give back; it never
@@ -2242,10 +2238,9 @@ impl State {
     /// on its way to, and the busiest worker has more than threads + 1
     /// tasks not being moved already, the busiest is asked to give up the
     /// worst-priority task that it does not seem to run yet
-    /// (`ToWorker::GiveUp`), when tasks take at least
-    /// [`STEAL_MIN_TASK_NS`] on average and if its expected wait there is
-    /// longer than [`STEAL_MIN_WAIT_NS`] and than fetching its inputs the
-    /// idle worker lacks would take. A paused worker (S17) is asked for
+    /// (`ToWorker::GiveUp`), if its expected wait there is longer than
+    /// [`STEAL_MIN_WAIT_NS`] and than fetching its inputs the idle worker
+    /// lacks would take. A paused worker (S17) is asked for
     /// any of its tasks, whatever they take: they wait there anyway. The
     /// task moves once given up (`on_task_given_up`); a task its worker
     /// kept is not asked for again while it stays there.
@@ -2253,7 +2248,7 @@ impl State {
         if !self.balancing {
             return;
         }
-        let mean = self.mean_ns.filter(|&m| m >= STEAL_MIN_TASK_NS);
+        let mean = self.mean_ns;
         for _ in 0..64 {
             let Some(thief) = self.idle_thread() else {
                 return;
@@ -2300,7 +2295,7 @@ impl State {
 
     /// The worker and task S15 would move to `thief`: a paused worker's
     /// task (S17), else the busiest worker's, when tasks take `mean` on
-    /// average (`None`: too short, or not known yet).
+    /// average (`None`: not known yet).
     fn to_move(&self, thief: WorkerId, mean: Option<f64>) -> Option<(WorkerId, TaskId)> {
         for (victim, busy) in self.loads.in_order().rev() {
             if victim == thief {

@@ -1420,6 +1420,11 @@ fn give_ups(out: &mut Rec) -> Vec<(WorkerId, WireKey, u64)> {
 /// queued work: the state just after S15 asked W0 to give up its
 /// worst-priority task (returned with the ask's id). `out` is drained.
 fn asked_to_give_up() -> (State, Rec, u64) {
+    asked_to_give_up_after(100_000_000)
+}
+
+/// `asked_to_give_up` with tasks of `duration_ns`.
+fn asked_to_give_up_after(duration_ns: u64) -> (State, Rec, u64) {
     let (mut s, mut out) = setup(2);
     // Two 1 µs tasks make windows large (64 per thread)...
     s.on_update_graph(
@@ -1444,7 +1449,7 @@ fn asked_to_give_up() -> (State, Rec, u64) {
         .collect();
     w1.reverse();
     while let Some(key) = w1.pop() {
-        finish_in(&mut s, &mut out, W1, key, 100_000_000);
+        finish_in(&mut s, &mut out, W1, key, duration_ns);
         let asked = give_ups(&mut out);
         if !asked.is_empty() {
             // One ask for W1's one thread; nothing moves before the answer.
@@ -1542,6 +1547,14 @@ fn a_result_before_the_answer_is_accepted_and_the_answer_ignored() {
     s.check_invariants();
     assert_eq!(out.computes(), vec![]);
     assert_eq!(out.releases(), vec![]);
+    // A task that secedes before the answer (it runs) is not moved either.
+    let (mut s, mut out, id) = asked_to_give_up();
+    s.on_task_seceded(W0, k(29), &mut out);
+    s.check_invariants();
+    s.on_task_kept(W0, k(29), id, &mut out);
+    s.check_invariants();
+    assert_eq!(out.computes(), vec![]);
+    assert_eq!(s.state_of(&k(29)), Some(&TaskState::Processing(W0)));
 }
 
 #[test]
@@ -1643,6 +1656,17 @@ fn a_paused_worker_gets_no_early_task_and_is_no_holder_to_wait_for() {
     s.check_invariants();
     s.on_update_graph(C0, vec![spec(3, &[1])], vec![k(3)], &mut out);
     assert_eq!(out.computes(), vec![(W0, k(3))]);
+}
+
+#[test]
+fn tasks_under_a_millisecond_move_too_when_the_wait_is_long() {
+    // 400 µs tasks, nine queued behind the one W0 runs: a wait of over
+    // 1 ms, worth an ask (the old 1 ms minimum task time is gone: an ask
+    // can no longer make a task run twice).
+    let (mut s, mut out, id) = asked_to_give_up_after(400_000);
+    s.on_task_given_up(W0, k(29), id, &mut out);
+    s.check_invariants();
+    assert_eq!(out.computes(), vec![(W1, k(29))]);
 }
 
 #[test]
