@@ -215,6 +215,15 @@ const WORKLOADS: &[Workload] = &[
         run: dist_unequal,
     },
     Workload {
+        name: "dist_unequal_short",
+        about: "N sleeping tasks, 20 % 2 ms and the rest 50 µs (under 1 ms on average), the long ones all placed on one worker; after a warm-up of 2000 no-ops",
+        sizes: &[128],
+        executors: &["local:2"],
+        caps: &[],
+        accepts: Accepts::Cluster,
+        run: dist_unequal_short,
+    },
+    Workload {
         name: "dist_roundtrip",
         about: "N strictly sequential submit(inc(x)).result() round trips",
         sizes: SIZES,
@@ -1219,12 +1228,34 @@ fn unequal(i: i64) -> i64 {
     i
 }
 
+/// Sleeps 2 ms for `i` ending in 0 or 2, 50 µs otherwise; returns `i`.
+fn unequal_short(i: i64) -> i64 {
+    let us = if matches!(i % 10, 0 | 2) { 2_000 } else { 50 };
+    std::thread::sleep(std::time::Duration::from_micros(us));
+    i
+}
+
 /// Unequal task costs placed unluckily: 2000 no-ops first teach the
 /// scheduler that tasks are short (windows of 64 per thread), then
 /// `map(unequal, 0..N)` goes out in those windows, alternately to the two
 /// workers, so every long task (even `i`) lands on the first worker. Timed:
 /// the map and its gather.
 fn dist_unequal(run: &Run) -> Outcome {
+    unequal_map(run, unequal)
+}
+
+/// `dist_unequal` with tasks under 1 ms on average (`unequal_short`):
+/// N = 128 is one window per worker, all sent at once.
+fn dist_unequal_short(run: &Run) -> Outcome {
+    unequal_map(run, unequal_short)
+}
+
+/// `dist_unequal`'s measurement, mapping `f`.
+/// Generic, not a `fn` pointer: a task's function is named by its type.
+fn unequal_map<F>(run: &Run, f: F) -> Outcome
+where
+    F: Fn(i64) -> i64 + Clone + Send + Sync + 'static,
+{
     let (client, startup_s) = client(run)?;
     let warm = client
         .map(noop, 0..2000)
@@ -1233,7 +1264,7 @@ fn dist_unequal(run: &Run) -> Outcome {
     check("warm-up results", warm.len(), 2000)?;
     let (got, map_gather_s) = timed(|| {
         client
-            .map(unequal, 0..run.n as i64)
+            .map(f, 0..run.n as i64)
             .and_then(|f| client.gather(&f))
     });
     let got = computed("unequal", got)?;
@@ -1289,7 +1320,16 @@ fn main() -> ExitCode {
     // re-run with `RASK_WORKER` set) this runs the worker and exits. Every
     // function a workload sends to a cluster is listed.
     rask::init_with(rask::tasks![
-        inc, add, noop, load, slice_sum, add_f, cpu_work, sum_all, unequal
+        inc,
+        add,
+        noop,
+        load,
+        slice_sum,
+        add_f,
+        cpu_work,
+        sum_all,
+        unequal,
+        unequal_short
     ]);
     // `cargo bench` appends `--bench`; it means nothing here.
     let args: Vec<String> = std::env::args()

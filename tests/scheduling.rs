@@ -55,6 +55,38 @@ fn record(path: String, i: i64) -> i64 {
     i
 }
 
+/// Sleeps 50 ms on the worker named `slow` and 2 ms on any other, appends
+/// `i name` to the file `path` (one line per run) and returns the worker's
+/// name.
+fn uneven(path: String, i: i64) -> String {
+    use std::io::Write as _;
+    let name = std::env::var(rask_distributed::WORKER_NAME_ENV).unwrap_or_default();
+    let ms = if name == "slow" { 50 } else { 2 };
+    std::thread::sleep(Duration::from_millis(ms));
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&path)
+        .expect("the runs file opens");
+    // One write per line: appends of a few bytes do not interleave.
+    f.write_all(format!("{i} {name}\n").as_bytes())
+        .expect("the runs file is written");
+    name
+}
+
+/// `n` bytes, to fill a worker's memory.
+fn blob(n: i64) -> Vec<u8> {
+    vec![7; n as usize]
+}
+
+/// The name of the worker it runs on.
+fn name_of(_i: i64) -> String {
+    std::env::var(rask_distributed::WORKER_NAME_ENV).unwrap_or_default()
+}
+
+/// A worker to start: threads, resources, name (`""`: the default).
+type WorkerSpec<'a> = (u32, &'a str, &'a str);
+
 /// A cluster: a scheduler here and one worker process per entry of
 /// `workers` (threads, resources), all registered; workers exit with the
 /// scheduler (no death timeout) and are killed when the cluster is dropped.
@@ -65,14 +97,32 @@ struct Cluster {
 
 impl Cluster {
     fn start(workers: &[(u32, &str)]) -> Cluster {
+        let named: Vec<(u32, &str, &str)> = workers.iter().map(|&(t, r)| (t, r, "")).collect();
+        Cluster::start_named(&named)
+    }
+
+    /// As `start`, each worker named as given (`""`: the default name).
+    fn start_named(workers: &[(u32, &str, &str)]) -> Cluster {
+        let plain: Vec<_> = workers.iter().map(|&w| (w, Vec::new())).collect();
+        Cluster::start_with(&plain)
+    }
+
+    /// As `start_named`, each worker with environment variables of its own.
+    fn start_with(workers: &[(WorkerSpec<'_>, Vec<(&str, String)>)]) -> Cluster {
         let options = rask_distributed::scheduler::Options::default().auth(harness::auth());
         let scheduler =
             rask_distributed::scheduler::serve_with("127.0.0.1:0".parse().unwrap(), options)
                 .expect("the scheduler starts");
         let workers: Vec<Child> = workers
             .iter()
-            .map(|&(threads, resources)| {
-                Command::new(std::env::current_exe().expect("this test's path"))
+            .map(|((threads, resources, name), env)| {
+                let (threads, resources, name) = (*threads, *resources, *name);
+                let mut command = Command::new(std::env::current_exe().expect("this test's path"));
+                if !name.is_empty() {
+                    command.env(rask_distributed::WORKER_NAME_ENV, name);
+                }
+                command.envs(env.iter().map(|(k, v)| (k, v)));
+                command
                     .env(
                         rask_distributed::WORKER_ENV,
                         format!("tcp://{}", scheduler.address()),
@@ -267,8 +317,85 @@ fn higher_priority_runs_first_on_a_busy_worker() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+fn an_idle_worker_takes_queued_work_and_each_task_runs_once() {
+    let cluster = Cluster::start_named(&[(1, "", "slow"), (1, "", "fast")]);
+    let client = cluster.client();
+    // Short tasks first make the windows large (64 tasks per thread), so
+    // the next map goes out at once, half to each worker: every task
+    // placed on `slow` takes 50 ms, on `fast` 2 ms. Once `fast` ran its
+    // half, it takes `slow`'s queued tasks, each once `slow` gave it up.
+    let warm = client.map(pid, 0..300).unwrap();
+    client.gather(&warm).unwrap();
+    let dir = std::env::temp_dir().join(format!("rask-move-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let runs = dir.join("runs");
+    let _ = std::fs::remove_file(&runs);
+    let path = runs.display().to_string();
+    let n = 40;
+    let fs = client
+        .map_zip(uneven, (std::iter::repeat(path), 0..n))
+        .unwrap();
+    let names: Vec<String> = client.gather(&fs).unwrap();
+    let ran: Vec<(i64, String)> = std::fs::read_to_string(&runs)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let (i, name) = l.split_once(' ').expect("`i name`");
+            (i.parse().unwrap(), name.to_owned())
+        })
+        .collect();
+    let _ = std::fs::remove_dir_all(&dir);
+    // Every task ran exactly once, and its result is that run's.
+    let mut once: Vec<i64> = ran.iter().map(|(i, _)| *i).collect();
+    once.sort_unstable();
+    assert_eq!(once, (0..n).collect::<Vec<_>>(), "runs: {ran:?}");
+    for (i, name) in &ran {
+        assert_eq!(&names[*i as usize], name);
+    }
+    // Work moved: `fast` ran more than its half.
+    let fast = names.iter().filter(|n| *n == "fast").count();
+    assert!(cluster.scheduler.moved() > 0, "nothing moved: {ran:?}");
+    assert!(fast > n as usize / 2, "fast ran {fast} of {n}: {ran:?}");
+}
+
+fn a_paused_worker_is_sent_no_task() {
+    // `full` has a memory limit of 1 MiB and a spill directory it cannot
+    // make (under a regular file): once it holds a 1 MiB value it pauses
+    // for good, and says so at once.
+    let dir = std::env::temp_dir().join(format!("rask-paused-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let not_a_dir = dir.join("file");
+    std::fs::write(&not_a_dir, b"").unwrap();
+    let limited = vec![
+        (rask_distributed::MEMORY_LIMIT_ENV, "1MiB".to_owned()),
+        (
+            rask_distributed::SPILL_DIR_ENV,
+            not_a_dir.join("spill").display().to_string(),
+        ),
+    ];
+    let cluster = Cluster::start_with(&[((1, "", "full"), limited), ((1, "", "free"), vec![])]);
+    let client = cluster.client();
+    let held = client
+        .submit(delayed!(blob(1 << 20)).workers(["full"]))
+        .unwrap();
+    rask::wait_timeout(std::slice::from_ref(&held), Duration::from_secs(30)).unwrap();
+    // Every task goes to `free`: one sent to `full` would wait there for
+    // good (the wait below would time out).
+    let fs = client.map(name_of, 0..20).unwrap();
+    rask::wait_timeout(&fs, Duration::from_secs(30)).expect("no task waits on the paused worker");
+    let names = client.gather(&fs).unwrap();
+    assert!(names.iter().all(|n| n == "free"), "{names:?}");
+    let info = client.scheduler_info().unwrap();
+    let full = info.workers.iter().find(|w| w.name == "full").unwrap();
+    assert!(full.spill.is_some_and(|s| s.paused), "{full:?}");
+    drop(held);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn main() {
-    rask::init_with(rask::tasks![on_gpu?, pid, blocker, record]);
+    rask::init_with(rask::tasks![
+        on_gpu?, pid, blocker, record, uneven, blob, name_of
+    ]);
     harness::token_for_this_run();
     let tests: &[(&str, fn())] = &[
         (
@@ -286,6 +413,14 @@ fn main() {
         (
             "higher_priority_runs_first_on_a_busy_worker",
             higher_priority_runs_first_on_a_busy_worker,
+        ),
+        (
+            "an_idle_worker_takes_queued_work_and_each_task_runs_once",
+            an_idle_worker_takes_queued_work_and_each_task_runs_once,
+        ),
+        (
+            "a_paused_worker_is_sent_no_task",
+            a_paused_worker_is_sent_no_task,
         ),
     ];
     harness::run(tests);

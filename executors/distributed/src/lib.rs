@@ -105,7 +105,11 @@
 //!   a task's input bytes.
 //!   A task whose inputs are all being computed on one worker is sent there
 //!   at once and waits for them on the worker, so a chain of tasks costs no
-//!   scheduler hop per link.
+//!   scheduler hop per link. When a worker runs dry while another holds
+//!   queued tasks, the scheduler asks that worker to give one up and sends
+//!   it to the idle worker only once it was given up (it had not started),
+//!   so a moved task never runs twice; a worker paused for memory is sent
+//!   nothing, and its queued tasks move the same way.
 //! - **Data moves peer to peer.** Values are fetched from a worker's data
 //!   port directly, by workers and by clients; the scheduler only knows who
 //!   has what. The exception is small values (at most 1 KiB encoded): they

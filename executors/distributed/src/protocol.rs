@@ -75,7 +75,9 @@ pub const MAGIC: [u8; 4] = *b"RASK";
 /// scheduler may refuse (`ToWorker::Refused`); a client may retire workers
 /// (`ToScheduler::RetireWorkers`, answered by `ToClient::Retired`), which
 /// the scheduler tells to exit (`ToWorker::Retire`) once their values are
-/// held elsewhere.
+/// held elsewhere; the scheduler asks a worker to give a task up
+/// (`ToWorker::GiveUp`, answered by `ToScheduler::TaskGivenUp` or
+/// `ToScheduler::TaskKept`) before it moves it elsewhere.
 pub const VERSION: u16 = 7;
 
 /// Values whose encoding is at most this many bytes travel with their
@@ -822,6 +824,23 @@ pub enum ToScheduler {
         /// The workers' names, each at most [`MAX_WORKER_NAME`] bytes.
         names: Vec<String>,
     },
+    /// Worker, answering [`ToWorker::GiveUp`] with its `id`: the task had
+    /// not started, and was dropped as by `Release`; it will not run here.
+    TaskGivenUp {
+        /// The task.
+        key: WireKey,
+        /// The request's id.
+        id: u64,
+    },
+    /// Worker, answering [`ToWorker::GiveUp`] with its `id`: the task had
+    /// started (or ended, or was never here), and stays; its report, if
+    /// any, comes as usual (before this answer, if it ended first).
+    TaskKept {
+        /// The task.
+        key: WireKey,
+        /// The request's id.
+        id: u64,
+    },
 }
 
 /// Messages from the scheduler to a worker.
@@ -902,6 +921,17 @@ pub enum ToWorker {
     /// and it runs nothing for the scheduler any more (it was retired). The
     /// worker closes the connection and ends, without registering again.
     Retire,
+    /// Give the task `key` up if it has not started: drop it as by
+    /// `Release` and answer [`ToScheduler::TaskGivenUp`]; otherwise (it
+    /// runs, or ended, or is unknown here) answer [`ToScheduler::TaskKept`].
+    /// Both carry `id`. The scheduler sends the task to another worker only
+    /// once it was given up (scheduler rule S15), so it never runs twice.
+    GiveUp {
+        /// The task.
+        key: WireKey,
+        /// Chosen by the scheduler, returned as is.
+        id: u64,
+    },
 }
 
 /// Messages from the scheduler to a client.
@@ -1297,7 +1327,9 @@ impl Bounded for ToScheduler {
             | ToScheduler::Info { .. }
             | ToScheduler::WhoHas { .. }
             | ToScheduler::Replicate { .. }
-            | ToScheduler::TaskSeceded { .. } => Ok(()),
+            | ToScheduler::TaskSeceded { .. }
+            | ToScheduler::TaskGivenUp { .. }
+            | ToScheduler::TaskKept { .. } => Ok(()),
         }
     }
 }
@@ -1320,7 +1352,8 @@ impl Bounded for ToWorker {
             | ToWorker::Compute { .. }
             | ToWorker::Release { .. }
             | ToWorker::Fetch { .. }
-            | ToWorker::Retire => Ok(()),
+            | ToWorker::Retire
+            | ToWorker::GiveUp { .. } => Ok(()),
             ToWorker::Refused { reason } => length("Refused.reason length", reason.len(), MAX_NAME),
         }
     }

@@ -63,8 +63,10 @@
 //!    neither holds nor computes and was not told of (it held it and lost it)
 //!    is reported missing (`FetchFailed` naming itself) and the task given
 //!    back. Values fetched from a peer arrive [`Encoded`], as over a socket.
+//!    A task asked for back (`GiveUp`, S15) is given up if it has not
+//!    started running, else kept (`worker/state.rs` rule 8).
 //!    Not modelled: successors (worker rule 5), timeouts, replication
-//!    (`Fetch`), heartbeats.
+//!    (`Fetch`), heartbeats, memory limits (S17).
 //! 7. **The client wants every output once**, fetches values too big to
 //!    travel inline from their holders (reporting `FetchFailed`), and
 //!    releases everything when all are known; the run goes on until no event
@@ -907,6 +909,12 @@ impl World {
             ToScheduler::TaskAbandoned { key } => {
                 self.schedule(|s, out| s.on_task_abandoned(w, key, out))
             }
+            ToScheduler::TaskGivenUp { key, id } => {
+                self.schedule(|s, out| s.on_task_given_up(w, key, id, out))
+            }
+            ToScheduler::TaskKept { key, id } => {
+                self.schedule(|s, out| s.on_task_kept(w, key, id, out))
+            }
             ToScheduler::DataAdded { key } => self.schedule(|s, out| s.on_data_added(w, key, out)),
             ToScheduler::FetchFailed { key, holder } => self
                 .schedule(|s, out| s.on_fetch_failed(FetchReporter::Worker(w), key, holder, out)),
@@ -1018,6 +1026,18 @@ impl World {
                     // Its local dependents cannot have it now (worker rule 1).
                     self.abandon_waiting(w, key);
                 }
+            }
+            ToWorker::GiveUp { key, id } => {
+                // Worker state rule 8: given up only if it has not started.
+                let started = worker.tasks.get(&key).is_none_or(|t| t.run.is_some());
+                if started {
+                    return self.report_to_scheduler(w, ToScheduler::TaskKept { key, id });
+                }
+                if let Some(task) = worker.tasks.remove(&key) {
+                    worker.ready.remove(&(task.priority, key));
+                }
+                self.report_to_scheduler(w, ToScheduler::TaskGivenUp { key, id });
+                self.abandon_waiting(w, key);
             }
             ToWorker::Registered { .. }
             | ToWorker::PeerJoined { .. }

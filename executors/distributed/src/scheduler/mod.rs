@@ -82,7 +82,7 @@ mod watch;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -150,6 +150,7 @@ struct Counts {
     workers: AtomicUsize,
     clients: AtomicUsize,
     tasks: AtomicUsize,
+    moved: AtomicU64,
 }
 
 impl SchedulerHandle {
@@ -190,6 +191,22 @@ impl SchedulerHandle {
     /// everything.
     pub fn tasks(&self) -> usize {
         self.counts.tasks.load(Ordering::Acquire)
+    }
+
+    /// Number of tasks moved from a busy worker to an idle one since the
+    /// scheduler started, for every build: each was given up by the first
+    /// worker before it started there (S15 in `scheduler/README.md`), so
+    /// none ran twice.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let scheduler = rask_distributed::scheduler::serve("127.0.0.1:0".parse().unwrap())?;
+    /// assert_eq!(scheduler.moved(), 0);
+    /// # Ok::<(), rask_distributed::Error>(())
+    /// ```
+    pub fn moved(&self) -> u64 {
+        self.counts.moved.load(Ordering::Acquire)
     }
 
     /// The token every client and worker must prove; `None` when the
@@ -709,6 +726,8 @@ struct Shell {
     history: History,
     /// `tcp://host:port`, as snapshots name the scheduler.
     address: String,
+    /// Tasks moved in partitions dropped since (`SchedulerHandle::moved`).
+    moved_before: u64,
 }
 
 /// Where the scheduler answers: its address, and the board of its
@@ -771,6 +790,7 @@ async fn run(
         last_check: Instant::now(),
         history: History::new(served.board),
         address: format!("tcp://{}", served.address),
+        moved_before: 0,
     };
     loop {
         tokio::select! {
@@ -1082,9 +1102,14 @@ impl Shell {
                 }
                 return Ok(());
             }
-            (Kind::Worker(_), ToScheduler::Memory { spill }) => {
+            (Kind::Worker(w), ToScheduler::Memory { spill }) => {
+                let paused = spill.paused;
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.spill = Some(spill);
+                }
+                // S17: a paused worker is sent nothing.
+                if let Some(partition) = self.partitions.get_mut(&build) {
+                    partition.state.on_worker_paused(w, paused, &mut self.out);
                 }
                 return Ok(());
             }
@@ -1255,6 +1280,12 @@ impl Shell {
             (Kind::Worker(w), ToScheduler::TaskSeceded { key }) => {
                 state.on_task_seceded(w, key, out)
             }
+            (Kind::Worker(w), ToScheduler::TaskGivenUp { key, id }) => {
+                state.on_task_given_up(w, key, id, out)
+            }
+            (Kind::Worker(w), ToScheduler::TaskKept { key, id }) => {
+                state.on_task_kept(w, key, id, out)
+            }
             (Kind::Worker(w), ToScheduler::DataAdded { key }) => state.on_data_added(w, key, out),
             (Kind::Worker(w), ToScheduler::FetchFailed { key, holder }) => {
                 state.on_fetch_failed(Reporter::Worker(w), key, holder, out)
@@ -1331,7 +1362,9 @@ impl Shell {
         partition.conns = partition.conns.saturating_sub(1);
         if partition.conns == 0 {
             // Rule 5: with no client left, every task was forgotten (S4).
-            self.partitions.remove(&c.build);
+            if let Some(gone) = self.partitions.remove(&c.build) {
+                self.moved_before += gone.state.moved();
+            }
         }
     }
 
@@ -1369,10 +1402,14 @@ impl Shell {
     fn publish(&self, counts: &Counts) {
         let partitions = self.partitions.values();
         let workers = partitions.clone().map(|p| p.state.worker_count()).sum();
-        let tasks = partitions.map(|p| p.state.task_count()).sum();
+        let tasks = partitions.clone().map(|p| p.state.task_count()).sum();
+        let moved: u64 = partitions.map(|p| p.state.moved()).sum();
         counts.workers.store(workers, Ordering::Release);
         counts.clients.store(self.clients, Ordering::Release);
         counts.tasks.store(tasks, Ordering::Release);
+        counts
+            .moved
+            .store(self.moved_before + moved, Ordering::Release);
     }
 
     /// Closes the workers not heard from for the worker timeout, and the

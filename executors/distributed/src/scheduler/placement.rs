@@ -21,6 +21,11 @@
 //!    is monotone in load per thread (`tasks < threads × per_thread` is
 //!    `tasks / threads < per_thread`), and so is idleness, so the first
 //!    worker of that order is the lightest with room, or idle, if any is.
+//! 6. A *paused* worker (scheduler rule S17: it holds back new tasks for
+//!    memory) has no room and is never idle; it is placed after every
+//!    worker that is not, so rule 5 still holds, and it is no holder to
+//!    wait for (rule 2): a task whose inputs it holds goes to a worker
+//!    with room, which fetches them.
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
@@ -46,16 +51,29 @@ pub(crate) struct Load {
     pub(crate) tasks: u32,
     /// Compute threads.
     pub(crate) threads: u32,
+    /// It holds back new tasks for memory (rule 6).
+    pub(crate) paused: bool,
 }
 
 impl Load {
-    /// The most tasks this worker is given at once (rule 3).
+    /// The most tasks this worker is given at once (rule 3); 0 while
+    /// paused (rule 6), which also closes its early count (S9).
     pub(crate) fn window(&self, per_thread: u32) -> u32 {
+        if self.paused {
+            return 0;
+        }
         self.threads.max(1).saturating_mul(per_thread)
     }
 
+    /// Whether it may be sent one more task: not paused, and fewer tasks
+    /// than its window (rule 6).
     pub(crate) fn has_room(&self, per_thread: u32) -> bool {
-        self.tasks < self.window(per_thread)
+        !self.paused && self.tasks < self.window(per_thread)
+    }
+
+    /// Whether it runs nothing and may be sent tasks (rule 6).
+    pub(crate) fn idle(&self) -> bool {
+        !self.paused && self.tasks == 0
     }
 
     /// Whether worker `id` with this load goes before worker `other_id`
@@ -64,16 +82,20 @@ impl Load {
         self.lighter(other) || (!other.lighter(self) && id < other_id)
     }
 
-    /// `self` is less loaded than `other`, per thread.
+    /// `self` goes before `other` in placement order: not paused while
+    /// `other` is, or less loaded per thread (rule 6).
     fn lighter(&self, other: &Load) -> bool {
-        self.per_thread() < other.per_thread()
+        self.rank() < other.rank()
     }
 
-    fn per_thread(&self) -> PerThread {
-        PerThread {
-            tasks: self.tasks,
-            threads: self.threads.max(1),
-        }
+    fn rank(&self) -> (bool, PerThread) {
+        (
+            self.paused,
+            PerThread {
+                tasks: self.tasks,
+                threads: self.threads.max(1),
+            },
+        )
     }
 }
 
@@ -114,19 +136,27 @@ impl Eq for PerThread {}
 #[derive(Debug, Default)]
 pub(crate) struct Loads {
     by_id: BTreeMap<WorkerId, Load>,
-    by_load: BTreeSet<(PerThread, WorkerId)>,
+    by_load: BTreeSet<((bool, PerThread), WorkerId)>,
 }
 
 impl Loads {
     /// Adds worker `id` with no tasks, or resets it.
     pub(crate) fn insert(&mut self, id: WorkerId, threads: u32) {
-        self.set(id, Load { tasks: 0, threads });
+        let paused = false;
+        self.set(
+            id,
+            Load {
+                tasks: 0,
+                threads,
+                paused,
+            },
+        );
     }
 
     /// Removes worker `id`, returning its load.
     pub(crate) fn remove(&mut self, id: WorkerId) -> Option<Load> {
         let load = self.by_id.remove(&id)?;
-        self.by_load.remove(&(load.per_thread(), id));
+        self.by_load.remove(&(load.rank(), id));
         Some(load)
     }
 
@@ -150,23 +180,31 @@ impl Loads {
         }
     }
 
-    fn set(&mut self, id: WorkerId, load: Load) {
-        if let Some(old) = self.by_id.insert(id, load) {
-            self.by_load.remove(&(old.per_thread(), id));
+    /// Marks worker `id` paused or not (rule 6), if it is known.
+    pub(crate) fn set_paused(&mut self, id: WorkerId, paused: bool) {
+        if let Some(&load) = self.by_id.get(&id) {
+            self.set(id, Load { paused, ..load });
         }
-        self.by_load.insert((load.per_thread(), id));
     }
 
-    /// The least loaded worker per thread, lowest id first on ties.
+    fn set(&mut self, id: WorkerId, load: Load) {
+        if let Some(old) = self.by_id.insert(id, load) {
+            self.by_load.remove(&(old.rank(), id));
+        }
+        self.by_load.insert((load.rank(), id));
+    }
+
+    /// The least loaded worker per thread, lowest id first on ties;
+    /// paused workers last (rule 6).
     pub(crate) fn lightest(&self) -> Option<(WorkerId, Load)> {
         let &(_, id) = self.by_load.first()?;
         Some((id, self.by_id[&id]))
     }
 
-    /// The most loaded worker per thread, highest id first on ties.
-    pub(crate) fn heaviest(&self) -> Option<(WorkerId, Load)> {
-        let &(_, id) = self.by_load.last()?;
-        Some((id, self.by_id[&id]))
+    /// Workers in placement order (rule 5), lightest first, paused ones
+    /// last (rule 6).
+    pub(crate) fn in_order(&self) -> impl DoubleEndedIterator<Item = (WorkerId, Load)> + '_ {
+        self.by_load.iter().map(|&(_, id)| (id, self.by_id[&id]))
     }
 
     /// Workers by id.
@@ -179,7 +217,7 @@ impl Loads {
     pub(crate) fn check(&self) {
         let expected: Vec<(WorkerId, Load)> = {
             let mut v: Vec<_> = self.iter().map(|(id, &l)| (id, l)).collect();
-            v.sort_by(|(a, la), (b, lb)| la.per_thread().cmp(&lb.per_thread()).then(a.cmp(b)));
+            v.sort_by(|(a, la), (b, lb)| la.rank().cmp(&lb.rank()).then(a.cmp(b)));
             v
         };
         let indexed: Vec<(WorkerId, Load)> = self
@@ -188,10 +226,10 @@ impl Loads {
             .map(|&(_, id)| (id, self.by_id[&id]))
             .collect();
         assert_eq!(indexed, expected, "placement order out of step with loads");
-        for &(key, id) in &self.by_load {
-            let load = self.by_id[&id].per_thread();
+        for &((paused, key), id) in &self.by_load {
+            let (held_paused, load) = self.by_id[&id].rank();
             assert!(
-                key.tasks == load.tasks && key.threads == load.threads,
+                paused == held_paused && key.tasks == load.tasks && key.threads == load.threads,
                 "{id} indexed at {key:?}, holds {load:?}"
             );
         }
@@ -247,8 +285,8 @@ pub(crate) fn choose<'a>(
     let mut best_any: Option<(WorkerId, u64)> = None;
     let mut best_room: Option<(WorkerId, u64)> = None;
     for &(w, bytes) in scratch.iter() {
-        let Some(load) = workers.get(w) else {
-            continue;
+        let Some(load) = workers.get(w).filter(|l| !l.paused) else {
+            continue; // gone, or paused: no holder to wait for (rule 6)
         };
         let of = |id| workers.get(id).expect("only known workers are kept");
         if best_any.is_none_or(|(bw, bb)| better(bytes, load, w, bb, of(bw), bw)) {
@@ -267,7 +305,7 @@ pub(crate) fn choose<'a>(
         if bytes >= LOCALITY_BYTES {
             // Its data is on a full worker: only an idle worker takes it.
             return match workers.lightest() {
-                Some((idle, l)) if l.tasks == 0 => Choice::Worker(idle),
+                Some((idle, l)) if l.idle() => Choice::Worker(idle),
                 _ => Choice::Defer,
             };
         }
@@ -302,7 +340,15 @@ mod tests {
     fn workers(loads: &[(u32, u32)]) -> Loads {
         let mut ws = Loads::default();
         for (i, &(tasks, threads)) in loads.iter().enumerate() {
-            ws.set(WorkerId(i as u32), Load { tasks, threads });
+            let paused = false;
+            ws.set(
+                WorkerId(i as u32),
+                Load {
+                    tasks,
+                    threads,
+                    paused,
+                },
+            );
         }
         ws.check();
         ws
@@ -403,6 +449,31 @@ mod tests {
     }
 
     #[test]
+    fn a_paused_worker_gets_nothing_and_is_no_holder_to_wait_for() {
+        // Worker 0 idle but paused, worker 1 busy with room.
+        let mut ws = workers(&[(0, 1), (1, 1)]);
+        ws.set_paused(WorkerId(0), true);
+        ws.check();
+        assert_eq!(ws.lightest().map(|(w, _)| w), Some(WorkerId(1)));
+        let a = [WorkerId(0)];
+        // Its megabytes are fetched elsewhere rather than waited for.
+        let big = choose([(&a[..], 10 << 20)].into_iter(), &ws, 2, &mut vec![]);
+        assert_eq!(big, Choice::Worker(WorkerId(1)));
+        assert_eq!(ws.get(WorkerId(0)).unwrap().window(2), 0);
+        // Every worker paused: none has room.
+        ws.set_paused(WorkerId(1), true);
+        assert_eq!(
+            choose(std::iter::empty(), &ws, 2, &mut vec![]),
+            Choice::Full
+        );
+        ws.set_paused(WorkerId(0), false);
+        assert_eq!(
+            choose(std::iter::empty(), &ws, 2, &mut vec![]),
+            Choice::Worker(WorkerId(0))
+        );
+    }
+
+    #[test]
     fn all_full() {
         let ws = workers(&[(2, 1), (2, 1)]);
         assert_eq!(
@@ -434,10 +505,11 @@ mod tests {
             x ^= x >> 7;
             x ^= x << 17;
             let id = WorkerId((x % 12) as u32);
-            match (x >> 8) % 8 {
+            match (x >> 8) % 9 {
                 0 => ws.insert(id, 1 + ((x >> 16) % 4) as u32),
                 1 => drop(ws.remove(id)),
                 2..=4 => ws.add_task(id),
+                5 => ws.set_paused(id, (x >> 20) % 3 == 0),
                 _ => ws.remove_task(id),
             }
             let per_thread = 1 + ((x >> 24) % 4) as u32;
@@ -445,8 +517,8 @@ mod tests {
             assert_eq!(lightest, scan(&ws, |_| true), "step {step}");
             let room = lightest.filter(|&w| ws.get(w).unwrap().has_room(per_thread));
             assert_eq!(room, scan(&ws, |l| l.has_room(per_thread)), "step {step}");
-            let idle = lightest.filter(|&w| ws.get(w).unwrap().tasks == 0);
-            assert_eq!(idle, scan(&ws, |l| l.tasks == 0), "step {step}");
+            let idle = lightest.filter(|&w| ws.get(w).unwrap().idle());
+            assert_eq!(idle, scan(&ws, |l| l.idle()), "step {step}");
             if step % 64 == 0 {
                 ws.check();
             }

@@ -34,12 +34,6 @@ pub(crate) const EARLY_MAX_DEPS: usize = 16;
 /// `Compute` cost about what the wait does.
 pub(crate) const STEAL_MIN_WAIT_NS: f64 = 1e6;
 
-/// Tasks move (S15) only while the mean task takes at least this long:
-/// shorter tasks run faster than the scheduler learns of them (a worker
-/// runs the shortest on its network thread as they arrive), so what it
-/// reads as queued has often run already, and would run twice.
-pub(crate) const STEAL_MIN_TASK_NS: f64 = 1e6;
-
 /// Bytes an idle worker fetches per nanosecond, as S15 weighs them against
 /// the wait: 0.1 (100 MB/s), a cautious figure for a busy network.
 pub(crate) const STEAL_BYTES_PER_NS: f64 = 0.1;
@@ -212,10 +206,26 @@ struct Task {
     /// its worker's window, which it would otherwise hold shut on the work
     /// it waits for.
     seceded: bool,
+    /// While `Processing`: its worker was asked to give it up, to send it
+    /// to another (S15); it stays `Processing` on its worker until the
+    /// answer.
+    moving: Option<Move>,
+    /// While `Processing`: its worker refused to give it up (it had
+    /// started): not asked again while it stays there (S15).
+    kept: bool,
     /// How long it may run, in milliseconds (`TaskSpec::timeout_ms`).
     timeout_ms: Option<u64>,
     /// How many times it runs again when it fails (`TaskSpec::retries`).
     retries: u32,
+}
+
+/// A move asked of a task's worker (S15).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Move {
+    /// Where it goes once given up.
+    to: WorkerId,
+    /// The tick of the ask, which the answer names (`ToWorker::GiveUp::id`).
+    asked: u64,
 }
 
 /// A client holding a reference to a task (S5).
@@ -293,6 +303,10 @@ struct Worker {
     sent_limit: usize,
     /// Set while it is being retired (S16).
     retiring: Option<Retiring>,
+    /// Tasks of other workers asked to give them up for this one (S15).
+    incoming: u32,
+    /// Its tasks it was asked to give up (S15).
+    outgoing: u32,
 }
 
 impl Worker {
@@ -408,6 +422,8 @@ pub(crate) struct State {
     retire_requests: Vec<RetireRequest>,
     /// Turns the workers that keep copies of retiring workers' values.
     copy_turn: usize,
+    /// Tasks moved so far (S15).
+    moved: u64,
 }
 
 impl Default for State {
@@ -441,6 +457,7 @@ impl State {
             retiring: BTreeSet::new(),
             retire_requests: Vec::new(),
             copy_turn: 0,
+            moved: 0,
         }
     }
 
@@ -527,6 +544,11 @@ impl State {
     /// Number of registered workers.
     pub(crate) fn worker_count(&self) -> usize {
         self.workers.len()
+    }
+
+    /// Tasks moved to another worker once given up, so far (S15).
+    pub(crate) fn moved(&self) -> u64 {
+        self.moved
     }
 
     /// Number of tasks the scheduler remembers.
@@ -736,6 +758,8 @@ impl State {
                 sent: Vec::new(),
                 sent_limit: 64,
                 retiring: None,
+                incoming: 0,
+                outgoing: 0,
             },
         );
         self.loads.insert(worker, threads.clamp(1, MAX_THREADS));
@@ -825,9 +849,12 @@ impl State {
             }
             let suspect = running.iter().any(|&(_, r)| r == id);
             let allowed = self.allowed_failures;
+            // A move asked of it will not be answered (S15).
+            self.cancel_move(id);
             let task = self.task_mut(id);
             task.early = false;
             task.seceded = false;
+            task.kept = false;
             if suspect {
                 task.deaths = task.deaths.saturating_add(1);
             }
@@ -947,6 +974,8 @@ impl State {
                 deaths: 0,
                 early: false,
                 seceded: false,
+                moving: None,
+                kept: false,
                 timeout_ms: spec.timeout_ms,
                 retries: spec.retries,
             });
@@ -1146,6 +1175,94 @@ impl State {
         self.assign(out);
     }
 
+    /// `worker` gave task `key` up, as asked by the `GiveUp` of tick `id`
+    /// (S15): it never runs there, and goes to the worker the move was for
+    /// if that one may still take it (registered, not retiring nor paused,
+    /// and the task's restrictions fit there now, S14), else back to the
+    /// queue. An answer to a move no longer asked (the task ended, was
+    /// released, or is another `Compute` of the key) changes nothing.
+    pub(crate) fn on_task_given_up(
+        &mut self,
+        worker: WorkerId,
+        key: WireKey,
+        id: u64,
+        out: &mut impl Outbox,
+    ) {
+        let Some(tid) = self.processing_on(worker, key) else {
+            return;
+        };
+        let Some(m) = self.task(tid).moving.filter(|m| m.asked == id) else {
+            return;
+        };
+        self.unload(tid);
+        let task = self.task(tid);
+        let open = self.loads.get(m.to).is_some_and(|l| !l.paused);
+        let fits = self.workers.get(&m.to).is_some_and(|t| {
+            task.restriction
+                .as_deref()
+                .is_none_or(|r| t.eligible(r) && t.fits_now(r))
+        });
+        if open && fits {
+            tracing::debug!(task = %label(task), from = %worker, to = %m.to, "task moved to an idle worker");
+            self.send_compute(tid, m.to, false, out);
+            self.moved += 1;
+        } else {
+            self.restart(tid, out);
+        }
+        self.settle(out);
+        self.assign(out);
+    }
+
+    /// `worker` kept task `key` when asked to give it up by the `GiveUp`
+    /// of tick `id` (S15): it had started. It stays, and is not asked
+    /// again while it is there.
+    pub(crate) fn on_task_kept(
+        &mut self,
+        worker: WorkerId,
+        key: WireKey,
+        id: u64,
+        out: &mut impl Outbox,
+    ) {
+        let Some(tid) = self.processing_on(worker, key) else {
+            return;
+        };
+        if self.task(tid).moving.is_none_or(|m| m.asked != id) {
+            return;
+        }
+        self.cancel_move(tid);
+        self.task_mut(tid).kept = true;
+        self.assign(out);
+    }
+
+    /// `worker` paused (it holds back new tasks for memory), or resumed
+    /// (S17): while paused it is sent nothing, not even early, and S15
+    /// may move its tasks away. Said with its heartbeats; only a change
+    /// counts.
+    pub(crate) fn on_worker_paused(
+        &mut self,
+        worker: WorkerId,
+        paused: bool,
+        out: &mut impl Outbox,
+    ) {
+        if self.loads.get(worker).is_none_or(|l| l.paused == paused) {
+            return; // unchanged, or retiring: it gets nothing anyway
+        }
+        tracing::debug!(%worker, paused, "{worker} {}", if paused { "paused: no task goes there" } else { "resumed" });
+        self.loads.set_paused(worker, paused);
+        if !paused {
+            // Early room again (S9).
+            self.early_blocked.remove(&worker);
+            if self
+                .workers
+                .get(&worker)
+                .is_some_and(|w| !w.candidates.is_empty())
+            {
+                self.early_ready.insert(worker);
+            }
+        }
+        self.assign(out);
+    }
+
     /// A task `worker` runs waits for a nested computation and gave its
     /// thread back (`worker` rule 15): it leaves the worker's window, so
     /// the work it waits for can be sent there. Ignored for a task not
@@ -1159,6 +1276,8 @@ impl State {
         let Some(id) = self.processing_on(worker, key) else {
             return;
         };
+        // It runs: an ask to give it up will be answered `TaskKept` (S15).
+        self.cancel_move(id);
         let task = self.task_mut(id);
         if std::mem::replace(&mut task.seceded, true) || task.early {
             // An early task takes no window room to give back; it never
@@ -1504,11 +1623,13 @@ impl State {
     /// Takes a `Processing` task off its worker's books: out of its window,
     /// or out of its early count (S9). The caller changes the state next.
     fn unload(&mut self, id: TaskId) {
+        self.cancel_move(id);
         let task = self.task_mut(id);
         let TaskState::Processing(worker) = task.state else {
             return;
         };
         let early = std::mem::take(&mut task.early);
+        task.kept = false;
         let restriction = task.restriction.clone();
         let seceded = std::mem::take(&mut task.seceded);
         if !early {
@@ -1528,6 +1649,25 @@ impl State {
         } else if let Some(w) = self.workers.get_mut(&worker) {
             w.early = w.early.saturating_sub(1);
             self.early_room(worker);
+        }
+    }
+
+    /// Forgets the move asked of `id`'s worker, if any (S15): its answer,
+    /// when it comes, no longer matches and changes nothing.
+    fn cancel_move(&mut self, id: TaskId) {
+        let task = self.task_mut(id);
+        let Some(m) = task.moving.take() else {
+            return;
+        };
+        let from = match task.state {
+            TaskState::Processing(w) => Some(w),
+            _ => None,
+        };
+        if let Some(w) = self.workers.get_mut(&m.to) {
+            w.incoming = w.incoming.saturating_sub(1);
+        }
+        if let Some(w) = from.and_then(|f| self.workers.get_mut(&f)) {
+            w.outgoing = w.outgoing.saturating_sub(1);
         }
     }
 
@@ -2094,72 +2234,133 @@ impl State {
     }
 
     /// Moves queued work from the busiest worker to idle threads (S15):
-    /// while some worker has fewer tasks than threads and another has more
-    /// than threads + 1, the worst-priority task of the busiest that it does
-    /// not seem to run yet goes to the idlest, when tasks take at least
-    /// [`STEAL_MIN_TASK_NS`] on average and if its expected wait
-    /// there is longer than [`STEAL_MIN_WAIT_NS`] and than fetching its
-    /// inputs the idle worker lacks would take. The old worker is told to
-    /// `Release` it; a result it sends anyway is stale (S10).
+    /// while some worker has a thread that runs nothing and no move is
+    /// on its way to, and the busiest worker has more than threads + 1
+    /// tasks not being moved already, the busiest is asked to give up the
+    /// worst-priority task that it does not seem to run yet
+    /// (`ToWorker::GiveUp`), if its expected wait there is longer than
+    /// [`STEAL_MIN_WAIT_NS`] and than fetching its inputs the idle worker
+    /// lacks would take. A paused worker (S17) is asked for
+    /// any of its tasks, whatever they take: they wait there anyway. The
+    /// task moves once given up (`on_task_given_up`); a task its worker
+    /// kept is not asked for again while it stays there.
     fn balance(&mut self, out: &mut impl Outbox) {
-        let Some(mean) = self
-            .mean_ns
-            .filter(|&m| self.balancing && m >= STEAL_MIN_TASK_NS)
-        else {
+        if !self.balancing {
             return;
-        };
+        }
+        let mean = self.mean_ns;
         for _ in 0..64 {
-            let Some((thief, idle)) = self.loads.lightest() else {
+            let Some(thief) = self.idle_thread() else {
                 return;
             };
-            if idle.tasks >= idle.threads.max(1) {
-                return;
-            }
-            let Some((victim, busy)) = self.loads.heaviest() else {
+            let Some((victim, id)) = self.to_move(thief, mean) else {
                 return;
             };
-            let threads = busy.threads.max(1);
-            if victim == thief || busy.tasks <= threads + 1 {
-                return;
+            let asked = self.tick();
+            let task = self.task_mut(id);
+            task.moving = Some(Move { to: thief, asked });
+            let key = task.key.0;
+            tracing::debug!(task = %label(self.task(id)), %victim, %thief, "asking {victim} to give a task up for an idle worker");
+            for (w, incoming) in [(thief, true), (victim, false)] {
+                if let Some(w) = self.workers.get_mut(&w) {
+                    if incoming {
+                        w.incoming += 1;
+                    } else {
+                        w.outgoing += 1;
+                    }
+                }
             }
-            // The last task of the victim starts once the tasks before it
-            // ran, `threads` at a time.
-            let wait = f64::from(busy.tasks - threads) / f64::from(threads) * mean;
-            if wait < STEAL_MIN_WAIT_NS {
-                return;
-            }
-            let Some(id) = self.steal_candidate(victim, thief, wait) else {
-                return;
-            };
-            let key = self.task(id).key.0;
-            tracing::debug!(task = %label(self.task(id)), %victim, %thief, "task moved to an idle worker");
-            out.to_worker(victim, ToWorker::Release { key });
-            self.unload(id);
-            self.send_compute(id, thief, false, out);
+            out.to_worker(victim, ToWorker::GiveUp { key, id: asked });
         }
     }
 
+    /// The first worker in placement order with a thread that runs no
+    /// task and waits for no task being moved to it (S15); paused workers
+    /// never (S17).
+    fn idle_thread(&self) -> Option<WorkerId> {
+        for (w, load) in self.loads.in_order() {
+            let threads = load.threads.max(1);
+            // Placement order is by load per thread: past the first
+            // worker with a task per thread, none has an idle thread.
+            if load.paused || load.tasks >= threads {
+                return None;
+            }
+            let incoming = self.workers.get(&w).map_or(0, |w| w.incoming);
+            if load.tasks.saturating_add(incoming) < threads {
+                return Some(w);
+            }
+        }
+        None
+    }
+
+    /// The worker and task S15 would move to `thief`: a paused worker's
+    /// task (S17), else the busiest worker's, when tasks take `mean` on
+    /// average (`None`: not known yet).
+    fn to_move(&self, thief: WorkerId, mean: Option<f64>) -> Option<(WorkerId, TaskId)> {
+        for (victim, busy) in self.loads.in_order().rev() {
+            if victim == thief {
+                return None;
+            }
+            let threads = busy.threads.max(1);
+            if busy.paused {
+                // Everything it was sent waits until its memory drops.
+                match self.steal_candidate(victim, thief, f64::INFINITY, 0) {
+                    Some(id) => return Some((victim, id)),
+                    None => continue,
+                }
+            }
+            let mean = mean?;
+            let outgoing = self.workers.get(&victim)?.outgoing;
+            let queued = busy.tasks.saturating_sub(outgoing);
+            if queued <= threads + 1 {
+                return None;
+            }
+            // The last task of the victim starts once the tasks before it
+            // ran, `threads` at a time.
+            let wait = f64::from(queued - threads) / f64::from(threads) * mean;
+            if wait < STEAL_MIN_WAIT_NS {
+                return None;
+            }
+            let skip = threads as usize + 1;
+            return self
+                .steal_candidate(victim, thief, wait, skip)
+                .map(|id| (victim, id));
+        }
+        None
+    }
+
     /// The task S15 moves from `victim` to `thief`: of the victim's tasks
-    /// sent with every input in memory, the worst priority, if it is not
-    /// among the `threads + 1` it runs first (S7's reading), `thief` may run it (S14), and
-    /// fetching what `thief` lacks of its inputs is quicker than `wait`.
-    fn steal_candidate(&self, victim: WorkerId, thief: WorkerId, wait: f64) -> Option<TaskId> {
+    /// sent with every input in memory and not seceded, leaving out the
+    /// `skip` it runs first (S7's reading), the worst priority not being
+    /// moved already nor kept by the victim once, that `thief` may run
+    /// (S14), and whose inputs `thief` lacks are fetched quicker than
+    /// `wait`.
+    fn steal_candidate(
+        &self,
+        victim: WorkerId,
+        thief: WorkerId,
+        wait: f64,
+        skip: usize,
+    ) -> Option<TaskId> {
         let v = self.workers.get(&victim)?;
         let t = self.workers.get(&thief)?;
-        let threads = self.loads.get(victim)?.threads.max(1) as usize;
         let mut live: Vec<(Priority, TaskId)> = v
             .sent
             .iter()
-            .filter(|&&(id, at)| self.sent_to(id, at, victim) && !self.task(id).early)
+            .filter(|&&(id, at)| self.sent_to(id, at, victim))
+            .filter(|&&(id, _)| !self.task(id).early && !self.task(id).seceded)
             .map(|&(id, _)| (self.task(id).priority, id))
             .collect();
-        if live.len() <= threads + 1 {
+        if live.len() <= skip {
             return None;
         }
         live.sort_unstable();
-        live.drain(..threads + 1);
+        live.drain(..skip);
         live.into_iter().rev().map(|(_, id)| id).find(|&id| {
             let task = self.task(id);
+            if task.moving.is_some() || task.kept {
+                return false;
+            }
             let fits = task
                 .restriction
                 .as_deref()
@@ -2274,6 +2475,7 @@ impl State {
         task.state = TaskState::Processing(worker);
         task.sent_at = now;
         task.early = early;
+        task.kept = false;
         let restriction = task.restriction.clone();
         if !early {
             self.loads.add_task(worker);
@@ -2368,6 +2570,15 @@ impl State {
                     task.key
                 );
             }
+            if let Some(m) = task.moving {
+                let TaskState::Processing(w) = task.state else {
+                    panic!("{:?} moving while {:?}", task.key, task.state);
+                };
+                assert!(!task.early && !task.seceded && !task.kept && m.to != w);
+            }
+            if task.kept {
+                assert!(matches!(task.state, TaskState::Processing(_)));
+            }
             if task.state == TaskState::Queued {
                 assert!(task
                     .deps
@@ -2394,6 +2605,13 @@ impl State {
             };
             assert_eq!(window, seceded_count(worker.retiring.is_some()));
             assert_eq!(worker.retiring.is_some(), self.retiring.contains(&w));
+            let all = || self.slots.iter().filter_map(|s| s.task.as_ref());
+            let incoming = all()
+                .filter(|t| t.moving.is_some_and(|m| m.to == w))
+                .count();
+            assert_eq!(worker.incoming as usize, incoming, "moves to {w}");
+            let outgoing = on_w().filter(|t| t.moving.is_some()).count();
+            assert_eq!(worker.outgoing as usize, outgoing, "moves from {w}");
             assert_eq!(worker.early, on_w().filter(|t| t.early).count() as u32);
             let mut used = vec![0u64; worker.resources.milli().len()];
             for t in on_w().filter(|t| !t.early) {

@@ -1402,8 +1402,29 @@ fn restricted_work_waiting_for_its_worker_does_not_hold_up_other_work() {
     assert!(sent.contains(&(W1, k(101))), "{sent:?}");
 }
 
-#[test]
-fn an_idle_worker_takes_queued_work_and_the_old_result_is_ignored() {
+/// Drains the recorded `GiveUp`s as (worker, key, id).
+fn give_ups(out: &mut Rec) -> Vec<(WorkerId, WireKey, u64)> {
+    let mut got = Vec::new();
+    out.0.retain(|s| match s {
+        Sent::Worker(w, ToWorker::GiveUp { key, id }) => {
+            got.push((*w, *key, *id));
+            false
+        }
+        _ => true,
+    });
+    got
+}
+
+/// Two one-thread workers, twenty 100 ms tasks sent ten to each while
+/// windows were large; W1 runs its ten, then runs dry while W0 holds
+/// queued work: the state just after S15 asked W0 to give up its
+/// worst-priority task (returned with the ask's id). `out` is drained.
+fn asked_to_give_up() -> (State, Rec, u64) {
+    asked_to_give_up_after(100_000_000)
+}
+
+/// `asked_to_give_up` with tasks of `duration_ns`.
+fn asked_to_give_up_after(duration_ns: u64) -> (State, Rec, u64) {
     let (mut s, mut out) = setup(2);
     // Two 1 µs tasks make windows large (64 per thread)...
     s.on_update_graph(
@@ -1427,30 +1448,225 @@ fn an_idle_worker_takes_queued_work_and_the_old_result_is_ignored() {
         .map(|(_, k)| k[0])
         .collect();
     w1.reverse();
-    // W1 runs all of its own; then, idle while W0 holds queued work, it
-    // takes W0's worst-priority task, and W0 is told to drop it.
-    let mut stolen = Vec::new();
-    let mut moved = Vec::new();
     while let Some(key) = w1.pop() {
-        finish_in(&mut s, &mut out, W1, key, 100_000_000);
-        stolen = out.releases();
-        moved = out.computes();
-        if !stolen.is_empty() {
-            break;
+        finish_in(&mut s, &mut out, W1, key, duration_ns);
+        let asked = give_ups(&mut out);
+        if !asked.is_empty() {
+            // One ask for W1's one thread; nothing moves before the answer.
+            assert_eq!(asked.len(), 1, "{asked:?}");
+            let (w, key, id) = asked[0];
+            assert_eq!((w, key), (W0, k(29)), "the last sent to W0 is asked for");
+            assert_eq!(out.computes(), vec![]);
+            assert_eq!(out.releases(), vec![]);
+            assert!(w1.is_empty(), "asked only once W1 ran dry");
+            out.told();
+            out.clear();
+            return (s, out, id);
         }
     }
-    assert_eq!(stolen, vec![(W0, k(29))], "the last sent to W0 moves");
-    assert_eq!(moved, vec![(W1, k(29))]);
-    let key = k(29);
-    out.told();
-    // W0's late result for it (it ran after all) counts for nothing (S10):
-    // it is told to drop it, and no client hears of it.
-    finish_in(&mut s, &mut out, W0, 29, 100_000_000);
-    assert_eq!(out.releases(), vec![(W0, key)]);
-    assert_eq!(out.told(), vec![]);
-    // W1's result is the one accepted.
+    panic!("W1 ran dry and asked for nothing");
+}
+
+#[test]
+fn an_idle_worker_takes_queued_work_once_its_worker_gave_it_up() {
+    let (mut s, mut out, id) = asked_to_give_up();
+    // Asked once: W1's one thread waits for that task, whatever happens
+    // meanwhile.
+    s.on_client_connected(ClientId(5), &mut out);
+    assert_eq!(give_ups(&mut out), vec![]);
+    s.on_task_given_up(W0, k(29), id, &mut out);
+    s.check_invariants();
+    assert_eq!(out.computes(), vec![(W1, k(29))]);
+    // The next one is asked for as soon as W1 runs dry again.
     finish_in(&mut s, &mut out, W1, 29, 100_000_000);
-    assert_eq!(out.told(), vec![(C0, key, Ok(vec![W1]))]);
+    assert_eq!(out.told(), vec![(C0, k(29), Ok(vec![W1]))]);
+    let asked = give_ups(&mut out);
+    assert_eq!(
+        asked.iter().map(|a| (a.0, a.1)).collect::<Vec<_>>(),
+        vec![(W0, k(27))]
+    );
+    // A result W0 sends anyway for the task it gave up counts for nothing
+    // (S10): the answer is a release.
+    s.on_task_finished(
+        W0,
+        k(29),
+        Finished {
+            nbytes: 8,
+            duration_ns: 1,
+            value: None,
+            thread: 0,
+        },
+        &mut out,
+    );
+    s.check_invariants();
+    assert_eq!(out.told(), vec![]);
+    assert_eq!(s.who_has(&k(29)), &[W1]);
+}
+
+#[test]
+fn a_task_its_worker_kept_stays_and_is_not_asked_for_again() {
+    let (mut s, mut out, id) = asked_to_give_up();
+    // An answer naming another ask changes nothing.
+    s.on_task_kept(W0, k(29), id + 1, &mut out);
+    s.on_task_given_up(W0, k(29), id + 1, &mut out);
+    s.check_invariants();
+    assert_eq!(out.computes(), vec![]);
+    assert_eq!(give_ups(&mut out), vec![], "still waiting for the answer");
+    // W0 had started it: it stays there, and the next one is asked for.
+    s.on_task_kept(W0, k(29), id, &mut out);
+    s.check_invariants();
+    assert_eq!(out.computes(), vec![]);
+    let asked = give_ups(&mut out);
+    assert_eq!(
+        asked.iter().map(|a| (a.0, a.1)).collect::<Vec<_>>(),
+        vec![(W0, k(27))]
+    );
+    s.on_task_given_up(W0, k(27), asked[0].2, &mut out);
+    assert_eq!(out.computes(), vec![(W1, k(27))]);
+    finish_in(&mut s, &mut out, W1, 27, 100_000_000);
+    // 29 is never asked for again while on W0; its result counts.
+    assert!(give_ups(&mut out).iter().all(|a| a.1 != k(29)));
+    finish_in(&mut s, &mut out, W0, 29, 100_000_000);
+    assert!(out.told().contains(&(C0, k(29), Ok(vec![W0]))));
+}
+
+#[test]
+fn a_result_before_the_answer_is_accepted_and_the_answer_ignored() {
+    let (mut s, mut out, id) = asked_to_give_up();
+    // W0 finished it before it read the ask: the result counts (S10).
+    finish_in(&mut s, &mut out, W0, 29, 100_000_000);
+    assert_eq!(out.told(), vec![(C0, k(29), Ok(vec![W0]))]);
+    // W1's thread is free for another task at once.
+    let asked = give_ups(&mut out);
+    assert_eq!(
+        asked.iter().map(|a| (a.0, a.1)).collect::<Vec<_>>(),
+        vec![(W0, k(27))]
+    );
+    // Its answer, kept (it had ended), changes nothing.
+    s.on_task_kept(W0, k(29), id, &mut out);
+    s.check_invariants();
+    assert_eq!(out.computes(), vec![]);
+    assert_eq!(out.releases(), vec![]);
+    // A task that secedes before the answer (it runs) is not moved either.
+    let (mut s, mut out, id) = asked_to_give_up();
+    s.on_task_seceded(W0, k(29), &mut out);
+    s.check_invariants();
+    s.on_task_kept(W0, k(29), id, &mut out);
+    s.check_invariants();
+    assert_eq!(out.computes(), vec![]);
+    assert_eq!(s.state_of(&k(29)), Some(&TaskState::Processing(W0)));
+}
+
+#[test]
+fn a_move_ends_cleanly_when_a_worker_dies_or_the_task_is_released_meanwhile() {
+    // The worker asked dies: its tasks go elsewhere (S7), the asked one
+    // once.
+    let (mut s, mut out, _) = asked_to_give_up();
+    s.on_worker_lost(W0, &mut out);
+    s.check_invariants();
+    assert!(out.computes().iter().all(|(w, _)| *w == W1));
+    assert!(matches!(
+        s.state_of(&k(29)),
+        Some(TaskState::Queued | TaskState::Processing(W1))
+    ));
+    // The worker the task was for dies: given up, it goes back to the
+    // queue, for the worker left.
+    let (mut s, mut out, id) = asked_to_give_up();
+    s.on_worker_lost(W1, &mut out);
+    s.check_invariants();
+    assert_eq!(out.computes(), vec![]);
+    s.on_task_given_up(W0, k(29), id, &mut out);
+    s.check_invariants();
+    assert_eq!(out.computes(), vec![], "W0's window is full");
+    assert_eq!(s.state_of(&k(29)), Some(&TaskState::Queued));
+    // The task is released meanwhile: W0 is told, and the answer, given
+    // up or kept, sends it nowhere.
+    for given in [true, false] {
+        let (mut s, mut out, id) = asked_to_give_up();
+        s.on_release_keys(C0, vec![k(29)], &mut out);
+        s.check_invariants();
+        assert_eq!(out.releases(), vec![(W0, k(29))]);
+        if given {
+            s.on_task_given_up(W0, k(29), id, &mut out);
+        } else {
+            s.on_task_kept(W0, k(29), id, &mut out);
+        }
+        s.check_invariants();
+        assert!(out.computes().iter().all(|(_, key)| *key != k(29)));
+        assert_eq!(s.state_of(&k(29)), None, "released and forgotten (S4)");
+    }
+}
+
+#[test]
+fn a_paused_worker_is_sent_nothing_and_its_tasks_move_away() {
+    let (mut s, mut out) = setup(2);
+    s.on_worker_paused(W0, true, &mut out);
+    s.check_invariants();
+    // Windows of 2 per thread before any duration is known: W1 takes two,
+    // the rest waits rather than go to W0 (S17).
+    let graph: Vec<_> = (1..=4).map(|i| spec(i, &[])).collect();
+    s.on_update_graph(C0, graph, (1..=4).map(k).collect(), &mut out);
+    s.check_invariants();
+    assert_eq!(out.computes(), vec![(W1, k(1)), (W1, k(2))]);
+    // Resumed: the queued work goes there at once.
+    s.on_worker_paused(W0, false, &mut out);
+    s.check_invariants();
+    assert_eq!(out.computes(), vec![(W0, k(3)), (W0, k(4))]);
+    // Paused again with both waiting there; W1 runs dry on 1 µs tasks,
+    // which S15 alone would never move: a paused worker's are, any of
+    // them, worst priority first, one per idle thread.
+    s.on_worker_paused(W0, true, &mut out);
+    finish_in(&mut s, &mut out, W1, 1, 1_000);
+    assert_eq!(give_ups(&mut out), vec![]);
+    finish_in(&mut s, &mut out, W1, 2, 1_000);
+    let asked = give_ups(&mut out);
+    assert_eq!(asked.len(), 1);
+    assert_eq!((asked[0].0, asked[0].1), (W0, k(4)));
+    s.on_task_given_up(W0, k(4), asked[0].2, &mut out);
+    s.check_invariants();
+    assert_eq!(out.computes(), vec![(W1, k(4))]);
+    finish_in(&mut s, &mut out, W1, 4, 1_000);
+    let asked = give_ups(&mut out);
+    assert_eq!((asked[0].0, asked[0].1), (W0, k(3)));
+    // It was running when W0 paused: kept, and it finishes there.
+    s.on_task_kept(W0, k(3), asked[0].2, &mut out);
+    s.check_invariants();
+    assert_eq!(give_ups(&mut out), vec![]);
+    finish_in(&mut s, &mut out, W0, 3, 1_000);
+    assert!(out.told().contains(&(C0, k(3), Ok(vec![W0]))));
+}
+
+#[test]
+fn a_paused_worker_gets_no_early_task_and_is_no_holder_to_wait_for() {
+    let (mut s, mut out) = setup(2);
+    s.on_update_graph(C0, vec![spec(1, &[])], vec![k(1)], &mut out);
+    assert_eq!(out.computes(), vec![(W0, k(1))]);
+    s.on_worker_paused(W0, true, &mut out);
+    // 2 would go early to W0, which computes its input (S9): not now.
+    s.on_update_graph(C0, vec![spec(2, &[1])], vec![k(2)], &mut out);
+    s.check_invariants();
+    assert_eq!(out.computes(), vec![]);
+    // Its input in memory on W0 (a megabyte, which placement would wait
+    // for on a busy worker), it goes to W1, which fetches it.
+    finish(&mut s, &mut out, W0, 1, 1 << 20);
+    assert_eq!(out.computes(), vec![(W1, k(2))]);
+    // A second pause report changes nothing; resuming opens W0 again.
+    s.on_worker_paused(W0, true, &mut out);
+    s.on_worker_paused(W0, false, &mut out);
+    s.check_invariants();
+    s.on_update_graph(C0, vec![spec(3, &[1])], vec![k(3)], &mut out);
+    assert_eq!(out.computes(), vec![(W0, k(3))]);
+}
+
+#[test]
+fn tasks_under_a_millisecond_move_too_when_the_wait_is_long() {
+    // 400 µs tasks, nine queued behind the one W0 runs: a wait of over
+    // 1 ms, worth an ask (the old 1 ms minimum task time is gone: an ask
+    // can no longer make a task run twice).
+    let (mut s, mut out, id) = asked_to_give_up_after(400_000);
+    s.on_task_given_up(W0, k(29), id, &mut out);
+    s.check_invariants();
+    assert_eq!(out.computes(), vec![(W1, k(29))]);
 }
 
 #[test]

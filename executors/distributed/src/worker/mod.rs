@@ -124,7 +124,9 @@
 //!     needs them; above 95 % ([`PAUSE_AT`]) it holds back new tasks
 //!     (`state` rule 6) until spilling brings it below. It sends what it
 //!     holds and spilled with each heartbeat (`ToScheduler::Memory`), which
-//!     `scheduler_info` shows.
+//!     `scheduler_info` shows, and at once when it pauses or resumes: the
+//!     scheduler sends a paused worker no task and may move its queued
+//!     ones away (scheduler rule S17).
 //! 15. **Nested computation.** Every thread that runs tasks knows the
 //!     worker's cluster (`nested` rules): a task that computes a graph
 //!     itself computes it there. While such a task waits
@@ -1071,6 +1073,8 @@ struct Io {
     fetched: Vec<Fetched>,
     seceded: Vec<WireKey>,
     heartbeat_due: bool,
+    /// Whether the scheduler was last told this worker is paused (rule 14).
+    paused: bool,
     /// Buffers kept from turn to turn.
     fetches: Vec<(WorkerId, WireKey)>,
     to_pool: Vec<Job>,
@@ -1108,6 +1112,7 @@ impl Io {
             fetched: Vec::new(),
             seceded: Vec::new(),
             heartbeat_due: false,
+            paused: false,
             fetches: Vec::new(),
             to_pool: Vec::new(),
         }
@@ -1136,6 +1141,7 @@ impl Io {
         self.fetched.clear();
         self.seceded.clear();
         self.heartbeat_due = false;
+        self.paused = false;
         self.fetches.clear();
         self.to_pool.clear();
     }
@@ -1583,6 +1589,7 @@ async fn turn(io: &mut Io, worker: &Worker) -> Option<Ended> {
                         &mut c.out,
                     ),
                     ToWorker::Release { key } => c.state.on_release(key, &mut c.out),
+                    ToWorker::GiveUp { key, id } => c.state.on_give_up(key, id, &mut c.out),
                     ToWorker::Fetch { key, holders } => c.state.on_fetch(key, holders, &mut c.out),
                     ToWorker::PeerJoined { id, address } => io.peers.add_peer(id, address),
                     ToWorker::PeerLeft { id } => {
@@ -1624,12 +1631,19 @@ async fn turn(io: &mut Io, worker: &Worker) -> Option<Ended> {
             for f in io.fetched.drain(..) {
                 c.state.on_fetched(f.from, f.key, f.result, &mut c.out);
             }
-            if std::mem::take(&mut io.heartbeat_due) {
+            let heartbeat = std::mem::take(&mut io.heartbeat_due);
+            if heartbeat {
                 c.out.to_scheduler(ToScheduler::Heartbeat);
                 if let Some(memory_bytes) = resident_memory() {
                     c.out.to_scheduler(ToScheduler::Resources { memory_bytes });
                 }
-                // Rule 14.
+            }
+            // Rule 14: with each heartbeat, and at once when the worker
+            // pauses or resumes, so the scheduler stops or starts sending
+            // it tasks (scheduler rule S17) without waiting for one.
+            let paused = worker.store.paused();
+            if heartbeat || paused != io.paused {
+                io.paused = paused;
                 if let Some(spill) = worker.store.report() {
                     c.out.to_scheduler(ToScheduler::Memory { spill });
                 }
@@ -1884,7 +1898,9 @@ fn run_link(job: Job) -> (Option<Done>, Option<Job>) {
     // Taken before the report, so the network thread never both attaches
     // a successor and expects it to be dispatched by itself.
     let successor = job.take_successor();
-    if job.cancelled.load(Ordering::Relaxed) {
+    // A task given up (state rule 8) never starts; one released before
+    // it started neither.
+    if job.cancelled.load(Ordering::Relaxed) || !job.claim.run() {
         return (None, None);
     }
     let done = run_job(job);

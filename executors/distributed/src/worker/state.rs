@@ -38,8 +38,9 @@
 //!    pause level, a task whose inputs are all here is held back, in the
 //!    order it became ready, instead of being handed to the pool, and no
 //!    successor is attached (one attached before goes on). The scheduler
-//!    is not told: it still sends up to its window of tasks, which wait
-//!    here, and other workers take the rest. [`WorkerState::resume`]
+//!    hears of it (worker rule 14) and sends no more tasks meanwhile
+//!    (scheduler rule S17); those sent before it heard wait here unless
+//!    it asks for them back (rule 8). [`WorkerState::resume`]
 //!    dispatches them once spilling brought the store below the level.
 //!    Inputs are fetched as usual meanwhile.
 //! 7. A spilled input is read back when its task is dispatched (`memory`
@@ -48,10 +49,22 @@
 //!    takes it off the holders and computes it again if no one else holds
 //!    it) and the task is given back (`TaskAbandoned`), as for an input
 //!    that cannot be fetched (rule 2): never a wrong value.
+//! 8. **Giving a task up** (scheduler rule S15). `GiveUp` asks for a task
+//!    back before the scheduler sends it elsewhere. A task not started
+//!    yet is given up: dropped as by `Release` (rule 3, its local
+//!    dependents given back) and answered `TaskGivenUp`; one that started,
+//!    ended or is unknown is kept and answered `TaskKept`. "Started" is
+//!    decided by one atomic *claim* per task, shared with its job: a
+//!    thread (compute or network, a successor's too) takes the claim
+//!    before it runs the job, `GiveUp` takes it to give the task up, and
+//!    only one of them can, so a task given up never runs here, and one
+//!    that ran was never given up. A task waiting for inputs, held back
+//!    (rule 6), queued for a thread or attached as a successor (rule 5)
+//!    has not started.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rask_executor::{
@@ -76,8 +89,37 @@ pub(crate) struct Job {
     pub(crate) inputs: Vec<Option<Value>>,
     pub(crate) priority: Priority,
     pub(crate) cancelled: Arc<AtomicBool>,
+    /// Who runs it or gives it up (rule 8).
+    pub(crate) claim: Claim,
     /// The job to run right after this one (rule 5).
     pub(crate) next: Arc<Mutex<Successor>>,
+}
+
+/// A task's claim (rule 8): taken once, by the thread that runs the task
+/// or by a `GiveUp`, never both. Cheap to clone; clones share the claim.
+#[derive(Clone, Default)]
+pub(crate) struct Claim(Arc<AtomicU8>);
+
+impl Claim {
+    const FREE: u8 = 0;
+    const RUN: u8 = 1;
+    const GIVEN_UP: u8 = 2;
+
+    /// Takes the claim to run the task: false if it was given up.
+    pub(crate) fn run(&self) -> bool {
+        self.take(Claim::RUN)
+    }
+
+    /// Takes the claim to give the task up: false if it started.
+    fn give_up(&self) -> bool {
+        self.take(Claim::GIVEN_UP)
+    }
+
+    fn take(&self, to: u8) -> bool {
+        self.0
+            .compare_exchange(Claim::FREE, to, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
 }
 
 /// A job's successor slot (rule 5).
@@ -131,6 +173,8 @@ struct LocalTask {
     missing: u32,
     priority: Priority,
     cancelled: Arc<AtomicBool>,
+    /// Shared with its job (rule 8).
+    claim: Claim,
     /// Tasks of this worker waiting for this one's value (rule 1).
     dependents: Vec<WireKey>,
     /// Once its job is built: the job's successor slot (rule 5).
@@ -253,6 +297,7 @@ impl WorkerState {
                 missing: missing.len() as u32,
                 priority: msg.priority,
                 cancelled: Arc::new(AtomicBool::new(false)),
+                claim: Claim::default(),
                 dependents: Vec::new(),
                 slot: None,
                 chained: false,
@@ -366,6 +411,21 @@ impl WorkerState {
             for dependent in task.dependents {
                 self.abandon(dependent, out);
             }
+        }
+    }
+
+    /// The scheduler asks for `key` back (rule 8): dropped and answered
+    /// `TaskGivenUp` if it has not started, else answered `TaskKept`.
+    pub(crate) fn on_give_up(&mut self, key: WireKey, id: u64, out: &mut impl Outbox) {
+        let given = self.tasks.get(&key).is_some_and(|t| t.claim.give_up());
+        if given {
+            // The answer first: the scheduler has placed the task anew by
+            // the time it hears of its local dependents, given back here
+            // as for a released input (rules 1 and 3).
+            out.to_scheduler(ToScheduler::TaskGivenUp { key, id });
+            self.on_release(key, out);
+        } else {
+            out.to_scheduler(ToScheduler::TaskKept { key, id });
         }
     }
 
@@ -592,6 +652,7 @@ impl WorkerState {
             inputs: inputs?,
             priority: task.priority,
             cancelled: task.cancelled.clone(),
+            claim: task.claim.clone(),
             next: Arc::default(),
         })
     }
@@ -1108,6 +1169,116 @@ mod tests {
         let keys: Vec<u8> = out.jobs.iter().map(|j| j.key[0]).collect();
         assert_eq!(keys, vec![3]);
         assert!(out.jobs[0].take_successor().is_none());
+    }
+
+    #[test]
+    fn a_task_not_started_is_given_up_and_never_runs() {
+        let mut s = state();
+        let mut out = Rec::default();
+        // Queued for a thread: its job is out, no thread took it.
+        s.on_compute(compute(3, "add", &[], &[]), &mut out);
+        let queued = out.jobs.pop().unwrap();
+        // Waiting for an input being fetched, and chained after the
+        // queued job (rule 5): neither started.
+        s.on_compute(compute(4, "add", &[1], &[(1, &[7])]), &mut out);
+        s.on_compute(compute(5, "add", &[3], &[]), &mut out);
+        s.on_give_up([3; 32], 11, &mut out);
+        s.on_give_up([4; 32], 12, &mut out);
+        assert_eq!(
+            out.sent,
+            vec![
+                ToScheduler::TaskGivenUp {
+                    key: [3; 32],
+                    id: 11
+                },
+                // Its local dependent comes back after the answer (rule 1).
+                ToScheduler::TaskAbandoned { key: [5; 32] },
+                ToScheduler::TaskGivenUp {
+                    key: [4; 32],
+                    id: 12
+                },
+            ]
+        );
+        assert_eq!(s.pending(), 0);
+        // The thread that reaches the queued job cannot take it, nor its
+        // successor.
+        let successor = queued.next.lock().unwrap().job.take();
+        assert!(!queued.claim.run());
+        assert!(successor.is_some_and(|j| j.cancelled.load(Ordering::Relaxed)));
+        // The input arrives later: nothing runs, nothing is said.
+        out.sent.clear();
+        s.on_fetched(
+            WorkerId(7),
+            [1; 32],
+            FetchResult::Data(Arc::from(&[2u8][..])),
+            &mut out,
+        );
+        assert!(out.jobs.is_empty() && out.sent.is_empty());
+        // Computed again later, it is a new task with a claim of its own.
+        s.on_compute(compute(3, "add", &[], &[]), &mut out);
+        assert!(out.jobs.pop().unwrap().claim.run());
+    }
+
+    #[test]
+    fn a_started_or_unknown_task_is_kept_and_reports_as_usual() {
+        let mut s = state();
+        let mut out = Rec::default();
+        s.on_compute(compute(3, "add", &[], &[]), &mut out);
+        let job = out.jobs.pop().unwrap();
+        assert!(job.claim.run(), "a thread took it");
+        s.on_give_up([3; 32], 1, &mut out);
+        // Unknown here (never sent, or finished and reported already).
+        s.on_give_up([9; 32], 2, &mut out);
+        s.on_task_done(done(&job, ok()), &mut out);
+        assert!(matches!(
+            &out.sent[..],
+            [
+                ToScheduler::TaskKept {
+                    key: [3, ..],
+                    id: 1
+                },
+                ToScheduler::TaskKept {
+                    key: [9, ..],
+                    id: 2
+                },
+                ToScheduler::TaskFinished { key: [3, ..], .. },
+            ]
+        ));
+        assert!(!job.cancelled.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn a_task_held_back_while_paused_can_be_given_up() {
+        let mut s = WorkerState::new(WorkerId(0), Arc::new(Reg), Store::unspilled(100));
+        let mut out = Rec::default();
+        s.store.insert([1; 32], sized(96));
+        s.on_compute(compute(3, "add", &[], &[]), &mut out);
+        assert!(out.jobs.is_empty(), "held back");
+        s.on_give_up([3; 32], 5, &mut out);
+        assert_eq!(
+            out.sent,
+            vec![ToScheduler::TaskGivenUp {
+                key: [3; 32],
+                id: 5
+            }]
+        );
+        s.on_release([1; 32], &mut out);
+        s.resume(&mut out);
+        assert!(out.jobs.is_empty(), "given up: not run on resuming");
+    }
+
+    #[test]
+    fn a_claim_is_taken_once_by_the_runner_or_the_give_up() {
+        // The race of a compute thread starting a job and the network
+        // thread giving it up: exactly one wins, every time.
+        for _ in 0..2_000 {
+            let claim = Claim::default();
+            let other = claim.clone();
+            let runner = std::thread::spawn(move || other.run());
+            let given = claim.give_up();
+            let ran = runner.join().unwrap();
+            assert!(ran != given, "ran {ran}, given up {given}");
+        }
     }
 
     #[test]
