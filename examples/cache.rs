@@ -82,6 +82,8 @@ fn data_file(dir: &Path) -> std::io::Result<PathBuf> {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // A damaged cache entry is a miss with a warning: print warnings.
+    rask::init_logging();
     rask::init();
     let here = std::env::temp_dir().join("rask-cache-example");
     let path = data_file(&here)?;
