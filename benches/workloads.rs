@@ -195,6 +195,15 @@ const WORKLOADS: &[Workload] = &[
         run: dist_graph,
     },
     Workload {
+        name: "dist_chains",
+        about: "build N/10 chains of 10 `inc` summed pairwise by `add`, compute it on a cluster with compute_with",
+        sizes: SIZES,
+        executors: &["local:2"],
+        caps: &[],
+        accepts: Accepts::Cluster,
+        run: dist_chains,
+    },
+    Workload {
         name: "dist_submit_chain",
         about: "f = submit(inc(0)), then f = submit(inc(f)) N-1 times without waiting, then gather f",
         sizes: SIZES,
@@ -1192,6 +1201,32 @@ fn dist_graph(run: &Run) -> Outcome {
     let (total, compute_s) = timed(|| client.compute(&root).and_then(|f| f.result()));
     check("tree sum", computed("compute", total)?, tree_sum(run.n))?;
     let report = Report::new(run, 2 * run.n - 1, compute_s, build_s + compute_s)
+        .startup(startup_s)
+        .secs("build_s", build_s)
+        .secs("compute_s", compute_s);
+    Ok(report)
+}
+
+/// chains(N): `N / 10` chains `inc(10 c)`, then `inc(x)` 9 times, their ends
+/// reduced pairwise by `add`: `N + N / 10 - 1` tasks, the sum `5 k (k + 1)`
+/// for `k = N / 10` chains.
+fn chains_graph(n: u64) -> (Delayed<i64>, u64, i64) {
+    let k = (n / 10).max(1);
+    let ends = (0..k as i64)
+        .map(|c| (1..10).fold(delayed!(inc(10 * c)), |x, _| delayed!(inc(x))))
+        .collect();
+    let root = reduce(ends, |a, b| delayed!(add(a, b)));
+    (root, 10 * k + k - 1, 5 * k as i64 * (k as i64 + 1))
+}
+
+/// chains(N) computed on a cluster by `compute_with`, the path a fused
+/// chain travels to a worker as one task.
+fn dist_chains(run: &Run) -> Outcome {
+    let startup_s = start_cluster(run)?;
+    let ((root, tasks, want), build_s) = timed(|| chains_graph(run.n));
+    let (total, compute_s) = timed(|| root.compute_with(&run.config));
+    check("chains sum", computed("compute", total)?, want)?;
+    let report = Report::new(run, tasks, compute_s, build_s + compute_s)
         .startup(startup_s)
         .secs("build_s", build_s)
         .secs("compute_s", compute_s);

@@ -278,6 +278,40 @@ for_each_executor! {
         assert_eq!(delayed!(inc(41)).compute_with(&config()).unwrap(), 42);
     }
 
+    /// A chain runs as one task on every executor, a cluster included (its
+    /// steps travel as one wire task), with the chain's last key; a step
+    /// that panics inside it still names itself.
+    #[test]
+    fn a_chain_runs_as_one_task_and_a_failing_step_names_itself() {
+        use rask::events::EventKind;
+        let x = (0..20).fold(delayed!(inc(1_000_000)), |x, _| delayed!(inc(x)));
+        let keys: std::collections::HashSet<rask::TaskKey> =
+            rask::Graph::from_delayed(&x).keys().collect();
+        assert_eq!(keys.len(), 21);
+        let finished = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = finished.clone();
+        let subscription = rask::events::subscribe(move |e: &rask::events::Event<'_>| {
+            if matches!(e.kind, EventKind::Finished { .. }) && keys.iter().any(|k| k.key() == e.key) {
+                sink.lock().unwrap().push((e.key, e.name.to_owned()));
+            }
+        });
+        assert_eq!(x.compute_with(&config()).unwrap(), 1_000_021);
+        drop(subscription);
+        let finished = std::mem::take(&mut *finished.lock().unwrap());
+        assert_eq!(finished, vec![(x.key().key(), "inc…inc(21)".to_owned())]);
+
+        let boom = delayed!(explode(delayed!(inc(delayed!(inc(0))))));
+        let y = delayed!(inc(delayed!(add(&boom, 5))));
+        match y.compute_with(&config()).unwrap_err() {
+            Error::Task { key, panicked, message, .. } => {
+                assert_eq!(key, boom.key());
+                assert!(panicked);
+                assert_eq!(message, "exploded on 2");
+            }
+            other => panic!("unexpected error {other:?}"),
+        }
+    }
+
     #[test]
     fn dependents_of_a_failure_do_not_run() {
         let run = run_id();

@@ -10,6 +10,7 @@ pub(crate) mod args;
 pub(crate) mod data;
 pub(crate) mod delayed;
 pub(crate) mod error;
+pub(crate) mod fused;
 pub(crate) mod graph;
 pub(crate) mod key;
 pub(crate) mod node;

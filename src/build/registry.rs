@@ -57,6 +57,10 @@
 //!    type. Operators on primitive types are versioned by rask's version;
 //!    a function given to [`init_with`](crate::init_with) only, or never
 //!    registered, has no version.
+//! 9. A fused task (a chain, inlined data folded into its consumer) travels
+//!    as the built-in function `rask.fused` whose payload holds each step's
+//!    own wire task (`build::fused`): the registry resolves
+//!    every step as above and runs them in order as one op.
 //!
 //! # Why a link-time list
 //!
@@ -683,6 +687,10 @@ pub(crate) struct Resolver {
 impl rask_executor::Registry for Resolver {
     fn resolve(&self, task: &WireTask) -> Result<Arc<dyn Op>, WireError> {
         let (name, call): (Name, Arc<dyn Call>) = match task.function.as_str() {
+            // Rule 9; its steps are resolved here, and none is fused.
+            crate::build::fused::FUSED_FUNCTION => {
+                return crate::build::fused::resolve(&task.payload, |step| self.resolve(step));
+            }
             VALUE_FUNCTION => (
                 Name::Borrowed("value"),
                 Arc::new(Held(

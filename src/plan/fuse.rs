@@ -17,15 +17,21 @@
 //! so no step needs an index and nothing is copied: each step gets the
 //! stack's top slots as its `&mut [Option<Value>]`, just as an executor would
 //! pass them. The stack's size is known when the op is built; up to
-//! [`INLINE_STACK`] slots live on the thread's stack, so running a chain does
+//! [`INLINE_STACK`](crate::build::fused::INLINE_STACK) slots live on the thread's stack, so running a chain does
 //! not allocate beyond what its steps do.
+//!
+//! # On a cluster
+//!
+//! A fused task travels to a worker as one wire task, `rask.fused`
+//! ([`Op::to_wire`] here; `build::fused` has the wire form, its rules and
+//! the op a worker resolves it to, which runs the same stack program).
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use rask_executor::{Op, OpError, Plan, Value};
+use rask_executor::{Op, OpError, Plan, Value, WireError, WireTask};
 
-use super::{group_name, named_origin, Draft, Folds, Weight, MAX_LISTED};
+use super::{group_name, Draft, Folds, Weight, MAX_LISTED};
+use crate::build::fused::{exec, with_stack, WireGroup, WireStep, FUSED_FUNCTION};
 
 /// Marks, in plan order, each task whose group reads exactly one edge from
 /// outside as absorbing that input's task, when the input is not pinned and
@@ -60,7 +66,7 @@ pub(crate) fn fuse(draft: &Draft, mut folds: Folds) -> Folds {
                 count = count.saturating_add(1).min(2);
             }
         }
-        if count == 1 && folds.can_fold(draft, one) {
+        if count == 1 && Folds::can_absorb(draft, c) && folds.can_fold(draft, one) {
             folds.fold(one);
             count = reads[one as usize];
             one = source[one as usize];
@@ -70,10 +76,6 @@ pub(crate) fn fuse(draft: &Draft, mut folds: Folds) -> Folds {
     }
     folds
 }
-
-/// Stack slots a fused task keeps on the thread's stack; deeper groups
-/// allocate their stack once per run.
-pub(crate) const INLINE_STACK: usize = 8;
 
 /// One step of a fused task: a task of the lowered plan, which the fused
 /// task shares.
@@ -210,52 +212,52 @@ impl Fused {
         inputs: &mut [Option<Value>],
         stack: &mut [Option<Value>],
     ) -> Result<Value, OpError> {
-        let mut inputs = inputs.iter_mut();
-        let mut top = 0usize;
-        for step in self.steps.iter() {
-            for _ in 0..step.pushes {
-                let value = inputs.next().and_then(Option::take).ok_or_else(|| {
-                    OpError::failed("a fused task received fewer inputs than it declared")
-                })?;
-                stack[top] = Some(value);
-                top += 1;
-            }
-            let base = top - step.args as usize;
-            let args = &mut stack[base..top];
+        let steps = self.steps.iter().map(|step| {
             let task = self.plan.task(step.task);
-            // Caught per step, so that a panic names the step, not the group.
-            let outcome = catch_unwind(AssertUnwindSafe(|| task.op.run(args)));
-            // What the step did not take is dropped now, as an executor
-            // drops a task's inputs once it ran.
-            for slot in args.iter_mut() {
-                *slot = None;
-            }
-            let value = match outcome {
-                Ok(Ok(value)) => value,
-                Ok(Err(err)) => return Err(named_origin(task.key, task.op.name(), err)),
-                Err(payload) => {
-                    let err = OpError::panicked(&*payload);
-                    return Err(named_origin(task.key, task.op.name(), err));
-                }
-            };
-            stack[base] = Some(value);
-            top = base + 1;
-        }
-        stack[0]
-            .take()
-            .ok_or_else(|| OpError::failed("a fused task has no step"))
+            (step.pushes, step.args, task.key, &*task.op)
+        });
+        exec(steps, inputs, stack)
+    }
+
+    /// The wire form of step `step`, for [`Op::to_wire`].
+    fn wire_step(&self, step: &Step) -> Result<WireStep, WireError> {
+        let task = self.plan.task(step.task);
+        let WireTask { function, payload } = task.op.to_wire()?;
+        Ok(WireStep {
+            key: task.key.0,
+            name: task.op.name().to_owned(),
+            function,
+            payload,
+            pushes: step.pushes,
+            args: step.args,
+        })
     }
 }
 
 impl Op for Fused {
     fn run(&self, inputs: &mut [Option<Value>]) -> Result<Value, OpError> {
-        if self.depth <= INLINE_STACK {
-            let mut stack: [Option<Value>; INLINE_STACK] = [const { None }; INLINE_STACK];
-            self.exec(inputs, &mut stack)
-        } else {
-            let mut stack = vec![None; self.depth];
-            self.exec(inputs, &mut stack)
-        }
+        with_stack(self.depth, |stack| self.exec(inputs, stack))
+    }
+
+    /// `rask.fused` (`build::fused`): every step's own wire task, key and
+    /// name, and the stack program.
+    fn to_wire(&self) -> Result<WireTask, WireError> {
+        let group = WireGroup {
+            name: self.name().to_owned(),
+            steps: self
+                .steps
+                .iter()
+                .map(|step| self.wire_step(step))
+                .collect::<Result<_, _>>()?,
+        };
+        let payload = postcard::to_stdvec(&group).map_err(|e| WireError::Encode {
+            what: "a fused task".into(),
+            reason: e.to_string(),
+        })?;
+        Ok(WireTask {
+            function: FUSED_FUNCTION.to_owned(),
+            payload,
+        })
     }
 
     fn name(&self) -> &str {
@@ -290,6 +292,7 @@ mod tests {
     use super::super::testing::{draft, key, names, run, Does::*, Spec, D, N};
     use super::super::{assemble, inline::inline, optimize, Options};
     use super::*;
+    use crate::build::fused::resolve;
 
     fn fused(tasks: &[Spec<'_>], outputs: &[u32], keep: &[Key]) -> Arc<Plan> {
         let d = draft(tasks, outputs);
@@ -401,6 +404,102 @@ mod tests {
         let plan = assemble(d, &folds, false).plan;
         assert_eq!(names(&plan), vec!["sum+inc"]);
         assert_eq!(run(plan), vec![Ok(13)]);
+    }
+
+    /// Every task of `plan` as another process receives it: through its
+    /// wire form, resolved by the test registry.
+    fn received(plan: &Plan) -> Arc<Plan> {
+        let mut b = rask_executor::PlanBuilder::new();
+        for (i, task) in plan.tasks().iter().enumerate() {
+            let wire = task.op.to_wire().unwrap();
+            let op = if wire.function == FUSED_FUNCTION {
+                resolve(&wire.payload, super::super::testing::resolve).unwrap()
+            } else {
+                super::super::testing::resolve(&wire).unwrap()
+            };
+            b.push(task.key, op, plan.deps(i as u32));
+        }
+        for &o in plan.outputs() {
+            b.output(o);
+        }
+        Arc::new(b.build())
+    }
+
+    #[test]
+    fn a_fused_task_runs_the_same_from_its_wire_form() {
+        for does in [Sum(5), Fail, Panic] {
+            let tasks: &[Spec<'_>] = &[
+                ("x", N, Sum(1), &[]),
+                ("y", N, Sum(10), &[]),
+                ("v", D, Sum(100), &[]),
+                ("h", N, Sum(0), &[1, 0, 2, 1]),
+                ("mid", N, does, &[3]),
+                ("t", N, Sum(1000), &[4]),
+            ];
+            let d = draft(tasks, &[5]);
+            let folds = fuse(&d, inline(&d, Folds::new(&d, &Default::default())));
+            let plan = assemble(d, &folds, false).plan;
+            assert_eq!(names(&plan), vec!["x", "y", "h+mid+t"]);
+            let wired = received(&plan);
+            assert_eq!(wired.task(2).op.name(), "h+mid+t");
+            let want = run(unoptimized(tasks, &[5]));
+            assert_eq!(run(wired), want, "{does:?}");
+            if does != Sum(5) {
+                assert!(matches!(&want[0], Err((k, name, _)) if *k == key(4) && name == "mid"));
+            }
+        }
+    }
+
+    #[test]
+    fn wire_forms_that_do_not_make_a_program_are_refused() {
+        let step = |pushes, args, function: &str| WireStep {
+            key: [0; 32],
+            name: "s".into(),
+            function: function.into(),
+            payload: vec![0, 1, 0, 0, 0, 0, 0, 0, 0],
+            pushes,
+            args,
+        };
+        let encode = |steps| {
+            postcard::to_stdvec(&WireGroup {
+                name: "g".into(),
+                steps,
+            })
+            .unwrap()
+        };
+        let refused = |payload: Vec<u8>| {
+            matches!(
+                resolve(&payload, super::super::testing::resolve),
+                Err(WireError::Decode { .. })
+            )
+        };
+        assert!(refused(vec![0xff; 3]));
+        assert!(refused(encode(vec![])), "no step");
+        assert!(
+            refused(encode(vec![step(1, 2, "test")])),
+            "takes more than pushed"
+        );
+        assert!(
+            refused(encode(vec![step(2, 1, "test")])),
+            "leaves two values"
+        );
+        assert!(refused(encode(vec![step(0, 0, FUSED_FUNCTION)])), "nested");
+        // A count far beyond the inputs received fails the run, without a
+        // stack of that size.
+        let op = resolve(
+            &encode(vec![step(u32::MAX, u32::MAX, "test")]),
+            super::super::testing::resolve,
+        )
+        .unwrap();
+        let err = op.run(&mut [Some(Arc::new(1i64) as Value)]).unwrap_err();
+        assert!(err.message.contains("received 1 inputs"), "{}", err.message);
+        let ok = resolve(
+            &encode(vec![step(1, 1, "test")]),
+            super::super::testing::resolve,
+        )
+        .unwrap();
+        let got = ok.run(&mut [Some(Arc::new(1i64) as Value)]).unwrap();
+        assert_eq!(got.downcast_ref::<i64>(), Some(&2));
     }
 
     /// Checks that it holds the only reference to its input, then adds one.

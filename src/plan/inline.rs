@@ -33,7 +33,8 @@ pub(crate) fn inline(draft: &Draft, mut folds: Folds) -> Folds {
         let mut external_follows = false;
         for &d in draft.deps(c).iter().rev() {
             let du = d as usize;
-            if draft.weight(d) != Weight::Normal
+            if matches!(draft.weight(d), Weight::Data | Weight::Cheap)
+                && Folds::can_absorb(draft, c)
                 && folds.can_fold(draft, d)
                 && (!fallible[du] || !external_follows)
             {

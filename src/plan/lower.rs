@@ -10,6 +10,11 @@
 //!    task after its inputs (a post-order: `build::graph::postorder`). That
 //!    order is the plan order: a branch finishes before the next one starts,
 //!    which keeps few intermediate values alive at once.
+//! 3. For a cluster (`remote`), a task is [`Weight::Alone`] when the
+//!    cluster must see it as a task of its own ([`travels_alone`]): limits
+//!    and annotations apply per wire task, a held key is used in place
+//!    only as a task, and a future is waited for as one. A node replaced by
+//!    `cut` is alone too (its op was made elsewhere).
 
 use std::sync::Arc;
 
@@ -46,12 +51,13 @@ pub(crate) fn lower(
     roots: &[Arc<Node>],
     absorb: bool,
     repeatable: bool,
+    remote: bool,
     mut cut: impl FnMut(&Arc<Node>) -> Option<Arc<dyn Op>>,
 ) -> Draft {
     let mut marked = repeatable;
     if absorb {
         let mut absorbed = chain::Absorbed::default();
-        let lowered = lower_weighed(roots, Some(&mut absorbed), marked, &mut cut);
+        let lowered = lower_weighed(roots, Some(&mut absorbed), marked, remote, &mut cut);
         match lowered {
             Some((plan, weights, sizes)) => {
                 if !absorbed.conflict(plan.tasks().iter().map(|t| &t.key)) {
@@ -62,12 +68,12 @@ pub(crate) fn lower(
         }
     }
     if marked {
-        if let Some((plan, weights, _)) = lower_weighed(roots, None, true, &mut cut) {
+        if let Some((plan, weights, _)) = lower_weighed(roots, None, true, remote, &mut cut) {
             return Draft::new(plan, weights);
         }
     }
-    let (plan, weights, _) =
-        lower_weighed(roots, None, false, cut).expect("lowering by key map always succeeds");
+    let (plan, weights, _) = lower_weighed(roots, None, false, remote, cut)
+        .expect("lowering by key map always succeeds");
     Draft::new(plan, weights)
 }
 
@@ -78,6 +84,7 @@ fn lower_weighed(
     roots: &[Arc<Node>],
     absorbed: Option<&mut chain::Absorbed>,
     marked: bool,
+    remote: bool,
     cut: impl FnMut(&Arc<Node>) -> Option<Arc<dyn Op>>,
 ) -> Option<(Plan, Vec<Weight>, Vec<u32>)> {
     let mut b = PlanBuilder::new();
@@ -91,6 +98,7 @@ fn lower_weighed(
     };
     let emit = |node: &Arc<Node>, replacement: Option<Arc<dyn Op>>, deps: &[u32], size| {
         let weight = match replacement {
+            _ if remote && (replacement.is_some() || travels_alone(node)) => Weight::Alone,
             None if node.is_data() => Weight::Data,
             _ => Weight::Normal,
         };
@@ -113,4 +121,18 @@ fn lower_weighed(
         b.output(i);
     }
     Some((b.build(), weights, sizes))
+}
+
+/// Whether `node` must reach a cluster as a wire task of its own (rule 3):
+/// it has a timeout, retries or annotations, stands for a future, or holds
+/// a value the cluster keeps (which travels as its key, `rask.remote`).
+pub(crate) fn travels_alone(node: &Node) -> bool {
+    let call = &node.call;
+    call.timeout().is_some()
+        || call.retries() > 0
+        || call.annotations().is_some()
+        || call.is_future()
+        || call
+            .value()
+            .is_some_and(|v| v.is::<rask_executor::Remote>())
 }

@@ -75,7 +75,7 @@ use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rask_executor::{Key, Op, OpError, Plan, PlanBuilder};
+use rask_executor::{Key, Op, Plan, PlanBuilder};
 
 use crate::build::node::Node;
 
@@ -106,6 +106,9 @@ pub(crate) enum Weight {
     /// A node holding a value (a wrapped literal or a persisted result): never
     /// fails, costs one reference count to run.
     Data,
+    /// A task that must travel to a cluster as a task of its own
+    /// ([`Options::remote`]): never folded, and nothing is folded into it.
+    Alone,
 }
 
 /// A lowered graph before optimization: a topologically sorted [`Plan`], one
@@ -232,6 +235,12 @@ pub(crate) struct Options {
     /// Keys that must stay plan tasks of their own (invariant 2), e.g. the
     /// keys a client caches; outputs always do.
     pub(crate) keep: KeySet,
+    /// The plan goes to a cluster: every plan task travels as one wire task
+    /// (a fused one as `rask.fused`, `fuse` module docs), so a task whose
+    /// wire form or limits the cluster must see on their own is
+    /// [`Weight::Alone`] (`lower` rule 3), and chains are not absorbed while
+    /// lowering (a [`chain::Chain`] has no wire form).
+    pub(crate) remote: bool,
 }
 
 impl Default for Options {
@@ -248,6 +257,7 @@ impl Options {
             inline: true,
             fuse: true,
             keep: KeySet::default(),
+            remote: false,
         }
     }
 
@@ -258,13 +268,14 @@ impl Options {
             inline: false,
             fuse: false,
             keep: KeySet::default(),
+            remote: false,
         }
     }
 
     /// Whether lowering may absorb chains ([`chain`]): only when fuse would
     /// fold them anyway and no key must stay a task of its own.
     pub(crate) fn absorbs_chains(&self) -> bool {
-        self.fuse && self.keep.is_empty()
+        self.fuse && self.keep.is_empty() && !self.remote
     }
 
     /// Also keeps these keys as plan tasks of their own.
@@ -288,14 +299,7 @@ pub(crate) fn group_name(count: usize, listed: &[&str], last: &str) -> String {
     }
 }
 
-/// Names the step `(key, name)` as where `err` started, unless it already
-/// names one (a failure inside a fused task or a chain, invariant 5).
-pub(crate) fn named_origin(key: Key, name: &str, mut err: OpError) -> OpError {
-    if err.origin.is_none() {
-        err.origin = Some((key, Arc::from(name)));
-    }
-    err
-}
+pub(crate) use crate::build::fused::named_origin;
 
 /// Per task of a draft: whether it must stay a task (pinned) and whether a
 /// pass folded it into its only consumer.
@@ -340,10 +344,19 @@ impl Folds {
     }
 
     /// Whether task `i` of `draft` may be folded into its consumer: not
-    /// pinned, not yet folded, and consumed by exactly one edge (invariant
-    /// 3).
+    /// pinned, not yet folded, not [`Weight::Alone`], and consumed by
+    /// exactly one edge (invariant 3).
     pub(crate) fn can_fold(&self, draft: &Draft, i: u32) -> bool {
-        !self.pinned(i) && !self.folded(i) && draft.consumers(i) == 1
+        !self.pinned(i)
+            && !self.folded(i)
+            && draft.consumers(i) == 1
+            && draft.weight(i) != Weight::Alone
+    }
+
+    /// Whether task `c` of `draft` may take tasks folded into it: not
+    /// [`Weight::Alone`].
+    pub(crate) fn can_absorb(draft: &Draft, c: u32) -> bool {
+        draft.weight(c) != Weight::Alone
     }
 
     /// Folds task `i` into its only consumer.
@@ -389,7 +402,7 @@ pub(crate) fn plan(
     // The clock is read only when asked.
     let start = record.is_some().then(Instant::now);
     let repeatable = asks == Asks::Repeatable;
-    let draft = lower::lower(roots, opts.absorbs_chains(), repeatable, cut);
+    let draft = lower::lower(roots, opts.absorbs_chains(), repeatable, opts.remote, cut);
     let Some(record) = record else {
         return pipeline(draft, opts, false, None).plan;
     };
@@ -584,7 +597,7 @@ impl Shape {
         match weight {
             _ if size > 1 => Shape::Fused(size),
             Weight::Data => Shape::Data,
-            Weight::Normal | Weight::Cheap => Shape::Task,
+            Weight::Normal | Weight::Cheap | Weight::Alone => Shape::Task,
         }
     }
 }
@@ -595,7 +608,8 @@ pub(crate) mod testing {
     use std::sync::{Arc, Mutex};
 
     use rask_executor::{
-        Executor, FailureKind, Key, Op, OpError, Outcome, PlanBuilder, Reporter, Synchronous, Value,
+        Executor, FailureKind, Key, Op, OpError, Outcome, PlanBuilder, Reporter, Synchronous,
+        Value, WireError, WireTask,
     };
 
     use super::{Draft, Weight};
@@ -634,6 +648,45 @@ pub(crate) mod testing {
         fn name(&self) -> &str {
             &self.name
         }
+
+        /// `test`, the name and what it does as bytes ([`resolve`]).
+        fn to_wire(&self) -> Result<WireTask, WireError> {
+            let mut payload = match self.does {
+                Does::Sum(c) => [&[0u8][..], &c.to_le_bytes()].concat(),
+                Does::Fail => vec![1],
+                Does::Panic => vec![2],
+            };
+            payload.extend_from_slice(self.name.as_bytes());
+            Ok(WireTask {
+                function: "test".into(),
+                payload,
+            })
+        }
+    }
+
+    /// A test task from its wire form, as a worker's registry would make
+    /// it; anything else is unregistered. The name is always `wired`, so
+    /// that a fused task's received steps must be renamed to their own.
+    pub(crate) fn resolve(wire: &WireTask) -> Result<Arc<dyn Op>, WireError> {
+        let unknown = || WireError::Unregistered {
+            function: wire.function.clone(),
+        };
+        if wire.function != "test" {
+            return Err(unknown());
+        }
+        let does = match wire.payload.first() {
+            Some(0) => {
+                let bytes = wire.payload.get(1..9).ok_or_else(unknown)?;
+                Does::Sum(i64::from_le_bytes(bytes.try_into().map_err(|_| unknown())?))
+            }
+            Some(1) => Does::Fail,
+            Some(2) => Does::Panic,
+            _ => return Err(unknown()),
+        };
+        Ok(Arc::new(TestOp {
+            name: "wired".into(),
+            does,
+        }))
     }
 
     /// The key of test task `i`.
@@ -669,6 +722,7 @@ pub(crate) mod testing {
     pub(crate) const N: Weight = Weight::Normal;
     pub(crate) const C: Weight = Weight::Cheap;
     pub(crate) const D: Weight = Weight::Data;
+    pub(crate) const A: Weight = Weight::Alone;
 
     /// What a plan's outputs came out as: the value, or the failed task's
     /// key, name and kind.
@@ -817,7 +871,7 @@ mod tests {
 mod properties {
     use proptest::prelude::*;
 
-    use super::testing::{draft, key, run, Does, C, D, N};
+    use super::testing::{draft, key, run, Does, A, C, D, N};
     use super::*;
 
     /// One task: weight, what it does, inputs (indices of earlier tasks).
@@ -837,7 +891,7 @@ mod properties {
                         1 => Just(Does::Panic),
                     ];
                     let call = (
-                        prop_oneof![Just(N), Just(C)],
+                        prop_oneof![Just(N), Just(C), Just(A)],
                         does,
                         proptest::collection::vec(0..i, 1..4),
                     );
@@ -887,6 +941,14 @@ mod properties {
             }
             for &i in keep_at.iter().filter(|&&i| needed[i]) {
                 prop_assert!(plan.tasks().iter().any(|t| t.key == key(i)), "kept task {} folded", i);
+            }
+            // An alone task is a task of its own, with nothing folded into
+            // it: every input of its own is still an input.
+            for i in (0..tasks.len()).filter(|&i| needed[i] && tasks[i].0 == A) {
+                let at = plan.tasks().iter().position(|t| t.key == key(i));
+                prop_assert!(at.is_some(), "alone task {} folded", i);
+                let deps = at.map_or(0, |at| plan.deps(at as u32).len());
+                prop_assert_eq!(deps, tasks[i].2.len(), "something folded into alone task {}", i);
             }
             prop_assert!(plan.len() <= tasks.len());
             prop_assert_eq!(run(plan), want);

@@ -282,9 +282,9 @@ pub(crate) fn run(roots: &[Arc<Node>], config: &Config) -> Result<Vec<Value>> {
     let mut options = options(config)?;
     if backend.is_remote() {
         crate::build::registry::check_sendable(roots)?;
-        // Fused and inlined tasks exist only in this process.
-        options.inline = false;
-        options.fuse = false;
+        // Fused tasks travel as one wire task each (`plan::fuse`, "On a
+        // cluster"); what the cluster must see alone stays alone.
+        options.remote = true;
     }
     // Cached tasks: hits replace what they stand for, misses become extra
     // outputs, written as they arrive (`cache` rules 1, 2).
