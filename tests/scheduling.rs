@@ -36,6 +36,8 @@ fn pid(_i: i64) -> u32 {
 
 /// Waits (at most 30 s) until the file `path` exists.
 fn blocker(path: String) -> i64 {
+    // Says it started, for tests that must not act before it runs.
+    let _ = std::fs::write(format!("{path}.started"), b"");
     let deadline = Instant::now() + Duration::from_secs(30);
     while !std::path::Path::new(&path).exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(2));
@@ -251,6 +253,15 @@ fn a_task_whose_worker_left_waits_with_a_reason() {
     let waiting = client
         .submit(delayed!(pid(7)).resources([("GPU", 1.0)]).unwrap())
         .unwrap();
+    // Only once the GPU worker runs the blocker: a graph that reached the
+    // scheduler after the worker was gone would fail at once instead
+    // (an impossible request), which is another test's case.
+    let started = dir.join("gate.started");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !started.exists() {
+        assert!(Instant::now() < deadline, "the blocker never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let gpu = &mut cluster.workers[1];
     gpu.kill().unwrap();
     gpu.wait().unwrap();
