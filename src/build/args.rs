@@ -308,22 +308,47 @@ impl<T: Data> Slot<T> for Literal<T> {
     }
 }
 
-/// An [`Untraversed`] value, kept in the task as is; it travels as a
-/// literal (a `Delayed` inside it as its graph, `travel.rs`).
+/// An [`Untraversed`] value, kept in the task as is, and the keys of the
+/// futures inside it, which are task inputs (`travel.rs` rule 5). It
+/// travels as a literal (a `Delayed` inside it as its graph), or, with
+/// futures, as its bytes and how many inputs they take (`travel.rs`
+/// rules 6 and 7).
 #[doc(hidden)]
-pub struct Opaque<T>(T);
+pub struct Opaque<T> {
+    value: T,
+    futures: Vec<rask_executor::Key>,
+}
 
 impl<T: Data> Slot<T> for Opaque<T> {
     #[inline]
-    fn extract(&self, _: &mut Inputs<'_>) -> Result<T, OpError> {
-        Ok(self.0.clone())
+    fn extract(&self, inputs: &mut Inputs<'_>) -> Result<T, OpError> {
+        // In this process the futures are passed as they are: their
+        // inputs only made the task wait for them.
+        for _ in &self.futures {
+            inputs.next_value()?;
+        }
+        Ok(self.value.clone())
     }
     fn template(&self, out: &mut Template) -> Result<(), WireError> {
-        out.bytes(&crate::build::travel::encode_untraversed(&self.0)?);
+        if !self.futures.is_empty() {
+            // Never reached: an `Untraversed` is a whole argument, never
+            // a part of a structure.
+            return Err(WireError::NotSerializable {
+                what: "an untraversed value holding futures, inside a structure".into(),
+            });
+        }
+        out.bytes(&crate::build::travel::encode_untraversed(&self.value, &[])?);
         Ok(())
     }
     fn wire(&self) -> Result<WireArg, WireError> {
-        crate::build::travel::encode_untraversed(&self.0).map(WireArg::Literal)
+        let bytes = crate::build::travel::encode_untraversed(&self.value, &self.futures)?;
+        if self.futures.is_empty() {
+            return Ok(WireArg::Literal(bytes));
+        }
+        let inputs = u32::try_from(self.futures.len()).map_err(|_| WireError::NotSerializable {
+            what: "an untraversed value holding more than 2^32 - 1 futures".into(),
+        })?;
+        Ok(WireArg::Bound { bytes, inputs })
     }
 }
 
@@ -649,8 +674,20 @@ impl<T: Data + Hash> IntoArg<T, mode::Opaque> for Untraversed<T> {
     fn into_arg(self, args: &mut Args) -> Opaque<T> {
         args.hasher.bytes(b"untraversed");
         args.hashed(&self.0);
+        // Its futures are inputs (`travel.rs` rule 5); their keys are in
+        // the key as inputs too.
+        let futures = crate::build::travel::futures_in(&self.0)
+            .iter()
+            .map(|node| {
+                args.input(node);
+                node.key
+            })
+            .collect();
         args.next_position();
-        Opaque(self.0)
+        Opaque {
+            value: self.0,
+            futures,
+        }
     }
 }
 

@@ -1396,6 +1396,35 @@ impl Shared {
     }
 }
 
+/// A finished future of `key` holding `value`, made where a task receives
+/// a future inside an untraversed argument (`travel.rs` rule 7).
+///
+/// It belongs to one table per process that no executor runs anything
+/// for: the value is already here (the task's input), so nothing of it
+/// depends on the cluster any more, and no release there can take it
+/// away. Passed on to a graph, it is data, as any finished future of
+/// another client is (`FutureCall`).
+pub(crate) fn holding<T>(key: Key, name: Name, value: Value) -> Future<T> {
+    static HELD: std::sync::OnceLock<Arc<Shared>> = std::sync::OnceLock::new();
+    let shared = HELD.get_or_init(|| {
+        Client::on(
+            Backend::Synchronous(rask_executor::Synchronous),
+            ExecutorKind::Synchronous,
+            false,
+        )
+        .inner
+    });
+    {
+        let mut table = shared.lock();
+        let entry = table.entry(key).or_insert_with(|| Entry {
+            state: State::Finished(value),
+            ..Entry::pending()
+        });
+        entry.refs += 1;
+    }
+    Future::new(shared.clone(), key, name)
+}
+
 /// A node standing for a future inside a graph: its value is the future's.
 pub(crate) struct FutureCall {
     pub(crate) handle: Arc<crate::futures::future::Handle>,

@@ -328,6 +328,63 @@ impl<T: Data> Traverse<T> for Future<T> {
     }
 }
 
+/// Two futures hash alike when their keys are equal, as `Delayed`s do:
+/// what [`Untraversed`](crate::Untraversed) hashes into a task's key.
+impl<T> std::hash::Hash for Future<T> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.handle.key.hash(state)
+    }
+}
+
+/// A future as it travels inside an [`Untraversed`](crate::Untraversed)
+/// value (`travel.rs` rule 6).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct WireFuture<N> {
+    /// Its position among the task's inputs.
+    index: u32,
+    key: [u8; 32],
+    name: N,
+}
+
+/// A future serializes only inside an [`Untraversed`](crate::Untraversed)
+/// task argument, where it is one of the task's inputs: as its position
+/// among them, its key and its name (`travel.rs` rules 5 and 6). Anywhere
+/// else (a task's result, a plain value sent to a cluster) it fails,
+/// saying so.
+impl<T> serde::Serialize for Future<T> {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        let index = crate::build::travel::handle_index(self.handle.key, || self.node())
+            .map_err(crate::build::travel::refuse)?;
+        WireFuture {
+            index,
+            key: self.handle.key.0,
+            name: &*self.handle.name,
+        }
+        .serialize(serializer)
+    }
+}
+
+/// Where a task runs, a future of its [`Untraversed`](crate::Untraversed)
+/// argument comes back finished, holding the value of the task input it
+/// names (`travel.rs` rule 7). Anywhere else it fails, saying so.
+impl<'de, T> serde::Deserialize<'de> for Future<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        let wire = WireFuture::<String>::deserialize(deserializer)?;
+        let value = crate::build::travel::bound_input(wire.index)
+            .map_err(crate::build::travel::refuse_decoding)?;
+        Ok(crate::futures::client::holding(
+            Key(wire.key),
+            Name::Owned(wire.name),
+            value,
+        ))
+    }
+}
+
 impl<T: Data> Traverse<Arc<T>> for Future<T> {
     type Slot = SharedSlot<T>;
     fn traverse(&self, args: &mut Args) -> SharedSlot<T> {
