@@ -237,6 +237,11 @@ impl Args {
 
     fn literal<T: serde::Serialize + ?Sized>(&mut self, value: &T) {
         if let Err(e) = self.hasher.literal(value) {
+            // A future's message (`travel.rs` rule 6) is kept aside.
+            let e = match (e, crate::build::travel::why()) {
+                (postcard::Error::SerdeSerCustom, Some(why)) => why,
+                (e, _) => e.to_string(),
+            };
             self.fail(|| {
                 format!(
                     "of type `{}` could not be serialized for its key: {e}",

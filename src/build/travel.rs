@@ -92,6 +92,11 @@ pub(crate) fn refuse<E: serde::ser::Error>(message: String) -> E {
     E::custom(message)
 }
 
+/// The message of the last [`refuse`] on this thread, taken.
+pub(crate) fn why() -> Option<String> {
+    WHY.try_with(|w| w.take()).ok().flatten()
+}
+
 /// As [`refuse`], for a value that cannot be rebuilt here; [`decode_bound`]
 /// finds the message.
 pub(crate) fn refuse_decoding<E: serde::de::Error>(message: String) -> E {
@@ -193,10 +198,13 @@ pub(crate) fn handle_index(key: Key, node: impl FnOnce() -> Arc<Node>) -> Result
                     key.short()
                 )
             }),
-        None => Err("a `Future` travels to another process only inside \
-                     `rask::Untraversed(…)` given to `delayed!` (not as a task's result, \
-                     nor as a plain value); pass it as an argument (`&future`) for its value"
-            .to_owned()),
+        None => Err(
+            "a `Future` is serialized only inside a `rask::Untraversed(…)` task \
+                     argument: pass `Untraversed(future)` for the future itself, or `&future` \
+                     for its value; a future is no plain value, and no task result that \
+                     leaves its process"
+                .to_owned(),
+        ),
     })
 }
 
@@ -399,7 +407,7 @@ mod tests {
         install(Tasks::new());
         let a = crate::value(1i64) + 1;
         let total = &a + &(&a * 2);
-        let bytes = encode_untraversed(&total).unwrap();
+        let bytes = encode_untraversed(&total, &[]).unwrap();
         let graph: Vec<WireNode> = postcard::from_bytes(&bytes).unwrap();
         assert_eq!(graph.len(), 4, "the shared node once");
         assert_eq!(graph.last().map(|n| n.key), Some(total.key().key().0));
@@ -416,8 +424,8 @@ mod tests {
         };
         assert_eq!(keys(&back), keys(&total));
         // Sent on, each node is the wire task it arrived as.
-        assert_eq!(encode_untraversed(&back).unwrap(), bytes);
-        let err = encode_untraversed(&vec![crate::delayed!(lonely(3))]).unwrap_err();
+        assert_eq!(encode_untraversed(&back, &[]).unwrap(), bytes);
+        let err = encode_untraversed(&vec![crate::delayed!(lonely(3))], &[]).unwrap_err();
         assert!(err.to_string().contains("lonely"), "{err}");
     }
 

@@ -996,3 +996,61 @@ impl fmt::Debug for AnyFuture {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::travel::{decode_bound, encode_untraversed};
+
+    fn inc(x: i64) -> i64 {
+        x + 1
+    }
+
+    fn key_of(f: Future<i64>) -> String {
+        f.key().to_string()
+    }
+
+    /// A future travels as its position among the task's inputs and comes
+    /// back finished with that input's value, under its key; a position
+    /// that is not an input, or no inputs at all, fail with a message.
+    #[test]
+    fn a_future_travels_as_its_input_and_comes_back_finished() {
+        let client = crate::Client::synchronous().unwrap();
+        let f = client.submit(crate::delayed!(inc(1))).unwrap();
+        let bytes = encode_untraversed(&vec![f.clone()], &[f.key().key()]).unwrap();
+        let value: Value = Arc::new(Encoded::new(Arc::from(
+            postcard::to_stdvec(&7_i64).unwrap(),
+        )));
+        let back: Vec<Future<i64>> = decode_bound(&bytes, vec![value]).unwrap();
+        assert_eq!(back[0].key(), f.key());
+        assert_eq!(back[0].status(), Status::Finished);
+        assert_eq!(back[0].result().unwrap(), 7);
+        let err = decode_bound::<Vec<Future<i64>>>(&bytes, Vec::new())
+            .err()
+            .unwrap();
+        assert!(err.contains("names input 0"), "{err}");
+        let err = postcard::from_bytes::<Future<i64>>(&bytes[1..]).err();
+        assert!(err.is_some());
+        // Not among the task's inputs: refused, not guessed.
+        let err = encode_untraversed(&f, &[]).unwrap_err();
+        assert!(err.to_string().contains("not among the inputs"), "{err}");
+    }
+
+    /// A future given as a plain value (not `Untraversed`) fails its task
+    /// with a message that says what to write.
+    #[test]
+    fn a_future_as_a_plain_value_says_what_to_write() {
+        let client = crate::Client::synchronous().unwrap();
+        let f = client.submit(crate::delayed!(inc(1))).unwrap();
+        let err = crate::delayed!(key_of(f.clone()))
+            .compute_with(&crate::Config::synchronous())
+            .unwrap_err();
+        assert!(err.to_string().contains("Untraversed(future)"), "{err}");
+        assert_eq!(
+            crate::delayed!(key_of(crate::Untraversed(f.clone())))
+                .compute_with(&crate::Config::synchronous())
+                .unwrap(),
+            f.key().to_string()
+        );
+    }
+}
