@@ -74,6 +74,7 @@ fn cluster_tasks() -> rask::Tasks {
         distributed::key_of,
         distributed::results_of?,
         distributed::len_of?,
+        distributed::submit_inc?,
         sim_cluster::inc,
         sim_cluster::add,
         sim_cluster::sum,
@@ -92,6 +93,7 @@ fn cluster_tasks() -> rask::Tasks {
         sim_cluster::key_of,
         sim_cluster::results_of?,
         sim_cluster::len_of?,
+        sim_cluster::submit_inc?,
         support::leaf,
         support::mix?,
         support::tree_inc,
@@ -157,6 +159,11 @@ for_each_executor! {
     /// The length of plain untraversed data.
     pub(crate) fn length(bytes: Vec<u8>) -> usize {
         bytes.len()
+    }
+
+    /// Submits `inc(x)` through a client of its own and waits for it.
+    pub(crate) fn submit_inc(x: i64) -> Result<i64, Error> {
+        rask::Client::with_config(&config())?.submit(delayed!(inc(x)))?.result()
     }
 
     /// The value of the future it was given as is (untraversed).
@@ -351,6 +358,18 @@ for_each_executor! {
         let parts: Vec<Delayed<i64>> = (0..8).map(|i| delayed!(outer(i))).collect();
         let got = rask::compute_with(parts, &config()).unwrap();
         assert_eq!(got, (0..8).map(|i| (i + 1) * 2).collect::<Vec<_>>());
+    }
+
+    /// A task that started once a future it takes was done, and submits
+    /// work of its own and waits for it, gets it: a thread pool may run
+    /// such a task on the thread that started it, where its submission
+    /// used to queue behind it for ever.
+    #[test]
+    fn a_task_started_behind_a_future_waits_for_its_own_submissions() {
+        let client = rask::Client::with_config(&config()).unwrap();
+        let f = client.submit(delayed!(add(delayed!(nap(30)), 41))).unwrap();
+        let r = client.submit(delayed!(submit_inc(&f)?)).unwrap();
+        assert_eq!(r.result().unwrap(), 42);
     }
 
     /// `Untraversed` values reach the task as they are, on every executor:

@@ -1007,6 +1007,21 @@ thread_local! {
     static QUEUE: std::cell::RefCell<Option<Vec<Scheduled>>> = const { std::cell::RefCell::new(None) };
 }
 
+/// Starts the graphs queued on this thread ([`QUEUE`]) now. Called before
+/// a thread blocks on a future: an executor may run a task on the thread
+/// that started it, inside the outer `schedule` (a thread pool's worker
+/// takes part in a plan it submits), and a graph that task submits is then
+/// queued behind it; waiting for it there would wait forever.
+pub(crate) fn start_queued() {
+    while let Some((shared, roots)) = QUEUE
+        .try_with(|q| q.borrow_mut().as_mut().and_then(Vec::pop))
+        .ok()
+        .flatten()
+    {
+        shared.start(roots);
+    }
+}
+
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, KeyMap<Entry>> {
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
@@ -1280,6 +1295,7 @@ impl Shared {
         if !state.is_pending() {
             return state;
         }
+        start_queued();
         let task = rask_executor::Stop::current();
         rask_executor::blocking(|| self.wait_pending(key, deadline, &task))
     }

@@ -644,6 +644,18 @@ impl<F: Waitable> Iterator for AsCompleted<F> {
             self.outstanding -= 1;
             return Some(f);
         }
+        // Work this thread queued is started first (`start_queued`).
+        drop(done);
+        crate::futures::client::start_queued();
+        let mut done = self
+            .queue
+            .done
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(f) = done.futures.pop_front() {
+            self.outstanding -= 1;
+            return Some(f);
+        }
         // Inside a task on a cluster worker, its thread is given back
         // while it waits (`rask_executor::blocking`).
         let queue = &self.queue;
