@@ -16,7 +16,7 @@
 //! | `Option<X>` | `Option<A>` | the element converted, or `None` |
 //! | `BTreeMap<K, X>`, `HashMap<K, X>` | the same map of `A` | each value converted; keys are literals |
 //! | `(X1, X2, ...)` (up to 6) | `(A1, A2, ...)` | each element converted |
-//! | [`Untraversed<T>`] | `T` | the value as is, even if it holds `Delayed`s |
+//! | [`Untraversed<T>`] | `T` | the value as is, even if it holds `Delayed`s or futures (each future also an input) |
 //!
 //! In the rows with `X`, each `X` is itself any argument of the rows above
 //! except a plain value or `Untraversed` (a [`Traverse`] type): structures
@@ -660,16 +660,49 @@ tuple_args!(A0 X0 S0 0, A1 X1 S1 1, A2 X2 S2 2, A3 X3 S3 3, A4 X4 S4 4, A5 X5 S5
 /// graph calls a function that is not registered (or a closure that
 /// captures variables) cannot travel: the submission fails, naming it.
 ///
+/// # Futures
+///
+/// A [`Future`](crate::Future) inside the value (alone, or anywhere in a
+/// structure) reaches the task as a future of the same key whose
+/// [`result`](crate::Future::result) is its value, on every executor. Each
+/// is also an input of the task, so:
+///
+/// - the task starts once the futures are done, and its key depends on
+///   theirs (distinct futures, distinct keys);
+/// - the value stays available until the task ran, even if the submitter
+///   dropped its future meanwhile: the graph holds the future, and a
+///   cluster keeps the value for the task that needs it (and computes it
+///   again if a worker holding it died);
+/// - a failed or cancelled future fails the task with its failure, before
+///   the task runs (the task never sees a failed future);
+/// - on a cluster the value is fetched to the task's worker, as a
+///   traversed input's would be, and the future the task receives holds it:
+///   `result()` returns at once, and the future can be passed on to nested
+///   work (it is sent as data). In this process, the future is the one
+///   given.
+///
+/// A future serializes only here: as a plain value or a task's result sent
+/// to another process it fails, saying to write `Untraversed(future)` (or
+/// `&future` for its value).
+///
 /// # Examples
 ///
 /// ```
-/// use rask::{delayed, Delayed, Untraversed};
+/// use rask::{delayed, Client, Delayed, Future, Untraversed};
 ///
 /// fn count(parts: Vec<Delayed<i64>>) -> usize { parts.len() }
+/// fn read(f: Future<i64>) -> rask::Result<i64> { f.result() }
 ///
 /// let parts = vec![rask::value(1), rask::value(2)];
 /// let n = delayed!(count(Untraversed(parts)));
 /// assert_eq!(n.compute().unwrap(), 2);
+///
+/// let client = Client::threads(2)?;
+/// let f = client.submit(rask::value(41_i64) + 1)?;
+/// let r = client.submit(delayed!(read(Untraversed(f.clone()))?))?;
+/// drop(f);                                   // the task still gets it
+/// assert_eq!(r.result()?, 42);
+/// # Ok::<(), rask::Error>(())
 /// ```
 #[derive(Debug, Clone)]
 pub struct Untraversed<T>(pub T);
