@@ -45,7 +45,7 @@
 //! | `Option<X>` | `Option<A>` | the element converted, or `None` |
 //! | `BTreeMap<K, X>` / `HashMap<K, X>` | the same map of `A` | every value converted |
 //! | `(X1, X2, …)` (up to 6) | `(A1, A2, …)` | every element converted |
-//! | [`Untraversed<T>`] | `T` | the value as is |
+//! | [`Untraversed<T>`] | `T` | the value as is (its futures are inputs too) |
 //!
 //! Each `X` is a `Delayed`, a future or again a structure ([`Traverse`]),
 //! to any depth: `vec![vec![&a, &b], vec![&c]]` is a `Vec<Vec<T>>`. The key

@@ -291,6 +291,29 @@ fn sum_given(parts: Vec<Delayed<i64>>) -> Result<i64, String> {
     Ok(got.iter().sum())
 }
 
+/// Sleeps `ms` milliseconds, then returns `x`.
+fn slow_value(ms: u64, x: i64) -> i64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    x
+}
+
+/// The value of the future it was given untraversed, and `inc` of it
+/// computed by a nested submission that takes the future as an argument.
+fn use_future(f: Future<i64>) -> Result<(i64, i64), String> {
+    let value = f.result().map_err(|e| format!("{e:#}"))?;
+    let client = Client::new().map_err(|e| format!("{e:#}"))?;
+    let nested = client
+        .submit(delayed!(inc(&f)))
+        .and_then(|n| n.result())
+        .map_err(|e| format!("{e:#}"))?;
+    Ok((value, nested))
+}
+
+/// The length of the value of the future it was given untraversed.
+fn len_given(f: Future<Vec<u8>>) -> Result<usize, String> {
+    f.result().map(|v| v.len()).map_err(|e| format!("{e:#}"))
+}
+
 /// Stamps the file at `path`, naps 50 ms and returns `i`.
 fn slow_stamp(path: String, i: i64) -> i64 {
     stamp(path, i);
@@ -424,6 +447,35 @@ fn nested_scenario() {
     let err = client.submit(stray).and_then(|f| f.result()).unwrap_err();
     assert!(err.to_string().contains("lonely"), "{err}");
     println!("ok untraversed");
+
+    // Futures given untraversed reach the task as futures it can read and
+    // pass on to nested work; the submitter's own future dropped before
+    // the task runs changes nothing; a failed one fails the task with its
+    // failure; a big value stays on the cluster until the task reads it.
+    let pending = client.submit(delayed!(slow_value(300, 41))).unwrap();
+    let used = client
+        .submit(delayed!(use_future(rask::Untraversed(pending.clone()))?))
+        .unwrap();
+    drop(pending);
+    assert_eq!(used.result().unwrap(), (41, 42));
+    let big = client.scatter(vec![3u8; 200_000]).unwrap();
+    let len = client
+        .submit(delayed!(len_given(rask::Untraversed(big.clone()))?))
+        .unwrap();
+    drop(big);
+    assert_eq!(len.result().unwrap(), 200_000);
+    let bad = client.submit(delayed!(half(7)?)).unwrap();
+    let failed = client
+        .submit(delayed!(use_future(rask::Untraversed(bad.clone()))?))
+        .unwrap();
+    match failed.result() {
+        Err(Error::Task { key, message, .. }) => {
+            assert_eq!(key, bad.key());
+            assert!(message.contains("7 is odd"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    println!("ok untraversed future");
     drop((outer, client));
 }
 
@@ -940,7 +992,8 @@ fn nested_computation_on_one_thread_workers() {
             "ok failing child",
             "ok cancel",
             "ok kill",
-            "ok untraversed"
+            "ok untraversed",
+            "ok untraversed future"
         ],
         "{out}\n{err}"
     );
@@ -1435,7 +1488,10 @@ fn main() {
         halves?,
         slow_stamp,
         slow_fan_out?,
-        sum_given?
+        sum_given?,
+        slow_value,
+        use_future?,
+        len_given?
     ])));
     if std::env::var_os(OUTPUT_SCENARIO_ENV).is_some() {
         output_scenario();

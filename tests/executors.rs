@@ -70,6 +70,11 @@ fn cluster_tasks() -> rask::Tasks {
         distributed::total_of,
         distributed::keys_of,
         distributed::length,
+        distributed::result_of?,
+        distributed::key_of,
+        distributed::results_of?,
+        distributed::len_of?,
+        distributed::submit_inc?,
         sim_cluster::inc,
         sim_cluster::add,
         sim_cluster::sum,
@@ -84,6 +89,11 @@ fn cluster_tasks() -> rask::Tasks {
         sim_cluster::total_of,
         sim_cluster::keys_of,
         sim_cluster::length,
+        sim_cluster::result_of?,
+        sim_cluster::key_of,
+        sim_cluster::results_of?,
+        sim_cluster::len_of?,
+        sim_cluster::submit_inc?,
         support::leaf,
         support::mix?,
         support::tree_inc,
@@ -149,6 +159,31 @@ for_each_executor! {
     /// The length of plain untraversed data.
     pub(crate) fn length(bytes: Vec<u8>) -> usize {
         bytes.len()
+    }
+
+    /// Submits `inc(x)` through a client of its own and waits for it.
+    pub(crate) fn submit_inc(x: i64) -> Result<i64, Error> {
+        rask::Client::with_config(&config())?.submit(delayed!(inc(x)))?.result()
+    }
+
+    /// The value of the future it was given as is (untraversed).
+    pub(crate) fn result_of(f: rask::Future<i64>) -> Result<i64, Error> {
+        f.result()
+    }
+
+    /// The key of the future it was given as is.
+    pub(crate) fn key_of(f: rask::Future<i64>) -> String {
+        f.key().to_string()
+    }
+
+    /// The sum of the values of the named futures it was given as they are.
+    pub(crate) fn results_of(fs: Vec<(String, rask::Future<i64>)>) -> Result<i64, Error> {
+        fs.iter().map(|(_, f)| f.result()).sum()
+    }
+
+    /// The length of the value of the future it was given as is.
+    pub(crate) fn len_of(f: rask::Future<Vec<u8>>) -> Result<usize, Error> {
+        Ok(f.result()?.len())
     }
 
     /// Sleeps `ms` milliseconds.
@@ -359,6 +394,18 @@ for_each_executor! {
         assert_eq!(got, (0..8).map(|i| (i + 1) * 2).collect::<Vec<_>>());
     }
 
+    /// A task that started once a future it takes was done, and submits
+    /// work of its own and waits for it, gets it: a thread pool may run
+    /// such a task on the thread that started it, where its submission
+    /// used to queue behind it for ever.
+    #[test]
+    fn a_task_started_behind_a_future_waits_for_its_own_submissions() {
+        let client = rask::Client::with_config(&config()).unwrap();
+        let f = client.submit(delayed!(add(delayed!(nap(30)), 41))).unwrap();
+        let r = client.submit(delayed!(submit_inc(&f)?)).unwrap();
+        assert_eq!(r.result().unwrap(), 42);
+    }
+
     /// `Untraversed` values reach the task as they are, on every executor:
     /// `Delayed`s as handles the task computes itself (on a cluster, its
     /// graph travels and is rebuilt under the same keys), plain data as
@@ -379,6 +426,51 @@ for_each_executor! {
         let n = delayed!(length(Untraversed(vec![3u8; 10])));
         assert_eq!(n.compute_with(&config()).unwrap(), 10);
         assert_ne!(n.key(), delayed!(length(Untraversed(vec![3u8; 11]))).key());
+    }
+
+    /// A future given untraversed reaches the task as a future of the same
+    /// key whose `result()` is its value, on every executor: alone, in a
+    /// structure, a big value a cluster holds, one whose submitter dropped
+    /// it before the task ran; a failed one fails the task with its
+    /// failure. The task's key follows the futures' keys.
+    #[test]
+    fn untraversed_futures_reach_the_task_as_futures() {
+        use rask::Untraversed;
+        let client = rask::Client::with_config(&config()).unwrap();
+        let f = client.submit(delayed!(inc(41))).unwrap();
+        let g = client.submit(delayed!(inc(1))).unwrap();
+        let got = delayed!(result_of(Untraversed(f.clone()))?);
+        assert_eq!(got.compute_with(&config()).unwrap(), 42);
+        assert_eq!(client.submit(&got).unwrap().result().unwrap(), 42);
+        let key = delayed!(key_of(Untraversed(f.clone()))).compute_with(&config()).unwrap();
+        assert_eq!(key, f.key().to_string());
+        assert_eq!(delayed!(result_of(Untraversed(f.clone()))?).key(), got.key());
+        assert_ne!(delayed!(result_of(Untraversed(g.clone()))?).key(), got.key());
+        let named = |fs: &[&rask::Future<i64>]| -> Vec<(String, rask::Future<i64>)> {
+            fs.iter().map(|f| (f.key().to_string(), (*f).clone())).collect()
+        };
+        let all = delayed!(results_of(Untraversed(named(&[&f, &g, &f])))?);
+        assert_eq!(all.compute_with(&config()).unwrap(), 42 + 2 + 42);
+        assert_ne!(all.key(), delayed!(results_of(Untraversed(named(&[&f, &g])))?).key());
+
+        // Over 64 KiB: a cluster holds it and the task's input fetches it.
+        let big = client.scatter(vec![7u8; 100_000]).unwrap();
+        assert_eq!(delayed!(len_of(Untraversed(big.clone()))?).compute_with(&config()).unwrap(), 100_000);
+
+        // The submitter lets go of its future before the task runs: the
+        // graph holds it, and the task runs once it is done.
+        let slow = client.submit(delayed!(add(delayed!(nap(50)), 7))).unwrap();
+        let later = delayed!(result_of(Untraversed(slow.clone()))?);
+        drop(slow);
+        let pending = client.submit(&later).unwrap();
+        drop(later);
+        assert_eq!(pending.result().unwrap(), 7);
+
+        let bad = client.submit(delayed!(parse("x".to_string())?)).unwrap();
+        let err = delayed!(result_of(Untraversed(bad.clone()))?).compute_with(&config()).unwrap_err();
+        assert!(matches!(&err, Error::Task { key, .. } if *key == bad.key()), "{err}");
+        let err = client.submit(delayed!(result_of(Untraversed(bad.clone()))?)).unwrap().result().unwrap_err();
+        assert!(matches!(&err, Error::Task { key, .. } if *key == bad.key()), "{err}");
     }
 
     /// Per key: the task's name and its event kinds in arrival order.

@@ -16,7 +16,7 @@
 //! | `Option<X>` | `Option<A>` | the element converted, or `None` |
 //! | `BTreeMap<K, X>`, `HashMap<K, X>` | the same map of `A` | each value converted; keys are literals |
 //! | `(X1, X2, ...)` (up to 6) | `(A1, A2, ...)` | each element converted |
-//! | [`Untraversed<T>`] | `T` | the value as is, even if it holds `Delayed`s |
+//! | [`Untraversed<T>`] | `T` | the value as is, even if it holds `Delayed`s or futures (each future also an input) |
 //!
 //! In the rows with `X`, each `X` is itself any argument of the rows above
 //! except a plain value or `Untraversed` (a [`Traverse`] type): structures
@@ -237,6 +237,11 @@ impl Args {
 
     fn literal<T: serde::Serialize + ?Sized>(&mut self, value: &T) {
         if let Err(e) = self.hasher.literal(value) {
+            // A future's message (`travel.rs` rule 6) is kept aside.
+            let e = match (e, crate::build::travel::why()) {
+                (postcard::Error::SerdeSerCustom, Some(why)) => why,
+                (e, _) => e.to_string(),
+            };
             self.fail(|| {
                 format!(
                     "of type `{}` could not be serialized for its key: {e}",
@@ -309,22 +314,47 @@ impl<T: Data> Slot<T> for Literal<T> {
     }
 }
 
-/// An [`Untraversed`] value, kept in the task as is; it travels as a
-/// literal (a `Delayed` inside it as its graph, `travel.rs`).
+/// An [`Untraversed`] value, kept in the task as is, and the keys of the
+/// futures inside it, which are task inputs (`travel.rs` rule 5). It
+/// travels as a literal (a `Delayed` inside it as its graph), or, with
+/// futures, as its bytes and how many inputs they take (`travel.rs`
+/// rules 6 and 7).
 #[doc(hidden)]
-pub struct Opaque<T>(T);
+pub struct Opaque<T> {
+    value: T,
+    futures: Vec<rask_executor::Key>,
+}
 
 impl<T: Data> Slot<T> for Opaque<T> {
     #[inline]
-    fn extract(&self, _: &mut Inputs<'_>) -> Result<T, OpError> {
-        Ok(self.0.clone())
+    fn extract(&self, inputs: &mut Inputs<'_>) -> Result<T, OpError> {
+        // In this process the futures are passed as they are: their
+        // inputs only made the task wait for them.
+        for _ in &self.futures {
+            inputs.next_value()?;
+        }
+        Ok(self.value.clone())
     }
     fn template(&self, out: &mut Template) -> Result<(), WireError> {
-        out.bytes(&crate::build::travel::encode_untraversed(&self.0)?);
+        if !self.futures.is_empty() {
+            // Never reached: an `Untraversed` is a whole argument, never
+            // a part of a structure.
+            return Err(WireError::NotSerializable {
+                what: "an untraversed value holding futures, inside a structure".into(),
+            });
+        }
+        out.bytes(&crate::build::travel::encode_untraversed(&self.value, &[])?);
         Ok(())
     }
     fn wire(&self) -> Result<WireArg, WireError> {
-        crate::build::travel::encode_untraversed(&self.0).map(WireArg::Literal)
+        let bytes = crate::build::travel::encode_untraversed(&self.value, &self.futures)?;
+        if self.futures.is_empty() {
+            return Ok(WireArg::Literal(bytes));
+        }
+        let inputs = u32::try_from(self.futures.len()).map_err(|_| WireError::NotSerializable {
+            what: "an untraversed value holding more than 2^32 - 1 futures".into(),
+        })?;
+        Ok(WireArg::Bound { bytes, inputs })
     }
 }
 
@@ -631,16 +661,49 @@ tuple_args!(A0 X0 S0 0, A1 X1 S1 1, A2 X2 S2 2, A3 X3 S3 3, A4 X4 S4 4, A5 X5 S5
 /// graph calls a function that is not registered (or a closure that
 /// captures variables) cannot travel: the submission fails, naming it.
 ///
+/// # Futures
+///
+/// A [`Future`](crate::Future) inside the value (alone, or anywhere in a
+/// structure) reaches the task as a future of the same key whose
+/// [`result`](crate::Future::result) is its value, on every executor. Each
+/// is also an input of the task, so:
+///
+/// - the task starts once the futures are done, and its key depends on
+///   theirs (distinct futures, distinct keys);
+/// - the value stays available until the task ran, even if the submitter
+///   dropped its future meanwhile: the graph holds the future, and a
+///   cluster keeps the value for the task that needs it (and computes it
+///   again if a worker holding it died);
+/// - a failed or cancelled future fails the task with its failure, before
+///   the task runs (the task never sees a failed future);
+/// - on a cluster the value is fetched to the task's worker, as a
+///   traversed input's would be, and the future the task receives holds it:
+///   `result()` returns at once, and the future can be passed on to nested
+///   work (it is sent as data). In this process, the future is the one
+///   given.
+///
+/// A future serializes only here: as a plain value or a task's result sent
+/// to another process it fails, saying to write `Untraversed(future)` (or
+/// `&future` for its value).
+///
 /// # Examples
 ///
 /// ```
-/// use rask::{delayed, Delayed, Untraversed};
+/// use rask::{delayed, Client, Delayed, Future, Untraversed};
 ///
 /// fn count(parts: Vec<Delayed<i64>>) -> usize { parts.len() }
+/// fn read(f: Future<i64>) -> rask::Result<i64> { f.result() }
 ///
 /// let parts = vec![rask::value(1), rask::value(2)];
 /// let n = delayed!(count(Untraversed(parts)));
 /// assert_eq!(n.compute().unwrap(), 2);
+///
+/// let client = Client::threads(2)?;
+/// let f = client.submit(rask::value(41_i64) + 1)?;
+/// let r = client.submit(delayed!(read(Untraversed(f.clone()))?))?;
+/// drop(f);                                   // the task still gets it
+/// assert_eq!(r.result()?, 42);
+/// # Ok::<(), rask::Error>(())
 /// ```
 #[derive(Debug, Clone)]
 pub struct Untraversed<T>(pub T);
@@ -650,8 +713,20 @@ impl<T: Data + Hash> IntoArg<T, mode::Opaque> for Untraversed<T> {
     fn into_arg(self, args: &mut Args) -> Opaque<T> {
         args.hasher.bytes(b"untraversed");
         args.hashed(&self.0);
+        // Its futures are inputs (`travel.rs` rule 5); their keys are in
+        // the key as inputs too.
+        let futures = crate::build::travel::futures_in(&self.0)
+            .iter()
+            .map(|node| {
+                args.input(node);
+                node.key
+            })
+            .collect();
         args.next_position();
-        Opaque(self.0)
+        Opaque {
+            value: self.0,
+            futures,
+        }
     }
 }
 

@@ -117,6 +117,15 @@ pub enum WireArg {
     One,
     /// A structure: its encoding with holes for its task inputs.
     Nested(Vec<Piece>),
+    /// An untraversed value holding futures: its encoding, in which each
+    /// future names one of the next `inputs` task inputs by position
+    /// (`travel.rs` rules 6 and 7).
+    Bound {
+        /// The value's encoding.
+        bytes: Vec<u8>,
+        /// How many task inputs its futures take.
+        inputs: u32,
+    },
 }
 
 /// A piece of a template (rule 2).
@@ -246,6 +255,7 @@ pub(crate) enum WireSlot<A> {
     Literal(A),
     One,
     Nested(Vec<Piece>),
+    Bound(Vec<u8>, u32),
 }
 
 impl<A: Data> WireSlot<A> {
@@ -261,6 +271,7 @@ impl<A: Data> WireSlot<A> {
             WireArg::Nested(pieces) if pieces.len() <= MAX_PIECES => {
                 WireSlot::Nested(pieces.clone())
             }
+            WireArg::Bound { bytes, inputs } => WireSlot::Bound(bytes.clone(), *inputs),
             WireArg::Nested(pieces) => {
                 return Err(WireError::Decode {
                     what: format!("a parameter `{}`", std::any::type_name::<A>()),
@@ -358,11 +369,28 @@ impl<A: Data> Slot<A> for WireSlot<A> {
                 }
                 decode(&bytes)
             }
+            WireSlot::Bound(bytes, n) => {
+                let n = take_count::<A>(*n, inputs)?;
+                let values = (0..n)
+                    .map(|_| inputs.next_value())
+                    .collect::<Result<Vec<Value>, OpError>>()?;
+                crate::build::travel::decode_bound(bytes, values).map_err(|e| {
+                    OpError::failed(format!(
+                        "could not rebuild an untraversed `{}`: {e}",
+                        std::any::type_name::<A>()
+                    ))
+                })
+            }
         }
     }
 
     fn template(&self, out: &mut crate::build::args::Template) -> Result<(), WireError> {
         match self {
+            WireSlot::Bound(..) => {
+                return Err(WireError::NotSerializable {
+                    what: "an untraversed value holding futures, inside a structure".into(),
+                })
+            }
             WireSlot::Literal(a) => out.bytes(&encode_literal(a)?),
             WireSlot::One => out.input()?,
             WireSlot::Nested(pieces) => pieces.iter().try_for_each(|piece| match piece {
@@ -381,6 +409,10 @@ impl<A: Data> Slot<A> for WireSlot<A> {
             WireSlot::Literal(a) => WireArg::Literal(encode_literal(a)?),
             WireSlot::One => WireArg::One,
             WireSlot::Nested(pieces) => WireArg::Nested(pieces.clone()),
+            WireSlot::Bound(bytes, inputs) => WireArg::Bound {
+                bytes: bytes.clone(),
+                inputs: *inputs,
+            },
         })
     }
 }

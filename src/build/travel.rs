@@ -25,7 +25,30 @@
 //! 4. The value type is not on the wire: the receiving parameter's type
 //!    says it, and a computed value of another type is an error
 //!    (`Error::WrongType`), never a reinterpretation.
+//!
+//! Futures inside an untraversed value (a layer above names them: they
+//! serialize through [`handle_index`] and deserialize through
+//! [`bound_input`]):
+//!
+//! 5. When `delayed!` meets an `Untraversed` value it serializes it once
+//!    into nothing, collecting every future inside it ([`futures_in`]; a
+//!    `Delayed` then writes nothing). Each becomes an input of the task,
+//!    as a traversed future would: the task runs once they are all done,
+//!    the cluster holds their values for it until it ran (it is their
+//!    dependent, so no release by the submitter can take them away, and a
+//!    retry or a lost worker finds them again), a failed one fails the task
+//!    with its failure, and the key depends on theirs.
+//! 6. On the wire a future is its position among those inputs, its key and
+//!    its name ([`encode_untraversed`] with the inputs' keys); a future
+//!    that is not one of them (serialized anywhere else: a task's result,
+//!    a literal) cannot travel, and says so.
+//! 7. Where the task runs, the inputs' values are bound for the time of
+//!    the decoding ([`decode_bound`]): each future becomes a finished
+//!    future holding its input's value under its key, so `result()` gives
+//!    that value without going back to the cluster. A position that is not
+//!    one of the task's inputs fails the decoding.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -50,34 +73,198 @@ struct WireNode {
 
 impl<T> Serialize for Delayed<T> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if HANDLES.with(|h| matches!(*h.borrow(), Some(Handles::Collect(_)))) {
+            // Only futures are looked for (rule 5).
+            return serializer.serialize_unit();
+        }
         match wire_graph(self.node()) {
             Ok(graph) => graph.serialize(serializer),
-            Err(e) => {
-                // Postcard keeps no custom message: `encode_untraversed`
-                // finds it here.
-                let message = e.to_string();
-                let _ = WHY.try_with(|w| w.replace(Some(message.clone())));
-                Err(serde::ser::Error::custom(message))
-            }
+            Err(e) => Err(refuse(e.to_string())),
         }
     }
 }
 
+/// The error of a value inside an untraversed one that cannot travel,
+/// saying why: postcard keeps no custom message, so `encode_untraversed`
+/// finds it here.
+pub(crate) fn refuse<E: serde::ser::Error>(message: String) -> E {
+    let _ = WHY.try_with(|w| w.replace(Some(message.clone())));
+    E::custom(message)
+}
+
+/// The message of the last [`refuse`] on this thread, taken.
+pub(crate) fn why() -> Option<String> {
+    WHY.try_with(|w| w.take()).ok().flatten()
+}
+
+/// As [`refuse`], for a value that cannot be rebuilt here; [`decode_bound`]
+/// finds the message.
+pub(crate) fn refuse_decoding<E: serde::de::Error>(message: String) -> E {
+    let _ = WHY.try_with(|w| w.replace(Some(message.clone())));
+    E::custom(message)
+}
+
 thread_local! {
-    /// Why the last `Delayed` on this thread could not be serialized.
+    /// Why the last `Delayed` or future on this thread could not be
+    /// serialized.
     static WHY: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
 }
 
-/// The postcard bytes of an untraversed `value`; when a `Delayed` inside
-/// it cannot travel, the error says why (rule 1).
+/// What a future met while an untraversed value serializes does (rules 5
+/// and 6).
+enum Handles {
+    /// Adds its node to these.
+    Collect(Vec<Arc<Node>>),
+    /// Writes its position among these keys, the task's inputs.
+    Wire(Vec<Key>),
+}
+
+thread_local! {
+    static HANDLES: RefCell<Option<Handles>> = const { RefCell::new(None) };
+    /// The values of a task's untraversed futures while its argument
+    /// decodes (rule 7).
+    static BOUND: RefCell<Option<Vec<Value>>> = const { RefCell::new(None) };
+}
+
+/// Sets `HANDLES` (or `BOUND`) for the time of one call, and back after it,
+/// also when it panics.
+struct Restore<T: 'static> {
+    cell: &'static std::thread::LocalKey<RefCell<Option<T>>>,
+    old: Option<Option<T>>,
+}
+
+impl<T: 'static> Restore<T> {
+    fn set(cell: &'static std::thread::LocalKey<RefCell<Option<T>>>, value: T) -> Self {
+        let old = cell.with(|c| c.replace(Some(value)));
+        Restore {
+            cell,
+            old: Some(old),
+        }
+    }
+
+    fn take(mut self) -> Option<T> {
+        let old = self.old.take().flatten();
+        self.cell.with(|c| c.replace(old))
+    }
+}
+
+impl<T: 'static> Drop for Restore<T> {
+    fn drop(&mut self) {
+        if let Some(old) = self.old.take() {
+            self.cell.with(|c| c.replace(old));
+        }
+    }
+}
+
+/// Writes nothing: collecting futures needs no bytes.
+struct Discard;
+
+impl Extend<u8> for Discard {
+    fn extend<I: IntoIterator<Item = u8>>(&mut self, _: I) {}
+}
+
+/// The futures inside an untraversed `value`, in the order it serializes
+/// them (rule 5). A value that does not serialize yields those met before
+/// the error: it cannot travel anyway, and here it is passed as is.
+pub(crate) fn futures_in<T: Serialize>(value: &T) -> Vec<Arc<Node>> {
+    let scope = Restore::set(&HANDLES, Handles::Collect(Vec::new()));
+    let _ = postcard::to_extend(value, Discard);
+    match scope.take() {
+        Some(Handles::Collect(found)) => found,
+        _ => Vec::new(),
+    }
+}
+
+/// The position a future of key `key` (whose node `node` makes) writes
+/// while an untraversed value serializes (rules 5 and 6).
+///
+/// # Errors
+///
+/// A message when no untraversed value is being serialized, or when the
+/// future is not one of the task's inputs.
+pub(crate) fn handle_index(key: Key, node: impl FnOnce() -> Arc<Node>) -> Result<u32, String> {
+    HANDLES.with(|h| match h.borrow_mut().as_mut() {
+        Some(Handles::Collect(found)) => {
+            found.push(node());
+            u32::try_from(found.len() - 1).map_err(|_| "more than 2^32 futures".to_owned())
+        }
+        Some(Handles::Wire(keys)) => keys
+            .iter()
+            .position(|k| *k == key)
+            .and_then(|i| u32::try_from(i).ok())
+            .ok_or_else(|| {
+                format!(
+                    "future {} is not among the inputs of the task it was given to",
+                    key.short()
+                )
+            }),
+        None => Err(
+            "a `Future` is serialized only inside a `rask::Untraversed(…)` task \
+                     argument: pass `Untraversed(future)` for the future itself, or `&future` \
+                     for its value; a future is no plain value, and no task result that \
+                     leaves its process"
+                .to_owned(),
+        ),
+    })
+}
+
+/// The value of input `index` of the task whose untraversed argument is
+/// being decoded (rule 7).
+///
+/// # Errors
+///
+/// A message when no such argument is being decoded, or `index` is not
+/// one of its inputs.
+pub(crate) fn bound_input(index: u32) -> Result<Value, String> {
+    BOUND.with(|b| match b.borrow().as_ref() {
+        Some(values) => values.get(index as usize).cloned().ok_or_else(|| {
+            format!(
+                "an untraversed future names input {index} of a task argument that has {}",
+                values.len()
+            )
+        }),
+        None => Err(
+            "a `Future` arrived outside an untraversed task argument: only \
+                     `rask::Untraversed(…)` carries futures to another process"
+                .to_owned(),
+        ),
+    })
+}
+
+/// Decodes `bytes` as an `A` with `inputs` bound to the futures inside it
+/// (rule 7).
+///
+/// # Errors
+///
+/// Why the bytes do not decode: a future or `Delayed` inside that could
+/// not be rebuilt says why.
+pub(crate) fn decode_bound<A: crate::build::data::Data>(
+    bytes: &[u8],
+    inputs: Vec<Value>,
+) -> Result<A, String> {
+    let _ = WHY.try_with(|w| w.take());
+    let _scope = Restore::set(&BOUND, inputs);
+    postcard::from_bytes(bytes).map_err(|e| {
+        WHY.try_with(|w| w.take())
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| e.to_string())
+    })
+}
+
+/// The postcard bytes of an untraversed `value` whose futures are the
+/// task inputs `inputs` (rule 6); when a `Delayed` inside it cannot
+/// travel, the error says why (rule 1).
 pub(crate) fn encode_untraversed<T: crate::build::data::Data>(
     value: &T,
+    inputs: &[Key],
 ) -> Result<Vec<u8>, WireError> {
     let _ = WHY.try_with(|w| w.take());
+    let _scope = Restore::set(&HANDLES, Handles::Wire(inputs.to_vec()));
     crate::build::registry::encode_literal(value).map_err(|e| {
         match WHY.try_with(|w| w.take()).ok().flatten() {
             Some(why) => WireError::NotSerializable {
-                what: format!("an untraversed `Delayed`: {why}"),
+                what: format!("an untraversed value: {why}"),
             },
             None => e,
         }
@@ -89,7 +276,7 @@ impl<'de, T> Deserialize<'de> for Delayed<T> {
         let nodes = Vec::<WireNode>::deserialize(deserializer)?;
         rebuild(nodes)
             .map(Delayed::from_node)
-            .map_err(serde::de::Error::custom)
+            .map_err(refuse_decoding)
     }
 }
 
@@ -221,7 +408,7 @@ mod tests {
         install(Tasks::new());
         let a = crate::value(1i64) + 1;
         let total = &a + &(&a * 2);
-        let bytes = encode_untraversed(&total).unwrap();
+        let bytes = encode_untraversed(&total, &[]).unwrap();
         let graph: Vec<WireNode> = postcard::from_bytes(&bytes).unwrap();
         assert_eq!(graph.len(), 4, "the shared node once");
         assert_eq!(graph.last().map(|n| n.key), Some(total.key().key().0));
@@ -238,8 +425,8 @@ mod tests {
         };
         assert_eq!(keys(&back), keys(&total));
         // Sent on, each node is the wire task it arrived as.
-        assert_eq!(encode_untraversed(&back).unwrap(), bytes);
-        let err = encode_untraversed(&vec![crate::delayed!(lonely(3))]).unwrap_err();
+        assert_eq!(encode_untraversed(&back, &[]).unwrap(), bytes);
+        let err = encode_untraversed(&vec![crate::delayed!(lonely(3))], &[]).unwrap_err();
         assert!(err.to_string().contains("lonely"), "{err}");
     }
 

@@ -1056,6 +1056,21 @@ thread_local! {
     static QUEUE: std::cell::RefCell<Option<Vec<Scheduled>>> = const { std::cell::RefCell::new(None) };
 }
 
+/// Starts the graphs queued on this thread ([`QUEUE`]) now. Called before
+/// a thread blocks on a future: an executor may run a task on the thread
+/// that started it, inside the outer `schedule` (a thread pool's worker
+/// takes part in a plan it submits), and a graph that task submits is then
+/// queued behind it; waiting for it there would wait forever.
+pub(crate) fn start_queued() {
+    while let Some((shared, roots)) = QUEUE
+        .try_with(|q| q.borrow_mut().as_mut().and_then(Vec::pop))
+        .ok()
+        .flatten()
+    {
+        shared.start(roots);
+    }
+}
+
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, KeyMap<Entry>> {
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
@@ -1329,6 +1344,7 @@ impl Shared {
         if !state.is_pending() {
             return state;
         }
+        start_queued();
         let task = rask_executor::Stop::current();
         rask_executor::blocking(|| self.wait_pending(key, deadline, &task))
     }
@@ -1443,6 +1459,35 @@ impl Shared {
             None => State::Cancelled,
         }
     }
+}
+
+/// A finished future of `key` holding `value`, made where a task receives
+/// a future inside an untraversed argument (`travel.rs` rule 7).
+///
+/// It belongs to one table per process that no executor runs anything
+/// for: the value is already here (the task's input), so nothing of it
+/// depends on the cluster any more, and no release there can take it
+/// away. Passed on to a graph, it is data, as any finished future of
+/// another client is (`FutureCall`).
+pub(crate) fn holding<T>(key: Key, name: Name, value: Value) -> Future<T> {
+    static HELD: std::sync::OnceLock<Arc<Shared>> = std::sync::OnceLock::new();
+    let shared = HELD.get_or_init(|| {
+        Client::on(
+            Backend::Synchronous(rask_executor::Synchronous),
+            ExecutorKind::Synchronous,
+            false,
+        )
+        .inner
+    });
+    {
+        let mut table = shared.lock();
+        let entry = table.entry(key).or_insert_with(|| Entry {
+            state: State::Finished(value),
+            ..Entry::pending()
+        });
+        entry.refs += 1;
+    }
+    Future::new(shared.clone(), key, name)
 }
 
 /// A node standing for a future inside a graph: its value is the future's.

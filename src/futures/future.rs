@@ -329,6 +329,63 @@ impl<T: Data> Traverse<T> for Future<T> {
     }
 }
 
+/// Two futures hash alike when their keys are equal, as `Delayed`s do:
+/// what [`Untraversed`](crate::Untraversed) hashes into a task's key.
+impl<T> std::hash::Hash for Future<T> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.handle.key.hash(state)
+    }
+}
+
+/// A future as it travels inside an [`Untraversed`](crate::Untraversed)
+/// value (`travel.rs` rule 6).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct WireFuture<N> {
+    /// Its position among the task's inputs.
+    index: u32,
+    key: [u8; 32],
+    name: N,
+}
+
+/// A future serializes only inside an [`Untraversed`](crate::Untraversed)
+/// task argument, where it is one of the task's inputs: as its position
+/// among them, its key and its name (`travel.rs` rules 5 and 6). Anywhere
+/// else (a task's result, a plain value sent to a cluster) it fails,
+/// saying so.
+impl<T> serde::Serialize for Future<T> {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        let index = crate::build::travel::handle_index(self.handle.key, || self.node())
+            .map_err(crate::build::travel::refuse)?;
+        WireFuture {
+            index,
+            key: self.handle.key.0,
+            name: &*self.handle.name,
+        }
+        .serialize(serializer)
+    }
+}
+
+/// Where a task runs, a future of its [`Untraversed`](crate::Untraversed)
+/// argument comes back finished, holding the value of the task input it
+/// names (`travel.rs` rule 7). Anywhere else it fails, saying so.
+impl<'de, T> serde::Deserialize<'de> for Future<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        let wire = WireFuture::<String>::deserialize(deserializer)?;
+        let value = crate::build::travel::bound_input(wire.index)
+            .map_err(crate::build::travel::refuse_decoding)?;
+        Ok(crate::futures::client::holding(
+            Key(wire.key),
+            Name::Owned(wire.name),
+            value,
+        ))
+    }
+}
+
 impl<T: Data> Traverse<Arc<T>> for Future<T> {
     type Slot = SharedSlot<T>;
     fn traverse(&self, args: &mut Args) -> SharedSlot<T> {
@@ -579,6 +636,18 @@ impl<F: Waitable> Iterator for AsCompleted<F> {
             self.outstanding -= 1;
             return Some(f);
         }
+        let mut done = self
+            .queue
+            .done
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(f) = done.futures.pop_front() {
+            self.outstanding -= 1;
+            return Some(f);
+        }
+        // Work this thread queued is started first (`start_queued`).
+        drop(done);
+        crate::futures::client::start_queued();
         let mut done = self
             .queue
             .done
@@ -938,5 +1007,63 @@ impl fmt::Debug for AnyFuture {
             self.status(),
             self.type_name
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::travel::{decode_bound, encode_untraversed};
+
+    fn inc(x: i64) -> i64 {
+        x + 1
+    }
+
+    fn key_of(f: Future<i64>) -> String {
+        f.key().to_string()
+    }
+
+    /// A future travels as its position among the task's inputs and comes
+    /// back finished with that input's value, under its key; a position
+    /// that is not an input, or no inputs at all, fail with a message.
+    #[test]
+    fn a_future_travels_as_its_input_and_comes_back_finished() {
+        let client = crate::Client::synchronous().unwrap();
+        let f = client.submit(crate::delayed!(inc(1))).unwrap();
+        let bytes = encode_untraversed(&vec![f.clone()], &[f.key().key()]).unwrap();
+        let value: Value = Arc::new(Encoded::new(Arc::from(
+            postcard::to_stdvec(&7_i64).unwrap(),
+        )));
+        let back: Vec<Future<i64>> = decode_bound(&bytes, vec![value]).unwrap();
+        assert_eq!(back[0].key(), f.key());
+        assert_eq!(back[0].status(), Status::Finished);
+        assert_eq!(back[0].result().unwrap(), 7);
+        let err = decode_bound::<Vec<Future<i64>>>(&bytes, Vec::new())
+            .err()
+            .unwrap();
+        assert!(err.contains("names input 0"), "{err}");
+        let err = postcard::from_bytes::<Future<i64>>(&bytes[1..]).err();
+        assert!(err.is_some());
+        // Not among the task's inputs: refused, not guessed.
+        let err = encode_untraversed(&f, &[]).unwrap_err();
+        assert!(err.to_string().contains("not among the inputs"), "{err}");
+    }
+
+    /// A future given as a plain value (not `Untraversed`) fails its task
+    /// with a message that says what to write.
+    #[test]
+    fn a_future_as_a_plain_value_says_what_to_write() {
+        let client = crate::Client::synchronous().unwrap();
+        let f = client.submit(crate::delayed!(inc(1))).unwrap();
+        let err = crate::delayed!(key_of(f.clone()))
+            .compute_with(&crate::Config::synchronous())
+            .unwrap_err();
+        assert!(err.to_string().contains("Untraversed(future)"), "{err}");
+        assert_eq!(
+            crate::delayed!(key_of(crate::Untraversed(f.clone())))
+                .compute_with(&crate::Config::synchronous())
+                .unwrap(),
+            f.key().to_string()
+        );
     }
 }
