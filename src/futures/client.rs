@@ -1476,6 +1476,7 @@ pub(crate) fn holding<T>(key: Key, name: Name, value: Value) -> Future<T> {
             Backend::Synchronous(rask_executor::Synchronous),
             ExecutorKind::Synchronous,
             false,
+            None,
         )
         .inner
     });
