@@ -11,7 +11,7 @@ use rask_executor::{Annotations, Resources};
 use crate::build::data::Data;
 use crate::build::delayed::Delayed;
 use crate::build::error::{Error, Result};
-use crate::build::node::{Annotated, Call};
+use crate::build::node::{Call, Decorated};
 
 impl<T: Data> Delayed<T> {
     /// The same work with a priority: on a cluster, among tasks ready at
@@ -104,8 +104,5 @@ impl<T: Data> Delayed<T> {
 
 /// `call` with `annotations` in place of any it had.
 pub(crate) fn annotate_call(call: &Arc<dyn Call>, annotations: Annotations) -> Arc<dyn Call> {
-    Arc::new(Annotated {
-        call: call.clone(),
-        annotations,
-    })
+    Decorated::annotated(call, annotations)
 }

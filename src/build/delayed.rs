@@ -10,7 +10,7 @@ use rask_executor::{Key, Value};
 
 use crate::build::data::Data;
 use crate::build::key::{KeyHasher, Tag};
-use crate::build::node::{Deps, Held, Marked, Name, Node, Origin};
+use crate::build::node::{Decorated, Deps, Held, Name, Node, Origin};
 use crate::build::pick::{Part, Step};
 use rask_executor::OpError;
 
@@ -139,10 +139,7 @@ impl<T> Delayed<T> {
         h.bytes(&crate::build::key::nonce());
         let mut node = self.node.rekeyed(h.finish(), self.node.name.clone());
         // A fresh key never hits the result cache: nothing to write.
-        node.call = Arc::new(Marked {
-            call: node.call.clone(),
-            cache: false,
-        });
+        node.call = Decorated::marked(&node.call, false);
         Delayed::from_node(Arc::new(node))
     }
 
@@ -221,16 +218,13 @@ impl<T> Delayed<T> {
     /// ```
     pub fn cache(&self) -> Delayed<T> {
         let mut node = self.node.rekeyed(self.node.key, self.node.name.clone());
-        node.call = Arc::new(Marked {
-            call: self.node.call.clone(),
-            cache: true,
-        });
+        node.call = Decorated::marked(&self.node.call, true);
         Delayed::from_node(Arc::new(node))
     }
 
     fn limited(&self, timeout: Option<std::time::Duration>, retries: Option<u32>) -> Delayed<T> {
         let mut node = self.node.rekeyed(self.node.key, self.node.name.clone());
-        node.call = crate::build::node::Limited::wrap(&self.node.call, timeout, retries);
+        node.call = Decorated::limited(&self.node.call, timeout, retries);
         Delayed::from_node(Arc::new(node))
     }
 

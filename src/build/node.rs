@@ -299,78 +299,75 @@ impl Function {
     }
 }
 
-/// Another call marked for the result cache, or kept out of it
-/// (`Delayed::cache`, `Delayed::unique`).
-pub(crate) struct Marked {
-    pub(crate) call: Arc<dyn Call>,
-    pub(crate) cache: bool,
+/// Another call with what `Delayed`'s builders add to it: limits
+/// (`timeout`, `retries`), a result-cache mark (`cache`, `unique`) or
+/// annotations (`priority`, `resources`, `workers`). The same work and key;
+/// whatever is not set here is the wrapped call's.
+pub(crate) struct Decorated {
+    call: Arc<dyn Call>,
+    /// The timeout and retries, enforced by `run` itself, so they hold
+    /// inside fused chains too.
+    limits: Option<(Option<std::time::Duration>, u32)>,
+    /// Marked cached (`true`) or never to be cached (`false`).
+    cache: Option<bool>,
+    annotations: Option<rask_executor::Annotations>,
 }
 
-impl Call for Marked {
-    fn run(&self, inputs: &mut [Option<Value>]) -> Result<Value, OpError> {
-        self.call.run(inputs)
+impl Decorated {
+    fn on(call: &Arc<dyn Call>) -> Decorated {
+        Decorated {
+            call: call.clone(),
+            limits: None,
+            cache: None,
+            annotations: None,
+        }
     }
-    fn value(&self) -> Option<&Value> {
-        self.call.value()
-    }
-    fn prepare(&self) {
-        self.call.prepare()
-    }
-    fn is_future(&self) -> bool {
-        self.call.is_future()
-    }
-    fn to_wire(&self) -> Result<WireTask, WireError> {
-        self.call.to_wire()
-    }
-    fn sendable(&self) -> Result<(), WireError> {
-        self.call.sendable()
-    }
-    fn timeout(&self) -> Option<std::time::Duration> {
-        self.call.timeout()
-    }
-    fn retries(&self) -> u32 {
-        self.call.retries()
-    }
-    fn code(&self) -> Code {
-        self.call.code()
-    }
-    fn cache_mark(&self) -> Option<bool> {
-        Some(self.cache)
-    }
-    fn annotations(&self) -> Option<&rask_executor::Annotations> {
-        self.call.annotations()
-    }
-}
 
-/// Another call with a timeout or retries (`Delayed::timeout`,
-/// `Delayed::retries`).
-pub(crate) struct Limited {
-    pub(crate) call: Arc<dyn Call>,
-    pub(crate) timeout: Option<std::time::Duration>,
-    pub(crate) retries: u32,
-}
-
-impl Limited {
     /// `call` with these limits, keeping those `call` already has.
-    pub(crate) fn wrap(
+    pub(crate) fn limited(
         call: &Arc<dyn Call>,
         timeout: Option<std::time::Duration>,
         retries: Option<u32>,
     ) -> Arc<dyn Call> {
-        Arc::new(Limited {
-            call: call.clone(),
-            timeout: timeout.or(call.timeout()),
-            retries: retries.unwrap_or(call.retries()),
+        let limits = (
+            timeout.or(call.timeout()),
+            retries.unwrap_or(call.retries()),
+        );
+        Arc::new(Decorated {
+            limits: Some(limits),
+            ..Decorated::on(call)
+        })
+    }
+
+    /// `call` marked for the result cache (`true`) or kept out of it.
+    pub(crate) fn marked(call: &Arc<dyn Call>, cache: bool) -> Arc<dyn Call> {
+        Arc::new(Decorated {
+            cache: Some(cache),
+            ..Decorated::on(call)
+        })
+    }
+
+    /// `call` with `annotations` in place of any it had.
+    pub(crate) fn annotated(
+        call: &Arc<dyn Call>,
+        annotations: rask_executor::Annotations,
+    ) -> Arc<dyn Call> {
+        Arc::new(Decorated {
+            annotations: Some(annotations),
+            ..Decorated::on(call)
         })
     }
 }
 
-impl Call for Limited {
+impl Call for Decorated {
     fn run(&self, inputs: &mut [Option<Value>]) -> Result<Value, OpError> {
+        let Some((timeout, retries)) = self.limits else {
+            return self.call.run(inputs);
+        };
         let call = self.call.clone();
         let run: rask_executor::Run =
             Arc::new(move |inputs: &mut [Option<Value>]| call.run(inputs));
-        rask_executor::run_limited("task", self.timeout, self.retries, &run, inputs)
+        rask_executor::run_limited("task", timeout, retries, &run, inputs)
     }
     fn value(&self) -> Option<&Value> {
         self.call.value()
@@ -388,62 +385,21 @@ impl Call for Limited {
         self.call.sendable()
     }
     fn timeout(&self) -> Option<std::time::Duration> {
-        self.timeout
+        self.limits.map_or_else(|| self.call.timeout(), |(t, _)| t)
     }
     fn retries(&self) -> u32 {
-        self.retries
+        self.limits.map_or_else(|| self.call.retries(), |(_, r)| r)
     }
     fn code(&self) -> Code {
         self.call.code()
     }
     fn cache_mark(&self) -> Option<bool> {
-        self.call.cache_mark()
+        self.cache.or_else(|| self.call.cache_mark())
     }
     fn annotations(&self) -> Option<&rask_executor::Annotations> {
-        self.call.annotations()
-    }
-}
-
-/// Another call with annotations (`Delayed::annotate`): the same work,
-/// limits and key.
-pub(crate) struct Annotated {
-    pub(crate) call: Arc<dyn Call>,
-    pub(crate) annotations: rask_executor::Annotations,
-}
-
-impl Call for Annotated {
-    fn run(&self, inputs: &mut [Option<Value>]) -> Result<Value, OpError> {
-        self.call.run(inputs)
-    }
-    fn value(&self) -> Option<&Value> {
-        self.call.value()
-    }
-    fn prepare(&self) {
-        self.call.prepare()
-    }
-    fn is_future(&self) -> bool {
-        self.call.is_future()
-    }
-    fn to_wire(&self) -> Result<WireTask, WireError> {
-        self.call.to_wire()
-    }
-    fn sendable(&self) -> Result<(), WireError> {
-        self.call.sendable()
-    }
-    fn timeout(&self) -> Option<std::time::Duration> {
-        self.call.timeout()
-    }
-    fn retries(&self) -> u32 {
-        self.call.retries()
-    }
-    fn code(&self) -> Code {
-        self.call.code()
-    }
-    fn cache_mark(&self) -> Option<bool> {
-        self.call.cache_mark()
-    }
-    fn annotations(&self) -> Option<&rask_executor::Annotations> {
-        Some(&self.annotations)
+        self.annotations
+            .as_ref()
+            .or_else(|| self.call.annotations())
     }
 }
 

@@ -56,7 +56,7 @@ use rask_executor::{Key, Op, OpError, Registry, Value, WireError, WireTask};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::build::delayed::Delayed;
-use crate::build::node::{Call, Limited, Name, Node};
+use crate::build::node::{Call, Decorated, Name, Node};
 
 /// One node of a travelling graph (rule 1).
 #[derive(Serialize, Deserialize)]
@@ -358,8 +358,8 @@ fn rebuild(wire: Vec<WireNode>) -> Result<Arc<Node>, String> {
         let mut call: Arc<dyn Call> = Arc::new(Travelled { op, task });
         let timeout = node.timeout_ns.map(std::time::Duration::from_nanos);
         if timeout.is_some() || node.retries > 0 {
-            // Enforced where it runs, as the node it was (`Limited`).
-            call = Limited::wrap(&call, timeout, Some(node.retries));
+            // Enforced where it runs, as the node it was (`Decorated`).
+            call = Decorated::limited(&call, timeout, Some(node.retries));
         }
         built.push(Arc::new(Node {
             mark: Default::default(),

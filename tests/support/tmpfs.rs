@@ -1,7 +1,7 @@
 //! A small tmpfs mounted for one test, so that a disk fills up for real
 //! (`ENOSPC`), and unmounted when the guard is dropped — also when the test
-//! panics. `executors/distributed/tests/support/tmpfs.rs` holds the same
-//! helper: the two crates' tests cannot share a module.
+//! panics. The tests of `rask-distributed` include this same file by path
+//! (`executors/distributed/tests/cluster.rs`).
 //!
 //! Mounting needs Linux and root (`CAP_SYS_ADMIN`), as CI runs. Where it is
 //! not allowed, [`Tmpfs::mount`] fails the test saying why, unless

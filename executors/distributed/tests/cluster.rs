@@ -3,7 +3,8 @@
 //! model the root crate uses).
 
 mod support;
-#[path = "support/tmpfs.rs"]
+// One helper for both crates' tests: the root crate's.
+#[path = "../../../tests/support/tmpfs.rs"]
 mod tmpfs;
 
 use std::process::Command;
