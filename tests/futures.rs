@@ -699,6 +699,48 @@ fn progress_counts_the_tasks_behind_futures() {
     assert_eq!(good.result().unwrap(), 46);
 }
 
+/// Gates whose `refuse_when_open` task has started.
+static REFUSING: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+
+/// Says it started, then fails once gate `id` opens.
+fn refuse_when_open(id: u64) -> Result<i64, String> {
+    REFUSING.lock().unwrap().push(id);
+    refuse(id)
+}
+
+/// A task already running when someone starts listening to task events
+/// still reports its failure: a progress display started meanwhile must not
+/// count it as done. (Other tests of this binary may listen at the same
+/// time; alone, this one failed before the fix.)
+#[test]
+fn a_task_running_before_anyone_listened_reports_its_failure() {
+    let client = Client::threads(2).unwrap();
+    let gate = new_id();
+    let bad = delayed!(refuse_when_open(gate)?);
+    let key = bad.key().key();
+    let failing = client.submit(&bad).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !REFUSING.lock().unwrap().contains(&gate) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the task never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let erred = Arc::new(AtomicU64::new(0));
+    let sink = erred.clone();
+    let subscription = rask::events::subscribe(move |e: &rask::events::Event<'_>| {
+        if e.key == key && matches!(e.kind, rask::events::EventKind::Erred { .. }) {
+            sink.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    open(gate);
+    assert!(failing.result().is_err());
+    // The event is emitted before the future learns the outcome.
+    drop(subscription);
+    assert_eq!(erred.load(Ordering::Relaxed), 1);
+}
+
 /// Futures already done give a display that is done at once, with nothing
 /// to count.
 #[test]
@@ -714,7 +756,10 @@ fn total_of(xs: Vec<i64>) -> i64 {
     xs.iter().sum()
 }
 
+/// Fails once gate `id` opens: after the progress display that counts it
+/// started (one that starts after a task ended cannot hear how it ended).
 fn refuse(id: u64) -> Result<i64, String> {
+    gated(id, 0);
     Err(format!("refused {id}"))
 }
 

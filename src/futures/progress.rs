@@ -42,11 +42,14 @@ pub use crate::run::progress::{FunctionProgress, Progress};
 pub fn progress<W: Watch + ?Sized>(futures: &W) -> Progress {
     let mut watched = Watched::default();
     futures.watch(&mut watched);
-    let mut tasks = Vec::new();
-    for (shared, key, _) in &watched.futures {
-        shared.pending_tasks(*key, &mut tasks);
-    }
-    let progress = Progress::watching(tasks, watched.futures.len());
+    let collect = || {
+        let mut tasks = Vec::new();
+        for (shared, key, _) in &watched.futures {
+            shared.pending_tasks(*key, &mut tasks);
+        }
+        tasks
+    };
+    let progress = Progress::watching(collect, watched.futures.len());
     for (shared, key, _) in watched.futures {
         let progress = progress.clone();
         shared.on_done(

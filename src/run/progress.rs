@@ -82,11 +82,35 @@ impl Progress {
 }
 
 impl Progress {
-    /// A display of `tasks` (key and name each) that is done once
-    /// [`future_done`](Progress::future_done) was called `futures` times
-    /// (rule 2): at once when `futures` is 0.
-    pub(crate) fn watching(tasks: Vec<(Key, String)>, futures: usize) -> Progress {
-        let tracker = Tracker::start(tasks);
+    /// A display of the tasks `collect` lists (key and name each) that is
+    /// done once [`future_done`](Progress::future_done) was called
+    /// `futures` times (rule 2): at once when `futures` is 0.
+    ///
+    /// Outcomes are heard from before `collect` runs: a task it lists that
+    /// ends before the display subscribed still counts as it ended, not as
+    /// done by rule 2 (an erred task counted done would be a wrong count).
+    pub(crate) fn watching(
+        collect: impl FnOnce() -> Vec<(Key, String)>,
+        futures: usize,
+    ) -> Progress {
+        let early: Arc<Mutex<Vec<(Key, bool)>>> = Arc::default();
+        let heard = early.clone();
+        let listening = events::subscribe(move |event: &Event<'_>| {
+            if let Some(ok) = outcome(event) {
+                heard
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push((event.key, ok));
+            }
+        });
+        let tracker = Tracker::start(collect());
+        // The tracker listens now: what was heard before counts once
+        // (`record` takes each key off `pending` once).
+        drop(listening);
+        let early = std::mem::take(&mut *early.lock().unwrap_or_else(PoisonError::into_inner));
+        for (key, ok) in early {
+            tracker.record(key, ok);
+        }
         tracker.lock().futures = futures;
         if futures == 0 {
             tracker.finish();
@@ -182,6 +206,15 @@ impl TrackerState {
     }
 }
 
+/// Whether `event` says a task ended well (`Some(true)`) or failed.
+fn outcome(event: &Event<'_>) -> Option<bool> {
+    match event.kind {
+        EventKind::Finished { .. } => Some(true),
+        EventKind::Erred { .. } => Some(false),
+        _ => None,
+    }
+}
+
 /// How often the per-function text is rebuilt: the bar's numbers are
 /// drawn at most this often anyway.
 const MESSAGE_EVERY: Duration = Duration::from_millis(100);
@@ -265,16 +298,18 @@ impl Tracker {
     }
 
     fn event(&self, event: &Event<'_>) {
-        let ok = match event.kind {
-            EventKind::Finished { .. } => true,
-            EventKind::Erred { .. } => false,
-            _ => return,
-        };
+        if let Some(ok) = outcome(event) {
+            self.record(event.key, ok);
+        }
+    }
+
+    /// Task `key` ended, well (`ok`) or not: counted once, if watched.
+    fn record(&self, key: Key, ok: bool) {
         let mut state = self.lock();
         if state.finished {
             return;
         }
-        let Some(i) = state.pending.remove(&event.key) else {
+        let Some(i) = state.pending.remove(&key) else {
             return;
         };
         let function = &mut state.functions[i];

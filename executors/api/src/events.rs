@@ -13,7 +13,10 @@
 //!    [`EventKind::Finished`] or [`EventKind::Erred`], or only `Erred` when
 //!    the task did not run because an input failed. Tasks a cancelled run
 //!    never reached get no further event. A subscriber that starts
-//!    listening mid-run sees the rest.
+//!    listening mid-run sees the rest; a task that was already running then
+//!    reports only how it failed (`Erred` without `Started`, and no
+//!    `Finished`), so that a display started meanwhile never counts a
+//!    failure as done.
 //! 3. Executors that run work elsewhere (a cluster) report what their
 //!    scheduler tells them, later and in batches; they also report
 //!    [`EventKind::Released`] and [`EventKind::Lost`].
@@ -287,8 +290,25 @@ pub fn observe(
     place: impl FnOnce() -> Place,
     run: impl FnOnce() -> Outcome,
 ) -> Outcome {
-    if !listening() || !task.op.is_work() {
+    if !task.op.is_work() {
         return run();
+    }
+    if !listening() {
+        let outcome = run();
+        // Started before anyone listened: a failure is still said (rule 2).
+        if let Err(failure) = &outcome {
+            if listening() {
+                emit(&Event {
+                    key: task.key,
+                    name: task.op.name(),
+                    kind: EventKind::Erred {
+                        place: None,
+                        failure,
+                    },
+                });
+            }
+        }
+        return outcome;
     }
     let place = place();
     let name = task.op.name();
