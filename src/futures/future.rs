@@ -636,17 +636,8 @@ impl<F: Waitable> Iterator for AsCompleted<F> {
             self.outstanding -= 1;
             return Some(f);
         }
-        let mut done = self
-            .queue
-            .done
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(f) = done.futures.pop_front() {
-            self.outstanding -= 1;
-            return Some(f);
-        }
-        // Work this thread queued is started first (`start_queued`).
-        drop(done);
+        // Work this thread queued is started first (`start_queued`; nothing
+        // to do, and no lock taken, when it queued none).
         crate::futures::client::start_queued();
         let mut done = self
             .queue
