@@ -77,10 +77,9 @@ pub(crate) struct Shared {
     pub(crate) backend: Backend,
     pub(crate) kind: ExecutorKind,
     table: Mutex<KeyMap<Entry>>,
+    /// Notified when an entry some thread sleeps on ([`Entry::waiters`])
+    /// stops being pending.
     changed: Condvar,
-    /// Threads blocked on `changed`, counted under the `table` lock: a
-    /// notification nobody waits for costs a syscall, so none is sent then.
-    sleepers: AtomicUsize,
     /// Whether `compute` and `persist` draw a progress bar
     /// ([`Config::progress`]).
     progress: bool,
@@ -97,6 +96,14 @@ struct Entry {
     refs: usize,
     /// Wakers of `.await`s and `as_completed` queues to notify once done.
     listeners: Vec<Listener>,
+    /// Threads that went to sleep on `changed` waiting for this entry,
+    /// counted under the table lock, reset when it stops being pending. A
+    /// notification costs a syscall and wakes every sleeper, so only an
+    /// entry somebody sleeps on sends one: a `gather` over many futures
+    /// wakes once per future it waits for, not once per completion. It may
+    /// count a sleeper twice (one woken by a timeout that sleeps again),
+    /// never too few.
+    waiters: u32,
     /// Submissions waiting for this entry (rule 3).
     deferred: Vec<Arc<Deferred>>,
     /// The run computing this entry and the entry's output index in it, to
@@ -193,7 +200,6 @@ impl Client {
                 cache,
                 table: Mutex::new(KeyMap::default()),
                 changed: Condvar::new(),
-                sleepers: AtomicUsize::new(0),
             }),
             annotations: None,
         }
@@ -895,6 +901,7 @@ impl Entry {
             state: State::Pending,
             refs: 0,
             listeners: Vec::new(),
+            waiters: 0,
             deferred: Vec::new(),
             run: None,
             node: None,
@@ -1198,7 +1205,7 @@ impl Shared {
         // The finished work's graph is dropped after the table lock: it may
         // hold futures, whose drop takes the lock.
         let mut finished_node = None;
-        let (listeners, deferred) = {
+        let (listeners, deferred, sleepers) = {
             let mut table = self.lock();
             let Some(entry) = table.get_mut(&key) else {
                 return; // released while it ran
@@ -1227,23 +1234,30 @@ impl Shared {
             (
                 std::mem::take(&mut entry.listeners),
                 std::mem::take(&mut entry.deferred),
+                std::mem::take(&mut entry.waiters) > 0,
             )
         };
         drop(finished_node);
-        self.wake(listeners, deferred);
+        self.wake(listeners, deferred, sleepers);
     }
 
-    /// Wakes the threads in [`wait`](Shared::wait) and notifies
-    /// `listeners` and `deferred`; called after the table lock that changed
-    /// an entry was dropped, so every sleeper that saw the old state is
-    /// counted in `sleepers` by then.
-    fn wake(self: &Arc<Self>, listeners: Vec<Listener>, deferred: Vec<Arc<Deferred>>) {
+    /// Notifies `listeners` and `deferred`, and when `sleepers` (the entry
+    /// that changed had [`waiters`](Entry::waiters)) wakes the threads in
+    /// [`wait`](Shared::wait); called after the table lock under which the
+    /// entry changed was dropped, so every sleeper that saw the old state
+    /// was counted by then.
+    fn wake(
+        self: &Arc<Self>,
+        listeners: Vec<Listener>,
+        deferred: Vec<Arc<Deferred>>,
+        sleepers: bool,
+    ) {
         // Listeners first: a progress bar draws its last state before the
         // program, woken from `wait`, prints its next line.
         for listener in listeners {
             listener.notify();
         }
-        if self.sleepers.load(Ordering::Relaxed) > 0 {
+        if sleepers {
             self.changed.notify_all();
         }
         for d in deferred {
@@ -1282,13 +1296,13 @@ impl Shared {
                 run.drop_output(*slot);
             }
             // Graphs waiting for this key now compute it themselves.
-            self.wake(entry.listeners, entry.deferred);
+            self.wake(entry.listeners, entry.deferred, entry.waiters > 0);
         }
     }
 
     /// Cancels `key` if it is still pending.
     pub(crate) fn cancel(self: &Arc<Self>, key: Key) {
-        let (listeners, deferred, run) = {
+        let (listeners, deferred, sleepers, run) = {
             let mut table = self.lock();
             let Some(entry) = table.get_mut(&key) else {
                 return;
@@ -1301,6 +1315,7 @@ impl Shared {
             (
                 std::mem::take(&mut entry.listeners),
                 std::mem::take(&mut entry.deferred),
+                std::mem::take(&mut entry.waiters) > 0,
                 run,
             )
         };
@@ -1309,7 +1324,7 @@ impl Shared {
         if let Some((run, slot)) = run {
             run.drop_output(slot);
         }
-        self.wake(listeners, deferred);
+        self.wake(listeners, deferred, sleepers);
     }
 
     /// The state of `key` now (`Cancelled` if the client no longer holds it).
@@ -1382,8 +1397,11 @@ impl Shared {
                 (Some(t), Some(p)) => Some(t.min(p)),
                 (t, p) => t.or(p),
             };
-            // Counted under the lock (see `wake`).
-            self.sleepers.fetch_add(1, Ordering::Relaxed);
+            // Counted under the lock (see `wake`); the entry is there, as
+            // its state was pending.
+            if let Some(entry) = table.get_mut(&key) {
+                entry.waiters = entry.waiters.saturating_add(1);
+            }
             table = match timeout {
                 None => self
                     .changed
@@ -1396,7 +1414,6 @@ impl Shared {
                         .0
                 }
             };
-            self.sleepers.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
