@@ -114,8 +114,8 @@ use tokio::sync::mpsc;
 
 use crate::net::{self, Chain, ConnectError, FetchResult, Fetched, PeerPool};
 use crate::protocol::{
-    decode_checked, parse_address, Batch, Scheme, TaskSpec, ToClient, ToScheduler, WireEvent,
-    WireEventKind, WireKey, WorkerId, MAX_FRAME,
+    decode_checked, parse_address, Batch, KeyMap, Scheme, TaskSpec, ToClient, ToScheduler,
+    WireEvent, WireEventKind, WireKey, WorkerId, MAX_FRAME,
 };
 use crate::tls::Connector;
 use crate::{Auth, BuildId, Error, Tls, Token};
@@ -202,7 +202,7 @@ struct Link {
     /// Weak, so that live handles do not keep the client thread running.
     commands: mpsc::WeakUnboundedSender<Sequenced>,
     /// Live handles per key (rules 5 and 6).
-    held: Mutex<HashMap<WireKey, usize>>,
+    held: Mutex<KeyMap<WireKey, usize>>,
     /// The client thread, where a fetch must not block.
     thread_id: ThreadId,
     /// Cleared when the scheduler connection is lost or the loop ends.
@@ -242,18 +242,18 @@ impl Link {
         *self.sent.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn held(&self) -> MutexGuard<'_, HashMap<WireKey, usize>> {
+    fn held(&self) -> MutexGuard<'_, KeyMap<WireKey, usize>> {
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
 /// One more count for `key` in a table of held keys ([`Link::held`]).
-fn hold(held: &mut HashMap<WireKey, usize>, key: WireKey) {
+fn hold(held: &mut KeyMap<WireKey, usize>, key: WireKey) {
     *held.entry(key).or_insert(0) += 1;
 }
 
 /// One count fewer for `key`; the entry goes with its last count.
-fn unhold(held: &mut HashMap<WireKey, usize>, key: WireKey) {
+fn unhold(held: &mut KeyMap<WireKey, usize>, key: WireKey) {
     if let Some(n) = held.get_mut(&key) {
         *n -= 1;
         if *n == 0 {
@@ -734,7 +734,7 @@ impl Client {
                     let link = Arc::new(Link {
                         address: name,
                         commands: weak,
-                        held: Mutex::new(HashMap::new()),
+                        held: Mutex::new(KeyMap::default()),
                         thread_id: std::thread::current().id(),
                         connected: AtomicBool::new(true),
                         next_id: AtomicU64::new(0),
@@ -1048,8 +1048,12 @@ impl Executor for Client {
             .filter(|&&t| failed[t as usize].is_none())
             .map(|&t| plan.task(t).key.0)
             .collect();
-        wanted.sort_unstable();
-        wanted.dedup();
+        // Each key once, in the plan's order: the scheduler activates them
+        // in this order, and its ready queue costs least when work becomes
+        // ready in submission order (`scheduler::ready`).
+        let mut seen: std::collections::HashSet<WireKey, foldhash::fast::RandomState> =
+            std::collections::HashSet::with_capacity_and_hasher(wanted.len(), Default::default());
+        wanted.retain(|key| seen.insert(*key));
         // Whether outputs repeat a key (rule 2 counts them then).
         let repeats = wanted.len() + early.len() < outputs.len();
         let mut batch = Batch::default();
@@ -1236,11 +1240,11 @@ struct Open {
     /// For a submission with several outputs of one key: the outputs of
     /// each such key not reported yet (rule 2); `None` when every output
     /// has a key of its own, the usual case.
-    shared_keys: Option<HashMap<WireKey, u32>>,
+    shared_keys: Option<KeyMap<WireKey, u32>>,
     keep_remote: bool,
     /// Handles reported so far, by key (rule 5); their keys are released
     /// when the handles are dropped, not with the submission.
-    handles: HashMap<WireKey, Arc<KeyHandle>>,
+    handles: KeyMap<WireKey, Arc<KeyHandle>>,
     /// Its output keys, held while it is open (rule 7), each until its
     /// output was reported.
     holds: Vec<Option<Hold>>,
@@ -1268,10 +1272,10 @@ struct Loop {
     connected: bool,
     open: HashMap<u64, Open>,
     /// Output slots and fetches waiting for each key.
-    waiting: HashMap<WireKey, Vec<Waiter>>,
-    fetching: HashMap<WireKey, Fetching>,
+    waiting: KeyMap<WireKey, Vec<Waiter>>,
+    fetching: KeyMap<WireKey, Fetching>,
     /// The latest holders of each key a live handle refers to (rule 5).
-    holders: HashMap<WireKey, Vec<WorkerId>>,
+    holders: KeyMap<WireKey, Vec<WorkerId>>,
     /// Keys whose handles were dropped, released at the next flush.
     releases: Vec<WireKey>,
     /// Keys whose outputs were reported this turn, each with the number of
@@ -1398,9 +1402,9 @@ impl Loop {
             writer,
             connected: true,
             open: HashMap::new(),
-            waiting: HashMap::new(),
-            fetching: HashMap::new(),
-            holders: HashMap::new(),
+            waiting: KeyMap::default(),
+            fetching: KeyMap::default(),
+            holders: KeyMap::default(),
             releases: Vec::new(),
             ended: std::collections::VecDeque::new(),
             peers: None,
@@ -1755,7 +1759,7 @@ impl Loop {
         }
         let n = s.outputs.len();
         let shared_keys = s.repeats.then(|| {
-            let mut counts = HashMap::new();
+            let mut counts = KeyMap::default();
             for &key in &s.outputs {
                 *counts.entry(key).or_insert(0) += 1;
             }
@@ -1773,7 +1777,7 @@ impl Loop {
                 outputs: s.outputs,
                 shared_keys,
                 keep_remote: s.keep_remote,
-                handles: HashMap::new(),
+                handles: KeyMap::default(),
                 holds: s.holds,
             },
         );

@@ -496,6 +496,11 @@ impl fmt::Display for WorkerId {
 /// A key as it travels: its 32 bytes.
 pub type WireKey = [u8; 32];
 
+/// A map keyed by task keys, hashed by a fast hash with a per-map random
+/// seed: SipHash costs more than the rest of a lookup on 32-byte keys, and
+/// keys read from the wire must not choose their buckets.
+pub(crate) type KeyMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
 /// Where a task stands among ready work: by the user's priority, higher
 /// first (`Delayed::priority`, Dask's `priority=`), then by `order`, lower
 /// first (the scheduler's submission order). [`Ord`] puts what runs first

@@ -77,6 +77,7 @@
 //!    server reads the board and never touches the state.
 
 mod placement;
+mod ready;
 pub(crate) mod state;
 mod watch;
 

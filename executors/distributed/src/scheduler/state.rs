@@ -5,18 +5,18 @@
 //! are described in `README.md` beside this file; the numbered rules there
 //! are referred to as (S1)…(S16) in the code.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use rask_executor::Key;
 
 use super::placement::{self, Choice, Loads, LOCALITY_BYTES};
+use super::ready::Ready;
 use rask_executor::diagnostics::Counts;
 
 use crate::protocol::{
-    Priority, TaskSpec, ToClient, ToWorker, WireEvent, WireEventKind, WireFailure, WireFailureKind,
-    WireKey, WorkerId, INLINE_BYTES, MAX_THREADS,
+    KeyMap, Priority, TaskSpec, ToClient, ToWorker, WireEvent, WireEventKind, WireFailure,
+    WireFailureKind, WireKey, WorkerId, INLINE_BYTES, MAX_THREADS,
 };
 use rask_executor::Resources;
 
@@ -287,7 +287,7 @@ struct Worker {
     early: u32,
     /// Waiting tasks that may be sent early to this worker, by priority.
     /// Entries can be stale: each is checked again when popped.
-    candidates: BinaryHeap<Reverse<(Priority, TaskId)>>,
+    candidates: Ready<(Priority, TaskId)>,
     /// Its name, when it has one (S14: tasks may name it).
     name: Option<String>,
     /// What it declared (S14).
@@ -380,14 +380,14 @@ struct RetireRequest {
 pub(crate) struct State {
     slots: Vec<Slot>,
     free: Vec<u32>,
-    by_key: HashMap<Key, TaskId>,
+    by_key: KeyMap<Key, TaskId>,
     workers: BTreeMap<WorkerId, Worker>,
     /// Per client, its references to each key (S5).
     clients: HashMap<ClientId, HashMap<TaskId, u32>>,
-    queue: BinaryHeap<Reverse<(Priority, TaskId)>>,
+    queue: Ready<(Priority, TaskId)>,
     /// Queued restricted tasks (S14), one queue per restriction. Entries
     /// can be stale, as in `queue`; empty queues are dropped.
-    restricted: BTreeMap<Arc<Restriction>, BinaryHeap<Reverse<(Priority, TaskId)>>>,
+    restricted: BTreeMap<Arc<Restriction>, Ready<(Priority, TaskId)>>,
     /// The next submission order (`Priority::order`).
     next_priority: u64,
     /// Whether idle workers take queued work from busy ones (S15).
@@ -437,10 +437,10 @@ impl State {
         State {
             slots: Vec::new(),
             free: Vec::new(),
-            by_key: HashMap::new(),
+            by_key: KeyMap::default(),
             workers: BTreeMap::new(),
             clients: HashMap::new(),
-            queue: BinaryHeap::new(),
+            queue: Ready::default(),
             restricted: BTreeMap::new(),
             next_priority: 0,
             balancing: true,
@@ -751,7 +751,7 @@ impl State {
             Worker {
                 address,
                 early: 0,
-                candidates: BinaryHeap::new(),
+                candidates: Ready::default(),
                 name,
                 used: vec![0; resources.milli().len()],
                 resources,
@@ -1743,7 +1743,7 @@ impl State {
     fn enqueue(&mut self, id: TaskId) {
         let task = self.task_mut(id);
         task.state = TaskState::Queued;
-        let entry = Reverse((task.priority, id));
+        let entry = (task.priority, id);
         match task.restriction.clone() {
             None => self.queue.push(entry),
             Some(r) => self.restricted.entry(r).or_default().push(entry),
@@ -1918,7 +1918,7 @@ impl State {
         };
         let priority = self.task(id).priority;
         if let Some(worker) = self.workers.get_mut(&w) {
-            worker.candidates.push(Reverse((priority, id)));
+            worker.candidates.push((priority, id));
             self.early_ready.insert(w);
         }
     }
@@ -2112,7 +2112,7 @@ impl State {
                 let head = loop {
                     match heap.peek() {
                         None => break None,
-                        Some(&Reverse((p, id))) => {
+                        Some((p, id)) => {
                             let live = self.slots.get(id.index as usize).is_some_and(|slot| {
                                 slot.gen == id.gen
                                     && slot.task.as_ref().is_some_and(|t| {
@@ -2140,7 +2140,7 @@ impl State {
             let Some((_, from)) = best else { break };
             match from {
                 None => {
-                    let Some(Reverse((priority, id))) = self.queue.pop() else {
+                    let Some((priority, id)) = self.queue.pop() else {
                         break;
                     };
                     let task = self.task(id);
@@ -2151,22 +2151,20 @@ impl State {
                     match placement::choose(inputs, &self.loads, per_thread, &mut scratch) {
                         Choice::Worker(w) => self.send_compute(id, w, false, out),
                         Choice::Defer => {
-                            deferred.push(Reverse((priority, id)));
+                            deferred.push((priority, id));
                             // Bound the work spent skipping data-bound tasks.
                             if deferred.len() >= 64 {
                                 central_open = false;
                             }
                         }
                         Choice::Full => {
-                            deferred.push(Reverse((priority, id)));
+                            deferred.push((priority, id));
                             central_open = false;
                         }
                     }
                 }
                 Some(r) => {
-                    let Some(Reverse((_, id))) =
-                        self.restricted.get(&r).and_then(|h| h.peek().copied())
-                    else {
+                    let Some((_, id)) = self.restricted.get(&r).and_then(|h| h.peek()) else {
                         continue;
                     };
                     match self.choose_restricted(id, &r, per_thread) {
@@ -2190,7 +2188,7 @@ impl State {
     /// The priority of the central queue's first live entry, dropping
     /// stale ones.
     fn head_of_central(&mut self) -> Option<Priority> {
-        while let Some(&Reverse((priority, id))) = self.queue.peek() {
+        while let Some((priority, id)) = self.queue.peek() {
             if self
                 .get(id)
                 .is_some_and(|t| t.state == TaskState::Queued && t.priority == priority)
@@ -2385,7 +2383,7 @@ impl State {
             }
             let waiting = heap
                 .iter()
-                .filter(|Reverse((p, id))| {
+                .filter(|(p, id)| {
                     self.get(*id)
                         .is_some_and(|t| t.state == TaskState::Queued && t.priority == *p)
                 })
@@ -2424,7 +2422,7 @@ impl State {
                     }
                     break;
                 }
-                let Some(Reverse((priority, id))) = worker.candidates.pop() else {
+                let Some((priority, id)) = worker.candidates.pop() else {
                     break;
                 };
                 let fresh = self

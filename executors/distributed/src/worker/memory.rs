@@ -55,7 +55,7 @@
 //!
 //! [`Options::spill_dir`]: super::Options::spill_dir
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -66,7 +66,7 @@ use rask_executor::diagnostics::Spill;
 use rask_executor::{entry, Encoded, Key, Value};
 
 use crate::net::log_limited;
-use crate::protocol::{WireKey, MAX_MEMORY};
+use crate::protocol::{KeyMap, WireKey, MAX_MEMORY};
 
 /// Share of the memory limit above which values are spilled (rule 2).
 pub const SPILL_AT: f64 = 0.6;
@@ -237,10 +237,14 @@ impl Levels {
 /// order, the byte counts and the levels.
 #[derive(Default)]
 pub(crate) struct Held {
-    values: HashMap<WireKey, Slot>,
-    /// Values in memory and not being written, by last use (rule 2): a
-    /// tick per use and a map ordered by tick, O(log n) per use.
-    lru: BTreeMap<u64, WireKey>,
+    values: KeyMap<WireKey, Slot>,
+    /// Values in memory and not being written, by last use (rule 2): each
+    /// use appends the value's new tick, O(1). Entries go stale when the
+    /// value is used again, removed or spilled (its slot's tick differs);
+    /// [`Held::next_spill`] skips them, and [`Held::touch`] sweeps them out
+    /// once they outnumber the values, so the list stays within twice the
+    /// store.
+    lru: VecDeque<(u64, WireKey)>,
     tick: u64,
     levels: Option<Levels>,
     memory: u64,
@@ -265,7 +269,6 @@ impl Held {
     pub(crate) fn insert(&mut self, key: WireKey, stored: Stored) -> Option<OnDisk> {
         let old = self.remove(&key);
         let touched = self.next_tick();
-        self.lru.insert(touched, key);
         self.memory += stored.nbytes;
         self.values.insert(
             key,
@@ -278,15 +281,33 @@ impl Held {
                 },
             },
         );
+        self.touch(touched, key);
         old
+    }
+
+    /// Records that `key` was used at `tick`, its slot's new tick.
+    fn touch(&mut self, tick: u64, key: WireKey) {
+        self.lru.push_back((tick, key));
+        if self.lru.len() > 2 * self.values.len() + 64 {
+            let values = &self.values;
+            self.lru
+                .retain(|&(tick, key)| Self::is_current(values, tick, &key));
+        }
+    }
+
+    /// Whether `(tick, key)` in the LRU list is the value's last use.
+    fn is_current(values: &KeyMap<WireKey, Slot>, tick: u64, key: &WireKey) -> bool {
+        values
+            .get(key)
+            .is_some_and(|s| matches!(s.place, Place::Memory { touched, .. } if touched == tick))
     }
 
     /// Drops `key`; returns its file, to remove, if it was spilled.
     pub(crate) fn remove(&mut self, key: &WireKey) -> Option<OnDisk> {
         let slot = self.values.remove(key)?;
         match slot.place {
-            Place::Memory { touched, .. } => {
-                self.lru.remove(&touched);
+            // Its LRU entry is stale now.
+            Place::Memory { .. } => {
                 self.memory -= slot.nbytes;
                 None
             }
@@ -333,10 +354,10 @@ impl Held {
         };
         match &mut slot.place {
             Place::Memory { value, touched } => {
-                self.lru.remove(touched);
                 *touched = tick;
-                self.lru.insert(tick, *key);
-                Found::Memory(value.clone())
+                let value = value.clone();
+                self.touch(tick, *key);
+                Found::Memory(value)
             }
             Place::Writing { value } => Found::Memory(value.clone()),
             Place::Disk { type_name } => Found::Disk(OnDisk {
@@ -354,7 +375,12 @@ impl Held {
         if self.memory <= levels.spill {
             return None;
         }
-        let (_, key) = self.lru.pop_first()?;
+        let key = loop {
+            let (tick, key) = self.lru.pop_front()?;
+            if Self::is_current(&self.values, tick, &key) {
+                break key;
+            }
+        };
         let slot = self.values.get_mut(&key).expect("the LRU lists held keys");
         let Place::Memory { value, .. } = &slot.place else {
             unreachable!("the LRU lists values in memory only");
@@ -399,7 +425,7 @@ impl Held {
                 value: spill.value.clone(),
                 touched: tick,
             };
-            self.lru.insert(tick, spill.key);
+            self.touch(tick, spill.key);
             self.stats.failed_spills += 1;
         }
         None
@@ -952,6 +978,49 @@ mod tests {
             },
         );
         assert!(free.next_spill().is_none() && !free.paused() && free.report().is_none());
+    }
+
+    proptest::proptest! {
+        /// Whatever the uses, a spill takes the value in memory used least
+        /// recently, and the LRU list stays within twice the store.
+        #[test]
+        fn spills_follow_last_use(ops in proptest::collection::vec((0u8..4, 0u8..12), 1..400)) {
+            let mut held = Held::new(Some(Levels::of(1)));
+            // The model: each key in memory and its last use, counted here.
+            let mut model: std::collections::BTreeMap<u8, u64> = Default::default();
+            let mut now = 0u64;
+            for (op, k) in ops {
+                now += 1;
+                let key = [k; 32];
+                match op {
+                    0 => {
+                        held.insert(key, stored(1));
+                        model.insert(k, now);
+                    }
+                    1 => {
+                        let found = held.find(&key);
+                        if let Some(used) = model.get_mut(&k) {
+                            proptest::prop_assert!(matches!(found, Found::Memory(_)));
+                            *used = now;
+                        }
+                    }
+                    2 => {
+                        held.remove(&key);
+                        model.remove(&k);
+                    }
+                    _ => {
+                        let oldest = model.iter().min_by_key(|(_, &t)| t).map(|(&k, _)| k);
+                        let spill = held.next_spill();
+                        proptest::prop_assert_eq!(spill.as_ref().map(|s| s.key[0]), oldest);
+                        if let Some(spill) = spill {
+                            held.written(&spill, true);
+                            model.remove(&spill.key[0]);
+                        }
+                    }
+                }
+                proptest::prop_assert!(held.lru.len() <= 2 * held.len() + 65);
+            }
+        }
     }
 
     #[test]

@@ -62,7 +62,7 @@
 //!    (rule 6), queued for a thread or attached as a successor (rule 5)
 //!    has not started.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -74,7 +74,7 @@ use rask_executor::{
 
 use super::memory::{Store, Stored};
 use crate::net::FetchResult;
-use crate::protocol::{Priority, ToScheduler, WireFailure, WireKey, WorkerId};
+use crate::protocol::{KeyMap, Priority, ToScheduler, WireFailure, WireKey, WorkerId};
 
 /// A task ready to run on the pool.
 pub(crate) struct Job {
@@ -215,8 +215,8 @@ pub(crate) struct WorkerState {
     me: WorkerId,
     registry: Arc<dyn Registry>,
     store: Store,
-    tasks: HashMap<WireKey, LocalTask>,
-    fetches: HashMap<WireKey, Fetch>,
+    tasks: KeyMap<WireKey, LocalTask>,
+    fetches: KeyMap<WireKey, Fetch>,
     next_id: u64,
     /// Tasks ready to run, held back while paused (rule 6).
     held_back: VecDeque<WireKey>,
@@ -228,8 +228,8 @@ impl WorkerState {
             me,
             registry,
             store,
-            tasks: HashMap::new(),
-            fetches: HashMap::new(),
+            tasks: KeyMap::default(),
+            fetches: KeyMap::default(),
             next_id: 0,
             held_back: VecDeque::new(),
         }
