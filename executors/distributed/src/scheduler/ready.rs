@@ -6,9 +6,11 @@
 //! rising submission orders, and most have the default user priority. A
 //! binary heap pays O(log n) for each push and pop regardless, walking a
 //! 100,000-entry array on every task of a large map. [`Ready`] keeps the
-//! entries that arrive in order in a sorted run (a `VecDeque`, pushed at
-//! the back, popped at the front) and the rest in a heap; the least entry
-//! is the lesser of the two heads. Entries out of order (a raised
+//! entries that arrive in order in a sorted run (a `VecDeque`: an entry no
+//! less than its back is pushed there, one no greater than its front is
+//! pushed at the front, and pops take the front) and the rest in a heap;
+//! the least entry is the lesser of the two heads. Entries arriving in
+//! falling order (a tree's leaves reached from its root) stay O(1) too. Entries out of order (a raised
 //! priority, a task given back, work deferred by a pass) cost what a heap
 //! costs.
 
@@ -18,8 +20,8 @@ use std::collections::{BinaryHeap, VecDeque};
 /// A min-queue of `K`: [`pop`](Ready::pop) returns the least entry.
 #[derive(Debug)]
 pub(crate) struct Ready<K> {
-    /// Entries that arrived no less than every entry before them here,
-    /// ascending.
+    /// Entries that arrived no less, or no greater, than every entry here
+    /// before them, ascending.
     run: VecDeque<K>,
     /// The others.
     heap: BinaryHeap<Reverse<K>>,
@@ -40,8 +42,11 @@ where
 impl<K: Ord + Copy> Ready<K> {
     /// Adds `entry`.
     pub(crate) fn push(&mut self, entry: K) {
-        match self.run.back() {
-            Some(last) if *last > entry => self.heap.push(Reverse(entry)),
+        match (self.run.front(), self.run.back()) {
+            (Some(first), Some(last)) if *first < entry && entry < *last => {
+                self.heap.push(Reverse(entry))
+            }
+            (Some(first), _) if entry <= *first => self.run.push_front(entry),
             _ => self.run.push_back(entry),
         }
     }
@@ -118,8 +123,9 @@ mod tests {
     #[test]
     fn entries_in_order_never_reach_the_heap() {
         let mut ready = Ready::default();
-        ready.extend(0..1000u32);
+        ready.extend(500..1000u32);
         ready.push(1000);
+        ready.extend((0..500).rev());
         assert!(ready.heap.is_empty());
         ready.push(5);
         assert_eq!(ready.heap.len(), 1);
