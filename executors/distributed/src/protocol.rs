@@ -496,9 +496,10 @@ impl fmt::Display for WorkerId {
 /// A key as it travels: its 32 bytes.
 pub type WireKey = [u8; 32];
 
-/// A map keyed by task keys, hashed by a fast hash with a per-map random
-/// seed: SipHash costs more than the rest of a lookup on 32-byte keys, and
-/// keys read from the wire must not choose their buckets.
+/// A map looked up once or more per task (by key, task id or function
+/// name), hashed by a fast hash with a per-map random seed: SipHash costs
+/// more than the rest of a lookup on 32-byte keys, and keys read from the
+/// wire must not choose their buckets.
 pub(crate) type KeyMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Where a task stands among ready work: by the user's priority, higher

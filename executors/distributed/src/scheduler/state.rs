@@ -383,7 +383,7 @@ pub(crate) struct State {
     by_key: KeyMap<Key, TaskId>,
     workers: BTreeMap<WorkerId, Worker>,
     /// Per client, its references to each key (S5).
-    clients: HashMap<ClientId, HashMap<TaskId, u32>>,
+    clients: HashMap<ClientId, KeyMap<TaskId, u32>>,
     queue: Ready<(Priority, TaskId)>,
     /// Queued restricted tasks (S14), one queue per restriction. Entries
     /// can be stale, as in `queue`; empty queues are dropped.
@@ -659,7 +659,7 @@ impl State {
 
     /// A client connected: tell it where the workers are.
     pub(crate) fn on_client_connected(&mut self, client: ClientId, out: &mut impl Outbox) {
-        self.clients.insert(client, HashMap::new());
+        self.clients.insert(client, KeyMap::default());
         for (&id, w) in &self.workers {
             out.to_client(
                 client,

@@ -34,7 +34,7 @@ pub(super) struct History {
     board: Option<Arc<Board>>,
     /// Per function: finished, erred, milliseconds spent; and the order
     /// functions were first seen in.
-    functions: HashMap<Arc<str>, (u64, u64, f64)>,
+    functions: crate::protocol::KeyMap<Arc<str>, (u64, u64, f64)>,
     order: Vec<Arc<str>>,
     /// Finished tasks per 100 ms bucket, newest last.
     recent: VecDeque<(Instant, u64)>,
@@ -53,7 +53,7 @@ impl History {
         History {
             started: Instant::now(),
             board,
-            functions: HashMap::new(),
+            functions: Default::default(),
             order: Vec::new(),
             recent: VecDeque::new(),
         }

@@ -150,7 +150,7 @@ mod watchdog;
 pub(crate) use memory::remove_spill_dirs;
 pub use memory::{machine_memory, PAUSE_AT, SPILL_AT};
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -1920,7 +1920,7 @@ fn run_link(job: Job) -> (Option<Done>, Option<Job>) {
 #[derive(Default)]
 struct Speeds {
     /// Fast runs in a row, per function.
-    streaks: HashMap<Arc<str>, u32>,
+    streaks: crate::protocol::KeyMap<Arc<str>, u32>,
 }
 
 impl Speeds {
