@@ -84,7 +84,7 @@
 //! `macro_rules!` macro cannot tell the two apart.
 
 use std::any::{Any, TypeId};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::{Arc, OnceLock};
 
@@ -172,11 +172,29 @@ pub(crate) fn function_id<F: 'static>() -> Result<String, WireError> {
             function: std::any::type_name::<F>().to_owned(),
         });
     }
-    Ok(format!(
+    // Formatting the id costs more than the rest of sending a small task:
+    // it is made once per function and kept.
+    type Ids =
+        HashMap<TypeId, Arc<str>, std::hash::BuildHasherDefault<crate::build::graph::KeyHash>>;
+    static IDS: std::sync::LazyLock<std::sync::RwLock<Ids>> =
+        std::sync::LazyLock::new(Default::default);
+    let ty = TypeId::of::<F>();
+    if let Some(id) = IDS
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(&ty)
+    {
+        return Ok(id.to_string());
+    }
+    let id = format!(
         "{}#{:016x}",
         std::any::type_name::<F>(),
         crate::build::key::type_tag::<F>()
-    ))
+    );
+    IDS.write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(ty, id.as_str().into());
+    Ok(id)
 }
 
 /// The readable path of a function id (rule 1), for messages.
@@ -860,7 +878,10 @@ pub(crate) fn recorded(id: TypeId) -> Recorded {
 ///
 /// [`Error::Unsendable`](crate::Error::Unsendable) for the first task found.
 pub(crate) fn check_sendable(roots: &[Arc<Node>]) -> crate::Result<()> {
-    let mut seen = HashSet::new();
+    let mut seen: std::collections::HashSet<
+        rask_executor::Key,
+        std::hash::BuildHasherDefault<crate::build::graph::KeyHash>,
+    > = Default::default();
     let mut stack: Vec<&Arc<Node>> = roots.iter().collect();
     while let Some(node) = stack.pop() {
         if !seen.insert(node.key) {
