@@ -1092,6 +1092,9 @@ pub(crate) enum FromPeerRef<'a> {
     },
 }
 
+/// The bytes a new frame reserves (`Batch::push`).
+const OPEN_FRAME: usize = 512;
+
 /// Messages collected into frames: appends each message to the open frame,
 /// sealing a frame once it passes [`SOFT_FRAME`] bytes.
 #[derive(Debug, Default)]
@@ -1104,6 +1107,10 @@ impl Batch {
     /// Appends one message.
     pub(crate) fn push<M: Serialize>(&mut self, msg: &M) {
         if self.open.is_empty() {
+            // Room for a few small messages at once: postcard appends a
+            // byte at a time, and growing from nothing reallocates five or
+            // six times per frame.
+            self.open.reserve(OPEN_FRAME);
             self.open.extend_from_slice(&[0; 4]);
         }
         let buf = std::mem::take(&mut self.open);
