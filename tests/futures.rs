@@ -214,6 +214,44 @@ fn submit_returns_before_the_task_finished() {
     assert_eq!(f.status(), Status::Finished);
 }
 
+/// A waiting thread is woken when the future it waits on ends, not when
+/// any does (`Shared::wake`): each of several threads gets its own value
+/// once its gate opens, whatever else finished meanwhile, and a wait whose
+/// deadline lapsed before leaves nobody unwoken. A lost wake-up leaves a
+/// thread asleep for good: this test then hangs (checked by dropping the
+/// notification: it hung on both clients).
+#[test]
+fn each_waiting_thread_wakes_when_its_own_future_ends() {
+    use std::time::Duration;
+    for client in background_clients() {
+        let gates: Vec<u64> = (0..4).map(|_| new_id()).collect();
+        let futures: Vec<_> = gates
+            .iter()
+            .zip(0..)
+            .map(|(&g, i)| client.submit(delayed!(gated(g, i))).unwrap())
+            .collect();
+        // Waits that end at their deadline: every gate is shut.
+        for f in futures.iter().step_by(2) {
+            assert!(f.result_timeout(Duration::from_millis(1)).is_err());
+        }
+        let waiters: Vec<_> = futures
+            .iter()
+            .cloned()
+            .map(|f| std::thread::spawn(move || f.result()))
+            .collect();
+        // In reverse: every completion but the last ends a future that the
+        // threads still waiting do not wait on.
+        for &g in gates.iter().rev() {
+            open(g);
+        }
+        let values: Vec<i64> = waiters
+            .into_iter()
+            .map(|w| w.join().unwrap().unwrap())
+            .collect();
+        assert_eq!(values, vec![0, 1, 2, 3], "{}", client.executor());
+    }
+}
+
 #[test]
 fn futures_are_arguments_even_while_running() {
     // Skips the synchronous client, where `submit` runs the work at once.
