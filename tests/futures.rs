@@ -219,7 +219,8 @@ fn submit_returns_before_the_task_finished() {
 /// once its gate opens, whatever else finished meanwhile, and a wait whose
 /// deadline lapsed before leaves nobody unwoken. A lost wake-up leaves a
 /// thread asleep for good: this test then hangs (checked by dropping the
-/// notification: it hung on both clients).
+/// notification, with a 60-second deadline on these waits: on both
+/// clients the threads slept until it).
 #[test]
 fn each_waiting_thread_wakes_when_its_own_future_ends() {
     use std::time::Duration;
