@@ -52,7 +52,7 @@ use rask_executor::{OpError, Value, WireError, WireTask};
 use crate::build::data::Data;
 use crate::build::delayed::Delayed;
 use crate::build::key::KeyHasher;
-use crate::build::node::{Broken, Call, Code, Function, Inputs, Name, Node, Returns, Typed};
+use crate::build::node::{Broken, Call, Code, Deps, Function, Inputs, Name, Node, Returns, Typed};
 use crate::build::registry::{Payload, Piece, WireArg};
 
 /// Converts a `delayed!` argument into an input of a parameter of type `A`.
@@ -204,7 +204,10 @@ impl Template {
 #[doc(hidden)]
 pub struct Args {
     hasher: KeyHasher,
-    deps: Vec<Arc<Node>>,
+    /// The inputs while there are at most two (`Deps::push`)…
+    deps: Deps,
+    /// …and all of them past that.
+    more: Vec<Arc<Node>>,
     error: Option<String>,
     position: usize,
 }
@@ -214,7 +217,8 @@ impl Args {
     pub(crate) fn call<F: 'static>(name: &str) -> Self {
         Args {
             hasher: KeyHasher::call::<F>(name),
-            deps: Vec::new(),
+            deps: Deps::None,
+            more: Vec::new(),
             error: None,
             position: 0,
         }
@@ -226,7 +230,7 @@ impl Args {
 
     pub(crate) fn input(&mut self, node: &Arc<Node>) {
         self.hasher.input(&node.key);
-        self.deps.push(node.clone());
+        self.deps.push(node.clone(), &mut self.more);
     }
 
     fn fail(&mut self, what: impl FnOnce() -> String) {
@@ -290,7 +294,10 @@ impl Args {
             mark: Default::default(),
             key,
             name,
-            deps: self.deps.into(),
+            deps: match self.deps {
+                Deps::None if !self.more.is_empty() => self.more.into(),
+                few => few,
+            },
             call,
         }))
     }
