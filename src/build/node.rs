@@ -35,31 +35,33 @@ pub(crate) struct Node {
 /// 1. Only the one lowering holding the process-wide marking token writes
 ///    marks; every other lowering (another thread, a nested computation)
 ///    meanwhile uses a key map and never reads them.
-/// 2. That lowering unsets every mark it set before it gives the token back,
-///    on panics too, so a mark read under the token was set by this lowering.
-pub(crate) struct Mark(std::sync::atomic::AtomicU32);
+/// 2. Each lowering under the token has an epoch of its own, never used
+///    before in the process (epochs count up from 1; once they run out,
+///    lowering keeps to the key map). A mark is an index stamped with its
+///    lowering's epoch, and reads as unset under any other epoch: so a mark
+///    read under the token was set by this lowering, and no lowering has to
+///    visit its nodes again afterwards to unset them.
+pub(crate) struct Mark(std::sync::atomic::AtomicU64);
 
 impl Mark {
-    const UNSET: u32 = u32::MAX;
-
-    /// The index set by the lowering holding the token, if any.
-    pub(crate) fn get(&self) -> Option<u32> {
-        match self.0.load(std::sync::atomic::Ordering::Relaxed) {
-            Mark::UNSET => None,
-            i => Some(i),
-        }
+    /// The index set by the lowering of `epoch`, if any.
+    pub(crate) fn get(&self, epoch: u32) -> Option<u32> {
+        let raw = self.0.load(std::sync::atomic::Ordering::Relaxed);
+        ((raw >> 32) as u32 == epoch).then_some(raw as u32)
     }
 
-    /// Sets the index (`None` unsets it); for the token holder only.
-    pub(crate) fn set(&self, index: Option<u32>) {
-        let raw = index.unwrap_or(Mark::UNSET);
+    /// Sets the index for the lowering of `epoch`; for the token holder
+    /// only.
+    pub(crate) fn set(&self, epoch: u32, index: u32) {
+        let raw = (u64::from(epoch) << 32) | u64::from(index);
         self.0.store(raw, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
+/// Epoch 0, which no lowering has: unset.
 impl Default for Mark {
     fn default() -> Self {
-        Mark(std::sync::atomic::AtomicU32::new(Mark::UNSET))
+        Mark(std::sync::atomic::AtomicU64::new(0))
     }
 }
 
