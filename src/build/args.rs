@@ -287,7 +287,7 @@ impl Args {
     pub(crate) fn finish<T>(self, name: Name, call: impl Call) -> Delayed<T> {
         let key = self.hasher.finish();
         let call: Arc<dyn Call> = match self.error {
-            None => Arc::new(call),
+            None => shared(call),
             Some(message) => Arc::new(Broken(message)),
         };
         Delayed::from_node(Arc::new(Node {
@@ -300,6 +300,51 @@ impl Args {
             },
             call,
         }))
+    }
+}
+
+/// `call` behind an `Arc`: a call holding nothing (a function item or a
+/// capture-free closure, every argument an input) is one `Arc` per type and
+/// thread, shared by all its nodes, since any two of them behave alike. So
+/// such a node costs no allocation for its call, and the call's memory stays
+/// in cache while the plan runs.
+fn shared<C: Call>(call: C) -> Arc<dyn Call> {
+    if std::mem::size_of::<C>() != 0 {
+        return Arc::new(call);
+    }
+    /// The hash a `TypeId` writes, mixed (Fx-style): type ids are hashes
+    /// already.
+    #[derive(Default)]
+    struct TypeHash(u64);
+    impl std::hash::Hasher for TypeHash {
+        fn finish(&self) -> u64 {
+            self.0
+        }
+        fn write(&mut self, bytes: &[u8]) {
+            for &b in bytes {
+                self.write_u64(u64::from(b));
+            }
+        }
+        fn write_u64(&mut self, word: u64) {
+            self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+    type Calls = HashMap<std::any::TypeId, Arc<dyn Call>, std::hash::BuildHasherDefault<TypeHash>>;
+    thread_local! {
+        static CALLS: std::cell::RefCell<Calls> = std::cell::RefCell::default();
+    }
+    let mut call = Some(call);
+    let made = CALLS.try_with(|calls| {
+        let mut calls = calls.try_borrow_mut().ok()?;
+        let shared = calls.entry(std::any::TypeId::of::<C>()).or_insert_with(|| {
+            Arc::new(call.take().expect("the call is taken once")) as Arc<dyn Call>
+        });
+        Some(shared.clone())
+    });
+    match made {
+        Ok(Some(shared)) => shared,
+        // While thread-locals are torn down: an `Arc` of its own.
+        _ => Arc::new(call.expect("the call is taken only when shared")),
     }
 }
 
