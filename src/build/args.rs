@@ -891,6 +891,52 @@ pub fn apply<M, Xs, Sig, Ks, F: Apply<M, Xs, Sig, Ks>>(
 #[cfg(test)]
 mod tests {
     use super::short_name;
+    use crate::delayed;
+    use std::sync::Arc;
+
+    fn sub(x: i64, y: i64) -> i64 {
+        x - y
+    }
+
+    fn digits(a: i64, b: i64, c: i64, d: i64) -> i64 {
+        1000 * a + 100 * b + 10 * c + d
+    }
+
+    #[test]
+    fn inputs_keep_argument_order_however_many() {
+        // One and two inputs live in the node, more in a list of their own
+        // (`Deps`); each must reach the function in argument order, or
+        // `sub` and `digits` give another (silently wrong) number.
+        let n = |v: i64| delayed!(sub(v, 0));
+        let (one, two, three, four) = (n(1), n(2), n(3), n(4));
+        assert_eq!(delayed!(sub(&one, 5)).compute().unwrap(), -4);
+        assert_eq!(delayed!(sub(&one, &two)).compute().unwrap(), -1);
+        assert_eq!(delayed!(sub(&two, &one)).compute().unwrap(), 1);
+        let three_inputs = delayed!(digits(&one, &two, &three, 0));
+        assert_eq!(three_inputs.node().deps.len(), 3);
+        assert_eq!(three_inputs.compute().unwrap(), 1230);
+        let four_inputs = delayed!(digits(&four, &three, &two, &one));
+        assert_eq!(four_inputs.compute().unwrap(), 4321);
+        // A repeated input is an input per argument.
+        assert_eq!(delayed!(digits(&one, &one, &two, &one)).compute().unwrap(), 1121);
+    }
+
+    #[test]
+    fn a_call_holding_nothing_is_shared_and_one_holding_a_literal_is_not() {
+        let (a, b) = (delayed!(sub(1, 0)), delayed!(sub(2, 0)));
+        // Literals live in the call: one call each.
+        assert!(!Arc::ptr_eq(&a.node().call, &b.node().call));
+        let x = delayed!(sub(&a, &b));
+        let y = delayed!(sub(&b, &a));
+        // Inputs only: the call holds nothing, one `Arc` for both nodes.
+        assert!(Arc::ptr_eq(&x.node().call, &y.node().call));
+        assert_ne!(x.key(), y.key());
+        assert_eq!(rask_compute(&x, &y), (-1, 1));
+    }
+
+    fn rask_compute(x: &crate::Delayed<i64>, y: &crate::Delayed<i64>) -> (i64, i64) {
+        crate::compute((x, y)).unwrap()
+    }
 
     #[test]
     fn a_short_name_is_the_last_path_segment() {

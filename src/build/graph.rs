@@ -720,6 +720,26 @@ mod tests {
     }
 
     #[test]
+    fn a_mark_from_an_earlier_epoch_reads_as_unset() {
+        // Marks are never unset (node rule 2): a node still carries the
+        // index an earlier lowering gave it, pointing at a task of another
+        // plan. Were it read, the node would not be emitted and its parent
+        // would get the wrong input.
+        let a = delayed!(inc(1));
+        let b = delayed!(inc(2));
+        let c = delayed!(add(&a, &b));
+        let roots = [c.node().clone()];
+        let first = marked_keys(&roots).expect("no repeated key");
+        // As a lowering of another plan (an earlier epoch) would leave them.
+        let earlier = EPOCH.load(std::sync::atomic::Ordering::Relaxed);
+        b.node().mark.set(earlier, 0);
+        c.node().mark.set(earlier, 0);
+        assert_eq!(marked_keys(&roots), Some(first.clone()));
+        assert_eq!(first, mapped_keys(&roots));
+        assert_eq!(c.compute().unwrap(), 5);
+    }
+
+    #[test]
     fn marks_lower_as_the_key_map_does_and_are_unset_after() {
         // A shared node (`a` twice) and a root that is also an input.
         let a = delayed!(inc(1));

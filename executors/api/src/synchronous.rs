@@ -240,6 +240,32 @@ mod tests {
     }
 
     #[test]
+    fn a_failure_reaches_every_consumer_and_is_freed_by_the_last() {
+        // The failure sits in a map beside the value slots: each of its
+        // three uses (two dependents, one output) must see it, and a value
+        // of the same plan must not be mistaken for it.
+        let mut b = PlanBuilder::new();
+        let bad = b.push(Key([0; 32]), op(1, true), &[]);
+        let good = b.push(Key([1; 32]), op(7, false), &[]);
+        let l = b.push(Key([2; 32]), op(0, false), &[bad, good]);
+        let r = b.push(Key([3; 32]), op(0, false), &[good, bad]);
+        let g = b.push(Key([4; 32]), op(1, false), &[good]);
+        b.output(l);
+        b.output(r);
+        b.output(bad);
+        b.output(g);
+        let log = Arc::new(Log::default());
+        Synchronous.submit(Arc::new(b.build()), log.clone());
+        let got = log.0.lock().unwrap().clone();
+        let panicked = Err(FailureKind::Panicked);
+        // Reported in plan order: `bad` (slot 2), `l`, `r`, `g`.
+        assert_eq!(
+            got,
+            vec![(2, panicked.clone()), (0, panicked.clone()), (1, panicked), (3, Ok(8))]
+        );
+    }
+
+    #[test]
     fn cancelled_run_reports_every_output() {
         struct Cancel(Log);
         impl Reporter for Cancel {
