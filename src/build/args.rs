@@ -918,7 +918,10 @@ mod tests {
         let four_inputs = delayed!(digits(&four, &three, &two, &one));
         assert_eq!(four_inputs.compute().unwrap(), 4321);
         // A repeated input is an input per argument.
-        assert_eq!(delayed!(digits(&one, &one, &two, &one)).compute().unwrap(), 1121);
+        assert_eq!(
+            delayed!(digits(&one, &one, &two, &one)).compute().unwrap(),
+            1121
+        );
     }
 
     #[test]
