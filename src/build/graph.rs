@@ -740,7 +740,7 @@ mod tests {
     }
 
     #[test]
-    fn marks_lower_as_the_key_map_does_and_are_unset_after() {
+    fn marks_lower_as_the_key_map_does_and_read_as_unset_after() {
         // A shared node (`a` twice) and a root that is also an input.
         let a = delayed!(inc(1));
         let b = delayed!(add(&a, &a));

@@ -22,8 +22,8 @@ pub(crate) struct Node {
     pub(crate) name: Name,
     pub(crate) deps: Deps,
     pub(crate) call: Arc<dyn Call>,
-    /// This node's plan index while a lowering holds the marks
-    /// (`build::graph::postorder`); unset at any other time.
+    /// This node's plan index in the lowering that last marked it
+    /// (`build::graph::postorder_marked`), stamped with its epoch.
     pub(crate) mark: Mark,
 }
 
