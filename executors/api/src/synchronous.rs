@@ -261,12 +261,7 @@ mod tests {
         // Reported in plan order: `bad` (slot 2), `l`, `r`, `g`.
         assert_eq!(
             got,
-            vec![
-                (2, panicked.clone()),
-                (0, panicked.clone()),
-                (1, panicked),
-                (3, Ok(8))
-            ]
+            vec![(2, panicked), (0, panicked), (1, panicked), (3, Ok(8))]
         );
     }
 
