@@ -68,7 +68,8 @@ impl Default for Mark {
 /// A node's inputs, in argument order. Most nodes have at most two, held in
 /// the node itself: no allocation of their own, and one pointer to follow
 /// from a node to an input, not two. (Two inline inputs make the node 8 bytes
-/// larger, which its allocation had spare: 128 bytes either way.)
+/// larger, which its allocation had spare: 128 bytes either way, with the
+/// node at 104.)
 #[derive(Clone, Default)]
 pub(crate) enum Deps {
     /// No input.
