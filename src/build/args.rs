@@ -52,7 +52,7 @@ use rask_executor::{OpError, Value, WireError, WireTask};
 use crate::build::data::Data;
 use crate::build::delayed::Delayed;
 use crate::build::key::KeyHasher;
-use crate::build::node::{Broken, Call, Code, Function, Inputs, Name, Node, Returns, Typed};
+use crate::build::node::{Broken, Call, Code, Deps, Function, Inputs, Name, Node, Returns, Typed};
 use crate::build::registry::{Payload, Piece, WireArg};
 
 /// Converts a `delayed!` argument into an input of a parameter of type `A`.
@@ -204,7 +204,10 @@ impl Template {
 #[doc(hidden)]
 pub struct Args {
     hasher: KeyHasher,
-    deps: Vec<Arc<Node>>,
+    /// The inputs while there are at most two (`Deps::push`)…
+    deps: Deps,
+    /// …and all of them past that.
+    more: Vec<Arc<Node>>,
     error: Option<String>,
     position: usize,
 }
@@ -214,7 +217,8 @@ impl Args {
     pub(crate) fn call<F: 'static>(name: &str) -> Self {
         Args {
             hasher: KeyHasher::call::<F>(name),
-            deps: Vec::new(),
+            deps: Deps::None,
+            more: Vec::new(),
             error: None,
             position: 0,
         }
@@ -226,7 +230,7 @@ impl Args {
 
     pub(crate) fn input(&mut self, node: &Arc<Node>) {
         self.hasher.input(&node.key);
-        self.deps.push(node.clone());
+        self.deps.push(node.clone(), &mut self.more);
     }
 
     fn fail(&mut self, what: impl FnOnce() -> String) {
@@ -283,16 +287,64 @@ impl Args {
     pub(crate) fn finish<T>(self, name: Name, call: impl Call) -> Delayed<T> {
         let key = self.hasher.finish();
         let call: Arc<dyn Call> = match self.error {
-            None => Arc::new(call),
+            None => shared(call),
             Some(message) => Arc::new(Broken(message)),
         };
         Delayed::from_node(Arc::new(Node {
             mark: Default::default(),
             key,
             name,
-            deps: self.deps.into(),
+            deps: match self.deps {
+                Deps::None if !self.more.is_empty() => self.more.into(),
+                few => few,
+            },
             call,
         }))
+    }
+}
+
+/// `call` behind an `Arc`: a call holding nothing (a function item or a
+/// capture-free closure, every argument an input) is one `Arc` per type and
+/// thread, shared by all its nodes, since any two of them behave alike. So
+/// such a node costs no allocation for its call, and the call's memory stays
+/// in cache while the plan runs.
+fn shared<C: Call>(call: C) -> Arc<dyn Call> {
+    if std::mem::size_of::<C>() != 0 {
+        return Arc::new(call);
+    }
+    /// The hash a `TypeId` writes, mixed (Fx-style): type ids are hashes
+    /// already.
+    #[derive(Default)]
+    struct TypeHash(u64);
+    impl std::hash::Hasher for TypeHash {
+        fn finish(&self) -> u64 {
+            self.0
+        }
+        fn write(&mut self, bytes: &[u8]) {
+            for &b in bytes {
+                self.write_u64(u64::from(b));
+            }
+        }
+        fn write_u64(&mut self, word: u64) {
+            self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+    type Calls = HashMap<std::any::TypeId, Arc<dyn Call>, std::hash::BuildHasherDefault<TypeHash>>;
+    thread_local! {
+        static CALLS: std::cell::RefCell<Calls> = std::cell::RefCell::default();
+    }
+    let mut call = Some(call);
+    let made = CALLS.try_with(|calls| {
+        let mut calls = calls.try_borrow_mut().ok()?;
+        let shared = calls.entry(std::any::TypeId::of::<C>()).or_insert_with(|| {
+            Arc::new(call.take().expect("the call is taken once")) as Arc<dyn Call>
+        });
+        Some(shared.clone())
+    });
+    match made {
+        Ok(Some(shared)) => shared,
+        // While thread-locals are torn down: an `Arc` of its own.
+        _ => Arc::new(call.expect("the call is taken only when shared")),
     }
 }
 
@@ -839,6 +891,55 @@ pub fn apply<M, Xs, Sig, Ks, F: Apply<M, Xs, Sig, Ks>>(
 #[cfg(test)]
 mod tests {
     use super::short_name;
+    use crate::delayed;
+    use std::sync::Arc;
+
+    fn sub(x: i64, y: i64) -> i64 {
+        x - y
+    }
+
+    fn digits(a: i64, b: i64, c: i64, d: i64) -> i64 {
+        1000 * a + 100 * b + 10 * c + d
+    }
+
+    #[test]
+    fn inputs_keep_argument_order_however_many() {
+        // One and two inputs live in the node, more in a list of their own
+        // (`Deps`); each must reach the function in argument order, or
+        // `sub` and `digits` give another (silently wrong) number.
+        let n = |v: i64| delayed!(sub(v, 0));
+        let (one, two, three, four) = (n(1), n(2), n(3), n(4));
+        assert_eq!(delayed!(sub(&one, 5)).compute().unwrap(), -4);
+        assert_eq!(delayed!(sub(&one, &two)).compute().unwrap(), -1);
+        assert_eq!(delayed!(sub(&two, &one)).compute().unwrap(), 1);
+        let three_inputs = delayed!(digits(&one, &two, &three, 0));
+        assert_eq!(three_inputs.node().deps.len(), 3);
+        assert_eq!(three_inputs.compute().unwrap(), 1230);
+        let four_inputs = delayed!(digits(&four, &three, &two, &one));
+        assert_eq!(four_inputs.compute().unwrap(), 4321);
+        // A repeated input is an input per argument.
+        assert_eq!(
+            delayed!(digits(&one, &one, &two, &one)).compute().unwrap(),
+            1121
+        );
+    }
+
+    #[test]
+    fn a_call_holding_nothing_is_shared_and_one_holding_a_literal_is_not() {
+        let (a, b) = (delayed!(sub(1, 0)), delayed!(sub(2, 0)));
+        // Literals live in the call: one call each.
+        assert!(!Arc::ptr_eq(&a.node().call, &b.node().call));
+        let x = delayed!(sub(&a, &b));
+        let y = delayed!(sub(&b, &a));
+        // Inputs only: the call holds nothing, one `Arc` for both nodes.
+        assert!(Arc::ptr_eq(&x.node().call, &y.node().call));
+        assert_ne!(x.key(), y.key());
+        assert_eq!(rask_compute(&x, &y), (-1, 1));
+    }
+
+    fn rask_compute(x: &crate::Delayed<i64>, y: &crate::Delayed<i64>) -> (i64, i64) {
+        crate::compute((x, y)).unwrap()
+    }
 
     #[test]
     fn a_short_name_is_the_last_path_segment() {

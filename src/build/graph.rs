@@ -102,7 +102,7 @@ pub(crate) fn postorder_marked<'a>(
 ) -> Option<Vec<u32>> {
     let mut marks = Marks::take()?;
     let roots = walk(roots, &mut marks, absorb, cut, emit);
-    let fingerprints: Vec<u64> = marks.nodes.iter().map(|n| fingerprint(&n.key)).collect();
+    let fingerprints = std::mem::take(&mut marks.fingerprints);
     drop(marks);
     (!repeats(fingerprints)).then_some(roots)
 }
@@ -133,45 +133,61 @@ impl<'a> Seen<'a> for KeyMap<u32> {
 /// The process-wide marking token (node rule 1).
 static MARKING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// The marks of one lowering: holds the token, and unsets every mark and
-/// gives the token back when dropped (node rule 2), unwinding included.
-struct Marks<'a> {
-    /// The nodes emitted, in index order.
-    nodes: Vec<&'a Arc<Node>>,
+/// The epoch of the last lowering that held the token (node rule 2); only
+/// the token holder changes it.
+static EPOCH: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// The marks of one lowering: holds the token, and gives it back when
+/// dropped, unwinding included. Its marks need no unsetting: the next
+/// lowering has another epoch (node rule 2).
+struct Marks {
+    epoch: u32,
+    /// The emitted nodes' key fingerprints, in index order, taken while
+    /// the walk has each node at hand (the repeat check needs no second
+    /// visit to every node).
+    fingerprints: Vec<u64>,
 }
 
-impl Marks<'_> {
-    /// The token, unless another lowering holds it.
+impl Marks {
+    /// The token and a fresh epoch, unless another lowering holds the token
+    /// or the epochs ran out.
     fn take() -> Option<Self> {
         use std::sync::atomic::Ordering;
         MARKING
             .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
             .ok()?;
-        Some(Marks { nodes: Vec::new() })
+        // Never wraps: an epoch used once is never used again, whatever
+        // marks it left behind.
+        let Some(epoch) = EPOCH.load(Ordering::Relaxed).checked_add(1) else {
+            MARKING.store(false, Ordering::Release);
+            return None;
+        };
+        EPOCH.store(epoch, Ordering::Relaxed);
+        Some(Marks {
+            epoch,
+            fingerprints: Vec::new(),
+        })
     }
 }
 
-impl Drop for Marks<'_> {
+impl Drop for Marks {
     fn drop(&mut self) {
-        for node in &self.nodes {
-            node.mark.set(None);
-        }
         MARKING.store(false, std::sync::atomic::Ordering::Release);
     }
 }
 
-impl<'a> Seen<'a> for Marks<'a> {
+impl<'a> Seen<'a> for Marks {
     fn get(&self, node: &'a Arc<Node>) -> Option<u32> {
-        node.mark.get()
+        node.mark.get(self.epoch)
     }
 
     fn claim(&mut self, node: &'a Arc<Node>) -> Result<u32, u32> {
-        if let Some(i) = node.mark.get() {
+        if let Some(i) = node.mark.get(self.epoch) {
             return Err(i);
         }
-        let next = self.nodes.len() as u32;
-        node.mark.set(Some(next));
-        self.nodes.push(node);
+        let next = self.fingerprints.len() as u32;
+        node.mark.set(self.epoch, next);
+        self.fingerprints.push(fingerprint(&node.key));
         Ok(next)
     }
 }
@@ -695,14 +711,36 @@ mod tests {
             |_| None,
             |_| None,
             |node, _, _, _| {
-                all &= node.mark.get().is_none();
+                // Under the epoch the next lowering will have.
+                let next = EPOCH.load(std::sync::atomic::Ordering::Relaxed) + 1;
+                all &= node.mark.get(next).is_none();
             },
         );
         all
     }
 
     #[test]
-    fn marks_lower_as_the_key_map_does_and_are_unset_after() {
+    fn a_mark_from_an_earlier_epoch_reads_as_unset() {
+        // Marks are never unset (node rule 2): a node still carries the
+        // index an earlier lowering gave it, pointing at a task of another
+        // plan. Were it read, the node would not be emitted and its parent
+        // would get the wrong input.
+        let a = delayed!(inc(1));
+        let b = delayed!(inc(2));
+        let c = delayed!(add(&a, &b));
+        let roots = [c.node().clone()];
+        let first = marked_keys(&roots).expect("no repeated key");
+        // As a lowering of another plan (an earlier epoch) would leave them.
+        let earlier = EPOCH.load(std::sync::atomic::Ordering::Relaxed);
+        b.node().mark.set(earlier, 0);
+        c.node().mark.set(earlier, 0);
+        assert_eq!(marked_keys(&roots), Some(first.clone()));
+        assert_eq!(first, mapped_keys(&roots));
+        assert_eq!(c.compute().unwrap(), 5);
+    }
+
+    #[test]
+    fn marks_lower_as_the_key_map_does_and_read_as_unset_after() {
         // A shared node (`a` twice) and a root that is also an input.
         let a = delayed!(inc(1));
         let b = delayed!(add(&a, &a));

@@ -138,10 +138,10 @@ impl KeyHasher {
     }
 
     pub(crate) fn new(tag: Tag, name: &str, identity: &str) -> Self {
-        let mut this = KeyHasher {
-            buf: Vec::with_capacity(32 + name.len() + identity.len() + 96),
-            stream: None,
-        };
+        let mut buf = SPARE.take();
+        buf.clear();
+        buf.reserve(32 + name.len() + identity.len() + 96);
+        let mut this = KeyHasher { buf, stream: None };
         this.buf.push(tag as u8);
         this.str(name);
         this.str(identity);
@@ -212,6 +212,25 @@ impl KeyHasher {
                 stream.update(&self.buf);
                 Key(*stream.finalize().as_bytes())
             }
+        }
+    }
+}
+
+thread_local! {
+    /// The buffer of this thread's last finished hasher, for its next one:
+    /// one allocation per thread rather than one per key. A hasher made
+    /// while another is alive (an argument built inside a call's
+    /// arguments) finds it taken and allocates its own.
+    static SPARE: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Hands the buffer back for the next hasher, unless a large literal grew it.
+impl Drop for KeyHasher {
+    fn drop(&mut self) {
+        if self.buf.capacity() <= BUFFER_LIMIT {
+            let buf = std::mem::take(&mut self.buf);
+            // `try_with`: a hasher dropped while thread-locals are torn down.
+            let _ = SPARE.try_with(|spare| spare.set(buf));
         }
     }
 }

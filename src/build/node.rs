@@ -22,8 +22,8 @@ pub(crate) struct Node {
     pub(crate) name: Name,
     pub(crate) deps: Deps,
     pub(crate) call: Arc<dyn Call>,
-    /// This node's plan index while a lowering holds the marks
-    /// (`build::graph::postorder`); unset at any other time.
+    /// This node's plan index in the lowering that last marked it
+    /// (`build::graph::postorder_marked`), stamped with its epoch.
     pub(crate) mark: Mark,
 }
 
@@ -35,37 +35,41 @@ pub(crate) struct Node {
 /// 1. Only the one lowering holding the process-wide marking token writes
 ///    marks; every other lowering (another thread, a nested computation)
 ///    meanwhile uses a key map and never reads them.
-/// 2. That lowering unsets every mark it set before it gives the token back,
-///    on panics too, so a mark read under the token was set by this lowering.
-pub(crate) struct Mark(std::sync::atomic::AtomicU32);
+/// 2. Each lowering under the token has an epoch of its own, never used
+///    before in the process (epochs count up from 1; once they run out,
+///    lowering keeps to the key map). A mark is an index stamped with its
+///    lowering's epoch, and reads as unset under any other epoch: so a mark
+///    read under the token was set by this lowering, and no lowering has to
+///    visit its nodes again afterwards to unset them.
+pub(crate) struct Mark(std::sync::atomic::AtomicU64);
 
 impl Mark {
-    const UNSET: u32 = u32::MAX;
-
-    /// The index set by the lowering holding the token, if any.
-    pub(crate) fn get(&self) -> Option<u32> {
-        match self.0.load(std::sync::atomic::Ordering::Relaxed) {
-            Mark::UNSET => None,
-            i => Some(i),
-        }
+    /// The index set by the lowering of `epoch`, if any.
+    pub(crate) fn get(&self, epoch: u32) -> Option<u32> {
+        let raw = self.0.load(std::sync::atomic::Ordering::Relaxed);
+        ((raw >> 32) as u32 == epoch).then_some(raw as u32)
     }
 
-    /// Sets the index (`None` unsets it); for the token holder only.
-    pub(crate) fn set(&self, index: Option<u32>) {
-        let raw = index.unwrap_or(Mark::UNSET);
+    /// Sets the index for the lowering of `epoch`; for the token holder
+    /// only.
+    pub(crate) fn set(&self, epoch: u32, index: u32) {
+        let raw = (u64::from(epoch) << 32) | u64::from(index);
         self.0.store(raw, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
+/// Epoch 0, which no lowering has: unset.
 impl Default for Mark {
     fn default() -> Self {
-        Mark(std::sync::atomic::AtomicU32::new(Mark::UNSET))
+        Mark(std::sync::atomic::AtomicU64::new(0))
     }
 }
 
-/// A node's inputs, in argument order. Most nodes have at most one, held in
-/// the node itself: no allocation of its own, and one pointer to follow from
-/// a node to its input, not two.
+/// A node's inputs, in argument order. Most nodes have at most two, held in
+/// the node itself: no allocation of their own, and one pointer to follow
+/// from a node to an input, not two. (Two inline inputs make the node 8 bytes
+/// larger, which its allocation had spare: 128 bytes either way, with the
+/// node at 104.)
 #[derive(Clone, Default)]
 pub(crate) enum Deps {
     /// No input.
@@ -73,8 +77,30 @@ pub(crate) enum Deps {
     None,
     /// One input.
     One(Arc<Node>),
-    /// Two or more.
+    /// Two inputs.
+    Two([Arc<Node>; 2]),
+    /// Three or more.
     Many(Box<[Arc<Node>]>),
+}
+
+impl Deps {
+    /// These inputs and `node` after them. Past two, `more` collects them
+    /// all (the caller turns it into [`Deps::Many`] when done, see
+    /// `From<Vec<Arc<Node>>>`).
+    pub(crate) fn push(&mut self, node: Arc<Node>, more: &mut Vec<Arc<Node>>) {
+        *self = match std::mem::take(self) {
+            Deps::None if more.is_empty() => Deps::One(node),
+            Deps::One(first) => Deps::Two([first, node]),
+            Deps::Two([first, second]) => {
+                more.extend([first, second, node]);
+                Deps::None
+            }
+            Deps::None | Deps::Many(_) => {
+                more.push(node);
+                Deps::None
+            }
+        };
+    }
 }
 
 impl std::ops::Deref for Deps {
@@ -84,6 +110,7 @@ impl std::ops::Deref for Deps {
         match self {
             Deps::None => &[],
             Deps::One(node) => std::slice::from_ref(node),
+            Deps::Two(nodes) => nodes,
             Deps::Many(nodes) => nodes,
         }
     }
@@ -91,12 +118,14 @@ impl std::ops::Deref for Deps {
 
 impl From<Vec<Arc<Node>>> for Deps {
     fn from(nodes: Vec<Arc<Node>>) -> Deps {
-        if nodes.len() > 1 {
+        if nodes.len() > 2 {
             return Deps::Many(nodes.into_boxed_slice());
         }
-        match nodes.into_iter().next() {
-            Some(node) => Deps::One(node),
-            None => Deps::None,
+        let mut nodes = nodes.into_iter();
+        match (nodes.next(), nodes.next()) {
+            (Some(first), Some(second)) => Deps::Two([first, second]),
+            (Some(node), None) => Deps::One(node),
+            _ => Deps::None,
         }
     }
 }
@@ -117,6 +146,11 @@ impl Drop for Node {
             next = match next {
                 // The common case, a chain: no stack needed.
                 Deps::One(node) => release(node),
+                // A tree: the first input waits, the second goes on.
+                Deps::Two([first, second]) => {
+                    stack.push(first);
+                    release(second)
+                }
                 Deps::Many(nodes) => {
                     stack.extend(nodes.into_vec());
                     Deps::None

@@ -21,6 +21,11 @@ use super::{Draft, Folds, Weight};
 /// O(tasks + edges) time, two flags per task.
 pub(crate) fn inline(draft: &Draft, mut folds: Folds) -> Folds {
     let n = draft.len();
+    // Only data and cheap tasks fold here: without any (a graph of calls),
+    // one pass over a byte per task says so, instead of a walk of every edge.
+    if !(0..n as u32).any(|t| matches!(draft.weight(t), Weight::Data | Weight::Cheap)) {
+        return folds;
+    }
     // Per group root: can a step of its group fail on its own, and does the
     // group read an input from outside itself.
     let mut fallible = vec![false; n];

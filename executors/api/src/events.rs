@@ -290,14 +290,12 @@ pub fn observe(
     place: impl FnOnce() -> Place,
     run: impl FnOnce() -> Outcome,
 ) -> Outcome {
-    if !task.op.is_work() {
-        return run();
-    }
+    // `listening` first: it is one load, where `is_work` asks the op.
     if !listening() {
         let outcome = run();
         // Started before anyone listened: a failure is still said (rule 2).
         if let Err(failure) = &outcome {
-            if listening() {
+            if listening() && task.op.is_work() {
                 emit(&Event {
                     key: task.key,
                     name: task.op.name(),
@@ -309,6 +307,9 @@ pub fn observe(
             }
         }
         return outcome;
+    }
+    if !task.op.is_work() {
+        return run();
     }
     let place = place();
     let name = task.op.name();

@@ -72,8 +72,9 @@ impl std::fmt::Debug for PlanTask {
 pub struct Plan {
     tasks: Vec<PlanTask>,
     deps: Vec<u32>,
-    dependents: Vec<u32>,
-    dependent_offsets: Vec<u32>,
+    /// Made on first use: an executor running tasks in plan order (the
+    /// synchronous one) never needs them, and they cost 8 bytes a task.
+    dependents: std::sync::OnceLock<Dependents>,
     consumers: Vec<u32>,
     outputs: Vec<u32>,
     /// `(task, output index)` sorted by task.
@@ -112,11 +113,19 @@ impl Plan {
     }
 
     /// Tasks that depend on task `i` (one entry per edge).
+    ///
+    /// # Complexity
+    ///
+    /// O(1); the first call on a plan makes the index of every task's
+    /// dependents, O(tasks + edges).
     #[inline]
     pub fn dependents(&self, i: u32) -> &[u32] {
+        let index = self
+            .dependents
+            .get_or_init(|| Dependents::of(&self.tasks, &self.deps));
         let i = i as usize;
-        let (start, end) = (self.dependent_offsets[i], self.dependent_offsets[i + 1]);
-        &self.dependents[start as usize..end as usize]
+        let (start, end) = (index.offsets[i], index.offsets[i + 1]);
+        &index.tasks[start as usize..end as usize]
     }
 
     /// How many times task `i`'s value is consumed: dependent edges plus
@@ -150,6 +159,45 @@ impl Plan {
             FailureKind::Cancelled,
             "the computation was cancelled".into(),
         ))
+    }
+}
+
+/// The dependents of every task of a plan, by task: task `i`'s are
+/// `tasks[offsets[i]..offsets[i + 1]]`, one entry per edge, in plan order.
+#[derive(Debug, Default)]
+struct Dependents {
+    tasks: Vec<u32>,
+    offsets: Vec<u32>,
+}
+
+impl Dependents {
+    /// O(tasks + edges).
+    fn of(tasks: &[PlanTask], deps: &[u32]) -> Dependents {
+        let n = tasks.len();
+        let mut offsets = vec![0u32; n + 1];
+        for &d in deps {
+            offsets[d as usize + 1] += 1;
+        }
+        for i in 0..n {
+            offsets[i + 1] += offsets[i];
+        }
+        // Each task's start serves as its fill cursor, and ends at the next
+        // task's start: shifted back by one afterwards (no second array).
+        let mut dependents = vec![0u32; deps.len()];
+        for (i, task) in tasks.iter().enumerate() {
+            let (start, end) = task.deps;
+            for &d in &deps[start as usize..end as usize] {
+                let at = &mut offsets[d as usize];
+                dependents[*at as usize] = i as u32;
+                *at += 1;
+            }
+        }
+        offsets.copy_within(0..n, 1);
+        offsets[0] = 0;
+        Dependents {
+            tasks: dependents,
+            offsets,
+        }
     }
 }
 
@@ -217,7 +265,8 @@ impl PlanBuilder {
         self.outputs.len() - 1
     }
 
-    /// Freezes the plan, computing dependents and consumer counts.
+    /// Freezes the plan, computing consumer counts (dependents are
+    /// indexed on first use, see [`Plan::dependents`]).
     ///
     /// # Complexity
     ///
@@ -225,23 +274,8 @@ impl PlanBuilder {
     pub fn build(self) -> Plan {
         let n = self.tasks.len();
         let mut consumers = vec![0u32; n];
-        let mut dependent_offsets = vec![0u32; n + 1];
         for &d in &self.deps {
             consumers[d as usize] += 1;
-            dependent_offsets[d as usize + 1] += 1;
-        }
-        for i in 0..n {
-            dependent_offsets[i + 1] += dependent_offsets[i];
-        }
-        let mut fill = dependent_offsets.clone();
-        let mut dependents = vec![0u32; self.deps.len()];
-        for (i, task) in self.tasks.iter().enumerate() {
-            let (start, end) = task.deps;
-            for &d in &self.deps[start as usize..end as usize] {
-                let at = &mut fill[d as usize];
-                dependents[*at as usize] = i as u32;
-                *at += 1;
-            }
         }
         let mut output_slots: Vec<(u32, u32)> = self
             .outputs
@@ -256,8 +290,7 @@ impl PlanBuilder {
         Plan {
             tasks: self.tasks,
             deps: self.deps,
-            dependents,
-            dependent_offsets,
+            dependents: std::sync::OnceLock::new(),
             consumers,
             outputs: self.outputs,
             output_slots,

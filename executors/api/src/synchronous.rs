@@ -1,9 +1,10 @@
 //! The reference executor: one thread, tasks in plan order.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::events::{self, Place};
-use crate::{run_task, Executor, Outcome, Plan, Reporter, Stop, Value};
+use crate::{run_task, Executor, Failure, Outcome, Plan, Reporter, Stop, Value};
 
 /// Runs a plan on the calling thread, in plan order (depth-first, so a branch
 /// finishes before the next starts), freeing each value right after its last
@@ -59,8 +60,11 @@ impl Executor for Synchronous {
 
 fn run(plan: &Plan, reporter: &dyn Reporter) {
     let n = plan.len();
-    let mut slots: Vec<Option<Outcome>> = vec![None; n];
-    let mut remaining: Vec<u32> = (0..n as u32).map(|i| plan.consumers(i)).collect();
+    let mut outcomes = Outcomes {
+        values: vec![None; n],
+        failures: HashMap::new(),
+        remaining: (0..n as u32).map(|i| plan.consumers(i)).collect(),
+    };
     let mut inputs: Vec<Option<Value>> = Vec::new();
     for i in 0..n as u32 {
         if reporter.cancelled() {
@@ -70,7 +74,7 @@ fn run(plan: &Plan, reporter: &dyn Reporter) {
         let mut failed = None;
         inputs.clear();
         for &d in plan.deps(i) {
-            match take(&mut slots, &mut remaining, d) {
+            match outcomes.take(d) {
                 Ok(v) => inputs.push(Some(v)),
                 Err(f) => {
                     failed.get_or_insert(f);
@@ -86,16 +90,56 @@ fn run(plan: &Plan, reporter: &dyn Reporter) {
             None => events::observe(task, || Place::local(0), || run_task(task, &mut inputs)),
         };
         inputs.clear();
-        slots[i as usize] = Some(outcome);
+        outcomes.put(i, outcome);
         for slot in plan.output_slots_of(i) {
-            let outcome = take(&mut slots, &mut remaining, i);
+            let outcome = outcomes.take(i);
             reporter.output(slot, outcome);
         }
     }
 }
 
-/// Takes one use of task `d`'s outcome; the last use moves it out of its
-/// slot. Shared with the simulated executor.
+/// Each finished task's outcome until its last consumer took it: a value in
+/// a slot of its own, a failure (rare) in a map. An empty slot of a finished
+/// task means it failed. (A slot holding either would take 8 bytes more per
+/// task, for plans of millions of tasks.)
+struct Outcomes {
+    values: Vec<Option<Value>>,
+    failures: HashMap<u32, Arc<Failure>>,
+    /// Uses of each task's outcome not yet taken (plan rule 3).
+    remaining: Vec<u32>,
+}
+
+impl Outcomes {
+    fn put(&mut self, task: u32, outcome: Outcome) {
+        match outcome {
+            Ok(value) => self.values[task as usize] = Some(value),
+            Err(failure) => {
+                self.failures.insert(task, failure);
+            }
+        }
+    }
+
+    /// Task `d`'s outcome, moved out by its last use.
+    fn take(&mut self, d: u32) -> Outcome {
+        let remaining = &mut self.remaining[d as usize];
+        *remaining -= 1;
+        let last = *remaining == 0;
+        let slot = &mut self.values[d as usize];
+        let value = if last { slot.take() } else { slot.clone() };
+        if let Some(value) = value {
+            return Ok(value);
+        }
+        let failure = if last {
+            self.failures.remove(&d)
+        } else {
+            self.failures.get(&d).cloned()
+        };
+        Err(failure.expect("a dependency runs before its dependents"))
+    }
+}
+
+/// Takes task `d`'s outcome from `slots` (for the simulated executor, whose
+/// slots hold either), moved out by its last use.
 pub(crate) fn take(slots: &mut [Option<Outcome>], remaining: &mut [u32], d: u32) -> Outcome {
     let d = d as usize;
     remaining[d] -= 1;
@@ -193,6 +237,32 @@ mod tests {
         Synchronous.submit(Arc::new(b.build()), log.clone());
         let got = log.0.lock().unwrap().clone();
         assert_eq!(got, vec![(0, Err(FailureKind::Panicked)), (1, Ok(5))]);
+    }
+
+    #[test]
+    fn a_failure_reaches_every_consumer_and_is_freed_by_the_last() {
+        // The failure sits in a map beside the value slots: each of its
+        // three uses (two dependents, one output) must see it, and a value
+        // of the same plan must not be mistaken for it.
+        let mut b = PlanBuilder::new();
+        let bad = b.push(Key([0; 32]), op(1, true), &[]);
+        let good = b.push(Key([1; 32]), op(7, false), &[]);
+        let l = b.push(Key([2; 32]), op(0, false), &[bad, good]);
+        let r = b.push(Key([3; 32]), op(0, false), &[good, bad]);
+        let g = b.push(Key([4; 32]), op(1, false), &[good]);
+        b.output(l);
+        b.output(r);
+        b.output(bad);
+        b.output(g);
+        let log = Arc::new(Log::default());
+        Synchronous.submit(Arc::new(b.build()), log.clone());
+        let got = log.0.lock().unwrap().clone();
+        let panicked = Err(FailureKind::Panicked);
+        // Reported in plan order: `bad` (slot 2), `l`, `r`, `g`.
+        assert_eq!(
+            got,
+            vec![(2, panicked), (0, panicked), (1, panicked), (3, Ok(8))]
+        );
     }
 
     #[test]
