@@ -312,24 +312,7 @@ fn shared<C: Call>(call: C) -> Arc<dyn Call> {
     if std::mem::size_of::<C>() != 0 {
         return Arc::new(call);
     }
-    /// The hash a `TypeId` writes, mixed (Fx-style): type ids are hashes
-    /// already.
-    #[derive(Default)]
-    struct TypeHash(u64);
-    impl std::hash::Hasher for TypeHash {
-        fn finish(&self) -> u64 {
-            self.0
-        }
-        fn write(&mut self, bytes: &[u8]) {
-            for &b in bytes {
-                self.write_u64(u64::from(b));
-            }
-        }
-        fn write_u64(&mut self, word: u64) {
-            self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-        }
-    }
-    type Calls = HashMap<std::any::TypeId, Arc<dyn Call>, std::hash::BuildHasherDefault<TypeHash>>;
+    type Calls = crate::build::key::TypeMap<Arc<dyn Call>>;
     thread_local! {
         static CALLS: std::cell::RefCell<Calls> = std::cell::RefCell::default();
     }

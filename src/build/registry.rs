@@ -174,9 +174,7 @@ pub(crate) fn function_id<F: 'static>() -> Result<String, WireError> {
     }
     // Formatting the id costs more than the rest of sending a small task:
     // it is made once per function and kept.
-    type Ids =
-        HashMap<TypeId, Arc<str>, std::hash::BuildHasherDefault<crate::build::graph::KeyHash>>;
-    static IDS: std::sync::LazyLock<std::sync::RwLock<Ids>> =
+    static IDS: std::sync::LazyLock<std::sync::RwLock<crate::build::key::TypeMap<Arc<str>>>> =
         std::sync::LazyLock::new(Default::default);
     let ty = TypeId::of::<F>();
     if let Some(id) = IDS

@@ -293,18 +293,10 @@ pub fn observe(
     // `listening` first: it is one load, where `is_work` asks the op.
     if !listening() {
         let outcome = run();
-        // Started before anyone listened: a failure is still said (rule 2).
+        // Started before anyone listened: a failure is still said (rule 2),
+        // as one that kept the task from running is.
         if let Err(failure) = &outcome {
-            if listening() && task.op.is_work() {
-                emit(&Event {
-                    key: task.key,
-                    name: task.op.name(),
-                    kind: EventKind::Erred {
-                        place: None,
-                        failure,
-                    },
-                });
-            }
+            skipped(task, failure);
         }
         return outcome;
     }
