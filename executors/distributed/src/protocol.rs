@@ -1215,7 +1215,6 @@ fn within(what: &'static str, value: u64, min: u64, max: u64) -> Result<(), Prot
     }
 }
 
-/// A length (of bytes or a string) of at most `max`.
 /// Whether `name` may name a worker: 1 to [`MAX_WORKER_NAME`] bytes, none
 /// of them whitespace or a control character, so it reads unquoted in log
 /// lines and on the dashboard.
@@ -1225,6 +1224,7 @@ pub fn valid_worker_name(name: &str) -> bool {
         && !name.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
+/// A length (of bytes or a string) of at most `max`.
 fn length(what: &'static str, len: usize, max: usize) -> Result<(), ProtocolError> {
     // usize fits u64 on every target rask builds for; saturate regardless.
     let len = u64::try_from(len).unwrap_or(u64::MAX);

@@ -65,10 +65,10 @@ impl Load {
         self.threads.max(1).saturating_mul(per_thread)
     }
 
-    /// Whether it may be sent one more task: not paused, and fewer tasks
-    /// than its window (rule 6).
+    /// Whether it may be sent one more task: fewer tasks than its window,
+    /// which is empty while it is paused (rule 6).
     pub(crate) fn has_room(&self, per_thread: u32) -> bool {
-        !self.paused && self.tasks < self.window(per_thread)
+        self.tasks < self.window(per_thread)
     }
 
     /// Whether it runs nothing and may be sent tasks (rule 6).

@@ -320,6 +320,11 @@ impl Worker {
             && self.resources.covers(&r.resources)
     }
 
+    /// Whether a task restricted by `r` (if any) may start here now.
+    fn may_take_now(&self, r: Option<&Restriction>) -> bool {
+        r.is_none_or(|r| self.eligible(r) && self.fits_now(r))
+    }
+
     /// Whether `r`'s resources fit in what its running tasks leave.
     fn fits_now(&self, r: &Restriction) -> bool {
         r.resources.milli().iter().all(|(name, amount)| {
@@ -896,7 +901,6 @@ impl State {
             let (id, error) = (request.id, None);
             out.to_client(request.client, ToClient::Retired { id, error });
         }
-        self.retire_step(out);
     }
 
     // ----- client messages -----
@@ -1197,11 +1201,10 @@ impl State {
         self.unload(tid);
         let task = self.task(tid);
         let open = self.loads.get(m.to).is_some_and(|l| !l.paused);
-        let fits = self.workers.get(&m.to).is_some_and(|t| {
-            task.restriction
-                .as_deref()
-                .is_none_or(|r| t.eligible(r) && t.fits_now(r))
-        });
+        let fits = self
+            .workers
+            .get(&m.to)
+            .is_some_and(|t| t.may_take_now(task.restriction.as_deref()));
         if open && fits {
             tracing::debug!(task = %label(task), from = %worker, to = %m.to, "task moved to an idle worker");
             self.send_compute(tid, m.to, false, out);
@@ -1524,6 +1527,16 @@ impl State {
     /// is held elsewhere. Its held values are found by one full scan when
     /// it becomes idle; each later step checks only those left.
     fn retire_step(&mut self, out: &mut impl Outbox) {
+        // Called with every assign while a retirement is under way: most
+        // calls find every retiring worker still running something.
+        let idle = |w: &WorkerId| {
+            self.workers.get(w).is_some_and(|worker| {
+                worker.early == 0 && worker.retiring.as_ref().is_some_and(|r| r.busy == 0)
+            })
+        };
+        if !self.retiring.iter().any(idle) {
+            return;
+        }
         let keep: Vec<WorkerId> = self
             .workers
             .keys()
@@ -1602,17 +1615,8 @@ impl State {
             // Clients drop it from the holders they know (`WorkerLeft`):
             // those that want its values are told where they are now.
             for id in still {
-                let Some(task) = self.get(id) else { continue };
-                if task.state != TaskState::Memory || task.who_wants.is_empty() {
-                    continue;
-                }
-                let msg = task.key_in_memory();
-                for wanter in &task.who_wants {
-                    out.to_client(wanter.client, msg.clone());
-                }
-                let now = self.tick();
-                for wanter in self.task_mut(id).who_wants.iter_mut() {
-                    wanter.told_at = now;
+                if self.get(id).is_some_and(|t| t.state == TaskState::Memory) {
+                    self.tell_wanters(id, out);
                 }
             }
         }
@@ -1829,16 +1833,22 @@ impl State {
     }
 
     /// `id` just entered memory: tell wanting clients, wake dependents.
-    fn in_memory(&mut self, id: TaskId, out: &mut impl Outbox) {
-        if !self.task(id).who_wants.is_empty() {
-            let now = self.tick();
-            let task = self.task_mut(id);
-            let told = task.key_in_memory();
-            for w in &mut task.who_wants {
-                w.told_at = now;
-                out.to_client(w.client, told.clone());
-            }
+    /// Tells every client that wants `id` (in memory) where it is now.
+    fn tell_wanters(&mut self, id: TaskId, out: &mut impl Outbox) {
+        if self.task(id).who_wants.is_empty() {
+            return;
         }
+        let now = self.tick();
+        let task = self.task_mut(id);
+        let told = task.key_in_memory();
+        for w in &mut task.who_wants {
+            w.told_at = now;
+            out.to_client(w.client, told.clone());
+        }
+    }
+
+    fn in_memory(&mut self, id: TaskId, out: &mut impl Outbox) {
+        self.tell_wanters(id, out);
         let task = self.task(id);
         let len = task.dependents.len();
         for i in 0..len {
@@ -2359,10 +2369,7 @@ impl State {
             if task.moving.is_some() || task.kept {
                 return false;
             }
-            let fits = task
-                .restriction
-                .as_deref()
-                .is_none_or(|r| t.eligible(r) && t.fits_now(r));
+            let fits = t.may_take_now(task.restriction.as_deref());
             let missing = task
                 .deps
                 .iter()
