@@ -836,7 +836,7 @@ macro_rules! apply {
                     fallible: M::FALLIBLE,
                     args: vec![$(self.slots.$i.wire()?),*],
                 };
-                Ok(WireTask { function, payload: payload.encode()? })
+                Ok(WireTask { function: function.to_string(), payload: payload.encode()? })
             }
         }
     };

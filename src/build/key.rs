@@ -85,27 +85,12 @@ pub(crate) fn type_tag<T: ?Sized + 'static>() -> u64 {
 }
 
 /// A map from types to what a process keeps per type (a shared call, a
-/// function's wire id), hashed cheaply: type ids are hashes already.
-pub(crate) type TypeMap<V> =
-    std::collections::HashMap<std::any::TypeId, V, std::hash::BuildHasherDefault<TypeHash>>;
-
-/// The hash a `TypeId` writes, mixed (Fx-style), for [`TypeMap`].
-#[derive(Default)]
-pub(crate) struct TypeHash(u64);
-
-impl std::hash::Hasher for TypeHash {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(u64::from(b));
-        }
-    }
-    fn write_u64(&mut self, word: u64) {
-        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-}
+/// function's wire id): type ids are hashes already, as keys are.
+pub(crate) type TypeMap<V> = std::collections::HashMap<
+    std::any::TypeId,
+    V,
+    std::hash::BuildHasherDefault<crate::build::graph::KeyHash>,
+>;
 
 /// Whether calls of `F` may share keys (rule 4): only a function item or a
 /// closure with no captured state, whose behaviour its type alone decides.

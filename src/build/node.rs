@@ -454,7 +454,7 @@ pub(crate) enum Origin {
 impl Held {
     /// A replacement for `node` holding its value, loaded from elsewhere
     /// (the result cache).
-    pub(crate) fn loaded(node: &Node, value: Value) -> Arc<dyn Op> {
+    pub(crate) fn loaded(node: &Node, value: Value) -> Arc<Node> {
         Arc::new(Node {
             mark: Default::default(),
             key: node.key,

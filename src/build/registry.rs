@@ -166,7 +166,7 @@ impl Payload {
 /// # Errors
 ///
 /// [`WireError::Captures`] for a closure that captures variables.
-pub(crate) fn function_id<F: 'static>() -> Result<String, WireError> {
+pub(crate) fn function_id<F: 'static>() -> Result<Arc<str>, WireError> {
     if !crate::build::key::is_pure_fn::<F>() {
         return Err(WireError::Captures {
             function: std::any::type_name::<F>().to_owned(),
@@ -182,16 +182,17 @@ pub(crate) fn function_id<F: 'static>() -> Result<String, WireError> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .get(&ty)
     {
-        return Ok(id.to_string());
+        return Ok(id.clone());
     }
-    let id = format!(
+    let id: Arc<str> = format!(
         "{}#{:016x}",
         std::any::type_name::<F>(),
         crate::build::key::type_tag::<F>()
-    );
+    )
+    .into();
     IDS.write()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .insert(ty, id.as_str().into());
+        .insert(ty, id.clone());
     Ok(id)
 }
 
@@ -580,7 +581,7 @@ impl Tasks {
 
     fn entry<F: 'static>(&mut self) -> &mut Entry {
         let id = function_id::<F>().expect("registered functions capture nothing (checked)");
-        self.entries.entry(id).or_insert(Entry {
+        self.entries.entry(id.to_string()).or_insert(Entry {
             plain: None,
             fallible: None,
         })
@@ -1068,7 +1069,7 @@ mod tests {
         setup();
         let registry = installed().unwrap();
         fn id_of<F: 'static>(_: &F) -> String {
-            function_id::<F>().unwrap()
+            function_id::<F>().unwrap().to_string()
         }
         let add = &id_of(&add);
         let one = WireArg::Literal(postcard::to_stdvec(&1_i64).unwrap());
@@ -1157,7 +1158,7 @@ mod tests {
             Ok(x / 2)
         }
         fn id_of<F: 'static>(_: &F) -> String {
-            function_id::<F>().unwrap()
+            function_id::<F>().unwrap().to_string()
         }
         let tasks = crate::tasks![add, half?, add, half?];
         assert_eq!(tasks.len(), 2);

@@ -88,8 +88,13 @@ impl<T> Serialize for Delayed<T> {
 /// saying why: postcard keeps no custom message, so `encode_untraversed`
 /// finds it here.
 pub(crate) fn refuse<E: serde::ser::Error>(message: String) -> E {
+    E::custom(remember(message))
+}
+
+/// Keeps `message` for [`why`], and gives it back.
+fn remember(message: String) -> String {
     let _ = WHY.try_with(|w| w.replace(Some(message.clone())));
-    E::custom(message)
+    message
 }
 
 /// The message of the last [`refuse`] on this thread, taken.
@@ -100,8 +105,7 @@ pub(crate) fn why() -> Option<String> {
 /// As [`refuse`], for a value that cannot be rebuilt here; [`decode_bound`]
 /// finds the message.
 pub(crate) fn refuse_decoding<E: serde::de::Error>(message: String) -> E {
-    let _ = WHY.try_with(|w| w.replace(Some(message.clone())));
-    E::custom(message)
+    E::custom(remember(message))
 }
 
 thread_local! {
@@ -242,14 +246,9 @@ pub(crate) fn decode_bound<A: crate::build::data::Data>(
     bytes: &[u8],
     inputs: Vec<Value>,
 ) -> Result<A, String> {
-    let _ = WHY.try_with(|w| w.take());
+    let _ = why();
     let _scope = Restore::set(&BOUND, inputs);
-    postcard::from_bytes(bytes).map_err(|e| {
-        WHY.try_with(|w| w.take())
-            .ok()
-            .flatten()
-            .unwrap_or_else(|| e.to_string())
-    })
+    postcard::from_bytes(bytes).map_err(|e| why().unwrap_or_else(|| e.to_string()))
 }
 
 /// The postcard bytes of an untraversed `value` whose futures are the
@@ -259,15 +258,13 @@ pub(crate) fn encode_untraversed<T: crate::build::data::Data>(
     value: &T,
     inputs: &[Key],
 ) -> Result<Vec<u8>, WireError> {
-    let _ = WHY.try_with(|w| w.take());
+    let _ = why();
     let _scope = Restore::set(&HANDLES, Handles::Wire(inputs.to_vec()));
-    crate::build::registry::encode_literal(value).map_err(|e| {
-        match WHY.try_with(|w| w.take()).ok().flatten() {
-            Some(why) => WireError::NotSerializable {
-                what: format!("an untraversed value: {why}"),
-            },
-            None => e,
-        }
+    crate::build::registry::encode_literal(value).map_err(|e| match why() {
+        Some(why) => WireError::NotSerializable {
+            what: format!("an untraversed value: {why}"),
+        },
+        None => e,
     })
 }
 

@@ -39,7 +39,7 @@ use std::sync::{mpsc, Arc};
 
 use rask_executor::Key;
 
-use crate::build::node::{Deps, Held, Node, Origin};
+use crate::build::node::{Held, Node};
 use crate::futures::client::{Client, Listener, Shared, State};
 use crate::futures::future::Future;
 use crate::run::cache::Lookup;
@@ -107,15 +107,7 @@ fn place<T>(client: &Client, lookup: &Lookup) -> Result<Vec<Future<T>>> {
     let mut hits: Vec<Arc<Node>> = lookup
         .hits
         .values()
-        .map(|(node, value)| {
-            Arc::new(Node {
-                mark: Default::default(),
-                key: node.key,
-                name: node.name.clone(),
-                deps: Deps::None,
-                call: Arc::new(Held(value.clone(), Origin::Result)),
-            })
-        })
+        .map(|(node, value)| Held::loaded(node, value.clone()))
         .collect();
     // One order whatever the map's: a simulated client replays it.
     hits.sort_by_key(|n| n.key);

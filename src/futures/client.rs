@@ -1373,12 +1373,17 @@ impl Shared {
     ) -> State {
         let mut table = self.lock();
         loop {
-            let state = table
-                .get(&key)
-                .map_or(State::Cancelled, |e| e.state.clone());
-            if !state.is_pending() {
-                return state;
-            }
+            // Counted as a sleeper under the lock (see `wake`), in the one
+            // lookup; a return below without sleeping over-counts, which
+            // costs at most one needless notification.
+            let state = match table.get_mut(&key) {
+                None => return State::Cancelled,
+                Some(entry) if !entry.state.is_pending() => return entry.state.clone(),
+                Some(entry) => {
+                    entry.waiters = entry.waiters.saturating_add(1);
+                    State::Pending
+                }
+            };
             if task.raised() {
                 return State::Cancelled;
             }
@@ -1397,11 +1402,6 @@ impl Shared {
                 (Some(t), Some(p)) => Some(t.min(p)),
                 (t, p) => t.or(p),
             };
-            // Counted under the lock (see `wake`); the entry is there, as
-            // its state was pending.
-            if let Some(entry) = table.get_mut(&key) {
-                entry.waiters = entry.waiters.saturating_add(1);
-            }
             table = match timeout {
                 None => self
                     .changed

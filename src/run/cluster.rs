@@ -16,21 +16,15 @@ use rask_distributed::{Client, LocalCluster, WORKER_ENV, WORKER_THREADS_ENV};
 
 use crate::{Error, Result};
 
-/// What [`WORKER_THREADS_ENV`] must hold, for its error: as a worker
-/// process says it.
-const WORKER_THREADS_EXPECTED: &str = "a whole number of threads from 1 to 4096";
-
 /// The thread count `text` names, from [`WORKER_THREADS_ENV`].
 fn parse_worker_threads(text: &str) -> Result<usize> {
-    let max = rask_distributed::protocol::MAX_THREADS as usize;
-    match text.trim().parse::<usize>() {
-        Ok(n) if (1..=max).contains(&n) => Ok(n),
-        _ => Err(Error::Distributed(rask_distributed::Error::Env {
+    rask_distributed::worker::parse_threads(text).ok_or_else(|| {
+        Error::Distributed(rask_distributed::Error::Env {
             name: WORKER_THREADS_ENV,
             value: text.to_owned(),
-            expected: WORKER_THREADS_EXPECTED,
-        })),
-    }
+            expected: rask_distributed::worker::THREADS_EXPECTED,
+        })
+    })
 }
 
 /// Threads per worker process of a local cluster of `workers`:

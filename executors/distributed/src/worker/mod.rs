@@ -639,14 +639,15 @@ impl Options {
     }
 }
 
-/// What a thread count must be, for errors.
-const THREADS_EXPECTED: &str = "a whole number of threads from 1 to 4096";
+/// What a thread count must be, for errors (here and for
+/// `RASK_WORKER_THREADS` of a local cluster).
+pub const THREADS_EXPECTED: &str = "a whole number of threads from 1 to 4096";
 
 /// What a worker name must be, for errors.
 const NAME_EXPECTED: &str = "a worker name: 1 to 255 bytes, no whitespace or control characters";
 
 /// The thread count `text` names, if it is one: 1 to [`MAX_THREADS`].
-fn parse_threads(text: &str) -> Option<usize> {
+pub fn parse_threads(text: &str) -> Option<usize> {
     text.trim()
         .parse::<usize>()
         .ok()
