@@ -210,7 +210,7 @@ impl fmt::Display for Error {
                 f,
                 "invalid executor `{value}` (from {source_name}): {reason}; accepted forms: \
                  `sync`, `threads`, `threads:N`, `local:N` (N ≥ 1), `tcp://host:port`, \
-                 `tls://host:port`, `sim:SEED`, `sim-cluster:WORKERS:SEED`"
+                 `tls://host:port`, `unix:PATH`, `sim:SEED`, `sim-cluster:WORKERS:SEED`"
             )?,
             Error::Switch { value, source_name } => write!(
                 f,

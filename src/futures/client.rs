@@ -302,9 +302,13 @@ impl Client {
     /// says what to set).
     #[cfg(feature = "distributed")]
     pub fn connect(address: &str) -> Result<Client> {
-        let kind = match address.strip_prefix("tls://") {
-            Some(rest) => ExecutorKind::Tls(rest.to_owned()),
-            None => ExecutorKind::Tcp(address.strip_prefix("tcp://").unwrap_or(address).to_owned()),
+        let kind = match (
+            address.strip_prefix("tls://"),
+            address.strip_prefix("unix:"),
+        ) {
+            (Some(rest), _) => ExecutorKind::Tls(rest.to_owned()),
+            (_, Some(path)) => ExecutorKind::Unix(path.to_owned()),
+            _ => ExecutorKind::Tcp(address.strip_prefix("tcp://").unwrap_or(address).to_owned()),
         };
         // `rask_distributed` reads the scheme; a bare `host:port` is TCP.
         let cluster = crate::run::cluster::Cluster::connect(address)?;

@@ -88,7 +88,10 @@ pub fn persist_with<T: Data>(items: &[Delayed<T>], config: &Config) -> Result<Ve
     let _span = tracing::info_span!("persist", executor = %kind, items = items.len()).entered();
     if matches!(
         kind,
-        ExecutorKind::Local(_) | ExecutorKind::Tcp(_) | ExecutorKind::Tls(_)
+        ExecutorKind::Local(_)
+            | ExecutorKind::Tcp(_)
+            | ExecutorKind::Tls(_)
+            | ExecutorKind::Unix(_)
     ) {
         return persist_on_cluster(items, config);
     }

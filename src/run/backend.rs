@@ -52,6 +52,11 @@ impl Backend {
                     .map(Backend::Distributed)
             }
             #[cfg(feature = "distributed")]
+            ExecutorKind::Unix(path) => {
+                crate::run::cluster::shared_connection(&format!("unix:{path}"))
+                    .map(Backend::Distributed)
+            }
+            #[cfg(feature = "distributed")]
             ExecutorKind::SimCluster {
                 workers,
                 seed,
@@ -67,6 +72,7 @@ impl Backend {
             ExecutorKind::Local(_)
             | ExecutorKind::Tcp(_)
             | ExecutorKind::Tls(_)
+            | ExecutorKind::Unix(_)
             | ExecutorKind::SimCluster { .. } => Err(crate::Error::Unavailable("distributed")),
         }
     }

@@ -130,6 +130,11 @@ pub enum ExecutorKind {
     /// `distributed`; TLS settings from `RASK_TLS_CA`, `RASK_TLS_CERT`,
     /// `RASK_TLS_KEY`).
     Tls(String),
+    /// A running scheduler of this machine, reached through its Unix socket
+    /// at this path (`unix:PATH`; feature `distributed`): cheaper per
+    /// message than TCP over loopback. A local cluster's workers reach
+    /// their scheduler this way.
+    Unix(String),
     /// One thread, ready tasks (and, for a [`Client`](crate::Client), the
     /// futures' completions) picked in an order drawn from this seed: the
     /// same seed replays the same order exactly, on any machine
@@ -155,7 +160,7 @@ pub enum ExecutorKind {
 impl ExecutorKind {
     /// Parses the forms accepted by `RASK_SCHEDULER`: `sync`, `threads`,
     /// `threads:N`, `local:N`, `tcp://host:port`, `tls://host:port`,
-    /// `sim:SEED`, `sim-cluster:WORKERS:SEED`.
+    /// `unix:PATH`, `sim:SEED`, `sim-cluster:WORKERS:SEED`.
     ///
     /// # Errors
     ///
@@ -228,6 +233,12 @@ fn parse(text: &str, source_name: &'static str) -> Result<ExecutorKind> {
             )),
         };
     }
+    if let Some(path) = trimmed.strip_prefix("unix:") {
+        return match path {
+            "" => Err(err("a Unix socket address is `unix:PATH`")),
+            path => Ok(ExecutorKind::Unix(path.to_owned())),
+        };
+    }
     for (scheme, kind) in [
         ("tcp://", ExecutorKind::Tcp as fn(String) -> ExecutorKind),
         ("tls://", ExecutorKind::Tls),
@@ -262,6 +273,7 @@ impl fmt::Display for ExecutorKind {
             ExecutorKind::Local(n) => write!(f, "local:{n}"),
             ExecutorKind::Tcp(address) => write!(f, "tcp://{address}"),
             ExecutorKind::Tls(address) => write!(f, "tls://{address}"),
+            ExecutorKind::Unix(path) => write!(f, "unix:{path}"),
             ExecutorKind::Simulated(seed) => write!(f, "sim:{seed}"),
             ExecutorKind::SimCluster {
                 workers,
@@ -1065,6 +1077,14 @@ mod tests {
             ExecutorKind::Tls("sched.example:8786".into())
         );
         assert_eq!(
+            ExecutorKind::parse("unix:/run/rask/scheduler.sock").unwrap(),
+            ExecutorKind::Unix("/run/rask/scheduler.sock".into())
+        );
+        assert_eq!(
+            ExecutorKind::Unix("/run/s.sock".into()).to_string(),
+            "unix:/run/s.sock"
+        );
+        assert_eq!(
             ExecutorKind::parse("sim:18446744073709551615").unwrap(),
             ExecutorKind::Simulated(u64::MAX)
         );
@@ -1079,6 +1099,7 @@ mod tests {
             "tcp://h:x",
             "tls://h",
             "tls://:1",
+            "unix:",
             "sim:",
             "sim:-1",
             "sim:x",

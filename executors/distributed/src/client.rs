@@ -714,11 +714,13 @@ impl Client {
         let (on, local) = on.unzip();
         let in_process = local.is_some();
         let target = parse_address(address)
+            .map(|(scheme, rest)| Target {
+                scheme,
+                address: rest.to_owned(),
+            })
             .ok_or_else(|| Error::Address {
                 address: address.to_owned(),
-            })?
-            .1
-            .to_owned();
+            })?;
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let weak = commands.downgrade();
@@ -750,8 +752,9 @@ impl Client {
                         .await;
                 }
                 Err(e) => {
-                    let _ =
-                        ready_tx.send(Err(e.into_error(&target, crate::protocol::Role::Scheduler)));
+                    let _ = ready_tx.send(Err(
+                        e.into_error(&target.address, crate::protocol::Role::Scheduler)
+                    ));
                 }
             }
         };
@@ -1286,7 +1289,7 @@ struct Loop {
     last_poll: Instant,
     /// Where to connect again when the connection is lost (rule 10);
     /// `None` for a client of a scheduler in this process.
-    target: Option<String>,
+    target: Option<Target>,
     /// When to try connecting again, while disconnected (rule 10).
     next_attempt: Option<Instant>,
     /// The wait before the next attempt after a failed one.
@@ -1332,7 +1335,7 @@ fn connector(address: &str, tls: Option<Tls>) -> Result<Option<Connector>, Error
             address: address.to_owned(),
         });
     };
-    if scheme == Scheme::Tcp {
+    if scheme != Scheme::Tls {
         return Ok(None);
     }
     let tls = match tls {
@@ -1347,10 +1350,18 @@ fn connector(address: &str, tls: Option<Tls>) -> Result<Option<Connector>, Error
     tls.connector().map(Some)
 }
 
-/// Connects to the scheduler at `target` over TCP (TLS with `tls`), as a
+/// Where a client connects to: a scheduler's `host:port` (a path for
+/// `unix:`), and how it is reached.
+#[derive(Clone)]
+struct Target {
+    scheme: Scheme,
+    address: String,
+}
+
+/// Connects to the scheduler at `target` (TLS with `tls`), as a
 /// client of `build`, reading within `limits`.
 async fn connect(
-    target: &str,
+    target: &Target,
     tls: Option<&Connector>,
     build: BuildId,
     auth: &Auth,
@@ -1361,7 +1372,7 @@ async fn connect(
         crate::protocol::Role::Scheduler,
     );
     let c = net::connect(
-        (target, tls),
+        (target.scheme, &target.address, tls),
         me,
         scheduler,
         build,
@@ -1390,7 +1401,7 @@ impl Drop for Loop {
 }
 
 impl Loop {
-    fn new(link: Arc<Link>, writer: Writer, target: Option<String>) -> Loop {
+    fn new(link: Arc<Link>, writer: Writer, target: Option<Target>) -> Loop {
         Loop {
             target,
             next_attempt: None,

@@ -50,6 +50,16 @@ const MIN_LIFE: Duration = Duration::from_secs(1);
 /// ports, and [`LocalCluster::address`] is `tls://127.0.0.1:PORT`. The
 /// certificate must name `127.0.0.1`. All three variables are needed.
 ///
+/// # Transport
+///
+/// On Linux without TLS, the workers reach the scheduler through a Unix
+/// socket of the abstract namespace (`unix:@rask-PID-N-…`: no file to
+/// remove however the process ends), which costs far less per message
+/// than TCP over loopback. They prove the token there as over TCP, and
+/// check the scheduler proves it too. Other processes, and the workers'
+/// data ports, use TCP: [`LocalCluster::address`] is the TCP address.
+/// Elsewhere, or over TLS, the workers use TCP too.
+///
 /// # Memory
 ///
 /// Each worker gets a memory limit ([`MEMORY_LIMIT_ENV`]) of an equal
@@ -187,8 +197,27 @@ impl LocalCluster {
             }
             options = options.tls(tls);
         }
-        let scheduler = scheduler::serve_with(([127, 0, 0, 1], 0).into(), options)?;
-        let address = scheme_address(&scheduler);
+        let loopback = ([127, 0, 0, 1], 0).into();
+        let scheduler = if cfg!(target_os = "linux")
+            && options.tls.is_none()
+            && options.unix.is_none()
+        {
+            // A name taken (by chance, or by a process squatting on it) is
+            // not ours: another one.
+            let mut tries = 0;
+            loop {
+                let named = options.clone().unix(abstract_socket_name());
+                match scheduler::serve_with(loopback, named) {
+                    Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 3 => {
+                        tries += 1;
+                    }
+                    served => break served?,
+                }
+            }
+        } else {
+            scheduler::serve_with(loopback, options)?
+        };
+        let address = worker_address(&scheduler);
         let token = scheduler
             .token()
             .map(Token::expose_secret)
@@ -248,6 +277,29 @@ impl LocalCluster {
     /// TLS).
     pub fn address(&self) -> String {
         scheme_address(&self.scheduler)
+    }
+
+    /// The address the cluster's workers reach the scheduler at: on Linux
+    /// without TLS its Unix socket, `unix:@NAME` (see Transport above),
+    /// else [`LocalCluster::address`]. Another worker of this machine may
+    /// join there too, with the cluster's [`token`](LocalCluster::token).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use rask_distributed::LocalCluster;
+    /// let cluster = LocalCluster::start(1, || {
+    ///     std::process::Command::new(std::env::current_exe().unwrap())
+    /// })?;
+    /// // One more worker of this program, started by hand.
+    /// std::process::Command::new(std::env::current_exe().unwrap())
+    ///     .env(rask_distributed::WORKER_ENV, cluster.worker_address())
+    ///     .env(rask_distributed::TOKEN_ENV, cluster.token().expose_secret())
+    ///     .spawn()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn worker_address(&self) -> String {
+        worker_address(&self.scheduler)
     }
 
     /// The address of the scheduler's web dashboard, when it runs
@@ -435,6 +487,33 @@ pub fn in_process_client(scheduler: &SchedulerHandle) -> Result<Client, Error> {
             addr: address,
             source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
         }),
+    }
+}
+
+/// A name in Linux's abstract namespace for a cluster's scheduler, unlikely
+/// to be taken: this process, a count, and the clock. A process holding
+/// it first cannot pass for the scheduler (workers check the scheduler
+/// proves the token); the cluster then takes another.
+fn abstract_socket_name() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!(
+        "{}rask-{}-{n}-{nanos:08x}",
+        crate::net::ABSTRACT,
+        std::process::id()
+    )
+}
+
+/// The address workers of this machine reach `scheduler` at: its Unix
+/// socket when there is one.
+fn worker_address(scheduler: &SchedulerHandle) -> String {
+    match scheduler.unix().and_then(|p| p.to_str()) {
+        Some(path) => format!("unix:{path}"),
+        None => scheme_address(scheduler),
     }
 }
 

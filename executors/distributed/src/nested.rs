@@ -52,19 +52,16 @@ impl TaskCluster {
         auth: Arc<Auth>,
         tls: Option<Connector>,
     ) -> TaskCluster {
-        let prefix = match scheme {
-            Scheme::Tcp => "tcp",
-            Scheme::Tls => "tls",
-        };
         TaskCluster {
-            address: format!("{prefix}://{host_port}"),
+            address: format!("{}{host_port}", scheme.prefix()),
             build,
             auth,
             tls,
         }
     }
 
-    /// The scheduler's address, `tcp://host:port` or `tls://host:port`.
+    /// The scheduler's address, `tcp://host:port`, `tls://host:port` or
+    /// `unix:PATH`.
     pub fn address(&self) -> &str {
         &self.address
     }

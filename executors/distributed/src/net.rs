@@ -9,8 +9,11 @@
 //!
 //! Rules:
 //!
-//! 1. Every socket has `TCP_NODELAY`: batches are already coalesced by the
-//!    writer task, so Nagle's algorithm would only add latency.
+//! 1. Every TCP socket has `TCP_NODELAY`: batches are already coalesced by
+//!    the writer task, so Nagle's algorithm would only add latency. A Unix
+//!    socket ([`Scheme::Unix`]) carries the same frames and handshakes as
+//!    plain TCP, for peers on one machine: a message then costs no TCP/IP
+//!    processing on either side.
 //! 2. A writer task owns the write half; senders hand it whole frames
 //!    through a [`Writer`] and never wait for the network.
 //! 3. A connection is closed by dropping its writer and its reader; every
@@ -89,15 +92,15 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{unix, TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tokio_rustls::TlsStream;
 
 use crate::handshake;
 use crate::protocol::{
-    decode_checked, frame_len, Batch, FromPeer, Handshake, ProtocolError, Role, ToPeer, WireKey,
-    WorkerId,
+    decode_checked, frame_len, Batch, FromPeer, Handshake, ProtocolError, Role, Scheme, ToPeer,
+    WireKey, WorkerId,
 };
 use crate::tls::{self, Acceptor, Connector};
 use crate::{Auth, BuildId};
@@ -591,25 +594,50 @@ async fn within<F: Future<Output = std::io::Result<usize>>>(
 /// The reading half of a connection, buffered.
 pub(crate) type Reader = BufReader<ReadHalf>;
 
-/// A connection's bytes: plain TCP, or TLS over TCP (`tls.rs`). An enum
-/// rather than a boxed trait object, so that plain TCP costs one branch
-/// per read or write and no allocation or dynamic call.
+/// A connection's bytes: plain TCP, TLS over TCP (`tls.rs`), or a Unix
+/// socket (rule 1). An enum rather than a boxed trait object, so that a
+/// plain socket costs one branch per read or write and no allocation or
+/// dynamic call.
 pub(crate) enum Stream {
     Plain(TcpStream),
     /// Boxed: a TLS stream is much bigger than a socket.
     Tls(Box<TlsStream<TcpStream>>),
+    Unix(UnixStream),
 }
 
 /// The reading half of a [`Stream`].
 pub(crate) enum ReadHalf {
     Plain(OwnedReadHalf),
     Tls(tokio::io::ReadHalf<TlsStream<TcpStream>>),
+    Unix(unix::OwnedReadHalf),
 }
 
 /// The writing half of a [`Stream`].
 pub(crate) enum WriteHalf {
     Plain(OwnedWriteHalf),
     Tls(tokio::io::WriteHalf<TlsStream<TcpStream>>),
+    Unix(unix::OwnedWriteHalf),
+}
+
+/// Who is at the other end of a connection, for logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PeerAddr {
+    /// A TCP peer at this address.
+    Tcp(SocketAddr),
+    /// A process of this machine, through a Unix socket.
+    Unix,
+    /// A client of this process, through memory.
+    Memory,
+}
+
+impl std::fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PeerAddr::Tcp(address) => write!(f, "{address}"),
+            PeerAddr::Unix => f.write_str("a local process (Unix socket)"),
+            PeerAddr::Memory => f.write_str("this process"),
+        }
+    }
 }
 
 impl WriteHalf {
@@ -629,6 +657,7 @@ impl AsyncRead for ReadHalf {
         match self.get_mut() {
             ReadHalf::Plain(r) => Pin::new(r).poll_read(cx, buf),
             ReadHalf::Tls(r) => Pin::new(r).poll_read(cx, buf),
+            ReadHalf::Unix(r) => Pin::new(r).poll_read(cx, buf),
         }
     }
 }
@@ -642,6 +671,7 @@ impl AsyncWrite for WriteHalf {
         match self.get_mut() {
             WriteHalf::Plain(w) => Pin::new(w).poll_write(cx, buf),
             WriteHalf::Tls(w) => Pin::new(w).poll_write(cx, buf),
+            WriteHalf::Unix(w) => Pin::new(w).poll_write(cx, buf),
         }
     }
 
@@ -652,6 +682,7 @@ impl AsyncWrite for WriteHalf {
         match self.get_mut() {
             WriteHalf::Plain(w) => Pin::new(w).poll_flush(cx),
             WriteHalf::Tls(w) => Pin::new(w).poll_flush(cx),
+            WriteHalf::Unix(w) => Pin::new(w).poll_flush(cx),
         }
     }
 
@@ -662,6 +693,7 @@ impl AsyncWrite for WriteHalf {
         match self.get_mut() {
             WriteHalf::Plain(w) => Pin::new(w).poll_shutdown(cx),
             WriteHalf::Tls(w) => Pin::new(w).poll_shutdown(cx),
+            WriteHalf::Unix(w) => Pin::new(w).poll_shutdown(cx),
         }
     }
 }
@@ -687,6 +719,10 @@ impl Stream {
                 let (mut read, mut write) = tokio::io::split(&mut **s);
                 handshake::connector(&mut read, &mut write, role, expect, build, auth).await
             }
+            Stream::Unix(s) => {
+                let (mut read, mut write) = s.split();
+                handshake::connector(&mut read, &mut write, role, expect, build, auth).await
+            }
         }
     }
 
@@ -708,6 +744,10 @@ impl Stream {
                 let (mut read, mut write) = tokio::io::split(&mut **s);
                 handshake::acceptor(&mut read, &mut write, me, build, auth).await
             }
+            Stream::Unix(s) => {
+                let (mut read, mut write) = s.split();
+                handshake::acceptor(&mut read, &mut write, me, build, auth).await
+            }
         }
     }
 
@@ -721,6 +761,10 @@ impl Stream {
             Stream::Tls(s) => {
                 let (read, write) = tokio::io::split(*s);
                 (reader(ReadHalf::Tls(read)), WriteHalf::Tls(write))
+            }
+            Stream::Unix(s) => {
+                let (read, write) = s.into_split();
+                (reader(ReadHalf::Unix(read)), WriteHalf::Unix(write))
             }
         }
     }
@@ -849,7 +893,8 @@ pub(crate) struct Connected {
     pub(crate) build: BuildId,
 }
 
-/// Opens a connection to `address` (`host:port`), over TLS when given a
+/// Opens a connection to `address` (`host:port`, or a path for
+/// [`Scheme::Unix`]), over TLS when given a
 /// connector (the server's certificate must name `host`), as `role` of
 /// `build` proving `auth`, and checks the answer comes from `expect` and
 /// proves the same (rule 11); its frames are read within `limits`.
@@ -857,7 +902,7 @@ pub(crate) struct Connected {
 /// [`HANDSHAKE_TIMEOUT`](handshake::HANDSHAKE_TIMEOUT) the TLS handshake
 /// and the token handshake, each.
 pub(crate) async fn connect(
-    (address, tls): (&str, Option<&Connector>),
+    (scheme, address, tls): (Scheme, &str, Option<&Connector>),
     role: Role,
     expect: Role,
     build: BuildId,
@@ -865,6 +910,22 @@ pub(crate) async fn connect(
     timeout: Duration,
     limits: &Limits,
 ) -> Result<Connected, ConnectError> {
+    if scheme == Scheme::Unix {
+        let stream = match tokio::time::timeout(timeout, connect_unix(address)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(ConnectError::Io(e)),
+            Err(_) => return Err(ConnectError::Timeout),
+        };
+        // This machine: what this side binds for others is on loopback.
+        let local = SocketAddr::from(([127, 0, 0, 1], 0));
+        return handshake_as(
+            Stream::Unix(stream),
+            local,
+            (role, expect, build, auth),
+            limits,
+        )
+        .await;
+    }
     let tcp = match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(ConnectError::Io(e)),
@@ -872,7 +933,7 @@ pub(crate) async fn connect(
     };
     let local = tcp.local_addr().map_err(ConnectError::Io)?;
     tune(&tcp);
-    let mut stream = match tls {
+    let stream = match tls {
         None => Stream::Plain(tcp),
         Some(tls) => {
             let name = tls::server_name(address).map_err(ConnectError::Io)?;
@@ -887,6 +948,17 @@ pub(crate) async fn connect(
             }
         }
     };
+    handshake_as(stream, local, (role, expect, build, auth), limits).await
+}
+
+/// The token handshake of [`connect`] on `stream`, whose local end is at
+/// `local`.
+async fn handshake_as(
+    mut stream: Stream,
+    local: SocketAddr,
+    (role, expect, build, auth): (Role, Role, BuildId, &Auth),
+    limits: &Limits,
+) -> Result<Connected, ConnectError> {
     let theirs = stream
         .connector(role, expect, build, auth)
         .await
@@ -985,7 +1057,7 @@ pub(crate) struct Accepted {
 /// newer connection ([`ProtocolError::Evicted`]), a role not served
 /// ([`ProtocolError::Role`]) or full ([`ProtocolError::Full`]).
 pub(crate) async fn accept(
-    (stream, tls): (TcpStream, Option<&Acceptor>),
+    incoming: Incoming<'_>,
     ticket: PreAuth,
     me: Role,
     build: BuildId,
@@ -1000,14 +1072,19 @@ pub(crate) async fn accept(
     } = ticket;
     // Dropped on every way out, which takes the ticket out of the line.
     let ticket = Ticket { id, gate };
-    tune(&stream);
     let exchange = async {
-        let mut stream = match tls {
-            None => Stream::Plain(stream),
-            Some(tls) => match tls.acceptor.accept(stream).await {
-                Ok(s) => Stream::Tls(Box::new(TlsStream::Server(s))),
-                Err(e) => return Err(ProtocolError::Tls(e)),
-            },
+        let mut stream = match incoming {
+            Incoming::Tcp(stream, tls) => {
+                tune(&stream);
+                match tls {
+                    None => Stream::Plain(stream),
+                    Some(tls) => match tls.acceptor.accept(stream).await {
+                        Ok(s) => Stream::Tls(Box::new(TlsStream::Server(s))),
+                        Err(e) => return Err(ProtocolError::Tls(e)),
+                    },
+                }
+            }
+            Incoming::Unix(stream) => Stream::Unix(stream),
         };
         let theirs = stream.acceptor(me, build, auth).await?;
         Ok((stream, theirs))
@@ -1032,6 +1109,15 @@ pub(crate) async fn accept(
         write,
         slot,
     })
+}
+
+/// A connection just accepted, for [`accept`].
+pub(crate) enum Incoming<'a> {
+    /// Over TCP, through TLS when given an acceptor.
+    Tcp(TcpStream, Option<&'a Acceptor>),
+    /// Over a Unix socket, which has no TLS: a scheduler over TLS listens
+    /// on none.
+    Unix(UnixStream),
 }
 
 /// How many connections one listening socket takes (rules 6 and 7).
@@ -1253,17 +1339,18 @@ impl Drop for Slot {
 /// failures are logged as `who` (rule 5); a failing `accept` backs off,
 /// and when the process is out of file descriptors the oldest pre-auth
 /// connection makes room.
-pub(crate) async fn accept_loop(
-    listener: TcpListener,
+pub(crate) async fn accept_loop<L: Listen>(
+    listener: L,
     gate: Gate,
     who: &'static str,
-    mut serve: impl FnMut(TcpStream, SocketAddr, PreAuth),
+    mut serve: impl FnMut(L::Stream, PeerAddr, PreAuth),
 ) {
     let mut backoff = Backoff::default();
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 backoff.succeeded();
+                let peer = L::peer(peer);
                 match gate.admit() {
                     Ok(ticket) => serve(stream, peer, ticket),
                     Err(e) => {
@@ -1281,6 +1368,45 @@ pub(crate) async fn accept_loop(
                 tokio::time::sleep(backoff.failed()).await;
             }
         }
+    }
+}
+
+/// A listening socket, for [`accept_loop`]: TCP or Unix.
+pub(crate) trait Listen {
+    /// What it accepts.
+    type Stream;
+    /// How it names a peer.
+    type Address;
+    /// The next connection.
+    fn accept(&self)
+        -> impl Future<Output = std::io::Result<(Self::Stream, Self::Address)>> + Send;
+    /// `address` for logs.
+    fn peer(address: Self::Address) -> PeerAddr;
+}
+
+impl Listen for TcpListener {
+    type Stream = TcpStream;
+    type Address = SocketAddr;
+    fn accept(&self) -> impl Future<Output = std::io::Result<(TcpStream, SocketAddr)>> + Send {
+        TcpListener::accept(self)
+    }
+    fn peer(address: SocketAddr) -> PeerAddr {
+        PeerAddr::Tcp(address)
+    }
+}
+
+impl Listen for UnixListener {
+    type Stream = UnixStream;
+    type Address = tokio::net::unix::SocketAddr;
+    fn accept(
+        &self,
+    ) -> impl Future<Output = std::io::Result<(UnixStream, tokio::net::unix::SocketAddr)>> + Send
+    {
+        UnixListener::accept(self)
+    }
+    fn peer(_: tokio::net::unix::SocketAddr) -> PeerAddr {
+        // A connecting Unix socket is unnamed: the peer is this machine.
+        PeerAddr::Unix
     }
 }
 
@@ -1707,7 +1833,7 @@ async fn peer_connection(
         *in_flight.entry(key).or_default() += 1;
     }
     let connected = match connect(
-        (&address, tls.as_ref()),
+        (Scheme::Tcp, &address, tls.as_ref()),
         Role::Peer,
         Role::DataServer,
         build,
@@ -1836,6 +1962,86 @@ async fn peer_connection(
                 }
                 let _ = send_batch(&writer, &mut out);
             }
+        }
+    }
+}
+
+/// Binds a Unix socket at `path`, non-blocking for tokio, with the guard
+/// that removes its file. On Linux, a path `@NAME` is NAME in the abstract
+/// namespace ([`ABSTRACT`]): no file, nothing to remove. A socket file
+/// nothing listens on any more (its process was killed) is taken over; one
+/// something answers on, or any other file, is an error.
+pub(crate) fn listen_unix(
+    path: &std::path::Path,
+) -> std::io::Result<(std::os::unix::net::UnixListener, SocketFile)> {
+    use std::os::unix::net::UnixListener;
+    #[cfg(target_os = "linux")]
+    if let Some(name) = abstract_name(path) {
+        use std::os::linux::net::SocketAddrExt as _;
+        let address = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+        let listener = UnixListener::bind_addr(&address)?;
+        listener.set_nonblocking(true)?;
+        return Ok((listener, SocketFile(None)));
+    }
+    let listener = match UnixListener::bind(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && is_stale_socket(path) => {
+            std::fs::remove_file(path)?;
+            UnixListener::bind(path)?
+        }
+        bound => bound?,
+    };
+    let file = SocketFile(Some(path.to_owned()));
+    listener.set_nonblocking(true)?;
+    Ok((listener, file))
+}
+
+/// How a Unix socket path names a socket of Linux's abstract namespace:
+/// `@NAME` (as `ss` shows them).
+pub(crate) const ABSTRACT: char = '@';
+
+/// The name of an abstract socket `path` stands for, on Linux.
+fn abstract_name(path: &std::path::Path) -> Option<&[u8]> {
+    if !cfg!(target_os = "linux") {
+        return None;
+    }
+    let bytes = path.as_os_str().as_encoded_bytes();
+    bytes.strip_prefix(&[ABSTRACT as u8])
+}
+
+/// Connects to the Unix socket at `path` (see [`listen_unix`] for `@NAME`).
+async fn connect_unix(path: &str) -> std::io::Result<UnixStream> {
+    match abstract_name(path.as_ref()) {
+        // Tokio reads a leading NUL as the abstract namespace.
+        Some(name) => {
+            let mut nul = vec![0];
+            nul.extend_from_slice(name);
+            // A name from a `&str` after one ASCII byte: still UTF-8.
+            let nul = String::from_utf8(nul).map_err(std::io::Error::other)?;
+            UnixStream::connect(nul).await
+        }
+        None => UnixStream::connect(path).await,
+    }
+}
+
+/// Whether `path` is a Unix socket that refuses connections: its
+/// listener is gone.
+fn is_stale_socket(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::FileTypeExt as _;
+    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+    is_socket
+        && std::os::unix::net::UnixStream::connect(path)
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+}
+
+/// The file of a Unix socket [`listen_unix`] bound (none in the abstract
+/// namespace), removed when dropped.
+#[derive(Debug)]
+pub(crate) struct SocketFile(Option<std::path::PathBuf>);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0 {
+            let _ = std::fs::remove_file(path);
         }
     }
 }
@@ -2195,9 +2401,17 @@ mod tests {
                         let ticket = gate.admit().unwrap();
                         let build = BuildId::NONE;
                         let me = Role::DataServer;
-                        let c = accept((stream, None), ticket, me, build, &auth, &serves, &limits)
-                            .await
-                            .unwrap();
+                        let c = accept(
+                            Incoming::Tcp(stream, None),
+                            ticket,
+                            me,
+                            build,
+                            &auth,
+                            &serves,
+                            &limits,
+                        )
+                        .await
+                        .unwrap();
                         let _ = events.send("opened");
                         let writer = spawn_writer(c.write, &limits, None);
                         let mut read = c.read;

@@ -46,6 +46,15 @@ fn local_cluster_runs_a_graph_and_survives_a_killed_worker() {
     let mut cluster = LocalCluster::start(2, worker_command).unwrap();
     assert_eq!(cluster.workers(), 2);
     assert!(cluster.address().starts_with("tcp://127.0.0.1:"));
+    // On Linux the workers are on the Unix socket, so the kill below is
+    // recovered from over it.
+    if cfg!(target_os = "linux") {
+        assert!(
+            cluster.worker_address().starts_with("unix:@rask-"),
+            "{}",
+            cluster.worker_address()
+        );
+    }
     let client = cluster.client().unwrap();
     let (shared, _) = Shared::new();
 
@@ -133,6 +142,62 @@ fn a_local_cluster_has_a_token_of_its_own_that_lets_other_processes_in() {
     // The in-process client needs none, and reads values from the
     // workers' data ports with the cluster's token.
     assert_eq!(compute_inc(&one.client().unwrap(), &shared, 2), 3);
+}
+
+/// A worker of this machine joins a local cluster at its worker address
+/// (its Unix socket on Linux) with the cluster's token, and only with it.
+#[test]
+fn another_worker_joins_at_the_worker_address_with_the_token_only() {
+    let cluster = LocalCluster::start(1, worker_command).unwrap();
+    let client = cluster.client().unwrap();
+    let workers = |client: &Client| client.info().unwrap().workers.len();
+    assert_eq!(workers(&client), 1);
+    let wait_for = |n: usize| {
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        while workers(&client) != n {
+            assert!(std::time::Instant::now() < deadline, "{n} workers");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    };
+    // With another token: refused, and the worker process ends.
+    let other = Token::generate().unwrap();
+    let mut refused = worker_command()
+        .env(WORKER_ENV, cluster.worker_address())
+        .env(rask_distributed::TOKEN_ENV, other.expose_secret())
+        .env(rask_distributed::DEATH_TIMEOUT_ENV, "0")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let status = wait_exit(&mut refused);
+    assert!(!status.success(), "{status}");
+    assert_eq!(workers(&client), 1);
+    // With the cluster's: it registers and computes.
+    let mut joined = worker_command()
+        .env(WORKER_ENV, cluster.worker_address())
+        .env(rask_distributed::TOKEN_ENV, cluster.token().expose_secret())
+        .spawn()
+        .unwrap();
+    wait_for(2);
+    let (shared, _) = Shared::new();
+    assert_eq!(compute_inc(&client, &shared, 41), 42);
+    joined.kill().unwrap();
+    joined.wait().unwrap();
+    wait_for(1);
+}
+
+/// Waits for `child` to exit, up to `TIMEOUT` (then kills it and fails).
+fn wait_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the worker did not exit");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
 
 #[test]
@@ -397,6 +462,40 @@ fn rask_scheduler_binary_refuses_to_listen_beyond_loopback_insecure_unless_told(
     assert!(String::from_utf8_lossy(&out.stderr).contains("unset one of them"));
 }
 
+/// `--unix PATH`: workers and clients of this machine connect there.
+#[test]
+fn rask_scheduler_binary_serves_a_unix_socket_when_asked() {
+    let dir = TempDir::new("scheduler-unix");
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let socket = dir.0.join("s.sock");
+    let token = dir.0.join("token");
+    let args = [
+        "--port",
+        "0",
+        "--token-file",
+        token.to_str().unwrap(),
+        "--unix",
+        socket.to_str().unwrap(),
+    ];
+    let (_child, _, _, stderr) = start_scheduler(&args, &[]);
+    let address = format!("unix:{}", socket.display());
+    let said = line_with(&stderr, "may connect to unix:");
+    assert!(said.ends_with(&address), "{said}");
+    let auth = Auth::Token(Token::load(&token).unwrap());
+    let (shared, _) = Shared::new();
+    let registry = Arc::new(TestRegistry {
+        shared: shared.clone(),
+    });
+    let options = worker::Options::default()
+        .death_timeout(std::time::Duration::ZERO)
+        .auth(auth.clone());
+    let _worker = worker::spawn_with(&address, registry, options).unwrap();
+    let client = Client::connect_with(&address, auth).unwrap();
+    assert_eq!(compute_inc(&client, &shared, 1), 2);
+    let joined = line_with(&stderr, " joined from a local process (Unix socket)");
+    assert!(joined.contains(" INFO "), "{joined}");
+}
+
 #[test]
 fn rask_scheduler_binary_rejects_bad_arguments() {
     for args in [
@@ -405,6 +504,8 @@ fn rask_scheduler_binary_rejects_bad_arguments() {
         &["--worker-timeout", "soon"],
         &["--insecure", "--token-file", "/nonexistent/token"],
         &["--token-file"],
+        &["--unix"],
+        &["--unix", ""],
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_rask-scheduler"))
             .args(args)

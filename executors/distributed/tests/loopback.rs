@@ -2520,3 +2520,118 @@ fn a_second_worker_of_the_same_name_is_refused() {
     names.sort();
     assert_eq!(names, ["other", "twin"]);
 }
+
+/// A directory of its own for a test's Unix socket, removed at the end.
+struct SocketDir(std::path::PathBuf);
+
+impl SocketDir {
+    fn new(test: &str) -> SocketDir {
+        let dir = std::env::temp_dir().join(format!("rask-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        SocketDir(dir)
+    }
+}
+
+impl Drop for SocketDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `cluster`'s scheduler reached at `address`: workers added from now on
+/// and clients of the cluster connect there.
+fn over(mut cluster: Cluster, address: String) -> Cluster {
+    cluster.address = address;
+    cluster
+}
+
+/// Workers and clients reach a scheduler through its Unix socket, proving
+/// its token there as over TCP; the file goes at shutdown.
+#[test]
+fn workers_and_clients_connect_through_a_unix_socket_with_the_token() {
+    let dir = SocketDir::new("unix-socket");
+    let path = dir.0.join("scheduler.sock");
+    let options = rask_distributed::scheduler::Options::default().unix(&path);
+    let cluster = Cluster::with_options(0, 1, options);
+    assert_eq!(cluster.scheduler.unix(), Some(path.as_path()));
+    let address = format!("unix:{}", path.display());
+    let mut cluster = over(cluster, address.clone());
+    cluster.add_worker(1);
+    cluster.add_worker(1);
+    assert_eq!(cluster.scheduler.workers(), 2);
+    let client = cluster.client();
+    diamond(&cluster, &client, 0);
+    // Values travel between workers' data ports (TCP) as before.
+    let tcp = Client::connect_with(
+        &format!("tcp://{}", cluster.scheduler.address()),
+        cluster.auth.clone(),
+    )
+    .unwrap();
+    diamond(&cluster, &tcp, 1);
+    // Another token, or none: refused, as over TCP.
+    let wrong = Auth::Token(Token::generate().unwrap());
+    let err = Client::connect_with(&address, wrong).unwrap_err();
+    assert!(err.to_string().starts_with("wrong token"), "{err}");
+    let err = Client::connect_with(&address, Auth::Insecure).unwrap_err();
+    assert!(err.to_string().contains("requires a token"), "{err}");
+    drop((client, tcp));
+    cluster.scheduler.shutdown();
+    assert!(!path.exists(), "the socket file is removed at shutdown");
+}
+
+/// A socket file nothing listens on (its scheduler was killed) is taken
+/// over; a socket something answers on, or another file, is not.
+#[test]
+fn a_stale_unix_socket_is_taken_over_and_a_live_one_or_a_file_is_not() {
+    use rask_distributed::scheduler::{serve_with, Options};
+    let dir = SocketDir::new("unix-stale");
+    let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let stale = dir.0.join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    let live = serve_with(loopback, Options::default().unix(&stale)).unwrap();
+    assert_eq!(live.unix(), Some(stale.as_path()));
+    // Now something answers there: a second scheduler is refused, and the
+    // first keeps its socket.
+    let err = serve_with(loopback, Options::default().unix(&stale)).unwrap_err();
+    match &err {
+        rask_distributed::Error::Io(e) => {
+            assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(stale.exists());
+    drop(live);
+    assert!(!stale.exists());
+    let file = dir.0.join("file");
+    std::fs::write(&file, b"not a socket").unwrap();
+    assert!(serve_with(loopback, Options::default().unix(&file)).is_err());
+    assert_eq!(std::fs::read(&file).unwrap(), b"not a socket");
+}
+
+/// On Linux, `@NAME` is a socket of the abstract namespace: no file.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_unix_socket_of_the_abstract_namespace_serves_workers_and_clients() {
+    let name = format!("@rask-test-abstract-{}", std::process::id());
+    let options = rask_distributed::scheduler::Options::default().unix(&name);
+    let cluster = Cluster::with_options(0, 1, options);
+    let mut cluster = over(cluster, format!("unix:{name}"));
+    cluster.add_worker(1);
+    let client = cluster.client();
+    diamond(&cluster, &client, 0);
+    assert!(!std::path::Path::new(&name).exists());
+}
+
+/// A scheduler over TLS listens on no Unix socket: refused, not served in
+/// plain.
+#[test]
+fn tls_and_a_unix_socket_are_refused_together() {
+    let options = rask_distributed::scheduler::Options::default()
+        .unix("/nonexistent/never.sock")
+        .tls(rask_distributed::Tls::new());
+    let err = rask_distributed::scheduler::serve_with("127.0.0.1:0".parse().unwrap(), options)
+        .unwrap_err();
+    assert!(err.to_string().contains("Unix socket"), "{err}");
+}

@@ -83,6 +83,7 @@ mod watch;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -143,6 +144,9 @@ pub struct SchedulerHandle {
     auth: Arc<Auth>,
     /// The TLS settings it serves with.
     tls: Option<Tls>,
+    /// The Unix socket it also listens on ([`Options::unix`]), and the
+    /// guard that removes its file at shutdown.
+    unix: Option<(PathBuf, net::SocketFile)>,
 }
 
 /// Figures the state loop publishes after every burst of input.
@@ -166,6 +170,12 @@ impl SchedulerHandle {
     /// `http://ADDRESS/status`.
     pub fn dashboard(&self) -> Option<SocketAddr> {
         self.dashboard
+    }
+
+    /// The Unix socket the scheduler also listens on ([`Options::unix`]):
+    /// processes of this machine reach it at `unix:PATH`.
+    pub fn unix(&self) -> Option<&Path> {
+        self.unix.as_ref().map(|(path, _)| path.as_path())
     }
 
     /// Number of workers registered now, of every build.
@@ -271,6 +281,8 @@ impl SchedulerHandle {
                 let _ = thread.join();
             }
         }
+        // Removes the socket file, once nothing listens on it.
+        drop(self.unix.take());
     }
 }
 
@@ -338,6 +350,17 @@ pub struct Options {
     /// require a client certificate signed by it of every client and
     /// worker (mutual TLS, `tls.rs` rule 4). Default `None`: plain TCP.
     pub tls: Option<Tls>,
+    /// A Unix socket to listen on besides the TCP address: workers and
+    /// clients of this machine connect with `unix:PATH`, prove the same
+    /// token, and each message costs them and the scheduler no TCP/IP
+    /// processing (a [`LocalCluster`](crate::LocalCluster)'s workers use
+    /// one). A file at the path is an error, unless it is a socket nothing
+    /// listens on any more (then it is replaced); the file is removed at
+    /// shutdown. On Linux, `@NAME` is NAME in the abstract namespace: no
+    /// file, and any process of the machine may connect (and must prove
+    /// the token), as over TCP on loopback. Not with [`Options::tls`].
+    /// Default `None`.
+    pub unix: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -352,6 +375,7 @@ impl Default for Options {
             frame_budget: net::FRAME_BUDGET,
             dashboard: None,
             tls: None,
+            unix: None,
         }
     }
 }
@@ -472,6 +496,29 @@ impl Options {
         self
     }
 
+    /// These options also listening on the Unix socket `path` (see
+    /// [`Options::unix`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use rask_distributed::scheduler::{serve_with, Options};
+    /// let dir = std::env::temp_dir().join(format!("rask-doc-{}", std::process::id()));
+    /// std::fs::create_dir_all(&dir)?;
+    /// let path = dir.join("scheduler.sock");
+    /// let mut scheduler = serve_with("127.0.0.1:0".parse().unwrap(), Options::default().unix(&path))?;
+    /// // Workers of this machine: `rask-worker unix:/…/scheduler.sock`.
+    /// assert_eq!(scheduler.unix(), Some(path.as_path()));
+    /// scheduler.shutdown();
+    /// assert!(!path.exists());
+    /// # std::fs::remove_dir(&dir)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn unix(mut self, path: impl Into<PathBuf>) -> Options {
+        self.unix = Some(path.into());
+        self
+    }
+
     /// How often workers are asked to send a heartbeat: within the range a
     /// worker accepts.
     fn heartbeat(&self) -> Duration {
@@ -519,6 +566,12 @@ pub fn serve(addr: SocketAddr) -> Result<SchedulerHandle, Error> {
 /// # Ok::<(), rask_distributed::Error>(())
 /// ```
 pub fn serve_with(addr: SocketAddr, options: Options) -> Result<SchedulerHandle, Error> {
+    if options.unix.is_some() && options.tls.is_some() {
+        return Err(Error::TlsSettings {
+            problem: "a scheduler over TLS listens on no Unix socket: leave `Options::unix` unset",
+            source: None,
+        });
+    }
     let auth = Arc::new(match &options.auth {
         Some(auth) => auth.clone(),
         None => Auth::Token(Token::generate()?),
@@ -530,6 +583,15 @@ pub fn serve_with(addr: SocketAddr, options: Options) -> Result<SchedulerHandle,
     let tls = options.tls.clone();
     let listener = net::listen(addr).map_err(Error::Io)?;
     let address = listener.local_addr().map_err(Error::Io)?;
+    // The file is removed when `unix_file` drops: at shutdown, or on the
+    // way out of an error below.
+    let (unix, unix_file) = match &options.unix {
+        Some(path) => {
+            let (listener, file) = net::listen_unix(path).map_err(Error::Io)?;
+            (Some(listener), Some((path.clone(), file)))
+        }
+        None => (None, None),
+    };
     let dashboard = match options.dashboard {
         Some(at) => {
             let listener = net::listen(at).map_err(Error::Io)?;
@@ -562,9 +624,20 @@ pub fn serve_with(addr: SocketAddr, options: Options) -> Result<SchedulerHandle,
                         Err(e) => tracing::warn!("scheduler: cannot serve the dashboard: {e}"),
                     }
                 }
+                let unix = match unix.map(tokio::net::UnixListener::from_std).transpose() {
+                    Ok(unix) => unix,
+                    Err(e) => {
+                        tracing::warn!("scheduler: cannot listen on the Unix socket: {e}");
+                        None
+                    }
+                };
                 match TcpListener::from_std(listener) {
                     Ok(listener) => {
-                        let served = Served { address, board };
+                        let served = Served {
+                            address,
+                            board,
+                            unix,
+                        };
                         let peers = (required, acceptor);
                         run(listener, locals_rx, stop_rx, count, options, peers, served).await
                     }
@@ -583,6 +656,7 @@ pub fn serve_with(addr: SocketAddr, options: Options) -> Result<SchedulerHandle,
         locals,
         auth,
         tls,
+        unix: unix_file,
     })
 }
 
@@ -592,7 +666,7 @@ enum Event {
         conn: u32,
         role: Role,
         build: BuildId,
-        peer: SocketAddr,
+        peer: net::PeerAddr,
         writer: net::Writer,
         held: net::Held,
         /// Whether it is a client of this process, through memory.
@@ -626,7 +700,7 @@ struct Conn {
     /// Whether a graph of it was refused (rule 6): logged once, not for
     /// each of a client's many submissions.
     refused: bool,
-    peer: SocketAddr,
+    peer: net::PeerAddr,
     /// When its last frame arrived (rule 4).
     last_heard: Instant,
     /// Set while its reader waits on this side (rule 4).
@@ -736,6 +810,8 @@ struct Shell {
 struct Served {
     address: SocketAddr,
     board: Option<Arc<Board>>,
+    /// The Unix socket it also listens on.
+    unix: Option<tokio::net::UnixListener>,
 }
 
 async fn run(
@@ -754,21 +830,37 @@ async fn run(
     let gate = net::Gate::new(net::Caps::for_this_process(1));
     // Accepting has a task of its own: its back-off (rule 8) never holds
     // up the state.
-    tokio::spawn({
+    let serve = {
         let (events, numbers, limits) = (events_tx.clone(), numbers.clone(), limits.clone());
-        net::accept_loop(listener, gate, "scheduler", move |stream, peer, ticket| {
+        move |socket: Socket, peer, ticket| {
             let conn = numbers.fetch_add(1, Ordering::Relaxed);
             tokio::spawn(connection(
                 conn,
-                stream,
+                socket,
                 peer,
                 ticket,
                 (auth.clone(), tls.clone()),
                 limits.clone(),
                 events.clone(),
             ));
-        })
-    });
+        }
+    };
+    // The Unix socket's connections count towards the same caps (rule 7).
+    if let Some(unix) = served.unix {
+        let serve = serve.clone();
+        tokio::spawn(net::accept_loop(
+            unix,
+            gate.clone(),
+            "scheduler",
+            move |s, p, t| serve(Socket::Unix(s), p, t),
+        ));
+    }
+    tokio::spawn(net::accept_loop(
+        listener,
+        gate,
+        "scheduler",
+        move |s, p, t| serve(Socket::Tcp(s), p, t),
+    ));
     let mut silence = tokio::time::interval(options.heartbeat());
     silence.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The board's snapshot is refreshed this often; without a dashboard
@@ -798,8 +890,7 @@ async fn run(
             _ = &mut stop => break,
             Some((end, build)) = locals.recv() => {
                 let conn = numbers.fetch_add(1, Ordering::Relaxed);
-                // An in-memory peer has no address: logs show 127.0.0.1:0.
-                let peer = SocketAddr::from(([127, 0, 0, 1], 0));
+                let peer = net::PeerAddr::Memory;
                 let link = Link {
                     frames: net::Frames::local(end.recv),
                     writer: net::Writer::local(end.send),
@@ -838,10 +929,16 @@ async fn run(
 /// One accepted TCP connection, pre-auth under `ticket`: handshake, then
 /// [`serve_connection`] within `limits` (rule 8); the state loop hears of
 /// it only once its peer authenticated (rule 7).
+/// A socket a connection was accepted on.
+enum Socket {
+    Tcp(TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
 async fn connection(
     conn: u32,
-    stream: TcpStream,
-    peer: SocketAddr,
+    socket: Socket,
+    peer: net::PeerAddr,
     ticket: net::PreAuth,
     (auth, tls): (Arc<Auth>, Option<Acceptor>),
     limits: net::Limits,
@@ -849,8 +946,12 @@ async fn connection(
 ) {
     // The scheduler runs no user code: it has no build of its own.
     let serves = [Role::Client, Role::Worker];
+    let incoming = match socket {
+        Socket::Tcp(stream) => net::Incoming::Tcp(stream, tls.as_ref()),
+        Socket::Unix(stream) => net::Incoming::Unix(stream),
+    };
     let accepted = match net::accept(
-        (stream, tls.as_ref()),
+        incoming,
         ticket,
         Role::Scheduler,
         BuildId::NONE,
@@ -906,7 +1007,7 @@ struct Link {
 async fn serve_connection(
     conn: u32,
     (role, build): (Role, BuildId),
-    peer: SocketAddr,
+    peer: net::PeerAddr,
     link: Link,
     events: mpsc::UnboundedSender<Event>,
 ) {

@@ -15,7 +15,7 @@ use super::serve_data;
 use super::watchdog::Seconds;
 use crate::net::{self, Chain, FrameReader, Reader};
 use crate::protocol::{
-    decode_checked, Batch, ProtocolError, Role, ToScheduler, ToWorker, WorkerId,
+    decode_checked, Batch, ProtocolError, Role, Scheme, ToScheduler, ToWorker, WorkerId,
 };
 use crate::tls::Connector;
 use crate::{Auth, BuildId, Error, Tls};
@@ -32,8 +32,11 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where and as what the worker registers: the same for every connection.
 pub(crate) struct Link {
-    /// The scheduler's `host:port`.
+    /// The scheduler's `host:port` (its socket's path for `unix:`).
     pub(crate) address: String,
+    /// How the scheduler is reached: TCP, TLS (then `tls` is set) or a
+    /// Unix socket.
+    pub(crate) scheme: Scheme,
     /// Set for a `tls://` scheduler (`tls.rs` rule 1).
     pub(crate) tls: Option<LinkTls>,
     /// The build the worker announces (rule 8).
@@ -207,7 +210,11 @@ async fn attempt(
 ) -> Result<Connection, Error> {
     let address = link.address.as_str();
     let connected = net::connect(
-        (address, link.tls.as_ref().map(|t| &t.connector)),
+        (
+            link.scheme,
+            address,
+            link.tls.as_ref().map(|t| &t.connector),
+        ),
         Role::Worker,
         Role::Scheduler,
         link.build,

@@ -1261,7 +1261,7 @@ fn start(
         default_path: Token::default_path(),
     })?;
     let tls = match (scheme, &options.tls) {
-        (Scheme::Tcp, _) => None,
+        (Scheme::Tcp | Scheme::Unix, _) => None,
         (Scheme::Tls, None) => {
             return Err(Error::TlsSettings {
                 problem: "a worker of a `tls://` scheduler needs TLS settings: set RASK_TLS_CA \
@@ -1282,6 +1282,7 @@ fn start(
     };
     let link = Link {
         address: address.to_owned(),
+        scheme,
         tls,
         build,
         auth: Arc::new(auth),
@@ -1791,7 +1792,7 @@ async fn data_connection(
     limits: &net::Limits,
 ) -> Result<(), ProtocolError> {
     let accepted = net::accept(
-        (stream, tls.as_ref()),
+        net::Incoming::Tcp(stream, tls.as_ref()),
         ticket,
         Role::DataServer,
         build,
