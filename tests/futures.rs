@@ -179,7 +179,8 @@ fn clients() -> Vec<Client> {
                 total,
                 until_cancelled,
                 sleepy,
-                flaky?
+                flaky?,
+                refuse?
             ],
         )))
         .unwrap(),
@@ -881,5 +882,68 @@ fn scatter_broadcast_reaches_every_worker() {
         };
         futures_api::scatter_broadcast(&client, workers);
         futures_api::small_broadcast_returns_at_once(&client);
+    }
+}
+
+/// `gather` waits for its futures together (one wake-up when they end in
+/// order) in any order they end, and stops at the first failure by
+/// position without waiting for the futures after it.
+#[test]
+fn gather_waits_for_all_in_any_order_and_stops_at_a_failure() {
+    for client in background_clients() {
+        let gates: Vec<u64> = (0..6).map(|_| new_id()).collect();
+        let futures: Vec<_> = gates
+            .iter()
+            .zip(0..)
+            .map(|(&g, i)| client.submit(delayed!(gated(g, i))).unwrap())
+            .collect();
+        let waiting = futures.clone();
+        let gathering = {
+            let client = client.clone();
+            std::thread::spawn(move || client.gather(&waiting))
+        };
+        // The last first (the key the gather sleeps on), then from both
+        // ends and the middle.
+        for i in [5, 0, 3, 1, 4, 2] {
+            open(gates[i]);
+        }
+        let got = gathering.join().unwrap().unwrap();
+        assert_eq!(got, (0..6).collect::<Vec<i64>>(), "{}", client.executor());
+        rask::wait(&futures);
+
+        // A failure in the middle, while the gather sleeps, ends it while
+        // the last future (the one it sleeps on) still runs. Were the
+        // gather to wait for it, it would return only once the gate opens
+        // below, 60 s from now, and the last future would be done.
+        let (first, middle, last) = (new_id(), new_id(), new_id());
+        let futures = [
+            client.submit(delayed!(gated(first, 1))).unwrap(),
+            client.submit(delayed!(refuse(middle)?)).unwrap(),
+            client.submit(delayed!(gated(last, 2))).unwrap(),
+        ];
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let opener = std::thread::spawn(move || {
+            let _ = stopped.recv_timeout(std::time::Duration::from_secs(60));
+            open(last);
+        });
+        let waiting = futures.clone();
+        let gathering = {
+            let client = client.clone();
+            std::thread::spawn(move || client.gather(&waiting))
+        };
+        // Most often the gather is asleep by now; either way the result
+        // is the same.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        open(first);
+        open(middle);
+        let err = gathering.join().unwrap().unwrap_err();
+        assert!(matches!(err, Error::Gather { index: 1, .. }), "{err}");
+        assert!(!futures[2].done(), "{}", client.executor());
+        // `wait` does not stop at the failure.
+        drop(stop);
+        rask::wait(&futures);
+        assert!(futures.iter().all(|f| f.done()));
+        assert_eq!(futures[2].result().unwrap(), 2);
+        opener.join().unwrap();
     }
 }

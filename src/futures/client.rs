@@ -22,7 +22,7 @@
 //!    which frees the value on the cluster.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::task::Waker;
 
@@ -80,6 +80,11 @@ pub(crate) struct Shared {
     /// Notified when an entry some thread sleeps on ([`Entry::waiters`])
     /// stops being pending.
     changed: Condvar,
+    /// Failures and cancellations of [`watched`](Entry::watched) entries
+    /// so far, changed under the table lock: a thread in
+    /// [`wait_all`](Shared::wait_all) looks at its keys again only when
+    /// this moved.
+    failures: AtomicU64,
     /// Whether `compute` and `persist` draw a progress bar
     /// ([`Config::progress`]).
     progress: bool,
@@ -104,6 +109,11 @@ struct Entry {
     /// count a sleeper twice (one woken by a timeout that sleeps again),
     /// never too few.
     waiters: u32,
+    /// A thread waits for this entry among others and stops at the first
+    /// of them that fails ([`wait_all`](Shared::wait_all)): when this one
+    /// fails or is cancelled, [`Shared::failures`] counts it and the
+    /// sleepers are woken. Never unset: a needless wake-up at most.
+    watched: bool,
     /// Submissions waiting for this entry (rule 3).
     deferred: Vec<Arc<Deferred>>,
     /// The run computing this entry and the entry's output index in it, to
@@ -200,6 +210,7 @@ impl Client {
                 cache,
                 table: Mutex::new(KeyMap::default()),
                 changed: Condvar::new(),
+                failures: AtomicU64::new(0),
             }),
             annotations: None,
         }
@@ -559,6 +570,10 @@ impl Client {
     /// [`Error::Gather`] naming the first future (by position) that failed
     /// or was cancelled, with the task failure as its source.
     pub fn gather<T: Data>(&self, futures: &[Future<T>]) -> Result<Vec<T>> {
+        // One wait for all (one wake-up when they end in order), stopping
+        // at a failure; then each in order, which waits only for futures
+        // before a failed one.
+        crate::futures::future::wait_all(futures, true, None);
         futures
             .iter()
             .enumerate()
@@ -906,6 +921,7 @@ impl Entry {
             refs: 0,
             listeners: Vec::new(),
             waiters: 0,
+            watched: false,
             deferred: Vec::new(),
             run: None,
             node: None,
@@ -1235,10 +1251,11 @@ impl Shared {
                 Err(f) => State::Failed(f),
             };
             entry.run = None;
+            let watched_failure = self.watched_failure(entry);
             (
                 std::mem::take(&mut entry.listeners),
                 std::mem::take(&mut entry.deferred),
-                std::mem::take(&mut entry.waiters) > 0,
+                std::mem::take(&mut entry.waiters) > 0 || watched_failure,
             )
         };
         drop(finished_node);
@@ -1316,10 +1333,11 @@ impl Shared {
             }
             entry.state = State::Cancelled;
             let run = entry.run.take();
+            let watched_failure = self.watched_failure(entry);
             (
                 std::mem::take(&mut entry.listeners),
                 std::mem::take(&mut entry.deferred),
-                std::mem::take(&mut entry.waiters) > 0,
+                std::mem::take(&mut entry.waiters) > 0 || watched_failure,
                 run,
             )
         };
@@ -1388,37 +1406,137 @@ impl Shared {
                     State::Pending
                 }
             };
-            if task.raised() {
-                return State::Cancelled;
+            match self.sleep(table, deadline, task) {
+                Some(woken) => table = woken,
+                None if task.raised() => return State::Cancelled,
+                None => return state,
             }
-            let poll = task.can_raise().then_some(TASK_RELEASE_POLL);
-            let timeout = match deadline {
-                None => None,
-                Some(deadline) => {
-                    let now = std::time::Instant::now();
-                    if now >= deadline {
-                        return state;
-                    }
-                    Some(deadline - now)
-                }
-            };
-            let timeout = match (timeout, poll) {
-                (Some(t), Some(p)) => Some(t.min(p)),
-                (t, p) => t.or(p),
-            };
-            table = match timeout {
-                None => self
-                    .changed
-                    .wait(table)
-                    .unwrap_or_else(PoisonError::into_inner),
-                Some(timeout) => {
-                    self.changed
-                        .wait_timeout(table, timeout)
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .0
-                }
-            };
         }
+    }
+
+    /// Whether `entry`, which just stopped being pending, is a failure a
+    /// thread in [`wait_all`](Shared::wait_all) must hear of; counts it in
+    /// [`failures`](Shared::failures) if so. Called under the table lock.
+    fn watched_failure(&self, entry: &Entry) -> bool {
+        let failed = entry.watched && !matches!(entry.state, State::Finished(_));
+        if failed {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        failed
+    }
+
+    /// Sleeps on `changed` once, at most until `deadline` and, inside a
+    /// task, [`TASK_RELEASE_POLL`]; `None` without sleeping when the
+    /// deadline passed or the task's work was given up.
+    fn sleep<'a>(
+        &'a self,
+        table: MutexGuard<'a, KeyMap<Entry>>,
+        deadline: Option<std::time::Instant>,
+        task: &rask_executor::Stop,
+    ) -> Option<MutexGuard<'a, KeyMap<Entry>>> {
+        if task.raised() {
+            return None;
+        }
+        let poll = task.can_raise().then_some(TASK_RELEASE_POLL);
+        let timeout = match deadline {
+            None => None,
+            Some(deadline) => Some(deadline.checked_duration_since(std::time::Instant::now())?)
+                .filter(|left| !left.is_zero()),
+        };
+        if deadline.is_some() && timeout.is_none() {
+            return None;
+        }
+        let timeout = match (timeout, poll) {
+            (Some(t), Some(p)) => Some(t.min(p)),
+            (t, p) => t.or(p),
+        };
+        Some(match timeout {
+            None => self
+                .changed
+                .wait(table)
+                .unwrap_or_else(PoisonError::into_inner),
+            Some(timeout) => {
+                self.changed
+                    .wait_timeout(table, timeout)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0
+            }
+        })
+    }
+
+    /// Blocks until none of `keys` is pending or, `to_first_failure`, one
+    /// of them failed or was cancelled; or until `deadline`, or the
+    /// calling task's work was given up (see [`wait`](Shared::wait)).
+    /// Whether it ended so (and not by the deadline or the task).
+    ///
+    /// It sleeps on the last key still pending, so a set whose keys end in
+    /// order wakes this thread once, not once per key (each wake-up is a
+    /// system call on the thread that reports the key, and a hand-off):
+    /// keys found ended at either end of the pending range are not looked
+    /// at again. To stop at a failure in the middle, those keys are
+    /// [`watched`](Entry::watched), and looked at again only when a
+    /// watched key failed.
+    ///
+    /// # Complexity
+    ///
+    /// O(keys) lookups, plus O(keys) per failure of a watched key that
+    /// does not end the wait.
+    pub(crate) fn wait_all(
+        &self,
+        keys: &[Key],
+        to_first_failure: bool,
+        deadline: Option<std::time::Instant>,
+    ) -> bool {
+        start_queued();
+        let task = rask_executor::Stop::current();
+        rask_executor::blocking(|| {
+            let (mut from, mut to) = (0, keys.len());
+            let mut looked_at = None;
+            let mut table = self.lock();
+            loop {
+                // What the key at `i` says: `None` while pending.
+                let ended = |table: &KeyMap<Entry>, i: usize| match table.get(&keys[i]) {
+                    Some(e) if e.state.is_pending() => None,
+                    Some(e) => Some(matches!(e.state, State::Finished(_))),
+                    None => Some(false),
+                };
+                while from < to {
+                    match ended(&table, from) {
+                        None => break,
+                        Some(false) if to_first_failure => return true,
+                        Some(_) => from += 1,
+                    }
+                }
+                while from < to {
+                    match ended(&table, to - 1) {
+                        None => break,
+                        Some(false) if to_first_failure => return true,
+                        Some(_) => to -= 1,
+                    }
+                }
+                if from == to {
+                    return true;
+                }
+                let failures = self.failures.load(Ordering::Relaxed);
+                if to_first_failure && looked_at != Some(failures) {
+                    for key in &keys[from..to] {
+                        match table.get_mut(key) {
+                            Some(e) if e.state.is_pending() => e.watched = true,
+                            Some(e) if matches!(e.state, State::Finished(_)) => {}
+                            _ => return true,
+                        }
+                    }
+                    looked_at = Some(failures);
+                }
+                if let Some(last) = table.get_mut(&keys[to - 1]) {
+                    last.waiters = last.waiters.saturating_add(1);
+                }
+                match self.sleep(table, deadline, &task) {
+                    Some(woken) => table = woken,
+                    None => return false,
+                }
+            }
+        })
     }
 
     /// Appends the tasks `key` still waits for, itself included, as key and

@@ -808,10 +808,41 @@ pub fn fire_and_forget<T>(future: Future<T>) {
 /// # Ok::<(), rask::Error>(())
 /// ```
 pub fn wait<F: Waitable>(futures: &[F]) {
-    for f in futures {
-        let h = f.handle();
-        h.shared.wait(h.key, None);
+    wait_all(futures, false, None);
+}
+
+/// Waits for `futures` as [`Shared::wait_all`] does, client by client (a
+/// simulated client's one at a time, which runs its work in seed order);
+/// whether the wait ended before `deadline`.
+pub(crate) fn wait_all<F: Waitable>(
+    futures: &[F],
+    to_first_failure: bool,
+    deadline: Option<Instant>,
+) -> bool {
+    let mut rest = futures;
+    while let Some(first) = rest.first() {
+        let shared = &first.handle().shared;
+        let same = rest
+            .iter()
+            .take_while(|f| Arc::ptr_eq(&f.handle().shared, shared))
+            .count();
+        let (these, others) = rest.split_at(same);
+        rest = others;
+        let ended = if shared.backend.simulation().is_some() {
+            these.iter().all(|f| {
+                let h = f.handle();
+                let state = h.shared.wait(h.key, deadline);
+                !state.is_pending() && !(to_first_failure && !matches!(state, State::Finished(_)))
+            })
+        } else {
+            let keys: Vec<Key> = these.iter().map(|f| f.handle().key).collect();
+            shared.wait_all(&keys, to_first_failure, deadline)
+        };
+        if !ended {
+            return false;
+        }
     }
+    true
 }
 
 /// Blocks until every future is done or `timeout` passed.
@@ -820,17 +851,13 @@ pub fn wait<F: Waitable>(futures: &[F]) {
 ///
 /// [`Error::Timeout`] if some future is still pending after `timeout`.
 pub fn wait_timeout<F: Waitable>(futures: &[F], timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    for f in futures {
-        let h = f.handle();
-        if h.shared.wait(h.key, Some(deadline)).is_pending() {
-            return Err(Error::Timeout {
-                task: None,
-                after: timeout,
-            });
-        }
+    if wait_all(futures, false, Some(Instant::now() + timeout)) {
+        return Ok(());
     }
-    Ok(())
+    Err(Error::Timeout {
+        task: None,
+        after: timeout,
+    })
 }
 
 /// Blocks until at least one future is done; returns which are done and
