@@ -72,6 +72,11 @@ pub struct Client {
     annotations: Option<Arc<rask_executor::Annotations>>,
 }
 
+/// How many calls of a [`Client::map`] go in one submission: enough that
+/// a submission's fixed costs do not show, few enough that the executor
+/// starts soon.
+const PART: usize = 4096;
+
 /// State shared by a client, its futures and its running submissions.
 pub(crate) struct Shared {
     pub(crate) backend: Backend,
@@ -478,9 +483,10 @@ impl Client {
         Ok(future)
     }
 
-    /// Calls `f` on every item, as one submission: one future per item, in
-    /// order. Items may be plain values, `Delayed`s or futures, as in
-    /// [`delayed!`](crate::delayed!).
+    /// Calls `f` on every item: one future per item, in order. Items may be
+    /// plain values, `Delayed`s or futures, as in
+    /// [`delayed!`](crate::delayed!). The calls are submitted 4096 at a
+    /// time, so the first run while the next are built.
     ///
     /// # Errors
     ///
@@ -505,18 +511,35 @@ impl Client {
         I: IntoIterator<Item = X>,
     {
         let name = std::any::type_name::<F>();
-        let nodes: Vec<Arc<Node>> = items
-            .into_iter()
-            .map(|x| {
-                let d: Delayed<R> = apply::<Plain, _, _, _, _>(name, f.clone(), (x,));
-                d.node().clone()
-            })
-            .collect();
-        self.submit_nodes(&nodes)
+        let nodes = items.into_iter().map(|x| {
+            let d: Delayed<R> = apply::<Plain, _, _, _, _>(name, f.clone(), (x,));
+            d.node().clone()
+        });
+        self.submit_in_parts(nodes)
     }
 
-    /// Calls `f` with one item of each iterable, walked in step, as one
-    /// submission: Dask's `client.map(f, xs, ys)`, written
+    /// Submits the nodes `nodes` yields, [`PART`] at a time: the executor
+    /// starts on the first while the next are built, which on a cluster
+    /// keeps the scheduler and the workers busy meanwhile instead of
+    /// waiting for the whole map. One future per node, in order.
+    fn submit_in_parts<T>(&self, nodes: impl Iterator<Item = Arc<Node>>) -> Result<Vec<Future<T>>> {
+        let mut futures = Vec::with_capacity(nodes.size_hint().0);
+        let mut part = Vec::with_capacity(PART.min(nodes.size_hint().0));
+        for node in nodes {
+            part.push(node);
+            if part.len() == PART {
+                futures.extend(self.submit_nodes(&part)?);
+                part.clear();
+            }
+        }
+        if !part.is_empty() {
+            futures.extend(self.submit_nodes(&part)?);
+        }
+        Ok(futures)
+    }
+
+    /// Calls `f` with one item of each iterable, walked in step, submitted
+    /// as [`map`](Client::map) does: Dask's `client.map(f, xs, ys)`, written
     /// `client.map_zip(f, (xs, ys))` (a tuple of 1 to 6 iterables, one per
     /// parameter of `f`). One future per call, in order. Items may be plain
     /// values, `Delayed`s or futures, as in [`map`](Client::map).
@@ -553,14 +576,11 @@ impl Client {
         F::Out: Data,
     {
         let name = std::any::type_name::<F>();
-        let nodes: Vec<Arc<Node>> = iterables
-            .zip_items()
-            .map(|xs| {
-                let d: Delayed<F::Out> = apply::<Plain, _, _, _, _>(name, f.clone(), xs);
-                d.node().clone()
-            })
-            .collect();
-        self.submit_nodes(&nodes)
+        let nodes = iterables.zip_items().map(|xs| {
+            let d: Delayed<F::Out> = apply::<Plain, _, _, _, _>(name, f.clone(), xs);
+            d.node().clone()
+        });
+        self.submit_in_parts(nodes)
     }
 
     /// Waits for every future and returns their values, in order.
