@@ -956,7 +956,12 @@ fn a_long_map_keeps_order_and_shares_keys_across_its_submissions() {
         let items: Vec<i64> = (0..10_000).map(|i| i % 6_000).collect();
         let futures = client.map(inc, items.clone()).unwrap();
         let want: Vec<i64> = items.iter().map(|i| i + 1).collect();
-        assert_eq!(client.gather(&futures).unwrap(), want, "{}", client.executor());
+        assert_eq!(
+            client.gather(&futures).unwrap(),
+            want,
+            "{}",
+            client.executor()
+        );
         assert_eq!(futures[7_000].key(), futures[1_000].key());
         assert_eq!(client.stats().keys_held, 6_000, "{}", client.executor());
     }

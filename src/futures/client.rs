@@ -590,21 +590,23 @@ impl Client {
     /// [`Error::Gather`] naming the first future (by position) that failed
     /// or was cancelled, with the task failure as its source.
     pub fn gather<T: Data>(&self, futures: &[Future<T>]) -> Result<Vec<T>> {
-        // One wait for all (one wake-up when they end in order), stopping
-        // at a failure; then each in order, which waits only for futures
-        // before a failed one.
-        crate::futures::future::wait_all(futures, true, None);
-        futures
-            .iter()
-            .enumerate()
-            .map(|(index, f)| {
-                f.result().map_err(|source| Error::Gather {
-                    index,
+        let mut values = Vec::with_capacity(futures.len());
+        // A part at a time, as `map` submits them: one wait for the part
+        // (one wake-up when its futures end in order), stopping at a
+        // failure; then its values, in order, while later parts still run.
+        // Taking a value waits only for futures before a failed one.
+        for part in futures.chunks(PART) {
+            crate::futures::future::wait_all(part, true, None);
+            for f in part {
+                let value = f.result().map_err(|source| Error::Gather {
+                    index: values.len(),
                     future: f.key(),
                     source: Box::new(source),
-                })
-            })
-            .collect()
+                })?;
+                values.push(value);
+            }
+        }
+        Ok(values)
     }
 
     /// Places `data` in the client's memory and returns a finished future for
