@@ -813,7 +813,8 @@ pub fn wait<F: Waitable>(futures: &[F]) {
 
 /// Waits for `futures` as [`Shared::wait_all`] does, client by client (a
 /// simulated client's one at a time, which runs its work in seed order);
-/// whether the wait ended before `deadline`.
+/// whether it ended (nothing pending or, `to_first_failure`, a failure)
+/// before `deadline`.
 pub(crate) fn wait_all<F: Waitable>(
     futures: &[F],
     to_first_failure: bool,
@@ -828,18 +829,21 @@ pub(crate) fn wait_all<F: Waitable>(
             .count();
         let (these, others) = rest.split_at(same);
         rest = others;
-        let ended = if shared.backend.simulation().is_some() {
-            these.iter().all(|f| {
-                let h = f.handle();
-                let state = h.shared.wait(h.key, deadline);
-                !state.is_pending() && !(to_first_failure && !matches!(state, State::Finished(_)))
-            })
-        } else {
+        if shared.backend.simulation().is_none() {
             let keys: Vec<Key> = these.iter().map(|f| f.handle().key).collect();
-            shared.wait_all(&keys, to_first_failure, deadline)
-        };
-        if !ended {
-            return false;
+            if !shared.wait_all(&keys, to_first_failure, deadline) {
+                return false;
+            }
+            continue;
+        }
+        for f in these {
+            let h = f.handle();
+            match h.shared.wait(h.key, deadline) {
+                State::Pending => return false,
+                State::Finished(_) => {}
+                _ if to_first_failure => return true,
+                _ => {}
+            }
         }
     }
     true
