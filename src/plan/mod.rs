@@ -241,6 +241,16 @@ pub(crate) struct Options {
     /// [`Weight::Alone`] (`lower` rule 3), and chains are not absorbed while
     /// lowering (a [`chain::Chain`] has no wire form).
     pub(crate) remote: bool,
+    /// `cut` answers for keys whose outcome the caller already has or gets
+    /// elsewhere (the futures client's table): such a key must neither run
+    /// again inside this plan nor disappear into another task. So every
+    /// node `cut` replaced is [`Weight::Alone`] (`lower` rule 3), and
+    /// chains are not absorbed while lowering: absorption takes the nodes
+    /// below a node without asking `cut` about them (`chain` rule 1), and
+    /// would run again a node whose outcome the caller holds. The fuse
+    /// pass folds the same chains from the draft, where every node was
+    /// asked.
+    pub(crate) cut_alone: bool,
 }
 
 impl Default for Options {
@@ -258,6 +268,7 @@ impl Options {
             fuse: true,
             keep: KeySet::default(),
             remote: false,
+            cut_alone: false,
         }
     }
 
@@ -269,13 +280,15 @@ impl Options {
             fuse: false,
             keep: KeySet::default(),
             remote: false,
+            cut_alone: false,
         }
     }
 
     /// Whether lowering may absorb chains ([`chain`]): only when fuse would
-    /// fold them anyway and no key must stay a task of its own.
+    /// fold them anyway, no key must stay a task of its own, and `cut`
+    /// need not be asked about every node ([`Options::cut_alone`]).
     pub(crate) fn absorbs_chains(&self) -> bool {
-        self.fuse && self.keep.is_empty() && !self.remote
+        self.fuse && self.keep.is_empty() && !self.remote && !self.cut_alone
     }
 
     /// Also keeps these keys as plan tasks of their own.
@@ -402,7 +415,7 @@ pub(crate) fn plan(
     // The clock is read only when asked.
     let start = record.is_some().then(Instant::now);
     let repeatable = asks == Asks::Repeatable;
-    let draft = lower::lower(roots, opts.absorbs_chains(), repeatable, opts.remote, cut);
+    let draft = lower::lower(roots, opts, repeatable, cut);
     let Some(record) = record else {
         return pipeline(draft, opts, false, None).plan;
     };
