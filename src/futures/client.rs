@@ -20,6 +20,13 @@
 //!    this process) needs them. Scattered data is sent to the cluster once,
 //!    and held there the same way. Dropping the entry drops the handle,
 //!    which frees the value on the cluster.
+//! 6. A submitted graph is optimized as `compute` optimizes it (cull,
+//!    inline, fuse; off with [`Config::optimize`]), so a chain travels to
+//!    a cluster as one task. Every key the table answers for stays a task
+//!    of its own, outside any fused task (so rule 3 holds inside fused
+//!    tasks too), and so does every root: each future's key is a plan
+//!    task whose outcome its executor reports. A progress display counts
+//!    a run's plan tasks, a fused one once (`Shared::pending_tasks`).
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
