@@ -865,6 +865,49 @@ mod tests {
         );
     }
 
+    /// The futures client's options ([`Options::cut_alone`]): a node `cut`
+    /// answers for is neither absorbed into a chain, even when nothing else
+    /// holds it, nor folded into its consumer; the chain above it still
+    /// fuses, and a literal folds into its consumer, on a cluster too.
+    #[test]
+    fn cut_nodes_stay_alone_and_the_rest_fuses() {
+        use super::testing::TestOp;
+        use crate::delayed;
+        fn inc(x: i64) -> i64 {
+            x + 1
+        }
+        for remote in [false, true] {
+            let opts = Options {
+                remote,
+                cut_alone: true,
+                ..Options::all()
+            };
+            let held = delayed!(inc(crate::value(1_i64)));
+            let held_key = held.node().key;
+            // `held` moves into the chain: its consumer's is the node's only
+            // reference, which is what chain absorption looks for.
+            let top = delayed!(inc(delayed!(inc(held))));
+            let op: Arc<dyn Op> = Arc::new(TestOp {
+                name: "held".into(),
+                does: Sum(41),
+            });
+            let mut asked = false;
+            let cut = |node: &Arc<Node>| {
+                asked |= node.key == held_key;
+                (node.key == held_key).then(|| op.clone())
+            };
+            let p = plan(&[top.node().clone()], &opts, Asks::Once, cut, None);
+            assert!(asked, "cut is asked about the held node");
+            assert_eq!(names(&p), vec!["held", "inc+inc"], "remote {remote}");
+            assert_eq!(run(p), vec![Ok(43)], "the held value is used");
+
+            let chain = delayed!(inc(delayed!(inc(delayed!(inc(crate::value(1_i64)))))));
+            let p = plan(&[chain.node().clone()], &opts, Asks::Once, |_| None, None);
+            assert_eq!(names(&p), vec!["inc+inc+inc"], "remote {remote}");
+            assert_eq!(run(p), vec![Ok(4)]);
+        }
+    }
+
     #[test]
     fn shapes_describe_the_plan() {
         let a = pipeline(mixed(), &Options::all(), true, None);
