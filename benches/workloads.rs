@@ -1193,8 +1193,9 @@ fn as_completed(run: &Run) -> Outcome {
     Ok(report)
 }
 
-/// tree(N) computed on a cluster through the client. The graph is sent as
-/// built: a remote graph is not optimized beyond culling.
+/// tree(N) computed on a cluster through the client. The client runs the
+/// passes `compute` runs, but a tree has no chain to fuse (every `add` has
+/// two inputs) nor a literal node to fold: it is sent task for task.
 fn dist_graph(run: &Run) -> Outcome {
     let (client, startup_s) = client(run)?;
     let (root, build_s) = timed(|| tree(run.n));

@@ -1189,6 +1189,78 @@ fn random_graphs_agree_with_the_sync_executor() {
         .unwrap();
 }
 
+/// `Client::compute` and `Client::submit` on `local:2` give `sync`'s
+/// results on random graphs (a few cases: each costs round trips).
+fn random_graphs_through_the_client_agree_with_the_sync_executor() {
+    let client = Client::with_config(&local2()).unwrap();
+    let mut runner = TestRunner::new(ProptestConfig {
+        cases: 8,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    runner
+        .run(&support::dag(30, 0.05), |specs| {
+            let nodes = support::build(&specs, 0);
+            let last = nodes.len() - 1;
+            let root = client.compute(&nodes[last]).unwrap();
+            let picked: Vec<usize> = (0..nodes.len()).step_by(4).collect();
+            let futures: Vec<Future<i64>> = picked
+                .iter()
+                .map(|&i| client.submit(&nodes[i]).unwrap())
+                .collect();
+            let want = |i: usize| support::eval(&specs, i).ok();
+            prop_assert_eq!(root.result().ok(), want(last));
+            for (f, &i) in futures.iter().zip(&picked) {
+                prop_assert_eq!(f.result().ok(), want(i), "node {}", i);
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// One step of the chains of [`a_chain_through_the_client_reaches_the_cluster_as_one_task`].
+fn fused_step(x: i64) -> i64 {
+    x + 1
+}
+
+/// Through the client, a chain with a literal at its bottom reaches the
+/// cluster as one task: the cluster reports one finished task, named after
+/// its steps (a literal folded in is not named), where the unoptimized
+/// client sends one task per step.
+fn a_chain_through_the_client_reaches_the_cluster_as_one_task() {
+    static START: AtomicUsize = AtomicUsize::new(0);
+    for optimize in [true, false] {
+        let client = Client::with_config(&local2().optimize(optimize)).unwrap();
+        let heard: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+        let sink = heard.clone();
+        let _listening = rask::events::subscribe(move |e: &rask::events::Event<'_>| {
+            if matches!(e.kind, rask::events::EventKind::Finished { .. })
+                && e.name.contains("fused_step")
+            {
+                sink.lock().unwrap().push(e.name.to_owned());
+            }
+        });
+        // A fresh literal each time: keys the cluster never saw.
+        let start =
+            i64::from(std::process::id()) * 1000 + START.fetch_add(1, Ordering::Relaxed) as i64;
+        let chain = delayed!(fused_step(delayed!(fused_step(delayed!(fused_step(
+            rask::value(start)
+        ))))));
+        assert_eq!(client.compute(&chain).unwrap().result().unwrap(), start + 3);
+        // The cluster reports events in batches, the chain's top one last.
+        let want: Vec<String> = if optimize {
+            vec!["fused_step+fused_step+fused_step".to_owned()]
+        } else {
+            vec!["fused_step".to_owned(); 3]
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while heard.lock().unwrap().len() < want.len() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(*heard.lock().unwrap(), want, "optimize: {optimize}");
+    }
+}
+
 /// Child processes of this process that are still alive.
 fn live_children() -> Vec<u32> {
     let me = std::process::id();
@@ -1462,6 +1534,7 @@ fn a_worker_started_by_hand_takes_its_options() {
 fn main() {
     rask::init_with(futures_api::register(arguments::register(rask::tasks![
         inc,
+        fused_step,
         add,
         sum,
         total_len,
@@ -1549,6 +1622,14 @@ fn main() {
         (
             "random_graphs_agree_with_the_sync_executor",
             random_graphs_agree_with_the_sync_executor,
+        ),
+        (
+            "random_graphs_through_the_client_agree_with_the_sync_executor",
+            random_graphs_through_the_client_agree_with_the_sync_executor,
+        ),
+        (
+            "a_chain_through_the_client_reaches_the_cluster_as_one_task",
+            a_chain_through_the_client_reaches_the_cluster_as_one_task,
         ),
         (
             "a_restarted_scheduler_is_reconnected",

@@ -704,39 +704,165 @@ fn a_chain_of_submits_does_not_recurse() {
 }
 
 /// A progress display counts every task behind the futures, inputs
-/// included, per function, and finishes when they are done.
+/// included, per function, and finishes when they are done: each task the
+/// executor runs, as `compute`'s display does. Unoptimized, a task per
+/// node; optimized, a fused chain is one task, named after its steps, and
+/// when one of its steps fails it counts as erred, never as done.
 #[test]
 fn progress_counts_the_tasks_behind_futures() {
+    let by_name =
+        |counts: Vec<rask::progress::FunctionProgress>| -> HashMap<String, (u64, u64, u64)> {
+            counts
+                .into_iter()
+                .map(|c| (c.name.clone(), (c.total, c.done, c.erred)))
+                .collect()
+        };
+    for optimize in [false, true] {
+        let client = Client::with_config(&rask::Config::threads(2).optimize(optimize)).unwrap();
+        let gate = new_id();
+        let parts: Vec<Delayed<i64>> = (0..10).map(|i| delayed!(gated(gate, i))).collect();
+        let bad = delayed!(refuse(gate)?);
+        let sum = delayed!(add(delayed!(total_of(&parts)), 1));
+        let good = client.submit(&sum).unwrap();
+        let failing = client.submit(delayed!(add(&bad, 1))).unwrap();
+        let bar = rask::progress(&[good.clone(), failing.clone()]);
+        assert!(!bar.done(), "returns before the work is done");
+        let before = by_name(bar.counts());
+        assert_eq!(before["gated"], (10, 0, 0));
+        let (sum_task, failing_task) = if optimize {
+            // `total_of` is `add`'s only input once the literal is folded in.
+            ("total_of+add", "refuse+add")
+        } else {
+            assert_eq!(before["refuse"].0, 1);
+            ("total_of", "add")
+        };
+        assert_eq!(before[sum_task].0, 1, "{before:?}");
+        assert_eq!(
+            before[failing_task].0,
+            if optimize { 1 } else { 2 },
+            "{before:?}"
+        );
+        open(gate);
+        bar.wait();
+        assert!(good.done() && failing.done());
+        let after = bar.counts();
+        for c in &after {
+            assert_eq!(c.done + c.erred, c.total, "{c:?}");
+        }
+        let after = by_name(after);
+        let erred: u64 = after.values().map(|c| c.2).sum();
+        if optimize {
+            assert_eq!(after["refuse+add"], (1, 0, 1), "{after:?}");
+            assert_eq!(erred, 1, "{after:?}");
+        } else {
+            assert_eq!(after["refuse"], (1, 0, 1), "{after:?}");
+            assert_eq!(
+                erred, 2,
+                "refuse, and the `add` that needs it, erred: {after:?}"
+            );
+        }
+        assert_eq!(good.result().unwrap(), 46);
+    }
+}
+
+/// A graph that waits for another future has no plan yet when a progress
+/// display starts: the display counts its nodes, and the run it gets later
+/// keeps each of them a task of its own, so that a step failing inside
+/// what would have been one fused task still counts as erred.
+#[test]
+fn progress_counts_a_waiting_graph_node_by_node() {
     let client = Client::threads(2).unwrap();
     let gate = new_id();
-    let parts: Vec<Delayed<i64>> = (0..10).map(|i| delayed!(gated(gate, i))).collect();
-    let bad = delayed!(refuse(gate)?);
-    let sum = delayed!(add(delayed!(total_of(&parts)), 1));
-    let good = client.submit(&sum).unwrap();
-    let failing = client.submit(delayed!(add(&bad, 1))).unwrap();
-    let bar = rask::progress(&[good.clone(), failing.clone()]);
-    assert!(!bar.done(), "returns before the work is done");
-    let before: HashMap<String, (u64, u64)> = bar
+    let x = client.submit(delayed!(gated(gate, 1))).unwrap();
+    // add(x, 2) = 3, which `fail_on` refuses; `inc` then does not run.
+    let chain = delayed!(inc(delayed!(fail_on(delayed!(add(&x, 2)))?)));
+    let failing = client.submit(&chain).unwrap();
+    let bar = rask::progress(&failing);
+    let before: Vec<(String, u64)> = bar
         .counts()
         .into_iter()
-        .map(|c| (c.name.clone(), (c.total, c.done + c.erred)))
+        .map(|c| (c.name, c.total))
         .collect();
-    assert_eq!(before["gated"], (10, 0));
-    assert_eq!(before["total_of"].0, 1);
-    assert_eq!(before["add"].0, 2);
+    assert_eq!(
+        before,
+        [("inc", 1), ("fail_on", 1), ("add", 1), ("gated", 1)].map(|(n, t)| (n.to_owned(), t)),
+    );
     open(gate);
     bar.wait();
-    assert!(good.done() && failing.done());
-    let after = bar.counts();
-    for c in &after {
-        assert_eq!(c.done + c.erred, c.total, "{c:?}");
+    assert!(failing.result().is_err());
+    let after: HashMap<String, (u64, u64)> = bar
+        .counts()
+        .into_iter()
+        .map(|c| (c.name, (c.done, c.erred)))
+        .collect();
+    assert_eq!(after["gated"], (1, 0));
+    assert_eq!(after["add"], (1, 0));
+    assert_eq!(after["fail_on"], (0, 1), "the failed step counts as erred");
+    assert_eq!(after["inc"], (0, 1));
+}
+
+/// A node a finished future stands for, moved into a new graph as the
+/// only input of a chain, is not computed again: the client uses the
+/// future's value. (The node's `Arc` is the new graph's alone by then,
+/// which is what chain absorption looks for.)
+#[test]
+fn a_node_a_finished_future_holds_is_not_computed_again() {
+    for client in [Client::synchronous().unwrap(), Client::threads(2).unwrap()] {
+        let counter = new_id();
+        let x = delayed!(counted(counter, 1));
+        let held = client.submit(&x).unwrap();
+        assert_eq!(held.result().unwrap(), 2);
+        assert_eq!(count(counter), 1);
+        let top = delayed!(inc(delayed!(inc(x))));
+        assert_eq!(client.submit(&top).unwrap().result().unwrap(), 4);
+        assert_eq!(count(counter), 1, "the held node ran again");
+        // The same through `compute`, on a node with no future at all: it runs.
+        let y = delayed!(counted(counter, 10));
+        let top = delayed!(inc(delayed!(inc(y))));
+        assert_eq!(client.compute(&top).unwrap().result().unwrap(), 13);
+        assert_eq!(count(counter), 2);
     }
-    let erred: u64 = after.iter().map(|c| c.erred).sum();
-    assert_eq!(
-        erred, 2,
-        "refuse, and the `add` that needs it, erred: {after:?}"
-    );
-    assert_eq!(good.result().unwrap(), 46);
+}
+
+/// Results through the client equal `sync`'s on random graphs, several
+/// roots per submission, unoptimized and optimized.
+#[test]
+fn random_graphs_through_the_client_agree_with_sync() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config as Cases, TestRunner};
+    let clients = [
+        Client::threads(2).unwrap(),
+        Client::with_config(&rask::Config::threads(2).optimize(false)).unwrap(),
+        Client::synchronous().unwrap(),
+    ];
+    let mut runner = TestRunner::new(Cases {
+        cases: 48,
+        failure_persistence: None,
+        ..Cases::default()
+    });
+    runner
+        .run(&support::dag(40, 0.05), |specs| {
+            for client in &clients {
+                let run = support::run_id();
+                let nodes = support::build(&specs, run);
+                let last = nodes.len() - 1;
+                // The last node through `compute`, every third one through
+                // one `map`-like submission.
+                let root = client.compute(&nodes[last]).unwrap();
+                let picked: Vec<usize> = (0..nodes.len()).step_by(3).collect();
+                let futures: Vec<_> = picked
+                    .iter()
+                    .map(|&i| client.submit(&nodes[i]).unwrap())
+                    .collect();
+                let want = |i: usize| support::eval(&specs, i).ok();
+                prop_assert_eq!(root.result().ok(), want(last));
+                for (f, &i) in futures.iter().zip(&picked) {
+                    prop_assert_eq!(f.result().ok(), want(i), "node {}", i);
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
 }
 
 /// Gates whose `refuse_when_open` task has started.

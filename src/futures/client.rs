@@ -20,6 +20,13 @@
 //!    this process) needs them. Scattered data is sent to the cluster once,
 //!    and held there the same way. Dropping the entry drops the handle,
 //!    which frees the value on the cluster.
+//! 6. A submitted graph is optimized as `compute` optimizes it (cull,
+//!    inline, fuse; off with [`Config::optimize`]), so a chain travels to
+//!    a cluster as one task. Every key the table answers for stays a task
+//!    of its own, outside any fused task (so rule 3 holds inside fused
+//!    tasks too), and so does every root: each future's key is a plan
+//!    task whose outcome its executor reports. A progress display counts
+//!    a run's plan tasks, a fused one once (`Shared::pending_tasks`).
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -93,6 +100,8 @@ pub(crate) struct Shared {
     /// Whether `compute` and `persist` draw a progress bar
     /// ([`Config::progress`]).
     progress: bool,
+    /// Whether submitted graphs are optimized ([`Config::optimize`]).
+    optimize: bool,
     /// The result cache `compute` and `persist` use
     /// (`crate::futures::cached`), as the configuration named it when the
     /// client was made.
@@ -126,6 +135,10 @@ struct Entry {
     run: Option<(Arc<Run>, usize)>,
     /// The work, until it finished: what `Client::retry` runs again.
     node: Option<Arc<Node>>,
+    /// A progress display counted this entry's tasks by the nodes of its
+    /// graph, before a run planned it ([`Shared::pending_tasks`]): that run
+    /// folds nothing, so every node counted reports its own outcome.
+    counted: bool,
 }
 
 /// Where a key's computation stands.
@@ -166,6 +179,23 @@ impl Listener {
     }
 }
 
+/// What a client takes from its configuration when it is made.
+struct Settings {
+    progress: bool,
+    optimize: bool,
+    cache: Option<crate::run::config::CacheSettings>,
+}
+
+impl Settings {
+    fn of(config: &Config) -> Result<Settings> {
+        Ok(Settings {
+            progress: config.resolve_progress()?,
+            optimize: config.resolve_optimize()?,
+            cache: config.resolve_cache()?,
+        })
+    }
+}
+
 /// A graph waiting for pending entries before it can be lowered.
 struct Deferred {
     roots: Vec<Arc<Node>>,
@@ -191,28 +221,18 @@ impl Client {
     /// As [`Client::new`].
     pub fn with_config(config: &Config) -> Result<Client> {
         let kind = config.resolve()?;
-        let progress = config.resolve_progress()?;
-        let cache = config.resolve_cache()?;
-        Ok(Client::on(
-            Backend::for_client(&kind)?,
-            kind,
-            progress,
-            cache,
-        ))
+        let settings = Settings::of(config)?;
+        Ok(Client::on(Backend::for_client(&kind)?, kind, settings))
     }
 
-    fn on(
-        backend: Backend,
-        kind: ExecutorKind,
-        progress: bool,
-        cache: Option<crate::run::config::CacheSettings>,
-    ) -> Client {
+    fn on(backend: Backend, kind: ExecutorKind, settings: Settings) -> Client {
         Client {
             inner: Arc::new(Shared {
                 backend,
                 kind,
-                progress,
-                cache,
+                progress: settings.progress,
+                optimize: settings.optimize,
+                cache: settings.cache,
                 table: Mutex::new(KeyMap::default()),
                 changed: Condvar::new(),
                 failures: AtomicU64::new(0),
@@ -296,8 +316,7 @@ impl Client {
         Ok(Client::on(
             Backend::Distributed(Arc::new(cluster)),
             ExecutorKind::Local(workers),
-            Config::new().resolve_progress()?,
-            Config::new().resolve_cache()?,
+            Settings::of(&Config::new())?,
         ))
     }
 
@@ -331,8 +350,7 @@ impl Client {
         Ok(Client::on(
             Backend::Distributed(Arc::new(cluster)),
             kind,
-            Config::new().resolve_progress()?,
-            Config::new().resolve_cache()?,
+            Settings::of(&Config::new())?,
         ))
     }
 
@@ -947,6 +965,7 @@ impl Entry {
             deferred: Vec::new(),
             run: None,
             node: None,
+            counted: false,
         }
     }
 }
@@ -954,6 +973,12 @@ impl Entry {
 /// One executor run started by the client: reports outputs into the table.
 struct Run {
     shared: Arc<Shared>,
+    /// What the executor runs: a progress display counts its tasks
+    /// ([`Shared::pending_tasks`]), as `compute`'s counts its plan's. Only
+    /// dropped outside the table lock (the plan's nodes may hold futures,
+    /// whose drop takes it): the executor holds the run while it reports
+    /// an output, and an entry's run is dropped after the lock otherwise.
+    plan: Arc<rask_executor::Plan>,
     keys: Vec<Key>,
     /// Outputs still wanted (rule 4).
     live: AtomicUsize,
@@ -1210,9 +1235,23 @@ impl Shared {
             };
             Some(op)
         };
-        // Lowered only, no pass: the client's runs are not optimized (yet;
-        // `Options::keep` is for the keys it would have to keep).
-        let plan = crate::plan::plan(&roots, &Options::none(), crate::plan::Asks::Once, cut, None);
+        // The passes `compute` runs (unless the configuration turned them
+        // off), keeping every key the table answers for a task of its own
+        // (`Options::cut_alone`): its outcome is used, never computed again
+        // inside another task. The roots are outputs, tasks of their own
+        // too. A graph a progress display already counted node by node is
+        // not optimized (`Entry::counted`).
+        let counted = roots
+            .iter()
+            .any(|r| table.get(&r.key).is_some_and(|e| e.counted));
+        let mut options = if self.optimize && !counted {
+            Options::all()
+        } else {
+            Options::none()
+        };
+        options.remote = remote;
+        options.cut_alone = true;
+        let plan = crate::plan::plan(&roots, &options, crate::plan::Asks::Once, cut, None);
         if !waits.is_empty() {
             let deferred = Arc::new(Deferred {
                 waiting: AtomicUsize::new(waits.len()),
@@ -1227,6 +1266,7 @@ impl Shared {
         }
         let run = Arc::new(Run {
             shared: self.clone(),
+            plan: plan.clone(),
             keys: roots.iter().map(|r| r.key).collect(),
             live: AtomicUsize::new(roots.len()),
             submitted: AtomicBool::new(false),
@@ -1235,6 +1275,7 @@ impl Shared {
         for (slot, root) in roots.iter().enumerate() {
             if let Some(entry) = table.get_mut(&root.key) {
                 entry.run = Some((run.clone(), slot));
+                entry.counted = false;
             }
         }
         drop(table);
@@ -1562,32 +1603,79 @@ impl Shared {
     }
 
     /// Appends the tasks `key` still waits for, itself included, as key and
-    /// name: its graph down to data and to futures already done. Nothing
-    /// when `key` is not pending. The walk follows futures used as inputs
-    /// into their own pending graphs.
+    /// name: the tasks an executor reports events for, so that a progress
+    /// display hears of each one it counts (`run::progress` rules 1, 2).
+    /// Nothing when `key` is not pending. The walk follows inputs the
+    /// table answers for into their own pending work.
+    ///
+    /// A key with a run is counted by the tasks of that run's plan below
+    /// its output, as `compute` counts its plan's: a fused task is one
+    /// task, named after its steps, and fails when one of them does. A key
+    /// still waiting for a run (for other futures, rule 3) is counted by
+    /// the nodes of its graph, down to data and futures, and marked
+    /// [`counted`](Entry::counted) under the same lock: its run then folds
+    /// nothing, so each node counted is a task of its own.
     pub(crate) fn pending_tasks(&self, key: Key, out: &mut Vec<(Key, String)>) {
+        /// What a pending key waits for.
+        enum Work {
+            Planned(Arc<rask_executor::Plan>, usize),
+            Graph(Arc<Node>),
+        }
         let mut seen = std::collections::HashSet::new();
+        let mut followed = std::collections::HashSet::new();
         let mut roots = vec![key];
         while let Some(key) = roots.pop() {
-            let node = {
-                let table = self.lock();
-                match table.get(&key) {
-                    Some(entry) if entry.state.is_pending() => entry.node.clone(),
+            if !followed.insert(key) {
+                continue;
+            }
+            let work = {
+                let mut table = self.lock();
+                match table.get_mut(&key) {
+                    Some(entry) if entry.state.is_pending() => match &entry.run {
+                        Some((run, slot)) => Some(Work::Planned(run.plan.clone(), *slot)),
+                        None => {
+                            entry.counted = true;
+                            entry.node.clone().map(Work::Graph)
+                        }
+                    },
                     _ => None,
                 }
             };
-            let Some(node) = node else { continue };
-            let mut stack = vec![node];
-            while let Some(node) = stack.pop() {
-                if !seen.insert(node.key) || node.call.value().is_some() {
-                    continue;
+            match work {
+                None => {}
+                Some(Work::Planned(plan, slot)) => {
+                    let mut stack: Vec<u32> =
+                        plan.outputs().get(slot).copied().into_iter().collect();
+                    while let Some(i) = stack.pop() {
+                        let task = plan.task(i);
+                        // Data, or a key the table answers for: no event
+                        // here; a pending one has work of its own.
+                        if !task.op.is_work() {
+                            roots.push(task.key);
+                            continue;
+                        }
+                        if seen.insert(task.key) {
+                            out.push((task.key, task.op.name().to_owned()));
+                            stack.extend_from_slice(plan.deps(i));
+                        }
+                    }
                 }
-                if node.call.is_future() {
-                    roots.push(node.key);
-                    continue;
+                Some(Work::Graph(node)) => {
+                    let mut stack = vec![node];
+                    while let Some(node) = stack.pop() {
+                        if node.call.value().is_some() {
+                            continue;
+                        }
+                        if node.call.is_future() {
+                            roots.push(node.key);
+                            continue;
+                        }
+                        if seen.insert(node.key) {
+                            out.push((node.key, node.name.to_string()));
+                            stack.extend(node.deps.iter().cloned());
+                        }
+                    }
                 }
-                out.push((node.key, node.name.to_string()));
-                stack.extend(node.deps.iter().cloned());
             }
         }
     }
@@ -1636,8 +1724,11 @@ pub(crate) fn holding<T>(key: Key, name: Name, value: Value) -> Future<T> {
         Client::on(
             Backend::Synchronous(rask_executor::Synchronous),
             ExecutorKind::Synchronous,
-            false,
-            None,
+            Settings {
+                progress: false,
+                optimize: false,
+                cache: None,
+            },
         )
         .inner
     });

@@ -20,7 +20,10 @@ pub use crate::run::progress::{FunctionProgress, Progress};
 /// a terminal, prints one plain line at the end instead.
 ///
 /// The bar counts every task the futures still wait for, their inputs
-/// included; on a cluster, it counts them as the scheduler reports them.
+/// included, as their executor runs them: a chain the client fused is one
+/// task named after its steps (`inc+inc+inc`), erred when one of its steps
+/// fails, as with `compute`'s bar. On a cluster, it counts them as the
+/// scheduler reports them.
 ///
 /// # Examples
 ///

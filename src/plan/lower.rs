@@ -14,13 +14,14 @@
 //!    cluster must see it as a task of its own ([`travels_alone`]): limits
 //!    and annotations apply per wire task, a held key is used in place
 //!    only as a task, and a future is waited for as one. A node replaced by
-//!    `cut` is alone too (its op was made elsewhere).
+//!    `cut` is alone too (its op was made elsewhere), on any executor when
+//!    the caller asks so ([`Options::cut_alone`]).
 
 use std::sync::Arc;
 
 use rask_executor::{Op, Plan, PlanBuilder};
 
-use super::{chain, Draft, Weight};
+use super::{chain, Draft, Options, Weight};
 use crate::build::graph::{postorder, postorder_marked};
 use crate::build::node::Node;
 
@@ -31,7 +32,7 @@ use crate::build::node::Node;
 /// replaces the node and everything it depends on with `op` (see
 /// [`postorder`]), e.g. a value the caller already holds.
 ///
-/// With `absorb`, linear chains are fused as they are found
+/// When `opts` [absorbs chains](Options::absorbs_chains), linear chains are fused as they are found
 /// ([`chain`](super::chain)); the plan is what the fuse pass would
 /// make of it, built without a plan task per chain node. When an absorbed
 /// key is also found elsewhere (chain rule 2), lowers again without.
@@ -49,15 +50,18 @@ use crate::build::node::Node;
 /// absorbing found a key twice, or a key was found in two distinct nodes.
 pub(crate) fn lower(
     roots: &[Arc<Node>],
-    absorb: bool,
+    opts: &Options,
     repeatable: bool,
-    remote: bool,
     mut cut: impl FnMut(&Arc<Node>) -> Option<Arc<dyn Op>>,
 ) -> Draft {
     let mut marked = repeatable;
-    if absorb {
+    let alone = Alone {
+        remote: opts.remote,
+        cut: opts.remote || opts.cut_alone,
+    };
+    if opts.absorbs_chains() {
         let mut absorbed = chain::Absorbed::default();
-        let lowered = lower_weighed(roots, Some(&mut absorbed), marked, remote, &mut cut);
+        let lowered = lower_weighed(roots, Some(&mut absorbed), marked, alone, &mut cut);
         match lowered {
             Some((plan, weights, sizes)) => {
                 if !absorbed.conflict(plan.tasks().iter().map(|t| &t.key)) {
@@ -68,13 +72,22 @@ pub(crate) fn lower(
         }
     }
     if marked {
-        if let Some((plan, weights, _)) = lower_weighed(roots, None, true, remote, &mut cut) {
+        if let Some((plan, weights, _)) = lower_weighed(roots, None, true, alone, &mut cut) {
             return Draft::new(plan, weights);
         }
     }
-    let (plan, weights, _) = lower_weighed(roots, None, false, remote, cut)
-        .expect("lowering by key map always succeeds");
+    let (plan, weights, _) =
+        lower_weighed(roots, None, false, alone, cut).expect("lowering by key map always succeeds");
     Draft::new(plan, weights)
+}
+
+/// Which tasks lowering makes [`Weight::Alone`] (rule 3).
+#[derive(Clone, Copy)]
+struct Alone {
+    /// Those that [travel alone](travels_alone) to a cluster.
+    remote: bool,
+    /// Those `cut` replaced.
+    cut: bool,
 }
 
 /// The plan of [`lower`], plus whether each task is data (a replaced node counts as
@@ -84,7 +97,7 @@ fn lower_weighed(
     roots: &[Arc<Node>],
     absorbed: Option<&mut chain::Absorbed>,
     marked: bool,
-    remote: bool,
+    alone: Alone,
     cut: impl FnMut(&Arc<Node>) -> Option<Arc<dyn Op>>,
 ) -> Option<(Plan, Vec<Weight>, Vec<u32>)> {
     let mut b = PlanBuilder::new();
@@ -97,8 +110,10 @@ fn lower_weighed(
         Some((bottom, Arc::new(chain) as Arc<dyn Op>, size))
     };
     let emit = |node: &Arc<Node>, replacement: Option<Arc<dyn Op>>, deps: &[u32], size| {
+        // A chain also replaces its top node; it stands for two or more.
+        let was_cut = replacement.is_some() && size == 1;
         let weight = match replacement {
-            _ if remote && (replacement.is_some() || travels_alone(node)) => Weight::Alone,
+            _ if (alone.cut && was_cut) || (alone.remote && travels_alone(node)) => Weight::Alone,
             None if node.is_data() => Weight::Data,
             _ => Weight::Normal,
         };

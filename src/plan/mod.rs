@@ -241,6 +241,16 @@ pub(crate) struct Options {
     /// [`Weight::Alone`] (`lower` rule 3), and chains are not absorbed while
     /// lowering (a [`chain::Chain`] has no wire form).
     pub(crate) remote: bool,
+    /// `cut` answers for keys whose outcome the caller already has or gets
+    /// elsewhere (the futures client's table): such a key must neither run
+    /// again inside this plan nor disappear into another task. So every
+    /// node `cut` replaced is [`Weight::Alone`] (`lower` rule 3), and
+    /// chains are not absorbed while lowering: absorption takes the nodes
+    /// below a node without asking `cut` about them (`chain` rule 1), and
+    /// would run again a node whose outcome the caller holds. The fuse
+    /// pass folds the same chains from the draft, where every node was
+    /// asked.
+    pub(crate) cut_alone: bool,
 }
 
 impl Default for Options {
@@ -258,6 +268,7 @@ impl Options {
             fuse: true,
             keep: KeySet::default(),
             remote: false,
+            cut_alone: false,
         }
     }
 
@@ -269,13 +280,15 @@ impl Options {
             fuse: false,
             keep: KeySet::default(),
             remote: false,
+            cut_alone: false,
         }
     }
 
     /// Whether lowering may absorb chains ([`chain`]): only when fuse would
-    /// fold them anyway and no key must stay a task of its own.
+    /// fold them anyway, no key must stay a task of its own, and `cut`
+    /// need not be asked about every node ([`Options::cut_alone`]).
     pub(crate) fn absorbs_chains(&self) -> bool {
-        self.fuse && self.keep.is_empty() && !self.remote
+        self.fuse && self.keep.is_empty() && !self.remote && !self.cut_alone
     }
 
     /// Also keeps these keys as plan tasks of their own.
@@ -402,7 +415,7 @@ pub(crate) fn plan(
     // The clock is read only when asked.
     let start = record.is_some().then(Instant::now);
     let repeatable = asks == Asks::Repeatable;
-    let draft = lower::lower(roots, opts.absorbs_chains(), repeatable, opts.remote, cut);
+    let draft = lower::lower(roots, opts, repeatable, cut);
     let Some(record) = record else {
         return pipeline(draft, opts, false, None).plan;
     };
@@ -476,6 +489,11 @@ fn pipeline(
     timings: Option<&mut Timings>,
 ) -> Assembled {
     let mut clock = Stopwatch::new(timings);
+    // One task is an output: nothing to drop, nothing to fold it into. (A
+    // client submitting one call at a time pays no pass.)
+    if draft.len() < 2 {
+        return plain(draft, describe);
+    }
     let draft = if opts.cull { cull::cull(draft) } else { draft };
     clock.lap(|t| &mut t.cull);
     if !opts.inline && !opts.fuse {
@@ -850,6 +868,49 @@ mod tests {
             got,
             vec![Err((key(1), "bad".to_owned(), FailureKind::Failed))]
         );
+    }
+
+    /// The futures client's options ([`Options::cut_alone`]): a node `cut`
+    /// answers for is neither absorbed into a chain, even when nothing else
+    /// holds it, nor folded into its consumer; the chain above it still
+    /// fuses, and a literal folds into its consumer, on a cluster too.
+    #[test]
+    fn cut_nodes_stay_alone_and_the_rest_fuses() {
+        use super::testing::TestOp;
+        use crate::delayed;
+        fn inc(x: i64) -> i64 {
+            x + 1
+        }
+        for remote in [false, true] {
+            let opts = Options {
+                remote,
+                cut_alone: true,
+                ..Options::all()
+            };
+            let held = delayed!(inc(crate::value(1_i64)));
+            let held_key = held.node().key;
+            // `held` moves into the chain: its consumer's is the node's only
+            // reference, which is what chain absorption looks for.
+            let top = delayed!(inc(delayed!(inc(held))));
+            let op: Arc<dyn Op> = Arc::new(TestOp {
+                name: "held".into(),
+                does: Sum(41),
+            });
+            let mut asked = false;
+            let cut = |node: &Arc<Node>| {
+                asked |= node.key == held_key;
+                (node.key == held_key).then(|| op.clone())
+            };
+            let p = plan(&[top.node().clone()], &opts, Asks::Once, cut, None);
+            assert!(asked, "cut is asked about the held node");
+            assert_eq!(names(&p), vec!["held", "inc+inc"], "remote {remote}");
+            assert_eq!(run(p), vec![Ok(43)], "the held value is used");
+
+            let chain = delayed!(inc(delayed!(inc(delayed!(inc(crate::value(1_i64)))))));
+            let p = plan(&[chain.node().clone()], &opts, Asks::Once, |_| None, None);
+            assert_eq!(names(&p), vec!["inc+inc+inc"], "remote {remote}");
+            assert_eq!(run(p), vec![Ok(4)]);
+        }
     }
 
     #[test]
