@@ -107,7 +107,7 @@
 //! Explicit argument ([`Delayed::compute_with`]) > scoped [`config::set`]
 //! (this thread) > process-wide [`config::set_global`] > the
 //! `RASK_SCHEDULER` environment variable (`sync`, `threads`, `threads:N`,
-//! `local:N`, `tcp://host:port`, `tls://host:port`) > the config file
+//! `local:N`, `tcp://host:port`, `tls://host:port`, `unix:PATH`) > the config file
 //! (`rask.toml` in the working directory, or the file `RASK_CONFIG`
 //! names) > the default, `threads`. Whether to optimize, draw progress bars, serve
 //! a dashboard and where the token is follow the same order ([`config`]).

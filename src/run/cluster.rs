@@ -54,7 +54,7 @@ pub(crate) struct Cluster {
 
 impl Cluster {
     /// Connects to a running scheduler at `host:port` (`tls://host:port`
-    /// over TLS), with the token the configuration gives; inside a task on
+    /// over TLS, `unix:PATH` through its Unix socket), with the token the configuration gives; inside a task on
     /// a worker of that scheduler, as that worker (its build, token and
     /// TLS settings: `rask_distributed::TaskCluster`).
     pub(crate) fn connect(address: &str) -> Result<Cluster> {
@@ -237,7 +237,8 @@ pub(crate) fn task_cluster_executor() -> Option<crate::run::config::ExecutorKind
 }
 
 /// The cluster of the worker running this thread's task, if `address` (as
-/// [`shared_connection`] is given it: `host:port`, or `tls://host:port`)
+/// [`shared_connection`] is given it: `host:port`, `tls://host:port` or
+/// `unix:PATH`)
 /// is its scheduler's.
 fn task_cluster_at(address: &str) -> Option<Arc<rask_distributed::TaskCluster>> {
     let cluster = rask_distributed::task_cluster()?;

@@ -551,7 +551,9 @@ fn drop_hold(link: &Link, holds: &mut [Option<Hold>], slot: usize, key: WireKey)
 
 impl Client {
     /// Connects to the scheduler at `address` (`tcp://host:port`,
-    /// `tls://host:port` or `host:port`) as a client of this program's build
+    /// `tls://host:port`, `host:port`, or `unix:PATH` for its Unix socket,
+    /// [`scheduler::Options::unix`](crate::scheduler::Options::unix)) as a
+    /// client of this program's build
     /// ([`BuildId::current`]): only workers of that build run its tasks.
     /// The token it proves is the one [`Auth::from_env`] finds (rule 11);
     /// a `tls://` address is reached with the settings [`Tls::from_env`]

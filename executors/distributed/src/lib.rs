@@ -284,10 +284,11 @@ pub enum Error {
     /// A local I/O operation (bind, spawn a thread, build a runtime) failed.
     #[error("i/o error")]
     Io(#[source] std::io::Error),
-    /// An address is not `tcp://host:port`, `tls://host:port` or
-    /// `host:port`.
+    /// An address is not `tcp://host:port`, `tls://host:port`,
+    /// `host:port` or `unix:PATH`.
     #[error(
-        "invalid address `{address}`: expected `tcp://host:port`, `tls://host:port` or `host:port`"
+        "invalid address `{address}`: expected `tcp://host:port`, `tls://host:port`, \
+         `host:port` or `unix:PATH`"
     )]
     Address {
         /// The address as given.

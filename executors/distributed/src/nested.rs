@@ -35,7 +35,7 @@ use crate::{Auth, BuildId};
 /// assert!(rask_distributed::task_cluster().is_none());
 /// ```
 pub struct TaskCluster {
-    /// `tcp://host:port` or `tls://host:port`.
+    /// `tcp://host:port`, `tls://host:port` or `unix:PATH`.
     pub(crate) address: String,
     pub(crate) build: BuildId,
     pub(crate) auth: Arc<Auth>,
