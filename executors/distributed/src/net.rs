@@ -92,7 +92,9 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{unix, TcpListener, TcpStream, UnixListener, UnixStream};
+#[cfg(unix)]
+use tokio::net::{unix, UnixListener, UnixStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tokio_rustls::TlsStream;
@@ -602,6 +604,7 @@ pub(crate) enum Stream {
     Plain(TcpStream),
     /// Boxed: a TLS stream is much bigger than a socket.
     Tls(Box<TlsStream<TcpStream>>),
+    #[cfg(unix)]
     Unix(UnixStream),
 }
 
@@ -609,6 +612,7 @@ pub(crate) enum Stream {
 pub(crate) enum ReadHalf {
     Plain(OwnedReadHalf),
     Tls(tokio::io::ReadHalf<TlsStream<TcpStream>>),
+    #[cfg(unix)]
     Unix(unix::OwnedReadHalf),
 }
 
@@ -616,6 +620,7 @@ pub(crate) enum ReadHalf {
 pub(crate) enum WriteHalf {
     Plain(OwnedWriteHalf),
     Tls(tokio::io::WriteHalf<TlsStream<TcpStream>>),
+    #[cfg(unix)]
     Unix(unix::OwnedWriteHalf),
 }
 
@@ -625,6 +630,7 @@ pub(crate) enum PeerAddr {
     /// A TCP peer at this address.
     Tcp(SocketAddr),
     /// A process of this machine, through a Unix socket.
+    #[cfg(unix)]
     Unix,
     /// A client of this process, through memory.
     Memory,
@@ -634,6 +640,7 @@ impl std::fmt::Display for PeerAddr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             PeerAddr::Tcp(address) => write!(f, "{address}"),
+            #[cfg(unix)]
             PeerAddr::Unix => f.write_str("a local process (Unix socket)"),
             PeerAddr::Memory => f.write_str("this process"),
         }
@@ -657,6 +664,7 @@ impl AsyncRead for ReadHalf {
         match self.get_mut() {
             ReadHalf::Plain(r) => Pin::new(r).poll_read(cx, buf),
             ReadHalf::Tls(r) => Pin::new(r).poll_read(cx, buf),
+            #[cfg(unix)]
             ReadHalf::Unix(r) => Pin::new(r).poll_read(cx, buf),
         }
     }
@@ -671,6 +679,7 @@ impl AsyncWrite for WriteHalf {
         match self.get_mut() {
             WriteHalf::Plain(w) => Pin::new(w).poll_write(cx, buf),
             WriteHalf::Tls(w) => Pin::new(w).poll_write(cx, buf),
+            #[cfg(unix)]
             WriteHalf::Unix(w) => Pin::new(w).poll_write(cx, buf),
         }
     }
@@ -682,6 +691,7 @@ impl AsyncWrite for WriteHalf {
         match self.get_mut() {
             WriteHalf::Plain(w) => Pin::new(w).poll_flush(cx),
             WriteHalf::Tls(w) => Pin::new(w).poll_flush(cx),
+            #[cfg(unix)]
             WriteHalf::Unix(w) => Pin::new(w).poll_flush(cx),
         }
     }
@@ -693,6 +703,7 @@ impl AsyncWrite for WriteHalf {
         match self.get_mut() {
             WriteHalf::Plain(w) => Pin::new(w).poll_shutdown(cx),
             WriteHalf::Tls(w) => Pin::new(w).poll_shutdown(cx),
+            #[cfg(unix)]
             WriteHalf::Unix(w) => Pin::new(w).poll_shutdown(cx),
         }
     }
@@ -719,6 +730,7 @@ impl Stream {
                 let (mut read, mut write) = tokio::io::split(&mut **s);
                 handshake::connector(&mut read, &mut write, role, expect, build, auth).await
             }
+            #[cfg(unix)]
             Stream::Unix(s) => {
                 let (mut read, mut write) = s.split();
                 handshake::connector(&mut read, &mut write, role, expect, build, auth).await
@@ -744,6 +756,7 @@ impl Stream {
                 let (mut read, mut write) = tokio::io::split(&mut **s);
                 handshake::acceptor(&mut read, &mut write, me, build, auth).await
             }
+            #[cfg(unix)]
             Stream::Unix(s) => {
                 let (mut read, mut write) = s.split();
                 handshake::acceptor(&mut read, &mut write, me, build, auth).await
@@ -762,6 +775,7 @@ impl Stream {
                 let (read, write) = tokio::io::split(*s);
                 (reader(ReadHalf::Tls(read)), WriteHalf::Tls(write))
             }
+            #[cfg(unix)]
             Stream::Unix(s) => {
                 let (read, write) = s.into_split();
                 (reader(ReadHalf::Unix(read)), WriteHalf::Unix(write))
@@ -911,20 +925,20 @@ pub(crate) async fn connect(
     limits: &Limits,
 ) -> Result<Connected, ConnectError> {
     if scheme == Scheme::Unix {
-        let stream = match tokio::time::timeout(timeout, connect_unix(address)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(ConnectError::Io(e)),
-            Err(_) => return Err(ConnectError::Timeout),
-        };
-        // This machine: what this side binds for others is on loopback.
-        let local = SocketAddr::from(([127, 0, 0, 1], 0));
-        return handshake_as(
-            Stream::Unix(stream),
-            local,
-            (role, expect, build, auth),
-            limits,
-        )
-        .await;
+        #[cfg(not(unix))]
+        return Err(ConnectError::Io(unix_unsupported()));
+        #[cfg(unix)]
+        {
+            let stream = match tokio::time::timeout(timeout, connect_unix(address)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return Err(ConnectError::Io(e)),
+                Err(_) => return Err(ConnectError::Timeout),
+            };
+            // This machine: what this side binds for others is on loopback.
+            let local = SocketAddr::from(([127, 0, 0, 1], 0));
+            let stream = Stream::Unix(stream);
+            return handshake_as(stream, local, (role, expect, build, auth), limits).await;
+        }
     }
     let tcp = match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
         Ok(Ok(s)) => s,
@@ -1084,6 +1098,7 @@ pub(crate) async fn accept(
                     },
                 }
             }
+            #[cfg(unix)]
             Incoming::Unix(stream) => Stream::Unix(stream),
         };
         let theirs = stream.acceptor(me, build, auth).await?;
@@ -1117,6 +1132,7 @@ pub(crate) enum Incoming<'a> {
     Tcp(TcpStream, Option<&'a Acceptor>),
     /// Over a Unix socket, which has no TLS: a scheduler over TLS listens
     /// on none.
+    #[cfg(unix)]
     Unix(UnixStream),
 }
 
@@ -1395,6 +1411,7 @@ impl Listen for TcpListener {
     }
 }
 
+#[cfg(unix)]
 impl Listen for UnixListener {
     type Stream = UnixStream;
     type Address = tokio::net::unix::SocketAddr;
@@ -1966,11 +1983,44 @@ async fn peer_connection(
     }
 }
 
+/// A bound Unix socket, as [`listen_unix`] makes it; none exists on a
+/// system without Unix sockets.
+#[cfg(unix)]
+pub(crate) type UnixBound = std::os::unix::net::UnixListener;
+/// A bound Unix socket; none exists on a system without Unix sockets.
+#[cfg(not(unix))]
+pub(crate) type UnixBound = std::convert::Infallible;
+
+/// A Unix socket's listener, for [`accept_loop`].
+#[cfg(unix)]
+pub(crate) type UnixListening = UnixListener;
+/// A Unix socket's listener; none exists on a system without them.
+#[cfg(not(unix))]
+pub(crate) type UnixListening = std::convert::Infallible;
+
+/// `bound`, for tokio (on the runtime that will serve it).
+pub(crate) fn listening(bound: UnixBound) -> std::io::Result<UnixListening> {
+    #[cfg(unix)]
+    return UnixListener::from_std(bound);
+    #[cfg(not(unix))]
+    match bound {}
+}
+
+/// Unix sockets, on a system that has none.
+#[cfg(not(unix))]
+pub(crate) fn unix_unsupported() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        "Unix sockets need a Unix system: use a `tcp://` address",
+    )
+}
+
 /// Binds a Unix socket at `path`, non-blocking for tokio, with the guard
 /// that removes its file. On Linux, a path `@NAME` is NAME in the abstract
 /// namespace ([`ABSTRACT`]): no file, nothing to remove. A socket file
 /// nothing listens on any more (its process was killed) is taken over; one
 /// something answers on, or any other file, is an error.
+#[cfg(unix)]
 pub(crate) fn listen_unix(
     path: &std::path::Path,
 ) -> std::io::Result<(std::os::unix::net::UnixListener, SocketFile)> {
@@ -2000,6 +2050,7 @@ pub(crate) fn listen_unix(
 pub(crate) const ABSTRACT: char = '@';
 
 /// The name of an abstract socket `path` stands for, on Linux.
+#[cfg(unix)]
 fn abstract_name(path: &std::path::Path) -> Option<&[u8]> {
     if !cfg!(target_os = "linux") {
         return None;
@@ -2009,6 +2060,7 @@ fn abstract_name(path: &std::path::Path) -> Option<&[u8]> {
 }
 
 /// Connects to the Unix socket at `path` (see [`listen_unix`] for `@NAME`).
+#[cfg(unix)]
 async fn connect_unix(path: &str) -> std::io::Result<UnixStream> {
     match abstract_name(path.as_ref()) {
         // Tokio reads a leading NUL as the abstract namespace.
@@ -2025,6 +2077,7 @@ async fn connect_unix(path: &str) -> std::io::Result<UnixStream> {
 
 /// Whether `path` is a Unix socket that refuses connections: its
 /// listener is gone.
+#[cfg(unix)]
 fn is_stale_socket(path: &std::path::Path) -> bool {
     use std::os::unix::fs::FileTypeExt as _;
     let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());

@@ -2522,8 +2522,10 @@ fn a_second_worker_of_the_same_name_is_refused() {
 }
 
 /// A directory of its own for a test's Unix socket, removed at the end.
+#[cfg(unix)]
 struct SocketDir(std::path::PathBuf);
 
+#[cfg(unix)]
 impl SocketDir {
     fn new(test: &str) -> SocketDir {
         let dir = std::env::temp_dir().join(format!("rask-{test}-{}", std::process::id()));
@@ -2533,6 +2535,7 @@ impl SocketDir {
     }
 }
 
+#[cfg(unix)]
 impl Drop for SocketDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
@@ -2541,6 +2544,7 @@ impl Drop for SocketDir {
 
 /// `cluster`'s scheduler reached at `address`: workers added from now on
 /// and clients of the cluster connect there.
+#[cfg(unix)]
 fn over(mut cluster: Cluster, address: String) -> Cluster {
     cluster.address = address;
     cluster
@@ -2548,6 +2552,7 @@ fn over(mut cluster: Cluster, address: String) -> Cluster {
 
 /// Workers and clients reach a scheduler through its Unix socket, proving
 /// its token there as over TCP; the file goes at shutdown.
+#[cfg(unix)]
 #[test]
 fn workers_and_clients_connect_through_a_unix_socket_with_the_token() {
     let dir = SocketDir::new("unix-socket");
@@ -2582,6 +2587,7 @@ fn workers_and_clients_connect_through_a_unix_socket_with_the_token() {
 
 /// A socket file nothing listens on (its scheduler was killed) is taken
 /// over; a socket something answers on, or another file, is not.
+#[cfg(unix)]
 #[test]
 fn a_stale_unix_socket_is_taken_over_and_a_live_one_or_a_file_is_not() {
     use rask_distributed::scheduler::{serve_with, Options};

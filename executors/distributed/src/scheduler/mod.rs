@@ -585,11 +585,14 @@ pub fn serve_with(addr: SocketAddr, options: Options) -> Result<SchedulerHandle,
     let address = listener.local_addr().map_err(Error::Io)?;
     // The file is removed when `unix_file` drops: at shutdown, or on the
     // way out of an error below.
-    let (unix, unix_file) = match &options.unix {
+    let (unix, unix_file): (Option<net::UnixBound>, _) = match &options.unix {
+        #[cfg(unix)]
         Some(path) => {
             let (listener, file) = net::listen_unix(path).map_err(Error::Io)?;
             (Some(listener), Some((path.clone(), file)))
         }
+        #[cfg(not(unix))]
+        Some(_) => return Err(Error::Io(net::unix_unsupported())),
         None => (None, None),
     };
     let dashboard = match options.dashboard {
@@ -624,7 +627,7 @@ pub fn serve_with(addr: SocketAddr, options: Options) -> Result<SchedulerHandle,
                         Err(e) => tracing::warn!("scheduler: cannot serve the dashboard: {e}"),
                     }
                 }
-                let unix = match unix.map(tokio::net::UnixListener::from_std).transpose() {
+                let unix = match unix.map(net::listening).transpose() {
                     Ok(unix) => unix,
                     Err(e) => {
                         tracing::warn!("scheduler: cannot listen on the Unix socket: {e}");
@@ -810,8 +813,9 @@ struct Shell {
 struct Served {
     address: SocketAddr,
     board: Option<Arc<Board>>,
-    /// The Unix socket it also listens on.
-    unix: Option<tokio::net::UnixListener>,
+    /// The Unix socket it also listens on (never, without Unix sockets).
+    #[cfg_attr(not(unix), allow(dead_code))]
+    unix: Option<net::UnixListening>,
 }
 
 async fn run(
@@ -846,6 +850,7 @@ async fn run(
         }
     };
     // The Unix socket's connections count towards the same caps (rule 7).
+    #[cfg(unix)]
     if let Some(unix) = served.unix {
         let serve = serve.clone();
         tokio::spawn(net::accept_loop(
@@ -926,15 +931,16 @@ async fn run(
     }
 }
 
-/// One accepted TCP connection, pre-auth under `ticket`: handshake, then
-/// [`serve_connection`] within `limits` (rule 8); the state loop hears of
-/// it only once its peer authenticated (rule 7).
 /// A socket a connection was accepted on.
 enum Socket {
     Tcp(TcpStream),
+    #[cfg(unix)]
     Unix(tokio::net::UnixStream),
 }
 
+/// One accepted connection, pre-auth under `ticket`: handshake, then
+/// [`serve_connection`] within `limits` (rule 8); the state loop hears of
+/// it only once its peer authenticated (rule 7).
 async fn connection(
     conn: u32,
     socket: Socket,
@@ -948,6 +954,7 @@ async fn connection(
     let serves = [Role::Client, Role::Worker];
     let incoming = match socket {
         Socket::Tcp(stream) => net::Incoming::Tcp(stream, tls.as_ref()),
+        #[cfg(unix)]
         Socket::Unix(stream) => net::Incoming::Unix(stream),
     };
     let accepted = match net::accept(
