@@ -1092,3 +1092,27 @@ fn a_long_map_keeps_order_and_shares_keys_across_its_submissions() {
         assert_eq!(client.stats().keys_held, 6_000, "{}", client.executor());
     }
 }
+
+/// Not registered with the cluster: a graph using it cannot travel there.
+fn unlisted(x: i64) -> i64 {
+    x
+}
+
+/// A map whose last item cannot be sent to the cluster fails before any
+/// of it is submitted, although its calls go out in parts: none of the
+/// earlier calls runs.
+#[cfg(feature = "distributed")]
+#[test]
+fn a_map_that_cannot_travel_submits_nothing() {
+    let client = clients().pop().unwrap();
+    let counter = new_id();
+    let mut items: Vec<_> = (0..5_000).map(|i| delayed!(counted(counter, i))).collect();
+    items.push(delayed!(unlisted(1)));
+    let err = client.map(inc, items).unwrap_err();
+    assert!(matches!(err, Error::Unsendable { .. }), "{err}");
+    // Later work runs after what was submitted before it: had the first
+    // part gone out, its calls would have run by the end of this one.
+    let after = client.submit(delayed!(counted(new_id(), 1))).unwrap();
+    assert_eq!(after.result().unwrap(), 2);
+    assert_eq!(count(counter), 0);
+}

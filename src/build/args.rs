@@ -92,6 +92,11 @@ pub trait IntoArg<A, K> {
     type Slot: Slot<A>;
     #[doc(hidden)]
     fn into_arg(self, args: &mut Args) -> Self::Slot;
+    /// Whether an argument of this kind is a plain value, never a graph of
+    /// its own (so whether its call can travel to a cluster depends on the
+    /// function alone).
+    #[doc(hidden)]
+    const PLAIN: bool = false;
 }
 
 /// How an argument is passed: the `K` of [`IntoArg<A, K>`], inferred.
@@ -429,6 +434,7 @@ impl<T: Data> Slot<Arc<T>> for Shared<T> {
 
 impl<T: Data> IntoArg<T, mode::Literal> for T {
     type Slot = Literal<T>;
+    const PLAIN: bool = true;
     fn into_arg(self, args: &mut Args) -> Literal<T> {
         args.literal(&self);
         args.next_position();

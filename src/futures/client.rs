@@ -504,7 +504,9 @@ impl Client {
     /// Calls `f` on every item: one future per item, in order. Items may be
     /// plain values, `Delayed`s or futures, as in
     /// [`delayed!`](crate::delayed!). The calls are submitted 4096 at a
-    /// time, so the first run while the next are built.
+    /// time, so the first run while the next are built. All or nothing: a
+    /// call that cannot be sent to a cluster fails the map before anything
+    /// is submitted.
     ///
     /// # Errors
     ///
@@ -533,25 +535,41 @@ impl Client {
             let d: Delayed<R> = apply::<Plain, _, _, _, _>(name, f.clone(), (x,));
             d.node().clone()
         });
-        self.submit_in_parts(nodes)
+        self.submit_in_parts(nodes, <X as IntoArg<A, K>>::PLAIN)
     }
 
     /// Submits the nodes `nodes` yields, [`PART`] at a time: the executor
-    /// starts on the first while the next are built, which on a cluster
+    /// starts on the first while the next are planned, which on a cluster
     /// keeps the scheduler and the workers busy meanwhile instead of
     /// waiting for the whole map. One future per node, in order.
-    fn submit_in_parts<T>(&self, nodes: impl Iterator<Item = Arc<Node>>) -> Result<Vec<Future<T>>> {
+    ///
+    /// All or nothing: what would fail fails before anything is submitted.
+    /// With `plain` (each node is one call of the same function on plain
+    /// values, so whether it can travel to a cluster depends on the
+    /// function alone), the first part's check answers for all, and parts
+    /// go out as they are built; otherwise every node is built and checked
+    /// first.
+    fn submit_in_parts<T>(
+        &self,
+        nodes: impl Iterator<Item = Arc<Node>>,
+        plain: bool,
+    ) -> Result<Vec<Future<T>>> {
+        if !plain {
+            let nodes: Vec<Arc<Node>> = nodes.collect();
+            self.check_sendable(&nodes)?;
+            let parts = nodes.chunks(PART);
+            return Ok(parts.flat_map(|part| self.submit_sendable(part)).collect());
+        }
         let mut futures = Vec::with_capacity(nodes.size_hint().0);
         let mut part = Vec::with_capacity(PART.min(nodes.size_hint().0));
-        for node in nodes {
-            part.push(node);
-            if part.len() == PART {
-                futures.extend(self.submit_nodes(&part)?);
-                part.clear();
+        let mut nodes = nodes.peekable();
+        while nodes.peek().is_some() {
+            part.extend(nodes.by_ref().take(PART));
+            if futures.is_empty() {
+                self.check_sendable(&part)?;
             }
-        }
-        if !part.is_empty() {
-            futures.extend(self.submit_nodes(&part)?);
+            futures.extend(self.submit_sendable(&part));
+            part.clear();
         }
         Ok(futures)
     }
@@ -598,7 +616,7 @@ impl Client {
             let d: Delayed<F::Out> = apply::<Plain, _, _, _, _>(name, f.clone(), xs);
             d.node().clone()
         });
-        self.submit_in_parts(nodes)
+        self.submit_in_parts(nodes, false)
     }
 
     /// Waits for every future and returns their values, in order.
@@ -826,6 +844,22 @@ impl Client {
 
     /// Futures for `nodes`, scheduling those whose key has no live entry.
     pub(crate) fn submit_nodes<T>(&self, nodes: &[Arc<Node>]) -> Result<Vec<Future<T>>> {
+        self.check_sendable(nodes)?;
+        Ok(self.submit_sendable(nodes))
+    }
+
+    /// On a cluster, whether every task behind `nodes` can travel there
+    /// (`registry::check_sendable`).
+    fn check_sendable(&self, nodes: &[Arc<Node>]) -> Result<()> {
+        if self.inner.backend.is_remote() {
+            crate::build::registry::check_sendable(nodes)?;
+        }
+        Ok(())
+    }
+
+    /// [`submit_nodes`](Client::submit_nodes) once
+    /// [checked](Client::check_sendable).
+    fn submit_sendable<T>(&self, nodes: &[Arc<Node>]) -> Vec<Future<T>> {
         let annotated: Vec<Arc<Node>>;
         let nodes = match &self.annotations {
             Some(a) => {
@@ -846,9 +880,6 @@ impl Client {
             None => nodes,
         };
         let remote = self.inner.backend.is_remote();
-        if remote {
-            crate::build::registry::check_sendable(nodes)?;
-        }
         let mut fresh = Vec::new();
         let futures = {
             let mut table = self.inner.lock();
@@ -885,7 +916,7 @@ impl Client {
         if !fresh.is_empty() {
             self.inner.schedule(fresh);
         }
-        Ok(futures)
+        futures
     }
 }
 
