@@ -2045,6 +2045,16 @@ pub(crate) fn listen_unix(
     Ok((listener, file))
 }
 
+/// `path` as processes started anywhere find it: absolute (an abstract
+/// name as it is).
+#[cfg(unix)]
+pub(crate) fn unix_path(path: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
+    match abstract_name(path) {
+        Some(_) => Ok(path.to_owned()),
+        None => std::path::absolute(path),
+    }
+}
+
 /// How a Unix socket path names a socket of Linux's abstract namespace:
 /// `@NAME` (as `ss` shows them).
 pub(crate) const ABSTRACT: char = '@';

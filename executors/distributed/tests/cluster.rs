@@ -245,11 +245,21 @@ fn start_scheduler(
     args: &[&str],
     env: &[(&str, &str)],
 ) -> (Reap, String, String, std::sync::mpsc::Receiver<String>) {
+    start_scheduler_in(&std::env::current_dir().unwrap(), args, env)
+}
+
+/// [`start_scheduler`] in the working directory `dir`.
+fn start_scheduler_in(
+    dir: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Reap, String, String, std::sync::mpsc::Receiver<String>) {
     use std::io::BufRead;
     // No dashboard unless asked: its default port may be taken by a test
     // beside this one, and its warning would come before the token's line.
     let quiet = (!args.iter().any(|a| a.starts_with("--dashboard"))).then_some("--no-dashboard");
     let mut child = Command::new(env!("CARGO_BIN_EXE_rask-scheduler"))
+        .current_dir(dir)
         .args(args)
         .args(quiet)
         .env_remove(rask_distributed::TOKEN_ENV)
@@ -481,6 +491,21 @@ fn rask_scheduler_binary_serves_a_unix_socket_when_asked() {
     let address = format!("unix:{}", socket.display());
     let said = line_with(&stderr, "may connect to unix:");
     assert!(said.ends_with(&address), "{said}");
+    // A relative path is made absolute: workers started elsewhere find it.
+    let relative = [
+        "--port",
+        "0",
+        "--token-file",
+        token.to_str().unwrap(),
+        "--unix",
+        "r.sock",
+    ];
+    let (_other, _, _, other_stderr) = start_scheduler_in(&dir.0, &relative, &[]);
+    let said = line_with(&other_stderr, "may connect to unix:");
+    assert!(
+        said.ends_with(&format!("unix:{}", dir.0.join("r.sock").display())),
+        "{said}"
+    );
     let auth = Auth::Token(Token::load(&token).unwrap());
     let (shared, _) = Shared::new();
     let registry = Arc::new(TestRegistry {

@@ -172,8 +172,9 @@ impl SchedulerHandle {
         self.dashboard
     }
 
-    /// The Unix socket the scheduler also listens on ([`Options::unix`]):
-    /// processes of this machine reach it at `unix:PATH`.
+    /// The Unix socket the scheduler also listens on ([`Options::unix`]),
+    /// its path made absolute: processes of this machine reach it at
+    /// `unix:PATH`.
     pub fn unix(&self) -> Option<&Path> {
         self.unix.as_ref().map(|(path, _)| path.as_path())
     }
@@ -354,12 +355,13 @@ pub struct Options {
     /// clients of this machine connect with `unix:PATH`, prove the same
     /// token, and each message costs them and the scheduler no TCP/IP
     /// processing (a [`LocalCluster`](crate::LocalCluster)'s workers use
-    /// one). A file at the path is an error, unless it is a socket nothing
-    /// listens on any more (then it is replaced); the file is removed at
-    /// shutdown. On Linux, `@NAME` is NAME in the abstract namespace: no
-    /// file, and any process of the machine may connect (and must prove
-    /// the token), as over TCP on loopback. Not with [`Options::tls`].
-    /// Default `None`.
+    /// one). A relative path is taken from the working directory and made
+    /// absolute ([`SchedulerHandle::unix`]). A file at the path is an
+    /// error, unless it is a socket nothing listens on any more (then it
+    /// is replaced); the file is removed at shutdown. On Linux, `@NAME` is
+    /// NAME in the abstract namespace: no file, and any process of the
+    /// machine may connect (and must prove the token), as over TCP on
+    /// loopback. Not with [`Options::tls`]. Default `None`.
     pub unix: Option<PathBuf>,
 }
 
@@ -588,8 +590,10 @@ pub fn serve_with(addr: SocketAddr, options: Options) -> Result<SchedulerHandle,
     let (unix, unix_file): (Option<net::UnixBound>, _) = match &options.unix {
         #[cfg(unix)]
         Some(path) => {
-            let (listener, file) = net::listen_unix(path).map_err(Error::Io)?;
-            (Some(listener), Some((path.clone(), file)))
+            // Absolute, so that processes started elsewhere find it.
+            let path = net::unix_path(path).map_err(Error::Io)?;
+            let (listener, file) = net::listen_unix(&path).map_err(Error::Io)?;
+            (Some(listener), Some((path, file)))
         }
         #[cfg(not(unix))]
         Some(_) => return Err(Error::Io(net::unix_unsupported())),
