@@ -1200,20 +1200,7 @@ fn random_graphs_through_the_client_agree_with_the_sync_executor() {
     });
     runner
         .run(&support::dag(30, 0.05), |specs| {
-            let nodes = support::build(&specs, 0);
-            let last = nodes.len() - 1;
-            let root = client.compute(&nodes[last]).unwrap();
-            let picked: Vec<usize> = (0..nodes.len()).step_by(4).collect();
-            let futures: Vec<Future<i64>> = picked
-                .iter()
-                .map(|&i| client.submit(&nodes[i]).unwrap())
-                .collect();
-            let want = |i: usize| support::eval(&specs, i).ok();
-            prop_assert_eq!(root.result().ok(), want(last));
-            for (f, &i) in futures.iter().zip(&picked) {
-                prop_assert_eq!(f.result().ok(), want(i), "node {}", i);
-            }
-            Ok(())
+            support::client_agrees_with_eval(&client, &specs, 0, 4)
         })
         .unwrap();
 }

@@ -828,7 +828,6 @@ fn a_node_a_finished_future_holds_is_not_computed_again() {
 /// roots per submission, unoptimized and optimized.
 #[test]
 fn random_graphs_through_the_client_agree_with_sync() {
-    use proptest::prelude::*;
     use proptest::test_runner::{Config as Cases, TestRunner};
     let clients = [
         Client::threads(2).unwrap(),
@@ -843,22 +842,7 @@ fn random_graphs_through_the_client_agree_with_sync() {
     runner
         .run(&support::dag(40, 0.05), |specs| {
             for client in &clients {
-                let run = support::run_id();
-                let nodes = support::build(&specs, run);
-                let last = nodes.len() - 1;
-                // The last node through `compute`, every third one through
-                // one `map`-like submission.
-                let root = client.compute(&nodes[last]).unwrap();
-                let picked: Vec<usize> = (0..nodes.len()).step_by(3).collect();
-                let futures: Vec<_> = picked
-                    .iter()
-                    .map(|&i| client.submit(&nodes[i]).unwrap())
-                    .collect();
-                let want = |i: usize| support::eval(&specs, i).ok();
-                prop_assert_eq!(root.result().ok(), want(last));
-                for (f, &i) in futures.iter().zip(&picked) {
-                    prop_assert_eq!(f.result().ok(), want(i), "node {}", i);
-                }
+                support::client_agrees_with_eval(client, &specs, support::run_id(), 3)?;
             }
             Ok(())
         })

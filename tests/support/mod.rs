@@ -122,6 +122,31 @@ pub fn eval(specs: &[Spec], i: usize) -> Result<i64, ()> {
     }
 }
 
+/// Checks a futures client against [`eval`] on the graph `specs` built
+/// under `run`: its last node through `client.compute`, every `step`-th
+/// node through `client.submit`.
+pub fn client_agrees_with_eval(
+    client: &rask::Client,
+    specs: &[Spec],
+    run: u64,
+    step: usize,
+) -> Result<(), TestCaseError> {
+    let nodes = build(specs, run);
+    let last = nodes.len() - 1;
+    let root = client.compute(&nodes[last]).unwrap();
+    let picked: Vec<usize> = (0..nodes.len()).step_by(step).collect();
+    let futures: Vec<rask::Future<i64>> = picked
+        .iter()
+        .map(|&i| client.submit(&nodes[i]).unwrap())
+        .collect();
+    let want = |i: usize| eval(specs, i).ok();
+    prop_assert_eq!(root.result().ok(), want(last));
+    for (f, &i) in futures.iter().zip(&picked) {
+        prop_assert_eq!(f.result().ok(), want(i), "node {}", i);
+    }
+    Ok(())
+}
+
 /// Indices of every node `i` depends on, itself included.
 pub fn upstream(specs: &[Spec], i: usize) -> Vec<bool> {
     let mut seen = vec![false; specs.len()];
