@@ -54,7 +54,7 @@ const MIN_LIFE: Duration = Duration::from_secs(1);
 ///
 /// On Linux without TLS, the workers reach the scheduler through a Unix
 /// socket of the abstract namespace (`unix:@rask-PID-N-…`: no file to
-/// remove however the process ends), which costs far less per message
+/// remove however the process ends), which costs less per message
 /// than TCP over loopback. They prove the token there as over TCP, and
 /// check the scheduler proves it too. Other processes, and the workers'
 /// data ports, use TCP: [`LocalCluster::address`] is the TCP address.

@@ -43,7 +43,7 @@
 //! **Unix socket.** `--unix PATH` also listens on a Unix socket at PATH
 //! (`@NAME`: NAME in Linux's abstract namespace), which workers and
 //! clients of this machine reach with `unix:PATH`, proving the same token;
-//! each message then costs far less than over TCP on loopback. A line on
+//! each message then costs less than over TCP on loopback. A line on
 //! stderr says so. Not with TLS.
 //!
 //! The web dashboard is served on `--dashboard ADDR` (default
