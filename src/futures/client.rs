@@ -1205,13 +1205,18 @@ impl Shared {
 
     fn start(self: &Arc<Self>, roots: Vec<Arc<Node>>) {
         let mut table = self.lock();
-        // Roots cancelled or released while they waited are not run.
+        // Roots cancelled or released while they waited are not run. In
+        // the same look at each root: whether a progress display counted
+        // it node by node (`Entry::counted`, see below).
+        let mut counted = false;
         let roots: Vec<Arc<Node>> = roots
             .into_iter()
-            .filter(|r| {
-                table
-                    .get(&r.key)
-                    .is_some_and(|e| e.state.is_pending() && e.run.is_none())
+            .filter(|r| match table.get(&r.key) {
+                Some(e) if e.state.is_pending() && e.run.is_none() => {
+                    counted |= e.counted;
+                    true
+                }
+                _ => false,
             })
             .collect();
         if roots.is_empty() {
@@ -1272,9 +1277,6 @@ impl Shared {
         // inside another task. The roots are outputs, tasks of their own
         // too. A graph a progress display already counted node by node is
         // not optimized (`Entry::counted`).
-        let counted = roots
-            .iter()
-            .any(|r| table.get(&r.key).is_some_and(|e| e.counted));
         let mut options = if self.optimize && !counted {
             Options::all()
         } else {
