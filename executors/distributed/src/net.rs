@@ -1366,7 +1366,6 @@ pub(crate) async fn accept_loop<L: Listen>(
         match listener.accept().await {
             Ok((stream, peer)) => {
                 backoff.succeeded();
-                let peer = L::peer(peer);
                 match gate.admit() {
                     Ok(ticket) => serve(stream, peer, ticket),
                     Err(e) => {
@@ -1391,39 +1390,25 @@ pub(crate) async fn accept_loop<L: Listen>(
 pub(crate) trait Listen {
     /// What it accepts.
     type Stream;
-    /// How it names a peer.
-    type Address;
-    /// The next connection.
-    fn accept(&self)
-        -> impl Future<Output = std::io::Result<(Self::Stream, Self::Address)>> + Send;
-    /// `address` for logs.
-    fn peer(address: Self::Address) -> PeerAddr;
+    /// The next connection, and its peer for logs.
+    fn accept(&self) -> impl Future<Output = std::io::Result<(Self::Stream, PeerAddr)>> + Send;
 }
 
 impl Listen for TcpListener {
     type Stream = TcpStream;
-    type Address = SocketAddr;
-    fn accept(&self) -> impl Future<Output = std::io::Result<(TcpStream, SocketAddr)>> + Send {
-        TcpListener::accept(self)
-    }
-    fn peer(address: SocketAddr) -> PeerAddr {
-        PeerAddr::Tcp(address)
+    async fn accept(&self) -> std::io::Result<(TcpStream, PeerAddr)> {
+        let (stream, address) = TcpListener::accept(self).await?;
+        Ok((stream, PeerAddr::Tcp(address)))
     }
 }
 
 #[cfg(unix)]
 impl Listen for UnixListener {
     type Stream = UnixStream;
-    type Address = tokio::net::unix::SocketAddr;
-    fn accept(
-        &self,
-    ) -> impl Future<Output = std::io::Result<(UnixStream, tokio::net::unix::SocketAddr)>> + Send
-    {
-        UnixListener::accept(self)
-    }
-    fn peer(_: tokio::net::unix::SocketAddr) -> PeerAddr {
+    async fn accept(&self) -> std::io::Result<(UnixStream, PeerAddr)> {
         // A connecting Unix socket is unnamed: the peer is this machine.
-        PeerAddr::Unix
+        let (stream, _) = UnixListener::accept(self).await?;
+        Ok((stream, PeerAddr::Unix))
     }
 }
 
@@ -2075,11 +2060,9 @@ async fn connect_unix(path: &str) -> std::io::Result<UnixStream> {
     match abstract_name(path.as_ref()) {
         // Tokio reads a leading NUL as the abstract namespace.
         Some(name) => {
-            let mut nul = vec![0];
-            nul.extend_from_slice(name);
-            // A name from a `&str` after one ASCII byte: still UTF-8.
-            let nul = String::from_utf8(nul).map_err(std::io::Error::other)?;
-            UnixStream::connect(nul).await
+            use std::os::unix::ffi::OsStrExt as _;
+            let nul = [&[0], name].concat();
+            UnixStream::connect(std::ffi::OsStr::from_bytes(&nul)).await
         }
         None => UnixStream::connect(path).await,
     }
