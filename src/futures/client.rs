@@ -44,6 +44,7 @@ use crate::build::graph::KeyMap;
 use crate::build::node::{Call, Name, Node, Plain};
 use crate::build::registry::replay;
 use crate::futures::future::Future;
+use crate::futures::spin::Spin;
 use crate::plan::Options;
 use crate::run::backend::Backend;
 use crate::run::config::{Config, ExecutorKind};
@@ -97,6 +98,9 @@ pub(crate) struct Shared {
     /// [`wait_all`](Shared::wait_all) looks at its keys again only when
     /// this moved.
     failures: AtomicU64,
+    /// How a waiting thread watches before it sleeps (`spin` rules):
+    /// `None` where it cannot pay.
+    spin: Option<Spin>,
     /// Whether `compute` and `persist` draw a progress bar
     /// ([`Config::progress`]).
     progress: bool,
@@ -229,13 +233,14 @@ impl Client {
         Client {
             inner: Arc::new(Shared {
                 backend,
-                kind,
                 progress: settings.progress,
                 optimize: settings.optimize,
                 cache: settings.cache,
                 table: Mutex::new(KeyMap::default()),
                 changed: Condvar::new(),
                 failures: AtomicU64::new(0),
+                spin: Spin::for_client(&kind),
+                kind,
             }),
             annotations: None,
         }
@@ -1374,6 +1379,9 @@ impl Shared {
         for listener in listeners {
             listener.notify();
         }
+        if let Some(spin) = &self.spin {
+            spin.changed();
+        }
         if sleepers {
             self.changed.notify_all();
         }
@@ -1479,7 +1487,17 @@ impl Shared {
         }
         start_queued();
         let task = rask_executor::Stop::current();
-        rask_executor::blocking(|| self.wait_pending(key, deadline, &task))
+        let started = std::time::Instant::now();
+        let state = rask_executor::blocking(|| self.wait_pending(key, deadline, &task));
+        self.waited(started);
+        state
+    }
+
+    /// Counts a wait that began at `started` for watching (`spin` rule 4).
+    fn waited(&self, started: std::time::Instant) {
+        if let Some(spin) = &self.spin {
+            spin.waited(started.elapsed());
+        }
     }
 
     /// [`wait`](Shared::wait) once `key` was seen pending.
@@ -1490,6 +1508,7 @@ impl Shared {
         task: &rask_executor::Stop,
     ) -> State {
         let mut table = self.lock();
+        let mut watched = false;
         loop {
             // Counted as a sleeper under the lock (see `wake`), in the one
             // lookup; a return below without sleeping over-counts, which
@@ -1497,6 +1516,14 @@ impl Shared {
             let state = match table.get_mut(&key) {
                 None => return State::Cancelled,
                 Some(entry) if !entry.state.is_pending() => return entry.state.clone(),
+                Some(_) if !watched => {
+                    // Watched first (`spin` rules), as no sleeper.
+                    watched = true;
+                    table = self.watch(table, deadline, task, |table| {
+                        table.get(&key).is_none_or(|e| !e.state.is_pending())
+                    });
+                    continue;
+                }
                 Some(entry) => {
                     entry.waiters = entry.waiters.saturating_add(1);
                     State::Pending
@@ -1519,6 +1546,27 @@ impl Shared {
             self.failures.fetch_add(1, Ordering::Relaxed);
         }
         failed
+    }
+
+    /// Watches the table until `ended` holds, before a first sleep
+    /// (`spin` rules), and returns it locked again, ended or not: the
+    /// caller looks at it again as after a sleep. Nothing when this client
+    /// does not watch, or inside a task (its thread goes back to its
+    /// worker instead).
+    fn watch<'a>(
+        &'a self,
+        table: MutexGuard<'a, KeyMap<Entry>>,
+        deadline: Option<std::time::Instant>,
+        task: &rask_executor::Stop,
+        ended: impl Fn(&KeyMap<Entry>) -> bool,
+    ) -> MutexGuard<'a, KeyMap<Entry>> {
+        let Some(spin) = self.spin.as_ref().filter(|_| !task.can_raise()) else {
+            return table;
+        };
+        let since = spin.mark();
+        drop(table);
+        spin.until(since, deadline, || ended(&self.lock()));
+        self.lock()
     }
 
     /// Sleeps on `changed` once, at most until `deadline` and, inside a
@@ -1585,7 +1633,11 @@ impl Shared {
     ) -> bool {
         start_queued();
         let task = rask_executor::Stop::current();
-        rask_executor::blocking(|| {
+        let started = std::time::Instant::now();
+        // Whether a key was found pending: only such a wait counts for
+        // watching (`spin` rule 4).
+        let mut watched = false;
+        let ended = rask_executor::blocking(|| {
             let (mut from, mut to) = (0, keys.len());
             let mut looked_at = None;
             let mut table = self.lock();
@@ -1624,6 +1676,17 @@ impl Shared {
                     }
                     looked_at = Some(failures);
                 }
+                if !watched {
+                    // Watched first (`spin` rules): until the last key
+                    // ended or a watched one failed.
+                    watched = true;
+                    let last = keys[to - 1];
+                    table = self.watch(table, deadline, &task, |table| {
+                        self.failures.load(Ordering::Relaxed) != failures
+                            || table.get(&last).is_none_or(|e| !e.state.is_pending())
+                    });
+                    continue;
+                }
                 if let Some(last) = table.get_mut(&keys[to - 1]) {
                     last.waiters = last.waiters.saturating_add(1);
                 }
@@ -1632,7 +1695,11 @@ impl Shared {
                     None => return false,
                 }
             }
-        })
+        });
+        if watched {
+            self.waited(started);
+        }
+        ended
     }
 
     /// Appends the tasks `key` still waits for, itself included, as key and

@@ -10,3 +10,4 @@ pub(crate) mod inspect;
 pub(crate) mod persist;
 pub mod progress;
 pub(crate) mod report;
+pub(crate) mod spin;
