@@ -251,6 +251,15 @@ impl<T: Data> Future<T> {
 
     /// Blocks until the value is ready and returns a copy of it.
     ///
+    /// On a cluster, on a machine of several cores, a wait first watches
+    /// for the result for up to 100 µs, then sleeps: waking a sleeping
+    /// thread costs tens of microseconds on a virtual machine, which is
+    /// most of a round trip. It watches only while this client's recent
+    /// waits took that little, so waiting for longer tasks never spins;
+    /// one thread per client watches at a time. The same holds for
+    /// [`wait`](Future::wait), [`Client::gather`](crate::Client::gather)
+    /// and [`rask::wait`](crate::wait).
+    ///
     /// # Errors
     ///
     /// [`Error::Task`] naming the task that failed, or [`Error::Cancelled`].
