@@ -75,8 +75,10 @@ impl Spin {
                 | ExecutorKind::Tls(_)
                 | ExecutorKind::Unix(_)
         );
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        (cluster && cores > 1).then(|| Spin::new(SPIN))
+        // Cores are counted only for a cluster: it reads the process's
+        // CPU limits, files on Linux.
+        let cores = || std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cluster && cores() > 1).then(|| Spin::new(SPIN))
     }
 
     /// Tells watchers the table changed; called after the change, outside
