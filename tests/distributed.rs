@@ -297,6 +297,19 @@ fn slow_value(ms: u64, x: i64) -> i64 {
     x
 }
 
+/// Returns `x` once the file at `path` exists, or once the task is
+/// cancelled; gives up after a minute, longer than any wait of these tests.
+fn gated(path: String, x: i64) -> i64 {
+    let started = Instant::now();
+    while !Path::new(&path).exists()
+        && !rask::cancelled()
+        && started.elapsed() < Duration::from_secs(60)
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    x
+}
+
 /// The value of the future it was given untraversed, and `inc` of it
 /// computed by a nested submission that takes the future as an argument.
 fn use_future(f: Future<i64>) -> Result<(i64, i64), String> {
@@ -1281,6 +1294,76 @@ fn arguments_on_local_2() {
 }
 
 /// The futures API of #16 on real worker processes.
+/// A wait for a cluster's future watches the client's table before it
+/// sleeps (`futures::spin`). Whether the future ends during the watch or
+/// after it, fails, or is cancelled, and whether a `gather` ends at its
+/// last future or at a failure before it, each wait ends with what its
+/// futures say.
+fn waits_on_a_cluster_end_as_their_futures_do() {
+    let client = Client::local(2).unwrap();
+    // Round trips of a tiny task: most end while the thread watches.
+    let mut x = 0;
+    for _ in 0..300 {
+        x = client.submit(delayed!(inc(x))).unwrap().result().unwrap();
+    }
+    assert_eq!(x, 300);
+    let err = client
+        .submit(delayed!(half(7)?))
+        .unwrap()
+        .result()
+        .unwrap_err();
+    assert!(format!("{err:#}").ends_with("7 is odd"), "{err:#}");
+    // A wait longer than any watch: the thread sleeps and is woken.
+    let path = stamp_path("waits-gate");
+    let late = client.submit(delayed!(gated(path.clone(), 5))).unwrap();
+    let opener = {
+        let path = path.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            stamp(path, 0)
+        })
+    };
+    assert_eq!(late.result().unwrap(), 5);
+    opener.join().unwrap();
+    // Many round trips again, then a gather that ends at a failure in the
+    // middle while its last future waits at a gate: it does not wait for
+    // that one. (Its failing future may be sent to the worker that runs
+    // the gated task, behind it: it moves to the idle worker once the
+    // gated one was out for `STUCK_MS`, scheduler rule S15.)
+    for i in 0..100 {
+        assert_eq!(
+            client.submit(delayed!(inc(i))).unwrap().result().unwrap(),
+            i + 1
+        );
+    }
+    let shut = stamp_path("waits-shut");
+    let held = client.submit(delayed!(gated(shut.clone(), 9))).unwrap();
+    let fs = vec![
+        client.submit(delayed!(half(4)?)).unwrap(),
+        client.submit(delayed!(half(3)?)).unwrap(),
+        held.clone(),
+    ];
+    let err = client.gather(&fs).unwrap_err();
+    assert!(format!("{err:#}").ends_with("3 is odd"), "{err:#}");
+    assert_eq!(held.status(), Status::Pending);
+    // Cancelled while a thread waits for it: the wait ends, cancelled.
+    let canceller = {
+        let held = held.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            held.cancel();
+        })
+    };
+    assert!(matches!(held.result(), Err(Error::Cancelled { .. })));
+    canceller.join().unwrap();
+    // And the gather of what finished gives every value.
+    let fs: Vec<Future<i64>> = (0..50)
+        .map(|i| client.submit(delayed!(inc(i))).unwrap())
+        .collect();
+    assert_eq!(client.gather(&fs).unwrap(), (1..=50).collect::<Vec<i64>>());
+    let _ = std::fs::remove_file(&path);
+}
+
 fn futures_api_on_local_2() {
     let before = live_children().len();
     let client = Client::local(2).unwrap();
@@ -1550,6 +1633,7 @@ fn main() {
         slow_fan_out?,
         sum_given?,
         slow_value,
+        gated,
         use_future?,
         len_given?
     ])));
@@ -1586,6 +1670,10 @@ fn main() {
         ("futures_api_on_a_cluster", futures_api_on_a_cluster),
         ("arguments_on_local_2", arguments_on_local_2),
         ("futures_api_on_local_2", futures_api_on_local_2),
+        (
+            "waits_on_a_cluster_end_as_their_futures_do",
+            waits_on_a_cluster_end_as_their_futures_do,
+        ),
         (
             "worker_threads_split_the_cores",
             worker_threads_split_the_cores,

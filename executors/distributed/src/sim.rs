@@ -39,7 +39,9 @@
 //!    does; `State::check_invariants` runs after every step unless turned
 //!    off ([`Sim::check_invariants`]).
 //! 2. **One clock, one generator.** Time is a tick counter (read it as
-//!    microseconds); every latency, task duration and random choice comes
+//!    microseconds), which the scheduler's clock follows as its shell's
+//!    does (`State::on_tick` every 100 000 ticks, while anything else is
+//!    to happen); every latency, task duration and random choice comes
 //!    from one [`SplitMix64`] seeded by the seed, in the order events are
 //!    handled. Everything that is iterated is ordered (B-trees), so equal
 //!    seeds give equal [`Report::log`]s.
@@ -508,6 +510,8 @@ enum Ev {
     Lost(WorkerId, u32),
     /// A worker registers in this slot.
     Join(u32),
+    /// The scheduler's clock moves (`State::on_tick`, rule 2).
+    Tick,
 }
 
 /// The sim's outbox: what the scheduler sent during one handler.
@@ -590,6 +594,10 @@ impl SimWorker {
 }
 
 const CLIENT: ClientId = ClientId(0);
+
+/// Ticks between two moves of the scheduler's clock (rule 2): its
+/// [`TICK_MS`](crate::scheduler::state::TICK_MS), ticks being microseconds.
+const TICK: u64 = crate::scheduler::state::TICK_MS * 1_000;
 
 struct World {
     sim: Sim,
@@ -763,6 +771,7 @@ impl World {
             self.join(slot);
         }
         self.schedule(|s, out| s.on_client_connected(CLIENT, out));
+        self.at(TICK, Ev::Tick);
         self.wanted = wanted.iter().copied().collect();
         let wanted: Vec<WireKey> = self.wanted.iter().copied().collect();
         self.send(
@@ -775,6 +784,9 @@ impl World {
         while let Some(((time, _), ev)) = self.events.pop_first() {
             if self.step >= self.sim.max_steps {
                 break;
+            }
+            if matches!(ev, Ev::Tick) && self.events.is_empty() {
+                break; // nothing else is to happen
             }
             self.now = time;
             self.apply_faults();
@@ -880,6 +892,11 @@ impl World {
                 self.at(at, Ev::Join(slot));
             }
             Ev::Join(slot) => self.join(slot),
+            Ev::Tick => {
+                let now_ms = self.now / 1_000;
+                self.schedule(|s, out| s.on_tick(now_ms, out));
+                self.at(self.now + TICK, Ev::Tick);
+            }
         }
         if let Some(w) = touched {
             self.pump(w, runner);

@@ -548,3 +548,38 @@ fn long_tasks_queued_on_a_busy_worker_move_to_an_idle_one() {
     }
     assert!(moved > 0, "no task moved in 20 runs");
 }
+
+#[test]
+fn a_task_stuck_behind_a_long_one_moves_once_the_clock_says_so() {
+    // Two one-thread workers, three tasks of up to a second, windows of
+    // two: W0 gets the first and the third, W1 the second. By the mean
+    // task time nothing waits behind enough work to move (S15), but when
+    // W1 runs dry while W0's first task has been out for STUCK_MS, the
+    // third moves to W1, once given up: each runs once, results agree.
+    let nodes: Vec<Node> = (0..3)
+        .map(|i| Node {
+            deps: vec![],
+            salt: i,
+            big: false,
+            fails: false,
+        })
+        .collect();
+    let mut moved = 0;
+    for seed in 0..20 {
+        let report = Sim::new(2, seed)
+            .threads(1)
+            .max_duration(1_000_000)
+            .watch(true)
+            .run(specs(&nodes), (0..3).map(key).collect(), &mut run_mix);
+        check_agrees(&nodes, &[0, 1, 2], &report, "stuck");
+        assert_eq!(report.ran_again(), Vec::<Arc<str>>::new(), "seed {seed}");
+        let mut started: BTreeMap<WireKey, BTreeSet<WorkerId>> = BTreeMap::new();
+        for e in &report.task_events {
+            if let WireEventKind::Started { worker } = e.kind {
+                started.entry(e.key).or_default().insert(worker);
+            }
+        }
+        moved += started.values().filter(|ws| ws.len() > 1).count();
+    }
+    assert!(moved > 0, "no stuck task moved in 20 runs");
+}

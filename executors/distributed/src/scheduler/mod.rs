@@ -804,6 +804,8 @@ struct Shell {
     options: Options,
     /// When silent workers were last looked for (rule 4).
     last_check: Instant,
+    /// The start of the state machines' clock (`State::on_tick`).
+    started: Instant,
     /// The dashboard's board and the counts of watched events (rule 9).
     history: History,
     /// `tcp://host:port`, as snapshots name the scheduler.
@@ -880,6 +882,8 @@ async fn run(
         Duration::from_secs(3600)
     });
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut clock = tokio::time::interval(Duration::from_millis(state::TICK_MS));
+    clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut shell = Shell {
         partitions: HashMap::new(),
         conns: HashMap::new(),
@@ -890,6 +894,7 @@ async fn run(
         },
         options,
         last_check: Instant::now(),
+        started: Instant::now(),
         history: History::new(served.board),
         address: format!("tcp://{}", served.address),
         moved_before: 0,
@@ -929,6 +934,11 @@ async fn run(
                     shell.flush();
                     shell.publish(&counts);
                 }
+            }
+            _ = clock.tick() => {
+                shell.tick();
+                shell.flush();
+                shell.publish(&counts);
             }
             _ = refresh.tick() => shell.refresh_board(),
         }
@@ -1561,6 +1571,16 @@ impl Shell {
             self.close(conn, Some(ProtocolError::Silent(timeout)));
         }
         !silent.is_empty()
+    }
+
+    /// Moves every state machine's clock to now: tasks stuck behind long
+    /// ones move to idle threads (`state` S15).
+    fn tick(&mut self) {
+        let now_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        for (&build, partition) in &mut self.partitions {
+            self.out.current = build;
+            partition.state.on_tick(now_ms, &mut self.out);
+        }
     }
 
     /// The builds some client watches (rule 9).

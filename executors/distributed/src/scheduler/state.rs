@@ -1,4 +1,5 @@
-//! The scheduler's state machine: no sockets, no clock, no tokio.
+//! The scheduler's state machine: no sockets, no tokio, and no clock but
+//! the one the shell moves (`on_tick`).
 //!
 //! The shell in `mod.rs` calls one `on_<fact>` handler per message; handlers
 //! answer through an [`Outbox`]. The task state machine and its invariants
@@ -33,6 +34,15 @@ pub(crate) const EARLY_MAX_DEPS: usize = 16;
 /// least this long on its own (S15): below that, the `Release` and the new
 /// `Compute` cost about what the wait does.
 pub(crate) const STEAL_MIN_WAIT_NS: f64 = 1e6;
+
+/// How long a worker's tasks must have been out, all its threads' worth
+/// of them, for the tasks sent after them to count as stuck behind them
+/// (S15): those move to an idle thread whatever the mean task time says.
+pub(crate) const STUCK_MS: u64 = 200;
+
+/// How often the shell moves the state machine's clock (`State::on_tick`),
+/// in milliseconds: the precision of [`STUCK_MS`].
+pub(crate) const TICK_MS: u64 = 100;
 
 /// Bytes an idle worker fetches per nanosecond, as S15 weighs them against
 /// the wait: 0.1 (100 MB/s), a cautious figure for a busy network.
@@ -187,6 +197,9 @@ struct Task {
     /// While `Processing`: the tick when its `Compute` was sent, naming
     /// the holders of its inputs as they were then (S11, S12).
     sent_at: u64,
+    /// While `Processing`: the scheduler's clock, in milliseconds, when
+    /// its `Compute` was sent (S15; `State::on_tick`).
+    sent_ms: u64,
     nbytes: u64,
     /// While `Memory`: the value's encoding, when small enough to be
     /// handed to clients with `KeyInMemory` (`INLINE_BYTES`).
@@ -422,6 +435,9 @@ pub(crate) struct State {
     /// and each `KeyInMemory` sent, so the scheduler can tell which holders
     /// it named to whom (S11, S12).
     clock: u64,
+    /// The shell's clock, in milliseconds since it started, as of its last
+    /// tick (`on_tick`): how long tasks have been out (S15).
+    now_ms: u64,
     /// Workers being retired (S16), and the requests waiting for them.
     retiring: BTreeSet<WorkerId>,
     retire_requests: Vec<RetireRequest>,
@@ -459,6 +475,7 @@ impl State {
             task_timeout_ms: None,
             allowed_failures: ALLOWED_WORKER_DEATHS,
             clock: 0,
+            now_ms: 0,
             retiring: BTreeSet::new(),
             retire_requests: Vec::new(),
             copy_turn: 0,
@@ -970,6 +987,7 @@ impl State {
                 in_memory_at: 0,
                 replicas: Vec::new(),
                 sent_at: 0,
+                sent_ms: 0,
                 nbytes: 0,
                 inline: None,
                 who_wants: Vec::new(),
@@ -2264,22 +2282,95 @@ impl State {
             let Some((victim, id)) = self.to_move(thief, mean) else {
                 return;
             };
-            let asked = self.tick();
-            let task = self.task_mut(id);
-            task.moving = Some(Move { to: thief, asked });
-            let key = task.key.0;
-            tracing::debug!(task = %label(self.task(id)), %victim, %thief, "asking {victim} to give a task up for an idle worker");
-            for (w, incoming) in [(thief, true), (victim, false)] {
-                if let Some(w) = self.workers.get_mut(&w) {
-                    if incoming {
-                        w.incoming += 1;
-                    } else {
-                        w.outgoing += 1;
-                    }
+            self.ask_to_move(victim, id, thief, out);
+        }
+    }
+
+    /// The clock moved to `now_ms`, milliseconds since the shell started
+    /// (it never goes back; the shell ticks every [`TICK_MS`]): moves
+    /// tasks stuck behind long ones to idle threads (S15).
+    pub(crate) fn on_tick(&mut self, now_ms: u64, out: &mut impl Outbox) {
+        self.now_ms = self.now_ms.max(now_ms);
+        if !self.balancing {
+            return;
+        }
+        for _ in 0..64 {
+            let Some(thief) = self.idle_thread() else {
+                return;
+            };
+            let Some((victim, id)) = self.stuck_to_move(thief) else {
+                return;
+            };
+            self.ask_to_move(victim, id, thief, out);
+        }
+    }
+
+    /// A task stuck on its worker that S15 would move to `thief`: of a
+    /// worker with more tasks than threads whose `threads` oldest have all
+    /// been out for [`STUCK_MS`], so that every thread there is held and
+    /// the rest wait at least that long again, a task that does not seem
+    /// to run yet, as [`steal_candidate`](State::steal_candidate) picks
+    /// it. Costs a pass over the tasks out on every worker: for
+    /// [`on_tick`](State::on_tick), not for every assignment.
+    fn stuck_to_move(&self, thief: WorkerId) -> Option<(WorkerId, TaskId)> {
+        for (victim, load) in self.loads.in_order().rev() {
+            if victim == thief || load.paused {
+                continue; // a paused worker's tasks move in `balance`
+            }
+            let Some(v) = self.workers.get(&victim) else {
+                continue;
+            };
+            let threads = load.threads.max(1) as usize;
+            let queued = (load.tasks as usize).saturating_sub(v.outgoing as usize);
+            if queued <= threads {
+                continue; // nothing waits there (the cheap look first)
+            }
+            let mut ages: Vec<u64> = v
+                .sent
+                .iter()
+                .filter(|&&(id, at)| self.sent_to(id, at, victim))
+                .filter(|&&(id, _)| !self.task(id).early && !self.task(id).seceded)
+                .map(|&(id, _)| self.now_ms.saturating_sub(self.task(id).sent_ms))
+                .collect();
+            if ages.len() <= threads.saturating_add(v.outgoing as usize) {
+                continue;
+            }
+            ages.sort_unstable_by(|a, b| b.cmp(a));
+            let held_for = ages[threads - 1];
+            if held_for < STUCK_MS {
+                continue;
+            }
+            let wait_ns = held_for as f64 * 1e6;
+            if let Some(id) = self.steal_candidate(victim, thief, wait_ns, threads) {
+                return Some((victim, id));
+            }
+        }
+        None
+    }
+
+    /// Asks `victim` to give task `id` up for `thief` (S15).
+    fn ask_to_move(
+        &mut self,
+        victim: WorkerId,
+        id: TaskId,
+        thief: WorkerId,
+        out: &mut impl Outbox,
+    ) {
+        let asked = self.tick();
+        let task = self.task_mut(id);
+        task.moving = Some(Move { to: thief, asked });
+        let key = task.key.0;
+        tracing::debug!(task = %label(self.task(id)), %victim, %thief, "asking {victim} to give a task up for an idle worker");
+        for (w, incoming) in [(thief, true), (victim, false)] {
+            if let Some(w) = self.workers.get_mut(&w) {
+                if incoming {
+                    w.incoming += 1;
+                } else {
+                    w.outgoing += 1;
                 }
             }
-            out.to_worker(victim, ToWorker::GiveUp { key, id: asked });
         }
+        out.to_worker(victim, ToWorker::GiveUp { key, id: asked });
     }
 
     /// The first worker in placement order with a thread that runs no
@@ -2476,9 +2567,11 @@ impl State {
         );
         self.event(id, WireEventKind::Started { worker }, out);
         let now = self.tick();
+        let now_ms = self.now_ms;
         let task = self.task_mut(id);
         task.state = TaskState::Processing(worker);
         task.sent_at = now;
+        task.sent_ms = now_ms;
         task.early = early;
         task.kept = false;
         let restriction = task.restriction.clone();

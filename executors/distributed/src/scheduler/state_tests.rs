@@ -1774,3 +1774,87 @@ fn retiring_every_worker_is_refused_and_retires_none() {
     assert_eq!(s.worker_count(), 1);
     s.check_invariants();
 }
+
+/// Two one-thread workers with large windows (short tasks so far); at
+/// 0 ms a long task goes to W0, then two short ones, one to each worker:
+/// W0 holds the long one and a short one behind it. W1 finishes its own
+/// and is idle. `out` is drained.
+fn stuck_behind_a_long_task() -> (State, Rec) {
+    let (mut s, mut out) = setup(2);
+    s.on_update_graph(
+        C0,
+        vec![spec(1, &[]), spec(2, &[])],
+        vec![k(1), k(2)],
+        &mut out,
+    );
+    assert_eq!(out.computes(), vec![(W0, k(1)), (W1, k(2))]);
+    finish_in(&mut s, &mut out, W0, 1, 1_000);
+    finish_in(&mut s, &mut out, W1, 2, 1_000);
+    s.on_tick(0, &mut out);
+    s.on_update_graph(
+        C0,
+        vec![spec(3, &[]), spec(4, &[]), spec(5, &[])],
+        vec![k(3), k(4), k(5)],
+        &mut out,
+    );
+    assert_eq!(out.computes(), vec![(W0, k(3)), (W1, k(4)), (W0, k(5))]);
+    finish_in(&mut s, &mut out, W1, 4, 1_000);
+    // By the mean task time, nothing waits long enough to move.
+    assert_eq!(give_ups(&mut out), vec![]);
+    out.clear();
+    (s, out)
+}
+
+#[test]
+fn a_task_stuck_behind_a_long_one_moves_to_an_idle_worker() {
+    let (mut s, mut out) = stuck_behind_a_long_task();
+    // Not before the tasks ahead of it were out for STUCK_MS.
+    s.on_tick(STUCK_MS - TICK_MS, &mut out);
+    assert_eq!(give_ups(&mut out), vec![]);
+    s.on_tick(STUCK_MS, &mut out);
+    let asked = give_ups(&mut out);
+    assert_eq!(
+        asked.iter().map(|a| (a.0, a.1)).collect::<Vec<_>>(),
+        vec![(W0, k(5))],
+        "the task behind the long one is asked for, not the long one"
+    );
+    // Asked once: later ticks wait for the answer.
+    s.on_tick(STUCK_MS + 5 * TICK_MS, &mut out);
+    assert_eq!(give_ups(&mut out), vec![]);
+    s.check_invariants();
+    s.on_task_given_up(W0, k(5), asked[0].2, &mut out);
+    s.check_invariants();
+    assert_eq!(out.computes(), vec![(W1, k(5))]);
+    finish_in(&mut s, &mut out, W1, 5, 1_000);
+    assert!(out.told().contains(&(C0, k(5), Ok(vec![W1]))));
+    // W0 holds its long task alone now: nothing more to move.
+    s.on_tick(10 * STUCK_MS, &mut out);
+    assert_eq!(give_ups(&mut out), vec![]);
+}
+
+#[test]
+fn a_task_its_worker_kept_is_not_asked_for_again_and_busy_workers_take_nothing() {
+    let (mut s, mut out) = stuck_behind_a_long_task();
+    s.on_tick(STUCK_MS, &mut out);
+    let asked = give_ups(&mut out);
+    assert_eq!(asked.len(), 1);
+    // W0 had started it after all: kept, and never asked for again.
+    s.on_task_kept(W0, k(5), asked[0].2, &mut out);
+    s.check_invariants();
+    assert_eq!(out.computes(), vec![]);
+    for t in 2..6 {
+        s.on_tick(t * STUCK_MS, &mut out);
+        assert_eq!(give_ups(&mut out), vec![]);
+    }
+    // With no idle thread anywhere, a stuck task stays where it is.
+    let (mut s, mut out) = stuck_behind_a_long_task();
+    s.on_update_graph(C0, vec![spec(6, &[])], vec![k(6)], &mut out);
+    assert_eq!(out.computes(), vec![(W1, k(6))]);
+    s.on_tick(10 * STUCK_MS, &mut out);
+    assert_eq!(give_ups(&mut out), vec![]);
+    // And with balancing off (tests of other rules), nothing moves.
+    let (mut s, mut out) = stuck_behind_a_long_task();
+    s.set_balancing(false);
+    s.on_tick(10 * STUCK_MS, &mut out);
+    assert_eq!(give_ups(&mut out), vec![]);
+}
