@@ -1896,6 +1896,12 @@ impl State {
                         let seceded = self.task(s).seceded;
                         if let Some(worker) = self.workers.get_mut(&w) {
                             worker.early = worker.early.saturating_sub(1);
+                            // A retiring worker's load left placement: its
+                            // work is counted in `busy` (S16), which this
+                            // task must hold until it ends.
+                            if let Some(r) = worker.retiring.as_mut() {
+                                r.busy = r.busy.saturating_add(1);
+                            }
                             if !seceded {
                                 self.loads.add_task(w);
                             }

@@ -1858,3 +1858,30 @@ fn a_task_its_worker_kept_is_not_asked_for_again_and_busy_workers_take_nothing()
     s.on_tick(10 * STUCK_MS, &mut out);
     assert_eq!(give_ups(&mut out), vec![]);
 }
+
+#[test]
+fn a_task_sent_early_to_a_retiring_worker_holds_the_retirement_until_it_ends() {
+    // t2 waits on W0 for t1, which W0 runs: sent early (S9). W0 is retired
+    // before t1's report arrives; when it does, t2 can run, and counts as
+    // W0's work (S16): W0 is not told to go, nor the client answered,
+    // until t2 ended. (A retirement once ended while such a task still
+    // ran: `loopback::a_retired_worker_finishes_its_task_...` under load.)
+    let (mut s, mut out) = setup(2);
+    s.on_update_graph(C0, chain(2), vec![k(2)], &mut out);
+    assert_eq!(out.computes(), vec![(W0, k(1)), (W0, k(2))]);
+    s.on_retire_workers(C0, 7, vec![W0], &mut out);
+    s.check_invariants();
+    finish(&mut s, &mut out, W0, 1, 8);
+    assert!(retired(&mut out).is_empty(), "retired while t2 runs");
+    assert!(!out.0.contains(&Sent::Worker(W0, ToWorker::Retire)));
+    finish(&mut s, &mut out, W0, 2, 8);
+    // Done: its values go to W1, then it is told to exit.
+    let asked = copies(&mut out);
+    assert!(asked.iter().all(|(w, _, _)| *w == W1), "{asked:?}");
+    for (_, key, _) in asked {
+        s.on_data_added(W1, key, &mut out);
+    }
+    s.check_invariants();
+    assert!(out.0.contains(&Sent::Worker(W0, ToWorker::Retire)));
+    assert_eq!(retired(&mut out), vec![(C0, 7, None)]);
+}
