@@ -56,6 +56,9 @@
 //!    scheduler hears of the loss after the messages the worker had already
 //!    sent (S7), and a new worker (a new id) registers soon after, as a
 //!    supervisor would restart it, so a run always has its worker count.
+//!    A worker the client retires ([`Fault::RetireWorker`], S16) exits
+//!    when the scheduler says `Retire`, after what it sent, and is not
+//!    replaced.
 //! 6. **Workers keep the worker's contract** (`worker/state.rs` rules 1–3)
 //!    in a simpler model: a task runs once every input is in its store,
 //!    `threads` at a time in priority order; a missing input named in the
@@ -67,8 +70,10 @@
 //!    back. Values fetched from a peer arrive [`Encoded`], as over a socket.
 //!    A task asked for back (`GiveUp`, S15) is given up if it has not
 //!    started running, else kept (`worker/state.rs` rule 8).
-//!    Not modelled: successors (worker rule 5), timeouts, replication
-//!    (`Fetch`), heartbeats, memory limits (S17).
+//!    A copy asked for (`Fetch`, S13, as retirements ask) is fetched from
+//!    the holders named, in turn, and reported `DataAdded`; one held
+//!    already is reported at once. Not modelled: successors (worker rule
+//!    5), timeouts, heartbeats, memory limits (S17).
 //! 7. **The client wants every output once**, fetches values too big to
 //!    travel inline from their holders (reporting `FetchFailed`), and
 //!    releases everything when all are known; the run goes on until no event
@@ -172,6 +177,16 @@ pub enum Fault {
         /// The extra latency, in ticks.
         by: u64,
     },
+    /// At step `step`, the client asks to retire the worker at position
+    /// `worker` (modulo their number) among the live workers, in id order
+    /// (S16): it finishes what it was sent, its values are copied to the
+    /// workers that stay, then it exits and is not replaced (rule 5).
+    RetireWorker {
+        /// The step.
+        step: u64,
+        /// Which live worker.
+        worker: u32,
+    },
     /// The `nth` run (from 1) of function `function`, counted over the
     /// whole cluster, fails as `how` says.
     FailRun {
@@ -240,6 +255,16 @@ pub enum Event {
         worker: WorkerId,
         /// The task whose run crashed it, if any.
         key: Option<WireKey>,
+    },
+    /// A worker left when told to ([`Fault::RetireWorker`]).
+    Retired {
+        /// The worker.
+        worker: WorkerId,
+    },
+    /// The scheduler answered a retirement the client asked for.
+    RetireAnswered {
+        /// Why it was refused, if it was.
+        error: Option<String>,
     },
     /// A value was dropped by [`Fault::LoseValue`].
     Dropped {
@@ -510,6 +535,10 @@ enum Ev {
     Lost(WorkerId, u32),
     /// A worker registers in this slot.
     Join(u32),
+    /// The client's request to retire a worker reaches the scheduler.
+    Retire(WorkerId),
+    /// The scheduler notices a retired worker's connection closed.
+    Left(WorkerId),
     /// The scheduler's clock moves (`State::on_tick`, rule 2).
     Tick,
 }
@@ -617,6 +646,8 @@ struct World {
     faults: Vec<Fault>,
     /// A delay armed by [`Fault::DelayMessage`], for the next message.
     delay: u64,
+    /// Retirements the client asked for, numbering them.
+    retire_requests: u64,
     wanted: BTreeSet<WireKey>,
     results: BTreeMap<WireKey, Result<Arc<[u8]>, WireFailure>>,
     released: bool,
@@ -677,6 +708,7 @@ impl World {
             runs_of: BTreeMap::new(),
             faults,
             delay: 0,
+            retire_requests: 0,
             wanted: BTreeSet::new(),
             results: BTreeMap::new(),
             released: false,
@@ -806,6 +838,7 @@ impl World {
                 .into_iter()
                 .partition(|f| match f {
                     Fault::KillWorker { step: s, .. }
+                    | Fault::RetireWorker { step: s, .. }
                     | Fault::LoseValue { step: s }
                     | Fault::DelayMessage { step: s, .. } => *s <= step,
                     Fault::FailRun { .. } => false,
@@ -820,6 +853,13 @@ impl World {
                     if !live.is_empty() {
                         let w = live[worker as usize % live.len()];
                         self.kill(w, None);
+                    }
+                }
+                Fault::RetireWorker { worker, .. } => {
+                    let live: Vec<WorkerId> = self.workers.keys().copied().collect();
+                    if !live.is_empty() {
+                        let w = live[worker as usize % live.len()];
+                        self.send(Link::FromClient, Ev::Retire(w));
                     }
                 }
                 Fault::LoseValue { .. } => {
@@ -892,6 +932,12 @@ impl World {
                 self.at(at, Ev::Join(slot));
             }
             Ev::Join(slot) => self.join(slot),
+            Ev::Retire(w) => {
+                self.retire_requests += 1;
+                let id = self.retire_requests;
+                self.schedule(|s, out| s.on_retire_workers(CLIENT, id, vec![w], out));
+            }
+            Ev::Left(w) => self.schedule(|s, out| s.on_worker_lost(w, out)),
             Ev::Tick => {
                 let now_ms = self.now / 1_000;
                 self.schedule(|s, out| s.on_tick(now_ms, out));
@@ -1056,13 +1102,33 @@ impl World {
                 self.report_to_scheduler(w, ToScheduler::TaskGivenUp { key, id });
                 self.abandon_waiting(w, key);
             }
+            ToWorker::Fetch { key, holders } => {
+                // A copy asked for (S13), as `worker/state.rs` answers it.
+                if worker.store.contains_key(&key) {
+                    return self.report_to_scheduler(w, ToScheduler::DataAdded { key });
+                }
+                if worker.tasks.contains_key(&key) || worker.fetching.contains(&key) {
+                    return; // reported when computed or fetched
+                }
+                let others: Vec<WorkerId> = holders.into_iter().filter(|&h| h != w).collect();
+                if !others.is_empty() {
+                    worker.fetching.insert(key);
+                    self.start_fetch(w, key, others);
+                }
+            }
+            ToWorker::Retire => {
+                // Everything it held is held elsewhere (S16): it exits,
+                // behind what it already sent, and is not replaced.
+                self.workers.remove(&w);
+                self.record(Event::Retired { worker: w });
+                self.send(Link::FromWorker(w), Ev::Left(w));
+            }
             ToWorker::Registered { .. }
             | ToWorker::PeerJoined { .. }
             | ToWorker::PeerLeft { .. }
-            | ToWorker::Heartbeat { .. }
-            | ToWorker::Fetch { .. } => {}
-            // The simulated cluster names no worker and retires none.
-            ToWorker::Refused { .. } | ToWorker::Retire => {}
+            | ToWorker::Heartbeat { .. } => {}
+            // The simulated cluster names no worker.
+            ToWorker::Refused { .. } => {}
         }
     }
 
@@ -1341,6 +1407,7 @@ impl World {
             {
                 self.output(key, Err(failure));
             }
+            ToClient::Retired { error, .. } => self.record(Event::RetireAnswered { error }),
             _ => {}
         }
     }
