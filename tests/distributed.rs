@@ -21,7 +21,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
-use proptest::test_runner::{Config as ProptestConfig, TestRunner};
 use rask::{as_completed, delayed, Client, Config, Delayed, Error, ExecutorKind, Future, Status};
 
 // `inc` and `half` are both marked and listed in `main`: registered twice,
@@ -1181,11 +1180,7 @@ fn a_worker_stuck_in_a_cancelled_task_is_restarted_by_its_cluster() {
 }
 
 fn random_graphs_agree_with_the_sync_executor() {
-    let mut runner = TestRunner::new(ProptestConfig {
-        cases: 12,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    });
+    let mut runner = support::runner(12);
     runner
         .run(&support::dag(40, 0.05), |specs| {
             let nodes = support::build(&specs, 0);
@@ -1206,11 +1201,7 @@ fn random_graphs_agree_with_the_sync_executor() {
 /// results on random graphs (a few cases: each costs round trips).
 fn random_graphs_through_the_client_agree_with_the_sync_executor() {
     let client = Client::with_config(&local2()).unwrap();
-    let mut runner = TestRunner::new(ProptestConfig {
-        cases: 8,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    });
+    let mut runner = support::runner(8);
     runner
         .run(&support::dag(30, 0.05), |specs| {
             support::client_agrees_with_eval(&client, &specs, 0, 4)

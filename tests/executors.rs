@@ -642,16 +642,11 @@ fn a_simulated_cluster_has_its_workers() {
 #[test]
 fn sim_cluster_with_faults_agrees_with_sync_over_500_graphs() {
     use proptest::prelude::*;
-    use proptest::test_runner::{Config as Cases, TestRunner};
     use std::sync::atomic::{AtomicU64, Ordering};
 
     rask::init_with(cluster_tasks());
     let seeds = AtomicU64::new(0);
-    let mut runner = TestRunner::new(Cases {
-        cases: 500,
-        failure_persistence: None,
-        ..Cases::default()
-    });
+    let mut runner = support::runner(500);
     runner
         .run(&support::dag(30, 0.05), |specs| {
             let seed = seeds.fetch_add(1, Ordering::Relaxed);

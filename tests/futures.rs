@@ -32,6 +32,18 @@ fn open(gate: u64) {
     GATE_CHANGED.notify_all();
 }
 
+/// `n` futures on `client`, the `i`-th returning `i` once its own gate
+/// opens, and their gates.
+fn gated_futures(client: &Client, n: i64) -> (Vec<u64>, Vec<rask::Future<i64>>) {
+    let gates: Vec<u64> = (0..n).map(|_| new_id()).collect();
+    let futures = gates
+        .iter()
+        .zip(0..)
+        .map(|(&g, i)| client.submit(delayed!(gated(g, i))).unwrap())
+        .collect();
+    (gates, futures)
+}
+
 /// Waits until `gate` is open, then returns `value`.
 fn gated(gate: u64, value: i64) -> i64 {
     let mut gates = GATES.lock().unwrap();
@@ -226,12 +238,7 @@ fn submit_returns_before_the_task_finished() {
 fn each_waiting_thread_wakes_when_its_own_future_ends() {
     use std::time::Duration;
     for client in background_clients() {
-        let gates: Vec<u64> = (0..4).map(|_| new_id()).collect();
-        let futures: Vec<_> = gates
-            .iter()
-            .zip(0..)
-            .map(|(&g, i)| client.submit(delayed!(gated(g, i))).unwrap())
-            .collect();
+        let (gates, futures) = gated_futures(&client, 4);
         // Waits that end at their deadline: every gate is shut.
         for f in futures.iter().step_by(2) {
             assert!(f.result_timeout(Duration::from_millis(1)).is_err());
@@ -828,17 +835,12 @@ fn a_node_a_finished_future_holds_is_not_computed_again() {
 /// roots per submission, unoptimized and optimized.
 #[test]
 fn random_graphs_through_the_client_agree_with_sync() {
-    use proptest::test_runner::{Config as Cases, TestRunner};
     let clients = [
         Client::threads(2).unwrap(),
         Client::with_config(&rask::Config::threads(2).optimize(false)).unwrap(),
         Client::synchronous().unwrap(),
     ];
-    let mut runner = TestRunner::new(Cases {
-        cases: 48,
-        failure_persistence: None,
-        ..Cases::default()
-    });
+    let mut runner = support::runner(48);
     runner
         .run(&support::dag(40, 0.05), |specs| {
             for client in &clients {
@@ -1001,12 +1003,7 @@ fn scatter_broadcast_reaches_every_worker() {
 #[test]
 fn gather_waits_for_all_in_any_order_and_stops_at_a_failure() {
     for client in background_clients() {
-        let gates: Vec<u64> = (0..6).map(|_| new_id()).collect();
-        let futures: Vec<_> = gates
-            .iter()
-            .zip(0..)
-            .map(|(&g, i)| client.submit(delayed!(gated(g, i))).unwrap())
-            .collect();
+        let (gates, futures) = gated_futures(&client, 6);
         let waiting = futures.clone();
         let gathering = {
             let client = client.clone();

@@ -8,6 +8,16 @@ use std::sync::Mutex;
 use proptest::prelude::*;
 use rask::{delayed, Delayed};
 
+/// A proptest runner of `cases` cases that writes no regression file
+/// (the seeds of these tests are not kept between runs).
+pub fn runner(cases: u32) -> proptest::test_runner::TestRunner {
+    proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
+        cases,
+        failure_persistence: None,
+        ..proptest::test_runner::Config::default()
+    })
+}
+
 /// One node of a random DAG: a leaf literal or a combination of earlier nodes.
 #[derive(Debug, Clone)]
 pub enum Spec {

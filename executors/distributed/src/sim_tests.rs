@@ -514,12 +514,12 @@ fn higher_priority_runs_first_on_a_busy_worker() {
     assert!(ran[..5].iter().all(|k| urgent.contains(k)), "{ran:?}");
 }
 
-#[test]
-fn long_tasks_queued_on_a_busy_worker_move_to_an_idle_one() {
-    // Two one-thread workers, forty tasks of up to 3 ms: whenever one
-    // worker runs dry while the other holds queued work, a task moves
-    // (S15), once given up: each runs once.
-    let nodes: Vec<Node> = (0..40)
+/// Runs `n` independent tasks of up to `max_duration` ticks on two
+/// one-thread workers, for seeds 0..20: results agree and, a move being
+/// made only once the first worker gave the task up, no task runs twice.
+/// Returns how many tasks started on two workers (moved, S15).
+fn moves_over_20_seeds(n: u64, max_duration: u64, what: &str) -> usize {
+    let nodes: Vec<Node> = (0..n)
         .map(|i| Node {
             deps: vec![],
             salt: i,
@@ -527,17 +527,24 @@ fn long_tasks_queued_on_a_busy_worker_move_to_an_idle_one() {
             fails: false,
         })
         .collect();
+    let all: Vec<usize> = (0..n as usize).collect();
     let mut moved = 0;
     for seed in 0..20 {
         let report = Sim::new(2, seed)
             .threads(1)
-            .max_duration(3_000)
+            .max_duration(max_duration)
             .watch(true)
-            .run(specs(&nodes), (0..40).map(key).collect(), &mut run_mix);
-        check_agrees(&nodes, &(0..40).collect::<Vec<_>>(), &report, "moved");
-        // A move is made only once the first worker gave the task up: no
-        // task runs twice.
-        assert_eq!(report.ran_again(), Vec::<Arc<str>>::new(), "seed {seed}");
+            .run(
+                specs(&nodes),
+                all.iter().map(|&i| key(i)).collect(),
+                &mut run_mix,
+            );
+        check_agrees(&nodes, &all, &report, what);
+        assert_eq!(
+            report.ran_again(),
+            Vec::<Arc<str>>::new(),
+            "{what}: seed {seed}"
+        );
         let mut started: BTreeMap<WireKey, BTreeSet<WorkerId>> = BTreeMap::new();
         for e in &report.task_events {
             if let WireEventKind::Started { worker } = e.kind {
@@ -546,41 +553,24 @@ fn long_tasks_queued_on_a_busy_worker_move_to_an_idle_one() {
         }
         moved += started.values().filter(|ws| ws.len() > 1).count();
     }
+    moved
+}
+
+#[test]
+fn long_tasks_queued_on_a_busy_worker_move_to_an_idle_one() {
+    // Forty tasks of up to 3 ms: whenever one worker runs dry while the
+    // other holds queued work, a task moves (S15).
+    let moved = moves_over_20_seeds(40, 3_000, "moved");
     assert!(moved > 0, "no task moved in 20 runs");
 }
 
 #[test]
 fn a_task_stuck_behind_a_long_one_moves_once_the_clock_says_so() {
-    // Two one-thread workers, three tasks of up to a second, windows of
-    // two: W0 gets the first and the third, W1 the second. By the mean
-    // task time nothing waits behind enough work to move (S15), but when
-    // W1 runs dry while W0's first task has been out for STUCK_MS, the
-    // third moves to W1, once given up: each runs once, results agree.
-    let nodes: Vec<Node> = (0..3)
-        .map(|i| Node {
-            deps: vec![],
-            salt: i,
-            big: false,
-            fails: false,
-        })
-        .collect();
-    let mut moved = 0;
-    for seed in 0..20 {
-        let report = Sim::new(2, seed)
-            .threads(1)
-            .max_duration(1_000_000)
-            .watch(true)
-            .run(specs(&nodes), (0..3).map(key).collect(), &mut run_mix);
-        check_agrees(&nodes, &[0, 1, 2], &report, "stuck");
-        assert_eq!(report.ran_again(), Vec::<Arc<str>>::new(), "seed {seed}");
-        let mut started: BTreeMap<WireKey, BTreeSet<WorkerId>> = BTreeMap::new();
-        for e in &report.task_events {
-            if let WireEventKind::Started { worker } = e.kind {
-                started.entry(e.key).or_default().insert(worker);
-            }
-        }
-        moved += started.values().filter(|ws| ws.len() > 1).count();
-    }
+    // Three tasks of up to a second, windows of two: W0 gets the first and
+    // the third, W1 the second. By the mean task time nothing waits behind
+    // enough work to move (S15), but when W1 runs dry while W0's first
+    // task has been out for STUCK_MS, the third moves to W1.
+    let moved = moves_over_20_seeds(3, 1_000_000, "stuck");
     assert!(moved > 0, "no stuck task moved in 20 runs");
 }
 

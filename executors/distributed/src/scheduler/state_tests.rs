@@ -1423,10 +1423,10 @@ fn asked_to_give_up() -> (State, Rec, u64) {
     asked_to_give_up_after(100_000_000)
 }
 
-/// `asked_to_give_up` with tasks of `duration_ns`.
-fn asked_to_give_up_after(duration_ns: u64) -> (State, Rec, u64) {
+/// Two one-thread workers that each ran one 1 µs task (t1 on W0, t2 on
+/// W1): windows are large (64 tasks per thread).
+fn two_workers_with_large_windows() -> (State, Rec) {
     let (mut s, mut out) = setup(2);
-    // Two 1 µs tasks make windows large (64 per thread)...
     s.on_update_graph(
         C0,
         vec![spec(1, &[]), spec(2, &[])],
@@ -1436,6 +1436,13 @@ fn asked_to_give_up_after(duration_ns: u64) -> (State, Rec, u64) {
     assert_eq!(out.computes(), vec![(W0, k(1)), (W1, k(2))]);
     finish_in(&mut s, &mut out, W0, 1, 1_000);
     finish_in(&mut s, &mut out, W1, 2, 1_000);
+    (s, out)
+}
+
+/// `asked_to_give_up` with tasks of `duration_ns`.
+fn asked_to_give_up_after(duration_ns: u64) -> (State, Rec, u64) {
+    // Two 1 µs tasks make windows large (64 per thread)...
+    let (mut s, mut out) = two_workers_with_large_windows();
     // ...so twenty more go out at once, ten to each worker; they take
     // 100 ms each.
     let graph: Vec<_> = (11..=30).map(|i| spec(i, &[])).collect();
@@ -1780,16 +1787,7 @@ fn retiring_every_worker_is_refused_and_retires_none() {
 /// W0 holds the long one and a short one behind it. W1 finishes its own
 /// and is idle. `out` is drained.
 fn stuck_behind_a_long_task() -> (State, Rec) {
-    let (mut s, mut out) = setup(2);
-    s.on_update_graph(
-        C0,
-        vec![spec(1, &[]), spec(2, &[])],
-        vec![k(1), k(2)],
-        &mut out,
-    );
-    assert_eq!(out.computes(), vec![(W0, k(1)), (W1, k(2))]);
-    finish_in(&mut s, &mut out, W0, 1, 1_000);
-    finish_in(&mut s, &mut out, W1, 2, 1_000);
+    let (mut s, mut out) = two_workers_with_large_windows();
     s.on_tick(0, &mut out);
     s.on_update_graph(
         C0,
