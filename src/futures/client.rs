@@ -1487,17 +1487,20 @@ impl Shared {
         }
         start_queued();
         let task = rask_executor::Stop::current();
-        let started = std::time::Instant::now();
-        let state = rask_executor::blocking(|| self.wait_pending(key, deadline, &task));
-        self.waited(started);
+        let spin = self.watcher(&task);
+        let started = spin.map(|_| std::time::Instant::now());
+        let state = rask_executor::blocking(|| self.wait_pending(key, deadline, &task, spin));
+        if let (Some(spin), Some(started)) = (spin, started) {
+            spin.waited(started.elapsed());
+        }
         state
     }
 
-    /// Counts a wait that began at `started` for watching (`spin` rule 4).
-    fn waited(&self, started: std::time::Instant) {
-        if let Some(spin) = &self.spin {
-            spin.waited(started.elapsed());
-        }
+    /// How a waiting thread outside tasks watches before it sleeps (`spin`
+    /// rules): `None` where it sleeps at once, and inside a task (its
+    /// thread goes back to its worker instead).
+    fn watcher(&self, task: &rask_executor::Stop) -> Option<&Spin> {
+        self.spin.as_ref().filter(|_| !task.can_raise())
     }
 
     /// [`wait`](Shared::wait) once `key` was seen pending.
@@ -1506,9 +1509,9 @@ impl Shared {
         key: Key,
         deadline: Option<std::time::Instant>,
         task: &rask_executor::Stop,
+        mut spin: Option<&Spin>,
     ) -> State {
         let mut table = self.lock();
-        let mut watched = false;
         loop {
             // Counted as a sleeper under the lock (see `wake`), in the one
             // lookup; a return below without sleeping over-counts, which
@@ -1516,12 +1519,13 @@ impl Shared {
             let state = match table.get_mut(&key) {
                 None => return State::Cancelled,
                 Some(entry) if !entry.state.is_pending() => return entry.state.clone(),
-                Some(_) if !watched => {
+                Some(_) if spin.is_some() => {
                     // Watched first (`spin` rules), as no sleeper.
-                    watched = true;
-                    table = self.watch(table, deadline, task, |table| {
-                        table.get(&key).is_none_or(|e| !e.state.is_pending())
-                    });
+                    if let Some(spin) = spin.take() {
+                        table = self.watch(spin, table, deadline, |table| {
+                            table.get(&key).is_none_or(|e| !e.state.is_pending())
+                        });
+                    }
                     continue;
                 }
                 Some(entry) => {
@@ -1548,21 +1552,16 @@ impl Shared {
         failed
     }
 
-    /// Watches the table until `ended` holds, before a first sleep
-    /// (`spin` rules), and returns it locked again, ended or not: the
-    /// caller looks at it again as after a sleep. Nothing when this client
-    /// does not watch, or inside a task (its thread goes back to its
-    /// worker instead).
+    /// Watches the table with `spin` until `ended` holds, before a first
+    /// sleep (`spin` rules), and returns it locked again, ended or not:
+    /// the caller looks at it again as after a sleep.
     fn watch<'a>(
         &'a self,
+        spin: &Spin,
         table: MutexGuard<'a, KeyMap<Entry>>,
         deadline: Option<std::time::Instant>,
-        task: &rask_executor::Stop,
         ended: impl Fn(&KeyMap<Entry>) -> bool,
     ) -> MutexGuard<'a, KeyMap<Entry>> {
-        let Some(spin) = self.spin.as_ref().filter(|_| !task.can_raise()) else {
-            return table;
-        };
         let since = spin.mark();
         drop(table);
         spin.until(since, deadline, || ended(&self.lock()));
@@ -1633,7 +1632,8 @@ impl Shared {
     ) -> bool {
         start_queued();
         let task = rask_executor::Stop::current();
-        let started = std::time::Instant::now();
+        let spin = self.watcher(&task);
+        let started = spin.map(|_| std::time::Instant::now());
         // Whether a key was found pending: only such a wait counts for
         // watching (`spin` rule 4).
         let mut watched = false;
@@ -1676,12 +1676,12 @@ impl Shared {
                     }
                     looked_at = Some(failures);
                 }
-                if !watched {
+                if let Some(spin) = spin.filter(|_| !watched) {
                     // Watched first (`spin` rules): until the last key
                     // ended or a watched one failed.
                     watched = true;
                     let last = keys[to - 1];
-                    table = self.watch(table, deadline, &task, |table| {
+                    table = self.watch(spin, table, deadline, |table| {
                         self.failures.load(Ordering::Relaxed) != failures
                             || table.get(&last).is_none_or(|e| !e.state.is_pending())
                     });
@@ -1696,8 +1696,8 @@ impl Shared {
                 }
             }
         });
-        if watched {
-            self.waited(started);
+        if let (Some(spin), Some(started), true) = (spin, started, watched) {
+            spin.waited(started.elapsed());
         }
         ended
     }
