@@ -1642,6 +1642,19 @@ impl State {
 
     // ----- transitions -----
 
+    /// One more task in `w`'s window, as [`unload`](State::unload) takes
+    /// one off: in its load in placement (not a seceded one), and, while it
+    /// retires (its load out of placement), in its `busy` count, seceded
+    /// ones included, which holds the retirement until the task ends (S16).
+    fn count_in_window(&mut self, w: WorkerId, seceded: bool) {
+        if !seceded {
+            self.loads.add_task(w);
+        }
+        if let Some(r) = self.workers.get_mut(&w).and_then(|w| w.retiring.as_mut()) {
+            r.busy = r.busy.saturating_add(1);
+        }
+    }
+
     /// Takes a `Processing` task off its worker's books: out of its window,
     /// or out of its early count (S9). The caller changes the state next.
     fn unload(&mut self, id: TaskId) {
@@ -1896,15 +1909,7 @@ impl State {
                         let seceded = self.task(s).seceded;
                         if let Some(worker) = self.workers.get_mut(&w) {
                             worker.early = worker.early.saturating_sub(1);
-                            // A retiring worker's load left placement: its
-                            // work is counted in `busy` (S16), which this
-                            // task must hold until it ends.
-                            if let Some(r) = worker.retiring.as_mut() {
-                                r.busy = r.busy.saturating_add(1);
-                            }
-                            if !seceded {
-                                self.loads.add_task(w);
-                            }
+                            self.count_in_window(w, seceded);
                             self.early_room(w);
                         }
                     }
@@ -2338,14 +2343,10 @@ impl State {
                 .filter(|&&(id, _)| !self.task(id).early && !self.task(id).seceded)
                 .map(|&(id, _)| self.now_ms.saturating_sub(self.task(id).sent_ms))
                 .collect();
-            if ages.len() <= threads.saturating_add(v.outgoing as usize) {
-                continue;
-            }
             ages.sort_unstable_by(|a, b| b.cmp(a));
-            let held_for = ages[threads - 1];
-            if held_for < STUCK_MS {
-                continue;
-            }
+            let Some(&held_for) = ages.get(threads - 1).filter(|&&age| age >= STUCK_MS) else {
+                continue; // a thread there is free, or its task is young
+            };
             let wait_ns = held_for as f64 * 1e6;
             if let Some(id) = self.steal_candidate(victim, thief, wait_ns, threads) {
                 return Some((victim, id));
@@ -2582,7 +2583,7 @@ impl State {
         task.kept = false;
         let restriction = task.restriction.clone();
         if !early {
-            self.loads.add_task(worker);
+            self.count_in_window(worker, false);
         }
         if let Some(w) = self.workers.get_mut(&worker) {
             if early {
