@@ -764,6 +764,221 @@ mod floor {
     }
 }
 
+/// The floor of `as_completed` on a local cluster: the same threads and
+/// processes passing the same hand-offs, with nothing else, measured in the
+/// same process after rask's run (`floor_us_per_task`, `x_floor`).
+///
+/// Honest means every hand-off a completion needs is there, each the
+/// cheapest way this machine offers it: the waiting thread hands a new
+/// task's number to a thread that owns the worker connections (a channel
+/// into a Tokio runtime of one thread, as a client's commands); that thread
+/// writes it to one of `workers` worker processes over a Unix socket; the
+/// worker reads it and writes it back at once; the owning thread reads it
+/// and hands it to the waiting thread (a queue and a condition variable,
+/// woken only when it waits), which takes the completions one at a time
+/// and submits one task for each, 10 in flight. What it leaves out is what
+/// rask adds on purpose: keys, a scheduler's state and placement, messages
+/// with types and checks, values, results of any type, errors as data.
+#[cfg(unix)]
+mod handoff {
+    use std::collections::VecDeque;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream as StdStream;
+    use std::sync::{Arc, Condvar, Mutex, PoisonError};
+    use std::time::Instant;
+
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::{UnixListener, UnixStream};
+    use tokio::sync::mpsc;
+
+    /// The environment variable that makes this binary a floor worker,
+    /// connecting to the socket it names.
+    pub(super) const WORKER_ENV: &str = "RASK_BENCH_HANDOFF_WORKER";
+
+    /// Tasks in flight, as `as_completed` keeps them.
+    const IN_FLIGHT: u64 = 10;
+
+    /// Bytes of one task's number.
+    const WIDTH: usize = 8;
+
+    /// How long the workers may take to connect.
+    const CONNECT_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// The worker: echoes every whole number it reads, in one write per
+    /// read, until the socket closes.
+    pub(super) fn worker(path: &str) -> Result<(), String> {
+        let mut socket = StdStream::connect(path).map_err(|e| format!("connect {path}: {e}"))?;
+        let mut buf = vec![0u8; 64 << 10];
+        let mut held = 0;
+        loop {
+            let n = socket.read(&mut buf[held..]).map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Ok(());
+            }
+            held += n;
+            let whole = held - held % WIDTH;
+            socket.write_all(&buf[..whole]).map_err(|e| e.to_string())?;
+            buf.copy_within(whole..held, 0);
+            held -= whole;
+        }
+    }
+
+    /// Completions handed to the waiting thread.
+    #[derive(Default)]
+    struct Done {
+        queue: Mutex<(VecDeque<u64>, bool)>,
+        ready: Condvar,
+    }
+
+    impl Done {
+        fn push(&self, ids: impl Iterator<Item = u64>) {
+            let mut guard = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+            guard.0.extend(ids);
+            if guard.1 {
+                self.ready.notify_one();
+            }
+        }
+
+        fn pop(&self) -> u64 {
+            let mut guard = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+            loop {
+                if let Some(id) = guard.0.pop_front() {
+                    return id;
+                }
+                guard.1 = true;
+                guard = self
+                    .ready
+                    .wait(guard)
+                    .unwrap_or_else(PoisonError::into_inner);
+                guard.1 = false;
+            }
+        }
+    }
+
+    /// Seconds per completion of `n` completions through `workers` worker
+    /// processes; `Err` when a completion is lost or wrong.
+    pub(super) fn measure(n: u64, workers: usize) -> Result<f64, String> {
+        let path = std::env::temp_dir().join(format!("rask-handoff-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let listener = runtime
+            .block_on(async { UnixListener::bind(&path) })
+            .map_err(|e| format!("bind {}: {e}", path.display()))?;
+        let mut children = Vec::new();
+        for _ in 0..workers.max(1) {
+            let child = std::process::Command::new(&exe)
+                .env(WORKER_ENV, &path)
+                .spawn()
+                .map_err(|e| format!("spawn a floor worker: {e}"))?;
+            children.push(child);
+        }
+        let accepted: Result<Vec<UnixStream>, String> = runtime.block_on(async {
+            let mut sockets = Vec::new();
+            for _ in 0..children.len() {
+                let accept = tokio::time::timeout(CONNECT_WITHIN, listener.accept());
+                let (socket, _) = accept
+                    .await
+                    .map_err(|_| "a floor worker did not connect within 10 s".to_string())?
+                    .map_err(|e| e.to_string())?;
+                sockets.push(socket);
+            }
+            Ok(sockets)
+        });
+        if accepted.is_err() {
+            for child in &mut children {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+        let sockets = accepted?;
+        let done = Arc::new(Done::default());
+        let (submit, mut submitted) = mpsc::unbounded_channel::<u64>();
+        let owner =
+            {
+                let done = done.clone();
+                std::thread::spawn(move || {
+                    runtime.block_on(async move {
+                        let mut writers = Vec::new();
+                        for socket in sockets {
+                            let (mut read, write) = socket.into_split();
+                            writers.push(write);
+                            let done = done.clone();
+                            tokio::spawn(async move {
+                                let mut buf = vec![0u8; 64 << 10];
+                                let mut held = 0;
+                                loop {
+                                    match tokio::io::AsyncReadExt::read(&mut read, &mut buf[held..])
+                                        .await
+                                    {
+                                        Ok(0) | Err(_) => return,
+                                        Ok(got) => held += got,
+                                    }
+                                    let whole = held - held % WIDTH;
+                                    done.push(buf[..whole].chunks_exact(WIDTH).map(|c| {
+                                        u64::from_le_bytes(c.try_into().unwrap_or_default())
+                                    }));
+                                    buf.copy_within(whole..held, 0);
+                                    held -= whole;
+                                }
+                            });
+                        }
+                        let mut out: Vec<Vec<u8>> = vec![Vec::new(); writers.len()];
+                        let mut next_worker = 0;
+                        while let Some(first) = submitted.recv().await {
+                            let mut id = Some(first);
+                            while let Some(task) = id {
+                                out[next_worker].extend_from_slice(&task.to_le_bytes());
+                                next_worker = (next_worker + 1) % writers.len();
+                                id = submitted.try_recv().ok();
+                            }
+                            for (writer, bytes) in writers.iter_mut().zip(&mut out) {
+                                if !bytes.is_empty() {
+                                    if writer.write_all(bytes).await.is_err() {
+                                        return;
+                                    }
+                                    bytes.clear();
+                                }
+                            }
+                        }
+                    });
+                })
+            };
+        let start = Instant::now();
+        let mut next = 0;
+        let send = |id: u64| {
+            submit
+                .send(id)
+                .map_err(|_| "the owning thread stopped".to_string())
+        };
+        while next < IN_FLIGHT.min(n) {
+            send(next)?;
+            next += 1;
+        }
+        let mut total = 0u64;
+        for _ in 0..n {
+            total += done.pop();
+            if next < n {
+                send(next)?;
+                next += 1;
+            }
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        drop(submit);
+        let _ = owner.join();
+        for mut child in children {
+            let _ = child.wait();
+        }
+        super::check("floor completions' sum", total, n * (n - 1) / 2)?;
+        Ok(seconds / n as f64)
+    }
+}
+
 fn chain(run: &Run) -> Outcome {
     let (x, build_s) = timed(|| chain_graph(run.n));
     let sync = Config::synchronous();
@@ -1190,6 +1405,18 @@ fn as_completed(run: &Run) -> Outcome {
     let report = Report::new(run, run.n, as_completed_s, as_completed_s)
         .startup(startup_s)
         .secs("as_completed_s", as_completed_s);
+    drop(client);
+    // The hand-off floor, on a local cluster (`mod handoff`).
+    #[cfg(unix)]
+    let report = match run.cluster().filter(|&w| w > 0) {
+        Some(workers) => {
+            let floor_s = handoff::measure(run.n, workers)?;
+            report
+                .float("floor_us_per_task", floor_s * 1e6)
+                .float("x_floor", as_completed_s / run.n as f64 / floor_s)
+        }
+        None => report,
+    };
     Ok(report)
 }
 
@@ -1352,9 +1579,21 @@ executor it lists (or only E), each run in a fresh process, R times (default
 with `\"best_of\": R` added; a summary table goes to stderr.";
 
 fn main() -> ExitCode {
-    // First of all: in a worker process of a local cluster (this binary,
-    // re-run with `RASK_WORKER` set) this runs the worker and exits. Every
-    // function a workload sends to a cluster is listed.
+    // First of all: a worker of the hand-off floor (this binary, re-run
+    // with `handoff::WORKER_ENV` set) echoes and exits.
+    #[cfg(unix)]
+    if let Some(path) = std::env::var_os(handoff::WORKER_ENV) {
+        return match handoff::worker(&path.to_string_lossy()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("floor worker: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    // In a worker process of a local cluster (this binary, re-run with
+    // `RASK_WORKER` set) this runs the worker and exits. Every function a
+    // workload sends to a cluster is listed.
     rask::init_with(rask::tasks![
         inc,
         add,
