@@ -1642,15 +1642,17 @@ impl State {
 
     // ----- transitions -----
 
-    /// One more task in `w`'s window, as [`unload`](State::unload) takes
-    /// one off: in its load in placement (not a seceded one), and, while it
-    /// retires (its load out of placement), in its `busy` count, seceded
-    /// ones included, which holds the retirement until the task ends (S16).
-    fn count_in_window(&mut self, w: WorkerId, seceded: bool) {
+    /// One more task in the window of `worker` (`w`), as
+    /// [`unload`](State::unload) takes one off: in its load in placement
+    /// (not a seceded one), and, while it retires (its load out of
+    /// placement), in its `busy` count, seceded ones included, which holds
+    /// the retirement until the task ends (S16). Takes the worker its
+    /// callers already looked up, and `loads` beside it.
+    fn count_in_window(loads: &mut Loads, w: WorkerId, worker: &mut Worker, seceded: bool) {
         if !seceded {
-            self.loads.add_task(w);
+            loads.add_task(w);
         }
-        if let Some(r) = self.workers.get_mut(&w).and_then(|w| w.retiring.as_mut()) {
+        if let Some(r) = worker.retiring.as_mut() {
             r.busy = r.busy.saturating_add(1);
         }
     }
@@ -1909,7 +1911,7 @@ impl State {
                         let seceded = self.task(s).seceded;
                         if let Some(worker) = self.workers.get_mut(&w) {
                             worker.early = worker.early.saturating_sub(1);
-                            self.count_in_window(w, seceded);
+                            State::count_in_window(&mut self.loads, w, worker, seceded);
                             self.early_room(w);
                         }
                     }
@@ -2582,14 +2584,14 @@ impl State {
         task.early = early;
         task.kept = false;
         let restriction = task.restriction.clone();
-        if !early {
-            self.count_in_window(worker, false);
-        }
         if let Some(w) = self.workers.get_mut(&worker) {
             if early {
                 w.early += 1;
-            } else if let Some(r) = restriction {
-                w.hold(&r, true);
+            } else {
+                State::count_in_window(&mut self.loads, worker, w, false);
+                if let Some(r) = restriction {
+                    w.hold(&r, true);
+                }
             }
             w.sent.push((id, now));
             if w.sent.len() >= w.sent_limit {
