@@ -1487,20 +1487,23 @@ impl Shared {
         }
         start_queued();
         let task = rask_executor::Stop::current();
-        let spin = self.watcher(&task);
-        let started = spin.map(|_| std::time::Instant::now());
-        let state = rask_executor::blocking(|| self.wait_pending(key, deadline, &task, spin));
-        if let (Some(spin), Some(started)) = (spin, started) {
+        let watch = self.watcher(&task);
+        let state = rask_executor::blocking(|| {
+            self.wait_pending(key, deadline, &task, watch.map(|(spin, _)| spin))
+        });
+        if let Some((spin, started)) = watch {
             spin.waited(started.elapsed());
         }
         state
     }
 
     /// How a waiting thread outside tasks watches before it sleeps (`spin`
-    /// rules): `None` where it sleeps at once, and inside a task (its
-    /// thread goes back to its worker instead).
-    fn watcher(&self, task: &rask_executor::Stop) -> Option<&Spin> {
-        self.spin.as_ref().filter(|_| !task.can_raise())
+    /// rules), and when its wait started (for `Spin::waited`): `None`
+    /// where it sleeps at once, and inside a task (its thread goes back to
+    /// its worker instead). The clock is read only when it watches.
+    fn watcher(&self, task: &rask_executor::Stop) -> Option<(&Spin, std::time::Instant)> {
+        let spin = self.spin.as_ref().filter(|_| !task.can_raise())?;
+        Some((spin, std::time::Instant::now()))
     }
 
     /// [`wait`](Shared::wait) once `key` was seen pending.
@@ -1632,8 +1635,8 @@ impl Shared {
     ) -> bool {
         start_queued();
         let task = rask_executor::Stop::current();
-        let spin = self.watcher(&task);
-        let started = spin.map(|_| std::time::Instant::now());
+        let watch = self.watcher(&task);
+        let spin = watch.map(|(spin, _)| spin);
         // Whether a key was found pending: only such a wait counts for
         // watching (`spin` rule 4).
         let mut watched = false;
@@ -1696,7 +1699,7 @@ impl Shared {
                 }
             }
         });
-        if let (Some(spin), Some(started), true) = (spin, started, watched) {
+        if let Some((spin, started)) = watch.filter(|_| watched) {
             spin.waited(started.elapsed());
         }
         ended

@@ -54,9 +54,10 @@ pub(crate) struct Cluster {
 
 impl Cluster {
     /// Connects to a running scheduler at `host:port` (`tls://host:port`
-    /// over TLS, `unix:PATH` through its Unix socket), with the token the configuration gives; inside a task on
-    /// a worker of that scheduler, as that worker (its build, token and
-    /// TLS settings: `rask_distributed::TaskCluster`).
+    /// over TLS, `unix:PATH` through its Unix socket), with the token the
+    /// configuration gives; inside a task on a worker of that scheduler, as
+    /// that worker (its build, token and TLS settings:
+    /// `rask_distributed::TaskCluster`).
     pub(crate) fn connect(address: &str) -> Result<Cluster> {
         if let Some(cluster) = task_cluster_at(address) {
             return Ok(Cluster {
