@@ -773,7 +773,7 @@ mod floor {
 /// task's number to a thread that owns the worker connections (a channel
 /// into a Tokio runtime of one thread, as a client's commands); that thread
 /// writes it to one of `workers` worker processes over a Unix socket; the
-/// worker reads it and writes it back at once; the owning thread reads it
+/// worker writes back what it read at once; the owning thread reads it
 /// and hands it to the waiting thread (a queue and a condition variable,
 /// woken only when it waits), which takes the completions one at a time
 /// and submits one task for each, 10 in flight. What it leaves out is what
@@ -787,7 +787,8 @@ mod handoff {
     use std::sync::{Arc, Condvar, Mutex, PoisonError};
     use std::time::Instant;
 
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::unix::OwnedReadHalf;
     use tokio::net::{UnixListener, UnixStream};
     use tokio::sync::mpsc;
 
@@ -804,53 +805,124 @@ mod handoff {
     /// How long the workers may take to connect.
     const CONNECT_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 
-    /// The worker: echoes every whole number it reads, in one write per
-    /// read, until the socket closes.
+    /// The worker: writes back whatever it reads, as it reads it, until
+    /// the socket closes.
     pub(super) fn worker(path: &str) -> Result<(), String> {
         let mut socket = StdStream::connect(path).map_err(|e| format!("connect {path}: {e}"))?;
         let mut buf = vec![0u8; 64 << 10];
-        let mut held = 0;
         loop {
-            let n = socket.read(&mut buf[held..]).map_err(|e| e.to_string())?;
+            let n = socket.read(&mut buf).map_err(|e| e.to_string())?;
             if n == 0 {
                 return Ok(());
             }
-            held += n;
-            let whole = held - held % WIDTH;
-            socket.write_all(&buf[..whole]).map_err(|e| e.to_string())?;
-            buf.copy_within(whole..held, 0);
-            held -= whole;
+            socket.write_all(&buf[..n]).map_err(|e| e.to_string())?;
         }
     }
 
     /// Completions handed to the waiting thread.
     #[derive(Default)]
     struct Done {
-        queue: Mutex<(VecDeque<u64>, bool)>,
+        queue: Mutex<Queue>,
         ready: Condvar,
     }
 
+    #[derive(Default)]
+    struct Queue {
+        ids: VecDeque<u64>,
+        /// The waiting thread sleeps on `ready`.
+        waiting: bool,
+        /// A worker's connection ended: no more completions come from it.
+        ended: bool,
+    }
+
     impl Done {
+        fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+            self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+        }
+
         fn push(&self, ids: impl Iterator<Item = u64>) {
-            let mut guard = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
-            guard.0.extend(ids);
-            if guard.1 {
+            let mut queue = self.lock();
+            queue.ids.extend(ids);
+            if queue.waiting {
                 self.ready.notify_one();
             }
         }
 
-        fn pop(&self) -> u64 {
-            let mut guard = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        fn end(&self) {
+            self.lock().ended = true;
+            self.ready.notify_one();
+        }
+
+        /// The next completion; `None` once none is queued and a worker's
+        /// connection ended.
+        fn pop(&self) -> Option<u64> {
+            let mut queue = self.lock();
             loop {
-                if let Some(id) = guard.0.pop_front() {
-                    return id;
+                if let Some(id) = queue.ids.pop_front() {
+                    return Some(id);
                 }
-                guard.1 = true;
-                guard = self
+                if queue.ended {
+                    return None;
+                }
+                queue.waiting = true;
+                queue = self
                     .ready
-                    .wait(guard)
+                    .wait(queue)
                     .unwrap_or_else(PoisonError::into_inner);
-                guard.1 = false;
+                queue.waiting = false;
+            }
+        }
+    }
+
+    /// Hands every whole number read from a worker to `done`, until the
+    /// connection ends.
+    async fn read_completions(mut read: OwnedReadHalf, done: Arc<Done>) {
+        let mut buf = vec![0u8; 64 << 10];
+        let mut held = 0;
+        while let Ok(got @ 1..) = read.read(&mut buf[held..]).await {
+            held += got;
+            let whole = held - held % WIDTH;
+            done.push(
+                buf[..whole]
+                    .chunks_exact(WIDTH)
+                    .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default())),
+            );
+            buf.copy_within(whole..held, 0);
+            held -= whole;
+        }
+        done.end();
+    }
+
+    /// The thread owning the connections: reads completions, and writes
+    /// each submitted number to the next worker in turn, all the numbers
+    /// waiting at once in one write per worker.
+    async fn own(
+        sockets: Vec<UnixStream>,
+        mut submitted: mpsc::UnboundedReceiver<u64>,
+        done: Arc<Done>,
+    ) {
+        let mut writers = Vec::new();
+        for socket in sockets {
+            let (read, write) = socket.into_split();
+            tokio::spawn(read_completions(read, done.clone()));
+            writers.push(write);
+        }
+        let mut out: Vec<Vec<u8>> = vec![Vec::new(); writers.len()];
+        let mut next_worker = 0;
+        while let Some(first) = submitted.recv().await {
+            let mut id = Some(first);
+            while let Some(task) = id {
+                out[next_worker].extend_from_slice(&task.to_le_bytes());
+                next_worker = (next_worker + 1) % writers.len();
+                id = submitted.try_recv().ok();
+            }
+            for (writer, bytes) in writers.iter_mut().zip(&mut out) {
+                if !bytes.is_empty() {
+                    if writer.write_all(bytes).await.is_err() {
+                        return;
+                    }
+                    bytes.clear();
+                }
             }
         }
     }
@@ -898,57 +970,15 @@ mod handoff {
         let _ = std::fs::remove_file(&path);
         let sockets = accepted?;
         let done = Arc::new(Done::default());
-        let (submit, mut submitted) = mpsc::unbounded_channel::<u64>();
-        let owner =
-            {
-                let done = done.clone();
-                std::thread::spawn(move || {
-                    runtime.block_on(async move {
-                        let mut writers = Vec::new();
-                        for socket in sockets {
-                            let (mut read, write) = socket.into_split();
-                            writers.push(write);
-                            let done = done.clone();
-                            tokio::spawn(async move {
-                                let mut buf = vec![0u8; 64 << 10];
-                                let mut held = 0;
-                                loop {
-                                    match tokio::io::AsyncReadExt::read(&mut read, &mut buf[held..])
-                                        .await
-                                    {
-                                        Ok(0) | Err(_) => return,
-                                        Ok(got) => held += got,
-                                    }
-                                    let whole = held - held % WIDTH;
-                                    done.push(buf[..whole].chunks_exact(WIDTH).map(|c| {
-                                        u64::from_le_bytes(c.try_into().unwrap_or_default())
-                                    }));
-                                    buf.copy_within(whole..held, 0);
-                                    held -= whole;
-                                }
-                            });
-                        }
-                        let mut out: Vec<Vec<u8>> = vec![Vec::new(); writers.len()];
-                        let mut next_worker = 0;
-                        while let Some(first) = submitted.recv().await {
-                            let mut id = Some(first);
-                            while let Some(task) = id {
-                                out[next_worker].extend_from_slice(&task.to_le_bytes());
-                                next_worker = (next_worker + 1) % writers.len();
-                                id = submitted.try_recv().ok();
-                            }
-                            for (writer, bytes) in writers.iter_mut().zip(&mut out) {
-                                if !bytes.is_empty() {
-                                    if writer.write_all(bytes).await.is_err() {
-                                        return;
-                                    }
-                                    bytes.clear();
-                                }
-                            }
-                        }
-                    });
-                })
-            };
+        let (submit, submitted) = mpsc::unbounded_channel::<u64>();
+        let owner = {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                runtime.block_on(own(sockets, submitted, done.clone()));
+                // Nothing runs on the runtime any more: no completion comes.
+                done.end();
+            })
+        };
         let start = Instant::now();
         let mut next = 0;
         let send = |id: u64| {
@@ -962,7 +992,7 @@ mod handoff {
         }
         let mut total = 0u64;
         for _ in 0..n {
-            total += done.pop();
+            total += done.pop().ok_or("a floor worker stopped before the end")?;
             if next < n {
                 send(next)?;
                 next += 1;
