@@ -470,8 +470,9 @@ struct Queue<F> {
 /// The futures done and not yet yielded.
 struct Ready<F> {
     futures: VecDeque<F>,
-    /// Whether the iterator sleeps on `ready`: a notification nobody waits
-    /// for costs a syscall, so none is sent then.
+    /// Whether the iterator sleeps on `ready` and nobody notified it yet:
+    /// a notification nobody waits for costs a syscall, so none is sent
+    /// then. The first notification clears it.
     waiting: bool,
     /// The task of the latest `poll_next` that found nothing, woken by the
     /// next future done.
@@ -513,7 +514,9 @@ impl<F: Waitable> AsCompleted<F> {
             if let Some(f) = taken {
                 let mut done = queue.done.lock().unwrap_or_else(PoisonError::into_inner);
                 done.futures.push_back(f);
-                let waiting = done.waiting;
+                // One notification per sleep: the futures done before the
+                // iterator wakes up need none (each costs a syscall).
+                let waiting = std::mem::take(&mut done.waiting);
                 let waker = done.waker.take();
                 drop(done);
                 if waiting {
