@@ -114,8 +114,8 @@ use tokio::sync::mpsc;
 
 use crate::net::{self, Chain, ConnectError, FetchResult, Fetched, PeerPool};
 use crate::protocol::{
-    decode_checked, parse_address, Batch, KeyMap, Scheme, TaskSpec, ToClient, ToScheduler,
-    WireEvent, WireEventKind, WireKey, WorkerId, MAX_FRAME,
+    decode_checked, parse_address, Batch, KeyMap, Scheme, TaskSpecRef, ToClient, ToScheduler,
+    ToSchedulerRef, WireEvent, WireEventKind, WireKey, WorkerId, MAX_FRAME,
 };
 use crate::tls::Connector;
 use crate::{Auth, BuildId, Error, Tls, Token};
@@ -1038,14 +1038,6 @@ impl Executor for Client {
             let failures = early.into_iter().map(|(_, f)| f).collect();
             return fail_each(plan, &*reporter, failures, &[]);
         }
-        let tasks: Vec<TaskSpec> = plan
-            .tasks()
-            .iter()
-            .zip(wires)
-            .enumerate()
-            .filter(|(i, _)| failed[*i].is_none())
-            .map(|(i, (_, wire))| TaskSpec::of(&plan, i as u32, wire))
-            .collect();
         let outputs: Vec<WireKey> = plan.outputs().iter().map(|&t| plan.task(t).key.0).collect();
         let mut wanted: Vec<WireKey> = plan
             .outputs()
@@ -1056,17 +1048,33 @@ impl Executor for Client {
         // Each key once, in the plan's order: the scheduler activates them
         // in this order, and its ready queue costs least when work becomes
         // ready in submission order (`scheduler::ready`).
-        let mut seen: std::collections::HashSet<WireKey, foldhash::fast::RandomState> =
-            std::collections::HashSet::with_capacity_and_hasher(wanted.len(), Default::default());
-        wanted.retain(|key| seen.insert(*key));
+        if wanted.len() > 1 {
+            let mut seen: std::collections::HashSet<WireKey, foldhash::fast::RandomState> =
+                std::collections::HashSet::with_capacity_and_hasher(
+                    wanted.len(),
+                    Default::default(),
+                );
+            wanted.retain(|key| seen.insert(*key));
+        }
         // Whether outputs repeat a key (rule 2 counts them then).
         let repeats = wanted.len() + early.len() < outputs.len();
-        let mut batch = Batch::default();
-        batch.push(&ToScheduler::UpdateGraph {
-            tasks,
-            wanted: wanted.clone(),
-        });
-        let frames = batch.take_frames();
+        // Encoded from the plan and the wire forms as they are, with no
+        // copy of each task first.
+        let frames = {
+            let tasks: Vec<TaskSpecRef<'_>> = wires
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| failed[*i].is_none())
+                .map(|(i, wire)| TaskSpecRef::of(&plan, i as u32, wire))
+                .collect();
+            let mut batch = Batch::default();
+            batch.push(&ToSchedulerRef::UpdateGraph {
+                tasks: &tasks,
+                wanted: &wanted,
+            });
+            batch.take_frames()
+        };
+        drop(wires);
         if let Some(big) = frames.iter().find(|f| f.len() - 4 > MAX_FRAME) {
             drop(held);
             let slot0 = &plan.tasks()[plan.outputs()[0] as usize];
