@@ -877,22 +877,40 @@ pub(crate) fn recorded(id: TypeId) -> Recorded {
 ///
 /// [`Error::Unsendable`](crate::Error::Unsendable) for the first task found.
 pub(crate) fn check_sendable(roots: &[Arc<Node>]) -> crate::Result<()> {
-    let mut seen: std::collections::HashSet<
-        rask_executor::Key,
-        std::hash::BuildHasherDefault<crate::build::graph::KeyHash>,
-    > = Default::default();
-    let mut stack: Vec<&Arc<Node>> = roots.iter().collect();
-    while let Some(node) = stack.pop() {
-        if !seen.insert(node.key) {
-            continue;
-        }
+    fn check(node: &Arc<Node>) -> crate::Result<()> {
         node.call
             .sendable()
             .map_err(|reason| crate::Error::Unsendable {
                 key: crate::build::delayed::TaskKey::new(node),
                 reason,
-            })?;
-        stack.extend(node.deps.iter());
+            })
+    }
+    // A node without inputs is checked where it is met, once per edge to
+    // it: a call on literals alone needs no set and no stack.
+    fn meet<'a>(node: &'a Arc<Node>, stack: &mut Vec<&'a Arc<Node>>) -> crate::Result<()> {
+        if node.deps.is_empty() {
+            check(node)
+        } else {
+            stack.push(node);
+            Ok(())
+        }
+    }
+    let mut seen: std::collections::HashSet<
+        rask_executor::Key,
+        std::hash::BuildHasherDefault<crate::build::graph::KeyHash>,
+    > = Default::default();
+    let mut stack: Vec<&Arc<Node>> = Vec::new();
+    for root in roots {
+        meet(root, &mut stack)?;
+    }
+    while let Some(node) = stack.pop() {
+        if !seen.insert(node.key) {
+            continue;
+        }
+        check(node)?;
+        for dep in node.deps.iter() {
+            meet(dep, &mut stack)?;
+        }
     }
     Ok(())
 }

@@ -1227,12 +1227,18 @@ impl Shared {
         if roots.is_empty() {
             return;
         }
-        let mut own: KeyMap<()> = KeyMap::default();
-        own.extend(roots.iter().map(|r| (r.key, ())));
+        // The roots' keys, looked up for every node the passes meet: a few
+        // are compared in turn, with no map to build.
+        let own: Option<KeyMap<()>> =
+            (roots.len() > 8).then(|| roots.iter().map(|r| (r.key, ())).collect());
+        let is_root = |key: &Key| match &own {
+            Some(own) => own.contains_key(key),
+            None => roots.iter().any(|r| r.key == *key),
+        };
         let mut waits = Vec::new();
         let remote = self.backend.is_remote();
         let cut = |node: &Arc<Node>| {
-            if own.contains_key(&node.key) {
+            if is_root(&node.key) {
                 return None;
             }
             let entry = table.get(&node.key)?;
