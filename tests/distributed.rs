@@ -1284,7 +1284,6 @@ fn arguments_on_local_2() {
     arguments::parts(&local2());
 }
 
-/// The futures API of #16 on real worker processes.
 /// A wait for a cluster's future watches the client's table before it
 /// sleeps (`futures::spin`). Whether the future ends during the watch or
 /// after it, fails, or is cancelled, and whether a `gather` ends at its
@@ -1355,6 +1354,7 @@ fn waits_on_a_cluster_end_as_their_futures_do() {
     let _ = std::fs::remove_file(&path);
 }
 
+/// The futures API of #16 on real worker processes.
 fn futures_api_on_local_2() {
     let before = live_children().len();
     let client = Client::local(2).unwrap();

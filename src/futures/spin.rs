@@ -8,9 +8,10 @@
 //! to a cluster on this machine took 62–78 µs with the waiting thread
 //! asleep, 32–38 µs with it watching. Rules:
 //!
-//! 1. A wait watches the client's table for at most [`SPIN`] before it sleeps: it reads a counter that every
-//!    change of the table bumps ([`Spin::changed`]), and looks at what it
-//!    waits for only when the counter moved.
+//! 1. A wait watches the client's table for at most [`SPIN`] before it
+//!    sleeps: it reads a counter that every change of the table bumps
+//!    ([`Spin::changed`]), and looks at what it waits for only when the
+//!    counter moved.
 //! 2. Only where it can pay ([`Spin::for_client`]): a client of a cluster,
 //!    where a result crosses processes, on a machine of more than one
 //!    core (on one core, the watching thread would hold up the very
