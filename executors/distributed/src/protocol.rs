@@ -564,25 +564,22 @@ pub struct TaskSpec {
 
 impl TaskSpec {
     /// Task `i` of `plan`, travelling as `wire`: its key, name, inputs'
-    /// keys and limits as the plan has them.
+    /// keys and limits as the plan has them ([`TaskSpecRef::of`], owned).
     pub(crate) fn of(
         plan: &rask_executor::Plan,
         i: u32,
         wire: rask_executor::WireTask,
     ) -> TaskSpec {
-        let task = plan.task(i);
+        let spec = TaskSpecRef::of(plan, i, &wire);
         TaskSpec {
-            key: task.key.0,
-            name: task.op.name().into(),
-            function: wire.function.into(),
-            payload: wire.payload.into(),
+            key: spec.key,
+            name: spec.name.into(),
+            function: spec.function.into(),
+            payload: spec.payload.into(),
             deps: plan.deps(i).iter().map(|&d| plan.task(d).key.0).collect(),
-            timeout_ms: task
-                .op
-                .timeout()
-                .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
-            retries: task.op.retries(),
-            annotations: task.op.annotations().cloned().unwrap_or_default(),
+            timeout_ms: spec.timeout_ms,
+            retries: spec.retries,
+            annotations: spec.annotations.into_owned(),
         }
     }
 }
@@ -606,8 +603,8 @@ pub(crate) struct TaskSpecRef<'a> {
 }
 
 impl<'a> TaskSpecRef<'a> {
-    /// Task `i` of `plan`, travelling as `wire`; the same fields as
-    /// [`TaskSpec::of`] gives.
+    /// Task `i` of `plan`, travelling as `wire`: its key, name, inputs'
+    /// keys and limits as the plan has them.
     pub(crate) fn of(
         plan: &'a rask_executor::Plan,
         i: u32,
