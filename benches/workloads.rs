@@ -829,7 +829,7 @@ mod handoff {
     #[derive(Default)]
     struct Queue {
         ids: VecDeque<u64>,
-        /// The waiting thread sleeps on `ready`.
+        /// The waiting thread sleeps on `ready` and nobody notified it yet.
         waiting: bool,
         /// A worker's connection ended: no more completions come from it.
         ended: bool,
@@ -843,7 +843,8 @@ mod handoff {
         fn push(&self, ids: impl Iterator<Item = u64>) {
             let mut queue = self.lock();
             queue.ids.extend(ids);
-            if queue.waiting {
+            // One notification per sleep, as `as_completed` sends them.
+            if std::mem::take(&mut queue.waiting) {
                 self.ready.notify_one();
             }
         }
