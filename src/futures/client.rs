@@ -188,6 +188,8 @@ struct Settings {
     progress: bool,
     optimize: bool,
     cache: Option<crate::run::config::CacheSettings>,
+    /// Whether waits may watch before they sleep ([`Config::spin`]).
+    spin: bool,
 }
 
 impl Settings {
@@ -196,6 +198,7 @@ impl Settings {
             progress: config.resolve_progress()?,
             optimize: config.resolve_optimize()?,
             cache: config.resolve_cache()?,
+            spin: config.resolve_spin()?,
         })
     }
 }
@@ -239,7 +242,7 @@ impl Client {
                 table: Mutex::new(KeyMap::default()),
                 changed: Condvar::new(),
                 failures: AtomicU64::new(0),
-                spin: Spin::for_client(&kind),
+                spin: Spin::for_client(&kind, settings.spin),
                 kind,
             }),
             annotations: None,
@@ -1837,6 +1840,7 @@ pub(crate) fn holding<T>(key: Key, name: Name, value: Value) -> Future<T> {
                 progress: false,
                 optimize: false,
                 cache: None,
+                spin: false,
             },
         )
         .inner
@@ -1884,6 +1888,31 @@ impl Call for FutureCall {
             State::Cancelled | State::Pending => {
                 crate::build::registry::fail_task(&cancelled_failure(h.key, &h.name))
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_watches_only_where_its_configuration_lets_it() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        for spin in [true, false] {
+            let settings = Settings::of(&Config::new().spin(spin)).unwrap();
+            // The kind decides where watching pays (spin rule 2), the
+            // setting whether it is allowed at all (rule 5).
+            let client = Client::on(
+                Backend::Synchronous(rask_executor::Synchronous),
+                ExecutorKind::Local(2),
+                settings,
+            );
+            assert_eq!(
+                client.inner.spin.is_some(),
+                spin && cores > 1,
+                "spin {spin}"
+            );
         }
     }
 }

@@ -25,6 +25,9 @@
 //!    waiting for long tasks (or a remote cluster) does not watch at all,
 //!    and one whose waits turn short starts watching after a few of them.
 //!    A single long wait counts as at most [`LONGEST_SAMPLE`].
+//! 5. A client whose configuration turns watching off
+//!    ([`Config::spin`](crate::Config::spin), `RASK_SPIN=0`) never
+//!    watches: every wait sleeps at once, as where watching cannot pay.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -67,8 +70,9 @@ impl Spin {
     }
 
     /// The watching of a client on `kind` (rule 2): `None` where it
-    /// cannot pay.
-    pub(crate) fn for_client(kind: &ExecutorKind) -> Option<Spin> {
+    /// cannot pay, or where the client's configuration turned it off
+    /// (`allowed` false, rule 5).
+    pub(crate) fn for_client(kind: &ExecutorKind, allowed: bool) -> Option<Spin> {
         let cluster = matches!(
             kind,
             ExecutorKind::Local(_)
@@ -79,7 +83,7 @@ impl Spin {
         // Cores are counted only for a cluster: it reads the process's
         // CPU limits, files on Linux.
         let cores = || std::thread::available_parallelism().map_or(1, |n| n.get());
-        (cluster && cores() > 1).then(|| Spin::new(SPIN))
+        (allowed && cluster && cores() > 1).then(|| Spin::new(SPIN))
     }
 
     /// Tells watchers the table changed; called after the change, outside
@@ -271,14 +275,20 @@ mod tests {
             ExecutorKind::Tls("127.0.0.1:1".into()),
             ExecutorKind::Unix("/tmp/s".into()),
         ] {
-            assert_eq!(Spin::for_client(&kind).is_some(), cores > 1, "{kind:?}");
+            assert_eq!(
+                Spin::for_client(&kind, true).is_some(),
+                cores > 1,
+                "{kind:?}"
+            );
+            // Rule 5: turned off, nothing watches.
+            assert!(Spin::for_client(&kind, false).is_none(), "{kind:?}");
         }
         for kind in [
             ExecutorKind::Synchronous,
             ExecutorKind::Threads(Some(2)),
             ExecutorKind::Simulated(1),
         ] {
-            assert!(Spin::for_client(&kind).is_none(), "{kind:?}");
+            assert!(Spin::for_client(&kind, true).is_none(), "{kind:?}");
         }
     }
 }

@@ -1,16 +1,17 @@
 //! Settings: which executor runs a computation, whether its graph is
-//! optimized, whether progress bars are drawn, and what a cluster needs.
+//! optimized, whether progress bars are drawn, what a cluster needs, and
+//! how a client waits for one.
 //!
 //! Each setting is taken from the first of these places that sets it:
 //!
-//! | | executor | optimize | progress | dashboard | token file | cache |
-//! |---|---|---|---|---|---|---|
-//! | 1. argument ([`Delayed::compute_with`](crate::Delayed::compute_with), …) | [`Config::executor`] | [`Config::optimize`] | [`Config::progress`] | | | [`Config::cache`] |
-//! | 2. scoped, this thread ([`set`]) | the same | the same | the same | | | the same |
-//! | 3. process-wide ([`set_global`]) | the same | the same | the same | | | the same |
-//! | 4. environment | `RASK_SCHEDULER` | `RASK_OPTIMIZE` | `RASK_PROGRESS` | `RASK_DASHBOARD` | `RASK_TOKEN`, `RASK_TOKEN_FILE` | `RASK_CACHE` |
-//! | 5. config file | `scheduler` | `optimize` | `progress` | `dashboard` | `token_file` | `cache` |
-//! | 6. default | `threads` | on | off | none | `~/.rask/token` | none |
+//! | | executor | optimize | progress | dashboard | token file | cache | spin |
+//! |---|---|---|---|---|---|---|---|
+//! | 1. argument ([`Delayed::compute_with`](crate::Delayed::compute_with), …) | [`Config::executor`] | [`Config::optimize`] | [`Config::progress`] | | | [`Config::cache`] | [`Config::spin`] |
+//! | 2. scoped, this thread ([`set`]) | the same | the same | the same | | | the same | the same |
+//! | 3. process-wide ([`set_global`]) | the same | the same | the same | | | the same | the same |
+//! | 4. environment | `RASK_SCHEDULER` | `RASK_OPTIMIZE` | `RASK_PROGRESS` | `RASK_DASHBOARD` | `RASK_TOKEN`, `RASK_TOKEN_FILE` | `RASK_CACHE` | `RASK_SPIN` |
+//! | 5. config file | `scheduler` | `optimize` | `progress` | `dashboard` | `token_file` | `cache` | `spin` |
+//! | 6. default | `threads` | on | off | none | `~/.rask/token` | none | on |
 //!
 //! The config file is the one `RASK_CONFIG` names (it must exist), else
 //! `rask.toml` in the working directory if there is one; it is read once,
@@ -24,6 +25,7 @@
 //! dashboard = "127.0.0.1:8787"     # a local cluster's dashboard (":0": any port)
 //! token_file = "secrets/token"     # relative to the file's directory
 //! cache = ".rask-cache"            # the result cache's directory (see `rask::cache`)
+//! spin = false                     # waits for a cluster's results sleep at once (`Config::spin`)
 //! ```
 //!
 //! The dashboard setting applies to the clusters this process starts
@@ -112,6 +114,20 @@ pub const OPTIMIZE_ENV_VAR: &str = "RASK_OPTIMIZE";
 /// The environment variable that draws a progress bar for every `compute`
 /// and `persist`: `1`, `true`, `on` or `0`, `false`, `off` (any case).
 pub const PROGRESS_ENV_VAR: &str = "RASK_PROGRESS";
+
+/// The environment variable that lets a thread waiting for a cluster's
+/// result watch for it before it sleeps ([`Config::spin`]): `1`, `true`,
+/// `on` or `0`, `false`, `off` (any case).
+///
+/// ```
+/// std::env::set_var("RASK_SPIN", "sometimes");
+/// let err = rask::Config::new().resolve_spin().unwrap_err().to_string();
+/// assert!(err.contains("RASK_SPIN") && err.contains("sometimes"), "{err}");
+/// std::env::set_var("RASK_SPIN", "off");
+/// assert!(!rask::Config::new().resolve_spin()?);
+/// # Ok::<(), rask::Error>(())
+/// ```
+pub const SPIN_ENV_VAR: &str = "RASK_SPIN";
 
 /// Which executor runs a computation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -313,6 +329,7 @@ pub struct Config {
     cache_all: Option<bool>,
     cache_max_bytes: Option<u64>,
     cache_strict: Option<bool>,
+    spin: Option<bool>,
 }
 
 impl Config {
@@ -457,6 +474,43 @@ impl Config {
         self
     }
 
+    /// Whether a thread waiting for a cluster's result may watch for it
+    /// for a moment (at most 100 µs) before it sleeps: on by default,
+    /// `RASK_SPIN=0` or the config file's `spin = false` turn it off.
+    ///
+    /// A result from a cluster crosses several threads, and waking a
+    /// sleeping thread on an idle core takes the system tens of
+    /// microseconds (more on a virtual machine): a waiting thread that
+    /// watches keeps a core awake, and a round trip from a client to a
+    /// local cluster took about half as long in `benches/README.md`
+    /// (round five). Even when on, a wait watches only where that can
+    /// pay: a client of a cluster, on a machine of more than one core,
+    /// outside tasks, one thread per client at a time, and only while the
+    /// client's recent waits were short, so waiting for long tasks never
+    /// watches. Off, every wait sleeps at once: for a machine shared with
+    /// other work, where a watching core is a core taken from it.
+    /// Results are the same either way.
+    ///
+    /// A [`Client`](crate::Client) takes the setting when it is made.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use rask::{delayed, Client, Config};
+    /// fn inc(x: i64) -> i64 { x + 1 }
+    ///
+    /// let client = Client::with_config(&Config::threads(2).spin(false))?;
+    /// assert_eq!(client.submit(delayed!(inc(1)))?.result()?, 2);
+    ///
+    /// let _scope = rask::config::set(Config::new().spin(false));
+    /// assert!(!Config::new().resolve_spin()?);
+    /// # Ok::<(), rask::Error>(())
+    /// ```
+    pub fn spin(mut self, on: bool) -> Self {
+        self.spin = Some(on);
+        self
+    }
+
     /// The result cache this configuration uses, if any, applying the
     /// precedence explicit > scoped > process-wide > environment
     /// (`RASK_CACHE`, `RASK_CACHE_ALL`, `RASK_CACHE_MAX_BYTES`,
@@ -573,6 +627,29 @@ impl Config {
         Ok(self
             .pick(|c| c.progress, || env_switch(PROGRESS_ENV_VAR))?
             .unwrap_or(false))
+    }
+
+    /// Whether a thread waiting for a cluster's result may watch for it
+    /// for a moment (at most 100 µs) before it sleeps, applying the
+    /// precedence explicit > scoped > process-wide > `RASK_SPIN` > config
+    /// file > default (on).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Switch`] when the environment variable is consulted and holds
+    /// an unknown value; as [`Config::resolve`] for the config file.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use rask::Config;
+    /// assert!(!Config::new().spin(false).resolve_spin()?);
+    /// # Ok::<(), rask::Error>(())
+    /// ```
+    pub fn resolve_spin(&self) -> Result<bool> {
+        Ok(self
+            .pick(|c| c.spin, || env_switch(SPIN_ENV_VAR))?
+            .unwrap_or(true))
     }
 
     /// One setting, from the first layer that sets it: this configuration,
@@ -788,6 +865,7 @@ pub fn set_global(config: Config) -> Config {
 /// | `cache_all` | `true` or `false` | `true` |
 /// | `cache_max_bytes` | a whole number of bytes | `10_000_000_000` |
 /// | `cache_strict` | `true` or `false` | `false` |
+/// | `spin` | `true` or `false` | `false` |
 ///
 /// A `cache` path that exists must be a directory.
 ///
@@ -830,6 +908,7 @@ struct RawFile {
     cache_all: Option<bool>,
     cache_max_bytes: Option<u64>,
     cache_strict: Option<bool>,
+    spin: Option<bool>,
 }
 
 impl FileSettings {
@@ -904,6 +983,7 @@ impl FileSettings {
                 cache_all: raw.cache_all,
                 cache_max_bytes: raw.cache_max_bytes,
                 cache_strict: raw.cache_strict,
+                spin: raw.spin,
             },
             dashboard,
             token_file: raw.token_file.as_ref().map(anchor),
@@ -1150,7 +1230,7 @@ mod tests {
         let file = parse_file(
             "scheduler = 'local:2'\noptimize = false\nprogress = true\n\
              dashboard = ':0'\ntoken_file = 'token'\ncache = '/nonexistent/cache'\n\
-             cache_all = true\ncache_max_bytes = 1_000\ncache_strict = true\n",
+             cache_all = true\ncache_max_bytes = 1_000\ncache_strict = true\nspin = false\n",
         )
         .unwrap();
         assert_eq!(
@@ -1163,6 +1243,7 @@ mod tests {
                 .cache_all(true)
                 .cache_max_bytes(1_000)
                 .cache_strict(true)
+                .spin(false)
         );
         assert_eq!(file.dashboard, Some("127.0.0.1:0".parse().unwrap()));
         // Relative paths are the file's directory's.
@@ -1178,7 +1259,7 @@ mod tests {
                 "optimize = true\nschedular = 'sync'",
                 "config file conf/rask.toml: line 2: unknown field `schedular`, expected one of \
                  `scheduler`, `optimize`, `progress`, `dashboard`, `token_file`, `cache`, \
-                 `cache_all`, `cache_max_bytes`, `cache_strict`",
+                 `cache_all`, `cache_max_bytes`, `cache_strict`, `spin`",
             ),
             (
                 "scheduler = 'bogus'",
@@ -1242,6 +1323,28 @@ mod tests {
         );
         assert_eq!(parse_dashboard("localhost:1"), None);
         assert_eq!(parse_dashboard(":x"), None);
+    }
+
+    #[test]
+    fn spin_is_on_unless_a_layer_turns_it_off() {
+        // `RASK_SPIN` and the file stand in as the last layers, as above.
+        let pick = |config: &Config, env: Option<bool>, file: Option<bool>| {
+            config
+                .pick(|c| c.spin, || Ok(env))
+                .map(|v| v.or(file).unwrap_or(true))
+                .unwrap()
+        };
+        assert!(pick(&Config::new(), None, None));
+        assert!(!pick(&Config::new(), None, Some(false)));
+        assert!(!pick(&Config::new(), Some(false), Some(true)));
+        let _scope = set(Config::new().spin(false));
+        assert!(!pick(&Config::new(), Some(true), None));
+        assert!(!Config::new().resolve_spin().unwrap());
+        assert!(Config::new().spin(true).resolve_spin().unwrap());
+        // A scope that sets the executor only keeps the switch of the one
+        // around it.
+        let _inner = set(Config::synchronous());
+        assert!(!Config::new().resolve_spin().unwrap());
     }
 
     #[test]
