@@ -258,7 +258,8 @@ impl<T: Data> Future<T> {
     /// waits took that little, so waiting for longer tasks never spins;
     /// one thread per client watches at a time. The same holds for
     /// [`wait`](Future::wait), [`Client::gather`](crate::Client::gather)
-    /// and [`rask::wait`](crate::wait).
+    /// and [`rask::wait`](crate::wait). [`Config::spin`](crate::Config::spin)
+    /// (`RASK_SPIN=0`) turns the watch off: every wait then sleeps at once.
     ///
     /// # Errors
     ///
