@@ -191,6 +191,10 @@ impl Op for Node {
         &self.name
     }
 
+    fn key(&self) -> Option<&Key> {
+        Some(&self.key)
+    }
+
     fn timeout(&self) -> Option<std::time::Duration> {
         self.call.timeout()
     }

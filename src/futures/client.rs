@@ -1762,12 +1762,13 @@ impl Shared {
                         let task = plan.task(i);
                         // Data, or a key the table answers for: no event
                         // here; a pending one has work of its own.
+                        let key = *plan.key(i);
                         if !task.op.is_work() {
-                            roots.push(task.key);
+                            roots.push(key);
                             continue;
                         }
-                        if seen.insert(task.key) {
-                            out.push((task.key, task.op.name().to_owned()));
+                        if seen.insert(key) {
+                            out.push((key, task.op.name().to_owned()));
                             stack.extend_from_slice(plan.deps(i));
                         }
                     }

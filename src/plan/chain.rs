@@ -308,6 +308,11 @@ impl Op for Chain {
     fn name(&self) -> &str {
         &self.name
     }
+
+    /// The top node's: the chain stands for it.
+    fn key(&self) -> Option<&Key> {
+        Some(&self.top.key)
+    }
 }
 
 impl Chain {

@@ -89,7 +89,7 @@ mod tests {
         assert_eq!(culled.outputs(), &[2, 3, 2]);
         let plan = culled.into_plan();
         assert_eq!(names(&plan), vec!["a", "v", "b", "c"]);
-        let keys: Vec<_> = plan.tasks().iter().map(|t| t.key).collect();
+        let keys: Vec<_> = plan.keys().copied().collect();
         assert_eq!(keys, vec![key(0), key(2), key(3), key(5)]);
         assert_eq!(run(plan), vec![Ok(4), Ok(10), Ok(4)]);
     }
@@ -98,7 +98,7 @@ mod tests {
     fn keeps_a_plan_where_everything_is_needed() {
         let d = draft(&[("a", N, Sum(1), &[]), ("b", N, Sum(1), &[0, 0])], &[1, 0]);
         let plan = cull(d).into_plan();
-        let keys: Vec<_> = plan.tasks().iter().map(|t| t.key).collect();
+        let keys: Vec<_> = plan.keys().copied().collect();
         assert_eq!(keys, vec![key(0), key(1)]);
         assert_eq!(plan.deps(1), &[0, 0]);
         assert_eq!(run(plan), vec![Ok(3), Ok(1)]);

@@ -86,7 +86,7 @@ impl Explain {
     /// The key behind each output, in the order the outputs were asked for:
     /// the keys of the requested tasks, whatever was fused.
     pub fn outputs(&self) -> impl ExactSizeIterator<Item = Key> + '_ {
-        self.plan.outputs().iter().map(|&o| self.plan.task(o).key)
+        self.plan.outputs().iter().map(|&o| *self.plan.key(o))
     }
 
     /// The executable plan itself, as an executor receives it: for running
@@ -197,7 +197,7 @@ impl<'a> PlannedTask<'a> {
 
     /// The task's key: for a fused task, the key of the last task it runs.
     pub fn key(&self) -> Key {
-        self.plan.task(self.index).key
+        *self.plan.key(self.index)
     }
 
     /// The task's name: the function name, or for a fused task the names of

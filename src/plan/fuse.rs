@@ -214,7 +214,7 @@ impl Fused {
     ) -> Result<Value, OpError> {
         let steps = self.steps.iter().map(|step| {
             let task = self.plan.task(step.task);
-            (step.pushes, step.args, task.key, &*task.op)
+            (step.pushes, step.args, *self.plan.key(step.task), &*task.op)
         });
         exec(steps, inputs, stack)
     }
@@ -224,7 +224,7 @@ impl Fused {
         let task = self.plan.task(step.task);
         let WireTask { function, payload } = task.op.to_wire()?;
         Ok(WireStep {
-            key: task.key.0,
+            key: self.plan.key(step.task).0,
             name: task.op.name().to_owned(),
             function,
             payload,
@@ -314,7 +314,7 @@ mod tests {
         ];
         let plan = fused(tasks, &[2], &[]);
         assert_eq!(names(&plan), vec!["a+b+c"]);
-        assert_eq!(plan.task(0).key, key(2));
+        assert_eq!(*plan.key(0), key(2));
         assert_eq!(run(plan), vec![Ok(3)]);
     }
 
@@ -417,7 +417,7 @@ mod tests {
             } else {
                 super::super::testing::resolve(&wire).unwrap()
             };
-            b.push(task.key, op, plan.deps(i as u32));
+            b.push(*plan.key(i as u32), op, plan.deps(i as u32));
         }
         for &o in plan.outputs() {
             b.output(o);

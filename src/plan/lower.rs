@@ -64,7 +64,7 @@ pub(crate) fn lower(
         let lowered = lower_weighed(roots, Some(&mut absorbed), marked, alone, &mut cut);
         match lowered {
             Some((plan, weights, sizes)) => {
-                if !absorbed.conflict(plan.tasks().iter().map(|t| &t.key)) {
+                if !absorbed.conflict(plan.keys()) {
                     return Draft::with_sizes(plan, weights, sizes);
                 }
             }

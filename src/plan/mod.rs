@@ -193,7 +193,7 @@ impl Draft {
 
     /// Task `i`'s key.
     pub(crate) fn key(&self, i: u32) -> Key {
-        self.plan.task(i).key
+        *self.plan.key(i)
     }
 
     /// Task `i`'s op.
@@ -336,8 +336,8 @@ impl Folds {
             pinned[o as usize] = true;
         }
         if !keep.is_empty() {
-            for (pin, task) in pinned.iter_mut().zip(draft.plan.tasks()) {
-                *pin |= keep.contains(&task.key);
+            for (pin, key) in pinned.iter_mut().zip(draft.plan.keys()) {
+                *pin |= keep.contains(key);
             }
         }
         Folds {
@@ -813,7 +813,7 @@ mod tests {
         assert_eq!(want, vec![Ok(225), Ok(111)]);
         let plan = optimize(mixed(), &Options::all());
         assert_eq!(names(&plan), vec!["a+b+c", "l", "r+j+out"]);
-        let keys: Vec<Key> = plan.outputs().iter().map(|&o| plan.task(o).key).collect();
+        let keys: Vec<Key> = plan.outputs().iter().map(|&o| *plan.key(o)).collect();
         assert_eq!(keys, vec![key(8), key(3)]);
         assert_eq!(run(plan), want);
     }
@@ -986,7 +986,7 @@ mod properties {
             let keep = Options::all().keep(keep_at.iter().map(|&i| key(i)));
             let plan = optimize(draft(&specs, &outputs), &keep);
             for (&o, &slot) in outputs.iter().zip(plan.outputs()) {
-                prop_assert_eq!(plan.task(slot).key, key(o as usize));
+                prop_assert_eq!(*plan.key(slot), key(o as usize));
             }
             // A kept task that an output needs is still a task of its own.
             let mut needed = vec![false; tasks.len()];
@@ -1001,12 +1001,12 @@ mod properties {
                 }
             }
             for &i in keep_at.iter().filter(|&&i| needed[i]) {
-                prop_assert!(plan.tasks().iter().any(|t| t.key == key(i)), "kept task {} folded", i);
+                prop_assert!(plan.keys().any(|k| *k == key(i)), "kept task {} folded", i);
             }
             // An alone task is a task of its own, with nothing folded into
             // it: every input of its own is still an input.
             for i in (0..tasks.len()).filter(|&i| needed[i] && tasks[i].0 == A) {
-                let at = plan.tasks().iter().position(|t| t.key == key(i));
+                let at = plan.keys().position(|k| *k == key(i));
                 prop_assert!(at.is_some(), "alone task {} folded", i);
                 let deps = at.map_or(0, |at| plan.deps(at as u32).len());
                 prop_assert_eq!(deps, tasks[i].2.len(), "something folded into alone task {}", i);

@@ -323,8 +323,12 @@ pub(crate) fn run(roots: &[Arc<Node>], config: &Config) -> Result<Vec<Value>> {
     span.record("tasks", plan.len());
     // Finished, however the run ends, when it is dropped.
     let _bar = config.resolve_progress()?.then(|| {
-        let work = plan.tasks().iter().filter(|t| t.op.is_work());
-        crate::run::progress::Bar::start(work.map(|t| (t.key, t.op.name())))
+        let work = plan
+            .tasks()
+            .iter()
+            .zip(plan.keys())
+            .filter(|(t, _)| t.op.is_work());
+        crate::run::progress::Bar::start(work.map(|(t, key)| (*key, t.op.name())))
     });
     let lookup = lookup.map(Arc::new);
     let cache = lookup.clone().map(|lookup| (lookup, writes));

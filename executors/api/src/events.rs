@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::{Failure, Key, Outcome, PlanTask};
+use crate::{Failure, Key, Outcome, Plan};
 
 /// Something that happened to one task.
 #[derive(Debug, Clone, Copy)]
@@ -271,22 +271,25 @@ impl Drop for Subscription {
 }
 
 /// Reports `Queued` for every task of a plan about to run (rule 2).
-pub fn queued<'a>(tasks: impl IntoIterator<Item = &'a PlanTask>) {
-    for task in tasks.into_iter().filter(|t| t.op.is_work()) {
-        emit(&Event {
-            key: task.key,
-            name: task.op.name(),
-            kind: EventKind::Queued,
-        });
+pub fn queued(plan: &Plan) {
+    for (task, key) in plan.tasks().iter().zip(plan.keys()) {
+        if task.op.is_work() {
+            emit(&Event {
+                key: *key,
+                name: task.op.name(),
+                kind: EventKind::Queued,
+            });
+        }
     }
 }
 
-/// Runs `run` (the task's op, through [`run_task`](crate::run_task)) and
+/// Runs `run` (task `i`'s op, through [`run_task`](crate::run_task)) and
 /// reports it: `Started`, then `Finished` or `Erred`, when anyone listens
 /// (rules 1 and 2).
 #[inline]
 pub fn observe(
-    task: &PlanTask,
+    plan: &Plan,
+    i: u32,
     place: impl FnOnce() -> Place,
     run: impl FnOnce() -> Outcome,
 ) -> Outcome {
@@ -296,17 +299,19 @@ pub fn observe(
         // Started before anyone listened: a failure is still said (rule 2),
         // as one that kept the task from running is.
         if let Err(failure) = &outcome {
-            skipped(task, failure);
+            skipped(plan, i, failure);
         }
         return outcome;
     }
+    let task = plan.task(i);
     if !task.op.is_work() {
         return run();
     }
     let place = place();
     let name = task.op.name();
+    let key = *plan.key(i);
     emit(&Event {
-        key: task.key,
+        key,
         name,
         kind: EventKind::Started { place },
     });
@@ -323,21 +328,18 @@ pub fn observe(
             failure,
         },
     };
-    emit(&Event {
-        key: task.key,
-        name,
-        kind,
-    });
+    emit(&Event { key, name, kind });
     outcome
 }
 
-/// Reports that `task` did not run because of `failure` (an input's, or a
-/// cancellation), when anyone listens (rule 2).
+/// Reports that task `i` did not run because of `failure` (an input's, or
+/// a cancellation), when anyone listens (rule 2).
 #[inline]
-pub fn skipped(task: &PlanTask, failure: &Failure) {
+pub fn skipped(plan: &Plan, i: u32, failure: &Failure) {
+    let task = plan.task(i);
     if listening() && task.op.is_work() {
         emit(&Event {
-            key: task.key,
+            key: *plan.key(i),
             name: task.op.name(),
             kind: EventKind::Erred {
                 place: None,

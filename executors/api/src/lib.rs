@@ -147,6 +147,16 @@ pub trait Op: Send + Sync {
     /// A short human-readable name, e.g. the function name `inc`.
     fn name(&self) -> &str;
 
+    /// The key of the task this op is, when the op knows it (a graph node
+    /// does): a [`Plan`] then reads the key here instead of keeping a copy
+    /// (plan invariant 4). `None` (the default): the plan keeps the key it
+    /// was given.
+    ///
+    /// Must give the same answer every time it is asked.
+    fn key(&self) -> Option<&Key> {
+        None
+    }
+
     /// The task in a form another process can run: a registered function
     /// and its arguments as bytes (see [`Registry`]).
     ///
@@ -286,18 +296,20 @@ pub trait Executor: Send + Sync {
     fn submit(&self, plan: Arc<Plan>, reporter: Arc<dyn Reporter>);
 }
 
-/// Runs `task`'s op on `inputs`, catching panics and naming the failure.
+/// Runs task `i` of `plan` on `inputs`, catching panics and naming the
+/// failure.
 ///
 /// Shared by every executor so that rules 2 and 3 are implemented once. An
 /// op with a timeout or retries enforces them itself ([`run_limited`]).
-pub fn run_task(task: &PlanTask, inputs: &mut [Option<Value>]) -> Outcome {
+pub fn run_task(plan: &Plan, i: u32, inputs: &mut [Option<Value>]) -> Outcome {
     failure::record_panic_locations();
+    let op = &plan.task(i).op;
     let _span =
-        tracing::trace_span!("task", name = task.op.name(), key = %task.key.short()).entered();
-    let outcome = match catch_unwind(AssertUnwindSafe(|| task.op.run(inputs))) {
+        tracing::trace_span!("task", name = op.name(), key = %plan.key(i).short()).entered();
+    let outcome = match catch_unwind(AssertUnwindSafe(|| op.run(inputs))) {
         Ok(Ok(value)) => return Ok(value),
-        Ok(Err(err)) => Arc::new(task.failure(err)),
-        Err(payload) => Arc::new(task.failure(OpError::panicked(&*payload))),
+        Ok(Err(err)) => Arc::new(plan.failure(i, err)),
+        Err(payload) => Arc::new(plan.failure(i, OpError::panicked(&*payload))),
     };
     tracing::debug!(task = %outcome.name, key = %outcome.key.short(), kind = ?outcome.kind, "task erred: {}", outcome.message);
     Err(outcome)

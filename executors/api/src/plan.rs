@@ -10,36 +10,30 @@
 //! 3. `consumers(i)` counts every use of task `i`: once per dependent edge and
 //!    once per output slot naming it. An executor frees a value when that
 //!    count reaches zero.
+//! 4. `key(i)` is the key given to [`PlanBuilder::push`] for task `i`. The
+//!    plan keeps a copy only of the keys their ops do not tell
+//!    ([`Op::key`]): a task entry is 24 bytes, where a key alone is 32.
 
 use std::sync::Arc;
 
 use crate::{Failure, FailureKind, Key, Op, OpError};
 
-/// One task of a [`Plan`].
+/// One task of a [`Plan`]: its op and where its inputs are listed. Its
+/// key is the plan's to tell ([`Plan::key`]): most ops know it themselves
+/// ([`Op::key`]), so a task entry holds no copy of it.
 #[derive(Clone)]
 pub struct PlanTask {
-    /// The task's content key.
-    pub key: Key,
     /// The work to do.
     pub op: Arc<dyn Op>,
     deps: (u32, u32),
 }
 
-impl PlanTask {
-    /// Turns an op's error into a named [`Failure`] of this task (or of the
-    /// inner task the error names as its origin).
-    pub fn failure(&self, mut err: OpError) -> Failure {
-        let (key, name) = match err.origin.take() {
-            Some((key, name)) => (key, name),
-            None => (self.key, self.op.name().into()),
-        };
-        Failure::from_op(key, name, err)
-    }
-}
-
 impl std::fmt::Debug for PlanTask {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}-{}", self.op.name(), self.key.short())
+        match self.op.key() {
+            Some(key) => write!(f, "{}-{}", self.op.name(), key.short()),
+            None => f.write_str(self.op.name()),
+        }
     }
 }
 
@@ -71,6 +65,9 @@ impl std::fmt::Debug for PlanTask {
 #[derive(Debug, Default)]
 pub struct Plan {
     tasks: Vec<PlanTask>,
+    /// The keys of the tasks whose op does not tell it (invariant 4),
+    /// `(task, key)` sorted by task.
+    keys: Vec<(u32, Key)>,
     deps: Vec<u32>,
     /// Made on first use: an executor running tasks in plan order (the
     /// synchronous one) never needs them, and they cost 8 bytes a task.
@@ -103,6 +100,55 @@ impl Plan {
     #[inline]
     pub fn tasks(&self) -> &[PlanTask] {
         &self.tasks
+    }
+
+    /// Task `i`'s content key: the one it was pushed with (invariant 4).
+    #[inline]
+    pub fn key(&self, i: u32) -> &Key {
+        if !self.keys.is_empty() {
+            if let Ok(at) = self.keys.binary_search_by_key(&i, |&(task, _)| task) {
+                return &self.keys[at].1;
+            }
+        }
+        self.key_told(i)
+    }
+
+    /// Every task's key, in plan order: [`key`](Plan::key) of `0`, `1`, ….
+    pub fn keys(&self) -> impl Iterator<Item = &Key> + '_ {
+        let mut kept = self.keys.iter().peekable();
+        (0..self.len() as u32).map(move |i| match kept.next_if(|&&(task, _)| task == i) {
+            Some((_, key)) => key,
+            None => self.key_told(i),
+        })
+    }
+
+    /// The key task `i`'s op tells, which is its key when the plan keeps
+    /// none for it.
+    fn key_told(&self, i: u32) -> &Key {
+        let op = &self.tasks[i as usize].op;
+        op.key()
+            .unwrap_or_else(|| panic!("op `{}` stopped telling its key", op.name()))
+    }
+
+    /// Turns an op's error into a named [`Failure`] of task `i` (or of the
+    /// inner task the error names as its origin).
+    pub fn failure(&self, i: u32, mut err: OpError) -> Failure {
+        let (key, name) = match err.origin.take() {
+            Some((key, name)) => (key, name),
+            None => (*self.key(i), self.task(i).op.name().into()),
+        };
+        Failure::from_op(key, name, err)
+    }
+
+    /// A failure of kind `Failed` of task `i`, for what went wrong around
+    /// it rather than in its op (e.g. it cannot travel).
+    pub fn failed(&self, i: u32, message: String) -> Failure {
+        Failure::new(
+            *self.key(i),
+            self.task(i).op.name().into(),
+            FailureKind::Failed,
+            message,
+        )
     }
 
     /// Dependencies of task `i`, in argument order.
@@ -152,10 +198,10 @@ impl Plan {
 
     /// A failure of kind `Cancelled` for output slot `slot`.
     pub fn cancelled_output(&self, slot: usize) -> Arc<Failure> {
-        let task = &self.tasks[self.outputs[slot] as usize];
+        let task = self.outputs[slot];
         Arc::new(Failure::new(
-            task.key,
-            task.op.name().into(),
+            *self.key(task),
+            self.task(task).op.name().into(),
             FailureKind::Cancelled,
             "the computation was cancelled".into(),
         ))
@@ -206,6 +252,7 @@ impl Dependents {
 #[derive(Default)]
 pub struct PlanBuilder {
     tasks: Vec<PlanTask>,
+    keys: Vec<(u32, Key)>,
     deps: Vec<u32>,
     outputs: Vec<u32>,
 }
@@ -220,6 +267,7 @@ impl PlanBuilder {
     pub fn with_capacity(tasks: usize) -> Self {
         PlanBuilder {
             tasks: Vec::with_capacity(tasks),
+            keys: Vec::new(),
             deps: Vec::with_capacity(tasks * 2),
             outputs: Vec::new(),
         }
@@ -250,8 +298,10 @@ impl PlanBuilder {
         let start = self.deps.len() as u32;
         self.deps.extend_from_slice(deps);
         let end = self.deps.len() as u32;
+        if op.key() != Some(&key) {
+            self.keys.push((index, key));
+        }
         self.tasks.push(PlanTask {
-            key,
             op,
             deps: (start, end),
         });
@@ -289,6 +339,7 @@ impl PlanBuilder {
         }
         Plan {
             tasks: self.tasks,
+            keys: self.keys,
             deps: self.deps,
             dependents: std::sync::OnceLock::new(),
             consumers,
@@ -330,6 +381,63 @@ mod tests {
         assert_eq!(plan.output_slots_of(a).collect::<Vec<_>>(), vec![1]);
         assert_eq!(plan.output_slots_of(d).collect::<Vec<_>>(), vec![0]);
         assert_eq!(plan.output_slots_of(c).count(), 0);
+    }
+
+    /// An op that tells a key of its own (`Some`), or none.
+    struct Telling(Option<Key>);
+    impl Op for Telling {
+        fn run(&self, _: &mut [Option<Value>]) -> Result<Value, OpError> {
+            Ok(Arc::new(()))
+        }
+        fn name(&self) -> &str {
+            "telling"
+        }
+        fn key(&self) -> Option<&Key> {
+            self.0.as_ref()
+        }
+    }
+
+    proptest::proptest! {
+        /// Invariant 4: whatever its op tells (the same key, another one,
+        /// or none), a task's key is the one it was pushed with, by index
+        /// and in `keys()`; a copy is kept only where the op does not tell
+        /// that key.
+        #[test]
+        fn a_task_keeps_the_key_it_was_pushed_with(
+            tasks in proptest::collection::vec((0u8..8, 0u8..3), 0..40)
+        ) {
+            let mut b = PlanBuilder::new();
+            let mut pushed = Vec::new();
+            let mut told_otherwise = 0;
+            for &(key, told) in &tasks {
+                let key = Key([key; 32]);
+                let op = match told {
+                    0 => Telling(Some(key)),
+                    1 => Telling(Some(Key([key.0[0] ^ 0x80; 32]))),
+                    _ => Telling(None),
+                };
+                told_otherwise += usize::from(told != 0);
+                b.push(key, Arc::new(op), &[]);
+                pushed.push(key);
+            }
+            let plan = b.build();
+            for (i, key) in pushed.iter().enumerate() {
+                proptest::prop_assert_eq!(plan.key(i as u32), key);
+            }
+            proptest::prop_assert_eq!(plan.keys().copied().collect::<Vec<_>>(), pushed);
+            proptest::prop_assert_eq!(plan.keys.len(), told_otherwise);
+        }
+    }
+
+    #[test]
+    fn failures_name_the_pushed_key_not_the_one_the_op_tells() {
+        let mut b = PlanBuilder::new();
+        let t = b.push(Key([1; 32]), Arc::new(Telling(Some(Key([2; 32])))), &[]);
+        b.output(t);
+        let plan = b.build();
+        assert_eq!(plan.failed(t, "lost".into()).key, Key([1; 32]));
+        assert_eq!(plan.failure(t, OpError::failed("bad")).key, Key([1; 32]));
+        assert_eq!(plan.cancelled_output(0).key, Key([1; 32]));
     }
 
     #[test]

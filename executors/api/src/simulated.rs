@@ -227,7 +227,7 @@ impl Simulated {
 impl Executor for Simulated {
     fn submit(&self, plan: Arc<Plan>, reporter: Arc<dyn Reporter>) {
         if events::listening() {
-            events::queued(plan.tasks());
+            events::queued(&plan);
         }
         let stop = {
             let reporter = reporter.clone();
@@ -318,14 +318,19 @@ struct Step {
 
 impl Step {
     fn run(self) -> Outcome {
-        let task = self.plan.task(self.task);
+        let (plan, task) = (&*self.plan, self.task);
         match self.inputs {
             Err(failure) => {
-                events::skipped(task, &failure);
+                events::skipped(plan, task, &failure);
                 Err(failure)
             }
             Ok(mut inputs) => self.stop.enter(|| {
-                events::observe(task, || Place::local(0), || run_task(task, &mut inputs))
+                events::observe(
+                    plan,
+                    task,
+                    || Place::local(0),
+                    || run_task(plan, task, &mut inputs),
+                )
             }),
         }
     }

@@ -50,7 +50,7 @@ impl Executor for Synchronous {
             Stop::when(move || reporter.cancelled())
         };
         if events::listening() {
-            events::queued(plan.tasks());
+            events::queued(&plan);
         }
         stop.enter(|| run(&plan, &*reporter));
         drop(plan);
@@ -81,13 +81,17 @@ fn run(plan: &Plan, reporter: &dyn Reporter) {
                 }
             }
         }
-        let task = plan.task(i);
         let outcome = match failed {
             Some(f) => {
-                events::skipped(task, &f);
+                events::skipped(plan, i, &f);
                 Err(f)
             }
-            None => events::observe(task, || Place::local(0), || run_task(task, &mut inputs)),
+            None => events::observe(
+                plan,
+                i,
+                || Place::local(0),
+                || run_task(plan, i, &mut inputs),
+            ),
         };
         inputs.clear();
         outcomes.put(i, outcome);

@@ -959,7 +959,7 @@ impl Executor for Client {
         }
         let keep_remote = reporter.keep_remote();
         if rask_executor::events::listening() {
-            rask_executor::events::queued(plan.tasks());
+            rask_executor::events::queued(&plan);
         }
         let mut wires = Vec::with_capacity(plan.len());
         // Tasks that refer to a held key (rule 6).
@@ -968,12 +968,7 @@ impl Executor for Client {
             let wire = match task.op.to_wire() {
                 Ok(w) => w,
                 Err(e) => {
-                    let failure = Arc::new(Failure::new(
-                        task.key,
-                        task.op.name().into(),
-                        FailureKind::Failed,
-                        e.to_string(),
-                    ));
+                    let failure = Arc::new(plan.failed(i as u32, e.to_string()));
                     return fail_all(plan, &*reporter, &failure);
                 }
             };
@@ -992,7 +987,7 @@ impl Executor for Client {
             let foreign: Vec<usize> = remote
                 .iter()
                 .copied()
-                .filter(|&i| !held.contains_key(&plan.task(i as u32).key.0))
+                .filter(|&i| !held.contains_key(&plan.key(i as u32).0))
                 .collect();
             if foreign.is_empty() {
                 break Some(held);
@@ -1009,16 +1004,10 @@ impl Executor for Client {
         // Rule 9: work that depends on a recorded failure fails here, at
         // once, and is not sent.
         let mut failed: Vec<Option<Arc<Failure>>> = Vec::with_capacity(plan.len());
-        for (i, (task, wire)) in plan.tasks().iter().zip(&wires).enumerate() {
+        for (i, wire) in wires.iter().enumerate() {
             let failure = if wire.function == FAIL_FUNCTION {
-                let recorded = rask_executor::decode_failure(&wire.payload).unwrap_or_else(|e| {
-                    Failure::new(
-                        task.key,
-                        task.op.name().into(),
-                        FailureKind::Failed,
-                        e.to_string(),
-                    )
-                });
+                let recorded = rask_executor::decode_failure(&wire.payload)
+                    .unwrap_or_else(|e| plan.failed(i as u32, e.to_string()));
                 Some(Arc::new(recorded))
             } else {
                 plan.deps(i as u32)
@@ -1038,12 +1027,12 @@ impl Executor for Client {
             let failures = early.into_iter().map(|(_, f)| f).collect();
             return fail_each(plan, &*reporter, failures, &[]);
         }
-        let outputs: Vec<WireKey> = plan.outputs().iter().map(|&t| plan.task(t).key.0).collect();
+        let outputs: Vec<WireKey> = plan.outputs().iter().map(|&t| plan.key(t).0).collect();
         let mut wanted: Vec<WireKey> = plan
             .outputs()
             .iter()
             .filter(|&&t| failed[t as usize].is_none())
-            .map(|&t| plan.task(t).key.0)
+            .map(|&t| plan.key(t).0)
             .collect();
         // Each key once, in the plan's order: the scheduler activates them
         // in this order, and its ready queue costs least when work becomes
@@ -1077,11 +1066,8 @@ impl Executor for Client {
         drop(wires);
         if let Some(big) = frames.iter().find(|f| f.len() - 4 > MAX_FRAME) {
             drop(held);
-            let slot0 = &plan.tasks()[plan.outputs()[0] as usize];
-            let failure = Arc::new(Failure::new(
-                slot0.key,
-                slot0.op.name().into(),
-                FailureKind::Failed,
+            let failure = Arc::new(plan.failed(
+                plan.outputs()[0],
                 format!(
                     "the graph encodes to {} bytes, over the {MAX_FRAME} byte limit of one message; \
                      scatter big arguments instead of embedding them",
@@ -1163,21 +1149,13 @@ impl Executor for Client {
 /// client is fetched through that client) or the failure recorded for it
 /// (the key failed or was cancelled meanwhile), which travels as such.
 fn inline_value(plan: &Plan, i: usize) -> Result<WireTask, Arc<Failure>> {
-    let task = plan.task(i as u32);
-    let failure = |message: String| {
-        Arc::new(Failure::new(
-            task.key,
-            task.op.name().into(),
-            FailureKind::Failed,
-            message,
-        ))
-    };
+    let failure = |message: String| Arc::new(plan.failed(i as u32, message));
     if !plan.deps(i as u32).is_empty() {
         return Err(failure(format!(
             "a `{REMOTE_FUNCTION}` task has inputs; it must stand for a value"
         )));
     }
-    let value = match rask_executor::run_task(task, &mut []) {
+    let value = match rask_executor::run_task(plan, i as u32, &mut []) {
         Ok(value) => value,
         Err(recorded) => {
             return rask_executor::encode_failure(&recorded)
@@ -1231,11 +1209,8 @@ fn lost(plan: &Plan, address: &str) -> Vec<Arc<Failure>> {
     plan.outputs()
         .iter()
         .map(|&t| {
-            let task = plan.task(t);
-            Arc::new(Failure::new(
-                task.key,
-                task.op.name().into(),
-                FailureKind::Failed,
+            Arc::new(plan.failed(
+                t,
                 format!("lost the connection to the scheduler at {address}"),
             ))
         })
@@ -2162,15 +2137,7 @@ impl Loop {
                 .plan
                 .outputs()
                 .iter()
-                .map(|&t| {
-                    let task = s.plan.task(t);
-                    Arc::new(Failure::new(
-                        task.key,
-                        task.op.name().into(),
-                        FailureKind::Failed,
-                        message.to_owned(),
-                    ))
-                })
+                .map(|&t| Arc::new(s.plan.failed(t, message.to_owned())))
                 .collect();
             fail_each(s.plan, &*s.reporter, failures, &s.early);
         }

@@ -576,7 +576,7 @@ impl TaskSpec {
             name: spec.name.into(),
             function: spec.function.into(),
             payload: spec.payload.into(),
-            deps: plan.deps(i).iter().map(|&d| plan.task(d).key.0).collect(),
+            deps: plan.deps(i).iter().map(|&d| plan.key(d).0).collect(),
             timeout_ms: spec.timeout_ms,
             retries: spec.retries,
             annotations: spec.annotations.into_owned(),
@@ -612,7 +612,7 @@ impl<'a> TaskSpecRef<'a> {
     ) -> TaskSpecRef<'a> {
         let task = plan.task(i);
         TaskSpecRef {
-            key: task.key.0,
+            key: plan.key(i).0,
             name: task.op.name(),
             function: &wire.function,
             payload: &wire.payload,
@@ -640,7 +640,7 @@ pub(crate) struct DepsRef<'a> {
 impl Serialize for DepsRef<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let plan = self.plan;
-        s.collect_seq(plan.deps(self.task).iter().map(|&d| plan.task(d).key.0))
+        s.collect_seq(plan.deps(self.task).iter().map(|&d| plan.key(d).0))
     }
 }
 

@@ -1561,7 +1561,7 @@ impl Executor for Cluster {
             let wire = match task.op.to_wire() {
                 Ok(w) if w.function == rask_executor::REMOTE_FUNCTION => {
                     // Held by a real cluster: send its value (wire rule 5).
-                    let value = rask_executor::run_task(task, &mut [])
+                    let value = rask_executor::run_task(&plan, i as u32, &mut [])
                         .map_err(|f| f.message.clone())
                         .and_then(|v| v.encode().map_err(|e| e.to_string()));
                     match value {
@@ -1569,32 +1569,18 @@ impl Executor for Cluster {
                             function: rask_executor::VALUE_FUNCTION.to_owned(),
                             payload: bytes,
                         },
-                        Err(message) => {
-                            return fail_all(Arc::new(Failure::new(
-                                task.key,
-                                task.op.name().into(),
-                                FailureKind::Failed,
-                                message,
-                            )))
-                        }
+                        Err(message) => return fail_all(Arc::new(plan.failed(i as u32, message))),
                     }
                 }
                 Ok(w) => w,
-                Err(e) => {
-                    return fail_all(Arc::new(Failure::new(
-                        task.key,
-                        task.op.name().into(),
-                        FailureKind::Failed,
-                        e.to_string(),
-                    )))
-                }
+                Err(e) => return fail_all(Arc::new(plan.failed(i as u32, e.to_string()))),
             };
             tasks.push(TaskSpec::of(&plan, i as u32, wire));
         }
-        let wanted: Vec<WireKey> = plan.outputs().iter().map(|&t| plan.task(t).key.0).collect();
+        let wanted: Vec<WireKey> = plan.outputs().iter().map(|&t| plan.key(t).0).collect();
         let watch = rask_executor::events::listening();
         if watch {
-            rask_executor::events::queued(plan.tasks());
+            rask_executor::events::queued(&plan);
         }
         let registry = self.registry.clone();
         let mut runner = |spec: &TaskSpec, inputs: &mut [Option<Value>]| {
@@ -1617,8 +1603,7 @@ impl Executor for Cluster {
             let mut one = PlanBuilder::with_capacity(1);
             one.push(Key(spec.key), op, &[]);
             let one = one.build();
-            rask_executor::run_task(one.task(0), inputs)
-                .map_err(|f| Box::new(WireFailure::from(&*f)))
+            rask_executor::run_task(&one, 0, inputs).map_err(|f| Box::new(WireFailure::from(&*f)))
         };
         let report = Sim::new(self.workers, self.seed)
             .random_faults(self.faults)
@@ -1631,15 +1616,10 @@ impl Executor for Cluster {
             let outcome = match report.results.get(key) {
                 Some(Ok(bytes)) => Ok(Arc::new(Encoded::new(bytes.clone())) as Value),
                 Some(Err(failure)) => Err(Arc::new(Failure::from(failure))),
-                None => {
-                    let task = plan.task(plan.outputs()[slot]);
-                    Err(Arc::new(Failure::new(
-                        task.key,
-                        task.op.name().into(),
-                        FailureKind::Failed,
-                        "the simulated cluster stalled before computing this key".into(),
-                    )))
-                }
+                None => Err(Arc::new(plan.failed(
+                    plan.outputs()[slot],
+                    "the simulated cluster stalled before computing this key".into(),
+                ))),
             };
             reporter.output(slot, outcome);
         }

@@ -1510,7 +1510,7 @@ fn a_build_without_workers_gets_an_error_naming_the_builds() {
     let stray = BuildId::from_bytes([3; 32]);
     let client = Client::connect_as(&cluster.address, cluster.auth.clone(), stray).unwrap();
     let plan = scale(&cluster, &[41, 42]);
-    let keys: Vec<_> = plan.outputs().iter().map(|&t| plan.task(t).key).collect();
+    let keys: Vec<_> = plan.outputs().iter().map(|&t| *plan.key(t)).collect();
     let got = Collect::new(2);
     got.submit(&client, plan);
     for (out, key) in got.wait().into_iter().zip(keys) {

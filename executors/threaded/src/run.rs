@@ -124,7 +124,7 @@ pub(crate) fn start<S: Spawner>(
     threads: usize,
 ) {
     if events::listening() {
-        events::queued(plan.tasks());
+        events::queued(&plan);
     }
     let run = Arc::new(Run::new(plan, reporter, threads));
     if run.sources.is_empty() {
@@ -386,13 +386,12 @@ impl Run {
             }
         }
         debug_assert!(handoff.is_none(), "a handed-over outcome is an input");
-        let planned = plan.task(task);
         let outcome = match failed {
             Some(failure) => {
-                events::skipped(planned, &failure);
+                events::skipped(plan, task, &failure);
                 Err(failure)
             }
-            None => events::observe(planned, thread_place, || run_task(planned, inputs)),
+            None => events::observe(plan, task, thread_place, || run_task(plan, task, inputs)),
         };
         inputs.clear();
         self.resolve(task, outcome, spawner, scratch)

@@ -1974,9 +1974,8 @@ fn run_job(job: Job) -> Done {
         ..
     } = job;
     let start = Instant::now();
-    let task = plan.task(0);
     // A released task sees `rask::cancelled()` turn true (state rule 3).
-    let outcome = Stop::flag(cancelled).enter(|| run_task(task, &mut inputs));
+    let outcome = Stop::flag(cancelled).enter(|| run_task(&plan, 0, &mut inputs));
     drop(inputs);
     // Reported as at most the protocol's limit, which the scheduler checks.
     let duration_ns = duration_ns_of(start.elapsed().min(MAX_TASK_DURATION));
@@ -2010,7 +2009,7 @@ fn run_job(job: Job) -> Done {
             },
         };
         let failed = |(kind, message): (FailureKind, String)| {
-            Arc::new(Failure::new(Key(key), task.op.name().into(), kind, message))
+            Arc::new(Failure::new(Key(key), plan.task(0).op.name().into(), kind, message))
         };
         match encoded {
             Ok(n) if n > MAX_VALUE => Err(failed((FailureKind::Failed, format!(
