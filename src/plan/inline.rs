@@ -23,7 +23,7 @@ pub(crate) fn inline(draft: &Draft, mut folds: Folds) -> Folds {
     let n = draft.len();
     // Only data and cheap tasks fold here: without any (a graph of calls),
     // one pass over a byte per task says so, instead of a walk of every edge.
-    if !(0..n as u32).any(|t| matches!(draft.weight(t), Weight::Data | Weight::Cheap)) {
+    if !draft.may_inline() {
         return folds;
     }
     // Per group root: can a step of its group fail on its own, and does the

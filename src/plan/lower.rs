@@ -63,22 +63,24 @@ pub(crate) fn lower(
         let mut absorbed = chain::Absorbed::default();
         let lowered = lower_weighed(roots, Some(&mut absorbed), marked, alone, &mut cut);
         match lowered {
-            Some((plan, weights, sizes)) => {
+            Some((plan, weights, sizes, single_inputs)) => {
                 if !absorbed.conflict(plan.keys()) {
-                    return Draft::with_sizes(plan, weights, sizes);
+                    return Draft::with_sizes(plan, weights, sizes).lowered(single_inputs);
                 }
             }
             None => marked = false,
         }
     }
     if marked {
-        if let Some((plan, weights, _)) = lower_weighed(roots, None, true, alone, &mut cut) {
-            return Draft::new(plan, weights);
+        if let Some((plan, weights, _, single_inputs)) =
+            lower_weighed(roots, None, true, alone, &mut cut)
+        {
+            return Draft::new(plan, weights).lowered(single_inputs);
         }
     }
-    let (plan, weights, _) =
+    let (plan, weights, _, single_inputs) =
         lower_weighed(roots, None, false, alone, cut).expect("lowering by key map always succeeds");
-    Draft::new(plan, weights)
+    Draft::new(plan, weights).lowered(single_inputs)
 }
 
 /// Which tasks lowering makes [`Weight::Alone`] (rule 3).
@@ -91,16 +93,18 @@ struct Alone {
 }
 
 /// The plan of [`lower`], plus whether each task is data (a replaced node counts as
-/// a call) and, when chains were absorbed, how many graph nodes each task
-/// stands for (empty otherwise). `None` when lowering by marks failed.
+/// a call), when chains were absorbed how many graph nodes each task
+/// stands for (empty otherwise), and whether any task has exactly one input.
+/// `None` when lowering by marks failed.
 fn lower_weighed(
     roots: &[Arc<Node>],
     absorbed: Option<&mut chain::Absorbed>,
     marked: bool,
     alone: Alone,
     cut: impl FnMut(&Arc<Node>) -> Option<Arc<dyn Op>>,
-) -> Option<(Plan, Vec<Weight>, Vec<u32>)> {
+) -> Option<(Plan, Vec<Weight>, Vec<u32>, bool)> {
     let mut b = PlanBuilder::new();
+    let mut single_inputs = false;
     let mut weights = Vec::new();
     let mut sizes = Vec::new();
     let mut absorbed = absorbed;
@@ -124,6 +128,7 @@ fn lower_weighed(
             sizes.push(size);
         }
         let op = replacement.unwrap_or_else(|| node.clone());
+        single_inputs |= deps.len() == 1;
         b.push(node.key, op, deps);
         weights.push(weight);
     };
@@ -135,7 +140,7 @@ fn lower_weighed(
     for i in outputs {
         b.output(i);
     }
-    Some((b.build(), weights, sizes))
+    Some((b.build(), weights, sizes, single_inputs))
 }
 
 /// Whether `node` must reach a cluster as a wire task of its own (rule 3):

@@ -58,6 +58,10 @@
 //! 7. **Linear cost.** Every stage is O(tasks + edges) with a handful of
 //!    per-task flags; a stage with nothing to do returns its input as is
 //!    (cull keeps the plan, assemble keeps it when nothing was folded).
+//!    What lowering knows spares the passes that cannot change its draft
+//!    ([`Draft::lowered`]): cull on every lowered draft (lowering emits only
+//!    what the outputs reach), inline and fuse on a draft with no data, no
+//!    cheap task and no task of exactly one input (a tree of calls).
 //!
 //! Trade-offs:
 //!
@@ -123,6 +127,11 @@ pub(crate) struct Draft {
     /// How many graph nodes each task stands for (a [`chain::Chain`] stands
     /// for several); empty when every task stands for one.
     sizes: Vec<u32>,
+    /// Every task is needed by an output: cull has nothing to drop.
+    culled: bool,
+    /// Some task may have exactly one input (`false` only when lowering
+    /// found none).
+    single_inputs: bool,
 }
 
 impl Draft {
@@ -151,7 +160,34 @@ impl Draft {
             plan: Arc::new(plan),
             weights,
             sizes,
+            culled: false,
+            single_inputs: true,
         }
+    }
+
+    /// This draft as lowering made it: every task reached from an output,
+    /// and `single_inputs` telling whether any task has exactly one input.
+    pub(crate) fn lowered(self, single_inputs: bool) -> Draft {
+        Draft {
+            culled: true,
+            single_inputs,
+            ..self
+        }
+    }
+
+    /// Whether some task is data or cheap, which inline may fold.
+    pub(crate) fn may_inline(&self) -> bool {
+        self.weights
+            .iter()
+            .any(|w| matches!(w, Weight::Data | Weight::Cheap))
+    }
+
+    /// Whether fuse may fold anything after inline: fuse folds a group's
+    /// only external input, and with nothing inlined a task's external
+    /// inputs are all its inputs, so only a task of exactly one input can
+    /// start a group.
+    fn may_fuse(&self, inlines: bool) -> bool {
+        inlines || self.single_inputs
     }
 
     /// How many graph nodes task `i` stands for.
@@ -494,19 +530,25 @@ fn pipeline(
     if draft.len() < 2 {
         return plain(draft, describe);
     }
-    let draft = if opts.cull { cull::cull(draft) } else { draft };
+    let draft = if opts.cull && !draft.culled {
+        cull::cull(draft)
+    } else {
+        draft
+    };
     clock.lap(|t| &mut t.cull);
-    if !opts.inline && !opts.fuse {
+    let inlines = opts.inline && draft.may_inline();
+    let fuses = opts.fuse && draft.may_fuse(inlines);
+    if !inlines && !fuses {
         let assembled = plain(draft, describe);
         clock.lap(|t| &mut t.assemble);
         return assembled;
     }
     let mut folds = Folds::new(&draft, &opts.keep);
-    if opts.inline {
+    if inlines {
         folds = inline::inline(&draft, folds);
     }
     clock.lap(|t| &mut t.inline);
-    if opts.fuse {
+    if fuses {
         folds = fuse::fuse(&draft, folds);
     }
     clock.lap(|t| &mut t.fuse);
