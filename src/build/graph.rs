@@ -834,4 +834,24 @@ mod tests {
         assert!(repeats(vec![u64::MAX, 7, u64::MAX]));
         assert!(!repeats(vec![u64::MAX, 0]));
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// `repeats` tells exactly whether a fingerprint occurs twice, over
+        /// one bucket or many (past 4096 fingerprints), wherever the repeat.
+        #[test]
+        fn repeats_is_whether_a_fingerprint_occurs_twice(
+            mut fps in proptest::collection::vec(proptest::prelude::any::<u64>(), 0..20_000),
+            repeat in proptest::option::of((proptest::prelude::any::<usize>(), proptest::prelude::any::<usize>())),
+        ) {
+            if let (Some((from, to)), false) = (repeat, fps.is_empty()) {
+                let f = fps[from % fps.len()];
+                fps.insert(to % (fps.len() + 1), f);
+            }
+            let distinct: std::collections::HashSet<u64> = fps.iter().copied().collect();
+            let f_max_and_0 = distinct.contains(&u64::MAX) && distinct.contains(&0);
+            proptest::prop_assume!(!f_max_and_0, "u64::MAX and 0 share a slot (documented)");
+            proptest::prop_assert_eq!(repeats(fps.clone()), distinct.len() < fps.len());
+        }
+    }
 }
