@@ -61,6 +61,8 @@ impl std::fmt::Debug for PlanTask {
 /// let plan = b.build();
 /// assert_eq!(plan.len(), 1);
 /// assert_eq!(plan.outputs(), &[a]);
+/// // `Const` does not tell its key (`Op::key`): the plan kept a copy.
+/// assert_eq!(plan.key(a), &Key([1; 32]));
 /// ```
 #[derive(Debug, Default)]
 pub struct Plan {
