@@ -105,6 +105,11 @@ impl Plan {
     }
 
     /// Task `i`'s content key: the one it was pushed with (invariant 4).
+    ///
+    /// # Panics
+    ///
+    /// When task `i`'s op told its key when the task was pushed and tells
+    /// none now, against [`Op::key`]'s contract (a bug in that op).
     #[inline]
     pub fn key(&self, i: u32) -> &Key {
         if !self.keys.is_empty() {
@@ -115,7 +120,8 @@ impl Plan {
         self.key_told(i)
     }
 
-    /// Every task's key, in plan order: [`key`](Plan::key) of `0`, `1`, ….
+    /// Every task's key, in plan order: [`key`](Plan::key) of `0`, `1`, …
+    /// (and panics as it does).
     pub fn keys(&self) -> impl Iterator<Item = &Key> + '_ {
         let mut kept = self.keys.iter().peekable();
         (0..self.len() as u32).map(move |i| match kept.next_if(|&&(task, _)| task == i) {
