@@ -42,18 +42,20 @@ pub(crate) fn named_origin(key: Key, name: &str, mut err: OpError) -> OpError {
     err
 }
 
-/// Runs a stack program (`plan::fuse`, "How a fused task runs"): each step `(pushes, args, key, op)`
-/// pushes that many of `inputs`, then runs `op` on the top `args` slots,
-/// whose result replaces them. A step that fails or panics is named as the
-/// origin of the error.
+/// Runs a stack program (`plan::fuse`, "How a fused task runs"): each step
+/// `(pushes, args, op)` pushes that many of `inputs`, then runs `op` on the
+/// top `args` slots, whose result replaces them. A step that fails or
+/// panics is named as the origin of the error, by the key `key_of` gives
+/// for its position (asked only then).
 pub(crate) fn exec<'a>(
-    steps: impl Iterator<Item = (u32, u32, Key, &'a dyn Op)>,
+    steps: impl Iterator<Item = (u32, u32, &'a dyn Op)>,
+    key_of: impl FnOnce(usize) -> Key,
     inputs: &mut [Option<Value>],
     stack: &mut [Option<Value>],
 ) -> Result<Value, OpError> {
     let mut inputs = inputs.iter_mut();
     let mut top = 0usize;
-    for (pushes, takes, key, op) in steps {
+    for (step, (pushes, takes, op)) in steps.enumerate() {
         let takes = takes as usize;
         for _ in 0..pushes {
             let value = inputs.next().and_then(Option::take).ok_or_else(|| {
@@ -76,10 +78,10 @@ pub(crate) fn exec<'a>(
         }
         let value = match outcome {
             Ok(Ok(value)) => value,
-            Ok(Err(err)) => return Err(named_origin(key, op.name(), err)),
+            Ok(Err(err)) => return Err(named_origin(key_of(step), op.name(), err)),
             Err(payload) => {
                 let err = OpError::panicked(&*payload);
-                return Err(named_origin(key, op.name(), err));
+                return Err(named_origin(key_of(step), op.name(), err));
             }
         };
         stack[base] = Some(value);
@@ -231,8 +233,9 @@ impl Op for Received {
                 self.inputs
             )));
         }
-        let steps = self.steps.iter().map(|s| (s.pushes, s.args, s.key, &*s.op));
-        with_stack(self.depth, |stack| exec(steps, inputs, stack))
+        let steps = self.steps.iter().map(|s| (s.pushes, s.args, &*s.op));
+        let key_of = |step: usize| self.steps[step].key;
+        with_stack(self.depth, |stack| exec(steps, key_of, inputs, stack))
     }
 
     fn name(&self) -> &str {

@@ -28,7 +28,7 @@
 
 use std::sync::Arc;
 
-use rask_executor::{Op, OpError, Plan, Value, WireError, WireTask};
+use rask_executor::{Key, Op, OpError, Plan, Value, WireError, WireTask};
 
 use super::{group_name, Draft, Folds, Weight, MAX_LISTED};
 use crate::build::fused::{exec, with_stack, WireGroup, WireStep, FUSED_FUNCTION};
@@ -212,11 +212,12 @@ impl Fused {
         inputs: &mut [Option<Value>],
         stack: &mut [Option<Value>],
     ) -> Result<Value, OpError> {
-        let steps = self.steps.iter().map(|step| {
-            let task = self.plan.task(step.task);
-            (step.pushes, step.args, *self.plan.key(step.task), &*task.op)
-        });
-        exec(steps, inputs, stack)
+        let steps = self
+            .steps
+            .iter()
+            .map(|step| (step.pushes, step.args, &*self.plan.task(step.task).op));
+        let key_of = |step: usize| *self.plan.key(self.steps[step].task);
+        exec(steps, key_of, inputs, stack)
     }
 
     /// The wire form of step `step`, for [`Op::to_wire`].
@@ -265,6 +266,12 @@ impl Op for Fused {
             Name::Step(i) => self.plan.task(self.steps[*i as usize].task).op.name(),
             Name::Built(name) => name,
         }
+    }
+
+    /// The group root's, the last step (invariant 1): an optimized plan
+    /// then keeps no copy of it.
+    fn key(&self) -> Option<&Key> {
+        self.steps.last().map(|root| self.plan.key(root.task))
     }
 }
 

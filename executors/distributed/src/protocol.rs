@@ -576,7 +576,7 @@ impl TaskSpec {
             name: spec.name.into(),
             function: spec.function.into(),
             payload: spec.payload.into(),
-            deps: plan.deps(i).iter().map(|&d| plan.key(d).0).collect(),
+            deps: spec.deps.keys().collect(),
             timeout_ms: spec.timeout_ms,
             retries: spec.retries,
             annotations: spec.annotations.into_owned(),
@@ -637,10 +637,17 @@ pub(crate) struct DepsRef<'a> {
     task: u32,
 }
 
+impl DepsRef<'_> {
+    /// The inputs' keys, in argument order.
+    fn keys(&self) -> impl Iterator<Item = WireKey> + '_ {
+        let plan = self.plan;
+        plan.deps(self.task).iter().map(|&d| plan.key(d).0)
+    }
+}
+
 impl Serialize for DepsRef<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let plan = self.plan;
-        s.collect_seq(plan.deps(self.task).iter().map(|&d| plan.key(d).0))
+        s.collect_seq(self.keys())
     }
 }
 
