@@ -96,7 +96,7 @@ impl<T: Data> Delayed<T> {
         let node = self.node();
         let mut annotations = node.call.annotations().cloned().unwrap_or_default();
         change(&mut annotations);
-        let mut copy = node.rekeyed(node.key, node.name.clone());
+        let mut copy = node.rekeyed(node.key);
         copy.call = annotate_call(&node.call, annotations);
         Delayed::from_node(Arc::new(copy))
     }

@@ -52,7 +52,7 @@ use rask_executor::{OpError, Value, WireError, WireTask};
 use crate::build::data::Data;
 use crate::build::delayed::Delayed;
 use crate::build::key::KeyHasher;
-use crate::build::node::{Broken, Call, Code, Deps, Function, Inputs, Name, Node, Returns, Typed};
+use crate::build::node::{Broken, Call, Code, Deps, Function, Inputs, Label, Node, Returns, Typed};
 use crate::build::registry::{Payload, Piece, WireArg};
 
 /// Converts a `delayed!` argument into an input of a parameter of type `A`.
@@ -289,7 +289,7 @@ impl Args {
         value.hash(&mut StdHasher(&mut self.hasher));
     }
 
-    pub(crate) fn finish<T>(self, name: Name, call: impl Call) -> Delayed<T> {
+    pub(crate) fn finish<T>(self, name: &'static &'static str, call: impl Call) -> Delayed<T> {
         let key = self.hasher.finish();
         let call: Arc<dyn Call> = match self.error {
             None => shared(call),
@@ -298,7 +298,7 @@ impl Args {
         Delayed::from_node(Arc::new(Node {
             mark: Default::default(),
             key,
-            name,
+            label: Label::Static(name),
             deps: match self.deps {
                 Deps::None if !self.more.is_empty() => self.more.into(),
                 few => few,
@@ -788,7 +788,7 @@ impl<T: Data + Hash> IntoArg<T, mode::Opaque> for Untraversed<T> {
 )]
 pub trait Apply<M, Xs, Sig, Ks> {
     type Out;
-    fn apply(self, name: &'static str, xs: Xs) -> Delayed<Self::Out>;
+    fn apply(self, name: &'static &'static str, xs: Xs) -> Delayed<Self::Out>;
 }
 
 macro_rules! apply {
@@ -802,13 +802,12 @@ macro_rules! apply {
         {
             type Out = M::Out;
             #[allow(unused_variables, unused_mut, non_snake_case)]
-            fn apply(self, name: &'static str, xs: ($($x,)*)) -> Delayed<M::Out> {
-                let short = short_name(name);
-                let mut args = Args::call::<F>(short);
+            fn apply(self, name: &'static &'static str, xs: ($($x,)*)) -> Delayed<M::Out> {
+                let mut args = Args::call::<F>(name);
                 let ($($x,)*) = xs;
                 let slots = ($($x.into_arg(&mut args),)*);
                 let call = Typed::<F, M, _, fn($($a),*) -> R> { f: self, slots, _sig: PhantomData };
-                args.finish(Name::Borrowed(short), call)
+                args.finish(name, call)
             }
         }
 
@@ -858,19 +857,12 @@ apply!(A0 X0 S0 0, A1 X1 S1 1, A2 X2 S2 2, A3 X3 S3 3, A4 X4 S4 4, A5 X5 S5 5);
 apply!(A0 X0 S0 0, A1 X1 S1 1, A2 X2 S2 2, A3 X3 S3 3, A4 X4 S4 4, A5 X5 S5 5, A6 X6 S6 6);
 apply!(A0 X0 S0 0, A1 X1 S1 1, A2 X2 S2 2, A3 X3 S3 3, A4 X4 S4 4, A5 X5 S5 5, A6 X6 S6 6, A7 X7 S7 7);
 
-/// The last path segment of a function path as `stringify!` writes it.
-// Split at the last `:` byte rather than the last `"::"`: a path has no
-// lone `:`, so the segment is the same, and a byte search costs a few
-// nanoseconds where a substring searcher is built per call (5 % of
-// building a tree, by perf).
-fn short_name(path: &'static str) -> &'static str {
-    path.rsplit(':').next().unwrap_or(path).trim()
-}
-
-/// Entry point of the `delayed!` macro.
+/// Entry point of the `delayed!` macro. `name` is the function's name, the
+/// last segment of its path (a `&'static` reference to it, so that a node
+/// holds it in 8 bytes: `node::Label`).
 #[doc(hidden)]
 pub fn apply<M, Xs, Sig, Ks, F: Apply<M, Xs, Sig, Ks>>(
-    name: &'static str,
+    name: &'static &'static str,
     f: F,
     xs: Xs,
 ) -> Delayed<F::Out> {
@@ -879,7 +871,6 @@ pub fn apply<M, Xs, Sig, Ks, F: Apply<M, Xs, Sig, Ks>>(
 
 #[cfg(test)]
 mod tests {
-    use super::short_name;
     use crate::delayed;
     use std::sync::Arc;
 
@@ -930,17 +921,25 @@ mod tests {
         crate::compute((x, y)).unwrap()
     }
 
-    #[test]
-    fn a_short_name_is_the_last_path_segment() {
-        for (path, short) in [
-            ("inc", "inc"),
-            ("m::inc", "inc"),
-            ("a :: b :: add", "add"),
-            ("crate::m::f::<i64>", "<i64>"),
-        ] {
-            assert_eq!(short_name(path), short, "{path}");
-            // As the substring split named it before.
-            assert_eq!(short_name(path), path.rsplit("::").next().unwrap().trim());
+    mod m {
+        pub(super) mod deeper {
+            pub(in super::super) fn inc(x: i64) -> i64 {
+                x + 1
+            }
         }
+    }
+
+    #[test]
+    fn a_task_is_named_by_the_last_segment_of_its_path() {
+        use m::deeper;
+        let by_path = delayed!(m::deeper::inc(1));
+        let spaced = delayed!(m::deeper::inc(1));
+        let short = delayed!(deeper::inc(1));
+        for task in [&by_path, &spaced, &short] {
+            assert_eq!(task.name(), "inc");
+        }
+        // The key hashes the name, as before paths were split by the macro.
+        assert_eq!(by_path.key(), short.key());
+        assert_eq!(by_path.key(), spaced.key());
     }
 }

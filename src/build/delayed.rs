@@ -10,7 +10,7 @@ use rask_executor::{Key, Value};
 
 use crate::build::data::Data;
 use crate::build::key::{KeyHasher, Tag};
-use crate::build::node::{Decorated, Deps, Held, Name, Node, Origin};
+use crate::build::node::{Decorated, Deps, Held, Label, Name, Node, Origin};
 use crate::build::pick::{Part, Step};
 use rask_executor::OpError;
 
@@ -50,7 +50,7 @@ impl<T> Clone for Delayed<T> {
 
 impl<T> fmt::Debug for Delayed<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Delayed({}-{})", self.node.name, self.node.key.short())
+        write!(f, "Delayed({}-{})", self.node.name(), self.node.key.short())
     }
 }
 
@@ -100,7 +100,7 @@ impl<T> Delayed<T> {
     /// The task's name: the function name, or the name given with
     /// [`named`](Delayed::named).
     pub fn name(&self) -> &str {
-        &self.node.name
+        self.node.name()
     }
 
     /// The same work under a name of your choice; the key is derived from the
@@ -120,7 +120,10 @@ impl<T> Delayed<T> {
     pub fn named(&self, name: impl Into<String>) -> Delayed<T> {
         let name: String = name.into();
         let key = named_key(&name);
-        Delayed::from_node(Arc::new(self.node.rekeyed(key, Name::Owned(name))))
+        let mut node = self.node.rekeyed(key);
+        node.label = Label::Call;
+        node.call = Decorated::named(&self.node.call, Name::Owned(name));
+        Delayed::from_node(Arc::new(node))
     }
 
     /// The same work under a fresh key that no other task has: an impure call
@@ -134,10 +137,10 @@ impl<T> Delayed<T> {
     /// assert_ne!(a.key(), b.key());
     /// ```
     pub fn unique(&self) -> Delayed<T> {
-        let mut h = KeyHasher::new(Tag::Unique, &self.node.name, "");
+        let mut h = KeyHasher::new(Tag::Unique, self.node.name(), "");
         h.input(&self.node.key);
         h.bytes(&crate::build::key::nonce());
-        let mut node = self.node.rekeyed(h.finish(), self.node.name.clone());
+        let mut node = self.node.rekeyed(h.finish());
         // A fresh key never hits the result cache: nothing to write.
         node.call = Decorated::marked(&node.call, false);
         Delayed::from_node(Arc::new(node))
@@ -217,13 +220,13 @@ impl<T> Delayed<T> {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn cache(&self) -> Delayed<T> {
-        let mut node = self.node.rekeyed(self.node.key, self.node.name.clone());
+        let mut node = self.node.rekeyed(self.node.key);
         node.call = Decorated::marked(&self.node.call, true);
         Delayed::from_node(Arc::new(node))
     }
 
     fn limited(&self, timeout: Option<std::time::Duration>, retries: Option<u32>) -> Delayed<T> {
-        let mut node = self.node.rekeyed(self.node.key, self.node.name.clone());
+        let mut node = self.node.rekeyed(self.node.key);
         node.call = Decorated::limited(&self.node.call, timeout, retries);
         Delayed::from_node(Arc::new(node))
     }
@@ -249,9 +252,9 @@ impl<T: Data> Delayed<T> {
         Delayed::from_node(Arc::new(Node {
             mark: Default::default(),
             key,
-            name,
+            label: Label::Call,
             deps: Deps::None,
-            call: Arc::new(Held(value, origin)),
+            call: Arc::new(Held(value, origin, name)),
         }))
     }
 }
@@ -334,7 +337,7 @@ pub struct TaskKey {
 impl TaskKey {
     pub(crate) fn new(node: &Node) -> Self {
         TaskKey {
-            name: Arc::from(&*node.name),
+            name: Arc::from(node.name()),
             key: node.key,
         }
     }
@@ -414,13 +417,26 @@ impl fmt::Debug for TaskKey {
 macro_rules! delayed {
     ($($f:ident)::+ ( $($arg:expr),* $(,)? ) ?) => {
         $crate::__private::apply::<$crate::__private::Fallible, _, _, _, _>(
-            stringify!($($f)::+), $($f)::+, ($($arg,)*),
+            &$crate::__last_segment!($($f)+), $($f)::+, ($($arg,)*),
         )
     };
     ($($f:ident)::+ ( $($arg:expr),* $(,)? )) => {
         $crate::__private::apply::<$crate::__private::Plain, _, _, _, _>(
-            stringify!($($f)::+), $($f)::+, ($($arg,)*),
+            &$crate::__last_segment!($($f)+), $($f)::+, ($($arg,)*),
         )
+    };
+}
+
+/// The last of a path's segments as a string literal, for [`delayed!`]: the
+/// task's name.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __last_segment {
+    ($last:ident) => {
+        stringify!($last)
+    };
+    ($first:ident $($rest:ident)+) => {
+        $crate::__last_segment!($($rest)+)
     };
 }
 
@@ -468,7 +484,7 @@ impl<W: Data> Delayed<W> {
         Delayed::from_node(Arc::new(Node {
             mark: Default::default(),
             key: h.finish(),
-            name: Name::Borrowed("getitem"),
+            label: Label::Static(&"getitem"),
             deps: Deps::One(self.node.clone()),
             call: Arc::new(Part::<W, P> {
                 step,
@@ -502,7 +518,7 @@ impl<W: Data> Delayed<W> {
         U: Data,
     {
         crate::build::args::apply::<crate::build::node::Plain, _, _, _, _>(
-            std::any::type_name::<F>(),
+            crate::build::node::name_of_type::<F>(),
             f,
             (self,),
         )
@@ -598,7 +614,7 @@ macro_rules! map_item {
                         return Delayed::from_node(Arc::new(Node {
                             mark: Default::default(),
                             key: named_key(&format!("getitem-{}", unique_suffix())),
-                            name: Name::Borrowed("getitem"),
+                            label: Label::Static(&"getitem"),
                             deps: Deps::One(self.node.clone()),
                             call: Arc::new(crate::build::node::Broken(format!(
                                 "a map key of type `{}` could not be serialized: {e}",

@@ -24,7 +24,7 @@ use rask_executor::{Key, Op, OpError, Value};
 
 use crate::build::data::Data;
 use crate::build::delayed::{named_key, Delayed, TaskKey};
-use crate::build::node::{Call, Held, Name, Node, Origin};
+use crate::build::node::{Call, Held, Label, Name, Node, Origin};
 use crate::{Error, Result};
 
 /// Keys are uniformly random already: their first eight bytes are the hash.
@@ -365,7 +365,7 @@ pub(crate) fn to_dot(roots: &[Arc<Node>]) -> String {
         |_| None,
         |node, _, deps, _| {
             let shape = if node.is_data() { "box" } else { "ellipse" };
-            let label = format!("{}-{}", node.name, node.key.short()).replace('"', "\\\"");
+            let label = format!("{}-{}", node.name(), node.key.short()).replace('"', "\\\"");
             let _ = writeln!(out, "  n{count} [label=\"{label}\", shape={shape}];");
             for d in deps {
                 let _ = writeln!(out, "  n{d} -> n{count};");
@@ -410,13 +410,19 @@ pub struct Graph {
 
 #[derive(Clone)]
 struct Task {
-    name: Name,
+    label: Label,
     deps: Vec<Key>,
     call: Arc<dyn Call>,
 }
 
-/// A hand-written task body.
-struct Raw<F>(F);
+impl Task {
+    fn name(&self) -> &str {
+        self.label.name(&*self.call)
+    }
+}
+
+/// A hand-written task body, and its task's name.
+struct Raw<F>(F, Name);
 
 impl<T: Data, F: Fn(&[Value]) -> T + Send + Sync + 'static> Call for Raw<F> {
     fn run(&self, inputs: &mut [Option<Value>]) -> std::result::Result<Value, OpError> {
@@ -428,6 +434,10 @@ impl<T: Data, F: Fn(&[Value]) -> T + Send + Sync + 'static> Call for Raw<F> {
             })
             .collect::<std::result::Result<_, _>>()?;
         Ok(Arc::new((self.0)(&values)))
+    }
+
+    fn name(&self) -> &str {
+        &self.1
     }
 }
 
@@ -463,7 +473,7 @@ impl Graph {
                 self.add(
                     node.key,
                     Task {
-                        name: node.name.clone(),
+                        label: node.label,
                         deps: node.deps.iter().map(|d| d.key).collect(),
                         call: node.call.clone(),
                     },
@@ -487,9 +497,13 @@ impl Graph {
         self.add(
             key,
             Task {
-                name: Name::Owned(name.to_owned()),
+                label: Label::Call,
                 deps: Vec::new(),
-                call: Arc::new(Held(Arc::new(value), Origin::Literal)),
+                call: Arc::new(Held(
+                    Arc::new(value),
+                    Origin::Literal,
+                    Name::Owned(name.to_owned()),
+                )),
             },
         );
         key
@@ -507,9 +521,9 @@ impl Graph {
         self.add(
             key,
             Task {
-                name: Name::Owned(name.to_owned()),
+                label: Label::Call,
                 deps: deps.to_vec(),
-                call: Arc::new(Raw(f)),
+                call: Arc::new(Raw(f, Name::Owned(name.to_owned()))),
             },
         );
         key
@@ -541,7 +555,7 @@ impl Graph {
     pub fn keys(&self) -> impl Iterator<Item = TaskKey> + '_ {
         self.order
             .iter()
-            .map(|k| TaskKey::from_parts(Arc::from(&*self.tasks[k].name), *k))
+            .map(|k| TaskKey::from_parts(Arc::from(self.tasks[k].name()), *k))
     }
 
     /// Checks that every dependency exists and that there is no cycle.
@@ -590,7 +604,7 @@ impl Graph {
         }
         let mut marks: KeyMap<Mark> = KeyMap::default();
         let mut out = Vec::with_capacity(keys.len());
-        let task_key = |key: &Key| TaskKey::from_parts(Arc::from(&*self.tasks[key].name), *key);
+        let task_key = |key: &Key| TaskKey::from_parts(Arc::from(self.tasks[key].name()), *key);
         for key in keys {
             if !self.tasks.contains_key(key) {
                 return Err(Error::UnknownKey(*key));
@@ -634,7 +648,7 @@ impl Graph {
                 let node = Arc::new(Node {
                     mark: Default::default(),
                     key: k,
-                    name: task.name.clone(),
+                    label: task.label,
                     deps,
                     call: task.call.clone(),
                 });

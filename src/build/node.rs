@@ -19,12 +19,86 @@ pub(crate) type Name = Cow<'static, str>;
 /// One task of a user graph.
 pub(crate) struct Node {
     pub(crate) key: Key,
-    pub(crate) name: Name,
+    /// Where its name is ([`Node::name`]).
+    pub(crate) label: Label,
     pub(crate) deps: Deps,
     pub(crate) call: Arc<dyn Call>,
     /// This node's plan index in the lowering that last marked it
     /// (`build::graph::postorder_marked`), stamped with its epoch.
     pub(crate) mark: Mark,
+}
+
+// With its `Arc`'s two counts, a node takes 104 bytes: glibc's `malloc`
+// serves that from a 112-byte chunk (at 120, a 128-byte one). Walking a graph
+// of millions of nodes while lowering it reads them all.
+const _: () = assert!(std::mem::size_of::<Node>() <= 88);
+
+/// Where a node's name is, in 8 bytes: a name of its own (a 24-byte
+/// [`Name`]) would make a node take a 128-byte allocation instead of 112,
+/// and graphs of millions of nodes are walked while they are lowered.
+#[derive(Clone, Copy)]
+pub(crate) enum Label {
+    /// A name known when the program was compiled: the function's name in
+    /// `delayed!`, `getitem`.
+    Static(&'static &'static str),
+    /// The name its call holds ([`Call::name`]): a name chosen at run time
+    /// (`Delayed::named`, a held value's, a hand-made graph's task).
+    Call,
+}
+
+impl Label {
+    /// The name of a node with this label and `call`.
+    pub(crate) fn name(self, call: &dyn Call) -> &str {
+        match self {
+            Label::Static(name) => name,
+            Label::Call => call.name(),
+        }
+    }
+}
+
+/// The name of a task calling a function of type `F` that has no name in
+/// the code (`Delayed::map`, `Client::map`): the last segment of the type's
+/// path.
+pub(crate) fn name_of_type<F: 'static>() -> &'static &'static str {
+    // Asked per task built (`Delayed::map`): a thread's own map first, so
+    // that threads building graphs do not meet at `intern`'s lock.
+    thread_local! {
+        static NAMES: std::cell::RefCell<crate::build::key::TypeMap<&'static &'static str>> =
+            std::cell::RefCell::default();
+    }
+    let ty = std::any::TypeId::of::<F>();
+    let named = |name| intern(short_name(name));
+    NAMES
+        .try_with(|names| {
+            *names
+                .borrow_mut()
+                .entry(ty)
+                .or_insert_with(|| named(std::any::type_name::<F>()))
+        })
+        .unwrap_or_else(|_| named(std::any::type_name::<F>()))
+}
+
+/// The last path segment of a type's or function's path.
+// Split at the last `:` byte rather than the last `"::"`: a path has no
+// lone `:`, so the segment is the same, and a byte search costs a few
+// nanoseconds where a substring searcher is built per call.
+fn short_name(path: &'static str) -> &'static str {
+    path.rsplit(':').next().unwrap_or(path).trim()
+}
+
+/// `name` behind a `&'static` reference, for a [`Label::Static`]: one
+/// reference per distinct name, made the first time it is asked for and
+/// kept for the process, so they are as many as the program's functions.
+pub(crate) fn intern(name: &'static str) -> &'static &'static str {
+    type Names = std::collections::HashMap<&'static str, &'static &'static str>;
+    static NAMES: std::sync::Mutex<Option<Names>> = std::sync::Mutex::new(None);
+    let mut names = NAMES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    names
+        .get_or_insert_with(Names::new)
+        .entry(name)
+        .or_insert_with(|| Box::leak(Box::new(name)))
 }
 
 /// A node's index in the plan being lowered, so that lowering finds a node
@@ -170,11 +244,25 @@ impl Node {
         self.call.value().is_some()
     }
 
-    /// A copy of this node under another key and name (same work, same inputs).
-    pub(crate) fn rekeyed(&self, key: Key, name: Name) -> Node {
+    /// Its name: the function's for a call, or the name it was given.
+    pub(crate) fn name(&self) -> &str {
+        self.label.name(&*self.call)
+    }
+
+    /// [`Node::name`] as a [`Name`], which copies only a name chosen at run
+    /// time.
+    pub(crate) fn name_owned(&self) -> Name {
+        match self.label {
+            Label::Static(name) => Name::Borrowed(name),
+            Label::Call => Name::Owned(self.call.name().to_owned()),
+        }
+    }
+
+    /// A copy of this node under another key (same work, name and inputs).
+    pub(crate) fn rekeyed(&self, key: Key) -> Node {
         Node {
             key,
-            name,
+            label: self.label,
             deps: self.deps.clone(),
             call: self.call.clone(),
             mark: Mark::default(),
@@ -188,7 +276,7 @@ impl Op for Node {
     }
 
     fn name(&self) -> &str {
-        &self.name
+        Node::name(self)
     }
 
     fn key(&self) -> Option<&Key> {
@@ -214,7 +302,7 @@ impl Op for Node {
     fn to_wire(&self) -> Result<WireTask, WireError> {
         self.call.to_wire().map_err(|e| match e {
             WireError::NotSerializable { what } => WireError::NotSerializable {
-                what: format!("{what} (task `{}`)", self.name),
+                what: format!("{what} (task `{}`)", self.name()),
             },
             other => other,
         })
@@ -223,7 +311,7 @@ impl Op for Node {
 
 impl fmt::Debug for Node {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}", self.name, self.key.short())
+        write!(f, "{}-{}", self.name(), self.key.short())
     }
 }
 
@@ -235,6 +323,12 @@ pub(crate) trait Call: Send + Sync + 'static {
     /// The held value, for data nodes.
     fn value(&self) -> Option<&Value> {
         None
+    }
+
+    /// The name of a node labelled [`Label::Call`]: calls that such nodes
+    /// hold tell theirs (a node labelled [`Label::Static`] never asks).
+    fn name(&self) -> &str {
+        "unnamed"
     }
 
     /// Called on the caller's thread before the node's graph is handed to an
@@ -338,11 +432,13 @@ impl Function {
 }
 
 /// Another call with what `Delayed`'s builders add to it: limits
-/// (`timeout`, `retries`), a result-cache mark (`cache`, `unique`) or
-/// annotations (`priority`, `resources`, `workers`). The same work and key;
-/// whatever is not set here is the wrapped call's.
+/// (`timeout`, `retries`), a result-cache mark (`cache`, `unique`),
+/// annotations (`priority`, `resources`, `workers`) or a name (`named`).
+/// The same work; whatever is not set here is the wrapped call's.
 pub(crate) struct Decorated {
     call: Arc<dyn Call>,
+    /// The name of the node holding it, labelled [`Label::Call`].
+    name: Option<Name>,
     /// The timeout and retries, enforced by `run` itself, so they hold
     /// inside fused chains too.
     limits: Option<(Option<std::time::Duration>, u32)>,
@@ -355,6 +451,7 @@ impl Decorated {
     fn on(call: &Arc<dyn Call>) -> Decorated {
         Decorated {
             call: call.clone(),
+            name: None,
             limits: None,
             cache: None,
             annotations: None,
@@ -373,6 +470,14 @@ impl Decorated {
         );
         Arc::new(Decorated {
             limits: Some(limits),
+            ..Decorated::on(call)
+        })
+    }
+
+    /// `call` under `name`, for a node labelled [`Label::Call`].
+    pub(crate) fn named(call: &Arc<dyn Call>, name: Name) -> Arc<dyn Call> {
+        Arc::new(Decorated {
+            name: Some(name),
             ..Decorated::on(call)
         })
     }
@@ -410,6 +515,9 @@ impl Call for Decorated {
     fn value(&self) -> Option<&Value> {
         self.call.value()
     }
+    fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or_else(|| self.call.name())
+    }
     fn prepare(&self) {
         self.call.prepare()
     }
@@ -442,8 +550,8 @@ impl Call for Decorated {
 }
 
 /// A node that holds a value: a wrapped literal, or a result when it is
-/// [`Origin::Result`].
-pub(crate) struct Held(pub(crate) Value, pub(crate) Origin);
+/// [`Origin::Result`]; and the node's name (it is labelled [`Label::Call`]).
+pub(crate) struct Held(pub(crate) Value, pub(crate) Origin, pub(crate) Name);
 
 /// Where a held value came from: the cache trusts a literal's key to say
 /// what it is, and a computed result's only within this build.
@@ -462,9 +570,9 @@ impl Held {
         Arc::new(Node {
             mark: Default::default(),
             key: node.key,
-            name: node.name.clone(),
+            label: Label::Call,
             deps: Deps::None,
-            call: Arc::new(Held(value, Origin::Result)),
+            call: Arc::new(Held(value, Origin::Result, node.name_owned())),
         })
     }
 }
@@ -476,6 +584,10 @@ impl Call for Held {
 
     fn value(&self) -> Option<&Value> {
         Some(&self.0)
+    }
+
+    fn name(&self) -> &str {
+        &self.2
     }
 
     fn to_wire(&self) -> Result<WireTask, WireError> {
@@ -597,4 +709,67 @@ pub(crate) struct Typed<F, M, S, Sig> {
     pub(crate) f: F,
     pub(crate) slots: S,
     pub(crate) _sig: PhantomData<fn() -> (M, Sig)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{delayed, Graph};
+
+    fn inc(x: i64) -> i64 {
+        x + 1
+    }
+
+    fn double(x: i64) -> i64 {
+        2 * x
+    }
+
+    /// Each way of making a node keeps its name: in the node for names in
+    /// the code, in its call for names chosen at run time, through every
+    /// builder that wraps the call.
+    #[test]
+    fn every_kind_of_node_tells_its_name() {
+        let call = delayed!(inc(1));
+        let named = call.named("first");
+        let mut graph = Graph::new();
+        let raw = graph.insert_task("by-hand", &[], |_| 1_i64);
+        let value = graph.insert_value("config", 2_i64);
+        let tasks: Vec<(&str, String)> = vec![
+            ("inc", call.name().into()),
+            (
+                "inc",
+                call.cache()
+                    .timeout(std::time::Duration::from_secs(1))
+                    .name()
+                    .into(),
+            ),
+            ("first", named.name().into()),
+            ("first", named.unique().retries(2).name().into()),
+            (
+                "zeros",
+                crate::value_named("zeros", vec![0u8; 4]).name().into(),
+            ),
+            ("value", crate::value(7_i64).name().into()),
+            ("double", call.map(double).name().into()),
+        ];
+        for (want, got) in tasks {
+            assert_eq!(got, want);
+        }
+        let names: Vec<(Key, String)> = graph.keys().map(|k| (k.key(), k.to_string())).collect();
+        assert!(names[0].0 == raw && names[0].1.starts_with("by-hand-"));
+        assert!(names[1].0 == value && names[1].1.starts_with("config-"));
+    }
+
+    /// One `&'static` reference per name, whoever asks and however often.
+    #[test]
+    fn a_name_is_interned_once() {
+        let name = String::from("interned-once");
+        let name: &'static str = Box::leak(name.into_boxed_str());
+        assert!(std::ptr::eq(intern(name), intern("interned-once")));
+        assert!(std::ptr::eq(name_of_type::<fn()>(), name_of_type::<fn()>()));
+        assert_eq!(
+            *name_of_type::<Typed<(), (), (), ()>>(),
+            "Typed<(), (), (), ()>"
+        );
+    }
 }

@@ -10,7 +10,7 @@ use crate::build::node::Plain;
 
 /// A one-argument task calling the function item `f` (its type names the
 /// operator and its operand types, which is its identity on the wire).
-fn build1<F, A, R, X, K>(name: &'static str, f: F, a: X) -> Delayed<R>
+fn build1<F, A, R, X, K>(name: &'static &'static str, f: F, a: X) -> Delayed<R>
 where
     F: Fn(A) -> R + Send + Sync + 'static,
     A: 'static,
@@ -21,7 +21,7 @@ where
 }
 
 /// A two-argument task calling the function item `f`.
-fn build2<F, A, B, R, X, Y, K, L>(name: &'static str, f: F, a: X, b: Y) -> Delayed<R>
+fn build2<F, A, B, R, X, Y, K, L>(name: &'static &'static str, f: F, a: X, b: Y) -> Delayed<R>
 where
     F: Fn(A, B) -> R + Send + Sync + 'static,
     A: 'static,
@@ -76,7 +76,7 @@ macro_rules! binary {
         {
             type Output = Delayed<T::Output>;
             fn $method(self, rhs: &Delayed<U>) -> Self::Output {
-                build2(stringify!($method), $method::<T, U>, self, rhs)
+                build2(&stringify!($method), $method::<T, U>, self, rhs)
             }
         }
 
@@ -88,7 +88,7 @@ macro_rules! binary {
         {
             type Output = Delayed<T::Output>;
             fn $method(self, rhs: Delayed<U>) -> Self::Output {
-                build2(stringify!($method), $method::<T, U>, &self, &rhs)
+                build2(&stringify!($method), $method::<T, U>, &self, &rhs)
             }
         }
 
@@ -100,7 +100,7 @@ macro_rules! binary {
         {
             type Output = Delayed<T::Output>;
             fn $method(self, rhs: &Delayed<U>) -> Self::Output {
-                build2(stringify!($method), $method::<T, U>, &self, rhs)
+                build2(&stringify!($method), $method::<T, U>, &self, rhs)
             }
         }
 
@@ -112,7 +112,7 @@ macro_rules! binary {
         {
             type Output = Delayed<T::Output>;
             fn $method(self, rhs: Delayed<U>) -> Self::Output {
-                build2(stringify!($method), $method::<T, U>, self, &rhs)
+                build2(&stringify!($method), $method::<T, U>, self, &rhs)
             }
         }
 
@@ -126,7 +126,7 @@ macro_rules! binary {
         {
             type Output = Delayed<T::Output>;
             fn $method(self, rhs: $lit) -> Self::Output {
-                build2(stringify!($method), $method::<T, $lit>, self, rhs)
+                build2(&stringify!($method), $method::<T, $lit>, self, rhs)
             }
         }
 
@@ -137,7 +137,7 @@ macro_rules! binary {
         {
             type Output = Delayed<T::Output>;
             fn $method(self, rhs: $lit) -> Self::Output {
-                build2(stringify!($method), $method::<T, $lit>, &self, rhs)
+                build2(&stringify!($method), $method::<T, $lit>, &self, rhs)
             }
         }
 
@@ -150,7 +150,7 @@ macro_rules! binary {
         {
             type Output = Delayed<<$lit as $trait<T>>::Output>;
             fn $method(self, rhs: &Delayed<T>) -> Self::Output {
-                build2(stringify!($method), $method::<$lit, T>, self, rhs)
+                build2(&stringify!($method), $method::<$lit, T>, self, rhs)
             }
         }
 
@@ -163,7 +163,7 @@ macro_rules! binary {
         {
             type Output = Delayed<<$lit as $trait<T>>::Output>;
             fn $method(self, rhs: Delayed<T>) -> Self::Output {
-                build2(stringify!($method), $method::<$lit, T>, self, &rhs)
+                build2(&stringify!($method), $method::<$lit, T>, self, &rhs)
             }
         }
     )*};
@@ -191,7 +191,7 @@ macro_rules! unary {
         {
             type Output = Delayed<T::Output>;
             fn $method(self) -> Self::Output {
-                build1(stringify!($method), $method::<T>, self)
+                build1(&stringify!($method), $method::<T>, self)
             }
         }
 
@@ -202,7 +202,7 @@ macro_rules! unary {
         {
             type Output = Delayed<T::Output>;
             fn $method(self) -> Self::Output {
-                build1(stringify!($method), $method::<T>, &self)
+                build1(&stringify!($method), $method::<T>, &self)
             }
         }
     };
@@ -233,7 +233,7 @@ macro_rules! comparisons {
                 where
                     T: $bound,
                 {
-                    build2($task, cmp::$method::<T>, self, rhs)
+                    build2(&$task, cmp::$method::<T>, self, rhs)
                 }
             )*
         }

@@ -95,7 +95,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::build::args::Slot;
 use crate::build::data::Data;
-use crate::build::node::{Call, Fallible, Held, Inputs, Name, Node, Origin, Plain, Returns, Typed};
+use crate::build::node::{
+    Call, Fallible, Held, Inputs, Label, Name, Node, Origin, Plain, Returns, Typed,
+};
 
 /// The function name of held values on the wire (rule 3).
 pub(crate) const VALUE_FUNCTION: &str = rask_executor::VALUE_FUNCTION;
@@ -250,6 +252,10 @@ struct Replayed(Arc<Failure>);
 impl Call for Replayed {
     fn run(&self, _: &mut [Option<Value>]) -> Result<Value, OpError> {
         Err(replay(&self.0))
+    }
+
+    fn name(&self) -> &str {
+        &self.0.name
     }
 }
 
@@ -437,6 +443,8 @@ impl<A: Data> Slot<A> for WireSlot<A> {
 type Build = Box<dyn Fn(&Payload) -> Result<Arc<dyn Call>, WireError> + Send + Sync>;
 
 struct Entry {
+    /// The function's name, which its tasks carry.
+    name: &'static &'static str,
     plain: Option<Build>,
     fallible: Option<Build>,
 }
@@ -582,6 +590,7 @@ impl Tasks {
     fn entry<F: 'static>(&mut self) -> &mut Entry {
         let id = function_id::<F>().expect("registered functions capture nothing (checked)");
         self.entries.entry(id.to_string()).or_insert(Entry {
+            name: crate::build::node::name_of_type::<F>(),
             plain: None,
             fallible: None,
         })
@@ -735,16 +744,17 @@ pub(crate) struct Resolver {
 
 impl rask_executor::Registry for Resolver {
     fn resolve(&self, task: &WireTask) -> Result<Arc<dyn Op>, WireError> {
-        let (name, call): (Name, Arc<dyn Call>) = match task.function.as_str() {
+        let (label, call): (Label, Arc<dyn Call>) = match task.function.as_str() {
             // Rule 9; its steps are resolved here, and none is fused.
             crate::build::fused::FUSED_FUNCTION => {
                 return crate::build::fused::resolve(&task.payload, |step| self.resolve(step));
             }
             VALUE_FUNCTION => (
-                Name::Borrowed("value"),
+                Label::Call,
                 Arc::new(Held(
                     Arc::new(Encoded::new(Arc::from(task.payload.as_slice()))),
                     Origin::Result,
+                    Name::Borrowed("value"),
                 )),
             ),
             REMOTE_FUNCTION => {
@@ -756,7 +766,7 @@ impl rask_executor::Registry for Resolver {
                             what: "a held value's key".into(),
                             reason: format!("{} bytes instead of 32", task.payload.len()),
                         })?;
-                (Name::Borrowed("value"), Arc::new(Released(Key(key))))
+                (Label::Static(&"value"), Arc::new(Released(Key(key))))
             }
             crate::build::pick::GETITEM_FUNCTION => {
                 let pick = crate::build::pick::Pick::decode(&task.payload)?;
@@ -769,7 +779,7 @@ impl rask_executor::Registry for Resolver {
                         reason: "the type is the output of no function given to rask::init".into(),
                     })?;
                 (
-                    Name::Borrowed("getitem"),
+                    Label::Static(&"getitem"),
                     Arc::new(crate::build::pick::Picked {
                         picks: *picks,
                         step: pick.step,
@@ -778,34 +788,30 @@ impl rask_executor::Registry for Resolver {
             }
             FAIL_FUNCTION => {
                 let failure = rask_executor::decode_failure(&task.payload)?;
-                (
-                    Name::Owned(failure.name.to_string()),
-                    Arc::new(Replayed(Arc::new(failure))),
-                )
+                (Label::Call, Arc::new(Replayed(Arc::new(failure))))
             }
             function => {
                 let payload = Payload::decode(&task.payload)?;
                 let entry = self.tasks.entries.get(function);
                 let build = entry.and_then(|e| {
-                    if payload.fallible {
+                    let build = if payload.fallible {
                         e.fallible.as_ref()
                     } else {
                         e.plain.as_ref()
-                    }
+                    };
+                    Some((e.name, build?))
                 });
-                let build = build.ok_or_else(|| WireError::Unregistered {
+                let (name, build) = build.ok_or_else(|| WireError::Unregistered {
                     function: function_path(function).to_owned(),
                 })?;
-                let path = function_path(function);
-                let short = path.rsplit("::").next().unwrap_or(path);
-                (Name::Owned(short.to_owned()), build(&payload)?)
+                (Label::Static(name), build(&payload)?)
             }
         };
         // The key is not needed to run: the executor keeps each task's key.
         Ok(Arc::new(Node {
             mark: Default::default(),
             key: Key([0; 32]),
-            name,
+            label,
             deps: crate::build::node::Deps::None,
             call,
         }))

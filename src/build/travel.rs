@@ -56,7 +56,7 @@ use rask_executor::{Key, Op, OpError, Registry, Value, WireError, WireTask};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::build::delayed::Delayed;
-use crate::build::node::{Call, Decorated, Name, Node};
+use crate::build::node::{Call, Decorated, Label, Node};
 
 /// One node of a travelling graph (rule 1).
 #[derive(Serialize, Deserialize)]
@@ -310,7 +310,7 @@ fn wire_graph(root: &Arc<Node>) -> Result<Vec<WireNode>, WireError> {
         position.insert(node.key, at);
         out.push(WireNode {
             key: node.key.0,
-            name: node.name.to_string(),
+            name: node.name().to_owned(),
             function: task.function,
             payload: task.payload,
             timeout_ns: node
@@ -352,7 +352,11 @@ fn rebuild(wire: Vec<WireNode>) -> Result<Arc<Node>, String> {
         let op = registry
             .resolve(&task)
             .map_err(|e| format!("task `{}` of a travelled graph: {e}", node.name))?;
-        let mut call: Arc<dyn Call> = Arc::new(Travelled { op, task });
+        let mut call: Arc<dyn Call> = Arc::new(Travelled {
+            op,
+            task,
+            name: node.name,
+        });
         let timeout = node.timeout_ns.map(std::time::Duration::from_nanos);
         if timeout.is_some() || node.retries > 0 {
             // Enforced where it runs, as the node it was (`Decorated`).
@@ -361,7 +365,7 @@ fn rebuild(wire: Vec<WireNode>) -> Result<Arc<Node>, String> {
         built.push(Arc::new(Node {
             mark: Default::default(),
             key: Key(node.key),
-            name: Name::Owned(node.name),
+            label: Label::Call,
             deps: deps.into(),
             call,
         }));
@@ -371,15 +375,20 @@ fn rebuild(wire: Vec<WireNode>) -> Result<Arc<Node>, String> {
         .ok_or_else(|| "a travelled graph with no task".to_owned())
 }
 
-/// A task that arrived as part of a `Delayed` (rule 2).
+/// A task that arrived as part of a `Delayed` (rule 2), and its name.
 struct Travelled {
     op: Arc<dyn Op>,
     task: WireTask,
+    name: String,
 }
 
 impl Call for Travelled {
     fn run(&self, inputs: &mut [Option<Value>]) -> Result<Value, OpError> {
         self.op.run(inputs)
+    }
+
+    fn name(&self) -> &str {
+        &self.name
     }
 
     fn to_wire(&self) -> Result<WireTask, WireError> {

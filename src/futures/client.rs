@@ -538,7 +538,7 @@ impl Client {
         X: IntoArg<A, K>,
         I: IntoIterator<Item = X>,
     {
-        let name = std::any::type_name::<F>();
+        let name = crate::build::node::name_of_type::<F>();
         let nodes = items.into_iter().map(|x| {
             let d: Delayed<R> = apply::<Plain, _, _, _, _>(name, f.clone(), (x,));
             d.node().clone()
@@ -616,10 +616,10 @@ impl Client {
     pub fn map_zip<F, Is, Sig, Ks>(&self, f: F, iterables: Is) -> Result<Vec<Future<F::Out>>>
     where
         Is: Iterables,
-        F: crate::build::args::Apply<Plain, Is::Items, Sig, Ks> + Clone,
+        F: crate::build::args::Apply<Plain, Is::Items, Sig, Ks> + Clone + 'static,
         F::Out: Data,
     {
-        let name = std::any::type_name::<F>();
+        let name = crate::build::node::name_of_type::<F>();
         let nodes = iterables.zip_items().map(|xs| {
             let d: Delayed<F::Out> = apply::<Plain, _, _, _, _>(name, f.clone(), xs);
             d.node().clone()
@@ -876,7 +876,7 @@ impl Client {
                     .map(|n| match n.call.annotations() {
                         Some(_) => n.clone(),
                         None => {
-                            let mut copy = n.rekeyed(n.key, n.name.clone());
+                            let mut copy = n.rekeyed(n.key);
                             copy.call =
                                 crate::build::annotate::annotate_call(&n.call, (**a).clone());
                             Arc::new(copy)
@@ -917,7 +917,7 @@ impl Client {
                         entry.node = Some(node.clone());
                     }
                     entry.refs += 1;
-                    Future::new(self.inner.clone(), node.key, node.name.clone())
+                    Future::new(self.inner.clone(), node.key, node.name_owned())
                 })
                 .collect()
         };
@@ -1146,10 +1146,10 @@ impl Op for PendingRef {
     }
 }
 
-fn cancelled_failure(key: Key, name: &Name) -> Arc<Failure> {
+fn cancelled_failure(key: Key, name: &str) -> Arc<Failure> {
     Arc::new(Failure::new(
         key,
-        Arc::from(&**name),
+        Arc::from(name),
         FailureKind::Cancelled,
         "the future was cancelled".into(),
     ))
@@ -1247,16 +1247,16 @@ impl Shared {
             let entry = table.get(&node.key)?;
             let op: Arc<dyn Op> = match &entry.state {
                 State::Finished(value) => Arc::new(HeldOp {
-                    name: node.name.clone(),
+                    name: node.name_owned(),
                     value: value.clone(),
                 }),
                 State::Failed(failure) => Arc::new(Replay {
-                    name: node.name.clone(),
+                    name: node.name_owned(),
                     failure: failure.clone(),
                 }),
                 State::Cancelled => Arc::new(Replay {
-                    name: node.name.clone(),
-                    failure: cancelled_failure(node.key, &node.name),
+                    name: node.name_owned(),
+                    failure: cancelled_failure(node.key, node.name()),
                 }),
                 // A future computed by a run already handed to a cluster:
                 // refer to its key, and the scheduler makes this graph wait
@@ -1270,7 +1270,7 @@ impl Shared {
                             .is_some_and(|(r, _)| r.submitted.load(Ordering::Acquire)) =>
                 {
                     Arc::new(PendingRef {
-                        name: node.name.clone(),
+                        name: node.name_owned(),
                         key: node.key,
                         shared: Arc::downgrade(self),
                     })
@@ -1278,8 +1278,8 @@ impl Shared {
                 State::Pending => {
                     waits.push(node.key);
                     Arc::new(Replay {
-                        name: node.name.clone(),
-                        failure: cancelled_failure(node.key, &node.name),
+                        name: node.name_owned(),
+                        failure: cancelled_failure(node.key, node.name()),
                     })
                 }
             };
@@ -1784,7 +1784,7 @@ impl Shared {
                             continue;
                         }
                         if seen.insert(node.key) {
-                            out.push((node.key, node.name.to_string()));
+                            out.push((node.key, node.name().to_owned()));
                             stack.extend(node.deps.iter().cloned());
                         }
                     }
@@ -1870,6 +1870,10 @@ impl Call for FutureCall {
             State::Failed(failure) => Err(replay(&failure)),
             State::Cancelled | State::Pending => Err(replay(&cancelled_failure(h.key, &h.name))),
         }
+    }
+
+    fn name(&self) -> &str {
+        &self.handle.name
     }
 
     fn prepare(&self) {

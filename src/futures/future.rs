@@ -208,7 +208,7 @@ impl<T> Future<T> {
         Arc::new(Node {
             mark: Default::default(),
             key: self.handle.key,
-            name: self.handle.name.clone(),
+            label: crate::build::node::Label::Call,
             deps: crate::build::node::Deps::None,
             call: Arc::new(FutureCall {
                 handle: self.handle.clone(),

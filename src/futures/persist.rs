@@ -108,7 +108,7 @@ pub fn persist_with<T: Data>(items: &[Delayed<T>], config: &Config) -> Result<Ve
                 d.clone()
             } else {
                 let value = values.next().expect("one value per root");
-                Delayed::held(d.node().key, d.node().name.clone(), value, Origin::Result)
+                Delayed::held(d.node().key, d.node().name_owned(), value, Origin::Result)
             }
         })
         .collect())

@@ -248,11 +248,11 @@ impl Chain {
     fn new(top: Arc<Node>, marks: Vec<Arc<Node>>, bottom: &Node, len: usize) -> Chain {
         // Run order is bottom-up; a long chain names its ends only.
         let mut listed: Vec<&str> = match len {
-            n if n > MAX_LISTED => vec![&bottom.name],
-            n => top.first_inputs(n).map(|node| &*node.name).collect(),
+            n if n > MAX_LISTED => vec![bottom.name()],
+            n => top.first_inputs(n).map(|node| node.name()).collect(),
         };
         listed.reverse();
-        let name = group_name(len, &listed, &top.name).into();
+        let name = group_name(len, &listed, top.name()).into();
         Chain {
             top,
             marks: marks.into_boxed_slice(),
@@ -371,7 +371,7 @@ impl Chain {
 
 /// Names `node` as where `err` started, unless it names a task already.
 fn named(node: &Node, err: OpError) -> OpError {
-    named_origin(node.key, &node.name, err)
+    named_origin(node.key, node.name(), err)
 }
 
 #[cfg(test)]

@@ -466,7 +466,7 @@ impl Lookup {
             REJECTED.fetch_add(1, Ordering::Relaxed);
             warn_once(address, || {
                 tracing::warn!(
-                    task = %node.name,
+                    task = %node.name(),
                     "result cache: ignoring an entry ({why}); the task runs and the entry is \
                      written again"
                 )
@@ -508,7 +508,7 @@ impl Lookup {
         let bytes = match value.encode() {
             Ok(bytes) => bytes,
             Err(e) => {
-                tracing::warn!(task = %write.node.name, "result cache: cannot encode the value: {e}");
+                tracing::warn!(task = %write.node.name(), "result cache: cannot encode the value: {e}");
                 return;
             }
         };
@@ -539,7 +539,7 @@ impl Lookup {
 /// Tells subscribers what the cache did for `node`.
 fn emit(node: &Node, kind: EventKind<'static>) {
     if events::listening() {
-        events::emit(&Event::new(node.key, &node.name, kind));
+        events::emit(&Event::new(node.key, node.name(), kind));
     }
 }
 
@@ -632,7 +632,7 @@ impl Addresses {
                         false
                     }
                     None => {
-                        unversioned(&node.name);
+                        unversioned(node.name());
                         true
                     }
                 }
