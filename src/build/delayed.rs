@@ -613,7 +613,14 @@ macro_rules! map_item {
                     Err(e) => {
                         return Delayed::from_node(Arc::new(Node {
                             mark: Default::default(),
-                            key: named_key(&format!("getitem-{}", unique_suffix())),
+                            key: {
+                                // A key of its own, as `unique` makes, and
+                                // derived from its input's (`node::Label`).
+                                let mut h = KeyHasher::new(Tag::Unique, "getitem", "");
+                                h.input(&self.node.key);
+                                h.bytes(&crate::build::key::nonce());
+                                h.finish()
+                            },
                             label: Label::Static(&"getitem"),
                             deps: Deps::One(self.node.clone()),
                             call: Arc::new(crate::build::node::Broken(format!(

@@ -40,6 +40,14 @@ const _: () = assert!(std::mem::size_of::<Node>() <= 88);
 pub(crate) enum Label {
     /// A name known when the program was compiled: the function's name in
     /// `delayed!`, `getitem`.
+    ///
+    /// A node with inputs and this label has a key derived from its work
+    /// and its inputs' keys, in order, or a fresh one (`Delayed::unique`):
+    /// two such nodes share a key only if their inputs' keys are the same.
+    /// Names chosen at run time go with keys that are not derived so
+    /// (`Delayed::named`, a hand-made
+    /// graph's tasks): [`Label::Call`]. Lowering counts on it
+    /// (`graph::Marks::claim`).
     Static(&'static &'static str),
     /// The name its call holds ([`Call::name`]): a name chosen at run time
     /// (`Delayed::named`, a held value's, a hand-made graph's task).
@@ -331,6 +339,16 @@ pub(crate) trait Call: Send + Sync + 'static {
         "unnamed"
     }
 
+    /// Whether a node without inputs holding this call may have a key
+    /// derived from inputs it does not hold: it stands in for another
+    /// node's work under that node's key (a future, a computed value), or
+    /// it cannot tell. Lowering then checks every node for a repeated key
+    /// (`graph::Marks::claim`). Calls whose nodes have keys of their own
+    /// (a wrapped value, a hand-made graph's task) say `false`.
+    fn stands_in(&self) -> bool {
+        true
+    }
+
     /// Called on the caller's thread before the node's graph is handed to an
     /// executor: a node standing for a future waits for it here, so that no
     /// executor thread blocks on it.
@@ -518,6 +536,9 @@ impl Call for Decorated {
     fn name(&self) -> &str {
         self.name.as_deref().unwrap_or_else(|| self.call.name())
     }
+    fn stands_in(&self) -> bool {
+        self.call.stands_in()
+    }
     fn prepare(&self) {
         self.call.prepare()
     }
@@ -588,6 +609,10 @@ impl Call for Held {
 
     fn name(&self) -> &str {
         &self.2
+    }
+
+    fn stands_in(&self) -> bool {
+        self.1 == Origin::Result
     }
 
     fn to_wire(&self) -> Result<WireTask, WireError> {
