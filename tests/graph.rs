@@ -428,3 +428,41 @@ mod nested_keys {
         assert_ne!(a.key(), delayed!(three(vec![&p[0], &p[1]])).key());
     }
 }
+
+/// A map key whose serialization always fails.
+#[derive(Clone, PartialEq, Eq, Hash, serde::Deserialize)]
+struct Unsendable(u8);
+
+impl serde::Serialize for Unsendable {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom("this key never serializes"))
+    }
+}
+
+fn table() -> std::collections::HashMap<Unsendable, i64> {
+    std::collections::HashMap::from([(Unsendable(1), 10)])
+}
+
+/// A lookup whose key cannot be serialized fails as a task, under a key of
+/// its own: not one a name gives (`getitem-N` once was), which a task
+/// named so would have shared, one of the two then giving the other's
+/// result.
+#[test]
+fn a_lookup_that_cannot_be_keyed_shares_no_key_with_a_name() {
+    let map = delayed!(table());
+    let bad = map.item(Unsendable(1));
+    let again = map.item(Unsendable(1));
+    assert_ne!(
+        bad.key(),
+        again.key(),
+        "each failing lookup is its own task"
+    );
+    for n in 0..10_000 {
+        assert_ne!(bad.key().key(), named_key(&format!("getitem-{n}")));
+    }
+    let err = bad.compute().unwrap_err();
+    assert!(
+        format!("{err:#}").contains("could not be serialized"),
+        "{err:#}"
+    );
+}
