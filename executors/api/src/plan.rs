@@ -151,12 +151,12 @@ impl Plan {
     /// A failure of kind `Failed` of task `i`, for what went wrong around
     /// it rather than in its op (e.g. it cannot travel).
     pub fn failed(&self, i: u32, message: String) -> Failure {
-        Failure::new(
-            *self.key(i),
-            self.task(i).op.name().into(),
-            FailureKind::Failed,
-            message,
-        )
+        self.failure_as(i, FailureKind::Failed, message)
+    }
+
+    /// A failure of task `i` of kind `kind`, under its key and name.
+    pub fn failure_as(&self, i: u32, kind: FailureKind, message: String) -> Failure {
+        Failure::new(*self.key(i), self.task(i).op.name().into(), kind, message)
     }
 
     /// Dependencies of task `i`, in argument order.
@@ -206,10 +206,8 @@ impl Plan {
 
     /// A failure of kind `Cancelled` for output slot `slot`.
     pub fn cancelled_output(&self, slot: usize) -> Arc<Failure> {
-        let task = self.outputs[slot];
-        Arc::new(Failure::new(
-            *self.key(task),
-            self.task(task).op.name().into(),
+        Arc::new(self.failure_as(
+            self.outputs[slot],
             FailureKind::Cancelled,
             "the computation was cancelled".into(),
         ))

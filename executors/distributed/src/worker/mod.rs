@@ -159,7 +159,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rask_executor::{panic_message, run_task, Encoded, Failure, FailureKind, Key, Registry, Stop};
+use rask_executor::{panic_message, run_task, Encoded, FailureKind, Registry, Stop};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
@@ -2008,9 +2008,8 @@ fn run_job(job: Job) -> Done {
                 )),
             },
         };
-        let failed = |(kind, message): (FailureKind, String)| {
-            Arc::new(Failure::new(Key(key), plan.task(0).op.name().into(), kind, message))
-        };
+        let failed =
+            |(kind, message): (FailureKind, String)| Arc::new(plan.failure_as(0, kind, message));
         match encoded {
             Ok(n) if n > MAX_VALUE => Err(failed((FailureKind::Failed, format!(
                 "its value of type `{}` encodes to {n} bytes, over the {MAX_VALUE} byte limit of one frame",
