@@ -15,17 +15,13 @@ use super::{Draft, Folds, Weight};
 ///
 /// Tasks already folded by `folds` stay folded. Consumers are visited in plan
 /// order, so a cheap task that absorbed its own inputs is judged with them.
+/// The pipeline skips it when no task is data or cheap (`Draft::may_inline`).
 ///
 /// # Complexity
 ///
 /// O(tasks + edges) time, two flags per task.
 pub(crate) fn inline(draft: &Draft, mut folds: Folds) -> Folds {
     let n = draft.len();
-    // Only data and cheap tasks fold here: without any (a graph of calls),
-    // one pass over a byte per task says so, instead of a walk of every edge.
-    if !draft.may_inline() {
-        return folds;
-    }
     // Per group root: can a step of its group fail on its own, and does the
     // group read an input from outside itself.
     let mut fallible = vec![false; n];

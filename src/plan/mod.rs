@@ -175,8 +175,10 @@ impl Draft {
         }
     }
 
-    /// Whether some task is data or cheap, which inline may fold.
-    pub(crate) fn may_inline(&self) -> bool {
+    /// Whether some task is data or cheap, which inline may fold: without
+    /// any (a graph of calls), one pass over a byte per task spares inline
+    /// a walk of every edge.
+    fn may_inline(&self) -> bool {
         self.weights
             .iter()
             .any(|w| matches!(w, Weight::Data | Weight::Cheap))
