@@ -137,10 +137,9 @@ impl<T> Delayed<T> {
     /// assert_ne!(a.key(), b.key());
     /// ```
     pub fn unique(&self) -> Delayed<T> {
-        let mut h = KeyHasher::new(Tag::Unique, self.node.name(), "");
-        h.input(&self.node.key);
-        h.bytes(&crate::build::key::nonce());
-        let mut node = self.node.rekeyed(h.finish());
+        let mut node = self
+            .node
+            .rekeyed(unique_key(self.node.name(), &self.node.key));
         // A fresh key never hits the result cache: nothing to write.
         node.call = Decorated::marked(&node.call, false);
         Delayed::from_node(Arc::new(node))
@@ -308,6 +307,15 @@ pub fn value_named<T: Data>(name: impl Into<String>, value: T) -> Delayed<T> {
     let name: String = name.into();
     let key = named_key(&name);
     Delayed::held(key, Name::Owned(name), Arc::new(value), Origin::Literal)
+}
+
+/// A key no other task has: of the task `name` over the task of key `of`,
+/// with a nonce ([`Delayed::unique`]).
+fn unique_key(name: &str, of: &Key) -> Key {
+    let mut h = KeyHasher::new(Tag::Unique, name, "");
+    h.input(of);
+    h.bytes(&crate::build::key::nonce());
+    h.finish()
 }
 
 fn unique_suffix() -> u64 {
@@ -613,14 +621,9 @@ macro_rules! map_item {
                     Err(e) => {
                         return Delayed::from_node(Arc::new(Node {
                             mark: Default::default(),
-                            key: {
-                                // A key of its own, as `unique` makes, and
-                                // derived from its input's (`node::Label`).
-                                let mut h = KeyHasher::new(Tag::Unique, "getitem", "");
-                                h.input(&self.node.key);
-                                h.bytes(&crate::build::key::nonce());
-                                h.finish()
-                            },
+                            // A key of its own, derived from its input's
+                            // (`node::Label`).
+                            key: unique_key("getitem", &self.node.key),
                             label: Label::Static(&"getitem"),
                             deps: Deps::One(self.node.clone()),
                             call: Arc::new(crate::build::node::Broken(format!(
