@@ -158,8 +158,6 @@ struct Marks {
     /// ([`Call::stands_in`](crate::build::node::Call::stands_in)) is
     /// emitted: then none is left out.
     stand_in: bool,
-    /// How many nodes were emitted.
-    count: u32,
     /// One bit per emitted node, by index: whether nothing but one node (or
     /// one handle) held it when it was emitted.
     alone: Vec<u64>,
@@ -184,7 +182,6 @@ impl Marks {
             epoch,
             left_out: Vec::new(),
             stand_in: false,
-            count: 0,
             alone: Vec::new(),
             fingerprints: Vec::new(),
         })
@@ -215,8 +212,7 @@ impl<'a> Seen<'a> for Marks {
         if let Some(i) = node.mark.get(self.epoch) {
             return Err(i);
         }
-        let next = self.count;
-        self.count += 1;
+        let next = (self.fingerprints.len() + self.left_out.len()) as u32;
         node.mark.set(self.epoch, next);
         let (word, bit) = (next as usize / 64, next % 64);
         if word == self.alone.len() {
