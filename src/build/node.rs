@@ -44,10 +44,9 @@ pub(crate) enum Label {
     /// A node with inputs and this label has a key derived from its work
     /// and its inputs' keys, in order, or a fresh one (`Delayed::unique`):
     /// two such nodes share a key only if their inputs' keys are the same.
-    /// Names chosen at run time go with keys that are not derived so
-    /// (`Delayed::named`, a hand-made
-    /// graph's tasks): [`Label::Call`]. Lowering counts on it
-    /// (`graph::Marks::claim`).
+    /// Lowering counts on it (`graph::Marks::claim`). Names chosen at run
+    /// time go with keys that are not derived so (`Delayed::named`, a
+    /// hand-made graph's tasks): [`Label::Call`].
     Static(&'static &'static str),
     /// The name its call holds ([`Call::name`]): a name chosen at run time
     /// (`Delayed::named`, a held value's, a hand-made graph's task).
