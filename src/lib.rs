@@ -79,9 +79,10 @@
 //! # Keys
 //!
 //! A key is blake3 (keyed with a key derived from the context
-//! `"rask task key v1"`) over the function's path and its *type tag* (its
-//! `TypeId`), and each argument's key (for task inputs) or serialized bytes
-//! (for literals). It prints as `name-` plus eight hex digits. The rules:
+//! `"rask task key v1"`) over the function's name, path and *type tag* (its
+//! `TypeId`), hashed once per function, and each argument's key (for task
+//! inputs) or serialized bytes (for literals). It prints as `name-` plus
+//! eight hex digits. The rules:
 //!
 //! 1. Distinct functions never share a key — closures included: two closures
 //!    of one function, or two bound to one name, are different types.

@@ -220,17 +220,32 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
+/// The key an entry's file is named after.
+fn entry_key(path: &Path) -> rask::Key {
+    let name = path.file_name().unwrap().to_str().unwrap();
+    let mut key = [0u8; 32];
+    for (k, pair) in key.iter_mut().zip(name.as_bytes().chunks(2)) {
+        *k = u8::from_str_radix(std::str::from_utf8(pair).unwrap(), 16).unwrap();
+    }
+    rask::Key(key)
+}
+
 #[test]
 fn damaged_entries_are_misses_with_one_warning_each_then_written_again() {
     let dir = scratch("damage");
     let (cache, counts) = (dir.join("cache"), dir.join("counts"));
     run_child(&cache, &counts, "sync");
     let mut entries = walk(&cache);
-    entries.sort();
     assert_eq!(entries.len(), 5);
-    // The total's entry is the one holding the largest value: find it by
-    // reading each back.
-    let size = |p: &PathBuf| std::fs::metadata(p).unwrap().len();
+    // The total's entry first, damaged, so that the next run reaches every
+    // sum's entry: the one holding the total's value.
+    let value = |path: &PathBuf| {
+        let entry = rask_executor::entry::read(&cache, &entry_key(path), None).unwrap();
+        postcard::from_bytes::<u64>(&entry.bytes).unwrap()
+    };
+    entries.sort_by_key(|path| value(path) != EXPECTED);
+    assert_eq!(value(&entries[0]), EXPECTED);
+    assert!(entries[1..].iter().all(|path| value(path) != EXPECTED));
     let (mut damaged, mut kept) = (0, 0);
     for (i, path) in entries.iter().enumerate() {
         let mut bytes = std::fs::read(path).unwrap();
@@ -240,19 +255,19 @@ fn damaged_entries_are_misses_with_one_warning_each_then_written_again() {
             2 => bytes = b"not a rask entry at all".to_vec(),
             3 => {
                 // A whole entry of another type.
-                let name = path.file_name().unwrap().to_str().unwrap();
-                let mut key = [0u8; 32];
-                for (k, pair) in key.iter_mut().zip(name.as_bytes().chunks(2)) {
-                    *k = u8::from_str_radix(std::str::from_utf8(pair).unwrap(), 16).unwrap();
-                }
-                rask_executor::entry::write(&cache, &rask::Key(key), "alloc::string::String", &[0])
-                    .unwrap();
+                rask_executor::entry::write(
+                    &cache,
+                    &entry_key(path),
+                    "alloc::string::String",
+                    &[0],
+                )
+                .unwrap();
                 damaged += 1;
                 continue;
             }
             _ => {
                 kept += 1;
-                assert!(size(path) > 0);
+                assert!(std::fs::metadata(path).unwrap().len() > 0);
                 continue;
             }
         }
@@ -265,13 +280,11 @@ fn damaged_entries_are_misses_with_one_warning_each_then_written_again() {
     assert_eq!(value, EXPECTED);
     let warnings = stderr.matches("result cache: ignoring an entry").count();
     let reran = counted(&counts).len() - before;
-    // Damaged entries that were reached warn once each; every one of them
-    // ran again (with the chunk it needs), the intact one did not.
-    assert!(
-        (1..=4).contains(&warnings),
-        "{warnings} warnings:\n{stderr}"
-    );
-    assert!(reran >= 1, "nothing ran again");
+    // Every damaged entry was reached (the total's is one of them) and
+    // warned once; each of them ran again, the intact sum did not, nor its
+    // chunk: 3 chunks, 3 sums and the total.
+    assert_eq!(warnings, 4, "{warnings} warnings:\n{stderr}");
+    assert_eq!(reran, 7, "{:?}", &counted(&counts)[before..]);
     // Written again: the next run loads everything.
     let before = counted(&counts).len();
     let (value, stderr) = run_child(&cache, &counts, "sync");

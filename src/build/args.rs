@@ -219,7 +219,7 @@ pub struct Args {
 
 impl Args {
     /// The arguments of a call of `F` named `name` (see `KeyHasher::call`).
-    pub(crate) fn call<F: 'static>(name: &str) -> Self {
+    pub(crate) fn call<F: 'static>(name: &'static str) -> Self {
         Args {
             hasher: KeyHasher::call::<F>(name),
             deps: Deps::None,
@@ -803,7 +803,7 @@ macro_rules! apply {
             type Out = M::Out;
             #[allow(unused_variables, unused_mut, non_snake_case)]
             fn apply(self, name: &'static &'static str, xs: ($($x,)*)) -> Delayed<M::Out> {
-                let mut args = Args::call::<F>(name);
+                let mut args = Args::call::<F>(*name);
                 let ($($x,)*) = xs;
                 let slots = ($($x.into_arg(&mut args),)*);
                 let call = Typed::<F, M, _, fn($($a),*) -> R> { f: self, slots, _sig: PhantomData };

@@ -4,12 +4,14 @@
 //! `"rask task key v1"`, over:
 //!
 //! 1. a tag for the kind of node (call, data, named data, unique call),
-//! 2. the task's name and the function's identity: its path as the compiler
-//!    names it (`std::any::type_name`) and its [type tag](type_tag), which
-//!    tells apart every distinct function of one binary — two closures of
-//!    one function, two closures shadowing one name, and two nested
-//!    functions of the same name in different blocks share a path but not
-//!    a type,
+//! 2. for a call, the function's digest: the same keyed hash, once per
+//!    function and thread, of the task's name and the function's identity —
+//!    its path as the compiler names it (`std::any::type_name`) and its
+//!    [type tag](type_tag), which tells apart every distinct function of one
+//!    binary (two closures of one function, two closures shadowing one name,
+//!    and two nested functions of the same name in different blocks share a
+//!    path but not a type); for other nodes, the name and identity
+//!    themselves,
 //! 3. for a closure that captures variables, a fresh nonce (rule 4),
 //! 4. for each argument, in order: the key of a task input, or the postcard
 //!    encoding of a literal.
@@ -61,6 +63,7 @@ pub(crate) enum Tag {
     Named = 3,
     Unique = 4,
     Item = 5,
+    Function = 6,
 }
 
 /// The type tag of `T`: its `TypeId`, reduced to 64 bits. Equal in every
@@ -136,20 +139,30 @@ pub(crate) struct KeyHasher {
 impl KeyHasher {
     /// A key for a call of the function `F`, named `name`: its path and type
     /// tag (rule 1), and a nonce when it captures state (rule 4).
-    pub(crate) fn call<F: 'static>(name: &str) -> Self {
-        let mut this = KeyHasher::new(Tag::Call, name, std::any::type_name::<F>());
-        this.type_id::<F>();
+    ///
+    /// The name, path and type are hashed once per function and thread into
+    /// the function's digest ([`Function::digest`]); a call's key hashes the
+    /// digest, which keeps every call's hashed bytes short whatever the
+    /// function's path.
+    pub(crate) fn call<F: 'static>(name: &'static str) -> Self {
+        let mut this = KeyHasher::empty();
+        this.buf.push(Tag::Call as u8);
+        this.buf.extend_from_slice(&Function::digest::<F>(name));
         if !is_pure_fn::<F>() {
             this.bytes(&nonce());
         }
         this
     }
 
-    pub(crate) fn new(tag: Tag, name: &str, identity: &str) -> Self {
+    fn empty() -> Self {
         let mut buf = SPARE.take();
         buf.clear();
-        buf.reserve(32 + name.len() + identity.len() + 96);
-        let mut this = KeyHasher { buf, stream: None };
+        KeyHasher { buf, stream: None }
+    }
+
+    pub(crate) fn new(tag: Tag, name: &str, identity: &str) -> Self {
+        let mut this = KeyHasher::empty();
+        this.buf.reserve(32 + name.len() + identity.len() + 96);
         this.buf.push(tag as u8);
         this.str(name);
         this.str(identity);
@@ -224,7 +237,53 @@ impl KeyHasher {
     }
 }
 
+/// A function's digest, kept per thread for the functions called last.
+struct Function {
+    id: std::any::TypeId,
+    name: &'static str,
+    digest: [u8; 32],
+}
+
+/// How many functions each thread keeps digests of (a power of two).
+const FUNCTIONS: usize = 16;
+
+impl Function {
+    /// The digest of calls of `F` named `name`: the tag, the name, the path
+    /// and the type of `F` (rule 1), hashed as a key is.
+    fn digest<F: 'static>(name: &'static str) -> [u8; 32] {
+        let id = std::any::TypeId::of::<F>();
+        let slot = (type_tag::<F>() as usize) % FUNCTIONS;
+        let kept = KNOWN.try_with(|known| {
+            let mut known = known.try_borrow_mut().ok()?;
+            match &known[slot] {
+                // Equal names, not only equal addresses: nothing but the
+                // name's content decides the digest.
+                Some(f) if f.id == id && f.name == name => Some(f.digest),
+                _ => {
+                    let digest = Self::make::<F>(name);
+                    known[slot] = Some(Function { id, name, digest });
+                    Some(digest)
+                }
+            }
+        });
+        match kept {
+            Ok(Some(digest)) => digest,
+            _ => Self::make::<F>(name),
+        }
+    }
+
+    fn make<F: 'static>(name: &str) -> [u8; 32] {
+        let mut h = KeyHasher::new(Tag::Function, name, std::any::type_name::<F>());
+        h.type_id::<F>();
+        h.finish().0
+    }
+}
+
 thread_local! {
+    /// The digests of the functions this thread called last, by type tag.
+    static KNOWN: std::cell::RefCell<[Option<Function>; FUNCTIONS]> =
+        const { std::cell::RefCell::new([const { None }; FUNCTIONS]) };
+
     /// The buffer of this thread's last finished hasher, for its next one:
     /// one allocation per thread rather than one per key. A hasher made
     /// while another is alive (an argument built inside a call's
@@ -292,6 +351,60 @@ mod tests {
         encoded.extend(postcard::to_stdvec(&big[..]).unwrap());
         manual.update(&encoded);
         assert_eq!(h.finish(), Key(*manual.finalize().as_bytes()));
+    }
+
+    fn call_key<F: 'static>(_: &F, name: &'static str) -> Key {
+        KeyHasher::call::<F>(name).finish()
+    }
+
+    fn inc(x: i64) -> i64 {
+        x + 1
+    }
+
+    fn dec(x: i64) -> i64 {
+        x - 1
+    }
+
+    #[test]
+    fn a_call_key_holds_its_function_and_its_name_however_often_asked() {
+        let first = [
+            call_key(&inc, "inc"),
+            call_key(&inc, "f"),
+            call_key(&dec, "inc"),
+        ];
+        assert_ne!(first[0], first[1]);
+        assert_ne!(first[0], first[2]);
+        assert_ne!(first[1], first[2]);
+        for _ in 0..3 {
+            let again = [
+                call_key(&inc, "inc"),
+                call_key(&inc, "f"),
+                call_key(&dec, "inc"),
+            ];
+            assert_eq!(again, first);
+        }
+        // A thread that never called them makes each digest afresh.
+        let elsewhere = std::thread::spawn(|| {
+            [
+                call_key(&inc, "inc"),
+                call_key(&inc, "f"),
+                call_key(&dec, "inc"),
+            ]
+        });
+        assert_eq!(elsewhere.join().unwrap(), first);
+    }
+
+    #[test]
+    fn more_functions_than_a_thread_keeps_keep_their_keys() {
+        macro_rules! keys {
+            ($($n:literal)+) => { vec![$(call_key(&|x: i64| x + $n, "f")),+] };
+        }
+        let round = || keys!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23);
+        let first = round();
+        assert!(first.len() > FUNCTIONS);
+        let distinct: std::collections::HashSet<_> = first.iter().collect();
+        assert_eq!(distinct.len(), first.len(), "distinct closures share a key");
+        assert_eq!(round(), first);
     }
 
     #[test]
