@@ -92,6 +92,15 @@ const WORKLOADS: &[Workload] = &[
         run: build,
     },
     Workload {
+        name: "build_nested",
+        about: "build tree(N) of functions four modules deep, as an application's are",
+        sizes: SIZES_1M,
+        executors: &["none"],
+        caps: &[],
+        accepts: Accepts::Nothing,
+        run: build_nested,
+    },
+    Workload {
         name: "sync",
         about: "build tree(N), compute it on the sync executor",
         sizes: SIZES_1M,
@@ -560,6 +569,29 @@ fn tree(n: u64) -> Delayed<i64> {
     reduce(leaves, |a, b| delayed!(add(a, b)))
 }
 
+/// `inc` and `add` where an application keeps its functions: a key hashes
+/// the function's path (`keys` in the crate's documentation).
+mod pipeline {
+    pub(crate) mod stages {
+        pub(crate) mod arithmetic {
+            pub(crate) fn inc(x: i64) -> i64 {
+                x + 1
+            }
+
+            pub(crate) fn add(x: i64, y: i64) -> i64 {
+                x + y
+            }
+        }
+    }
+}
+
+/// tree(N) of `pipeline::stages::arithmetic`'s `inc` and `add`.
+fn tree_nested(n: u64) -> Delayed<i64> {
+    use pipeline::stages::arithmetic::{add, inc};
+    let leaves = (0..n as i64).map(|i| delayed!(inc(i))).collect();
+    reduce(leaves, |a, b| delayed!(add(a, b)))
+}
+
 fn tree_sum(n: u64) -> i64 {
     let n = n as i64;
     n * (n + 1) / 2
@@ -579,6 +611,15 @@ fn chain_graph(n: u64) -> Delayed<i64> {
 // ---------------------------------------------------------------------------
 
 fn build(run: &Run) -> Outcome {
+    build_of(run, tree)
+}
+
+fn build_nested(run: &Run) -> Outcome {
+    build_of(run, tree_nested)
+}
+
+/// Builds the tree `tree` makes, against the floor's.
+fn build_of(run: &Run, tree: fn(u64) -> Delayed<i64>) -> Outcome {
     let (root, build_s) = timed(|| tree(run.n));
     let tasks = 2 * run.n - 1;
     let report = Report::new(run, tasks, build_s, build_s).secs("build_s", build_s);
