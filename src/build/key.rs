@@ -140,14 +140,15 @@ impl KeyHasher {
     /// A key for a call of the function `F`, named `name`: its path and type
     /// tag (rule 1), and a nonce when it captures state (rule 4).
     ///
-    /// The name, path and type are hashed once per function and thread into
-    /// the function's digest ([`Function::digest`]); a call's key hashes the
-    /// digest, which keeps every call's hashed bytes short whatever the
-    /// function's path.
+    /// The name, path and type are hashed once per function and thread
+    /// into the function's digest ([`KnownFunction::digest`]); a call's key
+    /// hashes the digest, which keeps every call's hashed bytes short
+    /// whatever the function's path.
     pub(crate) fn call<F: 'static>(name: &'static str) -> Self {
         let mut this = KeyHasher::empty();
         this.buf.push(Tag::Call as u8);
-        this.buf.extend_from_slice(&Function::digest::<F>(name));
+        this.buf
+            .extend_from_slice(&KnownFunction::digest::<F>(name));
         if !is_pure_fn::<F>() {
             this.bytes(&nonce());
         }
@@ -238,7 +239,7 @@ impl KeyHasher {
 }
 
 /// A function's digest, kept per thread for the functions called last.
-struct Function {
+struct KnownFunction {
     id: std::any::TypeId,
     name: &'static str,
     digest: [u8; 32],
@@ -247,7 +248,7 @@ struct Function {
 /// How many functions each thread keeps digests of (a power of two).
 const FUNCTIONS: usize = 16;
 
-impl Function {
+impl KnownFunction {
     /// The digest of calls of `F` named `name`: the tag, the name, the path
     /// and the type of `F` (rule 1), hashed as a key is.
     fn digest<F: 'static>(name: &'static str) -> [u8; 32] {
@@ -261,7 +262,7 @@ impl Function {
                 Some(f) if f.id == id && f.name == name => Some(f.digest),
                 _ => {
                     let digest = Self::make::<F>(name);
-                    known[slot] = Some(Function { id, name, digest });
+                    known[slot] = Some(KnownFunction { id, name, digest });
                     Some(digest)
                 }
             }
@@ -281,7 +282,7 @@ impl Function {
 
 thread_local! {
     /// The digests of the functions this thread called last, by type tag.
-    static KNOWN: std::cell::RefCell<[Option<Function>; FUNCTIONS]> =
+    static KNOWN: std::cell::RefCell<[Option<KnownFunction>; FUNCTIONS]> =
         const { std::cell::RefCell::new([const { None }; FUNCTIONS]) };
 
     /// The buffer of this thread's last finished hasher, for its next one:
