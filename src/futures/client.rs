@@ -1763,12 +1763,12 @@ impl Shared {
                         // Data, or a key the table answers for: no event
                         // here; a pending one has work of its own.
                         let key = *plan.key(i);
-                        if !task.op.is_work() {
+                        if !task.op().is_work() {
                             roots.push(key);
                             continue;
                         }
                         if seen.insert(key) {
-                            out.push((key, task.op.name().to_owned()));
+                            out.push((key, task.op().name().to_owned()));
                             stack.extend_from_slice(plan.deps(i));
                         }
                     }

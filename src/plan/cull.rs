@@ -52,7 +52,7 @@ pub(crate) fn cull(draft: Draft) -> Draft {
         }
         deps.clear();
         deps.extend(draft.deps(i).iter().map(|&d| index[d as usize]));
-        index[i as usize] = b.push(draft.key(i), draft.op(i).clone(), &deps);
+        index[i as usize] = b.push_task_of(draft.shared_plan(), i, draft.key(i), &deps);
         weights.push(draft.weight(i));
         if !draft.sizes.is_empty() {
             sizes.push(draft.size(i));

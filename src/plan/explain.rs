@@ -204,7 +204,7 @@ impl<'a> PlannedTask<'a> {
     /// the tasks it runs, `inc+inc+inc`, shortened to `inc…inc(100)` for long
     /// chains.
     pub fn name(&self) -> &'a str {
-        self.plan.task(self.index).op.name()
+        self.plan.task(self.index).op().name()
     }
 
     /// How many tasks of the graph this plan task runs: 1, or more when

@@ -215,7 +215,7 @@ impl Fused {
         let steps = self
             .steps
             .iter()
-            .map(|step| (step.pushes, step.args, &*self.plan.task(step.task).op));
+            .map(|step| (step.pushes, step.args, self.plan.task(step.task).op()));
         let key_of = |step: usize| *self.plan.key(self.steps[step].task);
         exec(steps, key_of, inputs, stack)
     }
@@ -223,10 +223,10 @@ impl Fused {
     /// The wire form of step `step`, for [`Op::to_wire`].
     fn wire_step(&self, step: &Step) -> Result<WireStep, WireError> {
         let task = self.plan.task(step.task);
-        let WireTask { function, payload } = task.op.to_wire()?;
+        let WireTask { function, payload } = task.op().to_wire()?;
         Ok(WireStep {
             key: self.plan.key(step.task).0,
-            name: task.op.name().to_owned(),
+            name: task.op().name().to_owned(),
             function,
             payload,
             pushes: step.pushes,
@@ -263,7 +263,7 @@ impl Op for Fused {
 
     fn name(&self) -> &str {
         match &self.name {
-            Name::Step(i) => self.plan.task(self.steps[*i as usize].task).op.name(),
+            Name::Step(i) => self.plan.task(self.steps[*i as usize].task).op().name(),
             Name::Built(name) => name,
         }
     }
@@ -418,7 +418,7 @@ mod tests {
     fn received(plan: &Plan) -> Arc<Plan> {
         let mut b = rask_executor::PlanBuilder::new();
         for (i, task) in plan.tasks().iter().enumerate() {
-            let wire = task.op.to_wire().unwrap();
+            let wire = task.op().to_wire().unwrap();
             let op = if wire.function == FUSED_FUNCTION {
                 resolve(&wire.payload, super::super::testing::resolve).unwrap()
             } else {
@@ -448,7 +448,7 @@ mod tests {
             let plan = assemble(d, &folds, false).plan;
             assert_eq!(names(&plan), vec!["x", "y", "h+mid+t"]);
             let wired = received(&plan);
-            assert_eq!(wired.task(2).op.name(), "h+mid+t");
+            assert_eq!(wired.task(2).op().name(), "h+mid+t");
             let want = run(unoptimized(tasks, &[5]));
             assert_eq!(run(wired), want, "{does:?}");
             if does != Sum(5) {

@@ -108,39 +108,57 @@ fn lower_weighed(
     let mut weights = Vec::new();
     let mut sizes = Vec::new();
     let mut absorbed = absorbed;
-    let absorb = |node| {
-        let (bottom, chain) = chain::absorb(node, absorbed.as_deref_mut()?)?;
-        let size = chain.len() as u32;
-        Some((bottom, Arc::new(chain) as Arc<dyn Op>, size))
-    };
-    let emit = |node: &Arc<Node>, replacement: Option<Arc<dyn Op>>, deps: &[u32], size| {
-        // A chain also replaces its top node; it stands for two or more.
-        let was_cut = replacement.is_some() && size == 1;
-        let weight = match replacement {
-            _ if (alone.cut && was_cut) || (alone.remote && travels_alone(node)) => Weight::Alone,
-            None if node.is_data() => Weight::Data,
-            _ => Weight::Normal,
+    // The plan keeps the roots, which keep every node it is given by
+    // reference: no count per node to raise here and lower again when the
+    // plan is dropped.
+    let outputs = b.keeping(roots.to_vec(), |roots, b| {
+        let absorb = |node| {
+            let (bottom, chain) = chain::absorb(node, absorbed.as_deref_mut()?)?;
+            let size = chain.len() as u32;
+            Some((bottom, Arc::new(chain) as Arc<dyn Op>, size))
         };
-        if size > 1 && sizes.is_empty() {
-            sizes.resize(weights.len(), 1);
+        let emit = emitter(roots, |node, replacement, deps, size| {
+            // A chain also replaces its top node; it stands for two or more.
+            let was_cut = replacement.is_some() && size == 1;
+            let weight = match replacement {
+                _ if (alone.cut && was_cut) || (alone.remote && travels_alone(node)) => {
+                    Weight::Alone
+                }
+                None if node.is_data() => Weight::Data,
+                _ => Weight::Normal,
+            };
+            if size > 1 && sizes.is_empty() {
+                sizes.resize(weights.len(), 1);
+            }
+            if size > 1 || !sizes.is_empty() {
+                sizes.push(size);
+            }
+            single_inputs |= deps.len() == 1;
+            match replacement {
+                Some(op) => b.push_owned(node.key, op, deps),
+                None => b.push(node.key, &**node, deps),
+            };
+            weights.push(weight);
+        });
+        if marked {
+            postorder_marked(roots, absorb, cut, emit)
+        } else {
+            Some(postorder(roots, absorb, cut, emit))
         }
-        if size > 1 || !sizes.is_empty() {
-            sizes.push(size);
-        }
-        let op = replacement.unwrap_or_else(|| node.clone());
-        single_inputs |= deps.len() == 1;
-        b.push(node.key, op, deps);
-        weights.push(weight);
-    };
-    let outputs = if marked {
-        postorder_marked(roots, absorb, cut, emit)?
-    } else {
-        postorder(roots, absorb, cut, emit)
-    };
+    })?;
     for i in outputs {
         b.output(i);
     }
     Some((b.build(), weights, sizes, single_inputs))
+}
+
+/// `emit` as [`lower_weighed`] gives it to the walk: the nodes it is given
+/// are borrowed from `roots` for `'a`, so it may push them by reference.
+fn emitter<'a, F>(_roots: &'a [Arc<Node>], emit: F) -> F
+where
+    F: FnMut(&'a Arc<Node>, Option<Arc<dyn Op>>, &[u32], u32),
+{
+    emit
 }
 
 /// Whether `node` must reach a cluster as a wire task of its own (rule 3):

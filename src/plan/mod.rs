@@ -235,8 +235,8 @@ impl Draft {
     }
 
     /// Task `i`'s op.
-    pub(crate) fn op(&self, i: u32) -> &Arc<dyn Op> {
-        &self.plan.task(i).op
+    pub(crate) fn op(&self, i: u32) -> &dyn Op {
+        self.plan.task(i).op()
     }
 
     /// Task `i`'s weight.
@@ -624,22 +624,21 @@ pub(crate) fn assemble(draft: Draft, folds: &Folds, describe: bool) -> Assembled
         }
         let has_inner = draft.deps(i).iter().any(|&d| folds.folded(d));
         deps.clear();
-        let op: Arc<dyn Op> = if has_inner {
+        index[i as usize] = if has_inner {
             let fused =
                 fuse::Fused::build(&draft, folds, i, steps[i as usize] as usize, &mut scratch);
             deps.extend(scratch.externals().iter().map(|&d| index[d as usize]));
             if describe {
                 shapes.push(Shape::Fused(sizes[i as usize]));
             }
-            Arc::new(fused)
+            b.push(draft.key(i), Arc::new(fused), &deps)
         } else {
             deps.extend(draft.deps(i).iter().map(|&d| index[d as usize]));
             if describe {
                 shapes.push(Shape::of(draft.weight(i), draft.size(i)));
             }
-            draft.op(i).clone()
+            b.push_task_of(draft.shared_plan(), i, draft.key(i), &deps)
         };
-        index[i as usize] = b.push(draft.key(i), op, &deps);
     }
     for &o in draft.outputs() {
         let new = index[o as usize];
@@ -819,7 +818,7 @@ pub(crate) mod testing {
     pub(crate) fn names(plan: &rask_executor::Plan) -> Vec<String> {
         plan.tasks()
             .iter()
-            .map(|t| t.op.name().to_owned())
+            .map(|t| t.op().name().to_owned())
             .collect()
     }
 }

@@ -327,8 +327,8 @@ pub(crate) fn run(roots: &[Arc<Node>], config: &Config) -> Result<Vec<Value>> {
             .tasks()
             .iter()
             .zip(plan.keys())
-            .filter(|(t, _)| t.op.is_work());
-        crate::run::progress::Bar::start(work.map(|(t, key)| (*key, t.op.name())))
+            .filter(|(t, _)| t.op().is_work());
+        crate::run::progress::Bar::start(work.map(|(t, key)| (*key, t.op().name())))
     });
     let lookup = lookup.map(Arc::new);
     let cache = lookup.clone().map(|lookup| (lookup, writes));

@@ -273,10 +273,10 @@ impl Drop for Subscription {
 /// Reports `Queued` for every task of a plan about to run (rule 2).
 pub fn queued(plan: &Plan) {
     for (task, key) in plan.tasks().iter().zip(plan.keys()) {
-        if task.op.is_work() {
+        if task.op().is_work() {
             emit(&Event {
                 key: *key,
-                name: task.op.name(),
+                name: task.op().name(),
                 kind: EventKind::Queued,
             });
         }
@@ -304,11 +304,11 @@ pub fn observe(
         return outcome;
     }
     let task = plan.task(i);
-    if !task.op.is_work() {
+    if !task.op().is_work() {
         return run();
     }
     let place = place();
-    let name = task.op.name();
+    let name = task.op().name();
     let key = *plan.key(i);
     emit(&Event {
         key,
@@ -337,10 +337,10 @@ pub fn observe(
 #[inline]
 pub fn skipped(plan: &Plan, i: u32, failure: &Failure) {
     let task = plan.task(i);
-    if listening() && task.op.is_work() {
+    if listening() && task.op().is_work() {
         emit(&Event {
             key: *plan.key(i),
-            name: task.op.name(),
+            name: task.op().name(),
             kind: EventKind::Erred {
                 place: None,
                 failure,

@@ -60,7 +60,7 @@ pub use failure::{
     RemoteError,
 };
 pub use limits::{run_limited, Run};
-pub use plan::{Plan, PlanBuilder, PlanTask};
+pub use plan::{Kept, Plan, PlanBuilder, PlanTask};
 pub use simulated::{Simulated, SplitMix64};
 pub use stop::{abandoned, cancelled, Abandoned, Stop};
 pub use synchronous::Synchronous;
@@ -303,7 +303,7 @@ pub trait Executor: Send + Sync {
 /// op with a timeout or retries enforces them itself ([`run_limited`]).
 pub fn run_task(plan: &Plan, i: u32, inputs: &mut [Option<Value>]) -> Outcome {
     failure::record_panic_locations();
-    let op = &plan.task(i).op;
+    let op = plan.task(i).op();
     let _span =
         tracing::trace_span!("task", name = op.name(), key = %plan.key(i).short()).entered();
     let outcome = match catch_unwind(AssertUnwindSafe(|| op.run(inputs))) {

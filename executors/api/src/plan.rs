@@ -13,7 +13,21 @@
 //! 4. `key(i)` is the key given to [`PlanBuilder::push`] for task `i`. The
 //!    plan keeps a copy only of the keys their ops do not tell
 //!    ([`Op::key`]): a task entry is 24 bytes, where a key alone is 32.
+//! 5. A plan keeps every op alive for as long as it lives, in one of two
+//!    ways: it holds the op ([`PlanBuilder::push`], a reference count per
+//!    task), or it holds *keepers*, values that keep the op alive, and
+//!    points at the op ([`PlanBuilder::keeping`]). A graph's nodes are
+//!    kept by its roots: a plan of a million nodes holds its roots, not a
+//!    million counts to raise while lowering and to lower again, node by
+//!    node, when the plan is dropped.
 
+// The one module of the crate with `unsafe` (the crate's `Cargo.toml`):
+// each block says why it holds.
+#![allow(unsafe_code)]
+
+use std::any::Any;
+use std::marker::PhantomData;
+use std::ptr::NonNull;
 use std::sync::Arc;
 
 use crate::{Failure, FailureKind, Key, Op, OpError};
@@ -21,18 +35,43 @@ use crate::{Failure, FailureKind, Key, Op, OpError};
 /// One task of a [`Plan`]: its op and where its inputs are listed. Its
 /// key is the plan's to tell ([`Plan::key`]): most ops know it themselves
 /// ([`Op::key`]), so a task entry holds no copy of it.
-#[derive(Clone)]
+///
+/// A task lives in its plan only: it is neither cloned nor built outside
+/// it, so a reference to its op never outlives the plan (invariant 5).
 pub struct PlanTask {
-    /// The work to do.
-    pub op: Arc<dyn Op>,
+    /// The work to do: held by the plan or by one of its keepers.
+    op: NonNull<dyn Op>,
     deps: (u32, u32),
+}
+
+// SAFETY: a task only points at its op, which is `Send + Sync` (`Op`'s
+// bounds), and the plan holding the task keeps that op alive (invariant
+// 5) with `Arc`s of `Send + Sync` values: sending or sharing a task sends
+// or shares nothing but access to such an op.
+unsafe impl Send for PlanTask {}
+// SAFETY: as for `Send` above.
+unsafe impl Sync for PlanTask {}
+
+impl PlanTask {
+    /// The work to do.
+    #[inline]
+    pub fn op(&self) -> &dyn Op {
+        // SAFETY: `self` lives in a plan (the type is neither cloned nor
+        // built outside one), and the plan keeps the op alive as long as
+        // itself (invariant 5): through `Plan::owned` for pushed ops, and
+        // through `Plan::keepers` for those `PlanBuilder::keeping` lowered
+        // (their references came from the keepers it handed over, by its
+        // signature) or `push_task_of` copied (with the keepers of their
+        // plan). The op is only read through the pointer.
+        unsafe { self.op.as_ref() }
+    }
 }
 
 impl std::fmt::Debug for PlanTask {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.op.key() {
-            Some(key) => write!(f, "{}-{}", self.op.name(), key.short()),
-            None => f.write_str(self.op.name()),
+        match self.op().key() {
+            Some(key) => write!(f, "{}-{}", self.op().name(), key.short()),
+            None => f.write_str(self.op().name()),
         }
     }
 }
@@ -64,12 +103,16 @@ impl std::fmt::Debug for PlanTask {
 /// // `Const` does not tell its key (`Op::key`): the plan kept a copy.
 /// assert_eq!(plan.key(a), &Key([1; 32]));
 /// ```
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Plan {
     tasks: Vec<PlanTask>,
     /// The keys of the tasks whose op does not tell it (invariant 4),
     /// `(task, key)` sorted by task.
     keys: Vec<(u32, Key)>,
+    /// The ops the plan holds, `(task, op)` sorted by task (invariant 5).
+    owned: Vec<(u32, Arc<dyn Op>)>,
+    /// What keeps the other ops alive (invariant 5).
+    keepers: Arc<Vec<Keeper>>,
     deps: Vec<u32>,
     /// Made on first use: an executor running tasks in plan order (the
     /// synchronous one) never needs them, and they cost 8 bytes a task.
@@ -78,6 +121,19 @@ pub struct Plan {
     outputs: Vec<u32>,
     /// `(task, output index)` sorted by task.
     output_slots: Vec<(u32, u32)>,
+}
+
+impl std::fmt::Debug for Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plan")
+            .field("tasks", &self.tasks)
+            .field("keys", &self.keys)
+            .field("deps", &self.deps)
+            .field("consumers", &self.consumers)
+            .field("outputs", &self.outputs)
+            .field("output_slots", &self.output_slots)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Plan {
@@ -133,9 +189,18 @@ impl Plan {
     /// The key task `i`'s op tells, which is its key when the plan keeps
     /// none for it.
     fn key_told(&self, i: u32) -> &Key {
-        let op = &self.tasks[i as usize].op;
+        let op = self.tasks[i as usize].op();
         op.key()
             .unwrap_or_else(|| panic!("op `{}` stopped telling its key", op.name()))
+    }
+
+    /// Task `i`'s op when the plan holds it itself (invariant 5).
+    fn owned_op(&self, i: u32) -> Option<&Arc<dyn Op>> {
+        let at = self
+            .owned
+            .binary_search_by_key(&i, |&(task, _)| task)
+            .ok()?;
+        Some(&self.owned[at].1)
     }
 
     /// Turns an op's error into a named [`Failure`] of task `i` (or of the
@@ -143,7 +208,7 @@ impl Plan {
     pub fn failure(&self, i: u32, mut err: OpError) -> Failure {
         let (key, name) = match err.origin.take() {
             Some((key, name)) => (key, name),
-            None => (*self.key(i), self.task(i).op.name().into()),
+            None => (*self.key(i), self.task(i).op().name().into()),
         };
         Failure::from_op(key, name, err)
     }
@@ -156,7 +221,7 @@ impl Plan {
 
     /// A failure of task `i` of kind `kind`, under its key and name.
     pub fn failure_as(&self, i: u32, kind: FailureKind, message: String) -> Failure {
-        Failure::new(*self.key(i), self.task(i).op.name().into(), kind, message)
+        Failure::new(*self.key(i), self.task(i).op().name().into(), kind, message)
     }
 
     /// Dependencies of task `i`, in argument order.
@@ -253,12 +318,76 @@ impl Dependents {
     }
 }
 
+/// A value that keeps some of a plan's ops alive (invariant 5).
+type Keeper = Arc<dyn Any + Send + Sync>;
+
+/// The builder inside [`PlanBuilder::keeping`]: pushes ops reached from
+/// the keepers by reference, and any other op as [`PlanBuilder::push`]
+/// does.
+pub struct Kept<'a, 'b> {
+    builder: &'b mut PlanBuilder,
+    /// `'a` is the lifetime of the keepers' loan: invariant, so that no
+    /// reference of a shorter life passes for one of theirs.
+    _keepers: PhantomData<fn(&'a ()) -> &'a ()>,
+}
+
+impl<'a> Kept<'a, '_> {
+    /// Appends a task whose op lives in the keepers (or for ever), and
+    /// returns its index.
+    ///
+    /// # Panics
+    ///
+    /// As [`PlanBuilder::push`].
+    pub fn push(&mut self, key: Key, op: &'a dyn Op, deps: &[u32]) -> u32 {
+        // `op` lives as long as the keepers, which the plan holds
+        // (invariant 5): `PlanBuilder::keeping` hands them over.
+        self.builder.append(key, erase(op), deps)
+    }
+
+    /// Appends a task holding `op`, as [`PlanBuilder::push`].
+    pub fn push_owned(&mut self, key: Key, op: Arc<dyn Op>, deps: &[u32]) -> u32 {
+        self.builder.push(key, op, deps)
+    }
+
+    /// Asks for task `task`'s value, as [`PlanBuilder::output`].
+    pub fn output(&mut self, task: u32) -> usize {
+        self.builder.output(task)
+    }
+
+    /// Number of tasks pushed so far.
+    pub fn len(&self) -> usize {
+        self.builder.len()
+    }
+
+    /// Whether no task was pushed yet.
+    pub fn is_empty(&self) -> bool {
+        self.builder.is_empty()
+    }
+}
+
+/// `op` with the lifetime of its borrow and of its trait object erased:
+/// what a [`PlanTask`] stores. Reading it back is `PlanTask::op`'s
+/// business (invariant 5).
+fn erase<'a>(op: &'a (dyn Op + 'a)) -> NonNull<dyn Op> {
+    let op: NonNull<dyn Op + 'a> = NonNull::from(op);
+    // SAFETY: a transmute between fat pointers to the same trait object,
+    // which differ only in the lifetime bound of the object: same layout,
+    // same vtable. The pointer is only read as long as the plan keeps the
+    // op alive (invariant 5).
+    unsafe { std::mem::transmute::<NonNull<dyn Op + 'a>, NonNull<dyn Op>>(op) }
+}
+
 /// Builds a [`Plan`] one task at a time; a task may only depend on tasks pushed
 /// before it, which makes cycles impossible.
 #[derive(Default)]
 pub struct PlanBuilder {
     tasks: Vec<PlanTask>,
     keys: Vec<(u32, Key)>,
+    owned: Vec<(u32, Arc<dyn Op>)>,
+    keepers: Vec<Keeper>,
+    /// The keepers of the plans [`push_task_of`](PlanBuilder::push_task_of)
+    /// took tasks from, each list once (they are in `keepers` too).
+    adopted: Vec<Arc<Vec<Keeper>>>,
     deps: Vec<u32>,
     outputs: Vec<u32>,
 }
@@ -273,9 +402,8 @@ impl PlanBuilder {
     pub fn with_capacity(tasks: usize) -> Self {
         PlanBuilder {
             tasks: Vec::with_capacity(tasks),
-            keys: Vec::new(),
             deps: Vec::with_capacity(tasks * 2),
-            outputs: Vec::new(),
+            ..PlanBuilder::default()
         }
     }
 
@@ -296,6 +424,114 @@ impl PlanBuilder {
     /// Panics if a dependency index does not name an earlier task: that is a
     /// bug in the lowering, not a user error.
     pub fn push(&mut self, key: Key, op: Arc<dyn Op>, deps: &[u32]) -> u32 {
+        // The plan holds `op` (invariant 5).
+        let pointer = NonNull::from(&*op);
+        let index = self.append(key, pointer, deps);
+        self.owned.push((index, op));
+        index
+    }
+
+    /// Lowers a structure of ops into this builder without a reference
+    /// count per task: `keepers` (a graph's roots, say) are handed to
+    /// `lower` by reference, and every op it reaches from them may be
+    /// pushed by reference ([`Kept::push`]). The plan holds `keepers`, which
+    /// keep those ops alive (invariant 5): a plan of a million nodes then
+    /// holds its roots, not a million counts raised here and lowered again,
+    /// node by node, when the plan is dropped.
+    ///
+    /// `lower` works for any lifetime `'a`, so an op it pushes by
+    /// reference can only come from `keepers` (or live for ever): the
+    /// compiler rejects a reference to anything else.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use rask_executor::{Key, Op, OpError, PlanBuilder, Value};
+    /// use std::sync::Arc;
+    ///
+    /// struct Const(i64);
+    /// impl Op for Const {
+    ///     fn run(&self, _: &mut [Option<Value>]) -> Result<Value, OpError> {
+    ///         Ok(Arc::new(self.0))
+    ///     }
+    ///     fn name(&self) -> &str { "const" }
+    /// }
+    ///
+    /// // Two ops that one value holds.
+    /// let both = Arc::new([Const(1), Const(2)]);
+    /// let mut b = PlanBuilder::new();
+    /// let last = b.keeping(vec![both], |kept, b| {
+    ///     let [one, two] = &*kept[0];
+    ///     b.push(Key([1; 32]), one, &[]);
+    ///     b.push(Key([2; 32]), two, &[])
+    /// });
+    /// b.output(last);
+    /// let plan = b.build();
+    /// assert_eq!(plan.task(last).op().name(), "const");
+    /// ```
+    ///
+    /// An op that the keepers do not hold cannot be pushed by reference:
+    ///
+    /// ```compile_fail
+    /// # use rask_executor::{Key, Op, OpError, PlanBuilder, Value};
+    /// # use std::sync::Arc;
+    /// # struct Const(i64);
+    /// # impl Op for Const {
+    /// #     fn run(&self, _: &mut [Option<Value>]) -> Result<Value, OpError> {
+    /// #         Ok(Arc::new(self.0))
+    /// #     }
+    /// #     fn name(&self) -> &str { "const" }
+    /// # }
+    /// let mut b = PlanBuilder::new();
+    /// let local = Const(3);
+    /// b.keeping(vec![Arc::new(Const(1))], |_, b| b.push(Key([3; 32]), &local, &[]));
+    /// ```
+    pub fn keeping<T, R>(
+        &mut self,
+        keepers: Vec<Arc<T>>,
+        lower: impl for<'a> FnOnce(&'a [Arc<T>], &mut Kept<'a, '_>) -> R,
+    ) -> R
+    where
+        T: Any + Send + Sync,
+    {
+        // Held before `lower` pushes anything, so that a task pushed before
+        // a panic in `lower` still points at something the builder keeps.
+        // The ops pushed point into the values of `keepers`, or into its
+        // buffer: both stay in place as long as the vector lives.
+        let keepers = Arc::new(keepers);
+        self.keepers.push(keepers.clone());
+        lower(
+            &keepers,
+            &mut Kept {
+                builder: self,
+                _keepers: PhantomData,
+            },
+        )
+    }
+
+    /// Appends task `i` of `plan` with key `key` and dependencies `deps`
+    /// (indices in this builder): the same op, held as `plan` holds it. The
+    /// new plan then also keeps what keeps `plan`'s ops alive, not `plan`.
+    ///
+    /// # Panics
+    ///
+    /// As [`push`](PlanBuilder::push), and when `plan` has no task `i`.
+    pub fn push_task_of(&mut self, plan: &Plan, i: u32, key: Key, deps: &[u32]) -> u32 {
+        if let Some(op) = plan.owned_op(i) {
+            return self.push(key, op.clone(), deps);
+        }
+        if !self.adopted.iter().any(|a| Arc::ptr_eq(a, &plan.keepers)) {
+            self.adopted.push(plan.keepers.clone());
+            self.keepers.push(plan.keepers.clone());
+        }
+        // `plan` keeps this op alive through its keepers (invariant 5),
+        // which this builder now keeps too.
+        self.append(key, plan.tasks[i as usize].op, deps)
+    }
+
+    /// Appends a task pointing at `op`, which the caller makes sure the
+    /// plan keeps alive (invariant 5).
+    fn append(&mut self, key: Key, op: NonNull<dyn Op>, deps: &[u32]) -> u32 {
         let index = u32::try_from(self.tasks.len()).expect("a plan holds at most 2^32 tasks");
         assert!(
             deps.iter().all(|&d| d < index),
@@ -304,13 +540,14 @@ impl PlanBuilder {
         let start = self.deps.len() as u32;
         self.deps.extend_from_slice(deps);
         let end = self.deps.len() as u32;
-        if op.key() != Some(&key) {
-            self.keys.push((index, key));
-        }
-        self.tasks.push(PlanTask {
+        let task = PlanTask {
             op,
             deps: (start, end),
-        });
+        };
+        if task.op().key() != Some(&key) {
+            self.keys.push((index, key));
+        }
+        self.tasks.push(task);
         index
     }
 
@@ -346,6 +583,8 @@ impl PlanBuilder {
         Plan {
             tasks: self.tasks,
             keys: self.keys,
+            owned: self.owned,
+            keepers: Arc::new(self.keepers),
             deps: self.deps,
             dependents: std::sync::OnceLock::new(),
             consumers,
@@ -444,6 +683,166 @@ mod tests {
         assert_eq!(plan.failed(t, "lost".into()).key, Key([1; 32]));
         assert_eq!(plan.failure(t, OpError::failed("bad")).key, Key([1; 32]));
         assert_eq!(plan.cancelled_output(0).key, Key([1; 32]));
+    }
+
+    /// A graph's node as the tests build one: an op holding its inputs,
+    /// which adds its inputs' values to its own, and counts its drop.
+    struct Node {
+        own: i64,
+        inputs: Vec<Arc<Node>>,
+        dropped: Arc<std::sync::atomic::AtomicUsize>,
+    }
+    impl Op for Node {
+        fn run(&self, inputs: &mut [Option<Value>]) -> Result<Value, OpError> {
+            let mut sum = self.own;
+            for input in inputs.iter_mut() {
+                let value = input.take().ok_or_else(|| OpError::failed("no input"))?;
+                sum += *value
+                    .downcast_ref::<i64>()
+                    .ok_or_else(|| OpError::failed("not i64"))?;
+            }
+            Ok(Arc::new(sum))
+        }
+        fn name(&self) -> &str {
+            "node"
+        }
+    }
+    impl Drop for Node {
+        fn drop(&mut self) {
+            self.dropped
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// `leaves` leaves of own values 1, 2, …, each used by one sum node,
+    /// a node summing those and the root above it: the root's value is
+    /// `1 + … + n`.
+    fn graph(leaves: i64, dropped: &Arc<std::sync::atomic::AtomicUsize>) -> Arc<Node> {
+        let node = |own, inputs| {
+            Arc::new(Node {
+                own,
+                inputs,
+                dropped: dropped.clone(),
+            })
+        };
+        let sums = (1..=leaves)
+            .map(|i| node(0, vec![node(i, vec![])]))
+            .collect();
+        node(0, vec![node(0, sums)])
+    }
+
+    /// Pushes every node under `root` by reference, inputs first (each
+    /// node once: the test graphs are trees), and asks for the root.
+    fn lower(b: &mut PlanBuilder, root: Arc<Node>) -> u32 {
+        fn walk<'a>(node: &'a Arc<Node>, b: &mut Kept<'a, '_>) -> u32 {
+            let deps: Vec<u32> = node.inputs.iter().map(|input| walk(input, b)).collect();
+            b.push(Key([b.len() as u8; 32]), &**node, &deps)
+        }
+        let top = b.keeping(vec![root], |roots, b| walk(&roots[0], b));
+        b.output(top);
+        top
+    }
+
+    /// What the synchronous executor gives for `plan`'s outputs.
+    fn run(plan: Plan) -> Vec<i64> {
+        struct Got(std::sync::Mutex<Vec<i64>>);
+        impl crate::Reporter for Got {
+            fn output(&self, _: usize, outcome: crate::Outcome) {
+                let value = *outcome.unwrap().downcast_ref::<i64>().unwrap();
+                self.0.lock().unwrap().push(value);
+            }
+        }
+        let got = Arc::new(Got(std::sync::Mutex::new(Vec::new())));
+        crate::Executor::submit(&crate::Synchronous, Arc::new(plan), got.clone());
+        let values = got.0.lock().unwrap().clone();
+        values
+    }
+
+    /// Invariant 5: a plan of kept ops keeps them alive once whoever
+    /// lowered it let go of the graph, runs them, and lets them go when it
+    /// is dropped, not before: every node is dropped exactly once.
+    #[test]
+    fn a_plan_keeps_its_kept_ops_alive_as_long_as_itself() {
+        let dropped = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut b = PlanBuilder::new();
+        lower(&mut b, graph(6, &dropped));
+        let plan = b.build();
+        assert_eq!(plan.len(), 14);
+        assert_eq!(plan.owned.len(), 0, "no op is held one by one");
+        assert_eq!(dropped.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(run(plan), vec![21]);
+        assert_eq!(dropped.load(std::sync::atomic::Ordering::SeqCst), 14);
+    }
+
+    /// Invariant 5 across plans: a task copied from a plan of kept ops
+    /// ([`PlanBuilder::push_task_of`]) stays alive with the new plan once
+    /// the first is gone, and so does a held one; keepers are taken over
+    /// once however many tasks are copied.
+    #[test]
+    fn a_copied_task_outlives_the_plan_it_came_from() {
+        let dropped = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut b = PlanBuilder::new();
+        let top = lower(&mut b, graph(3, &dropped));
+        let held = b.push(Key([99; 32]), Arc::new(Telling(None)), &[]);
+        let first = b.build();
+        // Every task but the held one, in order, with the same inputs.
+        let mut copy = PlanBuilder::new();
+        for i in 0..=top {
+            copy.push_task_of(&first, i, *first.key(i), first.deps(i));
+        }
+        copy.push_task_of(&first, held, *first.key(held), &[]);
+        copy.output(top);
+        assert_eq!(copy.adopted.len(), 1);
+        drop(first);
+        assert_eq!(dropped.load(std::sync::atomic::Ordering::SeqCst), 0);
+        let copy = copy.build();
+        assert_eq!(copy.task(held).op().name(), "telling");
+        assert_eq!(copy.key(held), &Key([99; 32]));
+        assert_eq!(run(copy), vec![6]);
+        assert_eq!(dropped.load(std::sync::atomic::Ordering::SeqCst), 8);
+    }
+
+    /// Invariant 5 when lowering fails half-way: the tasks pushed before a
+    /// panic in `keeping`'s closure still point at ops the builder keeps,
+    /// whoever held the graph before.
+    #[test]
+    fn a_panic_while_lowering_leaves_what_was_pushed_kept() {
+        let dropped = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut b = PlanBuilder::new();
+        let root = graph(2, &dropped);
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            b.keeping(vec![root], |roots, b| {
+                let leaf = &roots[0].inputs[0].inputs[0].inputs[0];
+                let first = b.push(Key([1; 32]), &**leaf, &[]);
+                b.output(first);
+                panic!("lowering failed");
+            })
+        }));
+        assert!(caught.is_err());
+        assert_eq!(dropped.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(run(b.build()), vec![1]);
+        assert_eq!(dropped.load(std::sync::atomic::Ordering::SeqCst), 6);
+    }
+
+    /// Plans cross threads (executors run them on their own): a plan of
+    /// kept ops read from several threads at once gives the same answers.
+    #[test]
+    fn a_plan_of_kept_ops_is_read_from_many_threads() {
+        let dropped = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut b = PlanBuilder::new();
+        lower(&mut b, graph(4, &dropped));
+        let plan = Arc::new(b.build());
+        std::thread::scope(|s| {
+            for _ in 0..3 {
+                let plan = plan.clone();
+                s.spawn(move || {
+                    let names: Vec<&str> = plan.tasks().iter().map(|t| t.op().name()).collect();
+                    assert!(names.iter().all(|&n| n == "node"), "{names:?}");
+                });
+            }
+        });
+        drop(plan);
+        assert_eq!(dropped.load(std::sync::atomic::Ordering::SeqCst), 10);
     }
 
     #[test]

@@ -965,7 +965,7 @@ impl Executor for Client {
         // Tasks that refer to a held key (rule 6).
         let mut remote = Vec::new();
         for (i, task) in plan.tasks().iter().enumerate() {
-            let wire = match task.op.to_wire() {
+            let wire = match task.op().to_wire() {
                 Ok(w) => w,
                 Err(e) => {
                     let failure = Arc::new(plan.failed(i as u32, e.to_string()));

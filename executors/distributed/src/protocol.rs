@@ -613,16 +613,16 @@ impl<'a> TaskSpecRef<'a> {
         let task = plan.task(i);
         TaskSpecRef {
             key: plan.key(i).0,
-            name: task.op.name(),
+            name: task.op().name(),
             function: &wire.function,
             payload: &wire.payload,
             deps: DepsRef { plan, task: i },
             timeout_ms: task
-                .op
+                .op()
                 .timeout()
                 .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
-            retries: task.op.retries(),
-            annotations: match task.op.annotations() {
+            retries: task.op().retries(),
+            annotations: match task.op().annotations() {
                 Some(a) => std::borrow::Cow::Borrowed(a),
                 None => std::borrow::Cow::Owned(rask_executor::Annotations::default()),
             },
@@ -1989,7 +1989,7 @@ mod tests {
         let wires: Vec<_> = plan
             .tasks()
             .iter()
-            .map(|t| t.op.to_wire().unwrap())
+            .map(|t| t.op().to_wire().unwrap())
             .collect();
         let wanted = vec![[3; 32], [2; 32]];
         let owned = ToScheduler::UpdateGraph {

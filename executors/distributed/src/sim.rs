@@ -1558,7 +1558,7 @@ impl Executor for Cluster {
         };
         let mut tasks = Vec::with_capacity(plan.len());
         for (i, task) in plan.tasks().iter().enumerate() {
-            let wire = match task.op.to_wire() {
+            let wire = match task.op().to_wire() {
                 Ok(w) if w.function == rask_executor::REMOTE_FUNCTION => {
                     // Held by a real cluster: send its value (wire rule 5).
                     let value = rask_executor::run_task(&plan, i as u32, &mut [])

@@ -85,6 +85,8 @@ pub(crate) struct Job {
     pub(crate) function: Arc<str>,
     /// A one-task plan, so the pool runs it with `rask_executor::run_task`.
     pub(crate) plan: Plan,
+    /// The plan's op: the watchdog names the task by it.
+    pub(crate) op: Arc<dyn Op>,
     /// `None` only in a successor, where this job's value goes (rule 5).
     pub(crate) inputs: Vec<Option<Value>>,
     pub(crate) priority: Priority,
@@ -649,6 +651,7 @@ impl WorkerState {
             key,
             function: task.function.clone(),
             plan: plan.build(),
+            op: task.op.clone(),
             inputs: inputs?,
             priority: task.priority,
             cancelled: task.cancelled.clone(),

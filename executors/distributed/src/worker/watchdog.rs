@@ -46,7 +46,7 @@ impl Running {
         Running {
             key: job.key,
             function: job.function.clone(),
-            op: job.plan.task(0).op.clone(),
+            op: job.op.clone(),
             cancelled: job.cancelled.clone(),
             cancel_seen: None,
             reported: false,
