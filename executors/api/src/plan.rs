@@ -348,21 +348,6 @@ impl<'a> Kept<'a, '_> {
     pub fn push_owned(&mut self, key: Key, op: Arc<dyn Op>, deps: &[u32]) -> u32 {
         self.builder.push(key, op, deps)
     }
-
-    /// Asks for task `task`'s value, as [`PlanBuilder::output`].
-    pub fn output(&mut self, task: u32) -> usize {
-        self.builder.output(task)
-    }
-
-    /// Number of tasks pushed so far.
-    pub fn len(&self) -> usize {
-        self.builder.len()
-    }
-
-    /// Whether no task was pushed yet.
-    pub fn is_empty(&self) -> bool {
-        self.builder.is_empty()
-    }
 }
 
 /// `op` with the lifetime of its borrow and of its trait object erased:
@@ -385,9 +370,6 @@ pub struct PlanBuilder {
     keys: Vec<(u32, Key)>,
     owned: Vec<(u32, Arc<dyn Op>)>,
     keepers: Vec<Keeper>,
-    /// The keepers of the plans [`push_task_of`](PlanBuilder::push_task_of)
-    /// took tasks from, each list once (they are in `keepers` too).
-    adopted: Vec<Arc<Vec<Keeper>>>,
     deps: Vec<u32>,
     outputs: Vec<u32>,
 }
@@ -520,8 +502,13 @@ impl PlanBuilder {
         if let Some(op) = plan.owned_op(i) {
             return self.push(key, op.clone(), deps);
         }
-        if !self.adopted.iter().any(|a| Arc::ptr_eq(a, &plan.keepers)) {
-            self.adopted.push(plan.keepers.clone());
+        // Each plan's keepers once: a builder keeps a handful of lists.
+        let theirs = Arc::as_ptr(&plan.keepers);
+        if !self
+            .keepers
+            .iter()
+            .any(|k| std::ptr::addr_eq(Arc::as_ptr(k), theirs))
+        {
             self.keepers.push(plan.keepers.clone());
         }
         // `plan` keeps this op alive through its keepers (invariant 5),
@@ -598,6 +585,7 @@ impl PlanBuilder {
 mod tests {
     use super::*;
     use crate::Value;
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 
     struct Nop;
     impl Op for Nop {
@@ -690,7 +678,7 @@ mod tests {
     struct Node {
         own: i64,
         inputs: Vec<Arc<Node>>,
-        dropped: Arc<std::sync::atomic::AtomicUsize>,
+        dropped: Arc<AtomicUsize>,
     }
     impl Op for Node {
         fn run(&self, inputs: &mut [Option<Value>]) -> Result<Value, OpError> {
@@ -709,15 +697,14 @@ mod tests {
     }
     impl Drop for Node {
         fn drop(&mut self) {
-            self.dropped
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.dropped.fetch_add(1, SeqCst);
         }
     }
 
     /// `leaves` leaves of own values 1, 2, …, each used by one sum node,
     /// a node summing those and the root above it: the root's value is
     /// `1 + … + n`.
-    fn graph(leaves: i64, dropped: &Arc<std::sync::atomic::AtomicUsize>) -> Arc<Node> {
+    fn graph(leaves: i64, dropped: &Arc<AtomicUsize>) -> Arc<Node> {
         let node = |own, inputs| {
             Arc::new(Node {
                 own,
@@ -736,7 +723,7 @@ mod tests {
     fn lower(b: &mut PlanBuilder, root: Arc<Node>) -> u32 {
         fn walk<'a>(node: &'a Arc<Node>, b: &mut Kept<'a, '_>) -> u32 {
             let deps: Vec<u32> = node.inputs.iter().map(|input| walk(input, b)).collect();
-            b.push(Key([b.len() as u8; 32]), &**node, &deps)
+            b.push(Key([7; 32]), &**node, &deps)
         }
         let top = b.keeping(vec![root], |roots, b| walk(&roots[0], b));
         b.output(top);
@@ -763,15 +750,15 @@ mod tests {
     /// is dropped, not before: every node is dropped exactly once.
     #[test]
     fn a_plan_keeps_its_kept_ops_alive_as_long_as_itself() {
-        let dropped = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let dropped = Arc::new(AtomicUsize::new(0));
         let mut b = PlanBuilder::new();
         lower(&mut b, graph(6, &dropped));
         let plan = b.build();
         assert_eq!(plan.len(), 14);
         assert_eq!(plan.owned.len(), 0, "no op is held one by one");
-        assert_eq!(dropped.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(dropped.load(SeqCst), 0);
         assert_eq!(run(plan), vec![21]);
-        assert_eq!(dropped.load(std::sync::atomic::Ordering::SeqCst), 14);
+        assert_eq!(dropped.load(SeqCst), 14);
     }
 
     /// Invariant 5 across plans: a task copied from a plan of kept ops
@@ -780,7 +767,7 @@ mod tests {
     /// once however many tasks are copied.
     #[test]
     fn a_copied_task_outlives_the_plan_it_came_from() {
-        let dropped = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let dropped = Arc::new(AtomicUsize::new(0));
         let mut b = PlanBuilder::new();
         let top = lower(&mut b, graph(3, &dropped));
         let held = b.push(Key([99; 32]), Arc::new(Telling(None)), &[]);
@@ -792,14 +779,14 @@ mod tests {
         }
         copy.push_task_of(&first, held, *first.key(held), &[]);
         copy.output(top);
-        assert_eq!(copy.adopted.len(), 1);
+        assert_eq!(copy.keepers.len(), 1);
         drop(first);
-        assert_eq!(dropped.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(dropped.load(SeqCst), 0);
         let copy = copy.build();
         assert_eq!(copy.task(held).op().name(), "telling");
         assert_eq!(copy.key(held), &Key([99; 32]));
         assert_eq!(run(copy), vec![6]);
-        assert_eq!(dropped.load(std::sync::atomic::Ordering::SeqCst), 8);
+        assert_eq!(dropped.load(SeqCst), 8);
     }
 
     /// Invariant 5 when lowering fails half-way: the tasks pushed before a
@@ -807,28 +794,28 @@ mod tests {
     /// whoever held the graph before.
     #[test]
     fn a_panic_while_lowering_leaves_what_was_pushed_kept() {
-        let dropped = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let dropped = Arc::new(AtomicUsize::new(0));
         let mut b = PlanBuilder::new();
         let root = graph(2, &dropped);
         let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             b.keeping(vec![root], |roots, b| {
                 let leaf = &roots[0].inputs[0].inputs[0].inputs[0];
-                let first = b.push(Key([1; 32]), &**leaf, &[]);
-                b.output(first);
+                b.push(Key([1; 32]), &**leaf, &[]);
                 panic!("lowering failed");
             })
         }));
         assert!(caught.is_err());
-        assert_eq!(dropped.load(std::sync::atomic::Ordering::SeqCst), 0);
+        b.output(0);
+        assert_eq!(dropped.load(SeqCst), 0);
         assert_eq!(run(b.build()), vec![1]);
-        assert_eq!(dropped.load(std::sync::atomic::Ordering::SeqCst), 6);
+        assert_eq!(dropped.load(SeqCst), 6);
     }
 
     /// Plans cross threads (executors run them on their own): a plan of
     /// kept ops read from several threads at once gives the same answers.
     #[test]
     fn a_plan_of_kept_ops_is_read_from_many_threads() {
-        let dropped = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let dropped = Arc::new(AtomicUsize::new(0));
         let mut b = PlanBuilder::new();
         lower(&mut b, graph(4, &dropped));
         let plan = Arc::new(b.build());
@@ -842,7 +829,7 @@ mod tests {
             }
         });
         drop(plan);
-        assert_eq!(dropped.load(std::sync::atomic::Ordering::SeqCst), 10);
+        assert_eq!(dropped.load(SeqCst), 10);
     }
 
     #[test]

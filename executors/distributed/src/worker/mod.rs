@@ -159,7 +159,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rask_executor::{panic_message, run_task, Encoded, FailureKind, Registry, Stop};
+use rask_executor::{
+    panic_message, run_task, Encoded, FailureKind, Key, PlanBuilder, Registry, Stop,
+};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
@@ -1968,11 +1970,14 @@ fn run_job(job: Job) -> Done {
         id,
         key,
         function,
-        plan,
+        op,
         mut inputs,
         cancelled,
         ..
     } = job;
+    let mut plan = PlanBuilder::with_capacity(1);
+    plan.push(Key(key), op, &[]);
+    let plan = plan.build();
     let start = Instant::now();
     // A released task sees `rask::cancelled()` turn true (state rule 3).
     let outcome = Stop::flag(cancelled).enter(|| run_task(&plan, 0, &mut inputs));

@@ -68,8 +68,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rask_executor::{
-    panic_message, Encoded, Failure, FailureKind, Key, Op, Plan, PlanBuilder, Registry, Value,
-    WireTask,
+    panic_message, Encoded, Failure, FailureKind, Key, Op, Registry, Value, WireTask,
 };
 
 use super::memory::{Store, Stored};
@@ -83,9 +82,8 @@ pub(crate) struct Job {
     /// The registered function it runs: the worker learns how long each
     /// function takes (worker rule 5).
     pub(crate) function: Arc<str>,
-    /// A one-task plan, so the pool runs it with `rask_executor::run_task`.
-    pub(crate) plan: Plan,
-    /// The plan's op: the watchdog names the task by it.
+    /// What it runs: the pool makes it a one-task plan, to run it with
+    /// `rask_executor::run_task`; the watchdog names the task by it.
     pub(crate) op: Arc<dyn Op>,
     /// `None` only in a successor, where this job's value goes (rule 5).
     pub(crate) inputs: Vec<Option<Value>>,
@@ -644,13 +642,10 @@ impl WorkerState {
             }
         }
         let inputs = Some(inputs);
-        let mut plan = PlanBuilder::with_capacity(1);
-        plan.push(Key(key), task.op.clone(), &[]);
         Some(Job {
             id: task.id,
             key,
             function: task.function.clone(),
-            plan: plan.build(),
             op: task.op.clone(),
             inputs: inputs?,
             priority: task.priority,
