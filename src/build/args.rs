@@ -52,7 +52,9 @@ use rask_executor::{OpError, Value, WireError, WireTask};
 use crate::build::data::Data;
 use crate::build::delayed::Delayed;
 use crate::build::key::KeyHasher;
-use crate::build::node::{Broken, Call, Code, Deps, Function, Inputs, Label, Node, Returns, Typed};
+use crate::build::node::{
+    Broken, Call, Code, Deps, Function, Inputs, Label, Mark, Node, Returns, Typed,
+};
 use crate::build::registry::{Payload, Piece, WireArg};
 
 /// Converts a `delayed!` argument into an input of a parameter of type `A`.
@@ -215,6 +217,12 @@ pub struct Args {
     more: Vec<Arc<Node>>,
     error: Option<String>,
     position: usize,
+    /// The node's estimate of the tasks its graph lowers to, so far
+    /// ([`Mark`] rule 3): its inputs' estimates, an input that something
+    /// else holds too counting 1 (the rest of its graph counts where the
+    /// others hold it; so the estimate stays within the graph's nodes and
+    /// edges however much of it is shared).
+    tasks: u32,
 }
 
 impl Args {
@@ -226,6 +234,7 @@ impl Args {
             more: Vec::new(),
             error: None,
             position: 0,
+            tasks: 1,
         }
     }
 
@@ -235,6 +244,11 @@ impl Args {
 
     pub(crate) fn input(&mut self, node: &Arc<Node>) {
         self.hasher.input(&node.key);
+        let tasks = match Arc::strong_count(node) {
+            1 => node.mark.estimate(),
+            _ => 1,
+        };
+        self.tasks = self.tasks.saturating_add(tasks);
         self.deps.push(node.clone(), &mut self.more);
     }
 
@@ -296,7 +310,7 @@ impl Args {
             Some(message) => Arc::new(Broken(message)),
         };
         Delayed::from_node(Arc::new(Node {
-            mark: Default::default(),
+            mark: Mark::estimating(self.tasks),
             key,
             label: Label::Static(name),
             deps: match self.deps {

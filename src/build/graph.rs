@@ -103,14 +103,35 @@ pub(crate) fn postorder_marked<'a>(
     cut: impl FnMut(&Arc<Node>) -> Option<Arc<dyn Op>>,
     emit: impl FnMut(&'a Arc<Node>, Option<Arc<dyn Op>>, &[u32], u32),
 ) -> Option<Vec<u32>> {
-    let mut marks = Marks::take()?;
-    let roots = walk(roots, &mut marks, absorb, cut, emit);
+    let mut marks = Marks::take(tasks_hint(roots))?;
+    let indices = walk(roots, &mut marks, absorb, cut, emit);
+    // The next lowering of these roots (a second `compute`) sizes its lists
+    // by this one (node rule 3): each root the tasks emitted while it was
+    // walked, which add up to this lowering's (a root emitted before, under
+    // another root, keeps its index and estimates 1).
+    let mut before: u32 = 0;
+    for (root, &index) in roots.iter().zip(&indices) {
+        let after = index.saturating_add(1);
+        if let Some(tasks) = after.checked_sub(before).filter(|&tasks| tasks > 0) {
+            root.mark.set(0, tasks);
+            before = after;
+        }
+    }
     let mut fingerprints = std::mem::take(&mut marks.fingerprints);
     if marks.stand_in {
         fingerprints.append(&mut marks.left_out);
     }
     drop(marks);
-    (!repeats(fingerprints)).then_some(roots)
+    (!repeats(fingerprints)).then_some(indices)
+}
+
+/// About how many tasks lowering `roots` makes, by their estimates (node
+/// rule 3): what a lowering reserves room for, so that lists of millions of
+/// tasks are not copied as they grow.
+pub(crate) fn tasks_hint(roots: &[Arc<Node>]) -> usize {
+    roots
+        .iter()
+        .fold(0u32, |sum, root| sum.saturating_add(root.mark.estimate())) as usize
 }
 
 /// How [`walk`] remembers the nodes it emitted.
@@ -165,8 +186,8 @@ struct Marks {
 
 impl Marks {
     /// The token and a fresh epoch, unless another lowering holds the token
-    /// or the epochs ran out.
-    fn take() -> Option<Self> {
+    /// or the epochs ran out; room for about `tasks` nodes.
+    fn take(tasks: usize) -> Option<Self> {
         use std::sync::atomic::Ordering;
         MARKING
             .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
@@ -180,11 +201,18 @@ impl Marks {
         EPOCH.store(epoch, Ordering::Relaxed);
         Some(Marks {
             epoch,
-            left_out: Vec::new(),
+            left_out: Vec::with_capacity(tasks),
             stand_in: false,
-            alone: Vec::new(),
-            fingerprints: Vec::new(),
+            alone: Vec::with_capacity(tasks.div_ceil(64)),
+            fingerprints: Vec::with_capacity(tasks),
         })
+    }
+}
+
+impl Marks {
+    /// How many nodes were emitted so far: the next one's index.
+    fn emitted(&self) -> u32 {
+        (self.fingerprints.len() + self.left_out.len()) as u32
     }
 }
 
@@ -212,7 +240,7 @@ impl<'a> Seen<'a> for Marks {
         if let Some(i) = node.mark.get(self.epoch) {
             return Err(i);
         }
-        let next = (self.fingerprints.len() + self.left_out.len()) as u32;
+        let next = self.emitted();
         node.mark.set(self.epoch, next);
         let (word, bit) = (next as usize / 64, next % 64);
         if word == self.alone.len() {
@@ -821,6 +849,51 @@ mod tests {
     }
 
     #[test]
+    fn a_graph_estimates_its_tasks_and_a_lowering_leaves_its_count() {
+        // Built by moving, as a reduction does: exact (node rule 3).
+        let mut level: Vec<_> = (0..10).map(|i| delayed!(inc(i))).collect();
+        while level.len() > 1 {
+            let mut next = Vec::new();
+            let mut pairs = level.into_iter();
+            while let Some(a) = pairs.next() {
+                next.push(match pairs.next() {
+                    Some(b) => delayed!(add(a, b)),
+                    None => a,
+                });
+            }
+            level = next;
+        }
+        let tree = level.pop().expect("one root");
+        assert_eq!(tree.node().mark.estimate(), 19);
+        assert_eq!(tasks_hint(&[tree.node().clone()]), 19);
+        // An input something else holds counts 1 where it is taken again:
+        // `a` is counted in `b` (only its handle held it then), and once
+        // more in `c`, not with its graph a second time.
+        let a = delayed!(add(delayed!(inc(1)), delayed!(inc(2))));
+        let b = delayed!(inc(&a));
+        let c = delayed!(add(&a, &b));
+        assert_eq!(c.node().mark.estimate(), 1 + 1 + (1 + 3));
+        // A lowering gives its roots the number of tasks it made, whatever
+        // they estimated: the next one is sized by it.
+        let roots = [c.node().clone()];
+        let first = marked_keys(&roots).expect("no repeated key");
+        assert_eq!(first.0.len(), 5);
+        assert_eq!(c.node().mark.estimate(), 5);
+        // Of several roots, each the tasks walked under it: they add up.
+        let more = [b.node().clone(), c.node().clone(), a.node().clone()];
+        marked_keys(&more).expect("no repeated key");
+        let estimates = more.each_ref().map(|root| root.mark.estimate());
+        assert_eq!(estimates, [4, 1, 1]);
+        // The estimate sizes lists only: any estimate lowers alike.
+        for estimate in [0, 1, 1 << 20] {
+            c.node().mark.set(0, estimate);
+            assert_eq!(marked_keys(&roots), Some(first.clone()));
+        }
+        assert!(unmarked(&roots));
+        assert_eq!(c.compute().unwrap(), 11);
+    }
+
+    #[test]
     fn one_key_in_two_distinct_nodes_gives_up_on_marks() {
         // Built twice: equal keys, distinct nodes (rule 1 makes them one task).
         let left = delayed!(inc(1));
@@ -876,7 +949,7 @@ mod tests {
         let roots = [b.node().clone()];
         let held = loop {
             // Other tests lower meanwhile, briefly.
-            if let Some(held) = Marks::take() {
+            if let Some(held) = Marks::take(0) {
                 break held;
             }
             std::thread::yield_now();

@@ -24,7 +24,8 @@ pub(crate) struct Node {
     pub(crate) deps: Deps,
     pub(crate) call: Arc<dyn Call>,
     /// This node's plan index in the lowering that last marked it
-    /// (`build::graph::postorder_marked`), stamped with its epoch.
+    /// (`build::graph::postorder_marked`), stamped with its epoch; before
+    /// that, an estimate of its graph's size ([`Mark`] rule 3).
     pub(crate) mark: Mark,
 }
 
@@ -122,9 +123,21 @@ pub(crate) fn intern(name: &'static str) -> &'static &'static str {
 ///    lowering's epoch, and reads as unset under any other epoch: so a mark
 ///    read under the token was set by this lowering, and no lowering has to
 ///    visit its nodes again afterwards to unset them.
+/// 3. Under epoch 0, which no lowering has, a mark holds an estimate of how
+///    many tasks lowering the node's graph makes ([`Mark::estimate`]): set
+///    when the node is made, before anything else holds it, and on a
+///    lowering's roots by the token holder once its walk is done. Lowering
+///    sizes its lists by it, so a wrong estimate costs memory or a copy,
+///    never a wrong plan.
 pub(crate) struct Mark(std::sync::atomic::AtomicU64);
 
 impl Mark {
+    /// The mark of a node not lowered yet whose graph lowers to about
+    /// `tasks` tasks (rule 3).
+    pub(crate) fn estimating(tasks: u32) -> Mark {
+        Mark(std::sync::atomic::AtomicU64::new(u64::from(tasks)))
+    }
+
     /// The index set by the lowering of `epoch`, if any.
     pub(crate) fn get(&self, epoch: u32) -> Option<u32> {
         let raw = self.0.load(std::sync::atomic::Ordering::Relaxed);
@@ -137,12 +150,19 @@ impl Mark {
         let raw = (u64::from(epoch) << 32) | u64::from(index);
         self.0.store(raw, std::sync::atomic::Ordering::Relaxed);
     }
+
+    /// About how many tasks lowering the node's graph makes (rule 3): at
+    /// least 1, the node itself, when nothing better is known (a lowering
+    /// left its index here, or the node was made without an estimate).
+    pub(crate) fn estimate(&self) -> u32 {
+        self.get(0).unwrap_or(1).max(1)
+    }
 }
 
-/// Epoch 0, which no lowering has: unset.
+/// Epoch 0 and no estimate (rule 3).
 impl Default for Mark {
     fn default() -> Self {
-        Mark(std::sync::atomic::AtomicU64::new(0))
+        Mark::estimating(0)
     }
 }
 

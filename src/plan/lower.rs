@@ -22,7 +22,7 @@ use std::sync::Arc;
 use rask_executor::{Op, Plan, PlanBuilder};
 
 use super::{chain, Draft, Options, Weight};
-use crate::build::graph::{postorder, postorder_marked};
+use crate::build::graph::{self, postorder, postorder_marked};
 use crate::build::node::Node;
 
 /// Lowers the graph behind `roots` into a draft whose outputs are the roots,
@@ -103,9 +103,10 @@ fn lower_weighed(
     alone: Alone,
     cut: impl FnMut(&Arc<Node>) -> Option<Arc<dyn Op>>,
 ) -> Option<(Plan, Vec<Weight>, Vec<u32>, bool)> {
-    let mut b = PlanBuilder::new();
+    let tasks = graph::tasks_hint(roots);
+    let mut b = PlanBuilder::with_capacity(tasks);
     let mut single_inputs = false;
-    let mut weights = Vec::new();
+    let mut weights = Vec::with_capacity(tasks);
     let mut sizes = Vec::new();
     let mut absorbed = absorbed;
     // The plan keeps the roots, which keep every node it is given by

@@ -61,9 +61,15 @@ impl Executor for Synchronous {
 fn run(plan: &Plan, reporter: &dyn Reporter) {
     let n = plan.len();
     let mut outcomes = Outcomes {
-        values: vec![None; n],
+        values: Vec::new(),
+        free: Vec::new(),
         failures: HashMap::new(),
-        remaining: (0..n as u32).map(|i| plan.consumers(i)).collect(),
+        uses: (0..n as u32)
+            .map(|i| Uses {
+                remaining: plan.consumers(i),
+                slot: NO_SLOT,
+            })
+            .collect(),
     };
     let mut inputs: Vec<Option<Value>> = Vec::new();
     for i in 0..n as u32 {
@@ -102,21 +108,50 @@ fn run(plan: &Plan, reporter: &dyn Reporter) {
     }
 }
 
+/// A task without a value slot: not run yet, failed, or its value taken by
+/// its last use.
+const NO_SLOT: u32 = u32::MAX;
+
+/// Uses of a task's outcome not yet taken (plan rule 3), and the slot of
+/// `Outcomes::values` its value waits in.
+#[derive(Clone, Copy)]
+struct Uses {
+    remaining: u32,
+    slot: u32,
+}
+
 /// Each finished task's outcome until its last consumer took it: a value in
-/// a slot of its own, a failure (rare) in a map. An empty slot of a finished
-/// task means it failed. (A slot holding either would take 8 bytes more per
-/// task, for plans of millions of tasks.)
+/// a slot of a small pool (a slot is reused once its value was taken for the
+/// last time, so the pool holds as many slots as values live at once: about
+/// the depth of a tree, not one per task), a failure (rare) in a map.
 struct Outcomes {
     values: Vec<Option<Value>>,
+    /// Slots of `values` free for the next value.
+    free: Vec<u32>,
     failures: HashMap<u32, Arc<Failure>>,
-    /// Uses of each task's outcome not yet taken (plan rule 3).
-    remaining: Vec<u32>,
+    uses: Vec<Uses>,
 }
 
 impl Outcomes {
     fn put(&mut self, task: u32, outcome: Outcome) {
         match outcome {
-            Ok(value) => self.values[task as usize] = Some(value),
+            Ok(value) => {
+                let uses = &mut self.uses[task as usize];
+                if uses.remaining == 0 {
+                    return;
+                }
+                let slot = match self.free.pop() {
+                    Some(slot) => {
+                        self.values[slot as usize] = Some(value);
+                        slot
+                    }
+                    None => {
+                        self.values.push(Some(value));
+                        (self.values.len() - 1) as u32
+                    }
+                };
+                uses.slot = slot;
+            }
             Err(failure) => {
                 self.failures.insert(task, failure);
             }
@@ -125,13 +160,19 @@ impl Outcomes {
 
     /// Task `d`'s outcome, moved out by its last use.
     fn take(&mut self, d: u32) -> Outcome {
-        let remaining = &mut self.remaining[d as usize];
-        *remaining -= 1;
-        let last = *remaining == 0;
-        let slot = &mut self.values[d as usize];
-        let value = if last { slot.take() } else { slot.clone() };
-        if let Some(value) = value {
-            return Ok(value);
+        let uses = &mut self.uses[d as usize];
+        uses.remaining -= 1;
+        let last = uses.remaining == 0;
+        if uses.slot != NO_SLOT {
+            let slot = uses.slot;
+            let value = if last {
+                uses.slot = NO_SLOT;
+                self.free.push(slot);
+                self.values[slot as usize].take()
+            } else {
+                self.values[slot as usize].clone()
+            };
+            return Ok(value.expect("a slot in use holds a value"));
         }
         let failure = if last {
             self.failures.remove(&d)
@@ -267,6 +308,156 @@ mod tests {
             got,
             vec![(2, panicked), (0, panicked), (1, panicked), (3, Ok(8))]
         );
+    }
+
+    /// A value that counts the live ones of its kind.
+    struct Counted(i64, Arc<AtomicUsize>);
+    impl serde::Serialize for Counted {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            self.0.serialize(s)
+        }
+    }
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.1.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Adds its inputs' numbers and `constant`; records the most values
+    /// alive while it runs.
+    struct CountedSum {
+        constant: i64,
+        live: Arc<AtomicUsize>,
+        most: Arc<AtomicUsize>,
+    }
+    impl Op for CountedSum {
+        fn run(&self, inputs: &mut [Option<Value>]) -> Result<Value, OpError> {
+            let live = self.live.load(Ordering::SeqCst);
+            self.most.fetch_max(live, Ordering::SeqCst);
+            let mut total = self.constant;
+            for v in inputs.iter_mut() {
+                total += v.take().unwrap().downcast_ref::<Counted>().unwrap().0;
+            }
+            self.live.fetch_add(1, Ordering::SeqCst);
+            Ok(Arc::new(Counted(total, self.live.clone())))
+        }
+        fn name(&self) -> &str {
+            "counted sum"
+        }
+    }
+
+    #[test]
+    fn a_tree_keeps_about_its_depth_of_values_and_frees_them_all() {
+        // 64 leaves summed pairwise, in post-order: slots are reused, so at
+        // most one value per level waits (plus the pair being added).
+        let live = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let mut b = PlanBuilder::new();
+        let mut next_key = 0u32;
+        let mut push = |b: &mut PlanBuilder, constant: i64, deps: &[u32]| {
+            next_key += 1;
+            let mut key = [0; 32];
+            key[..4].copy_from_slice(&next_key.to_le_bytes());
+            let op = Arc::new(CountedSum {
+                constant,
+                live: live.clone(),
+                most: most.clone(),
+            });
+            b.push(Key(key), op, deps)
+        };
+        fn tree(
+            b: &mut PlanBuilder,
+            push: &mut dyn FnMut(&mut PlanBuilder, i64, &[u32]) -> u32,
+            lo: i64,
+            hi: i64,
+        ) -> u32 {
+            if hi - lo == 1 {
+                return push(b, lo, &[]);
+            }
+            let mid = (lo + hi) / 2;
+            let l = tree(b, push, lo, mid);
+            let r = tree(b, push, mid, hi);
+            push(b, 0, &[l, r])
+        }
+        let root = tree(&mut b, &mut push, 0, 64);
+        b.output(root);
+        struct Sums(Mutex<Vec<i64>>);
+        impl Reporter for Sums {
+            fn output(&self, _: usize, outcome: Outcome) {
+                let v = outcome.unwrap();
+                self.0
+                    .lock()
+                    .unwrap()
+                    .push(v.downcast_ref::<Counted>().unwrap().0);
+            }
+        }
+        let sums = Arc::new(Sums(Mutex::new(Vec::new())));
+        Synchronous.submit(Arc::new(b.build()), sums.clone());
+        assert_eq!(*sums.0.lock().unwrap(), vec![(0..64).sum::<i64>()]);
+        // Depth 6: at most one waiting value per level.
+        assert!(
+            most.load(Ordering::SeqCst) <= 7,
+            "{most:?} values alive at once"
+        );
+        assert_eq!(live.load(Ordering::SeqCst), 0, "every value was freed");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+        /// Values reuse slots as they are freed: whatever the plan's shape,
+        /// every task gets its own inputs' values, not another's left in a
+        /// reused slot. Checked against a direct evaluation.
+        #[test]
+        fn every_task_gets_its_own_inputs(
+            tasks in proptest::collection::vec(
+                (proptest::collection::vec(proptest::prelude::any::<proptest::sample::Index>(), 0..4),
+                 0i64..1000,
+                 proptest::prelude::any::<bool>()),
+                1..40,
+            ),
+            outputs in proptest::collection::vec(proptest::prelude::any::<proptest::sample::Index>(), 1..6),
+        ) {
+            let mut b = PlanBuilder::new();
+            let mut expected: Vec<Result<i64, ()>> = Vec::new();
+            for (i, (deps, constant, fail)) in tasks.iter().enumerate() {
+                let deps: Vec<u32> = if i == 0 {
+                    Vec::new()
+                } else {
+                    deps.iter().map(|d| d.index(i) as u32).collect()
+                };
+                let mut total = Ok(*constant);
+                for &d in &deps {
+                    total = match (total, expected[d as usize]) {
+                        (Ok(t), Ok(v)) => Ok(t + v),
+                        _ => Err(()),
+                    };
+                }
+                // A failing task fails only when its inputs did not.
+                let fail = *fail && i % 3 == 0;
+                if fail && total.is_ok() {
+                    total = Err(());
+                }
+                expected.push(total);
+                let mut key = [0; 32];
+                key[..4].copy_from_slice(&(i as u32).to_le_bytes());
+                b.push(Key(key), op(*constant, fail), &deps);
+            }
+            let mut want = Vec::new();
+            for (slot, o) in outputs.iter().enumerate() {
+                let t = o.index(tasks.len());
+                b.output(t as u32);
+                want.push((slot, t));
+            }
+            let log = Arc::new(Log::default());
+            Synchronous.submit(Arc::new(b.build()), log.clone());
+            let mut got = log.0.lock().unwrap().clone();
+            got.sort_by_key(|(slot, _)| *slot);
+            let want: Vec<_> = want
+                .into_iter()
+                .map(|(slot, t)| (slot, expected[t].map_err(|()| FailureKind::Panicked)))
+                .collect();
+            proptest::prop_assert_eq!(got, want);
+        }
     }
 
     #[test]
