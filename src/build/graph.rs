@@ -79,7 +79,8 @@ pub(crate) fn postorder<'a>(
 /// [`postorder`] finding the nodes it already emitted by their
 /// [`Mark`](crate::build::node::Mark) instead of a key map: on a large
 /// graph the map's probes and insertions miss the caches on nearly every
-/// node, while a mark sits in the node the walk reads anyway.
+/// node, while a mark sits in the node the walk reads anyway. `tasks`,
+/// about how many nodes it emits ([`tasks_hint`]), sizes its lists.
 ///
 /// Marks tell nodes apart, not keys: two distinct nodes with one key would
 /// both be emitted. So the keys emitted are checked for repeats afterwards
@@ -99,11 +100,12 @@ pub(crate) fn postorder<'a>(
 /// per node checked.
 pub(crate) fn postorder_marked<'a>(
     roots: &'a [Arc<Node>],
+    tasks: usize,
     absorb: impl FnMut(&'a Arc<Node>) -> Option<(&'a Arc<Node>, Arc<dyn Op>, u32)>,
     cut: impl FnMut(&Arc<Node>) -> Option<Arc<dyn Op>>,
     emit: impl FnMut(&'a Arc<Node>, Option<Arc<dyn Op>>, &[u32], u32),
 ) -> Option<Vec<u32>> {
-    let mut marks = Marks::take(tasks_hint(roots))?;
+    let mut marks = Marks::take(tasks)?;
     let indices = walk(roots, &mut marks, absorb, cut, emit);
     // The next lowering of these roots (a second `compute`) sizes its lists
     // by this one (node rule 3): each root the tasks emitted while it was
@@ -207,9 +209,7 @@ impl Marks {
             fingerprints: Vec::with_capacity(tasks),
         })
     }
-}
 
-impl Marks {
     /// How many nodes were emitted so far: the next one's index.
     fn emitted(&self) -> u32 {
         (self.fingerprints.len() + self.left_out.len()) as u32
@@ -767,6 +767,7 @@ mod tests {
         let mut keys = Vec::new();
         let outputs = postorder_marked(
             roots,
+            tasks_hint(roots),
             |_| None,
             |_| None,
             |node, _, _, _| keys.push(node.key),
@@ -968,6 +969,7 @@ mod tests {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 postorder_marked(
                     &roots,
+                    0,
                     |_| None,
                     |node| {
                         assert!(node.deps.is_empty(), "the cut fails at the root");

@@ -142,7 +142,7 @@ fn lower_weighed(
             weights.push(weight);
         });
         if marked {
-            postorder_marked(roots, absorb, cut, emit)
+            postorder_marked(roots, tasks, absorb, cut, emit)
         } else {
             Some(postorder(roots, absorb, cut, emit))
         }
