@@ -1012,12 +1012,17 @@ impl Entry {
 /// One executor run started by the client: reports outputs into the table.
 struct Run {
     shared: Arc<Shared>,
-    /// What the executor runs: a progress display counts its tasks
-    /// ([`Shared::pending_tasks`]), as `compute`'s counts its plan's. Only
+    /// What the executor runs, until its last output is reported: a
+    /// progress display counts its tasks ([`Shared::pending_tasks`]), as
+    /// `compute`'s counts its plan's. Dropped before that output completes
+    /// its future, so that whoever has every output finds the plan's
+    /// references (futures among its inputs) released, as a cluster's
+    /// executor drops its own before it reports the last output. Only
     /// dropped outside the table lock (the plan's nodes may hold futures,
-    /// whose drop takes it): the executor holds the run while it reports
-    /// an output, and an entry's run is dropped after the lock otherwise.
-    plan: Arc<rask_executor::Plan>,
+    /// whose drop takes it).
+    plan: Mutex<Option<Arc<rask_executor::Plan>>>,
+    /// Outputs reported so far.
+    reported: AtomicUsize,
     keys: Vec<Key>,
     /// Outputs still wanted (rule 4).
     live: AtomicUsize,
@@ -1040,6 +1045,16 @@ impl Run {
 
 impl Reporter for Run {
     fn output(&self, index: usize, outcome: Outcome) {
+        // Each output is reported once (executor rule 4): the last one
+        // leaves the plan to the executor, if it still holds it.
+        if self.reported.fetch_add(1, Ordering::AcqRel) + 1 == self.keys.len() {
+            let plan = self
+                .plan
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            drop(plan);
+        }
         self.shared.complete(self, self.keys[index], outcome);
     }
 
@@ -1313,7 +1328,8 @@ impl Shared {
         }
         let run = Arc::new(Run {
             shared: self.clone(),
-            plan: plan.clone(),
+            plan: Mutex::new(Some(plan.clone())),
+            reported: AtomicUsize::new(0),
             keys: roots.iter().map(|r| r.key).collect(),
             live: AtomicUsize::new(roots.len()),
             submitted: AtomicBool::new(false),
@@ -1744,7 +1760,13 @@ impl Shared {
                 let mut table = self.lock();
                 match table.get_mut(&key) {
                     Some(entry) if entry.state.is_pending() => match &entry.run {
-                        Some((run, slot)) => Some(Work::Planned(run.plan.clone(), *slot)),
+                        // No plan: its last output is being reported.
+                        Some((run, slot)) => run
+                            .plan
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .clone()
+                            .map(|plan| Work::Planned(plan, *slot)),
                         None => {
                             entry.counted = true;
                             entry.node.clone().map(Work::Graph)
@@ -1900,6 +1922,85 @@ impl Call for FutureCall {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::delayed;
+    use rask_executor::{Executor, Synchronous};
+
+    fn inc(x: i64) -> i64 {
+        x + 1
+    }
+
+    fn add(x: i64, y: i64) -> i64 {
+        x + y
+    }
+
+    /// Runs each plan with the reference executor and drops it, then
+    /// reports the outputs from a thread of its own, which keeps the
+    /// reporter until `gate` opens: an executor's thread that reported a
+    /// run's last output and was preempted before it let go of the run, as
+    /// a cluster's client thread can be (it, too, drops its plan first).
+    #[derive(Default)]
+    struct Lagging {
+        gate: Arc<(Mutex<bool>, Condvar)>,
+    }
+
+    /// Outputs kept to be reported later.
+    #[derive(Default)]
+    struct Kept(Mutex<Vec<(usize, Outcome)>>);
+
+    impl Reporter for Kept {
+        fn output(&self, index: usize, outcome: Outcome) {
+            self.0.lock().unwrap().push((index, outcome));
+        }
+    }
+
+    impl Executor for Lagging {
+        fn submit(&self, plan: Arc<rask_executor::Plan>, reporter: Arc<dyn Reporter>) {
+            let kept = Arc::new(Kept::default());
+            Synchronous.submit(plan, kept.clone());
+            let outputs = std::mem::take(&mut *kept.0.lock().unwrap());
+            let gate = self.gate.clone();
+            std::thread::spawn(move || {
+                for (index, outcome) in outputs {
+                    reporter.output(index, outcome);
+                }
+                let (open, opened) = &*gate;
+                let mut open = open.lock().unwrap();
+                while !*open {
+                    open = opened.wait(open).unwrap();
+                }
+                reporter.finished();
+            });
+        }
+    }
+
+    /// A future's result returns once its run reported it, and the
+    /// executor may hold the run a while longer: by then the run holds no
+    /// plan, so the futures its graph took as arguments are released with
+    /// their last handles.
+    #[test]
+    fn a_finished_run_holds_no_future_its_graph_took() {
+        let lagging = Arc::new(Lagging::default());
+        let settings = Settings::of(&Config::new()).unwrap();
+        let client = Client::on(
+            Backend::Custom(lagging.clone()),
+            ExecutorKind::Synchronous,
+            settings,
+        );
+        let f = client.submit(delayed!(inc(1))).unwrap();
+        assert_eq!(f.result().unwrap(), 2);
+        let g = client.submit(delayed!(add(&f, 10))).unwrap();
+        assert_eq!(g.result().unwrap(), 12);
+        assert_eq!(client.stats().keys_held, 2);
+        drop((f, g));
+        assert_eq!(
+            client.stats().keys_held,
+            0,
+            "the run of `g`, still held by the executor, keeps `f`"
+        );
+        let (open, opened) = &*lagging.gate;
+        *open.lock().unwrap() = true;
+        opened.notify_all();
+    }
 
     #[test]
     fn a_client_watches_only_where_its_configuration_lets_it() {

@@ -47,6 +47,8 @@ impl Client {
             #[cfg(feature = "distributed")]
             Backend::Distributed(cluster) => return Ok(cluster.client().info()?),
             Backend::Synchronous(_) | Backend::Simulated(_) => (1u32, 1usize),
+            #[cfg(test)]
+            Backend::Custom(_) => (1, 1),
             #[cfg(feature = "distributed")]
             Backend::SimCluster(sim) => (sim.workers(), rask_distributed::sim::THREADS as usize),
             #[cfg(feature = "threaded")]

@@ -21,6 +21,9 @@ pub(crate) enum Backend {
     /// its tasks resolved through the program's registry as a worker would.
     #[cfg(feature = "distributed")]
     SimCluster(rask_distributed::sim::Cluster),
+    /// An executor a unit test brings, to order its reports as it needs.
+    #[cfg(test)]
+    Custom(Arc<dyn Executor>),
 }
 
 impl Backend {
@@ -109,6 +112,8 @@ impl Backend {
             Backend::Distributed(cluster) => cluster.client(),
             #[cfg(feature = "distributed")]
             Backend::SimCluster(sim) => sim,
+            #[cfg(test)]
+            Backend::Custom(executor) => &**executor,
         }
     }
 
