@@ -30,7 +30,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::Waker;
 
 use rask_executor::{
@@ -1012,17 +1012,13 @@ impl Entry {
 /// One executor run started by the client: reports outputs into the table.
 struct Run {
     shared: Arc<Shared>,
-    /// What the executor runs, until its last output is reported: a
-    /// progress display counts its tasks ([`Shared::pending_tasks`]), as
-    /// `compute`'s counts its plan's. Dropped before that output completes
-    /// its future, so that whoever has every output finds the plan's
-    /// references (futures among its inputs) released, as a cluster's
-    /// executor drops its own before it reports the last output. Only
-    /// dropped outside the table lock (the plan's nodes may hold futures,
-    /// whose drop takes it).
-    plan: Mutex<Option<Arc<rask_executor::Plan>>>,
-    /// Outputs reported so far.
-    reported: AtomicUsize,
+    /// What the executor runs, while it holds it: a progress display counts
+    /// its tasks ([`Shared::pending_tasks`]), as `compute`'s counts its
+    /// plan's. Not held here: the plan's nodes hold the futures its graph
+    /// took as arguments, and once the executor let go of the plan (a
+    /// cluster's does before it reports the last output) nothing of the
+    /// run keeps them, however long the executor keeps the run.
+    plan: Weak<rask_executor::Plan>,
     keys: Vec<Key>,
     /// Outputs still wanted (rule 4).
     live: AtomicUsize,
@@ -1045,16 +1041,6 @@ impl Run {
 
 impl Reporter for Run {
     fn output(&self, index: usize, outcome: Outcome) {
-        // Each output is reported once (executor rule 4): the last one
-        // leaves the plan to the executor, if it still holds it.
-        if self.reported.fetch_add(1, Ordering::AcqRel) + 1 == self.keys.len() {
-            let plan = self
-                .plan
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take();
-            drop(plan);
-        }
         self.shared.complete(self, self.keys[index], outcome);
     }
 
@@ -1328,8 +1314,7 @@ impl Shared {
         }
         let run = Arc::new(Run {
             shared: self.clone(),
-            plan: Mutex::new(Some(plan.clone())),
-            reported: AtomicUsize::new(0),
+            plan: Arc::downgrade(&plan),
             keys: roots.iter().map(|r| r.key).collect(),
             live: AtomicUsize::new(roots.len()),
             submitted: AtomicBool::new(false),
@@ -1760,13 +1745,12 @@ impl Shared {
                 let mut table = self.lock();
                 match table.get_mut(&key) {
                     Some(entry) if entry.state.is_pending() => match &entry.run {
-                        // No plan: its last output is being reported.
-                        Some((run, slot)) => run
-                            .plan
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .clone()
-                            .map(|plan| Work::Planned(plan, *slot)),
+                        // No plan: the executor let go of it, its work done.
+                        // Dropped after the table lock, as the last
+                        // reference it may be.
+                        Some((run, slot)) => {
+                            run.plan.upgrade().map(|plan| Work::Planned(plan, *slot))
+                        }
                         None => {
                             entry.counted = true;
                             entry.node.clone().map(Work::Graph)
