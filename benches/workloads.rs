@@ -508,6 +508,36 @@ fn children_peak_rss_mib() -> f64 {
     total
 }
 
+/// The machine's CPU time so far, busy and in all (`/proc/stat`, every
+/// CPU, in clock ticks); `None` where it cannot be read.
+fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .map(|t| t.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal (guest time is in user).
+    let total: u64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3)? + ticks.get(4)?;
+    Some((total - idle, total))
+}
+
+/// Seconds of CPU the whole machine spent busy while `f` ran (every
+/// process: the bench, a local cluster's workers, and anything else that
+/// ran meanwhile), with `f`'s value and its wall seconds.
+fn timed_cpu<T>(f: impl FnOnce() -> T) -> (T, f64, f64) {
+    let before = cpu_ticks();
+    let (value, wall_s) = timed(f);
+    let busy_s = match (before, cpu_ticks()) {
+        (Some((busy0, total0)), Some((busy1, total1))) if total1 > total0 => {
+            (busy1 - busy0) as f64 / (total1 - total0) as f64 * cores() as f64 * wall_s
+        }
+        _ => f64::NAN,
+    };
+    (value, wall_s, busy_s)
+}
+
 fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
@@ -805,9 +835,10 @@ mod floor {
     }
 }
 
-/// The floor of `as_completed` on a local cluster: the same threads and
-/// processes passing the same hand-offs, with nothing else, measured in the
-/// same process after rask's run (`floor_us_per_task`, `x_floor`).
+/// The floor of `as_completed` and of `dist_roundtrip` on a local cluster:
+/// the same threads and processes passing the same hand-offs, with nothing
+/// else, measured in the same process after rask's run
+/// (`floor_us_per_task`, `x_floor`).
 ///
 /// Honest means every hand-off a completion needs is there, each the
 /// cheapest way this machine offers it: the waiting thread hands a new
@@ -817,7 +848,8 @@ mod floor {
 /// worker writes back what it read at once; the owning thread reads it
 /// and hands it to the waiting thread (a queue and a condition variable,
 /// woken only when it waits), which takes the completions one at a time
-/// and submits one task for each, 10 in flight. What it leaves out is what
+/// and submits one task for each: 10 in flight for `as_completed`, one
+/// at a time for `dist_roundtrip`. What it leaves out is what
 /// rask adds on purpose: keys, a scheduler's state and placement, messages
 /// with types and checks, values, results of any type, errors as data.
 #[cfg(unix)]
@@ -838,7 +870,10 @@ mod handoff {
     pub(super) const WORKER_ENV: &str = "RASK_BENCH_HANDOFF_WORKER";
 
     /// Tasks in flight, as `as_completed` keeps them.
-    const IN_FLIGHT: u64 = 10;
+    pub(super) const AS_COMPLETED: u64 = 10;
+
+    /// Tasks in flight in a round trip: one, waited for before the next.
+    pub(super) const ROUND_TRIP: u64 = 1;
 
     /// Bytes of one task's number.
     const WIDTH: usize = 8;
@@ -970,8 +1005,9 @@ mod handoff {
     }
 
     /// Seconds per completion of `n` completions through `workers` worker
-    /// processes; `Err` when a completion is lost or wrong.
-    pub(super) fn measure(n: u64, workers: usize) -> Result<f64, String> {
+    /// processes, `in_flight` at a time; `Err` when a completion is lost or
+    /// wrong.
+    pub(super) fn measure(n: u64, workers: usize, in_flight: u64) -> Result<f64, String> {
         let path = std::env::temp_dir().join(format!("rask-handoff-{}.sock", std::process::id()));
         let _ = std::fs::remove_file(&path);
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -1028,7 +1064,7 @@ mod handoff {
                 .send(id)
                 .map_err(|_| "the owning thread stopped".to_string())
         };
-        while next < IN_FLIGHT.min(n) {
+        while next < in_flight.max(1).min(n) {
             send(next)?;
             next += 1;
         }
@@ -1390,7 +1426,7 @@ fn client(run: &Run) -> Result<(rask::Client, Option<f64>), String> {
 fn map(run: &Run) -> Outcome {
     let (client, startup_s) = client(run)?;
     let want: Vec<i64> = (1..=run.n as i64).collect();
-    let ((first, got), map_gather_s) = timed(|| {
+    let ((first, got), map_gather_s, map_gather_cpu_s) = timed_cpu(|| {
         let futures = client.map(inc, 0..run.n as i64);
         let got = futures
             .as_ref()
@@ -1437,7 +1473,8 @@ fn map(run: &Run) -> Outcome {
         .float(
             "us_per_task_cached",
             map_gather_cached_s / run.n as f64 * 1e6,
-        );
+        )
+        .float("cpu_us_per_task", map_gather_cpu_s / run.n as f64 * 1e6);
     drop((first, again));
     Ok(report)
 }
@@ -1482,7 +1519,7 @@ fn as_completed(run: &Run) -> Outcome {
     #[cfg(unix)]
     let report = match run.cluster().filter(|&w| w > 0) {
         Some(workers) => {
-            let floor_s = handoff::measure(run.n, workers)?;
+            let floor_s = handoff::measure(run.n, workers, handoff::AS_COMPLETED)?;
             report
                 .float("floor_us_per_task", floor_s * 1e6)
                 .float("x_floor", as_completed_s / run.n as f64 / floor_s)
@@ -1630,6 +1667,18 @@ fn dist_roundtrip(run: &Run) -> Outcome {
         .startup(startup_s)
         .secs("roundtrips_s", roundtrips_s)
         .float("us_per_roundtrip", roundtrips_s / run.n as f64 * 1e6);
+    drop(client);
+    // The hand-off floor of one round trip at a time, on a local cluster.
+    #[cfg(unix)]
+    let report = match run.cluster().filter(|&w| w > 0) {
+        Some(workers) => {
+            let floor_s = handoff::measure(run.n, workers, handoff::ROUND_TRIP)?;
+            report
+                .float("floor_us_per_task", floor_s * 1e6)
+                .float("x_floor", roundtrips_s / run.n as f64 / floor_s)
+        }
+        None => report,
+    };
     Ok(report)
 }
 
