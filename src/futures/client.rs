@@ -205,7 +205,9 @@ impl Settings {
 
 /// A graph waiting for pending entries before it can be lowered.
 struct Deferred {
-    roots: Vec<Arc<Node>>,
+    /// Taken out by the wake that starts the graph, so that only its plan
+    /// holds the graph while it runs.
+    roots: Mutex<Vec<Arc<Node>>>,
     waiting: AtomicUsize,
 }
 
@@ -1193,16 +1195,16 @@ impl Shared {
     /// Lowers and starts the graph behind `roots` (whose entries are pending),
     /// or defers it until the pending entries it needs are done (rule 3).
     fn schedule(self: &Arc<Self>, roots: Vec<Arc<Node>>) {
-        let queued = QUEUE.with(|q| match q.borrow_mut().as_mut() {
+        let unqueued = QUEUE.with(|q| match q.borrow_mut().as_mut() {
             Some(queue) => {
-                queue.push((self.clone(), roots.clone()));
-                true
+                queue.push((self.clone(), roots));
+                None
             }
-            None => false,
+            None => Some(roots),
         });
-        if queued {
+        let Some(roots) = unqueued else {
             return;
-        }
+        };
         QUEUE.with(|q| *q.borrow_mut() = Some(Vec::new()));
         self.start(roots);
         while let Some((shared, roots)) = QUEUE.with(|q| q.borrow_mut().as_mut().and_then(Vec::pop))
@@ -1213,6 +1215,10 @@ impl Shared {
     }
 
     fn start(self: &Arc<Self>, roots: Vec<Arc<Node>>) {
+        // Roots not run are dropped after the table lock (declared before
+        // it): one may hold the last reference to futures, whose drop takes
+        // the lock.
+        let mut skipped = Vec::new();
         let mut table = self.lock();
         // Roots cancelled or released while they waited are not run. In
         // the same look at each root: whether a progress display counted
@@ -1220,12 +1226,15 @@ impl Shared {
         let mut counted = false;
         let roots: Vec<Arc<Node>> = roots
             .into_iter()
-            .filter(|r| match table.get(&r.key) {
+            .filter_map(|r| match table.get(&r.key) {
                 Some(e) if e.state.is_pending() && e.run.is_none() => {
                     counted |= e.counted;
-                    true
+                    Some(r)
                 }
-                _ => false,
+                _ => {
+                    skipped.push(r);
+                    None
+                }
             })
             .collect();
         if roots.is_empty() {
@@ -1303,7 +1312,7 @@ impl Shared {
         if !waits.is_empty() {
             let deferred = Arc::new(Deferred {
                 waiting: AtomicUsize::new(waits.len()),
-                roots,
+                roots: Mutex::new(roots),
             });
             for key in waits {
                 if let Some(entry) = table.get_mut(&key) {
@@ -1327,6 +1336,10 @@ impl Shared {
             }
         }
         drop(table);
+        // From here the plan alone holds the graph: whoever wakes on its
+        // last output, which the executor reports after letting go of the
+        // plan, holds the only references left to the futures it took.
+        drop(roots);
         self.backend.executor().submit(plan, run.clone());
         run.submitted.store(true, Ordering::Release);
     }
@@ -1397,7 +1410,9 @@ impl Shared {
         }
         for d in deferred {
             if d.waiting.fetch_sub(1, Ordering::AcqRel) == 1 {
-                self.schedule(d.roots.clone());
+                let roots =
+                    std::mem::take(&mut *d.roots.lock().unwrap_or_else(PoisonError::into_inner));
+                self.schedule(roots);
             }
         }
     }

@@ -418,14 +418,21 @@ impl World {
     }
 }
 
-/// Reports outputs and the end of a run, with no lock held (rule 5).
+/// Reports outputs and the end of a run, with no lock held (rule 5). A
+/// run's last task reports its outputs after the run's plan was dropped
+/// (rule 4 of the crate).
 fn deliver((reporter, outputs, ended): Delivery) {
+    let ended = match ended {
+        Some(run) => {
+            drop(run);
+            true
+        }
+        None => false,
+    };
     for (slot, outcome) in outputs {
         reporter.output(slot, outcome);
     }
-    if let Some(run) = ended {
-        let reporter = run.reporter.clone();
-        drop(run);
+    if ended {
         reporter.finished();
     }
 }

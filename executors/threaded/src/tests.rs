@@ -888,3 +888,110 @@ fn speedup_on_slow_sources() {
         );
     }
 }
+
+/// A source whose op holds `guard`, a stand-in for what a graph's nodes
+/// hold (a future's handle): the plan keeps it alive.
+struct Holding(#[allow(dead_code)] Arc<()>, i64);
+
+impl Op for Holding {
+    fn run(&self, _: &mut [Option<Value>]) -> Result<Value, OpError> {
+        Ok(Arc::new(self.1))
+    }
+
+    fn name(&self) -> &str {
+        "holding"
+    }
+}
+
+/// Records, at each output, whether anything still held the plan's guard.
+struct WatchGuard {
+    guard: std::sync::Weak<()>,
+    collect: Collect,
+    /// Per output, in the order reported: the guard's strong count then.
+    counts: Mutex<Vec<usize>>,
+}
+
+impl Reporter for WatchGuard {
+    fn output(&self, index: usize, outcome: Outcome) {
+        self.counts.lock().unwrap().push(self.guard.strong_count());
+        self.collect.output(index, outcome);
+    }
+
+    fn cancelled(&self) -> bool {
+        false
+    }
+
+    fn finished(&self) {
+        self.collect.finished();
+    }
+}
+
+#[test]
+fn the_last_output_comes_after_the_plan_was_released() {
+    // Rule 7 of the run: whoever wakes on the last output holds the only
+    // references to what the plan held (a futures client's caller drops a
+    // graph's argument futures and sees their results released at once).
+    let runs = Arc::new(AtomicUsize::new(0));
+    for threads in [1, 2, 4] {
+        let pool = pool(threads);
+        for shape in 0..3 {
+            for _ in 0..20 {
+                let guard = Arc::new(());
+                let mut b = PlanBuilder::new();
+                let sources: Vec<u32> = (0..4)
+                    .map(|i| b.push(key(i), Arc::new(Holding(guard.clone(), i as i64)), &[]))
+                    .collect();
+                match shape {
+                    // One output over every source.
+                    0 => {
+                        let total = b.push(key(100), sum(0, Fail::No, &runs), &sources);
+                        b.output(total);
+                    }
+                    // Every source an output of its own.
+                    1 => {
+                        for &s in &sources {
+                            b.output(s);
+                        }
+                    }
+                    // Both, the total listed first.
+                    _ => {
+                        let total = b.push(key(100), sum(0, Fail::No, &runs), &sources);
+                        b.output(total);
+                        for &s in &sources {
+                            b.output(s);
+                        }
+                    }
+                }
+                let plan = Arc::new(b.build());
+                let outputs = plan.outputs().len();
+                let watch = Arc::new(WatchGuard {
+                    guard: Arc::downgrade(&guard),
+                    collect: Collect::new(outputs),
+                    counts: Mutex::new(Vec::new()),
+                });
+                // The plan's ops hold the only strong references.
+                drop(guard);
+                pool.submit(plan, watch.clone());
+                let values: Vec<i64> = watch
+                    .collect
+                    .wait()
+                    .iter()
+                    .map(|o| int(o.as_ref().expect("no task fails")))
+                    .collect();
+                match shape {
+                    0 => assert_eq!(values, [6]),
+                    1 => assert_eq!(values, [0, 1, 2, 3]),
+                    _ => assert_eq!(values, [6, 0, 1, 2, 3]),
+                }
+                let counts = watch.counts.lock().unwrap().clone();
+                assert_eq!(counts.len(), outputs);
+                assert_eq!(
+                    counts.last(),
+                    Some(&0),
+                    "threads {threads}, shape {shape}: the plan was alive at the last output \
+                     (guard counts at each output: {counts:?})"
+                );
+            }
+        }
+    }
+}
