@@ -39,7 +39,14 @@
 //!    [`MAX_ADDRESS`]. A message out of range closes that connection with
 //!    [`ProtocolError::OutOfRange`], like a malformed one. Counts of list
 //!    entries are bounded by the frame they came in ([`MAX_FRAME`]), and ids,
-//!    keys and priorities are only compared, never computed with. Senders
+//!    keys and priorities are only compared, never computed with. What a
+//!    frame decodes to is bounded too: its messages, and the entries of
+//!    lists that take far more memory than their encoding (strings,
+//!    resources), at most [`DECODE_FACTOR`] times the
+//!    frame's bytes plus [`DECODE_SLACK`], counted as they are decoded; a
+//!    frame past that is refused as out of range before it takes more (a
+//!    one-byte `Heartbeat` is over 200 bytes decoded: a frame of them
+//!    would otherwise make a process allocate 200 times its size). Senders
 //!    stay within these ranges by construction (a worker clamps its thread
 //!    count and the durations it reports, a scheduler its heartbeat
 //!    interval).
@@ -125,6 +132,20 @@ pub const MAX_ADDRESS: usize = 1024;
 /// Longest worker name, in bytes (rule 5): `RegisterWorker.name`, and each
 /// name of a `RetireWorkers`.
 pub const MAX_WORKER_NAME: usize = 255;
+
+/// What decoding a frame may take in memory beyond [`DECODE_SLACK`], as a
+/// multiple of the frame's length (rule 5): each message counts its size
+/// (`size_of`, about 200 bytes for the biggest variants), each entry of
+/// a string list or resource list its own. Honest batches stay far below:
+/// a message sent in numbers carries a key (33 bytes or more encoded, at
+/// most 6.3 times that decoded), bar a few heartbeats per frame; the
+/// rest of the factor is margin, so that a message type growing does not
+/// make honest frames refused.
+pub const DECODE_FACTOR: usize = 16;
+
+/// What decoding any frame may take in memory whatever its length (rule
+/// 5): room for some 20 000 of the smallest messages.
+pub const DECODE_SLACK: usize = 4 << 20;
 
 /// The largest memory figure a worker may report: 1 PiB.
 pub const MAX_MEMORY: u64 = 1 << 50;
@@ -559,6 +580,7 @@ pub struct TaskSpec {
     /// names of at most [`MAX_RESOURCE_NAME`](rask_executor::MAX_RESOURCE_NAME)
     /// bytes, and [`MAX_WORKERS_NAMED`] workers of at most [`MAX_ADDRESS`]
     /// bytes each.
+    #[serde(deserialize_with = "charged::annotations")]
     pub annotations: rask_executor::Annotations,
 }
 
@@ -667,6 +689,7 @@ pub struct WireFailure {
     /// The type of the error the task returned, if it returned one.
     pub error_type: Option<String>,
     /// The messages of that error's sources, outermost first.
+    #[serde(deserialize_with = "charged::vec")]
     pub chain: Vec<String>,
     /// Where the task panicked (`file:line:column`).
     pub location: Option<String>,
@@ -779,6 +802,7 @@ pub enum ToScheduler {
         threads: u32,
         /// What it has for tasks that ask for resources (`--resources`,
         /// `RASK_WORKER_RESOURCES`): bounded as a task's are.
+        #[serde(deserialize_with = "charged::resources")]
         resources: rask_executor::Resources,
         /// Its name, unique on the scheduler: 1 to [`MAX_WORKER_NAME`]
         /// bytes, no whitespace or control characters.
@@ -892,6 +916,7 @@ pub enum ToScheduler {
         /// Chosen by the client, returned as is.
         id: u64,
         /// The workers' names, each at most [`MAX_WORKER_NAME`] bytes.
+        #[serde(deserialize_with = "charged::vec")]
         names: Vec<String>,
     },
     /// Worker, answering [`ToWorker::GiveUp`] with its `id`: the task had
@@ -1057,7 +1082,10 @@ pub enum ToClient {
     WhoHas {
         /// The request's id.
         id: u64,
-        /// One entry per key asked.
+        /// One entry per key asked. (Not charged to the frame's budget
+        /// entry by entry: a key held nowhere is one byte here and 24
+        /// decoded, and a client may ask about a million of them; this comes
+        /// from the client's own scheduler.)
         holders: Vec<Vec<WorkerId>>,
     },
     /// Answer to [`ToScheduler::RetireWorkers`]: every worker named is
@@ -1239,16 +1267,38 @@ pub fn frame<M: Serialize>(msg: &M) -> Vec<u8> {
 /// # Errors
 ///
 /// [`ProtocolError::Malformed`] if the body is not a sequence of `M`s, or is
-/// empty.
+/// empty; [`ProtocolError::OutOfRange`] if its messages would take more
+/// memory than [`DECODE_FACTOR`] times its length plus [`DECODE_SLACK`]
+/// (rule 5), found before they take it.
 pub fn decode_batch<'a, M: Deserialize<'a>>(mut body: &'a [u8]) -> Result<Vec<M>, ProtocolError> {
     if body.is_empty() {
         return Err(ProtocolError::Malformed(
             postcard::Error::DeserializeUnexpectedEnd,
         ));
     }
+    let limit = body
+        .len()
+        .saturating_mul(DECODE_FACTOR)
+        .saturating_add(DECODE_SLACK);
+    let frame = charged::Frame::start(limit);
+    let too_big = || ProtocolError::OutOfRange {
+        what: "memory a frame decodes to",
+        value: u64::try_from(limit.saturating_add(1)).unwrap_or(u64::MAX),
+        min: 0,
+        max: u64::try_from(limit).unwrap_or(u64::MAX),
+    };
     let mut out = Vec::new();
     while !body.is_empty() {
-        let (msg, rest) = postcard::take_from_bytes(body).map_err(ProtocolError::Malformed)?;
+        if !charged::charge(std::mem::size_of::<M>()) {
+            return Err(too_big());
+        }
+        let (msg, rest) = postcard::take_from_bytes(body).map_err(|e| {
+            if frame.spent() {
+                too_big()
+            } else {
+                ProtocolError::Malformed(e)
+            }
+        })?;
         out.push(msg);
         body = rest;
     }
@@ -1579,6 +1629,124 @@ pub(crate) fn parse_address(address: &str) -> Option<(Scheme, &str)> {
         return None;
     }
     Some((scheme, rest))
+}
+
+/// The memory budget of the frame being decoded (rule 5), on this thread:
+/// [`decode_batch`] sets it, each message and each entry of a list that
+/// takes far more memory than its encoding is charged to it as it is read,
+/// so a frame is refused before it takes more. Outside `decode_batch`
+/// nothing is charged.
+mod charged {
+    use std::cell::Cell;
+    use std::fmt;
+    use std::marker::PhantomData;
+
+    use serde::de::{Error as _, SeqAccess, Visitor};
+    use serde::{Deserialize, Deserializer};
+
+    thread_local! {
+        /// Bytes left, while a frame is decoded; whether it ran out.
+        static LEFT: Cell<Option<(usize, bool)>> = const { Cell::new(None) };
+    }
+
+    /// The budget of one frame, until dropped (then the one before, if
+    /// frames are decoded within frames).
+    pub(super) struct Frame(Option<(usize, bool)>);
+
+    impl Frame {
+        pub(super) fn start(bytes: usize) -> Frame {
+            Frame(LEFT.with(|l| l.replace(Some((bytes, false)))))
+        }
+
+        /// Whether the frame asked for more than its budget.
+        pub(super) fn spent(&self) -> bool {
+            LEFT.with(|l| l.get().is_some_and(|(_, spent)| spent))
+        }
+    }
+
+    impl Drop for Frame {
+        fn drop(&mut self) {
+            LEFT.with(|l| l.set(self.0));
+        }
+    }
+
+    /// Takes `bytes` from the frame's budget; `false` once it is spent.
+    pub(super) fn charge(bytes: usize) -> bool {
+        LEFT.with(|l| match l.get() {
+            None => true,
+            Some((left, _)) => match left.checked_sub(bytes) {
+                Some(rest) => {
+                    l.set(Some((rest, false)));
+                    true
+                }
+                None => {
+                    l.set(Some((0, true)));
+                    false
+                }
+            },
+        })
+    }
+
+    /// `serde(deserialize_with)` for a list whose entries take far more
+    /// memory than their encoding (an empty string: one byte, 24
+    /// decoded): each entry is charged as it is read.
+    pub(super) fn vec<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+        d: D,
+    ) -> Result<Vec<T>, D::Error> {
+        d.deserialize_seq(Charged(PhantomData))
+    }
+
+    struct Charged<T>(PhantomData<T>);
+
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for Charged<T> {
+        type Value = Vec<T>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a list")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut entries = Vec::new();
+            loop {
+                if !charge(std::mem::size_of::<T>()) {
+                    return Err(A::Error::custom("a frame decodes to too much memory"));
+                }
+                match seq.next_element()? {
+                    Some(entry) => entries.push(entry),
+                    None => return Ok(entries),
+                }
+            }
+        }
+    }
+
+    /// [`Resources`](rask_executor::Resources) as they travel (a list of
+    /// `(name, thousandths)`), charged as [`vec`].
+    pub(super) fn resources<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<rask_executor::Resources, D::Error> {
+        vec::<D, (String, u64)>(d).map(rask_executor::Resources::from_milli)
+    }
+
+    /// [`Annotations`](rask_executor::Annotations) as they travel: the
+    /// same fields in the same order, its lists charged.
+    #[derive(Deserialize)]
+    struct Annotations {
+        priority: i32,
+        #[serde(deserialize_with = "resources")]
+        resources: rask_executor::Resources,
+        #[serde(deserialize_with = "vec")]
+        workers: Vec<String>,
+    }
+
+    pub(super) fn annotations<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<rask_executor::Annotations, D::Error> {
+        Annotations::deserialize(d).map(|a| rask_executor::Annotations {
+            priority: a.priority,
+            resources: a.resources,
+            workers: a.workers,
+        })
+    }
 }
 
 /// `serde(with)` for `Option<Arc<[u8]>>`: postcard's option tag, then the
@@ -2257,5 +2425,679 @@ mod tests {
         assert_eq!(parse_address("unix:s.sock"), unix("s.sock"));
         assert_eq!(parse_address("unix:"), None);
         assert_eq!(parse_address("unix:tcp://x:1"), None);
+    }
+
+    /// Whether decoding `body` as `M`s is refused for the memory it would
+    /// take (rule 5).
+    fn too_big<M: for<'a> Deserialize<'a> + Bounded>(body: &[u8]) -> bool {
+        matches!(
+            decode_checked::<M>(body),
+            Err(ProtocolError::OutOfRange {
+                what: "memory a frame decodes to",
+                ..
+            })
+        )
+    }
+
+    /// Frames that decode to many times their length: 1 MiB of one-byte
+    /// `Heartbeat`s was 208 MiB of messages (a 512 MiB frame, 100 GiB),
+    /// a list of a million empty strings 24 MiB. Refused as they are
+    /// decoded; honest batches of small messages are not.
+    #[test]
+    fn frames_decoding_to_far_more_than_their_bytes_are_refused() {
+        let heartbeat = frame(&ToScheduler::Heartbeat)[4];
+        assert!(too_big::<ToScheduler>(&vec![heartbeat; 1 << 20]));
+        let retire = ToWorker::Retire;
+        assert!(too_big::<ToWorker>(&vec![frame(&retire)[4]; 1 << 20]));
+        let left = frame(&ToClient::WorkerLeft { id: WorkerId(0) });
+        assert!(too_big::<ToClient>(&left[4..].repeat(1 << 19)));
+        // A peer's smallest request, 2 bytes, decodes to 24: within the
+        // factor, so a frame of them decodes, to a bounded size.
+        let ask = frame(&ToPeer::GetData { keys: Vec::new() });
+        assert_eq!(ask.len(), 6);
+        assert!(std::mem::size_of::<ToPeer>() <= 2 * DECODE_FACTOR);
+        assert!(decode_checked::<ToPeer>(&ask[4..].repeat(1 << 16)).is_ok());
+        // One message, a long list of empty entries.
+        let names = ToScheduler::RetireWorkers {
+            id: 1,
+            names: vec![String::new(); 1 << 20],
+        };
+        assert!(too_big::<ToScheduler>(&frame(&names)[4..]));
+        let mut failure =
+            WireFailure::new([1; 32], "t".into(), WireFailureKind::Failed, "x".into());
+        failure.chain = vec![String::new(); 1 << 20];
+        let erred = ToScheduler::TaskErred {
+            key: [1; 32],
+            failure,
+        };
+        assert!(too_big::<ToScheduler>(&frame(&erred)[4..]));
+        let entries = vec![(String::new(), 0u64); 1 << 20];
+        let register = ToScheduler::RegisterWorker {
+            address: "a:1".into(),
+            threads: 1,
+            resources: rask_executor::Resources::new(),
+            name: "w".into(),
+        };
+        // Resources as a peer may send them: zero amounts and repeats,
+        // which `Resources` itself would have dropped.
+        let mut body = frame(&register)[4..].to_vec();
+        let tail = body.split_off(body.len() - 3); // resources (empty), name
+        assert_eq!(tail, [0, 1, b'w']);
+        body.extend(postcard::to_stdvec(&entries).unwrap());
+        body.extend([1, b'w']);
+        // Two bytes an entry, 32 decoded: at the factor, not past it, so
+        // decoded (to no resources: zero amounts are dropped).
+        assert!(!too_big::<ToScheduler>(&body));
+        let mut task = TaskSpec {
+            key: [2; 32],
+            name: "t".into(),
+            function: "f".into(),
+            payload: Arc::from(&[][..]),
+            deps: Vec::new(),
+            timeout_ms: None,
+            retries: 0,
+            annotations: Default::default(),
+        };
+        task.annotations.workers = vec![String::new(); 1 << 20];
+        let graph = ToScheduler::UpdateGraph {
+            tasks: vec![task],
+            wanted: Vec::new(),
+        };
+        assert!(too_big::<ToScheduler>(&frame(&graph)[4..]));
+        // A million keys held nowhere: an honest answer (`who_has` of a
+        // map's futures before they ran), decoded.
+        let who = ToClient::WhoHas {
+            id: 1,
+            holders: vec![Vec::new(); 1 << 20],
+        };
+        assert!(decode_checked::<ToClient>(&frame(&who)[4..]).is_ok());
+
+        // Honest batches: 100 000 results without values, releases, and a
+        // few thousand of the smallest messages.
+        let mut batch = Batch::default();
+        for i in 0..100_000u64 {
+            batch.push(&ToScheduler::TaskFinished {
+                key: [(i % 251) as u8; 32],
+                nbytes: i,
+                duration_ns: i,
+                value: None,
+                thread: 1,
+            });
+        }
+        for f in batch.take_frames() {
+            assert!(decode_checked::<ToScheduler>(&f[4..]).is_ok());
+        }
+        let mut batch = Batch::default();
+        for i in 0..100_000u32 {
+            batch.push(&ToWorker::Release {
+                key: [(i % 251) as u8; 32],
+            });
+        }
+        for f in batch.take_frames() {
+            assert!(decode_checked::<ToWorker>(&f[4..]).is_ok());
+        }
+        // The smallest messages sent in numbers: one key each.
+        let mut batch = Batch::default();
+        for i in 0..100_000u32 {
+            batch.push(&ToScheduler::DataAdded {
+                key: [(i % 251) as u8; 32],
+            });
+        }
+        for f in batch.take_frames() {
+            assert!(decode_checked::<ToScheduler>(&f[4..]).is_ok());
+        }
+        let mut batch = Batch::default();
+        for i in 0..100_000u32 {
+            batch.push(&ToClient::KeyInMemory {
+                key: [(i % 251) as u8; 32],
+                holders: Vec::new(),
+                nbytes: 0,
+                value: None,
+            });
+        }
+        for f in batch.take_frames() {
+            assert!(decode_checked::<ToClient>(&f[4..]).is_ok());
+        }
+        // And with room to grow: a keyed message decodes to well under the
+        // factor times its encoding (33 bytes at least).
+        for size in [
+            std::mem::size_of::<ToScheduler>(),
+            std::mem::size_of::<ToWorker>(),
+            std::mem::size_of::<ToClient>(),
+        ] {
+            assert!(2 * size <= 33 * DECODE_FACTOR, "{size} bytes a message");
+        }
+        let small = vec![heartbeat; 10_000];
+        assert_eq!(decode_checked::<ToScheduler>(&small).unwrap().len(), 10_000);
+        let lefts = left[4..].repeat(10_000);
+        assert_eq!(decode_checked::<ToClient>(&lefts).unwrap().len(), 10_000);
+    }
+
+    /// Property tests of the decoding paths (rule 5): whatever bytes a peer
+    /// sends, `decode_checked` returns messages within their ranges or an
+    /// error, and never panics.
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+        use proptest::test_runner::TestCaseError;
+
+        /// Something done to a valid frame body on the way.
+        #[derive(Clone, Debug)]
+        enum Mutation {
+            /// XOR the byte at (index modulo the length) with a non-zero mask.
+            Flip(usize, u8),
+            /// Keep (index modulo length + 1) bytes.
+            Truncate(usize),
+            /// Append bytes.
+            Extend(Vec<u8>),
+            /// Insert a byte at (index modulo length + 1).
+            Insert(usize, u8),
+            /// Remove the byte at (index modulo the length).
+            Remove(usize),
+            /// Set a byte to a varint's largest first byte, or to a
+            /// length-like value: lengths and tags are where decoders go
+            /// wrong.
+            Set(usize, u8),
+        }
+
+        fn mutation() -> impl Strategy<Value = Mutation> {
+            prop_oneof![
+                (any::<usize>(), 1..=255u8).prop_map(|(i, x)| Mutation::Flip(i, x)),
+                any::<usize>().prop_map(Mutation::Truncate),
+                proptest::collection::vec(any::<u8>(), 1..16).prop_map(Mutation::Extend),
+                (any::<usize>(), any::<u8>()).prop_map(|(i, b)| Mutation::Insert(i, b)),
+                any::<usize>().prop_map(Mutation::Remove),
+                (
+                    any::<usize>(),
+                    prop_oneof![Just(0xffu8), Just(0x80), Just(0x7f), Just(0), 0..40u8]
+                )
+                    .prop_map(|(i, b)| Mutation::Set(i, b)),
+            ]
+        }
+
+        fn mutate(mut body: Vec<u8>, mutations: &[Mutation]) -> Vec<u8> {
+            for m in mutations {
+                let len = body.len();
+                match m {
+                    Mutation::Flip(i, x) if len > 0 => body[i % len] ^= x,
+                    Mutation::Truncate(n) => body.truncate(n % (len + 1)),
+                    Mutation::Extend(bytes) => body.extend_from_slice(bytes),
+                    Mutation::Insert(i, b) => body.insert(i % (len + 1), *b),
+                    Mutation::Remove(i) if len > 0 => {
+                        body.remove(i % len);
+                    }
+                    Mutation::Set(i, b) if len > 0 => body[i % len] = *b,
+                    _ => {}
+                }
+            }
+            body
+        }
+
+        /// The messages' encodings end to end, as a batch carries them.
+        fn encode_all<M: Serialize>(msgs: &[M]) -> Vec<u8> {
+            let mut body = Vec::new();
+            for m in msgs {
+                body = postcard::to_extend(m, body).unwrap();
+            }
+            body
+        }
+
+        /// What every frame body must come to, valid or not: an error of
+        /// decoding or of range, or messages each within its ranges whose
+        /// encoding decodes again to the same encoding.
+        fn decodes_safely<M>(body: &[u8]) -> Result<(), TestCaseError>
+        where
+            M: Serialize + for<'a> Deserialize<'a> + Bounded + fmt::Debug,
+        {
+            let plain = decode_batch::<M>(body);
+            match decode_checked::<M>(body) {
+                Ok(msgs) => {
+                    prop_assert!(!msgs.is_empty());
+                    for m in &msgs {
+                        prop_assert!(m.check().is_ok(), "{m:?} passed decoding out of range");
+                    }
+                    prop_assert_eq!(plain.map(|p| p.len()).ok(), Some(msgs.len()));
+                    // What the frame takes decoded is bounded by its length.
+                    prop_assert!(
+                        msgs.len() * std::mem::size_of::<M>()
+                            <= body.len() * DECODE_FACTOR + DECODE_SLACK
+                    );
+                    let again = encode_all(&msgs);
+                    let back = decode_checked::<M>(&again);
+                    prop_assert!(back.is_ok(), "re-encoded {msgs:?}: {back:?}");
+                    prop_assert_eq!(encode_all(&back.unwrap()), again);
+                }
+                Err(ProtocolError::Malformed(_)) => prop_assert!(plain.is_err()),
+                // A number out of its range, or a frame decoding to too
+                // much memory (found by `decode_batch` itself).
+                Err(ProtocolError::OutOfRange { .. }) => {}
+                Err(ProtocolError::Unexpected(_)) => {
+                    prop_assert!(
+                        plain.is_ok(),
+                        "a range error for a body that does not decode"
+                    )
+                }
+                Err(e) => prop_assert!(false, "unexpected error: {e}"),
+            }
+            Ok(())
+        }
+
+        fn key() -> impl Strategy<Value = WireKey> {
+            prop_oneof![(0..4u8).prop_map(|b| [b; 32]), any::<[u8; 32]>()]
+        }
+
+        fn keys() -> impl Strategy<Value = Vec<WireKey>> {
+            proptest::collection::vec(key(), 0..4)
+        }
+
+        fn worker() -> impl Strategy<Value = WorkerId> {
+            any::<u32>().prop_map(WorkerId)
+        }
+
+        fn bytes(max: usize) -> impl Strategy<Value = Arc<[u8]>> {
+            proptest::collection::vec(any::<u8>(), 0..=max).prop_map(Arc::from)
+        }
+
+        fn resources() -> impl Strategy<Value = rask_executor::Resources> {
+            proptest::collection::vec(("[A-Za-z_./-]{1,8}", any::<u64>()), 0..3)
+                .prop_map(rask_executor::Resources::from_milli)
+        }
+
+        fn failure() -> impl Strategy<Value = WireFailure> {
+            (
+                key(),
+                ".{0,8}",
+                prop_oneof![
+                    Just(WireFailureKind::Failed),
+                    Just(WireFailureKind::Panicked),
+                    Just(WireFailureKind::Cancelled),
+                    any::<u64>().prop_map(|after_ms| WireFailureKind::TimedOut { after_ms }),
+                ],
+                ".{0,8}",
+                proptest::option::of(".{0,8}"),
+                proptest::collection::vec(".{0,4}", 0..2),
+                any::<u32>(),
+            )
+                .prop_map(|(key, name, kind, message, error_type, chain, attempts)| {
+                    WireFailure {
+                        key,
+                        name,
+                        kind,
+                        message,
+                        error_type,
+                        chain,
+                        location: None,
+                        attempts,
+                    }
+                })
+        }
+
+        fn task_spec() -> impl Strategy<Value = TaskSpec> {
+            (
+                key(),
+                ".{0,8}",
+                bytes(16),
+                keys(),
+                proptest::option::of(any::<u64>()),
+                any::<u32>(),
+                any::<i32>(),
+                resources(),
+                proptest::collection::vec("[a-z0-9:.]{0,12}", 0..3),
+            )
+                .prop_map(
+                    |(
+                        key,
+                        name,
+                        payload,
+                        deps,
+                        timeout_ms,
+                        retries,
+                        priority,
+                        resources,
+                        workers,
+                    )| {
+                        TaskSpec {
+                            key,
+                            name: name.as_str().into(),
+                            function: "f".into(),
+                            payload,
+                            deps,
+                            timeout_ms,
+                            retries,
+                            annotations: rask_executor::Annotations {
+                                priority,
+                                resources,
+                                workers,
+                            },
+                        }
+                    },
+                )
+        }
+
+        /// Messages to the scheduler, every variant, every number within its
+        /// range (rule 5).
+        fn to_scheduler() -> impl Strategy<Value = ToScheduler> {
+            prop_oneof![
+                (proptest::collection::vec(task_spec(), 0..3), keys())
+                    .prop_map(|(tasks, wanted)| ToScheduler::UpdateGraph { tasks, wanted }),
+                keys().prop_map(|keys| ToScheduler::ReleaseKeys { keys }),
+                (
+                    "[a-z0-9.:]{0,24}",
+                    1..=MAX_THREADS,
+                    resources(),
+                    "[a-zA-Z0-9_.-]{1,16}"
+                )
+                    .prop_map(|(address, threads, resources, name)| {
+                        ToScheduler::RegisterWorker {
+                            address,
+                            threads,
+                            resources,
+                            name,
+                        }
+                    }),
+                (
+                    key(),
+                    0..=MAX_FRAME as u64,
+                    0..=duration_ns_of(MAX_TASK_DURATION),
+                    proptest::option::of(bytes(INLINE_BYTES)),
+                    0..=MAX_THREADS
+                )
+                    .prop_map(|(key, nbytes, duration_ns, value, thread)| {
+                        ToScheduler::TaskFinished {
+                            key,
+                            nbytes,
+                            duration_ns,
+                            value,
+                            thread,
+                        }
+                    }),
+                (key(), failure())
+                    .prop_map(|(key, failure)| ToScheduler::TaskErred { key, failure }),
+                key().prop_map(|key| ToScheduler::TaskAbandoned { key }),
+                key().prop_map(|key| ToScheduler::DataAdded { key }),
+                (key(), worker())
+                    .prop_map(|(key, holder)| ToScheduler::FetchFailed { key, holder }),
+                Just(ToScheduler::Heartbeat),
+                (0..=MAX_MEMORY).prop_map(|memory_bytes| ToScheduler::Resources { memory_bytes }),
+                any::<bool>().prop_map(|on| ToScheduler::Watch { on }),
+                any::<u64>().prop_map(|id| ToScheduler::Info { id }),
+                (any::<u64>(), keys()).prop_map(|(id, keys)| ToScheduler::WhoHas { id, keys }),
+                keys().prop_map(|keys| ToScheduler::Replicate { keys }),
+                (
+                    [
+                        0..=MAX_MEMORY,
+                        0..=MAX_MEMORY,
+                        0..=MAX_MEMORY,
+                        0..=MAX_MEMORY,
+                        0..=MAX_MEMORY
+                    ],
+                    [
+                        any::<u64>(),
+                        any::<u64>(),
+                        any::<u64>(),
+                        any::<u64>(),
+                        any::<u64>()
+                    ],
+                    any::<bool>()
+                )
+                    .prop_map(|(b, c, paused)| ToScheduler::Memory {
+                        spill: Spill {
+                            limit_bytes: b[0],
+                            spill_at_bytes: b[1],
+                            pause_at_bytes: b[2],
+                            memory_bytes: b[3],
+                            spilled_bytes: b[4],
+                            spilled_keys: c[0],
+                            spills: c[1],
+                            unspills: c[2],
+                            lost: c[3],
+                            failed_spills: c[4],
+                            paused,
+                        },
+                    }),
+                key().prop_map(|key| ToScheduler::TaskSeceded { key }),
+                (any::<u64>(), proptest::collection::vec(".{0,12}", 0..3))
+                    .prop_map(|(id, names)| ToScheduler::RetireWorkers { id, names }),
+                (key(), any::<u64>()).prop_map(|(key, id)| ToScheduler::TaskGivenUp { key, id }),
+                (key(), any::<u64>()).prop_map(|(key, id)| ToScheduler::TaskKept { key, id }),
+            ]
+        }
+
+        /// Messages to a worker, every variant, within range.
+        fn to_worker() -> impl Strategy<Value = ToWorker> {
+            prop_oneof![
+                worker().prop_map(|id| ToWorker::Registered { id }),
+                (worker(), "[a-z0-9.:]{0,24}")
+                    .prop_map(|(id, address)| ToWorker::PeerJoined { id, address }),
+                worker().prop_map(|id| ToWorker::PeerLeft { id }),
+                (
+                    key(),
+                    bytes(16),
+                    keys(),
+                    proptest::collection::vec(
+                        (key(), proptest::collection::vec(worker(), 0..3)),
+                        0..3
+                    ),
+                    any::<(i32, u64)>(),
+                    proptest::option::of(any::<u64>()),
+                    any::<u32>()
+                )
+                    .prop_map(
+                        |(key, payload, deps, who_has, (user, order), timeout_ms, retries)| {
+                            ToWorker::Compute {
+                                key,
+                                name: "n".into(),
+                                function: "f".into(),
+                                payload,
+                                deps,
+                                who_has,
+                                priority: Priority { user, order },
+                                timeout_ms,
+                                retries,
+                            }
+                        }
+                    ),
+                key().prop_map(|key| ToWorker::Release { key }),
+                (millis_of(MIN_HEARTBEAT)..=millis_of(MAX_HEARTBEAT))
+                    .prop_map(|every_ms| ToWorker::Heartbeat { every_ms }),
+                (key(), proptest::collection::vec(worker(), 0..3))
+                    .prop_map(|(key, holders)| ToWorker::Fetch { key, holders }),
+                ".{0,16}".prop_map(|reason| ToWorker::Refused { reason }),
+                Just(ToWorker::Retire),
+                (key(), any::<u64>()).prop_map(|(key, id)| ToWorker::GiveUp { key, id }),
+            ]
+        }
+
+        /// Messages to a client, every variant, within range (no NaN, so
+        /// they compare equal to themselves).
+        fn to_client() -> impl Strategy<Value = ToClient> {
+            let event = (
+                key(),
+                ".{0,8}",
+                prop_oneof![
+                    worker().prop_map(|worker| WireEventKind::Started { worker }),
+                    (
+                        worker(),
+                        0..=MAX_THREADS,
+                        0..=duration_ns_of(MAX_TASK_DURATION),
+                        0..=MAX_FRAME as u64
+                    )
+                        .prop_map(|(worker, thread, duration_ns, nbytes)| {
+                            WireEventKind::Finished {
+                                worker,
+                                thread,
+                                duration_ns,
+                                nbytes,
+                            }
+                        }),
+                    proptest::option::of(worker())
+                        .prop_map(|worker| WireEventKind::Erred { worker }),
+                    Just(WireEventKind::Released),
+                    worker().prop_map(|worker| WireEventKind::Lost { worker }),
+                ],
+            )
+                .prop_map(|(key, name, kind)| WireEvent {
+                    key,
+                    name: name.as_str().into(),
+                    kind,
+                });
+            let snapshot = (any::<u32>(), ".{0,8}", any::<u64>(), 0.0..1e9f64).prop_map(
+                |(clients, scheduler, uptime_ms, tasks_per_second)| Snapshot {
+                    version: 1,
+                    scheduler,
+                    uptime_ms,
+                    clients,
+                    tasks_per_second,
+                    totals: Default::default(),
+                    functions: vec![rask_executor::diagnostics::FunctionCounts {
+                        name: "inc".into(),
+                        counts: Default::default(),
+                        busy_ms: tasks_per_second,
+                    }],
+                    workers: Vec::new(),
+                    unrunnable: vec!["x".into()],
+                },
+            );
+            prop_oneof![
+                (worker(), "[a-z0-9.:]{0,24}")
+                    .prop_map(|(id, address)| ToClient::WorkerJoined { id, address }),
+                worker().prop_map(|id| ToClient::WorkerLeft { id }),
+                (
+                    key(),
+                    proptest::collection::vec(worker(), 0..3),
+                    0..=MAX_FRAME as u64,
+                    proptest::option::of(bytes(INLINE_BYTES))
+                )
+                    .prop_map(|(key, holders, nbytes, value)| {
+                        ToClient::KeyInMemory {
+                            key,
+                            holders,
+                            nbytes,
+                            value,
+                        }
+                    }),
+                (key(), failure()).prop_map(|(key, failure)| ToClient::KeyErred { key, failure }),
+                proptest::collection::vec(event, 0..3)
+                    .prop_map(|events| ToClient::TaskEvents { events }),
+                (any::<u64>(), snapshot).prop_map(|(id, snapshot)| ToClient::Info { id, snapshot }),
+                (
+                    any::<u64>(),
+                    proptest::collection::vec(proptest::collection::vec(worker(), 0..3), 0..3)
+                )
+                    .prop_map(|(id, holders)| ToClient::WhoHas { id, holders }),
+                (any::<u64>(), proptest::option::of(".{0,8}"))
+                    .prop_map(|(id, error)| ToClient::Retired { id, error }),
+            ]
+        }
+
+        fn batch<M: fmt::Debug>(
+            msg: impl Strategy<Value = M>,
+        ) -> impl Strategy<Value = (Vec<M>, Vec<Mutation>)> {
+            (
+                proptest::collection::vec(msg, 1..4),
+                proptest::collection::vec(mutation(), 1..4),
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Junk never panics a decoder of any direction.
+            #[test]
+            fn arbitrary_bytes_decode_or_fail(body in proptest::collection::vec(any::<u8>(), 0..256)) {
+                decodes_safely::<ToScheduler>(&body)?;
+                decodes_safely::<ToWorker>(&body)?;
+                decodes_safely::<ToClient>(&body)?;
+                decodes_safely::<ToPeer>(&body)?;
+                decodes_safely::<FromPeer>(&body)?;
+            }
+
+            /// Junk after a valid variant tag: decoding gets past the tag
+            /// into every message's fields.
+            #[test]
+            fn arbitrary_fields_decode_or_fail(
+                tag in 0..24u8,
+                body in proptest::collection::vec(any::<u8>(), 0..128),
+            ) {
+                let body: Vec<u8> = std::iter::once(tag).chain(body).collect();
+                decodes_safely::<ToScheduler>(&body)?;
+                decodes_safely::<ToWorker>(&body)?;
+                decodes_safely::<ToClient>(&body)?;
+            }
+
+            /// A batch of messages within range decodes to exactly those
+            /// messages; damaged, it decodes safely.
+            #[test]
+            fn to_scheduler_frames_round_trip_and_damage_safely((msgs, muts) in batch(to_scheduler())) {
+                let body = encode_all(&msgs);
+                prop_assert_eq!(decode_checked::<ToScheduler>(&body).ok(), Some(msgs.clone()));
+                let mut framed = Batch::default();
+                msgs.iter().for_each(|m| framed.push(m));
+                prop_assert_eq!(&framed.take_frames()[0][4..], &body[..]);
+                decodes_safely::<ToScheduler>(&mutate(body, &muts))?;
+            }
+
+            #[test]
+            fn to_worker_frames_round_trip_and_damage_safely((msgs, muts) in batch(to_worker())) {
+                let body = encode_all(&msgs);
+                prop_assert_eq!(decode_checked::<ToWorker>(&body).ok(), Some(msgs.clone()));
+                decodes_safely::<ToWorker>(&mutate(body, &muts))?;
+            }
+
+            #[test]
+            fn to_client_frames_round_trip_and_damage_safely((msgs, muts) in batch(to_client())) {
+                let body = encode_all(&msgs);
+                prop_assert_eq!(decode_checked::<ToClient>(&body).ok(), Some(msgs.clone()));
+                decodes_safely::<ToClient>(&mutate(body, &muts))?;
+            }
+
+            #[test]
+            fn data_port_frames_damage_safely(
+                keys in keys(),
+                values in proptest::collection::vec((key(), bytes(64)), 1..3),
+                muts in proptest::collection::vec(mutation(), 1..4),
+            ) {
+                let asks = encode_all(&[ToPeer::GetData { keys }]);
+                decodes_safely::<ToPeer>(&mutate(asks, &muts))?;
+                let data: Vec<FromPeer> = values
+                    .into_iter()
+                    .map(|(key, bytes)| FromPeer::Data { key, bytes })
+                    .collect();
+                decodes_safely::<FromPeer>(&mutate(encode_all(&data), &muts))?;
+            }
+
+            /// A frame's length prefix: within `MAX_FRAME` or refused.
+            #[test]
+            fn frame_lengths_are_bounded(prefix in any::<[u8; 4]>()) {
+                match frame_len(prefix) {
+                    Ok(len) => prop_assert_eq!(len as u32, u32::from_le_bytes(prefix)),
+                    Err(ProtocolError::FrameTooLarge { len, max }) => {
+                        prop_assert!(len > max && max == MAX_FRAME)
+                    }
+                    Err(e) => prop_assert!(false, "{e}"),
+                }
+            }
+
+            /// A handshake frame parses only if it is exactly the frame of
+            /// what it parses to; any other bytes are refused, never a panic.
+            #[test]
+            fn handshakes_parse_only_canonical_frames(
+                nonce in any::<[u8; 32]>(),
+                build in any::<[u8; 32]>(),
+                auth in any::<bool>(),
+                muts in proptest::collection::vec((0..HANDSHAKE_FRAME, 1..=255u8), 0..3),
+            ) {
+                let hello = Handshake::new(Role::Worker, BuildId::from_bytes(build), nonce, auth);
+                let mut frame = hello.to_frame();
+                for &(i, x) in &muts {
+                    frame[i] ^= x;
+                }
+                match Handshake::parse(&frame) {
+                    Ok(h) => prop_assert_eq!(h.to_frame(), frame),
+                    Err(_) => prop_assert!(!muts.is_empty()),
+                }
+                let _ = old_handshake(&frame[4..]);
+            }
+        }
     }
 }

@@ -1334,12 +1334,24 @@ impl State {
                 continue;
             }
             let holders = task.who_has.clone();
+            // Workers asked since the last holder was added: told of every
+            // holder there is, their fetch is under way. One that failed
+            // with every holder it was told of took each off who-has (S12),
+            // so the holders left are newer and it is asked again. Asking
+            // again meanwhile would only repeat the `Fetch`, once per
+            // worker for each time a client names the key (S13).
+            let newest = task.since.iter().copied().max().unwrap_or(0);
+            let mut pending: Vec<WorkerId> = task
+                .replicas
+                .iter()
+                .filter(|&&(_, asked)| asked > newest)
+                .map(|&(w, _)| w)
+                .collect();
+            pending.sort_unstable();
             for &w in &workers {
-                if holders.contains(&w) {
+                if holders.contains(&w) || pending.binary_search(&w).is_ok() {
                     continue;
                 }
-                // Asked again if asked before: an earlier fetch may have
-                // failed with every holder it was told of.
                 let now = self.tick();
                 let replicas = &mut self.task_mut(id).replicas;
                 replicas.retain(|&(r, _)| r != w);

@@ -580,6 +580,47 @@ fn a_copy_counts_only_if_asked_after_the_value_was_computed() {
     assert_eq!(s.who_has(&k(1)), &[W0, W1]);
 }
 
+/// Found by inspection after the property tests: a `Replicate` naming one
+/// key 1 000 times, or 1 000 `Replicate`s of it, made the scheduler queue
+/// 2 000 `Fetch`es for two workers (a client's 33 bytes, a `Fetch` per
+/// worker each: unbounded memory for the workers' queues). A worker asked
+/// since the last holder was added is not asked again (S13).
+#[test]
+fn naming_a_key_again_asks_no_worker_twice_for_the_same_holders() {
+    let (mut s, mut out) = setup(3);
+    s.on_update_graph(C0, vec![spec(1, &[])], vec![k(1)], &mut out);
+    assert_eq!(out.computes(), vec![(W0, k(1))]);
+    finish(&mut s, &mut out, W0, 1, 8);
+    s.on_replicate(C0, vec![k(1); 1000], &mut out);
+    for _ in 0..1000 {
+        s.on_replicate(C0, vec![k(1)], &mut out);
+    }
+    s.check_invariants();
+    let w2 = WorkerId(2);
+    assert_eq!(
+        copies(&mut out),
+        vec![(W1, k(1), vec![W0]), (w2, k(1), vec![W0])]
+    );
+    // W1's copy arrives: a new holder, so W2, still fetching, is told of
+    // it with a new ask; W1 is not asked again.
+    s.on_data_added(W1, k(1), &mut out);
+    s.on_replicate(C0, vec![k(1), k(1)], &mut out);
+    assert_eq!(copies(&mut out), vec![(w2, k(1), vec![W0, W1])]);
+    // W2 fails with both: both leave who-has (S12), the value is computed
+    // again, and W2 is asked again for the new holder.
+    s.on_fetch_failed(Reporter::Worker(w2), k(1), W0, &mut out);
+    s.on_fetch_failed(Reporter::Worker(w2), k(1), W1, &mut out);
+    s.check_invariants();
+    let (w, key) = out.computes()[0];
+    assert_eq!(key, k(1));
+    finish(&mut s, &mut out, w, 1, 8);
+    out.clear();
+    s.on_replicate(C0, vec![k(1)], &mut out);
+    let asked: Vec<WorkerId> = copies(&mut out).into_iter().map(|(w, ..)| w).collect();
+    assert_eq!(asked.len(), 2, "every worker but the new holder: {asked:?}");
+    assert!(!asked.contains(&w));
+}
+
 // ----- S9: tasks sent early -----
 
 /// A chain 1 ← 2 ← … ← n, wanting only its end.
@@ -1882,4 +1923,592 @@ fn a_task_sent_early_to_a_retiring_worker_holds_the_retirement_until_it_ends() {
     s.check_invariants();
     assert!(out.0.contains(&Sent::Worker(W0, ToWorker::Retire)));
     assert_eq!(retired(&mut out), vec![(C0, 7, None)]);
+}
+
+/// Property tests: arbitrary sequences of messages, honest and not, from
+/// clients and workers, against the handlers. Each step must leave the
+/// invariants intact (`check_invariants`), and the rules about reports
+/// (S6, S10–S13) are checked against a model built only from what the
+/// scheduler sent: which worker it asked to compute or fetch which key.
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashSet;
+
+    /// Keys are `k(1..=KEYS)`.
+    const KEYS: u8 = 12;
+
+    /// A worker or a key as a step names it: one the model knows of
+    /// (a `Compute` outstanding, a `GiveUp` asked, a `Fetch` asked), when
+    /// there is one, else any.
+    #[derive(Clone, Debug)]
+    enum Pick {
+        /// The `i`-th (modulo) of what the model knows of.
+        Known(usize),
+        /// The `i`-th (modulo) registered worker, and key `k(key)`.
+        Any(usize, u8),
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// A graph: `(key, inputs, restriction)` per task, restriction 0:
+        /// none, 1: `GPU=1`, 2: the worker named `w1`.
+        Graph {
+            client: usize,
+            tasks: Vec<(u8, Vec<u8>, u8)>,
+            wanted: Vec<u8>,
+        },
+        Release {
+            client: usize,
+            keys: Vec<u8>,
+        },
+        /// A client goes and a new one comes.
+        Reconnect {
+            client: usize,
+        },
+        /// A new worker; with `GPU=1` if `gpu`.
+        Join {
+            threads: u32,
+            gpu: bool,
+        },
+        Lose {
+            worker: usize,
+        },
+        /// `TaskFinished`, with the value `value` (unique per step) if
+        /// `inline`.
+        Finished {
+            pick: Pick,
+            nbytes: u64,
+            inline: bool,
+            long: bool,
+        },
+        Erred {
+            pick: Pick,
+        },
+        Abandoned {
+            pick: Pick,
+        },
+        Seceded {
+            pick: Pick,
+        },
+        /// `TaskGivenUp` / `TaskKept`: with the id of the ask picked (Known),
+        /// else with `id`.
+        GivenUp {
+            pick: Pick,
+            id: u64,
+        },
+        Kept {
+            pick: Pick,
+            id: u64,
+        },
+        DataAdded {
+            pick: Pick,
+        },
+        /// From a client (`None`) or the picked worker, naming `holder`.
+        FetchFailed {
+            client: Option<usize>,
+            pick: Pick,
+            holder: usize,
+        },
+        Replicate {
+            client: usize,
+            keys: Vec<u8>,
+        },
+        Retire {
+            client: usize,
+            id: u64,
+            workers: Vec<usize>,
+        },
+        Paused {
+            worker: usize,
+            paused: bool,
+        },
+        Tick {
+            ms: u64,
+        },
+    }
+
+    fn key_index() -> impl Strategy<Value = u8> {
+        1..=KEYS
+    }
+
+    fn pick() -> impl Strategy<Value = Pick> {
+        prop_oneof![
+            3 => any::<usize>().prop_map(Pick::Known),
+            1 => (any::<usize>(), key_index()).prop_map(|(w, k)| Pick::Any(w, k)),
+        ]
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let keys = || proptest::collection::vec(key_index(), 0..4);
+        prop_oneof![
+            6 => (
+                any::<usize>(),
+                proptest::collection::vec(
+                    (
+                        key_index(),
+                        proptest::collection::vec(key_index(), 0..3),
+                        prop_oneof![6 => Just(0u8), 1 => Just(1u8), 1 => Just(2u8)],
+                    ),
+                    1..9,
+                ),
+                keys(),
+                any::<bool>(),
+            )
+                .prop_map(|(client, mut tasks, mut wanted, any_deps)| {
+                    // Mostly graphs as clients send them: inputs first.
+                    tasks.sort_by_key(|t| t.0);
+                    if !any_deps {
+                        for t in &mut tasks {
+                            let key = t.0;
+                            t.1.retain(|&d| d < key);
+                        }
+                    }
+                    wanted.extend(tasks.last().map(|t| t.0));
+                    Op::Graph { client, tasks, wanted }
+                }),
+            2 => (any::<usize>(), keys()).prop_map(|(client, keys)| Op::Release { client, keys }),
+            1 => any::<usize>().prop_map(|client| Op::Reconnect { client }),
+            2 => (1..4u32, any::<bool>()).prop_map(|(threads, gpu)| Op::Join { threads, gpu }),
+            1 => any::<usize>().prop_map(|worker| Op::Lose { worker }),
+            8 => (pick(), 0..4096u64, any::<bool>(), any::<bool>())
+                .prop_map(|(pick, nbytes, inline, long)| Op::Finished { pick, nbytes, inline, long }),
+            2 => pick().prop_map(|pick| Op::Erred { pick }),
+            2 => pick().prop_map(|pick| Op::Abandoned { pick }),
+            1 => pick().prop_map(|pick| Op::Seceded { pick }),
+            2 => (pick(), any::<u64>()).prop_map(|(pick, id)| Op::GivenUp { pick, id }),
+            1 => (pick(), any::<u64>()).prop_map(|(pick, id)| Op::Kept { pick, id }),
+            3 => pick().prop_map(|pick| Op::DataAdded { pick }),
+            2 => (proptest::option::of(any::<usize>()), pick(), any::<usize>())
+                .prop_map(|(client, pick, holder)| Op::FetchFailed { client, pick, holder }),
+            1 => (any::<usize>(), keys()).prop_map(|(client, keys)| Op::Replicate { client, keys }),
+            1 => (any::<usize>(), any::<u64>(), proptest::collection::vec(any::<usize>(), 0..2))
+                .prop_map(|(client, id, workers)| Op::Retire { client, id, workers }),
+            1 => (any::<usize>(), any::<bool>())
+                .prop_map(|(worker, paused)| Op::Paused { worker, paused }),
+            3 => (0..400u64).prop_map(|ms| Op::Tick { ms }),
+        ]
+    }
+
+    /// What the scheduler asked, read off what it sent, and what honest
+    /// workers answered.
+    #[derive(Default)]
+    struct Model {
+        workers: Vec<WorkerId>,
+        next_worker: u32,
+        clients: Vec<ClientId>,
+        next_client: u32,
+        now_ms: u64,
+        /// `Compute`s sent and neither released nor answered.
+        outstanding: Vec<(WorkerId, WireKey)>,
+        /// `GiveUp`s sent and not answered.
+        asks: Vec<(WorkerId, WireKey, u64)>,
+        /// A worker sent a `Compute` with the key as an input, or a
+        /// `Fetch` of it: it had reason to fetch it.
+        fetch_asked: HashSet<(WorkerId, WireKey)>,
+        /// Workers that may hold a key: they finished it when asked, or
+        /// fetched it when asked.
+        holders: HashSet<(WorkerId, WireKey)>,
+        /// `(nbytes, inline value)` of results from the worker asked.
+        values: HashSet<(WireKey, u64, Option<Vec<u8>>)>,
+    }
+
+    impl Model {
+        fn worker(&self, i: usize) -> Option<WorkerId> {
+            (!self.workers.is_empty()).then(|| self.workers[i % self.workers.len()])
+        }
+
+        fn client(&self, i: usize) -> ClientId {
+            self.clients[i % self.clients.len()]
+        }
+
+        /// `w` reports `key` ended or runs: it would answer an ask of it
+        /// with `TaskKept` (S15), which changes nothing, so it is not
+        /// answered.
+        fn answered(&mut self, w: WorkerId, key: WireKey) {
+            self.asks.retain(|&(aw, ak, _)| (aw, ak) != (w, key));
+        }
+
+        /// The (worker, key) a report names.
+        fn pick(&self, pick: &Pick) -> Option<(WorkerId, WireKey)> {
+            match *pick {
+                Pick::Known(i) if !self.outstanding.is_empty() => {
+                    Some(self.outstanding[i % self.outstanding.len()])
+                }
+                Pick::Known(i) => self
+                    .worker(i)
+                    .map(|w| (w, k(1 + (i % KEYS as usize) as u8))),
+                Pick::Any(w, key) => self.worker(w).map(|w| (w, k(key))),
+            }
+        }
+
+        /// Reads what the scheduler sent (and drains it), checking that no
+        /// client or worker is pointed at a holder the model does not know.
+        fn sent(&mut self, out: &mut Rec) -> Result<(), TestCaseError> {
+            for sent in out.0.drain(..) {
+                match sent {
+                    Sent::Worker(
+                        w,
+                        ToWorker::Compute {
+                            key, deps, who_has, ..
+                        },
+                    ) => {
+                        self.outstanding.retain(|&p| p != (w, key));
+                        self.outstanding.push((w, key));
+                        // An earlier ask of this key is moot: not answered.
+                        self.asks.retain(|&(aw, ak, _)| (aw, ak) != (w, key));
+                        for d in deps {
+                            self.fetch_asked.insert((w, d));
+                        }
+                        for (d, holders) in who_has {
+                            for h in holders {
+                                prop_assert!(
+                                    self.holders.contains(&(h, d)),
+                                    "{w} told {h} holds {d:?}, which it was never seen to get"
+                                );
+                            }
+                        }
+                    }
+                    Sent::Worker(w, ToWorker::Release { key }) => {
+                        self.outstanding.retain(|&p| p != (w, key));
+                        self.asks.retain(|&(aw, ak, _)| (aw, ak) != (w, key));
+                    }
+                    Sent::Worker(w, ToWorker::Fetch { key, holders }) => {
+                        self.fetch_asked.insert((w, key));
+                        for h in holders {
+                            prop_assert!(
+                                self.holders.contains(&(h, key)),
+                                "fetch of {key:?} from {h}"
+                            );
+                        }
+                    }
+                    Sent::Worker(w, ToWorker::GiveUp { key, id }) => self.asks.push((w, key, id)),
+                    Sent::Client(
+                        c,
+                        ToClient::KeyInMemory {
+                            key,
+                            holders,
+                            nbytes,
+                            value,
+                        },
+                    ) => {
+                        for h in holders {
+                            prop_assert!(
+                                self.holders.contains(&(h, key)),
+                                "{c:?} pointed at {h} for {key:?}, which it was never seen to get"
+                            );
+                        }
+                        let value = value.map(|v| v.to_vec());
+                        prop_assert!(
+                            self.values.contains(&(key, nbytes, value.clone())),
+                            "{c:?} told {key:?} is {nbytes} bytes {value:?}: no worker asked said so"
+                        );
+                    }
+                    _ => {}
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// A task's state, holders (sorted), size and inline value.
+    type Outcome = (TaskState, Vec<WorkerId>, u64, Option<Vec<u8>>);
+
+    /// What a report must not change unless it came from the worker asked:
+    /// the task's state, holders and value.
+    fn result_of(s: &State, key: &WireKey) -> Option<Outcome> {
+        let &id = s.by_key.get(&Key(*key))?;
+        let t = s.task(id);
+        let mut holders = t.who_has.clone();
+        holders.sort_unstable();
+        Some((
+            t.state.clone(),
+            holders,
+            t.nbytes,
+            t.inline.as_ref().map(|v| v.to_vec()),
+        ))
+    }
+
+    /// The checks after every step.
+    fn check(s: &State, m: &Model) -> Result<(), TestCaseError> {
+        s.check_invariants();
+        for (&key, &id) in &s.by_key {
+            let t = s.task(id);
+            match t.state {
+                // S10: only the worker sent a `Compute` is computing it.
+                TaskState::Processing(w) => prop_assert!(
+                    m.outstanding.contains(&(w, key.0)),
+                    "{:?} processing on {w}, which was not asked",
+                    key
+                ),
+                TaskState::Memory => {
+                    for &h in &t.who_has {
+                        prop_assert!(m.holders.contains(&(h, key.0)), "{h} holds {key:?} unasked");
+                    }
+                    let value = (key.0, t.nbytes, t.inline.as_ref().map(|v| v.to_vec()));
+                    prop_assert!(
+                        m.values.contains(&value),
+                        "{key:?}'s value was not reported by the worker asked"
+                    );
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn restricted(key: u8, deps: &[u8], restriction: u8) -> TaskSpec {
+        let mut t = spec(key, deps);
+        match restriction {
+            1 => t.annotations.resources = Resources::parse("GPU=1").unwrap(),
+            2 => t.annotations.workers = vec!["w1".into()],
+            _ => {}
+        }
+        t
+    }
+
+    fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
+        let mut s = State::new();
+        let mut out = Rec::default();
+        let mut m = Model::default();
+        for _ in 0..2 {
+            let c = ClientId(m.next_client);
+            m.next_client += 1;
+            s.on_client_connected(c, &mut out);
+            m.clients.push(c);
+        }
+        for (step, op) in ops.into_iter().enumerate() {
+            // A report from `w` about `key` that the model says `w` was not
+            // asked for: `key`'s result must stay as it was (S6, S10).
+            let mut stale = None;
+            match op {
+                Op::Graph {
+                    client,
+                    tasks,
+                    wanted,
+                } => {
+                    let tasks = tasks
+                        .iter()
+                        .map(|(key, deps, r)| restricted(*key, deps, *r))
+                        .collect();
+                    let wanted = wanted.into_iter().map(k).collect();
+                    s.on_update_graph(m.client(client), tasks, wanted, &mut out);
+                }
+                Op::Release { client, keys } => s.on_release_keys(
+                    m.client(client),
+                    keys.into_iter().map(k).collect(),
+                    &mut out,
+                ),
+                Op::Reconnect { client } => {
+                    let i = client % m.clients.len();
+                    s.on_client_disconnected(m.clients[i], &mut out);
+                    let c = ClientId(m.next_client);
+                    m.next_client += 1;
+                    s.on_client_connected(c, &mut out);
+                    m.clients[i] = c;
+                }
+                Op::Join { threads, gpu } => {
+                    let w = WorkerId(m.next_worker);
+                    m.next_worker += 1;
+                    let registration = Registration {
+                        address: format!("127.0.0.1:{}", 1000 + w.0),
+                        threads,
+                        resources: if gpu {
+                            Resources::parse("GPU=1").unwrap()
+                        } else {
+                            Resources::new()
+                        },
+                        name: Some(format!("w{}", w.0)),
+                    };
+                    s.on_worker_joined(w, registration, &mut out);
+                    m.workers.push(w);
+                }
+                Op::Lose { worker } => {
+                    if let Some(w) = m.worker(worker) {
+                        s.on_worker_lost(w, &mut out);
+                        m.workers.retain(|&x| x != w);
+                        m.outstanding.retain(|&(x, _)| x != w);
+                        m.asks.retain(|&(x, _, _)| x != w);
+                    }
+                }
+                Op::Finished {
+                    pick,
+                    nbytes,
+                    inline,
+                    long,
+                } => {
+                    if let Some((w, key)) = m.pick(&pick) {
+                        m.answered(w, key);
+                        let value = inline.then(|| (step as u64).to_le_bytes().to_vec());
+                        if let Some(at) = m.outstanding.iter().position(|&p| p == (w, key)) {
+                            m.outstanding.swap_remove(at);
+                            m.holders.insert((w, key));
+                            m.values.insert((key, nbytes, value.clone()));
+                        } else {
+                            stale = Some((key, result_of(&s, &key)));
+                        }
+                        let report = Finished {
+                            nbytes,
+                            duration_ns: if long { 50_000_000 } else { 1_000 },
+                            value: value.map(Arc::from),
+                            thread: 1,
+                        };
+                        s.on_task_finished(w, key, report, &mut out);
+                    }
+                }
+                Op::Erred { pick } => {
+                    if let Some((w, key)) = m.pick(&pick) {
+                        m.answered(w, key);
+                        if !m.outstanding.contains(&(w, key)) {
+                            stale = Some((key, result_of(&s, &key)));
+                        }
+                        m.outstanding.retain(|&p| p != (w, key));
+                        s.on_task_erred(w, key, failure(key[0]), &mut out);
+                    }
+                }
+                Op::Abandoned { pick } => {
+                    if let Some((w, key)) = m.pick(&pick) {
+                        m.answered(w, key);
+                        if !m.outstanding.contains(&(w, key)) {
+                            stale = Some((key, result_of(&s, &key)));
+                        }
+                        m.outstanding.retain(|&p| p != (w, key));
+                        s.on_task_abandoned(w, key, &mut out);
+                    }
+                }
+                Op::Seceded { pick } => {
+                    if let Some((w, key)) = m.pick(&pick) {
+                        m.answered(w, key);
+                        // Seceding changes no result, asked or not.
+                        stale = Some((key, result_of(&s, &key)));
+                        s.on_task_seceded(w, key, &mut out);
+                    }
+                }
+                Op::GivenUp {
+                    pick: Pick::Known(i),
+                    ..
+                } if !m.asks.is_empty() => {
+                    // An honest answer to an ask: the worker drops the task.
+                    let (w, key, asked) = m.asks.swap_remove(i % m.asks.len());
+                    m.outstanding.retain(|&p| p != (w, key));
+                    s.on_task_given_up(w, key, asked, &mut out);
+                }
+                Op::Kept {
+                    pick: Pick::Known(i),
+                    ..
+                } if !m.asks.is_empty() => {
+                    let (w, key, asked) = m.asks.swap_remove(i % m.asks.len());
+                    s.on_task_kept(w, key, asked, &mut out);
+                }
+                Op::GivenUp { pick, id } => {
+                    // An answer to no ask changes nothing (S15).
+                    if let Some((w, key)) = m.pick(&pick) {
+                        if !m.asks.contains(&(w, key, id)) {
+                            stale = Some((key, result_of(&s, &key)));
+                        }
+                        s.on_task_given_up(w, key, id, &mut out);
+                    }
+                }
+                Op::Kept { pick, id } => {
+                    if let Some((w, key)) = m.pick(&pick) {
+                        stale = Some((key, result_of(&s, &key)));
+                        s.on_task_kept(w, key, id, &mut out);
+                    }
+                }
+                Op::DataAdded { pick } => {
+                    if let Some((w, key)) = m.pick(&pick) {
+                        if m.fetch_asked.contains(&(w, key)) {
+                            m.holders.insert((w, key));
+                        }
+                        s.on_data_added(w, key, &mut out);
+                    }
+                }
+                Op::FetchFailed {
+                    client,
+                    pick,
+                    holder,
+                } => {
+                    if let (Some((w, key)), Some(h)) = (m.pick(&pick), m.worker(holder)) {
+                        let reporter = match client {
+                            Some(c) => Reporter::Client(m.client(c)),
+                            None => Reporter::Worker(w),
+                        };
+                        s.on_fetch_failed(reporter, key, h, &mut out);
+                    }
+                }
+                Op::Replicate { client, keys } => s.on_replicate(
+                    m.client(client),
+                    keys.into_iter().map(k).collect(),
+                    &mut out,
+                ),
+                Op::Retire {
+                    client,
+                    id,
+                    workers,
+                } => {
+                    let workers = workers.into_iter().filter_map(|w| m.worker(w)).collect();
+                    s.on_retire_workers(m.client(client), id, workers, &mut out);
+                }
+                Op::Paused { worker, paused } => {
+                    if let Some(w) = m.worker(worker) {
+                        s.on_worker_paused(w, paused, &mut out);
+                    }
+                }
+                Op::Tick { ms } => {
+                    m.now_ms += ms;
+                    s.on_tick(m.now_ms, &mut out);
+                }
+            }
+            // A worker told `Retire` leaves (the shell closes it).
+            let retired: Vec<WorkerId> = out
+                .0
+                .iter()
+                .filter_map(|sent| match sent {
+                    Sent::Worker(w, ToWorker::Retire) => Some(*w),
+                    _ => None,
+                })
+                .collect();
+            m.sent(&mut out)?;
+            if let Some((key, before)) = stale {
+                prop_assert_eq!(
+                    result_of(&s, &key),
+                    before,
+                    "a report from a worker not asked changed {:?}",
+                    key
+                );
+            }
+            check(&s, &m)?;
+            for w in retired {
+                if m.workers.contains(&w) {
+                    s.on_worker_lost(w, &mut out);
+                    m.workers.retain(|&x| x != w);
+                    m.outstanding.retain(|&(x, _)| x != w);
+                    m.asks.retain(|&(x, _, _)| x != w);
+                    m.sent(&mut out)?;
+                    check(&s, &m)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(192))]
+
+        /// Whatever clients and workers send, honest or not, in any order:
+        /// no panic, the invariants hold after every step, and results,
+        /// holders and values come only from workers the scheduler asked.
+        #[test]
+        fn reports_change_only_what_was_asked(
+            joins in proptest::collection::vec((1..4u32, any::<bool>()), 1..4),
+            ops in proptest::collection::vec(op(), 1..80),
+        ) {
+            let ops = joins
+                .into_iter()
+                .map(|(threads, gpu)| Op::Join { threads, gpu })
+                .chain(ops)
+                .collect();
+            run(ops)?;
+        }
+    }
 }

@@ -1326,4 +1326,165 @@ mod tests {
         s.on_compute(compute(2, "add", &[1], &[]), &mut out);
         assert_eq!(out.jobs.len(), 1);
     }
+
+    /// Property test: whatever the scheduler sends, in any order, with
+    /// jobs and fetches ending in any order: no panic, and nothing is
+    /// reported about a task the scheduler did not send or released
+    /// (rule 3), nor a copy nobody asked this worker to fetch.
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Clone, Debug)]
+        enum Op {
+            /// `Compute` of `k(key)` with these inputs and holders (ids 0
+            /// to 2, 0 being this worker); `registered`: a function the
+            /// registry knows.
+            Compute {
+                key: u8,
+                deps: Vec<u8>,
+                holders: Vec<(u8, Vec<u32>)>,
+                registered: bool,
+            },
+            Release(u8),
+            Fetch(u8, Vec<u32>),
+            GiveUp(u8, u64),
+            /// The pool runs the `i`-th job handed to it (modulo), with
+            /// success or not, then its successor.
+            Run(usize, bool),
+            /// The `i`-th fetch asked (modulo) is answered: 0 data, 1
+            /// missing, 2 lost.
+            Fetched(usize, u8),
+            SchedulerLost,
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            let key = || 1..=6u8;
+            let holders = || proptest::collection::vec(0..3u32, 0..3);
+            prop_oneof![
+                4 => (
+                    key(),
+                    proptest::collection::vec(key(), 0..3),
+                    proptest::collection::vec((key(), holders()), 0..3),
+                    prop_oneof![5 => Just(true), 1 => Just(false)],
+                )
+                    .prop_map(|(key, deps, holders, registered)| Op::Compute {
+                        key,
+                        deps,
+                        holders,
+                        registered,
+                    }),
+                2 => key().prop_map(Op::Release),
+                1 => (key(), holders()).prop_map(|(k, h)| Op::Fetch(k, h)),
+                1 => (key(), any::<u64>()).prop_map(|(k, id)| Op::GiveUp(k, id)),
+                4 => (any::<usize>(), prop_oneof![4 => Just(true), 1 => Just(false)])
+                    .prop_map(|(i, ok)| Op::Run(i, ok)),
+                3 => (any::<usize>(), 0..3u8).prop_map(|(i, how)| Op::Fetched(i, how)),
+                1 => Just(Op::SchedulerLost),
+            ]
+        }
+
+        fn failed(key: WireKey) -> Result<Stored, Arc<Failure>> {
+            Err(Arc::new(Failure::new(
+                Key(key),
+                "t".into(),
+                FailureKind::Failed,
+                "no".into(),
+            )))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn reports_only_what_was_asked(ops in proptest::collection::vec(op(), 1..60)) {
+                let mut s = state();
+                let mut out = Rec::default();
+                // Keys sent (`Compute`) and not released or reported since.
+                let mut asked: HashSet<WireKey> = HashSet::new();
+                // Keys this worker was asked to fetch, as an input or a copy.
+                let mut to_fetch: HashSet<WireKey> = HashSet::new();
+                let mut jobs: Vec<Job> = Vec::new();
+                let mut fetches: Vec<(WorkerId, WireKey)> = Vec::new();
+                for op in ops {
+                    match op {
+                        Op::Compute { key, deps, holders, registered } => {
+                            let holders: Vec<(u8, &[u32])> =
+                                holders.iter().map(|(k, h)| (*k, &h[..])).collect();
+                            let function = if registered { "add" } else { "nope" };
+                            asked.insert([key; 32]);
+                            to_fetch.extend(deps.iter().map(|&d| [d; 32]));
+                            s.on_compute(compute(key, function, &deps, &holders), &mut out);
+                        }
+                        Op::Release(key) => {
+                            asked.remove(&[key; 32]);
+                            s.on_release([key; 32], &mut out);
+                        }
+                        Op::Fetch(key, holders) => {
+                            to_fetch.insert([key; 32]);
+                            let holders = holders.into_iter().map(WorkerId).collect();
+                            s.on_fetch([key; 32], holders, &mut out);
+                        }
+                        Op::GiveUp(key, id) => s.on_give_up([key; 32], id, &mut out),
+                        Op::Run(i, ok) if !jobs.is_empty() => {
+                            // As `run_link` does.
+                            let job = jobs.swap_remove(i % jobs.len());
+                            let successor = job.take_successor();
+                            if job.cancelled.load(Ordering::Relaxed) || !job.claim.run() {
+                                continue;
+                            }
+                            let outcome = if ok { super::ok() } else { failed(job.key) };
+                            let succeeded = outcome.is_ok();
+                            s.on_task_done(done(&job, outcome), &mut out);
+                            if let (true, Some(mut next)) = (succeeded, successor) {
+                                for input in next.inputs.iter_mut().filter(|i| i.is_none()) {
+                                    *input = Some(Arc::new(1i64));
+                                }
+                                jobs.push(next);
+                            }
+                        }
+                        Op::Fetched(i, how) if !fetches.is_empty() => {
+                            let (from, key) = fetches.swap_remove(i % fetches.len());
+                            let result = match how {
+                                0 => FetchResult::Data(Arc::from(&[1u8][..])),
+                                1 => FetchResult::Missing,
+                                _ => FetchResult::Lost,
+                            };
+                            s.on_fetched(from, key, result, &mut out);
+                        }
+                        Op::Run(..) | Op::Fetched(..) => {}
+                        Op::SchedulerLost => {
+                            s.on_scheduler_lost();
+                            asked.clear();
+                            to_fetch.clear();
+                            fetches.clear();
+                        }
+                    }
+                    jobs.append(&mut out.jobs);
+                    for &(from, key) in &out.fetches {
+                        prop_assert_ne!(from, WorkerId(0), "fetched {:?} from itself", key);
+                        prop_assert!(to_fetch.contains(&key), "fetched {key:?} unasked");
+                    }
+                    fetches.append(&mut out.fetches);
+                    for msg in out.sent.drain(..) {
+                        match msg {
+                            ToScheduler::TaskFinished { key, .. }
+                            | ToScheduler::TaskErred { key, .. }
+                            | ToScheduler::TaskAbandoned { key }
+                            | ToScheduler::TaskGivenUp { key, .. } => {
+                                prop_assert!(
+                                    asked.remove(&key),
+                                    "reported {msg:?}, not asked or released"
+                                );
+                            }
+                            ToScheduler::DataAdded { key } => {
+                                prop_assert!(to_fetch.contains(&key), "copy of {key:?} unasked");
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
