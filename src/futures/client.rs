@@ -1024,6 +1024,17 @@ struct Run {
     keys: Vec<Key>,
     /// Outputs still wanted (rule 4).
     live: AtomicUsize,
+    /// Outputs not reported yet, when the graph took futures as arguments:
+    /// its last output may be held back until `finished` (below). `None`:
+    /// a graph of no future, every output completed as it comes.
+    unreported: Option<AtomicUsize>,
+    /// The last output, held back when the executor still held the plan as
+    /// it reported it (a local executor's thread does; a cluster's client
+    /// lets go first): the plan's nodes hold the futures the graph took.
+    /// Completed once `finished` says the executor let go (executor rule
+    /// 4), so that whoever it wakes finds those futures released as soon
+    /// as it drops its own handles.
+    last: Mutex<Option<(Key, Outcome)>>,
     /// Set once the executor took the plan: from then on a cluster holds
     /// this run's keys, and later graphs may refer to them (see `PendingRef`).
     submitted: AtomicBool,
@@ -1043,7 +1054,25 @@ impl Run {
 
 impl Reporter for Run {
     fn output(&self, index: usize, outcome: Outcome) {
-        self.shared.complete(self, self.keys[index], outcome);
+        let key = self.keys[index];
+        if let Some(unreported) = &self.unreported {
+            if unreported.fetch_sub(1, Ordering::AcqRel) == 1 && self.plan.strong_count() > 0 {
+                *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Some((key, outcome));
+                return;
+            }
+        }
+        self.shared.complete(self, key, outcome);
+    }
+
+    fn finished(&self) {
+        let last = self
+            .last
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some((key, outcome)) = last {
+            self.shared.complete(self, key, outcome);
+        }
     }
 
     fn cancelled(&self) -> bool {
@@ -1250,11 +1279,14 @@ impl Shared {
         };
         let mut waits = Vec::new();
         let remote = self.backend.is_remote();
+        // Whether the graph takes futures (keys of the table) as arguments.
+        let mut takes_futures = false;
         let cut = |node: &Arc<Node>| {
             if is_root(&node.key) {
                 return None;
             }
             let entry = table.get(&node.key)?;
+            takes_futures = true;
             let op: Arc<dyn Op> = match &entry.state {
                 State::Finished(value) => Arc::new(HeldOp {
                     name: node.name_owned(),
@@ -1326,6 +1358,8 @@ impl Shared {
             plan: Arc::downgrade(&plan),
             keys: roots.iter().map(|r| r.key).collect(),
             live: AtomicUsize::new(roots.len()),
+            unreported: takes_futures.then(|| AtomicUsize::new(roots.len())),
+            last: Mutex::new(None),
             submitted: AtomicBool::new(false),
             stop: std::sync::OnceLock::new(),
         });
@@ -1337,8 +1371,8 @@ impl Shared {
         }
         drop(table);
         // From here the plan alone holds the graph: whoever wakes on its
-        // last output, which the executor reports after letting go of the
-        // plan, holds the only references left to the futures it took.
+        // last output, completed once the executor let go of the plan,
+        // holds the only references left to the futures it took.
         drop(roots);
         self.backend.executor().submit(plan, run.clone());
         run.submitted.store(true, Ordering::Release);

@@ -23,11 +23,7 @@
 //! 4. Every output index of the plan is reported to the [`Reporter`] exactly
 //!    once, then [`Reporter::finished`] is called exactly once, after the
 //!    executor dropped its references to the plan (so a caller that wakes on
-//!    `finished` holds the last reference to everything the plan held). An
-//!    executor should also report a successful run's last output only after
-//!    dropping them, as every executor of this workspace does: a caller
-//!    woken by that output (a future's, in `rask`) then finds the graph's
-//!    inputs released as soon as it drops its own references.
+//!    `finished` holds the last reference to everything the plan held).
 //! 5. Once [`Reporter::cancelled`] returns `true`, no new task starts; the
 //!    outputs not yet reported are reported as [`FailureKind::Cancelled`].
 //! 6. A value is dropped as soon as its last consumer (dependent task or

@@ -418,21 +418,14 @@ impl World {
     }
 }
 
-/// Reports outputs and the end of a run, with no lock held (rule 5). A
-/// run's last task reports its outputs after the run's plan was dropped
-/// (rule 4 of the crate).
+/// Reports outputs and the end of a run, with no lock held (rule 5).
 fn deliver((reporter, outputs, ended): Delivery) {
-    let ended = match ended {
-        Some(run) => {
-            drop(run);
-            true
-        }
-        None => false,
-    };
     for (slot, outcome) in outputs {
         reporter.output(slot, outcome);
     }
-    if ended {
+    if let Some(run) = ended {
+        let reporter = run.reporter.clone();
+        drop(run);
         reporter.finished();
     }
 }

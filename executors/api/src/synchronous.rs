@@ -52,22 +52,14 @@ impl Executor for Synchronous {
         if events::listening() {
             events::queued(&plan);
         }
-        let last = stop.enter(|| run(&plan, &*reporter));
+        stop.enter(|| run(&plan, &*reporter));
         drop(plan);
-        // The last task's outputs come after the plan was dropped (rule 4
-        // of the crate).
-        for (slot, outcome) in last {
-            reporter.output(slot, outcome);
-        }
         reporter.finished();
     }
 }
 
-/// Runs `plan`, reporting the outputs of every task but the last, whose
-/// outputs are returned for the caller to report once it dropped the plan.
-fn run(plan: &Plan, reporter: &dyn Reporter) -> Vec<(usize, Outcome)> {
+fn run(plan: &Plan, reporter: &dyn Reporter) {
     let n = plan.len();
-    let mut last = Vec::new();
     let mut outcomes = Outcomes {
         values: Vec::new(),
         free: Vec::new(),
@@ -83,7 +75,7 @@ fn run(plan: &Plan, reporter: &dyn Reporter) -> Vec<(usize, Outcome)> {
     for i in 0..n as u32 {
         if reporter.cancelled() {
             report_cancelled(plan, reporter, i);
-            return last;
+            return;
         }
         let mut failed = None;
         inputs.clear();
@@ -109,17 +101,11 @@ fn run(plan: &Plan, reporter: &dyn Reporter) -> Vec<(usize, Outcome)> {
         };
         inputs.clear();
         outcomes.put(i, outcome);
-        let is_last = i as usize + 1 == n;
         for slot in plan.output_slots_of(i) {
             let outcome = outcomes.take(i);
-            if is_last {
-                last.push((slot, outcome));
-            } else {
-                reporter.output(slot, outcome);
-            }
+            reporter.output(slot, outcome);
         }
     }
-    last
 }
 
 /// A task without a value slot: not run yet, failed, or its value taken by
@@ -499,70 +485,5 @@ mod tests {
                 (1, Err(FailureKind::Cancelled))
             ]
         );
-    }
-
-    /// A source whose op holds a guard, as a graph's node holds a future.
-    struct Holding(#[allow(dead_code)] Arc<()>, i64);
-    impl Op for Holding {
-        fn run(&self, _: &mut [Option<Value>]) -> Result<Value, OpError> {
-            Ok(Arc::new(self.1))
-        }
-        fn name(&self) -> &str {
-            "holding"
-        }
-    }
-
-    /// The guard's strong count at each output, in order.
-    struct Watch(std::sync::Weak<()>, Mutex<Vec<usize>>);
-    impl Reporter for Watch {
-        fn output(&self, _: usize, outcome: Outcome) {
-            assert!(outcome.is_ok());
-            self.1.lock().unwrap().push(self.0.strong_count());
-        }
-    }
-
-    #[test]
-    fn the_last_outputs_come_after_the_plan_was_dropped() {
-        // Rule 4 of the crate: whoever wakes on the last output holds the
-        // only references to what the plan held. Both local executors.
-        let live = Arc::new(AtomicUsize::new(0));
-        for seed in [None, Some(1), Some(2), Some(3)] {
-            let guard = Arc::new(());
-            let mut b = PlanBuilder::new();
-            let sources: Vec<u32> = (0..3)
-                .map(|i| b.push(Key([i as u8; 32]), Arc::new(Holding(guard.clone(), i)), &[]))
-                .collect();
-            let total = b.push(
-                Key([9; 32]),
-                Arc::new(Sum {
-                    constant: 0,
-                    fail: false,
-                    live: live.clone(),
-                }),
-                &sources,
-            );
-            b.output(sources[0]);
-            b.output(total);
-            b.output(total);
-            let watch = Arc::new(Watch(Arc::downgrade(&guard), Mutex::new(Vec::new())));
-            drop(guard);
-            let plan = Arc::new(b.build());
-            match seed {
-                None => Synchronous.submit(plan, watch.clone()),
-                Some(seed) => {
-                    let sim = crate::Simulated::new(seed);
-                    sim.submit(plan, watch.clone());
-                    sim.run_all();
-                }
-            }
-            let counts = watch.1.lock().unwrap().clone();
-            assert_eq!(counts.len(), 3, "{seed:?}");
-            // Both outputs of the last task come after the plan's drop.
-            assert_eq!(
-                counts[1..],
-                [0, 0],
-                "{seed:?}: counts at each output {counts:?}"
-            );
-        }
     }
 }

@@ -29,11 +29,6 @@
 //!    calls `Reporter::finished`, so `finished` comes after every output.
 //! 6. Every task is resolved on a worker of the pool that runs the run, so
 //!    `rayon::spawn` and `rayon::yield_local` always mean that pool.
-//! 7. The last output reached is held back, and reported when the run is
-//!    dropped, after the plan and the values were released: a caller woken
-//!    by its run's last output holds the only references left to what the
-//!    plan held (the graph's inputs, futures among them), as with the
-//!    cluster's client, and not only once `finished` came.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -165,13 +160,8 @@ pub(crate) struct Run {
     ranges: Box<[Owned]>,
     /// Failures of tasks with dependents (rule 2); rare, so one lock.
     failures: Mutex<HashMap<u32, Arc<Failure>>>,
-    /// Whether each output slot was reported (or held back, rule 7).
+    /// Whether each output slot was reported.
     reported: Box<[AtomicBool]>,
-    /// Output slots not reached yet: the one that brings it to zero is held
-    /// back in `last` (rule 7).
-    outputs_left: AtomicUsize,
-    /// The last output reached, reported once the plan is released.
-    last: Mutex<Option<(usize, Outcome)>>,
     /// Live jobs of this run (rule 5).
     active: AtomicUsize,
     /// Sticky copy of `reporter.cancelled()`.
@@ -230,12 +220,11 @@ impl Run {
         let sources: Box<[u32]> = (0..n).filter(|&i| plan.deps(i).is_empty()).collect();
         let pullers = threads.min(sources.len()).max(1);
         let ranges = (0..pullers).map(|_| Owned(AtomicU64::new(0))).collect();
-        let reported: Box<[AtomicBool]> = plan
+        let reported = plan
             .outputs()
             .iter()
             .map(|_| AtomicBool::new(false))
             .collect();
-        let outputs_left = AtomicUsize::new(reported.len());
         let stop = {
             let reporter = reporter.clone();
             Stop::when(move || reporter.cancelled())
@@ -250,8 +239,6 @@ impl Run {
             ranges,
             failures: Mutex::new(HashMap::new()),
             reported,
-            outputs_left,
-            last: Mutex::new(None),
             active: AtomicUsize::new(0),
             cancelled: AtomicBool::new(false),
         }
@@ -434,13 +421,7 @@ impl Run {
                 };
                 let report = report.expect("the outcome is moved out by its last use only");
                 self.reported[slot].store(true, Ordering::Relaxed);
-                if self.outputs_left.fetch_sub(1, Ordering::AcqRel) == 1 {
-                    // Rule 7: reported from `Drop`, after the plan.
-                    *self.last.lock().unwrap_or_else(PoisonError::into_inner) =
-                        Some((slot, report));
-                } else {
-                    self.reporter.output(slot, report);
-                }
+                self.reporter.output(slot, report);
             }
         }
         let outcome = outcome?;
@@ -556,20 +537,11 @@ impl Run {
 
 impl Drop for Run {
     /// The last job is gone: release the plan and every value the run held,
-    /// then report the output held back (rule 7) and tell the reporter
-    /// (rule 4 of the contract: a caller woken by `finished` holds the last
-    /// reference to what the plan held).
+    /// then tell the reporter (rule 4 of the contract: a caller woken by
+    /// `finished` holds the last reference to what the plan held).
     fn drop(&mut self) {
         self.tasks = Box::default();
         self.plan = Arc::default();
-        let last = self
-            .last
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some((slot, outcome)) = last {
-            self.reporter.output(slot, outcome);
-        }
         self.reporter.finished();
     }
 }
