@@ -849,7 +849,9 @@ mod floor {
 /// and hands it to the waiting thread (a queue and a condition variable,
 /// woken only when it waits), which takes the completions one at a time
 /// and submits one task for each: 10 in flight for `as_completed`, one
-/// at a time for `dist_roundtrip`. What it leaves out is what
+/// at a time for `dist_roundtrip`, whose waiting thread watches for up to
+/// 100 µs before it sleeps, as `Future::result` on a cluster does. What
+/// it leaves out is what
 /// rask adds on purpose: keys, a scheduler's state and placement, messages
 /// with types and checks, values, results of any type, errors as data.
 #[cfg(unix)]
@@ -857,8 +859,9 @@ mod handoff {
     use std::collections::VecDeque;
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream as StdStream;
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::{Arc, Condvar, Mutex, PoisonError};
-    use std::time::Instant;
+    use std::time::{Duration, Instant};
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::unix::OwnedReadHalf;
@@ -869,11 +872,26 @@ mod handoff {
     /// connecting to the socket it names.
     pub(super) const WORKER_ENV: &str = "RASK_BENCH_HANDOFF_WORKER";
 
-    /// Tasks in flight, as `as_completed` keeps them.
-    pub(super) const AS_COMPLETED: u64 = 10;
+    /// How the floor waits: tasks in flight, and how long the waiting
+    /// thread watches before it sleeps.
+    #[derive(Clone, Copy)]
+    pub(super) struct Waits {
+        in_flight: u64,
+        watch: Option<Duration>,
+    }
 
-    /// Tasks in flight in a round trip: one, waited for before the next.
-    pub(super) const ROUND_TRIP: u64 = 1;
+    /// As `as_completed`: 10 in flight, and a thread that sleeps at once.
+    pub(super) const AS_COMPLETED: Waits = Waits {
+        in_flight: 10,
+        watch: None,
+    };
+
+    /// As a round trip: one at a time, and a thread that watches for up
+    /// to 100 µs before it sleeps, as `Future::result` on a cluster does.
+    pub(super) const ROUND_TRIP: Waits = Waits {
+        in_flight: 1,
+        watch: Some(Duration::from_micros(100)),
+    };
 
     /// Bytes of one task's number.
     const WIDTH: usize = 8;
@@ -900,6 +918,8 @@ mod handoff {
     struct Done {
         queue: Mutex<Queue>,
         ready: Condvar,
+        /// Completions pushed, read without the lock by a watching waiter.
+        pushed: AtomicU64,
     }
 
     #[derive(Default)]
@@ -918,7 +938,10 @@ mod handoff {
 
         fn push(&self, ids: impl Iterator<Item = u64>) {
             let mut queue = self.lock();
+            let before = queue.ids.len();
             queue.ids.extend(ids);
+            self.pushed
+                .fetch_add((queue.ids.len() - before) as u64, Ordering::Release);
             // One notification per sleep, as `as_completed` sends them.
             if std::mem::take(&mut queue.waiting) {
                 self.ready.notify_one();
@@ -927,12 +950,33 @@ mod handoff {
 
         fn end(&self) {
             self.lock().ended = true;
+            self.pushed.fetch_add(1, Ordering::Release);
             self.ready.notify_one();
         }
 
         /// The next completion; `None` once none is queued and a worker's
-        /// connection ended.
-        fn pop(&self) -> Option<u64> {
+        /// connection ended. With `watch`, the waiting thread watches for
+        /// a push for that long before it sleeps, as a client's wait for a
+        /// result does (`src/futures/spin.rs`).
+        fn pop(&self, watch: Option<Duration>) -> Option<u64> {
+            if let Some(watch) = watch {
+                let seen = self.pushed.load(Ordering::Acquire);
+                let queued = {
+                    let queue = self.lock();
+                    !queue.ids.is_empty() || queue.ended
+                };
+                if !queued {
+                    let start = Instant::now();
+                    let mut reads = 0u32;
+                    while self.pushed.load(Ordering::Acquire) == seen {
+                        std::hint::spin_loop();
+                        reads += 1;
+                        if reads % 64 == 0 && start.elapsed() >= watch {
+                            break;
+                        }
+                    }
+                }
+            }
             let mut queue = self.lock();
             loop {
                 if let Some(id) = queue.ids.pop_front() {
@@ -1005,9 +1049,9 @@ mod handoff {
     }
 
     /// Seconds per completion of `n` completions through `workers` worker
-    /// processes, `in_flight` at a time; `Err` when a completion is lost or
-    /// wrong.
-    pub(super) fn measure(n: u64, workers: usize, in_flight: u64) -> Result<f64, String> {
+    /// processes, waited for as `waits` says; `Err` when a completion is
+    /// lost or wrong.
+    pub(super) fn measure(n: u64, workers: usize, waits: Waits) -> Result<f64, String> {
         let path = std::env::temp_dir().join(format!("rask-handoff-{}.sock", std::process::id()));
         let _ = std::fs::remove_file(&path);
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -1064,13 +1108,15 @@ mod handoff {
                 .send(id)
                 .map_err(|_| "the owning thread stopped".to_string())
         };
-        while next < in_flight.max(1).min(n) {
+        while next < waits.in_flight.max(1).min(n) {
             send(next)?;
             next += 1;
         }
         let mut total = 0u64;
         for _ in 0..n {
-            total += done.pop().ok_or("a floor worker stopped before the end")?;
+            total += done
+                .pop(waits.watch)
+                .ok_or("a floor worker stopped before the end")?;
             if next < n {
                 send(next)?;
                 next += 1;
