@@ -918,8 +918,9 @@ mod handoff {
     struct Done {
         queue: Mutex<Queue>,
         ready: Condvar,
-        /// Completions pushed, read without the lock by a watching waiter.
-        pushed: AtomicU64,
+        /// Bumped at every push and at the end, read without the lock by a
+        /// watching waiter (as a client's `Spin::changed`).
+        changes: AtomicU64,
     }
 
     #[derive(Default)]
@@ -938,10 +939,8 @@ mod handoff {
 
         fn push(&self, ids: impl Iterator<Item = u64>) {
             let mut queue = self.lock();
-            let before = queue.ids.len();
             queue.ids.extend(ids);
-            self.pushed
-                .fetch_add((queue.ids.len() - before) as u64, Ordering::Release);
+            self.changes.fetch_add(1, Ordering::Release);
             // One notification per sleep, as `as_completed` sends them.
             if std::mem::take(&mut queue.waiting) {
                 self.ready.notify_one();
@@ -950,7 +949,7 @@ mod handoff {
 
         fn end(&self) {
             self.lock().ended = true;
-            self.pushed.fetch_add(1, Ordering::Release);
+            self.changes.fetch_add(1, Ordering::Release);
             self.ready.notify_one();
         }
 
@@ -958,25 +957,7 @@ mod handoff {
         /// connection ended. With `watch`, the waiting thread watches for
         /// a push for that long before it sleeps, as a client's wait for a
         /// result does (`src/futures/spin.rs`).
-        fn pop(&self, watch: Option<Duration>) -> Option<u64> {
-            if let Some(watch) = watch {
-                let seen = self.pushed.load(Ordering::Acquire);
-                let queued = {
-                    let queue = self.lock();
-                    !queue.ids.is_empty() || queue.ended
-                };
-                if !queued {
-                    let start = Instant::now();
-                    let mut reads = 0u32;
-                    while self.pushed.load(Ordering::Acquire) == seen {
-                        std::hint::spin_loop();
-                        reads += 1;
-                        if reads % 64 == 0 && start.elapsed() >= watch {
-                            break;
-                        }
-                    }
-                }
-            }
+        fn pop(&self, mut watch: Option<Duration>) -> Option<u64> {
             let mut queue = self.lock();
             loop {
                 if let Some(id) = queue.ids.pop_front() {
@@ -984,6 +965,23 @@ mod handoff {
                 }
                 if queue.ended {
                     return None;
+                }
+                if let Some(limit) = watch.take() {
+                    // Read under the lock, which every push takes: no push
+                    // is missed between this look and the watch.
+                    let seen = self.changes.load(Ordering::Acquire);
+                    drop(queue);
+                    let start = Instant::now();
+                    let mut reads = 0u32;
+                    while self.changes.load(Ordering::Acquire) == seen {
+                        std::hint::spin_loop();
+                        reads += 1;
+                        if reads % 64 == 0 && start.elapsed() >= limit {
+                            break;
+                        }
+                    }
+                    queue = self.lock();
+                    continue;
                 }
                 queue.waiting = true;
                 queue = self
