@@ -429,6 +429,9 @@ enum Ask {
     WhoHas(Vec<WireKey>),
     /// Retire the workers of these names (rule 17).
     Retire(Vec<String>),
+    /// The sizes of the loop's own tables: answered by the loop, not the
+    /// scheduler ([`Client::loop_tables`]).
+    Tables,
 }
 
 /// The scheduler's answer to an [`Ask`], or why there is none.
@@ -438,6 +441,25 @@ enum Answer {
     WhoHas(Vec<Vec<String>>),
     /// The workers are gone, or why none was retired.
     Retired(Option<String>),
+    Tables(LoopTables),
+}
+
+/// How many entries a client's network loop keeps in each of its tables
+/// ([`Client::loop_tables`]): each shrinks back to 0 once the work it was
+/// given is done and its handles are dropped.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoopTables {
+    /// Submissions not finished yet.
+    pub open: usize,
+    /// Keys some output or handle waits for.
+    pub waiting: usize,
+    /// Keys being fetched from a worker.
+    pub fetching: usize,
+    /// Keys whose holders are kept for the handles that may fetch them.
+    pub holders: usize,
+    /// Keys held on the cluster for open submissions and live handles.
+    pub held: usize,
 }
 
 /// Where an [`Ask`] is answered.
@@ -939,6 +961,21 @@ impl Client {
             Ok(Ok(answer)) => Ok(answer),
             Ok(Err(why)) => Err(self.no_answer(&why)),
             Err(_) => Err(self.no_answer(&format!("no answer within {timeout:?}"))),
+        }
+    }
+
+    /// How many entries this client's network loop keeps in each of its
+    /// tables: for tests that check it keeps nothing once the work it was
+    /// given is done and its handles are dropped.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::info`].
+    #[doc(hidden)]
+    pub fn loop_tables(&self) -> Result<LoopTables, Error> {
+        match self.ask(Ask::Tables, ASK_TIMEOUT)? {
+            Answer::Tables(tables) => Ok(tables),
+            _ => Err(self.no_answer("a wrong answer")),
         }
     }
 
@@ -1611,6 +1648,16 @@ impl Loop {
 
     /// Sends a question; its answer goes to `reply` (rule 14).
     fn ask(&mut self, ask: Ask, reply: AskReply) {
+        if let Ask::Tables = ask {
+            let _ = reply.send(Ok(Answer::Tables(LoopTables {
+                open: self.open.len(),
+                waiting: self.waiting.len(),
+                fetching: self.fetching.len(),
+                holders: self.holders.len(),
+                held: self.link.held().len(),
+            })));
+            return;
+        }
         if !self.connected {
             let _ = reply.send(Err(format!(
                 "not connected to the scheduler at {}",
@@ -1630,6 +1677,7 @@ impl Loop {
                 id,
                 names: names.clone(),
             },
+            Ask::Tables => return, // answered above, by the loop itself
         });
         self.asks.insert(id, reply);
     }
@@ -1702,18 +1750,32 @@ impl Loop {
         bytes: Option<&Arc<[u8]>>,
     ) -> Option<Value> {
         let open = self.open.get_mut(&id)?;
-        let link = &self.link;
-        let handle = open.handles.entry(key).or_insert_with(|| {
-            Arc::new(match bytes {
-                Some(bytes) => KeyHandle::with_bytes(key, link.clone(), bytes.clone()),
-                None => KeyHandle::holding(key, link.clone()),
-            })
-        });
-        let handle: Arc<dyn RemoteValue> = handle.clone();
-        let known = self.holders.entry(key).or_default();
-        if !holders.is_empty() {
-            *known = holders.to_vec();
-        }
+        let handle: Arc<dyn RemoteValue> = match bytes {
+            // The key's only output, with its bytes: a handle nobody looks
+            // up again (`report` looks up handles that hold their key), and
+            // whose key no fetch needs holders for.
+            Some(bytes) if open.shared_keys.is_none() => {
+                Arc::new(KeyHandle::with_bytes(key, self.link.clone(), bytes.clone()))
+            }
+            _ => {
+                let link = &self.link;
+                let handle = open.handles.entry(key).or_insert_with(|| {
+                    Arc::new(match bytes {
+                        Some(bytes) => KeyHandle::with_bytes(key, link.clone(), bytes.clone()),
+                        None => KeyHandle::holding(key, link.clone()),
+                    })
+                });
+                if bytes.is_none() {
+                    // Kept until its last holding handle is dropped
+                    // (`release`): a handle with its bytes never fetches.
+                    let known = self.holders.entry(key).or_default();
+                    if !holders.is_empty() {
+                        *known = holders.to_vec();
+                    }
+                }
+                handle.clone()
+            }
+        };
         Some(Arc::new(Remote(handle)))
     }
 

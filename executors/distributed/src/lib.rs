@@ -204,6 +204,8 @@ use std::time::Duration;
 pub use auth::{Auth, AuthError, Token, INSECURE_ENV, TOKEN_ENV, TOKEN_FILE_ENV};
 pub use build::BuildId;
 pub use client::Client;
+#[doc(hidden)]
+pub use client::LoopTables;
 pub use cluster::{in_process_client, LocalCluster};
 pub use logging::{init_logging, LOG_ENV};
 pub use nested::{task_cluster, TaskCluster};

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rask_distributed::protocol::{self, FromPeer, Handshake, Role, ToPeer, ToScheduler};
-use rask_distributed::{worker, Auth, BuildId, Client, Token, WorkerHandle};
+use rask_distributed::{worker, Auth, BuildId, Client, LoopTables, Token, WorkerHandle};
 use rask_executor::{FailureKind, Op, OpError, Plan, Registry, Value, WireError, WireTask};
 use support::{
     fetch_int, fetch_len, raw, raw_as, read_until_closed, remote, Cluster, Collect, Graph, Keep,
@@ -1122,6 +1122,33 @@ fn small_kept_outputs_arrive_with_their_bytes_and_stay_held() {
     drop(client);
     cluster.eventually("release", |c| c.scheduler.tasks() == 0);
     assert_eq!(fetch_int(&value), 21);
+}
+
+#[test]
+fn a_client_keeps_nothing_per_key_once_its_work_is_done_and_its_handles_dropped() {
+    let cluster = Cluster::new(1, 1);
+    let client = cluster.client();
+    // Small kept outputs: their bytes come with them, and they hold nothing.
+    let mut g = Graph::salted(&cluster.shared, 60);
+    for i in 0..50 {
+        let a = g.value(i);
+        let b = g.op("inc", 0, &[a]);
+        g.output(b);
+    }
+    let kept = Keep::new(50, true);
+    kept.submit(&client, g.build());
+    let small: Vec<Value> = kept.wait().into_iter().map(|o| o.unwrap()).collect();
+    assert_eq!(fetch_int(&small[7]), 8);
+    // Big kept outputs: held on the cluster and fetched on demand.
+    let big = keep_big(&cluster, &client, 61);
+    assert_eq!(fetch_len(&big[0]), BIG as usize);
+    let busy = client.loop_tables().unwrap();
+    assert_eq!((busy.holders, busy.held), (1, 1), "{busy:?}");
+    drop(small);
+    drop(big);
+    // The handles' releases reach the loop before the question does.
+    assert_eq!(client.loop_tables().unwrap(), LoopTables::default());
+    cluster.eventually("release", |c| c.scheduler.tasks() == 0);
 }
 
 #[test]
