@@ -148,6 +148,7 @@ fn failure_propagates_and_names_the_failed_task() {
     assert_eq!(failure.kind, FailureKind::Failed);
     assert_eq!(failure.message, "nope");
     assert_eq!(out[1], Ok(9));
+    assert_eq!(client.loop_tables().unwrap(), LoopTables::default());
 }
 
 #[test]
@@ -380,6 +381,7 @@ fn cancel_reports_cancelled_and_releases() {
     cluster.shared.open_gate(1);
     // The cluster is still usable.
     diamond(&cluster, &client, 2);
+    assert_eq!(client.loop_tables().unwrap(), LoopTables::default());
 }
 
 #[test]
@@ -446,6 +448,7 @@ fn killed_worker_mid_run_every_result_still_arrives() {
         assert_eq!(*v, Ok(i as i64 + 1), "output {i}");
     }
     assert_eq!(out[n as usize], Ok((1..=n).sum()));
+    assert_eq!(client.loop_tables().unwrap(), LoopTables::default());
 }
 
 #[test]
@@ -465,6 +468,7 @@ fn killed_worker_mid_chain_the_chain_still_completes() {
     for (i, v) in out.iter().enumerate() {
         assert_eq!(*v, Ok(i as i64 + 1), "link {i}");
     }
+    assert_eq!(client.loop_tables().unwrap(), LoopTables::default());
 }
 
 /// Submits `g` (with `outputs` outputs), stops worker 0 abruptly (its
@@ -750,6 +754,7 @@ fn a_client_connects_again_after_a_scheduler_restart() {
     let err = remote(&kept[0]).fetch().unwrap_err().to_string();
     assert!(err.contains("lost with the connection"), "{err}");
     drop(kept);
+    assert_eq!(client.loop_tables().unwrap(), LoopTables::default());
     cluster.eventually("release", |c| c.scheduler.tasks() == 0);
 }
 
@@ -1177,6 +1182,7 @@ fn a_held_value_lost_with_its_worker_is_recomputed_for_a_fetch() {
     assert_eq!(fetch_len(&values[0]), BIG as usize);
     assert_eq!(cluster.shared.runs.load(Ordering::SeqCst), 2);
     drop(values);
+    assert_eq!(client.loop_tables().unwrap(), LoopTables::default());
     cluster.eventually("release", |c| c.scheduler.tasks() == 0);
     spare.stop();
 }
