@@ -33,7 +33,10 @@
 //!    outputs are fetched first, as without `keep_remote`: their handles
 //!    hold the bytes and not the key, which is released at once (rule 2),
 //!    so gathering many small results costs no round trip each, and a later
-//!    graph sends the bytes (rule 6).
+//!    graph sends the bytes (rule 6). The loop keeps a key's latest holders
+//!    only while a handle that holds the key lives: once a submission's work
+//!    is done and its handles are dropped, the loop keeps nothing of it
+//!    ([`Client::loop_tables`]).
 //! 6. A task that refers to a held key ([`REMOTE_FUNCTION`]) is sent as such
 //!    only while this client holds a handle for that key — it is then used
 //!    in place, since the scheduler never re-adds a known key. A handle of
