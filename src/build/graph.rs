@@ -178,7 +178,7 @@ struct Marks {
     fingerprints: Vec<u64>,
     left_out: Vec<u64>,
     /// Whether a node stands in for another's work
-    /// ([`Call::stands_in`](crate::build::node::Call::stands_in)) is
+    /// ([`Call::stands_in`]) is
     /// emitted: then none is left out.
     stand_in: bool,
     /// One bit per emitted node, by index: whether nothing but one node (or

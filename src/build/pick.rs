@@ -1,6 +1,6 @@
 //! Parts of a value as tasks of their own: a tuple's element
-//! ([`Delayed::split`]), a list's element or a map's value
-//! ([`Delayed::item`]), on every executor.
+//! ([`Delayed::split`](crate::Delayed::split)), a list's element or a map's value
+//! ([`Delayed::item`](crate::Delayed::item)), on every executor.
 //!
 //! Rules:
 //!

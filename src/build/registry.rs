@@ -40,7 +40,7 @@
 //!    `rask.getitem` (`pick.rs`): the worker finds the whole's type among
 //!    the output types of the registered functions, by type tag.
 //! 6. The registry is the operators on primitive types, then the given
-//!    list, then every [`Registration`] in [`REGISTRATIONS`]. Adding a
+//!    list, then every [`Registration`] in `REGISTRATIONS`. Adding a
 //!    function is idempotent (its id is its entry), so the order of the
 //!    link-time list — the linker's — does not matter, a function both
 //!    marked and listed is registered once, and every process of one binary

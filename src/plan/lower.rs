@@ -33,7 +33,7 @@ use crate::build::node::Node;
 /// [`postorder`]), e.g. a value the caller already holds.
 ///
 /// When `opts` [absorbs chains](Options::absorbs_chains), linear chains are fused as they are found
-/// ([`chain`](super::chain)); the plan is what the fuse pass would
+/// ([`chain`]); the plan is what the fuse pass would
 /// make of it, built without a plan task per chain node. When an absorbed
 /// key is also found elsewhere (chain rule 2), lowers again without.
 ///

@@ -125,7 +125,7 @@ pub fn compute_with<C: Compute>(what: C, config: &Config) -> Result<C::Output> {
     what.assemble(&mut values.into_iter())
 }
 
-/// Lowers and optimizes `what` as [`compute_with`](crate::compute_with)
+/// Lowers and optimizes `what` as [`compute_with`]
 /// would, without running anything (nor waiting for futures in the graph),
 /// and returns the plan for inspection.
 ///
@@ -180,7 +180,7 @@ impl<T: Data> Delayed<T> {
     ///
     /// # Errors
     ///
-    /// [`Error::Task`](crate::Error::Task) when a task this value depends on
+    /// [`Error::Task`] when a task this value depends on
     /// returned an error or panicked (naming that task), or a configuration
     /// error when `RASK_SCHEDULER` names no usable executor.
     ///
@@ -210,7 +210,7 @@ impl<T: Data> Delayed<T> {
 impl<T> Delayed<T> {
     /// Renders the plan an executor would run for this value as Graphviz
     /// DOT: the graph after optimization, as `config` sets it (see
-    /// [`explain`](crate::explain) for the plan itself). Fused tasks are
+    /// [`explain`] for the plan itself). Fused tasks are
     /// labelled with the names of the tasks they run.
     ///
     /// # Errors

@@ -125,7 +125,7 @@ impl Progress {
 }
 
 /// A bar for one `compute` or `persist` of `tasks` (key and name of each
-/// task of its plan); finished with [`Bar::finish`].
+/// task of its plan); finished when dropped ([`Tracker::finish`]).
 pub(crate) struct Bar {
     tracker: Arc<Tracker>,
 }

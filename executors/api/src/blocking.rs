@@ -10,7 +10,7 @@
 //!
 //! 1. An executor whose threads would otherwise sit idle in such a wait
 //!    installs a [`Seat`] on each thread that runs tasks
-//!    ([`Seat::enter`]).
+//!    (`<dyn Seat>::enter`).
 //! 2. Code that waits for other tasks wraps the wait in [`blocking`]: the
 //!    thread's seat is told it [`secede`](Seat::secede)s before the wait
 //!    and [`rejoin`](Seat::rejoin)s after it, on every path out (a panic
@@ -19,7 +19,7 @@
 //! 3. The seat is taken off the thread for the wait: a `blocking` inside a
 //!    `blocking` secedes once.
 //! 4. A task's work handed to another thread on its behalf (a timed
-//!    attempt) carries the seat along ([`Seat::current`]), so a wait there
+//!    attempt) carries the seat along (`<dyn Seat>::current`), so a wait there
 //!    gives the task's thread back as well.
 
 use std::cell::RefCell;

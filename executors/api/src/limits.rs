@@ -8,9 +8,9 @@
 //!    own work wherever it runs (alone, or as a step of a fused task).
 //! 2. A timed attempt runs on a thread of its own; the caller stops waiting
 //!    at the deadline and the attempt fails as
-//!    [`FailureKind::TimedOut`](crate::FailureKind::TimedOut). A result that
+//!    [`FailureKind::TimedOut`]. A result that
 //!    arrives after the deadline counts as timed out too (the work may have
-//!    stopped early, having seen [`cancelled`](crate::cancelled)). The
+//!    stopped early, having seen [`cancelled`]). The
 //!    thread is then *abandoned* (stop rule 3).
 //! 3. A failed attempt (an error, a panic or a timeout; not a cancellation,
 //!    and not once the task's work was given up) is run again on the same

@@ -764,7 +764,8 @@ impl Stream {
         }
     }
 
-    /// Splits the stream into its halves: see [`halves`].
+    /// Splits the stream into its read half, buffered ([`reader`]), and its
+    /// write half.
     fn into_halves(self) -> (Reader, WriteHalf) {
         match self {
             Stream::Plain(s) => {

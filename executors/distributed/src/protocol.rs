@@ -1720,7 +1720,7 @@ mod charged {
     }
 
     /// [`Resources`](rask_executor::Resources) as they travel (a list of
-    /// `(name, thousandths)`), charged as [`vec`].
+    /// `(name, thousandths)`), charged as [`vec()`].
     pub(super) fn resources<'de, D: Deserializer<'de>>(
         d: D,
     ) -> Result<rask_executor::Resources, D::Error> {
