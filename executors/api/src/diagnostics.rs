@@ -37,8 +37,11 @@ pub struct Counts {
     pub done: u64,
 }
 
-/// One function's counts: every task whose name is `name`. In JSON the
-/// counts sit beside the name: `{"name": "inc", "waiting": 0, …}`.
+/// One function's counts: every task whose name is `name`, or on a
+/// cluster's scheduler whose name's group is (tasks named one by one,
+/// `load-17`, `load-18`, count as `load`; past 1 000 groups the rest
+/// count as `(other groups)`). In JSON the counts sit beside the name:
+/// `{"name": "inc", "waiting": 0, …}`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FunctionCounts {
     /// The function, e.g. `inc`.

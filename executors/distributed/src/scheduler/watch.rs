@@ -11,6 +11,13 @@
 //!    and erred since the start, time spent per function, the rate — is
 //!    counted here from the events, so it covers the time something
 //!    watched.
+//! 3. Work is counted by *group*, a task's name up to its first `-` that
+//!    is not followed by a word of letters ([`group`], Dask's key prefix):
+//!    `inc` is `inc`, tasks named one by one (`load-17`, `load-18`) count
+//!    as `load`. At most [`MAX_GROUPS`] groups get rows of their own for
+//!    the scheduler's life, and the work of any other counts as
+//!    [`OTHER`]: what is kept, and the size of a snapshot, do not grow with
+//!    the number of tasks however they are named.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -27,6 +34,33 @@ use crate::protocol::{WireEvent, WireEventKind, WorkerId};
 
 /// How far back the rate of finished tasks looks.
 const RATE_WINDOW: Duration = Duration::from_secs(5);
+
+/// The most groups with rows of their own (rule 3).
+const MAX_GROUPS: usize = 1_000;
+
+/// The row of work past [`MAX_GROUPS`] groups (rule 3).
+const OTHER: &str = "(other groups)";
+
+/// The group a task named `name` counts under (rule 3): words joined by
+/// `-`, kept up to the first that is not all letters or looks like a
+/// hash (eight hex digits), as Dask's `key_split` does; the whole name
+/// when its first word is empty.
+fn group(name: &str) -> &str {
+    let mut words = name.split('-');
+    let mut end = words.next().map_or(0, str::len);
+    if end == 0 {
+        return name;
+    }
+    for word in words {
+        let letters = !word.is_empty() && word.chars().all(char::is_alphabetic);
+        let hash = word.len() == 8 && word.bytes().all(|b| b.is_ascii_hexdigit());
+        if !letters || hash {
+            break;
+        }
+        end += 1 + word.len();
+    }
+    &name[..end]
+}
 
 /// Counts the events cannot be scanned for (rule 2), and the board.
 pub(super) struct History {
@@ -64,11 +98,28 @@ impl History {
         self.board.as_ref()
     }
 
+    /// The counts of the row a task named `name` counts in (rule 3).
     fn function(&mut self, name: &Arc<str>) -> &mut (u64, u64, f64) {
-        if !self.functions.contains_key(name) {
-            self.order.push(name.clone());
+        let row = self.row(name);
+        if !self.functions.contains_key(&row) {
+            self.order.push(row.clone());
         }
-        self.functions.entry(name.clone()).or_default()
+        self.functions.entry(row).or_default()
+    }
+
+    /// The row a task named `name` counts in: its group's, or [`OTHER`]
+    /// once [`MAX_GROUPS`] groups have rows (rule 3). The name itself when
+    /// it is its group, so a call's name costs no allocation.
+    fn row(&self, name: &Arc<str>) -> Arc<str> {
+        let mut g = group(name);
+        if !self.functions.contains_key(g) && self.functions.len() >= MAX_GROUPS {
+            g = OTHER;
+        }
+        match self.functions.get_key_value(g) {
+            Some((row, _)) => row.clone(),
+            None if g.len() == name.len() => name.clone(),
+            None => Arc::from(g),
+        }
     }
 
     /// Counts `event` and puts a finished or failed run on the board.
@@ -143,12 +194,32 @@ impl History {
         states: impl Iterator<Item = &'a State>,
         shells: &HashMap<WorkerId, WorkerShell>,
     ) -> Snapshot {
-        let mut by_name: HashMap<Arc<str>, Counts> = HashMap::new();
+        let mut live: HashMap<Arc<str>, Counts> = HashMap::new();
         let mut census: Vec<WorkerCensus> = Vec::new();
         let mut unrunnable = Vec::new();
         for state in states {
-            state.census(&mut by_name, &mut census);
+            state.census(&mut live, &mut census);
             state.unrunnable_lines(&mut unrunnable);
+        }
+        // Live tasks by row (rule 3): a group not seen finishing yet gets
+        // a row while rows are left.
+        let mut by_name: HashMap<Arc<str>, Counts> = HashMap::new();
+        for (name, counts) in live {
+            let mut row = group(&name);
+            let known = self.functions.contains_key(row) || by_name.contains_key(row);
+            if !known && self.functions.len() + by_name.len() >= MAX_GROUPS {
+                row = OTHER;
+            }
+            let row: Arc<str> = match by_name.get_key_value(row) {
+                Some((row, _)) => row.clone(),
+                None => Arc::from(row),
+            };
+            let sum = by_name.entry(row).or_default();
+            sum.waiting += counts.waiting;
+            sum.processing += counts.processing;
+            sum.memory += counts.memory;
+            sum.erred += counts.erred;
+            sum.done += counts.done;
         }
         let mut names: Vec<Arc<str>> = self
             .order
@@ -221,5 +292,137 @@ impl History {
             workers,
             unrunnable,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{TaskSpec, ToClient, ToWorker};
+    use crate::scheduler::state::{ClientId, Outbox};
+
+    /// An outbox that drops what it is given.
+    struct Discard;
+
+    impl Outbox for Discard {
+        fn to_worker(&mut self, _: WorkerId, _: ToWorker) {}
+        fn to_client(&mut self, _: ClientId, _: ToClient) {}
+    }
+
+    fn finished(n: u64, name: &str) -> WireEvent {
+        let mut key = [0u8; 32];
+        key[..8].copy_from_slice(&n.to_le_bytes());
+        WireEvent {
+            key,
+            name: Arc::from(name),
+            kind: WireEventKind::Finished {
+                worker: WorkerId(0),
+                thread: 0,
+                duration_ns: 1_000_000,
+                nbytes: 8,
+            },
+        }
+    }
+
+    /// A state of one worker holding `names.len()` tasks (one per name)
+    /// wanted by one client: one processing, the rest queued.
+    fn live(names: &[String]) -> State {
+        let mut s = State::new();
+        let mut out = Discard;
+        s.on_worker_registered(WorkerId(0), "127.0.0.1:1000".into(), 1, &mut out);
+        s.on_client_connected(ClientId(0), &mut out);
+        let specs: Vec<TaskSpec> = names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let mut key = [1u8; 32];
+                key[..8].copy_from_slice(&(i as u64).to_le_bytes());
+                TaskSpec {
+                    key,
+                    name: name.as_str().into(),
+                    function: "f".into(),
+                    payload: Arc::from(&[0u8][..]),
+                    deps: Vec::new(),
+                    timeout_ms: None,
+                    retries: 0,
+                    annotations: Default::default(),
+                }
+            })
+            .collect();
+        let wanted = specs.iter().map(|t| t.key).collect();
+        s.on_update_graph(ClientId(0), specs, wanted, &mut out);
+        s
+    }
+
+    fn rows(snapshot: &Snapshot) -> Vec<(&str, u64, u64)> {
+        snapshot
+            .functions
+            .iter()
+            .map(|f| {
+                let live = f.counts.waiting + f.counts.processing;
+                (f.name.as_str(), f.counts.done, live)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_group_is_a_name_up_to_its_first_word_that_is_not_letters() {
+        for (name, want) in [
+            ("inc", "inc"),
+            ("load-17", "load"),
+            ("read-csv-3f2a", "read-csv"),
+            ("sum-of-squares", "sum-of-squares"),
+            ("x-deadbeef", "x"),
+            ("x-abcdefgh", "x-abcdefgh"),
+            ("chunk_17", "chunk_17"),
+            ("größe-2", "größe"),
+            ("a--b", "a"),
+            ("-17", "-17"),
+            ("", ""),
+        ] {
+            assert_eq!(group(name), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn tasks_named_one_by_one_count_in_one_row() {
+        let mut history = History::new(None);
+        for i in 0..50_000 {
+            history.record(&finished(i, &format!("item-{i}")));
+        }
+        history.record(&finished(50_000, "inc"));
+        let names: Vec<String> = (0..30).map(|i| format!("item-{}", 60_000 + i)).collect();
+        let state = live(&names);
+        let snapshot = history.snapshot("test", 1, std::iter::once(&state), &HashMap::new());
+        assert_eq!(rows(&snapshot), [("item", 50_000, 30), ("inc", 1, 0)]);
+        assert_eq!(snapshot.totals.done, 50_001);
+    }
+
+    #[test]
+    fn past_the_most_groups_work_counts_as_other_and_none_is_lost() {
+        let mut history = History::new(None);
+        let n = MAX_GROUPS as u64 + 500;
+        for i in 0..n {
+            history.record(&finished(i, &format!("g{i}")));
+        }
+        // Live work of groups seen finishing, and of groups never seen.
+        let names: Vec<String> = ["g3", "g4", "new0", "new1"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let state = live(&names);
+        let snapshot = history.snapshot("test", 1, std::iter::once(&state), &HashMap::new());
+        let rows = rows(&snapshot);
+        assert_eq!(rows.len(), MAX_GROUPS + 1, "every group kept, and one more");
+        assert_eq!(rows.last(), Some(&(OTHER, 500, 2)));
+        assert_eq!(rows[3], ("g3", 1, 1));
+        assert_eq!(snapshot.totals.done, n);
+        assert_eq!(snapshot.totals.waiting + snapshot.totals.processing, 4);
+        // What is kept stays bounded however many more names come.
+        for i in n..n + 10_000 {
+            history.record(&finished(i, &format!("h{i}")));
+        }
+        assert_eq!(history.functions.len(), MAX_GROUPS + 1);
+        assert_eq!(history.order.len(), MAX_GROUPS + 1);
     }
 }
