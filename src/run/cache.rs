@@ -632,7 +632,7 @@ impl Addresses {
                         false
                     }
                     None => {
-                        unversioned(node.name());
+                        unversioned(function.id, node.name());
                         true
                     }
                 }
@@ -678,20 +678,22 @@ fn build() -> Option<&'static [u8; 32]> {
         .as_ref()
 }
 
-/// Says once per function name that its entries last one build.
-fn unversioned(name: &str) {
-    static SAID: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+/// Says once per function (whatever its tasks are named: `named` gives
+/// each task a name of its own) that its entries last one build; `true`
+/// when it said so now.
+fn unversioned(function: std::any::TypeId, name: &str) -> bool {
+    static SAID: Mutex<Option<HashSet<std::any::TypeId>>> = Mutex::new(None);
     let mut said = SAID.lock().unwrap_or_else(PoisonError::into_inner);
-    if said
-        .get_or_insert_with(HashSet::new)
-        .insert(name.to_owned())
-    {
+    let first = said.get_or_insert_with(HashSet::new).insert(function);
+    if first {
         tracing::info!(
             task = name,
-            "result cache: `{name}` has no recorded version (mark it #[rask::task]), so its \
-             entries and those of tasks built on it last until the program is rebuilt"
+            "result cache: the function of `{name}` has no recorded version (mark it \
+             #[rask::task]), so its entries and those of tasks built on it last until the \
+             program is rebuilt"
         );
     }
+    first
 }
 
 /// Runs `warn` the first time `address` is rejected in this process (rule 3).
@@ -727,5 +729,22 @@ fn turn_writing_off(dir: &Path, error: &io::Error) {
              rest of this process, and computations go on",
             dir.display()
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unversioned;
+    use std::any::TypeId;
+
+    #[test]
+    fn a_function_without_a_version_is_said_once_whatever_its_tasks_are_named() {
+        struct Load;
+        struct Other;
+        assert!(unversioned(TypeId::of::<Load>(), "load-1"));
+        for i in 2..100 {
+            assert!(!unversioned(TypeId::of::<Load>(), &format!("load-{i}")));
+        }
+        assert!(unversioned(TypeId::of::<Other>(), "load-1"));
     }
 }
