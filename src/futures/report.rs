@@ -118,12 +118,7 @@ impl Recording {
         let span_ms = self.start.elapsed().as_secs_f64() * 1e3;
         let mut totals = Counts::default();
         for f in &self.functions {
-            let c = &f.counts;
-            totals.waiting += c.waiting;
-            totals.processing += c.processing;
-            totals.memory += c.memory;
-            totals.erred += c.erred;
-            totals.done += c.done;
+            totals += f.counts;
         }
         let mut workers: Vec<WorkerRow> = self
             .workers

@@ -37,6 +37,17 @@ pub struct Counts {
     pub done: u64,
 }
 
+/// Adds `other`'s counts, state by state: the counts of both together.
+impl std::ops::AddAssign for Counts {
+    fn add_assign(&mut self, other: Counts) {
+        self.waiting += other.waiting;
+        self.processing += other.processing;
+        self.memory += other.memory;
+        self.erred += other.erred;
+        self.done += other.done;
+    }
+}
+
 /// One function's counts: every task whose name is `name`, or on a
 /// cluster's scheduler whose name's group is (tasks named one by one,
 /// `load-17`, `load-18`, count as `load`; past 1 000 groups the rest

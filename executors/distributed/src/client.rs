@@ -1753,32 +1753,28 @@ impl Loop {
         bytes: Option<&Arc<[u8]>>,
     ) -> Option<Value> {
         let open = self.open.get_mut(&id)?;
-        let handle: Arc<dyn RemoteValue> = match bytes {
-            // The key's only output, with its bytes: a handle nobody looks
-            // up again (`report` looks up handles that hold their key), and
-            // whose key no fetch needs holders for.
-            Some(bytes) if open.shared_keys.is_none() => {
-                Arc::new(KeyHandle::with_bytes(key, self.link.clone(), bytes.clone()))
-            }
-            _ => {
-                let link = &self.link;
-                let handle = open.handles.entry(key).or_insert_with(|| {
-                    Arc::new(match bytes {
-                        Some(bytes) => KeyHandle::with_bytes(key, link.clone(), bytes.clone()),
-                        None => KeyHandle::holding(key, link.clone()),
-                    })
-                });
-                if bytes.is_none() {
-                    // Kept until its last holding handle is dropped
-                    // (`release`): a handle with its bytes never fetches.
-                    let known = self.holders.entry(key).or_default();
-                    if !holders.is_empty() {
-                        *known = holders.to_vec();
-                    }
-                }
-                handle.clone()
-            }
+        let link = &self.link;
+        let make = || {
+            Arc::new(match bytes {
+                Some(bytes) => KeyHandle::with_bytes(key, link.clone(), bytes.clone()),
+                None => KeyHandle::holding(key, link.clone()),
+            })
         };
+        // The key's only output, with its bytes: a handle nobody looks up
+        // again (`report` looks up handles that hold their key).
+        let handle: Arc<dyn RemoteValue> = if bytes.is_some() && open.shared_keys.is_none() {
+            make()
+        } else {
+            open.handles.entry(key).or_insert_with(make).clone()
+        };
+        if bytes.is_none() {
+            // Kept until its last holding handle is dropped (`release`): a
+            // handle with its bytes never fetches.
+            let known = self.holders.entry(key).or_default();
+            if !holders.is_empty() {
+                *known = holders.to_vec();
+            }
+        }
         Some(Arc::new(Remote(handle)))
     }
 

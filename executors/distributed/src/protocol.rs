@@ -2514,50 +2514,39 @@ mod tests {
 
         // Honest batches: 100 000 results without values, releases, and a
         // few thousand of the smallest messages.
-        let mut batch = Batch::default();
-        for i in 0..100_000u64 {
-            batch.push(&ToScheduler::TaskFinished {
-                key: [(i % 251) as u8; 32],
-                nbytes: i,
-                duration_ns: i,
-                value: None,
-                thread: 1,
-            });
+        // Each batch is sent as `M` and decoded as `M`, frame by frame.
+        fn all_decode<M: Serialize + for<'a> Deserialize<'a> + Bounded>(
+            msgs: impl Iterator<Item = M>,
+        ) -> bool {
+            let mut batch = Batch::default();
+            msgs.for_each(|m| batch.push(&m));
+            batch
+                .take_frames()
+                .iter()
+                .all(|f| decode_checked::<M>(&f[4..]).is_ok())
         }
-        for f in batch.take_frames() {
-            assert!(decode_checked::<ToScheduler>(&f[4..]).is_ok());
-        }
-        let mut batch = Batch::default();
-        for i in 0..100_000u32 {
-            batch.push(&ToWorker::Release {
-                key: [(i % 251) as u8; 32],
-            });
-        }
-        for f in batch.take_frames() {
-            assert!(decode_checked::<ToWorker>(&f[4..]).is_ok());
-        }
+        let key = |i: u64| [(i % 251) as u8; 32];
+        let n = 100_000u64;
+        assert!(all_decode((0..n).map(|i| ToScheduler::TaskFinished {
+            key: key(i),
+            nbytes: i,
+            duration_ns: i,
+            value: None,
+            thread: 1,
+        })));
+        assert!(all_decode(
+            (0..n).map(|i| ToWorker::Release { key: key(i) })
+        ));
         // The smallest messages sent in numbers: one key each.
-        let mut batch = Batch::default();
-        for i in 0..100_000u32 {
-            batch.push(&ToScheduler::DataAdded {
-                key: [(i % 251) as u8; 32],
-            });
-        }
-        for f in batch.take_frames() {
-            assert!(decode_checked::<ToScheduler>(&f[4..]).is_ok());
-        }
-        let mut batch = Batch::default();
-        for i in 0..100_000u32 {
-            batch.push(&ToClient::KeyInMemory {
-                key: [(i % 251) as u8; 32],
-                holders: Vec::new(),
-                nbytes: 0,
-                value: None,
-            });
-        }
-        for f in batch.take_frames() {
-            assert!(decode_checked::<ToClient>(&f[4..]).is_ok());
-        }
+        assert!(all_decode(
+            (0..n).map(|i| ToScheduler::DataAdded { key: key(i) })
+        ));
+        assert!(all_decode((0..n).map(|i| ToClient::KeyInMemory {
+            key: key(i),
+            holders: Vec::new(),
+            nbytes: 0,
+            value: None,
+        })));
         // And with room to grow: a keyed message decodes to well under the
         // factor times its encoding (33 bytes at least).
         for size in [

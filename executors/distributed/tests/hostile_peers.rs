@@ -290,14 +290,23 @@ fn rogue_peers_change_no_result_and_are_sent_no_task() {
     // Every rogue is gone; the two workers compute on, and every task is
     // forgotten once its client holds nothing.
     cluster.eventually("the rogues to be dropped", |c| c.scheduler.workers() == 2);
-    let mut g = Graph::salted(&cluster.shared, 1);
-    let a = g.value(20);
+    assert_eq!(inc(&cluster, &client, 1, 20), 21);
+    cluster.eventually("release", |c| c.scheduler.tasks() == 0);
+}
+
+/// `inc(x)` computed on `cluster` for `client`, under `salt`: the cluster
+/// still serves.
+fn inc(cluster: &Cluster, client: &rask_distributed::Client, salt: u64, x: i64) -> i64 {
+    let mut g = Graph::salted(&cluster.shared, salt);
+    let a = g.value(x);
     let b = g.op("inc", 0, &[a]);
     g.output(b);
     let got = Collect::new(1);
-    got.submit(&client, g.build());
-    assert_eq!(got.wait(), vec![Ok(21)]);
-    cluster.eventually("release", |c| c.scheduler.tasks() == 0);
+    got.submit(client, g.build());
+    match got.wait().pop() {
+        Some(Ok(v)) => v,
+        other => panic!("inc({x}): {other:?}"),
+    }
 }
 
 /// A frame that decodes to far more memory than its length (2 MiB of
@@ -319,12 +328,6 @@ fn a_frame_of_tiny_messages_is_refused_not_decoded() {
         // Closed at once, not at the end of the stream.
         read_until_closed(&mut s);
     }
-    let mut g = Graph::salted(&cluster.shared, 2);
-    let a = g.value(41);
-    let b = g.op("inc", 0, &[a]);
-    g.output(b);
-    let got = Collect::new(1);
-    got.submit(&client, g.build());
-    assert_eq!(got.wait(), vec![Ok(42)]);
+    assert_eq!(inc(&cluster, &client, 2, 41), 42);
     assert_eq!(cluster.scheduler.workers(), 1);
 }

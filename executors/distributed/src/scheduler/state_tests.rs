@@ -2356,24 +2356,18 @@ mod props {
                         s.on_task_finished(w, key, report, &mut out);
                     }
                 }
-                Op::Erred { pick } => {
-                    if let Some((w, key)) = m.pick(&pick) {
+                Op::Erred { ref pick } | Op::Abandoned { ref pick } => {
+                    if let Some((w, key)) = m.pick(pick) {
                         m.answered(w, key);
                         if !m.outstanding.contains(&(w, key)) {
                             stale = Some((key, result_of(&s, &key)));
                         }
                         m.outstanding.retain(|&p| p != (w, key));
-                        s.on_task_erred(w, key, failure(key[0]), &mut out);
-                    }
-                }
-                Op::Abandoned { pick } => {
-                    if let Some((w, key)) = m.pick(&pick) {
-                        m.answered(w, key);
-                        if !m.outstanding.contains(&(w, key)) {
-                            stale = Some((key, result_of(&s, &key)));
+                        if matches!(op, Op::Erred { .. }) {
+                            s.on_task_erred(w, key, failure(key[0]), &mut out);
+                        } else {
+                            s.on_task_abandoned(w, key, &mut out);
                         }
-                        m.outstanding.retain(|&p| p != (w, key));
-                        s.on_task_abandoned(w, key, &mut out);
                     }
                 }
                 Op::Seceded { pick } => {

@@ -214,12 +214,7 @@ impl History {
                 Some((row, _)) => row.clone(),
                 None => Arc::from(row),
             };
-            let sum = by_name.entry(row).or_default();
-            sum.waiting += counts.waiting;
-            sum.processing += counts.processing;
-            sum.memory += counts.memory;
-            sum.erred += counts.erred;
-            sum.done += counts.done;
+            *by_name.entry(row).or_default() += counts;
         }
         let mut names: Vec<Arc<str>> = self
             .order
@@ -242,11 +237,7 @@ impl History {
                 let (done, erred, busy_ms) = self.functions.get(&name).copied().unwrap_or_default();
                 counts.done = done.max(counts.memory);
                 counts.erred = erred.max(counts.erred);
-                totals.waiting += counts.waiting;
-                totals.processing += counts.processing;
-                totals.memory += counts.memory;
-                totals.erred += counts.erred;
-                totals.done += counts.done;
+                totals += counts;
                 FunctionCounts {
                     name: name.to_string(),
                     counts,
