@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use rask_executor::diagnostics::{
-    report_page, Counts, FunctionCounts, RecordStatus, Report, Snapshot, TaskRecord, WorkerRow,
-    SCHEMA_VERSION,
+    group, report_page, Counts, FunctionCounts, RecordStatus, Report, Snapshot, TaskRecord,
+    WorkerRow, SCHEMA_VERSION,
 };
 use rask_executor::events::{self, Event, EventKind, Place};
 
@@ -40,7 +40,10 @@ struct Recording {
 }
 
 impl Recording {
+    /// The row of tasks named `name`: their group's, so tasks named one
+    /// by one (`load-17`, `load-18`) share the row `load`.
     fn function(&mut self, name: &str) -> &mut FunctionCounts {
+        let name = group(name);
         let i = match self.by_name.get(name) {
             Some(&i) => i,
             None => {
@@ -212,5 +215,57 @@ impl Recorder {
             path: path.to_owned(),
             source,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rask_executor::Key;
+
+    use super::*;
+
+    fn recording() -> Recording {
+        Recording {
+            start: Instant::now(),
+            tasks: Vec::new(),
+            functions: Vec::new(),
+            by_name: HashMap::new(),
+            workers: HashMap::new(),
+        }
+    }
+
+    #[test]
+    fn tasks_named_one_by_one_count_in_their_groups_row() {
+        let mut recording = recording();
+        let names: Vec<String> = (0..500).map(|i| format!("load-{i}")).collect();
+        let inc = "inc".to_owned();
+        for (i, name) in names.iter().chain([&inc]).enumerate() {
+            let key = Key([i as u8; 32]);
+            let place = Place::local(0);
+            for kind in [
+                EventKind::Queued,
+                EventKind::Started { place },
+                EventKind::Finished {
+                    place,
+                    duration: Duration::from_millis(1),
+                    nbytes: None,
+                },
+            ] {
+                recording.event(&Event::new(key, name, kind));
+            }
+        }
+        let report = recording.report("t".into(), "sync".into());
+        let rows: Vec<(&str, u64)> = report
+            .status
+            .functions
+            .iter()
+            .map(|f| (f.name.as_str(), f.counts.done))
+            .collect();
+        assert_eq!(rows, [("load", 500), ("inc", 1)]);
+        // The task stream still names each task.
+        assert_eq!(report.tasks[17].function, "load-17");
+        assert_eq!(report.tasks.len(), 501);
     }
 }

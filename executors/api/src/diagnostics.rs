@@ -21,6 +21,36 @@ pub const STATUS_PAGE: &str = include_str!("status.html");
 /// The JSON schema version of [`Snapshot`] and [`TaskRecord`].
 pub const SCHEMA_VERSION: u32 = 1;
 
+/// The group a task named `name` counts under in the dashboard's and a
+/// performance report's per-function rows: words joined by `-`, kept up
+/// to the first that is not all letters or looks like a hash (eight hex
+/// digits), as Dask's `key_split` does; the whole name when its first
+/// word is empty. Tasks named one by one count as one group.
+///
+/// ```
+/// use rask_executor::diagnostics::group;
+///
+/// assert_eq!(group("inc"), "inc");
+/// assert_eq!(group("load-17"), "load");
+/// assert_eq!(group("read-csv-3f2a"), "read-csv");
+/// ```
+pub fn group(name: &str) -> &str {
+    let mut words = name.split('-');
+    let mut end = words.next().map_or(0, str::len);
+    if end == 0 {
+        return name;
+    }
+    for word in words {
+        let letters = !word.is_empty() && word.chars().all(char::is_alphabetic);
+        let hash = word.len() == 8 && word.bytes().all(|b| b.is_ascii_hexdigit());
+        if !letters || hash {
+            break;
+        }
+        end += 1 + word.len();
+    }
+    &name[..end]
+}
+
 /// Task counts by state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counts {
@@ -48,10 +78,10 @@ impl std::ops::AddAssign for Counts {
     }
 }
 
-/// One function's counts: every task whose name is `name`, or on a
-/// cluster's scheduler whose name's group is (tasks named one by one,
-/// `load-17`, `load-18`, count as `load`; past 1 000 groups the rest
-/// count as `(other groups)`). In JSON the counts sit beside the name:
+/// One function's counts: every task whose name's [`group`] is `name`
+/// (tasks named one by one, `load-17`, `load-18`, count as `load`; on a
+/// cluster's scheduler, past 1 000 groups the rest count as
+/// `(other groups)`). In JSON the counts sit beside the name:
 /// `{"name": "inc", "waiting": 0, …}`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FunctionCounts {
@@ -291,6 +321,25 @@ pub fn report_page(report: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_group_is_a_name_up_to_its_first_word_that_is_not_letters() {
+        for (name, want) in [
+            ("inc", "inc"),
+            ("load-17", "load"),
+            ("read-csv-3f2a", "read-csv"),
+            ("sum-of-squares", "sum-of-squares"),
+            ("x-deadbeef", "x"),
+            ("x-abcdefgh", "x-abcdefgh"),
+            ("chunk_17", "chunk_17"),
+            ("größe-2", "größe"),
+            ("a--b", "a"),
+            ("-17", "-17"),
+            ("", ""),
+        ] {
+            assert_eq!(group(name), want, "{name}");
+        }
+    }
 
     #[test]
     fn the_page_has_exactly_one_data_slot() {

@@ -12,10 +12,10 @@
 //!    counted here from the events, so it covers the time something
 //!    watched.
 //! 3. Work is counted by *group*, a task's name up to its first `-` that
-//!    is not followed by a word of letters ([`group`], Dask's key prefix):
-//!    `inc` is `inc`, tasks named one by one (`load-17`, `load-18`) count
-//!    as `load`. At most [`MAX_GROUPS`] groups get rows of their own for
-//!    the scheduler's life, and the work of any other counts as
+//!    is not followed by a word of letters ([`group`], Dask's key
+//!    prefix): `inc` is `inc`, tasks named one by one (`load-17`,
+//!    `load-18`) count as `load`. At most [`MAX_GROUPS`] groups get rows
+//!    of their own for the scheduler's life, and the work of any other counts as
 //!    [`OTHER`]: what is kept, and the size of a snapshot, do not grow with
 //!    the number of tasks however they are named.
 
@@ -24,7 +24,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rask_executor::diagnostics::{
-    Counts, FunctionCounts, RecordStatus, Snapshot, Spill, TaskRecord, WorkerRow, SCHEMA_VERSION,
+    group, Counts, FunctionCounts, RecordStatus, Snapshot, Spill, TaskRecord, WorkerRow,
+    SCHEMA_VERSION,
 };
 use rask_executor::Key;
 
@@ -40,27 +41,6 @@ const MAX_GROUPS: usize = 1_000;
 
 /// The row of work past [`MAX_GROUPS`] groups (rule 3).
 const OTHER: &str = "(other groups)";
-
-/// The group a task named `name` counts under (rule 3): words joined by
-/// `-`, kept up to the first that is not all letters or looks like a
-/// hash (eight hex digits), as Dask's `key_split` does; the whole name
-/// when its first word is empty.
-fn group(name: &str) -> &str {
-    let mut words = name.split('-');
-    let mut end = words.next().map_or(0, str::len);
-    if end == 0 {
-        return name;
-    }
-    for word in words {
-        let letters = !word.is_empty() && word.chars().all(char::is_alphabetic);
-        let hash = word.len() == 8 && word.bytes().all(|b| b.is_ascii_hexdigit());
-        if !letters || hash {
-            break;
-        }
-        end += 1 + word.len();
-    }
-    &name[..end]
-}
 
 /// Counts the events cannot be scanned for (rule 2), and the board.
 pub(super) struct History {
@@ -354,25 +334,6 @@ mod tests {
                 (f.name.as_str(), f.counts.done, live)
             })
             .collect()
-    }
-
-    #[test]
-    fn a_group_is_a_name_up_to_its_first_word_that_is_not_letters() {
-        for (name, want) in [
-            ("inc", "inc"),
-            ("load-17", "load"),
-            ("read-csv-3f2a", "read-csv"),
-            ("sum-of-squares", "sum-of-squares"),
-            ("x-deadbeef", "x"),
-            ("x-abcdefgh", "x-abcdefgh"),
-            ("chunk_17", "chunk_17"),
-            ("größe-2", "größe"),
-            ("a--b", "a"),
-            ("-17", "-17"),
-            ("", ""),
-        ] {
-            assert_eq!(group(name), want, "{name}");
-        }
     }
 
     #[test]
