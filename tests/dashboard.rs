@@ -200,6 +200,12 @@ fn the_page_shows_the_search_in_a_browser() {
     let base = base(&client);
     let summaries = search(&client, 800);
     assert_eq!(summaries.len(), 800);
+    // Tasks named one by one: one legend entry and colour, their group's.
+    let steps: Vec<_> = (0..40)
+        .map(|i| client.submit(delayed!(inc(i)).named(format!("step-{i}"))))
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(client.gather(&steps).unwrap()[39], 40);
     let page = format!("{base}/status?poll");
     let dom = run_browser(
         &chromium,
@@ -220,6 +226,13 @@ fn the_page_shows_the_search_in_a_browser() {
             "{function} is not done: {row}"
         );
     }
+    let legend = dom
+        .split(r#"id="legend">"#)
+        .nth(1)
+        .and_then(|rest| rest.split("</h2>").next())
+        .unwrap_or_else(|| panic!("no legend in the page"));
+    assert!(legend.contains("</i>step</span>"), "no step in {legend}");
+    assert!(!legend.contains("step-"), "a task's own name in {legend}");
     let shot = screenshot_path();
     let arg = format!("--screenshot={}", shot.display());
     run_browser(
