@@ -100,8 +100,10 @@
 //!    own build (a fingerprint of the program), so an edited program never
 //!    receives values computed by the old code.
 //!
-//! [`Delayed::named`] and [`value_named`] set a key from a name instead of a
-//! hash; [`Delayed::unique`] gives a fresh key for impure work.
+//! [`Delayed::named`] names a task, hashing the name over the work's own
+//! key (distinct work never shares a key under one name); [`value_named`]
+//! sets a key from a name instead of hashing the data;
+//! [`Delayed::unique`] gives a fresh key for impure work.
 //!
 //! # Choosing the executor
 //!

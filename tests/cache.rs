@@ -490,6 +490,30 @@ fn a_hit_stands_for_everything_below_it_on_every_local_executor() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+static NAMED_RUNS: AtomicUsize = AtomicUsize::new(0);
+
+fn named_square(x: u64) -> u64 {
+    NAMED_RUNS.fetch_add(1, Ordering::SeqCst);
+    x * x
+}
+
+/// A name given to cached work is not its identity: the same name over
+/// other inputs is other work, with its own entry (it was the name's
+/// alone: `named_square(3)` named like `named_square(2)` got its value).
+#[test]
+fn named_work_over_other_inputs_is_another_entry() {
+    let dir = scratch("named");
+    let config = Config::synchronous().cache(&dir);
+    let build = |x: u64| delayed!(named_square(x)).named("data").cache();
+    assert_eq!(build(2).compute_with(&config).unwrap(), 4);
+    assert_eq!(build(3).compute_with(&config).unwrap(), 9);
+    assert_eq!(NAMED_RUNS.load(Ordering::SeqCst), 2);
+    // The same work under the same name is still found again.
+    assert_eq!(build(3).compute_with(&config).unwrap(), 9);
+    assert_eq!(NAMED_RUNS.load(Ordering::SeqCst), 2);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 static CLIENT_LOADS: AtomicUsize = AtomicUsize::new(0);
 static CLIENT_SQUARES: AtomicUsize = AtomicUsize::new(0);
 

@@ -192,6 +192,21 @@ for_each_executor! {
         0
     }
 
+    /// Tasks named alike over distinct inputs are distinct work: each gets
+    /// its own value, in one graph and through a client (the first one
+    /// found used to stand for all of them).
+    #[test]
+    fn work_named_alike_keeps_its_own_value() {
+        let parts: Vec<Delayed<i64>> = (0..4)
+            .map(|i| delayed!(add(delayed!(inc(i)), 100)).named("part"))
+            .collect();
+        let total = delayed!(sum(parts.clone()));
+        assert_eq!(total.compute_with(&config()).unwrap(), 101 + 102 + 103 + 104);
+        let client = rask::Client::with_config(&config()).unwrap();
+        let futures: Vec<_> = parts.iter().map(|p| client.compute(p).unwrap()).collect();
+        assert_eq!(client.gather(&futures).unwrap(), vec![101, 102, 103, 104]);
+    }
+
     /// Retries and timeouts hold for a task inside a chain the optimizer
     /// fuses: they apply to that task's own work.
     #[test]

@@ -171,11 +171,22 @@ fn keys_depend_on_function_and_argument_order() {
         delayed!(inc(1)).key(),
         delayed!(inc(rask::value(1_i64))).key()
     );
-    // Named and unique keys.
+    // A name is part of the key, beside the work's own: other work under
+    // the same name, or the same work under another name, is another key.
     assert_eq!(
+        delayed!(inc(1)).named("one").key(),
+        delayed!(inc(1)).named("one").key()
+    );
+    assert_ne!(
         delayed!(inc(1)).named("one").key(),
         delayed!(inc(2)).named("one").key()
     );
+    assert_ne!(
+        delayed!(inc(1)).named("one").key(),
+        delayed!(inc(1)).named("two").key()
+    );
+    assert_ne!(delayed!(inc(1)).named("one").key(), delayed!(inc(1)).key());
+    // Unique keys.
     assert_ne!(
         delayed!(inc(1)).unique().key(),
         delayed!(inc(1)).unique().key()

@@ -10,7 +10,7 @@ use rask_executor::{Key, Value};
 
 use crate::build::data::Data;
 use crate::build::key::{KeyHasher, Tag};
-use crate::build::node::{Decorated, Deps, Held, Label, Name, Node, Origin};
+use crate::build::node::{Code, Decorated, Deps, Held, Label, Name, Node, Origin};
 use crate::build::pick::{Part, Step};
 use rask_executor::OpError;
 
@@ -103,23 +103,42 @@ impl<T> Delayed<T> {
         self.node.name()
     }
 
-    /// The same work under a name of your choice; the key is derived from the
-    /// name alone, so nothing is hashed and the key stays the same whatever
-    /// the inputs are.
+    /// The same work under a name of your choice: the name shows in
+    /// errors, progress bars, the dashboard and reports, and is part of the
+    /// key, together with the work's own key. So distinct work never shares
+    /// a key under one name (`load(1)` and `load(2)`, both named `data`,
+    /// are two tasks with their own values, also in the result cache), and
+    /// the same work under two names is two tasks.
     ///
-    /// Use it for data too large to hash or to give a task a stable, readable
-    /// identity. Two different tasks given the same name share one key: the
-    /// first one found when a graph is lowered wins.
+    /// The exception is a call of a closure that captures variables, whose
+    /// own key is fresh for every call (what it captured is not hashed):
+    /// the name is then its whole identity. Such calls named alike share
+    /// one key, as do [`value_named`] values, and the first one found when
+    /// a graph is lowered wins: choose names that identify what was
+    /// captured.
     ///
     /// ```
     /// fn inc(x: i64) -> i64 { x + 1 }
     /// let a = rask::delayed!(inc(1)).named("first");
     /// assert_eq!(a.name(), "first");
-    /// assert_eq!(a.key(), rask::delayed!(inc(5)).named("first").key());
+    /// assert_eq!(a.key(), rask::delayed!(inc(1)).named("first").key());
+    /// assert_ne!(a.key(), rask::delayed!(inc(5)).named("first").key());
+    /// let b = rask::delayed!(inc(5)).named("first");
+    /// assert_eq!(rask::compute((&a, &b))?, (2, 6));
+    ///
+    /// // A closure's captured state is not hashed: the name identifies it.
+    /// let step = 10;
+    /// let add_step = move |x: i64| x + step;
+    /// let c = rask::delayed!(add_step(1)).named("add-10");
+    /// assert_eq!(c.key(), rask::delayed!(add_step(1)).named("add-10").key());
+    /// # Ok::<(), rask::Error>(())
     /// ```
     pub fn named(&self, name: impl Into<String>) -> Delayed<T> {
         let name: String = name.into();
-        let key = named_key(&name);
+        let key = match self.node.call.code() {
+            Code::Call(function) if !function.pure => named_key(&name),
+            _ => renamed_key(&name, &self.node.key),
+        };
         let mut node = self.node.rekeyed(key);
         node.label = Label::Call;
         node.call = Decorated::named(&self.node.call, Name::Owned(name));
@@ -293,8 +312,11 @@ pub fn value<T: Data>(value: T) -> Delayed<T> {
 /// Wraps a plain value under a name you choose; nothing is hashed, so this is
 /// the way to give large data an identity cheaply.
 ///
-/// Two values wrapped under the same name share a key: choose names that
-/// identify the data (e.g. a file path and its modification time).
+/// Two values wrapped under the same name share a key, everywhere: within
+/// a graph (the first one found wins), on a cluster, and in the result
+/// cache (a cached task over it is found again for other data under the
+/// same name). Choose names that identify the data (e.g. a file path and
+/// its modification time), or use [`value`], which hashes it.
 ///
 /// # Examples
 ///
@@ -307,6 +329,13 @@ pub fn value_named<T: Data>(name: impl Into<String>, value: T) -> Delayed<T> {
     let name: String = name.into();
     let key = named_key(&name);
     Delayed::held(key, Name::Owned(name), Arc::new(value), Origin::Literal)
+}
+
+/// The key of the work of key `of` named `name` ([`Delayed::named`]).
+fn renamed_key(name: &str, of: &Key) -> Key {
+    let mut h = KeyHasher::new(Tag::Renamed, name, "");
+    h.input(of);
+    h.finish()
 }
 
 /// A key no other task has: of the task `name` over the task of key `of`,
@@ -323,7 +352,8 @@ fn unique_suffix() -> u64 {
     COUNTER.fetch_add(1, Ordering::Relaxed)
 }
 
-/// The key that [`Delayed::named`] and [`value_named`] give to `name`.
+/// The key that [`value_named`] gives to `name`, and [`Delayed::named`] to
+/// a call of a closure that captures variables (whose own key is fresh).
 ///
 /// ```
 /// let v = rask::value_named("config", 3);

@@ -914,22 +914,28 @@ mod tests {
         // are held by them alone, so neither is a repeat below.
         let inc_of = |v| delayed!(inc(delayed!(inc(v))));
         let cases = [
-            // Named alike, over distinct inputs: keys not derived from them.
-            (inc_of(1).named("n"), inc_of(2).named("n")),
+            // Calls of a capturing closure named alike, over distinct
+            // inputs: keys from the name alone, not derived from them.
+            // The key map keeps the left one's two incs, it and the sum.
+            (by_name(inc_of(1), "n"), by_name(inc_of(2), "n"), 4),
             // A held result standing in for the work built again.
-            (inc_of(3), {
-                let key = inc_of(3).node().key;
-                Delayed::held(key, Name::Borrowed("held"), Arc::new(5i64), Origin::Result)
-            }),
+            (
+                inc_of(3),
+                {
+                    let key = inc_of(3).node().key;
+                    Delayed::held(key, Name::Borrowed("held"), Arc::new(5i64), Origin::Result)
+                },
+                3,
+            ),
         ];
-        for (left, right) in cases {
+        for (left, right, tasks) in cases {
             assert_eq!(left.key(), right.key());
             let sum = delayed!(add(&left, &right));
             drop((left, right));
             let roots = [sum.node().clone()];
             assert_eq!(
                 mapped_keys(&roots).0.len(),
-                3,
+                tasks,
                 "the key map makes them one task"
             );
             // Busy marks (another test) or the repeat: either way, `None`.
@@ -1031,6 +1037,14 @@ mod tests {
         }
     }
 
+    /// A call over `input` whose key is `name`'s alone, whatever the input:
+    /// a closure that captures a variable, named.
+    fn by_name(input: Delayed<i64>, name: &str) -> Delayed<i64> {
+        let step = 1_i64;
+        let bump = move |x: i64| x + step;
+        delayed!(bump(input)).named(name)
+    }
+
     /// One node of a generated graph: its work, and for each input (by the
     /// index of an earlier node) whether it is that very node or the same
     /// work built again (equal keys, distinct nodes).
@@ -1039,7 +1053,8 @@ mod tests {
         Leaf(i64),
         Inc(usize, bool),
         Add((usize, bool), (usize, bool)),
-        /// `named`: a key from the name alone, whatever the input.
+        /// A capturing closure's call, `named`: a key from the name alone,
+        /// whatever the input.
         Named(u8, usize, bool),
         /// A held result under the input's key (as `persist` makes).
         StandIn(usize, bool),
@@ -1089,7 +1104,7 @@ mod tests {
                 let (a, b) = (input(a, built), input(b, built));
                 delayed!(add(a, b))
             }
-            Spec::Named(n, a, s) => input((a, s), built).named(format!("n{n}")),
+            Spec::Named(n, a, s) => by_name(input((a, s), built), &format!("n{n}")),
             Spec::StandIn(a, s) => {
                 let of = input((a, s), built);
                 Delayed::held(

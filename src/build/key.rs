@@ -34,6 +34,11 @@
 //!    not hashed (they need not be serializable), so every call gets a fresh
 //!    key and is never shared with another call. Give it an identity with
 //!    `Delayed::named`, or pass the values as arguments of a function item.
+//! 5. A name given to other work (`Delayed::named`) is hashed over the
+//!    work's own key, so distinct work never shares a key under one name;
+//!    only work with no identity of its own (rule 4) takes the name alone,
+//!    as do values wrapped under a name (`value_named`), which the name
+//!    identifies by the caller's word.
 
 use std::io;
 use std::sync::LazyLock;
@@ -64,6 +69,8 @@ pub(crate) enum Tag {
     Unique = 4,
     Item = 5,
     Function = 6,
+    /// Work given a name, over the key of the work itself.
+    Renamed = 7,
 }
 
 /// The type tag of `T`: its `TypeId`, reduced to 64 bits. Equal in every
