@@ -209,6 +209,47 @@ fn merging_graphs_dedups_by_key() {
     );
 }
 
+/// A hand-assembled task's name is its key: a second task under a name
+/// already given is an error, not dropped in favour of the first (it was:
+/// the graph computed the first task's value for both).
+#[test]
+fn a_name_given_to_two_tasks_is_an_error() {
+    let config = Config::synchronous();
+    let mut g = Graph::new();
+    let a = g.insert_value("a", 1_i64);
+    let b = g.insert_task("b", &[a], |v| {
+        v[0].downcast_ref::<i64>().copied().unwrap_or(0) + 1
+    });
+    assert_eq!(g.compute_with::<i64>(b, &config).unwrap(), 2);
+    let mut twice = g.clone();
+    twice.insert_task("b", &[a], |_| 100_i64);
+    let err = twice.validate().unwrap_err();
+    assert!(
+        matches!(&err, Error::NameGivenTwice(task) if task.name() == "b"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("named `b`"), "{err}");
+    assert!(twice.compute_with::<i64>(b, &config).is_err());
+    let mut twice = g.clone();
+    twice.insert_value("a", 5_i64);
+    assert!(matches!(twice.validate(), Err(Error::NameGivenTwice(_))));
+
+    // Merged: the same tasks (a clone) are one; another task of the same
+    // name is the error.
+    let mut same = g.clone();
+    same.merge(&g);
+    assert_eq!(same.compute_with::<i64>(b, &config).unwrap(), 2);
+    let mut other = Graph::new();
+    other.insert_value("a", 10_i64);
+    let mut merged = g.clone();
+    merged.merge(&other);
+    assert!(matches!(merged.validate(), Err(Error::NameGivenTwice(t)) if t.name() == "a"));
+    // The error travels with a merge, too.
+    let mut carried = Graph::new();
+    carried.merge(&twice);
+    assert!(matches!(carried.validate(), Err(Error::NameGivenTwice(_))));
+}
+
 #[test]
 fn hand_made_graphs_are_validated() {
     let mut g = Graph::new();

@@ -82,6 +82,12 @@ pub enum Error {
     },
     /// A hand-assembled graph has a cycle.
     Cycle(TaskKey),
+    /// A hand-assembled graph gives one name to two tasks
+    /// ([`Graph::insert_task`](crate::Graph::insert_task),
+    /// [`Graph::insert_value`](crate::Graph::insert_value), or two graphs
+    /// merged): a name is such a task's key, so one of them would stand for
+    /// both.
+    NameGivenTwice(TaskKey),
     /// A hand-assembled graph names a dependency it does not contain.
     MissingDependency {
         /// The task with the dangling dependency.
@@ -193,6 +199,12 @@ impl fmt::Display for Error {
             } => write!(f, "task {task} timed out after {after:?}")?,
             Error::Timeout { task: None, after } => write!(f, "timed out after {after:?}")?,
             Error::Cycle(key) => write!(f, "graph has a cycle through {key}")?,
+            Error::NameGivenTwice(task) => write!(
+                f,
+                "two different tasks are named `{}` in the graph: a hand-assembled \
+                 task's name is its key, so give each its own",
+                task.name()
+            )?,
             Error::MissingDependency { task, missing } => write!(
                 f,
                 "task {task} depends on key {missing}, which is not in the graph"

@@ -456,8 +456,8 @@ pub(crate) fn to_dot(roots: &[Arc<Node>]) -> String {
 /// hand, merge graphs, and inspect them.
 ///
 /// Unlike `Delayed` graphs, a hand-made graph can name dependencies that do
-/// not exist or form a cycle; [`Graph::validate`] (called before anything
-/// runs) reports both.
+/// not exist, form a cycle, or give one name (its tasks' key) to two tasks;
+/// [`Graph::validate`] (called before anything runs) reports all three.
 ///
 /// # Examples
 ///
@@ -481,6 +481,12 @@ pub struct Graph {
     tasks: KeyMap<Task>,
     /// Keys in insertion order, so that rendering and iteration are stable.
     order: Vec<Key>,
+    /// Names given to a second, different task ([`Graph::insert_task`],
+    /// [`Graph::insert_value`], [`Graph::merge`]): a name is such a task's
+    /// key, so the second could only be dropped or replace the first, and
+    /// either would change a result silently. [`Graph::validate`] reports
+    /// the first.
+    renamed: Vec<TaskKey>,
 }
 
 #[derive(Clone)]
@@ -488,6 +494,8 @@ struct Task {
     label: Label,
     deps: Vec<Key>,
     call: Arc<dyn Call>,
+    /// Whether its key is its name's ([`named_key`]), not its work's.
+    by_name: bool,
 }
 
 impl Task {
@@ -555,6 +563,7 @@ impl Graph {
                         label: node.label,
                         deps: node.deps.iter().map(|d| d.key).collect(),
                         call: node.call.clone(),
+                        by_name: false,
                     },
                 );
             },
@@ -563,14 +572,21 @@ impl Graph {
     }
 
     /// Adds every task of `other`; keys already present are kept (they stand
-    /// for the same work).
+    /// for the same work). A name that each graph gave to a task of its
+    /// own ([`insert_task`](Graph::insert_task),
+    /// [`insert_value`](Graph::insert_value)) is an error that
+    /// [`validate`](Graph::validate) reports: the two tasks would share
+    /// one key.
     pub fn merge(&mut self, other: &Graph) {
         for key in &other.order {
             self.add(*key, other.tasks[key].clone());
         }
+        self.renamed.extend(other.renamed.iter().cloned());
     }
 
     /// Adds a value under `name`; its key is [`named_key(name)`](named_key).
+    /// A name given twice is an error that [`validate`](Graph::validate)
+    /// reports (the first task would be kept, silently).
     pub fn insert_value<T: Data>(&mut self, name: &str, value: T) -> Key {
         let key = named_key(name);
         self.add(
@@ -583,6 +599,7 @@ impl Graph {
                     Origin::Literal,
                     Name::Owned(name.to_owned()),
                 )),
+                by_name: true,
             },
         );
         key
@@ -590,7 +607,8 @@ impl Graph {
 
     /// Adds a task named `name` (key [`named_key(name)`](named_key)) that
     /// calls `f` with the values of `deps`, in order. The dependencies need
-    /// not exist yet; [`validate`](Graph::validate) checks them.
+    /// not exist yet; [`validate`](Graph::validate) checks them, and
+    /// reports a name given twice.
     pub fn insert_task<T, F>(&mut self, name: &str, deps: &[Key], f: F) -> Key
     where
         T: Data,
@@ -603,15 +621,27 @@ impl Graph {
                 label: Label::Call,
                 deps: deps.to_vec(),
                 call: Arc::new(Raw(f, Name::Owned(name.to_owned()))),
+                by_name: true,
             },
         );
         key
     }
 
+    /// Adds `task` under `key`, unless the key is there: then the task
+    /// there stays, and a task keyed by its name that is not that very
+    /// task is recorded as a name given twice.
     fn add(&mut self, key: Key, task: Task) {
-        if let MapEntry::Vacant(slot) = self.tasks.entry(key) {
-            slot.insert(task);
-            self.order.push(key);
+        match self.tasks.entry(key) {
+            MapEntry::Vacant(slot) => {
+                slot.insert(task);
+                self.order.push(key);
+            }
+            MapEntry::Occupied(there) => {
+                if task.by_name && !Arc::ptr_eq(&there.get().call, &task.call) {
+                    let name: Arc<str> = Arc::from(task.name());
+                    self.renamed.push(TaskKey::from_parts(name, key));
+                }
+            }
         }
     }
 
@@ -674,8 +704,11 @@ impl Graph {
     }
 
     /// Builds the nodes for `keys` (and everything they depend on), checking
-    /// for missing dependencies and cycles.
+    /// for names given twice, missing dependencies and cycles.
     fn nodes(&self, keys: &[Key]) -> Result<Vec<Arc<Node>>> {
+        if let Some(task) = self.renamed.first() {
+            return Err(Error::NameGivenTwice(task.clone()));
+        }
         #[derive(Clone)]
         enum Mark {
             Visiting,
