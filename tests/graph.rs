@@ -518,3 +518,51 @@ fn a_lookup_that_cannot_be_keyed_shares_no_key_with_a_name() {
         "{err:#}"
     );
 }
+
+/// Names given to work: a name is part of a task's key beside its
+/// work, so keys are equal exactly when function, input and names are.
+mod named_keys {
+    use proptest::prelude::*;
+    use rask::delayed;
+
+    fn inc(x: i64) -> i64 {
+        x + 1
+    }
+
+    fn dec(x: i64) -> i64 {
+        x - 1
+    }
+
+    /// Which function, its literal input, and the names given in turn.
+    type Work = (bool, i64, Vec<String>);
+
+    fn work() -> impl Strategy<Value = Work> {
+        (
+            any::<bool>(),
+            0..3_i64,
+            prop::collection::vec("[ab]{0,2}", 0..3),
+        )
+    }
+
+    fn key((up, x, names): &Work) -> rask::TaskKey {
+        let mut d = if *up {
+            delayed!(inc(*x))
+        } else {
+            delayed!(dec(*x))
+        };
+        for name in names {
+            d = d.named(name.clone());
+        }
+        d.key()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, .. ProptestConfig::default() })]
+
+        #[test]
+        fn named_work_shares_a_key_only_with_the_same_work_and_names(a in work(), b in work()) {
+            prop_assert_eq!(key(&a) == key(&b), a == b, "{:?} {:?}", a, b);
+            prop_assert_eq!(key(&a), key(&a));
+        }
+    }
+}
