@@ -122,11 +122,71 @@ fn as_arc<T: Data>(value: rask_executor::Value, keep: bool) -> Result<std::sync:
     }
 }
 
+/// The serde *shape* of `T`: a hash of what its `Deserialize` asks for, as
+/// `serde-reflection` traces it — every struct's and enum's name, its
+/// fields or variants by name and in order, and their types, down to
+/// primitives. Two types whose encodings could be read as each other but
+/// mean something else (fields reordered, renamed, retyped, a variant
+/// added) have different shapes. Traced once per type and process.
+///
+/// `None` when `T` cannot be traced: its `Deserialize` needs a
+/// self-describing format (`deserialize_any`: untagged enums,
+/// `serde_json::Value`) or rejects the tracer's made-up values (a type
+/// that validates what it reads), or panics doing so.
+pub(crate) fn shape<T: Data>() -> Option<[u8; 32]> {
+    use std::any::TypeId;
+    use std::collections::HashMap;
+    use std::sync::{Mutex, PoisonError};
+
+    type Shapes = Mutex<Option<HashMap<TypeId, Option<[u8; 32]>>>>;
+    static SHAPES: Shapes = Mutex::new(None);
+    let id = TypeId::of::<T>();
+    let known = |shapes: &Shapes| {
+        shapes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .and_then(|m| m.get(&id).copied())
+    };
+    if let Some(shape) = known(&SHAPES) {
+        return shape;
+    }
+    // Outside the lock: tracing runs `T`'s own `Deserialize`.
+    let traced = std::panic::catch_unwind(trace::<T>).ok().flatten();
+    SHAPES
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get_or_insert_with(HashMap::new)
+        .insert(id, traced);
+    traced
+}
+
+/// [`shape`], traced.
+fn trace<T: Data>() -> Option<[u8; 32]> {
+    use serde_reflection::{FormatHolder, Tracer, TracerConfig};
+
+    let mut tracer = Tracer::new(TracerConfig::default());
+    let (mut format, _) = tracer.trace_simple_type::<T>().ok()?;
+    format.normalize().ok()?;
+    let registry = tracer.registry().ok()?;
+    let bytes = postcard::to_stdvec(&(format, registry)).ok()?;
+    Some(
+        *blake3::Hasher::new_derive_key("rask value shape v1")
+            .update(&bytes)
+            .finalize()
+            .as_bytes(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use rask_executor::{Encoded, Value};
+    use std::collections::BTreeMap;
     use std::sync::Arc;
+
+    use rask_executor::{Encoded, Value};
+    use serde::{Deserialize, Serialize};
+
+    use super::*;
 
     #[test]
     fn shared_decodes_bytes_once_and_unique_keeps_nothing() {
@@ -146,5 +206,78 @@ mod tests {
         let value: Value = Arc::new(Encoded::new(Arc::from(postcard::to_stdvec(&7_u8).unwrap())));
         assert_eq!(*shared::<u8>(value.clone()).ok().unwrap(), 7);
         assert_eq!(*shared::<u16>(value).ok().unwrap(), 7);
+    }
+
+    mod before {
+        #[derive(Clone, serde::Serialize, serde::Deserialize)]
+        pub(in super::super) struct Point {
+            pub(in super::super) x: i64,
+            pub(in super::super) y: i64,
+        }
+    }
+
+    mod swapped {
+        #[derive(Clone, serde::Serialize, serde::Deserialize)]
+        pub(in super::super) struct Point {
+            pub(in super::super) y: i64,
+            pub(in super::super) x: i64,
+        }
+    }
+
+    mod retyped {
+        #[derive(Clone, serde::Serialize, serde::Deserialize)]
+        pub(in super::super) struct Point {
+            pub(in super::super) x: i64,
+            pub(in super::super) y: u64,
+        }
+    }
+
+    mod same {
+        #[derive(Clone, serde::Serialize, serde::Deserialize)]
+        pub(in super::super) struct Point {
+            pub(in super::super) x: i64,
+            pub(in super::super) y: i64,
+        }
+    }
+
+    #[derive(Clone, Serialize, Deserialize)]
+    enum Two {
+        A(i64),
+        B { name: String },
+    }
+
+    #[derive(Clone, Serialize, Deserialize)]
+    enum Three {
+        A(i64),
+        B { name: String },
+        C,
+    }
+
+    #[derive(Clone, Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Untagged {
+        Number(i64),
+        Text(String),
+    }
+
+    #[test]
+    fn a_shape_tells_layouts_apart_that_would_decode_as_each_other() {
+        let point = shape::<before::Point>().unwrap();
+        assert_eq!(
+            shape::<same::Point>(),
+            Some(point),
+            "same fields, same shape"
+        );
+        assert_ne!(shape::<swapped::Point>(), Some(point), "fields reordered");
+        assert_ne!(shape::<retyped::Point>(), Some(point), "a field retyped");
+        assert_ne!(shape::<Two>(), shape::<Three>(), "a variant added");
+        assert_ne!(shape::<Vec<i64>>(), shape::<Vec<u64>>());
+        assert!(shape::<BTreeMap<String, (i64, Option<f64>)>>().is_some());
+        assert_eq!(shape::<i64>(), shape::<i64>());
+    }
+
+    #[test]
+    fn a_type_that_cannot_be_traced_has_no_shape() {
+        assert_eq!(shape::<Untagged>(), None);
     }
 }

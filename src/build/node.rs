@@ -449,6 +449,8 @@ pub(crate) struct Function {
     pub(crate) output: &'static str,
     /// Decodes a cache entry's bytes into its output value.
     pub(crate) decode: fn(&[u8]) -> Result<Value, String>,
+    /// Its output type's serde shape ([`shape`](crate::build::data::shape)).
+    pub(crate) shape: fn() -> Option<[u8; 32]>,
 }
 
 impl Function {
@@ -459,6 +461,7 @@ impl Function {
             pure: crate::build::key::is_pure_fn::<F>(),
             builtin: false,
             output: std::any::type_name::<T>(),
+            shape: crate::build::data::shape::<T>,
             decode: |bytes| match postcard::take_from_bytes::<T>(bytes) {
                 Ok((value, [])) => Ok(Arc::new(value) as Value),
                 Ok((_, rest)) => Err(format!("{} bytes left over", rest.len())),

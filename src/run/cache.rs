@@ -42,11 +42,18 @@
 //!    version (a plain `fn` used with `delayed!`, a generic instance given
 //!    to `init_with`), the *build* of the program, a hash of its
 //!    executable,
-//! 3. the address of each of its inputs, so the versions of everything
+//! 3. its value's type's *shape*: a hash of what the type's `Deserialize`
+//!    asks for, traced through serde once per type and process (every
+//!    struct's and enum's name, its fields or variants by name and in
+//!    order, their types); for a type serde cannot trace (one that needs
+//!    a self-describing format, such as an untagged enum, or that rejects
+//!    made-up values), the build instead, unless the function has an
+//!    explicit `version = N`, which then vouches for the type too,
+//! 4. the address of each of its inputs, so the versions of everything
 //!    upstream count too; a literal's key is its address (its bytes are
 //!    hashed), and a value whose code is unknown here — a persisted result,
 //!    a future — counts as its key and the build,
-//! 4. with [`Config::cache_strict`](crate::Config::cache_strict), the build.
+//! 5. with [`Config::cache_strict`](crate::Config::cache_strict), the build.
 //!
 //! # What invalidates an entry
 //!
@@ -63,20 +70,22 @@
 //!   no recorded version, or the cache is strict,
 //! - the function is renamed or moved, or the compiler changes (keys
 //!   change, and another compiler may print tokens differently),
-//! - its value's type is named differently, or the entry's format version
+//! - its value's type is named differently, its shape changes (a field
+//!   added, removed, renamed, reordered or retyped, a variant added), for
+//!   that task or any task upstream of it, or the entry's format version
 //!   changes.
 //!
 //! What does **not** invalidate an entry: a change in code a versioned
-//! function calls but does not contain — a helper function, a trait impl,
-//! a constant, a dependency's new release — or in the layout of its
-//! output type (a field added to a struct: the entry then usually fails to
-//! decode and is a miss, but a layout that still decodes gives the old
-//! value). Give such a function an explicit `version = N` and bump it, or
-//! turn on [`cache_strict`](crate::Config::cache_strict), when that matters.
+//! function calls but does not contain — a helper function, a trait impl
+//! (a hand-written `Deserialize` whose traced shape stays the same), a
+//! constant, a dependency's new release. Give such a function an explicit
+//! `version = N` and bump it, or turn on
+//! [`cache_strict`](crate::Config::cache_strict), when that matters.
 //! Nor does anything behind a name you chose: a
-//! [`value_named`](crate::value_named) whose data changed, or a
-//! [`named`](crate::Delayed::named) task whose literal arguments changed,
-//! keeps its key and so its entries (a named task's inputs still count).
+//! [`value_named`](crate::value_named) whose data changed keeps its key
+//! and so the entries built on it. (A [`named`](crate::Delayed::named)
+//! task's key keeps its work's own: its arguments count as unnamed ones
+//! do.)
 //!
 //! # Rules
 //!
@@ -618,10 +627,16 @@ impl Addresses {
                 } else {
                     recorded(function.id).version
                 };
+                // The output type's shape, when serde can trace it; when
+                // not, only an explicit version vouches for the layout.
+                let shape = (function.shape)();
+                if let Some(shape) = &shape {
+                    h.update(b"o").update(shape);
+                }
                 match version {
                     Some(Version::Source(hash)) => {
                         h.update(b"s").update(&hash.to_le_bytes());
-                        false
+                        shape.is_none() && untraced(function.output, node.name())
                     }
                     Some(Version::Explicit(n)) => {
                         h.update(b"e").update(&n.to_le_bytes());
@@ -629,7 +644,7 @@ impl Addresses {
                     }
                     Some(Version::Builtin) => {
                         h.update(b"r").update(env!("CARGO_PKG_VERSION").as_bytes());
-                        false
+                        shape.is_none() && untraced(function.output, node.name())
                     }
                     None => {
                         unversioned(function.id, node.name());
@@ -694,6 +709,24 @@ fn unversioned(function: std::any::TypeId, name: &str) -> bool {
         );
     }
     first
+}
+
+/// Says once per output type that serde cannot trace its shape, so the
+/// entries of tasks returning it last one build; always `true` (the
+/// address then holds the build).
+fn untraced(output: &'static str, name: &str) -> bool {
+    static SAID: Mutex<Option<HashSet<&'static str>>> = Mutex::new(None);
+    let mut said = SAID.lock().unwrap_or_else(PoisonError::into_inner);
+    if said.get_or_insert_with(HashSet::new).insert(output) {
+        tracing::info!(
+            task = name,
+            "result cache: the shape of `{output}` (the value of `{name}`) cannot be traced \
+             through serde, so a change of its fields could not be told from its entries: \
+             they last until the program is rebuilt (give its function `version = N` to \
+             vouch for the type yourself)"
+        );
+    }
+    true
 }
 
 /// Runs `warn` the first time `address` is rejected in this process (rule 3).
