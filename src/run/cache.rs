@@ -78,8 +78,11 @@
 //! What does **not** invalidate an entry: a change in code a versioned
 //! function calls but does not contain — a helper function, a trait impl
 //! (a hand-written `Deserialize` whose traced shape stays the same), a
-//! constant, a dependency's new release. Give such a function an explicit
-//! `version = N` and bump it, or turn on
+//! constant, a dependency's new release — or in the type of a literal
+//! argument that gives another value the old bytes (a literal's bytes are
+//! its key, its type's shape is not: two `i64` fields of the argument's
+//! type swapped make `{x: 2, y: 1}` the old `{x: 1, y: 2}`). Give such a
+//! function an explicit `version = N` and bump it, or turn on
 //! [`cache_strict`](crate::Config::cache_strict), when that matters.
 //! Nor does anything behind a name you chose: a
 //! [`value_named`](crate::value_named) whose data changed keeps its key
