@@ -137,6 +137,16 @@ fn distinct_closures_never_share_a_key() {
     let k = 7_i64;
     let add_k = move |x: i64| x + k;
     assert_ne!(delayed!(add_k(1)).key(), delayed!(add_k(1)).key());
+    // Named, the name stands for what it captured; its function and
+    // arguments still count (calls over other arguments named alike used
+    // to share one key and one value).
+    let step = |i: i64| delayed!(add_k(i)).named("add-k");
+    assert_eq!(step(1).key(), step(1).key());
+    assert_ne!(step(1).key(), step(2).key());
+    let mul_k = move |x: i64| x * k;
+    assert_ne!(step(1).key(), delayed!(mul_k(1)).named("add-k").key());
+    let steps: Vec<_> = (0..3).map(step).collect();
+    assert_eq!(rask::compute_with(&steps, &config).unwrap(), vec![7, 8, 9]);
     // Two nested functions of one name in different blocks share a path.
     let one = {
         fn h(x: i64) -> i64 {

@@ -309,6 +309,12 @@ impl Args {
             None => shared(call),
             Some(message) => Arc::new(Broken(message)),
         };
+        // A capturing closure's call keeps its key without the nonce, for
+        // a name given to it (`key.rs` rule 5).
+        let call = match self.hasher.finish_without_nonce() {
+            Some(stable) => crate::build::node::Decorated::stable(&call, stable),
+            None => call,
+        };
         Delayed::from_node(Arc::new(Node {
             mark: Mark::estimating(self.tasks),
             key,

@@ -10,7 +10,7 @@ use rask_executor::{Key, Value};
 
 use crate::build::data::Data;
 use crate::build::key::{KeyHasher, Tag};
-use crate::build::node::{Code, Decorated, Deps, Held, Label, Name, Node, Origin};
+use crate::build::node::{Decorated, Deps, Held, Label, Name, Node, Origin};
 use crate::build::pick::{Part, Step};
 use rask_executor::OpError;
 
@@ -110,12 +110,12 @@ impl<T> Delayed<T> {
     /// are two tasks with their own values, also in the result cache), and
     /// the same work under two names is two tasks.
     ///
-    /// The exception is a call of a closure that captures variables, whose
-    /// own key is fresh for every call (what it captured is not hashed):
-    /// the name is then its whole identity. Such calls named alike share
-    /// one key, as do [`value_named`] values, and the first one found when
-    /// a graph is lowered wins: choose names that identify what was
-    /// captured.
+    /// A call of a closure that captures variables has a fresh key for
+    /// every call (what it captured is not hashed); named, its key is the
+    /// name's over its function and arguments, so the name stands for what
+    /// it captured: calls of one such closure named alike over the same
+    /// arguments share one key, and over other arguments do not. Choose
+    /// names that identify what was captured.
     ///
     /// ```
     /// fn inc(x: i64) -> i64 { x + 1 }
@@ -126,19 +126,18 @@ impl<T> Delayed<T> {
     /// let b = rask::delayed!(inc(5)).named("first");
     /// assert_eq!(rask::compute((&a, &b))?, (2, 6));
     ///
-    /// // A closure's captured state is not hashed: the name identifies it.
+    /// // A closure's captured state is not hashed: the name stands for it.
     /// let step = 10;
     /// let add_step = move |x: i64| x + step;
     /// let c = rask::delayed!(add_step(1)).named("add-10");
     /// assert_eq!(c.key(), rask::delayed!(add_step(1)).named("add-10").key());
+    /// assert_ne!(c.key(), rask::delayed!(add_step(2)).named("add-10").key());
     /// # Ok::<(), rask::Error>(())
     /// ```
     pub fn named(&self, name: impl Into<String>) -> Delayed<T> {
         let name: String = name.into();
-        let key = match self.node.call.code() {
-            Code::Call(function) if !function.pure => named_key(&name),
-            _ => renamed_key(&name, &self.node.key),
-        };
+        let of = self.node.call.stable_key().unwrap_or(self.node.key);
+        let key = renamed_key(&name, &of);
         let mut node = self.node.rekeyed(key);
         node.label = Label::Call;
         node.call = Decorated::named(&self.node.call, Name::Owned(name));
@@ -352,8 +351,7 @@ fn unique_suffix() -> u64 {
     COUNTER.fetch_add(1, Ordering::Relaxed)
 }
 
-/// The key that [`value_named`] gives to `name`, and [`Delayed::named`] to
-/// a call of a closure that captures variables (whose own key is fresh).
+/// The key that [`value_named`] gives to `name`.
 ///
 /// ```
 /// let v = rask::value_named("config", 3);

@@ -947,8 +947,8 @@ mod tests {
         // are held by them alone, so neither is a repeat below.
         let inc_of = |v| delayed!(inc(delayed!(inc(v))));
         let cases = [
-            // Calls of a capturing closure named alike, over distinct
-            // inputs: keys from the name alone, not derived from them.
+            // Hand-assembled tasks named alike, over distinct inputs: keys
+            // from the name alone, not derived from them.
             // The key map keeps the left one's two incs, it and the sum.
             (by_name(inc_of(1), "n"), by_name(inc_of(2), "n"), 4),
             // A held result standing in for the work built again.
@@ -1071,11 +1071,15 @@ mod tests {
     }
 
     /// A call over `input` whose key is `name`'s alone, whatever the input:
-    /// a closure that captures a variable, named.
+    /// a hand-assembled graph's task; `input` itself when a task below it
+    /// has that name already (the graph refuses a name given twice).
     fn by_name(input: Delayed<i64>, name: &str) -> Delayed<i64> {
-        let step = 1_i64;
-        let bump = move |x: i64| x + step;
-        delayed!(bump(input)).named(name)
+        let mut g = Graph::new();
+        let of = g.insert(&input);
+        g.insert_task(name, &[of], |v| {
+            v[0].downcast_ref::<i64>().copied().unwrap_or(0) + 1
+        });
+        g.delayed::<i64>(named_key(name)).unwrap_or(input)
     }
 
     /// One node of a generated graph: its work, and for each input (by the
@@ -1086,7 +1090,7 @@ mod tests {
         Leaf(i64),
         Inc(usize, bool),
         Add((usize, bool), (usize, bool)),
-        /// A capturing closure's call, `named`: a key from the name alone,
+        /// A hand-assembled task named `n{0}`: a key from the name alone,
         /// whatever the input.
         Named(u8, usize, bool),
         /// A held result under the input's key (as `persist` makes).

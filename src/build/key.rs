@@ -34,11 +34,13 @@
 //!    not hashed (they need not be serializable), so every call gets a fresh
 //!    key and is never shared with another call. Give it an identity with
 //!    `Delayed::named`, or pass the values as arguments of a function item.
-//! 5. A name given to other work (`Delayed::named`) is hashed over the
-//!    work's own key, so distinct work never shares a key under one name;
-//!    only work with no identity of its own (rule 4) takes the name alone,
-//!    as do values wrapped under a name (`value_named`), which the name
-//!    identifies by the caller's word.
+//! 5. A name given to work (`Delayed::named`) is hashed over the work's
+//!    own key, so distinct work never shares a key under one name; for a
+//!    call of a closure that captures variables, over its key without the
+//!    nonce (its function and arguments): the name then stands for what it
+//!    captured, and its arguments still count. Only values wrapped under a
+//!    name (`value_named`) take the name alone: the name identifies them
+//!    by the caller's word.
 
 use std::io;
 use std::sync::LazyLock;
@@ -108,9 +110,12 @@ pub(crate) fn is_pure_fn<F>() -> bool {
     std::mem::size_of::<F>() == 0
 }
 
+/// How many bytes a [`nonce`] is.
+const NONCE_LEN: usize = 16;
+
 /// Bytes no other call gets: this process's random salt and a counter.
 /// For impure work (rule 4, `Delayed::unique`).
-pub(crate) fn nonce() -> [u8; 16] {
+pub(crate) fn nonce() -> [u8; NONCE_LEN] {
     static SALT: LazyLock<u64> = LazyLock::new(|| {
         let mut h = blake3::Hasher::new();
         h.update(&std::process::id().to_le_bytes());
@@ -127,7 +132,7 @@ pub(crate) fn nonce() -> [u8; 16] {
     });
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mut out = [0u8; 16];
+    let mut out = [0u8; NONCE_LEN];
     out[..8].copy_from_slice(&SALT.to_le_bytes());
     out[8..].copy_from_slice(&n.to_le_bytes());
     out
@@ -141,6 +146,9 @@ pub(crate) fn nonce() -> [u8; 16] {
 pub(crate) struct KeyHasher {
     buf: Vec<u8>,
     stream: Option<Box<blake3::Hasher>>,
+    /// Where a capturing closure's nonce sits in `buf` (rule 4), for
+    /// [`KeyHasher::finish_without_nonce`].
+    nonce_at: Option<usize>,
 }
 
 impl KeyHasher {
@@ -157,6 +165,7 @@ impl KeyHasher {
         this.buf
             .extend_from_slice(&KnownFunction::digest::<F>(name));
         if !is_pure_fn::<F>() {
+            this.nonce_at = Some(this.buf.len());
             this.bytes(&nonce());
         }
         this
@@ -165,7 +174,11 @@ impl KeyHasher {
     fn empty() -> Self {
         let mut buf = SPARE.take();
         buf.clear();
-        KeyHasher { buf, stream: None }
+        KeyHasher {
+            buf,
+            stream: None,
+            nonce_at: None,
+        }
     }
 
     pub(crate) fn new(tag: Tag, name: &str, identity: &str) -> Self {
@@ -231,6 +244,20 @@ impl KeyHasher {
     ) -> Result<(), postcard::Error> {
         self.buf.push(b'l');
         postcard::to_io(value, Writer(self)).map(|_| ())
+    }
+
+    /// For a call of a capturing closure, the key its call would have
+    /// without the nonce: its function and arguments, which a name given to
+    /// it (`Delayed::named`, rule 5) is hashed over. `None` for other
+    /// keys, or when a large literal streamed the nonce into the hasher.
+    pub(crate) fn finish_without_nonce(&self) -> Option<Key> {
+        let at = self.nonce_at.filter(|_| self.stream.is_none())?;
+        // What `bytes` wrote: a mark, the length (8 bytes), the nonce.
+        let end = at + 1 + 8 + NONCE_LEN;
+        let mut rest = Vec::with_capacity(self.buf.len());
+        rest.extend_from_slice(self.buf.get(..at)?);
+        rest.extend_from_slice(self.buf.get(end..)?);
+        Some(Key(*blake3::keyed_hash(&HASH_KEY, &rest).as_bytes()))
     }
 
     pub(crate) fn finish(&self) -> Key {

@@ -420,6 +420,12 @@ pub(crate) trait Call: Send + Sync + 'static {
     fn annotations(&self) -> Option<&rask_executor::Annotations> {
         None
     }
+
+    /// For a call of a capturing closure, its key without the nonce
+    /// (`key.rs` rule 5): what a name given to it is hashed over.
+    fn stable_key(&self) -> Option<Key> {
+        None
+    }
 }
 
 /// What decides a node's value besides its key, for the result cache.
@@ -485,6 +491,8 @@ pub(crate) struct Decorated {
     /// Marked cached (`true`) or never to be cached (`false`).
     cache: Option<bool>,
     annotations: Option<rask_executor::Annotations>,
+    /// A capturing closure's key without its nonce ([`Call::stable_key`]).
+    stable: Option<Key>,
 }
 
 impl Decorated {
@@ -495,7 +503,16 @@ impl Decorated {
             limits: None,
             cache: None,
             annotations: None,
+            stable: None,
         }
+    }
+
+    /// A capturing closure's `call`, with its key without the nonce.
+    pub(crate) fn stable(call: &Arc<dyn Call>, key: Key) -> Arc<dyn Call> {
+        Arc::new(Decorated {
+            stable: Some(key),
+            ..Decorated::on(call)
+        })
     }
 
     /// `call` with these limits, keeping those `call` already has.
@@ -589,6 +606,13 @@ impl Call for Decorated {
         self.annotations
             .as_ref()
             .or_else(|| self.call.annotations())
+    }
+    fn stable_key(&self) -> Option<Key> {
+        // A named node's key is its name's over the work's: stable already.
+        match self.name {
+            Some(_) => None,
+            None => self.stable.or_else(|| self.call.stable_key()),
+        }
     }
 }
 
