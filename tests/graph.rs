@@ -576,3 +576,50 @@ mod named_keys {
         }
     }
 }
+
+/// An untraversed value's key is its serialization, not its `Hash`: a type
+/// whose `Hash` leaves fields out (here all but `id`) used to give two
+/// different values one key, and one value for both.
+mod untraversed_keys {
+    use rask::{delayed, Config, Untraversed};
+
+    #[derive(Clone, serde::Serialize, serde::Deserialize)]
+    struct Job {
+        id: u32,
+        weights: Vec<f64>,
+    }
+
+    impl std::hash::Hash for Job {
+        fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+            self.id.hash(state);
+        }
+    }
+
+    fn total(job: Job) -> f64 {
+        job.weights.iter().sum()
+    }
+
+    fn add(x: f64, y: f64) -> f64 {
+        x + y
+    }
+
+    #[test]
+    fn values_that_differ_only_where_hash_does_not_look_get_their_own_keys() {
+        let job = |w: f64| Job {
+            id: 1,
+            weights: vec![w, 1.0],
+        };
+        let a = delayed!(total(Untraversed(job(1.0))));
+        let b = delayed!(total(Untraversed(job(2.0))));
+        assert_ne!(a.key(), b.key());
+        assert_eq!(a.key(), delayed!(total(Untraversed(job(1.0)))).key());
+        let both = delayed!(add(&a, &b));
+        assert_eq!(both.compute_with(&Config::synchronous()).unwrap(), 5.0);
+        // Floats in an untraversed value, which `Hash` refused: -0.0 and
+        // 0.0 are different values.
+        assert_ne!(
+            delayed!(total(Untraversed(job(0.0)))).key(),
+            delayed!(total(Untraversed(job(-0.0)))).key()
+        );
+    }
+}

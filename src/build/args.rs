@@ -290,19 +290,6 @@ impl Args {
         }
     }
 
-    fn hashed<T: Hash + ?Sized>(&mut self, value: &T) {
-        struct StdHasher<'a>(&'a mut KeyHasher);
-        impl std::hash::Hasher for StdHasher<'_> {
-            fn finish(&self) -> u64 {
-                0
-            }
-            fn write(&mut self, bytes: &[u8]) {
-                self.0.bytes(bytes);
-            }
-        }
-        value.hash(&mut StdHasher(&mut self.hasher));
-    }
-
     pub(crate) fn finish<T>(self, name: &'static &'static str, call: impl Call) -> Delayed<T> {
         let key = self.hasher.finish();
         let call: Arc<dyn Call> = match self.error {
@@ -712,8 +699,9 @@ tuple_args!(A0 X0 S0 0, A1 X1 S1 1, A2 X2 S2 2, A3 X3 S3 3, A4 X4 S4 4, A5 X5 S5
 ///
 /// The function receives the value itself: a `Vec<Delayed<T>>` stays a list
 /// of handles (the task may compute them itself) instead of becoming a list
-/// of results. The key hashes the value with [`std::hash::Hash`] (a
-/// `Delayed` hashes as its key).
+/// of results. The key hashes the value's serialization, a `Delayed` in it
+/// as its key (a value whose serialization fails gets a key of its own,
+/// shared with no other task).
 ///
 /// On a cluster the value travels as it serializes: plain data as its
 /// bytes, a `Delayed` as its graph of registered tasks, which the worker
@@ -769,14 +757,19 @@ tuple_args!(A0 X0 S0 0, A1 X1 S1 1, A2 X2 S2 2, A3 X3 S3 3, A4 X4 S4 4, A5 X5 S5
 #[derive(Debug, Clone)]
 pub struct Untraversed<T>(pub T);
 
-impl<T: Data + Hash> IntoArg<T, mode::Opaque> for Untraversed<T> {
+impl<T: Data> IntoArg<T, mode::Opaque> for Untraversed<T> {
     type Slot = Opaque<T>;
     fn into_arg(self, args: &mut Args) -> Opaque<T> {
         args.hasher.bytes(b"untraversed");
-        args.hashed(&self.0);
-        // Its futures are inputs (`travel.rs` rule 5); their keys are in
-        // the key as inputs too.
-        let futures = crate::build::travel::futures_in(&self.0)
+        // Its serialization is its part of the key, a `Delayed` in it as
+        // its key; its futures are inputs (`travel.rs` rule 5), their keys
+        // in the key as inputs too. A value that does not serialize whole
+        // shares its key with no other.
+        let (futures, whole) = crate::build::travel::futures_in(&self.0, &mut args.hasher);
+        if !whole {
+            args.hasher.bytes(&crate::build::key::nonce());
+        }
+        let futures = futures
             .iter()
             .map(|node| {
                 args.input(node);

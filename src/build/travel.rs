@@ -31,8 +31,9 @@
 //! [`bound_input`]):
 //!
 //! 5. When `delayed!` meets an `Untraversed` value it serializes it once
-//!    into nothing, collecting every future inside it ([`futures_in`]; a
-//!    `Delayed` then writes nothing). Each becomes an input of the task,
+//!    into its task's key, collecting every future inside it
+//!    ([`futures_in`]; a `Delayed` then writes its key, a future its
+//!    position, key and name). Each becomes an input of the task,
 //!    as a traversed future would: the task runs once they are all done,
 //!    the cluster holds their values for it until it ran (it is their
 //!    dependent, so no release by the submitter can take them away, and a
@@ -56,6 +57,7 @@ use rask_executor::{Key, Op, OpError, Registry, Value, WireError, WireTask};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::build::delayed::Delayed;
+use crate::build::key::KeyHasher;
 use crate::build::node::{Call, Decorated, Label, Node};
 
 /// One node of a travelling graph (rule 1).
@@ -74,8 +76,9 @@ struct WireNode {
 impl<T> Serialize for Delayed<T> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         if HANDLES.with(|h| matches!(*h.borrow(), Some(Handles::Collect(_)))) {
-            // Only futures are looked for (rule 5).
-            return serializer.serialize_unit();
+            // Futures are looked for, and the value's key taken (rule 5):
+            // a `Delayed` is its key.
+            return serializer.serialize_bytes(&self.node().key.0);
         }
         match wire_graph(self.node()) {
             Ok(graph) => graph.serialize(serializer),
@@ -160,23 +163,22 @@ impl<T: 'static> Drop for Restore<T> {
     }
 }
 
-/// Writes nothing: collecting futures needs no bytes.
-struct Discard;
-
-impl Extend<u8> for Discard {
-    fn extend<I: IntoIterator<Item = u8>>(&mut self, _: I) {}
-}
-
 /// The futures inside an untraversed `value`, in the order it serializes
-/// them (rule 5). A value that does not serialize yields those met before
-/// the error: it cannot travel anyway, and here it is passed as is.
-pub(crate) fn futures_in<T: Serialize>(value: &T) -> Vec<Arc<Node>> {
+/// them, with the value serialized into `hasher` for its task's key (rule
+/// 5), and whether it serialized whole. A value that does not serialize
+/// yields those met before the error: it cannot travel anyway, and here it
+/// is passed as is.
+pub(crate) fn futures_in(
+    value: &(impl Serialize + ?Sized),
+    hasher: &mut KeyHasher,
+) -> (Vec<Arc<Node>>, bool) {
     let scope = Restore::set(&HANDLES, Handles::Collect(Vec::new()));
-    let _ = postcard::to_extend(value, Discard);
-    match scope.take() {
+    let whole = hasher.literal(value).is_ok();
+    let found = match scope.take() {
         Some(Handles::Collect(found)) => found,
         _ => Vec::new(),
-    }
+    };
+    (found, whole)
 }
 
 /// The position a future of key `key` (whose node `node` makes) writes
