@@ -254,6 +254,10 @@ fn a_name_given_to_two_tasks_is_an_error() {
     let mut merged = g.clone();
     merged.merge(&other);
     assert!(matches!(merged.validate(), Err(Error::NameGivenTwice(t)) if t.name() == "a"));
+    // A `value_named` value is a task keyed by its name too.
+    let mut wrapped = g.clone();
+    wrapped.insert(&rask::value_named("a", 7_i64));
+    assert!(matches!(wrapped.validate(), Err(Error::NameGivenTwice(t)) if t.name() == "a"));
     // The error travels with a merge, too.
     let mut carried = Graph::new();
     carried.merge(&twice);

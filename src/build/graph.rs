@@ -549,8 +549,11 @@ impl Graph {
         g
     }
 
-    /// Adds everything `delayed` depends on; keys already present are kept.
-    /// Returns `delayed`'s key.
+    /// Adds everything `delayed` depends on; keys already present are kept
+    /// (they stand for the same work), except that a task keyed by its
+    /// name (a [`value_named`](crate::value_named) value) whose name
+    /// another task of this graph has is an error that
+    /// [`validate`](Graph::validate) reports. Returns `delayed`'s key.
     pub fn insert<T>(&mut self, delayed: &Delayed<T>) -> Key {
         postorder(
             std::slice::from_ref(delayed.node()),
@@ -563,7 +566,9 @@ impl Graph {
                         label: node.label,
                         deps: node.deps.iter().map(|d| d.key).collect(),
                         call: node.call.clone(),
-                        by_name: false,
+                        // A `value_named` value, or a task of another
+                        // hand-assembled graph.
+                        by_name: node.key == named_key(node.name()),
                     },
                 );
             },
