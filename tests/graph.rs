@@ -145,6 +145,9 @@ fn distinct_closures_never_share_a_key() {
     assert_ne!(step(1).key(), step(2).key());
     let mul_k = move |x: i64| x * k;
     assert_ne!(step(1).key(), delayed!(mul_k(1)).named("add-k").key());
+    // Unique work stays unique under a name.
+    let once = || delayed!(add_k(1)).unique().named("add-k");
+    assert_ne!(once().key(), once().key());
     let steps: Vec<_> = (0..3).map(step).collect();
     assert_eq!(rask::compute_with(&steps, &config).unwrap(), vec![7, 8, 9]);
     // Two nested functions of one name in different blocks share a path.

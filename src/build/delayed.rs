@@ -115,7 +115,8 @@ impl<T> Delayed<T> {
     /// name's over its function and arguments, so the name stands for what
     /// it captured: calls of one such closure named alike over the same
     /// arguments share one key, and over other arguments do not. Choose
-    /// names that identify what was captured.
+    /// names that identify what was captured. Work made
+    /// [`unique`](Delayed::unique) stays unique under any name.
     ///
     /// ```
     /// fn inc(x: i64) -> i64 { x + 1 }

@@ -609,9 +609,10 @@ impl Call for Decorated {
     }
     fn stable_key(&self) -> Option<Key> {
         // A named node's key is its name's over the work's: stable already.
-        match self.name {
-            Some(_) => None,
-            None => self.stable.or_else(|| self.call.stable_key()),
+        // Unique work (never cached) keeps its fresh key under any name.
+        match (&self.name, self.cache) {
+            (Some(_), _) | (_, Some(false)) => None,
+            _ => self.stable.or_else(|| self.call.stable_key()),
         }
     }
 }
