@@ -168,6 +168,56 @@ pub trait Slot<A>: Send + Sync + 'static {
         self.template(&mut template)?;
         Ok(WireArg::Nested(template.0))
     }
+
+    /// Adds the shapes of the literal values this slot holds, for a cached
+    /// task's address (`cache.rs`); an input adds none (its address
+    /// counts).
+    fn literals(&self, _: &mut Shapes) {}
+}
+
+/// The serde shapes ([`shape`](crate::build::data::shape)) of the types of
+/// a task's literal arguments, each type once, in the order first met:
+/// the bytes of a literal are in its task's key, its type's layout is not.
+#[doc(hidden)]
+pub struct Shapes {
+    hasher: blake3::Hasher,
+    seen: std::collections::HashSet<std::any::TypeId>,
+    /// The first type that could not be traced.
+    untraced: Option<&'static str>,
+}
+
+impl Shapes {
+    pub(crate) fn new() -> Shapes {
+        Shapes {
+            hasher: blake3::Hasher::new_derive_key("rask literal shapes v1"),
+            seen: Default::default(),
+            untraced: None,
+        }
+    }
+
+    fn add<T: Data>(&mut self) {
+        if !self.seen.insert(std::any::TypeId::of::<T>()) {
+            return;
+        }
+        match crate::build::data::shape::<T>() {
+            Some(shape) => {
+                self.hasher.update(&shape);
+            }
+            None => {
+                self.untraced.get_or_insert(std::any::type_name::<T>());
+            }
+        }
+    }
+
+    /// The shapes' hash, when there were literals; `Err` with the name of
+    /// a type that cannot be traced.
+    pub(crate) fn finish(&self) -> Result<Option<[u8; 32]>, &'static str> {
+        match (self.untraced, self.seen.is_empty()) {
+            (Some(type_name), _) => Err(type_name),
+            (None, true) => Ok(None),
+            (None, false) => Ok(Some(*self.hasher.finalize().as_bytes())),
+        }
+    }
 }
 
 /// The postcard encoding of a parameter with holes for its inputs (module
@@ -359,6 +409,9 @@ impl<T: Data> Slot<T> for Literal<T> {
     fn wire(&self) -> Result<WireArg, WireError> {
         crate::build::registry::encode_literal(&self.0).map(WireArg::Literal)
     }
+    fn literals(&self, shapes: &mut Shapes) {
+        shapes.add::<T>();
+    }
 }
 
 /// An [`Untraversed`] value, kept in the task as is, and the keys of the
@@ -402,6 +455,9 @@ impl<T: Data> Slot<T> for Opaque<T> {
             what: "an untraversed value holding more than 2^32 - 1 futures".into(),
         })?;
         Ok(WireArg::Bound { bytes, inputs })
+    }
+    fn literals(&self, shapes: &mut Shapes) {
+        shapes.add::<T>();
     }
 }
 
@@ -506,6 +562,9 @@ impl<A: 'static, S: Slot<A>> Slot<Vec<A>> for Each<S, A> {
         out.length(self.0.len())?;
         self.0.iter().try_for_each(|s| s.template(out))
     }
+    fn literals(&self, shapes: &mut Shapes) {
+        self.0.iter().for_each(|s| s.literals(shapes));
+    }
 }
 
 impl<A: 'static, S: Slot<A>, const N: usize> Slot<[A; N]> for Each<S, A> {
@@ -522,6 +581,9 @@ impl<A: 'static, S: Slot<A>, const N: usize> Slot<[A; N]> for Each<S, A> {
     fn template(&self, out: &mut Template) -> Result<(), WireError> {
         // Arrays encode as their elements alone: the length is the type's.
         self.0.iter().try_for_each(|s| s.template(out))
+    }
+    fn literals(&self, shapes: &mut Shapes) {
+        self.0.iter().for_each(|s| s.literals(shapes));
     }
 }
 
@@ -573,6 +635,11 @@ impl<A, S: Slot<A>> Slot<Option<A>> for Maybe<S> {
             }
         }
     }
+    fn literals(&self, shapes: &mut Shapes) {
+        if let Some(s) = &self.0 {
+            s.literals(shapes);
+        }
+    }
 }
 
 impl<A, X: Traverse<A>> Traverse<Option<A>> for Option<X> {
@@ -619,7 +686,7 @@ macro_rules! map_slot {
     ($map:ident $($bound:path),*) => {
         impl<K, A, S> Slot<$map<K, A>> for Entries<K, S, $map<K, A>>
         where
-            K: Clone + Send + Sync + 'static $(+ $bound)*,
+            K: Data $(+ $bound)*,
             A: 'static,
             S: Slot<A>,
         {
@@ -636,6 +703,12 @@ macro_rules! map_slot {
                     s.template(out)?;
                 }
                 Ok(())
+            }
+            fn literals(&self, shapes: &mut Shapes) {
+                for (_, _, s) in &self.0 {
+                    shapes.add::<K>();
+                    s.literals(shapes);
+                }
             }
         }
     };
@@ -678,6 +751,9 @@ macro_rules! tuple_args {
                 // A tuple encodes as its elements in order.
                 $(self.$i.template(out)?;)+
                 Ok(())
+            }
+            fn literals(&self, shapes: &mut Shapes) {
+                $(self.$i.literals(shapes);)+
             }
         }
         impl<$($a, $x: Traverse<$a>),+> Traverse<($($a,)+)> for ($($x,)+) {
@@ -840,6 +916,11 @@ macro_rules! apply {
 
             fn code(&self) -> Code {
                 Code::Call(Function::of::<F, M::Out>())
+            }
+
+            #[allow(unused_variables)]
+            fn literals(&self, shapes: &mut Shapes) {
+                $(self.slots.$i.literals(shapes);)*
             }
 
             fn sendable(&self) -> Result<(), WireError> {

@@ -426,6 +426,10 @@ pub(crate) trait Call: Send + Sync + 'static {
     fn stable_key(&self) -> Option<Key> {
         None
     }
+
+    /// Adds the shapes of its literal arguments' types, for the result
+    /// cache (`cache.rs`).
+    fn literals(&self, _: &mut crate::build::args::Shapes) {}
 }
 
 /// What decides a node's value besides its key, for the result cache.
@@ -606,6 +610,9 @@ impl Call for Decorated {
         self.annotations
             .as_ref()
             .or_else(|| self.call.annotations())
+    }
+    fn literals(&self, shapes: &mut crate::build::args::Shapes) {
+        self.call.literals(shapes)
     }
     fn stable_key(&self) -> Option<Key> {
         // A named node's key is its name's over the work's: stable already.

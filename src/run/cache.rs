@@ -42,13 +42,14 @@
 //!    version (a plain `fn` used with `delayed!`, a generic instance given
 //!    to `init_with`), the *build* of the program, a hash of its
 //!    executable,
-//! 3. its value's type's *shape*: a hash of what the type's `Deserialize`
-//!    asks for, traced through serde once per type and process (every
-//!    struct's and enum's name, its fields or variants by name and in
-//!    order, their types); for a type serde cannot trace (one that needs
-//!    a self-describing format, such as an untagged enum, or that rejects
-//!    made-up values), the build instead, unless the function has an
-//!    explicit `version = N`, which then vouches for the type too,
+//! 3. the *shapes* of its value's type and of its literal arguments'
+//!    types: a hash of what each type's `Deserialize` asks for, traced
+//!    through serde once per type and process (every struct's and enum's
+//!    name, its fields or variants by name and in order, their types); for
+//!    a type serde cannot trace (one that needs a self-describing format,
+//!    such as an untagged enum, or that rejects made-up values), the build
+//!    instead, unless the function has an explicit `version = N`, which
+//!    then vouches for the types too,
 //! 4. the address of each of its inputs, so the versions of everything
 //!    upstream count too; a literal's key is its address (its bytes are
 //!    hashed), and a value whose code is unknown here — a persisted result,
@@ -70,19 +71,16 @@
 //!   no recorded version, or the cache is strict,
 //! - the function is renamed or moved, or the compiler changes (keys
 //!   change, and another compiler may print tokens differently),
-//! - its value's type is named differently, its shape changes (a field
-//!   added, removed, renamed, reordered or retyped, a variant added), for
-//!   that task or any task upstream of it, or the entry's format version
-//!   changes.
+//! - its value's type is named differently, its shape or a literal
+//!   argument's type's shape changes (a field added, removed, renamed,
+//!   reordered or retyped, a variant added), for that task or any task
+//!   upstream of it, or the entry's format version changes.
 //!
 //! What does **not** invalidate an entry: a change in code a versioned
 //! function calls but does not contain — a helper function, a trait impl
 //! (a hand-written `Deserialize` whose traced shape stays the same), a
-//! constant, a dependency's new release — or in the type of a literal
-//! argument that gives another value the old bytes (a literal's bytes are
-//! its key, its type's shape is not: two `i64` fields of the argument's
-//! type swapped make `{x: 2, y: 1}` the old `{x: 1, y: 2}`). Give such a
-//! function an explicit `version = N` and bump it, or turn on
+//! constant, a dependency's new release. Give such a function an explicit
+//! `version = N` and bump it, or turn on
 //! [`cache_strict`](crate::Config::cache_strict), when that matters.
 //! Nor does anything behind a name you chose: a
 //! [`value_named`](crate::value_named) whose data changed keeps its key
@@ -159,6 +157,7 @@ use rask_executor::entry::{self, EntryError};
 use rask_executor::events::{self, Event, EventKind};
 use rask_executor::{Key, Value};
 
+use crate::build::args::Shapes;
 use crate::build::graph::KeyMap;
 use crate::build::node::{Code, Function, Node};
 use crate::build::registry::{recorded, Version};
@@ -630,16 +629,14 @@ impl Addresses {
                 } else {
                     recorded(function.id).version
                 };
-                // The output type's shape, when serde can trace it; when
-                // not, only an explicit version vouches for the layout.
-                let shape = (function.shape)();
-                if let Some(shape) = &shape {
-                    h.update(b"o").update(shape);
-                }
+                // The shapes of the output's type and of the literal
+                // arguments' types, when serde can trace them; when not,
+                // only an explicit version vouches for the layouts.
+                let traced = shapes(node, &function, &mut h);
                 match version {
                     Some(Version::Source(hash)) => {
                         h.update(b"s").update(&hash.to_le_bytes());
-                        shape.is_none() && untraced(function.output, node.name())
+                        traced.is_err_and(|type_name| untraced(type_name, node.name()))
                     }
                     Some(Version::Explicit(n)) => {
                         h.update(b"e").update(&n.to_le_bytes());
@@ -647,7 +644,7 @@ impl Addresses {
                     }
                     Some(Version::Builtin) => {
                         h.update(b"r").update(env!("CARGO_PKG_VERSION").as_bytes());
-                        shape.is_none() && untraced(function.output, node.name())
+                        traced.is_err_and(|type_name| untraced(type_name, node.name()))
                     }
                     None => {
                         unversioned(function.id, node.name());
@@ -714,19 +711,40 @@ fn unversioned(function: std::any::TypeId, name: &str) -> bool {
     first
 }
 
-/// Says once per output type that serde cannot trace its shape, so the
-/// entries of tasks returning it last one build; always `true` (the
-/// address then holds the build).
-fn untraced(output: &'static str, name: &str) -> bool {
-    static SAID: Mutex<Option<HashSet<&'static str>>> = Mutex::new(None);
+/// Hashes into `h` the shapes of `node`'s value type (`function`'s output)
+/// and of its literal arguments' types; `Err` saying which type, when one
+/// cannot be traced.
+fn shapes(node: &Node, function: &Function, h: &mut blake3::Hasher) -> Result<(), String> {
+    let output = (function.shape)().ok_or_else(|| format!("`{}`", function.output))?;
+    h.update(b"o").update(&output);
+    let mut literals = Shapes::new();
+    node.call.literals(&mut literals);
+    match literals.finish() {
+        Ok(None) => Ok(()),
+        Ok(Some(shapes)) => {
+            h.update(b"l").update(&shapes);
+            Ok(())
+        }
+        Err(type_name) => Err(format!("`{type_name}` (a literal argument's type)")),
+    }
+}
+
+/// Says once per type that serde cannot trace its shape, so the entries of
+/// tasks returning it or taking it as a literal last one build; always
+/// `true` (the address then holds the build).
+fn untraced(type_name: String, name: &str) -> bool {
+    static SAID: Mutex<Option<HashSet<String>>> = Mutex::new(None);
     let mut said = SAID.lock().unwrap_or_else(PoisonError::into_inner);
-    if said.get_or_insert_with(HashSet::new).insert(output) {
+    if said
+        .get_or_insert_with(HashSet::new)
+        .insert(type_name.clone())
+    {
         tracing::info!(
             task = name,
-            "result cache: the shape of `{output}` (the value of `{name}`) cannot be traced \
-             through serde, so a change of its fields could not be told from its entries: \
+            "result cache: the shape of {type_name} (of task `{name}`) cannot be traced \
+             through serde, so a change of its fields could not be told from the entries: \
              they last until the program is rebuilt (give its function `version = N` to \
-             vouch for the type yourself)"
+             vouch for the types yourself)"
         );
     }
     true
@@ -770,8 +788,80 @@ fn turn_writing_off(dir: &Path, error: &io::Error) {
 
 #[cfg(test)]
 mod tests {
-    use super::unversioned;
     use std::any::TypeId;
+
+    use super::{unversioned, Shapes};
+    use crate::delayed;
+
+    mod before {
+        #[derive(Clone, serde::Serialize, serde::Deserialize)]
+        pub(in super::super) struct Point {
+            pub(in super::super) x: i64,
+            pub(in super::super) y: i64,
+        }
+    }
+
+    mod swapped {
+        #[derive(Clone, serde::Serialize, serde::Deserialize)]
+        pub(in super::super) struct Point {
+            pub(in super::super) y: i64,
+            pub(in super::super) x: i64,
+        }
+    }
+
+    fn x_before(p: before::Point) -> i64 {
+        p.x
+    }
+
+    fn x_swapped(p: swapped::Point) -> i64 {
+        p.x
+    }
+
+    fn shapes<T>(task: &crate::Delayed<T>) -> Result<Option<[u8; 32]>, &'static str> {
+        let mut shapes = Shapes::new();
+        task.node().call.literals(&mut shapes);
+        shapes.finish()
+    }
+
+    /// A literal's bytes are in its task's key, its type's layout is not:
+    /// `{x: 2, y: 1}` of a type whose fields were swapped encodes as the
+    /// old `{x: 1, y: 2}`. The literals' shapes tell them apart.
+    #[test]
+    fn literals_of_one_encoding_and_other_layouts_have_other_shapes() {
+        let old = before::Point { x: 1, y: 2 };
+        let new = swapped::Point { y: 1, x: 2 };
+        assert_eq!(
+            postcard::to_stdvec(&old).unwrap(),
+            postcard::to_stdvec(&new).unwrap()
+        );
+        let a = shapes(&delayed!(x_before(old))).unwrap();
+        let b = shapes(&delayed!(x_swapped(new))).unwrap();
+        assert!(a.is_some());
+        assert_ne!(a, b);
+        // The same type holding other values: the same shapes.
+        assert_eq!(
+            shapes(&delayed!(x_before(before::Point { x: 7, y: 8 }))).unwrap(),
+            a
+        );
+        // Nested in a structure, beside an input: found too.
+        let input = delayed!(x_before(before::Point { x: 0, y: 0 }));
+        let nested = |p| delayed!(pair(vec![Some(p)], &input));
+        assert_eq!(
+            shapes(&nested(before::Point { x: 3, y: 4 })).unwrap(),
+            shapes(&nested(before::Point { x: 5, y: 6 })).unwrap()
+        );
+        assert_ne!(shapes(&nested(before::Point { x: 3, y: 4 })).unwrap(), None);
+        // Inputs alone: no literal shapes.
+        assert_eq!(shapes(&delayed!(double(&input))).unwrap(), None);
+    }
+
+    fn pair(points: Vec<Option<before::Point>>, x: i64) -> i64 {
+        points.len() as i64 + x
+    }
+
+    fn double(x: i64) -> i64 {
+        2 * x
+    }
 
     #[test]
     fn a_function_without_a_version_is_said_once_whatever_its_tasks_are_named() {
