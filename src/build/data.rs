@@ -178,6 +178,47 @@ fn trace<T: Data>() -> Option<[u8; 32]> {
     )
 }
 
+/// Types of one name and other layouts, as a rebuild would make them:
+/// for the tests of shapes here and of the result cache's addresses.
+#[cfg(test)]
+pub(crate) mod layouts {
+    /// Two fields.
+    pub(crate) mod before {
+        #[derive(Clone, serde::Serialize, serde::Deserialize)]
+        pub(crate) struct Point {
+            pub(crate) x: i64,
+            pub(crate) y: i64,
+        }
+    }
+
+    /// `before`'s fields in the other order: the same encoding.
+    pub(crate) mod swapped {
+        #[derive(Clone, serde::Serialize, serde::Deserialize)]
+        pub(crate) struct Point {
+            pub(crate) y: i64,
+            pub(crate) x: i64,
+        }
+    }
+
+    /// `before` with a field of another type.
+    pub(crate) mod retyped {
+        #[derive(Clone, serde::Serialize, serde::Deserialize)]
+        pub(crate) struct Point {
+            pub(crate) x: i64,
+            pub(crate) y: u64,
+        }
+    }
+
+    /// `before` again, in another module.
+    pub(crate) mod same {
+        #[derive(Clone, serde::Serialize, serde::Deserialize)]
+        pub(crate) struct Point {
+            pub(crate) x: i64,
+            pub(crate) y: i64,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -186,6 +227,7 @@ mod tests {
     use rask_executor::{Encoded, Value};
     use serde::{Deserialize, Serialize};
 
+    use super::layouts::{before, retyped, same, swapped};
     use super::*;
 
     #[test]
@@ -206,38 +248,6 @@ mod tests {
         let value: Value = Arc::new(Encoded::new(Arc::from(postcard::to_stdvec(&7_u8).unwrap())));
         assert_eq!(*shared::<u8>(value.clone()).ok().unwrap(), 7);
         assert_eq!(*shared::<u16>(value).ok().unwrap(), 7);
-    }
-
-    mod before {
-        #[derive(Clone, serde::Serialize, serde::Deserialize)]
-        pub(in super::super) struct Point {
-            pub(in super::super) x: i64,
-            pub(in super::super) y: i64,
-        }
-    }
-
-    mod swapped {
-        #[derive(Clone, serde::Serialize, serde::Deserialize)]
-        pub(in super::super) struct Point {
-            pub(in super::super) y: i64,
-            pub(in super::super) x: i64,
-        }
-    }
-
-    mod retyped {
-        #[derive(Clone, serde::Serialize, serde::Deserialize)]
-        pub(in super::super) struct Point {
-            pub(in super::super) x: i64,
-            pub(in super::super) y: u64,
-        }
-    }
-
-    mod same {
-        #[derive(Clone, serde::Serialize, serde::Deserialize)]
-        pub(in super::super) struct Point {
-            pub(in super::super) x: i64,
-            pub(in super::super) y: i64,
-        }
     }
 
     #[derive(Clone, Serialize, Deserialize)]

@@ -791,23 +791,8 @@ mod tests {
     use std::any::TypeId;
 
     use super::{unversioned, Shapes};
+    use crate::build::data::layouts::{before, swapped};
     use crate::delayed;
-
-    mod before {
-        #[derive(Clone, serde::Serialize, serde::Deserialize)]
-        pub(in super::super) struct Point {
-            pub(in super::super) x: i64,
-            pub(in super::super) y: i64,
-        }
-    }
-
-    mod swapped {
-        #[derive(Clone, serde::Serialize, serde::Deserialize)]
-        pub(in super::super) struct Point {
-            pub(in super::super) y: i64,
-            pub(in super::super) x: i64,
-        }
-    }
 
     fn x_before(p: before::Point) -> i64 {
         p.x
