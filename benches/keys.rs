@@ -64,6 +64,11 @@ fn keys(c: &mut Criterion) {
     g.bench_function("vec_f64_100k", |b| {
         b.iter_with_large_drop(|| delayed!(total(black_box(data.clone()))))
     });
+    // Bytes encode one at a time: what a `Vec<u8>` costs to wrap.
+    let raw: Vec<u8> = (0..800_000u32).map(|i| i as u8).collect();
+    g.bench_function("value_vec_u8_800KB", |b| {
+        b.iter_with_large_drop(|| rask::value(black_box(raw.clone())))
+    });
     // Floors: copying the data, and blake3 over its 800 KB in one call.
     g.bench_function("clone_only_vec_f64_100k", |b| {
         b.iter_with_large_drop(|| black_box(data.clone()))

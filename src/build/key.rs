@@ -42,7 +42,6 @@
 //!    name (`value_named`) take the name alone: the name identifies them
 //!    by the caller's word.
 
-use std::io;
 use std::sync::LazyLock;
 
 use rask_executor::Key;
@@ -243,7 +242,7 @@ impl KeyHasher {
         value: &T,
     ) -> Result<(), postcard::Error> {
         self.buf.push(b'l');
-        postcard::to_io(value, Writer(self)).map(|_| ())
+        postcard::serialize_with_flavor(value, Flavor(self))
     }
 
     /// For a call of a capturing closure, the key its call would have
@@ -337,15 +336,31 @@ impl Drop for KeyHasher {
     }
 }
 
-struct Writer<'a>(&'a mut KeyHasher);
+/// Postcard's output straight into a hasher's buffer: a byte at a time
+/// without a call through `io::Write` per byte (a `Vec<u8>` encodes a byte
+/// at a time), hashed as it fills.
+struct Flavor<'a>(&'a mut KeyHasher);
 
-impl io::Write for Writer<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.buf.extend_from_slice(buf);
-        self.0.spill();
-        Ok(buf.len())
+impl postcard::ser_flavors::Flavor for Flavor<'_> {
+    type Output = ();
+
+    #[inline]
+    fn try_push(&mut self, byte: u8) -> postcard::Result<()> {
+        self.0.buf.push(byte);
+        if self.0.buf.len() > BUFFER_LIMIT {
+            self.0.spill();
+        }
+        Ok(())
     }
-    fn flush(&mut self) -> io::Result<()> {
+
+    #[inline]
+    fn try_extend(&mut self, bytes: &[u8]) -> postcard::Result<()> {
+        self.0.buf.extend_from_slice(bytes);
+        self.0.spill();
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
         Ok(())
     }
 }
