@@ -102,7 +102,7 @@
 //!
 //! [`Delayed::named`] names a task, hashing the name over the work's own
 //! key (distinct work never shares a key under one name); [`value_named`]
-//! sets a key from a name instead of hashing the data;
+//! wraps data under a name, keyed by the name and the data;
 //! [`Delayed::unique`] gives a fresh key for impure work.
 //!
 //! # Choosing the executor

@@ -514,6 +514,87 @@ fn named_work_over_other_inputs_is_another_entry() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+static SUMMED_RUNS: AtomicUsize = AtomicUsize::new(0);
+
+fn summed(v: Vec<u64>) -> u64 {
+    SUMMED_RUNS.fetch_add(1, Ordering::SeqCst);
+    v.iter().sum()
+}
+
+/// A cached task over a value wrapped under a name is found again for the
+/// same data under that name only: a name was the value's key, so a file's
+/// name over new contents found the result over the old contents.
+#[test]
+fn a_named_value_over_other_data_is_another_entry() {
+    let dir = scratch("named-value");
+    let config = Config::synchronous().cache(&dir);
+    let build = |v: Vec<u64>| delayed!(summed(rask::value_named("input.csv", v))).cache();
+    assert_eq!(build(vec![1, 2]).compute_with(&config).unwrap(), 3);
+    rask::cache::flush();
+    assert_eq!(build(vec![5, 5]).compute_with(&config).unwrap(), 10);
+    rask::cache::flush();
+    assert_eq!(SUMMED_RUNS.load(Ordering::SeqCst), 2);
+    // The same data under the same name is found again.
+    assert_eq!(build(vec![1, 2]).compute_with(&config).unwrap(), 3);
+    assert_eq!(SUMMED_RUNS.load(Ordering::SeqCst), 2);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Data whose serialization fails: it cannot be hashed into a key.
+#[derive(Clone, serde::Deserialize)]
+struct Unencodable(u64);
+
+impl serde::Serialize for Unencodable {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom("not encodable"))
+    }
+}
+
+fn unwrap_unencodable(v: std::sync::Arc<Unencodable>) -> u64 {
+    v.0
+}
+
+/// The child of [`unencodable_data_is_never_found_again`]: a cached task
+/// over data that does not encode, the data from `RASK_CACHE_TEST_DATA`.
+#[test]
+fn unencodable_child() {
+    let Some(data) = std::env::var_os("RASK_CACHE_TEST_DATA") else {
+        return;
+    };
+    let data: u64 = data.to_str().unwrap().parse().unwrap();
+    let wrapped = rask::value(Unencodable(data));
+    let value = delayed!(unwrap_unencodable(&wrapped))
+        .cache()
+        .compute()
+        .unwrap();
+    println!("result={value}");
+}
+
+/// Data that cannot be hashed gets a key of its own in every process: it
+/// used to be keyed by a counter's name (`value-0` for the first in each
+/// process), so the next run found a cached task over the last run's data.
+#[test]
+fn unencodable_data_is_never_found_again() {
+    let dir = scratch("unencodable");
+    for data in [1, 2] {
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "unencodable_child", "--nocapture"])
+            .env("RASK_CACHE_TEST_DATA", data.to_string())
+            .env("RASK_CACHE", &dir)
+            .env("RASK_SCHEDULER", "sync")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains(&format!("result={data}\n")), "{stdout}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 static CLIENT_LOADS: AtomicUsize = AtomicUsize::new(0);
 static CLIENT_SQUARES: AtomicUsize = AtomicUsize::new(0);
 

@@ -207,6 +207,34 @@ for_each_executor! {
         assert_eq!(client.gather(&futures).unwrap(), vec![101, 102, 103, 104]);
     }
 
+    /// Values wrapped under one name are keyed by their data too: each task
+    /// over one gets its own value, in one graph, and through a client that
+    /// holds a result over another value of the name (a name used to be the
+    /// key: the first value found stood for all, and a held result over it
+    /// was handed out for the others).
+    #[test]
+    fn values_named_alike_keep_their_own_data() {
+        let chunks: Vec<Delayed<i64>> = (1..=4).map(|i| rask::value_named("chunk", i)).collect();
+        let total = delayed!(sum(chunks.clone()));
+        assert_eq!(total.compute_with(&config()).unwrap(), 1 + 2 + 3 + 4);
+
+        let client = rask::Client::with_config(&config()).unwrap();
+        let held = client.persist(&rask::value_named("cfg", 10_i64)).unwrap();
+        let over_ten = client
+            .compute(&delayed!(add(&held, 1)))
+            .unwrap();
+        assert_eq!(over_ten.result().unwrap(), 11);
+        // Other data under the held name, while the client holds both the
+        // value and a result over it.
+        let twenty = rask::value_named("cfg", 20_i64);
+        let over_twenty = client.compute(&delayed!(add(&twenty, 1))).unwrap();
+        assert_eq!(over_twenty.result().unwrap(), 21);
+        assert_eq!(client.compute(&twenty).unwrap().result().unwrap(), 20);
+        // The same data under the name is the same value.
+        assert_eq!(rask::value_named("cfg", 10_i64).key(), held.key());
+        drop((held, over_ten));
+    }
+
     /// Retries and timeouts hold for a task inside a chain the optimizer
     /// fuses: they apply to that task's own work.
     #[test]

@@ -504,6 +504,30 @@ fn work_on_a_cancelled_future_needs_no_worker() {
     assert_eq!(client.gather(&busy).unwrap(), vec![0, 1, 2, 3]);
 }
 
+/// Two clients of one cluster that wrap other data under one name each get
+/// a result over their own: the scheduler shares work by key, and a name
+/// used to be a wrapped value's key, so the second client was handed the
+/// first one's result over the first one's data.
+#[cfg(feature = "distributed")]
+#[test]
+fn clients_of_one_cluster_keep_their_own_data_under_one_name() {
+    let first = clients().pop().unwrap();
+    let second = clients().pop().unwrap();
+    let gate = new_id();
+    // Pending on the cluster while the second client sends its own.
+    let over = |i: i64| {
+        delayed!(add(
+            rask::value_named("shared-config", i),
+            delayed!(gated(gate, 0))
+        ))
+    };
+    let a = first.compute(&over(1)).unwrap();
+    let b = second.compute(&over(2)).unwrap();
+    open(gate);
+    assert_eq!(a.result().unwrap(), 1);
+    assert_eq!(b.result().unwrap(), 2);
+}
+
 /// A running task sees `rask::cancelled()` once its future is cancelled.
 #[test]
 fn a_running_task_sees_its_cancellation() {

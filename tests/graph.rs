@@ -257,10 +257,14 @@ fn a_name_given_to_two_tasks_is_an_error() {
     let mut merged = g.clone();
     merged.merge(&other);
     assert!(matches!(merged.validate(), Err(Error::NameGivenTwice(t)) if t.name() == "a"));
-    // A `value_named` value is a task keyed by its name too.
+    // A `value_named` value is keyed by its data too: another value than
+    // the graph's task of that name, not the same name given twice.
     let mut wrapped = g.clone();
-    wrapped.insert(&rask::value_named("a", 7_i64));
-    assert!(matches!(wrapped.validate(), Err(Error::NameGivenTwice(t)) if t.name() == "a"));
+    let seven = wrapped.insert(&rask::value_named("a", 7_i64));
+    assert_ne!(seven, named_key("a"));
+    wrapped.validate().unwrap();
+    assert_eq!(wrapped.compute_with::<i64>(b, &config).unwrap(), 2);
+    assert_eq!(wrapped.compute_with::<i64>(seven, &config).unwrap(), 7);
     // The error travels with a merge, too.
     let mut carried = Graph::new();
     carried.merge(&twice);
@@ -580,6 +584,19 @@ mod named_keys {
         fn named_work_shares_a_key_only_with_the_same_work_and_names(a in work(), b in work()) {
             prop_assert_eq!(key(&a) == key(&b), a == b, "{:?} {:?}", a, b);
             prop_assert_eq!(key(&a), key(&a));
+        }
+
+        /// A value wrapped under a name is keyed by both: one name over
+        /// other data is another key (it was the name's alone), and
+        /// `value` is `value_named` under the name `value`.
+        #[test]
+        fn named_values_share_a_key_only_with_the_same_name_and_data(
+            a in ("[ab]{0,2}|value", prop::collection::vec(0..3_i64, 0..3)),
+            b in ("[ab]{0,2}|value", prop::collection::vec(0..3_i64, 0..3)),
+        ) {
+            let key = |(name, data): &(String, Vec<i64>)| rask::value_named(name.clone(), data.clone()).key();
+            prop_assert_eq!(key(&a) == key(&b), a == b, "{:?} {:?}", a, b);
+            prop_assert_eq!(key(&a) == rask::value(a.1.clone()).key(), a.0 == "value");
         }
     }
 }

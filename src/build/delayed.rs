@@ -3,7 +3,6 @@
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use rask_executor::{Key, Value};
@@ -278,11 +277,13 @@ impl<T: Data> Delayed<T> {
 }
 
 /// Wraps a plain value as a `Delayed`: a data node whose key is the hash of
-/// the value's serialized bytes, computed once here.
+/// the value's type and serialized bytes, computed once here (about 2 ns
+/// a byte: see `benches/README.md`).
 ///
 /// Pass the result by reference to as many tasks as you like: the value is
-/// hashed once and shared, not copied into each task. For data too large to
-/// hash, use [`value_named`].
+/// hashed once and shared, not copied into each task. Data whose
+/// serialization fails gets a key no other node has: it is never shared,
+/// nor found in the result cache.
 ///
 /// # Examples
 ///
@@ -293,42 +294,48 @@ impl<T: Data> Delayed<T> {
 /// # Ok::<(), rask::Error>(())
 /// ```
 pub fn value<T: Data>(value: T) -> Delayed<T> {
-    let mut h = KeyHasher::new(Tag::Data, "value", std::any::type_name::<T>());
-    // Two types may print alike (two versions of one crate): the tag differs.
-    h.type_id::<T>();
-    let key = match h.literal(&value) {
-        Ok(()) => h.finish(),
-        // Unhashable data still gets a working, unshared node.
-        Err(_) => return value_named(format!("value-{}", unique_suffix()), value),
-    };
-    Delayed::held(
-        key,
-        Name::Borrowed("value"),
-        Arc::new(value),
-        Origin::Literal,
-    )
+    wrap(Name::Borrowed("value"), value)
 }
 
-/// Wraps a plain value under a name you choose; nothing is hashed, so this is
-/// the way to give large data an identity cheaply.
-///
-/// Two values wrapped under the same name share a key, everywhere: within
-/// a graph (the first one found wins), on a cluster, and in the result
-/// cache (a cached task over it is found again for other data under the
-/// same name). Choose names that identify the data (e.g. a file path and
-/// its modification time), or use [`value`], which hashes it.
+/// Wraps a plain value under a name you choose (shown in progress bars,
+/// the dashboard and errors): [`value`] with a name. Its key is the hash
+/// of the name, the value's type and its serialized bytes, so two values
+/// under one name are two keys, everywhere — in a graph, on a cluster
+/// shared with other clients, and in the result cache — and a name needs
+/// to identify nothing.
 ///
 /// # Examples
 ///
 /// ```
-/// let big = rask::value_named("zeros-1M", vec![0u8; 1 << 20]);
-/// assert_eq!(big.name(), "zeros-1M");
-/// assert_eq!(big.key(), rask::value_named("zeros-1M", vec![1u8]).key());
+/// fn len(v: Vec<u8>) -> usize { v.len() }
+/// let zeros = rask::value_named("zeros-1M", vec![0u8; 1 << 20]);
+/// assert_eq!(zeros.name(), "zeros-1M");
+/// // Other data under the same name is another value.
+/// let ones = rask::value_named("zeros-1M", vec![1u8; 10]);
+/// assert_ne!(zeros.key(), ones.key());
+/// assert_eq!(rask::delayed!(len(&ones)).compute()?, 10);
+/// # Ok::<(), rask::Error>(())
 /// ```
 pub fn value_named<T: Data>(name: impl Into<String>, value: T) -> Delayed<T> {
-    let name: String = name.into();
-    let key = named_key(&name);
-    Delayed::held(key, Name::Owned(name), Arc::new(value), Origin::Literal)
+    wrap(Name::Owned(name.into()), value)
+}
+
+/// A value under `name`, keyed by the name, its type and its encoding
+/// (`key.rs` rule 5); data that does not encode gets a key of its own.
+fn wrap<T: Data>(name: Name, value: T) -> Delayed<T> {
+    let mut h = KeyHasher::new(Tag::Data, &name, std::any::type_name::<T>());
+    // Two types may print alike (two versions of one crate): the tag differs.
+    h.type_id::<T>();
+    let key = match h.literal(&value) {
+        Ok(()) => h.finish(),
+        // A working node that shares nothing (its key stands for no bytes).
+        Err(_) => {
+            let mut h = KeyHasher::new(Tag::Unique, &name, std::any::type_name::<T>());
+            h.bytes(&crate::build::key::nonce());
+            h.finish()
+        }
+    };
+    Delayed::held(key, name, Arc::new(value), Origin::Literal)
 }
 
 /// The key of the work of key `of` named `name` ([`Delayed::named`]).
@@ -347,16 +354,15 @@ fn unique_key(name: &str, of: &Key) -> Key {
     h.finish()
 }
 
-fn unique_suffix() -> u64 {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    COUNTER.fetch_add(1, Ordering::Relaxed)
-}
-
-/// The key that [`value_named`] gives to `name`.
+/// The key a hand-assembled [`Graph`](crate::Graph) gives to a task or
+/// value it adds under `name` ([`Graph::insert_task`](crate::Graph::insert_task),
+/// [`Graph::insert_value`](crate::Graph::insert_value)): the name alone.
+/// ([`value_named`] keys a value by its data too.)
 ///
 /// ```
-/// let v = rask::value_named("config", 3);
-/// assert_eq!(v.key().key(), rask::named_key("config"));
+/// let mut g = rask::Graph::new();
+/// assert_eq!(g.insert_value("config", 3_i64), rask::named_key("config"));
+/// assert_ne!(rask::value_named("config", 3_i64).key().key(), rask::named_key("config"));
 /// ```
 pub fn named_key(name: &str) -> Key {
     KeyHasher::new(Tag::Named, name, "").finish()

@@ -551,9 +551,10 @@ impl Graph {
 
     /// Adds everything `delayed` depends on; keys already present are kept
     /// (they stand for the same work), except that a task keyed by its
-    /// name (a [`value_named`](crate::value_named) value) whose name
-    /// another task of this graph has is an error that
-    /// [`validate`](Graph::validate) reports. Returns `delayed`'s key.
+    /// name (a task of another hand-assembled graph, taken up by
+    /// [`Graph::delayed`]) whose name another task of this graph has is an
+    /// error that [`validate`](Graph::validate) reports. Returns
+    /// `delayed`'s key.
     pub fn insert<T>(&mut self, delayed: &Delayed<T>) -> Key {
         postorder(
             std::slice::from_ref(delayed.node()),
@@ -566,8 +567,7 @@ impl Graph {
                         label: node.label,
                         deps: node.deps.iter().map(|d| d.key).collect(),
                         call: node.call.clone(),
-                        // A `value_named` value, or a task of another
-                        // hand-assembled graph.
+                        // A task of another hand-assembled graph.
                         by_name: node.key == named_key(node.name()),
                     },
                 );

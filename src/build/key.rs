@@ -38,9 +38,10 @@
 //!    own key, so distinct work never shares a key under one name; for a
 //!    call of a closure that captures variables, over its key without the
 //!    nonce (its function and arguments): the name then stands for what it
-//!    captured, and its arguments still count. Only values wrapped under a
-//!    name (`value_named`) take the name alone: the name identifies them
-//!    by the caller's word.
+//!    captured, and its arguments still count. A value wrapped under a
+//!    name (`value_named`) is hashed as `value` hashes one, under its name:
+//!    name, type and encoding. Only a hand-assembled `Graph`'s tasks take
+//!    a name alone (`named_key`), which the graph checks is given once.
 
 use std::sync::LazyLock;
 

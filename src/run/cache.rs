@@ -82,11 +82,10 @@
 //! constant, a dependency's new release. Give such a function an explicit
 //! `version = N` and bump it, or turn on
 //! [`cache_strict`](crate::Config::cache_strict), when that matters.
-//! Nor does anything behind a name you chose: a
-//! [`value_named`](crate::value_named) whose data changed keeps its key
-//! and so the entries built on it. (A [`named`](crate::Delayed::named)
-//! task's key keeps its work's own: its arguments count as unnamed ones
-//! do.)
+//! A name you chose hides nothing: a [`value_named`](crate::value_named)
+//! value is keyed by its data as well as its name, and a
+//! [`named`](crate::Delayed::named) task's key keeps its work's own (its
+//! arguments count as unnamed ones do).
 //!
 //! # Rules
 //!
