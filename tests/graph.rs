@@ -222,6 +222,42 @@ fn merging_graphs_dedups_by_key() {
     );
 }
 
+/// Two hand-assembled graphs with tasks of the same names over other data
+/// are other work when they meet: in one computation and in one client.
+/// Their nodes were keyed by their names, so one graph's value was taken
+/// for the other's (`a` + `b` summed to 4 where 5 was due, and a client
+/// gave the first graph's result for the second).
+#[test]
+fn graphs_with_the_same_names_keep_their_own_values() {
+    let inc = |v: &[rask::Value]| v[0].downcast_ref::<i64>().copied().unwrap_or(0) + 1;
+    let graph = |data: i64| {
+        let mut g = Graph::new();
+        let a = g.insert_value("a", data);
+        let b = g.insert_task("b", &[a], inc);
+        (g, b)
+    };
+    let (first, b) = graph(1);
+    let (second, also_b) = graph(2);
+    assert_eq!(b, also_b, "a graph's keys are its names");
+    let config = Config::synchronous();
+    let one = first.delayed::<i64>(b).unwrap();
+    let two = second.delayed::<i64>(b).unwrap();
+    assert_ne!(one.key(), two.key());
+    fn add(x: i64, y: i64) -> i64 {
+        x + y
+    }
+    assert_eq!(
+        delayed!(add(&one, &two)).compute_with(&config).unwrap(),
+        2 + 3
+    );
+    let client = rask::Client::with_config(&config).unwrap();
+    let futures = [client.compute(&one).unwrap(), client.compute(&two).unwrap()];
+    assert_eq!(client.gather(&futures).unwrap(), vec![2, 3]);
+    // One graph's node is one node however often it is asked for.
+    assert_eq!(first.delayed::<i64>(b).unwrap().key(), one.key());
+    assert_eq!(first.clone().delayed::<i64>(b).unwrap().key(), one.key());
+}
+
 /// A hand-assembled task's name is its key: a second task under a name
 /// already given is an error, not dropped in favour of the first (it was:
 /// the graph computed the first task's value for both).

@@ -13,6 +13,13 @@
 //!    intermediate values alive at once.
 //! 3. A graph of `Delayed`s cannot have a cycle (a node's inputs exist before
 //!    it). A [`Graph`] assembled by hand can, and is checked before it runs.
+//! 4. A [`Graph`]'s keys are its tasks' names ([`named_key`]), but the nodes
+//!    it builds to run ([`Graph::delayed`], [`Graph::compute`]) are keyed by
+//!    what they hold: a value by its name, type and data (as
+//!    [`value_named`](crate::value_named)), a hand-written task by a key
+//!    drawn fresh where it was inserted, hashed over its inputs' node keys.
+//!    So tasks of one name in two graphs never stand for each other where
+//!    nodes meet: in one computation, in a client's results, on a cluster.
 
 use std::collections::hash_map::Entry as MapEntry;
 use std::collections::HashMap;
@@ -24,7 +31,8 @@ use rask_executor::{Key, Op, OpError, Value};
 
 use crate::build::data::Data;
 use crate::build::delayed::{named_key, Delayed, TaskKey};
-use crate::build::node::{Call, Held, Label, Name, Node, Origin};
+use crate::build::key::{nonce, KeyHasher, Tag};
+use crate::build::node::{Call, Label, Name, Node};
 use crate::{Error, Result};
 
 /// Keys are uniformly random already: their first eight bytes are the hash.
@@ -496,6 +504,37 @@ struct Task {
     call: Arc<dyn Call>,
     /// Whether its key is its name's ([`named_key`]), not its work's.
     by_name: bool,
+    /// What its node's key is made of (rule 4).
+    identity: Identity,
+}
+
+/// What a task's node is keyed by when the graph runs or is built on
+/// (rule 4): never its name alone, which the graph's keys are.
+#[derive(Clone, Copy)]
+enum Identity {
+    /// This key: a node's of a `Delayed` graph, or a value's (its name,
+    /// type and data, as [`value_named`](crate::value_named)'s).
+    Own(Key),
+    /// A hand-written task: this key, fresh where it was inserted, over its
+    /// inputs' node keys.
+    Over(Key),
+}
+
+impl Identity {
+    /// The key of a node of this identity over the nodes `deps`.
+    fn key(self, deps: &[Arc<Node>]) -> Key {
+        match self {
+            Identity::Own(key) => key,
+            Identity::Over(own) => {
+                let mut h = KeyHasher::new(Tag::Unique, "graph task", "");
+                h.input(&own);
+                for dep in deps {
+                    h.input(&dep.key);
+                }
+                h.finish()
+            }
+        }
+    }
 }
 
 impl Task {
@@ -549,12 +588,9 @@ impl Graph {
         g
     }
 
-    /// Adds everything `delayed` depends on; keys already present are kept
-    /// (they stand for the same work), except that a task keyed by its
-    /// name (a task of another hand-assembled graph, taken up by
-    /// [`Graph::delayed`]) whose name another task of this graph has is an
-    /// error that [`validate`](Graph::validate) reports. Returns
-    /// `delayed`'s key.
+    /// Adds everything `delayed` depends on, under their keys (of their
+    /// work, not their names); keys already present are kept (they stand
+    /// for the same work). Returns `delayed`'s key.
     pub fn insert<T>(&mut self, delayed: &Delayed<T>) -> Key {
         postorder(
             std::slice::from_ref(delayed.node()),
@@ -567,8 +603,8 @@ impl Graph {
                         label: node.label,
                         deps: node.deps.iter().map(|d| d.key).collect(),
                         call: node.call.clone(),
-                        // A task of another hand-assembled graph.
-                        by_name: node.key == named_key(node.name()),
+                        by_name: false,
+                        identity: Identity::Own(node.key),
                     },
                 );
             },
@@ -594,17 +630,15 @@ impl Graph {
     /// reports (the first task would be kept, silently).
     pub fn insert_value<T: Data>(&mut self, name: &str, value: T) -> Key {
         let key = named_key(name);
+        let wrapped = crate::value_named(name, value);
         self.add(
             key,
             Task {
                 label: Label::Call,
                 deps: Vec::new(),
-                call: Arc::new(Held(
-                    Arc::new(value),
-                    Origin::Literal,
-                    Name::Owned(name.to_owned()),
-                )),
+                call: wrapped.node().call.clone(),
                 by_name: true,
+                identity: Identity::Own(wrapped.node().key),
             },
         );
         key
@@ -620,6 +654,8 @@ impl Graph {
         F: Fn(&[Value]) -> T + Send + Sync + 'static,
     {
         let key = named_key(name);
+        let mut fresh = KeyHasher::new(Tag::Unique, name, "graph task");
+        fresh.bytes(&nonce());
         self.add(
             key,
             Task {
@@ -627,6 +663,7 @@ impl Graph {
                 deps: deps.to_vec(),
                 call: Arc::new(Raw(f, Name::Owned(name.to_owned()))),
                 by_name: true,
+                identity: Identity::Over(fresh.finish()),
             },
         );
         key
@@ -686,6 +723,7 @@ impl Graph {
     }
 
     /// A typed handle to the task with this key, to compute it or build on it.
+    /// The handle's own key is its node's (rule 4), not `key`.
     ///
     /// # Errors
     ///
@@ -760,13 +798,12 @@ impl Graph {
                         Mark::Done(node) => node.clone(),
                         Mark::Visiting => unreachable!("a finished task's inputs are finished"),
                     })
-                    .collect::<Vec<_>>()
-                    .into();
+                    .collect::<Vec<_>>();
                 let node = Arc::new(Node {
                     mark: Default::default(),
-                    key: k,
+                    key: task.identity.key(&deps),
                     label: task.label,
-                    deps,
+                    deps: deps.into(),
                     call: task.call.clone(),
                 });
                 marks.insert(k, Mark::Done(node));
@@ -1075,16 +1112,20 @@ mod tests {
         }
     }
 
-    /// A call over `input` whose key is `name`'s alone, whatever the input:
-    /// a hand-assembled graph's task; `input` itself when a task below it
-    /// has that name already (the graph refuses a name given twice).
+    /// A call over `input` whose key is `name`'s alone, whatever the input
+    /// (a hand-assembled graph's task, keyed by hand); `input` itself when
+    /// a task below it has that name already (the graph refuses a name
+    /// given twice).
     fn by_name(input: Delayed<i64>, name: &str) -> Delayed<i64> {
         let mut g = Graph::new();
         let of = g.insert(&input);
         g.insert_task(name, &[of], |v| {
             v[0].downcast_ref::<i64>().copied().unwrap_or(0) + 1
         });
-        g.delayed::<i64>(named_key(name)).unwrap_or(input)
+        match g.delayed::<i64>(named_key(name)) {
+            Ok(task) => Delayed::from_node(Arc::new(task.node().rekeyed(named_key(name)))),
+            Err(_) => input,
+        }
     }
 
     /// One node of a generated graph: its work, and for each input (by the
