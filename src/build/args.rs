@@ -308,8 +308,10 @@ impl Args {
         }
     }
 
-    fn literal<T: serde::Serialize + ?Sized>(&mut self, value: &T) {
-        if let Err(e) = self.hasher.literal(value) {
+    /// Mixes in a literal argument (`KeyHasher::literal_value`), or records
+    /// why it could not be.
+    fn literal_value<T: serde::Serialize + 'static>(&mut self, value: &T) {
+        if let Err(e) = self.hasher.literal_value(value) {
             // A future's message (`travel.rs` rule 6) is kept aside.
             let e = match (e, crate::build::travel::why()) {
                 (postcard::Error::SerdeSerCustom, Some(why)) => why,
@@ -499,7 +501,7 @@ impl<T: Data> IntoArg<T, mode::Literal> for T {
     type Slot = Literal<T>;
     const PLAIN: bool = true;
     fn into_arg(self, args: &mut Args) -> Literal<T> {
-        args.literal(&self);
+        args.literal_value(&self);
         args.next_position();
         Literal(self)
     }

@@ -326,7 +326,7 @@ fn wrap<T: Data>(name: Name, value: T) -> Delayed<T> {
     let mut h = KeyHasher::new(Tag::Data, &name, std::any::type_name::<T>());
     // Two types may print alike (two versions of one crate): the tag differs.
     h.type_id::<T>();
-    let key = match h.literal(&value) {
+    let key = match h.literal_value(&value) {
         Ok(()) => h.finish(),
         // A working node that shares nothing (its key stands for no bytes).
         Err(_) => {

@@ -196,6 +196,22 @@ impl KeyHasher {
         self.buf.extend_from_slice(s.as_bytes());
     }
 
+    /// Appends `bytes` to what is hashed; a run that would take the buffer
+    /// past its limit goes to the stream as it lies, not through the
+    /// buffer.
+    fn extend(&mut self, bytes: &[u8]) {
+        if self.buf.len() + bytes.len() <= BUFFER_LIMIT {
+            self.buf.extend_from_slice(bytes);
+            return;
+        }
+        let stream = self
+            .stream
+            .get_or_insert_with(|| Box::new(blake3::Hasher::new_keyed(&HASH_KEY)));
+        stream.update(&self.buf);
+        self.buf.clear();
+        stream.update(bytes);
+    }
+
     fn spill(&mut self) {
         if self.buf.len() > BUFFER_LIMIT {
             let stream = self
@@ -245,6 +261,50 @@ impl KeyHasher {
     ) -> Result<(), postcard::Error> {
         self.buf.push(b'l');
         postcard::serialize_with_flavor(value, Flavor(self))
+    }
+
+    /// [`literal`](KeyHasher::literal), the same bytes, without a serde
+    /// call per element for the lists large data comes in: bytes and
+    /// floats, which postcard encodes as the list's length (a varint) and
+    /// each element's bytes (a float's little-endian bits).
+    pub(crate) fn literal_value<T: Serialize + 'static>(
+        &mut self,
+        value: &T,
+    ) -> Result<(), postcard::Error> {
+        let any = value as &dyn std::any::Any;
+        if let Some(bytes) = any.downcast_ref::<Vec<u8>>() {
+            // What `serialize_bytes` writes is a list of bytes' encoding.
+            return self.literal(&AsBytes(bytes));
+        }
+        if let Some(floats) = any.downcast_ref::<Vec<f64>>() {
+            return self.elements(floats, |x| x.to_bits().to_le_bytes());
+        }
+        if let Some(floats) = any.downcast_ref::<Vec<f32>>() {
+            return self.elements(floats, |x| x.to_bits().to_le_bytes());
+        }
+        self.literal(value)
+    }
+
+    /// A list's encoding: its length, then each element's bytes.
+    fn elements<E: Copy, const N: usize>(
+        &mut self,
+        list: &[E],
+        bytes: impl Fn(E) -> [u8; N],
+    ) -> Result<(), postcard::Error> {
+        // The literal's mark, then the length, which encodes as a `u64`
+        // does: a varint.
+        self.buf.push(b'l');
+        postcard::serialize_with_flavor(&(list.len() as u64), Flavor(self))?;
+        // Elements' bytes gathered 16 KiB at a time: blake3 hashes 16
+        // chunks of 1 KiB at once.
+        let mut run = [0u8; 16 * 1024];
+        for part in list.chunks(run.len() / N) {
+            for (slot, &element) in run.chunks_exact_mut(N).zip(part) {
+                slot.copy_from_slice(&bytes(element));
+            }
+            self.extend(&run[..part.len() * N]);
+        }
+        Ok(())
     }
 
     /// For a call of a capturing closure, the key its call would have
@@ -338,6 +398,15 @@ impl Drop for KeyHasher {
     }
 }
 
+/// Bytes that serialize as one run (`serialize_bytes`).
+struct AsBytes<'a>(&'a [u8]);
+
+impl Serialize for AsBytes<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.0)
+    }
+}
+
 /// Postcard's output straight into a hasher's buffer: a byte at a time
 /// without a call through `io::Write` per byte (a `Vec<u8>` encodes a byte
 /// at a time), hashed as it fills.
@@ -357,8 +426,7 @@ impl postcard::ser_flavors::Flavor for Flavor<'_> {
 
     #[inline]
     fn try_extend(&mut self, bytes: &[u8]) -> postcard::Result<()> {
-        self.0.buf.extend_from_slice(bytes);
-        self.0.spill();
+        self.0.extend(bytes);
         Ok(())
     }
 
@@ -403,6 +471,50 @@ mod tests {
         encoded.extend(postcard::to_stdvec(&big[..]).unwrap());
         manual.update(&encoded);
         assert_eq!(h.finish(), Key(*manual.finalize().as_bytes()));
+    }
+
+    /// The key of `value` hashed through serde element by element, and
+    /// through the shortcut for lists of bytes and floats.
+    fn both_ways<T: Serialize + 'static>(value: &T) -> (Key, Key) {
+        let mut slow = KeyHasher::new(Tag::Data, "value", "list");
+        slow.literal(value).unwrap();
+        let mut fast = KeyHasher::new(Tag::Data, "value", "list");
+        fast.literal_value(value).unwrap();
+        (slow.finish(), fast.finish())
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 64, .. Default::default() })]
+
+        /// The shortcut hashes the very bytes postcard writes, across the
+        /// buffer's limit too (16 KiB: 2 048 floats, 16 384 bytes), so
+        /// keys do not depend on which way a list was hashed.
+        #[test]
+        fn lists_of_bytes_and_floats_hash_as_postcard_encodes_them(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..40_000),
+            floats in proptest::collection::vec(proptest::num::f64::ANY, 0..5_000),
+            small in proptest::collection::vec(proptest::num::f32::ANY, 0..5_000),
+        ) {
+            let (slow, fast) = both_ways(&bytes);
+            proptest::prop_assert_eq!(slow, fast);
+            let (slow, fast) = both_ways(&floats);
+            proptest::prop_assert_eq!(slow, fast);
+            let (slow, fast) = both_ways(&small);
+            proptest::prop_assert_eq!(slow, fast);
+        }
+    }
+
+    #[test]
+    fn the_shortcut_tells_lists_apart() {
+        let (a, _) = both_ways(&vec![0.0_f64, -0.0]);
+        let (_, b) = both_ways(&vec![0.0_f64, -0.0]);
+        assert_eq!(a, b);
+        assert_ne!(both_ways(&vec![0.0_f64]).1, both_ways(&vec![-0.0_f64]).1);
+        assert_ne!(both_ways(&vec![1u8, 2]).1, both_ways(&vec![1u8, 2, 0]).1);
+        // A list of one float is not the list of its eight bytes.
+        let one = vec![1.5_f64];
+        let its_bytes: Vec<u8> = 1.5_f64.to_bits().to_le_bytes().to_vec();
+        assert_ne!(both_ways(&one).1, both_ways(&its_bytes).1);
     }
 
     fn call_key<F: 'static>(_: &F, name: &'static str) -> Key {
