@@ -277,8 +277,9 @@ impl<T: Data> Delayed<T> {
 }
 
 /// Wraps a plain value as a `Delayed`: a data node whose key is the hash of
-/// the value's type and serialized bytes, computed once here (about 2 ns
-/// a byte: see `benches/README.md`).
+/// the value's type and serialized bytes, computed once here (lists of
+/// bytes or floats at blake3's pace, other data at serde's: figures in
+/// `benches/README.md`, round eighteen).
 ///
 /// Pass the result by reference to as many tasks as you like: the value is
 /// hashed once and shared, not copied into each task. Data whose
