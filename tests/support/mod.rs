@@ -199,14 +199,17 @@ pub fn tree(n: i64) -> Delayed<i64> {
     level.pop().unwrap()
 }
 
-/// Like [`build`], but each leaf at an even position is a data node
-/// (`rask::value`), which the optimizer folds into its consumer. Data leaves
-/// run no code, so they count no executions.
+/// Like [`build`], but two leaves in three are data nodes, which the
+/// optimizer folds into their consumers: `rask::value`s, and
+/// `rask::value_named("leaf", …)`s, one name over other values. Data
+/// leaves run no code, so they count no executions.
 pub fn build_with_values(specs: &[Spec], run: u64) -> Vec<Delayed<i64>> {
     let mut out: Vec<Delayed<i64>> = Vec::with_capacity(specs.len());
     for (i, spec) in specs.iter().enumerate() {
         let d = match spec {
-            Spec::Leaf(v) if i % 2 == 0 => rask::value(*v),
+            Spec::Leaf(v) if i % 3 == 0 => rask::value(*v),
+            // One name for every such leaf, over their own values.
+            Spec::Leaf(v) if i % 3 == 1 => rask::value_named("leaf", *v),
             Spec::Leaf(v) => delayed!(leaf(*v, run)),
             Spec::Mix { deps, salt, fails } => {
                 let inputs: Vec<Delayed<i64>> = deps.iter().map(|&d| out[d].clone()).collect();
