@@ -133,15 +133,15 @@ pub fn eval(specs: &[Spec], i: usize) -> Result<i64, ()> {
 }
 
 /// Checks a futures client against [`eval`] on the graph `specs` built
-/// under `run`: its last node through `client.compute`, every `step`-th
-/// node through `client.submit`.
+/// under `run`, with data leaves ([`build_with_values`]): its last node
+/// through `client.compute`, every `step`-th node through `client.submit`.
 pub fn client_agrees_with_eval(
     client: &rask::Client,
     specs: &[Spec],
     run: u64,
     step: usize,
 ) -> Result<(), TestCaseError> {
-    let nodes = build(specs, run);
+    let nodes = build_with_values(specs, run);
     let last = nodes.len() - 1;
     let root = client.compute(&nodes[last]).unwrap();
     let picked: Vec<usize> = (0..nodes.len()).step_by(step).collect();
