@@ -1649,39 +1649,34 @@ impl Loop {
         self.watching = on;
     }
 
-    /// Sends a question; its answer goes to `reply` (rule 14).
+    /// Sends a question; its answer goes to `reply` (rule 14). The loop
+    /// answers for its own tables itself, connected or not.
     fn ask(&mut self, ask: Ask, reply: AskReply) {
-        if let Ask::Tables = ask {
-            let _ = reply.send(Ok(Answer::Tables(LoopTables {
-                open: self.open.len(),
-                waiting: self.waiting.len(),
-                fetching: self.fetching.len(),
-                holders: self.holders.len(),
-                held: self.link.held().len(),
-            })));
-            return;
-        }
-        if !self.connected {
-            let _ = reply.send(Err(format!(
-                "not connected to the scheduler at {}",
-                self.address
-            )));
-            return;
-        }
         let id = self.next_ask;
-        self.next_ask += 1;
-        self.out.push(&match &ask {
+        let message = match ask {
+            Ask::Tables => {
+                let _ = reply.send(Ok(Answer::Tables(LoopTables {
+                    open: self.open.len(),
+                    waiting: self.waiting.len(),
+                    fetching: self.fetching.len(),
+                    holders: self.holders.len(),
+                    held: self.link.held().len(),
+                })));
+                return;
+            }
+            _ if !self.connected => {
+                let _ = reply.send(Err(format!(
+                    "not connected to the scheduler at {}",
+                    self.address
+                )));
+                return;
+            }
             Ask::Info => ToScheduler::Info { id },
-            Ask::WhoHas(keys) => ToScheduler::WhoHas {
-                id,
-                keys: keys.clone(),
-            },
-            Ask::Retire(names) => ToScheduler::RetireWorkers {
-                id,
-                names: names.clone(),
-            },
-            Ask::Tables => return, // answered above, by the loop itself
-        });
+            Ask::WhoHas(keys) => ToScheduler::WhoHas { id, keys },
+            Ask::Retire(names) => ToScheduler::RetireWorkers { id, names },
+        };
+        self.next_ask += 1;
+        self.out.push(&message);
         self.asks.insert(id, reply);
     }
 
