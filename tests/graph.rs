@@ -145,6 +145,16 @@ fn distinct_closures_never_share_a_key() {
     assert_ne!(step(1).key(), step(2).key());
     let mul_k = move |x: i64| x * k;
     assert_ne!(step(1).key(), delayed!(mul_k(1)).named("add-k").key());
+    // Also over a literal past the key buffer (16 KiB), which used to
+    // leave such a call without a key to name (a fresh one each time).
+    let long = move |v: Vec<u8>| v.len() as i64 + k;
+    let big = |n: usize| delayed!(long(vec![1_u8; n])).named("long");
+    assert_eq!(big(20_000).key(), big(20_000).key());
+    assert_ne!(big(20_000).key(), big(20_001).key());
+    assert_ne!(
+        delayed!(long(vec![1_u8; 20_000])).key(),
+        delayed!(long(vec![1_u8; 20_000])).key()
+    );
     // Unique work stays unique under a name.
     let once = || delayed!(add_k(1)).unique().named("add-k");
     assert_ne!(once().key(), once().key());

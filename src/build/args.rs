@@ -343,14 +343,14 @@ impl Args {
     }
 
     pub(crate) fn finish<T>(self, name: &'static &'static str, call: impl Call) -> Delayed<T> {
-        let key = self.hasher.finish();
+        let (key, stable) = self.hasher.finish_call();
         let call: Arc<dyn Call> = match self.error {
             None => shared(call),
             Some(message) => Arc::new(Broken(message)),
         };
         // A capturing closure's call keeps its key without the nonce, for
         // a name given to it (`key.rs` rule 5).
-        let call = match self.hasher.finish_without_nonce() {
+        let call = match stable {
             Some(stable) => crate::build::node::Decorated::stable(&call, stable),
             None => call,
         };

@@ -12,9 +12,12 @@
 //!    and two nested functions of the same name in different blocks share a
 //!    path but not a type); for other nodes, the name and identity
 //!    themselves,
-//! 3. for a closure that captures variables, a fresh nonce (rule 4),
-//! 4. for each argument, in order: the key of a task input, or the postcard
-//!    encoding of a literal.
+//! 3. for each argument, in order: the key of a task input, or the postcard
+//!    encoding of a literal;
+//!
+//! and for a call of a closure that captures variables (rule 4), blake3 so
+//! keyed over its own tag, that key (its *stable* key, rule 5) and a fresh
+//! nonce.
 //!
 //! Rules:
 //!
@@ -74,6 +77,9 @@ pub(crate) enum Tag {
     Function = 6,
     /// Work given a name, over the key of the work itself.
     Renamed = 7,
+    /// A call of a closure that captures variables: its stable key and a
+    /// nonce (rule 4).
+    Impure = 8,
 }
 
 /// The type tag of `T`: its `TypeId`, reduced to 64 bits. Equal in every
@@ -147,9 +153,9 @@ pub(crate) fn nonce() -> [u8; NONCE_LEN] {
 pub(crate) struct KeyHasher {
     buf: Vec<u8>,
     stream: Option<Box<blake3::Hasher>>,
-    /// Where a capturing closure's nonce sits in `buf` (rule 4), for
-    /// [`KeyHasher::finish_without_nonce`].
-    nonce_at: Option<usize>,
+    /// A call of a capturing closure, whose key takes a nonce (rule 4):
+    /// see [`KeyHasher::finish_call`].
+    impure: bool,
 }
 
 impl KeyHasher {
@@ -165,10 +171,7 @@ impl KeyHasher {
         this.buf.push(Tag::Call as u8);
         this.buf
             .extend_from_slice(&KnownFunction::digest::<F>(name));
-        if !is_pure_fn::<F>() {
-            this.nonce_at = Some(this.buf.len());
-            this.bytes(&nonce());
-        }
+        this.impure = !is_pure_fn::<F>();
         this
     }
 
@@ -178,7 +181,7 @@ impl KeyHasher {
         KeyHasher {
             buf,
             stream: None,
-            nonce_at: None,
+            impure: false,
         }
     }
 
@@ -202,24 +205,26 @@ impl KeyHasher {
     fn extend(&mut self, bytes: &[u8]) {
         if self.buf.len() + bytes.len() <= BUFFER_LIMIT {
             self.buf.extend_from_slice(bytes);
-            return;
+        } else {
+            self.drained().update(bytes);
         }
+    }
+
+    /// Hashes the buffer into the stream once it is past its limit.
+    fn spill(&mut self) {
+        if self.buf.len() > BUFFER_LIMIT {
+            self.drained();
+        }
+    }
+
+    /// The stream, with the buffer hashed into it and emptied.
+    fn drained(&mut self) -> &mut blake3::Hasher {
         let stream = self
             .stream
             .get_or_insert_with(|| Box::new(blake3::Hasher::new_keyed(&HASH_KEY)));
         stream.update(&self.buf);
         self.buf.clear();
-        stream.update(bytes);
-    }
-
-    fn spill(&mut self) {
-        if self.buf.len() > BUFFER_LIMIT {
-            let stream = self
-                .stream
-                .get_or_insert_with(|| Box::new(blake3::Hasher::new_keyed(&HASH_KEY)));
-            stream.update(&self.buf);
-            self.buf.clear();
-        }
+        stream
     }
 
     /// Mixes in `T`'s `TypeId` (what its `Hash` writes, a fixed length):
@@ -307,21 +312,31 @@ impl KeyHasher {
         Ok(())
     }
 
-    /// For a call of a capturing closure, the key its call would have
-    /// without the nonce: its function and arguments, which a name given to
-    /// it (`Delayed::named`, rule 5) is hashed over. `None` for other
-    /// keys, or when a large literal streamed the nonce into the hasher.
-    pub(crate) fn finish_without_nonce(&self) -> Option<Key> {
-        let at = self.nonce_at.filter(|_| self.stream.is_none())?;
-        // What `bytes` wrote: a mark, the length (8 bytes), the nonce.
-        let end = at + 1 + 8 + NONCE_LEN;
-        let mut rest = Vec::with_capacity(self.buf.len());
-        rest.extend_from_slice(self.buf.get(..at)?);
-        rest.extend_from_slice(self.buf.get(end..)?);
-        Some(Key(*blake3::keyed_hash(&HASH_KEY, &rest).as_bytes()))
+    /// The key, and for a call of a capturing closure the key it would
+    /// have without a nonce: its function and arguments, which a name
+    /// given to it (`Delayed::named`, rule 5) is hashed over. The key is
+    /// then that stable key's with a fresh nonce (module docs).
+    pub(crate) fn finish_call(&self) -> (Key, Option<Key>) {
+        let own = self.finish_plain();
+        if !self.impure {
+            return (own, None);
+        }
+        let mut bytes = [0u8; 1 + 32 + NONCE_LEN];
+        bytes[0] = Tag::Impure as u8;
+        bytes[1..33].copy_from_slice(&own.0);
+        bytes[33..].copy_from_slice(&nonce());
+        (
+            Key(*blake3::keyed_hash(&HASH_KEY, &bytes).as_bytes()),
+            Some(own),
+        )
     }
 
     pub(crate) fn finish(&self) -> Key {
+        self.finish_call().0
+    }
+
+    /// The keyed hash of the bytes mixed in.
+    fn finish_plain(&self) -> Key {
         match &self.stream {
             None => Key(*blake3::keyed_hash(&HASH_KEY, &self.buf).as_bytes()),
             Some(stream) => {
