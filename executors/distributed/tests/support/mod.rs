@@ -112,6 +112,8 @@ pub struct Shared {
     hang_tx: Mutex<Option<Sender<()>>>,
     /// `hang` ops running now.
     pub hanging: AtomicUsize,
+    /// `where` calls hanging (payload -2) on a worker's network thread now.
+    pub hanging_on_network: AtomicUsize,
 }
 
 impl Shared {
@@ -133,6 +135,13 @@ impl Shared {
     /// Lets every `hang` op return, now and from now on.
     pub fn end_hangs(&self) {
         *self.hang_tx.lock().unwrap() = None;
+    }
+
+    /// Lets one `hang` op return (the first to take the token).
+    pub fn end_one_hang(&self) {
+        if let Some(tx) = &*self.hang_tx.lock().unwrap() {
+            let _ = tx.send(());
+        }
     }
 
     /// Waits, ignoring cancellation, until [`Shared::end_hangs`] (or four
@@ -237,15 +246,21 @@ impl Op for TestOp {
             REMOTE_FUNCTION => Err(OpError::failed("the cluster no longer holds the value")),
             "panic" => panic!("kaboom"),
             "where" | "where_slow" => {
+                // `worker::spawn` names the network thread; compute
+                // threads are `rask-worker-N`.
+                let network = std::thread::current().name() == Some("rask-worker");
                 let micros: i64 = postcard::from_bytes(&self.payload).unwrap_or(0);
                 match micros {
+                    -2 if network => {
+                        let here = &self.shared.hanging_on_network;
+                        here.fetch_add(1, Ordering::SeqCst);
+                        self.shared.hang();
+                        here.fetch_sub(1, Ordering::SeqCst);
+                    }
                     -2 => self.shared.hang(),
                     ..0 => panic!("kaboom"),
                     _ => std::thread::sleep(Duration::from_micros(micros as u64)),
                 }
-                // `worker::spawn` names the network thread; compute
-                // threads are `rask-worker-N`.
-                let network = std::thread::current().name() == Some("rask-worker");
                 Ok(Arc::new(i64::from(network)))
             }
             other => Err(OpError::failed(format!("cannot run {other}"))),
