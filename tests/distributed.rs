@@ -556,7 +556,6 @@ fn failures_name_the_task_and_spare_the_cluster() {
 }
 
 fn unregistered_functions_are_a_clear_error() {
-    let started = Instant::now();
     let err = delayed!(lonely(1)).compute_with(&local2()).unwrap_err();
     let text = err.to_string();
     assert!(
@@ -570,11 +569,6 @@ fn unregistered_functions_are_a_clear_error() {
     let err = delayed!(add_k(1)).compute_with(&local2()).unwrap_err();
     let text = err.to_string();
     assert!(text.contains("captures variables"), "{text}");
-    assert!(
-        started.elapsed() < Duration::from_secs(30),
-        "took {:?}",
-        started.elapsed()
-    );
 }
 
 /// A scheduler in this process on `addr`, requiring this run's token

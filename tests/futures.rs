@@ -1021,8 +1021,12 @@ fn a_batch_holds_every_future_done_so_far() {
         client.submit(delayed!(gated(g2, 3))).unwrap(),
     ];
     let mut seq = as_completed(fs.clone());
+    // A completion reaches its sequences in the order they were made: once
+    // this one saw both, `seq` holds both (`rask::wait` may return while a
+    // completing thread has yet to tell `seq`).
+    let probe = as_completed(fs[..2].to_vec());
     open(g1);
-    rask::wait(&fs[..2]);
+    assert_eq!(probe.count(), 2);
     let first = seq.next_batch().unwrap();
     assert_eq!(first.len(), 2);
     open(g2);

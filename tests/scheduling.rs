@@ -311,6 +311,10 @@ fn higher_priority_runs_first_on_a_busy_worker() {
     let high = urgent
         .map_zip(record, (std::iter::repeat(path.clone()), 100..110))
         .unwrap();
+    // A question asked on the same connection is answered after the
+    // scheduler took both maps (one connection's frames are handled in
+    // order): only then does the blocker end.
+    client.scheduler_info().unwrap();
     std::fs::write(&gate, b"").unwrap();
     block.result().unwrap();
     client.gather(&low).unwrap();

@@ -311,6 +311,8 @@ pub struct Graph {
     keys: Vec<Key>,
     shared: Arc<Shared>,
     salt: u64,
+    /// Each task's own timeout, over the scheduler's default.
+    timeout: Option<Duration>,
 }
 
 impl Graph {
@@ -325,7 +327,15 @@ impl Graph {
             keys: Vec::new(),
             shared: shared.clone(),
             salt,
+            timeout: None,
         }
+    }
+
+    /// Tasks added from now on carry `timeout` as their own, over any
+    /// default of the scheduler's.
+    pub fn timed(mut self, timeout: Duration) -> Graph {
+        self.timeout = Some(timeout);
+        self
     }
 
     pub fn task(&mut self, function: &str, payload: Vec<u8>, deps: &[u32]) -> u32 {
@@ -343,6 +353,7 @@ impl Graph {
             payload,
             shared: self.shared.clone(),
         });
+        let op = rask_executor::with_limits(op, self.timeout, 0);
         self.keys.push(Key(key));
         self.b.push(Key(key), op, deps)
     }
