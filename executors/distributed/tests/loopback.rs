@@ -261,7 +261,7 @@ fn many_short_tasks_at_once_are_shared_between_the_network_thread_and_the_pool()
 
 #[test]
 fn a_silent_worker_is_taken_for_dead_and_its_task_runs_elsewhere() {
-    let timeout = Duration::from_millis(500);
+    let timeout = Duration::from_secs(1);
     let options = rask_distributed::scheduler::Options::default().worker_timeout(timeout);
     let mut cluster = Cluster::with_options(0, 1, options);
     let client = cluster.client();
@@ -340,7 +340,7 @@ fn a_thread_stuck_in_a_cancelled_task_is_replaced_and_its_worker_takes_new_work(
 #[test]
 fn a_fast_function_that_hangs_on_the_network_thread_does_not_take_its_worker_out() {
     // A worker silent for this long would be taken for dead.
-    let timeout = Duration::from_millis(500);
+    let timeout = Duration::from_secs(1);
     let options = rask_distributed::scheduler::Options::default().worker_timeout(timeout);
     let cluster = Cluster::with_options(1, 1, options);
     let client = cluster.client();
