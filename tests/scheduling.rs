@@ -57,14 +57,21 @@ fn record(path: String, i: i64) -> i64 {
     i
 }
 
-/// Sleeps 50 ms on the worker named `slow` and 2 ms on any other, appends
-/// `i name` to the file `path` (one line per run) and returns the worker's
-/// name.
+/// On the worker named `slow`, waits (at most 30 s) for the file
+/// `{path}.gate`; on any other, sleeps 2 ms. Then appends `i name` to the
+/// file `path` (one line per run) and returns the worker's name.
 fn uneven(path: String, i: i64) -> String {
     use std::io::Write as _;
     let name = std::env::var(rask_distributed::WORKER_NAME_ENV).unwrap_or_default();
-    let ms = if name == "slow" { 50 } else { 2 };
-    std::thread::sleep(Duration::from_millis(ms));
+    if name == "slow" {
+        let gate = format!("{path}.gate");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !std::path::Path::new(&gate).exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    } else {
+        std::thread::sleep(Duration::from_millis(2));
+    }
     let mut f = std::fs::OpenOptions::new()
         .append(true)
         .create(true)
@@ -336,9 +343,11 @@ fn an_idle_worker_takes_queued_work_and_each_task_runs_once() {
     let cluster = Cluster::start_named(&[(1, "", "slow"), (1, "", "fast")]);
     let client = cluster.client();
     // Short tasks first make the windows large (64 tasks per thread), so
-    // the next map goes out at once, half to each worker: every task
-    // placed on `slow` takes 50 ms, on `fast` 2 ms. Once `fast` ran its
-    // half, it takes `slow`'s queued tasks, each once `slow` gave it up.
+    // the next map goes out at once, half to each worker: a task on `fast`
+    // takes 2 ms, one on `slow` waits for a gate. Once `fast` ran its
+    // half, it takes `slow`'s queued tasks, each once `slow` gave it up
+    // (whatever the windows: `slow`'s one thread is held by a task for
+    // longer than `STUCK_MS`, and what waits behind it moves).
     let warm = client.map(pid, 0..300).unwrap();
     client.gather(&warm).unwrap();
     let dir = std::env::temp_dir().join(format!("rask-move-{}", std::process::id()));
@@ -348,8 +357,16 @@ fn an_idle_worker_takes_queued_work_and_each_task_runs_once() {
     let path = runs.display().to_string();
     let n = 40;
     let fs = client
-        .map_zip(uneven, (std::iter::repeat(path), 0..n))
+        .map_zip(uneven, (std::iter::repeat(path.clone()), 0..n))
         .unwrap();
+    // Every task but the one `slow` is stuck in runs elsewhere; then the
+    // gate opens.
+    let lines = || std::fs::read_to_string(&runs).map_or(0, |t| t.lines().count());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while lines() < n as usize - 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::fs::write(format!("{path}.gate"), b"").unwrap();
     let names: Vec<String> = client.gather(&fs).unwrap();
     let ran: Vec<(i64, String)> = std::fs::read_to_string(&runs)
         .unwrap()
