@@ -300,14 +300,15 @@ impl KeyHasher {
         // does: a varint.
         self.buf.push(b'l');
         postcard::serialize_with_flavor(&(list.len() as u64), Flavor(self))?;
-        // Elements' bytes gathered 16 KiB at a time: blake3 hashes 16
-        // chunks of 1 KiB at once.
-        let mut run = [0u8; 16 * 1024];
-        for part in list.chunks(run.len() / N) {
-            for (slot, &element) in run.chunks_exact_mut(N).zip(part) {
-                slot.copy_from_slice(&bytes(element));
+        // Elements' bytes into the buffer, hashed each time it passes its
+        // limit (16 KiB: blake3 hashes 16 chunks of 1 KiB at once); a short
+        // list costs what its bytes do.
+        for part in list.chunks(BUFFER_LIMIT / N) {
+            self.buf.reserve(part.len() * N);
+            for &element in part {
+                self.buf.extend_from_slice(&bytes(element));
             }
-            self.extend(&run[..part.len() * N]);
+            self.spill();
         }
         Ok(())
     }
