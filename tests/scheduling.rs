@@ -38,11 +38,16 @@ fn pid(_i: i64) -> u32 {
 fn blocker(path: String) -> i64 {
     // Says it started, for tests that must not act before it runs.
     let _ = std::fs::write(format!("{path}.started"), b"");
+    wait_for_file(&path);
+    0
+}
+
+/// Waits until the file `path` exists, at most 30 s.
+fn wait_for_file(path: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !std::path::Path::new(&path).exists() && Instant::now() < deadline {
+    while !std::path::Path::new(path).exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(2));
     }
-    0
 }
 
 /// Appends `i` to the file `path`, one line per task, in the order tasks run.
@@ -64,11 +69,7 @@ fn uneven(path: String, i: i64) -> String {
     use std::io::Write as _;
     let name = std::env::var(rask_distributed::WORKER_NAME_ENV).unwrap_or_default();
     if name == "slow" {
-        let gate = format!("{path}.gate");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !std::path::Path::new(&gate).exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        wait_for_file(&format!("{path}.gate"));
     } else {
         std::thread::sleep(Duration::from_millis(2));
     }

@@ -867,34 +867,39 @@ fn sums(client: &Client, shared: &Arc<Shared>, groups: &[Vec<&Value>]) -> Vec<i6
 /// The spill figures of every worker, once each reported some spilled
 /// bytes (they come with heartbeats); panics after `TIMEOUT`.
 fn spilled(client: &Client, workers: usize) -> Vec<rask_executor::diagnostics::Spill> {
-    let deadline = std::time::Instant::now() + TIMEOUT;
-    loop {
-        let info = client.info().unwrap();
-        let spills: Vec<_> = info.workers.iter().filter_map(|w| w.spill).collect();
-        if spills.len() == workers && spills.iter().all(|s| s.spilled_bytes > 0) {
-            return spills;
-        }
-        assert!(std::time::Instant::now() < deadline, "no spill: {info:?}");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    spilled_until(client, workers, "a spill", |_| true)
 }
 
 /// The spill figures of every worker once each spilled and holds no more
 /// than its spill level in memory (the spill thread is idle then); panics
 /// after `TIMEOUT`.
 fn settled(client: &Client, workers: usize) -> Vec<rask_executor::diagnostics::Spill> {
-    let deadline = std::time::Instant::now() + TIMEOUT;
-    loop {
-        let spills = spilled(client, workers);
-        if spills
+    spilled_until(client, workers, "the spilling to end", |spills| {
+        spills
             .iter()
             .all(|s| s.memory_bytes <= s.spill_at_bytes && !s.paused)
-        {
+    })
+}
+
+/// The spill figures of every worker, once each reported some spilled
+/// bytes and `done` holds of them; panics after `TIMEOUT`, naming `what`
+/// it waited for.
+fn spilled_until(
+    client: &Client,
+    workers: usize,
+    what: &str,
+    done: impl Fn(&[rask_executor::diagnostics::Spill]) -> bool,
+) -> Vec<rask_executor::diagnostics::Spill> {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let info = client.info().unwrap();
+        let spills: Vec<_> = info.workers.iter().filter_map(|w| w.spill).collect();
+        if spills.len() == workers && spills.iter().all(|s| s.spilled_bytes > 0) && done(&spills) {
             return spills;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "still spilling: {spills:?}"
+            "waited {TIMEOUT:?} for {what}: {info:?}"
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
@@ -1035,14 +1040,9 @@ fn a_damaged_spill_file_is_never_read_as_a_value() {
     }
     // Every damaged file was read once, and dropped. Spill figures come
     // with the worker's heartbeats: the last losses may not be reported yet.
-    let deadline = std::time::Instant::now() + TIMEOUT;
-    let after = loop {
-        let after = spilled(&client, 1)[0];
-        if after.lost >= files.len() as u64 || std::time::Instant::now() > deadline {
-            break after;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let after = spilled_until(&client, 1, "a report of every loss", |s| {
+        s[0].lost >= files.len() as u64
+    })[0];
     assert_eq!(after.lost, files.len() as u64, "{after:?}");
     drop(chunks);
     drop(client);
