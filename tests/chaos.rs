@@ -28,6 +28,14 @@ fn crash(x: i64) -> i64 {
     std::process::exit(i32::try_from(x).unwrap_or(1))
 }
 
+/// Takes its worker process down for 0; a 2 ms task otherwise.
+fn crash_at_zero(x: i64) -> i64 {
+    if x == 0 {
+        std::process::exit(3);
+    }
+    work(x)
+}
+
 /// Waits, at most `limit`, for every future, then gathers them.
 fn gather_within(
     client: &rask::Client,
@@ -140,8 +148,33 @@ fn a_task_that_exits_fails_alone() {
     }
 }
 
+/// On a one-thread worker (which runs a second task on its network
+/// thread), the task sent beside a crashing one is taken for running when
+/// the worker dies, but does not fail with it: after that death each of
+/// the two runs alone, so the later deaths count against the crashing
+/// task only. One map, so both are sent to the worker together.
+fn a_task_beside_a_crashing_one_does_not_fail_with_it() {
+    let churn = Churn::start(1, Options::default(), false);
+    let client = churn.client();
+    let fs = client.map(crash_at_zero, 0..20).unwrap();
+    rask::wait_timeout(&fs, Duration::from_secs(120)).unwrap();
+    match fs[0].result() {
+        Err(Error::Task { message, .. }) => assert!(
+            message.contains("3 workers died while running this task"),
+            "{message}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    let rest: Vec<i64> = fs[1..].iter().map(|f| f.result().unwrap()).collect();
+    assert_eq!(rest, (1..20).map(|x| x * 2).collect::<Vec<i64>>());
+    assert!(
+        churn.started.load(Ordering::SeqCst) >= 4,
+        "three deaths, three restarts"
+    );
+}
+
 fn main() {
-    rask::init_with(rask::tasks![work, crash]);
+    rask::init_with(rask::tasks![work, crash, crash_at_zero]);
     harness::token_for_this_run();
     let tests: &[(&str, fn())] = &[
         (
@@ -159,6 +192,10 @@ fn main() {
         (
             "a_task_that_exits_fails_alone",
             a_task_that_exits_fails_alone,
+        ),
+        (
+            "a_task_beside_a_crashing_one_does_not_fail_with_it",
+            a_task_beside_a_crashing_one_does_not_fail_with_it,
         ),
     ];
     harness::run(tests);

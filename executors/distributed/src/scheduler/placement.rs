@@ -21,10 +21,11 @@
 //!    is monotone in load per thread (`tasks < threads × per_thread` is
 //!    `tasks / threads < per_thread`), and so is idleness, so the first
 //!    worker of that order is the lightest with room, or idle, if any is.
-//! 6. A *paused* worker (scheduler rule S17: it holds back new tasks for
-//!    memory) has no room and is never idle; it is placed after every
-//!    worker that is not, so rule 5 still holds, and it is no holder to
-//!    wait for (rule 2): a task whose inputs it holds goes to a worker
+//! 6. A *closed* worker — *paused* (scheduler rule S17: it holds back new
+//!    tasks for memory), or *reserved* for a task that must run alone
+//!    there (S18) — has no room and is never idle; it is placed after
+//!    every worker that is not, so rule 5 still holds, and it is no holder
+//!    to wait for (rule 2): a task whose inputs it holds goes to a worker
 //!    with room, which fetches them.
 
 use std::cmp::Ordering;
@@ -53,27 +54,34 @@ pub(crate) struct Load {
     pub(crate) threads: u32,
     /// It holds back new tasks for memory (rule 6).
     pub(crate) paused: bool,
+    /// It is kept for one task that must run alone there (rule 6, S18).
+    pub(crate) reserved: bool,
 }
 
 impl Load {
+    /// Whether it is sent no new task: paused or reserved (rule 6).
+    pub(crate) fn closed(&self) -> bool {
+        self.paused || self.reserved
+    }
+
     /// The most tasks this worker is given at once (rule 3); 0 while
-    /// paused (rule 6), which also closes its early count (S9).
+    /// closed (rule 6), which also closes its early count (S9).
     pub(crate) fn window(&self, per_thread: u32) -> u32 {
-        if self.paused {
+        if self.closed() {
             return 0;
         }
         self.threads.max(1).saturating_mul(per_thread)
     }
 
     /// Whether it may be sent one more task: fewer tasks than its window,
-    /// which is empty while it is paused (rule 6).
+    /// which is empty while it is closed (rule 6).
     pub(crate) fn has_room(&self, per_thread: u32) -> bool {
         self.tasks < self.window(per_thread)
     }
 
     /// Whether it runs nothing and may be sent tasks (rule 6).
     pub(crate) fn idle(&self) -> bool {
-        !self.paused && self.tasks == 0
+        !self.closed() && self.tasks == 0
     }
 
     /// Whether worker `id` with this load goes before worker `other_id`
@@ -82,7 +90,7 @@ impl Load {
         self.lighter(other) || (!other.lighter(self) && id < other_id)
     }
 
-    /// `self` goes before `other` in placement order: not paused while
+    /// `self` goes before `other` in placement order: not closed while
     /// `other` is, or less loaded per thread (rule 6).
     fn lighter(&self, other: &Load) -> bool {
         self.rank() < other.rank()
@@ -90,7 +98,7 @@ impl Load {
 
     fn rank(&self) -> (bool, PerThread) {
         (
-            self.paused,
+            self.closed(),
             PerThread {
                 tasks: self.tasks,
                 threads: self.threads.max(1),
@@ -142,13 +150,14 @@ pub(crate) struct Loads {
 impl Loads {
     /// Adds worker `id` with no tasks, or resets it.
     pub(crate) fn insert(&mut self, id: WorkerId, threads: u32) {
-        let paused = false;
+        let (paused, reserved) = (false, false);
         self.set(
             id,
             Load {
                 tasks: 0,
                 threads,
                 paused,
+                reserved,
             },
         );
     }
@@ -187,6 +196,13 @@ impl Loads {
         }
     }
 
+    /// Marks worker `id` reserved or not (rule 6, S18), if it is known.
+    pub(crate) fn set_reserved(&mut self, id: WorkerId, reserved: bool) {
+        if let Some(&load) = self.by_id.get(&id) {
+            self.set(id, Load { reserved, ..load });
+        }
+    }
+
     fn set(&mut self, id: WorkerId, load: Load) {
         if let Some(old) = self.by_id.insert(id, load) {
             self.by_load.remove(&(old.rank(), id));
@@ -195,13 +211,13 @@ impl Loads {
     }
 
     /// The least loaded worker per thread, lowest id first on ties;
-    /// paused workers last (rule 6).
+    /// closed workers last (rule 6).
     pub(crate) fn lightest(&self) -> Option<(WorkerId, Load)> {
         let &(_, id) = self.by_load.first()?;
         Some((id, self.by_id[&id]))
     }
 
-    /// Workers in placement order (rule 5), lightest first, paused ones
+    /// Workers in placement order (rule 5), lightest first, closed ones
     /// last (rule 6).
     pub(crate) fn in_order(&self) -> impl DoubleEndedIterator<Item = (WorkerId, Load)> + '_ {
         self.by_load.iter().map(|&(_, id)| (id, self.by_id[&id]))
@@ -226,10 +242,10 @@ impl Loads {
             .map(|&(_, id)| (id, self.by_id[&id]))
             .collect();
         assert_eq!(indexed, expected, "placement order out of step with loads");
-        for &((paused, key), id) in &self.by_load {
-            let (held_paused, load) = self.by_id[&id].rank();
+        for &((closed, key), id) in &self.by_load {
+            let (held_closed, load) = self.by_id[&id].rank();
             assert!(
-                paused == held_paused && key.tasks == load.tasks && key.threads == load.threads,
+                closed == held_closed && key.tasks == load.tasks && key.threads == load.threads,
                 "{id} indexed at {key:?}, holds {load:?}"
             );
         }
@@ -285,8 +301,8 @@ pub(crate) fn choose<'a>(
     let mut best_any: Option<(WorkerId, u64)> = None;
     let mut best_room: Option<(WorkerId, u64)> = None;
     for &(w, bytes) in scratch.iter() {
-        let Some(load) = workers.get(w).filter(|l| !l.paused) else {
-            continue; // gone, or paused: no holder to wait for (rule 6)
+        let Some(load) = workers.get(w).filter(|l| !l.closed()) else {
+            continue; // gone, or closed: no holder to wait for (rule 6)
         };
         let of = |id| workers.get(id).expect("only known workers are kept");
         if best_any.is_none_or(|(bw, bb)| better(bytes, load, w, bb, of(bw), bw)) {
@@ -340,13 +356,14 @@ mod tests {
     fn workers(loads: &[(u32, u32)]) -> Loads {
         let mut ws = Loads::default();
         for (i, &(tasks, threads)) in loads.iter().enumerate() {
-            let paused = false;
+            let (paused, reserved) = (false, false);
             ws.set(
                 WorkerId(i as u32),
                 Load {
                     tasks,
                     threads,
                     paused,
+                    reserved,
                 },
             );
         }
@@ -474,6 +491,27 @@ mod tests {
     }
 
     #[test]
+    fn a_reserved_worker_stays_closed_whatever_its_memory_says() {
+        let mut ws = workers(&[(0, 1), (1, 1)]);
+        ws.set_reserved(WorkerId(0), true);
+        ws.check();
+        let a = [WorkerId(0)];
+        let big = choose([(&a[..], 10 << 20)].into_iter(), &ws, 2, &mut vec![]);
+        assert_eq!(big, Choice::Worker(WorkerId(1)));
+        // Paused and resumed (S17): still reserved, still closed.
+        ws.set_paused(WorkerId(0), true);
+        ws.set_paused(WorkerId(0), false);
+        ws.check();
+        assert!(!ws.get(WorkerId(0)).unwrap().idle());
+        assert_eq!(ws.get(WorkerId(0)).unwrap().window(2), 0);
+        ws.set_reserved(WorkerId(0), false);
+        assert_eq!(
+            choose(std::iter::empty(), &ws, 2, &mut vec![]),
+            Choice::Worker(WorkerId(0))
+        );
+    }
+
+    #[test]
     fn all_full() {
         let ws = workers(&[(2, 1), (2, 1)]);
         assert_eq!(
@@ -505,11 +543,12 @@ mod tests {
             x ^= x >> 7;
             x ^= x << 17;
             let id = WorkerId((x % 12) as u32);
-            match (x >> 8) % 9 {
+            match (x >> 8) % 10 {
                 0 => ws.insert(id, 1 + ((x >> 16) % 4) as u32),
                 1 => drop(ws.remove(id)),
                 2..=4 => ws.add_task(id),
                 5 => ws.set_paused(id, (x >> 20) % 3 == 0),
+                6 => ws.set_reserved(id, (x >> 20) % 3 == 0),
                 _ => ws.remove_task(id),
             }
             let per_thread = 1 + ((x >> 24) % 4) as u32;

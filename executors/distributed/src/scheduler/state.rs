@@ -320,6 +320,10 @@ struct Worker {
     incoming: u32,
     /// Its tasks it was asked to give up (S15).
     outgoing: u32,
+    /// The task it is reserved for (S18): while set, its load is closed;
+    /// the task is sent once nothing else runs here, and nothing else is
+    /// sent while it runs.
+    solo: Option<TaskId>,
 }
 
 impl Worker {
@@ -445,6 +449,12 @@ pub(crate) struct State {
     copy_turn: usize,
     /// Tasks moved so far (S15).
     moved: u64,
+    /// Queued tasks that were running at a worker's death, each to run
+    /// alone (S18); not in `queue` nor `restricted`. Entries can be stale
+    /// or repeated: each is checked again when looked at.
+    suspects: Vec<TaskId>,
+    /// Workers reserved for one of them (S18): those whose `solo` is set.
+    reserved: BTreeSet<WorkerId>,
 }
 
 impl Default for State {
@@ -480,6 +490,8 @@ impl State {
             retire_requests: Vec::new(),
             copy_turn: 0,
             moved: 0,
+            suspects: Vec::new(),
+            reserved: BTreeSet::new(),
         }
     }
 
@@ -782,6 +794,7 @@ impl State {
                 retiring: None,
                 incoming: 0,
                 outgoing: 0,
+                solo: None,
             },
         );
         self.loads.insert(worker, threads.clamp(1, MAX_THREADS));
@@ -805,6 +818,9 @@ impl State {
             (None, None) => unreachable!("loads name every worker not retiring"),
         };
         self.retiring.remove(&worker);
+        // Its reserved task, if it was running, counts this death alone
+        // (S18): nothing else ran there.
+        self.reserved.remove(&worker);
         self.early_ready.remove(&worker);
         self.early_blocked.remove(&worker);
         for &id in self.workers.keys() {
@@ -1218,7 +1234,7 @@ impl State {
         };
         self.unload(tid);
         let task = self.task(tid);
-        let open = self.loads.get(m.to).is_some_and(|l| !l.paused);
+        let open = self.loads.get(m.to).is_some_and(|l| !l.closed());
         let fits = self
             .workers
             .get(&m.to)
@@ -1299,6 +1315,10 @@ impl State {
         };
         // It runs: an ask to give it up will be answered `TaskKept` (S15).
         self.cancel_move(id);
+        if self.workers.get(&worker).is_some_and(|w| w.solo.is_some()) {
+            // The work it waits for may need this very worker (S18).
+            self.unreserve(worker);
+        }
         let task = self.task_mut(id);
         if std::mem::replace(&mut task.seceded, true) || task.early {
             // An early task takes no window room to give back; it never
@@ -1673,10 +1693,18 @@ impl State {
     /// or out of its early count (S9). The caller changes the state next.
     fn unload(&mut self, id: TaskId) {
         self.cancel_move(id);
-        let task = self.task_mut(id);
-        let TaskState::Processing(worker) = task.state else {
+        let TaskState::Processing(worker) = self.task(id).state else {
             return;
         };
+        if !self.reserved.is_empty()
+            && self
+                .workers
+                .get(&worker)
+                .is_some_and(|w| w.solo == Some(id))
+        {
+            self.unreserve(worker); // it ran alone, and is done there (S18)
+        }
+        let task = self.task_mut(id);
         let early = std::mem::take(&mut task.early);
         task.kept = false;
         let restriction = task.restriction.clone();
@@ -1792,6 +1820,10 @@ impl State {
     fn enqueue(&mut self, id: TaskId) {
         let task = self.task_mut(id);
         task.state = TaskState::Queued;
+        if task.deaths > 0 {
+            self.suspects.push(id); // it runs alone (S18)
+            return;
+        }
         let entry = (task.priority, id);
         match task.restriction.clone() {
             None => self.queue.push(entry),
@@ -1938,10 +1970,12 @@ impl State {
     /// elsewhere are small.
     fn early_target(&self, id: TaskId) -> Option<WorkerId> {
         let task = self.task(id);
-        // Restricted tasks wait for a worker that fits them now (S14).
+        // Restricted tasks wait for a worker that fits them now (S14), and
+        // a task that was running at a death for a worker of its own (S18).
         if task.state != TaskState::Waiting
             || task.deps.len() > EARLY_MAX_DEPS
             || task.restriction.is_some()
+            || task.deaths > 0
         {
             return None;
         }
@@ -2130,11 +2164,164 @@ impl State {
             return;
         }
         let per_thread = placement::per_thread(self.mean_ns);
+        if !self.suspects.is_empty() || !self.reserved.is_empty() {
+            self.assign_suspects(out);
+        }
         self.assign_queued(per_thread, out);
         self.assign_early(per_thread, out);
         self.balance(out);
         if !self.retiring.is_empty() {
             self.retire_step(out);
+        }
+    }
+
+    /// Runs each queued task that was running at a worker's death alone
+    /// (S18), best priority first: it reserves a worker (closed to other
+    /// work, and its queued tasks free to move, S15), preferring one that
+    /// runs nothing, and is sent there once nothing else runs there. At
+    /// most half the workers (at least one) are reserved at once; the
+    /// rest go on with the other work. Drops the reservations whose task
+    /// left the queue without being sent, or whose worker retires.
+    fn assign_suspects(&mut self, out: &mut impl Outbox) {
+        for w in self.reserved.clone() {
+            let Some(worker) = self.workers.get(&w) else {
+                self.reserved.remove(&w);
+                continue;
+            };
+            let serves = worker.solo.and_then(|id| self.get(id)).is_some_and(|t| {
+                t.state == TaskState::Processing(w)
+                    || (t.state == TaskState::Queued && worker.retiring.is_none())
+            });
+            if !serves {
+                self.unreserve(w);
+            }
+        }
+        let mut suspects = std::mem::take(&mut self.suspects);
+        suspects.retain(|&id| self.get(id).is_some_and(|t| t.state == TaskState::Queued));
+        suspects.sort_unstable_by_key(|&id| (self.task(id).priority, id));
+        suspects.dedup();
+        let most = (self.workers.len() / 2).max(1);
+        for id in suspects {
+            let reserved = self
+                .reserved
+                .iter()
+                .copied()
+                .find(|w| self.workers.get(w).is_some_and(|w| w.solo == Some(id)));
+            let w = match reserved {
+                Some(w) if self.runs_nothing(w) => w,
+                // Still busy: a worker that has emptied since takes over.
+                Some(w) => match self.empty_worker(id) {
+                    Some(empty) => {
+                        self.unreserve(w);
+                        self.reserve(empty, id);
+                        empty
+                    }
+                    None => w,
+                },
+                None => match (self.reserved.len() < most)
+                    .then(|| self.worker_to_reserve(id))
+                    .flatten()
+                {
+                    Some(w) => {
+                        self.reserve(w, id);
+                        w
+                    }
+                    None => {
+                        self.suspects.push(id);
+                        continue;
+                    }
+                },
+            };
+            let open = self.loads.get(w).is_some_and(|l| !l.paused);
+            let fits = self
+                .workers
+                .get(&w)
+                .is_some_and(|worker| worker.may_take_now(self.task(id).restriction.as_deref()));
+            if open && fits && self.runs_nothing(w) {
+                tracing::debug!(task = %label(self.task(id)), worker = %w, "a task that was running at a worker's death runs alone on {w}");
+                self.send_compute(id, w, false, out);
+            } else {
+                self.suspects.push(id);
+            }
+        }
+    }
+
+    /// The worker to reserve for task `id` (S18): one not closed that it
+    /// may run on (S14) and that runs no seceded task (which may wait for
+    /// work only that worker can take); one that runs nothing if any,
+    /// else the first in placement order. A scan of the workers: this
+    /// happens only after a worker died running something.
+    fn worker_to_reserve(&self, id: TaskId) -> Option<WorkerId> {
+        if let Some(w) = self.empty_worker(id) {
+            return Some(w);
+        }
+        self.loads
+            .in_order()
+            .take_while(|(_, l)| !l.closed())
+            .map(|(w, _)| w)
+            .find(|&w| self.may_reserve(w, id))
+    }
+
+    /// An open worker that runs nothing and may be reserved for `id`
+    /// (S18). Such workers come first in placement order (no task in their
+    /// window), so the scan stops at the first busy one: cheap while the
+    /// cluster is busy.
+    fn empty_worker(&self, id: TaskId) -> Option<WorkerId> {
+        self.loads
+            .in_order()
+            .take_while(|(_, l)| l.idle())
+            .map(|(w, _)| w)
+            .find(|&w| self.runs_nothing(w) && self.may_reserve(w, id))
+    }
+
+    /// Whether worker `w` may be reserved for `id` (S18): it may run it
+    /// (S14), is not reserved, and runs no seceded task.
+    fn may_reserve(&self, w: WorkerId, id: TaskId) -> bool {
+        let restriction = self.task(id).restriction.as_deref();
+        self.workers.get(&w).is_some_and(|worker| {
+            worker.solo.is_none() && restriction.is_none_or(|r| worker.eligible(r))
+        }) && !self.runs_seceded(w)
+    }
+
+    /// Whether no task is processing on worker `w`: none in its window,
+    /// early, or seceded.
+    fn runs_nothing(&self, w: WorkerId) -> bool {
+        self.workers
+            .get(&w)
+            .is_some_and(|worker| !worker.sent.iter().any(|&(t, at)| self.sent_to(t, at, w)))
+    }
+
+    /// Whether a seceded task runs on worker `w`.
+    fn runs_seceded(&self, w: WorkerId) -> bool {
+        self.workers.get(&w).is_some_and(|worker| {
+            worker
+                .sent
+                .iter()
+                .any(|&(t, at)| self.sent_to(t, at, w) && self.task(t).seceded)
+        })
+    }
+
+    /// Keeps worker `w` for task `id` alone (S18).
+    fn reserve(&mut self, w: WorkerId, id: TaskId) {
+        if let Some(worker) = self.workers.get_mut(&w) {
+            worker.solo = Some(id);
+            self.reserved.insert(w);
+            self.loads.set_reserved(w, true);
+            tracing::debug!(task = %label(self.task(id)), worker = %w, "{w} reserved for a task that was running at a worker's death");
+        }
+    }
+
+    /// Opens worker `w` to other work again (S18).
+    fn unreserve(&mut self, w: WorkerId) {
+        self.reserved.remove(&w);
+        self.loads.set_reserved(w, false);
+        if let Some(worker) = self.workers.get_mut(&w) {
+            worker.solo = None;
+            // Early room again (S9).
+            self.early_blocked.remove(&w);
+            if !worker.candidates.is_empty() {
+                self.early_ready.insert(w);
+            }
         }
     }
 
@@ -2339,8 +2526,8 @@ impl State {
     /// [`on_tick`](State::on_tick), not for every assignment.
     fn stuck_to_move(&self, thief: WorkerId) -> Option<(WorkerId, TaskId)> {
         for (victim, load) in self.loads.in_order().rev() {
-            if victim == thief || load.paused {
-                continue; // a paused worker's tasks move in `balance`
+            if victim == thief || load.closed() {
+                continue; // a closed worker's tasks move in `balance`
             }
             let Some(v) = self.workers.get(&victim) else {
                 continue;
@@ -2402,7 +2589,7 @@ impl State {
             let threads = load.threads.max(1);
             // Placement order is by load per thread: past the first
             // worker with a task per thread, none has an idle thread.
-            if load.paused || load.tasks >= threads {
+            if load.closed() || load.tasks >= threads {
                 return None;
             }
             let incoming = self.workers.get(&w).map_or(0, |w| w.incoming);
@@ -2422,8 +2609,9 @@ impl State {
                 return None;
             }
             let threads = busy.threads.max(1);
-            if busy.paused {
-                // Everything it was sent waits until its memory drops.
+            if busy.closed() {
+                // Everything it was sent waits until its memory drops, or
+                // until it runs nothing (S18).
                 match self.steal_candidate(victim, thief, f64::INFINITY, 0) {
                     Some(id) => return Some((victim, id)),
                     None => continue,
@@ -2478,7 +2666,8 @@ impl State {
         live.drain(..skip);
         live.into_iter().rev().map(|(_, id)| id).find(|&id| {
             let task = self.task(id);
-            if task.moving.is_some() || task.kept {
+            // A task running alone stays where it is (S18).
+            if task.moving.is_some() || task.kept || v.solo == Some(id) {
                 return false;
             }
             let fits = t.may_take_now(task.restriction.as_deref());
@@ -2496,23 +2685,30 @@ impl State {
     /// restriction no connected worker satisfies, with how many tasks wait
     /// for it. For `scheduler_info` and the dashboard.
     pub(crate) fn unrunnable_lines(&self, lines: &mut Vec<String>) {
+        let queued = |id: TaskId, p: Option<Priority>| {
+            self.get(id)
+                .is_some_and(|t| t.state == TaskState::Queued && p.is_none_or(|p| t.priority == p))
+        };
+        let mut waiting: BTreeMap<&Restriction, BTreeSet<TaskId>> = BTreeMap::new();
         for (r, heap) in &self.restricted {
-            if self.workers.values().any(|w| w.eligible(r)) {
+            let live = heap.iter().filter(|e| queued(e.1, Some(e.0)));
+            waiting.entry(r).or_default().extend(live.map(|e| e.1));
+        }
+        // Those that run alone once a worker fits them (S18).
+        for &id in self.suspects.iter().filter(|&&id| queued(id, None)) {
+            if let Some(r) = self.task(id).restriction.as_deref() {
+                waiting.entry(r).or_default().insert(id);
+            }
+        }
+        for (r, ids) in waiting {
+            if ids.is_empty() || self.workers.values().any(|w| w.eligible(r)) {
                 continue;
             }
-            let waiting = heap
-                .iter()
-                .filter(|(p, id)| {
-                    self.get(*id)
-                        .is_some_and(|t| t.state == TaskState::Queued && t.priority == *p)
-                })
-                .count();
-            if waiting > 0 {
-                lines.push(format!(
-                    "{waiting} task(s) wait for a worker with {}: no connected worker has it",
-                    r.describe()
-                ));
-            }
+            lines.push(format!(
+                "{} task(s) wait for a worker with {}: no connected worker has it",
+                ids.len(),
+                r.describe()
+            ));
         }
     }
 
@@ -2698,6 +2894,9 @@ impl State {
             if task.kept {
                 assert!(matches!(task.state, TaskState::Processing(_)));
             }
+            if task.state == TaskState::Queued && task.deaths > 0 {
+                assert!(self.suspects.contains(&id), "{:?} left out (S18)", task.key);
+            }
             if task.state == TaskState::Queued {
                 assert!(task
                     .deps
@@ -2749,6 +2948,38 @@ impl State {
                 }
             }
             assert_eq!(worker.used, used, "resources held on {w}");
+            // S18: a reserved worker is closed, and runs its task alone.
+            assert_eq!(worker.solo.is_some(), self.reserved.contains(&w));
+            if let Some(load) = self.loads.get(w) {
+                assert_eq!(load.reserved, worker.solo.is_some(), "{w} reserved");
+            }
+            if let Some(id) = worker.solo {
+                let task = self.get(id).expect("a reserved worker's task is live");
+                assert!(
+                    task.deaths > 0,
+                    "{w} reserved for a task that never saw a death"
+                );
+                match task.state {
+                    TaskState::Queued => assert!(self.suspects.contains(&id)),
+                    TaskState::Processing(on) => {
+                        assert_eq!(on, w);
+                        assert_eq!(
+                            on_w().count(),
+                            1,
+                            "{w} runs others beside its reserved task"
+                        );
+                    }
+                    ref other => panic!("{w} reserved for a task {other:?}"),
+                }
+            }
+            for t in on_w().filter(|t| t.deaths > 0 && !t.seceded) {
+                assert_eq!(
+                    worker.solo.map(|id| self.task(id).key),
+                    Some(t.key),
+                    "{:?} ran at a death, and runs on {w} not alone",
+                    t.key
+                );
+            }
             for (i, (name, total)) in worker.resources.milli().iter().enumerate() {
                 assert!(used[i] <= *total, "{w} runs more {name} than it has");
             }

@@ -302,13 +302,14 @@ fn lost_worker_tasks_are_rescheduled_and_lost_keys_recomputed() {
     assert_eq!(out.computes(), vec![(W0, k(3))]);
     finish(&mut s, &mut out, W0, 1, 100);
     assert!(out.computes().is_empty());
-    // W0 dies while running 3: 3 is rescheduled, 1 (only on W0) recomputed,
-    // and 3 goes early to where 1 is recomputed.
+    // W0 dies while running 3: 3 is rescheduled, 1 (only on W0)
+    // recomputed; 3, which was running at the death, waits for it, then
+    // runs alone (S18), not early.
     s.on_worker_lost(W0, &mut out);
     s.check_invariants();
-    assert_eq!(out.computes(), vec![(W1, k(1)), (W1, k(3))]);
+    assert_eq!(out.computes(), vec![(W1, k(1))]);
     finish(&mut s, &mut out, W1, 1, 100);
-    assert!(out.computes().is_empty());
+    assert_eq!(out.computes(), vec![(W1, k(3))]);
     finish(&mut s, &mut out, W1, 3, 8);
     assert_eq!(out.told(), vec![(C0, k(3), Ok(vec![W1]))]);
     // A stale message from the dead worker changes nothing.
@@ -682,8 +683,11 @@ fn a_worker_death_sends_early_tasks_back_to_wait() {
     assert_eq!(out.computes(), vec![(W0, k(1)), (W0, k(2)), (W0, k(3))]);
     s.on_worker_lost(W0, &mut out);
     s.check_invariants();
-    // The whole chain goes to the survivor, early again.
-    assert_eq!(out.computes(), vec![(W1, k(1)), (W1, k(2)), (W1, k(3))]);
+    // 1, which was running, runs alone on the survivor (S18); 2 and 3,
+    // early there, wait for it again, then go there early once more.
+    assert_eq!(out.computes(), vec![(W1, k(1))]);
+    finish(&mut s, &mut out, W1, 1, 8);
+    assert_eq!(out.computes(), vec![(W1, k(2)), (W1, k(3))]);
     // A stale report from the dead worker changes nothing (S6).
     s.on_task_finished(
         W0,
@@ -698,7 +702,7 @@ fn a_worker_death_sends_early_tasks_back_to_wait() {
     );
     s.check_invariants();
     assert_eq!(s.state_of(&k(2)), Some(&TaskState::Processing(W1)));
-    for i in 1..=3 {
+    for i in 2..=3 {
         finish(&mut s, &mut out, W1, i, 8);
     }
     assert_eq!(out.told(), vec![(C0, k(3), Ok(vec![W1]))]);
@@ -708,12 +712,16 @@ fn a_worker_death_sends_early_tasks_back_to_wait() {
 fn early_tasks_do_not_count_a_worker_death_against_them() {
     let (mut s, mut out) = setup(0);
     s.on_update_graph(C0, chain(2), vec![k(2)], &mut out);
-    // Each worker dies with 1 running and 2 waiting there (early).
+    // The first worker dies with 1 running and 2 waiting there (early);
+    // the next ones with 1 running alone (S18).
     for i in 0..ALLOWED_WORKER_DEATHS as u32 {
         s.on_worker_registered(WorkerId(i), "127.0.0.1:1".into(), 1, &mut out);
+        let sent = if i == 0 { vec![k(1), k(2)] } else { vec![k(1)] };
         assert_eq!(
             out.computes(),
-            vec![(WorkerId(i), k(1)), (WorkerId(i), k(2))]
+            sent.into_iter()
+                .map(|key| (WorkerId(i), key))
+                .collect::<Vec<_>>()
         );
         s.on_worker_lost(WorkerId(i), &mut out);
         s.check_invariants();
@@ -905,7 +913,10 @@ fn extreme_numbers_from_workers_do_not_overflow() {
 }
 
 /// S7: only the tasks a dying worker was running count the death against
-/// them; those queued behind them on it were never started.
+/// them; those queued behind them on it were never started. S18: each of
+/// those then runs alone, so later deaths count against the task that
+/// crashes its workers only, and the one that ran beside it the first time
+/// does not fail with it.
 #[test]
 fn a_death_counts_only_against_the_tasks_it_was_running() {
     let (mut s, mut out) = setup(0);
@@ -920,20 +931,155 @@ fn a_death_counts_only_against_the_tasks_it_was_running() {
     let wanted: Vec<WireKey> = (1..=6).map(k).collect();
     s.on_update_graph(C0, specs, wanted, &mut out);
     // A one-thread worker runs one task, and one on its network thread:
-    // each death counts against tasks 1 and 2 only.
-    for i in 0..ALLOWED_WORKER_DEATHS as u32 {
+    // the first death counts against tasks 1 and 2 only.
+    s.on_worker_registered(WorkerId(0), "127.0.0.1:1".into(), 1, &mut out);
+    let sent: Vec<WireKey> = out.computes().into_iter().map(|(_, key)| key).collect();
+    assert_eq!(sent.len(), 6, "{sent:?}");
+    s.on_worker_lost(WorkerId(0), &mut out);
+    s.check_invariants();
+    // From then on 1 runs alone, first by priority, the rest held back;
+    // each death counts against it only (1 crashes its workers, say).
+    for i in 1..ALLOWED_WORKER_DEATHS as u32 {
         s.on_worker_registered(WorkerId(i), "127.0.0.1:1".into(), 1, &mut out);
-        let sent: Vec<WireKey> = out.computes().into_iter().map(|(_, key)| key).collect();
-        assert_eq!(sent.len(), 6, "{sent:?}");
+        assert_eq!(out.computes(), vec![(WorkerId(i), k(1))]);
         s.on_worker_lost(WorkerId(i), &mut out);
         s.check_invariants();
     }
     let failed: Vec<_> = out.told().into_iter().map(|(_, key, _)| key).collect();
-    assert_eq!(failed, vec![k(1), k(2)]);
-    // The next worker is sent the rest; none of them failed.
+    assert_eq!(failed, vec![k(1)], "2 ran beside 1 once only");
+    // The next worker runs 2 alone, then the rest.
     s.on_worker_registered(WorkerId(9), "127.0.0.1:1".into(), 1, &mut out);
+    assert_eq!(out.computes(), vec![(WorkerId(9), k(2))]);
+    finish(&mut s, &mut out, WorkerId(9), 2, 8);
+    s.check_invariants();
     let sent: Vec<WireKey> = out.computes().into_iter().map(|(_, key)| key).collect();
     assert_eq!(sent, (3..=6).map(k).collect::<Vec<_>>());
+    assert_eq!(out.told(), vec![(C0, k(2), Ok(vec![WorkerId(9)]))]);
+}
+
+/// W0 dies running two of tasks 1 to 4, W1 runs the other two: returns
+/// the two that ran at the death, by priority.
+fn died_running_two() -> (State, Rec, [u8; 2]) {
+    let (mut s, mut out) = setup(2);
+    let specs: Vec<TaskSpec> = (1..=4).map(|n| spec(n, &[])).collect();
+    s.on_update_graph(C0, specs, (1..=4).map(k).collect(), &mut out);
+    let on_w0: Vec<u8> = out
+        .computes()
+        .into_iter()
+        .filter(|&(w, _)| w == W0)
+        .map(|(_, key)| key[0])
+        .collect();
+    assert_eq!(on_w0.len(), 2, "two per one-thread worker");
+    s.on_worker_lost(W0, &mut out);
+    s.check_invariants();
+    (s, out, [on_w0[0], on_w0[1]])
+}
+
+/// S18: a task that was running at a death waits for a worker that runs
+/// nothing else, which is sent nothing else meanwhile nor while it runs;
+/// then the next one; then the rest of the work.
+#[test]
+fn a_task_that_ran_at_a_death_runs_alone() {
+    let (mut s, mut out, [a, b]) = died_running_two();
+    let others: Vec<u8> = (1..=4).filter(|n| ![a, b].contains(n)).collect();
+    // W1 still runs its two: it is reserved for `a`, and sent nothing,
+    // not even a new task.
+    assert_eq!(out.computes(), vec![]);
+    s.on_update_graph(C0, vec![spec(5, &[])], vec![k(5)], &mut out);
+    s.check_invariants();
+    assert_eq!(
+        out.computes(),
+        vec![],
+        "a reserved worker takes no new task"
+    );
+    finish(&mut s, &mut out, W1, others[0], 8);
+    assert_eq!(out.computes(), vec![], "W1 runs a task still");
+    finish(&mut s, &mut out, W1, others[1], 8);
+    assert_eq!(
+        out.computes(),
+        vec![(W1, k(a))],
+        "alone once W1 runs nothing"
+    );
+    finish(&mut s, &mut out, W1, a, 8);
+    assert_eq!(out.computes(), vec![(W1, k(b))], "then the next, alone too");
+    finish(&mut s, &mut out, W1, b, 8);
+    assert_eq!(out.computes(), vec![(W1, k(5))], "then the rest");
+    finish(&mut s, &mut out, W1, 5, 8);
+    let done = out.told().into_iter().filter(|(_, _, r)| r.is_ok()).count();
+    assert_eq!(done, 5);
+}
+
+/// S18: a task waiting for its reserved worker to empty goes to another
+/// worker that emptied first, and the first is open again; at most half
+/// the workers are reserved at once.
+#[test]
+fn a_reservation_moves_to_a_worker_that_emptied_first() {
+    let (mut s, mut out) = setup(3);
+    let specs: Vec<TaskSpec> = (1..=6).map(|n| spec(n, &[])).collect();
+    s.on_update_graph(C0, specs, (1..=6).map(k).collect(), &mut out);
+    let sent = out.computes();
+    let on = |w: WorkerId| -> Vec<u8> {
+        sent.iter()
+            .filter(|&&(x, _)| x == w)
+            .map(|(_, key)| key[0])
+            .collect()
+    };
+    let (on_w0, on_w2) = (on(W0), on(WorkerId(2)));
+    assert_eq!((on_w0.len(), on_w2.len()), (2, 2), "{sent:?}");
+    s.on_worker_lost(W0, &mut out);
+    s.check_invariants();
+    // One of the two that ran at the death reserves W1 (the first in
+    // placement order), the other waits: one of two workers at most.
+    assert_eq!(out.computes(), vec![]);
+    for n in on_w2 {
+        finish(&mut s, &mut out, WorkerId(2), n, 8);
+    }
+    assert_eq!(
+        out.computes(),
+        vec![(WorkerId(2), k(on_w0[0]))],
+        "W2 emptied first"
+    );
+    // W1 takes new work again.
+    s.on_update_graph(C0, vec![spec(7, &[])], vec![k(7)], &mut out);
+    let w1_first = on(W1)[0];
+    finish(&mut s, &mut out, W1, w1_first, 8);
+    assert_eq!(out.computes(), vec![(W1, k(7))]);
+}
+
+/// S18: a worker reserved for a task is open again once the task no
+/// longer waits for it: released by its client while queued, or given its
+/// thread back (seceded) while it runs, since the work it waits for may
+/// need that worker; which is then reserved for no other task while the
+/// seceded one runs there.
+#[test]
+fn a_reservation_ends_with_its_task_released_or_seceded() {
+    let (mut s, mut out, [a, b]) = died_running_two();
+    let others: Vec<u8> = (1..=4).filter(|n| ![a, b].contains(n)).collect();
+    s.on_release_keys(C0, vec![k(a), k(b)], &mut out);
+    s.check_invariants();
+    // Both were released: W1 takes new work once its window has room.
+    s.on_update_graph(C0, vec![spec(5, &[])], vec![k(5)], &mut out);
+    s.check_invariants();
+    finish(&mut s, &mut out, W1, others[0], 8);
+    assert_eq!(out.computes(), vec![(W1, k(5))]);
+
+    let (mut s, mut out, [a, b]) = died_running_two();
+    for n in 1..=4 {
+        if s.state_of(&k(n)) == Some(&TaskState::Processing(W1)) {
+            finish(&mut s, &mut out, W1, n, 8);
+        }
+    }
+    assert_eq!(out.computes(), vec![(W1, k(a))]);
+    s.on_task_seceded(W1, k(a), &mut out);
+    s.check_invariants();
+    // `a` waits for 5, say: it goes to W1, the only worker.
+    s.on_update_graph(C0, vec![spec(5, &[])], vec![k(5)], &mut out);
+    s.check_invariants();
+    assert_eq!(out.computes(), vec![(W1, k(5))]);
+    finish(&mut s, &mut out, W1, 5, 8);
+    assert_eq!(out.computes(), vec![]);
+    finish(&mut s, &mut out, W1, a, 8);
+    assert_eq!(out.computes(), vec![(W1, k(b))], "the other one, alone");
 }
 
 /// S7: the limit is the scheduler's allowed failures.
@@ -971,11 +1117,24 @@ fn lost_values_are_recomputed_after_work_that_never_ran() {
     let before = out.computes();
     s.on_worker_lost(W0, &mut out);
     s.check_invariants();
-    let after: Vec<WireKey> = before
-        .into_iter()
-        .chain(out.computes())
-        .map(|(_, key)| key)
-        .collect();
+    // What ran at the death runs alone (S18), one task at a time on W1:
+    // run everything to the end, in the order it is sent.
+    let mut after = Vec::new();
+    let mut sent: Vec<_> = before.into_iter().chain(out.computes()).collect();
+    while !sent.is_empty() {
+        for (w, key) in sent {
+            after.push(key);
+            let report = Finished {
+                nbytes: 8,
+                duration_ns: 1,
+                value: None,
+                thread: 0,
+            };
+            s.on_task_finished(w, key, report, &mut out);
+            s.check_invariants();
+        }
+        sent = out.computes();
+    }
     // 3 and 4 (never ran) go out before 1 is computed again.
     let pos = |key| after.iter().position(|&x| x == k(key)).expect("sent");
     assert!(pos(3) < pos(1) && pos(4) < pos(1), "{after:?}");
