@@ -10,7 +10,7 @@ use crate::futures::client::Client;
 use crate::futures::future::Future;
 use crate::futures::progress::progress;
 use crate::run::compute::run;
-use crate::run::config::{Config, ExecutorKind};
+use crate::run::config::Config;
 use crate::Result;
 
 impl<T: Data> Delayed<T> {
@@ -86,13 +86,7 @@ pub fn persist<T: Data>(items: &[Delayed<T>]) -> Result<Vec<Delayed<T>>> {
 pub fn persist_with<T: Data>(items: &[Delayed<T>], config: &Config) -> Result<Vec<Delayed<T>>> {
     let kind = config.resolve()?;
     let _span = tracing::info_span!("persist", executor = %kind, items = items.len()).entered();
-    if matches!(
-        kind,
-        ExecutorKind::Local(_)
-            | ExecutorKind::Tcp(_)
-            | ExecutorKind::Tls(_)
-            | ExecutorKind::Unix(_)
-    ) {
+    if kind.is_cluster() {
         return persist_on_cluster(items, config);
     }
     let roots: Vec<Arc<Node>> = items

@@ -73,13 +73,7 @@ impl Spin {
     /// cannot pay, or where the client's configuration turned it off
     /// (`allowed` false, rule 5).
     pub(crate) fn for_client(kind: &ExecutorKind, allowed: bool) -> Option<Spin> {
-        let cluster = matches!(
-            kind,
-            ExecutorKind::Local(_)
-                | ExecutorKind::Tcp(_)
-                | ExecutorKind::Tls(_)
-                | ExecutorKind::Unix(_)
-        );
+        let cluster = kind.is_cluster();
         // Cores are counted only for a cluster: it reads the process's
         // CPU limits, files on Linux.
         let cores = || std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -174,6 +174,28 @@ pub enum ExecutorKind {
 }
 
 impl ExecutorKind {
+    /// Whether tasks run in the worker processes of a cluster (`local:N`,
+    /// `tcp://`, `tls://`, `unix:`), not in this process: values then
+    /// travel, and stay on the workers that computed them. A simulated
+    /// cluster runs in this process.
+    ///
+    /// ```
+    /// use rask::ExecutorKind;
+    /// assert!(ExecutorKind::Local(2).is_cluster());
+    /// assert!(ExecutorKind::Tcp("10.0.0.5:8786".into()).is_cluster());
+    /// assert!(!ExecutorKind::Threads(None).is_cluster());
+    /// assert!(!ExecutorKind::SimCluster { workers: 2, seed: 1, faults: 0 }.is_cluster());
+    /// ```
+    pub fn is_cluster(&self) -> bool {
+        matches!(
+            self,
+            ExecutorKind::Local(_)
+                | ExecutorKind::Tcp(_)
+                | ExecutorKind::Tls(_)
+                | ExecutorKind::Unix(_)
+        )
+    }
+
     /// Parses the forms accepted by `RASK_SCHEDULER`: `sync`, `threads`,
     /// `threads:N`, `local:N`, `tcp://host:port`, `tls://host:port`,
     /// `unix:PATH`, `sim:SEED`, `sim-cluster:WORKERS:SEED`.

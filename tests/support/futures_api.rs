@@ -11,7 +11,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use futures_core::{FusedStream, Stream};
-use rask::{as_completed, delayed, wait, wait_first, AnyFuture, Client, ExecutorKind, Future};
+use rask::{as_completed, delayed, wait, wait_first, AnyFuture, Client, Future};
 
 pub fn plus(x: i64, y: i64) -> i64 {
     x + y
@@ -238,14 +238,7 @@ pub fn scatter_broadcast(client: &Client, workers: usize) {
 pub fn small_broadcast_returns_at_once(client: &Client) {
     let small = client.scatter_with(vec![3u8; 100], true).unwrap();
     let holders = client.who_has(std::slice::from_ref(&small)).unwrap();
-    let on_a_cluster = matches!(
-        client.executor(),
-        ExecutorKind::Local(_)
-            | ExecutorKind::Tcp(_)
-            | ExecutorKind::Tls(_)
-            | ExecutorKind::Unix(_)
-    );
-    if on_a_cluster {
+    if client.executor().is_cluster() {
         assert_eq!(holders[0].1, Vec::<String>::new());
     } else {
         assert_eq!(holders[0].1, ["this process"]);
