@@ -2208,8 +2208,9 @@ impl State {
                 .copied()
                 .find(|w| self.workers.get(w).is_some_and(|w| w.solo == Some(id)));
             let w = match reserved {
-                Some(w) if self.runs_nothing(w) => w,
-                // Still busy: a worker that has emptied since takes over.
+                Some(w) if self.ready_to_run_alone(w) => w,
+                // Still busy, or paused (S17): a worker that has emptied
+                // since takes over.
                 Some(w) => match self.empty_worker(id) {
                     Some(empty) => {
                         self.unreserve(w);
@@ -2232,12 +2233,11 @@ impl State {
                     }
                 },
             };
-            let open = self.loads.get(w).is_some_and(|l| !l.paused);
             let fits = self
                 .workers
                 .get(&w)
                 .is_some_and(|worker| worker.may_take_now(self.task(id).restriction.as_deref()));
-            if open && fits && self.runs_nothing(w) {
+            if fits && self.ready_to_run_alone(w) {
                 tracing::debug!(task = %label(self.task(id)), worker = %w, "a task that was running at a worker's death runs alone on {w}");
                 self.send_compute(id, w, false, out);
             } else {
@@ -2281,6 +2281,12 @@ impl State {
         self.workers.get(&w).is_some_and(|worker| {
             worker.solo.is_none() && restriction.is_none_or(|r| worker.eligible(r))
         }) && !self.runs_seceded(w)
+    }
+
+    /// Whether worker `w` may be sent a task to run alone (S18): it runs
+    /// nothing and is not paused (S17).
+    fn ready_to_run_alone(&self, w: WorkerId) -> bool {
+        self.runs_nothing(w) && self.loads.get(w).is_some_and(|l| !l.paused)
     }
 
     /// Whether no task is processing on worker `w`: none in its window,

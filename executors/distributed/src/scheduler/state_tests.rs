@@ -1046,6 +1046,35 @@ fn a_reservation_moves_to_a_worker_that_emptied_first() {
     assert_eq!(out.computes(), vec![(W1, k(7))]);
 }
 
+/// S18 with S17: a reserved worker that pauses for memory keeps its
+/// task waiting however empty it is; a worker that empties takes over.
+#[test]
+fn a_reservation_leaves_a_paused_worker_for_one_that_emptied() {
+    let (mut s, mut out) = setup(3);
+    let specs: Vec<TaskSpec> = (1..=6).map(|n| spec(n, &[])).collect();
+    s.on_update_graph(C0, specs, (1..=6).map(k).collect(), &mut out);
+    let sent = out.computes();
+    let on = |w: WorkerId| -> Vec<u8> {
+        sent.iter()
+            .filter(|&&(x, _)| x == w)
+            .map(|(_, key)| key[0])
+            .collect()
+    };
+    let a = on(W0)[0];
+    s.on_worker_lost(W0, &mut out);
+    // W1 is reserved for `a`; it pauses, then runs nothing.
+    s.on_worker_paused(W1, true, &mut out);
+    s.check_invariants();
+    for n in on(W1) {
+        finish(&mut s, &mut out, W1, n, 8);
+    }
+    assert_eq!(out.computes(), vec![], "paused: nothing is sent to W1");
+    for n in on(WorkerId(2)) {
+        finish(&mut s, &mut out, WorkerId(2), n, 8);
+    }
+    assert_eq!(out.computes(), vec![(WorkerId(2), k(a))]);
+}
+
 /// S18: a worker reserved for a task is open again once the task no
 /// longer waits for it: released by its client while queued, or given its
 /// thread back (seceded) while it runs, since the work it waits for may
