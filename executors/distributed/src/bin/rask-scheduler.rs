@@ -29,7 +29,9 @@
 //! every second) is taken as disconnected. A task without a timeout of its
 //! own fails as timed out after `--task-timeout` seconds (default: no
 //! limit). A task running on `--allowed-failures` workers when they died
-//! (default 3) fails instead of being run again.
+//! (default 3) fails instead of being run again; after its first such
+//! death it runs alone on a worker, so a task that only ran beside one
+//! that crashes its process does not fail with it.
 //!
 //! Every client and worker must prove the scheduler's token. It is, in
 //! order: the one in `--token-file PATH`, the one in `RASK_TOKEN`, the one

@@ -317,8 +317,9 @@ pub struct Options {
     pub task_timeout: Option<Duration>,
     /// How many workers may die while running one task before the task
     /// fails instead of being run again (a task that crashes its process
-    /// would otherwise take every worker down in turn). Default 3, at
-    /// least 1.
+    /// would otherwise take every worker down in turn). After its first
+    /// such death a task runs alone on a worker, so later deaths count
+    /// against the task that caused them only. Default 3, at least 1.
     pub allowed_failures: u8,
     /// What clients and workers must prove in their handshake (rule 7).
     /// Default `None`: a fresh token, made when the scheduler starts and
