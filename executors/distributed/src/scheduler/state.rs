@@ -1315,7 +1315,12 @@ impl State {
         };
         // It runs: an ask to give it up will be answered `TaskKept` (S15).
         self.cancel_move(id);
-        if self.workers.get(&worker).is_some_and(|w| w.solo.is_some()) {
+        if !self.reserved.is_empty()
+            && self
+                .workers
+                .get(&worker)
+                .is_some_and(|w| w.solo == Some(id))
+        {
             // The work it waits for may need this very worker (S18).
             self.unreserve(worker);
         }
@@ -2246,11 +2251,10 @@ impl State {
         }
     }
 
-    /// The worker to reserve for task `id` (S18): one not closed that it
-    /// may run on (S14) and that runs no seceded task (which may wait for
-    /// work only that worker can take); one that runs nothing if any,
-    /// else the first in placement order. A scan of the workers: this
-    /// happens only after a worker died running something.
+    /// The worker to reserve for task `id` (S18): one not closed that may
+    /// be reserved for it; one that runs nothing if any, else the first in
+    /// placement order. A scan of the workers: this happens only after a
+    /// worker died running something.
     fn worker_to_reserve(&self, id: TaskId) -> Option<WorkerId> {
         if let Some(w) = self.empty_worker(id) {
             return Some(w);
@@ -2275,12 +2279,15 @@ impl State {
     }
 
     /// Whether worker `w` may be reserved for `id` (S18): it may run it
-    /// (S14), is not reserved, and runs no seceded task.
+    /// (S14), is not reserved, and holds no early task (S9), which could
+    /// wait there for an input that a closed worker is never sent.
     fn may_reserve(&self, w: WorkerId, id: TaskId) -> bool {
         let restriction = self.task(id).restriction.as_deref();
         self.workers.get(&w).is_some_and(|worker| {
-            worker.solo.is_none() && restriction.is_none_or(|r| worker.eligible(r))
-        }) && !self.runs_seceded(w)
+            worker.solo.is_none()
+                && worker.early == 0
+                && restriction.is_none_or(|r| worker.eligible(r))
+        })
     }
 
     /// Whether worker `w` may be sent a task to run alone (S18): it runs
@@ -2289,21 +2296,15 @@ impl State {
         self.runs_nothing(w) && self.loads.get(w).is_some_and(|l| !l.paused)
     }
 
-    /// Whether no task is processing on worker `w`: none in its window,
-    /// early, or seceded.
+    /// Whether no task is processing on worker `w`, in its window or early,
+    /// but seceded ones: those wait for work elsewhere (which may be the
+    /// very task to run alone), so they are not waited for.
     fn runs_nothing(&self, w: WorkerId) -> bool {
-        self.workers
-            .get(&w)
-            .is_some_and(|worker| !worker.sent.iter().any(|&(t, at)| self.sent_to(t, at, w)))
-    }
-
-    /// Whether a seceded task runs on worker `w`.
-    fn runs_seceded(&self, w: WorkerId) -> bool {
         self.workers.get(&w).is_some_and(|worker| {
-            worker
+            !worker
                 .sent
                 .iter()
-                .any(|&(t, at)| self.sent_to(t, at, w) && self.task(t).seceded)
+                .any(|&(t, at)| self.sent_to(t, at, w) && !self.task(t).seceded)
         })
     }
 
@@ -2960,6 +2961,7 @@ impl State {
                 assert_eq!(load.reserved, worker.solo.is_some(), "{w} reserved");
             }
             if let Some(id) = worker.solo {
+                assert_eq!(worker.early, 0, "{w} reserved with early tasks");
                 let task = self.get(id).expect("a reserved worker's task is live");
                 assert!(
                     task.deaths > 0,
@@ -2969,11 +2971,8 @@ impl State {
                     TaskState::Queued => assert!(self.suspects.contains(&id)),
                     TaskState::Processing(on) => {
                         assert_eq!(on, w);
-                        assert_eq!(
-                            on_w().count(),
-                            1,
-                            "{w} runs others beside its reserved task"
-                        );
+                        let beside = on_w().filter(|t| !t.seceded).count();
+                        assert_eq!(beside, 1, "{w} runs others beside its reserved task");
                     }
                     ref other => panic!("{w} reserved for a task {other:?}"),
                 }

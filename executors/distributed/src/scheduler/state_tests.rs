@@ -1078,8 +1078,8 @@ fn a_reservation_leaves_a_paused_worker_for_one_that_emptied() {
 /// S18: a worker reserved for a task is open again once the task no
 /// longer waits for it: released by its client while queued, or given its
 /// thread back (seceded) while it runs, since the work it waits for may
-/// need that worker; which is then reserved for no other task while the
-/// seceded one runs there.
+/// need that worker. A seceded task is not waited for: the next one runs
+/// beside it at once.
 #[test]
 fn a_reservation_ends_with_its_task_released_or_seceded() {
     let (mut s, mut out, [a, b]) = died_running_two();
@@ -1101,14 +1101,99 @@ fn a_reservation_ends_with_its_task_released_or_seceded() {
     assert_eq!(out.computes(), vec![(W1, k(a))]);
     s.on_task_seceded(W1, k(a), &mut out);
     s.check_invariants();
-    // `a` waits for 5, say: it goes to W1, the only worker.
+    assert_eq!(
+        out.computes(),
+        vec![(W1, k(b))],
+        "the other one, beside a seceded task"
+    );
+    // `a` waits for 5, say: it goes to W1, the only worker, once `b` ran.
     s.on_update_graph(C0, vec![spec(5, &[])], vec![k(5)], &mut out);
     s.check_invariants();
+    assert_eq!(out.computes(), vec![]);
+    finish(&mut s, &mut out, W1, b, 8);
     assert_eq!(out.computes(), vec![(W1, k(5))]);
     finish(&mut s, &mut out, W1, 5, 8);
-    assert_eq!(out.computes(), vec![]);
     finish(&mut s, &mut out, W1, a, 8);
-    assert_eq!(out.computes(), vec![(W1, k(b))], "the other one, alone");
+    let done = out.told().into_iter().filter(|(_, _, r)| r.is_ok()).count();
+    assert_eq!(done, 5);
+}
+
+/// S18: a task that ran at a death goes to a worker that runs nothing
+/// but a seceded task, which may be waiting for it: the only worker left
+/// here (it would never run nothing).
+#[test]
+fn a_task_that_ran_at_a_death_goes_beside_a_seceded_one() {
+    let (mut s, mut out) = setup(2);
+    s.on_update_graph(C0, vec![spec(1, &[])], vec![k(1)], &mut out);
+    s.on_update_graph(C0, vec![spec(2, &[])], vec![k(2)], &mut out);
+    assert_eq!(out.computes(), vec![(W0, k(1)), (W1, k(2))]);
+    // 1 waits for a nested computation (2, say) and gives its thread back.
+    s.on_task_seceded(W0, k(1), &mut out);
+    s.on_worker_lost(W1, &mut out);
+    s.check_invariants();
+    assert_eq!(out.computes(), vec![(W0, k(2))]);
+    finish(&mut s, &mut out, W0, 2, 8);
+    finish(&mut s, &mut out, W0, 1, 8);
+    let done = out.told().into_iter().filter(|(_, _, r)| r.is_ok()).count();
+    assert_eq!(done, 2);
+}
+
+/// S18 with S9: a worker that holds an early task is not reserved: the
+/// input that task waits for may have to be sent there again, and a
+/// reserved worker is sent nothing else. Here that input is given back
+/// after the death, and goes back to the only worker left.
+#[test]
+fn a_worker_with_an_early_task_is_not_reserved() {
+    let (mut s, mut out) = setup(2);
+    let graph = vec![spec(1, &[]), spec(2, &[1]), spec(3, &[]), spec(4, &[])];
+    s.on_update_graph(C0, graph, vec![k(2), k(3), k(4)], &mut out);
+    let sent = out.computes();
+    assert!(
+        sent.contains(&(W0, k(1))) && sent.contains(&(W0, k(2))),
+        "{sent:?}"
+    );
+    s.on_worker_lost(W1, &mut out);
+    s.check_invariants();
+    // 1 could not fetch an input (say): given back, it is queued again,
+    // and W0, not reserved while 2 is early there, takes it.
+    s.on_task_abandoned(W0, k(1), &mut out);
+    s.check_invariants();
+    let mut sent: Vec<_> = out.computes();
+    assert!(sent.contains(&(W0, k(1))), "{sent:?}");
+    // Everything ends, whatever ran at the death among it.
+    sent.extend(
+        [1, 2, 3, 4]
+            .into_iter()
+            .filter(|&n| s.state_of(&k(n)) == Some(&TaskState::Processing(W0)))
+            .map(|n| (W0, k(n))),
+    );
+    run_to_end(&mut s, &mut out, sent);
+    let done = out.told().into_iter().filter(|(_, _, r)| r.is_ok()).count();
+    assert_eq!(done, 3);
+}
+
+/// Finishes every task in `sent`, then every task sent meanwhile, until
+/// nothing more is sent; returns the keys in the order they were sent.
+fn run_to_end(s: &mut State, out: &mut Rec, mut sent: Vec<(WorkerId, WireKey)>) -> Vec<WireKey> {
+    let mut order = Vec::new();
+    while !sent.is_empty() {
+        for (w, key) in sent {
+            if order.contains(&key) && s.state_of(&key) != Some(&TaskState::Processing(w)) {
+                continue;
+            }
+            order.push(key);
+            let report = Finished {
+                nbytes: 8,
+                duration_ns: 1,
+                value: None,
+                thread: 0,
+            };
+            s.on_task_finished(w, key, report, out);
+            s.check_invariants();
+        }
+        sent = out.computes();
+    }
+    order
 }
 
 /// S7: the limit is the scheduler's allowed failures.
@@ -1148,22 +1233,8 @@ fn lost_values_are_recomputed_after_work_that_never_ran() {
     s.check_invariants();
     // What ran at the death runs alone (S18), one task at a time on W1:
     // run everything to the end, in the order it is sent.
-    let mut after = Vec::new();
-    let mut sent: Vec<_> = before.into_iter().chain(out.computes()).collect();
-    while !sent.is_empty() {
-        for (w, key) in sent {
-            after.push(key);
-            let report = Finished {
-                nbytes: 8,
-                duration_ns: 1,
-                value: None,
-                thread: 0,
-            };
-            s.on_task_finished(w, key, report, &mut out);
-            s.check_invariants();
-        }
-        sent = out.computes();
-    }
+    let sent: Vec<_> = before.into_iter().chain(out.computes()).collect();
+    let after = run_to_end(&mut s, &mut out, sent);
     // 3 and 4 (never ran) go out before 1 is computed again.
     let pos = |key| after.iter().position(|&x| x == k(key)).expect("sent");
     assert!(pos(3) < pos(1) && pos(4) < pos(1), "{after:?}");
