@@ -160,7 +160,9 @@ fn a_task_beside_a_crashing_one_does_not_fail_with_it() {
     rask::wait_timeout(&fs, Duration::from_secs(120)).unwrap();
     match fs[0].result() {
         Err(Error::Task { message, .. }) => assert!(
-            message.contains("3 workers died while running this task"),
+            message.contains(
+                "3 workers died while running this task (the last one while it ran alone there"
+            ),
             "{message}"
         ),
         other => panic!("{other:?}"),

@@ -905,13 +905,20 @@ impl State {
                 );
             }
             if task.deaths >= allowed {
+                // Alone there (S18), nothing else can have caused it.
+                let why = if gone.solo == Some(id) {
+                    "the last one while it ran alone there: it crashes its process (exit, \
+                     abort, a segfault) or gets it killed (out of memory)"
+                } else {
+                    "it may crash its process"
+                };
                 let failure = Arc::new(WireFailure::new(
                     task.key.0,
                     task.name.to_string(),
                     WireFailureKind::Failed,
                     format!(
-                        "{} workers died while running this task (it may crash its process; \
-                         the limit is the scheduler's allowed failures)",
+                        "{} workers died while running this task ({why}; the limit is the \
+                         scheduler's allowed failures)",
                         task.deaths
                     ),
                 ));
