@@ -169,6 +169,68 @@ fn stuck_scenario() {
     eventually("the worker processes to go", || live_children().is_empty());
 }
 
+/// Runs the crash scenario in the child program.
+const CRASH_SCENARIO_ENV: &str = "RASK_TEST_CRASH_SCENARIO";
+
+/// For 0, kills its own process with SIGKILL, as the kernel's
+/// out-of-memory killer would; `2 x` otherwise.
+fn kill_self_at_zero(x: i64) -> i64 {
+    if x == 0 {
+        let me = std::process::id().to_string();
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &me])
+            .status();
+        std::thread::sleep(Duration::from_secs(60)); // the signal comes first
+    }
+    2 * x
+}
+
+/// The child program: on a cluster of two worker processes of one thread,
+/// a task that kills its own process takes a worker down three times, then
+/// fails; the other 19 tasks of its map succeed, the cluster starts each
+/// dead worker again, and later work runs. Nothing is left running.
+fn crash_scenario() {
+    // The cluster's life on stderr, for the parent to read.
+    assert!(rask::init_logging(), "no subscriber before this one");
+    let client = Client::local(2).expect("a cluster of two workers");
+    let fs = client.map(kill_self_at_zero, 0..20).unwrap();
+    rask::wait_timeout(&fs, Duration::from_secs(45)).unwrap();
+    match fs[0].result() {
+        Err(Error::Task { message, .. }) => assert!(
+            message.contains(
+                "3 workers died while running this task (the last one while it ran alone there"
+            ),
+            "{message}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    let rest: Vec<i64> = fs[1..].iter().map(|f| f.result().unwrap()).collect();
+    assert_eq!(rest, (1..20).map(|x| 2 * x).collect::<Vec<i64>>());
+    eventually("two worker processes again", || live_children().len() == 2);
+    let after = client.map(inc, 100..110).unwrap();
+    assert_eq!(
+        client.gather(&after).unwrap(),
+        (101..=110).collect::<Vec<i64>>()
+    );
+    drop((fs, after, client));
+    eventually("the worker processes to go", || live_children().is_empty());
+}
+
+fn a_local_cluster_starts_its_dead_workers_again() {
+    let before = live_children().len();
+    let (_, err) = run_child(&[(CRASH_SCENARIO_ENV, "1")]);
+    let restarts = err
+        .lines()
+        .filter(|l| {
+            l.contains(" WARN rask_distributed::cluster: worker process ")
+                && l.contains(" died (signal: 9 (SIGKILL))")
+                && l.ends_with("; started it again")
+        })
+        .count();
+    assert_eq!(restarts, 3, "{err}");
+    assert_eq!(live_children().len(), before);
+}
+
 /// Set in a worker started from a copy of this test binary: that "older
 /// build of the program" has an older `scale`.
 const OLD_VERSION_ENV: &str = "RASK_TEST_OLD_VERSION";
@@ -1609,6 +1671,7 @@ fn main() {
         chatty,
         partial,
         stubborn,
+        kill_self_at_zero,
         pid,
         nested_pids?,
         fan_out?,
@@ -1628,6 +1691,10 @@ fn main() {
     }
     if std::env::var_os(STUCK_SCENARIO_ENV).is_some() {
         stuck_scenario();
+        return;
+    }
+    if std::env::var_os(CRASH_SCENARIO_ENV).is_some() {
+        crash_scenario();
         return;
     }
     if std::env::var_os(THREADS_SCENARIO_ENV).is_some() {
@@ -1714,6 +1781,10 @@ fn main() {
         (
             "an_older_build_of_the_program_never_answers_for_this_one",
             an_older_build_of_the_program_never_answers_for_this_one,
+        ),
+        (
+            "a_local_cluster_starts_its_dead_workers_again",
+            a_local_cluster_starts_its_dead_workers_again,
         ),
         (
             "a_worker_stuck_in_a_cancelled_task_is_restarted_by_its_cluster",

@@ -17,11 +17,11 @@ use crate::{
 /// How long `start` waits for every worker to register.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// How often the supervisor looks for workers that asked to be restarted.
+/// How often the supervisor looks for workers that exited.
 const SUPERVISE_EVERY: Duration = Duration::from_millis(20);
 
 /// A worker process started less than this long ago is restarted only
-/// once this long has passed: a worker that keeps asking restarts once a
+/// once this long has passed: a worker that keeps exiting restarts once a
 /// second at most.
 const MIN_LIFE: Duration = Duration::from_secs(1);
 
@@ -76,17 +76,26 @@ const MIN_LIFE: Duration = Duration::from_secs(1);
 /// # Restarts
 ///
 /// A supervisor thread owned by the cluster restarts a worker process that
-/// exits with [`RESTART_EXIT_CODE`]: a worker does so when a thread of its
-/// stays stuck in a cancelled or timed-out task past its grace period (see
+/// dies or fails: killed by a signal (a segfault, an abort, the kernel's
+/// out-of-memory killer), or exiting with any status but success — a task
+/// that calls `std::process::exit(3)`, say, or a worker that exits with
+/// [`RESTART_EXIT_CODE`] because a thread of its stays stuck in a
+/// cancelled or timed-out task past its grace period (see
 /// [`worker`](crate::worker) rule 11; workers are started with
 /// [`SUPERVISED_ENV`] set, and [`GRACE_ENV`](crate::GRACE_ENV) sets the
-/// period). The new process is made by the same command and keeps the
-/// same index; it starts within a few tens of milliseconds of the exit, or
-/// one second after the old process started if that is later (a worker
-/// that keeps asking is restarted once a second at most). A line on stderr
-/// says so. A worker killed by [`LocalCluster::kill_worker`], or that exits
-/// in any other way, is not restarted. The supervisor is stopped and
-/// joined when the cluster is dropped, before the workers are killed.
+/// period). Its tasks run elsewhere meanwhile, and a task that keeps
+/// crashing its workers fails after the scheduler's allowed failures
+/// ([`scheduler::Options::allowed_failures`]), so a cluster keeps its
+/// workers whatever its tasks do. The new process is made by the same
+/// command and keeps the same index; it starts within a few tens of
+/// milliseconds of the exit, or one second after the old process started
+/// if that is later (a worker that keeps exiting is restarted once a
+/// second at most). A line on stderr says so. A worker that exits with
+/// success is not restarted: it was retired
+/// ([`Client::retire_workers`]), or a task ended its process with
+/// `exit(0)`. Nor is one killed by [`LocalCluster::kill_worker`]. The
+/// supervisor is stopped and joined when the cluster is dropped, before
+/// the workers are killed.
 ///
 /// # Examples
 ///
@@ -134,8 +143,8 @@ impl LocalCluster {
     /// [`DEATH_TIMEOUT_ENV`] to `0`: the scheduler lives in this process, so
     /// when it goes away the program is gone, and its workers exit at once
     /// instead of waiting for it to come back. Returns once every worker
-    /// registered. `worker` is kept to restart workers that ask for
-    /// it (see Restarts above).
+    /// registered. `worker` is kept to restart workers that die (see
+    /// Restarts above).
     ///
     /// # Output
     ///
@@ -407,8 +416,8 @@ fn spawn(
 }
 
 /// The supervisor (see Restarts on [`LocalCluster`]): until `stop` is sent
-/// to or dropped, restarts the workers that exited with
-/// [`RESTART_EXIT_CODE`].
+/// to or dropped, restarts the workers that died or exited with a status
+/// other than success.
 fn supervise(
     shared: &Workers,
     make: &MakeWorker,
@@ -422,27 +431,32 @@ fn supervise(
             let Some(child) = w.child.as_mut() else {
                 continue;
             };
-            // Other exits are not ours to handle; the status is kept by
-            // `Child`, so asking again costs nothing.
+            // A success is a retirement (or a task's `exit(0)`): not ours
+            // to undo. The status is kept by `Child`, so asking again
+            // costs nothing.
             let Ok(Some(status)) = child.try_wait() else {
                 continue;
             };
-            if status.code() != Some(RESTART_EXIT_CODE) || w.started.elapsed() < MIN_LIFE {
+            if status.success() || w.started.elapsed() < MIN_LIFE {
                 continue;
             }
             crate::worker::remove_spill_dirs(&w.spill_parent, child.id());
+            let what = if status.code() == Some(RESTART_EXIT_CODE) {
+                "asked to be restarted"
+            } else {
+                "died"
+            };
             match spawn(make, address, token, index) {
                 Ok((new, spill_parent)) => {
                     w.spill_parent = spill_parent;
-                    tracing::warn!(
-                        "worker process {index} asked to be restarted ({status}); started it again"
-                    );
+                    tracing::warn!("worker process {index} {what} ({status}); started it again");
                     w.child = Some(new);
                     w.started = Instant::now();
                 }
                 Err(e) => {
                     tracing::warn!(
-                        "worker process {index} asked to be restarted, and could not be: {}",
+                        "worker process {index} {what} ({status}), and could not be started \
+                         again: {}",
                         crate::net::Chain(&e)
                     );
                     w.child = None;
