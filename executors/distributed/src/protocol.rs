@@ -98,9 +98,10 @@ pub const INLINE_BYTES: usize = 1024;
 /// The largest frame body accepted, in bytes (512 MiB).
 pub const MAX_FRAME: usize = 512 << 20;
 
-/// A batch is sealed into its own frame once it grows past this many bytes,
-/// so no frame a sender builds comes close to [`MAX_FRAME`] unless one
-/// message alone does.
+/// A batch is sealed into its own frame once it grows past this many bytes;
+/// a message that would take the open frame past [`MAX_FRAME`] starts a
+/// frame of its own. So no frame a sender builds is over [`MAX_FRAME`]
+/// unless one message alone is.
 pub(crate) const SOFT_FRAME: usize = 4 << 20;
 
 /// Most compute threads a worker may announce in `RegisterWorker` (rule 5).
@@ -1209,6 +1210,13 @@ pub(crate) struct Batch {
 impl Batch {
     /// Appends one message.
     pub(crate) fn push<M: Serialize>(&mut self, msg: &M) {
+        self.push_within(msg, MAX_FRAME);
+    }
+
+    /// Appends one message, in a frame of its own if the open frame would
+    /// pass `max` bytes with it (a value of a few hundred MiB after a small
+    /// one: one frame of both would be refused by its reader).
+    fn push_within<M: Serialize>(&mut self, msg: &M, max: usize) {
         if self.open.is_empty() {
             // Room for a few small messages at once: postcard appends a
             // byte at a time, and growing from nothing reallocates five or
@@ -1216,10 +1224,21 @@ impl Batch {
             self.open.reserve(OPEN_FRAME);
             self.open.extend_from_slice(&[0; 4]);
         }
+        let before = self.open.len();
         let buf = std::mem::take(&mut self.open);
         // Our messages have no maps of unknown length or failing Serialize
         // impls, so encoding into a Vec cannot fail.
         self.open = postcard::to_extend(msg, buf).expect("protocol messages always encode");
+        if before > 4 && self.open.len() - 4 > max {
+            // Rare (a message of hundreds of MiB), so one copy of it is
+            // cheaper than sizing every message before encoding it.
+            let message = self.open.split_off(before);
+            self.seal();
+            let mut open = Vec::with_capacity(message.len() + 4);
+            open.extend_from_slice(&[0; 4]);
+            open.extend_from_slice(&message);
+            self.open = open;
+        }
         if self.open.len() >= SOFT_FRAME {
             self.seal();
         }
@@ -2021,6 +2040,33 @@ mod tests {
         assert_eq!(hex(&frame(&fetch)), expected);
         let back: Vec<ToWorker> = decode_checked(&frame(&fetch)[4..]).unwrap();
         assert_eq!(back, vec![fetch]);
+    }
+
+    #[test]
+    fn a_message_that_would_pass_the_frame_limit_starts_a_frame_of_its_own() {
+        let small = FromPeer::Missing { key: [1; 32] };
+        let big = FromPeer::Data {
+            key: [2; 32],
+            bytes: Arc::from(vec![7u8; 900]),
+        };
+        let mut batch = Batch::default();
+        batch.push_within(&small, 1000);
+        batch.push_within(&big, 1000);
+        batch.push_within(&small, 1000);
+        let frames = batch.take_frames();
+        let lens: Vec<usize> = frames.iter().map(|f| f.len() - 4).collect();
+        assert_eq!(frames.len(), 2, "{lens:?}");
+        assert!(lens.iter().all(|&l| l <= 1000), "{lens:?}");
+        let mut back: Vec<FromPeer> = Vec::new();
+        for f in &frames {
+            back.extend(decode_batch::<FromPeer>(&f[4..]).unwrap());
+        }
+        assert_eq!(back, vec![small.clone(), big, small.clone()]);
+        // Within the limit, one frame as before.
+        let mut batch = Batch::default();
+        batch.push_within(&small, 1000);
+        batch.push_within(&small, 1000);
+        assert_eq!(batch.take_frames().len(), 1);
     }
 
     #[test]
