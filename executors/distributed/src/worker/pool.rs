@@ -321,6 +321,12 @@ impl rask_executor::Seat for PoolSeat {
         let task = {
             let mut s = seat(&self.me);
             s.seceded = true;
+            if s.retired {
+                // No member since the watchdog retired it (its released
+                // task ran on): a thread took its place then, so nothing
+                // to give back or replace now, and `rejoin` adds nothing.
+                return;
+            }
             s.running.as_ref().map(|r| r.key)
         };
         if let Some(key) = task {
@@ -364,5 +370,81 @@ impl rask_executor::Seat for PoolSeat {
             // An idle member leaves at once.
             self.shared.ready.notify_all();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rask_executor::{Op, OpError, Seat as _, Value};
+
+    struct Nop;
+    impl Op for Nop {
+        fn run(&self, _: &mut [Option<Value>]) -> Result<Value, OpError> {
+            Ok(Arc::new(0i64))
+        }
+        fn name(&self) -> &str {
+            "nop"
+        }
+    }
+
+    fn running(key: WireKey) -> Running {
+        Running {
+            key,
+            function: "nop".into(),
+            op: Arc::new(Nop),
+            cancelled: Arc::default(),
+            cancel_seen: None,
+            reported: false,
+        }
+    }
+
+    fn members(pool: &Pool) -> usize {
+        pool.queue().members
+    }
+
+    fn started(pool: &Pool) -> usize {
+        *pool.shared.started.lock().unwrap()
+    }
+
+    #[test]
+    fn a_seat_secedes_and_rejoins_as_a_member_and_a_retired_one_as_none() {
+        let (done, _done_rx) = mpsc::unbounded_channel();
+        let (seceded, mut seceded_rx) = mpsc::unbounded_channel();
+        let pool = Pool::start(1, done, seceded, None);
+        assert_eq!((members(&pool), started(&pool)), (1, 1));
+        // A member secedes: a thread takes its place, and it tells the
+        // scheduler; rejoining, it is a member too many for a while.
+        let me = SeatRef::default();
+        seat(&me).running = Some(running([9; 32]));
+        let member = PoolSeat {
+            shared: pool.shared.clone(),
+            me: me.clone(),
+        };
+        member.secede();
+        assert_eq!((members(&pool), started(&pool)), (1, 2));
+        assert_eq!(seceded_rx.try_recv().ok(), Some([9; 32]));
+        member.rejoin();
+        assert_eq!(members(&pool), 2);
+        pool.queue().members -= 1; // as the extra member leaves
+                                   // A retired thread (its released task ran on, and a thread took
+                                   // its place then) is no member: seceding changes nothing, nor
+                                   // does rejoining.
+        let retired = SeatRef::default();
+        {
+            let mut s = seat(&retired);
+            s.running = Some(running([8; 32]));
+            s.retired = true;
+        }
+        let gone = PoolSeat {
+            shared: pool.shared.clone(),
+            me: retired,
+        };
+        gone.secede();
+        assert_eq!((members(&pool), started(&pool)), (1, 2));
+        assert!(seceded_rx.try_recv().is_err(), "a released task is no news");
+        gone.rejoin();
+        assert_eq!(members(&pool), 1);
+        pool.close();
     }
 }
