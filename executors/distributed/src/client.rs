@@ -13,7 +13,9 @@
 //!    a client has when a worker dies.
 //! 3. Values are fetched from a worker that holds them, never through the
 //!    scheduler; a failed fetch is reported to the scheduler, which points the
-//!    client at another holder or recomputes the key. The exception is a
+//!    client at another holder or recomputes the key. A key whose known
+//!    holders all left is reported the same way, naming no worker
+//!    ([`NO_HOLDER`]): the scheduler may know of a copy elsewhere. The exception is a
 //!    value of at most [`INLINE_BYTES`](crate::protocol::INLINE_BYTES): it
 //!    comes with `KeyInMemory`, saving a round trip to a worker per result.
 //! 4. Every output is reported exactly once, then `finished` is called after
@@ -118,7 +120,7 @@ use tokio::sync::mpsc;
 use crate::net::{self, Chain, ConnectError, FetchResult, Fetched, PeerPool};
 use crate::protocol::{
     decode_checked, parse_address, Batch, KeyMap, Scheme, TaskSpecRef, ToClient, ToScheduler,
-    ToSchedulerRef, WireEvent, WireEventKind, WireKey, WorkerId, MAX_FRAME,
+    ToSchedulerRef, WireEvent, WireEventKind, WireKey, WorkerId, MAX_FRAME, NO_HOLDER,
 };
 use crate::tls::Connector;
 use crate::{Auth, BuildId, Error, Tls, Token};
@@ -1714,10 +1716,16 @@ impl Loop {
         if self.fetching.contains_key(&key) {
             return;
         }
-        // Without known holders the key is being recomputed: the scheduler
-        // sends `KeyInMemory` again once it is back.
-        if let Some(holders) = self.holders.get(&key).cloned() {
-            self.start_fetch(key, holders);
+        match self.holders.get(&key) {
+            Some(holders) if !holders.is_empty() => self.start_fetch(key, holders.clone()),
+            // Its holders this client knew of left: the scheduler names
+            // another that holds a copy, or sends `KeyInMemory` once it
+            // recomputed the key (rule 3). Waiting without asking would
+            // wait for ever when a copy was elsewhere all along.
+            _ => self.out.push(&ToScheduler::FetchFailed {
+                key,
+                holder: NO_HOLDER,
+            }),
         }
     }
 

@@ -95,6 +95,12 @@ pub const VERSION: u16 = 7;
 /// them too; at this size that costs less than a task's own bookkeeping.
 pub const INLINE_BYTES: usize = 1024;
 
+/// Names no worker, in a client's [`ToScheduler::FetchFailed`]: its known
+/// holders of the key all left, so it asks the scheduler for the key's
+/// holders again (a worker id is a connection's number, which would take
+/// 2^32 connections to reach this one).
+pub(crate) const NO_HOLDER: WorkerId = WorkerId(u32::MAX);
+
 /// The largest frame body accepted, in bytes (512 MiB).
 pub const MAX_FRAME: usize = 512 << 20;
 
@@ -848,7 +854,8 @@ pub enum ToScheduler {
         key: WireKey,
     },
     /// Client or worker: `holder` did not deliver `key` (it is gone, or said
-    /// it does not hold it).
+    /// it does not hold it). A client whose known holders of `key` all
+    /// left names [`NO_HOLDER`]: it asks where the key is now.
     FetchFailed {
         /// The key.
         key: WireKey,

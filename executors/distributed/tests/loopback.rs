@@ -2717,3 +2717,40 @@ fn tls_and_a_unix_socket_are_refused_together() {
         .unwrap_err();
     assert!(err.to_string().contains("Unix socket"), "{err}");
 }
+
+#[test]
+fn a_held_value_whose_first_holder_died_is_fetched_from_a_copy() {
+    let mut cluster = Cluster::new(2, 1);
+    let client = cluster.client();
+    // 200 000 bytes, held on the cluster: the handle holds the key.
+    let mut g = Graph::salted(&cluster.shared, 77);
+    let big = g.task("big", postcard::to_stdvec(&200_000u64).unwrap(), &[]);
+    let key = g.key(big);
+    g.output(big);
+    let kept = Keep::new(1, true);
+    kept.submit(&client, g.build());
+    let value = kept.wait().pop().unwrap().unwrap();
+    let first = client.who_has(&[key]).unwrap()[0].clone();
+    assert_eq!(first.len(), 1);
+    // A copy on the other worker, then the first holder goes away.
+    client.replicate(&[key]).unwrap();
+    cluster.eventually("a copy", |_| client.who_has(&[key]).unwrap()[0].len() == 2);
+    let index = cluster
+        .workers
+        .iter()
+        .position(|w| w.as_ref().unwrap().data_address().to_string() == first[0])
+        .expect("the first holder is a worker");
+    cluster.workers[index].take().unwrap().stop();
+    // Once the scheduler answers with one holder, this client has heard
+    // that the first left (one connection, in order): it knows of no
+    // holder now, though the scheduler does.
+    cluster.eventually("the first holder to be gone", |_| {
+        client.who_has(&[key]).unwrap()[0].len() == 1
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(fetch_len(&value));
+    });
+    // Before, the fetch waited for a `KeyInMemory` that never came (600 s).
+    assert_eq!(rx.recv_timeout(TIMEOUT), Ok(200_000));
+}
