@@ -2156,6 +2156,14 @@ impl Loop {
             let mut held = self.link.held();
             held.clear();
             self.link.epoch.fetch_add(1, Ordering::AcqRel);
+            // Parked submissions go out on this connection: their holds
+            // count here (rule 7), and each `Hold` takes its count back
+            // from this table when dropped.
+            for s in &self.parked {
+                for h in s.holds.iter().flatten() {
+                    hold(&mut held, h.key);
+                }
+            }
         }
         self.writer = writer;
         self.peers = Some(peers);

@@ -2754,3 +2754,63 @@ fn a_held_value_whose_first_holder_died_is_fetched_from_a_copy() {
     // Before, the fetch waited for a `KeyInMemory` that never came (600 s).
     assert_eq!(rx.recv_timeout(TIMEOUT), Ok(200_000));
 }
+
+/// As `rask`'s reference to a pending future: sent as a reference to
+/// `key` while the client holds it (client rule 7), run here otherwise,
+/// which this one refuses, so the test sees which happened.
+struct HeldRef(rask_executor::Key);
+
+impl Op for HeldRef {
+    fn run(&self, _: &mut [Option<Value>]) -> Result<Value, OpError> {
+        Err(OpError::failed("inlined: the client did not hold the key"))
+    }
+    fn name(&self) -> &str {
+        "held-ref"
+    }
+    fn is_work(&self) -> bool {
+        false
+    }
+    fn to_wire(&self) -> Result<WireTask, WireError> {
+        Ok(WireTask {
+            function: rask_executor::REMOTE_FUNCTION.to_owned(),
+            payload: self.0 .0.to_vec(),
+        })
+    }
+}
+
+#[test]
+fn a_submission_made_while_disconnected_holds_its_keys_once_connected() {
+    let mut cluster = Cluster::new(1, 1);
+    let client = cluster.client();
+    let address = cluster.scheduler.address();
+    cluster.scheduler.shutdown();
+    cluster.eventually("the client to notice", |_| !client.is_connected());
+    cluster.workers.clear();
+    // Failed attempts meanwhile push the next one past a second away.
+    std::thread::sleep(Duration::from_millis(1500));
+    cluster.scheduler =
+        rask_distributed::scheduler::serve_with(address, cluster.options()).unwrap();
+    cluster.add_worker(1);
+    // Made while disconnected: parked, it goes out with the attempt it
+    // makes at once; it hangs until told, holding its key (rule 7).
+    assert!(!client.is_connected(), "reconnected before the submission");
+    let mut g = Graph::salted(&cluster.shared, 2);
+    let a = g.value(1);
+    let hang = g.op("hang", 0, &[a]);
+    let key = g.key(hang);
+    g.output(hang);
+    let kept = Keep::new(1, true);
+    kept.submit(&client, g.build());
+    cluster.eventually("the client to connect again", |_| client.is_connected());
+    assert_eq!(client.loop_tables().unwrap().held, 1, "its key is held");
+    // So a graph referring to the key refers to it on the cluster, and gets
+    // its value once the hang ends.
+    let mut b = rask_executor::PlanBuilder::new();
+    let r = b.push(key, Arc::new(HeldRef(key)), &[]);
+    b.output(r);
+    let got = Collect::new(1);
+    got.submit(&client, Arc::new(b.build()));
+    cluster.shared.end_one_hang();
+    assert!(kept.wait()[0].is_ok());
+    assert_eq!(got.wait(), vec![Ok(1)]);
+}
