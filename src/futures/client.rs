@@ -1869,7 +1869,16 @@ impl Shared {
         let mut table = self.lock();
         match table.get_mut(&key) {
             Some(entry) if entry.state.is_pending() => {
-                entry.listeners.push(Listener::Waker(waker.clone()));
+                // Polled again by the same task (a `select!` in a loop):
+                // one waker is enough, and the list must not grow with
+                // every poll.
+                let known = entry
+                    .listeners
+                    .iter()
+                    .any(|l| matches!(l, Listener::Waker(w) if w.will_wake(waker)));
+                if !known {
+                    entry.listeners.push(Listener::Waker(waker.clone()));
+                }
                 State::Pending
             }
             Some(entry) => entry.state.clone(),
@@ -2033,6 +2042,49 @@ mod tests {
         let (open, opened) = &*lagging.gate;
         *open.lock().unwrap() = true;
         opened.notify_all();
+    }
+
+    /// An executor that never reports: its futures stay pending.
+    #[derive(Default)]
+    struct Never(Mutex<Vec<Arc<dyn Reporter>>>);
+
+    impl Executor for Never {
+        fn submit(&self, _: Arc<rask_executor::Plan>, reporter: Arc<dyn Reporter>) {
+            self.0.lock().unwrap().push(reporter);
+        }
+    }
+
+    /// A pending future polled again and again by one task (a `select!`
+    /// in a loop) keeps one waker of it, not one per poll; another task's
+    /// waker is kept beside it.
+    #[test]
+    fn a_future_polled_again_by_one_task_keeps_one_waker() {
+        use std::future::Future as _;
+        use std::task::{Context, Poll, Wake};
+        struct Task;
+        impl Wake for Task {
+            fn wake(self: Arc<Self>) {}
+        }
+        let settings = Settings::of(&Config::new()).unwrap();
+        let never = Arc::new(Never::default());
+        let client = Client::on(
+            Backend::Custom(never.clone()),
+            ExecutorKind::Synchronous,
+            settings,
+        );
+        let mut f = client.submit(delayed!(inc(1))).unwrap();
+        let key = f.key().key();
+        let listeners = || client.inner.lock().get(&key).map(|e| e.listeners.len());
+        let one = Waker::from(Arc::new(Task));
+        for _ in 0..100 {
+            let poll = std::pin::Pin::new(&mut f).poll(&mut Context::from_waker(&one));
+            assert!(matches!(poll, Poll::Pending));
+        }
+        assert_eq!(listeners(), Some(1));
+        let other = Waker::from(Arc::new(Task));
+        let poll = std::pin::Pin::new(&mut f).poll(&mut Context::from_waker(&other));
+        assert!(matches!(poll, Poll::Pending));
+        assert_eq!(listeners(), Some(2));
     }
 
     #[test]
