@@ -127,7 +127,7 @@ impl Recording {
             .workers
             .iter()
             .map(|(&id, &(busy_ms, top_thread))| {
-                let threads = top_thread + 1;
+                let threads = top_thread.saturating_add(1);
                 WorkerRow {
                     id,
                     address: if id == 0 {
