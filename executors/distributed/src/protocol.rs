@@ -99,7 +99,7 @@ pub const INLINE_BYTES: usize = 1024;
 /// holders of the key all left, so it asks the scheduler for the key's
 /// holders again (a worker id is a connection's number, which would take
 /// 2^32 connections to reach this one).
-pub(crate) const NO_HOLDER: WorkerId = WorkerId(u32::MAX);
+pub const NO_HOLDER: WorkerId = WorkerId(u32::MAX);
 
 /// The largest frame body accepted, in bytes (512 MiB).
 pub const MAX_FRAME: usize = 512 << 20;
