@@ -103,6 +103,34 @@ fn keys_are_the_same_in_every_run_of_the_binary() {
     }
 }
 
+fn parse_len(s: String) -> Result<usize, String> {
+    if s.is_empty() {
+        Err("empty".into())
+    } else {
+        Ok(s.len())
+    }
+}
+
+/// Rule: a call and the same call unwrapped with `?` are two works (the
+/// `Result`, and its `Ok` value): two keys, each its own value, in one
+/// graph and on every executor. They shared a key, so one slot got the
+/// other's value (locally a type error; on a cluster the bytes of
+/// `Ok(5)` decoded as a number of another meaning).
+#[test]
+fn a_call_and_the_same_call_unwrapped_are_two_tasks() {
+    let whole = delayed!(parse_len("hello".to_string()));
+    let ok = delayed!(parse_len("hello".to_string())?);
+    assert_ne!(whole.key(), ok.key());
+    for config in [Config::synchronous(), Config::threads(2)] {
+        let (a, b) = rask::compute_with((&whole, &ok), &config).unwrap();
+        assert_eq!((a, b), (Ok(5), 5));
+        let (a, b) = rask::compute_with((&ok, &whole), &config).unwrap();
+        assert_eq!((a, b), (5, Ok(5)));
+    }
+    // Keys stay what they were for calls not unwrapped.
+    assert_eq!(delayed!(parse_len("hello".to_string())).key(), whole.key());
+}
+
 /// Rule: distinct functions never share a key, closures included, and a
 /// closure that captures variables gets a fresh key per call.
 #[test]

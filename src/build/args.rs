@@ -276,10 +276,11 @@ pub struct Args {
 }
 
 impl Args {
-    /// The arguments of a call of `F` named `name` (see `KeyHasher::call`).
-    pub(crate) fn call<F: 'static>(name: &'static str) -> Self {
+    /// The arguments of a call of `F` named `name`, its `Result` unwrapped
+    /// if `fallible` (see `KeyHasher::call`).
+    pub(crate) fn call<F: 'static>(name: &'static str, fallible: bool) -> Self {
         Args {
-            hasher: KeyHasher::call::<F>(name),
+            hasher: KeyHasher::call::<F>(name, fallible),
             deps: Deps::None,
             more: Vec::new(),
             error: None,
@@ -894,7 +895,7 @@ macro_rules! apply {
             type Out = M::Out;
             #[allow(unused_variables, unused_mut, non_snake_case)]
             fn apply(self, name: &'static &'static str, xs: ($($x,)*)) -> Delayed<M::Out> {
-                let mut args = Args::call::<F>(*name);
+                let mut args = Args::call::<F>(*name, M::FALLIBLE);
                 let ($($x,)*) = xs;
                 let slots = ($($x.into_arg(&mut args),)*);
                 let call = Typed::<F, M, _, fn($($a),*) -> R> { f: self, slots, _sig: PhantomData };

@@ -84,13 +84,30 @@ pub(crate) fn unique<T: Data>(value: rask_executor::Value) -> Result<std::sync::
     as_arc(value, false).map_err(Unshared::into_message)
 }
 
+/// Decodes a whole `T` from `bytes`, which must hold nothing more: bytes
+/// of another type often decode as a prefix (the encoding of `Ok("hi")` is
+/// a `u8` 0, then more), and that is no `T`, but an error.
+pub(crate) fn decode_whole<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    let (value, rest) = postcard::take_from_bytes::<T>(bytes).map_err(|e| e.to_string())?;
+    if rest.is_empty() {
+        Ok(value)
+    } else {
+        Err(format!(
+            "{} bytes left over after {} of {} (the value is of another type)",
+            rest.len(),
+            bytes.len() - rest.len(),
+            bytes.len()
+        ))
+    }
+}
+
 fn as_arc<T: Data>(value: rask_executor::Value, keep: bool) -> Result<std::sync::Arc<T>, Unshared> {
     let other = match rask_executor::downcast::<T>(value) {
         Ok(shared) => return Ok(shared),
         Err(other) => other,
     };
     let decode = |bytes: &[u8]| {
-        postcard::from_bytes::<T>(bytes)
+        decode_whole::<T>(bytes)
             .map(std::sync::Arc::new)
             .map_err(|e| {
                 Unshared::Type(format!(
@@ -229,6 +246,22 @@ mod tests {
 
     use super::layouts::{before, retyped, same, swapped};
     use super::*;
+
+    /// Bytes of another type that decode as a prefix are refused, not
+    /// taken for a `T` (the encoding of `Ok("hello")` reads as the empty
+    /// string, then five characters and more left over).
+    #[test]
+    fn bytes_are_decoded_whole_or_refused() {
+        let ok: Result<String, String> = Ok("hello".into());
+        let bytes: Arc<[u8]> = Arc::from(postcard::to_stdvec(&ok).unwrap());
+        assert_eq!(postcard::from_bytes::<String>(&bytes).unwrap(), "");
+        let value: Value = Arc::new(Encoded::new(bytes.clone()));
+        let err = shared::<String>(value).err().unwrap();
+        assert!(err.contains("left over"), "{err}");
+        let value: Value = Arc::new(Encoded::new(bytes));
+        let back = shared::<Result<String, String>>(value).ok().unwrap();
+        assert_eq!(*back, ok);
+    }
 
     #[test]
     fn shared_decodes_bytes_once_and_unique_keeps_nothing() {

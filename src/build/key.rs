@@ -22,6 +22,8 @@
 //! Rules:
 //!
 //! 1. Distinct functions never share a key: the type tag is part of it.
+//!    Nor do a call and the same call unwrapped with `?` (its `Ok` value,
+//!    another type and another work): their kind tags differ.
 //! 2. A function item or a closure that captures nothing keeps its key in
 //!    every run of the same binary for the same inputs.
 //! 3. Keys change when a function is renamed or moved to another module, when
@@ -80,6 +82,9 @@ pub(crate) enum Tag {
     /// A call of a closure that captures variables: its stable key and a
     /// nonce (rule 4).
     Impure = 8,
+    /// A call whose `Result` is unwrapped (`delayed!(f(x)?)`): its value
+    /// is the `Ok` value, other work than the `Result` of `f(x)` (rule 1).
+    FallibleCall = 9,
 }
 
 /// The type tag of `T`: its `TypeId`, reduced to 64 bits. Equal in every
@@ -166,9 +171,16 @@ impl KeyHasher {
     /// into the function's digest ([`KnownFunction::digest`]); a call's key
     /// hashes the digest, which keeps every call's hashed bytes short
     /// whatever the function's path.
-    pub(crate) fn call<F: 'static>(name: &'static str) -> Self {
+    /// `fallible`: the call's `Result` is unwrapped (`?`), a kind of its
+    /// own (rule 1).
+    pub(crate) fn call<F: 'static>(name: &'static str, fallible: bool) -> Self {
         let mut this = KeyHasher::empty();
-        this.buf.push(Tag::Call as u8);
+        let tag = if fallible {
+            Tag::FallibleCall
+        } else {
+            Tag::Call
+        };
+        this.buf.push(tag as u8);
         this.buf
             .extend_from_slice(&KnownFunction::digest::<F>(name));
         this.impure = !is_pure_fn::<F>();
@@ -534,7 +546,7 @@ mod tests {
     }
 
     fn call_key<F: 'static>(_: &F, name: &'static str) -> Key {
-        KeyHasher::call::<F>(name).finish()
+        KeyHasher::call::<F>(name, false).finish()
     }
 
     fn inc(x: i64) -> i64 {

@@ -285,9 +285,11 @@ impl<A: Data> WireSlot<A> {
     fn from_arg(arg: &WireArg) -> Result<Self, WireError> {
         Ok(match arg {
             WireArg::Literal(bytes) => {
-                WireSlot::Literal(postcard::from_bytes(bytes).map_err(|e| WireError::Decode {
-                    what: format!("a literal `{}`", std::any::type_name::<A>()),
-                    reason: e.to_string(),
+                WireSlot::Literal(crate::build::data::decode_whole(bytes).map_err(|reason| {
+                    WireError::Decode {
+                        what: format!("a literal `{}`", std::any::type_name::<A>()),
+                        reason,
+                    }
                 })?)
             }
             WireArg::One => WireSlot::One,
@@ -332,7 +334,7 @@ fn next_bytes(inputs: &mut Inputs<'_>, out: &mut Vec<u8>) -> Result<(), OpError>
 }
 
 fn decode<A: Data>(bytes: &[u8]) -> Result<A, OpError> {
-    postcard::from_bytes(bytes).map_err(|e| {
+    crate::build::data::decode_whole(bytes).map_err(|e| {
         OpError::failed(format!(
             "could not decode a `{}`: {e}",
             std::any::type_name::<A>()
