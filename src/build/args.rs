@@ -195,7 +195,7 @@ impl Shapes {
         }
     }
 
-    fn add<T: Data>(&mut self) {
+    pub(crate) fn add<T: Data>(&mut self) {
         if !self.seen.insert(std::any::TypeId::of::<T>()) {
             return;
         }

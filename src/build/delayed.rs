@@ -336,7 +336,12 @@ fn wrap<T: Data>(name: Name, value: T) -> Delayed<T> {
             h.finish()
         }
     };
-    Delayed::held(key, name, Arc::new(value), Origin::Literal)
+    Delayed::held(key, name, Arc::new(value), Origin::Literal(shape_of::<T>))
+}
+
+/// Adds `T`'s shape, for the result cache (`Origin::Literal`).
+fn shape_of<T: Data>(shapes: &mut crate::build::args::Shapes) {
+    shapes.add::<T>();
 }
 
 /// The key of the work of key `of` named `name` ([`Delayed::named`]).

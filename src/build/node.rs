@@ -628,12 +628,15 @@ impl Call for Decorated {
 /// [`Origin::Result`]; and the node's name (it is labelled [`Label::Call`]).
 pub(crate) struct Held(pub(crate) Value, pub(crate) Origin, pub(crate) Name);
 
-/// Where a held value came from: the cache trusts a literal's key to say
-/// what it is, and a computed result's only within this build.
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// Where a held value came from: the cache trusts a literal's key and its
+/// type's shape to say what it is, and a computed result's only within
+/// this build.
+#[derive(Clone, Copy)]
 pub(crate) enum Origin {
-    /// A value wrapped by the user (`rask::value`, `value_named`).
-    Literal,
+    /// A value wrapped by the user (`rask::value`, `value_named`), with
+    /// what adds its type's shape to a [`Shapes`](crate::build::args::Shapes):
+    /// its key holds its bytes, not how its type reads them.
+    Literal(fn(&mut crate::build::args::Shapes)),
     /// A value computed by a task (a persisted result, a cache entry).
     Result,
 }
@@ -666,7 +669,7 @@ impl Call for Held {
     }
 
     fn stands_in(&self) -> bool {
-        self.1 == Origin::Result
+        matches!(self.1, Origin::Result)
     }
 
     fn to_wire(&self) -> Result<WireTask, WireError> {
@@ -675,8 +678,14 @@ impl Call for Held {
 
     fn code(&self) -> Code {
         match self.1 {
-            Origin::Literal => Code::Literal,
+            Origin::Literal(_) => Code::Literal,
             Origin::Result => Code::Opaque,
+        }
+    }
+
+    fn literals(&self, shapes: &mut crate::build::args::Shapes) {
+        if let Origin::Literal(add) = self.1 {
+            add(shapes);
         }
     }
 }

@@ -51,9 +51,10 @@
 //!    instead, unless the function has an explicit `version = N`, which
 //!    then vouches for the types too,
 //! 4. the address of each of its inputs, so the versions of everything
-//!    upstream count too; a literal's key is its address (its bytes are
-//!    hashed), and a value whose code is unknown here — a persisted result,
-//!    a future — counts as its key and the build,
+//!    upstream count too; a wrapped value's address is its key (its bytes)
+//!    and its type's shape (or the build, when serde cannot trace it), and
+//!    a value whose code is unknown here — a persisted result, a future —
+//!    counts as its key and the build,
 //! 5. with [`Config::cache_strict`](crate::Config::cache_strict), the build.
 //!
 //! # What invalidates an entry
@@ -614,13 +615,23 @@ impl Addresses {
     /// The address of `node`, whose inputs' addresses are known.
     fn compute(&self, node: &Node) -> Option<Key> {
         let code = node.call.code();
-        if matches!(code, Code::Literal) && node.deps.is_empty() && !self.strict {
-            return Some(node.key);
-        }
         let mut h = blake3::Hasher::new_derive_key(CONTEXT);
         h.update(&node.key.0);
         let needs_build = match code {
-            Code::Literal => false,
+            // Its bytes are in its key, how its type reads them is not: a
+            // field retyped or reordered between builds keeps the key.
+            Code::Literal => {
+                let mut shapes = Shapes::new();
+                node.call.literals(&mut shapes);
+                match shapes.finish() {
+                    Ok(None) => false,
+                    Ok(Some(shape)) => {
+                        h.update(b"l").update(&shape);
+                        false
+                    }
+                    Err(type_name) => untraced(format!("`{type_name}`"), node.name()),
+                }
+            }
             Code::Opaque => true,
             Code::Call(function) => {
                 let version = if function.builtin {
@@ -789,7 +800,7 @@ fn turn_writing_off(dir: &Path, error: &io::Error) {
 mod tests {
     use std::any::TypeId;
 
-    use super::{unversioned, Shapes};
+    use super::{unversioned, Addresses, Shapes};
     use crate::build::data::layouts::{before, swapped};
     use crate::delayed;
 
@@ -805,6 +816,47 @@ mod tests {
         let mut shapes = Shapes::new();
         task.node().call.literals(&mut shapes);
         shapes.finish()
+    }
+
+    /// A wrapped value (`rask::value`) of a type whose field was retyped
+    /// between two builds keeps its key (the type's name and tag, and the
+    /// same bytes: `1i64` and `2u64`... encode alike in places); its
+    /// address holds its type's shape, so an entry computed from the old
+    /// one is not taken for the new. Two builds are played here by one
+    /// key held with two shapes.
+    #[test]
+    fn a_wrapped_value_of_another_layout_has_another_address() {
+        use crate::build::data::layouts::retyped;
+        use crate::build::node::Origin;
+        fn add_before(s: &mut Shapes) {
+            s.add::<before::Point>();
+        }
+        fn add_retyped(s: &mut Shapes) {
+            s.add::<retyped::Point>();
+        }
+        let wrapped = crate::value(before::Point { x: 1, y: 2 });
+        let key = wrapped.node().key;
+        let held = |add: fn(&mut Shapes)| {
+            let value: rask_executor::Value = std::sync::Arc::new(before::Point { x: 1, y: 2 });
+            let name = crate::build::node::Name::Borrowed("value");
+            crate::Delayed::<before::Point>::held(key, name, value, Origin::Literal(add))
+        };
+        fn address<T>(d: &crate::Delayed<T>) -> Option<rask_executor::Key> {
+            let mut addresses = Addresses {
+                memo: Default::default(),
+                strict: false,
+            };
+            addresses.address(d.node())
+        }
+        let (old, new) = (held(add_before), held(add_retyped));
+        assert_eq!(old.node().key, new.node().key);
+        assert!(address(&old).is_some());
+        assert_ne!(address(&old), address(&new));
+        assert_eq!(address(&old), address(&wrapped), "rask::value's own shape");
+        // Downstream of it, too.
+        let (a, b) = (delayed!(x_before(&old)), delayed!(x_before(&new)));
+        assert_eq!(a.node().key, b.node().key);
+        assert_ne!(address(&a), address(&b));
     }
 
     /// A literal's bytes are in its task's key, its type's layout is not:
