@@ -86,6 +86,12 @@ fn search(client: &Client, evaluations: usize) -> Vec<i64> {
 
 /// A GET over plain HTTP: the status code and the body.
 fn get(base: &str, path: &str) -> (u16, String) {
+    get_as(base, path, base.trim_start_matches("http://"))
+}
+
+/// A GET naming `host` in its `Host` header, as a browser does for the
+/// site whose page sends it.
+fn get_as(base: &str, path: &str, host: &str) -> (u16, String) {
     let address = base.trim_start_matches("http://");
     let mut stream = TcpStream::connect(address).unwrap();
     stream
@@ -93,7 +99,7 @@ fn get(base: &str, path: &str) -> (u16, String) {
         .unwrap();
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut answer = String::new();
@@ -156,6 +162,14 @@ fn json_api_tells_what_ran() {
     let later: Snapshot = serde_json::from_str(&body).unwrap();
     let names: Vec<&str> = later.functions.iter().map(|f| f.name.as_str()).collect();
     assert_eq!(names, ["inc"], "{later:?}");
+    // A page of another site whose name was pointed at 127.0.0.1 (DNS
+    // rebinding) sends its own host: it reads nothing. `localhost` does.
+    let port = base.rsplit(':').next().unwrap();
+    let (status, body) = get_as(&base, "/api/status", &format!("evil.example:{port}"));
+    assert_eq!(status, 403, "{body}");
+    assert!(!body.contains("inc"), "{body}");
+    let (status, _) = get_as(&base, "/api/status", &format!("localhost:{port}"));
+    assert_eq!(status, 200);
     // Introspection answers the same.
     let info = client.scheduler_info().unwrap();
     assert_eq!(info.workers.len(), 2);

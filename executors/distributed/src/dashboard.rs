@@ -13,12 +13,16 @@
 //! Rules:
 //!
 //! 1. It answers only on the address it was given. On a loopback address
-//!    anyone on the machine may look, as at the scheduler's port itself.
+//!    anyone on the machine may look, as at the scheduler's port itself,
+//!    but only by that address: a request must name a loopback host
+//!    (`Host: 127.0.0.1:…`, `localhost:…`, `[::1]:…`) or none, else it
+//!    gets `403` — a web page of another site whose name it points at
+//!    127.0.0.1 (DNS rebinding) names its own host, and reads nothing.
 //!    Off loopback, every request needs the cluster's secret: a link that
 //!    carries it once (`/status?token=…`) sets a cookie holding a key
 //!    derived from it (the secret itself is never stored in the browser)
 //!    and redirects to the same page without it; a request with neither
-//!    gets `401` and nothing else.
+//!    gets `401` and nothing else. Both are compared in constant time.
 //! 2. Nothing a browser sends is trusted: a request head is at most
 //!    [`MAX_HEAD`] bytes and must arrive within [`READ_TIMEOUT`]; at most
 //!    [`MAX_CONNECTIONS`] connections are served at once, the others are
@@ -112,7 +116,11 @@ impl Board {
 /// Who may look (rule 1).
 #[derive(Clone)]
 pub(crate) enum Access {
-    /// Anyone who can connect: the address is loopback.
+    /// Anyone on this machine, by a loopback host name: the address is
+    /// loopback.
+    Local,
+    /// Anyone who can connect: off loopback with no token (an insecure
+    /// scheduler).
     Open,
     /// Requests must carry the secret, once as `?token=`, then the cookie.
     Secret {
@@ -124,10 +132,12 @@ pub(crate) enum Access {
 }
 
 impl Access {
-    /// Open on a loopback address, else closed behind `token`.
+    /// Local on a loopback address, else closed behind `token`, or open
+    /// without one.
     pub(crate) fn for_address(address: SocketAddr, token: Option<&str>) -> Access {
         match token {
-            Some(token) if !address.ip().is_loopback() => Access::Secret {
+            _ if address.ip().is_loopback() => Access::Local,
+            Some(token) => Access::Secret {
                 token: token.to_owned(),
                 cookie: blake3::derive_key("rask dashboard cookie v1", token.as_bytes())
                     .iter()
@@ -172,6 +182,28 @@ struct Request {
     path: String,
     query: String,
     cookie: Option<String>,
+    /// Its `Host` header, if any.
+    host: Option<String>,
+}
+
+/// Whether `host` (a `Host` header: a name or address, and maybe a port)
+/// names this machine's loopback (rule 1).
+fn loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        // `[::1]:8787`
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Whether two secrets are equal, in time that does not depend on where
+/// they differ (blake3's digests compare in constant time).
+fn same_secret(given: &str, expected: &str) -> bool {
+    blake3::hash(given.as_bytes()) == blake3::hash(expected.as_bytes())
 }
 
 /// Serves one request (rule 2), then closes the connection.
@@ -184,9 +216,14 @@ async fn serve_one(mut stream: TcpStream, board: &Board, access: &Access) {
         }
         Err(_) => return,
     };
+    if matches!(access, Access::Local) && !request.host.as_deref().is_none_or(loopback_host) {
+        let text = "this dashboard answers to its loopback address only (127.0.0.1, localhost)";
+        let _ = write_all(&mut stream, &plain(403, text)).await;
+        return;
+    }
     if let Access::Secret { token, cookie } = access {
         let given = query_value(&request.query, "token");
-        if given.as_deref() == Some(token.as_str()) {
+        if given.is_some_and(|given| same_secret(&given, token)) {
             let answer = format!(
                 "HTTP/1.1 303 See Other\r\nLocation: {}\r\nSet-Cookie: rask_dashboard={cookie}; \
                  HttpOnly; SameSite=Strict; Path=/\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
@@ -195,7 +232,11 @@ async fn serve_one(mut stream: TcpStream, board: &Board, access: &Access) {
             let _ = write_all(&mut stream, answer.as_bytes()).await;
             return;
         }
-        if request.cookie.as_deref() != Some(cookie.as_str()) {
+        if !request
+            .cookie
+            .as_deref()
+            .is_some_and(|given| same_secret(given, cookie))
+        {
             let _ = write_all(
                 &mut stream,
                 &plain(
@@ -302,11 +343,17 @@ async fn read_request(stream: &mut TcpStream) -> Result<Request, u16> {
                     .filter_map(|c| c.trim().strip_prefix("rask_dashboard="))
                     .map(str::to_owned)
                     .next();
+                let host = parsed
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("host"))
+                    .map(|h| String::from_utf8_lossy(h.value).trim().to_owned());
                 return Ok(Request {
                     head_only,
                     path: path.to_owned(),
                     query: query.to_owned(),
                     cookie,
+                    host,
                 });
             }
             Ok(httparse::Status::Partial) if buffer.len() < MAX_HEAD => continue,
@@ -336,6 +383,7 @@ fn status_text(status: u16) -> &'static str {
         303 => "See Other",
         400 => "Bad Request",
         401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         431 => "Request Header Fields Too Large",
@@ -425,15 +473,43 @@ mod tests {
 
     #[test]
     fn the_cookie_is_derived_and_only_off_loopback() {
-        let open = Access::for_address("127.0.0.1:1".parse().unwrap(), Some("secret"));
-        assert!(matches!(open, Access::Open));
+        let local = Access::for_address("127.0.0.1:1".parse().unwrap(), Some("secret"));
+        assert!(matches!(local, Access::Local));
+        let insecure = Access::for_address("10.0.0.1:1".parse().unwrap(), None);
+        assert!(matches!(insecure, Access::Open));
         match Access::for_address("10.0.0.1:1".parse().unwrap(), Some("secret")) {
             Access::Secret { token, cookie } => {
                 assert_eq!(token, "secret");
                 assert_eq!(cookie.len(), 64);
                 assert!(!cookie.contains("secret"));
             }
-            Access::Open => panic!("off loopback with a token must be closed"),
+            _ => panic!("off loopback with a token must be closed"),
         }
+    }
+
+    #[test]
+    fn only_loopback_hosts_are_local() {
+        for host in [
+            "127.0.0.1:8787",
+            "127.0.0.1",
+            "localhost:8787",
+            "LOCALHOST",
+            "[::1]:8787",
+            "127.1.2.3:80",
+        ] {
+            assert!(loopback_host(host), "{host}");
+        }
+        for host in [
+            "evil.example:8787",
+            "evil.example",
+            "10.0.0.5:8787",
+            "[2001:db8::1]:8787",
+            "localhost.evil.example:8787",
+            "",
+        ] {
+            assert!(!loopback_host(host), "{host}");
+        }
+        assert!(same_secret("abc", "abc"));
+        assert!(!same_secret("abc", "abd"));
     }
 }
