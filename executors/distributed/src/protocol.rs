@@ -1267,6 +1267,11 @@ impl Batch {
         std::mem::take(&mut self.sealed)
     }
 
+    /// The bytes of the frames waiting, sealed and open.
+    pub(crate) fn bytes(&self) -> usize {
+        self.open.len() + self.sealed.iter().map(Vec::len).sum::<usize>()
+    }
+
     /// Whether no message is waiting.
     pub(crate) fn is_empty(&self) -> bool {
         self.open.is_empty() && self.sealed.is_empty()

@@ -331,3 +331,35 @@ fn a_frame_of_tiny_messages_is_refused_not_decoded() {
     assert_eq!(inc(&cluster, &client, 2, 41), 42);
     assert_eq!(cluster.scheduler.workers(), 1);
 }
+
+/// Questions asked in one frame are each answered, with one census of the
+/// cluster between them: a frame of a thousand `Info`s costs what one
+/// does, and a client asking without reading is closed once its answers
+/// pass the backlog, before more are built.
+#[test]
+fn a_frame_of_questions_gets_one_answer_each() {
+    use rask_distributed::protocol::ToClient;
+    let cluster = Cluster::new(1, 1);
+    let addr = cluster.scheduler.address();
+    let mut s = raw(addr, Role::Client, &cluster.auth);
+    let asked: Vec<ToScheduler> = (1..=1000).map(|id| ToScheduler::Info { id }).collect();
+    s.write_all(&frame_of(&asked)).unwrap();
+    s.set_read_timeout(Some(support::TIMEOUT)).unwrap();
+    let mut answers = Vec::new();
+    while answers.len() < asked.len() {
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).unwrap();
+        let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
+        s.read_exact(&mut body).unwrap();
+        for msg in protocol::decode_batch::<ToClient>(&body).unwrap() {
+            if let ToClient::Info { id, snapshot } = msg {
+                answers.push((id, snapshot));
+            }
+        }
+    }
+    let ids: Vec<u64> = answers.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, (1..=1000).collect::<Vec<u64>>());
+    assert!(answers
+        .iter()
+        .all(|(_, snapshot)| snapshot.workers.len() == 1));
+}

@@ -813,6 +813,11 @@ struct Shell {
     address: String,
     /// Tasks moved in partitions dropped since (`SchedulerHandle::moved`).
     moved_before: u64,
+    /// The snapshot answered to a client's `Info` since the last flush,
+    /// with its build: every `Info` of that build until then gets it too,
+    /// so a frame of a thousand questions costs one census, not a
+    /// thousand.
+    answered: Option<(BuildId, rask_executor::diagnostics::Snapshot)>,
 }
 
 /// Where the scheduler answers: its address, and the board of its
@@ -897,6 +902,7 @@ async fn run(
         last_check: Instant::now(),
         started: Instant::now(),
         history: History::new(served.board),
+        answered: None,
         address: format!("tcp://{}", served.address),
         moved_before: 0,
     };
@@ -1199,15 +1205,31 @@ impl Shell {
         self.out.current = build;
         let msg = match (kind, msg) {
             (Kind::Client(client), ToScheduler::Watch { on }) => {
-                if let Some(c) = self.conns.get_mut(&conn) {
-                    c.watching = on;
+                let changed = self
+                    .conns
+                    .get_mut(&conn)
+                    .is_some_and(|c| std::mem::replace(&mut c.watching, on) != on);
+                if changed {
+                    self.rewatch();
                 }
-                self.rewatch();
                 let _ = client;
                 return Ok(());
             }
             (Kind::Client(client), ToScheduler::Info { id }) => {
-                let snapshot = self.snapshot(Some(build));
+                // Rule 8: answers are small, unless a client asks without
+                // reading; those pile up before any write refuses them.
+                let waiting = self.out.by_conn.get(&client.0).map_or(0, Batch::bytes);
+                if waiting > CLIENT_BACKLOG {
+                    return Err("a client asked for more than it reads");
+                }
+                let snapshot = match &self.answered {
+                    Some((b, snapshot)) if *b == build => snapshot.clone(),
+                    _ => {
+                        let snapshot = self.snapshot(Some(build));
+                        self.answered = Some((build, snapshot.clone()));
+                        snapshot
+                    }
+                };
                 self.out.to_client(client, ToClient::Info { id, snapshot });
                 return Ok(());
             }
@@ -1645,6 +1667,7 @@ impl Shell {
     /// A connection whose writer refuses (rule 8) is closed, and what that
     /// produces is sent in turn.
     fn flush(&mut self) {
+        self.answered = None;
         loop {
             for event in std::mem::take(&mut self.out.events) {
                 self.history.record(&event);
