@@ -1067,14 +1067,14 @@ struct Io {
     /// Kept across connections: reports of the pool, which go on.
     done_rx: mpsc::UnboundedReceiver<Done>,
     /// Kept across connections: tasks that seceded (rule 15).
-    seceded_rx: mpsc::UnboundedReceiver<WireKey>,
+    seceded_rx: mpsc::UnboundedReceiver<(WireKey, u64)>,
     /// Kept across connections: a test's `WorkerHandle::stop`.
     stop: Option<oneshot::Receiver<()>>,
     /// What arrived, for the next turn to handle under one lock.
     messages: Vec<ToWorker>,
     done: Vec<Done>,
     fetched: Vec<Fetched>,
-    seceded: Vec<WireKey>,
+    seceded: Vec<(WireKey, u64)>,
     heartbeat_due: bool,
     /// Whether the scheduler was last told this worker is paused (rule 14).
     paused: bool,
@@ -1089,7 +1089,7 @@ impl Io {
         connection: Connection,
         (done_rx, seceded_rx): (
             mpsc::UnboundedReceiver<Done>,
-            mpsc::UnboundedReceiver<WireKey>,
+            mpsc::UnboundedReceiver<(WireKey, u64)>,
         ),
         stop: Option<oneshot::Receiver<()>>,
         link: &Link,
@@ -1626,8 +1626,13 @@ async fn turn(io: &mut Io, worker: &Worker) -> Option<Ended> {
             }
             // Before the reports: one of them may end a task that
             // seceded, and the scheduler ignores a late secession.
-            for key in io.seceded.drain(..) {
-                c.out.to_scheduler(ToScheduler::TaskSeceded { key });
+            for (key, id) in io.seceded.drain(..) {
+                // A run of this connection's task only: one of a task the
+                // last scheduler sent, seceding now, would take this
+                // scheduler's task of the same key out of its window.
+                if c.state.runs(&key, id) {
+                    c.out.to_scheduler(ToScheduler::TaskSeceded { key });
+                }
             }
             for done in io.done.drain(..) {
                 c.finished(done);

@@ -74,8 +74,9 @@ struct Shared {
     queue: Mutex<Queue>,
     ready: Condvar,
     done: mpsc::UnboundedSender<Done>,
-    /// Tasks that seceded, for the scheduler (rule 15).
-    seceded: mpsc::UnboundedSender<WireKey>,
+    /// Tasks that seceded, for the scheduler (rule 15), with their job's
+    /// id.
+    seceded: mpsc::UnboundedSender<(WireKey, u64)>,
     /// The seat of every live compute thread, retired ones included.
     seats: Mutex<Vec<SeatRef>>,
     /// Compute threads started so far, for their names.
@@ -99,7 +100,7 @@ impl Pool {
     pub(crate) fn start(
         threads: usize,
         done: mpsc::UnboundedSender<Done>,
-        seceded: mpsc::UnboundedSender<WireKey>,
+        seceded: mpsc::UnboundedSender<(WireKey, u64)>,
         cluster: Option<Arc<TaskCluster>>,
     ) -> Pool {
         let pool = Pool {
@@ -327,13 +328,13 @@ impl rask_executor::Seat for PoolSeat {
                 // to give back or replace now, and `rejoin` adds nothing.
                 return;
             }
-            s.running.as_ref().map(|r| r.key)
+            s.running.as_ref().map(|r| (r.key, r.id))
         };
-        if let Some(key) = task {
+        if let Some(run) = task {
             // Out of the scheduler's window for this worker, so the work
             // the task waits for can come here. A closed channel: the
             // worker ended.
-            let _ = self.shared.seceded.send(key);
+            let _ = self.shared.seceded.send(run);
         }
         let pool = Pool {
             shared: self.shared.clone(),
@@ -391,6 +392,7 @@ mod tests {
     fn running(key: WireKey) -> Running {
         Running {
             key,
+            id: 3,
             function: "nop".into(),
             op: Arc::new(Nop),
             cancelled: Arc::default(),
@@ -423,7 +425,7 @@ mod tests {
         };
         member.secede();
         assert_eq!((members(&pool), started(&pool)), (1, 2));
-        assert_eq!(seceded_rx.try_recv().ok(), Some([9; 32]));
+        assert_eq!(seceded_rx.try_recv().ok(), Some(([9; 32], 3)));
         member.rejoin();
         assert_eq!(members(&pool), 2);
         pool.queue().members -= 1; // as the extra member leaves

@@ -430,6 +430,12 @@ impl WorkerState {
     }
 
     /// The pool finished a job.
+    /// Whether job `id` is the current run of task `key` (rule 3): not of
+    /// a task released meanwhile, nor of one the last scheduler sent.
+    pub(crate) fn runs(&self, key: &WireKey, id: u64) -> bool {
+        self.tasks.get(key).is_some_and(|t| t.id == id)
+    }
+
     pub(crate) fn on_task_done(&mut self, done: Done, out: &mut impl Outbox) {
         match self.tasks.get(&done.key) {
             Some(task) if task.id == done.id => {}
@@ -811,6 +817,25 @@ mod tests {
             }]
         );
         assert_eq!(s.pending(), 0);
+    }
+
+    /// A secession counts only from the current run of its key: one of a
+    /// task released (or sent by the last scheduler) is no news, even
+    /// when the key is sent again.
+    #[test]
+    fn only_the_current_run_of_a_key_runs_it() {
+        let mut s = state();
+        let mut out = Rec::default();
+        put(&s, 1);
+        s.on_compute(compute(3, "add", &[1], &[]), &mut out);
+        let first = out.jobs.pop().unwrap();
+        assert!(s.runs(&[3; 32], first.id));
+        s.on_release([3; 32], &mut out);
+        assert!(!s.runs(&[3; 32], first.id));
+        s.on_compute(compute(3, "add", &[1], &[]), &mut out);
+        let second = out.jobs.pop().unwrap();
+        assert!(s.runs(&[3; 32], second.id));
+        assert!(!s.runs(&[3; 32], first.id), "an older run of the same key");
     }
 
     #[test]

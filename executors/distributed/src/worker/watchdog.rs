@@ -31,6 +31,8 @@ const _: () = assert!(INLINE_STUCK.as_nanos() == 400 * FAST_OP.as_nanos());
 /// A job in progress, as the watchdog sees it.
 pub(crate) struct Running {
     pub(crate) key: WireKey,
+    /// Its job's id (state rule 3): which run of the key this is.
+    pub(crate) id: u64,
     pub(crate) function: Arc<str>,
     pub(crate) op: Arc<dyn Op>,
     pub(crate) cancelled: Arc<AtomicBool>,
@@ -45,6 +47,7 @@ impl Running {
     pub(crate) fn of(job: &Job) -> Running {
         Running {
             key: job.key,
+            id: job.id,
             function: job.function.clone(),
             op: job.op.clone(),
             cancelled: job.cancelled.clone(),
@@ -400,6 +403,7 @@ mod tests {
     fn running(cancelled: bool) -> Running {
         Running {
             key: [0x1a; 32],
+            id: 0,
             function: "foo".into(),
             op: Arc::new(Named),
             cancelled: Arc::new(AtomicBool::new(cancelled)),
