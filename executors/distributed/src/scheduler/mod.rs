@@ -74,7 +74,9 @@
 //!    dashboard ([`Options::dashboard`]) every partition's events are kept
 //!    in a bounded history (`watch.rs`) and a snapshot of the cluster is
 //!    published on the dashboard's board after each flush; the dashboard
-//!    server reads the board and never touches the state.
+//!    server reads the board and never touches the state. What the events
+//!    count is kept for every build (the dashboard) and for each build
+//!    apart: a client's `Info` shows its own build's work only (rule 5).
 
 mod placement;
 mod ready;
@@ -737,8 +739,8 @@ struct Batches {
     all: bool,
     /// The connections of the clients watching each build (rule 9).
     watched: HashMap<BuildId, Vec<u32>>,
-    /// Task events of this burst, counted at the flush.
-    events: Vec<WireEvent>,
+    /// Task events of this burst with their build, counted at the flush.
+    events: Vec<(BuildId, WireEvent)>,
 }
 
 impl Default for Batches {
@@ -774,7 +776,7 @@ impl Outbox for Batches {
                 self.by_conn.entry(conn).or_default().push(&msg);
             }
         }
-        self.events.push(event);
+        self.events.push((self.current, event));
     }
 }
 
@@ -1510,6 +1512,7 @@ impl Shell {
             // Rule 5: with no client left, every task was forgotten (S4).
             if let Some(gone) = self.partitions.remove(&c.build) {
                 self.moved_before += gone.state.moved();
+                self.history.forget(c.build);
             }
         }
     }
@@ -1648,6 +1651,7 @@ impl Shell {
             .filter(move |(b, _)| build.is_none_or(|want| **b == want))
             .map(|(_, p)| &p.state);
         self.history.snapshot(
+            build,
             &self.address,
             u32::try_from(clients).unwrap_or(u32::MAX),
             states,
@@ -1669,8 +1673,8 @@ impl Shell {
     fn flush(&mut self) {
         self.answered = None;
         loop {
-            for event in std::mem::take(&mut self.out.events) {
-                self.history.record(&event);
+            for (build, event) in std::mem::take(&mut self.out.events) {
+                self.history.record(build, &event);
             }
             let mut refused = Vec::new();
             for (conn, mut batch) in self.out.by_conn.drain() {

@@ -18,6 +18,10 @@
 //!    of their own for the scheduler's life, and the work of any other counts as
 //!    [`OTHER`]: what is kept, and the size of a snapshot, do not grow with
 //!    the number of tasks however they are named.
+//! 4. Builds never meet (scheduler rule 5): what is counted from the
+//!    events is counted for every build (the dashboard's view) and for the
+//!    event's own build, whose clients' `Info` sees that alone; a build's
+//!    counts go with its partition.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -32,6 +36,7 @@ use rask_executor::Key;
 use super::state::{State, WorkerCensus};
 use crate::dashboard::Board;
 use crate::protocol::{WireEvent, WireEventKind, WorkerId};
+use crate::BuildId;
 
 /// How far back the rate of finished tasks looks.
 const RATE_WINDOW: Duration = Duration::from_secs(5);
@@ -46,6 +51,15 @@ const OTHER: &str = "(other groups)";
 pub(super) struct History {
     started: Instant,
     board: Option<Arc<Board>>,
+    /// Every build's counts: the dashboard's (rule 4).
+    all: Tally,
+    /// Each build's own: its clients' `Info` (rule 4).
+    builds: HashMap<BuildId, Tally>,
+}
+
+/// What the events of some builds counted (rule 2).
+#[derive(Default)]
+struct Tally {
     /// Per function: finished, erred, milliseconds spent; and the order
     /// functions were first seen in.
     functions: crate::protocol::KeyMap<Arc<str>, (u64, u64, f64)>,
@@ -62,22 +76,7 @@ pub(super) struct WorkerShell {
     pub(super) spill: Option<Spill>,
 }
 
-impl History {
-    pub(super) fn new(board: Option<Arc<Board>>) -> History {
-        History {
-            started: Instant::now(),
-            board,
-            functions: Default::default(),
-            order: Vec::new(),
-            recent: VecDeque::new(),
-        }
-    }
-
-    /// Whether a dashboard runs.
-    pub(super) fn board(&self) -> Option<&Arc<Board>> {
-        self.board.as_ref()
-    }
-
+impl Tally {
     /// The counts of the row a task named `name` counts in (rule 3).
     fn function(&mut self, name: &Arc<str>) -> &mut (u64, u64, f64) {
         let row = self.row(name);
@@ -102,8 +101,49 @@ impl History {
         }
     }
 
-    /// Counts `event` and puts a finished or failed run on the board.
-    pub(super) fn record(&mut self, event: &WireEvent) {
+    /// A run of `name` finished at `now` after `ran_ms`.
+    fn finished(&mut self, name: &Arc<str>, ran_ms: f64, now: Instant) {
+        let f = self.function(name);
+        f.0 += 1;
+        f.2 += ran_ms;
+        match self.recent.back_mut() {
+            Some((at, n)) if now.duration_since(*at) < Duration::from_millis(100) => *n += 1,
+            _ => self.recent.push_back((now, 1)),
+        }
+        while self
+            .recent
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > RATE_WINDOW)
+        {
+            self.recent.pop_front();
+        }
+    }
+}
+
+impl History {
+    pub(super) fn new(board: Option<Arc<Board>>) -> History {
+        History {
+            started: Instant::now(),
+            board,
+            all: Tally::default(),
+            builds: HashMap::new(),
+        }
+    }
+
+    /// Whether a dashboard runs.
+    pub(super) fn board(&self) -> Option<&Arc<Board>> {
+        self.board.as_ref()
+    }
+
+    /// Forgets what `build`'s events counted: its partition is gone
+    /// (rule 4).
+    pub(super) fn forget(&mut self, build: BuildId) {
+        self.builds.remove(&build);
+    }
+
+    /// Counts `event` of `build`'s partition (rule 4) and puts a finished
+    /// or failed run on the board.
+    pub(super) fn record(&mut self, build: BuildId, event: &WireEvent) {
         let now = Instant::now();
         match event.kind {
             WireEventKind::Finished {
@@ -113,26 +153,18 @@ impl History {
                 ..
             } => {
                 let ran_ms = duration_ns as f64 / 1e6;
-                let f = self.function(&event.name);
-                f.0 += 1;
-                f.2 += ran_ms;
-                match self.recent.back_mut() {
-                    Some((at, n)) if now.duration_since(*at) < Duration::from_millis(100) => {
-                        *n += 1
-                    }
-                    _ => self.recent.push_back((now, 1)),
-                }
-                while self
-                    .recent
-                    .front()
-                    .is_some_and(|(at, _)| now.duration_since(*at) > RATE_WINDOW)
-                {
-                    self.recent.pop_front();
-                }
+                self.all.finished(&event.name, ran_ms, now);
+                let own = self.builds.entry(build).or_default();
+                own.finished(&event.name, ran_ms, now);
                 self.put(event, worker, thread, ran_ms, RecordStatus::Memory);
             }
             WireEventKind::Erred { worker } => {
-                self.function(&event.name).1 += 1;
+                self.all.function(&event.name).1 += 1;
+                self.builds
+                    .entry(build)
+                    .or_default()
+                    .function(&event.name)
+                    .1 += 1;
                 if let Some(worker) = worker {
                     self.put(event, worker, 0, 0.0, RecordStatus::Erred);
                 }
@@ -165,15 +197,22 @@ impl History {
         });
     }
 
-    /// The snapshot of `states` (every partition for the dashboard, the
-    /// client's own for `Info`).
+    /// The snapshot of `states` (every partition for the dashboard, with
+    /// `build` `None`; the client's own for `Info`, counted from its own
+    /// build's events, rule 4).
     pub(super) fn snapshot<'a>(
         &self,
+        build: Option<BuildId>,
         scheduler: &str,
         clients: u32,
         states: impl Iterator<Item = &'a State>,
         shells: &HashMap<WorkerId, WorkerShell>,
     ) -> Snapshot {
+        let empty = Tally::default();
+        let tally = match build {
+            None => &self.all,
+            Some(build) => self.builds.get(&build).unwrap_or(&empty),
+        };
         let mut live: HashMap<Arc<str>, Counts> = HashMap::new();
         let mut census: Vec<WorkerCensus> = Vec::new();
         let mut unrunnable = Vec::new();
@@ -186,8 +225,8 @@ impl History {
         let mut by_name: HashMap<Arc<str>, Counts> = HashMap::new();
         for (name, counts) in live {
             let mut row = group(&name);
-            let known = self.functions.contains_key(row) || by_name.contains_key(row);
-            if !known && self.functions.len() + by_name.len() >= MAX_GROUPS {
+            let known = tally.functions.contains_key(row) || by_name.contains_key(row);
+            if !known && tally.functions.len() + by_name.len() >= MAX_GROUPS {
                 row = OTHER;
             }
             let row: Arc<str> = match by_name.get_key_value(row) {
@@ -196,15 +235,15 @@ impl History {
             };
             *by_name.entry(row).or_default() += counts;
         }
-        let mut names: Vec<Arc<str>> = self
+        let mut names: Vec<Arc<str>> = tally
             .order
             .iter()
-            .filter(|n| by_name.contains_key(*n) || self.functions.contains_key(*n))
+            .filter(|n| by_name.contains_key(*n) || tally.functions.contains_key(*n))
             .cloned()
             .collect();
         let mut unseen: Vec<Arc<str>> = by_name
             .keys()
-            .filter(|n| !self.functions.contains_key(*n))
+            .filter(|n| !tally.functions.contains_key(*n))
             .cloned()
             .collect();
         unseen.sort();
@@ -214,7 +253,8 @@ impl History {
             .into_iter()
             .map(|name| {
                 let mut counts = by_name.get(&name).copied().unwrap_or_default();
-                let (done, erred, busy_ms) = self.functions.get(&name).copied().unwrap_or_default();
+                let (done, erred, busy_ms) =
+                    tally.functions.get(&name).copied().unwrap_or_default();
                 counts.done = done.max(counts.memory);
                 counts.erred = erred.max(counts.erred);
                 totals += counts;
@@ -248,10 +288,10 @@ impl History {
             })
             .collect();
         workers.sort_by_key(|w| w.id);
-        let window = self.recent.front().map_or(RATE_WINDOW, |(at, _)| {
+        let window = tally.recent.front().map_or(RATE_WINDOW, |(at, _)| {
             at.elapsed().clamp(Duration::from_millis(100), RATE_WINDOW)
         });
-        let finished: u64 = self.recent.iter().map(|(_, n)| n).sum();
+        let finished: u64 = tally.recent.iter().map(|(_, n)| n).sum();
         Snapshot {
             version: SCHEMA_VERSION,
             scheduler: scheduler.to_owned(),
@@ -336,16 +376,37 @@ mod tests {
             .collect()
     }
 
+    /// Rule 4: a build's `Info` counts its own build's events only; the
+    /// dashboard counts every build's; a build's counts go with it.
+    #[test]
+    fn each_build_sees_its_own_counts_and_the_dashboard_all() {
+        let (a, b) = (BuildId::from_bytes([1; 32]), BuildId::from_bytes([2; 32]));
+        let mut history = History::new(None);
+        history.record(a, &finished(1, "load"));
+        history.record(a, &finished(2, "load"));
+        history.record(b, &finished(3, "secret"));
+        let none = HashMap::new();
+        let of = |build| history.snapshot(build, "test", 1, std::iter::empty(), &none);
+        assert_eq!(rows(&of(Some(a))), [("load", 2, 0)]);
+        assert_eq!(rows(&of(Some(b))), [("secret", 1, 0)]);
+        assert_eq!(rows(&of(None)), [("load", 2, 0), ("secret", 1, 0)]);
+        assert_eq!(of(Some(a)).totals.done, 2);
+        history.forget(a);
+        let of = |build| history.snapshot(build, "test", 1, std::iter::empty(), &none);
+        assert!(rows(&of(Some(a))).is_empty());
+        assert_eq!(rows(&of(None)).len(), 2, "the dashboard keeps what it saw");
+    }
+
     #[test]
     fn tasks_named_one_by_one_count_in_one_row() {
         let mut history = History::new(None);
         for i in 0..50_000 {
-            history.record(&finished(i, &format!("item-{i}")));
+            history.record(BuildId::NONE, &finished(i, &format!("item-{i}")));
         }
-        history.record(&finished(50_000, "inc"));
+        history.record(BuildId::NONE, &finished(50_000, "inc"));
         let names: Vec<String> = (0..30).map(|i| format!("item-{}", 60_000 + i)).collect();
         let state = live(&names);
-        let snapshot = history.snapshot("test", 1, std::iter::once(&state), &HashMap::new());
+        let snapshot = history.snapshot(None, "test", 1, std::iter::once(&state), &HashMap::new());
         assert_eq!(rows(&snapshot), [("item", 50_000, 30), ("inc", 1, 0)]);
         assert_eq!(snapshot.totals.done, 50_001);
     }
@@ -355,7 +416,7 @@ mod tests {
         let mut history = History::new(None);
         let n = MAX_GROUPS as u64 + 500;
         for i in 0..n {
-            history.record(&finished(i, &format!("g{i}")));
+            history.record(BuildId::NONE, &finished(i, &format!("g{i}")));
         }
         // Live work of groups seen finishing, and of groups never seen.
         let names: Vec<String> = ["g3", "g4", "new0", "new1"]
@@ -363,7 +424,7 @@ mod tests {
             .map(|s| s.to_string())
             .collect();
         let state = live(&names);
-        let snapshot = history.snapshot("test", 1, std::iter::once(&state), &HashMap::new());
+        let snapshot = history.snapshot(None, "test", 1, std::iter::once(&state), &HashMap::new());
         let rows = rows(&snapshot);
         assert_eq!(rows.len(), MAX_GROUPS + 1, "every group kept, and one more");
         assert_eq!(rows.last(), Some(&(OTHER, 500, 2)));
@@ -372,9 +433,9 @@ mod tests {
         assert_eq!(snapshot.totals.waiting + snapshot.totals.processing, 4);
         // What is kept stays bounded however many more names come.
         for i in n..n + 10_000 {
-            history.record(&finished(i, &format!("h{i}")));
+            history.record(BuildId::NONE, &finished(i, &format!("h{i}")));
         }
-        assert_eq!(history.functions.len(), MAX_GROUPS + 1);
-        assert_eq!(history.order.len(), MAX_GROUPS + 1);
+        assert_eq!(history.all.functions.len(), MAX_GROUPS + 1);
+        assert_eq!(history.all.order.len(), MAX_GROUPS + 1);
     }
 }
