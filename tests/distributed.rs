@@ -520,6 +520,21 @@ fn nested_scenario() {
     let stray = delayed!(sum_given(rask::Untraversed(vec![delayed!(lonely(3))]))?);
     let err = client.submit(stray).and_then(|f| f.result()).unwrap_err();
     assert!(err.to_string().contains("lonely"), "{err}");
+    // A `Delayed` built on futures of this client travels with their
+    // values: the task's own connection to the cluster holds none of this
+    // client's keys (it failed, "the cluster no longer holds value").
+    let small = client.submit(delayed!(inc(1))).unwrap();
+    let big = client.scatter(vec![3u8; 200_000]).unwrap();
+    let parts = vec![
+        delayed!(inc(&small)),
+        small.to_delayed(),
+        delayed!(block_len(&big)),
+    ];
+    let given = delayed!(sum_given(rask::Untraversed(parts))?);
+    assert_eq!(
+        client.submit(given).unwrap().result().unwrap(),
+        3 + 2 + 200_003
+    );
     println!("ok untraversed");
 
     // Futures given untraversed reach the task as futures it can read and

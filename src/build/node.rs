@@ -386,6 +386,14 @@ pub(crate) trait Call: Send + Sync + 'static {
         })
     }
 
+    /// As [`to_wire`](Call::to_wire), for a graph that travels inside a
+    /// task's argument (`travel.rs`): a future's value goes as its bytes,
+    /// not as a reference to a key its cluster holds for this client,
+    /// which the task's own connection does not hold.
+    fn to_travelling_wire(&self) -> Result<WireTask, WireError> {
+        self.to_wire()
+    }
+
     /// Whether [`to_wire`](Call::to_wire) can succeed as far as the function
     /// goes, without encoding anything: for a call, its function is
     /// registered and captures nothing (`registry::check_sendable`).
@@ -590,6 +598,9 @@ impl Call for Decorated {
     }
     fn to_wire(&self) -> Result<WireTask, WireError> {
         self.call.to_wire()
+    }
+    fn to_travelling_wire(&self) -> Result<WireTask, WireError> {
+        self.call.to_travelling_wire()
     }
     fn sendable(&self) -> Result<(), WireError> {
         self.call.sendable()

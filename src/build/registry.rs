@@ -225,6 +225,25 @@ pub(crate) fn value_task(value: &Value) -> Result<WireTask, WireError> {
     })
 }
 
+/// A held value as a task of its own (rule 3), its bytes fetched from its
+/// cluster when it is held there: for a graph travelling inside a task's
+/// argument, whose worker's connection does not hold this client's keys.
+pub(crate) fn fetched_value_task(value: &Value) -> Result<WireTask, WireError> {
+    match value.downcast_ref::<Remote>() {
+        Some(remote) => {
+            let bytes = remote.fetch().map_err(|e| WireError::Encode {
+                what: format!("the value of future {}", remote.key()),
+                reason: e.to_string(),
+            })?;
+            Ok(WireTask {
+                function: VALUE_FUNCTION.to_owned(),
+                payload: bytes.to_vec(),
+            })
+        }
+        None => value_task(value),
+    }
+}
+
 /// A recorded failure as a task that fails the same way (rule 3).
 pub(crate) fn fail_task(failure: &Failure) -> Result<WireTask, WireError> {
     Ok(WireTask {

@@ -71,6 +71,9 @@ struct WireNode {
     retries: u32,
     /// Positions of its dependencies, each before this node.
     deps: Vec<u32>,
+    /// Its priority, resources and workers, when it has any: they hold
+    /// where it is computed too.
+    annotations: Option<rask_executor::Annotations>,
 }
 
 impl<T> Serialize for Delayed<T> {
@@ -300,7 +303,11 @@ fn wire_graph(root: &Arc<Node>) -> Result<Vec<WireNode>, WireError> {
             continue;
         }
         node.call.sendable()?;
-        let task = Op::to_wire(&**node)?;
+        let task = if node.call.is_future() {
+            node.call.to_travelling_wire()?
+        } else {
+            Op::to_wire(&**node)?
+        };
         let deps = node
             .deps
             .iter()
@@ -321,6 +328,7 @@ fn wire_graph(root: &Arc<Node>) -> Result<Vec<WireNode>, WireError> {
                 .map(|t| u64::try_from(t.as_nanos()).unwrap_or(u64::MAX)),
             retries: node.call.retries(),
             deps,
+            annotations: node.call.annotations().cloned(),
         });
     }
     Ok(out)
@@ -363,6 +371,9 @@ fn rebuild(wire: Vec<WireNode>) -> Result<Arc<Node>, String> {
         if timeout.is_some() || node.retries > 0 {
             // Enforced where it runs, as the node it was (`Decorated`).
             call = Decorated::limited(&call, timeout, Some(node.retries));
+        }
+        if let Some(annotations) = node.annotations {
+            call = Decorated::annotated(&call, annotations);
         }
         built.push(Arc::new(Node {
             mark: Default::default(),
@@ -434,6 +445,14 @@ mod tests {
         assert_eq!(keys(&back), keys(&total));
         // Sent on, each node is the wire task it arrived as.
         assert_eq!(encode_untraversed(&back, &[]).unwrap(), bytes);
+        // Its annotations travel with it: where and how soon it may run.
+        let placed = (&a * 3).priority(7).workers(["gpu-1"]);
+        let bytes = encode_untraversed(&placed, &[]).unwrap();
+        let back: Delayed<i64> = postcard::from_bytes(&bytes).unwrap();
+        let annotations = back.node().call.annotations().cloned().unwrap();
+        assert_eq!(annotations.priority, 7);
+        assert_eq!(annotations.workers, ["gpu-1"]);
+        assert!(a.node().call.annotations().is_none());
         let err = encode_untraversed(&vec![crate::delayed!(lonely(3))], &[]).unwrap_err();
         assert!(err.to_string().contains("lonely"), "{err}");
     }
@@ -450,6 +469,7 @@ mod tests {
             timeout_ns: None,
             retries: 0,
             deps,
+            annotations: None,
         };
         let bytes = postcard::to_stdvec(&vec![node(vec![0])]).unwrap();
         let err = postcard::from_bytes::<Delayed<i64>>(&bytes).err();

@@ -1949,6 +1949,14 @@ impl Call for FutureCall {
         true
     }
 
+    fn to_travelling_wire(&self) -> std::result::Result<WireTask, WireError> {
+        let h = &self.handle;
+        match h.shared.wait(h.key, None) {
+            State::Finished(value) => crate::build::registry::fetched_value_task(&value),
+            _ => self.to_wire(),
+        }
+    }
+
     fn to_wire(&self) -> std::result::Result<WireTask, WireError> {
         let h = &self.handle;
         match h.shared.wait(h.key, None) {
