@@ -20,7 +20,10 @@
 //!    `blocking` secedes once.
 //! 4. A task's work handed to another thread on its behalf (a timed
 //!    attempt) carries the seat along (`<dyn Seat>::current`), so a wait there
-//!    gives the task's thread back as well.
+//!    gives the task's thread back as well — bound to that task
+//!    ([`Seat::bound`]): once the thread runs another task (the attempt was
+//!    abandoned at its timeout), a wait there is the old task's alone and
+//!    gives nothing back.
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -33,6 +36,14 @@ pub trait Seat: Send + Sync {
     fn secede(&self);
     /// The wait ended: the thread runs its task on.
     fn rejoin(&self);
+
+    /// This seat bound to the task its thread runs now, for work run on
+    /// another thread on that task's behalf (rule 4): its `secede` and
+    /// `rejoin` do nothing once the thread runs another task. `None`: the
+    /// seat itself serves (an executor that cannot tell its tasks apart).
+    fn bound(&self) -> Option<Arc<dyn Seat>> {
+        None
+    }
 }
 
 thread_local! {
@@ -49,9 +60,11 @@ impl dyn Seat {
     }
 
     /// The seat installed on this thread, for work run on another thread
-    /// on its task's behalf (rule 4).
+    /// on its task's behalf (rule 4): bound to the task running now, when
+    /// the seat can be ([`Seat::bound`]).
     pub fn current() -> Option<Arc<dyn Seat>> {
-        SEAT.try_with(|s| s.borrow().clone()).ok().flatten()
+        let seat = SEAT.try_with(|s| s.borrow().clone()).ok().flatten()?;
+        Some(seat.bound().unwrap_or(seat))
     }
 }
 

@@ -178,6 +178,8 @@ impl Pool {
                 let seat: Arc<dyn rask_executor::Seat> = Arc::new(PoolSeat {
                     shared: shared.clone(),
                     me: mine.clone(),
+                    job: None,
+                    gave: Default::default(),
                 });
                 <dyn rask_executor::Seat>::enter(seat, || compute_thread(&shared, &mine))
             });
@@ -315,10 +317,42 @@ fn compute_thread(shared: &Arc<Shared>, me: &SeatRef) {
 struct PoolSeat {
     shared: Arc<Shared>,
     me: SeatRef,
+    /// For a timed attempt of a task (`Seat::bound`): that task's job id;
+    /// once the thread runs another job, this seat's `secede` does
+    /// nothing.
+    job: Option<u64>,
+    /// Its last `secede` gave the thread's place back: its `rejoin` takes
+    /// it again, whatever the thread runs by then.
+    gave: std::sync::atomic::AtomicBool,
+}
+
+impl PoolSeat {
+    /// Whether this seat stands for the thread's current job: always,
+    /// unless bound to a job the thread has left.
+    fn current(&self) -> bool {
+        self.job
+            .is_none_or(|id| seat(&self.me).running.as_ref().is_some_and(|r| r.id == id))
+    }
 }
 
 impl rask_executor::Seat for PoolSeat {
+    fn bound(&self) -> Option<Arc<dyn rask_executor::Seat>> {
+        let job = seat(&self.me).running.as_ref().map(|r| r.id)?;
+        Some(Arc::new(PoolSeat {
+            shared: self.shared.clone(),
+            me: self.me.clone(),
+            job: Some(job),
+            gave: Default::default(),
+        }))
+    }
+
     fn secede(&self) {
+        if !self.current() {
+            // An abandoned attempt of a job the thread has left: its wait
+            // is its own; the thread is a member running another task.
+            return;
+        }
+        self.gave.store(true, std::sync::atomic::Ordering::Relaxed);
         let task = {
             let mut s = seat(&self.me);
             s.seceded = true;
@@ -352,6 +386,9 @@ impl rask_executor::Seat for PoolSeat {
     }
 
     fn rejoin(&self) {
+        if !self.gave.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            return; // its secede gave nothing back
+        }
         let retired = {
             let mut s = seat(&self.me);
             s.seceded = false;
@@ -422,6 +459,8 @@ mod tests {
         let member = PoolSeat {
             shared: pool.shared.clone(),
             me: me.clone(),
+            job: None,
+            gave: Default::default(),
         };
         member.secede();
         assert_eq!((members(&pool), started(&pool)), (1, 2));
@@ -441,12 +480,51 @@ mod tests {
         let gone = PoolSeat {
             shared: pool.shared.clone(),
             me: retired,
+            job: None,
+            gave: Default::default(),
         };
         gone.secede();
         assert_eq!((members(&pool), started(&pool)), (1, 2));
         assert!(seceded_rx.try_recv().is_err(), "a released task is no news");
         gone.rejoin();
         assert_eq!(members(&pool), 1);
+        pool.close();
+    }
+
+    /// A seat bound to a job (a timed attempt's, `Seat::bound`) gives the
+    /// thread back only while the thread runs that job; what it gave, it
+    /// takes back whatever the thread runs by then.
+    #[test]
+    fn a_bound_seat_acts_for_its_own_job_only() {
+        let (done, _done_rx) = mpsc::unbounded_channel();
+        let (seceded, mut seceded_rx) = mpsc::unbounded_channel();
+        let pool = Pool::start(1, done, seceded, None);
+        let me = SeatRef::default();
+        seat(&me).running = Some(running([9; 32]));
+        let thread = PoolSeat {
+            shared: pool.shared.clone(),
+            me: me.clone(),
+            job: None,
+            gave: Default::default(),
+        };
+        let attempt = thread.bound().expect("a thread running a job binds");
+        // The thread left job 3 (the attempt was abandoned at its timeout)
+        // and runs job 4: the attempt's wait gives nothing back.
+        seat(&me).running.as_mut().unwrap().id = 4;
+        attempt.secede();
+        assert_eq!((members(&pool), started(&pool)), (1, 1));
+        assert!(seceded_rx.try_recv().is_err(), "job 4 did not secede");
+        attempt.rejoin();
+        assert_eq!(members(&pool), 1);
+        // An attempt of job 4 that secedes while the thread runs job 4
+        // gives its place back, and takes it again after job 5 began.
+        let attempt = thread.bound().unwrap();
+        attempt.secede();
+        assert_eq!((members(&pool), started(&pool)), (1, 2));
+        assert_eq!(seceded_rx.try_recv().ok(), Some(([9; 32], 4)));
+        seat(&me).running.as_mut().unwrap().id = 5;
+        attempt.rejoin();
+        assert_eq!(members(&pool), 2);
         pool.close();
     }
 }
