@@ -121,7 +121,11 @@ fn a_call_and_the_same_call_unwrapped_are_two_tasks() {
     let whole = delayed!(parse_len("hello".to_string()));
     let ok = delayed!(parse_len("hello".to_string())?);
     assert_ne!(whole.key(), ok.key());
-    for config in [Config::synchronous(), Config::threads(2)] {
+    let mut configs = vec![Config::synchronous()];
+    if cfg!(feature = "threaded") {
+        configs.push(Config::threads(2));
+    }
+    for config in configs {
         let (a, b) = rask::compute_with((&whole, &ok), &config).unwrap();
         assert_eq!((a, b), (Ok(5), 5));
         let (a, b) = rask::compute_with((&ok, &whole), &config).unwrap();
