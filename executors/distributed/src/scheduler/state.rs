@@ -1246,7 +1246,14 @@ impl State {
             .workers
             .get(&m.to)
             .is_some_and(|t| t.may_take_now(task.restriction.as_deref()));
-        if open && fits {
+        // An input lost meanwhile (S7 leaves a processing task where it
+        // is): the task waits for it again rather than go where nothing
+        // can be fetched.
+        let ready = task
+            .deps
+            .iter()
+            .all(|&d| self.task(d).state == TaskState::Memory);
+        if open && fits && ready {
             tracing::debug!(task = %label(task), from = %worker, to = %m.to, "task moved to an idle worker");
             self.send_compute(tid, m.to, false, out);
             self.moved += 1;

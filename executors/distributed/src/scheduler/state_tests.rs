@@ -1904,6 +1904,51 @@ fn a_move_ends_cleanly_when_a_worker_dies_or_the_task_is_released_meanwhile() {
     }
 }
 
+/// S15 with S7: a task given up after one of its inputs was lost with its
+/// only holder is not sent to the idle worker, where nothing could be
+/// fetched: it waits for the input again.
+#[test]
+fn a_task_given_up_after_its_input_was_lost_waits_for_it() {
+    let (mut s, mut out) = setup(3);
+    s.set_balancing(false);
+    // 1 in memory on one worker only.
+    s.on_update_graph(C0, vec![spec(1, &[])], vec![k(1)], &mut out);
+    let [(holder, _)] = out.computes()[..] else {
+        panic!("one compute")
+    };
+    finish(&mut s, &mut out, holder, 1, 8);
+    // 2 needs 1, and runs on another worker (the holder paused meanwhile).
+    s.on_worker_paused(holder, true, &mut out);
+    s.on_update_graph(C0, vec![spec(2, &[1])], vec![k(2)], &mut out);
+    let [(runner, _)] = out.computes()[..] else {
+        panic!("one compute")
+    };
+    assert_ne!(runner, holder);
+    s.on_worker_paused(holder, false, &mut out);
+    let idle = [W0, W1, WorkerId(2)]
+        .into_iter()
+        .find(|&w| w != holder && w != runner)
+        .unwrap();
+    // Asked to give 2 up for the idle worker; then 1's holder dies.
+    let id = s.by_key[&Key(k(2))];
+    s.ask_to_move(runner, id, idle, &mut out);
+    let asked = s.task(id).moving.unwrap().asked;
+    s.on_worker_lost(holder, &mut out);
+    s.check_invariants();
+    let again = out.computes();
+    assert!(again.iter().any(|(_, key)| *key == k(1)), "{again:?}");
+    out.clear();
+    s.on_task_given_up(runner, k(2), asked, &mut out);
+    s.check_invariants();
+    // Waiting for 1, or sent early to where 1 is computed again (S9);
+    // never as ready, with 1 in memory nowhere.
+    match s.state_of(&k(2)) {
+        Some(TaskState::Waiting) => {}
+        Some(TaskState::Processing(_)) => assert!(s.task(id).early, "sent with 1 not in memory"),
+        other => panic!("{other:?}"),
+    }
+}
+
 #[test]
 fn a_paused_worker_is_sent_nothing_and_its_tasks_move_away() {
     let (mut s, mut out) = setup(2);
