@@ -2706,25 +2706,29 @@ impl State {
     /// restriction no connected worker satisfies, with how many tasks wait
     /// for it. For `scheduler_info` and the dashboard.
     pub(crate) fn unrunnable_lines(&self, lines: &mut Vec<String>) {
+        let unrunnable = |r: &Restriction| !self.workers.values().any(|w| w.eligible(r));
         let queued = |id: TaskId, p: Option<Priority>| {
             self.get(id)
                 .is_some_and(|t| t.state == TaskState::Queued && p.is_none_or(|p| t.priority == p))
         };
+        // Only the restrictions no worker satisfies are counted.
         let mut waiting: BTreeMap<&Restriction, BTreeSet<TaskId>> = BTreeMap::new();
-        for (r, heap) in &self.restricted {
+        for (r, heap) in self.restricted.iter().filter(|(r, _)| unrunnable(r)) {
             let live = heap.iter().filter(|e| queued(e.1, Some(e.0)));
             waiting.entry(r).or_default().extend(live.map(|e| e.1));
         }
         // Those that run alone once a worker fits them (S18).
         for &id in self.suspects.iter().filter(|&&id| queued(id, None)) {
-            if let Some(r) = self.task(id).restriction.as_deref() {
+            if let Some(r) = self
+                .task(id)
+                .restriction
+                .as_deref()
+                .filter(|r| unrunnable(r))
+            {
                 waiting.entry(r).or_default().insert(id);
             }
         }
-        for (r, ids) in waiting {
-            if ids.is_empty() || self.workers.values().any(|w| w.eligible(r)) {
-                continue;
-            }
+        for (r, ids) in waiting.into_iter().filter(|(_, ids)| !ids.is_empty()) {
             lines.push(format!(
                 "{} task(s) wait for a worker with {}: no connected worker has it",
                 ids.len(),
