@@ -1005,8 +1005,28 @@ fn a_task_that_ran_at_a_death_runs_alone() {
     finish(&mut s, &mut out, W1, b, 8);
     assert_eq!(out.computes(), vec![(W1, k(5))], "then the rest");
     finish(&mut s, &mut out, W1, 5, 8);
-    let done = out.told().into_iter().filter(|(_, _, r)| r.is_ok()).count();
-    assert_eq!(done, 5);
+    assert_eq!(succeeded(&mut out), 5);
+}
+
+/// How many keys clients were told are in memory (drained from `out`).
+fn succeeded(out: &mut Rec) -> usize {
+    out.told().into_iter().filter(|(_, _, r)| r.is_ok()).count()
+}
+
+/// Three one-thread workers sent tasks 1 to 6, two each: the state, and
+/// the tasks each worker was sent.
+fn six_on_three() -> (State, Rec, impl Fn(WorkerId) -> Vec<u8>) {
+    let (mut s, mut out) = setup(3);
+    let specs: Vec<TaskSpec> = (1..=6).map(|n| spec(n, &[])).collect();
+    s.on_update_graph(C0, specs, (1..=6).map(k).collect(), &mut out);
+    let sent = out.computes();
+    let on = move |w: WorkerId| -> Vec<u8> {
+        sent.iter()
+            .filter(|&&(x, _)| x == w)
+            .map(|(_, key)| key[0])
+            .collect()
+    };
+    (s, out, on)
 }
 
 /// S18: a task waiting for its reserved worker to empty goes to another
@@ -1014,18 +1034,9 @@ fn a_task_that_ran_at_a_death_runs_alone() {
 /// the workers are reserved at once.
 #[test]
 fn a_reservation_moves_to_a_worker_that_emptied_first() {
-    let (mut s, mut out) = setup(3);
-    let specs: Vec<TaskSpec> = (1..=6).map(|n| spec(n, &[])).collect();
-    s.on_update_graph(C0, specs, (1..=6).map(k).collect(), &mut out);
-    let sent = out.computes();
-    let on = |w: WorkerId| -> Vec<u8> {
-        sent.iter()
-            .filter(|&&(x, _)| x == w)
-            .map(|(_, key)| key[0])
-            .collect()
-    };
+    let (mut s, mut out, on) = six_on_three();
     let (on_w0, on_w2) = (on(W0), on(WorkerId(2)));
-    assert_eq!((on_w0.len(), on_w2.len()), (2, 2), "{sent:?}");
+    assert_eq!((on_w0.len(), on_w2.len()), (2, 2), "{:?}", on(W1));
     s.on_worker_lost(W0, &mut out);
     s.check_invariants();
     // One of the two that ran at the death reserves W1 (the first in
@@ -1050,16 +1061,7 @@ fn a_reservation_moves_to_a_worker_that_emptied_first() {
 /// task waiting however empty it is; a worker that empties takes over.
 #[test]
 fn a_reservation_leaves_a_paused_worker_for_one_that_emptied() {
-    let (mut s, mut out) = setup(3);
-    let specs: Vec<TaskSpec> = (1..=6).map(|n| spec(n, &[])).collect();
-    s.on_update_graph(C0, specs, (1..=6).map(k).collect(), &mut out);
-    let sent = out.computes();
-    let on = |w: WorkerId| -> Vec<u8> {
-        sent.iter()
-            .filter(|&&(x, _)| x == w)
-            .map(|(_, key)| key[0])
-            .collect()
-    };
+    let (mut s, mut out, on) = six_on_three();
     let a = on(W0)[0];
     s.on_worker_lost(W0, &mut out);
     // W1 is reserved for `a`; it pauses, then runs nothing.
@@ -1114,8 +1116,7 @@ fn a_reservation_ends_with_its_task_released_or_seceded() {
     assert_eq!(out.computes(), vec![(W1, k(5))]);
     finish(&mut s, &mut out, W1, 5, 8);
     finish(&mut s, &mut out, W1, a, 8);
-    let done = out.told().into_iter().filter(|(_, _, r)| r.is_ok()).count();
-    assert_eq!(done, 5);
+    assert_eq!(succeeded(&mut out), 5);
 }
 
 /// S18: a task that ran at a death goes to a worker that runs nothing
@@ -1134,8 +1135,7 @@ fn a_task_that_ran_at_a_death_goes_beside_a_seceded_one() {
     assert_eq!(out.computes(), vec![(W0, k(2))]);
     finish(&mut s, &mut out, W0, 2, 8);
     finish(&mut s, &mut out, W0, 1, 8);
-    let done = out.told().into_iter().filter(|(_, _, r)| r.is_ok()).count();
-    assert_eq!(done, 2);
+    assert_eq!(succeeded(&mut out), 2);
 }
 
 /// S18 with S9: a worker that holds an early task is not reserved: the
@@ -1168,8 +1168,7 @@ fn a_worker_with_an_early_task_is_not_reserved() {
             .map(|n| (W0, k(n))),
     );
     run_to_end(&mut s, &mut out, sent);
-    let done = out.told().into_iter().filter(|(_, _, r)| r.is_ok()).count();
-    assert_eq!(done, 3);
+    assert_eq!(succeeded(&mut out), 3);
 }
 
 /// Finishes every task in `sent`, then every task sent meanwhile, until

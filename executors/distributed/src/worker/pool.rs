@@ -438,6 +438,16 @@ mod tests {
         }
     }
 
+    /// The seat of a compute thread of `pool` whose place is `me`.
+    fn unbound(pool: &Pool, me: SeatRef) -> PoolSeat {
+        PoolSeat {
+            shared: pool.shared.clone(),
+            me,
+            job: None,
+            gave: Default::default(),
+        }
+    }
+
     fn members(pool: &Pool) -> usize {
         pool.queue().members
     }
@@ -456,12 +466,7 @@ mod tests {
         // scheduler; rejoining, it is a member too many for a while.
         let me = SeatRef::default();
         seat(&me).running = Some(running([9; 32]));
-        let member = PoolSeat {
-            shared: pool.shared.clone(),
-            me: me.clone(),
-            job: None,
-            gave: Default::default(),
-        };
+        let member = unbound(&pool, me.clone());
         member.secede();
         assert_eq!((members(&pool), started(&pool)), (1, 2));
         assert_eq!(seceded_rx.try_recv().ok(), Some(([9; 32], 3)));
@@ -477,12 +482,7 @@ mod tests {
             s.running = Some(running([8; 32]));
             s.retired = true;
         }
-        let gone = PoolSeat {
-            shared: pool.shared.clone(),
-            me: retired,
-            job: None,
-            gave: Default::default(),
-        };
+        let gone = unbound(&pool, retired);
         gone.secede();
         assert_eq!((members(&pool), started(&pool)), (1, 2));
         assert!(seceded_rx.try_recv().is_err(), "a released task is no news");
@@ -501,12 +501,7 @@ mod tests {
         let pool = Pool::start(1, done, seceded, None);
         let me = SeatRef::default();
         seat(&me).running = Some(running([9; 32]));
-        let thread = PoolSeat {
-            shared: pool.shared.clone(),
-            me: me.clone(),
-            job: None,
-            gave: Default::default(),
-        };
+        let thread = unbound(&pool, me.clone());
         let attempt = thread.bound().expect("a thread running a job binds");
         // The thread left job 3 (the attempt was abandoned at its timeout)
         // and runs job 4: the attempt's wait gives nothing back.
