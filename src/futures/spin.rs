@@ -11,7 +11,14 @@
 //! 1. A wait watches the client's table for at most [`SPIN`] before it
 //!    sleeps: it reads a counter that every change of the table bumps
 //!    ([`Spin::changed`]), and looks at what it waits for only when the
-//!    counter moved.
+//!    counter moved. Between two looks at the clock it yields its core
+//!    ([`std::thread::yield_now`]): a thread the watch waits for (the
+//!    scheduler's, a worker's) that the system woke on the watching
+//!    thread's core runs at once instead of after the watch. Without it, a
+//!    run on this machine now and then had the scheduler's thread woken
+//!    on the watching core for most round trips, which then took the
+//!    whole watch and a sleep (110–140 µs a round trip, against 90–100
+//!    with no watching and 35–45 when the threads land apart).
 //! 2. Only where it can pay ([`Spin::for_client`]): a client of a cluster,
 //!    where a result crosses processes, on a machine of more than one
 //!    core (on one core, the watching thread would hold up the very
@@ -25,11 +32,21 @@
 //!    waiting for long tasks (or a remote cluster) does not watch at all,
 //!    and one whose waits turn short starts watching after a few of them.
 //!    A single long wait counts as at most [`LONGEST_SAMPLE`].
+//!    While the waits are long, one wait in [`PROBE_EVERY`] watches all
+//!    the same (a probe); a probe that sees its end starts the average
+//!    afresh from its watch, so the next waits watch. Without probes, a
+//!    client whose waits slept could never see that watching would make
+//!    them short again. On a virtual machine a wait that sleeps
+//!    takes longer than [`SPIN`] in a slow spell (a round trip of 90–200
+//!    µs asleep against 35–40 watched); a few such waits, or one long
+//!    start-up wait, turned watching off for a whole run, and every round
+//!    trip after slept. A probe costs a client waiting for long tasks at
+//!    most [`SPIN`] of one core per [`PROBE_EVERY`] waits.
 //! 5. A client whose configuration turns watching off
 //!    ([`Config::spin`](crate::Config::spin), `RASK_SPIN=0`) never
 //!    watches: every wait sleeps at once, as where watching cannot pay.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::run::config::ExecutorKind;
@@ -43,6 +60,10 @@ pub(crate) const SPIN: Duration = Duration::from_micros(100);
 /// watching by a few waits, not by many.
 pub(crate) const LONGEST_SAMPLE: Duration = Duration::from_millis(1);
 
+/// While recent waits were long, one wait in this many watches all the
+/// same (rule 4).
+pub(crate) const PROBE_EVERY: u32 = 16;
+
 /// Reads of the counter between two looks at the clock.
 const READS_PER_CLOCK: u32 = 64;
 
@@ -55,6 +76,9 @@ pub(crate) struct Spin {
     watching: AtomicBool,
     /// The moving average of recent waits, in nanoseconds (rule 4).
     recent_ns: AtomicU64,
+    /// Waits that did not watch because recent waits were long, since the
+    /// last probe (rule 4).
+    unwatched: AtomicU32,
     limit: Duration,
 }
 
@@ -65,6 +89,7 @@ impl Spin {
             changes: AtomicU64::new(0),
             watching: AtomicBool::new(false),
             recent_ns: AtomicU64::new(0),
+            unwatched: AtomicU32::new(0),
             limit,
         }
     }
@@ -103,15 +128,29 @@ impl Spin {
         self.recent_ns.store(average, Ordering::Relaxed);
     }
 
-    /// Whether the recent waits were short enough to watch (rule 4).
-    fn waits_are_short(&self) -> bool {
-        self.recent_ns.load(Ordering::Relaxed) <= self.limit.as_nanos() as u64
+    /// Whether this wait watches by rule 4: recent waits were short, or
+    /// it is the probe among waits that did not watch because they were
+    /// long.
+    fn by_recent_waits(&self) -> Watch {
+        if self.recent_ns.load(Ordering::Relaxed) <= self.limit.as_nanos() as u64 {
+            return Watch::Yes;
+        }
+        // Threads race on it harmlessly: a probe comes a wait early or late.
+        let unwatched = self.unwatched.load(Ordering::Relaxed) + 1;
+        if unwatched >= PROBE_EVERY {
+            self.unwatched.store(0, Ordering::Relaxed);
+            Watch::Probe
+        } else {
+            self.unwatched.store(unwatched, Ordering::Relaxed);
+            Watch::No
+        }
     }
 
     /// Watches until `ended` holds, looking each time the table changed
     /// after `since` (a [`mark`](Spin::mark)), for at most its limit and
     /// until `deadline`. Whether it saw `ended`; `false` at once when
-    /// recent waits were long (rule 4) or another thread watches (rule 3).
+    /// recent waits were long and this is not a probe (rule 4), or another
+    /// thread watches (rule 3).
     /// The caller then sleeps as it would have without watching.
     pub(crate) fn until(
         &self,
@@ -119,11 +158,15 @@ impl Spin {
         deadline: Option<Instant>,
         mut ended: impl FnMut() -> bool,
     ) -> bool {
-        if !self.waits_are_short()
-            || self
-                .watching
-                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-                .is_err()
+        let probe = match self.by_recent_waits() {
+            Watch::No => return false,
+            Watch::Yes => false,
+            Watch::Probe => true,
+        };
+        if self
+            .watching
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
         {
             return false;
         }
@@ -144,10 +187,25 @@ impl Spin {
             if Instant::now() >= end {
                 break false;
             }
+            std::thread::yield_now();
         };
+        if probe && saw {
+            let watched = start.elapsed().as_nanos() as u64;
+            self.recent_ns.store(watched, Ordering::Relaxed);
+        }
         self.watching.store(false, Ordering::Release);
         saw
     }
+}
+
+/// What rule 4 says of a wait.
+enum Watch {
+    /// Recent waits were long: sleep at once.
+    No,
+    /// Recent waits were short: watch.
+    Yes,
+    /// Recent waits were long, and this wait is the probe among them.
+    Probe,
 }
 
 #[cfg(test)]
@@ -182,6 +240,57 @@ mod tests {
             spin.waited(Duration::from_micros(80));
         }
         assert!(watches(&spin));
+    }
+
+    #[test]
+    fn while_waits_are_long_one_in_probe_every_watches_and_short_probes_bring_watching_back() {
+        let spin = Spin::new(Duration::from_micros(100));
+        // Whether a wait watched (a watch looks at the change made after
+        // its mark at once); its result comes during the watch when
+        // `arrives`, else after it.
+        let watches = |spin: &Spin, arrives: bool| {
+            let since = spin.mark();
+            spin.changed();
+            let mut looked = false;
+            spin.until(since, None, || {
+                looked = true;
+                arrives
+            });
+            looked
+        };
+        // A slow start: one long wait, then waits that sleep and take a
+        // little over the limit, as round trips do in a VM's slow spell.
+        spin.waited(Duration::from_secs(1));
+        let mut probes = Vec::new();
+        for wait in 1..=4 * PROBE_EVERY {
+            if watches(&spin, false) {
+                probes.push(wait);
+            }
+            spin.waited(Duration::from_micros(150));
+        }
+        assert_eq!(
+            probes,
+            (1..=4).map(|i| i * PROBE_EVERY).collect::<Vec<_>>(),
+            "one wait in PROBE_EVERY watches while waits are long"
+        );
+        // A probe that ends its wait quickly turns watching back on.
+        let mut waits = 0;
+        loop {
+            waits += 1;
+            assert!(waits <= PROBE_EVERY, "no probe came");
+            if watches(&spin, true) {
+                spin.waited(Duration::from_micros(40));
+                break;
+            }
+            spin.waited(Duration::from_micros(150));
+        }
+        for _ in 0..PROBE_EVERY {
+            assert!(
+                watches(&spin, true),
+                "a short probe did not bring watching back"
+            );
+            spin.waited(Duration::from_micros(40));
+        }
     }
 
     #[test]
