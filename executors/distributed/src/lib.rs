@@ -159,7 +159,8 @@
 //!   token both ways; after it, a connection is trusted for what its role
 //!   may send, and the scheduler still checks each report against what it
 //!   asked of that very worker (`scheduler/README.md`, S6 and S10–S12): a
-//!   result only from the worker the task was sent to, a fetched copy only
+//!   result only from the worker the task was sent to, for the run it was
+//!   sent (each `Compute` names one), a fetched copy only
 //!   of an input of a task sent to it, a failed fetch only of a key the
 //!   sender needs, naming a holder it was told of. A process holding the
 //!   token can still run any registered function; no code is shipped.

@@ -84,8 +84,13 @@ pub const MAGIC: [u8; 4] = *b"RASK";
 /// the scheduler tells to exit (`ToWorker::Retire`) once their values are
 /// held elsewhere; the scheduler asks a worker to give a task up
 /// (`ToWorker::GiveUp`, answered by `ToScheduler::TaskGivenUp` or
-/// `ToScheduler::TaskKept`) before it moves it elsewhere.
-pub const VERSION: u16 = 7;
+/// `ToScheduler::TaskKept`) before it moves it elsewhere. Version 8: a
+/// `Compute` names its run (`ToWorker::Compute::run`, new at every
+/// `Compute`), and each report of a run (`TaskFinished`, `TaskErred`,
+/// `TaskAbandoned`, `TaskSeceded`) names it back: the scheduler takes a
+/// report only for the run it last asked of that worker, never one of a
+/// run it released meanwhile.
+pub const VERSION: u16 = 8;
 
 /// Values whose encoding is at most this many bytes travel with their
 /// report: in `TaskFinished` to the scheduler, and in `KeyInMemory` to the
@@ -819,6 +824,8 @@ pub enum ToScheduler {
     TaskFinished {
         /// The task.
         key: WireKey,
+        /// The run it reports on: the `run` of the task's `Compute`.
+        run: u64,
         /// Size of the value's encoding: at most [`MAX_FRAME`], since the
         /// value must fit a frame to be fetched.
         nbytes: u64,
@@ -839,6 +846,8 @@ pub enum ToScheduler {
     TaskErred {
         /// The task.
         key: WireKey,
+        /// The run it reports on: the `run` of the task's `Compute`.
+        run: u64,
         /// Why.
         failure: WireFailure,
     },
@@ -847,6 +856,8 @@ pub enum ToScheduler {
     TaskAbandoned {
         /// The task.
         key: WireKey,
+        /// The run it reports on: the `run` of the task's `Compute`.
+        run: u64,
     },
     /// Worker: a copy of a key was fetched from a peer and is held here too.
     DataAdded {
@@ -914,6 +925,8 @@ pub enum ToScheduler {
     TaskSeceded {
         /// The task.
         key: WireKey,
+        /// The run it reports on: the `run` of the task's `Compute`.
+        run: u64,
     },
     /// Client: retire the workers of these names (Dask's
     /// `retire_workers`): give them no more tasks, have the values only
@@ -971,6 +984,10 @@ pub enum ToWorker {
     Compute {
         /// The task.
         key: WireKey,
+        /// This run of it, chosen by the scheduler and new at every
+        /// `Compute`: the worker's reports of the run carry it back, and
+        /// the scheduler takes only those of the run it asked for.
+        run: u64,
         /// Its name, for failures.
         name: Arc<str>,
         /// Its registered function.
@@ -1891,7 +1908,7 @@ mod tests {
         let expected = [
             "48000000", // body length: 72 bytes
             "5241534b", // RASK
-            "0700",     // version 7
+            "0800",     // version 8
             "02",       // role: worker
             "01",       // flags: authenticates
             &"ab".repeat(32),
@@ -1943,11 +1960,11 @@ mod tests {
         let mut junk = old;
         junk[4] = b'X';
         assert!(matches!(old_handshake(&junk[4..]), ProtocolError::NotRask));
-        // What a version-4 peer is answered: its own layout, naming 7.
+        // What a version-4 peer is answered: its own layout, naming 8.
         let answer = v4_refusal(Role::Scheduler);
         assert_eq!(
             hex(&answer),
-            format!("280000005241534b07000400{}", "00".repeat(32))
+            format!("280000005241534b08000400{}", "00".repeat(32))
         );
     }
 
@@ -1987,6 +2004,7 @@ mod tests {
     fn golden_compute_frame() {
         let msg = ToWorker::Compute {
             key: [1; 32],
+            run: 300,
             name: "inc".into(),
             function: "inc".into(),
             payload: Arc::from(&[7u8, 8][..]),
@@ -2001,9 +2019,10 @@ mod tests {
         };
         let frame = frame(&msg);
         let expected = [
-            "77000000", // body length: 119 bytes
+            "79000000", // body length: 121 bytes
             "03",       // variant: Compute
             &"01".repeat(32),
+            "ac02",     // run: 300 (varint)
             "03696e63", // name "inc"
             "03696e63", // function "inc"
             "020708",   // payload [7, 8]
@@ -2087,6 +2106,7 @@ mod tests {
         for i in 0..2u8 {
             batch.push(&ToScheduler::TaskFinished {
                 key: [i; 32],
+                run: 7 + u64::from(i),
                 nbytes: 1,
                 duration_ns: 1000,
                 value: (i == 1).then(|| Arc::from(&[42u8][..])),
@@ -2095,12 +2115,12 @@ mod tests {
         }
         let frames = batch.take_frames();
         assert_eq!(frames.len(), 1);
-        // Variant, key, nbytes, duration (varint), the value: none, or
-        // some (01) and its bytes with their length; then the thread's lane
-        // (varint: 0, then 200 as c8 01).
-        let one = format!("03{}01e8070000", "00".repeat(32));
-        let two = format!("03{}01e80701012ac801", "01".repeat(32));
-        assert_eq!(hex(&frames[0]), format!("4f000000{one}{two}"));
+        // Variant, key, run (varint), nbytes, duration (varint), the
+        // value: none, or some (01) and its bytes with their length; then
+        // the thread's lane (varint: 0, then 200 as c8 01).
+        let one = format!("03{}0701e8070000", "00".repeat(32));
+        let two = format!("03{}0801e80701012ac801", "01".repeat(32));
+        assert_eq!(hex(&frames[0]), format!("51000000{one}{two}"));
         let back: Vec<ToScheduler> = decode_batch(&frames[0][4..]).unwrap();
         assert_eq!(back.len(), 2);
         assert!(
@@ -2284,6 +2304,7 @@ mod tests {
     fn finished(nbytes: u64, duration_ns: u64, value: usize) -> ToScheduler {
         ToScheduler::TaskFinished {
             key: [0; 32],
+            run: 1,
             nbytes,
             duration_ns,
             value: (value > 0).then(|| Arc::from(vec![0u8; value])),
@@ -2368,12 +2389,14 @@ mod tests {
         let on_lane = |lane| match finished(1, 0, 0) {
             ToScheduler::TaskFinished {
                 key,
+                run,
                 nbytes,
                 duration_ns,
                 value,
                 ..
             } => ToScheduler::TaskFinished {
                 key,
+                run,
                 nbytes,
                 duration_ns,
                 value,
@@ -2526,6 +2549,7 @@ mod tests {
         failure.chain = vec![String::new(); 1 << 20];
         let erred = ToScheduler::TaskErred {
             key: [1; 32],
+            run: 1,
             failure,
         };
         assert!(too_big::<ToScheduler>(&frame(&erred)[4..]));
@@ -2587,6 +2611,7 @@ mod tests {
         let n = 100_000u64;
         assert!(all_decode((0..n).map(|i| ToScheduler::TaskFinished {
             key: key(i),
+            run: i,
             nbytes: i,
             duration_ns: i,
             value: None,
@@ -2844,23 +2869,26 @@ mod tests {
                     }),
                 (
                     key(),
+                    any::<u64>(),
                     0..=MAX_FRAME as u64,
                     0..=duration_ns_of(MAX_TASK_DURATION),
                     proptest::option::of(bytes(INLINE_BYTES)),
                     0..=MAX_THREADS
                 )
-                    .prop_map(|(key, nbytes, duration_ns, value, thread)| {
+                    .prop_map(|(key, run, nbytes, duration_ns, value, thread)| {
                         ToScheduler::TaskFinished {
                             key,
+                            run,
                             nbytes,
                             duration_ns,
                             value,
                             thread,
                         }
                     }),
-                (key(), failure())
-                    .prop_map(|(key, failure)| ToScheduler::TaskErred { key, failure }),
-                key().prop_map(|key| ToScheduler::TaskAbandoned { key }),
+                (key(), any::<u64>(), failure())
+                    .prop_map(|(key, run, failure)| ToScheduler::TaskErred { key, run, failure }),
+                (key(), any::<u64>())
+                    .prop_map(|(key, run)| ToScheduler::TaskAbandoned { key, run }),
                 key().prop_map(|key| ToScheduler::DataAdded { key }),
                 (key(), worker())
                     .prop_map(|(key, holder)| ToScheduler::FetchFailed { key, holder }),
@@ -2902,7 +2930,7 @@ mod tests {
                             paused,
                         },
                     }),
-                key().prop_map(|key| ToScheduler::TaskSeceded { key }),
+                (key(), any::<u64>()).prop_map(|(key, run)| ToScheduler::TaskSeceded { key, run }),
                 (any::<u64>(), proptest::collection::vec(".{0,12}", 0..3))
                     .prop_map(|(id, names)| ToScheduler::RetireWorkers { id, names }),
                 (key(), any::<u64>()).prop_map(|(key, id)| ToScheduler::TaskGivenUp { key, id }),
@@ -2918,7 +2946,7 @@ mod tests {
                     .prop_map(|(id, address)| ToWorker::PeerJoined { id, address }),
                 worker().prop_map(|id| ToWorker::PeerLeft { id }),
                 (
-                    key(),
+                    (key(), any::<u64>()),
                     bytes(16),
                     keys(),
                     proptest::collection::vec(
@@ -2930,9 +2958,18 @@ mod tests {
                     any::<u32>()
                 )
                     .prop_map(
-                        |(key, payload, deps, who_has, (user, order), timeout_ms, retries)| {
+                        |(
+                            (key, run),
+                            payload,
+                            deps,
+                            who_has,
+                            (user, order),
+                            timeout_ms,
+                            retries,
+                        )| {
                             ToWorker::Compute {
                                 key,
+                                run,
                                 name: "n".into(),
                                 function: "f".into(),
                                 payload,

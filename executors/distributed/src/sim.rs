@@ -582,6 +582,8 @@ struct Pending {
     missing: BTreeSet<WireKey>,
     /// The run's id while running.
     run: Option<u64>,
+    /// The scheduler's run of it (`Compute::run`), named in its reports.
+    asked: u64,
 }
 
 struct Running {
@@ -953,6 +955,7 @@ impl World {
         match msg {
             ToScheduler::TaskFinished {
                 key,
+                run,
                 nbytes,
                 duration_ns,
                 value,
@@ -964,13 +967,13 @@ impl World {
                     value,
                     thread,
                 };
-                self.schedule(|s, out| s.on_task_finished(w, key, report, out))
+                self.schedule(|s, out| s.on_task_finished(w, key, run, report, out))
             }
-            ToScheduler::TaskErred { key, failure } => {
-                self.schedule(|s, out| s.on_task_erred(w, key, failure, out))
+            ToScheduler::TaskErred { key, run, failure } => {
+                self.schedule(|s, out| s.on_task_erred(w, key, run, failure, out))
             }
-            ToScheduler::TaskAbandoned { key } => {
-                self.schedule(|s, out| s.on_task_abandoned(w, key, out))
+            ToScheduler::TaskAbandoned { key, run } => {
+                self.schedule(|s, out| s.on_task_abandoned(w, key, run, out))
             }
             ToScheduler::TaskGivenUp { key, id } => {
                 self.schedule(|s, out| s.on_task_given_up(w, key, id, out))
@@ -998,6 +1001,7 @@ impl World {
         match msg {
             ToWorker::Compute {
                 key,
+                run: asked,
                 name,
                 function,
                 payload,
@@ -1015,6 +1019,7 @@ impl World {
                     let nbytes = held.bytes.len() as u64;
                     let finished = ToScheduler::TaskFinished {
                         key,
+                        run: asked,
                         nbytes,
                         duration_ns: 0,
                         value: None,
@@ -1049,7 +1054,8 @@ impl World {
                     self.report_to_scheduler(w, ToScheduler::FetchFailed { key: d, holder: w });
                     self.record(Event::Abandoned { worker: w, key });
                     // Nothing here waits for it yet: it was never pending.
-                    return self.report_to_scheduler(w, ToScheduler::TaskAbandoned { key });
+                    let abandoned = ToScheduler::TaskAbandoned { key, run: asked };
+                    return self.report_to_scheduler(w, abandoned);
                 }
                 let ready = missing.is_empty();
                 let spec = TaskSpec {
@@ -1069,6 +1075,7 @@ impl World {
                         priority,
                         missing,
                         run: None,
+                        asked,
                     },
                 );
                 if ready {
@@ -1155,13 +1162,23 @@ impl World {
 
     /// Gives task `key` of `w`, not running, back to the scheduler.
     fn abandon(&mut self, w: WorkerId, key: WireKey) {
-        if let Some(worker) = self.workers.get_mut(&w) {
-            if let Some(task) = worker.tasks.remove(&key) {
+        let Some(task) = self
+            .workers
+            .get_mut(&w)
+            .and_then(|worker| worker.tasks.remove(&key).map(|t| (worker, t)))
+            .map(|(worker, task)| {
                 worker.ready.remove(&(task.priority, key));
-            }
-        }
+                task
+            })
+        else {
+            return;
+        };
         self.record(Event::Abandoned { worker: w, key });
-        self.report_to_scheduler(w, ToScheduler::TaskAbandoned { key });
+        let abandoned = ToScheduler::TaskAbandoned {
+            key,
+            run: task.asked,
+        };
+        self.report_to_scheduler(w, abandoned);
     }
 
     fn start_fetch(&mut self, w: WorkerId, key: WireKey, holders: Vec<WorkerId>) {
@@ -1352,7 +1369,9 @@ impl World {
             return; // released while running
         };
         worker.busy -= 1;
-        worker.tasks.remove(&key);
+        let Some(Pending { asked: run, .. }) = worker.tasks.remove(&key) else {
+            return; // a run is of a pending task: released with it
+        };
         self.record(Event::Finished { worker: w, key });
         let worker = self.workers.get_mut(&w).expect("live");
         match outcome {
@@ -1367,6 +1386,7 @@ impl World {
                 }
                 let finished = ToScheduler::TaskFinished {
                     key,
+                    run,
                     nbytes,
                     duration_ns: (self.now - started).saturating_mul(1_000),
                     value,
@@ -1375,7 +1395,7 @@ impl World {
                 self.report_to_scheduler(w, finished);
             }
             Err(failure) => {
-                self.report_to_scheduler(w, ToScheduler::TaskErred { key, failure });
+                self.report_to_scheduler(w, ToScheduler::TaskErred { key, run, failure });
                 self.abandon_waiting(w, key);
             }
         }

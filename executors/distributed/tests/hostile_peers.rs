@@ -42,14 +42,15 @@ fn frames(mut bytes: &[u8]) -> Vec<ToWorker> {
 }
 
 /// A worker's report about key `key` (an index into the graph's keys, or
-/// a key of no graph when out of range).
+/// a key of no graph when out of range), naming a run when it reports one
+/// (a guess: the scheduler's runs are its ticks, small numbers here).
 #[derive(Clone, Debug)]
 enum Report {
-    Finished(usize, i64),
-    Erred(usize),
-    Abandoned(usize),
+    Finished(usize, u64, i64),
+    Erred(usize, u64),
+    Abandoned(usize, u64),
     DataAdded(usize),
-    Seceded(usize),
+    Seceded(usize, u64),
     FetchFailed(usize, u32),
     GivenUp(usize, u64),
     Kept(usize, u64),
@@ -80,11 +81,11 @@ enum Ending {
 
 fn report() -> impl Strategy<Value = Report> {
     prop_oneof![
-        4 => (0..12usize, any::<i64>()).prop_map(|(k, v)| Report::Finished(k, v)),
-        2 => (0..12usize).prop_map(Report::Erred),
-        2 => (0..12usize).prop_map(Report::Abandoned),
+        4 => (0..12usize, 0..64u64, any::<i64>()).prop_map(|(k, r, v)| Report::Finished(k, r, v)),
+        2 => (0..12usize, 0..64u64).prop_map(|(k, r)| Report::Erred(k, r)),
+        2 => (0..12usize, 0..64u64).prop_map(|(k, r)| Report::Abandoned(k, r)),
         2 => (0..12usize).prop_map(Report::DataAdded),
-        1 => (0..12usize).prop_map(Report::Seceded),
+        1 => (0..12usize, 0..64u64).prop_map(|(k, r)| Report::Seceded(k, r)),
         2 => (0..12usize, 0..16u32).prop_map(|(k, h)| Report::FetchFailed(k, h)),
         1 => (0..12usize, 0..64u64).prop_map(|(k, id)| Report::GivenUp(k, id)),
         1 => (0..12usize, 0..64u64).prop_map(|(k, id)| Report::Kept(k, id)),
@@ -203,15 +204,17 @@ fn rogue_peers_change_no_result_and_are_sent_no_task() {
             // message of the rogue client, each in a frame of its own.
             for r in &reports {
                 let msg = match *r {
-                    Report::Finished(k, v) => ToScheduler::TaskFinished {
+                    Report::Finished(k, run, v) => ToScheduler::TaskFinished {
                         key: key(k),
+                        run,
                         nbytes: 8,
                         duration_ns: 1_000,
                         value: Some(Arc::from(postcard::to_stdvec(&v).unwrap())),
                         thread: 1,
                     },
-                    Report::Erred(k) => ToScheduler::TaskErred {
+                    Report::Erred(k, run) => ToScheduler::TaskErred {
                         key: key(k),
+                        run,
                         failure: WireFailure::new(
                             key(k),
                             "forged".into(),
@@ -219,9 +222,9 @@ fn rogue_peers_change_no_result_and_are_sent_no_task() {
                             "forged".into(),
                         ),
                     },
-                    Report::Abandoned(k) => ToScheduler::TaskAbandoned { key: key(k) },
+                    Report::Abandoned(k, run) => ToScheduler::TaskAbandoned { key: key(k), run },
                     Report::DataAdded(k) => ToScheduler::DataAdded { key: key(k) },
-                    Report::Seceded(k) => ToScheduler::TaskSeceded { key: key(k) },
+                    Report::Seceded(k, run) => ToScheduler::TaskSeceded { key: key(k), run },
                     Report::FetchFailed(k, h) => ToScheduler::FetchFailed {
                         key: key(k),
                         holder: WorkerId(h),

@@ -967,7 +967,10 @@ fn junk_on_the_scheduler_port_closes_only_that_connection() {
         expect_closed_after_handshake(addr, Role::Client, &cluster.auth, &junk);
     }
     // A client sending a worker's message is closed as well.
-    let wrong = protocol::frame(&ToScheduler::TaskAbandoned { key: [0; 32] });
+    let wrong = protocol::frame(&ToScheduler::TaskAbandoned {
+        key: [0; 32],
+        run: 1,
+    });
     expect_closed_after_handshake(addr, Role::Client, &cluster.auth, &wrong);
     // A peer's role is not served on the scheduler port.
     expect_closed_after_handshake(addr, Role::Peer, &cluster.auth, &[]);
@@ -1305,15 +1308,90 @@ fn raw_worker(cluster: &Cluster) -> (TcpStream, Vec<protocol::ToWorker>) {
     (s, first)
 }
 
-/// A `TaskFinished` for `key` with these figures and `inline` bytes.
-fn report(key: [u8; 32], nbytes: u64, duration_ns: u64, inline: usize) -> Vec<u8> {
+/// A `TaskFinished` for run `run` of `key` with these figures and
+/// `inline` bytes.
+fn report(key: [u8; 32], run: u64, nbytes: u64, duration_ns: u64, inline: usize) -> Vec<u8> {
     protocol::frame(&ToScheduler::TaskFinished {
         key,
+        run,
         nbytes,
         duration_ns,
         value: (inline > 0).then(|| Arc::from(vec![0u8; inline])),
         thread: 0,
     })
+}
+
+/// Reads from a raw worker's connection until `pick` finds a message.
+fn read_until<T>(s: &mut TcpStream, mut pick: impl FnMut(protocol::ToWorker) -> Option<T>) -> T {
+    loop {
+        for msg in read_frame::<protocol::ToWorker>(s) {
+            if let Some(found) = pick(msg) {
+                return found;
+            }
+        }
+    }
+}
+
+/// Scheduler rule S6 over a real connection: a worker's report of a run
+/// released before the key was sent to it again is not the new run's. A
+/// raw worker is sent a task, the client lets go of it and asks again;
+/// the first run's failure (sent, as it were, before the worker read the
+/// release) arrives after the second `Compute`. Before runs were named,
+/// the client got that failure; now it gets the second run's value.
+#[test]
+fn a_failure_of_a_released_run_is_not_the_next_runs_on_the_same_worker() {
+    let cluster = Cluster::new(0, 1);
+    let client = cluster.client();
+    let (mut s, _) = raw_worker(&cluster);
+    let plan = || {
+        let mut g = Graph::new(&cluster.shared);
+        let a = g.value(7);
+        g.output(a);
+        (g.key(a).0, g.build())
+    };
+    let (key, first_plan) = plan();
+    let compute_of = |s: &mut TcpStream| {
+        read_until(s, |m| match m {
+            protocol::ToWorker::Compute { key: k, run, .. } if k == key => Some(run),
+            _ => None,
+        })
+    };
+    let first = Collect::new(1);
+    first.submit(&client, first_plan);
+    let first_run = compute_of(&mut s);
+    first.cancel.store(true, Ordering::SeqCst);
+    assert_eq!(
+        first.wait()[0].clone().unwrap_err().kind,
+        FailureKind::Cancelled
+    );
+    read_until(&mut s, |m| {
+        matches!(m, protocol::ToWorker::Release { key: k } if k == key).then_some(())
+    });
+    let second = Collect::new(1);
+    second.submit(&client, plan().1);
+    let second_run = compute_of(&mut s);
+    assert_ne!(first_run, second_run, "each Compute names a new run");
+    let stale = ToScheduler::TaskErred {
+        key,
+        run: first_run,
+        failure: protocol::WireFailure::new(
+            key,
+            "value".into(),
+            protocol::WireFailureKind::TimedOut { after_ms: 1 },
+            "the first run timed out".into(),
+        ),
+    };
+    let done = ToScheduler::TaskFinished {
+        key,
+        run: second_run,
+        nbytes: 1,
+        duration_ns: 1_000,
+        value: Some(Arc::from(postcard::to_stdvec(&7i64).unwrap())),
+        thread: 1,
+    };
+    s.write_all(&protocol::frame(&stale)).unwrap();
+    s.write_all(&protocol::frame(&done)).unwrap();
+    assert_eq!(second.wait(), vec![Ok(7)]);
 }
 
 #[test]
@@ -1332,18 +1410,19 @@ fn a_worker_reporting_sizes_or_durations_out_of_range_is_closed_and_its_task_run
     // worker answers the first task it is sent with an impossible report.
     for (nbytes, duration_ns) in [(u64::MAX, u64::MAX), (u64::MAX, 1_000)] {
         let (mut s, mut msgs) = raw_worker(&cluster);
-        let key = loop {
+        let (key, run) = loop {
             let compute = msgs.into_iter().find_map(|m| match m {
-                protocol::ToWorker::Compute { key, .. } => Some(key),
+                protocol::ToWorker::Compute { key, run, .. } => Some((key, run)),
                 _ => None,
             });
-            if let Some(key) = compute {
-                break key;
+            if let Some(compute) = compute {
+                break compute;
             }
             msgs = read_frame(&mut s);
         };
         assert_eq!(key, first, "the graph's ready task");
-        s.write_all(&report(key, nbytes, duration_ns, 0)).unwrap();
+        s.write_all(&report(key, run, nbytes, duration_ns, 0))
+            .unwrap();
         wait_closed(&mut s);
         cluster.eventually("the worker to be dropped", |c| c.scheduler.workers() == 0);
     }
@@ -1360,7 +1439,7 @@ fn a_worker_reporting_sizes_or_durations_out_of_range_is_closed_and_its_task_run
         (too_long as u64, 1_000, too_long),
     ] {
         let (mut s, _) = raw_worker(&cluster);
-        s.write_all(&report(first, nbytes, duration_ns, inline))
+        s.write_all(&report(first, 1, nbytes, duration_ns, inline))
             .unwrap();
         wait_closed(&mut s);
         cluster.eventually("the worker to be dropped", |c| c.scheduler.workers() == 1);

@@ -1405,6 +1405,7 @@ impl Shell {
                 Kind::Worker(w),
                 ToScheduler::TaskFinished {
                     key,
+                    run,
                     nbytes,
                     duration_ns,
                     value,
@@ -1417,16 +1418,16 @@ impl Shell {
                     value,
                     thread,
                 };
-                state.on_task_finished(w, key, report, out)
+                state.on_task_finished(w, key, run, report, out)
             }
-            (Kind::Worker(w), ToScheduler::TaskErred { key, failure }) => {
-                state.on_task_erred(w, key, failure, out)
+            (Kind::Worker(w), ToScheduler::TaskErred { key, run, failure }) => {
+                state.on_task_erred(w, key, run, failure, out)
             }
-            (Kind::Worker(w), ToScheduler::TaskAbandoned { key }) => {
-                state.on_task_abandoned(w, key, out)
+            (Kind::Worker(w), ToScheduler::TaskAbandoned { key, run }) => {
+                state.on_task_abandoned(w, key, run, out)
             }
-            (Kind::Worker(w), ToScheduler::TaskSeceded { key }) => {
-                state.on_task_seceded(w, key, out)
+            (Kind::Worker(w), ToScheduler::TaskSeceded { key, run }) => {
+                state.on_task_seceded(w, key, run, out)
             }
             (Kind::Worker(w), ToScheduler::TaskGivenUp { key, id }) => {
                 state.on_task_given_up(w, key, id, out)

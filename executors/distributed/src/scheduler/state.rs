@@ -195,7 +195,8 @@ struct Task {
     /// Emptied with `who_has` by `clear_holders`, and by `lose`.
     replicas: Vec<(WorkerId, u64)>,
     /// While `Processing`: the tick when its `Compute` was sent, naming
-    /// the holders of its inputs as they were then (S11, S12).
+    /// the holders of its inputs as they were then (S11, S12); the run
+    /// its reports name (`ToWorker::Compute::run`, S6).
     sent_at: u64,
     /// While `Processing`: the scheduler's clock, in milliseconds, when
     /// its `Compute` was sent (S15; `State::on_tick`).
@@ -1128,6 +1129,7 @@ impl State {
         &mut self,
         worker: WorkerId,
         key: WireKey,
+        run: u64,
         report: Finished,
         out: &mut impl Outbox,
     ) {
@@ -1142,6 +1144,11 @@ impl State {
             return;
         };
         let task = self.task(id);
+        if task.state == TaskState::Processing(worker) && task.sent_at != run {
+            // Stale: a run released before the one the worker runs now,
+            // which it dropped on that release (S6).
+            return;
+        }
         if task.state != TaskState::Processing(worker) {
             // Stale: the task was released, or reassigned (S6).
             if !(task.state == TaskState::Memory && task.who_has.contains(&worker)) {
@@ -1188,15 +1195,32 @@ impl State {
         (self.task(id).state == TaskState::Processing(worker)).then_some(id)
     }
 
+    /// The run of `key`'s last `Compute` (tests report as its worker).
+    #[cfg(test)]
+    pub(crate) fn run_of(&self, key: WireKey) -> u64 {
+        self.by_key
+            .get(&Key(key))
+            .map_or(0, |&id| self.task(id).sent_at)
+    }
+
+    /// The task `key` if `worker` is processing it in run `run` (the
+    /// `run` of its last `Compute`); a report of an earlier run, released
+    /// since, is stale too (S6).
+    fn running_on(&self, worker: WorkerId, key: WireKey, run: u64) -> Option<TaskId> {
+        self.processing_on(worker, key)
+            .filter(|&id| self.task(id).sent_at == run)
+    }
+
     /// A worker's task failed.
     pub(crate) fn on_task_erred(
         &mut self,
         worker: WorkerId,
         key: WireKey,
+        run: u64,
         failure: WireFailure,
         out: &mut impl Outbox,
     ) {
-        let Some(id) = self.processing_on(worker, key) else {
+        let Some(id) = self.running_on(worker, key, run) else {
             return;
         };
         self.set_erred(id, Arc::new(failure), out);
@@ -1209,9 +1233,10 @@ impl State {
         &mut self,
         worker: WorkerId,
         key: WireKey,
+        run: u64,
         out: &mut impl Outbox,
     ) {
-        let Some(id) = self.processing_on(worker, key) else {
+        let Some(id) = self.running_on(worker, key, run) else {
             return;
         };
         self.unload(id);
@@ -1322,9 +1347,10 @@ impl State {
         &mut self,
         worker: WorkerId,
         key: WireKey,
+        run: u64,
         out: &mut impl Outbox,
     ) {
-        let Some(id) = self.processing_on(worker, key) else {
+        let Some(id) = self.running_on(worker, key, run) else {
             return;
         };
         // It runs: an ask to give it up will be answered `TaskKept` (S15).
@@ -2793,10 +2819,15 @@ impl State {
                 who_has.push((dep.key.0, dep.who_has.clone()));
             }
         }
+        // The run's number: the tick of this send, new at every `Compute`
+        // (S6).
+        let now = self.tick();
+        let task = self.task(id);
         out.to_worker(
             worker,
             ToWorker::Compute {
                 key: task.key.0,
+                run: now,
                 name: task.name.clone(),
                 function: task.function.clone(),
                 payload: task.payload.clone(),
@@ -2808,7 +2839,6 @@ impl State {
             },
         );
         self.event(id, WireEventKind::Started { worker }, out);
-        let now = self.tick();
         let now_ms = self.now_ms;
         let task = self.task_mut(id);
         task.state = TaskState::Processing(worker);

@@ -105,6 +105,7 @@ fn finish(s: &mut State, out: &mut Rec, w: WorkerId, key: u8, nbytes: u64) {
     s.on_task_finished(
         w,
         k(key),
+        s.run_of(k(key)),
         Finished {
             nbytes,
             duration_ns: 1_000,
@@ -193,7 +194,7 @@ fn failure_propagates_to_dependents_naming_the_failed_task() {
     let first = out.computes();
     // 2 and 3 were sent early (S9): they wait on the worker for 1.
     assert_eq!(first, vec![(W0, k(1)), (W0, k(5)), (W0, k(2)), (W0, k(3))]);
-    s.on_task_erred(W0, k(1), failure(1), &mut out);
+    s.on_task_erred(W0, k(1), s.run_of(k(1)), failure(1), &mut out);
     s.check_invariants();
     assert_eq!(out.told(), vec![(C0, k(3), Err(k(1)))]);
     assert!(
@@ -227,6 +228,47 @@ fn releasing_a_running_task_stops_it_and_ignores_its_late_result() {
     finish(&mut s, &mut out, W0, 1, 8);
     assert_eq!(out.releases(), vec![(W0, k(1))]);
     assert_eq!(s.task_count(), 0);
+}
+
+/// S6: a report of a run released before the key was sent to the same
+/// worker again is stale. The worker dropped that run's value on the
+/// release, and its failure (a timeout, say) is not the new run's: before
+/// runs were named, the first was taken for the second's end.
+#[test]
+fn a_report_of_a_released_run_is_not_taken_for_the_next_run_on_the_same_worker() {
+    let (mut s, mut out) = setup(1);
+    s.on_update_graph(C0, vec![spec(1, &[])], vec![k(1)], &mut out);
+    assert_eq!(out.computes(), vec![(W0, k(1))]);
+    let first = s.run_of(k(1));
+    s.on_release_keys(C0, vec![k(1)], &mut out);
+    assert_eq!(out.releases(), vec![(W0, k(1))]);
+    s.on_update_graph(C0, vec![spec(1, &[])], vec![k(1)], &mut out);
+    assert_eq!(out.computes(), vec![(W0, k(1))]);
+    let second = s.run_of(k(1));
+    assert_ne!(first, second, "each Compute names a new run");
+    // What the first run sent before the worker read its release.
+    let report = |nbytes| Finished {
+        nbytes,
+        duration_ns: 1_000,
+        value: None,
+        thread: 0,
+    };
+    s.on_task_erred(W0, k(1), first, failure(1), &mut out);
+    s.on_task_finished(W0, k(1), first, report(8), &mut out);
+    s.on_task_abandoned(W0, k(1), first, &mut out);
+    s.on_task_seceded(W0, k(1), first, &mut out);
+    s.check_invariants();
+    assert_eq!(s.state_of(&k(1)), Some(&TaskState::Processing(W0)));
+    assert!(out.told().is_empty(), "the client heard of the first run");
+    assert!(
+        out.releases().is_empty(),
+        "the second run was stopped for the first's value"
+    );
+    assert!(out.computes().is_empty());
+    // The second run's report is the one its client gets.
+    s.on_task_finished(W0, k(1), second, report(16), &mut out);
+    s.check_invariants();
+    assert_eq!(out.told(), vec![(C0, k(1), Ok(vec![W0]))]);
 }
 
 #[test]
@@ -316,6 +358,7 @@ fn lost_worker_tasks_are_rescheduled_and_lost_keys_recomputed() {
     s.on_task_finished(
         W0,
         k(3),
+        s.run_of(k(3)),
         Finished {
             nbytes: 8,
             duration_ns: 1,
@@ -373,7 +416,7 @@ fn abandoned_task_is_requeued_after_its_input_is_recomputed() {
     s.on_fetch_failed(Reporter::Worker(W0), k(1), W0, &mut out);
     s.check_invariants();
     assert_eq!(out.computes(), vec![(W1, k(1))], "the lighter worker");
-    s.on_task_abandoned(W0, k(2), &mut out);
+    s.on_task_abandoned(W0, k(2), s.run_of(k(2)), &mut out);
     s.check_invariants();
     // Early again, to where its input is recomputed.
     assert_eq!(out.computes(), vec![(W1, k(2))]);
@@ -461,6 +504,7 @@ fn many_dependents_of_one_input_stay_cheap() {
         s.on_task_finished(
             w,
             key,
+            s.run_of(key),
             Finished {
                 nbytes: 8,
                 duration_ns: 1_000,
@@ -692,6 +736,7 @@ fn a_worker_death_sends_early_tasks_back_to_wait() {
     s.on_task_finished(
         W0,
         k(2),
+        s.run_of(k(2)),
         Finished {
             nbytes: 8,
             duration_ns: 1,
@@ -737,15 +782,15 @@ fn an_abandoned_input_takes_its_early_dependent_back_with_it() {
     out.computes();
     // The worker gives back 1 (an input of 1 could not be fetched, say),
     // then 2, which waited for it.
-    s.on_task_abandoned(W0, k(1), &mut out);
+    s.on_task_abandoned(W0, k(1), s.run_of(k(1)), &mut out);
     s.check_invariants();
-    s.on_task_abandoned(W0, k(2), &mut out);
+    s.on_task_abandoned(W0, k(2), s.run_of(k(2)), &mut out);
     s.check_invariants();
     assert_eq!(out.computes(), vec![(W0, k(1)), (W0, k(2))]);
     // Reports in the other order land in the same state.
-    s.on_task_abandoned(W0, k(2), &mut out);
+    s.on_task_abandoned(W0, k(2), s.run_of(k(2)), &mut out);
     s.check_invariants();
-    s.on_task_abandoned(W0, k(1), &mut out);
+    s.on_task_abandoned(W0, k(1), s.run_of(k(1)), &mut out);
     s.check_invariants();
     let mut again = out.computes();
     again.sort();
@@ -814,6 +859,7 @@ fn small_values_travel_with_their_report_while_in_memory() {
     s.on_task_finished(
         W0,
         k(1),
+        s.run_of(k(1)),
         Finished {
             nbytes: 1,
             duration_ns: 1_000,
@@ -840,6 +886,7 @@ fn small_values_travel_with_their_report_while_in_memory() {
     s.on_task_finished(
         W0,
         k(1),
+        s.run_of(k(1)),
         Finished {
             nbytes: big.len() as u64,
             duration_ns: 1_000,
@@ -882,6 +929,7 @@ fn extreme_numbers_from_workers_do_not_overflow() {
             s.on_task_finished(
                 w,
                 key,
+                s.run_of(key),
                 Finished {
                     nbytes: u64::MAX,
                     duration_ns: u64::MAX,
@@ -1101,7 +1149,7 @@ fn a_reservation_ends_with_its_task_released_or_seceded() {
         }
     }
     assert_eq!(out.computes(), vec![(W1, k(a))]);
-    s.on_task_seceded(W1, k(a), &mut out);
+    s.on_task_seceded(W1, k(a), s.run_of(k(a)), &mut out);
     s.check_invariants();
     assert_eq!(
         out.computes(),
@@ -1129,7 +1177,7 @@ fn a_task_that_ran_at_a_death_goes_beside_a_seceded_one() {
     s.on_update_graph(C0, vec![spec(2, &[])], vec![k(2)], &mut out);
     assert_eq!(out.computes(), vec![(W0, k(1)), (W1, k(2))]);
     // 1 waits for a nested computation (2, say) and gives its thread back.
-    s.on_task_seceded(W0, k(1), &mut out);
+    s.on_task_seceded(W0, k(1), s.run_of(k(1)), &mut out);
     s.on_worker_lost(W1, &mut out);
     s.check_invariants();
     assert_eq!(out.computes(), vec![(W0, k(2))]);
@@ -1156,7 +1204,7 @@ fn a_worker_with_an_early_task_is_not_reserved() {
     s.check_invariants();
     // 1 could not fetch an input (say): given back, it is queued again,
     // and W0, not reserved while 2 is early there, takes it.
-    s.on_task_abandoned(W0, k(1), &mut out);
+    s.on_task_abandoned(W0, k(1), s.run_of(k(1)), &mut out);
     s.check_invariants();
     let mut sent: Vec<_> = out.computes();
     assert!(sent.contains(&(W0, k(1))), "{sent:?}");
@@ -1187,7 +1235,7 @@ fn run_to_end(s: &mut State, out: &mut Rec, mut sent: Vec<(WorkerId, WireKey)>) 
                 value: None,
                 thread: 0,
             };
-            s.on_task_finished(w, key, report, out);
+            s.on_task_finished(w, key, s.run_of(key), report, out);
             s.check_invariants();
         }
         sent = out.computes();
@@ -1254,6 +1302,7 @@ fn fetched_by_w1() -> (State, Rec) {
     s.on_task_finished(
         W0,
         k(1),
+        s.run_of(k(1)),
         Finished {
             nbytes: 8,
             duration_ns: 1_000_000_000,
@@ -1282,6 +1331,7 @@ fn results_count_only_from_the_worker_the_task_was_sent_to() {
     s.on_task_finished(
         W1,
         k(1),
+        s.run_of(k(1)),
         Finished {
             nbytes: 6,
             duration_ns: 1_000,
@@ -1290,8 +1340,8 @@ fn results_count_only_from_the_worker_the_task_was_sent_to() {
         },
         &mut out,
     );
-    s.on_task_erred(W1, k(1), failure(1), &mut out);
-    s.on_task_abandoned(W1, k(1), &mut out);
+    s.on_task_erred(W1, k(1), s.run_of(k(1)), failure(1), &mut out);
+    s.on_task_abandoned(W1, k(1), s.run_of(k(1)), &mut out);
     s.check_invariants();
     assert_eq!(s.state_of(&k(1)), Some(&TaskState::Processing(W0)));
     assert_eq!(out.releases(), vec![(W1, k(1))]);
@@ -1302,6 +1352,7 @@ fn results_count_only_from_the_worker_the_task_was_sent_to() {
     s.on_task_finished(
         W0,
         k(1),
+        s.run_of(k(1)),
         Finished {
             nbytes: 4,
             duration_ns: 1_000,
@@ -1318,6 +1369,7 @@ fn results_count_only_from_the_worker_the_task_was_sent_to() {
     s.on_task_finished(
         W1,
         k(1),
+        s.run_of(k(1)),
         Finished {
             nbytes: 6,
             duration_ns: 1_000,
@@ -1466,7 +1518,7 @@ fn finish_in(s: &mut State, out: &mut Rec, w: WorkerId, key: u8, duration_ns: u6
         value: None,
         thread: 0,
     };
-    s.on_task_finished(w, k(key), report, out);
+    s.on_task_finished(w, k(key), s.run_of(k(key)), report, out);
     s.check_invariants();
 }
 
@@ -1563,7 +1615,7 @@ fn resources_are_never_exceeded_whatever_the_threads() {
     finish(&mut s, &mut out, W1, 1, 8);
     assert_eq!(out.computes(), vec![(W1, k(2))]);
     // An erred task gives its resources back too.
-    s.on_task_erred(W1, k(2), failure(2), &mut out);
+    s.on_task_erred(W1, k(2), s.run_of(k(2)), failure(2), &mut out);
     s.check_invariants();
     assert_eq!(out.computes(), vec![(W1, k(3))]);
 }
@@ -1796,6 +1848,7 @@ fn an_idle_worker_takes_queued_work_once_its_worker_gave_it_up() {
     s.on_task_finished(
         W0,
         k(29),
+        s.run_of(k(29)),
         Finished {
             nbytes: 8,
             duration_ns: 1,
@@ -1855,7 +1908,7 @@ fn a_result_before_the_answer_is_accepted_and_the_answer_ignored() {
     assert_eq!(out.releases(), vec![]);
     // A task that secedes before the answer (it runs) is not moved either.
     let (mut s, mut out, id) = asked_to_give_up();
-    s.on_task_seceded(W0, k(29), &mut out);
+    s.on_task_seceded(W0, k(29), s.run_of(k(29)), &mut out);
     s.check_invariants();
     s.on_task_kept(W0, k(29), id, &mut out);
     s.check_invariants();
@@ -2250,6 +2303,9 @@ mod props {
         Known(usize),
         /// The `i`-th (modulo) registered worker, and key `k(key)`.
         Any(usize, u8),
+        /// The `i`-th (modulo) `Compute` ever sent, outstanding or not: a
+        /// report may name a run released since (S6).
+        Old(usize),
     }
 
     #[derive(Clone, Debug)]
@@ -2339,6 +2395,7 @@ mod props {
         prop_oneof![
             3 => any::<usize>().prop_map(Pick::Known),
             1 => (any::<usize>(), key_index()).prop_map(|(w, k)| Pick::Any(w, k)),
+            1 => any::<usize>().prop_map(Pick::Old),
         ]
     }
 
@@ -2402,8 +2459,11 @@ mod props {
         clients: Vec<ClientId>,
         next_client: u32,
         now_ms: u64,
-        /// `Compute`s sent and neither released nor answered.
-        outstanding: Vec<(WorkerId, WireKey)>,
+        /// `Compute`s sent and neither released nor answered, with their
+        /// runs.
+        outstanding: Vec<(WorkerId, WireKey, u64)>,
+        /// Every `Compute` sent, with its run.
+        history: Vec<(WorkerId, WireKey, u64)>,
         /// `GiveUp`s sent and not answered.
         asks: Vec<(WorkerId, WireKey, u64)>,
         /// A worker sent a `Compute` with the key as an input, or a
@@ -2432,16 +2492,29 @@ mod props {
             self.asks.retain(|&(aw, ak, _)| (aw, ak) != (w, key));
         }
 
-        /// The (worker, key) a report names.
-        fn pick(&self, pick: &Pick) -> Option<(WorkerId, WireKey)> {
+        /// The (worker, key) a report names, and the run (the last one
+        /// sent to that worker for that key, or 0 for none, where a pick
+        /// does not name one).
+        fn pick(&self, pick: &Pick) -> Option<(WorkerId, WireKey, u64)> {
+            let last_run = |w: WorkerId, key: WireKey| {
+                self.history
+                    .iter()
+                    .rev()
+                    .find(|&&(x, y, _)| (x, y) == (w, key))
+                    .map_or(0, |&(_, _, run)| run)
+            };
             match *pick {
                 Pick::Known(i) if !self.outstanding.is_empty() => {
                     Some(self.outstanding[i % self.outstanding.len()])
                 }
-                Pick::Known(i) => self
-                    .worker(i)
-                    .map(|w| (w, k(1 + (i % KEYS as usize) as u8))),
-                Pick::Any(w, key) => self.worker(w).map(|w| (w, k(key))),
+                Pick::Old(i) if !self.history.is_empty() => {
+                    Some(self.history[i % self.history.len()])
+                }
+                Pick::Known(i) | Pick::Old(i) => self.worker(i).map(|w| {
+                    let key = k(1 + (i % KEYS as usize) as u8);
+                    (w, key, last_run(w, key))
+                }),
+                Pick::Any(w, key) => self.worker(w).map(|w| (w, k(key), last_run(w, k(key)))),
             }
         }
 
@@ -2453,11 +2526,16 @@ mod props {
                     Sent::Worker(
                         w,
                         ToWorker::Compute {
-                            key, deps, who_has, ..
+                            key,
+                            run,
+                            deps,
+                            who_has,
+                            ..
                         },
                     ) => {
-                        self.outstanding.retain(|&p| p != (w, key));
-                        self.outstanding.push((w, key));
+                        self.outstanding.retain(|&(x, y, _)| (x, y) != (w, key));
+                        self.outstanding.push((w, key, run));
+                        self.history.push((w, key, run));
                         // An earlier ask of this key is moot: not answered.
                         self.asks.retain(|&(aw, ak, _)| (aw, ak) != (w, key));
                         for d in deps {
@@ -2473,7 +2551,7 @@ mod props {
                         }
                     }
                     Sent::Worker(w, ToWorker::Release { key }) => {
-                        self.outstanding.retain(|&p| p != (w, key));
+                        self.outstanding.retain(|&(x, y, _)| (x, y) != (w, key));
                         self.asks.retain(|&(aw, ak, _)| (aw, ak) != (w, key));
                     }
                     Sent::Worker(w, ToWorker::Fetch { key, holders }) => {
@@ -2540,7 +2618,7 @@ mod props {
             match t.state {
                 // S10: only the worker sent a `Compute` is computing it.
                 TaskState::Processing(w) => prop_assert!(
-                    m.outstanding.contains(&(w, key.0)),
+                    m.outstanding.contains(&(w, key.0, t.sent_at)),
                     "{:?} processing on {w}, which was not asked",
                     key
                 ),
@@ -2630,7 +2708,7 @@ mod props {
                     if let Some(w) = m.worker(worker) {
                         s.on_worker_lost(w, &mut out);
                         m.workers.retain(|&x| x != w);
-                        m.outstanding.retain(|&(x, _)| x != w);
+                        m.outstanding.retain(|&(x, _, _)| x != w);
                         m.asks.retain(|&(x, _, _)| x != w);
                     }
                 }
@@ -2640,10 +2718,10 @@ mod props {
                     inline,
                     long,
                 } => {
-                    if let Some((w, key)) = m.pick(&pick) {
+                    if let Some((w, key, run)) = m.pick(&pick) {
                         m.answered(w, key);
                         let value = inline.then(|| (step as u64).to_le_bytes().to_vec());
-                        if let Some(at) = m.outstanding.iter().position(|&p| p == (w, key)) {
+                        if let Some(at) = m.outstanding.iter().position(|&p| p == (w, key, run)) {
                             m.outstanding.swap_remove(at);
                             m.holders.insert((w, key));
                             m.values.insert((key, nbytes, value.clone()));
@@ -2656,29 +2734,29 @@ mod props {
                             value: value.map(Arc::from),
                             thread: 1,
                         };
-                        s.on_task_finished(w, key, report, &mut out);
+                        s.on_task_finished(w, key, run, report, &mut out);
                     }
                 }
                 Op::Erred { ref pick } | Op::Abandoned { ref pick } => {
-                    if let Some((w, key)) = m.pick(pick) {
+                    if let Some((w, key, run)) = m.pick(pick) {
                         m.answered(w, key);
-                        if !m.outstanding.contains(&(w, key)) {
+                        if !m.outstanding.contains(&(w, key, run)) {
                             stale = Some((key, result_of(&s, &key)));
                         }
-                        m.outstanding.retain(|&p| p != (w, key));
+                        m.outstanding.retain(|&p| p != (w, key, run));
                         if matches!(op, Op::Erred { .. }) {
-                            s.on_task_erred(w, key, failure(key[0]), &mut out);
+                            s.on_task_erred(w, key, run, failure(key[0]), &mut out);
                         } else {
-                            s.on_task_abandoned(w, key, &mut out);
+                            s.on_task_abandoned(w, key, run, &mut out);
                         }
                     }
                 }
                 Op::Seceded { pick } => {
-                    if let Some((w, key)) = m.pick(&pick) {
+                    if let Some((w, key, run)) = m.pick(&pick) {
                         m.answered(w, key);
                         // Seceding changes no result, asked or not.
                         stale = Some((key, result_of(&s, &key)));
-                        s.on_task_seceded(w, key, &mut out);
+                        s.on_task_seceded(w, key, run, &mut out);
                     }
                 }
                 Op::GivenUp {
@@ -2687,7 +2765,7 @@ mod props {
                 } if !m.asks.is_empty() => {
                     // An honest answer to an ask: the worker drops the task.
                     let (w, key, asked) = m.asks.swap_remove(i % m.asks.len());
-                    m.outstanding.retain(|&p| p != (w, key));
+                    m.outstanding.retain(|&(x, y, _)| (x, y) != (w, key));
                     s.on_task_given_up(w, key, asked, &mut out);
                 }
                 Op::Kept {
@@ -2699,7 +2777,7 @@ mod props {
                 }
                 Op::GivenUp { pick, id } => {
                     // An answer to no ask changes nothing (S15).
-                    if let Some((w, key)) = m.pick(&pick) {
+                    if let Some((w, key, _)) = m.pick(&pick) {
                         if !m.asks.contains(&(w, key, id)) {
                             stale = Some((key, result_of(&s, &key)));
                         }
@@ -2707,13 +2785,13 @@ mod props {
                     }
                 }
                 Op::Kept { pick, id } => {
-                    if let Some((w, key)) = m.pick(&pick) {
+                    if let Some((w, key, _)) = m.pick(&pick) {
                         stale = Some((key, result_of(&s, &key)));
                         s.on_task_kept(w, key, id, &mut out);
                     }
                 }
                 Op::DataAdded { pick } => {
-                    if let Some((w, key)) = m.pick(&pick) {
+                    if let Some((w, key, _)) = m.pick(&pick) {
                         if m.fetch_asked.contains(&(w, key)) {
                             m.holders.insert((w, key));
                         }
@@ -2725,7 +2803,7 @@ mod props {
                     pick,
                     holder,
                 } => {
-                    if let (Some((w, key)), Some(h)) = (m.pick(&pick), m.worker(holder)) {
+                    if let (Some((w, key, _)), Some(h)) = (m.pick(&pick), m.worker(holder)) {
                         let reporter = match client {
                             Some(c) => Reporter::Client(m.client(c)),
                             None => Reporter::Worker(w),
@@ -2779,7 +2857,7 @@ mod props {
                 if m.workers.contains(&w) {
                     s.on_worker_lost(w, &mut out);
                     m.workers.retain(|&x| x != w);
-                    m.outstanding.retain(|&(x, _)| x != w);
+                    m.outstanding.retain(|&(x, _, _)| x != w);
                     m.asks.retain(|&(x, _, _)| x != w);
                     m.sent(&mut out)?;
                     check(&s, &m)?;

@@ -1570,6 +1570,7 @@ async fn turn(io: &mut Io, worker: &Worker) -> Option<Ended> {
                 match msg {
                     ToWorker::Compute {
                         key,
+                        run,
                         name,
                         function,
                         payload,
@@ -1581,6 +1582,7 @@ async fn turn(io: &mut Io, worker: &Worker) -> Option<Ended> {
                     } => c.state.on_compute(
                         Compute {
                             key,
+                            run,
                             name,
                             function,
                             payload,
@@ -1630,8 +1632,8 @@ async fn turn(io: &mut Io, worker: &Worker) -> Option<Ended> {
                 // A run of this connection's task only: one of a task the
                 // last scheduler sent, seceding now, would take this
                 // scheduler's task of the same key out of its window.
-                if c.state.runs(&key, id) {
-                    c.out.to_scheduler(ToScheduler::TaskSeceded { key });
+                if let Some(run) = c.state.run_of(&key, id) {
+                    c.out.to_scheduler(ToScheduler::TaskSeceded { key, run });
                 }
             }
             for done in io.done.drain(..) {
@@ -2107,6 +2109,7 @@ mod tests {
     fn spin(k: usize) -> Compute {
         Compute {
             key: [k as u8; 32],
+            run: k as u64 + 1,
             name: "spin".into(),
             function: "spin".into(),
             payload: Arc::from(&[][..]),

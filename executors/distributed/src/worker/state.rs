@@ -20,7 +20,10 @@
 //!    when no holder delivers it, nothing more is said.
 //! 3. After `Release`, nothing about that key is reported: a running task's
 //!    result is dropped (tasks carry a local id so a later `Compute` of the
-//!    same key is not confused with the released one).
+//!    same key is not confused with the released one). Every report of a
+//!    task names the scheduler's run of it (`Compute::run`), so one sent
+//!    before the `Release` arrived is not taken for a later run either
+//!    (scheduler rule S6).
 //! 4. A value enters the store with its encoded size, which the worker knows
 //!    because every result is encoded once when it is produced; a value that
 //!    cannot be encoded fails its task right there, naming its type.
@@ -166,6 +169,8 @@ pub(crate) trait Outbox {
 
 struct LocalTask {
     id: u64,
+    /// The scheduler's run of it, named in its reports (rule 3).
+    run: u64,
     function: Arc<str>,
     op: Arc<dyn Op>,
     deps: Vec<WireKey>,
@@ -198,6 +203,8 @@ struct Fetch {
 /// The `Compute` command's content.
 pub(crate) struct Compute {
     pub(crate) key: WireKey,
+    /// The scheduler's run of the task, named back in its reports.
+    pub(crate) run: u64,
     pub(crate) name: Arc<str>,
     pub(crate) function: Arc<str>,
     pub(crate) payload: Arc<[u8]>,
@@ -250,6 +257,7 @@ impl WorkerState {
             // Fetched earlier as someone's input: already done.
             out.to_scheduler(ToScheduler::TaskFinished {
                 key: msg.key,
+                run: msg.run,
                 nbytes,
                 duration_ns: 0,
                 value: None,
@@ -263,6 +271,7 @@ impl WorkerState {
         };
         let fail = |kind, message: String| ToScheduler::TaskErred {
             key: msg.key,
+            run: msg.run,
             failure: WireFailure::from(&Failure::new(
                 Key(msg.key),
                 msg.name.clone(),
@@ -291,6 +300,7 @@ impl WorkerState {
             msg.key,
             LocalTask {
                 id,
+                run: msg.run,
                 function: msg.function,
                 op,
                 deps: msg.deps,
@@ -430,10 +440,11 @@ impl WorkerState {
     }
 
     /// The pool finished a job.
-    /// Whether job `id` is the current run of task `key` (rule 3): not of
-    /// a task released meanwhile, nor of one the last scheduler sent.
-    pub(crate) fn runs(&self, key: &WireKey, id: u64) -> bool {
-        self.tasks.get(key).is_some_and(|t| t.id == id)
+    /// The scheduler's run of task `key` if job `id` is its current run
+    /// (rule 3): `None` for a task released meanwhile, or one the last
+    /// scheduler sent.
+    pub(crate) fn run_of(&self, key: &WireKey, id: u64) -> Option<u64> {
+        self.tasks.get(key).filter(|t| t.id == id).map(|t| t.run)
     }
 
     pub(crate) fn on_task_done(&mut self, done: Done, out: &mut impl Outbox) {
@@ -454,6 +465,7 @@ impl WorkerState {
                 }
                 out.to_scheduler(ToScheduler::TaskFinished {
                     key: done.key,
+                    run: task.run,
                     nbytes,
                     duration_ns: done.duration_ns,
                     value: done.inline,
@@ -463,6 +475,7 @@ impl WorkerState {
             Err(failure) => {
                 out.to_scheduler(ToScheduler::TaskErred {
                     key: done.key,
+                    run: task.run,
                     failure: WireFailure::from(&*failure),
                 });
                 for dependent in task.dependents {
@@ -586,7 +599,7 @@ impl WorkerState {
             if let Some(task) = self.tasks.remove(&key) {
                 task.cancelled.store(true, Ordering::Relaxed);
                 self.unwait(&key, &task.deps);
-                out.to_scheduler(ToScheduler::TaskAbandoned { key });
+                out.to_scheduler(ToScheduler::TaskAbandoned { key, run: task.run });
                 stack.extend(task.dependents);
             }
         }
@@ -749,9 +762,15 @@ mod tests {
         }
     }
 
+    /// The scheduler's run in the `Compute` of `key` (`compute`).
+    fn run(key: u8) -> u64 {
+        1000 + u64::from(key)
+    }
+
     fn compute(key: u8, function: &str, deps: &[u8], who_has: &[(u8, &[u32])]) -> Compute {
         Compute {
             key: [key; 32],
+            run: run(key),
             name: "t".into(),
             function: function.into(),
             payload: Arc::from(&[][..]),
@@ -810,6 +829,7 @@ mod tests {
             out.sent,
             vec![ToScheduler::TaskFinished {
                 key: [3; 32],
+                run: run(3),
                 nbytes: 1,
                 duration_ns: 5,
                 value: Some(Arc::from(&[3u8][..])),
@@ -821,7 +841,8 @@ mod tests {
 
     /// A secession counts only from the current run of its key: one of a
     /// task released (or sent by the last scheduler) is no news, even
-    /// when the key is sent again.
+    /// when the key is sent again; the current one names the scheduler's
+    /// run of its `Compute`.
     #[test]
     fn only_the_current_run_of_a_key_runs_it() {
         let mut s = state();
@@ -829,13 +850,21 @@ mod tests {
         put(&s, 1);
         s.on_compute(compute(3, "add", &[1], &[]), &mut out);
         let first = out.jobs.pop().unwrap();
-        assert!(s.runs(&[3; 32], first.id));
+        assert_eq!(s.run_of(&[3; 32], first.id), Some(run(3)));
         s.on_release([3; 32], &mut out);
-        assert!(!s.runs(&[3; 32], first.id));
-        s.on_compute(compute(3, "add", &[1], &[]), &mut out);
+        assert_eq!(s.run_of(&[3; 32], first.id), None);
+        let again = Compute {
+            run: run(3) + 1,
+            ..compute(3, "add", &[1], &[])
+        };
+        s.on_compute(again, &mut out);
         let second = out.jobs.pop().unwrap();
-        assert!(s.runs(&[3; 32], second.id));
-        assert!(!s.runs(&[3; 32], first.id), "an older run of the same key");
+        assert_eq!(s.run_of(&[3; 32], second.id), Some(run(3) + 1));
+        assert_eq!(
+            s.run_of(&[3; 32], first.id),
+            None,
+            "an older run of the same key"
+        );
     }
 
     #[test]
@@ -930,7 +959,10 @@ mod tests {
                     key: [1; 32],
                     holder: second
                 },
-                ToScheduler::TaskAbandoned { key: [3; 32] },
+                ToScheduler::TaskAbandoned {
+                    key: [3; 32],
+                    run: run(3),
+                },
             ]
         );
         assert_eq!(s.pending(), 0);
@@ -1004,12 +1036,15 @@ mod tests {
         match &out.sent[..] {
             [ToScheduler::TaskErred {
                 key: a,
+                run: ra,
                 failure: fa,
             }, ToScheduler::TaskErred {
                 key: b,
+                run: rb,
                 failure: fb,
             }] => {
                 assert_eq!((*a, *b), ([3; 32], [4; 32]));
+                assert_eq!((*ra, *rb), (run(3), run(4)), "each names its run");
                 assert!(
                     fa.message.contains("`nope` is not registered"),
                     "{}",
@@ -1033,7 +1068,10 @@ mod tests {
                     key: [1; 32],
                     holder: WorkerId(0)
                 },
-                ToScheduler::TaskAbandoned { key: [3; 32] },
+                ToScheduler::TaskAbandoned {
+                    key: [3; 32],
+                    run: run(3),
+                },
             ]
         );
     }
@@ -1076,6 +1114,7 @@ mod tests {
             out.sent,
             vec![ToScheduler::TaskFinished {
                 key: [1; 32],
+                run: run(1),
                 nbytes: 1,
                 duration_ns: 1,
                 value: None,
@@ -1131,9 +1170,14 @@ mod tests {
         s.on_task_done(done(&one, Err(failure)), &mut out);
         assert!(out.jobs.is_empty(), "dependents of a failure never run");
         match &out.sent[..] {
-            [ToScheduler::TaskErred { key, .. }, ToScheduler::TaskAbandoned { key: a }, ToScheduler::TaskAbandoned { key: b }] =>
+            [ToScheduler::TaskErred { key, run: r, .. }, ToScheduler::TaskAbandoned { key: a, run: ra }, ToScheduler::TaskAbandoned { key: b, run: rb }] =>
             {
                 assert_eq!((key[0], a[0], b[0]), (1, 2, 3));
+                assert_eq!(
+                    (*r, *ra, *rb),
+                    (run(1), run(2), run(3)),
+                    "each names its run"
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -1156,7 +1200,13 @@ mod tests {
         s.on_compute(compute(4, "add", &[], &[]), &mut out);
         s.on_compute(compute(5, "add", &[4], &[]), &mut out);
         s.on_release([4; 32], &mut out);
-        assert_eq!(out.sent, vec![ToScheduler::TaskAbandoned { key: [5; 32] }]);
+        assert_eq!(
+            out.sent,
+            vec![ToScheduler::TaskAbandoned {
+                key: [5; 32],
+                run: run(5),
+            }]
+        );
         assert_eq!(s.pending(), 0);
     }
 
@@ -1185,7 +1235,13 @@ mod tests {
         assert!(out.jobs.is_empty(), "still paused");
         // A released task is not run later.
         s.on_release([4; 32], &mut out);
-        assert_eq!(out.sent, vec![ToScheduler::TaskAbandoned { key: [5; 32] }]);
+        assert_eq!(
+            out.sent,
+            vec![ToScheduler::TaskAbandoned {
+                key: [5; 32],
+                run: run(5),
+            }]
+        );
         s.on_release([2; 32], &mut out);
         assert!(!s.store.paused());
         s.resume(&mut out);
@@ -1215,7 +1271,10 @@ mod tests {
                     id: 11
                 },
                 // Its local dependent comes back after the answer (rule 1).
-                ToScheduler::TaskAbandoned { key: [5; 32] },
+                ToScheduler::TaskAbandoned {
+                    key: [5; 32],
+                    run: run(5),
+                },
                 ToScheduler::TaskGivenUp {
                     key: [4; 32],
                     id: 12
@@ -1331,7 +1390,10 @@ mod tests {
                     key: [1; 32],
                     holder: WorkerId(4)
                 },
-                ToScheduler::TaskAbandoned { key: [3; 32] },
+                ToScheduler::TaskAbandoned {
+                    key: [3; 32],
+                    run: run(3),
+                },
             ]
         );
         assert!(!store.contains(&[1; 32]));
@@ -1495,7 +1557,7 @@ mod tests {
                         match msg {
                             ToScheduler::TaskFinished { key, .. }
                             | ToScheduler::TaskErred { key, .. }
-                            | ToScheduler::TaskAbandoned { key }
+                            | ToScheduler::TaskAbandoned { key, .. }
                             | ToScheduler::TaskGivenUp { key, .. } => {
                                 prop_assert!(
                                     asked.remove(&key),
