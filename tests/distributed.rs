@@ -568,6 +568,51 @@ fn nested_scenario() {
     drop((outer, client));
 }
 
+/// Two clients of one configuration share the cluster's connection. A
+/// graph of the first takes a pending future of the second, and waits for
+/// one of its own keys too: `submit` returns at once (it waited for the
+/// other future before), and once its own key is done, the graph waits
+/// for the other future without holding the connection's thread, whose
+/// work delivers that very future (it froze the connection for every
+/// client before: `futures::client` rule 3). Twice: with the own key as a
+/// future, and as a call the first client computes.
+fn a_graph_on_another_clients_pending_future_waits_without_freezing_the_connection() {
+    let config = local2();
+    let (a, b) = (
+        Client::with_config(&config).unwrap(),
+        Client::with_config(&config).unwrap(),
+    );
+    let within = Duration::from_secs(20);
+    for own_as_future in [true, false] {
+        let (own_gate, other_gate) = (stamp_path("cross-own"), stamp_path("cross-other"));
+        let other = b.submit(delayed!(gated(other_gate.clone(), 10))).unwrap();
+        let own_call = delayed!(gated(own_gate.clone(), 20));
+        let own = a.submit(own_call.clone()).unwrap();
+        let both = if own_as_future {
+            a.submit(delayed!(add(&own, &other))).unwrap()
+        } else {
+            a.submit(delayed!(add(&own_call, &other))).unwrap()
+        };
+        assert_eq!(other.status(), Status::Pending, "submit waited for it");
+        stamp(own_gate.clone(), 0);
+        assert_eq!(own.result_timeout(within).unwrap(), 20);
+        // The connection serves both clients meanwhile.
+        let (x, y) = (
+            a.submit(delayed!(inc(1))).unwrap(),
+            b.submit(delayed!(inc(2))).unwrap(),
+        );
+        assert_eq!(x.result_timeout(within).unwrap(), 2);
+        assert_eq!(y.result_timeout(within).unwrap(), 3);
+        assert_eq!(both.status(), Status::Pending);
+        stamp(other_gate.clone(), 0);
+        assert_eq!(other.result_timeout(within).unwrap(), 10);
+        assert_eq!(both.result_timeout(within).unwrap(), 30);
+        for path in [own_gate, other_gate] {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 fn local2() -> Config {
     Config::new().executor(ExecutorKind::Local(2))
 }
@@ -1737,6 +1782,10 @@ fn main() {
         ("futures_api_on_a_cluster", futures_api_on_a_cluster),
         ("arguments_on_local_2", arguments_on_local_2),
         ("futures_api_on_local_2", futures_api_on_local_2),
+        (
+            "a_graph_on_another_clients_pending_future_waits_without_freezing_the_connection",
+            a_graph_on_another_clients_pending_future_waits_without_freezing_the_connection,
+        ),
         (
             "waits_on_a_cluster_end_as_their_futures_do",
             waits_on_a_cluster_end_as_their_futures_do,

@@ -621,6 +621,30 @@ fn retries_and_retry() {
     }
 }
 
+/// Two clients of one thread share its pool. A graph of the first takes a
+/// failed future of the second, whose work then runs again (`retry`)
+/// behind the graph's task in the pool: the task uses the failure it
+/// saw, never waits in the pool's only thread for the retried run (which
+/// needs that thread). It waited for good before (`futures::client` rule
+/// 3).
+#[test]
+fn a_graph_on_another_clients_future_never_waits_in_a_pool_thread() {
+    let (a, b) = (Client::threads(1).unwrap(), Client::threads(1).unwrap());
+    let failed = b.submit(delayed!(fail_on(3)?)).unwrap();
+    assert!(failed.result().is_err());
+    let gate = new_id();
+    let busy = a.submit(delayed!(gated(gate, 1))).unwrap();
+    let uses = a.submit(delayed!(add(&failed, 1))).unwrap();
+    b.retry(&failed).unwrap();
+    open(gate);
+    assert_eq!(busy.result().unwrap(), 1);
+    let err = uses
+        .result_timeout(std::time::Duration::from_secs(20))
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("no threes"), "{err:#}");
+    assert!(failed.result().is_err(), "the retried run ends too");
+}
+
 /// Waits (bounded) until `done` holds.
 fn eventually(what: &str, done: impl Fn() -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);

@@ -379,6 +379,15 @@ pub(crate) trait Call: Send + Sync + 'static {
         false
     }
 
+    /// The future a node standing for one holds (see
+    /// [`is_future`](Call::is_future)), as the layer of futures keeps it
+    /// (a type this layer does not name): a client submitting the node's
+    /// graph waits for it without blocking a thread when it is another
+    /// client's (`futures::client` rule 3).
+    fn future(&self) -> Option<&(dyn std::any::Any + Send + Sync)> {
+        None
+    }
+
     /// The work as a registered function and bytes, for another process.
     fn to_wire(&self) -> Result<WireTask, WireError> {
         Err(WireError::NotSerializable {
@@ -595,6 +604,9 @@ impl Call for Decorated {
     }
     fn is_future(&self) -> bool {
         self.call.is_future()
+    }
+    fn future(&self) -> Option<&(dyn std::any::Any + Send + Sync)> {
+        self.call.future()
     }
     fn to_wire(&self) -> Result<WireTask, WireError> {
         self.call.to_wire()

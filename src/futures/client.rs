@@ -10,7 +10,14 @@
 //!    shares the entry, finished or not. Cancelled entries are replaced.
 //! 3. A submitted graph never recomputes a key the table holds: finished
 //!    entries become data, failed ones replay their failure, and a graph that
-//!    needs a pending entry starts only when that entry is done.
+//!    needs a pending entry starts only when that entry is done. A pending
+//!    future of another client in the graph is waited for the same way,
+//!    where the graph would otherwise start on a thread of its own
+//!    (threads, a cluster): no executor thread, and no cluster
+//!    connection's thread, blocks on it (the completion of the very future
+//!    it waited for could need that thread). A synchronous or simulated
+//!    client, and another client's simulated future, which runs only when
+//!    waited for, still wait for it where the graph runs.
 //! 4. A submission stops (its executor run is cancelled) once none of its
 //!    outputs is wanted any more: all cancelled or released.
 //! 5. On a cluster, results stay where they were computed: the table holds
@@ -1089,6 +1096,27 @@ impl Reporter for Run {
     }
 }
 
+/// The op standing in for `node` inside a new plan when its key is done
+/// (rule 3): its value as data, or its failure replayed; `None` while it
+/// is pending.
+fn done_op(node: &Node, state: &State) -> Option<Arc<dyn Op>> {
+    Some(match state {
+        State::Finished(value) => Arc::new(HeldOp {
+            name: node.name_owned(),
+            value: value.clone(),
+        }),
+        State::Failed(failure) => Arc::new(Replay {
+            name: node.name_owned(),
+            failure: failure.clone(),
+        }),
+        State::Cancelled => Arc::new(Replay {
+            name: node.name_owned(),
+            failure: cancelled_failure(node.key, node.name()),
+        }),
+        State::Pending => return None,
+    })
+}
+
 /// A held value standing in for a finished key inside a new plan.
 struct HeldOp {
     name: Name,
@@ -1244,6 +1272,54 @@ impl Shared {
     }
 
     fn start(self: &Arc<Self>, roots: Vec<Arc<Node>>) {
+        self.start_checked(roots, None);
+    }
+
+    /// Starts the graph behind `roots` once the other clients' futures in
+    /// `foreign` that are still pending are done (rule 3): now, with their
+    /// outcomes, if none is.
+    fn wait_for_foreign(
+        self: &Arc<Self>,
+        roots: Vec<Arc<Node>>,
+        foreign: Vec<Arc<crate::futures::future::Handle>>,
+    ) {
+        let mut done = KeyMap::default();
+        let mut pending = Vec::new();
+        for h in foreign {
+            match h.shared.state(h.key) {
+                State::Pending => pending.push(h),
+                state => {
+                    done.insert(h.key, state);
+                }
+            }
+        }
+        if pending.is_empty() {
+            return self.start_checked(roots, Some(done));
+        }
+        let deferred = Arc::new(Deferred {
+            waiting: AtomicUsize::new(pending.len()),
+            roots: Mutex::new(roots),
+        });
+        for h in pending {
+            let (me, deferred) = (self.clone(), deferred.clone());
+            let listener = Listener::Queue(Arc::new(move || {
+                if deferred.waiting.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    let roots = std::mem::take(
+                        &mut *deferred
+                            .roots
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner),
+                    );
+                    me.schedule(roots);
+                }
+            }));
+            h.shared.on_done(h.key, listener);
+        }
+    }
+
+    /// [`start`](Shared::start); `foreign` holds the outcomes of the other
+    /// clients' futures in the graph once they were seen done (rule 3).
+    fn start_checked(self: &Arc<Self>, roots: Vec<Arc<Node>>, foreign: Option<KeyMap<State>>) {
         // Roots not run are dropped after the table lock (declared before
         // it): one may hold the last reference to futures, whose drop takes
         // the lock.
@@ -1278,6 +1354,14 @@ impl Shared {
             None => roots.iter().any(|r| r.key == *key),
         };
         let mut waits = Vec::new();
+        // Other clients' pending futures the graph takes, which it waits
+        // for before it starts where it would start on a thread of its own
+        // (rule 3); a simulated client's runs only when waited for.
+        let mut pending_foreign = Vec::new();
+        let waits_for_foreign = !matches!(
+            self.kind,
+            ExecutorKind::Synchronous | ExecutorKind::Simulated(_)
+        );
         let remote = self.backend.is_remote();
         // Whether the graph takes futures (keys of the table) as arguments.
         let mut takes_futures = false;
@@ -1285,45 +1369,50 @@ impl Shared {
             if is_root(&node.key) {
                 return None;
             }
-            let entry = table.get(&node.key)?;
+            let Some(entry) = table.get(&node.key) else {
+                let h = node
+                    .call
+                    .future()
+                    .and_then(|f| f.downcast_ref::<Arc<crate::futures::future::Handle>>())
+                    .filter(|h| {
+                        waits_for_foreign
+                            && !Arc::ptr_eq(&h.shared, self)
+                            && !matches!(h.shared.kind, ExecutorKind::Simulated(_))
+                    })?;
+                // Seen done: its outcome, so that no thread waits for it.
+                if let Some(state) = foreign.as_ref().and_then(|f| f.get(&h.key)) {
+                    if let Some(op) = done_op(node, state) {
+                        return Some(op);
+                    }
+                }
+                pending_foreign.push(h.clone());
+                return None;
+            };
             takes_futures = true;
-            let op: Arc<dyn Op> = match &entry.state {
-                State::Finished(value) => Arc::new(HeldOp {
+            if let Some(op) = done_op(node, &entry.state) {
+                return Some(op);
+            }
+            // Pending. A future computed by a run already handed to a
+            // cluster: refer to its key, and the scheduler makes this graph
+            // wait for it there, with no round trip through this process.
+            let op: Arc<dyn Op> = if remote
+                && node.call.is_future()
+                && entry
+                    .run
+                    .as_ref()
+                    .is_some_and(|(r, _)| r.submitted.load(Ordering::Acquire))
+            {
+                Arc::new(PendingRef {
                     name: node.name_owned(),
-                    value: value.clone(),
-                }),
-                State::Failed(failure) => Arc::new(Replay {
-                    name: node.name_owned(),
-                    failure: failure.clone(),
-                }),
-                State::Cancelled => Arc::new(Replay {
+                    key: node.key,
+                    shared: Arc::downgrade(self),
+                })
+            } else {
+                waits.push(node.key);
+                Arc::new(Replay {
                     name: node.name_owned(),
                     failure: cancelled_failure(node.key, node.name()),
-                }),
-                // A future computed by a run already handed to a cluster:
-                // refer to its key, and the scheduler makes this graph wait
-                // for it there, with no round trip through this process.
-                State::Pending
-                    if remote
-                        && node.call.is_future()
-                        && entry
-                            .run
-                            .as_ref()
-                            .is_some_and(|(r, _)| r.submitted.load(Ordering::Acquire)) =>
-                {
-                    Arc::new(PendingRef {
-                        name: node.name_owned(),
-                        key: node.key,
-                        shared: Arc::downgrade(self),
-                    })
-                }
-                State::Pending => {
-                    waits.push(node.key);
-                    Arc::new(Replay {
-                        name: node.name_owned(),
-                        failure: cancelled_failure(node.key, node.name()),
-                    })
-                }
+                })
             };
             Some(op)
         };
@@ -1341,6 +1430,14 @@ impl Shared {
         options.remote = remote;
         options.cut_alone = true;
         let plan = crate::plan::plan(&roots, &options, crate::plan::Asks::Once, cut, None);
+        if !pending_foreign.is_empty() {
+            // Their tables are looked at without this one locked: two
+            // clients doing so at once never wait for each other.
+            drop(table);
+            drop(plan);
+            self.wait_for_foreign(roots, pending_foreign);
+            return;
+        }
         if !waits.is_empty() {
             let deferred = Arc::new(Deferred {
                 waiting: AtomicUsize::new(waits.len()),
@@ -1947,6 +2044,10 @@ impl Call for FutureCall {
 
     fn is_future(&self) -> bool {
         true
+    }
+
+    fn future(&self) -> Option<&(dyn std::any::Any + Send + Sync)> {
+        Some(&self.handle)
     }
 
     fn to_travelling_wire(&self) -> std::result::Result<WireTask, WireError> {
