@@ -465,3 +465,84 @@ fn fused_chains_move_values_instead_of_cloning() {
         assert_eq!(CLONES.load(Ordering::SeqCst), 0, "optimize: {optimize}");
     }
 }
+
+fn add_two(x: i64, y: i64) -> i64 {
+    x + y
+}
+
+fn bad(x: i64) -> Result<i64, String> {
+    Err(format!("bad {x}"))
+}
+
+fn plus_one(x: i64) -> i64 {
+    x + 1
+}
+
+/// A value bounded by a timeout can fail, so it is not folded into its
+/// consumer as data (which cannot fail) is: the first failure in argument
+/// order stays the value's timeout, with optimization and without. It was
+/// the other argument's failure when optimized.
+#[test]
+fn a_value_with_a_timeout_is_not_inlined_as_data_that_cannot_fail() {
+    let v = rask::value(1i64).timeout(std::time::Duration::ZERO);
+    let b = rask::delayed!(bad(2)?);
+    let c = rask::delayed!(add_two(&v, &b));
+    let d = rask::delayed!(plus_one(&b));
+    let run = |optimize: bool| {
+        rask::compute_with((&c, &d), &Config::synchronous().optimize(optimize)).map(|(c, d)| c + d)
+    };
+    let (on, off) = (run(true), run(false));
+    assert!(matches!(off, Err(Error::Timeout { .. })), "{off:?}");
+    assert!(
+        matches!(on, Err(Error::Timeout { .. })),
+        "optimized: {on:?}"
+    );
+}
+
+/// Calls of `flaky_twice` so far, by id.
+static FLAKY_CALLS: std::sync::Mutex<Vec<(u64, u32)>> = std::sync::Mutex::new(Vec::new());
+
+/// Fails its first two calls for `id`, then returns 7.
+fn flaky_twice(id: u64) -> Result<i64, String> {
+    let mut calls = FLAKY_CALLS.lock().unwrap();
+    let n = match calls.iter_mut().find(|(i, _)| *i == id) {
+        Some((_, n)) => {
+            *n += 1;
+            *n
+        }
+        None => {
+            calls.push((id, 1));
+            1
+        }
+    };
+    if n <= 2 {
+        Err("try again".into())
+    } else {
+        Ok(7)
+    }
+}
+
+/// Work and the same work with retries (or a timeout) are two tasks in one
+/// graph, each run as asked: before, they shared a key, and whichever the
+/// lowering met first was the only one run, so the retries applied or not
+/// by argument order.
+#[test]
+fn work_and_the_same_work_with_limits_in_one_graph_are_two_tasks() {
+    let raw = rask::delayed!(flaky_twice(1)?);
+    let safe = raw.retries(2);
+    let bounded = raw.timeout(std::time::Duration::from_secs(60));
+    assert_ne!(raw.key(), safe.key());
+    assert_ne!(raw.key(), bounded.key());
+    assert_ne!(safe.key(), bounded.key());
+    assert_eq!(safe.key(), raw.retries(2).key(), "keys are stable");
+    let config = Config::synchronous().optimize(false);
+    for both in [
+        rask::delayed!(add_two(&raw, &safe)),
+        rask::delayed!(add_two(&safe, &raw)),
+    ] {
+        assert_eq!(rask::explain(&both, &config).unwrap().len(), 3);
+    }
+    // The retries apply: two failures, then the value.
+    let safe = rask::delayed!(flaky_twice(2)?).retries(2);
+    assert_eq!(safe.compute_with(&config).unwrap(), 7);
+}

@@ -165,7 +165,8 @@ impl<T> Delayed<T> {
 
     /// The same work with a timeout: when it runs longer than `timeout`,
     /// it fails with [`Error::Timeout`](crate::Error::Timeout) naming it,
-    /// and its dependents do not run. The key does not change.
+    /// and its dependents do not run. Its key is another than the work's
+    /// without a timeout: a graph holding both runs each as asked.
     ///
     /// On every executor the task then runs on a thread of its own, which
     /// the executor stops waiting for at the deadline (so a hung task never
@@ -197,7 +198,8 @@ impl<T> Delayed<T> {
     /// The same work, run again up to `retries` times when it fails (it
     /// returns an error, panics or times out; Dask's `retries=`): for
     /// transient failures such as a flaky network. Each attempt gets the
-    /// same inputs. The key does not change; the retries repeat this
+    /// same inputs. Its key is another than the work's without retries (a
+    /// graph holding both runs each as asked); the retries repeat this
     /// task's own work, also when the optimizer fused it with others. On a
     /// cluster the worker that ran it runs it again. When every attempt failed, the error says how many there
     /// were ([`Error::Task`](crate::Error::Task)'s `attempts`).
@@ -243,8 +245,11 @@ impl<T> Delayed<T> {
     }
 
     fn limited(&self, timeout: Option<std::time::Duration>, retries: Option<u32>) -> Delayed<T> {
-        let mut node = self.node.rekeyed(self.node.key);
-        node.call = Decorated::limited(&self.node.call, timeout, retries);
+        let call = Decorated::limited(&self.node.call, timeout, retries);
+        let mut node =
+            self.node
+                .rekeyed(limited_key(&self.node.key, call.timeout(), call.retries()));
+        node.call = call;
         Delayed::from_node(Arc::new(node))
     }
 
@@ -353,6 +358,23 @@ fn renamed_key(name: &str, of: &Key) -> Key {
 
 /// A key no other task has: of the task `name` over the task of key `of`,
 /// with a nonce ([`Delayed::unique`]).
+/// The key of the work keyed `of` under a timeout and retries (key rule
+/// 1): another key than the work's, so that a graph holding both runs each
+/// with its own limits.
+fn limited_key(of: &Key, timeout: Option<std::time::Duration>, retries: u32) -> Key {
+    let mut h = KeyHasher::new(Tag::Limited, "", "");
+    h.input(of);
+    match timeout {
+        Some(t) => {
+            h.bytes(&[1]);
+            h.bytes(&t.as_nanos().to_le_bytes());
+        }
+        None => h.bytes(&[0]),
+    }
+    h.bytes(&retries.to_le_bytes());
+    h.finish()
+}
+
 fn unique_key(name: &str, of: &Key) -> Key {
     let mut h = KeyHasher::new(Tag::Unique, name, "");
     h.input(of);

@@ -23,7 +23,12 @@
 //!
 //! 1. Distinct functions never share a key: the type tag is part of it.
 //!    Nor do a call and the same call unwrapped with `?` (its `Ok` value,
-//!    another type and another work): their kind tags differ.
+//!    another type and another work): their kind tags differ. Nor work
+//!    and the same work with a timeout or retries
+//!    ([`Delayed::timeout`](crate::Delayed::timeout),
+//!    [`retries`](crate::Delayed::retries)): one fails where the other
+//!    runs on, so one graph holding both runs each as asked, whichever it
+//!    meets first.
 //! 2. A function item or a closure that captures nothing keeps its key in
 //!    every run of the same binary for the same inputs.
 //! 3. Keys change when a function is renamed or moved to another module, when
@@ -85,6 +90,9 @@ pub(crate) enum Tag {
     /// A call whose `Result` is unwrapped (`delayed!(f(x)?)`): its value
     /// is the `Ok` value, other work than the `Result` of `f(x)` (rule 1).
     FallibleCall = 9,
+    /// Work with a timeout or retries, over the key of the work itself and
+    /// its limits: its failures differ (rule 1).
+    Limited = 10,
 }
 
 /// The type tag of `T`: its `TypeId`, reduced to 64 bits. Equal in every

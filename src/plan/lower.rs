@@ -125,7 +125,9 @@ fn lower_weighed(
                 _ if (alone.cut && was_cut) || (alone.remote && travels_alone(node)) => {
                     Weight::Alone
                 }
-                None if node.is_data() => Weight::Data,
+                // Data cannot fail (invariant 5), unless a timeout bounds
+                // it (`value(x).timeout(..)`): that one is work like any.
+                None if node.is_data() && node.call.timeout().is_none() => Weight::Data,
                 _ => Weight::Normal,
             };
             if size > 1 && sizes.is_empty() {
