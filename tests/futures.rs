@@ -645,6 +645,65 @@ fn a_graph_on_another_clients_future_never_waits_in_a_pool_thread() {
     assert!(failed.result().is_err(), "the retried run ends too");
 }
 
+/// Futures dropped while `as_completed` (or `wait_first`) tracked them
+/// are released as any dropped future is: the iterator, once dropped,
+/// keeps none alive. Before, each stayed held until its work ended.
+#[test]
+fn futures_dropped_after_as_completed_or_wait_first_are_released() {
+    let client = Client::threads(2).unwrap();
+    let gate = new_id();
+    let fast = client.submit(delayed!(inc(1))).unwrap();
+    let slow = client.submit(delayed!(gated(gate, 5))).unwrap();
+    let first = wait_first(&[fast.clone(), slow.clone()]);
+    assert_eq!(first.done.len(), 1);
+    drop((first, slow));
+    eventually("the slow future's key released", || {
+        client.stats().keys_held == 1
+    });
+    // Its task, which does not look at its cancellation, gives its
+    // thread back.
+    open(gate);
+    let (gates, futures) = gated_futures(&client, 3);
+    let mut seq = as_completed(futures);
+    open(gates[1]);
+    assert_eq!(seq.next().unwrap().result().unwrap(), 1);
+    drop(seq);
+    eventually("the futures left in as_completed released", || {
+        client.stats().keys_held == 1
+    });
+    for gate in [gates[0], gates[2]] {
+        open(gate);
+    }
+    assert_eq!(fast.result().unwrap(), 2);
+}
+
+/// `as_completed` over futures of two simulated clients runs the work of
+/// both: it ran only the first one's, then waited for good.
+#[test]
+fn as_completed_runs_the_work_of_every_simulated_client() {
+    let (a, b) = (
+        Client::with_config(&rask::Config::simulated(1)).unwrap(),
+        Client::with_config(&rask::Config::simulated(2)).unwrap(),
+    );
+    let futures = vec![
+        a.submit(delayed!(inc(1))).unwrap(),
+        b.submit(delayed!(inc(2))).unwrap(),
+        b.submit(delayed!(inc(3))).unwrap(),
+    ];
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let got: Vec<i64> = as_completed(futures)
+            .map(|f| f.result().unwrap())
+            .collect();
+        let _ = tx.send(got);
+    });
+    let mut got = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("as_completed waited for work nobody ran");
+    got.sort();
+    assert_eq!(got, vec![2, 3, 4]);
+}
+
 /// Waits (bounded) until `done` holds.
 fn eventually(what: &str, done: impl Fn() -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);

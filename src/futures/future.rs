@@ -457,10 +457,15 @@ impl<T: Data> Traverse<Arc<T>> for Future<T> {
 pub struct AsCompleted<F> {
     queue: Arc<Queue<F>>,
     outstanding: usize,
-    /// The client of a future added, when it runs on `sim:SEED`: `next`
-    /// runs its work until a future is done, and picks among the done ones
-    /// by the seed.
-    simulated: Option<Arc<Shared>>,
+    /// The futures added and not done yet, each in the slot its completion
+    /// takes it from. The completions hold only weak references to slots
+    /// and queue: dropping the iterator drops the futures it still holds,
+    /// which releases their work as dropping them would (`Client` rule 1).
+    slots: Vec<Arc<Mutex<Option<F>>>>,
+    /// The clients of futures added that run on `sim:SEED`: `next` runs
+    /// their work, one after the other, until a future is done, and picks
+    /// among the done ones by the first one's seed.
+    simulated: Vec<Arc<Shared>>,
 }
 
 struct Queue<F> {
@@ -492,7 +497,8 @@ pub fn as_completed<F: Waitable>(futures: impl IntoIterator<Item = F>) -> AsComp
             ready: Condvar::new(),
         }),
         outstanding: 0,
-        simulated: None,
+        slots: Vec::new(),
+        simulated: Vec::new(),
     };
     for f in futures {
         seq.add(f);
@@ -504,13 +510,32 @@ impl<F: Waitable> AsCompleted<F> {
     /// Tracks one more future; it is yielded once it is done.
     pub fn add(&mut self, future: F) {
         self.outstanding += 1;
-        let queue = self.queue.clone();
+        let queue = Arc::downgrade(&self.queue);
         let handle = future.handle().clone();
-        if self.simulated.is_none() && handle.shared.backend.simulation().is_some() {
-            self.simulated = Some(handle.shared.clone());
+        if handle.shared.backend.simulation().is_some()
+            && !self
+                .simulated
+                .iter()
+                .any(|s| Arc::ptr_eq(s, &handle.shared))
+        {
+            self.simulated.push(handle.shared.clone());
         }
-        let slot = Mutex::new(Some(future));
+        // Slots whose future is done are dropped now and then: the list
+        // stays within twice the futures outstanding.
+        if self.slots.len() >= 2 * self.outstanding + 16 {
+            self.slots.retain(|slot| {
+                slot.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .is_some()
+            });
+        }
+        let slot = Arc::new(Mutex::new(Some(future)));
+        let weak_slot = Arc::downgrade(&slot);
+        self.slots.push(slot);
         let notify = move || {
+            let (Some(slot), Some(queue)) = (weak_slot.upgrade(), queue.upgrade()) else {
+                return; // the iterator was dropped
+            };
             let taken = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
             if let Some(f) = taken {
                 let mut done = queue.done.lock().unwrap_or_else(PoisonError::into_inner);
@@ -605,8 +630,7 @@ impl<F> AsCompleted<F> {
     /// takes one of the done futures, picked by the seed (`None` on other
     /// executors, or when no work is left to run).
     fn next_simulated(&mut self) -> Option<F> {
-        let shared = self.simulated.as_ref()?;
-        let sim = shared.backend.simulation()?;
+        let sim = self.simulated.first()?.backend.simulation()?;
         let queue = &self.queue;
         let ready = || {
             !queue
@@ -616,7 +640,12 @@ impl<F> AsCompleted<F> {
                 .futures
                 .is_empty()
         };
-        shared.drive(ready);
+        for shared in &self.simulated {
+            if ready() {
+                break;
+            }
+            shared.drive(ready);
+        }
         let mut done = queue.done.lock().unwrap_or_else(PoisonError::into_inner);
         let n = done.futures.len();
         if n == 0 {
