@@ -692,9 +692,7 @@ fn as_completed_runs_the_work_of_every_simulated_client() {
     ];
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let got: Vec<i64> = as_completed(futures)
-            .map(|f| f.result().unwrap())
-            .collect();
+        let got: Vec<i64> = as_completed(futures).map(|f| f.result().unwrap()).collect();
         let _ = tx.send(got);
     });
     let mut got = rx

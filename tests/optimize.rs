@@ -546,3 +546,21 @@ fn work_and_the_same_work_with_limits_in_one_graph_are_two_tasks() {
     let safe = rask::delayed!(flaky_twice(2)?).retries(2);
     assert_eq!(safe.compute_with(&config).unwrap(), 7);
 }
+
+/// `explain` for a cluster shows the plan sent there: a task with retries
+/// reaches a cluster as a task of its own, where in this process it is
+/// fused with its chain. It showed the local plan before.
+#[test]
+fn explain_for_a_cluster_shows_what_travels_alone() {
+    let mut x = rask::delayed!(plus_one(0));
+    for i in 1..10 {
+        x = rask::delayed!(plus_one(&x));
+        if i == 5 {
+            x = x.retries(1);
+        }
+    }
+    let local = rask::explain(&x, &Config::synchronous()).unwrap();
+    let cluster = rask::explain(&x, &Config::new().executor(rask::ExecutorKind::Local(2))).unwrap();
+    assert_eq!(local.len(), 1, "fused in this process");
+    assert!(cluster.len() > 1, "the retried task travels alone");
+}

@@ -130,11 +130,16 @@ pub fn compute_with<C: Compute>(what: C, config: &Config) -> Result<C::Output> {
 /// and returns the plan for inspection.
 ///
 /// Optimization follows `config` ([`Config::optimize`]), so comparing the
-/// result with optimization on and off shows what it did.
+/// result with optimization on and off shows what it did. For a cluster
+/// (`local:N`, `tcp://…`), the plan is the one sent there, where work the
+/// scheduler must see alone stays alone, with nothing connected. The
+/// result cache is not looked at: tasks it would answer are shown as
+/// tasks.
 ///
 /// # Errors
 ///
-/// A configuration error when `RASK_OPTIMIZE` holds an unknown value.
+/// A configuration error when `RASK_OPTIMIZE` or the executor setting
+/// (`RASK_SCHEDULER`) holds an unknown value.
 ///
 /// # Examples
 ///
@@ -159,7 +164,9 @@ pub fn compute_with<C: Compute>(what: C, config: &Config) -> Result<C::Output> {
 pub fn explain<C: Compute>(what: C, config: &Config) -> Result<Explain> {
     let mut roots = Roots::default();
     what.roots(&mut roots);
-    Ok(explain_roots(&roots.0, &options(config)?))
+    let mut options = options(config)?;
+    options.remote = config.resolve()?.is_cluster();
+    Ok(explain_roots(&roots.0, &options))
 }
 
 /// Every pass when `config` resolves to optimizing, none otherwise.
