@@ -771,3 +771,54 @@ mod properties {
         }
     }
 }
+
+/// Steps of `search` before it has its answer.
+const SEARCH_STEPS: i64 = 2_000;
+
+/// A search that stops early when its work is given up, returning what it
+/// has so far (the pattern `rask::cancelled` documents): `SEARCH_STEPS`
+/// once it ran to its end.
+fn search(seed: i64) -> i64 {
+    for step in 0..SEARCH_STEPS {
+        if rask::cancelled() {
+            return seed + step;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(100));
+    }
+    seed + SEARCH_STEPS
+}
+
+fn check(ok: bool) -> Result<bool, String> {
+    if ok {
+        Ok(true)
+    } else {
+        Err("the check failed".into())
+    }
+}
+
+/// A task cut short by its run's cancellation (a sibling output failed)
+/// returns a partial value: no executor reports it as the task's value, so
+/// the cache never keeps it. It was written, and the next run, whose
+/// sibling succeeds, loaded it.
+#[cfg(feature = "threaded")]
+#[test]
+fn a_value_returned_after_cancellation_is_never_cached() {
+    let dir = scratch("cancelled-partial");
+    let config = Config::threads(2).cache(&dir);
+    // Also under a timeout: the task runs on a thread of its own.
+    let long = std::time::Duration::from_secs(600);
+    for found in [
+        delayed!(search(0)).cache(),
+        delayed!(search(1)).timeout(long).cache(),
+    ] {
+        let failed = rask::compute_with((&found, &delayed!(check(false)?)), &config);
+        assert!(failed.is_err());
+        let (value, ok) = rask::compute_with((&found, &delayed!(check(true)?)), &config).unwrap();
+        assert!(ok);
+        assert!(
+            value >= SEARCH_STEPS,
+            "the partial value {value} of the cancelled run"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -301,13 +301,27 @@ pub trait Executor: Send + Sync {
 ///
 /// Shared by every executor so that rules 2 and 3 are implemented once. An
 /// op with a timeout or retries enforces them itself ([`run_limited`]).
+///
+/// A value returned by a task that saw [`cancelled`] true (its work was
+/// given up while it ran, `stop` rule 2) is dropped here, for every
+/// executor: the outcome is a failure of kind
+/// [`Cancelled`](FailureKind::Cancelled). A task that stops early then
+/// returns what it has so far; that is not its value, and no executor
+/// reports it (nor a result cache keeps it).
 pub fn run_task(plan: &Plan, i: u32, inputs: &mut [Option<Value>]) -> Outcome {
     failure::record_panic_locations();
     let op = plan.task(i).op();
     let _span =
         tracing::trace_span!("task", name = op.name(), key = %plan.key(i).short()).entered();
-    let outcome = match catch_unwind(AssertUnwindSafe(|| op.run(inputs))) {
-        Ok(Ok(value)) => return Ok(value),
+    let (result, saw_cancel) =
+        stop::noting_cancel(|| catch_unwind(AssertUnwindSafe(|| op.run(inputs))));
+    let outcome = match result {
+        Ok(Ok(value)) if !saw_cancel => return Ok(value),
+        Ok(Ok(_)) => Arc::new(plan.failure_as(
+            i,
+            FailureKind::Cancelled,
+            "its work was given up while it ran: the value it returned is dropped".into(),
+        )),
         Ok(Err(err)) => Arc::new(plan.failure(i, err)),
         Err(payload) => Arc::new(plan.failure(i, OpError::panicked(&*payload))),
     };

@@ -122,17 +122,19 @@ fn attempt_once(
         .name(format!("rask-timed-{name}"))
         .spawn(move || {
             let mut attempt = || {
-                signal.enter(|| {
-                    catch_unwind(AssertUnwindSafe(|| work(&mut owned)))
-                        .unwrap_or_else(|payload| Err(OpError::panicked(&*payload)))
+                stop::noting_cancel(|| {
+                    signal.enter(|| {
+                        catch_unwind(AssertUnwindSafe(|| work(&mut owned)))
+                            .unwrap_or_else(|payload| Err(OpError::panicked(&*payload)))
+                    })
                 })
             };
-            let result = match seat {
+            let (result, saw_cancel) = match seat {
                 Some(seat) => <dyn Seat>::enter(seat, attempt),
                 None => attempt(),
             };
             drop(owned);
-            let _ = tx.send((result, Instant::now()));
+            let _ = tx.send((result, saw_cancel, Instant::now()));
             let mut ending = on_thread.lock().unwrap_or_else(|e| e.into_inner());
             ending.returned = true;
             ending.abandoned = None;
@@ -142,7 +144,11 @@ fn attempt_once(
             "could not start a thread to run it under its timeout: {e}"
         )));
     }
-    let in_time = |(result, at): (Result<Value, OpError>, Instant)| {
+    let in_time = |(result, saw_cancel, at): (Result<Value, OpError>, bool, Instant)| {
+        if saw_cancel {
+            // For `run_task`, on this thread (stop rule 2).
+            stop::note_saw_cancel();
+        }
         if at < deadline {
             result
         } else {

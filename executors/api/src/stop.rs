@@ -7,7 +7,12 @@
 //!    signal is raised when nobody wants the task's work any more (its run
 //!    or its future was cancelled, its key released on a cluster).
 //! 2. Cancellation is cooperative: a task that never asks runs to its end,
-//!    and its executor only drops the result.
+//!    and its executor only drops the result. A task that saw
+//!    [`cancelled`] true may return what it has so far; that is never its
+//!    value: [`run_task`](crate::run_task) makes it a failure of kind
+//!    `Cancelled`, for every executor, so it is never reported (nor
+//!    cached) as the task's result. A nested task's sighting counts for
+//!    the task around it, and a timed attempt's for its task.
 //! 3. A timeout is enforced, not requested: a task whose op has a
 //!    [`timeout`](crate::Op::timeout) runs on a thread of its own, and
 //!    [`run_task`](crate::run_task) stops waiting for it at the deadline and
@@ -19,7 +24,7 @@
 //!    past its grace period, and a local cluster then restarts its process
 //!    (see `rask_distributed::worker`).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -136,6 +141,9 @@ impl Stop {
 }
 
 thread_local! {
+    /// Whether the task running on this thread saw [`cancelled`] true
+    /// (rule 2).
+    static SAW: Cell<bool> = const { Cell::new(false) };
     static CURRENT: RefCell<Stop> = RefCell::new(Stop::never());
 }
 
@@ -159,7 +167,27 @@ thread_local! {
 /// assert_eq!(search(1000), 96);
 /// ```
 pub fn cancelled() -> bool {
-    CURRENT.try_with(|c| c.borrow().raised()).unwrap_or(false)
+    let raised = CURRENT.try_with(|c| c.borrow().raised()).unwrap_or(false);
+    if raised {
+        note_saw_cancel();
+    }
+    raised
+}
+
+/// Runs a task's work `f` and tells whether it saw [`cancelled`] true
+/// (rule 2); the sighting counts for the task around it too, if any.
+pub(crate) fn noting_cancel<R>(f: impl FnOnce() -> R) -> (R, bool) {
+    let outer = SAW.try_with(|s| s.replace(false)).unwrap_or(false);
+    let result = f();
+    let saw = SAW.try_with(|s| s.get()).unwrap_or(false);
+    let _ = SAW.try_with(|s| s.set(outer || saw));
+    (result, saw)
+}
+
+/// Notes that the task running on this thread saw [`cancelled`] true on
+/// another thread (a timed attempt's, rule 3).
+pub(crate) fn note_saw_cancel() {
+    let _ = SAW.try_with(|s| s.set(true));
 }
 
 /// Threads running a task past its timeout, by id (rule 3).
