@@ -378,9 +378,15 @@ impl<A: Data> Slot<A> for WireSlot<A> {
                     Ok(a) => return Ok(a),
                     Err(value) => value,
                 };
-                // Bytes from a peer: decode.
+                // Bytes from a peer: decode. A value of another type held
+                // here is an error, as in this process (`data::as_arc`):
+                // its encoding read as an `A` would be another value.
                 let Some(encoded) = value.downcast_ref::<Encoded>() else {
-                    return decode(&value.encode().map_err(|e| OpError::failed(e.to_string()))?);
+                    return Err(OpError::failed(format!(
+                        "a value of type `{}` is not the `{}` expected",
+                        value.type_name(),
+                        std::any::type_name::<A>()
+                    )));
                 };
                 // For an `Arc<R>` parameter, once for all the tasks that
                 // share the fetched value (`data::shared` keeps it).
