@@ -613,6 +613,24 @@ fn a_graph_on_another_clients_pending_future_waits_without_freezing_the_connecti
     }
 }
 
+/// A `Delayed` inside a task's argument inside a travelling `Delayed`, and
+/// so on, nests at most 64 deep (`travel.rs` rule 4): deeper, sending it
+/// is refused with an error naming the depth, where decoding it on a
+/// worker overflowed the worker's stack and aborted the process. Three
+/// levels compute as ever.
+fn a_delayed_nested_past_the_limit_is_refused_not_a_crash() {
+    let nest = |levels: usize| {
+        let mut d = delayed!(inc(1));
+        for _ in 0..levels {
+            d = delayed!(sum_given(rask::Untraversed(vec![d]))?);
+        }
+        d
+    };
+    assert_eq!(nest(3).compute_with(&local2()).unwrap(), 2);
+    let err = nest(70).compute_with(&local2()).unwrap_err();
+    assert!(format!("{err:#}").contains("at most 64 levels"), "{err:#}");
+}
+
 fn local2() -> Config {
     Config::new().executor(ExecutorKind::Local(2))
 }
@@ -1782,6 +1800,10 @@ fn main() {
         ("futures_api_on_a_cluster", futures_api_on_a_cluster),
         ("arguments_on_local_2", arguments_on_local_2),
         ("futures_api_on_local_2", futures_api_on_local_2),
+        (
+            "a_delayed_nested_past_the_limit_is_refused_not_a_crash",
+            a_delayed_nested_past_the_limit_is_refused_not_a_crash,
+        ),
         (
             "a_graph_on_another_clients_pending_future_waits_without_freezing_the_connection",
             a_graph_on_another_clients_pending_future_waits_without_freezing_the_connection,

@@ -24,7 +24,12 @@
 //!    deserialization with the registry's reason.
 //! 4. The value type is not on the wire: the receiving parameter's type
 //!    says it, and a computed value of another type is an error
-//!    (`Error::WrongType`), never a reinterpretation.
+//!    (`Error::WrongType`), never a reinterpretation. A `Delayed` inside
+//!    a task's argument inside a travelling `Delayed` nests at most
+//!    [`MAX_NESTING`] deep, on both sides: each level is a recursion (a
+//!    task's argument decodes while its graph is rebuilt), and a deeper
+//!    one, from a peer or a program, would overflow the thread's stack and
+//!    abort the whole process; it is refused as it is met.
 //!
 //! Futures inside an untraversed value (a layer above names them: they
 //! serialize through [`handle_index`] and deserialize through
@@ -76,6 +81,38 @@ struct WireNode {
     annotations: Option<rask_executor::Annotations>,
 }
 
+/// How deep travelling `Delayed`s may nest inside each other (rule 4).
+pub(crate) const MAX_NESTING: u32 = 64;
+
+thread_local! {
+    /// Travelling `Delayed`s being encoded or decoded on this thread, one
+    /// inside the other (rule 4).
+    static NESTING: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// One more level of nesting for as long as it lives (rule 4); the error
+/// once past [`MAX_NESTING`].
+struct Nested;
+
+impl Nested {
+    fn enter() -> Result<Nested, String> {
+        let depth = NESTING.with(|n| n.get()) + 1;
+        if depth > MAX_NESTING {
+            return Err(format!(
+                "a `Delayed` nested {depth} deep inside task arguments; at most {MAX_NESTING} levels travel"
+            ));
+        }
+        NESTING.with(|n| n.set(depth));
+        Ok(Nested)
+    }
+}
+
+impl Drop for Nested {
+    fn drop(&mut self) {
+        let _ = NESTING.try_with(|n| n.set(n.get().saturating_sub(1)));
+    }
+}
+
 impl<T> Serialize for Delayed<T> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         if HANDLES.with(|h| matches!(*h.borrow(), Some(Handles::Collect(_)))) {
@@ -83,6 +120,7 @@ impl<T> Serialize for Delayed<T> {
             // a `Delayed` is its key.
             return serializer.serialize_bytes(&self.node().key.0);
         }
+        let _level = Nested::enter().map_err(refuse)?;
         match wire_graph(self.node()) {
             Ok(graph) => graph.serialize(serializer),
             Err(e) => Err(refuse(e.to_string())),
@@ -275,6 +313,7 @@ pub(crate) fn encode_untraversed<T: crate::build::data::Data>(
 
 impl<'de, T> Deserialize<'de> for Delayed<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let _level = Nested::enter().map_err(refuse_decoding)?;
         let nodes = Vec::<WireNode>::deserialize(deserializer)?;
         rebuild(nodes)
             .map(Delayed::from_node)
