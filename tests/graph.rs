@@ -474,6 +474,21 @@ fn environment_variable_picks_the_executor_and_rejects_junk() {
     let err = delayed!(inc(1)).compute().unwrap_err();
     assert!(matches!(err, Error::Config { .. }), "{err}");
     assert!(err.to_string().contains("threads:N"), "{err}");
+    // A value that is not UTF-8 is an error naming the variable, not a
+    // setting taken for unset (it fell back to the default before).
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let junk = std::ffi::OsStr::from_bytes(b"sync\xff");
+        std::env::set_var("RASK_SCHEDULER", junk);
+        let err = Config::new().resolve().unwrap_err();
+        assert!(err.to_string().contains("RASK_SCHEDULER"), "{err}");
+        std::env::remove_var("RASK_SCHEDULER");
+        std::env::set_var("RASK_OPTIMIZE", junk);
+        let err = delayed!(inc(1)).compute().unwrap_err();
+        assert!(err.to_string().contains("RASK_OPTIMIZE"), "{err}");
+        std::env::remove_var("RASK_OPTIMIZE");
+    }
     std::env::remove_var("RASK_SCHEDULER");
 }
 

@@ -728,32 +728,43 @@ fn env_path(name: &str) -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
-fn env_max_bytes() -> Result<Option<u64>> {
-    match std::env::var(CACHE_MAX_BYTES_ENV_VAR) {
-        Ok(text) if !text.trim().is_empty() => {
-            text.trim().parse().map(Some).map_err(|_| Error::Setting {
-                name: CACHE_MAX_BYTES_ENV_VAR,
-                value: text.trim().to_owned(),
-                expected: "a whole number of bytes",
-            })
-        }
-        _ => Ok(None),
+/// The text of environment variable `name`, if set and not blank. A value
+/// that is not UTF-8 is an error naming the variable, never taken for
+/// unset (which would let a lower layer's setting apply unseen).
+fn env_text(name: &'static str) -> Result<Option<String>> {
+    match std::env::var(name) {
+        Ok(text) if !text.trim().is_empty() => Ok(Some(text)),
+        Ok(_) | Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(raw)) => Err(Error::Setting {
+            name,
+            value: raw.to_string_lossy().into_owned(),
+            expected: "UTF-8 text",
+        }),
     }
 }
 
+fn env_max_bytes() -> Result<Option<u64>> {
+    let Some(text) = env_text(CACHE_MAX_BYTES_ENV_VAR)? else {
+        return Ok(None);
+    };
+    text.trim().parse().map(Some).map_err(|_| Error::Setting {
+        name: CACHE_MAX_BYTES_ENV_VAR,
+        value: text.trim().to_owned(),
+        expected: "a whole number of bytes",
+    })
+}
+
 fn env_executor() -> Result<Option<ExecutorKind>> {
-    match std::env::var(ENV_VAR) {
-        Ok(text) if !text.trim().is_empty() => Ok(Some(parse(&text, ENV_VAR)?)),
-        _ => Ok(None),
-    }
+    env_text(ENV_VAR)?
+        .map(|text| parse(&text, ENV_VAR))
+        .transpose()
 }
 
 /// The on/off setting in environment variable `name`, if set.
 fn env_switch(name: &'static str) -> Result<Option<bool>> {
-    match std::env::var(name) {
-        Ok(text) if !text.trim().is_empty() => Ok(Some(parse_switch(&text, name)?)),
-        _ => Ok(None),
-    }
+    env_text(name)?
+        .map(|text| parse_switch(&text, name))
+        .transpose()
 }
 
 /// Parses an on/off setting: `1`, `true`, `on` or `0`, `false`, `off`, in any
@@ -1087,15 +1098,13 @@ fn parse_dashboard(text: &str) -> Option<Option<SocketAddr>> {
 /// `RASK_DASHBOARD` > the config file's `dashboard` > nowhere.
 #[cfg(feature = "distributed")]
 pub(crate) fn dashboard() -> Result<Option<SocketAddr>> {
-    match std::env::var(DASHBOARD_ENV_VAR) {
-        Ok(text) if !text.trim().is_empty() => {
-            parse_dashboard(&text).ok_or_else(|| Error::Setting {
-                name: DASHBOARD_ENV_VAR,
-                value: text.trim().to_owned(),
-                expected: DASHBOARD_FORMS,
-            })
-        }
-        _ => Ok(file()?.and_then(|f| f.dashboard)),
+    match env_text(DASHBOARD_ENV_VAR)? {
+        Some(text) => parse_dashboard(&text).ok_or_else(|| Error::Setting {
+            name: DASHBOARD_ENV_VAR,
+            value: text.trim().to_owned(),
+            expected: DASHBOARD_FORMS,
+        }),
+        None => Ok(file()?.and_then(|f| f.dashboard)),
     }
 }
 
