@@ -276,6 +276,10 @@ struct RunState {
     ready: Vec<u32>,
     /// Tasks not yet done.
     left: usize,
+    /// Tasks taken out to run and not completed yet: a cancelled run
+    /// ends only once none is (another step may come meanwhile, from a
+    /// task that steps this executor, or from another thread).
+    running: u32,
 }
 
 impl std::fmt::Debug for RunState {
@@ -300,6 +304,7 @@ impl RunState {
             waiting,
             ready,
             left: n,
+            running: 0,
             plan,
             reporter,
             stop,
@@ -342,16 +347,39 @@ enum Picked {
     Task(Step),
 }
 
-/// Outputs to report and, when the run ended, its reporter to finish.
-type Delivery = (Arc<dyn Reporter>, Vec<(usize, Outcome)>, Option<RunState>);
+/// How a run ended, if it did with a task.
+enum End {
+    /// Its last task completed.
+    Done(RunState),
+    /// It was cancelled, and its last running task completed.
+    Cancelled(RunState),
+}
+
+/// Outputs to report and, when the run ended, how.
+type Delivery = (Arc<dyn Reporter>, Vec<(usize, Outcome)>, Option<End>);
 
 impl World {
     fn pick(&mut self) -> Picked {
-        // A cancelled run stops before its next task (crate rule 5).
-        if let Some(at) = self.runs.iter().position(|(_, r)| r.reporter.cancelled()) {
+        // A cancelled run stops before its next task (crate rule 5), and
+        // ends once no task of it runs. Asked once per run here: the
+        // answer may change meanwhile.
+        let cancelled: Vec<bool> = self
+            .runs
+            .iter()
+            .map(|(_, r)| r.reporter.cancelled())
+            .collect();
+        if let Some(at) =
+            (0..self.runs.len()).find(|&i| cancelled[i] && self.runs[i].1.running == 0)
+        {
             return Picked::Cancelled(self.runs.remove(at).1);
         }
-        let total: usize = self.runs.iter().map(|(_, r)| r.ready.len()).sum();
+        let ready = |i: usize, r: &RunState| if cancelled[i] { 0 } else { r.ready.len() };
+        let total: usize = self
+            .runs
+            .iter()
+            .enumerate()
+            .map(|(i, (_, r))| ready(i, r))
+            .sum();
         if total == 0 {
             return Picked::Idle;
         }
@@ -359,15 +387,18 @@ impl World {
         let (run_id, run) = self
             .runs
             .iter_mut()
-            .find_map(|(id, r)| {
-                if at < r.ready.len() {
+            .enumerate()
+            .find_map(|(i, (id, r))| {
+                let n = ready(i, r);
+                if at < n {
                     Some((*id, r))
                 } else {
-                    at -= r.ready.len();
+                    at -= n;
                     None
                 }
             })
             .expect("`at` is below the total of ready tasks");
+        run.running += 1;
         let task = run.ready.swap_remove(at);
         let mut failed = None;
         let mut inputs = Vec::with_capacity(run.plan.deps(task).len());
@@ -400,6 +431,7 @@ impl World {
         let run = &mut self.runs[at].1;
         run.slots[task as usize] = Some(outcome);
         run.left -= 1;
+        run.running -= 1;
         for &d in run.plan.dependents(task) {
             let w = &mut run.waiting[d as usize];
             *w -= 1;
@@ -413,7 +445,13 @@ impl World {
             .map(|slot| (slot, take(&mut run.slots, &mut run.remaining, task)))
             .collect();
         let reporter = run.reporter.clone();
-        let ended = (run.left == 0).then(|| self.runs.remove(at).1);
+        let ended = if run.left == 0 {
+            Some(End::Done(self.runs.remove(at).1))
+        } else if run.running == 0 && run.reporter.cancelled() {
+            Some(End::Cancelled(self.runs.remove(at).1))
+        } else {
+            None
+        };
         (reporter, outputs, ended)
     }
 }
@@ -423,10 +461,14 @@ fn deliver((reporter, outputs, ended): Delivery) {
     for (slot, outcome) in outputs {
         reporter.output(slot, outcome);
     }
-    if let Some(run) = ended {
-        let reporter = run.reporter.clone();
-        drop(run);
-        reporter.finished();
+    match ended {
+        Some(End::Done(run)) => {
+            let reporter = run.reporter.clone();
+            drop(run);
+            reporter.finished();
+        }
+        Some(End::Cancelled(run)) => finish_cancelled(run),
+        None => {}
     }
 }
 
@@ -600,5 +642,107 @@ mod tests {
             order.lock().unwrap().len() < 80,
             "the cancelled plan stopped early"
         );
+    }
+
+    /// A run cancelled while one of its tasks runs, and stepped meanwhile
+    /// (the task submits to this very executor, which runs eagerly), ends
+    /// once that task completed: each output reported once, `finished`
+    /// last. Before, the nested step ended the run at once, and the task's
+    /// completion found no run and panicked.
+    #[test]
+    fn a_run_cancelled_while_its_task_runs_ends_after_that_task() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+
+        struct Logged {
+            failed: AtomicBool,
+            log: Mutex<Vec<String>>,
+        }
+        impl Reporter for Logged {
+            fn output(&self, slot: usize, outcome: Outcome) {
+                if outcome.is_err() {
+                    self.failed.store(true, Ordering::Relaxed);
+                }
+                self.log.lock().unwrap().push(format!("output {slot}"));
+            }
+            // As `compute`'s reporter: a failed output cancels the run.
+            fn cancelled(&self) -> bool {
+                self.failed.load(Ordering::Relaxed)
+            }
+            fn finished(&self) {
+                self.log.lock().unwrap().push("finished".into());
+            }
+        }
+        struct Quiet;
+        impl Reporter for Quiet {
+            fn output(&self, _: usize, _: Outcome) {}
+        }
+        struct Leaf;
+        impl Op for Leaf {
+            fn run(&self, _: &mut [Option<Value>]) -> Result<Value, OpError> {
+                Ok(Arc::new(1i64))
+            }
+            fn name(&self) -> &str {
+                "leaf"
+            }
+        }
+        /// Submits a plan of its own to the executor that runs it.
+        struct Nested(Arc<Logged>, Arc<Simulated>);
+        impl Op for Nested {
+            fn run(&self, _: &mut [Option<Value>]) -> Result<Value, OpError> {
+                let mut b = PlanBuilder::new();
+                let t = b.push(Key([9; 32]), Arc::new(Leaf), &[]);
+                b.output(t);
+                self.1.submit(Arc::new(b.build()), Arc::new(Quiet));
+                self.0.log.lock().unwrap().push("nested returns".into());
+                Ok(Arc::new(2i64))
+            }
+            fn name(&self) -> &str {
+                "nested"
+            }
+        }
+        struct Fails;
+        impl Op for Fails {
+            fn run(&self, _: &mut [Option<Value>]) -> Result<Value, OpError> {
+                Err(OpError::failed("no"))
+            }
+            fn name(&self) -> &str {
+                "fails"
+            }
+        }
+        for seed in 0..16 {
+            let sim = Arc::new(Simulated::new(seed));
+            let logged = Arc::new(Logged {
+                failed: AtomicBool::new(false),
+                log: Mutex::new(Vec::new()),
+            });
+            let mut b = PlanBuilder::new();
+            let n = b.push(
+                Key([1; 32]),
+                Arc::new(Nested(logged.clone(), sim.clone())),
+                &[],
+            );
+            let f = b.push(Key([2; 32]), Arc::new(Fails), &[]);
+            b.output(n);
+            b.output(f);
+            sim.submit(Arc::new(b.build()), logged.clone());
+            let log = logged.log.lock().unwrap().clone();
+            for slot in ["output 0", "output 1"] {
+                assert_eq!(
+                    log.iter().filter(|l| *l == slot).count(),
+                    1,
+                    "seed {seed}: {log:?}"
+                );
+            }
+            assert_eq!(
+                log.last().map(String::as_str),
+                Some("finished"),
+                "seed {seed}: {log:?}"
+            );
+            assert_eq!(
+                log.iter().filter(|l| *l == "finished").count(),
+                1,
+                "seed {seed}: {log:?}"
+            );
+        }
     }
 }
