@@ -921,6 +921,10 @@ macro_rules! apply {
                 Code::Call(Function::of::<F, M::Out>())
             }
 
+            fn output_type(&self) -> Option<std::any::TypeId> {
+                Some(std::any::TypeId::of::<M::Out>())
+            }
+
             #[allow(unused_variables)]
             fn literals(&self, shapes: &mut Shapes) {
                 $(self.slots.$i.literals(shapes);)*

@@ -547,6 +547,10 @@ impl Task {
 struct Raw<F>(F, Name);
 
 impl<T: Data, F: Fn(&[Value]) -> T + Send + Sync + 'static> Call for Raw<F> {
+    fn output_type(&self) -> Option<std::any::TypeId> {
+        Some(std::any::TypeId::of::<T>())
+    }
+
     fn run(&self, inputs: &mut [Option<Value>]) -> std::result::Result<Value, OpError> {
         let values: Vec<Value> = inputs
             .iter_mut()
@@ -729,12 +733,25 @@ impl Graph {
     ///
     /// [`Error::UnknownKey`], or what [`validate`](Graph::validate) reports for
     /// the part of the graph the key depends on. A wrong `T` is reported as
-    /// [`Error::WrongType`] when the value is computed.
+    /// [`Error::WrongType`] here when the task's type is known (a call built
+    /// by `delayed!`, a part picked from a value, a body given to
+    /// [`insert_task`](Graph::insert_task)), else when the value is
+    /// computed.
     pub fn delayed<T: Data>(&self, key: Key) -> Result<Delayed<T>> {
         let mut nodes = self.nodes(&[key])?;
-        Ok(Delayed::from_node(
-            nodes.pop().expect("one node per key asked"),
-        ))
+        let node = nodes.pop().expect("one node per key asked");
+        // Known here: refused here, before a cluster, which keeps values
+        // as bytes, could read one type's bytes as another.
+        if node
+            .call
+            .output_type()
+            .is_some_and(|t| t != std::any::TypeId::of::<T>())
+        {
+            return Err(Error::WrongType {
+                expected: std::any::type_name::<T>(),
+            });
+        }
+        Ok(Delayed::from_node(node))
     }
 
     /// Renders the whole graph as Graphviz DOT.

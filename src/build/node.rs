@@ -379,6 +379,14 @@ pub(crate) trait Call: Send + Sync + 'static {
         false
     }
 
+    /// The type of the value this call returns, when it is known here (a
+    /// call built by `delayed!`, a part picked from a value, a hand-written
+    /// body): [`Graph::delayed`](crate::Graph::delayed) checks the type it
+    /// is asked for against it.
+    fn output_type(&self) -> Option<std::any::TypeId> {
+        None
+    }
+
     /// The future a node standing for one holds (see
     /// [`is_future`](Call::is_future)), as the layer of futures keeps it
     /// (a type this layer does not name): a client submitting the node's
@@ -608,6 +616,9 @@ impl Call for Decorated {
     fn future(&self) -> Option<&(dyn std::any::Any + Send + Sync)> {
         self.call.future()
     }
+    fn output_type(&self) -> Option<std::any::TypeId> {
+        self.call.output_type()
+    }
     fn to_wire(&self) -> Result<WireTask, WireError> {
         self.call.to_wire()
     }
@@ -681,6 +692,18 @@ impl Held {
 impl Call for Held {
     fn run(&self, _: &mut [Option<Value>]) -> Result<Value, OpError> {
         Ok(self.0.clone())
+    }
+
+    fn output_type(&self) -> Option<std::any::TypeId> {
+        // A literal is the user's value as it was wrapped; a result may be
+        // held as its bytes.
+        match self.1 {
+            Origin::Literal(_) => {
+                let value: &dyn std::any::Any = &*self.0;
+                Some(value.type_id())
+            }
+            Origin::Result => None,
+        }
     }
 
     fn value(&self) -> Option<&Value> {

@@ -99,6 +99,10 @@ pub(crate) struct Part<W, P> {
 }
 
 impl<W: Data, P: Data> Call for Part<W, P> {
+    fn output_type(&self) -> Option<std::any::TypeId> {
+        Some(std::any::TypeId::of::<P>())
+    }
+
     fn run(&self, inputs: &mut [Option<Value>]) -> Result<Value, OpError> {
         let whole = Inputs::new(inputs).shared::<W>()?;
         // The last user of the whole moves the part out.

@@ -963,6 +963,25 @@ mod tests {
     use super::*;
     use rask_executor::Registry as _;
 
+    /// A worker holding a value of another type than a parameter's says
+    /// so, as this process does; its encoding read as the parameter's type
+    /// was another value (the `i64` −5 read as the `u64` 9).
+    #[test]
+    fn a_held_value_of_another_type_is_an_error_not_a_reading_of_its_bytes() {
+        let mut held: Vec<Option<Value>> = vec![Some(Arc::new(-5i64))];
+        let err = WireSlot::<u64>::One
+            .extract(&mut Inputs::new(&mut held))
+            .unwrap_err();
+        assert!(
+            err.message.contains("is not the `u64` expected"),
+            "{}",
+            err.message
+        );
+        let mut held: Vec<Option<Value>> = vec![Some(Arc::new(-5i64))];
+        let right = WireSlot::<i64>::One.extract(&mut Inputs::new(&mut held));
+        assert_eq!(right.unwrap(), -5);
+    }
+
     fn add(a: i64, b: Vec<i64>) -> i64 {
         a + b.iter().sum::<i64>()
     }
