@@ -149,7 +149,9 @@ thread_local! {
 
 /// Whether the task running on this thread should stop: its work is no
 /// longer wanted, or its timeout passed (rules 1 to 3). Always `false`
-/// outside a task. Long tasks call it now and then and return early.
+/// outside a task. Long tasks call it now and then and return early:
+/// once it said `true`, whatever the task returns is dropped, never
+/// reported (nor cached) as its value (rule 2).
 ///
 /// # Examples
 ///
