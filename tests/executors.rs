@@ -794,7 +794,8 @@ fn show_u64(x: u64) -> u64 {
 
 /// A task's value asked for as another type (`Graph::delayed::<T>` with
 /// the wrong `T`) is refused when the handle is made, for a call, a
-/// wrapped value and a hand-written task: a cluster keeps values as bytes,
+/// wrapped value, a future, a persisted result and a hand-written task: a
+/// cluster keeps values as bytes,
 /// and read the `i64` −5's as the `u64` 9 (`show_u64` of it computed 9 on
 /// a simulated cluster before). The right type still computes there.
 #[cfg(feature = "distributed")]
@@ -803,7 +804,13 @@ fn a_value_asked_for_as_another_type_is_refused_before_it_travels() {
     rask::init_with(cluster_tasks());
     let call = rask::delayed!(neg_i64(5));
     let value = rask::value(-5i64);
-    for d in [&call, &value] {
+    let client = rask::Client::with_config(&rask::Config::synchronous()).unwrap();
+    let future = client
+        .submit(rask::delayed!(neg_i64(6)))
+        .unwrap()
+        .to_delayed();
+    let persisted = client.persist(&rask::delayed!(neg_i64(7))).unwrap();
+    for d in [&call, &value, &future, &persisted] {
         let g = rask::Graph::from_delayed(d);
         let key = d.key().key();
         let err = g.delayed::<u64>(key).unwrap_err();

@@ -276,7 +276,7 @@ impl<T: Data> Delayed<T> {
             key,
             label: Label::Call,
             deps: Deps::None,
-            call: Arc::new(Held(value, origin, name)),
+            call: Arc::new(Held(value, origin, name, Some(std::any::TypeId::of::<T>()))),
         }))
     }
 }

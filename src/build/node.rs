@@ -660,7 +660,14 @@ impl Call for Decorated {
 
 /// A node that holds a value: a wrapped literal, or a result when it is
 /// [`Origin::Result`]; and the node's name (it is labelled [`Label::Call`]).
-pub(crate) struct Held(pub(crate) Value, pub(crate) Origin, pub(crate) Name);
+pub(crate) struct Held(
+    pub(crate) Value,
+    pub(crate) Origin,
+    pub(crate) Name,
+    /// The type of the value the node stands for, when known: a result
+    /// may be held as its bytes, or as a handle to a cluster's copy.
+    pub(crate) Option<std::any::TypeId>,
+);
 
 /// Where a held value came from: the cache trusts a literal's key and its
 /// type's shape to say what it is, and a computed result's only within
@@ -684,7 +691,12 @@ impl Held {
             key: node.key,
             label: Label::Call,
             deps: Deps::None,
-            call: Arc::new(Held(value, Origin::Result, node.name_owned())),
+            call: Arc::new(Held(
+                value,
+                Origin::Result,
+                node.name_owned(),
+                node.call.output_type(),
+            )),
         })
     }
 }
@@ -695,15 +707,7 @@ impl Call for Held {
     }
 
     fn output_type(&self) -> Option<std::any::TypeId> {
-        // A literal is the user's value as it was wrapped; a result may be
-        // held as its bytes.
-        match self.1 {
-            Origin::Literal(_) => {
-                let value: &dyn std::any::Any = &*self.0;
-                Some(value.type_id())
-            }
-            Origin::Result => None,
-        }
+        self.3
     }
 
     fn value(&self) -> Option<&Value> {

@@ -782,6 +782,7 @@ impl rask_executor::Registry for Resolver {
                     Arc::new(Encoded::new(Arc::from(task.payload.as_slice()))),
                     Origin::Result,
                     Name::Borrowed("value"),
+                    None,
                 )),
             ),
             REMOTE_FUNCTION => {

@@ -2021,6 +2021,8 @@ pub(crate) fn holding<T>(key: Key, name: Name, value: Value) -> Future<T> {
 /// A node standing for a future inside a graph: its value is the future's.
 pub(crate) struct FutureCall {
     pub(crate) handle: Arc<crate::futures::future::Handle>,
+    /// The type of the future's value.
+    pub(crate) output: std::any::TypeId,
 }
 
 impl Call for FutureCall {
@@ -2048,6 +2050,10 @@ impl Call for FutureCall {
 
     fn future(&self) -> Option<&(dyn std::any::Any + Send + Sync)> {
         Some(&self.handle)
+    }
+
+    fn output_type(&self) -> Option<std::any::TypeId> {
+        Some(self.output)
     }
 
     fn to_travelling_wire(&self) -> std::result::Result<WireTask, WireError> {

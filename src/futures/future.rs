@@ -204,7 +204,10 @@ impl<T> Future<T> {
     }
 
     /// A node standing for this future inside a graph.
-    pub(crate) fn node(&self) -> Arc<Node> {
+    pub(crate) fn node(&self) -> Arc<Node>
+    where
+        T: 'static,
+    {
         Arc::new(Node {
             mark: Default::default(),
             key: self.handle.key,
@@ -212,13 +215,17 @@ impl<T> Future<T> {
             deps: crate::build::node::Deps::None,
             call: Arc::new(FutureCall {
                 handle: self.handle.clone(),
+                output: std::any::TypeId::of::<T>(),
             }),
         })
     }
 
     /// A `Delayed` backed by this future: graphs built on it start from the
     /// future's result, and keep it alive while they exist.
-    pub fn to_delayed(&self) -> Delayed<T> {
+    pub fn to_delayed(&self) -> Delayed<T>
+    where
+        T: 'static,
+    {
         Delayed::from_node(self.node())
     }
 }
@@ -362,7 +369,7 @@ struct WireFuture<N> {
 /// among them, its key and its name (`travel.rs` rules 5 and 6). Anywhere
 /// else (a task's result, a plain value sent to a cluster) it fails,
 /// saying so.
-impl<T> serde::Serialize for Future<T> {
+impl<T: 'static> serde::Serialize for Future<T> {
     fn serialize<S: serde::Serializer>(
         &self,
         serializer: S,
