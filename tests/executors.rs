@@ -834,3 +834,60 @@ fn a_value_asked_for_as_another_type_is_refused_before_it_travels() {
     let shown = rask::delayed!(neg_i64(&right));
     assert_eq!(shown.compute_with(&cluster).unwrap(), 5);
 }
+
+/// Calls of `polite` so far.
+static POLITE_CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// First call: work that stops when `cancelled()` says so (its timeout),
+/// returning a partial -1; later calls: quick and complete.
+fn polite(x: i64) -> i64 {
+    if POLITE_CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+        while !rask::cancelled() {
+            std::thread::yield_now();
+        }
+        return -1;
+    }
+    x + 1
+}
+
+/// Runs until `cancelled()` says so, then returns a partial -1.
+fn until_told(_x: i64) -> i64 {
+    while !rask::cancelled() {
+        std::thread::yield_now();
+    }
+    -1
+}
+
+/// A nested computation whose timed task times out, and a value of its
+/// own in its stead.
+fn with_fallback(x: i64) -> i64 {
+    let inner = rask::delayed!(until_told(x)).timeout(std::time::Duration::from_millis(20));
+    inner
+        .compute_with(&rask::Config::synchronous())
+        .unwrap_or(1000 + x)
+}
+
+/// A timeout is not a cancellation: a task that saw `cancelled()` true
+/// because a deadline passed (its own, on an attempt retried since; or a
+/// nested task's) keeps the value it returns once its own work is wanted.
+/// Both values were dropped as cancelled by the first version of the rule
+/// that drops a value returned after a cancellation.
+#[test]
+fn a_value_returned_after_a_timeout_not_a_cancellation_is_kept() {
+    let config = rask::Config::synchronous();
+    let retried = rask::delayed!(polite(1))
+        .timeout(std::time::Duration::from_millis(30))
+        .retries(1);
+    assert_eq!(retried.compute_with(&config).unwrap(), 2);
+    assert_eq!(
+        POLITE_CALLS.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "the first attempt timed out"
+    );
+    assert_eq!(
+        rask::delayed!(with_fallback(5))
+            .compute_with(&config)
+            .unwrap(),
+        1005
+    );
+}

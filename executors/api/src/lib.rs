@@ -316,7 +316,8 @@ pub fn run_task(plan: &Plan, i: u32, inputs: &mut [Option<Value>]) -> Outcome {
     let (result, saw_cancel) =
         stop::noting_cancel(|| catch_unwind(AssertUnwindSafe(|| op.run(inputs))));
     let outcome = match result {
-        Ok(Ok(value)) if !saw_cancel => return Ok(value),
+        // The flag is rare; the task's own signal is read only then.
+        Ok(Ok(value)) if !saw_cancel || !Stop::current().given_up() => return Ok(value),
         Ok(Ok(_)) => Arc::new(plan.failure_as(
             i,
             FailureKind::Cancelled,

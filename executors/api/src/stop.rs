@@ -8,11 +8,15 @@
 //!    or its future was cancelled, its key released on a cluster).
 //! 2. Cancellation is cooperative: a task that never asks runs to its end,
 //!    and its executor only drops the result. A task that saw
-//!    [`cancelled`] true may return what it has so far; that is never its
-//!    value: [`run_task`](crate::run_task) makes it a failure of kind
+//!    [`cancelled`] true while its work was given up may return what it
+//!    has so far; that is never its value:
+//!    [`run_task`](crate::run_task) makes it a failure of kind
 //!    `Cancelled`, for every executor, so it is never reported (nor
 //!    cached) as the task's result. A nested task's sighting counts for
-//!    the task around it, and a timed attempt's for its task.
+//!    the task around it, and a timed attempt's for its task; a sighting
+//!    drops a value only if the task's own work was given up when it
+//!    returned (not for a deadline that passed: a timeout of a nested
+//!    task, or of an attempt retried since, which fails as such).
 //! 3. A timeout is enforced, not requested: a task whose op has a
 //!    [`timeout`](crate::Op::timeout) runs on a thread of its own, and
 //!    [`run_task`](crate::run_task) stops waiting for it at the deadline and
@@ -109,12 +113,17 @@ impl Stop {
 
     /// Whether the signal is raised now.
     pub fn raised(&self) -> bool {
-        self.deadline.is_some_and(|d| Instant::now() >= d)
-            || match &self.check {
-                Check::Never => false,
-                Check::Flag(flag) => flag.load(Ordering::Relaxed),
-                Check::When(check) => check(),
-            }
+        self.deadline.is_some_and(|d| Instant::now() >= d) || self.given_up()
+    }
+
+    /// Whether the work was given up (rule 1), its deadline left aside: a
+    /// deadline that passed is a timeout, which fails the task as such.
+    pub(crate) fn given_up(&self) -> bool {
+        match &self.check {
+            Check::Never => false,
+            Check::Flag(flag) => flag.load(Ordering::Relaxed),
+            Check::When(check) => check(),
+        }
     }
 
     /// Runs `f` with this signal as the current thread's (rule 1), then
