@@ -563,4 +563,14 @@ fn explain_for_a_cluster_shows_what_travels_alone() {
     let cluster = rask::explain(&x, &Config::new().executor(rask::ExecutorKind::Local(2))).unwrap();
     assert_eq!(local.len(), 1, "fused in this process");
     assert!(cluster.len() > 1, "the retried task travels alone");
+    let simulated = rask::explain(
+        &x,
+        &Config::new().executor(rask::ExecutorKind::SimCluster {
+            workers: 2,
+            seed: 1,
+            faults: 0,
+        }),
+    )
+    .unwrap();
+    assert_eq!(simulated.len(), cluster.len(), "a simulated cluster too");
 }

@@ -131,7 +131,7 @@ pub fn compute_with<C: Compute>(what: C, config: &Config) -> Result<C::Output> {
 ///
 /// Optimization follows `config` ([`Config::optimize`]), so comparing the
 /// result with optimization on and off shows what it did. For a cluster
-/// (`local:N`, `tcp://…`), the plan is the one sent there, where work the
+/// (`local:N`, `tcp://…`, `sim-cluster:…`), the plan is the one sent there, where work the
 /// scheduler must see alone stays alone, with nothing connected. The
 /// result cache is not looked at: tasks it would answer are shown as
 /// tasks.
@@ -165,7 +165,11 @@ pub fn explain<C: Compute>(what: C, config: &Config) -> Result<Explain> {
     let mut roots = Roots::default();
     what.roots(&mut roots);
     let mut options = options(config)?;
-    options.remote = config.resolve()?.is_cluster();
+    // As `run` plans for a backend that is remote: a cluster, simulated
+    // or not.
+    let kind = config.resolve()?;
+    options.remote =
+        kind.is_cluster() || matches!(kind, crate::run::config::ExecutorKind::SimCluster { .. });
     Ok(explain_roots(&roots.0, &options))
 }
 
