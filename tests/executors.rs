@@ -69,6 +69,7 @@ fn cluster_tasks() -> rask::Tasks {
         distributed::flaky_once?,
         distributed::nap,
         distributed::outer,
+        distributed::fan,
         distributed::total_of,
         distributed::keys_of,
         distributed::length,
@@ -88,6 +89,7 @@ fn cluster_tasks() -> rask::Tasks {
         sim_cluster::flaky_once?,
         sim_cluster::nap,
         sim_cluster::outer,
+        sim_cluster::fan,
         sim_cluster::total_of,
         sim_cluster::keys_of,
         sim_cluster::length,
@@ -145,6 +147,13 @@ for_each_executor! {
     /// doubles it.
     pub(crate) fn outer(x: i64) -> i64 {
         delayed!(inc(x)).compute_with(&config()).unwrap() * 2
+    }
+
+    /// Computes four `inc`s and their sum from inside the task, on the same
+    /// executor: `4 * x + 10`.
+    pub(crate) fn fan(x: i64) -> i64 {
+        let parts: Vec<Delayed<i64>> = (0..4).map(|i| delayed!(inc(x + i))).collect();
+        delayed!(sum(parts)).compute_with(&config()).unwrap()
     }
 
     /// Computes the `Delayed`s it was given as they are (untraversed),
@@ -437,6 +446,25 @@ for_each_executor! {
         let parts: Vec<Delayed<i64>> = (0..8).map(|i| delayed!(outer(i))).collect();
         let got = rask::compute_with(parts, &config()).unwrap();
         assert_eq!(got, (0..8).map(|i| (i + 1) * 2).collect::<Vec<_>>());
+    }
+
+    /// The same with a timeout on each task, which runs it on a thread of
+    /// its own while its worker waits: on a thread pool whose every worker
+    /// so waited, the nested computations were queued for a worker and ran
+    /// nowhere, until the timeouts failed the tasks.
+    #[test]
+    fn nested_compute_inside_a_timed_task() {
+        let limit = std::time::Duration::from_secs(10);
+        let parts: Vec<Delayed<i64>> = (0..6)
+            .map(|i| delayed!(fan(i)).timeout(limit))
+            .chain((0..2).map(|i| delayed!(outer(i)).timeout(limit)))
+            .collect();
+        let got = rask::compute_with(parts, &config()).unwrap();
+        let want: Vec<i64> = (0..6)
+            .map(|i| 4 * i + 10)
+            .chain((0..2).map(|i| (i + 1) * 2))
+            .collect();
+        assert_eq!(got, want);
     }
 
     /// A task that started once a future it takes was done, and submits

@@ -58,6 +58,15 @@
 //!   pool's workers runs the plan inside a rayon scope on that worker: the
 //!   calling worker runs tasks itself, idle workers steal the rest, and
 //!   `submit` returns once the plan finished.
+//! - **A timed task's nested submits run on its attempt's thread.** A task
+//!   with a timeout runs on a thread of its own while its worker waits for
+//!   it (`rask_executor::run_limited`); a plan it submits to this pool,
+//!   queued like one from outside, would wait for a worker, and with every
+//!   worker so waiting, for ever (until the timeouts). Each worker carries
+//!   the pool's seat (`rask_executor::Seat`), which the attempt's thread
+//!   carries too, so `submit` knows such a thread and runs the plan there,
+//!   on that thread alone, returning once it finished: the attempt does
+//!   the work its worker would have done in place.
 //! - **Dependency counting, no global lock.** Each task of a run has an
 //!   atomic count of unresolved dependencies; the thread that resolves the
 //!   last one owns the task. A task that makes several dependents ready runs
@@ -105,7 +114,7 @@ use std::fmt;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 
-use rask_executor::{Executor, Plan, Reporter};
+use rask_executor::{Executor, Plan, Reporter, Seat};
 
 mod run;
 #[cfg(test)]
@@ -171,6 +180,9 @@ mod tests;
 #[derive(Clone)]
 pub struct ThreadPool {
     pool: Arc<rayon::ThreadPool>,
+    /// The seat every worker carries, which tells a timed attempt of one of
+    /// them.
+    seat: Arc<dyn Seat>,
 }
 
 impl ThreadPool {
@@ -194,13 +206,27 @@ impl ThreadPool {
             0 => std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
             n => n,
         };
+        let seat: Arc<dyn Seat> = Arc::new(Member);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("rask-worker-{i}"))
+            .spawn_handler(|worker| {
+                let mut thread = std::thread::Builder::new();
+                if let Some(name) = worker.name() {
+                    thread = thread.name(name.to_owned());
+                }
+                if let Some(size) = worker.stack_size() {
+                    thread = thread.stack_size(size);
+                }
+                let seat = Arc::clone(&seat);
+                thread.spawn(|| <dyn Seat>::enter(seat, || worker.run()))?;
+                Ok(())
+            })
             .build()
             .map_err(|source| BuildError { source })?;
         Ok(ThreadPool {
             pool: Arc::new(pool),
+            seat,
         })
     }
 
@@ -230,7 +256,9 @@ impl Executor for ThreadPool {
     /// Starts running `plan` and returns at once, except when called from one
     /// of this pool's own workers (a task submitting a nested plan): then the
     /// calling worker takes part in the run, and `submit` returns after
-    /// `reporter.finished()` was called.
+    /// `reporter.finished()` was called; or from the thread of a timed
+    /// attempt of such a task: then that thread runs the plan alone, and
+    /// `submit` returns once it finished.
     fn submit(&self, plan: Arc<Plan>, reporter: Arc<dyn Reporter>) {
         let threads = self.threads();
         if self.pool.current_thread_index().is_some() {
@@ -238,11 +266,33 @@ impl Executor for ThreadPool {
             // worker is never idle while the nested run goes on.
             self.pool
                 .in_place_scope(|scope| run::start(scope, plan, reporter, threads));
+        } else if self.runs_an_attempt_here() {
+            run::start_inline(plan, reporter);
         } else {
             self.pool
                 .spawn(move || run::start(&run::Detached, plan, reporter, threads));
         }
     }
+}
+
+impl ThreadPool {
+    /// Whether this thread runs a timed attempt of a task of one of this
+    /// pool's workers: it carries their seat.
+    fn runs_an_attempt_here(&self) -> bool {
+        <dyn Seat>::current()
+            .is_some_and(|seat| std::ptr::addr_eq(Arc::as_ptr(&seat), Arc::as_ptr(&self.seat)))
+    }
+}
+
+/// The seat of the pool's workers (`rask_executor::blocking`). A
+/// fixed-size pool starts no thread when a task waits, so it does nothing;
+/// it tells a timed attempt's thread (see *Design*).
+struct Member;
+
+impl Seat for Member {
+    fn secede(&self) {}
+
+    fn rejoin(&self) {}
 }
 
 /// The thread pool could not be started.

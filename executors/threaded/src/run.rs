@@ -28,7 +28,10 @@
 //!    reports the outputs that were never reached (a cancelled run) and then
 //!    calls `Reporter::finished`, so `finished` comes after every output.
 //! 6. Every task is resolved on a worker of the pool that runs the run, so
-//!    `rayon::spawn` and `rayon::yield_local` always mean that pool.
+//!    `rayon::spawn` and `rayon::yield_local` always mean that pool; or,
+//!    for a run started inline ([`start_inline`]), every task on the thread
+//!    that started it, which queues its jobs itself (`yield_local` finds
+//!    nothing there, off the pool).
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -60,6 +63,31 @@ pub(crate) struct Detached;
 impl Spawner for Detached {
     fn spawn_job(&self, job: Job) {
         rayon::spawn(move || job.run(&Detached));
+    }
+}
+
+/// Queues jobs on the thread that started the run, which runs them last
+/// in, first out, as a worker pops its deque (rule 6).
+struct Inline(std::cell::RefCell<Vec<Job>>);
+
+impl Spawner for Inline {
+    fn spawn_job(&self, job: Job) {
+        self.0.borrow_mut().push(job);
+    }
+}
+
+/// Runs `plan` on this thread alone, off the pool (rule 6), and returns once
+/// it finished: a nested submit from a timed attempt's thread, whose
+/// worker waits for it and runs nothing meanwhile.
+pub(crate) fn start_inline(plan: Arc<Plan>, reporter: Arc<dyn Reporter>) {
+    let inline = Inline(std::cell::RefCell::default());
+    start(&inline, plan, reporter, 1);
+    loop {
+        let next = inline.0.borrow_mut().pop();
+        match next {
+            Some(job) => job.run(&inline),
+            None => break,
+        }
     }
 }
 

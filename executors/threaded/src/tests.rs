@@ -486,30 +486,52 @@ fn nested_value(base: i64, depth: u32, width: i64) -> i64 {
     }
 }
 
+/// A seed and eight `Nested` ops on it (`limit`: each under that timeout),
+/// summed; and the sum they give.
+fn nested_plan(pool: &ThreadPool, limit: Option<Duration>) -> (Arc<Plan>, i64) {
+    let runs = Arc::default();
+    let mut b = PlanBuilder::new();
+    let seed = b.push(key(0), sum(1, Fail::No, &runs), &[]);
+    let mut parts = Vec::new();
+    for i in 0..8u64 {
+        let op = Nested {
+            pool: pool.clone(),
+            depth: (i % 3) as u32,
+            width: 5,
+        };
+        let op = rask_executor::with_limits(Arc::new(op), limit, 0);
+        parts.push(b.push(key(10 + i), op, &[seed]));
+    }
+    let total = b.push(key(100), sum(0, Fail::No, &runs), &parts);
+    b.output(total);
+    let expected: i64 = (0..8).map(|i| nested_value(1, i % 3, 5)).sum();
+    (Arc::new(b.build()), expected)
+}
+
 #[test]
 fn nested_submit_does_not_deadlock() {
     for threads in [1, 2] {
         with_timeout(move || {
             let pool = pool(threads);
-            let runs = Arc::default();
-            let mut b = PlanBuilder::new();
-            let seed = b.push(key(0), sum(1, Fail::No, &runs), &[]);
-            let mut parts = Vec::new();
-            for i in 0..8u64 {
-                let op = Nested {
-                    pool: pool.clone(),
-                    depth: (i % 3) as u32,
-                    width: 5,
-                };
-                parts.push(b.push(key(10 + i), Arc::new(op), &[seed]));
-            }
-            let total = b.push(key(100), sum(0, Fail::No, &runs), &parts);
-            b.output(total);
-            let plan = Arc::new(b.build());
-            let expected: i64 = (0..8).map(|i| nested_value(1, i % 3, 5)).sum();
+            let (plan, expected) = nested_plan(&pool, None);
             for _ in 0..5 {
                 assert_eq!(summaries(&run_on(&pool, &plan)), vec![Ok(expected)]);
             }
+        });
+    }
+}
+
+/// A task with a timeout runs on a thread of its own while its worker
+/// waits for it; its nested submits ran nowhere when every worker so
+/// waited (until the timeouts), and now run on the attempt's thread, inner
+/// nested submits there included.
+#[test]
+fn nested_submit_from_a_timed_task_does_not_wait_for_a_worker() {
+    for threads in [1, 2] {
+        with_timeout(move || {
+            let pool = pool(threads);
+            let (plan, expected) = nested_plan(&pool, Some(Duration::from_secs(30)));
+            assert_eq!(summaries(&run_on(&pool, &plan)), vec![Ok(expected)]);
         });
     }
 }
