@@ -919,3 +919,26 @@ fn a_value_returned_after_a_timeout_not_a_cancellation_is_kept() {
         1005
     );
 }
+
+/// Sleeps for `ms`, never asking whether it is still wanted.
+fn sleeps_on(ms: u64) -> u64 {
+    std::thread::sleep(std::time::Duration::from_millis(ms));
+    ms
+}
+
+/// A task abandoned at its timeout is listed under its function's name,
+/// which a worker's "unhealthy" line shows; every such task was listed as
+/// "task".
+#[test]
+fn a_task_abandoned_at_its_timeout_is_listed_by_its_name() {
+    let err = rask::delayed!(sleeps_on(20_000))
+        .timeout(std::time::Duration::from_millis(10))
+        .compute_with(&rask::Config::synchronous())
+        .unwrap_err();
+    assert!(matches!(err, rask::Error::Timeout { .. }), "{err}");
+    let names: Vec<String> = rask_executor::abandoned()
+        .iter()
+        .map(|a| a.name.to_string())
+        .collect();
+    assert!(names.iter().any(|n| n == "sleeps_on"), "{names:?}");
+}

@@ -245,7 +245,10 @@ impl<T> Delayed<T> {
     }
 
     fn limited(&self, timeout: Option<std::time::Duration>, retries: Option<u32>) -> Delayed<T> {
-        let call = Decorated::limited(&self.node.call, timeout, retries);
+        // Named as its node is (a static label's name is not the call's),
+        // for the list of abandoned tasks.
+        let name = Some(self.node.name_owned());
+        let call = Decorated::limited(&self.node.call, timeout, retries, name);
         let mut node =
             self.node
                 .rekeyed(limited_key(&self.node.key, call.timeout(), call.retries()));

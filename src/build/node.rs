@@ -512,7 +512,8 @@ impl Function {
 /// The same work; whatever is not set here is the wrapped call's.
 pub(crate) struct Decorated {
     call: Arc<dyn Call>,
-    /// The name of the node holding it, labelled [`Label::Call`].
+    /// The name of the node holding it, labelled [`Label::Call`]; or of a
+    /// limited node, for [`rask_executor::abandoned`].
     name: Option<Name>,
     /// The timeout and retries, enforced by `run` itself, so they hold
     /// inside fused chains too.
@@ -549,6 +550,7 @@ impl Decorated {
         call: &Arc<dyn Call>,
         timeout: Option<std::time::Duration>,
         retries: Option<u32>,
+        name: Option<Name>,
     ) -> Arc<dyn Call> {
         let limits = (
             timeout.or(call.timeout()),
@@ -556,6 +558,7 @@ impl Decorated {
         );
         Arc::new(Decorated {
             limits: Some(limits),
+            name,
             ..Decorated::on(call)
         })
     }
@@ -596,7 +599,7 @@ impl Call for Decorated {
         let call = self.call.clone();
         let run: rask_executor::Run =
             Arc::new(move |inputs: &mut [Option<Value>]| call.run(inputs));
-        rask_executor::run_limited("task", timeout, retries, &run, inputs)
+        rask_executor::run_limited(self.name(), timeout, retries, &run, inputs)
     }
     fn value(&self) -> Option<&Value> {
         self.call.value()

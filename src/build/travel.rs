@@ -409,7 +409,7 @@ fn rebuild(wire: Vec<WireNode>) -> Result<Arc<Node>, String> {
         let timeout = node.timeout_ns.map(std::time::Duration::from_nanos);
         if timeout.is_some() || node.retries > 0 {
             // Enforced where it runs, as the node it was (`Decorated`).
-            call = Decorated::limited(&call, timeout, Some(node.retries));
+            call = Decorated::limited(&call, timeout, Some(node.retries), None);
         }
         if let Some(annotations) = node.annotations {
             call = Decorated::annotated(&call, annotations);
