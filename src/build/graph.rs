@@ -734,9 +734,11 @@ impl Graph {
     /// [`Error::UnknownKey`], or what [`validate`](Graph::validate) reports for
     /// the part of the graph the key depends on. A wrong `T` is reported as
     /// [`Error::WrongType`] here when the task's type is known (a call built
-    /// by `delayed!`, a part picked from a value, a body given to
-    /// [`insert_task`](Graph::insert_task)), else when the value is
-    /// computed.
+    /// by `delayed!`, a wrapped value, a future, a persisted result, a part
+    /// picked from a value, a body given to
+    /// [`insert_task`](Graph::insert_task), and each of these once it
+    /// travelled to another process inside a task's argument), else when
+    /// the value is computed.
     pub fn delayed<T: Data>(&self, key: Key) -> Result<Delayed<T>> {
         let mut nodes = self.nodes(&[key])?;
         let node = nodes.pop().expect("one node per key asked");
@@ -744,8 +746,8 @@ impl Graph {
         // as bytes, could read one type's bytes as another.
         if node
             .call
-            .output_type()
-            .is_some_and(|t| t != std::any::TypeId::of::<T>())
+            .output_tag()
+            .is_some_and(|t| t != crate::build::key::type_tag::<T>())
         {
             return Err(Error::WrongType {
                 expected: std::any::type_name::<T>(),

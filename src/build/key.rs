@@ -99,6 +99,11 @@ pub(crate) enum Tag {
 /// process of one binary; distinct types of one binary get distinct tags
 /// (up to a 2⁻⁶⁴ chance), even when `type_name` prints them alike.
 pub(crate) fn type_tag<T: ?Sized + 'static>() -> u64 {
+    tag_of(std::any::TypeId::of::<T>())
+}
+
+/// The type tag ([`type_tag`]) of the type whose id is `id`.
+pub(crate) fn tag_of(id: std::any::TypeId) -> u64 {
     /// FNV-1a over whatever `TypeId`'s `Hash` writes.
     struct Fnv(u64);
     impl std::hash::Hasher for Fnv {
@@ -112,7 +117,7 @@ pub(crate) fn type_tag<T: ?Sized + 'static>() -> u64 {
         }
     }
     let mut h = Fnv(0xcbf2_9ce4_8422_2325);
-    std::hash::Hash::hash(&std::any::TypeId::of::<T>(), &mut h);
+    std::hash::Hash::hash(&id, &mut h);
     std::hash::Hasher::finish(&h)
 }
 

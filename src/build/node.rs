@@ -387,6 +387,13 @@ pub(crate) trait Call: Send + Sync + 'static {
         None
     }
 
+    /// The [type tag](crate::build::key::type_tag) of the value this call
+    /// returns, when it is known: its [`output_type`](Call::output_type)'s,
+    /// or, for a task that travelled, the one it was sent with.
+    fn output_tag(&self) -> Option<u64> {
+        self.output_type().map(crate::build::key::tag_of)
+    }
+
     /// The future a node standing for one holds (see
     /// [`is_future`](Call::is_future)), as the layer of futures keeps it
     /// (a type this layer does not name): a client submitting the node's
@@ -621,6 +628,9 @@ impl Call for Decorated {
     }
     fn output_type(&self) -> Option<std::any::TypeId> {
         self.call.output_type()
+    }
+    fn output_tag(&self) -> Option<u64> {
+        self.call.output_tag()
     }
     fn to_wire(&self) -> Result<WireTask, WireError> {
         self.call.to_wire()

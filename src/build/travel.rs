@@ -22,9 +22,12 @@
 //!    points to an earlier node (so the graph is acyclic), a graph has a
 //!    root, and a wire task that does not resolve fails the
 //!    deserialization with the registry's reason.
-//! 4. The value type is not on the wire: the receiving parameter's type
-//!    says it, and a computed value of another type is an error
-//!    (`Error::WrongType`), never a reinterpretation. A `Delayed` inside
+//! 4. Each node's value type travels as its type tag when it is known
+//!    where the node was built ([`Call::output_tag`]): the rebuilt node
+//!    has it, so [`Graph::delayed`](crate::Graph::delayed) refuses another
+//!    type for it, and a `Delayed<T>` whose root is of another type than
+//!    `T` is refused as it deserializes; a value's bytes are never read as
+//!    another type's (`i64` −5 as the `u64` 9). A `Delayed` inside
 //!    a task's argument inside a travelling `Delayed` nests at most
 //!    [`MAX_NESTING`] deep, on both sides: each level is a recursion (a
 //!    task's argument decodes while its graph is rebuilt), and a deeper
@@ -79,6 +82,8 @@ struct WireNode {
     /// Its priority, resources and workers, when it has any: they hold
     /// where it is computed too.
     annotations: Option<rask_executor::Annotations>,
+    /// Its value type's tag, when known (rule 4).
+    output: Option<u64>,
 }
 
 /// How deep travelling `Delayed`s may nest inside each other (rule 4).
@@ -311,13 +316,21 @@ pub(crate) fn encode_untraversed<T: crate::build::data::Data>(
     })
 }
 
-impl<'de, T> Deserialize<'de> for Delayed<T> {
+impl<'de, T: 'static> Deserialize<'de> for Delayed<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let _level = Nested::enter().map_err(refuse_decoding)?;
         let nodes = Vec::<WireNode>::deserialize(deserializer)?;
-        rebuild(nodes)
-            .map(Delayed::from_node)
-            .map_err(refuse_decoding)
+        let root = rebuild(nodes).map_err(refuse_decoding)?;
+        match root.call.output_tag() {
+            Some(tag) if tag != crate::build::key::type_tag::<T>() => {
+                Err(refuse_decoding(format!(
+                    "a `Delayed` of another type than `{}` (task `{}`)",
+                    std::any::type_name::<T>(),
+                    root.name()
+                )))
+            }
+            _ => Ok(Delayed::from_node(root)),
+        }
     }
 }
 
@@ -368,6 +381,7 @@ fn wire_graph(root: &Arc<Node>) -> Result<Vec<WireNode>, WireError> {
             retries: node.call.retries(),
             deps,
             annotations: node.call.annotations().cloned(),
+            output: node.call.output_tag(),
         });
     }
     Ok(out)
@@ -405,6 +419,7 @@ fn rebuild(wire: Vec<WireNode>) -> Result<Arc<Node>, String> {
             op,
             task,
             name: node.name,
+            output: node.output,
         });
         let timeout = node.timeout_ns.map(std::time::Duration::from_nanos);
         if timeout.is_some() || node.retries > 0 {
@@ -427,11 +442,13 @@ fn rebuild(wire: Vec<WireNode>) -> Result<Arc<Node>, String> {
         .ok_or_else(|| "a travelled graph with no task".to_owned())
 }
 
-/// A task that arrived as part of a `Delayed` (rule 2), and its name.
+/// A task that arrived as part of a `Delayed` (rule 2), its name and its
+/// value type's tag (rule 4).
 struct Travelled {
     op: Arc<dyn Op>,
     task: WireTask,
     name: String,
+    output: Option<u64>,
 }
 
 impl Call for Travelled {
@@ -445,6 +462,10 @@ impl Call for Travelled {
 
     fn to_wire(&self) -> Result<WireTask, WireError> {
         Ok(self.task.clone())
+    }
+
+    fn output_tag(&self) -> Option<u64> {
+        self.output
     }
 }
 
@@ -496,6 +517,34 @@ mod tests {
         assert!(err.to_string().contains("lonely"), "{err}");
     }
 
+    /// A travelled node keeps its value type (rule 4): asked for as
+    /// another type, it is refused, root or not; a value held as bytes was
+    /// read as that type (the `u64` 9 as the `i64` -5).
+    #[test]
+    fn a_travelled_delayed_keeps_its_value_type() {
+        install(Tasks::new());
+        let four = crate::value(4u64);
+        let nine = &four + 5;
+        let bytes = encode_untraversed(&nine, &[]).unwrap();
+        let back: Delayed<u64> = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back.compute().unwrap(), 9);
+        let graph = crate::Graph::from_delayed(&back);
+        for key in [back.key().key(), four.key().key()] {
+            assert!(graph.delayed::<u64>(key).is_ok());
+            let err = graph.delayed::<i64>(key).err();
+            assert!(
+                matches!(err, Some(crate::Error::WrongType { .. })),
+                "{err:?}"
+            );
+        }
+        let held = encode_untraversed(&four, &[]).unwrap();
+        for bytes in [bytes, held] {
+            assert!(postcard::from_bytes::<Delayed<i64>>(&bytes).is_err());
+            let why = super::why().unwrap_or_default();
+            assert!(why.contains("another type than `i64`"), "{why}");
+        }
+    }
+
     /// A dependency that does not come before its dependent is refused.
     #[test]
     fn a_graph_pointing_forward_is_refused() {
@@ -509,6 +558,7 @@ mod tests {
             retries: 0,
             deps,
             annotations: None,
+            output: None,
         };
         let bytes = postcard::to_stdvec(&vec![node(vec![0])]).unwrap();
         let err = postcard::from_bytes::<Delayed<i64>>(&bytes).err();
