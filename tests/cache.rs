@@ -822,3 +822,65 @@ fn a_value_returned_after_cancellation_is_never_cached() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// ---- capturing closures, and a `Deserialize` that panics
+
+fn squared(x: i64) -> i64 {
+    x * x
+}
+
+/// Nothing that depends on a capturing closure's call is cached, even
+/// named: the name stands for what the closure captured within a run, and
+/// a later round capturing another step under the same name read the
+/// first round's entry (100 where 225 is right).
+#[test]
+fn nothing_that_depends_on_a_capturing_closure_is_cached_even_named() {
+    let dir = scratch("captured");
+    let config = Config::synchronous().cache(&dir);
+    for step in [2_i64, 3] {
+        let scale = move |x: i64| x * step;
+        let scaled = delayed!(scale(5)).named("scale");
+        let out = delayed!(squared(&scaled))
+            .cache()
+            .compute_with(&config)
+            .unwrap();
+        assert_eq!(out, (5 * step) * (5 * step), "step {step}");
+    }
+    assert_eq!(rask::cache::info(&dir).unwrap().entries, 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Whether `Touchy`'s `Deserialize` panics.
+static TOUCHY_PANICS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A value whose hand-written `Deserialize` panics when told to.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+struct Touchy(u64);
+
+impl<'de> serde::Deserialize<'de> for Touchy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = u64::deserialize(d)?;
+        assert!(!TOUCHY_PANICS.load(Ordering::SeqCst), "touchy");
+        Ok(Touchy(n))
+    }
+}
+
+fn touchy(n: u64) -> Touchy {
+    Touchy(n * 2)
+}
+
+/// An entry whose type's `Deserialize` panics is a miss: the task runs
+/// again and its value is returned (the panic went through `compute`).
+#[test]
+fn an_entry_whose_deserialize_panics_is_a_miss() {
+    let dir = scratch("touchy");
+    let config = Config::synchronous().cache(&dir);
+    let work = || delayed!(touchy(21)).cache();
+    assert_eq!(work().compute_with(&config).unwrap(), Touchy(42));
+    assert_eq!(rask::cache::info(&dir).unwrap().entries, 1);
+    TOUCHY_PANICS.store(true, Ordering::SeqCst);
+    let again = work().compute_with(&config);
+    TOUCHY_PANICS.store(false, Ordering::SeqCst);
+    assert_eq!(again.unwrap(), Touchy(42));
+    let _ = std::fs::remove_dir_all(&dir);
+}

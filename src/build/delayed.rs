@@ -114,7 +114,9 @@ impl<T> Delayed<T> {
     /// name's over its function and arguments, so the name stands for what
     /// it captured: calls of one such closure named alike over the same
     /// arguments share one key, and over other arguments do not. Choose
-    /// names that identify what was captured. Work made
+    /// names that identify what was captured. The result cache keeps
+    /// nothing that depends on such a call, named or not: another run may
+    /// capture other values under the same name. Work made
     /// [`unique`](Delayed::unique) stays unique under any name.
     ///
     /// ```

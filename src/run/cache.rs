@@ -74,15 +74,24 @@
 //!   change, and another compiler may print tokens differently),
 //! - its value's type is named differently, its shape or a literal
 //!   argument's type's shape changes (a field added, removed, renamed,
-//!   reordered or retyped, a variant added), for that task or any task
+//!   reordered or retyped to a type serde encodes otherwise, a variant
+//!   added), for that task or any task
 //!   upstream of it, or the entry's format version changes.
 //!
 //! What does **not** invalidate an entry: a change in code a versioned
 //! function calls but does not contain — a helper function, a trait impl
 //! (a hand-written `Deserialize` whose traced shape stays the same), a
-//! constant, a dependency's new release. Give such a function an explicit
+//! constant, a dependency's new release; a field retyped to a type serde
+//! encodes alike (a `BTreeSet` for a `Vec`, a `PathBuf` for a `String`, a
+//! `usize` for a `u64`: the shape is how a type encodes, not its Rust
+//! type); and, for a program whose rask code lives in a shared library (a
+//! Python extension, a plugin), a rebuild of that library alone: the build
+//! is the hash of the running executable. Give such a function an explicit
 //! `version = N` and bump it, or turn on
 //! [`cache_strict`](crate::Config::cache_strict), when that matters.
+//! A field serde skips (`#[serde(skip)]`) is not in an entry: a hit gives
+//! it what deserializing gives it (its default), where the task's own
+//! value held what the task put there.
 //! A name you chose hides nothing: a [`value_named`](crate::value_named)
 //! value is keyed by its data as well as its name, and a
 //! [`named`](crate::Delayed::named) task's key keeps its work's own (its
@@ -115,7 +124,11 @@
 //!    entries fit (a scan of the directory).
 //! 7. A capturing closure's calls and [`unique`](crate::Delayed::unique)
 //!    work are never cached (their keys are fresh in every run), nor are
-//!    data nodes and hand-written [`Graph`](crate::Graph) tasks.
+//!    data nodes and hand-written [`Graph`](crate::Graph) tasks; and
+//!    nothing that depends on a capturing closure's call has an address,
+//!    even when the closure is [`named`](crate::Delayed::named): its name
+//!    stands for what it captured within a run, not across runs, where
+//!    other captured values would read the first run's entries.
 //! 8. **Entry points.** These use the cache, on every executor:
 //!    `compute` ([`Delayed::compute`](crate::Delayed::compute),
 //!    [`rask::compute`](crate::compute), [`Graph::compute`](crate::Graph::compute)),
@@ -491,7 +504,11 @@ impl Lookup {
                 return None;
             }
         };
-        match (function.decode)(&found.bytes) {
+        // A hand-written `Deserialize` is user code: a panic there is a
+        // miss, not a crash of the computation.
+        let decoded = std::panic::catch_unwind(|| (function.decode)(&found.bytes))
+            .unwrap_or_else(|_| Err("its `Deserialize` panicked".to_owned()));
+        match decoded {
             Ok(value) => {
                 touch(&entry::path(&self.dir, &address));
                 Some(value)
@@ -633,6 +650,10 @@ impl Addresses {
                 }
             }
             Code::Opaque => true,
+            // A capturing closure's value depends on what it captured,
+            // which no address holds, even when a name stands for it in
+            // its key (rule 7).
+            Code::Call(function) if !function.pure => return None,
             Code::Call(function) => {
                 let version = if function.builtin {
                     Some(Version::Builtin)
