@@ -483,6 +483,28 @@ fn work_on_a_cancelled_future_fails_at_once() {
     );
 }
 
+/// A graph that reaches a cancelled key through its own work, never
+/// through the cancelled future, computes that work: the cancellation
+/// belongs to the future. It failed as cancelled, naming the key.
+#[test]
+fn a_graph_that_never_took_a_cancelled_future_computes_its_key() {
+    for client in clients().into_iter().skip(1) {
+        let gate = new_id();
+        let f = client.submit(delayed!(gated(gate, 5))).unwrap();
+        f.cancel();
+        // The same work as `f`, as a `Delayed` below the root.
+        let g = client
+            .submit(delayed!(inc(delayed!(gated(gate, 5)))))
+            .unwrap();
+        open(gate);
+        match g.result_timeout(std::time::Duration::from_secs(30)) {
+            Ok(v) => assert_eq!(v, 6, "{}", client.executor()),
+            Err(e) => panic!("{}: {e:?}", client.executor()),
+        }
+        assert_eq!(f.status(), Status::Cancelled);
+    }
+}
+
 /// On a cluster, work on a cancelled future needs no worker: it fails in
 /// the client, even while every worker thread is busy.
 #[cfg(feature = "distributed")]

@@ -10,7 +10,10 @@
 //!    shares the entry, finished or not. Cancelled entries are replaced.
 //! 3. A submitted graph never recomputes a key the table holds: finished
 //!    entries become data, failed ones replay their failure, and a graph that
-//!    needs a pending entry starts only when that entry is done. A pending
+//!    needs a pending entry starts only when that entry is done. A cancelled
+//!    entry replays its cancellation only where the graph takes it as a
+//!    future; met as a node of the graph's own (the same work, built again
+//!    as a `Delayed`), it is computed, as rule 2 does for roots. A pending
 //!    future of another client in the graph is waited for the same way,
 //!    where the graph would otherwise start on a thread of its own
 //!    (threads, a cluster): no executor thread, and no cluster
@@ -1388,6 +1391,13 @@ impl Shared {
                 pending_foreign.push(h.clone());
                 return None;
             };
+            // A node of the graph's own whose key was cancelled (rule 2's
+            // cancelled entry, met below a root): the graph computes it.
+            // Only a future the user cancelled and then passed on fails
+            // as cancelled.
+            if entry.state.is_cancelled() && !node.call.is_future() {
+                return None;
+            }
             takes_futures = true;
             if let Some(op) = done_op(node, &entry.state) {
                 return Some(op);
