@@ -190,6 +190,7 @@ fn clients() -> Vec<Client> {
                 fail_on?,
                 total,
                 until_cancelled,
+                at_once_or_until_cancelled,
                 sleepy,
                 flaky?,
                 refuse?
@@ -559,6 +560,37 @@ fn a_running_task_sees_its_cancellation() {
         eventually("the task started", || started(id));
         f.cancel();
         eventually("the task saw the cancellation", || saw_cancel(id));
+    }
+}
+
+/// Returns at once for `id` 0; runs until cancelled for any other
+/// (`until_cancelled`).
+fn at_once_or_until_cancelled(id: u64) -> i64 {
+    if id == 0 {
+        0
+    } else {
+        until_cancelled(id)
+    }
+}
+
+/// The rest of a `map` stops once its outputs not finished are cancelled or
+/// dropped, whatever finished before: a finished output counted as wanted
+/// for ever, so the task of a cancelled one ran on and held a pool thread.
+#[test]
+fn the_rest_of_a_map_stops_once_its_finished_outputs_are_done() {
+    for client in background_clients() {
+        for drop_them in [false, true] {
+            let id = new_id();
+            let fs = client.map(at_once_or_until_cancelled, vec![0, id]).unwrap();
+            assert_eq!(fs[0].result().unwrap(), 0);
+            eventually("the task started", || started(id));
+            if drop_them {
+                drop(fs);
+            } else {
+                fs[1].cancel();
+            }
+            eventually("the task saw the cancellation", || saw_cancel(id));
+        }
     }
 }
 

@@ -22,7 +22,9 @@
 //!    client, and another client's simulated future, which runs only when
 //!    waited for, still wait for it where the graph runs.
 //! 4. A submission stops (its executor run is cancelled) once none of its
-//!    outputs is wanted any more: all cancelled or released.
+//!    outputs is wanted any more: each completed, cancelled or released.
+//!    An output counts once, however many of these happen to it: whoever
+//!    takes the entry's run under the table lock counts it.
 //! 5. On a cluster, results stay where they were computed: the table holds
 //!    [`Remote`] handles (the client's runs ask to
 //!    [`keep_remote`](Reporter::keep_remote)), later graphs refer to them by
@@ -1032,7 +1034,7 @@ struct Run {
     /// run keeps them, however long the executor keeps the run.
     plan: Weak<rask_executor::Plan>,
     keys: Vec<Key>,
-    /// Outputs still wanted (rule 4).
+    /// Outputs still wanted: neither completed nor given up (rule 4).
     live: AtomicUsize,
     /// Outputs not reported yet, when the graph took futures as arguments:
     /// its last output may be held back until `finished` (below). `None`:
@@ -1059,6 +1061,13 @@ impl Run {
         if let Some(stop) = self.stop.get() {
             stop(slot);
         }
+    }
+
+    /// An output was completed: the run owes it nobody any more (rule 4),
+    /// so the rest of the run stops once the outputs still pending are
+    /// given up too.
+    fn output_done(&self) {
+        self.live.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -1515,7 +1524,10 @@ impl Shared {
                 Err(f) if f.kind == FailureKind::Cancelled && f.key == key => State::Cancelled,
                 Err(f) => State::Failed(f),
             };
+            // Taken under the lock, as `cancel` and `release` take it: the
+            // slot is counted out of `live` here, and never by them.
             entry.run = None;
+            run.output_done();
             let watched_failure = self.watched_failure(entry);
             (
                 std::mem::take(&mut entry.listeners),
