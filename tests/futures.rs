@@ -845,25 +845,27 @@ fn scatter_and_compute_through_the_client() {
     }
 }
 
-#[test]
-fn futures_can_be_awaited() {
+/// Polls `fut` on this thread, parking it between polls.
+fn block_on<F: std::future::Future>(fut: F) -> F::Output {
     struct Unpark(std::thread::Thread);
     impl Wake for Unpark {
         fn wake(self: Arc<Self>) {
             self.0.unpark();
         }
     }
-    fn block_on<F: std::future::Future>(fut: F) -> F::Output {
-        let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
-        let mut cx = Context::from_waker(&waker);
-        let mut fut = std::pin::pin!(fut);
-        loop {
-            if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
-                return v;
-            }
-            std::thread::park();
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+            return v;
         }
+        std::thread::park();
     }
+}
+
+#[test]
+fn futures_can_be_awaited() {
     let client = Client::threads(2).unwrap();
     let gate = new_id();
     let f = client.submit(delayed!(gated(gate, 40))).unwrap();
@@ -873,6 +875,53 @@ fn futures_can_be_awaited() {
     opener.join().unwrap();
     assert_eq!(v, 42);
     assert_eq!(f.result().unwrap(), 40);
+}
+
+/// The clients a task of `nested` submits to: a simulated one and a pool.
+fn inner_clients() -> &'static [Client; 2] {
+    static INNER: std::sync::OnceLock<[Client; 2]> = std::sync::OnceLock::new();
+    INNER.get_or_init(|| [Client::simulated(3).unwrap(), Client::threads(1).unwrap()])
+}
+
+/// Submits `inc(x)` to inner client `which` and waits for it `how`:
+/// `result()`, `.await`, `as_completed` or `wait`.
+fn nested(which: u64, how: u64, x: i64) -> i64 {
+    let f = inner_clients()[which as usize]
+        .submit(delayed!(inc(x)))
+        .unwrap();
+    match how {
+        0 => f.result().unwrap(),
+        1 => block_on(f).unwrap(),
+        2 => as_completed(vec![f]).next().unwrap().result().unwrap(),
+        _ => {
+            wait(std::slice::from_ref(&f));
+            f.result().unwrap()
+        }
+    }
+}
+
+/// A task of a synchronous client that waits for another client's future
+/// gets its value, however it waits: the work it submitted is queued on
+/// its thread until the outer submission is done, and a simulated
+/// client's wait stepped its executor before handing that work over, then
+/// slept for good; an `.await` never handed it over, on any client.
+#[test]
+fn a_task_of_a_synchronous_client_waits_for_another_clients_future() {
+    for (which, how) in [(0, 0), (0, 1), (0, 2), (0, 3), (1, 1)] {
+        let x = 10 * which as i64 + how as i64;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let outer = Client::synchronous().unwrap();
+            let got = outer
+                .submit(delayed!(nested(which, how, x)))
+                .and_then(|f| f.result());
+            let _ = tx.send(got);
+        });
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("client {which}, wait {how}: never finished"));
+        assert_eq!(got.unwrap(), x + 1, "client {which}, wait {how}");
+    }
 }
 
 #[test]

@@ -1245,7 +1245,10 @@ thread_local! {
 /// a thread blocks on a future: an executor may run a task on the thread
 /// that started it, inside the outer `schedule` (a thread pool's worker
 /// takes part in a plan it submits), and a graph that task submits is then
-/// queued behind it; waiting for it there would wait forever.
+/// queued behind it; waiting for it there would wait forever. Called
+/// before a wait steps a simulated client too ([`Shared::drive`]), which
+/// runs only what it was handed, and before an `.await` looks at a
+/// future, whose waker only that work calls.
 pub(crate) fn start_queued() {
     while let Some((shared, roots)) = QUEUE
         .try_with(|q| q.borrow_mut().as_mut().and_then(Vec::pop))
@@ -1656,6 +1659,10 @@ impl Shared {
     /// as `Cancelled` within [`TASK_RELEASE_POLL`] once the task's own work
     /// is given up: nobody wants what the task would do with the value.
     pub(crate) fn wait(&self, key: Key, deadline: Option<std::time::Instant>) -> State {
+        // Work this thread queued is handed over first: a simulated client
+        // runs only what it was handed, and nobody steps it once this
+        // thread sleeps.
+        start_queued();
         // A simulated client has no time: the deadline never passes while
         // work is left.
         self.drive(|| !self.state(key).is_pending());
@@ -1663,7 +1670,6 @@ impl Shared {
         if !state.is_pending() {
             return state;
         }
-        start_queued();
         let task = rask_executor::Stop::current();
         let watch = self.watcher(&task);
         let state = rask_executor::blocking(|| {
@@ -1982,8 +1988,11 @@ impl Shared {
     }
 
     /// Registers a waker for `key` if it is pending; returns the state seen.
-    /// A simulated client runs the work first (see [`drive`](Shared::drive)).
+    /// Work this thread queued is started first, as [`wait`](Shared::wait)
+    /// does: the waker is called only once that work ran. A simulated
+    /// client then runs the work (see [`drive`](Shared::drive)).
     pub(crate) fn poll_state(&self, key: Key, waker: &Waker) -> State {
+        start_queued();
         self.drive(|| !self.state(key).is_pending());
         let mut table = self.lock();
         match table.get_mut(&key) {

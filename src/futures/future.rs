@@ -681,13 +681,14 @@ impl<F: Waitable> Iterator for AsCompleted<F> {
         if self.outstanding == 0 {
             return None;
         }
+        // Work this thread queued is started first (`start_queued`; nothing
+        // to do, and no lock taken, when it queued none), before a
+        // simulated client runs what it was handed.
+        crate::futures::client::start_queued();
         if let Some(f) = self.next_simulated() {
             self.outstanding -= 1;
             return Some(f);
         }
-        // Work this thread queued is started first (`start_queued`; nothing
-        // to do, and no lock taken, when it queued none).
-        crate::futures::client::start_queued();
         let mut done = self
             .queue
             .done
