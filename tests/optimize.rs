@@ -573,4 +573,10 @@ fn explain_for_a_cluster_shows_what_travels_alone() {
     )
     .unwrap();
     assert_eq!(simulated.len(), cluster.len(), "a simulated cluster too");
+    // The drawing shows the same plans (it showed this process's plan for
+    // a cluster too).
+    let drawn = |config: &Config| x.plan_dot(config).unwrap().matches("label=").count();
+    assert_eq!(drawn(&Config::synchronous()), local.len());
+    let cluster_config = Config::new().executor(rask::ExecutorKind::Local(2));
+    assert_eq!(drawn(&cluster_config), cluster.len());
 }

@@ -164,13 +164,18 @@ pub fn compute_with<C: Compute>(what: C, config: &Config) -> Result<C::Output> {
 pub fn explain<C: Compute>(what: C, config: &Config) -> Result<Explain> {
     let mut roots = Roots::default();
     what.roots(&mut roots);
+    Ok(explain_roots(&roots.0, &shown_options(config)?))
+}
+
+/// The options `run` plans with for `config`, for showing its plan
+/// ([`explain`], [`Delayed::plan_dot`]), with nothing connected: remote
+/// for a cluster, simulated or not, as `run` plans for a remote backend.
+fn shown_options(config: &Config) -> Result<Options> {
     let mut options = options(config)?;
-    // As `run` plans for a backend that is remote: a cluster, simulated
-    // or not.
     let kind = config.resolve()?;
     options.remote =
         kind.is_cluster() || matches!(kind, crate::run::config::ExecutorKind::SimCluster { .. });
-    Ok(explain_roots(&roots.0, &options))
+    Ok(options)
 }
 
 /// Every pass when `config` resolves to optimizing, none otherwise.
@@ -220,8 +225,9 @@ impl<T: Data> Delayed<T> {
 
 impl<T> Delayed<T> {
     /// Renders the plan an executor would run for this value as Graphviz
-    /// DOT: the graph after optimization, as `config` sets it (see
-    /// [`explain`] for the plan itself). Fused tasks are
+    /// DOT: the graph after optimization, as `config` sets it, and for a
+    /// cluster the plan sent there (see [`explain`] for the plan itself).
+    /// Fused tasks are
     /// labelled with the names of the tasks they run.
     ///
     /// # Errors
@@ -240,7 +246,7 @@ impl<T> Delayed<T> {
     /// ```
     pub fn plan_dot(&self, config: &Config) -> Result<String> {
         let roots = std::slice::from_ref(self.node());
-        Ok(explain_roots(roots, &options(config)?).to_dot())
+        Ok(explain_roots(roots, &shown_options(config)?).to_dot())
     }
 }
 
