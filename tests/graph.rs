@@ -59,7 +59,7 @@ fn key_display_is_short_and_readable() {
 fn golden_keys() {
     assert_eq!(
         named_key("config").to_string(),
-        "f229fa90df15fe6d8e0cd05d0486f5e2d7140f40ad0091d677b5f487edac1ab1"
+        "e2ff4c8652482c30b965274455f3913c47d87fede6ad2812e8629bdd805a273f"
     );
 }
 
@@ -739,4 +739,110 @@ mod untraversed_keys {
             delayed!(total(Untraversed(job(-0.0)))).key()
         );
     }
+}
+
+/// Shows a JSON value as text.
+fn shown(v: serde_json::Value) -> String {
+    v.to_string()
+}
+
+/// A number of two widths, written without its variant (`untagged`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+enum Width {
+    Small(u8),
+    Big(u64),
+}
+
+fn width(w: Width) -> String {
+    format!("{w:?}")
+}
+
+/// Two optional fields, each left out of the encoding when empty.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Sparse {
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    a: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    b: Option<u32>,
+}
+
+fn sparse(s: Sparse) -> String {
+    format!("{s:?}")
+}
+
+/// Distinct literals of one type whose compact encodings are the same
+/// bytes are distinct work: keys hash what each value's `Serialize` does,
+/// not its postcard bytes. They shared a key, and computed together each
+/// got the first one's value (`false` for JSON's `0`, `""`, `[]` and `{}`).
+#[test]
+fn literals_whose_compact_encodings_agree_are_distinct_work() {
+    use serde_json::json;
+    let json = [
+        json!(false),
+        json!(0),
+        json!(""),
+        json!([]),
+        json!({}),
+        json!(null),
+    ];
+    let tasks: Vec<Delayed<String>> = json.iter().map(|v| delayed!(shown(v.clone()))).collect();
+    let want: Vec<String> = json.iter().map(|v| v.to_string()).collect();
+    assert_eq!(
+        rask::compute_with(tasks, &Config::synchronous()).unwrap(),
+        want
+    );
+    let widths = [Width::Small(1), Width::Big(1)];
+    let tasks: Vec<Delayed<String>> = widths.iter().map(|w| delayed!(width(w.clone()))).collect();
+    let got = rask::compute_with(tasks, &Config::synchronous()).unwrap();
+    assert_eq!(got, ["Small(1)", "Big(1)"]);
+    let values: Vec<Delayed<Width>> = widths.iter().map(|w| rask::value(w.clone())).collect();
+    assert_ne!(values[0].key(), values[1].key());
+    let one = Sparse {
+        a: Some(5),
+        b: None,
+    };
+    let other = Sparse {
+        a: None,
+        b: Some(5),
+    };
+    let tasks = vec![
+        delayed!(sparse(one.clone())),
+        delayed!(sparse(other.clone())),
+    ];
+    let got = rask::compute_with(tasks, &Config::synchronous()).unwrap();
+    assert_eq!(got, [format!("{one:?}"), format!("{other:?}")]);
+}
+
+/// A value whose `Serialize` always fails.
+#[derive(Clone, Debug)]
+struct Refuses;
+
+impl serde::Serialize for Refuses {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom("refuses to be written"))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Refuses {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        <()>::deserialize(d).map(|()| Refuses)
+    }
+}
+
+fn after(_: Refuses, x: i64) -> i64 {
+    x
+}
+
+/// A call whose argument could not be hashed shares its key with no other
+/// call: its key held what was hashed before the failure, which another
+/// call could hash too, and computed together the broken call's failure
+/// or the other's value went to both.
+#[test]
+fn a_call_whose_argument_cannot_be_hashed_shares_its_key_with_nothing() {
+    let one = delayed!(after(Refuses, 1));
+    let again = delayed!(after(Refuses, 1));
+    assert_ne!(one.key(), again.key());
+    let err = one.compute_with(&Config::synchronous()).unwrap_err();
+    assert!(err.to_string().contains("refuses to be written"), "{err}");
 }

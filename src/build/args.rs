@@ -313,11 +313,9 @@ impl Args {
     /// why it could not be.
     fn literal_value<T: serde::Serialize + 'static>(&mut self, value: &T) {
         if let Err(e) = self.hasher.literal_value(value) {
-            // A future's message (`travel.rs` rule 6) is kept aside.
-            let e = match (e, crate::build::travel::why()) {
-                (postcard::Error::SerdeSerCustom, Some(why)) => why,
-                (e, _) => e.to_string(),
-            };
+            // A future's message (`travel.rs` rule 6) is kept aside too:
+            // taken, so that it is not met again.
+            let e = crate::build::travel::why().unwrap_or_else(|| e.to_string());
             self.fail(|| {
                 format!(
                     "of type `{}` could not be serialized for its key: {e}",
@@ -343,7 +341,13 @@ impl Args {
         }
     }
 
-    pub(crate) fn finish<T>(self, name: &'static &'static str, call: impl Call) -> Delayed<T> {
+    pub(crate) fn finish<T>(mut self, name: &'static &'static str, call: impl Call) -> Delayed<T> {
+        if self.error.is_some() {
+            // What was hashed is the arguments up to the one that failed:
+            // another call could hash the same and share the key. A call
+            // that cannot run shares it with nothing.
+            self.hasher.bytes(&crate::build::key::nonce());
+        }
         let (key, stable) = self.hasher.finish_call();
         let call: Arc<dyn Call> = match self.error {
             None => shared(call),
@@ -677,7 +681,8 @@ where
     let slots = encoded
         .into_iter()
         .map(|(bytes, k, x)| {
-            args.hasher.bytes(&bytes);
+            // Keyed as a literal is (`key.rs` rule 3), not by its bytes.
+            args.literal_value(k);
             let slot = x.traverse(args);
             (k.clone(), bytes, slot)
         })

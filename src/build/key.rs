@@ -12,8 +12,11 @@
 //!    and two nested functions of the same name in different blocks share a
 //!    path but not a type); for other nodes, the name and identity
 //!    themselves,
-//! 3. for each argument, in order: the key of a task input, or the postcard
-//!    encoding of a literal;
+//! 3. for each argument, in order: the key of a task input, or a literal
+//!    as its serde calls, each under a tag of its own ([`literal`]: not
+//!    its compact encoding, where values of one type that serialize
+//!    through different calls can write the same bytes); an argument that
+//!    cannot be serialized makes the call's key fresh;
 //!
 //! and for a call of a closure that captures variables (rule 4), blake3 so
 //! keyed over its own tag, that key (its *stable* key, rule 5) and a fresh
@@ -59,8 +62,14 @@ use std::sync::LazyLock;
 use rask_executor::Key;
 use serde::Serialize;
 
+mod literal;
+
+pub(crate) use literal::LiteralError;
+
 /// The versioned context; changing it changes every key (a breaking change).
-const CONTEXT: &str = "rask task key v1";
+/// Version 2: literals are hashed as their serde calls ([`literal`]), not
+/// their postcard bytes.
+const CONTEXT: &str = "rask task key v2";
 
 /// Keys are keyed blake3 hashes under a key derived from [`CONTEXT`]: the
 /// same separation as blake3's derive-key mode, without re-deriving the
@@ -284,47 +293,47 @@ impl KeyHasher {
         self.spill();
     }
 
-    /// Mixes in a literal by its postcard encoding.
-    pub(crate) fn literal<T: Serialize + ?Sized>(
-        &mut self,
-        value: &T,
-    ) -> Result<(), postcard::Error> {
+    /// Mixes in a literal: its serde calls, each under a tag of its own
+    /// ([`literal`], rule 3).
+    pub(crate) fn literal<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), LiteralError> {
         self.buf.push(b'l');
-        postcard::serialize_with_flavor(value, Flavor(self))
+        value.serialize(&mut literal::Literal(self))
     }
 
-    /// [`literal`](KeyHasher::literal), the same bytes, without a serde
-    /// call per element for the lists large data comes in: bytes and
-    /// floats, which postcard encodes as the list's length (a varint) and
-    /// each element's bytes (a float's little-endian bits).
+    /// [`literal`](KeyHasher::literal), without a serde call per element
+    /// for the lists large data comes in: bytes as bytes, and floats as
+    /// their count and bits under a tag of their own. Each type is always
+    /// written one way, so its values keep distinct keys.
     pub(crate) fn literal_value<T: Serialize + 'static>(
         &mut self,
         value: &T,
-    ) -> Result<(), postcard::Error> {
+    ) -> Result<(), LiteralError> {
         let any = value as &dyn std::any::Any;
         if let Some(bytes) = any.downcast_ref::<Vec<u8>>() {
-            // What `serialize_bytes` writes is a list of bytes' encoding.
             return self.literal(&AsBytes(bytes));
         }
         if let Some(floats) = any.downcast_ref::<Vec<f64>>() {
-            return self.elements(floats, |x| x.to_bits().to_le_bytes());
+            self.elements(literal::F64S, floats, |x| x.to_bits().to_le_bytes());
+            return Ok(());
         }
         if let Some(floats) = any.downcast_ref::<Vec<f32>>() {
-            return self.elements(floats, |x| x.to_bits().to_le_bytes());
+            self.elements(literal::F32S, floats, |x| x.to_bits().to_le_bytes());
+            return Ok(());
         }
         self.literal(value)
     }
 
-    /// A list's encoding: its length, then each element's bytes.
+    /// A list under `tag`: its length, then each element's bytes.
     fn elements<E: Copy, const N: usize>(
         &mut self,
+        tag: u8,
         list: &[E],
         bytes: impl Fn(E) -> [u8; N],
-    ) -> Result<(), postcard::Error> {
-        // The literal's mark, then the length, which encodes as a `u64`
-        // does: a varint.
+    ) {
         self.buf.push(b'l');
-        postcard::serialize_with_flavor(&(list.len() as u64), Flavor(self))?;
+        self.buf.push(tag);
+        self.buf
+            .extend_from_slice(&(list.len() as u64).to_le_bytes());
         // Elements' bytes into the buffer, hashed each time it passes its
         // limit (16 KiB: blake3 hashes 16 chunks of 1 KiB at once); a short
         // list costs what its bytes do.
@@ -335,7 +344,6 @@ impl KeyHasher {
             }
             self.spill();
         }
-        Ok(())
     }
 
     /// The key, and for a call of a capturing closure the key it would
@@ -448,34 +456,6 @@ impl Serialize for AsBytes<'_> {
     }
 }
 
-/// Postcard's output straight into a hasher's buffer: a byte at a time
-/// without a call through `io::Write` per byte (a `Vec<u8>` encodes a byte
-/// at a time), hashed as it fills.
-struct Flavor<'a>(&'a mut KeyHasher);
-
-impl postcard::ser_flavors::Flavor for Flavor<'_> {
-    type Output = ();
-
-    #[inline]
-    fn try_push(&mut self, byte: u8) -> postcard::Result<()> {
-        self.0.buf.push(byte);
-        if self.0.buf.len() > BUFFER_LIMIT {
-            self.0.spill();
-        }
-        Ok(())
-    }
-
-    #[inline]
-    fn try_extend(&mut self, bytes: &[u8]) -> postcard::Result<()> {
-        self.0.extend(bytes);
-        Ok(())
-    }
-
-    fn finalize(self) -> postcard::Result<()> {
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -508,54 +488,68 @@ mod tests {
         let mut h = KeyHasher::new(Tag::Data, "value", "bytes");
         manual.update(&h.buf);
         h.literal(&big[..]).unwrap();
-        let mut encoded = vec![b'l'];
-        encoded.extend(postcard::to_stdvec(&big[..]).unwrap());
+        // A slice is a sequence of tagged bytes, then its end (`literal`).
+        let mut encoded = vec![b'l', 0x18];
+        for &b in &big {
+            encoded.extend([0x07, b]);
+        }
+        encoded.push(0xf0);
         manual.update(&encoded);
         assert_eq!(h.finish(), Key(*manual.finalize().as_bytes()));
     }
 
-    /// The key of `value` hashed through serde element by element, and
-    /// through the shortcut for lists of bytes and floats.
-    fn both_ways<T: Serialize + 'static>(value: &T) -> (Key, Key) {
-        let mut slow = KeyHasher::new(Tag::Data, "value", "list");
-        slow.literal(value).unwrap();
-        let mut fast = KeyHasher::new(Tag::Data, "value", "list");
-        fast.literal_value(value).unwrap();
-        (slow.finish(), fast.finish())
+    /// The key of `value` through the shortcut for lists of bytes and
+    /// floats.
+    fn fast<T: Serialize + 'static>(value: &T) -> Key {
+        let mut h = KeyHasher::new(Tag::Data, "value", "list");
+        h.literal_value(value).unwrap();
+        h.finish()
+    }
+
+    /// Equal lists, equal keys; a list with one element changed, or one
+    /// element fewer, another key.
+    fn tells_apart<E: Clone + Serialize + 'static>(
+        list: &[E],
+        at: usize,
+        other: impl Fn(&E) -> E,
+    ) -> Result<(), proptest::test_runner::TestCaseError> {
+        let list = list.to_vec();
+        proptest::prop_assert_eq!(fast(&list), fast(&list.clone()));
+        if let Some(e) = list.get(at % list.len().max(1)) {
+            let mut changed = list.clone();
+            changed[at % list.len()] = other(e);
+            proptest::prop_assert_ne!(fast(&list), fast(&changed));
+            proptest::prop_assert_ne!(fast(&list), fast(&list[..list.len() - 1].to_vec()));
+        }
+        Ok(())
     }
 
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig { cases: 64, .. Default::default() })]
 
-        /// The shortcut hashes the very bytes postcard writes, across the
-        /// buffer's limit too (16 KiB: 2 048 floats, 16 384 bytes), so
-        /// keys do not depend on which way a list was hashed.
+        /// The shortcut keeps distinct lists apart, across the buffer's
+        /// limit too (16 KiB: 2 048 floats, 16 384 bytes).
         #[test]
-        fn lists_of_bytes_and_floats_hash_as_postcard_encodes_them(
+        fn the_shortcut_keeps_lists_of_bytes_and_floats_apart(
             bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..40_000),
             floats in proptest::collection::vec(proptest::num::f64::ANY, 0..5_000),
             small in proptest::collection::vec(proptest::num::f32::ANY, 0..5_000),
+            at in 0_usize..40_000,
         ) {
-            let (slow, fast) = both_ways(&bytes);
-            proptest::prop_assert_eq!(slow, fast);
-            let (slow, fast) = both_ways(&floats);
-            proptest::prop_assert_eq!(slow, fast);
-            let (slow, fast) = both_ways(&small);
-            proptest::prop_assert_eq!(slow, fast);
+            tells_apart(&bytes, at, |b| b.wrapping_add(1))?;
+            tells_apart(&floats, at, |x| f64::from_bits(x.to_bits() ^ 1))?;
+            tells_apart(&small, at, |x| f32::from_bits(x.to_bits() ^ 1))?;
         }
     }
 
     #[test]
     fn the_shortcut_tells_lists_apart() {
-        let (a, _) = both_ways(&vec![0.0_f64, -0.0]);
-        let (_, b) = both_ways(&vec![0.0_f64, -0.0]);
-        assert_eq!(a, b);
-        assert_ne!(both_ways(&vec![0.0_f64]).1, both_ways(&vec![-0.0_f64]).1);
-        assert_ne!(both_ways(&vec![1u8, 2]).1, both_ways(&vec![1u8, 2, 0]).1);
+        assert_ne!(fast(&vec![0.0_f64]), fast(&vec![-0.0_f64]));
+        assert_ne!(fast(&vec![1u8, 2]), fast(&vec![1u8, 2, 0]));
         // A list of one float is not the list of its eight bytes.
         let one = vec![1.5_f64];
         let its_bytes: Vec<u8> = 1.5_f64.to_bits().to_le_bytes().to_vec();
-        assert_ne!(both_ways(&one).1, both_ways(&its_bytes).1);
+        assert_ne!(fast(&one), fast(&its_bytes));
     }
 
     fn call_key<F: 'static>(_: &F, name: &'static str) -> Key {
