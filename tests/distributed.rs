@@ -1386,6 +1386,51 @@ fn a_chain_through_the_client_reaches_the_cluster_as_one_task() {
     }
 }
 
+/// Sleeps `ms`, then adds one.
+fn nap_step(x: i64, ms: u64) -> i64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    x + 1
+}
+
+/// A cluster's default task timeout (`rask-scheduler --task-timeout`)
+/// holds for each task of a chain fused into one wire task, as for tasks
+/// sent alone: ten steps of 300 ms under a default of 2 s succeed (the
+/// chain was held to 2 s as a whole and failed), and a step of 5 s fails.
+fn a_default_timeout_holds_for_each_step_of_a_fused_chain() {
+    let auth = support::user_auth();
+    let options = rask_distributed::scheduler::Options::default()
+        .auth(auth.clone())
+        .task_timeout(Duration::from_secs(2));
+    let scheduler =
+        rask_distributed::scheduler::serve_with("127.0.0.1:0".parse().unwrap(), options).unwrap();
+    let address = format!("tcp://{}", scheduler.address());
+    let registry = rask::__private::registry().unwrap();
+    let options = rask_distributed::worker::Options::default()
+        .threads(1)
+        .auth(auth);
+    let _worker = rask_distributed::worker::spawn_with(&address, registry, options).unwrap();
+    let config = Config::new().executor(ExecutorKind::Tcp(
+        address.trim_start_matches("tcp://").into(),
+    ));
+    // A fresh literal: keys the cluster never saw.
+    let start = i64::from(std::process::id()) * 1000;
+    let mut chain = delayed!(nap_step(start, 300));
+    for _ in 1..10 {
+        chain = delayed!(nap_step(&chain, 300));
+    }
+    assert_eq!(
+        rask::explain(&chain, &config).unwrap().len(),
+        1,
+        "one wire task"
+    );
+    assert_eq!(chain.compute_with(&config).unwrap(), start + 10);
+    let long = delayed!(nap_step(&delayed!(nap_step(start, 5000)), 0));
+    match long.compute_with(&config) {
+        Err(Error::Timeout { .. }) => {}
+        other => panic!("a step of 5 s under a default of 2 s: {other:?}"),
+    }
+}
+
 /// Child processes of this process that are still alive.
 fn live_children() -> Vec<u32> {
     let me = std::process::id();
@@ -1730,6 +1775,7 @@ fn main() {
     rask::init_with(futures_api::register(arguments::register(rask::tasks![
         inc,
         fused_step,
+        nap_step,
         add,
         sum,
         total_len,
@@ -1785,6 +1831,10 @@ fn main() {
     }
     harness::token_for_this_run();
     let tests: &[(&str, fn())] = &[
+        (
+            "a_default_timeout_holds_for_each_step_of_a_fused_chain",
+            a_default_timeout_holds_for_each_step_of_a_fused_chain,
+        ),
         (
             "graphs_compute_like_the_sync_executor",
             graphs_compute_like_the_sync_executor,

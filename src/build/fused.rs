@@ -21,7 +21,12 @@
 //!    task actually received, never from a count alone.
 //! 3. A step carries no limits or annotations of its own: a task that has
 //!    any is never folded for a cluster (`plan::lower` rule 3), so it
-//!    travels as a task of its own, whose limits the worker enforces.
+//!    travels as a task of its own, whose limits the worker enforces. So
+//!    a timeout a worker is given for a fused task is its cluster's
+//!    default for every task: enforced on each step
+//!    ([`Op::each_step_limited`]), as on each task sent alone, never on
+//!    the chain as a whole (ten steps of a second each under a default of
+//!    five failed together).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -240,6 +245,22 @@ impl Op for Received {
 
     fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Rule 3.
+    fn each_step_limited(&self, timeout: std::time::Duration) -> Option<Arc<dyn Op>> {
+        let steps = self.steps.iter().map(|s| ReceivedStep {
+            key: s.key,
+            op: rask_executor::with_limits(s.op.clone(), Some(timeout), 0),
+            pushes: s.pushes,
+            args: s.args,
+        });
+        Some(Arc::new(Received {
+            name: self.name.clone(),
+            steps: steps.collect(),
+            inputs: self.inputs,
+            depth: self.depth,
+        }))
     }
 }
 

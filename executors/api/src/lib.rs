@@ -177,6 +177,16 @@ pub trait Op: Send + Sync {
         None
     }
 
+    /// For an op made of steps that were tasks of their own (a chain fused
+    /// into one wire task): the same op with `timeout` on each step rather
+    /// than on the whole, as a default meant for every task (a cluster's
+    /// `--task-timeout`) is enforced. `None` (the default): the op is one
+    /// task, limited as a whole.
+    fn each_step_limited(&self, timeout: Duration) -> Option<Arc<dyn Op>> {
+        let _ = timeout;
+        None
+    }
+
     /// Whether the task is work of its own, which task events report
     /// ([`events`]): `false` for ops that only hand over a value that
     /// already exists — data, a result held from an earlier run, a recorded

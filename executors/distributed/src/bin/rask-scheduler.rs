@@ -28,7 +28,7 @@
 //! heard from for `--client-timeout` seconds (clients send a heartbeat
 //! every second) is taken as disconnected. A task without a timeout of its
 //! own fails as timed out after `--task-timeout` seconds (default: no
-//! limit). A task running on `--allowed-failures` workers when they died
+//! limit; each task of a chain sent as one fused task counts alone). A task running on `--allowed-failures` workers when they died
 //! (default 3) fails instead of being run again; after its first such
 //! death it runs alone on a worker, so a task that only ran beside one
 //! that crashes its process does not fail with it.

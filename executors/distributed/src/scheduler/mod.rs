@@ -315,7 +315,9 @@ pub struct Options {
     /// 9), so only a stopped or vanished worker stays silent that long.
     pub worker_timeout: Duration,
     /// How long a task without a timeout of its own may run before it fails
-    /// as timed out. Default: no limit.
+    /// as timed out; a task made of steps (a chain fused into one wire
+    /// task) gives each step this long ([`rask_executor::Op::each_step_limited`]).
+    /// Default: no limit.
     pub task_timeout: Option<Duration>,
     /// How many workers may die while running one task before the task
     /// fails instead of being run again (a task that crashes its process

@@ -281,7 +281,12 @@ impl WorkerState {
         };
         // A registry that panics while decoding fails that task only.
         let op = match catch_unwind(AssertUnwindSafe(|| self.registry.resolve(&wire))) {
-            Ok(Ok(op)) => rask_executor::with_limits(op, msg.timeout, msg.retries),
+            // A task made of steps takes a timeout on each (a fused
+            // chain, which has none of its own: this is the default).
+            Ok(Ok(op)) => match msg.timeout.and_then(|t| op.each_step_limited(t)) {
+                Some(stepwise) => rask_executor::with_limits(stepwise, None, msg.retries),
+                None => rask_executor::with_limits(op, msg.timeout, msg.retries),
+            },
             Ok(Err(e)) => return out.to_scheduler(fail(FailureKind::Failed, e.to_string())),
             Err(p) => return out.to_scheduler(fail(FailureKind::Panicked, panic_message(&*p))),
         };
