@@ -506,6 +506,25 @@ fn a_graph_that_never_took_a_cancelled_future_computes_its_key() {
     }
 }
 
+/// Work submitted on a pending future that is cancelled afterwards fails
+/// as cancelled, naming it, on every executor. On a cluster, which was
+/// told of the future by key, it got the value the cancelled future's task
+/// went on to compute there for it.
+#[test]
+fn work_on_a_future_cancelled_after_it_was_submitted_fails_as_cancelled() {
+    for client in clients().into_iter().skip(1) {
+        let gate = new_id();
+        let f = client.submit(delayed!(gated(gate, 10))).unwrap();
+        let h = client.submit(delayed!(inc(&f))).unwrap();
+        f.cancel();
+        open(gate);
+        match h.result_timeout(std::time::Duration::from_secs(30)) {
+            Err(Error::Cancelled { key }) => assert_eq!(key, f.key(), "{:?}", client.executor()),
+            other => panic!("{:?}: {other:?}", client.executor()),
+        }
+    }
+}
+
 /// On a cluster, work on a cancelled future needs no worker: it fails in
 /// the client, even while every worker thread is busy.
 #[cfg(feature = "distributed")]

@@ -13,7 +13,10 @@
 //!    needs a pending entry starts only when that entry is done. A cancelled
 //!    entry replays its cancellation only where the graph takes it as a
 //!    future; met as a node of the graph's own (the same work, built again
-//!    as a `Delayed`), it is computed, as rule 2 does for roots. A pending
+//!    as a `Delayed`), it is computed, as rule 2 does for roots. A future
+//!    cancelled after the graph was sent to a cluster, which had it
+//!    computed there all the same, fails the graph's outputs as cancelled
+//!    when they are recorded, as if the graph had waited here. A pending
 //!    future of another client in the graph is waited for the same way,
 //!    where the graph would otherwise start on a thread of its own
 //!    (threads, a cluster): no executor thread, and no cluster
@@ -1052,6 +1055,10 @@ struct Run {
     submitted: AtomicBool,
     /// How the executor stops one output's work, if it can (rule 4).
     stop: std::sync::OnceLock<Arc<dyn Fn(usize) + Send + Sync>>,
+    /// The futures it takes that the cluster was computing for an earlier
+    /// run when it was sent (`PendingRef`): one cancelled before this run's
+    /// output is recorded fails it (rule 3).
+    refs: Box<[(Key, Name)]>,
 }
 
 impl Run {
@@ -1369,6 +1376,7 @@ impl Shared {
             None => roots.iter().any(|r| r.key == *key),
         };
         let mut waits = Vec::new();
+        let mut refs = Vec::new();
         // Other clients' pending futures the graph takes, which it waits
         // for before it starts where it would start on a thread of its own
         // (rule 3); a simulated client's runs only when waited for.
@@ -1424,6 +1432,7 @@ impl Shared {
                     .as_ref()
                     .is_some_and(|(r, _)| r.submitted.load(Ordering::Acquire))
             {
+                refs.push((node.key, node.name_owned()));
                 Arc::new(PendingRef {
                     name: node.name_owned(),
                     key: node.key,
@@ -1481,6 +1490,7 @@ impl Shared {
             last: Mutex::new(None),
             submitted: AtomicBool::new(false),
             stop: std::sync::OnceLock::new(),
+            refs: refs.into(),
         });
         for (slot, root) in roots.iter().enumerate() {
             if let Some(entry) = table.get_mut(&root.key) {
@@ -1504,6 +1514,19 @@ impl Shared {
         let mut finished_node = None;
         let (listeners, deferred, sleepers) = {
             let mut table = self.lock();
+            // A future it took, cancelled since it was sent: its value
+            // reached the cluster's graph anyway (the cluster computed it
+            // for this run), but work on a cancelled future fails as
+            // cancelled, naming it, as where the graph waits for the
+            // future in this process (rule 3).
+            let outcome = match outcome {
+                Ok(_) if !run.refs.is_empty() => run
+                    .refs
+                    .iter()
+                    .find(|(k, _)| table.get(k).is_some_and(|e| e.state.is_cancelled()))
+                    .map_or(outcome, |(k, name)| Err(cancelled_failure(*k, name))),
+                outcome => outcome,
+            };
             let Some(entry) = table.get_mut(&key) else {
                 return; // released while it ran
             };
