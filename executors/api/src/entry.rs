@@ -17,7 +17,11 @@
 //!
 //! 1. A file is written to a temporary name in its directory and renamed
 //!    into place, so a reader sees a whole file or none; two processes
-//!    writing the same entry leave one of two equal files.
+//!    writing the same entry leave one of two equal files. The temporary
+//!    name is the writer's own: its process id, a random number drawn
+//!    once per process (containers sharing a directory may all have the
+//!    same process id) and a count, and the file is created only if no
+//!    file has that name, never truncating another writer's.
 //! 2. Nothing in a file is trusted: a file that is short, long, of another
 //!    format version, of another type or whose bytes do not match the
 //!    checksum is [`EntryError::Corrupt`] or [`EntryError::Foreign`], never
@@ -142,19 +146,12 @@ fn header(type_name: &str, bytes: &[u8]) -> Vec<u8> {
 /// std::fs::remove_dir_all(&dir).unwrap();
 /// ```
 pub fn write(dir: &Path, key: &Key, type_name: &str, bytes: &[u8]) -> io::Result<u64> {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
     let target = path(dir, key);
     let parent = target.parent().unwrap_or(dir);
     fs::create_dir_all(parent)?;
-    let temporary = parent.join(format!(
-        ".tmp-{}-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed),
-        &key.to_string()[..16],
-    ));
+    let (mut file, temporary) = temporary_file(parent, key)?;
     let header = header(type_name, bytes);
     let written = (|| {
-        let mut file = fs::File::create(&temporary)?;
         file.write_all(&header)?;
         file.write_all(bytes)?;
         file.flush()?;
@@ -166,6 +163,44 @@ pub fn write(dir: &Path, key: &Key, type_name: &str, bytes: &[u8]) -> io::Result
         return Err(e);
     }
     Ok((header.len() + bytes.len()) as u64)
+}
+
+/// Temporary files this process started writing.
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+/// A random number of this process's own, for its temporary names (rule 1).
+fn salt() -> u64 {
+    static SALT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *SALT.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        h.finish()
+    })
+}
+
+/// A new file under a temporary name of this writer's own in `dir`
+/// (rule 1), and the name.
+fn temporary_file(dir: &Path, key: &Key) -> io::Result<(fs::File, PathBuf)> {
+    loop {
+        let temporary = dir.join(format!(
+            ".tmp-{}-{:016x}-{}-{}",
+            std::process::id(),
+            salt(),
+            NEXT.fetch_add(1, Ordering::Relaxed),
+            &key.to_string()[..16],
+        ));
+        match fs::File::options()
+            .write(true)
+            .create_new(true)
+            .open(&temporary)
+        {
+            Ok(file) => return Ok((file, temporary)),
+            // Another writer's, left by a crash or in use: the next count.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Reads the entry of `key` under `dir`; with `expected_type`, a file of
@@ -267,6 +302,32 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("rask-entry-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         dir
+    }
+
+    /// Another writer's temporary file is never touched: one of another
+    /// process of the same id (a container sharing the directory), named
+    /// as this process would name its next one without its random part,
+    /// was truncated and renamed into place as this process's entry.
+    #[test]
+    fn another_writers_temporary_file_is_left_alone() {
+        let dir = scratch("tmp-names");
+        let key = Key([9; 32]);
+        let parent = path(&dir, &key).parent().unwrap().to_owned();
+        fs::create_dir_all(&parent).unwrap();
+        let theirs = |n: u64| {
+            let name = format!(".tmp-{}-{n}-{}", std::process::id(), &key.to_string()[..16]);
+            parent.join(name)
+        };
+        let next = NEXT.load(Ordering::Relaxed);
+        for n in next..next + 4 {
+            fs::write(theirs(n), b"theirs").unwrap();
+        }
+        write(&dir, &key, "u8", &[42]).unwrap();
+        assert_eq!(read(&dir, &key, Some("u8")).unwrap().bytes, vec![42]);
+        for n in next..next + 4 {
+            assert_eq!(fs::read(theirs(n)).unwrap(), b"theirs");
+        }
+        let _ = fs::remove_dir_all(&dir);
     }
 
     /// A type's name longer than a header holds (deeply generic types) is
