@@ -41,7 +41,9 @@
 //!    and heartbeats wait too). Reading on the compute thread would avoid
 //!    that at the cost of a third way for a job to end; not done yet. A spilled value a
 //!    peer or a client asks the data port for is read from disk on a
-//!    blocking thread and sent, and stays on disk.
+//!    blocking thread and sent, and stays on disk; one that moved
+//!    meanwhile (read back for a task, spilled again) is read where it
+//!    went: a file removed for a newer place is no damage (rule 5).
 //! 5. **Never a wrong value.** A file that cannot be read back whole and
 //!    matching its checksum (`entry` rule 2) drops its value, with a
 //!    warning: the data port answers `Missing`, a task that needed it is
@@ -440,9 +442,7 @@ impl Held {
         bytes: Option<&Arc<[u8]>>,
         keep: bool,
     ) -> Option<OnDisk> {
-        let current = self.values.get(&disk.key).is_some_and(|s| {
-            s.generation == disk.generation && matches!(s.place, Place::Disk { .. })
-        });
+        let current = self.holds_on_disk(disk);
         match bytes {
             Some(bytes) => {
                 self.stats.unspills += 1;
@@ -470,6 +470,14 @@ impl Held {
                 self.remove(&disk.key)
             }
         }
+    }
+
+    /// Whether `disk` is still where its value is: on disk, at that
+    /// generation.
+    fn holds_on_disk(&self, disk: &OnDisk) -> bool {
+        self.values.get(&disk.key).is_some_and(|s| {
+            s.generation == disk.generation && matches!(s.place, Place::Disk { .. })
+        })
     }
 
     /// Whether no new task should start (rule 2).
@@ -620,6 +628,31 @@ impl Store {
     /// in memory. `None` when its file cannot be read back whole; the value
     /// is dropped then.
     pub(crate) fn read(&self, disk: &OnDisk, keep: bool) -> Option<Arc<[u8]>> {
+        let mut moved: Option<OnDisk> = None;
+        // A value that moves while it is read (read back for a task,
+        // spilled again) is read where it went; a few moves in a row, and
+        // it is taken for not held.
+        for _ in 0..4 {
+            let disk = moved.as_ref().unwrap_or(disk);
+            match self.read_at(disk, keep) {
+                Ok(bytes) => return bytes,
+                Err(Found::Memory(value)) => {
+                    return match value.downcast_ref::<Encoded>() {
+                        Some(encoded) => Some(encoded.0.clone()),
+                        None => value.encode().ok().map(Arc::from),
+                    }
+                }
+                Err(Found::Disk(newer)) => moved = Some(newer),
+                Err(Found::Missing) => return None,
+            }
+        }
+        None
+    }
+
+    /// [`read`](Store::read) at `disk`: `Err` with where the value is now
+    /// when its file could not be read because it moved since (a file
+    /// removed for a newer place is no damage, rule 5).
+    fn read_at(&self, disk: &OnDisk, keep: bool) -> Result<Option<Arc<[u8]>>, Found> {
         let dir = locked(&self.0.spill).made.clone();
         let read = match &dir {
             Some(dir) => entry::read(dir, &file_key(disk), Some(disk.type_name)),
@@ -628,6 +661,12 @@ impl Store {
         let bytes = match read {
             Ok(entry) => Some(Arc::<[u8]>::from(entry.bytes)),
             Err(e) => {
+                {
+                    let mut held = self.held();
+                    if !held.holds_on_disk(disk) {
+                        return Err(held.find(&disk.key));
+                    }
+                }
                 log_limited!(
                     "worker: spilled value lost",
                     "worker: a spilled value ({}) cannot be read back, dropped; the scheduler \
@@ -646,7 +685,7 @@ impl Store {
         if over {
             self.start_spilling();
         }
-        bytes
+        Ok(bytes)
     }
 
     /// Ends spilling: every value and the spill directory go, the spill
@@ -1147,6 +1186,11 @@ mod tests {
         let value = store.input(&[0; 32]).unwrap().expect("held");
         assert!(value.downcast_ref::<Encoded>().is_some());
         assert!(!entry::path(&dir, &file_key(&disk)).exists());
+        // A reader that found it on disk before (the data port) is
+        // answered from memory, where it went: the value was answered
+        // missing, then released by the scheduler on the peer's word.
+        assert_eq!(store.read(&disk, false).as_deref(), Some(&bytes[..]));
+        assert!(store.contains(&[0; 32]));
         store.close();
         assert!(!dir.exists());
         assert_eq!(store.clear(), 0);
