@@ -31,7 +31,8 @@
 //!    system's temporary directory by default), is made at the first
 //!    spill and removed with everything in it when the worker ends;
 //!    directories of processes that no longer run are removed when a new
-//!    one is made.
+//!    one is made, on a thread of their own (never under a lock the
+//!    network thread takes).
 //! 4. **Coming back.** A spilled value needed by a task of this worker is
 //!    read back into memory (an [`Encoded`], most recently used) before the
 //!    task is handed to the pool, and its file removed. The read happens on
@@ -851,18 +852,32 @@ impl Store {
     /// The spill directory, made now if it is not yet (rule 3).
     fn dir(&self) -> Result<PathBuf, String> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
-        let mut spill = locked(&self.0.spill);
-        if let Some(dir) = &spill.made {
-            return Ok(dir.clone());
+        let (dir, parent) = {
+            let mut spill = locked(&self.0.spill);
+            if let Some(dir) = &spill.made {
+                return Ok(dir.clone());
+            }
+            let pid = std::process::id();
+            let dir = spill.parent.join(format!(
+                "rask-spill-{pid}-{}",
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            spill.made = Some(dir.clone());
+            (dir, spill.parent.clone())
+        };
+        // Dead processes' directories go on a thread of their own, outside
+        // the lock an insert on the network thread takes: a crashed
+        // worker's thousands of files held it for seconds (no heartbeat
+        // meanwhile). Done inline if no thread starts.
+        let clean = parent.clone();
+        if std::thread::Builder::new()
+            .name("rask-spill-clean".into())
+            .spawn(move || remove_stale(&clean))
+            .is_err()
+        {
+            remove_stale(&parent);
         }
-        let pid = std::process::id();
-        remove_stale(&spill.parent);
-        let dir = spill.parent.join(format!(
-            "rask-spill-{pid}-{}",
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        spill.made = Some(dir.clone());
         Ok(dir)
     }
 }
@@ -1232,6 +1247,21 @@ mod tests {
             assert!(!stale.exists());
         }
         assert!(live.exists());
+        // A store's first spill removes them too, on a thread of its own.
+        std::fs::create_dir_all(&stale).unwrap();
+        let store = Store::new(Some(100), parent.clone());
+        store.insert(
+            [1; 32],
+            Stored {
+                value: Arc::new(vec![1u8; 200]),
+                nbytes: 200,
+            },
+        );
+        if Path::new("/proc/self").exists() {
+            eventually("the dead process's directory removed", || !stale.exists());
+        }
+        assert!(live.exists());
+        store.close();
         std::fs::remove_dir_all(&parent).unwrap();
     }
 }
