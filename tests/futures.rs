@@ -525,6 +525,28 @@ fn work_on_a_future_cancelled_after_it_was_submitted_fails_as_cancelled() {
     }
 }
 
+/// `scheduler_info` of a client in this process counts its futures by
+/// state, as a scheduler counts tasks: work sent to the executor as
+/// processing (and running on its threads), failed work as erred. Every
+/// pending future counted as waiting, and no failure at all.
+#[cfg(feature = "threaded")]
+#[test]
+fn scheduler_info_in_this_process_counts_running_and_failed_work() {
+    let client = Client::threads(2).unwrap();
+    let gate = new_id();
+    let running = client.submit(delayed!(gated(gate, 1))).unwrap();
+    let failed = client.submit(delayed!(fail_on(3)?)).unwrap();
+    assert!(failed.result().is_err());
+    let info = client.scheduler_info().unwrap();
+    let t = &info.totals;
+    assert_eq!((t.waiting, t.processing, t.erred, t.memory), (0, 1, 1, 0));
+    assert_eq!(info.workers[0].running, 1);
+    open(gate);
+    assert_eq!(running.result().unwrap(), 1);
+    let t = client.scheduler_info().unwrap().totals;
+    assert_eq!((t.waiting, t.processing, t.erred, t.memory), (0, 0, 1, 1));
+}
+
 /// On a cluster, work on a cancelled future needs no worker: it fails in
 /// the client, even while every worker thread is busy.
 #[cfg(feature = "distributed")]

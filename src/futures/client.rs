@@ -1596,15 +1596,33 @@ impl Shared {
         }
     }
 
-    /// Keys pending and keys finished, now.
-    pub(crate) fn counts(&self) -> (u64, u64) {
+    /// The keys the table holds now, by state, as a scheduler counts its
+    /// tasks: pending ones whose run went to the executor are processing,
+    /// the others waiting; finished ones are in memory (and done); failed
+    /// ones erred. A cancelled key is none of these.
+    pub(crate) fn counts(&self) -> rask_executor::diagnostics::Counts {
         let table = self.lock();
-        let pending = table.values().filter(|e| e.state.is_pending()).count();
-        let finished = table
-            .values()
-            .filter(|e| matches!(e.state, State::Finished(_)))
-            .count();
-        (pending as u64, finished as u64)
+        let mut counts = rask_executor::diagnostics::Counts::default();
+        for entry in table.values() {
+            match &entry.state {
+                State::Pending => {
+                    let sent = entry
+                        .run
+                        .as_ref()
+                        .is_some_and(|(run, _)| run.submitted.load(Ordering::Acquire));
+                    if sent {
+                        counts.processing += 1;
+                    } else {
+                        counts.waiting += 1;
+                    }
+                }
+                State::Finished(_) => counts.memory += 1,
+                State::Failed(_) => counts.erred += 1,
+                State::Cancelled => {}
+            }
+        }
+        counts.done = counts.memory;
+        counts
     }
 
     /// Drops one future handle's reference to `key` (rule 1).

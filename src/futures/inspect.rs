@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use rask_executor::diagnostics::{Counts, Snapshot, WorkerRow, SCHEMA_VERSION};
+use rask_executor::diagnostics::{Snapshot, WorkerRow, SCHEMA_VERSION};
 
 use crate::futures::client::{Client, State};
 use crate::futures::future::Future;
@@ -54,13 +54,8 @@ impl Client {
             #[cfg(feature = "threaded")]
             Backend::Threads(pool) => (1, pool.threads()),
         };
-        let (pending, finished) = self.inner.counts();
-        let totals = Counts {
-            waiting: pending,
-            memory: finished,
-            done: finished,
-            ..Counts::default()
-        };
+        let totals = self.inner.counts();
+        let finished = totals.memory;
         Ok(Snapshot {
             version: SCHEMA_VERSION,
             scheduler: self.inner.kind.to_string(),
@@ -75,7 +70,13 @@ impl Client {
                     address: THIS_PROCESS.to_owned(),
                     name: String::new(),
                     threads: u32::try_from(threads).unwrap_or(u32::MAX),
-                    running: 0,
+                    // Work sent to the executor runs on its threads, the
+                    // rest queued there.
+                    running: if id == 0 {
+                        totals.processing.min(threads as u64)
+                    } else {
+                        0
+                    },
                     memory_bytes: None,
                     data_bytes: 0,
                     keys: if id == 0 { finished } else { 0 },
