@@ -22,6 +22,10 @@
 //!    events is counted for every build (the dashboard's view) and for the
 //!    event's own build, whose clients' `Info` sees that alone; a build's
 //!    counts go with its partition.
+//! 5. A task counts as done once however often it ran: a finished value
+//!    lost with its holders (a `Lost` event; its task waits to run
+//!    again) leaves the done count of its row, so done, waiting,
+//!    processing and erred add up to the tasks at every moment.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -118,6 +122,20 @@ impl Tally {
             self.recent.pop_front();
         }
     }
+
+    /// A finished value of `name` was lost (its holders gone, its task
+    /// back to waiting): its run no longer counts as done (rule 5). Which
+    /// run it was is not kept (rule 3), so the row's time loses an
+    /// average run's, which keeps its time per task.
+    fn lost(&mut self, name: &Arc<str>) {
+        let row = self.row(name);
+        if let Some(f) = self.functions.get_mut(&row) {
+            if f.0 > 0 {
+                f.2 -= f.2 / f.0 as f64;
+                f.0 -= 1;
+            }
+        }
+    }
 }
 
 impl History {
@@ -167,6 +185,12 @@ impl History {
                     .1 += 1;
                 if let Some(worker) = worker {
                     self.put(event, worker, 0, 0.0, RecordStatus::Erred);
+                }
+            }
+            WireEventKind::Lost { .. } => {
+                self.all.lost(&event.name);
+                if let Some(own) = self.builds.get_mut(&build) {
+                    own.lost(&event.name);
                 }
             }
             _ => {}
@@ -310,7 +334,7 @@ impl History {
 mod tests {
     use super::*;
     use crate::protocol::{TaskSpec, ToClient, ToWorker};
-    use crate::scheduler::state::{ClientId, Outbox};
+    use crate::scheduler::state::{ClientId, Finished, Outbox};
 
     /// An outbox that drops what it is given.
     struct Discard;
@@ -363,6 +387,97 @@ mod tests {
         let wanted = specs.iter().map(|t| t.key).collect();
         s.on_update_graph(ClientId(0), specs, wanted, &mut out);
         s
+    }
+
+    /// An outbox that watches: it keeps the task events and the runs sent.
+    #[derive(Default)]
+    struct Watcher {
+        events: Vec<WireEvent>,
+        runs: Vec<(WorkerId, [u8; 32], u64)>,
+    }
+
+    impl Outbox for Watcher {
+        fn to_worker(&mut self, worker: WorkerId, msg: ToWorker) {
+            if let ToWorker::Compute { key, run, .. } = msg {
+                self.runs.push((worker, key, run));
+            }
+        }
+        fn to_client(&mut self, _: ClientId, _: ToClient) {}
+        fn watching(&self) -> bool {
+            true
+        }
+        fn task_event(&mut self, event: WireEvent) {
+            self.events.push(event);
+        }
+    }
+
+    impl Watcher {
+        /// Counts the events so far in `history`.
+        fn record(&mut self, history: &mut History) {
+            for event in self.events.drain(..) {
+                history.record(BuildId::NONE, &event);
+            }
+        }
+    }
+
+    /// Every task counts in exactly one state: done (memory included),
+    /// waiting, processing or erred.
+    fn accounted(snapshot: &Snapshot) -> u64 {
+        let c = snapshot.totals;
+        c.done + c.waiting + c.processing + c.erred
+    }
+
+    /// A value lost with its worker and computed again is one task done
+    /// once: the lost run leaves the row's counts (and its time with it).
+    #[test]
+    fn work_lost_with_a_worker_and_run_again_counts_once() {
+        let mut s = State::new();
+        let mut out = Watcher::default();
+        let mut history = History::new(None);
+        s.on_worker_registered(WorkerId(0), "127.0.0.1:1000".into(), 1, &mut out);
+        s.on_client_connected(ClientId(0), &mut out);
+        let spec = TaskSpec {
+            key: [7; 32],
+            name: "inc".into(),
+            function: "f".into(),
+            payload: Arc::from(&[0u8][..]),
+            deps: Vec::new(),
+            timeout_ms: None,
+            retries: 0,
+            annotations: Default::default(),
+        };
+        s.on_update_graph(ClientId(0), vec![spec], vec![[7; 32]], &mut out);
+        let finish = |s: &mut State, out: &mut Watcher, worker: WorkerId| {
+            let (_, key, run) = out.runs.drain(..).find(|&(w, _, _)| w == worker).unwrap();
+            let report = Finished {
+                nbytes: 8,
+                duration_ns: 4_000_000,
+                value: None,
+                thread: 0,
+            };
+            s.on_task_finished(worker, key, run, report, out);
+        };
+        finish(&mut s, &mut out, WorkerId(0));
+        out.record(&mut history);
+        let snapshot = |h: &History, s: &State| {
+            h.snapshot(None, "test", 1, std::iter::once(s), &HashMap::new())
+        };
+        assert_eq!(accounted(&snapshot(&history, &s)), 1);
+
+        s.on_worker_lost(WorkerId(0), &mut out);
+        out.record(&mut history);
+        let after_death = snapshot(&history, &s);
+        assert_eq!(after_death.totals.done, 0, "the lost value is not done");
+        assert_eq!(accounted(&after_death), 1);
+
+        s.on_worker_registered(WorkerId(1), "127.0.0.1:1001".into(), 1, &mut out);
+        finish(&mut s, &mut out, WorkerId(1));
+        out.record(&mut history);
+        let after_rerun = snapshot(&history, &s);
+        assert_eq!(after_rerun.totals.done, 1);
+        assert_eq!(after_rerun.totals.memory, 1);
+        assert_eq!(accounted(&after_rerun), 1);
+        assert_eq!(after_rerun.functions[0].busy_ms, 4.0, "4 ms each");
     }
 
     fn rows(snapshot: &Snapshot) -> Vec<(&str, u64, u64)> {
