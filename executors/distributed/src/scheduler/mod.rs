@@ -1654,6 +1654,7 @@ impl Shell {
             .filter(move |(b, _)| build.is_none_or(|want| **b == want))
             .map(|(_, p)| &p.state);
         self.history.snapshot(
+            Instant::now(),
             build,
             &self.address,
             u32::try_from(clients).unwrap_or(u32::MAX),
@@ -1676,8 +1677,9 @@ impl Shell {
     fn flush(&mut self) {
         self.answered = None;
         loop {
+            let now = Instant::now();
             for (build, event) in std::mem::take(&mut self.out.events) {
-                self.history.record(build, &event);
+                self.history.record(now, build, &event);
             }
             let mut refused = Vec::new();
             for (conn, mut batch) in self.out.by_conn.drain() {

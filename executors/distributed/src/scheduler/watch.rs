@@ -26,6 +26,9 @@
 //!    lost with its holders (a `Lost` event; its task waits to run
 //!    again) leaves the done count of its row, so done, waiting,
 //!    processing and erred add up to the tasks at every moment.
+//! 6. The rate is of the tasks finished in the [`RATE_WINDOW`] before the
+//!    snapshot, over that window (over the time since the first finished,
+//!    when shorter): it drops to 0 once work stops.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -68,8 +71,12 @@ struct Tally {
     /// functions were first seen in.
     functions: crate::protocol::KeyMap<Arc<str>, (u64, u64, f64)>,
     order: Vec<Arc<str>>,
-    /// Finished tasks per 100 ms bucket, newest last.
+    /// Finished tasks per 100 ms bucket, newest last: trimmed as tasks
+    /// finish, so a snapshot reads only those of its window (rule 6).
     recent: VecDeque<(Instant, u64)>,
+    /// When the first task counted here finished: the rate of a start
+    /// shorter than [`RATE_WINDOW`] is over that start alone.
+    first: Option<Instant>,
 }
 
 /// What the shell knows of a worker that the state does not.
@@ -110,6 +117,7 @@ impl Tally {
         let f = self.function(name);
         f.0 += 1;
         f.2 += ran_ms;
+        self.first.get_or_insert(now);
         match self.recent.back_mut() {
             Some((at, n)) if now.duration_since(*at) < Duration::from_millis(100) => *n += 1,
             _ => self.recent.push_back((now, 1)),
@@ -161,8 +169,7 @@ impl History {
 
     /// Counts `event` of `build`'s partition (rule 4) and puts a finished
     /// or failed run on the board.
-    pub(super) fn record(&mut self, build: BuildId, event: &WireEvent) {
-        let now = Instant::now();
+    pub(super) fn record(&mut self, now: Instant, build: BuildId, event: &WireEvent) {
         match event.kind {
             WireEventKind::Finished {
                 worker,
@@ -174,7 +181,7 @@ impl History {
                 self.all.finished(&event.name, ran_ms, now);
                 let own = self.builds.entry(build).or_default();
                 own.finished(&event.name, ran_ms, now);
-                self.put(event, worker, thread, ran_ms, RecordStatus::Memory);
+                self.put(now, event, worker, thread, ran_ms, RecordStatus::Memory);
             }
             WireEventKind::Erred { worker } => {
                 self.all.function(&event.name).1 += 1;
@@ -184,7 +191,7 @@ impl History {
                     .function(&event.name)
                     .1 += 1;
                 if let Some(worker) = worker {
-                    self.put(event, worker, 0, 0.0, RecordStatus::Erred);
+                    self.put(now, event, worker, 0, 0.0, RecordStatus::Erred);
                 }
             }
             WireEventKind::Lost { .. } => {
@@ -199,6 +206,7 @@ impl History {
 
     fn put(
         &self,
+        now: Instant,
         event: &WireEvent,
         worker: WorkerId,
         thread: u32,
@@ -208,7 +216,7 @@ impl History {
         let Some(board) = &self.board else {
             return;
         };
-        let end_ms = self.started.elapsed().as_secs_f64() * 1e3;
+        let end_ms = now.saturating_duration_since(self.started).as_secs_f64() * 1e3;
         board.record(TaskRecord {
             seq: 0,
             key: Key(event.key).to_string(),
@@ -221,11 +229,12 @@ impl History {
         });
     }
 
-    /// The snapshot of `states` (every partition for the dashboard, with
-    /// `build` `None`; the client's own for `Info`, counted from its own
-    /// build's events, rule 4).
+    /// The snapshot of `states` at `now` (every partition for the
+    /// dashboard, with `build` `None`; the client's own for `Info`, counted
+    /// from its own build's events, rule 4).
     pub(super) fn snapshot<'a>(
         &self,
+        now: Instant,
         build: Option<BuildId>,
         scheduler: &str,
         clients: u32,
@@ -303,7 +312,8 @@ impl History {
                     data_bytes: w.data_bytes,
                     keys: w.keys,
                     last_heartbeat_ms: shell.map_or(0, |s| {
-                        u64::try_from(s.last_heard.elapsed().as_millis()).unwrap_or(u64::MAX)
+                        u64::try_from(now.saturating_duration_since(s.last_heard).as_millis())
+                            .unwrap_or(u64::MAX)
                     }),
                     utilisation: None,
                     spill: shell.and_then(|s| s.spill),
@@ -312,14 +322,24 @@ impl History {
             })
             .collect();
         workers.sort_by_key(|w| w.id);
-        let window = tally.recent.front().map_or(RATE_WINDOW, |(at, _)| {
-            at.elapsed().clamp(Duration::from_millis(100), RATE_WINDOW)
+        // Rule 6: the buckets are trimmed only as tasks finish, so those
+        // older than the window are skipped here; and the window is a
+        // shorter one only while counting began less than one ago.
+        let window = tally.first.map_or(RATE_WINDOW, |first| {
+            now.saturating_duration_since(first)
+                .clamp(Duration::from_millis(100), RATE_WINDOW)
         });
-        let finished: u64 = tally.recent.iter().map(|(_, n)| n).sum();
+        let finished: u64 = tally
+            .recent
+            .iter()
+            .filter(|(at, _)| now.saturating_duration_since(*at) < RATE_WINDOW)
+            .map(|(_, n)| n)
+            .sum();
         Snapshot {
             version: SCHEMA_VERSION,
             scheduler: scheduler.to_owned(),
-            uptime_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            uptime_ms: u64::try_from(now.saturating_duration_since(self.started).as_millis())
+                .unwrap_or(u64::MAX),
             clients,
             tasks_per_second: finished as f64 / window.as_secs_f64(),
             totals,
@@ -415,7 +435,7 @@ mod tests {
         /// Counts the events so far in `history`.
         fn record(&mut self, history: &mut History) {
             for event in self.events.drain(..) {
-                history.record(BuildId::NONE, &event);
+                history.record(Instant::now(), BuildId::NONE, &event);
             }
         }
     }
@@ -460,7 +480,14 @@ mod tests {
         finish(&mut s, &mut out, WorkerId(0));
         out.record(&mut history);
         let snapshot = |h: &History, s: &State| {
-            h.snapshot(None, "test", 1, std::iter::once(s), &HashMap::new())
+            h.snapshot(
+                Instant::now(),
+                None,
+                "test",
+                1,
+                std::iter::once(s),
+                &HashMap::new(),
+            )
         };
         assert_eq!(accounted(&snapshot(&history, &s)), 1);
 
@@ -491,23 +518,59 @@ mod tests {
             .collect()
     }
 
+    /// The rate covers the last [`RATE_WINDOW`] at the snapshot's `now`:
+    /// a burst long past counts for nothing, and a start shorter than the
+    /// window is divided by its own length.
+    #[test]
+    fn the_rate_counts_the_last_window_only_and_drops_to_zero_when_idle() {
+        let mut history = History::new(None);
+        let t0 = history.started;
+        let none = HashMap::new();
+        for i in 0..100 {
+            history.record(t0, BuildId::NONE, &finished(i, "inc"));
+        }
+        let rate = |h: &History, at: Duration| {
+            h.snapshot(t0 + at, None, "test", 1, std::iter::empty(), &none)
+                .tasks_per_second
+        };
+        assert_eq!(rate(&history, Duration::from_secs(1)), 100.0, "1 s of work");
+        assert_eq!(rate(&history, Duration::from_millis(6_500)), 0.0, "idle");
+        // Work again: only what finished in the last window counts, over
+        // the whole window.
+        let t1 = t0 + Duration::from_secs(20);
+        for i in 100..110 {
+            history.record(t1, BuildId::NONE, &finished(i, "inc"));
+        }
+        assert_eq!(rate(&history, Duration::from_secs(21)), 2.0);
+        assert_eq!(rate(&history, Duration::from_secs(30)), 0.0);
+        assert_eq!(
+            history
+                .snapshot(t1, None, "test", 1, std::iter::empty(), &none)
+                .totals
+                .done,
+            110
+        );
+    }
+
     /// Rule 4: a build's `Info` counts its own build's events only; the
     /// dashboard counts every build's; a build's counts go with it.
     #[test]
     fn each_build_sees_its_own_counts_and_the_dashboard_all() {
         let (a, b) = (BuildId::from_bytes([1; 32]), BuildId::from_bytes([2; 32]));
         let mut history = History::new(None);
-        history.record(a, &finished(1, "load"));
-        history.record(a, &finished(2, "load"));
-        history.record(b, &finished(3, "secret"));
+        history.record(Instant::now(), a, &finished(1, "load"));
+        history.record(Instant::now(), a, &finished(2, "load"));
+        history.record(Instant::now(), b, &finished(3, "secret"));
         let none = HashMap::new();
-        let of = |build| history.snapshot(build, "test", 1, std::iter::empty(), &none);
+        let of =
+            |build| history.snapshot(Instant::now(), build, "test", 1, std::iter::empty(), &none);
         assert_eq!(rows(&of(Some(a))), [("load", 2, 0)]);
         assert_eq!(rows(&of(Some(b))), [("secret", 1, 0)]);
         assert_eq!(rows(&of(None)), [("load", 2, 0), ("secret", 1, 0)]);
         assert_eq!(of(Some(a)).totals.done, 2);
         history.forget(a);
-        let of = |build| history.snapshot(build, "test", 1, std::iter::empty(), &none);
+        let of =
+            |build| history.snapshot(Instant::now(), build, "test", 1, std::iter::empty(), &none);
         assert!(rows(&of(Some(a))).is_empty());
         assert_eq!(rows(&of(None)).len(), 2, "the dashboard keeps what it saw");
     }
@@ -516,12 +579,23 @@ mod tests {
     fn tasks_named_one_by_one_count_in_one_row() {
         let mut history = History::new(None);
         for i in 0..50_000 {
-            history.record(BuildId::NONE, &finished(i, &format!("item-{i}")));
+            history.record(
+                Instant::now(),
+                BuildId::NONE,
+                &finished(i, &format!("item-{i}")),
+            );
         }
-        history.record(BuildId::NONE, &finished(50_000, "inc"));
+        history.record(Instant::now(), BuildId::NONE, &finished(50_000, "inc"));
         let names: Vec<String> = (0..30).map(|i| format!("item-{}", 60_000 + i)).collect();
         let state = live(&names);
-        let snapshot = history.snapshot(None, "test", 1, std::iter::once(&state), &HashMap::new());
+        let snapshot = history.snapshot(
+            Instant::now(),
+            None,
+            "test",
+            1,
+            std::iter::once(&state),
+            &HashMap::new(),
+        );
         assert_eq!(rows(&snapshot), [("item", 50_000, 30), ("inc", 1, 0)]);
         assert_eq!(snapshot.totals.done, 50_001);
     }
@@ -531,7 +605,11 @@ mod tests {
         let mut history = History::new(None);
         let n = MAX_GROUPS as u64 + 500;
         for i in 0..n {
-            history.record(BuildId::NONE, &finished(i, &format!("g{i}")));
+            history.record(
+                Instant::now(),
+                BuildId::NONE,
+                &finished(i, &format!("g{i}")),
+            );
         }
         // Live work of groups seen finishing, and of groups never seen.
         let names: Vec<String> = ["g3", "g4", "new0", "new1"]
@@ -539,7 +617,14 @@ mod tests {
             .map(|s| s.to_string())
             .collect();
         let state = live(&names);
-        let snapshot = history.snapshot(None, "test", 1, std::iter::once(&state), &HashMap::new());
+        let snapshot = history.snapshot(
+            Instant::now(),
+            None,
+            "test",
+            1,
+            std::iter::once(&state),
+            &HashMap::new(),
+        );
         let rows = rows(&snapshot);
         assert_eq!(rows.len(), MAX_GROUPS + 1, "every group kept, and one more");
         assert_eq!(rows.last(), Some(&(OTHER, 500, 2)));
@@ -548,7 +633,11 @@ mod tests {
         assert_eq!(snapshot.totals.waiting + snapshot.totals.processing, 4);
         // What is kept stays bounded however many more names come.
         for i in n..n + 10_000 {
-            history.record(BuildId::NONE, &finished(i, &format!("h{i}")));
+            history.record(
+                Instant::now(),
+                BuildId::NONE,
+                &finished(i, &format!("h{i}")),
+            );
         }
         assert_eq!(history.all.functions.len(), MAX_GROUPS + 1);
         assert_eq!(history.all.order.len(), MAX_GROUPS + 1);
