@@ -1521,6 +1521,8 @@ impl State {
                     out.to_worker(holder, ToWorker::Release { key });
                 }
                 if now_lost {
+                    // Its run no longer counts as done (watch rule 5).
+                    self.event(id, WireEventKind::Lost { worker: holder }, out);
                     self.lose(id, out);
                 }
             }

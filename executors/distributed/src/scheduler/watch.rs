@@ -354,7 +354,7 @@ impl History {
 mod tests {
     use super::*;
     use crate::protocol::{TaskSpec, ToClient, ToWorker};
-    use crate::scheduler::state::{ClientId, Finished, Outbox};
+    use crate::scheduler::state::{ClientId, Finished, Outbox, Reporter};
 
     /// An outbox that drops what it is given.
     struct Discard;
@@ -447,15 +447,12 @@ mod tests {
         c.done + c.waiting + c.processing + c.erred
     }
 
-    /// A value lost with its worker and computed again is one task done
-    /// once: the lost run leaves the row's counts (and its time with it).
-    #[test]
-    fn work_lost_with_a_worker_and_run_again_counts_once() {
+    /// A state of one worker `W0` and one client wanting one task `inc`,
+    /// sent to `W0`.
+    fn one_task(out: &mut Watcher) -> State {
         let mut s = State::new();
-        let mut out = Watcher::default();
-        let mut history = History::new(None);
-        s.on_worker_registered(WorkerId(0), "127.0.0.1:1000".into(), 1, &mut out);
-        s.on_client_connected(ClientId(0), &mut out);
+        s.on_worker_registered(WorkerId(0), "127.0.0.1:1000".into(), 1, out);
+        s.on_client_connected(ClientId(0), out);
         let spec = TaskSpec {
             key: [7; 32],
             name: "inc".into(),
@@ -466,17 +463,30 @@ mod tests {
             retries: 0,
             annotations: Default::default(),
         };
-        s.on_update_graph(ClientId(0), vec![spec], vec![[7; 32]], &mut out);
-        let finish = |s: &mut State, out: &mut Watcher, worker: WorkerId| {
-            let (_, key, run) = out.runs.drain(..).find(|&(w, _, _)| w == worker).unwrap();
-            let report = Finished {
-                nbytes: 8,
-                duration_ns: 4_000_000,
-                value: None,
-                thread: 0,
-            };
-            s.on_task_finished(worker, key, run, report, out);
+        s.on_update_graph(ClientId(0), vec![spec], vec![[7; 32]], out);
+        s
+    }
+
+    /// `worker` finishes the run it was sent, after 4 ms.
+    fn finish(s: &mut State, out: &mut Watcher, worker: WorkerId) {
+        let at = out.runs.iter().position(|&(w, _, _)| w == worker).unwrap();
+        let (_, key, run) = out.runs.remove(at);
+        let report = Finished {
+            nbytes: 8,
+            duration_ns: 4_000_000,
+            value: None,
+            thread: 0,
         };
+        s.on_task_finished(worker, key, run, report, out);
+    }
+
+    /// A value lost with its worker and computed again is one task done
+    /// once: the lost run leaves the row's counts (and its time with it).
+    #[test]
+    fn work_lost_with_a_worker_and_run_again_counts_once() {
+        let mut out = Watcher::default();
+        let mut s = one_task(&mut out);
+        let mut history = History::new(None);
         finish(&mut s, &mut out, WorkerId(0));
         out.record(&mut history);
         let snapshot = |h: &History, s: &State| {
@@ -516,6 +526,41 @@ mod tests {
                 (f.name.as_str(), f.counts.done, live)
             })
             .collect()
+    }
+
+    /// A value its only holder says it lacks, computed again, is one task
+    /// done once too (rule 5).
+    #[test]
+    fn work_its_holder_lost_and_ran_again_counts_once() {
+        let mut out = Watcher::default();
+        let mut s = one_task(&mut out);
+        let mut history = History::new(None);
+        finish(&mut s, &mut out, WorkerId(0));
+        s.on_fetch_failed(
+            Reporter::Worker(WorkerId(0)),
+            [7; 32],
+            WorkerId(0),
+            &mut out,
+        );
+        out.record(&mut history);
+        let snapshot = |h: &History, s: &State| {
+            h.snapshot(
+                Instant::now(),
+                None,
+                "test",
+                1,
+                std::iter::once(s),
+                &HashMap::new(),
+            )
+        };
+        let lost = snapshot(&history, &s);
+        assert_eq!(lost.totals.done, 0, "the lost value is not done");
+        assert_eq!(accounted(&lost), 1);
+        finish(&mut s, &mut out, WorkerId(0));
+        out.record(&mut history);
+        let again = snapshot(&history, &s);
+        assert_eq!((again.totals.done, again.totals.memory), (1, 1));
+        assert_eq!(accounted(&again), 1);
     }
 
     /// The rate covers the last [`RATE_WINDOW`] at the snapshot's `now`:
