@@ -1176,6 +1176,29 @@ fn progress_of_finished_futures_is_done_at_once() {
     assert!(bar.counts().is_empty());
 }
 
+/// On a simulated client nothing runs unless someone waits: the
+/// display's `wait` runs the work it watches (it slept for good, never
+/// done, until `result()` ran the work).
+#[test]
+fn progress_wait_runs_a_simulated_client() {
+    let client = Client::simulated(1).unwrap();
+    let futures = client.map(inc, 0..5).unwrap();
+    let bar = rask::progress(&futures);
+    let waiting = bar.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        waiting.wait();
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the display waited for work nobody ran");
+    for c in bar.counts() {
+        assert_eq!((c.done, c.erred), (c.total, 0), "{c:?}");
+    }
+    let got: Vec<i64> = futures.iter().map(|f| f.result().unwrap()).collect();
+    assert_eq!(got, [1, 2, 3, 4, 5]);
+}
+
 fn total_of(xs: Vec<i64>) -> i64 {
     xs.iter().sum()
 }

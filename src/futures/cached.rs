@@ -174,8 +174,9 @@ impl<T: 'static> Cached<T> {
                 // A simulated client runs work only while someone waits:
                 // `flush` does.
                 let drive = shared.backend.simulation().is_some().then(|| {
-                    Box::new(move |done: &dyn Fn() -> bool| shared.drive(done))
-                        as crate::run::cache::Drive
+                    Box::new(move |done: &dyn Fn() -> bool| {
+                        shared.drive(done);
+                    }) as crate::run::cache::Drive
                 });
                 crate::run::cache::writing(crate::run::cache::Writer { thread, drive });
             }

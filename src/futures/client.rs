@@ -1685,11 +1685,22 @@ impl Shared {
     /// Runs queued work of a simulated client until `done` holds or
     /// nothing is left to run: on `sim:SEED` nothing runs in the
     /// background, so whoever waits runs the work, one task at a time, in
-    /// seed order. Returns at once on every other executor.
-    pub(crate) fn drive(&self, mut done: impl FnMut() -> bool) {
+    /// seed order. Returns at once on every other executor. Says whether
+    /// it ran anything.
+    pub(crate) fn drive(&self, mut done: impl FnMut() -> bool) -> bool {
+        let mut ran = false;
         if let Some(sim) = self.backend.simulation() {
-            while !done() && sim.step() {}
+            while !done() && sim.step() {
+                ran = true;
+            }
         }
+        ran
+    }
+
+    /// Whether this client runs work only when someone waits for it
+    /// ([`drive`](Shared::drive)).
+    pub(crate) fn is_simulated(&self) -> bool {
+        self.backend.simulation().is_some()
     }
 
     /// Blocks until `key` is no longer pending, or until `deadline`.

@@ -5,12 +5,13 @@
 //! done, and draws on one line of stderr redrawn in place — or, when stderr
 //! is not a terminal, prints one plain line at the end.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use rask_executor::Key;
 
-use crate::futures::client::{Listener, Shared};
+use crate::futures::client::{start_queued, Listener, Shared};
 use crate::futures::future::Future;
+use crate::run::progress::Drive;
 pub use crate::run::progress::{FunctionProgress, Progress};
 
 /// Draws a progress bar on stderr for the work behind `futures` and
@@ -52,7 +53,7 @@ pub fn progress<W: Watch + ?Sized>(futures: &W) -> Progress {
         }
         tasks
     };
-    let progress = Progress::watching(collect, watched.futures.len());
+    let progress = Progress::watching(collect, watched.futures.len(), driver(&watched));
     for (shared, key, _) in watched.futures {
         let progress = progress.clone();
         shared.on_done(
@@ -61,6 +62,35 @@ pub fn progress<W: Watch + ?Sized>(futures: &W) -> Progress {
         );
     }
     progress
+}
+
+/// How the display's `wait` runs the work of the simulated clients among
+/// `watched` (`run::progress` rule 4): as [`Shared::wait`] does, queued
+/// work first, then each client stepped until the display is done, again
+/// while any ran (one client's futures can wait for another's). Holds the
+/// clients weakly: the futures' listeners hold the display.
+fn driver(watched: &Watched) -> Option<Drive> {
+    let mut simulated: Vec<Weak<Shared>> = Vec::new();
+    for (shared, _, _) in &watched.futures {
+        if shared.is_simulated() && !simulated.iter().any(|w| w.as_ptr() == Arc::as_ptr(shared)) {
+            simulated.push(Arc::downgrade(shared));
+        }
+    }
+    if simulated.is_empty() {
+        return None;
+    }
+    Some(Arc::new(move |done: &dyn Fn() -> bool| {
+        start_queued();
+        loop {
+            let mut ran = false;
+            for shared in simulated.iter().filter_map(Weak::upgrade) {
+                ran |= shared.drive(done);
+            }
+            if !ran || done() {
+                return;
+            }
+        }
+    }))
 }
 
 /// What [`progress`] can watch: a [`Future`], or a slice, array or `Vec`

@@ -16,6 +16,9 @@
 //! 3. Output goes to stderr only, on one line redrawn in place, so a
 //!    program's own lines are never erased. When stderr is not a terminal,
 //!    nothing is drawn and one plain line is printed at the end.
+//! 4. [`Progress::wait`] runs the work it waits for where nothing else
+//!    would: a simulated client's watched futures run only when someone
+//!    waits, so `wait` steps that client (its `drive`) before it sleeps.
 
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
@@ -46,7 +49,13 @@ pub struct FunctionProgress {
 #[derive(Clone)]
 pub struct Progress {
     tracker: Arc<Tracker>,
+    /// Runs the watched work until the given test holds or nothing is
+    /// left to run, where nothing runs unless someone waits (rule 4).
+    drive: Option<Drive>,
 }
+
+/// How [`Progress::wait`] runs the watched work of simulated clients.
+pub(crate) type Drive = Arc<dyn Fn(&dyn Fn() -> bool) + Send + Sync>;
 
 impl std::fmt::Debug for Progress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -60,6 +69,9 @@ impl std::fmt::Debug for Progress {
 impl Progress {
     /// Blocks until the watched work is done and the bar drew its last state.
     pub fn wait(&self) {
+        if let Some(drive) = &self.drive {
+            drive(&|| self.done());
+        }
         let mut state = self.tracker.lock();
         while !state.finished {
             state = self
@@ -92,6 +104,7 @@ impl Progress {
     pub(crate) fn watching(
         collect: impl FnOnce() -> Vec<(Key, String)>,
         futures: usize,
+        drive: Option<Drive>,
     ) -> Progress {
         let early: Arc<Mutex<Vec<(Key, bool)>>> = Arc::default();
         let heard = early.clone();
@@ -115,7 +128,7 @@ impl Progress {
         if futures == 0 {
             tracker.finish();
         }
-        Progress { tracker }
+        Progress { tracker, drive }
     }
 
     /// One of the watched futures is done.
