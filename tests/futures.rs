@@ -1199,6 +1199,37 @@ fn progress_wait_runs_a_simulated_client() {
     assert_eq!(got, [1, 2, 3, 4, 5]);
 }
 
+/// Futures cancelled before their work ran: the display counts that work
+/// as not run, never as done (every task it had not heard of counted as
+/// done, so 5 cancelled futures read 5 of 5 done).
+#[test]
+fn progress_of_cancelled_futures_counts_their_work_as_not_run() {
+    let client = Client::threads(1).unwrap();
+    let (gates, futures) = gated_futures(&client, 5);
+    let bar = rask::progress(&futures);
+    for f in &futures {
+        f.cancel();
+    }
+    let waiting = bar.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        waiting.wait();
+        let _ = tx.send(());
+    });
+    let waited = rx.recv_timeout(std::time::Duration::from_secs(20));
+    for gate in gates {
+        open(gate);
+    }
+    waited.expect("the display of cancelled futures never finished");
+    let counts = bar.counts();
+    let total: u64 = counts.iter().map(|c| c.total).sum();
+    let done: u64 = counts.iter().map(|c| c.done).sum();
+    let not_run: u64 = counts.iter().map(|c| c.not_run).sum();
+    assert_eq!(total, 5, "{counts:?}");
+    assert_eq!(done, 0, "nothing ran to the end: {counts:?}");
+    assert!(not_run >= 4, "{counts:?}");
+}
+
 fn total_of(xs: Vec<i64>) -> i64 {
     xs.iter().sum()
 }

@@ -1,17 +1,20 @@
 //! Progress bars (Dask's `progress` and `ProgressBar`) on stderr, for
 //! futures with [`progress`], and for `compute` and `persist` when
 //! [`Config::progress`](crate::Config::progress) or `RASK_PROGRESS` asks.
-//! A bar counts each task once, reads 100 % when the work it watches is
-//! done, and draws on one line of stderr redrawn in place — or, when stderr
+//! A bar counts each task once, reads 100 % when the work it watches
+//! succeeded (work a failure or a cancellation kept from running counts as
+//! not run, never as done), and draws on one line of stderr redrawn in place — or, when stderr
 //! is not a terminal, prints one plain line at the end.
 
-use std::sync::{Arc, Weak};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use rask_executor::Key;
 
-use crate::futures::client::{start_queued, Listener, Shared};
+use crate::futures::client::{start_queued, Listener, Shared, State};
 use crate::futures::future::Future;
-use crate::run::progress::Drive;
+use crate::run::progress::{Drive, Ran};
 pub use crate::run::progress::{FunctionProgress, Progress};
 
 /// Draws a progress bar on stderr for the work behind `futures` and
@@ -24,7 +27,8 @@ pub use crate::run::progress::{FunctionProgress, Progress};
 /// included, as their executor runs them: a chain the client fused is one
 /// task named after its steps (`inc+inc+inc`), erred when one of its steps
 /// fails, as with `compute`'s bar. On a cluster, it counts them as the
-/// scheduler reports them.
+/// scheduler reports them. Work a failed or cancelled future never ran
+/// counts as [`not_run`](FunctionProgress::not_run), not as done.
 ///
 /// # Examples
 ///
@@ -46,19 +50,63 @@ pub use crate::run::progress::{FunctionProgress, Progress};
 pub fn progress<W: Watch + ?Sized>(futures: &W) -> Progress {
     let mut watched = Watched::default();
     futures.watch(&mut watched);
+    let n = watched.futures.len();
+    // Which watched futures each task is work of, and which of them
+    // finished: a task the display never heard of ran if one of them did
+    // (`run::progress` rule 2).
+    let owners: Arc<Mutex<HashMap<Key, Vec<usize>>>> = Arc::default();
+    let finished: Arc<[AtomicBool]> = (0..n).map(|_| AtomicBool::new(false)).collect();
     let collect = || {
         let mut tasks = Vec::new();
-        for (shared, key, _) in &watched.futures {
-            shared.pending_tasks(*key, &mut tasks);
+        let mut owners = owners.lock().unwrap_or_else(PoisonError::into_inner);
+        for (i, (shared, key, _)) in watched.futures.iter().enumerate() {
+            let mut of_this = Vec::new();
+            shared.pending_tasks(*key, &mut of_this);
+            for (task, _) in &of_this {
+                owners.entry(*task).or_default().push(i);
+            }
+            tasks.extend(of_this);
         }
         tasks
     };
-    let progress = Progress::watching(collect, watched.futures.len(), driver(&watched));
-    for (shared, key, _) in watched.futures {
+    let clients: Vec<Weak<Shared>> = watched
+        .futures
+        .iter()
+        .map(|(shared, _, _)| Arc::downgrade(shared))
+        .collect();
+    let ran: Ran = {
+        let (owners, finished) = (owners.clone(), finished.clone());
+        Arc::new(move |task: Key| {
+            let of = owners.lock().unwrap_or_else(PoisonError::into_inner);
+            let owner_finished = of
+                .get(&task)
+                .is_some_and(|o| o.iter().any(|&i| finished[i].load(Ordering::Acquire)));
+            // A future of its own (another client's, or one the graph
+            // waited for) that finished.
+            owner_finished
+                || clients
+                    .iter()
+                    .filter_map(Weak::upgrade)
+                    .any(|c| matches!(c.state(task), State::Finished(_)))
+        })
+    };
+    let progress = Progress::watching(collect, n, driver(&watched), ran);
+    for (i, (shared, key, _)) in watched.futures.into_iter().enumerate() {
         let progress = progress.clone();
+        let finished = finished.clone();
+        // Weakly: the listener sits in the client's own table.
+        let client = Arc::downgrade(&shared);
         shared.on_done(
             key,
-            Listener::Queue(Arc::new(move || progress.future_done())),
+            Listener::Queue(Arc::new(move || {
+                // A failed or cancelled future's work may not have run:
+                // what the bar did not hear of is then not done (rule 2).
+                let ok = client
+                    .upgrade()
+                    .is_some_and(|c| matches!(c.state(key), State::Finished(_)));
+                finished[i].store(ok, Ordering::Release);
+                progress.future_done(ok);
+            })),
         );
     }
     progress

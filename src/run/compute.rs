@@ -339,7 +339,7 @@ pub(crate) fn run(roots: &[Arc<Node>], config: &Config) -> Result<Vec<Value>> {
     );
     span.record("tasks", plan.len());
     // Finished, however the run ends, when it is dropped.
-    let _bar = config.resolve_progress()?.then(|| {
+    let mut bar = config.resolve_progress()?.then(|| {
         let work = plan
             .tasks()
             .iter()
@@ -358,6 +358,9 @@ pub(crate) fn run(roots: &[Arc<Node>], config: &Config) -> Result<Vec<Value>> {
     } else {
         collector.wait()
     };
+    if let Some(bar) = bar.as_mut().filter(|_| values.is_ok()) {
+        bar.succeeded();
+    }
     if let Some(lookup) = lookup {
         lookup.finish();
     }

@@ -9,10 +9,20 @@
 //!    tasks for `compute` and `persist`, the tasks behind the futures given
 //!    to [`progress`](crate::progress()). A task counts once, when it
 //!    finishes or errs; events about other tasks are ignored.
-//! 2. A bar is done when the work it watches is done — `compute` returned,
-//!    every future finished — whatever events arrived: tasks it never heard
-//!    of (folded into a fused task, run before it started listening) count
-//!    as done then, so a finished bar always reads 100 %.
+//! 2. A bar is done when the work it watches is over — `compute`
+//!    returned, every future finished, failed or was cancelled — whatever
+//!    events arrived. Tasks it never heard of count as done then only if
+//!    that work succeeded (`compute` returned its values, every future
+//!    finished): they were folded into a fused task or ran before it
+//!    started listening (a task already running then reports no
+//!    `Finished`), and the bar reads 100 %. Otherwise they count as not run
+//!    (a run stops at its first failure, a cancelled future's work is
+//!    dropped) unless known to have run — for futures, the work of a
+//!    watched future that finished, or a finished future itself — and the
+//!    bar stays short of 100 %: work that did not run is never shown as
+//!    done. A task of a failed future's work that was already running
+//!    when the bar started, and succeeded, counts as not run: nothing
+//!    told the bar otherwise.
 //! 3. Output goes to stderr only, on one line redrawn in place, so a
 //!    program's own lines are never erased. When stderr is not a terminal,
 //!    nothing is drawn and one plain line is printed at the end.
@@ -42,6 +52,9 @@ pub struct FunctionProgress {
     pub done: u64,
     /// Of those, failed or not run because an input failed.
     pub erred: u64,
+    /// Of those, never run: the watched work failed or was cancelled
+    /// before they ran (rule 2 of the progress display).
+    pub not_run: u64,
 }
 
 /// A progress display drawing on stderr until the work it watches is done;
@@ -56,6 +69,10 @@ pub struct Progress {
 
 /// How [`Progress::wait`] runs the watched work of simulated clients.
 pub(crate) type Drive = Arc<dyn Fn(&dyn Fn() -> bool) + Send + Sync>;
+
+/// Whether a task the display never heard of is known to have run
+/// successfully, asked when the watched work did not all succeed (rule 2).
+pub(crate) type Ran = Arc<dyn Fn(Key) -> bool + Send + Sync>;
 
 impl std::fmt::Debug for Progress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -105,6 +122,7 @@ impl Progress {
         collect: impl FnOnce() -> Vec<(Key, String)>,
         futures: usize,
         drive: Option<Drive>,
+        ran: Ran,
     ) -> Progress {
         let early: Arc<Mutex<Vec<(Key, bool)>>> = Arc::default();
         let heard = early.clone();
@@ -124,37 +142,51 @@ impl Progress {
         for (key, ok) in early {
             tracker.record(key, ok);
         }
-        tracker.lock().futures = futures;
+        {
+            let mut state = tracker.lock();
+            state.futures = futures;
+            state.ran = Some(ran);
+        }
         if futures == 0 {
-            tracker.finish();
+            tracker.finish(true);
         }
         Progress { tracker, drive }
     }
 
-    /// One of the watched futures is done.
-    pub(crate) fn future_done(&self) {
-        self.tracker.future_done();
+    /// One of the watched futures is done: finished (`ok`), or failed or
+    /// cancelled.
+    pub(crate) fn future_done(&self, ok: bool) {
+        self.tracker.future_done(ok);
     }
 }
 
 /// A bar for one `compute` or `persist` of `tasks` (key and name of each
-/// task of its plan); finished when dropped ([`Tracker::finish`]).
+/// task of its plan); finished when dropped ([`Tracker::finish`]), as
+/// succeeded only if [`succeeded`](Bar::succeeded) was called.
 pub(crate) struct Bar {
     tracker: Arc<Tracker>,
+    ok: bool,
 }
 
 impl Bar {
     pub(crate) fn start<'a>(tasks: impl IntoIterator<Item = (Key, &'a str)>) -> Bar {
         Bar {
             tracker: Tracker::start(tasks.into_iter().map(|(k, n)| (k, n.to_owned())).collect()),
+            ok: false,
         }
+    }
+
+    /// The run returned its values: tasks not heard of ran (rule 2).
+    pub(crate) fn succeeded(&mut self) {
+        self.ok = true;
     }
 }
 
 impl Drop for Bar {
-    /// The work is over, however it ended (rule 2).
+    /// The work is over, however it ended (rule 2): an early return or a
+    /// panic is a run that did not succeed.
     fn drop(&mut self) {
-        self.tracker.finish();
+        self.tracker.finish(self.ok);
     }
 }
 
@@ -164,6 +196,7 @@ struct Function {
     total: u64,
     done: u64,
     erred: u64,
+    not_run: u64,
 }
 
 struct Tracker {
@@ -181,6 +214,10 @@ struct TrackerState {
     functions: Vec<Function>,
     /// Watched futures not yet done.
     futures: usize,
+    /// Whether a watched future failed or was cancelled (rule 2).
+    failed: bool,
+    /// Asked about each task not heard of when the work did not succeed.
+    ran: Option<Ran>,
     finished: bool,
     /// When the per-function message was last redrawn.
     message_at: Option<Instant>,
@@ -196,14 +233,16 @@ impl TrackerState {
                 total: f.total,
                 done: f.done,
                 erred: f.erred,
+                not_run: f.not_run,
             })
             .collect()
     }
 
-    /// `inc 40/100 · add 12/100 · 2 erred`, or empty for one function and no
-    /// error (the bar says it all).
+    /// `inc 40/100 · add 12/100 · 2 erred · 46 not run`, or empty for one
+    /// function and no error (the bar says it all).
     fn message(&self) -> String {
         let erred: u64 = self.functions.iter().map(|f| f.erred).sum();
+        let not_run: u64 = self.functions.iter().map(|f| f.not_run).sum();
         let mut parts: Vec<String> = Vec::new();
         if self.functions.len() > 1 {
             parts.extend(
@@ -214,6 +253,9 @@ impl TrackerState {
         }
         if erred > 0 {
             parts.push(format!("{erred} erred"));
+        }
+        if not_run > 0 {
+            parts.push(format!("{not_run} not run"));
         }
         parts.join(" · ")
     }
@@ -247,6 +289,7 @@ impl Tracker {
                     total: 0,
                     done: 0,
                     erred: 0,
+                    not_run: 0,
                 });
                 functions.len() - 1
             });
@@ -284,6 +327,8 @@ impl Tracker {
                 pending,
                 functions,
                 futures: 0,
+                failed: false,
+                ran: None,
                 finished: false,
                 message_at: None,
                 subscription: None,
@@ -342,35 +387,67 @@ impl Tracker {
         self.bar.inc(1);
     }
 
-    fn future_done(&self) {
+    fn future_done(&self, ok: bool) {
         let last = {
             let mut state = self.lock();
+            state.failed |= !ok;
             state.futures = state.futures.saturating_sub(1);
             state.futures == 0
         };
         if last {
-            self.finish();
+            let ok = !self.lock().failed;
+            self.finish(ok);
         }
     }
 
-    /// The work is over: everything not heard of counts as done (rule 2),
-    /// the bar draws its last state, or the plain line is printed.
-    fn finish(&self) {
+    /// The work is over, successfully (`ok`) or not: everything not heard
+    /// of counts as done if it was, else as not run (rule 2); the bar draws
+    /// its last state, or the plain line is printed.
+    fn finish(&self, ok: bool) {
         let subscription = {
             let mut state = self.lock();
             if state.finished {
                 return;
             }
             state.finished = true;
-            for i in std::mem::take(&mut state.pending).into_values() {
-                state.functions[i].done += 1;
+            let pending = std::mem::take(&mut state.pending);
+            let ran = state.ran.take().filter(|_| !ok);
+            if let Some(ran) = ran {
+                // Asked without this lock: `ran` may take a client's.
+                drop(state);
+                let ran: Vec<(usize, bool)> =
+                    pending.into_iter().map(|(key, i)| (i, ran(key))).collect();
+                state = self.lock();
+                for (i, ran) in ran {
+                    let function = &mut state.functions[i];
+                    if ran {
+                        function.done += 1;
+                    } else {
+                        function.not_run += 1;
+                    }
+                }
+            } else {
+                for i in pending.into_values() {
+                    let function = &mut state.functions[i];
+                    if ok {
+                        function.done += 1;
+                    } else {
+                        function.not_run += 1;
+                    }
+                }
             }
             let message = state.message();
             let total: u64 = state.functions.iter().map(|f| f.total).sum();
-            self.bar.set_position(total);
+            let not_run: u64 = state.functions.iter().map(|f| f.not_run).sum();
+            self.bar.set_position(total - not_run);
             if self.terminal {
                 self.bar.set_message(message);
-                self.bar.finish();
+                if not_run == 0 {
+                    self.bar.finish();
+                } else {
+                    // Left where it stands: `finish` would draw it full.
+                    self.bar.abandon();
+                }
             } else if total > 0 {
                 let line = summary(&state.functions, self.started.elapsed());
                 // One write: the line stays whole beside other output.
@@ -383,12 +460,21 @@ impl Tracker {
     }
 }
 
-/// The plain line printed at the end when stderr is not a terminal.
+/// The plain line printed at the end when stderr is not a terminal:
+/// `rask: 50 tasks done in 1.2 s`, or `rask: 1 of 50 tasks done in 0.0 s,
+/// 1 erred, 49 not run` when some never ran (a done task here is one that
+/// ran, erred or not).
 fn summary(functions: &[Function], elapsed: Duration) -> String {
     let total: u64 = functions.iter().map(|f| f.total).sum();
     let erred: u64 = functions.iter().map(|f| f.erred).sum();
+    let not_run: u64 = functions.iter().map(|f| f.not_run).sum();
+    let ran = if not_run > 0 {
+        format!("{} of ", total - not_run)
+    } else {
+        String::new()
+    };
     let mut line = format!(
-        "rask: {total} task{} done in {:.1} s",
+        "rask: {ran}{total} task{} done in {:.1} s",
         if total == 1 { "" } else { "s" },
         elapsed.as_secs_f64()
     );
@@ -401,6 +487,9 @@ fn summary(functions: &[Function], elapsed: Duration) -> String {
     }
     if erred > 0 {
         line.push_str(&format!(", {erred} erred"));
+    }
+    if not_run > 0 {
+        line.push_str(&format!(", {not_run} not run"));
     }
     line.push('\n');
     line
@@ -417,6 +506,7 @@ mod tests {
             total,
             done: total - erred,
             erred,
+            not_run: 0,
         };
         assert_eq!(
             summary(&[f("inc", 1, 0)], Duration::from_millis(1250)),
@@ -426,5 +516,57 @@ mod tests {
             summary(&[f("inc", 3, 0), f("add", 2, 1)], Duration::from_secs(2)),
             "rask: 5 tasks done in 2.0 s (inc 3, add 2), 1 erred\n"
         );
+        let stopped = Function {
+            name: "inc".into(),
+            total: 50,
+            done: 0,
+            erred: 1,
+            not_run: 49,
+        };
+        assert_eq!(
+            summary(&[stopped], Duration::from_millis(10)),
+            "rask: 1 of 50 tasks done in 0.0 s, 1 erred, 49 not run\n"
+        );
+    }
+
+    fn keys(n: u8) -> Vec<Key> {
+        (0..n).map(|i| Key([i; 32])).collect()
+    }
+
+    /// A run that stopped at its first failure: the tasks it never ran
+    /// are not done (they counted as done, so 49 never-run tasks showed as
+    /// succeeded beside the one that erred).
+    #[test]
+    fn a_failed_run_counts_the_tasks_it_never_ran_as_not_done() {
+        let keys = keys(50);
+        let bar = Bar::start(keys.iter().map(|k| (*k, "inc")));
+        bar.tracker.record(keys[0], false);
+        let tracker = bar.tracker.clone();
+        drop(bar);
+        let counts = tracker.lock().counts();
+        assert_eq!(counts.len(), 1);
+        assert_eq!(
+            (counts[0].total, counts[0].done, counts[0].erred),
+            (50, 0, 1)
+        );
+        assert!(tracker.bar.position() < 50, "the bar is not full");
+    }
+
+    /// A run that returned its values: tasks not heard of ran (fused, or
+    /// before the bar listened), so they are done.
+    #[test]
+    fn a_successful_run_counts_the_tasks_not_heard_of_as_done() {
+        let keys = keys(3);
+        let mut bar = Bar::start(keys.iter().map(|k| (*k, "inc")));
+        bar.tracker.record(keys[0], true);
+        bar.succeeded();
+        let tracker = bar.tracker.clone();
+        drop(bar);
+        let counts = tracker.lock().counts();
+        assert_eq!(
+            (counts[0].done, counts[0].erred, counts[0].not_run),
+            (3, 0, 0)
+        );
+        assert_eq!(tracker.bar.position(), 3);
     }
 }
