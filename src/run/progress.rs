@@ -85,6 +85,8 @@ impl std::fmt::Debug for Progress {
 
 impl Progress {
     /// Blocks until the watched work is done and the bar drew its last state.
+    /// Runs the work of a simulated client meanwhile, which runs only while
+    /// someone waits (rule 4).
     pub fn wait(&self) {
         if let Some(drive) = &self.drive {
             drive(&|| self.done());
