@@ -392,21 +392,26 @@ mod tests {
             .map(|(i, name)| {
                 let mut key = [1u8; 32];
                 key[..8].copy_from_slice(&(i as u64).to_le_bytes());
-                TaskSpec {
-                    key,
-                    name: name.as_str().into(),
-                    function: "f".into(),
-                    payload: Arc::from(&[0u8][..]),
-                    deps: Vec::new(),
-                    timeout_ms: None,
-                    retries: 0,
-                    annotations: Default::default(),
-                }
+                spec(key, name)
             })
             .collect();
         let wanted = specs.iter().map(|t| t.key).collect();
         s.on_update_graph(ClientId(0), specs, wanted, &mut out);
         s
+    }
+
+    /// A task `name` of key `key`, with no inputs.
+    fn spec(key: [u8; 32], name: &str) -> TaskSpec {
+        TaskSpec {
+            key,
+            name: name.into(),
+            function: "f".into(),
+            payload: Arc::from(&[0u8][..]),
+            deps: Vec::new(),
+            timeout_ms: None,
+            retries: 0,
+            annotations: Default::default(),
+        }
     }
 
     /// An outbox that watches: it keeps the task events and the runs sent.
@@ -453,17 +458,7 @@ mod tests {
         let mut s = State::new();
         s.on_worker_registered(WorkerId(0), "127.0.0.1:1000".into(), 1, out);
         s.on_client_connected(ClientId(0), out);
-        let spec = TaskSpec {
-            key: [7; 32],
-            name: "inc".into(),
-            function: "f".into(),
-            payload: Arc::from(&[0u8][..]),
-            deps: Vec::new(),
-            timeout_ms: None,
-            retries: 0,
-            annotations: Default::default(),
-        };
-        s.on_update_graph(ClientId(0), vec![spec], vec![[7; 32]], out);
+        s.on_update_graph(ClientId(0), vec![spec([7; 32], "inc")], vec![[7; 32]], out);
         s
     }
 
@@ -480,6 +475,18 @@ mod tests {
         s.on_task_finished(worker, key, run, report, out);
     }
 
+    /// What `h` shows now of the one build `s`.
+    fn snapshot(h: &History, s: &State) -> Snapshot {
+        h.snapshot(
+            Instant::now(),
+            None,
+            "test",
+            1,
+            std::iter::once(s),
+            &HashMap::new(),
+        )
+    }
+
     /// A value lost with its worker and computed again is one task done
     /// once: the lost run leaves the row's counts (and its time with it).
     #[test]
@@ -489,16 +496,6 @@ mod tests {
         let mut history = History::new(None);
         finish(&mut s, &mut out, WorkerId(0));
         out.record(&mut history);
-        let snapshot = |h: &History, s: &State| {
-            h.snapshot(
-                Instant::now(),
-                None,
-                "test",
-                1,
-                std::iter::once(s),
-                &HashMap::new(),
-            )
-        };
         assert_eq!(accounted(&snapshot(&history, &s)), 1);
 
         s.on_worker_lost(WorkerId(0), &mut out);
@@ -543,16 +540,6 @@ mod tests {
             &mut out,
         );
         out.record(&mut history);
-        let snapshot = |h: &History, s: &State| {
-            h.snapshot(
-                Instant::now(),
-                None,
-                "test",
-                1,
-                std::iter::once(s),
-                &HashMap::new(),
-            )
-        };
         let lost = snapshot(&history, &s);
         assert_eq!(lost.totals.done, 0, "the lost value is not done");
         assert_eq!(accounted(&lost), 1);
@@ -633,14 +620,7 @@ mod tests {
         history.record(Instant::now(), BuildId::NONE, &finished(50_000, "inc"));
         let names: Vec<String> = (0..30).map(|i| format!("item-{}", 60_000 + i)).collect();
         let state = live(&names);
-        let snapshot = history.snapshot(
-            Instant::now(),
-            None,
-            "test",
-            1,
-            std::iter::once(&state),
-            &HashMap::new(),
-        );
+        let snapshot = snapshot(&history, &state);
         assert_eq!(rows(&snapshot), [("item", 50_000, 30), ("inc", 1, 0)]);
         assert_eq!(snapshot.totals.done, 50_001);
     }
@@ -662,14 +642,7 @@ mod tests {
             .map(|s| s.to_string())
             .collect();
         let state = live(&names);
-        let snapshot = history.snapshot(
-            Instant::now(),
-            None,
-            "test",
-            1,
-            std::iter::once(&state),
-            &HashMap::new(),
-        );
+        let snapshot = snapshot(&history, &state);
         let rows = rows(&snapshot);
         assert_eq!(rows.len(), MAX_GROUPS + 1, "every group kept, and one more");
         assert_eq!(rows.last(), Some(&(OTHER, 500, 2)));
