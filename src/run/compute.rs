@@ -172,9 +172,7 @@ pub fn explain<C: Compute>(what: C, config: &Config) -> Result<Explain> {
 /// for a cluster, simulated or not, as `run` plans for a remote backend.
 fn shown_options(config: &Config) -> Result<Options> {
     let mut options = options(config)?;
-    let kind = config.resolve()?;
-    options.remote =
-        kind.is_cluster() || matches!(kind, crate::run::config::ExecutorKind::SimCluster { .. });
+    options.remote = config.resolve()?.plans_remotely();
     Ok(options)
 }
 
@@ -297,7 +295,7 @@ pub(crate) fn run(roots: &[Arc<Node>], config: &Config) -> Result<Vec<Value>> {
     let _entered = span.enter();
     let backend = Backend::get(&kind)?;
     let mut options = options(config)?;
-    if backend.is_remote() {
+    if kind.plans_remotely() {
         crate::build::registry::check_sendable(roots)?;
         // Fused tasks travel as one wire task each (`plan::fuse`, "On a
         // cluster"); what the cluster must see alone stays alone.

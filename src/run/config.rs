@@ -196,6 +196,13 @@ impl ExecutorKind {
         )
     }
 
+    /// Whether plans for this executor leave the process, so they are
+    /// planned as a cluster's are: a cluster, or a simulated one. What
+    /// `compute` plans with and what `explain` shows, one predicate.
+    pub(crate) fn plans_remotely(&self) -> bool {
+        self.is_cluster() || matches!(self, ExecutorKind::SimCluster { .. })
+    }
+
     /// Parses the forms accepted by `RASK_SCHEDULER`: `sync`, `threads`,
     /// `threads:N`, `local:N`, `tcp://host:port`, `tls://host:port`,
     /// `unix:PATH`, `sim:SEED`, `sim-cluster:WORKERS:SEED`.
