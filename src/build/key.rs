@@ -12,7 +12,8 @@
 //!    and two nested functions of the same name in different blocks share a
 //!    path but not a type); for other nodes, the name and identity
 //!    themselves,
-//! 3. for each argument, in order: the key of a task input, or a literal
+//! 3. for each argument, in order (under a key of the arguments' kinds
+//!    for a call, rule 6): the key of a task input, or a literal
 //!    as its serde calls, each under a tag of its own ([`literal`]: not
 //!    its compact encoding, where values of one type that serialize
 //!    through different calls can write the same bytes); an argument that
@@ -56,6 +57,22 @@
 //!    name (`value_named`) is hashed as `value` hashes one, under its name:
 //!    name, type and encoding. Only a hand-assembled `Graph`'s tasks take
 //!    a name alone (`named_key`), which the graph checks is given once.
+//! 6. A call's key is hashed *shaped*: its arguments' bytes alone, under a
+//!    key of their shape, itself the keyed hash of the call's kind tag,
+//!    its function's digest and the kind of each argument (`k` an input's
+//!    key, `l` a literal, `b` raw bytes, `t` a type). An argument of each
+//!    kind is self-delimiting (a key is 32 bytes, raw bytes follow their
+//!    length, a literal's serde calls close themselves), so with its shape
+//!    the bytes say which arguments they were: what the flat form writes
+//!    as a mark before each argument, the shape holds once. A call of two
+//!    inputs is then 64 bytes, one blake3 block, where its flat form took
+//!    two. A call of more than 12 arguments, or whose bytes pass the
+//!    buffer's limit (a large literal), is hashed *flat*, as every other
+//!    key is: its kind tag, its digest, then each argument's mark and
+//!    bytes, under the context's key. Which form a call takes depends
+//!    only on its arguments, so the same call always gets the same key;
+//!    the two forms hash under distinct blake3 keys, so neither can
+//!    produce the other's key.
 
 use std::sync::LazyLock;
 
@@ -68,7 +85,9 @@ pub(crate) use literal::LiteralError;
 
 /// The versioned context; changing it changes every key (a breaking change).
 /// Version 2: literals are hashed as their serde calls ([`literal`]), not
-/// their postcard bytes.
+/// their postcard bytes. Shaped calls (rule 6) changed the keys of calls
+/// without a new version: they hash under keys of their own, which no
+/// key of another form can match, and a call hashed flat keeps its key.
 const CONTEXT: &str = "rask task key v2";
 
 /// Keys are keyed blake3 hashes under a key derived from [`CONTEXT`]: the
@@ -102,6 +121,9 @@ pub(crate) enum Tag {
     /// Work with a timeout or retries, over the key of the work itself and
     /// its limits: its failures differ (rule 1).
     Limited = 10,
+    /// The key a shaped call's arguments are hashed under: its kind tag,
+    /// its function's digest and its arguments' kinds (rule 6).
+    Shape = 11,
 }
 
 /// The type tag of `T`: its `TypeId`, reduced to 64 bits. Equal in every
@@ -172,6 +194,24 @@ pub(crate) fn nonce() -> [u8; NONCE_LEN] {
     out
 }
 
+/// How many arguments a call's key keeps the kinds of apart from their
+/// bytes (its [`Shape`]); a call of more is hashed flat (rule 6).
+const SHAPED_ARGS: usize = 12;
+
+/// A call's head and the kind of each argument hashed so far, kept apart
+/// from the arguments' bytes while the call is hashed shaped (rule 6).
+#[derive(Clone, Copy)]
+struct Shape {
+    /// The call's kind tag ([`Tag::Call`] or [`Tag::FallibleCall`]).
+    tag: Tag,
+    digest: [u8; 32],
+    /// Each argument's mark (`b'k'`, `b'l'`, `b'b'`, `b't'`), and where
+    /// its bytes start in the buffer.
+    marks: [u8; SHAPED_ARGS],
+    starts: [u32; SHAPED_ARGS],
+    len: u8,
+}
+
 /// Incremental key derivation for one task.
 ///
 /// Most key material is short (a name, a path, a few input keys), so it is
@@ -183,6 +223,10 @@ pub(crate) struct KeyHasher {
     /// A call of a capturing closure, whose key takes a nonce (rule 4):
     /// see [`KeyHasher::finish_call`].
     impure: bool,
+    /// A call hashed shaped (rule 6): its head and its arguments' kinds,
+    /// which the buffer then leaves out. `None` for other keys, and once
+    /// a call is hashed flat.
+    shape: Option<Shape>,
 }
 
 impl KeyHasher {
@@ -202,9 +246,13 @@ impl KeyHasher {
         } else {
             Tag::Call
         };
-        this.buf.push(tag as u8);
-        this.buf
-            .extend_from_slice(&KnownFunction::digest::<F>(name));
+        this.shape = Some(Shape {
+            tag,
+            digest: KnownFunction::digest::<F>(name),
+            marks: [0; SHAPED_ARGS],
+            starts: [0; SHAPED_ARGS],
+            len: 0,
+        });
         this.impure = !is_pure_fn::<F>();
         this
     }
@@ -216,7 +264,50 @@ impl KeyHasher {
             buf,
             stream: None,
             impure: false,
+            shape: None,
         }
+    }
+
+    /// Starts an argument of kind `mark`: kept in the call's shape while
+    /// it is hashed shaped, else written before the argument's bytes.
+    fn mark(&mut self, mark: u8) {
+        if let Some(shape) = &mut self.shape {
+            let i = usize::from(shape.len);
+            if i < SHAPED_ARGS {
+                shape.marks[i] = mark;
+                // At most the buffer's limit and a few bytes: a shaped
+                // call past the limit is flat (`drained`).
+                shape.starts[i] = self.buf.len() as u32;
+                shape.len += 1;
+                return;
+            }
+            self.flatten();
+        }
+        self.buf.push(mark);
+    }
+
+    /// Hashes the call flat from here on (rule 6): the buffer becomes what
+    /// a flat key hashes, its head and each argument's mark and bytes.
+    fn flatten(&mut self) {
+        let Some(shape) = self.shape.take() else {
+            return;
+        };
+        let len = usize::from(shape.len);
+        let mut flat = Vec::with_capacity(1 + 32 + len + self.buf.len());
+        flat.push(shape.tag as u8);
+        flat.extend_from_slice(&shape.digest);
+        for i in 0..len {
+            let start = shape.starts[i] as usize;
+            let end = if i + 1 < len {
+                shape.starts[i + 1] as usize
+            } else {
+                self.buf.len()
+            };
+            flat.push(shape.marks[i]);
+            flat.extend_from_slice(&self.buf[start..end]);
+        }
+        self.buf.clear();
+        self.buf.extend_from_slice(&flat);
     }
 
     pub(crate) fn new(tag: Tag, name: &str, identity: &str) -> Self {
@@ -253,6 +344,7 @@ impl KeyHasher {
 
     /// The stream, with the buffer hashed into it and emptied.
     fn drained(&mut self) -> &mut blake3::Hasher {
+        self.flatten();
         let stream = self
             .stream
             .get_or_insert_with(|| Box::new(blake3::Hasher::new_keyed(&HASH_KEY)));
@@ -273,20 +365,20 @@ impl KeyHasher {
                 self.0.extend_from_slice(bytes);
             }
         }
-        self.buf.push(b't');
+        self.mark(b't');
         std::hash::Hash::hash(&std::any::TypeId::of::<T>(), &mut Raw(&mut self.buf));
     }
 
     /// Mixes in the key of a task input.
     pub(crate) fn input(&mut self, key: &Key) {
-        self.buf.push(b'k');
+        self.mark(b'k');
         self.buf.extend_from_slice(&key.0);
         self.spill();
     }
 
     /// Mixes in raw bytes (a count, an index, a random nonce).
     pub(crate) fn bytes(&mut self, bytes: &[u8]) {
-        self.buf.push(b'b');
+        self.mark(b'b');
         self.buf
             .extend_from_slice(&(bytes.len() as u64).to_le_bytes());
         self.buf.extend_from_slice(bytes);
@@ -296,7 +388,7 @@ impl KeyHasher {
     /// Mixes in a literal: its serde calls, each under a tag of its own
     /// ([`literal`], rule 3).
     pub(crate) fn literal<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), LiteralError> {
-        self.buf.push(b'l');
+        self.mark(b'l');
         value.serialize(&mut literal::Literal(self))
     }
 
@@ -330,7 +422,7 @@ impl KeyHasher {
         list: &[E],
         bytes: impl Fn(E) -> [u8; N],
     ) {
-        self.buf.push(b'l');
+        self.mark(b'l');
         self.buf.push(tag);
         self.buf
             .extend_from_slice(&(list.len() as u64).to_le_bytes());
@@ -371,6 +463,9 @@ impl KeyHasher {
 
     /// The keyed hash of the bytes mixed in.
     fn finish_plain(&self) -> Key {
+        if let Some(shape) = &self.shape {
+            return Key(*blake3::keyed_hash(&shape.key(), &self.buf).as_bytes());
+        }
         match &self.stream {
             None => Key(*blake3::keyed_hash(&HASH_KEY, &self.buf).as_bytes()),
             Some(stream) => {
@@ -381,6 +476,69 @@ impl KeyHasher {
         }
     }
 }
+
+impl Shape {
+    /// The key this call's arguments are hashed under (rule 6): a keyed
+    /// hash, as every key is, of the call's kind tag, its function's
+    /// digest and its arguments' kinds. Kept per thread for the shapes
+    /// met last: a function is mostly called with one shape.
+    fn key(&self) -> [u8; 32] {
+        let marks = &self.marks[..usize::from(self.len)];
+        let slot = (u64::from_le_bytes([
+            self.digest[0],
+            self.digest[1],
+            self.digest[2],
+            self.digest[3],
+            self.digest[4],
+            self.digest[5],
+            self.digest[6],
+            self.digest[7],
+        ]) as usize
+            ^ marks.len())
+            % SHAPES;
+        let kept = KNOWN_SHAPES.try_with(|known| {
+            let mut known = known.try_borrow_mut().ok()?;
+            match &known[slot] {
+                Some((shape, key)) if shape.same(self) => Some(*key),
+                _ => {
+                    let key = self.make();
+                    known[slot] = Some((*self, key));
+                    Some(key)
+                }
+            }
+        });
+        match kept {
+            Ok(Some(key)) => key,
+            _ => self.make(),
+        }
+    }
+
+    fn make(&self) -> [u8; 32] {
+        let marks = &self.marks[..usize::from(self.len)];
+        let mut bytes = [0u8; 3 + 32 + SHAPED_ARGS];
+        bytes[0] = Tag::Shape as u8;
+        bytes[1] = self.tag as u8;
+        bytes[2] = self.len;
+        bytes[3..35].copy_from_slice(&self.digest);
+        bytes[35..35 + marks.len()].copy_from_slice(marks);
+        *blake3::keyed_hash(&HASH_KEY, &bytes[..35 + marks.len()]).as_bytes()
+    }
+
+    /// The same call head and argument kinds (where the bytes start
+    /// does not matter).
+    fn same(&self, other: &Shape) -> bool {
+        self.tag as u8 == other.tag as u8
+            && self.len == other.len
+            && self.digest == other.digest
+            && self.marks[..usize::from(self.len)] == other.marks[..usize::from(other.len)]
+    }
+}
+
+/// How many call shapes each thread keeps keys of (rule 6).
+const SHAPES: usize = 8;
+
+/// A call shape and the key its arguments are hashed under.
+type KnownShape = (Shape, [u8; 32]);
 
 /// A function's digest, kept per thread for the functions called last.
 struct KnownFunction {
@@ -397,7 +555,13 @@ impl KnownFunction {
     /// and the type of `F` (rule 1), hashed as a key is.
     fn digest<F: 'static>(name: &'static str) -> [u8; 32] {
         let id = std::any::TypeId::of::<F>();
-        let slot = (type_tag::<F>() as usize) % FUNCTIONS;
+        // Any spread of ids will do for a slot: the cheap hash type maps
+        // use, not the type tag's (a byte at a time).
+        let slot = std::hash::BuildHasher::hash_one(
+            &std::hash::BuildHasherDefault::<crate::build::graph::KeyHash>::default(),
+            id,
+        ) as usize
+            % FUNCTIONS;
         let kept = KNOWN.try_with(|known| {
             let mut known = known.try_borrow_mut().ok()?;
             match &known[slot] {
@@ -428,6 +592,10 @@ thread_local! {
     /// The digests of the functions this thread called last, by type tag.
     static KNOWN: std::cell::RefCell<[Option<KnownFunction>; FUNCTIONS]> =
         const { std::cell::RefCell::new([const { None }; FUNCTIONS]) };
+
+    /// The keys of the call shapes this thread hashed last (rule 6).
+    static KNOWN_SHAPES: std::cell::RefCell<[Option<KnownShape>; SHAPES]> =
+        const { std::cell::RefCell::new([None; SHAPES]) };
 
     /// The buffer of this thread's last finished hasher, for its next one:
     /// one allocation per thread rather than one per key. A hasher made
@@ -604,6 +772,89 @@ mod tests {
         let distinct: std::collections::HashSet<_> = first.iter().collect();
         assert_eq!(distinct.len(), first.len(), "distinct closures share a key");
         assert_eq!(round(), first);
+    }
+
+    /// The flat form of a call of `inc` (rule 6): its tag, its digest,
+    /// then each argument's mark and bytes, under the context's key.
+    fn flat(args: &[(u8, &[u8])]) -> Key {
+        let mut bytes = vec![Tag::Call as u8];
+        bytes.extend_from_slice(&KnownFunction::digest::<Inc>("inc"));
+        for (mark, arg) in args {
+            bytes.push(*mark);
+            bytes.extend_from_slice(arg);
+        }
+        let mut h = blake3::Hasher::new_keyed(&HASH_KEY);
+        h.update(&bytes);
+        Key(*h.finalize().as_bytes())
+    }
+
+    /// A function type that captures nothing (rule 2: no nonce).
+    struct Inc;
+
+    fn inc_call() -> KeyHasher {
+        KeyHasher::call::<Inc>("inc", false)
+    }
+
+    #[test]
+    fn arguments_of_other_kinds_with_the_same_bytes_get_other_keys() {
+        // Two inputs and two runs of raw bytes, 64 bytes in the buffer
+        // either way: each input's key starts with the length prefix of
+        // a run (24), and ends with the run.
+        let key = |fill: u8| {
+            let mut k = [fill; 32];
+            k[..8].copy_from_slice(&24u64.to_le_bytes());
+            k
+        };
+        let (first, second) = (key(7), key(9));
+        let with = |f: &dyn Fn(&mut KeyHasher)| {
+            let mut h = inc_call();
+            f(&mut h);
+            h
+        };
+        let inputs = with(&|h| {
+            h.input(&Key(first));
+            h.input(&Key(second));
+        });
+        let raw = with(&|h| {
+            h.bytes(&first[8..]);
+            h.bytes(&second[8..]);
+        });
+        assert_eq!(
+            inputs.buf, raw.buf,
+            "the same bytes, told apart by shape alone"
+        );
+        assert_ne!(inputs.finish(), raw.finish());
+        // Again, with both shapes' keys kept by this thread now.
+        let again = with(&|h| {
+            h.input(&Key(first));
+            h.input(&Key(second));
+        });
+        assert_eq!(again.finish(), inputs.finish());
+        assert_ne!(again.finish(), raw.finish());
+    }
+
+    #[test]
+    fn a_call_past_the_shapes_limits_is_hashed_flat_as_it_was_written() {
+        // More arguments than a shape keeps.
+        let keys: Vec<[u8; 32]> = (0..SHAPED_ARGS as u8 + 3).map(|i| [i; 32]).collect();
+        let mut h = inc_call();
+        for k in &keys {
+            h.input(&Key(*k));
+        }
+        assert!(h.shape.is_none());
+        let args: Vec<(u8, &[u8])> = keys.iter().map(|k| (b'k', &k[..])).collect();
+        assert_eq!(h.finish(), flat(&args));
+        // A literal past the buffer's limit, after an input.
+        let big: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
+        let mut h = inc_call();
+        h.input(&Key(keys[1]));
+        h.literal_value(&big).unwrap();
+        assert!(h.shape.is_none());
+        // A run of bytes: its tag (`literal`'s `BYTES`), length and bytes.
+        let mut lit = vec![0x10];
+        lit.extend_from_slice(&(big.len() as u64).to_le_bytes());
+        lit.extend_from_slice(&big);
+        assert_eq!(h.finish(), flat(&[(b'k', &keys[1]), (b'l', &lit)]));
     }
 
     #[test]
