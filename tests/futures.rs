@@ -1230,6 +1230,107 @@ fn progress_of_cancelled_futures_counts_their_work_as_not_run() {
     assert!(not_run >= 4, "{counts:?}");
 }
 
+/// What each gate's `stoppable` call saw so far: `false` once it
+/// started, `true` once its work was given up.
+static STOPPABLE: Mutex<Option<HashMap<u64, bool>>> = Mutex::new(None);
+
+fn stoppable_saw(gate: u64) -> Option<bool> {
+    STOPPABLE
+        .lock()
+        .unwrap()
+        .get_or_insert_with(HashMap::new)
+        .get(&gate)
+        .copied()
+}
+
+fn gate_is_open(gate: u64) -> bool {
+    GATES
+        .lock()
+        .unwrap()
+        .get_or_insert_with(HashMap::new)
+        .get(&gate)
+        .copied()
+        .unwrap_or(false)
+}
+
+/// Returns 1 once gate `gate` opens. Given up first, it notes so and
+/// returns once the gate opens, a value dropped as cancelled (at most 30 s
+/// either way).
+fn stoppable(gate: u64) -> i64 {
+    let note = |saw| {
+        STOPPABLE
+            .lock()
+            .unwrap()
+            .get_or_insert_with(HashMap::new)
+            .insert(gate, saw);
+    };
+    note(false);
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_secs(30) {
+        if rask::cancelled() {
+            note(true);
+            gated(gate, 0);
+            return 0;
+        }
+        if gate_is_open(gate) {
+            return 1;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    0
+}
+
+/// Waits (at most 20 s) until `what` holds.
+fn wait_until(what: &str, test: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !test() {
+        assert!(std::time::Instant::now() < deadline, "{what}: never");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// A future cancelled while its task ran, then submitted again (the same
+/// key): a display of the new future counts the new run's task, not the
+/// cancelled run's (it counted the old run's cancellation as an error of
+/// the new run, which succeeded: 1 erred, 0 done).
+#[test]
+fn progress_counts_only_its_own_runs_of_a_resubmitted_key() {
+    // One thread: the cancelled run's task ends before the new run's starts.
+    let client = Client::threads(1).unwrap();
+    let gate = new_id();
+    let work = delayed!(stoppable(gate));
+    let old = client.submit(&work).unwrap();
+    wait_until("the first run started", || stoppable_saw(gate).is_some());
+    old.cancel();
+    wait_until("the first run saw it was given up", || {
+        stoppable_saw(gate) == Some(true)
+    });
+    let new = client.submit(&work).unwrap();
+    let bar = rask::progress(&new);
+    open(gate);
+    assert_eq!(new.result().unwrap(), 1);
+    let waiting = bar.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        waiting.wait();
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the display never finished");
+    let counts = bar.counts();
+    assert_eq!(counts.len(), 1, "{counts:?}");
+    assert_eq!(
+        (
+            counts[0].total,
+            counts[0].done,
+            counts[0].erred,
+            counts[0].not_run
+        ),
+        (1, 1, 0, 0),
+        "{counts:?}"
+    );
+}
+
 fn total_of(xs: Vec<i64>) -> i64 {
     xs.iter().sum()
 }

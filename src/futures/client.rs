@@ -63,6 +63,7 @@ use crate::futures::spin::Spin;
 use crate::plan::Options;
 use crate::run::backend::Backend;
 use crate::run::config::{Config, ExecutorKind};
+use crate::run::progress::Plans;
 use crate::{Error, Result};
 
 /// A handle to an executor that runs work in the background and returns
@@ -154,10 +155,12 @@ struct Entry {
     run: Option<(Arc<Run>, usize)>,
     /// The work, until it finished: what `Client::retry` runs again.
     node: Option<Arc<Node>>,
-    /// A progress display counted this entry's tasks by the nodes of its
-    /// graph, before a run planned it ([`Shared::pending_tasks`]): that run
-    /// folds nothing, so every node counted reports its own outcome.
-    counted: bool,
+    /// Progress displays that counted this entry's tasks by the nodes of
+    /// its graph, before a run planned it ([`Shared::pending_tasks`]): that
+    /// run folds nothing, so every node counted reports its own outcome,
+    /// and each display learns the run's plan to count its events
+    /// (`run::progress` rule 1). Kept, the displays gone, until the run.
+    counted: Vec<Weak<Plans>>,
 }
 
 /// Where a key's computation stands.
@@ -1021,7 +1024,7 @@ impl Entry {
             deferred: Vec::new(),
             run: None,
             node: None,
-            counted: false,
+            counted: Vec::new(),
         }
     }
 }
@@ -1355,7 +1358,7 @@ impl Shared {
             .into_iter()
             .filter_map(|r| match table.get(&r.key) {
                 Some(e) if e.state.is_pending() && e.run.is_none() => {
-                    counted |= e.counted;
+                    counted |= !e.counted.is_empty();
                     Some(r)
                 }
                 _ => {
@@ -1495,7 +1498,12 @@ impl Shared {
         for (slot, root) in roots.iter().enumerate() {
             if let Some(entry) = table.get_mut(&root.key) {
                 entry.run = Some((run.clone(), slot));
-                entry.counted = false;
+                // Before the plan is submitted: no event of it is missed.
+                for plans in entry.counted.drain(..) {
+                    if let Some(plans) = plans.upgrade() {
+                        plans.add(plan.id());
+                    }
+                }
             }
         }
         drop(table);
@@ -1954,7 +1962,11 @@ impl Shared {
     /// the nodes of its graph, down to data and futures, and marked
     /// [`counted`](Entry::counted) under the same lock: its run then folds
     /// nothing, so each node counted is a task of its own.
-    pub(crate) fn pending_tasks(&self, key: Key, out: &mut Vec<(Key, String)>) {
+    ///
+    /// The plans of the runs counted go to `plans`, and so will those of
+    /// the runs of keys counted by their graph, once planned: the display
+    /// counts their tasks' events only (`run::progress` rule 1).
+    pub(crate) fn pending_tasks(&self, key: Key, out: &mut Vec<(Key, String)>, plans: &Arc<Plans>) {
         /// What a pending key waits for.
         enum Work {
             Planned(Arc<rask_executor::Plan>, usize),
@@ -1978,7 +1990,7 @@ impl Shared {
                             run.plan.upgrade().map(|plan| Work::Planned(plan, *slot))
                         }
                         None => {
-                            entry.counted = true;
+                            entry.counted.push(Arc::downgrade(plans));
                             entry.node.clone().map(Work::Graph)
                         }
                     },
@@ -1988,6 +2000,7 @@ impl Shared {
             match work {
                 None => {}
                 Some(Work::Planned(plan, slot)) => {
+                    plans.add(plan.id());
                     let mut stack: Vec<u32> =
                         plan.outputs().get(slot).copied().into_iter().collect();
                     while let Some(i) = stack.pop() {

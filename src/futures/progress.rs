@@ -14,7 +14,7 @@ use rask_executor::Key;
 
 use crate::futures::client::{start_queued, Listener, Shared, State};
 use crate::futures::future::Future;
-use crate::run::progress::{Drive, Ran};
+use crate::run::progress::{Drive, Plans, Ran};
 pub use crate::run::progress::{FunctionProgress, Progress};
 
 /// Draws a progress bar on stderr for the work behind `futures` and
@@ -56,12 +56,12 @@ pub fn progress<W: Watch + ?Sized>(futures: &W) -> Progress {
     // (`run::progress` rule 2).
     let owners: Arc<Mutex<HashMap<Key, Vec<usize>>>> = Arc::default();
     let finished: Arc<[AtomicBool]> = (0..n).map(|_| AtomicBool::new(false)).collect();
-    let collect = || {
+    let collect = |plans: &Arc<Plans>| {
         let mut tasks = Vec::new();
         let mut owners = owners.lock().unwrap_or_else(PoisonError::into_inner);
         for (i, (shared, key, _)) in watched.futures.iter().enumerate() {
             let mut of_this = Vec::new();
-            shared.pending_tasks(*key, &mut of_this);
+            shared.pending_tasks(*key, &mut of_this, plans);
             for (task, _) in &of_this {
                 owners.entry(*task).or_default().push(i);
             }

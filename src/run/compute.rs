@@ -343,7 +343,7 @@ pub(crate) fn run(roots: &[Arc<Node>], config: &Config) -> Result<Vec<Value>> {
             .iter()
             .zip(plan.keys())
             .filter(|(t, _)| t.op().is_work());
-        crate::run::progress::Bar::start(work.map(|(t, key)| (*key, t.op().name())))
+        crate::run::progress::Bar::start(plan.id(), work.map(|(t, key)| (*key, t.op().name())))
     });
     let lookup = lookup.map(Arc::new);
     let cache = lookup.clone().map(|lookup| (lookup, writes));

@@ -8,7 +8,13 @@
 //! 1. A bar tracks a fixed set of tasks, known when it starts: a plan's
 //!    tasks for `compute` and `persist`, the tasks behind the futures given
 //!    to [`progress`](crate::progress()). A task counts once, when it
-//!    finishes or errs; events about other tasks are ignored.
+//!    finishes or errs in a run the bar watches: `compute`'s plan, or the
+//!    plans computing the futures (events rule 4). Events about other
+//!    tasks are ignored, and so are those naming another plan: a key
+//!    cancelled while it ran and submitted again is run twice, and the
+//!    cancelled run's end is not the watched run's (it counted as an
+//!    error of a run that succeeded). What a cluster reports names no
+//!    plan and counts by key: its scheduler runs a key once at a time.
 //! 2. A bar is done when the work it watches is over — `compute`
 //!    returned, every future finished, failed or was cancelled — whatever
 //!    events arrived. Tasks it never heard of count as done then only if
@@ -30,14 +36,14 @@
 //!    would: a simulated client's watched futures run only when someone
 //!    waits, so `wait` steps that client (its `drive`) before it sleeps.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{IsTerminal, Write};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rask_executor::events::{self, Event, EventKind, Subscription};
-use rask_executor::Key;
+use rask_executor::{Key, PlanId};
 
 /// Where a progress display stands, for one function (see
 /// [`Progress::counts`]).
@@ -69,6 +75,32 @@ pub struct Progress {
 
 /// How [`Progress::wait`] runs the watched work of simulated clients.
 pub(crate) type Drive = Arc<dyn Fn(&dyn Fn() -> bool) + Send + Sync>;
+
+/// The plans whose runs a display watches (rule 1): known when it starts,
+/// or added once the run of a graph it counted is planned.
+#[derive(Default)]
+pub(crate) struct Plans(Mutex<HashSet<PlanId>>);
+
+impl Plans {
+    /// The display watches the run of `plan` too.
+    pub(crate) fn add(&self, plan: PlanId) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(plan);
+    }
+
+    /// Whether an event naming `plan` is about a watched run: one naming
+    /// no plan counts by key (rule 1).
+    fn watches(&self, plan: Option<PlanId>) -> bool {
+        plan.is_none_or(|plan| {
+            self.0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains(&plan)
+        })
+    }
+}
 
 /// Whether a task the display never heard of is known to have run
 /// successfully, asked when the watched work did not all succeed (rule 2).
@@ -113,36 +145,42 @@ impl Progress {
 }
 
 impl Progress {
-    /// A display of the tasks `collect` lists (key and name each) that is
-    /// done once [`future_done`](Progress::future_done) was called
-    /// `futures` times (rule 2): at once when `futures` is 0.
+    /// A display of the tasks `collect` lists (key and name each), in the
+    /// runs it adds to the [`Plans`] it is given (rule 1), that is done
+    /// once [`future_done`](Progress::future_done) was called `futures`
+    /// times (rule 2): at once when `futures` is 0.
     ///
     /// Outcomes are heard from before `collect` runs: a task it lists that
     /// ends before the display subscribed still counts as it ended, not as
     /// done by rule 2 (an erred task counted done would be a wrong count).
     pub(crate) fn watching(
-        collect: impl FnOnce() -> Vec<(Key, String)>,
+        collect: impl FnOnce(&Arc<Plans>) -> Vec<(Key, String)>,
         futures: usize,
         drive: Option<Drive>,
         ran: Ran,
     ) -> Progress {
-        let early: Arc<Mutex<Vec<(Key, bool)>>> = Arc::default();
+        type Heard = Vec<(Key, Option<PlanId>, bool)>;
+        let early: Arc<Mutex<Heard>> = Arc::default();
         let heard = early.clone();
         let listening = events::subscribe(move |event: &Event<'_>| {
             if let Some(ok) = outcome(event) {
                 heard
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .push((event.key, ok));
+                    .push((event.key, event.plan, ok));
             }
         });
-        let tracker = Tracker::start(collect());
+        let plans = Arc::new(Plans::default());
+        let tracker = Tracker::start(collect(&plans), plans);
         // The tracker listens now: what was heard before counts once
-        // (`record` takes each key off `pending` once).
+        // (`record` takes each key off `pending` once), if it is about a
+        // watched run, known now that `collect` ran.
         drop(listening);
         let early = std::mem::take(&mut *early.lock().unwrap_or_else(PoisonError::into_inner));
-        for (key, ok) in early {
-            tracker.record(key, ok);
+        for (key, plan, ok) in early {
+            if tracker.plans.watches(plan) {
+                tracker.record(key, ok);
+            }
         }
         {
             let mut state = tracker.lock();
@@ -163,7 +201,7 @@ impl Progress {
 }
 
 /// A bar for one `compute` or `persist` of `tasks` (key and name of each
-/// task of its plan); finished when dropped ([`Tracker::finish`]), as
+/// task of the plan `plan`, rule 1); finished when dropped ([`Tracker::finish`]), as
 /// succeeded only if [`succeeded`](Bar::succeeded) was called.
 pub(crate) struct Bar {
     tracker: Arc<Tracker>,
@@ -171,9 +209,14 @@ pub(crate) struct Bar {
 }
 
 impl Bar {
-    pub(crate) fn start<'a>(tasks: impl IntoIterator<Item = (Key, &'a str)>) -> Bar {
+    pub(crate) fn start<'a>(plan: PlanId, tasks: impl IntoIterator<Item = (Key, &'a str)>) -> Bar {
+        let plans = Plans::default();
+        plans.add(plan);
         Bar {
-            tracker: Tracker::start(tasks.into_iter().map(|(k, n)| (k, n.to_owned())).collect()),
+            tracker: Tracker::start(
+                tasks.into_iter().map(|(k, n)| (k, n.to_owned())).collect(),
+                Arc::new(plans),
+            ),
             ok: false,
         }
     }
@@ -207,6 +250,8 @@ struct Tracker {
     bar: ProgressBar,
     /// Whether stderr is a terminal: bars drawn, else one line at the end.
     terminal: bool,
+    /// The runs whose events count (rule 1).
+    plans: Arc<Plans>,
     started: Instant,
 }
 
@@ -277,7 +322,7 @@ fn outcome(event: &Event<'_>) -> Option<bool> {
 const MESSAGE_EVERY: Duration = Duration::from_millis(100);
 
 impl Tracker {
-    fn start(tasks: Vec<(Key, String)>) -> Arc<Tracker> {
+    fn start(tasks: Vec<(Key, String)>, plans: Arc<Plans>) -> Arc<Tracker> {
         let mut functions: Vec<Function> = Vec::new();
         let mut index: HashMap<String, usize> = HashMap::new();
         let mut pending = HashMap::with_capacity(tasks.len());
@@ -338,6 +383,7 @@ impl Tracker {
             changed: Condvar::new(),
             bar,
             terminal,
+            plans,
             started: Instant::now(),
         });
         if terminal {
@@ -359,7 +405,9 @@ impl Tracker {
 
     fn event(&self, event: &Event<'_>) {
         if let Some(ok) = outcome(event) {
-            self.record(event.key, ok);
+            if self.plans.watches(event.plan) {
+                self.record(event.key, ok);
+            }
         }
     }
 
@@ -541,7 +589,7 @@ mod tests {
     #[test]
     fn a_failed_run_counts_the_tasks_it_never_ran_as_not_done() {
         let keys = keys(50);
-        let bar = Bar::start(keys.iter().map(|k| (*k, "inc")));
+        let bar = Bar::start(PlanId::default(), keys.iter().map(|k| (*k, "inc")));
         bar.tracker.record(keys[0], false);
         let tracker = bar.tracker.clone();
         drop(bar);
@@ -559,7 +607,7 @@ mod tests {
     #[test]
     fn a_successful_run_counts_the_tasks_not_heard_of_as_done() {
         let keys = keys(3);
-        let mut bar = Bar::start(keys.iter().map(|k| (*k, "inc")));
+        let mut bar = Bar::start(PlanId::default(), keys.iter().map(|k| (*k, "inc")));
         bar.tracker.record(keys[0], true);
         bar.succeeded();
         let tracker = bar.tracker.clone();

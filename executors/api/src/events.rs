@@ -20,7 +20,13 @@
 //! 3. Executors that run work elsewhere (a cluster) report what their
 //!    scheduler tells them, later and in batches; they also report
 //!    [`EventKind::Released`] and [`EventKind::Lost`].
-//! 4. Subscribers are called on the executor's threads, in no particular
+//! 4. An event about a task of a plan run in this process names that plan
+//!    ([`Event::plan`]): the same key run by two plans (a future cancelled
+//!    while it ran, then submitted again) is two runs, told apart by it. A
+//!    cluster's scheduler holds one task per key, whichever run wants it:
+//!    what it reports (rule 3) names no plan, nor do the result cache's
+//!    events.
+//! 5. Subscribers are called on the executor's threads, in no particular
 //!    order across threads: they must be quick, must not block on the
 //!    executor and must not panic. A subscriber may subscribe or drop a
 //!    [`Subscription`] from inside its callback.
@@ -29,6 +35,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+/// Re-exported here: events name the plan they are about ([`Event::plan`]).
+pub use crate::PlanId;
 use crate::{Failure, Key, Outcome, Plan};
 
 /// Something that happened to one task.
@@ -41,12 +49,32 @@ pub struct Event<'a> {
     pub name: &'a str,
     /// What happened.
     pub kind: EventKind<'a>,
+    /// The plan whose run of the task it is about, when that plan runs in
+    /// this process; `None` for what a cluster reports and for the result
+    /// cache's events (rule 4).
+    pub plan: Option<PlanId>,
 }
 
 impl<'a> Event<'a> {
-    /// An event: `kind` happened to the task `key` named `name`.
+    /// An event naming no plan: `kind` happened to the task `key` named
+    /// `name` (rule 4).
     pub fn new(key: Key, name: &'a str, kind: EventKind<'a>) -> Event<'a> {
-        Event { key, name, kind }
+        Event {
+            key,
+            name,
+            kind,
+            plan: None,
+        }
+    }
+
+    /// An event about task `i` of `plan`, naming the plan (rule 4).
+    fn of(plan: &'a Plan, i: u32, kind: EventKind<'a>) -> Event<'a> {
+        Event {
+            key: *plan.key(i),
+            name: plan.task(i).op().name(),
+            kind,
+            plan: Some(plan.id()),
+        }
     }
 }
 
@@ -124,7 +152,7 @@ type Subscribers = Arc<Vec<(u64, Callback)>>;
 /// The number of subscribers, read by [`listening`] (rule 1).
 static LISTENERS: AtomicUsize = AtomicUsize::new(0);
 /// Subscribers, copied on write so that emitting takes the lock only to
-/// clone one `Arc` and a callback can subscribe without a deadlock.
+/// clone one `Arc` and a callback can subscribe without a deadlock (rule 5).
 static SUBSCRIBERS: Mutex<Option<Subscribers>> = Mutex::new(None);
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
@@ -147,6 +175,9 @@ pub fn emit(event: &Event<'_>) {
 
 /// Calls `callback` with every event from now until the returned
 /// [`Subscription`] is dropped.
+///
+/// Rules 4 and 5 of the [module docs](self) say what an event names and
+/// what a callback may do.
 ///
 /// # Examples
 ///
@@ -272,13 +303,9 @@ impl Drop for Subscription {
 
 /// Reports `Queued` for every task of a plan about to run (rule 2).
 pub fn queued(plan: &Plan) {
-    for (task, key) in plan.tasks().iter().zip(plan.keys()) {
+    for (i, task) in plan.tasks().iter().enumerate() {
         if task.op().is_work() {
-            emit(&Event {
-                key: *key,
-                name: task.op().name(),
-                kind: EventKind::Queued,
-            });
+            emit(&Event::of(plan, i as u32, EventKind::Queued));
         }
     }
 }
@@ -308,13 +335,7 @@ pub fn observe(
         return run();
     }
     let place = place();
-    let name = task.op().name();
-    let key = *plan.key(i);
-    emit(&Event {
-        key,
-        name,
-        kind: EventKind::Started { place },
-    });
+    emit(&Event::of(plan, i, EventKind::Started { place }));
     let start = Instant::now();
     let outcome = run();
     let kind = match &outcome {
@@ -328,7 +349,7 @@ pub fn observe(
             failure,
         },
     };
-    emit(&Event { key, name, kind });
+    emit(&Event::of(plan, i, kind));
     outcome
 }
 
@@ -338,13 +359,13 @@ pub fn observe(
 pub fn skipped(plan: &Plan, i: u32, failure: &Failure) {
     let task = plan.task(i);
     if listening() && task.op().is_work() {
-        emit(&Event {
-            key: *plan.key(i),
-            name: task.op().name(),
-            kind: EventKind::Erred {
+        emit(&Event::of(
+            plan,
+            i,
+            EventKind::Erred {
                 place: None,
                 failure,
             },
-        });
+        ));
     }
 }

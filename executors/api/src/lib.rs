@@ -60,7 +60,7 @@ pub use failure::{
     RemoteError,
 };
 pub use limits::{run_limited, Run};
-pub use plan::{Kept, Plan, PlanBuilder, PlanTask};
+pub use plan::{Kept, Plan, PlanBuilder, PlanId, PlanTask};
 pub use simulated::{Simulated, SplitMix64};
 pub use stop::{abandoned, cancelled, Abandoned, Stop};
 pub use synchronous::Synchronous;

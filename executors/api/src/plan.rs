@@ -105,6 +105,8 @@ impl std::fmt::Debug for PlanTask {
 /// ```
 #[derive(Default)]
 pub struct Plan {
+    /// Which plan this is, for the events of its tasks.
+    id: PlanId,
     tasks: Vec<PlanTask>,
     /// The keys of the tasks whose op does not tell it (invariant 4),
     /// `(task, key)` sorted by task.
@@ -136,7 +138,35 @@ impl std::fmt::Debug for Plan {
     }
 }
 
+/// A plan's identity, unique in this process: the events of its tasks carry
+/// it ([`Event::plan`](crate::events::Event::plan)), so that a listener
+/// tells one run of a key from another run of the same key (a progress
+/// bar counts its own runs' tasks only).
+///
+/// Every plan [`PlanBuilder::build`] makes has an id of its own; only an
+/// empty [`Plan::default`] has `PlanId::default()`.
+///
+/// # Examples
+///
+/// ```
+/// use rask_executor::PlanBuilder;
+///
+/// let (a, b) = (PlanBuilder::new().build(), PlanBuilder::new().build());
+/// assert_ne!(a.id(), b.id());
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PlanId(u64);
+
+/// The last id given; 0 is `Plan::default()`'s.
+static LAST_PLAN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 impl Plan {
+    /// This plan's identity (see [`PlanId`]).
+    #[inline]
+    pub fn id(&self) -> PlanId {
+        self.id
+    }
+
     /// Number of tasks.
     #[inline]
     pub fn len(&self) -> usize {
@@ -568,6 +598,8 @@ impl PlanBuilder {
             consumers[t as usize] += 1;
         }
         Plan {
+            // One relaxed add per plan: ids need only be distinct.
+            id: PlanId(LAST_PLAN.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1),
             tasks: self.tasks,
             keys: self.keys,
             owned: self.owned,
