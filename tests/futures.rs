@@ -1331,6 +1331,55 @@ fn progress_counts_only_its_own_runs_of_a_resubmitted_key() {
     );
 }
 
+/// Tasks of `ran_before` that started, by gate.
+static RAN_BEFORE: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+
+/// Notes that it started, then returns 2 once gate `gate` opens.
+fn ran_before(gate: u64) -> i64 {
+    RAN_BEFORE.lock().unwrap().push(gate);
+    gated(gate, 2)
+}
+
+/// A task of a failing future's graph that was already running when the
+/// display started, and then succeeded, counts as done: it reports its
+/// `Finished` to whoever listens when it ends (it counted as not run, as
+/// it reported nothing). (Other tests of this binary may listen at the
+/// same time; alone, this one failed before the fix.)
+#[test]
+fn progress_counts_a_task_running_before_it_started_that_succeeded() {
+    let client = Client::threads(2).unwrap();
+    let (before, failure) = (new_id(), new_id());
+    let failing = client
+        .submit(delayed!(add(
+            delayed!(ran_before(before)),
+            delayed!(refuse(failure)?)
+        )))
+        .unwrap();
+    wait_until("the task started", || {
+        RAN_BEFORE.lock().unwrap().contains(&before)
+    });
+    let bar = rask::progress(&failing);
+    open(before);
+    open(failure);
+    assert!(failing.result().is_err());
+    let waiting = bar.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        waiting.wait();
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the display never finished");
+    let counts: HashMap<String, (u64, u64, u64)> = bar
+        .counts()
+        .into_iter()
+        .map(|c| (c.name, (c.done, c.erred, c.not_run)))
+        .collect();
+    assert_eq!(counts["ran_before"], (1, 0, 0), "{counts:?}");
+    assert_eq!(counts["refuse"], (0, 1, 0), "{counts:?}");
+    assert_eq!(counts["add"], (0, 1, 0), "{counts:?}");
+}
+
 fn total_of(xs: Vec<i64>) -> i64 {
     xs.iter().sum()
 }

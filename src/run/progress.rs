@@ -19,16 +19,15 @@
 //!    returned, every future finished, failed or was cancelled — whatever
 //!    events arrived. Tasks it never heard of count as done then only if
 //!    that work succeeded (`compute` returned its values, every future
-//!    finished): they were folded into a fused task or ran before it
-//!    started listening (a task already running then reports no
-//!    `Finished`), and the bar reads 100 %. Otherwise they count as not run
-//!    (a run stops at its first failure, a cancelled future's work is
-//!    dropped) unless known to have run — for futures, the work of a
+//!    finished): they were folded into a fused task or ended before it
+//!    started listening, and the bar reads 100 %. Otherwise they count as
+//!    not run (a run stops at its first failure, a cancelled future's work
+//!    is dropped) unless known to have run — for futures, the work of a
 //!    watched future that finished, or a finished future itself — and the
 //!    bar stays short of 100 %: work that did not run is never shown as
-//!    done. A task of a failed future's work that was already running
-//!    when the bar started, and succeeded, counts as not run: nothing
-//!    told the bar otherwise.
+//!    done. A task already running when the bar started reports how it
+//!    ended all the same (events rule 2), so a task of a failed future's
+//!    work that succeeded then counts as done.
 //! 3. Output goes to stderr only, on one line redrawn in place, so a
 //!    program's own lines are never erased. When stderr is not a terminal,
 //!    nothing is drawn and one plain line is printed at the end.

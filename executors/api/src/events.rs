@@ -5,18 +5,22 @@
 //!
 //! 1. Every executor in this process reports what happens to each task of a
 //!    plan it runs through [`emit`], but only while [`listening`] is true:
-//!    with no subscriber, an executor pays one relaxed atomic load per task
-//!    and builds no event, reads no clock.
+//!    with no subscriber, an executor pays two relaxed atomic loads per
+//!    task (one before it runs, one after: rule 2) and builds no event,
+//!    reads no clock.
 //! 2. For each task of a plan that is work of its own
 //!    ([`Op::is_work`](crate::Op::is_work)), an executor reports [`EventKind::Queued`] at
 //!    submission, then either [`EventKind::Started`] followed by
 //!    [`EventKind::Finished`] or [`EventKind::Erred`], or only `Erred` when
 //!    the task did not run because an input failed. Tasks a cancelled run
 //!    never reached get no further event. A subscriber that starts
-//!    listening mid-run sees the rest; a task that was already running then
-//!    reports only how it failed (`Erred` without `Started`, and no
-//!    `Finished`), so that a display started meanwhile never counts a
-//!    failure as done.
+//!    listening mid-run sees the rest: a task that was already running
+//!    then reports how it ended, `Finished` or `Erred`, without `Started`
+//!    (whoever listens when it ends hears it, not only who listened when it
+//!    started), so that a display started meanwhile neither counts a
+//!    failure as done nor a success as not run. Its `Finished` says how
+//!    long it ran since the listening began: no clock was read when it
+//!    started (rule 1).
 //! 3. Executors that run work elsewhere (a cluster) report what their
 //!    scheduler tells them, later and in batches; they also report
 //!    [`EventKind::Released`] and [`EventKind::Lost`].
@@ -95,7 +99,9 @@ pub enum EventKind<'a> {
     Finished {
         /// Where it ran.
         place: Place,
-        /// How long its op ran.
+        /// How long its op ran; for a task that started before anyone
+        /// listened, how long it ran since the listening began, a lower
+        /// bound (rule 2).
         duration: Duration,
         /// Size of its value's encoding, when the executor knows it (a
         /// cluster does; executors in this process never encode values).
@@ -151,6 +157,9 @@ type Subscribers = Arc<Vec<(u64, Callback)>>;
 
 /// The number of subscribers, read by [`listening`] (rule 1).
 static LISTENERS: AtomicUsize = AtomicUsize::new(0);
+/// When the first of the subscribers now listening came: a task that
+/// started before ran at least since then (rule 2).
+static LISTENING_SINCE: Mutex<Option<Instant>> = Mutex::new(None);
 /// Subscribers, copied on write so that emitting takes the lock only to
 /// clone one `Arc` and a callback can subscribe without a deadlock (rule 5).
 static SUBSCRIBERS: Mutex<Option<Subscribers>> = Mutex::new(None);
@@ -216,7 +225,13 @@ pub fn subscribe(callback: impl Fn(&Event<'_>) + Send + Sync + 'static) -> Subsc
         let mut list: Vec<(u64, Callback)> = subscribers.as_deref().cloned().unwrap_or_default();
         list.push((id, Arc::new(callback)));
         *subscribers = Some(Arc::new(list));
-        LISTENERS.fetch_add(1, Ordering::Relaxed) == 0
+        let first = LISTENERS.fetch_add(1, Ordering::Relaxed) == 0;
+        if first {
+            *LISTENING_SINCE
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+        }
+        first
     };
     if first {
         changed();
@@ -311,7 +326,8 @@ pub fn queued(plan: &Plan) {
 }
 
 /// Runs `run` (task `i`'s op, through [`run_task`](crate::run_task)) and
-/// reports it: `Started`, then `Finished` or `Erred`, when anyone listens
+/// reports it: `Started`, then `Finished` or `Erred`, when anyone listens;
+/// only `Finished` or `Erred` when someone listens by the time it ends
 /// (rules 1 and 2).
 #[inline]
 pub fn observe(
@@ -323,10 +339,13 @@ pub fn observe(
     // `listening` first: it is one load, where `is_work` asks the op.
     if !listening() {
         let outcome = run();
-        // Started before anyone listened: a failure is still said (rule 2),
-        // as one that kept the task from running is.
-        if let Err(failure) = &outcome {
-            skipped(plan, i, failure);
+        // Started before anyone listened: how it ended is said to whoever
+        // listens now (rule 2), a failure as one that kept the task from
+        // running is. One more load when nobody does (rule 1).
+        match &outcome {
+            Err(failure) => skipped(plan, i, failure),
+            Ok(_) if listening() => finished_unwatched(plan, i, place),
+            Ok(_) => {}
         }
         return outcome;
     }
@@ -353,6 +372,25 @@ pub fn observe(
     outcome
 }
 
+/// Reports that task `i`, which started before anyone listened, finished
+/// (rule 2): rare, so kept out of the executor's loop.
+#[cold]
+#[inline(never)]
+fn finished_unwatched(plan: &Plan, i: u32, place: impl FnOnce() -> Place) {
+    if !plan.task(i).op().is_work() {
+        return;
+    }
+    let since = *LISTENING_SINCE
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    let kind = EventKind::Finished {
+        place: place(),
+        duration: since.map(|since| since.elapsed()).unwrap_or_default(),
+        nbytes: None,
+    };
+    emit(&Event::of(plan, i, kind));
+}
+
 /// Reports that task `i` did not run because of `failure` (an input's, or
 /// a cancellation), when anyone listens (rule 2).
 #[inline]
@@ -367,5 +405,69 @@ pub fn skipped(plan: &Plan, i: u32, failure: &Failure) {
                 failure,
             },
         ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Executor, OpError, PlanBuilder, Reporter, Synchronous, Value};
+
+    type Heard = Arc<Mutex<Vec<(Key, Option<PlanId>, &'static str)>>>;
+
+    /// Starts listening from inside its own run, as a display started
+    /// while it ran would (no other test of this crate listens).
+    struct ListensWhileRunning {
+        heard: Heard,
+        subscription: Mutex<Option<Subscription>>,
+    }
+
+    impl crate::Op for ListensWhileRunning {
+        fn run(&self, _: &mut [Option<Value>]) -> Result<Value, OpError> {
+            let heard = self.heard.clone();
+            let subscription = subscribe(move |e: &Event<'_>| {
+                let kind = match e.kind {
+                    EventKind::Started { .. } => "started",
+                    EventKind::Finished { .. } => "finished",
+                    EventKind::Erred { .. } => "erred",
+                    _ => "other",
+                };
+                heard
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push((e.key, e.plan, kind));
+            });
+            *self.subscription.lock().unwrap() = Some(subscription);
+            Ok(Arc::new(1_i64))
+        }
+
+        fn name(&self) -> &str {
+            "listens"
+        }
+    }
+
+    struct Ignore;
+    impl Reporter for Ignore {
+        fn output(&self, _: usize, _: Outcome) {}
+    }
+
+    /// A task that started before anyone listened and succeeded says so
+    /// to whoever listens when it ends, naming its plan (it said nothing:
+    /// a progress bar started meanwhile counted it as not run).
+    #[test]
+    fn a_task_running_when_listening_began_reports_its_finish() {
+        let op = Arc::new(ListensWhileRunning {
+            heard: Heard::default(),
+            subscription: Mutex::new(None),
+        });
+        let mut b = PlanBuilder::new();
+        let t = b.push(Key([7; 32]), op.clone(), &[]);
+        b.output(t);
+        let plan = Arc::new(b.build());
+        let id = plan.id();
+        Synchronous.submit(plan, Arc::new(Ignore));
+        drop(op.subscription.lock().unwrap().take());
+        let heard = op.heard.lock().unwrap().clone();
+        assert_eq!(heard, [(Key([7; 32]), Some(id), "finished")]);
     }
 }
