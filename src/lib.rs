@@ -79,10 +79,10 @@
 //! # Keys
 //!
 //! A key is blake3 (keyed with a key derived from the context
-//! `"rask task key v1"`) over the function's name, path and *type tag* (its
-//! `TypeId`), hashed once per function, and each argument's key (for task
-//! inputs) or serialized bytes (for literals). It prints as `name-` plus
-//! eight hex digits. The rules:
+//! `"rask task key v2"`) over the task's name and its function's path and
+//! *type tag* (its `TypeId`), hashed once per function, and each
+//! argument's key (for task inputs) or serde calls (for literals). It
+//! prints as `name-` plus eight hex digits. The rules:
 //!
 //! 1. Distinct functions never share a key — closures included: two closures
 //!    of one function, or two bound to one name, are different types.
@@ -91,7 +91,12 @@
 //!    function is renamed or moved, when the program is built by another
 //!    compiler or in another profile, or when a literal's serialized form
 //!    changes (a `HashMap` literal serializes in its iteration order, which
-//!    is random per process: use a `BTreeMap`).
+//!    is random per map: two equal `HashMap`s get different keys, even in
+//!    one process; use a `BTreeMap`).
+//!    The task's name is part of its key: `d.map(f)` and `delayed!(f(&d))`
+//!    are one task for a function item `f`, but a closure bound to `f` is
+//!    named `{{closure}}` by `map` and `f` by `delayed!`, two tasks of one
+//!    work; build such work one way.
 //! 3. A closure that captures variables is impure: what it captured is not
 //!    hashed, so every call gets a fresh key and is never shared. To share
 //!    such work, pass the values as arguments of a function item, or name it.

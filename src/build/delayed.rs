@@ -573,8 +573,10 @@ impl<W: Data> Delayed<W> {
 
     /// A task applying `f` to this value: `d.map(f)` is `delayed!(f(&d))`,
     /// for chains written left to right. `f` is a function item (or a
-    /// closure bound to a name, see [keys](crate#keys)); the task is named
-    /// after it and runs on a cluster when `f` is given to
+    /// closure: then named `{{closure}}`, where `delayed!` names it after
+    /// its variable, so the two forms are two tasks, see
+    /// [keys](crate#keys)); the task is named after it and runs on a
+    /// cluster when `f` is given to
     /// [`init`](crate::init). For the elements of a list, a tuple or a map,
     /// see [`item`](Delayed::item) and [`split`](Delayed::split).
     ///
