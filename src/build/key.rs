@@ -39,10 +39,11 @@
 //!    a closure is added before another one in the same function (its type
 //!    changes), when the program is built with another compiler, when a
 //!    literal's serialized form changes (a `HashMap` serializes in iteration
-//!    order, which differs between maps, equal ones too: use `BTreeMap` for literals that
-//!    must hash the same; and a field serde skips is in no key: two literals
-//!    that differ only there are one task), or when the key version in the
-//!    context string is bumped (a breaking change). They do not change when
+//!    order, which differs between maps, equal ones too: use `BTreeMap` for
+//!    literals that must hash the same; and a field serde skips is in no
+//!    key: two literals that differ only there are one task), or when the
+//!    key version in the context string is bumped (a breaking change). They
+//!    do not change when
 //!    the body of a function changes: equal keys from an edited program are
 //!    kept apart on a cluster by the build fingerprint, not by the key.
 //! 4. A closure that captures variables is impure: its captured values are
