@@ -43,9 +43,9 @@
 //!    literals that must hash the same; and a field serde skips is in no
 //!    key: two literals that differ only there are one task), or when the
 //!    key version in the context string is bumped (a breaking change). They
-//!    do not change when
-//!    the body of a function changes: equal keys from an edited program are
-//!    kept apart on a cluster by the build fingerprint, not by the key.
+//!    do not change when the body of a function changes: equal keys from an
+//!    edited program are kept apart on a cluster by the build fingerprint,
+//!    not by the key.
 //! 4. A closure that captures variables is impure: its captured values are
 //!    not hashed (they need not be serializable), so every call gets a fresh
 //!    key and is never shared with another call. Give it an identity with
