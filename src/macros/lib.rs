@@ -187,7 +187,30 @@ fn check(function: &ItemFn) -> syn::Result<()> {
              `rask::init_with(rask::Tasks::new().register(f::<i64>))`",
         ));
     }
+    // `impl Trait` in an argument is a generic parameter without a name.
+    let anonymous = sig.inputs.iter().find_map(|input| match input {
+        FnArg::Typed(typed) => impl_token(quote!(#typed)),
+        FnArg::Receiver(_) => None,
+    });
+    if let Some(span) = anonymous {
+        return refuse(
+            span,
+            "`#[rask::task]` cannot register a function with an `impl Trait` argument, a generic \
+             function (one function per instance): take a concrete type, or make the parameter \
+             named (`fn f<T: Trait>(x: T)`) and register each instance used, e.g. \
+             `rask::init_with(rask::Tasks::new().register(f::<i64>))`",
+        );
+    }
     Ok(())
+}
+
+/// Where the keyword `impl` is, at any depth of `tokens`.
+fn impl_token(tokens: TokenStream) -> Option<Span> {
+    tokens.into_iter().find_map(|token| match token {
+        proc_macro2::TokenTree::Ident(ident) if ident == "impl" => Some(ident.span()),
+        proc_macro2::TokenTree::Group(group) => impl_token(group.stream()),
+        _ => None,
+    })
 }
 
 /// Whether the written return type is a `Result` (`Result<T, E>`,
@@ -347,6 +370,20 @@ mod tests {
                     fn f<const N: usize>() {}
                 ),
                 "register each instance",
+            ),
+            (
+                quote!(
+                    fn f(x: impl std::fmt::Display) -> String {
+                        x.to_string()
+                    }
+                ),
+                "`impl Trait` argument",
+            ),
+            (
+                quote!(
+                    fn f(x: Vec<impl Clone>) {}
+                ),
+                "`impl Trait` argument",
             ),
             (
                 quote!(
