@@ -45,12 +45,20 @@
 //!    blocking thread and sent, and stays on disk; one that moved
 //!    meanwhile (read back for a task, spilled again) is read where it
 //!    went: a file removed for a newer place is no damage (rule 5).
-//! 5. **Never a wrong value.** A file that cannot be read back whole and
-//!    matching its checksum (`entry` rule 2) drops its value, with a
-//!    warning: the data port answers `Missing`, a task that needed it is
-//!    given back after `FetchFailed` names this worker, and the scheduler
-//!    computes the value again (its lost-data path) — as if the worker had
-//!    never held it.
+//! 5. **Never a wrong value, never a good one dropped.** A file that is
+//!    gone, or does not read back whole and matching its checksum and type
+//!    (`entry` rule 2), drops its value, with a warning: the data port
+//!    answers `Missing`, a task that needed it is given back after
+//!    `FetchFailed` names this worker, and the scheduler computes the
+//!    value again (its lost-data path) — as if the worker had never held
+//!    it. A read that fails with an I/O error (too many open files, an
+//!    interrupted read, no memory for the kernel) says nothing of the
+//!    file, which is damage only when it is proven: the value stays
+//!    spilled, its file too, with a warning. A task that needs it waits
+//!    and tries again (state rule 7); a reader of the data port is tried
+//!    again on its blocking thread after 10 ms, doubling, 8 times (about
+//!    2.5 s), and answered `Missing` only if it still fails (the value
+//!    stays here then too, until the scheduler releases it).
 //! 6. **Failures keep values.** A value that cannot be written (a full
 //!    disk, no directory, an encoding that fails now) stays in memory with
 //!    a warning, and the spill thread waits a second before trying again.
@@ -79,6 +87,10 @@ pub const PAUSE_AT: f64 = 0.95;
 
 /// How long the spill thread waits after a failed write (rule 6).
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// How many times a data port read that failed for now is tried again
+/// ([`Store::read_patiently`], rule 5).
+const PATIENCE: u32 = 8;
 
 /// What a memory limit setting must be, for [`Error::Env`](crate::Error::Env).
 pub(crate) const LIMIT_EXPECTED: &str = "a size such as `200MiB` or `2GB`, a fraction of the \
@@ -612,23 +624,25 @@ impl Store {
     }
 
     /// A task's input: from memory, or read back from disk into memory
-    /// (rule 4). `Ok(None)`: not held. `Err`: its file was damaged, the
-    /// value is dropped (rule 5).
-    pub(crate) fn input(&self, key: &WireKey) -> Result<Option<Value>, Lost> {
+    /// (rule 4). `Ok(None)`: not held. `Err(Unread::Lost)`: its file was
+    /// damaged, the value is dropped; `Err(Unread::Later)`: its file could
+    /// not be read now, the value stays spilled (rule 5).
+    pub(crate) fn input(&self, key: &WireKey) -> Result<Option<Value>, Unread> {
         match self.find(key) {
             Found::Memory(value) => Ok(Some(value)),
             Found::Missing => Ok(None),
-            Found::Disk(disk) => match self.read(&disk, true) {
-                Some(bytes) => Ok(Some(Arc::new(Encoded::new(bytes)))),
-                None => Err(Lost),
-            },
+            Found::Disk(disk) => self
+                .read(&disk, true)
+                .map(|bytes| Some(Arc::new(Encoded::new(bytes)) as Value)),
         }
     }
 
     /// Reads a spilled value's bytes (rules 4 and 5): `keep` puts it back
-    /// in memory. `None` when its file cannot be read back whole; the value
-    /// is dropped then.
-    pub(crate) fn read(&self, disk: &OnDisk, keep: bool) -> Option<Arc<[u8]>> {
+    /// in memory. `Err(Unread::Lost)` when its file cannot be read back
+    /// whole (the value is dropped then) or the value is no longer held;
+    /// `Err(Unread::Later)` when reading failed for now (the value stays
+    /// spilled).
+    pub(crate) fn read(&self, disk: &OnDisk, keep: bool) -> Result<Arc<[u8]>, Unread> {
         let mut moved: Option<OnDisk> = None;
         // A value that moves while it is read (read back for a task,
         // spilled again) is read where it went; a few moves in a row, and
@@ -636,24 +650,41 @@ impl Store {
         for _ in 0..4 {
             let disk = moved.as_ref().unwrap_or(disk);
             match self.read_at(disk, keep) {
-                Ok(bytes) => return bytes,
-                Err(Found::Memory(value)) => {
+                ReadAt::Bytes(bytes) => return Ok(bytes),
+                ReadAt::Unread(why) => return Err(why),
+                ReadAt::Moved(Found::Memory(value)) => {
                     return match value.downcast_ref::<Encoded>() {
-                        Some(encoded) => Some(encoded.0.clone()),
-                        None => value.encode().ok().map(Arc::from),
+                        Some(encoded) => Ok(encoded.0.clone()),
+                        None => value.encode().map(Arc::from).map_err(|_| Unread::Lost),
                     }
                 }
-                Err(Found::Disk(newer)) => moved = Some(newer),
-                Err(Found::Missing) => return None,
+                ReadAt::Moved(Found::Disk(newer)) => moved = Some(newer),
+                ReadAt::Moved(Found::Missing) => return Err(Unread::Lost),
             }
         }
-        None
+        Err(Unread::Lost)
     }
 
-    /// [`read`](Store::read) at `disk`: `Err` with where the value is now
-    /// when its file could not be read because it moved since (a file
-    /// removed for a newer place is no damage, rule 5).
-    fn read_at(&self, disk: &OnDisk, keep: bool) -> Result<Option<Arc<[u8]>>, Found> {
+    /// [`read`](Store::read) for a reader of the data port, on a blocking
+    /// thread: a read that fails for now is tried again after 10 ms,
+    /// doubling, [`PATIENCE`] times (about 2.5 s in all, rule 5), and the
+    /// value stays put; `keep` is never set.
+    pub(crate) fn read_patiently(&self, disk: &OnDisk) -> Result<Arc<[u8]>, Unread> {
+        let mut wait = Duration::from_millis(10);
+        for _ in 0..PATIENCE {
+            match self.read(disk, false) {
+                Err(Unread::Later) => std::thread::sleep(wait),
+                done => return done,
+            }
+            wait *= 2;
+        }
+        self.read(disk, false)
+    }
+
+    /// [`read`](Store::read) at `disk`: [`ReadAt::Moved`] with where the
+    /// value is now when its file could not be read because it moved
+    /// since (a file removed for a newer place is no damage, rule 5).
+    fn read_at(&self, disk: &OnDisk, keep: bool) -> ReadAt {
         let dir = locked(&self.0.spill).made.clone();
         let read = match &dir {
             Some(dir) => entry::read(dir, &file_key(disk), Some(disk.type_name)),
@@ -665,8 +696,21 @@ impl Store {
                 {
                     let mut held = self.held();
                     if !held.holds_on_disk(disk) {
-                        return Err(held.find(&disk.key));
+                        return ReadAt::Moved(held.find(&disk.key));
                     }
+                }
+                // An I/O error says nothing of the file's content: too
+                // many open files, an interrupted or short-of-memory read
+                // pass. Only a file that is gone or does not check out is
+                // damage; anything else leaves the value where it is.
+                if let entry::EntryError::Io { .. } = e {
+                    log_limited!(
+                        "worker: spilled value unreadable",
+                        "worker: a spilled value ({}) cannot be read back now, it stays on \
+                         disk and is read again later: {e}",
+                        Key(disk.key)
+                    );
+                    return ReadAt::Unread(Unread::Later);
                 }
                 log_limited!(
                     "worker: spilled value lost",
@@ -686,7 +730,10 @@ impl Store {
         if over {
             self.start_spilling();
         }
-        Ok(bytes)
+        match bytes {
+            Some(bytes) => ReadAt::Bytes(bytes),
+            None => ReadAt::Unread(Unread::Lost),
+        }
     }
 
     /// Ends spilling: every value and the spill directory go, the spill
@@ -891,9 +938,26 @@ impl Drop for Shared {
     }
 }
 
-/// A spilled value's file could not be read back (rule 5).
-#[derive(Debug)]
-pub(crate) struct Lost;
+/// Why a spilled value was not read back (rule 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unread {
+    /// Its file is damaged or gone, or the value is no longer held: the
+    /// value is dropped.
+    Lost,
+    /// Reading its file failed for now (an I/O error, such as too many
+    /// open files): the value stays spilled, its file too, to be read
+    /// again later.
+    Later,
+}
+
+/// How [`Store::read`] at one place went.
+enum ReadAt {
+    Bytes(Arc<[u8]>),
+    Unread(Unread),
+    /// The value moved since (read back for a task, spilled again): where
+    /// it is now.
+    Moved(Found),
+}
 
 /// The name of a spill's file: its key and generation (rule 3).
 fn file_key(disk: &OnDisk) -> Key {
@@ -1194,7 +1258,7 @@ mod tests {
         let last = raw.len() - 1;
         raw[last] ^= 1;
         std::fs::write(&file, raw).unwrap();
-        assert!(matches!(store.input(&[1; 32]), Err(Lost)));
+        assert!(matches!(store.input(&[1; 32]), Err(Unread::Lost)));
         assert!(!store.contains(&[1; 32]));
         assert!(!file.exists());
         // A task's input comes back into memory, its file goes.
@@ -1204,11 +1268,125 @@ mod tests {
         // A reader that found it on disk before (the data port) is
         // answered from memory, where it went: the value was answered
         // missing, then released by the scheduler on the peer's word.
-        assert_eq!(store.read(&disk, false).as_deref(), Some(&bytes[..]));
+        assert_eq!(store.read(&disk, false).ok().as_deref(), Some(&bytes[..]));
         assert!(store.contains(&[0; 32]));
         store.close();
         assert!(!dir.exists());
         assert_eq!(store.clear(), 0);
+        std::fs::remove_dir_all(&parent).unwrap();
+    }
+
+    /// Runs this binary's test `name` again in a child process, with
+    /// [`CHILD`] set, through `sh -c` with `shell` run first (`ulimit`).
+    fn child(name: &str, shell: &str) -> std::process::Command {
+        let mut command = std::process::Command::new("sh");
+        command
+            .arg("-c")
+            .arg(format!("{shell} && exec \"$0\" \"$@\""))
+            .arg(std::env::current_exe().unwrap())
+            .args(["--exact", name, "--nocapture", "--test-threads=1"])
+            .env(CHILD, "1");
+        command
+    }
+
+    /// Set in a child process [`child`] starts.
+    const CHILD: &str = "RASK_MEMORY_TEST_CHILD";
+
+    /// Waits up to 60 s for `child` to end by itself, killed after that.
+    fn exit_of(mut child: std::process::Child) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the child process did not end within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// A spilled value whose file cannot be read now keeps its value and
+    /// its file, and reads back once it can (rule 5). The real fault: a
+    /// child process with at most 64 open files opens files until the
+    /// kernel refuses (EMFILE), then reads the value back.
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_read_failing_for_too_many_open_files_keeps_the_value() {
+        let name = "worker::memory::tests::a_read_failing_for_too_many_open_files_keeps_the_value";
+        if std::env::var_os(CHILD).is_none() {
+            let started = child(name, "ulimit -n 64").spawn().unwrap();
+            assert!(exit_of(started).success(), "the child process failed");
+            return;
+        }
+        let parent = scratch("emfile");
+        let store = Store::new(Some(100), parent.clone());
+        store.insert([1; 32], stored(70));
+        store.insert([2; 32], stored(70));
+        eventually("key 1 spilled", || store.spill_file(&[1; 32]).is_some());
+        let file = store.spill_file(&[1; 32]).unwrap();
+        let mut open = Vec::new();
+        let refused = loop {
+            match std::fs::File::open("/dev/null") {
+                Ok(f) if open.len() < 1000 => open.push(f),
+                Ok(_) => panic!("1000 files open under a limit of 64"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(refused.raw_os_error(), Some(24), "EMFILE: {refused}");
+        assert_eq!(store.input(&[1; 32]).err(), Some(Unread::Later));
+        assert!(store.contains(&[1; 32]));
+        // A reader of the data port tries again meanwhile, and is answered
+        // once files can be opened again.
+        let Found::Disk(disk) = store.find(&[1; 32]) else {
+            panic!("still spilled")
+        };
+        let reader = {
+            let store = store.clone();
+            std::thread::spawn(move || store.read_patiently(&disk))
+        };
+        drop(open);
+        assert_eq!(reader.join().unwrap().unwrap().len(), 70 + 1);
+        assert!(file.exists());
+        assert_eq!(store.report().unwrap().lost, 0);
+        match store.input(&[1; 32]) {
+            Ok(Some(v)) => assert_eq!(
+                postcard::from_bytes::<Vec<u8>>(&v.downcast_ref::<Encoded>().unwrap().0).unwrap(),
+                vec![1; 70]
+            ),
+            _ => panic!("read back"),
+        }
+        store.close();
+        std::fs::remove_dir_all(&parent).unwrap();
+    }
+
+    /// The same fault in this process, with no limit to lower: a directory
+    /// in the file's place opens but does not read (EISDIR).
+    #[test]
+    fn a_read_failing_with_an_io_error_keeps_the_value() {
+        let parent = scratch("io-error");
+        let store = Store::new(Some(100), parent.clone());
+        store.insert([1; 32], stored(70));
+        store.insert([2; 32], stored(70));
+        eventually("key 1 spilled", || store.spill_file(&[1; 32]).is_some());
+        let file = store.spill_file(&[1; 32]).unwrap();
+        let whole = std::fs::read(&file).unwrap();
+        std::fs::remove_file(&file).unwrap();
+        std::fs::create_dir(&file).unwrap();
+        let Found::Disk(disk) = store.find(&[1; 32]) else {
+            panic!("spilled")
+        };
+        assert_eq!(store.read(&disk, false).err(), Some(Unread::Later));
+        assert_eq!(store.input(&[1; 32]).err(), Some(Unread::Later));
+        assert!(store.contains(&[1; 32]));
+        assert_eq!(store.report().unwrap().lost, 0);
+        std::fs::remove_dir(&file).unwrap();
+        std::fs::write(&file, &whole).unwrap();
+        assert_eq!(store.read(&disk, false).unwrap().len(), 70 + 1);
+        assert!(matches!(store.input(&[1; 32]), Ok(Some(_))));
+        store.close();
         std::fs::remove_dir_all(&parent).unwrap();
     }
 

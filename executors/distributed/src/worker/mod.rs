@@ -1865,14 +1865,15 @@ async fn data_connection(
 /// Puts the answer to a `GetData` for `key` in `batch`: the value's bytes,
 /// or `Missing`. A spilled value is read on a blocking thread, so the
 /// network thread goes on meanwhile, and stays on disk (`memory` rules 4
-/// and 5: a damaged file is `Missing`, never a wrong value).
+/// and 5: a damaged file is `Missing`, never a wrong value; a read that
+/// fails for now is tried again there for a while first).
 async fn answer(store: &Store, key: WireKey, batch: &mut Batch) {
     match store.find(&key) {
         Found::Disk(disk) => {
             let store = store.clone();
-            let read = tokio::task::spawn_blocking(move || store.read(&disk, false)).await;
+            let read = tokio::task::spawn_blocking(move || store.read_patiently(&disk)).await;
             match read {
-                Ok(Some(bytes)) => batch.push(&FromPeerRef::Data {
+                Ok(Ok(bytes)) => batch.push(&FromPeerRef::Data {
                     key: &key,
                     bytes: &bytes,
                 }),

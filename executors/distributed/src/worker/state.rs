@@ -51,7 +51,12 @@
 //!    failing to deliver it (`FetchFailed` naming itself: the scheduler
 //!    takes it off the holders and computes it again if no one else holds
 //!    it) and the task is given back (`TaskAbandoned`), as for an input
-//!    that cannot be fetched (rule 2): never a wrong value.
+//!    that cannot be fetched (rule 2): never a wrong value. One whose file
+//!    cannot be read *now* (an I/O error such as too many open files,
+//!    `memory` rule 5) keeps its value, and the task is held back as in
+//!    rule 6 and tried again at each later round of the network thread
+//!    (its next heartbeat at the latest), until it runs, is released or
+//!    given up.
 //! 8. **Giving a task up** (scheduler rule S15). `GiveUp` asks for a task
 //!    back before the scheduler sends it elsewhere. A task not started
 //!    yet is given up: dropped as by `Release` (rule 3, its local
@@ -74,7 +79,7 @@ use rask_executor::{
     panic_message, Encoded, Failure, FailureKind, Key, Op, Registry, Value, WireTask,
 };
 
-use super::memory::{Store, Stored};
+use super::memory::{Store, Stored, Unread};
 use crate::net::FetchResult;
 use crate::protocol::{KeyMap, Priority, ToScheduler, WireFailure, WireKey, WorkerId};
 
@@ -96,6 +101,15 @@ pub(crate) struct Job {
     pub(crate) claim: Claim,
     /// The job to run right after this one (rule 5).
     pub(crate) next: Arc<Mutex<Successor>>,
+}
+
+/// Why no job was made for a task ([`WorkerState::job`]).
+enum NoJob {
+    /// An input is not here, or was lost: the task is given back.
+    Gone,
+    /// A spilled input cannot be read now: the task is tried again later
+    /// (rule 7).
+    Later,
 }
 
 /// A task's claim (rule 8): taken once, by the thread that runs the task
@@ -225,7 +239,8 @@ pub(crate) struct WorkerState {
     tasks: KeyMap<WireKey, LocalTask>,
     fetches: KeyMap<WireKey, Fetch>,
     next_id: u64,
-    /// Tasks ready to run, held back while paused (rule 6).
+    /// Tasks ready to run, held back while paused (rule 6) or until a
+    /// spilled input can be read (rule 7).
     held_back: VecDeque<WireKey>,
 }
 
@@ -574,8 +589,10 @@ impl WorkerState {
     }
 
     /// Dispatches the tasks held back while paused, once the store is
-    /// below its pause level again (rule 6); those released or given back
-    /// meanwhile are skipped.
+    /// below its pause level again (rule 6), and those waiting for a
+    /// spilled input's file to be readable (rule 7), which go back to wait
+    /// if it is not yet; those released or given back meanwhile are
+    /// skipped.
     pub(crate) fn resume(&mut self, out: &mut impl Outbox) {
         if self.held_back.is_empty() || self.store.paused() {
             return;
@@ -628,11 +645,20 @@ impl WorkerState {
             self.held_back.push_back(key);
             return;
         }
-        let Some(job) = self.job(key, None, out) else {
+        let job = match self.job(key, None, out) {
+            Ok(job) => job,
+            // A spilled input whose file cannot be read now (rule 7):
+            // tried again with the tasks held back.
+            Err(NoJob::Later) => {
+                self.held_back.push_back(key);
+                return;
+            }
             // An input was released between its arrival and now: cannot
             // happen within one handler, but giving the task back is safe.
-            self.abandon(key, out);
-            return;
+            Err(NoJob::Gone) => {
+                self.abandon(key, out);
+                return;
+            }
         };
         if let Some(task) = self.tasks.get_mut(&key) {
             task.slot = Some(job.next.clone());
@@ -642,11 +668,17 @@ impl WorkerState {
     }
 
     /// The job for `key`, its inputs from the store except `from`, whose
-    /// places stay empty for a successor (rule 5); `None` if another input
-    /// is missing, or was spilled and cannot be read back (then reported,
-    /// rule 7).
-    fn job(&self, key: WireKey, from: Option<WireKey>, out: &mut impl Outbox) -> Option<Job> {
-        let task = self.tasks.get(&key)?;
+    /// places stay empty for a successor (rule 5); [`NoJob::Gone`] if
+    /// another input is missing, or was spilled and its file is damaged
+    /// (then reported), [`NoJob::Later`] if such a file cannot be read now
+    /// (rule 7).
+    fn job(
+        &self,
+        key: WireKey,
+        from: Option<WireKey>,
+        out: &mut impl Outbox,
+    ) -> Result<Job, NoJob> {
+        let task = self.tasks.get(&key).ok_or(NoJob::Gone)?;
         let mut inputs = Vec::with_capacity(task.deps.len());
         for dep in &task.deps {
             if Some(*dep) == from {
@@ -655,23 +687,23 @@ impl WorkerState {
             }
             match self.store.input(dep) {
                 Ok(Some(value)) => inputs.push(Some(value)),
-                Ok(None) => return None,
-                Err(super::memory::Lost) => {
+                Ok(None) => return Err(NoJob::Gone),
+                Err(Unread::Lost) => {
                     out.to_scheduler(ToScheduler::FetchFailed {
                         key: *dep,
                         holder: self.me,
                     });
-                    return None;
+                    return Err(NoJob::Gone);
                 }
+                Err(Unread::Later) => return Err(NoJob::Later),
             }
         }
-        let inputs = Some(inputs);
-        Some(Job {
+        Ok(Job {
             id: task.id,
             key,
             function: task.function.clone(),
             op: task.op.clone(),
-            inputs: inputs?,
+            inputs,
             priority: task.priority,
             cancelled: task.cancelled.clone(),
             claim: task.claim.clone(),
@@ -701,7 +733,9 @@ impl WorkerState {
             let Some(next) = next else {
                 return;
             };
-            let Some(job) = self.job(next, Some(key), out) else {
+            // A successor whose other input cannot be read now is
+            // dispatched by itself once this job's value is here.
+            let Ok(job) = self.job(next, Some(key), out) else {
                 return;
             };
             let next_slot = job.next.clone();
@@ -1403,6 +1437,44 @@ mod tests {
         );
         assert!(!store.contains(&[1; 32]));
         assert_eq!(store.report().unwrap().lost, 1);
+        store.close();
+        let _ = std::fs::remove_dir_all(&parent);
+    }
+
+    /// A spilled input whose file cannot be read now (an I/O error: here
+    /// a directory in the file's place, which opens but does not read)
+    /// keeps its value; its task waits, nothing reported, and runs once
+    /// the file reads again.
+    #[test]
+    fn a_spilled_input_unreadable_for_now_holds_its_task_until_it_reads() {
+        let parent = std::env::temp_dir().join(format!("rask-state-later-{}", std::process::id()));
+        let store = Store::new(Some(100), parent.clone());
+        let mut s = WorkerState::new(WorkerId(4), Arc::new(Reg), store.clone());
+        let mut out = Rec::default();
+        store.insert([1; 32], sized(70));
+        store.insert([2; 32], sized(70));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let file = loop {
+            if let Some(file) = store.spill_file(&[1; 32]) {
+                break file;
+            }
+            assert!(std::time::Instant::now() < deadline, "never spilled");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        };
+        let whole = std::fs::read(&file).unwrap();
+        std::fs::remove_file(&file).unwrap();
+        std::fs::create_dir(&file).unwrap();
+        s.on_compute(compute(3, "add", &[2, 1], &[]), &mut out);
+        s.resume(&mut out);
+        assert!(out.jobs.is_empty() && out.sent.is_empty());
+        assert!(store.contains(&[1; 32]));
+        assert_eq!(store.report().unwrap().lost, 0);
+        std::fs::remove_dir(&file).unwrap();
+        std::fs::write(&file, whole).unwrap();
+        s.resume(&mut out);
+        assert_eq!(out.jobs.len(), 1);
+        assert_eq!(out.jobs[0].key, [3; 32]);
+        assert!(out.sent.is_empty());
         store.close();
         let _ = std::fs::remove_dir_all(&parent);
     }
