@@ -27,12 +27,31 @@
 //!    exactly what [`AnyValue::encode`](rask_executor::AnyValue::encode)
 //!    produced. Each spill of a key gets a file of its own (named by the
 //!    key and a generation), so a late removal never deletes a newer file.
-//!    The directory, `rask-spill-PID-N` under [`Options::spill_dir`] (the
-//!    system's temporary directory by default), is made at the first
-//!    spill and removed with everything in it when the worker ends;
-//!    directories of processes that no longer run are removed when a new
-//!    one is made, on a thread of their own (never under a lock the
-//!    network thread takes).
+//!    The directory, `rask-spill-PID-R` under [`Options::spill_dir`] (the
+//!    system's temporary directory by default; `R` is 16 random hex
+//!    digits of its own), is made at the first spill and removed with
+//!    everything in it when the worker ends.
+//!
+//!    *Whose directory.* Containers sharing a spill directory may run
+//!    workers of one process id, and one cannot see the other's
+//!    processes, so neither a name nor `/proc` tells a live directory from
+//!    a dead one. A worker holds an exclusive `flock` on the file `lock`
+//!    in its directory for as long as the directory is its own; the kernel
+//!    releases it when the process ends, however it ends, and the lock
+//!    holds across PID namespaces on one filesystem. A directory appears
+//!    under its name with its lock held already: it is made as
+//!    `.rask-spill-making-PID-R`, locked, then renamed; the random part,
+//!    and the lock file that keeps it from being empty, keep two workers
+//!    from ever sharing one. When a worker makes its directory, it
+//!    removes, on a thread of its own (never under a lock the network
+//!    thread takes), the directories whose lock it can take, holding the
+//!    lock while it removes; and a `.rask-spill-making-` one it can lock, or
+//!    that has no lock file, when it is over a minute old (its maker died
+//!    within the microseconds of making it). Directories of older
+//!    versions (`rask-spill-PID-N`, no lock file) are left alone, with a
+//!    warning: whose they are cannot be told across containers, and
+//!    removing a live one loses its values; remove them by hand once no
+//!    worker of an older version runs.
 //! 4. **Coming back.** A spilled value needed by a task of this worker is
 //!    read back into memory (an [`Encoded`], most recently used) before the
 //!    task is handed to the pool, and its file removed. The read happens on
@@ -67,6 +86,7 @@
 //! [`Options::spill_dir`]: super::Options::spill_dir
 
 use std::collections::VecDeque;
+use std::fs::File;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -535,6 +555,8 @@ struct SpillDir {
     parent: PathBuf,
     /// The spill directory, once made.
     made: Option<PathBuf>,
+    /// Its lock file, locked for as long as it is this worker's (rule 3).
+    lock: Option<File>,
     /// The spill thread runs.
     thread: bool,
     /// The worker ended: the spill thread exits.
@@ -740,10 +762,10 @@ impl Store {
     /// thread exits (the worker ended).
     pub(crate) fn close(&self) {
         self.clear();
-        let made = {
+        let (made, lock) = {
             let mut spill = locked(&self.0.spill);
             spill.closed = true;
-            spill.made.take()
+            (spill.made.take(), spill.lock.take())
         };
         // The thread waits on `held`'s condvar: notified under that lock.
         {
@@ -751,7 +773,7 @@ impl Store {
             self.0.wake.notify_all();
         }
         if let Some(dir) = made {
-            let _ = std::fs::remove_dir_all(dir);
+            remove_own(&dir, lock);
         }
     }
 
@@ -898,19 +920,15 @@ impl Store {
 
     /// The spill directory, made now if it is not yet (rule 3).
     fn dir(&self) -> Result<PathBuf, String> {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
         let (dir, parent) = {
             let mut spill = locked(&self.0.spill);
             if let Some(dir) = &spill.made {
                 return Ok(dir.clone());
             }
-            let pid = std::process::id();
-            let dir = spill.parent.join(format!(
-                "rask-spill-{pid}-{}",
-                NEXT.fetch_add(1, Ordering::Relaxed)
-            ));
-            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            let (dir, lock) =
+                make_dir(&spill.parent).map_err(|e| format!("{}: {e}", spill.parent.display()))?;
             spill.made = Some(dir.clone());
+            spill.lock = Some(lock);
             (dir, spill.parent.clone())
         };
         // Dead processes' directories go on a thread of their own, outside
@@ -931,9 +949,12 @@ impl Store {
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        let made = locked(&self.spill).made.take();
+        let (made, lock) = {
+            let mut spill = locked(&self.spill);
+            (spill.made.take(), spill.lock.take())
+        };
         if let Some(dir) = made {
-            let _ = std::fs::remove_dir_all(dir);
+            remove_own(&dir, lock);
         }
     }
 }
@@ -967,46 +988,170 @@ fn file_key(disk: &OnDisk) -> Key {
     Key(*h.finalize().as_bytes())
 }
 
+/// The start of every spill directory's name (rule 3).
+const PREFIX: &str = "rask-spill-";
+
+/// The start of the name of a spill directory being made (rule 3).
+const MAKING: &str = ".rask-spill-making-";
+
+/// The lock file in a spill directory (rule 3).
+const LOCK: &str = "lock";
+
+/// How old a directory left half made must be before it is removed
+/// (rule 3): making one takes microseconds.
+const MAKING_STALE: Duration = Duration::from_secs(60);
+
+/// Makes a spill directory of this process's own under `parent`, and
+/// returns it with its lock file, locked (rule 3).
+fn make_dir(parent: &Path) -> std::io::Result<(PathBuf, File)> {
+    std::fs::create_dir_all(parent)?;
+    loop {
+        let tag = format!("{}-{:016x}", std::process::id(), random());
+        let making = parent.join(format!("{MAKING}{tag}"));
+        match std::fs::create_dir(&making) {
+            Ok(()) => {}
+            // Another worker's (or one of ours) of the same tag: a new one.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+        let made = (|| {
+            let lock = File::options()
+                .write(true)
+                .create_new(true)
+                .open(making.join(LOCK))?;
+            take_lock(&lock)?.ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::WouldBlock,
+                    "a new spill directory's lock is held by another process",
+                )
+            })?;
+            let dir = parent.join(format!("{PREFIX}{tag}"));
+            // Never onto another directory: every made one holds its lock
+            // file, and a directory is renamed onto another only if that
+            // one is empty.
+            std::fs::rename(&making, &dir)?;
+            Ok((dir, lock))
+        })();
+        if made.is_err() {
+            let _ = std::fs::remove_dir_all(&making);
+        }
+        return made;
+    }
+}
+
+/// 64 random bits: std's hasher keys come from the system's randomness.
+fn random() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u64(NEXT.fetch_add(1, Ordering::Relaxed));
+    h.finish()
+}
+
+/// Takes `file`'s exclusive lock without waiting: `None` if another open
+/// file holds it (rule 3).
+fn take_lock(file: &File) -> std::io::Result<Option<()>> {
+    // Called as the trait's function: std's own `File::try_lock` (Rust
+    // 1.89, past this crate's rust-version) would win a method call.
+    match fs4::FileExt::try_lock(file) {
+        Ok(()) => Ok(Some(())),
+        Err(fs4::TryLockError::WouldBlock) => Ok(None),
+        Err(fs4::TryLockError::Error(e)) => Err(e),
+    }
+}
+
+/// Removes this worker's own spill directory, then lets go of its lock
+/// (rule 3). Where an open file cannot be removed (Windows), after.
+fn remove_own(dir: &Path, lock: Option<File>) {
+    if std::fs::remove_dir_all(dir).is_err() {
+        drop(lock);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// What [`remove_if_dead`] did with a directory.
+#[derive(Debug, PartialEq, Eq)]
+enum Stale {
+    Removed,
+    /// Its lock is held: its worker lives.
+    Live,
+    /// It has no lock file (an older version's, or half made).
+    Unlocked,
+}
+
+/// Removes the spill directory `dir` if no process holds its lock
+/// (rule 3), holding the lock while it removes.
+fn remove_if_dead(dir: &Path) -> Stale {
+    let lock = match File::options().write(true).open(dir.join(LOCK)) {
+        Ok(lock) => lock,
+        Err(_) => return Stale::Unlocked,
+    };
+    match take_lock(&lock) {
+        Ok(Some(())) => {
+            let _ = std::fs::remove_dir_all(dir);
+            Stale::Removed
+        }
+        Ok(None) | Err(_) => Stale::Live,
+    }
+}
+
 /// Removes the spill directories a worker process `pid` made under
 /// `parent`: a [`LocalCluster`](crate::LocalCluster) does so for the
-/// workers it killed, which could not.
+/// workers it killed, which could not. Only those whose lock is free
+/// (rule 3): another container's worker of that process id keeps its own.
 pub(crate) fn remove_spill_dirs(parent: &Path, pid: u32) {
     let Ok(entries) = std::fs::read_dir(parent) else {
         return;
     };
-    let prefix = format!("rask-spill-{pid}-");
+    let prefix = format!("{PREFIX}{pid}-");
     for entry in entries.flatten() {
         if entry
             .file_name()
             .to_str()
             .is_some_and(|n| n.starts_with(&prefix))
         {
-            let _ = std::fs::remove_dir_all(entry.path());
+            remove_if_dead(&entry.path());
         }
     }
 }
 
-/// Removes the spill directories under `parent` of processes that no
-/// longer run (killed before they could remove their own, rule 3).
-/// Linux only: elsewhere no process can be told gone.
+/// Removes the spill directories under `parent` whose worker no longer
+/// runs (killed before it could remove its own, rule 3).
 fn remove_stale(parent: &Path) {
-    if !Path::new("/proc/self").exists() {
-        return;
-    }
     let Ok(entries) = std::fs::read_dir(parent) else {
         return;
     };
+    let mut older = 0;
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("rask-spill-")) else {
+        let Some(name) = name.to_str() else {
             continue;
         };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = std::fs::remove_dir_all(entry.path());
+        let path = entry.path();
+        if name.starts_with(PREFIX) {
+            if remove_if_dead(&path) == Stale::Unlocked {
+                older += 1;
+            }
+        } else if name.starts_with(MAKING) {
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > MAKING_STALE);
+            if old && remove_if_dead(&path) == Stale::Unlocked {
+                let _ = std::fs::remove_dir_all(&path);
+            }
         }
+    }
+    if older > 0 {
+        log_limited!(
+            "worker: old spill directories",
+            "worker: {older} spill directories of an older rask under {} are left alone: \
+             whether their worker runs cannot be told; remove them once no older worker runs",
+            parent.display()
+        );
     }
 }
 
@@ -1412,34 +1557,114 @@ mod tests {
         std::fs::remove_dir_all(&parent).unwrap();
     }
 
+    /// Set in a child process to the spill directory it is to hold.
+    const HOLD: &str = "RASK_MEMORY_TEST_HOLD";
+
+    /// A spill directory whose lock another process holds is never
+    /// removed, whatever process id its name holds; once that process is
+    /// killed, it is (rule 3). The child plays a worker of another
+    /// container: its directory names a process id this namespace does
+    /// not run.
     #[test]
-    fn directories_of_dead_processes_are_removed() {
-        let parent = scratch("stale");
-        // No process has pid u32::MAX - 1 on Linux (pids stop at 2^22).
-        let stale = parent.join(format!("rask-spill-{}-0", u32::MAX - 1));
-        let live = parent.join(format!("rask-spill-{}-99", std::process::id()));
-        std::fs::create_dir_all(&stale).unwrap();
-        std::fs::create_dir_all(&live).unwrap();
+    #[cfg(unix)]
+    fn a_live_workers_directory_is_kept_and_a_dead_ones_removed() {
+        use std::io::BufRead;
+        let name =
+            "worker::memory::tests::a_live_workers_directory_is_kept_and_a_dead_ones_removed";
+        if let Some(dir) = std::env::var_os(HOLD) {
+            let dir = PathBuf::from(dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let lock = File::options()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(dir.join(LOCK))
+                .unwrap();
+            assert_eq!(take_lock(&lock).unwrap(), Some(()));
+            println!("\nlocked");
+            // Until the parent kills it, or ends and so closes stdin.
+            let _ = std::io::Read::read(&mut std::io::stdin(), &mut [0u8; 1]);
+            return;
+        }
+        let parent = scratch("live");
+        // No process has this id on Linux (pids stop at 2^22).
+        let theirs = parent.join(format!("{PREFIX}{}-00000000000000ab", u32::MAX - 1));
+        let mut holder = child(name, "true")
+            .env(HOLD, &theirs)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Read on a thread of its own, so a child that never says it
+        // locked fails the test after a minute instead of hanging it.
+        let out = std::io::BufReader::new(holder.stdout.take().unwrap());
+        let (said, heard) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let locked = out.lines().any(|l| l.is_ok_and(|l| l == "locked"));
+            let _ = said.send(locked);
+        });
+        if heard.recv_timeout(Duration::from_secs(60)) != Ok(true) {
+            let _ = holder.kill();
+            let _ = holder.wait();
+            panic!("the child did not lock its directory");
+        }
         remove_stale(&parent);
-        if Path::new("/proc/self").exists() {
-            assert!(!stale.exists());
+        remove_spill_dirs(&parent, u32::MAX - 1);
+        let kept = theirs.exists();
+        // Killed as a worker dies without removing its own directory.
+        holder.kill().unwrap();
+        holder.wait().unwrap();
+        assert!(kept, "a live worker's directory was removed");
+        assert!(theirs.join(LOCK).exists());
+        remove_stale(&parent);
+        assert!(!theirs.exists(), "a dead worker's directory was kept");
+        std::fs::remove_dir_all(&parent).unwrap();
+    }
+
+    /// Two stores of one process id get directories of their own, each
+    /// locked, and never remove each other's; a dead one's goes, and so
+    /// does one left half made long ago; an older version's is left alone
+    /// (rule 3).
+    #[test]
+    fn directories_are_made_locked_and_only_dead_ones_removed() {
+        let parent = scratch("stale");
+        let pid = std::process::id();
+        let older = parent.join(format!("{PREFIX}{pid}-0"));
+        let dead = parent.join(format!("{PREFIX}{pid}-00000000000000cd"));
+        let half = parent.join(format!("{MAKING}{pid}-00000000000000ef"));
+        let making = parent.join(format!("{MAKING}{pid}-00000000000000aa"));
+        for dir in [&older, &dead, &half, &making] {
+            std::fs::create_dir_all(dir).unwrap();
         }
-        assert!(live.exists());
-        // A store's first spill removes them too, on a thread of its own.
-        std::fs::create_dir_all(&stale).unwrap();
-        let store = Store::new(Some(100), parent.clone());
-        store.insert(
-            [1; 32],
-            Stored {
-                value: Arc::new(vec![1u8; 200]),
-                nbytes: 200,
-            },
-        );
-        if Path::new("/proc/self").exists() {
-            eventually("the dead process's directory removed", || !stale.exists());
+        std::fs::write(dead.join(LOCK), b"").unwrap();
+        let long_ago = std::time::SystemTime::now() - 2 * MAKING_STALE;
+        File::open(&half).unwrap().set_modified(long_ago).unwrap();
+        let spilled = |store: &Store| {
+            store.insert([1; 32], stored(200));
+            eventually("a spill", || store.spill_file(&[1; 32]).is_some());
+            store.spill_dir().unwrap()
+        };
+        let one = Store::new(Some(100), parent.clone());
+        let two = Store::new(Some(100), parent.clone());
+        let (dir_one, dir_two) = (spilled(&one), spilled(&two));
+        assert_ne!(dir_one, dir_two);
+        for dir in [&dir_one, &dir_two] {
+            let name = dir.file_name().unwrap().to_str().unwrap();
+            assert!(name.starts_with(&format!("{PREFIX}{pid}-")), "{name}");
+            assert_eq!(remove_if_dead(dir), Stale::Live);
         }
-        assert!(live.exists());
-        store.close();
+        // Each store's first spill cleans on a thread of its own.
+        eventually("the dead directories removed", || {
+            !dead.exists() && !half.exists()
+        });
+        remove_stale(&parent);
+        assert!(older.exists() && making.exists());
+        assert!(dir_one.exists() && dir_two.exists());
+        assert!(one.spill_file(&[1; 32]).unwrap().exists());
+        one.close();
+        assert!(!dir_one.exists());
+        assert!(dir_two.exists());
+        two.close();
         std::fs::remove_dir_all(&parent).unwrap();
     }
 }

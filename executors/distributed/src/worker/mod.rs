@@ -270,8 +270,8 @@ pub struct Options {
     /// [`MEMORY_LIMIT_ENV`]; a [`LocalCluster`](crate::LocalCluster) gives
     /// each worker a share of the machine).
     pub memory_limit: Option<u64>,
-    /// Where the worker makes its spill directory, `rask-spill-PID-N`,
-    /// removed when the worker ends. Default `None`: the system's
+    /// Where the worker makes its spill directory, `rask-spill-PID-RANDOM`,
+    /// removed when the worker ends (`memory` rule 3). Default `None`: the system's
     /// temporary directory ([`Options::from_env`] reads [`SPILL_DIR_ENV`]).
     pub spill_dir: Option<std::path::PathBuf>,
     /// What the worker has for tasks that ask for resources
