@@ -77,7 +77,11 @@
 //!    and tries again (state rule 7); a reader of the data port is tried
 //!    again on its blocking thread after 10 ms, doubling, 8 times (about
 //!    2.5 s), and answered `Missing` only if it still fails (the value
-//!    stays here then too, until the scheduler releases it).
+//!    stays here then too, until the scheduler releases it). A file that
+//!    has failed so for 30 s ([`UNREADABLE_FOR`]: a failing disk, not a
+//!    passing shortage) is damage after all: its value is dropped as
+//!    above, so a task waiting for it is given back and the value computed
+//!    again rather than waited for for ever.
 //! 6. **Failures keep values.** A value that cannot be written (a full
 //!    disk, no directory, an encoding that fails now) stays in memory with
 //!    a warning, and the spill thread waits a second before trying again.
@@ -111,6 +115,13 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// How many times a data port read that failed for now is tried again
 /// ([`Store::read_patiently`], rule 5).
 const PATIENCE: u32 = 8;
+
+/// How long a spilled value's file may fail to read with I/O errors
+/// before the value counts as lost and is computed again (rule 5): long
+/// enough for a passing shortage (open files, memory), short enough that
+/// a task waiting on a file that never reads (a failing disk) does not
+/// wait for ever.
+const UNREADABLE_FOR: Duration = Duration::from_secs(30);
 
 /// What a memory limit setting must be, for [`Error::Env`](crate::Error::Env).
 pub(crate) const LIMIT_EXPECTED: &str = "a size such as `200MiB` or `2GB`, a fraction of the \
@@ -547,6 +558,12 @@ struct Shared {
     spill: Mutex<SpillDir>,
     /// Told when a spill brought the store below the pause level.
     resumed: tokio::sync::Notify,
+    /// Spilled values whose files failed to read with an I/O error, by
+    /// key and generation, since when (rule 5).
+    unreadable: Mutex<std::collections::HashMap<(WireKey, u64), std::time::Instant>>,
+    /// How long such a file may fail before its value counts as lost
+    /// ([`UNREADABLE_FOR`]; shorter in tests).
+    unreadable_for: Duration,
 }
 
 #[derive(Default)]
@@ -581,8 +598,25 @@ impl Store {
             }),
             wake: Condvar::new(),
             resumed: tokio::sync::Notify::new(),
+            unreadable: Mutex::default(),
+            unreadable_for: UNREADABLE_FOR,
         };
         Store(Arc::new(shared))
+    }
+
+    /// A store as [`new`](Store::new) whose spilled files may fail to read
+    /// for `unreadable_for` before their values count as lost (rule 5).
+    #[cfg(test)]
+    pub(crate) fn with_patience(
+        limit: Option<u64>,
+        parent: PathBuf,
+        unreadable_for: Duration,
+    ) -> Store {
+        let mut store = Store::new(limit, parent);
+        if let Some(shared) = Arc::get_mut(&mut store.0) {
+            shared.unreadable_for = unreadable_for;
+        }
+        store
     }
 
     fn held(&self) -> MutexGuard<'_, Held> {
@@ -726,13 +760,20 @@ impl Store {
                 // pass. Only a file that is gone or does not check out is
                 // damage; anything else leaves the value where it is.
                 if let entry::EntryError::Io { .. } = e {
-                    log_limited!(
-                        "worker: spilled value unreadable",
-                        "worker: a spilled value ({}) cannot be read back now, it stays on \
-                         disk and is read again later: {e}",
-                        Key(disk.key)
-                    );
-                    return ReadAt::Unread(Unread::Later);
+                    let since = *locked(&self.0.unreadable)
+                        .entry((disk.key, disk.generation))
+                        .or_insert_with(std::time::Instant::now);
+                    if since.elapsed() < self.0.unreadable_for {
+                        log_limited!(
+                            "worker: spilled value unreadable",
+                            "worker: a spilled value ({}) cannot be read back now, it stays on \
+                             disk and is read again later: {e}",
+                            Key(disk.key)
+                        );
+                        return ReadAt::Unread(Unread::Later);
+                    }
+                    // Failing for longer than a passing shortage lasts:
+                    // lost, as a damaged file is.
                 }
                 log_limited!(
                     "worker: spilled value lost",
@@ -743,6 +784,12 @@ impl Store {
                 None
             }
         };
+        {
+            let mut unreadable = locked(&self.0.unreadable);
+            if !unreadable.is_empty() {
+                unreadable.remove(&(disk.key, disk.generation));
+            }
+        }
         let (file, over) = {
             let mut held = self.held();
             let file = held.read_back(disk, bytes.as_ref(), keep);
@@ -1533,6 +1580,31 @@ mod tests {
         assert!(matches!(store.input(&[1; 32]), Ok(Some(_))));
         store.close();
         std::fs::remove_dir_all(&parent).unwrap();
+    }
+
+    /// A file that keeps failing with I/O errors past the store's
+    /// patience (a failing disk, not a passing shortage) is lost after
+    /// all: a task waiting for it is given back and the value computed
+    /// again, not waited for for ever.
+    #[test]
+    fn a_file_that_never_reads_is_lost_after_the_patience() {
+        let parent = scratch("io-error-for-good");
+        let store = Store::with_patience(Some(100), parent.clone(), Duration::from_millis(200));
+        store.insert([1; 32], stored(70));
+        store.insert([2; 32], stored(70));
+        eventually("key 1 spilled", || store.spill_file(&[1; 32]).is_some());
+        let file = store.spill_file(&[1; 32]).unwrap();
+        std::fs::remove_file(&file).unwrap();
+        std::fs::create_dir(&file).unwrap();
+        assert_eq!(store.input(&[1; 32]).err(), Some(Unread::Later));
+        assert!(store.contains(&[1; 32]));
+        eventually("the value counted lost", || {
+            store.input(&[1; 32]).err() == Some(Unread::Lost)
+        });
+        assert!(!store.contains(&[1; 32]));
+        assert_eq!(store.report().unwrap().lost, 1);
+        store.close();
+        let _ = std::fs::remove_dir_all(&parent);
     }
 
     #[test]

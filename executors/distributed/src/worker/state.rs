@@ -56,7 +56,8 @@
 //!    `memory` rule 5) keeps its value, and the task is held back as in
 //!    rule 6 and tried again at each later round of the network thread
 //!    (its next heartbeat at the latest), until it runs, is released or
-//!    given up.
+//!    given up, or the file has failed for 30 s and its value counts as
+//!    lost (`memory` rule 5: then as above).
 //! 8. **Giving a task up** (scheduler rule S15). `GiveUp` asks for a task
 //!    back before the scheduler sends it elsewhere. A task not started
 //!    yet is given up: dropped as by `Release` (rule 3, its local
