@@ -14,7 +14,7 @@ use rask_executor::Key;
 
 use crate::futures::client::{start_queued, Listener, Shared, State};
 use crate::futures::future::Future;
-use crate::run::progress::{Drive, Plans, Ran};
+use crate::run::progress::{Drive, Plans, Ran, Screen};
 pub use crate::run::progress::{FunctionProgress, Progress};
 
 /// Draws a progress bar on stderr for the work behind `futures` and
@@ -48,6 +48,11 @@ pub use crate::run::progress::{FunctionProgress, Progress};
 /// # Ok::<(), rask::Error>(())
 /// ```
 pub fn progress<W: Watch + ?Sized>(futures: &W) -> Progress {
+    progress_on(futures, Screen::stderr())
+}
+
+/// [`progress`], drawing on `screen`.
+pub(crate) fn progress_on<W: Watch + ?Sized>(futures: &W, screen: &Screen) -> Progress {
     let mut watched = Watched::default();
     futures.watch(&mut watched);
     let n = watched.futures.len();
@@ -90,7 +95,7 @@ pub fn progress<W: Watch + ?Sized>(futures: &W) -> Progress {
                     .any(|c| matches!(c.state(task), State::Finished(_)))
         })
     };
-    let progress = Progress::watching(collect, n, driver(&watched), ran);
+    let progress = Progress::watching(collect, n, driver(&watched), ran, screen);
     for (i, (shared, key, _)) in watched.futures.into_iter().enumerate() {
         let progress = progress.clone();
         let finished = finished.clone();

@@ -34,10 +34,23 @@
 //! 4. [`Progress::wait`] runs the work it waits for where nothing else
 //!    would: a simulated client's watched futures run only when someone
 //!    waits, so `wait` steps that client (its `drive`) before it sleeps.
+//! 5. A bar draws only on a thread of its own, never on the thread that
+//!    told it of a task or ended it: events come on executor threads, which
+//!    must not block (events rule 5), and a write to stderr blocks for as
+//!    long as nobody reads it (a full pipe, a paused terminal). The event
+//!    callback only counts, under the tracker's lock, which is never held
+//!    while drawing. The drawing thread redraws the bar at its rate (10
+//!    times a second) from those counts, draws its last state or prints
+//!    the plain line when the work is over, and ends; it ends too when the
+//!    display is dropped unfinished. `compute`'s bar joins it before
+//!    `compute` returns, so the last state is on screen before the
+//!    program's next line; [`Progress::wait`] returns once it is drawn.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{IsTerminal, Write};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Condvar, LazyLock, Mutex, PoisonError, Weak};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -123,7 +136,7 @@ impl Progress {
             drive(&|| self.done());
         }
         let mut state = self.tracker.lock();
-        while !state.finished {
+        while !state.drawn {
             state = self
                 .tracker
                 .changed
@@ -152,11 +165,13 @@ impl Progress {
     /// Outcomes are heard from before `collect` runs: a task it lists that
     /// ends before the display subscribed still counts as it ended, not as
     /// done by rule 2 (an erred task counted done would be a wrong count).
+    /// It draws on `screen` (rule 3).
     pub(crate) fn watching(
         collect: impl FnOnce(&Arc<Plans>) -> Vec<(Key, String)>,
         futures: usize,
         drive: Option<Drive>,
         ran: Ran,
+        screen: &Screen,
     ) -> Progress {
         type Heard = Vec<(Key, Option<PlanId>, bool)>;
         let early: Arc<Mutex<Heard>> = Arc::default();
@@ -170,7 +185,7 @@ impl Progress {
             }
         });
         let plans = Arc::new(Plans::default());
-        let tracker = Tracker::start(collect(&plans), plans);
+        let tracker = Tracker::start(collect(&plans), plans, screen);
         // The tracker listens now: what was heard before counts once
         // (`record` takes each key off `pending` once), if it is about a
         // watched run, known now that `collect` ran.
@@ -208,13 +223,23 @@ pub(crate) struct Bar {
 }
 
 impl Bar {
+    /// A bar on stderr.
     pub(crate) fn start<'a>(plan: PlanId, tasks: impl IntoIterator<Item = (Key, &'a str)>) -> Bar {
+        Bar::start_on(Screen::stderr(), plan, tasks)
+    }
+
+    fn start_on<'a>(
+        screen: &Screen,
+        plan: PlanId,
+        tasks: impl IntoIterator<Item = (Key, &'a str)>,
+    ) -> Bar {
         let plans = Plans::default();
         plans.add(plan);
         Bar {
             tracker: Tracker::start(
                 tasks.into_iter().map(|(k, n)| (k, n.to_owned())).collect(),
                 Arc::new(plans),
+                screen,
             ),
             ok: false,
         }
@@ -228,9 +253,20 @@ impl Bar {
 
 impl Drop for Bar {
     /// The work is over, however it ended (rule 2): an early return or a
-    /// panic is a run that did not succeed.
+    /// panic is a run that did not succeed. Returns once the bar's last
+    /// state is drawn and its drawing thread ended (rule 5).
     fn drop(&mut self) {
         self.tracker.finish(self.ok);
+        let drawer = self
+            .tracker
+            .drawer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(drawer) = drawer {
+            // A panic there drew nothing more: nothing to add to it here.
+            let _ = drawer.join();
+        }
     }
 }
 
@@ -243,15 +279,51 @@ struct Function {
     not_run: u64,
 }
 
+/// Where bars draw (rule 3): stderr, or in tests a terminal of their own.
+pub(crate) struct Screen {
+    /// What a new bar draws to, or `None` when this is not a terminal (a
+    /// plain line at the end instead).
+    target: Box<dyn Fn() -> Option<ProgressDrawTarget> + Send + Sync>,
+}
+
+impl Screen {
+    /// Stderr, drawn to at most 10 times a second when it is a terminal.
+    pub(crate) fn stderr() -> &'static Screen {
+        static STDERR: LazyLock<Screen> = LazyLock::new(|| {
+            Screen::new(|| {
+                std::io::stderr()
+                    .is_terminal()
+                    .then(|| ProgressDrawTarget::stderr_with_hz(10))
+            })
+        });
+        &STDERR
+    }
+
+    /// A screen whose bars draw to what `target` makes, `None` for no
+    /// terminal.
+    pub(crate) fn new(
+        target: impl Fn() -> Option<ProgressDrawTarget> + Send + Sync + 'static,
+    ) -> Screen {
+        Screen {
+            target: Box::new(target),
+        }
+    }
+}
+
 struct Tracker {
     state: Mutex<TrackerState>,
     changed: Condvar,
-    bar: ProgressBar,
-    /// Whether stderr is a terminal: bars drawn, else one line at the end.
-    terminal: bool,
     /// The runs whose events count (rule 1).
     plans: Arc<Plans>,
     started: Instant,
+    /// Whether the screen is a terminal: a bar drawn, else one line at the
+    /// end.
+    terminal: bool,
+    /// Takes the bar's last state to its drawing thread (rule 5); `None`
+    /// once sent, or when the thread could not be started.
+    to_drawer: Mutex<Option<Sender<Last>>>,
+    /// The drawing thread, for `compute`'s bar to join (rule 5).
+    drawer: Mutex<Option<JoinHandle<()>>>,
 }
 
 struct TrackerState {
@@ -264,9 +336,10 @@ struct TrackerState {
     failed: bool,
     /// Asked about each task not heard of when the work did not succeed.
     ran: Option<Ran>,
+    /// The watched work is over: counts no longer change.
     finished: bool,
-    /// When the per-function message was last redrawn.
-    message_at: Option<Instant>,
+    /// The bar's last state is drawn, or the plain line printed (rule 5).
+    drawn: bool,
     subscription: Option<Subscription>,
 }
 
@@ -282,6 +355,11 @@ impl TrackerState {
                 not_run: f.not_run,
             })
             .collect()
+    }
+
+    /// Where the bar stands: the tasks that ran, well or not.
+    fn position(&self) -> u64 {
+        self.functions.iter().map(|f| f.done + f.erred).sum()
     }
 
     /// `inc 40/100 · add 12/100 · 2 erred · 46 not run`, or empty for one
@@ -316,12 +394,105 @@ fn outcome(event: &Event<'_>) -> Option<bool> {
     }
 }
 
-/// How often the per-function text is rebuilt: the bar's numbers are
-/// drawn at most this often anyway.
-const MESSAGE_EVERY: Duration = Duration::from_millis(100);
+/// How often a drawing thread redraws its bar: the rate stderr is drawn
+/// to at most.
+const TICK: Duration = Duration::from_millis(100);
+
+/// What a drawing thread draws when the work is over (rule 5).
+enum Last {
+    /// The bar's last state: full (`finish`) or left where it stands.
+    Bar {
+        position: u64,
+        message: String,
+        full: bool,
+    },
+    /// The plain line, when stderr is not a terminal.
+    Line(String),
+    /// Nothing to say: no tasks and no terminal.
+    Nothing,
+}
+
+/// A bar's drawing thread (rule 5): redraws `bar` (none when the screen
+/// is not a terminal) from the tracker's counts every [`TICK`] until told
+/// its last state, draws that and ends; ends too, leaving the bar where it
+/// stands, when the tracker is dropped unfinished.
+fn draw(
+    tracker: &Weak<Tracker>,
+    bar: Option<(ProgressDrawTarget, ProgressBar)>,
+    last: &Receiver<Last>,
+) {
+    // Whatever happens here, `Progress::wait` is not left waiting for it.
+    let _drawn = Drawn(tracker.clone());
+    let Some((target, bar)) = bar else {
+        match last.recv() {
+            Ok(Last::Line(line)) => {
+                // One write: the line stays whole beside other output.
+                let _ = std::io::stderr().write_all(line.as_bytes());
+            }
+            Ok(Last::Bar { .. } | Last::Nothing) | Err(_) => {}
+        }
+        return;
+    };
+    bar.set_draw_target(target);
+    let mut shown = String::new();
+    let last = loop {
+        match last.recv_timeout(TICK) {
+            Ok(last) => break Some(last),
+            Err(RecvTimeoutError::Disconnected) => break None,
+            Err(RecvTimeoutError::Timeout) => {
+                let Some(tracker) = tracker.upgrade() else {
+                    break None;
+                };
+                let (position, message) = {
+                    let state = tracker.lock();
+                    (state.position(), state.message())
+                };
+                drop(tracker);
+                bar.set_position(position);
+                if message != shown {
+                    bar.set_message(message.clone());
+                    shown = message;
+                }
+                // Redrawn even when nothing changed: the rate and eta do.
+                bar.tick();
+            }
+        }
+    };
+    match last {
+        Some(Last::Bar {
+            position,
+            message,
+            full,
+        }) => {
+            bar.set_position(position);
+            bar.set_message(message);
+            if full {
+                bar.finish();
+            } else {
+                bar.abandon();
+            }
+        }
+        // Dropped unfinished: dropping the bar would draw it full.
+        None => bar.abandon(),
+        Some(Last::Line(_) | Last::Nothing) => {}
+    }
+}
+
+/// Marks the bar's last state drawn when the drawing thread ends, however
+/// it ends (rule 5).
+struct Drawn(Weak<Tracker>);
+
+impl Drop for Drawn {
+    fn drop(&mut self) {
+        if let Some(tracker) = self.0.upgrade() {
+            tracker.lock().drawn = true;
+            tracker.changed.notify_all();
+        }
+    }
+}
 
 impl Tracker {
-    fn start(tasks: Vec<(Key, String)>, plans: Arc<Plans>) -> Arc<Tracker> {
+    fn start(tasks: Vec<(Key, String)>, plans: Arc<Plans>, screen: &Screen) -> Arc<Tracker> {
         let mut functions: Vec<Function> = Vec::new();
         let mut index: HashMap<String, usize> = HashMap::new();
         let mut pending = HashMap::with_capacity(tasks.len());
@@ -342,32 +513,31 @@ impl Tracker {
             functions[i].total += 1;
             pending.insert(key, i);
         }
-        let terminal = std::io::stderr().is_terminal();
-        let total = pending.len() as u64;
-        let bar = ProgressBar::with_draw_target(
-            Some(total),
-            if terminal {
-                ProgressDrawTarget::stderr_with_hz(10)
-            } else {
-                ProgressDrawTarget::hidden()
-            },
-        );
-        let prefix = match functions.as_slice() {
-            [only] => only.name.clone(),
-            _ => "tasks".to_owned(),
-        };
-        if let Ok(style) = ProgressStyle::with_template(
-            "{prefix:.bold} [{bar:25}] {pos}/{len} {rate} eta {eta} {wide_msg}",
-        ) {
-            let style = style.progress_chars("=> ").with_key(
-                "rate",
-                |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
-                    let _ = write!(w, "{:.0}/s", state.per_sec());
-                },
+        let bar = (screen.target)().map(|target| {
+            let bar = ProgressBar::with_draw_target(
+                Some(pending.len() as u64),
+                ProgressDrawTarget::hidden(),
             );
-            bar.set_style(style);
-        }
-        bar.set_prefix(prefix);
+            let prefix = match functions.as_slice() {
+                [only] => only.name.clone(),
+                _ => "tasks".to_owned(),
+            };
+            if let Ok(style) = ProgressStyle::with_template(
+                "{prefix:.bold} [{bar:25}] {pos}/{len} {rate} eta {eta} {wide_msg}",
+            ) {
+                let style = style.progress_chars("=> ").with_key(
+                    "rate",
+                    |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                        let _ = write!(w, "{:.0}/s", state.per_sec());
+                    },
+                );
+                bar.set_style(style);
+            }
+            bar.set_prefix(prefix);
+            // Drawn from here on, by the drawing thread alone: hidden until
+            // it gives it its target.
+            (target, bar)
+        });
         let tracker = Arc::new(Tracker {
             state: Mutex::new(TrackerState {
                 pending,
@@ -376,17 +546,31 @@ impl Tracker {
                 failed: false,
                 ran: None,
                 finished: false,
-                message_at: None,
+                drawn: false,
                 subscription: None,
             }),
             changed: Condvar::new(),
-            bar,
-            terminal,
             plans,
             started: Instant::now(),
+            terminal: bar.is_some(),
+            to_drawer: Mutex::new(None),
+            drawer: Mutex::new(None),
         });
-        if terminal {
-            tracker.bar.enable_steady_tick(Duration::from_millis(250));
+        let (to_drawer, from_tracker) = mpsc::channel();
+        let weak = Arc::downgrade(&tracker);
+        let drawer = std::thread::Builder::new()
+            .name("rask-progress".to_owned())
+            .spawn(move || draw(&weak, bar, &from_tracker));
+        // Without a thread there is no display: the work runs all the same.
+        if let Ok(drawer) = drawer {
+            *tracker
+                .to_drawer
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(to_drawer);
+            *tracker
+                .drawer
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(drawer);
         }
         let weak = Arc::downgrade(&tracker);
         let subscription = events::subscribe(move |event: &Event<'_>| {
@@ -411,6 +595,7 @@ impl Tracker {
     }
 
     /// Task `key` ended, well (`ok`) or not: counted once, if watched.
+    /// Called on executor threads: it only counts (rule 5).
     fn record(&self, key: Key, ok: bool) {
         let mut state = self.lock();
         if state.finished {
@@ -425,15 +610,6 @@ impl Tracker {
         } else {
             function.erred += 1;
         }
-        let redraw = state
-            .message_at
-            .is_none_or(|at| at.elapsed() >= MESSAGE_EVERY);
-        if redraw && self.terminal {
-            state.message_at = Some(Instant::now());
-            self.bar.set_message(state.message());
-        }
-        drop(state);
-        self.bar.inc(1);
     }
 
     fn future_done(&self, ok: bool) {
@@ -450,8 +626,9 @@ impl Tracker {
     }
 
     /// The work is over, successfully (`ok`) or not: everything not heard
-    /// of counts as done if it was, else as not run (rule 2); the bar draws
-    /// its last state, or the plain line is printed.
+    /// of counts as done if it was, else as not run (rule 2); the drawing
+    /// thread is told to draw the bar's last state, or print the plain line
+    /// (rule 5).
     fn finish(&self, ok: bool) {
         let subscription = {
             let mut state = self.lock();
@@ -485,22 +662,28 @@ impl Tracker {
                     }
                 }
             }
-            let message = state.message();
             let total: u64 = state.functions.iter().map(|f| f.total).sum();
             let not_run: u64 = state.functions.iter().map(|f| f.not_run).sum();
-            self.bar.set_position(total - not_run);
-            if self.terminal {
-                self.bar.set_message(message);
-                if not_run == 0 {
-                    self.bar.finish();
-                } else {
-                    // Left where it stands: `finish` would draw it full.
-                    self.bar.abandon();
+            let last = if self.terminal {
+                Last::Bar {
+                    position: state.position(),
+                    message: state.message(),
+                    // Else left where it stands: `finish` would draw it full.
+                    full: not_run == 0,
                 }
             } else if total > 0 {
-                let line = summary(&state.functions, self.started.elapsed());
-                // One write: the line stays whole beside other output.
-                let _ = std::io::stderr().write_all(line.as_bytes());
+                Last::Line(summary(&state.functions, self.started.elapsed()))
+            } else {
+                Last::Nothing
+            };
+            let to_drawer = self
+                .to_drawer
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            // No drawing thread to say it: nothing will be drawn.
+            if to_drawer.is_none_or(|to| to.send(last).is_err()) {
+                state.drawn = true;
             }
             self.changed.notify_all();
             state.subscription.take()
@@ -598,7 +781,7 @@ mod tests {
             (counts[0].total, counts[0].done, counts[0].erred),
             (50, 0, 1)
         );
-        assert!(tracker.bar.position() < 50, "the bar is not full");
+        assert!(tracker.lock().position() < 50, "the bar is not full");
     }
 
     /// A run that returned its values: tasks not heard of ran (fused, or
@@ -616,6 +799,254 @@ mod tests {
             (counts[0].done, counts[0].erred, counts[0].not_run),
             (3, 0, 0)
         );
-        assert_eq!(tracker.bar.position(), 3);
+        assert_eq!(tracker.lock().position(), 3);
+    }
+
+    /// A terminal for tests: its rows as a terminal would show them, and
+    /// writes that wait while it is held (a terminal nobody reads, a full
+    /// pipe).
+    #[derive(Debug, Clone, Default)]
+    struct Terminal(Arc<TerminalState>);
+
+    #[derive(Debug, Default)]
+    struct TerminalState {
+        rows: Mutex<Rows>,
+        held: Mutex<bool>,
+        released: Condvar,
+        /// Writes waiting now.
+        waiting: Mutex<usize>,
+        waited: Condvar,
+    }
+
+    #[derive(Debug, Default)]
+    struct Rows {
+        rows: Vec<Vec<char>>,
+        row: usize,
+        col: usize,
+        /// Inside an escape sequence (styles): skipped.
+        escape: bool,
+    }
+
+    const WIDTH: usize = 100;
+    /// How long a test waits for something that takes milliseconds when it
+    /// works: its failure condition, never a speed expected.
+    const PATIENCE: Duration = Duration::from_secs(20);
+
+    impl Terminal {
+        fn screen(&self) -> Screen {
+            let term = self.clone();
+            Screen::new(move || Some(ProgressDrawTarget::term_like(Box::new(term.clone()))))
+        }
+
+        /// Waits while held, for long enough to fail a test but not for
+        /// good: the drawing threads end.
+        fn write(&self, f: impl FnOnce(&mut Rows)) -> std::io::Result<()> {
+            let held = self.0.held.lock().unwrap();
+            if *held {
+                *self.0.waiting.lock().unwrap() += 1;
+                self.0.waited.notify_all();
+                let (held, _) = self
+                    .0
+                    .released
+                    .wait_timeout_while(held, PATIENCE * 2, |held| *held)
+                    .unwrap();
+                drop(held);
+                *self.0.waiting.lock().unwrap() -= 1;
+            } else {
+                drop(held);
+            }
+            f(&mut self.0.rows.lock().unwrap());
+            Ok(())
+        }
+
+        /// The rows on screen, trailing blanks cut.
+        fn rows(&self) -> Vec<String> {
+            let rows = self.0.rows.lock().unwrap();
+            rows.rows
+                .iter()
+                .map(|r| r.iter().collect::<String>().trim_end().to_owned())
+                .collect()
+        }
+    }
+
+    #[cfg(feature = "threaded")]
+    impl Terminal {
+        fn hold(&self) {
+            *self.0.held.lock().unwrap() = true;
+        }
+
+        fn release(&self) {
+            *self.0.held.lock().unwrap() = false;
+            self.0.released.notify_all();
+        }
+
+        /// Whether a write is waiting for the terminal, within `PATIENCE`.
+        fn a_write_waits(&self) -> bool {
+            let waiting = self.0.waiting.lock().unwrap();
+            let (waiting, _) = self
+                .0
+                .waited
+                .wait_timeout_while(waiting, PATIENCE, |n| *n == 0)
+                .unwrap();
+            *waiting > 0
+        }
+    }
+
+    impl Rows {
+        fn put(&mut self, c: char) {
+            if self.escape {
+                self.escape = !c.is_ascii_alphabetic();
+                return;
+            }
+            match c {
+                '\x1b' => self.escape = true,
+                '\r' => self.col = 0,
+                '\n' => (self.row, self.col) = (self.row + 1, 0),
+                c => {
+                    if self.col == WIDTH {
+                        (self.row, self.col) = (self.row + 1, 0);
+                    }
+                    while self.rows.len() <= self.row {
+                        self.rows.push(vec![' '; WIDTH]);
+                    }
+                    self.rows[self.row][self.col] = c;
+                    self.col += 1;
+                }
+            }
+        }
+
+        /// Moves by `n` rows, up or down; 0 writes nothing, as `console`.
+        fn moved(&mut self, n: usize, down: bool) {
+            if n > 0 {
+                self.row = if down {
+                    self.row + n
+                } else {
+                    self.row.saturating_sub(n)
+                };
+                self.col = self.col.min(WIDTH - 1);
+            }
+        }
+    }
+
+    impl indicatif::TermLike for Terminal {
+        fn width(&self) -> u16 {
+            WIDTH as u16
+        }
+        fn move_cursor_up(&self, n: usize) -> std::io::Result<()> {
+            self.write(|r| r.moved(n, false))
+        }
+        fn move_cursor_down(&self, n: usize) -> std::io::Result<()> {
+            self.write(|r| r.moved(n, true))
+        }
+        fn move_cursor_right(&self, n: usize) -> std::io::Result<()> {
+            self.write(|r| r.col = (r.col + n).min(WIDTH - 1))
+        }
+        fn move_cursor_left(&self, n: usize) -> std::io::Result<()> {
+            self.write(|r| r.col = r.col.saturating_sub(n))
+        }
+        fn write_line(&self, s: &str) -> std::io::Result<()> {
+            self.write(|r| s.chars().chain(['\n']).for_each(|c| r.put(c)))
+        }
+        fn write_str(&self, s: &str) -> std::io::Result<()> {
+            self.write(|r| s.chars().for_each(|c| r.put(c)))
+        }
+        fn clear_line(&self) -> std::io::Result<()> {
+            self.write(|r| {
+                if let Some(row) = r.rows.get_mut(r.row) {
+                    row.fill(' ');
+                }
+                r.col = 0;
+            })
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            self.write(|_| ())
+        }
+    }
+
+    #[cfg(feature = "threaded")]
+    /// Runs `f` on a thread of its own: its value, or `None` if it took
+    /// longer than `PATIENCE` (the thread is then left to end by itself).
+    fn within<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> Option<R> {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(PATIENCE).ok()
+    }
+
+    /// Opens once; tasks wait on it for `PATIENCE` at most.
+    #[cfg(feature = "threaded")]
+    static GATE: (Mutex<bool>, Condvar) = (Mutex::new(false), Condvar::new());
+
+    #[cfg(feature = "threaded")]
+    fn gated(x: i64) -> i64 {
+        let open = GATE.0.lock().unwrap();
+        drop(GATE.1.wait_timeout_while(open, PATIENCE, |open| !*open));
+        x + 1
+    }
+
+    /// `compute`'s bar has its last state drawn when it ends, by its
+    /// drawing thread.
+    #[test]
+    fn a_bar_draws_its_last_state_before_it_ends() {
+        let terminal = Terminal::default();
+        let keys = keys(3);
+        let mut bar = Bar::start_on(
+            &terminal.screen(),
+            PlanId::default(),
+            keys.iter().map(|k| (*k, "inc")),
+        );
+        bar.tracker.record(keys[0], true);
+        bar.succeeded();
+        drop(bar);
+        let rows = terminal.rows();
+        assert!(
+            rows.iter()
+                .any(|row| row.starts_with("inc") && row.contains("3/3")),
+            "{rows:#?}"
+        );
+    }
+
+    /// A bar whose terminal stops reading does not stop the work it
+    /// watches: tasks end on executor threads, which only count, and the
+    /// bar waits on its own thread. They drew there (`inc` and
+    /// `set_message` from the event callback), so the first task to end
+    /// waited for the terminal, and the computation with it.
+    #[cfg(feature = "threaded")]
+    #[test]
+    fn a_blocked_terminal_does_not_block_the_computation() {
+        let terminal = Terminal::default();
+        let screen = terminal.screen();
+        let held = terminal.clone();
+        let computed = within(move || {
+            let client = crate::Client::threads(2).unwrap();
+            let futures = client.map(gated, 0..20).unwrap();
+            // Told of every task as it ends, on an executor thread.
+            let bar = crate::futures::progress::progress_on(&futures, &screen);
+            held.hold();
+            *GATE.0.lock().unwrap() = true;
+            GATE.1.notify_all();
+            let values: Vec<i64> = futures.iter().map(|f| f.result().unwrap()).collect();
+            (values, bar)
+        });
+        let Some((values, bar)) = computed else {
+            terminal.release();
+            panic!("the computation did not end while its bar's terminal was blocked");
+        };
+        assert_eq!(values, (1..=20).collect::<Vec<_>>());
+        assert!(
+            terminal.a_write_waits(),
+            "the bar draws to the blocked terminal meanwhile"
+        );
+        terminal.release();
+        assert!(
+            within(move || bar.wait()).is_some(),
+            "the bar ends once released"
+        );
+        assert!(
+            terminal.rows().iter().any(|row| row.contains("20/20")),
+            "the last state is drawn: {:?}",
+            terminal.rows()
+        );
     }
 }
