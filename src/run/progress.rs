@@ -30,7 +30,10 @@
 //!    work that succeeded then counts as done.
 //! 3. Output goes to stderr only, on one line redrawn in place, so a
 //!    program's own lines are never erased. When stderr is not a terminal,
-//!    nothing is drawn and one plain line is printed at the end.
+//!    nothing is drawn and one plain line is printed at the end. Bars alive
+//!    at once share one `MultiProgress`, made when the first starts and
+//!    dropped when the last ends ([`Screen`]), so each keeps a line of its
+//!    own.
 //! 4. [`Progress::wait`] runs the work it waits for where nothing else
 //!    would: a simulated client's watched futures run only when someone
 //!    waits, so `wait` steps that client (its `drive`) before it sleeps.
@@ -53,7 +56,7 @@ use std::sync::{Arc, Condvar, LazyLock, Mutex, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rask_executor::events::{self, Event, EventKind, Subscription};
 use rask_executor::{Key, PlanId};
 
@@ -280,9 +283,13 @@ struct Function {
 }
 
 /// Where bars draw (rule 3): stderr, or in tests a terminal of their own.
+/// The bars alive at once share one `MultiProgress`, a line each.
 pub(crate) struct Screen {
-    /// What a new bar draws to, or `None` when this is not a terminal (a
-    /// plain line at the end instead).
+    /// The `MultiProgress` of the bars alive now: their drawing threads
+    /// hold it, so it goes when the last of them ends.
+    shared: Mutex<Weak<MultiProgress>>,
+    /// What a new `MultiProgress` draws to, or `None` when this is not a
+    /// terminal (a plain line at the end instead).
     target: Box<dyn Fn() -> Option<ProgressDrawTarget> + Send + Sync>,
 }
 
@@ -305,8 +312,21 @@ impl Screen {
         target: impl Fn() -> Option<ProgressDrawTarget> + Send + Sync + 'static,
     ) -> Screen {
         Screen {
+            shared: Mutex::new(Weak::new()),
             target: Box::new(target),
         }
+    }
+
+    /// The `MultiProgress` a new bar joins: the one of the bars alive now,
+    /// or a new one. `None` when this is not a terminal.
+    fn join(&self) -> Option<Arc<MultiProgress>> {
+        let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(multi) = shared.upgrade() {
+            return Some(multi);
+        }
+        let multi = Arc::new(MultiProgress::with_draw_target((self.target)()?));
+        *shared = Arc::downgrade(&multi);
+        Some(multi)
     }
 }
 
@@ -418,12 +438,12 @@ enum Last {
 /// stands, when the tracker is dropped unfinished.
 fn draw(
     tracker: &Weak<Tracker>,
-    bar: Option<(ProgressDrawTarget, ProgressBar)>,
+    bar: Option<(Arc<MultiProgress>, ProgressBar)>,
     last: &Receiver<Last>,
 ) {
     // Whatever happens here, `Progress::wait` is not left waiting for it.
     let _drawn = Drawn(tracker.clone());
-    let Some((target, bar)) = bar else {
+    let Some((multi, bar)) = bar else {
         match last.recv() {
             Ok(Last::Line(line)) => {
                 // One write: the line stays whole beside other output.
@@ -433,7 +453,7 @@ fn draw(
         }
         return;
     };
-    bar.set_draw_target(target);
+    let bar = multi.add(bar);
     let mut shown = String::new();
     let last = loop {
         match last.recv_timeout(TICK) {
@@ -513,7 +533,7 @@ impl Tracker {
             functions[i].total += 1;
             pending.insert(key, i);
         }
-        let bar = (screen.target)().map(|target| {
+        let bar = screen.join().map(|multi| {
             let bar = ProgressBar::with_draw_target(
                 Some(pending.len() as u64),
                 ProgressDrawTarget::hidden(),
@@ -535,8 +555,8 @@ impl Tracker {
             }
             bar.set_prefix(prefix);
             // Drawn from here on, by the drawing thread alone: hidden until
-            // it gives it its target.
-            (target, bar)
+            // it joins the screen's `MultiProgress`.
+            (multi, bar)
         });
         let tracker = Arc::new(Tracker {
             state: Mutex::new(TrackerState {
@@ -1048,5 +1068,39 @@ mod tests {
             "the last state is drawn: {:?}",
             terminal.rows()
         );
+    }
+
+    /// Two bars alive at once each keep a line: they drew each to a
+    /// target of its own, which redrew its line where the other's was.
+    #[test]
+    fn two_bars_at_once_each_keep_their_line() {
+        let terminal = Terminal::default();
+        let screen = terminal.screen();
+        let keys = keys(5);
+        let mut inc = Bar::start_on(
+            &screen,
+            PlanId::default(),
+            keys[..3].iter().map(|k| (*k, "inc")),
+        );
+        let mut add = Bar::start_on(
+            &screen,
+            PlanId::default(),
+            keys[3..].iter().map(|k| (*k, "add")),
+        );
+        for key in &keys[..3] {
+            inc.tracker.record(*key, true);
+        }
+        add.tracker.record(keys[3], true);
+        inc.succeeded();
+        drop(inc);
+        add.tracker.record(keys[4], true);
+        add.succeeded();
+        drop(add);
+        let rows = terminal.rows();
+        let shown = |name: &str, count: &str| {
+            rows.iter()
+                .any(|row| row.starts_with(name) && row.contains(count))
+        };
+        assert!(shown("inc", "3/3") && shown("add", "2/2"), "{rows:#?}");
     }
 }
