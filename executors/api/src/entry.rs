@@ -28,6 +28,11 @@
 //!    a value.
 //! 3. Entries are named by key: `dir/ab/abcd…` (the full hex key, under a
 //!    directory named by its first two hex digits).
+//! 4. Reading takes the value's size in memory once: the header is read
+//!    alone, the length it announces checked against the file's size
+//!    (a damaged header cannot ask for more memory than the file holds),
+//!    and the value read into one buffer of that size
+//!    ([`read_shared`]: the shared buffer a cluster keeps it in).
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -206,73 +211,162 @@ fn temporary_file(dir: &Path, key: &Key) -> io::Result<(fs::File, PathBuf)> {
 /// Reads the entry of `key` under `dir`; with `expected_type`, a file of
 /// another type is [`EntryError::Foreign`].
 ///
+/// The value's bytes are read into one buffer of their size, checked
+/// against the file's size before it is made (rule 4).
+///
 /// # Errors
 ///
 /// [`EntryError::Missing`] when there is no file; [`EntryError::Corrupt`],
 /// [`EntryError::Foreign`] or [`EntryError::Io`] otherwise (rule 2).
 pub fn read(dir: &Path, key: &Key, expected_type: Option<&str>) -> Result<Entry, EntryError> {
-    let path = path(dir, key);
-    let mut file = match fs::File::open(&path) {
-        Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(EntryError::Missing),
-        Err(source) => return Err(EntryError::Io { path, source }),
-    };
-    let mut raw = Vec::new();
-    if let Err(source) = file.read_to_end(&mut raw) {
-        return Err(EntryError::Io { path, source });
+    let mut header = Header::open(dir, key, expected_type)?;
+    let mut bytes = vec![0; header.len];
+    header.value(&mut bytes)?;
+    Ok(Entry {
+        type_name: header.type_name,
+        bytes,
+    })
+}
+
+/// [`read`], the value's bytes in a shared buffer made at their size,
+/// with the type name the writer recorded: a value read back from disk
+/// takes its size in memory once, not once more for the copy an
+/// `Arc<[u8]>` of [`Entry::bytes`] would make (rule 4).
+///
+/// # Errors
+///
+/// As [`read`].
+pub fn read_shared(
+    dir: &Path,
+    key: &Key,
+    expected_type: Option<&str>,
+) -> Result<(String, std::sync::Arc<[u8]>), EntryError> {
+    let mut header = Header::open(dir, key, expected_type)?;
+    let mut bytes: std::sync::Arc<[u8]> = std::iter::repeat_n(0, header.len).collect();
+    match std::sync::Arc::get_mut(&mut bytes) {
+        Some(buffer) => header.value(buffer)?,
+        None => return Err(header.corrupt("the value's buffer is shared")),
     }
-    let corrupt = |reason: &str| EntryError::Corrupt {
-        path: path.clone(),
-        reason: reason.to_owned(),
-    };
-    let mut rest = raw.as_slice();
-    let mut take = |n: usize, what: &str| -> Result<&[u8], EntryError> {
-        if rest.len() < n {
-            return Err(corrupt(&format!("truncated in the {what}")));
+    Ok((header.type_name, bytes))
+}
+
+/// An entry's file, its header read and checked (rule 2), positioned at
+/// the value.
+struct Header {
+    path: PathBuf,
+    file: io::BufReader<fs::File>,
+    type_name: String,
+    len: usize,
+    checksum: [u8; 32],
+}
+
+impl Header {
+    fn open(dir: &Path, key: &Key, expected_type: Option<&str>) -> Result<Header, EntryError> {
+        let path = path(dir, key);
+        let file = match fs::File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(EntryError::Missing),
+            Err(source) => return Err(EntryError::Io { path, source }),
+        };
+        let size = match file.metadata() {
+            Ok(meta) => meta.len(),
+            Err(source) => return Err(EntryError::Io { path, source }),
+        };
+        let mut header = Header {
+            path,
+            file: io::BufReader::new(file),
+            type_name: String::new(),
+            len: 0,
+            checksum: [0; 32],
+        };
+        if header.take::<8>("magic")? != MAGIC {
+            return Err(header.corrupt("not a rask entry"));
         }
-        let (head, tail) = rest.split_at(n);
-        rest = tail;
-        Ok(head)
-    };
-    if take(8, "magic")? != MAGIC {
-        return Err(corrupt("not a rask entry"));
+        let version = u32::from_le_bytes(header.take("version")?);
+        if version != FORMAT_VERSION {
+            return Err(header.corrupt(&format!(
+                "format version {version}, this build reads {FORMAT_VERSION}"
+            )));
+        }
+        let name_len = usize::from(u16::from_le_bytes(header.take("type name length")?));
+        if name_len > MAX_TYPE_NAME {
+            return Err(header.corrupt("type name too long"));
+        }
+        let mut name = vec![0; name_len];
+        header.fill(&mut name, "type name")?;
+        header.type_name =
+            String::from_utf8(name).map_err(|_| header.corrupt("type name is not UTF-8"))?;
+        let len = u64::from_le_bytes(header.take("value length")?);
+        header.checksum = header.take("checksum")?;
+        // Before any buffer of that length is made: the file must hold
+        // exactly the value the header announces.
+        let held = size.saturating_sub((8 + 4 + 2 + name_len + 8 + 32) as u64);
+        if held != len {
+            return Err(header.corrupt(&format!("header says {len} bytes, the file holds {held}")));
+        }
+        header.len = usize::try_from(len).map_err(|_| header.corrupt("value too long"))?;
+        if let Some(expected) = expected_type {
+            // A name past the header's room is compared as the header holds it.
+            if held_name(expected) != header.type_name {
+                return Err(EntryError::Foreign {
+                    path: header.path,
+                    found: header.type_name,
+                    expected: expected.to_owned(),
+                });
+            }
+        }
+        Ok(header)
     }
-    let version = u32::from_le_bytes(fixed(take(4, "version")?));
-    if version != FORMAT_VERSION {
-        return Err(corrupt(&format!(
-            "format version {version}, this build reads {FORMAT_VERSION}"
-        )));
-    }
-    let name_len = usize::from(u16::from_le_bytes(fixed(take(2, "type name length")?)));
-    if name_len > MAX_TYPE_NAME {
-        return Err(corrupt("type name too long"));
-    }
-    let type_name = std::str::from_utf8(take(name_len, "type name")?)
-        .map_err(|_| corrupt("type name is not UTF-8"))?
-        .to_owned();
-    let len = u64::from_le_bytes(fixed(take(8, "value length")?));
-    let checksum: [u8; 32] = fixed(take(32, "checksum")?);
-    if u64::try_from(rest.len()).ok() != Some(len) {
-        return Err(corrupt(&format!(
-            "header says {len} bytes, the file holds {}",
-            rest.len()
-        )));
-    }
-    if blake3::hash(rest).as_bytes() != &checksum {
-        return Err(corrupt("checksum mismatch"));
-    }
-    if let Some(expected) = expected_type {
-        // A name past the header's room is compared as the header holds it.
-        if held_name(expected) != type_name {
-            return Err(EntryError::Foreign {
-                path,
-                found: type_name,
-                expected: expected.to_owned(),
-            });
+
+    fn corrupt(&self, reason: &str) -> EntryError {
+        EntryError::Corrupt {
+            path: self.path.clone(),
+            reason: reason.to_owned(),
         }
     }
-    let bytes = rest.to_vec();
-    Ok(Entry { type_name, bytes })
+
+    /// Reads exactly `buffer.len()` bytes: a file that ends first is
+    /// truncated.
+    fn fill(&mut self, buffer: &mut [u8], what: &str) -> Result<(), EntryError> {
+        match self.file.read_exact(buffer) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                Err(self.corrupt(&format!("truncated in the {what}")))
+            }
+            Err(source) => Err(EntryError::Io {
+                path: self.path.clone(),
+                source,
+            }),
+        }
+    }
+
+    fn take<const N: usize>(&mut self, what: &str) -> Result<[u8; N], EntryError> {
+        let mut out = [0; N];
+        self.fill(&mut out, what)?;
+        Ok(out)
+    }
+
+    /// Reads the value into `buffer` (its announced length) and checks
+    /// it: nothing may follow it (the file grew since it was sized), and
+    /// it must match the checksum.
+    fn value(&mut self, buffer: &mut [u8]) -> Result<(), EntryError> {
+        self.fill(buffer, "value")?;
+        let mut more = [0; 1];
+        match self.file.read(&mut more) {
+            Ok(0) => {}
+            Ok(_) => return Err(self.corrupt("bytes after the value")),
+            Err(source) => {
+                return Err(EntryError::Io {
+                    path: self.path.clone(),
+                    source,
+                })
+            }
+        }
+        if blake3::hash(buffer).as_bytes() != &self.checksum {
+            return Err(self.corrupt("checksum mismatch"));
+        }
+        Ok(())
+    }
 }
 
 /// Removes the entry of `key` under `dir`; a missing file is not an error.
@@ -285,13 +379,6 @@ pub fn remove(dir: &Path, key: &Key) -> io::Result<()> {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
     }
-}
-
-/// The first `N` bytes of a slice `take` made exactly `N` long.
-fn fixed<const N: usize>(bytes: &[u8]) -> [u8; N] {
-    let mut out = [0; N];
-    out.copy_from_slice(bytes);
-    out
 }
 
 #[cfg(test)]

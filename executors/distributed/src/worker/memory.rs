@@ -743,11 +743,12 @@ impl Store {
     fn read_at(&self, disk: &OnDisk, keep: bool) -> ReadAt {
         let dir = locked(&self.0.spill).made.clone();
         let read = match &dir {
-            Some(dir) => entry::read(dir, &file_key(disk), Some(disk.type_name)),
+            // Its size in memory once (`entry` rule 4).
+            Some(dir) => entry::read_shared(dir, &file_key(disk), Some(disk.type_name)),
             None => Err(entry::EntryError::Missing),
         };
         let bytes = match read {
-            Ok(entry) => Some(Arc::<[u8]>::from(entry.bytes)),
+            Ok((_, bytes)) => Some(bytes),
             Err(e) => {
                 {
                     let mut held = self.held();
