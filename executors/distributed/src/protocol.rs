@@ -102,8 +102,8 @@ pub const INLINE_BYTES: usize = 1024;
 
 /// Names no worker, in a client's [`ToScheduler::FetchFailed`]: its known
 /// holders of the key all left, so it asks the scheduler for the key's
-/// holders again (a worker id is a connection's number, which would take
-/// 2^32 connections to reach this one).
+/// holders again (a worker id is a connection's number, and the scheduler
+/// never gives a connection this one: scheduler rule 10).
 pub const NO_HOLDER: WorkerId = WorkerId(u32::MAX);
 
 /// The largest frame body accepted, in bytes (512 MiB).

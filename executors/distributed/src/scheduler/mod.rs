@@ -77,17 +77,25 @@
 //!    server reads the board and never touches the state. What the events
 //!    count is kept for every build (the dashboard) and for each build
 //!    apart: a client's `Info` shows its own build's work only (rule 5).
+//! 10. **A connection number names one connection.** It is drawn when the
+//!     socket is accepted, before the handshake, and stays in use until
+//!     the connection's `Closed` was sent; a number in use is never drawn
+//!     again, whatever the count of connections made and closed before
+//!     (the count wraps at 2^32), and [`NO_HOLDER`]'s never is. So the
+//!     state loop hears of a number's `Closed` before any later `Connected`
+//!     with it, and a `Connected` never finds its number taken (were it
+//!     ever, the newcomer is closed, never the live one).
 
 mod placement;
 mod ready;
 pub(crate) mod state;
 mod watch;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -100,7 +108,7 @@ use crate::dashboard::{self, Access, Board};
 use crate::net::{self, info_limited, log_limited, Chain};
 use crate::protocol::{
     decode_checked, Batch, ProtocolError, Role, TaskSpec, ToClient, ToScheduler, ToWorker,
-    WireEvent, WireFailure, WireKey, WorkerId, MAX_HEARTBEAT, MIN_HEARTBEAT,
+    WireEvent, WireFailure, WireKey, WorkerId, MAX_HEARTBEAT, MIN_HEARTBEAT, NO_HOLDER,
 };
 use crate::tls::Acceptor;
 use crate::{Auth, BuildId, Error, Tls, Token};
@@ -728,8 +736,9 @@ struct Conn {
     spill: Option<Spill>,
     /// A registered worker's name, unique among the scheduler's workers.
     name: Option<String>,
-    // Dropping it ends the reader task, which closes the socket.
-    _kill: oneshot::Sender<()>,
+    // Dropping it ends the reader task, which closes the socket; closed
+    // once the reader ended.
+    kill: oneshot::Sender<()>,
 }
 
 /// The shell's outbox: one batch per connection, flushed after each burst.
@@ -824,6 +833,73 @@ struct Shell {
     answered: Option<(BuildId, rask_executor::diagnostics::Snapshot)>,
 }
 
+/// Gives connection numbers (rule 10): each is in use from its draw until
+/// its [`Number`] is dropped, and never given twice meanwhile; never
+/// [`NO_HOLDER`]'s either.
+#[derive(Clone)]
+struct Numbers(Arc<Mutex<Drawn>>);
+
+struct Drawn {
+    /// Where the next draw starts looking.
+    next: u32,
+    in_use: HashSet<u32>,
+}
+
+/// A connection number in use; dropping it makes it free again.
+struct Number {
+    n: u32,
+    numbers: Numbers,
+}
+
+impl Numbers {
+    fn new() -> Self {
+        Numbers(Arc::new(Mutex::new(Drawn {
+            next: 0,
+            in_use: HashSet::new(),
+        })))
+    }
+
+    /// The next number neither in use nor reserved; none if every one is
+    /// (the caps on connections, rule 8, keep far below that).
+    fn draw(&self) -> Option<Number> {
+        let mut drawn = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        // Every number but NO_HOLDER's in use: none left.
+        if drawn.in_use.len() >= NO_HOLDER.0 as usize {
+            return None;
+        }
+        // Counting on, as before, so a number just freed is not given
+        // again at once: the log lines naming the old one stay unambiguous.
+        // Numbers in use are few beside 2^32, so the skipping is short.
+        loop {
+            let n = drawn.next;
+            drawn.next = n.wrapping_add(1);
+            if n != NO_HOLDER.0 && drawn.in_use.insert(n) {
+                return Some(Number {
+                    n,
+                    numbers: self.clone(),
+                });
+            }
+        }
+    }
+}
+
+impl Number {
+    fn get(&self) -> u32 {
+        self.n
+    }
+}
+
+impl Drop for Number {
+    fn drop(&mut self) {
+        let mut drawn = self
+            .numbers
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        drawn.in_use.remove(&self.n);
+    }
+}
+
 /// Where the scheduler answers: its address, and the board of its
 /// dashboard if one runs.
 struct Served {
@@ -846,16 +922,19 @@ async fn run(
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let limits = net::Limits::new(options.frame_budget, options.stall_timeout);
     // Connection numbers, for TCP and in-memory connections alike.
-    let numbers = Arc::new(AtomicU32::new(0));
+    let numbers = Numbers::new();
     let gate = net::Gate::new(net::Caps::for_this_process(1));
     // Accepting has a task of its own: its back-off (rule 8) never holds
     // up the state.
     let serve = {
         let (events, numbers, limits) = (events_tx.clone(), numbers.clone(), limits.clone());
         move |socket: Socket, peer, ticket| {
-            let conn = numbers.fetch_add(1, Ordering::Relaxed);
+            // Every number in use: the socket is dropped, refused.
+            let Some(number) = numbers.draw() else {
+                return;
+            };
             tokio::spawn(connection(
-                conn,
+                number,
                 socket,
                 peer,
                 ticket,
@@ -914,7 +993,9 @@ async fn run(
         tokio::select! {
             _ = &mut stop => break,
             Some((end, build)) = locals.recv() => {
-                let conn = numbers.fetch_add(1, Ordering::Relaxed);
+                let Some(number) = numbers.draw() else {
+                    continue;
+                };
                 let peer = net::PeerAddr::Memory;
                 let link = Link {
                     frames: net::Frames::local(end.recv),
@@ -923,7 +1004,7 @@ async fn run(
                     slot: None,
                 };
                 let hello = (Role::Client, build);
-                tokio::spawn(serve_connection(conn, hello, peer, link, events_tx.clone()));
+                tokio::spawn(serve_connection(number, hello, peer, link, events_tx.clone()));
             }
             Some(event) = events.recv() => {
                 shell.handle(event);
@@ -967,7 +1048,7 @@ enum Socket {
 /// [`serve_connection`] within `limits` (rule 8); the state loop hears of
 /// it only once its peer authenticated (rule 7).
 async fn connection(
-    conn: u32,
+    number: Number,
     socket: Socket,
     peer: net::PeerAddr,
     ticket: net::PreAuth,
@@ -1021,7 +1102,7 @@ async fn connection(
         held,
         slot: Some(accepted.slot),
     };
-    serve_connection(conn, (role, accepted.hello.build), peer, link, events).await;
+    serve_connection(number, (role, accepted.hello.build), peer, link, events).await;
 }
 
 /// The parts of a connection, TCP or in memory.
@@ -1037,12 +1118,13 @@ struct Link {
 /// Tells the state loop about a connection whose peer is `role` of `build`,
 /// forwards its decoded frames, then tells it the connection closed.
 async fn serve_connection(
-    conn: u32,
+    number: Number,
     (role, build): (Role, BuildId),
     peer: net::PeerAddr,
     link: Link,
     events: mpsc::UnboundedSender<Event>,
 ) {
+    let conn = number.get();
     let Link {
         frames,
         writer,
@@ -1068,8 +1150,10 @@ async fn serve_connection(
     }
     let reason = read_loop(frames, killed, conn, &events, &writer, &held).await;
     let _ = events.send(Event::Closed { conn, reason });
-    // The connection's place goes with it (rule 8).
+    // The connection's place goes with it (rule 8), and its number only
+    // now, behind its `Closed` (rule 10).
     drop(slot);
+    drop(number);
 }
 
 async fn read_loop(
@@ -1138,6 +1222,22 @@ impl Shell {
                 local,
                 kill,
             } => {
+                // Rule 10: numbers are not given twice while in use. Were
+                // one ever, the newcomer is closed, not the live one lost
+                // under it (its reader's `Closed` would then name the
+                // newcomer, and a worker would never be taken for lost).
+                if self.conns.contains_key(&conn) {
+                    debug_assert!(false, "connection number {conn} given twice");
+                    log_limited!(
+                        "scheduler: closing",
+                        "scheduler: closing connection from {peer}: its number {conn} is in use"
+                    );
+                    // Dropping `kill` ends its reader; its `Closed` is told
+                    // apart below. Frames it read meanwhile would still be
+                    // taken for the live one's: this is a last guard, the
+                    // draw is the fix.
+                    return;
+                }
                 let partition = self
                     .partitions
                     .entry(build)
@@ -1176,7 +1276,7 @@ impl Shell {
                         spill: None,
                         name: None,
                         writer,
-                        _kill: kill,
+                        kill,
                     },
                 );
             }
@@ -1193,7 +1293,15 @@ impl Shell {
                     }
                 }
             }
-            Event::Closed { conn, reason } => self.close(conn, reason),
+            Event::Closed { conn, reason } => {
+                // A reader drops its end of `kill` before it says `Closed`;
+                // a `Closed` finding that end alive is a refused newcomer's
+                // (above), not this connection's.
+                if self.conns.get(&conn).is_some_and(|c| !c.kill.is_closed()) {
+                    return;
+                }
+                self.close(conn, reason)
+            }
         }
     }
 
@@ -1725,5 +1833,206 @@ fn refuse(
         );
         let failure = WireFailure::from(&failure);
         out.to_client(client, ToClient::KeyErred { key, failure });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::TaskSpec;
+    use state::TaskState;
+
+    fn shell() -> Shell {
+        Shell {
+            partitions: HashMap::new(),
+            conns: HashMap::new(),
+            clients: 0,
+            out: Batches::default(),
+            options: Options::default(),
+            last_check: Instant::now(),
+            started: Instant::now(),
+            history: History::new(None),
+            address: "tcp://x".into(),
+            moved_before: 0,
+            answered: None,
+        }
+    }
+
+    /// Announces connection `conn` as its reader does; the receiver stands
+    /// for the reader's end of `kill`.
+    fn connect(
+        shell: &mut Shell,
+        conn: u32,
+        role: Role,
+    ) -> (mpsc::UnboundedReceiver<Vec<u8>>, oneshot::Receiver<()>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (kill, killed) = oneshot::channel();
+        shell.handle(Event::Connected {
+            conn,
+            role,
+            build: BuildId::NONE,
+            peer: net::PeerAddr::Memory,
+            writer: net::Writer::local(tx),
+            held: Default::default(),
+            local: false,
+            kill,
+        });
+        (rx, killed)
+    }
+
+    fn frame(shell: &mut Shell, conn: u32, msgs: Vec<ToScheduler>) {
+        shell.handle(Event::Frame {
+            conn,
+            msgs,
+            _grant: None,
+        });
+        shell.flush();
+    }
+
+    fn spec(n: u8) -> TaskSpec {
+        TaskSpec {
+            key: [n; 32],
+            name: format!("t{n}").into(),
+            function: "f".into(),
+            payload: Arc::from(&[n][..]),
+            deps: Vec::new(),
+            timeout_ms: None,
+            retries: 0,
+            annotations: Default::default(),
+        }
+    }
+
+    /// Numbers as if 2^32 connections less `to_go` were made already.
+    fn near_the_wrap(numbers: &Numbers, to_go: u32) {
+        numbers.0.lock().unwrap().next = u32::MAX - to_go + 1;
+    }
+
+    /// Rule 10: connections counted past 2^32 (unauthenticated
+    /// connect-and-close ones count too) never give a newcomer a live
+    /// worker's number. Before, the newcomer took number 5, its `Conn`
+    /// replaced the worker's, the worker's `Closed` then removed the
+    /// newcomer, and the worker stayed in the state for ever, a ghost
+    /// holding task 1 and given task 2.
+    #[test]
+    fn a_wrapped_connection_number_leaves_no_ghost_worker() {
+        let rt = net::runtime().unwrap();
+        let _g = rt.enter();
+        let numbers = Numbers::new();
+        let mut sh = shell();
+        let st = |sh: &Shell, n: u8| {
+            sh.partitions[&BuildId::NONE]
+                .state
+                .state_of(&[n; 32])
+                .cloned()
+        };
+        let skipped: Vec<Number> = (0..5).map(|_| numbers.draw().unwrap()).collect();
+        drop(skipped);
+        let worker = numbers.draw().unwrap();
+        assert_eq!(worker.get(), 5);
+        let (_w_rx, w_killed) = connect(&mut sh, 5, Role::Worker);
+        frame(
+            &mut sh,
+            5,
+            vec![ToScheduler::RegisterWorker {
+                address: "127.0.0.1:1".into(),
+                threads: 1,
+                resources: Default::default(),
+                name: "w5".into(),
+            }],
+        );
+        let client = numbers.draw().unwrap();
+        let (_c_rx, _c_killed) = connect(&mut sh, client.get(), Role::Client);
+        frame(
+            &mut sh,
+            client.get(),
+            vec![ToScheduler::UpdateGraph {
+                tasks: vec![spec(1)],
+                wanted: vec![[1; 32]],
+            }],
+        );
+        assert_eq!(st(&sh, 1), Some(TaskState::Processing(WorkerId(5))));
+        // 2^32 connections later: eight connect and close, then one stays.
+        near_the_wrap(&numbers, 3);
+        for _ in 0..8 {
+            drop(numbers.draw().unwrap());
+        }
+        let newcomer = numbers.draw().unwrap();
+        let (_n_rx, _n_killed) = connect(&mut sh, newcomer.get(), Role::Client);
+        // The worker dies: its reader ends, then says so.
+        drop(w_killed);
+        sh.handle(Event::Closed {
+            conn: 5,
+            reason: None,
+        });
+        sh.flush();
+        drop(worker);
+        let p = &sh.partitions[&BuildId::NONE];
+        assert_eq!(
+            (p.state.worker_count(), st(&sh, 1)),
+            (0, Some(TaskState::Queued)),
+            "newcomer numbered {}: the dead worker must be gone and its task back in the queue",
+            newcomer.get()
+        );
+        assert!(sh.conns.contains_key(&newcomer.get()));
+        // New work waits for a worker; none goes to a ghost.
+        frame(
+            &mut sh,
+            client.get(),
+            vec![ToScheduler::UpdateGraph {
+                tasks: vec![spec(2)],
+                wanted: vec![[2; 32]],
+            }],
+        );
+        assert_eq!(st(&sh, 2), Some(TaskState::Queued));
+    }
+
+    /// Rule 10: no connection is numbered NO_HOLDER. Before, the one
+    /// after 2^32 - 1 others was, so a client's `FetchFailed(NO_HOLDER)`
+    /// (it knows no holder left) named a real worker, whose good copy the
+    /// scheduler then dropped.
+    #[test]
+    fn no_holder_names_no_real_worker_after_the_wrap() {
+        use crate::protocol::NO_HOLDER;
+        let numbers = Numbers::new();
+        near_the_wrap(&numbers, 2);
+        let before = numbers.draw().unwrap();
+        assert_eq!(before.get(), u32::MAX - 1);
+        let number = numbers.draw().unwrap();
+        let w = WorkerId(number.get());
+        let mut s = State::new();
+        let mut out = Batches::default();
+        s.on_worker_registered(w, "127.0.0.1:1".into(), 1, &mut out);
+        s.on_client_connected(ClientId(before.get()), &mut out);
+        s.on_update_graph(
+            ClientId(before.get()),
+            vec![spec(1)],
+            vec![[1; 32]],
+            &mut out,
+        );
+        let run = s.run_of([1; 32]);
+        s.on_task_finished(
+            w,
+            [1; 32],
+            run,
+            state::Finished {
+                nbytes: 100_000,
+                ..Default::default()
+            },
+            &mut out,
+        );
+        assert_eq!(s.who_has(&[1; 32]), &[w]);
+        // The client knows no holder (its table lost them) and asks.
+        s.on_fetch_failed(
+            Reporter::Client(ClientId(before.get())),
+            [1; 32],
+            NO_HOLDER,
+            &mut out,
+        );
+        assert_eq!(
+            (s.state_of(&[1; 32]), s.who_has(&[1; 32])),
+            (Some(&TaskState::Memory), &[w][..]),
+            "worker numbered {}",
+            w.0
+        );
     }
 }
