@@ -59,7 +59,10 @@
 //! 8. A reporter can stop one output ([`Reporter::stop_with`]): the output
 //!    is reported cancelled at once and its key released at the scheduler,
 //!    which stops the task on its worker if nothing else needs it (the
-//!    task's `rask::cancelled()` turns true there).
+//!    task's `rask::cancelled()` turns true there). An output of a
+//!    submission waiting for a connection (rule 10) is reported cancelled
+//!    at once too, and its key left out of the graph sent; a submission
+//!    with no output left is never sent.
 //! 9. Work that depends on a recorded failure ([`FAIL_FUNCTION`]: an input
 //!    that failed or was cancelled) fails in this process, at once, with
 //!    that failure, and is not sent: a recorded failure never reaches the
@@ -1246,6 +1249,25 @@ fn fail_each(
     reporter.finished();
 }
 
+/// `frames`, a graph, with `key` no longer among its wanted keys (rule 8).
+/// Frames that do not decode are kept as they are; this client encoded
+/// them, so they always do.
+fn unwant(frames: Vec<Vec<u8>>, key: WireKey) -> Vec<Vec<u8>> {
+    let mut batch = Batch::default();
+    for frame in &frames {
+        let Some(Ok(msgs)) = frame.get(4..).map(decode_checked::<ToScheduler>) else {
+            return frames;
+        };
+        for mut msg in msgs {
+            if let ToScheduler::UpdateGraph { wanted, .. } = &mut msg {
+                wanted.retain(|k| *k != key);
+            }
+            batch.push(&msg);
+        }
+    }
+    batch.take_frames()
+}
+
 /// Each output's failure when the scheduler connection is gone.
 fn lost(plan: &Plan, address: &str) -> Vec<Arc<Failure>> {
     plan.outputs()
@@ -1820,8 +1842,11 @@ impl Loop {
         let n = s.outputs.len();
         let shared_keys = s.repeats.then(|| {
             let mut counts = KeyMap::default();
-            for &key in &s.outputs {
-                *counts.entry(key).or_insert(0) += 1;
+            // Slots reported already (rules 8 and 9) release nothing.
+            for (slot, &key) in s.outputs.iter().enumerate() {
+                if s.early.binary_search(&slot).is_err() {
+                    *counts.entry(key).or_insert(0) += 1;
+                }
             }
             counts
         });
@@ -1848,7 +1873,7 @@ impl Loop {
     /// another open output of the submission has the same key.
     fn stop(&mut self, id: u64, slot: usize) {
         let Some(open) = self.open.get_mut(&id) else {
-            return;
+            return self.stop_parked(id, slot);
         };
         if open.reported.get(slot).copied().unwrap_or(true) {
             return;
@@ -1863,6 +1888,48 @@ impl Loop {
             }
         }
         self.report(id, slot, Err(failure));
+    }
+
+    /// Rule 8 for a submission parked until a connection (rule 10): the
+    /// output is reported cancelled at once and its key is no longer wanted
+    /// by the graph sent, unless another of its outputs wants it; a
+    /// submission with no output left is dropped, never sent.
+    fn stop_parked(&mut self, id: u64, slot: usize) {
+        let Some(at) = self.parked.iter().position(|s| s.id == id) else {
+            return;
+        };
+        let s = &mut self.parked[at];
+        // Reported already: failed here (rule 9), or stopped before.
+        let Err(place) = s.early.binary_search(&slot) else {
+            return;
+        };
+        let Some(&key) = s.outputs.get(slot) else {
+            return;
+        };
+        s.early.insert(place, slot);
+        let failure = s.plan.cancelled_output(slot);
+        if s.early.len() == s.outputs.len() {
+            let Submission {
+                plan,
+                reporter,
+                holds,
+                ..
+            } = self.parked.remove(at);
+            // As for an open one (rule 4): the plan goes first.
+            drop(plan);
+            drop(holds);
+            reporter.output(slot, Err(failure));
+            reporter.finished();
+            return;
+        }
+        let wanted = (s.outputs.iter().enumerate())
+            .any(|(i, &k)| k == key && s.early.binary_search(&i).is_err());
+        if !wanted {
+            // Nothing is sent yet, so no release needs a mark (rule 7).
+            drop_hold(&self.link, &mut s.holds, slot, key);
+            s.frames = unwant(std::mem::take(&mut s.frames), key);
+        }
+        s.reporter.output(slot, Err(failure));
     }
 
     fn message(&mut self, msg: ToClient) {
@@ -2110,6 +2177,17 @@ impl Loop {
             return;
         }
         self.last_poll = Instant::now();
+        // Rule 8 for parked submissions (rule 10): nothing of them is sent.
+        for s in std::mem::take(&mut self.parked) {
+            if !s.reporter.cancelled() {
+                self.parked.push(s);
+                continue;
+            }
+            let failures = (0..s.outputs.len())
+                .map(|slot| s.plan.cancelled_output(slot))
+                .collect();
+            fail_each(s.plan, &*s.reporter, failures, &s.early);
+        }
         let cancelled: Vec<u64> = self
             .open
             .iter()
@@ -2285,5 +2363,175 @@ impl Loop {
                 self.out.take_frames();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rask_executor::{Op, OpError, PlanBuilder};
+
+    #[derive(Default)]
+    struct Rec {
+        outs: Mutex<Vec<(usize, String)>>,
+        finished: AtomicBool,
+    }
+
+    impl Reporter for Rec {
+        fn output(&self, index: usize, outcome: Outcome) {
+            let what = match outcome {
+                Ok(_) => "value".to_owned(),
+                Err(f) => format!("{:?}", f.kind),
+            };
+            // A failed assertion must not make the loop's drop panic too.
+            let mut outs = self.outs.lock().unwrap_or_else(PoisonError::into_inner);
+            outs.push((index, what));
+        }
+
+        fn finished(&self) {
+            self.finished.store(true, Ordering::Relaxed);
+        }
+    }
+
+    impl Rec {
+        fn outs(&self) -> Vec<(usize, String)> {
+            self.outs.lock().unwrap().clone()
+        }
+    }
+
+    struct Const;
+
+    impl Op for Const {
+        fn run(&self, _: &mut [Option<Value>]) -> Result<Value, OpError> {
+            Ok(Arc::new(1i64))
+        }
+
+        fn name(&self) -> &str {
+            "const"
+        }
+    }
+
+    fn a_loop() -> (Loop, mpsc::UnboundedSender<Sequenced>) {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let link = Arc::new(Link {
+            address: "tcp://127.0.0.1:1".into(),
+            commands: tx.downgrade(),
+            held: Mutex::new(KeyMap::default()),
+            thread_id: std::thread::current().id(),
+            connected: AtomicBool::new(true),
+            next_id: AtomicU64::new(0),
+            sent: Mutex::new(0),
+            epoch: AtomicU64::new(0),
+        });
+        let (wtx, _wrx) = mpsc::unbounded_channel();
+        let target = Target {
+            scheme: Scheme::Tcp,
+            address: "127.0.0.1:1".into(),
+        };
+        let lp = Loop::new(link, net::Writer::local(wtx), Some(target));
+        (lp, tx)
+    }
+
+    fn a_pool() -> PeerPool {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        PeerPool::new(
+            tx,
+            BuildId::NONE,
+            Arc::new(Auth::Insecure),
+            None,
+            net::Limits::standard(),
+        )
+    }
+
+    /// A submission of one task per key in `keys`, each an output, as
+    /// `submit` lowers it.
+    fn submission(id: u64, keys: &[u8], reporter: Arc<Rec>) -> Submission {
+        let mut b = PlanBuilder::new();
+        for &k in keys {
+            let t = b.push(Key([k; 32]), Arc::new(Const), &[]);
+            b.output(t);
+        }
+        let outputs: Vec<WireKey> = keys.iter().map(|&k| [k; 32]).collect();
+        let mut batch = Batch::default();
+        batch.push(&ToScheduler::UpdateGraph {
+            tasks: Vec::new(),
+            wanted: outputs.clone(),
+        });
+        Submission {
+            id,
+            repeats: false,
+            early: Vec::new(),
+            plan: Arc::new(b.build()),
+            reporter,
+            frames: batch.take_frames(),
+            outputs,
+            keep_remote: false,
+            holds: Vec::new(),
+        }
+    }
+
+    /// Rules 8 and 10: an output stopped while its submission is parked
+    /// (disconnected, an attempt to connect in flight) is reported
+    /// cancelled at once and not asked for once connected; a submission
+    /// with every output stopped is never sent. Before, the stop was
+    /// dropped: the whole graph went out, and the stopped output was
+    /// computed and reported as a value.
+    #[test]
+    fn a_parked_submission_stopped_before_reconnect() {
+        let rt = net::runtime().unwrap();
+        let _g = rt.enter();
+        let (mut lp, _tx) = a_loop();
+        lp.disconnected(); // connection lost; an attempt is due
+        lp.next_attempt = None; // ... and now in flight
+        let two = Arc::new(Rec::default());
+        let one = Arc::new(Rec::default());
+        lp.submit(submission(0, &[1, 2], two.clone()));
+        lp.submit(submission(1, &[3], one.clone()));
+        assert_eq!(lp.parked.len(), 2);
+        // The callers stop output 0 of each (its future was dropped).
+        lp.command(0, Command::Stop { id: 0, slot: 0 });
+        lp.command(1, Command::Stop { id: 1, slot: 0 });
+        let cancelled = vec![(0, "Cancelled".to_owned())];
+        assert_eq!(two.outs(), cancelled, "reported at once");
+        assert_eq!(one.outs(), cancelled, "reported at once");
+        assert!(one.finished.load(Ordering::Relaxed));
+        // The attempt succeeds.
+        let (wtx, mut wrx) = mpsc::unbounded_channel();
+        lp.reconnected(net::Writer::local(wtx), a_pool());
+        let mut sent = Vec::new();
+        while let Ok(frame) = wrx.try_recv() {
+            sent.extend(decode_checked::<ToScheduler>(&frame[4..]).unwrap());
+        }
+        let wanted: Vec<WireKey> = sent
+            .into_iter()
+            .flat_map(|m| match m {
+                ToScheduler::UpdateGraph { wanted, .. } => wanted,
+                _ => Vec::new(),
+            })
+            .collect();
+        assert_eq!(
+            wanted,
+            vec![[2; 32]],
+            "only the output not stopped is asked for"
+        );
+        assert!(
+            !lp.open.contains_key(&1),
+            "a submission with nothing left is dropped"
+        );
+        // Were key 1 computed all the same, nothing more is reported.
+        for key in [1, 2] {
+            lp.message(ToClient::KeyInMemory {
+                key: [key; 32],
+                holders: vec![WorkerId(0)],
+                nbytes: 2,
+                value: Some(Arc::from(&[2u8, 0][..])),
+            });
+        }
+        assert_eq!(
+            two.outs(),
+            vec![(0, "Cancelled".to_owned()), (1, "value".to_owned())]
+        );
+        assert!(two.finished.load(Ordering::Relaxed));
+        assert_eq!(one.outs(), cancelled);
     }
 }
