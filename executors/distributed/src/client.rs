@@ -78,6 +78,8 @@
 //!     A new connection is a new *epoch*: what the old one held is gone,
 //!     handles of it hold nothing (a fetch fails unless they have their
 //!     bytes), and graphs referring to their keys send their bytes or fail.
+//!     Answers of the old connection's data ports are never read: each
+//!     epoch's fetches answer on a channel of their own.
 //! 11. A client proves its [`Auth`] to the scheduler and to every data
 //!     port it reads from, and connects only to ones that prove the same
 //!     (`auth.rs` rules): a scheduler or worker without the client's token
@@ -1493,7 +1495,7 @@ impl Loop {
     ) {
         let (fetch_tx, mut fetched) = mpsc::unbounded_channel::<Fetched>();
         self.peers = Some(PeerPool::new(
-            fetch_tx.clone(),
+            fetch_tx,
             build,
             auth.clone(),
             tls.clone(),
@@ -1533,8 +1535,14 @@ impl Loop {
                     match done {
                         Ok((frames, writer)) => {
                             read = frames;
+                            // Rule 10: the old pool goes with its answers,
+                            // on a channel of its own: a late `Lost` of
+                            // it would pass for the new epoch's fetch of
+                            // the same key from the same worker number.
+                            let (fetch_tx, rx) = mpsc::unbounded_channel::<Fetched>();
+                            fetched = rx;
                             let peers = PeerPool::new(
-                                fetch_tx.clone(),
+                                fetch_tx,
                                 build,
                                 auth.clone(),
                                 tls.clone(),
