@@ -56,10 +56,18 @@
 //!    frame up to the whole budget is read once the frames before it
 //!    finish. That cannot deadlock: a grant is only held by a frame being
 //!    received, which rule 9 bounds in time, or by one being handled, which
-//!    never waits for a grant. Small frames (heartbeats, most batches) never
-//!    wait, so a big frame waiting for room does not silence its process;
-//!    they cost at most [`SMALL_FRAME`] per connection, and connections are
-//!    capped (rule 7).
+//!    never waits for a grant. Small frames (heartbeats, most batches) are
+//!    read without waiting, so a big frame waiting for room does not
+//!    silence its process; they cost at most [`SMALL_FRAME`] per
+//!    connection, and connections are capped (rule 7). Once decoded, every
+//!    frame, small or big, holds from the budget what its messages take
+//!    ([`FrameReader::try_cover`]: its length plus what `protocol` rule 5
+//!    charged) until they were handled, however much more than its length
+//!    that is. When the budget has no room, the messages are dropped, the
+//!    frame lets go of its grant and waits for the whole in line
+//!    ([`FrameReader::cover`]), its connection not read meanwhile, and is
+//!    decoded again once granted: what waits outside the budget is the
+//!    frame's body, one per connection.
 //! 9. **Stalls.** A frame must be received within [`STALL_TIMEOUT`] (a
 //!    scheduler's `stall_timeout`) of its start, or of its grant, plus one
 //!    second per [`MIN_FRAME_RATE`] bytes of its length: a peer that
@@ -461,6 +469,70 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// were handled (rule 8).
     pub(crate) fn take_grant(&mut self) -> Option<Grant> {
         self.grant.take()
+    }
+
+    /// Makes the grant of the frame `next` just read cover `bytes`, what
+    /// its messages take decoded (rule 8), if the budget has room now:
+    /// `Ok(false)` when it has not, and [`FrameReader::cover`] waits for
+    /// it. No lock and no allocation: one atomic operation on the budget.
+    ///
+    /// # Errors
+    ///
+    /// [`ProtocolError::OutOfRange`] if `bytes` is more than the whole
+    /// budget.
+    pub(crate) fn try_cover(&mut self, bytes: usize) -> Result<bool, ProtocolError> {
+        let has = self.grant.as_ref().map_or(0, Grant::num_permits);
+        let Some(more) = bytes.checked_sub(has).filter(|&more| more > 0) else {
+            return Ok(true);
+        };
+        let budget = &self.limits.budget;
+        let more = u32::try_from(more)
+            .ok()
+            .filter(|_| bytes <= budget.total)
+            .ok_or(ProtocolError::OutOfRange {
+                what: "memory a frame decodes to, against the frame budget",
+                value: u64::try_from(bytes).unwrap_or(u64::MAX),
+                min: 0,
+                max: u64::try_from(budget.total).unwrap_or(u64::MAX),
+            })?;
+        match budget.permits.clone().try_acquire_many_owned(more) {
+            Ok(granted) => {
+                match self.grant.as_mut() {
+                    Some(grant) => grant.merge(granted),
+                    None => self.grant = Some(granted),
+                }
+                Ok(true)
+            }
+            Err(_) => Ok(false),
+        }
+    }
+
+    /// Waits until the budget grants `bytes` for the frame `next` just
+    /// read (rule 8), after [`FrameReader::try_cover`] found no room. What
+    /// the frame held is given back first, so that a frame waiting holds
+    /// no grant (rule 8's argument against deadlock); its caller drops the
+    /// frame's messages meanwhile and decodes them again once granted.
+    /// Sets `held` while it waits: the peer is not to blame.
+    pub(crate) async fn cover(&mut self, bytes: usize) -> Result<(), ProtocolError> {
+        self.grant = None;
+        // `try_cover` checked that `bytes` fits in the budget and a u32.
+        let permits = u32::try_from(bytes).unwrap_or(u32::MAX);
+        if let Some(held) = &self.held {
+            held.store(true, Ordering::Release);
+        }
+        let granted = self
+            .limits
+            .budget
+            .permits
+            .clone()
+            .acquire_many_owned(permits)
+            .await;
+        if let Some(held) = &self.held {
+            held.store(false, Ordering::Release);
+        }
+        // The semaphore is never closed.
+        self.grant = Some(granted.map_err(|_| ProtocolError::Closed)?);
+        Ok(())
     }
 
     /// Whether a frame is under way: some of it was read, or it waits for
@@ -884,6 +956,23 @@ impl Frames {
         match self {
             Frames::Stream(reader) => reader.frame(),
             Frames::Local { current, .. } => current.get(4..).unwrap_or_default(),
+        }
+    }
+
+    /// As [`FrameReader::try_cover`]; always room for an in-memory
+    /// connection, whose frames are this process's own.
+    pub(crate) fn try_cover(&mut self, bytes: usize) -> Result<bool, ProtocolError> {
+        match self {
+            Frames::Stream(reader) => reader.try_cover(bytes),
+            Frames::Local { .. } => Ok(true),
+        }
+    }
+
+    /// As [`FrameReader::cover`].
+    pub(crate) async fn cover(&mut self, bytes: usize) -> Result<(), ProtocolError> {
+        match self {
+            Frames::Stream(reader) => reader.cover(bytes).await,
+            Frames::Local { .. } => Ok(()),
         }
     }
 

@@ -43,7 +43,8 @@
 //!    frame decodes to is bounded too: its messages, and the entries of
 //!    lists that take far more memory than their encoding (strings,
 //!    resources), at most [`DECODE_FACTOR`] times the
-//!    frame's bytes plus [`DECODE_SLACK`], counted as they are decoded; a
+//!    frame's bytes plus [`DECODE_SLACK`], counted as they are decoded (the
+//!    list of messages by the capacity it allocates, before it does); a
 //!    frame past that is refused as out of range before it takes more (a
 //!    one-byte `Heartbeat` is over 200 bytes decoded: a frame of them
 //!    would otherwise make a process allocate 200 times its size). Senders
@@ -1318,14 +1319,23 @@ pub fn frame<M: Serialize>(msg: &M) -> Vec<u8> {
 /// empty; [`ProtocolError::OutOfRange`] if its messages would take more
 /// memory than [`DECODE_FACTOR`] times its length plus [`DECODE_SLACK`]
 /// (rule 5), found before they take it.
-pub fn decode_batch<'a, M: Deserialize<'a>>(mut body: &'a [u8]) -> Result<Vec<M>, ProtocolError> {
+pub fn decode_batch<'a, M: Deserialize<'a>>(body: &'a [u8]) -> Result<Vec<M>, ProtocolError> {
+    decode_counted(body).map(|(msgs, _)| msgs)
+}
+
+/// As [`decode_batch`], with the memory the messages take: the frame's
+/// length (what their strings and bytes can take) plus what rule 5
+/// charged, the list of messages by its capacity.
+fn decode_counted<'a, M: Deserialize<'a>>(
+    mut body: &'a [u8],
+) -> Result<(Vec<M>, usize), ProtocolError> {
     if body.is_empty() {
         return Err(ProtocolError::Malformed(
             postcard::Error::DeserializeUnexpectedEnd,
         ));
     }
-    let limit = body
-        .len()
+    let len = body.len();
+    let limit = len
         .saturating_mul(DECODE_FACTOR)
         .saturating_add(DECODE_SLACK);
     let frame = charged::Frame::start(limit);
@@ -1337,8 +1347,15 @@ pub fn decode_batch<'a, M: Deserialize<'a>>(mut body: &'a [u8]) -> Result<Vec<M>
     };
     let mut out = Vec::new();
     while !body.is_empty() {
-        if !charged::charge(std::mem::size_of::<M>()) {
-            return Err(too_big());
+        if out.len() == out.capacity() {
+            // The list grows as `Vec` would, doubling, but charged for what
+            // it allocates before it does: a message charged alone left
+            // up to as much again uncounted in the list's spare room.
+            let more = out.capacity().max(4);
+            if !charged::charge(more.saturating_mul(std::mem::size_of::<M>())) {
+                return Err(too_big());
+            }
+            out.reserve_exact(more);
         }
         let (msg, rest) = postcard::take_from_bytes(body).map_err(|e| {
             if frame.spent() {
@@ -1350,7 +1367,7 @@ pub fn decode_batch<'a, M: Deserialize<'a>>(mut body: &'a [u8]) -> Result<Vec<M>
         out.push(msg);
         body = rest;
     }
-    Ok(out)
+    Ok((out, len.saturating_add(frame.charged())))
 }
 
 /// Decodes the messages of one frame body and checks every number in them
@@ -1363,9 +1380,17 @@ pub fn decode_batch<'a, M: Deserialize<'a>>(mut body: &'a [u8]) -> Result<Vec<M>
 pub(crate) fn decode_checked<'a, M: Deserialize<'a> + Bounded>(
     body: &'a [u8],
 ) -> Result<Vec<M>, ProtocolError> {
-    let msgs = decode_batch::<M>(body)?;
+    decode_sized(body).map(|(msgs, _)| msgs)
+}
+
+/// As [`decode_checked`], with the memory the messages take decoded, to
+/// charge against the frame budget until they were handled (`net` rule 8).
+pub(crate) fn decode_sized<'a, M: Deserialize<'a> + Bounded>(
+    body: &'a [u8],
+) -> Result<(Vec<M>, usize), ProtocolError> {
+    let (msgs, bytes) = decode_counted::<M>(body)?;
     msgs.iter().try_for_each(Bounded::check)?;
-    Ok(msgs)
+    Ok((msgs, bytes))
 }
 
 /// A message whose numbers have ranges (rule 5).
@@ -1699,11 +1724,22 @@ mod charged {
 
     /// The budget of one frame, until dropped (then the one before, if
     /// frames are decoded within frames).
-    pub(super) struct Frame(Option<(usize, bool)>);
+    pub(super) struct Frame {
+        outer: Option<(usize, bool)>,
+        budget: usize,
+    }
 
     impl Frame {
         pub(super) fn start(bytes: usize) -> Frame {
-            Frame(LEFT.with(|l| l.replace(Some((bytes, false)))))
+            Frame {
+                outer: LEFT.with(|l| l.replace(Some((bytes, false)))),
+                budget: bytes,
+            }
+        }
+
+        /// The bytes charged so far.
+        pub(super) fn charged(&self) -> usize {
+            LEFT.with(|l| l.get().map_or(0, |(left, _)| self.budget - left))
         }
 
         /// Whether the frame asked for more than its budget.
@@ -1714,7 +1750,7 @@ mod charged {
 
     impl Drop for Frame {
         fn drop(&mut self) {
-            LEFT.with(|l| l.set(self.0));
+            LEFT.with(|l| l.set(self.outer));
         }
     }
 

@@ -56,7 +56,9 @@
 //!    pre-auth until `net::accept` returns: it may send its handshake only,
 //!    within 10 s, and at most 256 of them wait at once (the oldest makes
 //!    room for a new one). Once authenticated, its frames are read within
-//!    the scheduler's budget ([`Options::frame_budget`]) and its stall
+//!    the scheduler's budget ([`Options::frame_budget`]), which also
+//!    holds what a frame's messages take decoded until the state loop
+//!    handled them, and its stall
 //!    timeout ([`Options::stall_timeout`]); while more than 64 MiB wait to
 //!    be sent to it, its own frames are not read (and its reader lets the
 //!    state loop answer every 4 MiB it read, so that count is up to date:
@@ -107,8 +109,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::dashboard::{self, Access, Board};
 use crate::net::{self, info_limited, log_limited, Chain};
 use crate::protocol::{
-    decode_checked, Batch, ProtocolError, Role, TaskSpec, ToClient, ToScheduler, ToWorker,
-    WireEvent, WireFailure, WireKey, WorkerId, MAX_HEARTBEAT, MIN_HEARTBEAT, NO_HOLDER,
+    decode_sized, Batch, ProtocolError, Role, TaskSpec, ToClient, ToScheduler, ToWorker, WireEvent,
+    WireFailure, WireKey, WorkerId, MAX_HEARTBEAT, MIN_HEARTBEAT, NO_HOLDER,
 };
 use crate::tls::Acceptor;
 use crate::{Auth, BuildId, Error, Tls, Token};
@@ -1189,18 +1191,38 @@ async fn read_loop(
             biased;
             _ = &mut killed => return None,
             got = read.next() => match got {
-                Ok(true) => match decode_checked::<ToScheduler>(read.frame()) {
-                    Ok(msgs) => {
-                        ahead += read.frame().len();
-                        // The frame's budget is held until its messages
-                        // were handled (net rule 8).
-                        let grant = read.take_grant();
-                        if events.send(Event::Frame { conn, msgs, _grant: grant }).is_err() {
-                            return None;
+                Ok(true) => {
+                    let (mut msgs, bytes) = match decode_sized::<ToScheduler>(read.frame()) {
+                        Ok(decoded) => decoded,
+                        Err(e) => return Some(e),
+                    };
+                    // What the messages take decoded is held from the
+                    // budget until they were handled (net rule 8), small
+                    // frames too: a frame of heartbeats takes 200 times
+                    // its length.
+                    match read.try_cover(bytes) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            drop(msgs);
+                            tokio::select! {
+                                _ = &mut killed => return None,
+                                covered = read.cover(bytes) => if let Err(e) = covered {
+                                    return Some(e);
+                                },
+                            }
+                            msgs = match decode_sized::<ToScheduler>(read.frame()) {
+                                Ok((msgs, _)) => msgs,
+                                Err(e) => return Some(e),
+                            };
                         }
+                        Err(e) => return Some(e),
                     }
-                    Err(e) => return Some(e),
-                },
+                    ahead += read.frame().len();
+                    let grant = read.take_grant();
+                    if events.send(Event::Frame { conn, msgs, _grant: grant }).is_err() {
+                        return None;
+                    }
+                }
                 Ok(false) => return None,
                 Err(e) => return Some(e),
             },
@@ -2034,5 +2056,103 @@ mod tests {
             "worker numbered {}",
             w.0
         );
+    }
+
+    /// A peer sending frames of one-byte heartbeats (each over 200 bytes
+    /// decoded) to a state loop that does not keep up: what waits to be
+    /// handled stays within the frame budget, each frame holding a grant
+    /// for what its messages take, and the connection is not read
+    /// meanwhile (net rule 8).
+    #[test]
+    fn decoded_messages_waiting_to_be_handled_stay_within_the_budget() {
+        const BUDGET: usize = 1 << 20;
+        const FRAMES: usize = 100;
+        let heartbeats = 2_000;
+        let runtime = net::runtime().unwrap();
+        runtime.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let mut peer = TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            let (socket, _) = listener.accept().await.unwrap();
+            let (read, _write) = socket.into_split();
+            let limits = net::Limits::new(BUDGET, Duration::from_secs(30));
+            let held = net::Held::default();
+            let frames = net::Frames::stream(
+                net::FrameReader::new(
+                    tokio::io::BufReader::new(net::ReadHalf::Plain(read)),
+                    limits,
+                )
+                .held_by(held.clone()),
+            );
+            let mut frame = Batch::default();
+            for _ in 0..heartbeats {
+                frame.push(&ToScheduler::Heartbeat);
+            }
+            let frame = frame.take_frames().concat();
+            let bytes = frame.repeat(FRAMES);
+            // 100 frames of 2 000 heartbeats: 2 000 times 216 bytes each
+            // decoded, 43 MB in all, sent in 200 KB.
+            let sending = tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let _ = peer.write_all(&bytes).await;
+                peer // kept open: no end of stream
+            });
+            let (tx, _rx) = mpsc::unbounded_channel();
+            let writer = net::Writer::local(tx);
+            let (events_tx, mut events) = mpsc::unbounded_channel();
+            let (_kill, killed) = oneshot::channel();
+            let reading = {
+                let held = held.clone();
+                tokio::spawn(async move {
+                    read_loop(frames, killed, 1, &events_tx, &writer, &held).await
+                })
+            };
+            // The state loop does not run: every frame read stays here,
+            // with its grant, until the reader waits for the budget or
+            // every frame was read.
+            let mut waiting = Vec::new();
+            while !held.load(Ordering::Acquire) && waiting.len() < FRAMES {
+                match tokio::time::timeout(Duration::from_secs(30), events.recv()).await {
+                    Ok(Some(Event::Frame { msgs, _grant, .. })) => waiting.push((msgs, _grant)),
+                    Ok(_) => panic!("the connection closed"),
+                    Err(_) => panic!("no frame nor a wait for the budget within 30 s"),
+                }
+            }
+            while let Ok(Event::Frame { msgs, _grant, .. }) = events.try_recv() {
+                waiting.push((msgs, _grant));
+            }
+            let decoded: usize = waiting
+                .iter()
+                .map(|(msgs, _)| msgs.capacity() * std::mem::size_of::<ToScheduler>())
+                .sum();
+            eprintln!(
+                "{} of {FRAMES} frames read, {decoded} bytes decoded waiting, budget {BUDGET}",
+                waiting.len()
+            );
+            for (msgs, grant) in &waiting {
+                let size = msgs.capacity() * std::mem::size_of::<ToScheduler>();
+                let granted = grant.as_ref().map_or(0, |g| g.num_permits());
+                assert!(
+                    granted >= size,
+                    "{size} bytes decoded hold a grant of {granted}"
+                );
+            }
+            assert!(decoded <= BUDGET);
+            assert!(
+                held.load(Ordering::Acquire),
+                "the reader waits for the budget"
+            );
+            // Handling what waited lets the reader go on.
+            let before = waiting.len();
+            waiting.clear();
+            assert!(matches!(
+                tokio::time::timeout(Duration::from_secs(30), events.recv()).await,
+                Ok(Some(Event::Frame { .. }))
+            ));
+            assert!(before < FRAMES);
+            reading.abort();
+            sending.abort();
+        });
     }
 }
