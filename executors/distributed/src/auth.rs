@@ -9,7 +9,10 @@
 //!    is `blake3::derive_key("rask token v1", bytes)`. Neither the text nor
 //!    the key ever crosses the wire. Only 64 hex digits are accepted: a
 //!    passphrase a person chose could be guessed offline from one recorded
-//!    handshake, 256 random bits cannot.
+//!    handshake, 256 random bits cannot. The dashboard's key
+//!    ([`Token::dashboard_key`]) is `blake3::derive_key("rask dashboard
+//!    link v1", bytes)`: it opens the dashboard only, and neither the token
+//!    nor the handshake key can be computed from it.
 //! 2. **Mutual challenge–response.** Each side's hello carries a fresh
 //!    32-byte nonce and a flag saying whether it authenticates. The
 //!    acceptor answers the connector's hello with its own and its proof,
@@ -70,6 +73,9 @@ pub const INSECURE_ENV: &str = "RASK_INSECURE";
 
 /// The key derivation context of rule 1.
 const TOKEN_CONTEXT: &str = "rask token v1";
+
+/// The dashboard key's derivation context (rule 1).
+const DASHBOARD_CONTEXT: &str = "rask dashboard link v1";
 
 /// The acceptor's proof domain (rule 2).
 const ACCEPTOR_DOMAIN: &[u8] = b"rask acceptor proof v1";
@@ -164,12 +170,28 @@ impl Token {
     /// # Ok::<(), rask_distributed::Error>(())
     /// ```
     pub fn expose_secret(&self) -> String {
-        let mut text = String::with_capacity(64);
-        for b in self.secret {
-            text.push(char::from(HEX[usize::from(b >> 4)]));
-            text.push(char::from(HEX[usize::from(b & 0xf)]));
-        }
-        text
+        hex(&self.secret)
+    }
+
+    /// The key that opens the scheduler's web dashboard off loopback, 64
+    /// lowercase hex digits: `rask-scheduler` prints the link that carries
+    /// it (`/status?key=…`). It is derived one way from the token (rule 1):
+    /// whoever reads it (in a proxy's log, a browser's history) can watch
+    /// the dashboard, and cannot join the cluster. The dashboard refuses the
+    /// token itself.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let token = rask_distributed::Token::generate()?;
+    /// let key = token.dashboard_key();
+    /// assert_eq!(key.len(), 64);
+    /// assert_ne!(key, token.expose_secret());
+    /// let link = format!("http://10.0.0.5:8787/status?key={key}");
+    /// # Ok::<(), rask_distributed::Error>(())
+    /// ```
+    pub fn dashboard_key(&self) -> String {
+        hex(&blake3::derive_key(DASHBOARD_CONTEXT, &self.secret))
     }
 
     /// Reads the token in the file at `path`.
@@ -305,6 +327,16 @@ impl std::str::FromStr for Token {
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
 /// [`Token::parse`], naming `from` in the error.
+/// `bytes` as lowercase hex digits.
+fn hex(bytes: &[u8; 32]) -> String {
+    let mut text = String::with_capacity(64);
+    for b in bytes {
+        text.push(char::from(HEX[usize::from(b >> 4)]));
+        text.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    text
+}
+
 fn parse_from(text: &str, from: &str) -> Result<Token, Error> {
     let bad = || Error::BadToken {
         from: from.to_owned(),
@@ -616,6 +648,18 @@ mod tests {
         let upper = Token::parse(&format!("  {}\n", text.to_uppercase())).unwrap();
         assert_eq!(upper.key(), token.key());
         assert_eq!(upper.expose_secret(), text);
+    }
+
+    #[test]
+    fn the_dashboard_key_is_derived_one_way_in_a_context_of_its_own() {
+        let text = "00".repeat(31) + "ff";
+        let token = Token::parse(&text).unwrap();
+        let mut secret = [0u8; 32];
+        secret[31] = 0xff;
+        let derived = blake3::derive_key("rask dashboard link v1", &secret);
+        assert_eq!(token.dashboard_key(), hex(&derived));
+        assert_ne!(token.dashboard_key(), text);
+        assert_ne!(token.dashboard_key(), hex(token.key()));
     }
 
     #[test]
