@@ -13,16 +13,21 @@
 //! Rules:
 //!
 //! 1. It answers only on the address it was given. On a loopback address
-//!    anyone on the machine may look, as at the scheduler's port itself,
-//!    but only by that address: a request must name a loopback host
+//!    it asks for no key: any process or user of the machine may look
+//!    (unlike the scheduler's own port, which asks every peer for the
+//!    token), but only by that address: a request must name a loopback host
 //!    (`Host: 127.0.0.1:…`, `localhost:…`, `[::1]:…`) or none, else it
 //!    gets `403` — a web page of another site whose name it points at
 //!    127.0.0.1 (DNS rebinding) names its own host, and reads nothing.
-//!    Off loopback, every request needs the cluster's secret: a link that
-//!    carries it once (`/status?token=…`) sets a cookie holding a key
-//!    derived from it (the secret itself is never stored in the browser)
-//!    and redirects to the same page without it; a request with neither
-//!    gets `401` and nothing else. Both are compared in constant time.
+//!    Off loopback, every request needs the dashboard's key
+//!    ([`Token::dashboard_key`], derived one way from the cluster's token),
+//!    never the token: the plain HTTP this server speaks can be read on
+//!    the way, and the key read there opens this page and nothing else. A
+//!    link that carries the key once (`/status?key=…`, as `rask-scheduler`
+//!    prints it) sets a cookie holding it and redirects to the same page
+//!    without it; a request with neither gets `401` and nothing else, and
+//!    so does one carrying the token (`?token=`, `?key=TOKEN`). Keys are
+//!    compared in constant time.
 //! 2. Nothing a browser sends is trusted: a request head is at most
 //!    [`MAX_HEAD`] bytes and must arrive within [`READ_TIMEOUT`]; at most
 //!    [`MAX_CONNECTIONS`] connections are served at once, the others are
@@ -42,6 +47,8 @@ use std::time::Duration;
 use rask_executor::diagnostics::{Snapshot, TaskRecord, Update, STATUS_PAGE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::Token;
 
 /// The longest request head served.
 pub(crate) const MAX_HEAD: usize = 8 * 1024;
@@ -122,29 +129,24 @@ pub(crate) enum Access {
     /// Anyone who can connect: off loopback with no token (an insecure
     /// scheduler).
     Open,
-    /// Requests must carry the secret, once as `?token=`, then the cookie.
-    Secret {
-        /// The token as users write it in the link.
-        token: String,
-        /// The cookie's value: a key derived from the token.
-        cookie: String,
+    /// Requests must carry the dashboard's key, once as `?key=`, then in
+    /// the cookie. The token itself is not held here.
+    Keyed {
+        /// [`Token::dashboard_key`].
+        key: String,
     },
 }
 
 impl Access {
-    /// Local on a loopback address, else closed behind `token`, or open
-    /// without one.
-    pub(crate) fn for_address(address: SocketAddr, token: Option<&str>) -> Access {
+    /// Local on a loopback address, else closed behind `token`'s dashboard
+    /// key, or open without a token.
+    pub(crate) fn for_address(address: SocketAddr, token: Option<&Token>) -> Access {
         match token {
             _ if address.ip().is_loopback() => Access::Local,
-            Some(token) => Access::Secret {
-                token: token.to_owned(),
-                cookie: blake3::derive_key("rask dashboard cookie v1", token.as_bytes())
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect(),
+            Some(token) => Access::Keyed {
+                key: token.dashboard_key(),
             },
-            _ => Access::Open,
+            None => Access::Open,
         }
     }
 }
@@ -221,11 +223,11 @@ async fn serve_one(mut stream: TcpStream, board: &Board, access: &Access) {
         let _ = write_all(&mut stream, &plain(403, text)).await;
         return;
     }
-    if let Access::Secret { token, cookie } = access {
-        let given = query_value(&request.query, "token");
-        if given.is_some_and(|given| same_secret(&given, token)) {
+    if let Access::Keyed { key } = access {
+        let given = query_value(&request.query, "key");
+        if given.is_some_and(|given| same_secret(&given, key)) {
             let answer = format!(
-                "HTTP/1.1 303 See Other\r\nLocation: {}\r\nSet-Cookie: rask_dashboard={cookie}; \
+                "HTTP/1.1 303 See Other\r\nLocation: {}\r\nSet-Cookie: rask_dashboard={key}; \
                  HttpOnly; SameSite=Strict; Path=/\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
                 request.path
             );
@@ -235,16 +237,11 @@ async fn serve_one(mut stream: TcpStream, board: &Board, access: &Access) {
         if !request
             .cookie
             .as_deref()
-            .is_some_and(|given| same_secret(given, cookie))
+            .is_some_and(|given| same_secret(given, key))
         {
-            let _ = write_all(
-                &mut stream,
-                &plain(
-                    401,
-                    "this dashboard needs the cluster's token: open /status?token=TOKEN once",
-                ),
-            )
-            .await;
+            let text = "this dashboard needs its key: open the link rask-scheduler printed \
+                        (/status?key=…); the cluster's token is not accepted here";
+            let _ = write_all(&mut stream, &plain(401, text)).await;
             return;
         }
     }
@@ -472,16 +469,16 @@ mod tests {
     }
 
     #[test]
-    fn the_cookie_is_derived_and_only_off_loopback() {
-        let local = Access::for_address("127.0.0.1:1".parse().unwrap(), Some("secret"));
+    fn the_key_is_the_dashboard_key_and_only_off_loopback() {
+        let token = Token::parse(&"ab".repeat(32)).unwrap();
+        let local = Access::for_address("127.0.0.1:1".parse().unwrap(), Some(&token));
         assert!(matches!(local, Access::Local));
         let insecure = Access::for_address("10.0.0.1:1".parse().unwrap(), None);
         assert!(matches!(insecure, Access::Open));
-        match Access::for_address("10.0.0.1:1".parse().unwrap(), Some("secret")) {
-            Access::Secret { token, cookie } => {
-                assert_eq!(token, "secret");
-                assert_eq!(cookie.len(), 64);
-                assert!(!cookie.contains("secret"));
+        match Access::for_address("10.0.0.1:1".parse().unwrap(), Some(&token)) {
+            Access::Keyed { key } => {
+                assert_eq!(key, token.dashboard_key());
+                assert_ne!(key, token.expose_secret());
             }
             _ => panic!("off loopback with a token must be closed"),
         }

@@ -807,6 +807,90 @@ fn rask_scheduler_binary_on_every_interface_prints_an_address_clients_can_use() 
     assert!(client.is_ok(), "{address}: {:?}", client.err());
 }
 
+/// A GET of `target` on `127.0.0.1:port`, with `cookie` if given: the
+/// status and the whole answer.
+fn dashboard_get(port: u16, target: &str, cookie: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let cookie = cookie.map_or(String::new(), |c| format!("Cookie: rask_dashboard={c}\r\n"));
+    write!(
+        stream,
+        "GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{cookie}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let status = answer.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, answer)
+}
+
+#[test]
+fn rask_scheduler_binary_dashboard_takes_its_key_and_refuses_the_token() {
+    let dir = TempDir::new("dashboard-key");
+    let path = dir.0.join("token");
+    let args = [
+        "--port",
+        "0",
+        "--token-file",
+        path.to_str().unwrap(),
+        // Off loopback, so the dashboard asks for its key; reached at
+        // 127.0.0.1 below.
+        "--dashboard",
+        "0.0.0.0:0",
+    ];
+    let (_child, _, said, rest) = start_scheduler(&args, &[]);
+    let printed = if said.contains("/status") {
+        said
+    } else {
+        line_with(&rest, "/status")
+    };
+    let token = Token::load(&path).unwrap();
+    let secret = token.expose_secret();
+    let port: u16 = printed
+        .split("http://")
+        .nth(1)
+        .and_then(|url| url.split('/').next())
+        .and_then(|host| host.rsplit(':').next())
+        .and_then(|port| port.parse().ok())
+        .unwrap_or_else(|| panic!("no dashboard address in {printed:?}"));
+    // The cluster's token in the link opens nothing: it is not the key.
+    for target in [
+        format!("/status?token={secret}"),
+        format!("/status?key={secret}"),
+    ] {
+        let (status, answer) = dashboard_get(port, &target, None);
+        assert_eq!(status, 401, "{target}: {answer}");
+        assert!(!answer.contains("Set-Cookie"), "{answer}");
+        assert!(
+            answer.contains("the link rask-scheduler printed"),
+            "{answer}"
+        );
+    }
+    let (status, _) = dashboard_get(port, "/api/status", Some(&secret));
+    assert_eq!(status, 401, "the token as the cookie");
+    // The link printed carries the dashboard key, never the token.
+    assert!(!printed.contains(&secret), "{printed}");
+    let key = token.dashboard_key();
+    assert!(
+        printed.ends_with(&format!(":{port}/status?key={key} once")),
+        "{printed}"
+    );
+    // The key opens the page once and sets the cookie, which opens the rest.
+    let (status, answer) = dashboard_get(port, &format!("/status?key={key}"), None);
+    assert_eq!(status, 303, "{answer}");
+    assert!(answer.contains("Location: /status\r\n"), "{answer}");
+    let cookie = answer
+        .lines()
+        .find_map(|l| l.strip_prefix("Set-Cookie: rask_dashboard="))
+        .and_then(|c| c.split(';').next())
+        .unwrap_or_else(|| panic!("no cookie in {answer}"));
+    assert!(!cookie.contains(&secret));
+    assert_eq!(dashboard_get(port, "/api/status", Some(cookie)).0, 200);
+    assert_eq!(dashboard_get(port, "/status", Some(cookie)).0, 200);
+    assert_eq!(dashboard_get(port, "/api/status", None).0, 401);
+}
+
 /// Chunks of 16 MiB: 64 of them are 1 GiB.
 const CHUNK: u64 = 16 << 20;
 

@@ -52,8 +52,11 @@
 //! `127.0.0.1:8787`; `:PORT` means 127.0.0.1, `:0` picks a free port; when
 //! the default port is taken, a free one is picked with a warning), or not
 //! at all with `--no-dashboard`. The second line on stdout is then
-//! `dashboard: http://HOST:PORT/status`. Off loopback, it asks for the
-//! token: open `/status?token=TOKEN` once.
+//! `dashboard: http://HOST:PORT/status`. On loopback it asks for no key:
+//! any process of the machine may read it. Off loopback, it asks for a key
+//! derived from the token (never the token itself, which its plain HTTP
+//! would show to whoever watches the network): a line on stderr gives the
+//! link to open once, `http://HOST:PORT/status?key=KEY`.
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
@@ -180,6 +183,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The dashboard's link carries a key derived from the token, never the
+    // token: its plain HTTP can be read on the way.
+    let dashboard_key = auth.token().map(|t| t.dashboard_key());
     options.auth = Some(auth);
     options.tls = tls.clone();
     let default_dashboard = dashboard.is_none();
@@ -223,10 +229,10 @@ fn main() -> ExitCode {
     let _ = writeln!(stdout, "{scheme}://{}", join(&host, address.port()));
     if let Some(dashboard) = scheduler.dashboard() {
         let _ = writeln!(stdout, "dashboard: http://{dashboard}/status");
-        if !dashboard.ip().is_loopback() && !insecure {
+        if let Some(key) = dashboard_key.filter(|_| !dashboard.ip().is_loopback()) {
             eprintln!(
-                "rask-scheduler: the dashboard asks for the token: open \
-                 http://{dashboard}/status?token=TOKEN once"
+                "rask-scheduler: the dashboard asks for its key (not the cluster's token): \
+                 open http://{dashboard}/status?key={key} once"
             );
         }
     }

@@ -618,8 +618,7 @@ pub fn serve_with(addr: SocketAddr, options: Options) -> Result<SchedulerHandle,
         Some(at) => {
             let listener = net::listen(at).map_err(Error::Io)?;
             let at = listener.local_addr().map_err(Error::Io)?;
-            let secret = auth.token().map(|t| t.expose_secret());
-            let access = Access::for_address(at, secret.as_deref());
+            let access = Access::for_address(at, auth.token());
             Some((listener, at, access, Arc::new(Board::default())))
         }
         None => None,
