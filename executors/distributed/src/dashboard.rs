@@ -30,23 +30,27 @@
 //!    compared in constant time.
 //! 2. Nothing a browser sends is trusted: a request head is at most
 //!    [`MAX_HEAD`] bytes and must arrive within [`READ_TIMEOUT`]; at most
-//!    [`MAX_CONNECTIONS`] connections are served at once, the others are
-//!    closed at once; a stream whose reader stops reading for
+//!    [`MAX_CONNECTIONS`] connections are served at once. When all are
+//!    taken, a newcomer closes the oldest connection whose request has not
+//!    arrived whole (as `net::Gate` does for the scheduler's port), so a
+//!    peer holding every connection with unfinished requests locks nobody
+//!    out; only when every connection is being answered is the newcomer
+//!    closed at once. A stream whose reader stops reading for
 //!    [`WRITE_TIMEOUT`] is dropped.
 //! 3. The dashboard never slows the scheduler: the scheduler publishes to
 //!    the board on its own schedule (a snapshot every few hundred
 //!    milliseconds, task runs as they finish, into a bounded ring), and the
 //!    server only reads it.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use rask_executor::diagnostics::{Snapshot, TaskRecord, Update, STATUS_PAGE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
 
 use crate::Token;
 
@@ -151,12 +155,69 @@ impl Access {
     }
 }
 
+/// The connections served now (rule 2).
+#[derive(Default)]
+struct Slots {
+    live: usize,
+    next: u64,
+    /// Connections whose request has not arrived whole, oldest first;
+    /// dropping a sender closes its connection.
+    reading: BTreeMap<u64, oneshot::Sender<()>>,
+}
+
+/// A connection's place in [`Slots`], given back when it is dropped.
+struct Slot {
+    slots: Arc<Mutex<Slots>>,
+    id: u64,
+}
+
+impl Slot {
+    /// Takes a place for a newcomer, closing the oldest unfinished request
+    /// when every place is taken; `None` when every place is being
+    /// answered. Also the receiver that says the connection was closed so.
+    fn take(slots: &Arc<Mutex<Slots>>) -> Option<(Slot, oneshot::Receiver<()>)> {
+        let mut state = slots.lock().unwrap_or_else(PoisonError::into_inner);
+        if state.live >= MAX_CONNECTIONS {
+            // Its place is given back when its task ends, at its next poll;
+            // until then one more is served than the cap.
+            state.reading.pop_first()?;
+        }
+        let id = state.next;
+        state.next += 1;
+        state.live += 1;
+        let (evict, evicted) = oneshot::channel();
+        state.reading.insert(id, evict);
+        let slot = Slot {
+            slots: slots.clone(),
+            id,
+        };
+        Some((slot, evicted))
+    }
+
+    /// Its request arrived whole: no newcomer closes it now.
+    fn read(&self) {
+        self.lock().reading.remove(&self.id);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slots> {
+        self.slots.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut state = self.lock();
+        state.live -= 1;
+        state.reading.remove(&self.id);
+    }
+}
+
 /// Serves the dashboard on `listener` until the runtime stops.
 pub(crate) async fn serve(listener: TcpListener, board: Arc<Board>, access: Access) {
-    let live = Arc::new(AtomicUsize::new(0));
+    let slots = Arc::new(Mutex::new(Slots::default()));
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
             Err(e) => {
                 tracing::warn!("dashboard: accept failed: {e}");
                 // Out of file descriptors, most likely: let some close.
@@ -164,16 +225,14 @@ pub(crate) async fn serve(listener: TcpListener, board: Arc<Board>, access: Acce
                 continue;
             }
         };
-        if live.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
-            live.fetch_sub(1, Ordering::AcqRel);
+        let Some((slot, evicted)) = Slot::take(&slots) else {
             drop(stream);
             continue;
-        }
-        let (board, access, live) = (board.clone(), access.clone(), live.clone());
+        };
+        let (board, access) = (board.clone(), access.clone());
         tokio::spawn(async move {
-            let _ = peer;
-            serve_one(stream, &board, &access).await;
-            live.fetch_sub(1, Ordering::AcqRel);
+            serve_one(stream, &board, &access, &slot, evicted).await;
+            drop(slot);
         });
     }
 }
@@ -208,9 +267,22 @@ fn same_secret(given: &str, expected: &str) -> bool {
     blake3::hash(given.as_bytes()) == blake3::hash(expected.as_bytes())
 }
 
-/// Serves one request (rule 2), then closes the connection.
-async fn serve_one(mut stream: TcpStream, board: &Board, access: &Access) {
-    let request = match tokio::time::timeout(READ_TIMEOUT, read_request(&mut stream)).await {
+/// Serves one request (rule 2), then closes the connection; closes it at
+/// once if `evicted` fires before the request arrived whole.
+async fn serve_one(
+    mut stream: TcpStream,
+    board: &Board,
+    access: &Access,
+    slot: &Slot,
+    evicted: oneshot::Receiver<()>,
+) {
+    let reading = tokio::time::timeout(READ_TIMEOUT, read_request(&mut stream));
+    let request = tokio::select! {
+        read = reading => read,
+        _ = evicted => return,
+    };
+    slot.read();
+    let request = match request {
         Ok(Ok(request)) => request,
         Ok(Err(status)) => {
             let _ = write_all(&mut stream, &plain(status, status_text(status))).await;
@@ -482,6 +554,59 @@ mod tests {
             }
             _ => panic!("off loopback with a token must be closed"),
         }
+    }
+
+    /// A GET of `/status` on `address`, blocking, bounded: its status
+    /// line, or what went wrong.
+    fn get_status(address: SocketAddr) -> std::io::Result<String> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(address)?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        stream.write_all(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer)?;
+        Ok(answer.lines().next().unwrap_or("").to_owned())
+    }
+
+    #[test]
+    fn a_newcomer_closes_the_oldest_unfinished_request_when_all_are_taken() {
+        use std::io::{Read, Write};
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+        let address = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = std::thread::spawn(move || {
+            runtime.block_on(async {
+                tokio::select! {
+                    () = serve(listener, Arc::default(), Access::Local) => {}
+                    _ = stopped => {}
+                }
+            });
+        });
+        // A peer takes every connection with a request it never finishes.
+        let mut held: Vec<std::net::TcpStream> = (0..MAX_CONNECTIONS)
+            .map(|_| {
+                let mut stream = std::net::TcpStream::connect(address).unwrap();
+                stream.write_all(b"GET /status HTTP/1.1\r\n").unwrap();
+                stream
+            })
+            .collect();
+        // Served all the same, well before the held requests time out.
+        assert_eq!(get_status(address).unwrap(), "HTTP/1.1 200 OK");
+        // The oldest held connection was closed for it, with nothing sent.
+        let oldest = &mut held[0];
+        oldest
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut rest = Vec::new();
+        assert_eq!(oldest.read_to_end(&mut rest).unwrap_or(0), 0);
+        assert!(rest.is_empty());
+        drop(held);
+        let _ = stop.send(());
+        server.join().unwrap();
     }
 
     #[test]
