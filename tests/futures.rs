@@ -1280,15 +1280,6 @@ fn stoppable(gate: u64) -> i64 {
     0
 }
 
-/// Waits (at most 20 s) until `what` holds.
-fn wait_until(what: &str, test: impl Fn() -> bool) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !test() {
-        assert!(std::time::Instant::now() < deadline, "{what}: never");
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-}
-
 /// A future cancelled while its task ran, then submitted again (the same
 /// key): a display of the new future counts the new run's task, not the
 /// cancelled run's (it counted the old run's cancellation as an error of
@@ -1300,9 +1291,9 @@ fn progress_counts_only_its_own_runs_of_a_resubmitted_key() {
     let gate = new_id();
     let work = delayed!(stoppable(gate));
     let old = client.submit(&work).unwrap();
-    wait_until("the first run started", || stoppable_saw(gate).is_some());
+    eventually("the first run started", || stoppable_saw(gate).is_some());
     old.cancel();
-    wait_until("the first run saw it was given up", || {
+    eventually("the first run saw it was given up", || {
         stoppable_saw(gate) == Some(true)
     });
     let new = client.submit(&work).unwrap();
@@ -1355,7 +1346,7 @@ fn progress_counts_a_task_running_before_it_started_that_succeeded() {
             delayed!(refuse(failure)?)
         )))
         .unwrap();
-    wait_until("the task started", || {
+    eventually("the task started", || {
         RAN_BEFORE.lock().unwrap().contains(&before)
     });
     let bar = rask::progress(&failing);

@@ -229,6 +229,21 @@ struct Link {
 }
 
 impl Link {
+    /// The link of a loop on this thread, connected, reached at `address`
+    /// through `commands`.
+    fn new(address: String, commands: mpsc::WeakUnboundedSender<Sequenced>) -> Link {
+        Link {
+            address,
+            commands,
+            held: Mutex::new(KeyMap::default()),
+            thread_id: std::thread::current().id(),
+            connected: AtomicBool::new(true),
+            next_id: AtomicU64::new(0),
+            sent: Mutex::new(0),
+            epoch: AtomicU64::new(0),
+        }
+    }
+
     /// Sends `cmd` with the next sequence number; numbering and sending
     /// happen under one lock, so the channel holds commands in number
     /// order. Gives the command back if the loop is gone.
@@ -767,16 +782,7 @@ impl Client {
             };
             match conn {
                 Ok((frames, writer)) => {
-                    let link = Arc::new(Link {
-                        address: name,
-                        commands: weak,
-                        held: Mutex::new(KeyMap::default()),
-                        thread_id: std::thread::current().id(),
-                        connected: AtomicBool::new(true),
-                        next_id: AtomicU64::new(0),
-                        sent: Mutex::new(0),
-                        epoch: AtomicU64::new(0),
-                    });
+                    let link = Arc::new(Link::new(name, weak));
                     let _ = ready_tx.send(Ok(link.clone()));
                     // A client of a scheduler in this process does not
                     // outlive it: only TCP clients connect again.
@@ -2421,16 +2427,7 @@ mod tests {
 
     fn a_loop() -> (Loop, mpsc::UnboundedSender<Sequenced>) {
         let (tx, _rx) = mpsc::unbounded_channel();
-        let link = Arc::new(Link {
-            address: "tcp://127.0.0.1:1".into(),
-            commands: tx.downgrade(),
-            held: Mutex::new(KeyMap::default()),
-            thread_id: std::thread::current().id(),
-            connected: AtomicBool::new(true),
-            next_id: AtomicU64::new(0),
-            sent: Mutex::new(0),
-            epoch: AtomicU64::new(0),
-        });
+        let link = Arc::new(Link::new("tcp://127.0.0.1:1".into(), tx.downgrade()));
         let (wtx, _wrx) = mpsc::unbounded_channel();
         let target = Target {
             scheme: Scheme::Tcp,

@@ -1403,6 +1403,19 @@ mod tests {
         }
     }
 
+    /// The file `key` was spilled to, once the spill thread wrote it
+    /// (bounded).
+    fn spilled(store: &Store, key: WireKey) -> std::path::PathBuf {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if let Some(file) = store.spill_file(&key) {
+                return file;
+            }
+            assert!(std::time::Instant::now() < deadline, "never spilled");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+
     #[test]
     fn a_damaged_spilled_input_is_reported_lost_and_its_task_given_back() {
         let parent = std::env::temp_dir().join(format!("rask-state-lost-{}", std::process::id()));
@@ -1412,14 +1425,7 @@ mod tests {
         store.insert([1; 32], sized(70));
         store.insert([2; 32], sized(70));
         // Over 60 bytes: the spill thread writes key 1, the older.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        let file = loop {
-            if let Some(file) = store.spill_file(&[1; 32]) {
-                break file;
-            }
-            assert!(std::time::Instant::now() < deadline, "never spilled");
-            std::thread::sleep(std::time::Duration::from_millis(2));
-        };
+        let file = spilled(&store, [1; 32]);
         std::fs::write(&file, b"not an entry").unwrap();
         s.on_compute(compute(3, "add", &[2, 1], &[]), &mut out);
         assert!(out.jobs.is_empty(), "never run on a damaged input");
@@ -1454,14 +1460,7 @@ mod tests {
         let mut out = Rec::default();
         store.insert([1; 32], sized(70));
         store.insert([2; 32], sized(70));
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        let file = loop {
-            if let Some(file) = store.spill_file(&[1; 32]) {
-                break file;
-            }
-            assert!(std::time::Instant::now() < deadline, "never spilled");
-            std::thread::sleep(std::time::Duration::from_millis(2));
-        };
+        let file = spilled(&store, [1; 32]);
         let whole = std::fs::read(&file).unwrap();
         std::fs::remove_file(&file).unwrap();
         std::fs::create_dir(&file).unwrap();
