@@ -797,6 +797,18 @@ fn as_completed_runs_the_work_of_every_simulated_client() {
     assert_eq!(got, vec![2, 3, 4]);
 }
 
+/// `bar.wait()` on a thread of its own, given 20 s to return: `Err` if
+/// it did not (the display waited for something that never came).
+fn display_waited(bar: &rask::Progress) -> Result<(), std::sync::mpsc::RecvTimeoutError> {
+    let waiting = bar.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        waiting.wait();
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(20))
+}
+
 /// Waits (bounded) until `done` holds.
 fn eventually(what: &str, done: impl Fn() -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -1184,14 +1196,7 @@ fn progress_wait_runs_a_simulated_client() {
     let client = Client::simulated(1).unwrap();
     let futures = client.map(inc, 0..5).unwrap();
     let bar = rask::progress(&futures);
-    let waiting = bar.clone();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        waiting.wait();
-        let _ = tx.send(());
-    });
-    rx.recv_timeout(std::time::Duration::from_secs(20))
-        .expect("the display waited for work nobody ran");
+    display_waited(&bar).expect("the display waited for work nobody ran");
     for c in bar.counts() {
         assert_eq!((c.done, c.erred), (c.total, 0), "{c:?}");
     }
@@ -1210,13 +1215,7 @@ fn progress_of_cancelled_futures_counts_their_work_as_not_run() {
     for f in &futures {
         f.cancel();
     }
-    let waiting = bar.clone();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        waiting.wait();
-        let _ = tx.send(());
-    });
-    let waited = rx.recv_timeout(std::time::Duration::from_secs(20));
+    let waited = display_waited(&bar);
     for gate in gates {
         open(gate);
     }
@@ -1300,14 +1299,7 @@ fn progress_counts_only_its_own_runs_of_a_resubmitted_key() {
     let bar = rask::progress(&new);
     open(gate);
     assert_eq!(new.result().unwrap(), 1);
-    let waiting = bar.clone();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        waiting.wait();
-        let _ = tx.send(());
-    });
-    rx.recv_timeout(std::time::Duration::from_secs(20))
-        .expect("the display never finished");
+    display_waited(&bar).expect("the display never finished");
     let counts = bar.counts();
     assert_eq!(counts.len(), 1, "{counts:?}");
     assert_eq!(
@@ -1353,14 +1345,7 @@ fn progress_counts_a_task_running_before_it_started_that_succeeded() {
     open(before);
     open(failure);
     assert!(failing.result().is_err());
-    let waiting = bar.clone();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        waiting.wait();
-        let _ = tx.send(());
-    });
-    rx.recv_timeout(std::time::Duration::from_secs(20))
-        .expect("the display never finished");
+    display_waited(&bar).expect("the display never finished");
     let counts: HashMap<String, (u64, u64, u64)> = bar
         .counts()
         .into_iter()

@@ -484,34 +484,14 @@ impl Shape {
     /// digest and its arguments' kinds. Kept per thread for the shapes
     /// met last: a function is mostly called with one shape.
     fn key(&self) -> [u8; 32] {
-        let marks = &self.marks[..usize::from(self.len)];
-        let slot = (u64::from_le_bytes([
-            self.digest[0],
-            self.digest[1],
-            self.digest[2],
-            self.digest[3],
-            self.digest[4],
-            self.digest[5],
-            self.digest[6],
-            self.digest[7],
-        ]) as usize
-            ^ marks.len())
-            % SHAPES;
-        let kept = KNOWN_SHAPES.try_with(|known| {
-            let mut known = known.try_borrow_mut().ok()?;
-            match &known[slot] {
-                Some((shape, key)) if shape.same(self) => Some(*key),
-                _ => {
-                    let key = self.make();
-                    known[slot] = Some((*self, key));
-                    Some(key)
-                }
-            }
-        });
-        match kept {
-            Ok(Some(key)) => key,
-            _ => self.make(),
-        }
+        // The digest is a hash: its first byte spreads shapes well enough.
+        let slot = (usize::from(self.digest[0]) ^ usize::from(self.len)) % SHAPES;
+        kept(
+            &KNOWN_SHAPES,
+            slot,
+            |shape| shape.same(self),
+            || (*self, self.make()),
+        )
     }
 
     fn make(&self) -> [u8; 32] {
@@ -538,14 +518,42 @@ impl Shape {
 /// How many call shapes each thread keeps keys of (rule 6).
 const SHAPES: usize = 8;
 
-/// A call shape and the key its arguments are hashed under.
-type KnownShape = (Shape, [u8; 32]);
+/// A thread's few kept digests, each by what it is of, in the slot its
+/// hash picks ([`kept`]).
+type Kept<K, const N: usize> = std::cell::RefCell<[Option<(K, [u8; 32])>; N]>;
 
 /// A function's digest, kept per thread for the functions called last.
 struct KnownFunction {
     id: std::any::TypeId,
     name: &'static str,
-    digest: [u8; 32],
+}
+
+/// What `cache` (a thread's few entries, each in the slot its hash picks)
+/// holds at `slot` for what `is` recognizes, made by `make` and kept there
+/// when it holds something else; made afresh when the cache cannot be
+/// reached (a hasher made while another uses it, or thread-locals torn
+/// down).
+fn kept<K, const N: usize>(
+    cache: &'static std::thread::LocalKey<Kept<K, N>>,
+    slot: usize,
+    is: impl Fn(&K) -> bool,
+    make: impl Fn() -> (K, [u8; 32]),
+) -> [u8; 32] {
+    let hit = cache.try_with(|known| {
+        let mut known = known.try_borrow_mut().ok()?;
+        match &known[slot] {
+            Some((k, value)) if is(k) => Some(*value),
+            _ => {
+                let (k, value) = make();
+                known[slot] = Some((k, value));
+                Some(value)
+            }
+        }
+    });
+    match hit {
+        Ok(Some(value)) => value,
+        _ => make().1,
+    }
 }
 
 /// How many functions each thread keeps digests of (a power of two).
@@ -563,23 +571,14 @@ impl KnownFunction {
             id,
         ) as usize
             % FUNCTIONS;
-        let kept = KNOWN.try_with(|known| {
-            let mut known = known.try_borrow_mut().ok()?;
-            match &known[slot] {
-                // Equal names, not only equal addresses: nothing but the
-                // name's content decides the digest.
-                Some(f) if f.id == id && f.name == name => Some(f.digest),
-                _ => {
-                    let digest = Self::make::<F>(name);
-                    known[slot] = Some(KnownFunction { id, name, digest });
-                    Some(digest)
-                }
-            }
-        });
-        match kept {
-            Ok(Some(digest)) => digest,
-            _ => Self::make::<F>(name),
-        }
+        // Equal names, not only equal addresses: nothing but the name's
+        // content decides the digest.
+        kept(
+            &KNOWN,
+            slot,
+            |f| f.id == id && f.name == name,
+            || (KnownFunction { id, name }, Self::make::<F>(name)),
+        )
     }
 
     fn make<F: 'static>(name: &str) -> [u8; 32] {
@@ -591,11 +590,11 @@ impl KnownFunction {
 
 thread_local! {
     /// The digests of the functions this thread called last, by type tag.
-    static KNOWN: std::cell::RefCell<[Option<KnownFunction>; FUNCTIONS]> =
+    static KNOWN: Kept<KnownFunction, FUNCTIONS> =
         const { std::cell::RefCell::new([const { None }; FUNCTIONS]) };
 
     /// The keys of the call shapes this thread hashed last (rule 6).
-    static KNOWN_SHAPES: std::cell::RefCell<[Option<KnownShape>; SHAPES]> =
+    static KNOWN_SHAPES: Kept<Shape, SHAPES> =
         const { std::cell::RefCell::new([None; SHAPES]) };
 
     /// The buffer of this thread's last finished hasher, for its next one:

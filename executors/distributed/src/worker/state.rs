@@ -1403,29 +1403,33 @@ mod tests {
         }
     }
 
-    /// The file `key` was spilled to, once the spill thread wrote it
-    /// (bounded).
-    fn spilled(store: &Store, key: WireKey) -> std::path::PathBuf {
+    /// A worker whose store (limit 100 bytes, under a scratch directory
+    /// named after `what`) holds keys 1 and 2 of 70 bytes each, key 1
+    /// spilled (the older, over 60 bytes): its state, store, directory and
+    /// key 1's file, once the spill thread wrote it (bounded).
+    fn with_key_1_spilled(
+        what: &str,
+    ) -> (WorkerState, Store, std::path::PathBuf, std::path::PathBuf) {
+        let parent = std::env::temp_dir().join(format!("rask-state-{what}-{}", std::process::id()));
+        let store = Store::new(Some(100), parent.clone());
+        let s = WorkerState::new(WorkerId(4), Arc::new(Reg), store.clone());
+        store.insert([1; 32], sized(70));
+        store.insert([2; 32], sized(70));
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        loop {
-            if let Some(file) = store.spill_file(&key) {
-                return file;
+        let file = loop {
+            if let Some(file) = store.spill_file(&[1; 32]) {
+                break file;
             }
             assert!(std::time::Instant::now() < deadline, "never spilled");
             std::thread::sleep(std::time::Duration::from_millis(2));
-        }
+        };
+        (s, store, parent, file)
     }
 
     #[test]
     fn a_damaged_spilled_input_is_reported_lost_and_its_task_given_back() {
-        let parent = std::env::temp_dir().join(format!("rask-state-lost-{}", std::process::id()));
-        let store = Store::new(Some(100), parent.clone());
-        let mut s = WorkerState::new(WorkerId(4), Arc::new(Reg), store.clone());
+        let (mut s, store, parent, file) = with_key_1_spilled("lost");
         let mut out = Rec::default();
-        store.insert([1; 32], sized(70));
-        store.insert([2; 32], sized(70));
-        // Over 60 bytes: the spill thread writes key 1, the older.
-        let file = spilled(&store, [1; 32]);
         std::fs::write(&file, b"not an entry").unwrap();
         s.on_compute(compute(3, "add", &[2, 1], &[]), &mut out);
         assert!(out.jobs.is_empty(), "never run on a damaged input");
@@ -1454,13 +1458,8 @@ mod tests {
     /// the file reads again.
     #[test]
     fn a_spilled_input_unreadable_for_now_holds_its_task_until_it_reads() {
-        let parent = std::env::temp_dir().join(format!("rask-state-later-{}", std::process::id()));
-        let store = Store::new(Some(100), parent.clone());
-        let mut s = WorkerState::new(WorkerId(4), Arc::new(Reg), store.clone());
+        let (mut s, store, parent, file) = with_key_1_spilled("later");
         let mut out = Rec::default();
-        store.insert([1; 32], sized(70));
-        store.insert([2; 32], sized(70));
-        let file = spilled(&store, [1; 32]);
         let whole = std::fs::read(&file).unwrap();
         std::fs::remove_file(&file).unwrap();
         std::fs::create_dir(&file).unwrap();
