@@ -242,10 +242,14 @@ struct Move {
     asked: u64,
 }
 
-/// A client holding a reference to a task (S5).
+/// A client holding references to a task (S5).
 #[derive(Clone, Copy, Debug)]
 struct Wanter {
     client: ClientId,
+    /// How many references it holds (at least one): a client may name one
+    /// key any number of times; the count saturates, and a count stuck at
+    /// the top only keeps the key until the client disconnects.
+    count: u32,
     /// The tick when it was last told `KeyInMemory`, naming the holders of
     /// that moment; 0 if never (S12).
     told_at: u64,
@@ -405,8 +409,10 @@ pub(crate) struct State {
     free: Vec<u32>,
     by_key: KeyMap<Key, TaskId>,
     workers: BTreeMap<WorkerId, Worker>,
-    /// Per client, its references to each key (S5).
-    clients: HashMap<ClientId, KeyMap<TaskId, u32>>,
+    /// The clients connected. Their references to each task are kept in
+    /// the task (`Task::who_wants`, S5), not in a table per client: one
+    /// table fewer to look up on each task a client submits and releases.
+    clients: BTreeSet<ClientId>,
     queue: Ready<(Priority, TaskId)>,
     /// Queued restricted tasks (S14), one queue per restriction. Entries
     /// can be stale, as in `queue`; empty queues are dropped.
@@ -471,7 +477,7 @@ impl State {
             free: Vec::new(),
             by_key: KeyMap::default(),
             workers: BTreeMap::new(),
-            clients: HashMap::new(),
+            clients: BTreeSet::new(),
             queue: Ready::default(),
             restricted: BTreeMap::new(),
             next_priority: 0,
@@ -694,7 +700,7 @@ impl State {
 
     /// A client connected: tell it where the workers are.
     pub(crate) fn on_client_connected(&mut self, client: ClientId, out: &mut impl Outbox) {
-        self.clients.insert(client, KeyMap::default());
+        self.clients.insert(client);
         for (&id, w) in &self.workers {
             out.to_client(
                 client,
@@ -710,13 +716,21 @@ impl State {
     pub(crate) fn on_client_disconnected(&mut self, client: ClientId, out: &mut impl Outbox) {
         // Its retirements go on, unanswered (S16).
         self.retire_requests.retain(|r| r.client != client);
-        let Some(wants) = self.clients.remove(&client) else {
+        if !self.clients.remove(&client) {
             return;
-        };
-        for (id, _) in wants {
-            if self.get(id).is_some() {
-                self.task_mut(id).who_wants.retain(|w| w.client != client);
-                self.unsettled.push(id);
+        }
+        // A full scan: a client leaving is rare, and it keeps the hot path
+        // free of per-client tables of tasks.
+        for (index, slot) in self.slots.iter_mut().enumerate() {
+            let Some(task) = slot.task.as_mut() else {
+                continue;
+            };
+            if task.wanted_by(client) {
+                task.who_wants.retain(|w| w.client != client);
+                self.unsettled.push(TaskId {
+                    index: index as u32,
+                    gen: slot.gen,
+                });
             }
         }
         self.settle(out);
@@ -772,7 +786,7 @@ impl State {
                 },
             );
         }
-        for &client in self.clients.keys() {
+        for &client in &self.clients {
             out.to_client(
                 client,
                 ToClient::WorkerJoined {
@@ -827,7 +841,7 @@ impl State {
         for &id in self.workers.keys() {
             out.to_worker(id, ToWorker::PeerLeft { id: worker });
         }
-        for &client in self.clients.keys() {
+        for &client in &self.clients {
             out.to_client(client, ToClient::WorkerLeft { id: worker });
         }
         // A full scan: worker loss is rare, and it keeps the hot path free of
@@ -1034,7 +1048,7 @@ impl State {
             added.push(id);
         }
         self.inherit_priorities(&added);
-        let wants = self.clients.entry(client).or_default();
+        self.clients.insert(client);
         let mut to_activate = Vec::new();
         for key in wanted {
             let Some(&id) = self.by_key.get(&Key(key)) else {
@@ -1052,15 +1066,17 @@ impl State {
                 );
                 continue;
             };
-            let count = wants.entry(id).or_insert(0);
-            // A client can name one key any number of times without the
-            // scheduler storing anything more: saturate. A count stuck at
-            // the top only keeps that client's key until it disconnects.
-            *count = count.saturating_add(1);
             let slot = &mut self.slots[id.index as usize];
             let task = slot.task.as_mut().expect("a live task id names a task");
-            if *count == 1 {
-                task.who_wants.push(Wanter { client, told_at: 0 });
+            // A client can name one key any number of times without the
+            // scheduler storing anything more: its count saturates.
+            match task.who_wants.iter_mut().find(|w| w.client == client) {
+                Some(w) => w.count = w.count.saturating_add(1),
+                None => task.who_wants.push(Wanter {
+                    client,
+                    count: 1,
+                    told_at: 0,
+                }),
             }
             match &task.state {
                 TaskState::Memory => {
@@ -1099,22 +1115,22 @@ impl State {
         keys: Vec<WireKey>,
         out: &mut impl Outbox,
     ) {
-        let Some(wants) = self.clients.get_mut(&client) else {
+        if !self.clients.contains(&client) {
             return;
-        };
+        }
         for key in keys {
             let Some(&id) = self.by_key.get(&Key(key)) else {
                 continue;
             };
-            let Some(count) = wants.get_mut(&id) else {
+            let slot = &mut self.slots[id.index as usize];
+            let task = slot.task.as_mut().expect("a live task id names a task");
+            let Some(at) = task.who_wants.iter().position(|w| w.client == client) else {
                 continue;
             };
-            *count -= 1;
-            if *count == 0 {
-                wants.remove(&id);
-                let slot = &mut self.slots[id.index as usize];
-                let task = slot.task.as_mut().expect("a live task id names a task");
-                task.who_wants.retain(|w| w.client != client);
+            let wanter = &mut task.who_wants[at];
+            wanter.count -= 1;
+            if wanter.count == 0 {
+                task.who_wants.remove(at);
                 self.unsettled.push(id);
             }
         }
@@ -2961,6 +2977,12 @@ impl State {
                     .all(|&d| self.task(d).state == TaskState::Memory));
             }
             assert!(!(task.who_wants.is_empty() && task.live_dependents == 0));
+            // A client's references are counted in one entry of the task's
+            // wanters, and only while it is connected (S5).
+            for (i, w) in task.who_wants.iter().enumerate() {
+                assert!(w.count >= 1 && self.clients.contains(&w.client));
+                assert!(task.who_wants[..i].iter().all(|o| o.client != w.client));
+            }
         }
         for (&w, worker) in &self.workers {
             let on_w = || {
