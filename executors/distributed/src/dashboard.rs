@@ -1,5 +1,6 @@
 //! The scheduler's web dashboard (Dask's `/status`): a small HTTP server
-//! on its own address, answering from a [`Board`] the scheduler fills.
+//! on its own address and thread, answering from a [`Board`] the scheduler
+//! fills.
 //!
 //! Routes (GET and HEAD only):
 //!
@@ -37,14 +38,18 @@
 //!    out; only when every connection is being answered is the newcomer
 //!    closed at once. A stream whose reader stops reading for
 //!    [`WRITE_TIMEOUT`] is dropped.
-//! 3. The dashboard never slows the scheduler: the scheduler publishes to
-//!    the board on its own schedule (a snapshot every few hundred
-//!    milliseconds, task runs as they finish, into a bounded ring), and the
-//!    server only reads it.
+//! 3. The dashboard never slows the scheduler. Its server runs on a thread
+//!    of its own, `rask-dashboard`, with its own runtime ([`Server`]),
+//!    started with the scheduler and stopped with it (nothing of it stays
+//!    open): no request is read, answered or rendered on the scheduler's
+//!    thread. The scheduler publishes to the board on its own schedule (a
+//!    snapshot every few hundred milliseconds, task runs as they finish,
+//!    into a bounded ring), and the server only reads it.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use rask_executor::diagnostics::{Snapshot, TaskRecord, Update, STATUS_PAGE};
@@ -52,7 +57,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
-use crate::Token;
+use crate::{net, Token};
 
 /// The longest request head served.
 pub(crate) const MAX_HEAD: usize = 8 * 1024;
@@ -121,6 +126,63 @@ impl Board {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BoardState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The dashboard's server on a thread of its own, `rask-dashboard`, with
+/// its own runtime (rule 3). Dropping it stops the server and waits for
+/// its thread: the listener and every connection are closed by then.
+pub(crate) struct Server {
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Serves `board` on `listener` (non-blocking, as `net::listen` makes
+    /// it) to whom `access` lets in.
+    pub(crate) fn start(
+        listener: std::net::TcpListener,
+        board: Arc<Board>,
+        access: Access,
+    ) -> std::io::Result<Server> {
+        let runtime = net::runtime()?;
+        let listener = {
+            let _entered = runtime.enter();
+            TcpListener::from_std(listener)?
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("rask-dashboard".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    // Also when the sender is dropped without a word.
+                    tokio::select! {
+                        () = serve(listener, board, access) => {}
+                        _ = stopped => {}
+                    }
+                });
+                // The runtime goes with this thread, and with it the task
+                // of every connection still open.
+            })?;
+        Ok(Server {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the server and waits for its thread. Calling it again does
+    /// nothing.
+    pub(crate) fn stop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -213,7 +275,7 @@ impl Drop for Slot {
 }
 
 /// Serves the dashboard on `listener` until the runtime stops.
-pub(crate) async fn serve(listener: TcpListener, board: Arc<Board>, access: Access) {
+async fn serve(listener: TcpListener, board: Arc<Board>, access: Access) {
     let slots = Arc::new(Mutex::new(Slots::default()));
     loop {
         let stream = match listener.accept().await {
@@ -492,6 +554,7 @@ fn strip_body(mut answer: Vec<u8>) -> Vec<u8> {
 mod tests {
     use super::*;
     use rask_executor::diagnostics::RecordStatus;
+    use std::io::ErrorKind;
 
     fn record(function: &str) -> TaskRecord {
         TaskRecord {
@@ -556,36 +619,97 @@ mod tests {
         }
     }
 
-    /// A GET of `/status` on `address`, blocking, bounded: its status
-    /// line, or what went wrong.
-    fn get_status(address: SocketAddr) -> std::io::Result<String> {
+    /// Every wait in these tests gives up after this long.
+    const WAIT: Duration = Duration::from_secs(30);
+
+    /// A GET of `target` on `address`, blocking, bounded by [`WAIT`]: its
+    /// status line and its body, or what went wrong.
+    fn get(address: SocketAddr, target: &str) -> std::io::Result<(String, String)> {
         use std::io::{Read, Write};
         let mut stream = std::net::TcpStream::connect(address)?;
-        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-        stream.write_all(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")?;
+        stream.set_read_timeout(Some(WAIT))?;
+        write!(stream, "GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")?;
         let mut answer = String::new();
         stream.read_to_string(&mut answer)?;
-        Ok(answer.lines().next().unwrap_or("").to_owned())
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+        let status = head.lines().next().unwrap_or("").to_owned();
+        Ok((status, body.to_owned()))
+    }
+
+    /// A GET of `/status` on `address`: its status line.
+    fn get_status(address: SocketAddr) -> std::io::Result<String> {
+        get(address, "/status").map(|(status, _)| status)
+    }
+
+    /// A scheduler on `127.0.0.1:0` serving its dashboard there too.
+    fn scheduler() -> crate::scheduler::SchedulerHandle {
+        let local = "127.0.0.1:0".parse().unwrap();
+        let options = crate::scheduler::Options::default().dashboard(local);
+        crate::scheduler::serve_with(local, options).unwrap()
+    }
+
+    /// Rule 3: the scheduler's thread held up does not hold up the
+    /// dashboard, whose server runs on a thread of its own.
+    #[test]
+    fn the_dashboard_answers_while_the_scheduler_is_held_up() {
+        let scheduler = scheduler();
+        let address = scheduler.dashboard().unwrap();
+        // A task that holds the scheduler's thread until released; longer
+        // than a request waits for its answer, so that a dashboard served
+        // on that thread fails the request below.
+        let (holding, held) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        scheduler.runtime().spawn(async move {
+            let _ = holding.send(());
+            let _ = released.recv_timeout(2 * WAIT);
+        });
+        held.recv_timeout(WAIT).unwrap();
+        let answer = get(address, "/api/status");
+        let _ = release.send(());
+        assert_eq!(answer.unwrap().0, "HTTP/1.1 200 OK");
+    }
+
+    /// A dashboard serving `board` on `127.0.0.1:0`, and its address.
+    fn server(board: &Arc<Board>) -> (Server, SocketAddr) {
+        let listener = net::listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let address = listener.local_addr().unwrap();
+        let server = Server::start(listener, board.clone(), Access::Local).unwrap();
+        (server, address)
+    }
+
+    /// The server's thread ends with the scheduler: its port refuses, and
+    /// a live stream open meanwhile ends too.
+    #[test]
+    fn the_dashboard_stops_with_the_scheduler() {
+        use std::io::{Read, Write};
+        let scheduler = scheduler();
+        let address = scheduler.dashboard().unwrap();
+        let mut stream = std::net::TcpStream::connect(address).unwrap();
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        stream
+            .write_all(b"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            .unwrap();
+        let mut head = [0; 12];
+        stream.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+        drop(scheduler);
+        let mut rest = Vec::new();
+        if let Err(e) = stream.read_to_end(&mut rest) {
+            // Closed, not still open when the wait gave up.
+            let open = matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut);
+            assert!(!open, "the stream is still open: {e}");
+        }
+        let refused = std::net::TcpStream::connect(address).map(drop);
+        assert_eq!(
+            refused.map_err(|e| e.kind()),
+            Err(ErrorKind::ConnectionRefused)
+        );
     }
 
     #[test]
     fn a_newcomer_closes_the_oldest_unfinished_request_when_all_are_taken() {
         use std::io::{Read, Write};
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
-        let address = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let server = std::thread::spawn(move || {
-            runtime.block_on(async {
-                tokio::select! {
-                    () = serve(listener, Arc::default(), Access::Local) => {}
-                    _ = stopped => {}
-                }
-            });
-        });
+        let (server, address) = server(&Arc::default());
         // A peer takes every connection with a request it never finishes.
         let mut held: Vec<std::net::TcpStream> = (0..MAX_CONNECTIONS)
             .map(|_| {
@@ -605,8 +729,7 @@ mod tests {
         assert_eq!(oldest.read_to_end(&mut rest).unwrap_or(0), 0);
         assert!(rest.is_empty());
         drop(held);
-        let _ = stop.send(());
-        server.join().unwrap();
+        drop(server);
     }
 
     #[test]

@@ -76,9 +76,10 @@
 //!    dashboard ([`Options::dashboard`]) every partition's events are kept
 //!    in a bounded history (`watch.rs`) and a snapshot of the cluster is
 //!    published on the dashboard's board after each flush; the dashboard
-//!    server reads the board and never touches the state. What the events
-//!    count is kept for every build (the dashboard) and for each build
-//!    apart: a client's `Info` shows its own build's work only (rule 5).
+//!    server, on a thread of its own, reads the board and never touches
+//!    the state (dashboard rule 3). What the events count is kept for
+//!    every build (the dashboard) and for each build apart: a client's
+//!    `Info` shows its own build's work only (rule 5).
 //! 10. **A connection number names one connection.** It is drawn when the
 //!     socket is accepted, before the handshake, and stays in use until
 //!     the connection's `Closed` was sent; a number in use is never drawn
@@ -143,6 +144,8 @@ pub struct SchedulerHandle {
     address: SocketAddr,
     /// Where the dashboard answers, if it runs.
     dashboard: Option<SocketAddr>,
+    /// The dashboard's server, on a thread of its own.
+    dashboard_server: Option<dashboard::Server>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
     counts: Arc<Counts>,
@@ -279,9 +282,9 @@ impl SchedulerHandle {
         self.locals.send((scheduler, build)).ok().map(|()| client)
     }
 
-    /// Stops the scheduler and waits for its thread. Every connection is
-    /// closed, so workers exit and clients see their submissions fail.
-    /// Calling it again does nothing.
+    /// Stops the scheduler and waits for its thread, and for the
+    /// dashboard's. Every connection is closed, so workers exit and
+    /// clients see their submissions fail. Calling it again does nothing.
     pub fn shutdown(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -293,6 +296,9 @@ impl SchedulerHandle {
             if thread.thread().id() != std::thread::current().id() {
                 let _ = thread.join();
             }
+        }
+        if let Some(mut server) = self.dashboard_server.take() {
+            server.stop();
         }
         // Removes the socket file, once nothing listens on it.
         drop(self.unix.take());
@@ -614,16 +620,21 @@ pub fn serve_with(addr: SocketAddr, options: Options) -> Result<SchedulerHandle,
         Some(_) => return Err(Error::Io(net::unix_unsupported())),
         None => (None, None),
     };
-    let dashboard = match options.dashboard {
+    // The dashboard's server has a thread of its own (dashboard rule 3),
+    // stopped with the scheduler's: by `shutdown`, or by dropping it on
+    // the way out of an error below.
+    let (board, dashboard_server, dashboard_address) = match options.dashboard {
         Some(at) => {
             let listener = net::listen(at).map_err(Error::Io)?;
             let at = listener.local_addr().map_err(Error::Io)?;
             let access = Access::for_address(at, auth.token());
-            Some((listener, at, access, Arc::new(Board::default())))
+            let board = Arc::new(Board::default());
+            let server =
+                dashboard::Server::start(listener, board.clone(), access).map_err(Error::Io)?;
+            (Some(board), Some(server), Some(at))
         }
-        None => None,
+        None => (None, None, None),
     };
-    let dashboard_address = dashboard.as_ref().map(|(_, at, _, _)| *at);
     let runtime = net::runtime().map_err(Error::Io)?;
     let handle = runtime.handle().clone();
     let (locals, locals_rx) = mpsc::unbounded_channel();
@@ -635,16 +646,6 @@ pub fn serve_with(addr: SocketAddr, options: Options) -> Result<SchedulerHandle,
         .name("rask-scheduler".into())
         .spawn(move || {
             runtime.block_on(async move {
-                let mut board = None;
-                if let Some((listener, _, access, shown)) = dashboard {
-                    match TcpListener::from_std(listener) {
-                        Ok(listener) => {
-                            tokio::spawn(dashboard::serve(listener, shown.clone(), access));
-                            board = Some(shown);
-                        }
-                        Err(e) => tracing::warn!("scheduler: cannot serve the dashboard: {e}"),
-                    }
-                }
                 let unix = match unix.map(net::listening).transpose() {
                     Ok(unix) => unix,
                     Err(e) => {
@@ -670,6 +671,7 @@ pub fn serve_with(addr: SocketAddr, options: Options) -> Result<SchedulerHandle,
     Ok(SchedulerHandle {
         address,
         dashboard: dashboard_address,
+        dashboard_server,
         stop: Some(stop),
         thread: Some(thread),
         counts,
