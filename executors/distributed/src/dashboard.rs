@@ -44,7 +44,14 @@
 //!    open): no request is read, answered or rendered on the scheduler's
 //!    thread. The scheduler publishes to the board on its own schedule (a
 //!    snapshot every few hundred milliseconds, task runs as they finish,
-//!    into a bounded ring), and the server only reads it.
+//!    into a bounded ring) and renders nothing. The first reader after a
+//!    publish renders the snapshot as JSON, and every request and stream
+//!    until the next publish shares that rendering; a reader holds the
+//!    lock the scheduler publishes under only to copy pointers out (at
+//!    most [`KEPT_TASKS`]), and renders task runs outside it. What the
+//!    server does take is CPU: on a machine with fewer cores than busy
+//!    threads, a flood of requests competes with the scheduler for them, as
+//!    any other process would.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -52,7 +59,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use rask_executor::diagnostics::{Snapshot, TaskRecord, Update, STATUS_PAGE};
+use rask_executor::diagnostics::{Snapshot, TaskRecord, STATUS_PAGE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -77,21 +84,44 @@ const TASKS_PER_UPDATE: usize = 5_000;
 /// What the dashboard shows, as the scheduler last published it.
 #[derive(Default)]
 pub(crate) struct Board {
+    /// What the scheduler published; it holds this lock only to publish or
+    /// record, and readers only to copy pointers out (rule 3).
     state: Mutex<BoardState>,
+    /// The latest snapshot as JSON, rendered by the first reader after
+    /// each publish. Only readers take this lock, never the scheduler, so
+    /// a render does not hold up a publish.
+    rendered: Mutex<Option<Rendered>>,
+    /// Snapshots rendered so far.
+    #[cfg(test)]
+    renders: std::sync::atomic::AtomicUsize,
 }
 
 #[derive(Default)]
 struct BoardState {
-    snapshot: Option<Snapshot>,
+    snapshot: Option<Arc<Snapshot>>,
+    /// Snapshots published so far: which one a rendering is of.
+    published: u64,
     /// The newest task runs, oldest first, numbered from `first_seq`.
-    tasks: VecDeque<TaskRecord>,
+    tasks: VecDeque<Arc<TaskRecord>>,
     next_seq: u64,
 }
 
+/// A snapshot rendered as JSON.
+struct Rendered {
+    /// [`BoardState::published`] when it was the latest.
+    published: u64,
+    json: Arc<str>,
+}
+
 impl Board {
-    /// Replaces the snapshot.
+    /// Replaces the snapshot. Renders nothing: the dashboard's thread does
+    /// that when a reader asks (rule 3).
     pub(crate) fn publish(&self, snapshot: Snapshot) {
-        self.lock().snapshot = Some(snapshot);
+        let mut state = self.lock();
+        let old = state.snapshot.replace(Arc::new(snapshot));
+        state.published += 1;
+        drop(state);
+        drop(old);
     }
 
     /// Appends a task run, numbering it; the oldest run is dropped past
@@ -103,25 +133,43 @@ impl Board {
         if state.tasks.len() == KEPT_TASKS {
             state.tasks.pop_front();
         }
-        state.tasks.push_back(record);
+        state.tasks.push_back(Arc::new(record));
     }
 
     /// The task runs numbered `since` and up that are kept, at most
     /// `limit`, and the number to ask from next.
-    pub(crate) fn tasks_since(&self, since: u64, limit: usize) -> (Vec<TaskRecord>, u64) {
+    pub(crate) fn tasks_since(&self, since: u64, limit: usize) -> (Vec<Arc<TaskRecord>>, u64) {
         let state = self.lock();
         let first = state.tasks.front().map_or(state.next_seq, |t| t.seq);
         let skip = since.saturating_sub(first) as usize;
-        let tasks: Vec<TaskRecord> = state.tasks.iter().skip(skip).take(limit).cloned().collect();
+        let tasks: Vec<_> = state.tasks.iter().skip(skip).take(limit).cloned().collect();
         let next = tasks
             .last()
             .map_or(state.next_seq.min(since.max(first)), |t| t.seq + 1);
         (tasks, next)
     }
 
-    /// The snapshot now.
-    pub(crate) fn snapshot(&self) -> Option<Snapshot> {
-        self.lock().snapshot.clone()
+    /// The latest snapshot as JSON, rendered once per publish: by the first
+    /// reader after it, outside the scheduler's lock; later readers share
+    /// that rendering.
+    pub(crate) fn snapshot_json(&self) -> Option<Arc<str>> {
+        let mut rendered = self.rendered.lock().unwrap_or_else(PoisonError::into_inner);
+        let (published, snapshot) = {
+            let state = self.lock();
+            (state.published, state.snapshot.clone()?)
+        };
+        if let Some(done) = rendered.as_ref().filter(|r| r.published == published) {
+            return Some(done.json.clone());
+        }
+        let json: Arc<str> = to_json(&*snapshot).into();
+        #[cfg(test)]
+        self.renders
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        *rendered = Some(Rendered {
+            published,
+            json: json.clone(),
+        });
+        Some(json)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BoardState> {
@@ -382,9 +430,7 @@ async fn serve_one(
     let answer = match request.path.as_str() {
         "/" | "/status" => response(200, "text/html; charset=utf-8", STATUS_PAGE.as_bytes()),
         "/api/status" => {
-            let json = board
-                .snapshot()
-                .map_or_else(|| "null".to_owned(), |s| to_json(&s));
+            let json = board.snapshot_json().unwrap_or_else(|| "null".into());
             response(200, "application/json", json.as_bytes())
         }
         "/api/tasks" => {
@@ -424,13 +470,12 @@ async fn stream_updates(mut stream: TcpStream, board: &Board) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let Some(status) = board.snapshot() else {
+        let Some(status) = board.snapshot_json() else {
             continue;
         };
         let (tasks, after) = board.tasks_since(next, TASKS_PER_UPDATE);
         next = after;
-        let data = to_json(&Update { status, tasks });
-        let event = format!("event: update\ndata: {data}\n\n");
+        let event = format!("event: update\ndata: {}\n\n", update_json(&status, &tasks));
         if write_all(&mut stream, event.as_bytes()).await.is_err() {
             return;
         }
@@ -504,6 +549,13 @@ fn query_value(query: &str, name: &str) -> Option<String> {
         .map(|(_, v)| v.to_owned())
 }
 
+/// An [`Update`](rask_executor::diagnostics::Update) as JSON, its snapshot
+/// already rendered: each stream shares the rendering of the snapshot,
+/// and renders only its own task runs.
+fn update_json(status: &str, tasks: &[Arc<TaskRecord>]) -> String {
+    format!(r#"{{"status":{status},"tasks":{}}}"#, to_json(&tasks))
+}
+
 fn to_json<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
 }
@@ -553,7 +605,7 @@ fn strip_body(mut answer: Vec<u8>) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rask_executor::diagnostics::RecordStatus;
+    use rask_executor::diagnostics::{RecordStatus, Update};
     use std::io::ErrorKind;
 
     fn record(function: &str) -> TaskRecord {
@@ -669,12 +721,65 @@ mod tests {
         assert_eq!(answer.unwrap().0, "HTTP/1.1 200 OK");
     }
 
+    fn snapshot(scheduler: &str) -> Snapshot {
+        Snapshot {
+            version: rask_executor::diagnostics::SCHEMA_VERSION,
+            scheduler: scheduler.into(),
+            uptime_ms: 1,
+            clients: 0,
+            tasks_per_second: 0.0,
+            totals: Default::default(),
+            functions: Vec::new(),
+            workers: Vec::new(),
+            unrunnable: Vec::new(),
+        }
+    }
+
     /// A dashboard serving `board` on `127.0.0.1:0`, and its address.
     fn server(board: &Arc<Board>) -> (Server, SocketAddr) {
         let listener = net::listen("127.0.0.1:0".parse().unwrap()).unwrap();
         let address = listener.local_addr().unwrap();
         let server = Server::start(listener, board.clone(), Access::Local).unwrap();
         (server, address)
+    }
+
+    /// The first update of a live stream from `address`.
+    fn first_update(address: SocketAddr) -> Update {
+        use std::io::{BufRead, Write};
+        let mut stream = std::net::TcpStream::connect(address).unwrap();
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        stream
+            .write_all(b"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            .unwrap();
+        let data = std::io::BufReader::new(stream)
+            .lines()
+            .map(Result::unwrap)
+            .find_map(|line| line.strip_prefix("data: ").map(str::to_owned))
+            .unwrap();
+        serde_json::from_str(&data).unwrap()
+    }
+
+    /// Rule 3: a snapshot is rendered once, by the first reader after its
+    /// publish, however many requests and streams read it.
+    #[test]
+    fn many_reads_between_two_publishes_render_the_snapshot_once() {
+        let board = Arc::new(Board::default());
+        board.record(record("inc"));
+        let (_server, address) = server(&board);
+        let renders = || board.renders.load(std::sync::atomic::Ordering::Relaxed);
+        for name in ["first", "second"] {
+            board.publish(snapshot(name));
+            for _ in 0..5 {
+                let (status, body) = get(address, "/api/status").unwrap();
+                assert_eq!(status, "HTTP/1.1 200 OK");
+                let shown: Snapshot = serde_json::from_str(&body).unwrap();
+                assert_eq!(shown, snapshot(name));
+            }
+            let update = first_update(address);
+            assert_eq!(update.status, snapshot(name));
+            assert_eq!(update.tasks.len(), 1);
+        }
+        assert_eq!(renders(), 2, "one per publish");
     }
 
     /// The server's thread ends with the scheduler: its port refuses, and
@@ -704,6 +809,17 @@ mod tests {
             refused.map_err(|e| e.kind()),
             Err(ErrorKind::ConnectionRefused)
         );
+    }
+
+    #[test]
+    fn an_update_renders_as_its_type_does() {
+        let status = snapshot("s");
+        let tasks = vec![Arc::new(record("inc"))];
+        let update = Update {
+            status: status.clone(),
+            tasks: vec![record("inc")],
+        };
+        assert_eq!(update_json(&to_json(&status), &tasks), to_json(&update));
     }
 
     #[test]
