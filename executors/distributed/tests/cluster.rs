@@ -254,6 +254,23 @@ fn start_scheduler_in(
     args: &[&str],
     env: &[(&str, &str)],
 ) -> (Reap, String, String, std::sync::mpsc::Receiver<String>) {
+    let (child, stdout, stderr) = spawn_scheduler(dir, args, env);
+    let address = stdout.recv_timeout(TIMEOUT).expect("the address line");
+    let said = stderr.recv_timeout(TIMEOUT).expect("a line on stderr");
+    (child, address.trim().to_owned(), said, stderr)
+}
+
+/// Starts `rask-scheduler` in `dir` with `args` and `env`; returns it with
+/// its lines on stdout and on stderr as they come.
+fn spawn_scheduler(
+    dir: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (
+    Reap,
+    std::sync::mpsc::Receiver<String>,
+    std::sync::mpsc::Receiver<String>,
+) {
     use std::io::BufRead;
     // No dashboard unless asked: its default port may be taken by a test
     // beside this one, and its warning would come before the token's line.
@@ -284,10 +301,7 @@ fn start_scheduler_in(
     };
     let stdout = lines(Box::new(child.stdout.take().unwrap()));
     let stderr = lines(Box::new(child.stderr.take().unwrap()));
-    let child = Reap(child);
-    let address = stdout.recv_timeout(TIMEOUT).expect("the address line");
-    let said = stderr.recv_timeout(TIMEOUT).expect("a line on stderr");
-    (child, address.trim().to_owned(), said, stderr)
+    (Reap(child), stdout, stderr)
 }
 
 /// The next line of `lines` that contains `text`, skipping others.
@@ -810,13 +824,18 @@ fn rask_scheduler_binary_on_every_interface_prints_an_address_clients_can_use() 
 /// A GET of `target` on `127.0.0.1:port`, with `cookie` if given: the
 /// status and the whole answer.
 fn dashboard_get(port: u16, target: &str, cookie: Option<&str>) -> (u16, String) {
+    dashboard_get_at(&format!("127.0.0.1:{port}"), target, cookie)
+}
+
+/// [`dashboard_get`] on `host` (`HOST:PORT`, as a link names it).
+fn dashboard_get_at(host: &str, target: &str, cookie: Option<&str>) -> (u16, String) {
     use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut stream = std::net::TcpStream::connect(host).unwrap();
     stream.set_read_timeout(Some(TIMEOUT)).unwrap();
     let cookie = cookie.map_or(String::new(), |c| format!("Cookie: rask_dashboard={c}\r\n"));
     write!(
         stream,
-        "GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{cookie}Connection: close\r\n\r\n"
+        "GET {target} HTTP/1.1\r\nHost: {host}\r\n{cookie}Connection: close\r\n\r\n"
     )
     .unwrap();
     let mut answer = String::new();
@@ -889,6 +908,39 @@ fn rask_scheduler_binary_dashboard_takes_its_key_and_refuses_the_token() {
     assert_eq!(dashboard_get(port, "/api/status", Some(cookie)).0, 200);
     assert_eq!(dashboard_get(port, "/status", Some(cookie)).0, 200);
     assert_eq!(dashboard_get(port, "/api/status", None).0, 401);
+}
+
+#[test]
+fn rask_scheduler_binary_dashboard_on_every_interface_prints_a_link_a_browser_can_open() {
+    let dir = TempDir::new("dashboard-link");
+    let path = dir.0.join("token");
+    let args = [
+        "--port",
+        "0",
+        "--token-file",
+        path.to_str().unwrap(),
+        "--dashboard",
+        "0.0.0.0:0",
+    ];
+    let here = std::env::current_dir().unwrap();
+    let (_child, stdout, stderr) = spawn_scheduler(&here, &args, &[]);
+    let _address = stdout.recv_timeout(TIMEOUT).expect("the address line");
+    let printed = stdout.recv_timeout(TIMEOUT).expect("the dashboard's line");
+    let host = printed
+        .strip_prefix("dashboard: http://")
+        .and_then(|rest| rest.strip_suffix("/status"))
+        .unwrap_or_else(|| panic!("no dashboard link in {printed:?}"));
+    assert!(!host.starts_with("0.0.0.0:"), "{printed}");
+    // The link with the key, on stderr, names the same host.
+    let key = Token::load(&path).unwrap().dashboard_key();
+    let link = line_with(&stderr, "/status?key=");
+    assert!(
+        link.ends_with(&format!(" http://{host}/status?key={key} once")),
+        "{link}"
+    );
+    // Usable: the page opens there (and sets its cookie).
+    let (status, answer) = dashboard_get_at(host, &format!("/status?key={key}"), None);
+    assert_eq!(status, 303, "{host}: {answer}");
 }
 
 /// Chunks of 16 MiB: 64 of them are 1 GiB.

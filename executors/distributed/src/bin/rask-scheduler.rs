@@ -52,11 +52,13 @@
 //! `127.0.0.1:8787`; `:PORT` means 127.0.0.1, `:0` picks a free port; when
 //! the default port is taken, a free one is picked with a warning), or not
 //! at all with `--no-dashboard`. The second line on stdout is then
-//! `dashboard: http://HOST:PORT/status`. On loopback it asks for no key:
-//! any process of the machine may read it. Off loopback, it asks for a key
-//! derived from the token (never the token itself, which its plain HTTP
-//! would show to whoever watches the network): a line on stderr gives the
-//! link to open once, `http://HOST:PORT/status?key=KEY`.
+//! `dashboard: http://HOST:PORT/status`, with `HOST` picked as for the
+//! address printed: for `0.0.0.0` or `::`, the IP (or hostname, or
+//! loopback address) above, which a browser can open. On loopback it asks
+//! for no key: any process of the machine may read it. Off loopback, it
+//! asks for a key derived from the token (never the token itself, which
+//! its plain HTTP would show to whoever watches the network): a line on
+//! stderr gives the link to open once, `http://HOST:PORT/status?key=KEY`.
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
@@ -228,11 +230,14 @@ fn main() -> ExitCode {
     let mut stdout = std::io::stdout();
     let _ = writeln!(stdout, "{scheme}://{}", join(&host, address.port()));
     if let Some(dashboard) = scheduler.dashboard() {
-        let _ = writeln!(stdout, "dashboard: http://{dashboard}/status");
+        // A browser elsewhere cannot open `0.0.0.0`: the same host as the
+        // scheduler's own address would be on that address.
+        let link = join(&usable_host(dashboard.ip()), dashboard.port());
+        let _ = writeln!(stdout, "dashboard: http://{link}/status");
         if let Some(key) = dashboard_key.filter(|_| !dashboard.ip().is_loopback()) {
             eprintln!(
                 "rask-scheduler: the dashboard asks for its key (not the cluster's token): \
-                 open http://{dashboard}/status?key={key} once"
+                 open http://{link}/status?key={key} once"
             );
         }
     }
