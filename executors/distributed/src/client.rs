@@ -787,7 +787,10 @@ impl Client {
                     // A client of a scheduler in this process does not
                     // outlive it: only TCP clients connect again.
                     let again = (!in_process).then(|| target.clone());
-                    Loop::new(link, writer, again)
+                    let (to_loop, answers) = mpsc::unbounded_channel();
+                    let peers =
+                        PeerPool::new(to_loop, build, auth.clone(), tls.clone(), limits.clone());
+                    Loop::new(link, writer, again, (peers, answers))
                         .run(frames, commands_rx, build, auth, tls, limits)
                         .await;
                 }
@@ -1341,7 +1344,10 @@ struct Loop {
     /// Keys whose outputs were reported this turn, each with the number of
     /// commands sent by then; released ahead of later commands (rule 7).
     ended: std::collections::VecDeque<(u64, WireKey)>,
-    peers: Option<PeerPool>,
+    /// The data ports of this connection's epoch, and where their fetches
+    /// answer: both are replaced on connecting again (rule 10).
+    peers: PeerPool,
+    answers: mpsc::UnboundedReceiver<Fetched>,
     out: Batch,
     last_poll: Instant,
     /// Where to connect again when the connection is lost (rule 10);
@@ -1458,7 +1464,14 @@ impl Drop for Loop {
 }
 
 impl Loop {
-    fn new(link: Arc<Link>, writer: Writer, target: Option<Target>) -> Loop {
+    /// A loop fetching from data ports with `peers`, whose fetches answer
+    /// on `answers`.
+    fn new(
+        link: Arc<Link>,
+        writer: Writer,
+        target: Option<Target>,
+        (peers, answers): (PeerPool, mpsc::UnboundedReceiver<Fetched>),
+    ) -> Loop {
         Loop {
             target,
             next_attempt: None,
@@ -1475,7 +1488,8 @@ impl Loop {
             holders: KeyMap::default(),
             releases: Vec::new(),
             ended: std::collections::VecDeque::new(),
-            peers: None,
+            peers,
+            answers,
             out: Batch::default(),
             last_poll: Instant::now(),
             watching: false,
@@ -1487,9 +1501,9 @@ impl Loop {
         }
     }
 
-    /// Runs until the last `Client` is gone; fetches from data ports as a
-    /// process of `build` proving `auth`, and connects again with it
-    /// (rules 10 and 11); reads within `limits`.
+    /// Runs until the last `Client` is gone; connects again as a process
+    /// of `build` proving `auth` (rules 10 and 11), reading within `limits`
+    /// (data ports are reached as its pool was made to).
     async fn run(
         mut self,
         mut read: net::Frames,
@@ -1499,14 +1513,6 @@ impl Loop {
         tls: Option<Connector>,
         limits: net::Limits,
     ) {
-        let (fetch_tx, mut fetched) = mpsc::unbounded_channel::<Fetched>();
-        self.peers = Some(PeerPool::new(
-            fetch_tx,
-            build,
-            auth.clone(),
-            tls.clone(),
-            limits.clone(),
-        ));
         let mut tick = tokio::time::interval(CANCEL_POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Rule 12; a client of a scheduler in this process sends none.
@@ -1541,20 +1547,7 @@ impl Loop {
                     match done {
                         Ok((frames, writer)) => {
                             read = frames;
-                            // Rule 10: the old pool goes with its answers,
-                            // on a channel of its own: a late `Lost` of
-                            // it would pass for the new epoch's fetch of
-                            // the same key from the same worker number.
-                            let (fetch_tx, rx) = mpsc::unbounded_channel::<Fetched>();
-                            fetched = rx;
-                            let peers = PeerPool::new(
-                                fetch_tx,
-                                build,
-                                auth.clone(),
-                                tls.clone(),
-                                limits.clone(),
-                            );
-                            self.reconnected(writer, peers);
+                            self.reconnected(writer);
                         }
                         Err(e) => self.reconnect_failed(&e),
                     }
@@ -1588,9 +1581,9 @@ impl Loop {
                         }
                     }
                 }
-                Some(f) = fetched.recv() => {
+                Some(f) = self.answers.recv() => {
                     self.fetched(f);
-                    while let Ok(f) = fetched.try_recv() {
+                    while let Ok(f) = self.answers.try_recv() {
                         self.fetched(f);
                     }
                 }
@@ -1769,9 +1762,7 @@ impl Loop {
     fn start_fetch(&mut self, key: WireKey, mut holders: Vec<WorkerId>) {
         holders.reverse();
         if let Some(first) = holders.pop() {
-            if let Some(p) = self.peers.as_mut() {
-                p.request(first, key)
-            }
+            self.peers.request(first, key);
             self.fetching.insert(
                 key,
                 Fetching {
@@ -1950,15 +1941,11 @@ impl Loop {
         match msg {
             ToClient::WorkerJoined { id, address } => {
                 self.workers.insert(id, address.clone());
-                if let Some(p) = self.peers.as_mut() {
-                    p.add_peer(id, address)
-                }
+                self.peers.add_peer(id, address);
             }
             ToClient::WorkerLeft { id } => {
                 self.workers.remove(&id);
-                if let Some(p) = self.peers.as_mut() {
-                    p.remove_peer(id)
-                }
+                self.peers.remove_peer(id);
                 for holders in self.holders.values_mut() {
                     holders.retain(|&h| h != id);
                 }
@@ -2083,9 +2070,7 @@ impl Loop {
                 let fetch = self.fetching.get_mut(&f.key).expect("checked above");
                 if let Some(next) = fetch.others.pop() {
                     fetch.current = next;
-                    if let Some(p) = self.peers.as_mut() {
-                        p.request(next, f.key)
-                    }
+                    self.peers.request(next, f.key);
                 } else {
                     self.fetching.remove(&f.key);
                 }
@@ -2239,7 +2224,7 @@ impl Loop {
     /// The scheduler connection is gone: every open output fails (rule 4).
     /// Connected again (rule 10): a new connection, a new epoch; what the
     /// old one held is gone; parked submissions go out.
-    fn reconnected(&mut self, writer: Writer, peers: PeerPool) {
+    fn reconnected(&mut self, writer: Writer) {
         tracing::warn!(
             "client: connected again to the scheduler at {}",
             self.address
@@ -2258,7 +2243,11 @@ impl Loop {
             }
         }
         self.writer = writer;
-        self.peers = Some(peers);
+        // The old pool goes with its answers, on a channel of its own: a
+        // late `Lost` of it would pass for this epoch's fetch of the same
+        // key from the same worker number, and the scheduler would drop
+        // that worker's good copy.
+        (self.peers, self.answers) = self.peers.renewed();
         self.out = Batch::default();
         self.connected = true;
         self.link.connected.store(true, Ordering::Release);
@@ -2357,9 +2346,7 @@ impl Loop {
     fn flush(&mut self) {
         let ended = std::mem::take(&mut self.ended).into();
         self.release_ended(ended);
-        if let Some(p) = self.peers.as_mut() {
-            p.flush();
-        }
+        self.peers.flush();
     }
 
     /// Sends the queued messages to the scheduler.
@@ -2425,7 +2412,14 @@ mod tests {
         }
     }
 
-    fn a_loop() -> (Loop, mpsc::UnboundedSender<Sequenced>) {
+    /// A loop of a TCP client, with what its commands come on and what the
+    /// data ports of its first epoch answer on, as `Client::start` makes
+    /// them.
+    fn a_loop() -> (
+        Loop,
+        mpsc::UnboundedSender<Sequenced>,
+        mpsc::UnboundedSender<Fetched>,
+    ) {
         let (tx, _rx) = mpsc::unbounded_channel();
         let link = Arc::new(Link::new("tcp://127.0.0.1:1".into(), tx.downgrade()));
         let (wtx, _wrx) = mpsc::unbounded_channel();
@@ -2433,19 +2427,31 @@ mod tests {
             scheme: Scheme::Tcp,
             address: "127.0.0.1:1".into(),
         };
-        let lp = Loop::new(link, net::Writer::local(wtx), Some(target));
-        (lp, tx)
-    }
-
-    fn a_pool() -> PeerPool {
-        let (tx, _rx) = mpsc::unbounded_channel();
-        PeerPool::new(
-            tx,
+        let (answer, answers) = mpsc::unbounded_channel();
+        let peers = PeerPool::new(
+            answer.clone(),
             BuildId::NONE,
             Arc::new(Auth::Insecure),
             None,
             net::Limits::standard(),
-        )
+        );
+        let lp = Loop::new(
+            link,
+            net::Writer::local(wtx),
+            Some(target),
+            (peers, answers),
+        );
+        (lp, tx, answer)
+    }
+
+    /// The messages sent on the scheduler connection whose frames are read
+    /// from `frames`.
+    fn sent(frames: &mut mpsc::UnboundedReceiver<Vec<u8>>) -> Vec<ToScheduler> {
+        let mut sent = Vec::new();
+        while let Ok(frame) = frames.try_recv() {
+            sent.extend(decode_checked::<ToScheduler>(&frame[4..]).unwrap());
+        }
+        sent
     }
 
     /// A submission of one task per key in `keys`, each an output, as
@@ -2485,7 +2491,7 @@ mod tests {
     fn a_parked_submission_stopped_before_reconnect() {
         let rt = net::runtime().unwrap();
         let _g = rt.enter();
-        let (mut lp, _tx) = a_loop();
+        let (mut lp, _tx, _) = a_loop();
         lp.disconnected(); // connection lost; an attempt is due
         lp.next_attempt = None; // ... and now in flight
         let two = Arc::new(Rec::default());
@@ -2502,12 +2508,8 @@ mod tests {
         assert!(one.finished.load(Ordering::Relaxed));
         // The attempt succeeds.
         let (wtx, mut wrx) = mpsc::unbounded_channel();
-        lp.reconnected(net::Writer::local(wtx), a_pool());
-        let mut sent = Vec::new();
-        while let Ok(frame) = wrx.try_recv() {
-            sent.extend(decode_checked::<ToScheduler>(&frame[4..]).unwrap());
-        }
-        let wanted: Vec<WireKey> = sent
+        lp.reconnected(net::Writer::local(wtx));
+        let wanted: Vec<WireKey> = sent(&mut wrx)
             .into_iter()
             .flat_map(|m| match m {
                 ToScheduler::UpdateGraph { wanted, .. } => wanted,
@@ -2538,5 +2540,68 @@ mod tests {
         );
         assert!(two.finished.load(Ordering::Relaxed));
         assert_eq!(one.outs(), cancelled);
+    }
+
+    /// Rule 10: a late answer of the old connection's data ports is never
+    /// taken for the new epoch's fetch of the same key from the same worker
+    /// number. Before, both epochs' pools answered on one channel: the old
+    /// `Lost` failed the new fetch, and the client told the scheduler that
+    /// the worker had lost the key (`FetchFailed`), so the scheduler
+    /// dropped that worker's good copy and computed the key again.
+    #[test]
+    fn a_late_answer_of_the_old_connection_fails_no_fetch_of_the_new() {
+        let rt = net::runtime().unwrap();
+        let _g = rt.enter();
+        let (mut lp, _tx, old_port) = a_loop();
+        let key = [1; 32];
+        let worker = WorkerId(0);
+        // Too big to come with the answer: fetched from worker 0.
+        let in_memory = || ToClient::KeyInMemory {
+            key,
+            holders: vec![worker],
+            nbytes: 2,
+            value: None,
+        };
+        let first = Arc::new(Rec::default());
+        lp.submit(submission(0, &[1], first.clone()));
+        lp.message(in_memory());
+        assert_eq!(lp.fetching.get(&key).map(|f| f.current), Some(worker));
+        // The connection is lost with that fetch in flight, and made again.
+        lp.disconnected();
+        assert_eq!(first.outs(), vec![(0, "Failed".to_owned())]);
+        lp.next_attempt = None;
+        let (wtx, mut wrx) = mpsc::unbounded_channel();
+        lp.reconnected(net::Writer::local(wtx));
+        // The new epoch fetches the same key from the same worker number.
+        let second = Arc::new(Rec::default());
+        lp.submit(submission(1, &[1], second.clone()));
+        lp.message(in_memory());
+        assert_eq!(lp.fetching.get(&key).map(|f| f.current), Some(worker));
+        // The old data port's connection fails now, and says so late (its
+        // channel may be gone: then nothing arrives at all).
+        let _ = old_port.send(Fetched {
+            from: worker,
+            key,
+            result: FetchResult::Lost,
+        });
+        // What `run` does with the answers that came, then its flush.
+        while let Ok(f) = lp.answers.try_recv() {
+            lp.fetched(f);
+        }
+        lp.flush_out();
+        let failed: Vec<ToScheduler> = sent(&mut wrx)
+            .into_iter()
+            .filter(|m| matches!(m, ToScheduler::FetchFailed { .. }))
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "the scheduler was told of a lost copy: {failed:?}"
+        );
+        assert_eq!(
+            lp.fetching.get(&key).map(|f| f.current),
+            Some(worker),
+            "the new fetch waits for its own answer"
+        );
+        assert!(second.outs().is_empty(), "{:?}", second.outs());
     }
 }

@@ -1768,7 +1768,8 @@ pub(crate) struct Fetched {
 ///
 /// Requests are batched: [`PeerPool::request`] only queues; [`PeerPool::flush`]
 /// sends one `GetData` per worker. Answers arrive on the channel given to
-/// [`PeerPool::new`]; every requested key gets exactly one answer.
+/// [`PeerPool::new`] (or returned by [`PeerPool::renewed`]); every
+/// requested key gets exactly one answer.
 pub(crate) struct PeerPool {
     addresses: HashMap<WorkerId, String>,
     conns: HashMap<WorkerId, mpsc::UnboundedSender<Vec<WireKey>>>,
@@ -1807,6 +1808,23 @@ impl PeerPool {
             limits,
             idle: PEER_IDLE,
         }
+    }
+
+    /// An empty pool made as this one was, with the channel its fetches
+    /// answer on: none of this pool's answers, early or late, arrive there.
+    pub(crate) fn renewed(&self) -> (PeerPool, mpsc::UnboundedReceiver<Fetched>) {
+        let (answers, receiver) = mpsc::unbounded_channel();
+        let pool = PeerPool {
+            idle: self.idle,
+            ..PeerPool::new(
+                answers,
+                self.build,
+                self.auth.clone(),
+                self.tls.clone(),
+                self.limits.clone(),
+            )
+        };
+        (pool, receiver)
     }
 
     pub(crate) fn add_peer(&mut self, id: WorkerId, address: String) {
