@@ -15,6 +15,7 @@ use crate::plan::explain::{explain_roots, Explain};
 use crate::plan::Options;
 use crate::run::backend::Backend;
 use crate::run::config::Config;
+use crate::run::progress::{Bar, Screen};
 use crate::{Error, Result};
 
 /// The tasks a [`Compute`] value asks for, in order.
@@ -290,6 +291,11 @@ impl Graph {
 
 /// Runs the graph behind `roots`, returning one value per root.
 pub(crate) fn run(roots: &[Arc<Node>], config: &Config) -> Result<Vec<Value>> {
+    run_on(roots, config, Screen::stderr())
+}
+
+/// [`run`], its progress bar (if `config` asks for one) drawn on `screen`.
+pub(crate) fn run_on(roots: &[Arc<Node>], config: &Config, screen: &Screen) -> Result<Vec<Value>> {
     let kind = config.resolve()?;
     let span = tracing::info_span!("compute", executor = %kind, tasks = tracing::field::Empty);
     let _entered = span.enter();
@@ -343,7 +349,11 @@ pub(crate) fn run(roots: &[Arc<Node>], config: &Config) -> Result<Vec<Value>> {
             .iter()
             .zip(plan.keys())
             .filter(|(t, _)| t.op().is_work());
-        crate::run::progress::Bar::start(plan.id(), work.map(|(t, key)| (*key, t.op().name())))
+        Bar::start_on(
+            screen,
+            plan.id(),
+            work.map(|(t, key)| (*key, t.op().name())),
+        )
     });
     let lookup = lookup.map(Arc::new);
     let cache = lookup.clone().map(|lookup| (lookup, writes));

@@ -45,12 +45,27 @@
 //!    while drawing. The drawing thread redraws the bar at its rate (10
 //!    times a second) from those counts, draws its last state or prints
 //!    the plain line when the work is over, and ends; it ends too when the
-//!    display is dropped unfinished. `compute`'s bar joins it before
-//!    `compute` returns, so the last state is on screen before the
-//!    program's next line; [`Progress::wait`] returns once it is drawn.
+//!    display is dropped unfinished. `compute`'s bar waits for its last
+//!    state to be drawn before `compute` returns, so on a screen that reads
+//!    it is there before the program's next line (rule 6);
+//!    [`Progress::wait`] returns once it is drawn.
+//! 6. A screen that stops reading holds a drawing thread in its write,
+//!    and the bars sharing its `MultiProgress` behind that write's lock
+//!    (a new `MultiProgress`, or a plain line, would block in a write of
+//!    its own): no such thread ends before the screen reads again.
+//!    `compute` does not wait for that: its bar waits [`LAST_DRAW`] at
+//!    most for its last state, then gives its thread up, to end by itself
+//!    once its write returns.
+//!    While a thread given up on runs, the screen counts as stalled: bars
+//!    started then draw nothing, print no plain line and start no thread,
+//!    so what is stuck is at most the threads of the bars alive when the
+//!    screen stopped reading, never one more per `compute`. Once those
+//!    threads end, new bars draw again. [`Progress::wait`] gives nothing
+//!    up: it returns once its bar's last state is drawn.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Condvar, LazyLock, Mutex, PoisonError, Weak};
 use std::thread::JoinHandle;
@@ -226,12 +241,8 @@ pub(crate) struct Bar {
 }
 
 impl Bar {
-    /// A bar on stderr.
-    pub(crate) fn start<'a>(plan: PlanId, tasks: impl IntoIterator<Item = (Key, &'a str)>) -> Bar {
-        Bar::start_on(Screen::stderr(), plan, tasks)
-    }
-
-    fn start_on<'a>(
+    /// A bar on `screen` (stderr, but in tests).
+    pub(crate) fn start_on<'a>(
         screen: &Screen,
         plan: PlanId,
         tasks: impl IntoIterator<Item = (Key, &'a str)>,
@@ -257,19 +268,76 @@ impl Bar {
 impl Drop for Bar {
     /// The work is over, however it ended (rule 2): an early return or a
     /// panic is a run that did not succeed. Returns once the bar's last
-    /// state is drawn and its drawing thread ended (rule 5).
+    /// state is drawn and its drawing thread ended (rule 5), or after
+    /// [`LAST_DRAW`] on a screen that does not read, giving that thread
+    /// up (rule 6).
     fn drop(&mut self) {
         self.tracker.finish(self.ok);
+        let drawn = {
+            let state = self.tracker.lock();
+            let (state, _) = self
+                .tracker
+                .changed
+                .wait_timeout_while(state, LAST_DRAW, |state| !state.drawn)
+                .unwrap_or_else(PoisonError::into_inner);
+            state.drawn
+        };
         let drawer = self
             .tracker
             .drawer
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        if let Some(drawer) = drawer {
-            // A panic there drew nothing more: nothing to add to it here.
-            let _ = drawer.join();
+        match drawer {
+            // Drawn: it has nothing left to do but end (a panic there drew
+            // nothing more: nothing to add to it here).
+            Some((thread, _)) if drawn => drop(thread.join()),
+            Some((_, drawing)) => drawing.give_up(),
+            None => {}
         }
+    }
+}
+
+/// How long `compute`'s bar waits for its last state to be drawn (rule 6):
+/// a draw on a screen that reads takes well under a millisecond, so only
+/// a blocked write (or a machine stalled for this long) is given up on.
+const LAST_DRAW: Duration = Duration::from_secs(1);
+
+/// A drawing thread's standing with its screen (rule 6), shared by its
+/// bar and the thread itself: it outlives the tracker.
+struct Drawing {
+    /// The screen's count of drawing threads given up on and still
+    /// running.
+    stalled: Arc<AtomicUsize>,
+    standing: Mutex<Standing>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Standing {
+    Running,
+    /// The bar stopped waiting for it; counted in `stalled` until it ends.
+    GivenUp,
+    Ended,
+}
+
+impl Drawing {
+    /// The bar stops waiting for the thread: the screen is stalled until
+    /// it ends, if it still runs.
+    fn give_up(&self) {
+        let mut standing = self.standing.lock().unwrap_or_else(PoisonError::into_inner);
+        if *standing == Standing::Running {
+            *standing = Standing::GivenUp;
+            self.stalled.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// The thread ends: the screen is no longer stalled by it.
+    fn end(&self) {
+        let mut standing = self.standing.lock().unwrap_or_else(PoisonError::into_inner);
+        if *standing == Standing::GivenUp {
+            self.stalled.fetch_sub(1, Ordering::AcqRel);
+        }
+        *standing = Standing::Ended;
     }
 }
 
@@ -291,6 +359,9 @@ pub(crate) struct Screen {
     /// What a new `MultiProgress` draws to, or `None` when this is not a
     /// terminal (a plain line at the end instead).
     target: Box<dyn Fn() -> Option<ProgressDrawTarget> + Send + Sync>,
+    /// Drawing threads given up on and still running: while there is one,
+    /// this screen does not read and new bars draw nothing (rule 6).
+    stalled: Arc<AtomicUsize>,
 }
 
 impl Screen {
@@ -314,7 +385,13 @@ impl Screen {
         Screen {
             shared: Mutex::new(Weak::new()),
             target: Box::new(target),
+            stalled: Arc::default(),
         }
+    }
+
+    /// Whether a drawing thread given up on still runs (rule 6).
+    fn stalled(&self) -> bool {
+        self.stalled.load(Ordering::Acquire) > 0
     }
 
     /// The `MultiProgress` a new bar joins: the one of the bars alive now,
@@ -342,8 +419,9 @@ struct Tracker {
     /// Takes the bar's last state to its drawing thread (rule 5); `None`
     /// once sent, or when the thread could not be started.
     to_drawer: Mutex<Option<Sender<Last>>>,
-    /// The drawing thread, for `compute`'s bar to join (rule 5).
-    drawer: Mutex<Option<JoinHandle<()>>>,
+    /// The drawing thread, for `compute`'s bar to join or give up (rules 5
+    /// and 6).
+    drawer: Mutex<Option<(JoinHandle<()>, Arc<Drawing>)>>,
 }
 
 struct TrackerState {
@@ -438,11 +516,12 @@ enum Last {
 /// stands, when the tracker is dropped unfinished.
 fn draw(
     tracker: &Weak<Tracker>,
+    drawing: Arc<Drawing>,
     bar: Option<(Arc<MultiProgress>, ProgressBar)>,
     last: &Receiver<Last>,
 ) {
     // Whatever happens here, `Progress::wait` is not left waiting for it.
-    let _drawn = Drawn(tracker.clone());
+    let _drawn = Drawn(tracker.clone(), drawing);
     let Some((multi, bar)) = bar else {
         match last.recv() {
             Ok(Last::Line(line)) => {
@@ -499,11 +578,12 @@ fn draw(
 }
 
 /// Marks the bar's last state drawn when the drawing thread ends, however
-/// it ends (rule 5).
-struct Drawn(Weak<Tracker>);
+/// it ends (rule 5), and the screen no longer stalled by it (rule 6).
+struct Drawn(Weak<Tracker>, Arc<Drawing>);
 
 impl Drop for Drawn {
     fn drop(&mut self) {
+        self.1.end();
         if let Some(tracker) = self.0.upgrade() {
             tracker.lock().drawn = true;
             tracker.changed.notify_all();
@@ -533,7 +613,9 @@ impl Tracker {
             functions[i].total += 1;
             pending.insert(key, i);
         }
-        let bar = screen.join().map(|multi| {
+        // A stalled screen (rule 6): nothing drawn, no thread to block.
+        let stalled = screen.stalled();
+        let bar = (!stalled).then(|| screen.join()).flatten().map(|multi| {
             let bar = ProgressBar::with_draw_target(
                 Some(pending.len() as u64),
                 ProgressDrawTarget::hidden(),
@@ -578,11 +660,18 @@ impl Tracker {
         });
         let (to_drawer, from_tracker) = mpsc::channel();
         let weak = Arc::downgrade(&tracker);
-        let drawer = std::thread::Builder::new()
-            .name("rask-progress".to_owned())
-            .spawn(move || draw(&weak, bar, &from_tracker));
+        let drawing = Arc::new(Drawing {
+            stalled: screen.stalled.clone(),
+            standing: Mutex::new(Standing::Running),
+        });
+        let mine = drawing.clone();
+        let drawer = (!stalled).then(|| {
+            std::thread::Builder::new()
+                .name("rask-progress".to_owned())
+                .spawn(move || draw(&weak, mine, bar, &from_tracker))
+        });
         // Without a thread there is no display: the work runs all the same.
-        if let Ok(drawer) = drawer {
+        if let Some(Ok(drawer)) = drawer {
             *tracker
                 .to_drawer
                 .lock()
@@ -590,7 +679,7 @@ impl Tracker {
             *tracker
                 .drawer
                 .lock()
-                .unwrap_or_else(PoisonError::into_inner) = Some(drawer);
+                .unwrap_or_else(PoisonError::into_inner) = Some((drawer, drawing));
         }
         let weak = Arc::downgrade(&tracker);
         let subscription = events::subscribe(move |event: &Event<'_>| {
@@ -791,7 +880,11 @@ mod tests {
     #[test]
     fn a_failed_run_counts_the_tasks_it_never_ran_as_not_done() {
         let keys = keys(50);
-        let bar = Bar::start(PlanId::default(), keys.iter().map(|k| (*k, "inc")));
+        let bar = Bar::start_on(
+            Screen::stderr(),
+            PlanId::default(),
+            keys.iter().map(|k| (*k, "inc")),
+        );
         bar.tracker.record(keys[0], false);
         let tracker = bar.tracker.clone();
         drop(bar);
@@ -809,7 +902,11 @@ mod tests {
     #[test]
     fn a_successful_run_counts_the_tasks_not_heard_of_as_done() {
         let keys = keys(3);
-        let mut bar = Bar::start(PlanId::default(), keys.iter().map(|k| (*k, "inc")));
+        let mut bar = Bar::start_on(
+            Screen::stderr(),
+            PlanId::default(),
+            keys.iter().map(|k| (*k, "inc")),
+        );
         bar.tracker.record(keys[0], true);
         bar.succeeded();
         let tracker = bar.tracker.clone();
@@ -889,7 +986,6 @@ mod tests {
         }
     }
 
-    #[cfg(feature = "threaded")]
     impl Terminal {
         fn hold(&self) {
             *self.0.held.lock().unwrap() = true;
@@ -983,7 +1079,6 @@ mod tests {
         }
     }
 
-    #[cfg(feature = "threaded")]
     /// Runs `f` on a thread of its own: its value, or `None` if it took
     /// longer than `PATIENCE` (the thread is then left to end by itself).
     fn within<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> Option<R> {
@@ -1102,5 +1197,63 @@ mod tests {
                 .any(|row| row.starts_with(name) && row.contains(count))
         };
         assert!(shown("inc", "3/3") && shown("add", "2/2"), "{rows:#?}");
+    }
+
+    fn inc(x: i64) -> i64 {
+        x + 1
+    }
+
+    fn dec(x: i64) -> i64 {
+        x - 1
+    }
+
+    /// `compute` of `x` with a bar on `screen`.
+    fn compute_on(screen: &Screen, x: &crate::Delayed<i64>) -> crate::Result<i64> {
+        let config = crate::Config::synchronous().progress(true);
+        let values = crate::run::compute::run_on(&[x.node().clone()], &config, screen)?;
+        crate::run::compute::take(&mut values.into_iter())
+    }
+
+    /// `compute` with a bar returns its value when the bar's terminal
+    /// stopped reading (rule 6): it waited for the bar's drawing thread,
+    /// blocked in its write for as long as the terminal did not read. A
+    /// second `compute` meanwhile starts no drawing thread (one would wait
+    /// behind the first's write, given up too), and once the terminal
+    /// reads again bars draw again.
+    #[test]
+    fn compute_returns_while_its_bar_terminal_is_blocked() {
+        let terminal = Terminal::default();
+        let screen = Arc::new(terminal.screen());
+        terminal.hold();
+        let on = screen.clone();
+        let computed = within(move || {
+            let x = crate::delayed!(inc(1));
+            (compute_on(&on, &x), compute_on(&on, &x))
+        });
+        let Some((first, second)) = computed else {
+            terminal.release();
+            panic!("compute did not return while its bar's terminal was blocked");
+        };
+        assert_eq!((first.unwrap(), second.unwrap()), (2, 2));
+        assert!(terminal.a_write_waits(), "the first bar's thread waits");
+        assert_eq!(
+            screen.stalled.load(Ordering::Acquire),
+            1,
+            "the second bar started no thread to be stuck (behind the first's write)"
+        );
+        terminal.release();
+        // The first bar's thread draws and ends now: the screen is read.
+        let deadline = Instant::now() + PATIENCE;
+        while screen.stalled() {
+            assert!(Instant::now() < deadline, "the given-up thread never ended");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(compute_on(&screen, &crate::delayed!(dec(1))).unwrap(), 0);
+        let rows = terminal.rows();
+        assert!(
+            rows.iter()
+                .any(|row| row.starts_with("dec") && row.contains("1/1")),
+            "a bar draws again once the terminal reads: {rows:#?}"
+        );
     }
 }
