@@ -437,7 +437,7 @@ impl Config {
     /// [`rask::progress`](crate::progress())): off by default, or
     /// `RASK_PROGRESS=1`. Bars are drawn only when stderr is a terminal;
     /// otherwise one plain line is printed when the work is done. `compute`
-    /// returns once its bar's last state is drawn, or after one second
+    /// returns once its bar's last state is drawn, or after three seconds
     /// when stderr does not take it (a paused terminal, a pipe nobody
     /// reads): bars draw nothing then until stderr is read again.
     ///

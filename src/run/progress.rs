@@ -301,7 +301,7 @@ impl Drop for Bar {
 /// How long `compute`'s bar waits for its last state to be drawn (rule 6):
 /// a draw on a screen that reads takes well under a millisecond, so only
 /// a blocked write (or a machine stalled for this long) is given up on.
-const LAST_DRAW: Duration = Duration::from_secs(1);
+const LAST_DRAW: Duration = Duration::from_secs(3);
 
 /// A drawing thread's standing with its screen (rule 6), shared by its
 /// bar and the thread itself: it outlives the tracker.
