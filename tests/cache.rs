@@ -773,11 +773,13 @@ mod properties {
 }
 
 /// Steps of `search` before it has its answer.
+#[cfg(feature = "threaded")]
 const SEARCH_STEPS: i64 = 2_000;
 
 /// A search that stops early when its work is given up, returning what it
 /// has so far (the pattern `rask::cancelled` documents): `SEARCH_STEPS`
 /// once it ran to its end.
+#[cfg(feature = "threaded")]
 fn search(seed: i64) -> i64 {
     for step in 0..SEARCH_STEPS {
         if rask::cancelled() {
@@ -788,6 +790,7 @@ fn search(seed: i64) -> i64 {
     seed + SEARCH_STEPS
 }
 
+#[cfg(feature = "threaded")]
 fn check(ok: bool) -> Result<bool, String> {
     if ok {
         Ok(true)

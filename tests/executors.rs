@@ -812,10 +812,12 @@ fn synchronous_frees_intermediates() {
     assert_eq!(LIVE.load(Ordering::SeqCst), 0);
 }
 
+#[cfg(feature = "distributed")]
 fn neg_i64(x: i64) -> i64 {
     -x
 }
 
+#[cfg(feature = "distributed")]
 fn show_u64(x: u64) -> u64 {
     x
 }
