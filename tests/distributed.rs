@@ -438,6 +438,18 @@ fn nested_scenario() {
     }
     println!("ok default executor");
 
+    // A task with a timeout runs its attempt on a thread of its own: its
+    // nested work still runs on its cluster (it ran on a thread pool in
+    // the worker's process, or on the cluster the environment names).
+    let timed = delayed!(nested_pids(3)?).timeout(Duration::from_secs(60));
+    let (pids, own) = client.submit(timed).unwrap().result().unwrap();
+    assert!(workers.contains(&own), "{own} is no worker of {workers:?}");
+    assert!(
+        pids.len() == 3 && pids.iter().all(|p| workers.contains(p)),
+        "{pids:?} vs {workers:?}"
+    );
+    println!("ok timed task's nested work");
+
     // A fan-out of futures from 6 tasks on 2 threads.
     let sums: Vec<Future<i64>> = (1..7)
         .map(|n| client.submit(delayed!(fan_out(n)?)).unwrap())
@@ -1133,6 +1145,7 @@ fn nested_computation_on_one_thread_workers() {
         done,
         [
             "ok default executor",
+            "ok timed task's nested work",
             "ok fan-out",
             "ok two levels",
             "ok failing child",

@@ -24,7 +24,13 @@
 //!    ([`Seat::bound`]): once the thread runs another task (the attempt was
 //!    abandoned at its timeout), a wait there is the old task's alone and
 //!    gives nothing back.
+//! 5. What an executor tells the tasks of a thread about where they run (a
+//!    worker's cluster, which nested computations use) is the thread's
+//!    [`context`]: installed for the thread's life ([`install_context`]),
+//!    and carried with the seat to work run on a task's behalf on another
+//!    thread (rule 4), so that work computes where its task would have.
 
+use std::any::Any;
 use std::cell::RefCell;
 use std::sync::Arc;
 
@@ -66,6 +72,37 @@ impl dyn Seat {
         let seat = SEAT.try_with(|s| s.borrow().clone()).ok().flatten()?;
         Some(seat.bound().unwrap_or(seat))
     }
+}
+
+thread_local! {
+    static CONTEXT: RefCell<Option<Arc<dyn Any + Send + Sync>>> = const { RefCell::new(None) };
+}
+
+/// Installs `context` on this thread for the rest of its life, in place of
+/// any before (rule 5): an executor does it on each thread that runs its
+/// tasks.
+///
+/// # Examples
+///
+/// ```
+/// use std::sync::Arc;
+///
+/// std::thread::spawn(|| {
+///     rask_executor::install_context(Arc::new("the cluster at tcp://…"));
+///     let context = rask_executor::context().unwrap();
+///     assert_eq!(context.downcast_ref::<&str>(), Some(&"the cluster at tcp://…"));
+/// })
+/// .join()
+/// .unwrap();
+/// assert!(rask_executor::context().is_none()); // none on this thread
+/// ```
+pub fn install_context(context: Arc<dyn Any + Send + Sync>) {
+    let _ = CONTEXT.try_with(|c| c.replace(Some(context)));
+}
+
+/// This thread's context (rule 5), if its executor installed one.
+pub fn context() -> Option<Arc<dyn Any + Send + Sync>> {
+    CONTEXT.try_with(|c| c.borrow().clone()).ok().flatten()
 }
 
 /// Puts a thread's seat back when dropped.

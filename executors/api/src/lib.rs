@@ -54,7 +54,7 @@ mod synchronous;
 pub use annotations::{
     Annotations, ResourceError, Resources, MAX_AMOUNT, MAX_RESOURCES, MAX_RESOURCE_NAME,
 };
-pub use blocking::{blocking, Seat};
+pub use blocking::{blocking, context, install_context, Seat};
 pub use failure::{
     decode_failure, encode_failure, panic_message, Cause, Failure, FailureKind, OpError,
     RemoteError,

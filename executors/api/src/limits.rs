@@ -118,9 +118,14 @@ fn attempt_once(
     // A nested computation's wait there gives the task's thread back
     // (blocking rule 4).
     let seat = <dyn Seat>::current();
+    // And it computes where its task would have (blocking rule 5).
+    let context = crate::blocking::context();
     let spawned = std::thread::Builder::new()
         .name(format!("rask-timed-{name}"))
         .spawn(move || {
+            if let Some(context) = context {
+                crate::blocking::install_context(context);
+            }
             let mut attempt = || {
                 stop::noting_cancel(|| {
                     signal.enter(|| {
@@ -172,5 +177,38 @@ fn attempt_once(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `run_limited` on a thread of its own with `context` installed,
+    /// under `timeout`: what the task's work saw as its thread's context.
+    fn context_seen(timeout: Option<Duration>) -> Option<String> {
+        std::thread::spawn(move || {
+            crate::install_context(Arc::new(String::from("the worker's cluster")));
+            let run: Run = Arc::new(|_| {
+                let seen = crate::context().and_then(|c| c.downcast_ref::<String>().cloned());
+                Ok(Arc::new(seen) as Value)
+            });
+            let value = run_limited("seen", timeout, 0, &run, &mut []).unwrap();
+            let any: &dyn std::any::Any = &*value;
+            any.downcast_ref::<Option<String>>().unwrap().clone()
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// Blocking rule 5: an attempt run on a thread of its own under a
+    /// timeout has its task's context, as one run in place has (it had
+    /// none: a timed task on a worker computed its nested work off its
+    /// cluster).
+    #[test]
+    fn a_timed_attempt_carries_its_threads_context() {
+        let cluster = Some(String::from("the worker's cluster"));
+        assert_eq!(context_seen(None), cluster);
+        assert_eq!(context_seen(Some(Duration::from_secs(60))), cluster);
     }
 }

@@ -7,7 +7,9 @@
 //! 1. Every thread of a worker that runs tasks (its compute threads and
 //!    its network thread, `worker` rules 2 and 5) has the worker's
 //!    [`TaskCluster`] installed for its whole life: the scheduler's
-//!    address, the worker's build, token and TLS settings.
+//!    address, the worker's build, token and TLS settings. A task's work
+//!    run on another thread on its behalf (its attempts under a timeout)
+//!    has it too (`rask_executor::blocking` rule 5).
 //! 2. [`task_cluster`] reads it; outside a worker's threads it is `None`.
 //! 3. [`Client::for_task_cluster`](crate::Client::for_task_cluster)
 //!    connects to it as a client of the worker's build, proving the
@@ -19,7 +21,6 @@
 //!    rule 15), so a nested fan-out never waits for a thread its own
 //!    waiting holds.
 
-use std::cell::RefCell;
 use std::sync::Arc;
 
 use crate::protocol::Scheme;
@@ -76,16 +77,14 @@ impl std::fmt::Debug for TaskCluster {
     }
 }
 
-thread_local! {
-    static CURRENT: RefCell<Option<Arc<TaskCluster>>> = const { RefCell::new(None) };
-}
-
-/// Installs `cluster` on this thread for the rest of its life (rule 1).
+/// Installs `cluster` on this thread for the rest of its life (rule 1),
+/// as the thread's context: work run on a task's behalf on another thread
+/// (a timed attempt) carries it along (`rask_executor::blocking` rule 5).
 pub(crate) fn install(cluster: Arc<TaskCluster>) {
-    let _ = CURRENT.try_with(|c| c.replace(Some(cluster)));
+    rask_executor::install_context(cluster);
 }
 
 /// The cluster of the worker running this thread's task, if any (rule 2).
 pub fn task_cluster() -> Option<Arc<TaskCluster>> {
-    CURRENT.try_with(|c| c.borrow().clone()).ok().flatten()
+    rask_executor::context()?.downcast::<TaskCluster>().ok()
 }
