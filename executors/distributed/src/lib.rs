@@ -174,9 +174,11 @@
 //!   10 s), and at most 256 connections wait so on a socket: a new one
 //!   closes the oldest.
 //!   After it, what any peer can make a process hold is bounded: frames
-//!   over 64 KiB wait for a share of a budget of 1 GiB per process (a
-//!   scheduler's [`scheduler::Options::frame_budget`]) instead of being
-//!   allocated; a frame trickled in, or a peer that stops reading its
+//!   over 64 KiB are granted from a budget of 1 GiB per process (a
+//!   scheduler's [`scheduler::Options::frame_budget`]) as their bytes
+//!   arrive, and wait for room, unread, instead of being allocated, so a
+//!   peer that announces a big frame and sends little holds little; a
+//!   frame trickled in, or a peer that stops reading its
 //!   answers, is closed after a stall timeout (30 s); a server stops
 //!   reading a peer with more than 64 MiB of answers waiting for it;
 //!   clients send heartbeats and a silent one is closed after a minute;

@@ -45,37 +45,62 @@
 //!    open files; each role at most [`Caps::per_role`], leaving room for
 //!    the others.
 //! 8. **Frame budget.** A frame body is at most
-//!    [`MAX_FRAME`](crate::protocol::MAX_FRAME). Every frame over
-//!    [`SMALL_FRAME`] is read only once its whole announced length was
-//!    granted from the [`Budget`] of the process ([`FRAME_BUDGET`] unless a
-//!    scheduler's options say otherwise), and the grant lasts until its
-//!    messages were handled. A frame that does not fit waits, and its
-//!    connection is not read meanwhile (back-pressure, nothing
-//!    allocated); a frame larger than the whole budget closes its
-//!    connection. Grants are handed out first come, first served, so a
-//!    frame up to the whole budget is read once the frames before it
-//!    finish. That cannot deadlock: a grant is only held by a frame being
-//!    received, which rule 9 bounds in time, or by one being handled, which
-//!    never waits for a grant. Small frames (heartbeats, most batches) are
-//!    read without waiting, so a big frame waiting for room does not
+//!    [`MAX_FRAME`](crate::protocol::MAX_FRAME). The bytes of every frame
+//!    over [`SMALL_FRAME`] are granted from the [`Budget`] of the process
+//!    ([`FRAME_BUDGET`] unless a scheduler's options say otherwise) before
+//!    they are read, and a grant lasts until its frame's messages were
+//!    handled. The budget is a *pool* and a *lane*, half of it (at most
+//!    `MAX_FRAME`), which is also the biggest frame read: a larger one
+//!    closes its connection at once. A frame is granted **as its bytes
+//!    arrive**: a step at a time from the pool, each once the step before
+//!    arrived, as much as arrived already (at least [`SMALL_FRAME`], at
+//!    most [`GRANT_STEP`]). So a peer that announces a big frame and sends
+//!    little of it holds little ([`SMALL_FRAME`] if it sent nothing more),
+//!    however long it takes, and no frame holds more of the pool than
+//!    twice what arrived of it, plus [`SMALL_FRAME`]. When the pool has no
+//!    room for the next step, the frame waits in the lane's line (first
+//!    come, first served) for *all* it still lacks at once, and its
+//!    connection is not read meanwhile (back-pressure, nothing allocated);
+//!    what it is granted from the lane it holds before the bytes arrive,
+//!    for rule 9's time at most. Small frames (heartbeats, most batches)
+//!    are read without waiting, so a big frame waiting for room does not
 //!    silence its process; they cost at most [`SMALL_FRAME`] per
-//!    connection, and connections are capped (rule 7). Once decoded, every
-//!    frame, small or big, holds from the budget what its messages take
-//!    ([`FrameReader::try_cover`]: its length plus what `protocol` rule 5
-//!    charged) until they were handled, however much more than its length
-//!    that is. When the budget has no room, the messages are dropped, the
-//!    frame lets go of its grant and waits for the whole in line
-//!    ([`FrameReader::cover`]), its connection not read meanwhile, and is
-//!    decoded again once granted: what waits outside the budget is the
-//!    frame's body, one per connection.
+//!    connection, and connections are capped (rule 7).
+//!    Once decoded, every frame, small or big, holds from the budget what
+//!    its messages take ([`FrameReader::try_cover`]: its length plus what
+//!    `protocol` rule 5 charged, from the pool or else the lane if either
+//!    has room now) until they were handled, however much more than its
+//!    length that is. When neither has room, the messages are dropped, the
+//!    frame lets go of its whole grant and waits for the whole in line
+//!    ([`FrameReader::cover`]: what the pool holds of it in the pool's
+//!    line, then the rest in the lane's), its connection not read
+//!    meanwhile, and is decoded again once granted: what waits outside the
+//!    budget is the frame's body, one per connection.
+//!
+//!    **No deadlock.** A frame waits while holding part of the budget only
+//!    in the lane's line, holding pool; nothing waits while holding lane,
+//!    and what waits in the pool's line holds nothing. (a) Whatever holds
+//!    lane lacks nothing: its frame is being received, which rule 9 bounds
+//!    in time, or handled, which never waits for a grant (a frame whose
+//!    messages need more lets go of everything before it waits). So the
+//!    lane is given back in the end, and its line, each of whose frames
+//!    lacks at most the lane, moves. (b) Whatever holds pool is being
+//!    received, or handled, or waits in the lane's line, which moves by
+//!    (a): it too gives the pool back in the end. While anything waits in
+//!    the pool's line, nothing takes a step from the pool (the line is
+//!    fair: what is given back goes to it first), so the pool's line moves
+//!    too. The price: when the pool runs out, big frames go through the
+//!    lane one after the other, as much of them at a time as fits.
 //! 9. **Stalls.** A frame must be received within [`STALL_TIMEOUT`] (a
-//!    scheduler's `stall_timeout`) of its start, or of its grant, plus one
-//!    second per [`MIN_FRAME_RATE`] bytes of its length: a peer that
-//!    trickles a frame (slow-loris) is closed. The time counts from the
-//!    first read of the frame that has to wait for bytes, so a frame that
-//!    arrived whole costs no clock and no timer. A writer whose peer takes no
-//!    byte for that long while something is queued for it gives up, and
-//!    the connection closes: the peer stopped reading.
+//!    scheduler's `stall_timeout`) of its start plus one second per
+//!    [`MIN_FRAME_RATE`] bytes of its length, or, when it had to wait in
+//!    the lane's line, within as long of its grant for the bytes it still
+//!    lacked: a peer that trickles a frame (slow-loris) is closed. The
+//!    time counts from the first read of the frame that has to wait for
+//!    bytes, so a frame that arrived whole costs no clock and no timer. A
+//!    writer whose peer takes no byte for that long while something is
+//!    queued for it gives up, and the connection closes: the peer stopped
+//!    reading.
 //! 10. **Backlog.** A writer counts the bytes queued for its peer and not yet
 //!     taken by the socket. Above [`QUEUE_LIMIT`], a server stops reading
 //!     that peer's requests until the backlog drains ([`Writer::room`]): a
@@ -103,7 +128,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 #[cfg(unix)]
 use tokio::net::{unix, UnixListener, UnixStream};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, AcquireError, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tokio_rustls::TlsStream;
 
@@ -120,12 +145,19 @@ use crate::{Auth, BuildId};
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Frames up to this many bytes are read without a grant from the budget
-/// (rule 8): heartbeats, reports and most batches.
+/// (rule 8): heartbeats, reports and most batches. Also the first step of a
+/// bigger frame's grant.
 pub(crate) const SMALL_FRAME: usize = 64 << 10;
+
+/// The biggest step of a frame's grant from the pool (rule 8): a frame is
+/// granted what already arrived of it again, at least [`SMALL_FRAME`] and
+/// at most this, so it holds at most twice its bytes that arrived, plus
+/// [`SMALL_FRAME`].
+pub(crate) const GRANT_STEP: usize = 1 << 20;
 
 /// The bytes of frames over [`SMALL_FRAME`] a process receives and handles
 /// at once (rule 8), 1 GiB: twice [`MAX_FRAME`](crate::protocol::MAX_FRAME),
-/// so two of the biggest frames can be read at once, and a process's
+/// so the lane, half of it, takes the biggest frame, and a process's
 /// memory for frames stays bounded however many peers send them.
 pub(crate) const FRAME_BUDGET: usize = 1 << 30;
 
@@ -291,27 +323,84 @@ impl Backoff {
     }
 }
 
-/// A grant of budget for one frame (rule 8): the frame's bytes return to
-/// the budget when it is dropped.
-pub(crate) type Grant = OwnedSemaphorePermit;
+/// A grant of budget for one frame (rule 8): its part of the pool and of
+/// the lane, which return to the budget when it is dropped.
+#[derive(Debug, Default)]
+pub(crate) struct Grant {
+    pool: Option<OwnedSemaphorePermit>,
+    lane: Option<OwnedSemaphorePermit>,
+}
+
+impl Grant {
+    /// The bytes it grants.
+    pub(crate) fn bytes(&self) -> usize {
+        let permits = |part: &Option<OwnedSemaphorePermit>| {
+            part.as_ref().map_or(0, OwnedSemaphorePermit::num_permits)
+        };
+        permits(&self.pool) + permits(&self.lane)
+    }
+
+    fn add_pool(&mut self, more: OwnedSemaphorePermit) {
+        add(&mut self.pool, more);
+    }
+
+    fn add_lane(&mut self, more: OwnedSemaphorePermit) {
+        add(&mut self.lane, more);
+    }
+}
+
+/// Adds `more` to a part of a grant; both come from the same semaphore.
+fn add(part: &mut Option<OwnedSemaphorePermit>, more: OwnedSemaphorePermit) {
+    match part {
+        Some(part) => part.merge(more),
+        None => *part = Some(more),
+    }
+}
 
 /// The bytes of big frames a process may hold at once (rule 8), shared by
-/// the connections of one scheduler, one worker or one client.
+/// the connections of one scheduler, one worker or one client: a pool,
+/// granted a step at a time as a frame's bytes arrive, and a lane, which
+/// grants a frame all it still lacks when the pool has no room.
 #[derive(Clone, Debug)]
 pub(crate) struct Budget {
-    permits: Arc<Semaphore>,
+    pool: Arc<Semaphore>,
+    lane: Arc<Semaphore>,
+    /// The pool's bytes.
+    pool_bytes: usize,
+    /// The lane's bytes: half the budget, at most
+    /// [`MAX_FRAME`](crate::protocol::MAX_FRAME), and the biggest frame
+    /// read.
+    lane_bytes: usize,
     total: usize,
 }
 
 impl Budget {
     /// A budget of `bytes` (at most what a semaphore counts: far more than
-    /// any memory).
+    /// any memory), half of it (at most
+    /// [`MAX_FRAME`](crate::protocol::MAX_FRAME)) the lane.
     pub(crate) fn new(bytes: usize) -> Budget {
         let total = bytes.min(Semaphore::MAX_PERMITS);
+        let lane_bytes = (total / 2).min(crate::protocol::MAX_FRAME);
+        let pool_bytes = total - lane_bytes;
         Budget {
-            permits: Arc::new(Semaphore::new(total)),
+            pool: Arc::new(Semaphore::new(pool_bytes)),
+            lane: Arc::new(Semaphore::new(lane_bytes)),
+            pool_bytes,
+            lane_bytes,
             total,
         }
+    }
+
+    /// The biggest frame read within this budget; a bigger one closes its
+    /// connection (rule 8).
+    pub(crate) fn largest_frame(&self) -> usize {
+        self.lane_bytes
+    }
+
+    /// The bytes no frame holds now, in the pool and the lane.
+    #[cfg(test)]
+    pub(crate) fn available(&self) -> usize {
+        self.pool.available_permits() + self.lane.available_permits()
     }
 }
 
@@ -349,9 +438,9 @@ impl Limits {
 /// silence meanwhile.
 pub(crate) type Held = Arc<AtomicBool>;
 
-/// A grant being waited for, kept across cancellations so the frame keeps
-/// its place in line (rule 8).
-type Waiting = Pin<Box<dyn Future<Output = Result<Grant, tokio::sync::AcquireError>> + Send>>;
+/// A grant being waited for in the lane's line, kept across cancellations
+/// so the frame keeps its place (rule 8).
+type Waiting = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
 
 /// Reads frames from a stream, one at a time, within the limits of rules 8
 /// and 9.
@@ -367,8 +456,9 @@ pub(crate) struct FrameReader<R> {
     want: Option<usize>,
     body: Vec<u8>,
     limits: Limits,
-    /// The budget of the frame being read, or of the one just returned.
-    grant: Option<Grant>,
+    /// The budget of the frame being read (as much of it as arrived, a
+    /// step more), or of the one just returned.
+    grant: Grant,
     waiting: Option<Waiting>,
     /// What the frame under way is allowed (rule 9); `None` between
     /// frames.
@@ -393,7 +483,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             want: None,
             body: Vec::new(),
             limits,
-            grant: None,
+            grant: Grant::default(),
             waiting: None,
             allowed: None,
             deadline: None,
@@ -420,7 +510,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             match self.want {
                 None if self.prefix_len == 4 => {
                     let len = frame_len(self.prefix)?;
-                    self.admit(len).await?;
+                    self.admit(len)?;
                     self.body.clear();
                     self.want = Some(len);
                 }
@@ -449,7 +539,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     return Ok(true);
                 }
                 Some(len) => {
-                    let remaining = len - self.body.len();
+                    let mut until = len;
+                    if len > SMALL_FRAME {
+                        // Granted as its bytes arrive (rule 8).
+                        if self.body.len() >= self.grant.bytes() {
+                            self.grow(len).await?;
+                        }
+                        until = self.grant.bytes().min(len);
+                    }
+                    let remaining = until - self.body.len();
                     self.body.reserve(remaining.min(1 << 20));
                     let n = self.read_body(remaining).await?;
                     if n == 0 {
@@ -466,73 +564,100 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 
     /// The grant of the frame `next` just read, to keep until its messages
-    /// were handled (rule 8).
+    /// were handled (rule 8); `None` if it holds nothing.
     pub(crate) fn take_grant(&mut self) -> Option<Grant> {
-        self.grant.take()
+        Some(std::mem::take(&mut self.grant)).filter(|grant| grant.bytes() > 0)
     }
 
     /// Makes the grant of the frame `next` just read cover `bytes`, what
-    /// its messages take decoded (rule 8), if the budget has room now:
-    /// `Ok(false)` when it has not, and [`FrameReader::cover`] waits for
-    /// it. No lock and no allocation: one atomic operation on the budget.
+    /// its messages take decoded (rule 8), if the budget has room now, in
+    /// the pool or else in the lane: `Ok(false)` when it has not, and
+    /// [`FrameReader::cover`] waits for it. No lock and no allocation: an
+    /// atomic operation on the budget, two when the pool has no room.
     ///
     /// # Errors
     ///
     /// [`ProtocolError::OutOfRange`] if `bytes` is more than the whole
     /// budget.
     pub(crate) fn try_cover(&mut self, bytes: usize) -> Result<bool, ProtocolError> {
-        let has = self.grant.as_ref().map_or(0, Grant::num_permits);
+        let has = self.grant.bytes();
         let Some(more) = bytes.checked_sub(has).filter(|&more| more > 0) else {
             return Ok(true);
         };
+        self.coverable(bytes)?;
+        // At most `bytes`, which fits a u32.
+        let more = more as u32;
         let budget = &self.limits.budget;
-        let more = u32::try_from(more)
-            .ok()
-            .filter(|_| bytes <= budget.total)
-            .ok_or(ProtocolError::OutOfRange {
-                what: "memory a frame decodes to, against the frame budget",
-                value: u64::try_from(bytes).unwrap_or(u64::MAX),
-                min: 0,
-                max: u64::try_from(budget.total).unwrap_or(u64::MAX),
-            })?;
-        match budget.permits.clone().try_acquire_many_owned(more) {
-            Ok(granted) => {
-                match self.grant.as_mut() {
-                    Some(grant) => grant.merge(granted),
-                    None => self.grant = Some(granted),
-                }
-                Ok(true)
-            }
-            Err(_) => Ok(false),
+        if let Ok(granted) = budget.pool.clone().try_acquire_many_owned(more) {
+            self.grant.add_pool(granted);
+            return Ok(true);
         }
+        // Taking from the lane here waits for nothing: the frame then
+        // lacks nothing, as rule 8 has it of whatever holds the lane.
+        if let Ok(granted) = budget.lane.clone().try_acquire_many_owned(more) {
+            self.grant.add_lane(granted);
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     /// Waits until the budget grants `bytes` for the frame `next` just
     /// read (rule 8), after [`FrameReader::try_cover`] found no room. What
     /// the frame held is given back first, so that a frame waiting holds
-    /// no grant (rule 8's argument against deadlock); its caller drops the
-    /// frame's messages meanwhile and decodes them again once granted.
-    /// Sets `held` while it waits: the peer is not to blame.
+    /// no grant; then it waits in the pool's line for as much of `bytes`
+    /// as the pool holds, and in the lane's line for the rest (rule 8's
+    /// argument against deadlock). Its caller drops the frame's messages
+    /// meanwhile and decodes them again once granted. Sets `held` while it
+    /// waits: the peer is not to blame.
+    ///
+    /// # Errors
+    ///
+    /// As [`FrameReader::try_cover`].
     pub(crate) async fn cover(&mut self, bytes: usize) -> Result<(), ProtocolError> {
-        self.grant = None;
-        // `try_cover` checked that `bytes` fits in the budget and a u32.
-        let permits = u32::try_from(bytes).unwrap_or(u32::MAX);
+        self.grant = Grant::default();
+        self.coverable(bytes)?;
+        let budget = &self.limits.budget;
+        // `bytes` fits a u32 and the whole budget: the pool's part does,
+        // and the rest fits the lane.
+        let from_pool = bytes.min(budget.pool_bytes);
+        let from_lane = bytes - from_pool;
         if let Some(held) = &self.held {
             held.store(true, Ordering::Release);
         }
-        let granted = self
-            .limits
-            .budget
-            .permits
-            .clone()
-            .acquire_many_owned(permits)
-            .await;
+        let granted = async {
+            let mut grant = Grant::default();
+            if from_pool > 0 {
+                let pool = budget.pool.clone();
+                grant.pool = Some(pool.acquire_many_owned(from_pool as u32).await?);
+            }
+            if from_lane > 0 {
+                let lane = budget.lane.clone();
+                grant.lane = Some(lane.acquire_many_owned(from_lane as u32).await?);
+            }
+            Ok::<_, AcquireError>(grant)
+        }
+        .await;
         if let Some(held) = &self.held {
             held.store(false, Ordering::Release);
         }
-        // The semaphore is never closed.
-        self.grant = Some(granted.map_err(|_| ProtocolError::Closed)?);
+        // The semaphores are never closed.
+        self.grant = granted.map_err(|_| ProtocolError::Closed)?;
         Ok(())
+    }
+
+    /// Whether a frame's messages taking `bytes` can be covered at all: at
+    /// most the whole budget, and a u32.
+    fn coverable(&self, bytes: usize) -> Result<(), ProtocolError> {
+        let total = self.limits.budget.total;
+        if bytes <= total && u32::try_from(bytes).is_ok() {
+            return Ok(());
+        }
+        Err(ProtocolError::OutOfRange {
+            what: "memory a frame decodes to, against the frame budget",
+            value: u64::try_from(bytes).unwrap_or(u64::MAX),
+            min: 0,
+            max: u64::try_from(total).unwrap_or(u64::MAX),
+        })
     }
 
     /// Whether a frame is under way: some of it was read, or it waits for
@@ -545,59 +670,74 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// was big, so an idle connection holds at most [`SMALL_FRAME`].
     fn release(&mut self) {
         if std::mem::take(&mut self.returned) {
-            self.grant = None;
+            self.grant = Grant::default();
             if self.body.capacity() > SMALL_FRAME {
                 self.body = Vec::new();
             }
         }
     }
 
-    /// Admits a frame of `len` bytes (rule 8): a small one at once, a big
-    /// one once the budget grants its length. Sets the frame's deadline
-    /// (rule 9).
-    async fn admit(&mut self, len: usize) -> Result<(), ProtocolError> {
-        let mut waited = false;
-        if len > SMALL_FRAME {
-            let budget = &self.limits.budget;
-            if len > budget.total {
-                return Err(ProtocolError::FrameTooLarge {
-                    len,
-                    max: budget.total,
-                });
-            }
-            // At most MAX_FRAME (checked by `frame_len`), far below u32::MAX.
-            let permits = len as u32;
-            if self.waiting.is_none() {
-                match budget.permits.clone().try_acquire_many_owned(permits) {
-                    Ok(grant) => self.grant = Some(grant),
-                    Err(_) => {
-                        let permits_for = budget.permits.clone();
-                        self.waiting = Some(Box::pin(permits_for.acquire_many_owned(permits)));
-                    }
-                }
-            }
-            if let Some(waiting) = self.waiting.as_mut() {
-                if let Some(held) = &self.held {
-                    held.store(true, Ordering::Release);
-                }
-                let granted = waiting.await;
-                self.waiting = None;
-                if let Some(held) = &self.held {
-                    held.store(false, Ordering::Release);
-                }
-                // The semaphore is never closed.
-                self.grant = Some(granted.map_err(|_| ProtocolError::Closed)?);
-                waited = true;
-            }
+    /// Admits a frame of `len` bytes (rule 8): any up to the budget's
+    /// largest, granted later as its bytes arrive ([`FrameReader::grow`]).
+    /// Sets the frame's deadline (rule 9).
+    fn admit(&mut self, len: usize) -> Result<(), ProtocolError> {
+        let largest = self.limits.budget.largest_frame();
+        if len > SMALL_FRAME && len > largest {
+            return Err(ProtocolError::FrameTooLarge { len, max: largest });
         }
         let allowed = self.limits.allowance(len);
-        // The time counts from the frame's start, or from its grant when it
-        // had to wait for one.
-        self.deadline = match (self.deadline, self.allowed) {
-            (Some(deadline), Some(first)) if !waited => Some(deadline - first + allowed),
-            _ => None,
-        };
+        // The time counts from the frame's start.
+        if let (Some(deadline), Some(first)) = (self.deadline, self.allowed) {
+            self.deadline = Some(deadline - first + allowed);
+        }
         self.allowed = Some(allowed);
+        Ok(())
+    }
+
+    /// Grants the frame of `len` bytes under way, all of whose granted
+    /// bytes arrived, its next step (rule 8): from the pool, if it has room
+    /// now, what arrived again (at least [`SMALL_FRAME`], at most
+    /// [`GRANT_STEP`]); else all the frame still lacks, from the lane,
+    /// waiting in its line if need be. Sets `held` while it waits: the peer
+    /// is not to blame, and the rest of the frame's time counts from the
+    /// grant (rule 9).
+    async fn grow(&mut self, len: usize) -> Result<(), ProtocolError> {
+        let has = self.grant.bytes();
+        // At most the lane (`admit`), far below u32::MAX.
+        let lacks = (len - has) as u32;
+        if self.waiting.is_none() {
+            let budget = &self.limits.budget;
+            let step = has.clamp(SMALL_FRAME, GRANT_STEP) as u32;
+            if let Ok(granted) = budget.pool.clone().try_acquire_many_owned(step.min(lacks)) {
+                self.grant.add_pool(granted);
+                return Ok(());
+            }
+            match budget.lane.clone().try_acquire_many_owned(lacks) {
+                Ok(granted) => {
+                    self.grant.add_lane(granted);
+                    return Ok(());
+                }
+                Err(_) => {
+                    let lane = budget.lane.clone();
+                    self.waiting = Some(Box::pin(lane.acquire_many_owned(lacks)));
+                }
+            }
+        }
+        if let Some(waiting) = self.waiting.as_mut() {
+            if let Some(held) = &self.held {
+                held.store(true, Ordering::Release);
+            }
+            let granted = waiting.await;
+            self.waiting = None;
+            if let Some(held) = &self.held {
+                held.store(false, Ordering::Release);
+            }
+            // The semaphore is never closed.
+            self.grant
+                .add_lane(granted.map_err(|_| ProtocolError::Closed)?);
+            self.deadline = None;
+            self.allowed = Some(self.limits.allowance(lacks as usize));
+        }
         Ok(())
     }
 
@@ -2385,47 +2525,134 @@ mod tests {
         assert!(auth(Role::Client).is_ok());
     }
 
+    /// A reader of `bytes` (kept open after them: no end of stream)
+    /// within `limits`, and what it sets while it waits for a grant.
+    fn reader_of(bytes: Vec<u8>, limits: &Limits) -> (FrameReader<tokio::io::DuplexStream>, Held) {
+        let (mut tx, rx) = tokio::io::duplex(1 << 20);
+        let held = Held::default();
+        let read = FrameReader::new(rx, limits.clone()).held_by(held.clone());
+        tokio::spawn(async move {
+            let _ = tx.write_all(&bytes).await;
+            std::future::pending::<()>().await;
+        });
+        (read, held)
+    }
+
+    /// Waits (within the test's bound) until `done`.
+    async fn until(mut done: impl FnMut() -> bool) {
+        while !done() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     #[test]
-    fn big_frames_wait_for_the_budget_small_ones_never_and_too_big_ones_are_refused() {
+    fn big_frames_are_granted_as_they_arrive_wait_in_the_lane_and_too_big_ones_are_refused() {
         run(async {
-            let limits = Limits::new(3 * SMALL_FRAME, Duration::from_secs(30));
-            let reader = |bytes: Vec<u8>| {
-                let (mut tx, rx) = tokio::io::duplex(1 << 20);
-                let mut read = FrameReader::new(rx, limits.clone());
-                let held = Held::default();
-                read = read.held_by(held.clone());
-                tokio::spawn(async move {
-                    let _ = tx.write_all(&bytes).await;
-                    // Kept open: the reader sees no end of stream.
-                    std::future::pending::<()>().await;
-                });
-                (read, held)
-            };
-            let (mut a, _) = reader(junk(2 * SMALL_FRAME));
-            let (mut b, held) = reader(junk(2 * SMALL_FRAME));
-            let (mut small, _) = reader(junk(SMALL_FRAME));
+            // A pool of two small frames' worth and a lane as big.
+            let limits = Limits::new(4 * SMALL_FRAME, Duration::from_secs(30));
+            let budget = limits.budget.clone();
+            let big = 2 * SMALL_FRAME;
+            assert_eq!(budget.largest_frame(), big);
+            // Announced, a few bytes sent: it holds one step, not its length.
+            let mut announced = junk(big);
+            announced.truncate(10);
+            let (mut part, _) = reader_of(announced, &limits);
+            let waiting = tokio::time::timeout(Duration::from_millis(50), part.next()).await;
+            assert!(waiting.is_err());
+            assert!(part.in_frame());
+            assert_eq!(budget.available(), 4 * SMALL_FRAME - SMALL_FRAME);
+            drop(part);
+            assert_eq!(budget.available(), 4 * SMALL_FRAME);
+            // Sent whole: granted step by step from the pool, all of it.
+            let (mut a, _) = reader_of(junk(big), &limits);
             assert!(a.next().await.unwrap());
-            assert_eq!(a.frame().len(), 2 * SMALL_FRAME);
-            let grant = a.take_grant().expect("a big frame holds a grant");
-            // `b` does not fit beside it: it waits, held, its bytes unread.
-            let waiting = tokio::time::timeout(Duration::from_millis(50), b.next()).await;
+            assert_eq!(a.frame().len(), big);
+            let a_grant = a.take_grant().expect("a big frame holds a grant");
+            assert_eq!(a_grant.bytes(), big);
+            assert_eq!(budget.pool.available_permits(), 0);
+            // The pool has no room: the lane grants all `b` lacks at once.
+            let (mut b, _) = reader_of(junk(big), &limits);
+            assert!(b.next().await.unwrap());
+            let b_grant = b.take_grant().expect("a big frame holds a grant");
+            assert_eq!(budget.lane.available_permits(), 0);
+            // `c` fits nowhere: it waits in the lane's line, held, unread.
+            let (mut c, held) = reader_of(junk(big), &limits);
+            let waiting = tokio::time::timeout(Duration::from_millis(50), c.next()).await;
             assert!(waiting.is_err());
             assert!(held.load(Ordering::Acquire));
-            assert!(b.in_frame());
+            assert!(c.in_frame());
             // A small frame does not wait.
+            let (mut small, _) = reader_of(junk(SMALL_FRAME), &limits);
             assert!(small.next().await.unwrap());
             assert!(small.take_grant().is_none());
-            // Once `a`'s messages were handled, `b` goes on where it was.
-            drop(grant);
-            assert!(b.next().await.unwrap());
-            assert_eq!(b.frame().len(), 2 * SMALL_FRAME);
+            // Once `b`'s messages were handled, `c` goes on where it was.
+            drop(b_grant);
+            assert!(c.next().await.unwrap());
+            assert_eq!(c.frame().len(), big);
             assert!(!held.load(Ordering::Acquire));
-            // Bigger than the whole budget: refused before anything is read.
-            let (mut huge, _) = reader(junk(3 * SMALL_FRAME + 1));
+            drop(a_grant);
+            // Bigger than the lane: refused before anything is read.
+            let (mut huge, _) = reader_of(junk(big + 1), &limits);
             assert!(matches!(
                 huge.next().await,
-                Err(ProtocolError::FrameTooLarge { max, .. }) if max == 3 * SMALL_FRAME
+                Err(ProtocolError::FrameTooLarge { max, .. }) if max == big
             ));
+        });
+    }
+
+    /// Rule 8's argument against deadlock: two frames each holding half
+    /// the pool and lacking more, while a third holds the lane, would wait
+    /// on each other for ever if they waited for steps from the pool; in
+    /// the lane's line they are read once the third was handled.
+    #[test]
+    fn frames_holding_the_pool_between_them_finish_through_the_lane() {
+        run(async {
+            // Each frame is granted a step, then, once it arrived, another
+            // as big: half the pool.
+            let limits = Limits::new(8 * SMALL_FRAME, Duration::from_secs(30));
+            let budget = limits.budget.clone();
+            let big = 4 * SMALL_FRAME;
+            let mut starts = Vec::new();
+            let mut readers = Vec::new();
+            for _ in 0..2 {
+                let (mut tx, rx) = tokio::io::duplex(1 << 20);
+                let (go, start) = oneshot::channel::<()>();
+                let bytes = junk(big);
+                tokio::spawn(async move {
+                    // The first step, then the rest once told.
+                    let _ = tx.write_all(&bytes[..4 + SMALL_FRAME]).await;
+                    let _ = start.await;
+                    let _ = tx.write_all(&bytes[4 + SMALL_FRAME..]).await;
+                    std::future::pending::<()>().await;
+                });
+                let held = Held::default();
+                let mut read = FrameReader::new(rx, limits.clone()).held_by(held.clone());
+                readers.push((
+                    tokio::spawn(async move {
+                        let got = read.next().await;
+                        (got, read.frame().len())
+                    }),
+                    held,
+                ));
+                starts.push(go);
+            }
+            // Each holds two steps, one arrived: the pool is theirs.
+            until(|| budget.pool.available_permits() == 0).await;
+            let (mut third, _) = reader_of(junk(big), &limits);
+            assert!(third.next().await.unwrap());
+            let lane = third.take_grant().expect("a big frame holds a grant");
+            assert_eq!(budget.lane.available_permits(), 0);
+            // The rest of both: neither has room for its next step.
+            for go in starts {
+                let _ = go.send(());
+            }
+            until(|| readers.iter().all(|(_, held)| held.load(Ordering::Acquire))).await;
+            drop(lane);
+            for (reading, _) in readers {
+                let (got, len) = reading.await.unwrap();
+                assert!(got.unwrap());
+                assert_eq!(len, big);
+            }
         });
     }
 

@@ -2148,8 +2148,9 @@ fn floods_of_big_frames_before_and_after_the_handshake_keep_the_scheduler_small(
     isolated(
         "floods_of_big_frames_before_and_after_the_handshake_keep_the_scheduler_small",
         || {
-            // A budget of 64 MiB for frames over 64 KiB: one of the 48 MiB
-            // frames below fits at a time.
+            // A budget of 64 MiB for frames over 64 KiB, half of it the
+            // lane: the 32 MiB frames below share the pool as they arrive,
+            // and go through the lane one at a time once it is spent.
             let options = rask_distributed::scheduler::Options::default().frame_budget(64 << 20);
             let cluster = Cluster::with_options(1, 1, options);
             let client = cluster.client();
@@ -2157,17 +2158,17 @@ fn floods_of_big_frames_before_and_after_the_handshake_keep_the_scheduler_small(
             let addr = cluster.scheduler.address();
             let before = resident();
             // Three connections each, announcing 300 MiB without a
-            // handshake, or after an authenticated one (over the whole
-            // budget: refused at once), and 48 MiB after one, sent whole:
-            // every frame read waits for the one before it, each ends the
-            // connection as malformed.
+            // handshake, or after an authenticated one (over half the
+            // budget: refused at once), and 32 MiB after one, sent whole:
+            // at most the budget's worth of them is read at once, each ends
+            // the connection as malformed.
             let auth = || Some(cluster.auth.clone());
             let floods: Vec<_> = (0..3)
                 .flat_map(|_| {
                     [
                         flood(addr, announce(300 << 20), 300 << 20),
                         flood_as(addr, auth(), announce(300 << 20), 300 << 20),
-                        flood_as(addr, auth(), announce(48 << 20), 48 << 20),
+                        flood_as(addr, auth(), announce(32 << 20), 32 << 20),
                     ]
                 })
                 .collect();

@@ -56,7 +56,9 @@
 //!    pre-auth until `net::accept` returns: it may send its handshake only,
 //!    within 10 s, and at most 256 of them wait at once (the oldest makes
 //!    room for a new one). Once authenticated, its frames are read within
-//!    the scheduler's budget ([`Options::frame_budget`]), which also
+//!    the scheduler's budget ([`Options::frame_budget`]), granted as their
+//!    bytes arrive (a peer that announces a big frame and sends little
+//!    holds little), which also
 //!    holds what a frame's messages take decoded until the state loop
 //!    handled them, and its stall
 //!    timeout ([`Options::stall_timeout`]); while more than 64 MiB wait to
@@ -358,11 +360,12 @@ pub struct Options {
     /// trickles a frame byte by byte, or stopped reading. Default 30 s.
     pub stall_timeout: Duration,
     /// The most bytes of frames over 64 KiB the scheduler reads and
-    /// handles at once, over every connection (rule 8); a frame that does
-    /// not fit waits for room, and its connection is not read meanwhile. A
-    /// frame bigger than the whole budget closes its connection, so this
-    /// is also the biggest graph frame a client can send. Default 1 GiB,
-    /// twice the largest frame.
+    /// handles at once, over every connection (rule 8), granted as they
+    /// arrive; a frame whose next bytes do not fit waits for room, and its
+    /// connection is not read meanwhile. A frame bigger than half the
+    /// budget closes its connection, so half of this is also the biggest
+    /// graph frame a client can send. Default 1 GiB, twice the largest
+    /// frame.
     pub frame_budget: usize,
     /// Where to serve the web dashboard (rule 9): `None` (the default),
     /// none; port 0 picks a free port ([`SchedulerHandle::dashboard`]).
@@ -2133,7 +2136,7 @@ mod tests {
             );
             for (msgs, grant) in &waiting {
                 let size = msgs.capacity() * std::mem::size_of::<ToScheduler>();
-                let granted = grant.as_ref().map_or(0, |g| g.num_permits());
+                let granted = grant.as_ref().map_or(0, net::Grant::bytes);
                 assert!(
                     granted >= size,
                     "{size} bytes decoded hold a grant of {granted}"
@@ -2154,6 +2157,83 @@ mod tests {
             assert!(before < FRAMES);
             reading.abort();
             sending.abort();
+        });
+    }
+
+    /// Net rule 8, as a reviewer found it: two authenticated peers that
+    /// announce frames as big as the lane (before, half the budget each:
+    /// all of it), send 4 bytes of them and go quiet, while a third sends a
+    /// big frame whole. Before, the two were granted their announced
+    /// lengths and held them for the stall timeout and a second per MiB
+    /// (9 minutes at the defaults, 10 here), and the third's frame waited
+    /// in line all that time; granted as their bytes arrive, they hold a
+    /// step each and the third is read at once.
+    #[test]
+    fn peers_announcing_huge_frames_and_going_quiet_hold_up_no_other_frame() {
+        use tokio::io::AsyncWriteExt;
+        const BUDGET: usize = 1 << 20;
+        let runtime = net::runtime().unwrap();
+        runtime.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = listener.local_addr().unwrap();
+            // One budget for every connection, as in `run`; a stall timeout
+            // far longer than the test waits.
+            let limits = net::Limits::new(BUDGET, Duration::from_secs(600));
+            let (events_tx, mut events) = mpsc::unbounded_channel();
+            let mut peers = Vec::new();
+            let mut readers = Vec::new();
+            for conn in 1..=3 {
+                let peer = TcpStream::connect(address).await.unwrap();
+                let (socket, _) = listener.accept().await.unwrap();
+                let (read, write) = socket.into_split();
+                let frames = net::Frames::stream(net::FrameReader::new(
+                    tokio::io::BufReader::new(net::ReadHalf::Plain(read)),
+                    limits.clone(),
+                ));
+                let (tx, rx) = mpsc::unbounded_channel();
+                let writer = net::Writer::local(tx);
+                let (kill, killed) = oneshot::channel();
+                let events = events_tx.clone();
+                readers.push(tokio::spawn(async move {
+                    // Both kept open: no end of stream, no closed writer.
+                    let _open = (write, rx);
+                    let held = net::Held::default();
+                    read_loop(frames, killed, conn, &events, &writer, &held).await
+                }));
+                peers.push((peer, kill));
+            }
+            // One quiet peer, then the other, each holding its grant
+            // before the third sends anything.
+            let huge = u32::try_from(BUDGET / 2).unwrap();
+            for (i, (peer, _)) in peers.iter_mut().take(2).enumerate() {
+                peer.write_all(&huge.to_le_bytes()).await.unwrap();
+                peer.write_all(&[0; 4]).await.unwrap();
+                let holds = (i + 1) * net::SMALL_FRAME;
+                while limits.budget.available() > BUDGET - holds {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+            // A graph of 300 KiB, over the small frames' threshold.
+            let mut task = spec(1);
+            task.payload = Arc::from(vec![7; 300 << 10]);
+            let graph = crate::protocol::frame(&ToScheduler::UpdateGraph {
+                tasks: vec![task],
+                wanted: vec![[1; 32]],
+            });
+            assert!(graph.len() > net::SMALL_FRAME);
+            peers[2].0.write_all(&graph).await.unwrap();
+            let wait = Duration::from_secs(30);
+            match tokio::time::timeout(wait, events.recv()).await {
+                Ok(Some(Event::Frame { conn, msgs, .. })) => {
+                    assert_eq!(conn, 3);
+                    assert!(matches!(&msgs[..], [ToScheduler::UpdateGraph { .. }]));
+                }
+                Ok(_) => panic!("a connection closed"),
+                Err(_) => panic!("the third connection's frame was not read within {wait:?}"),
+            }
+            for reading in readers {
+                reading.abort();
+            }
         });
     }
 }
