@@ -128,7 +128,11 @@
 //! - **One thread per role.** Each scheduler, worker and client runs a
 //!   single-threaded tokio runtime on its own thread; workers run ops on
 //!   separate plain threads. No multi-threaded runtime, no locks on the
-//!   scheduler's hot path. The exception is a client of a scheduler in the
+//!   scheduler's hot path. A scheduler accepts connections and takes them
+//!   through their handshakes (TLS's, the token's) on a second thread of
+//!   its own, so that a peer that has not authenticated spends none of
+//!   the state's thread; once authenticated, a connection is served on the
+//!   state's. The exception is a client of a scheduler in the
 //!   same process ([`LocalCluster::client`], [`in_process_client`]): it
 //!   shares the scheduler's thread and hands it frames (the same as over
 //!   TCP) through in-memory channels, so a message between them costs no

@@ -27,8 +27,9 @@
 //!    line printed says how many were left out. A failing `accept` backs
 //!    off from 10 ms to 1 s ([`Backoff`]) instead of spinning.
 //! 6. **Before authentication.** An accepted connection is *pre-auth* until
-//!    [`accept`] returns `Ok`: the single place where a connection becomes
-//!    authenticated (its handshake passed, token proofs included) and its limits switch
+//!    [`accept`] (or [`accept_detached`], rule 12) returns `Ok`: the single
+//!    place where a connection becomes authenticated (its handshake passed,
+//!    token proofs included) and its limits switch
 //!    from these to those of the rules that follow. Pre-auth, nothing but the
 //!    handshake is read, straight from the socket into the fixed arrays of
 //!    `handshake.rs`: no read buffer, no frame, nothing sized by the peer.
@@ -113,6 +114,16 @@
 //!     they return is between processes that proved the cluster's token, or
 //!     that both run without one. A [`PeerPool`] proves the token of the
 //!     process it belongs to.
+//! 12. **Handshakes elsewhere.** A process may take its connections
+//!     through their handshakes on a runtime other than the one that serves
+//!     them ([`accept_detached`]; the scheduler does, on a thread of its
+//!     own, so that no peer that has not authenticated spends its state's
+//!     thread). The authenticated connection is then deregistered from the
+//!     first runtime's reactor and registered with the second's
+//!     ([`Detached::attach`]); a TLS session moves whole, its socket swapped
+//!     under it ([`Tcp`]). Nothing is read or written in between: what the
+//!     peer sent meanwhile waits in the socket or, decrypted already, in the
+//!     TLS session.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -815,7 +826,7 @@ pub(crate) type Reader = BufReader<ReadHalf>;
 pub(crate) enum Stream {
     Plain(TcpStream),
     /// Boxed: a TLS stream is much bigger than a socket.
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<TlsStream<Tcp>>),
     #[cfg(unix)]
     Unix(UnixStream),
 }
@@ -823,7 +834,7 @@ pub(crate) enum Stream {
 /// The reading half of a [`Stream`].
 pub(crate) enum ReadHalf {
     Plain(OwnedReadHalf),
-    Tls(tokio::io::ReadHalf<TlsStream<TcpStream>>),
+    Tls(tokio::io::ReadHalf<TlsStream<Tcp>>),
     #[cfg(unix)]
     Unix(unix::OwnedReadHalf),
 }
@@ -831,9 +842,94 @@ pub(crate) enum ReadHalf {
 /// The writing half of a [`Stream`].
 pub(crate) enum WriteHalf {
     Plain(OwnedWriteHalf),
-    Tls(tokio::io::WriteHalf<TlsStream<TcpStream>>),
+    Tls(tokio::io::WriteHalf<TlsStream<Tcp>>),
     #[cfg(unix)]
     Unix(unix::OwnedWriteHalf),
+}
+
+/// The TCP socket under a TLS session. tokio's sockets belong to the
+/// reactor of the runtime that registered them, and tokio-rustls's streams
+/// cannot be taken apart and put together again, so a session that moves
+/// from one runtime to another ([`Detached`]) keeps its state and swaps the
+/// socket under it: deregistered from the first runtime's reactor
+/// ([`Tcp::Moving`]), registered with the second's.
+pub(crate) enum Tcp {
+    Registered(TcpStream),
+    /// Between runtimes: read and written by neither.
+    Moving(std::net::TcpStream),
+    /// Lost on the way (deregistering or registering failed).
+    Lost,
+}
+
+impl Tcp {
+    /// Deregisters the socket from its runtime's reactor.
+    fn detach(&mut self) -> std::io::Result<()> {
+        if let Tcp::Registered(stream) = std::mem::replace(self, Tcp::Lost) {
+            *self = Tcp::Moving(stream.into_std()?);
+        }
+        Ok(())
+    }
+
+    /// Registers the socket with the reactor of the runtime this runs in.
+    fn attach(&mut self) -> std::io::Result<()> {
+        if let Tcp::Moving(stream) = std::mem::replace(self, Tcp::Lost) {
+            *self = Tcp::Registered(TcpStream::from_std(stream)?);
+        }
+        Ok(())
+    }
+
+    fn registered(&mut self) -> std::io::Result<Pin<&mut TcpStream>> {
+        match self {
+            Tcp::Registered(stream) => Ok(Pin::new(stream)),
+            Tcp::Moving(_) | Tcp::Lost => Err(std::io::ErrorKind::NotConnected.into()),
+        }
+    }
+}
+
+impl AsyncRead for Tcp {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut().registered() {
+            Ok(stream) => stream.poll_read(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl AsyncWrite for Tcp {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut().registered() {
+            Ok(stream) => stream.poll_write(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut().registered() {
+            Ok(stream) => stream.poll_flush(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut().registered() {
+            Ok(stream) => stream.poll_shutdown(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
 }
 
 /// Who is at the other end of a connection, for logs.
@@ -993,6 +1089,46 @@ impl Stream {
                 let (read, write) = s.into_split();
                 (reader(ReadHalf::Unix(read)), WriteHalf::Unix(write))
             }
+        }
+    }
+}
+
+impl Stream {
+    /// Deregisters the stream from the reactor of the runtime it was
+    /// accepted on (rule 12).
+    fn detach(self) -> std::io::Result<Loose> {
+        match self {
+            Stream::Plain(s) => Ok(Loose::Plain(s.into_std()?)),
+            Stream::Tls(mut s) => {
+                s.get_mut().0.detach()?;
+                Ok(Loose::Tls(s))
+            }
+            #[cfg(unix)]
+            Stream::Unix(s) => Ok(Loose::Unix(s.into_std()?)),
+        }
+    }
+}
+
+/// A [`Stream`] between runtimes (rule 12): its socket belongs to no
+/// reactor; a TLS session keeps its state.
+enum Loose {
+    Plain(std::net::TcpStream),
+    Tls(Box<TlsStream<Tcp>>),
+    #[cfg(unix)]
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl Loose {
+    /// Registers the stream with the reactor of the runtime this runs in.
+    fn attach(self) -> std::io::Result<Stream> {
+        match self {
+            Loose::Plain(s) => Ok(Stream::Plain(TcpStream::from_std(s)?)),
+            Loose::Tls(mut s) => {
+                s.get_mut().0.attach()?;
+                Ok(Stream::Tls(s))
+            }
+            #[cfg(unix)]
+            Loose::Unix(s) => Ok(Stream::Unix(UnixStream::from_std(s)?)),
         }
     }
 }
@@ -1181,7 +1317,7 @@ pub(crate) async fn connect(
         None => Stream::Plain(tcp),
         Some(tls) => {
             let name = tls::server_name(address).map_err(ConnectError::Io)?;
-            let dial = tls.connector.connect(name, tcp);
+            let dial = tls.connector.connect(name, Tcp::Registered(tcp));
             match tokio::time::timeout(handshake::HANDSHAKE_TIMEOUT, dial).await {
                 Ok(Ok(s)) => Stream::Tls(Box::new(TlsStream::Client(s))),
                 Ok(Err(e)) => return Err(ConnectError::Tls(e)),
@@ -1309,6 +1445,75 @@ pub(crate) async fn accept(
     serves: &[Role],
     limits: &Limits,
 ) -> Result<Accepted, ProtocolError> {
+    let (hello, stream, slot) = authenticate(incoming, ticket, (me, build, auth), serves).await?;
+    Ok(Accepted::new(hello, stream, slot, limits))
+}
+
+/// [`accept`] on a runtime other than the one that is to serve the
+/// connection (rule 12): the authenticated connection comes back
+/// detached, to be [attached](Detached::attach) there.
+///
+/// # Errors
+///
+/// As [`accept`], and [`ProtocolError::Io`] if the socket cannot be
+/// deregistered.
+pub(crate) async fn accept_detached(
+    incoming: Incoming<'_>,
+    ticket: PreAuth,
+    me: Role,
+    build: BuildId,
+    auth: &Auth,
+    serves: &[Role],
+) -> Result<Detached, ProtocolError> {
+    let (hello, stream, slot) = authenticate(incoming, ticket, (me, build, auth), serves).await?;
+    Ok(Detached {
+        hello,
+        stream: stream.detach().map_err(ProtocolError::Io)?,
+        slot,
+    })
+}
+
+/// An authenticated connection between the runtime that accepted it and
+/// the one that is to serve it (rule 12), from [`accept_detached`].
+pub(crate) struct Detached {
+    hello: Handshake,
+    stream: Loose,
+    slot: Slot,
+}
+
+impl Detached {
+    /// The connection, registered with the reactor of the runtime this
+    /// runs in; its frames are read within `limits`.
+    ///
+    /// # Errors
+    ///
+    /// [`ProtocolError::Io`] if the socket cannot be registered.
+    pub(crate) fn attach(self, limits: &Limits) -> Result<Accepted, ProtocolError> {
+        let stream = self.stream.attach().map_err(ProtocolError::Io)?;
+        Ok(Accepted::new(self.hello, stream, self.slot, limits))
+    }
+}
+
+impl Accepted {
+    fn new(hello: Handshake, stream: Stream, slot: Slot, limits: &Limits) -> Accepted {
+        let (read, write) = stream.into_halves();
+        Accepted {
+            hello,
+            read: FrameReader::new(read, limits.clone()),
+            write,
+            slot,
+        }
+    }
+}
+
+/// The handshakes of [`accept`]: the peer's hello, its stream and its
+/// slot, once it authenticated as a role of `serves` that has room.
+async fn authenticate(
+    incoming: Incoming<'_>,
+    ticket: PreAuth,
+    (me, build, auth): (Role, BuildId, &Auth),
+    serves: &[Role],
+) -> Result<(Handshake, Stream, Slot), ProtocolError> {
     let PreAuth {
         id,
         gate,
@@ -1322,7 +1527,7 @@ pub(crate) async fn accept(
                 tune(&stream);
                 match tls {
                     None => Stream::Plain(stream),
-                    Some(tls) => match tls.acceptor.accept(stream).await {
+                    Some(tls) => match tls.acceptor.accept(Tcp::Registered(stream)).await {
                         Ok(s) => Stream::Tls(Box::new(TlsStream::Server(s))),
                         Err(e) => return Err(ProtocolError::Tls(e)),
                     },
@@ -1347,13 +1552,7 @@ pub(crate) async fn accept(
     }
     // Authenticated from here on (rule 6).
     let slot = ticket.authenticated(theirs.role)?;
-    let (read, write) = stream.into_halves();
-    Ok(Accepted {
-        hello: theirs,
-        read: FrameReader::new(read, limits.clone()),
-        write,
-        slot,
-    })
+    Ok((theirs, stream, slot))
 }
 
 /// A connection just accepted, for [`accept`].

@@ -13,8 +13,10 @@
 //!    out need no scheme.
 //! 2. **TLS inside the pre-auth phase, the token inside TLS.** The TLS
 //!    handshake is the first thing on a connection, within the handshake
-//!    timeout and under the pre-auth cap of `net.rs` (its rule 6); the token
-//!    handshake (`handshake.rs`) then runs inside the encrypted channel.
+//!    timeout and under the pre-auth cap of `net.rs` (its rule 6), and, on
+//!    a scheduler, on its handshakes' thread, not its state's (scheduler
+//!    rule 8); the token handshake (`handshake.rs`) then runs inside the
+//!    encrypted channel.
 //!    TLS authenticates the channel (and, with client certificates, the
 //!    process); the token stays the proof of membership. Both run when
 //!    both are configured.

@@ -53,9 +53,16 @@
 //!    may report is then checked by the state machine (README.md, S6 and
 //!    S10 to S12).
 //! 8. **Limits before trust** (`net` rules 5 to 10). A connection is
-//!    pre-auth until `net::accept` returns: it may send its handshake only,
-//!    within 10 s, and at most 256 of them wait at once (the oldest makes
-//!    room for a new one). Once authenticated, its frames are read within
+//!    pre-auth until `net::accept_detached` returns: it may send its
+//!    handshake only, within 10 s, and at most 256 of them wait at once
+//!    (the oldest makes room for a new one). Connections are accepted and
+//!    taken through their handshakes (TLS's, then the token's) on a thread
+//!    of their own, `rask-handshake`, never the state's: what a peer that
+//!    has not authenticated makes the scheduler compute (a TLS key
+//!    exchange and signature, the token's proofs) can hold up other
+//!    handshakes, not the state loop nor an authenticated connection. An
+//!    authenticated connection moves to the state's thread (`net` rule 12)
+//!    and is served there. Once authenticated, its frames are read within
 //!    the scheduler's budget ([`Options::frame_budget`]), granted as their
 //!    bytes arrive (a peer that announces a big frame and sends little
 //!    holds little), which also
@@ -640,6 +647,19 @@ pub fn serve_with(addr: SocketAddr, options: Options) -> Result<SchedulerHandle,
     };
     let runtime = net::runtime().map_err(Error::Io)?;
     let handle = runtime.handle().clone();
+    // Connections are accepted and taken through their handshakes on a
+    // thread of their own (rule 8), which ends when the scheduler's does.
+    let handshakes = net::runtime().map_err(Error::Io)?;
+    let handshaker = handshakes.handle().clone();
+    let (stop_handshakes, handshakes_stopped) = oneshot::channel::<()>();
+    let handshake_thread = std::thread::Builder::new()
+        .name("rask-handshake".into())
+        .spawn(move || {
+            handshakes.block_on(async move {
+                let _ = handshakes_stopped.await;
+            });
+        })
+        .map_err(Error::Io)?;
     let (locals, locals_rx) = mpsc::unbounded_channel();
     let (stop, stop_rx) = oneshot::channel();
     let counts = Arc::new(Counts::default());
@@ -649,19 +669,26 @@ pub fn serve_with(addr: SocketAddr, options: Options) -> Result<SchedulerHandle,
         .name("rask-scheduler".into())
         .spawn(move || {
             runtime.block_on(async move {
-                let unix = match unix.map(net::listening).transpose() {
+                // The listening sockets belong to the handshakes' reactor.
+                let (unix, listener) = {
+                    let _handshakes = handshaker.enter();
+                    let unix = unix.map(net::listening).transpose();
+                    (unix, TcpListener::from_std(listener))
+                };
+                let unix = match unix {
                     Ok(unix) => unix,
                     Err(e) => {
                         tracing::warn!("scheduler: cannot listen on the Unix socket: {e}");
                         None
                     }
                 };
-                match TcpListener::from_std(listener) {
+                match listener {
                     Ok(listener) => {
                         let served = Served {
                             address,
                             board,
                             unix,
+                            handshakes: handshaker,
                         };
                         let peers = (required, acceptor);
                         run(listener, locals_rx, stop_rx, count, options, peers, served).await
@@ -669,6 +696,10 @@ pub fn serve_with(addr: SocketAddr, options: Options) -> Result<SchedulerHandle,
                     Err(e) => tracing::warn!("scheduler: cannot listen: {e}"),
                 }
             });
+            // Closes the listening sockets and the connections still in
+            // their handshakes before the scheduler is taken for stopped.
+            drop(stop_handshakes);
+            let _ = handshake_thread.join();
         })
         .map_err(Error::Io)?;
     Ok(SchedulerHandle {
@@ -914,6 +945,9 @@ struct Served {
     /// The Unix socket it also listens on (never, without Unix sockets).
     #[cfg_attr(not(unix), allow(dead_code))]
     unix: Option<net::UnixListening>,
+    /// The runtime of the thread that accepts connections and takes them
+    /// through their handshakes (rule 8).
+    handshakes: tokio::runtime::Handle,
 }
 
 async fn run(
@@ -930,10 +964,13 @@ async fn run(
     // Connection numbers, for TCP and in-memory connections alike.
     let numbers = Numbers::new();
     let gate = net::Gate::new(net::Caps::for_this_process(1));
-    // Accepting has a task of its own: its back-off (rule 8) never holds
-    // up the state.
+    // Accepting, and each connection's handshakes, run on the handshakes'
+    // thread (rule 8): neither its back-off nor what a peer that has not
+    // authenticated makes it compute holds up the state. Connections come
+    // back here once authenticated.
     let serve = {
         let (events, numbers, limits) = (events_tx.clone(), numbers.clone(), limits.clone());
+        let state = tokio::runtime::Handle::current();
         move |socket: Socket, peer, ticket| {
             // Every number in use: the socket is dropped, refused.
             let Some(number) = numbers.draw() else {
@@ -941,12 +978,11 @@ async fn run(
             };
             tokio::spawn(connection(
                 number,
-                socket,
-                peer,
-                ticket,
+                (socket, peer, ticket),
                 (auth.clone(), tls.clone()),
                 limits.clone(),
                 events.clone(),
+                state.clone(),
             ));
         }
     };
@@ -954,14 +990,14 @@ async fn run(
     #[cfg(unix)]
     if let Some(unix) = served.unix {
         let serve = serve.clone();
-        tokio::spawn(net::accept_loop(
+        served.handshakes.spawn(net::accept_loop(
             unix,
             gate.clone(),
             "scheduler",
             move |s, p, t| serve(Socket::Unix(s), p, t),
         ));
     }
-    tokio::spawn(net::accept_loop(
+    served.handshakes.spawn(net::accept_loop(
         listener,
         gate,
         "scheduler",
@@ -1050,17 +1086,17 @@ enum Socket {
     Unix(tokio::net::UnixStream),
 }
 
-/// One accepted connection, pre-auth under `ticket`: handshake, then
-/// [`serve_connection`] within `limits` (rule 8); the state loop hears of
-/// it only once its peer authenticated (rule 7).
+/// One accepted connection, pre-auth under `ticket`: its handshakes, here
+/// on the handshakes' thread, then [`serve_connection`] within `limits`
+/// (rule 8) on the `state`'s; the state loop hears of it only once its
+/// peer authenticated (rule 7).
 async fn connection(
     number: Number,
-    socket: Socket,
-    peer: net::PeerAddr,
-    ticket: net::PreAuth,
+    (socket, peer, ticket): (Socket, net::PeerAddr, net::PreAuth),
     (auth, tls): (Arc<Auth>, Option<Acceptor>),
     limits: net::Limits,
     events: mpsc::UnboundedSender<Event>,
+    state: tokio::runtime::Handle,
 ) {
     // The scheduler runs no user code: it has no build of its own.
     let serves = [Role::Client, Role::Worker];
@@ -1069,18 +1105,17 @@ async fn connection(
         #[cfg(unix)]
         Socket::Unix(stream) => net::Incoming::Unix(stream),
     };
-    let accepted = match net::accept(
+    let detached = net::accept_detached(
         incoming,
         ticket,
         Role::Scheduler,
         BuildId::NONE,
         &auth,
         &serves,
-        &limits,
     )
-    .await
-    {
-        Ok(accepted) => accepted,
+    .await;
+    let detached = match detached {
+        Ok(detached) => detached,
         // One line per refusal (rule 7), naming what is wrong.
         Err(e @ ProtocolError::Auth(_)) => {
             log_limited!(
@@ -1098,17 +1133,30 @@ async fn connection(
             return;
         }
     };
-    let role = accepted.hello.role;
-    // Rule 7: a client's answers are small, a worker's tasks are not.
-    let cap = (role == Role::Client).then_some(CLIENT_BACKLOG);
-    let held = net::Held::default();
-    let link = Link {
-        frames: net::Frames::stream(accepted.read.held_by(held.clone())),
-        writer: net::spawn_writer(accepted.write, &limits, cap),
-        held,
-        slot: Some(accepted.slot),
-    };
-    serve_connection(number, (role, accepted.hello.build), peer, link, events).await;
+    state.spawn(async move {
+        let accepted = match detached.attach(&limits) {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                log_limited!(
+                    "scheduler: closing",
+                    "scheduler: closing connection from {peer}: {}",
+                    Chain(&e)
+                );
+                return;
+            }
+        };
+        let role = accepted.hello.role;
+        // Rule 7: a client's answers are small, a worker's tasks are not.
+        let cap = (role == Role::Client).then_some(CLIENT_BACKLOG);
+        let held = net::Held::default();
+        let link = Link {
+            frames: net::Frames::stream(accepted.read.held_by(held.clone())),
+            writer: net::spawn_writer(accepted.write, &limits, cap),
+            held,
+            slot: Some(accepted.slot),
+        };
+        serve_connection(number, (role, accepted.hello.build), peer, link, events).await;
+    });
 }
 
 /// The parts of a connection, TCP or in memory.
@@ -2235,5 +2283,85 @@ mod tests {
                 reading.abort();
             }
         });
+    }
+
+    /// Rule 8: a connection's handshakes, TLS's and the token's, run on
+    /// the handshakes' thread: they complete while the state's thread is
+    /// busy (blocked here on purpose), and the connection is served there
+    /// once it is free. Before, both ran on the state's thread, so any peer
+    /// could spend it on TLS's key exchange before proving anything.
+    #[test]
+    fn tls_handshakes_complete_while_the_state_thread_is_busy() {
+        let dir = std::env::temp_dir().join(format!(
+            "rask-handshakes-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A throwaway CA, and a certificate it signs for 127.0.0.1.
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+        std::fs::write(dir.join("ca.pem"), ca_pem).unwrap();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let mut leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+        leaf.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = leaf.signed_by(&key, &issuer).unwrap();
+        std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.join("cert.key"), key.serialize_pem()).unwrap();
+        let tls = Tls::new()
+            .identity(&dir.join("cert.pem"), &dir.join("cert.key"))
+            .unwrap();
+        let options = Options::default().tls(tls);
+        let scheduler = serve_with("127.0.0.1:0".parse().unwrap(), options).unwrap();
+        let auth = Auth::Token(scheduler.token().unwrap().clone());
+        let connector = Tls::new()
+            .trust(&dir.join("ca.pem"))
+            .unwrap()
+            .connector()
+            .unwrap();
+        // The state's thread, blocked until told (60 s at most).
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (blocking, blocked) = std::sync::mpsc::channel();
+        scheduler.runtime.spawn(async move {
+            let _ = blocking.send(std::thread::current().name().map(str::to_owned));
+            let _ = released.recv_timeout(Duration::from_secs(60));
+        });
+        let wait = Duration::from_secs(30);
+        let on = blocked.recv_timeout(wait).unwrap();
+        assert_eq!(on.as_deref(), Some("rask-scheduler"));
+        let address = scheduler.address().to_string();
+        let runtime = net::runtime().unwrap();
+        let connected = runtime.block_on(net::connect(
+            (crate::protocol::Scheme::Tls, &address, Some(&connector)),
+            Role::Client,
+            Role::Scheduler,
+            BuildId::NONE,
+            &auth,
+            net::CONNECT_TIMEOUT,
+            &net::Limits::standard(),
+        ));
+        let _ = release.send(());
+        let connected = match connected {
+            Ok(connected) => connected,
+            Err(e) => panic!("no handshake while the state's thread was busy: {e}"),
+        };
+        // Served on the state's thread once it is free: a client counted.
+        let deadline = Instant::now() + wait;
+        while scheduler.clients() == 0 {
+            assert!(Instant::now() < deadline, "the client was not served");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(connected);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
