@@ -9,7 +9,7 @@
 //! | `/`, `/status` | the page ([`STATUS_PAGE`]) |
 //! | `/api/status` | the [`Snapshot`] now, JSON |
 //! | `/api/tasks?since=SEQ` | `{"next": SEQ, "tasks": [TaskRecord…]}`: the task runs numbered `SEQ` and up that are still kept |
-//! | `/api/events` | server-sent events: every 250 ms an `update` whose data is an [`Update`]: the snapshot and the task runs since the previous one |
+//! | `/api/events` | server-sent events: every 250 ms an `update` whose data is an [`Update`](rask_executor::diagnostics::Update): the snapshot and the task runs since the previous one |
 //!
 //! Rules:
 //!
