@@ -119,7 +119,7 @@ fn persist_on_cluster<T: Data>(items: &[Delayed<T>], config: &Config) -> Result<
     let roots: Vec<Arc<Node>> = items.iter().map(|d| d.node().clone()).collect();
     let submitted = crate::futures::cached::submit::<T>(&client, &roots)?;
     if config.resolve_progress()? {
-        progress(submitted.roots()).wait();
+        progress(submitted.roots()).wait_for_work();
     }
     let futures = submitted.finish_now();
     if let Some(e) = futures.iter().find_map(Future::exception) {

@@ -55,7 +55,9 @@
 //!    its own): no such thread ends before the screen reads again.
 //!    `compute` does not wait for that: its bar waits [`LAST_DRAW`] at
 //!    most for its last state, then gives its thread up, to end by itself
-//!    once its write returns.
+//!    once its write returns. `persist` on a cluster, whose display
+//!    watches futures, waits for its work, then the same way
+//!    (`Progress::wait_for_work`).
 //!    While a thread given up on runs, the screen counts as stalled: bars
 //!    started then draw nothing, print no plain line and start no thread,
 //!    so what is stuck is at most the threads of the bars alive when the
@@ -161,6 +163,26 @@ impl Progress {
                 .wait(state)
                 .unwrap_or_else(PoisonError::into_inner);
         }
+    }
+
+    /// Blocks until the watched work is done, then as `compute`'s bar
+    /// does (rule 6): until its last state is drawn, or [`LAST_DRAW`] at
+    /// most on a screen that does not read. For `persist`, which returns
+    /// the work's values and must not hang on a display.
+    pub(crate) fn wait_for_work(&self) {
+        if let Some(drive) = &self.drive {
+            drive(&|| self.done());
+        }
+        let mut state = self.tracker.lock();
+        while !state.finished {
+            state = self
+                .tracker
+                .changed
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        drop(state);
+        self.tracker.last_drawn();
     }
 
     /// Whether the watched work is done.
@@ -273,28 +295,7 @@ impl Drop for Bar {
     /// up (rule 6).
     fn drop(&mut self) {
         self.tracker.finish(self.ok);
-        let drawn = {
-            let state = self.tracker.lock();
-            let (state, _) = self
-                .tracker
-                .changed
-                .wait_timeout_while(state, LAST_DRAW, |state| !state.drawn)
-                .unwrap_or_else(PoisonError::into_inner);
-            state.drawn
-        };
-        let drawer = self
-            .tracker
-            .drawer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        match drawer {
-            // Drawn: it has nothing left to do but end (a panic there drew
-            // nothing more: nothing to add to it here).
-            Some((thread, _)) if drawn => drop(thread.join()),
-            Some((_, drawing)) => drawing.give_up(),
-            None => {}
-        }
+        self.tracker.last_drawn();
     }
 }
 
@@ -693,6 +694,32 @@ impl Tracker {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, TrackerState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Once the work is over: waits for the last state to be drawn and
+    /// the drawing thread to end (rule 5), or [`LAST_DRAW`] at most on a
+    /// screen that does not read, then gives that thread up (rule 6).
+    fn last_drawn(&self) {
+        let drawn = {
+            let state = self.lock();
+            let (state, _) = self
+                .changed
+                .wait_timeout_while(state, LAST_DRAW, |state| !state.drawn)
+                .unwrap_or_else(PoisonError::into_inner);
+            state.drawn
+        };
+        let drawer = self
+            .drawer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        match drawer {
+            // Drawn: it has nothing left to do but end (a panic there drew
+            // nothing more: nothing to add to it here).
+            Some((thread, _)) if drawn => drop(thread.join()),
+            Some((_, drawing)) => drawing.give_up(),
+            None => {}
+        }
     }
 
     fn event(&self, event: &Event<'_>) {
@@ -1255,5 +1282,35 @@ mod tests {
                 .any(|row| row.starts_with("dec") && row.contains("1/1")),
             "a bar draws again once the terminal reads: {rows:#?}"
         );
+    }
+    /// `persist` with a bar on a cluster waits for its work, then for the
+    /// bar's last state as `compute` does (rule 6): it waited for that
+    /// state with no limit, so a terminal that stopped reading held the    /// `persist` for as long (`Progress::wait`, which it called).
+    #[test]
+    fn a_display_waited_for_its_work_returns_while_its_terminal_is_blocked() {
+        let terminal = Terminal::default();
+        let screen = Arc::new(terminal.screen());
+        let keys = keys(2);
+        let ran: Ran = Arc::new(|_| true);
+        let listed = keys.clone();
+        let collect = move |_: &Arc<Plans>| -> Vec<(Key, String)> {
+            listed.iter().map(|k| (*k, "inc".to_owned())).collect()
+        };
+        let progress = Arc::new(Progress::watching(collect, 2, None, ran, &screen));
+        terminal.hold();
+        progress.future_done(true);
+        let waited = progress.clone();
+        let waiting = std::thread::spawn(move || waited.wait_for_work());
+        // Not done yet: the work still runs, and is waited for.
+        assert!(!progress.done());
+        progress.future_done(true);
+        let returned = within(move || waiting.join().is_ok());
+        terminal.release();
+        assert_eq!(
+            returned,
+            Some(true),
+            "the wait did not return while the bar's terminal was blocked"
+        );
+        assert!(progress.done());
     }
 }
