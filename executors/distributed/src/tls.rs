@@ -470,3 +470,75 @@ pub(crate) fn is_tls(e: &std::io::Error) -> bool {
     e.get_ref()
         .is_some_and(|i| i.downcast_ref::<rustls::Error>().is_some())
 }
+
+/// Certificates for tests in this crate: a throwaway CA, and a certificate
+/// it signs for `127.0.0.1` (a server's and a client's), in a directory of
+/// their own, removed on drop.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::path::PathBuf;
+
+    use super::{Connector, Tls};
+
+    pub(crate) struct Pki {
+        dir: PathBuf,
+    }
+
+    impl Pki {
+        /// A new CA and certificate; `name` tells the test's directory.
+        pub(crate) fn new(name: &str) -> Pki {
+            let dir = std::env::temp_dir().join(format!(
+                "rask-{name}-{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            ca.key_usages = vec![
+                rcgen::KeyUsagePurpose::KeyCertSign,
+                rcgen::KeyUsagePurpose::DigitalSignature,
+            ];
+            let ca_key = rcgen::KeyPair::generate().unwrap();
+            let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+            std::fs::write(dir.join("ca.pem"), ca_pem).unwrap();
+            let issuer = rcgen::Issuer::new(ca, ca_key);
+            let mut leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+            leaf.extended_key_usages = vec![
+                rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+                rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = leaf.signed_by(&key, &issuer).unwrap();
+            std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+            std::fs::write(dir.join("cert.key"), key.serialize_pem()).unwrap();
+            Pki { dir }
+        }
+
+        /// Settings presenting the certificate, trusting no CA: a server
+        /// that asks for no client certificate.
+        pub(crate) fn identity(&self) -> Tls {
+            Tls::new()
+                .identity(&self.dir.join("cert.pem"), &self.dir.join("cert.key"))
+                .unwrap()
+        }
+
+        /// A connector trusting the CA, with no certificate of its own.
+        pub(crate) fn connector(&self) -> Connector {
+            Tls::new()
+                .trust(&self.dir.join("ca.pem"))
+                .unwrap()
+                .connector()
+                .unwrap()
+        }
+    }
+
+    impl Drop for Pki {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}

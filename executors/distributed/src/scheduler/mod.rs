@@ -2292,43 +2292,11 @@ mod tests {
     /// could spend it on TLS's key exchange before proving anything.
     #[test]
     fn tls_handshakes_complete_while_the_state_thread_is_busy() {
-        let dir = std::env::temp_dir().join(format!(
-            "rask-handshakes-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        // A throwaway CA, and a certificate it signs for 127.0.0.1.
-        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
-        std::fs::write(dir.join("ca.pem"), ca_pem).unwrap();
-        let issuer = rcgen::Issuer::new(ca, ca_key);
-        let mut leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
-        leaf.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = leaf.signed_by(&key, &issuer).unwrap();
-        std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
-        std::fs::write(dir.join("cert.key"), key.serialize_pem()).unwrap();
-        let tls = Tls::new()
-            .identity(&dir.join("cert.pem"), &dir.join("cert.key"))
-            .unwrap();
-        let options = Options::default().tls(tls);
+        let pki = crate::tls::testing::Pki::new("handshakes");
+        let options = Options::default().tls(pki.identity());
         let scheduler = serve_with("127.0.0.1:0".parse().unwrap(), options).unwrap();
         let auth = Auth::Token(scheduler.token().unwrap().clone());
-        let connector = Tls::new()
-            .trust(&dir.join("ca.pem"))
-            .unwrap()
-            .connector()
-            .unwrap();
+        let connector = pki.connector();
         // The state's thread, blocked until told (60 s at most).
         let (release, released) = std::sync::mpsc::channel::<()>();
         let (blocking, blocked) = std::sync::mpsc::channel();
@@ -2362,6 +2330,5 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         drop(connected);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
