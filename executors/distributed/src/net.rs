@@ -117,8 +117,8 @@
 //! 12. **Handshakes elsewhere.** A process may take its connections
 //!     through their handshakes on a runtime other than the one that serves
 //!     them ([`accept_detached`]; the scheduler does, on a thread of its
-//!     own, so that no peer that has not authenticated spends its state's
-//!     thread). The authenticated connection is then deregistered from the
+//!     own, [`Handshakes`], so that no peer that has not authenticated
+//!     spends its state's thread). The authenticated connection is then deregistered from the
 //!     first runtime's reactor and registered with the second's
 //!     ([`Detached::attach`]); a TLS session moves whole, its socket swapped
 //!     under it ([`Tcp`]). Nothing is read or written in between: what the
@@ -2553,6 +2553,63 @@ pub(crate) fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .enable_io()
         .enable_time()
         .build()
+}
+
+/// A thread of its own, `rask-handshake`, whose single-threaded runtime
+/// accepts a process's connections and takes them through their
+/// handshakes ([`accept_detached`], rule 12). Dropping it stops the
+/// runtime, which closes the listening sockets and the connections still
+/// in their handshakes, and waits for the thread to end.
+pub(crate) struct Handshakes {
+    runtime: tokio::runtime::Handle,
+    /// Dropped to stop the runtime.
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Handshakes {
+    /// Starts the thread.
+    ///
+    /// # Errors
+    ///
+    /// If the runtime cannot be built or the thread started.
+    pub(crate) fn start() -> std::io::Result<Handshakes> {
+        let runtime = runtime()?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("rask-handshake".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let _ = stopped.await;
+                });
+            })?;
+        Ok(Handshakes {
+            runtime: handle,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// The thread's runtime: listening sockets are to be registered with
+    /// its reactor ([`tokio::runtime::Handle::enter`]), their accept loops
+    /// spawned on it.
+    pub(crate) fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.runtime
+    }
+}
+
+impl Drop for Handshakes {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            // Nothing on the thread holds this; should it ever, it cannot
+            // wait for itself.
+            if thread.thread().id() != std::thread::current().id() {
+                let _ = thread.join();
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -649,17 +649,8 @@ pub fn serve_with(addr: SocketAddr, options: Options) -> Result<SchedulerHandle,
     let handle = runtime.handle().clone();
     // Connections are accepted and taken through their handshakes on a
     // thread of their own (rule 8), which ends when the scheduler's does.
-    let handshakes = net::runtime().map_err(Error::Io)?;
-    let handshaker = handshakes.handle().clone();
-    let (stop_handshakes, handshakes_stopped) = oneshot::channel::<()>();
-    let handshake_thread = std::thread::Builder::new()
-        .name("rask-handshake".into())
-        .spawn(move || {
-            handshakes.block_on(async move {
-                let _ = handshakes_stopped.await;
-            });
-        })
-        .map_err(Error::Io)?;
+    let handshakes = net::Handshakes::start().map_err(Error::Io)?;
+    let handshaker = handshakes.runtime().clone();
     let (locals, locals_rx) = mpsc::unbounded_channel();
     let (stop, stop_rx) = oneshot::channel();
     let counts = Arc::new(Counts::default());
@@ -698,8 +689,7 @@ pub fn serve_with(addr: SocketAddr, options: Options) -> Result<SchedulerHandle,
             });
             // Closes the listening sockets and the connections still in
             // their handshakes before the scheduler is taken for stopped.
-            drop(stop_handshakes);
-            let _ = handshake_thread.join();
+            drop(handshakes);
         })
         .map_err(Error::Io)?;
     Ok(SchedulerHandle {
