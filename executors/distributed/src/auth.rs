@@ -25,7 +25,7 @@
 //!    sent back to the side that made it.
 //! 3. **Nothing before the proofs.** Neither side reads or sends anything
 //!    but the handshake until its peer's proof checked out: for the
-//!    acceptor, until `net::accept` returns; for the connector, until
+//!    acceptor, until `net::accept_detached` returns; for the connector, until
 //!    `net::connect` returns. An in-memory connection of one process
 //!    (`net::LocalEnd`) has no handshake: both ends are the same process.
 //! 4. **Both sides agree or neither goes on.** A process with a token

@@ -132,7 +132,8 @@
 //!   through their handshakes (TLS's, the token's) on a second thread of
 //!   its own, so that a peer that has not authenticated spends none of
 //!   the state's thread; once authenticated, a connection is served on the
-//!   state's. The exception is a client of a scheduler in the
+//!   state's. A worker does the same for its data port, so that none
+//!   spends its network thread. The exception is a client of a scheduler in the
 //!   same process ([`LocalCluster::client`], [`in_process_client`]): it
 //!   shares the scheduler's thread and hands it frames (the same as over
 //!   TCP) through in-memory channels, so a message between them costs no

@@ -18,18 +18,19 @@
 //!    through a [`Writer`] and never wait for the network.
 //! 3. A connection is closed by dropping its writer and its reader; every
 //!    fetch in flight on a closed data connection is reported lost.
-//! 4. Handshakes carry the sender's [`BuildId`]; [`connect`] and [`accept`]
-//!    give the caller the peer's and leave the decision to it. The one
-//!    decision taken here: a data port whose answer names another build
-//!    than the reader's is not read from (its fetches are lost).
+//! 4. Handshakes carry the sender's [`BuildId`]; [`connect`] and
+//!    [`accept_detached`] give the caller the peer's and leave the decision
+//!    to it. The one decision taken here: a data port whose answer names
+//!    another build than the reader's is not read from (its fetches are
+//!    lost).
 //! 5. **Logs a peer can trigger are rate-limited** ([`log_limited!`]): at
 //!    most [`LOG_BURST`] lines of a kind per [`LOG_WINDOW`], and the next
 //!    line printed says how many were left out. A failing `accept` backs
 //!    off from 10 ms to 1 s ([`Backoff`]) instead of spinning.
 //! 6. **Before authentication.** An accepted connection is *pre-auth* until
-//!    [`accept`] (or [`accept_detached`], rule 12) returns `Ok`: the single
-//!    place where a connection becomes authenticated (its handshake passed,
-//!    token proofs included) and its limits switch
+//!    [`accept_detached`] (rule 12) returns `Ok`: the single place where a
+//!    connection becomes authenticated (its handshake passed, token proofs
+//!    included) and its limits switch
 //!    from these to those of the rules that follow. Pre-auth, nothing but the
 //!    handshake is read, straight from the socket into the fixed arrays of
 //!    `handshake.rs`: no read buffer, no frame, nothing sized by the peer.
@@ -108,22 +109,23 @@
 //!     peer cannot make a process answer faster than it reads the answers.
 //!     A writer given a cap ([`spawn_writer`]) refuses a frame once more
 //!     than the cap is queued, and its connection closes.
-//! 11. **Authentication.** [`connect`] and [`accept`] return only once the
-//!     handshake's authentication passed (`auth.rs` rules 2 to 4,
+//! 11. **Authentication.** [`connect`] and [`accept_detached`] return only
+//!     once the handshake's authentication passed (`auth.rs` rules 2 to 4,
 //!     `handshake.rs`): whatever is read or written on a connection after
 //!     they return is between processes that proved the cluster's token, or
 //!     that both run without one. A [`PeerPool`] proves the token of the
 //!     process it belongs to.
-//! 12. **Handshakes elsewhere.** A process may take its connections
-//!     through their handshakes on a runtime other than the one that serves
-//!     them ([`accept_detached`]; the scheduler does, on a thread of its
-//!     own, [`Handshakes`], so that no peer that has not authenticated
-//!     spends its state's thread). The authenticated connection is then deregistered from the
-//!     first runtime's reactor and registered with the second's
-//!     ([`Detached::attach`]); a TLS session moves whole, its socket swapped
-//!     under it ([`Tcp`]). Nothing is read or written in between: what the
-//!     peer sent meanwhile waits in the socket or, decrypted already, in the
-//!     TLS session.
+//! 12. **Handshakes elsewhere.** A process takes the connections it
+//!     accepts through their handshakes on a runtime other than the one
+//!     that serves them ([`accept_detached`]): the scheduler, and a worker
+//!     for its data port, each on a thread of its own ([`Handshakes`]), so
+//!     that no peer that has not authenticated spends the scheduler's state
+//!     thread or the worker's network thread. The authenticated connection
+//!     is then deregistered from the first runtime's reactor and registered
+//!     with the second's ([`Detached::attach`]); a TLS session moves whole,
+//!     its socket swapped under it ([`Tcp`]). Nothing is read or written in
+//!     between: what the peer sent meanwhile waits in the socket or,
+//!     decrypted already, in the TLS session.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -1405,12 +1407,12 @@ impl std::fmt::Display for ConnectError {
     }
 }
 
-/// An authenticated connection, as [`accept`] returns it.
+/// An authenticated connection, as [`Detached::attach`] returns it.
 pub(crate) struct Accepted {
     /// The peer's handshake: its role is one the caller serves; its build
     /// is the caller's to check (rule 4).
     pub(crate) hello: Handshake,
-    /// Its frames, within the limits given to `accept`.
+    /// Its frames, within the limits given to `attach`.
     pub(crate) read: FrameReader<Reader>,
     /// Its write half, for [`spawn_writer`].
     pub(crate) write: WriteHalf,
@@ -1425,7 +1427,10 @@ pub(crate) struct Accepted {
 /// peer to prove `auth` (rule 11) and, if the peer's role is one of
 /// `serves` and has room, authenticates it. This is
 /// the one place a connection switches from the limits of rule 6 to those
-/// of the rules that follow: its frames are then read within `limits`.
+/// of the rules that follow. It runs on a runtime other than the one that
+/// is to serve the connection (rule 12): the authenticated connection
+/// comes back detached, to be [attached](Detached::attach) there, and its
+/// frames are then read within the limits given to `attach`.
 ///
 /// # Errors
 ///
@@ -1435,28 +1440,8 @@ pub(crate) struct Accepted {
 /// handshake failed ([`ProtocolError::Tls`]), a token not proved
 /// ([`ProtocolError::Auth`]), eviction by a
 /// newer connection ([`ProtocolError::Evicted`]), a role not served
-/// ([`ProtocolError::Role`]) or full ([`ProtocolError::Full`]).
-pub(crate) async fn accept(
-    incoming: Incoming<'_>,
-    ticket: PreAuth,
-    me: Role,
-    build: BuildId,
-    auth: &Auth,
-    serves: &[Role],
-    limits: &Limits,
-) -> Result<Accepted, ProtocolError> {
-    let (hello, stream, slot) = authenticate(incoming, ticket, (me, build, auth), serves).await?;
-    Ok(Accepted::new(hello, stream, slot, limits))
-}
-
-/// [`accept`] on a runtime other than the one that is to serve the
-/// connection (rule 12): the authenticated connection comes back
-/// detached, to be [attached](Detached::attach) there.
-///
-/// # Errors
-///
-/// As [`accept`], and [`ProtocolError::Io`] if the socket cannot be
-/// deregistered.
+/// ([`ProtocolError::Role`]) or full ([`ProtocolError::Full`]), or a socket
+/// that cannot be deregistered ([`ProtocolError::Io`]).
 pub(crate) async fn accept_detached(
     incoming: Incoming<'_>,
     ticket: PreAuth,
@@ -1482,6 +1467,12 @@ pub(crate) struct Detached {
 }
 
 impl Detached {
+    /// The peer's handshake: its role is one the caller serves; its build
+    /// is the caller's to check (rule 4), before the connection moves.
+    pub(crate) fn hello(&self) -> &Handshake {
+        &self.hello
+    }
+
     /// The connection, registered with the reactor of the runtime this
     /// runs in; its frames are read within `limits`.
     ///
@@ -1506,8 +1497,8 @@ impl Accepted {
     }
 }
 
-/// The handshakes of [`accept`]: the peer's hello, its stream and its
-/// slot, once it authenticated as a role of `serves` that has room.
+/// The handshakes of [`accept_detached`]: the peer's hello, its stream and
+/// its slot, once it authenticated as a role of `serves` that has room.
 async fn authenticate(
     incoming: Incoming<'_>,
     ticket: PreAuth,
@@ -1555,7 +1546,7 @@ async fn authenticate(
     Ok((theirs, stream, slot))
 }
 
-/// A connection just accepted, for [`accept`].
+/// A connection just accepted, for [`accept_detached`].
 pub(crate) enum Incoming<'a> {
     /// Over TCP, through TLS when given an acceptor.
     Tcp(TcpStream, Option<&'a Acceptor>),
@@ -1715,7 +1706,7 @@ impl Gate {
 }
 
 /// A connection's place in line while it is pre-auth (rule 6), from
-/// [`Gate::admit`] to [`accept`].
+/// [`Gate::admit`] to [`accept_detached`].
 pub(crate) struct PreAuth {
     id: u64,
     gate: Gate,
@@ -3038,16 +3029,17 @@ mod tests {
                         let ticket = gate.admit().unwrap();
                         let build = BuildId::NONE;
                         let me = Role::DataServer;
-                        let c = accept(
+                        let c = accept_detached(
                             Incoming::Tcp(stream, None),
                             ticket,
                             me,
                             build,
                             &auth,
                             &serves,
-                            &limits,
                         )
                         .await
+                        .unwrap()
+                        .attach(&limits)
                         .unwrap();
                         let _ = events.send("opened");
                         let writer = spawn_writer(c.write, &limits, None);

@@ -14,8 +14,9 @@
 //! 2. **TLS inside the pre-auth phase, the token inside TLS.** The TLS
 //!    handshake is the first thing on a connection, within the handshake
 //!    timeout and under the pre-auth cap of `net.rs` (its rule 6), and, on
-//!    a scheduler, on its handshakes' thread, not its state's (scheduler
-//!    rule 8); the token handshake (`handshake.rs`) then runs inside the
+//!    a scheduler and a worker's data port, on a handshakes' thread, not
+//!    the scheduler's state thread nor the worker's network thread
+//!    (scheduler rule 8, worker rule 13); the token handshake (`handshake.rs`) then runs inside the
 //!    encrypted channel.
 //!    TLS authenticates the channel (and, with client certificates, the
 //!    process); the token stays the proof of membership. Both run when
@@ -524,6 +525,12 @@ pub(crate) mod testing {
             Tls::new()
                 .identity(&self.dir.join("cert.pem"), &self.dir.join("cert.key"))
                 .unwrap()
+        }
+
+        /// Settings presenting the certificate and trusting the CA: a
+        /// worker's (it connects, and serves its data port).
+        pub(crate) fn both(&self) -> Tls {
+            self.identity().trust(&self.dir.join("ca.pem")).unwrap()
         }
 
         /// A connector trusting the CA, with no certificate of its own.

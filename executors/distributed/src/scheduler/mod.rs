@@ -46,7 +46,7 @@
 //!    wait for workers as before; so does a graph accepted then, even if
 //!    only workers of other builds register later.
 //! 7. Only authenticated connections reach the state loop: a connection is
-//!    announced to it (`Event::Connected`) once `net::accept` returned,
+//!    announced to it (`Event::Connected`) once `net::accept_detached` returned,
 //!    i.e. once its peer proved the scheduler's token ([`Options::auth`];
 //!    `auth.rs` rules). A refused peer gets the scheduler's hello and
 //!    nothing else, and costs one log line. What an authenticated worker

@@ -53,6 +53,10 @@ pub(crate) struct Link {
     /// The limits of the worker's connections (`net` rules 8 to 10), one
     /// budget for all of them.
     pub(crate) limits: net::Limits,
+    /// The runtime of the thread that accepts the data port's connections
+    /// and takes them through their handshakes (rule 13); the thread is
+    /// the worker's `Net`'s.
+    pub(crate) handshakes: tokio::runtime::Handle,
 }
 
 /// How a worker of a TLS cluster connects, and what its data port serves.
@@ -228,9 +232,7 @@ async fn attempt(
     let data_address = match *data {
         Some(bound) => bound,
         None => {
-            let listener = TcpListener::bind((local.ip(), 0))
-                .await
-                .map_err(Error::Io)?;
+            let listener = net::listen(SocketAddr::new(local.ip(), 0)).map_err(Error::Io)?;
             let bound = listener.local_addr().map_err(Error::Io)?;
             // Mutual TLS when the scheduler asked this worker for its
             // certificate (`tls.rs` rule 4).
@@ -238,12 +240,19 @@ async fn attempt(
                 Some(tls) => Some(tls.settings.acceptor(tls.connector.was_asked())?),
                 None => None,
             };
-            tokio::spawn(serve_data(
+            // Accepted on the handshakes' thread, served on this one, the
+            // network thread's (rule 13).
+            let listener = {
+                let _handshakes = link.handshakes.enter();
+                TcpListener::from_std(listener).map_err(Error::Io)?
+            };
+            link.handshakes.spawn(serve_data(
                 listener,
                 store.clone(),
                 link.build,
                 (link.auth.clone(), acceptor),
                 link.limits.clone(),
+                tokio::runtime::Handle::current(),
             ));
             *data = Some(bound);
             bound

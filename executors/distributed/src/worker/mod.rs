@@ -28,10 +28,13 @@
 //!    protocol version). A zero death timeout means one attempt at the
 //!    start and none after a loss: the worker ends with its scheduler, as
 //!    a [`LocalCluster`](crate::LocalCluster)'s do. The runtime, the pool,
-//!    the watchdog and the data port last the worker's whole life, across
-//!    connections.
+//!    the watchdog and the data port (with its handshakes' thread, rule 13)
+//!    last the worker's whole life, across connections; when the worker
+//!    ends, the handshakes' thread is stopped and joined, closing the data
+//!    port, before [`run`] returns or [`WorkerHandle::stop`] does.
 //! 2. One thread at a time, the *network thread*, drives the worker's tokio
-//!    runtime: all networking and the dispatch of jobs. Ops run on
+//!    runtime: all networking and the dispatch of jobs, save the data
+//!    port's accepting and handshakes (rule 13). Ops run on
 //!    `threads` plain compute threads, so a long op never delays a data
 //!    transfer or a report (but see rule 5 for ops known to be short).
 //! 3. Reports to the scheduler are batched: everything that finished while
@@ -110,7 +113,16 @@
 //!     big frames (1 GiB) and the stall timeout (30 s). The data port takes
 //!     connections as the scheduler does (pre-auth only the handshake, for
 //!     10 s; at most 256 pre-auth; capped from half the open-file limit,
-//!     the rest being the worker's and its tasks'), answers a `GetData`
+//!     the rest being the worker's and its tasks'). Like the scheduler's
+//!     (its rule 8), it accepts them and takes them through their
+//!     handshakes (TLS's, then the token's) on a thread of its own,
+//!     `rask-handshake`, never the network thread: what a process that can
+//!     reach the port but has not authenticated makes the worker compute
+//!     (a TLS key exchange and signature, the token's proofs) can hold up
+//!     other handshakes, not heartbeats, dispatch or reports (rules 2 and
+//!     6). A reader of another build (rule 8) is closed there too; an
+//!     authenticated one moves to the network thread (`net` rule 12) and
+//!     is served there. The data port answers a `GetData`
 //!     one value at a time, waiting while more than 64 MiB wait to be sent
 //!     to the reader (so a reader that stops reading holds at most that and
 //!     one value, and is closed once it reads nothing for the stall
@@ -1051,6 +1063,11 @@ impl Core {
 struct Net {
     // Dropped before the runtime they were made in.
     io: Io,
+    /// The thread that accepts the data port's connections and takes them
+    /// through their handshakes (rule 13). Stopped and joined when dropped,
+    /// which closes the data port; before the runtime, so that no
+    /// connection comes over while it goes.
+    _handshakes: net::Handshakes,
     runtime: tokio::runtime::Runtime,
 }
 
@@ -1244,6 +1261,9 @@ struct Started {
     data_address: SocketAddr,
     ending: std::sync::mpsc::Receiver<Ending>,
     watchdog: JoinHandle<()>,
+    /// The runtime the network thread drives, for tests to hold it busy.
+    #[cfg(test)]
+    network: tokio::runtime::Handle,
 }
 
 /// Connects, registers (waiting for the scheduler as rule 1 says), and
@@ -1282,6 +1302,9 @@ fn start(
             })
         }
     };
+    // The data port's accepting and handshakes run on a thread of their
+    // own (rule 13); when the worker does not start, it stops here.
+    let handshakes = net::Handshakes::start().map_err(Error::Io)?;
     let link = Link {
         address: address.to_owned(),
         scheme,
@@ -1294,6 +1317,7 @@ fn start(
         resources: options.resources.clone(),
         name: options.name.clone().unwrap_or_else(default_name),
         limits: net::Limits::standard(),
+        handshakes: handshakes.runtime().clone(),
     };
     let runtime = net::runtime().map_err(Error::Io)?;
     let spill_parent = options.spill_dir.clone().unwrap_or_else(std::env::temp_dir);
@@ -1308,6 +1332,8 @@ fn start(
         false,
     ))?;
     let (id, data_address) = (connection.id, connection.data_address);
+    #[cfg(test)]
+    let network = runtime.handle().clone();
     let (done, done_rx) = mpsc::unbounded_channel();
     let (seceded, seceded_rx) = mpsc::unbounded_channel();
     let io = Io::new(connection, (done_rx, seceded_rx), stop, &link);
@@ -1328,7 +1354,11 @@ fn start(
         link,
         data_address,
         core: Mutex::new(Core::new(WorkerState::new(id, registry, store.clone()))),
-        net: Mutex::new(Some(Net { io, runtime })),
+        net: Mutex::new(Some(Net {
+            io,
+            _handshakes: handshakes,
+            runtime,
+        })),
         pool,
         done,
         store,
@@ -1358,6 +1388,8 @@ fn start(
         data_address,
         ending: ended,
         watchdog,
+        #[cfg(test)]
+        network,
     })
 }
 
@@ -1466,7 +1498,7 @@ fn drive(worker: &Arc<Worker>, slot: &Slot) {
     let ended = catch_unwind(AssertUnwindSafe(|| loop {
         {
             let mut net = locked(&worker.net);
-            let Net { io, runtime } = net.as_mut()?;
+            let Net { io, runtime, .. } = net.as_mut()?;
             match runtime.block_on(turn(io, worker)) {
                 None => {}
                 Some(Ended::Finished(result)) => return Some(result),
@@ -1750,13 +1782,16 @@ async fn turn(io: &mut Io, worker: &Worker) -> Option<Ended> {
 }
 
 /// Accepts peers on the data port (rule 13), over TLS when given an
-/// acceptor.
+/// acceptor: here, on the handshakes' thread, it takes them through their
+/// handshakes, then serves them on the runtime of `network`, the network
+/// thread's.
 async fn serve_data(
     listener: TcpListener,
     store: Store,
     build: BuildId,
     (auth, tls): (Arc<Auth>, Option<Acceptor>),
     limits: net::Limits,
+    network: tokio::runtime::Handle,
 ) {
     // Half the open files: the rest are the worker's own and its tasks'.
     let gate = net::Gate::new(net::Caps::for_this_process(2));
@@ -1766,56 +1801,81 @@ async fn serve_data(
         "worker: data port",
         move |stream, peer, ticket| {
             let (store, auth, limits) = (store.clone(), auth.clone(), limits.clone());
-            let tls = tls.clone();
+            let (tls, network) = (tls.clone(), network.clone());
             tokio::spawn(async move {
-                let conn = data_connection(stream, ticket, store, build, (&auth, tls), &limits);
-                match conn.await {
-                    Ok(()) => {}
-                    // Rule 12: a line per refusal, naming what is wrong.
-                    Err(e @ ProtocolError::Auth(_)) => log_limited!(
-                        "worker: refused data connection",
-                        "worker: refused the data connection from {peer}: {e}"
-                    ),
-                    Err(e) => log_limited!(
-                        "worker: closing data connection",
-                        "worker: closing data connection from {peer}: {}",
-                        Chain(&e)
-                    ),
-                }
+                let detached = match data_handshakes(stream, ticket, build, (&auth, tls)).await {
+                    Ok(detached) => detached,
+                    Err(e) => {
+                        data_closed(peer, &e);
+                        return;
+                    }
+                };
+                network.spawn(async move {
+                    let served = match detached.attach(&limits) {
+                        Ok(accepted) => data_connection(accepted, store, &limits).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = served {
+                        data_closed(peer, &e);
+                    }
+                });
             });
         },
     )
     .await
 }
 
-/// Answers one peer's `GetData`s until it goes away, or is idle for
-/// [`DATA_IDLE`]; only a peer that proved `auth` (rule 12), of this
-/// worker's `build` (rule 8), is served (rule 13). `Err` says why this side
-/// closed it.
-async fn data_connection(
+/// Logs why this side closed the data connection from `peer`.
+fn data_closed(peer: net::PeerAddr, e: &ProtocolError) {
+    match e {
+        // Rule 12: a line per refusal, naming what is wrong.
+        ProtocolError::Auth(_) => log_limited!(
+            "worker: refused data connection",
+            "worker: refused the data connection from {peer}: {e}"
+        ),
+        _ => log_limited!(
+            "worker: closing data connection",
+            "worker: closing data connection from {peer}: {}",
+            Chain(e)
+        ),
+    }
+}
+
+/// Takes a peer of the data port through its handshakes (rule 13), on
+/// the handshakes' thread: only a peer that proved `auth` (rule 12), of
+/// this worker's `build` (rule 8), comes out, to be served on the network
+/// thread. `Err` says why this side closed it.
+async fn data_handshakes(
     stream: TcpStream,
     ticket: net::PreAuth,
-    store: Store,
     build: BuildId,
     (auth, tls): (&Auth, Option<Acceptor>),
-    limits: &net::Limits,
-) -> Result<(), ProtocolError> {
-    let accepted = net::accept(
+) -> Result<net::Detached, ProtocolError> {
+    let detached = net::accept_detached(
         net::Incoming::Tcp(stream, tls.as_ref()),
         ticket,
         Role::DataServer,
         build,
         auth,
         &[Role::Peer],
-        limits,
     )
     .await?;
-    if accepted.hello.build != build {
+    if detached.hello().build != build {
         return Err(ProtocolError::Build {
             ours: build,
-            theirs: accepted.hello.build,
+            theirs: detached.hello().build,
         });
     }
+    Ok(detached)
+}
+
+/// Answers one authenticated peer's `GetData`s until it goes away, or is
+/// idle for [`DATA_IDLE`] (rule 13). `Err` says why this side closed it.
+async fn data_connection(
+    accepted: net::Accepted,
+    store: Store,
+    limits: &net::Limits,
+) -> Result<(), ProtocolError> {
     let _slot = accepted.slot;
     let writer = net::spawn_writer(accepted.write, limits, None);
     let mut read = accepted.read;
@@ -2253,6 +2313,96 @@ mod tests {
             "the report is not the old thread's to give"
         );
         assert!(slot.returned());
+    }
+
+    /// Rule 13: the data port's handshakes, TLS's and the token's, run on
+    /// a thread of their own: they complete while the network thread is
+    /// busy (blocked here on purpose), and the reader is served there once
+    /// it is free. Before, both ran on the network thread, so any process
+    /// that could reach the data port could spend it on TLS's key exchange,
+    /// holding up heartbeats, dispatch and reports. Once the worker
+    /// stopped, nothing listens on its data port (rule 1).
+    #[test]
+    fn data_port_handshakes_complete_while_the_network_thread_is_busy() {
+        use crate::protocol::{FromPeer, ToPeer};
+        let pki = crate::tls::testing::Pki::new("data-handshakes");
+        let options = crate::scheduler::Options::default().tls(pki.identity());
+        let scheduler =
+            crate::scheduler::serve_with("127.0.0.1:0".parse().unwrap(), options).unwrap();
+        let auth = Auth::Token(scheduler.token().unwrap().clone());
+        let options = Options::default()
+            .auth(auth.clone())
+            .tls(pki.both())
+            .death_timeout(Duration::ZERO);
+        let address = format!("tls://{}", scheduler.address());
+        let (stop, stopped) = oneshot::channel();
+        let started = start(
+            &address,
+            Arc::new(Reg),
+            options,
+            BuildId::current(),
+            Some(stopped),
+        )
+        .unwrap();
+        let network = started.network.clone();
+        let data_address = started.data_address;
+        // Stopped however the test ends.
+        let worker = WorkerHandle {
+            id: started.id,
+            data_address,
+            stop: Some(stop),
+            ending: Mutex::new(started.ending),
+            watchdog: Some(started.watchdog),
+        };
+        // The network thread, blocked until told (60 s at most).
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (blocking, blocked) = std::sync::mpsc::channel();
+        network.spawn(async move {
+            let _ = blocking.send(std::thread::current().name().map(str::to_owned));
+            let _ = released.recv_timeout(Duration::from_secs(60));
+        });
+        let wait = Duration::from_secs(30);
+        let on = blocked.recv_timeout(wait).unwrap();
+        assert_eq!(on.as_deref(), Some("rask-worker"));
+        let runtime = net::runtime().unwrap();
+        let limits = net::Limits::standard();
+        let connector = pki.connector();
+        let connected = runtime.block_on(net::connect(
+            (Scheme::Tls, &data_address.to_string(), Some(&connector)),
+            Role::Peer,
+            Role::DataServer,
+            BuildId::current(),
+            &auth,
+            net::CONNECT_TIMEOUT,
+            &limits,
+        ));
+        let _ = release.send(());
+        let connected = match connected {
+            Ok(connected) => connected,
+            Err(e) => {
+                panic!("no handshake with the data port while the network thread was busy: {e}")
+            }
+        };
+        // Served on the network thread once it is free: a `GetData` is
+        // answered.
+        let key = [7; 32];
+        let answer = runtime.block_on(async {
+            let writer = net::spawn_writer(connected.write, &limits, None);
+            let mut batch = Batch::default();
+            batch.push(&ToPeer::GetData { keys: vec![key] });
+            net::send_batch(&writer, &mut batch).unwrap();
+            let mut read = connected.read;
+            match tokio::time::timeout(wait, read.next()).await {
+                Ok(Ok(true)) => decode_checked::<FromPeer>(read.frame()).unwrap(),
+                other => panic!("no answer from the data port: {other:?}"),
+            }
+        });
+        assert_eq!(answer, [FromPeer::Missing { key }]);
+        worker.stop();
+        match std::net::TcpStream::connect_timeout(&data_address, wait) {
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused),
+            Ok(_) => panic!("the data port of a stopped worker still listens"),
+        }
     }
 
     #[test]
