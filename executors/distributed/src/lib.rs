@@ -183,8 +183,9 @@
 //!   scheduler's [`scheduler::Options::frame_budget`]) as their bytes
 //!   arrive, and wait for room, unread, instead of being allocated, so a
 //!   peer that announces a big frame and sends little holds little; a
-//!   frame trickled in, or a peer that stops reading its
-//!   answers, is closed after a stall timeout (30 s); a server stops
+//!   frame trickled in (slower than 1 MiB/s, after a stall timeout of
+//!   30 s), or a peer that stops reading its answers for the stall
+//!   timeout, is closed; a server stops
 //!   reading a peer with more than 64 MiB of answers waiting for it;
 //!   clients send heartbeats and a silent one is closed after a minute;
 //!   connections are capped per role from the limit of open files; and

@@ -64,9 +64,10 @@
 //!    come, first served) for *all* it still lacks at once, and its
 //!    connection is not read meanwhile (back-pressure, nothing allocated);
 //!    what it is granted from the lane it holds before the bytes arrive,
-//!    for rule 9's time at most. Small frames (heartbeats, most batches)
-//!    are read without waiting, so a big frame waiting for room does not
-//!    silence its process; they cost at most [`SMALL_FRAME`] per
+//!    for at most the stall timeout and a second per [`MIN_FRAME_RATE`]
+//!    bytes that arrived since (rule 9). Small frames (heartbeats, most
+//!    batches) are read without waiting, so a big frame waiting for room
+//!    does not silence its process; they cost at most [`SMALL_FRAME`] per
 //!    connection, and connections are capped (rule 7).
 //!    Once decoded, every frame, small or big, holds from the budget what
 //!    its messages take ([`FrameReader::try_cover`]: its length plus what
@@ -93,16 +94,26 @@
 //!    fair: what is given back goes to it first), so the pool's line moves
 //!    too. The price: when the pool runs out, big frames go through the
 //!    lane one after the other, as much of them at a time as fits.
-//! 9. **Stalls.** A frame must be received within [`STALL_TIMEOUT`] (a
-//!    scheduler's `stall_timeout`) of its start plus one second per
-//!    [`MIN_FRAME_RATE`] bytes of its length, or, when it had to wait in
-//!    the lane's line, within as long of its grant for the bytes it still
-//!    lacked: a peer that trickles a frame (slow-loris) is closed. The
-//!    time counts from the first read of the frame that has to wait for
-//!    bytes, so a frame that arrived whole costs no clock and no timer. A
-//!    writer whose peer takes no byte for that long while something is
-//!    queued for it gives up, and the connection closes: the peer stopped
-//!    reading.
+//! 9. **Stalls.** A frame must arrive at [`MIN_FRAME_RATE`] at least,
+//!    after a head start of [`STALL_TIMEOUT`] (a scheduler's
+//!    `stall_timeout`): its `k`-th byte within the stall timeout plus
+//!    `k / MIN_FRAME_RATE` seconds of its start, or, for what it still
+//!    lacked when it was granted from the lane, of that grant. The
+//!    deadline moves with the bytes received (a *progress deadline*): a
+//!    peer that trickles a frame (slow-loris), or sends its head and then
+//!    little, is closed the stall timeout after its start plus the time
+//!    its bytes so far earned, however long the frame it announced; it
+//!    cannot hold what it was granted (the lane's bytes, rule 8) for the
+//!    whole frame's time while sending nothing. A frame whose bytes keep
+//!    up with the minimum rate is never closed, and has, as before, the
+//!    stall timeout plus a second per [`MIN_FRAME_RATE`] bytes of its
+//!    length in all. The time counts from the first read of the frame (or
+//!    of what it lacked at its grant) that has to wait for bytes, so a
+//!    frame that arrived whole costs no clock and no timer; a frame that
+//!    waits costs one clock reading, and one timer reset each time it
+//!    waits again. A writer whose peer takes no byte for the stall timeout
+//!    while something is queued for it gives up, and the connection
+//!    closes: the peer stopped reading.
 //! 10. **Backlog.** A writer counts the bytes queued for its peer and not yet
 //!     taken by the socket. Above [`QUEUE_LIMIT`], a server stops reading
 //!     that peer's requests until the backlog drains ([`Writer::room`]): a
@@ -174,14 +185,17 @@ pub(crate) const GRANT_STEP: usize = 1 << 20;
 /// memory for frames stays bounded however many peers send them.
 pub(crate) const FRAME_BUDGET: usize = 1 << 30;
 
-/// The time a frame may take, on top of one second per [`MIN_FRAME_RATE`]
-/// bytes, and the longest a peer may leave bytes queued for it unread
-/// (rule 9). A healthy peer never stops for this long.
+/// The head start of a frame's progress deadline: its bytes must arrive
+/// within this plus one second per [`MIN_FRAME_RATE`] of them (rule 9).
+/// Also the longest a peer may leave bytes queued for it unread. A healthy
+/// peer never stops for this long.
 pub(crate) const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The slowest a frame may arrive, after [`STALL_TIMEOUT`] (rule 9), in
 /// bytes per second: 1 MiB/s, so the biggest frame may take about 9
-/// minutes, and a frame of a few bytes the stall timeout.
+/// minutes, a frame of a few bytes the stall timeout, and a peer that
+/// sends the head of a frame and then little is closed the stall timeout
+/// plus a second per MiB of that head after the frame's start.
 pub(crate) const MIN_FRAME_RATE: usize = 1 << 20;
 
 /// The bytes queued for one peer above which a server stops reading that
@@ -439,11 +453,21 @@ impl Limits {
         Limits::new(FRAME_BUDGET, STALL_TIMEOUT)
     }
 
-    /// The time a frame of `len` bytes may take (rule 9).
-    fn allowance(&self, len: usize) -> Duration {
-        self.stall
-            .saturating_add(Duration::from_secs((len / MIN_FRAME_RATE) as u64))
+    /// The time a frame may have taken when `received` of its bytes
+    /// arrived (rule 9): the stall timeout, and what they earned at
+    /// [`MIN_FRAME_RATE`].
+    fn allowed(&self, received: usize) -> Duration {
+        self.stall.saturating_add(earned(received))
     }
+}
+
+/// The time `bytes` earn a frame at [`MIN_FRAME_RATE`] (rule 9), to the
+/// nanosecond.
+fn earned(bytes: usize) -> Duration {
+    let rate = MIN_FRAME_RATE as u64;
+    let bytes = u64::try_from(bytes).unwrap_or(u64::MAX);
+    // The remainder is below 2^20, so times 10^9 it fits a u64.
+    Duration::from_secs(bytes / rate) + Duration::from_nanos((bytes % rate) * 1_000_000_000 / rate)
 }
 
 /// Set while a connection's reader waits for something this side decides
@@ -473,12 +497,16 @@ pub(crate) struct FrameReader<R> {
     /// step more), or of the one just returned.
     grant: Grant,
     waiting: Option<Waiting>,
-    /// What the frame under way is allowed (rule 9); `None` between
+    /// While a frame is under way, the length of its body from which its
+    /// bytes earn it time (rule 9): none of it at its start, what had
+    /// arrived when it was granted from the lane's line; `None` between
     /// frames.
-    allowed: Option<Duration>,
-    /// When it must be complete: set by the first read of it that has to
-    /// wait, so a frame already buffered costs no clock and no timer.
-    deadline: Option<Instant>,
+    counted_from: Option<usize>,
+    /// When its time started: the first read of it (since that grant) that
+    /// had to wait, so a frame already buffered costs no clock and no
+    /// timer. Its deadline is this plus [`Limits::allowed`] for its bytes
+    /// received since.
+    origin: Option<Instant>,
     timer: Option<Pin<Box<Sleep>>>,
     timer_at: Option<Instant>,
     /// Whether `next` returned a frame not released yet.
@@ -498,8 +526,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             limits,
             grant: Grant::default(),
             waiting: None,
-            allowed: None,
-            deadline: None,
+            counted_from: None,
+            origin: None,
             timer: None,
             timer_at: None,
             returned: false,
@@ -537,17 +565,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                         };
                     }
                     if self.prefix_len == 0 {
-                        // A frame starts: the stall timeout until its
-                        // length is known (rule 9).
-                        self.allowed = Some(self.limits.stall);
+                        // A frame starts: its time counts (rule 9).
+                        self.counted_from = Some(0);
                     }
                     self.prefix_len += n;
                 }
                 Some(len) if self.body.len() == len => {
                     self.want = None;
                     self.prefix_len = 0;
-                    self.allowed = None;
-                    self.deadline = None;
+                    self.counted_from = None;
+                    self.origin = None;
                     self.returned = true;
                     return Ok(true);
                 }
@@ -692,19 +719,27 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// Admits a frame of `len` bytes (rule 8): any up to the budget's
     /// largest, granted later as its bytes arrive ([`FrameReader::grow`]).
-    /// Sets the frame's deadline (rule 9).
-    fn admit(&mut self, len: usize) -> Result<(), ProtocolError> {
+    /// Its time (rule 9) goes on counting from its start: its length earns
+    /// it nothing, its bytes do as they arrive.
+    fn admit(&self, len: usize) -> Result<(), ProtocolError> {
         let largest = self.limits.budget.largest_frame();
         if len > SMALL_FRAME && len > largest {
             return Err(ProtocolError::FrameTooLarge { len, max: largest });
         }
-        let allowed = self.limits.allowance(len);
-        // The time counts from the frame's start.
-        if let (Some(deadline), Some(first)) = (self.deadline, self.allowed) {
-            self.deadline = Some(deadline - first + allowed);
-        }
-        self.allowed = Some(allowed);
         Ok(())
+    }
+
+    /// The time since its origin the frame under way may have taken by now
+    /// (rule 9): the stall timeout, plus what its bytes received since the
+    /// origin earned. `None` between frames.
+    fn allowed(&self) -> Option<Duration> {
+        let from = self.counted_from?;
+        // Until its length is known, the body holds the frame before.
+        let received = match self.want {
+            Some(_) => self.body.len().saturating_sub(from),
+            None => 0,
+        };
+        Some(self.limits.allowed(received))
     }
 
     /// Grants the frame of `len` bytes under way, all of whose granted
@@ -712,8 +747,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// now, what arrived again (at least [`SMALL_FRAME`], at most
     /// [`GRANT_STEP`]); else all the frame still lacks, from the lane,
     /// waiting in its line if need be. Sets `held` while it waits: the peer
-    /// is not to blame, and the rest of the frame's time counts from the
-    /// grant (rule 9).
+    /// is not to blame, and the frame's time counts again from the grant,
+    /// its bytes earning time from there (rule 9).
     async fn grow(&mut self, len: usize) -> Result<(), ProtocolError> {
         let has = self.grant.bytes();
         // At most the lane (`admit`), far below u32::MAX.
@@ -748,51 +783,53 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             // The semaphore is never closed.
             self.grant
                 .add_lane(granted.map_err(|_| ProtocolError::Closed)?);
-            self.deadline = None;
-            self.allowed = Some(self.limits.allowance(lacks as usize));
+            self.origin = None;
+            self.counted_from = Some(self.body.len());
         }
         Ok(())
     }
 
     async fn read_prefix(&mut self) -> Result<usize, ProtocolError> {
+        let allowed = self.allowed();
         let FrameReader {
             inner,
             prefix,
             prefix_len,
-            allowed,
-            deadline,
+            origin,
             timer,
             timer_at,
             ..
         } = self;
         let read = inner.read(&mut prefix[*prefix_len..]);
-        within(read, *allowed, deadline, timer, timer_at).await
+        within(read, allowed, origin, timer, timer_at).await
     }
 
     async fn read_body(&mut self, remaining: usize) -> Result<usize, ProtocolError> {
+        let allowed = self.allowed();
         let FrameReader {
             inner,
             body,
-            allowed,
-            deadline,
+            origin,
             timer,
             timer_at,
             ..
         } = self;
         let mut limited = inner.take(remaining as u64);
         let read = limited.read_buf(body);
-        within(read, *allowed, deadline, timer, timer_at).await
+        within(read, allowed, origin, timer, timer_at).await
     }
 }
 
 /// Runs `io` (a read or a write) until it completes or the time `allowed`
-/// for it is up (rule 9): `deadline` is set, to `allowed` from now, by the
-/// first poll that has to wait, and the timer armed only then, so an
-/// operation that completes at once costs neither a clock nor a timer.
+/// since `origin` is up (rule 9): `origin` is set, to now, by the first
+/// poll that has to wait, unless an earlier operation set it, and the
+/// timer armed only then, so an operation that completes at once costs
+/// neither a clock nor a timer. A frame's reads share its origin and are
+/// allowed more as its bytes arrive: its deadline moves with them.
 async fn within<F: Future<Output = std::io::Result<usize>>>(
     io: F,
     allowed: Option<Duration>,
-    deadline: &mut Option<Instant>,
+    origin: &mut Option<Instant>,
     timer: &mut Option<Pin<Box<Sleep>>>,
     timer_at: &mut Option<Instant>,
 ) -> Result<usize, ProtocolError> {
@@ -804,7 +841,7 @@ async fn within<F: Future<Output = std::io::Result<usize>>>(
         let Some(allowed) = allowed else {
             return Poll::Pending;
         };
-        let at = *deadline.get_or_insert_with(|| Instant::now() + allowed);
+        let at = *origin.get_or_insert_with(Instant::now) + allowed;
         let sleep = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
         if *timer_at != Some(at) {
             sleep.as_mut().reset(at);
@@ -2011,7 +2048,7 @@ impl Out<'_> {
     async fn write_counted(&mut self, mut buf: &[u8]) -> Result<(), ()> {
         while !buf.is_empty() {
             // Each write may wait the stall timeout: progress is what counts.
-            let mut deadline = None;
+            let mut origin = None;
             let Out {
                 write,
                 queue,
@@ -2019,13 +2056,7 @@ impl Out<'_> {
                 timer,
                 timer_at,
             } = self;
-            let written = within(
-                write.write(buf),
-                Some(*stall),
-                &mut deadline,
-                timer,
-                timer_at,
-            );
+            let written = within(write.write(buf), Some(*stall), &mut origin, timer, timer_at);
             let n = match written.await {
                 Ok(n) if n > 0 => n,
                 Err(ProtocolError::Stalled(after)) => {
@@ -2043,8 +2074,8 @@ impl Out<'_> {
         }
         if self.write.buffers() {
             // TLS keeps the records the socket did not take yet: they go
-            // out now, not with the next frame, within the same deadline.
-            let mut deadline = None;
+            // out now, not with the next frame, within the stall timeout.
+            let mut origin = None;
             let Out {
                 write,
                 stall,
@@ -2053,7 +2084,7 @@ impl Out<'_> {
                 ..
             } = self;
             let flushed = async { write.flush().await.map(|()| 0) };
-            within(flushed, Some(*stall), &mut deadline, timer, timer_at)
+            within(flushed, Some(*stall), &mut origin, timer, timer_at)
                 .await
                 .map_err(|_| ())?;
         }
@@ -2919,9 +2950,11 @@ mod tests {
                     }
                 }
             });
+            // Its bytes earned it a microsecond each.
             assert!(matches!(
                 read.next().await,
-                Err(ProtocolError::Stalled(allowed)) if allowed == stall
+                Err(ProtocolError::Stalled(allowed))
+                    if allowed >= stall && allowed < stall + Duration::from_millis(1)
             ));
             // Idle between frames is no stall: only a frame started counts.
             let (mut tx, rx) = tokio::io::duplex(1 << 10);
@@ -2934,6 +2967,49 @@ mod tests {
                 std::future::pending::<()>().await;
             });
             assert!(read.next().await.unwrap());
+        });
+    }
+
+    /// Rule 9's progress deadline, on a real socket: a peer that sends the
+    /// head of a big frame and then trickles it, far below the minimum
+    /// rate, is closed once the stall timeout and what its head earned are
+    /// up, not after the whole frame's allowance. Before, a frame had the
+    /// stall timeout and a second per MiB of its length from its start
+    /// whatever arrived of it: 32.5 s here.
+    #[test]
+    fn a_frame_whose_head_arrived_and_then_trickles_is_closed_after_what_its_bytes_earned() {
+        run(async {
+            let stall = Duration::from_millis(500);
+            let len = 32 << 20;
+            let head = 256 << 10;
+            let limits = Limits::new(2 * len, stall);
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = listener.local_addr().unwrap();
+            let (dialed, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
+            let mut peer = dialed.unwrap();
+            let (read, _write) = accepted.unwrap().0.into_split();
+            let mut read = FrameReader::new(reader(ReadHalf::Plain(read)), limits.clone());
+            tokio::spawn(async move {
+                let mut bytes = u32::try_from(len).unwrap().to_le_bytes().to_vec();
+                bytes.resize(4 + head, 0xab);
+                let _ = peer.write_all(&bytes).await;
+                // 20 bytes a second.
+                loop {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    if peer.write_all(&[0]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let whole = limits.allowed(len);
+            let bound = Duration::from_secs(10);
+            match tokio::time::timeout(bound, read.next()).await {
+                Ok(Err(ProtocolError::Stalled(allowed))) => {
+                    assert!(allowed >= stall && allowed < whole, "{allowed:?}");
+                }
+                Ok(other) => panic!("not stalled: {other:?}"),
+                Err(_) => panic!("not closed within {bound:?} (its whole allowance: {whole:?})"),
+            }
         });
     }
 

@@ -468,9 +468,11 @@ pub enum ProtocolError {
     /// long: it is taken for dead (hung, or its machine unreachable).
     #[error("nothing heard for {0:?}: taken for dead")]
     Silent(std::time::Duration),
-    /// A frame was started and not finished in the time allowed for its
-    /// length: a peer that trickles bytes (slow-loris) or stalled.
-    #[error("frame not received within {0:?} of its start")]
+    /// A frame arrived slower than the minimum rate allows (`net` rule
+    /// 9): no more of it came within this long of its start, the stall
+    /// timeout and what its bytes so far earned. A peer that trickles
+    /// bytes (slow-loris) or stalled.
+    #[error("frame stalled: no more of it within {0:?} of its start")]
     Stalled(std::time::Duration),
     /// The peer took none of the bytes queued for it for this long: it
     /// stopped reading.

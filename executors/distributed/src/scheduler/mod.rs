@@ -362,9 +362,11 @@ pub struct Options {
     /// nothing else, so anything much above 2 s keeps every live client.
     pub client_timeout: Duration,
     /// How long a frame may take to arrive, on top of one second per MiB
-    /// of its length, and how long a peer may leave bytes queued for it
-    /// unread, before its connection is closed (rule 8): a peer that
-    /// trickles a frame byte by byte, or stopped reading. Default 30 s.
+    /// of it that arrived (a peer sending slower than 1 MiB/s falls behind
+    /// that, however big the frame it announced), and how long a peer may
+    /// leave bytes queued for it unread, before its connection is closed
+    /// (rule 8): a peer that trickles a frame byte by byte, or stopped
+    /// reading. Default 30 s.
     pub stall_timeout: Duration,
     /// The most bytes of frames over 64 KiB the scheduler reads and
     /// handles at once, over every connection (rule 8), granted as they
@@ -2269,6 +2271,118 @@ mod tests {
                 Ok(_) => panic!("a connection closed"),
                 Err(_) => panic!("the third connection's frame was not read within {wait:?}"),
             }
+            for reading in readers {
+                reading.abort();
+            }
+        });
+    }
+
+    /// Net rule 9, as a reviewer reasoned it: a peer that fills the pool
+    /// (sending all but the last byte of a frame as big as it, for real)
+    /// and announces another big frame on a second connection is granted
+    /// all of that one from the lane before its bytes arrive. Sending its
+    /// head and then a byte now and then, it held the lane for the whole
+    /// frame's allowance (the stall timeout and a second per MiB
+    /// announced: 9 minutes for 512 MiB at the defaults, 33 s here), and
+    /// every other big frame waited in the lane's line. With the progress
+    /// deadline it is closed the stall timeout and what its head earned
+    /// after, and the frame waiting behind it is read.
+    #[test]
+    fn a_peer_trickling_a_frame_granted_the_lane_is_closed_and_the_frame_behind_it_read() {
+        use tokio::io::AsyncWriteExt;
+        const BUDGET: usize = 64 << 20;
+        // As big as the lane, and as the pool.
+        const FRAME: usize = BUDGET / 2;
+        const HEAD: usize = 256 << 10;
+        let runtime = net::runtime().unwrap();
+        runtime.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = listener.local_addr().unwrap();
+            let limits = net::Limits::new(BUDGET, Duration::from_secs(1));
+            let (events_tx, mut events) = mpsc::unbounded_channel();
+            let mut peers = Vec::new();
+            let mut readers = Vec::new();
+            for conn in 1..=3 {
+                let peer = TcpStream::connect(address).await.unwrap();
+                let (socket, _) = listener.accept().await.unwrap();
+                let (read, write) = socket.into_split();
+                let frames = net::Frames::stream(net::FrameReader::new(
+                    tokio::io::BufReader::new(net::ReadHalf::Plain(read)),
+                    limits.clone(),
+                ));
+                let (tx, rx) = mpsc::unbounded_channel();
+                let writer = net::Writer::local(tx);
+                let (kill, killed) = oneshot::channel();
+                let events = events_tx.clone();
+                readers.push(tokio::spawn(async move {
+                    // Both kept open: no end of stream, no closed writer.
+                    let _open = (write, rx, kill);
+                    let held = net::Held::default();
+                    read_loop(frames, killed, conn, &events, &writer, &held).await
+                }));
+                peers.push(peer);
+            }
+            let mut trickler = peers.remove(1);
+            let mut behind = peers.remove(1);
+            let filler = &mut peers[0];
+            let prefix = u32::try_from(FRAME).unwrap().to_le_bytes();
+            // The first fills the pool: all its frame but the last byte.
+            filler.write_all(&prefix).await.unwrap();
+            let chunk = vec![0; 1 << 20];
+            let mut sent = 0;
+            while sent < FRAME - 1 {
+                let n = chunk.len().min(FRAME - 1 - sent);
+                filler.write_all(&chunk[..n]).await.unwrap();
+                sent += n;
+            }
+            while limits.budget.available() > BUDGET - FRAME {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            // The second announces as much and sends its head: the pool
+            // has no room, the lane grants it all.
+            trickler.write_all(&prefix).await.unwrap();
+            trickler.write_all(&chunk[..HEAD]).await.unwrap();
+            while limits.budget.available() > 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            // A graph of 300 KiB waits in the lane's line behind it; sent
+            // from a task of its own, as it is not read meanwhile.
+            let mut task = spec(1);
+            task.payload = Arc::from(vec![7; 300 << 10]);
+            let graph = crate::protocol::frame(&ToScheduler::UpdateGraph {
+                tasks: vec![task],
+                wanted: vec![[1; 32]],
+            });
+            let sending = tokio::spawn(async move {
+                let _ = behind.write_all(&graph).await;
+                behind // kept open
+            });
+            // Then a byte every 100 ms: it earns 10 µs a second.
+            let trickling = tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    if trickler.write_all(&[0]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let bound = Duration::from_secs(15);
+            let mut second = readers.remove(1);
+            match tokio::time::timeout(bound, &mut second).await {
+                Ok(Ok(Some(ProtocolError::Stalled(_)))) => {}
+                Ok(other) => panic!("the trickling peer's reader ended otherwise: {other:?}"),
+                Err(_) => panic!("the trickling peer still held the lane after {bound:?}"),
+            }
+            match tokio::time::timeout(bound, events.recv()).await {
+                Ok(Some(Event::Frame { conn, msgs, .. })) => {
+                    assert_eq!(conn, 3);
+                    assert!(matches!(&msgs[..], [ToScheduler::UpdateGraph { .. }]));
+                }
+                Ok(_) => panic!("a connection closed"),
+                Err(_) => panic!("the frame behind was not read within {bound:?}"),
+            }
+            trickling.abort();
+            sending.abort();
             for reading in readers {
                 reading.abort();
             }
