@@ -111,9 +111,15 @@
 //!    of what it lacked at its grant) that has to wait for bytes, so a
 //!    frame that arrived whole costs no clock and no timer; a frame that
 //!    waits costs one clock reading, and one timer reset each time it
-//!    waits again. A writer whose peer takes no byte for the stall timeout
-//!    while something is queued for it gives up, and the connection
-//!    closes: the peer stopped reading.
+//!    waits again. Bytes of a frame under way are news from the peer
+//!    before the frame is whole: each time the frame waits for more, its
+//!    reader moves a count ([`Heard`], one atomic add; none for a frame
+//!    that arrived whole), so that a process that closes silent peers
+//!    (the scheduler's rule 4) does not close one whose big frame takes
+//!    longer than its silence timeout and keeps up with this rule. A
+//!    writer whose peer takes no byte for the stall timeout while
+//!    something is queued for it gives up, and the connection closes: the
+//!    peer stopped reading.
 //! 10. **Backlog.** A writer counts the bytes queued for its peer and not yet
 //!     taken by the socket. Above [`QUEUE_LIMIT`], a server stops reading
 //!     that peer's requests until the backlog drains ([`Writer::room`]): a
@@ -142,7 +148,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::Poll;
 use std::time::Duration;
@@ -475,6 +481,12 @@ fn earned(bytes: usize) -> Duration {
 /// silence meanwhile.
 pub(crate) type Held = Arc<AtomicBool>;
 
+/// Moved by a connection's reader each time a frame under way, some of
+/// whose bytes arrived, has to wait for more (rule 9): a count that moved
+/// since it was last looked at means bytes of a frame arrived meanwhile,
+/// though the frame is not whole yet. Whole frames are news of their own.
+pub(crate) type Heard = Arc<AtomicU64>;
+
 /// A grant being waited for in the lane's line, kept across cancellations
 /// so the frame keeps its place (rule 8).
 type Waiting = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
@@ -512,6 +524,7 @@ pub(crate) struct FrameReader<R> {
     /// Whether `next` returned a frame not released yet.
     returned: bool,
     held: Option<Held>,
+    heard: Option<Heard>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -532,12 +545,20 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             timer_at: None,
             returned: false,
             held: None,
+            heard: None,
         }
     }
 
     /// Sets `held` while the reader waits for a grant.
     pub(crate) fn held_by(mut self, held: Held) -> Self {
         self.held = Some(held);
+        self
+    }
+
+    /// Moves `heard` each time a frame under way waits for more bytes
+    /// (rule 9).
+    pub(crate) fn heard_by(mut self, heard: Heard) -> Self {
+        self.heard = Some(heard);
         self
     }
 
@@ -798,10 +819,17 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             origin,
             timer,
             timer_at,
+            heard,
             ..
         } = self;
         let read = inner.read(&mut prefix[*prefix_len..]);
-        within(read, allowed, origin, timer, timer_at).await
+        let clock = Clock {
+            origin,
+            timer,
+            timer_at,
+            heard: heard.as_deref(),
+        };
+        within(read, allowed, clock).await
     }
 
     async fn read_body(&mut self, remaining: usize) -> Result<usize, ProtocolError> {
@@ -812,27 +840,51 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             origin,
             timer,
             timer_at,
+            heard,
             ..
         } = self;
         let mut limited = inner.take(remaining as u64);
         let read = limited.read_buf(body);
-        within(read, allowed, origin, timer, timer_at).await
+        let clock = Clock {
+            origin,
+            timer,
+            timer_at,
+            heard: heard.as_deref(),
+        };
+        within(read, allowed, clock).await
     }
 }
 
+/// The time of a read or a write (rule 9), borrowed from its reader or
+/// writer for [`within`].
+struct Clock<'a> {
+    /// When its time started; `None` until something had to wait.
+    origin: &'a mut Option<Instant>,
+    timer: &'a mut Option<Pin<Box<Sleep>>>,
+    timer_at: &'a mut Option<Instant>,
+    /// A reader's [`Heard`], moved when a read of a frame under way first
+    /// has to wait.
+    heard: Option<&'a AtomicU64>,
+}
+
 /// Runs `io` (a read or a write) until it completes or the time `allowed`
-/// since `origin` is up (rule 9): `origin` is set, to now, by the first
-/// poll that has to wait, unless an earlier operation set it, and the
-/// timer armed only then, so an operation that completes at once costs
-/// neither a clock nor a timer. A frame's reads share its origin and are
-/// allowed more as its bytes arrive: its deadline moves with them.
+/// since the clock's origin is up (rule 9): the origin is set, to now, by
+/// the first poll that has to wait, unless an earlier operation set it,
+/// and the timer armed only then, so an operation that completes at once
+/// costs neither a clock nor a timer. A frame's reads share its origin
+/// and are allowed more as its bytes arrive: its deadline moves with them.
+/// Each read that has to wait moves the clock's [`Heard`] once.
 async fn within<F: Future<Output = std::io::Result<usize>>>(
     io: F,
     allowed: Option<Duration>,
-    origin: &mut Option<Instant>,
-    timer: &mut Option<Pin<Box<Sleep>>>,
-    timer_at: &mut Option<Instant>,
+    clock: Clock<'_>,
 ) -> Result<usize, ProtocolError> {
+    let Clock {
+        origin,
+        timer,
+        timer_at,
+        mut heard,
+    } = clock;
     let mut io = std::pin::pin!(io);
     std::future::poll_fn(|cx| {
         if let Poll::Ready(result) = io.as_mut().poll(cx) {
@@ -841,6 +893,9 @@ async fn within<F: Future<Output = std::io::Result<usize>>>(
         let Some(allowed) = allowed else {
             return Poll::Pending;
         };
+        if let Some(heard) = heard.take() {
+            heard.fetch_add(1, Ordering::Relaxed);
+        }
         let at = *origin.get_or_insert_with(Instant::now) + allowed;
         let sleep = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
         if *timer_at != Some(at) {
@@ -2056,7 +2111,13 @@ impl Out<'_> {
                 timer,
                 timer_at,
             } = self;
-            let written = within(write.write(buf), Some(*stall), &mut origin, timer, timer_at);
+            let clock = Clock {
+                origin: &mut origin,
+                timer,
+                timer_at,
+                heard: None,
+            };
+            let written = within(write.write(buf), Some(*stall), clock);
             let n = match written.await {
                 Ok(n) if n > 0 => n,
                 Err(ProtocolError::Stalled(after)) => {
@@ -2084,9 +2145,13 @@ impl Out<'_> {
                 ..
             } = self;
             let flushed = async { write.flush().await.map(|()| 0) };
-            within(flushed, Some(*stall), &mut origin, timer, timer_at)
-                .await
-                .map_err(|_| ())?;
+            let clock = Clock {
+                origin: &mut origin,
+                timer,
+                timer_at,
+                heard: None,
+            };
+            within(flushed, Some(*stall), clock).await.map_err(|_| ())?;
         }
         Ok(())
     }

@@ -2317,6 +2317,67 @@ fn a_silent_client_is_closed_and_an_idle_one_kept_by_its_heartbeats() {
     diamond(&cluster, &client, 1);
 }
 
+/// Scheduler rule 4 and `net` rule 9: a client whose one frame takes
+/// longer than the client timeout to arrive, faster than the minimum rate,
+/// is not silent: its bytes count as heard, and its frame is handled.
+/// Before, only a whole frame counted, and the client was closed as
+/// silent in the middle of it.
+#[test]
+fn a_client_sending_one_frame_for_longer_than_the_client_timeout_is_heard_and_answered() {
+    let timeout = Duration::from_secs(2);
+    let options = rask_distributed::scheduler::Options::default().client_timeout(timeout);
+    let cluster = Cluster::with_options(1, 1, options);
+    // Of another build than the workers: its graph is refused at once
+    // (scheduler rule 6), one `KeyErred` per wanted key, so the answer
+    // says the frame was handled without running anything.
+    let mut s = foreign_client(cluster.scheduler.address(), &cluster.auth);
+    let key = [9; 32];
+    let graph = protocol::frame(&ToScheduler::UpdateGraph {
+        tasks: vec![protocol::TaskSpec {
+            key,
+            name: "big".into(),
+            function: "inc".into(),
+            payload: Arc::from(vec![7; 8 << 20]),
+            deps: Vec::new(),
+            timeout_ms: None,
+            retries: 0,
+            annotations: Default::default(),
+        }],
+        wanted: vec![key],
+    });
+    // 8 MiB in 40 pieces, one each 100 ms: 4 s, twice the client timeout,
+    // at 2 MiB/s, twice the minimum rate; and no heartbeat meanwhile.
+    let started = std::time::Instant::now();
+    for piece in graph.chunks(graph.len().div_ceil(40)) {
+        std::thread::sleep(Duration::from_millis(100));
+        if let Err(e) = s.write_all(piece) {
+            panic!("closed {:?} into the frame: {e}", started.elapsed());
+        }
+    }
+    let answer = loop {
+        let mut len = [0u8; 4];
+        if let Err(e) = s.read_exact(&mut len) {
+            panic!(
+                "no answer, {:?} after the frame began: {e}",
+                started.elapsed()
+            );
+        }
+        let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
+        s.read_exact(&mut body).unwrap();
+        let msgs: Vec<protocol::ToClient> = protocol::decode_batch(&body).unwrap();
+        if let Some(m) = msgs
+            .into_iter()
+            .find(|m| matches!(m, protocol::ToClient::KeyErred { .. }))
+        {
+            break m;
+        }
+    };
+    assert!(
+        matches!(&answer, protocol::ToClient::KeyErred { key: k, .. } if *k == key),
+        "{answer:?}"
+    );
+}
+
 #[test]
 fn a_data_port_answers_a_reader_that_stops_reading_one_value_at_a_time() {
     isolated(

@@ -29,7 +29,12 @@
 //!    is long, and only a client that hung or vanished reaches it. A
 //!    client of this process (through memory) is never timed out. A peer
 //!    this side stopped reading (rule 8, or a frame waiting for its budget)
-//!    is not blamed for the silence meanwhile.
+//!    is not blamed for the silence meanwhile. Bytes of a frame under way
+//!    count as heard (their reader moves a count, `net` rule 9, which the
+//!    check reads), so a peer whose big frame takes longer than its
+//!    timeout to arrive is not taken for silent while its bytes keep
+//!    coming: a client's graph of 512 MiB over a link of 5 MB/s takes
+//!    almost two minutes.
 //! 5. Builds never meet. Every connection belongs to the *partition* of its
 //!    build ([`BuildId`], from its handshake; a client of this process
 //!    through memory is of this process's build), and each partition is a
@@ -718,6 +723,7 @@ enum Event {
         peer: net::PeerAddr,
         writer: net::Writer,
         held: net::Held,
+        heard: net::Heard,
         /// Whether it is a client of this process, through memory.
         local: bool,
         kill: oneshot::Sender<()>,
@@ -750,10 +756,14 @@ struct Conn {
     /// each of a client's many submissions.
     refused: bool,
     peer: net::PeerAddr,
-    /// When its last frame arrived (rule 4).
+    /// When its last frame arrived, or bytes of one under way were seen
+    /// to (rule 4).
     last_heard: Instant,
     /// Set while its reader waits on this side (rule 4).
     held: net::Held,
+    /// Moved by its reader while bytes of a frame under way arrive, and
+    /// its count when the silence check last looked (rule 4).
+    heard: (net::Heard, u64),
     /// A client of this process, through memory: never timed out.
     local: bool,
     writer: net::Writer,
@@ -1035,6 +1045,7 @@ async fn run(
                     frames: net::Frames::local(end.recv),
                     writer: net::Writer::local(end.send),
                     held: net::Held::default(),
+                    heard: net::Heard::default(),
                     slot: None,
                 };
                 let hello = (Role::Client, build);
@@ -1141,10 +1152,13 @@ async fn connection(
         // Rule 7: a client's answers are small, a worker's tasks are not.
         let cap = (role == Role::Client).then_some(CLIENT_BACKLOG);
         let held = net::Held::default();
+        let heard = net::Heard::default();
+        let read = accepted.read.held_by(held.clone()).heard_by(heard.clone());
         let link = Link {
-            frames: net::Frames::stream(accepted.read.held_by(held.clone())),
+            frames: net::Frames::stream(read),
             writer: net::spawn_writer(accepted.write, &limits, cap),
             held,
+            heard,
             slot: Some(accepted.slot),
         };
         serve_connection(number, (role, accepted.hello.build), peer, link, events).await;
@@ -1157,6 +1171,8 @@ struct Link {
     writer: net::Writer,
     /// Set while its reader waits on this side (rule 4).
     held: net::Held,
+    /// Moved while bytes of a frame under way arrive (rule 4).
+    heard: net::Heard,
     /// Its place among the connections of its role; none in memory.
     slot: Option<net::Slot>,
 }
@@ -1175,6 +1191,7 @@ async fn serve_connection(
         frames,
         writer,
         held,
+        heard,
         slot,
     } = link;
     let (kill, killed) = oneshot::channel();
@@ -1187,6 +1204,7 @@ async fn serve_connection(
             peer,
             writer: writer.clone(),
             held: held.clone(),
+            heard,
             local,
             kill,
         })
@@ -1285,6 +1303,7 @@ impl Shell {
                 peer,
                 writer,
                 held,
+                heard,
                 local,
                 kill,
             } => {
@@ -1336,6 +1355,7 @@ impl Shell {
                         peer,
                         last_heard: Instant::now(),
                         held,
+                        heard: (heard, 0),
                         local,
                         watching: false,
                         memory_bytes: None,
@@ -1761,6 +1781,15 @@ impl Shell {
                 c.last_heard = now;
                 continue;
             }
+            let (heard, seen) = &mut c.heard;
+            let count = heard.load(Ordering::Relaxed);
+            if count != *seen {
+                // Bytes of a frame under way arrived since the last look
+                // (net rule 9): heard, though the frame is not whole yet.
+                *seen = count;
+                c.last_heard = now;
+                continue;
+            }
             let timeout = match c.kind {
                 Kind::Client(_) if c.local => continue,
                 Kind::Client(_) => clients,
@@ -1940,6 +1969,7 @@ mod tests {
             peer: net::PeerAddr::Memory,
             writer: net::Writer::local(tx),
             held: Default::default(),
+            heard: Default::default(),
             local: false,
             kill,
         });
