@@ -437,7 +437,7 @@ pub(crate) fn record_panic_locations() {
 }
 
 /// Takes the location of the latest panic on this thread.
-fn take_panic_location() -> Option<Arc<str>> {
+pub(crate) fn take_panic_location() -> Option<Arc<str>> {
     PANIC_LOCATION
         .try_with(|l| l.borrow_mut().take())
         .ok()

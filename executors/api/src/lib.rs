@@ -32,6 +32,10 @@
 //!    process, unless [`Reporter::keep_remote`] says otherwise: then each
 //!    output stays on the cluster and is reported as a [`Remote`] handle,
 //!    which holds the key there until it is dropped (see [`RemoteValue`]).
+//! 8. A value the executor drops (a task's input after the task ran or was
+//!    skipped, a value nobody uses, what a cancelled run held) is dropped
+//!    with [`drop_quietly`]: a panic in its `Drop` is logged and changes no
+//!    outcome; it never unwinds into the executor (dropping rules).
 #![warn(missing_docs)]
 
 use std::fmt;
@@ -42,6 +46,7 @@ use std::time::Duration;
 mod annotations;
 mod blocking;
 pub mod diagnostics;
+mod dropping;
 pub mod entry;
 pub mod events;
 mod failure;
@@ -55,6 +60,7 @@ pub use annotations::{
     Annotations, ResourceError, Resources, MAX_AMOUNT, MAX_RESOURCES, MAX_RESOURCE_NAME,
 };
 pub use blocking::{blocking, context, install_context, Seat};
+pub use dropping::{drop_each_quietly, drop_quietly};
 pub use failure::{
     decode_failure, encode_failure, panic_message, Cause, Failure, FailureKind, OpError,
     RemoteError,
@@ -328,13 +334,21 @@ pub fn run_task(plan: &Plan, i: u32, inputs: &mut [Option<Value>]) -> Outcome {
     let outcome = match result {
         // The flag is rare; the task's own signal is read only then.
         Ok(Ok(value)) if !saw_cancel || !Stop::current().given_up() => return Ok(value),
-        Ok(Ok(_)) => Arc::new(plan.failure_as(
-            i,
-            FailureKind::Cancelled,
-            "its work was given up while it ran: the value it returned is dropped".into(),
-        )),
+        Ok(Ok(value)) => {
+            drop_quietly(value, format_args!("the value of task {}", plan.label(i)));
+            Arc::new(plan.failure_as(
+                i,
+                FailureKind::Cancelled,
+                "its work was given up while it ran: the value it returned is dropped".into(),
+            ))
+        }
         Ok(Err(err)) => Arc::new(plan.failure(i, err)),
-        Err(payload) => Arc::new(plan.failure(i, OpError::panicked(&*payload))),
+        Err(payload) => {
+            let failure = plan.failure(i, OpError::panicked(&*payload));
+            // A payload is the user's too (dropping rule 1).
+            drop_quietly(payload, format_args!("the panic of task {}", plan.label(i)));
+            Arc::new(failure)
+        }
     };
     tracing::debug!(task = %outcome.name, key = %outcome.key.short(), kind = ?outcome.kind, "task erred: {}", outcome.message);
     Err(outcome)

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::stop::{self, Stop};
-use crate::{cancelled, FailureKind, OpError, Seat, Value};
+use crate::{cancelled, drop_each_quietly, drop_quietly, FailureKind, OpError, Seat, Value};
 
 /// The work of an op, callable from another thread (rule 2).
 pub type Run = Arc<dyn Fn(&mut [Option<Value>]) -> Result<Value, OpError> + Send + Sync>;
@@ -115,6 +115,7 @@ fn attempt_once(
     let work = run.clone();
     let mut owned: Vec<Option<Value>> = inputs.iter_mut().map(Option::take).collect();
     let on_thread = ending.clone();
+    let task = name.to_owned();
     // A nested computation's wait there gives the task's thread back
     // (blocking rule 4).
     let seat = <dyn Seat>::current();
@@ -138,8 +139,13 @@ fn attempt_once(
                 Some(seat) => <dyn Seat>::enter(seat, attempt),
                 None => attempt(),
             };
-            drop(owned);
-            let _ = tx.send((result, saw_cancel, Instant::now()));
+            // Dropping rule 1, on a thread that must go on to take its
+            // abandonment note back.
+            drop_each_quietly(owned, format_args!("an input of task `{task}`"));
+            if let Err(late) = tx.send((result, saw_cancel, Instant::now())) {
+                // Nobody waits any more (rule 2): a late value goes too.
+                drop_quietly(late.0, format_args!("the late value of task `{task}`"));
+            }
             let mut ending = on_thread.lock().unwrap_or_else(|e| e.into_inner());
             ending.returned = true;
             ending.abandoned = None;
@@ -157,6 +163,7 @@ fn attempt_once(
         if at < deadline {
             result
         } else {
+            drop_quietly(result, format_args!("the late value of task `{name}`"));
             Err(OpError::timed_out(timeout))
         }
     };
@@ -199,6 +206,45 @@ mod tests {
         })
         .join()
         .unwrap()
+    }
+
+    /// A timed attempt's thread drops the inputs it was given once the
+    /// work returned: an input whose `Drop` panics is dropped quietly
+    /// (dropping rule 1), and the attempt's value still reaches its
+    /// caller. Before, the panic ended the thread before it sent the
+    /// value: the attempt failed at once as timed out (the channel closed
+    /// with the thread), and the thread stayed listed as abandoned, which
+    /// makes a worker unhealthy after its grace.
+    #[test]
+    fn a_timed_attempt_survives_an_input_whose_drop_panics() {
+        crate::failure::record_panic_locations();
+        struct Boom;
+        impl Drop for Boom {
+            fn drop(&mut self) {
+                panic!("a Boom was dropped");
+            }
+        }
+        impl serde::Serialize for Boom {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_unit()
+            }
+        }
+        // Reads its input in place.
+        let run: Run = Arc::new(|inputs: &mut [Option<Value>]| {
+            let boom = inputs[0]
+                .as_ref()
+                .is_some_and(|v| v.downcast_ref::<Boom>().is_some());
+            Ok(Arc::new(boom) as Value)
+        });
+        let mut inputs = [Some(Arc::new(Boom) as Value)];
+        let timeout = Some(Duration::from_secs(10));
+        let value = run_limited("reads-a-boom", timeout, 0, &run, &mut inputs)
+            .expect("the attempt's value, in time");
+        let any: &dyn std::any::Any = &*value;
+        assert_eq!(any.downcast_ref::<bool>(), Some(&true));
+        assert!(crate::abandoned()
+            .iter()
+            .all(|a| &*a.name != "reads-a-boom"));
     }
 
     /// Blocking rule 5: an attempt run on a thread of its own under a

@@ -26,6 +26,7 @@
 #![allow(unsafe_code)]
 
 use std::any::Any;
+use std::fmt;
 use std::marker::PhantomData;
 use std::ptr::NonNull;
 use std::sync::Arc;
@@ -204,6 +205,33 @@ impl Plan {
             }
         }
         self.key_told(i)
+    }
+
+    /// Task `i` as log lines name it, `name-1a2b3c4d` (its op's name and
+    /// its key's first eight hex digits), formatted only when shown.
+    ///
+    /// ```
+    /// # use rask_executor::{Key, Op, OpError, PlanBuilder, Value};
+    /// # use std::sync::Arc;
+    /// # struct Inc;
+    /// # impl Op for Inc {
+    /// #     fn run(&self, _: &mut [Option<Value>]) -> Result<Value, OpError> { Ok(Arc::new(1_i64)) }
+    /// #     fn name(&self) -> &str { "inc" }
+    /// # }
+    /// let mut b = PlanBuilder::new();
+    /// let t = b.push(Key([0xab; 32]), Arc::new(Inc), &[]);
+    /// let plan = b.build();
+    /// assert_eq!(plan.label(t).to_string(), "inc-abababab");
+    /// ```
+    pub fn label(&self, i: u32) -> impl fmt::Display + '_ {
+        struct Label<'a>(&'a Plan, u32);
+        impl fmt::Display for Label<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                let (plan, i) = (self.0, self.1);
+                write!(f, "{}-{}", plan.task(i).op().name(), plan.key(i).short())
+            }
+        }
+        Label(self, i)
     }
 
     /// Every task's key, in plan order: [`key`](Plan::key) of `0`, `1`, …

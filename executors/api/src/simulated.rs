@@ -29,7 +29,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::events::{self, Place};
 use crate::synchronous::take;
-use crate::{run_task, Executor, Failure, Outcome, Plan, Reporter, Stop, Value};
+use crate::{
+    drop_each_quietly, drop_quietly, run_task, Executor, Failure, Outcome, Plan, Reporter, Stop,
+    Value,
+};
 
 /// A small, fast, seedable generator (Steele, Lea and Flood's SplitMix64):
 /// the only source of choice of [`Simulated`].
@@ -291,6 +294,22 @@ impl std::fmt::Debug for RunState {
     }
 }
 
+/// A run that ends holds the values nobody took: those of tasks whose
+/// consumers a cancellation stopped, or that have none. They go quietly
+/// (dropping rule 1).
+impl Drop for RunState {
+    fn drop(&mut self) {
+        for (task, slot) in self.slots.iter_mut().enumerate() {
+            if let Some(Ok(value)) = slot.take() {
+                drop_quietly(
+                    value,
+                    format_args!("the value of task {}", self.plan.label(task as u32)),
+                );
+            }
+        }
+    }
+}
+
 impl RunState {
     fn new(plan: Arc<Plan>, reporter: Arc<dyn Reporter>, stop: Stop) -> RunState {
         let n = plan.len();
@@ -318,18 +337,23 @@ struct Step {
     task: u32,
     plan: Arc<Plan>,
     stop: Stop,
-    inputs: Result<Vec<Option<Value>>, Arc<Failure>>,
+    /// The values of its inputs that succeeded (all of them unless
+    /// `failed`): dropped, quietly, once it ran or was skipped (dropping
+    /// rule 1), outside the lock.
+    inputs: Vec<Option<Value>>,
+    /// The failure of its first failed input: it is skipped.
+    failed: Option<Arc<Failure>>,
 }
 
 impl Step {
     fn run(self) -> Outcome {
-        let (plan, task) = (&*self.plan, self.task);
-        match self.inputs {
-            Err(failure) => {
+        let (plan, task, mut inputs) = (&*self.plan, self.task, self.inputs);
+        let outcome = match self.failed {
+            Some(failure) => {
                 events::skipped(plan, task, &failure);
                 Err(failure)
             }
-            Ok(mut inputs) => self.stop.enter(|| {
+            None => self.stop.enter(|| {
                 events::observe(
                     plan,
                     task,
@@ -337,7 +361,14 @@ impl Step {
                     || run_task(plan, task, &mut inputs),
                 )
             }),
-        }
+        };
+        // Dropping rule 1: what an op read in place, or a skipped task
+        // took, goes here.
+        drop_each_quietly(
+            inputs,
+            format_args!("an input of task {}", plan.label(task)),
+        );
+        outcome
     }
 }
 
@@ -415,10 +446,8 @@ impl World {
             task,
             plan: run.plan.clone(),
             stop: run.stop.clone(),
-            inputs: match failed {
-                Some(f) => Err(f),
-                None => Ok(inputs),
-            },
+            inputs,
+            failed,
         })
     }
 
@@ -602,6 +631,14 @@ mod tests {
                 orders.insert(order);
             }
             assert!(orders.len() > 15, "seeds explore orders: {}", orders.len());
+        }
+    }
+
+    /// Dropping rule 1, in the orders of several seeds.
+    #[test]
+    fn a_value_whose_drop_panics_is_dropped_quietly() {
+        for seed in 0..8 {
+            crate::dropping::scenarios::dropped_quietly(&Simulated::new(seed));
         }
     }
 

@@ -4,7 +4,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::events::{self, Place};
-use crate::{run_task, Executor, Failure, Outcome, Plan, Reporter, Stop, Value};
+use crate::{
+    drop_each_quietly, drop_quietly, run_task, Executor, Failure, Outcome, Plan, Reporter, Stop,
+    Value,
+};
 
 /// Runs a plan on the calling thread, in plan order (depth-first, so a branch
 /// finishes before the next starts), freeing each value right after its last
@@ -61,6 +64,7 @@ impl Executor for Synchronous {
 fn run(plan: &Plan, reporter: &dyn Reporter) {
     let n = plan.len();
     let mut outcomes = Outcomes {
+        plan,
         values: Vec::new(),
         free: Vec::new(),
         failures: HashMap::new(),
@@ -78,7 +82,6 @@ fn run(plan: &Plan, reporter: &dyn Reporter) {
             return;
         }
         let mut failed = None;
-        inputs.clear();
         for &d in plan.deps(i) {
             match outcomes.take(d) {
                 Ok(v) => inputs.push(Some(v)),
@@ -99,7 +102,12 @@ fn run(plan: &Plan, reporter: &dyn Reporter) {
                 || run_task(plan, i, &mut inputs),
             ),
         };
-        inputs.clear();
+        // The task ran, or was skipped: its inputs go, quietly (dropping
+        // rule 1; an op that reads its inputs in place leaves them here).
+        drop_each_quietly(
+            inputs.drain(..),
+            format_args!("an input of task {}", plan.label(i)),
+        );
         outcomes.put(i, outcome);
         for slot in plan.output_slots_of(i) {
             let outcome = outcomes.take(i);
@@ -124,7 +132,10 @@ struct Uses {
 /// a slot of a small pool (a slot is reused once its value was taken for the
 /// last time, so the pool holds as many slots as values live at once: about
 /// the depth of a tree, not one per task), a failure (rare) in a map.
-struct Outcomes {
+/// What a cancelled run leaves is dropped with it, quietly (dropping rule
+/// 1).
+struct Outcomes<'a> {
+    plan: &'a Plan,
     values: Vec<Option<Value>>,
     /// Slots of `values` free for the next value.
     free: Vec<u32>,
@@ -132,12 +143,16 @@ struct Outcomes {
     uses: Vec<Uses>,
 }
 
-impl Outcomes {
+impl Outcomes<'_> {
     fn put(&mut self, task: u32, outcome: Outcome) {
         match outcome {
             Ok(value) => {
                 let uses = &mut self.uses[task as usize];
                 if uses.remaining == 0 {
+                    drop_quietly(
+                        value,
+                        format_args!("the value of task {}", self.plan.label(task)),
+                    );
                     return;
                 }
                 let slot = match self.free.pop() {
@@ -180,6 +195,20 @@ impl Outcomes {
             self.failures.get(&d).cloned()
         };
         Err(failure.expect("a dependency runs before its dependents"))
+    }
+}
+
+impl Drop for Outcomes<'_> {
+    fn drop(&mut self) {
+        for (task, uses) in self.uses.iter().enumerate() {
+            if uses.slot != NO_SLOT {
+                let value = self.values[uses.slot as usize].take();
+                drop_quietly(
+                    value,
+                    format_args!("the value of task {}", self.plan.label(task as u32)),
+                );
+            }
+        }
     }
 }
 
@@ -458,6 +487,13 @@ mod tests {
                 .collect();
             proptest::prop_assert_eq!(got, want);
         }
+    }
+
+    /// Dropping rule 1: a value whose `Drop` panics is dropped quietly
+    /// wherever the executor lets it go (the panic came out of `submit`).
+    #[test]
+    fn a_value_whose_drop_panics_is_dropped_quietly() {
+        crate::dropping::scenarios::dropped_quietly(&Synchronous);
     }
 
     #[test]
