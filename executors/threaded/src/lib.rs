@@ -96,6 +96,9 @@
 //!   exactly like `Synchronous`. The reporter's `cancelled` is polled before
 //!   every task; once it says yes nothing new starts, and when the running
 //!   tasks are done, every output not reported yet is reported as cancelled.
+//!   A value the run lets go is dropped with `rask_executor::drop_quietly`,
+//!   so a user's `Drop` that panics is logged instead of aborting the
+//!   process from a pool thread.
 //! - **Memory.** A run holds 32 bytes per task (dependency count, consumer
 //!   count, value slot) plus 4 per source, allocated when it starts and
 //!   freed when it finished.

@@ -32,6 +32,12 @@
 //!    for a run started inline ([`start_inline`]), every task on the thread
 //!    that started it, which queues its jobs itself (`yield_local` finds
 //!    nothing there, off the pool).
+//! 7. Every value the run lets go goes through `rask_executor::drop_quietly`
+//!    (its dropping rules), never out of scope on a pool thread, where a
+//!    panic in its `Drop` would abort the process: a task's inputs after
+//!    it ran or was skipped, a value without consumers, one handed over to
+//!    a task a cancellation stopped, and those still stored when the run
+//!    ends.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -39,7 +45,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex, PoisonError};
 
 use rask_executor::events::{self, Place};
-use rask_executor::{run_task, Failure, Outcome, Plan, Reporter, Stop, Value};
+use rask_executor::{
+    drop_each_quietly, drop_quietly, run_task, Failure, Outcome, Plan, Reporter, Stop, Value,
+};
 
 /// This thread's place in events: its index in the pool (`0` off the pool,
 /// which runs only on a pool of one thread run inline).
@@ -376,6 +384,11 @@ impl Run {
         let mut next = Some((task, handoff));
         while let Some((task, handoff)) = next {
             if self.is_cancelled() {
+                // A value handed over to a task that will not run (rule 7).
+                if let Some((from, outcome)) = handoff {
+                    let whose = self.plan.label(from);
+                    drop_quietly(outcome, format_args!("the value of task {whose}"));
+                }
                 return;
             }
             next = self.step(task, handoff, spawner, scratch);
@@ -421,7 +434,11 @@ impl Run {
             }
             None => events::observe(plan, task, thread_place, || run_task(plan, task, inputs)),
         };
-        inputs.clear();
+        // What an op read in place, or a skipped task took (rule 7).
+        drop_each_quietly(
+            inputs.drain(..),
+            format_args!("an input of task {}", plan.label(task)),
+        );
         self.resolve(task, outcome, spawner, scratch)
     }
 
@@ -454,7 +471,14 @@ impl Run {
         }
         let outcome = outcome?;
         match dependents {
-            [] => None,
+            [] => {
+                // No consumer at all (rule 7).
+                drop_quietly(
+                    outcome,
+                    format_args!("the value of task {}", plan.label(task)),
+                );
+                None
+            }
             &[dependent] if consumers == 1 => {
                 // One consumer: hand the outcome over when we release the
                 // last edge of `dependent` (rule 2).
@@ -568,6 +592,17 @@ impl Drop for Run {
     /// then tell the reporter (rule 4 of the contract: a caller woken by
     /// `finished` holds the last reference to what the plan held).
     fn drop(&mut self) {
+        // Values still stored: their dependents were cancelled (rule 7).
+        for (task, state) in self.tasks.iter_mut().enumerate() {
+            let slot = state
+                .value
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(value) = slot.take() {
+                let whose = self.plan.label(task as u32);
+                drop_quietly(value, format_args!("the value of task {whose}"));
+            }
+        }
         self.tasks = Box::default();
         self.plan = Arc::default();
         self.reporter.finished();

@@ -910,3 +910,197 @@ fn speedup_on_slow_sources() {
         );
     }
 }
+
+/// A user's value whose `Drop` panics, after counting the drop.
+struct Boom(Arc<AtomicUsize>);
+
+impl Drop for Boom {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        panic!("a Boom was dropped");
+    }
+}
+
+impl serde::Serialize for Boom {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_unit()
+    }
+}
+
+/// Makes a [`Boom`] counting its drop in `drops`; counts the Booms made.
+struct MakeBoom {
+    drops: Arc<AtomicUsize>,
+    made: Arc<AtomicUsize>,
+}
+
+impl Op for MakeBoom {
+    fn run(&self, _: &mut [Option<Value>]) -> Result<Value, OpError> {
+        self.made.fetch_add(1, Ordering::SeqCst);
+        Ok(Arc::new(Boom(self.drops.clone())))
+    }
+
+    fn name(&self) -> &str {
+        "make_boom"
+    }
+}
+
+/// How many of its inputs are Booms; reads them in place, so the executor
+/// drops them after it ran.
+struct Peek;
+
+impl Op for Peek {
+    fn run(&self, inputs: &mut [Option<Value>]) -> Result<Value, OpError> {
+        let booms = inputs
+            .iter()
+            .filter(|i| {
+                i.as_ref()
+                    .is_some_and(|v| v.downcast_ref::<Boom>().is_some())
+            })
+            .count();
+        Ok(Arc::new(booms as i64))
+    }
+
+    fn name(&self) -> &str {
+        "peek"
+    }
+}
+
+/// Booms made and dropped by one plan.
+#[derive(Default)]
+struct Booms {
+    drops: Arc<AtomicUsize>,
+    made: Arc<AtomicUsize>,
+}
+
+impl Booms {
+    fn op(&self) -> Arc<dyn Op> {
+        Arc::new(MakeBoom {
+            drops: self.drops.clone(),
+            made: self.made.clone(),
+        })
+    }
+
+    /// Every Boom made was dropped, once.
+    fn all_dropped(&self) {
+        assert_eq!(
+            self.drops.load(Ordering::SeqCst),
+            self.made.load(Ordering::SeqCst),
+            "every value dropped once"
+        );
+    }
+}
+
+/// Set in the child process that runs [`drop_scenarios`].
+const DROP_CHILD_ENV: &str = "RASK_THREADED_TEST_DROP_CHILD";
+
+/// Values whose `Drop` panics, dropped by a pool of `threads`: inputs
+/// after their task ran (its result stands), inputs of a task skipped for
+/// a failed one, a value no task uses, a value stored for a dependent a
+/// cancellation stopped, and one handed over to such a dependent. Each is
+/// dropped once and the runs end as without the panics.
+fn drop_scenarios(threads: usize) {
+    let pool = pool(threads);
+    let failed = |o: &Outcome| summary(o).unwrap_err().1;
+
+    let booms = Booms::default();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let mut b = PlanBuilder::new();
+    let used = b.push(key(1), booms.op(), &[]);
+    let reads = b.push(key(2), Arc::new(Peek), &[used]);
+    let skipped_input = b.push(key(3), booms.op(), &[]);
+    let fails = b.push(key(4), sum(4, Fail::Error, &runs), &[]);
+    let skipped = b.push(key(5), Arc::new(Peek), &[skipped_input, fails]);
+    b.push(key(6), booms.op(), &[]); // no consumer
+    b.output(reads);
+    b.output(skipped);
+    let got = run_on(&pool, &Arc::new(b.build()));
+    assert_eq!(summary(&got[0]), Ok(1), "the reader's result stands");
+    assert_eq!(failed(&got[1]), FailureKind::Failed);
+    drop(got);
+    assert_eq!(booms.made.load(Ordering::SeqCst), 3);
+    booms.all_dropped();
+
+    // Stored for `reads`, which waits for `late` too; the run stops at the
+    // failure before.
+    let booms = Booms::default();
+    let mut b = PlanBuilder::new();
+    let held = b.push(key(1), booms.op(), &[]);
+    let fails = b.push(key(2), sum(2, Fail::Error, &runs), &[]);
+    let late = b.push(key(3), sum(3, Fail::No, &runs), &[]);
+    let reads = b.push(key(4), Arc::new(Peek), &[held, late]);
+    b.output(fails);
+    b.output(reads);
+    let collect = Arc::new(Collect {
+        fail_fast: true,
+        ..Collect::new(2)
+    });
+    pool.submit(Arc::new(b.build()), collect.clone());
+    let got = collect.wait();
+    assert_eq!(failed(&got[0]), FailureKind::Failed);
+    assert!(matches!(summary(&got[1]), Ok(1)) || failed(&got[1]) == FailureKind::Cancelled);
+    drop(got);
+    booms.all_dropped();
+
+    // Handed over to `reads`, its only consumer, as the run is cancelled.
+    let booms = Booms::default();
+    let mut b = PlanBuilder::new();
+    let held = b.push(key(1), booms.op(), &[]);
+    let reads = b.push(key(2), Arc::new(Peek), &[held]);
+    b.output(reads);
+    let collect = Arc::new(Collect {
+        cancel_at_runs: Some((booms.made.clone(), 1)),
+        ..Collect::new(1)
+    });
+    pool.submit(Arc::new(b.build()), collect.clone());
+    let got = collect.wait();
+    assert_eq!(failed(&got[0]), FailureKind::Cancelled);
+    drop(got);
+    assert_eq!(booms.made.load(Ordering::SeqCst), 1);
+    booms.all_dropped();
+}
+
+/// Dropping rule 1 of `rask_executor` on pool threads, where a panic
+/// aborts the process (rayon's default): the scenarios run in a child
+/// process (this test binary, run again), so that an abort fails this
+/// test instead of ending the test run.
+#[test]
+fn values_whose_drop_panics_are_dropped_quietly() {
+    if std::env::var_os(DROP_CHILD_ENV).is_some() {
+        for threads in [1, 3] {
+            drop_scenarios(threads);
+        }
+        return;
+    }
+    let mut child = std::process::Command::new(std::env::current_exe().expect("this test's path"))
+        .args([
+            "--exact",
+            "tests::values_whose_drop_panics_are_dropped_quietly",
+            "--test-threads=1",
+        ])
+        .env(DROP_CHILD_ENV, "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the child starts");
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while child
+        .try_wait()
+        .expect("the child can be waited for")
+        .is_none()
+    {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = child.wait_with_output().expect("the child's output");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("1 passed"),
+        "the child ended with {}:\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
