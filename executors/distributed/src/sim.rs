@@ -570,8 +570,28 @@ impl Outbox for Mail {
 /// A value in a worker's store: the value and its encoding.
 #[derive(Clone)]
 struct Held {
-    value: Value,
+    value: Quiet,
     bytes: Arc<[u8]>,
+}
+
+/// A stored value, dropped quietly wherever the simulation lets it go, as
+/// a real worker drops its values (worker rule 16): a user's `Drop` that
+/// panics is logged, and the run goes on. `None` only while dropped.
+#[derive(Clone)]
+struct Quiet(Option<Value>);
+
+impl Quiet {
+    fn value(&self) -> Value {
+        self.0
+            .clone()
+            .expect("a stored value is there until dropped")
+    }
+}
+
+impl Drop for Quiet {
+    fn drop(&mut self) {
+        rask_executor::drop_quietly(self.0.take(), "a value of the simulated cluster");
+    }
 }
 
 /// A task a worker was sent.
@@ -1215,7 +1235,13 @@ impl World {
         if let Some(bytes) = got {
             worker.fetching.remove(&key);
             let value: Value = Arc::new(Encoded::new(bytes.clone()));
-            worker.store.insert(key, Held { value, bytes });
+            worker.store.insert(
+                key,
+                Held {
+                    value: Quiet(Some(value)),
+                    bytes,
+                },
+            );
             for (&k, t) in worker.tasks.iter_mut() {
                 if t.missing.remove(&key) && t.missing.is_empty() && t.run.is_none() {
                     worker.ready.insert((t.priority, k));
@@ -1261,7 +1287,7 @@ impl World {
             .spec
             .deps
             .iter()
-            .map(|d| worker.store.get(d).map(|h| Some(h.value.clone())))
+            .map(|d| worker.store.get(d).map(|h| Some(h.value.value())))
             .collect();
         let spec = task.spec.clone();
         let Some(mut inputs) = inputs else {
@@ -1288,7 +1314,10 @@ impl World {
             _ => unreachable!("matched above"),
         });
         let outcome = match how {
-            Some(FailHow::Crash) => return self.kill(w, Some(key)),
+            Some(FailHow::Crash) => {
+                rask_executor::drop_each_quietly(inputs, "an input of the simulated cluster");
+                return self.kill(w, Some(key));
+            }
             Some(FailHow::Error) => {
                 self.record(Event::Injected { key });
                 Err(WireFailure::new(
@@ -1302,19 +1331,24 @@ impl World {
                 Err(failure) => Err(*failure),
                 Ok(value) => match value.encode() {
                     Ok(bytes) => Ok(Held {
-                        value,
+                        value: Quiet(Some(value)),
                         bytes: bytes.into(),
                     }),
                     // Worker rule 4: a value that cannot be encoded fails there.
-                    Err(e) => Err(WireFailure::new(
-                        key,
-                        spec.name.to_string(),
-                        WireFailureKind::Failed,
-                        e.to_string(),
-                    )),
+                    Err(e) => {
+                        rask_executor::drop_quietly(value, "a value of the simulated cluster");
+                        Err(WireFailure::new(
+                            key,
+                            spec.name.to_string(),
+                            WireFailureKind::Failed,
+                            e.to_string(),
+                        ))
+                    }
                 },
             },
         };
+        // What the task read in place goes, quietly (worker rule 16).
+        rask_executor::drop_each_quietly(inputs, "an input of the simulated cluster");
         let run = self.next_run;
         self.next_run += 1;
         let worker = self.workers.get_mut(&w).expect("live");

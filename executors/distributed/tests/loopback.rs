@@ -400,6 +400,40 @@ fn a_panic_on_the_network_thread_fails_only_its_task() {
     assert!(run_where(&cluster, &client, "where", 0, 99).is_ok());
 }
 
+/// Worker rule 16: values whose `Drop` panics, released on their worker
+/// (a result the client fetched, and an intermediate value once its
+/// reader ran), are dropped quietly on the network thread, and the worker
+/// goes on. Before, the panic ended the worker (a worker process exits
+/// then: `run_with` raises the panic again), and the next graph waited for
+/// a worker until the test's timeout.
+#[test]
+fn released_values_whose_drop_panics_leave_their_worker_running() {
+    let cluster = Cluster::new(1, 1);
+    let client = cluster.client();
+    let mut g = Graph::new(&cluster.shared);
+    let result = g.op("boom", 5, &[]);
+    let intermediate = g.op("boom", 7, &[]);
+    let reader = g.op("add", 1, &[intermediate]);
+    g.output(result);
+    g.output(reader);
+    let got = Collect::new(2);
+    got.submit(&client, g.build());
+    assert_eq!(got.wait(), vec![Ok(5), Ok(8)]);
+    // The scheduler forgot them, so it sent their releases before the
+    // next graph's tasks, on the same connection.
+    cluster.eventually("release", |c| c.scheduler.tasks() == 0);
+    let more = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        diamond(&cluster, &client, 1);
+    }));
+    if more.is_err() || cluster.workers[0].as_ref().unwrap().is_finished() {
+        // Dropping a dead worker's handle would wait for its end for
+        // ever: left as it is, the test ends.
+        std::mem::forget((cluster, client));
+        panic!("the worker died of a value's drop");
+    }
+    assert_eq!(cluster.scheduler.workers(), 1);
+}
+
 #[test]
 fn cancel_reports_cancelled_and_releases() {
     let cluster = Cluster::new(1, 1);

@@ -98,7 +98,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use rask_executor::diagnostics::Spill;
-use rask_executor::{entry, Encoded, Key, Value};
+use rask_executor::{drop_quietly, entry, Encoded, Key, Value};
 
 use crate::net::log_limited;
 use crate::protocol::{KeyMap, WireKey, MAX_MEMORY};
@@ -221,6 +221,9 @@ pub(crate) struct Stored {
     pub(crate) nbytes: u64,
 }
 
+/// What [`Held::remove`] took out: the file to remove, the value to drop.
+pub(crate) type Removed = (Option<OnDisk>, Option<Value>);
+
 /// Where one held value is.
 enum Place {
     /// In memory; `touched` is its place in the LRU order.
@@ -310,9 +313,9 @@ impl Held {
         self.tick
     }
 
-    /// Stores `stored` under `key`, most recently used; returns the file
-    /// of a value it replaces, to remove.
-    pub(crate) fn insert(&mut self, key: WireKey, stored: Stored) -> Option<OnDisk> {
+    /// Stores `stored` under `key`, most recently used; returns what it
+    /// replaces, as [`remove`](Held::remove) does.
+    pub(crate) fn insert(&mut self, key: WireKey, stored: Stored) -> Removed {
         let old = self.remove(&key);
         let touched = self.next_tick();
         self.memory += stored.nbytes;
@@ -348,36 +351,44 @@ impl Held {
             .is_some_and(|s| matches!(s.place, Place::Memory { touched, .. } if touched == tick))
     }
 
-    /// Drops `key`; returns its file, to remove, if it was spilled.
-    pub(crate) fn remove(&mut self, key: &WireKey) -> Option<OnDisk> {
-        let slot = self.values.remove(key)?;
+    /// Forgets `key`; returns its file, to remove, if it was spilled, and
+    /// its value if it was in memory, for the caller to drop quietly
+    /// once the lock is released (worker rule 16: a `Drop` is user code).
+    pub(crate) fn remove(&mut self, key: &WireKey) -> Removed {
+        let Some(slot) = self.values.remove(key) else {
+            return (None, None);
+        };
         match slot.place {
-            // Its LRU entry is stale now.
-            Place::Memory { .. } => {
+            // Its LRU entry is stale now. One being written: the spill
+            // thread finds it gone and removes its file.
+            Place::Memory { value, .. } | Place::Writing { value } => {
                 self.memory -= slot.nbytes;
-                None
-            }
-            // The spill thread finds it gone and removes its file.
-            Place::Writing { .. } => {
-                self.memory -= slot.nbytes;
-                None
+                (None, Some(value))
             }
             Place::Disk { type_name } => {
                 self.stats.spilled_bytes -= slot.nbytes;
                 self.stats.spilled_keys -= 1;
-                Some(OnDisk {
+                let file = OnDisk {
                     key: *key,
                     generation: slot.generation,
                     type_name,
-                })
+                };
+                (Some(file), None)
             }
         }
     }
 
-    /// Drops every value; returns the files to remove.
-    pub(crate) fn clear(&mut self) -> Vec<OnDisk> {
+    /// Forgets every value; returns the files to remove and the values to
+    /// drop, as [`remove`](Held::remove) does.
+    pub(crate) fn clear(&mut self) -> (Vec<OnDisk>, Vec<(WireKey, Value)>) {
         let keys: Vec<WireKey> = self.values.keys().copied().collect();
-        keys.iter().filter_map(|k| self.remove(k)).collect()
+        let (mut files, mut values) = (Vec::new(), Vec::new());
+        for key in keys {
+            let (file, value) = self.remove(&key);
+            files.extend(file);
+            values.extend(value.map(|v| (key, v)));
+        }
+        (files, values)
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -458,6 +469,8 @@ impl Held {
             return ok.then_some(gone);
         }
         if ok {
+            // The value in `Writing` is never its last reference here:
+            // `spill` holds one, which the spill thread drops quietly.
             slot.place = Place::Disk {
                 type_name: spill.value.type_name(),
             };
@@ -494,7 +507,8 @@ impl Held {
                     return None;
                 }
                 let nbytes = self.values[&disk.key].nbytes;
-                let file = self.remove(&disk.key);
+                // On disk: no value in memory to drop.
+                let (file, _) = self.remove(&disk.key);
                 // A new generation: the old file goes, a later spill makes
                 // its own.
                 self.insert(
@@ -511,7 +525,7 @@ impl Held {
                     return None;
                 }
                 self.stats.lost += 1;
-                self.remove(&disk.key)
+                self.remove(&disk.key).0
             }
         }
     }
@@ -625,30 +639,41 @@ impl Store {
 
     /// Stores a value; wakes the spill thread when over the spill level.
     pub(crate) fn insert(&self, key: WireKey, stored: Stored) {
-        let (old, over) = {
+        let ((file, old), over) = {
             let mut held = self.held();
             let old = held.insert(key, stored);
             let over = held.levels.is_some_and(|l| held.memory > l.spill);
             (old, over)
         };
-        self.remove_files(old);
+        self.remove_files(file);
+        drop_quietly(old, format_args!("the value of key {}", Key(key).short()));
         if over {
             self.start_spilling();
         }
     }
 
+    /// Drops `key`'s value, quietly and outside the lock (worker rule
+    /// 16), and its file.
     pub(crate) fn remove(&self, key: &WireKey) {
-        let file = self.held().remove(key);
+        let (file, value) = self.held().remove(key);
         self.remove_files(file);
+        drop_quietly(
+            value,
+            format_args!("the value of key {}", Key(*key).short()),
+        );
     }
 
-    /// Drops every value; returns how many there were.
+    /// Drops every value, as [`remove`](Store::remove) does; returns how
+    /// many there were.
     pub(crate) fn clear(&self) -> usize {
-        let (n, files) = {
+        let (n, (files, values)) = {
             let mut held = self.held();
             (held.len(), held.clear())
         };
         self.remove_files(files);
+        for (key, value) in values {
+            drop_quietly(value, format_args!("the value of key {}", Key(key).short()));
+        }
         n
     }
 
@@ -709,10 +734,17 @@ impl Store {
                 ReadAt::Bytes(bytes) => return Ok(bytes),
                 ReadAt::Unread(why) => return Err(why),
                 ReadAt::Moved(Found::Memory(value)) => {
-                    return match value.downcast_ref::<Encoded>() {
+                    let bytes = match value.downcast_ref::<Encoded>() {
                         Some(encoded) => Ok(encoded.0.clone()),
-                        None => value.encode().map(Arc::from).map_err(|_| Unread::Lost),
-                    }
+                        // A panicking `Serialize` is the type's bug: lost.
+                        None => match catch_unwind(AssertUnwindSafe(|| value.encode())) {
+                            Ok(Ok(bytes)) => Ok(Arc::from(bytes)),
+                            _ => Err(Unread::Lost),
+                        },
+                    };
+                    let key = Key(disk.key);
+                    drop_quietly(value, format_args!("the value of key {}", key.short()));
+                    return bytes;
                 }
                 ReadAt::Moved(Found::Disk(newer)) => moved = Some(newer),
                 ReadAt::Moved(Found::Missing) => return Err(Unread::Lost),
@@ -911,7 +943,10 @@ impl Store {
                 let mut held = self.held();
                 (held.written(&spill, written.is_ok()), held.paused())
             };
-            drop(spill);
+            // Its last reference if the value was released meanwhile
+            // (worker rule 16).
+            let key = Key(spill.key);
+            drop_quietly(spill, format_args!("the value of key {}", key.short()));
             self.remove_files(file);
             if !paused {
                 self.0.resumed.notify_one();
@@ -997,6 +1032,12 @@ impl Store {
 
 impl Drop for Shared {
     fn drop(&mut self) {
+        // A store dropped without `close` still holds values: they go
+        // quietly too (worker rule 16).
+        let held = self.held.get_mut().unwrap_or_else(PoisonError::into_inner);
+        for (key, value) in held.clear().1 {
+            drop_quietly(value, format_args!("the value of key {}", Key(key).short()));
+        }
         let (made, lock) = {
             let mut spill = locked(&self.spill);
             (spill.made.take(), spill.lock.take())

@@ -152,6 +152,17 @@
 //!     cannot deadlock). A seceded task is no hung one: the watchdog acts
 //!     on it only once it is released (rule 10), and then starts no thread
 //!     for it, one took its place already.
+//! 16. **Values' drops.** A value's `Drop` is user code, and a worker lets
+//!     values go on every one of its threads: a released or replaced value
+//!     (network thread), the inputs of a job that ran or never will (a
+//!     compute thread, or whichever thread drops the job), a report
+//!     nobody takes (the task was released while it ran, or the worker
+//!     ended), a value the spill thread or the data port held while it
+//!     was released. Each goes through `rask_executor::drop_quietly`, the
+//!     store's outside the store's lock: a panic there is a logged
+//!     warning naming the key, never the end of a thread, so the worker,
+//!     its reports and its `threads` compute threads go on, and no task's
+//!     outcome changes.
 
 mod connect;
 mod memory;
@@ -172,7 +183,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rask_executor::{
-    panic_message, run_task, Encoded, FailureKind, Key, PlanBuilder, Registry, Stop,
+    drop_quietly, panic_message, run_task, Encoded, FailureKind, Key, PlanBuilder, Registry, Stop,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
@@ -1516,7 +1527,7 @@ fn drive(worker: &Arc<Worker>, slot: &Slot) {
                 let (done, next) = *handed;
                 // Rule 9: as a compute thread would.
                 if let Some(done) = done {
-                    let _ = worker.done.send(done);
+                    report(&worker.done, done);
                 }
                 worker.pool.submit(next);
                 return None;
@@ -1947,19 +1958,38 @@ async fn answer(store: &Store, key: WireKey, batch: &mut Batch) {
                     bytes: &encoded.0,
                 });
             } else {
-                match value.encode() {
-                    Ok(bytes) => batch.push(&FromPeerRef::Data {
+                // A panicking `Serialize` is user code too: the reader
+                // gets `Missing`, the network thread goes on.
+                match catch_unwind(AssertUnwindSafe(|| value.encode())) {
+                    Ok(Ok(bytes)) => batch.push(&FromPeerRef::Data {
                         key: &key,
                         bytes: &bytes,
                     }),
                     // Encoded once already when it was computed; a
                     // failure now is the type's own bug.
-                    Err(_) => batch.push(&FromPeer::Missing { key }),
+                    _ => batch.push(&FromPeer::Missing { key }),
                 }
             }
+            // Released meanwhile, this was its last reference (rule 16).
+            drop_quietly(value, format_args!("the value of key {}", Key(key).short()));
         }
         Found::Missing => batch.push(&FromPeer::Missing { key }),
     }
+}
+
+/// Sends a job's report to the network thread; `false` when the worker
+/// ended, and then the report's value goes, quietly (rule 16).
+fn report(to: &mpsc::UnboundedSender<Done>, done: Done) -> bool {
+    let Err(unsent) = to.send(done) else {
+        return true;
+    };
+    let done = unsent.0;
+    let (function, key) = (done.function.clone(), Key(done.key));
+    drop_quietly(
+        done,
+        format_args!("the value of task {function}-{}", key.short()),
+    );
+    false
 }
 
 /// Runs one link of a chain (state rule 5): `job`, then fills its
@@ -2033,23 +2063,18 @@ fn resident_memory() -> Option<u64> {
 }
 
 /// Runs one job and encodes its value.
-fn run_job(job: Job) -> Done {
-    let Job {
-        id,
-        key,
-        function,
-        op,
-        mut inputs,
-        cancelled,
-        ..
-    } = job;
+fn run_job(mut job: Job) -> Done {
+    let (id, key, function) = (job.id, job.key, job.function.clone());
     let mut plan = PlanBuilder::with_capacity(1);
-    plan.push(Key(key), op, &[]);
+    plan.push(Key(key), job.op.clone(), &[]);
     let plan = plan.build();
     let start = Instant::now();
     // A released task sees `rask::cancelled()` turn true (state rule 3).
-    let outcome = Stop::flag(cancelled).enter(|| run_task(&plan, 0, &mut inputs));
-    drop(inputs);
+    let cancelled = job.cancelled.clone();
+    let outcome = Stop::flag(cancelled).enter(|| run_task(&plan, 0, &mut job.inputs));
+    // What the op read in place goes now, quietly (rule 16): a released
+    // input's last reference may be here.
+    drop(job);
     // Reported as at most the protocol's limit, which the scheduler checks.
     let duration_ns = duration_ns_of(start.elapsed().min(MAX_TASK_DURATION));
     // Encode once now: it sizes the value for placement and turns an
@@ -2083,17 +2108,22 @@ fn run_job(job: Job) -> Done {
         };
         let failed =
             |(kind, message): (FailureKind, String)| Arc::new(plan.failure_as(0, kind, message));
-        match encoded {
-            Ok(n) if n > MAX_VALUE => Err(failed((FailureKind::Failed, format!(
+        let failure = match encoded {
+            Ok(n) if n <= MAX_VALUE => {
+                return Ok(Stored {
+                    value,
+                    nbytes: n as u64,
+                })
+            }
+            Ok(n) => failed((FailureKind::Failed, format!(
                 "its value of type `{}` encodes to {n} bytes, over the {MAX_VALUE} byte limit of one frame",
                 value.type_name()
-            )))),
-            Ok(n) => Ok(Stored {
-                value,
-                nbytes: n as u64,
-            }),
-            Err(e) => Err(failed(e)),
-        }
+            ))),
+            Err(e) => failed(e),
+        };
+        // Rule 16: the task fails, its value goes.
+        drop_quietly(value, format_args!("the value of task {}", plan.label(0)));
+        Err(failure)
     });
     Done {
         id,

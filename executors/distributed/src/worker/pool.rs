@@ -14,9 +14,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::mpsc;
 
-use super::run_link;
 use super::state::{Done, Job};
 use super::watchdog::Running;
+use super::{report, run_link};
 use crate::nested::TaskCluster;
 use crate::protocol::WireKey;
 
@@ -221,15 +221,20 @@ impl Pool {
     /// Drops the jobs waiting for a thread (their scheduler connection was
     /// lost, worker rule 1); the threads stay for the next connection's.
     pub(crate) fn clear(&self) {
-        self.queue().heap.clear();
+        let jobs = std::mem::take(&mut self.queue().heap);
+        // Their inputs' `Drop`s run outside the lock (worker rule 16).
+        drop(jobs);
     }
 
     /// Threads exit once idle; running ops finish first, unobserved.
     pub(crate) fn close(&self) {
-        let mut q = self.queue();
-        q.closed = true;
-        q.heap.clear();
-        self.shared.ready.notify_all();
+        let jobs = {
+            let mut q = self.queue();
+            q.closed = true;
+            self.shared.ready.notify_all();
+            std::mem::take(&mut q.heap)
+        };
+        drop(jobs);
     }
 
     fn queue(&self) -> MutexGuard<'_, Queue> {
@@ -292,7 +297,7 @@ fn compute_thread(shared: &Arc<Shared>, me: &SeatRef) {
             };
             // A retired thread's late report is dropped by the state
             // (state rule 3) unless its task was not released.
-            let open = done.is_none_or(|d| shared.done.send(d).is_ok());
+            let open = done.is_none_or(|d| report(&shared.done, d));
             match next {
                 Some(next) if open && !retired => job = next,
                 Some(next) => {
@@ -512,6 +517,95 @@ mod tests {
         assert!(seceded_rx.try_recv().is_err(), "a released task is no news");
         gone.rejoin();
         assert_eq!(members(&pool), 1);
+        pool.close();
+    }
+
+    /// A user's value whose `Drop` panics.
+    struct Boom;
+    impl Drop for Boom {
+        fn drop(&mut self) {
+            panic!("a Boom was dropped");
+        }
+    }
+    impl serde::Serialize for Boom {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_unit()
+        }
+    }
+
+    /// Reads its inputs in place: the job drops them after it ran.
+    struct Peek;
+    impl Op for Peek {
+        fn run(&self, inputs: &mut [Option<Value>]) -> Result<Value, OpError> {
+            Ok(Arc::new(inputs.iter().flatten().count() as i64))
+        }
+        fn name(&self) -> &str {
+            "peek"
+        }
+    }
+
+    fn job(id: u64, op: Arc<dyn Op>, inputs: Vec<Option<Value>>) -> Job {
+        Job {
+            id,
+            key: [id as u8; 32],
+            function: op.name().into(),
+            op,
+            inputs,
+            priority: Default::default(),
+            cancelled: Arc::default(),
+            claim: Default::default(),
+            next: Arc::default(),
+        }
+    }
+
+    /// Waits up to 10 s for the next report of `done`.
+    fn next_done(done: &mut mpsc::UnboundedReceiver<Done>) -> Option<Done> {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Ok(d) = done.try_recv() {
+                return Some(d);
+            }
+            if std::time::Instant::now() > until {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    /// Worker rule 16 on a compute thread: a job holding the last
+    /// reference to an input whose `Drop` panics (its value was released
+    /// from the store while it ran), and a released job that never ran
+    /// holding one, drop them quietly; the thread reports the job and
+    /// takes the next. Before, the panic ended the thread: no report (the
+    /// task hung) and a pool of one thread ran nothing more.
+    #[test]
+    fn a_compute_thread_survives_inputs_whose_drop_panics() {
+        let (done, mut done_rx) = mpsc::unbounded_channel();
+        let (seceded, _seceded_rx) = mpsc::unbounded_channel();
+        let pool = Pool::start(1, done, seceded, None);
+        let boom = || Some(Arc::new(Boom) as Value);
+        let released = job(2, Arc::new(Peek), vec![boom()]);
+        released
+            .cancelled
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        pool.submit([job(1, Arc::new(Peek), vec![boom(), None])]);
+        pool.submit([released]);
+        pool.submit([job(3, Arc::new(Nop), vec![])]);
+        // Failing, the pool is leaked: dropping its queued Booms while
+        // this test unwinds would abort the test binary.
+        let mut reported = || match next_done(&mut done_rx) {
+            Some(done) => done,
+            None => {
+                std::mem::forget(pool.clone());
+                panic!("no report: the compute thread died");
+            }
+        };
+        let first = reported();
+        assert_eq!(first.id, 1);
+        let value = first.outcome.expect("its value stands").value;
+        assert_eq!(value.downcast_ref::<i64>(), Some(&1));
+        // The released job is not reported; the next one is.
+        assert_eq!(reported().id, 3);
         pool.close();
     }
 

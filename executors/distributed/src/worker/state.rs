@@ -77,7 +77,8 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rask_executor::{
-    panic_message, Encoded, Failure, FailureKind, Key, Op, Registry, Value, WireTask,
+    drop_each_quietly, drop_quietly, panic_message, Encoded, Failure, FailureKind, Key, Op,
+    Registry, Value, WireTask,
 };
 
 use super::memory::{Store, Stored, Unread};
@@ -148,6 +149,21 @@ pub(crate) struct Successor {
     /// Set by the compute thread when it takes the successor: from then on
     /// nothing is attached.
     pub(crate) finished: bool,
+}
+
+/// Worker rule 16: a job dropped (run, released before it started, given
+/// up, dropped with its connection or its worker) drops the inputs it
+/// still holds quietly, on whatever thread lets it go.
+impl Drop for Job {
+    fn drop(&mut self) {
+        if !self.inputs.is_empty() {
+            let (function, key) = (&self.function, Key(self.key));
+            drop_each_quietly(
+                self.inputs.drain(..),
+                format_args!("an input of task {function}-{}", key.short()),
+            );
+        }
+    }
 }
 
 impl Job {
@@ -471,7 +487,15 @@ impl WorkerState {
     pub(crate) fn on_task_done(&mut self, done: Done, out: &mut impl Outbox) {
         match self.tasks.get(&done.key) {
             Some(task) if task.id == done.id => {}
-            _ => return, // released while it ran
+            _ => {
+                // Released while it ran: its value goes (worker rule 16).
+                let (function, key) = (done.function.clone(), Key(done.key));
+                drop_quietly(
+                    done,
+                    format_args!("the value of task {function}-{}", key.short()),
+                );
+                return;
+            }
         }
         let Some(task) = self.tasks.remove(&done.key) else {
             return;

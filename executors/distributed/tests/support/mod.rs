@@ -21,10 +21,30 @@ use rask_executor::{
 /// Every wait in these tests gives up after this long.
 pub const TIMEOUT: Duration = Duration::from_secs(30);
 
-/// An `i64` from a value computed here (typed) or fetched (encoded).
+/// A user's number whose `Drop` panics (the `boom` op makes them): a
+/// worker must drop it quietly, wherever it lets it go. It encodes as its
+/// `i64`, so clients read it as one.
+pub struct Boom(pub i64);
+
+impl Drop for Boom {
+    fn drop(&mut self) {
+        panic!("a Boom of {} was dropped", self.0);
+    }
+}
+
+impl serde::Serialize for Boom {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+/// An `i64` from a value computed here (typed, or a [`Boom`]) or fetched
+/// (encoded).
 pub fn int(v: &Value) -> i64 {
     if let Some(x) = v.downcast_ref::<i64>() {
         *x
+    } else if let Some(b) = v.downcast_ref::<Boom>() {
+        b.0
     } else if let Some(e) = v.downcast_ref::<Encoded>() {
         postcard::from_bytes(&e.0).expect("an encoded i64")
     } else {
@@ -171,7 +191,7 @@ impl Shared {
 /// runs), `len` (the input's length plus the payload's i64), `chunk`
 /// (payload `(i, n)`: [`chunk`]`(i, n)` as [`Bytes`], counting runs),
 /// `bytesum` (the [`word_sum`]s of its byte inputs plus the payload's i64,
-/// wrapping), `rask.remote`
+/// wrapping), `boom` (like add, as a [`Boom`]), `rask.remote`
 /// (fails: it runs only when the key it names is not held), `where` and
 /// `where_slow` (payload n: panics if n = -1, hangs like `hang` if n = -2,
 /// else sleeps n µs; then 1 if it ran on an in-process worker's network
@@ -242,6 +262,7 @@ impl Op for TestOp {
                 self.shared.hang();
                 Ok(Arc::new(sum()))
             }
+            "boom" => Ok(Arc::new(Boom(sum()))),
             "fail" => Err(OpError::failed("nope")),
             REMOTE_FUNCTION => Err(OpError::failed("the cluster no longer holds the value")),
             "panic" => panic!("kaboom"),
@@ -293,7 +314,7 @@ impl Registry for TestRegistry {
         match task.function.as_str() {
             "rask.value" | "inc" | "add" | "sleep_add" | "count" | "sleep_inc" | "gate"
             | "fail" | "panic" | "big" | "len" | "where" | "where_slow" | "hang" | "chunk"
-            | "bytesum" | REMOTE_FUNCTION => Ok(Arc::new(TestOp {
+            | "bytesum" | "boom" | REMOTE_FUNCTION => Ok(Arc::new(TestOp {
                 function: task.function.clone(),
                 payload: task.payload.clone(),
                 shared: self.shared.clone(),
@@ -533,9 +554,13 @@ impl Collect {
         match self.done_rx.lock().unwrap().recv_timeout(TIMEOUT) {
             Ok(()) => {}
             Err(RecvTimeoutError::Timeout) => {
-                let outs = self.outs.lock().unwrap();
-                let missing = outs.iter().filter(|o| o.is_none()).count();
-                panic!("timed out: {missing} of {} outputs missing", outs.len())
+                // Counted outside the panic: a poisoned lock would make the
+                // client's late reports panic too, and abort the tests.
+                let (missing, all) = {
+                    let outs = self.outs.lock().unwrap();
+                    (outs.iter().filter(|o| o.is_none()).count(), outs.len())
+                };
+                panic!("timed out: {missing} of {all} outputs missing")
             }
             Err(RecvTimeoutError::Disconnected) => panic!("finished twice?"),
         }
