@@ -65,6 +65,9 @@ fn cluster_tasks() -> rask::Tasks {
         distributed::pair,
         distributed::first,
         distributed::explode,
+        distributed::make_boom,
+        distributed::boom_and,
+        distributed::fails?,
         distributed::parse?,
         distributed::flaky_once?,
         distributed::nap,
@@ -85,6 +88,9 @@ fn cluster_tasks() -> rask::Tasks {
         sim_cluster::pair,
         sim_cluster::first,
         sim_cluster::explode,
+        sim_cluster::make_boom,
+        sim_cluster::boom_and,
+        sim_cluster::fails?,
         sim_cluster::parse?,
         sim_cluster::flaky_once?,
         sim_cluster::nap,
@@ -345,6 +351,89 @@ for_each_executor! {
         let data = rask::value(vec![7u8; 1000]);
         let lens: Vec<Delayed<usize>> = (0..4).map(|_| delayed!(len_shared(&data)).unique()).collect();
         assert_eq!(rask::compute_with(lens, &config()).unwrap(), vec![1000; 4]);
+    }
+
+    /// A user's number whose `Drop` panics: executors drop it quietly
+    /// (`rask_executor::drop_quietly`). The test forgets the ones it gets.
+    #[derive(Clone, serde::Serialize, serde::Deserialize)]
+    pub(crate) struct Boom(i64);
+
+    impl Drop for Boom {
+        fn drop(&mut self) {
+            panic!("a Boom of {} was dropped", self.0);
+        }
+    }
+
+    pub(crate) fn make_boom(x: i64) -> Boom { Boom(x) }
+    pub(crate) fn boom_and(b: Arc<Boom>, y: i64) -> i64 { b.0 + y }
+    pub(crate) fn fails(x: i64) -> Result<i64, String> { Err(format!("{x} fails")) }
+
+    /// Set in the child process that runs [`drop_scenarios`].
+    const DROP_CHILD_ENV: &str = "RASK_TEST_DROP_CHILD";
+
+    /// Booms dropped by the executor and by `compute`: the other result of
+    /// a compute that fails, the input of a task skipped for a failed one
+    /// (on a cluster, both released there too), a result (released by its
+    /// cluster once fetched). Each compute answers as without the panics,
+    /// and the executor goes on.
+    fn drop_scenarios() {
+        let boom = delayed!(make_boom(1));
+        let failing = delayed!(fails(2)?);
+        let names_failing = |err: Option<&Error>| {
+            matches!(err, Some(Error::Task { key, message, .. })
+                if *key == failing.key() && message == "2 fails")
+        };
+        let got = rask::compute_with((&boom, &failing), &config());
+        let named = names_failing(got.as_ref().err());
+        std::mem::forget(got);
+        assert!(named, "the failure of `fails`");
+        let skipped = delayed!(boom_and(&delayed!(make_boom(3)), &failing));
+        let err = skipped.compute_with(&config()).unwrap_err();
+        assert!(names_failing(Some(&err)), "{err:?}");
+        let got = boom.compute_with(&config());
+        let value = got.as_ref().map(|b| b.0).ok();
+        std::mem::forget(got);
+        assert_eq!(value, Some(1));
+        assert_eq!(delayed!(inc(41)).compute_with(&config()).unwrap(), 42);
+    }
+
+    /// Values whose `Drop` panics never crash the executor (a thread pool
+    /// aborted the process; the synchronous and simulated executors
+    /// panicked out of `compute`; a cluster's worker ended). Run in a
+    /// child process, this test binary again, so that an abort fails this
+    /// test rather than ending the run.
+    #[test]
+    fn values_whose_drop_panics_never_crash_the_executor() {
+        if std::env::var_os(DROP_CHILD_ENV).is_some() {
+            drop_scenarios();
+            return;
+        }
+        let module = module_path!().split_once("::").map_or("", |(_, m)| m);
+        let name = format!("{module}::values_whose_drop_panics_never_crash_the_executor");
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", &name, "--test-threads=1"])
+            .env(DROP_CHILD_ENV, "1")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let output = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && stdout.contains("1 passed"),
+            "the child ended with {}:\n{stdout}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
 
     #[test]

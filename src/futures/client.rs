@@ -1518,35 +1518,49 @@ impl Shared {
     /// Records the outcome of a key from `run` and wakes whoever waits for it.
     fn complete(self: &Arc<Self>, run: &Run, key: Key, outcome: Outcome) {
         // The finished work's graph is dropped after the table lock: it may
-        // hold futures, whose drop takes the lock.
+        // hold futures, whose drop takes the lock. So is a value nobody
+        // takes, quietly: its `Drop` is user code, which may panic, and
+        // this runs on an executor's thread (`rask_executor::drop_quietly`).
         let mut finished_node = None;
-        let (listeners, deferred, sleepers) = {
+        let mut replaced = None;
+        let mut unwanted = None;
+        let woken = 'table: {
             let mut table = self.lock();
             // A future it took, cancelled since it was sent: its value
             // reached the cluster's graph anyway (the cluster computed it
             // for this run), but work on a cancelled future fails as
             // cancelled, naming it, as where the graph waits for the
             // future in this process (rule 3).
-            let outcome = match outcome {
+            let cancelled_ref = match &outcome {
                 Ok(_) if !run.refs.is_empty() => run
                     .refs
                     .iter()
                     .find(|(k, _)| table.get(k).is_some_and(|e| e.state.is_cancelled()))
-                    .map_or(outcome, |(k, name)| Err(cancelled_failure(*k, name))),
-                outcome => outcome,
+                    .map(|(k, name)| cancelled_failure(*k, name)),
+                _ => None,
+            };
+            let outcome = match cancelled_ref {
+                Some(failure) => {
+                    replaced = Some(outcome);
+                    Err(failure)
+                }
+                None => outcome,
             };
             let Some(entry) = table.get_mut(&key) else {
-                return; // released while it ran
+                unwanted = Some(outcome);
+                break 'table None; // released while it ran
             };
             if !entry.state.is_pending() {
-                return; // cancelled while it ran
+                unwanted = Some(outcome);
+                break 'table None; // cancelled while it ran
             }
             if !entry
                 .run
                 .as_ref()
                 .is_some_and(|(r, _)| std::ptr::eq(&**r, run))
             {
-                return; // cancelled, then submitted again: a newer run owns it
+                unwanted = Some(outcome);
+                break 'table None; // cancelled, then submitted again: a newer run owns it
             }
             entry.state = match outcome {
                 Ok(value) => {
@@ -1563,14 +1577,19 @@ impl Shared {
             entry.run = None;
             run.output_done();
             let watched_failure = self.watched_failure(entry);
-            (
+            Some((
                 std::mem::take(&mut entry.listeners),
                 std::mem::take(&mut entry.deferred),
                 std::mem::take(&mut entry.waiters) > 0 || watched_failure,
-            )
+            ))
         };
         drop(finished_node);
-        self.wake(listeners, deferred, sleepers);
+        for outcome in [replaced, unwanted] {
+            rask_executor::drop_quietly(outcome, format_args!("the value of {}", key.short()));
+        }
+        if let Some((listeners, deferred, sleepers)) = woken {
+            self.wake(listeners, deferred, sleepers);
+        }
     }
 
     /// Notifies `listeners` and `deferred`, and when `sleepers` (the entry

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
-use rask_executor::{FailureKind, Key, Outcome, Reporter, Value};
+use rask_executor::{drop_each_quietly, drop_quietly, FailureKind, Key, Outcome, Reporter, Value};
 
 use crate::build::data::Data;
 use crate::build::delayed::Delayed;
@@ -122,8 +122,12 @@ pub fn compute<C: Compute>(what: C) -> Result<C::Output> {
 pub fn compute_with<C: Compute>(what: C, config: &Config) -> Result<C::Output> {
     let mut roots = Roots::default();
     what.roots(&mut roots);
-    let values = run(&roots.0, config)?;
-    what.assemble(&mut values.into_iter())
+    let mut values = run(&roots.0, config)?.into_iter();
+    let assembled = what.assemble(&mut values);
+    // Left over when a value had the wrong type: dropped quietly (a
+    // user's `Drop` may panic; `rask_executor::drop_quietly`).
+    drop_each_quietly(values, "a result of compute");
+    assembled
 }
 
 /// Lowers and optimizes `what` as [`compute_with`]
@@ -381,7 +385,14 @@ pub(crate) fn take<T: Data>(values: &mut std::vec::IntoIter<Value>) -> Result<T>
     let shared = crate::build::data::unique::<T>(value).map_err(|_| Error::WrongType {
         expected: std::any::type_name::<T>(),
     })?;
-    Ok(Arc::try_unwrap(shared).unwrap_or_else(|shared| (*shared).clone()))
+    match Arc::try_unwrap(shared) {
+        Ok(value) => Ok(value),
+        Err(shared) => {
+            let value = (*shared).clone();
+            drop_quietly(shared, "a result of compute");
+            Ok(value)
+        }
+    }
 }
 
 /// Gathers a plan's outputs and stops the run at the first failure.
@@ -434,8 +445,11 @@ impl Collector {
                 .unwrap_or_else(PoisonError::into_inner);
         }
         let outcomes = std::mem::take(&mut state.outcomes);
+        let extra_failure = state.extra_failure.take();
+        drop(state);
         // Report the failure that started it all, not a cancellation it caused.
         let mut first_cancelled = None;
+        let mut failure = None;
         let mut values = Vec::with_capacity(outcomes.len());
         for outcome in outcomes {
             match outcome.expect("every output is reported before `finished`") {
@@ -443,14 +457,19 @@ impl Collector {
                 Err(f) if f.kind == FailureKind::Cancelled => {
                     first_cancelled.get_or_insert(f);
                 }
-                Err(f) => return Err(Error::from_failure(&f)),
+                Err(f) => {
+                    failure.get_or_insert(f);
+                }
             }
         }
-        match (first_cancelled, state.extra_failure.take()) {
-            (Some(_), Some(f)) => Err(Error::from_failure(&f)),
-            (Some(f), None) => Err(Error::from_failure(&f)),
-            (None, _) => Ok(values),
-        }
+        let failure = match (failure, first_cancelled, extra_failure) {
+            (None, None, _) => return Ok(values),
+            (Some(f), _, _) | (None, Some(_), Some(f)) | (None, Some(f), None) => f,
+        };
+        // The other results of a compute that fails: nobody gets them, and
+        // their `Drop`s are user code (`rask_executor::drop_quietly`).
+        drop_each_quietly(values, "a result of a failed compute");
+        Err(Error::from_failure(&failure))
     }
 }
 
@@ -467,11 +486,15 @@ impl Reporter for Collector {
         // Past the roots: a cached task a root needs (so its failure fails
         // a root too).
         if index >= self.roots {
-            if let Err(f) = outcome {
-                if f.kind != FailureKind::Cancelled {
+            match outcome {
+                Err(f) if f.kind != FailureKind::Cancelled => {
                     let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
                     state.extra_failure.get_or_insert(f);
                 }
+                // Written to the cache: let go, quietly, on the executor's
+                // thread (a panic there would abort a thread pool).
+                Ok(value) => drop_quietly(value, "a value written to the result cache"),
+                Err(_) => {}
             }
             return;
         }
