@@ -7,7 +7,11 @@
 //! live, not retired, and not seceded (waiting in a task for a nested
 //! computation, rule 15). The pool keeps at least `threads` members: a
 //! thread that secedes is replaced at once; one that rejoins makes a member
-//! too many, and the next member to look for a job leaves instead.
+//! too many, and the next member to look for a job leaves instead. A
+//! thread gives its place back once however many waits secede for it at a
+//! time (a timed task's retry waits beside its abandoned first attempt):
+//! the first wait gives it, the last to rejoin takes it again, and the
+//! scheduler hears once per job.
 
 use std::collections::BinaryHeap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -60,6 +64,13 @@ pub(crate) struct Seat {
     /// Its task waits for a nested computation (rule 15): the thread is
     /// no member, another took its place.
     pub(crate) seceded: bool,
+    /// Waits that seceded for this thread and have not rejoined: its own
+    /// task's, or those of its task's attempts, a retry's beside the
+    /// abandoned one's (`rask_executor::run_limited`). Its place is given
+    /// back by the first and taken again by the last (module docs).
+    pub(crate) waits: u32,
+    /// The job whose secession the scheduler was told of: once per job.
+    pub(crate) told: Option<u64>,
 }
 
 /// One compute thread's seat, shared with the watchdog.
@@ -358,22 +369,35 @@ impl rask_executor::Seat for PoolSeat {
             return;
         }
         self.gave.store(true, std::sync::atomic::Ordering::Relaxed);
-        let task = {
+        let (give, tell) = {
             let mut s = seat(&self.me);
             s.seceded = true;
+            s.waits += 1;
             if s.retired {
                 // No member since the watchdog retired it (its released
                 // task ran on): a thread took its place then, so nothing
                 // to give back or replace now, and `rejoin` adds nothing.
                 return;
             }
-            s.running.as_ref().map(|r| (r.key, r.id))
+            let run = s.running.as_ref().map(|r| (r.key, r.id));
+            let tell = run.filter(|&(_, id)| s.told != Some(id));
+            if let Some((_, id)) = tell {
+                s.told = Some(id);
+            }
+            // Given back already by a wait still going: a retried
+            // attempt's, while the abandoned one waits on. Binding seats
+            // to attempts would not tell them apart: each secedes while
+            // its own attempt is the thread's current one.
+            (s.waits == 1, tell)
         };
-        if let Some(run) = task {
+        if let Some(run) = tell {
             // Out of the scheduler's window for this worker, so the work
             // the task waits for can come here. A closed channel: the
             // worker ended.
             let _ = self.shared.seceded.send(run);
+        }
+        if !give {
+            return;
         }
         let pool = Pool {
             shared: self.shared.clone(),
@@ -392,16 +416,21 @@ impl rask_executor::Seat for PoolSeat {
 
     fn rejoin(&self) {
         if !self.gave.swap(false, std::sync::atomic::Ordering::Relaxed) {
-            return; // its secede gave nothing back
+            return; // its secede counted no wait
         }
-        let retired = {
+        let (retired, last) = {
             let mut s = seat(&self.me);
-            s.seceded = false;
-            s.retired
+            s.waits = s.waits.saturating_sub(1);
+            let last = s.waits == 0;
+            if last {
+                s.seceded = false;
+            }
+            (s.retired, last)
         };
-        if retired {
+        if retired || !last {
             // Its task was released meanwhile (rule 10): the thread exits
-            // when the task returns, as no member.
+            // when the task returns, as no member. Or another wait of the
+            // thread goes on: its place stays given back.
             return;
         }
         let pool = Pool {
@@ -517,6 +546,48 @@ mod tests {
         assert!(seceded_rx.try_recv().is_err(), "a released task is no news");
         gone.rejoin();
         assert_eq!(members(&pool), 1);
+        pool.close();
+    }
+
+    /// A retried timed task (`run_limited`): its first attempt seceded in
+    /// a nested wait, timed out and was abandoned, and waits on; the retry
+    /// of the same job secedes too. The thread's place is given back once
+    /// (one thread in its place, one `TaskSeceded`), and taken again when
+    /// the last of the two waits ends. Binding the seat to the attempt would
+    /// not do: both attempts secede while theirs is the thread's current
+    /// one. Before, the retry gave the place back a second time: a second
+    /// thread started and the scheduler heard of the task twice.
+    #[test]
+    fn a_retried_attempt_gives_its_threads_place_back_once() {
+        let (done, _done_rx) = mpsc::unbounded_channel();
+        let (seceded, mut seceded_rx) = mpsc::unbounded_channel();
+        let pool = Pool::start(1, done, seceded, None);
+        let me = SeatRef::default();
+        seat(&me).running = Some(running([9; 32]));
+        let thread = unbound(&pool, me.clone());
+        let first = thread.bound().expect("a thread running a job binds");
+        first.secede();
+        assert_eq!((members(&pool), started(&pool)), (1, 2));
+        assert_eq!(seceded_rx.try_recv().ok(), Some(([9; 32], 3)));
+        let retry = thread.bound().unwrap();
+        retry.secede();
+        assert_eq!(
+            (members(&pool), started(&pool)),
+            (1, 2),
+            "no second thread for one thread's place"
+        );
+        assert!(seceded_rx.try_recv().is_err(), "the task seceded once");
+        // The retry's wait ends first: the first attempt still waits, the
+        // place stays given.
+        retry.rejoin();
+        assert_eq!(members(&pool), 1);
+        assert!(rejoin_sheds_a_member(&pool, &*first));
+        // A later job of the thread tells the scheduler again.
+        seat(&me).running.as_mut().unwrap().id = 4;
+        let next = thread.bound().unwrap();
+        next.secede();
+        assert_eq!(seceded_rx.try_recv().ok(), Some(([9; 32], 4)));
+        next.rejoin();
         pool.close();
     }
 

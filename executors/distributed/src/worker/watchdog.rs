@@ -472,8 +472,7 @@ mod tests {
         let t0 = Instant::now();
         let mut seat = Seat {
             running: Some(running(false)),
-            retired: false,
-            seceded: false,
+            ..Seat::default()
         };
         let mut spare = 1;
         // Running and wanted: nothing to do.
@@ -523,8 +522,7 @@ mod tests {
         let now = Instant::now();
         let mut seat = Seat {
             running: Some(running(true)),
-            retired: false,
-            seceded: false,
+            ..Seat::default()
         };
         let mut spare = 0;
         let verdict = review(&mut seat, now, Duration::from_secs(30), &mut spare);
