@@ -103,11 +103,16 @@ fn run(plan: &Plan, reporter: &dyn Reporter) {
             ),
         };
         // The task ran, or was skipped: its inputs go, quietly (dropping
-        // rule 1; an op that reads its inputs in place leaves them here).
-        drop_each_quietly(
-            inputs.drain(..),
-            format_args!("an input of task {}", plan.label(i)),
-        );
+        // rule 1; an op that reads its inputs in place leaves them here,
+        // one that took them leaves nothing to catch).
+        if inputs.iter().any(Option::is_some) {
+            drop_each_quietly(
+                inputs.drain(..),
+                format_args!("an input of task {}", plan.label(i)),
+            );
+        } else {
+            inputs.clear();
+        }
         outcomes.put(i, outcome);
         for slot in plan.output_slots_of(i) {
             let outcome = outcomes.take(i);
@@ -200,6 +205,9 @@ impl Outcomes<'_> {
 
 impl Drop for Outcomes<'_> {
     fn drop(&mut self) {
+        if self.free.len() == self.values.len() {
+            return; // every value was taken (a run that was not cancelled)
+        }
         for (task, uses) in self.uses.iter().enumerate() {
             if uses.slot != NO_SLOT {
                 let value = self.values[uses.slot as usize].take();

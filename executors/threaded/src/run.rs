@@ -386,8 +386,7 @@ impl Run {
             if self.is_cancelled() {
                 // A value handed over to a task that will not run (rule 7).
                 if let Some((from, outcome)) = handoff {
-                    let whose = self.plan.label(from);
-                    drop_quietly(outcome, format_args!("the value of task {whose}"));
+                    drop_value(&self.plan, from, outcome);
                 }
                 return;
             }
@@ -434,11 +433,13 @@ impl Run {
             }
             None => events::observe(plan, task, thread_place, || run_task(plan, task, inputs)),
         };
-        // What an op read in place, or a skipped task took (rule 7).
-        drop_each_quietly(
-            inputs.drain(..),
-            format_args!("an input of task {}", plan.label(task)),
-        );
+        // What an op read in place, or a skipped task took (rule 7); an op
+        // that took its inputs leaves nothing to catch.
+        if inputs.iter().any(Option::is_some) {
+            drop_inputs(plan, task, inputs);
+        } else {
+            inputs.clear();
+        }
         self.resolve(task, outcome, spawner, scratch)
     }
 
@@ -473,10 +474,7 @@ impl Run {
         match dependents {
             [] => {
                 // No consumer at all (rule 7).
-                drop_quietly(
-                    outcome,
-                    format_args!("the value of task {}", plan.label(task)),
-                );
+                drop_value(plan, task, outcome);
                 None
             }
             &[dependent] if consumers == 1 => {
@@ -593,20 +591,37 @@ impl Drop for Run {
     /// `finished` holds the last reference to what the plan held).
     fn drop(&mut self) {
         // Values still stored: their dependents were cancelled (rule 7).
-        for (task, state) in self.tasks.iter_mut().enumerate() {
-            let slot = state
-                .value
-                .get_mut()
-                .unwrap_or_else(PoisonError::into_inner);
-            if let Some(value) = slot.take() {
-                let whose = self.plan.label(task as u32);
-                drop_quietly(value, format_args!("the value of task {whose}"));
+        // One pass, which frees the tasks' memory too.
+        let tasks = std::mem::take(&mut self.tasks).into_vec();
+        for (task, state) in tasks.into_iter().enumerate() {
+            let slot = state.value.into_inner();
+            if let Some(value) = slot.unwrap_or_else(PoisonError::into_inner) {
+                drop_value(&self.plan, task as u32, Ok(value));
             }
         }
-        self.tasks = Box::default();
         self.plan = Arc::default();
         self.reporter.finished();
     }
+}
+
+/// Drops the inputs task `task` left (rule 7). Out of line, as is
+/// [`drop_value`]: the tasks' loop stays as small as before.
+#[inline(never)]
+fn drop_inputs(plan: &Plan, task: u32, inputs: &mut Vec<Option<Value>>) {
+    drop_each_quietly(
+        inputs.drain(..),
+        format_args!("an input of task {}", plan.label(task)),
+    );
+}
+
+/// Drops the outcome of task `task`, which nobody takes (rule 7).
+#[cold]
+#[inline(never)]
+fn drop_value(plan: &Plan, task: u32, outcome: Outcome) {
+    drop_quietly(
+        outcome,
+        format_args!("the value of task {}", plan.label(task)),
+    );
 }
 
 /// No code panics while holding a slot lock (ops run outside it), so a
