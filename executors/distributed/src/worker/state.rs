@@ -156,7 +156,8 @@ pub(crate) struct Successor {
 /// still holds quietly, on whatever thread lets it go.
 impl Drop for Job {
     fn drop(&mut self) {
-        if !self.inputs.is_empty() {
+        // An op that took its inputs leaves nothing to catch.
+        if self.inputs.iter().any(Option::is_some) {
             let (function, key) = (&self.function, Key(self.key));
             drop_each_quietly(
                 self.inputs.drain(..),
