@@ -2230,6 +2230,67 @@ mod tests {
         });
     }
 
+    /// `n` peers on 127.0.0.1, each read by a `read_loop` (connections 1
+    /// to `n`) within `limits`, whose events go to `events`: the peers'
+    /// sockets and the readers. Each reader keeps its connection open (no
+    /// end of stream, no closed writer, no kill).
+    async fn read_loops(
+        n: u32,
+        limits: &net::Limits,
+        events: &mpsc::UnboundedSender<Event>,
+    ) -> (
+        Vec<TcpStream>,
+        Vec<tokio::task::JoinHandle<Option<ProtocolError>>>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let mut peers = Vec::new();
+        let mut readers = Vec::new();
+        for conn in 1..=n {
+            let peer = TcpStream::connect(address).await.unwrap();
+            let (socket, _) = listener.accept().await.unwrap();
+            let (read, write) = socket.into_split();
+            let frames = net::Frames::stream(net::FrameReader::new(
+                tokio::io::BufReader::new(net::ReadHalf::Plain(read)),
+                limits.clone(),
+            ));
+            let (tx, rx) = mpsc::unbounded_channel();
+            let writer = net::Writer::local(tx);
+            let (kill, killed) = oneshot::channel();
+            let events = events.clone();
+            readers.push(tokio::spawn(async move {
+                let _open = (write, rx, kill);
+                let held = net::Held::default();
+                read_loop(frames, killed, conn, &events, &writer, &held).await
+            }));
+            peers.push(peer);
+        }
+        (peers, readers)
+    }
+
+    /// A frame of a graph of 300 KiB, over the small frames' threshold.
+    fn big_graph() -> Vec<u8> {
+        let mut task = spec(1);
+        task.payload = Arc::from(vec![7; 300 << 10]);
+        let graph = crate::protocol::frame(&ToScheduler::UpdateGraph {
+            tasks: vec![task],
+            wanted: vec![[1; 32]],
+        });
+        assert!(graph.len() > net::SMALL_FRAME);
+        graph
+    }
+
+    /// `event` is [`big_graph`]'s frame, read from connection `from`.
+    fn assert_graph_from(from: u32, event: Option<Event>) {
+        match event {
+            Some(Event::Frame { conn, msgs, .. }) => {
+                assert_eq!(conn, from);
+                assert!(matches!(&msgs[..], [ToScheduler::UpdateGraph { .. }]));
+            }
+            _ => panic!("a connection closed"),
+        }
+    }
+
     /// Net rule 8, as a reviewer found it: two authenticated peers that
     /// announce frames as big as the lane (before, half the budget each:
     /// all of it), send 4 bytes of them and go quiet, while a third sends a
@@ -2244,38 +2305,15 @@ mod tests {
         const BUDGET: usize = 1 << 20;
         let runtime = net::runtime().unwrap();
         runtime.block_on(async {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let address = listener.local_addr().unwrap();
             // One budget for every connection, as in `run`; a stall timeout
             // far longer than the test waits.
             let limits = net::Limits::new(BUDGET, Duration::from_secs(600));
             let (events_tx, mut events) = mpsc::unbounded_channel();
-            let mut peers = Vec::new();
-            let mut readers = Vec::new();
-            for conn in 1..=3 {
-                let peer = TcpStream::connect(address).await.unwrap();
-                let (socket, _) = listener.accept().await.unwrap();
-                let (read, write) = socket.into_split();
-                let frames = net::Frames::stream(net::FrameReader::new(
-                    tokio::io::BufReader::new(net::ReadHalf::Plain(read)),
-                    limits.clone(),
-                ));
-                let (tx, rx) = mpsc::unbounded_channel();
-                let writer = net::Writer::local(tx);
-                let (kill, killed) = oneshot::channel();
-                let events = events_tx.clone();
-                readers.push(tokio::spawn(async move {
-                    // Both kept open: no end of stream, no closed writer.
-                    let _open = (write, rx);
-                    let held = net::Held::default();
-                    read_loop(frames, killed, conn, &events, &writer, &held).await
-                }));
-                peers.push((peer, kill));
-            }
+            let (mut peers, readers) = read_loops(3, &limits, &events_tx).await;
             // One quiet peer, then the other, each holding its grant
             // before the third sends anything.
             let huge = u32::try_from(BUDGET / 2).unwrap();
-            for (i, (peer, _)) in peers.iter_mut().take(2).enumerate() {
+            for (i, peer) in peers.iter_mut().take(2).enumerate() {
                 peer.write_all(&huge.to_le_bytes()).await.unwrap();
                 peer.write_all(&[0; 4]).await.unwrap();
                 let holds = (i + 1) * net::SMALL_FRAME;
@@ -2284,23 +2322,15 @@ mod tests {
                 }
             }
             // A graph of 300 KiB, over the small frames' threshold.
-            let mut task = spec(1);
-            task.payload = Arc::from(vec![7; 300 << 10]);
-            let graph = crate::protocol::frame(&ToScheduler::UpdateGraph {
-                tasks: vec![task],
-                wanted: vec![[1; 32]],
-            });
-            assert!(graph.len() > net::SMALL_FRAME);
-            peers[2].0.write_all(&graph).await.unwrap();
+            let graph = big_graph();
+            peers[2].write_all(&graph).await.unwrap();
             let wait = Duration::from_secs(30);
-            match tokio::time::timeout(wait, events.recv()).await {
-                Ok(Some(Event::Frame { conn, msgs, .. })) => {
-                    assert_eq!(conn, 3);
-                    assert!(matches!(&msgs[..], [ToScheduler::UpdateGraph { .. }]));
-                }
-                Ok(_) => panic!("a connection closed"),
-                Err(_) => panic!("the third connection's frame was not read within {wait:?}"),
-            }
+            let read = tokio::time::timeout(wait, events.recv()).await;
+            assert!(
+                read.is_ok(),
+                "the third connection's frame was not read within {wait:?}"
+            );
+            assert_graph_from(3, read.ok().flatten());
             for reading in readers {
                 reading.abort();
             }
@@ -2326,32 +2356,9 @@ mod tests {
         const HEAD: usize = 256 << 10;
         let runtime = net::runtime().unwrap();
         runtime.block_on(async {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let address = listener.local_addr().unwrap();
             let limits = net::Limits::new(BUDGET, Duration::from_secs(1));
             let (events_tx, mut events) = mpsc::unbounded_channel();
-            let mut peers = Vec::new();
-            let mut readers = Vec::new();
-            for conn in 1..=3 {
-                let peer = TcpStream::connect(address).await.unwrap();
-                let (socket, _) = listener.accept().await.unwrap();
-                let (read, write) = socket.into_split();
-                let frames = net::Frames::stream(net::FrameReader::new(
-                    tokio::io::BufReader::new(net::ReadHalf::Plain(read)),
-                    limits.clone(),
-                ));
-                let (tx, rx) = mpsc::unbounded_channel();
-                let writer = net::Writer::local(tx);
-                let (kill, killed) = oneshot::channel();
-                let events = events_tx.clone();
-                readers.push(tokio::spawn(async move {
-                    // Both kept open: no end of stream, no closed writer.
-                    let _open = (write, rx, kill);
-                    let held = net::Held::default();
-                    read_loop(frames, killed, conn, &events, &writer, &held).await
-                }));
-                peers.push(peer);
-            }
+            let (mut peers, mut readers) = read_loops(3, &limits, &events_tx).await;
             let mut trickler = peers.remove(1);
             let mut behind = peers.remove(1);
             let filler = &mut peers[0];
@@ -2377,12 +2384,7 @@ mod tests {
             }
             // A graph of 300 KiB waits in the lane's line behind it; sent
             // from a task of its own, as it is not read meanwhile.
-            let mut task = spec(1);
-            task.payload = Arc::from(vec![7; 300 << 10]);
-            let graph = crate::protocol::frame(&ToScheduler::UpdateGraph {
-                tasks: vec![task],
-                wanted: vec![[1; 32]],
-            });
+            let graph = big_graph();
             let sending = tokio::spawn(async move {
                 let _ = behind.write_all(&graph).await;
                 behind // kept open
@@ -2403,14 +2405,12 @@ mod tests {
                 Ok(other) => panic!("the trickling peer's reader ended otherwise: {other:?}"),
                 Err(_) => panic!("the trickling peer still held the lane after {bound:?}"),
             }
-            match tokio::time::timeout(bound, events.recv()).await {
-                Ok(Some(Event::Frame { conn, msgs, .. })) => {
-                    assert_eq!(conn, 3);
-                    assert!(matches!(&msgs[..], [ToScheduler::UpdateGraph { .. }]));
-                }
-                Ok(_) => panic!("a connection closed"),
-                Err(_) => panic!("the frame behind was not read within {bound:?}"),
-            }
+            let read = tokio::time::timeout(bound, events.recv()).await;
+            assert!(
+                read.is_ok(),
+                "the frame behind was not read within {bound:?}"
+            );
+            assert_graph_from(3, read.ok().flatten());
             trickling.abort();
             sending.abort();
             for reading in readers {
