@@ -179,6 +179,12 @@ pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// bigger frame's grant.
 pub(crate) const SMALL_FRAME: usize = 64 << 10;
 
+/// The most keys one `GetData` names: 1 024 keys encode to 32 KiB and a
+/// few bytes, so the frames of a data port's requests stay within
+/// [`SMALL_FRAME`] ([`push_requests`]) and the data port reads them
+/// without a grant from any budget ([`Limits::requests`]).
+pub(crate) const REQUEST_KEYS: usize = 1024;
+
 /// The biggest step of a frame's grant from the pool (rule 8): a frame is
 /// granted what already arrived of it again, at least [`SMALL_FRAME`] and
 /// at most this, so it holds at most twice its bytes that arrived, plus
@@ -457,6 +463,17 @@ impl Limits {
     /// The defaults: [`FRAME_BUDGET`] and [`STALL_TIMEOUT`].
     pub(crate) fn standard() -> Limits {
         Limits::new(FRAME_BUDGET, STALL_TIMEOUT)
+    }
+
+    /// What a data port allows the requests it reads (worker rule 13):
+    /// frames of at most [`SMALL_FRAME`] (a budget of two of them, whose
+    /// lane is one), read without a grant, and this stall timeout. A
+    /// request frame never holds the process's budget, so a reader that
+    /// takes its answers slowly holds no grant the other frames wait for;
+    /// a bigger frame closes the connection (requesters split their
+    /// `GetData`s: [`push_requests`]).
+    pub(crate) fn requests(&self) -> Limits {
+        Limits::new(2 * SMALL_FRAME, self.stall)
     }
 
     /// The time a frame may have taken when `received` of its bytes
@@ -2325,6 +2342,19 @@ struct Peer {
     idle: Duration,
 }
 
+/// Appends `keys` to `out` as `GetData`s of at most [`REQUEST_KEYS`] keys
+/// each, none sharing a frame past [`SMALL_FRAME`]: what a data port reads
+/// ([`Limits::requests`]).
+pub(crate) fn push_requests(out: &mut Batch, keys: Vec<WireKey>) {
+    if keys.len() <= REQUEST_KEYS {
+        return out.push_within(&ToPeer::GetData { keys }, SMALL_FRAME);
+    }
+    for part in keys.chunks(REQUEST_KEYS) {
+        let keys = part.to_vec();
+        out.push_within(&ToPeer::GetData { keys }, SMALL_FRAME);
+    }
+}
+
 /// One connection to a data port: sends `GetData` batches, forwards
 /// answers; closes itself once idle for `peer.idle`.
 async fn peer_connection(
@@ -2409,7 +2439,7 @@ async fn peer_connection(
     let writer = spawn_writer(connected.write, &limits, None);
     let mut read = connected.read;
     let mut out = Batch::default();
-    out.push(&ToPeer::GetData { keys: first });
+    push_requests(&mut out, first);
     let _ = send_batch(&writer, &mut out);
     let mut last_active = Instant::now();
     // Set once idle: no new request is taken; ends when nothing is in
@@ -2429,12 +2459,12 @@ async fn peer_connection(
                 for &key in &keys {
                     *in_flight.entry(key).or_default() += 1;
                 }
-                out.push(&ToPeer::GetData { keys });
+                push_requests(&mut out, keys);
                 while let Ok(keys) = requests.try_recv() {
                     for &key in &keys {
                         *in_flight.entry(key).or_default() += 1;
                     }
-                    out.push(&ToPeer::GetData { keys });
+                    push_requests(&mut out, keys);
                 }
                 let _ = send_batch(&writer, &mut out);
                 last_active = Instant::now();
@@ -2494,7 +2524,7 @@ async fn peer_connection(
                     for &key in &keys {
                         *in_flight.entry(key).or_default() += 1;
                     }
-                    out.push(&ToPeer::GetData { keys });
+                    push_requests(&mut out, keys);
                 }
                 let _ = send_batch(&writer, &mut out);
             }

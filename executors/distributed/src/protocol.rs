@@ -1243,7 +1243,7 @@ impl Batch {
     /// Appends one message, in a frame of its own if the open frame would
     /// pass `max` bytes with it (a value of a few hundred MiB after a small
     /// one: one frame of both would be refused by its reader).
-    fn push_within<M: Serialize>(&mut self, msg: &M, max: usize) {
+    pub(crate) fn push_within<M: Serialize>(&mut self, msg: &M, max: usize) {
         if self.open.is_empty() {
             // Room for a few small messages at once: postcard appends a
             // byte at a time, and growing from nothing reallocates five or

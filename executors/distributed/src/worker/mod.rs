@@ -122,8 +122,12 @@
 //!     other handshakes, not heartbeats, dispatch or reports (rules 2 and
 //!     6). A reader of another build (rule 8) is closed there too; an
 //!     authenticated one moves to the network thread (`net` rule 12) and
-//!     is served there. The data port answers a `GetData`
-//!     one value at a time, waiting while more than 64 MiB wait to be sent
+//!     is served there. Its requests are small frames (at most 64 KiB;
+//!     requesters send at most 1 024 keys per `GetData`), read with no
+//!     grant from the worker's frame budget (`net::Limits::requests`), so
+//!     a reader that takes its answers slowly holds nothing other frames
+//!     wait for; a bigger request frame closes the connection. The data
+//!     port answers a `GetData` one value at a time, waiting while more than 64 MiB wait to be sent
 //!     to the reader (so a reader that stops reading holds at most that and
 //!     one value, and is closed once it reads nothing for the stall
 //!     timeout), and closes a connection with nothing in flight either way
@@ -1822,7 +1826,8 @@ async fn serve_data(
                     }
                 };
                 network.spawn(async move {
-                    let served = match detached.attach(&limits) {
+                    // Requests are small, read with no grant (rule 13).
+                    let served = match detached.attach(&limits.requests()) {
                         Ok(accepted) => data_connection(accepted, store, &limits).await,
                         Err(e) => Err(e),
                     };
@@ -2433,6 +2438,104 @@ mod tests {
             Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused),
             Ok(_) => panic!("the data port of a stopped worker still listens"),
         }
+    }
+
+    /// Rule 13, as a reviewer found it: a request frame the data port read
+    /// held a grant from the worker's frame budget until every key it
+    /// named was answered, for as long as its reader took to read the
+    /// answers; granted from the lane, it held up every big frame of the
+    /// worker (a fetched value, a task from the scheduler) that long, with
+    /// the pool empty. Requests are now small frames, read with no grant:
+    /// one past [`net::SMALL_FRAME`] closes the connection (before, it was
+    /// granted and answered), and a requester's `GetData`s of many keys
+    /// travel in small frames, every key answered.
+    #[test]
+    fn the_data_port_reads_requests_as_small_frames_holding_no_budget() {
+        use crate::protocol::{FromPeer, ToPeer};
+        let scheduler =
+            crate::scheduler::serve_with("127.0.0.1:0".parse().unwrap(), Default::default())
+                .unwrap();
+        let auth = Auth::Token(scheduler.token().unwrap().clone());
+        let options = Options::default()
+            .auth(auth.clone())
+            .death_timeout(Duration::ZERO);
+        let address = format!("tcp://{}", scheduler.address());
+        let (stop, stopped) = oneshot::channel();
+        let started = start(
+            &address,
+            Arc::new(Reg),
+            options,
+            BuildId::current(),
+            Some(stopped),
+        )
+        .unwrap();
+        let data_address = started.data_address;
+        // Stopped however the test ends.
+        let worker = WorkerHandle {
+            id: started.id,
+            data_address,
+            stop: Some(stop),
+            ending: Mutex::new(started.ending),
+            watchdog: Some(started.watchdog),
+        };
+        let runtime = net::runtime().unwrap();
+        let limits = net::Limits::standard();
+        let wait = Duration::from_secs(30);
+        let keys: Vec<WireKey> = (0..3000u32)
+            .map(|i| {
+                let mut key = [0; 32];
+                key[..4].copy_from_slice(&i.to_le_bytes());
+                key
+            })
+            .collect();
+        // Sends `batch` on a new connection to the data port: the answers
+        // read until `keys.len()` came, or the end of the connection.
+        let ask = |mut batch: Batch| {
+            runtime.block_on(async {
+                let connected = net::connect(
+                    (Scheme::Tcp, &data_address.to_string(), None),
+                    Role::Peer,
+                    Role::DataServer,
+                    BuildId::current(),
+                    &auth,
+                    net::CONNECT_TIMEOUT,
+                    &limits,
+                )
+                .await
+                .unwrap();
+                let writer = net::spawn_writer(connected.write, &limits, None);
+                net::send_batch(&writer, &mut batch).unwrap();
+                let mut read = connected.read;
+                let mut answers = Vec::new();
+                while answers.len() < keys.len() {
+                    match tokio::time::timeout(wait, read.next()).await {
+                        Ok(Ok(true)) => {
+                            answers.extend(decode_checked::<FromPeer>(read.frame()).unwrap())
+                        }
+                        Ok(_) => return (answers, true),
+                        Err(_) => panic!("the data port neither answered nor closed"),
+                    }
+                }
+                (answers, false)
+            })
+        };
+        // One `GetData` of 3 000 keys, in one frame of 96 KiB.
+        let mut big = Batch::default();
+        big.push(&ToPeer::GetData { keys: keys.clone() });
+        let (answers, closed) = ask(big);
+        assert!(
+            closed && answers.is_empty(),
+            "a request frame past the small frames' size was read and answered ({} answers)",
+            answers.len()
+        );
+        // As requesters send them: small frames, every key answered.
+        let mut small = Batch::default();
+        net::push_requests(&mut small, keys.clone());
+        let (answers, closed) = ask(small);
+        assert!(!closed);
+        let missing: Vec<FromPeer> = keys.iter().map(|&key| FromPeer::Missing { key }).collect();
+        assert_eq!(answers, missing);
+        worker.stop();
     }
 
     #[test]
