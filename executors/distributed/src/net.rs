@@ -179,6 +179,16 @@ pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// bigger frame's grant.
 pub(crate) const SMALL_FRAME: usize = 64 << 10;
 
+/// A deadline that is never reached (rule 9), for a stall timeout past
+/// what a clock counts.
+const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// The smallest frame budget a scheduler takes (rule 8): what the biggest
+/// small frame can take decoded, with room to spare. A smaller one, asked
+/// for, counts as this: below it, a connection's first frame could not be
+/// covered and closed the connection (a budget of 0 closed every one).
+pub(crate) const MIN_FRAME_BUDGET: usize = 16 << 20;
+
 /// The most keys one `GetData` names: 1 024 keys encode to 32 KiB and a
 /// few bytes, so the frames of a data port's requests stay within
 /// [`SMALL_FRAME`] ([`push_requests`]) and the data port reads them
@@ -913,7 +923,12 @@ async fn within<F: Future<Output = std::io::Result<usize>>>(
         if let Some(heard) = heard.take() {
             heard.fetch_add(1, Ordering::Relaxed);
         }
-        let at = *origin.get_or_insert_with(Instant::now) + allowed;
+        let origin = *origin.get_or_insert_with(Instant::now);
+        // A stall timeout past what a clock counts (an option set to
+        // `Duration::MAX`) is never reached: a deadline a century away.
+        let at = origin
+            .checked_add(allowed)
+            .unwrap_or_else(|| origin + NEVER);
         let sleep = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
         if *timer_at != Some(at) {
             sleep.as_mut().reset(at);
@@ -3062,6 +3077,33 @@ mod tests {
                 std::future::pending::<()>().await;
             });
             assert!(read.next().await.unwrap());
+        });
+    }
+
+    /// Rule 9 with a stall timeout past what a clock counts
+    /// (`Options::stall_timeout(Duration::MAX)`, "never"): a frame that has
+    /// to wait for its bytes is read whole. Before, its deadline overflowed
+    /// the clock and the reader panicked (a reviewer's finding).
+    #[test]
+    fn a_stall_timeout_of_duration_max_never_stalls_and_never_panics() {
+        run(async {
+            let limits = Limits::new(FRAME_BUDGET, Duration::MAX);
+            let (mut tx, rx) = tokio::io::duplex(1 << 10);
+            let mut read = FrameReader::new(rx, limits);
+            let whole = frame(&ToPeer::GetData {
+                keys: vec![[3; 32]],
+            });
+            let (first, rest) = whole.split_at(6);
+            tx.write_all(first).await.unwrap();
+            let rest = rest.to_vec();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let _ = tx.write_all(&rest).await;
+                std::future::pending::<()>().await;
+            });
+            assert!(read.next().await.unwrap());
+            let msgs = crate::protocol::decode_checked::<ToPeer>(read.frame()).unwrap();
+            assert!(matches!(&msgs[..], [ToPeer::GetData { keys }] if keys == &[[3; 32]]));
         });
     }
 

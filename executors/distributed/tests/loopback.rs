@@ -3001,3 +3001,14 @@ fn a_submission_made_while_disconnected_holds_its_keys_once_connected() {
     assert!(kept.wait()[0].is_ok());
     assert_eq!(got.wait(), vec![Ok(1)]);
 }
+
+/// A scheduler asked for a frame budget of 0 (or any below 16 MiB) takes
+/// 16 MiB, and computes: before, what a connection's first frame took
+/// decoded could never be covered, and every connection was closed at its
+/// first frame (a reviewer's finding).
+#[test]
+fn a_scheduler_with_a_frame_budget_of_zero_still_computes() {
+    let options = rask_distributed::scheduler::Options::default().frame_budget(0);
+    let cluster = Cluster::with_options(1, 1, options);
+    diamond(&cluster, &cluster.client(), 0);
+}

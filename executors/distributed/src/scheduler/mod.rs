@@ -379,7 +379,9 @@ pub struct Options {
     /// connection is not read meanwhile. A frame bigger than half the
     /// budget closes its connection, so half of this is also the biggest
     /// graph frame a client can send. Default 1 GiB, twice the largest
-    /// frame.
+    /// frame; at least 16 MiB (a smaller budget counts as 16 MiB: below
+    /// it, what a small frame takes decoded might not fit, and every
+    /// connection would be closed at its first frame).
     pub frame_budget: usize,
     /// Where to serve the web dashboard (rule 9): `None` (the default),
     /// none; port 0 picks a free port ([`SchedulerHandle::dashboard`]).
@@ -493,7 +495,7 @@ impl Options {
     ///
     /// ```
     /// // A scheduler on a small machine: at most 256 MiB of big frames at
-    /// // once, and no graph frame over that.
+    /// // once, and no graph frame over half of that.
     /// let options = rask_distributed::scheduler::Options::default().frame_budget(256 << 20);
     /// assert_eq!(options.frame_budget, 256 << 20);
     /// ```
@@ -962,7 +964,8 @@ async fn run(
     served: Served,
 ) {
     let (events_tx, mut events) = mpsc::unbounded_channel();
-    let limits = net::Limits::new(options.frame_budget, options.stall_timeout);
+    let budget = options.frame_budget.max(net::MIN_FRAME_BUDGET);
+    let limits = net::Limits::new(budget, options.stall_timeout);
     // Connection numbers, for TCP and in-memory connections alike.
     let numbers = Numbers::new();
     let gate = net::Gate::new(net::Caps::for_this_process(1));
