@@ -1092,6 +1092,16 @@ enum Socket {
     Unix(tokio::net::UnixStream),
 }
 
+/// Logs that this side closes the connection from `peer` for `e` (rule
+/// 7: one line, rate-limited).
+fn log_closing(peer: net::PeerAddr, e: &ProtocolError) {
+    log_limited!(
+        "scheduler: closing",
+        "scheduler: closing connection from {peer}: {}",
+        Chain(e)
+    );
+}
+
 /// One accepted connection, pre-auth under `ticket`: its handshakes, here
 /// on the handshakes' thread, then [`serve_connection`] within `limits`
 /// (rule 8) on the `state`'s; the state loop hears of it only once its
@@ -1130,26 +1140,12 @@ async fn connection(
             );
             return;
         }
-        Err(e) => {
-            log_limited!(
-                "scheduler: closing",
-                "scheduler: closing connection from {peer}: {}",
-                Chain(&e)
-            );
-            return;
-        }
+        Err(e) => return log_closing(peer, &e),
     };
     state.spawn(async move {
         let accepted = match detached.attach(&limits) {
             Ok(accepted) => accepted,
-            Err(e) => {
-                log_limited!(
-                    "scheduler: closing",
-                    "scheduler: closing connection from {peer}: {}",
-                    Chain(&e)
-                );
-                return;
-            }
+            Err(e) => return log_closing(peer, &e),
         };
         let role = accepted.hello.role;
         // Rule 7: a client's answers are small, a worker's tasks are not.

@@ -2370,25 +2370,8 @@ mod tests {
             .tls(pki.both())
             .death_timeout(Duration::ZERO);
         let address = format!("tls://{}", scheduler.address());
-        let (stop, stopped) = oneshot::channel();
-        let started = start(
-            &address,
-            Arc::new(Reg),
-            options,
-            BuildId::current(),
-            Some(stopped),
-        )
-        .unwrap();
-        let network = started.network.clone();
-        let data_address = started.data_address;
-        // Stopped however the test ends.
-        let worker = WorkerHandle {
-            id: started.id,
-            data_address,
-            stop: Some(stop),
-            ending: Mutex::new(started.ending),
-            watchdog: Some(started.watchdog),
-        };
+        let (worker, network) = started_worker(&address, options);
+        let data_address = worker.data_address;
         // The network thread, blocked until told (60 s at most).
         let (release, released) = std::sync::mpsc::channel::<()>();
         let (blocking, blocked) = std::sync::mpsc::channel();
@@ -2440,6 +2423,29 @@ mod tests {
         }
     }
 
+    /// A worker of the scheduler at `address`, started with `options`
+    /// (stopped when the handle drops, however the test ends), and the
+    /// runtime its network thread drives.
+    fn started_worker(address: &str, options: Options) -> (WorkerHandle, tokio::runtime::Handle) {
+        let (stop, stopped) = oneshot::channel();
+        let started = start(
+            address,
+            Arc::new(Reg),
+            options,
+            BuildId::current(),
+            Some(stopped),
+        )
+        .unwrap();
+        let worker = WorkerHandle {
+            id: started.id,
+            data_address: started.data_address,
+            stop: Some(stop),
+            ending: Mutex::new(started.ending),
+            watchdog: Some(started.watchdog),
+        };
+        (worker, started.network)
+    }
+
     /// Rule 13, as a reviewer found it: a request frame the data port read
     /// held a grant from the worker's frame budget until every key it
     /// named was answered, for as long as its reader took to read the
@@ -2460,24 +2466,8 @@ mod tests {
             .auth(auth.clone())
             .death_timeout(Duration::ZERO);
         let address = format!("tcp://{}", scheduler.address());
-        let (stop, stopped) = oneshot::channel();
-        let started = start(
-            &address,
-            Arc::new(Reg),
-            options,
-            BuildId::current(),
-            Some(stopped),
-        )
-        .unwrap();
-        let data_address = started.data_address;
-        // Stopped however the test ends.
-        let worker = WorkerHandle {
-            id: started.id,
-            data_address,
-            stop: Some(stop),
-            ending: Mutex::new(started.ending),
-            watchdog: Some(started.watchdog),
-        };
+        let (worker, _) = started_worker(&address, options);
+        let data_address = worker.data_address;
         let runtime = net::runtime().unwrap();
         let limits = net::Limits::standard();
         let wait = Duration::from_secs(30);
