@@ -152,17 +152,7 @@ impl Progress {
     /// Runs the work of a simulated client meanwhile, which runs only while
     /// someone waits (rule 4).
     pub fn wait(&self) {
-        if let Some(drive) = &self.drive {
-            drive(&|| self.done());
-        }
-        let mut state = self.tracker.lock();
-        while !state.drawn {
-            state = self
-                .tracker
-                .changed
-                .wait(state)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
+        self.wait_while(|state| !state.drawn);
     }
 
     /// Blocks until the watched work is done, then as `compute`'s bar
@@ -170,19 +160,22 @@ impl Progress {
     /// most on a screen that does not read. For `persist`, which returns
     /// the work's values and must not hang on a display.
     pub(crate) fn wait_for_work(&self) {
+        self.wait_while(|state| !state.finished);
+        self.tracker.last_drawn();
+    }
+
+    /// Runs a simulated client's work (rule 4), then blocks while `blocked`
+    /// holds of the display's state.
+    fn wait_while(&self, blocked: impl Fn(&TrackerState) -> bool) {
         if let Some(drive) = &self.drive {
             drive(&|| self.done());
         }
-        let mut state = self.tracker.lock();
-        while !state.finished {
-            state = self
-                .tracker
-                .changed
-                .wait(state)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
-        drop(state);
-        self.tracker.last_drawn();
+        let state = self.tracker.lock();
+        let _state = self
+            .tracker
+            .changed
+            .wait_while(state, |state| blocked(state))
+            .unwrap_or_else(PoisonError::into_inner);
     }
 
     /// Whether the watched work is done.
