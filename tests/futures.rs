@@ -295,6 +295,30 @@ fn map_and_gather_keep_order() {
     }
 }
 
+/// Items that say there are far more of them than there are.
+struct Boastful(std::ops::Range<i64>);
+
+impl Iterator for Boastful {
+    type Item = i64;
+    fn next(&mut self) -> Option<i64> {
+        self.0.next()
+    }
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (usize::MAX, None)
+    }
+}
+
+#[test]
+fn map_over_items_that_overstate_their_number_maps_them() {
+    for client in clients() {
+        let fs = client.map(inc, Boastful(0..3)).unwrap();
+        assert_eq!(client.gather(&fs).unwrap(), vec![1, 2, 3]);
+        // A map again over the same keys, and over more.
+        let fs = client.map(inc, Boastful(0..5)).unwrap();
+        assert_eq!(client.gather(&fs).unwrap(), vec![1, 2, 3, 4, 5]);
+    }
+}
+
 #[test]
 fn resubmitting_identical_work_runs_nothing() {
     for client in clients() {

@@ -96,6 +96,18 @@ pub struct Client {
     annotations: Option<Arc<rask_executor::Annotations>>,
 }
 
+/// Makes room in `table` for `nodes` keys at once: a `map` of a million
+/// grows its client's table once, not twenty times over fresh memory.
+/// Counted as though the keys held were among them (a `map` again), so a
+/// table never grows for keys it holds.
+fn make_room(table: &mut KeyMap<Entry>, nodes: usize) {
+    let more = nodes.saturating_sub(table.len());
+    table.reserve(more);
+}
+
+/// The most items a [`Client::map`] makes room for before it has them.
+const MAX_HINT: usize = 1 << 24;
+
 /// How many calls of a [`Client::map`] go in one submission: enough that
 /// a submission's fixed costs do not show, few enough that the executor
 /// starts soon.
@@ -585,11 +597,16 @@ impl Client {
         if !plain {
             let nodes: Vec<Arc<Node>> = nodes.collect();
             self.check_sendable(&nodes)?;
+            make_room(&mut self.inner.lock(), nodes.len());
             let parts = nodes.chunks(PART);
             return Ok(parts.flat_map(|part| self.submit_sendable(part)).collect());
         }
-        let mut futures = Vec::with_capacity(nodes.size_hint().0);
-        let mut part = Vec::with_capacity(PART.min(nodes.size_hint().0));
+        // What the items say they are, up to a bound: a wrong hint costs
+        // room, never a failed allocation.
+        let hint = nodes.size_hint().0.min(MAX_HINT);
+        let mut futures = Vec::with_capacity(hint);
+        make_room(&mut self.inner.lock(), hint);
+        let mut part = Vec::with_capacity(PART.min(hint));
         let mut nodes = nodes.peekable();
         while nodes.peek().is_some() {
             part.extend(nodes.by_ref().take(PART));
@@ -911,6 +928,7 @@ impl Client {
         let mut fresh = Vec::new();
         let futures = {
             let mut table = self.inner.lock();
+            make_room(&mut table, nodes.len());
             nodes
                 .iter()
                 .map(|node| {
