@@ -70,22 +70,29 @@
 //!    does not silence its process; they cost at most [`SMALL_FRAME`] per
 //!    connection, and connections are capped (rule 7).
 //!    Once decoded, every frame, small or big, holds from the budget what
-//!    its messages take ([`FrameReader::try_cover`]: its length plus what
+//!    its messages take ([`FrameReader::next_messages`], the one place
+//!    that decodes what a connection brought: its length plus what
 //!    `protocol` rule 5 charged, from the pool or else the lane if either
 //!    has room now) until they were handled, however much more than its
-//!    length that is. When neither has room, the messages are dropped, the
+//!    length that is. A frame whose messages would take more than the
+//!    whole budget closes its connection
+//!    ([`ProtocolError::OutOfRange`]): its decoding stops there, before
+//!    they take more. When neither has room, the messages are dropped, the
 //!    frame lets go of its whole grant and waits for the whole in line
-//!    ([`FrameReader::cover`]: what the pool holds of it in the pool's
-//!    line, then the rest in the lane's), its connection not read
+//!    ([`FrameReader::start_cover`]: what the pool holds of it in the
+//!    pool's line, then the rest in the lane's), its connection not read
 //!    meanwhile, and is decoded again once granted: what waits outside the
-//!    budget is the frame's body, one per connection.
+//!    budget is the frame's body, one per connection. That wait is
+//!    cancel-safe, kept in the reader with the frame's place in line, so a
+//!    loop waits for it beside its other work, never instead of it.
 //!
 //!    **No deadlock.** A frame waits while holding part of the budget only
 //!    in the lane's line, holding pool; nothing waits while holding lane,
 //!    and what waits in the pool's line holds nothing. (a) Whatever holds
 //!    lane lacks nothing: its frame is being received, which rule 9 bounds
 //!    in time, or handled, which never waits for a grant (a frame whose
-//!    messages need more lets go of everything before it waits). So the
+//!    messages need more lets go of everything before it waits, and a loop
+//!    handles what it holds while another of its frames waits). So the
 //!    lane is given back in the end, and its line, each of whose frames
 //!    lacks at most the lane, moves. (b) Whatever holds pool is being
 //!    received, or handled, or waits in the lane's line, which moves by
@@ -153,6 +160,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::Poll;
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 #[cfg(unix)]
@@ -164,8 +172,8 @@ use tokio_rustls::TlsStream;
 
 use crate::handshake;
 use crate::protocol::{
-    decode_checked, frame_len, Batch, FromPeer, Handshake, ProtocolError, Role, Scheme, ToPeer,
-    WireKey, WorkerId,
+    decode_checked, decode_sized, frame_len, Batch, Bounded, FromPeer, Handshake, ProtocolError,
+    Role, Scheme, ToPeer, WireKey, WorkerId, PAST_THE_BUDGET,
 };
 use crate::tls::{self, Acceptor, Connector};
 use crate::{Auth, BuildId};
@@ -518,6 +526,22 @@ pub(crate) type Heard = Arc<AtomicU64>;
 /// so the frame keeps its place (rule 8).
 type Waiting = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
 
+/// The grant a frame's messages wait for (rule 8), in the pool's line and
+/// then the lane's, kept across cancellations so the frame keeps its
+/// place ([`FrameReader::next_messages`]).
+type Covering = Pin<Box<dyn Future<Output = Result<Grant, AcquireError>> + Send>>;
+
+/// The messages of one frame, decoded and checked (`protocol` rule 5),
+/// with what they take from the budget (rule 8).
+#[derive(Debug)]
+pub(crate) struct Messages<M> {
+    pub(crate) msgs: Vec<M>,
+    /// What the messages take decoded, given back to the budget when
+    /// dropped: kept until they were handled. `None` when the frame holds
+    /// nothing (an in-memory connection's).
+    pub(crate) grant: Option<Grant>,
+}
+
 /// Reads frames from a stream, one at a time, within the limits of rules 8
 /// and 9.
 ///
@@ -550,6 +574,9 @@ pub(crate) struct FrameReader<R> {
     timer_at: Option<Instant>,
     /// Whether `next` returned a frame not released yet.
     returned: bool,
+    /// The grant the frame returned waits for, when its messages needed
+    /// more than the budget had room for ([`FrameReader::next_messages`]).
+    covering: Option<Covering>,
     held: Option<Held>,
     heard: Option<Heard>,
 }
@@ -571,6 +598,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             timer: None,
             timer_at: None,
             returned: false,
+            covering: None,
             held: None,
             heard: None,
         }
@@ -657,17 +685,57 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         Some(std::mem::take(&mut self.grant)).filter(|grant| grant.bytes() > 0)
     }
 
+    /// Reads the next frame, as [`FrameReader::next`], and decodes its
+    /// messages, which hold from the budget what they take decoded (rule
+    /// 8): the frame's grant made to cover that, given with them to keep
+    /// until they were handled. `None` on a clean end of stream between
+    /// frames. When neither the pool nor the lane has room now, the
+    /// messages are dropped, the frame lets go of its whole grant and
+    /// waits in line for all of it ([`FrameReader::start_cover`]), its
+    /// connection not read meanwhile, and is decoded again once granted.
+    ///
+    /// Cancel-safe, as `next`: a frame under way, and one waiting for its
+    /// grant, are kept in `self`, and the next call goes on with them
+    /// (keeping the frame's place in line).
+    ///
+    /// # Errors
+    ///
+    /// As [`FrameReader::next`], and as [`decode_sized`] for the frame's
+    /// body: [`ProtocolError::OutOfRange`] when its messages would take
+    /// more than the whole budget, found before they take it.
+    pub(crate) async fn next_messages<M: DeserializeOwned + Bounded>(
+        &mut self,
+    ) -> Result<Option<Messages<M>>, ProtocolError> {
+        if self.covering.is_none() {
+            if !self.next().await? {
+                return Ok(None);
+            }
+            let (msgs, bytes) = decode_sized::<M>(&self.body, self.limits.budget.total)?;
+            if self.try_cover(bytes)? {
+                let grant = self.take_grant();
+                return Ok(Some(Messages { msgs, grant }));
+            }
+            drop(msgs);
+            self.start_cover(bytes)?;
+        }
+        self.await_cover().await?;
+        let (msgs, _) = decode_sized::<M>(&self.body, self.limits.budget.total)?;
+        let grant = self.take_grant();
+        Ok(Some(Messages { msgs, grant }))
+    }
+
     /// Makes the grant of the frame `next` just read cover `bytes`, what
     /// its messages take decoded (rule 8), if the budget has room now, in
     /// the pool or else in the lane: `Ok(false)` when it has not, and
-    /// [`FrameReader::cover`] waits for it. No lock and no allocation: an
-    /// atomic operation on the budget, two when the pool has no room.
+    /// [`FrameReader::start_cover`] puts it in line. No lock and no
+    /// allocation: an atomic operation on the budget, two when the pool has
+    /// no room.
     ///
     /// # Errors
     ///
     /// [`ProtocolError::OutOfRange`] if `bytes` is more than the whole
     /// budget.
-    pub(crate) fn try_cover(&mut self, bytes: usize) -> Result<bool, ProtocolError> {
+    fn try_cover(&mut self, bytes: usize) -> Result<bool, ProtocolError> {
         let has = self.grant.bytes();
         let Some(more) = bytes.checked_sub(has).filter(|&more| more > 0) else {
             return Ok(true);
@@ -689,42 +757,52 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         Ok(false)
     }
 
-    /// Waits until the budget grants `bytes` for the frame `next` just
-    /// read (rule 8), after [`FrameReader::try_cover`] found no room. What
-    /// the frame held is given back first, so that a frame waiting holds
-    /// no grant; then it waits in the pool's line for as much of `bytes`
-    /// as the pool holds, and in the lane's line for the rest (rule 8's
-    /// argument against deadlock). Its caller drops the frame's messages
-    /// meanwhile and decodes them again once granted. Sets `held` while it
-    /// waits: the peer is not to blame.
+    /// Puts the frame `next` just read in line for `bytes` (rule 8), after
+    /// [`FrameReader::try_cover`] found no room: what the frame held is
+    /// given back first, so that a frame waiting holds no grant; then it
+    /// waits in the pool's line for as much of `bytes` as the pool holds,
+    /// and in the lane's line for the rest (rule 8's argument against
+    /// deadlock), in [`FrameReader::await_cover`]. Sets `held` until it is
+    /// granted: the peer is not to blame.
     ///
     /// # Errors
     ///
     /// As [`FrameReader::try_cover`].
-    pub(crate) async fn cover(&mut self, bytes: usize) -> Result<(), ProtocolError> {
+    fn start_cover(&mut self, bytes: usize) -> Result<(), ProtocolError> {
         self.grant = Grant::default();
         self.coverable(bytes)?;
-        let budget = &self.limits.budget;
+        let budget = self.limits.budget.clone();
         // `bytes` fits a u32 and the whole budget: the pool's part does,
         // and the rest fits the lane.
         let from_pool = bytes.min(budget.pool_bytes);
         let from_lane = bytes - from_pool;
+        self.covering = Some(Box::pin(async move {
+            let mut grant = Grant::default();
+            if from_pool > 0 {
+                let pool = budget.pool.acquire_many_owned(from_pool as u32);
+                grant.pool = Some(pool.await?);
+            }
+            if from_lane > 0 {
+                let lane = budget.lane.acquire_many_owned(from_lane as u32);
+                grant.lane = Some(lane.await?);
+            }
+            Ok(grant)
+        }));
         if let Some(held) = &self.held {
             held.store(true, Ordering::Release);
         }
-        let granted = async {
-            let mut grant = Grant::default();
-            if from_pool > 0 {
-                let pool = budget.pool.clone();
-                grant.pool = Some(pool.acquire_many_owned(from_pool as u32).await?);
-            }
-            if from_lane > 0 {
-                let lane = budget.lane.clone();
-                grant.lane = Some(lane.acquire_many_owned(from_lane as u32).await?);
-            }
-            Ok::<_, AcquireError>(grant)
-        }
-        .await;
+        Ok(())
+    }
+
+    /// Waits for the grant [`FrameReader::start_cover`] put the frame in
+    /// line for, and makes it the frame's. Cancel-safe: the wait stays in
+    /// `self`.
+    async fn await_cover(&mut self) -> Result<(), ProtocolError> {
+        let Some(covering) = self.covering.as_mut() else {
+            return Ok(());
+        };
+        let granted = covering.await;
+        self.covering = None;
         if let Some(held) = &self.held {
             held.store(false, Ordering::Release);
         }
@@ -741,7 +819,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             return Ok(());
         }
         Err(ProtocolError::OutOfRange {
-            what: "memory a frame decodes to, against the frame budget",
+            what: PAST_THE_BUDGET,
             value: u64::try_from(bytes).unwrap_or(u64::MAX),
             min: 0,
             max: u64::try_from(total).unwrap_or(u64::MAX),
@@ -759,6 +837,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     fn release(&mut self) {
         if std::mem::take(&mut self.returned) {
             self.grant = Grant::default();
+            // A frame left waiting for its grant (a caller that went on to
+            // the next frame) waits no more.
+            if self.covering.take().is_some() {
+                if let Some(held) = &self.held {
+                    held.store(false, Ordering::Release);
+                }
+            }
             if self.body.capacity() > SMALL_FRAME {
                 self.body = Vec::new();
             }
@@ -1353,36 +1438,31 @@ impl Frames {
         }
     }
 
-    /// The body of the frame `next` just read.
+    /// As [`FrameReader::next_messages`]; cancel-safe in both forms. An
+    /// in-memory connection's frames are this process's own: they hold no
+    /// grant.
+    pub(crate) async fn next_messages<M: DeserializeOwned + Bounded>(
+        &mut self,
+    ) -> Result<Option<Messages<M>>, ProtocolError> {
+        match self {
+            Frames::Stream(reader) => reader.next_messages().await,
+            Frames::Local { recv, current } => match recv.recv().await {
+                Some(frame) => {
+                    *current = frame;
+                    let body = current.get(4..).unwrap_or_default();
+                    let msgs = decode_checked(body)?;
+                    Ok(Some(Messages { msgs, grant: None }))
+                }
+                None => Ok(None),
+            },
+        }
+    }
+
+    /// The body of the frame `next_messages` just read.
     pub(crate) fn frame(&self) -> &[u8] {
         match self {
             Frames::Stream(reader) => reader.frame(),
             Frames::Local { current, .. } => current.get(4..).unwrap_or_default(),
-        }
-    }
-
-    /// As [`FrameReader::try_cover`]; always room for an in-memory
-    /// connection, whose frames are this process's own.
-    pub(crate) fn try_cover(&mut self, bytes: usize) -> Result<bool, ProtocolError> {
-        match self {
-            Frames::Stream(reader) => reader.try_cover(bytes),
-            Frames::Local { .. } => Ok(true),
-        }
-    }
-
-    /// As [`FrameReader::cover`].
-    pub(crate) async fn cover(&mut self, bytes: usize) -> Result<(), ProtocolError> {
-        match self {
-            Frames::Stream(reader) => reader.cover(bytes).await,
-            Frames::Local { .. } => Ok(()),
-        }
-    }
-
-    /// As [`FrameReader::take_grant`]; none for an in-memory connection.
-    pub(crate) fn take_grant(&mut self) -> Option<Grant> {
-        match self {
-            Frames::Stream(reader) => reader.take_grant(),
-            Frames::Local { .. } => None,
         }
     }
 }
@@ -3286,6 +3366,99 @@ mod tests {
                 assert_eq!(seen.recv().await, Some("opened"));
                 assert_eq!(seen.recv().await, Some("closed"));
             }
+        });
+    }
+
+    /// A frame of `n` copies of `msg` (length prefix included): what no
+    /// honest sender coalesces.
+    fn frame_of<M: serde::Serialize>(msg: &M, n: usize) -> Vec<u8> {
+        let body = frame(msg)[4..].repeat(n);
+        let mut frame = u32::try_from(body.len()).unwrap().to_le_bytes().to_vec();
+        frame.extend(body);
+        frame
+    }
+
+    /// Rule 8: a frame whose messages find no room in the budget waits
+    /// for its grant without being read further, holding nothing, and
+    /// keeps its place (and its frame) however often the wait is
+    /// cancelled, as a loop's `select!` does while it goes on with its
+    /// other work; once granted, it is decoded and holds what its messages
+    /// take, and the next frame comes after it. A frame whose messages
+    /// would take more than the whole budget is refused, its decoding
+    /// stopped there.
+    #[test]
+    fn a_frame_with_no_room_waits_for_its_grant_in_place_however_often_cancelled() {
+        run(async {
+            const BUDGET: usize = 1 << 20;
+            let limits = Limits::new(BUDGET, WAIT);
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = listener.local_addr().unwrap();
+            let (dialed, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
+            let mut peer = dialed.unwrap();
+            let (read, _write) = accepted.unwrap().0.into_split();
+            let held = Held::default();
+            let mut read = FrameReader::new(reader(ReadHalf::Plain(read)), limits.clone())
+                .held_by(held.clone());
+            // 10 000 empty requests: 20 KB, 0.4 MB decoded.
+            let empty = ToPeer::GetData { keys: Vec::new() };
+            let flood = frame_of(&empty, 10_000);
+            let (_, decoded) = decode_sized::<ToPeer>(&flood[4..], usize::MAX).unwrap();
+            assert!(decoded > 4 * flood.len() && decoded < BUDGET);
+            let after = frame(&ToPeer::GetData {
+                keys: vec![[1; 32]],
+            });
+            // Everything else holds the budget, but for room for a small
+            // frame's messages.
+            let budget = &limits.budget;
+            let room = 4 << 10;
+            let hogs = (
+                (budget.pool.clone())
+                    .try_acquire_many_owned((budget.pool_bytes - room) as u32)
+                    .unwrap(),
+                budget
+                    .lane
+                    .clone()
+                    .try_acquire_many_owned(budget.lane_bytes as u32)
+                    .unwrap(),
+            );
+            peer.write_all(&[flood, after].concat()).await.unwrap();
+            let mut cancelled = 0;
+            while cancelled < 10 {
+                tokio::select! {
+                    got = read.next_messages::<ToPeer>() => panic!("read with no room: {got:?}"),
+                    () = tokio::task::yield_now() => {}
+                }
+                if held.load(Ordering::Acquire) {
+                    cancelled += 1;
+                }
+            }
+            drop(hogs);
+            let got = read.next_messages::<ToPeer>().await.unwrap().unwrap();
+            assert_eq!(got.msgs.len(), 10_000);
+            let grant = got.grant.expect("its messages hold a grant");
+            assert_eq!(grant.bytes(), decoded);
+            assert_eq!(budget.available(), BUDGET - decoded);
+            assert!(!held.load(Ordering::Acquire));
+            drop(grant);
+            let next = read.next_messages::<ToPeer>().await.unwrap().unwrap();
+            assert_eq!(
+                next.msgs,
+                [ToPeer::GetData {
+                    keys: vec![[1; 32]]
+                }]
+            );
+            drop(next);
+            // 40 000 of them: 80 KB, within what protocol rule 5 lets a
+            // frame of that length take, 1.6 MB, past the whole budget.
+            let past = frame_of(&empty, 40_000);
+            assert!(crate::protocol::decode_checked::<ToPeer>(&past[4..]).is_ok());
+            peer.write_all(&past).await.unwrap();
+            match read.next_messages::<ToPeer>().await {
+                Err(ProtocolError::OutOfRange { what, .. }) => assert_eq!(what, PAST_THE_BUDGET),
+                other => panic!("not refused: {other:?}"),
+            }
+            drop(read);
+            assert_eq!(budget.available(), BUDGET);
         });
     }
 

@@ -1322,14 +1322,22 @@ pub fn frame<M: Serialize>(msg: &M) -> Vec<u8> {
 /// memory than [`DECODE_FACTOR`] times its length plus [`DECODE_SLACK`]
 /// (rule 5), found before they take it.
 pub fn decode_batch<'a, M: Deserialize<'a>>(body: &'a [u8]) -> Result<Vec<M>, ProtocolError> {
-    decode_counted(body).map(|(msgs, _)| msgs)
+    decode_counted(body, usize::MAX).map(|(msgs, _)| msgs)
 }
+
+/// What a frame's messages take decoded, named when it is past the
+/// reader's whole frame budget (`net` rule 8): in [`decode_sized`]'s
+/// refusal, and in the frame reader's.
+pub(crate) const PAST_THE_BUDGET: &str = "memory a frame decodes to, against the frame budget";
 
 /// As [`decode_batch`], with the memory the messages take: the frame's
 /// length (what their strings and bytes can take) plus what rule 5
-/// charged, the list of messages by its capacity.
+/// charged, the list of messages by its capacity. Decoding stops, before
+/// it takes more, once that is past `most` too (a reader's whole frame
+/// budget, `net` rule 8), with [`PAST_THE_BUDGET`].
 fn decode_counted<'a, M: Deserialize<'a>>(
     mut body: &'a [u8],
+    most: usize,
 ) -> Result<(Vec<M>, usize), ProtocolError> {
     if body.is_empty() {
         return Err(ProtocolError::Malformed(
@@ -1337,15 +1345,26 @@ fn decode_counted<'a, M: Deserialize<'a>>(
         ));
     }
     let len = body.len();
-    let limit = len
+    let own = len
         .saturating_mul(DECODE_FACTOR)
         .saturating_add(DECODE_SLACK);
+    // What may be charged beyond the frame's bytes: rule 5's bound, or
+    // less when the caller's budget has less room in all.
+    let room = most.saturating_sub(len);
+    let limit = own.min(room);
     let frame = charged::Frame::start(limit);
-    let too_big = || ProtocolError::OutOfRange {
-        what: "memory a frame decodes to",
-        value: u64::try_from(limit.saturating_add(1)).unwrap_or(u64::MAX),
-        min: 0,
-        max: u64::try_from(limit).unwrap_or(u64::MAX),
+    let too_big = || {
+        let (what, max) = if room < own {
+            (PAST_THE_BUDGET, most)
+        } else {
+            ("memory a frame decodes to", limit)
+        };
+        ProtocolError::OutOfRange {
+            what,
+            value: u64::try_from(max.saturating_add(1)).unwrap_or(u64::MAX),
+            min: 0,
+            max: u64::try_from(max).unwrap_or(u64::MAX),
+        }
     };
     let mut out = Vec::new();
     while !body.is_empty() {
@@ -1382,15 +1401,18 @@ fn decode_counted<'a, M: Deserialize<'a>>(
 pub(crate) fn decode_checked<'a, M: Deserialize<'a> + Bounded>(
     body: &'a [u8],
 ) -> Result<Vec<M>, ProtocolError> {
-    decode_sized(body).map(|(msgs, _)| msgs)
+    decode_sized(body, usize::MAX).map(|(msgs, _)| msgs)
 }
 
 /// As [`decode_checked`], with the memory the messages take decoded, to
-/// charge against the frame budget until they were handled (`net` rule 8).
+/// charge against the frame budget until they were handled (`net` rule 8):
+/// at most `most` (the reader's whole budget), or the frame is refused as
+/// out of range ([`PAST_THE_BUDGET`]) before its messages take more.
 pub(crate) fn decode_sized<'a, M: Deserialize<'a> + Bounded>(
     body: &'a [u8],
+    most: usize,
 ) -> Result<(Vec<M>, usize), ProtocolError> {
-    let (msgs, bytes) = decode_counted::<M>(body)?;
+    let (msgs, bytes) = decode_counted::<M>(body, most)?;
     msgs.iter().try_for_each(Bounded::check)?;
     Ok((msgs, bytes))
 }

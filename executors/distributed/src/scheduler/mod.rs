@@ -124,8 +124,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::dashboard::{self, Access, Board};
 use crate::net::{self, info_limited, log_limited, Chain};
 use crate::protocol::{
-    decode_sized, Batch, ProtocolError, Role, TaskSpec, ToClient, ToScheduler, ToWorker, WireEvent,
-    WireFailure, WireKey, WorkerId, MAX_HEARTBEAT, MIN_HEARTBEAT, NO_HOLDER,
+    Batch, ProtocolError, Role, TaskSpec, ToClient, ToScheduler, ToWorker, WireEvent, WireFailure,
+    WireKey, WorkerId, MAX_HEARTBEAT, MIN_HEARTBEAT, NO_HOLDER,
 };
 use crate::tls::Acceptor;
 use crate::{Auth, BuildId, Error, Tls, Token};
@@ -1251,40 +1251,17 @@ async fn read_loop(
         tokio::select! {
             biased;
             _ = &mut killed => return None,
-            got = read.next() => match got {
-                Ok(true) => {
-                    let (mut msgs, bytes) = match decode_sized::<ToScheduler>(read.frame()) {
-                        Ok(decoded) => decoded,
-                        Err(e) => return Some(e),
-                    };
-                    // What the messages take decoded is held from the
-                    // budget until they were handled (net rule 8), small
-                    // frames too: a frame of heartbeats takes 200 times
-                    // its length.
-                    match read.try_cover(bytes) {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            drop(msgs);
-                            tokio::select! {
-                                _ = &mut killed => return None,
-                                covered = read.cover(bytes) => if let Err(e) = covered {
-                                    return Some(e);
-                                },
-                            }
-                            msgs = match decode_sized::<ToScheduler>(read.frame()) {
-                                Ok((msgs, _)) => msgs,
-                                Err(e) => return Some(e),
-                            };
-                        }
-                        Err(e) => return Some(e),
-                    }
+            // What the messages take decoded is held from the budget
+            // until they were handled (net rule 8), small frames too: a
+            // frame of heartbeats takes 200 times its length.
+            got = read.next_messages::<ToScheduler>() => match got {
+                Ok(Some(net::Messages { msgs, grant })) => {
                     ahead += read.frame().len();
-                    let grant = read.take_grant();
                     if events.send(Event::Frame { conn, msgs, _grant: grant }).is_err() {
                         return None;
                     }
                 }
-                Ok(false) => return None,
+                Ok(None) => return None,
                 Err(e) => return Some(e),
             },
             why = writer.closed() => return why,
