@@ -2583,6 +2583,7 @@ mod tests {
             from: worker,
             key,
             result: FetchResult::Lost,
+            _grant: None,
         });
         // What `run` does with the answers that came, then its flush.
         while let Ok(f) = lp.answers.try_recv() {

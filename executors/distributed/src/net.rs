@@ -2298,6 +2298,10 @@ pub(crate) struct Fetched {
     pub(crate) from: WorkerId,
     pub(crate) key: WireKey,
     pub(crate) result: FetchResult,
+    /// What the answers of its frame take decoded, held from the budget
+    /// (rule 8) until every one of them was handled: dropped; `None` for
+    /// an answer that came with no frame (a lost fetch).
+    pub(crate) _grant: Option<Arc<Grant>>,
 }
 
 /// Connections to workers' data ports, one per worker, opened on first use
@@ -2403,6 +2407,7 @@ impl PeerPool {
                     from: peer,
                     key,
                     result: FetchResult::Lost,
+                    _grant: None,
                 });
             }
             return;
@@ -2483,6 +2488,7 @@ async fn peer_connection(
                     from,
                     key,
                     result: FetchResult::Lost,
+                    _grant: None,
                 });
             }
         }
@@ -2564,14 +2570,17 @@ async fn peer_connection(
                 let _ = send_batch(&writer, &mut out);
                 last_active = Instant::now();
             }
-            got = read.next() => {
-                let msgs = match got {
-                    Ok(true) => decode_checked::<FromPeer>(read.frame()),
-                    Ok(false) => Err(ProtocolError::Closed),
+            // What the answers take decoded is held from the budget until
+            // the pool's owner handled them (rule 8); a frame waiting for
+            // its grant keeps its place while requests go out.
+            got = read.next_messages::<FromPeer>() => {
+                let got = match got {
+                    Ok(Some(got)) => Ok(got),
+                    Ok(None) => Err(ProtocolError::Closed),
                     Err(e) => Err(e),
                 };
-                let msgs = match msgs {
-                    Ok(m) => m,
+                let Messages { msgs, grant } = match got {
+                    Ok(got) => got,
                     Err(e) => {
                         if !in_flight.is_empty() {
                             log_limited!(
@@ -2585,6 +2594,7 @@ async fn peer_connection(
                     }
                 };
                 last_active = Instant::now();
+                let grant = grant.map(Arc::new);
                 for msg in msgs {
                     let (key, result) = match msg {
                         FromPeer::Data { key, bytes } => (key, FetchResult::Data(bytes)),
@@ -2597,7 +2607,8 @@ async fn peer_connection(
                         }
                         None => continue, // not asked for: ignore
                     }
-                    let _ = answers.send(Fetched { from, key, result });
+                    let _grant = grant.clone();
+                    let _ = answers.send(Fetched { from, key, result, _grant });
                 }
             }
             why = writer.closed() => {
@@ -3459,6 +3470,98 @@ mod tests {
             }
             drop(read);
             assert_eq!(budget.available(), BUDGET);
+        });
+    }
+
+    /// Rule 8 on the answers of data ports, which workers and clients read
+    /// through a [`PeerPool`], as a reviewer found it: they were decoded
+    /// outside the budget. A frame of 3 500 `Missing` answers, 115 KB,
+    /// decodes to far more: an authenticated data port, buggy or hostile,
+    /// could make the process allocate many times its budget. Now a frame
+    /// whose answers take more than the whole budget closes the connection
+    /// and its fetches are lost; before, the key asked for was answered
+    /// `Missing`. Answers that fit hold their grant until the pool's owner
+    /// dropped them (handled).
+    #[test]
+    fn data_port_answers_hold_what_they_take_decoded_until_handled() {
+        run(async {
+            const BUDGET: usize = 256 << 10;
+            let (flooded, fetched) = ([1; 32], [2; 32]);
+            let flood = frame_of(&FromPeer::Missing { key: flooded }, 3_500);
+            let (_, decoded) = decode_sized::<FromPeer>(&flood[4..], usize::MAX).unwrap();
+            assert!(flood.len() < BUDGET / 2 && decoded > BUDGET);
+            let value: Arc<[u8]> = Arc::from(vec![7; 100 << 10]);
+            // A data port that answers `flooded` with the flood and
+            // `fetched` with its value.
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = listener.local_addr().unwrap().to_string();
+            let auth = Arc::new(Auth::Token(crate::Token::generate().unwrap()));
+            let theirs = auth.clone();
+            tokio::spawn(async move {
+                loop {
+                    let (stream, _) = listener.accept().await.unwrap();
+                    let (auth, flood, value) = (theirs.clone(), flood.clone(), value.clone());
+                    tokio::spawn(async move {
+                        let gate = Gate::new(Caps::for_files(1024, 1));
+                        let limits = Limits::standard();
+                        let c = accept_detached(
+                            Incoming::Tcp(stream, None),
+                            gate.admit().unwrap(),
+                            Role::DataServer,
+                            BuildId::NONE,
+                            &auth,
+                            &[Role::Peer],
+                        )
+                        .await
+                        .unwrap()
+                        .attach(&limits)
+                        .unwrap();
+                        let writer = spawn_writer(c.write, &limits, None);
+                        let mut read = c.read;
+                        while let Ok(Some(got)) = read.next_messages::<ToPeer>().await {
+                            for ToPeer::GetData { keys } in got.msgs {
+                                for key in keys {
+                                    if key == flooded {
+                                        let _ = writer.send(flood.clone());
+                                    } else {
+                                        let mut out = Batch::default();
+                                        out.push(&FromPeer::Data {
+                                            key,
+                                            bytes: value.clone(),
+                                        });
+                                        let _ = send_batch(&writer, &mut out);
+                                    }
+                                }
+                            }
+                        }
+                    });
+                }
+            });
+            let limits = Limits::new(BUDGET, WAIT);
+            let (answers, mut answered) = mpsc::unbounded_channel();
+            let mut pool = PeerPool::new(answers, BuildId::NONE, auth, None, limits.clone());
+            pool.add_peer(WorkerId(1), address);
+            pool.request(WorkerId(1), flooded);
+            pool.flush();
+            let got = answered.recv().await.unwrap();
+            assert_eq!(got.key, flooded);
+            assert!(
+                matches!(got.result, FetchResult::Lost),
+                "the flood was read: {:?}",
+                got.result
+            );
+            drop(got);
+            // Another connection, answers that fit: held until dropped.
+            pool.request(WorkerId(1), fetched);
+            pool.flush();
+            let got = answered.recv().await.unwrap();
+            assert_eq!(got.key, fetched);
+            assert!(matches!(&got.result, FetchResult::Data(bytes) if bytes.len() == 100 << 10));
+            let granted = got._grant.as_ref().map_or(0, |grant| grant.bytes());
+            assert!(granted > 100 << 10, "{granted}");
+            assert_eq!(limits.budget.available(), BUDGET - granted);
+            drop(got);
+            assert_eq!(limits.budget.available(), BUDGET);
         });
     }
 
