@@ -485,10 +485,13 @@ impl Limits {
 
     /// What a data port allows the requests it reads (worker rule 13):
     /// frames of at most [`SMALL_FRAME`] (a budget of two of them, whose
-    /// lane is one), read without a grant, and this stall timeout. A
-    /// request frame never holds the process's budget, so a reader that
-    /// takes its answers slowly holds no grant the other frames wait for;
-    /// a bigger frame closes the connection (requesters split their
+    /// lane is one), read without a grant, and this stall timeout. Each
+    /// call makes a budget of its own, for one connection: a request frame
+    /// never holds the process's budget, so a reader that takes its
+    /// answers slowly holds no grant the other frames wait for. What a
+    /// frame's requests take decoded is held from the connection's budget
+    /// (rule 8); a frame whose requests take more than all of it, or a
+    /// bigger frame, closes the connection (requesters split their
     /// `GetData`s: [`push_requests`]).
     pub(crate) fn requests(&self) -> Limits {
         Limits::new(2 * SMALL_FRAME, self.stall)

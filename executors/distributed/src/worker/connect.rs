@@ -14,9 +14,7 @@ use super::memory::Store;
 use super::serve_data;
 use super::watchdog::Seconds;
 use crate::net::{self, Chain, FrameReader, Reader};
-use crate::protocol::{
-    decode_checked, Batch, ProtocolError, Role, Scheme, ToScheduler, ToWorker, WorkerId,
-};
+use crate::protocol::{Batch, ProtocolError, Role, Scheme, ToScheduler, ToWorker, WorkerId};
 use crate::tls::Connector;
 use crate::{Auth, BuildId, Error, Tls};
 
@@ -83,6 +81,9 @@ pub(crate) struct Connection {
     pub(crate) writer: net::Writer,
     /// What followed `Registered` in the scheduler's first frame.
     pub(crate) first: Vec<ToWorker>,
+    /// What the first frame's messages take decoded, held from the frame
+    /// budget until the network loop handled `first` (`net` rule 8).
+    pub(crate) grant: Option<net::Grant>,
 }
 
 /// When to attempt again: after a failure, wait [`FIRST_RETRY`], doubling
@@ -270,16 +271,19 @@ async fn attempt(
 
     let mut read = connected.read;
     let protocol = |reason| Error::Protocol { reason };
-    let first = match tokio::time::timeout(REGISTER_TIMEOUT, read.next()).await {
-        Ok(Ok(true)) => match decode_checked::<ToWorker>(read.frame()) {
-            Ok(msgs) => msgs,
-            Err(e) => {
-                tracing::warn!("worker: closing the scheduler connection: {}", Chain(&e));
-                return Err(protocol(e));
-            }
-        },
-        Ok(Ok(false)) => return Err(protocol(ProtocolError::Closed)),
-        Ok(Err(e)) => return Err(protocol(e)),
+    // What the messages take decoded is held from the budget until they
+    // were handled (`net` rule 8), as every frame the worker reads.
+    let registering = read.next_messages::<ToWorker>();
+    let (first, grant) = match tokio::time::timeout(REGISTER_TIMEOUT, registering).await {
+        Ok(Ok(Some(net::Messages { msgs, grant }))) => (msgs, grant),
+        Ok(Ok(None)) => return Err(protocol(ProtocolError::Closed)),
+        Ok(Err(e @ (ProtocolError::Closed | ProtocolError::Io(_) | ProtocolError::Stalled(_)))) => {
+            return Err(protocol(e))
+        }
+        Ok(Err(e)) => {
+            tracing::warn!("worker: closing the scheduler connection: {}", Chain(&e));
+            return Err(protocol(e));
+        }
         Err(_) => {
             return Err(Error::Timeout {
                 what: "the scheduler to register the worker",
@@ -303,6 +307,7 @@ async fn attempt(
         read,
         writer,
         first: first.collect(),
+        grant,
     })
 }
 

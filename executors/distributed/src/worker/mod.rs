@@ -110,7 +110,16 @@
 //!     does not try again (rule 1), time does not change a token.
 //! 13. **Limits** (`net` rules 5 to 10). The worker's connections, to its
 //!     scheduler, to other data ports and on its own, share one budget for
-//!     big frames (1 GiB) and the stall timeout (30 s). The data port takes
+//!     big frames (1 GiB) and the stall timeout (30 s). Every frame read
+//!     from the scheduler or a peer's data port holds from that budget
+//!     what its messages take decoded until the network loop handled them
+//!     (`net` rule 8): the scheduler's until the turn after it was read,
+//!     a peer's answer until it was stored. A frame waiting for room keeps
+//!     its place while the loop goes on with the rest; one that would take
+//!     more than the whole budget closes its connection (the scheduler's
+//!     ends the worker, as any protocol error does, rule 1), and a lost
+//!     scheduler connection lets go of all it held (`Io::lost`) before
+//!     the worker reaches its scheduler again. The data port takes
 //!     connections as the scheduler does (pre-auth only the handshake, for
 //!     10 s; at most 256 pre-auth; capped from half the open-file limit,
 //!     the rest being the worker's and its tasks'). Like the scheduler's
@@ -126,7 +135,10 @@
 //!     requesters send at most 1 024 keys per `GetData`), read with no
 //!     grant from the worker's frame budget (`net::Limits::requests`), so
 //!     a reader that takes its answers slowly holds nothing other frames
-//!     wait for; a bigger request frame closes the connection. The data
+//!     wait for; what a frame's requests take decoded is held, while they
+//!     are answered, from a budget of the connection's own (128 KiB), and
+//!     a frame of requests that takes more, or a bigger request frame,
+//!     closes the connection. The data
 //!     port answers a `GetData` one value at a time, waiting while more than 64 MiB wait to be sent
 //!     to the reader (so a reader that stops reading holds at most that and
 //!     one value, and is closed once it reads nothing for the stall
@@ -196,9 +208,9 @@ use crate::net::{self, log_limited, Chain, Fetched, FrameReader, PeerPool, Reade
 use crate::protocol::valid_worker_name;
 use crate::protocol::Scheme;
 use crate::protocol::{
-    decode_checked, duration_ns_of, parse_address, Batch, FromPeer, FromPeerRef, ProtocolError,
-    Role, ToPeer, ToScheduler, ToWorker, WireKey, WorkerId, INLINE_BYTES, MAX_FRAME,
-    MAX_TASK_DURATION, MAX_THREADS,
+    duration_ns_of, parse_address, Batch, FromPeer, FromPeerRef, ProtocolError, Role, ToPeer,
+    ToScheduler, ToWorker, WireKey, WorkerId, INLINE_BYTES, MAX_FRAME, MAX_TASK_DURATION,
+    MAX_THREADS,
 };
 use crate::tls::Acceptor;
 use crate::{
@@ -792,7 +804,15 @@ pub fn run_with(
     registry: Arc<dyn Registry>,
     options: Options,
 ) -> Result<(), Error> {
-    let started = start(scheduler, registry, options, BuildId::current(), None)?;
+    let limits = net::Limits::standard();
+    let started = start(
+        scheduler,
+        registry,
+        options,
+        BuildId::current(),
+        None,
+        limits,
+    )?;
     let ending = started.ending.recv();
     let _ = started.watchdog.join();
     match ending {
@@ -979,7 +999,8 @@ fn spawn_inner(
     build: BuildId,
 ) -> Result<WorkerHandle, Error> {
     let (stop, stopped) = oneshot::channel();
-    let started = start(scheduler, registry, options, build, Some(stopped))?;
+    let limits = net::Limits::standard();
+    let started = start(scheduler, registry, options, build, Some(stopped), limits)?;
     Ok(WorkerHandle {
         id: started.id,
         data_address: started.data_address,
@@ -1089,8 +1110,9 @@ struct Net {
 /// What one turn of the network loop reads and writes.
 struct Io {
     /// The scheduler connection's reading end; replaced with the rest of
-    /// the connection's parts at each registration (rule 1).
-    read: FrameReader<Reader>,
+    /// the connection's parts at each registration (rule 1), `None` from
+    /// the loss of one until the next ([`Io::lost`]).
+    read: Option<FrameReader<Reader>>,
     writer: net::Writer,
     peers: PeerPool,
     fetch_rx: mpsc::UnboundedReceiver<Fetched>,
@@ -1104,6 +1126,9 @@ struct Io {
     stop: Option<oneshot::Receiver<()>>,
     /// What arrived, for the next turn to handle under one lock.
     messages: Vec<ToWorker>,
+    /// What `messages` take decoded, held from the frame budget until the
+    /// turn handled them (`net` rule 8).
+    grant: Option<net::Grant>,
     done: Vec<Done>,
     fetched: Vec<Fetched>,
     seceded: Vec<(WireKey, u64)>,
@@ -1128,7 +1153,7 @@ impl Io {
     ) -> Io {
         let (fetch_tx, fetch_rx) = mpsc::unbounded_channel();
         Io {
-            read: connection.read,
+            read: Some(connection.read),
             writer: connection.writer,
             peers: PeerPool::new(
                 fetch_tx,
@@ -1143,6 +1168,7 @@ impl Io {
             seceded_rx,
             stop,
             messages: connection.first,
+            grant: connection.grant,
             done: Vec::new(),
             fetched: Vec::new(),
             seceded: Vec::new(),
@@ -1153,15 +1179,17 @@ impl Io {
         }
     }
 
-    /// Takes `connection` in place of a lost one (rule 1): whatever
-    /// belonged to the old one goes with it. The peers of the old
-    /// scheduler go with their answers, on a channel of their own: the new
-    /// scheduler numbers its workers afresh, so an old answer could
-    /// otherwise pass for a new peer's.
-    fn reconnected(&mut self, connection: Connection, link: &Link) {
+    /// Lets go of a lost connection (rule 1), before the worker reaches
+    /// its scheduler again: whatever belonged to it goes now, so that none
+    /// of it holds the frame budget while the worker waits (`net` rule 8):
+    /// its reader (and a frame waiting there for its grant), the messages
+    /// read and not handled, with their grant, its peers and their
+    /// answers. The peers of the old scheduler go with their answers, on a
+    /// channel of their own: the new scheduler numbers its workers afresh,
+    /// so an old answer could otherwise pass for a new peer's.
+    fn lost(&mut self, link: &Link) {
         let (fetch_tx, fetch_rx) = mpsc::unbounded_channel();
-        self.read = connection.read;
-        self.writer = connection.writer;
+        self.read = None;
         self.peers = PeerPool::new(
             fetch_tx,
             link.build,
@@ -1171,7 +1199,8 @@ impl Io {
         );
         self.fetch_rx = fetch_rx;
         self.heartbeat = None;
-        self.messages = connection.first;
+        self.messages.clear();
+        self.grant = None;
         self.done.clear();
         self.fetched.clear();
         self.seceded.clear();
@@ -1179,6 +1208,15 @@ impl Io {
         self.paused = false;
         self.fetches.clear();
         self.to_pool.clear();
+    }
+
+    /// Takes `connection` in place of the one [`Io::lost`] let go of
+    /// (rule 1).
+    fn reconnected(&mut self, connection: Connection) {
+        self.read = Some(connection.read);
+        self.writer = connection.writer;
+        self.messages = connection.first;
+        self.grant = connection.grant;
     }
 }
 
@@ -1283,13 +1321,15 @@ struct Started {
 
 /// Connects, registers (waiting for the scheduler as rule 1 says), and
 /// starts the worker's threads: the network thread, the watchdog and the
-/// pool.
+/// pool. Its connections read within `limits` (rule 13: the standard
+/// ones, but in tests).
 fn start(
     scheduler: &str,
     registry: Arc<dyn Registry>,
     options: Options,
     build: BuildId,
     stop: Option<oneshot::Receiver<()>>,
+    limits: net::Limits,
 ) -> Result<Started, Error> {
     let (scheme, address) = parse_address(scheduler).ok_or_else(|| Error::Address {
         address: scheduler.to_owned(),
@@ -1331,7 +1371,7 @@ fn start(
         threads: options.threads.clamp(1, MAX_THREADS as usize),
         resources: options.resources.clone(),
         name: options.name.clone().unwrap_or_else(default_name),
-        limits: net::Limits::standard(),
+        limits,
         handshakes: handshakes.runtime().clone(),
     };
     let runtime = net::runtime().map_err(Error::Io)?;
@@ -1423,6 +1463,7 @@ async fn reconnect(io: &mut Io, worker: &Worker) -> Option<Result<(), Error>> {
     let lost = Instant::now();
     let old = worker.id();
     let (tasks, values) = worker.lose();
+    io.lost(&worker.link);
     let address = &worker.link.address;
     let counted = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
     tracing::warn!(
@@ -1449,7 +1490,7 @@ async fn reconnect(io: &mut Io, worker: &Worker) -> Option<Result<(), Error>> {
         Ok(connection) => {
             let id = connection.id;
             worker.registered(id);
-            io.reconnected(connection, &worker.link);
+            io.reconnected(connection);
             tracing::warn!("{id}: registered again with the scheduler at {address} (was {old})");
             None
         }
@@ -1673,6 +1714,9 @@ async fn turn(io: &mut Io, worker: &Worker) -> Option<Ended> {
                     }
                 }
             }
+            // Handled: what they took goes back to the budget (`net` rule
+            // 8).
+            io.grant = None;
             // Before the reports: one of them may end a task that
             // seceded, and the scheduler ignores a late secession.
             for (key, id) in io.seceded.drain(..) {
@@ -1738,17 +1782,16 @@ async fn turn(io: &mut Io, worker: &Worker) -> Option<Ended> {
 
         tokio::select! {
             () = stop_signal(&mut io.stop) => return Some(Ended::Finished(Ok(()))),
-            got = io.read.next() => match got {
-                Ok(true) => match decode_checked::<ToWorker>(io.read.frame()) {
-                    Ok(msgs) => io.messages = msgs,
-                    Err(e) => {
-                        tracing::warn!("worker: closing the scheduler connection: {}", Chain(&e));
-                        return Some(protocol(e));
-                    }
-                },
+            // A frame waiting for its grant keeps its place while the
+            // rest goes on (`net` rule 8).
+            got = scheduler_messages(&mut io.read) => match got {
+                Ok(Some(net::Messages { msgs, grant })) => {
+                    io.messages = msgs;
+                    io.grant = grant;
+                }
                 // The scheduler went away, or stopped reading (net rule
                 // 9): the worker reaches it again or ends (rule 1).
-                Ok(false)
+                Ok(None)
                 | Err(ProtocolError::Closed)
                 | Err(ProtocolError::Io(_))
                 | Err(ProtocolError::Stalled(_)) => return Some(Ended::Lost),
@@ -1793,6 +1836,18 @@ async fn turn(io: &mut Io, worker: &Worker) -> Option<Ended> {
                 }
             } => io.heartbeat_due = true,
         }
+    }
+}
+
+/// The next frame of messages from the scheduler, holding from the frame
+/// budget what they take decoded (`net` rule 8); cancel-safe. Never while
+/// the worker has no scheduler connection ([`Io::lost`]).
+async fn scheduler_messages(
+    read: &mut Option<FrameReader<Reader>>,
+) -> Result<Option<net::Messages<ToWorker>>, ProtocolError> {
+    match read {
+        Some(read) => read.next_messages().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -1900,11 +1955,14 @@ async fn data_connection(
     idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_active = Instant::now();
     loop {
-        let msgs = tokio::select! {
+        // What the requests take decoded is held from the connection's
+        // own budget until they were answered (`net` rule 8): a frame of
+        // requests that takes more than the budget closes the connection.
+        let net::Messages { msgs, grant } = tokio::select! {
             biased;
-            got = read.next() => match got {
-                Ok(true) => decode_checked::<ToPeer>(read.frame())?,
-                Ok(false) => return Ok(()),
+            got = read.next_messages::<ToPeer>() => match got {
+                Ok(Some(got)) => got,
+                Ok(None) => return Ok(()),
                 Err(e) => return Err(e),
             },
             why = writer.closed() => return why.map_or(Ok(()), Err),
@@ -1934,6 +1992,7 @@ async fn data_connection(
             }
         }
         net::send_batch(&writer, &mut batch)?;
+        drop(grant);
         last_active = Instant::now();
     }
 }
@@ -2144,6 +2203,7 @@ fn run_job(mut job: Job) -> Done {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::decode_checked;
     use crate::worker::state::Compute;
     use rask_executor::{Op, OpError, Value, WireError, WireTask};
 
@@ -2427,6 +2487,16 @@ mod tests {
     /// (stopped when the handle drops, however the test ends), and the
     /// runtime its network thread drives.
     fn started_worker(address: &str, options: Options) -> (WorkerHandle, tokio::runtime::Handle) {
+        started_within(address, options, net::Limits::standard()).unwrap()
+    }
+
+    /// As [`started_worker`], its connections read within `limits`, or
+    /// why it did not start.
+    fn started_within(
+        address: &str,
+        options: Options,
+        limits: net::Limits,
+    ) -> Result<(WorkerHandle, tokio::runtime::Handle), Error> {
         let (stop, stopped) = oneshot::channel();
         let started = start(
             address,
@@ -2434,8 +2504,8 @@ mod tests {
             options,
             BuildId::current(),
             Some(stopped),
-        )
-        .unwrap();
+            limits,
+        )?;
         let worker = WorkerHandle {
             id: started.id,
             data_address: started.data_address,
@@ -2443,7 +2513,7 @@ mod tests {
             ending: Mutex::new(started.ending),
             watchdog: Some(started.watchdog),
         };
-        (worker, started.network)
+        Ok((worker, started.network))
     }
 
     /// Rule 13, as a reviewer found it: a request frame the data port read
@@ -2525,6 +2595,212 @@ mod tests {
         assert!(!closed);
         let missing: Vec<FromPeer> = keys.iter().map(|&key| FromPeer::Missing { key }).collect();
         assert_eq!(answers, missing);
+        worker.stop();
+    }
+
+    /// A frame of `n` copies of `msg` (length prefix included): what no
+    /// honest sender coalesces.
+    fn frame_of<M: serde::Serialize>(msg: &M, n: usize) -> Vec<u8> {
+        let body = crate::protocol::frame(msg)[4..].repeat(n);
+        let mut frame = u32::try_from(body.len()).unwrap().to_le_bytes().to_vec();
+        frame.extend(body);
+        frame
+    }
+
+    /// One frame of the messages of `frames` (length prefixes included),
+    /// in order.
+    fn joined(frames: &[Vec<u8>]) -> Vec<u8> {
+        let body: Vec<u8> = frames.iter().flat_map(|f| f[4..].to_vec()).collect();
+        let mut frame = u32::try_from(body.len()).unwrap().to_le_bytes().to_vec();
+        frame.extend(body);
+        frame
+    }
+
+    /// A scheduler of one connection, listening on 127.0.0.1 (port 0) on a
+    /// thread of its own, for a worker proving `auth`: it reads the
+    /// worker's `RegisterWorker`, sends `frames` (the first should
+    /// register it), then reads what the worker sends until it hears a
+    /// heartbeat or the worker closes the connection: whether it closed.
+    fn a_scheduler_sending(
+        auth: Auth,
+        frames: Vec<Vec<u8>>,
+    ) -> (String, std::thread::JoinHandle<bool>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let address = format!("tcp://{}", listener.local_addr().unwrap());
+        let thread = std::thread::spawn(move || {
+            let wait = Duration::from_secs(30);
+            let runtime = net::runtime().unwrap();
+            runtime.block_on(async move {
+                let listener = TcpListener::from_std(listener).unwrap();
+                let (stream, _) = tokio::time::timeout(wait, listener.accept())
+                    .await
+                    .expect("the worker connects")
+                    .unwrap();
+                let gate = net::Gate::new(net::Caps::for_files(1024, 1));
+                let limits = net::Limits::standard();
+                let accepted = net::accept_detached(
+                    net::Incoming::Tcp(stream, None),
+                    gate.admit().unwrap(),
+                    Role::Scheduler,
+                    BuildId::current(),
+                    &auth,
+                    &[Role::Worker],
+                )
+                .await
+                .unwrap()
+                .attach(&limits)
+                .unwrap();
+                let writer = net::spawn_writer(accepted.write, &limits, None);
+                let mut read = accepted.read;
+                let hello = tokio::time::timeout(wait, read.next_messages::<ToScheduler>()).await;
+                match hello {
+                    Ok(Ok(Some(got))) => assert!(matches!(
+                        &got.msgs[..],
+                        [ToScheduler::RegisterWorker { .. }, ..]
+                    )),
+                    other => panic!("no registration: {other:?}"),
+                }
+                for frame in frames {
+                    if writer.send(frame).is_err() {
+                        return true;
+                    }
+                }
+                loop {
+                    match tokio::time::timeout(wait, read.next_messages::<ToScheduler>()).await {
+                        Ok(Ok(Some(got))) => {
+                            if got.msgs.contains(&ToScheduler::Heartbeat) {
+                                return false;
+                            }
+                        }
+                        Ok(_) => return true,
+                        Err(_) => panic!("the worker neither closed nor sent a heartbeat"),
+                    }
+                }
+            })
+        });
+        (address, thread)
+    }
+
+    /// Net rule 8, as a reviewer found it, on the worker's scheduler
+    /// connection: the worker decoded its scheduler's frames outside its
+    /// frame budget. A frame of 16 000 `PeerLeft`s, 32 KB sent (a small
+    /// frame: no grant), decodes to 2.9 MB, which protocol rule 5 lets a
+    /// frame of that length take: an authenticated scheduler, buggy or
+    /// hostile, could make a worker allocate many times its budget. Now
+    /// every frame holds what its messages take decoded, and one that
+    /// takes more than the whole budget closes the connection: the worker
+    /// ends with the protocol error (rule 1), whether it comes with the
+    /// registration or after it. Before, the worker registered, handled
+    /// it, and went on to heartbeats.
+    #[test]
+    fn a_scheduler_frame_that_decodes_past_the_budget_closes_the_connection() {
+        const BUDGET: usize = 1 << 20;
+        let flood = frame_of(&ToWorker::PeerLeft { id: WorkerId(9) }, 16_000);
+        // What the old code read: within rule 5, past the budget.
+        let (_, decoded) =
+            crate::protocol::decode_sized::<ToWorker>(&flood[4..], usize::MAX).unwrap();
+        assert!(flood.len() < net::SMALL_FRAME && decoded > 2 * BUDGET);
+        let registered = crate::protocol::frame(&ToWorker::Registered { id: WorkerId(1) });
+        let heartbeat = crate::protocol::frame(&ToWorker::Heartbeat { every_ms: 100 });
+        let past_the_budget = |e: &Error| {
+            matches!(
+                e,
+                Error::Protocol {
+                    reason: ProtocolError::OutOfRange { what, .. }
+                } if *what == crate::protocol::PAST_THE_BUDGET
+            )
+        };
+        let auth = Auth::Token(crate::Token::generate().unwrap());
+        let options = || {
+            Options::default()
+                .auth(auth.clone())
+                .death_timeout(Duration::ZERO)
+        };
+        let limits = || net::Limits::new(BUDGET, Duration::from_secs(30));
+        // With the registration, in its frame: the worker does not start.
+        let frames = vec![
+            joined(&[registered.clone(), flood.clone()]),
+            heartbeat.clone(),
+        ];
+        let (address, scheduler) = a_scheduler_sending(auth.clone(), frames);
+        match started_within(&address, options(), limits()) {
+            Err(e) => assert!(past_the_budget(&e), "{e}"),
+            Ok(_) => panic!("the worker registered and read on"),
+        }
+        assert!(scheduler.join().unwrap(), "the connection closed");
+        // After it.
+        let frames = vec![registered, flood, heartbeat];
+        let (address, scheduler) = a_scheduler_sending(auth.clone(), frames);
+        let (worker, _) = started_within(&address, options(), limits()).unwrap();
+        assert!(
+            scheduler.join().unwrap(),
+            "the worker read on and sent heartbeats"
+        );
+        match worker.join() {
+            Err(e) => assert!(past_the_budget(&e), "{e}"),
+            Ok(()) => panic!("the worker ended well"),
+        }
+    }
+
+    /// Net rule 8 on the data port, as a reviewer found it: a request
+    /// frame of 30 000 empty `GetData`s, 60 KB (a small frame, read with no
+    /// grant), decodes to 0.8 MB, outside any budget, on every connection
+    /// of every authenticated reader at once. Now the requests of a frame
+    /// hold what they take decoded from the connection's own budget
+    /// (`net::Limits::requests`, 128 KiB) while they are answered: this
+    /// frame closes the connection, and the request after it is never
+    /// read. Before, both were read and the second answered.
+    #[test]
+    fn a_request_frame_that_decodes_past_its_budget_closes_the_data_connection() {
+        use crate::protocol::{FromPeer, ToPeer};
+        let flood = frame_of(&ToPeer::GetData { keys: Vec::new() }, 30_000);
+        let (_, decoded) =
+            crate::protocol::decode_sized::<ToPeer>(&flood[4..], usize::MAX).unwrap();
+        assert!(flood.len() < net::SMALL_FRAME && decoded > 4 * net::SMALL_FRAME);
+        let scheduler =
+            crate::scheduler::serve_with("127.0.0.1:0".parse().unwrap(), Default::default())
+                .unwrap();
+        let auth = Auth::Token(scheduler.token().unwrap().clone());
+        let options = Options::default()
+            .auth(auth.clone())
+            .death_timeout(Duration::ZERO);
+        let address = format!("tcp://{}", scheduler.address());
+        let (worker, _) = started_worker(&address, options);
+        let data_address = worker.data_address;
+        let runtime = net::runtime().unwrap();
+        let limits = net::Limits::standard();
+        let wait = Duration::from_secs(30);
+        let key = [7; 32];
+        let answered = runtime.block_on(async {
+            let connected = net::connect(
+                (Scheme::Tcp, &data_address.to_string(), None),
+                Role::Peer,
+                Role::DataServer,
+                BuildId::current(),
+                &auth,
+                net::CONNECT_TIMEOUT,
+                &limits,
+            )
+            .await
+            .unwrap();
+            let writer = net::spawn_writer(connected.write, &limits, None);
+            writer.send(flood).unwrap();
+            let mut ask = Batch::default();
+            ask.push(&ToPeer::GetData { keys: vec![key] });
+            // The connection may be closed already.
+            let _ = net::send_batch(&writer, &mut ask);
+            let mut read = connected.read;
+            match tokio::time::timeout(wait, read.next_messages::<FromPeer>()).await {
+                Ok(Ok(Some(got))) => got.msgs,
+                Ok(_) => Vec::new(),
+                Err(_) => panic!("the data port neither answered nor closed"),
+            }
+        });
+        assert!(
+            answered.is_empty(),
+            "the frame was read and the next request answered: {answered:?}"
+        );
         worker.stop();
     }
 
