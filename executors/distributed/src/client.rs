@@ -92,6 +92,12 @@
 //!     connections read within one budget for big frames and the stall
 //!     timeout (`net` rules 8 and 9); a scheduler that stops reading what
 //!     the client sends for that long is taken as lost (rule 10 of `net`).
+//!     Every frame it reads, from the scheduler or a data port, holds from
+//!     that budget what its messages take decoded until the loop handled
+//!     them; a frame waiting for room keeps its place while the loop goes
+//!     on with the rest, and one that would take more than the whole
+//!     budget closes its connection (a scheduler's is then lost, rule 10,
+//!     its reader dropped at once).
 //! 13. While this process listens for task events
 //!     (`rask_executor::events`), the client asks the scheduler for the
 //!     events of its build's tasks (`Watch`) and hands them on, with the
@@ -1561,22 +1567,28 @@ impl Loop {
                     }
                     None => break,
                 },
-                got = read.next(), if self.connected => {
-                    let msgs = match got {
-                        Ok(true) => decode_checked::<ToClient>(read.frame()),
-                        Ok(false) => Err(crate::protocol::ProtocolError::Closed),
+                // What the messages take decoded is held from the budget
+                // until the loop handled them (net rule 8); a frame waiting
+                // for its grant keeps its place while the loop goes on.
+                got = read.next_messages::<ToClient>(), if self.connected => {
+                    let got = match got {
+                        Ok(Some(got)) => Ok(got),
+                        Ok(None) => Err(crate::protocol::ProtocolError::Closed),
                         Err(e) => Err(e),
                     };
-                    match msgs {
-                        Ok(msgs) => {
+                    match got {
+                        Ok(net::Messages { msgs, grant }) => {
                             for msg in msgs {
                                 self.message(msg);
                             }
+                            drop(grant);
                         }
                         Err(e) => {
                             if !matches!(e, crate::protocol::ProtocolError::Closed) {
                                 tracing::warn!("client: closing the scheduler connection: {}", Chain(&e));
                             }
+                            // What the reader holds goes now (net rule 8).
+                            read = net::Frames::closed();
                             self.disconnected();
                         }
                     }
@@ -1593,6 +1605,9 @@ impl Loop {
                     if let Some(e) = why {
                         tracing::warn!("client: closing the scheduler connection: {e}");
                     }
+                    // What the reader holds or waits for goes now (net
+                    // rule 8).
+                    read = net::Frames::closed();
                     self.disconnected();
                 }
                 _ = heartbeat.tick(), if beats => {
@@ -2540,6 +2555,77 @@ mod tests {
         );
         assert!(two.finished.load(Ordering::Relaxed));
         assert_eq!(one.outs(), cancelled);
+    }
+
+    /// Net rule 8 on the client's scheduler connection, as a reviewer
+    /// found it: the client decoded its scheduler's frames outside its
+    /// frame budget. A frame of 8 000 `WorkerLeft`s, 16 KB sent (a small
+    /// frame: no grant), decodes to far more than a budget of 1 MiB, within
+    /// what protocol rule 5 lets a frame of that length take: an
+    /// authenticated scheduler, buggy or hostile, could make a client
+    /// allocate many times its budget. Now every frame holds what its
+    /// messages take decoded until the loop handled them, and one that
+    /// takes more than the whole budget closes the connection (its
+    /// outputs fail as lost, rule 10), so the value sent after it is never
+    /// read. Before, the loop handled the frame, then reported the value.
+    #[test]
+    fn a_scheduler_frame_that_decodes_past_the_budget_closes_the_connection() {
+        use tokio::io::AsyncWriteExt;
+        const BUDGET: usize = 1 << 20;
+        let one = crate::protocol::frame(&ToClient::WorkerLeft { id: WorkerId(9) });
+        let body = one[4..].repeat(8_000);
+        let mut flood = u32::try_from(body.len()).unwrap().to_le_bytes().to_vec();
+        flood.extend(body);
+        // What the old code read: within rule 5, past the budget.
+        let (_, decoded) =
+            crate::protocol::decode_sized::<ToClient>(&flood[4..], usize::MAX).unwrap();
+        assert!(flood.len() < net::SMALL_FRAME && decoded > BUDGET);
+        let value = crate::protocol::frame(&ToClient::KeyInMemory {
+            key: [1; 32],
+            holders: vec![WorkerId(0)],
+            nbytes: 2,
+            value: Some(Arc::from(&[2u8, 0][..])),
+        });
+        let rt = net::runtime().unwrap();
+        let outs = rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = listener.local_addr().unwrap();
+            let (dialed, accepted) =
+                tokio::join!(tokio::net::TcpStream::connect(address), listener.accept());
+            let mut scheduler = accepted.unwrap().0;
+            let (read, _write) = dialed.unwrap().into_split();
+            let limits = net::Limits::new(BUDGET, Duration::from_secs(30));
+            let frames = net::Frames::stream(net::FrameReader::new(
+                tokio::io::BufReader::new(net::ReadHalf::Plain(read)),
+                limits.clone(),
+            ));
+            let (commands, commands_rx) = mpsc::unbounded_channel();
+            let link = Arc::new(Link::new(format!("tcp://{address}"), commands.downgrade()));
+            let (wtx, _wrx) = mpsc::unbounded_channel();
+            let (answer, answers) = mpsc::unbounded_channel();
+            let auth = Arc::new(Auth::Insecure);
+            let peers = PeerPool::new(answer, BuildId::NONE, auth.clone(), None, limits.clone());
+            let lp = Loop::new(link, net::Writer::local(wtx), None, (peers, answers));
+            let rec = Arc::new(Rec::default());
+            let submit = Command::Submit(Box::new(submission(0, &[1], rec.clone())));
+            commands.send((0, submit)).unwrap();
+            let running =
+                tokio::spawn(lp.run(frames, commands_rx, BuildId::NONE, auth, None, limits));
+            scheduler.write_all(&[flood, value].concat()).await.unwrap();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !rec.finished.load(Ordering::Acquire) {
+                assert!(Instant::now() < deadline, "the output was never reported");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            drop(commands);
+            running.await.unwrap();
+            rec.outs()
+        });
+        assert_eq!(
+            outs,
+            vec![(0, "Failed".to_owned())],
+            "the frame was handled and the value after it read"
+        );
     }
 
     /// Rule 10: a late answer of the old connection's data ports is never

@@ -1427,18 +1427,11 @@ impl Frames {
         }
     }
 
-    /// As [`FrameReader::next`]; cancel-safe in both forms.
-    pub(crate) async fn next(&mut self) -> Result<bool, ProtocolError> {
-        match self {
-            Frames::Stream(reader) => reader.next().await,
-            Frames::Local { recv, current } => match recv.recv().await {
-                Some(frame) => {
-                    *current = frame;
-                    Ok(true)
-                }
-                None => Ok(false),
-            },
-        }
+    /// Frames of no connection, none ever: what a connection's reader is
+    /// replaced with once this side closed it, so that what the reader
+    /// held or waited for from the budget (rule 8) goes with it.
+    pub(crate) fn closed() -> Frames {
+        Frames::local(mpsc::unbounded_channel().1)
     }
 
     /// As [`FrameReader::next_messages`]; cancel-safe in both forms. An
