@@ -69,11 +69,16 @@
 //!    batches) are read without waiting, so a big frame waiting for room
 //!    does not silence its process; they cost at most [`SMALL_FRAME`] per
 //!    connection, and connections are capped (rule 7).
-//!    Once decoded, every frame, small or big, holds from the budget what
-//!    its messages take ([`FrameReader::next_messages`], the one place
-//!    that decodes what a connection brought: its length plus what
+//!    Once decoded, every frame, small or big, of every connection of
+//!    every process (the scheduler's; a worker's, from its scheduler and
+//!    on its data port; a client's, from its scheduler; the answers of
+//!    data ports a [`PeerPool`] reads, for either) holds from the budget
+//!    what its messages take ([`FrameReader::next_messages`], the one
+//!    place that decodes what a connection brought: its length plus what
 //!    `protocol` rule 5 charged, from the pool or else the lane if either
-//!    has room now) until they were handled, however much more than its
+//!    has room now) until they were handled (by the scheduler's state
+//!    loop, a worker's network loop, a client's loop; a fetch's answer
+//!    until the pool's owner dropped it), however much more than its
 //!    length that is. A frame whose messages would take more than the
 //!    whole budget closes its connection
 //!    ([`ProtocolError::OutOfRange`]): its decoding stops there, before
@@ -84,7 +89,9 @@
 //!    meanwhile, and is decoded again once granted: what waits outside the
 //!    budget is the frame's body, one per connection. That wait is
 //!    cancel-safe, kept in the reader with the frame's place in line, so a
-//!    loop waits for it beside its other work, never instead of it.
+//!    loop waits for it beside its other work, never instead of it. A data
+//!    port's requests hold what they take from a budget of their
+//!    connection's own ([`Limits::requests`]).
 //!
 //!    **No deadlock.** A frame waits while holding part of the budget only
 //!    in the lane's line, holding pool; nothing waits while holding lane,
