@@ -1577,3 +1577,265 @@ fn a_map_that_cannot_travel_submits_nothing() {
     assert_eq!(after.result().unwrap(), 2);
     assert_eq!(count(counter), 0);
 }
+
+/// Armed bombs dropped so far: each one's `Drop` panicked.
+static BOMBS_DROPPED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A user's number whose `Drop` panics while it is armed (after counting
+/// itself in [`BOMBS_DROPPED`]): the client and its executor must drop
+/// it quietly wherever they let it go, never where the panic aborts the
+/// process (a pool thread) or unwinds into their own bookkeeping. A clone
+/// is disarmed, and so is a copy decoded on a cluster's worker: a task
+/// that takes a `Bomb` by value drops its own copy harmlessly.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Bomb {
+    n: i64,
+    #[serde(skip)]
+    armed: bool,
+}
+
+impl Bomb {
+    fn armed(n: i64) -> Bomb {
+        Bomb { n, armed: true }
+    }
+}
+
+impl Clone for Bomb {
+    fn clone(&self) -> Bomb {
+        Bomb {
+            n: self.n,
+            armed: false,
+        }
+    }
+}
+
+impl Drop for Bomb {
+    fn drop(&mut self) {
+        if self.armed {
+            BOMBS_DROPPED.fetch_add(1, Ordering::SeqCst);
+            panic!("a Bomb of {} was dropped", self.n);
+        }
+    }
+}
+
+/// An armed `Bomb` of `n` once `gate` opens: a task's value that panics
+/// when the client lets it go.
+fn make_bomb(gate: u64, n: i64) -> Bomb {
+    Bomb::armed(gated(gate, n))
+}
+
+/// A `Bomb`'s number. The task disarms its copy when it holds the last
+/// reference: its own code drops it then, and would fail as panicked.
+fn bomb_n(b: Arc<Bomb>) -> i64 {
+    let n = b.n;
+    if let Some(mut last) = Arc::into_inner(b) {
+        last.armed = false;
+    }
+    n
+}
+
+/// A `Bomb` literal's number plus `x` and `y`.
+fn bomb_plus(b: Bomb, x: i64, y: i64) -> i64 {
+    b.n + x + y
+}
+
+/// Set in the child process that runs a test's body ([`in_child`]).
+const CHILD_ENV: &str = "RASK_TEST_FUTURES_CHILD";
+
+/// Runs `body` in a child process, this test binary again running only
+/// the test `name` (which calls `in_child` again, there running `body`):
+/// an abort (a panic on a pool thread) then fails the test rather than
+/// ending the run. The child gets 120 s.
+fn in_child(name: &str, body: fn()) {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        body();
+        return;
+    }
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--test-threads=1", "--nocapture"])
+        .env(CHILD_ENV, "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("1 passed"),
+        "the child ended with {}:\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Waits (bounded) until `n` armed bombs were dropped in all, on
+/// whichever thread drops them.
+fn bombs_dropped(n: usize) {
+    eventually("the bombs were dropped", || {
+        BOMBS_DROPPED.load(Ordering::SeqCst) >= n
+    });
+}
+
+/// Calls of [`meet`] running now, by id.
+static MEETING: Mutex<Option<HashMap<u64, usize>>> = Mutex::new(None);
+static MET: Condvar = Condvar::new();
+
+/// Returns `1` once `n` calls with `id` run at once (`0` if they did not
+/// within 20 s). `_i` tells the calls apart (a key each).
+fn meet(id: u64, n: usize, _i: usize) -> i64 {
+    let mut meeting = MEETING.lock().unwrap();
+    *meeting
+        .get_or_insert_with(HashMap::new)
+        .entry(id)
+        .or_default() += 1;
+    MET.notify_all();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while meeting.as_ref().and_then(|m| m.get(&id)).copied() < Some(n) {
+        let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) else {
+            return 0;
+        };
+        meeting = MET.wait_timeout(meeting, left).unwrap().0;
+    }
+    1
+}
+
+/// Runs a task on each of the `threads` threads of `client`'s pool at
+/// once: each of them took a task again after what it did before, so
+/// none is unwinding from a panic (which aborts the process once it
+/// leaves the thread's job). Without it, a test could pass while an
+/// abort is under way.
+fn every_pool_thread_runs(client: &Client, threads: usize) {
+    let id = new_id();
+    let calls: Vec<_> = (0..threads)
+        .map(|i| client.submit(delayed!(meet(id, threads, i))).unwrap())
+        .collect();
+    assert_eq!(client.gather(&calls).unwrap(), vec![1; threads]);
+}
+
+/// Wakes nobody: it panics (a user's `Waker`).
+struct PanickingWaker;
+
+impl Wake for PanickingWaker {
+    fn wake(self: Arc<Self>) {
+        panic!("a waker that panics");
+    }
+}
+
+/// Counts its wakes.
+#[derive(Default)]
+struct CountingWaker(std::sync::atomic::AtomicUsize);
+
+impl Wake for CountingWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Values and graphs whose `Drop` panics, let go by the client on a pool
+/// thread, and a user's waker that panics there: none of it crashes the
+/// process (the pool aborted it: found by review), and what the client
+/// does after it on that thread still happens.
+///
+/// 1. `fire_and_forget`'s handle, let go once its work is done, drops
+///    the value; a graph waiting for the same work, and a thread asleep
+///    on that graph, still go on.
+/// 2. A waker that panics: the wakers after it are woken, a thread asleep
+///    on the future and a graph waiting for it go on.
+/// 3. A graph that took a future: its run's last output completes once
+///    the executor let go of the plan, and the client then holds the last
+///    reference to the graph (its literal argument).
+/// 4. A graph released while it waited for a future: it is let go when
+///    that future is done.
+#[test]
+fn values_and_wakers_that_panic_never_crash_a_client() {
+    in_child(
+        "values_and_wakers_that_panic_never_crash_a_client",
+        values_and_wakers_that_panic,
+    );
+}
+
+fn values_and_wakers_that_panic() {
+    use std::future::Future as _;
+    let secs = std::time::Duration::from_secs;
+    let client = Client::threads(2).unwrap();
+
+    // 1.
+    let before = BOMBS_DROPPED.load(Ordering::SeqCst);
+    let gate = new_id();
+    let f = client.submit(delayed!(make_bomb(gate, 5))).unwrap();
+    let g = client
+        .submit(delayed!(bomb_n(delayed!(make_bomb(gate, 5)))))
+        .unwrap();
+    let sleeper = {
+        let g = g.clone();
+        std::thread::spawn(move || g.result_timeout(secs(20)).map_err(|e| e.to_string()))
+    };
+    rask::fire_and_forget(f);
+    open(gate);
+    assert_eq!(sleeper.join().unwrap(), Ok(5));
+    assert_eq!(g.result().unwrap(), 5);
+    drop(g);
+    // `f`'s value (`g` computed its own again once `f` was released).
+    bombs_dropped(before + 1);
+
+    // 2.
+    let gate = new_id();
+    let mut f = client.submit(delayed!(gated(gate, 7))).unwrap();
+    let counting = Arc::new(CountingWaker::default());
+    for waker in [
+        Waker::from(Arc::new(PanickingWaker)),
+        Waker::from(counting.clone()),
+    ] {
+        let poll = std::pin::Pin::new(&mut f).poll(&mut Context::from_waker(&waker));
+        assert!(poll.is_pending());
+    }
+    let sleeper = {
+        let f = f.clone();
+        std::thread::spawn(move || f.result_timeout(secs(20)).map_err(|e| e.to_string()))
+    };
+    let after = client.submit(delayed!(inc(&f))).unwrap();
+    open(gate);
+    assert_eq!(sleeper.join().unwrap(), Ok(7));
+    assert_eq!(after.result_timeout(secs(20)).unwrap(), 8);
+    eventually("the waker after the one that panicked was woken", || {
+        counting.0.load(Ordering::SeqCst) == 1
+    });
+
+    // 3.
+    let x = client.submit(delayed!(inc(1))).unwrap();
+    assert_eq!(x.result().unwrap(), 2);
+    let before = BOMBS_DROPPED.load(Ordering::SeqCst);
+    let gate = new_id();
+    let graph = delayed!(bomb_plus(Bomb::armed(10), &x, delayed!(gated(gate, 0))));
+    let f = client.submit(&graph).unwrap();
+    drop(graph);
+    open(gate);
+    assert_eq!(f.result_timeout(secs(20)).unwrap(), 12);
+    bombs_dropped(before + 1);
+
+    // 4.
+    let before = BOMBS_DROPPED.load(Ordering::SeqCst);
+    let gate = new_id();
+    let input = client.submit(delayed!(gated(gate, 1))).unwrap();
+    let graph = delayed!(bomb_plus(Bomb::armed(20), &input, 0));
+    drop(client.submit(&graph).unwrap());
+    drop(graph);
+    let later = client.submit(delayed!(inc(&input))).unwrap();
+    open(gate);
+    assert_eq!(later.result_timeout(secs(20)).unwrap(), 2);
+    bombs_dropped(before + 1);
+
+    // The pool goes on, every thread of it.
+    let more = client.map(inc, 0..20).unwrap();
+    assert_eq!(client.gather(&more).unwrap().len(), 20);
+    every_pool_thread_runs(&client, 2);
+}

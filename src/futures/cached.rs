@@ -33,7 +33,9 @@
 //!    [`rask::cache::flush`](crate::cache::flush) waits for. That thread
 //!    never runs a simulated client's work (one task at a time, by one
 //!    waiting thread): it is told when keys are done; whoever waits for a
-//!    future runs the work, and so does `flush`.
+//!    future runs the work, and so does `flush`. What it lets go there (the
+//!    futures, the loaded values, the graphs) goes quietly, as the client
+//!    lets go of values on threads that are not its user's (its rule 7).
 
 use std::sync::{mpsc, Arc};
 
@@ -217,6 +219,12 @@ impl<T> Rest<T> {
             drop(future);
         }
         lookup.finish();
+        // Quietly, on this thread of the cache's (the client's rule 7):
+        // the loaded values and the graphs of the writes may be the last
+        // references to a user's values, whose `Drop` may panic.
+        let Lookup { hits, writes, .. } = lookup;
+        rask_executor::drop_each_quietly(hits.into_values(), "a value loaded from the cache");
+        rask_executor::drop_each_quietly(writes, "the graph of a value written to the cache");
     }
 }
 

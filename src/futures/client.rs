@@ -42,8 +42,22 @@
 //!    tasks too), and so does every root: each future's key is a plan
 //!    task whose outcome its executor reports. A progress display counts
 //!    a run's plan tasks, a fused one once (`Shared::pending_tasks`).
+//! 7. The client lets go of values and graphs on threads that are not its
+//!    user's own call: an executor's thread completing a run, a listener
+//!    there dropping the handle it held (`fire_and_forget`), a wait that
+//!    started a deferred graph. A value's `Drop` and a graph's literal
+//!    arguments' are user code, which may panic, and a panic on a pool
+//!    thread aborts the process: an entry's value and graph when its last
+//!    handle goes, a finished key's graph, a graph let go before it ran
+//!    (released or cancelled while it waited) and a value nobody takes are
+//!    dropped with `rask_executor::drop_quietly` (its dropping rules): the
+//!    panic is logged and changes no outcome. So is a listener's panic (a
+//!    user's `Waker`, a handle's drop): `Shared::wake` notifies each one
+//!    under a catch of its own, and the sleepers, the listeners after it
+//!    and the graphs waiting for the key still hear of it.
 
 use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::Waker;
@@ -209,6 +223,36 @@ impl Listener {
         match self {
             Listener::Waker(w) => w.wake(),
             Listener::Queue(f) => f(),
+        }
+    }
+
+    /// [`notify`](Listener::notify), catching a panic (rule 7): a user's
+    /// `Waker` that panics, a handle let go whose value's `Drop` does.
+    /// Logged as a warning, and the caller goes on with the next one.
+    fn notify_quietly(self) {
+        if let Err(payload) = catch_unwind(AssertUnwindSafe(|| self.notify())) {
+            tracing::warn!(
+                "a listener of a future panicked when told it is done: {} (ignored: the \
+                 others are still told)",
+                rask_executor::panic_message(&*payload)
+            );
+            rask_executor::drop_quietly(payload, "a listener's panic");
+        }
+    }
+}
+
+/// What rule 7 names in the warning of a graph's `Drop` that panicked.
+const A_GRAPH: &str = "a graph the client let go (its literal arguments)";
+
+/// Graphs let go quietly (rule 7) when this goes out of scope, one at a
+/// time: declared before a table lock, so that they go after it (one may
+/// hold the last reference to futures, whose drop takes the lock).
+struct LetGo(Vec<Arc<Node>>);
+
+impl Drop for LetGo {
+    fn drop(&mut self) {
+        if !self.0.is_empty() {
+            rask_executor::drop_each_quietly(self.0.drain(..), A_GRAPH);
         }
     }
 }
@@ -1365,8 +1409,9 @@ impl Shared {
     fn start_checked(self: &Arc<Self>, roots: Vec<Arc<Node>>, foreign: Option<KeyMap<State>>) {
         // Roots not run are dropped after the table lock (declared before
         // it): one may hold the last reference to futures, whose drop takes
-        // the lock.
-        let mut skipped = Vec::new();
+        // the lock. Quietly (rule 7): a graph released while it waited is
+        // let go here, often on an executor's thread that woke it.
+        let mut skipped = LetGo(Vec::new());
         let mut table = self.lock();
         // Roots cancelled or released while they waited are not run. In
         // the same look at each root: whether a progress display counted
@@ -1380,7 +1425,7 @@ impl Shared {
                     Some(r)
                 }
                 _ => {
-                    skipped.push(r);
+                    skipped.0.push(r);
                     None
                 }
             })
@@ -1537,8 +1582,10 @@ impl Shared {
     fn complete(self: &Arc<Self>, run: &Run, key: Key, outcome: Outcome) {
         // The finished work's graph is dropped after the table lock: it may
         // hold futures, whose drop takes the lock. So is a value nobody
-        // takes, quietly: its `Drop` is user code, which may panic, and
-        // this runs on an executor's thread (`rask_executor::drop_quietly`).
+        // takes. Both quietly (rule 7): their `Drop` is user code, which
+        // may panic, and this runs on an executor's thread; the graph's
+        // last reference is often this one (the executor let go of its
+        // plan before a run's last output is completed).
         let mut finished_node = None;
         let mut replaced = None;
         let mut unwanted = None;
@@ -1601,7 +1648,7 @@ impl Shared {
                 std::mem::take(&mut entry.waiters) > 0 || watched_failure,
             ))
         };
-        drop(finished_node);
+        rask_executor::drop_quietly(finished_node, A_GRAPH);
         for outcome in [replaced, unwanted] {
             rask_executor::drop_quietly(outcome, format_args!("the value of {}", key.short()));
         }
@@ -1614,7 +1661,8 @@ impl Shared {
     /// that changed had [`waiters`](Entry::waiters)) wakes the threads in
     /// [`wait`](Shared::wait); called after the table lock under which the
     /// entry changed was dropped, so every sleeper that saw the old state
-    /// was counted by then.
+    /// was counted by then. A listener that panics is logged and skipped
+    /// (rule 7): everyone after it is still told.
     fn wake(
         self: &Arc<Self>,
         listeners: Vec<Listener>,
@@ -1624,7 +1672,7 @@ impl Shared {
         // Listeners first: a progress bar draws its last state before the
         // program, woken from `wait`, prints its next line.
         for listener in listeners {
-            listener.notify();
+            listener.notify_quietly();
         }
         if let Some(spin) = &self.spin {
             spin.changed();
@@ -1670,7 +1718,10 @@ impl Shared {
         counts
     }
 
-    /// Drops one future handle's reference to `key` (rule 1).
+    /// Drops one future handle's reference to `key` (rule 1). The last
+    /// one lets the entry's value and graph go quietly (rule 7): a handle
+    /// is often dropped on an executor's thread (`fire_and_forget`'s, a
+    /// plan's node taking the future, a graph let go there).
     pub(crate) fn release(self: &Arc<Self>, key: Key) {
         let removed = {
             let mut table = self.lock();
@@ -1684,11 +1735,22 @@ impl Shared {
             table.remove(&key)
         };
         if let Some(entry) = removed {
-            if let Some((run, slot)) = &entry.run {
+            let Entry {
+                state,
+                listeners,
+                waiters,
+                deferred,
+                run,
+                node,
+                ..
+            } = entry;
+            if let Some((run, slot)) = &run {
                 run.drop_output(*slot);
             }
             // Graphs waiting for this key now compute it themselves.
-            self.wake(entry.listeners, entry.deferred, entry.waiters > 0);
+            self.wake(listeners, deferred, waiters > 0);
+            rask_executor::drop_quietly(state, format_args!("the value of {}", key.short()));
+            rask_executor::drop_quietly(node, A_GRAPH);
         }
     }
 
