@@ -193,7 +193,8 @@ fn clients() -> Vec<Client> {
                 at_once_or_until_cancelled,
                 sleepy,
                 flaky?,
-                refuse?
+                refuse?,
+                bomb_plus
             ],
         )))
         .unwrap(),
@@ -1838,4 +1839,53 @@ fn values_and_wakers_that_panic() {
     let more = client.map(inc, 0..20).unwrap();
     assert_eq!(client.gather(&more).unwrap().len(), 20);
     every_pool_thread_runs(&client, 2);
+}
+
+/// A literal argument whose `Drop` panics, whose graph the client let go
+/// once submitted: the executor's plan holds its last reference, and the
+/// run drops it (on a pool thread, which aborted the process after the
+/// future's result was returned: found by review; a simulated client's
+/// wait panicked). Dropped quietly, as the executors drop values.
+#[test]
+fn a_literal_argument_whose_drop_panics_never_crashes_the_executor() {
+    in_child(
+        "a_literal_argument_whose_drop_panics_never_crashes_the_executor",
+        literal_arguments_that_panic,
+    );
+}
+
+fn literal_arguments_that_panic() {
+    let secs = std::time::Duration::from_secs;
+    for client in clients()
+        .into_iter()
+        .filter(|c| c.executor() != rask::ExecutorKind::Synchronous)
+    {
+        let before = BOMBS_DROPPED.load(Ordering::SeqCst);
+        let gate = new_id();
+        if matches!(client.executor(), rask::ExecutorKind::Simulated(_)) {
+            // It runs the work inside the wait below.
+            open(gate);
+        }
+        let graph = delayed!(bomb_plus(Bomb::armed(30), delayed!(gated(gate, 1)), 0));
+        let f = client.submit(&graph).unwrap();
+        drop(graph);
+        open(gate);
+        assert_eq!(
+            f.result_timeout(secs(20)).unwrap(),
+            31,
+            "{}",
+            client.executor()
+        );
+        bombs_dropped(before + 1);
+        let more = client.submit(delayed!(inc(41))).unwrap();
+        assert_eq!(
+            more.result_timeout(secs(20)).unwrap(),
+            42,
+            "{}",
+            client.executor()
+        );
+        if let rask::ExecutorKind::Threads(Some(threads)) = client.executor() {
+            every_pool_thread_runs(&client, threads);
+        }
+    }
 }

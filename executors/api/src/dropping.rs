@@ -26,6 +26,13 @@
 //!    [`drop_each_quietly`] catches once for a whole list while nothing
 //!    panics, and the executors skip it for a task that took its inputs
 //!    (nothing left to drop).
+//! 5. A [`Plan`](crate::Plan) lets go of what it holds the same way (plan
+//!    invariant 6): its ops hold the user's literal arguments, and it may
+//!    hold their last reference (a client lets go of a graph once it
+//!    submitted its plan), wherever its own last reference goes: an
+//!    executor's pool thread once a run ended, a cluster client's loop, a
+//!    thread that stepped a simulation. An executor lets go of a plan as
+//!    of any other `Arc`.
 
 use std::any::Any;
 use std::fmt;

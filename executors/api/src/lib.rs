@@ -35,7 +35,9 @@
 //! 8. A value the executor drops (a task's input after the task ran or was
 //!    skipped, a value nobody uses, what a cancelled run held) is dropped
 //!    with [`drop_quietly`]: a panic in its `Drop` is logged and changes no
-//!    outcome; it never unwinds into the executor (dropping rules).
+//!    outcome; it never unwinds into the executor (dropping rules). A
+//!    plan drops its ops (and the arguments they hold) that way itself
+//!    (dropping rule 5), on whichever thread lets go of it last.
 #![warn(missing_docs)]
 
 use std::fmt;

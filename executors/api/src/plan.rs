@@ -20,6 +20,12 @@
 //!    kept by its roots: a plan of a million nodes holds its roots, not a
 //!    million counts to raise while lowering and to lower again, node by
 //!    node, when the plan is dropped.
+//! 6. A plan lets go of what it holds quietly ([`drop_each_quietly`],
+//!    dropping rule 5): the ops it holds and its keepers, one at a time,
+//!    and a keepers' list (a graph's roots) root by root. Its ops hold
+//!    the user's values (literal arguments), and its last reference goes
+//!    wherever its run ends: an executor's pool thread, a cluster
+//!    client's loop, a waiting thread that stepped a simulation.
 
 // The one module of the crate with `unsafe` (the crate's `Cargo.toml`):
 // each block says why it holds.
@@ -31,7 +37,7 @@ use std::marker::PhantomData;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-use crate::{Failure, FailureKind, Key, Op, OpError};
+use crate::{drop_each_quietly, Failure, FailureKind, Key, Op, OpError};
 
 /// One task of a [`Plan`]: its op and where its inputs are listed. Its
 /// key is the plan's to tell ([`Plan::key`]): most ops know it themselves
@@ -115,7 +121,7 @@ pub struct Plan {
     /// The ops the plan holds, `(task, op)` sorted by task (invariant 5).
     owned: Vec<(u32, Arc<dyn Op>)>,
     /// What keeps the other ops alive (invariant 5).
-    keepers: Arc<Vec<Keeper>>,
+    keepers: Arc<Keepers<Keeper>>,
     deps: Vec<u32>,
     /// Made on first use: an executor running tasks in plan order (the
     /// synchronous one) never needs them, and they cost 8 bytes a task.
@@ -379,6 +385,35 @@ impl Dependents {
 /// A value that keeps some of a plan's ops alive (invariant 5).
 type Keeper = Arc<dyn Any + Send + Sync>;
 
+/// What a plan's drop names in the warning of a `Drop` that panicked
+/// (invariant 6). Never the task: its op, which tells its name, is gone.
+const LET_GO: &str = "an op of a plan let go (a task with the arguments it held)";
+
+impl Drop for Plan {
+    /// Lets go of the ops the plan holds, quietly (invariant 6); its
+    /// keepers go the same way, with the last plan that holds them.
+    fn drop(&mut self) {
+        drop_each_quietly(self.owned.drain(..), LET_GO);
+    }
+}
+
+/// Values kept for a plan's ops (invariant 5), let go one at a time,
+/// quietly (invariant 6): a plan's list of keepers, and the list of
+/// values [`PlanBuilder::keeping`] was given (a graph's roots).
+struct Keepers<T>(Vec<T>);
+
+impl<T> Default for Keepers<T> {
+    fn default() -> Self {
+        Keepers(Vec::new())
+    }
+}
+
+impl<T> Drop for Keepers<T> {
+    fn drop(&mut self) {
+        drop_each_quietly(self.0.drain(..), LET_GO);
+    }
+}
+
 /// The builder inside [`PlanBuilder::keeping`]: pushes ops reached from
 /// the keepers by reference, and any other op as [`PlanBuilder::push`]
 /// does.
@@ -538,10 +573,10 @@ impl PlanBuilder {
         // a panic in `lower` still points at something the builder keeps.
         // The ops pushed point into the values of `keepers`, or into its
         // buffer: both stay in place as long as the vector lives.
-        let keepers = Arc::new(keepers);
+        let keepers = Arc::new(Keepers(keepers));
         self.keepers.push(keepers.clone());
         lower(
-            &keepers,
+            &keepers.0,
             &mut Kept {
                 builder: self,
                 _keepers: PhantomData,
@@ -631,7 +666,7 @@ impl PlanBuilder {
             tasks: self.tasks,
             keys: self.keys,
             owned: self.owned,
-            keepers: Arc::new(self.keepers),
+            keepers: Arc::new(Keepers(self.keepers)),
             deps: self.deps,
             dependents: std::sync::OnceLock::new(),
             consumers,
@@ -890,6 +925,53 @@ mod tests {
         });
         drop(plan);
         assert_eq!(dropped.load(SeqCst), 10);
+    }
+
+    /// An op holding a user's value whose `Drop` panics (a literal
+    /// argument), after counting the drop.
+    struct Armed(Arc<AtomicUsize>);
+    impl Op for Armed {
+        fn run(&self, _: &mut [Option<Value>]) -> Result<Value, OpError> {
+            Ok(Arc::new(()))
+        }
+        fn name(&self) -> &str {
+            "armed"
+        }
+    }
+    impl Drop for Armed {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, SeqCst);
+            panic!("an argument that panics when dropped");
+        }
+    }
+
+    /// A plan lets its ops go quietly, one at a time (dropping rule 5):
+    /// ops it holds and keepers whose `Drop` panics are each dropped, a
+    /// second panic never meets a first one unwinding (which aborted the
+    /// process), and nothing unwinds out of the plan's drop, wherever its
+    /// last reference goes (an executor's pool thread, a cluster client's
+    /// loop: found by review). A plan sharing its keepers with another
+    /// drops them with the last of the two.
+    #[test]
+    fn a_plan_lets_ops_whose_drop_panics_go_quietly() {
+        crate::failure::record_panic_locations();
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let armed = || Arc::new(Armed(dropped.clone()));
+        let mut b = PlanBuilder::new();
+        let kept = b.keeping(vec![armed(), armed()], |roots, b| {
+            b.push(Key([1; 32]), &*roots[0], &[])
+        });
+        b.push(Key([2; 32]), armed(), &[]);
+        b.push(Key([3; 32]), armed(), &[kept]);
+        let plan = b.build();
+        let mut copy = PlanBuilder::new();
+        copy.push_task_of(&plan, kept, Key([1; 32]), &[]);
+        let copy = copy.build();
+        drop(plan);
+        assert_eq!(dropped.load(SeqCst), 2, "the ops it held");
+        drop(copy);
+        assert_eq!(dropped.load(SeqCst), 4, "and the keepers, with the copy");
+        assert!(crate::failure::take_panic_location().is_none());
     }
 
     #[test]

@@ -23,7 +23,9 @@
 //!    outputs fail) and when the client is dropped (they are cancelled). On
 //!    success the plan is dropped before the last output is reported, so a
 //!    caller that has every output holds the only references left to the
-//!    plan's inputs.
+//!    plan's inputs. Wherever this client lets go of a plan (its loop's
+//!    thread, mostly), the plan drops its ops and the user's literal
+//!    arguments they hold quietly (`rask_executor` dropping rule 5).
 //! 5. A submission whose reporter asks to [`keep_remote`](Reporter::keep_remote)
 //!    gets each output, once in memory, as a [`Remote`] handle: one handle
 //!    per distinct key, shared by the slots with that key. Outputs over

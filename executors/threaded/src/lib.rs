@@ -98,7 +98,9 @@
 //!   tasks are done, every output not reported yet is reported as cancelled.
 //!   A value the run lets go is dropped with `rask_executor::drop_quietly`,
 //!   so a user's `Drop` that panics is logged instead of aborting the
-//!   process from a pool thread.
+//!   process from a pool thread; so are the ops of its plan (and the
+//!   literal arguments they hold), let go by the plan itself when the run
+//!   ends (`rask_executor` dropping rule 5).
 //! - **Memory.** A run holds 32 bytes per task (dependency count, consumer
 //!   count, value slot) plus 4 per source, allocated when it starts and
 //!   freed when it finished.
