@@ -37,7 +37,10 @@
 //!    panic in its `Drop` would abort the process: a task's inputs after
 //!    it ran or was skipped, a value without consumers, one handed over to
 //!    a task a cancellation stopped, and those still stored when the run
-//!    ends.
+//!    ends, with the failures it recorded (a task's error is a user's
+//!    value too). The plan, let go when the run ends, drops its ops (and
+//!    the literal arguments they hold, of which it may hold the last
+//!    reference: a client's graph) quietly itself (plan invariant 6).
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -599,6 +602,12 @@ impl Drop for Run {
                 drop_value(&self.plan, task as u32, Ok(value));
             }
         }
+        let failures = std::mem::take(&mut *lock(&self.failures));
+        if !failures.is_empty() {
+            drop_each_quietly(failures.into_values(), "a failure a run recorded");
+        }
+        // Quietly, by the plan itself (rule 7): on a pool thread, where
+        // the plan may hold the last reference to a user's values.
         self.plan = Arc::default();
         self.reporter.finished();
     }

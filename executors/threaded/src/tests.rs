@@ -944,6 +944,40 @@ impl Op for MakeBoom {
     }
 }
 
+/// A task's error whose `Drop` panics, after counting the drop.
+#[derive(Debug)]
+struct BoomError(Arc<AtomicUsize>);
+
+impl std::fmt::Display for BoomError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an error that panics when dropped")
+    }
+}
+
+impl std::error::Error for BoomError {}
+
+impl Drop for BoomError {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        panic!("a BoomError was dropped");
+    }
+}
+
+/// Fails with a [`BoomError`] counting its drop in `.0`.
+struct FailsWithBoom(Arc<AtomicUsize>);
+
+impl Op for FailsWithBoom {
+    fn run(&self, _: &mut [Option<Value>]) -> Result<Value, OpError> {
+        Err(OpError::caused(rask_executor::Cause::new(BoomError(
+            self.0.clone(),
+        ))))
+    }
+
+    fn name(&self) -> &str {
+        "fails_with_boom"
+    }
+}
+
 /// How many of its inputs are Booms; reads them in place, so the executor
 /// drops them after it ran.
 struct Peek;
@@ -996,8 +1030,9 @@ const DROP_CHILD_ENV: &str = "RASK_THREADED_TEST_DROP_CHILD";
 /// Values whose `Drop` panics, dropped by a pool of `threads`: inputs
 /// after their task ran (its result stands), inputs of a task skipped for
 /// a failed one, a value no task uses, a value stored for a dependent a
-/// cancellation stopped, and one handed over to such a dependent. Each is
-/// dropped once and the runs end as without the panics.
+/// cancellation stopped, one handed over to such a dependent, and a
+/// task's error the run recorded for its dependents. Each is dropped once
+/// and the runs end as without the panics.
 fn drop_scenarios(threads: usize) {
     let pool = pool(threads);
     let failed = |o: &Outcome| summary(o).unwrap_err().1;
@@ -1057,6 +1092,25 @@ fn drop_scenarios(threads: usize) {
     drop(got);
     assert_eq!(booms.made.load(Ordering::SeqCst), 1);
     booms.all_dropped();
+
+    // A failure whose error panics when dropped, recorded for the two
+    // dependents it skipped (one would take it directly), which no
+    // output reports: the run holds its last reference when it ends (the
+    // user's error, rule 7).
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let mut b = PlanBuilder::new();
+    let fails = b.push(key(1), Arc::new(FailsWithBoom(dropped.clone())), &[]);
+    b.push(key(2), sum(2, Fail::No, &runs), &[fails]);
+    b.push(key(4), sum(4, Fail::No, &runs), &[fails]);
+    let other = b.push(key(3), sum(3, Fail::No, &runs), &[]);
+    b.output(other);
+    let got = run_on(&pool, &Arc::new(b.build()));
+    assert_eq!(summary(&got[0]), Ok(3));
+    assert_eq!(
+        dropped.load(Ordering::SeqCst),
+        1,
+        "dropped once, by the run"
+    );
 }
 
 /// Dropping rule 1 of `rask_executor` on pool threads, where a panic
