@@ -1889,3 +1889,36 @@ fn literal_arguments_that_panic() {
         }
     }
 }
+
+/// `Duration::MAX` as a timeout is no deadline at all: the waits return
+/// when the work is done (they panicked at once, "overflow when adding
+/// duration to instant": found by review).
+#[test]
+fn a_timeout_of_duration_max_is_no_deadline() {
+    let max = std::time::Duration::MAX;
+    let client = Client::threads(2).unwrap();
+    let gate = new_id();
+    let f = client.submit(delayed!(gated(gate, 3))).unwrap();
+    let (tell, told) = std::sync::mpsc::channel();
+    for wait_all in [false, true] {
+        let (f, tell) = (f.clone(), tell.clone());
+        std::thread::spawn(move || {
+            let got = if wait_all {
+                rask::wait_timeout(std::slice::from_ref(&f), max).and_then(|()| f.result())
+            } else {
+                f.result_timeout(max)
+            };
+            let _ = tell.send(got.map_err(|e| e.to_string()));
+        });
+    }
+    drop(tell);
+    open(gate);
+    for _ in 0..2 {
+        let got = told.recv_timeout(std::time::Duration::from_secs(20));
+        assert_eq!(got, Ok(Ok(3)), "a wait panicked or never returned");
+    }
+    // One worker, this process: there at once, and never a second one.
+    assert!(client.wait_for_workers(1, max).is_ok());
+    let err = client.wait_for_workers(2, max).unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err}");
+}

@@ -275,17 +275,14 @@ impl<T: Data> Future<T> {
         self.outcome(self.handle.shared.wait(self.handle.key, None))
     }
 
-    /// As [`result`](Future::result), giving up after `timeout`.
+    /// As [`result`](Future::result), giving up after `timeout`. A
+    /// timeout too long for the clock (`Duration::MAX`) is no deadline.
     ///
     /// # Errors
     ///
     /// As [`result`](Future::result), or [`Error::Timeout`].
     pub fn result_timeout(&self, timeout: Duration) -> Result<T> {
-        match self
-            .handle
-            .shared
-            .wait(self.handle.key, Some(Instant::now() + timeout))
-        {
+        match self.handle.shared.wait(self.handle.key, deadline(timeout)) {
             State::Pending => Err(Error::Timeout {
                 task: None,
                 after: timeout,
@@ -899,19 +896,26 @@ pub(crate) fn wait_all<F: Waitable>(
     true
 }
 
-/// Blocks until every future is done or `timeout` passed.
+/// Blocks until every future is done or `timeout` passed. A timeout too
+/// long for the clock (`Duration::MAX`) is no deadline.
 ///
 /// # Errors
 ///
 /// [`Error::Timeout`] if some future is still pending after `timeout`.
 pub fn wait_timeout<F: Waitable>(futures: &[F], timeout: Duration) -> Result<()> {
-    if wait_all(futures, false, Some(Instant::now() + timeout)) {
+    if wait_all(futures, false, deadline(timeout)) {
         return Ok(());
     }
     Err(Error::Timeout {
         task: None,
         after: timeout,
     })
+}
+
+/// The deadline `timeout` from now, `None` (no deadline) when the clock
+/// cannot count that far (`Duration::MAX`: adding it panicked).
+pub(crate) fn deadline(timeout: Duration) -> Option<Instant> {
+    Instant::now().checked_add(timeout)
 }
 
 /// Blocks until at least one future is done; returns which are done and

@@ -99,7 +99,9 @@ impl Client {
     ///
     /// [`Error::Timeout`] when fewer than `n` are there after `timeout`
     /// (at once on an executor in this process, which never has more than
-    /// one); as [`scheduler_info`](Client::scheduler_info) otherwise.
+    /// one; never on a cluster for a timeout too long for the clock,
+    /// `Duration::MAX`); as [`scheduler_info`](Client::scheduler_info)
+    /// otherwise.
     ///
     /// # Examples
     ///
@@ -111,7 +113,8 @@ impl Client {
     /// # Ok::<(), rask::Error>(())
     /// ```
     pub fn wait_for_workers(&self, n: usize, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
+        // `None`: a timeout too long for the clock, no deadline.
+        let deadline = crate::futures::future::deadline(timeout);
         loop {
             let have = self.scheduler_info()?.workers.len();
             if have >= n {
@@ -122,7 +125,7 @@ impl Client {
             let grows = matches!(&self.inner.backend, Backend::Distributed(_));
             #[cfg(not(feature = "distributed"))]
             let grows = false;
-            if !grows || Instant::now() >= deadline {
+            if !grows || deadline.is_some_and(|d| Instant::now() >= d) {
                 return Err(Error::Timeout {
                     task: None,
                     after: timeout,
