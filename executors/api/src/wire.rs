@@ -16,7 +16,11 @@
 //!    whose [`keep_remote`](crate::Reporter::keep_remote) is `true` receives
 //!    [`Remote`] handles instead of bytes. A handle keeps its key held on the
 //!    cluster until it is dropped; [`RemoteValue::fetch`] (and so
-//!    [`AnyValue::encode`]) brings the bytes over when they are needed.
+//!    [`AnyValue::encode`]) brings the bytes over when they are needed. A
+//!    handle whose cluster let its value go for good, with no bytes here
+//!    (its client's connection was lost since), says so
+//!    ([`RemoteValue::lost`]): whoever holds it computes the work again
+//!    rather than use it.
 //! 5. A held value travels as the task [`VALUE_FUNCTION`] whose payload is the
 //!    value's bytes; a [`Remote`] value as [`REMOTE_FUNCTION`] whose payload
 //!    is its key's 32 bytes. An executor sends a `REMOTE_FUNCTION` task only
@@ -200,6 +204,16 @@ pub trait RemoteValue: Send + Sync {
     /// connection to the cluster is gone, it took too long, or the key could
     /// not be recomputed after its holders were lost.
     fn fetch(&self) -> Result<Arc<[u8]>, WireError>;
+
+    /// Why the value can never be brought over, once that is certain: the
+    /// cluster let it go for good (a cluster client's connection was lost
+    /// since the value was reported) and its bytes are not here. Then
+    /// [`fetch`](RemoteValue::fetch) fails with this error, and stays
+    /// lost; a handle of the same key made later may hold it again. `None`
+    /// (the default) while a fetch may succeed. Cheap: no round trip.
+    fn lost(&self) -> Option<WireError> {
+        None
+    }
 }
 
 /// A value left on a cluster: a [`Value`] like any other, whose
@@ -222,6 +236,11 @@ impl Remote {
     /// As [`RemoteValue::fetch`].
     pub fn fetch(&self) -> Result<Arc<[u8]>, WireError> {
         self.0.fetch()
+    }
+
+    /// Why the value is lost for good, if it is; see [`RemoteValue::lost`].
+    pub fn lost(&self) -> Option<WireError> {
+        self.0.lost()
     }
 }
 
