@@ -80,6 +80,14 @@
 //!     A new connection is a new *epoch*: what the old one held is gone,
 //!     handles of it hold nothing (a fetch fails unless they have their
 //!     bytes), and graphs referring to their keys send their bytes or fail.
+//!     A handle without its bytes says it is [`lost`](RemoteValue::lost)
+//!     from the moment its connection is seen lost, before a new one is
+//!     made: the test a fetch makes, without the round trip, so a fetch
+//!     and `lost` never disagree, and a handle of the new epoch (the same
+//!     key computed again) is never lost. Its holder then computes the
+//!     work again instead of using it (`rask`'s futures rule 7). A graph
+//!     that took a handle before the loss was seen is one in flight at the
+//!     loss: it fails, as the open outputs do.
 //!     Answers of the old connection's data ports are never read: each
 //!     epoch's fetches answer on a channel of their own.
 //! 11. A client proves its [`Auth`] to the scheduler and to every data
@@ -348,6 +356,9 @@ impl RemoteValue for KeyHandle {
         if let Some(bytes) = self.bytes.get() {
             return Ok(bytes.clone());
         }
+        if let Some(lost) = self.lost() {
+            return Err(lost);
+        }
         let fail = |reason: String| WireError::Fetch {
             key: Key(self.key),
             reason,
@@ -383,6 +394,30 @@ impl RemoteValue for KeyHandle {
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(closed()),
         }
     }
+
+    /// Lost once the connection it was made on is (rule 10), unless its
+    /// bytes are here: the same test as the loop's for a fetch
+    /// ([`Loop::fetch`]), made with no round trip. `connected` is read
+    /// before the epoch: a reconnection bumps the epoch before it sets
+    /// `connected` again, so a connection seen up is either this handle's
+    /// (the epoch read next is its own) or a later one's (the epoch read
+    /// next is not).
+    fn lost(&self) -> Option<WireError> {
+        if self.bytes.get().is_some() {
+            return None;
+        }
+        let live = self.link.connected.load(Ordering::Acquire)
+            && self.link.epoch.load(Ordering::Acquire) == self.epoch;
+        (!live).then(|| WireError::Fetch {
+            key: Key(self.key),
+            reason: lost_with_connection(&self.link.address),
+        })
+    }
+}
+
+/// Why a value of a connection that is gone cannot be fetched (rule 10).
+fn lost_with_connection(address: &str) -> String {
+    format!("the value was lost with the connection to the scheduler at {address}")
 }
 
 impl Drop for KeyHandle {
@@ -1749,10 +1784,7 @@ impl Loop {
     /// A handle wants the bytes of `key` (rule 5).
     fn fetch(&mut self, key: WireKey, epoch: u64, reply: Reply) {
         if !self.connected || epoch != self.link.epoch.load(Ordering::Acquire) {
-            let _ = reply.send(Err(format!(
-                "the value was lost with the connection to the scheduler at {}",
-                self.address
-            )));
+            let _ = reply.send(Err(lost_with_connection(&self.address)));
             return;
         }
         self.waiting

@@ -801,13 +801,31 @@ fn lose_the_scheduler(cluster: &mut Cluster, client: &rask_distributed::Client) 
 
 /// Client rule 10: a TCP client outlives a scheduler restart. What was open
 /// fails; once the scheduler is back, every submission succeeds, the first
-/// one included (it waits for the client to connect again).
+/// one included (it waits for the client to connect again). A handle of
+/// the old connection without its bytes says it is lost from the moment
+/// the loss is seen; one with its bytes, or of the new connection, never.
 #[test]
 fn a_client_connects_again_after_a_scheduler_restart() {
     let mut cluster = Cluster::new(1, 1);
     let client = cluster.client();
     let kept = keep_big(&cluster, &client, 3);
+    let mut g = Graph::salted(&cluster.shared, 4);
+    let a = g.value(20);
+    let b = g.op("count", 1, &[a]);
+    g.output(b);
+    let small = Keep::new(1, true);
+    small.submit(&client, g.build());
+    let small = small.wait().pop().unwrap().unwrap();
+    assert!(remote(&kept[0]).lost().is_none());
+    assert!(remote(&small).lost().is_none());
     lose_the_scheduler(&mut cluster, &client);
+    // Seen lost, not yet connected again: the value is gone already.
+    let lost = remote(&kept[0]).lost().expect("lost with its connection");
+    assert!(
+        lost.to_string().contains("lost with the connection"),
+        "{lost}"
+    );
+    assert!(remote(&small).lost().is_none(), "its bytes are here");
     let address: std::net::SocketAddr = cluster
         .address
         .trim_start_matches("tcp://")
@@ -825,7 +843,13 @@ fn a_client_connects_again_after_a_scheduler_restart() {
     // fails with a clear error, not a hang.
     let err = remote(&kept[0]).fetch().unwrap_err().to_string();
     assert!(err.contains("lost with the connection"), "{err}");
-    drop(kept);
+    assert!(remote(&kept[0]).lost().is_some());
+    assert_eq!(fetch_int(&small), 21);
+    // The same key computed again on the new connection is held there.
+    let again = keep_big(&cluster, &client, 3);
+    assert!(remote(&again[0]).lost().is_none());
+    assert_eq!(fetch_len(&again[0]), BIG as usize);
+    drop((kept, again, small));
     assert_eq!(client.loop_tables().unwrap(), LoopTables::default());
     cluster.eventually("release", |c| c.scheduler.tasks() == 0);
 }
