@@ -775,6 +775,96 @@ fn a_restarted_scheduler_is_reconnected() {
     assert!(worker.wait().expect("the worker exits").success());
 }
 
+/// What a restarted scheduler held is lost with it (client rule 10), and
+/// the futures table knows it (futures rule 8): the work behind a value
+/// left on the cluster runs again when it is submitted again, directly or
+/// as a node of a new graph; the old future fails, saying so, until the
+/// same work submitted directly gives it the new value. A value whose
+/// bytes came over with its report is not lost: it is sent as data.
+fn a_restarted_scheduler_recomputes_what_it_held() {
+    let (mut scheduler, mut worker) = scheduler_with_a_worker("127.0.0.1:0".parse().unwrap());
+    let addr = scheduler.address();
+    let client = Client::connect(&format!("tcp://{addr}")).unwrap();
+    let (big_path, small_path) = (stamp_path("lost-big"), stamp_path("lost-small"));
+    let within = Duration::from_secs(30);
+    let lost = |e: Error| {
+        let text = format!("{e:#}");
+        assert!(text.contains("lost with the connection"), "{text}");
+    };
+    // 100 kB stays on the cluster, its handle holding the key; an `i64`
+    // comes over with its report.
+    let big = client
+        .submit(delayed!(stamped_block(big_path.clone(), 1)))
+        .unwrap();
+    let small = client
+        .submit(delayed!(stamp(small_path.clone(), 5)))
+        .unwrap();
+    rask::wait_timeout(std::slice::from_ref(&big), within).unwrap();
+    rask::wait_timeout(std::slice::from_ref(&small), within).unwrap();
+    assert_eq!(stamps(&big_path), 1);
+    assert_eq!(client.stats().on_cluster, 2);
+    // The scheduler goes away with the value, and its worker with it; a
+    // new one comes up at the same address.
+    scheduler.shutdown();
+    assert!(worker.wait().expect("the worker exits").success());
+    // Once the client saw the loss, the big value no longer counts as on
+    // the cluster; the small one, here, does.
+    let deadline = Instant::now() + within;
+    while client.stats().on_cluster != 1 {
+        assert!(Instant::now() < deadline, "the loss was never seen");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (mut scheduler, mut worker) = scheduler_with_a_worker(addr);
+    // The old future as an argument: its value is gone, and the graph
+    // fails saying so (it has no work to run again).
+    let on_old = client.submit(delayed!(block_len(&big))).unwrap();
+    lost(on_old.result_timeout(within).unwrap_err());
+    // Dropped, for the graphs below share its key (the same function of
+    // the same input) and would share its failure.
+    drop(on_old);
+    // The same work as a node of a new graph is computed again.
+    let through = client
+        .submit(delayed!(block_len(delayed!(stamped_block(
+            big_path.clone(),
+            1
+        )))))
+        .unwrap();
+    assert_eq!(through.result_timeout(within).unwrap(), 100_001);
+    assert_eq!(stamps(&big_path), 2);
+    // That graph computed it for itself: the old future is still lost, and
+    // its work was not kept to be retried.
+    lost(big.result_timeout(within).unwrap_err());
+    lost(client.retry(&big).unwrap_err());
+    // The same work submitted directly runs again, and the old future,
+    // which shares its key, gets the new value.
+    let again = client
+        .submit(delayed!(stamped_block(big_path.clone(), 1)))
+        .unwrap();
+    assert_eq!(again.result_timeout(within).unwrap().len(), 100_000);
+    assert_eq!(stamps(&big_path), 3);
+    assert_eq!(big.result_timeout(within).unwrap().len(), 100_000);
+    drop(through);
+    let on_new = client.submit(delayed!(block_len(&big))).unwrap();
+    assert_eq!(on_new.result_timeout(within).unwrap(), 100_001);
+    assert_eq!(stamps(&big_path), 3);
+    // The small value is here: it works, is sent as data, and its work
+    // submitted again shares it, never running again.
+    assert_eq!(small.result_timeout(within).unwrap(), 5);
+    let on_small = client.submit(delayed!(add(&small, 1))).unwrap();
+    assert_eq!(on_small.result_timeout(within).unwrap(), 6);
+    let small_again = client
+        .submit(delayed!(stamp(small_path.clone(), 5)))
+        .unwrap();
+    assert_eq!(small_again.result_timeout(within).unwrap(), 5);
+    assert_eq!(stamps(&small_path), 1);
+    drop((big, small, again, on_new, on_small, small_again));
+    drop(client);
+    scheduler.shutdown();
+    assert!(worker.wait().expect("the worker exits").success());
+    let _ = std::fs::remove_file(&big_path);
+    let _ = std::fs::remove_file(&small_path);
+}
+
 /// A worker process, killed and reaped when dropped, so a failed assertion
 /// leaves none behind.
 struct WorkerProcess(Child);
@@ -1910,6 +2000,10 @@ fn main() {
         (
             "a_restarted_scheduler_is_reconnected",
             a_restarted_scheduler_is_reconnected,
+        ),
+        (
+            "a_restarted_scheduler_recomputes_what_it_held",
+            a_restarted_scheduler_recomputes_what_it_held,
         ),
         (
             "a_worker_started_by_hand_takes_its_options",

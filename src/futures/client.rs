@@ -7,14 +7,17 @@
 //!    by [`Client::persist`]) refers to its key; the last one dropped frees the
 //!    value ("release on drop").
 //! 2. Submitting work whose key has an entry creates no task: the new future
-//!    shares the entry, finished or not. Cancelled entries are replaced.
+//!    shares the entry, finished or not. Cancelled and lost (rule 8)
+//!    entries are replaced: the work runs again, and every future of the
+//!    key gets its outcome.
 //! 3. A submitted graph never recomputes a key the table holds: finished
 //!    entries become data, failed ones replay their failure, and a graph that
 //!    needs a pending entry starts only when that entry is done. A cancelled
 //!    entry replays its cancellation only where the graph takes it as a
-//!    future; met as a node of the graph's own (the same work, built again
-//!    as a `Delayed`), it is computed, as rule 2 does for roots. A future
-//!    cancelled after the graph was sent to a cluster, which had it
+//!    future (a lost one fails it as lost, rule 8); met as a node of the
+//!    graph's own (the same work, built again as a `Delayed`), either is
+//!    computed, as rule 2 does for roots, and the entry stays as it was. A
+//!    future cancelled after the graph was sent to a cluster, which had it
 //!    computed there all the same, fails the graph's outputs as cancelled
 //!    when they are recorded, as if the graph had waited here. A pending
 //!    future of another client in the graph is waited for the same way,
@@ -55,6 +58,27 @@
 //!    user's `Waker`, a handle's drop): `Shared::wake` notifies each one
 //!    under a catch of its own, and the sleepers, the listeners after it
 //!    and the graphs waiting for the key still hear of it.
+//! 8. A value left on a cluster (rule 5) belongs to the connection it was
+//!    reported on: once that is lost, the cluster's handle says the value
+//!    is [lost](Remote::lost) unless its bytes came here (small values,
+//!    fetched ones), and the finished entry is *lost* work. The table asks
+//!    the handle whenever it looks at a finished entry to decide (rules 2
+//!    and 3, `Client::retry`), under its lock, and the handle answers from
+//!    its connection's state as it is then (the cluster client's rule
+//!    10): nothing is sent here on a reconnection, so no notice can arrive
+//!    late, leaving a submission in flight to use a value already gone,
+//!    or find the key's entry replaced meanwhile and mark the new value
+//!    lost. A submission decided after the loss was seen recomputes the
+//!    key; one decided before it was in flight at the loss, and fails as
+//!    the cluster's open outputs do. A lost entry is taken as a cancelled
+//!    one: the same work submitted again replaces it, and the future that
+//!    held it, which shares the key, gets the new value (rule 2); met as a
+//!    node of a new graph, it is computed there, and the entry stays lost
+//!    (rule 3). Until replaced, the future stays finished (`status`) and
+//!    its `result()` fails with "the value was lost with the connection to
+//!    the scheduler", as does a graph that takes it as a future, at once
+//!    and sent nowhere; a finished entry keeps no work to run again, so
+//!    [`Client::retry`] fails with that error too.
 
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -210,6 +234,21 @@ impl State {
             State::Failed(f) => f.kind == FailureKind::Cancelled,
             _ => false,
         }
+    }
+
+    /// Why a finished value is lost for good (rule 8): its cluster let it
+    /// go and its bytes are not here. Asked of the value's handle, now.
+    fn lost(&self) -> Option<WireError> {
+        match self {
+            State::Finished(value) => value.downcast_ref::<Remote>()?.lost(),
+            _ => None,
+        }
+    }
+
+    /// Work to run again when it is submitted (rules 2, 3 and 8):
+    /// cancelled, or finished with a value that is lost.
+    fn is_gone(&self) -> bool {
+        self.is_cancelled() || self.lost().is_some()
     }
 }
 
@@ -877,7 +916,10 @@ impl Client {
     ///
     /// # Errors
     ///
-    /// None today; the `Result` leaves room for executors that refuse work.
+    /// For a future whose value was lost with its cluster's connection
+    /// (the client's rule 8), the error its `result()` gives: a finished
+    /// future keeps no work to run again, so submit the work again instead
+    /// (that recomputes it, for this future too).
     ///
     /// # Examples
     ///
@@ -911,7 +953,20 @@ impl Client {
                     entry.state = State::Pending;
                     node.clone()
                 }
-                _ => return Ok(()),
+                _ => {
+                    return match entry.state.lost() {
+                        // As `Future::result` says it (rule 8).
+                        Some(lost) => Err(Error::Task {
+                            key: future.key(),
+                            panicked: false,
+                            message: lost.to_string(),
+                            location: None,
+                            error: None,
+                            attempts: 1,
+                        }),
+                        None => Ok(()),
+                    };
+                }
             }
         };
         self.inner.schedule(vec![node]);
@@ -926,7 +981,10 @@ impl Client {
             pending: table.values().filter(|e| e.state.is_pending()).count(),
             on_cluster: table
                 .values()
-                .filter(|e| matches!(&e.state, State::Finished(v) if v.is::<Remote>()))
+                .filter(|e| {
+                    matches!(&e.state, State::Finished(v) if v.is::<Remote>())
+                        && e.state.lost().is_none()
+                })
                 .count(),
         }
     }
@@ -970,6 +1028,10 @@ impl Client {
         };
         let remote = self.inner.backend.is_remote();
         let mut fresh = Vec::new();
+        // What replaced entries held, dropped after the table lock: a lost
+        // value's handle takes its cluster client's lock when dropped, and
+        // that client reports outputs here under it.
+        let mut replaced = Vec::new();
         let futures = {
             let mut table = self.inner.lock();
             make_room(&mut table, nodes.len());
@@ -991,8 +1053,8 @@ impl Client {
                                 Entry::pending()
                             }
                         });
-                    if entry.state.is_cancelled() {
-                        entry.state = State::Pending;
+                    if entry.state.is_gone() {
+                        replaced.push(std::mem::replace(&mut entry.state, State::Pending));
                         fresh.push(node.clone());
                     }
                     if entry.state.is_pending() && entry.node.is_none() {
@@ -1003,6 +1065,7 @@ impl Client {
                 })
                 .collect()
         };
+        drop(replaced);
         if !fresh.is_empty() {
             self.inner.schedule(fresh);
         }
@@ -1030,7 +1093,8 @@ pub struct ClientStats {
     /// Keys still being computed.
     pub pending: usize,
     /// Finished keys whose value stays on a cluster, fetched only when
-    /// needed (rule 5); `0` on executors in this process.
+    /// needed (rule 5), not counting those lost with it (rule 8); `0` on
+    /// executors in this process.
     pub on_cluster: usize,
 }
 
@@ -1184,6 +1248,19 @@ impl Reporter for Run {
 /// (rule 3): its value as data, or its failure replayed; `None` while it
 /// is pending.
 fn done_op(node: &Node, state: &State) -> Option<Arc<dyn Op>> {
+    // A future whose value was lost with its cluster (rule 8): its work is
+    // not kept, so the graph fails here, naming it.
+    if let Some(lost) = state.lost() {
+        return Some(Arc::new(Replay {
+            name: node.name_owned(),
+            failure: Arc::new(Failure::new(
+                node.key,
+                Arc::from(node.name()),
+                FailureKind::Failed,
+                lost.to_string(),
+            )),
+        }));
+    }
     Some(match state {
         State::Finished(value) => Arc::new(HeldOp {
             name: node.name_owned(),
@@ -1477,11 +1554,12 @@ impl Shared {
                 pending_foreign.push(h.clone());
                 return None;
             };
-            // A node of the graph's own whose key was cancelled (rule 2's
-            // cancelled entry, met below a root): the graph computes it.
-            // Only a future the user cancelled and then passed on fails
-            // as cancelled.
-            if entry.state.is_cancelled() && !node.call.is_future() {
+            // A node of the graph's own whose key was cancelled or lost
+            // (rule 2's replaced entry, met below a root): the graph
+            // computes it. Only a future the user cancelled and then
+            // passed on fails as cancelled, and a lost one as lost
+            // (`done_op`).
+            if entry.state.is_gone() && !node.call.is_future() {
                 return None;
             }
             takes_futures = true;
@@ -2395,6 +2473,119 @@ mod tests {
         let poll = std::pin::Pin::new(&mut f).poll(&mut Context::from_waker(&other));
         assert!(matches!(poll, Poll::Pending));
         assert_eq!(listeners(), Some(2));
+    }
+
+    /// Runs each plan with the reference executor and reports each value
+    /// as a cluster's client does (rule 5): a [`Remote`] handle of the
+    /// connection it was computed on, lost once `epoch` moves on (the
+    /// cluster client's rule 10).
+    #[derive(Default)]
+    struct Connection {
+        epoch: Arc<AtomicU64>,
+    }
+
+    /// A value held through a [`Connection`], with its bytes for a fetch.
+    struct Handle {
+        key: Key,
+        bytes: Arc<[u8]>,
+        epoch: u64,
+        current: Arc<AtomicU64>,
+    }
+
+    impl rask_executor::RemoteValue for Handle {
+        fn key(&self) -> Key {
+            self.key
+        }
+
+        fn fetch(&self) -> std::result::Result<Arc<[u8]>, WireError> {
+            self.lost().map_or_else(|| Ok(self.bytes.clone()), Err)
+        }
+
+        fn lost(&self) -> Option<WireError> {
+            (self.current.load(Ordering::SeqCst) != self.epoch).then(|| WireError::Fetch {
+                key: self.key,
+                reason: "the value was lost with the connection".into(),
+            })
+        }
+    }
+
+    impl Executor for Connection {
+        fn submit(&self, plan: Arc<rask_executor::Plan>, reporter: Arc<dyn Reporter>) {
+            let kept = Arc::new(Kept::default());
+            let keys: Vec<Key> = plan.outputs().iter().map(|&t| *plan.key(t)).collect();
+            Synchronous.submit(plan, kept.clone());
+            let outputs = std::mem::take(&mut *kept.0.lock().unwrap());
+            for (index, outcome) in outputs {
+                let outcome = outcome.map(|value| -> Value {
+                    Arc::new(Remote(Arc::new(Handle {
+                        key: keys[index],
+                        bytes: value.encode().unwrap().into(),
+                        epoch: self.epoch.load(Ordering::SeqCst),
+                        current: self.epoch.clone(),
+                    })))
+                });
+                reporter.output(index, outcome);
+            }
+            reporter.finished();
+        }
+    }
+
+    /// Runs of [`counted_inc`].
+    static COUNTED_RUNS: AtomicUsize = AtomicUsize::new(0);
+
+    /// `x + 1`, counted; run by one test only.
+    fn counted_inc(x: i64) -> i64 {
+        COUNTED_RUNS.fetch_add(1, Ordering::SeqCst);
+        x + 1
+    }
+
+    /// Rule 8: a value lost with its connection is computed again by the
+    /// same work submitted again, directly or as a node of a new graph;
+    /// the future that held it fails as lost until the direct submission
+    /// gives it the new value.
+    #[test]
+    fn a_value_lost_with_its_connection_is_computed_again() {
+        let connection = Arc::new(Connection::default());
+        let settings = Settings::of(&Config::new()).unwrap();
+        let client = Client::on(
+            Backend::Custom(connection.clone()),
+            ExecutorKind::Synchronous,
+            settings,
+        );
+        let runs = || COUNTED_RUNS.load(Ordering::SeqCst);
+        let lost = |e: Error| assert!(e.to_string().contains("lost with the connection"), "{e}");
+        let f = client.submit(delayed!(counted_inc(1000))).unwrap();
+        assert_eq!(f.result().unwrap(), 1001);
+        assert_eq!((runs(), client.stats().on_cluster), (1, 1));
+        // Shared while its connection lives.
+        let same = client.submit(delayed!(counted_inc(1000))).unwrap();
+        assert_eq!(same.result().unwrap(), 1001);
+        drop(same);
+        assert_eq!(runs(), 1);
+        connection.epoch.fetch_add(1, Ordering::SeqCst);
+        assert_eq!(client.stats().on_cluster, 0);
+        lost(f.result().unwrap_err());
+        lost(client.retry(&f).unwrap_err());
+        // A graph taking `f` fails before it runs, naming `f`.
+        let on_f = client.submit(delayed!(add(&f, 1))).unwrap();
+        let err = on_f.result().unwrap_err();
+        assert!(
+            matches!(&err, Error::Task { key, .. } if *key == f.key()),
+            "{err:?}"
+        );
+        lost(err);
+        drop(on_f); // its key is the next graph's
+        let through = client
+            .submit(delayed!(add(delayed!(counted_inc(1000)), 1)))
+            .unwrap();
+        assert_eq!(through.result().unwrap(), 1002);
+        assert_eq!(runs(), 2);
+        lost(f.result().unwrap_err());
+        let again = client.submit(delayed!(counted_inc(1000))).unwrap();
+        assert_eq!(again.result().unwrap(), 1001);
+        assert_eq!(runs(), 3);
+        assert_eq!(f.result().unwrap(), 1001);
+        assert_eq!(client.stats().on_cluster, 2, "`f` and `through`");
     }
 
     #[test]
