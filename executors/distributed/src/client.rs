@@ -81,13 +81,13 @@
 //!     handles of it hold nothing (a fetch fails unless they have their
 //!     bytes), and graphs referring to their keys send their bytes or fail.
 //!     A handle without its bytes says it is [`lost`](RemoteValue::lost)
-//!     from the moment its connection is seen lost, before a new one is
-//!     made: the test a fetch makes, without the round trip, so a fetch
-//!     and `lost` never disagree, and a handle of the new epoch (the same
-//!     key computed again) is never lost. Its holder then computes the
-//!     work again instead of using it (`rask`'s futures rule 7). A graph
-//!     that took a handle before the loss was seen is one in flight at the
-//!     loss: it fails, as the open outputs do.
+//!     from the moment its connection is seen lost (or its client
+//!     closed), before a new one is made: the test a fetch makes, without
+//!     the round trip, so a fetch and `lost` never disagree, and a handle
+//!     of the new epoch (the same key computed again) is never lost. Its
+//!     holder then computes the work again instead of using it (`rask`'s
+//!     futures rule 7). A graph that took a handle before the loss was
+//!     seen is one in flight at the loss: it fails, as the open outputs do.
 //!     Answers of the old connection's data ports are never read: each
 //!     epoch's fetches answer on a channel of their own.
 //! 11. A client proves its [`Auth`] to the scheduler and to every data
@@ -368,7 +368,7 @@ impl RemoteValue for KeyHandle {
                 "a value cannot be fetched on its client's own network thread".into(),
             ));
         }
-        let closed = || fail(format!("the client of {} is closed", self.link.address));
+        let closed = || fail(closed_client(&self.link.address));
         let (reply, answer) = std::sync::mpsc::channel();
         let sent = self.link.commands.upgrade().is_some_and(|commands| {
             self.link
@@ -395,8 +395,8 @@ impl RemoteValue for KeyHandle {
         }
     }
 
-    /// Lost once the connection it was made on is (rule 10), unless its
-    /// bytes are here: the same test as the loop's for a fetch
+    /// Lost once the connection it was made on is (rule 10), the client's
+    /// own closing included, unless its bytes are here: the same test as the loop's for a fetch
     /// ([`Loop::fetch`]), made with no round trip. `connected` is read
     /// before the epoch: a reconnection bumps the epoch before it sets
     /// `connected` again, so a connection seen up is either this handle's
@@ -408,9 +408,17 @@ impl RemoteValue for KeyHandle {
         }
         let live = self.link.connected.load(Ordering::Acquire)
             && self.link.epoch.load(Ordering::Acquire) == self.epoch;
-        (!live).then(|| WireError::Fetch {
+        if live {
+            return None;
+        }
+        // A connection the client itself closed (it was dropped) says so.
+        let reason = match self.link.commands.upgrade() {
+            Some(_) => lost_with_connection(&self.link.address),
+            None => closed_client(&self.link.address),
+        };
+        Some(WireError::Fetch {
             key: Key(self.key),
-            reason: lost_with_connection(&self.link.address),
+            reason,
         })
     }
 }
@@ -418,6 +426,11 @@ impl RemoteValue for KeyHandle {
 /// Why a value of a connection that is gone cannot be fetched (rule 10).
 fn lost_with_connection(address: &str) -> String {
     format!("the value was lost with the connection to the scheduler at {address}")
+}
+
+/// Why a value of a client that was dropped cannot be fetched.
+fn closed_client(address: &str) -> String {
+    format!("the client of {address} is closed")
 }
 
 impl Drop for KeyHandle {
