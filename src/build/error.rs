@@ -13,7 +13,10 @@ use crate::build::delayed::TaskKey;
 /// [`source`](std::error::Error::source): a variant whose cause is an error
 /// value of its own (the error a task returned, the failed future of a
 /// gather, an I/O error) does not repeat the cause's message in its
-/// `Display`; `{:#}` prints the whole chain on one line.
+/// `Display`; `{:#}` prints the whole chain on one line, and so does
+/// `{:?}`: what a `main` that returns this error (or a `Box<dyn Error>`
+/// holding it) prints when it fails is the message and its causes, not
+/// the variant's fields. Match on the variants to read those.
 ///
 /// # Examples
 ///
@@ -34,7 +37,6 @@ use crate::build::delayed::TaskKey;
 /// assert!(source.downcast_ref::<ParseIntError>().is_some());
 /// assert!(format!("{err:#}").ends_with("failed: invalid digit found in string"));
 /// ```
-#[derive(Debug)]
 #[non_exhaustive]
 pub enum Error {
     /// A task returned an error or panicked. Its dependents did not run.
@@ -242,7 +244,7 @@ impl fmt::Display for Error {
                 "executor `{name}` is not compiled in; enable feature `{name}`"
             )?,
             #[cfg(feature = "distributed")]
-            Error::Distributed(e) => return fmt::Display::fmt(e, f),
+            Error::Distributed(e) => write!(f, "{e}")?,
             Error::WorkerSetup => f.write_str(
                 "this process was started as a rask worker but did not call \
                  `rask::init()` first in `main`",
@@ -267,6 +269,14 @@ impl fmt::Display for Error {
             }
         }
         Ok(())
+    }
+}
+
+/// The message and its causes on one line, as `{:#}` prints them (see
+/// [`Error`]): what a failed `main` prints.
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self:#}")
     }
 }
 
@@ -316,3 +326,30 @@ impl Error {
 
 /// `Result<T, rask::Error>`.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a failed `main` prints (`{:?}`) is the message and its causes,
+    /// as `{:#}` gives them, for a cluster's error too: a user saw
+    /// `Error: Distributed(Io(Os { code: 98, .. }))`, and `{:#}` of a
+    /// cluster's error gave "i/o error" without its cause.
+    #[test]
+    fn debug_prints_the_message_and_its_causes() {
+        let write = Error::Write {
+            path: "out.bin".into(),
+            source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, "denied"),
+        };
+        assert_eq!(format!("{write:?}"), "could not write out.bin: denied");
+        assert_eq!(format!("{write:?}"), format!("{write:#}"));
+        #[cfg(feature = "distributed")]
+        {
+            let taken = std::io::Error::new(std::io::ErrorKind::AddrInUse, "address in use");
+            let e = Error::from(rask_distributed::Error::Io(taken));
+            assert_eq!(format!("{e}"), "i/o error");
+            assert_eq!(format!("{e:#}"), "i/o error: address in use");
+            assert_eq!(format!("{e:?}"), "i/o error: address in use");
+        }
+    }
+}
