@@ -1,10 +1,13 @@
 //! The futures tour of the Dask tutorial, in Rust: `submit` returns at once,
-//! `gather` waits, `compute` of a delayed graph gives a future, the same
-//! graph rebuilt with `submit` and futures as arguments, `map`, identical
-//! work resubmitted is instant, and dropping futures releases results.
+//! `progress` draws a bar and `wait` waits, `gather` fetches, `compute` of
+//! a delayed graph gives a future, the same graph rebuilt with `submit`
+//! and futures as arguments, `map`, identical work resubmitted is instant,
+//! `scatter` places data once for tasks to share, and dropping futures
+//! releases results.
 //!
 //! ```text
 //! cargo run --example futures_tour
+//! RASK_SCHEDULER=local:4 cargo run --example futures_tour   # Client(n_workers=4)
 //! RASK_SCHEDULER=sync cargo run --example futures_tour
 //! ```
 //!
@@ -33,6 +36,16 @@ fn add(x: i64, y: i64) -> i64 {
     x + y
 }
 
+#[rask::task]
+fn sum_of(values: std::sync::Arc<Vec<i64>>) -> i64 {
+    values.iter().sum()
+}
+
+#[rask::task]
+fn count_over(values: std::sync::Arc<Vec<i64>>, limit: i64) -> usize {
+    values.iter().filter(|&&v| v > limit).count()
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Worker processes (`local:N`, `tcp://`) stop here and run the
     // functions marked `#[rask::task]`.
@@ -46,6 +59,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let t = Instant::now();
     let mut fut = client.submit(delayed!(inc(1)))?;
     println!("submit returned after {:?}: {fut:?}", t.elapsed());
+    // `progress(fut)`: a bar on stderr (when it is a terminal), returned at
+    // once; `wait` blocks until the future is done.
+    let bar = rask::progress(std::slice::from_ref(&fut));
+    rask::wait(std::slice::from_ref(&fut));
+    bar.wait();
+    println!("after wait: {fut:?}  ({:?})", t.elapsed());
     println!(
         "gather: {}  (after {:?})",
         client.gather(std::slice::from_ref(&fut))?[0],
@@ -99,6 +118,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "same keys: {}",
         again.iter().zip(&futures).all(|(a, b)| a.key() == b.key())
     );
+
+    // scatter: data from this process placed once (on a cluster, on one
+    // worker), then passed to tasks as a future; it never travels with
+    // each task again.
+    let numbers = client.scatter((1..=1000).collect::<Vec<i64>>())?;
+    let sum = client.submit(delayed!(sum_of(&numbers)))?;
+    let big = client.submit(delayed!(count_over(&numbers, 500)))?;
+    println!(
+        "\nscattered {}: sum {}, over 500: {}",
+        numbers.key(),
+        sum.result()?,
+        big.result()?
+    );
+    drop((numbers, sum, big));
 
     // Dropping futures releases their results (Python's `del`).
     println!("\nkeys held: {}", client.stats().keys_held);
