@@ -308,6 +308,10 @@ fn counted(n: usize) -> Counted {
 /// [`nested_scenario`] instead of the tests.
 const NESTED_SCENARIO_ENV: &str = "RASK_TEST_NESTED_SCENARIO";
 
+/// Set in a run of this binary as a child program: its `main` runs
+/// [`quiet_end_scenario`] instead of the tests.
+const QUIET_END_SCENARIO_ENV: &str = "RASK_TEST_QUIET_END_SCENARIO";
+
 /// This process's id, wherever it runs.
 fn pid(_: i64) -> u32 {
     std::process::id()
@@ -408,6 +412,17 @@ fn slow_fan_out(path: String, n: i64) -> Result<i64, String> {
 /// `Client::local(2)`, two worker processes of one thread each, where a
 /// task that waits for its nested work holds the only thread of its
 /// worker unless it gives it back. Each part prints `ok NAME`.
+/// The child program, under `RASK_SCHEDULER=local:2`: the README's
+/// nested computation on the process-wide cluster, which ends with this
+/// program (it is never dropped).
+fn quiet_end_scenario() {
+    let sums: Vec<Delayed<i64>> = (1..4).map(|n| delayed!(fan_out(n)?)).collect();
+    assert_eq!(rask::compute(sums).unwrap(), vec![1, 3, 6]);
+    let (pids, _) = delayed!(nested_pids(3)?).compute().unwrap();
+    assert_eq!(pids.len(), 3);
+    println!("ok nested");
+}
+
 fn nested_scenario() {
     let client = Client::local(2).expect("a cluster of two workers");
     let threads: Vec<u32> = client
@@ -1248,6 +1263,26 @@ fn nested_computation_on_one_thread_workers() {
     );
 }
 
+/// A local cluster ending with its program ends quietly, found by a user
+/// pass: the workers' nested clients lose their scheduler then, which
+/// they said as a warning (`lost the connection to the scheduler …;
+/// connecting again`) at the end of every successful run. They end with
+/// it and log it at `debug` (`nested` rule 5); a client that loses its
+/// scheduler otherwise still warns (`a_client_that_loses_its_scheduler_warns`
+/// in `executors/distributed/tests/loopback.rs`).
+fn a_local_cluster_ending_with_its_program_warns_of_nothing() {
+    let (out, err) = run_child(&[
+        (QUIET_END_SCENARIO_ENV, "1"),
+        ("RASK_SCHEDULER", "local:2"),
+        ("RUST_LOG", "info"),
+    ]);
+    assert!(out.contains("ok nested"), "{out}\n{err}");
+    assert!(
+        !err.contains("lost the connection to the scheduler"),
+        "an orderly end warns:\n{err}"
+    );
+}
+
 fn a_killed_worker_loses_no_result() {
     let before = live_children().len();
     let client = Client::local(2).unwrap();
@@ -1928,6 +1963,10 @@ fn main() {
         threads_scenario();
         return;
     }
+    if std::env::var_os(QUIET_END_SCENARIO_ENV).is_some() {
+        quiet_end_scenario();
+        return;
+    }
     if std::env::var_os(NESTED_SCENARIO_ENV).is_some() {
         nested_scenario();
         return;
@@ -2036,6 +2075,10 @@ fn main() {
         (
             "nested_computation_on_one_thread_workers",
             nested_computation_on_one_thread_workers,
+        ),
+        (
+            "a_local_cluster_ending_with_its_program_warns_of_nothing",
+            a_local_cluster_ending_with_its_program_warns_of_nothing,
         ),
     ];
     // Clusters started by `Client::local` are gone with their clients (the

@@ -77,6 +77,9 @@
 //!     backoff (100 ms doubling to 2 s) for as long as it lives. A
 //!     submission made while it is disconnected waits for one attempt,
 //!     made at once, and goes out if it succeeds or fails if it does not.
+//!     The loss is logged as a warning, save by the nested client of a
+//!     worker that ends with its scheduler (a local cluster's: `nested`
+//!     rule 5), which logs it at `debug`: the cluster's end is no incident.
 //!     A new connection is a new *epoch*: what the old one held is gone,
 //!     handles of it hold nothing (a fetch fails unless they have their
 //!     bytes), and graphs referring to their keys send their bytes or fail.
@@ -756,12 +759,12 @@ impl Client {
     /// # Ok::<(), rask_distributed::Error>(())
     /// ```
     pub fn for_task_cluster(cluster: &crate::TaskCluster) -> Result<Client, Error> {
-        Client::start(
+        Client::start_ending(
             &cluster.address,
             None,
             cluster.build,
-            cluster.auth.clone(),
-            cluster.tls.clone(),
+            (cluster.auth.clone(), cluster.tls.clone()),
+            cluster.ends_with_scheduler,
         )
     }
 
@@ -816,6 +819,19 @@ impl Client {
         auth: Arc<Auth>,
         tls: Option<Connector>,
     ) -> Result<Client, Error> {
+        Client::start_ending(address, on, build, (auth, tls), false)
+    }
+
+    /// [`Client::start`]; `ends_with_scheduler` for the nested client of a
+    /// worker that ends when it loses its scheduler: the loss is then
+    /// logged at `debug` (rule 10, `nested` rule 5).
+    fn start_ending(
+        address: &str,
+        on: Option<(&tokio::runtime::Handle, net::LocalEnd)>,
+        build: BuildId,
+        (auth, tls): (Arc<Auth>, Option<Connector>),
+        ends_with_scheduler: bool,
+    ) -> Result<Client, Error> {
         let (on, local) = on.unzip();
         let in_process = local.is_some();
         let target = parse_address(address)
@@ -846,9 +862,9 @@ impl Client {
                     let (to_loop, answers) = mpsc::unbounded_channel();
                     let peers =
                         PeerPool::new(to_loop, build, auth.clone(), tls.clone(), limits.clone());
-                    Loop::new(link, writer, again, (peers, answers))
-                        .run(frames, commands_rx, build, auth, tls, limits)
-                        .await;
+                    let mut run = Loop::new(link, writer, again, (peers, answers));
+                    run.ends_with_scheduler = ends_with_scheduler;
+                    run.run(frames, commands_rx, build, auth, tls, limits).await;
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(
@@ -1409,6 +1425,10 @@ struct Loop {
     /// Where to connect again when the connection is lost (rule 10);
     /// `None` for a client of a scheduler in this process.
     target: Option<Target>,
+    /// The nested client of a worker that ends with its scheduler: the
+    /// loss of the connection is the end of this process, logged at
+    /// `debug` (rule 10, `nested` rule 5).
+    ends_with_scheduler: bool,
     /// When to try connecting again, while disconnected (rule 10).
     next_attempt: Option<Instant>,
     /// The wait before the next attempt after a failed one.
@@ -1530,6 +1550,7 @@ impl Loop {
     ) -> Loop {
         Loop {
             target,
+            ends_with_scheduler: false,
             next_attempt: None,
             backoff: FIRST_BACKOFF,
             parked: Vec::new(),
@@ -2362,10 +2383,20 @@ impl Loop {
         self.connected = false;
         self.link.connected.store(false, Ordering::Release);
         if self.target.is_some() {
-            tracing::warn!(
-                "client: lost the connection to the scheduler at {}; connecting again",
-                self.address
-            );
+            if self.ends_with_scheduler {
+                // This process's worker ends with its scheduler (`nested`
+                // rule 5): the cluster ended, nothing to warn of.
+                tracing::debug!(
+                    "client: lost the connection to the scheduler at {}, which this worker \
+                     ends with; connecting again",
+                    self.address
+                );
+            } else {
+                tracing::warn!(
+                    "client: lost the connection to the scheduler at {}; connecting again",
+                    self.address
+                );
+            }
             self.next_attempt = Some(Instant::now());
         }
         let gone = format!("lost the connection to the scheduler at {}", self.address);

@@ -20,6 +20,14 @@
 //!    waits for a nested computation (`rask_executor::blocking`, `worker`
 //!    rule 15), so a nested fan-out never waits for a thread its own
 //!    waiting holds.
+//! 5. A worker that ends with its scheduler (a zero death timeout, as a
+//!    [`LocalCluster`](crate::LocalCluster)'s workers have: `worker`
+//!    rule 1) ends silently when the scheduler goes, and so does its
+//!    nested client: the loss of its connection is logged at `debug`, not
+//!    as the warning a client gives otherwise (`client` rule 10). The end
+//!    of a local cluster with its program is not an incident; the loss is
+//!    still a warning for a worker that outlives its scheduler, and for
+//!    every other client.
 
 use std::sync::Arc;
 
@@ -41,23 +49,27 @@ pub struct TaskCluster {
     pub(crate) build: BuildId,
     pub(crate) auth: Arc<Auth>,
     pub(crate) tls: Option<Connector>,
+    /// The worker ends when it loses its scheduler (rule 5).
+    pub(crate) ends_with_scheduler: bool,
 }
 
 impl TaskCluster {
     /// The worker's cluster: its scheduler at `host:port`, reached with
-    /// `scheme`.
+    /// `scheme`; `ends_with_scheduler` if the worker ends when it loses
+    /// it (rule 5).
     pub(crate) fn new(
         scheme: Scheme,
         host_port: &str,
         build: BuildId,
-        auth: Arc<Auth>,
-        tls: Option<Connector>,
+        (auth, tls): (Arc<Auth>, Option<Connector>),
+        ends_with_scheduler: bool,
     ) -> TaskCluster {
         TaskCluster {
             address: format!("{}{host_port}", scheme.prefix()),
             build,
             auth,
             tls,
+            ends_with_scheduler,
         }
     }
 
@@ -73,6 +85,7 @@ impl std::fmt::Debug for TaskCluster {
         f.debug_struct("TaskCluster")
             .field("address", &self.address)
             .field("build", &self.build)
+            .field("ends_with_scheduler", &self.ends_with_scheduler)
             .finish_non_exhaustive()
     }
 }

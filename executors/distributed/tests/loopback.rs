@@ -3036,3 +3036,75 @@ fn a_scheduler_with_a_frame_budget_of_zero_still_computes() {
     let cluster = Cluster::with_options(1, 1, options);
     diamond(&cluster, &cluster.client(), 0);
 }
+
+/// Warnings logged by any thread of this test binary, once
+/// [`record_warnings`] installed their recorder.
+#[derive(Clone, Default)]
+struct Warnings(Arc<std::sync::Mutex<Vec<String>>>);
+
+struct Message(String);
+
+impl tracing::field::Visit for Message {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.0 = format!("{value:?}");
+        }
+    }
+}
+
+impl tracing::Subscriber for Warnings {
+    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
+        *metadata.level() <= tracing::Level::WARN
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut message = Message(String::new());
+        event.record(&mut message);
+        self.0.lock().unwrap().push(message.0);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// The process-wide recorder of warnings (installed once).
+fn record_warnings() -> Warnings {
+    static WARNINGS: std::sync::OnceLock<Warnings> = std::sync::OnceLock::new();
+    WARNINGS
+        .get_or_init(|| {
+            let warnings = Warnings::default();
+            tracing::subscriber::set_global_default(warnings.clone())
+                .expect("no other global subscriber in this binary");
+            warnings
+        })
+        .clone()
+}
+
+/// Client rule 10: a client that loses its scheduler (here shut down
+/// under it) says so as a warning — a real loss stays loud; only a
+/// worker's nested client that ends with its scheduler logs it at `debug`
+/// (`nested` rule 5; `nested_computation_on_one_thread_workers` in
+/// `tests/distributed.rs` checks that side).
+#[test]
+fn a_client_that_loses_its_scheduler_warns() {
+    let warnings = record_warnings();
+    let mut cluster = Cluster::new(1, 1);
+    let client = cluster.client();
+    let want = format!(
+        "client: lost the connection to the scheduler at {}; connecting again",
+        cluster.address
+    );
+    lose_the_scheduler(&mut cluster, &client);
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !warnings.0.lock().unwrap().iter().any(|w| w == &want) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no warning {want:?} in {:?}",
+            warnings.0.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -1396,8 +1396,8 @@ fn start(
         scheme,
         &link.address,
         link.build,
-        link.auth.clone(),
-        link.connector(),
+        (link.auth.clone(), link.connector()),
+        options.death_timeout.is_zero(),
     ));
     let pool = Pool::start(link.threads, done.clone(), seceded, Some(cluster.clone()));
     let (ending, ended) = std::sync::mpsc::channel();
