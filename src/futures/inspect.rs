@@ -77,6 +77,7 @@ impl Client {
                     } else {
                         0
                     },
+                    sent: if id == 0 { totals.processing } else { 0 },
                     memory_bytes: None,
                     data_bytes: 0,
                     keys: if id == 0 { finished } else { 0 },

@@ -138,6 +138,7 @@ impl Recording {
                     name: String::new(),
                     threads,
                     running: 0,
+                    sent: 0,
                     memory_bytes: None,
                     data_bytes: 0,
                     keys: 0,

@@ -153,8 +153,19 @@ pub struct WorkerRow {
     pub name: String,
     /// Compute threads.
     pub threads: u32,
-    /// Tasks running on it now.
+    /// Tasks running on it now, at most one per thread. A cluster's
+    /// scheduler counts the tasks it sent there and that are not finished,
+    /// leaving out those sent before their inputs were ready and those
+    /// waiting on nested work (their threads given back), up to the
+    /// worker's thread count: the worker is not asked which of them started.
     pub running: u64,
+    /// Tasks sent to it and not finished: [`running`](Self::running) and
+    /// those waiting there (for a thread, for their inputs, or on nested
+    /// work). A scheduler sends a worker more than it has threads, so that
+    /// it never idles between tasks. `0` in reports and from older
+    /// versions.
+    #[serde(default)]
+    pub sent: u64,
     /// Its resident memory, when known.
     pub memory_bytes: Option<u64>,
     /// Bytes of results it holds.

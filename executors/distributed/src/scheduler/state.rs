@@ -105,8 +105,11 @@ pub(crate) struct WorkerCensus {
     pub(crate) id: WorkerId,
     pub(crate) address: String,
     pub(crate) threads: u32,
-    /// Tasks sent to it and not reported.
+    /// Tasks it runs now as far as the scheduler can tell: those of
+    /// `sent` neither sent early (S9) nor seceded, at most `threads`.
     pub(crate) running: u64,
+    /// Tasks sent to it and not reported.
+    pub(crate) sent: u64,
     /// Bytes and number of the values it holds.
     pub(crate) data_bytes: u64,
     pub(crate) keys: u64,
@@ -550,6 +553,7 @@ impl State {
                 None => self.loads.get(id).map_or(0, |l| l.threads),
             },
             running: 0,
+            sent: 0,
             data_bytes: 0,
             keys: 0,
             resources: w.resources.to_string(),
@@ -565,7 +569,12 @@ impl State {
                 TaskState::Processing(w) => {
                     counts.processing += 1;
                     if let Some(&i) = index.get(w) {
-                        workers[i].running += 1;
+                        workers[i].sent += 1;
+                        // One sent early waits for its inputs, a seceded
+                        // one for its nested work: neither holds a thread.
+                        if !task.early && !task.seceded {
+                            workers[i].running += 1;
+                        }
                     }
                 }
                 TaskState::Memory => {
@@ -579,6 +588,12 @@ impl State {
                 }
                 TaskState::Erred(_) => counts.erred += 1,
             }
+        }
+        // The rest of what it was sent waits there for a thread: the
+        // scheduler keeps a window of tasks on each worker (`placement`
+        // rule 3).
+        for w in &mut workers[first..] {
+            w.running = w.running.min(u64::from(w.threads));
         }
     }
 

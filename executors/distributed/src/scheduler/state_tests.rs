@@ -2887,3 +2887,57 @@ mod props {
         }
     }
 }
+
+/// The census of `s`'s workers, in id order.
+fn census(s: &State) -> Vec<WorkerCensus> {
+    let mut workers = Vec::new();
+    s.census(&mut HashMap::new(), &mut workers);
+    workers.sort_by_key(|w| w.id);
+    workers
+}
+
+/// A worker is sent a window of tasks, more than it has threads: its
+/// `running` (the dashboard's "running") never counts more than one per
+/// thread, while `sent` counts them all; tasks sent early or seceded are
+/// not counted as running. Found by a user pass: a 4-thread worker showed
+/// 5 running.
+#[test]
+fn a_worker_runs_at_most_one_task_per_thread_however_many_it_was_sent() {
+    let mut s = State::new();
+    let mut out = Rec::default();
+    s.on_worker_registered(W0, "127.0.0.1:1000".into(), 4, &mut out);
+    s.on_worker_registered(W1, "127.0.0.1:1001".into(), 1, &mut out);
+    s.on_client_connected(C0, &mut out);
+    out.clear();
+    let graph: Vec<_> = (1..=200).map(|i| spec(i, &[])).collect();
+    s.on_update_graph(C0, graph, (1..=200).map(k).collect(), &mut out);
+    let sent = out.computes();
+    assert!(sent.len() > 5, "windows of 2 per thread: {sent:?}");
+    let workers = census(&s);
+    for w in &workers {
+        assert!(w.sent > u64::from(w.threads), "{w:?}: more queued there");
+        assert_eq!(w.running, u64::from(w.threads), "{w:?}");
+    }
+    // Short tasks: the windows grow, the counts hold.
+    let first = sent.iter().find(|(w, _)| *w == W1).unwrap().1[0];
+    finish(&mut s, &mut out, W1, first, 8);
+    let workers = census(&s);
+    assert!(workers[1].sent > 2, "{:?}", workers[1]);
+    assert_eq!(workers[1].running, 1, "{:?}", workers[1]);
+    assert_eq!(workers[0].running, 4, "{:?}", workers[0]);
+}
+
+/// Tasks sent early (S9) wait for their inputs and seceded ones for their
+/// nested work: neither runs on a thread.
+#[test]
+fn early_and_seceded_tasks_are_sent_but_not_running() {
+    let (mut s, mut out) = setup(1);
+    s.on_update_graph(C0, chain(3), vec![k(3)], &mut out);
+    assert_eq!(out.computes(), vec![(W0, k(1)), (W0, k(2)), (W0, k(3))]);
+    let w = &census(&s)[0];
+    assert_eq!((w.sent, w.running), (3, 1), "2 and 3 sent early: {w:?}");
+    s.on_task_seceded(W0, k(1), s.run_of(k(1)), &mut out);
+    let w = &census(&s)[0];
+    assert_eq!((w.sent, w.running), (3, 0), "1 seceded: {w:?}");
+    s.check_invariants();
+}

@@ -308,6 +308,7 @@ impl History {
                     name: shell.map_or_else(String::new, |s| s.name.clone()),
                     threads: w.threads,
                     running: w.running,
+                    sent: w.sent,
                     memory_bytes: shell.and_then(|s| s.memory_bytes),
                     data_bytes: w.data_bytes,
                     keys: w.keys,
