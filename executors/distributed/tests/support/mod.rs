@@ -19,7 +19,7 @@ use rask_executor::{
 };
 
 /// Every wait in these tests gives up after this long.
-pub const TIMEOUT: Duration = Duration::from_secs(30);
+pub const TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A user's number whose `Drop` panics (the `boom` op makes them): a
 /// worker must drop it quietly, wherever it lets it go. It encodes as its
