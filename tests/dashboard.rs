@@ -317,6 +317,31 @@ fn run_browser(chromium: &str, args: &[&str]) -> String {
     reader.join().unwrap()
 }
 
+/// `RASK_DASHBOARD` at a taken port: the error names the address, the
+/// setting and the OS's reason, and no worker starts.
+fn a_taken_dashboard_port_names_the_setting() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let at = taken.local_addr().unwrap();
+    std::env::set_var("RASK_DASHBOARD", at.to_string());
+    let started = Client::local(2);
+    std::env::set_var("RASK_DASHBOARD", "127.0.0.1:0");
+    let Err(err) = started else {
+        panic!("the dashboard's port is taken");
+    };
+    let text = err.to_string();
+    assert!(matches!(err, rask::Error::Dashboard { .. }), "{err:?}");
+    assert!(
+        text.starts_with(&format!(
+            "cannot serve the dashboard on {at} (set by RASK_DASHBOARD): "
+        )),
+        "{text}"
+    );
+    assert!(text.contains("in use"), "{text}");
+    assert!(text.ends_with("set RASK_DASHBOARD to a free port (`:0` picks one), or unset it"));
+    // The reason is in the message once, also printed as a chain.
+    assert_eq!(format!("{err:#}"), text);
+}
+
 /// `target/dashboard.png`, beside the build's output.
 fn screenshot_path() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
@@ -331,6 +356,10 @@ fn main() {
     // Every local cluster of this run serves a dashboard on a free port.
     std::env::set_var("RASK_DASHBOARD", "127.0.0.1:0");
     harness::run(&[
+        (
+            "a_taken_dashboard_port_names_the_setting",
+            a_taken_dashboard_port_names_the_setting,
+        ),
         ("json_api_tells_what_ran", json_api_tells_what_ran),
         (
             "the_page_shows_the_search_in_a_browser",

@@ -137,6 +137,18 @@ pub enum Error {
         /// What is wrong, naming the key and what it accepts.
         problem: String,
     },
+    /// The dashboard of a local cluster (`RASK_DASHBOARD`, or `dashboard`
+    /// in the config file) cannot listen on its address: the port is
+    /// taken, say. The reason is part of the message.
+    #[cfg(feature = "distributed")]
+    Dashboard {
+        /// The address asked for.
+        address: std::net::SocketAddr,
+        /// The setting that asked for it, e.g. `RASK_DASHBOARD`.
+        setting: &'static str,
+        /// Why it cannot listen there.
+        reason: std::io::Error,
+    },
     /// The chosen executor is not compiled into this build.
     Unavailable(&'static str),
     /// The distributed executor failed: a connection, the protocol, a worker.
@@ -239,6 +251,16 @@ impl fmt::Display for Error {
             Error::ConfigFile { path, problem } => {
                 write!(f, "config file {}: {problem}", path.display())?
             }
+            #[cfg(feature = "distributed")]
+            Error::Dashboard {
+                address,
+                setting,
+                reason,
+            } => write!(
+                f,
+                "cannot serve the dashboard on {address} (set by {setting}): {reason}; set \
+                 {setting} to a free port (`:0` picks one), or unset it"
+            )?,
             Error::Unavailable(name) => write!(
                 f,
                 "executor `{name}` is not compiled in; enable feature `{name}`"

@@ -104,10 +104,11 @@ impl Cluster {
         // Workers inherit this program's stdout and stderr: what tasks
         // print shows as if they ran here.
         let mut options = rask_distributed::scheduler::Options::default();
-        if let Some(at) = crate::run::config::dashboard()? {
+        let dashboard = crate::run::config::dashboard()?;
+        if let Some((at, _)) = dashboard {
             options = options.dashboard(at);
         }
-        let local = LocalCluster::start_with(workers, options, move || {
+        let started = LocalCluster::start_with(workers, options, move || {
             let mut command = Command::new(&exe);
             // Shown by `ps` as this program, not as `/proc/self/exe`.
             #[cfg(unix)]
@@ -121,7 +122,18 @@ impl Cluster {
                 .env(WORKER_THREADS_ENV, &threads)
                 .stdin(Stdio::null());
             command
-        })?;
+        });
+        let local = match (started, dashboard) {
+            // Named with the setting that asked for it: the user's to change.
+            (Err(rask_distributed::Error::Dashboard { addr, reason }), Some((_, setting))) => {
+                return Err(Error::Dashboard {
+                    address: addr,
+                    setting,
+                    reason,
+                })
+            }
+            (started, _) => started?,
+        };
         Ok(Cluster {
             client: local.client()?,
             local: Mutex::new(Some(local)),

@@ -1105,16 +1105,21 @@ fn parse_dashboard(text: &str) -> Option<Option<SocketAddr>> {
 }
 
 /// Where a local cluster started by this process serves its dashboard:
-/// `RASK_DASHBOARD` > the config file's `dashboard` > nowhere.
+/// `RASK_DASHBOARD` > the config file's `dashboard` > nowhere; with the
+/// setting it came from, for an error naming it.
 #[cfg(feature = "distributed")]
-pub(crate) fn dashboard() -> Result<Option<SocketAddr>> {
+pub(crate) fn dashboard() -> Result<Option<(SocketAddr, &'static str)>> {
     match env_text(DASHBOARD_ENV_VAR)? {
-        Some(text) => parse_dashboard(&text).ok_or_else(|| Error::Setting {
-            name: DASHBOARD_ENV_VAR,
-            value: text.trim().to_owned(),
-            expected: DASHBOARD_FORMS,
-        }),
-        None => Ok(file()?.and_then(|f| f.dashboard)),
+        Some(text) => parse_dashboard(&text)
+            .map(|at| at.map(|at| (at, DASHBOARD_ENV_VAR)))
+            .ok_or_else(|| Error::Setting {
+                name: DASHBOARD_ENV_VAR,
+                value: text.trim().to_owned(),
+                expected: DASHBOARD_FORMS,
+            }),
+        None => Ok(file()?
+            .and_then(|f| f.dashboard)
+            .map(|at| (at, "the config file's `dashboard`"))),
     }
 }
 

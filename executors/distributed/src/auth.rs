@@ -208,9 +208,9 @@ impl Token {
     /// # Ok::<(), rask_distributed::Error>(())
     /// ```
     pub fn load(path: &Path) -> Result<Token, Error> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::TokenFile {
+        let text = std::fs::read_to_string(path).map_err(|reason| Error::TokenFile {
             path: path.to_owned(),
-            source,
+            reason,
         })?;
         let token = parse_from(&text, &path.display().to_string())?;
         if let Some(mode) = readable_by_others(path) {
@@ -253,17 +253,17 @@ impl Token {
         match std::fs::metadata(path) {
             Ok(_) => return Token::load(path).map(|t| (t, false)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => {
+            Err(reason) => {
                 return Err(Error::TokenFile {
                     path: path.to_owned(),
-                    source,
+                    reason,
                 })
             }
         }
         let token = Token::generate()?;
-        let file_error = |source| Error::TokenFile {
+        let file_error = |reason| Error::TokenFile {
             path: path.to_owned(),
-            source,
+            reason,
         };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             create_private_dir(dir).map_err(file_error)?;

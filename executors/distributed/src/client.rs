@@ -924,7 +924,7 @@ impl Client {
                 ending.wait();
                 Err(Error::Connection {
                     addr: address.to_owned(),
-                    source: std::io::Error::other("the client thread ended"),
+                    reason: std::io::Error::other("the client thread ended"),
                 })
             }
         }
@@ -1073,7 +1073,7 @@ impl Client {
     fn no_answer(&self, why: &str) -> Error {
         Error::Connection {
             addr: self.inner.address.clone(),
-            source: std::io::Error::other(why.to_owned()),
+            reason: std::io::Error::other(why.to_owned()),
         }
     }
 }

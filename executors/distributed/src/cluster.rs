@@ -184,8 +184,8 @@ impl LocalCluster {
     ///
     /// # Errors
     ///
-    /// As [`LocalCluster::start`], and [`Error::Io`] when the dashboard's
-    /// address cannot be bound.
+    /// As [`LocalCluster::start`], and [`Error::Dashboard`] when the
+    /// dashboard's address cannot be bound.
     pub fn start_with(
         workers: usize,
         options: scheduler::Options,
@@ -499,7 +499,7 @@ pub fn in_process_client(scheduler: &SchedulerHandle) -> Result<Client, Error> {
         }
         None => Err(Error::Connection {
             addr: address,
-            source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+            reason: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
         }),
     }
 }

@@ -305,14 +305,25 @@ pub enum Error {
         /// The address as given.
         address: String,
     },
-    /// Connecting to a scheduler failed.
-    #[error("could not connect to {addr}")]
+    /// Connecting to a scheduler failed. The reason is part of the
+    /// message (it is not a [`source`](std::error::Error::source)): a
+    /// program printing `{e}` shows it.
+    #[error("could not connect to {addr}: {reason}")]
     Connection {
         /// The address.
         addr: String,
         /// Why.
-        #[source]
-        source: std::io::Error,
+        reason: std::io::Error,
+    },
+    /// The scheduler's dashboard cannot listen on its address
+    /// ([`scheduler::Options::dashboard`]): the port is taken, say. The
+    /// reason is part of the message.
+    #[error("cannot serve the dashboard on {addr}: {reason}")]
+    Dashboard {
+        /// The dashboard's address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        reason: std::io::Error,
     },
     /// The other side is not a rask process of this protocol version.
     #[error("handshake with {addr} failed")]
@@ -354,14 +365,14 @@ pub enum Error {
         /// Where the text came from: a variable's name or a file's path.
         from: String,
     },
-    /// A token file could not be read or created.
-    #[error("cannot use the token file {}", path.display())]
+    /// A token file could not be read or created. The reason is part of
+    /// the message.
+    #[error("cannot use the token file {}: {reason}", path.display())]
     TokenFile {
         /// The file.
         path: std::path::PathBuf,
         /// Why.
-        #[source]
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     /// [`INSECURE_ENV`] is `1` and a token is given too: one of them is a
     /// mistake.
@@ -370,16 +381,16 @@ pub enum Error {
          unset one of them"
     )]
     AuthConflict,
-    /// A TLS file (CA, certificate, key) cannot be read.
-    #[error("cannot read the TLS {what} file {}", path.display())]
+    /// A TLS file (CA, certificate, key) cannot be read. The reason is
+    /// part of the message.
+    #[error("cannot read the TLS {what} file {}: {reason}", path.display())]
     TlsFile {
         /// Which file: `CA`, `certificate` or `key`.
         what: &'static str,
         /// The file.
         path: std::path::PathBuf,
         /// Why.
-        #[source]
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     /// A TLS file holds nothing of what it should, in PEM form.
     #[error("{} holds no {what} in PEM form", path.display())]

@@ -1584,7 +1584,7 @@ impl ConnectError {
     pub(crate) fn into_error(self, addr: &str, peer: Role) -> crate::Error {
         let addr = addr.to_owned();
         match self {
-            ConnectError::Io(source) => crate::Error::Connection { addr, source },
+            ConnectError::Io(reason) => crate::Error::Connection { addr, reason },
             ConnectError::Timeout => crate::Error::Timeout {
                 what: "the scheduler to accept the connection",
                 after: CONNECT_TIMEOUT,

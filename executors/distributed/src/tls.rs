@@ -124,10 +124,10 @@ fn provider() -> Arc<CryptoProvider> {
 
 /// Reads the file at `path`, for an error naming it as a `what` file.
 fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, Error> {
-    std::fs::read(path).map_err(|source| Error::TlsFile {
+    std::fs::read(path).map_err(|reason| Error::TlsFile {
         what,
         path: path.to_owned(),
-        source,
+        reason,
     })
 }
 

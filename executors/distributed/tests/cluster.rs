@@ -1279,3 +1279,87 @@ fn a_worker_whose_spill_disk_is_full_keeps_its_values_in_memory() {
     drop(disk);
     std::fs::remove_dir_all(&parent).unwrap();
 }
+
+/// A port of this machine that is taken: by the listener returned.
+fn taken_port() -> (std::net::TcpListener, std::net::SocketAddr) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let at = listener.local_addr().unwrap();
+    (listener, at)
+}
+
+#[test]
+fn a_taken_dashboard_address_is_named_with_its_reason() {
+    let (_taken, at) = taken_port();
+    let options = scheduler::Options::default().dashboard(at);
+    let err = scheduler::serve_with("127.0.0.1:0".parse().unwrap(), options).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(err, Error::Dashboard { addr, .. } if addr == at),
+        "{err:?}"
+    );
+    assert!(
+        text.starts_with(&format!("cannot serve the dashboard on {at}: ")),
+        "{text}"
+    );
+    assert!(text.contains("in use"), "{text}");
+    // The reason is in the message, not a source a chain would print twice.
+    assert!(std::error::Error::source(&err).is_none());
+}
+
+#[test]
+fn rask_scheduler_binary_blames_a_taken_dashboard_not_its_port() {
+    let (_taken, at) = taken_port();
+    let out = Command::new(env!("CARGO_BIN_EXE_rask-scheduler"))
+        .args(["--port", "0", "--insecure", "--dashboard", &at.to_string()])
+        .env_remove(rask_distributed::TOKEN_ENV)
+        .env_remove(rask_distributed::TOKEN_FILE_ENV)
+        .env_remove(rask_distributed::INSECURE_ENV)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot serve the dashboard on {at}: ")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("in use") && stderr.contains("--dashboard"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("cannot listen on"), "{stderr}");
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn a_refused_connection_says_why() {
+    // A port nothing listens on: taken, then given back.
+    let at = taken_port().1;
+    let err = Client::connect_with(&format!("tcp://{at}"), Auth::Insecure).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, Error::Connection { .. }), "{err:?}");
+    assert!(
+        text.starts_with(&format!("could not connect to {at}: ")),
+        "{text}"
+    );
+    assert!(text.contains("refused"), "{text}");
+    assert!(std::error::Error::source(&err).is_none());
+}
+
+#[test]
+fn an_unreadable_token_or_tls_file_says_why() {
+    let missing = std::path::Path::new("/nonexistent/rask-token");
+    let err = Token::load(missing).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "cannot use the token file /nonexistent/rask-token: No such file or directory (os \
+         error 2)"
+    );
+    assert!(std::error::Error::source(&err).is_none());
+    let err = Tls::new().trust(missing).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "cannot read the TLS CA file /nonexistent/rask-token: No such file or directory (os \
+         error 2)"
+    );
+    assert!(std::error::Error::source(&err).is_none());
+}

@@ -194,12 +194,11 @@ fn main() -> ExitCode {
     options.dashboard = dashboard.unwrap_or(Some(DEFAULT_DASHBOARD.into()));
     let at = SocketAddr::new(host, port);
     let scheduler = match rask_distributed::scheduler::serve_with(at, options.clone()) {
-        Err(rask_distributed::Error::Io(e))
-            if default_dashboard && e.kind() == std::io::ErrorKind::AddrInUse =>
+        Err(rask_distributed::Error::Dashboard { reason, .. })
+            if default_dashboard && reason.kind() == std::io::ErrorKind::AddrInUse =>
         {
-            // The scheduler's own port or the dashboard's is taken: try
-            // the dashboard on a free port; the scheduler's own failure, if
-            // it was that one, is reported below.
+            // The default dashboard's port is taken: try the dashboard on
+            // a free port.
             let picked = options.dashboard(SocketAddr::from(([127, 0, 0, 1], 0)));
             let again = rask_distributed::scheduler::serve_with(at, picked);
             if again.is_ok() {
@@ -214,6 +213,14 @@ fn main() -> ExitCode {
     };
     let scheduler = match scheduler {
         Ok(s) => s,
+        // The dashboard's address, not the scheduler's: its own setting.
+        Err(e @ rask_distributed::Error::Dashboard { .. }) => {
+            eprintln!(
+                "rask-scheduler: {e} (--dashboard); give --dashboard a free HOST:PORT (:0 \
+                 picks one), or pass --no-dashboard"
+            );
+            return ExitCode::FAILURE;
+        }
         Err(e) => {
             eprintln!(
                 "rask-scheduler: cannot listen on {host}:{port}: {e}: {}",

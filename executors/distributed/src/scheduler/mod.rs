@@ -578,7 +578,8 @@ impl Options {
 /// # Errors
 ///
 /// [`Error::Io`] if the address cannot be bound, the runtime not built or
-/// the token not made; [`Error::TlsSettings`] for TLS settings without a
+/// the token not made; [`Error::Dashboard`] if the dashboard's address
+/// ([`Options::dashboard`]) cannot be bound; [`Error::TlsSettings`] for TLS settings without a
 /// certificate.
 ///
 /// # Examples
@@ -644,8 +645,11 @@ pub fn serve_with(addr: SocketAddr, options: Options) -> Result<SchedulerHandle,
     // the way out of an error below.
     let (board, dashboard_server, dashboard_address) = match options.dashboard {
         Some(at) => {
-            let listener = net::listen(at).map_err(Error::Io)?;
-            let at = listener.local_addr().map_err(Error::Io)?;
+            let listener =
+                net::listen(at).map_err(|reason| Error::Dashboard { addr: at, reason })?;
+            let at = listener
+                .local_addr()
+                .map_err(|reason| Error::Dashboard { addr: at, reason })?;
             let access = Access::for_address(at, auth.token());
             let board = Arc::new(Board::default());
             let server =

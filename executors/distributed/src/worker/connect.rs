@@ -155,7 +155,7 @@ pub(crate) fn retried(e: &Error) -> bool {
         )
     };
     match e {
-        Error::Connection { source, .. } => source.kind() != std::io::ErrorKind::InvalidInput,
+        Error::Connection { reason, .. } => reason.kind() != std::io::ErrorKind::InvalidInput,
         Error::Timeout { .. } => true,
         Error::Handshake { reason, .. } | Error::Protocol { reason } => transient(reason),
         _ => false,
@@ -368,7 +368,7 @@ mod tests {
         let io = |kind| std::io::Error::new(kind, "test");
         let connection = |kind| Error::Connection {
             addr: "127.0.0.1:1".into(),
-            source: io(kind),
+            reason: io(kind),
         };
         let handshake = |reason| Error::Handshake {
             addr: "127.0.0.1:1".into(),
