@@ -276,8 +276,10 @@ pub(crate) fn run_worker_if_asked() {
     {
         Ok(options) => options,
         Err(e) => {
+            // An exit status of its own: the cluster starting it then
+            // knows it started as a worker (no hint about `rask::init`).
             eprintln!("rask worker for {address}: {e}");
-            std::process::exit(2);
+            std::process::exit(rask_distributed::SETTINGS_EXIT_CODE);
         }
     };
     let Some(registry) = crate::build::registry::installed() else {

@@ -283,10 +283,28 @@ pub const SUPERVISED_ENV: &str = "RASK_WORKER_SUPERVISED";
 /// [`worker::parse_resources`]).
 pub const RESOURCES_ENV: &str = "RASK_WORKER_RESOURCES";
 
+/// The exit status of a worker process that refused a setting of its own
+/// before connecting: a variable such as [`MEMORY_LIMIT_ENV`] or an
+/// argument it cannot use, said on its stderr (2, a usage error, as
+/// command-line tools give). It started as a worker: a
+/// [`LocalCluster`] whose worker exits so does not ask whether the program
+/// sets worker mode up ([`Error::WorkerExited`]).
+pub const SETTINGS_EXIT_CODE: i32 = 2;
+
 /// The exit status of a supervised worker process that asks to be
 /// restarted because a thread is stuck in a task (75, `EX_TEMPFAIL` of
 /// `sysexits.h`: a temporary failure, try again).
 pub const RESTART_EXIT_CODE: i32 = 75;
+
+/// What the message of [`Error::WorkerExited`] adds to the exit `status`.
+fn worker_exit_hint(status: &ExitStatus) -> &'static str {
+    if status.code() == Some(SETTINGS_EXIT_CODE) {
+        "it refused a setting, named in its stderr printed above"
+    } else {
+        "its stderr is printed above; does the program call rask's worker-mode setup first \
+         thing in main?"
+    }
+}
 
 /// Everything that can go wrong in this crate.
 #[derive(Debug, thiserror::Error)]
@@ -448,10 +466,13 @@ pub enum Error {
     },
     /// A worker process exited before it registered with its scheduler.
     /// Workers write to this process's stderr, so what it wrote there is
-    /// printed above the error.
+    /// printed above the error. The message asks whether the program sets
+    /// worker mode up unless the worker exited with
+    /// [`SETTINGS_EXIT_CODE`]: then it started as a worker and refused a
+    /// setting.
     #[error(
-        "worker process {index} exited before registering ({status}); its stderr is printed \
-         above; does the program call rask's worker-mode setup first thing in main?"
+        "worker process {index} exited before registering ({status}); {}",
+        worker_exit_hint(status)
     )]
     WorkerExited {
         /// Which worker.

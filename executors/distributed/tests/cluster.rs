@@ -1331,6 +1331,27 @@ fn rask_scheduler_binary_blames_a_taken_dashboard_not_its_port() {
 }
 
 #[test]
+fn a_worker_that_refuses_a_setting_is_not_asked_about_worker_mode() {
+    let path = std::env::temp_dir().join(format!("rask-refused-{}", std::process::id()));
+    let file = std::fs::File::create(&path).unwrap();
+    let err = LocalCluster::start(1, move || {
+        let mut c = Command::new("sh");
+        c.args([
+            "-c",
+            "echo 'RASK_WORKER_MEMORY_LIMIT=\"lots\" is not valid' >&2; exit 2",
+        ]);
+        c.stderr(file.try_clone().unwrap());
+        c
+    })
+    .unwrap_err();
+    let _ = std::fs::remove_file(&path);
+    assert!(matches!(err, Error::WorkerExited { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains("refused a setting"), "{text}");
+    assert!(!text.contains("worker-mode setup"), "{text}");
+}
+
+#[test]
 fn a_refused_connection_says_why() {
     // A port nothing listens on: taken, then given back.
     let at = taken_port().1;
