@@ -10,7 +10,7 @@
 //! RASK_WORKER=tcp://127.0.0.1:PORT /tmp/old-build &     # a worker of the old build
 //! cargo build --example build_identity            # the new build
 //! RASK_SCHEDULER=tcp://127.0.0.1:PORT target/debug/examples/build_identity
-//! # error: task scale-… failed: no worker runs this program's build: client …, workers … (1)
+//! # error: task scale-… failed: no worker runs this program's build: client …, workers … (1); start workers of this build, …
 //! ```
 
 use std::process::ExitCode;

@@ -1737,6 +1737,12 @@ fn a_build_without_workers_gets_an_error_naming_the_builds() {
         for build in [OLD, NEW] {
             assert!(message.contains(&format!("{build} (1)")), "{message}");
         }
+        // And what to do about it.
+        assert!(
+            message.contains("start workers of this build, `RASK_WORKER=ADDRESS ./program`")
+                && message.contains("RASK_SCHEDULER=local:N"),
+            "{message}"
+        );
     }
     // Refused, not added: only the old build's kept task is remembered.
     assert_eq!(cluster.scheduler.tasks(), 1);

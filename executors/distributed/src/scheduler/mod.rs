@@ -128,7 +128,7 @@ use crate::protocol::{
     WireKey, WorkerId, MAX_HEARTBEAT, MIN_HEARTBEAT, NO_HOLDER,
 };
 use crate::tls::Acceptor;
-use crate::{Auth, BuildId, Error, Tls, Token};
+use crate::{Auth, BuildId, Error, Tls, Token, WORKER_ENV};
 use state::{ClientId, Outbox, Reporter, State};
 use watch::{History, WorkerShell};
 
@@ -1718,7 +1718,10 @@ impl Shell {
         others.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         let others: Vec<String> = others.iter().map(|(b, n)| format!("{b} ({n})")).collect();
         Some(format!(
-            "no worker runs this program's build: client {build}, workers {}",
+            "no worker runs this program's build: client {build}, workers {}; start workers \
+             of this build, `{WORKER_ENV}=ADDRESS ./program` with this scheduler's address on \
+             each worker machine (after a rebuild, restart the old ones), or run on a local \
+             cluster, RASK_SCHEDULER=local:N",
             others.join(", ")
         ))
     }
