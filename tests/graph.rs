@@ -492,6 +492,77 @@ fn environment_variable_picks_the_executor_and_rejects_junk() {
     std::env::remove_var("RASK_SCHEDULER");
 }
 
+/// The child of [`a_bad_setting_is_refused_whatever_else_is_set`]: computes
+/// and persists a graph with the environment it was given, printing what
+/// each gave. Idle unless `RASK_GRAPH_TEST_SETTINGS` is set.
+#[test]
+fn settings_child() {
+    if std::env::var_os("RASK_GRAPH_TEST_SETTINGS").is_none() {
+        return;
+    }
+    let show = |r: Result<i64, Error>| match r {
+        Ok(v) => format!("ok {v}"),
+        Err(e) => format!("error: {e}"),
+    };
+    println!("compute: {}", show(delayed!(inc(1)).compute()));
+    let persisted = rask::persist(&[delayed!(inc(2))]).map(|p| p[0].clone());
+    println!("persist: {}", show(persisted.and_then(|p| p.compute())));
+}
+
+/// A bad setting is refused by `compute` and `persist` on every executor,
+/// whether or not what it tunes is in use: `RASK_SPIN` without a client
+/// (it was read only when one was made), the cache's settings without
+/// `RASK_CACHE` (read only with it). A child process each, as the
+/// environment is the process's (found by a user pass).
+#[test]
+fn a_bad_setting_is_refused_whatever_else_is_set() {
+    let schedulers: &[&str] = if cfg!(feature = "distributed") {
+        &["sync", "threads", "local:1"]
+    } else {
+        &["sync", "threads"]
+    };
+    let bad = [
+        ("RASK_SPIN", "bogus", "expected `1`, `true`"),
+        ("RASK_CACHE_ALL", "bogus", "expected `1`, `true`"),
+        ("RASK_CACHE_STRICT", "maybe", "expected `1`, `true`"),
+        (
+            "RASK_CACHE_MAX_BYTES",
+            "10GB",
+            "expected a whole number of bytes",
+        ),
+    ];
+    for scheduler in schedulers {
+        for (name, value, expected) in bad {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "settings_child",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env("RASK_GRAPH_TEST_SETTINGS", "1")
+                .env("RASK_SCHEDULER", scheduler)
+                .env(name, value)
+                .env_remove("RASK_CACHE")
+                .env_remove("RASK_CONFIG")
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "{name}={value} on {scheduler}: {text}"
+            );
+            let message = format!("error: invalid value `{value}` for {name}: {expected}");
+            for call in ["compute", "persist"] {
+                assert!(
+                    text.contains(&format!("{call}: {message}")),
+                    "{name}={value} on {scheduler}, {call}: {text}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn public_types_are_send_and_sync() {
     fn check<T: Send + Sync>() {}

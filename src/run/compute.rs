@@ -303,8 +303,15 @@ pub(crate) fn run_on(roots: &[Arc<Node>], config: &Config, screen: &Screen) -> R
     let kind = config.resolve()?;
     let span = tracing::info_span!("compute", executor = %kind, tasks = tracing::field::Empty);
     let _entered = span.enter();
-    let backend = Backend::get(&kind)?;
+    // Every setting is read before an executor is started, so that a bad
+    // one is refused whatever the executor. Only a client's waits use the
+    // spin switch (`Client::with_config`), but it is read here too, so that
+    // a bad `RASK_SPIN` is not ignored unless a client is made.
     let mut options = options(config)?;
+    config.resolve_spin()?;
+    let cache_settings = config.resolve_cache()?;
+    let progress = config.resolve_progress()?;
+    let backend = Backend::get(&kind)?;
     if kind.plans_remotely() {
         crate::build::registry::check_sendable(roots)?;
         // Fused tasks travel as one wire task each (`plan::fuse`, "On a
@@ -313,9 +320,7 @@ pub(crate) fn run_on(roots: &[Arc<Node>], config: &Config, screen: &Screen) -> R
     }
     // Cached tasks: hits replace what they stand for, misses become extra
     // outputs, written as they arrive (`cache` rules 1, 2).
-    let lookup = config
-        .resolve_cache()?
-        .map(|settings| crate::run::cache::Lookup::new(roots, &settings));
+    let lookup = cache_settings.map(|settings| crate::run::cache::Lookup::new(roots, &settings));
     let all_roots: Vec<Arc<Node>>;
     // Output slot → the cached task written from it.
     let mut writes: HashMap<usize, usize> = HashMap::new();
@@ -347,7 +352,7 @@ pub(crate) fn run_on(roots: &[Arc<Node>], config: &Config, screen: &Screen) -> R
     );
     span.record("tasks", plan.len());
     // Finished, however the run ends, when it is dropped.
-    let mut bar = config.resolve_progress()?.then(|| {
+    let mut bar = progress.then(|| {
         let work = plan
             .tasks()
             .iter()

@@ -73,7 +73,10 @@
 //!    `set(Config::new().optimize(false))` keeps the executor of the layers
 //!    below.
 //! 3. A bad value is an error when it is consulted, never a silent
-//!    fallback to the next layer.
+//!    fallback to the next layer. `compute`, `persist` and a `Client`
+//!    consult every setting, on every executor, whether or not what it
+//!    tunes is in use (`RASK_SPIN` without a cluster, `RASK_CACHE_ALL`
+//!    without `RASK_CACHE`).
 //! 4. Inside a task running on a cluster worker, the executor is that
 //!    worker's cluster, below an argument and a scope and above every
 //!    other layer (a worker process inherits its program's environment,
@@ -551,21 +554,33 @@ impl Config {
     /// # Errors
     ///
     /// [`Error::Switch`] or [`Error::Setting`] when an environment variable
-    /// is consulted and holds a bad value; as [`Config::resolve`] for the
-    /// config file.
+    /// is consulted and holds a bad value, whether or not a cache is on;
+    /// as [`Config::resolve`] for the config file.
+    ///
+    /// ```
+    /// std::env::set_var("RASK_CACHE_ALL", "sometimes");
+    /// let err = rask::Config::new().resolve_cache().unwrap_err().to_string();
+    /// assert!(err.contains("RASK_CACHE_ALL") && err.contains("sometimes"), "{err}");
+    /// std::env::remove_var("RASK_CACHE_ALL");
+    /// ```
     pub fn resolve_cache(&self) -> Result<Option<CacheSettings>> {
+        // Every setting is read, a cache or not, so that a bad one is
+        // refused rather than ignored until a cache is turned on.
+        let all = self
+            .pick(|c| c.cache_all, || env_switch(CACHE_ALL_ENV_VAR))?
+            .unwrap_or(false);
+        let max_bytes = self.pick(|c| c.cache_max_bytes, env_max_bytes)?;
+        let strict = self
+            .pick(|c| c.cache_strict, || env_switch(CACHE_STRICT_ENV_VAR))?
+            .unwrap_or(false);
         let Some(dir) = self.pick(|c| c.cache.clone(), || Ok(env_path(CACHE_ENV_VAR)))? else {
             return Ok(None);
         };
         Ok(Some(CacheSettings {
             dir,
-            all: self
-                .pick(|c| c.cache_all, || env_switch(CACHE_ALL_ENV_VAR))?
-                .unwrap_or(false),
-            max_bytes: self.pick(|c| c.cache_max_bytes, env_max_bytes)?,
-            strict: self
-                .pick(|c| c.cache_strict, || env_switch(CACHE_STRICT_ENV_VAR))?
-                .unwrap_or(false),
+            all,
+            max_bytes,
+            strict,
         }))
     }
 
