@@ -8,7 +8,7 @@
 //! |---|---|
 //! | `/`, `/status` | the page ([`STATUS_PAGE`]) |
 //! | `/api/status` | the [`Snapshot`] now, JSON |
-//! | `/api/tasks?since=SEQ` | `{"next": SEQ, "tasks": [TaskRecord…]}`: the task runs numbered `SEQ` and up that are still kept |
+//! | `/api/tasks?since=SEQ` | `{"next": SEQ, "tasks": [TaskRecord…]}`: the task runs numbered `SEQ` and up that are still kept (no `since`: 0; one that is not a whole number from 0 up: `400 Bad Request`) |
 //! | `/api/events` | server-sent events: every 250 ms an `update` whose data is an [`Update`](rask_executor::diagnostics::Update): the snapshot and the task runs since the previous one |
 //!
 //! Rules:
@@ -433,14 +433,14 @@ async fn serve_one(
             let json = board.snapshot_json().unwrap_or_else(|| "null".into());
             response(200, "application/json", json.as_bytes())
         }
-        "/api/tasks" => {
-            let since = query_value(&request.query, "since")
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0);
-            let (tasks, next) = board.tasks_since(since, KEPT_TASKS);
-            let json = format!(r#"{{"next":{next},"tasks":{}}}"#, to_json(&tasks));
-            response(200, "application/json", json.as_bytes())
-        }
+        "/api/tasks" => match since(&request.query) {
+            Ok(since) => {
+                let (tasks, next) = board.tasks_since(since, KEPT_TASKS);
+                let json = format!(r#"{{"next":{next},"tasks":{}}}"#, to_json(&tasks));
+                response(200, "application/json", json.as_bytes())
+            }
+            Err(reason) => plain(400, &reason),
+        },
         "/api/events" if !request.head_only => {
             stream_updates(stream, board).await;
             return;
@@ -547,6 +547,22 @@ fn query_value(query: &str, name: &str) -> Option<String> {
         .filter_map(|pair| pair.split_once('='))
         .find(|(k, _)| *k == name)
         .map(|(_, v)| v.to_owned())
+}
+
+/// The `since` of `/api/tasks`: a task run's number, 0 when it is missing;
+/// anything else is refused with the one-line reason, never read as 0
+/// (which answered `since=abc` with every run kept).
+fn since(query: &str) -> Result<u64, String> {
+    let Some(text) = query_value(query, "since") else {
+        return Ok(0);
+    };
+    text.bytes()
+        .all(|b| b.is_ascii_digit())
+        .then(|| text.parse::<u64>().ok())
+        .flatten()
+        .ok_or_else(|| {
+            format!("invalid value `{text}` for since: expected a task run's number, 0 or more")
+        })
 }
 
 /// An [`Update`](rask_executor::diagnostics::Update) as JSON, its snapshot
@@ -757,6 +773,37 @@ mod tests {
             .find_map(|line| line.strip_prefix("data: ").map(str::to_owned))
             .unwrap();
         serde_json::from_str(&data).unwrap()
+    }
+
+    /// `/api/tasks` answers a `since` that is not a run's number with 400
+    /// and a one-line reason, where it answered it as `since=0` (found by a
+    /// user pass); a missing `since` is 0.
+    #[test]
+    fn a_since_that_is_not_a_number_is_a_bad_request() {
+        let board = Arc::new(Board::default());
+        board.record(record("inc"));
+        board.record(record("inc"));
+        let (_server, address) = server(&board);
+        let runs = |target: &str| {
+            let (status, body) = get(address, target).unwrap();
+            assert_eq!(status, "HTTP/1.1 200 OK", "{target}: {body}");
+            let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+            body["tasks"].as_array().unwrap().len()
+        };
+        assert_eq!(runs("/api/tasks"), 2);
+        assert_eq!(runs("/api/tasks?since=0"), 2);
+        assert_eq!(runs("/api/tasks?since=1"), 1);
+        for bad in ["abc", "-1", "+1", "", "1.5", "1%20", "18446744073709551616"] {
+            let target = format!("/api/tasks?since={bad}");
+            let (status, body) = get(address, &target).unwrap();
+            assert_eq!(status, "HTTP/1.1 400 Bad Request", "{target}: {body}");
+            assert_eq!(
+                body,
+                format!(
+                    "invalid value `{bad}` for since: expected a task run's number, 0 or more\n"
+                )
+            );
+        }
     }
 
     /// Rule 3: a snapshot is rendered once, by the first reader after its
