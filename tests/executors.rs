@@ -368,9 +368,6 @@ for_each_executor! {
     pub(crate) fn boom_and(b: Arc<Boom>, y: i64) -> i64 { b.0 + y }
     pub(crate) fn fails(x: i64) -> Result<i64, String> { Err(format!("{x} fails")) }
 
-    /// Set in the child process that runs [`drop_scenarios`].
-    const DROP_CHILD_ENV: &str = "RASK_TEST_DROP_CHILD";
-
     /// Booms dropped by the executor and by `compute`: the other result of
     /// a compute that fails, the input of a task skipped for a failed one
     /// (on a cluster, both released there too), a result (released by its
@@ -404,36 +401,9 @@ for_each_executor! {
     /// test rather than ending the run.
     #[test]
     fn values_whose_drop_panics_never_crash_the_executor() {
-        if std::env::var_os(DROP_CHILD_ENV).is_some() {
-            drop_scenarios();
-            return;
-        }
         let module = module_path!().split_once("::").map_or("", |(_, m)| m);
         let name = format!("{module}::values_whose_drop_panics_never_crash_the_executor");
-        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", &name, "--test-threads=1"])
-            .env(DROP_CHILD_ENV, "1")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-        while child.try_wait().unwrap().is_none() {
-            if std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        let output = child.wait_with_output().unwrap();
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        assert!(
-            output.status.success() && stdout.contains("1 passed"),
-            "the child ended with {}:\n{stdout}\n{}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
+        crate::support::in_child(&name, drop_scenarios);
     }
 
     #[test]

@@ -1640,44 +1640,6 @@ fn bomb_plus(b: Bomb, x: i64, y: i64) -> i64 {
     b.n + x + y
 }
 
-/// Set in the child process that runs a test's body ([`in_child`]).
-const CHILD_ENV: &str = "RASK_TEST_FUTURES_CHILD";
-
-/// Runs `body` in a child process, this test binary again running only
-/// the test `name` (which calls `in_child` again, there running `body`):
-/// an abort (a panic on a pool thread) then fails the test rather than
-/// ending the run. The child gets 120 s.
-fn in_child(name: &str, body: fn()) {
-    if std::env::var_os(CHILD_ENV).is_some() {
-        body();
-        return;
-    }
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", name, "--test-threads=1", "--nocapture"])
-        .env(CHILD_ENV, "1")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while child.try_wait().unwrap().is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let output = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success() && stdout.contains("1 passed"),
-        "the child ended with {}:\n{stdout}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
 /// Waits (bounded) until `n` armed bombs were dropped in all, on
 /// whichever thread drops them.
 fn bombs_dropped(n: usize) {
@@ -1758,7 +1720,7 @@ impl Wake for CountingWaker {
 ///    that future is done.
 #[test]
 fn values_and_wakers_that_panic_never_crash_a_client() {
-    in_child(
+    support::in_child(
         "values_and_wakers_that_panic_never_crash_a_client",
         values_and_wakers_that_panic,
     );
@@ -1848,7 +1810,7 @@ fn values_and_wakers_that_panic() {
 /// wait panicked). Dropped quietly, as the executors drop values.
 #[test]
 fn a_literal_argument_whose_drop_panics_never_crashes_the_executor() {
-    in_child(
+    support::in_child(
         "a_literal_argument_whose_drop_panics_never_crashes_the_executor",
         literal_arguments_that_panic,
     );

@@ -299,3 +299,42 @@ pub fn user_auth() -> rask_distributed::Auth {
         }
     }
 }
+
+/// Set in the child process that runs a test's body ([`in_child`]).
+const CHILD_ENV: &str = "RASK_TEST_CHILD";
+
+/// Runs `body` in a child process, this test binary again running only
+/// the test `name` (which calls `in_child` again, there running `body`):
+/// an abort (a panic on a pool thread, a panic in a destructor during
+/// unwinding) then fails the test rather than ending the run. The child
+/// gets 120 s.
+pub fn in_child(name: &str, body: impl FnOnce()) {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        body();
+        return;
+    }
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--test-threads=1", "--nocapture"])
+        .env(CHILD_ENV, "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("1 passed"),
+        "the child ended with {}:\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

@@ -2483,6 +2483,21 @@ mod tests {
         }
     }
 
+    /// A scheduler on 127.0.0.1 (plain TCP, its own token) and a worker of
+    /// it, which ends with it; the token, for a reader of its data port.
+    fn worker_of_a_scheduler() -> (crate::scheduler::SchedulerHandle, WorkerHandle, Auth) {
+        let scheduler =
+            crate::scheduler::serve_with("127.0.0.1:0".parse().unwrap(), Default::default())
+                .unwrap();
+        let auth = Auth::Token(scheduler.token().unwrap().clone());
+        let options = Options::default()
+            .auth(auth.clone())
+            .death_timeout(Duration::ZERO);
+        let address = format!("tcp://{}", scheduler.address());
+        let (worker, _) = started_worker(&address, options);
+        (scheduler, worker, auth)
+    }
+
     /// A worker of the scheduler at `address`, started with `options`
     /// (stopped when the handle drops, however the test ends), and the
     /// runtime its network thread drives.
@@ -2528,15 +2543,7 @@ mod tests {
     #[test]
     fn the_data_port_reads_requests_as_small_frames_holding_no_budget() {
         use crate::protocol::{FromPeer, ToPeer};
-        let scheduler =
-            crate::scheduler::serve_with("127.0.0.1:0".parse().unwrap(), Default::default())
-                .unwrap();
-        let auth = Auth::Token(scheduler.token().unwrap().clone());
-        let options = Options::default()
-            .auth(auth.clone())
-            .death_timeout(Duration::ZERO);
-        let address = format!("tcp://{}", scheduler.address());
-        let (worker, _) = started_worker(&address, options);
+        let (_scheduler, worker, auth) = worker_of_a_scheduler();
         let data_address = worker.data_address;
         let runtime = net::runtime().unwrap();
         let limits = net::Limits::standard();
@@ -2758,15 +2765,7 @@ mod tests {
         let (_, decoded) =
             crate::protocol::decode_sized::<ToPeer>(&flood[4..], usize::MAX).unwrap();
         assert!(flood.len() < net::SMALL_FRAME && decoded > 4 * net::SMALL_FRAME);
-        let scheduler =
-            crate::scheduler::serve_with("127.0.0.1:0".parse().unwrap(), Default::default())
-                .unwrap();
-        let auth = Auth::Token(scheduler.token().unwrap().clone());
-        let options = Options::default()
-            .auth(auth.clone())
-            .death_timeout(Duration::ZERO);
-        let address = format!("tcp://{}", scheduler.address());
-        let (worker, _) = started_worker(&address, options);
+        let (_scheduler, worker, auth) = worker_of_a_scheduler();
         let data_address = worker.data_address;
         let runtime = net::runtime().unwrap();
         let limits = net::Limits::standard();
