@@ -1884,3 +1884,24 @@ fn a_timeout_of_duration_max_is_no_deadline() {
     let err = client.wait_for_workers(2, max).unwrap_err();
     assert!(matches!(err, Error::Timeout { .. }), "{err}");
 }
+
+/// A graph let go whose nodes hold several literals whose `Drop` panics
+/// (each in a node of its own, below a root with none): each panic is
+/// caught and logged as the graph is freed, and none meets another
+/// unwinding, which aborted the process. In a child process.
+#[test]
+fn a_graph_let_go_with_literals_whose_drop_panics_never_aborts() {
+    support::in_child(
+        "a_graph_let_go_with_literals_whose_drop_panics_never_aborts",
+        || {
+            let before = BOMBS_DROPPED.load(Ordering::SeqCst);
+            let leaf = |n| delayed!(bomb_plus(Bomb::armed(n), 0, 0));
+            let graph = delayed!(add(
+                delayed!(add(leaf(1), leaf(2))),
+                delayed!(add(leaf(3), leaf(4)))
+            ));
+            drop(graph);
+            assert_eq!(BOMBS_DROPPED.load(Ordering::SeqCst), before + 4);
+        },
+    );
+}

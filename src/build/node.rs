@@ -235,6 +235,15 @@ impl From<Vec<Arc<Node>>> for Deps {
 /// reference goes away hands its inputs to a loop here instead of dropping
 /// them recursively, so a chain of millions of nodes drops on any stack.
 impl Drop for Node {
+    /// Frees the graph below this node without recursion (a chain of a
+    /// million nodes would overflow the stack), and quietly: a node's call
+    /// holds the user's literal arguments, whose `Drop` may panic. One
+    /// catch covers the whole walk while nothing panics; the node whose
+    /// drop panicked was moved out of the walk already, so unwinding drops
+    /// no other (a second panic would meet the first unwinding, and abort
+    /// the process), and the walk goes on under a new catch
+    /// (`rask_executor`'s dropping rule 3). This node's own call is
+    /// dropped by whoever drops it.
     fn drop(&mut self) {
         /// The inputs of `node` when this was its last reference (they are
         /// then the loop's to free), else nothing.
@@ -243,8 +252,8 @@ impl Drop for Node {
         }
         let mut stack: Vec<Arc<Node>> = Vec::new();
         let mut next = std::mem::take(&mut self.deps);
-        loop {
-            next = match next {
+        let mut walk = || loop {
+            next = match std::mem::take(&mut next) {
                 // The common case, a chain: no stack needed.
                 Deps::One(node) => release(node),
                 // A tree: the first input waits, the second goes on.
@@ -261,6 +270,16 @@ impl Drop for Node {
                     None => return,
                 },
             };
+        };
+        while let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(&mut walk)) {
+            let message = payload
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+                .unwrap_or("a panic");
+            tracing::warn!(
+                "dropping the arguments of a task no longer needed panicked: {message} (ignored)"
+            );
         }
     }
 }
