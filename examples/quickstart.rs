@@ -1,4 +1,6 @@
-//! The 30-second tour: build a small graph, compute it, look at its keys.
+//! The 30-second tour of README.md: build a small graph, compute it, look
+//! at its keys; operators, lazy comparisons, tuples split and lists
+//! indexed as tasks; persist.
 //!
 //! ```text
 //! cargo run --example quickstart
@@ -23,6 +25,16 @@ fn add(x: i64, y: i64) -> i64 {
 #[rask::task]
 fn sum(values: Vec<i64>) -> i64 {
     values.iter().sum()
+}
+
+#[rask::task]
+fn divmod(a: i64, b: i64) -> (i64, i64) {
+    (a / b, a % b)
+}
+
+#[rask::task]
+fn squares(n: i64) -> Vec<i64> {
+    (0..n).map(|i| i * i).collect()
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -50,6 +62,21 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         s.compute()?,
         scaled.compute()?
     );
+
+    // Lazy comparisons, one task per tuple element, a list's element.
+    let sum = &x + &y * 10;
+    let less = x.lt(&y);
+    let (q, r) = delayed!(divmod(17, 5)).split();
+    let third = delayed!(squares(5)).item(3);
+    let got = rask::compute((&sum, &less, &q, &r, &third))?;
+    println!(
+        "x + y * 10 = {}, x < y: {}, 17 divmod 5 = ({}, {}), 3² = {}",
+        got.0, got.1, got.2, got.3, got.4
+    );
+
+    // Computed once and kept: dependents start from the value.
+    let kept = total.persist()?;
+    println!("inc(persisted total) = {}", delayed!(inc(&kept)).compute()?);
 
     let dot = std::env::temp_dir().join("rask-quickstart.dot");
     std::fs::write(&dot, scaled.to_dot())?;
