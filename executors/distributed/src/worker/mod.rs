@@ -2483,6 +2483,26 @@ mod tests {
         }
     }
 
+    /// A reader's connection to the data port at `data_address`, proving
+    /// `auth`, within `limits`.
+    async fn data_connection(
+        data_address: std::net::SocketAddr,
+        auth: &Auth,
+        limits: &net::Limits,
+    ) -> net::Connected {
+        net::connect(
+            (Scheme::Tcp, &data_address.to_string(), None),
+            Role::Peer,
+            Role::DataServer,
+            BuildId::current(),
+            auth,
+            net::CONNECT_TIMEOUT,
+            limits,
+        )
+        .await
+        .unwrap()
+    }
+
     /// A scheduler on 127.0.0.1 (plain TCP, its own token) and a worker of
     /// it, which ends with it; the token, for a reader of its data port.
     fn worker_of_a_scheduler() -> (crate::scheduler::SchedulerHandle, WorkerHandle, Auth) {
@@ -2559,17 +2579,7 @@ mod tests {
         // read until `keys.len()` came, or the end of the connection.
         let ask = |mut batch: Batch| {
             runtime.block_on(async {
-                let connected = net::connect(
-                    (Scheme::Tcp, &data_address.to_string(), None),
-                    Role::Peer,
-                    Role::DataServer,
-                    BuildId::current(),
-                    &auth,
-                    net::CONNECT_TIMEOUT,
-                    &limits,
-                )
-                .await
-                .unwrap();
+                let connected = data_connection(data_address, &auth, &limits).await;
                 let writer = net::spawn_writer(connected.write, &limits, None);
                 net::send_batch(&writer, &mut batch).unwrap();
                 let mut read = connected.read;
@@ -2772,17 +2782,7 @@ mod tests {
         let wait = Duration::from_secs(30);
         let key = [7; 32];
         let answered = runtime.block_on(async {
-            let connected = net::connect(
-                (Scheme::Tcp, &data_address.to_string(), None),
-                Role::Peer,
-                Role::DataServer,
-                BuildId::current(),
-                &auth,
-                net::CONNECT_TIMEOUT,
-                &limits,
-            )
-            .await
-            .unwrap();
+            let connected = data_connection(data_address, &auth, &limits).await;
             let writer = net::spawn_writer(connected.write, &limits, None);
             writer.send(flood).unwrap();
             let mut ask = Batch::default();
