@@ -272,14 +272,11 @@ impl Drop for Node {
             };
         };
         while let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(&mut walk)) {
-            let message = payload
-                .downcast_ref::<&str>()
-                .copied()
-                .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
-                .unwrap_or("a panic");
             tracing::warn!(
-                "dropping the arguments of a task no longer needed panicked: {message} (ignored)"
+                "dropping the arguments of a task no longer needed panicked: {} (ignored)",
+                rask_executor::panic_message(&*payload)
             );
+            rask_executor::drop_quietly(payload, "a panic's payload");
         }
     }
 }
