@@ -13,7 +13,14 @@
 //!    the writer task, so Nagle's algorithm would only add latency. A Unix
 //!    socket ([`Scheme::Unix`]) carries the same frames and handshakes as
 //!    plain TCP, for peers on one machine: a message then costs no TCP/IP
-//!    processing on either side.
+//!    processing on either side. Once its handshakes are done, a Unix
+//!    socket is registered with the reactor **for reading only**
+//!    ([`quiet`]): a peer reading what this side sent wakes nothing here
+//!    (the kernel reports a Unix socket writable each time its peer reads,
+//!    and tokio's sockets, registered for writing too, wake their reactor
+//!    for it), and a write waits for room only when the socket is full.
+//!    A TCP socket reports itself writable only after it was full, so it
+//!    keeps tokio's registration.
 //! 2. A writer task owns the write half; senders hand it whole frames
 //!    through a [`Writer`] and never wait for the network.
 //! 3. A connection is closed by dropping its writer and its reader; every
@@ -158,6 +165,9 @@
 //!     between: what the peer sent meanwhile waits in the socket or,
 //!     decrypted already, in the TLS session.
 
+#[cfg(unix)]
+mod quiet;
+
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -170,9 +180,9 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-#[cfg(unix)]
-use tokio::net::{unix, UnixListener, UnixStream};
 use tokio::net::{TcpListener, TcpStream};
+#[cfg(unix)]
+use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, AcquireError, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tokio_rustls::TlsStream;
@@ -1056,16 +1066,18 @@ pub(crate) enum Stream {
 pub(crate) enum ReadHalf {
     Plain(OwnedReadHalf),
     Tls(tokio::io::ReadHalf<TlsStream<Tcp>>),
+    /// Registered for reading only (rule 1).
     #[cfg(unix)]
-    Unix(unix::OwnedReadHalf),
+    Unix(quiet::Quiet),
 }
 
 /// The writing half of a [`Stream`].
 pub(crate) enum WriteHalf {
     Plain(OwnedWriteHalf),
     Tls(tokio::io::WriteHalf<TlsStream<Tcp>>),
+    /// Registered for reading only (rule 1).
     #[cfg(unix)]
-    Unix(unix::OwnedWriteHalf),
+    Unix(quiet::Quiet),
 }
 
 /// The TCP socket under a TLS session. tokio's sockets belong to the
@@ -1294,9 +1306,15 @@ impl Stream {
     }
 
     /// Splits the stream into its read half, buffered ([`reader`]), and its
-    /// write half.
-    fn into_halves(self) -> (Reader, WriteHalf) {
-        match self {
+    /// write half; a Unix socket registered for reading only (rule 1,
+    /// [`quiet`]).
+    ///
+    /// # Errors
+    ///
+    /// If a Unix socket cannot be taken from the reactor, made
+    /// non-blocking, or registered again.
+    fn into_halves(self) -> std::io::Result<(Reader, WriteHalf)> {
+        Ok(match self {
             Stream::Plain(s) => {
                 let (read, write) = s.into_split();
                 (reader(ReadHalf::Plain(read)), WriteHalf::Plain(write))
@@ -1307,10 +1325,10 @@ impl Stream {
             }
             #[cfg(unix)]
             Stream::Unix(s) => {
-                let (read, write) = s.into_split();
+                let (read, write) = quiet::Quiet::split(s.into_std()?)?;
                 (reader(ReadHalf::Unix(read)), WriteHalf::Unix(write))
             }
-        }
+        })
     }
 }
 
@@ -1558,7 +1576,7 @@ async fn handshake_as(
             ProtocolError::Io(e) if tls::is_tls(&e) => ConnectError::Tls(e),
             e => ConnectError::Handshake(e),
         })?;
-    let (read, write) = stream.into_halves();
+    let (read, write) = stream.into_halves().map_err(ConnectError::Io)?;
     Ok(Connected {
         read: FrameReader::new(read, limits.clone()),
         write,
@@ -1688,19 +1706,24 @@ impl Detached {
     /// [`ProtocolError::Io`] if the socket cannot be registered.
     pub(crate) fn attach(self, limits: &Limits) -> Result<Accepted, ProtocolError> {
         let stream = self.stream.attach().map_err(ProtocolError::Io)?;
-        Ok(Accepted::new(self.hello, stream, self.slot, limits))
+        Accepted::new(self.hello, stream, self.slot, limits).map_err(ProtocolError::Io)
     }
 }
 
 impl Accepted {
-    fn new(hello: Handshake, stream: Stream, slot: Slot, limits: &Limits) -> Accepted {
-        let (read, write) = stream.into_halves();
-        Accepted {
+    fn new(
+        hello: Handshake,
+        stream: Stream,
+        slot: Slot,
+        limits: &Limits,
+    ) -> std::io::Result<Accepted> {
+        let (read, write) = stream.into_halves()?;
+        Ok(Accepted {
             hello,
             read: FrameReader::new(read, limits.clone()),
             write,
             slot,
-        }
+        })
     }
 }
 
