@@ -535,6 +535,64 @@ fn rask_scheduler_binary_serves_a_unix_socket_when_asked() {
     assert!(joined.contains(" INFO "), "{joined}");
 }
 
+/// SIGTERM and SIGINT stop `rask-scheduler` cleanly: status 0, its Unix
+/// socket's file removed, and a client connected to it told its
+/// connection ended (what it submits fails instead of waiting).
+#[test]
+fn rask_scheduler_binary_stops_on_sigterm_and_sigint_and_removes_its_socket_file() {
+    let dir = TempDir::new("scheduler-signals");
+    std::fs::create_dir_all(&dir.0).unwrap();
+    for signal in ["TERM", "INT"] {
+        let socket = dir.0.join(format!("{signal}.sock"));
+        let args = [
+            "--port",
+            "0",
+            "--insecure",
+            "--unix",
+            socket.to_str().unwrap(),
+        ];
+        let (mut child, _, _, stderr) = start_scheduler(&args, &[]);
+        line_with(&stderr, "may connect to unix:");
+        assert!(socket.exists(), "SIG{signal}: no socket file to begin with");
+        let address = format!("unix:{}", socket.display());
+        let client = Client::connect_with(&address, Auth::Insecure).unwrap();
+        let sent = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(child.0.id().to_string())
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -{signal}");
+        line_with(&stderr, &format!("SIG{signal}: stopping"));
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        let status = loop {
+            if let Some(status) = child.0.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "SIG{signal}: still running"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        assert!(status.success(), "SIG{signal}: {status}");
+        assert!(
+            !socket.exists(),
+            "SIG{signal}: the socket file was left behind"
+        );
+        // The client's connection ended with the scheduler: what it
+        // submits now fails, nothing waits for a scheduler gone.
+        let (shared, _) = Shared::new();
+        let mut g = Graph::salted(&shared, 7);
+        let v = g.value(1);
+        let b = g.op("inc", 0, &[v]);
+        g.output(b);
+        let got = Collect::new(1);
+        got.submit(&client, g.build());
+        let result = got.wait().pop().unwrap();
+        assert!(result.is_err(), "SIG{signal}: {result:?}");
+    }
+}
+
 #[test]
 fn rask_scheduler_binary_rejects_bad_arguments() {
     for args in [

@@ -1,7 +1,7 @@
 //! `rask-scheduler [--host 127.0.0.1] [--port 8786] [--worker-timeout 5]
 //! [--client-timeout 60] [--task-timeout SECONDS] [--token-file PATH | --insecure]
 //! [--tls-cert PEM --tls-key PEM [--tls-ca PEM]] [--unix PATH]`:
-//! runs a rask scheduler until killed. With `--port 0` the OS picks the
+//! runs a rask scheduler until stopped. With `--port 0` the OS picks the
 //! port; the first line on stdout is always the address clients and
 //! workers use, `tcp://HOST:PORT` (`tls://HOST:PORT` with TLS).
 //!
@@ -59,6 +59,13 @@
 //! asks for a key derived from the token (never the token itself, which
 //! its plain HTTP would show to whoever watches the network): a line on
 //! stderr gives the link to open once, `http://HOST:PORT/status?key=KEY`.
+//!
+//! **Stopping.** SIGTERM or SIGINT (Ctrl-C) stops the scheduler: every
+//! connection is closed (its clients' pending work fails; its workers try
+//! to reach it again for their death timeout, 60 s by default, then exit),
+//! the dashboard stops, the Unix socket's file is removed, and the process
+//! exits with status 0. A second signal while it stops exits at once, with
+//! status 1.
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
@@ -269,7 +276,60 @@ fn main() -> ExitCode {
             }
         );
     }
-    // Runs until killed: the scheduler lives on its own thread.
+    run_until_stopped(scheduler)
+}
+
+/// Waits for SIGTERM or SIGINT, then shuts `scheduler` down (the module's
+/// "Stopping"); the scheduler itself lives on its own thread.
+#[cfg(unix)]
+fn run_until_stopped(mut scheduler: rask_distributed::scheduler::SchedulerHandle) -> ExitCode {
+    use tokio::signal::unix::{signal, SignalKind};
+    let watched = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .and_then(|runtime| {
+            let _entered = runtime.enter();
+            let term = signal(SignalKind::terminate())?;
+            let int = signal(SignalKind::interrupt())?;
+            Ok((runtime, term, int))
+        });
+    let (runtime, mut term, mut int) = match watched {
+        Ok(watched) => watched,
+        Err(e) => {
+            eprintln!(
+                "rask-scheduler: warning: cannot watch for SIGTERM and SIGINT ({e}): it runs \
+                 until killed, and leaves its Unix socket's file behind"
+            );
+            loop {
+                std::thread::park();
+            }
+        }
+    };
+    runtime.block_on(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        eprintln!("rask-scheduler: {name}: stopping (a second signal stops at once)");
+        let (stopped, done) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            scheduler.shutdown();
+            let _ = stopped.send(());
+        });
+        tokio::select! {
+            _ = done => {
+                eprintln!("rask-scheduler: stopped");
+                ExitCode::SUCCESS
+            }
+            _ = term.recv() => ExitCode::FAILURE,
+            _ = int.recv() => ExitCode::FAILURE,
+        }
+    })
+}
+
+/// Runs until killed: the scheduler lives on its own thread.
+#[cfg(not(unix))]
+fn run_until_stopped(_scheduler: rask_distributed::scheduler::SchedulerHandle) -> ExitCode {
     loop {
         std::thread::park();
     }
