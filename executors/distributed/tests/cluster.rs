@@ -593,6 +593,39 @@ fn rask_scheduler_binary_stops_on_sigterm_and_sigint_and_removes_its_socket_file
     }
 }
 
+/// A worker the scheduler retired leaves with an `INFO` line saying so,
+/// not the warning of a worker lost.
+#[test]
+fn rask_scheduler_binary_logs_a_retired_worker_as_retired_not_gone() {
+    let (_child, address, _, stderr) = start_scheduler(&["--port", "0", "--insecure"], &[]);
+    let (shared, _) = Shared::new();
+    let registry = Arc::new(TestRegistry {
+        shared: shared.clone(),
+    });
+    let worker = |name: &str| {
+        let options = worker::Options::default()
+            .name(name)
+            .unwrap()
+            .death_timeout(std::time::Duration::ZERO)
+            .auth(Auth::Insecure);
+        worker::spawn_with(&address, registry.clone(), options).unwrap()
+    };
+    let (_leaves, _stays) = (worker("leaves"), worker("stays"));
+    let client = Client::connect_with(&address, Auth::Insecure).unwrap();
+    assert_eq!(compute_inc(&client, &shared, 1), 2);
+    client.retire_workers(&["leaves"]).unwrap();
+    let left = line_with(&stderr, "(leaves)");
+    let left = if left.contains("joined") {
+        line_with(&stderr, "(leaves)")
+    } else {
+        left
+    };
+    assert!(
+        left.contains(" INFO ") && left.contains("retired and left"),
+        "{left}"
+    );
+}
+
 #[test]
 fn rask_scheduler_binary_rejects_bad_arguments() {
     for args in [

@@ -1639,7 +1639,23 @@ impl Shell {
             Some(reason) => Chain(reason).to_string(),
             None => "its connection closed".to_owned(),
         };
+        // A worker retired (S16) left its scheduler's state before its
+        // connection ended.
+        let retired = match c.kind {
+            Kind::Worker(w) => self
+                .partitions
+                .get(&c.build)
+                .is_some_and(|p| !p.state.has_worker(w)),
+            _ => false,
+        };
         match (c.kind, reason.is_some()) {
+            // Asked to retire, it left when done: news, not a warning.
+            (Kind::Worker(w), false) if retired => info_limited!(
+                "scheduler: worker retired",
+                %w,
+                %peer,
+                "{w}{named} at {peer} retired and left"
+            ),
             (Kind::Worker(w), true) => log_limited!(
                 "scheduler: worker died",
                 %w,

@@ -602,6 +602,12 @@ impl State {
         self.workers.len()
     }
 
+    /// Whether `worker` is one of this state's workers: a worker whose
+    /// connection is open stops being one only when it retired (S16).
+    pub(crate) fn has_worker(&self, worker: WorkerId) -> bool {
+        self.workers.contains_key(&worker)
+    }
+
     /// Tasks moved to another worker once given up, so far (S15).
     pub(crate) fn moved(&self) -> u64 {
         self.moved
@@ -841,6 +847,7 @@ impl State {
         let Some(gone) = self.workers.remove(&worker) else {
             return;
         };
+        let retired = gone.retiring.is_some();
         // A retiring worker's load already left placement (S16).
         let threads = match (self.loads.remove(worker), gone.retiring) {
             (Some(load), _) => load.threads,
@@ -895,16 +902,20 @@ impl State {
             .collect();
         running.sort_unstable();
         running.truncate(threads as usize + 1);
-        tracing::info!(
-            %worker,
-            running = running.len(),
-            given = requeue.len(),
-            lost = lost.len(),
-            "{worker} is gone: {} of its tasks go elsewhere, {} values it alone held are lost \
-             (recomputed where still needed)",
-            requeue.len(),
-            lost.len()
-        );
+        // A retired worker's own line said it all: nothing goes elsewhere,
+        // nothing is lost.
+        if !retired {
+            tracing::info!(
+                %worker,
+                running = running.len(),
+                given = requeue.len(),
+                lost = lost.len(),
+                "{worker} is gone: {} of its tasks go elsewhere, {} values it alone held are \
+                 lost (recomputed where still needed)",
+                requeue.len(),
+                lost.len()
+            );
+        }
         for id in lost {
             tracing::debug!(%worker, task = %label(self.task(id)), "value lost with {worker}");
             self.event(id, WireEventKind::Lost { worker }, out);
