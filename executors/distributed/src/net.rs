@@ -1358,16 +1358,22 @@ enum Loose {
 }
 
 impl Loose {
-    /// Registers the stream with the reactor of the runtime this runs in.
-    fn attach(self) -> std::io::Result<Stream> {
+    /// Registers the stream with the reactor of the runtime this runs in,
+    /// split as [`Stream::into_halves`] splits it: a Unix socket is
+    /// registered once, for reading only (rule 1), not first as a tokio
+    /// socket.
+    fn into_halves(self) -> std::io::Result<(Reader, WriteHalf)> {
         match self {
-            Loose::Plain(s) => Ok(Stream::Plain(TcpStream::from_std(s)?)),
+            Loose::Plain(s) => Stream::Plain(TcpStream::from_std(s)?).into_halves(),
             Loose::Tls(mut s) => {
                 s.get_mut().0.attach()?;
-                Ok(Stream::Tls(s))
+                Stream::Tls(s).into_halves()
             }
             #[cfg(unix)]
-            Loose::Unix(s) => Ok(Stream::Unix(UnixStream::from_std(s)?)),
+            Loose::Unix(s) => {
+                let (read, write) = quiet::Quiet::split(s)?;
+                Ok((reader(ReadHalf::Unix(read)), WriteHalf::Unix(write)))
+            }
         }
     }
 }
@@ -1705,24 +1711,12 @@ impl Detached {
     ///
     /// [`ProtocolError::Io`] if the socket cannot be registered.
     pub(crate) fn attach(self, limits: &Limits) -> Result<Accepted, ProtocolError> {
-        let stream = self.stream.attach().map_err(ProtocolError::Io)?;
-        Accepted::new(self.hello, stream, self.slot, limits).map_err(ProtocolError::Io)
-    }
-}
-
-impl Accepted {
-    fn new(
-        hello: Handshake,
-        stream: Stream,
-        slot: Slot,
-        limits: &Limits,
-    ) -> std::io::Result<Accepted> {
-        let (read, write) = stream.into_halves()?;
+        let (read, write) = self.stream.into_halves().map_err(ProtocolError::Io)?;
         Ok(Accepted {
-            hello,
+            hello: self.hello,
             read: FrameReader::new(read, limits.clone()),
             write,
-            slot,
+            slot: self.slot,
         })
     }
 }
