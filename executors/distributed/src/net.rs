@@ -1068,7 +1068,7 @@ pub(crate) enum ReadHalf {
     Tls(tokio::io::ReadHalf<TlsStream<Tcp>>),
     /// Registered for reading only (rule 1).
     #[cfg(unix)]
-    Unix(quiet::Quiet),
+    Unix(quiet::Reading),
 }
 
 /// The writing half of a [`Stream`].
@@ -1077,7 +1077,7 @@ pub(crate) enum WriteHalf {
     Tls(tokio::io::WriteHalf<TlsStream<Tcp>>),
     /// Registered for reading only (rule 1).
     #[cfg(unix)]
-    Unix(quiet::Quiet),
+    Unix(quiet::Writing),
 }
 
 /// The TCP socket under a TLS session. tokio's sockets belong to the
@@ -1324,10 +1324,7 @@ impl Stream {
                 (reader(ReadHalf::Tls(read)), WriteHalf::Tls(write))
             }
             #[cfg(unix)]
-            Stream::Unix(s) => {
-                let (read, write) = quiet::Quiet::split(s.into_std()?)?;
-                (reader(ReadHalf::Unix(read)), WriteHalf::Unix(write))
-            }
+            Stream::Unix(s) => unix_halves(s.into_std()?)?,
         })
     }
 }
@@ -1370,12 +1367,17 @@ impl Loose {
                 Stream::Tls(s).into_halves()
             }
             #[cfg(unix)]
-            Loose::Unix(s) => {
-                let (read, write) = quiet::Quiet::split(s)?;
-                Ok((reader(ReadHalf::Unix(read)), WriteHalf::Unix(write)))
-            }
+            Loose::Unix(s) => unix_halves(s),
         }
     }
+}
+
+/// A Unix socket's halves, registered for reading only (rule 1,
+/// [`quiet`]).
+#[cfg(unix)]
+fn unix_halves(socket: std::os::unix::net::UnixStream) -> std::io::Result<(Reader, WriteHalf)> {
+    let (read, write) = quiet::split(socket)?;
+    Ok((reader(ReadHalf::Unix(read)), WriteHalf::Unix(write)))
 }
 
 /// How long a TCP connection may sit idle before the kernel probes the peer.

@@ -11,7 +11,7 @@
 //! reports itself writable only after it was full: it keeps tokio's
 //! registration.)
 //!
-//! A [`Quiet`] socket is registered for reading only. A write goes
+//! A socket [`split`] here is registered for reading only. A write goes
 //! straight to the socket; only when the socket's buffer is full does the
 //! writer register a second descriptor of the same socket for writing
 //! ([`Wait::Room`]), wait on it, and keep it until a write goes through
@@ -43,21 +43,25 @@ use tokio::time::Sleep;
 /// How often a writer with no descriptor to wait on tries again.
 const RETRY: Duration = Duration::from_millis(1);
 
-/// One half of a Unix socket registered with the reactor for reading only
-/// (the module's documentation). Both halves share the registration; the
-/// writing half shuts the socket's sending side when it is dropped, as a
-/// tokio write half does, so the peer reads the end of the stream even
-/// while this side still reads.
+/// The reading half of a Unix socket registered with the reactor for
+/// reading only (the module's documentation); it shares the registration
+/// with its [`Writing`] half.
 #[derive(Debug)]
-pub(crate) struct Quiet {
+pub(crate) struct Reading {
     socket: Arc<AsyncFd<UnixStream>>,
-    /// The runtime the socket is registered with: the writing half
-    /// registers its second descriptor there too, whoever polls it.
+}
+
+/// The writing half of a socket [`split`] here. It shuts the socket's
+/// sending side when it is dropped, as a tokio write half does, so the
+/// peer reads the end of the stream even while this side still reads.
+#[derive(Debug)]
+pub(crate) struct Writing {
+    socket: Arc<AsyncFd<UnixStream>>,
+    /// The runtime the socket is registered with: the second descriptor
+    /// is registered there too, whoever polls this half.
     runtime: Handle,
-    /// What the writing half waits on while its socket is full.
+    /// What it waits on while its socket is full.
     wait: Wait,
-    /// This is the writing half.
-    writes: bool,
 }
 
 /// What a writing half waits on.
@@ -72,35 +76,35 @@ enum Wait {
     Retry(Pin<Box<Sleep>>),
 }
 
-impl Quiet {
-    /// Splits a connected socket into its reading and writing halves,
-    /// registered with the reactor of the runtime this runs in.
-    ///
-    /// # Errors
-    ///
-    /// If the socket cannot be made non-blocking or registered.
-    ///
-    /// # Panics
-    ///
-    /// Outside a tokio runtime.
-    pub(crate) fn split(socket: UnixStream) -> std::io::Result<(Quiet, Quiet)> {
-        socket.set_nonblocking(true)?;
-        // SAFETY: `socket` owns its descriptor, open until it is dropped,
-        // and the `AsyncFd` owns `socket` from here on: the descriptor stays
-        // open and the same for the whole registration, which ends when the
-        // `AsyncFd` drops (before `socket` does).
-        let socket = unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) }
-            .map_err(|e| e.into_parts().1)?;
-        let socket = Arc::new(socket);
-        let half = |writes| Quiet {
-            socket: Arc::clone(&socket),
-            runtime: Handle::current(),
-            wait: Wait::Idle,
-            writes,
-        };
-        Ok((half(false), half(true)))
-    }
+/// Splits a connected socket into its reading and writing halves,
+/// registered with the reactor of the runtime this runs in for reading
+/// only.
+///
+/// # Errors
+///
+/// If the socket cannot be made non-blocking or registered.
+///
+/// # Panics
+///
+/// Outside a tokio runtime.
+pub(crate) fn split(socket: UnixStream) -> std::io::Result<(Reading, Writing)> {
+    socket.set_nonblocking(true)?;
+    // SAFETY: `socket` owns its descriptor, open until it is dropped, and
+    // the `AsyncFd` owns `socket` from here on: the descriptor stays open
+    // and the same for the whole registration, which ends when the
+    // `AsyncFd` drops (before `socket` does).
+    let socket = unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)?;
+    let socket = Arc::new(socket);
+    let writing = Writing {
+        socket: Arc::clone(&socket),
+        runtime: Handle::current(),
+        wait: Wait::Idle,
+    };
+    Ok((Reading { socket }, writing))
+}
 
+impl Writing {
     /// Starts waiting for room: a second descriptor of the socket,
     /// registered for writing (it reports the socket's state at once, so
     /// room that came since the failed write is not missed), or, with no
@@ -141,16 +145,14 @@ fn out_of_descriptors(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(code) if code == 24 || code == 23) // EMFILE, ENFILE
 }
 
-impl Drop for Quiet {
+impl Drop for Writing {
     fn drop(&mut self) {
-        if self.writes {
-            // The peer may have gone already: nothing to tell it then.
-            let _ = self.socket.get_ref().shutdown(Shutdown::Write);
-        }
+        // The peer may have gone already: nothing to tell it then.
+        let _ = self.socket.get_ref().shutdown(Shutdown::Write);
     }
 }
 
-impl AsyncRead for Quiet {
+impl AsyncRead for Reading {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -185,7 +187,7 @@ impl AsyncRead for Quiet {
     }
 }
 
-impl AsyncWrite for Quiet {
+impl AsyncWrite for Writing {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -214,20 +216,14 @@ impl AsyncWrite for Quiet {
                 }
                 Wait::Retry(sleep) => {
                     ready!(sleep.as_mut().poll(cx));
-                    match this.try_write(buf) {
-                        Some(written) => written,
-                        None => {
-                            this.start_waiting()?;
-                            continue;
-                        }
-                    }
+                    // Tried again as though nothing was waited for.
+                    this.wait = Wait::Idle;
+                    continue;
                 }
             };
-            if let Ok(n) = written {
-                if n == buf.len() {
-                    // Room again: stop listening for it.
-                    this.wait = Wait::Idle;
-                }
+            if matches!(written, Ok(n) if n == buf.len()) {
+                // Room again: stop listening for it.
+                this.wait = Wait::Idle;
             }
             return Poll::Ready(written);
         }
@@ -274,8 +270,8 @@ mod tests {
     fn a_full_socket_waits_for_room_and_every_byte_arrives_in_order() {
         let (ours, theirs) = UnixStream::pair().unwrap();
         run(async move {
-            let (_read, mut write) = Quiet::split(ours).unwrap();
-            let (mut peer, _peer_write) = Quiet::split(theirs).unwrap();
+            let (_read, mut write) = split(ours).unwrap();
+            let (mut peer, _peer_write) = split(theirs).unwrap();
             let bytes = pattern(16 << 20);
             // Write until the socket is full: a write returns Pending.
             let mut sent = 0;
@@ -316,8 +312,8 @@ mod tests {
     fn bytes_that_arrive_after_the_socket_was_drained_are_read() {
         let (ours, theirs) = UnixStream::pair().unwrap();
         run(async move {
-            let (mut read, _write) = Quiet::split(ours).unwrap();
-            let (_peer_read, mut peer) = Quiet::split(theirs).unwrap();
+            let (mut read, _write) = split(ours).unwrap();
+            let (_peer_read, mut peer) = split(theirs).unwrap();
             let mut buf = [0u8; 64];
             for round in 0..20u8 {
                 peer.write_all(&[round, round]).await.unwrap();
@@ -341,8 +337,8 @@ mod tests {
     fn dropping_the_writing_half_ends_the_peers_stream_while_this_side_reads_on() {
         let (ours, theirs) = UnixStream::pair().unwrap();
         run(async move {
-            let (mut read, write) = Quiet::split(ours).unwrap();
-            let (mut peer_read, mut peer_write) = Quiet::split(theirs).unwrap();
+            let (mut read, write) = split(ours).unwrap();
+            let (mut peer_read, mut peer_write) = split(theirs).unwrap();
             drop(write);
             let mut buf = [0u8; 8];
             assert_eq!(peer_read.read(&mut buf).await.unwrap(), 0, "no end");
@@ -373,8 +369,8 @@ mod tests {
         }
         run(async {
             let (ours, theirs) = UnixStream::pair().unwrap();
-            let (_read, mut write) = Quiet::split(ours).unwrap();
-            let (mut peer, _peer_write) = Quiet::split(theirs).unwrap();
+            let (_read, mut write) = split(ours).unwrap();
+            let (mut peer, _peer_write) = split(theirs).unwrap();
             // Every descriptor left, taken.
             let mut held = Vec::new();
             loop {
