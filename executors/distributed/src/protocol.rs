@@ -580,8 +580,10 @@ pub struct TaskSpec {
     #[serde(with = "wire_key")]
     pub key: WireKey,
     /// The task's name (its op's name), for failures.
+    #[serde(with = "name")]
     pub name: Arc<str>,
     /// The registered function that runs it.
+    #[serde(with = "name")]
     pub function: Arc<str>,
     /// The function's arguments, opaque to everyone but the function.
     #[serde(with = "bytes")]
@@ -1013,8 +1015,10 @@ pub enum ToWorker {
         /// the scheduler takes only those of the run it asked for.
         run: u64,
         /// Its name, for failures.
+        #[serde(with = "name")]
         name: Arc<str>,
         /// Its registered function.
+        #[serde(with = "name")]
         function: Arc<str>,
         /// The function's arguments.
         #[serde(with = "bytes")]
@@ -1161,6 +1165,7 @@ pub struct WireEvent {
     #[serde(with = "wire_key")]
     pub key: WireKey,
     /// Its name, e.g. `inc`: at most [`MAX_NAME`] bytes.
+    #[serde(with = "name")]
     pub name: Arc<str>,
     /// What happened.
     pub kind: WireEventKind,
@@ -1988,6 +1993,70 @@ mod who_has {
     }
 }
 
+/// `serde(with)` for a task's name or function, `Arc<str>`, written as a
+/// string. Read as bytes (postcard writes a string as its bytes), and
+/// taken from the last few this thread read when it is one of them: the
+/// tasks of a graph or a `map` share a handful of names, so most are then
+/// neither checked as UTF-8 again nor allocated. Any other string is
+/// checked and allocated as before.
+mod name {
+    use std::cell::RefCell;
+    use std::fmt;
+    use std::sync::Arc;
+
+    use serde::de::Visitor;
+    use serde::{Deserializer, Serializer};
+
+    /// How many names a thread keeps.
+    const KEPT: usize = 8;
+
+    thread_local! {
+        /// The names this thread read last, and where the next one goes.
+        static LAST: RefCell<([Option<Arc<str>>; KEPT], usize)> =
+            const { RefCell::new(([const { None }; KEPT], 0)) };
+    }
+
+    pub(super) fn serialize<S: Serializer>(name: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(name)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<str>, D::Error> {
+        d.deserialize_bytes(NameVisitor)
+    }
+
+    /// `bytes` as a name: one this thread read lately, or a new one.
+    fn name(bytes: &[u8]) -> Result<Arc<str>, std::str::Utf8Error> {
+        LAST.with(|last| {
+            let (kept, next) = &mut *last.borrow_mut();
+            if let Some(known) = kept.iter().flatten().find(|k| k.as_bytes() == bytes) {
+                return Ok(known.clone());
+            }
+            let new: Arc<str> = Arc::from(std::str::from_utf8(bytes)?);
+            kept[*next] = Some(new.clone());
+            *next = (*next + 1) % KEPT;
+            Ok(new)
+        })
+    }
+
+    struct NameVisitor;
+
+    impl Visitor<'_> for NameVisitor {
+        type Value = Arc<str>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a string")
+        }
+
+        fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Arc<str>, E> {
+            name(v).map_err(|_| E::invalid_value(serde::de::Unexpected::Bytes(v), &self))
+        }
+
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Arc<str>, E> {
+            self.visit_bytes(v.as_bytes())
+        }
+    }
+}
+
 /// `serde(with)` for `Option<Arc<[u8]>>`: postcard's option tag, then the
 /// bytes as [`bytes`] writes them.
 mod opt_bytes {
@@ -2359,6 +2428,59 @@ mod tests {
                 "a key of {len} bytes was taken"
             );
         }
+    }
+
+    #[test]
+    fn names_read_lately_are_shared_and_every_name_reads_back_as_written() {
+        let spec = |key: u8, name: &str| TaskSpec {
+            key: [key; 32],
+            name: name.into(),
+            function: "f".into(),
+            payload: Arc::from(&[][..]),
+            deps: Vec::new(),
+            timeout_ms: None,
+            retries: 0,
+            annotations: rask_executor::Annotations::default(),
+        };
+        // More names than a thread keeps, each twice, so some are
+        // forgotten and read again.
+        let names: Vec<String> = (0..20).map(|i| format!("task-{i}-é")).collect();
+        let tasks: Vec<TaskSpec> = names
+            .iter()
+            .chain(&names)
+            .enumerate()
+            .map(|(i, n)| spec(i as u8, n))
+            .collect();
+        let sent = ToScheduler::UpdateGraph {
+            tasks,
+            wanted: Vec::new(),
+        };
+        let back = decode_checked::<ToScheduler>(&frame(&sent)[4..]).unwrap();
+        assert_eq!(back, vec![sent.clone()]);
+        let ToScheduler::UpdateGraph { tasks, .. } = &back[0] else {
+            unreachable!()
+        };
+        // The same name in a row is one allocation.
+        let pair = ToScheduler::UpdateGraph {
+            tasks: vec![spec(1, "inc"), spec(2, "inc")],
+            wanted: Vec::new(),
+        };
+        let back = decode_checked::<ToScheduler>(&frame(&pair)[4..]).unwrap();
+        let ToScheduler::UpdateGraph { tasks: two, .. } = &back[0] else {
+            unreachable!()
+        };
+        assert!(Arc::ptr_eq(&two[0].name, &two[1].name));
+        assert!(Arc::ptr_eq(&two[0].function, &two[1].function));
+        assert_eq!(tasks.len(), 40);
+        // Bytes that are not UTF-8 are no name, known ones or not.
+        let body = frame(&pair);
+        let at = body
+            .windows(4)
+            .position(|w| w == b"\x03inc")
+            .expect("the name's bytes");
+        let mut bad = body[4..].to_vec();
+        bad[at - 4 + 1] = 0xff;
+        assert!(decode_checked::<ToScheduler>(&bad).is_err());
     }
 
     #[test]
