@@ -183,8 +183,6 @@ struct Entry {
     state: State,
     /// Live future handles (rule 1).
     refs: usize,
-    /// Wakers of `.await`s and `as_completed` queues to notify once done.
-    listeners: Vec<Listener>,
     /// Threads that went to sleep on `changed` waiting for this entry,
     /// counted under the table lock, reset when it stops being pending. A
     /// notification costs a syscall and wakes every sleeper, so only an
@@ -198,13 +196,24 @@ struct Entry {
     /// fails or is cancelled, [`Shared::failures`] counts it and the
     /// sleepers are woken. Never unset: a needless wake-up at most.
     watched: bool,
-    /// Submissions waiting for this entry (rule 3).
-    deferred: Vec<Arc<Deferred>>,
     /// The run computing this entry and the entry's output index in it, to
     /// stop it when nobody wants it (rule 4).
     run: Option<(Arc<Run>, usize)>,
     /// The work, until it finished: what `Client::retry` runs again.
     node: Option<Arc<Node>>,
+    /// What few entries have, boxed so that the table's entries are small
+    /// (a `map` of 100 000 futures looks each up a few times, in no order:
+    /// most lookups miss the caches, and smaller entries miss less).
+    rare: Option<Box<Rare>>,
+}
+
+/// The lists of an [`Entry`] that most entries never use.
+#[derive(Default)]
+struct Rare {
+    /// Wakers of `.await`s and `as_completed` queues to notify once done.
+    listeners: Vec<Listener>,
+    /// Submissions waiting for this entry (rule 3).
+    deferred: Vec<Arc<Deferred>>,
     /// Progress displays that counted this entry's tasks by the nodes of
     /// its graph, before a run planned it ([`Shared::pending_tasks`]): that
     /// run folds nothing, so every node counted reports its own outcome,
@@ -1144,14 +1153,34 @@ impl Entry {
         Entry {
             state: State::Pending,
             refs: 0,
-            listeners: Vec::new(),
             waiters: 0,
             watched: false,
-            deferred: Vec::new(),
             run: None,
             node: None,
-            counted: Vec::new(),
+            rare: None,
         }
+    }
+
+    /// Its rare lists, made when first asked for.
+    fn rare(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(Box::default)
+    }
+
+    /// Its listeners and the submissions waiting for it, taken: whom to
+    /// wake once it stopped being pending.
+    fn take_waiting(&mut self) -> (Vec<Listener>, Vec<Arc<Deferred>>) {
+        match self.rare.as_deref_mut() {
+            Some(rare) => (
+                std::mem::take(&mut rare.listeners),
+                std::mem::take(&mut rare.deferred),
+            ),
+            None => (Vec::new(), Vec::new()),
+        }
+    }
+
+    /// Whether a progress display counted its tasks node by node.
+    fn is_counted(&self) -> bool {
+        self.rare.as_ref().is_some_and(|r| !r.counted.is_empty())
     }
 }
 
@@ -1498,7 +1527,7 @@ impl Shared {
             .into_iter()
             .filter_map(|r| match table.get(&r.key) {
                 Some(e) if e.state.is_pending() && e.run.is_none() => {
-                    counted |= !e.counted.is_empty();
+                    counted |= e.is_counted();
                     Some(r)
                 }
                 _ => {
@@ -1620,7 +1649,7 @@ impl Shared {
             });
             for key in waits {
                 if let Some(entry) = table.get_mut(&key) {
-                    entry.deferred.push(deferred.clone());
+                    entry.rare().deferred.push(deferred.clone());
                 }
             }
             return;
@@ -1640,7 +1669,8 @@ impl Shared {
             if let Some(entry) = table.get_mut(&root.key) {
                 entry.run = Some((run.clone(), slot));
                 // Before the plan is submitted: no event of it is missed.
-                for plans in entry.counted.drain(..) {
+                let counted = entry.rare.as_mut().map(|r| std::mem::take(&mut r.counted));
+                for plans in counted.into_iter().flatten() {
                     if let Some(plans) = plans.upgrade() {
                         plans.add(plan.id());
                     }
@@ -1720,9 +1750,10 @@ impl Shared {
             entry.run = None;
             run.output_done();
             let watched_failure = self.watched_failure(entry);
+            let (listeners, deferred) = entry.take_waiting();
             Some((
-                std::mem::take(&mut entry.listeners),
-                std::mem::take(&mut entry.deferred),
+                listeners,
+                deferred,
                 std::mem::take(&mut entry.waiters) > 0 || watched_failure,
             ))
         };
@@ -1815,13 +1846,14 @@ impl Shared {
         if let Some(entry) = removed {
             let Entry {
                 state,
-                listeners,
                 waiters,
-                deferred,
                 run,
                 node,
+                rare,
                 ..
             } = entry;
+            let (listeners, deferred) =
+                rare.map_or_else(Default::default, |r| (r.listeners, r.deferred));
             if let Some((run, slot)) = &run {
                 run.drop_output(*slot);
             }
@@ -1845,9 +1877,10 @@ impl Shared {
             entry.state = State::Cancelled;
             let run = entry.run.take();
             let watched_failure = self.watched_failure(entry);
+            let (listeners, deferred) = entry.take_waiting();
             (
-                std::mem::take(&mut entry.listeners),
-                std::mem::take(&mut entry.deferred),
+                listeners,
+                deferred,
                 std::mem::take(&mut entry.waiters) > 0 || watched_failure,
                 run,
             )
@@ -2167,7 +2200,7 @@ impl Shared {
                             run.plan.upgrade().map(|plan| Work::Planned(plan, *slot))
                         }
                         None => {
-                            entry.counted.push(Arc::downgrade(plans));
+                            entry.rare().counted.push(Arc::downgrade(plans));
                             entry.node.clone().map(Work::Graph)
                         }
                     },
@@ -2221,7 +2254,7 @@ impl Shared {
             let mut table = self.lock();
             if let Some(entry) = table.get_mut(&key) {
                 if entry.state.is_pending() {
-                    entry.listeners.push(listener);
+                    entry.rare().listeners.push(listener);
                     return;
                 }
             }
@@ -2242,12 +2275,12 @@ impl Shared {
                 // Polled again by the same task (a `select!` in a loop):
                 // one waker is enough, and the list must not grow with
                 // every poll.
-                let known = entry
-                    .listeners
+                let listeners = &mut entry.rare().listeners;
+                let known = listeners
                     .iter()
                     .any(|l| matches!(l, Listener::Waker(w) if w.will_wake(waker)));
                 if !known {
-                    entry.listeners.push(Listener::Waker(waker.clone()));
+                    listeners.push(Listener::Waker(waker.clone()));
                 }
                 State::Pending
             }
@@ -2462,7 +2495,13 @@ mod tests {
         );
         let mut f = client.submit(delayed!(inc(1))).unwrap();
         let key = f.key().key();
-        let listeners = || client.inner.lock().get(&key).map(|e| e.listeners.len());
+        let listeners = || {
+            client
+                .inner
+                .lock()
+                .get(&key)
+                .map(|e| e.rare.as_ref().map_or(0, |r| r.listeners.len()))
+        };
         let one = Waker::from(Arc::new(Task));
         for _ in 0..100 {
             let poll = std::pin::Pin::new(&mut f).poll(&mut Context::from_waker(&one));
