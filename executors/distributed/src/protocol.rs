@@ -94,7 +94,8 @@ pub const MAGIC: [u8; 4] = *b"RASK";
 /// report only for the run it last asked of that worker, never one of a
 /// run it released meanwhile. Version 9: keys travel as postcard bytes,
 /// a length byte (32) before their 32 bytes, instead of serde's form of an
-/// array (rule 4).
+/// array (rule 4); a worker asked to stop asks to be retired
+/// (`ToScheduler::Leaving`).
 pub const VERSION: u16 = 9;
 
 /// Values whose encoding is at most this many bytes travel with their
@@ -982,6 +983,11 @@ pub enum ToScheduler {
         /// The request's id.
         id: u64,
     },
+    /// Worker: it was asked to stop (its process got `SIGTERM`): retire
+    /// it as `RetireWorkers` would, answering nobody; the scheduler tells
+    /// it to exit ([`ToWorker::Retire`]) once the values only it holds are
+    /// held elsewhere, at once when no other worker stays to hold them.
+    Leaving,
 }
 
 /// Messages from the scheduler to a worker.
@@ -1597,6 +1603,7 @@ impl Bounded for ToScheduler {
             | ToScheduler::DataAdded { .. }
             | ToScheduler::FetchFailed { .. }
             | ToScheduler::Heartbeat
+            | ToScheduler::Leaving
             | ToScheduler::Watch { .. }
             | ToScheduler::Info { .. }
             | ToScheduler::WhoHas { .. }
@@ -3236,6 +3243,7 @@ mod tests {
                 (key(), worker())
                     .prop_map(|(key, holder)| ToScheduler::FetchFailed { key, holder }),
                 Just(ToScheduler::Heartbeat),
+                Just(ToScheduler::Leaving),
                 (0..=MAX_MEMORY).prop_map(|memory_bytes| ToScheduler::Resources { memory_bytes }),
                 any::<bool>().prop_map(|on| ToScheduler::Watch { on }),
                 any::<u64>().prop_map(|id| ToScheduler::Info { id }),

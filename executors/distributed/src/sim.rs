@@ -58,7 +58,8 @@
 //!    supervisor would restart it, so a run always has its worker count.
 //!    A worker the client retires ([`Fault::RetireWorker`], S16) exits
 //!    when the scheduler says `Retire`, after what it sent, and is not
-//!    replaced.
+//!    replaced; one asked to stop ([`Fault::LeaveWorker`], S16a) exits
+//!    the same way, and a new worker takes its place later.
 //! 6. **Workers keep the worker's contract** (`worker/state.rs` rules 1–3)
 //!    in a simpler model: a task runs once every input is in its store,
 //!    `threads` at a time in priority order; a missing input named in the
@@ -182,6 +183,19 @@ pub enum Fault {
     /// (S16): it finishes what it was sent, its values are copied to the
     /// workers that stay, then it exits and is not replaced (rule 5).
     RetireWorker {
+        /// The step.
+        step: u64,
+        /// Which live worker.
+        worker: u32,
+    },
+    /// At step `step`, the worker at position `worker` (modulo their
+    /// number) among the live workers, in id order, is asked to stop, as
+    /// `SIGTERM` asks a worker process (`worker` rule 17): it asks to
+    /// leave (S16a), finishes what it was sent, its values are copied to
+    /// the workers that stay (the last worker leaves at once), then it
+    /// exits; a new worker takes its place later, as a supervisor would
+    /// start one.
+    LeaveWorker {
         /// The step.
         step: u64,
         /// Which live worker.
@@ -670,6 +684,8 @@ struct World {
     delay: u64,
     /// Retirements the client asked for, numbering them.
     retire_requests: u64,
+    /// Workers asked to stop ([`Fault::LeaveWorker`]).
+    leaving: BTreeSet<WorkerId>,
     wanted: BTreeSet<WireKey>,
     results: BTreeMap<WireKey, Result<Arc<[u8]>, WireFailure>>,
     released: bool,
@@ -731,6 +747,7 @@ impl World {
             faults,
             delay: 0,
             retire_requests: 0,
+            leaving: BTreeSet::new(),
             wanted: BTreeSet::new(),
             results: BTreeMap::new(),
             released: false,
@@ -861,6 +878,7 @@ impl World {
                 .partition(|f| match f {
                     Fault::KillWorker { step: s, .. }
                     | Fault::RetireWorker { step: s, .. }
+                    | Fault::LeaveWorker { step: s, .. }
                     | Fault::LoseValue { step: s }
                     | Fault::DelayMessage { step: s, .. } => *s <= step,
                     Fault::FailRun { .. } => false,
@@ -882,6 +900,18 @@ impl World {
                     if !live.is_empty() {
                         let w = live[worker as usize % live.len()];
                         self.send(Link::FromClient, Ev::Retire(w));
+                    }
+                }
+                Fault::LeaveWorker { worker, .. } => {
+                    let live: Vec<WorkerId> = self.workers.keys().copied().collect();
+                    if !live.is_empty() {
+                        let w = live[worker as usize % live.len()];
+                        if self.leaving.insert(w) {
+                            self.send(
+                                Link::FromWorker(w),
+                                Ev::ToScheduler(w, ToScheduler::Leaving),
+                            );
+                        }
                     }
                 }
                 Fault::LoseValue { .. } => {
@@ -1002,6 +1032,7 @@ impl World {
                 self.schedule(|s, out| s.on_task_kept(w, key, id, out))
             }
             ToScheduler::DataAdded { key } => self.schedule(|s, out| s.on_data_added(w, key, out)),
+            ToScheduler::Leaving => self.schedule(|s, out| s.on_worker_leaving(w, out)),
             ToScheduler::FetchFailed { key, holder } => self
                 .schedule(|s, out| s.on_fetch_failed(FetchReporter::Worker(w), key, holder, out)),
             _ => unreachable!("sim workers send nothing else"),
@@ -1145,10 +1176,15 @@ impl World {
             }
             ToWorker::Retire => {
                 // Everything it held is held elsewhere (S16): it exits,
-                // behind what it already sent, and is not replaced.
-                self.workers.remove(&w);
+                // behind what it already sent, and is not replaced; one
+                // that asked to leave (S16a) is, later.
+                let gone = self.workers.remove(&w);
                 self.record(Event::Retired { worker: w });
                 self.send(Link::FromWorker(w), Ev::Left(w));
+                if let Some(gone) = gone.filter(|_| self.leaving.contains(&w)) {
+                    let at = self.now + 1 + self.rng.below(20);
+                    self.at(at, Ev::Join(gone.slot));
+                }
             }
             ToWorker::Registered { .. }
             | ToWorker::PeerJoined { .. }

@@ -628,6 +628,55 @@ fn retirements_agree_with_the_reference_under_faults() {
     );
 }
 
+#[test]
+fn workers_asked_to_stop_agree_with_the_reference_under_faults() {
+    // Random graphs on 2 to 4 workers, one or two asked to stop at random
+    // steps (S16a: each asks to leave, hands its values over, exits, and a
+    // new worker comes later), sometimes beside kills, lost values and
+    // delays. Results agree, nothing leaks, and with one leaving and no
+    // other fault no task runs twice.
+    let mut rng = SplitMix64::new(31);
+    let mut left = 0;
+    for case in 0..300 {
+        let (nodes, wanted) = random_graph(&mut rng);
+        let workers = 2 + rng.below(3) as u32;
+        let seed = rng.next_u64();
+        let faults = if rng.below(2) == 0 {
+            0
+        } else {
+            1 + rng.below(3) as usize
+        };
+        let mut sim = Sim::new(workers, seed)
+            .threads(1 + rng.below(2) as u32)
+            .random_faults(faults);
+        let horizon = (nodes.len() as u64 * 8).max(16);
+        let leaves = 1 + rng.below(2);
+        for _ in 0..leaves {
+            sim = sim.fault(Fault::LeaveWorker {
+                step: rng.below(horizon),
+                worker: rng.below(4) as u32,
+            });
+        }
+        let report = sim.run(
+            specs(&nodes),
+            wanted.iter().map(|&i| key(i)).collect(),
+            &mut run_mix,
+        );
+        let what = format!("case {case} ({workers} workers, seed {seed}, {faults} faults)");
+        check_agrees(&nodes, &wanted, &report, &what);
+        if faults == 0 && leaves == 1 {
+            assert_eq!(report.ran_again(), Vec::<Arc<str>>::new(), "{what}");
+        }
+        left += report
+            .log
+            .iter()
+            .filter(|e| matches!(e.event, Event::Retired { .. }))
+            .count();
+    }
+    // Workers did leave, in numbers.
+    assert!(left > 100, "only {left} workers left");
+}
+
 /// S18: a task that crashes its worker at every run fails after the
 /// allowed failures, naming them, and fails its dependents; every other
 /// task agrees with the reference, however many threads its workers have

@@ -1612,6 +1612,7 @@ impl Shell {
                 state.on_task_kept(w, key, id, out)
             }
             (Kind::Worker(w), ToScheduler::DataAdded { key }) => state.on_data_added(w, key, out),
+            (Kind::Worker(w), ToScheduler::Leaving) => state.on_worker_leaving(w, out),
             (Kind::Worker(w), ToScheduler::FetchFailed { key, holder }) => {
                 state.on_fetch_failed(Reporter::Worker(w), key, holder, out)
             }

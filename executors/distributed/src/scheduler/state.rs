@@ -1621,34 +1621,7 @@ impl State {
             return;
         }
         for &w in &workers {
-            if self.retiring.contains(&w) {
-                continue;
-            }
-            let load = self
-                .loads
-                .remove(w)
-                .expect("loads name every worker not retiring");
-            // Its seceded tasks left its load but still run there.
-            let seceded = self
-                .slots
-                .iter()
-                .filter_map(|slot| slot.task.as_ref())
-                .filter(|t| t.state == TaskState::Processing(w) && !t.early && t.seceded)
-                .count() as u32;
-            if let Some(worker) = self.workers.get_mut(&w) {
-                worker.retiring = Some(Retiring {
-                    threads: load.threads,
-                    busy: load.tasks + seceded,
-                    held: None,
-                });
-            }
-            self.retiring.insert(w);
-            tracing::info!(
-                worker = %w,
-                "{w} retiring: it gets no new task; once the {} sent to it are done, the \
-                 values only it holds are copied to other workers",
-                load.tasks
-            );
+            self.start_retiring(w);
         }
         self.retire_requests.push(RetireRequest {
             client,
@@ -1658,6 +1631,66 @@ impl State {
         // Queued work it had no room for yet, and early candidates bound
         // for it, go elsewhere now.
         self.assign(out);
+    }
+
+    /// Worker `w` asks to leave (S16: its process was asked to stop):
+    /// retired as `on_retire_workers` retires it, with no client to
+    /// answer; when no other worker stays to hold its values, it is told
+    /// to exit at once and lost (its values are computed again when
+    /// wanted, as a killed worker's are).
+    pub(crate) fn on_worker_leaving(&mut self, w: WorkerId, out: &mut impl Outbox) {
+        if !self.workers.contains_key(&w) || self.retiring.contains(&w) {
+            return;
+        }
+        let stays = self
+            .workers
+            .keys()
+            .any(|other| *other != w && !self.retiring.contains(other));
+        if !stays {
+            tracing::warn!(
+                worker = %w,
+                "{w} asks to leave, and no other worker stays to hold its values: it \
+                 leaves now, and what it alone holds is computed again when wanted"
+            );
+            out.to_worker(w, ToWorker::Retire);
+            self.on_worker_lost(w, out);
+            return;
+        }
+        self.start_retiring(w);
+        self.assign(out);
+    }
+
+    /// Marks `w`, registered, as retiring (S16): out of placement, its
+    /// window counted down as the tasks sent to it end.
+    fn start_retiring(&mut self, w: WorkerId) {
+        if self.retiring.contains(&w) {
+            return;
+        }
+        let load = self
+            .loads
+            .remove(w)
+            .expect("loads name every worker not retiring");
+        // Its seceded tasks left its load but still run there.
+        let seceded = self
+            .slots
+            .iter()
+            .filter_map(|slot| slot.task.as_ref())
+            .filter(|t| t.state == TaskState::Processing(w) && !t.early && t.seceded)
+            .count() as u32;
+        if let Some(worker) = self.workers.get_mut(&w) {
+            worker.retiring = Some(Retiring {
+                threads: load.threads,
+                busy: load.tasks + seceded,
+                held: None,
+            });
+        }
+        self.retiring.insert(w);
+        tracing::info!(
+            worker = %w,
+            "{w} retiring: it gets no new task; once the {} sent to it are done, the \
+             values only it holds are copied to other workers",
+            load.tasks
+        );
     }
 
     /// Moves each retiring worker that runs nothing a step on (S16): asks

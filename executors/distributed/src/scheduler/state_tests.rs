@@ -2179,6 +2179,69 @@ fn retiring_every_worker_is_refused_and_retires_none() {
     s.check_invariants();
 }
 
+#[test]
+fn a_worker_that_asks_to_leave_finishes_its_tasks_hands_its_values_over_and_answers_nobody() {
+    let (mut s, mut out) = setup(2);
+    // t1 is held by W0 alone; t2 runs on W0 when it asks to leave.
+    s.on_update_graph(C0, vec![spec(1, &[])], vec![k(1)], &mut out);
+    assert_eq!(out.computes(), vec![(W0, k(1))]);
+    finish(&mut s, &mut out, W0, 1, 8);
+    s.on_update_graph(C0, vec![spec(2, &[1])], vec![k(2)], &mut out);
+    assert_eq!(out.computes(), vec![(W0, k(2))]);
+    out.clear();
+    s.on_worker_leaving(W0, &mut out);
+    s.check_invariants();
+    // Asked twice (a second signal before the first was handled): once.
+    s.on_worker_leaving(W0, &mut out);
+    s.check_invariants();
+    assert!(copies(&mut out).is_empty());
+    assert!(!out.0.contains(&Sent::Worker(W0, ToWorker::Retire)));
+    // New work goes to the worker that stays.
+    s.on_update_graph(C0, vec![spec(3, &[1])], vec![k(3)], &mut out);
+    assert_eq!(out.computes(), vec![(W1, k(3))]);
+    finish(&mut s, &mut out, W0, 2, 8);
+    let mut asked = copies(&mut out);
+    asked.sort();
+    assert_eq!(
+        asked,
+        vec![(W1, k(1), vec![W0]), (W1, k(2), vec![W0])],
+        "each value W0 alone holds is asked of W1"
+    );
+    s.on_data_added(W1, k(1), &mut out);
+    s.on_data_added(W1, k(2), &mut out);
+    s.check_invariants();
+    assert!(out.0.contains(&Sent::Worker(W0, ToWorker::Retire)));
+    // No client asked: none is answered.
+    assert!(retired(&mut out).is_empty());
+    assert_eq!(s.worker_count(), 1);
+    assert_eq!(s.who_has(&k(1)), vec![W1]);
+    assert_eq!(s.who_has(&k(2)), vec![W1]);
+    // Nothing ran again.
+    assert!(out.computes().iter().all(|&(_, key)| key == k(3)));
+}
+
+#[test]
+fn the_last_worker_asking_to_leave_leaves_at_once_and_its_values_are_computed_again() {
+    let (mut s, mut out) = setup(1);
+    s.on_update_graph(C0, vec![spec(1, &[])], vec![k(1)], &mut out);
+    finish(&mut s, &mut out, W0, 1, 8);
+    out.clear();
+    s.on_worker_leaving(W0, &mut out);
+    s.check_invariants();
+    assert!(out.0.contains(&Sent::Worker(W0, ToWorker::Retire)));
+    assert_eq!(s.worker_count(), 0);
+    assert!(s.who_has(&k(1)).is_empty());
+    // A worker that comes later computes t1 again for the client that
+    // still wants it.
+    out.clear();
+    s.on_worker_registered(W1, "127.0.0.1:1001".into(), 1, &mut out);
+    s.check_invariants();
+    assert_eq!(out.computes(), vec![(W1, k(1))]);
+    // A message of a worker gone is ignored.
+    s.on_worker_leaving(W0, &mut out);
+    s.check_invariants();
+}
+
 /// Two one-thread workers with large windows (short tasks so far); at
 /// 0 ms a long task goes to W0, then two short ones, one to each worker:
 /// W0 holds the long one and a short one behind it. W1 finishes its own
