@@ -889,6 +889,23 @@ impl WorkerProcess {
     /// with no death timeout (it exits with its scheduler) unless `env`
     /// gives one; `env` is set last.
     fn start(program: &Path, address: &str, env: &[(&str, &str)]) -> WorkerProcess {
+        WorkerProcess::spawn(WorkerProcess::command(program, address, env))
+    }
+
+    /// As [`WorkerProcess::start`], its stderr written to the file at
+    /// `log`.
+    fn start_logging(
+        program: &Path,
+        address: &str,
+        env: &[(&str, &str)],
+        log: &Path,
+    ) -> WorkerProcess {
+        let mut command = WorkerProcess::command(program, address, env);
+        command.stderr(std::fs::File::create(log).expect("the log file"));
+        WorkerProcess::spawn(command)
+    }
+
+    fn command(program: &Path, address: &str, env: &[(&str, &str)]) -> Command {
         let mut command = Command::new(program);
         command
             .env(rask_distributed::WORKER_ENV, address)
@@ -896,6 +913,11 @@ impl WorkerProcess {
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null());
+        command
+    }
+
+    fn spawn(mut command: Command) -> WorkerProcess {
+        let program = PathBuf::from(command.get_program());
         // A file just written can be busy for a moment: a child forked
         // meanwhile holds the writer's descriptor until it execs.
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -1745,6 +1767,126 @@ fn worker_threads_split_the_cores() {
     );
 }
 
+/// Sends `signal` (`TERM`, `INT`, …) to process `pid`.
+fn send_signal(signal: &str, pid: u32) {
+    let sent = Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .expect("`kill` runs");
+    assert!(sent.success(), "kill -{signal} {pid}");
+}
+
+/// The worker process of `workers` that a worker named `name` runs in
+/// (a worker's default name ends with its process id).
+fn process_named(workers: &[WorkerProcess], name: &str) -> usize {
+    workers
+        .iter()
+        .position(|w| name.ends_with(&format!("-{}", w.0.id())))
+        .unwrap_or_else(|| panic!("no worker process is named {name}"))
+}
+
+/// `SIGTERM` to worker processes started by hand, as a supervisor stops
+/// them (worker rule 17, scheduler rule S16a). Of two workers holding
+/// persisted values, the one holding more, sent `SIGTERM`, hands its
+/// values over and exits with success: every value stays readable and no
+/// task runs again. The last worker, sent `SIGTERM`, leaves at once with
+/// success; a worker started afterwards computes what it held again, right.
+/// A worker that leaves while it runs a task waits for the task; a second
+/// `SIGTERM` stops it at once, and the task runs elsewhere.
+fn workers_sent_sigterm_hand_their_values_over_and_exit() {
+    let exe = std::env::current_exe().expect("this test's path");
+    let scheduler = serve("127.0.0.1:0".parse().unwrap());
+    let address = format!("tcp://{}", scheduler.address());
+    let one_thread = [(rask_distributed::WORKER_THREADS_ENV, "1")];
+    let path = stamp_path("sigterm");
+    let mut workers: Vec<WorkerProcess> = (0..2)
+        .map(|_| WorkerProcess::start(&exe, &address, &one_thread))
+        .collect();
+    workers_registered(&scheduler, 2);
+    let client = Client::connect(&address).unwrap();
+    let persisted: Vec<Delayed<Vec<u8>>> = (0..12)
+        .map(|i| {
+            client
+                .persist(&delayed!(stamped_block(path.clone(), i)))
+                .unwrap()
+        })
+        .collect();
+    eventually("the persisted values", || {
+        let info = client.scheduler_info().unwrap();
+        info.workers.iter().map(|w| w.keys).sum::<u64>() >= 12
+    });
+    assert_eq!(stamps(&path), 12);
+    let read_all = || {
+        for (i, held) in persisted.iter().enumerate() {
+            let len = client.compute(&delayed!(block_len(held))).unwrap().result();
+            assert_eq!(len.unwrap(), 100_000 + i as i64);
+        }
+    };
+
+    // The worker holding more values leaves; nothing is computed again.
+    let info = client.scheduler_info().unwrap();
+    let most = info.workers.iter().max_by_key(|w| w.keys).unwrap();
+    assert!(most.keys > 0, "{info:?}");
+    let leaving = process_named(&workers, &most.name);
+    send_signal("TERM", workers[leaving].0.id());
+    assert!(workers[leaving].exits(), "a worker sent SIGTERM failed");
+    workers.remove(leaving);
+    eventually("the scheduler to let it go", || scheduler.workers() == 1);
+    read_all();
+    assert_eq!(stamps(&path), 12, "a task ran again");
+
+    // The last worker leaves at once; a new one computes its values again.
+    send_signal("TERM", workers[0].0.id());
+    assert!(workers[0].exits(), "the last worker sent SIGTERM failed");
+    workers.clear();
+    eventually("the scheduler to have no worker", || {
+        scheduler.workers() == 0
+    });
+    workers.push(WorkerProcess::start(&exe, &address, &one_thread));
+    workers_registered(&scheduler, 1);
+    read_all();
+    assert_eq!(
+        stamps(&path),
+        24,
+        "what the last worker held, computed again"
+    );
+
+    // Two one-thread workers, a task that waits for its gate on each.
+    let log = TempFile(PathBuf::from(format!("{path}.log")));
+    workers.insert(
+        0,
+        WorkerProcess::start_logging(&exe, &address, &one_thread, &log.0),
+    );
+    workers_registered(&scheduler, 2);
+    let gate = TempFile(PathBuf::from(format!("{path}.gate")));
+    let gate_path = gate.0.to_string_lossy().into_owned();
+    let waiting: Vec<Future<i64>> = [1, 2]
+        .into_iter()
+        .map(|x| {
+            client
+                .submit(delayed!(gated(gate_path.clone(), x)))
+                .unwrap()
+        })
+        .collect();
+    eventually("both tasks to run", || {
+        let info = client.scheduler_info().unwrap();
+        info.workers.len() == 2 && info.workers.iter().all(|w| w.running == 1)
+    });
+    // One leaves: it waits for its task; a second signal stops it at once.
+    let mut first = workers.remove(0);
+    send_signal("TERM", first.0.id());
+    eventually("it to take the first signal", || {
+        std::fs::read_to_string(&log.0).is_ok_and(|text| text.contains("SIGTERM: leaving"))
+    });
+    send_signal("TERM", first.0.id());
+    assert!(first.exits(), "a second SIGTERM did not stop the worker");
+    // Its task runs on the other worker once the gate opens.
+    std::fs::write(&gate.0, b"open").unwrap();
+    assert_eq!(client.gather(&waiting).unwrap(), vec![1, 2]);
+    drop((persisted, waiting, client, workers));
+    let _ = std::fs::remove_file(&path);
+}
+
 /// Retirement with real processes: on a cluster of three workers, values
 /// persisted all over it are kept while two workers are retired; the two
 /// processes exit, every value stays readable, and no task runs again (each
@@ -2051,6 +2193,10 @@ fn main() {
         (
             "retired_workers_hand_their_values_over_on_local_3",
             retired_workers_hand_their_values_over_on_local_3,
+        ),
+        (
+            "workers_sent_sigterm_hand_their_values_over_and_exit",
+            workers_sent_sigterm_hand_their_values_over_and_exit,
         ),
         (
             "a_worker_started_by_hand_survives_a_scheduler_restart",

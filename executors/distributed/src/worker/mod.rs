@@ -179,6 +179,22 @@
 //!     warning naming the key, never the end of a thread, so the worker,
 //!     its reports and its `threads` compute threads go on, and no task's
 //!     outcome changes.
+//! 17. **Leaving on `SIGTERM`.** A worker process ([`run`], [`run_with`]:
+//!     a program in worker mode) handles `SIGTERM`, what supervisors
+//!     (systemd, Kubernetes, Slurm) send to stop a process: it asks its
+//!     scheduler to retire it (`ToScheduler::Leaving`, scheduler rule
+//!     S16a), as [`Client::retire_workers`](crate::Client::retire_workers)
+//!     would: it gets no new task, finishes those it runs, the values only
+//!     it holds are copied to workers that stay, then the scheduler tells
+//!     it to exit and it returns `Ok` (the process exits 0). Nothing runs
+//!     twice. The last worker of a cluster leaves at once (nobody would
+//!     take its values). A second `SIGTERM` stops it at once, as does a
+//!     lost scheduler while it leaves; its values are then computed again
+//!     when wanted, as a killed worker's are. `SIGINT` (Ctrl-C, sent to a
+//!     terminal's whole process group, a program's local workers with it)
+//!     keeps its default: the process ends at once. A worker of
+//!     [`spawn`] runs in a program that is not the worker's: it leaves
+//!     signals to that program.
 
 mod connect;
 mod memory;
@@ -737,7 +753,9 @@ pub fn default_name() -> String {
 /// Runs a worker until its scheduler is gone for its death timeout (then
 /// returns `Ok`, rule 1), registering with it again each time it comes
 /// back; the calling thread waits for it, its network runs on threads of
-/// its own (rule 9).
+/// its own (rule 9). The process's `SIGTERM` makes it leave without loss:
+/// its scheduler retires it, then it returns `Ok` (rule 17); a second
+/// `SIGTERM` stops it at once.
 ///
 /// `scheduler` is `tcp://host:port` or `host:port`; `threads` is the number
 /// of tasks run at once (at least one, at most [`MAX_THREADS`]: more is
@@ -768,7 +786,8 @@ pub fn run(scheduler: &str, registry: Arc<dyn Registry>, threads: usize) -> Resu
     run_with(scheduler, registry, Options::from_env()?.threads(threads))
 }
 
-/// [`run`] with `options`, and no look at the environment.
+/// [`run`] with `options`, and no look at the environment; `SIGTERM` as
+/// [`run`] handles it (rule 17).
 ///
 /// # Errors
 ///
@@ -810,7 +829,7 @@ pub fn run_with(
         registry,
         options,
         BuildId::current(),
-        None,
+        (None, true),
         limits,
     )?;
     let ending = started.ending.recv();
@@ -1000,7 +1019,14 @@ fn spawn_inner(
 ) -> Result<WorkerHandle, Error> {
     let (stop, stopped) = oneshot::channel();
     let limits = net::Limits::standard();
-    let started = start(scheduler, registry, options, build, Some(stopped), limits)?;
+    let started = start(
+        scheduler,
+        registry,
+        options,
+        build,
+        (Some(stopped), false),
+        limits,
+    )?;
     Ok(WorkerHandle {
         id: started.id,
         data_address: started.data_address,
@@ -1124,6 +1150,13 @@ struct Io {
     seceded_rx: mpsc::UnboundedReceiver<(WireKey, u64)>,
     /// Kept across connections: a test's `WorkerHandle::stop`.
     stop: Option<oneshot::Receiver<()>>,
+    /// The process's `SIGTERM`s, in a process that is a worker (rule 17).
+    term: Option<Term>,
+    /// Whether a `SIGTERM` came: the scheduler was asked to retire the
+    /// worker (rule 17).
+    leaving: bool,
+    /// Whether the scheduler is yet to be told (`Leaving`).
+    leave_due: bool,
     /// What arrived, for the next turn to handle under one lock.
     messages: Vec<ToWorker>,
     /// What `messages` take decoded, held from the frame budget until the
@@ -1173,6 +1206,9 @@ impl Io {
             fetched: Vec::new(),
             seceded: Vec::new(),
             heartbeat_due: false,
+            term: None,
+            leaving: false,
+            leave_due: false,
             paused: false,
             fetches: Vec::new(),
             to_pool: Vec::new(),
@@ -1328,7 +1364,7 @@ fn start(
     registry: Arc<dyn Registry>,
     options: Options,
     build: BuildId,
-    stop: Option<oneshot::Receiver<()>>,
+    (stop, on_sigterm): (Option<oneshot::Receiver<()>>, bool),
     limits: net::Limits,
 ) -> Result<Started, Error> {
     let (scheme, address) = parse_address(scheduler).ok_or_else(|| Error::Address {
@@ -1375,6 +1411,14 @@ fn start(
         handshakes: handshakes.runtime().clone(),
     };
     let runtime = net::runtime().map_err(Error::Io)?;
+    // Rule 17: registered before the worker connects, so that a signal
+    // from then on is the worker's to handle.
+    let term = if on_sigterm {
+        let _inside = runtime.enter();
+        Some(Term::new().map_err(Error::Io)?)
+    } else {
+        None
+    };
     let spill_parent = options.spill_dir.clone().unwrap_or_else(std::env::temp_dir);
     let store = Store::new(options.memory_limit, spill_parent);
     let connection = runtime.block_on(connect::reach(
@@ -1391,7 +1435,8 @@ fn start(
     let network = runtime.handle().clone();
     let (done, done_rx) = mpsc::unbounded_channel();
     let (seceded, seceded_rx) = mpsc::unbounded_channel();
-    let io = Io::new(connection, (done_rx, seceded_rx), stop, &link);
+    let mut io = Io::new(connection, (done_rx, seceded_rx), stop, &link);
+    io.term = term;
     let cluster = Arc::new(crate::nested::TaskCluster::new(
         scheme,
         &link.address,
@@ -1460,6 +1505,14 @@ async fn reconnect(io: &mut Io, worker: &Worker) -> Option<Result<(), Error>> {
         // The worker ends with its scheduler, silently, as it always did.
         return Some(Ok(()));
     }
+    if io.leaving {
+        // Rule 17: what it held went with the scheduler it was leaving.
+        tracing::info!(
+            "{}: lost the scheduler while leaving: stopping",
+            worker.id()
+        );
+        return Some(Ok(()));
+    }
     let lost = Instant::now();
     let old = worker.id();
     let (tasks, values) = worker.lose();
@@ -1485,6 +1538,10 @@ async fn reconnect(io: &mut Io, worker: &Worker) -> Option<Result<(), Error>> {
     let connection = tokio::select! {
         reached = reach => reached,
         () = stop_signal(&mut io.stop) => return Some(Ok(())),
+        () = sigterm(&mut io.term) => {
+            tracing::info!("{old}: SIGTERM while waiting for the scheduler: stopping");
+            return Some(Ok(()));
+        }
     };
     match connection {
         Ok(connection) => {
@@ -1521,6 +1578,49 @@ async fn stop_signal(stop: &mut Option<oneshot::Receiver<()>>) {
             return;
         }
         *stop = None;
+    }
+    std::future::pending().await
+}
+
+/// The `SIGTERM`s of this process (rule 17), where there are signals.
+#[cfg(unix)]
+struct Term(tokio::signal::unix::Signal);
+
+#[cfg(unix)]
+impl Term {
+    /// Registers for `SIGTERM`; in the worker's network runtime.
+    fn new() -> std::io::Result<Term> {
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map(Term)
+    }
+
+    async fn recv(&mut self) -> Option<()> {
+        self.0.recv().await
+    }
+}
+
+/// Where there are no signals, none ever comes.
+#[cfg(not(unix))]
+struct Term;
+
+#[cfg(not(unix))]
+impl Term {
+    fn new() -> std::io::Result<Term> {
+        Ok(Term)
+    }
+
+    async fn recv(&mut self) -> Option<()> {
+        None
+    }
+}
+
+/// Resolves at each `SIGTERM` this worker handles (rule 17); never
+/// without one.
+async fn sigterm(term: &mut Option<Term>) {
+    if let Some(signals) = term.as_mut() {
+        if signals.recv().await.is_some() {
+            return;
+        }
+        *term = None;
     }
     std::future::pending().await
 }
@@ -1698,6 +1798,16 @@ async fn turn(io: &mut Io, worker: &Worker) -> Option<Ended> {
                         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                         io.heartbeat = Some(ticks);
                     }
+                    ToWorker::Retire if io.leaving => {
+                        // Its values moved, or it was the last worker
+                        // (scheduler rule S16a, which logs which).
+                        tracing::info!(
+                            "{} ({}): left: the scheduler let it go",
+                            worker.id(),
+                            worker.link.name
+                        );
+                        return Some(Ended::Finished(Ok(())));
+                    }
                     ToWorker::Retire => {
                         tracing::info!(
                             "{} ({}): retired by the scheduler: other workers hold its values",
@@ -1732,6 +1842,9 @@ async fn turn(io: &mut Io, worker: &Worker) -> Option<Ended> {
             }
             for f in io.fetched.drain(..) {
                 c.state.on_fetched(f.from, f.key, f.result, &mut c.out);
+            }
+            if std::mem::take(&mut io.leave_due) {
+                c.out.to_scheduler(ToScheduler::Leaving);
             }
             let heartbeat = std::mem::take(&mut io.heartbeat_due);
             if heartbeat {
@@ -1782,6 +1895,27 @@ async fn turn(io: &mut Io, worker: &Worker) -> Option<Ended> {
 
         tokio::select! {
             () = stop_signal(&mut io.stop) => return Some(Ended::Finished(Ok(()))),
+            // Rule 17: the first asks the scheduler to retire the worker,
+            // a second stops it at once.
+            () = sigterm(&mut io.term) => {
+                if io.leaving {
+                    tracing::warn!(
+                        "{} ({}): SIGTERM again: stopping now; what it alone holds is computed \
+                         again elsewhere",
+                        worker.id(),
+                        worker.link.name
+                    );
+                    return Some(Ended::Finished(Ok(())));
+                }
+                tracing::info!(
+                    "{} ({}): SIGTERM: leaving: it finishes its tasks and hands its values \
+                     over, then exits (a second SIGTERM stops it at once)",
+                    worker.id(),
+                    worker.link.name
+                );
+                io.leaving = true;
+                io.leave_due = true;
+            }
             // A frame waiting for its grant keeps its place while the
             // rest goes on (`net` rule 8).
             got = scheduler_messages(&mut io.read) => match got {
@@ -2538,7 +2672,7 @@ mod tests {
             Arc::new(Reg),
             options,
             BuildId::current(),
-            Some(stopped),
+            (Some(stopped), false),
             limits,
         )?;
         let worker = WorkerHandle {
