@@ -1767,6 +1767,35 @@ fn worker_threads_split_the_cores() {
     );
 }
 
+/// Twelve blocks of 100 000 bytes persisted on `client`'s cluster, each
+/// stamping the file at `path` as it is computed; returns once the
+/// cluster holds them all, each computed once.
+fn persist_blocks(client: &Client, path: &str) -> Vec<Delayed<Vec<u8>>> {
+    let persisted: Vec<Delayed<Vec<u8>>> = (0..12)
+        .map(|i| {
+            client
+                .persist(&delayed!(stamped_block(path.to_owned(), i)))
+                .unwrap()
+        })
+        .collect();
+    // `persist` through a client returns at once (Dask's does too).
+    eventually("the persisted values", || {
+        let info = client.scheduler_info().unwrap();
+        info.workers.iter().map(|w| w.keys).sum::<u64>() >= 12
+    });
+    assert_eq!(stamps(path), 12);
+    persisted
+}
+
+/// Reads each block of [`persist_blocks`] through a task on the cluster,
+/// checking its length and first byte.
+fn read_blocks(client: &Client, persisted: &[Delayed<Vec<u8>>]) {
+    for (i, held) in persisted.iter().enumerate() {
+        let len = client.compute(&delayed!(block_len(held))).unwrap().result();
+        assert_eq!(len.unwrap(), 100_000 + i as i64);
+    }
+}
+
 /// Sends `signal` (`TERM`, `INT`, …) to process `pid`.
 fn send_signal(signal: &str, pid: u32) {
     let sent = Command::new("kill")
@@ -1804,24 +1833,8 @@ fn workers_sent_sigterm_hand_their_values_over_and_exit() {
         .collect();
     workers_registered(&scheduler, 2);
     let client = Client::connect(&address).unwrap();
-    let persisted: Vec<Delayed<Vec<u8>>> = (0..12)
-        .map(|i| {
-            client
-                .persist(&delayed!(stamped_block(path.clone(), i)))
-                .unwrap()
-        })
-        .collect();
-    eventually("the persisted values", || {
-        let info = client.scheduler_info().unwrap();
-        info.workers.iter().map(|w| w.keys).sum::<u64>() >= 12
-    });
-    assert_eq!(stamps(&path), 12);
-    let read_all = || {
-        for (i, held) in persisted.iter().enumerate() {
-            let len = client.compute(&delayed!(block_len(held))).unwrap().result();
-            assert_eq!(len.unwrap(), 100_000 + i as i64);
-        }
-    };
+    let persisted = persist_blocks(&client, &path);
+    let read_all = || read_blocks(&client, &persisted);
 
     // The worker holding more values leaves; nothing is computed again.
     let info = client.scheduler_info().unwrap();
@@ -1897,19 +1910,7 @@ fn retired_workers_hand_their_values_over_on_local_3() {
     let client = Client::local(3).unwrap();
     client.wait_for_workers(3, Duration::from_secs(30)).unwrap();
     let children = live_children().len();
-    let persisted: Vec<Delayed<Vec<u8>>> = (0..12)
-        .map(|i| {
-            client
-                .persist(&delayed!(stamped_block(path.clone(), i)))
-                .unwrap()
-        })
-        .collect();
-    // `persist` through a client returns at once (Dask's does too).
-    eventually("the persisted values", || {
-        let info = client.scheduler_info().unwrap();
-        info.workers.iter().map(|w| w.keys).sum::<u64>() >= 12
-    });
-    assert_eq!(stamps(&path), 12);
+    let persisted = persist_blocks(&client, &path);
     let info = client.scheduler_info().unwrap();
     let mut names: Vec<String> = info.workers.iter().map(|w| w.name.clone()).collect();
     names.sort();
@@ -1933,10 +1934,7 @@ fn retired_workers_hand_their_values_over_on_local_3() {
     eventually("the retired workers to exit", || {
         live_children().len() == children - 2
     });
-    for (i, held) in persisted.iter().enumerate() {
-        let len = client.compute(&delayed!(block_len(held))).unwrap().result();
-        assert_eq!(len.unwrap(), 100_000 + i as i64);
-    }
+    read_blocks(&client, &persisted);
     assert_eq!(stamps(&path), 12, "a task ran again");
     // A name it does not know, or the last worker: refused, nothing retired.
     for (bad, says) in [

@@ -574,6 +574,64 @@ fn a_task_stuck_behind_a_long_one_moves_once_the_clock_says_so() {
     assert!(moved > 0, "no stuck task moved in 20 runs");
 }
 
+/// A random case of the retirement tests: a graph on 2 to 4 workers and,
+/// half the time, 1 to 3 random faults (kills, lost values, delays).
+struct FaultedCase {
+    nodes: Vec<Node>,
+    wanted: Vec<usize>,
+    workers: u32,
+    seed: u64,
+    faults: usize,
+}
+
+impl FaultedCase {
+    fn new(rng: &mut SplitMix64) -> FaultedCase {
+        let (nodes, wanted) = random_graph(rng);
+        let workers = 2 + rng.below(3) as u32;
+        let seed = rng.next_u64();
+        let faults = if rng.below(2) == 0 {
+            0
+        } else {
+            1 + rng.below(3) as usize
+        };
+        FaultedCase {
+            nodes,
+            wanted,
+            workers,
+            seed,
+            faults,
+        }
+    }
+
+    /// Its simulated cluster, of workers of 1 or 2 threads.
+    fn sim(&self, rng: &mut SplitMix64) -> Sim {
+        Sim::new(self.workers, self.seed)
+            .threads(1 + rng.below(2) as u32)
+            .random_faults(self.faults)
+    }
+
+    /// The steps within which its faults are placed.
+    fn horizon(&self) -> u64 {
+        (self.nodes.len() as u64 * 8).max(16)
+    }
+
+    /// Runs it on `sim`, checks the results agree with the reference;
+    /// the report, and the case named for messages.
+    fn run(&self, sim: Sim, case: usize) -> (Report, String) {
+        let report = sim.run(
+            specs(&self.nodes),
+            self.wanted.iter().map(|&i| key(i)).collect(),
+            &mut run_mix,
+        );
+        let what = format!(
+            "case {case} ({} workers, seed {}, {} faults)",
+            self.workers, self.seed, self.faults
+        );
+        check_agrees(&self.nodes, &self.wanted, &report, &what);
+        (report, what)
+    }
+}
+
 #[test]
 fn retirements_agree_with_the_reference_under_faults() {
     // Random graphs on 2 to 4 workers, one or two retirements asked at
@@ -584,32 +642,16 @@ fn retirements_agree_with_the_reference_under_faults() {
     let mut rng = SplitMix64::new(29);
     let (mut retired, mut refused) = (0, 0);
     for case in 0..300 {
-        let (nodes, wanted) = random_graph(&mut rng);
-        let workers = 2 + rng.below(3) as u32;
-        let seed = rng.next_u64();
-        let faults = if rng.below(2) == 0 {
-            0
-        } else {
-            1 + rng.below(3) as usize
-        };
-        let mut sim = Sim::new(workers, seed)
-            .threads(1 + rng.below(2) as u32)
-            .random_faults(faults);
-        let horizon = (nodes.len() as u64 * 8).max(16);
+        let c = FaultedCase::new(&mut rng);
+        let (mut sim, horizon) = (c.sim(&mut rng), c.horizon());
         for _ in 0..1 + rng.below(2) {
             sim = sim.fault(Fault::RetireWorker {
                 step: rng.below(horizon),
                 worker: rng.below(4) as u32,
             });
         }
-        let report = sim.run(
-            specs(&nodes),
-            wanted.iter().map(|&i| key(i)).collect(),
-            &mut run_mix,
-        );
-        let what = format!("case {case} ({workers} workers, seed {seed}, {faults} faults)");
-        check_agrees(&nodes, &wanted, &report, &what);
-        if faults == 0 {
+        let (report, what) = c.run(sim, case);
+        if c.faults == 0 {
             assert_eq!(report.ran_again(), Vec::<Arc<str>>::new(), "{what}");
         }
         for e in &report.log {
@@ -638,18 +680,8 @@ fn workers_asked_to_stop_agree_with_the_reference_under_faults() {
     let mut rng = SplitMix64::new(31);
     let mut left = 0;
     for case in 0..300 {
-        let (nodes, wanted) = random_graph(&mut rng);
-        let workers = 2 + rng.below(3) as u32;
-        let seed = rng.next_u64();
-        let faults = if rng.below(2) == 0 {
-            0
-        } else {
-            1 + rng.below(3) as usize
-        };
-        let mut sim = Sim::new(workers, seed)
-            .threads(1 + rng.below(2) as u32)
-            .random_faults(faults);
-        let horizon = (nodes.len() as u64 * 8).max(16);
+        let c = FaultedCase::new(&mut rng);
+        let (mut sim, horizon) = (c.sim(&mut rng), c.horizon());
         let leaves = 1 + rng.below(2);
         for _ in 0..leaves {
             sim = sim.fault(Fault::LeaveWorker {
@@ -657,14 +689,8 @@ fn workers_asked_to_stop_agree_with_the_reference_under_faults() {
                 worker: rng.below(4) as u32,
             });
         }
-        let report = sim.run(
-            specs(&nodes),
-            wanted.iter().map(|&i| key(i)).collect(),
-            &mut run_mix,
-        );
-        let what = format!("case {case} ({workers} workers, seed {seed}, {faults} faults)");
-        check_agrees(&nodes, &wanted, &report, &what);
-        if faults == 0 && leaves == 1 {
+        let (report, what) = c.run(sim, case);
+        if c.faults == 0 && leaves == 1 {
             assert_eq!(report.ran_again(), Vec::<Arc<str>>::new(), "{what}");
         }
         left += report

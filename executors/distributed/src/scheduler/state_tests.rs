@@ -2101,17 +2101,23 @@ fn retired(out: &mut Rec) -> Vec<(ClientId, u64, Option<String>)> {
     got
 }
 
-#[test]
-fn a_retiring_worker_finishes_its_tasks_hands_its_values_over_then_is_told_to_exit() {
-    let (mut s, mut out) = setup(3);
-    let w2 = WorkerId(2);
-    // t1 is held by W0 alone; t2 runs on W0 when it is retired.
+/// `workers` workers; t1 held by W0 alone, and t2, which needs it,
+/// running on W0. `out` is drained.
+fn t1_held_and_t2_running_on_w0(workers: u32) -> (State, Rec) {
+    let (mut s, mut out) = setup(workers);
     s.on_update_graph(C0, vec![spec(1, &[])], vec![k(1)], &mut out);
     assert_eq!(out.computes(), vec![(W0, k(1))]);
     finish(&mut s, &mut out, W0, 1, 8);
     s.on_update_graph(C0, vec![spec(2, &[1])], vec![k(2)], &mut out);
     assert_eq!(out.computes(), vec![(W0, k(2))]);
     out.clear();
+    (s, out)
+}
+
+#[test]
+fn a_retiring_worker_finishes_its_tasks_hands_its_values_over_then_is_told_to_exit() {
+    let (mut s, mut out) = t1_held_and_t2_running_on_w0(3);
+    let w2 = WorkerId(2);
     s.on_retire_workers(C0, 7, vec![W0], &mut out);
     s.check_invariants();
     // Nothing moves while it runs t2, and new work goes elsewhere.
@@ -2181,14 +2187,7 @@ fn retiring_every_worker_is_refused_and_retires_none() {
 
 #[test]
 fn a_worker_that_asks_to_leave_finishes_its_tasks_hands_its_values_over_and_answers_nobody() {
-    let (mut s, mut out) = setup(2);
-    // t1 is held by W0 alone; t2 runs on W0 when it asks to leave.
-    s.on_update_graph(C0, vec![spec(1, &[])], vec![k(1)], &mut out);
-    assert_eq!(out.computes(), vec![(W0, k(1))]);
-    finish(&mut s, &mut out, W0, 1, 8);
-    s.on_update_graph(C0, vec![spec(2, &[1])], vec![k(2)], &mut out);
-    assert_eq!(out.computes(), vec![(W0, k(2))]);
-    out.clear();
+    let (mut s, mut out) = t1_held_and_t2_running_on_w0(2);
     s.on_worker_leaving(W0, &mut out);
     s.check_invariants();
     // Asked twice (a second signal before the first was handled): once.
