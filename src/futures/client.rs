@@ -2170,7 +2170,7 @@ impl Shared {
     /// task, named after its steps, and fails when one of them does. A key
     /// still waiting for a run (for other futures, rule 3) is counted by
     /// the nodes of its graph, down to data and futures, and marked
-    /// [`counted`](Entry::counted) under the same lock: its run then folds
+    /// [`counted`](Rare::counted) under the same lock: its run then folds
     /// nothing, so each node counted is a task of its own.
     ///
     /// The plans of the runs counted go to `plans`, and so will those of
