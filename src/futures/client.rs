@@ -1521,7 +1521,7 @@ impl Shared {
         let mut table = self.lock();
         // Roots cancelled or released while they waited are not run. In
         // the same look at each root: whether a progress display counted
-        // it node by node (`Entry::counted`, see below).
+        // it node by node (`Rare::counted`, see below).
         let mut counted = false;
         let roots: Vec<Arc<Node>> = roots
             .into_iter()
@@ -1625,7 +1625,7 @@ impl Shared {
         // (`Options::cut_alone`): its outcome is used, never computed again
         // inside another task. The roots are outputs, tasks of their own
         // too. A graph a progress display already counted node by node is
-        // not optimized (`Entry::counted`).
+        // not optimized (`Rare::counted`).
         let mut options = if self.optimize && !counted {
             Options::all()
         } else {
