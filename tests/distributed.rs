@@ -889,23 +889,6 @@ impl WorkerProcess {
     /// with no death timeout (it exits with its scheduler) unless `env`
     /// gives one; `env` is set last.
     fn start(program: &Path, address: &str, env: &[(&str, &str)]) -> WorkerProcess {
-        WorkerProcess::spawn(WorkerProcess::command(program, address, env))
-    }
-
-    /// As [`WorkerProcess::start`], its stderr written to the file at
-    /// `log`.
-    fn start_logging(
-        program: &Path,
-        address: &str,
-        env: &[(&str, &str)],
-        log: &Path,
-    ) -> WorkerProcess {
-        let mut command = WorkerProcess::command(program, address, env);
-        command.stderr(std::fs::File::create(log).expect("the log file"));
-        WorkerProcess::spawn(command)
-    }
-
-    fn command(program: &Path, address: &str, env: &[(&str, &str)]) -> Command {
         let mut command = Command::new(program);
         command
             .env(rask_distributed::WORKER_ENV, address)
@@ -913,11 +896,6 @@ impl WorkerProcess {
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null());
-        command
-    }
-
-    fn spawn(mut command: Command) -> WorkerProcess {
-        let program = PathBuf::from(command.get_program());
         // A file just written can be busy for a moment: a child forked
         // meanwhile holds the writer's descriptor until it execs.
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -1865,11 +1843,7 @@ fn workers_sent_sigterm_hand_their_values_over_and_exit() {
     );
 
     // Two one-thread workers, a task that waits for its gate on each.
-    let log = TempFile(PathBuf::from(format!("{path}.log")));
-    workers.insert(
-        0,
-        WorkerProcess::start_logging(&exe, &address, &one_thread, &log.0),
-    );
+    workers.insert(0, WorkerProcess::start(&exe, &address, &one_thread));
     workers_registered(&scheduler, 2);
     let gate = TempFile(PathBuf::from(format!("{path}.gate")));
     let gate_path = gate.0.to_string_lossy().into_owned();
@@ -1888,8 +1862,15 @@ fn workers_sent_sigterm_hand_their_values_over_and_exit() {
     // One leaves: it waits for its task; a second signal stops it at once.
     let mut first = workers.remove(0);
     send_signal("TERM", first.0.id());
-    eventually("it to take the first signal", || {
-        std::fs::read_to_string(&log.0).is_ok_and(|text| text.contains("SIGTERM: leaving"))
+    // Shown retiring, by `scheduler_info` and on the dashboard.
+    let suffix = format!("-{}", first.0.id());
+    eventually("it to show as retiring", || {
+        let info = client.scheduler_info().unwrap();
+        info.workers.len() == 2
+            && info
+                .workers
+                .iter()
+                .all(|w| w.retiring == w.name.ends_with(&suffix))
     });
     send_signal("TERM", first.0.id());
     assert!(first.exits(), "a second SIGTERM did not stop the worker");

@@ -85,6 +85,7 @@ impl Client {
                     utilisation: None,
                     spill: None,
                     resources: String::new(),
+                    retiring: false,
                 })
                 .collect(),
             unrunnable: Vec::new(),

@@ -147,6 +147,7 @@ impl Recording {
                         .then(|| (busy_ms / (span_ms * f64::from(threads))).min(1.0)),
                     spill: None,
                     resources: String::new(),
+                    retiring: false,
                 }
             })
             .collect();

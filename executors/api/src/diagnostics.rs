@@ -185,6 +185,12 @@ pub struct WorkerRow {
     /// memory limit (`null` otherwise, and before its first heartbeat).
     #[serde(default)]
     pub spill: Option<Spill>,
+    /// Whether it is retiring (`Client::retire_workers`, or its process
+    /// got `SIGTERM`): it gets no new task, and leaves once the values
+    /// only it holds are held elsewhere. `false` in reports and from
+    /// older versions.
+    #[serde(default)]
+    pub retiring: bool,
 }
 
 /// A worker's memory limit and what it did to stay within it: values held

@@ -115,6 +115,8 @@ pub(crate) struct WorkerCensus {
     pub(crate) keys: u64,
     /// Its resources, as `GPU=2,MEM=64`.
     pub(crate) resources: String,
+    /// Whether it is retiring (S16, S16a).
+    pub(crate) retiring: bool,
 }
 
 /// Where handlers put the messages they send.
@@ -557,6 +559,7 @@ impl State {
             data_bytes: 0,
             keys: 0,
             resources: w.resources.to_string(),
+            retiring: w.retiring.is_some(),
         }));
         for task in self.slots.iter().filter_map(|s| s.task.as_ref()) {
             if !is_work(&task.function) {

@@ -2190,6 +2190,9 @@ fn a_worker_that_asks_to_leave_finishes_its_tasks_hands_its_values_over_and_answ
     let (mut s, mut out) = t1_held_and_t2_running_on_w0(2);
     s.on_worker_leaving(W0, &mut out);
     s.check_invariants();
+    // Shown retiring (`WorkerRow::retiring`), W1 not.
+    let shown: Vec<(WorkerId, bool)> = census(&s).iter().map(|w| (w.id, w.retiring)).collect();
+    assert_eq!(shown, vec![(W0, true), (W1, false)]);
     // Asked twice (a second signal before the first was handled): once.
     s.on_worker_leaving(W0, &mut out);
     s.check_invariants();

@@ -319,6 +319,7 @@ impl History {
                     utilisation: None,
                     spill: shell.and_then(|s| s.spill),
                     resources: w.resources,
+                    retiring: w.retiring,
                 }
             })
             .collect();
