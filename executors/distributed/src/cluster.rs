@@ -92,7 +92,8 @@ const MIN_LIFE: Duration = Duration::from_secs(1);
 /// if that is later (a worker that keeps exiting is restarted once a
 /// second at most). A line on stderr says so. A worker that exits with
 /// success is not restarted: it was retired
-/// ([`Client::retire_workers`]), or a task ended its process with
+/// ([`Client::retire_workers`], or its process got `SIGTERM`: `worker`
+/// rule 17), or a task ended its process with
 /// `exit(0)`. Nor is one killed by [`LocalCluster::kill_worker`]. The
 /// supervisor is stopped and joined when the cluster is dropped, before
 /// the workers are killed.
