@@ -1881,6 +1881,40 @@ fn workers_sent_sigterm_hand_their_values_over_and_exit() {
     let _ = std::fs::remove_file(&path);
 }
 
+/// A local cluster's workers keep `SIGTERM`'s default (worker rule 17,
+/// `RASK_WORKER_LEAVE_ON_SIGTERM=0`): the program owns them. The only
+/// worker of `local:1`, sent `SIGTERM`, ends at once (it does not leave
+/// as the last worker would, exiting with success, never to be started
+/// again); the cluster starts another, which computes.
+fn a_local_clusters_worker_sent_sigterm_is_started_again() {
+    let before = live_children().len();
+    let client = Client::local(1).unwrap();
+    client.wait_for_workers(1, Duration::from_secs(30)).unwrap();
+    assert_eq!(
+        client.submit(delayed!(inc(1))).unwrap().result().unwrap(),
+        2
+    );
+    let first = client.scheduler_info().unwrap().workers[0].name.clone();
+    let pid: u32 = first
+        .rsplit('-')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no process id in the name {first}"));
+    assert!(live_children().contains(&pid), "{first} is not a child");
+    send_signal("TERM", pid);
+    eventually("another worker process", || {
+        let info = client.scheduler_info().unwrap();
+        info.workers.len() == 1 && info.workers[0].name != first
+    });
+    assert!(!live_children().contains(&pid));
+    assert_eq!(
+        client.submit(delayed!(inc(2))).unwrap().result().unwrap(),
+        3
+    );
+    drop(client);
+    children_settle_to(before);
+}
+
 /// Retirement with real processes: on a cluster of three workers, values
 /// persisted all over it are kept while two workers are retired; the two
 /// processes exit, every value stays readable, and no task runs again (each
@@ -2176,6 +2210,10 @@ fn main() {
         (
             "workers_sent_sigterm_hand_their_values_over_and_exit",
             workers_sent_sigterm_hand_their_values_over_and_exit,
+        ),
+        (
+            "a_local_clusters_worker_sent_sigterm_is_started_again",
+            a_local_clusters_worker_sent_sigterm_is_started_again,
         ),
         (
             "a_worker_started_by_hand_survives_a_scheduler_restart",

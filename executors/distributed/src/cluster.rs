@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use crate::scheduler::{self, SchedulerHandle};
 use crate::{
-    Client, Error, Tls, Token, DEATH_TIMEOUT_ENV, INSECURE_ENV, MEMORY_LIMIT_ENV,
-    RESTART_EXIT_CODE, SPILL_DIR_ENV, SUPERVISED_ENV, TOKEN_ENV, TOKEN_FILE_ENV, WORKER_ENV,
+    Client, Error, Tls, Token, DEATH_TIMEOUT_ENV, INSECURE_ENV, LEAVE_ON_SIGTERM_ENV,
+    MEMORY_LIMIT_ENV, RESTART_EXIT_CODE, SPILL_DIR_ENV, SUPERVISED_ENV, TOKEN_ENV, TOKEN_FILE_ENV,
+    WORKER_ENV,
 };
 
 /// How long `start` waits for every worker to register.
@@ -92,8 +93,7 @@ const MIN_LIFE: Duration = Duration::from_secs(1);
 /// if that is later (a worker that keeps exiting is restarted once a
 /// second at most). A line on stderr says so. A worker that exits with
 /// success is not restarted: it was retired
-/// ([`Client::retire_workers`], or its process got `SIGTERM`: `worker`
-/// rule 17), or a task ended its process with
+/// ([`Client::retire_workers`]), or a task ended its process with
 /// `exit(0)`. Nor is one killed by [`LocalCluster::kill_worker`]. The
 /// supervisor is stopped and joined when the cluster is dropped, before
 /// the workers are killed.
@@ -406,6 +406,8 @@ fn spawn(
         .env(WORKER_ENV, address)
         .env(SUPERVISED_ENV, "1")
         .env(DEATH_TIMEOUT_ENV, "0")
+        // Worker rule 17: this program owns its workers' lives.
+        .env(LEAVE_ON_SIGTERM_ENV, "0")
         .env(TOKEN_ENV, token)
         .env_remove(TOKEN_FILE_ENV)
         .env_remove(INSECURE_ENV)

@@ -278,6 +278,12 @@ pub const SPILL_DIR_ENV: &str = "RASK_WORKER_SPILL_DIR";
 /// exits with [`RESTART_EXIT_CODE`] (see [`worker::Options::supervised`]).
 pub const SUPERVISED_ENV: &str = "RASK_WORKER_SUPERVISED";
 
+/// The environment variable that, set to `0`, keeps `SIGTERM`'s default
+/// in a worker process: it ends at once instead of leaving without loss
+/// ([`worker::Options::leave_on_sigterm`], `worker` rule 17).
+/// [`LocalCluster`] sets it: its program owns its workers' lives.
+pub const LEAVE_ON_SIGTERM_ENV: &str = "RASK_WORKER_LEAVE_ON_SIGTERM";
+
 /// The environment variable declaring a worker process's resources, e.g.
 /// `GPU=2,MEM=64e9` (see [`worker::Options::resources`] and
 /// [`worker::parse_resources`]).

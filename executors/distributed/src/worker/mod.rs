@@ -194,7 +194,13 @@
 //!     terminal's whole process group, a program's local workers with it)
 //!     keeps its default: the process ends at once. A worker of
 //!     [`spawn`] runs in a program that is not the worker's: it leaves
-//!     signals to that program.
+//!     signals to that program. So do the workers of a
+//!     [`LocalCluster`](crate::LocalCluster) ([`LEAVE_ON_SIGTERM_ENV`]
+//!     `0`, [`Options::leave_on_sigterm`]): their program owns their lives,
+//!     and a `SIGTERM` sent to its whole group (`kill -TERM -PGID`, a
+//!     service manager stopping it) ends them at once, as before, rather
+//!     than retiring every one while the program may still want them; the
+//!     cluster starts one that ended so again.
 
 mod connect;
 mod memory;
@@ -230,8 +236,9 @@ use crate::protocol::{
 };
 use crate::tls::Acceptor;
 use crate::{
-    Auth, BuildId, Error, Tls, Token, DEATH_TIMEOUT_ENV, GRACE_ENV, MEMORY_LIMIT_ENV,
-    RESOURCES_ENV, SPILL_DIR_ENV, SUPERVISED_ENV, WORKER_NAME_ENV, WORKER_THREADS_ENV,
+    Auth, BuildId, Error, Tls, Token, DEATH_TIMEOUT_ENV, GRACE_ENV, LEAVE_ON_SIGTERM_ENV,
+    MEMORY_LIMIT_ENV, RESOURCES_ENV, SPILL_DIR_ENV, SUPERVISED_ENV, WORKER_NAME_ENV,
+    WORKER_THREADS_ENV,
 };
 use connect::{Connection, Link};
 use memory::{Found, Store, Stored};
@@ -294,6 +301,13 @@ pub struct Options {
     /// worker then exits the process with [`RESTART_EXIT_CODE`](crate::RESTART_EXIT_CODE) (rule 11).
     /// Default `false`.
     pub supervised: bool,
+    /// Whether a worker process ([`run`], [`run_with`]) leaves without
+    /// loss on `SIGTERM` (rule 17); `false` keeps the signal's default,
+    /// ending the process at once. A worker of [`spawn`] leaves signals to
+    /// its program either way. Default `true`; [`Options::from_env`]
+    /// reads [`LEAVE_ON_SIGTERM_ENV`] (a [`LocalCluster`](crate::LocalCluster)
+    /// sets it to `0`).
+    pub leave_on_sigterm: bool,
     /// How long the worker tries to reach its scheduler before it gives up
     /// (rule 1): when it starts, counted from its first attempt, and after
     /// losing the scheduler, counted from the loss. It retries a scheduler
@@ -369,6 +383,7 @@ impl Default for Options {
             threads: 1,
             grace: GRACE,
             supervised: false,
+            leave_on_sigterm: true,
             death_timeout: DEATH_TIMEOUT,
             auth: None,
             tls: None,
@@ -595,7 +610,8 @@ impl Options {
     /// grace period in seconds, `2.5` allowed), [`DEATH_TIMEOUT_ENV`] (a
     /// death timeout in seconds, `2.5` allowed, `0` not to wait),
     /// [`SUPERVISED_ENV`] (`1` when a supervisor restarts this process, `0`
-    /// or unset when not), [`MEMORY_LIMIT_ENV`] (`200MiB`, `2GB`, `0.5` of
+    /// or unset when not), [`LEAVE_ON_SIGTERM_ENV`] (`0` to end at once on
+    /// `SIGTERM`, `1` or unset to leave without loss), [`MEMORY_LIMIT_ENV`] (`200MiB`, `2GB`, `0.5` of
     /// the machine's memory, `auto` for all of it, `none` or `0` for no
     /// limit), [`SPILL_DIR_ENV`] (a directory), the token or its absence as
     /// [`Auth::from_env`] finds it, and the TLS settings as
@@ -650,12 +666,21 @@ impl Options {
         if let Some(death_timeout) = seconds(DEATH_TIMEOUT_ENV)? {
             self.death_timeout = death_timeout;
         }
-        if let Some(value) = var(SUPERVISED_ENV) {
-            self.supervised = match value.to_str().map(str::trim) {
-                Some("1") => true,
-                Some("0") | Some("") => false,
-                _ => return Err(invalid(SUPERVISED_ENV, &value, "`1` or `0`")),
+        let switch = |name: &'static str| -> Result<Option<bool>, Error> {
+            let Some(value) = var(name) else {
+                return Ok(None);
             };
+            match value.to_str().map(str::trim) {
+                Some("1") => Ok(Some(true)),
+                Some("0") | Some("") => Ok(Some(false)),
+                _ => Err(invalid(name, &value, "`1` or `0`")),
+            }
+        };
+        if let Some(supervised) = switch(SUPERVISED_ENV)? {
+            self.supervised = supervised;
+        }
+        if let Some(leave) = switch(LEAVE_ON_SIGTERM_ENV)? {
+            self.leave_on_sigterm = leave;
         }
         if let Some(value) = var(MEMORY_LIMIT_ENV) {
             let text = value.to_string_lossy();
@@ -824,12 +849,13 @@ pub fn run_with(
     options: Options,
 ) -> Result<(), Error> {
     let limits = net::Limits::standard();
+    let leave_on_sigterm = options.leave_on_sigterm;
     let started = start(
         scheduler,
         registry,
         options,
         BuildId::current(),
-        (None, true),
+        (None, leave_on_sigterm),
         limits,
     )?;
     let ending = started.ending.recv();
@@ -2968,6 +2994,18 @@ mod tests {
         assert_eq!(
             text,
             "RASK_WORKER_GRACE=\"soon\" is not valid: expected a number of seconds"
+        );
+        // Rule 17: leaving on SIGTERM, on unless turned off.
+        let leave = |value: &str| {
+            Options::default().with_env(|name| (name == LEAVE_ON_SIGTERM_ENV).then(|| value.into()))
+        };
+        assert!(Options::default().leave_on_sigterm);
+        assert!(leave("1").unwrap().leave_on_sigterm);
+        assert!(!leave("0").unwrap().leave_on_sigterm);
+        let text = leave("no").unwrap_err().to_string();
+        assert_eq!(
+            text,
+            "RASK_WORKER_LEAVE_ON_SIGTERM=\"no\" is not valid: expected `1` or `0`"
         );
     }
 
