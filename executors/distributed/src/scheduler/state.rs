@@ -1636,7 +1636,7 @@ impl State {
         self.assign(out);
     }
 
-    /// Worker `w` asks to leave (S16: its process was asked to stop):
+    /// Worker `w` asks to leave (S16a: its process was asked to stop):
     /// retired as `on_retire_workers` retires it, with no client to
     /// answer; when no other worker stays to hold its values, it is told
     /// to exit at once and lost (its values are computed again when
