@@ -129,7 +129,6 @@
 //!     workers named are gone, however long their retirement takes (the
 //!     scheduler's rule S16), or at once when the scheduler refuses it.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::{JoinHandle, ThreadId};
@@ -1405,7 +1404,7 @@ struct Loop {
     link: Arc<Link>,
     writer: Writer,
     connected: bool,
-    open: HashMap<u64, Open>,
+    open: KeyMap<u64, Open>,
     /// Output slots and fetches waiting for each key.
     waiting: KeyMap<WireKey, Vec<Waiter>>,
     fetching: KeyMap<WireKey, Fetching>,
@@ -1441,10 +1440,10 @@ struct Loop {
     /// Whether the scheduler was asked for task events (rule 13).
     watching: bool,
     /// Questions sent and not answered, by id (rule 14).
-    asks: HashMap<u64, AskReply>,
+    asks: KeyMap<u64, AskReply>,
     next_ask: u64,
     /// The data ports of the workers the scheduler told of.
-    workers: HashMap<WorkerId, String>,
+    workers: KeyMap<WorkerId, String>,
     /// Since when work has been open with no worker to run it, and whether
     /// that was said (rule 15).
     no_workers_since: Option<Instant>,
@@ -1559,7 +1558,7 @@ impl Loop {
             link,
             writer,
             connected: true,
-            open: HashMap::new(),
+            open: KeyMap::default(),
             waiting: KeyMap::default(),
             fetching: KeyMap::default(),
             holders: KeyMap::default(),
@@ -1570,9 +1569,9 @@ impl Loop {
             out: Batch::default(),
             last_poll: Instant::now(),
             watching: false,
-            asks: HashMap::new(),
+            asks: KeyMap::default(),
             next_ask: 0,
-            workers: HashMap::new(),
+            workers: KeyMap::default(),
             no_workers_since: None,
             warned: false,
         }

@@ -124,8 +124,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::dashboard::{self, Access, Board};
 use crate::net::{self, info_limited, log_limited, Chain};
 use crate::protocol::{
-    Batch, ProtocolError, Role, TaskSpec, ToClient, ToScheduler, ToWorker, WireEvent, WireFailure,
-    WireKey, WorkerId, MAX_HEARTBEAT, MIN_HEARTBEAT, NO_HOLDER,
+    Batch, KeyMap, ProtocolError, Role, TaskSpec, ToClient, ToScheduler, ToWorker, WireEvent,
+    WireFailure, WireKey, WorkerId, MAX_HEARTBEAT, MIN_HEARTBEAT, NO_HOLDER,
 };
 use crate::tls::Acceptor;
 use crate::{Auth, BuildId, Error, Tls, Token, WORKER_ENV};
@@ -788,13 +788,13 @@ struct Conn {
 
 /// The shell's outbox: one batch per connection, flushed after each burst.
 struct Batches {
-    by_conn: HashMap<u32, Batch>,
+    by_conn: KeyMap<u32, Batch>,
     /// The build whose state machine is handling a message now.
     current: BuildId,
     /// Whether every build's task events are wanted (a dashboard runs).
     all: bool,
     /// The connections of the clients watching each build (rule 9).
-    watched: HashMap<BuildId, Vec<u32>>,
+    watched: KeyMap<BuildId, Vec<u32>>,
     /// Task events of this burst with their build, counted at the flush.
     events: Vec<(BuildId, WireEvent)>,
 }
@@ -802,10 +802,10 @@ struct Batches {
 impl Default for Batches {
     fn default() -> Self {
         Batches {
-            by_conn: HashMap::new(),
+            by_conn: KeyMap::default(),
             current: BuildId::NONE,
             all: false,
-            watched: HashMap::new(),
+            watched: KeyMap::default(),
             events: Vec::new(),
         }
     }
@@ -855,8 +855,8 @@ impl Partition {
 
 struct Shell {
     /// One partition per build with a connection (rule 5).
-    partitions: HashMap<BuildId, Partition>,
-    conns: HashMap<u32, Conn>,
+    partitions: KeyMap<BuildId, Partition>,
+    conns: KeyMap<u32, Conn>,
     /// How many of `conns` are clients.
     clients: usize,
     out: Batches,
@@ -1025,8 +1025,8 @@ async fn run(
     let mut clock = tokio::time::interval(Duration::from_millis(state::TICK_MS));
     clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut shell = Shell {
-        partitions: HashMap::new(),
-        conns: HashMap::new(),
+        partitions: KeyMap::default(),
+        conns: KeyMap::default(),
         clients: 0,
         out: Batches {
             all: served.board.is_some(),
@@ -1817,7 +1817,7 @@ impl Shell {
 
     /// The builds some client watches (rule 9).
     fn rewatch(&mut self) {
-        let mut watched: HashMap<BuildId, Vec<u32>> = HashMap::new();
+        let mut watched: KeyMap<BuildId, Vec<u32>> = KeyMap::default();
         for (&conn, c) in &self.conns {
             if c.watching {
                 watched.entry(c.build).or_default().push(conn);
@@ -1939,8 +1939,8 @@ mod tests {
 
     fn shell() -> Shell {
         Shell {
-            partitions: HashMap::new(),
-            conns: HashMap::new(),
+            partitions: KeyMap::default(),
+            conns: KeyMap::default(),
             clients: 0,
             out: Batches::default(),
             options: Options::default(),
