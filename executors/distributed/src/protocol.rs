@@ -1975,11 +1975,9 @@ mod wire_key {
 
     use super::WireKey;
 
-    pub(super) fn serialize<K: AsRef<[u8]> + ?Sized, S: Serializer>(
-        key: &K,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(key.as_ref())
+    /// Only a whole key: no other length can be written as one.
+    pub(super) fn serialize<S: Serializer>(key: &WireKey, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(key)
     }
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<WireKey, D::Error> {
