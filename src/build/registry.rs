@@ -259,7 +259,8 @@ struct Released(Key);
 impl Call for Released {
     fn run(&self, _: &mut [Option<Value>]) -> Result<Value, OpError> {
         Err(OpError::failed(format!(
-            "the cluster no longer holds value {} (it was released or its client is gone)",
+            "the cluster no longer holds value {} (it was released, or lost with its \
+             client's connection to the scheduler)",
             self.0
         )))
     }
