@@ -539,9 +539,8 @@ pub type WireKey = [u8; 32];
 
 /// A map looked up once or more per task (by key, task id, function name,
 /// connection, build or submission), hashed by a fast hash with a per-map
-/// random seed: SipHash costs
-/// more than the rest of a lookup on 32-byte keys, and keys read from the
-/// wire must not choose their buckets.
+/// random seed: SipHash costs more than the rest of a lookup on 32-byte
+/// keys, and keys read from the wire must not choose their buckets.
 pub(crate) type KeyMap<K, V> = std::collections::HashMap<K, V, KeyHashing>;
 
 /// [`KeyMap`]'s hashing: foldhash with a per-map random seed, a key's 32
