@@ -726,6 +726,13 @@ mod tests {
     }
 
     proptest::proptest! {
+        // Under miri (CI runs this module's tests there, for the plan's
+        // pointers) a few cases cover the same code: each takes seconds
+        // in the interpreter, and the full set runs in the plain tests.
+        #![proptest_config(proptest::test_runner::Config::with_cases(
+            if cfg!(miri) { 8 } else { proptest::test_runner::Config::default().cases }
+        ))]
+
         /// Invariant 4: whatever its op tells (the same key, another one,
         /// or none), a task's key is the one it was pushed with, by index
         /// and in `keys()`; a copy is kept only where the op does not tell
