@@ -2252,18 +2252,13 @@ mod tests {
         assert_ne!(other.hash_one([7u8; 32]), hashing.hash_one([7u8; 32]));
         // Not a key: foldhash's own byte hashing, which also sees the length.
         assert_ne!(hashing.hash_one([7u8; 31]), hashing.hash_one([7u8; 33]));
-        let map: KeyMap<WireKey, u16> = (0u16..512)
-            .map(|i| {
-                let mut key = [0u8; 32];
-                key[30..].copy_from_slice(&i.to_le_bytes());
-                (key, i)
-            })
-            .collect();
-        assert!((0u16..512).all(|i| {
+        let key_of = |i: u16| {
             let mut key = [0u8; 32];
             key[30..].copy_from_slice(&i.to_le_bytes());
-            map.get(&key) == Some(&i)
-        }));
+            key
+        };
+        let map: KeyMap<WireKey, u16> = (0u16..512).map(|i| (key_of(i), i)).collect();
+        assert!((0u16..512).all(|i| map.get(&key_of(i)) == Some(&i)));
     }
 
     #[test]
