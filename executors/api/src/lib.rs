@@ -52,6 +52,7 @@ mod dropping;
 pub mod entry;
 pub mod events;
 mod failure;
+mod hint;
 mod limits;
 mod plan;
 mod simulated;
@@ -67,6 +68,7 @@ pub use failure::{
     decode_failure, encode_failure, panic_message, Cause, Failure, FailureKind, OpError,
     RemoteError,
 };
+pub use hint::prefetch;
 pub use limits::{run_limited, Run};
 pub use plan::{Kept, Plan, PlanBuilder, PlanId, PlanTask};
 pub use simulated::{Simulated, SplitMix64};

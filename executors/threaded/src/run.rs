@@ -408,6 +408,13 @@ impl Run {
         scratch: &mut Scratch,
     ) -> Option<(u32, Option<(u32, Outcome)>)> {
         let plan = &*self.plan;
+        // The first dependent's state is read when this task resolves, and
+        // its op when it runs, mostly next on this thread: both loads start
+        // now, while this task runs, rather than stall then.
+        if let Some(&next) = plan.dependents(task).first() {
+            rask_executor::prefetch(&self.tasks[next as usize]);
+            rask_executor::prefetch(plan.task(next).op());
+        }
         let inputs = &mut scratch.inputs;
         inputs.clear();
         // Like `Synchronous`: every dependency is taken (so its value can be
