@@ -550,6 +550,30 @@ fn work_on_a_future_cancelled_after_it_was_submitted_fails_as_cancelled() {
     }
 }
 
+/// The same, with the cancelled work submitted again before the work on it
+/// is recorded: the cancellation still fails that work, on every executor
+/// (on a cluster it used to be recorded `Ok`, with the value computed
+/// there, while the threads failed it as cancelled: the cancellation was
+/// looked for only in the future's state at recording time, which the new
+/// submission had made pending again). The work submitted again computes.
+#[test]
+fn work_on_a_cancelled_future_stays_cancelled_when_the_future_is_resubmitted() {
+    for client in clients().into_iter().skip(1) {
+        let gate = new_id();
+        let f = client.submit(delayed!(gated(gate, 10))).unwrap();
+        let h = client.submit(delayed!(inc(&f))).unwrap();
+        f.cancel();
+        let again = client.submit(delayed!(gated(gate, 10))).unwrap();
+        assert_eq!(again.key(), f.key());
+        open(gate);
+        match h.result_timeout(std::time::Duration::from_secs(30)) {
+            Err(Error::Cancelled { key }) => assert_eq!(key, f.key(), "{:?}", client.executor()),
+            other => panic!("{:?}: {other:?}", client.executor()),
+        }
+        assert_eq!(again.result().unwrap(), 10, "{:?}", client.executor());
+    }
+}
+
 /// `scheduler_info` of a client in this process counts its futures by
 /// state, as a scheduler counts tasks: work sent to the executor as
 /// processing (and running on its threads), failed work as erred. Every

@@ -19,7 +19,9 @@
 //!    computed, as rule 2 does for roots, and the entry stays as it was. A
 //!    future cancelled after the graph was sent to a cluster, which had it
 //!    computed there all the same, fails the graph's outputs as cancelled
-//!    when they are recorded, as if the graph had waited here. A pending
+//!    when they are recorded, as if the graph had waited here: so does one
+//!    cancelled and submitted again meanwhile (its entry counts its
+//!    cancellations, `Rare::cancels`, and the run the count it saw). A pending
 //!    future of another client in the graph is waited for the same way,
 //!    where the graph would otherwise start on a thread of its own
 //!    (threads, a cluster): no executor thread, and no cluster
@@ -220,6 +222,10 @@ struct Rare {
     /// and each display learns the run's plan to count its events
     /// (`run::progress` rule 1). Kept, the displays gone, until the run.
     counted: Vec<Weak<Plans>>,
+    /// How many times it was cancelled ([`Entry::cancel`]): a run that took
+    /// it as a future on a cluster, sent before one of them, fails as
+    /// cancelled (rule 3), even once the work was submitted again.
+    cancels: u64,
 }
 
 /// Where a key's computation stands.
@@ -1166,6 +1172,18 @@ impl Entry {
         self.rare.get_or_insert_with(Box::default)
     }
 
+    /// Marks it cancelled, counting the cancellation (rule 3).
+    fn cancel(&mut self) {
+        self.state = State::Cancelled;
+        let rare = self.rare();
+        rare.cancels = rare.cancels.saturating_add(1);
+    }
+
+    /// How many times it was cancelled so far.
+    fn cancels(&self) -> u64 {
+        self.rare.as_ref().map_or(0, |r| r.cancels)
+    }
+
     /// Its listeners and the submissions waiting for it, taken: whom to
     /// wake once it stopped being pending.
     fn take_waiting(&mut self) -> (Vec<Listener>, Vec<Arc<Deferred>>) {
@@ -1216,7 +1234,27 @@ struct Run {
     /// The futures it takes that the cluster was computing for an earlier
     /// run when it was sent (`PendingRef`): one cancelled before this run's
     /// output is recorded fails it (rule 3).
-    refs: Box<[(Key, Name)]>,
+    refs: Box<[TakenRef]>,
+}
+
+/// A future a [`Run`] takes that the cluster was computing for an earlier
+/// run when it was sent (rule 3).
+struct TakenRef {
+    key: Key,
+    name: Name,
+    /// Its entry's cancellations when the run was sent ([`Entry::cancels`]):
+    /// more by the time an output is recorded means it was cancelled
+    /// meanwhile, whatever its state has become since.
+    cancels: u64,
+}
+
+impl TakenRef {
+    /// Whether it was cancelled since its run was sent, by `table`.
+    fn cancelled_since(&self, table: &KeyMap<Entry>) -> bool {
+        table
+            .get(&self.key)
+            .is_some_and(|e| e.state.is_cancelled() || e.cancels() > self.cancels)
+    }
 }
 
 impl Run {
@@ -1605,7 +1643,11 @@ impl Shared {
                     .as_ref()
                     .is_some_and(|(r, _)| r.submitted.load(Ordering::Acquire))
             {
-                refs.push((node.key, node.name_owned()));
+                refs.push(TakenRef {
+                    key: node.key,
+                    name: node.name_owned(),
+                    cancels: entry.cancels(),
+                });
                 Arc::new(PendingRef {
                     name: node.name_owned(),
                     key: node.key,
@@ -1699,17 +1741,17 @@ impl Shared {
         let mut unwanted = None;
         let woken = 'table: {
             let mut table = self.lock();
-            // A future it took, cancelled since it was sent: its value
-            // reached the cluster's graph anyway (the cluster computed it
-            // for this run), but work on a cancelled future fails as
-            // cancelled, naming it, as where the graph waits for the
-            // future in this process (rule 3).
+            // A future it took, cancelled since it was sent (and perhaps
+            // submitted again since): its value reached the cluster's graph
+            // anyway (the cluster computed it for this run), but work on a
+            // cancelled future fails as cancelled, naming it, as where the
+            // graph waits for the future in this process (rule 3).
             let cancelled_ref = match &outcome {
                 Ok(_) if !run.refs.is_empty() => run
                     .refs
                     .iter()
-                    .find(|(k, _)| table.get(k).is_some_and(|e| e.state.is_cancelled()))
-                    .map(|(k, name)| cancelled_failure(*k, name)),
+                    .find(|r| r.cancelled_since(&table))
+                    .map(|r| cancelled_failure(r.key, &r.name)),
                 _ => None,
             };
             let outcome = match cancelled_ref {
@@ -1740,11 +1782,14 @@ impl Shared {
                     finished_node = entry.node.take();
                     State::Finished(value)
                 }
-                // This very key was cancelled; an input's cancellation is
-                // kept as a failure naming that input.
+                // This very key was cancelled (counted below); an input's
+                // cancellation is kept as a failure naming that input.
                 Err(f) if f.kind == FailureKind::Cancelled && f.key == key => State::Cancelled,
                 Err(f) => State::Failed(f),
             };
+            if matches!(entry.state, State::Cancelled) {
+                entry.cancel();
+            }
             // Taken under the lock, as `cancel` and `release` take it: the
             // slot is counted out of `live` here, and never by them.
             entry.run = None;
@@ -1874,7 +1919,7 @@ impl Shared {
             if !entry.state.is_pending() {
                 return;
             }
-            entry.state = State::Cancelled;
+            entry.cancel();
             let run = entry.run.take();
             let watched_failure = self.watched_failure(entry);
             let (listeners, deferred) = entry.take_waiting();
