@@ -21,10 +21,10 @@
 //!    computed there all the same, fails the graph's outputs as cancelled
 //!    when they are recorded, as if the graph had waited here: so does one
 //!    cancelled and submitted again meanwhile (its entry counts its
-//!    cancellations, `Rare::cancels`, and the run the count it saw). A pending
-//!    future of another client in the graph is waited for the same way,
-//!    where the graph would otherwise start on a thread of its own
-//!    (threads, a cluster): no executor thread, and no cluster
+//!    cancellations, `Rare::cancels`, and the run keeps the count it saw).
+//!    A pending future of another client in the graph is waited for the
+//!    same way, where the graph would otherwise start on a thread of its
+//!    own (threads, a cluster): no executor thread, and no cluster
 //!    connection's thread, blocks on it (the completion of the very future
 //!    it waited for could need that thread). A synchronous or simulated
 //!    client, and another client's simulated future, which runs only when
