@@ -408,10 +408,11 @@ impl Run {
         scratch: &mut Scratch,
     ) -> Option<(u32, Option<(u32, Outcome)>)> {
         let plan = &*self.plan;
+        let dependents = plan.dependents(task);
         // The first dependent's state is read when this task resolves, and
         // its op when it runs, mostly next on this thread: both loads start
         // now, while this task runs, rather than stall then.
-        if let Some(&next) = plan.dependents(task).first() {
+        if let Some(&next) = dependents.first() {
             rask_executor::prefetch(&self.tasks[next as usize]);
             rask_executor::prefetch(plan.task(next).op());
         }
@@ -450,20 +451,20 @@ impl Run {
         } else {
             inputs.clear();
         }
-        self.resolve(task, outcome, spawner, scratch)
+        self.resolve(task, dependents, outcome, spawner, scratch)
     }
 
-    /// Reports `task`'s outputs, stores its outcome for its dependents and
-    /// releases them.
+    /// Reports `task`'s outputs, stores its outcome for its `dependents`
+    /// (the plan's, which `step` read already) and releases them.
     fn resolve<S: Spawner>(
         self: &Arc<Self>,
         task: u32,
+        dependents: &[u32],
         outcome: Outcome,
         spawner: &S,
         scratch: &mut Scratch,
     ) -> Option<(u32, Option<(u32, Outcome)>)> {
         let plan = &*self.plan;
-        let dependents = plan.dependents(task);
         let consumers = plan.consumers(task);
         let mut outcome = Some(outcome);
         if consumers as usize > dependents.len() {
