@@ -1777,18 +1777,16 @@ impl Shared {
                 unwanted = Some(outcome);
                 break 'table None; // cancelled, then submitted again: a newer run owns it
             }
-            entry.state = match outcome {
+            match outcome {
                 Ok(value) => {
                     finished_node = entry.node.take();
-                    State::Finished(value)
+                    entry.state = State::Finished(value);
                 }
-                // This very key was cancelled (counted below); an input's
-                // cancellation is kept as a failure naming that input.
-                Err(f) if f.kind == FailureKind::Cancelled && f.key == key => State::Cancelled,
-                Err(f) => State::Failed(f),
-            };
-            if matches!(entry.state, State::Cancelled) {
-                entry.cancel();
+                // This very key was cancelled (and counted, as every
+                // cancellation); an input's cancellation is kept as a
+                // failure naming that input.
+                Err(f) if f.kind == FailureKind::Cancelled && f.key == key => entry.cancel(),
+                Err(f) => entry.state = State::Failed(f),
             }
             // Taken under the lock, as `cancel` and `release` take it: the
             // slot is counted out of `live` here, and never by them.
