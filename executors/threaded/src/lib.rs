@@ -67,35 +67,25 @@
 //!   carries too, so `submit` knows such a thread and runs the plan there,
 //!   on that thread alone, returning once it finished: the attempt does
 //!   the work its worker would have done in place.
-//! - **Blocks run as `Synchronous` runs a plan.** A run cuts its plan into
-//!   blocks of up to 64 consecutive tasks (at least `32 × threads` blocks).
-//!   A task whose dependencies are all such tasks of its own block (a task
-//!   without any, too) is *inner*: the thread that runs the block runs it
-//!   in plan order, its values in the block's own store, with no atomic
-//!   and no lock. A tree's tasks are nearly all inner.
-//! - **Dependency counting, no global lock, for the rest.** Each other
-//!   (*outer*) task has an atomic count of unresolved dependencies; the
-//!   thread that resolves the last one owns the task. A task that makes several dependents ready runs
+//! - **Dependency counting, no global lock.** Each task of a run has an
+//!   atomic count of unresolved dependencies; the thread that resolves the
+//!   last one owns the task. A task that makes several dependents ready runs
 //!   the lowest-index one inline (a continuation loop, so a chain costs no
 //!   queueing) and spawns the others on its worker's deque, where the LIFO
 //!   pop keeps the run depth-first and idle workers steal from the far end.
-//! - **Blocks are pulled, not spawned.** Plan order is a depth-first
-//!   post-order. Blocks are started in plan order by at most one puller per
-//!   thread, and each outer task a block makes ready runs as far as it can
-//!   before the block goes on. A tree reduction over a million leaves thus
-//!   keeps about `threads × depth` values alive instead of queueing a
-//!   million jobs. Each puller takes a run of neighbouring blocks at once
+//! - **Sources are pulled, not spawned.** Plan order is a depth-first
+//!   post-order. Tasks without dependencies are started in plan order by at
+//!   most one puller per thread, and each branch runs as far as it can
+//!   before the next source starts. A tree reduction over a million leaves
+//!   thus keeps about `threads × depth` values alive instead of queueing a
+//!   million jobs. Each puller takes a run of neighbouring sources at once
 //!   (their results meet soon, so they stay on one core), and an idle puller
-//!   steals half of another's run; once no block is left to take, a thread
-//!   splits what is left of its block for the idle ones wherever its upper
-//!   half needs nothing from the lower, so slow tasks still spread evenly,
-//!   side by side in one block too.
+//!   steals half of another's run, so slow sources still spread evenly.
 //! - **Wide fan-out is one job.** When a task makes many dependents ready at
 //!   once, they go on the deque as one list of indices; running it splits
 //!   off halves for idle workers to steal and works through the lowest
 //!   indices first, so a million ready dependents cost `log` queued jobs.
-//! - **Values are freed by their last consumer.** An outer task's outcome
-//!   (or an inner one's, for its outer dependents) waits in a
+//! - **Values are freed by their last consumer.** A task's outcome waits in a
 //!   per-task slot with a count of the dependents still to take it; the last
 //!   one moves it out, so an op often gets the only reference. A task whose
 //!   only consumer is the dependent it makes ready hands the value over
@@ -111,13 +101,9 @@
 //!   process from a pool thread; so are the ops of its plan (and the
 //!   literal arguments they hold), let go by the plan itself when the run
 //!   ends (`rask_executor` dropping rule 5).
-//! - **Memory.** A run holds about 3 bits per task (inner, with outer
-//!   dependents, an output), 32 bytes per outer task or inner task with
-//!   outer dependents (dependency count, consumer count, value slot) and 4
-//!   per edge into an outer task, allocated when it starts and freed when
-//!   it finished: for a tree, 5 to 10 bytes per task. Memory a compute
-//!   touches for the first time costs more than running a task of
-//!   nanoseconds.
+//! - **Memory.** A run holds 32 bytes per task (dependency count, consumer
+//!   count, value slot) plus 4 per source, allocated when it starts and
+//!   freed when it finished.
 //!
 //! # Limits
 //!
@@ -135,7 +121,6 @@ use std::sync::Arc;
 
 use rask_executor::{Executor, Plan, Reporter, Seat};
 
-mod blocks;
 mod run;
 #[cfg(test)]
 mod tests;

@@ -11,17 +11,16 @@
 //!    stored in the run's failure table instead: an empty slot of a resolved
 //!    task means it failed. A task whose only consumer is the dependent it
 //!    releases last hands its outcome over directly and never touches either.
-//! 3. The plan is cut into blocks of consecutive tasks (rule 8), and
-//!    pullers, at most one per pool thread, run blocks in plan order, each
-//!    to its end, and each task a block makes ready (rule 8) to the end of
-//!    its chain, before starting the next. Live intermediates therefore
-//!    stay near `threads × depth` for a tree, and a million-leaf plan holds
-//!    no million queued jobs.
-//! 4. Each puller owns a range of blocks. It refills the range from a
-//!    shared cursor in growing chunks (so neighbouring blocks, whose results
-//!    meet soon, mostly run on the same thread); once the cursor is
+//! 3. Sources (tasks without dependencies) are not spawned up front: pullers,
+//!    at most one per pool thread, start them in plan order, and run each to
+//!    the end of its chain before starting the next. Live intermediates
+//!    therefore stay near `threads × depth` for a tree, and a million-leaf
+//!    plan holds no million queued jobs.
+//! 4. Each puller owns a range of source positions. It refills the range from
+//!    a shared cursor in growing chunks (so neighbouring sources, whose
+//!    results meet soon, mostly run on the same thread); once the cursor is
 //!    exhausted, an idle puller steals the upper half of another's range, so
-//!    a chunk of slow blocks does not end up on one thread. Positions only
+//!    a chunk of slow sources does not end up on one thread. Positions only
 //!    move forward or change owner, so a packed `(lo, hi)` pair never repeats
 //!    and compare-and-swap on it has no ABA problem.
 //! 5. `active` counts the live jobs of the run (pullers, chain and batch
@@ -42,34 +41,15 @@
 //!    value too). The plan, let go when the run ends, drops its ops (and
 //!    the literal arguments they hold, of which it may hold the last
 //!    reference: a client's graph) quietly itself (plan invariant 6).
-//! 8. A task is *inner* when each of its dependencies is an inner task of
-//!    its block (a task without dependencies is inner): nothing outside
-//!    the block holds it back, so the thread that runs the block runs it,
-//!    in plan order, as `Synchronous` runs a plan (its values in the
-//!    block's own store, no atomics, no lock). Every other task is *outer*
-//!    and goes through dependency counting (rules 1 and 2), and so do its
-//!    dependents, all outer. An inner task with outer dependents stores its
-//!    outcome for their edges (rule 2) and releases them, and runs the
-//!    first that becomes ready, to the end of its chain, before it goes on
-//!    with its block. A tree's inner tasks are all but the few whose
-//!    subtree crosses a block's start.
-//! 9. Once a puller finds no block left to start or steal, the run is
-//!    *hungry*: a thread running a block splits the rest of it in two
-//!    wherever no inner task of the upper half depends on a task before
-//!    it, and queues the upper half as a job of its own (a block of its
-//!    own, rule 8), where an idle thread can steal it. Slow tasks side by
-//!    side in one block (a map's) thus still spread over the threads.
 
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::blocks::Blocks;
 use rask_executor::events::{self, Place};
 use rask_executor::{
-    drop_each_quietly, drop_quietly, run_task, Failure, Outcome, OutcomeStore, Plan, Reporter,
-    Stop, Value,
+    drop_each_quietly, drop_quietly, run_task, Failure, Outcome, Plan, Reporter, Stop, Value,
 };
 
 /// This thread's place in events: its index in the pool (`0` off the pool,
@@ -130,12 +110,10 @@ impl Spawner for rayon::Scope<'_> {
 
 /// Work queued on the pool for one run.
 pub(crate) enum Job {
-    /// Puller number `.1`: runs blocks until none is left (rule 3).
+    /// Puller number `.1`: starts sources until none is left (rule 3).
     Puller(Arc<Run>, usize),
     /// Runs one ready task, then the chain of tasks it makes ready.
     Chain(Arc<Run>, u32),
-    /// Runs the inner tasks `.1` of a block, split off its rest (rule 9).
-    Tail(Arc<Run>, Range<u32>),
     /// Runs ready tasks `.1[.2]`, lowest first, after spawning the upper
     /// half of the range (recursively), so a task with a million ready
     /// dependents queues a list of indices and `log` jobs, not a million.
@@ -147,9 +125,7 @@ impl Job {
         // Tasks see the run's cancellation (`rask_executor::cancelled`);
         // installed once per job, which runs many tasks.
         let stop = match &self {
-            Job::Puller(run, _) | Job::Chain(run, _) | Job::Tail(run, _) | Job::Batch(run, ..) => {
-                run.stop.clone()
-            }
+            Job::Puller(run, _) | Job::Chain(run, _) | Job::Batch(run, ..) => run.stop.clone(),
         };
         stop.enter(|| self.run_here(spawner));
     }
@@ -160,11 +136,6 @@ impl Job {
             Job::Chain(run, task) => {
                 let mut scratch = Scratch::default();
                 run.chain(task, None, spawner, &mut scratch);
-                run.job_ended();
-            }
-            Job::Tail(run, tasks) => {
-                let mut scratch = Scratch::default();
-                run.run_block(tasks, spawner, &mut scratch);
                 run.job_ended();
             }
             Job::Batch(run, tasks, mut range) => {
@@ -195,7 +166,8 @@ pub(crate) fn start<S: Spawner>(
         events::queued(&plan);
     }
     let run = Arc::new(Run::new(plan, reporter, threads));
-    if run.blocks.count() == 0 {
+    if run.sources.is_empty() {
+        // No source means no task at all (task 0 never has dependencies).
         run.finish();
         return;
     }
@@ -208,24 +180,22 @@ pub(crate) fn start<S: Spawner>(
     stop.enter(|| run.pull(0, spawner));
 }
 
-/// The first chunk of blocks a puller takes from the cursor; each refill
+/// The first chunk of sources a puller takes from the cursor; each refill
 /// doubles it up to `MAX_CHUNK`. Small plans keep close to plan order, large
 /// ones touch the shared cursor rarely.
-const FIRST_CHUNK: u32 = 1;
-const MAX_CHUNK: u32 = 32;
+const FIRST_CHUNK: u32 = 4;
+const MAX_CHUNK: u32 = 1024;
 
 /// The state of one submitted plan.
 pub(crate) struct Run {
     plan: Arc<Plan>,
     reporter: Arc<dyn Reporter>,
-    /// The plan's blocks (rule 8).
-    blocks: Blocks,
-    /// The state of each shared task (outer, or inner with outer
-    /// dependents), by [`Blocks::shared`].
     tasks: Box<[TaskState]>,
-    /// The first block no puller owns yet.
+    /// Tasks without dependencies, in plan order.
+    sources: Box<[u32]>,
+    /// Position in `sources` of the first source no puller owns yet.
     cursor: AtomicUsize,
-    /// The blocks each puller owns (rule 4).
+    /// The source positions each puller owns (rule 4).
     ranges: Box<[Owned]>,
     /// Failures of tasks with dependents (rule 2); rare, so one lock.
     failures: Mutex<HashMap<u32, Arc<Failure>>>,
@@ -233,15 +203,13 @@ pub(crate) struct Run {
     reported: Box<[AtomicBool]>,
     /// Live jobs of this run (rule 5).
     active: AtomicUsize,
-    /// Whether a puller found no block left (rule 9); sticky.
-    hungry: AtomicBool,
     /// Sticky copy of `reporter.cancelled()`.
     cancelled: AtomicBool,
     /// What `rask_executor::cancelled` reads in this run's tasks.
     stop: Stop,
 }
 
-/// 32 bytes a shared task: with [`Blocks`], the per-task memory of a run.
+/// 32 bytes a task: the whole per-task memory of a run.
 struct TaskState {
     /// Unresolved dependency edges (rule 1).
     pending: AtomicU32,
@@ -253,8 +221,8 @@ struct TaskState {
     value: Mutex<Option<Value>>,
 }
 
-/// Blocks `lo..hi` packed as `lo << 32 | hi` (rule 4), on its own cache
-/// line: the owner updates it for every block it starts.
+/// Source positions `lo..hi` packed as `lo << 32 | hi` (rule 4), on its own
+/// cache line: the owner updates it for every source it starts.
 #[repr(align(128))]
 struct Owned(AtomicU64);
 
@@ -274,27 +242,22 @@ fn unpack(range: u64) -> (usize, usize) {
 struct Scratch {
     inputs: Vec<Option<Value>>,
     ready: Vec<u32>,
-    /// Outer dependents an inner task made ready (rule 8).
-    released: Vec<u32>,
     /// Whether a job was spawned since the puller last drained its deque.
     spawned: bool,
 }
 
 impl Run {
     fn new(plan: Arc<Plan>, reporter: Arc<dyn Reporter>, threads: usize) -> Run {
-        let blocks = Blocks::of(&plan, threads);
-        let mut tasks: Box<[TaskState]> = (0..blocks.shared_len())
-            .map(|_| TaskState {
-                pending: AtomicU32::new(0),
+        let n = plan.len() as u32;
+        let tasks = (0..n)
+            .map(|i| TaskState {
+                pending: AtomicU32::new(plan.deps(i).len() as u32),
                 remaining: AtomicU32::new(0),
                 value: Mutex::new(None),
             })
             .collect();
-        for &task in blocks.outer() {
-            let deps = plan.deps(task).len() as u32;
-            *tasks[blocks.shared(task)].pending.get_mut() = deps;
-        }
-        let pullers = threads.min(blocks.count()).max(1);
+        let sources: Box<[u32]> = (0..n).filter(|&i| plan.deps(i).is_empty()).collect();
+        let pullers = threads.min(sources.len()).max(1);
         let ranges = (0..pullers).map(|_| Owned(AtomicU64::new(0))).collect();
         let reported = plan
             .outputs()
@@ -309,14 +272,13 @@ impl Run {
             plan,
             reporter,
             stop,
-            blocks,
             tasks,
+            sources,
             cursor: AtomicUsize::new(0),
             ranges,
             failures: Mutex::new(HashMap::new()),
             reported,
             active: AtomicUsize::new(0),
-            hungry: AtomicBool::new(false),
             cancelled: AtomicBool::new(false),
         }
     }
@@ -333,9 +295,9 @@ impl Run {
         cancelled
     }
 
-    /// The next block for puller `me`, from its own range, a new chunk or
+    /// The next source for puller `me`, from its own range, a new chunk or
     /// another puller's range (rule 4).
-    fn next_block(&self, me: usize, chunk: &mut u32) -> Option<usize> {
+    fn next_source(&self, me: usize, chunk: &mut u32) -> Option<u32> {
         let own = &self.ranges[me].0;
         loop {
             let mut range = own.load(Ordering::Acquire);
@@ -346,7 +308,7 @@ impl Run {
                 }
                 let next = pack(lo + 1, hi);
                 match own.compare_exchange_weak(range, next, Ordering::AcqRel, Ordering::Acquire) {
-                    Ok(_) => return Some(lo),
+                    Ok(_) => return Some(self.sources[lo]),
                     Err(now) => range = now,
                 }
             }
@@ -358,9 +320,9 @@ impl Run {
     }
 
     /// A new range for puller `me`: a chunk from the cursor, else the upper
-    /// half of another puller's range; `None` when every block is owned.
+    /// half of another puller's range; `None` when every source is owned.
     fn claim(&self, me: usize, chunk: &mut u32) -> Option<(usize, usize)> {
-        let len = self.blocks.count();
+        let len = self.sources.len();
         if self.cursor.load(Ordering::Relaxed) < len {
             let at = self.cursor.fetch_add(*chunk as usize, Ordering::Relaxed);
             if at < len {
@@ -379,7 +341,7 @@ impl Run {
                     break;
                 }
                 // Take the upper half, or the last one: the owner keeps the
-                // blocks that come first in plan order.
+                // sources that come first in plan order.
                 let mid = lo + (hi - lo) / 2;
                 let left = pack(lo, mid);
                 match victim.compare_exchange_weak(range, left, Ordering::AcqRel, Ordering::Acquire)
@@ -396,8 +358,8 @@ impl Run {
     fn pull<S: Spawner>(self: &Arc<Self>, me: usize, spawner: &S) {
         let mut scratch = Scratch::default();
         let mut chunk = FIRST_CHUNK;
-        while let Some(block) = self.next_block(me, &mut chunk) {
-            self.run_block(self.blocks.tasks_of(block), spawner, &mut scratch);
+        while let Some(source) = self.next_source(me, &mut chunk) {
+            self.chain(source, None, spawner, &mut scratch);
             if self.cancelled.load(Ordering::Relaxed) {
                 break;
             }
@@ -410,100 +372,7 @@ impl Run {
                 while let Some(rayon::Yield::Executed) = rayon::yield_local() {}
             }
         }
-        self.hungry.store(true, Ordering::Relaxed);
         self.job_ended();
-    }
-
-    /// Runs the inner tasks of block `tasks` in plan order (rule 8) and,
-    /// before going on, each outer task one of them makes ready to the end
-    /// of its chain.
-    fn run_block<S: Spawner>(
-        self: &Arc<Self>,
-        mut tasks: Range<u32>,
-        spawner: &S,
-        scratch: &mut Scratch,
-    ) {
-        let plan = &*self.plan;
-        // What a cancellation leaves in it is dropped with it (rule 7).
-        let mut store = OutcomeStore::new(plan, tasks.clone());
-        while let Some(task) = tasks.next() {
-            if !self.blocks.is_inner(task) {
-                continue;
-            }
-            if self.is_cancelled() {
-                return;
-            }
-            if tasks.len() > 1 && self.hungry.load(Ordering::Relaxed) {
-                // Rule 9: the tasks from `mid` on, to a job of their own.
-                let mid = tasks.start + tasks.len() as u32 / 2;
-                let apart = (mid..tasks.end)
-                    .all(|t| !self.blocks.is_inner(t) || plan.deps(t).iter().all(|&d| d >= mid));
-                if apart {
-                    let tail = Job::Tail(Arc::clone(self), mid..tasks.end);
-                    self.active.fetch_add(1, Ordering::Relaxed);
-                    spawner.spawn_job(tail);
-                    scratch.spawned = true;
-                    tasks.end = mid;
-                }
-            }
-            // As `Synchronous` runs a task; every dependency is in `store`.
-            let inputs = &mut scratch.inputs;
-            let mut failed: Option<Arc<Failure>> = None;
-            for &dep in plan.deps(task) {
-                match store.take(dep) {
-                    Ok(value) => inputs.push(Some(value)),
-                    Err(failure) => {
-                        failed.get_or_insert(failure);
-                    }
-                }
-            }
-            let outcome = match failed {
-                Some(failure) => {
-                    events::skipped(plan, task, &failure);
-                    Err(failure)
-                }
-                None => events::observe(plan, task, thread_place, || run_task(plan, task, inputs)),
-            };
-            if inputs.iter().any(Option::is_some) {
-                drop_inputs(plan, task, inputs);
-            } else {
-                inputs.clear();
-            }
-            // Outer dependents take the outcome from the run's slot, inner
-            // ones and outputs from the block's store.
-            let mut uses = plan.consumers(task);
-            let mut outcome = Some(outcome);
-            if self.blocks.exports(task) {
-                let dependents = self.blocks.outer_dependents(task);
-                let outer = dependents.len() as u32;
-                uses -= outer;
-                let shared = if uses == 0 {
-                    outcome.take()
-                } else {
-                    outcome.clone()
-                };
-                self.store(task, shared.expect("taken here only"), outer);
-                for &dependent in dependents {
-                    if self.release(dependent) {
-                        scratch.released.push(dependent);
-                    }
-                }
-            }
-            if let Some(outcome) = outcome {
-                store.put(task, outcome, uses);
-            }
-            if self.blocks.has_outputs(task) {
-                for slot in plan.output_slots_of(task) {
-                    self.reported[slot].store(true, Ordering::Relaxed);
-                    self.reporter.output(slot, store.take(task));
-                }
-            }
-            if let Some((&next, rest)) = scratch.released.split_first() {
-                scratch.spawned |= self.spawn_ready(rest, spawner);
-                scratch.released.clear();
-                self.chain(next, None, spawner, scratch);
-            }
-        }
     }
 
     /// Runs `task` and then, inline, the lowest-index task each step makes
@@ -539,12 +408,12 @@ impl Run {
         scratch: &mut Scratch,
     ) -> Option<(u32, Option<(u32, Outcome)>)> {
         let plan = &*self.plan;
-        let dependents = self.blocks.outer_dependents(task);
+        let dependents = plan.dependents(task);
         // The first dependent's state is read when this task resolves, and
         // its op when it runs, mostly next on this thread: both loads start
         // now, while this task runs, rather than stall then.
         if let Some(&next) = dependents.first() {
-            rask_executor::prefetch(self.state(next));
+            rask_executor::prefetch(&self.tasks[next as usize]);
             rask_executor::prefetch(plan.task(next).op());
         }
         let inputs = &mut scratch.inputs;
@@ -585,9 +454,8 @@ impl Run {
         self.resolve(task, dependents, outcome, spawner, scratch)
     }
 
-    /// Reports outer `task`'s outputs, stores its outcome for its
-    /// `dependents` (all outer, which `step` read already) and releases
-    /// them.
+    /// Reports `task`'s outputs, stores its outcome for its `dependents`
+    /// (the plan's, which `step` read already) and releases them.
     fn resolve<S: Spawner>(
         self: &Arc<Self>,
         task: u32,
@@ -623,7 +491,11 @@ impl Run {
             &[dependent] if consumers == 1 => {
                 // One consumer: hand the outcome over when we release the
                 // last edge of `dependent` (rule 2).
-                if self.state(dependent).pending.load(Ordering::Acquire) == 1 {
+                if self.tasks[dependent as usize]
+                    .pending
+                    .load(Ordering::Acquire)
+                    == 1
+                {
                     return Some((dependent, Some((task, outcome))));
                 }
                 self.store(task, outcome, 1);
@@ -640,37 +512,31 @@ impl Run {
                         }
                     }
                 }
-                // `dependents` is in plan order, so is `ready`.
-                scratch.spawned |= self.spawn_ready(&scratch.ready, spawner);
+                // `dependents` is in plan order, so is `ready`; a batch runs
+                // its lowest index first.
+                let job = match scratch.ready[..] {
+                    [] => None,
+                    [ready] => Some(Job::Chain(Arc::clone(self), ready)),
+                    ref ready => {
+                        let range = 0..ready.len();
+                        Some(Job::Batch(Arc::clone(self), ready.into(), range))
+                    }
+                };
+                if let Some(job) = job {
+                    self.active.fetch_add(1, Ordering::Relaxed);
+                    spawner.spawn_job(job);
+                    scratch.spawned = true;
+                }
                 scratch.ready.clear();
                 first.map(|dependent| (dependent, None))
             }
         }
     }
 
-    /// Queues one job for the ready tasks `ready` (in plan order: a batch
-    /// runs its lowest index first); whether there were any.
-    fn spawn_ready<S: Spawner>(self: &Arc<Self>, ready: &[u32], spawner: &S) -> bool {
-        let job = match *ready {
-            [] => return false,
-            [ready] => Job::Chain(Arc::clone(self), ready),
-            _ => Job::Batch(Arc::clone(self), ready.into(), 0..ready.len()),
-        };
-        self.active.fetch_add(1, Ordering::Relaxed);
-        spawner.spawn_job(job);
-        true
-    }
-
-    /// Shared `task`'s state.
-    #[inline]
-    fn state(&self, task: u32) -> &TaskState {
-        &self.tasks[self.blocks.shared(task)]
-    }
-
     fn store(&self, task: u32, outcome: Outcome, remaining: u32) {
         match outcome {
             Ok(value) => {
-                let state = self.state(task);
+                let state = &self.tasks[task as usize];
                 let mut slot = lock(&state.value);
                 debug_assert!(slot.is_none(), "a task resolves at most once");
                 state.remaining.store(remaining, Ordering::Relaxed);
@@ -684,7 +550,7 @@ impl Run {
 
     /// Takes one use of `dep`'s stored outcome; the last use moves it out.
     fn take(&self, dep: u32) -> Outcome {
-        let state = self.state(dep);
+        let state = &self.tasks[dep as usize];
         let mut slot = lock(&state.value);
         let Some(value) = slot.as_ref() else {
             drop(slot);
@@ -702,7 +568,7 @@ impl Run {
 
     /// Resolves one dependency edge of `task`; true when it was the last one.
     fn release(&self, task: u32) -> bool {
-        let pending = &self.state(task).pending;
+        let pending = &self.tasks[task as usize].pending;
         // Our edge is still counted, so 1 means it is the only one left and
         // no other thread will touch the counter again: skip the RMW.
         pending.load(Ordering::Acquire) == 1 || pending.fetch_sub(1, Ordering::AcqRel) == 1
@@ -738,10 +604,10 @@ impl Drop for Run {
         // Values still stored: their dependents were cancelled (rule 7).
         // One pass, which frees the tasks' memory too.
         let tasks = std::mem::take(&mut self.tasks).into_vec();
-        for (task, state) in self.blocks.shared_tasks().zip(tasks) {
+        for (task, state) in tasks.into_iter().enumerate() {
             let slot = state.value.into_inner();
             if let Some(value) = slot.unwrap_or_else(PoisonError::into_inner) {
-                drop_value(&self.plan, task, Ok(value));
+                drop_value(&self.plan, task as u32, Ok(value));
             }
         }
         let failures = std::mem::take(&mut *lock(&self.failures));

@@ -781,55 +781,6 @@ fn peak_live_values(threads: usize, leaves: u64, fan_out: bool) -> i64 {
     live.max.load(Ordering::SeqCst)
 }
 
-/// Sleeps 5 ms and notes the pool thread it ran on; returns its number.
-struct Noted {
-    number: i64,
-    threads: Arc<Mutex<std::collections::BTreeSet<usize>>>,
-}
-
-impl Op for Noted {
-    fn run(&self, _: &mut [Option<Value>]) -> Result<Value, OpError> {
-        std::thread::sleep(Duration::from_millis(5));
-        let thread = rayon::current_thread_index().unwrap_or(usize::MAX);
-        self.threads.lock().unwrap().insert(thread);
-        Ok(Arc::new(self.number))
-    }
-    fn name(&self) -> &str {
-        "noted"
-    }
-}
-
-#[test]
-fn slow_tasks_side_by_side_in_one_block_spread_over_the_threads() {
-    // 4096 tasks on 2 threads make blocks of 64 (rule 8 of `run.rs`);
-    // tasks 64..128, one block, sleep. Once the other thread has run every
-    // other block, the block's thread splits what is left of it (rule 9),
-    // and the other thread runs part of it.
-    let runs = Arc::default();
-    let threads = Arc::default();
-    let mut b = PlanBuilder::new();
-    let parts: Vec<u32> = (0..4096)
-        .map(|i| {
-            let op: Arc<dyn Op> = match i {
-                64..128 => Arc::new(Noted {
-                    number: i,
-                    threads: Arc::clone(&threads),
-                }),
-                _ => sum(i, Fail::No, &runs),
-            };
-            b.push(key(i as u64), op, &[])
-        })
-        .collect();
-    let total = b.push(key(1 << 20), sum(0, Fail::No, &runs), &parts);
-    b.output(total);
-    let plan = Arc::new(b.build());
-    let expected = summaries(&run_on(&Synchronous, &plan));
-    assert_eq!(expected, vec![Ok((0..4096).sum::<i64>())]);
-    threads.lock().unwrap().clear();
-    assert_eq!(summaries(&run_on(&pool(2), &plan)), expected);
-    assert_eq!(threads.lock().unwrap().len(), 2, "ran on both threads");
-}
-
 #[test]
 fn live_intermediates_stay_bounded() {
     let leaves = 100_000u64;
@@ -934,12 +885,6 @@ fn speedup_on_slow_sources() {
             "uneven",
             (0..200)
                 .map(|i| if i < 20 { 20_000 } else { 1000 })
-                .collect(),
-        ),
-        (
-            "64 x 5 ms side by side among 4032 of nothing",
-            (0..4096)
-                .map(|i| if (64..128).contains(&i) { 5000 } else { 0 })
                 .collect(),
         ),
     ] {
