@@ -73,7 +73,7 @@ pub use limits::{run_limited, Run};
 pub use plan::{Kept, Plan, PlanBuilder, PlanId, PlanTask};
 pub use simulated::{Simulated, SplitMix64};
 pub use stop::{abandoned, cancelled, Abandoned, Stop};
-pub use synchronous::{OutcomeStore, Synchronous};
+pub use synchronous::Synchronous;
 
 /// A computed value, type-erased and shared.
 ///

@@ -1,7 +1,6 @@
 //! The reference executor: one thread, tasks in plan order.
 
 use std::collections::HashMap;
-use std::ops::Range;
 use std::sync::Arc;
 
 use crate::events::{self, Place};
@@ -63,10 +62,21 @@ impl Executor for Synchronous {
 }
 
 fn run(plan: &Plan, reporter: &dyn Reporter) {
-    let n = plan.len() as u32;
-    let mut outcomes = OutcomeStore::new(plan, 0..n);
+    let n = plan.len();
+    let mut outcomes = Outcomes {
+        plan,
+        values: Vec::new(),
+        free: Vec::new(),
+        failures: HashMap::new(),
+        uses: (0..n as u32)
+            .map(|i| Uses {
+                remaining: plan.consumers(i),
+                slot: NO_SLOT,
+            })
+            .collect(),
+    };
     let mut inputs: Vec<Option<Value>> = Vec::new();
-    for i in 0..n {
+    for i in 0..n as u32 {
         if reporter.cancelled() {
             report_cancelled(plan, reporter, i);
             return;
@@ -103,7 +113,7 @@ fn run(plan: &Plan, reporter: &dyn Reporter) {
         } else {
             inputs.clear();
         }
-        outcomes.put(i, outcome, plan.consumers(i));
+        outcomes.put(i, outcome);
         for slot in plan.output_slots_of(i) {
             let outcome = outcomes.take(i);
             reporter.output(slot, outcome);
@@ -115,52 +125,22 @@ fn run(plan: &Plan, reporter: &dyn Reporter) {
 /// its last use.
 const NO_SLOT: u32 = u32::MAX;
 
-/// Uses of a task's outcome not yet taken, and the slot of
-/// `OutcomeStore::values` its value waits in.
+/// Uses of a task's outcome not yet taken (plan rule 3), and the slot of
+/// `Outcomes::values` its value waits in.
 #[derive(Clone, Copy)]
 struct Uses {
     remaining: u32,
     slot: u32,
 }
 
-/// The outcomes of a range of a plan's tasks, run in plan order on one
-/// thread, each kept until its last use took it: what [`Synchronous`] runs
-/// a plan with, and what another executor can run a range of a plan with
-/// the same way (the threaded executor runs a block of tasks so).
-///
-/// A value waits in a slot of a small pool, reused once its last use took
-/// it, so the pool holds as many slots as values are live at once (about
-/// the depth of a tree, not one per task); a failure (rare) waits in a
-/// map. What is left when the store is dropped (a cancelled run's values)
-/// is dropped quietly ([`drop_quietly`], rule 8).
-///
-/// # Examples
-///
-/// ```
-/// use rask_executor::{Key, Op, OpError, OutcomeStore, PlanBuilder, Value};
-/// use std::sync::Arc;
-///
-/// struct Const(i64);
-/// impl Op for Const {
-///     fn run(&self, _: &mut [Option<Value>]) -> Result<Value, OpError> { Ok(Arc::new(self.0)) }
-///     fn name(&self) -> &str { "const" }
-/// }
-///
-/// let mut b = PlanBuilder::new();
-/// let t = b.push(Key([7; 32]), Arc::new(Const(42)), &[]);
-/// let plan = b.build();
-/// let mut store = OutcomeStore::new(&plan, 0..1);
-/// store.put(t, Ok(Arc::new(42i64)), 2);
-/// let first = store.take(t)?; // a shared reference: one use is left
-/// let last = store.take(t)?; // the last use moves the value out
-/// assert_eq!(first.downcast_ref::<i64>(), Some(&42));
-/// assert!(Arc::ptr_eq(&first, &last));
-/// # Ok::<(), Arc<rask_executor::Failure>>(())
-/// ```
-pub struct OutcomeStore<'a> {
+/// Each finished task's outcome until its last consumer took it: a value in
+/// a slot of a small pool (a slot is reused once its value was taken for the
+/// last time, so the pool holds as many slots as values live at once: about
+/// the depth of a tree, not one per task), a failure (rare) in a map.
+/// What a cancelled run leaves is dropped with it, quietly (dropping rule
+/// 1).
+struct Outcomes<'a> {
     plan: &'a Plan,
-    /// The first task of the range: `uses[t - first]` is task `t`'s.
-    first: u32,
     values: Vec<Option<Value>>,
     /// Slots of `values` free for the next value.
     free: Vec<u32>,
@@ -168,44 +148,18 @@ pub struct OutcomeStore<'a> {
     uses: Vec<Uses>,
 }
 
-impl<'a> OutcomeStore<'a> {
-    /// An empty store for the outcomes of `plan`'s tasks `tasks`.
-    pub fn new(plan: &'a Plan, tasks: Range<u32>) -> Self {
-        let len = tasks.end.saturating_sub(tasks.start) as usize;
-        OutcomeStore {
-            plan,
-            first: tasks.start,
-            values: Vec::new(),
-            free: Vec::new(),
-            failures: HashMap::new(),
-            uses: vec![
-                Uses {
-                    remaining: 0,
-                    slot: NO_SLOT,
-                };
-                len
-            ],
-        }
-    }
-
-    /// Keeps `task`'s outcome for `uses` takes; with no use, drops it
-    /// quietly at once.
-    ///
-    /// # Panics
-    ///
-    /// When `task` is outside the store's range.
-    pub fn put(&mut self, task: u32, outcome: Outcome, uses: u32) {
-        if uses == 0 {
-            drop_quietly(
-                outcome,
-                format_args!("the value of task {}", self.plan.label(task)),
-            );
-            return;
-        }
-        let entry = &mut self.uses[(task - self.first) as usize];
-        entry.remaining = uses;
+impl Outcomes<'_> {
+    fn put(&mut self, task: u32, outcome: Outcome) {
         match outcome {
             Ok(value) => {
+                let uses = &mut self.uses[task as usize];
+                if uses.remaining == 0 {
+                    drop_quietly(
+                        value,
+                        format_args!("the value of task {}", self.plan.label(task)),
+                    );
+                    return;
+                }
                 let slot = match self.free.pop() {
                     Some(slot) => {
                         self.values[slot as usize] = Some(value);
@@ -216,7 +170,7 @@ impl<'a> OutcomeStore<'a> {
                         (self.values.len() - 1) as u32
                     }
                 };
-                entry.slot = slot;
+                uses.slot = slot;
             }
             Err(failure) => {
                 self.failures.insert(task, failure);
@@ -224,15 +178,9 @@ impl<'a> OutcomeStore<'a> {
         }
     }
 
-    /// Takes one use of task `task`'s outcome: a shared reference, or the
-    /// outcome itself for the last use.
-    ///
-    /// # Panics
-    ///
-    /// When `task` is outside the store's range, or has no use left (it
-    /// was not put, or every use was taken).
-    pub fn take(&mut self, task: u32) -> Outcome {
-        let uses = &mut self.uses[(task - self.first) as usize];
+    /// Task `d`'s outcome, moved out by its last use.
+    fn take(&mut self, d: u32) -> Outcome {
+        let uses = &mut self.uses[d as usize];
         uses.remaining -= 1;
         let last = uses.remaining == 0;
         if uses.slot != NO_SLOT {
@@ -247,30 +195,25 @@ impl<'a> OutcomeStore<'a> {
             return Ok(value.expect("a slot in use holds a value"));
         }
         let failure = if last {
-            self.failures.remove(&task)
+            self.failures.remove(&d)
         } else {
-            self.failures.get(&task).cloned()
+            self.failures.get(&d).cloned()
         };
-        Err(failure.expect("a task is taken only after it was put"))
+        Err(failure.expect("a dependency runs before its dependents"))
     }
 }
 
-impl Drop for OutcomeStore<'_> {
+impl Drop for Outcomes<'_> {
     fn drop(&mut self) {
-        if !self.failures.is_empty() {
-            let failures = std::mem::take(&mut self.failures);
-            drop_each_quietly(failures.into_values(), "a failure a run recorded");
-        }
         if self.free.len() == self.values.len() {
             return; // every value was taken (a run that was not cancelled)
         }
-        for (at, uses) in self.uses.iter().enumerate() {
+        for (task, uses) in self.uses.iter().enumerate() {
             if uses.slot != NO_SLOT {
                 let value = self.values[uses.slot as usize].take();
-                let task = self.first + at as u32;
                 drop_quietly(
                     value,
-                    format_args!("the value of task {}", self.plan.label(task)),
+                    format_args!("the value of task {}", self.plan.label(task as u32)),
                 );
             }
         }
