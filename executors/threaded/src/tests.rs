@@ -827,9 +827,19 @@ fn slow_sources_side_by_side_spread_over_the_threads() {
     let plan = Arc::new(b.build());
     let expected = summaries(&run_on(&Synchronous, &plan));
     assert_eq!(expected, vec![Ok((0..4096).sum::<i64>())]);
-    threads.lock().unwrap().clear();
-    assert_eq!(summaries(&run_on(&pool(2), &plan)), expected);
-    assert_eq!(threads.lock().unwrap().len(), 2, "ran on both threads");
+    // A thread the machine keeps from running for the whole 320 ms would
+    // leave them all to the other: up to three runs, one must spread.
+    let pool = pool(2);
+    let mut spread = 0;
+    for _ in 0..3 {
+        threads.lock().unwrap().clear();
+        assert_eq!(summaries(&run_on(&pool, &plan)), expected);
+        spread = threads.lock().unwrap().len();
+        if spread == 2 {
+            break;
+        }
+    }
+    assert_eq!(spread, 2, "ran on both threads");
 }
 
 #[test]
