@@ -137,6 +137,15 @@ const WORKLOADS: &[Workload] = &[
         run: chain,
     },
     Workload {
+        name: "small",
+        about: "N computes, one after the other, of a graph of one task (`inc(i)`), each waited for",
+        sizes: SIZES,
+        executors: &["sync", "threads"],
+        caps: &[],
+        accepts: Accepts::Any,
+        run: small,
+    },
+    Workload {
         name: "persist",
         about: "N/100 chunks of 100k f64, N slice sums reduced by add; A: over loads, B: over persisted chunks",
         sizes: SIZES,
@@ -1161,6 +1170,21 @@ fn chain(run: &Run) -> Outcome {
     );
     report.executor = format!("sync+{}", run.executor);
     Ok(report)
+}
+
+/// N computes of a one-task graph, each built and waited for in turn: what
+/// a program pays per `compute` of small work, beside what the work costs.
+fn small(run: &Run) -> Outcome {
+    let (sum, compute_s) = timed(|| -> Result<i64, String> {
+        let mut sum = 0;
+        for i in 0..run.n as i64 {
+            sum += computed("compute", delayed!(inc(i)).compute_with(&run.config))?;
+        }
+        Ok(sum)
+    });
+    let n = run.n as i64;
+    check("sum of results", sum?, n * (n + 1) / 2)?;
+    Ok(Report::new(run, run.n, compute_s, compute_s).secs("compute_s", compute_s))
 }
 
 /// Values per chunk of the `persist` workload.
