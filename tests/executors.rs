@@ -1003,3 +1003,42 @@ fn a_task_abandoned_at_its_timeout_is_listed_by_its_name() {
         .collect();
     assert!(names.iter().any(|n| n == "sleeps_on"), "{names:?}");
 }
+
+/// The thread a task ran on.
+#[cfg(feature = "threaded")]
+fn thread_of(_tag: i64) -> String {
+    format!("{:?}", std::thread::current().id())
+}
+
+/// The thread a task ran on, after its input's.
+#[cfg(feature = "threaded")]
+fn thread_after(_before: String) -> String {
+    thread_of(0)
+}
+
+/// `threads` runs a plan whose tasks can only run one at a time (one task,
+/// a chain) on the thread that waits for it, and still runs tasks that can
+/// run side by side on its pool.
+#[cfg(feature = "threaded")]
+#[test]
+fn threads_runs_a_plan_of_one_task_at_a_time_on_the_waiting_thread() -> rask::Result<()> {
+    use rask::delayed;
+    let here = thread_of(0);
+    let pool = rask::Config::threads(2);
+    assert_eq!(delayed!(thread_of(1)).compute_with(&pool)?, here);
+    // A chain the optimizer leaves as three tasks, each after the one before.
+    let first = delayed!(thread_of(2));
+    let chain = delayed!(thread_after(delayed!(thread_after(&first))));
+    let unfused = pool.clone().optimize(false);
+    assert_eq!(rask::explain(&chain, &unfused)?.len(), 3);
+    assert_eq!(chain.compute_with(&unfused)?, here);
+    // Two tasks side by side: the pool's.
+    let (a, b) = rask::compute_with((&delayed!(thread_of(3)), &delayed!(thread_of(4))), &pool)?;
+    assert_ne!(a, here);
+    assert_ne!(b, here);
+    // The same single task on a client's executor, which does not wait:
+    // the pool's too.
+    let client = rask::Client::with_config(&pool)?;
+    assert_ne!(client.submit(delayed!(thread_of(5)))?.result()?, here);
+    Ok(())
+}

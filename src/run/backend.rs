@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use rask_executor::{Executor, Simulated, Synchronous};
+use rask_executor::{Executor, Plan, Simulated, Synchronous};
 
 use crate::run::config::ExecutorKind;
 use crate::Result;
@@ -117,6 +117,26 @@ impl Backend {
         }
     }
 
+    /// The executor for `plan` when the caller waits for its outcome
+    /// (`compute`): [`Backend::executor`], except that a thread pool leaves
+    /// a plan whose tasks can only run one at a time (`one_at_a_time`) to
+    /// the synchronous executor, on the calling thread. The pool would run
+    /// it one task at a time as well, after waking a thread of its own and
+    /// before waking the caller: two wake-ups, which cost more than a small
+    /// task (a one-task `compute` took 25 µs on `threads` against 3 µs on
+    /// `sync`: `benches/README.md`, round twenty-nine). Results and
+    /// failures are the same (the executors agree); its task events name
+    /// thread 0, as a run on `sync` does. A caller that does not wait (a
+    /// client's `submit`) keeps the pool.
+    #[cfg_attr(not(feature = "threaded"), allow(unused_variables))]
+    pub(crate) fn executor_for_waiting(&self, plan: &Plan) -> &dyn Executor {
+        match self {
+            #[cfg(feature = "threaded")]
+            Backend::Threads(_) if one_at_a_time(plan) => &Synchronous,
+            _ => self.executor(),
+        }
+    }
+
     /// Whether plans leave the process: then only passes whose output can
     /// be sent (cull) run, since fused tasks exist only in this process.
     pub(crate) fn is_remote(&self) -> bool {
@@ -126,6 +146,15 @@ impl Backend {
             _ => false,
         }
     }
+}
+
+/// Whether no two tasks of `plan` could ever run side by side: each task
+/// after the first takes the one before it as an input (a plan of one task,
+/// a chain), so only one task at a time is ready to run. Stops at the first
+/// task that does not, which for most plans of many tasks is the second.
+#[cfg(feature = "threaded")]
+fn one_at_a_time(plan: &Plan) -> bool {
+    (1..plan.len() as u32).all(|task| plan.deps(task).contains(&(task - 1)))
 }
 
 #[cfg(feature = "threaded")]

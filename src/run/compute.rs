@@ -367,7 +367,9 @@ pub(crate) fn run_on(roots: &[Arc<Node>], config: &Config, screen: &Screen) -> R
     let lookup = lookup.map(Arc::new);
     let cache = lookup.clone().map(|lookup| (lookup, writes));
     let collector = Arc::new(Collector::new(roots.len(), cache));
-    backend.executor().submit(plan, collector.clone());
+    backend
+        .executor_for_waiting(&plan)
+        .submit(plan, collector.clone());
     let values = if backend.is_remote() {
         // A nested computation on a cluster worker gives the task's
         // thread back while it waits (`rask_executor::blocking`).

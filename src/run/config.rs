@@ -396,6 +396,27 @@ impl Config {
     }
 
     /// Run on a pool of `n` threads (`0`: one per core).
+    ///
+    /// A computation whose caller waits for it (`compute`) and whose plan
+    /// can only run one task at a time (a single task, or a chain whose
+    /// every task takes the one before it) runs on the calling thread, as
+    /// [`synchronous`](Config::synchronous) runs it: the pool would take
+    /// its tasks one at a time as well, after waking one of its threads
+    /// and before waking the caller, which costs more than a small task.
+    /// A [`Client`](crate::Client)'s submissions, which return at once,
+    /// always run on the pool.
+    ///
+    /// ```
+    /// use rask::{delayed, Config};
+    /// fn add(x: i64, y: i64) -> i64 { x + y }
+    /// let pool = Config::threads(2);
+    /// // Two tasks side by side and their sum: on the pool.
+    /// let total = delayed!(add(delayed!(add(1, 2)), delayed!(add(3, 4))));
+    /// assert_eq!(total.compute_with(&pool)?, 10);
+    /// // One task: on this thread.
+    /// assert_eq!(delayed!(add(5, 6)).compute_with(&pool)?, 11);
+    /// # Ok::<(), rask::Error>(())
+    /// ```
     pub fn threads(n: usize) -> Self {
         let n = if n == 0 { None } else { Some(n) };
         Config::new().executor(ExecutorKind::Threads(n))
