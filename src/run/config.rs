@@ -409,12 +409,15 @@ impl Config {
     /// ```
     /// use rask::{delayed, Config};
     /// fn add(x: i64, y: i64) -> i64 { x + y }
+    /// fn thread(_: i64) -> String { format!("{:?}", std::thread::current().id()) }
+    ///
     /// let pool = Config::threads(2);
-    /// // Two tasks side by side and their sum: on the pool.
+    /// // Two tasks side by side, then their sum: on the pool.
     /// let total = delayed!(add(delayed!(add(1, 2)), delayed!(add(3, 4))));
     /// assert_eq!(total.compute_with(&pool)?, 10);
     /// // One task: on this thread.
-    /// assert_eq!(delayed!(add(5, 6)).compute_with(&pool)?, 11);
+    /// let here = format!("{:?}", std::thread::current().id());
+    /// assert_eq!(delayed!(thread(1)).compute_with(&pool)?, here);
     /// # Ok::<(), rask::Error>(())
     /// ```
     pub fn threads(n: usize) -> Self {
