@@ -117,23 +117,26 @@ impl Backend {
         }
     }
 
-    /// The executor for `plan` when the caller waits for its outcome
-    /// (`compute`): [`Backend::executor`], except that a thread pool leaves
-    /// a plan whose tasks can only run one at a time (`one_at_a_time`) to
-    /// the synchronous executor, on the calling thread. The pool would run
-    /// it one task at a time as well, after waking a thread of its own and
-    /// before waking the caller: two wake-ups, which cost more than a small
-    /// task (a one-task `compute` took 25 µs on `threads` against 3 µs on
-    /// `sync`: `benches/README.md`, round twenty-nine). Results and
-    /// failures are the same (the executors agree); its task events name
-    /// thread 0, as a run on `sync` does. A caller that does not wait (a
-    /// client's `submit`) keeps the pool.
+    /// The backend that runs `plan` for a caller that waits for its
+    /// outcome (`compute`): [`Backend::get`]'s, except that on a thread
+    /// pool a plan whose tasks can only run one at a time
+    /// (`one_at_a_time`) goes to the synchronous executor, on the calling
+    /// thread, and starts no pool. The pool would run it one task at a time
+    /// as well, after waking a thread of its own and before waking the
+    /// caller: two wake-ups, which cost more than a small task (a one-task
+    /// `compute` took 25 µs on `threads` against 3 µs on `sync`:
+    /// `benches/README.md`, round twenty-nine). Results and failures are
+    /// the same (the executors agree); its task events name thread 0, as a
+    /// run on `sync` does. A caller that does not wait (a client's
+    /// `submit`) keeps the pool.
     #[cfg_attr(not(feature = "threaded"), allow(unused_variables))]
-    pub(crate) fn executor_for_waiting(&self, plan: &Plan) -> &dyn Executor {
-        match self {
+    pub(crate) fn for_waiting(kind: &ExecutorKind, plan: &Plan) -> Result<Backend> {
+        match kind {
             #[cfg(feature = "threaded")]
-            Backend::Threads(_) if one_at_a_time(plan) => &Synchronous,
-            _ => self.executor(),
+            ExecutorKind::Threads(_) if one_at_a_time(plan) => {
+                Ok(Backend::Synchronous(Synchronous))
+            }
+            _ => Backend::get(kind),
         }
     }
 

@@ -311,7 +311,15 @@ pub(crate) fn run_on(roots: &[Arc<Node>], config: &Config, screen: &Screen) -> R
     config.resolve_spin()?;
     let cache_settings = config.resolve_cache()?;
     let progress = config.resolve_progress()?;
-    let backend = Backend::get(&kind)?;
+    // A thread pool is found (or started) once the plan is known: a plan
+    // that runs one task at a time needs none (`Backend::for_waiting`).
+    // Every other executor is reached first, so that a cluster that cannot
+    // be reached is said before the graph's futures are waited for.
+    let early = match kind {
+        #[cfg(feature = "threaded")]
+        crate::run::config::ExecutorKind::Threads(_) => None,
+        _ => Some(Backend::get(&kind)?),
+    };
     if kind.plans_remotely() {
         crate::build::registry::check_sendable(roots)?;
         // Fused tasks travel as one wire task each (`plan::fuse`, "On a
@@ -351,6 +359,10 @@ pub(crate) fn run_on(roots: &[Arc<Node>], config: &Config, screen: &Screen) -> R
         None,
     );
     span.record("tasks", plan.len());
+    let backend = match early {
+        Some(backend) => backend,
+        None => Backend::for_waiting(&kind, &plan)?,
+    };
     // Finished, however the run ends, when it is dropped.
     let mut bar = progress.then(|| {
         let work = plan
@@ -367,9 +379,7 @@ pub(crate) fn run_on(roots: &[Arc<Node>], config: &Config, screen: &Screen) -> R
     let lookup = lookup.map(Arc::new);
     let cache = lookup.clone().map(|lookup| (lookup, writes));
     let collector = Arc::new(Collector::new(roots.len(), cache));
-    backend
-        .executor_for_waiting(&plan)
-        .submit(plan, collector.clone());
+    backend.executor().submit(plan, collector.clone());
     let values = if backend.is_remote() {
         // A nested computation on a cluster worker gives the task's
         // thread back while it waits (`rask_executor::blocking`).

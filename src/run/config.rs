@@ -403,7 +403,8 @@ impl Config {
     /// [`synchronous`](Config::synchronous) runs it: the pool would take
     /// its tasks one at a time as well, after waking one of its threads
     /// and before waking the caller, which costs more than a small task.
-    /// A [`Client`](crate::Client)'s submissions, which return at once,
+    /// The pool starts with the first plan that has tasks side by side. A
+    /// [`Client`](crate::Client)'s submissions, which return at once,
     /// always run on the pool.
     ///
     /// ```
