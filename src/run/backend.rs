@@ -117,6 +117,19 @@ impl Backend {
         }
     }
 
+    /// [`Backend::get`]'s backend, for the executors a waiting caller
+    /// (`compute`) reaches before it plans, so that a cluster that cannot
+    /// be reached is said before the graph's futures are waited for; `None`
+    /// for a thread pool, which [`Backend::for_waiting`] finds (or starts)
+    /// once the plan is known.
+    pub(crate) fn before_planning(kind: &ExecutorKind) -> Result<Option<Backend>> {
+        match kind {
+            #[cfg(feature = "threaded")]
+            ExecutorKind::Threads(_) => Ok(None),
+            _ => Backend::get(kind).map(Some),
+        }
+    }
+
     /// The backend that runs `plan` for a caller that waits for its
     /// outcome (`compute`): [`Backend::get`]'s, except that on a thread
     /// pool a plan whose tasks can only run one at a time

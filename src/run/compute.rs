@@ -311,15 +311,9 @@ pub(crate) fn run_on(roots: &[Arc<Node>], config: &Config, screen: &Screen) -> R
     config.resolve_spin()?;
     let cache_settings = config.resolve_cache()?;
     let progress = config.resolve_progress()?;
-    // A thread pool is found (or started) once the plan is known: a plan
-    // that runs one task at a time needs none (`Backend::for_waiting`).
-    // Every other executor is reached first, so that a cluster that cannot
-    // be reached is said before the graph's futures are waited for.
-    let early = match kind {
-        #[cfg(feature = "threaded")]
-        crate::run::config::ExecutorKind::Threads(_) => None,
-        _ => Some(Backend::get(&kind)?),
-    };
+    // A thread pool waits for the plan: one that runs a task at a time
+    // needs none (`Backend::for_waiting`).
+    let early = Backend::before_planning(&kind)?;
     if kind.plans_remotely() {
         crate::build::registry::check_sendable(roots)?;
         // Fused tasks travel as one wire task each (`plan::fuse`, "On a
